@@ -1,0 +1,63 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install jars run test test-fast lint format services-up services-down check-deploy bench up down clean
+
+install: $(STAMP) jars
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+jars:
+	deploy/kafka/kafka.sh jars
+
+services-up: install
+	deploy/kafka/kafka.sh start
+	deploy/postgres/postgres.sh start
+
+services-down:
+	-deploy/kafka/kafka.sh stop
+	-deploy/postgres/postgres.sh stop
+
+# The whole stack in the foreground; Ctrl-C stops what it started.
+run: install
+	$(PY) -m sentpipe.devstack
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+# Tests start the local broker and database themselves (tests/services.py) and stop what they started.
+test: install lint check-deploy
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -x
+
+check-deploy: $(STAMP)
+	@if [ -x deploy/check.sh ]; then deploy/check.sh; else echo "deploy/check.sh not present"; fi
+
+bench: install
+	$(PY) -m bench
+
+up:
+	docker compose -f deploy/compose/docker-compose.yml up -d --build
+
+down:
+	docker compose -f deploy/compose/docker-compose.yml down
+
+clean: services-down
+	rm -rf .local

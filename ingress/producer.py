@@ -1,0 +1,140 @@
+"""An asyncio face for confluent-kafka's producer: delivery reports resolve futures on the loop.
+
+librdkafka does the batching and retries in its own threads; one small thread here serves delivery
+callbacks (poll) so the event loop never blocks on the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+
+log = logging.getLogger("sentpipe.producer")
+
+
+class ProduceRejected(Exception):
+    """The record was not (or not known to be) written; the caller answers 503."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def producer_config(
+    bootstrap: str,
+    *,
+    linger_ms: int = 2,
+    compression: str = "lz4",
+    max_in_flight: int = 20000,
+    delivery_timeout_s: float = 5.0,
+) -> dict[str, Any]:
+    return {
+        "bootstrap.servers": bootstrap,
+        # Durable before 2xx: every in-sync replica has it, and retries never duplicate or reorder.
+        "acks": "all",
+        "enable.idempotence": True,
+        "linger.ms": linger_ms,
+        "batch.size": 256 * 1024,
+        "compression.type": compression,
+        # Bounded local queue: when full, produce() raises BufferError and the request gets 503 at once.
+        "queue.buffering.max.messages": max_in_flight,
+        "queue.buffering.max.kbytes": 256 * 1024,
+        # A record not delivered in this time fails its future instead of waiting forever.
+        "message.timeout.ms": max(1000, int(delivery_timeout_s * 1000)),
+        "socket.keepalive.enable": True,
+        "log_level": 4,
+    }
+
+
+class AsyncProducer:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self._config = dict(config)
+        self._producer = Producer({**self._config, "error_cb": self._on_error, "logger": log})
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_error: KafkaError | None = None
+        self._ready_checked_at = 0.0
+        self._ready = False
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._poll_forever, name="kafka-producer-poll", daemon=True)
+        self._thread.start()
+
+    def _poll_forever(self) -> None:
+        while not self._stop.is_set():
+            self._producer.poll(0.05)
+
+    def _on_error(self, err: KafkaError) -> None:
+        self._last_error = err
+        if err.fatal():
+            log.error("fatal Kafka producer error: %s", err.str())
+
+    def produce(
+        self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
+    ) -> asyncio.Future[Message]:
+        """Enqueue a record; the future resolves when the broker acknowledges it (or fails)."""
+        loop = self._loop
+        assert loop is not None, "start() first"
+        fut: asyncio.Future[Message] = loop.create_future()
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            loop.call_soon_threadsafe(_settle, fut, err, msg)
+
+        try:
+            self._producer.produce(topic, value, key, headers=list(headers), on_delivery=on_delivery)
+        except BufferError:
+            raise ProduceRejected("local_queue_full") from None
+        except KafkaException as exc:
+            raise ProduceRejected(exc.args[0].name().lower() if exc.args else "produce_error") from None
+        return fut
+
+    async def send(
+        self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]], timeout: float
+    ) -> Message:
+        fut = self.produce(topic, key, value, headers)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise ProduceRejected("delivery_timeout") from None
+
+    async def ready(self, timeout: float = 2.0, cache_s: float = 1.0) -> bool:
+        """True when a broker answers a metadata request; cached briefly so probes stay cheap."""
+        now = time.monotonic()
+        if now - self._ready_checked_at < cache_s:
+            return self._ready
+        self._ready_checked_at = now
+        try:
+            md = await asyncio.to_thread(self._producer.list_topics, timeout=timeout)
+            self._ready = bool(md.brokers) and not (self._last_error and self._last_error.fatal())
+        except KafkaException:
+            self._ready = False
+        return self._ready
+
+    def queued(self) -> int:
+        return len(self._producer)
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Flush what is queued (graceful shutdown), then stop the poll thread."""
+        remaining = await asyncio.to_thread(self._producer.flush, timeout)
+        if remaining:
+            log.warning("producer closed with %d undelivered records", remaining)
+        self._stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 2.0)
+
+
+def _settle(fut: asyncio.Future[Message], err: KafkaError | None, msg: Message) -> None:
+    if fut.done():
+        return
+    if err is not None:
+        fut.set_exception(ProduceRejected(err.name().lower()))
+    else:
+        fut.set_result(msg)

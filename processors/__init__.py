@@ -1,0 +1,1 @@
+"""Stream processors: dedup, routing, projections into PostgreSQL, user handlers, DLQ, replay."""

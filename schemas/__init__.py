@@ -1,0 +1,1 @@
+"""The contract: Sent's wire format, the canonical event model, topic names and routing."""

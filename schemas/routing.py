@@ -1,0 +1,122 @@
+"""Raw record framing and routing: one pure function used by the worker, replay and redrive."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from schemas.events import CanonicalEvent, EventIdSource, EventType, MalformedEvent, frame, normalize
+from schemas.topics import Topics
+
+# Headers on a raw record (DESIGN "Raw record").
+H_TENANT = "sentpipe-tenant"
+H_TYPE = "sentpipe-type"
+H_RECEIVED_AT = "sentpipe-received-at"
+H_WEBHOOK_ID = "sentpipe-webhook-id"
+H_SIGNATURE_VERIFIED = "sentpipe-signature-verified"
+H_REQUEST_ID = "sentpipe-request-id"
+# Set on records pushed again by replay or redrive: consumers apply them even if seen before.
+H_REPLAY_ID = "sentpipe-replay-id"
+H_REDRIVE_ID = "sentpipe-redrive-id"
+
+# Headers on a dead-letter record, beside the original headers; the value is the original, untouched.
+H_DLQ_STAGE = "sentpipe-dlq-stage"
+H_DLQ_ERROR_CLASS = "sentpipe-dlq-error-class"
+H_DLQ_MESSAGE = "sentpipe-dlq-message"
+H_DLQ_ATTEMPTS = "sentpipe-dlq-attempts"
+H_DLQ_TOPIC = "sentpipe-dlq-original-topic"
+H_DLQ_PARTITION = "sentpipe-dlq-original-partition"
+H_DLQ_OFFSET = "sentpipe-dlq-original-offset"
+H_DLQ_AT = "sentpipe-dlq-at"
+H_DLQ_KEYS = (
+    H_DLQ_STAGE,
+    H_DLQ_ERROR_CLASS,
+    H_DLQ_MESSAGE,
+    H_DLQ_ATTEMPTS,
+    H_DLQ_TOPIC,
+    H_DLQ_PARTITION,
+    H_DLQ_OFFSET,
+    H_DLQ_AT,
+)
+
+HeaderList = list[tuple[str, bytes]]
+
+
+def dlq_headers(
+    *,
+    stage: str,
+    error_class: str,
+    message: str,
+    attempts: int = 1,
+    topic: str | None = None,
+    partition: int | None = None,
+    offset: int | None = None,
+    now_ms: int | None = None,
+) -> HeaderList:
+    import time
+
+    out: HeaderList = [
+        (H_DLQ_STAGE, stage.encode()),
+        (H_DLQ_ERROR_CLASS, error_class.encode()),
+        (H_DLQ_MESSAGE, message[:1000].encode()),
+        (H_DLQ_ATTEMPTS, str(attempts).encode()),
+        (H_DLQ_AT, str(now_ms if now_ms is not None else int(time.time() * 1000)).encode()),
+    ]
+    if topic is not None:
+        out += [
+            (H_DLQ_TOPIC, topic.encode()),
+            (H_DLQ_PARTITION, str(partition).encode()),
+            (H_DLQ_OFFSET, str(offset).encode()),
+        ]
+    return out
+
+
+def header_map(headers: Iterable[tuple[str, bytes | None]] | None) -> dict[str, bytes]:
+    """Kafka headers as a dict (last value wins); tolerates None values and None lists."""
+    return {k: v for k, v in (headers or ()) if v is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    topic: str
+    key: bytes
+    value: bytes
+    event: CanonicalEvent | None  # None for unrouted records, which keep the raw body
+
+
+def route(
+    key: bytes | None,
+    value: bytes,
+    headers: Mapping[str, bytes],
+    *,
+    topics: Topics,
+    id_source: EventIdSource,
+    default_tenant: str,
+    record_timestamp_ms: int,
+) -> Routed:
+    """Where a raw record goes and what it becomes; raises MalformedEvent for the DLQ."""
+    webhook_id = headers.get(H_WEBHOOK_ID, b"").decode(errors="replace") or None
+    framed = frame(value, webhook_id=webhook_id, id_source=id_source)
+    event_id = key.decode(errors="replace") if key else framed.event_id
+    if event_id != framed.event_id:
+        # The ingress keyed it; keep that id so dedup, rows and replay all agree.
+        framed = type(framed)(event_id, framed.type, framed.sub_type, framed.shape, framed.doc)
+    tenant = headers.get(H_TENANT, b"").decode(errors="replace") or default_tenant
+    received_raw = headers.get(H_RECEIVED_AT)
+    try:
+        received_at_ms = int(received_raw) if received_raw else record_timestamp_ms
+    except ValueError:
+        received_at_ms = record_timestamp_ms
+    if framed.type is EventType.UNROUTED:
+        return Routed(topics.unrouted, event_id.encode(), value, None)
+    event = normalize(framed, tenant=tenant, received_at_ms=received_at_ms)
+    topic = {
+        EventType.MESSAGE_STATUS: topics.message_status,
+        EventType.MESSAGE_INBOUND: topics.message_inbound,
+        EventType.TEMPLATE_APPROVAL: topics.template_approval,
+    }[event.type]
+    # Key by tenant and subject: order matters per message/template, and tenants never share one.
+    return Routed(topic, f"{tenant}/{event.subject}".encode(), event.to_json(), event)
+
+
+__all__ = ["H_TENANT", "HeaderList", "MalformedEvent", "Routed", "dlq_headers", "header_map", "route"]

@@ -1,0 +1,3 @@
+from sentpipe.cli import main
+
+main()

@@ -1,0 +1,76 @@
+"""`make run`: the whole stack on this machine in the foreground; Ctrl-C stops what it started."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sentpipe.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
+POSTGRES_SH = REPO / "deploy" / "postgres" / "postgres.sh"
+
+
+def _status(script: Path) -> bool:
+    return subprocess.run([str(script), "status"], capture_output=True).returncode == 0
+
+
+def _step(*cmd: str) -> None:
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"make run: step failed: {' '.join(cmd)}")
+
+
+def main() -> int:
+    s = Settings()
+    started: list[Path] = []
+    for script in (KAFKA_SH, POSTGRES_SH):
+        if not _status(script):
+            _step(str(script), "start")
+            started.append(script)
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    try:
+        exe = [sys.executable, "-m", "sentpipe"]
+        _step(*exe, "topics", "ensure")
+        _step(*exe, "db", "migrate")
+        for name, args in (("ingress", ["ingress"]), ("worker", ["worker"])):
+            procs.append((name, subprocess.Popen([*exe, *args], env=os.environ.copy())))
+        url = f"http://127.0.0.1:{s.ingress_port}/webhooks/sent"
+        secret = s.webhook_secret.get_secret_value()
+        print(
+            f"\n  webhook URL   {url}\n"
+            f"  secret        {secret}{'  (built-in development secret)' if s.uses_development_secret else ''}\n"
+            f"  metrics       http://127.0.0.1:{s.ingress_metrics_port}/metrics (ingress), "
+            f"http://127.0.0.1:{s.worker_metrics_port}/metrics (worker)\n"
+            f"  try           .venv/bin/sentpipe trigger message.status.updated\n"
+            f"  stop          Ctrl-C\n",
+            flush=True,
+        )
+        while True:
+            for name, p in procs:
+                if p.poll() is not None:
+                    print(f"make run: {name} exited with {p.returncode}; stopping", file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\nmake run: stopping", flush=True)
+        return 0
+    finally:
+        for _, p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for _, p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for script in reversed(started):
+            subprocess.run([str(script), "stop"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Every Prometheus metric sentpipe exports, in one place.
+
+The Grafana dashboard and the alert rules are checked against the names here (tests/test_deploy.py).
+Label values are bounded sets (tenant names come from configuration, never from the request path).
+"""
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+
+# `_created` series double the exposition size and no dashboard uses them.
+disable_created_metrics()
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
+
+# --- ingress -------------------------------------------------------------------------------------------
+INGRESS_REQUESTS = Counter(
+    "sentpipe_ingress_requests",
+    "Webhook requests answered, by tenant, outcome and HTTP status.",
+    ["tenant", "outcome", "status"],
+)
+INGRESS_REQUEST_SECONDS = Histogram(
+    "sentpipe_ingress_request_seconds", "Time from request start to response.", buckets=_LATENCY_BUCKETS
+)
+INGRESS_PRODUCE_SECONDS = Histogram(
+    "sentpipe_ingress_produce_seconds",
+    "Time from produce() to the broker's delivery report.",
+    buckets=_LATENCY_BUCKETS,
+)
+INGRESS_IN_FLIGHT = Gauge("sentpipe_ingress_in_flight", "Webhook requests being handled right now.")
+INGRESS_BODY_BYTES = Histogram(
+    "sentpipe_ingress_body_bytes",
+    "Size of accepted request bodies.",
+    buckets=(256, 512, 1024, 2048, 4096, 8192, 16384, 65536, 262144, 1048576),
+)
+INGRESS_SIGNATURE_FAILURES = Counter(
+    "sentpipe_ingress_signature_failures",
+    "Requests rejected by signature verification, by reason.",
+    ["tenant", "reason"],
+)
+
+# --- processors ----------------------------------------------------------------------------------------
+EVENTS_ROUTED = Counter(
+    "sentpipe_events_routed", "First-seen raw events routed, by canonical type.", ["type"]
+)
+DUPLICATES_DROPPED = Counter(
+    "sentpipe_duplicates_dropped", "Redelivered raw events dropped by the dedup table.", ["type"]
+)
+DEDUP_TABLE_KEYS = Gauge("sentpipe_dedup_table_keys", "Event ids held by this worker's dedup table.")
+EVENTS_PROCESSED = Counter(
+    "sentpipe_events_processed",
+    "Routed events processed, by type, handler (projection or a user handler) and outcome.",
+    ["type", "handler", "outcome"],
+)
+HANDLER_SECONDS = Histogram(
+    "sentpipe_handler_seconds",
+    "Time spent in a projection batch or a user handler.",
+    ["type", "handler"],
+    buckets=_LATENCY_BUCKETS,
+)
+RETRIES = Counter("sentpipe_retries", "Temporary failures retried with backoff, by stage.", ["stage"])
+DLQ_EVENTS = Counter(
+    "sentpipe_dlq_events",
+    "Records written to the dead-letter topic, by stage and reason.",
+    ["stage", "reason"],
+)
+END_TO_END_LAG_SECONDS = Histogram(
+    "sentpipe_end_to_end_lag_seconds",
+    "Time from the ingress receiving an event to its projection being committed.",
+    ["type"],
+    buckets=_LAG_BUCKETS,
+)
+CONSUMER_LAG = Gauge(
+    "sentpipe_consumer_lag",
+    "Records behind the end of the partition, per consumed partition.",
+    ["topic", "partition"],
+)
+
+# --- operations ----------------------------------------------------------------------------------------
+REPLAY_EVENTS = Counter(
+    "sentpipe_replay_events", "Events pushed through routing again by replay or redrive.", ["mode", "outcome"]
+)

@@ -1,0 +1,91 @@
+"""The one place settings are read: environment variables with the SENTPIPE_ prefix."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import orjson
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Local development only: `make run` and the sender use it when no secret is configured, and the ingress
+# logs a warning whenever it is in use. It is not a secret and must never guard real traffic.
+DEVELOPMENT_SECRET = "whsec_c2VudHBpcGUtbG9jYWwtZGV2ZWxvcG1lbnQtb25seQ=="
+
+EventIdSource = Literal["auto", "body", "header", "content"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SENTPIPE_", frozen=True, extra="ignore")
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/sentpipe")
+    webhook_secret: SecretStr = SecretStr(DEVELOPMENT_SECRET)
+    secrets_file: Path | None = None
+    default_tenant: str = "default"
+    topic_prefix: str = "sent."
+    event_id_source: EventIdSource = "auto"
+
+    # topics
+    raw_partitions: int = Field(12, ge=1)
+    routed_partitions: int = Field(12, ge=1)
+    replication_factor: int = Field(1, ge=1)
+    raw_retention_ms: int = 14 * 24 * 3600 * 1000
+    dlq_retention_ms: int = 30 * 24 * 3600 * 1000
+
+    # ingress
+    ingress_host: str = "0.0.0.0"
+    ingress_port: int = 8080
+    ingress_metrics_port: int = 9100
+    signature_tolerance_s: int = Field(300, ge=1)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    produce_timeout_s: float = Field(5.0, gt=0)
+    producer_max_in_flight: int = Field(20000, ge=1)
+    producer_linger_ms: int = Field(2, ge=0)
+    producer_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    # worker
+    app_id: str = "sentpipe"
+    worker_web_port: int = 6066
+    worker_metrics_port: int = 9101
+    table_store: str = "memory://"
+    dedup_window_s: int = Field(7 * 24 * 3600, ge=1)
+    dedup_sweep_interval_s: float = Field(60.0, gt=0)
+    batch_size: int = Field(500, ge=1)
+    batch_within_s: float = Field(0.1, gt=0)
+    retry_initial_s: float = Field(0.2, gt=0)
+    retry_max_s: float = Field(30.0, gt=0)
+    handler_modules: list[str] = Field(default_factory=list)
+    db_pool_size: int = Field(4, ge=1)
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix_is_topic_safe(cls, v: str) -> str:
+        allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+        if not set(v) <= allowed:
+            raise ValueError("may only contain letters, digits, '.', '_' and '-'")
+        return v
+
+    def tenant_secrets(self) -> dict[str, list[str]]:
+        """Tenant -> accepted signing secrets (several during rotation)."""
+        tenants = {self.default_tenant: [self.webhook_secret.get_secret_value()]}
+        if self.secrets_file is not None:
+            data = orjson.loads(self.secrets_file.read_bytes())
+            if not isinstance(data, dict):
+                raise ValueError("secrets file must map tenant -> list of secrets")
+            for tenant, secrets in data.items():
+                tenants[str(tenant)] = [secrets] if isinstance(secrets, str) else [str(s) for s in secrets]
+        return tenants
+
+    @property
+    def uses_development_secret(self) -> bool:
+        return self.webhook_secret.get_secret_value() == DEVELOPMENT_SECRET
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,90 @@
+"""The ground every feature stands on: the real broker, the real database, the admin commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import psycopg
+from confluent_kafka import Consumer, Producer
+
+from processors.migrate import migrate
+from processors.topics import ensure_topics
+from sentpipe.settings import Settings
+
+
+def test_produce_and_consume_on_the_real_broker(settings: Settings, topics) -> None:
+    p = Producer({"bootstrap.servers": settings.kafka_bootstrap, "enable.idempotence": True})
+    p.produce(topics.raw, key=b"k1", value=b"hello")
+    assert p.flush(10) == 0
+    c = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": "t-foundation",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    c.subscribe([topics.raw])
+    got = None
+    deadline = time.monotonic() + 30
+    while got is None and time.monotonic() < deadline:
+        msg = c.poll(0.5)
+        if msg is not None and msg.error() is None:
+            got = (msg.key(), msg.value())
+    c.close()
+    assert got == (b"k1", b"hello")
+
+
+def test_topics_ensure_is_idempotent(settings: Settings) -> None:
+    second = ensure_topics(settings)
+    assert [t.created for t in second] == [False] * 6
+    assert {t.partitions for t in second if t.name.endswith("events.raw")} == {4}
+
+
+def test_migrations_are_idempotent_and_tables_exist(db_url: str) -> None:
+    assert all(not applied for _, applied in migrate(db_url))
+    with psycopg.connect(db_url) as conn:
+        conn.execute(
+            "INSERT INTO message_status (tenant, message_id, status, status_rank, occurred_at, event_id)"
+            " VALUES ('t', 'm', 'sent', 2, now(), 'e')"
+        )
+        assert conn.execute("SELECT status FROM message_status").fetchone() == ("sent",)
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "sentpipe", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_topics_ensure_cli_twice_creates_nothing_the_second_time(settings: Settings) -> None:
+    env = {
+        "SENTPIPE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "SENTPIPE_TOPIC_PREFIX": settings.topic_prefix + "cli.",
+    }
+    first = _cli("topics", "ensure", env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("created") == 6
+    second = _cli("topics", "ensure", env=env)
+    assert second.returncode == 0 and "created" not in second.stdout and second.stdout.count("exists") == 6
+
+
+def test_topics_ensure_against_unreachable_broker_is_one_line_within_15s() -> None:
+    start = time.monotonic()
+    res = _cli("topics", "ensure", env={"SENTPIPE_KAFKA_BOOTSTRAP": "127.0.0.1:1"})
+    assert time.monotonic() - start < 15
+    assert res.returncode != 0
+    assert res.stderr.strip().count("\n") == 0 and "127.0.0.1:1" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_invalid_setting_is_a_one_line_error() -> None:
+    res = _cli("topics", "ensure", env={"SENTPIPE_RAW_PARTITIONS": "zero"})
+    assert res.returncode != 0 and "SENTPIPE_RAW_PARTITIONS" in res.stderr and "Traceback" not in res.stderr
