@@ -68,7 +68,7 @@ class WebhookHandler:
         self.verifiers = verifiers
         self.topics = Topics(settings.topic_prefix)
 
-    async def __call__(self, request: web.Request) -> web.Response:
+    async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         m.INGRESS_IN_FLIGHT.inc()
         tenant = request.match_info.get("tenant", self.s.default_tenant)
@@ -99,8 +99,9 @@ class WebhookHandler:
         limit = self.s.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return "too_large", error(413, "body_too_large", f"body is over the {limit} byte limit")
-        body = await request.content.read(limit + 1)  # chunked bodies: never buffer more than the limit
-        if len(body) > limit:
+        try:
+            body = await request.read()  # chunked bodies: aiohttp stops reading at client_max_size
+        except web.HTTPRequestEntityTooLarge:
             return "too_large", error(413, "body_too_large", f"body is over the {limit} byte limit")
 
         try:
@@ -193,7 +194,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings, producer: AsyncProducer) -> web.Application:
     """The ingress app; the producer is started and flushed with the app."""
-    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_bytes + 1)
+    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[PRODUCER] = producer
     app[VERIFIERS] = {
@@ -208,8 +209,8 @@ def create_app(settings: Settings, producer: AsyncProducer) -> web.Application:
 
     app.cleanup_ctx.append(producer_ctx)
     handler = WebhookHandler(settings, producer, app[VERIFIERS])
-    app.router.add_post("/webhooks/sent", handler)
-    app.router.add_post("/webhooks/sent/{tenant}", handler)
+    app.router.add_post("/webhooks/sent", handler.handle)
+    app.router.add_post("/webhooks/sent/{tenant}", handler.handle)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)

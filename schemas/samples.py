@@ -49,20 +49,32 @@ class SampleFactory:
         self.clock += timedelta(milliseconds=self.rng.randint(5, 2000))
         return self.clock
 
-    def _wrap(self, type_: EventType, shape: Shape, field: str, sub_type: str | None, payload: dict[str, Any],
-              at: datetime) -> Sample:
+    def _wrap(
+        self,
+        type_: EventType,
+        shape: Shape,
+        field: str,
+        sub_type: str | None,
+        payload: dict[str, Any],
+        at: datetime,
+    ) -> Sample:
         if shape == "sent":
             doc: dict[str, Any] = {"field": field}
             if sub_type is not None:
                 doc["sub_type"] = sub_type
             doc |= {"timestamp": _iso(at), "payload": payload}
         else:
-            doc = {"id": "evt_" + _uuid(self.rng).replace("-", ""), "event": {"type": type_.value},
-                   "created_at": _iso(at), "data": payload}
+            doc = {
+                "id": "evt_" + _uuid(self.rng).replace("-", ""),
+                "event": {"type": type_.value},
+                "created_at": _iso(at),
+                "data": payload,
+            }
         return Sample(type_, orjson.dumps(doc), doc)
 
-    def message_status(self, message_id: str, status: str, shape: Shape = "sent",
-                       at: datetime | None = None) -> Sample:
+    def message_status(
+        self, message_id: str, status: str, shape: Shape = "sent", at: datetime | None = None
+    ) -> Sample:
         payload = {
             "account_id": self.account_id,
             "message_id": message_id,
@@ -72,8 +84,9 @@ class SampleFactory:
             "outbound_number": _phone(self.rng),
             "template_id": _uuid(self.rng),
         }
-        return self._wrap(EventType.MESSAGE_STATUS, shape, "message", f"message.{status}", payload,
-                          at or self._tick())
+        return self._wrap(
+            EventType.MESSAGE_STATUS, shape, "message", f"message.{status}", payload, at or self._tick()
+        )
 
     def message_lifecycle(self, shape: Shape = "sent") -> list[Sample]:
         """One message's statuses in Sent's partial order: some steps skipped, some messages failing."""
@@ -83,7 +96,9 @@ class SampleFactory:
             path = ["queued", "routed", "failed"]
         else:
             end = self.rng.randint(2, len(OUTBOUND_PATH) - 1)
-            path = [s for s in OUTBOUND_PATH[: end + 1] if s in ("queued", "delivered") or self.rng.random() > 0.3]
+            path = [
+                s for s in OUTBOUND_PATH[: end + 1] if s in ("queued", "delivered") or self.rng.random() > 0.3
+            ]
         return [self.message_status(message_id, s, shape) for s in path]
 
     def inbound(self, shape: Shape = "sent") -> Sample:
@@ -99,7 +114,9 @@ class SampleFactory:
         }
         return self._wrap(EventType.MESSAGE_INBOUND, shape, "message", "message.received", payload, at)
 
-    def template(self, template_id: str | None = None, status: str | None = None, shape: Shape = "sent") -> Sample:
+    def template(
+        self, template_id: str | None = None, status: str | None = None, shape: Shape = "sent"
+    ) -> Sample:
         status = status or self.rng.choice(TEMPLATE_STATUSES)
         payload = {
             "account_id": self.account_id,

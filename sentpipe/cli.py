@@ -45,7 +45,9 @@ def settings() -> Settings:
 def ingress(
     host: Annotated[str | None, typer.Option(help="Listen address [SENTPIPE_INGRESS_HOST].")] = None,
     port: Annotated[int | None, typer.Option(help="Webhook port [SENTPIPE_INGRESS_PORT].")] = None,
-    metrics_port: Annotated[int | None, typer.Option(help="Metrics port [SENTPIPE_INGRESS_METRICS_PORT].")] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Metrics port [SENTPIPE_INGRESS_METRICS_PORT].")
+    ] = None,
 ) -> None:
     """Serve the webhook endpoint: verify, produce to Kafka, answer once durable."""
     from ingress.server import run

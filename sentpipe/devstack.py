@@ -41,9 +41,10 @@ def main() -> int:
             procs.append((name, subprocess.Popen([*exe, *args], env=os.environ.copy())))
         url = f"http://127.0.0.1:{s.ingress_port}/webhooks/sent"
         secret = s.webhook_secret.get_secret_value()
+        note = "  (built-in development secret)" if s.uses_development_secret else ""
         print(
             f"\n  webhook URL   {url}\n"
-            f"  secret        {secret}{'  (built-in development secret)' if s.uses_development_secret else ''}\n"
+            f"  secret        {secret}{note}\n"
             f"  metrics       http://127.0.0.1:{s.ingress_metrics_port}/metrics (ingress), "
             f"http://127.0.0.1:{s.worker_metrics_port}/metrics (worker)\n"
             f"  try           .venv/bin/sentpipe trigger message.status.updated\n"

@@ -1,0 +1,91 @@
+"""Run sentpipe's own processes (ingress, worker) as real subprocesses in tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from sentpipe.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def settings_env(s: Settings, **extra: object) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SENTPIPE_")}
+    for name, value in s.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        if isinstance(value, list):
+            import json
+
+            value = json.dumps(value)
+        env[f"SENTPIPE_{name.upper()}"] = str(value)
+    env.update({f"SENTPIPE_{k.upper()}": str(v) for k, v in extra.items()})
+    return env
+
+
+class Proc:
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args, self.env, self.log = args, env, log
+        self.p: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        fh = self.log.open("ab")
+        self.p = subprocess.Popen(
+            [sys.executable, "-m", "sentpipe", *self.args], env=self.env, stdout=fh, stderr=subprocess.STDOUT
+        )
+        return self
+
+    def wait_http(self, url: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.p is not None
+            if self.p.poll() is not None:
+                raise RuntimeError(f"{self.args[0]} exited with {self.p.returncode}: {self.tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"{url} not ready after {timeout}s: {self.tail()}")
+
+    def tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+        if self.p is None or self.p.poll() is not None:
+            return self.p.returncode if self.p else None
+        self.p.send_signal(sig)
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            return self.p.wait(10)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+def start_ingress(s: Settings, log_dir: Path, **extra: object) -> tuple[Proc, str, int]:
+    port, mport = free_port(), free_port()
+    env = settings_env(s, ingress_host="127.0.0.1", ingress_port=port, ingress_metrics_port=mport, **extra)
+    proc = Proc(["ingress"], env, log_dir / f"ingress-{port}.log").start()
+    proc.wait_http(f"http://127.0.0.1:{port}/healthz")
+    return proc, f"http://127.0.0.1:{port}", mport

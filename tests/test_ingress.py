@@ -1,0 +1,149 @@
+"""The ingress against the real broker: what is stored, and every edge of DESIGN's table."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+
+from ingress.app import create_app, producer_for
+from schemas import routing as r
+from schemas.samples import SampleFactory
+from schemas.signature import signature_headers
+from schemas.topics import Topics
+from sentpipe.settings import Settings
+from tests.kafka_tools import read_topic
+
+SECRET = Settings().webhook_secret.get_secret_value()
+
+
+@pytest.fixture
+async def ingress(settings: Settings) -> AsyncIterator[str]:
+    server = TestServer(create_app(settings, producer_for(settings)), host="127.0.0.1")
+    await server.start_server()
+    yield f"http://127.0.0.1:{server.port}"
+    await server.close()
+
+
+def signed(
+    body: bytes, secret: str = SECRET, webhook_id: str = "msg_1", ts: int | None = None
+) -> dict[str, str]:
+    return {
+        **signature_headers(secret, webhook_id, ts or int(time.time()), body),
+        "content-type": "application/json",
+    }
+
+
+async def post(
+    url: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, dict[str, object], dict[str, str]]:
+    async with aiohttp.ClientSession() as s, s.post(url, data=body, headers=headers) as resp:
+        return resp.status, orjson.loads(await resp.read()), dict(resp.headers)
+
+
+async def test_each_type_in_both_shapes_lands_on_raw_byte_identical(
+    ingress: str, settings: Settings, topics: Topics
+) -> None:
+    f = SampleFactory(11)
+    samples = [f.message_status("m1", "sent", shape) for shape in ("sent", "guide")]
+    samples += [f.inbound(shape) for shape in ("sent", "guide")]
+    samples += [f.template("t1", "approved", shape) for shape in ("sent", "guide")]
+    ids = []
+    for i, s in enumerate(samples):
+        status, body, _ = await post(
+            f"{ingress}/webhooks/sent", s.body, signed(s.body, webhook_id=f"msg_{i}")
+        )
+        assert status == 200, body
+        ids.append(body["event_id"])
+    records = {
+        rec.key: rec for rec in read_topic(settings.kafka_bootstrap, topics.raw, at_least=len(samples))
+    }
+    assert len(records) == len(samples)
+    for s, event_id, i in zip(samples, ids, range(len(samples)), strict=True):
+        rec = records[str(event_id).encode()]
+        assert rec.value == s.body
+        assert rec.headers[r.H_TENANT] == b"default"
+        assert rec.headers[r.H_TYPE] == s.type.value.encode()
+        assert rec.headers[r.H_WEBHOOK_ID] == f"msg_{i}".encode()
+        assert rec.headers[r.H_SIGNATURE_VERIFIED] == b"true"
+        assert abs(int(rec.headers[r.H_RECEIVED_AT]) - time.time() * 1000) < 120_000
+        assert rec.headers[r.H_REQUEST_ID]
+    guide = samples[1]
+    assert str(guide.doc["id"]) in ids
+
+
+async def test_edges_answer_as_the_table_says_and_store_nothing(
+    ingress: str, settings: Settings, topics: Topics
+) -> None:
+    body = SampleFactory(3).inbound().body
+    url = f"{ingress}/webhooks/sent"
+    cases = [
+        (url, body, {"content-type": "application/json"}, 401, "missing_headers"),
+        (url, body, signed(body, secret="whsec_" + "QUJD" * 8), 401, "invalid_signature"),
+        (url, body, signed(body, ts=int(time.time()) - 3600), 401, "stale_timestamp"),
+        (url, body, {**signed(body), "x-webhook-signature": "garbage"}, 401, "malformed_signature"),
+        (f"{url}/nobody", body, signed(body), 404, "unknown_tenant"),
+        (url, body, {**signed(body), "content-type": "text/plain"}, 415, "unsupported_media_type"),
+        (url, b"x" * (settings.max_body_bytes + 1), signed(b"x"), 413, "body_too_large"),
+    ]
+    for target, data, headers, want, code in cases:
+        status, answer, _ = await post(target, data, headers)
+        assert (status, answer["error"]) == (want, code), (target, headers)
+        assert SECRET not in orjson.dumps(answer).decode()
+    async with aiohttp.ClientSession() as s, s.get(url) as resp:
+        assert resp.status == 405 and (await resp.json())["error"] == "method_not_allowed"
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for _ in range(settings.max_body_bytes // 65536 + 2):
+            yield b"y" * 65536
+
+    async with aiohttp.ClientSession() as s, s.post(url, data=chunks(), headers=signed(b"")) as resp:
+        assert resp.status == 413
+    assert read_topic(settings.kafka_bootstrap, topics.raw, idle=1.0) == []
+
+
+async def test_signed_but_malformed_body_goes_to_dlq_with_200(
+    ingress: str, settings: Settings, topics: Topics
+) -> None:
+    for body in (b"{not json", b'{"neither":"shape"}'):
+        status, answer, _ = await post(f"{ingress}/webhooks/sent", body, signed(body))
+        assert status == 200 and answer["outcome"] == "dead_lettered"
+    dlq = read_topic(settings.kafka_bootstrap, topics.dlq, at_least=2)
+    assert sorted(rec.value for rec in dlq) == sorted([b"{not json", b'{"neither":"shape"}'])
+    assert {rec.headers[r.H_DLQ_ERROR_CLASS] for rec in dlq} == {b"not_json", b"no_envelope"}
+    assert all(rec.headers[r.H_DLQ_STAGE] == b"ingress" for rec in dlq)
+    assert read_topic(settings.kafka_bootstrap, topics.raw, idle=0.5) == []
+
+
+async def test_tenants_and_rotation_from_the_secrets_file(services, db_url, unique, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    secrets = tmp_path / "secrets.json"
+    old, new = "whsec_" + "b2xk" * 8, "whsec_" + "bmV3" * 8
+    secrets.write_bytes(orjson.dumps({"acme": [old, new]}))
+    s = Settings(
+        kafka_bootstrap=services.kafka_bootstrap,
+        database_url=db_url,
+        topic_prefix=f"t{unique}.",
+        raw_partitions=2,
+        routed_partitions=2,
+        secrets_file=secrets,
+    )
+    from processors.topics import ensure_topics
+
+    ensure_topics(s)
+    server = TestServer(create_app(s, producer_for(s)), host="127.0.0.1")
+    await server.start_server()
+    try:
+        body = SampleFactory(5).inbound().body
+        base = f"http://127.0.0.1:{server.port}/webhooks/sent"
+        assert (await post(f"{base}/acme", body, signed(body, secret=old)))[0] == 200
+        assert (await post(f"{base}/acme", body, signed(body, secret=new)))[0] == 200
+        assert (await post(f"{base}/acme", body, signed(body)))[0] == 401  # the default tenant's secret
+        assert (await post(base, body, signed(body)))[0] == 200
+    finally:
+        await server.close()
+    recs = read_topic(s.kafka_bootstrap, Topics(s.topic_prefix).raw, at_least=3)
+    assert sorted(rec.headers[r.H_TENANT] for rec in recs) == [b"acme", b"acme", b"default"]

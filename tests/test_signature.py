@@ -1,0 +1,93 @@
+"""Signature verification against the public Standard Webhooks implementation as the signing peer."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from standardwebhooks.webhooks import Webhook
+
+from schemas.signature import Reason, SignatureError, Verifier, signature_headers
+
+SECRET = "whsec_" + base64.b64encode(b"a-test-secret-of-32-bytes-long!!").decode()
+OTHER = "whsec_" + base64.b64encode(b"another-secret-for-rotation-test").decode()
+
+
+def _peer_headers(secret: str, msg_id: str, ts: int, body: bytes, prefixed: bool = True) -> dict[str, str]:
+    sig = Webhook(secret).sign(msg_id, _dt(ts), body.decode())
+    names = (
+        ("x-webhook-id", "x-webhook-timestamp", "x-webhook-signature")
+        if prefixed
+        else ("webhook-id", "webhook-timestamp", "webhook-signature")
+    )
+    return dict(zip(names, (msg_id, str(ts), sig), strict=True))
+
+
+def _dt(ts: int):  # type: ignore[no-untyped-def]
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC)
+
+
+@given(
+    body=st.text(max_size=300),
+    msg_id=st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1, max_size=40),
+)
+def test_peer_signatures_verify(body: str, msg_id: str) -> None:
+    now = int(time.time())
+    raw = body.encode()
+    v = Verifier([SECRET], 300)
+    assert v.verify(_peer_headers(SECRET, msg_id, now, raw), raw, now).webhook_id == msg_id
+    assert v.verify(_peer_headers(SECRET, msg_id, now, raw, prefixed=False), raw, now).timestamp == now
+
+
+def test_our_signatures_verify_with_the_peer() -> None:
+    now = int(time.time())
+    body = b'{"field":"templates","payload":{}}'
+    h = signature_headers(SECRET, "msg_1", now, body)
+    peer = Webhook(SECRET)
+    mapped = {
+        "webhook-id": h["x-webhook-id"],
+        "webhook-timestamp": h["x-webhook-timestamp"],
+        "webhook-signature": h["x-webhook-signature"],
+    }
+    assert peer.verify(body, mapped) is not None
+
+
+def test_rotation_accepts_any_configured_secret_and_any_offered_entry() -> None:
+    now = int(time.time())
+    body = b"{}"
+    old = signature_headers(OTHER, "m", now, body)["x-webhook-signature"]
+    new = signature_headers(SECRET, "m", now, body)["x-webhook-signature"]
+    headers = {"x-webhook-id": "m", "x-webhook-timestamp": str(now), "x-webhook-signature": f"v1,AAAA {new}"}
+    Verifier([OTHER, SECRET], 300).verify(headers, body, now)
+    headers["x-webhook-signature"] = old
+    Verifier([SECRET, OTHER], 300).verify(headers, body, now)
+    with pytest.raises(SignatureError) as e:
+        Verifier([SECRET], 300).verify(headers, body, now)
+    assert e.value.reason is Reason.INVALID_SIGNATURE
+
+
+@pytest.mark.parametrize(
+    ("mutate", "reason"),
+    [
+        (lambda h, b: (h | {"x-webhook-signature": "v1,"}, b), Reason.MALFORMED_SIGNATURE),
+        (lambda h, b: (h | {"x-webhook-signature": "v2,abc"}, b), Reason.MALFORMED_SIGNATURE),
+        (lambda h, b: ({k: v for k, v in h.items() if k != "x-webhook-id"}, b), Reason.MISSING_HEADERS),
+        (lambda h, b: (h | {"x-webhook-timestamp": "soon"}, b), Reason.INVALID_TIMESTAMP),
+        (lambda h, b: (h | {"x-webhook-timestamp": str(int(time.time()) - 301)}, b), Reason.STALE_TIMESTAMP),
+        (lambda h, b: (h | {"x-webhook-timestamp": str(int(time.time()) + 301)}, b), Reason.STALE_TIMESTAMP),
+        (lambda h, b: (h, b + b" "), Reason.INVALID_SIGNATURE),
+        (lambda h, b: (h | {"x-webhook-id": "other"}, b), Reason.INVALID_SIGNATURE),
+    ],
+)
+def test_rejections_have_distinct_reasons(mutate, reason) -> None:  # type: ignore[no-untyped-def]
+    now = int(time.time())
+    body = b'{"a":1}'
+    headers, body2 = mutate(_peer_headers(SECRET, "msg", now, body), body)
+    with pytest.raises(SignatureError) as e:
+        Verifier([SECRET], 300).verify(headers, body2, now)
+    assert e.value.reason is reason
