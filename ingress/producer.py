@@ -39,6 +39,8 @@ def producer_config(
         # Durable before 2xx: every in-sync replica has it, and retries never duplicate or reorder.
         "acks": "all",
         "enable.idempotence": True,
+        # Java's and aiokafka's partitioner: the worker's dedup table relies on landing on the same partition.
+        "partitioner": "murmur2_random",
         "linger.ms": linger_ms,
         "batch.size": 256 * 1024,
         "compression.type": compression,

@@ -58,6 +58,28 @@ def ingress(
     run(s, host or s.ingress_host, port or s.ingress_port, metrics_port or s.ingress_metrics_port)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(ctx: typer.Context) -> None:
+    """Run the stream processors (Faust worker); extra arguments go to Faust's worker command."""
+    import prometheus_client
+
+    from processors.handlers import load_modules
+    from processors.worker import check_copartitioning, create_app
+    from sentpipe.logs import configure
+
+    s = settings()
+    configure(s.log_level, s.log_json)
+    check_copartitioning(s)
+    load_modules(s.handler_modules)
+    prometheus_client.start_http_server(s.worker_metrics_port)
+    faust_app = create_app(s)
+    argv = list(ctx.args)
+    if not any(a in ("-l", "--loglevel") or a.startswith("--loglevel=") for a in argv):
+        argv += ["--loglevel", s.log_level.lower()]
+    sys.argv = ["sentpipe worker", "worker", *argv]
+    faust_app.main()
+
+
 @topics_app.command("ensure")
 def topics_ensure(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
@@ -82,6 +104,16 @@ def db_migrate() -> None:
         out.print(f"{version}: {'applied' if applied else 'already applied'}")
 
 
+def _register_sender() -> None:
+    from sender.command import send_command, trigger_command
+
+    app.command("send")(send_command)
+    app.command("trigger")(trigger_command)
+
+
+_register_sender()
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) < 300 else text[:297] + "..."
@@ -93,6 +125,7 @@ def run(main: Callable[[], Any]) -> int:
     from confluent_kafka import KafkaException
 
     from processors.topics import BrokerUnavailable
+    from processors.worker import CopartitioningError
 
     try:
         main()
@@ -101,7 +134,7 @@ def run(main: Callable[[], Any]) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
-    except (CliError, BrokerUnavailable) as exc:
+    except (CliError, BrokerUnavailable, CopartitioningError) as exc:
         err.print(f"error: {exc}", highlight=False, soft_wrap=True)
         return 1
     except psycopg.OperationalError as exc:

@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     worker_web_port: int = 6066
     worker_metrics_port: int = 9101
     table_store: str = "memory://"
+    data_dir: Path = Path(".local/faust")
     dedup_window_s: int = Field(7 * 24 * 3600, ge=1)
     dedup_sweep_interval_s: float = Field(60.0, gt=0)
     batch_size: int = Field(500, ge=1)

@@ -1,0 +1,119 @@
+"""The built-in PostgreSQL projections: pure functions from canonical events to rows, plus their SQL.
+
+Every statement is idempotent and order-independent, so redelivery, replay and any arrival order end in
+the same state (DESIGN "Ordering").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from schemas.events import STATUS_RANK, CanonicalEvent, EventType
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    sql: str
+    rows: Callable[[CanonicalEvent], Sequence[Row]]
+
+
+@dataclass(frozen=True, slots=True)
+class Projection:
+    type: EventType
+    statements: tuple[Statement, ...]
+
+    def rows(self, events: Sequence[CanonicalEvent]) -> list[tuple[str, list[Row]]]:
+        return [(st.sql, [row for ev in events for row in st.rows(ev)]) for st in self.statements]
+
+
+def status_rank(status: str | None) -> int:
+    # Unknown statuses are kept in history but never displace a known one.
+    return STATUS_RANK.get(status or "", -1)
+
+
+def _received(ev: CanonicalEvent) -> datetime:
+    return datetime.fromtimestamp(ev.received_at_ms / 1000, UTC)
+
+
+def _text(data: dict[str, Any], key: str) -> str | None:
+    v = data.get(key)
+    return None if v is None else str(v)
+
+
+MESSAGE_EVENTS = Statement(
+    """INSERT INTO message_events (event_id, tenant, message_id, status, occurred_at, received_at, payload)
+       VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING""",
+    lambda ev: [(ev.id, ev.tenant, ev.subject, ev.status, ev.occurred_at, _received(ev), Jsonb(ev.data))],
+)
+
+# Advance by (rank, occurred_at, event_id): the row holds the maximum whatever the arrival order.
+MESSAGE_STATUS = Statement(
+    """INSERT INTO message_status AS cur (tenant, message_id, status, status_rank, occurred_at, event_id)
+       VALUES (%s, %s, %s, %s, %s, %s)
+       ON CONFLICT (tenant, message_id) DO UPDATE
+       SET status = EXCLUDED.status, status_rank = EXCLUDED.status_rank, occurred_at = EXCLUDED.occurred_at,
+           event_id = EXCLUDED.event_id, updated_at = now()
+       WHERE (EXCLUDED.status_rank, EXCLUDED.occurred_at, EXCLUDED.event_id)
+           > (cur.status_rank, cur.occurred_at, cur.event_id)""",
+    lambda ev: [(ev.tenant, ev.subject, ev.status, status_rank(ev.status), ev.occurred_at, ev.id)],
+)
+
+INBOUND = Statement(
+    """INSERT INTO inbound_messages (event_id, tenant, from_number, to_number, text, channel, provider,
+                                     occurred_at, received_at, payload)
+       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING""",
+    lambda ev: [
+        (
+            ev.id,
+            ev.tenant,
+            _text(ev.data, "from"),
+            _text(ev.data, "to"),
+            _text(ev.data, "text"),
+            _text(ev.data, "channel"),
+            _text(ev.data, "provider"),
+            ev.occurred_at,
+            _received(ev),
+            Jsonb(ev.data),
+        )
+    ],
+)
+
+TEMPLATE_EVENTS = Statement(
+    """INSERT INTO template_events (event_id, tenant, template_id, status, occurred_at, payload)
+       VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING""",
+    lambda ev: [(ev.id, ev.tenant, ev.subject, ev.status, ev.occurred_at, Jsonb(ev.data))],
+)
+
+# Templates move back and forth (approved, paused, approved): the latest event wins, ties by event id.
+TEMPLATE_STATUS = Statement(
+    """INSERT INTO template_status AS cur (tenant, template_id, name, status, reason, occurred_at, event_id)
+       VALUES (%s, %s, %s, %s, %s, %s, %s)
+       ON CONFLICT (tenant, template_id) DO UPDATE
+       SET name = EXCLUDED.name, status = EXCLUDED.status, reason = EXCLUDED.reason,
+           occurred_at = EXCLUDED.occurred_at, event_id = EXCLUDED.event_id, updated_at = now()
+       WHERE (EXCLUDED.occurred_at, EXCLUDED.event_id) > (cur.occurred_at, cur.event_id)""",
+    lambda ev: [
+        (
+            ev.tenant,
+            ev.subject,
+            _text(ev.data, "template_name") or _text(ev.data, "name"),
+            ev.status,
+            _text(ev.data, "reason"),
+            ev.occurred_at,
+            ev.id,
+        )
+    ],
+)
+
+PROJECTIONS: dict[EventType, Projection] = {
+    EventType.MESSAGE_STATUS: Projection(EventType.MESSAGE_STATUS, (MESSAGE_EVENTS, MESSAGE_STATUS)),
+    EventType.MESSAGE_INBOUND: Projection(EventType.MESSAGE_INBOUND, (INBOUND,)),
+    EventType.TEMPLATE_APPROVAL: Projection(EventType.TEMPLATE_APPROVAL, (TEMPLATE_EVENTS, TEMPLATE_STATUS)),
+}

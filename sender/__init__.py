@@ -1,0 +1,30 @@
+"""A local sender that behaves like Sent: signed deliveries, retries, duplicates, out-of-order events."""
+
+from sender.delivery import (
+    SENT_RETRY_SCHEDULE,
+    Attempt,
+    Outcome,
+    Signer,
+    SigningMode,
+    Stats,
+    Unreachable,
+    deliver,
+    probe,
+)
+from sender.plan import Delivery, generate, load_jsonl, plan_deliveries
+
+__all__ = [
+    "SENT_RETRY_SCHEDULE",
+    "Attempt",
+    "Delivery",
+    "Outcome",
+    "Signer",
+    "SigningMode",
+    "Stats",
+    "Unreachable",
+    "deliver",
+    "generate",
+    "load_jsonl",
+    "plan_deliveries",
+    "probe",
+]

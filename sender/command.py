@@ -1,0 +1,364 @@
+"""`sentpipe send` and `sentpipe trigger`: parsing and printing; the work is in sender.plan and .delivery."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, NoReturn
+from urllib.parse import quote
+
+import orjson
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from schemas.samples import Sample, SampleFactory
+from schemas.signature import secret_key
+from sender.delivery import (
+    SENT_RETRY_SCHEDULE,
+    Outcome,
+    SigningMode,
+    Stats,
+    Unreachable,
+    check_url,
+    deliver,
+    parse_schedule,
+    probe,
+)
+from sender.plan import (
+    ShapeChoice,
+    generate,
+    load_jsonl,
+    one_event,
+    parse_shape,
+    parse_types,
+    plan_deliveries,
+)
+from sentpipe.settings import Settings
+
+DEFAULT_COUNT = 100
+DEFAULT_CONCURRENCY = 8
+# With --rate the pace is the limit; this only keeps a slow receiver from piling up unbounded work.
+RATE_MODE_CONCURRENCY = 1000
+
+
+def _fail(message: str) -> NoReturn:
+    # Imported late: sentpipe.cli imports this module to register the commands.
+    from sentpipe.cli import fail
+
+    fail(message)
+
+
+def _settings() -> Settings:
+    from sentpipe.cli import settings
+
+    return settings()
+
+
+def _resolve_target(url: str | None, tenant: str | None, s: Settings) -> str:
+    base = url or f"http://127.0.0.1:{s.ingress_port}/webhooks/sent"
+    return f"{base.rstrip('/')}/{quote(tenant, safe='')}" if tenant else base
+
+
+def _resolve_secret(secret: str | None, tenant: str | None, s: Settings) -> str:
+    if secret:
+        return secret
+    try:
+        tenants = s.tenant_secrets()
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot read SENTPIPE_SECRETS_FILE: {exc}")
+    # The first secret of a tenant is the one it signs with; the others are still accepted (rotation).
+    return tenants.get(tenant or s.default_tenant, [s.webhook_secret.get_secret_value()])[0]
+
+
+def _check_target(target: str, secret: str) -> None:
+    try:
+        check_url(target)
+        secret_key(secret)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _shape(text: str) -> ShapeChoice:
+    try:
+        return parse_shape(text)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        _fail(f"{name} must be one of {', '.join(valid)}, not {value!r}")
+
+
+@contextmanager
+def _live(total: int, console: Console) -> Iterator[Callable[[Stats], None]]:
+    """A progress line on a terminal (stderr); nothing when output goes to a file or pipe."""
+    if not console.is_terminal:
+        yield lambda stats: None
+        return
+    progress = Progress(
+        TextColumn("sending"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    task = progress.add_task("send", total=total, detail="")
+
+    def update(stats: Stats) -> None:
+        detail = f"accepted {stats.accepted}  retried {stats.retried}  not accepted {stats.not_accepted}"
+        progress.update(task, completed=stats.done, detail=detail)
+
+    with progress:
+        yield update
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def summary_table(stats: Stats, unique: int, url: str) -> Table:
+    table = Table("", "", show_header=False)
+    table.add_row("url", url)
+    table.add_row("events", str(unique))
+    table.add_row("duplicates", str(stats.duplicates))
+    table.add_row("sent", str(stats.sent))
+    table.add_row("accepted", str(stats.accepted))
+    table.add_row("retried", str(stats.retried))
+    for outcome, n in sorted(stats.rejected.items()):
+        table.add_row(f"rejected {outcome}", str(n))
+    if not stats.rejected:
+        table.add_row("rejected", "0")
+    table.add_row("latency p50", _ms(stats.percentile(0.50)))
+    table.add_row("latency p99", _ms(stats.percentile(0.99)))
+    rate = stats.done / stats.elapsed_s if stats.elapsed_s > 0 else 0.0
+    table.add_row("elapsed", f"{stats.elapsed_s:.2f} s ({rate:.0f} deliveries/s)")
+    return table
+
+
+def _events(
+    file: Path | None,
+    types: list[str],
+    shape: ShapeChoice,
+    count: int | None,
+    seed: int | None,
+    skip_bad: bool,
+    err: Console,
+) -> list[Sample]:
+    try:
+        chosen = parse_types(types)
+    except ValueError as exc:
+        _fail(str(exc))
+    if file is None:
+        return generate(SampleFactory(seed), chosen, shape, count or DEFAULT_COUNT)
+    try:
+        samples, skipped = load_jsonl(file, skip_bad)
+    except OSError as exc:
+        _fail(f"cannot read {file}: {exc.strerror or exc}")
+    except ValueError as exc:  # a BadLine: its message starts with the line number
+        _fail(f"{file}: {exc} (use --on-bad-line skip to send the other lines)")
+    for bad in skipped:
+        err.print(f"skipped {file} {bad}", highlight=False, soft_wrap=True)
+    if types:
+        samples = [s for s in samples if s.type in chosen]
+    return samples[:count] if count is not None else samples
+
+
+def send_command(
+    url: Annotated[
+        str | None,
+        typer.Argument(
+            help="Webhook URL \\[default: http://127.0.0.1:$SENTPIPE_INGRESS_PORT/webhooks/sent]."
+        ),
+    ] = None,
+    type_: Annotated[
+        list[str] | None,
+        typer.Option("--type", help="Canonical event type; repeat for several \\[default: all]."),
+    ] = None,
+    shape: Annotated[str, typer.Option(help="Envelope: sent, guide or mixed.")] = "sent",
+    count: Annotated[
+        int | None,
+        typer.Option(help=f"Events to generate \\[default: {DEFAULT_COUNT}; all lines of --file]."),
+    ] = None,
+    rate: Annotated[
+        float | None, typer.Option(help="Pace first attempts at this many events per second.")
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(
+            help=f"Requests in flight at most \\[default: {DEFAULT_CONCURRENCY}; "
+            f"{RATE_MODE_CONCURRENCY} with --rate]."
+        ),
+    ] = None,
+    duplicates: Annotated[
+        float, typer.Option(help="Fraction of events delivered again later, as new deliveries.")
+    ] = 0.0,
+    shuffle: Annotated[
+        bool, typer.Option("--shuffle", help="Deliver each message's/template's events out of order.")
+    ] = False,
+    file: Annotated[
+        Path | None, typer.Option(help="Send these events instead: one JSON object per line.")
+    ] = None,
+    on_bad_line: Annotated[str, typer.Option(help="A malformed --file line: stop or skip.")] = "stop",
+    bad_signature: Annotated[
+        bool,
+        typer.Option("--bad-signature", help="Sign with a wrong key; success means every event rejected."),
+    ] = False,
+    stale: Annotated[
+        bool,
+        typer.Option("--stale", help="Sign with an hour-old timestamp; success means every event rejected."),
+    ] = False,
+    seed: Annotated[int | None, typer.Option(help="Seed for events, ids, duplicates and shuffling.")] = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="Post to URL/<tenant> with that tenant's secret.")
+    ] = None,
+    secret: Annotated[
+        str | None, typer.Option(help="Signing secret whsec_... \\[default: SENTPIPE_WEBHOOK_SECRET].")
+    ] = None,
+    retry_schedule: Annotated[
+        str | None,
+        typer.Option(help="Seconds between retries, e.g. 0.01,0.02 \\[default: Sent's 1,2,...,64]."),
+    ] = None,
+    no_retry: Annotated[bool, typer.Option("--no-retry", help="One attempt per delivery.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds before an attempt counts as timed out.")] = 10.0,
+) -> None:
+    """Sign events exactly as Sent does and post them: duplicates, shuffling, retries, a summary."""
+    shape_choice = _shape(shape)
+    _choice("--on-bad-line", on_bad_line, ("stop", "skip"))
+    if bad_signature and stale:
+        _fail("--bad-signature and --stale are separate tests; choose one")
+    if count is not None and count < 1:
+        _fail("--count must be at least 1")
+    if not 0.0 <= duplicates <= 1.0:
+        _fail("--duplicates is a fraction between 0 and 1")
+    if rate is not None and rate <= 0:
+        _fail("--rate must be above 0 events per second")
+    if concurrency is not None and concurrency < 1:
+        _fail("--concurrency must be at least 1")
+    if timeout <= 0:
+        _fail("--timeout must be above 0 seconds")
+    if no_retry and retry_schedule:
+        _fail("--no-retry and --retry-schedule contradict each other; choose one")
+    schedule: tuple[float, ...] = () if no_retry else SENT_RETRY_SCHEDULE
+    if retry_schedule:
+        try:
+            schedule = parse_schedule(retry_schedule)
+        except ValueError as exc:
+            _fail(str(exc))
+
+    s = _settings()
+    err = Console(stderr=True)
+    target = _resolve_target(url, tenant, s)
+    signing_secret = _resolve_secret(secret, tenant, s)
+    _check_target(target, signing_secret)
+    samples = _events(file, type_ or [], shape_choice, count, seed, on_bad_line == "skip", err)
+    if not samples:
+        _fail("no events to send")
+    deliveries = plan_deliveries(samples, duplicates, shuffle, random.Random(seed))
+    mode = SigningMode.BAD_SIGNATURE if bad_signature else SigningMode.STALE if stale else SigningMode.VALID
+
+    async def main(on_update: Callable[[Stats], None]) -> Stats:
+        await probe(target, timeout_s=min(timeout, 5.0))
+        return await deliver(
+            target,
+            deliveries,
+            signing_secret,
+            schedule=schedule,
+            concurrency=concurrency or (RATE_MODE_CONCURRENCY if rate else DEFAULT_CONCURRENCY),
+            rate=rate,
+            timeout_s=timeout,
+            mode=mode,
+            on_update=on_update,
+        )
+
+    try:
+        with _live(len(deliveries), err) as on_update:
+            stats = asyncio.run(main(on_update))
+    except Unreachable as exc:
+        _fail(str(exc))
+
+    Console().print(summary_table(stats, len(samples), target))
+    if mode is not SigningMode.VALID:
+        if stats.accepted:
+            flag = "--" + mode.value.replace("_", "-")
+            _fail(f"{stats.accepted} of {stats.done} deliveries were accepted despite {flag}")
+    elif stats.not_accepted:
+        _fail(f"{stats.not_accepted} of {stats.done} deliveries were not accepted")
+
+
+def trigger_command(
+    type_: Annotated[
+        str, typer.Argument(metavar="TYPE", help="Canonical event type, e.g. message.status.updated.")
+    ],
+    url: Annotated[
+        str | None,
+        typer.Argument(
+            help="Webhook URL \\[default: http://127.0.0.1:$SENTPIPE_INGRESS_PORT/webhooks/sent]."
+        ),
+    ] = None,
+    shape: Annotated[str, typer.Option(help="Envelope: sent, guide or mixed.")] = "sent",
+    status: Annotated[
+        str | None, typer.Option(help="Status for message/template events, e.g. delivered, approved.")
+    ] = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="Post to URL/<tenant> with that tenant's secret.")
+    ] = None,
+    secret: Annotated[
+        str | None, typer.Option(help="Signing secret whsec_... \\[default: SENTPIPE_WEBHOOK_SECRET].")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for a reproducible event.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 10.0,
+) -> None:
+    """Send one realistic, signed event of TYPE and print it and the answer (one attempt, no retries)."""
+    try:
+        (event_type,) = parse_types([type_])
+    except ValueError as exc:
+        _fail(str(exc))
+    shape_choice = _shape(shape)
+    if timeout <= 0:
+        _fail("--timeout must be above 0 seconds")
+    s = _settings()
+    target = _resolve_target(url, tenant, s)
+    signing_secret = _resolve_secret(secret, tenant, s)
+    _check_target(target, signing_secret)
+    sample = one_event(SampleFactory(seed), event_type, shape_choice, status)
+    (delivery,) = plan_deliveries([sample], 0.0, False, random.Random(seed))
+    out = Console()
+    out.print_json(sample.body.decode())
+    outcomes: list[Outcome] = []
+
+    async def main() -> None:
+        await probe(target, timeout_s=min(timeout, 5.0))
+        await deliver(
+            target, [delivery], signing_secret, schedule=(), timeout_s=timeout, on_outcome=outcomes.append
+        )
+
+    try:
+        asyncio.run(main())
+    except Unreachable as exc:
+        _fail(str(exc))
+    final = outcomes[0].final
+    out.print(f"POST {target}  x-webhook-id {delivery.webhook_id}", highlight=False, soft_wrap=True)
+    if final.status is None:
+        _fail(f"no answer from {target}: {final.outcome}")
+    out.print(f"HTTP {final.status}", highlight=False)
+    _print_answer(out, final.body)
+    if not final.accepted:
+        _fail(f"event not accepted: HTTP {final.status}")
+
+
+def _print_answer(out: Console, body: bytes) -> None:
+    try:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
+        if body:
+            out.print(body.decode(errors="replace"), highlight=False, markup=False, soft_wrap=True)
+        return
+    out.print_json(body.decode())

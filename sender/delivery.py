@@ -1,0 +1,274 @@
+"""The delivery engine: sign each attempt as Sent does, post it, retry on Sent's schedule, keep score."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import aiohttp
+from yarl import URL
+
+from schemas.signature import secret_key, signature_headers
+from sender.plan import Delivery
+
+# The integration guide's table: retries after 1, 2, 4, 8, 16, 32, 64 s, then the event is failed.
+SENT_RETRY_SCHEDULE: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+USER_AGENT = "sentpipe-sender/0.1"
+RESPONSE_KEEP_BYTES = 64 * 1024
+# Far outside any signature tolerance (Standard Webhooks: 5 minutes), so --stale is always stale.
+STALE_BY_S = 3600
+# A signing key that is not the receiver's, so --bad-signature fails the HMAC, not the header syntax.
+WRONG_SECRET = "whsec_bm90LXRoZS1yZWNlaXZlcnMtc2VjcmV0"
+
+
+class SigningMode(StrEnum):
+    VALID = "valid"
+    BAD_SIGNATURE = "bad_signature"
+    STALE = "stale"
+
+
+class Unreachable(Exception):
+    """The target accepts no connection at all: nothing would be delivered, so stop before starting."""
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """'0.01,0.02' -> (0.01, 0.02); ValueError on anything but non-negative numbers."""
+    try:
+        delays = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"retry schedule {text!r} is not a comma-separated list of seconds") from None
+    if not delays or any(not math.isfinite(d) or d < 0 for d in delays):
+        raise ValueError(f"retry schedule {text!r} needs at least one delay, each >= 0 seconds")
+    return delays
+
+
+def check_url(url: str) -> URL:
+    """The URL as aiohttp will use it; ValueError unless it is an absolute http(s) URL."""
+    parsed = URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    return parsed
+
+
+class Signer:
+    """Signs one attempt: the delivery's webhook id, a timestamp taken now, the exact body bytes."""
+
+    def __init__(
+        self, secret: str, mode: SigningMode = SigningMode.VALID, clock: Callable[[], float] = time.time
+    ) -> None:
+        secret_key(secret)  # a broken secret fails here, once, not on every attempt
+        self.secret = WRONG_SECRET if mode is SigningMode.BAD_SIGNATURE else secret
+        self.mode = mode
+        self.clock = clock
+
+    def headers(self, delivery: Delivery) -> dict[str, str]:
+        timestamp = int(self.clock())
+        if self.mode is SigningMode.STALE:
+            timestamp -= STALE_BY_S
+        return {
+            **signature_headers(self.secret, delivery.webhook_id, timestamp, delivery.body),
+            "x-webhook-event-type": delivery.category,
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    number: int  # 1 for the first try
+    status: int | None  # None when no HTTP answer came (timeout, connection error)
+    error: str | None
+    latency_s: float
+    body: bytes = b""
+
+    @property
+    def accepted(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+    @property
+    def outcome(self) -> str:
+        """How the summary names a final answer: the status code, or what went wrong."""
+        return str(self.status) if self.status is not None else self.error or "error"
+
+
+def retryable(attempt: Attempt) -> bool:
+    """Sent retries when the receiver may succeed later: 5xx, 408/429, timeouts, connection errors."""
+    if attempt.status is None:
+        return True
+    return attempt.status >= 500 or attempt.status in (408, 429)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    delivery: Delivery
+    attempts: tuple[Attempt, ...]
+
+    @property
+    def final(self) -> Attempt:
+        return self.attempts[-1]
+
+    @property
+    def accepted(self) -> bool:
+        return self.final.accepted
+
+
+@dataclass
+class Stats:
+    """Running totals; safe to read while `deliver` runs (everything happens on one event loop)."""
+
+    total: int = 0  # deliveries planned
+    sent: int = 0  # deliveries whose first attempt has started
+    done: int = 0
+    accepted: int = 0
+    retried: int = 0  # attempts after the first
+    duplicates: int = 0  # deliveries that repeat an earlier body
+    rejected: Counter[str] = field(default_factory=Counter)  # final non-2xx outcome -> deliveries
+    latencies_s: list[float] = field(default_factory=list)  # every attempt that got an HTTP answer
+    elapsed_s: float = 0.0
+
+    @property
+    def not_accepted(self) -> int:
+        return self.done - self.accepted
+
+    def percentile(self, q: float) -> float | None:
+        """Nearest-rank percentile of answered attempts' latency, None before the first answer."""
+        if not self.latencies_s:
+            return None
+        ordered = sorted(self.latencies_s)
+        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+    def record_attempt(self, attempt: Attempt) -> None:
+        if attempt.number > 1:
+            self.retried += 1
+        if attempt.status is not None:
+            self.latencies_s.append(attempt.latency_s)
+
+    def record_outcome(self, outcome: Outcome) -> None:
+        self.done += 1
+        if outcome.accepted:
+            self.accepted += 1
+        else:
+            self.rejected[outcome.final.outcome] += 1
+
+
+async def post_once(
+    session: aiohttp.ClientSession, url: URL | str, delivery: Delivery, signer: Signer, number: int
+) -> Attempt:
+    """One attempt: freshly signed, posted, answered or failed; never raises for network trouble."""
+    headers = signer.headers(delivery)
+    started = time.perf_counter()
+    try:
+        async with session.post(url, data=delivery.body, headers=headers) as resp:
+            body = await resp.content.read(RESPONSE_KEEP_BYTES)
+            return Attempt(number, resp.status, None, time.perf_counter() - started, body)
+    except TimeoutError:
+        return Attempt(number, None, "timeout", time.perf_counter() - started)
+    except aiohttp.ClientConnectionError:
+        return Attempt(number, None, "connection error", time.perf_counter() - started)
+    except aiohttp.ClientError as exc:
+        return Attempt(number, None, type(exc).__name__, time.perf_counter() - started)
+
+
+async def deliver(
+    url: str,
+    deliveries: Sequence[Delivery],
+    secret: str,
+    *,
+    schedule: Sequence[float] = SENT_RETRY_SCHEDULE,
+    concurrency: int = 8,
+    rate: float | None = None,
+    timeout_s: float = 10.0,
+    mode: SigningMode = SigningMode.VALID,
+    clock: Callable[[], float] = time.time,
+    on_update: Callable[[Stats], None] | None = None,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> Stats:
+    """Deliver everything in plan order; returns when each delivery is accepted or out of retries.
+
+    `concurrency` bounds attempts in flight; `rate` (deliveries per second) paces first attempts. A
+    delivery waiting for its next retry holds no slot, so one failing event does not stall the rest,
+    as with Sent, whose retries are scheduled per event.
+    """
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    if rate is not None and rate <= 0:
+        raise ValueError("rate must be above 0 events per second")
+    target = check_url(url)
+    signer = Signer(secret, mode, clock)
+    stats = Stats(total=len(deliveries), duplicates=sum(d.duplicate for d in deliveries))
+    slots = asyncio.Semaphore(concurrency)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    def updated() -> None:
+        stats.elapsed_s = loop.time() - started
+        if on_update is not None:
+            on_update(stats)
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    client_timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
+
+        async def run(delivery: Delivery, first_slot_held: bool) -> None:
+            attempts: list[Attempt] = []
+            for number in range(1, len(schedule) + 2):
+                if number > 1:
+                    await asyncio.sleep(schedule[number - 2])
+                if not (number == 1 and first_slot_held):
+                    await slots.acquire()
+                try:
+                    attempt = await post_once(session, target, delivery, signer, number)
+                finally:
+                    slots.release()
+                attempts.append(attempt)
+                stats.record_attempt(attempt)
+                updated()
+                if attempt.accepted or not retryable(attempt):
+                    break
+            outcome = Outcome(delivery, tuple(attempts))
+            stats.record_outcome(outcome)
+            updated()
+            if on_outcome is not None:
+                on_outcome(outcome)
+
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for i, delivery in enumerate(deliveries):
+                if rate is not None:
+                    delay = started + i / rate - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                # Taking the slot before creating the task keeps pending work bounded by `concurrency`.
+                await slots.acquire()
+                stats.sent += 1
+                tasks.append(asyncio.create_task(run(delivery, first_slot_held=True)))
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+    updated()
+    return stats
+
+
+async def probe(url: str, timeout_s: float = 5.0) -> None:
+    """Raise Unreachable unless a TCP connection to the URL's host and port can be opened."""
+    target = check_url(url)
+    host, port = target.host, target.port
+    assert host is not None and port is not None  # check_url guarantees an absolute http(s) URL
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except TimeoutError:
+        raise Unreachable(f"cannot reach {url}: no connection within {timeout_s:g}s") from None
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise Unreachable(f"cannot reach {url}: {reason}") from None
+    writer.close()
+    # The connection has served its purpose; how it closes does not matter.
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()

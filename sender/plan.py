@@ -1,0 +1,207 @@
+"""What the sender delivers, and in which order: events, duplicates and shuffles, all from one rng."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import orjson
+
+from schemas.events import ROUTED_TYPES, EventType, MalformedEvent, frame, normalize
+from schemas.samples import Sample, SampleFactory
+
+ShapeChoice = Literal["sent", "guide", "mixed"]
+SHAPES: tuple[ShapeChoice, ...] = ("sent", "guide", "mixed")
+TYPE_NAMES = tuple(t.value for t in ROUTED_TYPES)
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One delivery of one body. A retry is another attempt of the same delivery; a duplicate is not."""
+
+    webhook_id: str  # kept across retries (Standard Webhooks); a duplicate gets its own
+    body: bytes
+    category: str  # x-webhook-event-type: "messages" or "templates"
+    type: EventType
+    index: int  # position of the event in the samples the plan was made from
+    duplicate: bool = False
+
+
+class BadLine(ValueError):
+    """A line of a JSONL file that is not one JSON object."""
+
+    def __init__(self, line_no: int, reason: str) -> None:
+        super().__init__(f"line {line_no}: {reason}")
+        self.line_no = line_no
+        self.reason = reason
+
+
+def parse_types(names: Iterable[str]) -> tuple[EventType, ...]:
+    """Canonical type names -> types (all routed types when none); ValueError names the valid ones."""
+    chosen: list[EventType] = []
+    for name in names:
+        if name not in TYPE_NAMES:
+            raise ValueError(f"unknown event type {name!r}; valid types: {', '.join(TYPE_NAMES)}")
+        if EventType(name) not in chosen:
+            chosen.append(EventType(name))
+    return tuple(chosen) or ROUTED_TYPES
+
+
+def parse_shape(text: str) -> ShapeChoice:
+    for shape in SHAPES:
+        if text == shape:
+            return shape
+    raise ValueError(f"--shape must be one of {', '.join(SHAPES)}, not {text!r}")
+
+
+def webhook_id(rng: random.Random) -> str:
+    # Drawn from the plan's rng so a seeded run repeats its ids exactly.
+    return f"msg_{uuid.UUID(int=rng.getrandbits(128), version=4).hex}"
+
+
+def category(sample: Sample) -> str:
+    """The parent category Sent puts in x-webhook-event-type."""
+    if sample.type is EventType.TEMPLATE_APPROVAL:
+        return "templates"
+    if sample.type is EventType.UNROUTED:
+        field = sample.doc.get("field")
+        if isinstance(field, str) and field:
+            return field
+    return "messages"
+
+
+def generate(
+    factory: SampleFactory, types: Sequence[EventType], shape: ShapeChoice, count: int
+) -> list[Sample]:
+    """`count` events of `types`, each message's or template's events in their true order."""
+    out: list[Sample] = []
+    # The same weights as SampleFactory.mix: message lifecycles dominate real traffic.
+    weights = [{EventType.MESSAGE_STATUS: 3}.get(t, 1) for t in types]
+    while len(out) < count:
+        type_ = factory.rng.choices(list(types), weights)[0]
+        s = factory.rng.choice(("sent", "guide")) if shape == "mixed" else shape
+        out += factory.of_type(type_, s)
+    return out[:count]
+
+
+def one_event(factory: SampleFactory, type_: EventType, shape: ShapeChoice, status: str | None) -> Sample:
+    """A single realistic event of `type_` (for `trigger`): one status, not a whole lifecycle."""
+    s = factory.rng.choice(("sent", "guide")) if shape == "mixed" else shape
+    if type_ is EventType.MESSAGE_STATUS:
+        status = status or factory.rng.choice(("sent", "delivered", "read", "failed"))
+        return factory.message_status(str(uuid.UUID(int=factory.rng.getrandbits(128), version=4)), status, s)
+    if type_ is EventType.TEMPLATE_APPROVAL:
+        return factory.template(status=status, shape=s)
+    if type_ is EventType.MESSAGE_INBOUND:
+        return factory.inbound(s)
+    raise ValueError(f"no samples for {type_}")
+
+
+def sample_from_body(body: bytes) -> Sample:
+    """A sample for a body given by the user; raises BadLine's reason as ValueError when not an object."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON (error at column {exc.colno})") from None
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    try:
+        type_ = frame(body, webhook_id=None).type
+    except MalformedEvent:
+        # No recognizable envelope: still sent, so the ingress's dead-letter path can be tried too.
+        type_ = EventType.UNROUTED
+    return Sample(type_, body, doc)
+
+
+def read_jsonl(lines: Iterable[bytes], skip_bad: bool) -> Iterator[Sample | BadLine]:
+    """Samples from JSONL lines, byte for byte; a bad line raises BadLine, or is yielded when skipping."""
+    for line_no, raw in enumerate(lines, start=1):
+        body = raw.rstrip(b"\r\n")
+        if not body.strip():
+            continue  # blank lines (a trailing newline, spacing) are not events
+        try:
+            yield sample_from_body(body)
+        except ValueError as exc:
+            bad = BadLine(line_no, str(exc))
+            if not skip_bad:
+                raise bad from None
+            yield bad
+
+
+def load_jsonl(path: Path, skip_bad: bool) -> tuple[list[Sample], list[BadLine]]:
+    """The events in a JSONL file and the lines skipped; OSError when the file cannot be read."""
+    samples: list[Sample] = []
+    skipped: list[BadLine] = []
+    with path.open("rb") as fh:
+        for item in read_jsonl(fh, skip_bad):
+            if isinstance(item, BadLine):
+                skipped.append(item)
+            else:
+                samples.append(item)
+    return samples, skipped
+
+
+def _subject(sample: Sample) -> str | None:
+    """The entity whose event order matters (message or template id), as the pipeline itself sees it."""
+    try:
+        event = normalize(frame(sample.body, webhook_id=None), tenant="-", received_at_ms=0)
+    except MalformedEvent:
+        return None
+    if event.type in (EventType.MESSAGE_STATUS, EventType.TEMPLATE_APPROVAL):
+        return f"{event.type.value}:{event.subject}"
+    return None
+
+
+def shuffle_within_subjects(samples: Sequence[Sample], rng: random.Random) -> list[int]:
+    """An order of `samples` (indices) where each subject's events swap places among their own slots.
+
+    Events of different subjects keep their relative positions, so the stream still looks like
+    interleaved traffic; only each message's or template's own sequence arrives out of order.
+    """
+    slots: dict[str, list[int]] = {}
+    for i, sample in enumerate(samples):
+        subject = _subject(sample)
+        if subject is not None:
+            slots.setdefault(subject, []).append(i)
+    order = list(range(len(samples)))
+    for positions in slots.values():
+        if len(positions) < 2:
+            continue
+        moved = positions[:]
+        rng.shuffle(moved)
+        if moved == positions:
+            moved = moved[1:] + moved[:1]  # a shuffle that changed nothing would test nothing
+        for slot, source in zip(positions, moved, strict=True):
+            order[slot] = source
+    return order
+
+
+def plan_deliveries(
+    samples: Sequence[Sample], duplicates: float, shuffle: bool, rng: random.Random
+) -> list[Delivery]:
+    """Every sample once (optionally out of order per subject), plus `duplicates` x len(samples) redeliveries.
+
+    A redelivery repeats the identical body as a new delivery (fresh webhook id) at a random point after
+    the original, as Sent does after a lost acknowledgement.
+    """
+    if not 0.0 <= duplicates <= 1.0:
+        raise ValueError("duplicates is a fraction between 0 and 1")
+    order = shuffle_within_subjects(samples, rng) if shuffle else list(range(len(samples)))
+    keyed: list[tuple[float, int, Delivery]] = []
+    for position, index in enumerate(order):
+        s = samples[index]
+        keyed.append((float(position), 0, Delivery(webhook_id(rng), s.body, category(s), s.type, index)))
+    n_dup = round(duplicates * len(samples))
+    for position in sorted(rng.sample(range(len(order)), n_dup)):
+        index = order[position]
+        s = samples[index]
+        # Any point after the original: a sort key strictly between its position and the end.
+        later = rng.uniform(position, len(order))
+        later = later if later > position else position + 0.5
+        keyed.append((later, 1, Delivery(webhook_id(rng), s.body, category(s), s.type, index, True)))
+    keyed.sort(key=lambda k: (k[0], k[1]))
+    return [d for _, _, d in keyed]

@@ -1,0 +1,57 @@
+"""Signed HTTP deliveries for end-to-end tests (the sender's engine is tested on its own)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+import uuid
+
+import aiohttp
+
+from schemas.signature import signature_headers
+
+
+async def post_all(
+    url: str, bodies: list[bytes], secret: str, concurrency: int = 16, retry_until: float = 120.0
+) -> list[int]:
+    """POST every body signed; retries 5xx/connection errors (like Sent) until accepted or out of time."""
+    sem = asyncio.Semaphore(concurrency)
+    deadline = time.monotonic() + retry_until
+
+    async def one(session: aiohttp.ClientSession, body: bytes) -> int:
+        webhook_id = f"msg_{uuid.uuid4().hex}"
+        async with sem:
+            while True:
+                headers = {
+                    **signature_headers(secret, webhook_id, int(time.time()), body),
+                    "content-type": "application/json",
+                }
+                try:
+                    async with session.post(url, data=body, headers=headers) as resp:
+                        await resp.read()
+                        if resp.status < 500 or time.monotonic() > deadline:
+                            return resp.status
+                except aiohttp.ClientError:
+                    if time.monotonic() > deadline:
+                        return 599
+                await asyncio.sleep(0.5)
+
+    async with aiohttp.ClientSession() as session:
+        return await asyncio.gather(*(one(session, b) for b in bodies))
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Prometheus text exposition -> {'name{labels}': value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def metric_sum(samples: dict[str, float], name: str) -> float:
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))

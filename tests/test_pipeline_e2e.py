@@ -1,0 +1,206 @@
+"""End to end: signed HTTP -> ingress -> Kafka -> worker (dedup, route, project) -> PostgreSQL.
+
+Ingress and worker run as real processes against the real broker and database; the database is compared
+with an order-free oracle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from schemas import routing as r
+from schemas.samples import SampleFactory
+from sentpipe.settings import Settings
+from tests.handlers_fixture import create_fixture_tables
+from tests.http_tools import metric_sum, post_all, scrape
+from tests.kafka_tools import read_topic
+from tests.oracle import actual_state, expected_state, row_count
+from tests.pipeline import start_ingress, start_worker, wait_until
+from tests.services import Services
+
+
+def deliveries(n: int, dup_fraction: float, seed: int) -> tuple[list[bytes], list[bytes]]:
+    """n unique events of all types (both shapes) plus redeliveries, shuffled: (unique, to_send)."""
+    f = SampleFactory(seed)
+    unique = [s.body for s in f.mix(n, shape="mixed")]
+    rng = random.Random(seed)
+    dups = rng.sample(unique, int(n * dup_fraction))
+    to_send = unique + dups
+    rng.shuffle(to_send)
+    return unique, to_send
+
+
+def assert_matches_oracle(db_url: str, unique: list[bytes]) -> None:
+    exp, got = expected_state(unique), actual_state(db_url)
+    assert got.message_events == exp.message_events
+    assert got.inbound == exp.inbound
+    assert got.template_events == exp.template_events
+    assert got.message_status == exp.message_status
+    assert got.template_status == exp.template_status
+
+
+def test_thousand_events_with_duplicates_and_shuffle_match_the_oracle(
+    settings: Settings, topics, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    unique, to_send = deliveries(1000, 0.3, seed=1)
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    worker = start_worker(settings, tmp_path)
+    try:
+        statuses = asyncio.run(
+            post_all(f"{url}/webhooks/sent", to_send, settings.webhook_secret.get_secret_value())
+        )
+        assert statuses.count(200) == len(to_send)
+        wait_until(
+            lambda: row_count(settings.database_url.get_secret_value()) >= len(unique),
+            120,
+            "all unique events projected",
+            worker.proc.tail,
+        )
+        assert_matches_oracle(settings.database_url.get_secret_value(), unique)
+        wait_until(
+            lambda: metric_sum(scrape(worker.metrics_port), "sentpipe_duplicates_dropped_total") >= 300,
+            30,
+            "duplicates counted",
+            worker.proc.tail,
+        )
+        samples = scrape(worker.metrics_port)
+        assert metric_sum(samples, "sentpipe_duplicates_dropped_total") == len(to_send) - len(unique)
+        assert metric_sum(samples, "sentpipe_events_routed_total") == len(unique)
+    finally:
+        worker.stop()
+        ingress.stop()
+    routed = sum(len(read_topic(settings.kafka_bootstrap, t, idle=0.5)) for t in topics.routed)
+    assert routed == len(unique)
+
+
+def test_kill_9_mid_stream_loses_nothing_and_dedup_survives_restart(
+    settings: Settings,
+    topics,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    db = settings.database_url.get_secret_value()
+    unique, to_send = deliveries(1200, 0.2, seed=2)
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    worker = start_worker(settings, tmp_path)
+    secret = settings.webhook_secret.get_secret_value()
+    try:
+
+        async def send_and_kill() -> list[int]:
+            task = asyncio.create_task(post_all(f"{url}/webhooks/sent", to_send, secret, concurrency=4))
+            while await asyncio.to_thread(row_count, db) < 200:  # noqa: ASYNC110 - polling another process
+                await asyncio.sleep(0.05)
+            worker.kill()  # SIGKILL while events are flowing: no flush, no commit, no goodbye
+            return await task
+
+        statuses = asyncio.run(send_and_kill())
+        assert statuses.count(200) == len(to_send)
+        worker = start_worker(settings, tmp_path)
+        wait_until(lambda: row_count(db) >= len(unique), 180, "catch-up after restart", worker.proc.tail)
+        assert_matches_oracle(db, unique)
+
+        # Redeliveries after the restart are still duplicates: the table came back from its changelog.
+        routed_before = sum(len(read_topic(settings.kafka_bootstrap, t, idle=0.5)) for t in topics.routed)
+        again = random.Random(3).sample(unique, 100)
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", again, secret)).count(200) == 100
+        wait_until(
+            lambda: metric_sum(scrape(worker.metrics_port), "sentpipe_duplicates_dropped_total") >= 100,
+            60,
+            "post-restart duplicates dropped",
+            worker.proc.tail,
+        )
+        routed_after = sum(len(read_topic(settings.kafka_bootstrap, t, idle=0.5)) for t in topics.routed)
+        assert routed_after == routed_before
+        assert_matches_oracle(db, unique)
+    finally:
+        worker.stop()
+        ingress.stop()
+
+
+def test_database_down_20s_nothing_dead_lettered_nothing_lost(
+    services: Services,
+    settings: Settings,
+    topics,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    if not services.postgres_local:
+        pytest.fail(
+            "this test stops the database: run it with the local launcher (unset SENTPIPE_DATABASE_URL)"
+        )
+    db = settings.database_url.get_secret_value()
+    unique, to_send = deliveries(600, 0.1, seed=4)
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    worker = start_worker(settings, tmp_path, retry_max_s=2)
+    secret = settings.webhook_secret.get_secret_value()
+    try:
+        half = len(to_send) // 2
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", to_send[:half], secret)).count(200) == half
+        wait_until(lambda: row_count(db) > 0, 60, "first rows", worker.proc.tail)
+        services.stop_postgres()
+        try:
+            # The ingress does not need the database: events keep being accepted during the outage.
+            assert (
+                asyncio.run(post_all(f"{url}/webhooks/sent", to_send[half:], secret)).count(200)
+                == len(to_send) - half
+            )
+            import time
+
+            time.sleep(20)
+        finally:
+            services.start_postgres()
+        wait_until(lambda: row_count(db) >= len(unique), 180, "catch-up after the outage", worker.proc.tail)
+        assert_matches_oracle(db, unique)
+        samples = scrape(worker.metrics_port)
+        assert metric_sum(samples, "sentpipe_retries_total") > 0
+        assert metric_sum(samples, "sentpipe_dlq_events_total") == 0
+    finally:
+        worker.stop()
+        ingress.stop()
+    assert read_topic(settings.kafka_bootstrap, topics.dlq, idle=1.0) == []
+
+
+def test_poison_event_goes_to_dlq_with_headers_and_the_rest_flows(
+    settings: Settings, topics, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    db = settings.database_url.get_secret_value()
+    create_fixture_tables(db)
+    f = SampleFactory(9)
+    events = [f.inbound() for _ in range(30)]
+    from schemas.events import frame
+
+    poison_id = frame(events[10].body, webhook_id=None).event_id
+    with psycopg.connect(db, autocommit=True) as c:
+        c.execute("INSERT INTO poison (event_id) VALUES (%s)", (poison_id,))
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    worker = start_worker(settings, tmp_path, handler_modules=["tests.handlers_fixture"])
+    try:
+        bodies = [e.body for e in events]
+        assert (
+            asyncio.run(
+                post_all(f"{url}/webhooks/sent", bodies, settings.webhook_secret.get_secret_value())
+            ).count(200)
+            == 30
+        )
+        dlq = read_topic(settings.kafka_bootstrap, topics.dlq, at_least=1, timeout=60)
+        wait_until(lambda: row_count(db) >= 30, 60, "events behind the poison processed", worker.proc.tail)
+    finally:
+        worker.stop()
+        ingress.stop()
+    assert len(dlq) == 1
+    rec = dlq[0]
+    assert rec.value == events[10].body or poison_id in rec.value.decode()
+    h = rec.headers
+    assert h[r.H_DLQ_STAGE] == b"handler"
+    assert h[r.H_DLQ_ERROR_CLASS] == b"PermanentError"
+    assert b"poisoned event" in h[r.H_DLQ_MESSAGE]
+    assert h[r.H_DLQ_ATTEMPTS] == b"1"
+    assert h[r.H_DLQ_TOPIC] == topics.message_inbound.encode()
+    assert int(h[r.H_DLQ_PARTITION]) >= 0 and int(h[r.H_DLQ_OFFSET]) >= 0
+    with psycopg.connect(db) as c:
+        calls = {row[0] for row in c.execute("SELECT event_id FROM handler_calls").fetchall()}
+    # The handler's own writes for the poisoned event were rolled back with its savepoint.
+    assert poison_id not in calls and len(calls) == 29

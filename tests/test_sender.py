@@ -1,0 +1,519 @@
+"""The local sender: Sent's signatures, retries, duplicates and shuffling, against stubs and the ingress."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import re
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from ingress.app import create_app, producer_for
+from schemas.events import ROUTED_TYPES, EventType
+from schemas.samples import Sample, SampleFactory
+from schemas.signature import Reason, SignatureError, Verifier
+from schemas.topics import Topics
+from sender import (
+    SENT_RETRY_SCHEDULE,
+    Outcome,
+    Signer,
+    SigningMode,
+    Unreachable,
+    deliver,
+    plan_deliveries,
+    probe,
+)
+from sender.delivery import parse_schedule
+from sender.plan import BadLine, Delivery, generate, parse_types, read_jsonl
+from sentpipe.settings import Settings
+from tests.kafka_tools import read_topic
+
+REPO = Path(__file__).resolve().parent.parent
+SECRET = Settings().webhook_secret.get_secret_value()  # what the ingress and the CLI both default to
+
+# Registers the commands on the real app unless sentpipe/cli.py already does, then runs the real entry point.
+CLI_SCRIPT = (
+    "from sentpipe.cli import app, main\n"
+    "from sender.command import send_command, trigger_command\n"
+    "if 'send' not in {c.name for c in app.registered_commands}:\n"
+    "    app.command('send')(send_command)\n"
+    "    app.command('trigger')(trigger_command)\n"
+    "main()\n"
+)
+
+
+def _standard_headers(headers: dict[str, str]) -> dict[str, str]:
+    """Sent's x-webhook-* names as the public library spells them."""
+    return {k.removeprefix("x-"): v for k, v in headers.items() if k.startswith("x-webhook-")}
+
+
+def _plan(
+    n: int = 30, seed: int = 1, duplicates: float = 0.0, shuffle: bool = False
+) -> tuple[list[Sample], list[Delivery]]:
+    samples = SampleFactory(seed).mix(n, "mixed")
+    return samples, plan_deliveries(samples, duplicates, shuffle, random.Random(seed))
+
+
+# --- signing -------------------------------------------------------------------------------------------
+
+
+def test_signatures_verify_with_standardwebhooks_and_the_project_verifier() -> None:
+    _, deliveries = _plan(20)
+    signer = Signer(SECRET)
+    verifier = Verifier([SECRET], tolerance_s=300)
+    for d in deliveries:
+        headers = signer.headers(d)
+        assert re.fullmatch(r"msg_[0-9a-f]{32}", headers["x-webhook-id"])
+        assert headers["x-webhook-event-type"] == (
+            "templates" if d.type is EventType.TEMPLATE_APPROVAL else "messages"
+        )
+        assert Webhook(SECRET).verify(d.body, _standard_headers(headers)) == orjson.loads(d.body)
+        verified = verifier.verify(headers, d.body, time.time())
+        assert verified.webhook_id == d.webhook_id
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason", "library_says"),
+    [
+        (SigningMode.BAD_SIGNATURE, Reason.INVALID_SIGNATURE, "No matching signature"),
+        (SigningMode.STALE, Reason.STALE_TIMESTAMP, "too old"),
+    ],
+)
+def test_negative_modes_fail_verification_for_the_intended_reason(
+    mode: SigningMode, reason: Reason, library_says: str
+) -> None:
+    _, (d, *_) = _plan(3)
+    headers = Signer(SECRET, mode).headers(d)
+    with pytest.raises(WebhookVerificationError, match=library_says):
+        Webhook(SECRET).verify(d.body, _standard_headers(headers))
+    with pytest.raises(SignatureError) as info:
+        Verifier([SECRET], tolerance_s=300).verify(headers, d.body, time.time())
+    assert info.value.reason is reason
+
+
+def test_a_broken_secret_is_refused_before_anything_is_signed() -> None:
+    with pytest.raises(ValueError, match="base64"):
+        Signer("whsec_***")
+
+
+# --- planning ------------------------------------------------------------------------------------------
+
+
+def test_duplicates_repeat_the_identical_body_later_as_new_deliveries() -> None:
+    samples, deliveries = _plan(40, duplicates=0.25)
+    originals = [d for d in deliveries if not d.duplicate]
+    dups = [d for d in deliveries if d.duplicate]
+    assert [d.body for d in originals] == [s.body for s in samples]
+    assert len(dups) == 10
+    assert len({d.webhook_id for d in deliveries}) == len(deliveries)  # each a delivery of its own
+    for dup in dups:
+        first = next(i for i, d in enumerate(deliveries) if d.body == dup.body and not d.duplicate)
+        assert deliveries.index(dup) > first
+        assert dup.index == deliveries[first].index
+    assert Counter(d.body for d in deliveries) == Counter([s.body for s in samples] + [d.body for d in dups])
+
+
+def test_shuffle_reorders_events_only_within_their_message_or_template() -> None:
+    factory = SampleFactory(5)
+    samples = generate(factory, ROUTED_TYPES, "sent", 200)
+    deliveries = plan_deliveries(samples, 0.0, True, random.Random(5))
+    assert sorted(d.index for d in deliveries) == list(range(len(samples)))
+
+    def subject(i: int) -> str | None:
+        payload = samples[i].doc["payload"]
+        if samples[i].type is EventType.MESSAGE_INBOUND:
+            return None
+        return str(payload.get("message_id") or payload["template_id"])
+
+    moved_subjects = 0
+    groups: dict[str, list[int]] = {}
+    for position, d in enumerate(deliveries):
+        if subject(d.index) is None:
+            assert d.index == position  # inbound events have no sequence: they stay put
+        else:
+            assert subject(d.index) == subject(position)  # a slot keeps its subject
+            groups.setdefault(str(subject(d.index)), []).append(d.index)
+    for indices in groups.values():
+        if len(indices) > 1:
+            assert indices != sorted(indices)
+            moved_subjects += 1
+    assert moved_subjects > 10
+
+
+def test_a_seed_reproduces_the_whole_plan() -> None:
+    def plan(seed: int) -> list[tuple[str, bytes, bool]]:
+        samples = generate(SampleFactory(seed), ROUTED_TYPES, "mixed", 50)
+        return [
+            (d.webhook_id, d.body, d.duplicate)
+            for d in plan_deliveries(samples, 0.3, True, random.Random(seed))
+        ]
+
+    assert plan(9) == plan(9)
+    assert plan(9) != plan(10)
+
+
+def test_generate_keeps_to_the_chosen_types_and_shape() -> None:
+    samples = generate(SampleFactory(2), (EventType.TEMPLATE_APPROVAL,), "guide", 25)
+    assert len(samples) == 25
+    assert {s.type for s in samples} == {EventType.TEMPLATE_APPROVAL}
+    assert all(s.doc["event"]["type"] == "template.approval.updated" for s in samples)
+
+
+def test_plan_refuses_a_fraction_outside_0_to_1() -> None:
+    with pytest.raises(ValueError):
+        plan_deliveries([], 1.5, False, random.Random(0))
+
+
+def test_unknown_type_names_the_valid_ones() -> None:
+    assert parse_types([]) == ROUTED_TYPES
+    with pytest.raises(ValueError, match=re.escape(", ".join(t.value for t in ROUTED_TYPES))):
+        parse_types(["message.delivered"])
+
+
+def test_jsonl_keeps_bytes_and_reports_bad_lines_by_number() -> None:
+    good = b'{"field": "templates", "payload": {"template_id": "t", "status": "approved"}}'
+    lines = [good + b"\n", b"\n", b"{not json\n", b"[1, 2]\n", b'{"anything": 1}\r\n']
+    with pytest.raises(BadLine, match="line 3: not valid JSON"):
+        list(read_jsonl(lines, skip_bad=False))
+    items = list(read_jsonl(lines, skip_bad=True))
+    assert [i.line_no for i in items if isinstance(i, BadLine)] == [3, 4]
+    samples = [i for i in items if not isinstance(i, BadLine)]
+    assert [s.body for s in samples] == [good, b'{"anything": 1}']  # exact bytes: the event id is their hash
+    assert [s.type for s in samples] == [EventType.TEMPLATE_APPROVAL, EventType.UNROUTED]
+
+
+def test_retry_schedule_parsing() -> None:
+    assert SENT_RETRY_SCHEDULE == (1, 2, 4, 8, 16, 32, 64)
+    assert parse_schedule("0.01, 0.02") == (0.01, 0.02)
+    for bad in ("", "a,b", "-1", "nan"):
+        with pytest.raises(ValueError):
+            parse_schedule(bad)
+
+
+# --- the engine against stub receivers -----------------------------------------------------------------
+
+
+@dataclass
+class Hit:
+    at: float
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Stub:
+    """A receiver whose answer to the n-th request (1-based) is decided by `answer`."""
+
+    answer: Callable[[int], Awaitable[int] | int] = lambda n: 200
+    hits: list[Hit] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.hits.append(Hit(asyncio.get_running_loop().time(), dict(request.headers), await request.read()))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            status = self.answer(len(self.hits))
+            if not isinstance(status, int):
+                status = await status
+        finally:
+            self.in_flight -= 1
+        return web.json_response({"status": status}, status=status)
+
+
+@pytest.fixture
+async def stub() -> AsyncIterator[Stub]:
+    s = Stub()
+    app = web.Application()
+    app.router.add_post("/webhooks/sent", s.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    s.url = f"http://127.0.0.1:{server.port}/webhooks/sent"
+    yield s
+    await server.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_retries_follow_the_schedule_with_the_same_id_and_fresh_signatures(stub: Stub) -> None:
+    failures = 3
+    stub.answer = lambda n: 503 if n <= failures else 200
+    schedule = (0.05, 0.1, 0.2, 0.4)
+    # A clock that jumps 1000 s per reading shows each attempt is signed with a timestamp of its own.
+    clock = itertools.count(1_700_000_000, 1000).__next__
+    _, deliveries = _plan(1)
+    stats = await deliver(stub.url, deliveries[:1], SECRET, schedule=schedule, clock=clock)
+
+    assert (stats.sent, stats.accepted, stats.retried, stats.done) == (1, 1, failures, 1)
+    assert len(stub.hits) == failures + 1
+    assert {h.headers["x-webhook-id"] for h in stub.hits} == {deliveries[0].webhook_id}
+    stamps = [int(h.headers["x-webhook-timestamp"]) for h in stub.hits]
+    assert stamps == sorted(set(stamps))
+    for hit, stamp in zip(stub.hits, stamps, strict=True):
+        assert hit.body == deliveries[0].body
+        Verifier([SECRET], tolerance_s=1).verify(hit.headers, hit.body, now=stamp)
+    gaps = [b.at - a.at for a, b in itertools.pairwise(stub.hits)]
+    # Only lower bounds and ordering: how late a loaded machine wakes up is not the sender's behaviour.
+    for gap, delay in zip(gaps, schedule, strict=False):
+        assert gap >= delay - 0.002
+    assert gaps == sorted(gaps)
+
+
+async def test_a_delivery_fails_after_the_last_retry(stub: Stub) -> None:
+    stub.answer = lambda n: 503
+    _, deliveries = _plan(1)
+    outcomes: list[Outcome] = []
+    stats = await deliver(stub.url, deliveries[:1], SECRET, schedule=(0.01, 0.02), on_outcome=outcomes.append)
+    assert len(stub.hits) == 3
+    assert (stats.accepted, stats.retried, stats.not_accepted) == (0, 2, 1)
+    assert stats.rejected == Counter({"503": 1})
+    assert [a.status for a in outcomes[0].attempts] == [503, 503, 503]
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 413])
+async def test_client_errors_are_final_without_retries(stub: Stub, status: int) -> None:
+    stub.answer = lambda n: status
+    _, deliveries = _plan(1)
+    stats = await deliver(stub.url, deliveries[:1], SECRET, schedule=(0.01, 0.01))
+    assert len(stub.hits) == 1
+    assert stats.rejected == Counter({str(status): 1})
+
+
+async def test_a_timeout_is_retried(stub: Stub) -> None:
+    release = asyncio.Event()
+
+    async def first_hangs(n: int) -> int:
+        if n == 1:
+            await release.wait()
+        return 200
+
+    stub.answer = first_hangs
+    _, deliveries = _plan(1)
+    outcomes: list[Outcome] = []
+    try:
+        stats = await deliver(
+            stub.url, deliveries[:1], SECRET, schedule=(0.01,), timeout_s=0.2, on_outcome=outcomes.append
+        )
+    finally:
+        release.set()
+    assert [a.outcome for a in outcomes[0].attempts] == ["timeout", "200"]
+    assert (stats.accepted, stats.retried) == (1, 1)
+
+
+async def test_connection_errors_are_retried_then_reported() -> None:
+    url = f"http://127.0.0.1:{free_port()}/webhooks/sent"
+    _, deliveries = _plan(2)
+    outcomes: list[Outcome] = []
+    stats = await deliver(url, deliveries[:2], SECRET, schedule=(0.01,), on_outcome=outcomes.append)
+    assert stats.rejected == Counter({"connection error": 2})
+    assert all(len(o.attempts) == 2 for o in outcomes)
+    with pytest.raises(Unreachable, match=url):
+        await probe(url)
+
+
+async def test_concurrency_bounds_requests_in_flight(stub: Stub) -> None:
+    async def slow(n: int) -> int:
+        await asyncio.sleep(0.02)
+        return 200
+
+    stub.answer = slow
+    _, deliveries = _plan(12)
+    stats = await deliver(stub.url, deliveries, SECRET, concurrency=3)
+    assert stats.accepted == 12
+    assert 1 < stub.max_in_flight <= 3
+
+
+async def test_rate_paces_first_attempts(stub: Stub) -> None:
+    _, deliveries = _plan(6)
+    rate = 50.0
+    stats = await deliver(stub.url, deliveries, SECRET, rate=rate)
+    assert stats.accepted == 6
+    start = stub.hits[0].at
+    for i, hit in enumerate(stub.hits):
+        assert hit.at - start >= i / rate - 0.002
+
+
+# --- against the real ingress and broker ---------------------------------------------------------------
+
+
+@pytest.fixture
+async def ingress(settings: Settings) -> AsyncIterator[str]:
+    server = TestServer(create_app(settings, producer_for(settings)), host="127.0.0.1")
+    await server.start_server()
+    yield f"http://127.0.0.1:{server.port}/webhooks/sent"
+    await server.close()
+
+
+@pytest.mark.service
+async def test_events_are_accepted_and_land_on_the_raw_topic_with_their_duplicates(
+    ingress: str, settings: Settings, topics: Topics
+) -> None:
+    _, deliveries = _plan(60, seed=3, duplicates=0.2, shuffle=True)
+    outcomes: list[Outcome] = []
+    stats = await deliver(ingress, deliveries, SECRET, schedule=(0.05, 0.1), on_outcome=outcomes.append)
+    assert {o.final.status for o in outcomes} == {200}
+    assert stats.accepted == len(deliveries) == 60 + 12
+    assert stats.duplicates == 12
+    records = read_topic(settings.kafka_bootstrap, topics.raw, at_least=len(deliveries))
+    assert len(records) == 60 + 12
+    assert Counter(r.value for r in records) == Counter(d.body for d in deliveries)
+
+
+@pytest.mark.service
+async def test_tenant_paths_reach_the_tenant_or_answer_404(ingress: str) -> None:
+    _, deliveries = _plan(2)
+    ok = await deliver(f"{ingress}/{Settings().default_tenant}", deliveries[:1], SECRET, schedule=(0.01,))
+    assert ok.accepted == 1
+    missing = await deliver(f"{ingress}/no-such-tenant", deliveries[1:2], SECRET, schedule=(0.01,))
+    assert missing.rejected == Counter({"404": 1}) and missing.retried == 0
+
+
+@pytest.mark.service
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [(SigningMode.BAD_SIGNATURE, "invalid_signature"), (SigningMode.STALE, "stale_timestamp")],
+)
+async def test_negative_modes_are_rejected_by_the_ingress_and_store_nothing(
+    ingress: str, settings: Settings, topics: Topics, mode: SigningMode, reason: str
+) -> None:
+    _, deliveries = _plan(5)
+    outcomes: list[Outcome] = []
+    stats = await deliver(
+        ingress, deliveries, SECRET, schedule=(0.01,), mode=mode, on_outcome=outcomes.append
+    )
+    assert stats.accepted == 0 and stats.retried == 0
+    assert stats.rejected == Counter({"401": 5})
+    assert {orjson.loads(o.final.body)["error"] for o in outcomes} == {reason}
+    assert read_topic(settings.kafka_bootstrap, topics.raw, timeout=3, idle=1) == []
+
+
+# --- the commands --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def cli(*args: str, env: dict[str, str] | None = None) -> Ran:
+    """The CLI in a subprocess without blocking the loop, so in-process servers keep answering."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CLI_SCRIPT,
+        *args,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return Ran(proc.returncode, out.decode(), err.decode())
+
+
+def row(stdout: str, name: str) -> str:
+    """A value from the summary table."""
+    match = re.search(rf"│ {re.escape(name)}\s*│ ([^│]*?)\s*│", stdout)
+    assert match, stdout
+    return match.group(1)
+
+
+def one_line_error(ran: Ran) -> str:
+    assert ran.returncode != 0, ran
+    assert "Traceback" not in ran.stderr
+    lines = ran.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), ran.stderr
+    return lines[0]
+
+
+@pytest.mark.service
+async def test_send_command_delivers_to_the_ingress(ingress: str, settings: Settings, topics: Topics) -> None:
+    args = ["--count", "20", "--duplicates", "0.25", "--shuffle", "--shape", "mixed", "--seed", "4"]
+    ran = await cli("send", ingress, *args, "--retry-schedule", "0.05")
+    assert ran.returncode == 0, ran
+    assert (row(ran.stdout, "events"), row(ran.stdout, "sent"), row(ran.stdout, "accepted")) == (
+        "20",
+        "25",
+        "25",
+    )
+    assert row(ran.stdout, "rejected") == "0"
+    assert row(ran.stdout, "latency p99").endswith(" ms")
+    assert len(read_topic(settings.kafka_bootstrap, topics.raw, at_least=25)) == 25
+
+
+@pytest.mark.service
+async def test_send_command_negative_mode_succeeds_when_everything_is_rejected(ingress: str) -> None:
+    ran = await cli("send", ingress, "--count", "5", "--bad-signature")
+    assert ran.returncode == 0, ran
+    assert row(ran.stdout, "rejected 401") == "5"
+
+
+@pytest.mark.service
+async def test_trigger_prints_the_event_and_the_answer(ingress: str) -> None:
+    ran = await cli("trigger", "message.inbound.received", ingress, "--shape", "guide")
+    assert ran.returncode == 0, ran
+    event_json, answer = ran.stdout.split("POST ", 1)
+    assert orjson.loads(event_json)["event"]["type"] == "message.inbound.received"
+    assert "HTTP 200" in answer and '"status": "accepted"' in answer
+
+
+async def test_send_command_exits_non_zero_when_events_are_not_accepted(stub: Stub) -> None:
+    stub.answer = lambda n: 503
+    ran = await cli("send", stub.url, "--count", "6", "--retry-schedule", "0.01")
+    assert (row(ran.stdout, "rejected 503"), row(ran.stdout, "retried")) == ("6", "6")
+    assert "6 of 6 deliveries were not accepted" in one_line_error(ran)
+
+
+async def test_skip_mode_sends_the_good_lines(stub: Stub, tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    lines = [s.body for s in SampleFactory(8).mix(4)]
+    events.write_bytes(b"\n".join([lines[0], b"{oops", *lines[1:]]) + b"\n")
+    ran = await cli("send", stub.url, "--file", str(events), "--on-bad-line", "skip")
+    assert ran.returncode == 0, ran
+    assert "line 2" in ran.stderr
+    assert sorted(h.body for h in stub.hits) == sorted(lines)
+
+
+async def test_bad_input_is_a_one_line_error(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b'{"field": "message"}\n\n{"field": \n')
+    unreachable = f"http://127.0.0.1:{free_port()}/webhooks/sent"
+    runs = await asyncio.gather(
+        cli("send", unreachable, "--count", "3"),
+        cli("trigger", "message.status.updated", unreachable),
+        cli("send", unreachable, "--file", str(events)),
+        cli("send", "--type", "message.delivered"),
+        cli("trigger", "message.delivered"),
+        cli("send", "--file", str(tmp_path / "missing.jsonl")),
+        cli("send", "not-a-url"),
+    )
+    errors = [one_line_error(r) for r in runs]
+    assert "cannot reach" in errors[0] and unreachable in errors[0]
+    assert "cannot reach" in errors[1]
+    assert "line 3" in errors[2] and "--on-bad-line skip" in errors[2]
+    for e in errors[3:5]:
+        assert "message.delivered" in e and all(t.value in e for t in ROUTED_TYPES)
+    assert "missing.jsonl" in errors[5]
+    assert "not an http(s) URL" in errors[6]
