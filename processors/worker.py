@@ -320,7 +320,7 @@ def create_app(settings: Settings, handlers: HandlerRegistry = registry) -> faus
     async def sweep() -> None:
         # Timers start before the table is restored from its changelog: a sweep of a half-recovered table
         # would miss the keys still on their way (and report a size that is not true).
-        if not app.tables.recovery.completed.is_set():
+        if not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
             return
         removed = await pipeline.sweep()
         if removed:

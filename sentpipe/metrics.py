@@ -1,6 +1,7 @@
 """Every Prometheus metric sentpipe exports, in one place.
 
-The Grafana dashboard and the alert rules are checked against the names here (tests/test_deploy_static.py and tests/test_prometheus_scrape.py).
+The Grafana dashboard and the alert rules are checked against the names here
+(tests/test_deploy_static.py, tests/test_prometheus_scrape.py).
 Label values are bounded sets (tenant names come from configuration, never from the request path).
 """
 
