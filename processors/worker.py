@@ -22,7 +22,7 @@ from processors.handlers import HandlerRegistry, registry
 from processors.retry import retrying
 from processors.sink import PostgresSink
 from schemas import routing as r
-from schemas.events import CanonicalEvent, EventType, MalformedEvent
+from schemas.events import ROUTED_TYPES, CanonicalEvent, EventType, MalformedEvent
 from schemas.topics import Topics
 from sentpipe import metrics as m
 from sentpipe.settings import Settings
@@ -143,7 +143,8 @@ class Pipeline:
             msg = event.message
             key = msg.key or b""
             headers = _headers(event)
-            type_label = headers.get(r.H_TYPE, b"unknown").decode(errors="replace")
+            type_label = headers.get(r.H_TYPE, b"").decode(errors="replace")
+            type_label = type_label if type_label in _TYPE_LABELS else "unknown"  # bounded label values
             if key and (key in in_batch or self.seen.get(key) is not None):
                 m.DUPLICATES_DROPPED.labels(type_label).inc()
                 continue
@@ -266,8 +267,26 @@ class CopartitioningError(Exception):
     pass
 
 
+_TYPE_LABELS = frozenset(t.value for t in EventType)
+
+
+def _init_metrics() -> None:
+    """Create the bounded label sets at zero, so rates and alerts work before the first event."""
+    for type_ in (*ROUTED_TYPES, EventType.UNROUTED):
+        m.EVENTS_ROUTED.labels(type_.value)
+    for type_ in ROUTED_TYPES:
+        m.DUPLICATES_DROPPED.labels(type_.value)
+        m.EVENTS_PROCESSED.labels(type_.value, "projection", "ok")
+    for stage in ("route", "project", "dlq"):
+        m.RETRIES.labels(stage)
+    for mode in ("replay", "redrive"):
+        for outcome in ("applied", "failed"):
+            m.REPLAY_EVENTS.labels(mode, outcome)
+
+
 def create_app(settings: Settings, handlers: HandlerRegistry = registry) -> faust.App:
     topics = Topics(settings.topic_prefix)
+    _init_metrics()
     app = faust.App(
         settings.app_id,
         broker=faust_broker(settings.kafka_bootstrap),

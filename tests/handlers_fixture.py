@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import psycopg
 
-from processors.handlers import HandlerContext, PermanentError, handler
+from processors.handlers import HandlerContext, PermanentError, RetryableError, handler
 from schemas.events import CanonicalEvent
 
 
@@ -15,6 +15,7 @@ def create_fixture_tables(db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as c:
         c.execute("CREATE TABLE IF NOT EXISTS handler_calls (event_id text NOT NULL)")
         c.execute("CREATE TABLE IF NOT EXISTS poison (event_id text PRIMARY KEY)")
+        c.execute("CREATE TABLE IF NOT EXISTS flaky (event_id text PRIMARY KEY)")
 
 
 @handler("message.inbound.received", name="test-poison")
@@ -24,3 +25,15 @@ async def poison_check(event: CanonicalEvent, ctx: HandlerContext) -> None:
     cur = await ctx.conn.execute("SELECT 1 FROM poison WHERE event_id = %s", (event.id,))
     if await cur.fetchone():
         raise PermanentError(f"poisoned event {event.id}")
+
+
+_failed_once: set[str] = set()
+
+
+@handler("template.approval.updated", name="test-flaky")
+async def flaky(event: CanonicalEvent, ctx: HandlerContext) -> None:
+    """Fails with a temporary error the first time this process sees an id listed in `flaky`."""
+    cur = await ctx.conn.execute("SELECT 1 FROM flaky WHERE event_id = %s", (event.id,))
+    if await cur.fetchone() and event.id not in _failed_once:
+        _failed_once.add(event.id)
+        raise RetryableError("flaky dependency")

@@ -1,0 +1,154 @@
+"""A real Prometheus scrapes a running ingress and worker: every metric the dashboard and alert rules use
+is really exported, and the rules load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from schemas import routing as r
+from schemas.events import frame
+from schemas.samples import SampleFactory
+from schemas.signature import signature_headers
+from sentpipe.settings import Settings
+from tests.handlers_fixture import create_fixture_tables
+from tests.http_tools import post_all
+from tests.pipeline import start_ingress, start_worker, wait_until
+from tests.processes import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+DASHBOARD = REPO / "deploy" / "grafana" / "sentpipe.json"
+RULES = REPO / "deploy" / "prometheus" / "rules.yml"
+
+
+def referenced_metrics() -> set[str]:
+    text = DASHBOARD.read_text() + RULES.read_text()
+    return set(re.findall(r"\bsentpipe_[a-z_]+\b", text))
+
+
+def _get(url: str) -> dict:  # type: ignore[type-arg]
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+def test_prometheus_sees_every_metric_the_dashboard_and_rules_use(
+    settings: Settings, topics, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    prometheus = shutil.which("prometheus")
+    if prometheus is None:
+        pytest.fail("prometheus is not installed: `make check-deploy` installs Debian's prometheus package")
+    db = settings.database_url.get_secret_value()
+    create_fixture_tables(db)
+    f = SampleFactory(41)
+    statuses = [s.body for s in f.message_lifecycle()]
+    inbound = [f.inbound().body for _ in range(5)]
+    templates = [s.body for s in f.template_history()]
+    poison = frame(inbound[0], webhook_id=None).event_id
+    with psycopg.connect(db, autocommit=True) as c:
+        c.execute("INSERT INTO poison VALUES (%s)", (poison,))
+        c.execute("INSERT INTO flaky VALUES (%s)", (frame(templates[0], webhook_id=None).event_id,))
+
+    ingress, url, ingress_metrics = start_ingress(settings, tmp_path)
+    worker = start_worker(settings, tmp_path, handler_modules=["tests.handlers_fixture"])
+    prom_port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        f"""global: {{scrape_interval: 1s, evaluation_interval: 1s}}
+rule_files: ["{RULES}"]
+scrape_configs:
+  - job_name: sentpipe-ingress
+    static_configs: [{{targets: ["127.0.0.1:{ingress_metrics}"]}}]
+  - job_name: sentpipe-worker
+    static_configs: [{{targets: ["127.0.0.1:{worker.metrics_port}"]}}]
+"""
+    )
+    prom = subprocess.Popen(
+        [
+            prometheus,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "prometheus.log").open("wb"),
+    )
+    api = f"http://127.0.0.1:{prom_port}/api/v1"
+    try:
+        secret = settings.webhook_secret.get_secret_value()
+        everything = statuses + inbound + templates
+        assert (
+            asyncio.run(post_all(f"{url}/webhooks/sent", everything + everything[:3], secret)).count(200)
+            == len(everything) + 3
+        )
+        # A bad signature and a signed-but-malformed body: the ingress's failure metrics.
+        bad = {
+            **signature_headers("whsec_" + "QUJD" * 8, "x", int(time.time()), b"{}"),
+            "content-type": "application/json",
+        }
+        for body, headers in (
+            (b"{}", bad),
+            (
+                b"nope",
+                {
+                    **signature_headers(secret, "y", int(time.time()), b"nope"),
+                    "content-type": "application/json",
+                },
+            ),
+        ):
+            try:
+                urllib.request.urlopen(
+                    urllib.request.Request(f"{url}/webhooks/sent", data=body, headers=headers)
+                )
+            except urllib.error.HTTPError:
+                pass
+        # A replayed record as `sentpipe replay` writes it: routed again, with the replay header.
+        from confluent_kafka import Producer
+
+        routed = r.route(
+            None,
+            statuses[-1],
+            {},
+            topics=topics,
+            id_source="auto",
+            default_tenant="default",
+            record_timestamp_ms=int(time.time() * 1000),
+        )
+        p = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+        p.produce(routed.topic, routed.value, routed.key, headers=[(r.H_REPLAY_ID, b"test-replay")])
+        assert p.flush(10) == 0
+
+        wanted = referenced_metrics()
+        assert wanted, "no sentpipe metrics referenced: the dashboard or rules moved?"
+
+        def missing() -> set[str]:
+            names = set(_get(f"{api}/label/__name__/values")["data"])
+            return wanted - names
+
+        wait_until(
+            lambda: not missing(),
+            120,
+            "every referenced metric scraped",
+            lambda: f"missing: {sorted(missing())}\n{worker.proc.tail()}",
+        )
+        up = _get(f"{api}/query?query=up")["data"]["result"]
+        assert {res["metric"]["job"]: res["value"][1] for res in up} == {
+            "sentpipe-ingress": "1",
+            "sentpipe-worker": "1",
+        }
+        groups = _get(f"{api}/rules")["data"]["groups"]
+        assert sum(len(g["rules"]) for g in groups) > 0
+        assert all(rule["health"] != "err" for g in groups for rule in g["rules"])
+    finally:
+        prom.terminate()
+        prom.wait(20)
+        worker.stop()
+        ingress.stop()
