@@ -4,6 +4,7 @@ is really exported, and the rules load."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import shutil
@@ -104,12 +105,10 @@ scrape_configs:
                 },
             ),
         ):
-            try:
+            with contextlib.suppress(urllib.error.HTTPError):
                 urllib.request.urlopen(
                     urllib.request.Request(f"{url}/webhooks/sent", data=body, headers=headers)
                 )
-            except urllib.error.HTTPError:
-                pass
         # A replayed record as `sentpipe replay` writes it: routed again, with the replay header.
         from confluent_kafka import Producer
 
