@@ -1,0 +1,64 @@
+"""`sentpipe send --duplicates 0.3 --shuffle` against the running pipeline ends in the oracle's state."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from schemas.events import ROUTED_TYPES
+from schemas.samples import SampleFactory
+from sender.plan import generate
+from sentpipe.settings import Settings
+from tests.oracle import actual_state, expected_state, row_count
+from tests.pipeline import start_ingress, start_worker, wait_until
+from tests.processes import settings_env
+
+
+def test_sender_with_duplicates_and_shuffle_yields_the_oracle_state(
+    settings: Settings, tmp_path: Path
+) -> None:
+    db = settings.database_url.get_secret_value()
+    count, seed = 400, 7
+    unique = [s.body for s in generate(SampleFactory(seed), ROUTED_TYPES, "mixed", count)]
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    worker = start_worker(settings, tmp_path)
+    try:
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sentpipe",
+                "send",
+                f"{url}/webhooks/sent",
+                "--count",
+                str(count),
+                "--seed",
+                str(seed),
+                "--shape",
+                "mixed",
+                "--duplicates",
+                "0.3",
+                "--shuffle",
+                "--concurrency",
+                "16",
+            ],
+            env=settings_env(settings),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stderr
+        assert "accepted" in res.stdout + res.stderr
+        wait_until(lambda: row_count(db) >= len(set(unique)), 120, "all events projected", worker.proc.tail)
+    finally:
+        worker.stop()
+        ingress.stop()
+    exp, got = expected_state(unique), actual_state(db)
+    assert (got.message_events, got.inbound, got.template_events) == (
+        exp.message_events,
+        exp.inbound,
+        exp.template_events,
+    )
+    assert got.message_status == exp.message_status
+    assert got.template_status == exp.template_status
