@@ -89,3 +89,55 @@ def test_broker_down_means_503_and_not_ready_then_recovers(
     values = [rec.value for rec in read_topic(settings.kafka_bootstrap, topics.raw, at_least=2)]
     # Every acknowledged event is stored; the one answered 503 may or may not be (Sent retries it anyway).
     assert set(accepted) <= set(values)
+
+
+def test_sigterm_finishes_in_flight_requests_and_loses_no_acknowledged_event(
+    settings: Settings,
+    topics,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    import asyncio
+    import signal
+
+    import aiohttp
+
+    proc, base, _ = start_ingress(settings, tmp_path)
+    secret = settings.webhook_secret.get_secret_value()
+    bodies = [s.body for s in SampleFactory(23).mix(400)]
+    results: list[tuple[bytes, int]] = []
+
+    async def run() -> None:
+        sem = asyncio.Semaphore(32)
+
+        async def one(session: aiohttp.ClientSession, body: bytes) -> None:
+            async with sem:
+                headers = {
+                    **signature_headers(secret, "term", int(time.time()), body),
+                    "content-type": "application/json",
+                }
+                try:
+                    async with session.post(f"{base}/webhooks/sent", data=body, headers=headers) as resp:
+                        await resp.read()
+                        results.append((body, resp.status))
+                except aiohttp.ClientError:
+                    results.append((body, 0))  # refused after shutdown began: not acknowledged
+
+        async def terminate_soon() -> None:
+            while len(results) < 100:
+                await asyncio.sleep(0.01)
+            assert proc.p is not None
+            proc.p.send_signal(signal.SIGTERM)
+
+        async with aiohttp.ClientSession() as session:
+            await asyncio.gather(terminate_soon(), *(one(session, b) for b in bodies))
+
+    asyncio.run(run())
+    assert proc.p is not None and proc.p.wait(30) == 0, proc.tail()
+    statuses = {s for _, s in results}
+    assert statuses <= {200, 503, 0}, statuses
+    acknowledged = {b for b, s in results if s == 200}
+    assert len(acknowledged) >= 100
+    stored = {
+        rec.value for rec in read_topic(settings.kafka_bootstrap, topics.raw, at_least=len(acknowledged))
+    }
+    assert acknowledged <= stored
