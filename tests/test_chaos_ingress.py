@@ -108,6 +108,7 @@ def test_sigterm_finishes_in_flight_requests_and_loses_no_acknowledged_event(
 
     async def run() -> None:
         sem = asyncio.Semaphore(32)
+        hundred = asyncio.Event()
 
         async def one(session: aiohttp.ClientSession, body: bytes) -> None:
             async with sem:
@@ -121,10 +122,11 @@ def test_sigterm_finishes_in_flight_requests_and_loses_no_acknowledged_event(
                         results.append((body, resp.status))
                 except aiohttp.ClientError:
                     results.append((body, 0))  # refused after shutdown began: not acknowledged
+                if len(results) >= 100:
+                    hundred.set()
 
         async def terminate_soon() -> None:
-            while len(results) < 100:
-                await asyncio.sleep(0.01)
+            await hundred.wait()
             assert proc.p is not None
             proc.p.send_signal(signal.SIGTERM)
 
