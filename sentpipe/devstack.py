@@ -27,6 +27,16 @@ def _step(*cmd: str) -> None:
 
 def main() -> int:
     s = Settings()
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    # Children run in their own sessions, so Ctrl-C reaches only this supervisor, which then stops them
+    # in order (SIGTERM: the ingress drains and flushes, the worker commits) instead of all at once.
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     started: list[Path] = []
     for script in (KAFKA_SH, POSTGRES_SH):
         if not _status(script):
@@ -38,7 +48,9 @@ def main() -> int:
         _step(*exe, "topics", "ensure")
         _step(*exe, "db", "migrate")
         for name, args in (("ingress", ["ingress"]), ("worker", ["worker"])):
-            procs.append((name, subprocess.Popen([*exe, *args], env=os.environ.copy())))
+            procs.append(
+                (name, subprocess.Popen([*exe, *args], env=os.environ.copy(), start_new_session=True))
+            )
         url = f"http://127.0.0.1:{s.ingress_port}/webhooks/sent"
         secret = s.webhook_secret.get_secret_value()
         note = "  (built-in development secret)" if s.uses_development_secret else ""
@@ -51,13 +63,12 @@ def main() -> int:
             f"  stop          Ctrl-C\n",
             flush=True,
         )
-        while True:
+        while not stopping:
             for name, p in procs:
                 if p.poll() is not None:
                     print(f"make run: {name} exited with {p.returncode}; stopping", file=sys.stderr)
                     return 1
-            time.sleep(0.5)
-    except KeyboardInterrupt:
+            time.sleep(0.2)
         print("\nmake run: stopping", flush=True)
         return 0
     finally:
