@@ -50,6 +50,18 @@ as_owner() {
   fi
 }
 
+# As root the server runs as `postgres`, which must be able to reach the data directory; a checkout under
+# a private home (/root is 0700) is not reachable, so the cluster then lives under /var/lib/postgresql.
+if [ "$(id -u)" = 0 ]; then
+  as_owner true
+  probe=$home
+  while [ ! -e "$probe" ]; do probe=$(dirname "$probe"); done
+  if ! runuser -u postgres -- test -x "$probe"; then
+    home=/var/lib/postgresql/sentpipe-$(printf '%s' "$repo" | sha1sum | cut -c1-12)
+    data=$home/data
+  fi
+fi
+
 ready() { "$bindir/pg_isready" -q -h 127.0.0.1 -p "$port" 2>/dev/null; }
 psql_() { "$bindir/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
 
