@@ -74,21 +74,22 @@ class WebhookHandler:
         tenant = request.match_info.get("tenant", self.s.default_tenant)
         label = tenant if tenant in self.verifiers else "unknown"
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-        outcome, resp = "error", error(500, "internal", "internal error")
+        outcome, status = "error", 500
         try:
             outcome, resp = await self._handle(request, tenant, request_id)
+            status = resp.status
         except Exception:
             log.exception("unexpected error", extra={"request_id": request_id, "tenant": label})
             raise
         finally:
             m.INGRESS_IN_FLIGHT.dec()
-            m.INGRESS_REQUESTS.labels(label, outcome, str(resp.status)).inc()
+            m.INGRESS_REQUESTS.labels(label, outcome, str(status)).inc()
             m.INGRESS_REQUEST_SECONDS.observe(time.perf_counter() - started)
         resp.headers["x-request-id"] = request_id
         return resp
 
     async def _handle(self, request: web.Request, tenant: str, request_id: str) -> tuple[str, web.Response]:
-        ctx: dict[str, Any] = {"request_id": request_id, "tenant": tenant}
+        ctx: dict[str, Any] = {"request_id": request_id, "tenant": tenant}  # log context, bounded
         verifier = self.verifiers.get(tenant)
         if verifier is None:
             return "unknown_tenant", error(404, "unknown_tenant", "no such tenant")

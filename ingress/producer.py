@@ -10,7 +10,9 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
@@ -64,6 +66,9 @@ class AsyncProducer:
         self._last_error: KafkaError | None = None
         self._ready_checked_at = 0.0
         self._ready = False
+        # Delivery reports collected by librdkafka's callbacks, handed to the loop once per poll():
+        # one cross-thread wake-up for a whole batch of acknowledgements instead of one per record.
+        self._reports: deque[tuple[asyncio.Future[Message], KafkaError | None, Message]] = deque()
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -73,6 +78,18 @@ class AsyncProducer:
     def _poll_forever(self) -> None:
         while not self._stop.is_set():
             self._producer.poll(0.05)
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if not self._reports or self._loop is None:
+            return
+        batch = []
+        while self._reports:
+            batch.append(self._reports.popleft())
+        self._loop.call_soon_threadsafe(_settle_all, batch)
+
+    def _on_delivery(self, fut: asyncio.Future[Message], err: KafkaError | None, msg: Message) -> None:
+        self._reports.append((fut, err, msg))
 
     def _on_error(self, err: KafkaError) -> None:
         self._last_error = err
@@ -86,12 +103,10 @@ class AsyncProducer:
         loop = self._loop
         assert loop is not None, "start() first"
         fut: asyncio.Future[Message] = loop.create_future()
-
-        def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            loop.call_soon_threadsafe(_settle, fut, err, msg)
-
         try:
-            self._producer.produce(topic, value, key, headers=list(headers), on_delivery=on_delivery)
+            self._producer.produce(
+                topic, value, key, headers=list(headers), on_delivery=partial(self._on_delivery, fut)
+            )
         except BufferError:
             raise ProduceRejected("local_queue_full") from None
         except KafkaException as exc:
@@ -102,10 +117,13 @@ class AsyncProducer:
         self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]], timeout: float
     ) -> Message:
         fut = self.produce(topic, key, value, headers)
+        # librdkafka fails the record after message.timeout.ms; this guard only bounds the wait if a
+        # report never comes. Cheaper than wait_for, which wraps every request in another task.
+        guard = fut.get_loop().call_later(timeout + 1.0, _expire, fut)
         try:
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            raise ProduceRejected("delivery_timeout") from None
+            return await fut
+        finally:
+            guard.cancel()
 
     async def ready(self, timeout: float = 2.0, cache_s: float = 1.0) -> bool:
         """True when a broker answers a metadata request; cached briefly so probes stay cheap."""
@@ -126,6 +144,7 @@ class AsyncProducer:
     async def close(self, timeout: float = 10.0) -> None:
         """Flush what is queued (graceful shutdown), then stop the poll thread."""
         remaining = await asyncio.to_thread(self._producer.flush, timeout)
+        self._hand_over()  # reports served by flush() in its own thread
         if remaining:
             log.warning("producer closed with %d undelivered records", remaining)
         self._stop.set()
@@ -133,10 +152,16 @@ class AsyncProducer:
             await asyncio.to_thread(self._thread.join, 2.0)
 
 
-def _settle(fut: asyncio.Future[Message], err: KafkaError | None, msg: Message) -> None:
-    if fut.done():
-        return
-    if err is not None:
-        fut.set_exception(ProduceRejected(err.name().lower()))
-    else:
-        fut.set_result(msg)
+def _settle_all(batch: list[tuple[asyncio.Future[Message], KafkaError | None, Message]]) -> None:
+    for fut, err, msg in batch:
+        if fut.done():
+            continue
+        if err is not None:
+            fut.set_exception(ProduceRejected(err.name().lower()))
+        else:
+            fut.set_result(msg)
+
+
+def _expire(fut: asyncio.Future[Message]) -> None:
+    if not fut.done():
+        fut.set_exception(ProduceRejected("delivery_timeout"))

@@ -303,6 +303,9 @@ def create_app(settings: Settings, handlers: HandlerRegistry = registry) -> faus
         key_serializer="raw",
         value_serializer="raw",
     )
+    # Each routed batch marks up to batch_size ids at once; Faust's default changelog buffer (100) would
+    # stall the stream and log "producer buffer full" for every batch.
+    app.producer.buffer.max_messages = max(100, 2 * settings.batch_size)
     pipeline = Pipeline(app, settings, handlers)
     app.sentpipe = pipeline  # type: ignore[attr-defined]
     batch, within = settings.batch_size, settings.batch_within_s
