@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
-from collections.abc import Callable
-from typing import Annotated, Any, NoReturn
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -13,6 +15,10 @@ from rich.console import Console
 from rich.table import Table
 
 from sentpipe.settings import Settings
+
+if TYPE_CHECKING:
+    from processors.inspect import Found
+    from processors.replay import RunResult
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Sent webhooks into Kafka, deduplicated.")
 topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics.")
@@ -114,8 +120,364 @@ def _register_sender() -> None:
 _register_sender()
 
 
+# --- operations: replay, DLQ, offsets, events ---------------------------------------------------------------
+dlq_app = typer.Typer(no_args_is_help=True, help="The dead-letter topic: list, show and redrive records.")
+offsets_app = typer.Typer(no_args_is_help=True, help="Consumer group offsets.")
+events_app = typer.Typer(no_args_is_help=True, help="Single events across topics and tables.")
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(offsets_app, name="offsets")
+app.add_typer(events_app, name="events")
+
+
+@contextmanager
+def _ops(s: Settings | None = None) -> Iterator[None]:
+    """Operations errors as one line; with settings, log lines go to stderr as the services' do."""
+    from processors.offsets import OpsError
+    from sentpipe.logs import configure
+
+    if s is not None:
+        configure(s.log_level, s.log_json)
+    try:
+        yield
+    except OpsError as exc:
+        fail(str(exc))
+
+
+@contextmanager
+def _bar(label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on a terminal (stderr); nothing when stderr is a file or a pipe."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not err.is_terminal:
+        yield None
+        return
+    progress = Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
+    )
+    task = progress.add_task(label, total=None)
+
+    def update(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+
+    with progress:
+        # Log lines written while the bar is up go through the bar's stderr proxy, above the bar.
+        streams = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
+        before = [h.setStream(sys.stderr) for h in streams]
+        try:
+            yield update
+        finally:
+            for h, stream in zip(streams, before, strict=True):
+                if stream is not None:
+                    h.setStream(stream)
+
+
+def _when(ms: int | None) -> str:
+    from datetime import UTC, datetime
+
+    if ms is None:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _text(data: bytes | None) -> str:
+    return "-" if data is None else data.decode(errors="replace")
+
+
+def _cell(value: object) -> str:
+    import orjson
+
+    if value is None:
+        return "-"
+    if isinstance(value, dict | list):
+        return orjson.dumps(value, default=str).decode()
+    return str(value)
+
+
+def _run_summary(title: str, result: RunResult, sent_label: str, target: str) -> None:
+    """The end-of-run tables of replay and redrive."""
+    dry = result.dry_run
+    out.print(title + (" (dry run: nothing produced)" if dry else ""), highlight=False)
+    table = Table("", "", show_header=False)
+    table.add_row("read", str(result.read))
+    table.add_row(
+        f"would be {sent_label}" if dry else sent_label,
+        str(sum(result.selected.values()) if dry else result.produced),
+    )
+    table.add_row("skipped by filter", str(result.skipped))
+    table.add_row("would fail" if dry else "failed", str(result.failed))
+    for reason, n in sorted(result.failures.items()):
+        table.add_row(f"  {reason}", str(n))
+    out.print(table)
+    if result.selected:
+        by = Table(*target.split("/"), "records", title=("would be " if dry else "") + sent_label)
+        for (a, b), n in sorted(result.selected.items()):
+            by.add_row(a, b, str(n))
+        out.print(by)
+
+
+@app.command()
+def replay(
+    since: Annotated[str | None, typer.Option(help="Records written at or after this ISO-8601 time.")] = None,
+    until: Annotated[str | None, typer.Option(help="Records written before this ISO-8601 time.")] = None,
+    from_offset: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="PART:OFF",
+            help="Read partition PART from offset OFF (repeatable; only named partitions).",
+        ),
+    ] = None,
+    to_offset: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="PART:OFF", help="Read partition PART up to offset OFF, inclusive (repeatable)."
+        ),
+    ] = None,
+    type_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--type",
+            metavar="TYPE",
+            help="Only this canonical type, e.g. message.status.updated (repeatable).",
+        ),
+    ] = None,
+    tenant: Annotated[
+        list[str] | None, typer.Option(metavar="TENANT", help="Only this tenant (repeatable).")
+    ] = None,
+    event_id: Annotated[
+        list[str] | None, typer.Option(metavar="ID", help="Only this event id (repeatable).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Count what would be replayed; produce nothing.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
+) -> None:
+    """Route raw events again, straight to the routed topics, so every projection applies them again.
+
+    Reads the raw topic up to its end at start.
+
+    Malformed records count as failed and go to the DLQ (stage replay).
+    """
+    from processors.offsets import make_window
+    from processors.replay import Filter, parse_types
+    from processors.replay import replay as run_replay
+
+    s = settings()
+    with _ops():
+        window = make_window(
+            since=since, until=until, from_offsets=from_offset or (), to_offsets=to_offset or ()
+        )
+        flt = Filter(parse_types(type_ or ()), frozenset(tenant or ()), frozenset(event_id or ()))
+    with _ops(s), _bar("replaying") as progress:
+        result = run_replay(s, window, flt, dry_run=dry_run, progress=progress, timeout=timeout)
+    _run_summary(f"replay {result.run_id}", result, "replayed", "type/tenant")
+    if result.missing_ids:
+        err.print(
+            f"not found in the window: {', '.join(result.missing_ids)}", highlight=False, soft_wrap=True
+        )
+    if result.failed and not dry_run:
+        fail(f"{result.failed} record(s) failed; malformed ones are in the DLQ with stage replay")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    limit: Annotated[int, typer.Option(help="Show at most this many (the newest).")] = 50,
+    since: Annotated[str | None, typer.Option(help="Dead-lettered at or after this ISO-8601 time.")] = None,
+    reason: Annotated[
+        list[str] | None, typer.Option(metavar="CLASS", help="Only this error class (repeatable).")
+    ] = None,
+    stage: Annotated[
+        list[str] | None, typer.Option(metavar="STAGE", help="Only this stage (repeatable).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
+) -> None:
+    """Dead-lettered records, oldest first; ID is partition:offset in the DLQ topic."""
+    from processors.dlq import list_entries, make_selection
+
+    s = settings()
+    with _ops():
+        sel = make_selection(reasons=reason or (), stages=stage or (), since=since)
+        listing = list_entries(s, sel, limit=limit, timeout=timeout)
+    table = Table("ID", "time", "stage", "error", "event / key", "type", "tenant", "original", "attempts")
+    for e in listing.entries:
+        orig = e.original
+        table.add_row(
+            e.id,
+            _when(e.dead_at_ms),
+            e.stage,
+            e.error_class,
+            e.event_id or f"key {_text(e.key)}",
+            e.type or "-",
+            e.tenant or "-",
+            f"{orig[0]}:{orig[1]}:{orig[2]}" if orig else "-",
+            str(e.attempts),
+        )
+    out.print(table)
+    out.print(
+        f"{len(listing.entries)} shown, {listing.matched} matching, {listing.total} in the DLQ",
+        highlight=False,
+    )
+
+
+@dlq_app.command("show")
+def dlq_show(
+    entry_id: Annotated[str, typer.Argument(metavar="ID", help="partition:offset, as `dlq list` shows.")],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
+) -> None:
+    """One dead-lettered record: every header, then the value (JSON pretty-printed)."""
+    import orjson
+
+    from processors.dlq import show_entry
+
+    s = settings()
+    with _ops():
+        e = show_entry(s, entry_id, timeout=timeout)
+    table = Table("header", "value", title=f"DLQ {e.id}  written {_when(e.timestamp_ms)}  key {_text(e.key)}")
+    for name, value in e.headers:
+        table.add_row(name, value.decode(errors="replace"))
+    out.print(table)
+    try:
+        out.print_json(orjson.dumps(orjson.loads(e.value)).decode())
+    except orjson.JSONDecodeError:
+        out.print(e.value.decode(errors="replace"), highlight=False, markup=False, soft_wrap=True)
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    id_: Annotated[
+        list[str] | None, typer.Option("--id", metavar="ID", help="Only this record ID (repeatable).")
+    ] = None,
+    reason: Annotated[
+        list[str] | None, typer.Option(metavar="CLASS", help="Only this error class (repeatable).")
+    ] = None,
+    stage: Annotated[
+        list[str] | None, typer.Option(metavar="STAGE", help="Only this stage (repeatable).")
+    ] = None,
+    since: Annotated[str | None, typer.Option(help="Dead-lettered at or after this ISO-8601 time.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Count what would be redriven; produce nothing.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
+) -> None:
+    """Send dead-lettered records back into the pipeline (one pass over the DLQ as it is now).
+
+    Raw bodies (stages ingress, route, replay) are routed again.
+
+    Canonical events (stages project, handler) go back to the routed topic they came from.
+
+    A record that fails again is dead-lettered again with one more attempt.
+    """
+    from processors.dlq import make_selection, redrive
+
+    s = settings()
+    with _ops():
+        sel = make_selection(ids=id_ or (), reasons=reason or (), stages=stage or (), since=since)
+    with _ops(s), _bar("redriving") as progress:
+        result = redrive(s, sel, dry_run=dry_run, progress=progress, timeout=timeout)
+    _run_summary(f"redrive {result.run_id}", result, "redriven", "stage/topic")
+    if result.failed and not dry_run:
+        fail(f"{result.failed} record(s) failed again; they are back in the DLQ (or left there)")
+
+
+@offsets_app.command("reset")
+def offsets_reset(
+    group: Annotated[str, typer.Option(help="Consumer group; the worker's is SENTPIPE_APP_ID.")],
+    to_datetime: Annotated[
+        str | None, typer.Option(help="The first offset at or after this ISO-8601 time.")
+    ] = None,
+    to_earliest: Annotated[bool, typer.Option(help="The oldest offset still kept.")] = False,
+    to_latest: Annotated[bool, typer.Option(help="The end: skip everything there is now.")] = False,
+    topic: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="TOPIC", help="Only this topic (repeatable); default: every topic the group has."
+        ),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Show the new offsets; change nothing.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
+) -> None:
+    """Move a consumer group's committed offsets to reprocess (or skip); refused while it has members."""
+    from processors.offsets import ResetTo, parse_when, reset_group_offsets
+
+    s = settings()
+    if [to_datetime is not None, to_earliest, to_latest].count(True) != 1:
+        fail("choose exactly one of --to-datetime, --to-earliest, --to-latest")
+    with _ops():
+        to: ResetTo = "earliest" if to_earliest else "latest"
+        if to_datetime is not None:
+            to = parse_when(to_datetime, "--to-datetime")
+        changes = reset_group_offsets(
+            s.kafka_bootstrap, group, to, topic or (), dry_run=dry_run, timeout=timeout
+        )
+    title = f"group {group}: " + ("new offsets (dry run, nothing changed)" if dry_run else "offsets reset")
+    table = Table("topic", "partition", "before", "after", title=title)
+    for c in changes:
+        table.add_row(c.topic, str(c.partition), "-" if c.before is None else str(c.before), str(c.after))
+    out.print(table)
+
+
+@events_app.command("show")
+def events_show(
+    event_id: Annotated[str, typer.Argument(metavar="EVENT_ID")],
+    scan_limit: Annotated[
+        int, typer.Option(help="Read at most this many of the newest records per partition searched.")
+    ] = 200_000,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
+) -> None:
+    """Where an event is: raw record(s), dedup table, routed record(s), database rows, DLQ entries."""
+    from processors.inspect import locate
+
+    s = settings()
+    if scan_limit < 1:
+        fail("--scan-limit must be at least 1")
+    with _ops():
+        rep = locate(s, event_id, scan_limit=scan_limit, timeout=timeout)
+
+    def records(title: str, found: list[Found]) -> None:
+        table = Table("topic", "partition", "offset", "time", "key", "headers", title=title)
+        for f in found:
+            hdrs = ", ".join(f"{k}={_text(v)}" for k, v in f.headers.items())
+            table.add_row(f.topic, str(f.partition), str(f.offset), _when(f.timestamp_ms), _text(f.key), hdrs)
+        out.print(table if found else f"{title}: none", highlight=False)
+
+    records("raw record(s)", rep.raw)
+    if rep.dedup_topic is None:
+        out.print("dedup table: no changelog topic (the worker has not run)", highlight=False)
+    elif rep.dedup is None:
+        out.print(f"dedup table: not in {rep.dedup_topic}", highlight=False)
+    else:
+        d = rep.dedup
+        state = (
+            "tombstone (swept out of the dedup window)"
+            if d.tombstone
+            else f"seen, first routed {_when(d.first_routed_ms)}"
+        )
+        out.print(f"dedup table: {state}  ({d.topic}:{d.partition}:{d.offset})", highlight=False)
+    records("routed record(s)", rep.routed)
+    if rep.db_error is not None:
+        out.print(f"database: unavailable ({rep.db_error})", highlight=False)
+    for table_name, rows in rep.rows.items():
+        if not rows:
+            continue
+        table = Table(*rows[0].keys(), title=f"database: {table_name}")
+        for row in rows:
+            table.add_row(*(_cell(v) for v in row.values()))
+        out.print(table)
+    if rep.rows and not any(rep.rows.values()):
+        out.print("database: no rows", highlight=False)
+    dlq = Table("ID", "time", "stage", "error", "attempts", title="DLQ entries")
+    for e in rep.dlq:
+        dlq.add_row(e.id, _when(e.dead_at_ms), e.stage, e.error_class, str(e.attempts))
+    out.print(dlq if rep.dlq else "DLQ entries: none", highlight=False)
+    for note in rep.notes:
+        out.print(f"searched {note}", style="dim", highlight=False, soft_wrap=True)
+    if rep.db_error is not None:
+        fail(f"database unavailable: {rep.db_error}")
+    if not rep.found:
+        fail(f"event {event_id} not found")
+
+
+def _one_line_text(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = _one_line_text(str(exc)) or type(exc).__name__
     return text if len(text) < 300 else text[:297] + "..."
 
 
@@ -144,6 +506,18 @@ def run(main: Callable[[], Any]) -> int:
         err.print(f"error: Kafka: {_one_line(exc)}", highlight=False, soft_wrap=True)
         return 1
     except Exception as exc:
+        # Typer vendors its own click, so its usage errors are recognised by shape, not class.
+        if type(exc).__name__ == "Abort":
+            err.print("interrupted")
+            return 130
+        format_message = getattr(exc, "format_message", None)
+        if callable(format_message) and isinstance(getattr(exc, "exit_code", None), int):
+            err.print(
+                f"error: {_one_line_text(str(format_message()))} (see --help)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            return int(exc.exit_code)  # type: ignore[attr-defined]
         if os.environ.get("SENTPIPE_DEBUG"):
             raise
         err.print(f"error: {type(exc).__name__}: {_one_line(exc)}", highlight=False, soft_wrap=True)

@@ -61,3 +61,18 @@ def read_topic(
     finally:
         c.close()
     return out
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    """Partition -> high watermark (the offset the next record will get)."""
+    c = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": f"test-ends-{uuid.uuid4().hex}", "log_level": 0}
+    )
+    try:
+        md = c.list_topics(topic, timeout=10)
+        return {
+            p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in md.topics[topic].partitions
+        }
+    finally:
+        c.close()

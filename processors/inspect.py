@@ -1,0 +1,213 @@
+"""`events show`: everywhere one event is, from the raw record to its database rows.
+
+Kafka is searched where the event must be first (the murmur2 partition of its key, which is where the
+ingress and the worker's producers put it) and only then more widely. Every scan stops at the end offsets
+of the moment it starts and reads at most `scan_limit` records per partition (the newest); the report's
+notes say what was read and when a scan was cut short.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import psycopg
+from confluent_kafka import Message, murmur2
+from psycopg.rows import dict_row
+
+from processors.dlq import DlqEntry
+from processors.offsets import Log, Range, Window, headers_of, timestamp_ms
+from schemas import routing as r
+from schemas.events import MalformedEvent
+from schemas.topics import Topics
+from sentpipe.settings import Settings
+
+Match = Callable[[Message], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    value: bytes
+    headers: dict[str, bytes]
+
+    @classmethod
+    def of(cls, msg: Message) -> Found:
+        return cls(
+            msg.topic() or "",
+            msg.partition() or 0,
+            msg.offset() or 0,
+            timestamp_ms(msg),
+            msg.key(),
+            msg.value() or b"",
+            r.header_map(headers_of(msg)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DedupState:
+    topic: str
+    partition: int
+    offset: int
+    tombstone: bool  # deleted by the dedup window sweep: a redelivery now would be routed again
+    first_routed_ms: int | None
+
+
+@dataclass
+class EventReport:
+    event_id: str
+    raw: list[Found] = field(default_factory=list)
+    dedup: DedupState | None = None
+    dedup_topic: str | None = None  # None when the worker never created its changelog
+    routed: list[Found] = field(default_factory=list)
+    dlq: list[DlqEntry] = field(default_factory=list)
+    rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    db_error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def found(self) -> bool:
+        return bool(self.raw or self.dedup or self.routed or self.dlq or any(self.rows.values()))
+
+
+# Rows that mention the event; the status tables also show the current state of its message/template.
+_QUERIES = {
+    "message_events": "SELECT * FROM message_events WHERE event_id = %(id)s",
+    "message_status": """SELECT s.* FROM message_status s WHERE s.event_id = %(id)s
+        OR (s.tenant, s.message_id) IN
+           (SELECT tenant, message_id FROM message_events WHERE event_id = %(id)s)""",
+    "inbound_messages": "SELECT * FROM inbound_messages WHERE event_id = %(id)s",
+    "template_events": "SELECT * FROM template_events WHERE event_id = %(id)s",
+    "template_status": """SELECT s.* FROM template_status s WHERE s.event_id = %(id)s
+        OR (s.tenant, s.template_id) IN
+           (SELECT tenant, template_id FROM template_events WHERE event_id = %(id)s)""",
+}
+
+
+def database_rows(database_url: str, event_id: str) -> dict[str, list[dict[str, Any]]]:
+    with psycopg.connect(database_url, connect_timeout=5, row_factory=dict_row) as conn:
+        return {table: conn.execute(sql, {"id": event_id}).fetchall() for table, sql in _QUERIES.items()}
+
+
+def _key_is(event_id: str) -> Match:
+    key = event_id.encode()
+    return lambda msg: msg.key() == key
+
+
+def _canonical_id_is(event_id: str) -> Match:
+    needle = event_id.encode()
+
+    def match(msg: Message) -> bool:
+        value = msg.value() or b""
+        if needle not in value:  # a substring test is cheap; most records are rejected by it
+            return False
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return False
+        return isinstance(doc, dict) and doc.get("id") == event_id
+
+    return match
+
+
+class _Search:
+    def __init__(self, kafka: Log, limit: int, notes: list[str]) -> None:
+        self.kafka, self.limit, self.notes = kafka, limit, notes
+
+    def __call__(
+        self,
+        what: str,
+        topic: str,
+        match: Match,
+        partitions: Iterable[int] | None = None,
+        since_ms: int | None = None,
+    ) -> list[Message]:
+        full = self.kafka.ranges(topic, Window(since_ms=since_ms), partitions)
+        ranges = [Range(x.topic, x.partition, max(x.start, x.end - self.limit), x.end) for x in full]
+        hits = [msg for msg in self.kafka.read(ranges) if match(msg)]
+        parts = ",".join(str(x.partition) for x in ranges)
+        short = any(x.start > f.start for x, f in zip(ranges, full, strict=True))
+        cut = " (cut short by --scan-limit)" if short else ""
+        self.notes.append(f"{what}: read {sum(x.size for x in ranges)} record(s) of {topic}[{parts}]{cut}")
+        return hits
+
+
+def locate(
+    settings: Settings, event_id: str, *, scan_limit: int = 200_000, timeout: float = 10.0
+) -> EventReport:
+    from processors.worker import changelog_topic
+
+    topics = Topics(settings.topic_prefix)
+    rep = EventReport(event_id)
+    key = event_id.encode()
+    with Log(settings.kafka_bootstrap, timeout) as kafka:
+        search = _Search(kafka, scan_limit, rep.notes)
+        n_raw = kafka.partition_count(topics.raw)
+        home = murmur2(key, n_raw)
+        hits = search("raw", topics.raw, _key_is(event_id), [home])
+        if not hits:  # the partition count may have changed since it was written
+            hits = search("raw", topics.raw, _key_is(event_id), [p for p in range(n_raw) if p != home])
+        rep.raw = [Found.of(m) for m in hits]
+
+        changelog = changelog_topic(settings)
+        if changelog in kafka.topics:
+            rep.dedup_topic = changelog
+            hits = search("dedup", changelog, _key_is(event_id), [murmur2(key, kafka.topics[changelog])])
+            if hits:
+                last = hits[-1]
+                value = last.value()
+                digits = (value or b"").strip()
+                first_ms = int(digits) if digits.isdigit() else None
+                rep.dedup = DedupState(
+                    changelog, last.partition() or 0, last.offset() or 0, value is None, first_ms
+                )
+
+        rep.routed = _find_routed(search, kafka, settings, topics, rep)
+        by_key, by_id = _key_is(event_id), _canonical_id_is(event_id)
+        hits = search("dlq", topics.dlq, lambda msg: by_key(msg) or by_id(msg))
+        rep.dlq = [DlqEntry.from_message(m) for m in hits]
+    try:
+        rep.rows = database_rows(settings.database_url.get_secret_value(), event_id)
+    except psycopg.Error as exc:
+        rep.db_error = " ".join(str(exc).split()) or type(exc).__name__
+    return rep
+
+
+def _find_routed(
+    search: _Search, kafka: Log, settings: Settings, topics: Topics, rep: EventReport
+) -> list[Found]:
+    """From the raw record, where its routed record must be; without one, every routed topic's tail."""
+    if rep.raw:
+        raw = rep.raw[0]
+        try:
+            routed = r.route(
+                raw.key,
+                raw.value,
+                raw.headers,
+                topics=topics,
+                id_source=settings.event_id_source,
+                default_tenant=settings.default_tenant,
+                record_timestamp_ms=raw.timestamp_ms,
+            )
+        except MalformedEvent as exc:
+            rep.notes.append(
+                f"routed: the raw record does not route ({exc.reason}), so it has no routed record"
+            )
+            return []
+        if routed.topic in kafka.topics:
+            match = _key_is(rep.event_id) if routed.event is None else _canonical_id_is(rep.event_id)
+            part = murmur2(routed.key, kafka.topics[routed.topic])
+            # Routing happens after the ingress wrote the raw record (a minute of slack for clock skew).
+            since = raw.timestamp_ms - 60_000
+            return [Found.of(m) for m in search("routed", routed.topic, match, [part], since_ms=since)]
+    out: list[Found] = []
+    for topic in topics.routed:
+        if topic in kafka.topics:
+            out += [Found.of(m) for m in search("routed", topic, _canonical_id_is(rep.event_id))]
+    return out

@@ -1,0 +1,387 @@
+"""Offsets: windows of a topic (by time or explicit offsets) read to a fixed end, and consumer group resets.
+
+Every operations command (replay, DLQ, events show) reads Kafka through `Log`: an assigned consumer that
+never joins a group or commits, bounded by the end offsets captured before reading, so a command that
+produces into the topic it reads (redrive) still terminates.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
+
+from processors.topics import BrokerUnavailable, admin_client, existing_partitions
+from schemas.events import parse_time
+
+
+class OpsError(Exception):
+    """Bad input, or a state that forbids the operation; the CLI prints it as one line."""
+
+
+def _kafka_text(exc: KafkaException) -> str:
+    err = exc.args[0] if exc.args else None
+    return str(err.str()) if isinstance(err, KafkaError) else str(exc)
+
+
+# --- parsing the user's bounds ---------------------------------------------------------------------------
+def parse_when(text: str, option: str) -> int:
+    """An ISO-8601 time as epoch milliseconds; a time without a zone is UTC."""
+    parsed = parse_time(text.strip()) if text.strip() else None
+    if parsed is None:
+        raise OpsError(f"{option}: {text!r} is not an ISO-8601 time (for example 2026-01-31T12:00:00Z)")
+    return int(parsed.timestamp() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionOffset:
+    partition: int
+    offset: int
+
+    def __str__(self) -> str:
+        return f"{self.partition}:{self.offset}"
+
+
+def parse_partition_offset(text: str, option: str) -> PartitionOffset:
+    part, sep, off = text.strip().partition(":")
+    if not sep or not part.isdigit() or not off.isdigit():
+        raise OpsError(f"{option}: {text!r} is not PARTITION:OFFSET (for example 3:1200)")
+    return PartitionOffset(int(part), int(off))
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Which records of a topic to read. `until_ms` is exclusive, `to_offsets` inclusive (a listed offset
+    is the last one read), so `--from-offset 2:57 --to-offset 2:57` is exactly one record."""
+
+    since_ms: int | None = None
+    until_ms: int | None = None
+    from_offsets: Mapping[int, int] = field(default_factory=dict)
+    to_offsets: Mapping[int, int] = field(default_factory=dict)
+
+    @property
+    def named_partitions(self) -> set[int]:
+        return set(self.from_offsets) | set(self.to_offsets)
+
+    def admits_time(self, timestamp_ms: int) -> bool:
+        # offsets_for_times only finds the first record at or after a time; producer clocks are not
+        # monotonic, so the records inside the offset range are checked one by one as well.
+        if self.since_ms is not None and timestamp_ms < self.since_ms:
+            return False
+        return self.until_ms is None or timestamp_ms < self.until_ms
+
+
+def make_window(
+    *,
+    since: str | None = None,
+    until: str | None = None,
+    from_offsets: Iterable[str] = (),
+    to_offsets: Iterable[str] = (),
+) -> Window:
+    since_ms = parse_when(since, "--since") if since is not None else None
+    until_ms = parse_when(until, "--until") if until is not None else None
+    if since_ms is not None and until_ms is not None and since_ms >= until_ms:
+        raise OpsError(f"--since {since} is not before --until {until}: the time range is empty")
+    starts = _by_partition(from_offsets, "--from-offset")
+    ends = _by_partition(to_offsets, "--to-offset")
+    for p in sorted(set(starts) & set(ends)):
+        if starts[p] > ends[p]:
+            raise OpsError(f"--from-offset {p}:{starts[p]} is after --to-offset {p}:{ends[p]}")
+    return Window(since_ms, until_ms, starts, ends)
+
+
+def _by_partition(specs: Iterable[str], option: str) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for spec in specs:
+        po = parse_partition_offset(spec, option)
+        if po.partition in out:
+            raise OpsError(f"{option} names partition {po.partition} twice")
+        out[po.partition] = po.offset
+    return out
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Range:
+    """Offsets [start, end) of one partition."""
+
+    topic: str
+    partition: int
+    start: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return max(0, self.end - self.start)
+
+
+class Log:
+    """Read-only access to topics for one command: metadata, watermarks, bounded reads."""
+
+    def __init__(self, bootstrap: str, timeout: float = 10.0, stall_s: float = 30.0) -> None:
+        self.bootstrap = bootstrap
+        self.timeout = timeout
+        self.stall_s = stall_s
+        self.admin: AdminClient = admin_client(bootstrap)
+        # Fails within `timeout` naming the address when nothing answers: checked before anything else.
+        self.topics = existing_partitions(self.admin, bootstrap, timeout)
+        self._last_error: KafkaError | None = None
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                # Required by the client even though nothing here joins the group or commits.
+                "group.id": f"sentpipe-ops-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "enable.partition.eof": True,
+                "socket.timeout.ms": int(timeout * 1000),
+                "error_cb": self._on_error,
+                "log_level": 0,
+            }
+        )
+
+    def _on_error(self, err: KafkaError) -> None:
+        self._last_error = err
+
+    def __enter__(self) -> Log:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.consumer.close()
+
+    def partition_count(self, topic: str) -> int:
+        if topic not in self.topics:
+            raise OpsError(f"topic {topic} does not exist on {self.bootstrap}")
+        return self.topics[topic]
+
+    def check_partitions(self, topic: str, partitions: Iterable[int]) -> None:
+        n = self.partition_count(topic)
+        for p in sorted(set(partitions)):
+            if not 0 <= p < n:
+                raise OpsError(f"{topic} has partitions 0..{n - 1}; there is no partition {p}")
+
+    def _unavailable(self, exc: KafkaException | None = None) -> BrokerUnavailable:
+        why = _kafka_text(exc) if exc is not None else "no answer"
+        return BrokerUnavailable(f"Kafka broker at {self.bootstrap} did not answer: {why}")
+
+    def watermarks(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, int]]:
+        out: dict[int, tuple[int, int]] = {}
+        for p in partitions:
+            try:
+                got = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=self.timeout)
+            except KafkaException as exc:
+                raise self._unavailable(exc) from exc
+            if got is None:
+                raise self._unavailable()
+            out[p] = (int(got[0]), int(got[1]))
+        return out
+
+    def offsets_at(self, topic: str, partitions: Iterable[int], ms: int) -> dict[int, int | None]:
+        """The first offset at or after `ms` per partition; None when every record is older."""
+        query = [TopicPartition(topic, p, ms) for p in partitions]
+        if not query:
+            return {}
+        try:
+            found = self.consumer.offsets_for_times(query, timeout=self.timeout)
+        except KafkaException as exc:
+            raise self._unavailable(exc) from exc
+        return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in found}
+
+    def ranges(self, topic: str, window: Window, partitions: Iterable[int] | None = None) -> list[Range]:
+        """The offset ranges a window covers, ending at the end offsets of this moment."""
+        n = self.partition_count(topic)
+        self.check_partitions(topic, window.named_partitions)
+        if partitions is None:
+            partitions = sorted(window.named_partitions) if window.named_partitions else range(n)
+        parts = sorted(set(partitions))
+        marks = self.watermarks(topic, parts)
+        starts = {p: marks[p][0] for p in parts}
+        ends = {p: marks[p][1] for p in parts}
+        if window.since_ms is not None:
+            for p, off in self.offsets_at(topic, parts, window.since_ms).items():
+                starts[p] = ends[p] if off is None else max(starts[p], off)
+        if window.until_ms is not None:
+            for p, off in self.offsets_at(topic, parts, window.until_ms).items():
+                if off is not None:
+                    ends[p] = min(ends[p], off)
+        for p, off in window.from_offsets.items():
+            if p in starts:
+                starts[p] = max(starts[p], off)
+        for p, off in window.to_offsets.items():
+            if p in ends:
+                ends[p] = min(ends[p], off + 1)
+        return [Range(topic, p, starts[p], max(starts[p], ends[p])) for p in parts]
+
+    def read(self, ranges: Sequence[Range]) -> Iterator[Message]:
+        """Every record in the ranges, in offset order per partition; stops at each range's end."""
+        pending = {(r.topic, r.partition): r for r in ranges if r.size > 0}
+        if not pending:
+            return
+        self.consumer.assign([TopicPartition(r.topic, r.partition, r.start) for r in pending.values()])
+        last_progress = time.monotonic()
+        try:
+            while pending:
+                batch = self.consumer.consume(500, 0.5)
+                if not batch and time.monotonic() - last_progress > self.stall_s:
+                    why = f": {self._last_error.str()}" if self._last_error is not None else ""
+                    raise BrokerUnavailable(
+                        f"no records from Kafka broker at {self.bootstrap} for {self.stall_s:.0f}s{why}"
+                    )
+                for msg in batch:
+                    where = (msg.topic() or "", msg.partition() or 0)
+                    r = pending.get(where)
+                    if r is None:
+                        continue  # a partition already read to its end
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            # Nothing more right now; the end captured at start cannot be beyond it.
+                            self._done(pending, where)
+                        elif err.fatal():
+                            raise KafkaException(err)
+                        continue
+                    offset = msg.offset() or 0
+                    if offset >= r.end:
+                        self._done(pending, where)
+                        continue
+                    last_progress = time.monotonic()
+                    yield msg
+                    if offset >= r.end - 1:
+                        self._done(pending, where)
+        finally:
+            self.consumer.unassign()
+
+    def _done(self, pending: dict[tuple[str, int], Range], where: tuple[str, int]) -> None:
+        pending.pop(where, None)
+        self.consumer.pause([TopicPartition(where[0], where[1])])
+
+
+def headers_of(msg: Message) -> list[tuple[str, bytes]]:
+    raw = msg.headers() or []
+    out: list[tuple[str, bytes]] = []
+    for k, v in raw.items() if isinstance(raw, dict) else raw:
+        if v is not None:
+            out.append((k, v if isinstance(v, bytes) else str(v).encode()))
+    return out
+
+
+def timestamp_ms(msg: Message) -> int:
+    _kind, ts = msg.timestamp()
+    return int(ts) if ts is not None and ts >= 0 else int(time.time() * 1000)
+
+
+# --- consumer group offsets ------------------------------------------------------------------------------
+ResetTo = Literal["earliest", "latest"] | int  # an int is a time in epoch milliseconds
+
+
+@dataclass(frozen=True, slots=True)
+class OffsetChange:
+    topic: str
+    partition: int
+    before: int | None  # None: the group had no committed offset there
+    after: int
+
+
+def _result(future: Any, timeout: float, bootstrap: str) -> Any:
+    try:
+        return future.result(timeout=timeout)
+    except KafkaException as exc:
+        raise OpsError(f"Kafka at {bootstrap}: {_kafka_text(exc)}") from exc
+    except TimeoutError as exc:
+        raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:.0f}s") from exc
+
+
+def reset_group_offsets(
+    bootstrap: str,
+    group: str,
+    to: ResetTo,
+    topics: Sequence[str] = (),
+    *,
+    dry_run: bool = False,
+    timeout: float = 10.0,
+) -> list[OffsetChange]:
+    """Move a stopped group's committed offsets; refuses while the group has members."""
+    admin = admin_client(bootstrap)
+    have = existing_partitions(admin, bootstrap, timeout)
+    for t in topics:
+        if t not in have:
+            raise OpsError(f"topic {t} does not exist on {bootstrap}")
+    desc = _result(
+        admin.describe_consumer_groups([group], request_timeout=timeout)[group], timeout, bootstrap
+    )
+    if desc.members:
+        who = ", ".join(sorted({f"{m.client_id}@{m.host}" for m in desc.members}))
+        raise OpsError(
+            f"consumer group {group} has {len(desc.members)} active member(s) ({who}); "
+            "stop them before resetting its offsets"
+        )
+    listed = _result(
+        admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)], request_timeout=timeout)[
+            group
+        ],
+        timeout,
+        bootstrap,
+    )
+    before = {(tp.topic, tp.partition): tp.offset for tp in listed.topic_partitions if tp.offset >= 0}
+    targets = sorted(set(topics)) or sorted({t for t, _ in before if t in have})
+    if not targets:
+        raise OpsError(f"consumer group {group} has no committed offsets; name the topics with --topic")
+    tps = [TopicPartition(t, p) for t in targets for p in range(have[t])]
+    after = _list_offsets(admin, tps, to, timeout, bootstrap)
+    changes = [
+        OffsetChange(
+            tp.topic, tp.partition, before.get((tp.topic, tp.partition)), after[tp.topic, tp.partition]
+        )
+        for tp in tps
+    ]
+    if not dry_run:
+        request = ConsumerGroupTopicPartitions(
+            group, [TopicPartition(c.topic, c.partition, c.after) for c in changes]
+        )
+        done = _result(
+            admin.alter_consumer_group_offsets([request], request_timeout=timeout)[group], timeout, bootstrap
+        )
+        for tp in done.topic_partitions:
+            if tp.error is not None:
+                raise OpsError(
+                    f"could not reset {tp.topic}[{tp.partition}] for group {group}: {tp.error.str()}"
+                )
+    return changes
+
+
+def _list_offsets(
+    admin: AdminClient, tps: Sequence[TopicPartition], to: ResetTo, timeout: float, bootstrap: str
+) -> dict[tuple[str, int], int]:
+    def query(spec: OffsetSpec) -> dict[tuple[str, int], int]:
+        futures = admin.list_offsets({tp: spec for tp in tps}, request_timeout=timeout)
+        return {
+            (tp.topic, tp.partition): int(_result(f, timeout, bootstrap).offset) for tp, f in futures.items()
+        }
+
+    if to == "earliest":
+        return query(OffsetSpec.earliest())  # type: ignore[no-untyped-call]
+    latest = query(OffsetSpec.latest())  # type: ignore[no-untyped-call]
+    if to == "latest":
+        return latest
+    at = query(OffsetSpec.for_timestamp(int(to)))
+    # No record at or after the time: the group starts at the end, like kafka-consumer-groups does.
+    return {k: (v if v >= 0 else latest[k]) for k, v in at.items()}

@@ -1,0 +1,343 @@
+"""Replay: push a window of the raw topic through the worker's routing again, straight to the routed topics.
+
+Replayed records skip the dedup table on purpose: the point is that every projecting consumer applies
+them again, which is safe because projections are idempotent and order-independent. Each carries a
+fresh `sentpipe-replay-id`, so handlers and operators can tell a replay from first delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from confluent_kafka import KafkaError, Message, Producer, murmur2
+
+from ingress.producer import producer_config
+from processors.offsets import Log, OpsError, Range, Window, headers_of, timestamp_ms
+from schemas import routing as r
+from schemas.events import EventType, MalformedEvent
+from schemas.topics import Topics
+from sentpipe import metrics as m
+from sentpipe.settings import Settings
+
+log = logging.getLogger("sentpipe.replay")
+
+Progress = Callable[[int, int], None]  # (records done, records in the window)
+Headers = list[tuple[str, bytes]]
+
+# Headers that describe one trip through the DLQ or one replay; never carried on to the next trip.
+TRIP_HEADERS = frozenset((*r.H_DLQ_KEYS, r.H_REPLAY_ID, r.H_REDRIVE_ID))
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+
+
+def parse_types(names: Iterable[str]) -> frozenset[EventType]:
+    out = set()
+    for name in names:
+        try:
+            out.add(EventType(name))
+        except ValueError:
+            known = ", ".join(t.value for t in EventType)
+            raise OpsError(f"unknown event type {name!r} (known: {known})") from None
+    return frozenset(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    types: frozenset[EventType] = frozenset()
+    tenants: frozenset[str] = frozenset()
+    event_ids: frozenset[str] = frozenset()
+
+    def admits(self, type_: str | None, tenant: str, event_id: str | None) -> bool:
+        if self.types and type_ not in self.types:
+            return False
+        if self.tenants and tenant not in self.tenants:
+            return False
+        return not self.event_ids or event_id in self.event_ids
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Literal["replay", "skip", "fail"]
+    type: str  # canonical type, "unknown" when a malformed record has no type header
+    tenant: str
+    event_id: str | None
+    routed: r.Routed | None = None
+    error: MalformedEvent | None = None
+
+
+def decide(
+    key: bytes | None,
+    value: bytes,
+    headers: Headers,
+    record_ms: int,
+    *,
+    window: Window,
+    flt: Filter,
+    settings: Settings,
+    topics: Topics,
+) -> Decision:
+    """What replay does with one raw record: the same `route` as the worker, then the user's filters."""
+    hmap = r.header_map(headers)
+    head_tenant = hmap.get(r.H_TENANT, b"").decode(errors="replace") or settings.default_tenant
+    head_type = hmap.get(r.H_TYPE, b"").decode(errors="replace") or None
+    key_id = key.decode(errors="replace") if key else None
+    if not window.admits_time(record_ms):
+        return Decision("skip", head_type or "unknown", head_tenant, key_id)
+    if flt.event_ids and key_id is not None and key_id not in flt.event_ids:
+        return Decision("skip", head_type or "unknown", head_tenant, key_id)  # no need to parse it
+    try:
+        routed = r.route(
+            key,
+            value,
+            hmap,
+            topics=topics,
+            id_source=settings.event_id_source,
+            default_tenant=settings.default_tenant,
+            record_timestamp_ms=record_ms,
+        )
+    except MalformedEvent as exc:
+        if not flt.admits(head_type, head_tenant, key_id):
+            return Decision("skip", head_type or "unknown", head_tenant, key_id)
+        return Decision("fail", head_type or "unknown", head_tenant, key_id, error=exc)
+    if routed.event is not None:
+        type_, tenant, event_id = routed.event.type.value, routed.event.tenant, routed.event.id
+    else:
+        type_, tenant, event_id = EventType.UNROUTED.value, head_tenant, routed.key.decode(errors="replace")
+    if not flt.admits(type_, tenant, event_id):
+        return Decision("skip", type_, tenant, event_id)
+    return Decision("replay", type_, tenant, event_id, routed=routed)
+
+
+def carried_headers(headers: Headers) -> Headers:
+    return [(k, v) for k, v in headers if k not in TRIP_HEADERS]
+
+
+class Sender:
+    """An idempotent acks=all producer that counts delivery reports; `finish` waits for all of them."""
+
+    def __init__(self, settings: Settings, delivery_timeout_s: float = 30.0) -> None:
+        config = producer_config(
+            settings.kafka_bootstrap,
+            linger_ms=settings.producer_linger_ms,
+            compression=settings.producer_compression,
+            max_in_flight=settings.producer_max_in_flight,
+            delivery_timeout_s=delivery_timeout_s,
+        )
+        self.delivery_timeout_s = delivery_timeout_s
+        self.bootstrap = settings.kafka_bootstrap
+        # librdkafka's own log lines (connection trouble) go through logging, not raw to stderr.
+        self.producer = Producer({**config, "logger": logging.getLogger("sentpipe.kafka")})
+
+    def send(
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes,
+        headers: Headers,
+        on_done: Callable[[KafkaError | None], None],
+    ) -> None:
+        def report(err: KafkaError | None, _msg: Message) -> None:
+            on_done(err)
+
+        while True:
+            try:
+                # librdkafka calls `report` from poll()/flush() in this thread: no locking needed.
+                self.producer.produce(topic, value, key, headers=list[Any](headers), on_delivery=report)
+                break
+            except BufferError:
+                self.producer.poll(0.1)  # local queue full: let deliveries drain it
+        self.producer.poll(0)  # serve delivery reports as we go
+
+    def finish(self) -> None:
+        """Wait for every delivery report; success is only reported once the broker has everything."""
+        remaining = self.producer.flush(self.delivery_timeout_s + 5)
+        if remaining:
+            raise OpsError(
+                f"{remaining} record(s) not acknowledged by Kafka at {self.bootstrap} "
+                f"within {self.delivery_timeout_s + 5:.0f}s"
+            )
+
+
+@dataclass
+class RunResult:
+    """Counts of one replay or redrive; `produced` only counts records the broker acknowledged."""
+
+    run_id: str
+    dry_run: bool
+    read: int = 0
+    produced: int = 0
+    skipped: int = 0
+    failed: int = 0
+    selected: Counter[tuple[str, str]] = field(default_factory=Counter)  # what was (or would be) sent
+    failures: Counter[str] = field(default_factory=Counter)  # reason -> count
+    missing_ids: list[str] = field(default_factory=list)
+
+
+def key_partitions(keys: Iterable[str], partitions: int) -> set[int]:
+    """Where the ingress put records with these keys (its producer partitions by murmur2, like Java's)."""
+    return {murmur2(k.encode(), partitions) for k in keys}
+
+
+def replay(
+    settings: Settings,
+    window: Window,
+    flt: Filter,
+    *,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    timeout: float = 10.0,
+) -> RunResult:
+    topics = Topics(settings.topic_prefix)
+    with Log(settings.kafka_bootstrap, timeout) as kafka:
+        n = kafka.partition_count(topics.raw)
+        kafka.check_partitions(topics.raw, window.named_partitions)
+        # Event ids are record keys: look in their partitions first, and in the others only for ids not
+        # found there (the partition count may have changed since they were written).
+        first: list[int] | None = None
+        if flt.event_ids and not window.named_partitions:
+            first = sorted(key_partitions(flt.event_ids, n))
+        run = _Replay(settings, topics, window, flt, None if dry_run else Sender(settings), progress)
+        run.read(kafka, kafka.ranges(topics.raw, window, first))
+        if first is not None and not flt.event_ids <= run.seen_ids:
+            run.read(kafka, kafka.ranges(topics.raw, window, [p for p in range(n) if p not in first]))
+        run.finish()
+    result = run.result
+    result.missing_ids = sorted(flt.event_ids - run.seen_ids)
+    if not dry_run:  # counted in this process: visible where its metrics are collected
+        for outcome, n in (
+            ("produced", result.produced),
+            ("skipped", result.skipped),
+            ("failed", result.failed),
+        ):
+            m.REPLAY_EVENTS.labels("replay", outcome).inc(n)
+    log.info(
+        "replay finished",
+        extra={
+            "replay_id": result.run_id,
+            "read": result.read,
+            "replayed": result.produced,
+            "skipped": result.skipped,
+            "failed": result.failed,
+            "dry_run": dry_run,
+        },
+    )
+    return result
+
+
+class _Replay:
+    def __init__(
+        self,
+        settings: Settings,
+        topics: Topics,
+        window: Window,
+        flt: Filter,
+        sender: Sender | None,
+        progress: Progress | None,
+    ) -> None:
+        self.s, self.topics, self.window, self.flt = settings, topics, window, flt
+        self.sender, self.progress = sender, progress
+        self.result = RunResult(new_run_id(), sender is None)
+        self.mark = (r.H_REPLAY_ID, self.result.run_id.encode())
+        self.seen_ids: set[str] = set()
+        self.done = self.total = 0
+
+    def read(self, kafka: Log, ranges: Sequence[Range]) -> None:
+        self.total += sum(x.size for x in ranges)
+        log.info(
+            "replay reading",
+            extra={
+                "replay_id": self.result.run_id,
+                "partitions": [x.partition for x in ranges if x.size],
+                "records": sum(x.size for x in ranges),
+                "dry_run": self.sender is None,
+            },
+        )
+        self._report(force=True)
+        for msg in kafka.read(ranges):
+            self.one(msg)
+            self.done += 1
+            self._report()
+        self._report(force=True)
+
+    def _report(self, force: bool = False) -> None:
+        if self.progress is not None and (force or self.done % 500 == 0):
+            self.progress(self.done, self.total)
+
+    def one(self, msg: Message) -> None:
+        res = self.result
+        res.read += 1
+        key, value, headers = msg.key(), msg.value() or b"", headers_of(msg)
+        d = decide(
+            key,
+            value,
+            headers,
+            timestamp_ms(msg),
+            window=self.window,
+            flt=self.flt,
+            settings=self.s,
+            topics=self.topics,
+        )
+        if d.action == "skip":
+            res.skipped += 1
+            return
+        if self.flt.event_ids:  # only needed to report ids not found; unbounded otherwise
+            self.seen_ids.add(d.event_id or "")
+        if d.action == "fail":
+            assert d.error is not None
+            res.failed += 1
+            res.failures[d.error.reason] += 1
+            log.warning(
+                "replay: malformed raw record"
+                + (" (dry run)" if self.sender is None else ", sent to the DLQ"),
+                extra={
+                    "replay_id": res.run_id,
+                    "partition": msg.partition(),
+                    "offset": msg.offset(),
+                    "reason": d.error.reason,
+                },
+            )
+            if self.sender is not None:
+                dlq = r.dlq_headers(
+                    stage="replay",
+                    error_class=d.error.reason,
+                    message=d.error.detail,
+                    topic=msg.topic(),
+                    partition=msg.partition(),
+                    offset=msg.offset(),
+                )
+                hdrs = [*carried_headers(headers), *dlq, self.mark]
+                self.sender.send(self.topics.dlq, key or b"", value, hdrs, _ignore)
+            return
+        assert d.routed is not None
+        res.selected[d.type, d.tenant] += 1
+        if self.sender is not None:
+            rt = d.routed
+            self.sender.send(
+                rt.topic, rt.key, rt.value, [*carried_headers(headers), self.mark], self._delivered
+            )
+
+    def _delivered(self, err: KafkaError | None) -> None:
+        if err is None:
+            self.result.produced += 1
+        else:
+            self.result.failed += 1
+            self.result.failures[f"delivery:{err.name()}"] += 1
+
+    def finish(self) -> None:
+        if self.sender is not None:
+            self.sender.finish()
+
+
+def _ignore(_err: KafkaError | None) -> None:
+    """A dead letter is a failure whether or not it is delivered; `finish` reports undelivered ones."""
+
+
+__all__ = ["Filter", "RunResult", "Sender", "decide", "parse_types", "replay"]

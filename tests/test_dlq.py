@@ -1,0 +1,209 @@
+"""The DLQ round trip with real processes: poison events dead-lettered, listed, shown, fixed and redriven.
+
+`tests.handlers_fixture` fails permanently for ids in the `poison` table; deleting a row fixes the handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import orjson
+import psycopg
+
+from processors.dlq import DlqEntry, plan
+from schemas import routing as r
+from schemas.events import frame
+from schemas.samples import SampleFactory
+from schemas.topics import Topics
+from sentpipe.settings import Settings
+from tests.handlers_fixture import create_fixture_tables
+from tests.http_tools import post_all
+from tests.kafka_tools import Record, read_topic
+from tests.oracle import row_count
+from tests.pipeline import start_ingress, start_worker, wait_until
+from tests.test_ops_cli import sentpipe
+
+MALFORMED = b'{"field":"messages","sub_type":"message.read","payload":{"note":"no message id"}}'
+
+
+def dlq_records(s: Settings, at_least: int = 0) -> list[Record]:
+    return read_topic(s.kafka_bootstrap, Topics(s.topic_prefix).dlq, at_least=at_least, timeout=60, idle=0.5)
+
+
+def canonical_id(rec: Record) -> str:
+    return str(orjson.loads(rec.value)["id"])
+
+
+def handler_calls(db: str) -> list[str]:
+    with psycopg.connect(db) as c:
+        return [row[0] for row in c.execute("SELECT event_id FROM handler_calls").fetchall()]
+
+
+def test_dlq_round_trip_fix_and_redrive_and_still_poisoned_comes_back_with_attempts_2(
+    settings: Settings, topics: Topics, tmp_path: Path
+) -> None:
+    db = settings.database_url.get_secret_value()
+    create_fixture_tables(db)
+    f = SampleFactory(41)
+    inbound = [f.inbound().body for _ in range(12)]
+    status = [f.message_status(f"msg-{i}", "delivered").body for i in range(4)]
+    ids = {b: frame(b, webhook_id=None).event_id for b in inbound + status + [MALFORMED]}
+    poisoned = [ids[inbound[1]], ids[inbound[5]], ids[inbound[9]], ids[status[2]]]
+    still_bad = poisoned[1]
+    with psycopg.connect(db, autocommit=True) as c:
+        for event_id in poisoned:
+            c.execute("INSERT INTO poison (event_id) VALUES (%s)", (event_id,))
+
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    worker = start_worker(settings, tmp_path, handler_modules=["tests.handlers_fixture"])
+    try:
+        bodies = [*inbound, *status, MALFORMED]
+        secret = settings.webhook_secret.get_secret_value()
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
+        wait_until(lambda: row_count(db) >= 16, 60, "events projected", worker.proc.tail)
+        first = dlq_records(settings, at_least=5)
+        assert len(first) == 5
+        by_stage = {rec.headers[r.H_DLQ_STAGE] for rec in first}
+        assert by_stage == {b"handler", b"route"}
+        handler_ids = {canonical_id(rec): rec for rec in first if rec.headers[r.H_DLQ_STAGE] == b"handler"}
+        assert sorted(handler_ids) == sorted(poisoned)
+        assert not set(poisoned) & set(handler_calls(db))  # the handler's writes rolled back
+
+        # list / show
+        res = sentpipe(settings, "dlq", "list")
+        assert res.returncode == 0, res.stderr
+        assert "5 shown, 5 matching, 5 in the DLQ" in res.stdout
+        for event_id in poisoned:
+            assert event_id in res.stdout
+        res = sentpipe(settings, "dlq", "list", "--reason", "PermanentError", "--limit", "2")
+        assert res.returncode == 0 and "2 shown, 4 matching" in res.stdout, res.stdout
+        res = sentpipe(settings, "dlq", "list", "--stage", "route")
+        assert res.returncode == 0 and "1 shown, 1 matching" in res.stdout, res.stdout
+        assert ids[MALFORMED] in res.stdout and "missing_message_id" in res.stdout
+        shown = handler_ids[still_bad]
+        res = sentpipe(settings, "dlq", "show", f"0:{shown.offset}")
+        assert res.returncode == 0, res.stderr
+        for header in (r.H_DLQ_STAGE, r.H_DLQ_ERROR_CLASS, r.H_DLQ_ATTEMPTS, r.H_DLQ_TOPIC, r.H_TENANT):
+            assert header in res.stdout
+        assert f'"id": "{still_bad}"' in res.stdout and "poisoned event" in res.stdout
+
+        # A dry run counts and produces nothing.
+        res = sentpipe(settings, "dlq", "redrive", "--dry-run")
+        assert res.returncode == 0, res.stderr
+        assert len(dlq_records(settings)) == 5
+
+        # Fix three of the four, then redrive the handler failures.
+        with psycopg.connect(db, autocommit=True) as c:
+            c.execute("DELETE FROM poison WHERE event_id <> %s", (still_bad,))
+        res = sentpipe(settings, "dlq", "redrive", "--stage", "handler")
+        assert res.returncode == 0, res.stderr
+        fixed = set(poisoned) - {still_bad}
+        wait_until(lambda: fixed <= set(handler_calls(db)), 60, "fixed events handled", worker.proc.tail)
+        again = dlq_records(settings, at_least=6)
+        assert len(again) == 6
+        back = again[5]
+        assert canonical_id(back) == still_bad
+        assert back.headers[r.H_DLQ_STAGE] == b"handler"
+        assert back.headers[r.H_DLQ_ATTEMPTS] == b"2"
+        assert r.H_REDRIVE_ID in back.headers
+        assert back.headers[r.H_DLQ_TOPIC] == topics.message_inbound.encode()
+        calls = handler_calls(db)
+        assert still_bad not in calls and all(calls.count(i) == 1 for i in fixed)
+
+        # The malformed body still cannot be routed: back in the DLQ, attempts 2, same original record.
+        res = sentpipe(settings, "dlq", "redrive", "--stage", "route")
+        assert_one_line_error_at_end(res, "failed again")
+        route_first = next(rec for rec in first if rec.headers[r.H_DLQ_STAGE] == b"route")
+        third = dlq_records(settings, at_least=7)
+        assert len(third) == 7
+        h = third[6].headers
+        assert (h[r.H_DLQ_STAGE], h[r.H_DLQ_ERROR_CLASS], h[r.H_DLQ_ATTEMPTS]) == (
+            b"route",
+            b"missing_message_id",
+            b"2",
+        )
+        assert r.H_REDRIVE_ID in h and third[6].value == MALFORMED
+        for k in (r.H_DLQ_TOPIC, r.H_DLQ_PARTITION, r.H_DLQ_OFFSET):
+            assert h[k] == route_first.headers[k]
+
+        # By ID: the still-poisoned event's newest entry once more -> attempts 3; nothing loops.
+        res = sentpipe(settings, "dlq", "redrive", "--id", f"0:{back.offset}")
+        assert res.returncode == 0, res.stderr
+        fourth = dlq_records(settings, at_least=8)
+        assert len(fourth) == 8 and fourth[7].headers[r.H_DLQ_ATTEMPTS] == b"3"
+        assert canonical_id(fourth[7]) == still_bad
+        assert len(dlq_records(settings)) == 8
+
+        # Fixed at last.
+        with psycopg.connect(db, autocommit=True) as c:
+            c.execute("DELETE FROM poison")
+        res = sentpipe(settings, "dlq", "redrive", "--id", f"0:{fourth[7].offset}")
+        assert res.returncode == 0, res.stderr
+        wait_until(lambda: still_bad in handler_calls(db), 60, "the last one handled", worker.proc.tail)
+    finally:
+        worker.stop()
+        ingress.stop()
+    assert len(dlq_records(settings)) == 8
+    assert sorted(set(handler_calls(db))) == sorted(set(ids[b] for b in inbound + status))
+
+
+def assert_one_line_error_at_end(res: subprocess.CompletedProcess[str], needle: str) -> None:
+    """A summary on stdout, then exactly one error line last on stderr."""
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and needle in last, res.stderr
+
+
+def test_plan_sends_each_stage_where_it_can_succeed() -> None:
+    s, topics = Settings(), Topics("x.")
+    body = SampleFactory(2).inbound().body
+    event_id = frame(body, webhook_id=None).event_id
+    raw_headers = [(r.H_TENANT, b"acme"), (r.H_RECEIVED_AT, b"1000")]
+
+    def entry(stage: str, key: bytes, value: bytes, attempts: int, topic: str | None = None) -> DlqEntry:
+        dlq = r.dlq_headers(
+            stage=stage,
+            error_class="x",
+            message="m",
+            attempts=attempts,
+            topic=topic,
+            partition=0 if topic else None,
+            offset=7 if topic else None,
+        )
+        return DlqEntry(0, 3, 2000, key, value, [*raw_headers, (r.H_REPLAY_ID, b"old"), *dlq])
+
+    # An ingress record's random key is not its id: the body decides, as on first arrival.
+    step = plan(entry("ingress", b"random-uuid", body, 1), s, topics, "rd1")
+    assert (step.action, step.topic, step.key) == (
+        "send",
+        topics.message_inbound,
+        f"acme/{event_id}".encode(),
+    )
+    h = dict(step.headers)
+    assert (h[r.H_DLQ_ATTEMPTS], h[r.H_REDRIVE_ID], h[r.H_TENANT]) == (b"1", b"rd1", b"acme")
+    assert r.H_REPLAY_ID not in h and r.H_DLQ_STAGE not in h  # one trip's marks are not carried on
+
+    routed_value = b'{"id": "e1"}'
+    step = plan(entry("handler", b"acme/e1", routed_value, 2, topics.message_status), s, topics, "rd2")
+    assert (step.action, step.topic, step.key, step.value) == (
+        "send",
+        topics.message_status,
+        b"acme/e1",
+        routed_value,
+    )
+    assert dict(step.headers)[r.H_DLQ_ATTEMPTS] == b"2"
+    assert plan(entry("handler", b"k", routed_value, 1, "someone.else"), s, topics, "rd3").action == "keep"
+
+    step = plan(
+        entry("route", b"evt", b'{"field":"messages","payload":{}}', 2, "x.events.raw"), s, topics, "rd4"
+    )
+    h = dict(step.headers)
+    assert (step.action, step.topic, h[r.H_DLQ_STAGE], h[r.H_DLQ_ATTEMPTS]) == (
+        "dlq",
+        topics.dlq,
+        b"route",
+        b"3",
+    )
+    assert (h[r.H_DLQ_TOPIC], h[r.H_DLQ_OFFSET], h[r.H_REDRIVE_ID]) == (b"x.events.raw", b"7", b"rd4")

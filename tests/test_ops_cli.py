@@ -1,0 +1,249 @@
+"""Operations commands as a user runs them: `offsets reset`, `events show`, and one-line errors on bad input.
+
+The commands run as real subprocesses (`python -m sentpipe ...`) against the real broker and database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+import pytest
+from confluent_kafka import ConsumerGroupTopicPartitions
+from confluent_kafka.admin import AdminClient
+
+from schemas.events import frame
+from schemas.samples import SampleFactory
+from schemas.topics import Topics
+from sentpipe.settings import Settings
+from tests.handlers_fixture import create_fixture_tables
+from tests.http_tools import post_all
+from tests.kafka_tools import read_topic
+from tests.oracle import row_count
+from tests.pipeline import start_ingress, start_worker, wait_until
+from tests.processes import free_port, settings_env
+
+
+def sentpipe(
+    s: Settings, *args: str, timeout: float = 120, **env: object
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m sentpipe ARGS` with the test's settings (plus SENTPIPE_* overrides in `env`)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sentpipe", *args],
+        env={**settings_env(s, **env), "COLUMNS": "250"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess[str], *needles: str) -> None:
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode != 0, res
+    assert "Traceback" not in res.stderr, res.stderr
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: "), lines
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def group_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    res = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])[group].result(10)
+    return {(tp.topic, tp.partition): tp.offset for tp in res.topic_partitions if tp.offset >= 0}
+
+
+def group_members(bootstrap: str, group: str) -> int:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    return len(admin.describe_consumer_groups([group])[group].result(10).members)
+
+
+BAD_INPUT = [
+    (
+        ["replay", "--since", "2026-01-02T00:00:00Z", "--until", "2026-01-01T00:00:00Z"],
+        ["time range is empty"],
+    ),
+    (["replay", "--since", "yesterday"], ["--since", "ISO-8601"]),
+    (["replay", "--from-offset", "3-100"], ["--from-offset", "PARTITION:OFFSET"]),
+    (["replay", "--to-offset", "a:1"], ["--to-offset", "PARTITION:OFFSET"]),
+    (["replay", "--from-offset", "0:10", "--to-offset", "0:5"], ["after --to-offset"]),
+    (["replay", "--from-offset", "99:0"], ["no partition 99"]),
+    (["replay", "--type", "message.bounced"], ["unknown event type", "message.status.updated"]),
+    (["replay", "--bogus"], ["--bogus"]),
+    (["offsets", "reset", "--group", "g", "--to-earliest", "--topic", "no.such.topic"], ["no.such.topic"]),
+    (["offsets", "reset", "--group", "g"], ["exactly one of"]),
+    (["offsets", "reset", "--to-earliest"], ["Missing option '--group'"]),
+    (["offsets", "reset", "--group", "g", "--to-earliest", "--to-latest"], ["exactly one of"]),
+    (["offsets", "reset", "--group", "g", "--to-datetime", "soon"], ["ISO-8601"]),
+    (["dlq", "show", "zero"], ["not a DLQ record ID"]),
+    (["dlq", "show", "0:12345"], ["no DLQ record 0:12345"]),
+    (["dlq", "redrive", "--stage", "shipping"], ["unknown stage", "handler"]),
+    (["dlq", "redrive", "--id", "0:7"], ["no DLQ record 0:7"]),
+    (["dlq", "list", "--limit", "0"], ["--limit"]),
+]
+
+
+@pytest.mark.parametrize(("args", "needles"), BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_line_and_non_zero(settings: Settings, args: list[str], needles: list[str]) -> None:
+    assert_one_line_error(sentpipe(settings, *args), *needles)
+
+
+UNREACHABLE = [
+    ["replay"],
+    ["replay", "--dry-run"],
+    ["dlq", "list"],
+    ["dlq", "redrive"],
+    ["events", "show", "evt_1"],
+    ["offsets", "reset", "--group", "g", "--to-latest"],
+]
+
+
+def test_unreachable_broker_fails_fast_naming_the_address(settings: Settings) -> None:
+    address = f"127.0.0.1:{free_port()}"
+
+    def run(args: list[str]) -> tuple[float, subprocess.CompletedProcess[str]]:
+        t0 = time.monotonic()
+        res = sentpipe(settings, *args, kafka_bootstrap=address, timeout=60)
+        return time.monotonic() - t0, res
+
+    # Concurrently: each one waits out the broker timeout on its own.
+    with ThreadPoolExecutor(len(UNREACHABLE)) as pool:
+        for args, (took, res) in zip(UNREACHABLE, pool.map(run, UNREACHABLE), strict=True):
+            assert took < 20, (args, took)
+            assert_one_line_error(res, address)
+
+
+def test_unknown_raw_topic_is_one_line(settings: Settings) -> None:
+    res = sentpipe(settings, "replay", topic_prefix="nosuchprefix.")
+    assert_one_line_error(res, "nosuchprefix.events.raw does not exist")
+    assert_one_line_error(sentpipe(settings, "dlq", "list", topic_prefix="nosuchprefix."), "does not exist")
+
+
+def test_offsets_reset_refuses_while_the_worker_runs_and_works_once_stopped(
+    settings: Settings, topics: Topics, tmp_path: Path
+) -> None:
+    bootstrap, group = settings.kafka_bootstrap, settings.app_id
+    db = settings.database_url.get_secret_value()
+    bodies = [s.body for s in SampleFactory(21).mix(60)]
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    worker = start_worker(settings, tmp_path)
+    try:
+        secret = settings.webhook_secret.get_secret_value()
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
+        wait_until(lambda: row_count(db) >= len(bodies), 60, "events projected", worker.proc.tail)
+        wait_until(
+            lambda: (
+                sum(n for (t, _), n in group_offsets(bootstrap, group).items() if t == topics.raw)
+                == len(bodies)
+            ),
+            30,
+            "the worker committed the raw topic",
+            worker.proc.tail,
+        )
+        refused = sentpipe(settings, "offsets", "reset", "--group", group, "--to-earliest")
+        assert_one_line_error(refused, f"consumer group {group}", "active member", "stop them")
+        assert sum(n for (t, _), n in group_offsets(bootstrap, group).items() if t == topics.raw) == len(
+            bodies
+        )
+    finally:
+        worker.stop()
+        ingress.stop()
+    wait_until(lambda: group_members(bootstrap, group) == 0, 60, "the group to empty")
+    committed = group_offsets(bootstrap, group)
+    raw_end = {p: n for (t, p), n in committed.items() if t == topics.raw}
+    assert sum(raw_end.values()) == len(bodies)
+
+    dry = sentpipe(settings, "offsets", "reset", "--group", group, "--to-earliest", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert group_offsets(bootstrap, group) == committed
+
+    res = sentpipe(settings, "offsets", "reset", "--group", group, "--to-earliest", "--topic", topics.raw)
+    assert res.returncode == 0, res.stderr
+    after = group_offsets(bootstrap, group)
+    assert {p: n for (t, p), n in after.items() if t == topics.raw} == {p: 0 for p in range(4)}
+    # Only the named topic moved.
+    assert {k: v for k, v in after.items() if k[0] != topics.raw} == {
+        k: v for k, v in committed.items() if k[0] != topics.raw
+    }
+
+    res = sentpipe(settings, "offsets", "reset", "--group", group, "--to-latest", "--topic", topics.raw)
+    assert res.returncode == 0, res.stderr
+    assert {p: n for (t, p), n in group_offsets(bootstrap, group).items() if t == topics.raw} == {
+        p: raw_end.get(p, 0) for p in range(4)
+    }
+
+    # A time after every record: nothing to reprocess, the group sits at the end.
+    res = sentpipe(
+        settings,
+        "offsets",
+        "reset",
+        "--group",
+        group,
+        "--to-datetime",
+        "2999-01-01T00:00:00Z",
+        "--topic",
+        topics.raw,
+    )
+    assert res.returncode == 0, res.stderr
+    assert sum(n for (t, _), n in group_offsets(bootstrap, group).items() if t == topics.raw) == len(bodies)
+    res = sentpipe(
+        settings,
+        "offsets",
+        "reset",
+        "--group",
+        group,
+        "--to-datetime",
+        "2000-01-01T00:00:00Z",
+        "--topic",
+        topics.raw,
+    )
+    assert res.returncode == 0, res.stderr
+    assert sum(n for (t, _), n in group_offsets(bootstrap, group).items() if t == topics.raw) == 0
+
+
+def test_events_show_finds_an_event_everywhere_it_is(
+    settings: Settings, topics: Topics, tmp_path: Path
+) -> None:
+    db = settings.database_url.get_secret_value()
+    create_fixture_tables(db)
+    f = SampleFactory(22)
+    inbound = [f.inbound() for _ in range(10)]
+    ids = [frame(s.body, webhook_id=None).event_id for s in inbound]
+    with psycopg.connect(db, autocommit=True) as c:
+        c.execute("INSERT INTO poison (event_id) VALUES (%s)", (ids[3],))
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    worker = start_worker(settings, tmp_path, handler_modules=["tests.handlers_fixture"])
+    try:
+        bodies = [s.body for s in inbound]
+        secret = settings.webhook_secret.get_secret_value()
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
+        wait_until(lambda: row_count(db) >= len(bodies), 60, "events projected", worker.proc.tail)
+        read_topic(settings.kafka_bootstrap, topics.dlq, at_least=1, timeout=60)
+    finally:
+        worker.stop()
+        ingress.stop()
+    raw = {r.key: r for r in read_topic(settings.kafka_bootstrap, topics.raw)}
+
+    res = sentpipe(settings, "events", "show", ids[0])
+    assert res.returncode == 0, res.stderr
+    rec = raw[ids[0].encode()]
+    assert any(topics.raw in line and f" {rec.offset} " in line for line in res.stdout.splitlines()), (
+        res.stdout
+    )
+    assert "dedup table: seen, first routed" in res.stdout
+    assert topics.message_inbound in res.stdout
+    assert "database: inbound_messages" in res.stdout
+    assert "DLQ entries: none" in res.stdout
+
+    res = sentpipe(settings, "events", "show", ids[3])
+    assert res.returncode == 0, res.stderr
+    assert "DLQ entries" in res.stdout and "handler" in res.stdout and "PermanentError" in res.stdout
+
+    res = sentpipe(settings, "events", "show", "evt_nowhere")
+    assert_one_line_error(res, "evt_nowhere not found")
+    assert "raw record(s): none" in res.stdout and "searched raw" in res.stdout

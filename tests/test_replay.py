@@ -1,0 +1,307 @@
+"""Replay against the real broker and database: restoring truncated projections, and exact selection.
+
+Events go through the real ingress (and worker, where projections matter); `sentpipe replay` runs as a
+subprocess, dry-run counts are taken from `processors.replay.replay` itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+
+from processors.offsets import OpsError, make_window
+from processors.replay import Filter, RunResult, decide, parse_types, replay
+from schemas import routing as r
+from schemas.events import EventType, frame
+from schemas.samples import SampleFactory
+from schemas.topics import Topics
+from sentpipe.settings import Settings
+from tests.http_tools import metric_sum, post_all, scrape
+from tests.kafka_tools import end_offsets, read_topic
+from tests.oracle import row_count
+from tests.pipeline import start_ingress, start_worker, wait_until
+from tests.test_ops_cli import group_offsets, sentpipe
+from tests.test_pipeline_e2e import assert_matches_oracle, deliveries
+
+TABLES = {
+    "message_events": "event_id",
+    "message_status": "tenant, message_id",
+    "inbound_messages": "event_id",
+    "template_events": "event_id",
+    "template_status": "tenant, template_id",
+}
+
+
+def snapshot(db: str, *, updated_at: bool = False) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of every projection table, in key order (`updated_at` only on request: it is now())."""
+    out = {}
+    with psycopg.connect(db) as c:
+        for table, key in TABLES.items():
+            cols = [
+                row[0]
+                for row in c.execute(
+                    "SELECT column_name FROM information_schema.columns"
+                    " WHERE table_schema = current_schema() AND table_name = %s ORDER BY ordinal_position",
+                    (table,),
+                )
+                if updated_at or row[0] != "updated_at"
+            ]
+            out[table] = c.execute(f"SELECT {', '.join(cols)} FROM {table} ORDER BY {key}").fetchall()
+    return out
+
+
+def iso(ms: float) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
+
+
+def caught_up(s: Settings) -> bool:
+    """The worker has committed every routed record there is: whatever was produced has been applied."""
+    committed = group_offsets(s.kafka_bootstrap, s.app_id)
+    return all(
+        committed.get((topic, p), 0) == end
+        for topic in Topics(s.topic_prefix).routed
+        for p, end in end_offsets(s.kafka_bootstrap, topic).items()
+    )
+
+
+def projected(port: int) -> float:
+    """Routed events the worker has committed to PostgreSQL (projection batches, all types)."""
+    return sum(
+        v
+        for k, v in scrape(port).items()
+        if k.startswith("sentpipe_events_processed_total{") and 'handler="projection"' in k
+    )
+
+
+def test_replay_restores_truncated_projections_exactly_and_a_second_replay_changes_nothing(
+    settings: Settings, topics: Topics, tmp_path: Path
+) -> None:
+    db = settings.database_url.get_secret_value()
+    unique, to_send = deliveries(400, 0.2, seed=31)
+    since = iso(time.time() * 1000 - 60_000)
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    worker = start_worker(settings, tmp_path)
+    try:
+        secret = settings.webhook_secret.get_secret_value()
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", to_send, secret)).count(200) == len(to_send)
+        wait_until(lambda: row_count(db) >= len(unique), 120, "events projected", worker.proc.tail)
+        wait_until(lambda: caught_up(settings), 60, "the worker caught up", worker.proc.tail)
+        assert_matches_oracle(db, unique)
+        before = snapshot(db)
+        n_raw = len(read_topic(settings.kafka_bootstrap, topics.raw))
+        assert n_raw >= len(to_send)  # every delivery, duplicates included
+
+        # A restore from an old backup, or an operator's mistake: the projections are gone.
+        with psycopg.connect(db, autocommit=True) as c:
+            c.execute(f"TRUNCATE {', '.join(TABLES)}")
+        assert row_count(db) == 0
+
+        res = sentpipe(settings, "replay", "--since", since)
+        assert res.returncode == 0, res.stderr
+        wait_until(lambda: snapshot(db) == before, 120, "the replay restored every row", worker.proc.tail)
+        wait_until(lambda: caught_up(settings), 60, "replay fully applied", worker.proc.tail)
+        # Replay bypasses the dedup table: every raw record, duplicates too, is applied again.
+        assert projected(worker.metrics_port) >= len(unique) + n_raw
+        assert_matches_oracle(db, unique)
+        restored = snapshot(db, updated_at=True)
+
+        res = sentpipe(settings, "replay", "--since", since)
+        assert res.returncode == 0, res.stderr
+        wait_until(lambda: caught_up(settings), 60, "second replay applied", worker.proc.tail)
+        assert projected(worker.metrics_port) >= len(unique) + 2 * n_raw
+        assert snapshot(db, updated_at=True) == restored  # not even updated_at moved
+        samples = scrape(worker.metrics_port)
+        assert metric_sum(samples, "sentpipe_dlq_events_total") == 0
+    finally:
+        worker.stop()
+        ingress.stop()
+    replayed = [
+        rec
+        for t in topics.routed
+        for rec in read_topic(settings.kafka_bootstrap, t, idle=0.5)
+        if r.H_REPLAY_ID in rec.headers
+    ]
+    assert len(replayed) == 2 * n_raw
+    assert len({rec.headers[r.H_REPLAY_ID] for rec in replayed}) == 2  # one fresh id per run
+
+
+MALFORMED = b'{"field":"messages","sub_type":"message.sent","payload":{"note":"no message id"}}'
+UNROUTED = b'{"field":"account","sub_type":"account.updated","timestamp":"2026-01-01T00:00:00Z","payload":{}}'
+
+
+# --- pure parts (no broker) -----------------------------------------------------------------------------
+def test_window_parsing_and_its_one_line_errors() -> None:
+    w = make_window(since="2026-01-01", until="2026-01-01T02:00:00+01:00", from_offsets=["1:5"])
+    assert w.since_ms == int(datetime(2026, 1, 1, tzinfo=UTC).timestamp() * 1000)  # no zone: UTC
+    w = make_window(from_offsets=["1:5"], to_offsets=["1:9", "2:3"])
+    assert (w.named_partitions, dict(w.from_offsets), dict(w.to_offsets)) == ({1, 2}, {1: 5}, {1: 9, 2: 3})
+    for kwargs, message in [
+        ({"since": "2026-01-01T01:00:00+01:00", "until": "2026-01-01T00:00:00Z"}, "time range is empty"),
+        ({"from_offsets": ["1:5", "1:6"]}, "names partition 1 twice"),
+        ({"to_offsets": ["1"]}, "PARTITION:OFFSET"),
+        ({"until": ""}, "ISO-8601"),
+    ]:
+        with pytest.raises(OpsError, match=message):
+            make_window(**kwargs)
+    with pytest.raises(OpsError, match=r"unknown event type 'message\.sent'"):
+        parse_types(["message.sent"])
+
+
+def test_decide_routes_like_the_worker_and_filters_on_what_routing_found() -> None:
+    s, topics = Settings(), Topics("x.")
+    body = SampleFactory(1).inbound().body
+    event_id = frame(body, webhook_id=None).event_id
+    headers = [(r.H_TENANT, b"acme"), (r.H_TYPE, b"message.inbound.received"), (r.H_RECEIVED_AT, b"1000")]
+
+    def run(key: bytes | None, value: bytes, flt: Filter, **window: Any) -> Any:
+        return decide(
+            key, value, headers, 5_000, window=make_window(**window), flt=flt, settings=s, topics=topics
+        )
+
+    d = run(event_id.encode(), body, Filter(tenants=frozenset({"acme"})))
+    assert (d.action, d.type, d.tenant, d.event_id) == ("replay", EventType.MESSAGE_INBOUND, "acme", event_id)
+    assert d.routed.topic == topics.message_inbound and d.routed.key == f"acme/{event_id}".encode()
+    assert run(event_id.encode(), body, Filter(tenants=frozenset({"other"}))).action == "skip"
+    assert run(event_id.encode(), body, Filter(event_ids=frozenset({"nope"}))).action == "skip"
+    assert run(None, body, Filter(event_ids=frozenset({event_id}))).action == "replay"  # id from the body
+    assert run(event_id.encode(), body, Filter(), since="1970-01-01T00:00:06Z").action == "skip"  # too old
+    bad = run(b"k", MALFORMED, Filter(types=parse_types(["message.inbound.received"])))
+    assert (bad.action, bad.error.reason if bad.error else None) == ("fail", "missing_message_id")
+    assert run(b"k", MALFORMED, Filter(types=parse_types(["template.approval.updated"]))).action == "skip"
+    unrouted = run(None, UNROUTED, Filter(types=parse_types(["unrouted"])))
+    assert (unrouted.action, unrouted.routed.topic if unrouted.routed else None) == (
+        "replay",
+        topics.unrouted,
+    )
+
+
+# --- selection -------------------------------------------------------------------------------------------
+
+
+def _dry(s: Settings, flt: Filter | None = None, **window: Any) -> RunResult:
+    return replay(s, make_window(**window), flt or Filter(), dry_run=True)
+
+
+def test_replay_selects_exactly_by_type_tenant_event_id_offsets_and_time(
+    settings: Settings, topics: Topics, tmp_path: Path
+) -> None:
+    acme_secret = "whsec_" + "YWNtZS1zZWNyZXQtZm9yLXRlc3Rz"
+    secrets = tmp_path / "secrets.json"
+    secrets.write_bytes(orjson.dumps({"acme": [acme_secret]}))
+    f = SampleFactory(32)
+    default = (
+        [f.inbound().body for _ in range(4)]
+        + [f.message_status(f"m{i}", "sent").body for i in range(6)]
+        + [f.template().body for _ in range(3)]
+        + [MALFORMED, UNROUTED]
+    )
+    acme_early = [f.inbound().body for _ in range(2)] + [
+        f.message_status(f"a{i}", "read").body for i in range(3)
+    ]
+    acme_late = [f.template().body for _ in range(5)]
+    ids = {b: frame(b, webhook_id=None).event_id for b in default + acme_early + acme_late}
+
+    ingress, url, _ = start_ingress(settings, tmp_path, secrets_file=secrets)
+    try:
+        base = f"{url}/webhooks/sent"
+        secret = settings.webhook_secret.get_secret_value()
+        assert asyncio.run(post_all(base, default, secret)).count(200) == len(default)
+        assert asyncio.run(post_all(f"{base}/acme", acme_early, acme_secret)).count(200) == len(acme_early)
+        time.sleep(0.05)
+        middle_ms = time.time() * 1000
+        time.sleep(0.05)
+        assert asyncio.run(post_all(f"{base}/acme", acme_late, acme_secret)).count(200) == len(acme_late)
+    finally:
+        ingress.stop()
+    raw = read_topic(settings.kafka_bootstrap, topics.raw, at_least=25)
+    assert len(raw) == 25
+
+    ST, IN, TP = (
+        t.value for t in (EventType.MESSAGE_STATUS, EventType.MESSAGE_INBOUND, EventType.TEMPLATE_APPROVAL)
+    )
+    everything = _dry(settings)
+    assert (everything.read, everything.skipped, everything.failed) == (25, 0, 1)
+    assert everything.failures == Counter({"missing_message_id": 1})
+    assert everything.selected == Counter(
+        {(IN, "default"): 4, (ST, "default"): 6, (TP, "default"): 3, ("unrouted", "default"): 1}
+        | {(IN, "acme"): 2, (ST, "acme"): 3, (TP, "acme"): 5}
+    )
+
+    inbound = _dry(settings, Filter(types=parse_types([IN])))
+    assert inbound.selected == Counter({(IN, "default"): 4, (IN, "acme"): 2})
+    assert (inbound.skipped, inbound.failed) == (19, 0)
+
+    # The malformed record is a message status (its type header says so), so this filter keeps it.
+    status = _dry(settings, Filter(types=parse_types([ST, "unrouted"])))
+    assert status.selected == Counter({(ST, "default"): 6, (ST, "acme"): 3, ("unrouted", "default"): 1})
+    assert status.failed == 1
+
+    acme = _dry(settings, Filter(tenants=frozenset({"acme"})))
+    assert acme.selected == Counter({(IN, "acme"): 2, (ST, "acme"): 3, (TP, "acme"): 5})
+    assert (acme.skipped, acme.failed) == (15, 0)
+
+    both = _dry(settings, Filter(types=parse_types([TP]), tenants=frozenset({"acme"})))
+    assert both.selected == Counter({(TP, "acme"): 5})
+
+    picked = {ids[default[0]], ids[acme_late[2]]}
+    by_id = _dry(settings, Filter(event_ids=frozenset(picked)))
+    assert sum(by_id.selected.values()) == 2 and by_id.missing_ids == []
+    assert by_id.selected == Counter({(IN, "default"): 1, (TP, "acme"): 1})
+    assert by_id.read < 25  # only the partitions the ids hash to
+    missing = _dry(settings, Filter(event_ids=frozenset({*picked, "evt_never_sent"})))
+    assert missing.missing_ids == ["evt_never_sent"] and sum(missing.selected.values()) == 2
+    assert missing.read == 25  # an id not in its partition is looked for everywhere
+
+    late = _dry(settings, since=iso(middle_ms))
+    assert late.selected == Counter({(TP, "acme"): 5}) and late.read == 5
+    early = _dry(settings, until=iso(middle_ms))
+    assert sum(early.selected.values()) == 19 and early.failed == 1 and early.read == 20
+
+    # Offsets: one record exactly, and a range of one partition.
+    busiest = Counter(rec.partition for rec in raw).most_common(1)[0][0]
+    in_part = sorted((rec for rec in raw if rec.partition == busiest), key=lambda rec: rec.offset)
+    assert len(in_part) >= 3
+    one = _dry(settings, from_offsets=[f"{busiest}:1"], to_offsets=[f"{busiest}:1"])
+    assert one.read == 1 and sum(one.selected.values()) + one.failed == 1
+    rng = _dry(settings, from_offsets=[f"{busiest}:1"])
+    assert rng.read == len(in_part) - 1
+    upto = _dry(settings, to_offsets=[f"{busiest}:1"])
+    assert upto.read == 2
+
+    # A real run: only what was asked is produced, with a replay id, straight to the routed topic.
+    res = sentpipe(settings, "replay", "--type", IN, "--tenant", "acme")
+    assert res.returncode == 0, res.stderr
+    routed = read_topic(settings.kafka_bootstrap, topics.message_inbound, at_least=2)
+    assert sorted(orjson.loads(rec.value)["id"] for rec in routed) == sorted(ids[b] for b in acme_early[:2])
+    assert all(rec.headers[r.H_TENANT] == b"acme" and r.H_REPLAY_ID in rec.headers for rec in routed)
+    for t in (topics.message_status, topics.template_approval, topics.unrouted, topics.dlq):
+        assert read_topic(settings.kafka_bootstrap, t, idle=0.5) == []
+
+    # Malformed records fail the run and land in the DLQ, stage replay, pointing at the raw record.
+    res = sentpipe(settings, "replay", "--type", ST, "--tenant", "default")
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: 1 record(s) failed")
+    dlq = read_topic(settings.kafka_bootstrap, topics.dlq, at_least=1)
+    assert len(dlq) == 1
+    h = dlq[0].headers
+    assert dlq[0].value == MALFORMED and dlq[0].key == ids[MALFORMED].encode()
+    assert (h[r.H_DLQ_STAGE], h[r.H_DLQ_ERROR_CLASS], h[r.H_DLQ_ATTEMPTS]) == (
+        b"replay",
+        b"missing_message_id",
+        b"1",
+    )
+    src = next(rec for rec in raw if rec.value == MALFORMED)
+    assert (h[r.H_DLQ_TOPIC], h[r.H_DLQ_PARTITION], h[r.H_DLQ_OFFSET]) == (
+        topics.raw.encode(),
+        str(src.partition).encode(),
+        str(src.offset).encode(),
+    )
+    assert len(read_topic(settings.kafka_bootstrap, topics.message_status, at_least=6)) == 6
