@@ -27,11 +27,10 @@ from processors.offsets import (
     parse_when,
     timestamp_ms,
 )
-from processors.replay import Progress, RunResult, Sender, carried_headers, new_run_id
+from processors.replay import Progress, RunResult, Sender, carried_headers, log_run, new_run_id
 from schemas import routing as r
 from schemas.events import CanonicalEvent, MalformedEvent
 from schemas.topics import Topics
-from sentpipe import metrics as m
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.dlq")
@@ -319,24 +318,7 @@ def redrive(
                 progress(done, total)
         if sender is not None:
             sender.finish()
-    if not dry_run:  # counted in this process: visible where its metrics are collected
-        for outcome, n in (
-            ("produced", result.produced),
-            ("skipped", result.skipped),
-            ("failed", result.failed),
-        ):
-            m.REPLAY_EVENTS.labels("redrive", outcome).inc(n)
-    log.info(
-        "redrive finished",
-        extra={
-            "redrive_id": result.run_id,
-            "read": result.read,
-            "redriven": result.produced,
-            "skipped": result.skipped,
-            "failed": result.failed,
-            "dry_run": dry_run,
-        },
-    )
+    log_run("redrive", result)
     return result
 
 

@@ -22,7 +22,6 @@ from processors.offsets import Log, OpsError, Range, Window, headers_of, timesta
 from schemas import routing as r
 from schemas.events import EventType, MalformedEvent
 from schemas.topics import Topics
-from sentpipe import metrics as m
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.replay")
@@ -211,24 +210,7 @@ def replay(
         run.finish()
     result = run.result
     result.missing_ids = sorted(flt.event_ids - run.seen_ids)
-    if not dry_run:  # counted in this process: visible where its metrics are collected
-        for outcome, n in (
-            ("produced", result.produced),
-            ("skipped", result.skipped),
-            ("failed", result.failed),
-        ):
-            m.REPLAY_EVENTS.labels("replay", outcome).inc(n)
-    log.info(
-        "replay finished",
-        extra={
-            "replay_id": result.run_id,
-            "read": result.read,
-            "replayed": result.produced,
-            "skipped": result.skipped,
-            "failed": result.failed,
-            "dry_run": dry_run,
-        },
-    )
+    log_run("replay", result)
     return result
 
 
@@ -341,3 +323,18 @@ def _ignore(_err: KafkaError | None) -> None:
 
 
 __all__ = ["Filter", "RunResult", "Sender", "decide", "parse_types", "replay"]
+
+
+def log_run(mode: Literal["replay", "redrive"], result: RunResult) -> None:
+    """One log line per replay or redrive; the worker's metrics count what it then applies."""
+    log.info(
+        f"{mode} finished",
+        extra={
+            f"{mode}_id": result.run_id,
+            "read": result.read,
+            "produced": result.produced,
+            "skipped": result.skipped,
+            "failed": result.failed,
+            "dry_run": result.dry_run,
+        },
+    )

@@ -78,5 +78,5 @@ CONSUMER_LAG = Gauge(
 
 # --- operations ----------------------------------------------------------------------------------------
 REPLAY_EVENTS = Counter(
-    "sentpipe_replay_events", "Events pushed through routing again by replay or redrive.", ["mode", "outcome"]
+    "sentpipe_replay_events", "Replayed or redriven records applied by the worker.", ["mode", "outcome"]
 )
