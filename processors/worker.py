@@ -25,7 +25,7 @@ from schemas import routing as r
 from schemas.events import ROUTED_TYPES, CanonicalEvent, EventType, MalformedEvent
 from schemas.topics import Topics
 from sentpipe import metrics as m
-from sentpipe.settings import Settings
+from sentpipe.settings import Settings, WorkerRole
 
 log = logging.getLogger("sentpipe.worker")
 
@@ -64,7 +64,17 @@ class Pipeline:
         self.handlers = handlers
         self._pool: AsyncConnectionPool | None = None
         self._pool_lock = asyncio.Lock()
-        self.seen = app.Table(
+        self._seen: Any = None
+
+    @property
+    def seen(self) -> Any:
+        """The dedup table (route role only)."""
+        assert self._seen is not None, "the dedup table exists in the route role only"
+        return self._seen
+
+    def create_table(self) -> None:
+        app, settings = self.app, self.s
+        self._seen = app.Table(
             DEDUP_TABLE,
             default=None,
             partitions=settings.raw_partitions,
@@ -284,14 +294,25 @@ def _init_metrics() -> None:
             m.REPLAY_EVENTS.labels(mode, outcome)
 
 
-def create_app(settings: Settings, handlers: HandlerRegistry = registry) -> faust.App:
+def app_id_for(settings: Settings, role: WorkerRole) -> str:
+    """The Faust app id (= consumer group). Projections get a group of their own when run apart."""
+    return f"{settings.app_id}-projections" if role == "project" else settings.app_id
+
+
+def create_app(
+    settings: Settings, handlers: HandlerRegistry = registry, role: WorkerRole | None = None
+) -> faust.App:
+    """The worker. Role `all` runs everything in one consumer; `route` and `project` split it in two
+    consumer groups, so projections keep up while the router works through a backlog."""
+    role = role or settings.worker_role
     topics = Topics(settings.topic_prefix)
     _init_metrics()
+    app_id = app_id_for(settings, role)
     app = faust.App(
-        settings.app_id,
+        app_id,
         broker=faust_broker(settings.kafka_bootstrap),
         store=settings.table_store,
-        datadir=str(_mkdirs(settings.data_dir) / settings.app_id),
+        datadir=str(_mkdirs(settings.data_dir) / app_id),
         processing_guarantee="at_least_once",
         topic_partitions=settings.raw_partitions,
         topic_replication_factor=settings.replication_factor,
@@ -310,6 +331,29 @@ def create_app(settings: Settings, handlers: HandlerRegistry = registry) -> faus
     app.sentpipe = pipeline  # type: ignore[attr-defined]
     batch, within = settings.batch_size, settings.batch_within_s
 
+    if role in ("all", "route"):
+        _route_agents(app, settings, pipeline, topics)
+    if role in ("all", "project"):
+        _project_agents(app, pipeline, topics, batch, within)
+
+    @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
+    async def consumer_lag() -> None:
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            try:
+                position = await consumer.position(tp)
+                highwater = consumer.highwater(tp)
+            except Exception:  # lag is best effort; an unassigned or resetting partition has none
+                continue
+            if position is not None and highwater is not None:
+                m.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+
+    return app
+
+
+def _route_agents(app: faust.App, settings: Settings, pipeline: Pipeline, topics: Topics) -> None:
+    pipeline.create_table()
+    batch, within = settings.batch_size, settings.batch_within_s
     raw = app.topic(topics.raw, key_type=bytes, value_type=bytes, partitions=settings.raw_partitions)
 
     @app.agent(raw, name="route")
@@ -319,6 +363,18 @@ def create_app(settings: Settings, handlers: HandlerRegistry = registry) -> faus
             for event in events:
                 await stream.ack(event)
 
+    @app.timer(interval=settings.dedup_sweep_interval_s)  # type: ignore[untyped-decorator]
+    async def sweep() -> None:
+        # Timers start before the table is restored from its changelog: a sweep of a half-recovered table
+        # would miss the keys still on their way (and report a size that is not true).
+        if not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
+            return
+        removed = await pipeline.sweep()
+        if removed:
+            log.info("dedup sweep", extra={"removed": removed, "kept": len(pipeline.seen)})
+
+
+def _project_agents(app: faust.App, pipeline: Pipeline, topics: Topics, batch: int, within: float) -> None:
     routed = {
         EventType.MESSAGE_STATUS: topics.message_status,
         EventType.MESSAGE_INBOUND: topics.message_inbound,
@@ -337,27 +393,3 @@ def create_app(settings: Settings, handlers: HandlerRegistry = registry) -> faus
             return project
 
         app.agent(topic, name=f"project-{type_.value}")(make(type_))
-
-    @app.timer(interval=settings.dedup_sweep_interval_s)  # type: ignore[untyped-decorator]
-    async def sweep() -> None:
-        # Timers start before the table is restored from its changelog: a sweep of a half-recovered table
-        # would miss the keys still on their way (and report a size that is not true).
-        if not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
-            return
-        removed = await pipeline.sweep()
-        if removed:
-            log.info("dedup sweep", extra={"removed": removed, "kept": len(pipeline.seen)})
-
-    @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
-    async def consumer_lag() -> None:
-        consumer = app.consumer
-        for tp in consumer.assignment():
-            try:
-                position = await consumer.position(tp)
-                highwater = consumer.highwater(tp)
-            except Exception:  # lag is best effort; an unassigned or resetting partition has none
-                continue
-            if position is not None and highwater is not None:
-                m.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
-
-    return app

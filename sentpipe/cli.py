@@ -65,7 +65,16 @@ def ingress(
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def worker(ctx: typer.Context) -> None:
+def worker(
+    ctx: typer.Context,
+    role: Annotated[
+        str | None,
+        typer.Option(
+            help="all (one process), route (dedup + routing) or project (projections + handlers) "
+            "[SENTPIPE_WORKER_ROLE]."
+        ),
+    ] = None,
+) -> None:
     """Run the stream processors (Faust worker); extra arguments go to Faust's worker command."""
     import prometheus_client
 
@@ -74,8 +83,13 @@ def worker(ctx: typer.Context) -> None:
     from sentpipe.logs import configure
 
     s = settings()
+    if role is not None:
+        if role not in ("all", "route", "project"):
+            fail(f"--role must be all, route or project, not {role!r}")
+        s = s.model_copy(update={"worker_role": role})
     configure(s.log_level, s.log_json)
-    check_copartitioning(s)
+    if s.worker_role != "project":
+        check_copartitioning(s)
     load_modules(s.handler_modules)
     prometheus_client.start_http_server(s.worker_metrics_port)
     faust_app = create_app(s)

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEVELOPMENT_SECRET = "whsec_c2VudHBpcGUtbG9jYWwtZGV2ZWxvcG1lbnQtb25seQ=="
 
 EventIdSource = Literal["auto", "body", "header", "content"]
+WorkerRole = Literal["all", "route", "project"]
 
 
 class Settings(BaseSettings):
@@ -50,6 +51,7 @@ class Settings(BaseSettings):
 
     # worker
     app_id: str = "sentpipe"
+    worker_role: WorkerRole = "all"
     worker_web_port: int = 6066
     worker_metrics_port: int = 9101
     table_store: str = "memory://"

@@ -204,3 +204,32 @@ def test_poison_event_goes_to_dlq_with_headers_and_the_rest_flows(
         calls = {row[0] for row in c.execute("SELECT event_id FROM handler_calls").fetchall()}
     # The handler's own writes for the poisoned event were rolled back with its savepoint.
     assert poison_id not in calls and len(calls) == 29
+
+
+def test_route_and_project_roles_in_separate_processes_match_the_oracle(
+    settings: Settings, tmp_path: Path
+) -> None:
+    db = settings.database_url.get_secret_value()
+    unique, to_send = deliveries(600, 0.3, seed=12)
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    router = start_worker(settings, tmp_path, worker_role="route")
+    projector = start_worker(settings, tmp_path, worker_role="project")
+    try:
+        statuses = asyncio.run(
+            post_all(f"{url}/webhooks/sent", to_send, settings.webhook_secret.get_secret_value())
+        )
+        assert statuses.count(200) == len(to_send)
+        wait_until(
+            lambda: row_count(db) >= len(unique), 120, "all unique events projected", projector.proc.tail
+        )
+        assert_matches_oracle(db, unique)
+        r_metrics, p_metrics = scrape(router.metrics_port), scrape(projector.metrics_port)
+        assert metric_sum(r_metrics, "sentpipe_duplicates_dropped_total") == len(to_send) - len(unique)
+        # Each role does only its own part.
+        assert metric_sum(r_metrics, "sentpipe_events_processed_total") == 0
+        assert metric_sum(p_metrics, "sentpipe_events_routed_total") == 0
+        assert metric_sum(p_metrics, "sentpipe_events_processed_total") >= len(unique)
+    finally:
+        projector.stop()
+        router.stop()
+        ingress.stop()
