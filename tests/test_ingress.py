@@ -147,3 +147,26 @@ async def test_tenants_and_rotation_from_the_secrets_file(services, db_url, uniq
         await server.close()
     recs = read_topic(s.kafka_bootstrap, Topics(s.topic_prefix).raw, at_least=3)
     assert sorted(rec.headers[r.H_TENANT] for rec in recs) == [b"acme", b"acme", b"default"]
+
+
+async def test_full_local_queue_answers_503_at_once_instead_of_piling_up() -> None:
+    # An unreachable broker and room for one record: the first request waits for its (failing) delivery,
+    # the second finds the queue full and is turned away without waiting.
+    s = Settings(kafka_bootstrap="127.0.0.1:1", producer_max_in_flight=1, produce_timeout_s=3)
+    server = TestServer(create_app(s, producer_for(s)), host="127.0.0.1")
+    await server.start_server()
+    try:
+        url = f"http://127.0.0.1:{server.port}/webhooks/sent"
+        f = SampleFactory(8)
+        first, second = f.inbound().body, f.inbound().body
+        import asyncio
+
+        waiting = asyncio.create_task(post(url, first, signed(first)))
+        await asyncio.sleep(0.2)  # let the first record take the only slot
+        status, body, headers = await post(url, second, signed(second))
+        assert (status, body["error"]) == (503, "broker_unavailable") and headers.get("Retry-After")
+        assert "local_queue_full" in str(body["detail"])
+        status, body, _ = await waiting
+        assert status == 503 and "local_queue_full" not in str(body["detail"])
+    finally:
+        await server.close()
