@@ -118,14 +118,15 @@ class RawWriter:
     def send(self, sample: Sample) -> None:
         webhook_id = f"msg_{uuid.uuid4().hex}"
         framed = frame(sample.body, webhook_id=webhook_id)
-        headers: list[tuple[str, str | bytes | None]] = [
-            (r.H_TENANT, b"default"),
-            (r.H_RECEIVED_AT, str(int(time.time() * 1000)).encode()),
-            (r.H_WEBHOOK_ID, webhook_id.encode()),
-            (r.H_SIGNATURE_VERIFIED, b"true"),
-            (r.H_REQUEST_ID, uuid.uuid4().hex.encode()),
-            (r.H_TYPE, framed.type.value.encode()),
-        ]
+        headers: list[tuple[str, str | bytes | None]] = list(
+            r.raw_headers(
+                tenant="default",
+                received_at_ms=int(time.time() * 1000),
+                webhook_id=webhook_id,
+                request_id=uuid.uuid4().hex,
+                event_type=framed.type.value,
+            )
+        )
         while True:
             try:
                 self.producer.produce(

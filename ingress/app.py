@@ -114,20 +114,19 @@ class WebhookHandler:
         m.INGRESS_BODY_BYTES.observe(len(body))
 
         received_ms = int(time.time() * 1000)
-        headers = [
-            (r.H_TENANT, tenant.encode()),
-            (r.H_RECEIVED_AT, str(received_ms).encode()),
-            (r.H_WEBHOOK_ID, verified.webhook_id.encode()),
-            (r.H_SIGNATURE_VERIFIED, b"true"),
-            (r.H_REQUEST_ID, request_id.encode()),
-        ]
         try:
             framed = frame(body, webhook_id=verified.webhook_id, id_source=self.s.event_id_source)
         except MalformedEvent as exc:
             # Signed but unusable: a permanent failure. Keep it in the DLQ and answer 2xx so Sent stops.
             key = uuid.uuid4().hex.encode()
             dlq_headers = [
-                *headers,
+                *r.raw_headers(
+                    tenant=tenant,
+                    received_at_ms=received_ms,
+                    webhook_id=verified.webhook_id,
+                    request_id=request_id,
+                    event_type=None,
+                ),
                 *r.dlq_headers(stage="ingress", error_class=exc.reason, message=exc.detail),
             ]
             try:
@@ -140,7 +139,13 @@ class WebhookHandler:
                 {"status": "accepted", "outcome": "dead_lettered", "reason": exc.reason}
             )
 
-        headers.append((r.H_TYPE, framed.type.value.encode()))
+        headers = r.raw_headers(
+            tenant=tenant,
+            received_at_ms=received_ms,
+            webhook_id=verified.webhook_id,
+            request_id=request_id,
+            event_type=framed.type.value,
+        )
         try:
             msg = await self._produce(self.topics.raw, framed.event_id.encode(), body, headers)
         except ProduceRejected as rej:

@@ -42,6 +42,22 @@ H_DLQ_KEYS = (
 HeaderList = list[tuple[str, bytes]]
 
 
+def raw_headers(
+    *, tenant: str, received_at_ms: int, webhook_id: str, request_id: str, event_type: str | None
+) -> HeaderList:
+    """The headers of a raw record (DESIGN "Raw record"); the type is absent for a malformed body."""
+    out: HeaderList = [
+        (H_TENANT, tenant.encode()),
+        (H_RECEIVED_AT, str(received_at_ms).encode()),
+        (H_WEBHOOK_ID, webhook_id.encode()),
+        (H_SIGNATURE_VERIFIED, b"true"),
+        (H_REQUEST_ID, request_id.encode()),
+    ]
+    if event_type is not None:
+        out.append((H_TYPE, event_type.encode()))
+    return out
+
+
 def dlq_headers(
     *,
     stage: str,
@@ -119,4 +135,13 @@ def route(
     return Routed(topic, f"{tenant}/{event.subject}".encode(), event.to_json(), event)
 
 
-__all__ = ["H_TENANT", "HeaderList", "MalformedEvent", "Routed", "dlq_headers", "header_map", "route"]
+__all__ = [
+    "H_TENANT",
+    "HeaderList",
+    "MalformedEvent",
+    "Routed",
+    "dlq_headers",
+    "header_map",
+    "raw_headers",
+    "route",
+]
