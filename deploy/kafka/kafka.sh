@@ -42,6 +42,29 @@ sys.exit(0 if md.brokers else 1)
 PY
 }
 
+accepts_writes() {
+  # Answering metadata is not enough: right after start the broker may still be loading its coordinators
+  # and refuse producer ids ("coordinator load in progress"). An idempotent acks=all write proves it is ready.
+  "$python" - "$port" <<'PY' >/dev/null 2>&1
+import sys
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+bootstrap = f"127.0.0.1:{sys.argv[1]}"
+admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+if "sentpipe-launcher-probe" not in admin.list_topics(timeout=5).topics:
+    for f in admin.create_topics([NewTopic("sentpipe-launcher-probe", 1, 1)]).values():
+        try:
+            f.result(10)
+        except Exception:
+            pass
+p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
+              "message.timeout.ms": 5000, "log_level": 0})
+failed = []
+p.produce("sentpipe-launcher-probe", b"ready", on_delivery=lambda err, msg: err and failed.append(err))
+sys.exit(1 if p.flush(10) or failed else 0)
+PY
+}
+
 write_config() {
   mkdir -p "$data" "$logs"
   cat >"$home/server.properties" <<PROPS
@@ -89,7 +112,7 @@ start() {
     -cp "$(classpath)" kafka.Kafka "$home/server.properties" >"$logs/stdout.log" 2>&1 &
   echo $! >"$pidfile"
   for _ in $(seq 1 120); do
-    if answers; then echo "kafka.sh: Kafka is up on 127.0.0.1:$port (pid $(cat "$pidfile"))"; return; fi
+    if answers && accepts_writes; then echo "kafka.sh: Kafka is up on 127.0.0.1:$port (pid $(cat "$pidfile"))"; return; fi
     running || die "the broker exited during start-up: $(tail -n5 "$logs/stdout.log" "$logs/server.log" 2>/dev/null | grep -E 'ERROR|Exception' | tail -n2)"
     sleep 0.5
   done
