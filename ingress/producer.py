@@ -1,16 +1,16 @@
 """An asyncio face for confluent-kafka's producer: delivery reports resolve futures on the loop.
 
-librdkafka does the batching and retries in its own threads; one small thread here serves delivery
-callbacks (poll) so the event loop never blocks on the client.
+librdkafka does the batching, network and retries in its own threads. Delivery reports are served by
+non-blocking poll(0) calls on the event loop itself, ticking every millisecond while records are in
+flight: callbacks then settle futures directly, with no extra Python thread contending for the GIL
+and no cross-thread wake-up per acknowledgement.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -18,6 +18,8 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 log = logging.getLogger("sentpipe.producer")
+
+TICK_S = 0.001  # how often delivery reports are served while records are in flight
 
 
 class ProduceRejected(Exception):
@@ -61,35 +63,30 @@ class AsyncProducer:
         self._config = dict(config)
         self._producer = Producer({**self._config, "error_cb": self._on_error, "logger": log})
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._last_error: KafkaError | None = None
         self._ready_checked_at = 0.0
         self._ready = False
-        # Delivery reports collected by librdkafka's callbacks, handed to the loop once per poll():
-        # one cross-thread wake-up for a whole batch of acknowledgements instead of one per record.
-        self._reports: deque[tuple[asyncio.Future[Message], KafkaError | None, Message]] = deque()
+        self._in_flight = 0
+        self._ticking = False
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._poll_forever, name="kafka-producer-poll", daemon=True)
-        self._thread.start()
 
-    def _poll_forever(self) -> None:
-        while not self._stop.is_set():
-            self._producer.poll(0.05)
-            self._hand_over()
-
-    def _hand_over(self) -> None:
-        if not self._reports or self._loop is None:
-            return
-        batch = []
-        while self._reports:
-            batch.append(self._reports.popleft())
-        self._loop.call_soon_threadsafe(_settle_all, batch)
+    def _tick(self) -> None:
+        self._producer.poll(0)  # serves delivery reports (and error_cb) right here, on the loop
+        if self._in_flight > 0 and self._loop is not None:
+            self._loop.call_later(TICK_S, self._tick)
+        else:
+            self._ticking = False
 
     def _on_delivery(self, fut: asyncio.Future[Message], err: KafkaError | None, msg: Message) -> None:
-        self._reports.append((fut, err, msg))
+        self._in_flight -= 1
+        if fut.done():  # the guard in send() gave up on it already
+            return
+        if err is not None:
+            fut.set_exception(ProduceRejected(err.name().lower()))
+        else:
+            fut.set_result(msg)
 
     def _on_error(self, err: KafkaError) -> None:
         self._last_error = err
@@ -111,6 +108,10 @@ class AsyncProducer:
             raise ProduceRejected("local_queue_full") from None
         except KafkaException as exc:
             raise ProduceRejected(exc.args[0].name().lower() if exc.args else "produce_error") from None
+        self._in_flight += 1
+        if not self._ticking:
+            self._ticking = True
+            loop.call_later(TICK_S, self._tick)
         return fut
 
     async def send(
@@ -142,24 +143,14 @@ class AsyncProducer:
         return len(self._producer)
 
     async def close(self, timeout: float = 10.0) -> None:
-        """Flush what is queued (graceful shutdown), then stop the poll thread."""
-        remaining = await asyncio.to_thread(self._producer.flush, timeout)
-        self._hand_over()  # reports served by flush() in its own thread
-        if remaining:
-            log.warning("producer closed with %d undelivered records", remaining)
-        self._stop.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 2.0)
-
-
-def _settle_all(batch: list[tuple[asyncio.Future[Message], KafkaError | None, Message]]) -> None:
-    for fut, err, msg in batch:
-        if fut.done():
-            continue
-        if err is not None:
-            fut.set_exception(ProduceRejected(err.name().lower()))
-        else:
-            fut.set_result(msg)
+        """Deliver what is queued (graceful shutdown), serving reports on the loop as it goes."""
+        deadline = time.monotonic() + timeout
+        while len(self._producer) > 0 and time.monotonic() < deadline:
+            self._producer.poll(0)
+            await asyncio.sleep(TICK_S)
+        self._producer.poll(0)
+        if len(self._producer):
+            log.warning("producer closed with %d undelivered records", len(self._producer))
 
 
 def _expire(fut: asyncio.Future[Message]) -> None:
