@@ -141,7 +141,8 @@ value_args() {  # NAME -> sets the array `args`
     # Every optional branch at once, so that templates behind flags are validated too.
     all-options) args=(--set worker.rocksdb.enabled=true --set "secrets.tenants.acme[0]=not-a-real-secret"
       --set ingress.autoscaling.enabled=true --set ingress.autoscaling.requestsPerSecond.enabled=true
-      --set ingress.expose.enabled=true --set serviceMonitor.enabled=true --set "worker.handlerModules[0]=handlers") ;;
+      --set ingress.expose.enabled=true --set serviceMonitor.enabled=true --set "worker.handlerModules[0]=handlers"
+      --set worker.split.enabled=true --set worker.split.projector.resources.requests.cpu=100m) ;;
   esac
 }
 for name in default production all-options; do
@@ -165,6 +166,13 @@ if "$helm" template sentpipe "$chart" --kube-version "${KUBE_VERSIONS[-1]}" --se
 fi
 grep -q "exceeds kafka.rawPartitions" "$work/out" || { cat "$work/out" >&2; die "unexpected error for worker.replicas=13"; }
 printf '    ok  %s\n' "worker.replicas > kafka.rawPartitions is refused"
+if "$helm" template sentpipe "$chart" --kube-version "${KUBE_VERSIONS[-1]}" --set worker.split.enabled=true \
+  --set worker.split.projector.replicas=13 >"$work/out" 2>&1; then
+  die "helm template accepted worker.split.projector.replicas above kafka.routedPartitions"
+fi
+grep -q "worker.split.projector.replicas (13) exceeds kafka.routedPartitions" "$work/out" \
+  || { cat "$work/out" >&2; die "unexpected error for worker.split.projector.replicas=13"; }
+printf '    ok  %s\n' "worker.split.projector.replicas > kafka.routedPartitions is refused"
 
 # --- Prometheus ----------------------------------------------------------------------------------------
 say "Prometheus rules and config"

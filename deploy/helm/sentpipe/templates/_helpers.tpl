@@ -92,3 +92,40 @@ true
   emptyDir:
     sizeLimit: 64Mi
 {{- end -}}
+
+{{/*
+The worker workloads, as a JSON list (read it with fromJsonArray). One, `worker` (SENTPIPE_WORKER_ROLE=all),
+or with worker.split.enabled two: `router` (route: dedup table + routing) and `projector` (project:
+projections + handlers). Per entry: name (the name suffix and the component label), role, replicas and
+the partition count bounding them (with the value names for the error), table (holds the dedup table, so
+worker.rocksdb applies), projects (talks to PostgreSQL and runs handlers), resources.
+*/}}
+{{- define "sentpipe.workers" -}}
+{{- $w := .Values.worker -}}
+{{- $kafka := .Values.kafka -}}
+{{- $workers := list -}}
+{{- if $w.split.enabled -}}
+{{- $p := $w.split.projector -}}
+{{- $workers = list
+  (dict "name" "router" "role" "route" "table" true "projects" false "resources" $w.resources
+    "replicas" $w.replicas "replicasKey" "worker.replicas"
+    "partitions" $kafka.rawPartitions "partitionsKey" "kafka.rawPartitions"
+    "why" "the extra routers would get no partitions")
+  (dict "name" "projector" "role" "project" "table" false "projects" true "resources" (default $w.resources $p.resources)
+    "replicas" $p.replicas "replicasKey" "worker.split.projector.replicas"
+    "partitions" $kafka.routedPartitions "partitionsKey" "kafka.routedPartitions"
+    "why" "the extra projectors would get no partitions") -}}
+{{- else -}}
+{{- $workers = list
+  (dict "name" "worker" "role" "all" "table" true "projects" true "resources" $w.resources
+    "replicas" $w.replicas "replicasKey" "worker.replicas"
+    "partitions" $kafka.rawPartitions "partitionsKey" "kafka.rawPartitions"
+    "why" "the extra workers would get no partitions") -}}
+{{- end -}}
+{{- range $workers -}}
+{{- if gt (int .replicas) (int .partitions) -}}
+{{- fail (printf "%s (%d) exceeds %s (%d): %s" .replicasKey (int .replicas) .partitionsKey (int .partitions) .why) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $workers -}}
+{{- end -}}
