@@ -36,6 +36,14 @@ def test_sweep_bounds_the_table_and_tombstones_survive_a_restart(
         wait_until(lambda: row_count(db) >= N, 60, "events projected", worker.proc.tail)
         wait_until(lambda: _keys(worker.metrics_port) == N, 30, "table holds every id", worker.proc.tail)
         worker.stop()
+        # Batched table writes must land where the raw records are: each id's changelog partition is its
+        # raw partition (else a rebalance would hand a worker ids it never saw and miss its own).
+        raw_at = {
+            rec.key: rec.partition for rec in read_topic(settings.kafka_bootstrap, topics.raw, at_least=N)
+        }
+        marks = read_topic(settings.kafka_bootstrap, f"{settings.app_id}-dedup-changelog", at_least=N)
+        assert len(set(raw_at.values())) > 1  # the check means something only across partitions
+        assert {rec.key: rec.partition for rec in marks} == raw_at
 
         # A short window: the sweep deletes every id, writing a tombstone per key to the changelog.
         worker = start_worker(settings, tmp_path, dedup_window_s=1, dedup_sweep_interval_s=0.5)
