@@ -6,12 +6,14 @@ A test that needs a service fails (never skips) when the service cannot be had.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from urllib.parse import quote
 
 import psycopg
 import pytest
+from aiohttp.test_utils import TestServer
 
+from ingress.app import create_app, producer_for
 from processors.migrate import migrate
 from processors.topics import ensure_topics
 from schemas.topics import Topics
@@ -69,3 +71,12 @@ def settings(services: Services, db_url: str, unique: str) -> Settings:
 @pytest.fixture
 def topics(settings: Settings) -> Topics:
     return Topics(settings.topic_prefix)
+
+
+@pytest.fixture
+async def ingress(settings: Settings) -> AsyncIterator[str]:
+    """The ingress app in this process on a free port, for this test's settings; yields its base URL."""
+    server = TestServer(create_app(settings, producer_for(settings)), host="127.0.0.1")
+    await server.start_server()
+    yield f"http://127.0.0.1:{server.port}"
+    await server.close()

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import orjson
-import pytest
 from aiohttp.test_utils import TestServer
 
 from ingress.app import create_app, producer_for
@@ -19,14 +18,6 @@ from sentpipe.settings import Settings
 from tests.kafka_tools import read_topic
 
 SECRET = Settings().webhook_secret.get_secret_value()
-
-
-@pytest.fixture
-async def ingress(settings: Settings) -> AsyncIterator[str]:
-    server = TestServer(create_app(settings, producer_for(settings)), host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}"
-    await server.close()
 
 
 def signed(
@@ -119,21 +110,11 @@ async def test_signed_but_malformed_body_goes_to_dlq_with_200(
     assert read_topic(settings.kafka_bootstrap, topics.raw, idle=0.5) == []
 
 
-async def test_tenants_and_rotation_from_the_secrets_file(services, db_url, unique, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_tenants_and_rotation_from_the_secrets_file(settings: Settings, tmp_path: Path) -> None:
     secrets = tmp_path / "secrets.json"
     old, new = "whsec_" + "b2xk" * 8, "whsec_" + "bmV3" * 8
     secrets.write_bytes(orjson.dumps({"acme": [old, new]}))
-    s = Settings(
-        kafka_bootstrap=services.kafka_bootstrap,
-        database_url=db_url,
-        topic_prefix=f"t{unique}.",
-        raw_partitions=2,
-        routed_partitions=2,
-        secrets_file=secrets,
-    )
-    from processors.topics import ensure_topics
-
-    ensure_topics(s)
+    s = settings.model_copy(update={"secrets_file": secrets})
     server = TestServer(create_app(s, producer_for(s)), host="127.0.0.1")
     await server.start_server()
     try:

@@ -21,7 +21,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from ingress.app import create_app, producer_for
 from schemas.events import ROUTED_TYPES, EventType
 from schemas.samples import Sample, SampleFactory
 from schemas.signature import Reason, SignatureError, Verifier
@@ -356,20 +355,17 @@ async def test_rate_paces_first_attempts(stub: Stub) -> None:
 
 
 @pytest.fixture
-async def ingress(settings: Settings) -> AsyncIterator[str]:
-    server = TestServer(create_app(settings, producer_for(settings)), host="127.0.0.1")
-    await server.start_server()
-    yield f"http://127.0.0.1:{server.port}/webhooks/sent"
-    await server.close()
+def webhook_url(ingress: str) -> str:
+    return f"{ingress}/webhooks/sent"
 
 
 @pytest.mark.service
 async def test_events_are_accepted_and_land_on_the_raw_topic_with_their_duplicates(
-    ingress: str, settings: Settings, topics: Topics
+    webhook_url: str, settings: Settings, topics: Topics
 ) -> None:
     _, deliveries = _plan(60, seed=3, duplicates=0.2, shuffle=True)
     outcomes: list[Outcome] = []
-    stats = await deliver(ingress, deliveries, SECRET, schedule=(0.05, 0.1), on_outcome=outcomes.append)
+    stats = await deliver(webhook_url, deliveries, SECRET, schedule=(0.05, 0.1), on_outcome=outcomes.append)
     assert {o.final.status for o in outcomes} == {200}
     assert stats.accepted == len(deliveries) == 60 + 12
     assert stats.duplicates == 12
@@ -379,11 +375,11 @@ async def test_events_are_accepted_and_land_on_the_raw_topic_with_their_duplicat
 
 
 @pytest.mark.service
-async def test_tenant_paths_reach_the_tenant_or_answer_404(ingress: str) -> None:
+async def test_tenant_paths_reach_the_tenant_or_answer_404(webhook_url: str) -> None:
     _, deliveries = _plan(2)
-    ok = await deliver(f"{ingress}/{Settings().default_tenant}", deliveries[:1], SECRET, schedule=(0.01,))
+    ok = await deliver(f"{webhook_url}/{Settings().default_tenant}", deliveries[:1], SECRET, schedule=(0.01,))
     assert ok.accepted == 1
-    missing = await deliver(f"{ingress}/no-such-tenant", deliveries[1:2], SECRET, schedule=(0.01,))
+    missing = await deliver(f"{webhook_url}/no-such-tenant", deliveries[1:2], SECRET, schedule=(0.01,))
     assert missing.rejected == Counter({"404": 1}) and missing.retried == 0
 
 
@@ -393,12 +389,12 @@ async def test_tenant_paths_reach_the_tenant_or_answer_404(ingress: str) -> None
     [(SigningMode.BAD_SIGNATURE, "invalid_signature"), (SigningMode.STALE, "stale_timestamp")],
 )
 async def test_negative_modes_are_rejected_by_the_ingress_and_store_nothing(
-    ingress: str, settings: Settings, topics: Topics, mode: SigningMode, reason: str
+    webhook_url: str, settings: Settings, topics: Topics, mode: SigningMode, reason: str
 ) -> None:
     _, deliveries = _plan(5)
     outcomes: list[Outcome] = []
     stats = await deliver(
-        ingress, deliveries, SECRET, schedule=(0.01,), mode=mode, on_outcome=outcomes.append
+        webhook_url, deliveries, SECRET, schedule=(0.01,), mode=mode, on_outcome=outcomes.append
     )
     assert stats.accepted == 0 and stats.retried == 0
     assert stats.rejected == Counter({"401": 5})
@@ -449,9 +445,11 @@ def one_line_error(ran: Ran) -> str:
 
 
 @pytest.mark.service
-async def test_send_command_delivers_to_the_ingress(ingress: str, settings: Settings, topics: Topics) -> None:
+async def test_send_command_delivers_to_the_ingress(
+    webhook_url: str, settings: Settings, topics: Topics
+) -> None:
     args = ["--count", "20", "--duplicates", "0.25", "--shuffle", "--shape", "mixed", "--seed", "4"]
-    ran = await cli("send", ingress, *args, "--retry-schedule", "0.05")
+    ran = await cli("send", webhook_url, *args, "--retry-schedule", "0.05")
     assert ran.returncode == 0, ran
     assert (row(ran.stdout, "events"), row(ran.stdout, "sent"), row(ran.stdout, "accepted")) == (
         "20",
@@ -464,15 +462,15 @@ async def test_send_command_delivers_to_the_ingress(ingress: str, settings: Sett
 
 
 @pytest.mark.service
-async def test_send_command_negative_mode_succeeds_when_everything_is_rejected(ingress: str) -> None:
-    ran = await cli("send", ingress, "--count", "5", "--bad-signature")
+async def test_send_command_negative_mode_succeeds_when_everything_is_rejected(webhook_url: str) -> None:
+    ran = await cli("send", webhook_url, "--count", "5", "--bad-signature")
     assert ran.returncode == 0, ran
     assert row(ran.stdout, "rejected 401") == "5"
 
 
 @pytest.mark.service
-async def test_trigger_prints_the_event_and_the_answer(ingress: str) -> None:
-    ran = await cli("trigger", "message.inbound.received", ingress, "--shape", "guide")
+async def test_trigger_prints_the_event_and_the_answer(webhook_url: str) -> None:
+    ran = await cli("trigger", "message.inbound.received", webhook_url, "--shape", "guide")
     assert ran.returncode == 0, ran
     event_json, answer = ran.stdout.split("POST ", 1)
     assert orjson.loads(event_json)["event"]["type"] == "message.inbound.received"
