@@ -104,7 +104,7 @@ def schema_url(base_url: str, schema: str) -> str:
 
 def create_schema(base_url: str, schema: str) -> str:
     """A fresh schema with the migrations applied; returns a URL whose search_path is that schema."""
-    from processors.migrate import migrate
+    from sentpipe.processors.migrate import migrate
 
     with psycopg.connect(base_url, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"'.encode())

@@ -36,8 +36,8 @@ from bench.common import (
 )
 from bench.loadgen import LoadGenerator, LoadResult, PyClient, Wrk, ensure_wrk, signed_pool
 from bench.ui import BenchResult, Row, Ui
-from processors.topics import ensure_topics
-from schemas.topics import Topics
+from sentpipe.processors.topics import ensure_topics
+from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 
 BENCH_SECRET = "whsec_YmVuY2gtb25seS1zZWNyZXQtbm90LWZvci1yZWFsLXRyYWZmaWM="

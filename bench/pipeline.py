@@ -47,12 +47,12 @@ from bench.common import (
     to_buckets,
 )
 from bench.ui import BenchResult, Row, Ui
-from ingress.producer import producer_config
-from processors.topics import ensure_topics
-from schemas import routing as r
-from schemas.events import frame
-from schemas.samples import Sample, SampleFactory
-from schemas.topics import Topics
+from sentpipe.kafka import producer_config
+from sentpipe.processors.topics import ensure_topics
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.events import frame
+from sentpipe.schemas.samples import Sample, SampleFactory
+from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 
 LAG = "sentpipe_end_to_end_lag_seconds"
@@ -108,7 +108,8 @@ class RawWriter:
 
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.topic = topic
-        self.producer = Producer({**producer_config(bootstrap), "log_level": 3})
+        settings = Settings(kafka_bootstrap=bootstrap)
+        self.producer = Producer({**producer_config(settings), "log_level": 3})
         self.failed = 0
 
     def _done(self, err: object, msg: object) -> None:

@@ -22,10 +22,10 @@ import orjson
 import psycopg
 from confluent_kafka import Consumer, KafkaError, Message
 
-from processors.projections import PROJECTIONS
-from schemas.events import CanonicalEvent, EventType, MalformedEvent
-from schemas.routing import header_map, route
-from schemas.topics import Topics
+from sentpipe.processors.projections import PROJECTIONS
+from sentpipe.schemas.events import CanonicalEvent, EventType, MalformedEvent
+from sentpipe.schemas.routing import header_map, route
+from sentpipe.schemas.topics import Topics
 
 
 def _headers(msg: Message) -> list[tuple[str, bytes | None]]:

@@ -6,29 +6,26 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from importlib import resources
 from typing import Any
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ingress.producer import AsyncProducer, ProduceRejected
-from schemas import routing as r
-from schemas.events import MalformedEvent, frame
-from schemas.signature import SignatureError, Verifier
-from schemas.topics import Topics
 from sentpipe import metrics as m
+from sentpipe.kafka import AsyncProducer, Delivered, ProduceRejected
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.events import MalformedEvent, frame
+from sentpipe.schemas.signature import SignatureError, Verifier
+from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.ingress")
 
-SETTINGS = web.AppKey("settings", Settings)
 PRODUCER = web.AppKey("producer", AsyncProducer)
-VERIFIERS = web.AppKey("verifiers", dict[str, Verifier])
-TOPICS = web.AppKey("topics", Topics)
 
-OPENAPI_PATH = Path(__file__).resolve().parent.parent / "schemas" / "ingress.openapi.json"
+OPENAPI = resources.files("sentpipe.schemas") / "ingress.openapi.json"
 RETRY_AFTER_S = "5"
 
 
@@ -156,7 +153,7 @@ class WebhookHandler:
                 **ctx,
                 "event_id": framed.event_id,
                 "type": framed.type.value,
-                "partition": msg.partition(),
+                "partition": msg.partition,
             },
         )
         return "accepted", web.Response(
@@ -164,9 +161,11 @@ class WebhookHandler:
             content_type="application/json",
         )
 
-    async def _produce(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> Any:
+    async def _produce(
+        self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> Delivered:
         t0 = time.perf_counter()
-        msg = await self.producer.send(topic, key, value, headers, timeout=self.s.produce_timeout_s)
+        msg = await self.producer.send_and_wait(topic, key, value, headers, timeout=self.s.produce_timeout_s)
         m.INGRESS_PRODUCE_SECONDS.observe(time.perf_counter() - t0)
         return msg
 
@@ -191,7 +190,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.Response(body=OPENAPI_PATH.read_bytes(), content_type="application/json")
+    return web.Response(body=OPENAPI.read_bytes(), content_type="application/json")
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
@@ -201,9 +200,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
 def create_app(settings: Settings, producer: AsyncProducer) -> web.Application:
     """The ingress app; the producer is started and flushed with the app."""
     app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_bytes)
-    app[SETTINGS] = settings
     app[PRODUCER] = producer
-    app[VERIFIERS] = {
+    verifiers = {
         tenant: Verifier(secrets, settings.signature_tolerance_s)
         for tenant, secrets in settings.tenant_secrets().items()
     }
@@ -214,7 +212,7 @@ def create_app(settings: Settings, producer: AsyncProducer) -> web.Application:
         await producer.close(timeout=settings.produce_timeout_s * 2)
 
     app.cleanup_ctx.append(producer_ctx)
-    handler = WebhookHandler(settings, producer, app[VERIFIERS])
+    handler = WebhookHandler(settings, producer, verifiers)
     app.router.add_post("/webhooks/sent", handler.handle)
     app.router.add_post("/webhooks/sent/{tenant}", handler.handle)
     app.router.add_get("/healthz", healthz)
@@ -230,14 +228,4 @@ def create_metrics_app() -> web.Application:
 
 
 def producer_for(settings: Settings) -> AsyncProducer:
-    from ingress.producer import producer_config
-
-    return AsyncProducer(
-        producer_config(
-            settings.kafka_bootstrap,
-            linger_ms=settings.producer_linger_ms,
-            compression=settings.producer_compression,
-            max_in_flight=settings.producer_max_in_flight,
-            delivery_timeout_s=settings.produce_timeout_s,
-        )
-    )
+    return AsyncProducer.from_settings(settings)

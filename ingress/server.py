@@ -8,7 +8,7 @@ import signal
 
 from aiohttp import web
 
-from ingress.app import create_app, create_metrics_app, producer_for
+from sentpipe.ingress.app import create_app, create_metrics_app, producer_for
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.ingress")

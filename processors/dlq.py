@@ -17,7 +17,8 @@ from typing import Literal
 
 from confluent_kafka import KafkaError, Message
 
-from processors.offsets import (
+from sentpipe.kafka import Producer
+from sentpipe.processors.offsets import (
     Log,
     OpsError,
     PartitionOffset,
@@ -27,10 +28,10 @@ from processors.offsets import (
     parse_when,
     timestamp_ms,
 )
-from processors.replay import Progress, RunResult, Sender, carried_headers, log_run, new_run_id
-from schemas import routing as r
-from schemas.events import CanonicalEvent, MalformedEvent
-from schemas.topics import Topics
+from sentpipe.processors.replay import Progress, RunResult, carried_headers, log_run, new_run_id, ops_producer
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.events import CanonicalEvent, MalformedEvent
+from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.dlq")
@@ -211,7 +212,7 @@ def list_entries(
     if limit < 1:
         raise OpsError("--limit must be at least 1")
     dlq = Topics(settings.topic_prefix).dlq
-    with Log(settings.kafka_bootstrap, timeout) as kafka:
+    with Log(settings, timeout) as kafka:
         marks = kafka.watermarks(dlq, range(kafka.partition_count(dlq)))
         newest: deque[DlqEntry] = deque(maxlen=limit)
         matched = 0
@@ -226,7 +227,7 @@ def list_entries(
 def show_entry(settings: Settings, entry_id: str, *, timeout: float = 10.0) -> DlqEntry:
     want = parse_entry_id(entry_id)
     dlq = Topics(settings.topic_prefix).dlq
-    with Log(settings.kafka_bootstrap, timeout) as kafka:
+    with Log(settings, timeout) as kafka:
         for msg in kafka.read(_ranges(kafka, dlq, DlqSelection(ids=frozenset({want})))):
             if msg.offset() == want.offset:
                 return DlqEntry.from_message(msg)
@@ -297,14 +298,14 @@ def redrive(
     """One pass over the DLQ as it is now; records it dead-letters again land after the end and wait."""
     topics = Topics(settings.topic_prefix)
     result = RunResult(new_run_id(), dry_run)
-    with Log(settings.kafka_bootstrap, timeout) as kafka:
+    with Log(settings, timeout) as kafka:
         ranges = _ranges(kafka, topics.dlq, sel)
         total = sum(x.size for x in ranges)
         log.info(
             "redrive started",
             extra={"redrive_id": result.run_id, "records": total, "dry_run": dry_run},
         )
-        sender = None if dry_run else Sender(settings)
+        sender = None if dry_run else ops_producer(settings)
         if progress is not None:
             progress(0, total)
         for done, msg in enumerate(kafka.read(ranges), 1):
@@ -317,12 +318,12 @@ def redrive(
             if progress is not None and (done % 500 == 0 or done == total):
                 progress(done, total)
         if sender is not None:
-            sender.finish()
+            sender.flush()
     log_run("redrive", result)
     return result
 
 
-def _redrive_one(e: DlqEntry, step: RedriveStep, sender: Sender | None, result: RunResult) -> None:
+def _redrive_one(e: DlqEntry, step: RedriveStep, sender: Producer | None, result: RunResult) -> None:
     ctx = {"redrive_id": result.run_id, "dlq_id": e.id, "stage": e.stage, "attempts": e.attempts}
     if step.action == "keep":
         result.failed += 1

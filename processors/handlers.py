@@ -1,6 +1,6 @@
 """The handler API: your own async functions, run for each canonical event in the projection's transaction.
 
-    from processors.handlers import handler, PermanentError, RetryableError
+    from sentpipe.processors.handlers import handler, PermanentError, RetryableError
 
     @handler("message.status.updated")
     async def mark_order_delivered(event, ctx):
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from psycopg import AsyncConnection
 
-from schemas.events import ROUTED_TYPES, CanonicalEvent, EventType
+from sentpipe.schemas.events import ROUTED_TYPES, CanonicalEvent, EventType
 
 
 class RetryableError(Exception):

@@ -17,11 +17,11 @@ import psycopg
 from confluent_kafka import Message, murmur2
 from psycopg.rows import dict_row
 
-from processors.dlq import DlqEntry
-from processors.offsets import Log, Range, Window, headers_of, timestamp_ms
-from schemas import routing as r
-from schemas.events import MalformedEvent
-from schemas.topics import Topics
+from sentpipe.processors.dlq import DlqEntry
+from sentpipe.processors.offsets import Log, Range, Window, headers_of, timestamp_ms
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.events import MalformedEvent
+from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 
 Match = Callable[[Message], bool]
@@ -141,12 +141,12 @@ class _Search:
 def locate(
     settings: Settings, event_id: str, *, scan_limit: int = 200_000, timeout: float = 10.0
 ) -> EventReport:
-    from processors.worker import changelog_topic
+    from sentpipe.processors.topics import changelog_topic
 
     topics = Topics(settings.topic_prefix)
     rep = EventReport(event_id)
     key = event_id.encode()
-    with Log(settings.kafka_bootstrap, timeout) as kafka:
+    with Log(settings, timeout) as kafka:
         search = _Search(kafka, scan_limit, rep.notes)
         n_raw = kafka.partition_count(topics.raw)
         home = murmur2(key, n_raw)

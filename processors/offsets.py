@@ -24,8 +24,9 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
-from processors.topics import BrokerUnavailable, admin_client, existing_partitions
-from schemas.events import parse_time
+from sentpipe.kafka import BrokerUnavailable, admin_client, client_config, existing_partitions
+from sentpipe.schemas.events import parse_time
+from sentpipe.settings import Settings
 
 
 class OpsError(Exception):
@@ -131,17 +132,17 @@ class Range:
 class Log:
     """Read-only access to topics for one command: metadata, watermarks, bounded reads."""
 
-    def __init__(self, bootstrap: str, timeout: float = 10.0, stall_s: float = 30.0) -> None:
-        self.bootstrap = bootstrap
+    def __init__(self, settings: Settings, timeout: float = 10.0, stall_s: float = 30.0) -> None:
+        bootstrap = self.bootstrap = settings.kafka_bootstrap
         self.timeout = timeout
         self.stall_s = stall_s
-        self.admin: AdminClient = admin_client(bootstrap)
+        self.admin: AdminClient = admin_client(settings)
         # Fails within `timeout` naming the address when nothing answers: checked before anything else.
         self.topics = existing_partitions(self.admin, bootstrap, timeout)
         self._last_error: KafkaError | None = None
         self.consumer = Consumer(
             {
-                "bootstrap.servers": bootstrap,
+                **client_config(settings),
                 # Required by the client even though nothing here joins the group or commits.
                 "group.id": f"sentpipe-ops-{uuid.uuid4().hex}",
                 "enable.auto.commit": False,
@@ -311,7 +312,7 @@ def _result(future: Any, timeout: float, bootstrap: str) -> Any:
 
 
 def reset_group_offsets(
-    bootstrap: str,
+    settings: Settings,
     group: str,
     to: ResetTo,
     topics: Sequence[str] = (),
@@ -320,7 +321,8 @@ def reset_group_offsets(
     timeout: float = 10.0,
 ) -> list[OffsetChange]:
     """Move a stopped group's committed offsets; refuses while the group has members."""
-    admin = admin_client(bootstrap)
+    bootstrap = settings.kafka_bootstrap
+    admin = admin_client(settings)
     have = existing_partitions(admin, bootstrap, timeout)
     for t in topics:
         if t not in have:

@@ -13,7 +13,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from schemas.events import STATUS_RANK, CanonicalEvent, EventType
+from sentpipe.schemas.events import STATUS_RANK, CanonicalEvent, EventType
 
 Row = tuple[Any, ...]
 

@@ -13,15 +13,15 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from confluent_kafka import KafkaError, Message, Producer, murmur2
+from confluent_kafka import KafkaError, Message, murmur2
 
-from ingress.producer import producer_config
-from processors.offsets import Log, OpsError, Range, Window, headers_of, timestamp_ms
-from schemas import routing as r
-from schemas.events import EventType, MalformedEvent
-from schemas.topics import Topics
+from sentpipe.kafka import Producer
+from sentpipe.processors.offsets import Log, OpsError, Range, Window, headers_of, timestamp_ms
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.events import EventType, MalformedEvent
+from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.replay")
@@ -119,52 +119,6 @@ def carried_headers(headers: Headers) -> Headers:
     return [(k, v) for k, v in headers if k not in TRIP_HEADERS]
 
 
-class Sender:
-    """An idempotent acks=all producer that counts delivery reports; `finish` waits for all of them."""
-
-    def __init__(self, settings: Settings, delivery_timeout_s: float = 30.0) -> None:
-        config = producer_config(
-            settings.kafka_bootstrap,
-            linger_ms=settings.producer_linger_ms,
-            compression=settings.producer_compression,
-            max_in_flight=settings.producer_max_in_flight,
-            delivery_timeout_s=delivery_timeout_s,
-        )
-        self.delivery_timeout_s = delivery_timeout_s
-        self.bootstrap = settings.kafka_bootstrap
-        # librdkafka's own log lines (connection trouble) go through logging, not raw to stderr.
-        self.producer = Producer({**config, "logger": logging.getLogger("sentpipe.kafka")})
-
-    def send(
-        self,
-        topic: str,
-        key: bytes,
-        value: bytes,
-        headers: Headers,
-        on_done: Callable[[KafkaError | None], None],
-    ) -> None:
-        def report(err: KafkaError | None, _msg: Message) -> None:
-            on_done(err)
-
-        while True:
-            try:
-                # librdkafka calls `report` from poll()/flush() in this thread: no locking needed.
-                self.producer.produce(topic, value, key, headers=list[Any](headers), on_delivery=report)
-                break
-            except BufferError:
-                self.producer.poll(0.1)  # local queue full: let deliveries drain it
-        self.producer.poll(0)  # serve delivery reports as we go
-
-    def finish(self) -> None:
-        """Wait for every delivery report; success is only reported once the broker has everything."""
-        remaining = self.producer.flush(self.delivery_timeout_s + 5)
-        if remaining:
-            raise OpsError(
-                f"{remaining} record(s) not acknowledged by Kafka at {self.bootstrap} "
-                f"within {self.delivery_timeout_s + 5:.0f}s"
-            )
-
-
 @dataclass
 class RunResult:
     """Counts of one replay or redrive; `produced` only counts records the broker acknowledged."""
@@ -195,7 +149,7 @@ def replay(
     timeout: float = 10.0,
 ) -> RunResult:
     topics = Topics(settings.topic_prefix)
-    with Log(settings.kafka_bootstrap, timeout) as kafka:
+    with Log(settings, timeout) as kafka:
         n = kafka.partition_count(topics.raw)
         kafka.check_partitions(topics.raw, window.named_partitions)
         # Event ids are record keys: look in their partitions first, and in the others only for ids not
@@ -203,7 +157,7 @@ def replay(
         first: list[int] | None = None
         if flt.event_ids and not window.named_partitions:
             first = sorted(key_partitions(flt.event_ids, n))
-        run = _Replay(settings, topics, window, flt, None if dry_run else Sender(settings), progress)
+        run = _Replay(settings, topics, window, flt, None if dry_run else ops_producer(settings), progress)
         run.read(kafka, kafka.ranges(topics.raw, window, first))
         if first is not None and not flt.event_ids <= run.seen_ids:
             run.read(kafka, kafka.ranges(topics.raw, window, [p for p in range(n) if p not in first]))
@@ -221,7 +175,7 @@ class _Replay:
         topics: Topics,
         window: Window,
         flt: Filter,
-        sender: Sender | None,
+        sender: Producer | None,
         progress: Progress | None,
     ) -> None:
         self.s, self.topics, self.window, self.flt = settings, topics, window, flt
@@ -315,14 +269,19 @@ class _Replay:
 
     def finish(self) -> None:
         if self.sender is not None:
-            self.sender.finish()
+            self.sender.flush()
 
 
 def _ignore(_err: KafkaError | None) -> None:
     """A dead letter is a failure whether or not it is delivered; `finish` reports undelivered ones."""
 
 
-__all__ = ["Filter", "RunResult", "Sender", "decide", "parse_types", "replay"]
+def ops_producer(settings: Settings) -> Producer:
+    # A replay has no client waiting on it: give each record longer than a webhook request gets.
+    return Producer.from_settings(settings, delivery_timeout_s=30.0)
+
+
+__all__ = ["Filter", "RunResult", "decide", "parse_types", "replay"]
 
 
 def log_run(mode: Literal["replay", "redrive"], result: RunResult) -> None:

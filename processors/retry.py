@@ -11,8 +11,8 @@ from typing import TypeVar
 import psycopg
 import psycopg_pool
 
-from processors.handlers import RetryableError
 from sentpipe import metrics as m
+from sentpipe.processors.handlers import RetryableError
 
 T = TypeVar("T")
 log = logging.getLogger("sentpipe.retry")

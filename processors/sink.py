@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 from psycopg_pool import AsyncConnectionPool
 
-from processors.handlers import HandlerContext, HandlerRegistry
-from processors.projections import PROJECTIONS
-from processors.retry import is_temporary
-from schemas.events import CanonicalEvent, EventType
 from sentpipe import metrics as m
+from sentpipe.processors.handlers import HandlerContext, HandlerRegistry
+from sentpipe.processors.projections import PROJECTIONS
+from sentpipe.processors.retry import is_temporary
+from sentpipe.schemas.events import CanonicalEvent, EventType
 
 log = logging.getLogger("sentpipe.handlers")
 

@@ -5,14 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
-from schemas.topics import Topics, topic_specs
+from sentpipe.kafka import admin_client, existing_partitions
+from sentpipe.schemas.topics import Topics, topic_specs
 from sentpipe.settings import Settings
 
+# The worker's dedup table; Faust names its changelog topic after the app id and the table.
+DEDUP_TABLE = "dedup"
 
-class BrokerUnavailable(Exception):
-    """The broker did not answer in time; the message names the address."""
+
+def changelog_topic(settings: Settings) -> str:
+    return f"{settings.app_id}-{DEDUP_TABLE}-changelog"
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,22 +26,9 @@ class TopicState:
     created: bool
 
 
-def admin_client(bootstrap: str) -> AdminClient:
-    # librdkafka prints every failed connect to stderr; the caller reports one line instead.
-    return AdminClient({"bootstrap.servers": bootstrap, "socket.timeout.ms": 5000, "log_level": 0})
-
-
-def existing_partitions(admin: AdminClient, bootstrap: str, timeout: float = 10.0) -> dict[str, int]:
-    try:
-        md = admin.list_topics(timeout=timeout)
-    except KafkaException as exc:
-        raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:.0f}s") from exc
-    return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
-
-
 def ensure_topics(settings: Settings, timeout: float = 10.0) -> list[TopicState]:
     bootstrap = settings.kafka_bootstrap
-    admin = admin_client(bootstrap)
+    admin = admin_client(settings)
     have = existing_partitions(admin, bootstrap, timeout)
     specs = topic_specs(
         Topics(settings.topic_prefix),
@@ -63,3 +54,25 @@ def ensure_topics(settings: Settings, timeout: float = 10.0) -> list[TopicState]
         have |= {s.name: s.partitions for s in missing}
     created = {s.name for s in missing}
     return [TopicState(s.name, have[s.name], s.name in created) for s in specs]
+
+
+def check_copartitioning(settings: Settings, timeout: float = 10.0) -> None:
+    """Refuse to run when the dedup table cannot be co-partitioned with the raw topic."""
+    have = existing_partitions(admin_client(settings), settings.kafka_bootstrap, timeout)
+    raw = Topics(settings.topic_prefix).raw
+    if raw not in have:
+        raise CopartitioningError(f"topic {raw} does not exist: run `sentpipe topics ensure` first")
+    if have[raw] != settings.raw_partitions:
+        raise CopartitioningError(
+            f"{raw} has {have[raw]} partitions but SENTPIPE_RAW_PARTITIONS is {settings.raw_partitions}: "
+            "the dedup table must have exactly the raw topic's partition count"
+        )
+    changelog = changelog_topic(settings)
+    if changelog in have and have[changelog] != have[raw]:
+        raise CopartitioningError(
+            f"{changelog} has {have[changelog]} partitions, {raw} has {have[raw]}: they must match"
+        )
+
+
+class CopartitioningError(Exception):
+    pass

@@ -18,21 +18,20 @@ import faust
 from faust.types import EventT
 from psycopg_pool import AsyncConnectionPool
 
-from processors.handlers import HandlerRegistry, registry
-from processors.retry import retrying
-from processors.sink import PostgresSink
-from schemas import routing as r
-from schemas.events import ROUTED_TYPES, CanonicalEvent, EventType, MalformedEvent
-from schemas.topics import Topics
 from sentpipe import metrics as m
+from sentpipe.processors.handlers import HandlerRegistry, registry
+from sentpipe.processors.retry import retrying
+from sentpipe.processors.sink import PostgresSink
+from sentpipe.processors.topics import DEDUP_TABLE
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.events import ROUTED_TYPES, CanonicalEvent, EventType, MalformedEvent
+from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings, WorkerRole
 
 log = logging.getLogger("sentpipe.worker")
 
 Event = EventT[Any]
 Record = tuple[str, bytes, bytes, list[tuple[str, bytes]]]
-
-DEDUP_TABLE = "dedup"
 
 
 def _mkdirs(path: Path) -> Path:
@@ -42,10 +41,6 @@ def _mkdirs(path: Path) -> Path:
 
 def faust_broker(bootstrap: str) -> str:
     return ";".join(f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip())
-
-
-def changelog_topic(settings: Settings) -> str:
-    return f"{settings.app_id}-{DEDUP_TABLE}-changelog"
 
 
 def _headers(event: Event) -> dict[str, bytes]:
@@ -251,30 +246,6 @@ class Pipeline:
                 )
             )
         await self._send_all(dead, stage="dlq")
-
-
-def check_copartitioning(settings: Settings, timeout: float = 10.0) -> None:
-    """Refuse to run when the dedup table cannot be co-partitioned with the raw topic."""
-    from processors.topics import admin_client, existing_partitions
-
-    have = existing_partitions(admin_client(settings.kafka_bootstrap), settings.kafka_bootstrap, timeout)
-    raw = Topics(settings.topic_prefix).raw
-    if raw not in have:
-        raise CopartitioningError(f"topic {raw} does not exist: run `sentpipe topics ensure` first")
-    if have[raw] != settings.raw_partitions:
-        raise CopartitioningError(
-            f"{raw} has {have[raw]} partitions but SENTPIPE_RAW_PARTITIONS is {settings.raw_partitions}: "
-            "the dedup table must have exactly the raw topic's partition count"
-        )
-    changelog = changelog_topic(settings)
-    if changelog in have and have[changelog] != have[raw]:
-        raise CopartitioningError(
-            f"{changelog} has {have[changelog]} partitions, {raw} has {have[raw]}: they must match"
-        )
-
-
-class CopartitioningError(Exception):
-    pass
 
 
 _TYPE_LABELS = frozenset(t.value for t in EventType)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from schemas.events import CanonicalEvent, EventIdSource, EventType, MalformedEvent, frame, normalize
-from schemas.topics import Topics
+from sentpipe.schemas.events import CanonicalEvent, EventIdSource, EventType, MalformedEvent, frame, normalize
+from sentpipe.schemas.topics import Topics
 
 # Headers on a raw record (DESIGN "Raw record").
 H_TENANT = "sentpipe-tenant"

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import orjson
 
-from schemas.events import EventType
+from sentpipe.schemas.events import EventType
 
 Shape = Literal["sent", "guide"]
 OUTBOUND_PATH = ("queued", "routed", "sent", "delivered", "read")

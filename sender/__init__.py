@@ -1,6 +1,6 @@
 """A local sender that behaves like Sent: signed deliveries, retries, duplicates, out-of-order events."""
 
-from sender.delivery import (
+from sentpipe.sender.delivery import (
     SENT_RETRY_SCHEDULE,
     Attempt,
     Outcome,
@@ -11,7 +11,7 @@ from sender.delivery import (
     deliver,
     probe,
 )
-from sender.plan import Delivery, generate, load_jsonl, plan_deliveries
+from sentpipe.sender.plan import Delivery, generate, load_jsonl, plan_deliveries
 
 __all__ = [
     "SENT_RETRY_SCHEDULE",

@@ -14,8 +14,8 @@ from enum import StrEnum
 import aiohttp
 from yarl import URL
 
-from schemas.signature import secret_key, signature_headers
-from sender.plan import Delivery
+from sentpipe.schemas.signature import secret_key, signature_headers
+from sentpipe.sender.plan import Delivery
 
 # The integration guide's table: retries after 1, 2, 4, 8, 16, 32, 64 s, then the event is failed.
 SENT_RETRY_SCHEDULE: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)

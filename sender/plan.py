@@ -11,8 +11,8 @@ from typing import Literal
 
 import orjson
 
-from schemas.events import ROUTED_TYPES, EventType, MalformedEvent, frame, normalize
-from schemas.samples import Sample, SampleFactory
+from sentpipe.schemas.events import ROUTED_TYPES, EventType, MalformedEvent, frame, normalize
+from sentpipe.schemas.samples import Sample, SampleFactory
 
 ShapeChoice = Literal["sent", "guide", "mixed"]
 SHAPES: tuple[ShapeChoice, ...] = ("sent", "guide", "mixed")

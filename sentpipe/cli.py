@@ -7,44 +7,23 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
-from sentpipe.settings import Settings
+from sentpipe.cli_base import CliError, err, fail, out, settings
 
 if TYPE_CHECKING:
-    from processors.inspect import Found
-    from processors.replay import RunResult
+    from sentpipe.processors.inspect import Found
+    from sentpipe.processors.replay import RunResult
+    from sentpipe.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Sent webhooks into Kafka, deduplicated.")
 topics_app = typer.Typer(no_args_is_help=True, help="Kafka topics.")
 db_app = typer.Typer(no_args_is_help=True, help="PostgreSQL schema.")
 app.add_typer(topics_app, name="topics")
 app.add_typer(db_app, name="db")
-
-out = Console()
-err = Console(stderr=True)
-
-
-class CliError(Exception):
-    """A failure the user can act on; printed as one line."""
-
-
-def fail(message: str) -> NoReturn:
-    raise CliError(message)
-
-
-def settings() -> Settings:
-    try:
-        return Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        name = "SENTPIPE_" + "_".join(str(p) for p in first["loc"]).upper()
-        fail(f"invalid setting {name}: {first['msg']}")
 
 
 @app.command()
@@ -56,7 +35,7 @@ def ingress(
     ] = None,
 ) -> None:
     """Serve the webhook endpoint: verify, produce to Kafka, answer once durable."""
-    from ingress.server import run
+    from sentpipe.ingress.server import run
     from sentpipe.logs import configure
 
     s = settings()
@@ -78,9 +57,10 @@ def worker(
     """Run the stream processors (Faust worker); extra arguments go to Faust's worker command."""
     import prometheus_client
 
-    from processors.handlers import load_modules
-    from processors.worker import check_copartitioning, create_app
     from sentpipe.logs import configure
+    from sentpipe.processors.handlers import load_modules
+    from sentpipe.processors.topics import check_copartitioning
+    from sentpipe.processors.worker import create_app
 
     s = settings()
     if role is not None:
@@ -105,7 +85,7 @@ def topics_ensure(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
 ) -> None:
     """Create every topic of the design that does not exist yet (idempotent)."""
-    from processors.topics import ensure_topics
+    from sentpipe.processors.topics import ensure_topics
 
     s = settings()
     states = ensure_topics(s, timeout=timeout)
@@ -118,14 +98,14 @@ def topics_ensure(
 @db_app.command("migrate")
 def db_migrate() -> None:
     """Apply the SQL migrations that have not been applied yet (idempotent)."""
-    from processors.migrate import migrate
+    from sentpipe.processors.migrate import migrate
 
     for version, applied in migrate(settings().database_url.get_secret_value()):
         out.print(f"{version}: {'applied' if applied else 'already applied'}")
 
 
 def _register_sender() -> None:
-    from sender.command import send_command, trigger_command
+    from sentpipe.cli_send import send_command, trigger_command
 
     app.command("send")(send_command)
     app.command("trigger")(trigger_command)
@@ -146,8 +126,8 @@ app.add_typer(events_app, name="events")
 @contextmanager
 def _ops(s: Settings | None = None) -> Iterator[None]:
     """Operations errors as one line; with settings, log lines go to stderr as the services' do."""
-    from processors.offsets import OpsError
     from sentpipe.logs import configure
+    from sentpipe.processors.offsets import OpsError
 
     if s is not None:
         configure(s.log_level, s.log_json)
@@ -269,9 +249,9 @@ def replay(
 
     Malformed records count as failed and go to the DLQ (stage replay).
     """
-    from processors.offsets import make_window
-    from processors.replay import Filter, parse_types
-    from processors.replay import replay as run_replay
+    from sentpipe.processors.offsets import make_window
+    from sentpipe.processors.replay import Filter, parse_types
+    from sentpipe.processors.replay import replay as run_replay
 
     s = settings()
     with _ops():
@@ -303,7 +283,7 @@ def dlq_list(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
 ) -> None:
     """Dead-lettered records, oldest first; ID is partition:offset in the DLQ topic."""
-    from processors.dlq import list_entries, make_selection
+    from sentpipe.processors.dlq import list_entries, make_selection
 
     s = settings()
     with _ops():
@@ -338,7 +318,7 @@ def dlq_show(
     """One dead-lettered record: every header, then the value (JSON pretty-printed)."""
     import orjson
 
-    from processors.dlq import show_entry
+    from sentpipe.processors.dlq import show_entry
 
     s = settings()
     with _ops():
@@ -376,7 +356,7 @@ def dlq_redrive(
 
     A record that fails again is dead-lettered again with one more attempt.
     """
-    from processors.dlq import make_selection, redrive
+    from sentpipe.processors.dlq import make_selection, redrive
 
     s = settings()
     with _ops():
@@ -406,7 +386,7 @@ def offsets_reset(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
 ) -> None:
     """Move a consumer group's committed offsets to reprocess (or skip); refused while it has members."""
-    from processors.offsets import ResetTo, parse_when, reset_group_offsets
+    from sentpipe.processors.offsets import ResetTo, parse_when, reset_group_offsets
 
     s = settings()
     if [to_datetime is not None, to_earliest, to_latest].count(True) != 1:
@@ -415,9 +395,7 @@ def offsets_reset(
         to: ResetTo = "earliest" if to_earliest else "latest"
         if to_datetime is not None:
             to = parse_when(to_datetime, "--to-datetime")
-        changes = reset_group_offsets(
-            s.kafka_bootstrap, group, to, topic or (), dry_run=dry_run, timeout=timeout
-        )
+        changes = reset_group_offsets(s, group, to, topic or (), dry_run=dry_run, timeout=timeout)
     title = f"group {group}: " + ("new offsets (dry run, nothing changed)" if dry_run else "offsets reset")
     table = Table("topic", "partition", "before", "after", title=title)
     for c in changes:
@@ -434,7 +412,7 @@ def events_show(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
 ) -> None:
     """Where an event is: raw record(s), dedup table, routed record(s), database rows, DLQ entries."""
-    from processors.inspect import locate
+    from sentpipe.processors.inspect import locate
 
     s = settings()
     if scan_limit < 1:
@@ -500,8 +478,8 @@ def run(main: Callable[[], Any]) -> int:
     import psycopg
     from confluent_kafka import KafkaException
 
-    from processors.topics import BrokerUnavailable
-    from processors.worker import CopartitioningError
+    from sentpipe.kafka import BrokerUnavailable
+    from sentpipe.processors.topics import CopartitioningError
 
     try:
         main()

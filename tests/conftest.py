@@ -13,10 +13,10 @@ import psycopg
 import pytest
 from aiohttp.test_utils import TestServer
 
-from ingress.app import create_app, producer_for
-from processors.migrate import migrate
-from processors.topics import ensure_topics
-from schemas.topics import Topics
+from sentpipe.ingress.app import create_app, producer_for
+from sentpipe.processors.migrate import migrate
+from sentpipe.processors.topics import ensure_topics
+from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.services import Services, ServiceUnavailable, acquire
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import psycopg
 
-from processors.handlers import HandlerContext, PermanentError, RetryableError, handler
-from schemas.events import CanonicalEvent
+from sentpipe.processors.handlers import HandlerContext, PermanentError, RetryableError, handler
+from sentpipe.schemas.events import CanonicalEvent
 
 
 def create_fixture_tables(db_url: str) -> None:

@@ -9,7 +9,7 @@ import uuid
 
 import aiohttp
 
-from schemas.signature import signature_headers
+from sentpipe.schemas.signature import signature_headers
 
 
 async def post_all(

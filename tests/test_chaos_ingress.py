@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from schemas.samples import SampleFactory
-from schemas.signature import signature_headers
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.schemas.signature import signature_headers
 from sentpipe.settings import Settings
 from tests.kafka_tools import read_topic
 from tests.processes import start_ingress

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from schemas.samples import SampleFactory
+from sentpipe.schemas.samples import SampleFactory
 from sentpipe.settings import Settings
 from tests.http_tools import metric_sum, post_all, scrape
 from tests.kafka_tools import read_topic

@@ -12,11 +12,11 @@ from pathlib import Path
 import orjson
 import psycopg
 
-from processors.dlq import DlqEntry, plan
-from schemas import routing as r
-from schemas.events import frame
-from schemas.samples import SampleFactory
-from schemas.topics import Topics
+from sentpipe.processors.dlq import DlqEntry, plan
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.events import frame
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.handlers_fixture import create_fixture_tables
 from tests.http_tools import post_all

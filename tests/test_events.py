@@ -7,10 +7,10 @@ import hashlib
 import orjson
 import pytest
 
-from schemas.events import EventType, MalformedEvent, frame, normalize
-from schemas.routing import H_RECEIVED_AT, H_TENANT, route
-from schemas.samples import SampleFactory
-from schemas.topics import Topics
+from sentpipe.schemas.events import EventType, MalformedEvent, frame, normalize
+from sentpipe.schemas.routing import H_RECEIVED_AT, H_TENANT, route
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.schemas.topics import Topics
 
 T = Topics("sent.")
 
@@ -91,6 +91,6 @@ def test_occurred_at_falls_back_to_received_at() -> None:
 def test_canonical_json_round_trips() -> None:
     r = _route(SampleFactory(2).template("t", "paused").body)
     assert r.event is not None
-    from schemas.events import CanonicalEvent
+    from sentpipe.schemas.events import CanonicalEvent
 
     assert CanonicalEvent.from_json(r.value) == r.event

@@ -9,8 +9,8 @@ import time
 import psycopg
 from confluent_kafka import Consumer, Producer
 
-from processors.migrate import migrate
-from processors.topics import ensure_topics
+from sentpipe.processors.migrate import migrate
+from sentpipe.processors.topics import ensure_topics
 from sentpipe.settings import Settings
 
 

@@ -9,11 +9,11 @@ import aiohttp
 import orjson
 from aiohttp.test_utils import TestServer
 
-from ingress.app import create_app, producer_for
-from schemas import routing as r
-from schemas.samples import SampleFactory
-from schemas.signature import signature_headers
-from schemas.topics import Topics
+from sentpipe.ingress.app import create_app, producer_for
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.schemas.signature import signature_headers
+from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.kafka_tools import read_topic
 

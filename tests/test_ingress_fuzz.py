@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from schemas.signature import signature_headers
+from sentpipe.schemas.signature import signature_headers
 from sentpipe.settings import Settings
 from tests.kafka_tools import read_topic
 from tests.processes import start_ingress

@@ -17,9 +17,9 @@ import pytest
 from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka.admin import AdminClient
 
-from schemas.events import frame
-from schemas.samples import SampleFactory
-from schemas.topics import Topics
+from sentpipe.schemas.events import frame
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.handlers_fixture import create_fixture_tables
 from tests.http_tools import post_all

@@ -13,8 +13,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from schemas import routing as r
-from schemas.samples import SampleFactory
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.samples import SampleFactory
 from sentpipe.settings import Settings
 from tests.handlers_fixture import create_fixture_tables
 from tests.http_tools import metric_sum, post_all, scrape
@@ -170,7 +170,7 @@ def test_poison_event_goes_to_dlq_with_headers_and_the_rest_flows(
     create_fixture_tables(db)
     f = SampleFactory(9)
     events = [f.inbound() for _ in range(30)]
-    from schemas.events import frame
+    from sentpipe.schemas.events import frame
 
     poison_id = frame(events[10].body, webhook_id=None).event_id
     with psycopg.connect(db, autocommit=True) as c:

@@ -16,10 +16,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from schemas import routing as r
-from schemas.events import frame
-from schemas.samples import SampleFactory
-from schemas.signature import signature_headers
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.events import frame
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.schemas.signature import signature_headers
 from sentpipe.settings import Settings
 from tests.handlers_fixture import create_fixture_tables
 from tests.http_tools import post_all

@@ -17,12 +17,12 @@ import orjson
 import psycopg
 import pytest
 
-from processors.offsets import OpsError, make_window
-from processors.replay import Filter, RunResult, decide, parse_types, replay
-from schemas import routing as r
-from schemas.events import EventType, frame
-from schemas.samples import SampleFactory
-from schemas.topics import Topics
+from sentpipe.processors.offsets import OpsError, make_window
+from sentpipe.processors.replay import Filter, RunResult, decide, parse_types, replay
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.events import EventType, frame
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.http_tools import metric_sum, post_all, scrape
 from tests.kafka_tools import end_offsets, read_topic

@@ -21,11 +21,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from schemas.events import ROUTED_TYPES, EventType
-from schemas.samples import Sample, SampleFactory
-from schemas.signature import Reason, SignatureError, Verifier
-from schemas.topics import Topics
-from sender import (
+from sentpipe.schemas.events import ROUTED_TYPES, EventType
+from sentpipe.schemas.samples import Sample, SampleFactory
+from sentpipe.schemas.signature import Reason, SignatureError, Verifier
+from sentpipe.schemas.topics import Topics
+from sentpipe.sender import (
     SENT_RETRY_SCHEDULE,
     Outcome,
     Signer,
@@ -35,8 +35,8 @@ from sender import (
     plan_deliveries,
     probe,
 )
-from sender.delivery import parse_schedule
-from sender.plan import BadLine, Delivery, generate, parse_types, read_jsonl
+from sentpipe.sender.delivery import parse_schedule
+from sentpipe.sender.plan import BadLine, Delivery, generate, parse_types, read_jsonl
 from sentpipe.settings import Settings
 from tests.kafka_tools import read_topic
 
@@ -46,7 +46,7 @@ SECRET = Settings().webhook_secret.get_secret_value()  # what the ingress and th
 # Registers the commands on the real app unless sentpipe/cli.py already does, then runs the real entry point.
 CLI_SCRIPT = (
     "from sentpipe.cli import app, main\n"
-    "from sender.command import send_command, trigger_command\n"
+    "from sentpipe.cli_send import send_command, trigger_command\n"
     "if 'send' not in {c.name for c in app.registered_commands}:\n"
     "    app.command('send')(send_command)\n"
     "    app.command('trigger')(trigger_command)\n"

@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from schemas.events import ROUTED_TYPES
-from schemas.samples import SampleFactory
-from sender.plan import generate
+from sentpipe.schemas.events import ROUTED_TYPES
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.sender.plan import generate
 from sentpipe.settings import Settings
 from tests.oracle import actual_state, expected_state, row_count
 from tests.pipeline import start_ingress, start_worker, wait_until

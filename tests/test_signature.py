@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook
 
-from schemas.signature import Reason, SignatureError, Verifier, signature_headers
+from sentpipe.schemas.signature import Reason, SignatureError, Verifier, signature_headers
 
 SECRET = "whsec_" + base64.b64encode(b"a-test-secret-of-32-bytes-long!!").decode()
 OTHER = "whsec_" + base64.b64encode(b"another-secret-for-rotation-test").decode()

@@ -1,4 +1,4 @@
-"""`sentpipe send` and `sentpipe trigger`: parsing and printing; the work is in sender.plan and .delivery."""
+"""`sentpipe send` and `sentpipe trigger`: parsing and printing; the work is in sentpipe.sender."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 from urllib.parse import quote
 
 import orjson
@@ -16,9 +16,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from schemas.samples import Sample, SampleFactory
-from schemas.signature import secret_key
-from sender.delivery import (
+from sentpipe.cli_base import fail, settings
+from sentpipe.schemas.samples import Sample, SampleFactory
+from sentpipe.schemas.signature import secret_key
+from sentpipe.sender.delivery import (
     SENT_RETRY_SCHEDULE,
     Outcome,
     SigningMode,
@@ -29,7 +30,7 @@ from sender.delivery import (
     parse_schedule,
     probe,
 )
-from sender.plan import (
+from sentpipe.sender.plan import (
     ShapeChoice,
     generate,
     load_jsonl,
@@ -46,19 +47,6 @@ DEFAULT_CONCURRENCY = 8
 RATE_MODE_CONCURRENCY = 1000
 
 
-def _fail(message: str) -> NoReturn:
-    # Imported late: sentpipe.cli imports this module to register the commands.
-    from sentpipe.cli import fail
-
-    fail(message)
-
-
-def _settings() -> Settings:
-    from sentpipe.cli import settings
-
-    return settings()
-
-
 def _resolve_target(url: str | None, tenant: str | None, s: Settings) -> str:
     base = url or f"http://127.0.0.1:{s.ingress_port}/webhooks/sent"
     return f"{base.rstrip('/')}/{quote(tenant, safe='')}" if tenant else base
@@ -70,7 +58,7 @@ def _resolve_secret(secret: str | None, tenant: str | None, s: Settings) -> str:
     try:
         tenants = s.tenant_secrets()
     except (OSError, ValueError) as exc:
-        _fail(f"cannot read SENTPIPE_SECRETS_FILE: {exc}")
+        fail(f"cannot read SENTPIPE_SECRETS_FILE: {exc}")
     # The first secret of a tenant is the one it signs with; the others are still accepted (rotation).
     return tenants.get(tenant or s.default_tenant, [s.webhook_secret.get_secret_value()])[0]
 
@@ -80,19 +68,19 @@ def _check_target(target: str, secret: str) -> None:
         check_url(target)
         secret_key(secret)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _shape(text: str) -> ShapeChoice:
     try:
         return parse_shape(text)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
-        _fail(f"{name} must be one of {', '.join(valid)}, not {value!r}")
+        fail(f"{name} must be one of {', '.join(valid)}, not {value!r}")
 
 
 @contextmanager
@@ -155,15 +143,15 @@ def _events(
     try:
         chosen = parse_types(types)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if file is None:
         return generate(SampleFactory(seed), chosen, shape, count or DEFAULT_COUNT)
     try:
         samples, skipped = load_jsonl(file, skip_bad)
     except OSError as exc:
-        _fail(f"cannot read {file}: {exc.strerror or exc}")
+        fail(f"cannot read {file}: {exc.strerror or exc}")
     except ValueError as exc:  # a BadLine: its message starts with the line number
-        _fail(f"{file}: {exc} (use --on-bad-line skip to send the other lines)")
+        fail(f"{file}: {exc} (use --on-bad-line skip to send the other lines)")
     for bad in skipped:
         err.print(f"skipped {file} {bad}", highlight=False, soft_wrap=True)
     if types:
@@ -233,34 +221,34 @@ def send_command(
     shape_choice = _shape(shape)
     _choice("--on-bad-line", on_bad_line, ("stop", "skip"))
     if bad_signature and stale:
-        _fail("--bad-signature and --stale are separate tests; choose one")
+        fail("--bad-signature and --stale are separate tests; choose one")
     if count is not None and count < 1:
-        _fail("--count must be at least 1")
+        fail("--count must be at least 1")
     if not 0.0 <= duplicates <= 1.0:
-        _fail("--duplicates is a fraction between 0 and 1")
+        fail("--duplicates is a fraction between 0 and 1")
     if rate is not None and rate <= 0:
-        _fail("--rate must be above 0 events per second")
+        fail("--rate must be above 0 events per second")
     if concurrency is not None and concurrency < 1:
-        _fail("--concurrency must be at least 1")
+        fail("--concurrency must be at least 1")
     if timeout <= 0:
-        _fail("--timeout must be above 0 seconds")
+        fail("--timeout must be above 0 seconds")
     if no_retry and retry_schedule:
-        _fail("--no-retry and --retry-schedule contradict each other; choose one")
+        fail("--no-retry and --retry-schedule contradict each other; choose one")
     schedule: tuple[float, ...] = () if no_retry else SENT_RETRY_SCHEDULE
     if retry_schedule:
         try:
             schedule = parse_schedule(retry_schedule)
         except ValueError as exc:
-            _fail(str(exc))
+            fail(str(exc))
 
-    s = _settings()
+    s = settings()
     err = Console(stderr=True)
     target = _resolve_target(url, tenant, s)
     signing_secret = _resolve_secret(secret, tenant, s)
     _check_target(target, signing_secret)
     samples = _events(file, type_ or [], shape_choice, count, seed, on_bad_line == "skip", err)
     if not samples:
-        _fail("no events to send")
+        fail("no events to send")
     deliveries = plan_deliveries(samples, duplicates, shuffle, random.Random(seed))
     mode = SigningMode.BAD_SIGNATURE if bad_signature else SigningMode.STALE if stale else SigningMode.VALID
 
@@ -282,15 +270,15 @@ def send_command(
         with _live(len(deliveries), err) as on_update:
             stats = asyncio.run(main(on_update))
     except Unreachable as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
     Console().print(summary_table(stats, len(samples), target))
     if mode is not SigningMode.VALID:
         if stats.accepted:
             flag = "--" + mode.value.replace("_", "-")
-            _fail(f"{stats.accepted} of {stats.done} deliveries were accepted despite {flag}")
+            fail(f"{stats.accepted} of {stats.done} deliveries were accepted despite {flag}")
     elif stats.not_accepted:
-        _fail(f"{stats.not_accepted} of {stats.done} deliveries were not accepted")
+        fail(f"{stats.not_accepted} of {stats.done} deliveries were not accepted")
 
 
 def trigger_command(
@@ -320,11 +308,11 @@ def trigger_command(
     try:
         (event_type,) = parse_types([type_])
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     shape_choice = _shape(shape)
     if timeout <= 0:
-        _fail("--timeout must be above 0 seconds")
-    s = _settings()
+        fail("--timeout must be above 0 seconds")
+    s = settings()
     target = _resolve_target(url, tenant, s)
     signing_secret = _resolve_secret(secret, tenant, s)
     _check_target(target, signing_secret)
@@ -343,15 +331,15 @@ def trigger_command(
     try:
         asyncio.run(main())
     except Unreachable as exc:
-        _fail(str(exc))
+        fail(str(exc))
     final = outcomes[0].final
     out.print(f"POST {target}  x-webhook-id {delivery.webhook_id}", highlight=False, soft_wrap=True)
     if final.status is None:
-        _fail(f"no answer from {target}: {final.outcome}")
+        fail(f"no answer from {target}: {final.outcome}")
     out.print(f"HTTP {final.status}", highlight=False)
     _print_answer(out, final.body)
     if not final.accepted:
-        _fail(f"event not accepted: HTTP {final.status}")
+        fail(f"event not accepted: HTTP {final.status}")
 
 
 def _print_answer(out: Console, body: bytes) -> None:
