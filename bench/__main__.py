@@ -20,8 +20,9 @@ from typing import Any
 import orjson
 
 from bench import ingress, pipeline
-from bench.common import LOCAL, REPO, acquire_services, console, jsonable
+from bench.common import LOCAL, REPO, console, jsonable
 from bench.ui import BenchResult, Ui, print_summary
+from tests.services import acquire
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -82,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     svc = None
     try:
         with Ui() as ui:
-            with ui.phase("services: local Kafka broker and PostgreSQL"):
-                svc = acquire_services()
+            with ui.phase("services: Kafka broker and PostgreSQL"):
+                svc = acquire()
             if args.only in (None, "ingress"):
                 results.append(ingress.run(svc, ic, ui, work / "ingress"))
             if args.only in (None, "pipeline"):

@@ -1,4 +1,8 @@
-"""Shared bench plumbing: services, subprocesses, fresh topics/schemas, CPU accounting, Prometheus parsing."""
+"""Shared bench plumbing: subprocesses, fresh topics/schemas, CPU accounting, Prometheus parsing.
+
+The broker and database come from the tests' harness (`tests.services.acquire`), as do free ports
+(`tests.processes.free_port`): one implementation for both.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,12 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -25,8 +27,6 @@ from rich.console import Console
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = REPO / ".local" / "bench"
-KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
-POSTGRES_SH = REPO / "deploy" / "postgres" / "postgres.sh"
 
 console = Console()
 
@@ -35,50 +35,7 @@ def run_id() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --- services ------------------------------------------------------------------------------------------
-@dataclass
-class Services:
-    kafka_bootstrap: str
-    database_url: str
-    stop_after: list[Path] = field(default_factory=list)  # launchers whose service this run started
-
-    def close(self) -> None:
-        for script in self.stop_after:
-            subprocess.run([str(script), "stop"], capture_output=True, timeout=120)
-
-
-def _launch(script: Path) -> bool:
-    """Start a local service; True when this call started it (so the bench stops it again)."""
-    was_running = subprocess.run([str(script), "status"], capture_output=True).returncode == 0
-    proc = subprocess.run([str(script), "start"], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{script.name} start failed: {(proc.stderr or proc.stdout).strip()}")
-    return not was_running
-
-
-def acquire_services() -> Services:
-    """Explicit SENTPIPE_KAFKA_BOOTSTRAP / SENTPIPE_DATABASE_URL win; otherwise the local launchers."""
-    kafka = os.environ.get("SENTPIPE_KAFKA_BOOTSTRAP")
-    db = os.environ.get("SENTPIPE_DATABASE_URL")
-    svc = Services(kafka or "", db or "")
-    if kafka is None:
-        if _launch(KAFKA_SH):
-            svc.stop_after.append(KAFKA_SH)
-        svc.kafka_bootstrap = "127.0.0.1:" + os.environ.get("SENTPIPE_KAFKA_PORT", "9092")
-    if db is None:
-        if _launch(POSTGRES_SH):
-            svc.stop_after.append(POSTGRES_SH)
-        port = os.environ.get("SENTPIPE_PG_PORT", "5432")
-        svc.database_url = f"postgresql://postgres@127.0.0.1:{port}/sentpipe"
-    return svc
-
-
 def service_pids() -> dict[str, list[int]]:
     """Local broker and database server pids (found by command line), for CPU accounting."""
     out: dict[str, list[int]] = {}
@@ -177,9 +134,6 @@ class Proc:
     def pid(self) -> int:
         assert self.p is not None
         return self.p.pid
-
-    def alive(self) -> bool:
-        return self.p is not None and self.p.poll() is None
 
     def check(self) -> None:
         if self.p is not None and self.p.poll() is not None:
@@ -364,13 +318,6 @@ def to_buckets(values: Sequence[float], bounds: Sequence[float]) -> list[tuple[f
             i += 1
         out.append((b, float(i)))
     return out
-
-
-def exact_quantile(values: Sequence[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 @contextlib.contextmanager

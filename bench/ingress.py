@@ -22,10 +22,8 @@ from bench.common import (
     CpuMeter,
     Proc,
     Scrape,
-    Services,
     bucket_quantile,
     delete_topics,
-    free_port,
     histogram_delta,
     metric_sum,
     run_id,
@@ -39,6 +37,8 @@ from bench.ui import BenchResult, Row, Ui
 from sentpipe.processors.topics import ensure_topics
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
+from tests.processes import free_port
+from tests.services import Services
 
 BENCH_SECRET = "whsec_YmVuY2gtb25seS1zZWNyZXQtbm90LWZvci1yZWFsLXRyYWZmaWM="
 

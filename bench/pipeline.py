@@ -30,13 +30,10 @@ from bench.common import (
     CpuMeter,
     Proc,
     Scrape,
-    Services,
     bucket_quantile,
     create_schema,
     delete_topics,
     drop_schema,
-    exact_quantile,
-    free_port,
     histogram_delta,
     metric_sum,
     run_id,
@@ -53,7 +50,10 @@ from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import frame
 from sentpipe.schemas.samples import Sample, SampleFactory
 from sentpipe.schemas.topics import Topics
+from sentpipe.sender.delivery import nearest_rank_quantile
 from sentpipe.settings import Settings
+from tests.processes import free_port
+from tests.services import Services
 
 LAG = "sentpipe_end_to_end_lag_seconds"
 ROUTED = "sentpipe_events_routed_total"
@@ -339,8 +339,8 @@ def run_contestant(
                 lag for ms, lag in zip(data["received_ms"], data["lag_s"], strict=True) if ms >= paced_from_ms
             ]
             buckets = to_buckets(lags, bounds) if bounds else []
-            detail["exact_p50_ms"] = _ms(exact_quantile(lags, 0.5))
-            detail["exact_p99_ms"] = _ms(exact_quantile(lags, 0.99))
+            detail["exact_p50_ms"] = _ms(nearest_rank_quantile(lags, 0.5))
+            detail["exact_p99_ms"] = _ms(nearest_rank_quantile(lags, 0.99))
             detail["lag_samples_in_paced_phase"] = len(lags)
         p50 = _ms(bucket_quantile(0.5, buckets)) if buckets else detail.get("exact_p50_ms")
         p99 = _ms(bucket_quantile(0.99, buckets)) if buckets else detail.get("exact_p99_ms")

@@ -20,18 +20,12 @@ from types import FrameType
 
 import orjson
 import psycopg
-from confluent_kafka import Consumer, KafkaError, Message
+from confluent_kafka import Consumer, KafkaError
 
 from sentpipe.processors.projections import PROJECTIONS
 from sentpipe.schemas.events import CanonicalEvent, EventType, MalformedEvent
 from sentpipe.schemas.routing import header_map, route
 from sentpipe.schemas.topics import Topics
-
-
-def _headers(msg: Message) -> list[tuple[str, bytes | None]]:
-    raw = msg.headers() or []
-    items = raw.items() if isinstance(raw, dict) else raw
-    return [(k, v.encode() if isinstance(v, str) else v) for k, v in items]
 
 
 def main() -> None:
@@ -66,7 +60,7 @@ def main() -> None:
         }
     )
     consumer.subscribe([topics.raw])
-    # The dedup table's job, minus its changelog: the database keys remain the backstop (DESIGN).
+    # The dedup table's job, minus its changelog: the database's unique keys remain the backstop.
     seen: set[bytes] = set()
     received_ms, lags = array("q"), array("d")
     with psycopg.connect(args.database_url, autocommit=True) as conn:
@@ -88,7 +82,7 @@ def main() -> None:
                     routed = route(
                         key or None,
                         msg.value() or b"",
-                        header_map(_headers(msg)),
+                        header_map(msg.headers()),
                         topics=topics,
                         id_source="auto",
                         default_tenant=args.tenant,

@@ -14,7 +14,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sentpipe import metrics as m
-from sentpipe.kafka import AsyncProducer, Delivered, ProduceRejected
+from sentpipe.broker import Delivered, ProduceRejected
+from sentpipe.kafka import AsyncProducer
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import MalformedEvent, frame
 from sentpipe.schemas.signature import SignatureError, Verifier

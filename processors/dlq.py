@@ -24,7 +24,6 @@ from sentpipe.processors.offsets import (
     PartitionOffset,
     Range,
     Window,
-    headers_of,
     parse_when,
     timestamp_ms,
 )
@@ -146,7 +145,7 @@ class DlqEntry:
             timestamp_ms(msg),
             msg.key(),
             msg.value() or b"",
-            headers_of(msg),
+            r.header_list(msg.headers()),
         )
 
 

@@ -1,6 +1,6 @@
 """The handler API: your own async functions, run for each canonical event in the projection's transaction.
 
-    from sentpipe.processors.handlers import handler, PermanentError, RetryableError
+    from sentpipe import handler, PermanentError, RetryableError
 
     @handler("message.status.updated")
     async def mark_order_delivered(event, ctx):

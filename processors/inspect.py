@@ -18,7 +18,7 @@ from confluent_kafka import Message, murmur2
 from psycopg.rows import dict_row
 
 from sentpipe.processors.dlq import DlqEntry
-from sentpipe.processors.offsets import Log, Range, Window, headers_of, timestamp_ms
+from sentpipe.processors.offsets import Log, Range, Window, timestamp_ms
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import MalformedEvent
 from sentpipe.schemas.topics import Topics
@@ -46,7 +46,7 @@ class Found:
             timestamp_ms(msg),
             msg.key(),
             msg.value() or b"",
-            r.header_map(headers_of(msg)),
+            r.header_map(msg.headers()),
         )
 
 

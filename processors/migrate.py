@@ -1,4 +1,4 @@
-"""Apply the versioned SQL files in processors/migrations/, each once, in order."""
+"""Apply the versioned SQL files in sentpipe/processors/migrations/, each once, in order."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class Migration:
 
 
 def migrations() -> list[Migration]:
-    files = resources.files("processors").joinpath("migrations")
+    files = resources.files("sentpipe.processors").joinpath("migrations")
     return sorted(
         (
             Migration(f.name.removesuffix(".sql"), f.read_text())

@@ -276,15 +276,6 @@ class Log:
         self.consumer.pause([TopicPartition(where[0], where[1])])
 
 
-def headers_of(msg: Message) -> list[tuple[str, bytes]]:
-    raw = msg.headers() or []
-    out: list[tuple[str, bytes]] = []
-    for k, v in raw.items() if isinstance(raw, dict) else raw:
-        if v is not None:
-            out.append((k, v if isinstance(v, bytes) else str(v).encode()))
-    return out
-
-
 def timestamp_ms(msg: Message) -> int:
     _kind, ts = msg.timestamp()
     return int(ts) if ts is not None and ts >= 0 else int(time.time() * 1000)

@@ -1,7 +1,8 @@
 """The built-in PostgreSQL projections: pure functions from canonical events to rows, plus their SQL.
 
 Every statement is idempotent and order-independent, so redelivery, replay and any arrival order end in
-the same state (DESIGN "Ordering").
+the same state: a message's status advances by rank and never backwards (ties: later occurred_at, then
+larger event id), a template's status is last-writer-wins on occurred_at (tie: larger event id).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _text(data: dict[str, Any], key: str) -> str | None:
 
 MESSAGE_EVENTS = Statement(
     """INSERT INTO message_events (event_id, tenant, message_id, status, occurred_at, received_at, payload)
-       VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING""",
+       VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (tenant, event_id) DO NOTHING""",
     lambda ev: [(ev.id, ev.tenant, ev.subject, ev.status, ev.occurred_at, _received(ev), Jsonb(ev.data))],
 )
 
@@ -68,7 +69,7 @@ MESSAGE_STATUS = Statement(
 INBOUND = Statement(
     """INSERT INTO inbound_messages (event_id, tenant, from_number, to_number, text, channel, provider,
                                      occurred_at, received_at, payload)
-       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING""",
+       VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (tenant, event_id) DO NOTHING""",
     lambda ev: [
         (
             ev.id,
@@ -87,7 +88,7 @@ INBOUND = Statement(
 
 TEMPLATE_EVENTS = Statement(
     """INSERT INTO template_events (event_id, tenant, template_id, status, occurred_at, payload)
-       VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING""",
+       VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (tenant, event_id) DO NOTHING""",
     lambda ev: [(ev.id, ev.tenant, ev.subject, ev.status, ev.occurred_at, Jsonb(ev.data))],
 )
 

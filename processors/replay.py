@@ -18,7 +18,7 @@ from typing import Literal
 from confluent_kafka import KafkaError, Message, murmur2
 
 from sentpipe.kafka import Producer
-from sentpipe.processors.offsets import Log, OpsError, Range, Window, headers_of, timestamp_ms
+from sentpipe.processors.offsets import Log, OpsError, Range, Window, timestamp_ms
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import EventType, MalformedEvent
 from sentpipe.schemas.topics import Topics
@@ -38,14 +38,11 @@ def new_run_id() -> str:
 
 
 def parse_types(names: Iterable[str]) -> frozenset[EventType]:
-    out = set()
-    for name in names:
-        try:
-            out.add(EventType(name))
-        except ValueError:
-            known = ", ".join(t.value for t in EventType)
-            raise OpsError(f"unknown event type {name!r} (known: {known})") from None
-    return frozenset(out)
+    """The --type filter: any canonical type, "unrouted" included; none means every type."""
+    try:
+        return frozenset(r.parse_event_types(names))
+    except ValueError as exc:
+        raise OpsError(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +207,7 @@ class _Replay:
     def one(self, msg: Message) -> None:
         res = self.result
         res.read += 1
-        key, value, headers = msg.key(), msg.value() or b"", headers_of(msg)
+        key, value, headers = msg.key(), msg.value() or b"", r.header_list(msg.headers())
         d = decide(
             key,
             value,

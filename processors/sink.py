@@ -12,7 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 from sentpipe import metrics as m
 from sentpipe.processors.handlers import HandlerContext, HandlerRegistry
 from sentpipe.processors.projections import PROJECTIONS
-from sentpipe.processors.retry import is_temporary
+from sentpipe.processors.retry import classify
 from sentpipe.schemas.events import CanonicalEvent, EventType
 
 log = logging.getLogger("sentpipe.handlers")
@@ -58,7 +58,7 @@ class PostgresSink:
                             await fn(ev, HandlerContext(conn, log, attempt))
                         ok += 1
                     except Exception as exc:
-                        if is_temporary(exc):
+                        if classify(exc) != "permanent":  # retried (bounded when unknown)
                             raise
                         failures.append(HandlerFailure(ev, name, exc))
                 succeeded[name] = ok

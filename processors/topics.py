@@ -1,4 +1,4 @@
-"""Create the design's topics, idempotently."""
+"""Create every topic sentpipe uses, idempotently."""
 
 from __future__ import annotations
 

@@ -1,30 +1,40 @@
-"""The Faust app: dedup + routing on the raw topic, one projecting agent per routed topic.
+"""The worker: the Faust router (dedup + routing of the raw topic) and the projector (routed topics).
 
 Delivery is at-least-once at every hop and every sink is idempotent, so the whole is effectively-once.
-Batches are taken without acknowledgement (`noack_take`) and acknowledged only after their effects are
-durable: routed records acked by the broker, rows committed, dead letters acked.
+The router takes raw batches without acknowledgement (`noack_take`) and acknowledges them only after the
+routed records are acknowledged by the broker; only then are their ids marked in the dedup table. The
+projector (processors/projector.py) reads the routed topics with librdkafka in batches of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import faust
+import mode
+import orjson
 from faust.types import EventT
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe import metrics as m
+from sentpipe.broker import Delivered, RecordProducer
+from sentpipe.kafka import AsyncProducer, BatchConsumer
+from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
 from sentpipe.processors.handlers import HandlerRegistry, registry
-from sentpipe.processors.retry import retrying
+from sentpipe.processors.health import Health, serve_health
+from sentpipe.processors.projector import Projector, Tuning
+from sentpipe.processors.retry import backoff, is_temporary
 from sentpipe.processors.sink import PostgresSink
 from sentpipe.processors.topics import DEDUP_TABLE
+from sentpipe.processors.watchdog import Watchdog
 from sentpipe.schemas import routing as r
-from sentpipe.schemas.events import ROUTED_TYPES, CanonicalEvent, EventType, MalformedEvent
+from sentpipe.schemas.events import ROUTED_TYPES, EventType, MalformedEvent
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings, WorkerRole
 
@@ -46,114 +56,129 @@ def faust_broker(bootstrap: str) -> str:
 def _headers(event: Event) -> dict[str, bytes]:
     raw: Any = event.message.headers or ()
     items = raw.items() if isinstance(raw, dict) else raw
-    return {str(k): bytes(v) for k, v in items if v is not None}
+    return r.header_map((str(k), bytes(v)) for k, v in items if v is not None)
 
 
-class Pipeline:
-    """The worker's I/O around the pure routing and projection code."""
+def seen_tenants(value: bytes | None) -> dict[str, int]:
+    """A dedup table value: tenant -> first-routed time (ms). Event ids are only unique per tenant."""
+    if not value:
+        return {}
+    try:
+        parsed = orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return {}
+    return {str(k): int(v) for k, v in parsed.items()} if isinstance(parsed, dict) else {}
 
-    def __init__(self, app: faust.App, settings: Settings, handlers: HandlerRegistry) -> None:
+
+def open_pool(settings: Settings) -> AsyncConnectionPool:
+    return AsyncConnectionPool(
+        settings.database_url.get_secret_value(),
+        min_size=1,
+        max_size=settings.db_pool_size,
+        timeout=5.0,
+        open=False,
+    )
+
+
+class _FaustProducer:
+    """The router's dead letters go through Faust's own producer (the seam's RecordProducer)."""
+
+    def __init__(self, app: faust.App) -> None:
+        self.app = app
+
+    def produce(
+        self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
+    ) -> asyncio.Future[Delivered]:
+        async def send() -> Delivered:
+            fut = await self.app.producer.send(topic, key, value, None, None, list(headers))
+            md = await fut
+            return Delivered(topic, md.partition, md.offset)
+
+        return asyncio.ensure_future(send())
+
+
+class Router:
+    """The route stage's I/O around the pure `route()`: dedup table, routed records, dead letters."""
+
+    def __init__(self, app: faust.App, settings: Settings, watchdog: Watchdog) -> None:
         self.app = app
         self.s = settings
         self.topics = Topics(settings.topic_prefix)
-        self.handlers = handlers
-        self._pool: AsyncConnectionPool | None = None
-        self._pool_lock = asyncio.Lock()
+        self.producer: RecordProducer = _FaustProducer(app)
+        self.watchdog = watchdog
+        self.processed: dict[tuple[str, int], int] = {}  # next offset to route, per raw partition
         self._seen: Any = None
 
     @property
     def seen(self) -> Any:
-        """The dedup table (route role only)."""
-        assert self._seen is not None, "the dedup table exists in the route role only"
+        assert self._seen is not None, "create_table() first"
         return self._seen
 
     def create_table(self) -> None:
-        app, settings = self.app, self.s
-        self._seen = app.Table(
+        self._seen = self.app.Table(
             DEDUP_TABLE,
             default=None,
-            partitions=settings.raw_partitions,
+            partitions=self.s.raw_partitions,
             key_type=bytes,
-            value_type=int,
+            value_type=bytes,
             # The changelog partition is the key's murmur2 partition, the same the ingress producer
             # chose for the raw record: table and raw topic stay co-partitioned even for batched writes.
             use_partitioner=True,
-            help="event id -> first-routed time (ms); bounded by the dedup window sweep",
+            help="event id -> {tenant: first-routed time (ms)}; bounded by the dedup window sweep",
         )
-
-    async def pool(self) -> AsyncConnectionPool:
-        async with self._pool_lock:
-            if self._pool is None:
-                self._pool = AsyncConnectionPool(
-                    self.s.database_url.get_secret_value(),
-                    min_size=1,
-                    max_size=self.s.db_pool_size,
-                    timeout=5.0,
-                    open=False,
-                )
-                await self._pool.open(wait=False)
-            return self._pool
-
-    async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
 
     def _stopping(self) -> bool:
         return bool(self.app.should_stop)
 
-    async def _send_all(self, records: Sequence[Record], stage: str) -> None:
-        """Produce records and wait for every broker acknowledgement; retried as a whole."""
-        if not records:
-            return
+    async def _send_each(self, records: Sequence[Record], events: Sequence[Event]) -> list[DeadLetter]:
+        """Produce the routed records; retry what fails for a while, dead-letter what the broker refuses.
 
-        async def attempt(_: int) -> None:
-            futs = [
-                await self.app.producer.send(topic, key, value, None, None, headers)
-                for topic, key, value, headers in records
-            ]
-            await asyncio.gather(*futs)
+        A temporary failure (broker away) is retried forever; a record the broker refuses for itself
+        (too large, say) is that record's failure only.
+        """
+        pending = list(zip(records, events, strict=True))
+        dead: list[DeadLetter] = []
+        attempt = 1
+        while pending:
+            futs = [self.producer.produce(t, k, v, h) for (t, k, v, h), _ in pending]
+            results = await asyncio.gather(*futs, return_exceptions=True)
+            retry: list[tuple[Record, Event]] = []
+            for item, res in zip(pending, results, strict=True):
+                if not isinstance(res, BaseException):
+                    continue
+                if is_temporary(res) and not self._stopping():
+                    retry.append(item)
+                elif is_temporary(res):
+                    raise res  # stopping: the batch stays unacknowledged and is read again
+                else:
+                    dead.append(_dead(item[1], "route", error_class(res), str(res)))
+            if retry:
+                m.RETRIES.labels("route").inc()
+                await retrying_sleep(attempt, self.s)
+                attempt += 1
+            pending = retry
+        return dead
 
-        await retrying(
-            attempt,
-            stage=stage,
-            initial=self.s.retry_initial_s,
-            cap=self.s.retry_max_s,
-            should_stop=self._stopping,
-        )
-
-    def _dlq_record(
-        self, event: Event, *, stage: str, error_class: str, message: str, headers: dict[str, bytes]
-    ) -> Record:
-        attempts = int(headers.get(r.H_DLQ_ATTEMPTS, b"0") or 0) + 1
-        kept = [(k, v) for k, v in headers.items() if k not in r.H_DLQ_KEYS]
-        msg = event.message
-        dlq = r.dlq_headers(
-            stage=stage,
-            error_class=error_class,
-            message=message,
-            attempts=attempts,
-            topic=msg.topic,
-            partition=msg.partition,
-            offset=msg.offset,
-        )
-        m.DLQ_EVENTS.labels(stage, error_class).inc()
-        return (self.topics.dlq, msg.key or b"", msg.value or b"", kept + dlq)
-
-    # --- raw topic: dedup and route -------------------------------------------------------------------
     async def route_batch(self, events: Sequence[Event]) -> None:
         out: list[Record] = []
-        first_seen: list[bytes] = []
-        in_batch: set[bytes] = set()
+        routed_events: list[Event] = []
+        dead: list[DeadLetter] = []
+        marks: dict[bytes, dict[str, int]] = {}
         for event in events:
             msg = event.message
             key = msg.key or b""
             headers = _headers(event)
+            tenant = headers.get(r.H_TENANT, b"").decode(errors="replace") or self.s.default_tenant
             type_label = headers.get(r.H_TYPE, b"").decode(errors="replace")
             type_label = type_label if type_label in _TYPE_LABELS else "unknown"  # bounded label values
-            if key and (key in in_batch or self.seen.get(key) is not None):
-                m.DUPLICATES_DROPPED.labels(type_label).inc()
-                continue
-            in_batch.add(key)
+            if key:
+                known = marks.get(key)
+                if known is None:
+                    known = marks[key] = seen_tenants(self.seen.get(key))
+                if tenant in known:
+                    m.DUPLICATES_DROPPED.labels(type_label).inc()
+                    continue
+                known[tenant] = 0  # placeholder until the batch is acknowledged
             try:
                 routed = r.route(
                     key or None,
@@ -165,87 +190,92 @@ class Pipeline:
                     record_timestamp_ms=int((msg.timestamp or time.time()) * 1000),
                 )
             except MalformedEvent as exc:
-                out.append(
-                    self._dlq_record(
-                        event, stage="route", error_class=exc.reason, message=exc.detail, headers=headers
-                    )
-                )
+                dead.append(_dead(event, "route", exc.reason, exc.detail))
+            except Exception as exc:  # anything raised for one record is that record's failure
+                log.warning("route failed for one record", extra={"error": type(exc).__name__})
+                dead.append(_dead(event, "route", type(exc).__name__, str(exc)))
             else:
                 out.append((routed.topic, routed.key, routed.value, list(headers.items())))
+                routed_events.append(event)
                 m.EVENTS_ROUTED.labels(
                     routed.event.type.value if routed.event else EventType.UNROUTED.value
                 ).inc()
-            if key:
-                first_seen.append(key)
-        await self._send_all(out, stage="route")
-        # Only now, with every routed record acknowledged, is the event marked seen: a crash before this
-        # line re-routes it (absorbed by the idempotent sinks) instead of losing it.
+        dead += await self._send_each(out, routed_events)
+        await send_dead_letters(
+            self.producer,
+            self.topics.dlq,
+            dead,
+            initial=self.s.retry_initial_s,
+            cap=self.s.retry_max_s,
+            should_stop=self._stopping,
+        )
+        # Only now, with every routed record and dead letter acknowledged, is the event marked seen: a
+        # crash before this line re-routes it (absorbed by the idempotent sinks) instead of losing it.
         now_ms = int(time.time() * 1000)
-        for key in first_seen:
-            self.seen[key] = now_ms
+        for key, tenants in marks.items():
+            self.seen[key] = orjson.dumps({t: ms or now_ms for t, ms in tenants.items()})
+        done: dict[tuple[str, int], int] = {}
+        for event in events:
+            where = (event.message.topic, event.message.partition)
+            done[where] = max(done.get(where, 0), event.message.offset + 1)
+        self.processed.update(done)
+        self.watchdog.progress(done)
+
+    async def report_lag(self) -> None:
+        """Raw records waiting per partition, measured from what was routed (not merely fetched)."""
+        consumer: Any = self.app.consumer
+        waiting: dict[tuple[str, int], int] = {}
+        for tp in consumer.assignment():
+            if tp.topic != self.topics.raw:
+                continue
+            try:
+                highwater = consumer.highwater(tp)
+                done = self.processed.get((tp.topic, tp.partition))
+                if done is None:
+                    # Nothing routed here since start: the group's commit (Faust keeps it; the fetch
+                    # position would run ahead of a stuck agent and hide the stall).
+                    done = consumer._committed_offset.get(tp)
+                if done is None:
+                    done = await consumer.position(tp)
+            except Exception:  # lag is best effort; an unassigned or resetting partition has none
+                continue
+            if highwater is not None and done is not None:
+                waiting[(tp.topic, tp.partition)] = max(0, highwater - done)
+        for where in set(self.processed) - set(waiting):
+            del self.processed[where]  # moved to another worker
+        self.watchdog.lag(waiting)
 
     async def sweep(self) -> int:
-        """Delete ids older than the dedup window; each delete tombstones the compacted changelog."""
+        """Forget ids older than the dedup window; each delete tombstones the compacted changelog."""
         cutoff = int(time.time() * 1000) - self.s.dedup_window_s * 1000
-        old = [k for k, v in list(self.seen.items()) if v is None or v < cutoff]
-        for k in old:
-            del self.seen[k]
+        removed = 0
+        for key, value in list(self.seen.items()):
+            tenants = seen_tenants(value)
+            kept = {t: ms for t, ms in tenants.items() if ms >= cutoff}
+            if not kept:
+                del self.seen[key]
+                removed += 1
+            elif len(kept) < len(tenants):
+                self.seen[key] = orjson.dumps(kept)
         m.DEDUP_TABLE_KEYS.set(len(self.seen))
-        return len(old)
+        return removed
 
-    # --- routed topics: project and run handlers ------------------------------------------------------
-    async def project_batch(self, type_: EventType, events: Sequence[Event]) -> None:
-        pairs: list[tuple[Event, CanonicalEvent]] = []
-        dead: list[Record] = []
-        for event in events:
-            try:
-                pairs.append((event, CanonicalEvent.from_json(event.message.value or b"")))
-            except (ValueError, KeyError, TypeError) as exc:
-                dead.append(
-                    self._dlq_record(
-                        event,
-                        stage="project",
-                        error_class="bad_canonical_event",
-                        message=str(exc),
-                        headers=_headers(event),
-                    )
-                )
-        canon = [c for _, c in pairs]
-        pool = await self.pool()
-        sink = PostgresSink(pool, self.handlers)
-        failures = (
-            await retrying(
-                lambda attempt: sink.apply(type_, canon, attempt),
-                stage="project",
-                initial=self.s.retry_initial_s,
-                cap=self.s.retry_max_s,
-                should_stop=self._stopping,
-            )
-            if canon
-            else []
-        )
-        committed = time.time()
-        for c in canon:
-            m.END_TO_END_LAG_SECONDS.labels(type_.value).observe(
-                max(0.0, committed - c.received_at_ms / 1000)
-            )
-        by_id = {id(c): e for e, c in pairs}
-        for f in failures:
-            event = by_id[id(f.event)]
-            log.warning(
-                "handler failed permanently; event sent to the DLQ",
-                extra={"event_id": f.event.id, "handler": f.handler, "error": type(f.error).__name__},
-            )
-            dead.append(
-                self._dlq_record(
-                    event,
-                    stage="handler",
-                    error_class=type(f.error).__name__,
-                    message=f"{f.handler}: {f.error}",
-                    headers=_headers(event),
-                )
-            )
-        await self._send_all(dead, stage="dlq")
+
+async def retrying_sleep(attempt: int, s: Settings) -> None:
+    await asyncio.sleep(backoff(attempt, s.retry_initial_s, s.retry_max_s))
+
+
+def _dead(event: Event, stage: str, error_class: str, message: str) -> DeadLetter:
+    msg = event.message
+    return DeadLetter(
+        msg.key or b"",
+        msg.value or b"",
+        list(_headers(event).items()),
+        (msg.topic, msg.partition, msg.offset),
+        stage,
+        error_class,
+        message,
+    )
 
 
 _TYPE_LABELS = frozenset(t.value for t in EventType)
@@ -260,30 +290,124 @@ def _init_metrics() -> None:
         m.EVENTS_PROCESSED.labels(type_.value, "projection", "ok")
     for stage in ("route", "project", "dlq"):
         m.RETRIES.labels(stage)
-    for mode in ("replay", "redrive"):
+    for mode_ in ("replay", "redrive"):
         for outcome in ("applied", "failed"):
-            m.REPLAY_EVENTS.labels(mode, outcome)
+            m.REPLAY_EVENTS.labels(mode_, outcome)
 
 
-def app_id_for(settings: Settings, role: WorkerRole) -> str:
-    """The Faust app id (= consumer group). Projections get a group of their own when run apart."""
-    return f"{settings.app_id}-projections" if role == "project" else settings.app_id
+def projections_group(settings: Settings) -> str:
+    """The projector's consumer group, apart from the router's so neither waits behind the other."""
+    return f"{settings.app_id}-projections"
+
+
+class ProjectorService:
+    """The projector with its resources: consumer, producer for dead letters, database pool."""
+
+    def __init__(self, settings: Settings, handlers: HandlerRegistry, health: Health) -> None:
+        self.s = settings
+        topics = Topics(settings.topic_prefix)
+        self.pool = open_pool(settings)
+        self.producer = AsyncProducer.from_settings(settings, delivery_timeout_s=30.0)
+        self.projector = Projector(
+            BatchConsumer(settings, projections_group(settings), topics.routed),
+            self.producer,
+            PostgresSink(self.pool, handlers),
+            topics,
+            Tuning(
+                settings.batch_size, settings.batch_within_s, settings.retry_initial_s, settings.retry_max_s
+            ),
+            health.add(Watchdog("project", settings.stall_after_s)),
+        )
+        health.ready_checks["projector"] = lambda: self.projector.started
+
+    async def run(self) -> None:
+        await self.producer.start()
+        await self.pool.open(wait=False)
+        try:
+            await self.projector.run()
+        finally:
+            await self.producer.close()
+            await self.pool.close()
+
+    def stop(self) -> None:
+        self.projector.stop()
+
+
+class _HealthInFaust(mode.Service):
+    """The worker's /metrics, /livez and /readyz on Faust's own loop, and the stall log."""
+
+    def __init__(self, health: Health, host: str, port: int, **kwargs: Any) -> None:
+        self.health, self.host, self.port = health, host, port
+        self._runner: Any = None
+        self._watch: asyncio.Task[None] | None = None
+        super().__init__(**kwargs)
+
+    async def on_start(self) -> None:
+        self._runner = await serve_health(self.health, self.host, self.port)
+        self._watch = asyncio.ensure_future(self.health.watch())
+
+    async def on_stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+class _ProjectorInFaust(mode.Service):
+    """Runs the projector beside the router in one Faust worker (role `all`)."""
+
+    def __init__(self, service: ProjectorService, **kwargs: Any) -> None:
+        self.service = service
+        self._task: asyncio.Task[None] | None = None
+        super().__init__(**kwargs)
+
+    async def on_start(self) -> None:
+        self._task = asyncio.ensure_future(self.service.run())
+
+    async def on_stop(self) -> None:
+        self.service.stop()
+        if self._task is not None:
+            await asyncio.wait([self._task], timeout=30)
+
+
+def run_projector(settings: Settings, handlers: HandlerRegistry = registry) -> None:
+    """Role `project`: the projector alone, no Faust; SIGTERM finishes the batch in hand and commits it."""
+
+    async def main() -> None:
+        health = Health()
+        service = ProjectorService(settings, handlers, health)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.stop)
+        runner = await serve_health(health, settings.worker_metrics_host, settings.worker_metrics_port)
+        watch = asyncio.ensure_future(health.watch())
+        log.info("projector started", extra={"group": projections_group(settings)})
+        try:
+            await service.run()
+        finally:
+            watch.cancel()
+            await runner.cleanup()
+        log.info("projector stopped")
+
+    import uvloop
+
+    uvloop.run(main())
 
 
 def create_app(
     settings: Settings, handlers: HandlerRegistry = registry, role: WorkerRole | None = None
 ) -> faust.App:
-    """The worker. Role `all` runs everything in one consumer; `route` and `project` split it in two
-    consumer groups, so projections keep up while the router works through a backlog."""
+    """The Faust worker for roles `route` and `all` (the router, plus the projector in `all`)."""
     role = role or settings.worker_role
+    if role == "project":
+        raise ValueError("role 'project' runs without Faust: use run_projector()")
     topics = Topics(settings.topic_prefix)
     _init_metrics()
-    app_id = app_id_for(settings, role)
     app = faust.App(
-        app_id,
+        settings.app_id,
         broker=faust_broker(settings.kafka_bootstrap),
         store=settings.table_store,
-        datadir=str(_mkdirs(settings.data_dir) / app_id),
+        datadir=str(_mkdirs(settings.data_dir) / settings.app_id),
         processing_guarantee="at_least_once",
         topic_partitions=settings.raw_partitions,
         topic_replication_factor=settings.replication_factor,
@@ -298,14 +422,18 @@ def create_app(
     # Each routed batch marks up to batch_size ids at once; Faust's default changelog buffer (100) would
     # stall the stream and log "producer buffer full" for every batch.
     app.producer.buffer.max_messages = max(100, 2 * settings.batch_size)
-    pipeline = Pipeline(app, settings, handlers)
-    app.sentpipe = pipeline  # type: ignore[attr-defined]
-    batch, within = settings.batch_size, settings.batch_within_s
+    health = Health()
+    router = Router(app, settings, health.add(Watchdog("route", settings.stall_after_s)))
+    app.sentpipe = router  # type: ignore[attr-defined]
+    _route_agents(app, settings, router, topics)
+    health.ready_checks["dedup table recovery"] = app.tables.recovery.completed.is_set  # type: ignore[attr-defined]
+    if role == "all":
+        app.add_dependency(_ProjectorInFaust(ProjectorService(settings, handlers, health)))
+    app.add_dependency(_HealthInFaust(health, settings.worker_metrics_host, settings.worker_metrics_port))
 
-    if role in ("all", "route"):
-        _route_agents(app, settings, pipeline, topics)
-    if role in ("all", "project"):
-        _project_agents(app, pipeline, topics, batch, within)
+    @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
+    async def watch_progress() -> None:
+        await router.report_lag()
 
     @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def consumer_lag() -> None:
@@ -322,15 +450,15 @@ def create_app(
     return app
 
 
-def _route_agents(app: faust.App, settings: Settings, pipeline: Pipeline, topics: Topics) -> None:
-    pipeline.create_table()
+def _route_agents(app: faust.App, settings: Settings, router: Router, topics: Topics) -> None:
+    router.create_table()
     batch, within = settings.batch_size, settings.batch_within_s
     raw = app.topic(topics.raw, key_type=bytes, value_type=bytes, partitions=settings.raw_partitions)
 
     @app.agent(raw, name="route")
     async def route_agent(stream: Any) -> None:
         async for events in stream.noack_take(batch, within=within):
-            await pipeline.route_batch(events)
+            await router.route_batch(events)
             for event in events:
                 await stream.ack(event)
 
@@ -340,27 +468,6 @@ def _route_agents(app: faust.App, settings: Settings, pipeline: Pipeline, topics
         # would miss the keys still on their way (and report a size that is not true).
         if not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
             return
-        removed = await pipeline.sweep()
+        removed = await router.sweep()
         if removed:
-            log.info("dedup sweep", extra={"removed": removed, "kept": len(pipeline.seen)})
-
-
-def _project_agents(app: faust.App, pipeline: Pipeline, topics: Topics, batch: int, within: float) -> None:
-    routed = {
-        EventType.MESSAGE_STATUS: topics.message_status,
-        EventType.MESSAGE_INBOUND: topics.message_inbound,
-        EventType.TEMPLATE_APPROVAL: topics.template_approval,
-    }
-    for type_, topic_name in routed.items():
-        topic = app.topic(topic_name, key_type=bytes, value_type=bytes)
-
-        def make(type_: EventType) -> Any:
-            async def project(stream: Any) -> None:
-                async for events in stream.noack_take(batch, within=within):
-                    await pipeline.project_batch(type_, events)
-                    for event in events:
-                        await stream.ack(event)
-
-            return project
-
-        app.agent(topic, name=f"project-{type_.value}")(make(type_))
+            log.info("dedup sweep", extra={"removed": removed, "kept": len(router.seen)})

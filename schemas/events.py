@@ -2,15 +2,38 @@
 
 This module is the single implementation of "what is this event": the ingress uses `frame` to derive
 the event id and type, and routing (worker, replay, redrive) uses `normalize` for the canonical event.
+
+The canonical model refuses what it cannot represent (DESIGN "The per-record rule"). `frame` checks every
+value the model will read, so such a body is dead-lettered at the ingress instead of crashing a worker:
+
+- the whole body: nesting deeper than `MAX_DEPTH`, or NUL (U+0000) in any key or string (PostgreSQL's
+  text and jsonb refuse it);
+- timestamps outside 1970-01-01T00:00:00Z..9999-12-31T23:59:59.999999Z, of the wrong JSON type, or not
+  ISO-8601; a number above `MS_THRESHOLD` is epoch milliseconds, otherwise epoch seconds;
+- ids (the envelope `id`, message and template ids): a string of at most `MAX_ID_LENGTH` characters or
+  an integer; true/false, floats, lists and objects are refused, never replaced by a fallback
+  (`normalize` holds the tenant and the event id it is given to the same limit);
+- statuses and type names: strings of at most `MAX_STATUS_LENGTH` / `MAX_TYPE_LENGTH` characters;
+- the text fields bound for PostgreSQL columns: strings (addresses may also be integers) within their
+  limits. A wrongly typed one is refused rather than stored as null, because the payload is kept verbatim
+  as jsonb and a column silently disagreeing with it would be a quiet loss; the DLQ keeps it redrivable.
+
+A field that is absent, null or "" is "not given": only then do fallbacks apply (event id from the body
+hash, occurred_at from received_at). Missing required keys (a message event without a message id or a
+status, a template event without an id or a status) are not the framing's business: `normalize` refuses
+them, so they are dead-lettered by the router, as before. `CanonicalEvent.from_json` is a tolerant but
+safe reader of routed records (see there). `schemas/contract.py` generates JSON Schema from the limits
+and field tables below; this module stays the authority.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
@@ -29,9 +52,65 @@ ROUTED_TYPES = (EventType.MESSAGE_STATUS, EventType.MESSAGE_INBOUND, EventType.T
 # Outbound message status rank: a lower rank never overwrites a higher one (DESIGN "Ordering").
 STATUS_RANK = {"queued": 0, "routed": 1, "sent": 2, "failed": 3, "delivered": 4, "read": 5}
 
+# --- the limits of the canonical model: one place, also read by the JSON Schema generator ---------------
+# Containers nested in one another, the body itself being level 1. Sent's envelope uses 2 or 3; orjson
+# refuses to write beyond 255 (CanonicalEvent.to_json would crash) and to read beyond 1024.
+MAX_DEPTH = 32
+# Event, message and template ids and the tenant: Kafka keys and primary-key columns. 256 characters are
+# at most 1 KiB of UTF-8, so (tenant, id) stays under PostgreSQL's btree entry limit of about 2.7 KB, and
+# far above any id seen (UUIDs, evt_ + 32 hex, SHA-256 hex).
+MAX_ID_LENGTH = 256
+# A status ("delivered", "APPROVED"): a short code, ranked and compared.
+MAX_STATUS_LENGTH = 64
+# Envelope type names: Sent's `field` and `sub_type`, the guide's `event.type`.
+MAX_TYPE_LENGTH = 128
+# Short text columns: inbound from/to (phone numbers, WhatsApp or RCS ids), channel, provider, template
+# name (WhatsApp allows 512).
+MAX_LABEL_LENGTH = 512
+# Free text columns: the inbound message text (WhatsApp allows 4096) and a template's rejection reason.
+MAX_TEXT_LENGTH = 65_536
+# An ISO-8601 time string ("2025-10-31T10:10:42.123456+05:30" is 32).
+MAX_TIMESTAMP_LENGTH = 64
+# A numeric timestamp above this is epoch milliseconds (1e11 s is the year 5138; 1e11 ms is 1973).
+MS_THRESHOLD = 1e11
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The last representable instant: 9999-12-31T23:59:59.999Z as epoch milliseconds (numeric timestamps
+# must stay below MAX_EPOCH_MS + 1; see `parse_timestamp`).
+MAX_EPOCH_MS = 253_402_300_799_999
 
-class MalformedEvent(Exception):
-    """A body that can never be processed (a permanent failure): goes to the DLQ with `reason`."""
+# Reason codes a MalformedEvent carries (a bounded set: they label metrics and DLQ records).
+REASONS = (
+    "not_json",
+    "not_an_object",
+    "no_envelope",
+    "too_deep",
+    "nul_character",
+    "bad_type",
+    "bad_sub_type",
+    "bad_event_id",
+    "missing_event_id",
+    "bad_message_id",
+    "bad_template_id",
+    "bad_tenant",
+    "bad_status",
+    "bad_timestamp",
+    "bad_received_at",
+    "bad_field",
+    "bad_payload",
+    "missing_message_id",
+    "missing_template_id",
+    "missing_status",
+    "bad_canonical_event",
+)
+
+
+class MalformedEvent(ValueError):
+    """A body that can never be processed (a permanent failure): goes to the DLQ with `reason`.
+
+    `reason` is one of `REASONS`; `detail` names the field and the limit, never the offending value. A
+    ValueError, so callers that treat bad input as ValueError (e.g. around `CanonicalEvent.from_json`)
+    catch it too.
+    """
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -79,30 +158,323 @@ class CanonicalEvent:
 
     @classmethod
     def from_json(cls, value: bytes) -> CanonicalEvent:
-        d = orjson.loads(value)
+        """The event `to_json` wrote; raises MalformedEvent (a ValueError) for anything else.
+
+        A tolerant reader that is still safe: every field gets its declared Python type, the times are
+        within 1970..9999 and `data` is an object nested at most MAX_DEPTH deep (so `to_json` can write it
+        again), or the record is refused. What only PostgreSQL refuses (NUL, oversized ids) is left to the
+        database, whose SQLSTATE 22/54 errors dead-letter the one record: a record written by an older or
+        buggy router still reaches that backstop instead of vanishing here.
+        """
+        d = _load_object(value, nul=False)
+        type_name = d.get("type")
+        if type_name not in _ROUTED_NAMES:
+            raise MalformedEvent("bad_canonical_event", "'type' is not a routed event type")
+        occurred_text = d.get("occurred_at")
+        if not isinstance(occurred_text, str) or not occurred_text:
+            raise MalformedEvent("bad_canonical_event", "'occurred_at' is not an ISO-8601 string")
+        occurred_at = parse_timestamp(occurred_text, "occurred_at")
+        if occurred_at is None:  # unreachable for a non-empty string; keeps the type narrow
+            raise MalformedEvent("bad_canonical_event", "'occurred_at' is empty")
+        shape = d.get("shape", "sent")
+        if shape not in ("sent", "guide"):
+            raise MalformedEvent("bad_canonical_event", "'shape' is neither 'sent' nor 'guide'")
+        data = d.get("data")
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise MalformedEvent("bad_payload", "'data' is not an object")
         return cls(
-            id=d["id"],
-            type=EventType(d["type"]),
-            tenant=d["tenant"],
-            occurred_at=datetime.fromisoformat(d["occurred_at"]),
-            received_at_ms=int(d["received_at"]),
-            sub_type=d.get("sub_type"),
-            shape=d.get("shape", "sent"),
-            subject=d["subject"],
-            status=d.get("status"),
-            data=d.get("data") or {},
+            id=_nonempty(d.get("id"), "id"),
+            type=EventType(type_name),
+            tenant=_nonempty(d.get("tenant"), "tenant"),
+            occurred_at=occurred_at,
+            received_at_ms=_received_at(d.get("received_at")),
+            sub_type=_optional_str(d.get("sub_type"), "sub_type"),
+            shape=shape,
+            subject=_nonempty(d.get("subject"), "subject"),
+            status=_optional_str(d.get("status"), "status"),
+            data=data,
         )
+
+
+def _nonempty(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise MalformedEvent("bad_canonical_event", f"{where!r} must be a non-empty string")
+    return value
+
+
+def _optional_str(value: object, where: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise MalformedEvent("bad_canonical_event", f"{where!r} must be a string or null")
+    return value
+
+
+_ROUTED_NAMES = frozenset(t.value for t in ROUTED_TYPES)
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _kind(value: object) -> str:
+    """The JSON type of a parsed value, for messages (never the value itself)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+# --- the whole document -------------------------------------------------------------------------------
+def _load_object(body: bytes, *, nul: bool = True) -> dict[str, Any]:
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        if "depth" in str(exc) or "recursion" in str(exc):
+            raise MalformedEvent("too_deep", f"body nests deeper than {MAX_DEPTH} levels") from None
+        raise MalformedEvent("not_json", "body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise MalformedEvent("not_an_object", "body is JSON but not an object")
+    check_structure(doc, body, nul=nul)
+    return doc
+
+
+def check_structure(doc: object, raw: bytes | None = None, *, nul: bool = True) -> None:
+    """Refuse nesting deeper than MAX_DEPTH and (unless `nul` is false) NUL in any key or string.
+
+    Iterative, never recursive. With the raw JSON at hand the walk is skipped when it cannot find anything:
+    fewer opening brackets than the limit, and no escaped NUL (the only way JSON can carry one).
+    """
+    nul_free = not nul or (raw is not None and b"\\u0000" not in raw)
+    if raw is not None and nul_free and raw.count(b"{") + raw.count(b"[") <= MAX_DEPTH:
+        return
+    stack: list[tuple[object, int]] = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            values: Any = node.values()
+            if not nul_free:
+                for key in node:
+                    if "\x00" in key:
+                        raise MalformedEvent("nul_character", "a key contains NUL (U+0000)")
+        elif isinstance(node, list):
+            values = node
+        else:
+            continue
+        if depth > MAX_DEPTH:
+            raise MalformedEvent("too_deep", f"body nests deeper than {MAX_DEPTH} levels")
+        for v in values:
+            if isinstance(v, dict | list):
+                stack.append((v, depth + 1))
+            elif not nul_free and isinstance(v, str) and "\x00" in v:
+                raise MalformedEvent("nul_character", "a string contains NUL (U+0000)")
+
+
+# --- single values ------------------------------------------------------------------------------------
+# What a field holds. Strings: (integers allowed too, longest length in characters). "time" is a number
+# (epoch seconds, or milliseconds above MS_THRESHOLD) or an ISO-8601 string, within 1970..9999.
+Kind = Literal["id", "address", "label", "text", "status", "type", "time"]
+STRING_KINDS: dict[str, tuple[bool, int]] = {
+    "id": (True, MAX_ID_LENGTH),
+    "address": (True, MAX_LABEL_LENGTH),
+    "label": (False, MAX_LABEL_LENGTH),
+    "text": (False, MAX_TEXT_LENGTH),
+    "status": (False, MAX_STATUS_LENGTH),
+    "type": (False, MAX_TYPE_LENGTH),
+}
+
+
+class FieldSpec(NamedTuple):
+    """One field the model reads: its JSON name, what it holds, the reason code when it is wrong."""
+
+    name: str
+    kind: Kind
+    reason: str
+    where: str  # how messages name it
+
+
+def _string(value: object, where: str, reason: str, kind: str) -> str | None:
+    """A string (or integer, for ids and addresses) within the kind's length; None when not given."""
+    if value is None or value == "":
+        return None
+    integer_ok, limit = STRING_KINDS[kind]
+    if isinstance(value, str):
+        text = value
+    elif integer_ok and isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+    else:
+        wanted = "a string or an integer" if integer_ok else "a string"
+        raise MalformedEvent(reason, f"{where} must be {wanted}, not {_kind(value)}")
+    if len(text) > limit:
+        raise MalformedEvent(reason, f"{where} is longer than {limit} characters")
+    if "\x00" in text:
+        raise MalformedEvent("nul_character", f"{where} contains NUL (U+0000)")
+    return text
+
+
+def _id(value: object, where: str, reason: str) -> str | None:
+    return _string(value, where, reason, "id")
+
+
+def _required_id(value: object, where: str, reason: str) -> str:
+    found = _id(value, where, reason)
+    if found is None or not isinstance(value, str):
+        raise MalformedEvent(reason, f"{where} must be a non-empty string")
+    return found
+
+
+def _status(value: object, where: str) -> str | None:
+    return _string(value, where, "bad_status", "status")
+
+
+def _type_name(value: object, where: str, reason: str) -> str | None:
+    return _string(value, where, reason, "type")
+
+
+def _received_at(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_EPOCH_MS:
+        raise MalformedEvent(
+            "bad_received_at", "received_at must be integer epoch milliseconds within 1970..9999"
+        )
+    return value
+
+
+def parse_timestamp(value: object, where: str = "timestamp") -> datetime | None:
+    """A timestamp as an aware UTC datetime; None when not given (absent, null or "").
+
+    Numbers are epoch seconds, or milliseconds above MS_THRESHOLD; strings are ISO-8601 (no zone: UTC).
+    Raises MalformedEvent("bad_timestamp") for any other type, an unparseable string, or an instant
+    outside 1970-01-01T00:00:00Z..9999-12-31T23:59:59.999999Z.
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # Compared before any arithmetic: an int beyond a float's range must not reach the division.
+        if not (isinstance(value, int) or math.isfinite(value)) or not 0 <= value <= MAX_EPOCH_MS:
+            raise MalformedEvent("bad_timestamp", f"{where} is outside 1970-01-01..9999-12-31")
+        try:
+            if isinstance(value, int):  # exact, no float rounding
+                return EPOCH + (
+                    timedelta(milliseconds=value) if value > MS_THRESHOLD else timedelta(seconds=value)
+                )
+            return datetime.fromtimestamp(value / 1000 if value > MS_THRESHOLD else value, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise MalformedEvent("bad_timestamp", f"{where} is outside 1970-01-01..9999-12-31") from None
+    if not isinstance(value, str):
+        raise MalformedEvent("bad_timestamp", f"{where} must be a number or an ISO-8601 string")
+    if len(value) > MAX_TIMESTAMP_LENGTH:
+        raise MalformedEvent("bad_timestamp", f"{where} is longer than {MAX_TIMESTAMP_LENGTH} characters")
+    try:
+        parsed = datetime.fromisoformat(value)
+        parsed = parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    except (OverflowError, ValueError):
+        raise MalformedEvent("bad_timestamp", f"{where} is not an ISO-8601 time within 1970..9999") from None
+    if parsed < EPOCH:
+        raise MalformedEvent("bad_timestamp", f"{where} is outside 1970-01-01..9999-12-31")
+    return parsed
+
+
+def parse_time(value: object) -> datetime | None:
+    """Lenient `parse_timestamp` for user input (CLI bounds): None instead of an error."""
+    try:
+        return parse_timestamp(value)
+    except MalformedEvent:
+        return None
+
+
+def _check_fields(d: dict[str, Any], specs: tuple[FieldSpec, ...]) -> dict[str, Any]:
+    """Check every given field of `specs` in `d`; the checked values (str or datetime) by name."""
+    out: dict[str, Any] = {}
+    for name, kind, reason, where in specs:
+        value = d.get(name)
+        if value is None or value == "":
+            continue
+        out[name] = parse_timestamp(value, where) if kind == "time" else _string(value, where, reason, kind)
+    return out
+
+
+def _first(found: dict[str, Any], names: tuple[str, ...]) -> Any:
+    for name in names:
+        if name in found:
+            return found[name]
+    return None
+
+
+# --- the envelope and the payloads (the JSON Schema contract is generated from these tables) -----------
+def _f(name: str, kind: Kind, reason: str, prefix: str = "payload field ") -> FieldSpec:
+    return FieldSpec(name, kind, reason, f"{prefix}{name!r}")
+
+
+def _times(*names: str, prefix: str = "payload field ") -> tuple[FieldSpec, ...]:
+    return tuple(_f(n, "time", "bad_timestamp", prefix) for n in names)
+
+
+# The envelope fields read besides the type: every one given is checked; the first time given is
+# occurred_at. (`field`, `sub_type`, `event.type` and the guide's top-level `type` are read by _classify.)
+SENT_ENVELOPE_FIELDS = (_f("id", "id", "bad_event_id", ""), *_times("timestamp", prefix=""))
+GUIDE_ENVELOPE_FIELDS = (
+    _f("id", "id", "bad_event_id", ""),
+    *_times("created_at", "timestamp", "occurred_at", prefix=""),
+)
+SENT_TIME_FIELDS = ("timestamp",)
+GUIDE_TIME_FIELDS = ("created_at", "timestamp", "occurred_at")
+PAYLOAD_TIME_FIELDS = ("timestamp", "occurred_at")  # the guide's fallback inside `data`
+# The entity id and status of a routed type: aliases in the order they are looked up.
+MESSAGE_ID_FIELDS = ("message_id", "messageId", "id")
+TEMPLATE_ID_FIELDS = ("template_id", "templateId", "id")
+ENTITY_ID_FIELDS: dict[EventType, tuple[str, ...]] = {
+    EventType.MESSAGE_STATUS: MESSAGE_ID_FIELDS,
+    EventType.TEMPLATE_APPROVAL: TEMPLATE_ID_FIELDS,
+}
+STATUS_FIELDS: dict[EventType, tuple[str, ...]] = {
+    EventType.MESSAGE_STATUS: ("message_status", "status"),
+    EventType.TEMPLATE_APPROVAL: ("status",),
+}
+# Every payload field of a routed type that the model or the projections read, checked when given.
+# Text bound for PostgreSQL columns is refused when wrongly typed ("bad_field"), never nulled: see above.
+PAYLOAD_FIELDS: dict[EventType, tuple[FieldSpec, ...]] = {
+    EventType.MESSAGE_STATUS: (
+        *(_f(n, "id", "bad_message_id") for n in MESSAGE_ID_FIELDS),
+        _f("message_status", "status", "bad_status"),
+        _f("status", "status", "bad_status"),
+        _f("template_id", "id", "bad_template_id"),
+        *_times(*PAYLOAD_TIME_FIELDS),
+    ),
+    EventType.MESSAGE_INBOUND: (
+        _f("from", "address", "bad_field"),
+        _f("to", "address", "bad_field"),
+        _f("text", "text", "bad_field"),
+        _f("channel", "label", "bad_field"),
+        _f("provider", "label", "bad_field"),
+        *_times("received_at", *PAYLOAD_TIME_FIELDS),
+    ),
+    EventType.TEMPLATE_APPROVAL: (
+        *(_f(n, "id", "bad_template_id") for n in TEMPLATE_ID_FIELDS),
+        _f("status", "status", "bad_status"),
+        _f("template_name", "label", "bad_field"),
+        _f("name", "label", "bad_field"),
+        _f("reason", "text", "bad_field"),
+        *_times(*PAYLOAD_TIME_FIELDS),
+    ),
+}
+
+
 def _classify(doc: dict[str, Any]) -> tuple[EventType, str | None, Literal["sent", "guide"]]:
     field = doc.get("field")
     if isinstance(field, str):
-        sub_type = doc.get("sub_type")
-        sub = sub_type if isinstance(sub_type, str) else None
+        _type_name(field, "'field'", "bad_type")
+        sub = _type_name(doc.get("sub_type"), "'sub_type'", "bad_sub_type")
         if field in ("message", "messages"):
             if sub == "message.received":
                 return EventType.MESSAGE_INBOUND, sub, "sent"
@@ -112,113 +484,112 @@ def _classify(doc: dict[str, Any]) -> tuple[EventType, str | None, Literal["sent
         return EventType.UNROUTED, sub, "sent"
     event = doc.get("event")
     if isinstance(event, dict) and isinstance(event.get("type"), str):
-        try:
-            return EventType(event["type"]), event["type"], "guide"
-        except ValueError:
-            return EventType.UNROUTED, event["type"], "guide"
-    if isinstance(doc.get("type"), str):
-        try:
-            return EventType(doc["type"]), doc["type"], "guide"
-        except ValueError:
-            return EventType.UNROUTED, doc["type"], "guide"
-    raise MalformedEvent("no_envelope", "body has neither Sent's 'field' nor the guide's 'event.type'")
-
-
-def frame(body: bytes, *, webhook_id: str | None, id_source: EventIdSource = "auto") -> Framed:
-    """Parse a raw body just enough to key and type it; raises MalformedEvent."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise MalformedEvent("not_json", "body is not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise MalformedEvent("not_an_object", "body is JSON but not an object")
-    type_, sub_type, shape = _classify(doc)
-    return Framed(_event_id(doc, body, webhook_id, id_source), type_, sub_type, shape, doc)
-
-
-def _event_id(doc: dict[str, Any], body: bytes, webhook_id: str | None, source: EventIdSource) -> str:
-    if source == "auto":
-        envelope_id = doc.get("id")
-        if isinstance(envelope_id, str | int) and str(envelope_id):
-            return str(envelope_id)
-        return _sha256(body)  # Sent retries with the identical body
-    if source == "body":
-        return _sha256(body)
-    if source == "header":
-        if not webhook_id:
-            raise MalformedEvent("missing_event_id", "event id source is 'header' but x-webhook-id is empty")
-        return webhook_id
-    # "content": stable across a re-serialization of the same event (key order, whitespace).
-    return _sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS))
-
-
-def parse_time(value: object) -> datetime | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = value / 1000 if value > 1e11 else value
-        return datetime.fromtimestamp(seconds, UTC)
-    if isinstance(value, str) and value:
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    return None
-
-
-def _text(d: dict[str, Any], *names: str) -> str | None:
-    for name in names:
-        v = d.get(name)
-        if isinstance(v, str) and v:
-            return v
-        if isinstance(v, int) and not isinstance(v, bool):
-            return str(v)
-    return None
-
-
-def normalize(framed: Framed, *, tenant: str, received_at_ms: int) -> CanonicalEvent:
-    """The canonical event for a framed body; raises MalformedEvent when a routed type lacks its keys."""
-    doc = framed.doc
-    if framed.shape == "sent":
-        data = doc.get("payload")
-        occurred = parse_time(doc.get("timestamp"))
+        name = event["type"]
+    elif isinstance(doc.get("type"), str):
+        name = doc["type"]
     else:
+        raise MalformedEvent("no_envelope", "body has neither Sent's 'field' nor the guide's 'event.type'")
+    _type_name(name, "the event type", "bad_type")
+    try:
+        return EventType(name), name, "guide"
+    except ValueError:
+        return EventType.UNROUTED, name, "guide"
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    data: object  # the payload; an object (or absent) for every routed type
+    occurred_at: datetime | None
+    subject: str | None  # message or template id, when given
+    status: str | None  # as given, not lower-cased
+
+
+# One lookup per event (an Enum's hash is Python code): payload fields, id aliases, status aliases.
+_BY_TYPE: dict[EventType, tuple[tuple[FieldSpec, ...], tuple[str, ...], tuple[str, ...]]] = {
+    t: (PAYLOAD_FIELDS[t], ENTITY_ID_FIELDS.get(t, ()), STATUS_FIELDS.get(t, ())) for t in ROUTED_TYPES
+}
+
+
+def _read(
+    doc: dict[str, Any], type_: EventType, sub_type: str | None, shape: Literal["sent", "guide"]
+) -> _Read:
+    """Every value of a framed body that the model reads, checked; values not given are None."""
+    if shape == "sent":
+        occurred = _first(_check_fields(doc, SENT_ENVELOPE_FIELDS), SENT_TIME_FIELDS)
+        data = doc.get("payload")
+    else:
+        occurred = _first(_check_fields(doc, GUIDE_ENVELOPE_FIELDS), GUIDE_TIME_FIELDS)
         data = doc.get("data")
-        occurred = parse_time(doc.get("created_at") or doc.get("timestamp") or doc.get("occurred_at"))
-        if isinstance(data, dict) and occurred is None:
-            occurred = parse_time(data.get("timestamp") or data.get("occurred_at"))
+    if type_ is EventType.UNROUTED:  # kept as received: its payload is nobody's business yet
+        return _Read(data, occurred, None, None)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise MalformedEvent("bad_payload", "event payload is not an object")
-    received = datetime.fromtimestamp(received_at_ms / 1000, UTC)
-    occurred_at = occurred or received
+    specs, id_fields, status_fields = _BY_TYPE[type_]
+    found = _check_fields(data, specs)
+    if shape == "guide" and occurred is None:
+        occurred = _first(found, PAYLOAD_TIME_FIELDS)
+    status = _first(found, status_fields)
+    if type_ is EventType.MESSAGE_STATUS and shape == "sent" and sub_type and sub_type.startswith("message."):
+        # Sent's sub_type ("message.delivered") names the status; the payload's is the fallback.
+        status = _status(sub_type.removeprefix("message."), "the status in 'sub_type'") or status
+    return _Read(data, occurred, _first(found, id_fields), status)
 
-    subject = framed.event_id
+
+def frame(body: bytes, *, webhook_id: str | None, id_source: EventIdSource = "auto") -> Framed:
+    """Parse and check a raw body (the module doc's limits), key and type it; raises MalformedEvent."""
+    doc = _load_object(body)
+    type_, sub_type, shape = _classify(doc)
+    event_id = _event_id(doc, body, webhook_id, id_source)
+    _read(doc, type_, sub_type, shape)
+    return Framed(event_id, type_, sub_type, shape, doc)
+
+
+def _event_id(doc: dict[str, Any], body: bytes, webhook_id: str | None, source: EventIdSource) -> str:
+    # The envelope id is checked whatever the source: a wrongly typed one is refused, never replaced.
+    envelope_id = _id(doc.get("id"), "the envelope 'id'", "bad_event_id")
+    if source == "auto":
+        return envelope_id if envelope_id is not None else _sha256(body)  # Sent retries the same body
+    if source == "body":
+        return _sha256(body)
+    if source == "header":
+        header_id = _id(webhook_id, "x-webhook-id", "bad_event_id")
+        if header_id is None:
+            raise MalformedEvent("missing_event_id", "event id source is 'header' but x-webhook-id is empty")
+        return header_id
+    # "content": stable across a re-serialization of the same event (key order, whitespace).
+    return _sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS))
+
+
+def normalize(framed: Framed, *, tenant: str, received_at_ms: int) -> CanonicalEvent:
+    """The canonical event for a framed body; raises MalformedEvent when a routed type lacks its keys."""
+    read = _read(framed.doc, framed.type, framed.sub_type, framed.shape)
+    data = {} if read.data is None else read.data
+    if not isinstance(data, dict):
+        raise MalformedEvent("bad_payload", "event payload is not an object")
+    tenant = _required_id(tenant, "tenant", "bad_tenant")
+    event_id = _required_id(framed.event_id, "event id", "bad_event_id")
+    received_at_ms = _received_at(received_at_ms)
+    occurred_at = read.occurred_at or datetime.fromtimestamp(received_at_ms / 1000, UTC)
+
+    subject = event_id
     status: str | None = None
     if framed.type is EventType.MESSAGE_STATUS:
-        message_id = _text(data, "message_id", "messageId", "id")
-        if message_id is None:
+        if read.subject is None:
             raise MalformedEvent("missing_message_id", "message status event without a message id")
-        subject = message_id
-        if framed.shape == "sent" and framed.sub_type and framed.sub_type.startswith("message."):
-            status = framed.sub_type.removeprefix("message.")
-        else:
-            status = _text(data, "message_status", "status")
-        if status is None:
+        if read.status is None:
             raise MalformedEvent("missing_status", "message status event without a status")
-        status = status.lower()
+        subject, status = read.subject, read.status.lower()
     elif framed.type is EventType.TEMPLATE_APPROVAL:
-        template_id = _text(data, "template_id", "templateId", "id")
-        if template_id is None:
+        if read.subject is None:
             raise MalformedEvent("missing_template_id", "template event without a template id")
-        subject = template_id
-        found = _text(data, "status")
-        if found is None:
+        if read.status is None:
             raise MalformedEvent("missing_status", "template event without a status")
-        status = found.lower()
+        subject, status = read.subject, read.status.lower()
 
     return CanonicalEvent(
-        id=framed.event_id,
+        id=event_id,
         type=framed.type,
         tenant=tenant,
         occurred_at=occurred_at,

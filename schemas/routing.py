@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from sentpipe.schemas.events import CanonicalEvent, EventIdSource, EventType, MalformedEvent, frame, normalize
 from sentpipe.schemas.topics import Topics
 
-# Headers on a raw record (DESIGN "Raw record").
+# Headers on a raw record; its value is the body exactly as received.
 H_TENANT = "sentpipe-tenant"
 H_TYPE = "sentpipe-type"
 H_RECEIVED_AT = "sentpipe-received-at"
@@ -40,12 +40,30 @@ H_DLQ_KEYS = (
 )
 
 HeaderList = list[tuple[str, bytes]]
+# Headers as the Kafka clients hand them over: confluent-kafka a list of pairs or None, aiokafka and Faust
+# a list or a dict; a value may be None, and str where the producer sent text.
+ClientHeaders = Mapping[str, bytes | str | None] | Iterable[tuple[str, bytes | str | None]] | None
+
+
+def parse_event_types(
+    names: Iterable[str], allowed: Iterable[EventType] = EventType
+) -> tuple[EventType, ...]:
+    """Canonical type names -> types, in the given order, each once; ValueError names the allowed ones."""
+    valid = {t.value: t for t in allowed}
+    chosen: list[EventType] = []
+    for name in names:
+        type_ = valid.get(name)
+        if type_ is None:
+            raise ValueError(f"unknown event type {name!r} (known: {', '.join(valid)})")
+        if type_ not in chosen:
+            chosen.append(type_)
+    return tuple(chosen)
 
 
 def raw_headers(
     *, tenant: str, received_at_ms: int, webhook_id: str, request_id: str, event_type: str | None
 ) -> HeaderList:
-    """The headers of a raw record (DESIGN "Raw record"); the type is absent for a malformed body."""
+    """The headers of a raw record; the type is absent for a malformed body."""
     out: HeaderList = [
         (H_TENANT, tenant.encode()),
         (H_RECEIVED_AT, str(received_at_ms).encode()),
@@ -87,9 +105,15 @@ def dlq_headers(
     return out
 
 
-def header_map(headers: Iterable[tuple[str, bytes | None]] | None) -> dict[str, bytes]:
-    """Kafka headers as a dict (last value wins); tolerates None values and None lists."""
-    return {k: v for k, v in (headers or ()) if v is not None}
+def header_list(headers: ClientHeaders) -> HeaderList:
+    """Kafka headers as (name, bytes) pairs in record order, from any client's shape; None values dropped."""
+    items = headers.items() if isinstance(headers, Mapping) else headers or ()
+    return [(str(k), v.encode() if isinstance(v, str) else bytes(v)) for k, v in items if v is not None]
+
+
+def header_map(headers: ClientHeaders) -> dict[str, bytes]:
+    """Kafka headers as a dict (the last value of a repeated name wins); see `header_list`."""
+    return dict(header_list(headers))
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +165,9 @@ __all__ = [
     "MalformedEvent",
     "Routed",
     "dlq_headers",
+    "header_list",
     "header_map",
+    "parse_event_types",
     "raw_headers",
     "route",
 ]

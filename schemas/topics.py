@@ -55,7 +55,7 @@ def topic_specs(
     raw_retention_ms: int,
     dlq_retention_ms: int,
 ) -> list[TopicSpec]:
-    """Every topic of the design with its partitions and retention."""
+    """Every topic sentpipe uses, with its partitions and retention."""
     keep = {"retention.ms": str(raw_retention_ms)}
     min_isr = {"min.insync.replicas": str(min(2, replication_factor))}
     specs = [TopicSpec(topics.raw, raw_partitions, replication_factor, {**keep, **min_isr})]

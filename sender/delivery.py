@@ -33,6 +33,14 @@ class SigningMode(StrEnum):
     STALE = "stale"
 
 
+def nearest_rank_quantile(values: Sequence[float], q: float) -> float | None:
+    """The exact q-quantile (0 < q <= 1) by nearest rank: a value that occurred, None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
 class Unreachable(Exception):
     """The target accepts no connection at all: nothing would be delivered, so stop before starting."""
 
@@ -138,10 +146,7 @@ class Stats:
 
     def percentile(self, q: float) -> float | None:
         """Nearest-rank percentile of answered attempts' latency, None before the first answer."""
-        if not self.latencies_s:
-            return None
-        ordered = sorted(self.latencies_s)
-        return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+        return nearest_rank_quantile(self.latencies_s, q)
 
     def record_attempt(self, attempt: Attempt) -> None:
         if attempt.number > 1:

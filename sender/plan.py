@@ -12,11 +12,11 @@ from typing import Literal
 import orjson
 
 from sentpipe.schemas.events import ROUTED_TYPES, EventType, MalformedEvent, frame, normalize
+from sentpipe.schemas.routing import parse_event_types
 from sentpipe.schemas.samples import Sample, SampleFactory
 
 ShapeChoice = Literal["sent", "guide", "mixed"]
 SHAPES: tuple[ShapeChoice, ...] = ("sent", "guide", "mixed")
-TYPE_NAMES = tuple(t.value for t in ROUTED_TYPES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,14 +41,8 @@ class BadLine(ValueError):
 
 
 def parse_types(names: Iterable[str]) -> tuple[EventType, ...]:
-    """Canonical type names -> types (all routed types when none); ValueError names the valid ones."""
-    chosen: list[EventType] = []
-    for name in names:
-        if name not in TYPE_NAMES:
-            raise ValueError(f"unknown event type {name!r}; valid types: {', '.join(TYPE_NAMES)}")
-        if EventType(name) not in chosen:
-            chosen.append(EventType(name))
-    return tuple(chosen) or ROUTED_TYPES
+    """Routed type names -> types (all routed types when none); ValueError names the valid ones."""
+    return parse_event_types(names, ROUTED_TYPES) or ROUTED_TYPES
 
 
 def parse_shape(text: str) -> ShapeChoice:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from sentpipe.cli_base import CliError, err, fail, out, settings
+from sentpipe.cli_base import CliError, err, fail, out, print_untrusted_body, settings, terminal_safe
 
 if TYPE_CHECKING:
     from sentpipe.processors.inspect import Found
@@ -54,13 +54,11 @@ def worker(
         ),
     ] = None,
 ) -> None:
-    """Run the stream processors (Faust worker); extra arguments go to Faust's worker command."""
-    import prometheus_client
-
-    from sentpipe.logs import configure
+    """Run the stream processors (router on Faust, projector on librdkafka); extra arguments go to Faust."""
+    from sentpipe.logs import configure, faust_log_level, faust_quiet_options
     from sentpipe.processors.handlers import load_modules
     from sentpipe.processors.topics import check_copartitioning
-    from sentpipe.processors.worker import create_app
+    from sentpipe.processors.worker import create_app, run_projector
 
     s = settings()
     if role is not None:
@@ -71,12 +69,15 @@ def worker(
     if s.worker_role != "project":
         check_copartitioning(s)
     load_modules(s.handler_modules)
-    prometheus_client.start_http_server(s.worker_metrics_port)
+    # /metrics, /livez and /readyz on SENTPIPE_WORKER_METRICS_PORT are served by the worker's own loop.
+    if s.worker_role == "project":
+        run_projector(s)  # librdkafka batches, no Faust: nothing of Faust's command line applies
+        return
     faust_app = create_app(s)
     argv = list(ctx.args)
     if not any(a in ("-l", "--loglevel") or a.startswith("--loglevel=") for a in argv):
-        argv += ["--loglevel", s.log_level.lower()]
-    sys.argv = ["sentpipe worker", "worker", *argv]
+        argv += ["--loglevel", faust_log_level(s.log_level)]
+    sys.argv = ["sentpipe worker", *faust_quiet_options(s.log_level), "worker", *argv]
     faust_app.main()
 
 
@@ -84,7 +85,7 @@ def worker(
 def topics_ensure(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
 ) -> None:
-    """Create every topic of the design that does not exist yet (idempotent)."""
+    """Create every topic sentpipe uses that does not exist yet (idempotent)."""
     from sentpipe.processors.topics import ensure_topics
 
     s = settings()
@@ -200,12 +201,12 @@ def _run_summary(title: str, result: RunResult, sent_label: str, target: str) ->
     table.add_row("skipped by filter", str(result.skipped))
     table.add_row("would fail" if dry else "failed", str(result.failed))
     for reason, n in sorted(result.failures.items()):
-        table.add_row(f"  {reason}", str(n))
+        table.add_row(terminal_safe(f"  {reason}"), str(n))
     out.print(table)
     if result.selected:
         by = Table(*target.split("/"), "records", title=("would be " if dry else "") + sent_label)
         for (a, b), n in sorted(result.selected.items()):
-            by.add_row(a, b, str(n))
+            by.add_row(terminal_safe(a), terminal_safe(b), str(n))
         out.print(by)
 
 
@@ -263,9 +264,7 @@ def replay(
         result = run_replay(s, window, flt, dry_run=dry_run, progress=progress, timeout=timeout)
     _run_summary(f"replay {result.run_id}", result, "replayed", "type/tenant")
     if result.missing_ids:
-        err.print(
-            f"not found in the window: {', '.join(result.missing_ids)}", highlight=False, soft_wrap=True
-        )
+        err.print(terminal_safe(f"not found in the window: {', '.join(result.missing_ids)}"), soft_wrap=True)
     if result.failed and not dry_run:
         fail(f"{result.failed} record(s) failed; malformed ones are in the DLQ with stage replay")
 
@@ -295,12 +294,12 @@ def dlq_list(
         table.add_row(
             e.id,
             _when(e.dead_at_ms),
-            e.stage,
-            e.error_class,
-            e.event_id or f"key {_text(e.key)}",
-            e.type or "-",
-            e.tenant or "-",
-            f"{orig[0]}:{orig[1]}:{orig[2]}" if orig else "-",
+            terminal_safe(e.stage),
+            terminal_safe(e.error_class),
+            terminal_safe(e.event_id or f"key {_text(e.key)}"),
+            terminal_safe(e.type or "-"),
+            terminal_safe(e.tenant or "-"),
+            terminal_safe(f"{orig[0]}:{orig[1]}:{orig[2]}" if orig else "-"),
             str(e.attempts),
         )
     out.print(table)
@@ -316,21 +315,17 @@ def dlq_show(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
 ) -> None:
     """One dead-lettered record: every header, then the value (JSON pretty-printed)."""
-    import orjson
-
     from sentpipe.processors.dlq import show_entry
 
     s = settings()
     with _ops():
         e = show_entry(s, entry_id, timeout=timeout)
-    table = Table("header", "value", title=f"DLQ {e.id}  written {_when(e.timestamp_ms)}  key {_text(e.key)}")
+    title = terminal_safe(f"DLQ {e.id}  written {_when(e.timestamp_ms)}  key {_text(e.key)}")
+    table = Table("header", "value", title=title)
     for name, value in e.headers:
-        table.add_row(name, value.decode(errors="replace"))
+        table.add_row(terminal_safe(name), terminal_safe(value))
     out.print(table)
-    try:
-        out.print_json(orjson.dumps(orjson.loads(e.value)).decode())
-    except orjson.JSONDecodeError:
-        out.print(e.value.decode(errors="replace"), highlight=False, markup=False, soft_wrap=True)
+    print_untrusted_body(out, e.value)
 
 
 @dlq_app.command("redrive")
@@ -424,7 +419,14 @@ def events_show(
         table = Table("topic", "partition", "offset", "time", "key", "headers", title=title)
         for f in found:
             hdrs = ", ".join(f"{k}={_text(v)}" for k, v in f.headers.items())
-            table.add_row(f.topic, str(f.partition), str(f.offset), _when(f.timestamp_ms), _text(f.key), hdrs)
+            table.add_row(
+                f.topic,
+                str(f.partition),
+                str(f.offset),
+                _when(f.timestamp_ms),
+                terminal_safe(_text(f.key)),
+                terminal_safe(hdrs),
+            )
         out.print(table if found else f"{title}: none", highlight=False)
 
     records("raw record(s)", rep.raw)
@@ -442,22 +444,24 @@ def events_show(
         out.print(f"dedup table: {state}  ({d.topic}:{d.partition}:{d.offset})", highlight=False)
     records("routed record(s)", rep.routed)
     if rep.db_error is not None:
-        out.print(f"database: unavailable ({rep.db_error})", highlight=False)
+        out.print(terminal_safe(f"database: unavailable ({rep.db_error})"))
     for table_name, rows in rep.rows.items():
         if not rows:
             continue
         table = Table(*rows[0].keys(), title=f"database: {table_name}")
         for row in rows:
-            table.add_row(*(_cell(v) for v in row.values()))
+            table.add_row(*(terminal_safe(_cell(v)) for v in row.values()))
         out.print(table)
     if rep.rows and not any(rep.rows.values()):
         out.print("database: no rows", highlight=False)
     dlq = Table("ID", "time", "stage", "error", "attempts", title="DLQ entries")
     for e in rep.dlq:
-        dlq.add_row(e.id, _when(e.dead_at_ms), e.stage, e.error_class, str(e.attempts))
+        dlq.add_row(
+            e.id, _when(e.dead_at_ms), terminal_safe(e.stage), terminal_safe(e.error_class), str(e.attempts)
+        )
     out.print(dlq if rep.dlq else "DLQ entries: none", highlight=False)
     for note in rep.notes:
-        out.print(f"searched {note}", style="dim", highlight=False, soft_wrap=True)
+        out.print(terminal_safe(f"searched {note}"), style="dim", soft_wrap=True)
     if rep.db_error is not None:
         fail(f"database unavailable: {rep.db_error}")
     if not rep.found:
@@ -489,13 +493,13 @@ def run(main: Callable[[], Any]) -> int:
         err.print("interrupted")
         return 130
     except (CliError, BrokerUnavailable, CopartitioningError) as exc:
-        err.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        err.print(terminal_safe(f"error: {exc}"), soft_wrap=True)
         return 1
     except psycopg.OperationalError as exc:
-        err.print(f"error: database unavailable: {_one_line(exc)}", highlight=False, soft_wrap=True)
+        err.print(terminal_safe(f"error: database unavailable: {_one_line(exc)}"), soft_wrap=True)
         return 1
     except KafkaException as exc:
-        err.print(f"error: Kafka: {_one_line(exc)}", highlight=False, soft_wrap=True)
+        err.print(terminal_safe(f"error: Kafka: {_one_line(exc)}"), soft_wrap=True)
         return 1
     except Exception as exc:
         # Typer vendors its own click, so its usage errors are recognised by shape, not class.
@@ -505,14 +509,12 @@ def run(main: Callable[[], Any]) -> int:
         format_message = getattr(exc, "format_message", None)
         if callable(format_message) and isinstance(getattr(exc, "exit_code", None), int):
             err.print(
-                f"error: {_one_line_text(str(format_message()))} (see --help)",
-                highlight=False,
-                soft_wrap=True,
+                terminal_safe(f"error: {_one_line_text(str(format_message()))} (see --help)"), soft_wrap=True
             )
             return int(exc.exit_code)  # type: ignore[attr-defined]
         if os.environ.get("SENTPIPE_DEBUG"):
             raise
-        err.print(f"error: {type(exc).__name__}: {_one_line(exc)}", highlight=False, soft_wrap=True)
+        err.print(terminal_safe(f"error: {type(exc).__name__}: {_one_line(exc)}"), soft_wrap=True)
         return 1
     return 0
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import NoReturn
 
+import orjson
 from pydantic import ValidationError
 from rich.console import Console
+from rich.highlighter import JSONHighlighter
+from rich.text import Text
 
 from sentpipe.settings import Settings
 
@@ -28,3 +33,37 @@ def settings() -> Settings:
         first = exc.errors()[0]
         name = "SENTPIPE_" + "_".join(str(p) for p in first["loc"]).upper()
         fail(f"invalid setting {name}: {first['msg']}")
+
+
+# What must not reach a terminal from a record: C0 and C1 control characters (ESC starts escape sequences,
+# CR rewrites the line, 0x9b is CSI on its own), DEL, line/paragraph separators, bidi controls (they reorder
+# what is shown) and lone surrogates (they cannot be encoded).
+_UNSAFE = "\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff"
+_UNSAFE_IN_LINE = re.compile(f"[\t\n{_UNSAFE}]")
+_UNSAFE_IN_LINES = re.compile(f"[{_UNSAFE}]")  # keeps tabs and line breaks
+
+
+def _visible(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def terminal_safe(value: str | bytes, *, multiline: bool = False) -> Text:
+    """Untrusted text (record keys, headers, bodies, error messages) fit to print: a Text, so Rich never
+    reads it as markup or emoji codes, with every control character shown as an escape (ESC as \\x1b,
+    U+202E as \\u202e). Tabs and line breaks are escaped too unless `multiline`."""
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    return Text((_UNSAFE_IN_LINES if multiline else _UNSAFE_IN_LINE).sub(_visible, text))
+
+
+def print_untrusted_body(console: Console, body: bytes) -> None:
+    """A body from a record or a remote server: JSON pretty-printed, other text as it is (both made safe
+    with `terminal_safe`), an empty one not at all."""
+    if not body:
+        return
+    try:
+        pretty = json.dumps(orjson.loads(body), indent=2, ensure_ascii=False)
+    except orjson.JSONDecodeError:
+        console.print(terminal_safe(body, multiline=True), soft_wrap=True)
+        return
+    console.print(JSONHighlighter()(terminal_safe(pretty, multiline=True)), soft_wrap=True)

@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
-import orjson
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sentpipe.cli_base import fail, settings
+from sentpipe.cli_base import fail, print_untrusted_body, settings, terminal_safe
 from sentpipe.schemas.samples import Sample, SampleFactory
 from sentpipe.schemas.signature import secret_key
 from sentpipe.sender.delivery import (
@@ -114,14 +113,14 @@ def _ms(seconds: float | None) -> str:
 
 def summary_table(stats: Stats, unique: int, url: str) -> Table:
     table = Table("", "", show_header=False)
-    table.add_row("url", url)
+    table.add_row("url", terminal_safe(url))
     table.add_row("events", str(unique))
     table.add_row("duplicates", str(stats.duplicates))
     table.add_row("sent", str(stats.sent))
     table.add_row("accepted", str(stats.accepted))
     table.add_row("retried", str(stats.retried))
     for outcome, n in sorted(stats.rejected.items()):
-        table.add_row(f"rejected {outcome}", str(n))
+        table.add_row(terminal_safe(f"rejected {outcome}"), str(n))
     if not stats.rejected:
         table.add_row("rejected", "0")
     table.add_row("latency p50", _ms(stats.percentile(0.50)))
@@ -153,7 +152,7 @@ def _events(
     except ValueError as exc:  # a BadLine: its message starts with the line number
         fail(f"{file}: {exc} (use --on-bad-line skip to send the other lines)")
     for bad in skipped:
-        err.print(f"skipped {file} {bad}", highlight=False, soft_wrap=True)
+        err.print(terminal_safe(f"skipped {file} {bad}"), soft_wrap=True)
     if types:
         samples = [s for s in samples if s.type in chosen]
     return samples[:count] if count is not None else samples
@@ -319,7 +318,7 @@ def trigger_command(
     sample = one_event(SampleFactory(seed), event_type, shape_choice, status)
     (delivery,) = plan_deliveries([sample], 0.0, False, random.Random(seed))
     out = Console()
-    out.print_json(sample.body.decode())
+    print_untrusted_body(out, sample.body)
     outcomes: list[Outcome] = []
 
     async def main() -> None:
@@ -333,20 +332,10 @@ def trigger_command(
     except Unreachable as exc:
         fail(str(exc))
     final = outcomes[0].final
-    out.print(f"POST {target}  x-webhook-id {delivery.webhook_id}", highlight=False, soft_wrap=True)
+    out.print(terminal_safe(f"POST {target}  x-webhook-id {delivery.webhook_id}"), soft_wrap=True)
     if final.status is None:
         fail(f"no answer from {target}: {final.outcome}")
     out.print(f"HTTP {final.status}", highlight=False)
-    _print_answer(out, final.body)
+    print_untrusted_body(out, final.body)  # the receiver's answer: anything at all
     if not final.accepted:
         fail(f"event not accepted: HTTP {final.status}")
-
-
-def _print_answer(out: Console, body: bytes) -> None:
-    try:
-        orjson.loads(body)
-    except orjson.JSONDecodeError:
-        if body:
-            out.print(body.decode(errors="replace"), highlight=False, markup=False, soft_wrap=True)
-        return
-    out.print_json(body.decode())

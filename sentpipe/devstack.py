@@ -7,6 +7,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from sentpipe.settings import Settings
@@ -23,6 +26,54 @@ def _status(script: Path) -> bool:
 def _step(*cmd: str) -> None:
     if subprocess.run(cmd).returncode != 0:
         raise SystemExit(f"make run: step failed: {' '.join(cmd)}")
+
+
+# How long the ingress and the worker get to answer before `make run` gives up (a first start of the broker
+# and a worker recovering a large changelog can take a while).
+READY_TIMEOUT_S = 120.0
+
+
+def _http_problem(url: str) -> str | None:
+    """None when `url` answers 200; otherwise what it did instead."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return None if resp.status == 200 else f"HTTP {resp.status}"
+    except urllib.error.HTTPError as exc:
+        body = exc.read(300).decode(errors="replace").strip()
+        return f"HTTP {exc.code} {body}".strip()
+    except urllib.error.URLError as exc:
+        return str(exc.reason)
+    except OSError as exc:
+        return str(exc) or type(exc).__name__
+
+
+def _wait_ready(
+    checks: dict[str, str],
+    procs: list[tuple[str, subprocess.Popen[bytes]]],
+    stopping: Callable[[], bool],
+    timeout: float = READY_TIMEOUT_S,
+) -> str | None:
+    """Poll every `name -> URL` until each answers 200; None when all do, else why not (one line)."""
+    pending = dict(checks)
+    last: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while pending and not stopping():
+        for name, p in procs:
+            if p.poll() is not None:
+                return f"{name} exited with {p.returncode} before it was ready"
+        for name, url in list(pending.items()):
+            problem = _http_problem(url)
+            if problem is None:
+                del pending[name]
+            else:
+                last[name] = problem
+        if pending and time.monotonic() >= deadline:
+            return f"not ready after {timeout:.0f} s: " + "; ".join(
+                f"{name} {url} answered: {last[name]}" for name, url in pending.items()
+            )
+        if pending:
+            time.sleep(0.2)
+    return None
 
 
 def main() -> int:
@@ -51,6 +102,21 @@ def main() -> int:
             procs.append(
                 (name, subprocess.Popen([*exe, *args], env=os.environ.copy(), start_new_session=True))
             )
+        # The banner comes last, once both say they are ready, so start-up logs do not bury it.
+        not_ready = _wait_ready(
+            {
+                "ingress": f"http://127.0.0.1:{s.ingress_port}/readyz",
+                "worker": f"http://127.0.0.1:{s.worker_metrics_port}/readyz",
+            },
+            procs,
+            lambda: stopping,
+        )
+        if not_ready is not None:
+            print(f"make run: {not_ready}; stopping (see the logs above)", file=sys.stderr, flush=True)
+            return 1
+        if stopping:
+            print("\nmake run: stopping", flush=True)
+            return 0
         url = f"http://127.0.0.1:{s.ingress_port}/webhooks/sent"
         secret = s.webhook_secret.get_secret_value()
         note = "  (built-in development secret)" if s.uses_development_secret else ""

@@ -15,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -24,6 +23,7 @@ import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException, Message
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
+from sentpipe.broker import Delivered, Partition, ProduceRejected, Record
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.kafka")
@@ -35,23 +35,6 @@ Headers = Sequence[tuple[str, bytes]]
 
 class BrokerUnavailable(Exception):
     """The broker did not answer in time; one line for the operator."""
-
-
-class ProduceRejected(Exception):
-    """The record was not (or not known to be) written; the caller answers 503 or retries."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass(frozen=True, slots=True)
-class Delivered:
-    """Where the broker put an acknowledged record."""
-
-    topic: str
-    partition: int
-    offset: int
 
 
 def client_config(settings: Settings) -> dict[str, Any]:
@@ -93,11 +76,6 @@ def existing_partitions(admin: AdminClient, bootstrap: str, timeout: float = 10.
     except KafkaException as exc:
         raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:.0f}s") from exc
     return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
-
-
-def describe_error(exc: KafkaException) -> str:
-    err = exc.args[0] if exc.args else None
-    return err.str() if isinstance(err, KafkaError) else str(exc)
 
 
 OnDelivery = Callable[[KafkaError | None, Message], None]
@@ -174,9 +152,6 @@ class Producer:
             raise BrokerUnavailable(
                 f"{remaining} record(s) not acknowledged by Kafka at {self.bootstrap} within {wait:.0f}s"
             )
-
-    def queued(self) -> int:
-        return len(self._producer)
 
     def fatal(self) -> bool:
         return bool(self._last_error and self._last_error.fatal())
@@ -266,3 +241,81 @@ class AsyncProducer(Producer):
 def _expire(fut: asyncio.Future[Delivered]) -> None:
     if not fut.done():
         fut.set_exception(ProduceRejected("delivery_timeout"))
+
+
+class BatchConsumer:
+    """A consumer-group member on librdkafka: batches of detached records, commits only when told.
+
+    Offsets are committed synchronously after the caller's work is durable, never automatically, so a
+    crash re-reads the uncommitted tail (at-least-once). Rebalances happen inside `poll_batch`, between
+    batches, so a revoked partition never has work in flight.
+    """
+
+    def __init__(self, settings: Settings, group: str, topics: Sequence[str]) -> None:
+        self._consumer = confluent_kafka.Consumer(
+            {
+                **client_config(settings),
+                "group.id": group,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                # Routed topics are read by one consumer per process: fetch big, wait little.
+                "fetch.wait.max.ms": 100,
+                "queued.max.messages.kbytes": 64 * 1024,
+                "partition.assignment.strategy": "cooperative-sticky",
+                "log_level": 4,
+            }
+        )
+        self._assigned: set[Partition] = set()
+        self.on_revoke: list[Callable[[set[Partition]], None]] = []
+        self._consumer.subscribe(list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
+
+    def _on_assign(self, _c: Any, tps: list[confluent_kafka.TopicPartition]) -> None:
+        self._assigned |= {(tp.topic, tp.partition) for tp in tps}
+
+    def _on_revoke(self, _c: Any, tps: list[confluent_kafka.TopicPartition]) -> None:
+        gone = {(tp.topic, tp.partition) for tp in tps}
+        self._assigned -= gone
+        for cb in self.on_revoke:
+            cb(gone)
+
+    def poll_batch(self, max_records: int, timeout_s: float) -> list[Record]:
+        out: list[Record] = []
+        for msg in self._consumer.consume(max_records, timeout_s):
+            err = msg.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", err.str())
+                continue
+            _, ts = msg.timestamp()
+            headers: Any = msg.headers() or []  # the stubs do not know it is a list of pairs
+            key: Any = msg.key()
+            out.append(
+                Record(
+                    msg.topic() or "",
+                    msg.partition() or 0,
+                    msg.offset() or 0,
+                    key,
+                    msg.value() or b"",
+                    tuple((str(k), bytes(v)) for k, v in headers if v is not None),
+                    int(ts) if ts and ts > 0 else int(time.time() * 1000),
+                )
+            )
+        return out
+
+    def commit(self, offsets: Mapping[Partition, int]) -> None:
+        if offsets:
+            tps = [confluent_kafka.TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+            self._consumer.commit(offsets=tps, asynchronous=False)
+
+    def lag(self) -> dict[Partition, int]:
+        out: dict[Partition, int] = {}
+        tps = [confluent_kafka.TopicPartition(t, p) for t, p in self._assigned]
+        for tp in self._consumer.position(tps) if tps else []:
+            _, high = self._consumer.get_watermark_offsets(tp, cached=True)
+            if tp.offset >= 0 and high >= 0:
+                out[(tp.topic, tp.partition)] = max(0, high - tp.offset)
+        return out
+
+    def close(self) -> None:
+        self._consumer.close()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
+
+from sentpipe.settings import LOG_LEVEL_NAMES
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -32,7 +35,59 @@ class TextFormatter(logging.Formatter):
         return f"{base} {extra}" if extra else base
 
 
+# Faust's `--loglevel` choices are crit, error, warn, info and debug. Its "crit" is no level Python's logging
+# knows (mode resolves names with logging.getLevelName), so the worker's logging setup fails and the worker
+# hangs: CRITICAL runs Faust at "error", the strictest level it can set up.
+_FAUST_LEVELS = {"DEBUG": "debug", "INFO": "info", "WARNING": "warn", "ERROR": "error", "CRITICAL": "error"}
+
+
+def faust_log_level(level: str) -> str:
+    """Faust's `--loglevel` name for a log level name (Python's, or any spelling Settings accepts)."""
+    name = LOG_LEVEL_NAMES.get(level.strip().upper())
+    if name is None:
+        raise ValueError(f"unknown log level {level!r}")
+    return _FAUST_LEVELS[name]
+
+
+def faust_quiet_options(level: str) -> list[str]:
+    """Faust's global options for a log level: its start-up banner (a table on stdout) only at DEBUG."""
+    return [] if faust_log_level(level) == "debug" else ["--quiet"]
+
+
+# Loggers whose INFO records Faust's log formatter draws as multi-line tables at start-up and on every
+# rebalance: subscriptions, assigned partitions, changelog highwaters and offsets, recovery progress.
+_TABLE_LOGGERS = (
+    "aiokafka.consumer.consumer",
+    "aiokafka.consumer.subscription_state",
+    "aiokafka.consumer.group_coordinator",
+    "faust.agents.agent",
+    "faust.tables.recovery",
+)
+
+
+def _is_table(arg: object) -> bool:
+    if isinstance(arg, str):  # drawn already (faust.utils.terminal.logtable)
+        return "\n+" in arg and "\n|" in arg
+    # Topics and partitions: Faust's formatter draws non-empty collections of them as tables.
+    return isinstance(arg, set | frozenset | list | tuple | Mapping) and len(arg) > 0
+
+
+class TablesAtDebug(logging.Filter):
+    """Moves the table-drawing INFO records of Faust and aiokafka to DEBUG (a logger filter: Faust's worker
+    replaces the root handlers with its own, but leaves other loggers' filters alone)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else (record.args,)
+        if record.levelno == logging.INFO and any(_is_table(a) for a in args):
+            record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return True
+
+
 def configure(level: str = "INFO", json: bool = False) -> None:
+    for name in _TABLE_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, TablesAtDebug) for f in logger.filters):
+            logger.addFilter(TablesAtDebug())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if json else TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -76,6 +76,12 @@ CONSUMER_LAG = Gauge(
     ["topic", "partition"],
 )
 
+WORKER_STALLED = Gauge(
+    "sentpipe_worker_stalled",
+    "1 while a stage has records waiting and has not moved for SENTPIPE_STALL_AFTER_S (liveness fails).",
+    ["stage"],
+)
+
 # --- operations ----------------------------------------------------------------------------------------
 REPLAY_EVENTS = Counter(
     "sentpipe_replay_events", "Replayed or redriven records applied by the worker.", ["mode", "outcome"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -10,12 +9,26 @@ import orjson
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sentpipe.schemas.events import EventIdSource
+
 # Local development only: `make run` and the sender use it when no secret is configured, and the ingress
 # logs a warning whenever it is in use. It is not a secret and must never guard real traffic.
 DEVELOPMENT_SECRET = "whsec_c2VudHBpcGUtbG9jYWwtZGV2ZWxvcG1lbnQtb25seQ=="
 
-EventIdSource = Literal["auto", "body", "header", "content"]
 WorkerRole = Literal["all", "route", "project"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+# Every usual spelling of a level (any case) -> the name Python's logging gives it.
+LOG_LEVEL_NAMES: dict[str, LogLevel] = {
+    "DEBUG": "DEBUG",
+    "INFO": "INFO",
+    "WARNING": "WARNING",
+    "WARN": "WARNING",
+    "ERROR": "ERROR",
+    "CRITICAL": "CRITICAL",
+    "CRIT": "CRITICAL",
+    "FATAL": "CRITICAL",
+}
 
 
 class Settings(BaseSettings):
@@ -47,13 +60,14 @@ class Settings(BaseSettings):
     producer_linger_ms: int = Field(2, ge=0)
     producer_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
     log_json: bool = False
-    log_level: str = "INFO"
+    log_level: LogLevel = "INFO"  # any standard spelling, normalized to the Python name
 
     # worker
     app_id: str = "sentpipe"
     worker_role: WorkerRole = "all"
     worker_web_port: int = 6066
     worker_metrics_port: int = 9101
+    worker_metrics_host: str = "0.0.0.0"
     table_store: str = "memory://"
     data_dir: Path = Path(".local/faust")
     dedup_window_s: int = Field(7 * 24 * 3600, ge=1)
@@ -64,6 +78,19 @@ class Settings(BaseSettings):
     retry_max_s: float = Field(30.0, gt=0)
     handler_modules: list[str] = Field(default_factory=list)
     db_pool_size: int = Field(4, ge=1)
+    # A stage with records waiting whose position has not moved for this long fails its liveness probe.
+    stall_after_s: float = Field(60.0, gt=0)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _standard_level_name(cls, v: object) -> str:
+        name = LOG_LEVEL_NAMES.get(str(v).strip().upper())
+        if name is None:
+            raise ValueError(
+                f"unknown log level {v!r}: use DEBUG, INFO, WARNING, ERROR or CRITICAL"
+                " (any case; WARN, CRIT and FATAL work too)"
+            )
+        return name
 
     @field_validator("topic_prefix")
     @classmethod
@@ -87,8 +114,3 @@ class Settings(BaseSettings):
     @property
     def uses_development_secret(self) -> bool:
         return self.webhook_secret.get_secret_value() == DEVELOPMENT_SECRET
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()

@@ -1,4 +1,11 @@
-"""Reading topics back in tests."""
+"""Reading topics back in tests: exactly the records a topic holds, as its watermarks say, not "until quiet".
+
+A topic's high watermark is the offset its next record will get, its low watermark the first one kept, so
+`high - low` per partition is how many records exist (for a topic that is neither compacted nor written
+in transactions, which is every topic sentpipe consumes; the dedup changelog is compacted, but not while
+a test runs). A reader takes the watermarks first and then reads every partition up to them: no waiting
+for silence, no missing a record that is late, no counting one that came after.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 
 @dataclass(frozen=True)
@@ -17,62 +24,131 @@ class Record:
     key: bytes | None
     value: bytes
     headers: dict[str, bytes]
+    timestamp_ms: int = 0
 
 
-def read_topic(
-    bootstrap: str, topic: str, *, at_least: int = 0, timeout: float = 30.0, idle: float = 1.0
-) -> list[Record]:
-    """All of `topic` from the start: waits for `at_least` records, then until `idle` s pass quietly."""
-    c = Consumer(
+def _consumer(bootstrap: str, purpose: str) -> Consumer:
+    return Consumer(
         {
             "bootstrap.servers": bootstrap,
-            "group.id": f"test-reader-{uuid.uuid4().hex}",
+            "group.id": f"test-{purpose}-{uuid.uuid4().hex}",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
+            "enable.partition.eof": True,
             "log_level": 0,
         }
     )
+
+
+def _watermarks(c: Consumer, topic: str) -> dict[int, tuple[int, int]]:
     md = c.list_topics(topic, timeout=10)
-    c.assign([TopicPartition(topic, p, 0) for p in md.topics[topic].partitions])
-    out: list[Record] = []
-    deadline = time.monotonic() + timeout
-    last = time.monotonic()
+    meta = md.topics.get(topic)
+    if meta is None or meta.error is not None:
+        return {}  # not created (yet): no records
+    return {
+        p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
+        for p in meta.partitions
+    }
+
+
+def watermarks(bootstrap: str, topic: str) -> dict[int, tuple[int, int]]:
+    """Partition -> (low, high) watermark; {} for a topic that does not exist."""
+    c = _consumer(bootstrap, "marks")
     try:
-        while time.monotonic() < deadline:
-            msg = c.poll(0.2)
-            now = time.monotonic()
-            if msg is None:
-                if len(out) >= at_least and now - last >= idle:
-                    break
-                continue
-            if msg.error():
-                continue
-            last = now
-            out.append(
-                Record(
-                    msg.topic(),
-                    msg.partition(),
-                    msg.offset(),
-                    msg.key(),
-                    msg.value(),
-                    {k: v for k, v in (msg.headers() or []) if v is not None},
-                )
-            )
+        return _watermarks(c, topic)
     finally:
         c.close()
-    return out
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     """Partition -> high watermark (the offset the next record will get)."""
-    c = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": f"test-ends-{uuid.uuid4().hex}", "log_level": 0}
-    )
+    return {p: high for p, (_, high) in watermarks(bootstrap, topic).items()}
+
+
+def record_count(bootstrap: str, topic: str) -> int:
+    """How many records `topic` holds right now, from its watermarks."""
+    return sum(high - low for low, high in watermarks(bootstrap, topic).values())
+
+
+def read_topic(
+    bootstrap: str,
+    topic: str,
+    *,
+    at_least: int = 0,
+    timeout: float = 30.0,
+    idle: float | None = None,
+) -> list[Record]:
+    """Every record of `topic` up to its end offsets as they are when reading starts (later ones are not
+    read). With `at_least`, first waits until the watermarks count that many records, failing with the
+    count if they do not within `timeout`. `idle` is ignored: kept for callers written for the old reader,
+    which read until nothing had come for `idle` seconds."""
+    del idle
+    c = _consumer(bootstrap, "reader")
     try:
-        md = c.list_topics(topic, timeout=10)
-        return {
-            p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in md.topics[topic].partitions
-        }
+        deadline = time.monotonic() + timeout
+        marks: dict[int, tuple[int, int]] = {}
+        last_error: Exception | None = None
+        while True:
+            try:
+                marks = _watermarks(c, topic)
+                last_error = None
+            except KafkaException as exc:  # the broker may be on its way back in a chaos test
+                last_error = exc
+            have = sum(high - low for low, high in marks.values())
+            if last_error is None and have >= at_least:
+                break
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"{topic}: {have} record(s) by its watermarks {marks} after {timeout}s,"
+                    f" expected at least {at_least}" + (f"; last error: {last_error!r}" if last_error else "")
+                ) from last_error
+            time.sleep(0.2)
+        return _read_up_to(c, topic, marks, max(timeout, 30.0))
     finally:
         c.close()
+
+
+def _read_up_to(c: Consumer, topic: str, marks: dict[int, tuple[int, int]], timeout: float) -> list[Record]:
+    ends = {p: high for p, (low, high) in marks.items() if high > low}
+    if not ends:
+        return []
+    c.assign([TopicPartition(topic, p, marks[p][0]) for p in ends])
+    out: list[Record] = []
+    deadline = time.monotonic() + timeout
+    last_error: KafkaError | None = None
+    while ends:
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"{topic}: could not read up to the end offsets {marks} in {timeout}s; partitions not"
+                f" finished: {ends}; read {len(out)} record(s); last error: {last_error}"
+            )
+        msg = c.poll(0.5)
+        if msg is None:
+            continue
+        err = msg.error()
+        if err is not None:
+            # Reaching the end of a partition is an event too; it also covers offsets a compaction removed.
+            if err.code() == KafkaError._PARTITION_EOF and msg.offset() >= ends.get(msg.partition(), 0):
+                ends.pop(msg.partition(), None)
+            elif err.code() != KafkaError._PARTITION_EOF:
+                last_error = err
+            continue
+        p, offset = msg.partition(), msg.offset()
+        if p not in ends or offset >= ends[p]:
+            continue  # written after the watermarks were taken
+        _, ts = msg.timestamp()
+        out.append(
+            Record(
+                msg.topic(),
+                p,
+                offset,
+                msg.key(),
+                msg.value(),
+                {k: v for k, v in (msg.headers() or []) if v is not None},
+                ts,
+            )
+        )
+        if offset + 1 >= ends[p]:
+            del ends[p]
+    out.sort(key=lambda r: (r.partition, r.offset))
+    return out

@@ -1,4 +1,4 @@
-"""Start the whole pipeline (ingress + worker as processes) for end-to-end tests."""
+"""Start the whole pipeline (ingress + worker as processes) for end-to-end tests, and wait on its state."""
 
 from __future__ import annotations
 
@@ -6,9 +6,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+from confluent_kafka import ConsumerGroupTopicPartitions
+from confluent_kafka.admin import AdminClient
+
+from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
+from tests.kafka_tools import end_offsets
 from tests.processes import Proc, free_port, settings_env, start_ingress
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,18 +49,79 @@ def start_worker(
     return Worker(proc, mport)
 
 
-def wait_until(
-    cond: Callable[[], bool], timeout: float, what: str, on_fail: Callable[[], str] = lambda: ""
-) -> None:
+def wait_for(
+    probe: Callable[[], T],
+    until: Callable[[T], object],
+    timeout: float,
+    what: str,
+    on_fail: Callable[[], str] = lambda: "",
+) -> T:
+    """Poll `probe()` until `until(value)` holds; returns that value. On timeout an AssertionError names
+    the last value (or, when the last probe raised, that error, chained) and adds `on_fail()`."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    last: object = "<never probed>"
+    error: Exception | None = None
+    while True:
         try:
-            if cond():
-                return
-        except Exception:  # the database may be down on purpose
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{on_fail()}")
+            value = probe()
+            if until(value):
+                return value
+            last, error = value, None
+        except Exception as exc:  # the database or broker may be down on purpose
+            error = exc
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    shown = repr(last)
+    shown = shown if len(shown) <= 2000 else shown[:2000] + f"... ({len(shown)} characters)"
+    got = f"last error: {error!r}" if error is not None else f"last value: {shown}"
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; {got}\n{on_fail()}") from error
 
 
-__all__ = ["Worker", "start_ingress", "start_worker", "wait_until"]
+def wait_until(
+    cond: Callable[[], object], timeout: float, what: str, on_fail: Callable[[], str] = lambda: ""
+) -> None:
+    """Poll `cond()` until it is true; on timeout an AssertionError with its last result or error."""
+    wait_for(cond, bool, timeout, what, on_fail)
+
+
+def committed_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    res = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])[group].result(10)
+    return {(tp.topic, tp.partition): tp.offset for tp in res.topic_partitions if tp.offset >= 0}
+
+
+def worker_groups(s: Settings) -> list[str]:
+    """The consumer groups of this test's worker(s): the app id and any group named after it."""
+    admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap, "log_level": 0})
+    listed = admin.list_consumer_groups(request_timeout=10).result()
+    return sorted(
+        g.group_id for g in listed.valid if g.group_id == s.app_id or g.group_id.startswith(s.app_id + "-")
+    )
+
+
+def lag(s: Settings) -> dict[tuple[str, int], int]:
+    """What the worker has not committed yet: (topic, partition) -> records behind the end, only where
+    behind. The commits are read before the end offsets, so {} means every raw and routed record that
+    existed when the ends were read had been committed before. The worker commits a record only once what
+    it wrote for it is acknowledged (routed records, rows, DLQ records), so {} also means all of that is
+    in place: what the worker wrote can be read exactly, by the watermarks."""
+    committed: dict[tuple[str, int], int] = {}
+    for group in worker_groups(s):
+        for tp, offset in committed_offsets(s.kafka_bootstrap, group).items():
+            committed[tp] = max(offset, committed.get(tp, 0))
+    topics = Topics(s.topic_prefix)
+    behind = {}
+    for topic in (topics.raw, *topics.routed):
+        for p, end in end_offsets(s.kafka_bootstrap, topic).items():
+            if committed.get((topic, p), 0) < end:
+                behind[(topic, p)] = end - committed.get((topic, p), 0)
+    return behind
+
+
+def wait_caught_up(s: Settings, timeout: float, what: str, on_fail: Callable[[], str] = lambda: "") -> None:
+    """Wait until the worker has committed every raw and routed record there is."""
+    wait_for(lambda: lag(s), lambda behind: not behind, timeout, f"{what} (lag by partition)", on_fail)
+
+
+__all__ = ["Worker", "lag", "start_ingress", "start_worker", "wait_caught_up", "wait_for", "wait_until"]

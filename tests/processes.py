@@ -49,8 +49,10 @@ class Proc:
         return self
 
     def wait_http(self, url: str, timeout: float = 60.0) -> None:
+        """Wait until `url` answers 200; fails at once if the process exits, else with the last answer."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        last: object = "no attempt"
+        while True:
             assert self.p is not None
             if self.p.poll() is not None:
                 raise RuntimeError(f"{self.args[0]} exited with {self.p.returncode}: {self.tail()}")
@@ -58,10 +60,12 @@ class Proc:
                 with urllib.request.urlopen(url, timeout=1) as r:
                     if r.status == 200:
                         return
-            except OSError:
-                pass
+                    last = f"HTTP {r.status}"
+            except OSError as exc:  # refused while starting, or an HTTPError (a status other than 2xx)
+                last = exc
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{url} not ready after {timeout}s; last answer: {last!r}\n{self.tail()}")
             time.sleep(0.2)
-        raise TimeoutError(f"{url} not ready after {timeout}s: {self.tail()}")
 
     def tail(self, n: int = 30) -> str:
         try:

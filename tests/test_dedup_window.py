@@ -10,9 +10,9 @@ from pathlib import Path
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.settings import Settings
 from tests.http_tools import metric_sum, post_all, scrape
-from tests.kafka_tools import read_topic
+from tests.kafka_tools import read_topic, record_count
 from tests.oracle import row_count
-from tests.pipeline import start_ingress, start_worker, wait_until
+from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_for
 from tests.processes import settings_env
 
 N = 50
@@ -33,8 +33,8 @@ def test_sweep_bounds_the_table_and_tombstones_survive_a_restart(
     worker = start_worker(settings, tmp_path, dedup_window_s=3600, dedup_sweep_interval_s=0.5)
     try:
         assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == N
-        wait_until(lambda: row_count(db) >= N, 60, "events projected", worker.proc.tail)
-        wait_until(lambda: _keys(worker.metrics_port) == N, 30, "table holds every id", worker.proc.tail)
+        wait_for(lambda: row_count(db), lambda n: n >= N, 60, "events projected", worker.proc.tail)
+        wait_for(lambda: _keys(worker.metrics_port), lambda n: n == N, 30, "every id held", worker.proc.tail)
         worker.stop()
         # Batched table writes must land where the raw records are: each id's changelog partition is its
         # raw partition (else a rebalance would hand a worker ids it never saw and miss its own).
@@ -50,31 +50,25 @@ def test_sweep_bounds_the_table_and_tombstones_survive_a_restart(
         changelog_topic = f"{settings.app_id}-dedup-changelog"
 
         def tombstones() -> int:
-            return sum(
-                1
-                for rec in read_topic(settings.kafka_bootstrap, changelog_topic, idle=0.3)
-                if rec.value is None
-            )
+            marks = read_topic(settings.kafka_bootstrap, changelog_topic)
+            return sum(1 for rec in marks if rec.value is None)
 
-        wait_until(lambda: tombstones() == N, 90, "a tombstone per swept id", worker.proc.tail)
+        wait_for(tombstones, lambda n: n == N, 90, "a tombstone per swept id", worker.proc.tail)
         assert _keys(worker.metrics_port) == 0
         worker.stop()
 
         # Back to a long window: recovery from the compacted changelog must not resurrect swept ids, so
         # an id redelivered after the window is routed again (the idempotent projections absorb it).
         worker = start_worker(settings, tmp_path, dedup_window_s=3600, dedup_sweep_interval_s=0.5)
-        routed_before = sum(len(read_topic(settings.kafka_bootstrap, t, idle=0.5)) for t in topics.routed)
+
+        def routed() -> int:
+            return sum(record_count(settings.kafka_bootstrap, t) for t in topics.routed)
+
+        routed_before = routed()  # the first worker has stopped: nothing more comes from it
         assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies[:5], secret)).count(200) == 5
-        wait_until(
-            lambda: (
-                sum(len(read_topic(settings.kafka_bootstrap, t, idle=0.5)) for t in topics.routed)
-                == routed_before + 5
-            ),
-            60,
-            "late redeliveries routed",
-            worker.proc.tail,
-        )
-        wait_until(lambda: _keys(worker.metrics_port) == 5, 30, "late ids held again", worker.proc.tail)
+        wait_caught_up(settings, 60, "late redeliveries processed", worker.proc.tail)
+        assert routed() == routed_before + 5  # each routed once more, not less, not twice
+        wait_for(lambda: _keys(worker.metrics_port), lambda n: n == 5, 30, "late ids held", worker.proc.tail)
         assert row_count(db) == N
     finally:
         worker.stop()

@@ -22,14 +22,15 @@ from tests.handlers_fixture import create_fixture_tables
 from tests.http_tools import post_all
 from tests.kafka_tools import Record, read_topic
 from tests.oracle import row_count
-from tests.pipeline import start_ingress, start_worker, wait_until
+from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_for, wait_until
 from tests.test_ops_cli import sentpipe
 
 MALFORMED = b'{"field":"messages","sub_type":"message.read","payload":{"note":"no message id"}}'
 
 
 def dlq_records(s: Settings, at_least: int = 0) -> list[Record]:
-    return read_topic(s.kafka_bootstrap, Topics(s.topic_prefix).dlq, at_least=at_least, timeout=60, idle=0.5)
+    """The whole DLQ, by its watermarks (after waiting for `at_least` records)."""
+    return read_topic(s.kafka_bootstrap, Topics(s.topic_prefix).dlq, at_least=at_least, timeout=60)
 
 
 def canonical_id(rec: Record) -> str:
@@ -62,7 +63,9 @@ def test_dlq_round_trip_fix_and_redrive_and_still_poisoned_comes_back_with_attem
         bodies = [*inbound, *status, MALFORMED]
         secret = settings.webhook_secret.get_secret_value()
         assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
-        wait_until(lambda: row_count(db) >= 16, 60, "events projected", worker.proc.tail)
+        wait_for(lambda: row_count(db), lambda n: n >= 16, 60, "events projected", worker.proc.tail)
+        # Everything consumed and committed: every DLQ record the worker will write is written.
+        wait_caught_up(settings, 60, "the worker caught up", worker.proc.tail)
         first = dlq_records(settings, at_least=5)
         assert len(first) == 5
         by_stage = {rec.headers[r.H_DLQ_STAGE] for rec in first}
@@ -101,6 +104,7 @@ def test_dlq_round_trip_fix_and_redrive_and_still_poisoned_comes_back_with_attem
         assert res.returncode == 0, res.stderr
         fixed = set(poisoned) - {still_bad}
         wait_until(lambda: fixed <= set(handler_calls(db)), 60, "fixed events handled", worker.proc.tail)
+        wait_caught_up(settings, 60, "the redrive applied", worker.proc.tail)
         again = dlq_records(settings, at_least=6)
         assert len(again) == 6
         back = again[5]
@@ -116,6 +120,7 @@ def test_dlq_round_trip_fix_and_redrive_and_still_poisoned_comes_back_with_attem
         res = sentpipe(settings, "dlq", "redrive", "--stage", "route")
         assert_one_line_error_at_end(res, "failed again")
         route_first = next(rec for rec in first if rec.headers[r.H_DLQ_STAGE] == b"route")
+        wait_caught_up(settings, 60, "the route redrive applied", worker.proc.tail)
         third = dlq_records(settings, at_least=7)
         assert len(third) == 7
         h = third[6].headers
@@ -131,10 +136,11 @@ def test_dlq_round_trip_fix_and_redrive_and_still_poisoned_comes_back_with_attem
         # By ID: the still-poisoned event's newest entry once more -> attempts 3; nothing loops.
         res = sentpipe(settings, "dlq", "redrive", "--id", f"0:{back.offset}")
         assert res.returncode == 0, res.stderr
-        fourth = dlq_records(settings, at_least=8)
+        dlq_records(settings, at_least=8)
+        wait_caught_up(settings, 60, "the redrive by id applied", worker.proc.tail)
+        fourth = dlq_records(settings)  # all the worker wrote: nothing loops
         assert len(fourth) == 8 and fourth[7].headers[r.H_DLQ_ATTEMPTS] == b"3"
         assert canonical_id(fourth[7]) == still_bad
-        assert len(dlq_records(settings)) == 8
 
         # Fixed at last.
         with psycopg.connect(db, autocommit=True) as c:
@@ -142,6 +148,7 @@ def test_dlq_round_trip_fix_and_redrive_and_still_poisoned_comes_back_with_attem
         res = sentpipe(settings, "dlq", "redrive", "--id", f"0:{fourth[7].offset}")
         assert res.returncode == 0, res.stderr
         wait_until(lambda: still_bad in handler_calls(db), 60, "the last one handled", worker.proc.tail)
+        wait_caught_up(settings, 60, "the last redrive applied", worker.proc.tail)
     finally:
         worker.stop()
         ingress.stop()

@@ -95,10 +95,10 @@ def test_fuzzed_requests_never_crash_or_store_unsigned(settings: Settings, topic
     finally:
         conn.close()
         assert proc.p is not None and proc.p.poll() is None, proc.tail()
-        proc.stop()
+        exit_code = proc.stop()
+    assert exit_code == 0, proc.tail()  # a clean exit: the producer flushed what it had
     assert sum(statuses.values()) >= 2000, statuses
-    stored = read_topic(settings.kafka_bootstrap, topics.raw, idle=1.0) + read_topic(
-        settings.kafka_bootstrap, topics.dlq, idle=0.5
-    )
+    # Every record there is, by the watermarks: each 200 wrote one, nothing else wrote any.
+    stored = [rec for t in (topics.raw, topics.dlq) for rec in read_topic(settings.kafka_bootstrap, t)]
     assert len(stored) == accepted_signed
     assert all(rec.headers.get("sentpipe-signature-verified") == b"true" for rec in stored)

@@ -25,7 +25,7 @@ from tests.handlers_fixture import create_fixture_tables
 from tests.http_tools import post_all
 from tests.kafka_tools import read_topic
 from tests.oracle import row_count
-from tests.pipeline import start_ingress, start_worker, wait_until
+from tests.pipeline import start_ingress, start_worker, wait_for
 from tests.processes import free_port, settings_env
 
 
@@ -135,12 +135,10 @@ def test_offsets_reset_refuses_while_the_worker_runs_and_works_once_stopped(
     try:
         secret = settings.webhook_secret.get_secret_value()
         assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
-        wait_until(lambda: row_count(db) >= len(bodies), 60, "events projected", worker.proc.tail)
-        wait_until(
-            lambda: (
-                sum(n for (t, _), n in group_offsets(bootstrap, group).items() if t == topics.raw)
-                == len(bodies)
-            ),
+        wait_for(lambda: row_count(db), lambda n: n >= len(bodies), 60, "events projected", worker.proc.tail)
+        wait_for(
+            lambda: sum(n for (t, _), n in group_offsets(bootstrap, group).items() if t == topics.raw),
+            lambda n: n == len(bodies),
             30,
             "the worker committed the raw topic",
             worker.proc.tail,
@@ -153,7 +151,7 @@ def test_offsets_reset_refuses_while_the_worker_runs_and_works_once_stopped(
     finally:
         worker.stop()
         ingress.stop()
-    wait_until(lambda: group_members(bootstrap, group) == 0, 60, "the group to empty")
+    wait_for(lambda: group_members(bootstrap, group), lambda n: n == 0, 60, "the group to empty")
     committed = group_offsets(bootstrap, group)
     raw_end = {p: n for (t, p), n in committed.items() if t == topics.raw}
     assert sum(raw_end.values()) == len(bodies)
@@ -222,8 +220,8 @@ def test_events_show_finds_an_event_everywhere_it_is(
         bodies = [s.body for s in inbound]
         secret = settings.webhook_secret.get_secret_value()
         assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
-        wait_until(lambda: row_count(db) >= len(bodies), 60, "events projected", worker.proc.tail)
-        read_topic(settings.kafka_bootstrap, topics.dlq, at_least=1, timeout=60)
+        wait_for(lambda: row_count(db), lambda n: n >= len(bodies), 60, "events projected", worker.proc.tail)
+        read_topic(settings.kafka_bootstrap, topics.dlq, at_least=1, timeout=60)  # the poisoned one
     finally:
         worker.stop()
         ingress.stop()

@@ -16,7 +16,6 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import frame
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.signature import signature_headers
@@ -25,6 +24,14 @@ from tests.handlers_fixture import create_fixture_tables
 from tests.http_tools import post_all
 from tests.pipeline import start_ingress, start_worker, wait_until
 from tests.processes import free_port
+from tests.test_ops_cli import sentpipe
+
+
+def _dead_letters(settings: Settings) -> int:
+    from tests.kafka_tools import read_topic
+
+    return len(read_topic(settings.kafka_bootstrap, f"{settings.topic_prefix}events.dlq", idle=0.3))
+
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "deploy" / "grafana" / "sentpipe.json"
@@ -109,23 +116,7 @@ scrape_configs:
                 urllib.request.urlopen(
                     urllib.request.Request(f"{url}/webhooks/sent", data=body, headers=headers)
                 )
-        # A replayed record as `sentpipe replay` writes it: routed again, with the replay header.
-        from confluent_kafka import Producer
-
-        routed = r.route(
-            None,
-            statuses[-1],
-            {},
-            topics=topics,
-            id_source="auto",
-            default_tenant="default",
-            record_timestamp_ms=int(time.time() * 1000),
-        )
-        p = Producer({"bootstrap.servers": settings.kafka_bootstrap})
-        p.produce(routed.topic, routed.value, routed.key, headers=[(r.H_REPLAY_ID, b"test-replay")])
-        assert p.flush(10) == 0
-
-        wanted = referenced_metrics()
+        wanted = referenced_metrics() | {"sentpipe_replay_events_total"}
         assert wanted, "no sentpipe metrics referenced: the dashboard or rules moved?"
 
         def missing() -> set[str]:
@@ -143,6 +134,27 @@ scrape_configs:
             "sentpipe-ingress": "1",
             "sentpipe-worker": "1",
         }
+
+        # A real replay and a real redrive: the worker counts what it applies of them.
+        def applied(mode: str) -> float:
+            res = _get(
+                f"{api}/query?query=sentpipe_replay_events_total{{mode=%22{mode}%22,outcome=%22applied%22}}"
+            )
+            return sum(float(x["value"][1]) for x in res["data"]["result"])
+
+        assert applied("replay") == 0 and applied("redrive") == 0
+        wait_until(lambda: _dead_letters(settings) >= 1, 60, "the poisoned event dead-lettered")
+        with psycopg.connect(db, autocommit=True) as c:
+            c.execute("DELETE FROM poison")
+        res = sentpipe(settings, "replay", "--type", "message.status.updated")
+        assert res.returncode == 0, res.stderr
+        res = sentpipe(settings, "dlq", "redrive", "--stage", "handler")
+        assert res.returncode == 0, res.stderr
+        wait_until(
+            lambda: applied("replay") >= len(statuses), 60, "replayed records counted", worker.proc.tail
+        )
+        wait_until(lambda: applied("redrive") >= 1, 60, "the redriven record counted", worker.proc.tail)
+
         groups = _get(f"{api}/rules")["data"]["groups"]
         assert sum(len(g["rules"]) for g in groups) > 0
         assert all(rule["health"] != "err" for g in groups for rule in g["rules"])

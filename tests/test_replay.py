@@ -25,10 +25,10 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.http_tools import metric_sum, post_all, scrape
-from tests.kafka_tools import end_offsets, read_topic
+from tests.kafka_tools import read_topic
 from tests.oracle import row_count
-from tests.pipeline import start_ingress, start_worker, wait_until
-from tests.test_ops_cli import group_offsets, sentpipe
+from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_for
+from tests.test_ops_cli import sentpipe
 from tests.test_pipeline_e2e import assert_matches_oracle, deliveries
 
 TABLES = {
@@ -62,16 +62,6 @@ def iso(ms: float) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat()
 
 
-def caught_up(s: Settings) -> bool:
-    """The worker has committed every routed record there is: whatever was produced has been applied."""
-    committed = group_offsets(s.kafka_bootstrap, s.app_id)
-    return all(
-        committed.get((topic, p), 0) == end
-        for topic in Topics(s.topic_prefix).routed
-        for p, end in end_offsets(s.kafka_bootstrap, topic).items()
-    )
-
-
 def projected(port: int) -> float:
     """Routed events the worker has committed to PostgreSQL (projection batches, all types)."""
     return sum(
@@ -92,8 +82,8 @@ def test_replay_restores_truncated_projections_exactly_and_a_second_replay_chang
     try:
         secret = settings.webhook_secret.get_secret_value()
         assert asyncio.run(post_all(f"{url}/webhooks/sent", to_send, secret)).count(200) == len(to_send)
-        wait_until(lambda: row_count(db) >= len(unique), 120, "events projected", worker.proc.tail)
-        wait_until(lambda: caught_up(settings), 60, "the worker caught up", worker.proc.tail)
+        wait_for(lambda: row_count(db), lambda n: n >= len(unique), 120, "events projected", worker.proc.tail)
+        wait_caught_up(settings, 60, "the worker caught up", worker.proc.tail)
         assert_matches_oracle(db, unique)
         before = snapshot(db)
         n_raw = len(read_topic(settings.kafka_bootstrap, topics.raw))
@@ -106,8 +96,14 @@ def test_replay_restores_truncated_projections_exactly_and_a_second_replay_chang
 
         res = sentpipe(settings, "replay", "--since", since)
         assert res.returncode == 0, res.stderr
-        wait_until(lambda: snapshot(db) == before, 120, "the replay restored every row", worker.proc.tail)
-        wait_until(lambda: caught_up(settings), 60, "replay fully applied", worker.proc.tail)
+        wait_for(
+            lambda: snapshot(db),
+            lambda rows: rows == before,
+            120,
+            "the replay restored every row",
+            worker.proc.tail,
+        )
+        wait_caught_up(settings, 60, "replay fully applied", worker.proc.tail)
         # Replay bypasses the dedup table: every raw record, duplicates too, is applied again.
         assert projected(worker.metrics_port) >= len(unique) + n_raw
         assert_matches_oracle(db, unique)
@@ -115,7 +111,7 @@ def test_replay_restores_truncated_projections_exactly_and_a_second_replay_chang
 
         res = sentpipe(settings, "replay", "--since", since)
         assert res.returncode == 0, res.stderr
-        wait_until(lambda: caught_up(settings), 60, "second replay applied", worker.proc.tail)
+        wait_caught_up(settings, 60, "second replay applied", worker.proc.tail)
         assert projected(worker.metrics_port) >= len(unique) + 2 * n_raw
         assert snapshot(db, updated_at=True) == restored  # not even updated_at moved
         samples = scrape(worker.metrics_port)
@@ -126,7 +122,7 @@ def test_replay_restores_truncated_projections_exactly_and_a_second_replay_chang
     replayed = [
         rec
         for t in topics.routed
-        for rec in read_topic(settings.kafka_bootstrap, t, idle=0.5)
+        for rec in read_topic(settings.kafka_bootstrap, t)
         if r.H_REPLAY_ID in rec.headers
     ]
     assert len(replayed) == 2 * n_raw
@@ -153,6 +149,19 @@ def test_window_parsing_and_its_one_line_errors() -> None:
             make_window(**kwargs)
     with pytest.raises(OpsError, match=r"unknown event type 'message\.sent'"):
         parse_types(["message.sent"])
+
+
+def test_headers_read_alike_from_every_client_shape() -> None:
+    """confluent-kafka hands over a list of pairs (or None), aiokafka and Faust a list or a dict."""
+    pairs = [(r.H_TENANT, b"acme"), ("gone", None), ("text", "caf\u00e9"), (r.H_TENANT, b"last")]
+    assert r.header_list(pairs) == [
+        (r.H_TENANT, b"acme"),
+        ("text", "caf\u00e9".encode()),
+        (r.H_TENANT, b"last"),
+    ]
+    assert r.header_map(pairs) == {r.H_TENANT: b"last", "text": "caf\u00e9".encode()}
+    assert r.header_map({r.H_TENANT: b"acme", "gone": None}) == {r.H_TENANT: b"acme"}
+    assert r.header_list(None) == [] and r.header_map(None) == {}
 
 
 def test_decide_routes_like_the_worker_and_filters_on_what_routing_found() -> None:
@@ -215,9 +224,11 @@ def test_replay_selects_exactly_by_type_tenant_event_id_offsets_and_time(
         secret = settings.webhook_secret.get_secret_value()
         assert asyncio.run(post_all(base, default, secret)).count(200) == len(default)
         assert asyncio.run(post_all(f"{base}/acme", acme_early, acme_secret)).count(200) == len(acme_early)
-        time.sleep(0.05)
-        middle_ms = time.time() * 1000
-        time.sleep(0.05)
+        # A time after every record so far and before every later one: one millisecond past the newest
+        # timestamp, and the clock past it before the late records are sent.
+        newest = max(rec.timestamp_ms for rec in read_topic(settings.kafka_bootstrap, topics.raw))
+        middle_ms = newest + 1
+        wait_for(time.time, lambda now: now * 1000 > middle_ms, 10, "the clock to pass the middle")
         assert asyncio.run(post_all(f"{base}/acme", acme_late, acme_secret)).count(200) == len(acme_late)
     finally:
         ingress.stop()
@@ -283,7 +294,7 @@ def test_replay_selects_exactly_by_type_tenant_event_id_offsets_and_time(
     assert sorted(orjson.loads(rec.value)["id"] for rec in routed) == sorted(ids[b] for b in acme_early[:2])
     assert all(rec.headers[r.H_TENANT] == b"acme" and r.H_REPLAY_ID in rec.headers for rec in routed)
     for t in (topics.message_status, topics.template_approval, topics.unrouted, topics.dlq):
-        assert read_topic(settings.kafka_bootstrap, t, idle=0.5) == []
+        assert read_topic(settings.kafka_bootstrap, t) == []  # the run has ended: its writes are in
 
     # Malformed records fail the run and land in the DLQ, stage replay, pointing at the raw record.
     res = sentpipe(settings, "replay", "--type", ST, "--tenant", "default")

@@ -11,7 +11,7 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.sender.plan import generate
 from sentpipe.settings import Settings
 from tests.oracle import actual_state, expected_state, row_count
-from tests.pipeline import start_ingress, start_worker, wait_until
+from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_for
 from tests.processes import settings_env
 
 
@@ -50,7 +50,10 @@ def test_sender_with_duplicates_and_shuffle_yields_the_oracle_state(
         )
         assert res.returncode == 0, res.stderr
         assert "accepted" in res.stdout + res.stderr
-        wait_until(lambda: row_count(db) >= len(set(unique)), 120, "all events projected", worker.proc.tail)
+        n_unique = len(set(unique))
+        wait_for(lambda: row_count(db), lambda n: n >= n_unique, 120, "events projected", worker.proc.tail)
+        # Every record there is applied, duplicates and late status updates too, before the comparison.
+        wait_caught_up(settings, 60, "the worker caught up", worker.proc.tail)
     finally:
         worker.stop()
         ingress.stop()

@@ -1,4 +1,4 @@
--- The built-in projections users query (DESIGN "Database"). Status values are stored lower-case.
+-- The built-in projections users query (README "The database"). Status values are stored lower-case.
 
 CREATE TABLE IF NOT EXISTS message_events (
     event_id     text PRIMARY KEY,

@@ -1,0 +1,208 @@
+"""The projection stage: routed records in batches, into PostgreSQL and the user's handlers, then commit.
+
+It runs on the broker seam (librdkafka in production, `LocalBroker` in unit tests). A batch is committed
+only when each of its records is applied or dead-lettered. A failure of the whole (database away) is
+retried with backoff forever; any other error is isolated by halving the batch until the record that
+raises it is alone, and that record alone goes to the dead-letter topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from sentpipe import metrics as m
+from sentpipe.broker import BatchConsumer, Partition, Record, RecordProducer, next_offsets
+from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
+from sentpipe.processors.retry import is_temporary, retrying
+from sentpipe.processors.sink import HandlerFailure
+from sentpipe.processors.watchdog import Watchdog
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.events import CanonicalEvent, EventType
+from sentpipe.schemas.topics import Topics
+
+log = logging.getLogger("sentpipe.projector")
+
+LAG_EVERY_S = 10.0
+
+
+class Sink(Protocol):
+    async def apply(
+        self, type_: EventType, events: Sequence[CanonicalEvent], attempt: int
+    ) -> list[HandlerFailure]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    batch_size: int = 500
+    within_s: float = 0.1
+    retry_initial_s: float = 0.2
+    retry_max_s: float = 30.0
+
+
+class Projector:
+    def __init__(
+        self,
+        consumer: BatchConsumer,
+        producer: RecordProducer,
+        sink: Sink,
+        topics: Topics,
+        tuning: Tuning = Tuning(),
+        watchdog: Watchdog | None = None,
+    ) -> None:
+        self.consumer, self.producer, self.sink, self.topics, self.t = (
+            consumer,
+            producer,
+            sink,
+            topics,
+            tuning,
+        )
+        self.types = {
+            topics.message_status: EventType.MESSAGE_STATUS,
+            topics.message_inbound: EventType.MESSAGE_INBOUND,
+            topics.template_approval: EventType.TEMPLATE_APPROVAL,
+        }
+        self.watchdog = watchdog
+        self.started = False  # the first poll has returned: the group is joined
+        self.stopping = False
+        self._lag_at = 0.0
+        self._lag_series: set[Partition] = set()
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def _should_stop(self) -> bool:
+        return self.stopping
+
+    async def run(self) -> None:
+        """Until stop(): poll, apply, commit. The consumer is closed on the way out."""
+        try:
+            while not self.stopping:
+                await self.step()
+        finally:
+            self.consumer.close()
+
+    async def step(self) -> int:
+        """One batch: returns how many records it consumed (0 when the poll timed out)."""
+        records = await asyncio.to_thread(self.consumer.poll_batch, self.t.batch_size, self.t.within_s)
+        self.started = True
+        self._report_lag(records)
+        if not records:
+            return 0
+        dead: list[DeadLetter] = []
+        by_type: dict[EventType, list[tuple[Record, CanonicalEvent]]] = {}
+        for rec in records:
+            type_ = self.types.get(rec.topic)
+            if type_ is None:
+                dead.append(_dead(rec, "project", "unexpected_topic", f"no projection reads {rec.topic}"))
+                continue
+            try:
+                event = CanonicalEvent.from_json(rec.value)
+            except Exception as exc:  # any decoding failure is this record's, never its batch's
+                dead.append(_dead(rec, "project", "bad_canonical_event", f"{type(exc).__name__}: {exc}"))
+                continue
+            by_type.setdefault(type_, []).append((rec, event))
+        for type_, items in by_type.items():
+            await self._apply(type_, items, dead)
+        await send_dead_letters(
+            self.producer,
+            self.topics.dlq,
+            dead,
+            initial=self.t.retry_initial_s,
+            cap=self.t.retry_max_s,
+            should_stop=self._should_stop,
+        )
+        done = next_offsets(records)
+        self.consumer.commit(done)
+        if self.watchdog is not None:
+            self.watchdog.progress(done)
+        self._count(records, dead)
+        return len(records)
+
+    async def _apply(
+        self, type_: EventType, items: list[tuple[Record, CanonicalEvent]], dead: list[DeadLetter]
+    ) -> None:
+        events = [e for _, e in items]
+        try:
+            failures = await retrying(
+                lambda attempt: self.sink.apply(type_, events, attempt),
+                stage="project",
+                initial=self.t.retry_initial_s,
+                cap=self.t.retry_max_s,
+                should_stop=self._should_stop,
+            )
+        except Exception as exc:
+            if is_temporary(exc):  # only when stopping: the batch stays uncommitted and is read again
+                raise
+            if len(items) == 1:
+                rec, event = items[0]
+                log.warning(
+                    "record failed permanently; sent to the DLQ",
+                    extra={"event_id": event.id, "type": type_.value, "error": error_class(exc)},
+                )
+                dead.append(_dead(rec, "project", error_class(exc), str(exc)))
+                return
+            # Which record is it? Halve until it is alone: log2(batch) extra rounds, neighbours applied.
+            mid = len(items) // 2
+            await self._apply(type_, items[:mid], dead)
+            await self._apply(type_, items[mid:], dead)
+            return
+        committed = time.time()
+        for e in events:
+            m.END_TO_END_LAG_SECONDS.labels(type_.value).observe(
+                max(0.0, committed - e.received_at_ms / 1000)
+            )
+        by_event = {id(e): rec for rec, e in items}
+        for f in failures:
+            log.warning(
+                "handler failed permanently; event sent to the DLQ",
+                extra={"event_id": f.event.id, "handler": f.handler, "error": type(f.error).__name__},
+            )
+            dead.append(
+                _dead(by_event[id(f.event)], "handler", type(f.error).__name__, f"{f.handler}: {f.error}")
+            )
+
+    def _count(self, records: Sequence[Record], dead: Sequence[DeadLetter]) -> None:
+        """Replayed and redriven records are counted as the worker applies them (or dead-letters them)."""
+        failed = {d.origin for d in dead}
+        for rec in records:
+            for header, mode in ((r.H_REPLAY_ID, "replay"), (r.H_REDRIVE_ID, "redrive")):
+                if any(k == header for k, _ in rec.headers):
+                    outcome = "failed" if (rec.topic, rec.partition, rec.offset) in failed else "applied"
+                    m.REPLAY_EVENTS.labels(mode, outcome).inc()
+
+    def _report_lag(self, batch: Sequence[Record]) -> None:
+        try:
+            lag = self.consumer.lag()
+        except Exception:  # lag is best effort; a partition being reassigned has none
+            return
+        for rec in batch:  # fetched is not done: the batch in hand is still waiting
+            where = (rec.topic, rec.partition)
+            lag[where] = lag.get(where, 0) + 1
+        if self.watchdog is not None:
+            self.watchdog.lag(lag)
+        now = time.monotonic()
+        if now - self._lag_at < LAG_EVERY_S:
+            return
+        self._lag_at = now
+        for topic, partition in self._lag_series - lag.keys():  # moved to another worker
+            m.CONSUMER_LAG.remove(topic, str(partition))
+        for (topic, partition), n in lag.items():
+            m.CONSUMER_LAG.labels(topic, str(partition)).set(n)
+        self._lag_series = set(lag)
+
+
+def _dead(rec: Record, stage: str, error_class: str, message: str) -> DeadLetter:
+    return DeadLetter(
+        rec.key or b"",
+        rec.value,
+        rec.headers,
+        (rec.topic, rec.partition, rec.offset),
+        stage,
+        error_class,
+        message,
+    )

@@ -1,0 +1,68 @@
+"""The progress watchdog: a partition with work waiting whose position has not moved is a stall.
+
+Pure bookkeeping (the clock is injected); the stages report progress and lag, the health endpoint asks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from sentpipe.broker import Partition
+
+
+@dataclass(frozen=True, slots=True)
+class Stall:
+    stage: str
+    topic: str
+    partition: int
+    offset: int | None  # the next offset to process, None before the first record
+    lag: int
+    for_s: float
+
+    def __str__(self) -> str:
+        at = "start" if self.offset is None else f"offset {self.offset}"
+        return (
+            f"{self.stage}: {self.topic}[{self.partition}] stuck at {at} with {self.lag} records waiting "
+            f"for {self.for_s:.0f}s"
+        )
+
+
+@dataclass
+class Watchdog:
+    stage: str
+    stall_after_s: float
+    clock: Callable[[], float] = time.monotonic
+    _position: dict[Partition, int] = field(default_factory=dict)
+    _lag: dict[Partition, int] = field(default_factory=dict)
+    _since: dict[Partition, float] = field(default_factory=dict)  # last move, or when work appeared
+
+    def progress(self, positions: Mapping[Partition, int]) -> None:
+        """Next offsets to process after a batch was applied (or dead-lettered) and acknowledged."""
+        now = self.clock()
+        for where, pos in positions.items():
+            if self._position.get(where) != pos:
+                self._position[where] = pos
+                self._since[where] = now
+
+    def lag(self, lags: Mapping[Partition, int]) -> None:
+        """Records waiting per partition; partitions absent here are no longer this worker's."""
+        now = self.clock()
+        for where in set(self._lag) - set(lags):
+            self._lag.pop(where, None)
+            self._since.pop(where, None)
+            self._position.pop(where, None)
+        for where, n in lags.items():
+            if n > 0 and self._lag.get(where, 0) == 0:
+                self._since[where] = now  # work just appeared: the clock starts now
+            self._lag[where] = n
+
+    def stalls(self) -> list[Stall]:
+        now = self.clock()
+        out = []
+        for where, n in sorted(self._lag.items()):
+            since = self._since.get(where, now)
+            if n > 0 and now - since >= self.stall_after_s:
+                out.append(Stall(self.stage, where[0], where[1], self._position.get(where), n, now - since))
+        return out

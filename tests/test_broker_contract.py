@@ -1,0 +1,135 @@
+"""One contract, two backends: the in-memory LocalBroker must behave like the real broker where it matters.
+
+Each test runs against `LocalBroker` and against the real broker through `sentpipe.kafka` (per-test topics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from confluent_kafka import murmur2
+from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
+
+from sentpipe.broker import BatchConsumer, LocalBroker, ProduceRejected, Record, RecordProducer, next_offsets
+from sentpipe.kafka import AsyncProducer, admin_client
+from sentpipe.kafka import BatchConsumer as KafkaBatchConsumer
+from sentpipe.settings import Settings
+from tests.services import Services
+
+PARTITIONS = 3
+
+
+@dataclass
+class Backend:
+    name: str
+    topic: str
+    new_producer: object
+    new_consumer: object
+
+    def producer(self) -> RecordProducer:
+        return self.new_producer()  # type: ignore[operator,no-any-return]
+
+    def consumer(self, group: str) -> BatchConsumer:
+        return self.new_consumer(group, [self.topic])  # type: ignore[operator,no-any-return]
+
+
+@pytest.fixture(params=["local", "kafka"])
+def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
+    topic = f"contract-{uuid.uuid4().hex[:10]}"
+    if request.param == "local":
+        broker = LocalBroker()
+        broker.create_topic(topic, PARTITIONS)
+        yield Backend("local", topic, broker.producer, broker.consumer)
+        return
+    services: Services = request.getfixturevalue("services")
+    s = Settings(kafka_bootstrap=services.kafka_bootstrap)
+    admin = admin_client(s)
+    admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result(timeout=30)
+    consumers: list[KafkaBatchConsumer] = []
+
+    def new_consumer(group: str, topics: list[str]) -> KafkaBatchConsumer:
+        c = KafkaBatchConsumer(s, group, topics)
+        consumers.append(c)
+        return c
+
+    def new_producer() -> AsyncProducer:
+        return AsyncProducer.from_settings(s)
+
+    yield Backend("kafka", topic, new_producer, new_consumer)
+    for c in consumers:
+        with contextlib.suppress(RuntimeError):  # closed by the test already
+            c.close()
+    admin.delete_topics([topic])
+
+
+def poll_until(consumer: BatchConsumer, n: int, deadline_s: float = 30.0) -> list[Record]:
+    """Records until `n` have arrived; a group join takes a few seconds on the real broker."""
+    out: list[Record] = []
+    deadline = time.monotonic() + deadline_s
+    while len(out) < n and time.monotonic() < deadline:
+        out += consumer.poll_batch(100, 0.5)
+    assert len(out) == n, f"expected {n} records, got {len(out)}"
+    return out
+
+
+async def produce_all(producer: RecordProducer, topic: str, items: list[tuple[bytes, bytes]]) -> list[object]:
+    return list(
+        await asyncio.gather(*(producer.produce(topic, k, v, [("h", b"x"), ("k", k)]) for k, v in items))
+    )
+
+
+async def test_keyed_records_land_on_the_murmur2_partition_in_order(backend: Backend) -> None:
+    producer = backend.producer()
+    items = [(b"key-a", b"1"), (b"key-a", b"2"), (b"key-b", b"3"), (b"key-a", b"4")]
+    delivered = await produce_all(producer, backend.topic, items)
+    for (key, _), d in zip(items, delivered, strict=True):
+        assert d.partition == murmur2(key, PARTITIONS)  # type: ignore[attr-defined]
+    a_offsets = [d.offset for (k, _), d in zip(items, delivered, strict=True) if k == b"key-a"]  # type: ignore[attr-defined]
+    assert a_offsets == sorted(a_offsets) and len(set(a_offsets)) == 3
+
+    records = poll_until(backend.consumer(f"g-{uuid.uuid4().hex}"), len(items))
+    a_values = [r.value for r in records if r.key == b"key-a"]
+    assert a_values == [b"1", b"2", b"4"]  # order per key is kept
+    for rec in records:
+        assert dict(rec.headers) == {"h": b"x", "k": rec.key}
+        assert rec.topic == backend.topic and rec.timestamp_ms > 0
+
+
+async def test_a_group_resumes_after_its_commit_and_other_groups_start_over(backend: Backend) -> None:
+    producer = backend.producer()
+    await produce_all(producer, backend.topic, [(f"k{i}".encode(), f"v{i}".encode()) for i in range(10)])
+    group = f"g-{uuid.uuid4().hex}"
+    first = backend.consumer(group)
+    records = poll_until(first, 10)
+    done = [r for r in records if r.offset == 0]  # acknowledge only the first record of each partition
+    first.commit(next_offsets(done))
+    first.close()
+
+    again = poll_until(backend.consumer(group), 10 - len(done))
+    assert {(r.partition, r.offset) for r in again} == {(r.partition, r.offset) for r in records} - {
+        (r.partition, r.offset) for r in done
+    }
+    assert len(poll_until(backend.consumer(f"other-{uuid.uuid4().hex}"), 10)) == 10
+
+
+async def test_an_empty_poll_returns_nothing_after_the_timeout(backend: Backend) -> None:
+    consumer = backend.consumer(f"g-{uuid.uuid4().hex}")
+    assert consumer.poll_batch(10, 0.3) == []
+
+
+async def test_produce_to_a_missing_topic_fails_its_future(backend: Backend) -> None:
+    producer = backend.producer()
+    fut = producer.produce(f"missing-{uuid.uuid4().hex}", b"k", b"v", [])
+    with pytest.raises(ProduceRejected):
+        await asyncio.wait_for(fut, 30)
+
+
+def test_next_offsets_acknowledges_the_highest_offset_per_partition() -> None:
+    recs = [Record("t", p, o, None, b"", (), 0) for p, o in ((0, 3), (0, 5), (1, 0), (0, 4))]
+    assert next_offsets(recs) == {("t", 0): 6, ("t", 1): 1}

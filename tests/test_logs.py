@@ -1,0 +1,140 @@
+"""Log level names: every standard spelling is accepted once, in Settings, and Faust gets names it knows."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mode.utils.logging import level_number
+from pydantic import ValidationError
+
+from sentpipe.logs import TablesAtDebug, faust_log_level, faust_quiet_options
+from sentpipe.settings import Settings
+from tests.processes import Proc, free_port, settings_env
+
+SPELLINGS = [
+    ("DEBUG", "DEBUG"),
+    ("debug", "DEBUG"),
+    ("Info", "INFO"),
+    ("WARNING", "WARNING"),
+    ("warning", "WARNING"),
+    ("WARN", "WARNING"),
+    ("warn", "WARNING"),
+    ("ERROR", "ERROR"),
+    ("error", "ERROR"),
+    ("CRITICAL", "CRITICAL"),
+    ("crit", "CRITICAL"),
+    ("FATAL", "CRITICAL"),
+    (" info ", "INFO"),
+]
+
+
+@pytest.mark.parametrize(("given", "python_name"), SPELLINGS)
+def test_every_standard_spelling_becomes_the_python_name(
+    given: str, python_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Settings(log_level=given).log_level == python_name
+    monkeypatch.setenv("SENTPIPE_LOG_LEVEL", given)
+    assert Settings().log_level == python_name
+    assert logging.getLevelName(python_name) in (10, 20, 30, 40, 50)
+
+
+@pytest.mark.parametrize("bad", ["bogus", "", "10", "verbose", "WARNINGS"])
+def test_an_unknown_level_is_a_validation_error_on_log_level(bad: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(log_level=bad)
+    (error,) = info.value.errors()
+    assert error["loc"] == ("log_level",)
+    assert repr(bad) in error["msg"] and "WARNING" in error["msg"]
+
+
+def test_faust_gets_a_name_from_its_own_list_that_its_logging_setup_can_resolve() -> None:
+    faust_choices = {"crit", "error", "warn", "info", "debug"}  # faust.cli.base.LOGLEVELS
+    expected = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 40}
+    for given, python_name in SPELLINGS:
+        name = faust_log_level(given)
+        assert name in faust_choices, given
+        # mode turns the name into a number with logging.getLevelName: "crit" is not one ("Level CRIT"),
+        # and the worker would hang in its logging setup.
+        assert level_number(name) == expected[python_name], given
+    assert not isinstance(level_number("crit"), int)
+    with pytest.raises(ValueError, match="bogus"):
+        faust_log_level("bogus")
+
+
+def test_faust_prints_its_banner_only_at_debug() -> None:
+    assert faust_quiet_options("DEBUG") == []
+    for level in ("INFO", "WARNING", "ERROR", "CRITICAL"):
+        assert faust_quiet_options(level) == ["--quiet"]
+
+
+def test_table_records_are_debug_and_other_info_records_stay_info() -> None:
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("tests.test_logs.tables")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    logger.addFilter(TablesAtDebug())
+    handler = Keep(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        table = "\n+Highwater--+\n| t | 1 |\n+---+---+"
+        logger.info("Updating subscribed topics to: %s", frozenset({"a", "b"}))
+        logger.info("Setting newly assigned partitions %s for group %s", {("t", 0)}, "g")
+        logger.info("[^---Recovery]: Highwater for %s changelog partitions:\n%s", "active", table)
+        logger.info("Revoking previously assigned partitions %s for group %s", set(), "g")
+        logger.info("Joined group %r (generation %s)", "g", 3)
+        logger.warning("a warning with a set %s", {1, 2})
+        assert [r.getMessage().split(" ")[0] for r in records] == ["Revoking", "Joined", "a"]
+        assert [r.levelname for r in records] == ["INFO", "INFO", "WARNING"]
+        handler.setLevel(logging.DEBUG)
+        records.clear()
+        logger.info("Subscribed to topic(s): %s", {"a"})
+        assert [(r.levelno, r.levelname) for r in records] == [(logging.DEBUG, "DEBUG")]
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("command", [["worker"], ["ingress"], ["replay", "--dry-run"]])
+def test_an_unknown_level_stops_a_command_with_one_line(command: list[str]) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SENTPIPE_")}
+    env["SENTPIPE_LOG_LEVEL"] = "bogus"
+    res = subprocess.run(
+        [sys.executable, "-m", "sentpipe", *command], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode != 0, res
+    assert "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: invalid setting SENTPIPE_LOG_LEVEL: "), lines[0]
+    assert "'bogus'" in lines[0]
+
+
+@pytest.mark.service
+def test_worker_starts_with_python_level_names(settings: Settings, tmp_path: Path) -> None:
+    """The bug: SENTPIPE_LOG_LEVEL=WARNING made Faust refuse its --loglevel and the worker exit."""
+    web = free_port()
+    env = settings_env(
+        settings,
+        log_level="WARNING",
+        worker_web_port=web,
+        worker_metrics_port=free_port(),
+        data_dir=tmp_path / "faust",
+    )
+    proc = Proc(["worker"], env, tmp_path / "worker.log").start()
+    try:
+        proc.wait_http(f"http://127.0.0.1:{web}/")  # Faust's own web server: Faust took its options
+        assert proc.p is not None and proc.p.poll() is None, proc.tail()
+    finally:
+        assert proc.stop() == 0, proc.tail()
+    log = (tmp_path / "worker.log").read_text(errors="replace")
+    assert "is not one of" not in log
+    assert "[INFO]" not in log and "ƒaµS†" not in log, log[-3000:]

@@ -1,0 +1,263 @@
+"""Poison never stalls the pipeline: hostile records between ordinary ones, through the real processes.
+
+Hostile bodies are sent signed through the ingress (validation dead-letters them there); records that an
+older or buggy producer could still have written are put straight onto the raw and routed topics, so the
+worker's own safety net (per-record isolation, SQLSTATE classification) is exercised against PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+
+import orjson
+import psycopg
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
+
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.events import CanonicalEvent, EventType
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.schemas.topics import Topics
+from sentpipe.settings import Settings
+from tests.http_tools import post_all
+from tests.kafka_tools import read_topic
+from tests.oracle import row_count
+from tests.pipeline import start_ingress, start_worker, wait_for, wait_until
+from tests.test_pipeline_e2e import assert_matches_oracle
+
+
+def sent(
+    payload: object, *, timestamp: object = "2025-10-31T10:10:42Z", sub_type: str = "message.delivered"
+) -> bytes:
+    return orjson.dumps(
+        {"field": "message", "sub_type": sub_type, "timestamp": timestamp, "payload": payload}
+    )
+
+
+def nested(depth: int) -> object:
+    doc: object = "x"
+    for _ in range(depth):
+        doc = {"a": doc}
+    return doc
+
+
+# 6 kB that PostgreSQL cannot compress below its index-row limit (a run of one letter compresses away).
+INCOMPRESSIBLE_ID = "".join(hashlib.sha256(str(i).encode()).hexdigest() for i in range(94))[:6000]
+
+HOSTILE_AT_INGRESS: dict[str, bytes] = {
+    "timestamp 1e20": sent({"message_id": "m-1e20"}, timestamp=1e20),
+    "timestamp -1e15": sent({"message_id": "m-neg"}, timestamp=-1e15),
+    "timestamp 2**64-1": sent({"message_id": "m-u64"}, timestamp=2**64 - 1),
+    "timestamp year 99999": sent({"message_id": "m-y"}, timestamp="99999-01-01T00:00:00Z"),
+    # orjson refuses to write 300 levels; the standard library does.
+    "nested 300 deep": json.dumps(
+        {
+            "field": "message",
+            "sub_type": "message.delivered",
+            "timestamp": "2025-10-31T10:10:42Z",
+            "payload": {"message_id": "m-deep", "extra": nested(300)},
+        }
+    ).encode(),
+    "NUL in inbound text": sent(
+        {"from": "+1", "to": "+2", "text": "hi\u0000there"}, sub_type="message.received"
+    ),
+    "NUL in a payload key": sent({"message_id": "m-nulkey", "a\u0000b": 1}),
+    "message id 6 kB": sent({"message_id": INCOMPRESSIBLE_ID}),
+    "message id true": sent({"message_id": True}),
+    "message id a list": sent({"message_id": ["m"]}),
+    "envelope id an object": orjson.dumps(
+        {
+            "id": {"x": 1},
+            "event": {"type": "message.status.updated"},
+            "data": {"message_id": "m", "status": "sent"},
+        }
+    ),
+    "status a number": orjson.dumps(
+        {
+            "id": "evt-st",
+            "event": {"type": "message.status.updated"},
+            "data": {"message_id": "m", "status": 5},
+        }
+    ),
+}
+
+
+def raw_record(body: bytes) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    key = hashlib.sha256(body).hexdigest().encode()
+    return (
+        key,
+        body,
+        r.raw_headers(
+            tenant="default",
+            received_at_ms=1_761_905_442_000,
+            webhook_id="w",
+            request_id="q",
+            event_type=None,
+        ),
+    )
+
+
+def canonical(event_id: str, message_id: str, data: dict[str, object]) -> tuple[bytes, bytes]:
+    """A routed record as a buggy router could have written it: valid JSON, poison for PostgreSQL."""
+    ev = {
+        "id": event_id,
+        "type": EventType.MESSAGE_STATUS.value,
+        "tenant": "default",
+        "occurred_at": "2025-10-31T10:10:42Z",
+        "received_at": 1_761_905_442_000,
+        "sub_type": "message.delivered",
+        "shape": "sent",
+        "subject": message_id,
+        "status": "delivered",
+        "data": data,
+    }
+    return f"default/{message_id[:50]}".encode(), orjson.dumps(ev)
+
+
+def committed_at_end(settings: Settings, group: str, topics: list[str]) -> bool:
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    md = admin.list_topics(timeout=10)
+    tps = [TopicPartition(t, p) for t in topics for p in md.topics[t].partitions]
+    res = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)])[group].result(10)
+    committed = {(tp.topic, tp.partition): tp.offset for tp in res.topic_partitions}
+    from confluent_kafka import Consumer
+
+    c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "probe-" + group})
+    try:
+        for tp in tps:
+            low, high = c.get_watermark_offsets(tp, timeout=10)
+            have = committed.get((tp.topic, tp.partition), -1001)
+            if high > low and have < high:
+                return False
+        return True
+    finally:
+        c.close()
+
+
+def test_poison_corpus_is_dead_lettered_and_every_ordinary_event_lands(
+    settings: Settings, tmp_path: Path
+) -> None:
+    topics = Topics(settings.topic_prefix)
+    db = settings.database_url.get_secret_value()
+    secret = settings.webhook_secret.get_secret_value()
+    ordinary = [s.body for s in SampleFactory(11).mix(120, "mixed")]
+    hostile = list(HOSTILE_AT_INGRESS.items())
+    mixed: list[bytes] = list(ordinary)
+    for i, (_, body) in enumerate(hostile):  # poison spread between ordinary events
+        mixed.insert(1 + i * (len(ordinary) // len(hostile)), body)
+
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    worker = start_worker(settings, tmp_path)
+    try:
+        # Records the ingress would refuse today, written as an older ingress or a buggy router could have.
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+        for body in (HOSTILE_AT_INGRESS["timestamp 1e20"], HOSTILE_AT_INGRESS["message id 6 kB"]):
+            key, value, headers = raw_record(body)
+            producer.produce(topics.raw, value, key, headers=headers)
+        for eid, mid, data in (
+            ("db-54000", INCOMPRESSIBLE_ID, {}),  # index row too large: 54000, permanent
+            ("db-22P05", "m-nul", {"text": "a\u0000b"}),  # NUL in jsonb: 22P05, permanent
+        ):
+            key, value = canonical(eid, mid, data)
+            producer.produce(topics.message_status, value, key)
+        assert producer.flush(10) == 0
+
+        statuses = asyncio.run(post_all(f"{url}/webhooks/sent", mixed, secret))
+        assert statuses.count(200) == len(mixed), statuses
+
+        wait_until(
+            lambda: row_count(db) >= len(set(ordinary)), 120, "ordinary events projected", worker.proc.tail
+        )
+        dlq_expected = len(hostile) + 4
+
+        def dlq() -> list[tuple[bytes, bytes]]:
+            recs = read_topic(settings.kafka_bootstrap, topics.dlq, idle=0.5)
+            return [(rec.headers[r.H_DLQ_STAGE], rec.headers[r.H_DLQ_ERROR_CLASS]) for rec in recs]
+
+        letters = wait_for(dlq, lambda got: len(got) >= dlq_expected, 60, "every poison record dead-lettered")
+        assert len(letters) == dlq_expected, letters
+        records = read_topic(settings.kafka_bootstrap, topics.dlq, idle=0.5)
+        stages = sorted(stage.decode() for stage, _ in letters)
+        assert stages.count("ingress") == len(hostile)
+        assert stages.count("route") == 2
+        assert stages.count("project") == 2
+        by_id = {
+            CanonicalEvent.from_json(rec.value).id: rec.headers[r.H_DLQ_ERROR_CLASS]
+            for rec in records
+            if rec.headers[r.H_DLQ_STAGE] == b"project"
+        }
+        assert by_id == {"db-54000": b"sqlstate_54000", "db-22P05": b"sqlstate_22P05"}
+        assert all(error_class for _, error_class in letters)
+
+        assert_matches_oracle(db, ordinary)
+        wait_until(
+            lambda: committed_at_end(settings, settings.app_id, [topics.raw]),
+            60,
+            "router committed to the end",
+        )
+        wait_until(
+            lambda: committed_at_end(settings, f"{settings.app_id}-projections", list(topics.routed)),
+            60,
+            "projector committed to the end",
+        )
+        log = worker.proc.tail(100_000)
+        for sign in ("Traceback", "crashed", "Restarting", "stalled"):
+            assert sign not in log, f"{sign!r} in the worker log"
+    finally:
+        worker.stop()
+        ingress.stop()
+
+
+def test_two_tenants_may_use_the_same_event_id(settings: Settings, tmp_path: Path) -> None:
+    secrets = tmp_path / "secrets.json"
+    secrets.write_text('{"beta": "whsec_YmV0YS10ZW5hbnQtc2VjcmV0LWZvci10ZXN0cw=="}')
+    s = settings.model_copy(update={"secrets_file": secrets})
+    body_a = orjson.dumps(
+        {
+            "id": "evt_1",
+            "event": {"type": "message.status.updated"},
+            "created_at": "2025-10-31T10:10:42Z",
+            "data": {"message_id": "m-a", "message_status": "sent"},
+        }
+    )
+    body_b = orjson.dumps(
+        {
+            "id": "evt_1",
+            "event": {"type": "message.status.updated"},
+            "created_at": "2025-10-31T10:10:43Z",
+            "data": {"message_id": "m-b", "message_status": "delivered"},
+        }
+    )
+    ingress, url, _ = start_ingress(s, tmp_path)
+    worker = start_worker(s, tmp_path)
+    try:
+        a = asyncio.run(
+            post_all(f"{url}/webhooks/sent", [body_a, body_a], s.webhook_secret.get_secret_value())
+        )
+        b = asyncio.run(
+            post_all(f"{url}/webhooks/sent/beta", [body_b], "whsec_YmV0YS10ZW5hbnQtc2VjcmV0LWZvci10ZXN0cw==")
+        )
+        assert a == [200, 200] and b == [200]
+        db = s.database_url.get_secret_value()
+
+        def rows() -> list[tuple[str, str, str]]:
+            with psycopg.connect(db) as c:
+                return c.execute(
+                    "SELECT tenant, event_id, message_id FROM message_events ORDER BY tenant"
+                ).fetchall()
+
+        wait_until(lambda: len(rows()) >= 2, 60, "both tenants' events projected", worker.proc.tail)
+        assert rows() == [("beta", "evt_1", "m-b"), ("default", "evt_1", "m-a")]
+        with psycopg.connect(db) as c:
+            status = c.execute(
+                "SELECT tenant, message_id, status FROM message_status ORDER BY tenant"
+            ).fetchall()
+        assert status == [("beta", "m-b", "delivered"), ("default", "m-a", "sent")]
+    finally:
+        worker.stop()
+        ingress.stop()

@@ -1,0 +1,175 @@
+"""The projection stage on the in-memory broker: batches, isolation of poison, dead letters, commits.
+
+The sink here is a stand-in for PostgreSQL (pure logic under test); tests/test_pipeline_e2e.py and
+tests/test_poison_worker.py run the same stage against the real broker and database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import psycopg
+import pytest
+
+from sentpipe import metrics as m
+from sentpipe.broker import LocalBroker
+from sentpipe.processors.projector import Projector, Tuning
+from sentpipe.processors.sink import HandlerFailure
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.events import CanonicalEvent, EventType
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.schemas.topics import Topics
+
+TOPICS = Topics("u.")
+FAST = Tuning(batch_size=50, within_s=0.01, retry_initial_s=0.001, retry_max_s=0.002)
+
+
+class FakeSink:
+    """Applies events to a dict; raises what it is told for chosen event ids or whole batches."""
+
+    def __init__(self) -> None:
+        self.applied: dict[str, CanonicalEvent] = {}
+        self.poison: dict[str, Exception] = {}
+        self.down_for = 0  # the next N calls fail as if the database were away
+        self.calls = 0
+        self.handler_fails: set[str] = set()
+
+    async def apply(
+        self, type_: EventType, events: Sequence[CanonicalEvent], attempt: int
+    ) -> list[HandlerFailure]:
+        self.calls += 1
+        if self.down_for > 0:
+            self.down_for -= 1
+            raise psycopg.OperationalError("connection refused")
+        for e in events:  # a real transaction applies all or nothing
+            if e.id in self.poison:
+                raise self.poison[e.id]
+        self.applied.update({e.id: e for e in events})
+        return [HandlerFailure(e, "h", ValueError("boom")) for e in events if e.id in self.handler_fails]
+
+
+def routed_records(
+    broker: LocalBroker, n: int, *, headers: list[tuple[str, bytes]] | None = None
+) -> list[str]:
+    """Route n sample events the way the router does and append them to the routed topics."""
+    ids = []
+    for i, sample in enumerate(SampleFactory(7).mix(n, "mixed")):
+        routed = r.route(
+            None,
+            sample.body,
+            {r.H_TENANT: b"acme"},
+            topics=TOPICS,
+            id_source="auto",
+            default_tenant="default",
+            record_timestamp_ms=1_700_000_000_000 + i,
+        )
+        if routed.event is None:
+            continue
+        broker.append(routed.topic, routed.key, routed.value, headers or [])
+        ids.append(routed.event.id)
+    return ids
+
+
+def setup() -> tuple[LocalBroker, FakeSink, Projector]:
+    broker = LocalBroker()
+    for t in (*TOPICS.routed, TOPICS.dlq):
+        broker.create_topic(t, 3)
+    sink = FakeSink()
+    projector = Projector(broker.consumer("proj", TOPICS.routed), broker.producer(), sink, TOPICS, FAST)
+    return broker, sink, projector
+
+
+async def drain(projector: Projector) -> None:
+    while await projector.step():
+        pass
+
+
+def committed(broker: LocalBroker) -> dict[tuple[str, int], int]:
+    return {w: o for (g, w), o in broker.committed.items() if g == "proj"}
+
+
+def ends(broker: LocalBroker) -> dict[tuple[str, int], int]:
+    return {
+        (t, p): len(part) for t in TOPICS.routed for p, part in enumerate(broker.topics[t].partitions) if part
+    }
+
+
+async def test_every_record_is_applied_and_the_batch_committed_to_the_end() -> None:
+    broker, sink, projector = setup()
+    ids = routed_records(broker, 120)
+    await drain(projector)
+    assert set(sink.applied) == set(ids)
+    assert committed(broker) == ends(broker)
+    assert broker.records(TOPICS.dlq) == []
+
+
+async def test_one_poison_record_is_isolated_and_its_neighbours_applied() -> None:
+    broker, sink, projector = setup()
+    ids = routed_records(broker, 60)
+    bad = ids[17]
+    sink.poison[bad] = psycopg.errors.ProgramLimitExceeded("index row size exceeds maximum")
+    await drain(projector)
+    assert set(sink.applied) == set(ids) - {bad}
+    (dead,) = broker.records(TOPICS.dlq)
+    h = dict(dead.headers)
+    assert h[r.H_DLQ_STAGE] == b"project"
+    assert h[r.H_DLQ_ERROR_CLASS] == b"sqlstate_54000"
+    assert CanonicalEvent.from_json(dead.value).id == bad
+    assert h[r.H_DLQ_TOPIC].decode() in TOPICS.routed and h[r.H_DLQ_ATTEMPTS] == b"1"
+    assert committed(broker) == ends(broker)
+
+
+async def test_any_exception_is_a_record_failure_not_a_stall() -> None:
+    broker, sink, projector = setup()
+    ids = routed_records(broker, 30)
+    sink.poison[ids[0]] = KeyError("a bug in a projection")
+    sink.poison[ids[-1]] = psycopg.errors.UntranslatableCharacter("NUL")
+    await drain(projector)
+    assert set(sink.applied) == set(ids) - {ids[0], ids[-1]}
+    classes = sorted(dict(d.headers)[r.H_DLQ_ERROR_CLASS] for d in broker.records(TOPICS.dlq))
+    assert classes == [b"KeyError", b"sqlstate_22P05"]
+
+
+async def test_a_database_outage_is_retried_and_nothing_is_dead_lettered() -> None:
+    broker, sink, projector = setup()
+    ids = routed_records(broker, 20)
+    sink.down_for = 5
+    await drain(projector)
+    assert set(sink.applied) == set(ids)
+    assert broker.records(TOPICS.dlq) == []
+
+
+async def test_undecodable_routed_values_and_handler_failures_are_dead_lettered() -> None:
+    broker, sink, projector = setup()
+    ids = routed_records(broker, 10)
+    broker.append(TOPICS.message_status, b"acme/x", b"\xff not json", [])
+    broker.append(TOPICS.message_status, b"acme/y", b'{"id": true}', [])
+    sink.handler_fails = {ids[3]}
+    await drain(projector)
+    dlq = broker.records(TOPICS.dlq)
+    by_stage = sorted((dict(d.headers)[r.H_DLQ_STAGE], dict(d.headers)[r.H_DLQ_ERROR_CLASS]) for d in dlq)
+    assert by_stage == [
+        (b"handler", b"ValueError"),
+        (b"project", b"bad_canonical_event"),
+        (b"project", b"bad_canonical_event"),
+    ]
+    assert committed(broker) == ends(broker)
+
+
+async def test_the_batch_is_not_committed_until_dead_letters_are_acknowledged() -> None:
+    broker, sink, projector = setup()
+    ids = routed_records(broker, 5)
+    sink.poison[ids[2]] = psycopg.errors.DivisionByZero("x")
+    broker.reject_next(TOPICS.dlq, "msg_timed_out", times=3)  # the broker is away for three tries
+    await drain(projector)
+    assert len(broker.records(TOPICS.dlq)) == 1
+    assert committed(broker) == ends(broker)
+
+
+@pytest.mark.parametrize("mode,header", [("replay", r.H_REPLAY_ID), ("redrive", r.H_REDRIVE_ID)])
+async def test_replayed_and_redriven_records_are_counted_as_applied(mode: str, header: str) -> None:
+    broker, _, projector = setup()
+    before = m.REPLAY_EVENTS.labels(mode, "applied")._value.get()
+    ids = routed_records(broker, 8, headers=[(header, b"run-1")])
+    await drain(projector)
+    assert m.REPLAY_EVENTS.labels(mode, "applied")._value.get() - before == len(ids)
