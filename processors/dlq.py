@@ -27,9 +27,17 @@ from sentpipe.processors.offsets import (
     parse_when,
     timestamp_ms,
 )
-from sentpipe.processors.replay import Progress, RunResult, carried_headers, log_run, new_run_id, ops_producer
+from sentpipe.processors.replay import (
+    Progress,
+    RunResult,
+    as_malformed,
+    carried_headers,
+    log_run,
+    new_run_id,
+    ops_producer,
+)
 from sentpipe.schemas import routing as r
-from sentpipe.schemas.events import CanonicalEvent, MalformedEvent
+from sentpipe.schemas.events import CanonicalEvent
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 
@@ -269,7 +277,8 @@ def plan(e: DlqEntry, settings: Settings, topics: Topics, redrive_id: str) -> Re
             default_tenant=settings.default_tenant,
             record_timestamp_ms=e.timestamp_ms,
         )
-    except MalformedEvent as exc:
+    except Exception as caught:  # anything raised for one record is that record's failure
+        exc = as_malformed(caught)
         # Still broken: back to the DLQ under its original stage (so the next redrive treats it the same
         # way) and original coordinates, one attempt more.
         original = e.original

@@ -99,10 +99,10 @@ def decide(
             default_tenant=settings.default_tenant,
             record_timestamp_ms=record_ms,
         )
-    except MalformedEvent as exc:
+    except Exception as exc:  # anything raised for one record is that record's failure: to the DLQ
         if not flt.admits(head_type, head_tenant, key_id):
             return Decision("skip", head_type or "unknown", head_tenant, key_id)
-        return Decision("fail", head_type or "unknown", head_tenant, key_id, error=exc)
+        return Decision("fail", head_type or "unknown", head_tenant, key_id, error=as_malformed(exc))
     if routed.event is not None:
         type_, tenant, event_id = routed.event.type.value, routed.event.tenant, routed.event.id
     else:
@@ -110,6 +110,13 @@ def decide(
     if not flt.admits(type_, tenant, event_id):
         return Decision("skip", type_, tenant, event_id)
     return Decision("replay", type_, tenant, event_id, routed=routed)
+
+
+def as_malformed(exc: Exception) -> MalformedEvent:
+    """Any error raised while routing one record, as the DLQ reason it is filed under."""
+    if isinstance(exc, MalformedEvent):
+        return exc
+    return MalformedEvent(type(exc).__name__, f"unexpected error while routing: {exc}"[:500])
 
 
 def carried_headers(headers: Headers) -> Headers:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
 from sentpipe.kafka import admin_client, existing_partitions
@@ -17,6 +17,11 @@ DEDUP_TABLE = "dedup"
 
 def changelog_topic(settings: Settings) -> str:
     return f"{settings.app_id}-{DEDUP_TABLE}-changelog"
+
+
+def projections_group(settings: Settings) -> str:
+    """The projector's consumer group, apart from the router's so neither waits behind the other."""
+    return f"{settings.app_id}-projections"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,3 +81,31 @@ def check_copartitioning(settings: Settings, timeout: float = 10.0) -> None:
 
 class CopartitioningError(Exception):
     pass
+
+
+def check_group_owns_prefix(settings: Settings, group: str, timeout: float = 10.0) -> None:
+    """Refuse a consumer group that has committed offsets for another prefix's topics.
+
+    A group shared by two prefixes (one SENTPIPE_APP_ID for several SENTPIPE_TOPIC_PREFIX values) also
+    shares the dedup changelog, and Faust then takes its recovery path with records already waiting: a
+    start-up race in Faust 0.15 that can freeze the group's commits without a word.
+    """
+    from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException
+
+    admin = admin_client(settings)
+    try:
+        future = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])[group]
+        committed = future.result(timeout=timeout)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else None
+        if getattr(err, "code", lambda: None)() == KafkaError.GROUP_ID_NOT_FOUND:
+            return
+        raise
+    ours = (settings.topic_prefix, f"{settings.app_id}-")
+    foreign = sorted({tp.topic for tp in committed.topic_partitions if not tp.topic.startswith(ours)})
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise CopartitioningError(
+            f"consumer group {group} has committed offsets for topics outside the prefix "
+            f"{settings.topic_prefix!r} ({shown}): give this prefix its own SENTPIPE_APP_ID"
+        )

@@ -31,7 +31,7 @@ from sentpipe.processors.health import Health, serve_health
 from sentpipe.processors.projector import Projector, Tuning
 from sentpipe.processors.retry import backoff, is_temporary
 from sentpipe.processors.sink import PostgresSink
-from sentpipe.processors.topics import DEDUP_TABLE
+from sentpipe.processors.topics import DEDUP_TABLE, projections_group
 from sentpipe.processors.watchdog import Watchdog
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import ROUTED_TYPES, EventType, MalformedEvent
@@ -293,11 +293,6 @@ def _init_metrics() -> None:
     for mode_ in ("replay", "redrive"):
         for outcome in ("applied", "failed"):
             m.REPLAY_EVENTS.labels(mode_, outcome)
-
-
-def projections_group(settings: Settings) -> str:
-    """The projector's consumer group, apart from the router's so neither waits behind the other."""
-    return f"{settings.app_id}-projections"
 
 
 class ProjectorService:

@@ -3,8 +3,8 @@
 This module is the single implementation of "what is this event": the ingress uses `frame` to derive
 the event id and type, and routing (worker, replay, redrive) uses `normalize` for the canonical event.
 
-The canonical model refuses what it cannot represent (DESIGN "The per-record rule"). `frame` checks every
-value the model will read, so such a body is dead-lettered at the ingress instead of crashing a worker:
+The canonical model refuses what it cannot represent. `frame` checks every value the model will read, so
+such a body is dead-lettered at the ingress instead of crashing a worker:
 
 - the whole body: nesting deeper than `MAX_DEPTH`, or NUL (U+0000) in any key or string (PostgreSQL's
   text and jsonb refuse it);
@@ -49,7 +49,7 @@ class EventType(StrEnum):
 
 ROUTED_TYPES = (EventType.MESSAGE_STATUS, EventType.MESSAGE_INBOUND, EventType.TEMPLATE_APPROVAL)
 
-# Outbound message status rank: a lower rank never overwrites a higher one (DESIGN "Ordering").
+# Outbound message status rank: a lower rank never overwrites a higher one (Sent does not keep order).
 STATUS_RANK = {"queued": 0, "routed": 1, "sent": 2, "failed": 3, "delivered": 4, "read": 5}
 
 # --- the limits of the canonical model: one place, also read by the JSON Schema generator ---------------

@@ -57,7 +57,7 @@ def worker(
     """Run the stream processors (router on Faust, projector on librdkafka); extra arguments go to Faust."""
     from sentpipe.logs import configure, faust_log_level, faust_quiet_options
     from sentpipe.processors.handlers import load_modules
-    from sentpipe.processors.topics import check_copartitioning
+    from sentpipe.processors.topics import check_copartitioning, check_group_owns_prefix, projections_group
     from sentpipe.processors.worker import create_app, run_projector
 
     s = settings()
@@ -68,6 +68,9 @@ def worker(
     configure(s.log_level, s.log_json)
     if s.worker_role != "project":
         check_copartitioning(s)
+        check_group_owns_prefix(s, s.app_id)
+    if s.worker_role != "route":
+        check_group_owns_prefix(s, projections_group(s))
     load_modules(s.handler_modules)
     # /metrics, /livez and /readyz on SENTPIPE_WORKER_METRICS_PORT are served by the worker's own loop.
     if s.worker_role == "project":

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sentpipe.schemas.events import EventIdSource
@@ -29,6 +29,12 @@ LOG_LEVEL_NAMES: dict[str, LogLevel] = {
     "CRIT": "CRITICAL",
     "FATAL": "CRITICAL",
 }
+
+
+def default_app_id(topic_prefix: str) -> str:
+    """`sentpipe` for the default prefix, `sentpipe-<prefix>` for any other."""
+    name = topic_prefix.strip(".")
+    return "sentpipe" if topic_prefix == "sent." else f"sentpipe-{name or 'default'}"
 
 
 class Settings(BaseSettings):
@@ -63,6 +69,8 @@ class Settings(BaseSettings):
     log_level: LogLevel = "INFO"  # any standard spelling, normalized to the Python name
 
     # worker
+    # The router's consumer group and changelog prefix. Derived from the topic prefix when unset, so two
+    # prefixes never share a group or a dedup changelog (`sent.` keeps the historical `sentpipe`).
     app_id: str = "sentpipe"
     worker_role: WorkerRole = "all"
     worker_web_port: int = 6066
@@ -91,6 +99,13 @@ class Settings(BaseSettings):
                 " (any case; WARN, CRIT and FATAL work too)"
             )
         return name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _app_id_from_prefix(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("app_id"):
+            data = {**data, "app_id": default_app_id(str(data.get("topic_prefix") or "sent."))}
+        return data
 
     @field_validator("topic_prefix")
     @classmethod

@@ -192,6 +192,21 @@ def test_decide_routes_like_the_worker_and_filters_on_what_routing_found() -> No
     )
 
 
+def test_decide_turns_any_error_of_one_record_into_its_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The per-record rule in replay: an unexpected error is that record's dead letter, not a crash."""
+    import sentpipe.processors.replay as replay_module
+
+    def broken_route(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(75, "Value too large for defined data type")
+
+    monkeypatch.setattr(replay_module.r, "route", broken_route)
+    body = SampleFactory(1).inbound().body
+    d = decide(
+        b"k", body, [], 5_000, window=make_window(), flt=Filter(), settings=Settings(), topics=Topics("x.")
+    )
+    assert d.action == "fail" and d.error is not None and d.error.reason == "OSError"
+
+
 # --- selection -------------------------------------------------------------------------------------------
 
 
