@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from confluent_kafka import murmur2
+from confluent_kafka import KafkaError, murmur2
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
 from sentpipe.broker import BatchConsumer, LocalBroker, ProduceRejected, Record, RecordProducer, next_offsets
-from sentpipe.kafka import AsyncProducer, admin_client
+from sentpipe.kafka import AsyncProducer, BrokerUnavailable, Producer, admin_client
 from sentpipe.kafka import BatchConsumer as KafkaBatchConsumer
 from sentpipe.settings import Settings
+from tests.processes import free_port
 from tests.services import Services
 
 PARTITIONS = 3
@@ -133,3 +134,32 @@ async def test_produce_to_a_missing_topic_fails_its_future(backend: Backend) -> 
 def test_next_offsets_acknowledges_the_highest_offset_per_partition() -> None:
     recs = [Record("t", p, o, None, b"", (), 0) for p, o in ((0, 3), (0, 5), (1, 0), (0, 4))]
     assert next_offsets(recs) == {("t", 0): 6, ("t", 1): 1}
+
+
+# --- the producer's callback face (replay and redrive) ----------------------------------------------------
+def test_the_callback_producer_reports_each_delivery_and_flush_waits_for_all(services: Services) -> None:
+    s = Settings(kafka_bootstrap=services.kafka_bootstrap)
+    topic = f"contract-sync-{uuid.uuid4().hex[:10]}"
+    admin = admin_client(s)
+    admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result(timeout=30)
+    outcomes: list[object] = []
+    producer = Producer.from_settings(s)
+    for i in range(50):
+        producer.send(topic, f"k{i}".encode(), b"v", [("h", b"x")], outcomes.append)
+    producer.flush()
+    assert outcomes == [None] * 50
+    assert len(poll_until(KafkaBatchConsumer(s, f"g-{uuid.uuid4().hex}", [topic]), 50)) == 50
+
+
+def test_the_callback_producer_reports_undelivered_records_and_flush_never_hangs() -> None:
+    s = Settings(kafka_bootstrap=f"127.0.0.1:{free_port()}")
+    outcomes: list[KafkaError | None] = []
+    producer = Producer.from_settings(s, delivery_timeout_s=1.0)
+    producer.send("anything", b"k", b"v", [], outcomes.append)
+    producer.flush(timeout_s=10.0)  # the record timed out: its callback says so, nothing is left
+    assert len(outcomes) == 1 and outcomes[0] is not None and outcomes[0].code() == KafkaError._MSG_TIMED_OUT
+
+    slow = Producer.from_settings(s, delivery_timeout_s=60.0)
+    slow.send("anything", b"k", b"v", [], outcomes.append)
+    with pytest.raises(BrokerUnavailable, match=r"1 record\(s\) not acknowledged by Kafka at 127\.0\.0\.1:"):
+        slow.flush(timeout_s=1.0)

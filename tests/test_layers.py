@@ -117,3 +117,38 @@ def test_the_readme_handler_example_runs_as_written() -> None:
         "assert [n for n, _ in registry.for_type('message.inbound.received')]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
+
+
+def test_the_wheel_holds_one_top_level_package(tmp_path: Path) -> None:
+    """Built as a user gets it: only `sentpipe` at the top, data files inside, no stray `schemas`."""
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(REPO)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("sentpipe-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"sentpipe", wheel.name.split("-py3")[0] + ".dist-info"}
+    for needed in (
+        "sentpipe/processors/migrations/0001_projections.sql",
+        "sentpipe/schemas/ingress.openapi.json",
+        "sentpipe/schemas/json/message.status.updated.schema.json",
+        "sentpipe/ingress/app.py",
+        "sentpipe/sender/delivery.py",
+    ):
+        assert needed in names, needed
+    # Only the wheel on the path (no site-packages, no working directory): the old names are gone.
+    probe = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(wheel)!r})\n"
+        "import sentpipe, sentpipe.schemas.topics\n"
+        "for old in ('schemas', 'ingress', 'processors', 'sender'):\n"
+        "    try:\n"
+        "        __import__(old)\n"
+        "    except ModuleNotFoundError:\n"
+        "        continue\n"
+        "    raise SystemExit(f'{old} is importable')\n"
+    )
+    subprocess.run([sys.executable, "-I", "-S", "-c", probe], check=True, cwd="/")

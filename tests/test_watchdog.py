@@ -90,7 +90,7 @@ def test_a_projector_that_cannot_move_fails_liveness_and_logs_the_partition(
         assert _get(f"http://127.0.0.1:{worker.metrics_port}/livez")[0] == 200
         topics = settings.topic_prefix
         producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
-        for sample in SampleFactory(5).mix(5, "message.status.updated"):
+        for sample in (SampleFactory(5).message_status(f"m{i}", "delivered") for i in range(5)):
             routed = r.route(
                 None,
                 sample.body,

@@ -1,0 +1,103 @@
+"""The PostgreSQL sink against the real database: idempotent batches, savepoints per handler call."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from sentpipe import CanonicalEvent, HandlerContext, PermanentError, RetryableError
+from sentpipe.processors.handlers import HandlerRegistry
+from sentpipe.processors.retry import classify
+from sentpipe.processors.sink import PostgresSink
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.events import EventType
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.schemas.topics import Topics
+
+
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool]:
+    p = AsyncConnectionPool(db_url, min_size=1, max_size=2, open=False)
+    await p.open()
+    yield p
+    await p.close()
+
+
+def status_events(n: int) -> list[CanonicalEvent]:
+    out = []
+    for sample in (SampleFactory(3).message_status(f"m{i}", "delivered") for i in range(n)):
+        routed = r.route(
+            None,
+            sample.body,
+            {},
+            topics=Topics(),
+            id_source="auto",
+            default_tenant="t",
+            record_timestamp_ms=1,
+        )
+        assert routed.event is not None
+        out.append(routed.event)
+    return out
+
+
+def count(db_url: str, table: str) -> int:
+    with psycopg.connect(db_url) as c:
+        row = c.execute(f"SELECT count(*) FROM {table}").fetchone()
+        return int(row[0]) if row else 0
+
+
+async def test_a_batch_applies_once_however_often_it_is_delivered(
+    pool: AsyncConnectionPool, db_url: str
+) -> None:
+    events = status_events(20)
+    sink = PostgresSink(pool, HandlerRegistry())
+    assert await sink.apply(EventType.MESSAGE_STATUS, events, 1) == []
+    assert await sink.apply(EventType.MESSAGE_STATUS, events[::-1], 2) == []
+    assert count(db_url, "message_events") == 20
+
+
+async def test_a_failing_handler_call_is_reported_and_its_neighbours_commit(
+    pool: AsyncConnectionPool, db_url: str
+) -> None:
+    events = status_events(5)
+    bad = events[2].id
+    handlers = HandlerRegistry()
+    with psycopg.connect(db_url, autocommit=True) as c:
+        c.execute("CREATE TABLE seen (event_id text)")
+
+    async def record(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        await ctx.conn.execute("INSERT INTO seen VALUES (%s)", (event.id,))  # rolled back for the bad one
+        if event.id == bad:
+            raise PermanentError("no")
+
+    handlers.register("message.status.updated", record, "record")
+    failures = await PostgresSink(pool, handlers).apply(EventType.MESSAGE_STATUS, events, 1)
+    assert [(f.event.id, f.handler, type(f.error).__name__) for f in failures] == [
+        (bad, "record", "PermanentError")
+    ]
+    assert count(db_url, "seen") == 4 and count(db_url, "message_events") == 5
+
+
+async def test_a_retryable_handler_error_rolls_the_whole_batch_back(
+    pool: AsyncConnectionPool, db_url: str
+) -> None:
+    handlers = HandlerRegistry()
+
+    async def later(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        raise RetryableError("the payment service is down")
+
+    handlers.register("message.status.updated", later)
+    with pytest.raises(RetryableError):
+        await PostgresSink(pool, handlers).apply(EventType.MESSAGE_STATUS, status_events(3), 1)
+    assert count(db_url, "message_events") == 0
+
+
+async def test_what_postgresql_refuses_is_a_permanent_error_of_the_batch(pool: AsyncConnectionPool) -> None:
+    (event,) = status_events(1)
+    poisoned = CanonicalEvent(**{**{f: getattr(event, f) for f in event.__slots__}, "data": {"t": "a\x00b"}})
+    with pytest.raises(psycopg.Error) as caught:
+        await PostgresSink(pool, HandlerRegistry()).apply(EventType.MESSAGE_STATUS, [poisoned], 1)
+    assert classify(caught.value) == "permanent"
