@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from bench import ingress, pipeline
+from bench import ingress, pipeline, recovery
 from bench.common import LOCAL, REPO, console, jsonable
 from bench.ui import BenchResult, Ui, print_summary
 from tests.services import acquire
@@ -31,6 +31,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     only = p.add_mutually_exclusive_group()
     only.add_argument("--ingress", dest="only", action="store_const", const="ingress", help="ingress only")
     only.add_argument("--pipeline", dest="only", action="store_const", const="pipeline", help="pipeline only")
+    only.add_argument(
+        "--recovery", dest="only", action="store_const", const="recovery", help="dedup table recovery only"
+    )
     g = p.add_argument_group("ingress")
     g.add_argument("--seconds", type=float, help="measurement length per server (20; quick 8)")
     g.add_argument("--warmup", type=float, help="warm-up before each measurement (5; quick 3)")
@@ -42,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--events", type=int, help="events pushed into the raw topic (50,000; quick 10,000)")
     g.add_argument("--latency-rate", type=float, help="paced events/s for end-to-end latency (200)")
     g.add_argument("--latency-seconds", type=float, help="length of the paced phase (15; quick 6)")
+    g = p.add_argument_group("recovery")
+    g.add_argument("--ids", type=int, help="ids in the dedup changelog (1,000,000; quick 200,000)")
     p.add_argument("--keep", action="store_true", help="keep work files (pools, logs) under .local/bench")
     return p.parse_args(argv)
 
@@ -79,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     work = LOCAL / f"run-{stamp}"
     out_path = LOCAL / f"results-{stamp}.json"
     results: list[BenchResult] = []
+    extra: dict[str, Any] = {}
     failed = False
     svc = None
     try:
@@ -89,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(ingress.run(svc, ic, ui, work / "ingress"))
             if args.only in (None, "pipeline"):
                 results.append(pipeline.run(svc, pc, ui, work / "pipeline"))
+            if args.only in (None, "recovery"):
+                ids = args.ids or (200_000 if args.quick else 1_000_000)
+                extra["recovery"] = recovery.run(svc, recovery.RecoveryConfig(ids), ui, work / "recovery")
     except KeyboardInterrupt:
         console.print("[red]interrupted: processes stopped, partial results below")
         failed = True
@@ -102,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             svc.close()
     for r in results:
         print_summary(console, r)
-    if results:
-        _save(out_path, args, results)
+    if results or extra:
+        _save(out_path, args, results, extra)
         shown = out_path.relative_to(REPO) if out_path.is_relative_to(REPO) else out_path
         console.print(f"\nresults: {shown}")
     if not args.keep:
@@ -112,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def _save(path: Path, args: argparse.Namespace, results: list[BenchResult]) -> None:
+def _save(path: Path, args: argparse.Namespace, results: list[BenchResult], extra: dict[str, Any]) -> None:
     doc: dict[str, Any] = {
         "started": path.stem.removeprefix("results-"),
         "argv": sys.argv[1:],
         "quick": args.quick,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "node": platform.node()},
-        "results": {r.bench: r.as_json() for r in results},
+        "results": {**{r.bench: r.as_json() for r in results}, **extra},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(orjson.dumps(jsonable(doc), option=orjson.OPT_INDENT_2))

@@ -68,6 +68,7 @@ class PipelineConfig:
     latency_seconds: float = 15.0
     seed: int = 7
     drain_timeout_s: float = 900.0
+    scale_workers: int = 2  # a drain with this many worker processes too (1: skip)
 
 
 @dataclass
@@ -358,6 +359,71 @@ def run_contestant(
         shutil.rmtree(work / f"faust-{c.rid}", ignore_errors=True)
 
 
+def run_scaled(
+    svc: Services,
+    cfg: PipelineConfig,
+    ui: Ui,
+    work: Path,
+    c: Contestant,
+    bulk: Sequence[Sample],
+    workers: int,
+) -> Outcome:
+    """The same drain with several `sentpipe worker` processes in one group (no latency phase)."""
+    label = f"pipeline sentpipe x{workers}"
+    url = create_schema(svc.database_url, c.schema)
+    settings = Settings(
+        kafka_bootstrap=svc.kafka_bootstrap, database_url=url, topic_prefix=c.prefix, app_id=c.app_id
+    )
+    ensure_topics(settings)
+    preload(ui, svc.kafka_bootstrap, Topics(c.prefix).raw, bulk, label)
+    ports = [free_port() for _ in range(workers)]
+    procs = [
+        Proc.sentpipe(
+            "worker",
+            settings_env(
+                {
+                    "kafka_bootstrap": svc.kafka_bootstrap,
+                    "database_url": url,
+                    "topic_prefix": c.prefix,
+                    "app_id": c.app_id,
+                    "worker_web_port": free_port(),
+                    "worker_metrics_port": port,
+                    "data_dir": work / f"faust-{c.rid}-{i}",
+                }
+            ),
+            work / f"worker-{c.rid}-{i}.log",
+        )
+        for i, port in enumerate(ports)
+    ]
+    count = RowCounter(svc.database_url, c.schema)
+    try:
+        with stopping(*procs):
+            for p in procs:
+                p.start()
+            for p, port in zip(procs, ports, strict=True):
+                p.wait_http(f"http://127.0.0.1:{port}/metrics")
+            meter = CpuMeter({"consumers": [p.pid for p in procs], **service_pids()})
+
+            def routing_started() -> bool:
+                return any(metric_sum(scrape(port), ROUTED) > 0 for port in ports)
+
+            d = drain(
+                ui, procs[0], count, unique_ids(bulk), cfg.drain_timeout_s, label, meter, routing_started
+            )
+            cpu = meter.stop()
+            rate = d.rows / d.drain_s if d.drain_s > 0 else float("nan")
+            ui.log(f"{label}: {d.rows:,} rows in {d.drain_s:.1f}s = {rate:,.0f} events/s")
+        return Outcome(rate, d.rows, d.drain_s, d.startup_s, None, None, {"cpu_cores_while_draining": cpu})
+    finally:
+        count.close()
+        drop_schema(svc.database_url, c.schema)
+        delete_topics(
+            svc.kafka_bootstrap, [c.prefix, f"{c.app_id}-"], groups=[c.app_id, f"{c.app_id}-projections"]
+        )
+        for i in range(workers):
+            shutil.rmtree(work / f"faust-{c.rid}-{i}", ignore_errors=True)
+
+
 def _ms(v: float | None) -> float | None:
     return None if v is None else round(v * 1000, 2)
 
@@ -390,11 +456,19 @@ def run(svc: Services, cfg: PipelineConfig, ui: Ui, work: Path) -> BenchResult:
         for c in contestants:
             outcomes[c.name] = run_contestant(svc, cfg, ui, work, c, bulk, slow, bounds)
         identical = same_state(svc.database_url, contestants[0].schema, contestants[1].schema)
+        if cfg.scale_workers > 1:
+            outcomes["sentpipe-scaled"] = run_scaled(
+                svc, cfg, ui, work, Contestant("sentpipe"), bulk, cfg.scale_workers
+            )
     finally:
         with ui.phase("pipeline: drop bench schemas and topics"):
             for c in contestants:
                 drop_schema(svc.database_url, c.schema)
-                delete_topics(svc.kafka_bootstrap, [c.prefix, f"{c.app_id}-"], groups=[c.app_id])
+                delete_topics(
+                    svc.kafka_bootstrap,
+                    [c.prefix, f"{c.app_id}-"],
+                    groups=[c.app_id, f"{c.app_id}-projections"],
+                )
     return _summarize(cfg, outcomes, identical, len(slow))
 
 
@@ -428,6 +502,13 @@ def _summarize(
         f"final current state identical in both schemas: {identical}",
         f"CPU cores used while draining: {cpu}",
     ]
+    scaled = outcomes.get("sentpipe-scaled")
+    if scaled is not None:
+        notes.append(
+            f"{cfg.scale_workers} sentpipe worker processes in one group: {scaled.rate:,.0f} events/s "
+            f"({scaled.rate / outcomes['sentpipe'].rate:.2f}x one worker, "
+            f"{scaled.rate / outcomes['reference'].rate:.3f}x the reference)"
+        )
     return BenchResult(
         bench="pipeline",
         title="pipeline: raw topic -> dedup/route -> PostgreSQL, one consumer process",

@@ -12,22 +12,27 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import faust
 import mode
-import orjson
+from confluent_kafka import murmur2
+from faust.streams import _current_event
 from faust.types import EventT
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe import metrics as m
-from sentpipe.broker import Delivered, RecordProducer
+from sentpipe.broker import RecordProducer
 from sentpipe.kafka import AsyncProducer, BatchConsumer
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
+from sentpipe.processors.dedup import decode_seen, encode_seen, expire
 from sentpipe.processors.handlers import HandlerRegistry, registry
 from sentpipe.processors.health import Health, serve_health
+from sentpipe.processors.partitioner import murmur2_partitioner
 from sentpipe.processors.projector import Projector, Tuning
 from sentpipe.processors.retry import backoff, is_temporary
 from sentpipe.processors.sink import PostgresSink
@@ -41,6 +46,9 @@ from sentpipe.settings import Settings, WorkerRole
 log = logging.getLogger("sentpipe.worker")
 
 Event = EventT[Any]
+
+# The sweep's longest stretch on the event loop before it lets routing run again.
+SWEEP_SLICE_S = 0.005
 Record = tuple[str, bytes, bytes, list[tuple[str, bytes]]]
 
 
@@ -59,17 +67,6 @@ def _headers(event: Event) -> dict[str, bytes]:
     return r.header_map((str(k), bytes(v)) for k, v in items if v is not None)
 
 
-def seen_tenants(value: bytes | None) -> dict[str, int]:
-    """A dedup table value: tenant -> first-routed time (ms). Event ids are only unique per tenant."""
-    if not value:
-        return {}
-    try:
-        parsed = orjson.loads(value)
-    except orjson.JSONDecodeError:
-        return {}
-    return {str(k): int(v) for k, v in parsed.items()} if isinstance(parsed, dict) else {}
-
-
 def open_pool(settings: Settings) -> AsyncConnectionPool:
     return AsyncConnectionPool(
         settings.database_url.get_secret_value(),
@@ -80,31 +77,41 @@ def open_pool(settings: Settings) -> AsyncConnectionPool:
     )
 
 
-class _FaustProducer:
-    """The router's dead letters go through Faust's own producer (the seam's RecordProducer)."""
+class _Where:
+    """Stands in for Faust's current event where only its partition is read."""
 
-    def __init__(self, app: faust.App) -> None:
-        self.app = app
+    __slots__ = ("__weakref__", "message", "partition")
 
-    def produce(
-        self, topic: str, key: bytes, value: bytes, headers: Sequence[tuple[str, bytes]]
-    ) -> asyncio.Future[Delivered]:
-        async def send() -> Delivered:
-            fut = await self.app.producer.send(topic, key, value, None, None, list(headers))
-            md = await fut
-            return Delivered(topic, md.partition, md.offset)
+    def __init__(self, partition: int) -> None:
+        self.partition = partition
+        self.message = self
 
-        return asyncio.ensure_future(send())
+
+@contextmanager
+def in_partition(partition: int) -> Iterator[None]:
+    """Faust's RocksDB store files a table write under the *current event's* partition (the memory store
+    ignores it). The router writes a batch's marks at once, so it names each key's raw partition, which
+    is also the key's changelog partition (the table is co-partitioned with the raw topic)."""
+    where = _Where(partition)
+    token = _current_event.set(weakref.ref(where))  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
 
 
 class Router:
     """The route stage's I/O around the pure `route()`: dedup table, routed records, dead letters."""
 
-    def __init__(self, app: faust.App, settings: Settings, watchdog: Watchdog) -> None:
+    def __init__(
+        self, app: faust.App, settings: Settings, watchdog: Watchdog, producer: RecordProducer
+    ) -> None:
         self.app = app
         self.s = settings
         self.topics = Topics(settings.topic_prefix)
-        self.producer: RecordProducer = _FaustProducer(app)
+        # Routed records and dead letters go through librdkafka (C batching and partitioning); only the
+        # dedup table's changelog marks go through Faust's own producer.
+        self.producer = producer
         self.watchdog = watchdog
         self.processed: dict[tuple[str, int], int] = {}  # next offset to route, per raw partition
         self._seen: Any = None
@@ -124,6 +131,8 @@ class Router:
             # The changelog partition is the key's murmur2 partition, the same the ingress producer
             # chose for the raw record: table and raw topic stay co-partitioned even for batched writes.
             use_partitioner=True,
+            # Recovery applies the changelog to the store in batches of this many marks.
+            recovery_buffer_size=10_000,
             help="event id -> {tenant: first-routed time (ms)}; bounded by the dedup window sweep",
         )
 
@@ -164,6 +173,7 @@ class Router:
         routed_events: list[Event] = []
         dead: list[DeadLetter] = []
         marks: dict[bytes, dict[str, int]] = {}
+        partition_of: dict[bytes, int] = {}
         for event in events:
             msg = event.message
             key = msg.key or b""
@@ -174,7 +184,8 @@ class Router:
             if key:
                 known = marks.get(key)
                 if known is None:
-                    known = marks[key] = seen_tenants(self.seen.get(key))
+                    known = marks[key] = decode_seen(self.seen.get(key))
+                    partition_of[key] = msg.partition
                 if tenant in known:
                     m.DUPLICATES_DROPPED.labels(type_label).inc()
                     continue
@@ -213,7 +224,8 @@ class Router:
         # crash before this line re-routes it (absorbed by the idempotent sinks) instead of losing it.
         now_ms = int(time.time() * 1000)
         for key, tenants in marks.items():
-            self.seen[key] = orjson.dumps({t: ms or now_ms for t, ms in tenants.items()})
+            with in_partition(partition_of[key]):
+                self.seen[key] = encode_seen({t: ms or now_ms for t, ms in tenants.items()})
         done: dict[tuple[str, int], int] = {}
         for event in events:
             where = (event.message.topic, event.message.partition)
@@ -257,18 +269,31 @@ class Router:
         self.watchdog.lag(waiting)
 
     async def sweep(self) -> int:
-        """Forget ids older than the dedup window; each delete tombstones the compacted changelog."""
+        """Forget ids older than the dedup window; each delete tombstones the compacted changelog.
+
+        Walks the table in slices of at most SWEEP_SLICE_S on the event loop, so routing goes on between
+        them. The in-memory store is a dict, which cannot change under an open iterator: its keys are
+        copied first (one C-speed copy). RocksDB iterators read a snapshot and tolerate the deletes.
+        """
         cutoff = int(time.time() * 1000) - self.s.dedup_window_s * 1000
-        removed = 0
-        for key, value in list(self.seen.items()):
-            tenants = seen_tenants(value)
-            kept = {t: ms for t, ms in tenants.items() if ms >= cutoff}
+        raw = getattr(self.seen.data, "data", None)
+        keys: Iterator[bytes] = iter(list(raw)) if isinstance(raw, dict) else iter(self.seen.keys())
+        removed = visited = 0
+        deadline = time.perf_counter() + SWEEP_SLICE_S
+        for key in keys:
+            visited += 1
+            tenants = decode_seen(self.seen.get(key))
+            kept = expire(tenants, cutoff)
             if not kept:
-                del self.seen[key]
+                self.seen.pop(key, None)
                 removed += 1
             elif len(kept) < len(tenants):
-                self.seen[key] = orjson.dumps(kept)
-        m.DEDUP_TABLE_KEYS.set(len(self.seen))
+                with in_partition(murmur2(key, self.s.raw_partitions)):  # co-partitioned with raw
+                    self.seen[key] = encode_seen(kept)
+            if time.perf_counter() > deadline:
+                await asyncio.sleep(0)
+                deadline = time.perf_counter() + SWEEP_SLICE_S
+        m.DEDUP_TABLE_KEYS.set(visited - removed)
         return removed
 
 
@@ -337,6 +362,20 @@ class ProjectorService:
 
     def stop(self) -> None:
         self.projector.stop()
+
+
+class _ProducerInFaust(mode.Service):
+    """The router's librdkafka producer, flushed when the worker stops."""
+
+    def __init__(self, producer: AsyncProducer, **kwargs: Any) -> None:
+        self.producer = producer
+        super().__init__(**kwargs)
+
+    async def on_start(self) -> None:
+        await self.producer.start()
+
+    async def on_stop(self) -> None:
+        await self.producer.close()
 
 
 class _HealthInFaust(mode.Service):
@@ -420,16 +459,26 @@ def create_app(
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
+        # Bigger fetches: recovery of the dedup changelog reads millions of small records.
+        broker_max_poll_records=5000,
+        consumer_max_fetch_size=4 * 1024 * 1024,
         web_port=settings.worker_web_port,
         web_bind="0.0.0.0",
         key_serializer="raw",
         value_serializer="raw",
+        # Measured in bench/ (README "Performance"): Java's murmur2 in C for the changelog marks,
+        # Faust's compiled stream loop, a little linger so marks go out in batches.
+        producer_partitioner=murmur2_partitioner,
+        cython_optimizations=True,
+        producer_linger=0.005,
     )
     # Each routed batch marks up to batch_size ids at once; Faust's default changelog buffer (100) would
     # stall the stream and log "producer buffer full" for every batch.
     app.producer.buffer.max_messages = max(100, 2 * settings.batch_size)
     health = Health()
-    router = Router(app, settings, health.add(Watchdog("route", settings.stall_after_s)))
+    producer = AsyncProducer.from_settings(settings, delivery_timeout_s=30.0)
+    app.add_dependency(_ProducerInFaust(producer))
+    router = Router(app, settings, health.add(Watchdog("route", settings.stall_after_s)), producer)
     app.sentpipe = router  # type: ignore[attr-defined]
     _route_agents(app, settings, router, topics)
     health.ready_checks["dedup table recovery"] = app.tables.recovery.completed.is_set  # type: ignore[attr-defined]

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.settings import Settings
 from tests.http_tools import metric_sum, post_all, scrape
@@ -22,9 +24,13 @@ def _keys(port: int) -> float:
     return metric_sum(scrape(port), "sentpipe_dedup_table_keys")
 
 
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
 def test_sweep_bounds_the_table_and_tombstones_survive_a_restart(
-    settings: Settings, topics, tmp_path: Path
+    settings: Settings, topics, tmp_path: Path, store: str
 ) -> None:  # type: ignore[no-untyped-def]
+    """In memory the table is rebuilt from the changelog at each start; RocksDB keeps it on disk (a warm
+    restart reads only the changelog's tail). Both must hold, sweep and forget the same ids."""
+    settings = settings.model_copy(update={"table_store": store})
     db = settings.database_url.get_secret_value()
     secret = settings.webhook_secret.get_secret_value()
     bodies = [s.body for s in SampleFactory(31).mix(N)]
