@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -11,15 +12,16 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from confluent_kafka import KafkaException
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sentpipe import metrics as m
 from sentpipe.broker import Delivered, ProduceRejected
-from sentpipe.kafka import AsyncProducer
+from sentpipe.kafka import AsyncProducer, BrokerUnavailable, admin_client, topic_max_message_bytes
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import MalformedEvent, frame
 from sentpipe.schemas.signature import SignatureError, Verifier
-from sentpipe.schemas.topics import Topics
+from sentpipe.schemas.topics import Topics, record_limit_problems
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.ingress")
@@ -28,6 +30,33 @@ PRODUCER = web.AppKey("producer", AsyncProducer)
 
 OPENAPI = resources.files("sentpipe.schemas") / "ingress.openapi.json"
 RETRY_AFTER_S = "5"
+
+# HTTP header limits, set explicitly (they are aiohttp's defaults): a request line or one header line longer
+# than MAX_LINE_SIZE / MAX_FIELD_SIZE bytes, or more than MAX_HEADERS headers, is answered 400 by aiohttp
+# before any handler runs. The webhook id (one header) goes into each raw record, so MAX_FIELD_SIZE is part
+# of the record overhead that `schemas.topics.RECORD_OVERHEAD_BYTES` allows for.
+MAX_LINE_SIZE = 8190
+MAX_FIELD_SIZE = 8190
+MAX_HEADERS = 128
+# x-request-id is not signed: printable ASCII of at most this length is kept (and logged, stored, echoed),
+# anything else is replaced by a generated id.
+REQUEST_ID_MAX = 128
+
+
+class StartupError(Exception):
+    """Configuration the ingress cannot run with; one line for the operator (`sentpipe ingress` exits 1)."""
+
+
+def request_id_of(value: str | None) -> str:
+    """The caller's x-request-id if printable ASCII without spaces, cut to REQUEST_ID_MAX; else a new id."""
+    if value and value.isascii() and value.isprintable() and " " not in value:
+        return value[:REQUEST_ID_MAX]
+    return uuid.uuid4().hex
+
+
+def _printable(value: str, limit: int = 64) -> str:
+    """Untrusted text (a tenant from the URL) fit for a log line."""
+    return "".join(c if c.isascii() and c.isprintable() else "?" for c in value[:limit])
 
 
 def error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -64,33 +93,54 @@ class WebhookHandler:
         self.s = settings
         self.producer = producer
         self.verifiers = verifiers
+        # Unknown tenants are checked against keys nobody has: same work, same answers as a bad signature.
+        default = verifiers.get(settings.default_tenant)
+        self.decoy = Verifier.decoy(default.key_count if default else 1, settings.signature_tolerance_s)
         self.topics = Topics(settings.topic_prefix)
+        self.in_flight = 0
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
-        m.INGRESS_IN_FLIGHT.inc()
         tenant = request.match_info.get("tenant", self.s.default_tenant)
         label = tenant if tenant in self.verifiers else "unknown"
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request_id_of(request.headers.get("x-request-id"))
+        if self.in_flight >= self.s.ingress_max_in_flight:
+            # Overloaded: turn it away before reading anything; Sent retries later.
+            m.INGRESS_REFUSED.labels("overloaded").inc()
+            m.INGRESS_REQUESTS.labels(label, "overloaded", "503").inc()
+            resp = error(
+                503,
+                "overloaded",
+                f"more than {self.s.ingress_max_in_flight} requests in flight; retry",
+                headers={"Retry-After": RETRY_AFTER_S},
+            )
+            resp.headers["x-request-id"] = request_id
+            return resp
+        self.in_flight += 1
+        m.INGRESS_IN_FLIGHT.inc()
         outcome, status = "error", 500
         try:
-            outcome, resp = await self._handle(request, tenant, request_id)
+            outcome, resp = await self._handle(request, tenant, label, request_id)
             status = resp.status
         except Exception:
             log.exception("unexpected error", extra={"request_id": request_id, "tenant": label})
             raise
         finally:
+            self.in_flight -= 1
             m.INGRESS_IN_FLIGHT.dec()
             m.INGRESS_REQUESTS.labels(label, outcome, str(status)).inc()
             m.INGRESS_REQUEST_SECONDS.observe(time.perf_counter() - started)
         resp.headers["x-request-id"] = request_id
         return resp
 
-    async def _handle(self, request: web.Request, tenant: str, request_id: str) -> tuple[str, web.Response]:
-        ctx: dict[str, Any] = {"request_id": request_id, "tenant": tenant}  # log context, bounded
+    async def _handle(
+        self, request: web.Request, tenant: str, label: str, request_id: str
+    ) -> tuple[str, web.Response]:
+        ctx: dict[str, Any] = {"request_id": request_id, "tenant": label}  # log context, bounded
         verifier = self.verifiers.get(tenant)
         if verifier is None:
-            return "unknown_tenant", error(404, "unknown_tenant", "no such tenant")
+            verifier = self.decoy
+            ctx["requested_tenant"] = _printable(tenant)
         if request.content_type != "application/json":
             return "unsupported_media_type", error(
                 415, "unsupported_media_type", "Content-Type must be application/json"
@@ -99,16 +149,24 @@ class WebhookHandler:
         if request.content_length is not None and request.content_length > limit:
             return "too_large", error(413, "body_too_large", f"body is over the {limit} byte limit")
         try:
-            body = await request.read()  # chunked bodies: aiohttp stops reading at client_max_size
+            async with asyncio.timeout(self.s.body_timeout_s):
+                body = await request.read()  # chunked bodies: aiohttp stops reading at client_max_size
         except web.HTTPRequestEntityTooLarge:
             return "too_large", error(413, "body_too_large", f"body is over the {limit} byte limit")
+        except TimeoutError:
+            m.INGRESS_REFUSED.labels("body_timeout").inc()
+            log.info("body timeout", extra=ctx)
+            resp = error(408, "body_timeout", f"the body did not arrive within {self.s.body_timeout_s:g}s")
+            resp.force_close()  # the rest of the body is not wanted: no keep-alive on this connection
+            return "body_timeout", resp
 
         try:
             verified = verifier.verify(request.headers, body, time.time())
         except SignatureError as exc:
-            m.INGRESS_SIGNATURE_FAILURES.labels(tenant, exc.reason.value).inc()
-            log.info("signature rejected", extra={**ctx, "reason": exc.reason.value})
-            return "signature_" + exc.reason.value, error(401, exc.reason.value, exc.detail)
+            reason = exc.reason.value if verifier is not self.decoy else "unknown_tenant"
+            m.INGRESS_SIGNATURE_FAILURES.labels(label, reason).inc()
+            log.info("signature rejected", extra={**ctx, "reason": reason})
+            return "signature_" + reason, error(401, exc.reason.value, exc.detail)
         m.INGRESS_BODY_BYTES.observe(len(body))
 
         received_ms = int(time.time() * 1000)
@@ -130,7 +188,7 @@ class WebhookHandler:
             try:
                 await self._produce(self.topics.dlq, key, body, dlq_headers)
             except ProduceRejected as rej:
-                return "unavailable", self._unavailable(rej, ctx)
+                return self._refused(rej, ctx)
             m.DLQ_EVENTS.labels("ingress", exc.reason).inc()
             log.warning("malformed event sent to DLQ", extra={**ctx, "reason": exc.reason})
             return "dlq", web.json_response(
@@ -147,7 +205,7 @@ class WebhookHandler:
         try:
             msg = await self._produce(self.topics.raw, framed.event_id.encode(), body, headers)
         except ProduceRejected as rej:
-            return "unavailable", self._unavailable(rej, ctx)
+            return self._refused(rej, ctx)
         log.debug(
             "accepted",
             extra={
@@ -165,14 +223,30 @@ class WebhookHandler:
     async def _produce(
         self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
     ) -> Delivered:
+        down = self.producer.unavailable
+        if down is not None:
+            # The producer knows it cannot deliver now (every broker down, or a fatal error being repaired):
+            # answer at once instead of waiting out the produce timeout. Records already queued keep waiting.
+            m.INGRESS_REFUSED.labels("broker_down").inc()
+            raise ProduceRejected(down)
         t0 = time.perf_counter()
         msg = await self.producer.send_and_wait(topic, key, value, headers, timeout=self.s.produce_timeout_s)
         m.INGRESS_PRODUCE_SECONDS.observe(time.perf_counter() - t0)
         return msg
 
-    def _unavailable(self, rej: ProduceRejected, ctx: dict[str, Any]) -> web.Response:
+    def _refused(self, rej: ProduceRejected, ctx: dict[str, Any]) -> tuple[str, web.Response]:
+        if not rej.temporary:
+            # The broker refused the record for what it is (its size): retrying can never succeed, so this is
+            # a 413, never a 503. Only a topic whose max.message.bytes is below what SENTPIPE_MAX_BODY_BYTES
+            # needs gets here (`sentpipe topics ensure` raises it; the ingress checks it at start).
+            log.error(
+                "event refused by Kafka for its size: a topic's max.message.bytes is below what"
+                " SENTPIPE_MAX_BODY_BYTES needs; run `sentpipe topics ensure`",
+                extra={**ctx, "reason": rej.reason},
+            )
+            return "too_large", error(413, "body_too_large", f"event refused by the broker ({rej.reason})")
         log.warning("event not accepted: broker unavailable", extra={**ctx, "reason": rej.reason})
-        return error(
+        return "unavailable", error(
             503,
             "broker_unavailable",
             f"event not stored ({rej.reason}); retry",
@@ -185,9 +259,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    if await request.app[PRODUCER].ready():
+    producer = request.app[PRODUCER]
+    if await producer.ready():
         return web.json_response({"status": "ready"})
-    return error(503, "not_ready", "Kafka broker unreachable", headers={"Retry-After": RETRY_AFTER_S})
+    detail = {"producer_fatal_error": "Kafka producer being replaced after a fatal error"}.get(
+        producer.unavailable or "", "Kafka broker unreachable"
+    )
+    return error(503, "not_ready", detail, headers={"Retry-After": RETRY_AFTER_S})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -198,14 +276,64 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def verifiers_for(settings: Settings) -> dict[str, Verifier]:
+    """Tenant -> verifier; StartupError naming the setting and tenant (never the secret) for a secret that is
+    empty, a bare `whsec_`, or not base64."""
+    try:
+        tenants = settings.tenant_secrets()
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"SENTPIPE_SECRETS_FILE {settings.secrets_file}: {exc}") from None
+    out = {}
+    for tenant, secrets in tenants.items():
+        where = (
+            "SENTPIPE_WEBHOOK_SECRET"
+            if tenant == settings.default_tenant and secrets == [settings.webhook_secret.get_secret_value()]
+            else f"SENTPIPE_SECRETS_FILE, tenant {_printable(tenant)!r}"
+        )
+        try:
+            out[tenant] = Verifier(secrets, settings.signature_tolerance_s)
+        except ValueError as exc:
+            raise StartupError(f"{where}: {exc}") from None
+    return out
+
+
+def check_topic_limits(settings: Settings, timeout: float = 5.0) -> None:
+    """At start: StartupError when the raw topic or the DLQ would refuse a body the ingress accepts (their
+    max.message.bytes is below what SENTPIPE_MAX_BODY_BYTES needs). An unreachable broker or a missing topic
+    only logs a warning: the ingress starts anyway and answers 503 until Kafka is there."""
+    topics = Topics(settings.topic_prefix)
+    try:
+        have = topic_max_message_bytes(
+            admin_client(settings), settings.kafka_bootstrap, [topics.raw, topics.dlq], timeout
+        )
+    except (BrokerUnavailable, KafkaException) as exc:  # unreachable, or no DescribeConfigs permission
+        log.warning("could not check the topics' max.message.bytes: %s", exc)
+        return
+    missing = [name for name, value in have.items() if value is None]
+    if missing:
+        log.warning(
+            "topic(s) %s not known to the broker (yet): their size limits were not checked;"
+            " run `sentpipe topics ensure` if they do not exist",
+            ", ".join(sorted(missing)),
+        )
+    problems = record_limit_problems(topics, settings.max_body_bytes, have)
+    if problems:
+        raise StartupError(problems[0])
+
+
 def create_app(settings: Settings, producer: AsyncProducer) -> web.Application:
-    """The ingress app; the producer is started and flushed with the app."""
-    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_body_bytes)
+    """The ingress app; the producer is started and flushed with the app. StartupError: unusable secrets."""
+    verifiers = verifiers_for(settings)
+    app = web.Application(
+        middlewares=[json_errors],
+        client_max_size=settings.max_body_bytes,
+        handler_args={
+            "max_line_size": MAX_LINE_SIZE,
+            "max_field_size": MAX_FIELD_SIZE,
+            "max_headers": MAX_HEADERS,
+        },
+    )
     app[PRODUCER] = producer
-    verifiers = {
-        tenant: Verifier(secrets, settings.signature_tolerance_s)
-        for tenant, secrets in settings.tenant_secrets().items()
-    }
 
     async def producer_ctx(app: web.Application) -> AsyncIterator[None]:
         await producer.start()

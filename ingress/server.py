@@ -1,29 +1,62 @@
-"""Run the ingress: the webhook app and the metrics app, with graceful shutdown on SIGTERM/SIGINT."""
+"""Run the ingress: the webhook app and the metrics app, with graceful shutdown on SIGTERM/SIGINT.
+
+With SENTPIPE_INGRESS_WORKERS=N (N > 1) the command becomes a small supervisor: it checks the configuration
+once, then starts N worker processes that all listen on the one webhook port (SO_REUSEPORT: the kernel
+spreads connections over them), each with its own producer and its own metrics port (the metrics port + i
+for worker i). SIGTERM/SIGINT is passed on to every worker, each finishes its requests and flushes its
+producer, and the supervisor exits 0 once all have exited 0. A worker that exits on its own stops the others
+and the supervisor exits 1, so an orchestrator restarts the whole set.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import multiprocessing.connection
 import signal
+import sys
+import time
+from collections.abc import Coroutine
+from types import FrameType
+from typing import Any
 
 from aiohttp import web
 
-from sentpipe.ingress.app import create_app, create_metrics_app, producer_for
+from sentpipe.ingress.app import (
+    StartupError,
+    check_topic_limits,
+    create_app,
+    create_metrics_app,
+    producer_for,
+    verifiers_for,
+)
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.ingress")
 
 
-async def serve(settings: Settings, host: str, port: int, metrics_port: int) -> None:
+async def serve(
+    settings: Settings,
+    host: str,
+    port: int,
+    metrics_port: int,
+    *,
+    reuse_port: bool = False,
+    check_topics: bool = True,
+) -> None:
+    verifiers_for(settings)  # unusable secrets: refused before a producer (and its threads) exists
     app = create_app(settings, producer_for(settings))
+    if check_topics:
+        await asyncio.to_thread(check_topic_limits, settings)
     # shutdown_timeout: in-flight requests get this long to finish before the producer flushes.
     runner = web.AppRunner(app, shutdown_timeout=settings.produce_timeout_s + 5, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port, backlog=2048).start()
+    await web.TCPSite(runner, host, port, backlog=2048, reuse_port=reuse_port or None).start()
     metrics_runner = web.AppRunner(create_metrics_app(), access_log=None)
     await metrics_runner.setup()
     await web.TCPSite(metrics_runner, host, metrics_port).start()
-    if settings.uses_development_secret:
+    if settings.uses_development_secret and not reuse_port:  # with workers, the supervisor says it once
         log.warning(
             "using the built-in development webhook secret: set SENTPIPE_WEBHOOK_SECRET for real traffic"
         )
@@ -42,10 +75,106 @@ async def serve(settings: Settings, host: str, port: int, metrics_port: int) -> 
     await metrics_runner.cleanup()
 
 
-def run(settings: Settings, host: str, port: int, metrics_port: int) -> None:
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     try:
         import uvloop
-
-        uvloop.run(serve(settings, host, port, metrics_port))
     except ImportError:  # pragma: no cover - uvloop is a dependency on every supported platform
-        asyncio.run(serve(settings, host, port, metrics_port))
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
+def run(settings: Settings, host: str, port: int, metrics_port: int) -> None:
+    """Serve until SIGTERM/SIGINT (N processes with SENTPIPE_INGRESS_WORKERS=N); configuration it cannot run
+    with: one line on stderr, exit status 1."""
+    try:
+        if settings.ingress_workers > 1:
+            code = supervise(settings, host, port, metrics_port)
+            if code:
+                raise SystemExit(code)
+        else:
+            _run_loop(serve(settings, host, port, metrics_port))
+    except StartupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _worker(settings: Settings, host: str, port: int, metrics_port: int) -> None:
+    """One of N worker processes (spawned: a fresh interpreter with nothing inherited but the arguments)."""
+    from sentpipe.logs import configure
+
+    configure(settings.log_level, settings.log_json)
+    try:
+        _run_loop(serve(settings, host, port, metrics_port, reuse_port=True, check_topics=False))
+    except StartupError as exc:  # pragma: no cover - the supervisor checked the same configuration
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def supervise(settings: Settings, host: str, port: int, metrics_port: int) -> int:
+    """Start SENTPIPE_INGRESS_WORKERS worker processes on one port; the exit status for the command."""
+    n = settings.ingress_workers
+    if port == 0:
+        raise StartupError("SENTPIPE_INGRESS_WORKERS > 1 needs a fixed port, not 0")
+    verifiers_for(settings)  # unusable secrets: one line here, not one per worker
+    check_topic_limits(settings)
+    if settings.uses_development_secret:
+        log.warning(
+            "using the built-in development webhook secret: set SENTPIPE_WEBHOOK_SECRET for real traffic"
+        )
+    stopping: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stopping.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    ctx = multiprocessing.get_context("spawn")  # no librdkafka threads or loop state carried into a child
+    workers = [
+        ctx.Process(
+            target=_worker, args=(settings, host, port, metrics_port + i), name=f"sentpipe-ingress-{i}"
+        )
+        for i in range(n)
+    ]
+    try:
+        for w in workers:
+            w.start()
+        log.info(
+            "ingress supervising %d worker processes on one port",
+            n,
+            extra={
+                "url": f"http://{host}:{port}/webhooks/sent",
+                "pids": [w.pid for w in workers],
+                "metrics_ports": f"{metrics_port}..{metrics_port + n - 1}",
+            },
+        )
+        code = 0
+        while not stopping:
+            multiprocessing.connection.wait([w.sentinel for w in workers], timeout=0.5)
+            gone = [w for w in workers if w.exitcode is not None]
+            if gone and not stopping:
+                w = gone[0]
+                log.error(
+                    "ingress worker %s (pid %s) exited with status %s: stopping the others",
+                    w.name,
+                    w.pid,
+                    w.exitcode,
+                )
+                code = 1
+                break
+        # Every worker finishes its requests and flushes its producer (serve's shutdown path).
+        for w in workers:
+            if w.exitcode is None and w.pid is not None:
+                w.terminate()  # SIGTERM
+        deadline = time.monotonic() + settings.produce_timeout_s * 3 + 15
+        for w in workers:
+            w.join(max(0.0, deadline - time.monotonic()))
+            if w.exitcode is None:
+                log.error("ingress worker %s did not stop in time: killed", w.name)
+                w.kill()
+                w.join(5)
+            if w.exitcode != 0:
+                code = 1
+        return code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

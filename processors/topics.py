@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
-from sentpipe.kafka import admin_client, existing_partitions
-from sentpipe.schemas.topics import Topics, topic_specs
+from sentpipe.kafka import admin_client, existing_partitions, topic_max_message_bytes
+from sentpipe.schemas.topics import (
+    MAX_MESSAGE_BYTES,
+    Topics,
+    record_limit_problems,
+    record_limits,
+    topic_specs,
+)
 from sentpipe.settings import Settings
+
+log = logging.getLogger("sentpipe.topics")
 
 # The worker's dedup table; Faust names its changelog topic after the app id and the table.
 DEDUP_TABLE = "dedup"
@@ -42,7 +58,9 @@ def ensure_topics(settings: Settings, timeout: float = 10.0) -> list[TopicState]
         replication_factor=settings.replication_factor,
         raw_retention_ms=settings.raw_retention_ms,
         dlq_retention_ms=settings.dlq_retention_ms,
+        max_body_bytes=settings.max_body_bytes,
     )
+    _raise_record_limits(admin, settings, [s.name for s in specs if s.name in have], timeout)
     missing = [s for s in specs if s.name not in have]
     if missing:
         futures = admin.create_topics(
@@ -61,8 +79,63 @@ def ensure_topics(settings: Settings, timeout: float = 10.0) -> list[TopicState]
     return [TopicState(s.name, have[s.name], s.name in created) for s in specs]
 
 
+def _raise_record_limits(admin: AdminClient, settings: Settings, names: list[str], timeout: float) -> None:
+    """Existing topics whose max.message.bytes is below what SENTPIPE_MAX_BODY_BYTES needs get it raised
+    (never lowered), so that no accepted body is refused by the broker for its size."""
+    if not names:
+        return
+    topics = Topics(settings.topic_prefix)
+    limits = record_limits(settings.max_body_bytes)
+    have = topic_max_message_bytes(admin, settings.kafka_bootstrap, names, timeout)
+    low = {
+        n: limits.for_topic(topics, n)
+        for n, v in have.items()
+        if v is not None and v < limits.for_topic(topics, n)
+    }
+    if not low:
+        return
+    futures = admin.incremental_alter_configs(
+        [
+            ConfigResource(
+                ResourceType.TOPIC,
+                name,
+                incremental_configs=[
+                    ConfigEntry(MAX_MESSAGE_BYTES, str(need), incremental_operation=AlterConfigOpType.SET)
+                ],
+            )
+            for name, need in low.items()
+        ],
+        request_timeout=timeout,
+    )
+    for resource, fut in futures.items():
+        fut.result(timeout=timeout)
+        log.warning(
+            "topic %s: %s raised from %s to %s to fit SENTPIPE_MAX_BODY_BYTES=%s",
+            resource.name,
+            MAX_MESSAGE_BYTES,
+            have[resource.name],
+            low[resource.name],
+            settings.max_body_bytes,
+        )
+
+
+def check_record_limits(settings: Settings, timeout: float = 10.0) -> None:
+    """Refuse to run when a topic would refuse records the ingress accepts (its max.message.bytes is below
+    what SENTPIPE_MAX_BODY_BYTES needs); missing topics are left to the other checks."""
+    topics = Topics(settings.topic_prefix)
+    names = [topics.raw, *topics.routed, topics.unrouted, topics.dlq]
+    have = topic_max_message_bytes(admin_client(settings), settings.kafka_bootstrap, names, timeout)
+    problems = record_limit_problems(topics, settings.max_body_bytes, have)
+    if problems:
+        raise CopartitioningError(
+            problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+        )
+
+
 def check_copartitioning(settings: Settings, timeout: float = 10.0) -> None:
-    """Refuse to run when the dedup table cannot be co-partitioned with the raw topic."""
+    """Refuse to run when the dedup table cannot be co-partitioned with the raw topic, or when a topic's
+    max.message.bytes is too small for the records the worker writes (`check_record_limits`)."""
+    check_record_limits(settings, timeout)
     have = existing_partitions(admin_client(settings), settings.kafka_bootstrap, timeout)
     raw = Topics(settings.topic_prefix).raw
     if raw not in have:

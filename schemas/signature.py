@@ -10,6 +10,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -36,13 +37,28 @@ class SignatureError(Exception):
 
 
 def secret_key(secret: str) -> bytes:
-    """The HMAC key behind a `whsec_<base64>` secret; a secret without the prefix is used as is."""
+    """The HMAC key behind a `whsec_<base64>` secret; a secret without the prefix is used as is.
+
+    ValueError (naming the problem, never the secret) for a secret that would make a useless key: empty,
+    a bare `whsec_`, or base64 that does not decode.
+    """
+    if not secret.strip():
+        raise ValueError("webhook secret is empty")
     if secret.startswith(SECRET_PREFIX):
+        encoded = secret[len(SECRET_PREFIX) :]
+        if not encoded:
+            raise ValueError("webhook secret has nothing after 'whsec_'")
         try:
-            return base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
+            key = base64.b64decode(encoded, validate=True)
         except binascii.Error as exc:
             raise ValueError("webhook secret is not valid base64 after 'whsec_'") from exc
-    return secret.encode()
+        if not key:
+            raise ValueError("webhook secret decodes to an empty key")
+        return key
+    try:
+        return secret.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError("webhook secret is not valid text") from exc
 
 
 def sign(key: bytes, webhook_id: str, timestamp: int | str, body: bytes) -> str:
@@ -67,6 +83,16 @@ def _first(headers: Mapping[str, str], names: tuple[str, str]) -> str | None:
     return None
 
 
+def _utf8(value: str, what: str) -> bytes:
+    """A header value as the bytes the sender signed. aiohttp decodes header bytes as UTF-8 with
+    surrogateescape, so bytes that are not UTF-8 arrive as lone surrogates: a malformed signature (401),
+    not an exception (500)."""
+    try:
+        return value.encode()
+    except UnicodeEncodeError:
+        raise SignatureError(Reason.MALFORMED_SIGNATURE, f"{what} header is not valid UTF-8") from None
+
+
 @dataclass(frozen=True, slots=True)
 class Verified:
     webhook_id: str
@@ -81,6 +107,18 @@ class Verifier:
             raise ValueError("at least one secret is required")
         self._keys = [secret_key(s) for s in secrets]
         self._tolerance = tolerance_s
+
+    @property
+    def key_count(self) -> int:
+        return len(self._keys)
+
+    @classmethod
+    def decoy(cls, key_count: int, tolerance_s: int) -> Verifier:
+        """A verifier with random keys that no sender knows. Requests for an unknown tenant go through it, so
+        they get the same checks, the same HMAC work and the same answers as a known tenant's bad signature,
+        and tenant names cannot be probed."""
+        keys = [SECRET_PREFIX + base64.b64encode(os.urandom(32)).decode() for _ in range(max(1, key_count))]
+        return cls(keys, tolerance_s)
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> Verified:
         webhook_id = _first(headers, HEADER_ID)
@@ -98,14 +136,15 @@ class Verifier:
             raise SignatureError(
                 Reason.STALE_TIMESTAMP, f"timestamp is more than {self._tolerance}s from now"
             )
+        id_bytes = _utf8(webhook_id, "webhook id")
         offered: list[bytes] = []
-        for entry in sig_header.split():
-            version, _, sig = entry.partition(",")
-            if version == "v1" and sig:
-                offered.append(sig.encode())
+        for entry in _utf8(sig_header, "signature").split():
+            version, _, sig = entry.partition(b",")
+            if version == b"v1" and sig:
+                offered.append(sig)
         if not offered:
             raise SignatureError(Reason.MALFORMED_SIGNATURE, "no 'v1,<base64>' entry in the signature header")
-        content = f"{webhook_id}.{ts_text}.".encode() + body
+        content = id_bytes + b"." + _utf8(ts_text, "timestamp") + b"." + body
         for key in self._keys:
             expected = base64.b64encode(hmac.new(key, content, hashlib.sha256).digest())
             # Compare against every offered entry so timing does not reveal which one matched.

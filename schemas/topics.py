@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The topic setting that caps a record batch's size (the broker's default is 1 MiB + 12 bytes).
+MAX_MESSAGE_BYTES = "max.message.bytes"
+
 
 @dataclass(frozen=True, slots=True)
 class Topics:
@@ -38,6 +41,59 @@ class Topics:
         return (self.message_status, self.message_inbound, self.template_approval)
 
 
+# What Kafka counts beyond the body: the record batch header (61 bytes), the record's varints, its key (an
+# event id of at most 1 KiB) and headers (the webhook id, bounded by the ingress's header field limit of
+# 8 KiB, the request id, tenant, type; dead-letter headers add at most ~4 KiB), and compression that does
+# not pay (lz4 grows incompressible data by about 1/255).
+RECORD_OVERHEAD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RecordLimits:
+    """The largest record (bytes, as Kafka's `max.message.bytes` counts them) each kind of topic must accept
+    so that every body the ingress accepts (at most `max_body_bytes`) is stored, never refused for its size.
+    """
+
+    raw: int  # the raw and unrouted topics: the body as received, plus headers
+    # The canonical JSON writes the payload again: numbers can grow (`1e15,` becomes `1000000000000000.0,`,
+    # 3.8 times as long), whitespace and escapes shrink. Four times the body bounds it.
+    routed: int
+    dlq: int  # any of the above, plus the dead-letter headers
+
+    @property
+    def producer(self) -> int:
+        """librdkafka's `message.max.bytes`: the largest record of any topic (each topic enforces its own)."""
+        return self.dlq
+
+    def for_topic(self, topics: Topics, name: str) -> int:
+        if name == topics.dlq:
+            return self.dlq
+        return self.routed if name in topics.routed else self.raw
+
+
+def record_limits(max_body_bytes: int) -> RecordLimits:
+    overhead = RECORD_OVERHEAD_BYTES + max_body_bytes // 64
+    raw = max_body_bytes + overhead
+    routed = 4 * max_body_bytes + overhead
+    return RecordLimits(raw=raw, routed=routed, dlq=routed + overhead)
+
+
+def record_limit_problems(topics: Topics, max_body_bytes: int, have: dict[str, int | None]) -> list[str]:
+    """One line per topic whose `max.message.bytes` (in `have`; None: no such topic) is below what the body
+    limit needs."""
+    limits = record_limits(max_body_bytes)
+    out = []
+    for name, actual in have.items():
+        need = limits.for_topic(topics, name)
+        if actual is not None and actual < need:
+            out.append(
+                f"topic {name} takes records up to {actual} bytes ({MAX_MESSAGE_BYTES}) but"
+                f" SENTPIPE_MAX_BODY_BYTES={max_body_bytes} needs {need}: run `sentpipe topics ensure`"
+                " (it raises the limit) or lower SENTPIPE_MAX_BODY_BYTES"
+            )
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class TopicSpec:
     name: str
@@ -54,14 +110,37 @@ def topic_specs(
     replication_factor: int,
     raw_retention_ms: int,
     dlq_retention_ms: int,
+    max_body_bytes: int,
 ) -> list[TopicSpec]:
-    """Every topic sentpipe uses, with its partitions and retention."""
+    """Every topic sentpipe uses, with its partitions, retention and largest record."""
     keep = {"retention.ms": str(raw_retention_ms)}
     min_isr = {"min.insync.replicas": str(min(2, replication_factor))}
-    specs = [TopicSpec(topics.raw, raw_partitions, replication_factor, {**keep, **min_isr})]
-    specs += [TopicSpec(t, routed_partitions, replication_factor, {**keep, **min_isr}) for t in topics.routed]
-    specs.append(TopicSpec(topics.unrouted, routed_partitions, replication_factor, {**keep, **min_isr}))
+    limits = record_limits(max_body_bytes)
+
+    def size(name: str) -> dict[str, str]:
+        return {MAX_MESSAGE_BYTES: str(limits.for_topic(topics, name))}
+
+    specs = [
+        TopicSpec(topics.raw, raw_partitions, replication_factor, {**keep, **min_isr, **size(topics.raw)})
+    ]
+    specs += [
+        TopicSpec(t, routed_partitions, replication_factor, {**keep, **min_isr, **size(t)})
+        for t in topics.routed
+    ]
     specs.append(
-        TopicSpec(topics.dlq, 1, replication_factor, {"retention.ms": str(dlq_retention_ms), **min_isr})
+        TopicSpec(
+            topics.unrouted,
+            routed_partitions,
+            replication_factor,
+            {**keep, **min_isr, **size(topics.unrouted)},
+        )
+    )
+    specs.append(
+        TopicSpec(
+            topics.dlq,
+            1,
+            replication_factor,
+            {"retention.ms": str(dlq_retention_ms), **min_isr, **size(topics.dlq)},
+        )
     )
     return specs

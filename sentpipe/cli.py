@@ -33,12 +33,22 @@ def ingress(
     metrics_port: Annotated[
         int | None, typer.Option(help="Metrics port [SENTPIPE_INGRESS_METRICS_PORT].")
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Processes on the one port, worker i with metrics on the metrics port + i "
+            "[SENTPIPE_INGRESS_WORKERS].",
+        ),
+    ] = None,
 ) -> None:
     """Serve the webhook endpoint: verify, produce to Kafka, answer once durable."""
     from sentpipe.ingress.server import run
     from sentpipe.logs import configure
 
     s = settings()
+    if workers is not None:
+        s = s.model_copy(update={"ingress_workers": workers})
     configure(s.log_level, s.log_json)
     run(s, host or s.ingress_host, port or s.ingress_port, metrics_port or s.ingress_metrics_port)
 

@@ -8,13 +8,24 @@ asyncio futures (the ingress and the worker's dead letters).
 librdkafka does the batching, network and retries in its own threads. The async face serves delivery
 reports with non-blocking poll(0) calls on the event loop itself, ticking every millisecond while records
 are in flight: callbacks then settle futures directly, with no extra Python thread contending for the GIL.
+
+Broker state. librdkafka reports through `error_cb` when every broker connection is down
+(`_ALL_BROKERS_DOWN`) but says nothing when one comes back, so the producer tracks it: down on that report
+(served every 50 ms even while idle), up again on the next successful delivery or metadata answer (a probe
+asks every 250 ms while down). `unavailable` names why new records cannot be accepted right now, so a caller
+can refuse at once instead of waiting out the delivery timeout; records already queued keep waiting. A fatal
+error (`err.fatal()`, e.g. the idempotent producer lost its sequence) makes librdkafka's producer unusable
+for good: the async face replaces it with a new one (undelivered records of the old one fail), with a
+backoff if fatal errors repeat.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -23,12 +34,23 @@ import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException, Message
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
+from sentpipe import metrics as m
 from sentpipe.broker import Delivered, Partition, ProduceRejected, Record
+from sentpipe.schemas.topics import MAX_MESSAGE_BYTES, record_limits
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.kafka")
 
 TICK_S = 0.001  # how often delivery reports are served while records are in flight
+IDLE_POLL_S = 0.05  # how often error reports (broker down, fatal) are served while nothing is in flight
+PROBE_INTERVAL_S = 0.25  # while every broker is down: how often to ask for metadata to notice one is back
+PROBE_TIMEOUT_S = 1.0
+RECREATE_BACKOFF_S = (1.0, 30.0)  # after a fatal error: first retry delay, cap (doubling while they repeat)
+RETIRED_GRACE_S = 10.0  # a replaced producer is polled this long at most for its (purged) delivery reports
+
+# What `unavailable` says.
+ALL_BROKERS_DOWN = "all_brokers_down"
+PRODUCER_FATAL = "producer_fatal_error"
 
 Headers = Sequence[tuple[str, bytes]]
 
@@ -57,8 +79,13 @@ def producer_config(settings: Settings, *, delivery_timeout_s: float | None = No
         # Bounded local queue: when full, produce() raises BufferError and the request gets 503 at once.
         "queue.buffering.max.messages": settings.producer_max_in_flight,
         "queue.buffering.max.kbytes": 256 * 1024,
+        # The largest record: every accepted body plus headers and framing (librdkafka's default, 1,000,000,
+        # is below the 1 MiB body limit). Each topic's max.message.bytes is set to fit by `topics ensure`.
+        "message.max.bytes": min(record_limits(settings.max_body_bytes).producer, 1_000_000_000),
         # A record not delivered in this time fails its future instead of waiting forever.
         "message.timeout.ms": max(1000, int(timeout_s * 1000)),
+        # Reconnect within a second once a broker is back (librdkafka's default backs off up to 10 s).
+        "reconnect.backoff.max.ms": 1000,
         "socket.keepalive.enable": True,
         "log_level": 4,
     }
@@ -78,7 +105,53 @@ def existing_partitions(admin: AdminClient, bootstrap: str, timeout: float = 10.
     return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
 
 
+def topic_max_message_bytes(
+    admin: AdminClient, bootstrap: str, names: Sequence[str], timeout: float = 10.0
+) -> dict[str, int | None]:
+    """Topic -> its effective `max.message.bytes` (None: the topic does not exist)."""
+    from confluent_kafka.admin import ConfigResource, ResourceType  # type: ignore[attr-defined]
+
+    futures = admin.describe_configs(
+        [ConfigResource(ResourceType.TOPIC, n) for n in names], request_timeout=timeout
+    )
+    out: dict[str, int | None] = {}
+    for resource, fut in futures.items():
+        try:
+            entries = fut.result(timeout=timeout)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                out[resource.name] = None
+                continue
+            if isinstance(err, KafkaError) and err.code() in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT):
+                raise BrokerUnavailable(
+                    f"Kafka broker at {bootstrap} did not answer within {timeout:.0f}s"
+                ) from exc
+            raise
+        except TimeoutError as exc:
+            raise BrokerUnavailable(
+                f"Kafka broker at {bootstrap} did not answer within {timeout:.0f}s"
+            ) from exc
+        out[resource.name] = int(entries[MAX_MESSAGE_BYTES].value)
+    return out
+
+
 OnDelivery = Callable[[KafkaError | None, Message], None]
+
+
+class _QuietWhileDown:
+    """librdkafka's log lines for one producer, into `logging`. While every broker is known to be down, its
+    connection failures (one per attempt, every few tens of ms while metadata is asked for) are dropped: the
+    producer has said so in one line already, and says so again when a broker is back."""
+
+    def __init__(self, owner: Producer) -> None:
+        self._owner = weakref.ref(owner)  # no cycle between the client and its owner
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        owner = self._owner()
+        if owner is not None and owner._down_since is not None and args[:1] == ("FAIL",):
+            return
+        log.log(level, msg, *args)
 
 
 class Producer:
@@ -87,9 +160,16 @@ class Producer:
     def __init__(self, config: dict[str, Any]) -> None:
         self._config = dict(config)
         self._last_error: KafkaError | None = None
-        self._producer = confluent_kafka.Producer({**self._config, "error_cb": self._on_error})
+        self._fatal_error: KafkaError | None = None  # set until the producer is replaced
+        self._down_since: float | None = None  # monotonic time librdkafka said every broker is down
+        self._producer = self._new_client()
         self._ready_checked_at = 0.0
         self._ready = False
+
+    def _new_client(self) -> confluent_kafka.Producer:
+        return confluent_kafka.Producer(
+            {**self._config, "error_cb": self._on_error, "logger": _QuietWhileDown(self)}
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings, *, delivery_timeout_s: float | None = None) -> Producer:
@@ -104,9 +184,39 @@ class Producer:
         return int(self._config.get("message.timeout.ms", 300_000)) / 1000
 
     def _on_error(self, err: KafkaError) -> None:
+        """librdkafka's error reports (served by poll): fatal errors and "every broker is down"."""
         self._last_error = err
         if err.fatal():
-            log.error("fatal Kafka producer error: %s", err.str())
+            if self._fatal_error is None:
+                log.error("fatal Kafka producer error: %s", err.str())
+            self._fatal_error = err
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self._mark_down()
+
+    def _mark_down(self) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            m.PRODUCER_BROKERS_DOWN.set(1)
+            log.warning(
+                "Kafka at %s unreachable (all brokers down): new records are refused until one answers",
+                self.bootstrap,
+            )
+
+    def _mark_up(self) -> None:
+        if self._down_since is not None:
+            down_s = time.monotonic() - self._down_since
+            self._down_since = None
+            m.PRODUCER_BROKERS_DOWN.set(0)
+            log.warning("Kafka at %s reachable again after %.1fs", self.bootstrap, down_s)
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why a new record cannot be accepted right now (None: go ahead and produce)."""
+        if self._fatal_error is not None:
+            return PRODUCER_FATAL
+        if self._down_since is not None:
+            return ALL_BROKERS_DOWN
+        return None
 
     def _enqueue(
         self, topic: str, key: bytes, value: bytes, headers: Headers, on_delivery: OnDelivery
@@ -132,6 +242,8 @@ class Producer:
         """Enqueue a record, waiting for room when the local queue is full; `on_done` gets the outcome."""
 
         def report(err: KafkaError | None, _msg: Message) -> None:
+            if err is None:
+                self._mark_up()
             on_done(err)
 
         while True:
@@ -154,10 +266,13 @@ class Producer:
             )
 
     def fatal(self) -> bool:
-        return bool(self._last_error and self._last_error.fatal())
+        return self._fatal_error is not None
 
     async def ready(self, timeout: float = 2.0, cache_s: float = 1.0) -> bool:
-        """True when a broker answers a metadata request; cached briefly so probes stay cheap."""
+        """False at once while the producer knows it cannot deliver (every broker down, fatal error); else
+        True when a broker answers a metadata request, cached briefly so probes stay cheap."""
+        if self.unavailable is not None:
+            return False
         now = time.monotonic()
         if now - self._ready_checked_at < cache_s:
             return self._ready
@@ -178,6 +293,15 @@ class AsyncProducer(Producer):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._in_flight = 0
         self._ticking = False
+        self._running = False
+        self._idle_handle: asyncio.TimerHandle | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        self._recreate_handle: asyncio.TimerHandle | None = None
+        self._recreate_delay_s = RECREATE_BACKOFF_S[0]
+        self._recreated_at = 0.0
+        # Replaced producers still owing delivery reports, each with a time after which it is let go.
+        self._retired: list[tuple[confluent_kafka.Producer, float]] = []
+        self.recreated = 0
 
     @classmethod
     def from_settings(cls, settings: Settings, *, delivery_timeout_s: float | None = None) -> AsyncProducer:
@@ -185,16 +309,105 @@ class AsyncProducer(Producer):
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._running = True
+        self._idle_poll()
+        if self._down_since is not None or self._fatal_error is not None:  # reported before start
+            self._loop.call_soon(self._after_error)
+
+    def _poll(self) -> None:
+        self._producer.poll(0)  # serves delivery reports (and error_cb) right here, on the loop
+        if self._retired:
+            now = time.monotonic()
+            for old, _ in self._retired:
+                old.poll(0)
+            self._retired = [(old, until) for old, until in self._retired if len(old) > 0 and now < until]
 
     def _tick(self) -> None:
-        self._producer.poll(0)  # serves delivery reports (and error_cb) right here, on the loop
-        if self._in_flight > 0 and self._loop is not None:
+        self._poll()
+        if (self._in_flight > 0 or self._retired) and self._loop is not None:
             self._loop.call_later(TICK_S, self._tick)
         else:
             self._ticking = False
 
+    def _start_ticking(self) -> None:
+        if not self._ticking and self._loop is not None:
+            self._ticking = True
+            self._loop.call_later(TICK_S, self._tick)
+
+    def _idle_poll(self) -> None:
+        """Serve error reports while nothing is in flight: a dead broker is known before the next request."""
+        self._idle_handle = None
+        if not self._running or self._loop is None:
+            return
+        if not self._ticking:
+            self._poll()
+        self._idle_handle = self._loop.call_later(IDLE_POLL_S, self._idle_poll)
+
+    # --- broker state ------------------------------------------------------------------------------------
+    def _on_error(self, err: KafkaError) -> None:
+        super()._on_error(err)
+        if self._loop is not None and self._running and (err.fatal() or self._down_since is not None):
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                self._loop.call_soon_threadsafe(self._after_error)  # error_cb may run in another thread
+
+    def _after_error(self) -> None:
+        if not self._running or self._loop is None:
+            return
+        if self._fatal_error is not None:
+            self._schedule_recreate()
+        elif self._down_since is not None and (self._probe_task is None or self._probe_task.done()):
+            self._probe_task = self._loop.create_task(self._probe())
+
+    async def _probe(self) -> None:
+        """While every broker is down: ask for metadata until one answers, then accept records again."""
+        while self._running and self._down_since is not None and self._fatal_error is None:
+            try:
+                md = await asyncio.to_thread(self._producer.list_topics, timeout=PROBE_TIMEOUT_S)
+            except KafkaException:
+                md = None
+            if md is not None and md.brokers:
+                self._mark_up()
+                return
+            await asyncio.sleep(PROBE_INTERVAL_S)
+
+    def _schedule_recreate(self) -> None:
+        if self._recreate_handle is not None or self._loop is None:
+            return
+        # A rare fatal error is handled at once; fatal errors that come back soon after a replacement (a
+        # broker that refuses this producer for good) back off, doubling up to the cap.
+        if self.recreated == 0 or time.monotonic() - self._recreated_at > 60.0:
+            delay, self._recreate_delay_s = 0.0, RECREATE_BACKOFF_S[0]
+        else:
+            delay = self._recreate_delay_s
+            self._recreate_delay_s = min(delay * 2, RECREATE_BACKOFF_S[1])
+        self._recreate_handle = self._loop.call_later(delay, self._recreate)
+
+    def _recreate(self) -> None:
+        """Replace a producer that hit a fatal error; what it had not delivered fails (callers answer 503)."""
+        self._recreate_handle = None
+        if not self._running or self._fatal_error is None:
+            return
+        old = self._producer
+        self._producer = self._new_client()
+        error = self._fatal_error
+        self._fatal_error = None
+        self._recreated_at = time.monotonic()
+        self.recreated += 1
+        m.PRODUCER_RECREATED.inc()
+        with contextlib.suppress(KafkaException):  # purge of a fatal producer works in librdkafka 2.x
+            old.purge(in_queue=True, in_flight=True, blocking=False)
+        self._retired.append((old, time.monotonic() + RETIRED_GRACE_S))
+        self._start_ticking()
+        log.warning(
+            "Kafka producer replaced after a fatal error (%s); its undelivered records failed", error.str()
+        )
+        self._after_error()  # still every broker down: keep probing with the new producer
+
+    # --- records -----------------------------------------------------------------------------------------
     def _on_delivery(self, fut: asyncio.Future[Delivered], err: KafkaError | None, msg: Message) -> None:
         self._in_flight -= 1
+        if err is None:
+            self._mark_up()
         if fut.done():  # the guard in send() gave up on it already
             return
         if err is not None:
@@ -210,9 +423,7 @@ class AsyncProducer(Producer):
         fut: asyncio.Future[Delivered] = loop.create_future()
         self._enqueue(topic, key, value, headers, partial(self._on_delivery, fut))
         self._in_flight += 1
-        if not self._ticking:
-            self._ticking = True
-            loop.call_later(TICK_S, self._tick)
+        self._start_ticking()
         return fut
 
     async def send_and_wait(
@@ -227,15 +438,26 @@ class AsyncProducer(Producer):
         finally:
             guard.cancel()
 
+    def _queued(self) -> int:
+        return len(self._producer) + sum(len(old) for old, _ in self._retired)
+
     async def close(self, timeout: float = 10.0) -> None:
         """Deliver what is queued (graceful shutdown), serving reports on the loop as it goes."""
         deadline = time.monotonic() + timeout
-        while len(self._producer) > 0 and time.monotonic() < deadline:
-            self._producer.poll(0)
+        while self._queued() > 0 and time.monotonic() < deadline:
+            self._poll()
             await asyncio.sleep(TICK_S)
-        self._producer.poll(0)
-        if len(self._producer):
-            log.warning("producer closed with %d undelivered records", len(self._producer))
+        self._poll()
+        self._running = False
+        for handle in (self._idle_handle, self._recreate_handle):
+            if handle is not None:
+                handle.cancel()
+        self._idle_handle = self._recreate_handle = None
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            self._probe_task = None
+        if self._queued():
+            log.warning("producer closed with %d undelivered records", self._queued())
 
 
 def _expire(fut: asyncio.Future[Delivered]) -> None:
@@ -280,8 +502,15 @@ class BatchConsumer:
             cb(gone)
 
     def poll_batch(self, max_records: int, timeout_s: float) -> list[Record]:
+        # consume(n, t) waits for all n records or t: take what is already fetched at once, and block
+        # only for the first record when there is none, so a quiet topic adds no wait to a batch.
+        msgs = self._consumer.consume(max_records, 0)
+        if not msgs:
+            msgs = self._consumer.consume(1, timeout_s)
+            if msgs and max_records > 1:
+                msgs += self._consumer.consume(max_records - 1, 0)
         out: list[Record] = []
-        for msg in self._consumer.consume(max_records, timeout_s):
+        for msg in msgs:
             err = msg.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:

@@ -39,6 +39,22 @@ INGRESS_SIGNATURE_FAILURES = Counter(
     ["tenant", "reason"],
 )
 
+INGRESS_REFUSED = Counter(
+    "sentpipe_ingress_refused",
+    "Requests turned away before any work, by reason (overloaded: SENTPIPE_INGRESS_MAX_IN_FLIGHT reached; "
+    "body_timeout; broker_down: the producer knows no broker is up).",
+    ["reason"],
+)
+
+# --- the Kafka producer (ingress and worker) -------------------------------------------------------------
+PRODUCER_BROKERS_DOWN = Gauge(
+    "sentpipe_producer_brokers_down",
+    "1 while this process's producer knows every Kafka broker is down (new records are refused at once).",
+)
+PRODUCER_RECREATED = Counter(
+    "sentpipe_producer_recreated", "Producers replaced after a fatal librdkafka error."
+)
+
 # --- processors ----------------------------------------------------------------------------------------
 EVENTS_ROUTED = Counter(
     "sentpipe_events_routed", "First-seen raw events routed, by canonical type.", ["type"]

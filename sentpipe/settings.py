@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     ingress_metrics_port: int = 9100
     signature_tolerance_s: int = Field(300, ge=1)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    # The whole body must arrive within this time of the request's headers, or the answer is 408.
+    body_timeout_s: float = Field(10.0, gt=0)
+    # Requests handled at once by one ingress process; beyond it, 503 at once with Retry-After.
+    ingress_max_in_flight: int = Field(1024, ge=1)
+    # Processes serving the one webhook port (SO_REUSEPORT), each with its own producer and metrics port.
+    ingress_workers: int = Field(1, ge=1)
     produce_timeout_s: float = Field(5.0, gt=0)
     producer_max_in_flight: int = Field(20000, ge=1)
     producer_linger_ms: int = Field(2, ge=0)
@@ -78,10 +84,14 @@ class Settings(BaseSettings):
     worker_metrics_host: str = "0.0.0.0"
     table_store: str = "memory://"
     data_dir: Path = Path(".local/faust")
-    dedup_window_s: int = Field(7 * 24 * 3600, ge=1)
+    # Sent's retries of one delivery end within about two minutes (1+2+...+64 s); a day covers those many
+    # times over, and a day-long incident on either side, while 10 events/s stays under a million ids.
+    dedup_window_s: int = Field(24 * 3600, ge=1)
     dedup_sweep_interval_s: float = Field(60.0, gt=0)
     batch_size: int = Field(500, ge=1)
-    batch_within_s: float = Field(0.1, gt=0)
+    # The router waits at most this long to fill a batch: at light load it is added to every event's
+    # latency; under a backlog batches fill before it (measured in bench/, README "Performance").
+    batch_within_s: float = Field(0.02, gt=0)
     retry_initial_s: float = Field(0.2, gt=0)
     retry_max_s: float = Field(30.0, gt=0)
     handler_modules: list[str] = Field(default_factory=list)

@@ -18,6 +18,7 @@ from sentpipe.processors.migrate import migrate
 from sentpipe.processors.topics import ensure_topics
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
+from tests.kafka_tools import wait_topics_ready
 from tests.services import Services, ServiceUnavailable, acquire
 
 
@@ -65,6 +66,8 @@ def settings(services: Services, db_url: str, unique: str) -> Settings:
         app_id=f"sentpipe-t{unique}",
     )
     ensure_topics(s)
+    t = Topics(s.topic_prefix)
+    wait_topics_ready(s.kafka_bootstrap, [t.raw, *t.routed, t.unrouted, t.dlq])
     return s
 
 

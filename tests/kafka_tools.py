@@ -152,3 +152,31 @@ def _read_up_to(c: Consumer, topic: str, marks: dict[int, tuple[int, int]], time
             del ends[p]
     out.sort(key=lambda r: (r.partition, r.offset))
     return out
+
+
+def wait_topics_ready(bootstrap: str, topics: list[str], timeout: float = 120.0) -> None:
+    """Until every partition of `topics` has a leader and a full in-sync replica set.
+
+    A topic created moments ago (or on a broker the previous test restarted) is listed before its
+    partitions can take writes; a test that produces at once would see its first records time out.
+    """
+    c = _consumer(bootstrap, "ready")
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            md = c.list_topics(timeout=10)
+            waiting = [
+                name
+                for name in topics
+                if (t := md.topics.get(name)) is None
+                or t.error is not None
+                or not t.partitions
+                or any(p.leader < 0 or not p.isrs for p in t.partitions.values())
+            ]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"topics without a leader after {timeout:.0f}s: {waiting}")
+            time.sleep(0.2)
+    finally:
+        c.close()

@@ -20,6 +20,7 @@ from sentpipe.broker import BatchConsumer, LocalBroker, ProduceRejected, Record,
 from sentpipe.kafka import AsyncProducer, BrokerUnavailable, Producer, admin_client
 from sentpipe.kafka import BatchConsumer as KafkaBatchConsumer
 from sentpipe.settings import Settings
+from tests.kafka_tools import wait_topics_ready
 from tests.processes import free_port
 from tests.services import Services
 
@@ -52,6 +53,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     s = Settings(kafka_bootstrap=services.kafka_bootstrap)
     admin = admin_client(s)
     admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result(timeout=30)
+    wait_topics_ready(services.kafka_bootstrap, [topic])
     consumers: list[KafkaBatchConsumer] = []
 
     def new_consumer(group: str, topics: list[str]) -> KafkaBatchConsumer:
@@ -60,7 +62,8 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
         return c
 
     def new_producer() -> AsyncProducer:
-        return AsyncProducer.from_settings(s)
+        # A broker under load (or just restarted by another test) may take seconds for a first write.
+        return AsyncProducer.from_settings(s, delivery_timeout_s=30.0)
 
     yield Backend("kafka", topic, new_producer, new_consumer)
     for c in consumers:
@@ -128,7 +131,7 @@ async def test_produce_to_a_missing_topic_fails_its_future(backend: Backend) -> 
     producer = backend.producer()
     fut = producer.produce(f"missing-{uuid.uuid4().hex}", b"k", b"v", [])
     with pytest.raises(ProduceRejected):
-        await asyncio.wait_for(fut, 30)
+        await asyncio.wait_for(fut, 60)
 
 
 def test_next_offsets_acknowledges_the_highest_offset_per_partition() -> None:

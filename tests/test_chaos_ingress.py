@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import orjson
 import pytest
 
 from sentpipe.schemas.samples import SampleFactory
@@ -43,46 +45,83 @@ def _status(url: str) -> int:
         return e.code
 
 
-def test_broker_down_means_503_and_not_ready_then_recovers(
+def test_broker_down_means_503_at_once_and_not_ready_then_recovers_losing_nothing(
     services: Services,
     settings: Settings,
     topics,  # type: ignore[no-untyped-def]
     tmp_path: Path,
 ) -> None:
+    """The broker stops under steady load. Once the producer knows (librdkafka reports every broker down),
+    each request is answered 503 with Retry-After at once instead of after the 5 s produce timeout, and
+    /readyz says 503; when the broker is back, requests are accepted again without a restart, and every
+    request answered 200 at any time is on the raw topic."""
     if not services.kafka_local:
         pytest.fail(
             "this test stops the broker: run it with the local launcher (unset SENTPIPE_KAFKA_BOOTSTRAP)"
         )
-    proc, base, _ = start_ingress(settings, tmp_path, produce_timeout_s=2.0)
+    proc, base, _ = start_ingress(settings, tmp_path)  # the default produce timeout: 5 s
     secret = settings.webhook_secret.get_secret_value()
     url = f"{base}/webhooks/sent"
     f = SampleFactory(21)
-    before = f.inbound()
-    accepted = []
+    lock = threading.Lock()
+    answered: list[tuple[bytes, int]] = []
+    stop_load = threading.Event()
+
+    def load(n: int) -> None:  # Sent's steady traffic, through the whole outage
+        i = 0
+        while not stop_load.is_set():
+            body = orjson.dumps({**f.inbound().doc, "load": [n, i]})
+            try:
+                status = _post(url, body, secret)[0]
+            except OSError:
+                status = 0
+            with lock:
+                answered.append((body, status))
+            i += 1
+            time.sleep(0.02)
+
+    workers = [threading.Thread(target=load, args=(n,)) for n in range(4)]
+    latencies: list[float] = []
     try:
-        assert _post(url, before.body, secret)[0] == 200
-        accepted.append(before.body)
+        for w in workers:
+            w.start()
+        wait_for(lambda: len(answered), lambda n: n >= 20, 30, "some load answered", proc.tail)
         services.stop_kafka()
         try:
-            during = f.inbound()
-            status, headers, took = _post(url, during.body, secret)
-            assert status == 503 and headers.get("Retry-After")
-            assert took < 2.0 + 3.0  # the produce timeout plus slack: never an unbounded wait
+            # The producer has noticed once /readyz says so (it answers from the tracked state, at once).
             wait_for(lambda: _status(f"{base}/readyz"), lambda s: s == 503, 20, "/readyz 503", proc.tail)
+            for _ in range(40):
+                status, headers, took = _post(url, f.inbound().body, secret)
+                assert status == 503 and headers.get("Retry-After"), (status, headers)
+                latencies.append(took)
             assert _status(f"{base}/healthz") == 200
         finally:
             services.start_kafka()
-        after = f.inbound()
         # Sent retries a 503; so does this, until the broker is back.
-        wait_for(lambda: _post(url, after.body, secret)[0], lambda s: s == 200, 60, "a 200", proc.tail)
-        accepted.append(after.body)
+        after = f.inbound().body
+        wait_for(lambda: _post(url, after, secret)[0], lambda s: s == 200, 60, "a 200", proc.tail)
         wait_for(lambda: _status(f"{base}/readyz"), lambda s: s == 200, 20, "/readyz 200", proc.tail)
+        time.sleep(1.0)  # steady load is accepted again too
     finally:
+        stop_load.set()
+        for w in workers:
+            w.join(60)
         exit_code = proc.stop()
     assert exit_code == 0, proc.tail()
-    values = [rec.value for rec in read_topic(settings.kafka_bootstrap, topics.raw, at_least=len(accepted))]
-    # Every acknowledged event is stored; the one answered 503 may or may not be (Sent retries it anyway).
-    assert set(accepted) <= set(values)
+    latencies.sort()
+    p50, worst = latencies[len(latencies) // 2], latencies[-1]
+    report = f"broker down, producer aware: 503 latency p50 {p50 * 1000:.1f} ms, max {worst * 1000:.1f} ms"
+    print(report)
+    (tmp_path / "latency.txt").write_text(report + "\n")
+    # Well before the 5 s produce timeout; 50 ms is the target, but a loaded machine gets slack here.
+    assert worst < 1.0, report
+    acked = {body for body, status in answered if status == 200} | {after}
+    statuses = {status for _, status in answered}
+    assert statuses <= {200, 503}, statuses
+    assert 503 in statuses and [s for _, s in answered[-5:]] == [200] * 5, answered[-10:]
+    stored = {rec.value for rec in read_topic(settings.kafka_bootstrap, topics.raw, at_least=len(acked))}
+    # Every acknowledged event is stored; those answered 503 may or may not be (Sent retries them anyway).
+    assert acked <= stored, len(acked - stored)
 
 
 def test_sigterm_finishes_in_flight_requests_and_loses_no_acknowledged_event(
@@ -91,7 +130,7 @@ def test_sigterm_finishes_in_flight_requests_and_loses_no_acknowledged_event(
     tmp_path: Path,
 ) -> None:
     """SIGTERM under load: every request the ingress had begun handling when the signal came is answered 200
-    and stored; later ones may be refused (0) or turned away (503), never acknowledged and lost.
+    and stored; later ones may be refused (0), turned away (503) or cut off (408): never acknowledged, lost.
 
     "Begun handling" is known, not guessed: each request asks `Expect: 100-continue`, and aiohttp sends
     its body only after the ingress answered "100 Continue", which the ingress does from inside the
@@ -151,7 +190,9 @@ def test_sigterm_finishes_in_flight_requests_and_loses_no_acknowledged_event(
     assert proc.p is not None and proc.p.wait(30) == 0, proc.tail()
     assert len(results) == len(bodies)
     statuses = set(results.values())
-    assert statuses <= {200, 503, 0}, statuses
+    # 408: a request begun after the signal, whose body the closing server no longer reads (aiohttp drops
+    # incoming data once shutdown starts), meets the body timeout; not acknowledged, and Sent retries a 408.
+    assert statuses <= {200, 408, 503, 0}, statuses
     in_flight = at_signal["handling"] - at_signal["answered"]
     assert held <= in_flight, (held, in_flight)
     assert {i: results[i] for i in at_signal["handling"] if results[i] != 200} == {}

@@ -78,7 +78,7 @@ async def test_edges_answer_as_the_table_says_and_store_nothing(
         (url, body, signed(body, secret="whsec_" + "QUJD" * 8), 401, "invalid_signature"),
         (url, body, signed(body, ts=int(time.time()) - 3600), 401, "stale_timestamp"),
         (url, body, {**signed(body), "x-webhook-signature": "garbage"}, 401, "malformed_signature"),
-        (f"{url}/nobody", body, signed(body), 404, "unknown_tenant"),
+        (f"{url}/nobody", body, signed(body), 401, "invalid_signature"),  # tenants are not probeable
         (url, body, {**signed(body), "content-type": "text/plain"}, 415, "unsupported_media_type"),
         (url, b"x" * (settings.max_body_bytes + 1), signed(b"x"), 413, "body_too_large"),
     ]
@@ -134,9 +134,17 @@ async def test_tenants_and_rotation_from_the_secrets_file(settings: Settings, tm
 
 
 async def test_full_local_queue_answers_503_at_once_instead_of_piling_up() -> None:
-    # An unreachable broker and room for one record: the first request waits for its (failing) delivery,
-    # the second finds the queue full and is turned away without waiting.
-    s = Settings(kafka_bootstrap="127.0.0.1:1", producer_max_in_flight=1, produce_timeout_s=3)
+    # A broker that accepts connections and never answers (so the producer cannot know it is down) and room
+    # for one record: the first request waits for its (failing) delivery, the second finds the queue full
+    # and is turned away without waiting.
+    import asyncio
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(-1)  # hold the connection, say nothing
+
+    mute = await asyncio.start_server(silent, "127.0.0.1", 0)
+    mute_port = mute.sockets[0].getsockname()[1]
+    s = Settings(kafka_bootstrap=f"127.0.0.1:{mute_port}", producer_max_in_flight=1, produce_timeout_s=3)
     producer = producer_for(s)
     server = TestServer(create_app(s, producer), host="127.0.0.1")
     await server.start_server()
@@ -144,7 +152,6 @@ async def test_full_local_queue_answers_503_at_once_instead_of_piling_up() -> No
         url = f"http://127.0.0.1:{server.port}/webhooks/sent"
         f = SampleFactory(8)
         first, second = f.inbound().body, f.inbound().body
-        import asyncio
 
         # Told when a record is in the local queue (its length would also count librdkafka's error events).
         enqueued = asyncio.Event()
@@ -166,3 +173,4 @@ async def test_full_local_queue_answers_503_at_once_instead_of_piling_up() -> No
         assert status == 503 and "local_queue_full" not in str(body["detail"])
     finally:
         await server.close()
+        mute.close()

@@ -387,12 +387,13 @@ async def test_events_are_accepted_and_land_on_the_raw_topic_with_their_duplicat
 
 
 @pytest.mark.service
-async def test_tenant_paths_reach_the_tenant_or_answer_404(webhook_url: str) -> None:
+async def test_tenant_paths_reach_the_tenant_or_answer_401(webhook_url: str) -> None:
     _, deliveries = _plan(2)
     ok = await deliver(f"{webhook_url}/{Settings().default_tenant}", deliveries[:1], SECRET, schedule=(0.01,))
     assert ok.accepted == 1
+    # An unknown tenant is answered like a bad signature (tenant names are not probeable): final, no retry.
     missing = await deliver(f"{webhook_url}/no-such-tenant", deliveries[1:2], SECRET, schedule=(0.01,))
-    assert missing.rejected == Counter({"404": 1}) and missing.retried == 0
+    assert missing.rejected == Counter({"401": 1}) and missing.retried == 0
 
 
 @pytest.mark.service

@@ -91,3 +91,52 @@ def test_rejections_have_distinct_reasons(mutate, reason) -> None:  # type: igno
     with pytest.raises(SignatureError) as e:
         Verifier([SECRET], 300).verify(headers, body2, now)
     assert e.value.reason is reason
+
+
+@pytest.mark.parametrize(
+    ("secret", "problem"),
+    [
+        ("", "is empty"),
+        ("  ", "is empty"),
+        ("whsec_", "nothing after 'whsec_'"),
+        ("whsec_!!not-base64!!", "not valid base64"),
+        ("whsec_====", "not valid base64"),
+    ],
+)
+def test_unusable_secrets_are_refused_without_showing_them(secret: str, problem: str) -> None:
+    with pytest.raises(ValueError, match=problem) as e:
+        Verifier([SECRET, secret], 300)
+    assert "not-base64" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("header", "value", "reason"),
+    [
+        # aiohttp hands over header bytes that are not UTF-8 as lone surrogates (surrogateescape).
+        ("x-webhook-signature", "v1,\udcff\udcfe", Reason.MALFORMED_SIGNATURE),
+        ("x-webhook-id", "msg_\udcff", Reason.MALFORMED_SIGNATURE),
+        ("x-webhook-timestamp", "17\udcff", Reason.INVALID_TIMESTAMP),
+    ],
+)
+def test_undecodable_header_values_are_rejected_not_raised(header: str, value: str, reason: Reason) -> None:
+    now = int(time.time())
+    headers = _peer_headers(SECRET, "msg", now, b"{}") | {header: value}
+    with pytest.raises(SignatureError) as e:
+        Verifier([SECRET], 300).verify(headers, b"{}", now)
+    assert e.value.reason is reason
+
+
+def test_a_decoy_runs_every_check_and_never_matches() -> None:
+    now = int(time.time())
+    decoy = Verifier.decoy(2, 300)
+    assert decoy.key_count == 2
+    good = _peer_headers(SECRET, "msg", now, b"{}")
+    for headers, reason in (
+        (good, Reason.INVALID_SIGNATURE),
+        ({}, Reason.MISSING_HEADERS),
+        (good | {"x-webhook-timestamp": str(now - 3600)}, Reason.STALE_TIMESTAMP),
+        (good | {"x-webhook-signature": "v2,x"}, Reason.MALFORMED_SIGNATURE),
+    ):
+        with pytest.raises(SignatureError) as e:
+            decoy.verify(headers, b"{}", now)
+        assert e.value.reason is reason

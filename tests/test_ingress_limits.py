@@ -1,0 +1,480 @@
+"""The ingress's limits against the real broker: body sizes that agree with Kafka's record limits, hostile
+requests that get 4xx (never 500), the in-flight cap, unknown tenants, unusable secrets, and answering 503 at
+once while the producer knows the broker is down (then healing without a restart)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import statistics
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+from confluent_kafka import KafkaError
+from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
+from pydantic import SecretStr
+
+from sentpipe.broker import ProduceRejected
+from sentpipe.ingress.app import MAX_FIELD_SIZE, REQUEST_ID_MAX, StartupError, create_app, producer_for
+from sentpipe.kafka import AsyncProducer, admin_client, topic_max_message_bytes
+from sentpipe.processors.topics import CopartitioningError, check_record_limits, ensure_topics
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.schemas.signature import signature_headers
+from sentpipe.schemas.topics import Topics, record_limits
+from sentpipe.settings import Settings
+from tests.kafka_tools import read_topic
+from tests.processes import Proc, settings_env
+
+LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+
+
+@asynccontextmanager
+async def serve(s: Settings) -> AsyncIterator[tuple[int, AsyncProducer]]:
+    """The ingress app in this process for `s`; yields its port and producer."""
+    producer = producer_for(s)
+    server = TestServer(create_app(s, producer), host="127.0.0.1")
+    await server.start_server()
+    try:
+        assert server.port is not None
+        yield server.port, producer
+    finally:
+        await server.close()
+
+
+async def exchange(
+    port: int, head: bytes, body: bytes = b"", timeout: float = 30.0
+) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP/1.1 request (exact bytes, nothing added); the status, headers and body of the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head + body)
+        await writer.drain()
+        return await asyncio.wait_for(read_response(reader), timeout)
+    finally:
+        writer.close()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    status_line = await reader.readline()
+    headers: dict[str, str] = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body
+
+
+def head(path: str, headers: dict[str, bytes | str], length: int) -> bytes:
+    lines = [f"POST {path} HTTP/1.1".encode(), b"Host: 127.0.0.1", f"Content-Length: {length}".encode()]
+    for name, value in headers.items():
+        lines.append(name.encode() + b": " + (value if isinstance(value, bytes) else value.encode()))
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def signed(secret: str, body: bytes, webhook_id: str = "msg_1") -> dict[str, bytes | str]:
+    return {
+        **signature_headers(secret, webhook_id, int(time.time()), body),
+        "content-type": "application/json",
+    }
+
+
+def padded_envelope(size: int, seed: int = 0) -> bytes:
+    """A Sent-shaped status event of exactly `size` bytes, padded with incompressible text."""
+    doc = {
+        "field": "message",
+        "sub_type": "message.delivered",
+        "timestamp": "2026-01-01T00:00:00Z",
+        "payload": {"message_id": f"m-{seed}", "pad": ""},
+    }
+    empty = len(orjson.dumps(doc))
+    rng = os.urandom(size)  # base64 of random bytes: lz4 cannot shrink it
+    doc["payload"]["pad"] = base64.b64encode(rng).decode()[: size - empty]  # type: ignore[index]
+    body = orjson.dumps(doc)
+    assert len(body) == size
+    return body
+
+
+# --- 1. limits that agree ---------------------------------------------------------------------------------
+async def test_a_body_of_exactly_the_limit_is_stored_and_one_byte_more_is_413(
+    settings: Settings, topics: Topics
+) -> None:
+    limit = settings.max_body_bytes
+    assert limit > LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES  # the default 1 MiB: the range that used to get 503
+    secret = settings.webhook_secret.get_secret_value()
+    at_limit = padded_envelope(limit, 1)
+    between = padded_envelope(LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES + 1, 2)
+    malformed = b"{" + b"x" * (limit - 1)  # not JSON: dead-lettered, with the DLQ headers on top
+    over = padded_envelope(limit + 1, 3)
+    async with serve(settings) as (port, _):
+        url = "/webhooks/sent"
+        for i, body in enumerate((at_limit, between)):
+            status, _, answer = await exchange(
+                port, head(url, signed(secret, body, f"m{i}"), len(body)), body
+            )
+            assert status == 200, answer
+            assert orjson.loads(answer)["status"] == "accepted"
+        status, _, answer = await exchange(
+            port, head(url, signed(secret, malformed), len(malformed)), malformed
+        )
+        assert (status, orjson.loads(answer).get("outcome")) == (200, "dead_lettered"), answer
+        status, _, answer = await exchange(port, head(url, signed(secret, over), len(over)), over)
+        assert (status, orjson.loads(answer)["error"]) == (413, "body_too_large")
+        # Chunked (no Content-Length): the same boundary, found while reading.
+        for body, want in ((at_limit, 200), (over, 413)):
+            chunked = head(url, {**signed(secret, body, "chunked"), "Transfer-Encoding": "chunked"}, 0)
+            chunked = chunked.replace(b"Content-Length: 0\r\n", b"")
+            payload = b"".join(
+                f"{len(body[i : i + 65536]):x}\r\n".encode() + body[i : i + 65536] + b"\r\n"
+                for i in range(0, len(body), 65536)
+            )
+            status, _, answer = await exchange(port, chunked, payload + b"0\r\n\r\n")
+            assert status == want, answer
+    raw = read_topic(settings.kafka_bootstrap, topics.raw, at_least=3)
+    assert sorted(rec.value for rec in raw) == sorted([at_limit, between, at_limit])
+    dlq = read_topic(settings.kafka_bootstrap, topics.dlq, at_least=1)
+    assert [rec.value for rec in dlq] == [malformed]
+
+
+async def test_topics_are_created_to_fit_and_the_routed_form_of_a_largest_body_fits_too(
+    settings: Settings, topics: Topics
+) -> None:
+    limits = record_limits(settings.max_body_bytes)
+    names = [topics.raw, *topics.routed, topics.unrouted, topics.dlq]
+    have = topic_max_message_bytes(admin_client(settings), settings.kafka_bootstrap, names)
+    assert have == {n: limits.for_topic(topics, n) for n in names}
+    assert limits.raw > settings.max_body_bytes and limits.dlq > limits.routed > limits.raw
+    # The worst growth: numbers written again by the canonical JSON (1e15 -> 1000000000000000.0).
+    numbers = b"1e15," * ((settings.max_body_bytes - 200) // 5)
+    body = (
+        b'{"field":"message","sub_type":"message.sent","payload":{"message_id":"m","n":['
+        + numbers[:-1]
+        + b"]}}"
+    )
+    assert len(body) <= settings.max_body_bytes
+    routed = r.route(
+        None,
+        body,
+        {r.H_TENANT: b"default"},
+        topics=topics,
+        id_source="auto",
+        default_tenant="default",
+        record_timestamp_ms=int(time.time() * 1000),
+    )
+    assert routed.topic == topics.message_status and len(routed.value) > 3.5 * len(body)
+    producer = AsyncProducer.from_settings(settings)
+    await producer.start()
+    try:
+        delivered = await producer.send_and_wait(routed.topic, routed.key, routed.value, [], timeout=30)
+        assert delivered.topic == topics.message_status
+        # ... and dead-lettered with every header a dead letter carries.
+        dlq_headers = r.dlq_headers(
+            stage="project", error_class="X" * 200, message="m" * 1000, topic="t", partition=1, offset=2
+        )
+        await producer.send_and_wait(topics.dlq, routed.key, routed.value, dlq_headers, timeout=30)
+    finally:
+        await producer.close()
+
+
+def test_topics_ensure_raises_a_small_limit_and_an_ingress_refuses_to_start_until_then(
+    settings: Settings, tmp_path: Path
+) -> None:
+    s = settings.model_copy(update={"topic_prefix": settings.topic_prefix + "old."})
+    topics = Topics(s.topic_prefix)
+    admin = admin_client(s)
+    # As an older `topics ensure` made them: the broker's default max.message.bytes (1 MiB + 12).
+    futures = admin.create_topics(
+        [NewTopic(t, 1, 1) for t in (topics.raw, *topics.routed, topics.unrouted, topics.dlq)]
+    )
+    for fut in futures.values():
+        fut.result(30)
+    for _ in range(100):  # the broker answers for a new topic's configs once its metadata has caught up
+        if None not in topic_max_message_bytes(admin, s.kafka_bootstrap, [topics.raw, topics.dlq]).values():
+            break
+        time.sleep(0.1)
+    with pytest.raises(CopartitioningError, match=r"max\.message\.bytes.*sentpipe topics ensure"):
+        check_record_limits(s)  # the worker's start check
+
+    proc = Proc(
+        ["ingress"], settings_env(s, ingress_host="127.0.0.1", ingress_port=0), tmp_path / "i.log"
+    ).start()
+    assert proc.p is not None and proc.p.wait(60) == 1
+    lines = proc.log.read_text().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.fullmatch(
+        rf"error: topic {re.escape(topics.raw)} takes records up to \d+ bytes \(max\.message\.bytes\) but "
+        r"SENTPIPE_MAX_BODY_BYTES=1048576 needs \d+: run `sentpipe topics ensure` .*",
+        lines[0],
+    ), lines[0]
+
+    ensure_topics(s)
+    limits = record_limits(s.max_body_bytes)
+    have = topic_max_message_bytes(admin, s.kafka_bootstrap, [topics.raw, topics.message_status, topics.dlq])
+    assert have == {topics.raw: limits.raw, topics.message_status: limits.routed, topics.dlq: limits.dlq}
+    check_record_limits(s)
+    ensure_topics(s)  # idempotent: nothing to raise any more
+
+
+# --- 2. hostile requests ---------------------------------------------------------------------------------
+BAD_BYTES = b"\xff\xfe\x80 caf\xe9"  # not UTF-8 (latin-1 at best)
+
+
+@pytest.mark.parametrize("header", ["x-webhook-signature", "x-webhook-id", "webhook-id", "webhook-signature"])
+async def test_undecodable_header_bytes_are_401_malformed_signature(
+    settings: Settings, topics: Topics, header: str
+) -> None:
+    secret = settings.webhook_secret.get_secret_value()
+    body = SampleFactory(31).inbound().body
+    headers = signed(secret, body)
+    if header.startswith("webhook-"):  # the un-prefixed names: the only ones present
+        headers = {k.removeprefix("x-"): v for k, v in headers.items()}
+    headers[header] = b"v1," + BAD_BYTES if header.endswith("signature") else b"msg_" + BAD_BYTES
+    async with serve(settings) as (port, _):
+        for path in ("/webhooks/sent", "/webhooks/sent/nobody"):
+            status, _, answer = await exchange(port, head(path, headers, len(body)), body)
+            assert (status, orjson.loads(answer)["error"]) == (401, "malformed_signature"), answer
+    assert read_topic(settings.kafka_bootstrap, topics.raw) == []
+
+
+async def test_the_unsigned_request_id_is_capped_and_sanitized_before_it_is_echoed_or_stored(
+    settings: Settings, topics: Topics
+) -> None:
+    secret = settings.webhook_secret.get_secret_value()
+    f = SampleFactory(32)
+    cases: list[tuple[bytes, str | None]] = [
+        (b"req-123_ABC.x", "req-123_ABC.x"),  # kept as it is
+        (b"r" * 500, "r" * REQUEST_ID_MAX),  # cut to the cap
+        (b"bad " + BAD_BYTES, None),  # not printable ASCII: replaced
+        (b"tab\there", None),
+        (b"two words", None),
+    ]
+    async with serve(settings) as (port, _):
+        for given, want in cases:
+            body = f.inbound().body
+            status, headers, answer = await exchange(
+                port, head("/webhooks/sent", {**signed(secret, body), "x-request-id": given}, len(body)), body
+            )
+            assert status == 200, answer
+            echoed = headers["x-request-id"]
+            if want is None:
+                assert re.fullmatch(r"[0-9a-f]{32}", echoed), echoed
+            else:
+                assert echoed == want
+        # Control characters other than tab never reach the handler: aiohttp's parser answers 400.
+        body = f.inbound().body
+        escape = {**signed(secret, body), "x-request-id": b"evil\x1b[2Jid"}
+        assert (await exchange(port, head("/webhooks/sent", escape, len(body)), body))[0] == 400
+    stored = read_topic(settings.kafka_bootstrap, topics.raw, at_least=len(cases))
+    for rec in stored:
+        value = rec.headers[r.H_REQUEST_ID]
+        assert len(value) <= REQUEST_ID_MAX and value.isascii() and value.decode().isprintable()
+
+
+async def test_headers_over_the_documented_size_limit_get_400_not_500(settings: Settings) -> None:
+    secret = settings.webhook_secret.get_secret_value()
+    body = SampleFactory(33).inbound().body
+    async with serve(settings) as (port, _):
+        fits = {**signed(secret, body), "x-padding": "p" * (MAX_FIELD_SIZE - 20)}
+        assert (await exchange(port, head("/webhooks/sent", fits, len(body)), body))[0] == 200
+        too_long = {**signed(secret, body), "x-padding": "p" * (MAX_FIELD_SIZE + 1)}
+        assert (await exchange(port, head("/webhooks/sent", too_long, len(body)), body))[0] == 400
+
+
+async def test_a_body_slower_than_the_read_timeout_gets_408(settings: Settings, topics: Topics) -> None:
+    s = settings.model_copy(update={"body_timeout_s": 1.0})
+    secret = s.webhook_secret.get_secret_value()
+    body = SampleFactory(34).inbound().body
+    async with serve(s) as (port, _):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        t0 = time.monotonic()
+        writer.write(head("/webhooks/sent", signed(secret, body), len(body)))
+        answered: asyncio.Task[tuple[int, dict[str, str], bytes]] = asyncio.create_task(read_response(reader))
+        for byte in body:  # a byte every 100 ms: the body would take minutes
+            if answered.done():
+                break
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.1)
+        status, headers, answer = await asyncio.wait_for(answered, 10)
+        took = time.monotonic() - t0
+        writer.close()
+        assert (status, orjson.loads(answer)["error"]) == (408, "body_timeout")
+        assert headers.get("connection", "").lower() == "close"
+        assert 0.9 < took < 5.0, took
+        # A normal request on a new connection is unaffected.
+        assert (await exchange(port, head("/webhooks/sent", signed(secret, body), len(body)), body))[0] == 200
+    assert len(read_topic(s.kafka_bootstrap, topics.raw, at_least=1)) == 1
+
+
+async def test_requests_over_the_in_flight_cap_get_503_at_once(settings: Settings, topics: Topics) -> None:
+    s = settings.model_copy(update={"ingress_max_in_flight": 2})
+    secret = s.webhook_secret.get_secret_value()
+    f = SampleFactory(35)
+    async with serve(s) as (port, _):
+        # Two requests whose bodies have not come yet hold both slots.
+        held = []
+        for i in range(2):
+            body = f.inbound().body
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(head("/webhooks/sent", signed(secret, body, f"held{i}"), len(body)) + body[:10])
+            held.append((reader, writer, body))
+        await asyncio.sleep(0.3)  # both are in their handlers, reading the body
+        body = f.inbound().body
+        t0 = time.monotonic()
+        status, headers, answer = await exchange(
+            port, head("/webhooks/sent", signed(secret, body), len(body)), body
+        )
+        took = time.monotonic() - t0
+        assert (status, orjson.loads(answer)["error"]) == (503, "overloaded"), answer
+        assert headers.get("retry-after") and took < 1.0
+        for reader, writer, held_body in held:  # the held ones finish normally
+            writer.write(held_body[10:])
+            assert (await asyncio.wait_for(read_response(reader), 30))[0] == 200
+            writer.close()
+        assert (await exchange(port, head("/webhooks/sent", signed(secret, body), len(body)), body))[0] == 200
+    assert len(read_topic(s.kafka_bootstrap, topics.raw, at_least=3)) == 3
+
+
+async def test_an_unknown_tenant_answers_exactly_like_a_bad_signature(
+    settings: Settings, topics: Topics
+) -> None:
+    secret = settings.webhook_secret.get_secret_value()
+    wrong = "whsec_" + base64.b64encode(b"w" * 32).decode()
+    body = SampleFactory(36).inbound().body
+
+    def comparable(headers: dict[str, str]) -> dict[str, str]:
+        return {k: v for k, v in headers.items() if k not in ("date", "x-request-id")}
+
+    async with serve(settings) as (port, _):
+        known = await exchange(port, head("/webhooks/sent", signed(wrong, body), len(body)), body)
+        unknown = await exchange(port, head("/webhooks/sent/nobody", signed(secret, body), len(body)), body)
+        assert known[0] == unknown[0] == 401
+        assert known[2] == unknown[2] and orjson.loads(unknown[2])["error"] == "invalid_signature"
+        assert comparable(known[1]) == comparable(unknown[1])
+        # Every other check answers the same too: missing headers, stale timestamp, content type.
+        for headers in (
+            {"content-type": "application/json"},
+            {**signed(secret, body), "x-webhook-timestamp": str(int(time.time()) - 3600)},
+            {**signed(secret, body), "content-type": "text/plain"},
+        ):
+            a = await exchange(port, head("/webhooks/sent", headers, len(body)), body)
+            b = await exchange(port, head("/webhooks/sent/nobody", headers, len(body)), body)
+            assert (a[0], a[2]) == (b[0], b[2])
+        # Comparable work: both run one HMAC over the body; report the medians (no timing assertion).
+        big = padded_envelope(512 * 1024)
+        times: dict[str, list[float]] = {"known": [], "unknown": []}
+        for _ in range(15):
+            for name, path, key in (
+                ("known", "/webhooks/sent", wrong),
+                ("unknown", "/webhooks/sent/x", secret),
+            ):
+                t0 = time.perf_counter()
+                assert (await exchange(port, head(path, signed(key, big), len(big)), big))[0] == 401
+                times[name].append(time.perf_counter() - t0)
+        print({k: f"{statistics.median(v) * 1000:.2f} ms" for k, v in times.items()})
+    assert read_topic(settings.kafka_bootstrap, topics.raw) == []
+
+
+@pytest.mark.parametrize("secret", ["", "   ", "whsec_", "whsec_!!not-base64!!", "whsec_===="])
+def test_an_unusable_secret_is_refused_at_start_in_one_line(
+    settings: Settings, tmp_path: Path, secret: str
+) -> None:
+    with pytest.raises(StartupError, match=r"^SENTPIPE_WEBHOOK_SECRET: webhook secret "):
+        create_app(settings.model_copy(update={"webhook_secret": SecretStr(secret)}), producer_for(settings))
+    env = settings_env(settings, ingress_host="127.0.0.1", ingress_port=0, webhook_secret=secret)
+    proc = Proc(["ingress"], env, tmp_path / "ingress.log").start()
+    assert proc.p is not None and proc.p.wait(60) == 1
+    lines = proc.log.read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: SENTPIPE_WEBHOOK_SECRET: webhook secret "), lines
+
+
+def test_an_unusable_secret_in_the_secrets_file_is_refused_naming_the_tenant(
+    settings: Settings, tmp_path: Path
+) -> None:
+    good = "whsec_" + base64.b64encode(b"g" * 32).decode()
+    secrets = tmp_path / "secrets.json"
+    secrets.write_bytes(orjson.dumps({"acme": [good, "whsec_"]}))
+    env = settings_env(settings, ingress_host="127.0.0.1", ingress_port=0, secrets_file=secrets)
+    proc = Proc(["ingress"], env, tmp_path / "ingress.log").start()
+    assert proc.p is not None and proc.p.wait(60) == 1
+    lines = proc.log.read_text().strip().splitlines()
+    assert lines == ["error: SENTPIPE_SECRETS_FILE, tenant 'acme': webhook secret has nothing after 'whsec_'"]
+    assert good not in proc.log.read_text()
+
+
+# --- 3. fail fast, heal -----------------------------------------------------------------------------------
+async def test_while_the_producer_knows_the_broker_is_down_it_answers_503_at_once_and_heals(
+    settings: Settings, topics: Topics
+) -> None:
+    """librdkafka's "all brokers down" report (injected here; the chaos test stops the real broker): new
+    requests get 503 at once, a record already queued keeps waiting, and the probe finds the broker (which
+    is in fact up) and accepts again."""
+    secret = settings.webhook_secret.get_secret_value()
+    f = SampleFactory(37)
+    async with serve(settings) as (port, producer):
+        body = f.inbound().body
+        assert (await exchange(port, head("/webhooks/sent", signed(secret, body), len(body)), body))[0] == 200
+        # A record waiting for a topic that does not exist yet: queued, not failed.
+        queued = producer.produce(f"{topics.prefix}later", b"k", b"v", [])
+        # The broker is in fact up, so the probe would heal at once: hold it until the checks are done.
+        release = asyncio.Event()
+        probe = producer._probe
+
+        async def held_probe() -> None:
+            await release.wait()
+            await probe()
+
+        producer._probe = held_probe  # type: ignore[method-assign]
+        producer._on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
+        assert producer.unavailable == "all_brokers_down"
+        body = f.inbound().body
+        t0 = time.monotonic()
+        status, headers, answer = await exchange(
+            port, head("/webhooks/sent", signed(secret, body), len(body)), body
+        )
+        took = time.monotonic() - t0
+        assert (status, orjson.loads(answer)["error"]) == (503, "broker_unavailable") and headers[
+            "retry-after"
+        ]
+        assert "all_brokers_down" in orjson.loads(answer)["detail"] and took < 1.0, took
+        status, _, _ = await exchange(port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503
+        await asyncio.sleep(0.1)
+        assert not queued.done()  # records already in flight keep waiting
+        # The probe sees the broker answer: accepted again, without a restart.
+        release.set()
+        for _ in range(200):
+            if producer.unavailable is None:
+                break
+            await asyncio.sleep(0.05)
+        assert producer.unavailable is None
+        body = f.inbound().body
+        assert (await exchange(port, head("/webhooks/sent", signed(secret, body), len(body)), body))[0] == 200
+        queued.cancel()
+
+
+async def test_a_fatal_producer_error_replaces_the_producer_and_the_ingress_heals(
+    settings: Settings, topics: Topics
+) -> None:
+    secret = settings.webhook_secret.get_secret_value()
+    f = SampleFactory(38)
+    async with serve(settings) as (port, producer):
+        old = producer._producer
+        queued = producer.produce(f"{topics.prefix}later", b"k", b"v", [])  # owed a report by the old one
+        producer._on_error(KafkaError(KafkaError._FATAL, "injected fatal error", fatal=True))
+        assert producer.unavailable == "producer_fatal_error"  # refused at once until replaced
+        with pytest.raises(ProduceRejected) as rejected:
+            await asyncio.wait_for(queued, 5)  # purged with the old producer: fails now, not at the timeout
+        assert rejected.value.reason.startswith("_purge")
+        assert producer._producer is not old and producer.recreated == 1 and producer.unavailable is None
+        body = f.inbound().body
+        assert (await exchange(port, head("/webhooks/sent", signed(secret, body), len(body)), body))[0] == 200
+        status, _, _ = await exchange(port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200
+    assert len(read_topic(settings.kafka_bootstrap, topics.raw, at_least=1)) == 1
