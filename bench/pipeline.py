@@ -52,6 +52,7 @@ from sentpipe.schemas.samples import Sample, SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.sender.delivery import nearest_rank_quantile
 from sentpipe.settings import Settings
+from tests.kafka_tools import wait_topics_ready
 from tests.processes import free_port
 from tests.services import Services
 
@@ -100,6 +101,11 @@ class Outcome:
     detail: dict[str, Any]
 
 
+def topic_names(s: Settings) -> list[str]:
+    t = Topics(s.topic_prefix)
+    return [t.raw, *t.routed, t.unrouted, t.dlq]
+
+
 def unique_ids(samples: Sequence[Sample]) -> int:
     return len({frame(s.body, webhook_id=None).event_id for s in samples})
 
@@ -110,7 +116,8 @@ class RawWriter:
     def __init__(self, bootstrap: str, topic: str) -> None:
         self.topic = topic
         settings = Settings(kafka_bootstrap=bootstrap)
-        self.producer = Producer({**producer_config(settings), "log_level": 3})
+        # The ingress's config, with room for a broker still electing the new topics' leaders.
+        self.producer = Producer({**producer_config(settings, delivery_timeout_s=60.0), "log_level": 3})
         self.failed = 0
 
     def _done(self, err: object, msg: object) -> None:
@@ -261,6 +268,7 @@ def run_contestant(
         app_id=c.app_id,
     )
     ensure_topics(settings)
+    wait_topics_ready(svc.kafka_bootstrap, topic_names(settings))
     raw = Topics(c.prefix).raw
     preload(ui, svc.kafka_bootstrap, raw, bulk, label)
     bulk_rows, slow_rows = unique_ids(bulk), unique_ids(slow)
@@ -375,6 +383,7 @@ def run_scaled(
         kafka_bootstrap=svc.kafka_bootstrap, database_url=url, topic_prefix=c.prefix, app_id=c.app_id
     )
     ensure_topics(settings)
+    wait_topics_ready(svc.kafka_bootstrap, topic_names(settings))
     preload(ui, svc.kafka_bootstrap, Topics(c.prefix).raw, bulk, label)
     ports = [free_port() for _ in range(workers)]
     procs = [

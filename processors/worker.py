@@ -47,8 +47,10 @@ log = logging.getLogger("sentpipe.worker")
 
 Event = EventT[Any]
 
-# The sweep's longest stretch on the event loop before it lets routing run again.
+# The sweep's longest stretch on the event loop before it lets routing run again, and the most table
+# changes (each a changelog record) it queues in one stretch.
 SWEEP_SLICE_S = 0.005
+SWEEP_SLICE_KEYS = 250
 Record = tuple[str, bytes, bytes, list[tuple[str, bytes]]]
 
 
@@ -268,6 +270,14 @@ class Router:
             del self.processed[where]  # moved to another worker
         self.watchdog.lag(waiting)
 
+    async def _ebb(self) -> None:
+        """Let Faust's producer send the tombstones queued so far before queueing more: its sender drains
+        the whole queue without yielding, so a queue of a million deletes would hold the loop for seconds."""
+        await asyncio.sleep(0)
+        buffer = self.app.producer.buffer
+        while buffer.size > SWEEP_SLICE_KEYS:  # noqa: ASYNC110 - Faust has no event for "below N"
+            await asyncio.sleep(0.002)
+
     async def sweep(self) -> int:
         """Forget ids older than the dedup window; each delete tombstones the compacted changelog.
 
@@ -290,8 +300,8 @@ class Router:
             elif len(kept) < len(tenants):
                 with in_partition(murmur2(key, self.s.raw_partitions)):  # co-partitioned with raw
                     self.seen[key] = encode_seen(kept)
-            if time.perf_counter() > deadline:
-                await asyncio.sleep(0)
+            if time.perf_counter() > deadline or visited % SWEEP_SLICE_KEYS == 0:
+                await self._ebb()
                 deadline = time.perf_counter() + SWEEP_SLICE_S
         m.DEDUP_TABLE_KEYS.set(visited - removed)
         return removed

@@ -42,6 +42,7 @@ from sentpipe.settings import Settings
 log = logging.getLogger("sentpipe.kafka")
 
 TICK_S = 0.001  # how often delivery reports are served while records are in flight
+FILL_S = 0.01  # the projector's longest wait to fill a batch once its first record is there
 IDLE_POLL_S = 0.05  # how often error reports (broker down, fatal) are served while nothing is in flight
 PROBE_INTERVAL_S = 0.25  # while every broker is down: how often to ask for metadata to notice one is back
 PROBE_TIMEOUT_S = 1.0
@@ -484,7 +485,6 @@ class BatchConsumer:
                 # Routed topics are read by one consumer per process: fetch big, wait little.
                 "fetch.wait.max.ms": 100,
                 "queued.max.messages.kbytes": 64 * 1024,
-                "partition.assignment.strategy": "cooperative-sticky",
                 "log_level": 4,
             }
         )
@@ -502,13 +502,12 @@ class BatchConsumer:
             cb(gone)
 
     def poll_batch(self, max_records: int, timeout_s: float) -> list[Record]:
-        # consume(n, t) waits for all n records or t: take what is already fetched at once, and block
-        # only for the first record when there is none, so a quiet topic adds no wait to a batch.
-        msgs = self._consumer.consume(max_records, 0)
-        if not msgs:
-            msgs = self._consumer.consume(1, timeout_s)
-            if msgs and max_records > 1:
-                msgs += self._consumer.consume(max_records - 1, 0)
+        # Wait up to timeout_s for a first record only, then at most FILL_S for the rest of the batch:
+        # a quiet topic adds at most FILL_S to an event's latency, a backlog still fills whole batches
+        # (one transaction and one commit per batch, not per handful).
+        msgs = self._consumer.consume(1, timeout_s)
+        if msgs and max_records > 1:
+            msgs += self._consumer.consume(max_records - 1, min(timeout_s, FILL_S))
         out: list[Record] = []
         for msg in msgs:
             err = msg.error()
