@@ -5,9 +5,11 @@ a worker that dies takes the set down with a non-zero status (so the orchestrato
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -22,10 +24,26 @@ from tests.kafka_tools import read_topic
 from tests.processes import Proc, free_port, settings_env
 
 
+def free_run(n: int, avoid: int) -> int:
+    """A port p such that p .. p+n-1 are all free now (and none is `avoid`)."""
+    while True:
+        start = free_port()
+        ports = range(start, start + n)
+        if avoid in ports:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for p in ports:
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", p))
+            return start
+        except OSError:
+            continue
+
+
 def start_workers(s: Settings, log_dir: Path, workers: int = 2) -> tuple[Proc, int, int]:
-    port, mport = free_port(), free_port()
-    while mport + 1 == port:  # worker 1's metrics port must be free too
-        mport = free_port()
+    port = free_port()
+    mport = free_run(workers, avoid=port)  # worker i serves metrics on mport + i: all must be free
     env = settings_env(
         s, ingress_host="127.0.0.1", ingress_port=port, ingress_metrics_port=mport, ingress_workers=workers
     )
