@@ -107,6 +107,9 @@ start() {
       -cp "$(classpath)" kafka.tools.StorageTool format -t "$cid" -c "$home/server.properties" \
       >"$logs/format.log" 2>&1 || die "formatting KRaft storage failed: $(tail -n3 "$logs/format.log")"
   fi
+  # A broker holds several files per partition; a test run creates thousands. Raise the open-file limit
+  # as far as this shell may (a broker past it fails its log directory and shuts down).
+  ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
   nohup java -Xms256m -Xmx"$heap" -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$here/log4j2.properties" -Dkafka.logs.dir="$logs" \
     -cp "$(classpath)" kafka.Kafka "$home/server.properties" >"$logs/stdout.log" 2>&1 &
