@@ -41,6 +41,11 @@ from sentpipe.sender.plan import (
 from sentpipe.settings import Settings
 
 DEFAULT_COUNT = 100
+# Options `send` and `trigger` share.
+TenantOption = Annotated[str | None, typer.Option(help="Post to URL/<tenant> with that tenant's secret.")]
+SecretOption = Annotated[
+    str | None, typer.Option(help="Signing secret whsec_... \\[default: SENTPIPE_WEBHOOK_SECRET].")
+]
 DEFAULT_CONCURRENCY = 8
 # With --rate the pace is the limit; this only keeps a slow receiver from piling up unbounded work.
 RATE_MODE_CONCURRENCY = 1000
@@ -203,12 +208,8 @@ def send_command(
         typer.Option("--stale", help="Sign with an hour-old timestamp; success means every event rejected."),
     ] = False,
     seed: Annotated[int | None, typer.Option(help="Seed for events, ids, duplicates and shuffling.")] = None,
-    tenant: Annotated[
-        str | None, typer.Option(help="Post to URL/<tenant> with that tenant's secret.")
-    ] = None,
-    secret: Annotated[
-        str | None, typer.Option(help="Signing secret whsec_... \\[default: SENTPIPE_WEBHOOK_SECRET].")
-    ] = None,
+    tenant: TenantOption = None,
+    secret: SecretOption = None,
     retry_schedule: Annotated[
         str | None,
         typer.Option(help="Seconds between retries, e.g. 0.01,0.02 \\[default: Sent's 1,2,...,64]."),
@@ -294,12 +295,8 @@ def trigger_command(
     status: Annotated[
         str | None, typer.Option(help="Status for message/template events, e.g. delivered, approved.")
     ] = None,
-    tenant: Annotated[
-        str | None, typer.Option(help="Post to URL/<tenant> with that tenant's secret.")
-    ] = None,
-    secret: Annotated[
-        str | None, typer.Option(help="Signing secret whsec_... \\[default: SENTPIPE_WEBHOOK_SECRET].")
-    ] = None,
+    tenant: TenantOption = None,
+    secret: SecretOption = None,
     seed: Annotated[int | None, typer.Option(help="Seed for a reproducible event.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 10.0,
 ) -> None:
