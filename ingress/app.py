@@ -299,6 +299,14 @@ class WebhookHandler:
                 extra={**ctx, "reason": rej.reason},
             )
             return "too_large", error(413, "body_too_large", f"event refused by the broker ({rej.reason})")
+        if rej.reason in ("spool_full", "spool_write_failed"):
+            log.error("event not accepted: broker unavailable and %s", rej.reason, extra=ctx)
+            return "unavailable", error(
+                503,
+                rej.reason,
+                "broker unavailable and the local spool cannot take the event; retry",
+                headers={"Retry-After": RETRY_AFTER_S},
+            )
         log.warning("event not accepted: broker unavailable", extra={**ctx, "reason": rej.reason})
         return "unavailable", error(
             503,

@@ -205,6 +205,7 @@ class Spool:
         self._writer: asyncio.Task[None] | None = None
         self._appended = asyncio.Event()
         self._checkpointed_at = 0.0
+        self._full = False
 
     # --- open / close ----------------------------------------------------------------------------------
     def open(self) -> None:
@@ -297,7 +298,8 @@ class Spool:
 
     @property
     def full(self) -> bool:
-        return self.bytes + self._pending_bytes >= self.max_bytes
+        """A record was refused for lack of room, and no segment has been drained since."""
+        return self._full
 
     def _update_gauges(self) -> None:
         if not self.gauges:
@@ -311,6 +313,7 @@ class Spool:
         disk failed."""
         frame = encode_frame(rec)
         if self.bytes + self._pending_bytes + len(frame) > self.max_bytes:
+            self._full = True
             raise SpoolFull(f"spool is full ({self.bytes} of {self.max_bytes} bytes)")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((frame, rec.spooled_at_ms, fut))
@@ -576,6 +579,7 @@ class Spool:
         seg.path.unlink(missing_ok=True)
         self.segments.pop(0)
         self.bytes -= seg.size
+        self._full = False
         self.records -= seg.records  # only records lost to corruption can remain counted here
         seg.records = 0
         if self.segments:
