@@ -38,6 +38,7 @@ log = logging.getLogger("sentpipe.ingress")
 
 PRODUCER = web.AppKey("producer", AsyncProducer)
 SPOOL = web.AppKey("spool", Spool)
+STALL_AFTER_S = web.AppKey("stall_after_s", float)
 
 OPENAPI = resources.files("sentpipe.schemas") / "ingress.openapi.json"
 RETRY_AFTER_S = "5"
@@ -317,6 +318,14 @@ class WebhookHandler:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: fails while the spool has records, a broker is reachable, and the drain has not finished a
+    window for SENTPIPE_STALL_AFTER_S: it is hung (a restart is the remedy; the records stay on disk)."""
+    spool = request.app.get(SPOOL)
+    if spool is not None and spool.records and request.app[PRODUCER].unavailable is None:
+        still = time.monotonic() - spool.progress_at
+        if still > request.app[STALL_AFTER_S]:
+            log.error("spool drain stalled: %d records waiting, no progress for %.0f s", spool.records, still)
+            return error(503, "spool_drain_stalled", f"{spool.records} spooled records, drain hung")
     return web.json_response({"status": "ok"})
 
 
@@ -424,6 +433,7 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
         },
     )
     app[PRODUCER] = producer
+    app[STALL_AFTER_S] = settings.stall_after_s
 
     async def producer_ctx(app: web.Application) -> AsyncIterator[None]:
         await producer.start()

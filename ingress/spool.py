@@ -206,6 +206,10 @@ class Spool:
         self._appended = asyncio.Event()
         self._checkpointed_at = 0.0
         self._full = False
+        # Last time a drain window ended (acknowledged or refused), or the spool started filling: a drain
+        # that stops ending windows while records wait is hung. A broker that refuses is not (the oldest
+        # record's age shows that).
+        self.progress_at = time.monotonic()
 
     # --- open / close ----------------------------------------------------------------------------------
     def open(self) -> None:
@@ -344,6 +348,8 @@ class Spool:
                 self.segments.append(_Segment(seq, path, 0, 0))
                 if len(self.segments) == 1:
                     self.drain_seg, self.drain_off = seq, 0
+            if self.records == 0:
+                self.progress_at = time.monotonic()  # a drain's clock starts when there is work
             seg = self.segments[-1]
             seg.size = size
             seg.records += len(batch)
@@ -481,6 +487,7 @@ class Spool:
             if ok == len(records):
                 acked_until = frames[-1].end
             self.drain_off = acked_until
+            self.progress_at = time.monotonic()
             seg.records -= ok
             self.records -= ok
             drained += ok
