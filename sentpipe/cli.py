@@ -69,7 +69,7 @@ def worker(
     from sentpipe.logs import configure, faust_log_level, faust_quiet_options
     from sentpipe.processors.handlers import load_modules
     from sentpipe.processors.topics import check_copartitioning, check_group_owns_prefix, projections_group
-    from sentpipe.processors.worker import create_app, run_projector
+    from sentpipe.processors.worker import create_app, restore_table, run_projector
 
     s = settings()
     if role is not None:
@@ -88,6 +88,7 @@ def worker(
         run_projector(s)  # librdkafka batches, no Faust: nothing of Faust's command line applies
         return
     faust_app = create_app(s)
+    restore_table(faust_app, s)
     argv = list(ctx.args)
     if not any(a in ("-l", "--loglevel") or a.startswith("--loglevel=") for a in argv):
         argv += ["--loglevel", faust_log_level(s.log_level)]

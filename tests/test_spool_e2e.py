@@ -281,6 +281,7 @@ def test_spool_commands_show_and_drain_a_left_behind_directory(settings: Setting
     assert missing.returncode == 1 and missing.stderr.startswith("error: no spool directory"), missing.stderr
 
 
+@pytest.mark.timeout(900)  # the outage alone is three minutes
 def test_a_three_minute_broker_outage_is_invisible_to_sent(
     services: Services, settings: Settings, tmp_path: Path
 ) -> None:
@@ -324,7 +325,7 @@ def test_a_three_minute_broker_outage_is_invisible_to_sent(
             services.start_kafka()
         out, errs = sender.communicate(timeout=outage_s + 300)
         assert sender.returncode == 0, errs
-        summary = dict(re.findall(r"^\s*([a-z][a-z0-9 ]*?)\s{2,}(\S+)", out, re.M))
+        summary = {k.strip(): v for k, v in re.findall(r"^\W*([a-z][a-z0-9 ]*?)\s*│\s*(\S+)", out, re.M)}
         assert summary.get("accepted") == str(count), out
         assert summary.get("retried") == "0" and summary.get("rejected") == "0", out
         assert int(summary.get("of which spooled", "0")) >= rate * (outage_s - 30), out

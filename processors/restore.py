@@ -1,0 +1,150 @@
+"""Restore the dedup table's RocksDB files from its changelog with librdkafka, before Faust starts.
+
+Faust recovers a table by consuming its changelog through aiokafka, one Python event per record: about
+5,600 ids/s on the bench machine (README "Performance"), so a router with a million ids in its window
+cannot route for three minutes after every cold start. This reads the changelog in batches of thousands
+and writes each partition's RocksDB file with write batches, in exactly the layout Faust's RocksDB store
+uses (same file per partition, same options, raw keys and values, the same persisted-offset key). Faust
+then finds every file up to date and recovers only what was written since.
+
+Every partition is restored, not only the ones this process will be assigned (unknown before it joins the
+group): a second router restores partitions it may not serve, as a standby replica would. A warm restart
+reads only what was added to the changelog since the files were last written.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+from sentpipe.kafka import BrokerUnavailable, client_config
+from sentpipe.processors.topics import changelog_topic
+from sentpipe.settings import Settings
+
+log = logging.getLogger("sentpipe.processors.restore")
+
+BATCH = 10_000  # records taken from librdkafka per call, and at most written per RocksDB write batch
+IDLE_TIMEOUT_S = 30.0  # no record for this long while behind the end: the broker is gone
+
+
+@dataclass(frozen=True)
+class Restored:
+    records: int
+    partitions: int
+    seconds: float
+
+
+def restore_dedup_table(
+    settings: Settings, store: Any, progress: Callable[[int, int], None] | None = None
+) -> Restored | None:
+    """Bring the RocksDB files of `store` (the dedup table's Faust store) up to the changelog's end.
+
+    None when the store is not Faust's RocksDB store on rocksdict (nothing to do: memory:// recovers in
+    Faust). BrokerUnavailable when the changelog cannot be read."""
+    options = getattr(store, "rocksdb_options", None)
+    if options is None or not getattr(options, "use_rocksdict", False):
+        return None
+    import rocksdict
+
+    started = time.monotonic()
+    topic = changelog_topic(settings)
+    consumer = Consumer(
+        {
+            **client_config(settings),
+            "group.id": f"{settings.app_id}-restore",  # required by librdkafka; nothing is committed
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": False,
+            "max.partition.fetch.bytes": 16 * 1024 * 1024,
+            "fetch.max.bytes": 64 * 1024 * 1024,
+            "log_level": 3,
+        }
+    )
+    dbs: dict[int, Any] = {}
+    try:
+        try:
+            md = consumer.list_topics(topic, timeout=10)
+        except KafkaException as exc:
+            raise BrokerUnavailable(f"cannot read the dedup changelog {topic}: {exc}") from None
+        meta = md.topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            return Restored(0, 0, time.monotonic() - started)  # no changelog yet: nothing to restore
+        ends: dict[int, int] = {}
+        assignment = []
+        for p in sorted(meta.partitions):
+            db = dbs[p] = options.open(store.partition_path(p))
+            stored = db.get(store.offset_key)
+            start = int(stored) + 1 if stored is not None else OFFSET_BEGINNING
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            begin = low if start == OFFSET_BEGINNING else max(start, low)
+            if begin < high:
+                ends[p] = high
+                assignment.append(TopicPartition(topic, p, begin))
+        total = sum(ends[tp.partition] - tp.offset for tp in assignment)
+        done = 0
+        if assignment:
+            log.info(
+                "restoring the dedup table from %s: %d records in %d partitions",
+                topic,
+                total,
+                len(assignment),
+            )
+            consumer.assign(assignment)
+        last_record = time.monotonic()
+        while ends:
+            msgs = consumer.consume(BATCH, timeout=1.0)
+            if not msgs:
+                if time.monotonic() - last_record > IDLE_TIMEOUT_S:
+                    raise BrokerUnavailable(f"the dedup changelog {topic} stopped arriving during restore")
+                continue
+            last_record = time.monotonic()
+            batches: dict[int, Any] = {}
+            last: dict[int, int] = {}
+            for msg in msgs:
+                if msg.error() is not None:
+                    continue
+                p, key, value = msg.partition(), msg.key(), msg.value()
+                if p not in ends or key is None:  # a partition already complete, or not a table record
+                    continue
+                wb = batches.get(p)
+                if wb is None:
+                    wb = batches[p] = rocksdict.WriteBatch(raw_mode=True)
+                if value is None:
+                    wb.delete(key)
+                else:
+                    wb.put(key, value)
+                last[p] = msg.offset() or 0
+            for p, wb in batches.items():
+                # The offset goes in the same atomic write as the records it covers.
+                wb.put(store.offset_key, str(last[p]).encode())
+                dbs[p].write(wb)
+                if last[p] + 1 >= ends[p]:
+                    ends.pop(p, None)
+            if ends:
+                # Compaction can leave the last offsets of a partition empty: its position tells it is done.
+                for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
+                    if tp.offset >= ends[tp.partition]:
+                        del ends[tp.partition]
+            done += len(msgs)
+            if progress is not None:
+                progress(min(done, total), total)
+        seconds = time.monotonic() - started
+        if total:
+            log.info(
+                "dedup table restored",
+                extra={
+                    "records": total,
+                    "seconds": round(seconds, 2),
+                    "per_s": int(total / max(seconds, 0.001)),
+                },
+            )
+        return Restored(total, len(meta.partitions), seconds)
+    finally:
+        for db in dbs.values():
+            db.close()
+        consumer.close()
