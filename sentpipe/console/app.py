@@ -52,7 +52,8 @@ SESSIONS = web.AppKey("sessions", Sessions)
 TAIL = web.AppKey("tail", Tail)
 SAMPLER = web.AppKey("sampler", Sampler)
 JOBS = web.AppKey("jobs", Jobs)
-SESSION = "console_session"  # request key
+# The request's session (or None); a typed key where aiohttp has them (3.12+), else the plain name.
+SESSION: Any = web.RequestKey("console_session", object) if hasattr(web, "RequestKey") else "console_session"
 
 PUBLIC = ("/login", "/healthz", "/static/")
 CSP = (
@@ -171,7 +172,8 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
         response = exc
     response.headers.setdefault("Content-Security-Policy", CSP)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
-    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    # same-origin, not no-referrer: under no-referrer Chromium sends `Origin: null` with form posts.
+    response.headers.setdefault("Referrer-Policy", "same-origin")
     response.headers.setdefault("X-Frame-Options", "DENY")
     if not request.path.startswith("/static/"):
         response.headers.setdefault("Cache-Control", "no-store")

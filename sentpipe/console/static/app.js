@@ -249,7 +249,9 @@ async function overviewView(main) {
   async function refresh() {
     const o = await api("/api/overview");
     const t = o.totals;
-    const lag = t.consumer_lag ? Object.entries(t.consumer_lag).map(([g, n]) => `${g}: ${n}`).join(", ") : "-";
+    const groups = t.consumer_lag ? Object.entries(t.consumer_lag) : [];
+    const lag = groups.length ? groups.reduce((s, [, n]) => s + n, 0) : "-";
+    const lagBy = groups.map(([g, n]) => `${g}: ${n}`).join(", ");
     const cards = el(
       "div",
       { class: "totals" },
@@ -258,7 +260,7 @@ async function overviewView(main) {
         ["events in, last hour", t.events_in_last_hour],
         ["dead letters, last hour", t.dead_letters_last_hour],
         ["duplicates dropped (worker total)", t.duplicates_dropped_total === null || t.duplicates_dropped_total === undefined ? "-" : t.duplicates_dropped_total],
-        ["consumer lag", lag],
+        ["consumer lag" + (lagBy ? ` (${lagBy})` : ""), lag],
         ["spool", o.spool ? Object.entries(o.spool).map(([k, v]) => `${k}=${v}`).join(", ") : "none"],
       ].map(([k, v]) => el("div", { class: "total card" }, el("div", { class: "num" }, v), el("div", { class: "muted" }, k)))
     );
@@ -385,7 +387,10 @@ async function eventView(main, id) {
   if (rep.dedup_topic === null) dedup = "no changelog topic (the worker has not run)";
   else if (!rep.dedup) dedup = `not in ${rep.dedup_topic}`;
   else if (rep.dedup.tombstone) dedup = "tombstone: swept out of the dedup window (a redelivery now would be routed again)";
-  else dedup = `seen, first routed ${when(rep.dedup.first_routed)} (${rep.dedup.topic}:${rep.dedup.partition}:${rep.dedup.offset})`;
+  else {
+    const first = rep.dedup.first_routed === null ? "" : `, first routed ${when(rep.dedup.first_routed)}`;
+    dedup = `seen${first} (${rep.dedup.topic}:${rep.dedup.partition}:${rep.dedup.offset})`;
+  }
   main.append(el("section", {}, el("h2", {}, "Dedup state"), el("p", { id: "dedup" }, dedup)));
   main.append(recordsSection("Routed record(s)", rep.routed));
   const db = el("section", { id: "db" }, el("h2", {}, "Database rows"));
@@ -669,6 +674,7 @@ async function route() {
   const arg = rest.length ? decodeURIComponent(rest.join("/")) : "";
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.view === view || (view === "event" && a.dataset.view === "search"));
   const main = document.getElementById("view");
+  delete main.dataset.ready;
   main.replaceChildren();
   main.dataset.view = view;
   try {
