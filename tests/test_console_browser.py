@@ -414,6 +414,11 @@ def test_overview_charts_the_last_hour(page: Any, stack: Stack) -> None:
     assert page.locator("#overview svg.chart rect").count() >= 3
     assert_no_script_ran(page)
     shot(page, "overview")
+    # Live again, now that there is history: the latest rows arrive at once when the page opens.
+    goto(page, stack, "live")
+    page.wait_for_selector("#live-rows tr:nth-child(8)")
+    assert_no_script_ran(page)
+    shot(page, "live-history")
 
 
 def overview_totals(page: Any) -> dict[str, int]:

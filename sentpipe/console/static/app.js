@@ -303,8 +303,8 @@ async function liveView(main) {
     return el(
       "tr",
       { class: "clickable " + r.kind, onclick: open, "data-event-id": r.event_id || "" },
-      el("td", {}, when(r.time)),
-      el("td", {}, r.kind === "dlq" ? "dead letter" : "raw"),
+      el("td", { class: "nowrap" }, when(r.time)),
+      el("td", { class: "nowrap" }, r.kind === "dlq" ? "dead letter" : "raw"),
       el("td", {}, r.tenant),
       el("td", {}, r.type),
       el("td", { class: "mono" }, r.event_id || "-"),
