@@ -5,9 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install jars run test test-fast lint format services-up services-down check-deploy bench up down clean
+.PHONY: install jars browser run test test-fast lint format services-up services-down check-deploy bench up down clean
 
-install: $(STAMP) jars
+install: $(STAMP) jars browser
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
@@ -18,6 +18,19 @@ $(STAMP): pyproject.toml
 
 jars:
 	deploy/kafka/kafka.sh jars
+
+# The console's browser tests drive Debian's chromium with Playwright (never Playwright's own download).
+# As root with apt it is installed when missing, as deploy/postgres/postgres.sh installs postgresql;
+# otherwise those tests fail saying what is missing.
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium (the console's browser tests)"; \
+	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+	      || { echo "apt-get install chromium failed"; exit 1; }; \
+	  else \
+	    echo "chromium not found and not root with apt: the console's browser tests will fail until it is installed"; \
+	  fi; }
 
 services-up: install
 	deploy/kafka/kafka.sh start

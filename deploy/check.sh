@@ -142,7 +142,8 @@ value_args() {  # NAME -> sets the array `args`
     all-options) args=(--set worker.rocksdb.enabled=true --set "secrets.tenants.acme[0]=not-a-real-secret"
       --set ingress.autoscaling.enabled=true --set ingress.autoscaling.requestsPerSecond.enabled=true
       --set ingress.expose.enabled=true --set serviceMonitor.enabled=true --set "worker.handlerModules[0]=handlers"
-      --set worker.split.enabled=true --set worker.split.projector.resources.requests.cpu=100m) ;;
+      --set worker.split.enabled=true --set worker.split.projector.resources.requests.cpu=100m
+      --set console.enabled=true --set console.token=not-a-real-console-token) ;;
   esac
 }
 for name in default production all-options; do
@@ -173,6 +174,13 @@ fi
 grep -q "worker.split.projector.replicas (13) exceeds kafka.routedPartitions" "$work/out" \
   || { cat "$work/out" >&2; die "unexpected error for worker.split.projector.replicas=13"; }
 printf '    ok  %s\n' "worker.split.projector.replicas > kafka.routedPartitions is refused"
+if "$helm" template sentpipe "$chart" --kube-version "${KUBE_VERSIONS[-1]}" --set console.enabled=true \
+  >"$work/out" 2>&1; then
+  die "helm template accepted console.enabled without a token"
+fi
+grep -q "console.enabled needs its sign-in token" "$work/out" \
+  || { cat "$work/out" >&2; die "unexpected error for console.enabled without a token"; }
+printf '    ok  %s\n' "console.enabled without a token is refused"
 
 # --- Prometheus ----------------------------------------------------------------------------------------
 say "Prometheus rules and config"

@@ -559,6 +559,34 @@ def events_show(
         fail(f"event {event_id} not found")
 
 
+@app.command()
+def console(
+    host: Annotated[str | None, typer.Option(help="Listen address [SENTPIPE_CONSOLE_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [SENTPIPE_CONSOLE_PORT].")] = None,
+) -> None:
+    """Serve the web console: overview, live events, event trace, search, dead letters, replay.
+
+    Anything but a loopback address needs SENTPIPE_CONSOLE_TOKEN.
+    """
+    from sentpipe.console import check_bind, run
+    from sentpipe.logs import configure
+
+    s = settings()
+    host = host or s.console_host
+    try:
+        check_bind(host, s.console_token.get_secret_value() if s.console_token else None)
+    except ValueError as exc:
+        fail(str(exc))
+    configure(s.log_level, s.log_json)
+    sign_in = "sign in with SENTPIPE_CONSOLE_TOKEN" if s.console_token else "no token: this machine only"
+    run(
+        s,
+        host,
+        port or s.console_port,
+        lambda url: out.print(f"console on {url} ({sign_in})", highlight=False),
+    )
+
+
 def _one_line_text(text: str) -> str:
     return " ".join(text.split())
 

@@ -76,6 +76,14 @@ def _wait_ready(
     return None
 
 
+def console_url(s: Settings) -> str:
+    """Where a browser on this machine opens the console."""
+    host = s.console_host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{s.console_port}/"
+
+
 def main() -> int:
     s = Settings()
     stopping = False
@@ -99,7 +107,11 @@ def main() -> int:
         _step(*exe, "topics", "ensure")
         _step(*exe, "db", "migrate")
         # The ingress spools under .local/spool while the broker is away (unless SENTPIPE_SPOOL is set).
-        envs = {"ingress": {"SENTPIPE_SPOOL": "on", **os.environ}, "worker": os.environ.copy()}
+        envs = {
+            "ingress": {"SENTPIPE_SPOOL": "on", **os.environ},
+            "worker": os.environ.copy(),
+            "console": os.environ.copy(),
+        }
         for name, env in envs.items():
             procs.append((name, subprocess.Popen([*exe, name], env=env, start_new_session=True)))
         # The banner comes last, once both say they are ready, so start-up logs do not bury it.
@@ -107,6 +119,7 @@ def main() -> int:
             {
                 "ingress": f"http://127.0.0.1:{s.ingress_port}/readyz",
                 "worker": f"http://127.0.0.1:{s.worker_metrics_port}/readyz",
+                "console": f"http://127.0.0.1:{s.console_port}/healthz",
             },
             procs,
             lambda: stopping,
@@ -120,11 +133,13 @@ def main() -> int:
         url = f"http://127.0.0.1:{s.ingress_port}/webhooks/sent"
         secret = s.webhook_secret.get_secret_value()
         note = "  (built-in development secret)" if s.uses_development_secret else ""
+        sign_in = "  (sign in with SENTPIPE_CONSOLE_TOKEN)" if s.console_token else ""
         print(
             f"\n  webhook URL   {url}\n"
             f"  secret        {secret}{note}\n"
             f"  metrics       http://127.0.0.1:{s.ingress_metrics_port}/metrics (ingress), "
             f"http://127.0.0.1:{s.worker_metrics_port}/metrics (worker)\n"
+            f"  console       {console_url(s)}{sign_in}\n"
             f"  try           .venv/bin/sentpipe trigger message.status.updated\n"
             f"  stop          Ctrl-C\n",
             flush=True,

@@ -108,6 +108,17 @@ class Settings(BaseSettings):
     # A stage with records waiting whose position has not moved for this long fails its liveness probe.
     stall_after_s: float = Field(60.0, gt=0)
 
+    # console (`sentpipe console`): live events, event trace, search, dead letters, replay in a browser
+    console_host: str = "127.0.0.1"
+    console_port: int = 8090
+    # Required whenever the console listens on anything but loopback; the browser signs in with it once.
+    console_token: SecretStr | None = None
+    # Where "Send a test event" posts (development secret only); default: this machine's ingress port.
+    console_ingress_url: str | None = None
+    # Prometheus endpoints the overview reads for duplicates dropped and spool state; default: the
+    # ingress and worker metrics ports on this machine. An empty list turns scraping off.
+    console_metrics_urls: list[str] | None = None
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _standard_level_name(cls, v: object) -> str:

@@ -137,6 +137,9 @@ def test_the_wheel_holds_one_top_level_package(tmp_path: Path) -> None:
         "sentpipe/schemas/json/message.status.updated.schema.json",
         "sentpipe/ingress/app.py",
         "sentpipe/sender/delivery.py",
+        "sentpipe/console/static/app.js",
+        "sentpipe/console/static/index.html",
+        "sentpipe/console/static/app.css",
     ):
         assert needed in names, needed
     # Only the wheel on the path (no site-packages, no working directory): the old names are gone.

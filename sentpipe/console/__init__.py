@@ -1,0 +1,8 @@
+"""`sentpipe console`: a web console for debugging webhooks (live events, trace, search, DLQ, replay)."""
+
+from __future__ import annotations
+
+from sentpipe.console.app import create_app, run
+from sentpipe.console.auth import check_bind
+
+__all__ = ["check_bind", "create_app", "run"]

@@ -1,0 +1,636 @@
+"""The console's aiohttp app: pages, a JSON API over the CLI's own functions, server-sent live events.
+
+Every answer is built from the functions the CLI calls (`inspect.locate`, `dlq.list_entries`/`show_entry`/
+`redrive`, `replay.replay`, the sender's `one_event`/`deliver`); this module parses requests and shapes
+JSON. The browser renders every value with textContent, so nothing from an event is ever markup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+from aiohttp import web
+
+from sentpipe.console.auth import (
+    Session,
+    Sessions,
+    csrf_ok,
+    host_is_loopback,
+    set_cookie,
+)
+from sentpipe.console.jobs import Busy, Job, Jobs, Kind, fingerprint
+from sentpipe.console.overview import Sampler
+from sentpipe.console.tail import Tail
+from sentpipe.kafka import BrokerUnavailable
+from sentpipe.processors import dlq as dlq_ops
+from sentpipe.processors import history
+from sentpipe.processors import inspect as trace
+from sentpipe.processors import replay as replay_ops
+from sentpipe.processors.offsets import OpsError, make_window, parse_when
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.events import ROUTED_TYPES, EventType
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.sender.delivery import Outcome, Unreachable, deliver, probe
+from sentpipe.sender.plan import one_event, parse_shape, plan_deliveries
+from sentpipe.settings import Settings
+
+log = logging.getLogger("sentpipe.console")
+
+STATIC = Path(__file__).resolve().parent / "static"
+SETTINGS = web.AppKey("settings", Settings)
+SESSIONS = web.AppKey("sessions", Sessions)
+TAIL = web.AppKey("tail", Tail)
+SAMPLER = web.AppKey("sampler", Sampler)
+JOBS = web.AppKey("jobs", Jobs)
+# The request's session (or None); a typed key where aiohttp has them (3.12+), else the plain name.
+SESSION: Any = web.RequestKey("console_session", object) if hasattr(web, "RequestKey") else "console_session"
+
+PUBLIC = ("/login", "/healthz", "/static/")
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self';"
+    " object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+# --- helpers --------------------------------------------------------------------------------------------
+def send_json(data: Any, status: int = 200) -> web.Response:
+    body = orjson.dumps(data, default=str, option=orjson.OPT_NON_STR_KEYS)
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+def problem(status: int, message: str) -> web.Response:
+    return send_json({"error": message}, status)
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) < 300 else text[:297] + "..."
+
+
+def text_of(data: bytes | None) -> str | None:
+    return None if data is None else data.decode(errors="replace")
+
+
+def body_json(value: bytes) -> dict[str, Any]:
+    """A record's value as the page shows it: the text, and the JSON pretty-printed when it is JSON."""
+    try:
+        pretty: str | None = json.dumps(orjson.loads(value), indent=2, ensure_ascii=False)
+    except orjson.JSONDecodeError:
+        pretty = None
+    return {"text": value.decode(errors="replace"), "pretty": pretty, "bytes": len(value)}
+
+
+def found_json(f: trace.Found) -> dict[str, Any]:
+    return {
+        "topic": f.topic,
+        "partition": f.partition,
+        "offset": f.offset,
+        "time": f.timestamp_ms,
+        "key": text_of(f.key),
+        "headers": [[k, v.decode(errors="replace")] for k, v in f.headers.items()],
+        "body": body_json(f.value),
+    }
+
+
+def entry_json(e: dlq_ops.DlqEntry, *, full: bool = False) -> dict[str, Any]:
+    orig = e.original
+    out: dict[str, Any] = {
+        "id": e.id,
+        "time": e.dead_at_ms,
+        "written": e.timestamp_ms,
+        "stage": e.stage,
+        "error": e.error_class,
+        "message": e.message,
+        "event_id": e.event_id,
+        "key": text_of(e.key),
+        "type": e.type,
+        "tenant": e.tenant,
+        "original": f"{orig[0]}:{orig[1]}:{orig[2]}" if orig else None,
+        "attempts": e.attempts,
+    }
+    if full:
+        out["headers"] = [[k, v.decode(errors="replace")] for k, v in e.headers]
+        out["body"] = body_json(e.value)
+    return out
+
+
+def listed(values: Any, what: str) -> list[str]:
+    """A JSON list of strings, or one comma-separated string; blanks dropped."""
+    if values is None or values == "":
+        return []
+    if isinstance(values, str):
+        values = values.split(",")
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise OpsError(f"{what} must be a list of strings")
+    return [v.strip() for v in values if v.strip()]
+
+
+def optional_text(value: Any, what: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise OpsError(f"{what} must be a string")
+    return value.strip() or None
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    try:
+        data = await request.json(loads=orjson.loads)
+    except (ValueError, orjson.JSONDecodeError):
+        raise web.HTTPBadRequest(
+            text='{"error": "the body must be JSON"}', content_type="application/json"
+        ) from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(
+            text='{"error": "the body must be an object"}', content_type="application/json"
+        )
+    return data
+
+
+async def off_loop(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(None, lambda: fn(*args, **kwargs))
+
+
+# --- middleware: headers, sign-in, CSRF ----------------------------------------------------------------
+@web.middleware
+async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        response = exc
+    response.headers.setdefault("Content-Security-Policy", CSP)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    # same-origin, not no-referrer: under no-referrer Chromium sends `Origin: null` with form posts.
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    if not request.path.startswith("/static/"):
+        response.headers.setdefault("Cache-Control", "no-store")
+    if isinstance(response, web.HTTPException):
+        raise response
+    return response
+
+
+@web.middleware
+async def sign_in(request: web.Request, handler: Handler) -> web.StreamResponse:
+    sessions = request.app[SESSIONS]
+    if sessions.token is None and not host_is_loopback(request):
+        # Without a token the console only answers names of this machine (no DNS rebinding).
+        return problem(403, "this console has no token and answers only on localhost / 127.0.0.1 / [::1]")
+    session = sessions.get(request)
+    new_session: Session | None = None
+    if session is None and sessions.token is None and request.method == "GET":
+        session = new_session = sessions.new(authenticated=True)
+    request[SESSION] = session
+    public = any(request.path == p or (p.endswith("/") and request.path.startswith(p)) for p in PUBLIC)
+    if request.method == "POST" and request.path != "/login" and not csrf_ok(request, session):
+        return problem(403, "missing or wrong CSRF token: reload the page")
+    if not public and (session is None or not session.authenticated):
+        if request.path.startswith("/api/"):
+            return problem(401, "sign in first")
+        raise web.HTTPSeeOther("/login")
+    response = await handler(request)
+    if new_session is not None and not response.prepared:
+        set_cookie(response, request, new_session)
+    return response
+
+
+# --- pages ----------------------------------------------------------------------------------------------
+LOGIN_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>sentpipe console: sign in</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="stylesheet" href="/static/app.css"></head>
+<body class="login"><form method="post" action="/login" class="card">
+<h1>sentpipe console</h1>
+<p>Sign in with the console token (<code>SENTPIPE_CONSOLE_TOKEN</code>).</p>
+<input type="hidden" name="csrf" value="{csrf}">
+<label>Token <input type="password" name="token" autocomplete="current-password" autofocus required></label>
+<button type="submit">Sign in</button>
+<p class="error" role="alert">{message}</p>
+</form></body></html>
+"""
+
+
+async def login_page(request: web.Request) -> web.StreamResponse:
+    sessions = request.app[SESSIONS]
+    session = request[SESSION]
+    if session is not None and session.authenticated:
+        raise web.HTTPSeeOther("/")
+    fresh = session is None
+    if session is None:
+        session = sessions.new(authenticated=False)
+    response = web.Response(
+        text=LOGIN_PAGE.format(csrf=html.escape(session.csrf), message=""), content_type="text/html"
+    )
+    if fresh:
+        set_cookie(response, request, session)
+    return response
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    sessions = request.app[SESSIONS]
+    session = request[SESSION]
+    form = await request.post()
+    csrf, token = form.get("csrf"), form.get("token")
+    if not isinstance(csrf, str) or not csrf_ok(request, session, csrf):
+        return problem(403, "missing or wrong CSRF token: reload the sign-in page")
+    assert session is not None
+    if sessions.token is None:
+        raise web.HTTPSeeOther("/")
+    if not isinstance(token, str) or not sessions.token_matches(token):
+        await asyncio.sleep(0.5)  # slows guessing down
+        return web.Response(
+            status=401,
+            text=LOGIN_PAGE.format(csrf=html.escape(session.csrf), message="Wrong token."),
+            content_type="text/html",
+        )
+    # A new session id on sign-in: a cookie planted before it is worth nothing after it.
+    sessions.drop(session)
+    signed_in = sessions.new(authenticated=True)
+    response = web.HTTPSeeOther("/")
+    set_cookie(response, request, signed_in)
+    raise response
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    session = request[SESSION]
+    if session is not None:
+        request.app[SESSIONS].drop(session)
+    response = web.HTTPSeeOther("/login")
+    response.del_cookie("sentpipe_console", path="/")
+    raise response
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(STATIC / "index.html", headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+async def healthz(request: web.Request) -> web.StreamResponse:
+    return send_json({"status": "ok"})
+
+
+# --- API ------------------------------------------------------------------------------------------------
+async def session_info(request: web.Request) -> web.StreamResponse:
+    s = request.app[SETTINGS]
+    session: Session = request[SESSION]
+    return send_json(
+        {
+            "csrf": session.csrf,
+            "signed_in": request.app[SESSIONS].token is not None,
+            "trigger": s.uses_development_secret,
+            "topic_prefix": s.topic_prefix,
+            "default_tenant": s.default_tenant,
+            "types": [t.value for t in EventType],
+            "routed_types": [t.value for t in ROUTED_TYPES],
+            "stages": list(dlq_ops.STAGES),
+        }
+    )
+
+
+async def overview(request: web.Request) -> web.StreamResponse:
+    return send_json(request.app[SAMPLER].overview())
+
+
+async def live(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: the latest rows at once, then every raw and DLQ record as it arrives."""
+    tail = request.app[TAIL]
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    )
+    await response.prepare(request)
+    sub = tail.subscribe()
+    reported = 0
+    try:
+        for old in list(tail.recent)[-50:]:
+            await response.write(b"data: " + orjson.dumps({**old, "backlog": True}) + b"\n\n")
+        await response.write(b"event: ready\ndata: {}\n\n")
+        while True:
+            try:
+                row: dict[str, Any] | None = await asyncio.wait_for(sub.queue.get(), 15)
+            except TimeoutError:
+                await response.write(b": keep-alive\n\n")
+                continue
+            if row is None:
+                break
+            await response.write(b"data: " + orjson.dumps(row) + b"\n\n")
+            if sub.dropped != reported:
+                reported = sub.dropped
+                await response.write(b"event: dropped\ndata: " + str(reported).encode() + b"\n\n")
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass
+    finally:
+        tail.unsubscribe(sub)
+    return response
+
+
+async def event_trace(request: web.Request) -> web.StreamResponse:
+    event_id = request.query.get("id", "").strip()
+    if not event_id:
+        return problem(400, "give an event id")
+    try:
+        scan_limit = int(request.query.get("scan_limit", "200000"))
+    except ValueError:
+        return problem(400, "scan_limit must be a number")
+    rep: trace.EventReport = await off_loop(
+        trace.locate, request.app[SETTINGS], event_id, scan_limit=max(1, scan_limit)
+    )
+    d = rep.dedup
+    return send_json(
+        {
+            "event_id": rep.event_id,
+            "found": rep.found,
+            "raw": [found_json(f) for f in rep.raw],
+            "dedup_topic": rep.dedup_topic,
+            "dedup": None
+            if d is None
+            else {
+                "topic": d.topic,
+                "partition": d.partition,
+                "offset": d.offset,
+                "tombstone": d.tombstone,
+                "first_routed": d.first_routed_ms,
+            },
+            "routed": [found_json(f) for f in rep.routed],
+            "rows": rep.rows,
+            "db_error": rep.db_error,
+            "dlq": [entry_json(e, full=True) for e in rep.dlq],
+            "notes": rep.notes,
+        }
+    )
+
+
+def _time(text: str | None, what: str) -> datetime | None:
+    if not text:
+        return None
+    return datetime.fromtimestamp(parse_when(text, what) / 1000, UTC)
+
+
+async def search(request: web.Request) -> web.StreamResponse:
+    q = request.query
+    try:
+        types = frozenset(r.parse_event_types(listed(q.get("type"), "type")))
+    except ValueError as exc:
+        return problem(400, str(exc))
+    query = history.HistoryQuery(
+        text=q.get("q", "").strip() or None,
+        tenant=q.get("tenant", "").strip() or None,
+        types=types,
+        since=_time(q.get("since"), "since"),
+        until=_time(q.get("until"), "until"),
+        page=int(q.get("page", "0") or 0),
+        page_size=int(q.get("page_size", "50") or 50),
+    )
+    page: history.HistoryPage = await off_loop(
+        history.search, request.app[SETTINGS].database_url.get_secret_value(), query
+    )
+    return send_json(
+        {"rows": page.rows, "page": page.page, "page_size": page.page_size, "has_more": page.has_more}
+    )
+
+
+def _selection(data: dict[str, Any] | Any) -> dict[str, Any]:
+    """The DLQ filters of a request, normalized (also what a dry run's fingerprint is taken over)."""
+    return {
+        "ids": sorted(listed(data.get("ids"), "ids")),
+        "reasons": sorted(listed(data.get("reasons") or data.get("reason"), "reasons")),
+        "stages": sorted(listed(data.get("stages") or data.get("stage"), "stages")),
+        "since": optional_text(data.get("since"), "since"),
+    }
+
+
+async def dlq_list(request: web.Request) -> web.StreamResponse:
+    sel = _selection(request.query)
+    limit = int(request.query.get("limit", "50") or 50)
+    listing: dlq_ops.DlqListing = await off_loop(
+        dlq_ops.list_entries,
+        request.app[SETTINGS],
+        dlq_ops.make_selection(reasons=sel["reasons"], stages=sel["stages"], since=sel["since"]),
+        limit=limit,
+    )
+    return send_json(
+        {
+            "entries": [entry_json(e) for e in reversed(listing.entries)],  # newest first
+            "matched": listing.matched,
+            "total": listing.total,
+        }
+    )
+
+
+async def dlq_entry(request: web.Request) -> web.StreamResponse:
+    e = await off_loop(dlq_ops.show_entry, request.app[SETTINGS], request.query.get("id", ""))
+    return send_json(entry_json(e, full=True))
+
+
+def _start(
+    request: web.Request, kind: Kind, params: dict[str, Any], dry_run: bool, work: Callable[..., Any]
+) -> web.Response:
+    session: Session = request[SESSION]
+    fp = fingerprint(kind, params)
+    if not dry_run and session.confirmed.get(kind) != fp:
+        return problem(409, f"run a dry run of exactly these settings first, then the {kind}")
+
+    def on_done(job: Job) -> None:
+        if job.dry_run:
+            session.confirmed[kind] = job.fingerprint
+        else:
+            session.confirmed.pop(kind, None)
+
+    try:
+        job = request.app[JOBS].start(Job(kind, dry_run, fp, session.id), work, on_done, describe_error)
+    except Busy as exc:
+        return send_json({"error": str(exc), "job": exc.job.json()}, 409)
+    return send_json(job.json(), 202)
+
+
+def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, psycopg.Error):
+        return f"database unavailable: {one_line(exc)}"
+    return one_line(exc)
+
+
+async def dlq_redrive(request: web.Request) -> web.StreamResponse:
+    data = await read_json(request)
+    params = _selection(data)
+    dry_run = data.get("dry_run") is True
+    sel = dlq_ops.make_selection(**params)  # bad input fails here, before any job starts
+    settings = request.app[SETTINGS]
+
+    def work(progress: replay_ops.Progress) -> replay_ops.RunResult:
+        return dlq_ops.redrive(settings, sel, dry_run=dry_run, progress=progress)
+
+    return _start(request, "redrive", params, dry_run, work)
+
+
+async def replay(request: web.Request) -> web.StreamResponse:
+    data = await read_json(request)
+    since, until = optional_text(data.get("since"), "since"), optional_text(data.get("until"), "until")
+    from_offsets = listed(data.get("from_offsets"), "from_offsets")
+    to_offsets = listed(data.get("to_offsets"), "to_offsets")
+    types = sorted(listed(data.get("types"), "types"))
+    tenants = sorted(listed(data.get("tenants"), "tenants"))
+    event_ids = sorted(listed(data.get("event_ids"), "event_ids"))
+    params: dict[str, Any] = {
+        "since": since,
+        "until": until,
+        "from_offsets": from_offsets,
+        "to_offsets": to_offsets,
+        "types": types,
+        "tenants": tenants,
+        "event_ids": event_ids,
+    }
+    dry_run = data.get("dry_run") is True
+    window = make_window(since=since, until=until, from_offsets=from_offsets, to_offsets=to_offsets)
+    flt = replay_ops.Filter(replay_ops.parse_types(types), frozenset(tenants), frozenset(event_ids))
+    settings = request.app[SETTINGS]
+
+    def work(progress: replay_ops.Progress) -> replay_ops.RunResult:
+        return replay_ops.replay(settings, window, flt, dry_run=dry_run, progress=progress)
+
+    return _start(request, "replay", params, dry_run, work)
+
+
+async def job_status(request: web.Request) -> web.StreamResponse:
+    jobs = request.app[JOBS]
+    job_id = request.match_info["job"]
+    job = jobs.current if job_id == "current" else jobs.by_id.get(job_id)
+    if job is None:
+        return send_json(None) if job_id == "current" else problem(404, "no such job")
+    return send_json(job.json())
+
+
+def ingress_url(s: Settings) -> str:
+    return s.console_ingress_url or f"http://127.0.0.1:{s.ingress_port}/webhooks/sent"
+
+
+async def trigger(request: web.Request) -> web.StreamResponse:
+    """`sentpipe trigger` from the page: one signed event, one attempt; only with the development secret."""
+    s = request.app[SETTINGS]
+    if not s.uses_development_secret:
+        return problem(403, "test events can be sent only while the built-in development secret is in use")
+    data = await read_json(request)
+    try:
+        (type_,) = r.parse_event_types([str(data.get("type", ""))], ROUTED_TYPES)
+        shape = parse_shape(str(data.get("shape") or "sent"))
+    except ValueError as exc:
+        return problem(400, str(exc))
+    status = optional_text(data.get("status"), "status")
+    sample = one_event(SampleFactory(), type_, shape, status)
+    (delivery,) = plan_deliveries([sample], 0.0, False, random.Random())
+    target = ingress_url(s)
+    outcomes: list[Outcome] = []
+    try:
+        await probe(target, timeout_s=5.0)
+        await deliver(
+            target,
+            [delivery],
+            s.webhook_secret.get_secret_value(),
+            schedule=(),
+            timeout_s=10.0,
+            on_outcome=outcomes.append,
+        )
+    except Unreachable as exc:
+        return problem(502, str(exc))
+    final = outcomes[0].final
+    answer: Any = None
+    try:
+        answer = orjson.loads(final.body) if final.body else None
+    except orjson.JSONDecodeError:
+        answer = None
+    event_id = answer.get("event_id") if isinstance(answer, dict) else None
+    return send_json(
+        {
+            "url": target,
+            "webhook_id": delivery.webhook_id,
+            "status": final.status,
+            "outcome": final.outcome,
+            "accepted": final.accepted,
+            "answer": body_json(final.body),
+            "event": body_json(sample.body),
+            "event_id": event_id,
+        }
+    )
+
+
+@web.middleware
+async def api_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Bad input and unreachable services as one-line JSON errors (the CLI's one-line errors)."""
+    try:
+        return await handler(request)
+    except OpsError as exc:
+        return problem(400, str(exc))
+    except ValueError as exc:
+        if request.path.startswith("/api/"):
+            return problem(400, one_line(exc))
+        raise
+    except BrokerUnavailable as exc:
+        return problem(503, str(exc))
+    except psycopg.Error as exc:
+        return problem(503, f"database unavailable: {one_line(exc)}")
+
+
+# --- the app --------------------------------------------------------------------------------------------
+def create_app(settings: Settings) -> web.Application:
+    token = settings.console_token.get_secret_value() if settings.console_token else None
+    app = web.Application(middlewares=[security_headers, sign_in, api_errors], client_max_size=64 * 1024)
+    app[SETTINGS] = settings
+    app[SESSIONS] = Sessions(token)
+    app[JOBS] = Jobs()
+    tail = app[TAIL] = Tail(settings)
+    app[SAMPLER] = Sampler(settings, tail)
+
+    async def background(app: web.Application) -> AsyncIterator[None]:
+        tail.start(asyncio.get_running_loop())
+        sampler = asyncio.create_task(app[SAMPLER].run())
+        yield
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+        await asyncio.get_running_loop().run_in_executor(None, tail.stop)
+        app[SAMPLER].close()
+
+    async def end_streams(app: web.Application) -> None:
+        for sub in list(tail.subscribers):
+            sub.end()
+
+    app.cleanup_ctx.append(background)
+    app.on_shutdown.append(end_streams)
+    app.router.add_get("/", index)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/login", login_page)
+    app.router.add_post("/login", login)
+    app.router.add_post("/logout", logout)
+    app.router.add_get("/api/session", session_info)
+    app.router.add_get("/api/overview", overview)
+    app.router.add_get("/api/live", live)
+    app.router.add_get("/api/event", event_trace)
+    app.router.add_get("/api/search", search)
+    app.router.add_get("/api/dlq", dlq_list)
+    app.router.add_get("/api/dlq/entry", dlq_entry)
+    app.router.add_post("/api/dlq/redrive", dlq_redrive)
+    app.router.add_post("/api/replay", replay)
+    app.router.add_get("/api/jobs/{job}", job_status)
+    app.router.add_post("/api/trigger", trigger)
+    app.router.add_static("/static/", STATIC, show_index=False)
+    return app
+
+
+def run(settings: Settings, host: str, port: int, on_ready: Callable[[str], None] | None = None) -> None:
+    app = create_app(settings)
+
+    async def announce(app: web.Application) -> None:
+        if on_ready is not None:
+            shown = f"[{host}]" if ":" in host else host
+            on_ready(f"http://{shown}:{port}/")
+
+    app.on_startup.append(announce)
+    web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=5)

@@ -1,0 +1,263 @@
+"""The console's view of Kafka as it happens: the raw topic and the DLQ, tailed, fanned out to browsers.
+
+One thread reads both topics with librdkafka (assigned, never in a group, never committing). At start it
+reads back the last hour (at most `BACKFILL_PER_PARTITION` records per partition) so the overview has its
+history and the live page its latest rows; then it follows the end. Each raw record is described with the
+worker's own `route()`: the same type, tenant, event id and subject the worker gives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from sentpipe.kafka import client_config
+from sentpipe.processors.dlq import DlqEntry
+from sentpipe.processors.offsets import Log, Range, Window, timestamp_ms
+from sentpipe.processors.replay import as_malformed
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.topics import Topics
+from sentpipe.settings import Settings
+
+log = logging.getLogger("sentpipe.console")
+
+Row = dict[str, Any]
+HOUR_MS = 3600 * 1000
+MINUTE_MS = 60 * 1000
+BACKFILL_PER_PARTITION = 5000
+RECENT_ROWS = 200
+SUBSCRIBER_QUEUE = 2000
+
+
+def describe_raw(msg: Message, settings: Settings, topics: Topics) -> Row:
+    """One raw record as a live row: what `route()` makes of it, or why it does not route."""
+    hmap = r.header_map(msg.headers())
+    key = msg.key()
+    row: Row = {
+        "kind": "raw",
+        "topic": msg.topic(),
+        "partition": msg.partition(),
+        "offset": msg.offset(),
+        "time": timestamp_ms(msg),
+        "tenant": hmap.get(r.H_TENANT, b"").decode(errors="replace") or settings.default_tenant,
+        "type": hmap.get(r.H_TYPE, b"").decode(errors="replace") or "unknown",
+        "event_id": key.decode(errors="replace") if key else "",
+        "subject": "",
+        "status": "",
+        "error": "",
+    }
+    try:
+        routed = r.route(
+            key,
+            msg.value() or b"",
+            hmap,
+            topics=topics,
+            id_source=settings.event_id_source,
+            default_tenant=settings.default_tenant,
+            record_timestamp_ms=row["time"],
+        )
+    except Exception as exc:  # a record that does not route is shown with its reason, never dropped
+        row["error"] = as_malformed(exc).reason
+        return row
+    ev = routed.event
+    if ev is None:
+        row["type"] = "unrouted"
+    else:
+        row.update(type=ev.type.value, tenant=ev.tenant, event_id=ev.id, subject=ev.subject)
+        row["status"] = ev.status or ""
+    return row
+
+
+def describe_dlq(msg: Message) -> Row:
+    e = DlqEntry.from_message(msg)
+    return {
+        "kind": "dlq",
+        "id": e.id,
+        "topic": msg.topic(),
+        "partition": e.partition,
+        "offset": e.offset,
+        "time": e.dead_at_ms,
+        "tenant": e.tenant or "",
+        "type": e.type or "unknown",
+        "event_id": e.event_id or "",
+        "subject": "",
+        "status": "",
+        "stage": e.stage,
+        "error": e.error_class,
+    }
+
+
+@dataclass
+class MinuteStats:
+    """Counts per minute over the last hour; written by the tail thread, read by the web handlers."""
+
+    events_in: dict[int, Counter[tuple[str, str]]] = field(default_factory=dict)  # (type, tenant)
+    dead_letters: dict[int, Counter[str]] = field(default_factory=dict)  # stage
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, rows: list[Row]) -> None:
+        with self.lock:
+            for row in rows:
+                minute = int(row["time"]) // MINUTE_MS
+                if row["kind"] == "raw":
+                    self.events_in.setdefault(minute, Counter())[row["type"], row["tenant"]] += 1
+                else:
+                    self.dead_letters.setdefault(minute, Counter())[row.get("stage", "unknown")] += 1
+            oldest = int(time.time() * 1000) // MINUTE_MS - 61
+            for table in (self.events_in, self.dead_letters):
+                for m in [m for m in table if m < oldest]:
+                    del table[m]
+
+    def snapshot(self) -> tuple[dict[int, Counter[tuple[str, str]]], dict[int, Counter[str]]]:
+        with self.lock:
+            return (
+                {m: Counter(c) for m, c in self.events_in.items()},
+                {m: Counter(c) for m, c in self.dead_letters.items()},
+            )
+
+
+class Subscriber:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.queue: asyncio.Queue[Row | None] = asyncio.Queue(SUBSCRIBER_QUEUE)
+        self.dropped = 0
+        self.loop = loop
+
+    def offer(self, row: Row) -> None:
+        try:
+            self.queue.put_nowait(row)
+        except asyncio.QueueFull:
+            self.dropped += 1  # a browser that cannot keep up loses rows, never the console its memory
+
+    def end(self) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(None)
+
+
+class Tail:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.topics = Topics(settings.topic_prefix)
+        self.clock = clock
+        self.stats = MinuteStats()
+        self.recent: deque[Row] = deque(maxlen=RECENT_ROWS)
+        self.subscribers: set[Subscriber] = set()
+        self.state = "starting"  # starting, backfilling, tailing, or an error line
+        self.backfill_partial = False
+        self.started_ms = int(clock() * 1000)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- the web side (event loop) ----------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="console-tail", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def subscribe(self) -> Subscriber:
+        sub = Subscriber(asyncio.get_running_loop())
+        self.subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self.subscribers.discard(sub)
+
+    def _fanout(self, rows: list[Row]) -> None:
+        for row in rows:
+            self.recent.append(row)
+            for sub in self.subscribers:
+                sub.offer(row)
+
+    # --- the Kafka side (thread) ------------------------------------------------------------------------
+    def _publish(self, rows: list[Row]) -> None:
+        if not rows:
+            return
+        self.stats.add(rows)
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self._loop.call_soon_threadsafe(self._fanout, rows)
+
+    def _describe(self, msg: Message) -> Row:
+        if msg.topic() == self.topics.dlq:
+            return describe_dlq(msg)
+        return describe_raw(msg, self.settings, self.topics)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                ends = self._backfill()
+                self._follow(ends)
+            except Exception as exc:  # the broker went away or the topics are missing: try again soon
+                self.state = f"Kafka: {' '.join(str(exc).split()) or type(exc).__name__}"
+                log.warning("console tail: %s; retrying in 5 s", self.state)
+                self._stop.wait(5)
+
+    def _backfill(self) -> dict[tuple[str, int], int]:
+        """Read the last hour of both topics (bounded); returns where each partition ends."""
+        self.state = "backfilling"
+        since = int(self.clock() * 1000) - HOUR_MS
+        ends: dict[tuple[str, int], int] = {}
+        with Log(self.settings, timeout=10.0) as kafka:
+            ranges: list[Range] = []
+            for topic in (self.topics.raw, self.topics.dlq):
+                for x in kafka.ranges(topic, Window(since_ms=since)):
+                    start = max(x.start, x.end - BACKFILL_PER_PARTITION)
+                    self.backfill_partial |= start > x.start
+                    ranges.append(Range(x.topic, x.partition, start, x.end))
+                    ends[x.topic, x.partition] = x.end
+            batch: list[Row] = []
+            for msg in kafka.read(ranges):
+                if self._stop.is_set():
+                    break
+                batch.append(self._describe(msg))
+                if len(batch) >= 500:
+                    self._publish(batch)
+                    batch = []
+            batch.sort(key=lambda row: row["time"])
+            self._publish(batch)
+        return ends
+
+    def _follow(self, ends: dict[tuple[str, int], int]) -> None:
+        consumer = Consumer(
+            {
+                **client_config(self.settings),
+                "group.id": "sentpipe-console-tail",  # required by the client; never joined or committed
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "latest",
+                "fetch.wait.max.ms": 100,
+                "log_level": 0,
+            }
+        )
+        try:
+            consumer.assign(
+                [TopicPartition(t, p, off if off >= 0 else OFFSET_END) for (t, p), off in ends.items()]
+            )
+            self.state = "tailing"
+            while not self._stop.is_set():
+                msgs = consumer.consume(500, 0.2)
+                rows = []
+                for msg in msgs:
+                    err = msg.error()
+                    if err is not None:
+                        if err.code() != KafkaError._PARTITION_EOF and err.fatal():
+                            raise KafkaException(err)
+                        continue
+                    rows.append(self._describe(msg))
+                self._publish(rows)
+        finally:
+            consumer.close()

@@ -1,0 +1,185 @@
+"""The console's guards at the HTTP level: token, cookie, CSRF, loopback, dry run first, trigger only in dev.
+
+The app runs in this process against the real broker and database (its tail and sampler run as in
+production); the browser tests (test_console_browser.py) show the same from a real Chromium.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import ClientSession, CookieJar
+from aiohttp.test_utils import TestServer
+from pydantic import SecretStr
+
+from sentpipe.console import check_bind, create_app
+from sentpipe.settings import Settings
+from tests.processes import settings_env
+
+TOKEN = "console-test-token-0123456789"
+
+
+@pytest.fixture
+async def console(settings: Settings) -> AsyncIterator[str]:
+    s = settings.model_copy(update={"console_token": SecretStr(TOKEN), "console_metrics_urls": []})
+    server = TestServer(create_app(s), host="127.0.0.1")
+    await server.start_server()
+    yield f"http://127.0.0.1:{server.port}"
+    await server.close()
+
+
+async def sign_in(http: ClientSession, base: str, token: str = TOKEN) -> tuple[int, str]:
+    """GET /login, POST the form with its CSRF token; the status and the page's CSRF token afterwards."""
+    async with http.get(f"{base}/login") as resp:
+        page = await resp.text()
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert csrf is not None, page
+    async with http.post(
+        f"{base}/login", data={"csrf": csrf.group(1), "token": token}, allow_redirects=False
+    ) as resp:
+        status = resp.status
+    if status != 303:
+        return status, ""
+    async with http.get(f"{base}/api/session") as resp:
+        return status, (await resp.json())["csrf"]
+
+
+def test_a_console_beyond_loopback_needs_a_token(settings: Settings) -> None:
+    check_bind("127.0.0.1", None)
+    check_bind("::1", None)
+    check_bind("localhost", None)
+    with pytest.raises(ValueError, match="SENTPIPE_CONSOLE_TOKEN is required"):
+        check_bind("0.0.0.0", None)
+    with pytest.raises(ValueError, match="at least 16"):
+        check_bind("0.0.0.0", "short")
+    check_bind("0.0.0.0", TOKEN)
+    res = subprocess.run(
+        [sys.executable, "-m", "sentpipe", "console", "--host", "0.0.0.0"],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode != 0
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: SENTPIPE_CONSOLE_TOKEN is required"), res.stderr
+
+
+async def test_sign_in_sets_an_httponly_samesite_cookie_and_refuses_a_wrong_token(console: str) -> None:
+    async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as http:
+        async with http.get(f"{console}/api/session") as resp:
+            assert resp.status == 401
+        async with http.get(f"{console}/", allow_redirects=False) as resp:
+            assert resp.status == 303 and resp.headers["Location"] == "/login"
+        async with http.get(f"{console}/login") as resp:
+            before = resp.cookies["sentpipe_console"].value
+        # The sign-in form itself needs its CSRF token.
+        async with http.post(f"{console}/login", data={"token": TOKEN}, allow_redirects=False) as resp:
+            assert resp.status == 403
+        status, _ = await sign_in(http, console, token="wrong-token-wrong-token")
+        assert status == 401
+        async with http.get(f"{console}/api/session") as resp:
+            assert resp.status == 401
+    async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as http:
+        async with http.get(f"{console}/login") as resp:
+            before = resp.cookies["sentpipe_console"].value
+        page = await (await http.get(f"{console}/login")).text()
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert csrf is not None
+        async with http.post(
+            f"{console}/login", data={"csrf": csrf.group(1), "token": TOKEN}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 303
+            cookie = resp.headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+        # A new session id on sign-in: the one handed out before it is not signed in.
+        assert f"sentpipe_console={before}" not in cookie
+        async with http.get(f"{console}/api/session") as resp:
+            assert resp.status == 200
+            info = await resp.json()
+        assert info["signed_in"] is True and len(info["csrf"]) > 20
+    jar = CookieJar(unsafe=True)
+    async with (
+        ClientSession(cookie_jar=jar, cookies={"sentpipe_console": before}) as http,
+        http.get(f"{console}/api/session") as resp,
+    ):
+        assert resp.status == 401
+
+
+async def test_every_post_needs_the_csrf_token_and_a_real_run_needs_a_dry_run(console: str) -> None:
+    async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as http:
+        status, csrf = await sign_in(http, console)
+        assert status == 303
+        body = {"dry_run": False}
+        async with http.post(f"{console}/api/replay", json=body) as resp:
+            assert resp.status == 403
+            assert "CSRF" in (await resp.json())["error"]
+        async with http.post(f"{console}/api/replay", json=body, headers={"X-CSRF-Token": "x" * 43}) as resp:
+            assert resp.status == 403
+        async with http.post(
+            f"{console}/api/dlq/redrive",
+            json=body,
+            headers={"X-CSRF-Token": csrf, "Origin": "http://evil.example"},
+        ) as resp:
+            assert resp.status == 403
+        async with http.post(f"{console}/api/trigger", json={"type": "message.status.updated"}) as resp:
+            assert resp.status == 403
+        # With the token: a real replay or redrive without a dry run of the same settings is refused.
+        headers = {"X-CSRF-Token": csrf}
+        async with http.post(f"{console}/api/replay", json=body, headers=headers) as resp:
+            assert resp.status == 409 and "dry run" in (await resp.json())["error"]
+        async with http.post(f"{console}/api/dlq/redrive", json=body, headers=headers) as resp:
+            assert resp.status == 409
+        async with http.post(
+            f"{console}/api/replay", json={"since": "yesterday", "dry_run": True}, headers=headers
+        ) as resp:
+            assert resp.status == 400 and "ISO-8601" in (await resp.json())["error"]
+
+
+async def test_without_a_token_only_loopback_host_names_are_answered(settings: Settings) -> None:
+    server = TestServer(
+        create_app(settings.model_copy(update={"console_metrics_urls": []})), host="127.0.0.1"
+    )
+    await server.start_server()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as http:
+            async with http.get(f"{base}/api/session") as resp:
+                assert resp.status == 200  # loopback, no token: a session at once
+                csrf = (await resp.json())["csrf"]
+            async with http.get(f"{base}/api/session", headers={"Host": "rebound.example:8090"}) as resp:
+                assert resp.status == 403
+            async with http.post(f"{base}/api/replay", json={"dry_run": True}) as resp:
+                assert resp.status == 403  # still needs the CSRF token
+            async with http.post(
+                f"{base}/api/replay", json={"dry_run": True}, headers={"X-CSRF-Token": csrf}
+            ) as resp:
+                assert resp.status == 202
+    finally:
+        await server.close()
+
+
+async def test_test_events_only_with_the_development_secret(settings: Settings) -> None:
+    s = settings.model_copy(
+        update={"webhook_secret": SecretStr("whsec_cHJvZHVjdGlvbi1zZWNyZXQ="), "console_metrics_urls": []}
+    )
+    server = TestServer(create_app(s), host="127.0.0.1")
+    await server.start_server()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as http:
+            async with http.get(f"{base}/api/session") as resp:
+                info = await resp.json()
+            assert info["trigger"] is False
+            async with http.post(
+                f"{base}/api/trigger",
+                json={"type": "message.status.updated"},
+                headers={"X-CSRF-Token": info["csrf"]},
+            ) as resp:
+                assert resp.status == 403 and "development secret" in (await resp.json())["error"]
+    finally:
+        await server.close()
