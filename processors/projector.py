@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sentpipe import metrics as m
-from sentpipe.broker import BatchConsumer, Partition, Record, RecordProducer, next_offsets
+from sentpipe.broker import BatchConsumer, CommitRejected, Partition, Record, RecordProducer, next_offsets
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
-from sentpipe.processors.retry import is_temporary, retrying
+from sentpipe.processors.retry import backoff, is_temporary, retrying
 from sentpipe.processors.sink import HandlerFailure
 from sentpipe.processors.watchdog import Watchdog
 from sentpipe.schemas import routing as r
@@ -79,10 +79,27 @@ class Projector:
         return self.stopping
 
     async def run(self) -> None:
-        """Until stop(): poll, apply, commit. The consumer is closed on the way out."""
+        """Until stop(): poll, apply, commit. The consumer is closed on the way out.
+
+        A batch that fails as a whole (the broker gone mid-batch, anything unforeseen) is rewound and read
+        again after a backoff, forever: the stage holds the line, it never dies with records waiting."""
+        failures = 0
         try:
             while not self.stopping:
-                await self.step()
+                try:
+                    await self.step()
+                    failures = 0
+                except Exception as exc:
+                    failures += 1
+                    m.RETRIES.labels("project").inc()
+                    delay = backoff(failures, self.t.retry_initial_s, self.t.retry_max_s)
+                    log.warning(
+                        "projection batch failed as a whole (%s: %s); reading it again in %.1f s",
+                        type(exc).__name__,
+                        exc,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
         finally:
             self.consumer.close()
 
@@ -93,6 +110,14 @@ class Projector:
         self._report_lag(records)
         if not records:
             return 0
+        try:
+            return await self._project(records)
+        except BaseException:
+            # Not committed: the next poll must return these records again, not the ones after them.
+            self.consumer.rewind(records)  # seek() only records the new position: no wait
+            raise
+
+    async def _project(self, records: list[Record]) -> int:
         dead: list[DeadLetter] = []
         by_type: dict[EventType, list[tuple[Record, CanonicalEvent]]] = {}
         for rec in records:
@@ -117,11 +142,32 @@ class Projector:
             should_stop=self._should_stop,
         )
         done = next_offsets(records)
-        self.consumer.commit(done)
+        await self._commit(done)
         if self.watchdog is not None:
             self.watchdog.progress(done)
         self._count(records, dead)
         return len(records)
+
+    async def _commit(self, done: dict[Partition, int]) -> None:
+        """Commit in a thread (a synchronous commit waits for the coordinator: never on the loop), retrying
+        with backoff while the coordinator is away. Partitions that moved to another member are theirs:
+        the commit is dropped, the new owner applies the batch again (the projections are idempotent)."""
+        attempt = 0
+        while True:
+            try:
+                await asyncio.to_thread(self.consumer.commit, done)
+                return
+            except CommitRejected as exc:
+                if exc.assignment_lost:
+                    log.warning("commit dropped: the partitions moved to another consumer (%s)", exc.reason)
+                    return
+                if self.stopping:
+                    raise
+                attempt += 1
+                m.RETRIES.labels("project").inc()
+                delay = backoff(attempt, self.t.retry_initial_s, self.t.retry_max_s)
+                log.warning("commit failed (%s); retrying in %.1f s", exc.reason, delay)
+                await asyncio.sleep(delay)
 
     async def _apply(
         self, type_: EventType, items: list[tuple[Record, CanonicalEvent]], dead: list[DeadLetter]

@@ -68,6 +68,17 @@ class RecordProducer(Protocol):
         ...
 
 
+class CommitRejected(Exception):
+    """The group did not store a commit. `assignment_lost`: the partitions belong to another member now
+    (a rebalance, a session that timed out), which reads from the last stored commit; retrying is useless.
+    Otherwise the coordinator is unreachable or busy: retry."""
+
+    def __init__(self, reason: str, *, assignment_lost: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.assignment_lost = assignment_lost
+
+
 class BatchConsumer(Protocol):
     """A group member reading its assigned partitions. Blocking calls: run them in a thread."""
 
@@ -76,7 +87,13 @@ class BatchConsumer(Protocol):
         ...
 
     def commit(self, offsets: Mapping[Partition, int]) -> None:
-        """Durably store, for each partition, the offset of the next record to read."""
+        """Durably store, for each partition, the offset of the next record to read. CommitRejected."""
+        ...
+
+    def rewind(self, records: Sequence[Record]) -> None:
+        """Read these records again: each partition's position goes back to its first record here (a batch
+        that failed as a whole must not be skipped by the next poll). Partitions no longer assigned are
+        left alone: their new owner reads from the last commit."""
         ...
 
     def lag(self) -> dict[Partition, int]:
@@ -197,6 +214,12 @@ class LocalConsumer:
         with self.broker._lock:
             for where, offset in offsets.items():
                 self.broker.committed[(self.group, where)] = offset
+
+    def rewind(self, records: Sequence[Record]) -> None:
+        with self.broker._lock:
+            for rec in records:
+                where = (rec.topic, rec.partition)
+                self.position[where] = min(self.position.get(where, rec.offset), rec.offset)
 
     def lag(self) -> dict[Partition, int]:
         with self.broker._lock:

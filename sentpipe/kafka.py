@@ -35,7 +35,7 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
 from sentpipe import metrics as m
-from sentpipe.broker import Delivered, Partition, ProduceRejected, Record
+from sentpipe.broker import CommitRejected, Delivered, Partition, ProduceRejected, Record
 from sentpipe.schemas.topics import MAX_MESSAGE_BYTES, record_limits
 from sentpipe.settings import Settings
 
@@ -466,6 +466,19 @@ def _expire(fut: asyncio.Future[Delivered]) -> None:
         fut.set_exception(ProduceRejected("delivery_timeout"))
 
 
+# Commit errors that mean the partitions are another member's now: retrying the commit cannot succeed.
+_ASSIGNMENT_GONE = frozenset(
+    {
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.FENCED_INSTANCE_ID,
+        KafkaError._ASSIGNMENT_LOST,
+        KafkaError._STATE,
+    }
+)
+
+
 class BatchConsumer:
     """A consumer-group member on librdkafka: batches of detached records, commits only when told.
 
@@ -532,9 +545,32 @@ class BatchConsumer:
         return out
 
     def commit(self, offsets: Mapping[Partition, int]) -> None:
-        if offsets:
-            tps = [confluent_kafka.TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-            self._consumer.commit(offsets=tps, asynchronous=False)
+        if not offsets:
+            return
+        tps = [confluent_kafka.TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        try:
+            results = self._consumer.commit(offsets=tps, asynchronous=False) or []
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError):
+                raise CommitRejected(err.name(), assignment_lost=err.code() in _ASSIGNMENT_GONE) from None
+            raise CommitRejected(str(exc)) from None
+        for tp in results:  # per-partition errors of an otherwise answered commit
+            if tp.error is not None:
+                raise CommitRejected(tp.error.name(), assignment_lost=tp.error.code() in _ASSIGNMENT_GONE)
+
+    def rewind(self, records: Sequence[Record]) -> None:
+        first: dict[Partition, int] = {}
+        for rec in records:
+            where = (rec.topic, rec.partition)
+            first[where] = min(first.get(where, rec.offset), rec.offset)
+        for (topic, partition), offset in first.items():
+            if (topic, partition) not in self._assigned:
+                continue
+            try:
+                self._consumer.seek(confluent_kafka.TopicPartition(topic, partition, offset))
+            except KafkaException as exc:  # revoked in between: the new owner reads from the commit
+                log.warning("could not rewind %s[%d] to %d: %s", topic, partition, offset, exc)
 
     def lag(self) -> dict[Partition, int]:
         out: dict[Partition, int] = {}

@@ -6,13 +6,14 @@ tests/test_poison_worker.py run the same stage against the real broker and datab
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Mapping, Sequence
 
 import psycopg
 import pytest
 
 from sentpipe import metrics as m
-from sentpipe.broker import LocalBroker
+from sentpipe.broker import CommitRejected, LocalBroker, Partition
 from sentpipe.processors.projector import Projector, Tuning
 from sentpipe.processors.sink import HandlerFailure
 from sentpipe.schemas import routing as r
@@ -173,3 +174,63 @@ async def test_replayed_and_redriven_records_are_counted_as_applied(mode: str, h
     ids = routed_records(broker, 8, headers=[(header, b"run-1")])
     await drain(projector)
     assert m.REPLAY_EVENTS.labels(mode, "applied")._value.get() - before == len(ids)
+
+
+class FlakyCommits:
+    """The in-memory consumer, with commits refused as a coordinator away (or a lost assignment) would."""
+
+    def __init__(self, inner: object, refusals: list[CommitRejected]) -> None:
+        self.inner, self.refusals, self.commits = inner, refusals, 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    def commit(self, offsets: Mapping[Partition, int]) -> None:
+        self.commits += 1
+        if self.refusals:
+            raise self.refusals.pop(0)
+        self.inner.commit(offsets)  # type: ignore[attr-defined]
+
+
+async def test_a_commit_refused_while_the_coordinator_is_away_is_retried_until_it_lands() -> None:
+    broker, sink, _ = setup()
+    ids = routed_records(broker, 30)
+    consumer = FlakyCommits(broker.consumer("proj", TOPICS.routed), [CommitRejected("_TRANSPORT")] * 3)
+    projector = Projector(consumer, broker.producer(), sink, TOPICS, FAST)  # type: ignore[arg-type]
+    while len(sink.applied) < len(ids) or consumer.refusals:
+        await projector.step()
+    assert consumer.commits >= 4
+    assert sum(broker.committed.values()) == len(ids)  # every record committed once the coordinator is back
+
+
+async def test_a_commit_for_partitions_now_owned_elsewhere_is_dropped_not_retried() -> None:
+    broker, sink, _ = setup()
+    routed_records(broker, 30)
+    lost = CommitRejected("ILLEGAL_GENERATION", assignment_lost=True)
+    consumer = FlakyCommits(broker.consumer("proj", TOPICS.routed), [lost])
+    projector = Projector(consumer, broker.producer(), sink, TOPICS, FAST)  # type: ignore[arg-type]
+    await projector.step()
+    assert consumer.commits == 1 and not broker.committed  # not stored; the new owner re-reads
+
+
+async def test_a_batch_failing_as_a_whole_is_read_again_never_skipped() -> None:
+    """Anything unforeseen escaping a batch (here the commit itself breaking) must not kill the stage nor
+    let the next poll go past the batch: it is rewound and applied again, then committed."""
+    broker, sink, _ = setup()
+    ids = routed_records(broker, 40)
+    consumer = FlakyCommits(broker.consumer("proj", TOPICS.routed), [])
+    consumer.refusals = [RuntimeError("the stage broke"), RuntimeError("again")]  # type: ignore[list-item]
+    projector = Projector(consumer, broker.producer(), sink, TOPICS, FAST)  # type: ignore[arg-type]
+    task = asyncio.ensure_future(projector.run())
+    try:
+        for _ in range(500):
+            if sum(broker.committed.values()) == len(ids):
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        projector.stop()
+        await asyncio.wait_for(task, 5)
+    assert consumer.commits >= 3 and not task.exception()
+    assert set(sink.applied) == set(ids)
+    assert sum(broker.committed.values()) == len(ids)
+    assert not broker.records(TOPICS.dlq)
