@@ -30,7 +30,7 @@ ENV PATH=/opt/sentpipe/bin:$PATH \
 RUN groupadd --system --gid 10001 sentpipe \
  && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/sentpipe --no-create-home \
       --shell /usr/sbin/nologin sentpipe \
- && install -d -o 10001 -g 10001 /var/lib/sentpipe
+ && install -d -o 10001 -g 10001 /var/lib/sentpipe /var/lib/sentpipe/spool
 COPY --from=builder /opt/sentpipe /opt/sentpipe
 WORKDIR /var/lib/sentpipe
 USER 10001:10001

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -17,6 +18,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sentpipe import metrics as m
 from sentpipe.broker import Delivered, ProduceRejected
+from sentpipe.ingress.spool import (
+    Spool,
+    SpoolError,
+    SpoolFull,
+    SpoolLocked,
+    SpoolRecord,
+    adopt_orphans,
+    process_dir,
+)
 from sentpipe.kafka import AsyncProducer, BrokerUnavailable, admin_client, topic_max_message_bytes
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import REASONS, MalformedEvent, frame
@@ -27,6 +37,8 @@ from sentpipe.settings import Settings
 log = logging.getLogger("sentpipe.ingress")
 
 PRODUCER = web.AppKey("producer", AsyncProducer)
+SPOOL = web.AppKey("spool", Spool)
+STALL_AFTER_S = web.AppKey("stall_after_s", float)
 
 OPENAPI = resources.files("sentpipe.schemas") / "ingress.openapi.json"
 RETRY_AFTER_S = "5"
@@ -105,9 +117,16 @@ def _init_metrics(tenants: list[str]) -> None:
 class WebhookHandler:
     """POST /webhooks/sent[/{tenant}]: verify, frame, produce, answer once durable."""
 
-    def __init__(self, settings: Settings, producer: AsyncProducer, verifiers: dict[str, Verifier]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        producer: AsyncProducer,
+        verifiers: dict[str, Verifier],
+        spool: Spool | None = None,
+    ) -> None:
         self.s = settings
         self.producer = producer
+        self.spool = spool
         self.verifiers = verifiers
         # Unknown tenants are checked against keys nobody has: same work, same answers as a bad signature.
         default = verifiers.get(settings.default_tenant)
@@ -203,14 +222,15 @@ class WebhookHandler:
                 *r.dlq_headers(stage="ingress", error_class=exc.reason, message=exc.detail),
             ]
             try:
-                await self._produce(self.topics.dlq, key, body, dlq_headers)
+                delivered = await self._produce(self.topics.dlq, key, body, dlq_headers)
             except ProduceRejected as rej:
                 return self._refused(rej, ctx)
             m.DLQ_EVENTS.labels("ingress", exc.reason).inc()
             log.warning("malformed event sent to DLQ", extra={**ctx, "reason": exc.reason})
-            return "dlq", web.json_response(
-                {"status": "accepted", "outcome": "dead_lettered", "reason": exc.reason}
-            )
+            answer: dict[str, Any] = {"status": "accepted", "outcome": "dead_lettered", "reason": exc.reason}
+            if delivered is None:
+                answer["spooled"] = True
+            return "dlq", web.json_response(answer)
 
         headers = r.raw_headers(
             tenant=tenant,
@@ -223,6 +243,12 @@ class WebhookHandler:
             msg = await self._produce(self.topics.raw, framed.event_id.encode(), body, headers)
         except ProduceRejected as rej:
             return self._refused(rej, ctx)
+        if msg is None:
+            log.info("spooled", extra={**ctx, "event_id": framed.event_id, "type": framed.type.value})
+            return "spooled", web.Response(
+                body=orjson.dumps({"status": "accepted", "spooled": True, "event_id": framed.event_id}),
+                content_type="application/json",
+            )
         log.debug(
             "accepted",
             extra={
@@ -239,17 +265,46 @@ class WebhookHandler:
 
     async def _produce(
         self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
-    ) -> Delivered:
+    ) -> Delivered | None:
+        """The broker's acknowledgement, or None once the record is fsynced in the spool instead.
+        ProduceRejected: neither holds it (the caller answers 503 or 413)."""
+        spool = self.spool
         down = self.producer.unavailable
+        if spool is not None and (down is not None or spool.active):
+            # Behind records already spooled, never around them: per-key order from the ingress holds.
+            await self._spool(spool, topic, key, value, headers)
+            return None
         if down is not None:
             # The producer knows it cannot deliver now (every broker down, or a fatal error being repaired):
             # answer at once instead of waiting out the produce timeout. Records already queued keep waiting.
             m.INGRESS_REFUSED.labels("broker_down").inc()
             raise ProduceRejected(down)
         t0 = time.perf_counter()
-        msg = await self.producer.send_and_wait(topic, key, value, headers, timeout=self.s.produce_timeout_s)
+        try:
+            msg = await self.producer.send_and_wait(
+                topic, key, value, headers, timeout=self.s.produce_timeout_s
+            )
+        except ProduceRejected as rej:
+            if spool is None or not rej.temporary:
+                raise
+            # Timed out, queue full or broker gone mid-request: the spool takes it (a duplicate at worst,
+            # if the broker did get it after all; the dedup table drops that).
+            await self._spool(spool, topic, key, value, headers)
+            return None
         m.INGRESS_PRODUCE_SECONDS.observe(time.perf_counter() - t0)
         return msg
+
+    async def _spool(
+        self, spool: Spool, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
+    ) -> None:
+        rec = SpoolRecord(topic, key, value, tuple(headers), int(time.time() * 1000))
+        try:
+            await spool.append(rec)
+        except SpoolFull:
+            m.INGRESS_REFUSED.labels("spool_full").inc()
+            raise ProduceRejected("spool_full") from None
+        except SpoolError:
+            raise ProduceRejected("spool_write_failed") from None
 
     def _refused(self, rej: ProduceRejected, ctx: dict[str, Any]) -> tuple[str, web.Response]:
         if not rej.temporary:
@@ -262,6 +317,14 @@ class WebhookHandler:
                 extra={**ctx, "reason": rej.reason},
             )
             return "too_large", error(413, "body_too_large", f"event refused by the broker ({rej.reason})")
+        if rej.reason in ("spool_full", "spool_write_failed"):
+            log.error("event not accepted: broker unavailable and %s", rej.reason, extra=ctx)
+            return "unavailable", error(
+                503,
+                rej.reason,
+                "broker unavailable and the local spool cannot take the event; retry",
+                headers={"Retry-After": RETRY_AFTER_S},
+            )
         log.warning("event not accepted: broker unavailable", extra={**ctx, "reason": rej.reason})
         return "unavailable", error(
             503,
@@ -272,6 +335,14 @@ class WebhookHandler:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: fails while the spool has records, a broker is reachable, and the drain has not finished a
+    window for SENTPIPE_STALL_AFTER_S: it is hung (a restart is the remedy; the records stay on disk)."""
+    spool = request.app.get(SPOOL)
+    if spool is not None and spool.records and request.app[PRODUCER].unavailable is None:
+        still = time.monotonic() - spool.progress_at
+        if still > request.app[STALL_AFTER_S]:
+            log.error("spool drain stalled: %d records waiting, no progress for %.0f s", spool.records, still)
+            return error(503, "spool_drain_stalled", f"{spool.records} spooled records, drain hung")
     return web.json_response({"status": "ok"})
 
 
@@ -279,6 +350,10 @@ async def readyz(request: web.Request) -> web.Response:
     producer = request.app[PRODUCER]
     if await producer.ready():
         return web.json_response({"status": "ready"})
+    spool = request.app.get(SPOOL)
+    if spool is not None and not spool.full:
+        # Requests are answered 200 from the spool: the pod stays in service through a broker outage.
+        return web.json_response({"status": "ready", "spooling": True, "spooled_records": spool.records})
     detail = {"producer_fatal_error": "Kafka producer being replaced after a fatal error"}.get(
         producer.unavailable or "", "Kafka broker unreachable"
     )
@@ -338,8 +413,32 @@ def check_topic_limits(settings: Settings, timeout: float = 5.0) -> None:
         raise StartupError(problems[0])
 
 
-def create_app(settings: Settings, producer: AsyncProducer) -> web.Application:
-    """The ingress app; the producer is started and flushed with the app. StartupError: unusable secrets."""
+def open_spool(settings: Settings, index: int = 0) -> Spool | None:
+    """This process's spool when SENTPIPE_SPOOL is on, with what a previous run left in it. StartupError: the
+    directory is unusable or another process has it."""
+    if not settings.spool:
+        return None
+    spool = Spool(
+        process_dir(settings.spool_dir, index), settings.spool_max_bytes, settings.spool_segment_bytes
+    )
+    try:
+        spool.open()
+    except SpoolLocked as exc:
+        raise StartupError(f"SENTPIPE_SPOOL_DIR: {exc}") from None
+    except OSError as exc:
+        raise StartupError(f"SENTPIPE_SPOOL_DIR {spool.dir}: {exc.strerror or exc}") from None
+    if spool.records:
+        log.warning(
+            "spool holds %d records from a previous run: draining them to Kafka",
+            spool.records,
+            extra={"spool_dir": str(spool.dir)},
+        )
+    return spool
+
+
+def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None = None) -> web.Application:
+    """The ingress app; the producer is started and flushed with the app, the spool drained while it runs.
+    StartupError: unusable secrets."""
     verifiers = verifiers_for(settings)
     app = web.Application(
         middlewares=[json_errors],
@@ -351,6 +450,7 @@ def create_app(settings: Settings, producer: AsyncProducer) -> web.Application:
         },
     )
     app[PRODUCER] = producer
+    app[STALL_AFTER_S] = settings.stall_after_s
 
     async def producer_ctx(app: web.Application) -> AsyncIterator[None]:
         await producer.start()
@@ -358,7 +458,36 @@ def create_app(settings: Settings, producer: AsyncProducer) -> web.Application:
         await producer.close(timeout=settings.produce_timeout_s * 2)
 
     app.cleanup_ctx.append(producer_ctx)
-    handler = WebhookHandler(settings, producer, verifiers)
+    if spool is not None:
+        app[SPOOL] = spool
+
+        async def drain_ctx(app: web.Application) -> AsyncIterator[None]:
+            # After the producer starts and (cleanup runs in reverse) stopped before it flushes: records the
+            # drain has in flight are flushed; any it has not seen acknowledged are sent again next start.
+            def send(rec: SpoolRecord) -> asyncio.Future[Delivered]:
+                return producer.produce(rec.topic, rec.key, rec.value, rec.headers)
+
+            def can_send() -> bool:
+                return producer.unavailable is None
+
+            loop = asyncio.get_running_loop()
+            tasks = [loop.create_task(spool.run(send, can_send))]
+            if spool.dir == process_dir(settings.spool_dir, 0):
+                tasks.append(
+                    loop.create_task(
+                        adopt_orphans(settings.spool_dir, settings.ingress_workers, send, can_send)
+                    )
+                )
+            yield
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            spool.close()
+
+        app.cleanup_ctx.append(drain_ctx)
+    handler = WebhookHandler(settings, producer, verifiers, spool)
     app.router.add_post("/webhooks/sent", handler.handle)
     app.router.add_post("/webhooks/sent/{tenant}", handler.handle)
     app.router.add_get("/healthz", healthz)

@@ -28,6 +28,7 @@ from sentpipe.ingress.app import (
     check_topic_limits,
     create_app,
     create_metrics_app,
+    open_spool,
     producer_for,
     verifiers_for,
 )
@@ -44,9 +45,11 @@ async def serve(
     *,
     reuse_port: bool = False,
     check_topics: bool = True,
+    index: int = 0,
 ) -> None:
     verifiers_for(settings)  # unusable secrets: refused before a producer (and its threads) exists
-    app = create_app(settings, producer_for(settings))
+    spool = open_spool(settings, index)
+    app = create_app(settings, producer_for(settings), spool)
     if check_topics:
         await asyncio.to_thread(check_topic_limits, settings)
     # shutdown_timeout: in-flight requests get this long to finish before the producer flushes.
@@ -99,13 +102,13 @@ def run(settings: Settings, host: str, port: int, metrics_port: int) -> None:
         raise SystemExit(1) from None
 
 
-def _worker(settings: Settings, host: str, port: int, metrics_port: int) -> None:
+def _worker(settings: Settings, host: str, port: int, metrics_port: int, index: int) -> None:
     """One of N worker processes (spawned: a fresh interpreter with nothing inherited but the arguments)."""
     from sentpipe.logs import configure
 
     configure(settings.log_level, settings.log_json)
     try:
-        _run_loop(serve(settings, host, port, metrics_port, reuse_port=True, check_topics=False))
+        _run_loop(serve(settings, host, port, metrics_port, reuse_port=True, check_topics=False, index=index))
     except StartupError as exc:  # pragma: no cover - the supervisor checked the same configuration
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -131,7 +134,7 @@ def supervise(settings: Settings, host: str, port: int, metrics_port: int) -> in
     ctx = multiprocessing.get_context("spawn")  # no librdkafka threads or loop state carried into a child
     workers = [
         ctx.Process(
-            target=_worker, args=(settings, host, port, metrics_port + i), name=f"sentpipe-ingress-{i}"
+            target=_worker, args=(settings, host, port, metrics_port + i, i), name=f"sentpipe-ingress-{i}"
         )
         for i in range(n)
     ]

@@ -100,6 +100,11 @@ class Attempt:
         return self.status is not None and 200 <= self.status < 300
 
     @property
+    def spooled(self) -> bool:
+        """Accepted by sentpipe's ingress into its local spool (the broker was away), not yet on Kafka."""
+        return self.accepted and b'"spooled":true' in self.body
+
+    @property
     def outcome(self) -> str:
         """How the summary names a final answer: the status code, or what went wrong."""
         return str(self.status) if self.status is not None else self.error or "error"
@@ -134,6 +139,7 @@ class Stats:
     sent: int = 0  # deliveries whose first attempt has started
     done: int = 0
     accepted: int = 0
+    spooled: int = 0  # accepted into the ingress's spool (a sentpipe ingress while its broker is away)
     retried: int = 0  # attempts after the first
     duplicates: int = 0  # deliveries that repeat an earlier body
     rejected: Counter[str] = field(default_factory=Counter)  # final non-2xx outcome -> deliveries
@@ -158,6 +164,8 @@ class Stats:
         self.done += 1
         if outcome.accepted:
             self.accepted += 1
+            if outcome.final.spooled:
+                self.spooled += 1
         else:
             self.rejected[outcome.final.outcome] += 1
 

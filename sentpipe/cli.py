@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -409,6 +410,82 @@ def offsets_reset(
     for c in changes:
         table.add_row(c.topic, str(c.partition), "-" if c.before is None else str(c.before), str(c.after))
     out.print(table)
+
+
+spool_app = typer.Typer(
+    no_args_is_help=True, help="The ingress's local spool (SENTPIPE_SPOOL=on): status, and a drain pass."
+)
+app.add_typer(spool_app, name="spool")
+SpoolDirOption = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--dir",
+        help="A process's spool directory (repeatable) \\[default: every one under SENTPIPE_SPOOL_DIR].",
+    ),
+]
+
+
+def _spool_dirs(dirs: list[Path] | None) -> list[Path]:
+    from sentpipe.ingress.spool import process_dirs
+
+    if dirs:
+        missing = [d for d in dirs if not d.is_dir()]
+        if missing:
+            fail(f"no spool directory at {missing[0]}")
+        return dirs
+    root = settings().spool_dir
+    return process_dirs(root)
+
+
+@spool_app.command("status")
+def spool_status(dirs: SpoolDirOption = None) -> None:
+    """Records waiting in each spool directory; exit status 0 even when some wait."""
+    from sentpipe.ingress.spool import status_of
+
+    found = _spool_dirs(dirs)
+    table = Table("directory", "in use", "segments", "records", "bytes", "oldest", "corrupt frames")
+    for d in found:
+        st = status_of(d)
+        oldest = "-" if st.oldest_age_s is None else f"{st.oldest_age_s:.0f} s ago"
+        table.add_row(
+            terminal_safe(str(d)),
+            "yes" if st.in_use else "no",
+            str(st.segments),
+            str(st.records),
+            str(st.bytes),
+            oldest,
+            str(st.corrupt_frames),
+        )
+    if not found:
+        out.print(terminal_safe(f"no spool directories under {settings().spool_dir}"))
+        return
+    out.print(table)
+
+
+@spool_app.command("drain")
+def spool_drain(dirs: SpoolDirOption = None) -> None:
+    """One pass: produce what spool directories no ingress holds have to Kafka, deleting what lands.
+
+    A running ingress drains its own spool; this is for directories left behind (a pod that will not come
+    back, a volume mounted elsewhere). Exit status 1 when anything is left."""
+    import asyncio
+
+    from sentpipe.ingress.spool import drain_directories
+
+    s = settings()
+    found = _spool_dirs(dirs)
+    with _ops(s), _bar("draining") as progress:
+        outcomes = asyncio.run(drain_directories(s, found, progress))
+    table = Table("directory", "outcome", "drained", "left", "corrupt frames", title="spool drain")
+    for o in outcomes:
+        table.add_row(terminal_safe(str(o.dir)), o.state, str(o.drained), str(o.remaining), str(o.corrupt))
+    out.print(table)
+    in_use = [o for o in outcomes if o.state == "in_use"]
+    left = [o for o in outcomes if o.state == "incomplete"]
+    if left:
+        fail(f"{sum(o.remaining for o in left)} record(s) left: the broker refused them; run it again")
+    if in_use:
+        fail(f"{len(in_use)} director{'y is' if len(in_use) == 1 else 'ies are'} held by a running ingress")
 
 
 @events_app.command("show")

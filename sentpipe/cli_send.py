@@ -123,6 +123,8 @@ def summary_table(stats: Stats, unique: int, url: str) -> Table:
     table.add_row("duplicates", str(stats.duplicates))
     table.add_row("sent", str(stats.sent))
     table.add_row("accepted", str(stats.accepted))
+    if stats.spooled:
+        table.add_row("  of which spooled", str(stats.spooled))
     table.add_row("retried", str(stats.retried))
     for outcome, n in sorted(stats.rejected.items()):
         table.add_row(terminal_safe(f"rejected {outcome}"), str(n))

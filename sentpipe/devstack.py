@@ -98,10 +98,10 @@ def main() -> int:
         exe = [sys.executable, "-m", "sentpipe"]
         _step(*exe, "topics", "ensure")
         _step(*exe, "db", "migrate")
-        for name, args in (("ingress", ["ingress"]), ("worker", ["worker"])):
-            procs.append(
-                (name, subprocess.Popen([*exe, *args], env=os.environ.copy(), start_new_session=True))
-            )
+        # The ingress spools under .local/spool while the broker is away (unless SENTPIPE_SPOOL is set).
+        envs = {"ingress": {"SENTPIPE_SPOOL": "on", **os.environ}, "worker": os.environ.copy()}
+        for name, env in envs.items():
+            procs.append((name, subprocess.Popen([*exe, name], env=env, start_new_session=True)))
         # The banner comes last, once both say they are ready, so start-up logs do not bury it.
         not_ready = _wait_ready(
             {

@@ -55,6 +55,27 @@ PRODUCER_RECREATED = Counter(
     "sentpipe_producer_recreated", "Producers replaced after a fatal librdkafka error."
 )
 
+# --- ingress spool (SENTPIPE_SPOOL=on): records fsynced locally while the broker could not take them -------
+SPOOL_RECORDS = Gauge("sentpipe_spool_records", "Records in the spool not yet acknowledged by the broker.")
+SPOOL_BYTES = Gauge("sentpipe_spool_bytes", "Bytes of spool segments on disk.")
+SPOOL_MAX_BYTES = Gauge("sentpipe_spool_max_bytes", "SENTPIPE_SPOOL_MAX_BYTES: beyond it requests get 503.")
+SPOOL_OLDEST_AGE = Gauge(
+    "sentpipe_spool_oldest_age_seconds", "Age of the oldest spooled record not yet on the broker (0: empty)."
+)
+SPOOL_SPOOLED = Counter("sentpipe_spool_spooled", "Records written (fsynced) to the spool and answered 200.")
+SPOOL_DRAINED = Counter("sentpipe_spool_drained", "Spooled records acknowledged by the broker.")
+SPOOL_CORRUPT = Counter(
+    "sentpipe_spool_corrupt_frames", "Torn or corrupt spool frames skipped by the drain (logged each)."
+)
+SPOOL_WRITE_ERRORS = Counter(
+    "sentpipe_spool_write_errors", "Spool writes the disk refused; their requests got 503."
+)
+SPOOL_FSYNC_SECONDS = Histogram(
+    "sentpipe_spool_write_seconds",
+    "Time of one group commit (write and fdatasync) to the spool.",
+    buckets=_LATENCY_BUCKETS,
+)
+
 # --- processors ----------------------------------------------------------------------------------------
 EVENTS_ROUTED = Counter(
     "sentpipe_events_routed", "First-seen raw events routed, by canonical type.", ["type"]

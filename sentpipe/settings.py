@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     producer_max_in_flight: int = Field(20000, ge=1)
     producer_linger_ms: int = Field(2, ge=0)
     producer_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
+    # The durable local spool: what the broker cannot take right now is fsynced here and answered 200, then
+    # drained to Kafka when it is back. Off unless asked for: until drained, those events live on one disk.
+    spool: bool = False
+    spool_dir: Path = Path(".local/spool")
+    spool_max_bytes: int = Field(1024**3, ge=1024 * 1024)
+    spool_segment_bytes: int = Field(64 * 1024**2, ge=64 * 1024)
     log_json: bool = False
     log_level: LogLevel = "INFO"  # any standard spelling, normalized to the Python name
 

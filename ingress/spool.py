@@ -1,0 +1,745 @@
+"""The ingress's durable local spool: records the broker cannot take right now wait on disk until it can.
+
+Layout: one directory per ingress process, holding numbered segment files and a drain checkpoint.
+
+    <dir>/.lock                     flock()ed by the process that owns the spool
+    <dir>/0000000000000001.seg      frames, appended only; a new segment past SENTPIPE_SPOOL_SEGMENT_BYTES
+    <dir>/drain.pos                 {"segment": n, "offset": o}: everything before it is on the broker
+
+A frame is `MAGIC | payload length (u32) | CRC-32 of the payload (u32) | payload`. A torn write (the process
+or the machine died mid-append) leaves a frame whose length runs past the end of its file or whose CRC does
+not match: it is counted, logged and skipped, and reading resumes at the next MAGIC that starts a valid
+frame, so one bad frame never hides the records after it and is never misread as a record.
+
+Appends are group-committed: the records of every request that arrives while one write+fdatasync is running
+go out together in the next one, and each request is answered only after the fdatasync that covers its
+record. A segment is deleted only when the drain has every record in it acknowledged by the broker; the
+checkpoint is a hint (lost, the drain re-sends records, and the worker's dedup table drops them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from sentpipe import metrics as m
+from sentpipe.broker import Delivered, ProduceRejected
+from sentpipe.kafka import AsyncProducer
+from sentpipe.settings import Settings
+
+log = logging.getLogger("sentpipe.ingress.spool")
+
+MAGIC = b"\xf5spl"
+_HEAD = struct.Struct(">4sII")  # magic, payload length, crc32(payload)
+_FIXED = struct.Struct(">QHIIH")  # spooled_at_ms, topic length, key length, value length, header count
+_HEADER = struct.Struct(">HI")  # header name length, header value length
+MAX_FRAME = 256 * 1024**2  # a length beyond this is corruption, not a record (records are a few MiB at most)
+READ_CHUNK = 4 * 1024**2
+SEGMENT_SUFFIX = ".seg"
+CHECKPOINT = "drain.pos"
+DRAIN_WINDOW = 2000  # records in flight to the broker at once while draining
+DRAIN_BACKOFF_S = (0.25, 5.0)
+CHECKPOINT_EVERY_S = 0.5
+
+
+class SpoolFull(Exception):
+    """SENTPIPE_SPOOL_MAX_BYTES reached: the record was not written."""
+
+
+class SpoolError(Exception):
+    """The disk refused the write (ENOSPC, EIO, ...): the record may not be durable and must not be acked."""
+
+
+class SpoolLocked(Exception):
+    """Another process owns this spool directory."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolRecord:
+    topic: str
+    key: bytes
+    value: bytes
+    headers: tuple[tuple[str, bytes], ...]
+    spooled_at_ms: int
+
+
+# --- framing (pure) ---------------------------------------------------------------------------------------
+def encode_frame(rec: SpoolRecord) -> bytes:
+    topic = rec.topic.encode()
+    parts = [
+        _FIXED.pack(rec.spooled_at_ms, len(topic), len(rec.key), len(rec.value), len(rec.headers)),
+        topic,
+        rec.key,
+        rec.value,
+    ]
+    for name, value in rec.headers:
+        raw = name.encode()
+        parts += [_HEADER.pack(len(raw), len(value)), raw, value]
+    payload = b"".join(parts)
+    return _HEAD.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+def decode_payload(payload: bytes) -> SpoolRecord:
+    """ValueError for anything that is not exactly one encoded record."""
+    try:
+        at, tlen, klen, vlen, nh = _FIXED.unpack_from(payload, 0)
+        pos = _FIXED.size
+        topic = payload[pos : pos + tlen].decode()
+        pos += tlen
+        key = payload[pos : pos + klen]
+        pos += klen
+        value = payload[pos : pos + vlen]
+        pos += vlen
+        headers = []
+        for _ in range(nh):
+            nlen, hlen = _HEADER.unpack_from(payload, pos)
+            pos += _HEADER.size
+            name = payload[pos : pos + nlen].decode()
+            pos += nlen
+            headers.append((name, payload[pos : pos + hlen]))
+            pos += hlen
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise ValueError(f"undecodable record: {exc}") from None
+    if pos != len(payload) or len(key) != klen or len(value) != vlen:
+        raise ValueError("record length does not match its fields")
+    return SpoolRecord(topic, key, value, tuple(headers), at)
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    start: int  # offsets within the buffer scanned
+    end: int
+    record: SpoolRecord | None  # None: a corrupt or torn region, skipped
+
+
+def scan(buf: bytes | memoryview, *, final: bool) -> Iterator[Frame]:
+    """The frames of `buf` in order, corrupt regions as Frame(record=None).
+
+    With final=False an incomplete frame at the end is not reported (more bytes may come); with final=True
+    (the end of a file) it is a torn write and reported as corrupt."""
+    view = memoryview(buf)
+    size = len(view)
+    pos = 0
+    while pos < size:
+        bad_at: int | None = None
+        if size - pos < _HEAD.size:
+            if final:
+                yield Frame(pos, size, None)
+            return
+        magic, length, crc = _HEAD.unpack_from(view, pos)
+        if magic != MAGIC or length > MAX_FRAME:
+            bad_at = pos
+        elif pos + _HEAD.size + length > size:
+            if not final:
+                return
+            bad_at = pos  # runs past the end: torn, unless a valid frame starts inside it
+        else:
+            payload = bytes(view[pos + _HEAD.size : pos + _HEAD.size + length])
+            if zlib.crc32(payload) != crc:
+                bad_at = pos
+            else:
+                try:
+                    rec = decode_payload(payload)
+                except ValueError:
+                    bad_at = pos
+                else:
+                    end = pos + _HEAD.size + length
+                    yield Frame(pos, end, rec)
+                    pos = end
+                    continue
+        # Resynchronise: the next MAGIC after the bad one (a false MAGIC inside data fails its CRC in turn).
+        nxt = bytes(view[bad_at + 1 :]).find(MAGIC)
+        end = size if nxt < 0 else bad_at + 1 + nxt
+        yield Frame(bad_at, end, None)
+        pos = end
+
+
+# --- the spool --------------------------------------------------------------------------------------------
+@dataclass
+class _Segment:
+    seq: int
+    path: Path
+    size: int  # bytes known durable (committed appends; whole file for segments found at start)
+    records: int  # records not yet acknowledged by the broker
+
+
+@dataclass
+class DrainProgress:
+    drained: int
+    remaining: int
+    corrupt: int
+
+
+class Spool:
+    """One process's spool directory. Appends and drains run on one event loop; disk work runs in threads."""
+
+    def __init__(self, directory: Path, max_bytes: int, segment_bytes: int, *, gauges: bool = True) -> None:
+        self.dir = directory
+        self.gauges = gauges  # this process's own spool sets the spool gauges; an adopted one does not
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.segments: list[_Segment] = []  # oldest first; the last one takes appends
+        self.bytes = 0  # on disk, in segments
+        self.records = 0  # not yet acknowledged by the broker
+        self.corrupt = 0  # frames skipped since open
+        self.oldest_ms: int | None = None  # spooled_at of the oldest record not yet acknowledged
+        self.drain_seg = 0  # where the drain goes on: segment seq and byte offset
+        self.drain_off = 0
+        self._lock_fd: int | None = None
+        self._fd: int | None = None  # the segment taking appends (None: next append opens a new one)
+        self._fd_seq = 0
+        self._next_seq = 1
+        self._pending: list[tuple[bytes, int, asyncio.Future[None]]] = []
+        self._pending_bytes = 0
+        self._writer: asyncio.Task[None] | None = None
+        self._appended = asyncio.Event()
+        self._checkpointed_at = 0.0
+        self._full = False
+        # Last time a drain window ended (acknowledged or refused), or the spool started filling: a drain
+        # that stops ending windows while records wait is hung. A broker that refuses is not (the oldest
+        # record's age shows that).
+        self.progress_at = time.monotonic()
+
+    # --- open / close ----------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Take the directory (SpoolLocked if another process has it) and read what a previous run left."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SpoolLocked(f"spool directory {self.dir} is in use by another process") from None
+        self._lock_fd = fd
+        self._load(take_over=True)
+        if self.gauges:
+            m.SPOOL_MAX_BYTES.set(self.max_bytes)
+            m.SPOOL_OLDEST_AGE.set_function(self.oldest_age_s)
+        self._update_gauges()
+
+    def _load(self, *, take_over: bool) -> int:
+        """Read the segments a previous run left; the number of corrupt regions found in them. Only the
+        owner (take_over) deletes segments that the checkpoint says are drained."""
+        seg_no, offset = self._read_checkpoint()
+        self._next_seq = seg_no + 1
+        self.segments = []
+        corrupt = 0
+        for path in sorted(self.dir.glob("*" + SEGMENT_SUFFIX)):
+            try:
+                seq = int(path.stem)
+            except ValueError:
+                continue
+            self._next_seq = max(self._next_seq, seq + 1)
+            if seq < seg_no:  # drained before the last checkpoint; its deletion did not happen
+                if take_over:
+                    path.unlink(missing_ok=True)
+                continue
+            size = path.stat().st_size
+            start = offset if seq == seg_no else 0
+            with path.open("rb") as f:
+                f.seek(start)
+                data = f.read(size - start)
+            records = 0
+            oldest: int | None = None
+            for frame in scan(data, final=True):
+                if frame.record is None:
+                    corrupt += 1
+                    continue
+                records += 1
+                if oldest is None:
+                    oldest = frame.record.spooled_at_ms
+            self.segments.append(_Segment(seq, path, size, records))
+            self.records += records
+            self.bytes += size
+            if self.oldest_ms is None:
+                self.oldest_ms = oldest
+        if self.segments:
+            first = self.segments[0]
+            self.drain_seg, self.drain_off = first.seq, (offset if first.seq == seg_no else 0)
+        return corrupt
+
+    def oldest_age_s(self) -> float:
+        return 0.0 if self.oldest_ms is None else max(0.0, time.time() - self.oldest_ms / 1000)
+
+    def _note_corrupt(self, path: Path, frame: Frame) -> None:
+        self.corrupt += 1
+        m.SPOOL_CORRUPT.inc()
+        log.warning(
+            "spool: skipped %d unreadable bytes in %s at offset %d (torn or corrupt frame)",
+            frame.end - frame.start,
+            path.name,
+            frame.start,
+        )
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- state -------------------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        """Records wait in the spool (or are being written): new records go behind them, not around them."""
+        return self.records > 0 or bool(self._pending) or self._writer_busy
+
+    @property
+    def _writer_busy(self) -> bool:
+        return self._writer is not None and not self._writer.done()
+
+    @property
+    def full(self) -> bool:
+        """A record was refused for lack of room, and no segment has been drained since."""
+        return self._full
+
+    def _update_gauges(self) -> None:
+        if not self.gauges:
+            return
+        m.SPOOL_RECORDS.set(self.records)
+        m.SPOOL_BYTES.set(self.bytes)
+
+    # --- appends -----------------------------------------------------------------------------------------
+    async def append(self, rec: SpoolRecord) -> None:
+        """Return once `rec` is fsynced. SpoolFull: no room under SENTPIPE_SPOOL_MAX_BYTES; SpoolError: the
+        disk failed."""
+        frame = encode_frame(rec)
+        if self.bytes + self._pending_bytes + len(frame) > self.max_bytes:
+            self._full = True
+            raise SpoolFull(f"spool is full ({self.bytes} of {self.max_bytes} bytes)")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((frame, rec.spooled_at_ms, fut))
+        self._pending_bytes += len(frame)
+        if not self._writer_busy:
+            self._writer = asyncio.get_running_loop().create_task(self._commit())
+        # A request that goes away still has its record written: it will be drained (a duplicate at worst).
+        await asyncio.shield(fut)
+
+    async def _commit(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            self._pending_bytes -= sum(len(f) for f, _, _ in batch)
+            data = b"".join(f for f, _, _ in batch)
+            t0 = time.perf_counter()
+            try:
+                seq, path, size = await asyncio.to_thread(self._write, data)
+            except OSError as exc:
+                log.error("spool: write to %s failed: %s", self.dir, exc)
+                m.SPOOL_WRITE_ERRORS.inc()
+                self._abandon_segment()
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(SpoolError(f"spool write failed ({exc.strerror or exc})"))
+                continue
+            m.SPOOL_FSYNC_SECONDS.observe(time.perf_counter() - t0)
+            if not self.segments or self.segments[-1].seq != seq:
+                self.segments.append(_Segment(seq, path, 0, 0))
+                if len(self.segments) == 1:
+                    self.drain_seg, self.drain_off = seq, 0
+            if self.records == 0:
+                self.progress_at = time.monotonic()  # a drain's clock starts when there is work
+            seg = self.segments[-1]
+            seg.size = size
+            seg.records += len(batch)
+            self.records += len(batch)
+            self.bytes += len(data)
+            if self.oldest_ms is None:
+                self.oldest_ms = batch[0][1]
+            m.SPOOL_SPOOLED.inc(len(batch))
+            self._update_gauges()
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+            self._appended.set()
+
+    def _write(self, data: bytes) -> tuple[int, Path, int]:
+        """In a thread: append to the current segment (a new one past the segment size) and fdatasync."""
+        if self._fd is not None and os.fstat(self._fd).st_size >= self.segment_bytes:
+            os.close(self._fd)
+            self._fd = None
+        if self._fd is None:
+            seq, self._next_seq = self._next_seq, self._next_seq + 1
+            path = self.dir / f"{seq:016d}{SEGMENT_SUFFIX}"
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._fd_seq = seq
+            self._fsync_dir()  # the new file's name is as durable as its contents
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        os.fdatasync(self._fd)
+        seq = self._fd_seq
+        return seq, self.dir / f"{seq:016d}{SEGMENT_SUFFIX}", os.fstat(self._fd).st_size
+
+    def _abandon_segment(self) -> None:
+        """After a failed write the segment's tail is unknown: appends go to a new segment. A partly written
+        frame there is skipped as torn; a whole one is drained although its request got 503 (a duplicate)."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+            if self.segments:
+                # Let the drain read the whole file, not just the committed part: it may delete it afterwards.
+                with contextlib.suppress(OSError):
+                    self.segments[-1].size = self.segments[-1].path.stat().st_size
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # --- drain -------------------------------------------------------------------------------------------
+    def _read_checkpoint(self) -> tuple[int, int]:
+        try:
+            data = orjson.loads((self.dir / CHECKPOINT).read_bytes())
+            return int(data["segment"]), int(data["offset"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0, 0
+
+    def _write_checkpoint(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._checkpointed_at < CHECKPOINT_EVERY_S:
+            return
+        self._checkpointed_at = now
+        tmp = self.dir / (CHECKPOINT + ".tmp")
+        # No fsync: a lost checkpoint only means records drained again (and dropped by the dedup table).
+        tmp.write_bytes(orjson.dumps({"segment": self.drain_seg, "offset": self.drain_off}))
+        tmp.replace(self.dir / CHECKPOINT)
+
+    async def drain(
+        self,
+        send: Callable[[SpoolRecord], asyncio.Future[Delivered]],
+        *,
+        can_send: Callable[[], bool] = lambda: True,
+        progress: Callable[[DrainProgress], None] | None = None,
+        once: bool = False,
+    ) -> DrainProgress:
+        """Produce the spooled records oldest first, DRAIN_WINDOW at a time, and delete what the broker has.
+
+        A failed window is sent again from its first failed record after a backoff (records after it that
+        did land are sent twice: the dedup table drops them). Runs until cancelled; with once=True it
+        returns when the spool is empty or a window fails."""
+        drained = 0
+        delay = DRAIN_BACKOFF_S[0]
+        while True:
+            if not self.segments or (not can_send() and not once):
+                if once:
+                    break
+                self._appended.clear()
+                if not self.segments:
+                    await self._appended.wait()
+                else:
+                    await asyncio.sleep(DRAIN_BACKOFF_S[0])
+                continue
+            seg = self.segments[0]
+            frames = await asyncio.to_thread(self._read_window, seg)
+            if not frames:
+                if self._finish_segment(seg):
+                    continue
+                # The current segment is drained up to what is committed; wait for more appends.
+                if once:
+                    break
+                self._appended.clear()
+                await self._appended.wait()
+                continue
+            records = [f.record for f in frames if f.record is not None]
+            futs: list[asyncio.Future[Delivered]] = []
+            refused: BaseException | None = None
+            for rec in records:
+                try:
+                    futs.append(send(rec))
+                except ProduceRejected as exc:  # the local queue is full: send the rest in the next window
+                    refused = exc
+                    break
+            results: list[Delivered | BaseException] = list(
+                await asyncio.gather(*futs, return_exceptions=True)
+            )
+            if refused is not None:
+                results.append(refused)
+            ok = 0
+            for result in results:
+                if isinstance(result, BaseException):
+                    break
+                ok += 1
+            # Advance past every frame before the first failure (corrupt regions included).
+            acked_until = self.drain_off
+            done_records = 0
+            for frame in frames:
+                if frame.record is not None:
+                    if done_records == ok:
+                        break
+                    done_records += 1
+                acked_until = frame.end
+            if ok == len(records):
+                acked_until = frames[-1].end
+            self.drain_off = acked_until
+            self.progress_at = time.monotonic()
+            seg.records -= ok
+            self.records -= ok
+            drained += ok
+            m.SPOOL_DRAINED.inc(ok)
+            self.oldest_ms = self._next_oldest(frames, acked_until)
+            self._write_checkpoint()
+            self._update_gauges()
+            if progress is not None:
+                progress(DrainProgress(drained, self.records, self.corrupt))
+            if ok < len(records):
+                failure = results[ok]
+                reason = failure.reason if isinstance(failure, ProduceRejected) else repr(failure)
+                log.warning("spool: drain paused, broker refused a record (%s); retrying", reason)
+                if once:
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, DRAIN_BACKOFF_S[1])
+            else:
+                delay = DRAIN_BACKOFF_S[0]
+        self._write_checkpoint(force=True)
+        return DrainProgress(drained, self.records, self.corrupt)
+
+    async def run(
+        self,
+        send: Callable[[SpoolRecord], asyncio.Future[Delivered]],
+        can_send: Callable[[], bool],
+    ) -> None:
+        """The ingress's background drain: `drain` for as long as the process runs, restarted after an
+        unexpected error (a disk read failing) so spooled records are never left behind silently."""
+        while True:
+            try:
+                await self.drain(send, can_send=can_send)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("spool: drain failed; retrying in %.0f s", DRAIN_BACKOFF_S[1])
+                await asyncio.sleep(DRAIN_BACKOFF_S[1])
+
+    def _next_oldest(self, frames: Sequence[Frame], acked_until: int) -> int | None:
+        if self.records == 0:
+            return None
+        for frame in frames:
+            if frame.start >= acked_until and frame.record is not None:
+                return frame.record.spooled_at_ms
+        return self.oldest_ms  # the next record is beyond this window; refreshed on the next one
+
+    def _read_window(self, seg: _Segment) -> list[Frame]:
+        """In a thread: up to DRAIN_WINDOW frames of `seg` from the drain position, within its durable
+        size."""
+        if self.drain_seg != seg.seq:
+            self.drain_seg, self.drain_off = seg.seq, 0
+        end = seg.size
+        out: list[Frame] = []
+        start = self.drain_off
+        with seg.path.open("rb") as f:
+            while start < end and len(out) < DRAIN_WINDOW:
+                f.seek(start)
+                data = f.read(min(READ_CHUNK, end - start))
+                # The last read of a file that is sealed (or fully committed) may end in a torn frame.
+                final = start + len(data) >= end
+                got = 0
+                for frame in scan(data, final=final):
+                    frame = Frame(start + frame.start, start + frame.end, frame.record)
+                    if frame.record is None:
+                        self._note_corrupt(seg.path, frame)
+                    out.append(frame)
+                    got = frame.end - start
+                    if len(out) >= DRAIN_WINDOW:
+                        break
+                if got == 0:
+                    if len(data) < end - start:  # one frame larger than the chunk: read it whole
+                        f.seek(start)
+                        data = f.read(end - start)
+                        for frame in scan(data, final=True):
+                            frame = Frame(start + frame.start, start + frame.end, frame.record)
+                            if frame.record is None:
+                                self._note_corrupt(seg.path, frame)
+                            out.append(frame)
+                            break
+                        if out:
+                            start = out[-1].end
+                            continue
+                    break
+                start += got
+        return out
+
+    def _finish_segment(self, seg: _Segment) -> bool:
+        """The drain reached the end of `seg`: delete it if nothing can be appended to it any more. True when
+        the drain may go on with the next segment."""
+        is_current = seg is self.segments[-1]
+        if is_current and (self._pending or self._writer_busy):
+            return False
+        if is_current and self._fd is not None:
+            os.close(self._fd)  # the next append opens a new segment
+            self._fd = None
+        seg.path.unlink(missing_ok=True)
+        self.segments.pop(0)
+        self.bytes -= seg.size
+        self._full = False
+        self.records -= seg.records  # only records lost to corruption can remain counted here
+        seg.records = 0
+        if self.segments:
+            self.drain_seg, self.drain_off = self.segments[0].seq, 0
+        else:
+            self.drain_seg, self.drain_off = seg.seq, seg.size
+            self.records = 0
+            self.oldest_ms = None
+        self._write_checkpoint(force=True)
+        self._update_gauges()
+        return True
+
+
+@dataclass(frozen=True)
+class SpoolStatus:
+    dir: Path
+    in_use: bool  # an ingress process holds it
+    segments: int
+    records: int
+    bytes: int
+    oldest_age_s: float | None
+    corrupt_frames: int
+
+
+def status_of(directory: Path) -> SpoolStatus:
+    """What `sentpipe spool status` shows for one directory, read without taking it over."""
+    spool = Spool(directory, max_bytes=1, segment_bytes=1)
+    corrupt = spool._load(take_over=False)
+    return SpoolStatus(
+        dir=directory,
+        in_use=is_locked(directory),
+        segments=len(spool.segments),
+        records=spool.records,
+        bytes=spool.bytes,
+        oldest_age_s=None if spool.oldest_ms is None else spool.oldest_age_s(),
+        corrupt_frames=corrupt,
+    )
+
+
+def is_locked(directory: Path) -> bool:
+    try:
+        fd = os.open(directory / ".lock", os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock taken here
+    return False
+
+
+def process_dir(root: Path, index: int) -> Path:
+    """Each ingress process (SENTPIPE_INGRESS_WORKERS) has its own directory under SENTPIPE_SPOOL_DIR."""
+    return root / f"ingress-{index}"
+
+
+async def adopt_orphans(
+    root: Path,
+    workers: int,
+    send: Callable[[SpoolRecord], asyncio.Future[Delivered]],
+    can_send: Callable[[], bool],
+) -> None:
+    """Drain the directories of process indexes >= `workers` that no process holds (left behind when
+    SENTPIPE_INGRESS_WORKERS went down), then remove them. Run by process 0."""
+    for path in process_dirs(root):
+        index = int(path.name.removeprefix("ingress-"))
+        if index < workers:
+            continue
+        orphan = Spool(path, max_bytes=1, segment_bytes=1, gauges=False)
+        try:
+            orphan.open()
+        except (SpoolLocked, OSError):
+            continue
+        try:
+            if orphan.records:
+                log.warning("spool: draining %d records left in %s", orphan.records, path)
+            while orphan.segments:
+                if can_send():
+                    await orphan.drain(send, once=True)
+                if orphan.segments:
+                    await asyncio.sleep(DRAIN_BACKOFF_S[0])
+            for leftover in path.iterdir():
+                leftover.unlink()
+        finally:
+            orphan.close()
+        path.rmdir()
+
+
+def process_dirs(root: Path) -> list[Path]:
+    """Every process directory under SENTPIPE_SPOOL_DIR, in index order."""
+    found = []
+    for path in root.glob("ingress-*"):
+        suffix = path.name.removeprefix("ingress-")
+        if path.is_dir() and suffix.isdigit():
+            found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
+
+
+@dataclass(frozen=True)
+class DrainOutcome:
+    dir: Path
+    state: str  # drained | empty | in_use (an ingress holds it: it drains it itself) | incomplete
+    drained: int
+    remaining: int
+    corrupt: int
+
+
+async def drain_directories(
+    settings: Settings, dirs: Sequence[Path], progress: Callable[[int, int], None] | None = None
+) -> list[DrainOutcome]:
+    """`sentpipe spool drain`: one pass over spool directories no process holds, each to the broker and
+    deleted as it empties. A window the broker refuses ends that directory's pass (state incomplete)."""
+    producer = AsyncProducer.from_settings(settings)
+    await producer.start()
+    outcomes = []
+    try:
+        spools: list[tuple[Path, Spool | None]] = []
+        for path in dirs:
+            held = Spool(path, settings.spool_max_bytes, settings.spool_segment_bytes, gauges=False)
+            try:
+                held.open()
+            except SpoolLocked:
+                spools.append((path, None))
+                continue
+            spools.append((path, held))
+        total = sum(s.records for _, s in spools if s is not None)
+        done = 0
+        for path, spool in spools:
+            if spool is None:
+                outcomes.append(DrainOutcome(path, "in_use", 0, status_of(path).records, 0))
+                continue
+            try:
+                if not spool.segments:
+                    outcomes.append(DrainOutcome(path, "empty", 0, 0, 0))
+                    continue
+                before = done
+
+                def report(p: DrainProgress, before: int = before) -> None:
+                    if progress is not None:
+                        progress(before + p.drained, total)
+
+                result = await spool.drain(
+                    lambda rec: producer.produce(rec.topic, rec.key, rec.value, rec.headers),
+                    once=True,
+                    progress=report,
+                )
+                done += result.drained
+                state = "drained" if not spool.segments else "incomplete"
+                outcomes.append(DrainOutcome(path, state, result.drained, spool.records, result.corrupt))
+            finally:
+                spool.close()
+    finally:
+        await producer.close(timeout=settings.produce_timeout_s * 2)
+    return outcomes
