@@ -103,10 +103,15 @@ def _init_metrics(tenants: list[str]) -> None:
     the first 503, 401 or dead letter, or the first one is never seen (and `_created` series are off)."""
     for reason in REASONS:
         m.DLQ_EVENTS.labels("ingress", reason)
-    for refused in ("overloaded", "body_timeout", "broker_down"):
+    for refused in ("overloaded", "body_timeout", "broker_down", "spool_full"):
         m.INGRESS_REFUSED.labels(refused)
     for tenant in [*tenants, "unknown"]:
-        for outcome, status in (("accepted", "200"), ("unavailable", "503"), ("overloaded", "503")):
+        for outcome, status in (
+            ("accepted", "200"),
+            ("spooled", "200"),
+            ("unavailable", "503"),
+            ("overloaded", "503"),
+        ):
             m.INGRESS_REQUESTS.labels(tenant, outcome, status)
         reasons = ["unknown_tenant"] if tenant == "unknown" else [why.value for why in Reason]
         for reason in reasons:
@@ -451,6 +456,13 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
     )
     app[PRODUCER] = producer
     app[STALL_AFTER_S] = settings.stall_after_s
+
+    def accepting() -> float:
+        # Read at scrape time. While the pod is unready (a full Kafka outage without spool room) no request
+        # reaches it and nothing is counted; this gauge is what the outage alert sees instead.
+        return float(producer.unavailable is None or (spool is not None and not spool.full))
+
+    m.INGRESS_ACCEPTING.set_function(accepting)
 
     async def producer_ctx(app: web.Application) -> AsyncIterator[None]:
         await producer.start()
