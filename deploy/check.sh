@@ -194,6 +194,7 @@ printf '    ok  %s\n' "worker.split.projector.replicas > kafka.routedPartitions 
 say "Prometheus rules and config"
 check "promtool check rules deploy/prometheus/rules.yml" promtool check rules deploy/prometheus/rules.yml
 check "promtool test rules deploy/prometheus/rules_test.yml" promtool test rules deploy/prometheus/rules_test.yml
+"$venv/bin/python" deploy/check_rules.py || die "alert rule conventions (deploy/check_rules.py)"
 check "promtool check config deploy/compose/prometheus.yml" promtool check config deploy/compose/prometheus.yml
 
 # --- Grafana -------------------------------------------------------------------------------------------
