@@ -188,6 +188,20 @@ def _() -> None:
     assert "sp-sentpipe-projector" in kinds(objs, "Deployment")
 
 
+@check("standby table replicas only where another router can hold them; the projector has no table")
+def _() -> None:
+    def standbys(objs: Objects) -> dict[str, str]:
+        out = {}
+        for name, w in workloads(objs).items():
+            for e in pod(w)["spec"]["containers"][0]["env"]:
+                if e["name"] == "SENTPIPE_TABLE_STANDBY_REPLICAS":
+                    out[name] = e["value"]
+        return out
+
+    assert standbys(render(*SECRET, "--set", "worker.split.enabled=true")) == {"sp-sentpipe-router": "1"}
+    assert standbys(render(*SECRET, "--set", "worker.replicas=1")) == {"sp-sentpipe-worker": "0"}
+
+
 @check("soft spreading over nodes by default, each workload counting its own pods")
 def _() -> None:
     for name, w in workloads(render(*SECRET, "--set", "worker.split.enabled=true")).items():

@@ -482,6 +482,7 @@ def create_app(
         settings.app_id,
         broker=faust_broker(settings.kafka_bootstrap),
         store=settings.table_store,
+        table_standby_replicas=settings.table_standby_replicas,
         datadir=str(_mkdirs(settings.data_dir) / settings.app_id),
         processing_guarantee="at_least_once",
         topic_partitions=settings.raw_partitions,
