@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install jars browser run test test-fast lint format services-up services-down check-deploy bench up down clean
+.PHONY: install jars browser run test test-fast lint format services-up services-down check-deploy lock bench up down clean
 
 install: $(STAMP) jars browser
 
@@ -62,6 +62,16 @@ test-fast: install
 
 check-deploy: $(STAMP)
 	@if [ -x deploy/check.sh ]; then deploy/check.sh; else echo "deploy/check.sh not present"; fi
+
+# requirements.lock: the image's dependencies (with the rocksdb extra and the build backend) at exact
+# versions with sha256 hashes, resolved from pyproject.toml. Run after changing the dependencies there.
+# pip-tools lives in a virtualenv of its own under .local/, so it cannot move the project's pins.
+PIP_TOOLS_VERSION := 7.5.2
+lock:
+	test -x .local/pip-tools/bin/pip-compile || { $(PYTHON) -m venv .local/pip-tools && \
+	  .local/pip-tools/bin/pip install -q "pip-tools==$(PIP_TOOLS_VERSION)"; }
+	.local/pip-tools/bin/pip-compile pyproject.toml --extra rocksdb --all-build-deps --allow-unsafe \
+	  --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links --quiet -o requirements.lock
 
 bench: install
 	$(PY) -m bench

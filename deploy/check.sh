@@ -134,79 +134,110 @@ kubeconform=$bin/kubeconform
 
 # --- Helm chart ----------------------------------------------------------------------------------------
 say "Helm chart ($chart)"
+# The chart generates no signing secret (a random one would differ on every render): give it one.
+secret=(--set secrets.webhookSecret=not-a-real-secret)
+# ServiceMonitor and PrometheusRule are refused unless the cluster serves their CRDs; say it does.
+crds=(--api-versions monitoring.coreos.com/v1/ServiceMonitor --api-versions monitoring.coreos.com/v1/PrometheusRule)
 value_args() {  # NAME -> sets the array `args`
   case $1 in
-    default) args=() ;;
+    default) args=("${secret[@]}") ;;
     production) args=(-f deploy/helm/values-production.yaml) ;;
     # Every optional branch at once, so that templates behind flags are validated too.
-    all-options) args=(--set worker.rocksdb.enabled=true --set "secrets.tenants.acme[0]=not-a-real-secret"
+    all-options) args=("${secret[@]}" --set worker.rocksdb.enabled=true --set "secrets.tenants.acme[0]=not-a-real-secret"
       --set ingress.autoscaling.enabled=true --set ingress.autoscaling.requestsPerSecond.enabled=true
       --set ingress.expose.enabled=true --set serviceMonitor.enabled=true --set "worker.handlerModules[0]=handlers"
       --set worker.split.enabled=true --set worker.split.projector.resources.requests.cpu=100m
-      --set console.enabled=true --set console.token=not-a-real-console-token) ;;
+      --set console.enabled=true --set console.token=not-a-real-console-token
+      --set prometheusRule.enabled=true --set "image.digest=sha256:$(printf 'ab%.0s' {1..32})") ;;
+    # Edge values: one replica each (no budgets), workers stopped, a Secret managed elsewhere.
+    one-replica) args=("${secret[@]}" --set ingress.replicas=1 --set worker.replicas=1) ;;
+    workers-stopped) args=("${secret[@]}" --set worker.replicas=0 --set worker.split.enabled=true
+      --set worker.split.projector.replicas=0) ;;
+    existing-secret) args=(--set secrets.existingSecret=sentpipe-credentials --set secrets.tenantsFile=true
+      --set secrets.reloader=true --set worker.rocksdb.persistence.enabled=false) ;;
   esac
 }
-for name in default production all-options; do
+for name in default production all-options one-replica workers-stopped existing-secret; do
   value_args "$name"
-  check "helm lint ($name values)" "$helm" lint --strict "$chart" --kube-version "${KUBE_VERSIONS[-1]}" "${args[@]}"
+  # helm lint cannot be told which APIs the cluster serves (no --api-versions), so it sees the Prometheus
+  # Operator kinds switched off; `helm template` below renders and validates them.
+  check "helm lint ($name values)" "$helm" lint --strict "$chart" --kube-version "${KUBE_VERSIONS[-1]}" "${args[@]}" \
+    --set serviceMonitor.enabled=false --set prometheusRule.enabled=false
   for kube in "${KUBE_VERSIONS[@]}"; do
     check "helm template ($name values, Kubernetes $kube)" \
-      "$helm" template sentpipe "$chart" --namespace sentpipe --kube-version "$kube" "${args[@]}" \
+      "$helm" template sentpipe "$chart" --namespace sentpipe --kube-version "$kube" "${crds[@]}" "${args[@]}" \
       --output-dir "$work/$name-$kube"
     schemas=$(kube_schemas "$kube")
-    # ServiceMonitor is a CRD (Prometheus Operator); no Kubernetes schema covers it, so it is skipped.
-    check "kubeconform ($name values, Kubernetes $kube; ServiceMonitor skipped)" \
-      "$kubeconform" -strict -summary -kubernetes-version "$kube" -skip ServiceMonitor \
+    # ServiceMonitor and PrometheusRule are CRDs (Prometheus Operator); no Kubernetes schema covers them.
+    check "kubeconform ($name values, Kubernetes $kube; Prometheus Operator kinds skipped)" \
+      "$kubeconform" -strict -summary -kubernetes-version "$kube" -skip ServiceMonitor,PrometheusRule \
       -schema-location "$schemas/{{ .NormalizedKubernetesVersion }}-local{{ .StrictSuffix }}/{{ .ResourceKind }}{{ .KindSuffix }}.json" \
       "$work/$name-$kube"
     printf '        %s\n' "$(tail -n 1 "$work/out")"
   done
 done
-if "$helm" template sentpipe "$chart" --kube-version "${KUBE_VERSIONS[-1]}" --set worker.replicas=13 >"$work/out" 2>&1; then
+if "$helm" template sentpipe "$chart" --kube-version "${KUBE_VERSIONS[-1]}" "${secret[@]}" --set worker.replicas=13 >"$work/out" 2>&1; then
   die "helm template accepted worker.replicas above kafka.rawPartitions"
 fi
 grep -q "exceeds kafka.rawPartitions" "$work/out" || { cat "$work/out" >&2; die "unexpected error for worker.replicas=13"; }
 printf '    ok  %s\n' "worker.replicas > kafka.rawPartitions is refused"
-if "$helm" template sentpipe "$chart" --kube-version "${KUBE_VERSIONS[-1]}" --set worker.split.enabled=true \
+if "$helm" template sentpipe "$chart" --kube-version "${KUBE_VERSIONS[-1]}" "${secret[@]}" --set worker.split.enabled=true \
   --set worker.split.projector.replicas=13 >"$work/out" 2>&1; then
   die "helm template accepted worker.split.projector.replicas above kafka.routedPartitions"
 fi
 grep -q "worker.split.projector.replicas (13) exceeds kafka.routedPartitions" "$work/out" \
   || { cat "$work/out" >&2; die "unexpected error for worker.split.projector.replicas=13"; }
 printf '    ok  %s\n' "worker.split.projector.replicas > kafka.routedPartitions is refused"
-if "$helm" template sentpipe "$chart" --kube-version "${KUBE_VERSIONS[-1]}" --set console.enabled=true \
+if "$helm" template sentpipe "$chart" --kube-version "${KUBE_VERSIONS[-1]}" "${secret[@]}" --set console.enabled=true \
   >"$work/out" 2>&1; then
   die "helm template accepted console.enabled without a token"
 fi
 grep -q "console.enabled needs its sign-in token" "$work/out" \
   || { cat "$work/out" >&2; die "unexpected error for console.enabled without a token"; }
 printf '    ok  %s\n' "console.enabled without a token is refused"
+# What the rendered objects do: probes, per-role secret checksums, NetworkPolicy, budgets, PrometheusRule.
+"$venv/bin/python" deploy/check_chart.py "$helm" "${KUBE_VERSIONS[-1]}" || die "rendered chart assertions (deploy/check_chart.py)"
 
 # --- Prometheus ----------------------------------------------------------------------------------------
 say "Prometheus rules and config"
 check "promtool check rules deploy/prometheus/rules.yml" promtool check rules deploy/prometheus/rules.yml
 check "promtool test rules deploy/prometheus/rules_test.yml" promtool test rules deploy/prometheus/rules_test.yml
+"$venv/bin/python" deploy/check_rules.py || die "alert rule conventions (deploy/check_rules.py)"
 check "promtool check config deploy/compose/prometheus.yml" promtool check config deploy/compose/prometheus.yml
 
 # --- Grafana -------------------------------------------------------------------------------------------
 say "Grafana dashboard"
 # Every panel query is parsed by promtool as a recording rule, with Grafana's variables filled in.
 check "deploy/grafana/sentpipe.json is a dashboard" "$venv/bin/python" - deploy/grafana/sentpipe.json "$work/dashboard-rules.yml" <<'PY'
-import json, sys
+import json, re, sys
 
 dash = json.load(open(sys.argv[1]))
 assert dash.get("uid") == "sentpipe", "dashboard uid must be 'sentpipe'"
 panels = [p for p in dash["panels"] if p.get("type") != "row"]
 assert panels, "no panels"
-fill = {"$__rate_interval": "5m", "$__interval": "1m", "$tenant": ".*", "$type": ".*"}
+fill = {
+    "$__rate_interval": "5m", "$__interval": "1m", "$__range": "6h", "$tenant": ".*", "$type": ".*",
+    "$cluster": ".*", "$namespace": ".*", "$ingress_job": "sentpipe-ingress", "$worker_job": "sentpipe-worker",
+}
+variables = {v["name"] for v in dash["templating"]["list"]}
+missing = {"datasource", "cluster", "namespace", "ingress_job", "worker_job"} - variables
+assert not missing, f"dashboard variables missing: {sorted(missing)}"
 rules = []
 for p in panels:
+    if p["type"] == "stat":
+        # A stat without thresholds shows green whatever its value (a 5xx ratio of 100% included).
+        steps = p.get("fieldConfig", {}).get("defaults", {}).get("thresholds", {}).get("steps", [])
+        assert len(steps) >= 2, f"stat {p['title']!r} has no thresholds"
     assert p["datasource"]["uid"] == "${datasource}", f"panel {p['title']!r} does not use the datasource variable"
     for t in p["targets"]:
         expr = t["expr"]
         for var, value in fill.items():
             expr = expr.replace(var, value)
         assert "$" not in expr, f"unfilled variable in {t['expr']!r}"
+        for name in set(re.findall(r"\b(sentpipe_[a-z0-9_]+|up)\{", t["expr"])):
+            # Every series is scoped by the namespace variable, so two releases are never summed together.
+            scoped = re.findall(r"\b" + name + r"\{[^}]*\}", t["expr"])
+            assert all("$namespace" in m for m in scoped), f"panel {p['title']!r}: {name} not scoped: {t['expr']!r}"
         rules.append({"record": f"dashboard:panel_{p['id']}:{t['refId']}", "expr": expr})
 json.dump({"groups": [{"name": "dashboard", "rules": rules}]}, open(sys.argv[2], "w"))
 PY

@@ -29,8 +29,8 @@ from sentpipe.ingress.spool import (
 )
 from sentpipe.kafka import AsyncProducer, BrokerUnavailable, admin_client, topic_max_message_bytes
 from sentpipe.schemas import routing as r
-from sentpipe.schemas.events import MalformedEvent, frame
-from sentpipe.schemas.signature import SignatureError, Verifier
+from sentpipe.schemas.events import REASONS, MalformedEvent, frame
+from sentpipe.schemas.signature import Reason, SignatureError, Verifier
 from sentpipe.schemas.topics import Topics, record_limit_problems
 from sentpipe.settings import Settings
 
@@ -98,6 +98,27 @@ async def json_errors(
         )
 
 
+def _init_metrics(tenants: list[str]) -> None:
+    """Create the bounded label sets the alerts read at zero: a rate or increase() needs a sample before
+    the first 503, 401 or dead letter, or the first one is never seen (and `_created` series are off)."""
+    for reason in REASONS:
+        m.DLQ_EVENTS.labels("ingress", reason)
+    for refused in ("overloaded", "body_timeout", "broker_down", "spool_full"):
+        m.INGRESS_REFUSED.labels(refused)
+    for tenant in [*tenants, "unknown"]:
+        for outcome, status in (
+            ("accepted", "200"),
+            ("spooled", "200"),
+            ("unavailable", "503"),
+            ("overloaded", "503"),
+        ):
+            m.INGRESS_REQUESTS.labels(tenant, outcome, status)
+        reasons = ["unknown_tenant"] if tenant == "unknown" else [why.value for why in Reason]
+        for reason in reasons:
+            m.INGRESS_SIGNATURE_FAILURES.labels(tenant, reason)
+            m.INGRESS_REQUESTS.labels(tenant, "signature_" + reason, "401")
+
+
 class WebhookHandler:
     """POST /webhooks/sent[/{tenant}]: verify, frame, produce, answer once durable."""
 
@@ -117,6 +138,7 @@ class WebhookHandler:
         self.decoy = Verifier.decoy(default.key_count if default else 1, settings.signature_tolerance_s)
         self.topics = Topics(settings.topic_prefix)
         self.in_flight = 0
+        _init_metrics(sorted(verifiers))
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
@@ -434,6 +456,13 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
     )
     app[PRODUCER] = producer
     app[STALL_AFTER_S] = settings.stall_after_s
+
+    def accepting() -> float:
+        # Read at scrape time. While the pod is unready (a full Kafka outage without spool room) no request
+        # reaches it and nothing is counted; this gauge is what the outage alert sees instead.
+        return float(producer.unavailable is None or (spool is not None and not spool.full))
+
+    m.INGRESS_ACCEPTING.set_function(accepting)
 
     async def producer_ctx(app: web.Application) -> AsyncIterator[None]:
         await producer.start()

@@ -341,6 +341,26 @@ def _init_metrics() -> None:
             m.REPLAY_EVENTS.labels(mode_, outcome)
 
 
+class LagSeries:
+    """The router's sentpipe_consumer_lag series: only partitions this worker holds now. A partition that
+    moved to another worker after a rebalance is dropped, or `sum by (topic)` would count it twice."""
+
+    def __init__(self) -> None:
+        self.held: set[tuple[str, int]] = set()
+
+    def report(self, where: tuple[str, int], lag: int) -> None:
+        m.CONSUMER_LAG.labels(where[0], str(where[1])).set(lag)
+        self.held.add(where)
+
+    def forget(self, gone: set[tuple[str, int]]) -> None:
+        for topic, partition in gone & self.held:
+            m.CONSUMER_LAG.remove(topic, str(partition))
+        self.held -= gone
+
+    def keep_only(self, assigned: set[tuple[str, int]]) -> None:
+        self.forget(self.held - assigned)
+
+
 class ProjectorService:
     """The projector with its resources: consumer, producer for dead letters, database pool."""
 
@@ -462,6 +482,7 @@ def create_app(
         settings.app_id,
         broker=faust_broker(settings.kafka_bootstrap),
         store=settings.table_store,
+        table_standby_replicas=settings.table_standby_replicas,
         datadir=str(_mkdirs(settings.data_dir) / settings.app_id),
         processing_guarantee="at_least_once",
         topic_partitions=settings.raw_partitions,
@@ -472,8 +493,10 @@ def create_app(
         # Bigger fetches: recovery of the dedup changelog reads millions of small records.
         broker_max_poll_records=5000,
         consumer_max_fetch_size=4 * 1024 * 1024,
+        # Faust's web server is off (see below); bound to loopback should anything turn it on again.
+        web_enabled=False,
         web_port=settings.worker_web_port,
-        web_bind="0.0.0.0",
+        web_bind="127.0.0.1",
         key_serializer="raw",
         value_serializer="raw",
         # Measured in bench/ (README "Performance"): Java's murmur2 in C for the changelog marks,
@@ -485,6 +508,11 @@ def create_app(
     # Each routed batch marks up to batch_size ids at once; Faust's default changelog buffer (100) would
     # stall the stream and log "producer buffer full" for every batch.
     app.producer.buffer.max_messages = max(100, 2 * settings.batch_size)
+    # No Faust web server: its /table and /router views would let anything that reaches the port read
+    # dedup keys, and nothing here needs it (/metrics, /livez and /readyz are our own, on the metrics
+    # port). `faust worker` sets web_enabled from its --with-web option (default on), so the app's
+    # setting alone is overridden; the boot strategy's flag is what decides which services start.
+    app.boot_strategy.enable_web = False
     health = Health()
     producer = AsyncProducer.from_settings(settings, delivery_timeout_s=30.0)
     app.add_dependency(_ProducerInFaust(producer))
@@ -495,12 +523,14 @@ def create_app(
     if role == "all":
         app.add_dependency(_ProjectorInFaust(ProjectorService(settings, handlers, health)))
     app.add_dependency(_HealthInFaust(health, settings.worker_metrics_host, settings.worker_metrics_port))
+    lag_series = LagSeries()
 
     @app.on_partitions_revoked.connect  # type: ignore[untyped-decorator,arg-type]
     async def forget_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
         # Another worker routes them now; when they come back, their position is the group's commit.
         for tp in revoked:
             router.processed.pop((tp.topic, tp.partition), None)
+        lag_series.forget({(tp.topic, tp.partition) for tp in revoked})
 
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
     async def watch_progress() -> None:
@@ -509,14 +539,16 @@ def create_app(
     @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
     async def consumer_lag() -> None:
         consumer = app.consumer
-        for tp in consumer.assignment():
+        assigned = consumer.assignment()
+        lag_series.keep_only({(tp.topic, tp.partition) for tp in assigned})
+        for tp in assigned:
             try:
                 position = await consumer.position(tp)
                 highwater = consumer.highwater(tp)
             except Exception:  # lag is best effort; an unassigned or resetting partition has none
                 continue
             if position is not None and highwater is not None:
-                m.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+                lag_series.report((tp.topic, tp.partition), max(0, highwater - position))
 
     return app
 

@@ -39,6 +39,12 @@ INGRESS_SIGNATURE_FAILURES = Counter(
     ["tenant", "reason"],
 )
 
+INGRESS_ACCEPTING = Gauge(
+    "sentpipe_ingress_accepting",
+    "1 while this ingress process can take a delivery (its producer reaches a broker, or its spool has "
+    "room): what /readyz answers without its metadata round trip. Scraped also while the pod is unready.",
+)
+
 INGRESS_REFUSED = Counter(
     "sentpipe_ingress_refused",
     "Requests turned away before any work, by reason (overloaded: SENTPIPE_INGRESS_MAX_IN_FLIGHT reached; "

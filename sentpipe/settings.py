@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     # RocksDB tables: restore their files from the changelog with librdkafka before Faust starts (seconds
     # per million ids); off leaves it all to Faust's own recovery (minutes per million ids).
     table_fast_restore: bool = True
+    # Faust's standby copies of other workers' dedup table partitions (its default, 1): a failover restores
+    # from the standby instead of the whole changelog, at the cost of disk (each router holds about
+    # (1 + standbys) / routers of the table) and changelog reads. 0 with a single router (nowhere to put it).
+    table_standby_replicas: int = Field(1, ge=0)
     data_dir: Path = Path(".local/faust")
     # Sent's retries of one delivery end within about two minutes (1+2+...+64 s); a day covers those many
     # times over, and a day-long incident on either side, while 10 events/s stays under a million ids.

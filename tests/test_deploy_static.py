@@ -105,3 +105,23 @@ def test_no_signing_secret_is_committed() -> None:
 def test_compose_requires_the_webhook_secret_from_the_environment() -> None:
     compose = (ROOT / "deploy/compose/docker-compose.yml").read_text()
     assert re.search(r"SENTPIPE_WEBHOOK_SECRET: \$\{SENTPIPE_WEBHOOK_SECRET:\?", compose)
+
+
+# --- the image -------------------------------------------------------------------------------------------
+def test_the_image_installs_the_lock_with_hashes_before_the_source() -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["rocksdb"]]
+    lock = (ROOT / "requirements.lock").read_text()
+    pinned = {m.group(1).lower(): m.group(0) for m in re.finditer(r"^([A-Za-z0-9_.-]+)==\S+", lock, re.M)}
+    for requirement in wanted:
+        name = re.split(r"[\[<>=!~; ]", requirement, maxsplit=1)[0].lower()
+        assert name in pinned, f"{name} (pyproject.toml) is not in requirements.lock: run `make lock`"
+    blocks = re.split(r"\n(?=[A-Za-z0-9_.-]+==)", lock.split("\n\n", 1)[-1])
+    assert all("--hash=sha256:" in b for b in blocks if "==" in b), "every locked requirement needs a hash"
+    docker = (ROOT / "Dockerfile").read_text()
+    assert (
+        docker.index("COPY requirements.lock") < docker.index("--require-hashes") < docker.index("COPY . .")
+    )
+    assert ".env" in (ROOT / ".dockerignore").read_text()

@@ -19,6 +19,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from confluent_kafka import KafkaError
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from sentpipe.broker import ProduceRejected
@@ -445,6 +446,8 @@ async def test_while_the_producer_knows_the_broker_is_down_it_answers_503_at_onc
         assert "all_brokers_down" in orjson.loads(answer)["detail"] and took < 1.0, took
         status, _, _ = await exchange(port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 503
+        # Unready pods get no requests: the outage alert reads this gauge, scraped all the same.
+        assert REGISTRY.get_sample_value("sentpipe_ingress_accepting") == 0
         await asyncio.sleep(0.1)
         assert not queued.done()  # records already in flight keep waiting
         # The probe sees the broker answer: accepted again, without a restart.
@@ -454,6 +457,7 @@ async def test_while_the_producer_knows_the_broker_is_down_it_answers_503_at_onc
                 break
             await asyncio.sleep(0.05)
         assert producer.unavailable is None
+        assert REGISTRY.get_sample_value("sentpipe_ingress_accepting") == 1
         body = f.inbound().body
         assert (await exchange(port, head("/webhooks/sent", signed(secret, body), len(body)), body))[0] == 200
         queued.cancel()

@@ -31,8 +31,13 @@ app.kubernetes.io/instance: {{ .ctx.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
+{{/* By digest when image.digest is set (what runs cannot change under the same name), else by tag. */}}
 {{- define "sentpipe.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "sentpipe.serviceAccountName" -}}
@@ -128,4 +133,47 @@ worker.rocksdb applies), projects (talks to PostgreSQL and runs handlers), resou
 {{- end -}}
 {{- end -}}
 {{- toJson $workers -}}
+{{- end -}}
+
+{{/*
+Pod-template checksums of only what each role reads from the Secret, so that a change rolls exactly the
+pods that need it: the ingress reads webhook-secret (and tenants.json), the roles that project read
+database-url, the router reads neither (a restart would replay its dedup table for nothing). An
+existingSecret's contents are not visible to the chart: its name and secrets.existingSecretRevision stand
+in for them, so bumping a revision on `helm upgrade` rolls the pods that read that key.
+*/}}
+{{- define "sentpipe.webhookSecretChecksum" -}}
+{{- $s := .Values.secrets -}}
+{{- if $s.existingSecret -}}
+{{- toJson (list $s.existingSecret $s.tenantsFile $s.existingSecretRevision.webhook) | sha256sum -}}
+{{- else -}}
+{{- toJson (list $s.webhookSecret $s.tenants) | sha256sum -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "sentpipe.databaseUrlChecksum" -}}
+{{- $s := .Values.secrets -}}
+{{- if $s.existingSecret -}}
+{{- toJson (list $s.existingSecret $s.existingSecretRevision.database) | sha256sum -}}
+{{- else -}}
+{{- .Values.database.url | sha256sum -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A topologySpreadConstraints list with each entry's missing labelSelector filled in with the workload's own
+selector; call with (dict "constraints" LIST "selector" (include "sentpipe.selectorLabels" ...)).
+*/}}
+{{- define "sentpipe.spread" -}}
+{{- $own := dict "labelSelector" (dict "matchLabels" (.selector | fromYaml)) -}}
+{{- range .constraints }}
+- {{ toYaml (ternary . (merge (deepCopy .) $own) (hasKey . "labelSelector")) | nindent 2 | trim }}
+{{- end -}}
+{{- end -}}
+
+{{/* A CRD-backed object the user asked for must not be dropped silently: no alerts would be a surprise. */}}
+{{- define "sentpipe.requireApi" -}}
+{{- if not (.ctx.Capabilities.APIVersions.Has .api) -}}
+{{- fail (printf "%s needs the %s API (Prometheus Operator CRDs), which this cluster does not serve; with `helm template`, pass --api-versions %s" .value .api .api) -}}
+{{- end -}}
 {{- end -}}

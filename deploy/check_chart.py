@@ -1,0 +1,258 @@
+"""Assertions on the Helm chart's rendered objects, beyond schema validity (run by deploy/check.sh).
+
+    python deploy/check_chart.py HELM_BINARY KUBE_VERSION
+
+Each check renders the chart with edge values and asserts what a cluster would do with the result: probes
+that reach the worker's own event loop, secrets that roll exactly the pods that read them, no render-time
+randomness, no Faust web port, NetworkPolicies, budgets that never block a drain, a PrometheusRule that
+carries every alert. Prints one line per check; exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "deploy/helm/sentpipe"
+RULES = CHART / "files/rules.yml"
+HELM, KUBE = sys.argv[1], sys.argv[2]
+SECRET = ["--set", "secrets.webhookSecret=not-a-real-secret"]
+CRDS = [
+    *("--api-versions", "monitoring.coreos.com/v1/ServiceMonitor"),
+    *("--api-versions", "monitoring.coreos.com/v1/PrometheusRule"),
+]
+Objects = list[dict[str, Any]]
+
+
+def render(*args: str) -> Objects:
+    out = subprocess.run(
+        [HELM, "template", "sp", str(CHART), "--namespace", "sp", "--kube-version", KUBE, *CRDS, *args],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode:
+        raise AssertionError(f"helm template {' '.join(args)} failed:\n{out.stderr}")
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def refused(*args: str) -> str:
+    out = subprocess.run(
+        [HELM, "template", "sp", str(CHART), "--kube-version", KUBE, *args], capture_output=True, text=True
+    )
+    assert out.returncode != 0, f"helm template {' '.join(args)} was expected to fail"
+    return out.stderr
+
+
+def kinds(objs: Objects, kind: str) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] == kind}
+
+
+def workloads(objs: Objects) -> dict[str, dict[str, Any]]:
+    return {**kinds(objs, "Deployment"), **kinds(objs, "StatefulSet")}
+
+
+def pod(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj["spec"]["template"]  # type: ignore[no-any-return]
+
+
+def annotations(obj: dict[str, Any]) -> dict[str, str]:
+    return pod(obj)["metadata"].get("annotations") or {}
+
+
+def checksums(objs: Objects) -> dict[str, dict[str, str]]:
+    return {
+        name: {k: v for k, v in annotations(o).items() if k.startswith("checksum/")}
+        for name, o in workloads(objs).items()
+    }
+
+
+CHECKS: list[tuple[str, Callable[[], None]]] = []
+
+
+def check(what: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    def add(fn: Callable[[], None]) -> Callable[[], None]:
+        CHECKS.append((what, fn))
+        return fn
+
+    return add
+
+
+@check("no signing secret: the chart refuses to render (it generates none)")
+def _() -> None:
+    assert "secrets.webhookSecret is required" in refused()
+
+
+@check("two renders are identical (no randAlphaNum or lookup churn for Argo CD / helm template)")
+def _() -> None:
+    assert render(*SECRET) == render(*SECRET)
+
+
+@check("worker probes: HTTP /livez and /readyz on the metrics port; no Faust web port anywhere")
+def _() -> None:
+    for values in ([], ["--set", "worker.split.enabled=true"]):
+        objs = render(*SECRET, *values)
+        for name, w in workloads(objs).items():
+            if name.endswith("-ingress"):
+                continue
+            (c,) = pod(w)["spec"]["containers"]
+            assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "metrics"}, name
+            assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}, name
+            assert c["startupProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}, name
+            assert [p["name"] for p in c["ports"]] == ["metrics"], name
+            assert all(e["name"] != "SENTPIPE_WORKER_WEB_PORT" for e in c["env"]), name
+        for name, svc in kinds(objs, "Service").items():
+            assert all(p["port"] != 6066 and p["name"] != "web" for p in svc["spec"]["ports"]), name
+
+
+@check("webhook secret rotation rolls the ingress only; a database URL change, the projecting workers only")
+def _() -> None:
+    split = ["--set", "worker.split.enabled=true"]
+    base = checksums(render(*SECRET, *split))
+    assert set(base["sp-sentpipe-ingress"]) == {"checksum/webhook-secret"}
+    assert base["sp-sentpipe-router"] == {}, "the router reads nothing from the Secret"
+    assert set(base["sp-sentpipe-projector"]) == {"checksum/database-url"}
+    rotated = checksums(render("--set", "secrets.webhookSecret=rotated", *split))
+    tenants = checksums(render(*SECRET, "--set", "secrets.tenants.acme[0]=t1", *split))
+    db = checksums(render(*SECRET, "--set", "database.url=postgresql://other@db/sentpipe", *split))
+    for changed, rolls in ((rotated, "sp-sentpipe-ingress"), (tenants, "sp-sentpipe-ingress")):
+        assert [n for n in base if base[n] != changed[n]] == [rolls]
+    assert [n for n in base if base[n] != db[n]] == ["sp-sentpipe-projector"]
+    whole = checksums(render(*SECRET))
+    assert set(whole["sp-sentpipe-worker"]) == {"checksum/database-url"}  # role all projects
+
+
+@check("existingSecret: a revision bump rolls the pods reading that key; reloader annotates the ingress only")
+def _() -> None:
+    ex = ["--set", "secrets.existingSecret=creds", "--set", "secrets.tenantsFile=true"]
+    base = render(*ex)
+    assert not kinds(base, "Secret").get("sp-sentpipe"), "no chart Secret with existingSecret"
+    same = checksums(base)
+    hooked = checksums(render(*ex, "--set", "secrets.existingSecretRevision.webhook=2026-12-01"))
+    assert [n for n in same if same[n] != hooked[n]] == ["sp-sentpipe-ingress"]
+    dbrev = checksums(render(*ex, "--set", "secrets.existingSecretRevision.database=2"))
+    assert [n for n in same if same[n] != dbrev[n]] == ["sp-sentpipe-worker"]
+    rel = workloads(render(*ex, "--set", "secrets.reloader=true"))
+    annotated = {n for n, o in rel.items() if (o["metadata"].get("annotations") or {})}
+    assert annotated == {"sp-sentpipe-ingress"}, annotated
+    reload = rel["sp-sentpipe-ingress"]["metadata"]["annotations"]
+    assert reload == {"secret.reloader.stakater.com/reload": "creds"}, reload
+
+
+@check("NetworkPolicies admit the webhook and metrics ports of the ingress and only metrics of every worker")
+def _() -> None:
+    pols = kinds(render(*SECRET, "--set", "worker.split.enabled=true"), "NetworkPolicy")
+    ing, wrk = pols["sp-sentpipe-ingress"]["spec"], pols["sp-sentpipe-worker"]["spec"]
+    assert [r["ports"][0]["port"] for r in ing["ingress"]] == ["http", "metrics"]
+    assert [r["ports"][0]["port"] for r in wrk["ingress"]] == ["metrics"]
+    assert wrk["podSelector"]["matchExpressions"][0]["values"] == ["worker", "router", "projector"]
+    assert ing["policyTypes"] == wrk["policyTypes"] == ["Ingress"]
+    peer = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    scoped = kinds(
+        render(*SECRET, "--set-json", f"networkPolicy.metricsFrom={json.dumps(peer)}"), "NetworkPolicy"
+    )
+    assert scoped["sp-sentpipe-worker"]["spec"]["ingress"][0]["from"] == peer
+    assert not kinds(render(*SECRET, "--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+
+
+@check("one replica: no PodDisruptionBudget (it would block node drains); minAvailable >= replicas refused")
+def _() -> None:
+    one = ["--set", "ingress.replicas=1", "--set", "worker.replicas=1"]
+    assert not kinds(render(*SECRET, *one), "PodDisruptionBudget")
+    assert set(kinds(render(*SECRET), "PodDisruptionBudget")) == {"sp-sentpipe-ingress", "sp-sentpipe-worker"}
+    err = refused(*SECRET, "--set", "ingress.replicas=2", "--set", "ingress.pdb.minAvailable=2")
+    assert "must be below the ingress replicas" in err, err
+
+
+@check("worker.replicas 0 renders (offsets reset needs an empty group), with no budget")
+def _() -> None:
+    for split in ([], ["--set", "worker.split.enabled=true", "--set", "worker.split.projector.replicas=0"]):
+        objs = render(*SECRET, "--set", "worker.replicas=0", *split)
+        for name, w in workloads(objs).items():
+            if not name.endswith("-ingress"):
+                assert w["spec"]["replicas"] == 0, name
+        assert set(kinds(objs, "PodDisruptionBudget")) == {"sp-sentpipe-ingress"}
+
+
+@check("rocksdb + persistence: the table role is a StatefulSet with a claim; the projector a Deployment")
+def _() -> None:
+    objs = render(*SECRET, "--set", "worker.split.enabled=true")
+    (sts,) = kinds(objs, "StatefulSet").values()
+    assert sts["metadata"]["name"] == "sp-sentpipe-router" and sts["spec"]["volumeClaimTemplates"]
+    assert "sp-sentpipe-projector" in kinds(objs, "Deployment")
+
+
+@check("standby table replicas only where another router can hold them; the projector has no table")
+def _() -> None:
+    def standbys(objs: Objects) -> dict[str, str]:
+        out = {}
+        for name, w in workloads(objs).items():
+            for e in pod(w)["spec"]["containers"][0]["env"]:
+                if e["name"] == "SENTPIPE_TABLE_STANDBY_REPLICAS":
+                    out[name] = e["value"]
+        return out
+
+    assert standbys(render(*SECRET, "--set", "worker.split.enabled=true")) == {"sp-sentpipe-router": "1"}
+    assert standbys(render(*SECRET, "--set", "worker.replicas=1")) == {"sp-sentpipe-worker": "0"}
+
+
+@check("soft spreading over nodes by default, each workload counting its own pods")
+def _() -> None:
+    for name, w in workloads(render(*SECRET, "--set", "worker.split.enabled=true")).items():
+        (tsc,) = pod(w)["spec"]["topologySpreadConstraints"]
+        assert tsc["topologyKey"] == "kubernetes.io/hostname" and tsc["whenUnsatisfiable"] == "ScheduleAnyway"
+        assert tsc["labelSelector"]["matchLabels"] == w["spec"]["selector"]["matchLabels"], name
+
+
+@check("image.digest pins every container to repository@digest")
+def _() -> None:
+    digest = "sha256:" + "ab" * 32
+    objs = render(*SECRET, "--set", f"image.digest={digest}")
+    images = {
+        c["image"]
+        for o in objs
+        if o["kind"] in ("Deployment", "StatefulSet", "Job")
+        for c in pod(o)["spec"].get("initContainers", []) + pod(o)["spec"]["containers"]
+    }
+    assert images == {f"sentpipe@{digest}"}, images
+
+
+@check("PrometheusRule: every alert of files/rules.yml, runbook_url rebased; refused without the CRD")
+def _() -> None:
+    objs = render(
+        *SECRET,
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "prometheusRule.runbookBaseUrl=https://docs.example/x/",
+    )
+    (rule,) = kinds(objs, "PrometheusRule").values()
+    want = yaml.safe_load(RULES.read_text())["groups"]
+    got = rule["spec"]["groups"]
+    assert [r["alert"] for g in got for r in g["rules"]] == [r["alert"] for g in want for r in g["rules"]]
+    for g in got:
+        for r in g["rules"]:
+            assert r["annotations"]["runbook_url"].startswith("https://docs.example/x/deploy/README.md#"), r
+    err = refused(*SECRET, "--set", "prometheusRule.enabled=true")
+    assert "--api-versions monitoring.coreos.com/v1/PrometheusRule" in err, err
+
+
+def main() -> int:
+    for what, fn in CHECKS:
+        try:
+            fn()
+        except AssertionError as exc:
+            print(f"    FAILED  {what}\n{exc}", file=sys.stderr)
+            return 1
+        print(f"    ok  {what}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
