@@ -152,10 +152,16 @@ def refusal(protocol: str, error_code: int | None, text: str) -> str | None:
     refuses this client's security settings (as opposed to not answering at all); else None."""
     if error_code in _REFUSED_CODES:
         return _reason(text)
-    if error_code == KafkaError._TRANSPORT and ("SSL" in text or "ssl/tls alert" in text.lower()):
+    lower = text.lower()
+    if error_code == KafkaError._TRANSPORT and (
+        "ssl handshake failed" in lower or "ssl/tls alert" in lower or "certificate" in lower
+    ):
         return _reason(text)  # a TLS alert from the broker: e.g. no or unknown client certificate (mTLS)
     protocol = protocol.upper()
-    if not protocol.endswith("SSL") and "closed by peer" in text and "APIVERSION_QUERY" in text:
+    # Only from log lines (no error code), and counted by the caller: a broker that is shutting down can
+    # close one connection this way too.
+    first_request_closed = "closed by peer" in text and "APIVERSION_QUERY" in text
+    if error_code is None and not protocol.endswith("SSL") and first_request_closed:
         # A TLS listener drops a plaintext client's first request; a plaintext one would have answered.
         return (
             "the broker closed the connection at the first request, as a TLS listener does for a client"
