@@ -58,7 +58,8 @@ class Settings(BaseSettings):
     kafka_ssl_key_file: FilePath | None = None
     kafka_ssl_key_password: SecretStr | None = None
     kafka_ssl_check_hostname: bool = True
-    # How long the ingress and the worker wait at start for the broker to answer (CLI commands: --timeout).
+    # How long the worker waits at start for the broker to answer (the ingress at most 5 s, then starts
+    # anyway and answers 503 until Kafka does; CLI commands: --timeout). A refusing broker fails at once.
     kafka_connect_timeout_s: float = Field(10.0, gt=0)
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/sentpipe")
     webhook_secret: SecretStr = SecretStr(DEVELOPMENT_SECRET)
