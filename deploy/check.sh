@@ -155,9 +155,13 @@ value_args() {  # NAME -> sets the array `args`
       --set worker.split.projector.replicas=0) ;;
     existing-secret) args=(--set secrets.existingSecret=sentpipe-credentials --set secrets.tenantsFile=true
       --set secrets.reloader=true --set worker.rocksdb.persistence.enabled=false) ;;
+    # mTLS to Kafka and a client certificate for PostgreSQL (production covers SASL_SSL + SCRAM).
+    secured) args=("${secret[@]}" --set kafka.security.protocol=SSL --set kafka.security.tls.caSecret.name=kafka-ca
+      --set kafka.security.tls.clientSecret.name=sentpipe-user --set database.tls.caSecret.name=pg-ca
+      --set database.tls.clientSecret.name=pg-client --set worker.split.enabled=true) ;;
   esac
 }
-for name in default production all-options one-replica workers-stopped existing-secret; do
+for name in default production all-options one-replica workers-stopped existing-secret secured; do
   value_args "$name"
   # helm lint cannot be told which APIs the cluster serves (no --api-versions), so it sees the Prometheus
   # Operator kinds switched off; `helm template` below renders and validates them.
@@ -197,6 +201,18 @@ grep -q "console.enabled needs its sign-in token" "$work/out" \
 printf '    ok  %s\n' "console.enabled without a token is refused"
 # What the rendered objects do: probes, per-role secret checksums, NetworkPolicy, budgets, PrometheusRule.
 "$venv/bin/python" deploy/check_chart.py "$helm" "${KUBE_VERSIONS[-1]}" || die "rendered chart assertions (deploy/check_chart.py)"
+refused() {  # DESCRIPTION EXPECTED-MESSAGE HELM-ARGS...: the render must fail with that message
+  local what=$1 expected=$2; shift 2
+  if "$helm" template sentpipe "$chart" --kube-version "${KUBE_VERSIONS[-1]}" "$@" >"$work/out" 2>&1; then
+    die "helm template accepted $what"
+  fi
+  grep -qF "$expected" "$work/out" || { cat "$work/out" >&2; die "unexpected error for $what"; }
+  printf '    ok  %s is refused\n' "$what"
+}
+refused "SASL without a password Secret" "needs kafka.security.sasl.username and kafka.security.sasl.passwordSecret.name" "${secret[@]}" \
+  --set kafka.security.protocol=SASL_SSL --set kafka.security.sasl.username=u
+refused "a Kafka CA without TLS" "kafka.security.tls.* is set but kafka.security.protocol is PLAINTEXT" "${secret[@]}" \
+  --set kafka.security.tls.caSecret.name=kafka-ca
 
 # --- Prometheus ----------------------------------------------------------------------------------------
 say "Prometheus rules and config"
@@ -252,6 +268,16 @@ else
   echo "    (no docker compose plugin: validating against the compose-spec schema instead)"
   check "compose-spec schema (check-jsonschema vendor.compose-spec)" \
     "$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec "$compose"
+fi
+# The override for an external secured cluster (deploy/README.md "Connecting to a secured cluster").
+secured_compose=deploy/compose/docker-compose.secured.yml
+if docker compose version >/dev/null 2>&1; then
+  check "docker compose config (with the secured override)" env SENTPIPE_WEBHOOK_SECRET=check \
+    SENTPIPE_KAFKA_BOOTSTRAP=b:9093 SENTPIPE_KAFKA_SASL_USERNAME=u SENTPIPE_KAFKA_SASL_PASSWORD=p \
+    SENTPIPE_DATABASE_URL=postgresql://d docker compose -f "$compose" -f "$secured_compose" config -q
+else
+  check "compose-spec schema of the secured override" \
+    "$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec "$secured_compose"
 fi
 # What neither the schema nor `config` checks: the files mounted from the repository exist.
 check "compose references (services, volumes, mounted files)" "$venv/bin/python" - "$compose" <<'PY'

@@ -27,7 +27,14 @@ from sentpipe.ingress.spool import (
     adopt_orphans,
     process_dir,
 )
-from sentpipe.kafka import AsyncProducer, BrokerUnavailable, admin_client, topic_max_message_bytes
+from sentpipe.kafka import (
+    AsyncProducer,
+    BrokerRefused,
+    BrokerUnavailable,
+    admin_client,
+    check_connection,
+    topic_max_message_bytes,
+)
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import REASONS, MalformedEvent, frame
 from sentpipe.schemas.signature import Reason, SignatureError, Verifier
@@ -395,9 +402,18 @@ def verifiers_for(settings: Settings) -> dict[str, Verifier]:
 
 
 def check_topic_limits(settings: Settings, timeout: float = 5.0) -> None:
-    """At start: StartupError when the raw topic or the DLQ would refuse a body the ingress accepts (their
-    max.message.bytes is below what SENTPIPE_MAX_BODY_BYTES needs). An unreachable broker or a missing topic
-    only logs a warning: the ingress starts anyway and answers 503 until Kafka is there."""
+    """At start: StartupError when the broker refuses the Kafka security settings (wrong password, unknown
+    CA, plaintext against a TLS listener: waiting would not help), or when the raw topic or the DLQ would
+    refuse a body the ingress accepts (their max.message.bytes is below what SENTPIPE_MAX_BODY_BYTES needs).
+    An unreachable broker or a missing topic only logs a warning: the ingress starts anyway and answers 503
+    until Kafka is there."""
+    try:
+        check_connection(settings, min(timeout, settings.kafka_connect_timeout_s))
+    except BrokerRefused as exc:
+        raise StartupError(str(exc)) from None
+    except BrokerUnavailable as exc:
+        log.warning("%s: starting anyway; webhooks get 503 until it answers", exc)
+        return
     topics = Topics(settings.topic_prefix)
     try:
         have = topic_max_message_bytes(

@@ -49,9 +49,9 @@ async def serve(
 ) -> None:
     verifiers_for(settings)  # unusable secrets: refused before a producer (and its threads) exists
     spool = open_spool(settings, index)
-    app = create_app(settings, producer_for(settings), spool)
-    if check_topics:
+    if check_topics:  # Kafka security settings the broker refuses, too
         await asyncio.to_thread(check_topic_limits, settings)
+    app = create_app(settings, producer_for(settings), spool)
     # shutdown_timeout: in-flight requests get this long to finish before the producer flushes.
     runner = web.AppRunner(app, shutdown_timeout=settings.produce_timeout_s + 5, access_log=None)
     await runner.setup()

@@ -27,7 +27,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from sentpipe import metrics as m
 from sentpipe.broker import RecordProducer
-from sentpipe.kafka import AsyncProducer, BatchConsumer
+from sentpipe.kafka import AsyncProducer, BatchConsumer, tls_context
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
 from sentpipe.processors.dedup import decode_seen, encode_seen, expire
 from sentpipe.processors.handlers import HandlerRegistry, registry
@@ -61,6 +61,23 @@ def _mkdirs(path: Path) -> Path:
 
 def faust_broker(bootstrap: str) -> str:
     return ";".join(f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip())
+
+
+def broker_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
+    """The router's aiokafka clients get the same security settings as the librdkafka ones (kafka.py)."""
+    proto = settings.kafka_security_protocol
+    ctx = tls_context(settings)
+    if proto.startswith("SASL_"):
+        assert settings.kafka_sasl_password is not None  # the settings refuse SASL without one
+        return faust.SASLCredentials(
+            username=settings.kafka_sasl_username,
+            password=settings.kafka_sasl_password.get_secret_value(),
+            ssl_context=ctx,  # SASL_SSL with a context, SASL_PLAINTEXT without
+            mechanism=settings.kafka_sasl_mechanism,
+        )
+    if ctx is not None:
+        return faust.SSLCredentials(ctx)
+    return None
 
 
 def _headers(event: Event) -> dict[str, bytes]:
@@ -481,6 +498,7 @@ def create_app(
     app = faust.App(
         settings.app_id,
         broker=faust_broker(settings.kafka_bootstrap),
+        broker_credentials=broker_credentials(settings),
         store=settings.table_store,
         table_standby_replicas=settings.table_standby_replicas,
         datadir=str(_mkdirs(settings.data_dir) / settings.app_id),

@@ -27,6 +27,14 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(db_app, name="db")
 
 
+def _connect(s: Settings, timeout: float) -> None:
+    """Every Kafka command starts here: a broker that refuses the security settings, or does not answer,
+    is one line naming it (BrokerRefused / BrokerUnavailable, printed by `run`)."""
+    from sentpipe.kafka import check_connection
+
+    check_connection(s, timeout)
+
+
 @app.command()
 def ingress(
     host: Annotated[str | None, typer.Option(help="Listen address [SENTPIPE_INGRESS_HOST].")] = None,
@@ -77,6 +85,7 @@ def worker(
             fail(f"--role must be all, route or project, not {role!r}")
         s = s.model_copy(update={"worker_role": role})
     configure(s.log_level, s.log_json)
+    _connect(s, s.kafka_connect_timeout_s)
     if s.worker_role != "project":
         check_copartitioning(s)
         check_group_owns_prefix(s, s.app_id)
@@ -104,6 +113,7 @@ def topics_ensure(
     from sentpipe.processors.topics import ensure_topics
 
     s = settings()
+    _connect(s, timeout)
     states = ensure_topics(s, timeout=timeout)
     table = Table("topic", "partitions", "state", title=f"topics on {s.kafka_bootstrap}")
     for st in states:
@@ -275,6 +285,7 @@ def replay(
             since=since, until=until, from_offsets=from_offset or (), to_offsets=to_offset or ()
         )
         flt = Filter(parse_types(type_ or ()), frozenset(tenant or ()), frozenset(event_id or ()))
+    _connect(s, timeout)
     with _ops(s), _bar("replaying") as progress:
         result = run_replay(s, window, flt, dry_run=dry_run, progress=progress, timeout=timeout)
     _run_summary(f"replay {result.run_id}", result, "replayed", "type/tenant")
@@ -302,6 +313,7 @@ def dlq_list(
     s = settings()
     with _ops():
         sel = make_selection(reasons=reason or (), stages=stage or (), since=since)
+        _connect(s, timeout)
         listing = list_entries(s, sel, limit=limit, timeout=timeout)
     table = Table("ID", "time", "stage", "error", "event / key", "type", "tenant", "original", "attempts")
     for e in listing.entries:
@@ -334,6 +346,7 @@ def dlq_show(
 
     s = settings()
     with _ops():
+        _connect(s, timeout)
         e = show_entry(s, entry_id, timeout=timeout)
     title = terminal_safe(f"DLQ {e.id}  written {_when(e.timestamp_ms)}  key {_text(e.key)}")
     table = Table("header", "value", title=title)
@@ -371,6 +384,7 @@ def dlq_redrive(
     s = settings()
     with _ops():
         sel = make_selection(ids=id_ or (), reasons=reason or (), stages=stage or (), since=since)
+    _connect(s, timeout)
     with _ops(s), _bar("redriving") as progress:
         result = redrive(s, sel, dry_run=dry_run, progress=progress, timeout=timeout)
     _run_summary(f"redrive {result.run_id}", result, "redriven", "stage/topic")
@@ -405,6 +419,7 @@ def offsets_reset(
         to: ResetTo = "earliest" if to_earliest else "latest"
         if to_datetime is not None:
             to = parse_when(to_datetime, "--to-datetime")
+        _connect(s, timeout)
         changes = reset_group_offsets(s, group, to, topic or (), dry_run=dry_run, timeout=timeout)
     title = f"group {group}: " + ("new offsets (dry run, nothing changed)" if dry_run else "offsets reset")
     table = Table("topic", "partition", "before", "after", title=title)
@@ -504,6 +519,7 @@ def events_show(
     if scan_limit < 1:
         fail("--scan-limit must be at least 1")
     with _ops():
+        _connect(s, timeout)
         rep = locate(s, event_id, scan_limit=scan_limit, timeout=timeout)
 
     def records(title: str, found: list[Found]) -> None:

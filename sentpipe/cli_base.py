@@ -31,6 +31,8 @@ def settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         first = exc.errors()[0]
+        if not first["loc"]:  # a rule across settings; its message names them
+            fail(f"invalid settings: {first['msg'].removeprefix('Value error, ')}")
         name = "SENTPIPE_" + "_".join(str(p) for p in first["loc"]).upper()
         fail(f"invalid setting {name}: {first['msg']}")
 

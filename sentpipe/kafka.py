@@ -1,7 +1,11 @@
 """The one Kafka client module: client configuration, the admin client and the producer wrapper.
 
-Every Kafka client of sentpipe is configured here, so the connection settings (bootstrap, and later
-security) are mapped once. The producer has one implementation with two faces: `Producer` reports
+Every Kafka client of sentpipe is configured here, so the connection settings (bootstrap and security:
+TLS, SASL, mTLS) are mapped once; `tls_context` gives the same TLS settings to the router's aiokafka client.
+`check_connection` is what every command runs first: a broker that refuses us (wrong password, unknown CA,
+plaintext against a TLS listener) is one line naming the broker and the cause, within the connect timeout.
+
+The producer has one implementation with two faces: `Producer` reports
 deliveries to callbacks (replay and redrive, which run in a plain thread), and `AsyncProducer` settles
 asyncio futures (the ingress and the worker's dead letters).
 
@@ -24,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import ssl
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -60,9 +66,167 @@ class BrokerUnavailable(Exception):
     """The broker did not answer in time; one line for the operator."""
 
 
+class BrokerRefused(BrokerUnavailable):
+    """The broker answered but would not let us in (TLS or SASL failed): the settings are wrong, so waiting
+    longer does not help. One line naming the broker and librdkafka's reason (never a secret)."""
+
+
+def security_config(settings: Settings) -> dict[str, Any]:
+    """SENTPIPE_KAFKA_SECURITY_PROTOCOL and friends in librdkafka's names."""
+    proto = settings.kafka_security_protocol
+    conf: dict[str, Any] = {"security.protocol": proto.lower()}
+    if proto.startswith("SASL_"):
+        assert settings.kafka_sasl_password is not None  # the settings refuse SASL without one
+        conf["sasl.mechanism"] = settings.kafka_sasl_mechanism
+        conf["sasl.username"] = settings.kafka_sasl_username
+        conf["sasl.password"] = settings.kafka_sasl_password.get_secret_value()
+    if proto.endswith("SSL"):
+        # Unset: librdkafka probes the system's CA bundle, as aiokafka's default context loads it.
+        if settings.kafka_ssl_ca_file is not None:
+            conf["ssl.ca.location"] = str(settings.kafka_ssl_ca_file)
+        if settings.kafka_ssl_cert_file is not None and settings.kafka_ssl_key_file is not None:
+            conf["ssl.certificate.location"] = str(settings.kafka_ssl_cert_file)
+            conf["ssl.key.location"] = str(settings.kafka_ssl_key_file)
+        if settings.kafka_ssl_key_password is not None:
+            conf["ssl.key.password"] = settings.kafka_ssl_key_password.get_secret_value()
+        verify_host = settings.kafka_ssl_check_hostname
+        conf["ssl.endpoint.identification.algorithm"] = "https" if verify_host else "none"
+    return conf
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The same TLS settings for Python clients (aiokafka under Faust); None without TLS. BrokerRefused,
+    naming the setting, for a file Python's ssl module cannot load."""
+    if not settings.kafka_security_protocol.endswith("SSL"):
+        return None
+    ca = settings.kafka_ssl_ca_file
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=None if ca is None else str(ca))
+    except (OSError, ssl.SSLError) as exc:
+        raise BrokerRefused(f"SENTPIPE_KAFKA_SSL_CA_FILE {ca}: not a usable CA file ({exc})") from None
+    if settings.kafka_ssl_cert_file is not None and settings.kafka_ssl_key_file is not None:
+        password = settings.kafka_ssl_key_password
+        try:
+            ctx.load_cert_chain(
+                str(settings.kafka_ssl_cert_file),
+                str(settings.kafka_ssl_key_file),
+                None if password is None else password.get_secret_value(),
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerRefused(
+                "SENTPIPE_KAFKA_SSL_CERT_FILE/_KEY_FILE: not a usable certificate and key"
+                f" ({type(exc).__name__}: {exc.args[-1] if exc.args else exc})"
+            ) from None
+    ctx.check_hostname = settings.kafka_ssl_check_hostname
+    return ctx
+
+
 def client_config(settings: Settings) -> dict[str, Any]:
-    """What every librdkafka client shares: where the cluster is, and librdkafka's log via `logging`."""
-    return {"bootstrap.servers": settings.kafka_bootstrap, "logger": log}
+    """What every librdkafka client shares: where the cluster is, how to get in, and librdkafka's log via
+    `logging`."""
+    return {"bootstrap.servers": settings.kafka_bootstrap, **security_config(settings), "logger": log}
+
+
+# librdkafka's words for a broker that answered but refused us (after "<proto>://host:port/id: ").
+_ADDRESS = re.compile(r"^\S+://\S+?: ")
+_AFTER = re.compile(r" \(after \d+ms in state \w+\)$")
+_REFUSED_CODES = frozenset(
+    code
+    for code in (
+        getattr(KafkaError, "_AUTHENTICATION", None),
+        getattr(KafkaError, "_SSL", None),
+        getattr(KafkaError, "SASL_AUTHENTICATION_FAILED", None),
+        getattr(KafkaError, "UNSUPPORTED_SASL_MECHANISM", None),
+        getattr(KafkaError, "ILLEGAL_SASL_STATE", None),
+    )
+    if code is not None
+)
+
+
+def _reason(text: str) -> str:
+    return _AFTER.sub("", _ADDRESS.sub("", text.strip()))
+
+
+def refusal(protocol: str, error_code: int | None, text: str) -> str | None:
+    """The cause, when one of librdkafka's error reports or connection-failure log lines means the broker
+    refuses this client's security settings (as opposed to not answering at all); else None."""
+    if error_code in _REFUSED_CODES:
+        return _reason(text)
+    lower = text.lower()
+    if error_code == KafkaError._TRANSPORT and (
+        "ssl handshake failed" in lower or "ssl/tls alert" in lower or "certificate" in lower
+    ):
+        return _reason(text)  # a TLS alert from the broker: e.g. no or unknown client certificate (mTLS)
+    protocol = protocol.upper()
+    # Only from log lines (no error code), and counted by the caller: a broker that is shutting down can
+    # close one connection this way too.
+    first_request_closed = "closed by peer" in text and "APIVERSION_QUERY" in text
+    if error_code is None and not protocol.endswith("SSL") and first_request_closed:
+        # A TLS listener drops a plaintext client's first request; a plaintext one would have answered.
+        return (
+            "the broker closed the connection at the first request, as a TLS listener does for a client"
+            f" with SENTPIPE_KAFKA_SECURITY_PROTOCOL={protocol} (use SSL or SASL_SSL for this listener)"
+        )
+    return None
+
+
+class _ConnectReports:
+    """The error_cb and logger of a connection check: keeps what librdkafka said about failed connects."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.protocol = settings.kafka_security_protocol
+        self.refused: list[str] = []
+        self.closed_at_first_request = 0
+
+    def error(self, err: KafkaError) -> None:
+        reason = refusal(self.protocol, err.code(), err.str())
+        if reason is not None:
+            self.refused.append(reason)
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        if args[:1] != ("FAIL",) or len(args) < 3:
+            return
+        reason = refusal(self.protocol, None, str(args[2]))
+        if reason is not None:
+            self.closed_at_first_request += 1
+            if self.closed_at_first_request >= 2:  # once may be a broker shutting down
+                self.refused.append(reason)
+
+
+def check_connection(settings: Settings, timeout: float) -> None:
+    """Ask the cluster for metadata as every command does first. BrokerRefused as soon as the broker refuses
+    the security settings (about a second: librdkafka reports it on the first connect), BrokerUnavailable
+    when nothing answers within `timeout`; both one line naming the bootstrap address."""
+    bootstrap = settings.kafka_bootstrap
+    reports = _ConnectReports(settings)
+    config: dict[str, Any] = {
+        **client_config(settings),
+        "error_cb": reports.error,
+        "logger": reports,
+        "log_level": 6,
+        "socket.timeout.ms": max(1000, int(timeout * 1000)),
+    }
+    try:
+        admin = AdminClient(config)
+    except KafkaException as exc:  # e.g. a key file librdkafka cannot read or decrypt
+        err = exc.args[0] if exc.args else None
+        text = err.str() if isinstance(err, KafkaError) else str(exc)
+        raise BrokerRefused(
+            f"Kafka client for {bootstrap}: invalid TLS/SASL settings: {_reason(text)}"
+        ) from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            md = admin.list_topics(timeout=min(0.25, max(0.01, deadline - time.monotonic())))
+            if md.brokers:
+                return
+        except KafkaException:
+            pass
+        admin.poll(0)  # serves error_cb
+        if reports.refused:
+            raise BrokerRefused(f"Kafka broker at {bootstrap} refused the connection: {reports.refused[0]}")
+        if time.monotonic() >= deadline:
+            raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:.0f}s")
 
 
 def producer_config(settings: Settings, *, delivery_timeout_s: float | None = None) -> dict[str, Any]:
@@ -163,6 +327,7 @@ class Producer:
         self._last_error: KafkaError | None = None
         self._fatal_error: KafkaError | None = None  # set until the producer is replaced
         self._down_since: float | None = None  # monotonic time librdkafka said every broker is down
+        self._refusal_logged = False
         self._producer = self._new_client()
         self._ready_checked_at = 0.0
         self._ready = False
@@ -187,6 +352,10 @@ class Producer:
     def _on_error(self, err: KafkaError) -> None:
         """librdkafka's error reports (served by poll): fatal errors and "every broker is down"."""
         self._last_error = err
+        reason = refusal(str(self._config.get("security.protocol", "")), err.code(), err.str())
+        if reason is not None and not self._refusal_logged:  # once until a delivery succeeds again
+            self._refusal_logged = True
+            log.error("Kafka broker at %s refused the connection: %s", self.bootstrap, reason)
         if err.fatal():
             if self._fatal_error is None:
                 log.error("fatal Kafka producer error: %s", err.str())
@@ -204,6 +373,7 @@ class Producer:
             )
 
     def _mark_up(self) -> None:
+        self._refusal_logged = False
         if self._down_since is not None:
             down_s = time.monotonic() - self._down_since
             self._down_since = None

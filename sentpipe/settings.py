@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sentpipe.schemas.events import EventIdSource
@@ -16,6 +16,9 @@ from sentpipe.schemas.events import EventIdSource
 DEVELOPMENT_SECRET = "whsec_c2VudHBpcGUtbG9jYWwtZGV2ZWxvcG1lbnQtb25seQ=="
 
 WorkerRole = Literal["all", "route", "project"]
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+# OAUTHBEARER is not offered: aiokafka (the router's client) has no OIDC client-credentials flow of its own.
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
 # Every usual spelling of a level (any case) -> the name Python's logging gives it.
@@ -41,6 +44,23 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SENTPIPE_", frozen=True, extra="ignore")
 
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # How every Kafka client (librdkafka and the router's aiokafka) connects: one set, mapped in
+    # sentpipe/kafka.py and processors/worker.py. PLAINTEXT is the local default; production clusters
+    # want SSL or SASL_SSL.
+    kafka_security_protocol: KafkaSecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    # TLS: the CA that signed the brokers' certificates (unset: the system's CAs), and for mTLS a client
+    # certificate and its key (PEM). Hostname verification stays on unless turned off here.
+    kafka_ssl_ca_file: FilePath | None = None
+    kafka_ssl_cert_file: FilePath | None = None
+    kafka_ssl_key_file: FilePath | None = None
+    kafka_ssl_key_password: SecretStr | None = None
+    kafka_ssl_check_hostname: bool = True
+    # How long the worker waits at start for the broker to answer (the ingress at most 5 s, then starts
+    # anyway and answers 503 until Kafka does; CLI commands: --timeout). A refusing broker fails at once.
+    kafka_connect_timeout_s: float = Field(10.0, gt=0)
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/sentpipe")
     webhook_secret: SecretStr = SecretStr(DEVELOPMENT_SECRET)
     secrets_file: Path | None = None
@@ -133,6 +153,43 @@ class Settings(BaseSettings):
                 " (any case; WARN, CRIT and FATAL work too)"
             )
         return name
+
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper_case(cls, v: object) -> object:
+        return v.strip().upper() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _kafka_security_consistent(self) -> Settings:
+        """Half a configuration is refused at start, naming the settings: a CA without TLS, SASL without a
+        user, a certificate without its key."""
+        proto = self.kafka_security_protocol
+        sasl, tls = proto.startswith("SASL_"), proto.endswith("SSL")
+        if sasl and (not self.kafka_sasl_username or self.kafka_sasl_password is None):
+            raise ValueError(
+                f"SENTPIPE_KAFKA_SECURITY_PROTOCOL={proto} needs SENTPIPE_KAFKA_SASL_USERNAME"
+                " and SENTPIPE_KAFKA_SASL_PASSWORD"
+            )
+        if not sasl and (self.kafka_sasl_username or self.kafka_sasl_password is not None):
+            raise ValueError(
+                "SENTPIPE_KAFKA_SASL_USERNAME/_PASSWORD are set but SENTPIPE_KAFKA_SECURITY_PROTOCOL"
+                f" is {proto}: use SASL_SSL (or SASL_PLAINTEXT)"
+            )
+        files = {
+            "SENTPIPE_KAFKA_SSL_CA_FILE": self.kafka_ssl_ca_file,
+            "SENTPIPE_KAFKA_SSL_CERT_FILE": self.kafka_ssl_cert_file,
+            "SENTPIPE_KAFKA_SSL_KEY_FILE": self.kafka_ssl_key_file,
+        }
+        given = [name for name, value in files.items() if value is not None]
+        if not tls and given:
+            raise ValueError(
+                f"{given[0]} is set but SENTPIPE_KAFKA_SECURITY_PROTOCOL is {proto}: use SSL or SASL_SSL"
+            )
+        if (self.kafka_ssl_cert_file is None) != (self.kafka_ssl_key_file is None):
+            raise ValueError(
+                "SENTPIPE_KAFKA_SSL_CERT_FILE and SENTPIPE_KAFKA_SSL_KEY_FILE go together (mTLS)"
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

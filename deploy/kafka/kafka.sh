@@ -1,20 +1,46 @@
 #!/usr/bin/env bash
 # Local single-node Apache Kafka (KRaft, combined broker+controller) for development and tests.
-#   deploy/kafka/kafka.sh start|stop|status|jars
+#   deploy/kafka/kafka.sh start|stop|status|jars|reset
+#   SENTPIPE_KAFKA_SECURITY=tls deploy/kafka/kafka.sh start|stop|status|reset|env [sasl_ssl|ssl]
 # State lives under $SENTPIPE_LOCAL_DIR/kafka (default: <repo>/.local/kafka). Jars are resolved once by
 # Maven and cached in .local/kafka/libs, so later starts take seconds.
+#
+# SENTPIPE_KAFKA_SECURITY=tls starts a second, secured broker (state under .local/kafka-tls) beside the plain
+# one, with certificates made on the fly by openssl under .local/kafka-tls/tls:
+#   port P+2  SSL       TLS with client authentication required (mTLS: client.pem/client.key)
+#   port P+3  SASL_SSL  TLS + SCRAM-SHA-512 / SCRAM-SHA-256, user `sentpipe`, created at format time
+#   port P    PLAINTEXT loopback-only, for the launcher's own probes and for inspecting topics
+#   port P+1  the KRaft controller
+# where P is SENTPIPE_KAFKA_PORT + 100 (9192 by default). `env sasl_ssl` (or `env ssl`) prints the
+# SENTPIPE_KAFKA_* settings a client needs for that listener (eval "$(... env sasl_ssl)").
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 local_dir=${SENTPIPE_LOCAL_DIR:-$repo/.local}
-home=$local_dir/kafka
-libs=$home/libs
+libs=$local_dir/kafka/libs
+security=${SENTPIPE_KAFKA_SECURITY:-none}
+case "$security" in
+  none | plaintext)
+    security=none
+    home=$local_dir/kafka
+    port=${SENTPIPE_KAFKA_PORT:-9092}
+    controller_port=${SENTPIPE_KAFKA_CONTROLLER_PORT:-9093}
+    ;;
+  tls)
+    home=$local_dir/kafka-tls
+    port=$((${SENTPIPE_KAFKA_PORT:-9092} + 100))
+    controller_port=$((port + 1))
+    ;;
+  *) echo "kafka.sh: SENTPIPE_KAFKA_SECURITY must be none or tls, not '$security'" >&2; exit 2 ;;
+esac
+ssl_port=$((port + 2))
+sasl_port=$((port + 3))
+tls=$home/tls
 data=$home/data
 logs=$home/logs
 pidfile=$home/kafka.pid
-port=${SENTPIPE_KAFKA_PORT:-9092}
-controller_port=${SENTPIPE_KAFKA_CONTROLLER_PORT:-9093}
+scram_user=sentpipe
 python=${PYTHON:-$repo/.venv/bin/python}
 heap=${KAFKA_HEAP:-768m}
 
@@ -65,17 +91,71 @@ sys.exit(1 if p.flush(10) or failed else 0)
 PY
 }
 
+# The secured broker's certificates: a CA, the broker's (SAN localhost and 127.0.0.1, so hostname
+# verification holds) and a client certificate for mTLS (CN=sentpipe), all PEM, plus the SCRAM password.
+# Made once; `reset` removes them with the data.
+make_tls() {
+  command -v openssl >/dev/null || die "openssl is required for SENTPIPE_KAFKA_SECURITY=tls"
+  [ -f "$tls/client.pem" ] && [ -f "$tls/$scram_user.password" ] && return
+  rm -rf "$tls" && mkdir -p "$tls" && chmod 700 "$tls"
+  (
+    cd "$tls"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 825 \
+      -subj "/CN=sentpipe local Kafka CA" -addext "basicConstraints=critical,CA:TRUE" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign"
+    openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out broker.key
+    openssl req -new -key broker.key -subj "/CN=localhost" -out broker.csr
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n' >broker.ext
+    openssl x509 -req -in broker.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 825 \
+      -extfile broker.ext -out broker.pem
+    cat broker.key broker.pem >broker-keystore.pem
+    openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out client.key
+    openssl req -new -key client.key -subj "/CN=$scram_user" -out client.csr
+    printf 'extendedKeyUsage=clientAuth\n' >client.ext
+    openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 825 \
+      -extfile client.ext -out client.pem
+    openssl rand -hex 24 >"$scram_user.password"
+    rm -f ./*.csr ./*.ext ./*.srl
+    chmod 600 ./*.key broker-keystore.pem "$scram_user.password"
+  ) >"$tls/openssl.log" 2>&1 || die "making certificates failed: $(tail -n3 "$tls/openssl.log")"
+}
+
+tls_config() {
+  cat <<PROPS
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port,SSL://127.0.0.1:$ssl_port,SASL_SSL://127.0.0.1:$sasl_port
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,SSL://127.0.0.1:$ssl_port,SASL_SSL://127.0.0.1:$sasl_port
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SSL:SSL,SASL_SSL:SASL_SSL
+ssl.keystore.type=PEM
+ssl.keystore.location=$tls/broker-keystore.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$tls/ca.pem
+listener.name.ssl.ssl.client.auth=required
+listener.name.sasl_ssl.ssl.client.auth=none
+sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256
+listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+PROPS
+}
+
 write_config() {
   mkdir -p "$data" "$logs"
-  cat >"$home/server.properties" <<PROPS
+  {
+    if [ "$security" = tls ]; then
+      tls_config
+    else
+      cat <<PROPS
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+PROPS
+    fi
+    cat <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$controller_port
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 log.dirs=$data
 num.partitions=1
 auto.create.topics.enable=false
@@ -89,6 +169,32 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 log.flush.interval.messages=9223372036854775807
 PROPS
+  } >"$home/server.properties"
+}
+
+# What a client of the secured broker sets, for one listener: `eval "$(kafka.sh env sasl_ssl)"`.
+print_env() {
+  [ "$security" = tls ] || die "env is for the secured broker: SENTPIPE_KAFKA_SECURITY=tls $0 env [sasl_ssl|ssl]"
+  [ -f "$tls/ca.pem" ] || die "no certificates yet: run SENTPIPE_KAFKA_SECURITY=tls $0 start"
+  case "${1:-sasl_ssl}" in
+    sasl_ssl)
+      echo "SENTPIPE_KAFKA_BOOTSTRAP=127.0.0.1:$sasl_port"
+      echo "SENTPIPE_KAFKA_SECURITY_PROTOCOL=SASL_SSL"
+      echo "SENTPIPE_KAFKA_SASL_MECHANISM=SCRAM-SHA-512"
+      echo "SENTPIPE_KAFKA_SASL_USERNAME=$scram_user"
+      echo "SENTPIPE_KAFKA_SASL_PASSWORD=$(cat "$tls/$scram_user.password")"
+      echo "SENTPIPE_KAFKA_SSL_CA_FILE=$tls/ca.pem"
+      ;;
+    ssl)
+      echo "SENTPIPE_KAFKA_BOOTSTRAP=127.0.0.1:$ssl_port"
+      echo "SENTPIPE_KAFKA_SECURITY_PROTOCOL=SSL"
+      echo "SENTPIPE_KAFKA_SSL_CA_FILE=$tls/ca.pem"
+      echo "SENTPIPE_KAFKA_SSL_CERT_FILE=$tls/client.pem"
+      echo "SENTPIPE_KAFKA_SSL_KEY_FILE=$tls/client.key"
+      ;;
+    plaintext) echo "SENTPIPE_KAFKA_BOOTSTRAP=127.0.0.1:$port" ;;
+    *) die "env takes sasl_ssl, ssl or plaintext" ;;
+  esac
 }
 
 classpath() { echo "$libs/*"; }
@@ -99,12 +205,23 @@ start() {
   fi
   command -v java >/dev/null || die "Java 17+ is required"
   jars
+  if [ "$security" = tls ]; then
+    # New certificates mean a new SCRAM password: storage formatted with the old one starts over.
+    [ -f "$tls/$scram_user.password" ] || rm -rf "$data"
+    make_tls
+  fi
   write_config
   if [ ! -f "$data/meta.properties" ]; then
-    local cid
+    local cid scram=()
+    if [ "$security" = tls ]; then
+      # SCRAM credentials live in the cluster metadata: created with the storage, before the first start.
+      local pw; pw=$(cat "$tls/$scram_user.password")
+      scram=(--add-scram "SCRAM-SHA-512=[name=$scram_user,password=$pw]"
+             --add-scram "SCRAM-SHA-256=[name=$scram_user,password=$pw]")
+    fi
     cid=$(java -cp "$(classpath)" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n1)
     java -Dlog4j2.configurationFile="$here/log4j2.properties" -Dkafka.logs.dir="$logs" \
-      -cp "$(classpath)" kafka.tools.StorageTool format -t "$cid" -c "$home/server.properties" \
+      -cp "$(classpath)" kafka.tools.StorageTool format -t "$cid" -c "$home/server.properties" "${scram[@]}" \
       >"$logs/format.log" 2>&1 || die "formatting KRaft storage failed: $(tail -n3 "$logs/format.log")"
   fi
   # A broker holds several files per partition; a test run creates thousands. Raise the open-file limit
@@ -115,7 +232,16 @@ start() {
     -cp "$(classpath)" kafka.Kafka "$home/server.properties" >"$logs/stdout.log" 2>&1 &
   echo $! >"$pidfile"
   for _ in $(seq 1 120); do
-    if answers && accepts_writes; then echo "kafka.sh: Kafka is up on 127.0.0.1:$port (pid $(cat "$pidfile"))"; return; fi
+    if answers && accepts_writes; then
+      if [ "$security" = tls ]; then
+        echo "kafka.sh: secured Kafka is up (pid $(cat "$pidfile")): SSL with client certificates on 127.0.0.1:$ssl_port," \
+          "SASL_SSL (SCRAM-SHA-512, user $scram_user) on 127.0.0.1:$sasl_port, plaintext on 127.0.0.1:$port;" \
+          "settings: SENTPIPE_KAFKA_SECURITY=tls $0 env sasl_ssl|ssl"
+      else
+        echo "kafka.sh: Kafka is up on 127.0.0.1:$port (pid $(cat "$pidfile"))"
+      fi
+      return
+    fi
     running || die "the broker exited during start-up: $(tail -n5 "$logs/stdout.log" "$logs/server.log" 2>/dev/null | grep -E 'ERROR|Exception' | tail -n2)"
     sleep 0.5
   done
@@ -137,6 +263,7 @@ case "${1:-}" in
   stop) stop ;;
   status) if running && answers; then echo "running on 127.0.0.1:$port"; else echo "not running"; exit 1; fi ;;
   jars) jars ;;
-  reset) stop; rm -rf "$data" ;;
-  *) echo "usage: $0 start|stop|status|jars|reset" >&2; exit 2 ;;
+  reset) stop; rm -rf "$data"; [ "$security" = tls ] && rm -rf "$tls"; true ;;
+  env) print_env "${2:-sasl_ssl}" ;;
+  *) echo "usage: $0 start|stop|status|jars|reset|env" >&2; exit 2 ;;
 esac

@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
 # Local PostgreSQL for development and tests.
 #   deploy/postgres/postgres.sh start|stop|status
+#   SENTPIPE_PG_SECURITY=tls deploy/postgres/postgres.sh start|stop|status|url [verify-full|cert]
 # Uses the server binaries when present; as root with apt and no binaries, installs Debian's postgresql.
 # The cluster lives under $SENTPIPE_LOCAL_DIR/postgres (default <repo>/.local/postgres), trusts loopback
 # connections (local development only) and has a `sentpipe` database. Already running = fine.
+#
+# SENTPIPE_PG_SECURITY=tls starts a second cluster (.local/postgres-tls, port SENTPIPE_PG_PORT + 100) with
+# ssl=on and certificates made by openssl under .local/postgres-tls/tls: it refuses connections without TLS,
+# trusts user `postgres` over TLS and lets user `sentpipe` in with its client certificate only (CN=sentpipe).
+# `url verify-full` (or `url cert`) prints a SENTPIPE_DATABASE_URL for it.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 local_dir=${SENTPIPE_LOCAL_DIR:-$repo/.local}
-home=$local_dir/postgres
-data=$home/data
-port=${SENTPIPE_PG_PORT:-5432}
 db=${SENTPIPE_PG_DATABASE:-sentpipe}
+security=${SENTPIPE_PG_SECURITY:-none}
+case "$security" in
+  none | plaintext) security=none; home=$local_dir/postgres; port=${SENTPIPE_PG_PORT:-5432} ;;
+  tls) home=$local_dir/postgres-tls; port=$((${SENTPIPE_PG_PORT:-5432} + 100)) ;;
+  *) echo "postgres.sh: SENTPIPE_PG_SECURITY must be none or tls, not '$security'" >&2; exit 2 ;;
+esac
+data=$home/data
 
 die() { echo "postgres.sh: $*" >&2; exit 1; }
 
@@ -57,10 +67,58 @@ if [ "$(id -u)" = 0 ]; then
   probe=$home
   while [ ! -e "$probe" ]; do probe=$(dirname "$probe"); done
   if ! runuser -u postgres -- test -x "$probe"; then
-    home=/var/lib/postgresql/sentpipe-$(printf '%s' "$repo" | sha1sum | cut -c1-12)
+    home=/var/lib/postgresql/sentpipe-$(printf '%s' "$repo" | sha1sum | cut -c1-12)$([ "$security" = tls ] && echo -tls)
     data=$home/data
   fi
 fi
+
+tls=$home/tls
+
+# The TLS cluster's certificates: a CA, the server's (SAN localhost and 127.0.0.1, so sslmode=verify-full
+# holds for either name) and a client certificate for user sentpipe. Made once, PEM.
+make_tls() {
+  command -v openssl >/dev/null || die "openssl is required for SENTPIPE_PG_SECURITY=tls"
+  [ -f "$tls/client.pem" ] && return
+  rm -rf "$tls" && mkdir -p "$tls"
+  (
+    cd "$tls"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 825 \
+      -subj "/CN=sentpipe local PostgreSQL CA" -addext "basicConstraints=critical,CA:TRUE" \
+      -addext "keyUsage=critical,keyCertSign,cRLSign"
+    openssl req -new -newkey rsa:2048 -nodes -keyout server.key -subj "/CN=localhost" -out server.csr
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 825 \
+      -extfile server.ext -out server.pem
+    openssl req -new -newkey rsa:2048 -nodes -keyout client.key -subj "/CN=sentpipe" -out client.csr
+    printf 'extendedKeyUsage=clientAuth\n' >client.ext
+    openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 825 \
+      -extfile client.ext -out client.pem
+    rm -f ./*.csr ./*.ext ./*.srl
+    chmod 600 ./*.key
+  ) >"$home/openssl.log" 2>&1 || die "making certificates failed: $(tail -n3 "$home/openssl.log")"
+  # The server reads its key as the cluster's owner; libpq wants the client key private to its reader.
+  [ "$(id -u)" = 0 ] && chown postgres "$tls/server.key"
+  return 0
+}
+
+hba_tls() {
+  cat >"$data/pg_hba.conf" <<HBA
+# SENTPIPE_PG_SECURITY=tls: TLS or nothing over TCP.
+local     all  all                    trust
+hostssl   all  postgres  127.0.0.1/32 trust
+hostssl   all  sentpipe  127.0.0.1/32 cert
+hostnossl all  all       0.0.0.0/0    reject
+HBA
+}
+
+url() {
+  [ "$security" = tls ] || die "url is for the TLS cluster: SENTPIPE_PG_SECURITY=tls $0 url [verify-full|cert]"
+  case "${1:-verify-full}" in
+    verify-full) echo "postgresql://postgres@localhost:$port/$db?sslmode=verify-full&sslrootcert=$tls/ca.pem" ;;
+    cert) echo "postgresql://sentpipe@localhost:$port/$db?sslmode=verify-full&sslrootcert=$tls/ca.pem&sslcert=$tls/client.pem&sslkey=$tls/client.key" ;;
+    *) die "url takes verify-full or cert" ;;
+  esac
+}
 
 ready() { "$bindir/pg_isready" -q -h 127.0.0.1 -p "$port" 2>/dev/null; }
 psql_() { "$bindir/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
@@ -84,11 +142,25 @@ start() {
     as_owner "$bindir/initdb" -D "$data" -U postgres --auth=trust -E UTF8 --locale=C.UTF-8 >"$home/initdb.log" 2>&1 \
       || die "initdb failed: $(tail -n3 "$home/initdb.log")"
   fi
+  local ssl_opts=""
+  if [ "$security" = tls ]; then
+    make_tls
+    hba_tls
+    [ "$(id -u)" = 0 ] && chown postgres "$data/pg_hba.conf"
+    ssl_opts="-c ssl=on -c ssl_cert_file=$tls/server.pem -c ssl_key_file=$tls/server.key -c ssl_ca_file=$tls/ca.pem"
+  fi
   # fsync off: this cluster holds test and development data only; crash-safety is tested above it.
   as_owner "$bindir/pg_ctl" -D "$data" -l "$home/server.log" -w -t 60 start \
-    -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$home -c max_connections=200 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+    -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$home -c max_connections=200 -c fsync=off -c synchronous_commit=off -c full_page_writes=off $ssl_opts" \
     >/dev/null || die "the server did not start: $(tail -n3 "$home/server.log")"
   ensure_db
+  if [ "$security" = tls ]; then
+    psql_ -d postgres -tAc "select 1 from pg_roles where rolname = 'sentpipe'" | grep -q 1 \
+      || psql_ -d postgres -c "create role sentpipe login" >/dev/null
+    psql_ -d "$db" -c "grant all on database \"$db\" to sentpipe; grant create on schema public to sentpipe" >/dev/null
+    echo "postgres.sh: TLS-only PostgreSQL is up on 127.0.0.1:$port (database $db); URLs: SENTPIPE_PG_SECURITY=tls $0 url verify-full|cert"
+    return
+  fi
   echo "postgres.sh: PostgreSQL is up on 127.0.0.1:$port (database $db)"
 }
 
@@ -104,5 +176,6 @@ case "${1:-}" in
   start) start ;;
   stop) stop ;;
   status) if ready; then echo "running on 127.0.0.1:$port"; else echo "not running"; exit 1; fi ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  url) url "${2:-verify-full}" ;;
+  *) echo "usage: $0 start|stop|status|url" >&2; exit 2 ;;
 esac

@@ -78,6 +78,7 @@ true
   value: {{ .Values.config.logJson | quote }}
 - name: SENTPIPE_LOG_LEVEL
   value: {{ .Values.config.logLevel | quote }}
+{{- include "sentpipe.kafkaSecurityEnv" . }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -176,4 +177,105 @@ selector; call with (dict "constraints" LIST "selector" (include "sentpipe.selec
 {{- if not (.ctx.Capabilities.APIVersions.Has .api) -}}
 {{- fail (printf "%s needs the %s API (Prometheus Operator CRDs), which this cluster does not serve; with `helm template`, pass --api-versions %s" .value .api .api) -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The Kafka security settings (kafka.security) as SENTPIPE_KAFKA_* variables; the password from its Secret,
+files from the TLS volume. Half a configuration fails the render, naming the value to set. */}}
+{{- define "sentpipe.kafkaSecurityEnv" -}}
+{{- $sec := .Values.kafka.security -}}
+{{- $sasl := hasPrefix "SASL_" $sec.protocol -}}
+{{- $tls := hasSuffix "SSL" $sec.protocol -}}
+{{- if and (not $tls) (or $sec.tls.caSecret.name $sec.tls.clientSecret.name) -}}
+{{- fail (printf "kafka.security.tls.* is set but kafka.security.protocol is %s: use SSL or SASL_SSL" $sec.protocol) -}}
+{{- end -}}
+{{- if and $sasl (not (and $sec.sasl.username $sec.sasl.passwordSecret.name)) -}}
+{{- fail (printf "kafka.security.protocol %s needs kafka.security.sasl.username and kafka.security.sasl.passwordSecret.name" $sec.protocol) -}}
+{{- end }}
+- name: SENTPIPE_KAFKA_SECURITY_PROTOCOL
+  value: {{ $sec.protocol | quote }}
+{{- if $sasl }}
+- name: SENTPIPE_KAFKA_SASL_MECHANISM
+  value: {{ $sec.sasl.mechanism | quote }}
+- name: SENTPIPE_KAFKA_SASL_USERNAME
+  value: {{ $sec.sasl.username | quote }}
+- name: SENTPIPE_KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $sec.sasl.passwordSecret.name }}
+      key: {{ $sec.sasl.passwordSecret.key }}
+{{- end }}
+{{- if $tls }}
+{{- if $sec.tls.caSecret.name }}
+- name: SENTPIPE_KAFKA_SSL_CA_FILE
+  value: /etc/sentpipe/tls/kafka-ca.crt
+{{- end }}
+{{- if $sec.tls.clientSecret.name }}
+- name: SENTPIPE_KAFKA_SSL_CERT_FILE
+  value: /etc/sentpipe/tls/kafka-client.crt
+- name: SENTPIPE_KAFKA_SSL_KEY_FILE
+  value: /etc/sentpipe/tls/kafka-client.key
+{{- end }}
+- name: SENTPIPE_KAFKA_SSL_CHECK_HOSTNAME
+  value: {{ $sec.tls.checkHostname | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* Certificates from existing Secrets as projected-volume sources; call with (dict "ctx" $ "database" BOOL):
+the database's only for pods that use it. Empty when none is configured. */}}
+{{- define "sentpipe.tlsSources" -}}
+{{- $k := .ctx.Values.kafka.security.tls -}}
+{{- $d := .ctx.Values.database.tls -}}
+{{- if $k.caSecret.name }}
+- secret:
+    name: {{ $k.caSecret.name }}
+    items:
+      - key: {{ $k.caSecret.key }}
+        path: kafka-ca.crt
+{{- end }}
+{{- if $k.clientSecret.name }}
+- secret:
+    name: {{ $k.clientSecret.name }}
+    items:
+      - key: {{ $k.clientSecret.certKey }}
+        path: kafka-client.crt
+      - key: {{ $k.clientSecret.keyKey }}
+        path: kafka-client.key
+{{- end }}
+{{- if and .database $d.caSecret.name }}
+- secret:
+    name: {{ $d.caSecret.name }}
+    items:
+      - key: {{ $d.caSecret.key }}
+        path: database-ca.crt
+{{- end }}
+{{- if and .database $d.clientSecret.name }}
+- secret:
+    name: {{ $d.clientSecret.name }}
+    items:
+      - key: {{ $d.clientSecret.certKey }}
+        path: database-client.crt
+      - key: {{ $d.clientSecret.keyKey }}
+        path: database-client.key
+{{- end }}
+{{- end -}}
+
+{{/* The read-only TLS volume (see sentpipe.tlsSources), or nothing. */}}
+{{- define "sentpipe.tlsVolume" -}}
+{{- $sources := include "sentpipe.tlsSources" . -}}
+{{- if $sources }}
+- name: tls
+  projected:
+    # 0440: owned by root, readable by the pod's group (fsGroup) only; libpq refuses a key anyone can read.
+    defaultMode: 288
+    sources:
+      {{- $sources | nindent 6 }}
+{{- end }}
+{{- end -}}
+
+{{- define "sentpipe.tlsVolumeMount" -}}
+{{- if include "sentpipe.tlsSources" . }}
+- name: tls
+  mountPath: /etc/sentpipe/tls
+  readOnly: true
+{{- end }}
 {{- end -}}

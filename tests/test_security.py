@@ -1,0 +1,353 @@
+"""Kafka TLS/SASL/mTLS and PostgreSQL TLS, against a broker and a database the tests secure themselves.
+
+The whole pipeline (ingress -> worker -> PostgreSQL, then replay) runs once over SASL_SSL with SCRAM-SHA-512
+and PostgreSQL `sslmode=verify-full`, and once over mTLS (client certificates for Kafka and PostgreSQL).
+Then the failures a new deployment meets: a wrong password, an unknown CA and a plaintext client against a
+TLS listener, each one line naming the broker and the cause, a non-zero exit, within the connect timeout,
+for the ingress, the worker and `topics ensure` (and the wrong password for every other Kafka command).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import psycopg
+import pytest
+
+from sentpipe.kafka import check_connection, refusal, security_config, tls_context
+from sentpipe.processors.worker import broker_credentials
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.topics import Topics
+from sentpipe.settings import Settings
+from tests.http_tools import post_all
+from tests.kafka_tools import read_topic, wait_topics_ready
+from tests.oracle import row_count
+from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_for
+from tests.processes import free_port
+from tests.secured import Secured, ToolMissing, start_secured
+from tests.services import ServiceUnavailable
+from tests.test_ops_cli import sentpipe
+from tests.test_pipeline_e2e import assert_matches_oracle, deliveries
+from tests.test_replay import TABLES
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[Secured]:
+    try:
+        sec = start_secured()
+    except (ToolMissing, ServiceUnavailable) as exc:
+        pytest.fail(f"secured test services unavailable: {exc}", pytrace=False)
+    yield sec
+    sec.close()
+
+
+def _settings(kafka_env: dict[str, str], **values: object) -> Settings:
+    kafka = {k.removeprefix("SENTPIPE_").lower(): v for k, v in kafka_env.items()}
+    return Settings(**{**kafka, **values})  # type: ignore[arg-type]
+
+
+def _schema_url(admin_url: str, client_url: str, owner: str) -> str:
+    """A fresh schema (made over TLS as postgres, owned by `owner`); `client_url` with it as search_path."""
+    schema = f"t_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}" AUTHORIZATION "{owner}"')
+    return f"{client_url}&options={quote(f'-csearch_path={schema}')}"
+
+
+def _other_ca(tmp_path: Path) -> Path:
+    """A CA nobody signed the broker with."""
+    ca = tmp_path / "other-ca.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"),
+            *("-subj", "/CN=not the CA", "-keyout", str(tmp_path / "other-ca.key"), "-out", str(ca)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return ca
+
+
+# --- the whole pipeline, secured ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sasl_ssl+verify-full", "mtls+client-cert"])
+def test_pipeline_signed_sent_projected_replayed_over_tls(
+    secured: Secured, mode: str, tmp_path: Path
+) -> None:
+    unique_id = uuid.uuid4().hex[:10]
+    if mode.startswith("sasl_ssl"):
+        kafka_env, db = (
+            secured.sasl_ssl,
+            _schema_url(secured.pg_verify_full, secured.pg_verify_full, "postgres"),
+        )
+        assert kafka_env["SENTPIPE_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    else:
+        kafka_env = secured.mtls
+        db = _schema_url(secured.pg_verify_full, secured.pg_client_cert, "sentpipe")
+        assert "SENTPIPE_KAFKA_SASL_USERNAME" not in kafka_env
+    assert "sslmode=verify-full" in db
+    s = _settings(
+        kafka_env,
+        database_url=db,
+        topic_prefix=f"tls{unique_id}.",
+        app_id=f"sentpipe-tls{unique_id}",
+        raw_partitions=2,
+        routed_partitions=2,
+    )
+    topics = Topics(s.topic_prefix)
+    # What the test reads back goes through the broker's plaintext listener; sentpipe never does.
+    plain = s.model_copy(update={"kafka_bootstrap": secured.plaintext_bootstrap})
+
+    for args in (["topics", "ensure"], ["db", "migrate"]):
+        res = sentpipe(s, *args)
+        assert res.returncode == 0, res.stderr
+    wait_topics_ready(plain.kafka_bootstrap, [topics.raw, *topics.routed, topics.unrouted, topics.dlq])
+
+    unique, to_send = deliveries(120, 0.25, seed=14)
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 60))
+    ingress, url, _ = start_ingress(s, tmp_path)
+    worker = start_worker(s, tmp_path)
+    try:
+        secret = s.webhook_secret.get_secret_value()
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", to_send, secret)).count(200) == len(to_send)
+        wait_for(lambda: row_count(db), lambda n: n >= len(unique), 120, "events projected", worker.proc.tail)
+        wait_caught_up(plain, 60, "the worker caught up", worker.proc.tail)
+        assert_matches_oracle(db, unique)
+        n_raw = len(read_topic(plain.kafka_bootstrap, topics.raw))
+        assert n_raw == len(to_send)
+
+        with psycopg.connect(db, autocommit=True) as c:
+            c.execute(f"TRUNCATE {', '.join(TABLES)}")
+        res = sentpipe(s, "replay", "--since", since)
+        assert res.returncode == 0, res.stderr
+        wait_for(lambda: row_count(db), lambda n: n >= len(unique), 120, "replay projected", worker.proc.tail)
+        wait_caught_up(plain, 60, "the replay applied", worker.proc.tail)
+        assert_matches_oracle(db, unique)
+    finally:
+        worker.stop()
+        ingress.stop()
+    replayed = [
+        rec
+        for t in topics.routed
+        for rec in read_topic(plain.kafka_bootstrap, t)
+        if r.H_REPLAY_ID in rec.headers
+    ]
+    assert len(replayed) == n_raw
+    # Each side saw TLS: the database session of the projections, and the broker listener the clients used.
+    with psycopg.connect(db) as c:
+        assert c.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone() == (True,)
+
+
+# --- refusals: one line, non-zero, within the connect timeout --------------------------------------------
+
+
+def _refused_env(secured: Secured, failure: str, tmp_path: Path) -> tuple[dict[str, str], list[str]]:
+    """Failure -> (the client's SENTPIPE_KAFKA_* settings, what its one line must say)."""
+    sasl = secured.sasl_ssl
+    if failure == "wrong password":
+        return {**sasl, "SENTPIPE_KAFKA_SASL_PASSWORD": "not-the-password"}, ["SASL authentication"]
+    if failure == "unknown CA":
+        return {**sasl, "SENTPIPE_KAFKA_SSL_CA_FILE": str(_other_ca(tmp_path))}, ["certificate verify failed"]
+    assert failure == "plaintext against TLS"
+    return {"SENTPIPE_KAFKA_BOOTSTRAP": sasl["SENTPIPE_KAFKA_BOOTSTRAP"]}, ["TLS listener", "PLAINTEXT"]
+
+
+def _assert_refused(
+    res: subprocess.CompletedProcess[str], took: float, bootstrap: str, needles: list[str]
+) -> None:
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert res.returncode != 0, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert len(lines) == 1, res.stderr
+    line = lines[0]
+    assert line.startswith("error: "), line
+    assert f"Kafka broker at {bootstrap} refused the connection" in line, line
+    for needle in needles:
+        assert needle in line, line
+    assert "not-the-password" not in res.stderr + res.stdout
+    assert took < CONNECT_TIMEOUT_S, f"took {took:.1f}s, the connect timeout is {CONNECT_TIMEOUT_S}s: {line}"
+
+
+COMMANDS = {
+    "ingress": lambda: ["ingress", "--host", "127.0.0.1", "--port", str(free_port())],
+    "worker": lambda: ["worker"],
+    "topics ensure": lambda: ["topics", "ensure", "--timeout", str(CONNECT_TIMEOUT_S)],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("failure", ["wrong password", "unknown CA", "plaintext against TLS"])
+def test_refused_connection_is_one_line_naming_broker_and_cause(
+    secured: Secured, command: str, failure: str, tmp_path: Path
+) -> None:
+    kafka_env, needles = _refused_env(secured, failure, tmp_path)
+    s = _settings(
+        kafka_env,
+        topic_prefix=f"tlsneg{uuid.uuid4().hex[:8]}.",
+        kafka_connect_timeout_s=CONNECT_TIMEOUT_S,
+        ingress_metrics_port=free_port(),
+        worker_web_port=free_port(),
+        worker_metrics_port=free_port(),
+        data_dir=tmp_path / "faust",
+    )
+    t0 = time.monotonic()
+    res = sentpipe(s, *COMMANDS[command](), timeout=60)
+    _assert_refused(res, time.monotonic() - t0, s.kafka_bootstrap, needles)
+
+
+OTHER_COMMANDS = [
+    ["replay", "--dry-run"],
+    ["dlq", "list"],
+    ["dlq", "redrive", "--dry-run"],
+    ["events", "show", "evt_1"],
+    ["offsets", "reset", "--group", "g", "--to-latest", "--dry-run"],
+    ["worker", "--role", "project"],
+]
+
+
+@pytest.mark.parametrize("args", OTHER_COMMANDS, ids=[" ".join(a) for a in OTHER_COMMANDS])
+def test_every_other_kafka_command_refused_in_one_line(
+    secured: Secured, args: list[str], tmp_path: Path
+) -> None:
+    s = _settings(secured.sasl_ssl, kafka_sasl_password="not-the-password")
+    t0 = time.monotonic()
+    res = sentpipe(s, *args, timeout=60, data_dir=tmp_path, worker_metrics_port=free_port())
+    _assert_refused(res, time.monotonic() - t0, s.kafka_bootstrap, ["SASL authentication"])
+
+
+def test_mtls_listener_without_client_certificate_is_refused(secured: Secured) -> None:
+    s = _settings({k: v for k, v in secured.mtls.items() if "CERT" not in k and "KEY" not in k})
+    t0 = time.monotonic()
+    res = sentpipe(s, "topics", "ensure", "--timeout", str(CONNECT_TIMEOUT_S), timeout=60)
+    _assert_refused(res, time.monotonic() - t0, s.kafka_bootstrap, ["bad certificate"])
+
+
+def test_scram_sha_256_and_hostname_verification(secured: Secured) -> None:
+    """The same user over SCRAM-SHA-256; `localhost` is in the broker's certificate, so verification holds
+    by name as well as by address."""
+    port = secured.sasl_ssl["SENTPIPE_KAFKA_BOOTSTRAP"].rsplit(":", 1)[1]
+    check_connection(_settings(secured.sasl_ssl, kafka_sasl_mechanism="SCRAM-SHA-256"), CONNECT_TIMEOUT_S)
+    check_connection(_settings(secured.sasl_ssl, kafka_bootstrap=f"localhost:{port}"), CONNECT_TIMEOUT_S)
+
+
+def test_database_tls_refusals_are_one_line(secured: Secured) -> None:
+    """PostgreSQL over the URL: no TLS, an unknown CA and a missing client certificate are refused."""
+    url = secured.pg_verify_full
+    base = url.split("?", 1)[0]
+    cert_user_without_cert = secured.pg_client_cert.split("&sslcert=", 1)[0]
+    for bad, needle in [
+        (f"{base}?sslmode=disable", "no encryption"),
+        (url.replace("sslrootcert=", "sslrootcert=/nonexistent/"), "root certificate file"),
+        (cert_user_without_cert, "certificate"),
+    ]:
+        s = Settings(database_url=bad)
+        res = sentpipe(s, "db", "migrate", timeout=60)
+        lines = res.stderr.strip().splitlines()
+        assert res.returncode != 0 and len(lines) == 1, res.stderr
+        assert lines[0].startswith("error: database unavailable") and needle in lines[0], lines[0]
+
+
+# --- mapping, without a broker ----------------------------------------------------------------------------
+
+
+def test_settings_map_to_librdkafka_and_aiokafka(tmp_path: Path) -> None:
+    import faust
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("")
+    plain = Settings()
+    assert security_config(plain) == {"security.protocol": "plaintext"}
+    assert tls_context(plain) is None and broker_credentials(plain) is None
+
+    sasl = Settings(
+        kafka_security_protocol="sasl_plaintext", kafka_sasl_username="u", kafka_sasl_password="s3cr3t-pw"
+    )
+    assert security_config(sasl) == {
+        "security.protocol": "sasl_plaintext",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "u",
+        "sasl.password": "s3cr3t-pw",
+    }
+    creds = broker_credentials(sasl)
+    assert isinstance(creds, faust.SASLCredentials)
+    assert (creds.protocol.value, creds.mechanism.value, creds.username, creds.password) == (
+        "SASL_PLAINTEXT",
+        "SCRAM-SHA-512",
+        "u",
+        "s3cr3t-pw",
+    )
+    assert "s3cr3t-pw" not in repr(sasl) + repr(creds)
+
+    no_hostname = Settings(kafka_security_protocol="SSL", kafka_ssl_check_hostname=False)
+    assert security_config(no_hostname) == {
+        "security.protocol": "ssl",
+        "ssl.endpoint.identification.algorithm": "none",
+    }
+    ctx = tls_context(no_hostname)
+    assert ctx is not None and not ctx.check_hostname
+    assert tls_context(Settings(kafka_security_protocol="SSL")).check_hostname  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"kafka_security_protocol": "SASL_SSL"}, "needs SENTPIPE_KAFKA_SASL_USERNAME"),
+        ({"kafka_sasl_username": "u", "kafka_sasl_password": "p"}, "SECURITY_PROTOCOL is PLAINTEXT"),
+        ({"kafka_ssl_ca_file": __file__}, "SSL_CA_FILE is set but"),
+        ({"kafka_security_protocol": "SSL", "kafka_ssl_cert_file": __file__}, "go together"),
+        ({"kafka_security_protocol": "TLS"}, "kafka_security_protocol"),
+        ({"kafka_security_protocol": "SSL", "kafka_ssl_ca_file": "/nonexistent.pem"}, "kafka_ssl_ca_file"),
+    ],
+)
+def test_half_a_security_configuration_is_refused_by_the_settings(
+    values: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        Settings(**values)  # type: ignore[arg-type]
+
+
+def test_refusal_tells_a_refusing_broker_from_an_absent_one() -> None:
+    from confluent_kafka import KafkaError
+
+    assert (
+        refusal(
+            "SASL_SSL",
+            KafkaError._AUTHENTICATION,
+            "sasl_ssl://h:1/bootstrap: SASL authentication error: x (after 3ms in state AUTH_REQ)",
+        )
+        == "SASL authentication error: x"
+    )
+    assert (
+        refusal(
+            "PLAINTEXT",
+            KafkaError._TRANSPORT,
+            "h:1/bootstrap: Connect to ipv4#h:1 failed: Connection refused",
+        )
+        is None
+    )
+    assert (
+        refusal(
+            "PLAINTEXT",
+            None,
+            "h:1/bootstrap: Disconnected: connection closed by peer: receive 0 after POLLIN"
+            " (after 2ms in state APIVERSION_QUERY)",
+        )
+        is not None
+    )
+    assert (
+        refusal(
+            "SSL",
+            None,
+            "h:1/bootstrap: Disconnected: connection closed by peer (after 2ms in state APIVERSION_QUERY)",
+        )
+        is None
+    )
