@@ -183,9 +183,33 @@ def _() -> None:
 @check("rocksdb + persistence: the table role is a StatefulSet with a claim; the projector a Deployment")
 def _() -> None:
     objs = render(*SECRET, "--set", "worker.split.enabled=true")
-    (sts,) = kinds(objs, "StatefulSet").values()
-    assert sts["metadata"]["name"] == "sp-sentpipe-router" and sts["spec"]["volumeClaimTemplates"]
+    sts = kinds(objs, "StatefulSet")
+    assert set(sts) == {"sp-sentpipe-router", "sp-sentpipe-ingress"}, set(sts)  # the ingress: its spool
+    assert sts["sp-sentpipe-router"]["spec"]["volumeClaimTemplates"]
     assert "sp-sentpipe-projector" in kinds(objs, "Deployment")
+
+
+@check("spool: the ingress a StatefulSet with a claim per pod (emptyDir without persistence, none when off)")
+def _() -> None:
+    def env(w: dict[str, Any]) -> dict[str, str]:
+        return {e["name"]: e.get("value", "") for e in pod(w)["spec"]["containers"][0]["env"]}
+
+    def mounts(w: dict[str, Any]) -> dict[str, str]:
+        return {v["name"]: v["mountPath"] for v in pod(w)["spec"]["containers"][0]["volumeMounts"]}
+
+    ing = kinds(render(*SECRET), "StatefulSet")["sp-sentpipe-ingress"]
+    (claim,) = ing["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "spool" and mounts(ing)["spool"] == env(ing)["SENTPIPE_SPOOL_DIR"]
+    assert env(ing)["SENTPIPE_SPOOL"] == "on" and ing["spec"]["serviceName"] == "sp-sentpipe-ingress"
+    hpa = render(*SECRET, "--set", "ingress.autoscaling.enabled=true")
+    assert kinds(hpa, "HorizontalPodAutoscaler")["sp-sentpipe-ingress"]["spec"]["scaleTargetRef"]["kind"] == (
+        "StatefulSet"
+    )
+    ephemeral = kinds(render(*SECRET, "--set", "ingress.spool.persistence.enabled=false"), "Deployment")
+    vols = {v["name"]: v for v in pod(ephemeral["sp-sentpipe-ingress"])["spec"]["volumes"]}
+    assert "emptyDir" in vols["spool"], vols
+    off = kinds(render(*SECRET, "--set", "ingress.spool.enabled=false"), "Deployment")["sp-sentpipe-ingress"]
+    assert env(off)["SENTPIPE_SPOOL"] == "off" and "spool" not in mounts(off)
 
 
 @check("standby table replicas only where another router can hold them; the projector has no table")

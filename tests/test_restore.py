@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,8 @@ def test_restore_writes_what_faust_would_and_a_warm_restart_reads_only_the_tail(
     admin = admin_client(s)
     spec = NewTopic(topic, s.raw_partitions, 1, config={"cleanup.policy": "compact"})
     admin.create_topics([spec])[topic].result(30)
-    v1, v2 = encode_seen({"default": 1}), encode_seen({"default": 1, "acme": 2})
+    now = int(time.time() * 1000)  # inside the dedup window: the router's sweep keeps them
+    v1, v2 = encode_seen({"default": now}), encode_seen({"default": now, "acme": now + 1})
     # 3,000 marks, 500 of them later updated, 300 later swept (a tombstone each).
     first = [(_key(i), v1) for i in range(3000)]
     _write(s, first + [(_key(i), v2) for i in range(500)] + [(_key(i), None) for i in range(2700, 3000)])
@@ -86,7 +88,9 @@ def test_restore_writes_what_faust_would_and_a_warm_restart_reads_only_the_tail(
     assert _contents(s)[0] == expected
 
     # Faust takes the files over: the router is ready with every id, recovering only what it must.
-    worker = start_worker(s, tmp_path, worker_role="route", table_store="rocksdb://")
+    worker = start_worker(
+        s, tmp_path, worker_role="route", table_store="rocksdb://", dedup_sweep_interval_s=1
+    )
     try:
         wait_for(
             lambda: metric_sum(scrape(worker.metrics_port), "sentpipe_dedup_table_keys"),
