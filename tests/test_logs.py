@@ -121,17 +121,18 @@ def test_an_unknown_level_stops_a_command_with_one_line(command: list[str]) -> N
 @pytest.mark.service
 def test_worker_starts_with_python_level_names(settings: Settings, tmp_path: Path) -> None:
     """The bug: SENTPIPE_LOG_LEVEL=WARNING made Faust refuse its --loglevel and the worker exit."""
-    web = free_port()
+    metrics = free_port()
     env = settings_env(
         settings,
         log_level="WARNING",
-        worker_web_port=web,
-        worker_metrics_port=free_port(),
+        worker_web_port=free_port(),
+        worker_metrics_port=metrics,
         data_dir=tmp_path / "faust",
     )
     proc = Proc(["worker"], env, tmp_path / "worker.log").start()
     try:
-        proc.wait_http(f"http://127.0.0.1:{web}/")  # Faust's own web server: Faust took its options
+        # Ready once Faust has started (its table recovered): Faust took its options.
+        proc.wait_http(f"http://127.0.0.1:{metrics}/readyz")
         assert proc.p is not None and proc.p.poll() is None, proc.tail()
     finally:
         assert proc.stop() == 0, proc.tail()
