@@ -577,6 +577,9 @@ class Spool:
     def _finish_segment(self, seg: _Segment) -> bool:
         """The drain reached the end of `seg`: delete it if nothing can be appended to it any more. True when
         the drain may go on with the next segment."""
+        if self.drain_off < seg.size:
+            # Records were committed after the window was read (the read runs in a thread): not the end.
+            return True
         is_current = seg is self.segments[-1]
         if is_current and (self._pending or self._writer_busy):
             return False

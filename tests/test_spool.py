@@ -250,3 +250,24 @@ def test_process_zero_adopts_the_spools_of_workers_that_are_gone(tmp_path: Path)
         held.close()
 
     asyncio.run(main())
+
+
+def test_records_committed_while_the_drain_reads_its_last_window_are_not_deleted(tmp_path: Path) -> None:
+    """The drain reads a window in a thread; an append can commit after that read and before the drain,
+    finding nothing more, finishes the segment. The segment must then stay: those records were answered
+    200."""
+
+    async def main() -> None:
+        s = spool_in(tmp_path)
+        await s.append(rec(1))
+        seg = s.segments[0]
+        frames = s._read_window(seg)  # the drain's last read: one record, then the end of the file
+        s.drain_off = frames[-1].end  # ... which the broker acknowledged
+        await s.append(rec(2))  # committed after that read
+        s._finish_segment(seg)
+        b = Broker()
+        await s.drain(b.send, once=True)
+        assert b.got == [rec(2)] and s.records == 0
+        s.close()
+
+    asyncio.run(main())
