@@ -7,7 +7,9 @@ asyncio futures (the ingress and the worker's dead letters).
 
 librdkafka does the batching, network and retries in its own threads. The async face serves delivery
 reports with non-blocking poll(0) calls on the event loop itself, ticking every millisecond while records
-are in flight: callbacks then settle futures directly, with no extra Python thread contending for the GIL.
+are in flight: one loop callback per tick serves every report that has arrived, and the callbacks settle
+futures directly, with no extra Python thread contending for the GIL. The same tick expires the backstop
+guards of `send_and_wait` (a deque in deadline order, not a timer per record).
 
 Broker state. librdkafka reports through `error_cb` when every broker connection is down
 (`_ALL_BROKERS_DOWN`) but says nothing when one comes back, so the producer tracks it: down on that report
@@ -22,6 +24,7 @@ backoff if fatal errors repeat.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -223,7 +226,13 @@ class Producer:
         self, topic: str, key: bytes, value: bytes, headers: Headers, on_delivery: OnDelivery
     ) -> None:
         try:
-            self._producer.produce(topic, value, key, headers=list(headers), on_delivery=on_delivery)
+            self._producer.produce(
+                topic,
+                value,
+                key,
+                headers=headers if type(headers) is list else list(headers),
+                on_delivery=on_delivery,
+            )
         except BufferError:
             raise ProduceRejected("local_queue_full") from None
         except KafkaException as exc:
@@ -302,6 +311,8 @@ class AsyncProducer(Producer):
         self._recreated_at = 0.0
         # Replaced producers still owing delivery reports, each with a time after which it is let go.
         self._retired: list[tuple[confluent_kafka.Producer, float]] = []
+        # send_and_wait's backstops, (monotonic deadline, future), oldest first: swept by the tick.
+        self._guards: collections.deque[tuple[float, asyncio.Future[Delivered]]] = collections.deque()
         self.recreated = 0
 
     @classmethod
@@ -325,6 +336,8 @@ class AsyncProducer(Producer):
 
     def _tick(self) -> None:
         self._poll()
+        if self._guards:
+            self._expire_guards()
         if (self._in_flight > 0 or self._retired) and self._loop is not None:
             self._loop.call_later(TICK_S, self._tick)
         else:
@@ -342,6 +355,8 @@ class AsyncProducer(Producer):
             return
         if not self._ticking:
             self._poll()
+            if self._guards:
+                self._expire_guards()
         self._idle_handle = self._loop.call_later(IDLE_POLL_S, self._idle_poll)
 
     # --- broker state ------------------------------------------------------------------------------------
@@ -432,12 +447,23 @@ class AsyncProducer(Producer):
     ) -> Delivered:
         fut = self.produce(topic, key, value, headers)
         # librdkafka fails the record after message.timeout.ms; this guard only bounds the wait if a
-        # report never comes. Cheaper than wait_for, which wraps every request in another task.
-        guard = fut.get_loop().call_later(timeout + 1.0, _expire, fut)
-        try:
-            return await fut
-        finally:
-            guard.cancel()
+        # report never comes. An entry in a deque the tick sweeps: no timer, no task per request.
+        self._guards.append((time.monotonic() + timeout + 1.0, fut))
+        return await fut
+
+    def _expire_guards(self) -> None:
+        """Drop settled guards from the front; fail the records whose guard ran out. Guards are appended in
+        deadline order as long as callers use one timeout (the ingress does); a shorter one behind a longer
+        one expires when that one leaves the front (it is only a backstop)."""
+        guards = self._guards
+        now = time.monotonic()
+        while guards:
+            deadline, fut = guards[0]
+            if not fut.done():
+                if deadline > now:
+                    return
+                fut.set_exception(ProduceRejected("delivery_timeout"))
+            guards.popleft()
 
     def _queued(self) -> int:
         return len(self._producer) + sum(len(old) for old, _ in self._retired)
@@ -459,11 +485,6 @@ class AsyncProducer(Producer):
             self._probe_task = None
         if self._queued():
             log.warning("producer closed with %d undelivered records", self._queued())
-
-
-def _expire(fut: asyncio.Future[Delivered]) -> None:
-    if not fut.done():
-        fut.set_exception(ProduceRejected("delivery_timeout"))
 
 
 class BatchConsumer:
