@@ -1,11 +1,12 @@
-"""Per-request metrics at the cost of a list increment: observations are tallied in plain lists on the event
-loop and added to their Prometheus histograms when /metrics is scraped.
+"""Per-request metrics at the cost of a list or dict increment: observations and counts are tallied in plain
+Python containers on the event loop and added to their Prometheus metrics when /metrics is scraped.
 
 prometheus_client's `Histogram.observe` walks the buckets in Python and takes a lock for the sum and one for
-the bucket, a few microseconds each time; the ingress observes three histograms per request. A `Tally`
-finds the bucket with `bisect` (C) and takes no lock: it is only touched by the event loop's thread.
-`flush_all()` (called by the metrics handler before it renders the page) moves what was tallied into the
-histograms, so a scrape sees every request answered before it.
+the bucket, a few microseconds each time, and every `inc` takes a lock; the ingress observes three
+histograms and counts one counter per request. A `Tally` finds the bucket with `bisect` (C), a `Counts`
+adds to a dict entry; neither takes a lock: only the event loop's thread touches them. `flush_all()` (called
+by the metrics handler before it renders the page) moves what was tallied into the metrics, so a scrape
+sees every request answered before it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any
 
-from prometheus_client import Histogram
+from prometheus_client import Counter, Histogram
 
 
 class Tally:
@@ -47,14 +48,41 @@ class Tally:
         h._sum.inc(total)
 
 
-_TALLIES: dict[Histogram, Tally] = {}
+class Counts:
+    """Increments of a labelled Counter by label values, added to it by `flush()`."""
+
+    __slots__ = ("_counter", "_counts")
+
+    def __init__(self, counter: Counter) -> None:
+        self._counter = counter
+        self._counts: dict[tuple[str, ...], int] = {}
+
+    def inc(self, labels: tuple[str, ...]) -> None:
+        counts = self._counts
+        counts[labels] = counts.get(labels, 0) + 1
+
+    def flush(self) -> None:
+        counts, self._counts = self._counts, {}
+        for labels, n in counts.items():
+            self._counter.labels(*labels).inc(n)
+
+
+_TALLIES: dict[Histogram | Counter, Tally | Counts] = {}
 
 
 def tally(histogram: Histogram) -> Tally:
     """The process's one tally for this histogram."""
     found = _TALLIES.get(histogram)
-    if found is None:
+    if not isinstance(found, Tally):
         found = _TALLIES[histogram] = Tally(histogram)
+    return found
+
+
+def counts(counter: Counter) -> Counts:
+    """The process's one tally for this labelled counter."""
+    found = _TALLIES.get(counter)
+    if not isinstance(found, Counts):
+        found = _TALLIES[counter] = Counts(counter)
     return found
 
 

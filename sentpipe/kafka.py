@@ -422,7 +422,7 @@ class AsyncProducer(Producer):
     # --- records -----------------------------------------------------------------------------------------
     def _on_delivery(self, fut: asyncio.Future[Delivered], err: KafkaError | None, msg: Message) -> None:
         self._in_flight -= 1
-        if err is None:
+        if err is None and self._down_since is not None:
             self._mark_up()
         if fut.done():  # the guard in send() gave up on it already
             return
@@ -431,25 +431,29 @@ class AsyncProducer(Producer):
         else:
             fut.set_result(Delivered(msg.topic() or "", msg.partition() or 0, msg.offset() or 0))
 
-    def produce(self, topic: str, key: bytes, value: bytes, headers: Headers) -> asyncio.Future[Delivered]:
-        """Enqueue a record; the future resolves when the broker acknowledges it (or fails)."""
+    def produce(
+        self, topic: str, key: bytes, value: bytes, headers: Headers, timeout: float | None = None
+    ) -> asyncio.Future[Delivered]:
+        """Enqueue a record; the future resolves when the broker acknowledges it (or fails). With `timeout`,
+        it fails with ProduceRejected("delivery_timeout") at the latest a second after that, should no
+        report ever come (librdkafka fails a record itself after message.timeout.ms)."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[Delivered] = loop.create_future()
         self._enqueue(topic, key, value, headers, partial(self._on_delivery, fut))
         self._in_flight += 1
-        self._start_ticking()
+        if not self._ticking:
+            self._start_ticking()
+        if timeout is not None:
+            # A backstop, not a timer: an entry in a deque the tick sweeps (no timer, no task per record).
+            self._guards.append((time.monotonic() + timeout + 1.0, fut))
         return fut
 
     async def send_and_wait(
         self, topic: str, key: bytes, value: bytes, headers: Headers, timeout: float
     ) -> Delivered:
-        fut = self.produce(topic, key, value, headers)
-        # librdkafka fails the record after message.timeout.ms; this guard only bounds the wait if a
-        # report never comes. An entry in a deque the tick sweeps: no timer, no task per request.
-        self._guards.append((time.monotonic() + timeout + 1.0, fut))
-        return await fut
+        return await self.produce(topic, key, value, headers, timeout)
 
     def _expire_guards(self) -> None:
         """Drop settled guards from the front; fail the records whose guard ran out. Guards are appended in
