@@ -118,6 +118,8 @@ def add_json_fallbacks(app: web.Application) -> None:
     every path answers any other method 405 with `Allow`, and a last catch-all route answers 404. Call it
     once every route is added. (413 is the webhook handler's own answer.)"""
     for resource in list(app.router.resources()):
+        if not isinstance(resource, web.Resource):  # plain and dynamic resources; there are no others here
+            continue
         allow = ",".join(sorted({route.method for route in resource}))
         resource.add_route("*", _answering(405, "method_not_allowed", "Method Not Allowed", {"Allow": allow}))
     app.router.add_route("*", "/{path:.*}", _answering(404, "not_found", "Not Found"))
