@@ -142,7 +142,8 @@ value_args() {  # NAME -> sets the array `args`
     all-options) args=(--set worker.rocksdb.enabled=true --set "secrets.tenants.acme[0]=not-a-real-secret"
       --set ingress.autoscaling.enabled=true --set ingress.autoscaling.requestsPerSecond.enabled=true
       --set ingress.expose.enabled=true --set serviceMonitor.enabled=true --set "worker.handlerModules[0]=handlers"
-      --set worker.split.enabled=true --set worker.split.projector.resources.requests.cpu=100m) ;;
+      --set worker.split.enabled=true --set worker.split.projector.resources.requests.cpu=100m
+      --set ingress.resources.requests.cpu=1500m) ;;
   esac
 }
 for name in default production all-options; do
