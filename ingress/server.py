@@ -65,11 +65,9 @@ async def serve(
             "using the built-in development webhook secret: set SENTPIPE_WEBHOOK_SECRET for real traffic"
         )
     # What is loaded and built by now lives as long as the process: frozen out of the collector's sight, so
-    # a full collection no longer walks it (a pause of ~20 ms, a p99 outlier), and young collections,
-    # which requests in flight trigger, run a tenth as often.
+    # a full collection no longer walks it (a pause of ~20 ms under load, a p99 outlier).
     gc.collect()
     gc.freeze()
-    gc.set_threshold(7000, 10, 10)
     log.info(
         "ingress listening",
         extra={"url": f"http://{host}:{port}/webhooks/sent", "metrics_port": metrics_port},
