@@ -1,4 +1,5 @@
-"""`python -m bench` (`make bench`): run the ingress and pipeline benches, print tables, save JSON.
+"""`python -m bench` (`make bench`): run the ingress, workers, pipeline and recovery benches, print tables,
+save JSON.
 
 These are comparisons, not tests: nothing here asserts on timings.
 """
@@ -19,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from bench import ingress, pipeline, recovery
+from bench import ingress, naive, pipeline, recovery
 from bench.common import LOCAL, REPO, console, jsonable
 from bench.ui import BenchResult, Ui, print_summary
 from tests.services import acquire
@@ -32,6 +33,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     only.add_argument("--ingress", dest="only", action="store_const", const="ingress", help="ingress only")
     only.add_argument("--pipeline", dest="only", action="store_const", const="pipeline", help="pipeline only")
     only.add_argument(
+        "--naive",
+        dest="only",
+        action="store_const",
+        const="naive",
+        help="ingress --workers N vs the naive Flask+PostgreSQL receiver with N workers only",
+    )
+    only.add_argument(
         "--recovery", dest="only", action="store_const", const="recovery", help="dedup table recovery only"
     )
     g = p.add_argument_group("ingress")
@@ -41,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--connections", type=int, default=64, help="concurrent connections (64)")
     g.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
     g.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
+    g.add_argument(
+        "--workers", type=int, default=2, help="processes each for the naive-receiver comparison (2)"
+    )
     g = p.add_argument_group("pipeline")
     g.add_argument("--events", type=int, help="events pushed into the raw topic (50,000; quick 10,000)")
     g.add_argument("--latency-rate", type=float, help="paced events/s for end-to-end latency (200)")
@@ -93,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                 svc = acquire()
             if args.only in (None, "ingress"):
                 results.append(ingress.run(svc, ic, ui, work / "ingress"))
+            if args.only in (None, "naive"):
+                results.append(naive.run(svc, ic, args.workers, ui, work / "naive"))
             if args.only in (None, "pipeline"):
                 results.append(pipeline.run(svc, pc, ui, work / "pipeline"))
             if args.only in (None, "recovery"):

@@ -273,6 +273,15 @@ def scrape(port: int) -> Scrape:
     return out
 
 
+def scrape_all(ports: Sequence[int]) -> Scrape:
+    """Several processes' /metrics pages as one (values of the same series summed), e.g. ingress workers."""
+    out: Scrape = {}
+    for port in ports:
+        for key, value in scrape(port).items():
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
 def metric_sum(samples: Scrape, name: str, **match: str) -> float:
     return sum(
         v

@@ -28,6 +28,7 @@ from bench.common import (
     metric_sum,
     run_id,
     scrape,
+    scrape_all,
     service_pids,
     settings_env,
     stopping,
@@ -66,7 +67,7 @@ def _cpu_children() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _ingress_metrics(before: Scrape, after: Scrape) -> dict[str, Any]:
+def ingress_metrics(before: Scrape, after: Scrape) -> dict[str, Any]:
     """What the ingress saw itself during the window: produce and request latency, statuses."""
     produce = histogram_delta(before, after, "sentpipe_ingress_produce_seconds")
     request = histogram_delta(before, after, "sentpipe_ingress_request_seconds")
@@ -90,7 +91,7 @@ def _ingress_metrics(before: Scrape, after: Scrape) -> dict[str, Any]:
     }
 
 
-def _raw_records(bootstrap: str, topic: str) -> int:
+def raw_records(bootstrap: str, topic: str) -> int:
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-count-{run_id()}", "log_level": 0})
     try:
         md = c.list_topics(topic, timeout=10)
@@ -103,7 +104,7 @@ def _raw_records(bootstrap: str, topic: str) -> int:
         c.close()
 
 
-def _pick_loadgen(cfg: IngressConfig, ui: Ui, work: Path) -> LoadGenerator:
+def pick_loadgen(cfg: IngressConfig, ui: Ui, work: Path) -> LoadGenerator:
     if cfg.loadgen in ("auto", "wrk"):
         binary = ensure_wrk(ui.log)
         if binary:
@@ -118,7 +119,7 @@ def run(svc: Services, cfg: IngressConfig, ui: Ui, work: Path) -> BenchResult:
     rid = run_id()
     prefix = f"bench{rid}."
     work.mkdir(parents=True, exist_ok=True)
-    load = _pick_loadgen(cfg, ui, work)
+    load = pick_loadgen(cfg, ui, work)
     # The pool is signed right before each run; the tolerance only has to cover warm-up plus measurement.
     tolerance = max(300, int(cfg.warmup + cfg.seconds) + 120)
     settings = Settings(
@@ -162,20 +163,18 @@ def run(svc: Services, cfg: IngressConfig, ui: Ui, work: Path) -> BenchResult:
                 for name in order:
                     proc, url = targets[name]
                     results[name].append(
-                        _measure(
-                            name, rnd, proc, url, cfg, load, ui, ing_metrics if proc is ingress else None
-                        )
+                        measure(name, rnd, proc, url, cfg, load, ui, [ing_metrics] if proc is ingress else [])
                     )
             answered_200 = int(
                 metric_sum(scrape(ing_metrics), "sentpipe_ingress_requests_total", status="200")
             )
-        raw_count = _raw_records(svc.kafka_bootstrap, Topics(prefix).raw)
+        raw_count = raw_records(svc.kafka_bootstrap, Topics(prefix).raw)
     finally:
         delete_topics(svc.kafka_bootstrap, [prefix])
     return _summarize(cfg, load, results, raw_count, answered_200, tolerance)
 
 
-def _measure(
+def measure(
     name: str,
     rnd: int,
     proc: Proc,
@@ -183,15 +182,20 @@ def _measure(
     cfg: IngressConfig,
     load: LoadGenerator,
     ui: Ui,
-    metrics_port: int | None,
+    metrics_ports: list[int],
+    bench: str = "ingress",
+    main_thread: bool = True,
 ) -> Measurement:
-    label = f"ingress round {rnd + 1}/{cfg.rounds}: {name}"
+    """One warmed-up measurement of one server; its own /metrics (summed over `metrics_ports`) when given.
+    `main_thread`: also report the CPU of the server process's main thread (one process: its event loop)."""
+    label = f"{bench} round {rnd + 1}/{cfg.rounds}: {name}"
     pool = signed_pool(BENCH_SECRET, cfg.pool_size, seed=rnd * 2 + (name == "sentpipe"))
     with ui.phase(f"{label} warm-up", total=round(cfg.warmup)) as ph:
         load.run(url, pool, cfg.warmup, f"{name}-{rnd}-warm", lambda t: ph.update(t))
     proc.check()
-    before = scrape(metrics_port) if metrics_port else {}
-    meter = CpuMeter({"server": [proc.pid], **service_pids()}, main_thread_of=proc.pid)
+    before = scrape_all(metrics_ports) if metrics_ports else {}
+    main_of = proc.pid if main_thread else None
+    meter = CpuMeter({"server": [proc.pid], **service_pids()}, main_thread_of=main_of)
     children0 = _cpu_children()
     meter.start()
     t0 = time.monotonic()
@@ -201,7 +205,7 @@ def _measure(
     cpu = meter.stop()
     cpu["loadgen"] = round((_cpu_children() - children0) / wall, 2)  # wrk / clients were reaped by now
     proc.check()
-    server = _ingress_metrics(before, scrape(metrics_port)) if metrics_port else {}
+    server = ingress_metrics(before, scrape_all(metrics_ports)) if metrics_ports else {}
     ui.log(
         f"{label}: {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, "
         f"non-2xx {result.non_2xx}, cpu {cpu}"
@@ -209,7 +213,7 @@ def _measure(
     return Measurement(result, cpu, server)
 
 
-def _median(values: list[float | None]) -> float | None:
+def median(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return round(statistics.median(present), 3) if present else None
 
@@ -232,14 +236,14 @@ def _summarize(
             "socket_errors": sum(m.load.socket_errors for m in ms),
         }
         if name == "sentpipe":
-            detail["produce_p50_ms"] = _median([m.server_metrics.get("produce_p50_ms") for m in ms])
-            detail["produce_p99_ms"] = _median([m.server_metrics.get("produce_p99_ms") for m in ms])
-            detail["server_request_p99_ms"] = _median([m.server_metrics.get("request_p99_ms") for m in ms])
+            detail["produce_p50_ms"] = median([m.server_metrics.get("produce_p50_ms") for m in ms])
+            detail["produce_p99_ms"] = median([m.server_metrics.get("produce_p99_ms") for m in ms])
+            detail["server_request_p99_ms"] = median([m.server_metrics.get("request_p99_ms") for m in ms])
         return Row(
             title,
-            _median([m.load.rps for m in ms]),
-            _median([m.load.p50_ms for m in ms]),
-            _median([m.load.p99_ms for m in ms]),
+            median([m.load.rps for m in ms]),
+            median([m.load.p50_ms for m in ms]),
+            median([m.load.p99_ms for m in ms]),
             detail,
         )
 
@@ -262,7 +266,7 @@ def _summarize(
         f"{raw_count} records in the raw topic",
     ]
     cpu = {
-        name: {k: _median([m.cpu.get(k) for m in ms]) for k in ms[0].cpu} if ms else {}
+        name: {k: median([m.cpu.get(k) for m in ms]) for k in ms[0].cpu} if ms else {}
         for name, ms in results.items()
     }
     notes.append(f"CPU cores used while measuring (median): {cpu}")

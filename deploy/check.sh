@@ -147,7 +147,7 @@ value_args() {  # NAME -> sets the array `args`
       --set ingress.autoscaling.enabled=true --set ingress.autoscaling.requestsPerSecond.enabled=true
       --set ingress.expose.enabled=true --set serviceMonitor.enabled=true --set "worker.handlerModules[0]=handlers"
       --set worker.split.enabled=true --set worker.split.projector.resources.requests.cpu=100m
-      --set console.enabled=true --set console.token=not-a-real-console-token
+      --set console.enabled=true --set console.token=not-a-real-console-token --set ingress.resources.requests.cpu=1500m
       --set prometheusRule.enabled=true --set "image.digest=sha256:$(printf 'ab%.0s' {1..32})") ;;
     # Edge values: one replica each (no budgets), workers stopped, a Secret managed elsewhere.
     one-replica) args=("${secret[@]}" --set ingress.replicas=1 --set worker.replicas=1) ;;

@@ -11,6 +11,7 @@ and the supervisor exits 1, so an orchestrator restarts the whole set.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -63,6 +64,10 @@ async def serve(
         log.warning(
             "using the built-in development webhook secret: set SENTPIPE_WEBHOOK_SECRET for real traffic"
         )
+    # What is loaded and built by now lives as long as the process: frozen out of the collector's sight, so
+    # a full collection no longer walks it (a pause of ~20 ms under load, a p99 outlier).
+    gc.collect()
+    gc.freeze()
     log.info(
         "ingress listening",
         extra={"url": f"http://{host}:{port}/webhooks/sent", "metrics_port": metrics_port},

@@ -295,6 +295,9 @@ STRING_KINDS: dict[str, tuple[bool, int]] = {
 }
 
 
+_STRING_LIMITS = {kind: limit for kind, (_, limit) in STRING_KINDS.items()}
+
+
 class FieldSpec(NamedTuple):
     """One field the model reads: its JSON name, what it holds, the reason code when it is wrong."""
 
@@ -396,11 +399,17 @@ def parse_time(value: object) -> datetime | None:
 def _check_fields(d: dict[str, Any], specs: tuple[FieldSpec, ...]) -> dict[str, Any]:
     """Check every given field of `specs` in `d`; the checked values (str or datetime) by name."""
     out: dict[str, Any] = {}
+    get = d.get
     for name, kind, reason, where in specs:
-        value = d.get(name)
+        value = get(name)
         if value is None or value == "":
             continue
-        out[name] = parse_timestamp(value, where) if kind == "time" else _string(value, where, reason, kind)
+        if kind == "time":
+            out[name] = parse_timestamp(value, where)
+        elif type(value) is str and len(value) <= _STRING_LIMITS[kind] and "\x00" not in value:
+            out[name] = value  # the usual case, decided inline: exactly what _string returns for it
+        else:
+            out[name] = _string(value, where, reason, kind)
     return out
 
 
@@ -496,8 +505,7 @@ def _classify(doc: dict[str, Any]) -> tuple[EventType, str | None, Literal["sent
         return EventType.UNROUTED, name, "guide"
 
 
-@dataclass(frozen=True, slots=True)
-class _Read:
+class _Read(NamedTuple):  # a tuple: built for every request at the ingress, cheaper than a dataclass
     data: object  # the payload; an object (or absent) for every routed type
     occurred_at: datetime | None
     subject: str | None  # message or template id, when given

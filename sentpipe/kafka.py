@@ -11,7 +11,9 @@ asyncio futures (the ingress and the worker's dead letters).
 
 librdkafka does the batching, network and retries in its own threads. The async face serves delivery
 reports with non-blocking poll(0) calls on the event loop itself, ticking every millisecond while records
-are in flight: callbacks then settle futures directly, with no extra Python thread contending for the GIL.
+are in flight: one loop callback per tick serves every report that has arrived, and the callbacks settle
+futures directly, with no extra Python thread contending for the GIL. The same tick expires the backstop
+guards of `send_and_wait` (a deque in deadline order, not a timer per record).
 
 Broker state. librdkafka reports through `error_cb` when every broker connection is down
 (`_ALL_BROKERS_DOWN`) but says nothing when one comes back, so the producer tracks it: down on that report
@@ -26,6 +28,7 @@ backoff if fatal errors repeat.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import re
@@ -393,7 +396,13 @@ class Producer:
         self, topic: str, key: bytes, value: bytes, headers: Headers, on_delivery: OnDelivery
     ) -> None:
         try:
-            self._producer.produce(topic, value, key, headers=list(headers), on_delivery=on_delivery)
+            self._producer.produce(
+                topic,
+                value,
+                key,
+                headers=headers if type(headers) is list else list(headers),
+                on_delivery=on_delivery,
+            )
         except BufferError:
             raise ProduceRejected("local_queue_full") from None
         except KafkaException as exc:
@@ -472,6 +481,8 @@ class AsyncProducer(Producer):
         self._recreated_at = 0.0
         # Replaced producers still owing delivery reports, each with a time after which it is let go.
         self._retired: list[tuple[confluent_kafka.Producer, float]] = []
+        # send_and_wait's backstops, (monotonic deadline, future), oldest first: swept by the tick.
+        self._guards: collections.deque[tuple[float, asyncio.Future[Delivered]]] = collections.deque()
         self.recreated = 0
 
     @classmethod
@@ -495,6 +506,8 @@ class AsyncProducer(Producer):
 
     def _tick(self) -> None:
         self._poll()
+        if self._guards:
+            self._expire_guards()
         if (self._in_flight > 0 or self._retired) and self._loop is not None:
             self._loop.call_later(TICK_S, self._tick)
         else:
@@ -512,6 +525,8 @@ class AsyncProducer(Producer):
             return
         if not self._ticking:
             self._poll()
+            if self._guards:
+                self._expire_guards()
         self._idle_handle = self._loop.call_later(IDLE_POLL_S, self._idle_poll)
 
     # --- broker state ------------------------------------------------------------------------------------
@@ -577,7 +592,7 @@ class AsyncProducer(Producer):
     # --- records -----------------------------------------------------------------------------------------
     def _on_delivery(self, fut: asyncio.Future[Delivered], err: KafkaError | None, msg: Message) -> None:
         self._in_flight -= 1
-        if err is None:
+        if err is None and self._down_since is not None:
             self._mark_up()
         if fut.done():  # the guard in send() gave up on it already
             return
@@ -586,28 +601,43 @@ class AsyncProducer(Producer):
         else:
             fut.set_result(Delivered(msg.topic() or "", msg.partition() or 0, msg.offset() or 0))
 
-    def produce(self, topic: str, key: bytes, value: bytes, headers: Headers) -> asyncio.Future[Delivered]:
-        """Enqueue a record; the future resolves when the broker acknowledges it (or fails)."""
+    def produce(
+        self, topic: str, key: bytes, value: bytes, headers: Headers, timeout: float | None = None
+    ) -> asyncio.Future[Delivered]:
+        """Enqueue a record; the future resolves when the broker acknowledges it (or fails). With `timeout`,
+        it fails with ProduceRejected("delivery_timeout") at the latest a second after that, should no
+        report ever come (librdkafka fails a record itself after message.timeout.ms)."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[Delivered] = loop.create_future()
         self._enqueue(topic, key, value, headers, partial(self._on_delivery, fut))
         self._in_flight += 1
-        self._start_ticking()
+        if not self._ticking:
+            self._start_ticking()
+        if timeout is not None:
+            # A backstop, not a timer: an entry in a deque the tick sweeps (no timer, no task per record).
+            self._guards.append((time.monotonic() + timeout + 1.0, fut))
         return fut
 
     async def send_and_wait(
         self, topic: str, key: bytes, value: bytes, headers: Headers, timeout: float
     ) -> Delivered:
-        fut = self.produce(topic, key, value, headers)
-        # librdkafka fails the record after message.timeout.ms; this guard only bounds the wait if a
-        # report never comes. Cheaper than wait_for, which wraps every request in another task.
-        guard = fut.get_loop().call_later(timeout + 1.0, _expire, fut)
-        try:
-            return await fut
-        finally:
-            guard.cancel()
+        return await self.produce(topic, key, value, headers, timeout)
+
+    def _expire_guards(self) -> None:
+        """Drop settled guards from the front; fail the records whose guard ran out. Guards are appended in
+        deadline order as long as callers use one timeout (the ingress does); a shorter one behind a longer
+        one expires when that one leaves the front (it is only a backstop)."""
+        guards = self._guards
+        now = time.monotonic()
+        while guards:
+            deadline, fut = guards[0]
+            if not fut.done():
+                if deadline > now:
+                    return
+                fut.set_exception(ProduceRejected("delivery_timeout"))
+            guards.popleft()
 
     def _queued(self) -> int:
         return len(self._producer) + sum(len(old) for old, _ in self._retired)
@@ -629,11 +659,6 @@ class AsyncProducer(Producer):
             self._probe_task = None
         if self._queued():
             log.warning("producer closed with %d undelivered records", self._queued())
-
-
-def _expire(fut: asyncio.Future[Delivered]) -> None:
-    if not fut.done():
-        fut.set_exception(ProduceRejected("delivery_timeout"))
 
 
 # Commit errors that mean the partitions are another member's now: retrying the commit cannot succeed.

@@ -279,3 +279,24 @@ the database's only for pods that use it. Empty when none is configured. */}}
   readOnly: true
 {{- end }}
 {{- end -}}
+
+{{/*
+Ingress worker processes per pod (SENTPIPE_INGRESS_WORKERS): ingress.workers when set, else the pod's CPU
+request rounded up ("250m" -> 1, "1" -> 1, "1500m" -> 2, 2 -> 2), at least 1. One process's event loop uses
+about one core; worker i serves metrics on ingress.metricsPort + i.
+*/}}
+{{- define "sentpipe.ingressWorkers" -}}
+{{- $i := .Values.ingress -}}
+{{- if $i.workers -}}
+{{- int $i.workers -}}
+{{- else -}}
+{{- $cpu := toString (dig "requests" "cpu" "" ($i.resources | default dict)) -}}
+{{- $milli := 1000 -}}
+{{- if hasSuffix "m" $cpu -}}
+{{- $milli = atoi (trimSuffix "m" $cpu) -}}
+{{- else if $cpu -}}
+{{- $milli = int (mulf (float64 $cpu) 1000) -}}
+{{- end -}}
+{{- max 1 (div (add $milli 999) 1000) -}}
+{{- end -}}
+{{- end -}}
