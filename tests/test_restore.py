@@ -26,7 +26,16 @@ def _key(i: int) -> bytes:
 
 
 def _write(s: Settings, records: list[tuple[bytes, bytes | None]]) -> None:
-    p = Producer({"bootstrap.servers": s.kafka_bootstrap, "partitioner": "murmur2_random", "linger.ms": 5})
+    # Idempotent, so the log's order is the order written: without it a retried batch can land after a later
+    # one on a loaded broker, and the expected final values below would not be the log's.
+    p = Producer(
+        {
+            "bootstrap.servers": s.kafka_bootstrap,
+            "partitioner": "murmur2_random",
+            "linger.ms": 5,
+            "enable.idempotence": True,
+        }
+    )
     for key, value in records:
         p.produce(changelog_topic(s), value, key)
     assert p.flush(30) == 0
