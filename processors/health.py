@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import orjson
@@ -22,10 +23,40 @@ log = logging.getLogger("sentpipe.health")
 CHECK_EVERY_S = 5.0
 
 
+LOOP_BLOCKED_AFTER_S = 10.0
+
+
+class LoopBeat:
+    """The heartbeat of an event loop other than the one serving the probes (role `all` projects on a
+    thread of its own): a loop that has not ticked for `after_s` fails liveness, as a blocked probe loop
+    does by not answering."""
+
+    def __init__(self, name: str, after_s: float = LOOP_BLOCKED_AFTER_S) -> None:
+        self.name, self.after_s = name, after_s
+        self.at = time.monotonic()
+
+    async def run(self, every_s: float = 1.0) -> None:
+        while True:
+            self.at = time.monotonic()
+            await asyncio.sleep(every_s)
+
+    def blocked_for(self) -> float | None:
+        late = time.monotonic() - self.at
+        return late if late >= self.after_s else None
+
+
 class Health:
     def __init__(self) -> None:
         self.watchdogs: list[Watchdog] = []
+        self.beats: list[LoopBeat] = []
         self.ready_checks: dict[str, Callable[[], bool]] = {}
+
+    def blocked_loops(self) -> list[str]:
+        return [
+            f"{b.name} event loop blocked for {late:.0f}s"
+            for b in self.beats
+            if (late := b.blocked_for()) is not None
+        ]
 
     def add(self, watchdog: Watchdog) -> Watchdog:
         self.watchdogs.append(watchdog)
@@ -64,6 +95,9 @@ def health_app(health: Health) -> web.Application:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def livez(_: web.Request) -> web.Response:
+        blocked = health.blocked_loops()
+        if blocked:
+            return _json(503, {"status": "blocked", "loops": blocked})
         stalls = health.stalls()
         if stalls:
             return _json(503, {"status": "stalled", "stalls": [str(s) for s in stalls]})

@@ -393,13 +393,20 @@ class Producer:
         return None
 
     def _enqueue(
-        self, topic: str, key: bytes, value: bytes, headers: Headers, on_delivery: OnDelivery
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes | None,
+        headers: Headers,
+        on_delivery: OnDelivery,
+        partition: int = -1,  # librdkafka's RD_KAFKA_PARTITION_UA: the partitioner chooses
     ) -> None:
         try:
             self._producer.produce(
                 topic,
                 value,
                 key,
+                partition,
                 headers=headers if type(headers) is list else list(headers),
                 on_delivery=on_delivery,
             )
@@ -602,16 +609,23 @@ class AsyncProducer(Producer):
             fut.set_result(Delivered(msg.topic() or "", msg.partition() or 0, msg.offset() or 0))
 
     def produce(
-        self, topic: str, key: bytes, value: bytes, headers: Headers, timeout: float | None = None
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes | None,
+        headers: Headers,
+        timeout: float | None = None,
+        partition: int = -1,
     ) -> asyncio.Future[Delivered]:
         """Enqueue a record; the future resolves when the broker acknowledges it (or fails). With `timeout`,
         it fails with ProduceRejected("delivery_timeout") at the latest a second after that, should no
-        report ever come (librdkafka fails a record itself after message.timeout.ms)."""
+        report ever come (librdkafka fails a record itself after message.timeout.ms). A `partition` >= 0
+        overrides the partitioner; a None value is a tombstone."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[Delivered] = loop.create_future()
-        self._enqueue(topic, key, value, headers, partial(self._on_delivery, fut))
+        self._enqueue(topic, key, value, headers, partial(self._on_delivery, fut), partition)
         self._in_flight += 1
         if not self._ticking:
             self._start_ticking()
@@ -674,6 +688,82 @@ _ASSIGNMENT_GONE = frozenset(
 )
 
 
+def _records(msgs: Sequence[Message]) -> list[Record]:
+    out: list[Record] = []
+    for msg in msgs:
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer error: %s", err.str())
+            continue
+        _, ts = msg.timestamp()
+        headers: Any = msg.headers() or []  # the stubs do not know it is a list of pairs
+        key: Any = msg.key()
+        out.append(
+            Record(
+                msg.topic() or "",
+                msg.partition() or 0,
+                msg.offset() or 0,
+                key,
+                msg.value() or b"",
+                tuple((str(k), bytes(v)) for k, v in headers if v is not None),
+                int(ts) if ts and ts > 0 else int(time.time() * 1000),
+            )
+        )
+    return out
+
+
+class RangeReader:
+    """Reads given offset ranges of partitions, outside any group, and where a group's work starts.
+
+    `group` is only asked for its committed offsets: this consumer never joins it and never commits."""
+
+    def __init__(self, settings: Settings, group: str) -> None:
+        self._consumer = confluent_kafka.Consumer(
+            {
+                **client_config(settings),
+                "group.id": group,
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",  # a range partly deleted by retention: what is left
+                "log_level": 4,
+            }
+        )
+
+    def start_offsets(self, partitions: Sequence[Partition], timeout_s: float = 10.0) -> dict[Partition, int]:
+        """Where the group resumes each partition: its committed offset, or the log's start when it has
+        none (the worker's reset policy is earliest) or the commit fell off the log."""
+        tps = [confluent_kafka.TopicPartition(t, p) for t, p in partitions]
+        out: dict[Partition, int] = {}
+        for tp in self._consumer.committed(tps, timeout=timeout_s):
+            low, _ = self._consumer.get_watermark_offsets(tp, timeout=timeout_s)
+            out[(tp.topic, tp.partition)] = max(tp.offset, low) if tp.offset >= 0 else low
+        return out
+
+    def read(self, where: Partition, start: int, end: int, timeout_s: float = 30.0) -> list[Record]:
+        """The records at offsets [start, end) that are still in the log; BrokerUnavailable when they
+        do not all come within `timeout_s`."""
+        topic, partition = where
+        self._consumer.assign([confluent_kafka.TopicPartition(topic, partition, start)])
+        out: list[Record] = []
+        seen = start - 1
+        deadline = time.monotonic() + timeout_s
+        try:
+            while seen < end - 1:
+                if time.monotonic() > deadline:
+                    raise BrokerUnavailable(f"{topic}[{partition}]: read up to {seen} of {start}..{end - 1}")
+                batch = _records(self._consumer.consume(min(10_000, end - start), 1.0))
+                if batch:
+                    seen = max(seen, batch[-1].offset)
+                out += [r for r in batch if r.offset < end]
+        finally:
+            self._consumer.unassign()
+        return out
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
 class BatchConsumer:
     """A consumer-group member on librdkafka: batches of detached records, commits only when told.
 
@@ -716,28 +806,7 @@ class BatchConsumer:
         msgs = self._consumer.consume(1, timeout_s)
         if msgs and max_records > 1:
             msgs += self._consumer.consume(max_records - 1, min(timeout_s, FILL_S))
-        out: list[Record] = []
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if err.code() != KafkaError._PARTITION_EOF:
-                    log.warning("consumer error: %s", err.str())
-                continue
-            _, ts = msg.timestamp()
-            headers: Any = msg.headers() or []  # the stubs do not know it is a list of pairs
-            key: Any = msg.key()
-            out.append(
-                Record(
-                    msg.topic() or "",
-                    msg.partition() or 0,
-                    msg.offset() or 0,
-                    key,
-                    msg.value() or b"",
-                    tuple((str(k), bytes(v)) for k, v in headers if v is not None),
-                    int(ts) if ts and ts > 0 else int(time.time() * 1000),
-                )
-            )
-        return out
+        return _records(msgs)
 
     def commit(self, offsets: Mapping[Partition, int]) -> None:
         if not offsets:

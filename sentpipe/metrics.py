@@ -89,6 +89,10 @@ EVENTS_ROUTED = Counter(
 DUPLICATES_DROPPED = Counter(
     "sentpipe_duplicates_dropped", "Redelivered raw events dropped by the dedup table.", ["type"]
 )
+RAW_RECORDS_REREAD = Counter(
+    "sentpipe_raw_records_reread",
+    "Raw records the router's stream skipped and the router read back itself (should stay 0).",
+)
 DEDUP_TABLE_KEYS = Gauge("sentpipe_dedup_table_keys", "Event ids held by this worker's dedup table.")
 EVENTS_PROCESSED = Counter(
     "sentpipe_events_processed",

@@ -46,7 +46,7 @@ def _store(s: Settings) -> Any:
     return app.sentpipe.seen.data  # type: ignore[attr-defined]
 
 
-def _contents(s: Settings) -> tuple[dict[bytes, bytes], dict[int, int]]:
+def table_files(s: Settings) -> tuple[dict[bytes, bytes], dict[int, int]]:
     """What the RocksDB files hold, read with Faust's own store options: records and persisted offsets."""
     store = _store(s)
     rows: dict[bytes, bytes] = {}
@@ -81,7 +81,7 @@ def test_restore_writes_what_faust_would_and_a_warm_restart_reads_only_the_tail(
 
     done = restore_dedup_table(s, _store(s))
     assert done is not None and done.records == 3800
-    rows, offsets = _contents(s)
+    rows, offsets = table_files(s)
     assert rows == expected
     ends = end_offsets(s.kafka_bootstrap, topic)
     assert offsets == {p: end - 1 for p, end in ends.items() if end > 0}
@@ -94,7 +94,7 @@ def test_restore_writes_what_faust_would_and_a_warm_restart_reads_only_the_tail(
     assert tail is not None and tail.records == 101
     expected.update({_key(i): v1 for i in range(3000, 3100)})
     del expected[_key(0)]
-    assert _contents(s)[0] == expected
+    assert table_files(s)[0] == expected
 
     # Faust takes the files over: the router is ready with every id, recovering only what it must.
     worker = start_worker(

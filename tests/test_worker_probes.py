@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from confluent_kafka import Producer
 from prometheus_client import generate_latest
 
@@ -33,14 +34,29 @@ def _status(url: str, timeout: float = 2.0) -> int | str:
         return "timeout" if isinstance(exc.reason, TimeoutError) else "refused"
 
 
+def _body(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return str(resp.read().decode())
+    except urllib.error.HTTPError as exc:
+        return str(exc.read().decode())
+    except OSError as exc:
+        return repr(exc)
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(1)
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_a_blocked_event_loop_fails_liveness_and_faust_web_is_off(settings: Settings, tmp_path: Path) -> None:
-    worker = start_worker(settings, tmp_path, handler_modules=["tests.handlers_block"])
+@pytest.mark.parametrize(("role", "blocked"), [("all", 503), ("project", "timeout")])
+def test_a_blocked_event_loop_fails_liveness_and_faust_web_is_off(
+    settings: Settings, tmp_path: Path, role: str, blocked: int | str
+) -> None:
+    """Role `all` projects on a loop of its own beside Faust's: its heartbeat fails /livez with a 503. Role
+    `project` has one loop, which serves the probe too: the probe times out."""
+    worker = start_worker(settings, tmp_path, handler_modules=["tests.handlers_block"], worker_role=role)
     base = f"http://127.0.0.1:{worker.metrics_port}"
     try:
         wait_for(lambda: _status(f"{base}/readyz"), lambda s: s == 200, 60, "/readyz 200", worker.proc.tail)
@@ -62,13 +78,19 @@ def test_a_blocked_event_loop_fails_liveness_and_faust_web_is_off(settings: Sett
         producer.produce(routed.topic, routed.value, routed.key)
         assert producer.flush(10) == 0
 
-        # The handler holds the loop for 20 s: the probe must time out, though the process is alive and
-        # its sockets accept connections (the kernel does that); a TCP probe would pass.
-        wait_for(lambda: _status(f"{base}/livez"), lambda s: s == "timeout", 30, "/livez to time out")
+        # The handler holds the projector's loop for 20 s: the probe must fail, though the process is alive
+        # and its sockets accept connections (the kernel does that); a TCP probe would pass.
+        wait_for(lambda: _status(f"{base}/livez"), lambda s: s == blocked, 30, "/livez to fail")
         assert worker.proc.p is not None and worker.proc.p.poll() is None
         assert _listening(worker.metrics_port)
         # Once the handler lets go, the same loop answers again.
-        wait_for(lambda: _status(f"{base}/livez"), lambda s: s == 200, 40, "/livez 200 again")
+        wait_for(
+            lambda: _status(f"{base}/livez"),
+            lambda s: s == 200,
+            40,
+            "/livez 200 again",
+            lambda: _body(f"{base}/livez") + "\n" + worker.proc.tail(),
+        )
     finally:
         worker.stop()
 

@@ -1,0 +1,82 @@
+"""Raw records the router's stream skips are read back and routed, never committed past unrouted."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from sentpipe.kafka import RangeReader
+from sentpipe.processors.worker import create_app
+from sentpipe.schemas.topics import Topics
+from sentpipe.settings import Settings
+
+N = 100
+
+
+def _fill(s: Settings, topic: str, partition: int) -> None:
+    p = Producer({"bootstrap.servers": s.kafka_bootstrap, "enable.idempotence": True})
+    failed: list[object] = []
+    for i in range(N):
+        p.produce(
+            topic,
+            f"v{i}".encode(),
+            f"k{i}".encode(),
+            partition,
+            headers=[("n", str(i).encode())],
+            on_delivery=lambda err, _msg: failed.append(err) if err else None,
+        )
+    assert p.flush(30) == 0
+    assert not failed
+
+
+def _commit(s: Settings, group: str, topic: str, partition: int, offset: int) -> None:
+    c = Consumer({"bootstrap.servers": s.kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        c.commit(offsets=[TopicPartition(topic, partition, offset)], asynchronous=False)
+    finally:
+        c.close()
+
+
+def test_range_reader_reads_exact_ranges_and_where_a_group_resumes(
+    settings: Settings, topics: Topics
+) -> None:
+    _fill(settings, topics.raw, 3)
+    reader = RangeReader(settings, "gap-test-group")
+    try:
+        # No commit yet: the group starts at the log's start (the worker resets to earliest).
+        assert reader.start_offsets([(topics.raw, 3)]) == {(topics.raw, 3): 0}
+        _commit(settings, "gap-test-group", topics.raw, 3, 40)
+        assert reader.start_offsets([(topics.raw, 3)]) == {(topics.raw, 3): 40}
+        got = reader.read((topics.raw, 3), 10, 50)
+        assert [r.offset for r in got] == list(range(10, 50))
+        assert [r.key for r in got] == [f"k{i}".encode() for i in range(10, 50)]
+        assert got[0].headers == (("n", b"10"),)
+        assert [r.offset for r in reader.read((topics.raw, 3), 99, 100)] == [99]  # the last one
+    finally:
+        reader.close()
+
+
+class _Event:
+    def __init__(self, topic: str, partition: int, offset: int) -> None:
+        self.message = self
+        self.topic, self.partition, self.offset = topic, partition, offset
+
+
+def test_a_batch_that_starts_past_the_commit_is_preceded_by_the_skipped_records(
+    settings: Settings, topics: Topics
+) -> None:
+    """What Faust 0.15.3 did in a two-worker start: a partition's first batch began at offset 3,620."""
+    _fill(settings, topics.raw, 2)
+    _commit(settings, settings.app_id, topics.raw, 2, 20)
+    router: Any = create_app(settings, role="route").sentpipe  # type: ignore[attr-defined]
+    batch = [_Event(topics.raw, 2, o) for o in range(60, 70)]
+    got = asyncio.run(router._with_skipped(batch))
+    assert [e.message.offset for e in got] == list(range(20, 70))  # the commit, not the log start
+    assert got[0].message.value == b"v20" and got[0].message.key == b"k20"
+    assert got[-10:] == batch
+    # Contiguous from there on: nothing is read again.
+    router.processed[(topics.raw, 2)] = 70
+    more = [_Event(topics.raw, 2, o) for o in range(70, 75)]
+    assert asyncio.run(router._with_skipped(more)) == more
