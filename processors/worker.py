@@ -149,6 +149,7 @@ class Router:
         self.processed: dict[tuple[str, int], int] = {}  # next offset to route, per raw partition
         self._seen: Any = None
         self._range_reader: RangeReader | None = None
+        self._unmoved: dict[tuple[str, int], tuple[int, int]] = {}  # lag checks without progress
 
     @property
     def seen(self) -> Any:
@@ -380,14 +381,49 @@ class Router:
                     # position would run ahead of a stuck agent and hide the stall).
                     done = consumer._committed_offset.get(tp)
                 if done is None:
-                    done = await consumer.position(tp)
+                    # No commit either: the group starts at the log's start. Not the fetch position, which
+                    # can stand past records never delivered (see _unstick) and hide them.
+                    done = (await consumer.earliest_offsets(tp)).get(tp)
             except Exception:  # lag is best effort; an unassigned or resetting partition has none
                 continue
             if highwater is not None and done is not None:
                 waiting[(tp.topic, tp.partition)] = max(0, highwater - done)
+                if highwater > done:
+                    await self._unstick(tp, done)
         for where in set(self.processed) - set(waiting):
             del self.processed[where]  # moved to another worker
+        for where in set(self._unmoved) - set(waiting):
+            del self._unmoved[where]
         self.watchdog.lag(waiting)
+
+    async def _unstick(self, tp: Any, done: int) -> None:
+        """A partition with records waiting that has not moved for two checks, while its consumer has
+        fetched past them, lost them in Faust's stream: seek it back to the first unrouted record.
+
+        Seen after a rebalance with Faust 0.15.3: a partition kept by the same worker whose records, fetched
+        before the rebalance, were dropped with the stream's buffers and never fetched again (its whole
+        backlog waited with the position at the end). A false alarm costs a re-read; the table drops it."""
+        where = (tp.topic, tp.partition)
+        last, checks = self._unmoved.get(where, (-1, 0))
+        checks = checks + 1 if last == done else 1
+        self._unmoved[where] = (done, checks)
+        if checks < 3:
+            return
+        consumer: Any = self.app.consumer
+        position = await consumer.position(tp)
+        if position is None or position <= done:
+            return  # still to fetch: a slow agent or a paused partition is the watchdog's to report
+        log.error(
+            "raw records fetched but never routed: %s[%d] offsets %d..%d; seeking back to %d",
+            tp.topic,
+            tp.partition,
+            done,
+            position - 1,
+            done,
+        )
+        m.RAW_RECORDS_REREAD.inc(position - done)
+        await consumer.seek(tp, done)
+        self._unmoved[where] = (done, 0)
 
     async def _ebb(self) -> None:
         """Let Faust's producer send the tombstones queued so far before queueing more: its sender drains

@@ -91,7 +91,7 @@ DUPLICATES_DROPPED = Counter(
 )
 RAW_RECORDS_REREAD = Counter(
     "sentpipe_raw_records_reread",
-    "Raw records the router's stream skipped and the router read back itself (should stay 0).",
+    "Raw records the router's stream skipped and the router read again itself (should stay 0).",
 )
 DEDUP_TABLE_KEYS = Gauge("sentpipe_dedup_table_keys", "Event ids held by this worker's dedup table.")
 EVENTS_PROCESSED = Counter(

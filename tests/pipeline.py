@@ -31,19 +31,26 @@ class Worker:
         self.proc.stop()
 
 
-def start_worker(
-    s: Settings, log_dir: Path, handler_modules: list[str] | None = None, **extra: object
-) -> Worker:
-    mport = free_port()
-    env = settings_env(
+def worker_env(
+    s: Settings, log_dir: Path, instance: int = 0, handler_modules: list[str] | None = None, **extra: object
+) -> dict[str, str]:
+    """A worker's environment: its own ports and data directory (`instance` tells several apart)."""
+    return settings_env(
         s,
         worker_web_port=free_port(),
-        worker_metrics_port=mport,
-        data_dir=log_dir / "faust",
+        worker_metrics_port=free_port(),
+        data_dir=log_dir / (f"faust-{instance}" if instance else "faust"),
         handler_modules='["' + '","'.join(handler_modules) + '"]' if handler_modules else "[]",
         dedup_sweep_interval_s=extra.pop("dedup_sweep_interval_s", 60),
         **extra,
     )
+
+
+def start_worker(
+    s: Settings, log_dir: Path, handler_modules: list[str] | None = None, **extra: object
+) -> Worker:
+    env = worker_env(s, log_dir, 0, handler_modules, **extra)
+    mport = int(env["SENTPIPE_WORKER_METRICS_PORT"])
     proc = Proc(["worker"], env, log_dir / f"worker-{mport}.log").start()
     proc.wait_http(f"http://127.0.0.1:{mport}/metrics")
     return Worker(proc, mport)
