@@ -1,7 +1,8 @@
 """Dedup table bench: how long a router takes to restore N ids, its memory, and what the sweep costs the loop.
 
 For each store (in memory; RocksDB cold; RocksDB warm restart): a changelog topic holding N ids exactly as
-the router writes them (key = a Sent-shape event id, value = the tenant map, murmur2 partition), a
+the router writes them (key = a Sent-shape event id in compact form, value = the tenant map, the murmur2
+partition of the hex id), a
 `sentpipe worker --role route` started on it, timed from process start to `/readyz` (recovery complete),
 its RSS then. Then the dedup sweep runs over the whole table while `/livez` (served on the worker's own
 event loop) is polled every 5 ms: the slowest answer bounds how long the sweep blocks the loop.
@@ -25,7 +26,7 @@ from rich.table import Table
 from bench.common import Proc, console
 from bench.ui import Ui
 from sentpipe.kafka import admin_client
-from sentpipe.processors.dedup import encode_seen
+from sentpipe.processors.dedup import encode_seen, partition_of, table_key
 from sentpipe.processors.topics import changelog_topic, ensure_topics
 from sentpipe.settings import Settings
 from tests.processes import free_port, settings_env
@@ -76,10 +77,11 @@ def fill_changelog(ui: Ui, s: Settings, ids: int) -> None:
     value = encode_seen({"default": int(time.time() * 1000)})
     with ui.phase(f"recovery: write {ids:,} ids into {topic}", total=ids) as ph:
         for i in range(ids):
-            key = hashlib.sha256(i.to_bytes(8, "big")).hexdigest().encode()
+            # The compact key the router writes, on the partition of its hex id (the raw record's).
+            key = table_key(hashlib.sha256(i.to_bytes(8, "big")).hexdigest().encode())
             while True:
                 try:
-                    producer.produce(topic, value, key)
+                    producer.produce(topic, value, key, partition=partition_of(key, PARTITIONS))
                     break
                 except BufferError:
                     producer.poll(0.05)

@@ -1,0 +1,143 @@
+"""The dedup table's in-memory store: Faust's memory store, filled by our librdkafka restore, kept compact.
+
+Faust's own memory store reports no persisted offsets, so every start (and every rebalance) reads the whole
+changelog through aiokafka, one Python event per record: minutes per million ids. This store
+
+- is filled before Faust starts by processors/restore.py (librdkafka batches of thousands of records), and
+  reports the offset it has applied per changelog partition as its persisted offset for the rest of the
+  process's life, so Faust's recovery reads only what came after;
+- keeps that offset true afterwards: Faust's recovery batches and the router's own acknowledged writes
+  (`set_persisted_offset`) move it forward, and a partition whose keys are dropped forgets it, so the next
+  assignment of that partition reads it from the beginning again (never "up to date" with keys missing);
+- holds one dict (key -> value), without Faust's second dict of key -> partition (a key's partition is
+  computed from the key, processors/dedup.py), and shares identical values: a million ids routed within
+  the same seconds carry a few thousand distinct values.
+
+Registered with Faust's store registry as `sentpipe-memory://`; the router uses it for the dedup table when
+`SENTPIPE_TABLE_STORE` is `memory://`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from faust.stores import STORES
+from faust.stores.memory import Store as FaustMemoryStore
+from faust.types import TP, EventT
+
+from sentpipe.processors.dedup import partition_of
+
+# With a host: a bare "scheme://" is a false yarl URL, and Faust would fall back to the app's store.
+URL = "sentpipe-memory://dedup"
+SCHEME = URL.split(":", 1)[0]
+# Distinct values remembered for sharing. Past this the memo starts again (values already stored stay
+# shared); it only bounds the memo itself, which would otherwise grow with every second of routing.
+INTERN_MAX = 65_536
+# Keys dropped per event-loop slice when partitions leave this process.
+DROP_SLICE = 10_000
+
+
+def register() -> None:
+    """Make `sentpipe-memory://` a Faust store URL (Faust's registry of store names, FactoryMapping)."""
+    STORES.aliases.setdefault(SCHEME, f"{__name__}:DedupMemoryStore")
+
+
+class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
+    """Faust's memory store with persisted offsets, bulk restore and shared values."""
+
+    def __post_init__(self) -> None:
+        self.data: dict[bytes, bytes] = {}
+        # Faust's memory store keeps key -> partition for every key (a second dict as big as the first):
+        # this one computes it when needed (on_recovery_completed) and keeps the attribute empty.
+        self._key_partition: dict[bytes, int] = {}
+        self._offsets: dict[int, int] = {}  # changelog partition -> last offset applied to `data`
+        self._interned: dict[bytes, bytes] = {}
+
+    def intern(self, value: bytes) -> bytes:
+        """The stored object equal to `value`, so a million equal values are one object."""
+        memo = self._interned
+        found = memo.get(value)
+        if found is None:
+            if len(memo) >= INTERN_MAX:
+                memo.clear()
+            found = memo[value] = value
+        return found
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        self.data[key] = self.intern(value)
+
+    # --- restore (processors/restore.py) --------------------------------------------------------------
+
+    def restored_offset(self, partition: int) -> int | None:
+        return self._offsets.get(partition)
+
+    def restore_batch(self, partition: int, records: Iterable[tuple[bytes, bytes | None]], last: int) -> None:
+        """Apply changelog records of one partition, in log order, up to offset `last`."""
+        data, intern = self.data, self.intern
+        for key, value in records:
+            if value is None:
+                data.pop(key, None)
+            else:
+                data[key] = intern(value)
+        self._advance(partition, last)
+
+    # --- Faust's recovery and offsets -----------------------------------------------------------------
+
+    def _advance(self, partition: int, offset: int) -> None:
+        if offset > self._offsets.get(partition, -1):
+            self._offsets[partition] = offset
+
+    def apply_changelog_batch(
+        self,
+        batch: Iterable[EventT[Any]],
+        to_key: Callable[[Any], Any],
+        to_value: Callable[[Any], Any],
+    ) -> None:
+        """Faust's recovery: apply changelog events, and remember how far each partition got."""
+        data, intern = self.data, self.intern
+        last: dict[int, int] = {}
+        for event in batch:
+            msg = event.message
+            key = to_key(event.key)
+            if msg.value is None:
+                data.pop(key, None)
+            else:
+                data[key] = intern(to_value(event.value))
+            last[msg.partition] = msg.offset
+        for partition, offset in last.items():
+            self._advance(partition, offset)
+
+    def persisted_offset(self, tp: TP) -> int | None:
+        """How far `data` holds the changelog partition: Faust's recovery starts reading there."""
+        return self._offsets.get(tp.partition)
+
+    def set_persisted_offset(self, tp: TP, offset: int) -> None:
+        """Faust calls this when one of the router's own table writes is acknowledged."""
+        self._advance(tp.partition, offset)
+
+    def reset_state(self) -> None:
+        self.data.clear()
+        self._offsets.clear()
+        self._interned.clear()
+
+    async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
+        """Drop the keys of partitions this process neither serves nor keeps a standby of (as Faust's memory
+        store does), and their offsets with them: the keys held and the offsets reported stay consistent."""
+        keep = {tp.partition for tp in active_tps | standby_tps}
+        gone = set(self._offsets) - keep
+        if not gone:
+            return
+        n = self.table.partitions
+        assert n is not None  # the router's table names its partition count
+        # A snapshot of the keys: the dict cannot change under an iterator across the slices below.
+        keys = list(self.data)
+        data = self.data
+        for start in range(0, len(keys), DROP_SLICE):
+            for key in keys[start : start + DROP_SLICE]:
+                if partition_of(key, n) in gone:
+                    data.pop(key, None)
+            await asyncio.sleep(0)
+        for partition in gone:
+            self._offsets.pop(partition, None)
