@@ -9,9 +9,11 @@ changelog through aiokafka, one Python event per record: minutes per million ids
 - keeps that offset true afterwards: Faust's recovery batches and the router's own acknowledged writes
   (`set_persisted_offset`) move it forward, and a partition whose keys are dropped forgets it, so the next
   assignment of that partition reads it from the beginning again (never "up to date" with keys missing);
-- holds one dict (key -> value), without Faust's second dict of key -> partition (a key's partition is
-  computed from the key, processors/dedup.py), and shares identical values: a million ids routed within
-  the same seconds carry a few thousand distinct values.
+- holds its keys in SHARDS dicts by key hash (`Shards`), without Faust's second dict of key -> partition (a
+  key's partition is computed from the key, processors/dedup.py), and shares identical values: a million
+  ids routed within the same seconds carry a few thousand distinct values. The shards let the dedup sweep
+  snapshot a few thousand keys at a time: a snapshot of a million keys holds the event loop for 15 ms to
+  copy and 25 ms more for the collector's first look at it (README "Dedup window").
 
 Registered with Faust's store registry as `sentpipe-memory://`; the router uses it for the dedup table when
 `SENTPIPE_TABLE_STORE` is `memory://`.
@@ -20,7 +22,7 @@ Registered with Faust's store registry as `sentpipe-memory://`; the router uses 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
 from faust.stores import STORES
@@ -35,8 +37,49 @@ SCHEME = URL.split(":", 1)[0]
 # Distinct values remembered for sharing. Past this the memo starts again (values already stored stay
 # shared); it only bounds the memo itself, which would otherwise grow with every second of routing.
 INTERN_MAX = 65_536
-# Keys dropped per event-loop slice when partitions leave this process.
-DROP_SLICE = 10_000
+
+
+SHARDS = 64
+_MASK = SHARDS - 1
+
+
+class Shards(MutableMapping[bytes, bytes]):
+    """A mapping kept in SHARDS plain dicts, by key hash. Each dict holds only bytes, so the collector never
+    tracks it; `dicts` is public for walks that snapshot one shard at a time."""
+
+    __slots__ = ("dicts",)
+
+    def __init__(self) -> None:
+        self.dicts: list[dict[bytes, bytes]] = [{} for _ in range(SHARDS)]
+
+    def __getitem__(self, key: bytes) -> bytes:
+        return self.dicts[hash(key) & _MASK][key]
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        self.dicts[hash(key) & _MASK][key] = value
+
+    def __delitem__(self, key: bytes) -> None:
+        del self.dicts[hash(key) & _MASK][key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.dicts[hash(key) & _MASK]
+
+    def __iter__(self) -> Iterator[bytes]:
+        for shard in self.dicts:
+            yield from shard
+
+    def __len__(self) -> int:
+        return sum(map(len, self.dicts))
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        return self.dicts[hash(key) & _MASK].get(key, default)
+
+    def discard(self, key: bytes) -> None:
+        self.dicts[hash(key) & _MASK].pop(key, None)
+
+    def clear(self) -> None:
+        for shard in self.dicts:
+            shard.clear()
 
 
 def register() -> None:
@@ -48,7 +91,7 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
     """Faust's memory store with persisted offsets, bulk restore and shared values."""
 
     def __post_init__(self) -> None:
-        self.data: dict[bytes, bytes] = {}
+        self.data: Shards = Shards()
         # Faust's memory store keeps key -> partition for every key (a second dict as big as the first):
         # this one computes it when needed (on_recovery_completed) and keeps the attribute empty.
         self._key_partition: dict[bytes, int] = {}
@@ -78,7 +121,7 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
         data, intern = self.data, self.intern
         for key, value in records:
             if value is None:
-                data.pop(key, None)
+                data.discard(key)
             else:
                 data[key] = intern(value)
         self._advance(partition, last)
@@ -102,7 +145,7 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
             msg = event.message
             key = to_key(event.key)
             if msg.value is None:
-                data.pop(key, None)
+                data.discard(key)
             else:
                 data[key] = intern(to_value(event.value))
             last[msg.partition] = msg.offset
@@ -131,13 +174,11 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
             return
         n = self.table.partitions
         assert n is not None  # the router's table names its partition count
-        # A snapshot of the keys: the dict cannot change under an iterator across the slices below.
-        keys = list(self.data)
-        data = self.data
-        for start in range(0, len(keys), DROP_SLICE):
-            for key in keys[start : start + DROP_SLICE]:
+        for shard in self.data.dicts:
+            # A snapshot of the shard's keys: a dict cannot change under an iterator across a yield.
+            for key in tuple(shard):
                 if partition_of(key, n) in gone:
-                    data.pop(key, None)
+                    shard.pop(key, None)
             await asyncio.sleep(0)
         for partition in gone:
             self._offsets.pop(partition, None)

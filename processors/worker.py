@@ -30,6 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 from sentpipe import metrics as m
 from sentpipe.broker import RecordProducer
 from sentpipe.kafka import AsyncProducer, BatchConsumer, tls_context
+from sentpipe.logs import undo_faust_spinner_level
 from sentpipe.processors import store
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
 from sentpipe.processors.dedup import decode_seen, encode_seen, expire, legacy_key, partition_of, table_key
@@ -326,30 +327,52 @@ class Router:
     async def sweep(self) -> int:
         """Forget ids older than the dedup window; each delete tombstones the compacted changelog.
 
-        Walks the table in slices of at most SWEEP_SLICE_S on the event loop, so routing goes on between
-        them. The in-memory store is a dict, which cannot change under an open iterator: its keys are
-        copied first (one C-speed copy). RocksDB iterators read a snapshot and tolerate the deletes.
+        Walks the table in slices of at most SWEEP_SLICE_S on the event loop (and at most SWEEP_SLICE_KEYS
+        changes), so routing goes on between them. The memory store (store.py) is a set of dicts, which
+        cannot change under an open iterator: the walk takes one shard's keys at a time (a C-speed copy of a
+        few thousand), never the whole table's, whose copy alone would hold the loop for tens of ms.
+        RocksDB iterators read a snapshot and tolerate the deletes.
         """
         cutoff = int(time.time() * 1000) - self.s.dedup_window_s * 1000
-        raw = getattr(self.seen.data, "data", None)
-        keys: Iterator[bytes] = iter(list(raw)) if isinstance(raw, dict) else iter(self.seen.keys())
-        removed = visited = 0
+        raw: Any = getattr(self.seen.data, "data", None)
+        shards: list[dict[bytes, bytes]] | None = raw.dicts if isinstance(raw, store.Shards) else None
+        # Values are shared between ids marked in the same second (store.py): judge each value once.
+        verdicts: dict[bytes, dict[str, int] | None] = {}
+        removed = visited = changes = 0
         deadline = time.perf_counter() + SWEEP_SLICE_S
-        for key in keys:
+        for key in _sweep_keys(shards, self.seen):
             visited += 1
-            tenants = decode_seen(self.seen.get(key))
-            kept = expire(tenants, cutoff)
-            if not kept:
-                self.seen.pop(key, None)
-                removed += 1
-            elif len(kept) < len(tenants):
-                with in_partition(partition_of(key, self.s.raw_partitions)):  # co-partitioned with raw
-                    self.seen[key] = encode_seen(kept)
-            if time.perf_counter() > deadline or visited % SWEEP_SLICE_KEYS == 0:
+            value = raw.get(key) if shards is not None else self.seen.get(key)
+            if value is None:
+                continue  # deleted since the shard's snapshot (the router's legacy-key clean-up)
+            if value in verdicts:
+                kept = verdicts[value]
+            else:
+                tenants = decode_seen(value)
+                left = expire(tenants, cutoff)
+                kept = verdicts[value] = left if len(left) < len(tenants) else None
+            if kept is not None:
+                changes += 1
+                if not kept:
+                    self.seen.pop(key, None)
+                    removed += 1
+                else:
+                    with in_partition(partition_of(key, self.s.raw_partitions)):  # co-partitioned with raw
+                        self.seen[key] = encode_seen(kept)
+            if time.perf_counter() > deadline or (kept is not None and changes % SWEEP_SLICE_KEYS == 0):
                 await self._ebb()
                 deadline = time.perf_counter() + SWEEP_SLICE_S
         m.DEDUP_TABLE_KEYS.set(visited - removed)
         return removed
+
+
+def _sweep_keys(shards: list[dict[bytes, bytes]] | None, table: Any) -> Iterator[bytes]:
+    """Every key of the table: one shard's snapshot at a time in memory, RocksDB's own iterator otherwise."""
+    if shards is None:
+        yield from table.keys()
+        return
+    for shard in shards:
+        yield from tuple(shard)
 
 
 async def retrying_sleep(attempt: int, s: Settings) -> None:
@@ -571,6 +594,10 @@ def create_app(
     app.add_dependency(_HealthInFaust(health, settings.worker_metrics_host, settings.worker_metrics_port))
     lag_series = LagSeries()
 
+    @app.task  # type: ignore[untyped-decorator]
+    async def keep_log_level() -> None:
+        undo_faust_spinner_level(settings.log_level)
+
     @app.on_partitions_revoked.connect  # type: ignore[untyped-decorator,arg-type]
     async def forget_revoked(app: faust.App, revoked: set[Any], **kwargs: Any) -> None:
         # Another worker routes them now; when they come back, their position is the group's commit.
@@ -607,7 +634,14 @@ def restore_table(app: faust.App, settings: Settings) -> None:
     if not settings.table_fast_restore:
         return
     router: Router = app.sentpipe  # type: ignore[attr-defined]
-    if restore_dedup_table(settings, router.seen.data) is not None:
+    # No collections while a million ids arrive: each batch of 10,000 fetched records would trigger full
+    # passes over everything loaded so far (30-60 ms each, a second of a five-second restore).
+    gc.disable()
+    try:
+        done = restore_dedup_table(settings, router.seen.data)
+    finally:
+        gc.enable()
+    if done is not None:
         settle_heap()
 
 

@@ -97,3 +97,13 @@ def configure(level: str = "INFO", json: bool = False) -> None:
     root.setLevel(level.upper())
     # aiohttp's access log duplicates our request log line.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def undo_faust_spinner_level(level: str) -> None:
+    """Put the root logger back at `level` after Faust's worker has set up logging.
+
+    At WARNING and above, Faust's worker adds a terminal-spinner handler and sets the root logger to DEBUG,
+    for good: every `log.debug` in Faust and aiokafka then builds a LogRecord that no handler prints (two per
+    table write; 15% of the router's CPU while the dedup sweep tombstones a million ids)."""
+    name = LOG_LEVEL_NAMES.get(level.strip().upper(), "INFO")
+    logging.getLogger().setLevel(name)
