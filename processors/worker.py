@@ -335,14 +335,14 @@ class Router:
         """
         cutoff = int(time.time() * 1000) - self.s.dedup_window_s * 1000
         raw: Any = getattr(self.seen.data, "data", None)
-        shards: list[dict[bytes, bytes]] | None = raw.dicts if isinstance(raw, store.Shards) else None
+        shards: store.Shards | None = raw if isinstance(raw, store.Shards) else None
         # Values are shared between ids marked in the same second (store.py): judge each value once.
         verdicts: dict[bytes, dict[str, int] | None] = {}
         removed = visited = changes = 0
         deadline = time.perf_counter() + SWEEP_SLICE_S
         for key in _sweep_keys(shards, self.seen):
             visited += 1
-            value = raw.get(key) if shards is not None else self.seen.get(key)
+            value = shards.get(key) if shards is not None else self.seen.get(key)
             if value is None:
                 continue  # deleted since the shard's snapshot (the router's legacy-key clean-up)
             if value in verdicts:
@@ -366,13 +366,9 @@ class Router:
         return removed
 
 
-def _sweep_keys(shards: list[dict[bytes, bytes]] | None, table: Any) -> Iterator[bytes]:
+def _sweep_keys(shards: store.Shards | None, table: Any) -> Iterator[bytes]:
     """Every key of the table: one shard's snapshot at a time in memory, RocksDB's own iterator otherwise."""
-    if shards is None:
-        yield from table.keys()
-        return
-    for shard in shards:
-        yield from tuple(shard)
+    yield from (table.keys() if shards is None else shards.walk())
 
 
 async def retrying_sleep(attempt: int, s: Settings) -> None:
