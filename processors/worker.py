@@ -336,6 +336,8 @@ class Router:
         cutoff = int(time.time() * 1000) - self.s.dedup_window_s * 1000
         raw: Any = getattr(self.seen.data, "data", None)
         shards: store.Shards | None = raw if isinstance(raw, store.Shards) else None
+        if shards is not None:
+            m.DEDUP_TABLE_KEYS.set(len(shards))  # cheap in memory: the size before the sweep, from the start
         # Values are shared between ids marked in the same second (store.py): judge each value once.
         verdicts: dict[bytes, dict[str, int] | None] = {}
         removed = visited = changes = 0
