@@ -127,6 +127,7 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
         self._key_partition: dict[bytes, int] = {}
         self._offsets: dict[int, int] = {}  # changelog partition -> last offset applied to `data`
         self._interned: dict[bytes, bytes] = {}
+        self._asked: set[int] = set()  # partitions whose offset Faust asked for (on_recovery_completed)
 
     def intern(self, value: bytes) -> bytes:
         """The stored object equal to `value`, so a million equal values are one object."""
@@ -184,6 +185,7 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
 
     def persisted_offset(self, tp: TP) -> int | None:
         """How far `data` holds the changelog partition: Faust's recovery starts reading there."""
+        self._asked.add(tp.partition)
         return self._offsets.get(tp.partition)
 
     def set_persisted_offset(self, tp: TP, offset: int) -> None:
@@ -197,18 +199,25 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
         """Drop the keys of partitions this process neither serves nor keeps a standby of (as Faust's memory
-        store does), and their offsets with them: the keys held and the offsets reported stay consistent."""
+        store does), and their offsets with them: the keys held and the offsets reported stay consistent.
+
+        The walk that finds them yields to the loop; the drop itself does not, and skips a partition whose
+        offset Faust asked for meanwhile (a new assignment recovering from it must find its keys)."""
         keep = {tp.partition for tp in active_tps | standby_tps}
-        gone = set(self._offsets) - keep
-        if not gone:
+        if not set(self._offsets) - keep:
             return
         n = self.table.partitions
         assert n is not None  # the router's table names its partition count
-        data = self.data
-        for i, key in enumerate(data.walk()):
-            if partition_of(key, n) in gone:
-                data.discard(key)
+        self._asked.clear()
+        doomed: list[bytes] = []
+        for i, key in enumerate(self.data.walk()):
+            if partition_of(key, n) not in keep:
+                doomed.append(key)
             if i % 10_000 == 0:
                 await asyncio.sleep(0)
+        gone = set(self._offsets) - keep - self._asked
+        for key in doomed:
+            if partition_of(key, n) in gone:
+                self.data.discard(key)
         for partition in gone:
             self._offsets.pop(partition, None)

@@ -78,3 +78,22 @@ def test_partitions_left_behind_are_dropped_with_their_offsets_and_the_rest_kept
 
     store.reset_state()
     assert not store.data and store.persisted_offset(TP(topic, 0)) is None
+
+
+def test_a_partition_faust_asks_for_while_the_drop_is_walking_is_kept_whole() -> None:
+    # A new assignment's recovery reads the offset to start from: its keys must all still be there.
+    store, topic = _store()
+    keys = [table_key(hashlib.sha256(str(i).encode()).hexdigest().encode()) for i in range(400)]
+    for k in keys:
+        store.restore_batch(partition_of(k, 4), [(k, b"v")], last=0)
+
+    async def rebalance_meanwhile() -> None:
+        drop = asyncio.ensure_future(store.on_recovery_completed({TP(topic, 0)}, set()))
+        await asyncio.sleep(0)  # the walk has started and yielded
+        assert store.persisted_offset(TP(topic, 2)) == 0
+        await drop
+
+    asyncio.run(rebalance_meanwhile())
+    held = {partition_of(k, 4) for k in store.data}
+    assert held == {0, 2}
+    assert store.persisted_offset(TP(topic, 2)) == 0 and store.persisted_offset(TP(topic, 3)) is None
