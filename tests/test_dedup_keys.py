@@ -14,7 +14,9 @@ from sentpipe.schemas.events import frame
 
 HEX_IDS = st.binary(min_size=32, max_size=32).map(lambda b: b.hex().encode())
 # Text ids as the ingress can produce them: the model refuses NUL, so none starts with it.
-TEXT_IDS = st.text(st.characters(blacklist_characters="\x00"), min_size=1, max_size=256).map(str.encode)
+TEXT_IDS = st.text(
+    st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), min_size=1, max_size=256
+).map(str.encode)
 
 
 def _java_partition(key: bytes, n: int) -> int:
