@@ -215,24 +215,32 @@ def test_a_duplicate_of_an_id_marked_in_hex_by_the_previous_version_is_dropped(
     s = settings.model_copy(update={"table_store": "memory://"})
     topics = Topics(s.topic_prefix)
     _create_changelog(s)
-    body = SampleFactory(5).mix(1)[0].body
-    hex_id = frame(body, webhook_id=None).event_id.encode()
+    body, other = (sample.body for sample in SampleFactory(5).mix(2))
+    hex_id, other_id = (frame(b, webhook_id=None).event_id.encode() for b in (body, other))
     assert table_key(hex_id) != hex_id  # a Sent-shape id: SHA-256 hex of the body
-    _write(s, [(hex_id, encode_seen({s.default_tenant: int(time.time() * 1000)}))])  # the old version's mark
+    now = int(time.time() * 1000)
+    # The previous version's mark (hex), and this version's (compact), both from before this start.
+    _write(
+        s,
+        [
+            (hex_id, encode_seen({s.default_tenant: now})),
+            (table_key(other_id), encode_seen({s.default_tenant: now})),
+        ],
+    )
     ingress, url, _ = start_ingress(s, tmp_path)
     worker = start_worker(s, tmp_path, worker_role="route")
     try:
         secret = s.webhook_secret.get_secret_value()
-        assert asyncio.run(post_all(f"{url}/webhooks/sent", [body], secret)) == [200]
-        wait_caught_up(s, 60, "the redelivery processed", worker.proc.tail)
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", [body, other], secret)) == [200, 200]
+        wait_caught_up(s, 60, "the redeliveries processed", worker.proc.tail)
         dropped = metric_sum(scrape(worker.metrics_port), "sentpipe_duplicates_dropped_total")
         assert sum(record_count(s.kafka_bootstrap, t) for t in topics.routed) == 0
-        assert dropped == 1
+        assert dropped == 2
     finally:
         worker.stop()
         ingress.stop()
     # The mark moved to the compact key (with its first-routed time), and the hex key was tombstoned.
-    marks = read_topic(s.kafka_bootstrap, changelog_topic(s), at_least=3)
+    marks = read_topic(s.kafka_bootstrap, changelog_topic(s), at_least=4)
     last = {rec.key: rec.value for rec in marks}
     assert last[hex_id] is None
     assert s.default_tenant in decode_seen(last[table_key(hex_id)])
