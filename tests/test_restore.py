@@ -26,7 +26,7 @@ from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.http_tools import metric_sum, post_all, scrape
 from tests.kafka_tools import end_offsets, read_topic, record_count
-from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_for
+from tests.pipeline import lag, start_ingress, start_worker, wait_caught_up, wait_for
 
 
 def _key(i: int) -> bytes:
@@ -244,3 +244,83 @@ def test_a_duplicate_of_an_id_marked_in_hex_by_the_previous_version_is_dropped(
     last = {rec.key: rec.value for rec in marks}
     assert last[hex_id] is None
     assert s.default_tenant in decode_seen(last[table_key(hex_id)])
+
+
+def _raw_held(port: int, raw: str) -> set[int]:
+    """The raw partitions a router holds now (its lag series lists only those)."""
+    try:
+        samples = scrape(port)
+    except OSError:
+        return set()
+    held = set()
+    for name in samples:
+        if name.startswith("sentpipe_consumer_lag{") and f'topic="{raw}"' in name:
+            held.add(int(name.split('partition="', 1)[1].split('"', 1)[0]))
+    return held
+
+
+def test_memory_routers_drop_every_duplicate_across_rebalances(settings: Settings, tmp_path: Path) -> None:
+    """A second router restores the table and takes half the partitions; the first drops those (no
+    standbys) with their offsets, and must read them again from the beginning when they come back."""
+    s = settings.model_copy(update={"table_store": "memory://", "table_standby_replicas": 0})
+    topics = Topics(s.topic_prefix)
+    secret = s.webhook_secret.get_secret_value()
+    bodies = [sample.body for sample in SampleFactory(41).mix(40)]
+    ingress, url, _ = start_ingress(s, tmp_path)
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    first = start_worker(s, tmp_path / "a", worker_role="route", log_level="INFO")
+    second = None
+    try:
+
+        def routed() -> int:
+            return sum(record_count(s.kafka_bootstrap, t) for t in topics.routed)
+
+        def raw_done(what: str, on_fail: Any) -> None:
+            # Route-only routers: the routed topics wait for a projector; only the raw topic must drain.
+            behind = lambda: {tp: n for tp, n in lag(s).items() if tp[0] == topics.raw}  # noqa: E731
+            wait_for(behind, lambda b: not b, 90, what, on_fail)
+
+        def dropped(*workers: Any) -> float:
+            return sum(
+                metric_sum(scrape(w.metrics_port), "sentpipe_duplicates_dropped_total") for w in workers
+            )
+
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
+        raw_done("first deliveries routed", first.proc.tail)
+        assert routed() == len(bodies)
+
+        second = start_worker(s, tmp_path / "b", worker_role="route", log_level="INFO")
+        a, b = first, second
+        wait_for(
+            lambda: (_raw_held(a.metrics_port, topics.raw), _raw_held(b.metrics_port, topics.raw)),
+            lambda held: held[0] and held[1] and not held[0] & held[1] and len(held[0] | held[1]) == 4,
+            90,
+            "the raw partitions split between the routers",
+            lambda: first.proc.tail() + second.proc.tail(),  # type: ignore[union-attr]
+        )
+        # A few only: the rest are marked nowhere but in the changelog before the rebalance (a router
+        # rewrites the mark of a duplicate it drops), which is what the first router must read again.
+        few = bodies[:10]
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", few, secret)).count(200) == len(few)
+        raw_done("redeliveries processed by two routers", second.proc.tail)
+        assert routed() == len(bodies)
+        assert dropped(first, second) == len(few)
+
+        second.stop()
+        second = None
+        wait_for(
+            lambda: _raw_held(a.metrics_port, topics.raw),
+            lambda held: len(held) == 4,
+            90,
+            "the first router holding every raw partition again",
+            first.proc.tail,
+        )
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
+        raw_done("redeliveries processed by the first router alone", first.proc.tail)
+        assert routed() == len(bodies)  # the partitions it had dropped were read again, from the start
+    finally:
+        if second is not None:
+            second.stop()
+        first.stop()
+        ingress.stop()
