@@ -17,6 +17,7 @@ import psycopg
 from confluent_kafka import Message, murmur2
 from psycopg.rows import dict_row
 
+from sentpipe.processors.dedup import decode_seen, partition_of, table_key
 from sentpipe.processors.dlq import DlqEntry
 from sentpipe.processors.offsets import Log, Range, Window, timestamp_ms
 from sentpipe.schemas import routing as r
@@ -158,12 +159,16 @@ def locate(
         changelog = changelog_topic(settings)
         if changelog in kafka.topics:
             rep.dedup_topic = changelog
-            hits = search("dedup", changelog, _key_is(event_id), [murmur2(key, kafka.topics[changelog])])
+            # The router writes the compact key (dedup.py); a table from before it, the id itself.
+            tkey = table_key(key)
+            forms = {tkey, key}
+            at = [partition_of(tkey, kafka.topics[changelog])]
+            hits = search("dedup", changelog, lambda msg: msg.key() in forms, at)
             if hits:
                 last = hits[-1]
                 value = last.value()
-                digits = (value or b"").strip()
-                first_ms = int(digits) if digits.isdigit() else None
+                seen = decode_seen(value)
+                first_ms = min(seen.values()) if seen else None
                 rep.dedup = DedupState(
                     changelog, last.partition() or 0, last.offset() or 0, value is None, first_ms
                 )

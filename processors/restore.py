@@ -1,11 +1,15 @@
-"""Restore the dedup table's RocksDB files from its changelog with librdkafka, before Faust starts.
+"""Restore the dedup table from its changelog with librdkafka, before Faust starts.
 
 Faust recovers a table by consuming its changelog through aiokafka, one Python event per record: about
-5,600 ids/s on the bench machine (README "Performance"), so a router with a million ids in its window
+5,000 ids/s on the bench machine (README "Performance"), so a router with a million ids in its window
 cannot route for three minutes after every cold start. This reads the changelog in batches of thousands
-and writes each partition's RocksDB file with write batches, in exactly the layout Faust's RocksDB store
-uses (same file per partition, same options, raw keys and values, the same persisted-offset key). Faust
-then finds every file up to date and recovers only what was written since.
+and writes them into the table's store:
+
+- RocksDB: each partition's file with write batches, in exactly the layout Faust's RocksDB store uses (same
+  file per partition, same options, raw keys and values, the same persisted-offset key);
+- memory (processors/store.py): straight into the store's dict, with the offsets it reports to Faust.
+
+Faust then finds every partition up to date and recovers only what was written since.
 
 Every partition is restored, not only the ones this process will be assigned (unknown before it joins the
 group): a second router restores partitions it may not serve, as a standby replica would. A warm restart
@@ -23,6 +27,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from sentpipe.kafka import BrokerUnavailable, client_config
+from sentpipe.processors.store import DedupMemoryStore
 from sentpipe.processors.topics import changelog_topic
 from sentpipe.settings import Settings
 
@@ -42,14 +47,18 @@ class Restored:
 def restore_dedup_table(
     settings: Settings, store: Any, progress: Callable[[int, int], None] | None = None
 ) -> Restored | None:
-    """Bring the RocksDB files of `store` (the dedup table's Faust store) up to the changelog's end.
+    """Bring `store` (the dedup table's Faust store) up to the changelog's end.
 
-    None when the store is not Faust's RocksDB store on rocksdict (nothing to do: memory:// recovers in
-    Faust). BrokerUnavailable when the changelog cannot be read."""
-    options = getattr(store, "rocksdb_options", None)
-    if options is None or not getattr(options, "use_rocksdict", False):
-        return None
-    import rocksdict
+    None when the store is neither sentpipe's memory store nor Faust's RocksDB store on rocksdict (nothing
+    to do: Faust recovers it). BrokerUnavailable when the changelog cannot be read."""
+    target: _Target
+    if isinstance(store, DedupMemoryStore):
+        target = _Memory(store)
+    else:
+        options = getattr(store, "rocksdb_options", None)
+        if options is None or not getattr(options, "use_rocksdict", False):
+            return None
+        target = _Rocks(store, options)
 
     started = time.monotonic()
     topic = changelog_topic(settings)
@@ -65,7 +74,6 @@ def restore_dedup_table(
             "log_level": 3,
         }
     )
-    dbs: dict[int, Any] = {}
     try:
         try:
             md = consumer.list_topics(topic, timeout=10)
@@ -77,9 +85,8 @@ def restore_dedup_table(
         ends: dict[int, int] = {}
         assignment = []
         for p in sorted(meta.partitions):
-            db = dbs[p] = options.open(store.partition_path(p))
-            stored = db.get(store.offset_key)
-            start = int(stored) + 1 if stored is not None else OFFSET_BEGINNING
+            stored = target.offset(p)
+            start = stored + 1 if stored is not None else OFFSET_BEGINNING
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
             begin = low if start == OFFSET_BEGINNING else max(start, low)
             if begin < high:
@@ -103,26 +110,21 @@ def restore_dedup_table(
                     raise BrokerUnavailable(f"the dedup changelog {topic} stopped arriving during restore")
                 continue
             last_record = time.monotonic()
-            batches: dict[int, Any] = {}
+            batches: dict[int, list[tuple[bytes, bytes | None]]] = {}
             last: dict[int, int] = {}
             for msg in msgs:
                 if msg.error() is not None:
                     continue
-                p, key, value = msg.partition(), msg.key(), msg.value()
+                p, key = msg.partition(), msg.key()
                 if p not in ends or key is None:  # a partition already complete, or not a table record
                     continue
-                wb = batches.get(p)
-                if wb is None:
-                    wb = batches[p] = rocksdict.WriteBatch(raw_mode=True)
-                if value is None:
-                    wb.delete(key)
-                else:
-                    wb.put(key, value)
+                batch = batches.get(p)
+                if batch is None:
+                    batch = batches[p] = []
+                batch.append((key, msg.value()))
                 last[p] = msg.offset() or 0
-            for p, wb in batches.items():
-                # The offset goes in the same atomic write as the records it covers.
-                wb.put(store.offset_key, str(last[p]).encode())
-                dbs[p].write(wb)
+            for p, batch in batches.items():
+                target.write(p, batch, last[p])
                 if last[p] + 1 >= ends[p]:
                     ends.pop(p, None)
             if ends:
@@ -145,6 +147,64 @@ def restore_dedup_table(
             )
         return Restored(total, len(meta.partitions), seconds)
     finally:
-        for db in dbs.values():
-            db.close()
+        target.close()
         consumer.close()
+
+
+class _Target:
+    """Where restored records go: the last offset applied per partition, and writes up to an offset."""
+
+    def offset(self, partition: int) -> int | None:
+        raise NotImplementedError
+
+    def write(self, partition: int, records: list[tuple[bytes, bytes | None]], last: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _Memory(_Target):
+    def __init__(self, store: DedupMemoryStore) -> None:
+        self.store = store
+
+    def offset(self, partition: int) -> int | None:
+        return self.store.restored_offset(partition)
+
+    def write(self, partition: int, records: list[tuple[bytes, bytes | None]], last: int) -> None:
+        self.store.restore_batch(partition, records, last)
+
+
+class _Rocks(_Target):
+    """Faust's RocksDB store's files, written as Faust would (rocksdict, raw mode)."""
+
+    def __init__(self, store: Any, options: Any) -> None:
+        self.store, self.options = store, options
+        self.dbs: dict[int, Any] = {}
+
+    def _db(self, partition: int) -> Any:
+        db = self.dbs.get(partition)
+        if db is None:
+            db = self.dbs[partition] = self.options.open(self.store.partition_path(partition))
+        return db
+
+    def offset(self, partition: int) -> int | None:
+        stored = self._db(partition).get(self.store.offset_key)
+        return int(stored) if stored is not None else None
+
+    def write(self, partition: int, records: list[tuple[bytes, bytes | None]], last: int) -> None:
+        import rocksdict
+
+        wb = rocksdict.WriteBatch(raw_mode=True)
+        for key, value in records:
+            if value is None:
+                wb.delete(key)
+            else:
+                wb.put(key, value)
+        # The offset goes in the same atomic write as the records it covers.
+        wb.put(self.store.offset_key, str(last).encode())
+        self._db(partition).write(wb)
+
+    def close(self) -> None:
+        for db in self.dbs.values():
+            db.close()

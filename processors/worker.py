@@ -9,6 +9,9 @@ projector (processors/projector.py) reads the routed topics with librdkafka in b
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import gc
 import logging
 import signal
 import threading
@@ -21,7 +24,6 @@ from typing import Any
 
 import faust
 import mode
-from confluent_kafka import murmur2
 from faust.streams import _current_event
 from faust.types import TP, EventT
 from psycopg_pool import AsyncConnectionPool
@@ -30,8 +32,9 @@ from sentpipe import metrics as m
 from sentpipe.broker import ProduceRejected
 from sentpipe.broker import Record as BrokerRecord
 from sentpipe.kafka import AsyncProducer, BatchConsumer, RangeReader, tls_context
+from sentpipe.processors import store
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
-from sentpipe.processors.dedup import decode_seen, encode_seen, expire
+from sentpipe.processors.dedup import decode_seen, encode_seen, expire, legacy_key, partition_of, table_key
 from sentpipe.processors.handlers import HandlerRegistry, registry
 from sentpipe.processors.health import Health, LoopBeat, serve_health
 from sentpipe.processors.partitioner import murmur2_partitioner
@@ -157,6 +160,10 @@ class Router:
         return self._seen
 
     def create_table(self) -> None:
+        # memory:// is sentpipe's memory store for this table (restored by librdkafka, compact; store.py).
+        memory = self.s.table_store.split(":", 1)[0] == "memory"
+        if memory:
+            store.register()
         self._seen = self.app.Table(
             DEDUP_TABLE,
             default=None,
@@ -168,6 +175,7 @@ class Router:
             use_partitioner=True,
             # Recovery applies the changelog to the store in batches of this many marks.
             recovery_buffer_size=10_000,
+            store=store.URL if memory else None,
             help="event id -> {tenant: first-routed time (ms)}; bounded by the dedup window sweep",
         )
 
@@ -290,8 +298,9 @@ class Router:
         out: list[Record] = []
         routed_events: list[Event] = []
         dead: list[DeadLetter] = []
-        marks: dict[bytes, dict[str, int]] = {}
-        partition_of: dict[bytes, int] = {}
+        marks: dict[bytes, dict[str, int]] = {}  # by table key (compact where the id is a SHA-256 hex)
+        home: dict[bytes, int] = {}
+        legacy: dict[bytes, bytes] = {}  # table key -> the hex key an older version wrote it under
         for event in events:
             msg = event.message
             key = msg.key or b""
@@ -300,10 +309,11 @@ class Router:
             type_label = headers.get(r.H_TYPE, b"").decode(errors="replace")
             type_label = type_label if type_label in _TYPE_LABELS else "unknown"  # bounded label values
             if key:
-                known = marks.get(key)
+                tkey = table_key(key)
+                known = marks.get(tkey)
                 if known is None:
-                    known = marks[key] = decode_seen(self.seen.get(key))
-                    partition_of[key] = msg.partition
+                    known = marks[tkey] = self._lookup(tkey, legacy)
+                    home[tkey] = msg.partition
                 if tenant in known:
                     m.DUPLICATES_DROPPED.labels(type_label).inc()
                     continue
@@ -340,14 +350,21 @@ class Router:
         )
         # Only now, with every routed record and dead letter acknowledged, is the event marked seen: a
         # crash before this line re-routes it (absorbed by the idempotent sinks) instead of losing it.
-        now_ms = int(time.time() * 1000)
+        # Whole seconds: ids marked within the same second share one stored value (store.py interns them).
+        now_ms = int(time.time()) * 1000
         await self._mark(
             {
                 key: encode_seen({t: ms or now_ms for t, ms in tenants.items()})
                 for key, tenants in marks.items()
             },
-            partition_of,
+            home,
         )
+        for key, old in legacy.items():
+            if key in marks:
+                # Its tenants now live under the compact key: one entry per id, and the hex one's
+                # tombstone keeps it from coming back at the next restore.
+                with in_partition(home[key]):
+                    self.seen.pop(old, None)
         done: dict[tuple[str, int], int] = {}
         for event in events:
             where = (event.message.topic, event.message.partition)
@@ -365,6 +382,18 @@ class Router:
             done[where] = max(done.get(where, 0), event.message.offset + 1)
         self.processed.update(done)
         self.watchdog.progress(done)
+
+    def _lookup(self, key: bytes, legacy: dict[bytes, bytes]) -> dict[str, int]:
+        """The tenants that have sent this id; on a miss of a compact key, also the hex key written by the
+        previous version (until the window sweeps those), noted in `legacy`."""
+        found = self.seen.get(key)
+        if found is None:
+            old = legacy_key(key)
+            if old is not None:
+                found = self.seen.get(old)
+                if found is not None:
+                    legacy[key] = old
+        return decode_seen(found)
 
     async def report_lag(self) -> None:
         """Raw records waiting per partition, measured from what was routed (not merely fetched)."""
@@ -436,30 +465,50 @@ class Router:
     async def sweep(self) -> int:
         """Forget ids older than the dedup window; each delete tombstones the compacted changelog.
 
-        Walks the table in slices of at most SWEEP_SLICE_S on the event loop, so routing goes on between
-        them. The in-memory store is a dict, which cannot change under an open iterator: its keys are
-        copied first (one C-speed copy). RocksDB iterators read a snapshot and tolerate the deletes.
+        Walks the table in slices of at most SWEEP_SLICE_S on the event loop (and at most SWEEP_SLICE_KEYS
+        changes), so routing goes on between them. The memory store (store.py) is a set of dicts, which
+        cannot change under an open iterator: the walk takes one shard's keys at a time (a C-speed copy of a
+        few thousand), never the whole table's, whose copy alone would hold the loop for tens of ms.
+        RocksDB iterators read a snapshot and tolerate the deletes.
         """
         cutoff = int(time.time() * 1000) - self.s.dedup_window_s * 1000
-        raw = getattr(self.seen.data, "data", None)
-        keys: Iterator[bytes] = iter(list(raw)) if isinstance(raw, dict) else iter(self.seen.keys())
-        removed = visited = 0
+        raw: Any = getattr(self.seen.data, "data", None)
+        shards: store.Shards | None = raw if isinstance(raw, store.Shards) else None
+        if shards is not None:
+            m.DEDUP_TABLE_KEYS.set(len(shards))  # cheap in memory: the size before the sweep, from the start
+        # Values are shared between ids marked in the same second (store.py): judge each value once.
+        verdicts: dict[bytes, dict[str, int] | None] = {}
+        removed = visited = changes = 0
         deadline = time.perf_counter() + SWEEP_SLICE_S
-        for key in keys:
+        for key in _sweep_keys(shards, self.seen):
             visited += 1
-            tenants = decode_seen(self.seen.get(key))
-            kept = expire(tenants, cutoff)
-            if not kept:
-                self.seen.pop(key, None)
-                removed += 1
-            elif len(kept) < len(tenants):
-                with in_partition(murmur2(key, self.s.raw_partitions)):  # co-partitioned with raw
-                    self.seen[key] = encode_seen(kept)
-            if time.perf_counter() > deadline or visited % SWEEP_SLICE_KEYS == 0:
+            value = shards.get(key) if shards is not None else self.seen.get(key)
+            if value is None:
+                continue  # deleted since the shard's snapshot (the router's legacy-key clean-up)
+            if value in verdicts:
+                kept = verdicts[value]
+            else:
+                tenants = decode_seen(value)
+                left = expire(tenants, cutoff)
+                kept = verdicts[value] = left if len(left) < len(tenants) else None
+            if kept is not None:
+                changes += 1
+                if not kept:
+                    self.seen.pop(key, None)
+                    removed += 1
+                else:
+                    with in_partition(partition_of(key, self.s.raw_partitions)):  # co-partitioned with raw
+                        self.seen[key] = encode_seen(kept)
+            if time.perf_counter() > deadline or (kept is not None and changes % SWEEP_SLICE_KEYS == 0):
                 await self._ebb()
                 deadline = time.perf_counter() + SWEEP_SLICE_S
         m.DEDUP_TABLE_KEYS.set(visited - removed)
         return removed
+
+
+def _sweep_keys(shards: store.Shards | None, table: Any) -> Iterator[bytes]:
+    """Every key of the table: one shard's snapshot at a time in memory, RocksDB's own iterator otherwise."""
+    yield from (table.keys() if shards is None else shards.walk())
 
 
 async def retrying_sleep(attempt: int, s: Settings) -> None:
@@ -755,14 +804,31 @@ def create_app(
 
 
 def restore_table(app: faust.App, settings: Settings) -> None:
-    """Before Faust starts: bring a RocksDB dedup table up to its changelog's end with librdkafka (seconds
-    per million ids, where Faust's own recovery takes minutes). Nothing to do for memory://."""
+    """Before Faust starts: bring the dedup table up to its changelog's end with librdkafka (seconds per
+    million ids, where Faust's own recovery takes minutes), into RocksDB files or the memory store."""
     from sentpipe.processors.restore import restore_dedup_table
 
     if not settings.table_fast_restore:
         return
     router: Router = app.sentpipe  # type: ignore[attr-defined]
-    restore_dedup_table(settings, router.seen.data)
+    # No collections while a million ids arrive: each batch of 10,000 fetched records would trigger full
+    # passes over everything loaded so far (30-60 ms each, a second of a five-second restore).
+    gc.disable()
+    try:
+        done = restore_dedup_table(settings, router.seen.data)
+    finally:
+        gc.enable()
+    if done is not None:
+        settle_heap()
+
+
+def settle_heap() -> None:
+    """After a bulk load: hand freed fetch buffers back to the OS, and freeze what survived out of the
+    collector's sight, so full collections later do not walk a million-entry table on the event loop."""
+    gc.collect()
+    gc.freeze()
+    with contextlib.suppress(OSError, AttributeError):  # another libc: nothing to trim
+        ctypes.CDLL(None).malloc_trim(0)  # glibc; RSS shows what the process really holds
 
 
 def _route_agents(app: faust.App, settings: Settings, router: Router, topics: Topics) -> None:

@@ -109,12 +109,13 @@ class Settings(BaseSettings):
     worker_metrics_port: int = 9101
     worker_metrics_host: str = "0.0.0.0"
     table_store: str = "memory://"
-    # RocksDB tables: restore their files from the changelog with librdkafka before Faust starts (seconds
-    # per million ids); off leaves it all to Faust's own recovery (minutes per million ids).
+    # Restore the dedup table (RocksDB files, or sentpipe's memory store) from the changelog with librdkafka
+    # before Faust starts (seconds per million ids); off leaves it all to Faust's own recovery (minutes).
     table_fast_restore: bool = True
     # Faust's standby copies of other workers' dedup table partitions (its default, 1): a failover restores
-    # from the standby instead of the whole changelog, at the cost of disk (each router holds about
-    # (1 + standbys) / routers of the table) and changelog reads. 0 with a single router (nowhere to put it).
+    # from the standby instead of the whole changelog, at the cost of disk or memory (each router holds
+    # about (1 + standbys) / routers of the table) and changelog reads. 0 with a single router (nowhere to
+    # put it).
     table_standby_replicas: int = Field(1, ge=0)
     data_dir: Path = Path(".local/faust")
     # Sent's retries of one delivery end within about two minutes (1+2+...+64 s); a day covers those many

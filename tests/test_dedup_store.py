@@ -1,0 +1,99 @@
+"""The dedup table's memory store (processors/store.py): a mapping like a dict, walks that tolerate
+changes, and partitions dropped together with their offsets."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+from faust.types import TP
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sentpipe.processors.dedup import partition_of, table_key
+from sentpipe.processors.store import DedupMemoryStore, Shards
+from sentpipe.processors.worker import create_app
+from sentpipe.settings import Settings
+
+KEYS = st.one_of(
+    st.binary(min_size=32, max_size=32).map(lambda b: table_key(b.hex().encode())),  # compact
+    st.binary(min_size=1, max_size=40).filter(lambda b: b[:1] != b"\x00"),  # text ids
+    st.just(b"\x00" * 33),  # compact, all zero: the smallest int
+)
+OPS = st.lists(st.tuples(st.sampled_from(["set", "del", "get"]), KEYS, st.binary(max_size=20)), max_size=200)
+
+
+@given(OPS)
+def test_shards_behave_like_a_dict(ops: list[tuple[str, bytes, bytes]]) -> None:
+    shards, model = Shards(), {}
+    for op, key, value in ops:
+        if op == "set":
+            shards[key] = value
+            model[key] = value
+        elif op == "del":
+            shards.discard(key)
+            model.pop(key, None)
+        assert shards.get(key) == model.get(key)
+        assert (key in shards) == (key in model)
+    assert len(shards) == len(model)
+    assert dict(shards.items()) == model
+    assert sorted(shards.walk()) == sorted(model)
+
+
+def test_a_walk_yields_every_key_that_stays_once_while_keys_come_and_go() -> None:
+    shards = Shards()
+    keys = [table_key(hashlib.sha256(str(i).encode()).hexdigest().encode()) for i in range(5000)]
+    for k in keys:
+        shards[k] = b"v"
+    seen = []
+    for i, k in enumerate(shards.walk()):
+        seen.append(k)
+        shards.discard(k)  # the sweep deletes as it goes
+        shards[b"new-%d" % i] = b"v"  # the router marks new ids meanwhile
+    assert sorted(k for k in seen if k in set(keys)) == sorted(keys)
+
+
+def _store() -> tuple[DedupMemoryStore, str]:
+    s = Settings(kafka_bootstrap="127.0.0.1:1", raw_partitions=4, table_store="memory://")
+    table = create_app(s, role="route").sentpipe.seen  # type: ignore[attr-defined]
+    store = table.data
+    assert isinstance(store, DedupMemoryStore)
+    return store, table.changelog_topic.get_topic_name()
+
+
+def test_partitions_left_behind_are_dropped_with_their_offsets_and_the_rest_kept() -> None:
+    store, topic = _store()
+    keys = [table_key(hashlib.sha256(str(i).encode()).hexdigest().encode()) for i in range(400)]
+    by_partition: dict[int, list[bytes]] = {}
+    for k in keys:
+        by_partition.setdefault(partition_of(k, 4), []).append(k)
+    for p, ks in by_partition.items():
+        store.restore_batch(p, [(k, b"v") for k in ks], last=len(ks) - 1)
+    active, standby = {TP(topic, 0)}, {TP(topic, 1)}
+    asyncio.run(store.on_recovery_completed(active, standby))
+    assert set(store.data) == set(by_partition[0] + by_partition[1])
+    # Gone with its keys: the next assignment of partitions 2 and 3 reads them from the beginning.
+    assert store.persisted_offset(TP(topic, 2)) is None and store.persisted_offset(TP(topic, 3)) is None
+    assert store.persisted_offset(TP(topic, 0)) == len(by_partition[0]) - 1
+
+    store.reset_state()
+    assert not store.data and store.persisted_offset(TP(topic, 0)) is None
+
+
+def test_a_partition_faust_asks_for_while_the_drop_is_walking_is_kept_whole() -> None:
+    # A new assignment's recovery reads the offset to start from: its keys must all still be there.
+    store, topic = _store()
+    keys = [table_key(hashlib.sha256(str(i).encode()).hexdigest().encode()) for i in range(400)]
+    for k in keys:
+        store.restore_batch(partition_of(k, 4), [(k, b"v")], last=0)
+
+    async def rebalance_meanwhile() -> None:
+        drop = asyncio.ensure_future(store.on_recovery_completed({TP(topic, 0)}, set()))
+        await asyncio.sleep(0)  # the walk has started and yielded
+        assert store.persisted_offset(TP(topic, 2)) == 0
+        await drop
+
+    asyncio.run(rebalance_meanwhile())
+    held = {partition_of(k, 4) for k in store.data}
+    assert held == {0, 2}
+    assert store.persisted_offset(TP(topic, 2)) == 0 and store.persisted_offset(TP(topic, 3)) is None
