@@ -218,6 +218,24 @@ def median(values: list[float | None]) -> float | None:
     return round(statistics.median(present), 3) if present else None
 
 
+def measured_row(title: str, ms: list[Measurement]) -> Row:
+    """One contestant's rounds as a table row: medians, and every round kept in the detail."""
+    detail: dict[str, Any] = {
+        "rounds": [
+            {"load": vars(m.load), "cpu_cores": m.cpu, "server_metrics": m.server_metrics} for m in ms
+        ],
+        "non_2xx": sum(m.load.non_2xx for m in ms),
+        "socket_errors": sum(m.load.socket_errors for m in ms),
+    }
+    return Row(
+        title,
+        median([m.load.rps for m in ms]),
+        median([m.load.p50_ms for m in ms]),
+        median([m.load.p99_ms for m in ms]),
+        detail,
+    )
+
+
 def _summarize(
     cfg: IngressConfig,
     load: LoadGenerator,
@@ -226,29 +244,12 @@ def _summarize(
     answered_200: int,
     tolerance: int,
 ) -> BenchResult:
-    def row(name: str, title: str) -> Row:
-        ms = results[name]
-        detail: dict[str, Any] = {
-            "rounds": [
-                {"load": vars(m.load), "cpu_cores": m.cpu, "server_metrics": m.server_metrics} for m in ms
-            ],
-            "non_2xx": sum(m.load.non_2xx for m in ms),
-            "socket_errors": sum(m.load.socket_errors for m in ms),
-        }
-        if name == "sentpipe":
-            detail["produce_p50_ms"] = median([m.server_metrics.get("produce_p50_ms") for m in ms])
-            detail["produce_p99_ms"] = median([m.server_metrics.get("produce_p99_ms") for m in ms])
-            detail["server_request_p99_ms"] = median([m.server_metrics.get("request_p99_ms") for m in ms])
-        return Row(
-            title,
-            median([m.load.rps for m in ms]),
-            median([m.load.p50_ms for m in ms]),
-            median([m.load.p99_ms for m in ms]),
-            detail,
-        )
-
-    ref = row("reference", "reference: no-op aiohttp handler")
-    sp = row("sentpipe", "sentpipe ingress (verify + produce acks=all)")
+    ref = measured_row("reference: no-op aiohttp handler", results["reference"])
+    sp = measured_row("sentpipe ingress (verify + produce acks=all)", results["sentpipe"])
+    ms = results["sentpipe"]
+    sp.detail["produce_p50_ms"] = median([m.server_metrics.get("produce_p50_ms") for m in ms])
+    sp.detail["produce_p99_ms"] = median([m.server_metrics.get("produce_p99_ms") for m in ms])
+    sp.detail["server_request_p99_ms"] = median([m.server_metrics.get("request_p99_ms") for m in ms])
     per_round = [
         round(s.load.rps / r.load.rps, 3)
         for r, s in zip(results["reference"], results["sentpipe"], strict=True)

@@ -29,9 +29,18 @@ from bench.common import (
     settings_env,
     stopping,
 )
-from bench.ingress import BENCH_SECRET, IngressConfig, Measurement, measure, median, pick_loadgen, raw_records
+from bench.ingress import (
+    BENCH_SECRET,
+    IngressConfig,
+    Measurement,
+    measure,
+    measured_row,
+    median,
+    pick_loadgen,
+    raw_records,
+)
 from bench.loadgen import Wrk
-from bench.ui import BenchResult, Row, Ui
+from bench.ui import BenchResult, Ui
 from sentpipe.processors.topics import ensure_topics
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
@@ -155,25 +164,10 @@ def _summarize(
     answered_200: int,
     stored: int,
 ) -> BenchResult:
-    def row(name: str, title: str) -> Row:
-        ms = results[name]
-        detail: dict[str, Any] = {
-            "rounds": [
-                {"load": vars(m.load), "cpu_cores": m.cpu, "server_metrics": m.server_metrics} for m in ms
-            ],
-            "non_2xx": sum(m.load.non_2xx for m in ms),
-            "socket_errors": sum(m.load.socket_errors for m in ms),
-        }
-        return Row(
-            title,
-            median([m.load.rps for m in ms]),
-            median([m.load.p50_ms for m in ms]),
-            median([m.load.p99_ms for m in ms]),
-            detail,
-        )
-
-    ref = row("naive", f"naive receiver: Flask + INSERT per event, gunicorn -w {workers}")
-    sp = row("sentpipe", f"sentpipe ingress --workers {workers} (verify + produce acks=all)")
+    ref = measured_row(f"naive receiver: Flask + INSERT per event, gunicorn -w {workers}", results["naive"])
+    sp = measured_row(
+        f"sentpipe ingress --workers {workers} (verify + produce acks=all)", results["sentpipe"]
+    )
     per_round = [
         round(s.load.rps / r.load.rps, 2)
         for r, s in zip(results["naive"], results["sentpipe"], strict=True)

@@ -124,6 +124,10 @@ def in_partition(partition: int) -> Iterator[None]:
         _current_event.reset(token)
 
 
+def _offset(event: Event) -> int:
+    return int(event.message.offset)
+
+
 class _Reread:
     """A raw record the router read back itself, in the shape it reads of a Faust event."""
 
@@ -257,35 +261,44 @@ class Router:
         return dead
 
     async def _with_skipped(self, events: Sequence[Event]) -> Sequence[Event]:
-        """The batch, preceded by any raw records the stream skipped before it.
+        """The batch in offset order per partition, with any raw records the stream skipped put back.
 
-        Faust 0.15.3 can start a freshly assigned partition past the group's committed offset (a two-worker
+        After a rebalance Faust 0.15.3 can start a partition past the group's committed offset (a two-worker
         bench start: one partition's first 3,620 records never reached the agent), and its commit, which
         takes offset gaps for compacted records, then commits past them: acknowledged events lost. The raw
-        topic is neither compacted nor transactional, so its offsets are contiguous and any jump is records
+        topic is neither compacted nor transactional, so its offsets are contiguous and every hole is records
         the stream skipped. They are read back here and routed with the batch, before anything is acked.
         """
-        first: dict[tuple[str, int], int] = {}
+        by_where: dict[tuple[str, int], list[Event]] = {}
         for event in events:
-            first.setdefault((event.message.topic, event.message.partition), event.message.offset)
-        unknown = [where for where in first if where not in self.processed]
+            by_where.setdefault((event.message.topic, event.message.partition), []).append(event)
+        unknown = [where for where in by_where if where not in self.processed]
         if unknown:  # first batch since the assignment: routing must start where the group left off
             self.processed.update(await asyncio.to_thread(self._ranges.start_offsets, unknown))
-        reread: list[Event] = []
-        for where, offset in first.items():
-            expected = self.processed.get(where, offset)
-            if offset > expected:
+        out: list[Event] = []
+        for where, evs in by_where.items():
+            evs.sort(key=_offset)  # stable: a record delivered twice keeps its order
+            holes: list[tuple[int, int]] = []
+            expected = self.processed.get(where, _offset(evs[0]))
+            for event in evs:
+                if _offset(event) > expected:
+                    holes.append((expected, _offset(event)))
+                expected = max(expected, _offset(event) + 1)
+            for start, end in holes:
                 log.error(
                     "raw records skipped by the stream: %s[%d] offsets %d..%d; reading them back",
                     where[0],
                     where[1],
-                    expected,
-                    offset - 1,
+                    start,
+                    end - 1,
                 )
-                records = await asyncio.to_thread(self._ranges.read, where, expected, offset)
+                records = await asyncio.to_thread(self._ranges.read, where, start, end)
                 m.RAW_RECORDS_REREAD.inc(len(records))
-                reread += [_Reread(rec) for rec in records]  # type: ignore[misc]
-        return [*reread, *events] if reread else events
+                evs += [_Reread(rec) for rec in records]  # type: ignore[misc]
+            if holes:
+                evs.sort(key=_offset)
+            out += evs
+        return out
 
     @property
     def _ranges(self) -> RangeReader:

@@ -74,6 +74,8 @@ def worker(
     ] = None,
 ) -> None:
     """Run the stream processors (router on Faust, projector on librdkafka); extra arguments go to Faust."""
+    import mode.loop
+
     from sentpipe.logs import configure, faust_log_level, faust_quiet_options
     from sentpipe.processors.handlers import load_modules
     from sentpipe.processors.topics import check_copartitioning, check_group_owns_prefix, projections_group
@@ -96,6 +98,8 @@ def worker(
     if s.worker_role == "project":
         run_projector(s)  # librdkafka batches, no Faust: nothing of Faust's command line applies
         return
+    # Before anything makes a loop: Faust's own `-L uvloop` is read when `faust` is imported, long before.
+    mode.loop.use("uvloop")
     faust_app = create_app(s)
     restore_table(faust_app, s)
     argv = list(ctx.args)

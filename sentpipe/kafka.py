@@ -752,10 +752,16 @@ class RangeReader:
             while seen < end - 1:
                 if time.monotonic() > deadline:
                     raise BrokerUnavailable(f"{topic}[{partition}]: read up to {seen} of {start}..{end - 1}")
-                batch = _records(self._consumer.consume(min(10_000, end - start), 1.0))
+                # Only this partition's: records fetched for an earlier read can still come out of
+                # librdkafka's queue after it was unassigned.
+                batch = [
+                    r
+                    for r in _records(self._consumer.consume(min(10_000, end - start), 1.0))
+                    if r.partition == partition and r.topic == topic
+                ]
                 if batch:
                     seen = max(seen, batch[-1].offset)
-                out += [r for r in batch if r.offset < end]
+                out += [r for r in batch if start <= r.offset < end]
         finally:
             self._consumer.unassign()
         return out
