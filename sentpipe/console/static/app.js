@@ -495,22 +495,18 @@ async function dlqView(main, id) {
   await load();
 }
 
-// Dry run first, then the real redrive of exactly the same selection.
-function redrivePanel(what, body, after) {
-  const progress = el("progress", { hidden: true });
-  const out = el("div", {});
-  const run = el("button", { type: "button", id: "redrive-run", disabled: true }, "Redrive");
-  const dry = el("button", { type: "button", id: "redrive-dry" }, "Count (dry run)");
+// A dry run first; then `run` does the real job with exactly the body the dry run counted (frozen when
+// the dry run started, so edits made since cannot widen it).
+function dryThenRun(dry, run, out, progress, { url, body, show, counted, after }) {
   let frozen = null;
   dry.addEventListener("click", async () => {
     dry.disabled = run.disabled = true;
     out.replaceChildren();
     try {
       frozen = body();
-      const result = await runJob("/api/dlq/redrive", Object.assign({}, frozen, { dry_run: true }), progress);
-      out.replaceChildren(resultView(result, "redriven", ["stage", "topic"]));
-      run.textContent = `Redrive ${result.sent + result.failed} record(s)`;
-      run.disabled = result.read === 0;
+      const result = await runJob(url, Object.assign({}, frozen, { dry_run: true }), progress);
+      out.replaceChildren(show(result));
+      run.disabled = !counted(result);
     } catch (err) {
       out.replaceChildren(errorBox(err.message));
     }
@@ -519,13 +515,33 @@ function redrivePanel(what, body, after) {
   run.addEventListener("click", async () => {
     dry.disabled = run.disabled = true;
     try {
-      const result = await runJob("/api/dlq/redrive", Object.assign({}, frozen, { dry_run: false }), progress);
-      out.replaceChildren(resultView(result, "redriven", ["stage", "topic"]));
-      if (after) out.append(el("button", { type: "button", onclick: after }, "Reload the list"));
+      const result = await runJob(url, Object.assign({}, frozen, { dry_run: false }), progress);
+      out.replaceChildren(show(result));
+      if (after) after();
     } catch (err) {
       out.replaceChildren(errorBox(err.message));
     }
     dry.disabled = false;
+  });
+}
+
+// Dry run first, then the real redrive of exactly the same selection.
+function redrivePanel(what, body, after) {
+  const progress = el("progress", { hidden: true });
+  const out = el("div", {});
+  const run = el("button", { type: "button", id: "redrive-run", disabled: true }, "Redrive");
+  const dry = el("button", { type: "button", id: "redrive-dry" }, "Count (dry run)");
+  dryThenRun(dry, run, out, progress, {
+    url: "/api/dlq/redrive",
+    body,
+    show: (result) => resultView(result, "redriven", ["stage", "topic"]),
+    counted: (result) => {
+      run.textContent = `Redrive ${result.sent + result.failed} record(s)`;
+      return result.read > 0;
+    },
+    after: () => {
+      if (after) out.append(el("button", { type: "button", onclick: after }, "Reload the list"));
+    },
   });
   return el("div", { class: "card" }, el("h2", {}, "Redrive"), el("p", {}, "Sends " + what + " back into the pipeline. Count first."), el("div", { class: "controls" }, dry, run, progress), out);
 }
@@ -570,7 +586,6 @@ async function replayView(main) {
   const out = el("div", { id: "replay-result" });
   const dry = el("button", { type: "button", id: "replay-dry" }, "Dry run");
   const run = el("button", { type: "button", id: "replay-run", disabled: true }, "Replay");
-  let frozen = null;
   const body = () => ({
     since: isoFromLocal(f.since.value),
     until: isoFromLocal(f.until.value),
@@ -591,29 +606,14 @@ async function replayView(main) {
     el("label", {}, "Event ids ", f.event_ids),
     el("fieldset", {}, el("legend", {}, "Types (none: all)"), types)
   );
-  dry.addEventListener("click", async () => {
-    dry.disabled = run.disabled = true;
-    out.replaceChildren();
-    try {
-      frozen = body();
-      const result = await runJob("/api/replay", Object.assign({}, frozen, { dry_run: true }), progress);
-      out.replaceChildren(resultView(result, "replayed", ["type", "tenant"]));
+  dryThenRun(dry, run, out, progress, {
+    url: "/api/replay",
+    body,
+    show: (result) => resultView(result, "replayed", ["type", "tenant"]),
+    counted: (result) => {
       run.textContent = `Replay ${result.sent} event(s)`;
-      run.disabled = result.sent === 0;
-    } catch (err) {
-      out.replaceChildren(errorBox(err.message));
-    }
-    dry.disabled = false;
-  });
-  run.addEventListener("click", async () => {
-    dry.disabled = run.disabled = true;
-    try {
-      const result = await runJob("/api/replay", Object.assign({}, frozen, { dry_run: false }), progress);
-      out.replaceChildren(resultView(result, "replayed", ["type", "tenant"]));
-    } catch (err) {
-      out.replaceChildren(errorBox(err.message));
-    }
-    dry.disabled = false;
+      return result.sent > 0;
+    },
   });
   main.append(
     el("h1", {}, "Replay"),
