@@ -14,6 +14,9 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 _LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 
 # --- ingress -------------------------------------------------------------------------------------------
+# The request counter and the request, produce and body histograms are updated on every request, but not
+# here: the ingress tallies them in plain dicts and lists on its loop and adds the tallies to these metrics
+# when /metrics is scraped (ingress/tally.py; prometheus_client takes a lock per inc/observe).
 INGRESS_REQUESTS = Counter(
     "sentpipe_ingress_requests",
     "Webhook requests answered, by tenant, outcome and HTTP status.",
