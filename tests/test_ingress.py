@@ -9,8 +9,10 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp.test_utils import TestServer
+from prometheus_client import REGISTRY
 
 from sentpipe.ingress.app import create_app, producer_for
+from sentpipe.ingress.tally import flush_all
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.signature import signature_headers
@@ -174,3 +176,44 @@ async def test_full_local_queue_answers_503_at_once_instead_of_piling_up() -> No
     finally:
         await server.close()
         mute.close()
+
+
+def _sample(name: str, **labels: str) -> float:
+    flush_all()  # what the handlers tallied, as a scrape of /metrics does first
+    value = REGISTRY.get_sample_value(name, labels)
+    return value or 0.0
+
+
+async def test_every_request_reaches_the_tallied_metrics(ingress: str) -> None:
+    """The request counter and the three histograms are updated through ingress/tally.py, not at their
+    declaration: every answered request must still show in them."""
+    names = (
+        "sentpipe_ingress_request_seconds_count",
+        "sentpipe_ingress_body_bytes_count",
+        "sentpipe_ingress_body_bytes_sum",
+        "sentpipe_ingress_produce_seconds_count",
+    )
+    accepted = {"tenant": "default", "outcome": "accepted", "status": "200"}
+    before = {n: _sample(n) for n in names} | {"ok": _sample("sentpipe_ingress_requests_total", **accepted)}
+    bodies = [s.body for s in SampleFactory(21).mix(5)]
+    for i, body in enumerate(bodies):
+        status, answer, _ = await post(f"{ingress}/webhooks/sent", body, signed(body, webhook_id=f"msg_t{i}"))
+        assert status == 200, answer
+    status, _, _ = await post(
+        f"{ingress}/webhooks/sent", bodies[0], signed(bodies[0], secret="whsec_d3Jvbmc=")
+    )
+    assert status == 401
+    after = {n: _sample(n) for n in names} | {"ok": _sample("sentpipe_ingress_requests_total", **accepted)}
+    assert after["ok"] - before["ok"] == len(bodies)
+    assert (
+        after["sentpipe_ingress_request_seconds_count"] - before["sentpipe_ingress_request_seconds_count"]
+        == 6
+    )
+    assert (
+        after["sentpipe_ingress_produce_seconds_count"] - before["sentpipe_ingress_produce_seconds_count"]
+        == 5
+    )
+    assert after["sentpipe_ingress_body_bytes_count"] - before["sentpipe_ingress_body_bytes_count"] == 5
+    assert after["sentpipe_ingress_body_bytes_sum"] - before["sentpipe_ingress_body_bytes_sum"] == sum(
+        len(b) for b in bodies
+    )
