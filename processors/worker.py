@@ -439,8 +439,8 @@ class Router:
         self.watchdog.lag(waiting)
 
     async def _unstick(self, tp: Any, done: int) -> None:
-        """A partition with records waiting that has not moved for two checks, while its consumer has
-        fetched past them, lost them in Faust's stream: seek it back to the first unrouted record.
+        """A partition with records waiting that has not moved for three lag checks (10 s), while its
+        consumer has fetched past them, lost them in Faust's stream: seek it back to the first unrouted one.
 
         Seen after a rebalance with Faust 0.15.3: a partition kept by the same worker whose records, fetched
         before the rebalance, were dropped with the stream's buffers and never fetched again (its whole

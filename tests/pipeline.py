@@ -13,7 +13,9 @@ from confluent_kafka.admin import AdminClient
 
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
+from tests.http_tools import post_all
 from tests.kafka_tools import end_offsets
+from tests.oracle import row_count
 from tests.processes import Proc, free_port, settings_env, start_ingress
 
 T = TypeVar("T")
@@ -132,3 +134,16 @@ def wait_caught_up(s: Settings, timeout: float, what: str, on_fail: Callable[[],
 
 
 __all__ = ["Worker", "lag", "start_ingress", "start_worker", "wait_caught_up", "wait_for", "wait_until"]
+
+
+def deliver(
+    s: Settings, url: str, bodies: list[bytes], worker: Worker, rows: int, timeout: float = 120.0
+) -> None:
+    """POST every body signed with the settings' secret (each must be answered 200), then wait until the
+    worker has projected `rows` rows."""
+    import asyncio
+
+    secret = s.webhook_secret.get_secret_value()
+    assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
+    db = s.database_url.get_secret_value()
+    wait_for(lambda: row_count(db), lambda n: n >= rows, timeout, "events projected", worker.proc.tail)

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 from pathlib import Path
 
@@ -19,10 +18,8 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.handlers_fixture import create_fixture_tables
-from tests.http_tools import post_all
 from tests.kafka_tools import Record, read_topic
-from tests.oracle import row_count
-from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_for, wait_until
+from tests.pipeline import deliver, start_ingress, start_worker, wait_caught_up, wait_until
 from tests.test_ops_cli import sentpipe
 
 MALFORMED = b'{"field":"messages","sub_type":"message.read","payload":{"note":"no message id"}}'
@@ -61,9 +58,7 @@ def test_dlq_round_trip_fix_and_redrive_and_still_poisoned_comes_back_with_attem
     worker = start_worker(settings, tmp_path, handler_modules=["tests.handlers_fixture"])
     try:
         bodies = [*inbound, *status, MALFORMED]
-        secret = settings.webhook_secret.get_secret_value()
-        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
-        wait_for(lambda: row_count(db), lambda n: n >= 16, 60, "events projected", worker.proc.tail)
+        deliver(settings, url, bodies, worker, 16, timeout=60)
         # Everything consumed and committed: every DLQ record the worker will write is written.
         wait_caught_up(settings, 60, "the worker caught up", worker.proc.tail)
         first = dlq_records(settings, at_least=5)

@@ -5,7 +5,6 @@ The commands run as real subprocesses (`python -m sentpipe ...`) against the rea
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import time
@@ -22,10 +21,8 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.handlers_fixture import create_fixture_tables
-from tests.http_tools import post_all
 from tests.kafka_tools import read_topic
-from tests.oracle import row_count
-from tests.pipeline import start_ingress, start_worker, wait_for
+from tests.pipeline import deliver, start_ingress, start_worker, wait_for
 from tests.processes import free_port, settings_env
 
 
@@ -128,14 +125,11 @@ def test_offsets_reset_refuses_while_the_worker_runs_and_works_once_stopped(
     settings: Settings, topics: Topics, tmp_path: Path
 ) -> None:
     bootstrap, group = settings.kafka_bootstrap, settings.app_id
-    db = settings.database_url.get_secret_value()
     bodies = [s.body for s in SampleFactory(21).mix(60)]
     ingress, url, _ = start_ingress(settings, tmp_path)
     worker = start_worker(settings, tmp_path)
     try:
-        secret = settings.webhook_secret.get_secret_value()
-        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
-        wait_for(lambda: row_count(db), lambda n: n >= len(bodies), 60, "events projected", worker.proc.tail)
+        deliver(settings, url, bodies, worker, len(bodies), timeout=60)
         wait_for(
             lambda: sum(n for (t, _), n in group_offsets(bootstrap, group).items() if t == topics.raw),
             lambda n: n == len(bodies),
@@ -218,9 +212,7 @@ def test_events_show_finds_an_event_everywhere_it_is(
     worker = start_worker(settings, tmp_path, handler_modules=["tests.handlers_fixture"])
     try:
         bodies = [s.body for s in inbound]
-        secret = settings.webhook_secret.get_secret_value()
-        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
-        wait_for(lambda: row_count(db), lambda n: n >= len(bodies), 60, "events projected", worker.proc.tail)
+        deliver(settings, url, bodies, worker, len(bodies), timeout=60)
         read_topic(settings.kafka_bootstrap, topics.dlq, at_least=1, timeout=60)  # the poisoned one
     finally:
         worker.stop()

@@ -27,7 +27,7 @@ from sentpipe.settings import Settings
 from tests.http_tools import metric_sum, post_all, scrape
 from tests.kafka_tools import read_topic
 from tests.oracle import row_count
-from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_for
+from tests.pipeline import deliver, start_ingress, start_worker, wait_caught_up, wait_for
 from tests.test_ops_cli import sentpipe
 from tests.test_pipeline_e2e import assert_matches_oracle, deliveries
 
@@ -80,9 +80,7 @@ def test_replay_restores_truncated_projections_exactly_and_a_second_replay_chang
     ingress, url, _ = start_ingress(settings, tmp_path)
     worker = start_worker(settings, tmp_path)
     try:
-        secret = settings.webhook_secret.get_secret_value()
-        assert asyncio.run(post_all(f"{url}/webhooks/sent", to_send, secret)).count(200) == len(to_send)
-        wait_for(lambda: row_count(db), lambda n: n >= len(unique), 120, "events projected", worker.proc.tail)
+        deliver(settings, url, to_send, worker, len(unique))
         wait_caught_up(settings, 60, "the worker caught up", worker.proc.tail)
         assert_matches_oracle(db, unique)
         before = snapshot(db)

@@ -9,7 +9,6 @@ for the ingress, the worker and `topics ensure` (and the wrong password for ever
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import time
 import uuid
@@ -25,10 +24,9 @@ from sentpipe.processors.worker import broker_credentials
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
-from tests.http_tools import post_all
 from tests.kafka_tools import read_topic, wait_topics_ready
 from tests.oracle import row_count
-from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_for
+from tests.pipeline import deliver, start_ingress, start_worker, wait_caught_up, wait_for
 from tests.processes import free_port
 from tests.secured import Secured, ToolMissing, start_secured
 from tests.services import ServiceUnavailable
@@ -117,9 +115,7 @@ def test_pipeline_signed_sent_projected_replayed_over_tls(
     ingress, url, _ = start_ingress(s, tmp_path)
     worker = start_worker(s, tmp_path)
     try:
-        secret = s.webhook_secret.get_secret_value()
-        assert asyncio.run(post_all(f"{url}/webhooks/sent", to_send, secret)).count(200) == len(to_send)
-        wait_for(lambda: row_count(db), lambda n: n >= len(unique), 120, "events projected", worker.proc.tail)
+        deliver(s, url, to_send, worker, len(unique))
         wait_caught_up(plain, 60, "the worker caught up", worker.proc.tail)
         assert_matches_oracle(db, unique)
         n_raw = len(read_topic(plain.kafka_bootstrap, topics.raw))
