@@ -5,8 +5,8 @@ the raw topic exactly as the ingress would (key = event id, the ingress's header
 start ONE consumer process, and time first row -> last row by polling row counts. Then a paced phase
 (default 200 events/s) gives end-to-end latency at light load: received-at -> projection committed.
 
-- sentpipe: `sentpipe worker` (Faust: dedup table + routing to routed topics, projecting agents);
-  latency from its own `sentpipe_end_to_end_lag_seconds` histogram.
+- sentpipe: `sentpipe worker` (role `all`: the Faust router with its dedup table in the worker's process,
+  the librdkafka projector in its child process); latency from its `sentpipe_end_to_end_lag_seconds`.
 - reference: bench/reference.py, consume -> route() -> the same SQL -> commit offsets; latency from
   its samples, put through the same buckets so both are summarized alike.
 """
@@ -495,11 +495,17 @@ def _summarize(
         return Row(title, round(o.rate, 1), o.p50_ms, o.p99_ms, detail)
 
     ref = row("reference", "reference: confluent-kafka loop -> route() -> same SQL")
-    sp = row("sentpipe", "sentpipe worker (dedup + route + project)")
+    sp = row("sentpipe", "sentpipe worker (router + projector processes)")
     cpu = {k: outcomes[k].detail.get("cpu_cores_while_draining") for k in outcomes}
+    per_cpu = {
+        k: round(outcomes[k].rate / c["consumer"])
+        for k in ("sentpipe", "reference")
+        if isinstance(c := cpu.get(k), dict) and c.get("consumer")
+    }
     notes = [
         f"{cfg.events:,} events preloaded into a fresh raw topic ({RAW_PARTITIONS} partitions) per "
-        "contestant; one consumer process; timed from the start of processing (sentpipe: first routed "
+        "contestant; one consumer (the reference: one process; sentpipe: one `sentpipe worker`, its "
+        "router and its projector process); timed from the start of processing (sentpipe: first routed "
         "event in its metrics; reference: first committed batch) to the last row in PostgreSQL",
         f"first row visible after processing started: sentpipe {sp.detail['first_row_after_start_s']}s, "
         f"reference {ref.detail['first_row_after_start_s']}s; Faust 'producer buffer full' warnings logged "
@@ -510,6 +516,7 @@ def _summarize(
         f"p99 {ref.detail.get('exact_p99_ms')} ms)",
         f"final current state identical in both schemas: {identical}",
         f"CPU cores used while draining: {cpu}",
+        f"events per CPU-second of the consumer's processes: {per_cpu}",
     ]
     scaled = outcomes.get("sentpipe-scaled")
     if scaled is not None:
@@ -520,7 +527,7 @@ def _summarize(
         )
     return BenchResult(
         bench="pipeline",
-        title="pipeline: raw topic -> dedup/route -> PostgreSQL, one consumer process",
+        title="pipeline: raw topic -> dedup/route -> PostgreSQL, one consumer",
         unit="events/s",
         latency_label="e2e ms",
         reference=ref,

@@ -1,7 +1,9 @@
 """The worker's HTTP face on its metrics port: /metrics, /livez, /readyz, served on the worker's own loop.
 
 Because it runs on the event loop that does the work, a blocked loop answers nothing and the probe times
-out; a stalled stage (processors/watchdog.py) answers 503 with the stall named.
+out; a stalled stage (processors/watchdog.py) answers 503 with the stall named. In role `all` the projector
+is a child process with probes of its own: this process polls them and answers for both, and its scrape
+carries the child's metrics too.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import aiohttp
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Metric, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from sentpipe import metrics as m
 from sentpipe.processors.watchdog import Stall, Watchdog
@@ -23,39 +27,103 @@ log = logging.getLogger("sentpipe.health")
 CHECK_EVERY_S = 5.0
 
 
-LOOP_BLOCKED_AFTER_S = 10.0
+# A process that has not answered its probe for this long is blocked (as a loop serving its own probe is
+# when the probe times out).
+BLOCKED_AFTER_S = 10.0
+PROBE_EVERY_S = 1.0
 
 
-class LoopBeat:
-    """The heartbeat of an event loop other than the one serving the probes (role `all` projects on a
-    thread of its own): a loop that has not ticked for `after_s` fails liveness, as a blocked probe loop
-    does by not answering."""
+class ProcessProbe:
+    """Another process's /livez and /readyz, polled from this one (role `all` projects in a child process):
+    an answer is its heartbeat; its failures are this worker's failures, its readiness part of ours."""
 
-    def __init__(self, name: str, after_s: float = LOOP_BLOCKED_AFTER_S) -> None:
+    def __init__(self, name: str, after_s: float = BLOCKED_AFTER_S) -> None:
         self.name, self.after_s = name, after_s
-        self.at = time.monotonic()
+        self.base: str | None = None  # known once the process listens
+        self.answered_at: float | None = None
+        self.problems: list[str] = []
+        self.ready = False
 
-    async def run(self, every_s: float = 1.0) -> None:
-        while True:
-            self.at = time.monotonic()
-            await asyncio.sleep(every_s)
+    async def run(self, base: str, every_s: float = PROBE_EVERY_S) -> None:
+        self.base = base
+        timeout = aiohttp.ClientTimeout(total=max(every_s, 1.0))
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:
+                try:
+                    async with http.get(f"{base}/livez") as resp:
+                        body = orjson.loads(await resp.read())
+                    self.answered_at = time.monotonic()
+                    self.problems = [] if resp.status == 200 else [str(s) for s in body.get("stalls", [])]
+                    async with http.get(f"{base}/readyz") as resp:
+                        self.ready = resp.status == 200
+                except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, AttributeError):
+                    self.ready = False  # not answering (or not as expected): its heartbeat ages
+                await asyncio.sleep(every_s)
 
     def blocked_for(self) -> float | None:
-        late = time.monotonic() - self.at
+        """Seconds without an answer once it has answered; during its start it is not ready, not blocked."""
+        if self.answered_at is None:
+            return None
+        late = time.monotonic() - self.answered_at
         return late if late >= self.after_s else None
+
+    async def metrics(self, timeout_s: float = 2.0) -> str | None:
+        if self.base is None:
+            return None
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http,
+                http.get(f"{self.base}/metrics") as resp,
+            ):
+                return await resp.text() if resp.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+
+
+class _Families:
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def merged_exposition(others: Sequence[str]) -> bytes:
+    """This process's metrics with other processes' added, as one scrape. A sample both have is summed (each
+    holds part of the worker's counts); their process_* and python_* families describe another interpreter
+    and are left out (the names would collide with ours)."""
+    families = {f.name: f for f in REGISTRY.collect()}
+    for text in others:
+        for fam in text_string_to_metric_families(text):
+            if fam.name.startswith(("process_", "python_")):
+                continue
+            mine = families.get(fam.name)
+            if mine is None:
+                families[fam.name] = fam
+                continue
+            at = {(s.name, tuple(sorted(s.labels.items()))): i for i, s in enumerate(mine.samples)}
+            for sample in fam.samples:
+                i = at.get((sample.name, tuple(sorted(sample.labels.items()))))
+                if i is None:
+                    mine.samples.append(sample)
+                    continue
+                ours = mine.samples[i]
+                both = min if sample.name.endswith("_created") else sum
+                mine.samples[i] = ours._replace(value=both((ours.value, sample.value)))
+    return generate_latest(_Families(list(families.values())))  # type: ignore[arg-type]
 
 
 class Health:
     def __init__(self) -> None:
         self.watchdogs: list[Watchdog] = []
-        self.beats: list[LoopBeat] = []
+        self.probes: list[ProcessProbe] = []
         self.ready_checks: dict[str, Callable[[], bool]] = {}
 
     def blocked_loops(self) -> list[str]:
         return [
-            f"{b.name} event loop blocked for {late:.0f}s"
-            for b in self.beats
-            if (late := b.blocked_for()) is not None
+            f"{p.name} process not answering for {late:.0f}s"
+            for p in self.probes
+            if (late := p.blocked_for()) is not None
         ]
 
     def add(self, watchdog: Watchdog) -> Watchdog:
@@ -70,6 +138,9 @@ class Health:
             m.WORKER_STALLED.labels(w.stage).set(1 if mine else 0)
             found += mine
         return found
+
+    def remote_stalls(self) -> list[str]:
+        return [problem for p in self.probes for problem in p.problems]
 
     def not_ready(self) -> list[str]:
         return [name for name, ok in self.ready_checks.items() if not ok()]
@@ -92,15 +163,17 @@ def _json(status: int, body: dict[str, object]) -> web.Response:
 
 def health_app(health: Health) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        others = [text for p in health.probes if (text := await p.metrics()) is not None]
+        body = merged_exposition(others) if others else generate_latest()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def livez(_: web.Request) -> web.Response:
         blocked = health.blocked_loops()
         if blocked:
             return _json(503, {"status": "blocked", "loops": blocked})
-        stalls = health.stalls()
+        stalls = [str(s) for s in health.stalls()] + health.remote_stalls()
         if stalls:
-            return _json(503, {"status": "stalled", "stalls": [str(s) for s in stalls]})
+            return _json(503, {"status": "stalled", "stalls": stalls})
         return _json(200, {"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:

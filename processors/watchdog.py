@@ -61,10 +61,8 @@ class Watchdog:
     def stalls(self) -> list[Stall]:
         now = self.clock()
         out = []
-        # Copies: with role `all` the projector reports from its own thread while the health server asks.
-        since_of = dict(self._since)
-        for where, n in sorted(dict(self._lag).items()):
-            since = since_of.get(where, now)
+        for where, n in sorted(self._lag.items()):
+            since = self._since.get(where, now)
             if n > 0 and now - since >= self.stall_after_s:
                 out.append(Stall(self.stage, where[0], where[1], self._position.get(where), n, now - since))
         return out

@@ -13,8 +13,6 @@ import contextlib
 import ctypes
 import gc
 import logging
-import signal
-import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
@@ -26,22 +24,19 @@ import faust
 import mode
 from faust.streams import _current_event
 from faust.types import TP, EventT
-from psycopg_pool import AsyncConnectionPool
 
 from sentpipe import metrics as m
 from sentpipe.broker import ProduceRejected
 from sentpipe.broker import Record as BrokerRecord
-from sentpipe.kafka import AsyncProducer, BatchConsumer, RangeReader, tls_context
+from sentpipe.kafka import AsyncProducer, RangeReader, tls_context
 from sentpipe.processors import store
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
 from sentpipe.processors.dedup import decode_seen, encode_seen, expire, legacy_key, partition_of, table_key
-from sentpipe.processors.handlers import HandlerRegistry, registry
-from sentpipe.processors.health import Health, LoopBeat, serve_health
+from sentpipe.processors.health import Health, serve_health
 from sentpipe.processors.partitioner import murmur2_partitioner
-from sentpipe.processors.projector import Projector, Tuning
+from sentpipe.processors.projector_process import ProjectorProcess
 from sentpipe.processors.retry import backoff, is_temporary
-from sentpipe.processors.sink import PostgresSink
-from sentpipe.processors.topics import DEDUP_TABLE, projections_group
+from sentpipe.processors.topics import DEDUP_TABLE
 from sentpipe.processors.watchdog import Watchdog
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import ROUTED_TYPES, EventType, MalformedEvent
@@ -89,16 +84,6 @@ def _headers(event: Event) -> dict[str, bytes]:
     raw: Any = event.message.headers or ()
     items = raw.items() if isinstance(raw, dict) else raw
     return r.header_map((str(k), bytes(v)) for k, v in items if v is not None)
-
-
-def open_pool(settings: Settings) -> AsyncConnectionPool:
-    return AsyncConnectionPool(
-        settings.database_url.get_secret_value(),
-        min_size=1,
-        max_size=settings.db_pool_size,
-        timeout=5.0,
-        open=False,
-    )
 
 
 class _Where:
@@ -578,39 +563,6 @@ class LagSeries:
         self.forget(self.held - assigned)
 
 
-class ProjectorService:
-    """The projector with its resources: consumer, producer for dead letters, database pool."""
-
-    def __init__(self, settings: Settings, handlers: HandlerRegistry, health: Health) -> None:
-        self.s = settings
-        topics = Topics(settings.topic_prefix)
-        self.pool = open_pool(settings)
-        self.producer = AsyncProducer.from_settings(settings, delivery_timeout_s=30.0)
-        self.projector = Projector(
-            BatchConsumer(settings, projections_group(settings), topics.routed),
-            self.producer,
-            PostgresSink(self.pool, handlers),
-            topics,
-            Tuning(
-                settings.batch_size, settings.batch_within_s, settings.retry_initial_s, settings.retry_max_s
-            ),
-            health.add(Watchdog("project", settings.stall_after_s)),
-        )
-        health.ready_checks["projector"] = lambda: self.projector.started
-
-    async def run(self) -> None:
-        await self.producer.start()
-        await self.pool.open(wait=False)
-        try:
-            await self.projector.run()
-        finally:
-            await self.producer.close()
-            await self.pool.close()
-
-    def stop(self) -> None:
-        self.projector.stop()
-
-
 class _QuietWorker(faust.Worker):
     """Faust's worker without its terminal spinner. At WARNING and above the spinner's log handler sets the
     root logger to DEBUG (to spin on every record), so every debug call in aiokafka and Faust builds a log
@@ -655,83 +607,8 @@ class _HealthInFaust(mode.Service):
             await self._runner.cleanup()
 
 
-class _ProjectorInFaust(mode.Service):
-    """Runs the projector beside the router in one worker (role `all`), on a thread with its own event loop.
-
-    On Faust's loop, every database round trip and every projected batch's decoding queued behind the
-    router's stream (and the router behind them); on two loops each waits for its own I/O only. The loop
-    beats for /livez (a handler blocking it fails liveness as it would on Faust's loop). Should the
-    projector end with an error (it retries anything that fails while running, so this is its start),
-    the worker crashes instead of routing on with nothing projecting.
-    """
-
-    def __init__(self, service: ProjectorService, beat: LoopBeat, **kwargs: Any) -> None:
-        self.service, self.beat = service, beat
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        super().__init__(**kwargs)
-
-    async def on_start(self) -> None:
-        import uvloop
-
-        faust_loop = asyncio.get_running_loop()
-        loop = self._loop = uvloop.new_event_loop()
-
-        async def main() -> None:
-            beating = asyncio.ensure_future(self.beat.run())
-            try:
-                await self.service.run()
-            finally:
-                beating.cancel()
-
-        def run() -> None:
-            try:
-                loop.run_until_complete(main())
-            except BaseException as exc:
-                log.critical("the projector stopped: %s: %s", type(exc).__name__, exc)
-                faust_loop.call_soon_threadsafe(asyncio.ensure_future, self.crash(exc))
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=run, name="sentpipe-projector", daemon=True)
-        self._thread.start()
-
-    async def on_stop(self) -> None:
-        thread, loop = self._thread, self._loop
-        if thread is None or loop is None or not thread.is_alive():
-            return
-        loop.call_soon_threadsafe(self.service.stop)
-        await asyncio.to_thread(thread.join, 30)
-
-
-def run_projector(settings: Settings, handlers: HandlerRegistry = registry) -> None:
-    """Role `project`: the projector alone, no Faust; SIGTERM finishes the batch in hand and commits it."""
-
-    async def main() -> None:
-        health = Health()
-        service = ProjectorService(settings, handlers, health)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, service.stop)
-        runner = await serve_health(health, settings.worker_metrics_host, settings.worker_metrics_port)
-        watch = asyncio.ensure_future(health.watch())
-        log.info("projector started", extra={"group": projections_group(settings)})
-        try:
-            await service.run()
-        finally:
-            watch.cancel()
-            await runner.cleanup()
-        log.info("projector stopped")
-
-    import uvloop
-
-    uvloop.run(main())
-
-
-def create_app(
-    settings: Settings, handlers: HandlerRegistry = registry, role: WorkerRole | None = None
-) -> faust.App:
-    """The Faust worker for roles `route` and `all` (the router, plus the projector in `all`)."""
+def create_app(settings: Settings, role: WorkerRole | None = None) -> faust.App:
+    """The Faust worker for roles `route` and `all` (the router; in `all`, the projector's process too)."""
     role = role or settings.worker_role
     if role == "project":
         raise ValueError("role 'project' runs without Faust: use run_projector()")
@@ -782,9 +659,7 @@ def create_app(
     _route_agents(app, settings, router, topics)
     health.ready_checks["dedup table recovery"] = app.tables.recovery.completed.is_set  # type: ignore[attr-defined]
     if role == "all":
-        beat = LoopBeat("projector")
-        health.beats.append(beat)
-        app.add_dependency(_ProjectorInFaust(ProjectorService(settings, handlers, health), beat))
+        app.add_dependency(ProjectorProcess(settings, health))
     app.add_dependency(_HealthInFaust(health, settings.worker_metrics_host, settings.worker_metrics_port))
     lag_series = LagSeries()
 

@@ -78,8 +78,9 @@ def worker(
 
     from sentpipe.logs import configure, faust_log_level, faust_quiet_options
     from sentpipe.processors.handlers import load_modules
+    from sentpipe.processors.projector_process import run_projector
     from sentpipe.processors.topics import check_copartitioning, check_group_owns_prefix, projections_group
-    from sentpipe.processors.worker import create_app, restore_table, run_projector
+    from sentpipe.processors.worker import create_app, restore_table
 
     s = settings()
     if role is not None:

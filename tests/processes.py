@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -44,7 +45,11 @@ class Proc:
     def start(self) -> Proc:
         fh = self.log.open("ab")
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "sentpipe", *self.args], env=self.env, stdout=fh, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "sentpipe", *self.args],
+            env=self.env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # kill() takes its children along (role `all`'s projector process)
         )
         return self
 
@@ -84,7 +89,12 @@ class Proc:
             return self.p.wait(10)
 
     def kill(self) -> None:
-        self.stop(signal.SIGKILL)
+        """SIGKILL to the process and its children, as a container's end kills every process in it."""
+        if self.p is None or self.p.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.p.pid, signal.SIGKILL)
+        self.p.wait(10)
 
 
 def start_ingress(s: Settings, log_dir: Path, **extra: object) -> tuple[Proc, str, int]:

@@ -1,9 +1,12 @@
 """The worker's probes see what Kubernetes must see: a blocked event loop fails liveness (the probe is
 served by the loop that does the work), Faust's web server is not listening (its /table views would
-expose dedup keys), and the consumer-lag gauge holds only the partitions this worker owns."""
+expose dedup keys), the consumer-lag gauge holds only the partitions this worker owns, and role `all`'s
+projector process is seen, scraped and ended with the worker."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import urllib.error
 import urllib.request
@@ -12,12 +15,16 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from sentpipe import metrics as m
+from sentpipe.processors.health import merged_exposition
 from sentpipe.processors.worker import LagSeries
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
+from tests.http_tools import scrape
 from tests.pipeline import start_worker, wait_for
 
 
@@ -54,8 +61,8 @@ def _listening(port: int) -> bool:
 def test_a_blocked_event_loop_fails_liveness_and_faust_web_is_off(
     settings: Settings, tmp_path: Path, role: str, blocked: int | str
 ) -> None:
-    """Role `all` projects on a loop of its own beside Faust's: its heartbeat fails /livez with a 503. Role
-    `project` has one loop, which serves the probe too: the probe times out."""
+    """Role `all` projects in a child process: when it stops answering its probe, the worker's /livez
+    fails with a 503. Role `project` has one loop, which serves the probe too: the probe times out."""
     worker = start_worker(settings, tmp_path, handler_modules=["tests.handlers_block"], worker_role=role)
     base = f"http://127.0.0.1:{worker.metrics_port}"
     try:
@@ -64,19 +71,7 @@ def test_a_blocked_event_loop_fails_liveness_and_faust_web_is_off(
         web_port = int(worker.proc.env["SENTPIPE_WORKER_WEB_PORT"])
         assert not _listening(web_port), "Faust's web server listens: its /table views expose dedup keys"
 
-        sample = SampleFactory(7).message_status("m-block", "delivered")
-        routed = r.route(
-            None,
-            sample.body,
-            {},
-            topics=Topics(settings.topic_prefix),
-            id_source="auto",
-            default_tenant="default",
-            record_timestamp_ms=0,
-        )
-        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
-        producer.produce(routed.topic, routed.value, routed.key)
-        assert producer.flush(10) == 0
+        _produce_routed(settings, "m-block")
 
         # The handler holds the projector's loop for 20 s: the probe must fail, though the process is alive
         # and its sockets accept connections (the kernel does that); a TCP probe would pass.
@@ -112,3 +107,108 @@ def test_lag_series_of_revoked_partitions_are_dropped() -> None:
     assert _lag_lines() == ['sentpipe_consumer_lag{partition="1",topic="t.raw"} 3.0']
     lag.keep_only(set())  # the next report: nothing assigned any more
     assert _lag_lines() == []
+
+
+def test_merged_exposition_adds_another_process_and_sums_what_both_have() -> None:
+    """Role `all`'s scrape: the projector process's samples join the worker's; a sample both processes have
+    is the sum of their parts; the other interpreter's process_* families stay out (they would collide)."""
+    m.RETRIES.labels("merge-test").inc(2)
+    child = "\n".join(
+        [
+            "# HELP sentpipe_retries_total Temporary failures retried with backoff, by stage.",
+            "# TYPE sentpipe_retries_total counter",
+            'sentpipe_retries_total{stage="merge-test"} 3.0',
+            'sentpipe_retries_total{stage="merge-child"} 4.0',
+            "# HELP merge_child_only_total Only the child has it.",
+            "# TYPE merge_child_only_total counter",
+            "merge_child_only_total 9.0",
+            "# HELP process_resident_memory_bytes Resident memory size in bytes.",
+            "# TYPE process_resident_memory_bytes gauge",
+            "process_resident_memory_bytes 123.0",
+            "",
+        ]
+    )
+    text = merged_exposition([child]).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    retries = {
+        s.labels["stage"]: s.value for s in families["sentpipe_retries"].samples if s.name.endswith("_total")
+    }
+    assert retries["merge-test"] == 5.0
+    assert retries["merge-child"] == 4.0
+    assert [s.value for s in families["merge_child_only"].samples] == [9.0]
+    assert 123.0 not in [s.value for s in families["process_resident_memory_bytes"].samples]
+    assert text.count("# TYPE sentpipe_retries_total counter") == 1
+
+
+def _projector_child(parent: int) -> int:
+    """Role `all`'s projector process among the worker's children (the other may be multiprocessing's
+    resource tracker)."""
+    for task in Path(f"/proc/{parent}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return int(pid)
+    raise AssertionError(f"no projector process under {parent}")
+
+
+def _produce_routed(settings: Settings, message_id: str) -> None:
+    sample = SampleFactory(7).message_status(message_id, "delivered")
+    routed = r.route(
+        None,
+        sample.body,
+        {},
+        topics=Topics(settings.topic_prefix),
+        id_source="auto",
+        default_tenant="default",
+        record_timestamp_ms=0,
+    )
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    producer.produce(routed.topic, routed.value, routed.key)
+    assert producer.flush(10) == 0
+
+
+def test_role_all_scrapes_its_projector_process_and_crashes_when_it_dies(
+    settings: Settings, tmp_path: Path
+) -> None:
+    worker = start_worker(settings, tmp_path, worker_role="all")
+    base = f"http://127.0.0.1:{worker.metrics_port}"
+    try:
+        wait_for(lambda: _status(f"{base}/readyz"), lambda s: s == 200, 60, "/readyz 200", worker.proc.tail)
+        assert worker.proc.p is not None
+        child = _projector_child(worker.proc.p.pid)
+        _produce_routed(settings, "m-scrape")
+        projected = (
+            'sentpipe_events_processed_total{handler="projection",outcome="ok",type="message.status.updated"}'
+        )
+        # Counted by the projector process, read through the worker's one metrics port.
+        wait_for(lambda: scrape(worker.metrics_port).get(projected, 0.0), lambda v: v >= 1, 30, projected)
+        assert "sentpipe_dedup_table_keys" in scrape(worker.metrics_port)  # and the router's own
+
+        os.kill(child, signal.SIGKILL)
+        code = worker.proc.p.wait(60)
+        assert code != 0, "the worker went on routing with nothing projecting"
+        assert "the projector process exited" in worker.proc.tail(200)
+    finally:
+        worker.stop()
+
+
+def test_a_projector_process_stops_when_its_worker_is_killed(settings: Settings, tmp_path: Path) -> None:
+    worker = start_worker(settings, tmp_path, worker_role="all")
+    base = f"http://127.0.0.1:{worker.metrics_port}"
+    try:
+        wait_for(lambda: _status(f"{base}/readyz"), lambda s: s == 200, 60, "/readyz 200", worker.proc.tail)
+        assert worker.proc.p is not None
+        child = _projector_child(worker.proc.p.pid)
+        os.kill(worker.proc.p.pid, signal.SIGKILL)  # the worker alone: its child must notice by itself
+        worker.proc.p.wait(10)
+
+        def alive() -> bool:
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                return False
+            return b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()  # not a reused pid
+
+        wait_for(alive, lambda up: not up, 30, "the orphaned projector process to stop", worker.proc.tail)
+        assert "the projector stops" in worker.proc.tail(200)
+    finally:
+        worker.stop()

@@ -1,0 +1,210 @@
+"""The projector as a process of its own: alone in role `project`, a child of the router's worker in `all`.
+
+Role `all` once ran the projector on a thread beside Faust's loop. Two busy event loops in one interpreter
+take turns on the GIL, and every hand-over between the machine's cores cost them both: a 50,000-event drain
+went from about 2,900 to 3,900-5,400 events/s (README "Performance") when the stages ran as processes. The
+child listens for /livez, /readyz and /metrics on a loopback port it picks and tells the worker which; the
+worker polls it (health.ProcessProbe), so its probes and its scrape answer for both processes. Either one
+ending ends the other: the child stops when its parent is gone, the worker crashes when the child exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import mode
+from psycopg_pool import AsyncConnectionPool
+
+from sentpipe.kafka import AsyncProducer, BatchConsumer
+from sentpipe.processors.handlers import HandlerRegistry, registry
+from sentpipe.processors.health import Health, ProcessProbe, serve_health
+from sentpipe.processors.projector import Projector, Tuning
+from sentpipe.processors.sink import PostgresSink
+from sentpipe.processors.topics import projections_group
+from sentpipe.processors.watchdog import Watchdog
+from sentpipe.schemas.topics import Topics
+from sentpipe.settings import Settings
+
+log = logging.getLogger("sentpipe.worker")
+
+# Time for the child to import, connect and listen before the worker gives up on it.
+CHILD_START_TIMEOUT_S = 120.0
+# Time for the child to finish its batch and commit once asked to stop (Helm's grace period is 60 s).
+CHILD_STOP_TIMEOUT_S = 45.0
+
+
+def open_pool(settings: Settings) -> AsyncConnectionPool:
+    return AsyncConnectionPool(
+        settings.database_url.get_secret_value(),
+        min_size=1,
+        max_size=settings.db_pool_size,
+        timeout=5.0,
+        open=False,
+    )
+
+
+class ProjectorService:
+    """The projector with its resources: consumer, producer for dead letters, database pool."""
+
+    def __init__(self, settings: Settings, handlers: HandlerRegistry, health: Health) -> None:
+        self.s = settings
+        topics = Topics(settings.topic_prefix)
+        self.pool = open_pool(settings)
+        self.producer = AsyncProducer.from_settings(settings, delivery_timeout_s=30.0)
+        self.projector = Projector(
+            BatchConsumer(settings, projections_group(settings), topics.routed),
+            self.producer,
+            PostgresSink(self.pool, handlers),
+            topics,
+            Tuning(
+                settings.batch_size, settings.batch_within_s, settings.retry_initial_s, settings.retry_max_s
+            ),
+            health.add(Watchdog("project", settings.stall_after_s)),
+        )
+        health.ready_checks["projector"] = lambda: self.projector.started
+
+    async def run(self) -> None:
+        await self.producer.start()
+        await self.pool.open(wait=False)
+        try:
+            await self.projector.run()
+        finally:
+            await self.producer.close()
+            await self.pool.close()
+
+    def stop(self) -> None:
+        self.projector.stop()
+
+
+def run_projector(
+    settings: Settings,
+    handlers: HandlerRegistry = registry,
+    *,
+    port: int | None = None,
+    listening: Callable[[int], None] | None = None,
+    parent_pid: int | None = None,
+) -> None:
+    """Role `project`: the projector alone, no Faust; SIGTERM finishes the batch in hand and commits it.
+
+    As role `all`'s child: its probes on loopback `port` (0: any free one, passed to `listening`), SIGINT
+    left to the worker (which stops it with SIGTERM), and it stops by itself if `parent_pid` goes away."""
+
+    async def main() -> None:
+        health = Health()
+        service = ProjectorService(settings, handlers, health)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, service.stop)
+        if parent_pid is None:
+            loop.add_signal_handler(signal.SIGINT, service.stop)
+            host, where = settings.worker_metrics_host, settings.worker_metrics_port
+        else:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C reaches both: the worker decides
+            host, where = "127.0.0.1", port or 0
+        runner = await serve_health(health, host, where)
+        if listening is not None:
+            listening(runner.addresses[0][1])
+        tasks = [asyncio.ensure_future(health.watch())]
+        if parent_pid is not None:
+            tasks.append(asyncio.ensure_future(_orphaned(parent_pid, service.stop)))
+        log.info("projector started", extra={"group": projections_group(settings)})
+        try:
+            await service.run()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await runner.cleanup()
+        log.info("projector stopped")
+
+    import uvloop
+
+    uvloop.run(main())
+
+
+async def _orphaned(parent_pid: int, stop: Callable[[], None]) -> None:
+    """A worker killed with SIGKILL cannot stop its child: the child sees its parent change and stops."""
+    while os.getppid() == parent_pid:  # noqa: ASYNC110 - no event says "my parent died"
+        await asyncio.sleep(1.0)
+    log.error("the worker process %d is gone: the projector stops", parent_pid)
+    stop()
+
+
+def _child(settings: Settings, conn: multiprocessing.connection.Connection, parent_pid: int) -> None:
+    """The child's entry point (spawned: a fresh interpreter, nothing inherited but the arguments)."""
+    from sentpipe.logs import configure
+    from sentpipe.processors.handlers import load_modules
+
+    configure(settings.log_level, settings.log_json)
+    load_modules(settings.handler_modules)
+    run_projector(settings, port=0, listening=conn.send, parent_pid=parent_pid)
+
+
+class ProjectorProcess(mode.Service):
+    """Role `all`: starts the projector's process with the worker, watches it, stops it with the worker."""
+
+    def __init__(self, settings: Settings, health: Health, **kwargs: Any) -> None:
+        self.s = settings
+        self.probe = ProcessProbe("projector")
+        health.probes.append(self.probe)
+        health.ready_checks["projector"] = lambda: self.probe.ready
+        self._proc: BaseProcess | None = None
+        self._stopping = False
+        super().__init__(**kwargs)
+
+    async def on_start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")  # no librdkafka threads or loop state carried over
+        ours, theirs = ctx.Pipe(duplex=False)
+        proc = self._proc = ctx.Process(
+            target=_child, args=(self.s, theirs, os.getpid()), name="sentpipe-projector"
+        )
+        proc.start()
+        theirs.close()
+        self.add_future(self._supervise(proc, ours))
+        log.info("projector process started", extra={"pid": proc.pid})
+
+    async def _supervise(self, proc: BaseProcess, conn: multiprocessing.connection.Connection) -> None:
+        port = await asyncio.to_thread(_port_of, proc, conn)
+        if port is None and proc.is_alive():
+            proc.kill()  # it cannot be watched: ended here, it crashes the worker below
+        polling = None if port is None else asyncio.ensure_future(self.probe.run(f"http://127.0.0.1:{port}"))
+        try:
+            await asyncio.to_thread(proc.join)
+        finally:
+            if polling is not None:
+                polling.cancel()
+        if not self._stopping:
+            log.critical("the projector process exited with status %s", proc.exitcode)
+            await self.crash(RuntimeError(f"the projector process exited with status {proc.exitcode}"))
+
+    async def on_stop(self) -> None:
+        self._stopping = True
+        proc = self._proc
+        if proc is None or proc.exitcode is not None:
+            return
+        proc.terminate()  # SIGTERM: the batch in hand is finished and committed
+        await asyncio.to_thread(proc.join, CHILD_STOP_TIMEOUT_S)
+        if proc.exitcode is None:
+            log.error("the projector process did not stop in time: killed")
+            proc.kill()
+            await asyncio.to_thread(proc.join, 5)
+
+
+def _port_of(proc: BaseProcess, conn: multiprocessing.connection.Connection) -> int | None:
+    """The child's probe port, once it listens; None if it exits (or never says) first."""
+    for _ in range(int(CHILD_START_TIMEOUT_S / 0.5)):
+        if conn.poll(0.5):
+            try:
+                return int(conn.recv())
+            except (EOFError, OSError):
+                return None
+        if not proc.is_alive():
+            return None
+    log.error("the projector process did not listen within %.0f s", CHILD_START_TIMEOUT_S)
+    return None
