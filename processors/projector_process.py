@@ -11,6 +11,7 @@ ending ends the other: the child stops when its parent is gone, the worker crash
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -156,6 +157,7 @@ class ProjectorProcess(mode.Service):
         health.ready_checks["projector"] = lambda: self.probe.ready
         self._proc: BaseProcess | None = None
         self._stopping = False
+        self._exited = asyncio.Event()
         super().__init__(**kwargs)
 
     async def on_start(self) -> None:
@@ -175,8 +177,11 @@ class ProjectorProcess(mode.Service):
             proc.kill()  # it cannot be watched: ended here, it crashes the worker below
         polling = None if port is None else asyncio.ensure_future(self.probe.run(f"http://127.0.0.1:{port}"))
         try:
+            # The only thread that waits for the child: two waiting at once race to reap it, and the loser
+            # sees no exit status for a process that has exited.
             await asyncio.to_thread(proc.join)
         finally:
+            self._exited.set()
             if polling is not None:
                 polling.cancel()
         if not self._stopping:
@@ -186,14 +191,16 @@ class ProjectorProcess(mode.Service):
     async def on_stop(self) -> None:
         self._stopping = True
         proc = self._proc
-        if proc is None or proc.exitcode is not None:
+        if proc is None or self._exited.is_set():
             return
         proc.terminate()  # SIGTERM: the batch in hand is finished and committed
-        await asyncio.to_thread(proc.join, CHILD_STOP_TIMEOUT_S)
-        if proc.exitcode is None:
+        try:
+            await asyncio.wait_for(self._exited.wait(), CHILD_STOP_TIMEOUT_S)
+        except TimeoutError:
             log.error("the projector process did not stop in time: killed")
             proc.kill()
-            await asyncio.to_thread(proc.join, 5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), 5)
 
 
 def _port_of(proc: BaseProcess, conn: multiprocessing.connection.Connection) -> int | None:
