@@ -164,7 +164,11 @@ def _json(status: int, body: dict[str, object]) -> web.Response:
 def health_app(health: Health) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         others = [text for p in health.probes if (text := await p.metrics()) is not None]
-        body = merged_exposition(others) if others else generate_latest()
+        try:
+            body = merged_exposition(others) if others else generate_latest()
+        except ValueError as exc:  # another process's text did not parse: our own metrics still answer
+            log.warning("could not merge another process's metrics: %s", exc)
+            body = generate_latest()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def livez(_: web.Request) -> web.Response:

@@ -13,12 +13,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 from confluent_kafka import Producer
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sentpipe import metrics as m
-from sentpipe.processors.health import merged_exposition
+from sentpipe.processors.health import Health, ProcessProbe, health_app, merged_exposition
 from sentpipe.processors.worker import LagSeries
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.samples import SampleFactory
@@ -212,3 +213,19 @@ def test_a_projector_process_stops_when_its_worker_is_killed(settings: Settings,
         assert "the projector stops" in worker.proc.tail(200)
     finally:
         worker.stop()
+
+
+class _GarbledProbe(ProcessProbe):
+    async def metrics(self, timeout_s: float = 2.0) -> str | None:
+        return "sentpipe_x{{ not a metric line\n"
+
+
+async def test_a_child_scrape_that_does_not_parse_leaves_the_workers_own_metrics() -> None:
+    health = Health()
+    health.probes.append(_GarbledProbe("projector"))
+    async with TestClient(TestServer(health_app(health))) as client:
+        resp = await client.get("/metrics")
+        text = await resp.text()
+    assert resp.status == 200
+    assert "sentpipe_retries_total" in text
+    assert "not a metric line" not in text
