@@ -168,20 +168,26 @@ class Router:
             help="event id -> {tenant: first-routed time (ms)}; bounded by the dedup window sweep",
         )
 
-    async def _mark(self, values: dict[bytes, bytes], partition_of: dict[bytes, int]) -> None:
-        """Write marks to the table's store and its changelog, and wait until the changelog has them.
+    async def _write(self, values: dict[bytes, bytes | None], partition_of: dict[bytes, int]) -> None:
+        """Write to the table's store and its changelog (None: delete, a tombstone), and wait until the
+        changelog has them. Every table change goes this way: the router's marks, the sweep's expiries.
 
         The changelog records go through librdkafka, not through the table (`table[key] = v`): Faust sends
         each one through aiokafka's pure-Python producer, a third of the router's time in a profile of a
         drain. Same records, same partitions (the key's raw partition: the table is co-partitioned with the
-        raw topic), and the store's persisted offset is advanced as Faust's own callback would.
+        raw topic), and the store's persisted offset is advanced as Faust's own callback would. The store is
+        written before the first await, so whoever reads the table next sees the change.
         """
         if not values:
             return
         store = self.seen.data
         for key, value in values.items():
             with in_partition(partition_of[key]):
-                store[key] = value
+                if value is None:
+                    with contextlib.suppress(KeyError):
+                        del store[key]
+                else:
+                    store[key] = value
         pending = list(values)
         attempt = 1
         while True:
@@ -203,7 +209,7 @@ class Router:
                 return
             if self._stopping():
                 # Unacknowledged, the batch is read again after the restart and marked then.
-                raise ProduceRejected("stopping with dedup marks unwritten")
+                raise ProduceRejected("stopping with dedup table changes unwritten")
             m.RETRIES.labels("route").inc()
             await retrying_sleep(attempt, self.s)
             attempt += 1
@@ -350,19 +356,15 @@ class Router:
         # crash before this line re-routes it (absorbed by the idempotent sinks) instead of losing it.
         # Whole seconds: ids marked within the same second share one stored value (store.py interns them).
         now_ms = int(time.time()) * 1000
-        await self._mark(
-            {
-                key: encode_seen({t: ms or now_ms for t, ms in tenants.items()})
-                for key, tenants in marks.items()
-            },
-            home,
-        )
+        changes: dict[bytes, bytes | None] = {
+            key: encode_seen({t: ms or now_ms for t, ms in tenants.items()}) for key, tenants in marks.items()
+        }
         for key, old in legacy.items():
-            if key in marks:
-                # Its tenants now live under the compact key: one entry per id, and the hex one's
-                # tombstone keeps it from coming back at the next restore.
-                with in_partition(home[key]):
-                    self.seen.pop(old, None)
+            # Its tenants now live under the compact key: one entry per id, and the hex one's tombstone
+            # keeps it from coming back at the next restore.
+            changes[old] = None
+            home[old] = home[key]
+        await self._write(changes, home)
         done: dict[tuple[str, int], int] = {}
         for event in events:
             where = (event.message.topic, event.message.partition)
@@ -452,22 +454,15 @@ class Router:
         await consumer.seek(tp, done)
         self._unmoved[where] = (done, 0)
 
-    async def _ebb(self) -> None:
-        """Let Faust's producer send the tombstones queued so far before queueing more: its sender drains
-        the whole queue without yielding, so a queue of a million deletes would hold the loop for seconds."""
-        await asyncio.sleep(0)
-        buffer = self.app.producer.buffer
-        while buffer.size > SWEEP_SLICE_KEYS:  # noqa: ASYNC110 - Faust has no event for "below N"
-            await asyncio.sleep(0.002)
-
     async def sweep(self) -> int:
         """Forget ids older than the dedup window; each delete tombstones the compacted changelog.
 
         Walks the table in slices of at most SWEEP_SLICE_S on the event loop (and at most SWEEP_SLICE_KEYS
-        changes), so routing goes on between them. The memory store (store.py) is a set of dicts, which
-        cannot change under an open iterator: the walk takes one shard's keys at a time (a C-speed copy of a
-        few thousand), never the whole table's, whose copy alone would hold the loop for tens of ms.
-        RocksDB iterators read a snapshot and tolerate the deletes.
+        changes); each slice's changes are written like the router's marks (`_write`), and routing goes on
+        while the changelog acknowledges them. The memory store (store.py) is a set of dicts, which cannot
+        change under an open iterator: the walk takes one shard's keys at a time (a C-speed copy of a few
+        thousand), never the whole table's, whose copy alone would hold the loop for tens of ms. RocksDB
+        iterators read a snapshot and tolerate the deletes.
         """
         cutoff = int(time.time() * 1000) - self.s.dedup_window_s * 1000
         raw: Any = getattr(self.seen.data, "data", None)
@@ -476,7 +471,9 @@ class Router:
             m.DEDUP_TABLE_KEYS.set(len(shards))  # cheap in memory: the size before the sweep, from the start
         # Values are shared between ids marked in the same second (store.py): judge each value once.
         verdicts: dict[bytes, dict[str, int] | None] = {}
-        removed = visited = changes = 0
+        removed = visited = 0
+        changes: dict[bytes, bytes | None] = {}
+        home: dict[bytes, int] = {}
         deadline = time.perf_counter() + SWEEP_SLICE_S
         for key in _sweep_keys(shards, self.seen):
             visited += 1
@@ -490,16 +487,17 @@ class Router:
                 left = expire(tenants, cutoff)
                 kept = verdicts[value] = left if len(left) < len(tenants) else None
             if kept is not None:
-                changes += 1
-                if not kept:
-                    self.seen.pop(key, None)
-                    removed += 1
-                else:
-                    with in_partition(partition_of(key, self.s.raw_partitions)):  # co-partitioned with raw
-                        self.seen[key] = encode_seen(kept)
-            if time.perf_counter() > deadline or (kept is not None and changes % SWEEP_SLICE_KEYS == 0):
-                await self._ebb()
+                changes[key] = encode_seen(kept) if kept else None
+                home[key] = partition_of(key, self.s.raw_partitions)  # co-partitioned with raw
+                removed += not kept
+            if time.perf_counter() > deadline or len(changes) >= SWEEP_SLICE_KEYS:
+                # Decided and written with no await in between: a mark the router makes meanwhile is not
+                # undone by a decision taken before it.
+                await self._write(changes, home)
+                await asyncio.sleep(0)  # a slice with nothing to write still lets routing run
+                changes, home = {}, {}
                 deadline = time.perf_counter() + SWEEP_SLICE_S
+        await self._write(changes, home)
         m.DEDUP_TABLE_KEYS.set(visited - removed)
         return removed
 
