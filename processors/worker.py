@@ -641,9 +641,6 @@ def create_app(settings: Settings, role: WorkerRole | None = None) -> faust.App:
         producer_linger=0.005,
         Worker=_QuietWorker,
     )
-    # Each routed batch marks up to batch_size ids at once; Faust's default changelog buffer (100) would
-    # stall the stream and log "producer buffer full" for every batch.
-    app.producer.buffer.max_messages = max(100, 2 * settings.batch_size)
     # No Faust web server: its /table and /router views would let anything that reaches the port read
     # dedup keys, and nothing here needs it (/metrics, /livez and /readyz are our own, on the metrics
     # port). `faust worker` sets web_enabled from its --with-web option (default on), so the app's
