@@ -142,6 +142,14 @@ def _in_flight() -> float:
 m.INGRESS_IN_FLIGHT.set_function(_in_flight)  # read when scraped, nothing to update per request
 
 
+async def finish_in_flight(timeout_s: float) -> int:
+    """Wait until no webhook request is being handled (at most `timeout_s`); how many still are."""
+    deadline = time.monotonic() + timeout_s
+    while _in_flight() and time.monotonic() < deadline:  # noqa: ASYNC110 - an Event would cost every request
+        await asyncio.sleep(0.01)
+    return int(_in_flight())
+
+
 def _init_metrics(tenants: list[str]) -> None:
     """Create the bounded label sets the alerts read at zero: a rate or increase() needs a sample before
     the first 503, 401 or dead letter, or the first one is never seen (and `_created` series are off)."""

@@ -29,6 +29,7 @@ from sentpipe.ingress.app import (
     check_topic_limits,
     create_app,
     create_metrics_app,
+    finish_in_flight,
     open_spool,
     producer_for,
     verifiers_for,
@@ -56,7 +57,8 @@ async def serve(
     # shutdown_timeout: in-flight requests get this long to finish before the producer flushes.
     runner = web.AppRunner(app, shutdown_timeout=settings.produce_timeout_s + 5, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port, backlog=2048, reuse_port=reuse_port or None).start()
+    site = web.TCPSite(runner, host, port, backlog=2048, reuse_port=reuse_port or None)
+    await site.start()
     metrics_runner = web.AppRunner(create_metrics_app(), access_log=None)
     await metrics_runner.setup()
     await web.TCPSite(metrics_runner, host, metrics_port).start()
@@ -79,6 +81,13 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: finishing in-flight requests and flushing the producer")
+    # No new connections; the requests being handled finish first, bodies included. aiohttp's own shutdown
+    # drops what arrives after it starts, so a request whose body was still on its way would meet the body
+    # timeout (408) instead of its 200.
+    await site.stop()
+    left = await finish_in_flight(settings.produce_timeout_s + 5)
+    if left:
+        log.warning("shutting down with %d requests still in flight after the grace period", left)
     await runner.cleanup()
     await metrics_runner.cleanup()
 

@@ -132,6 +132,19 @@ def test_broker_down_means_503_at_once_and_not_ready_then_recovers_losing_nothin
     assert acked <= stored, len(acked - stored)
 
 
+async def _until_refused(base: str, timeout: float = 20.0) -> None:
+    host, _, port = base.removeprefix("http://").partition(":")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection(host, int(port))
+        except OSError:
+            return
+        writer.close()
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{base} still accepts connections {timeout}s after SIGTERM")
+
+
 def test_sigterm_finishes_in_flight_requests_and_loses_no_acknowledged_event(
     settings: Settings,
     topics,  # type: ignore[no-untyped-def]
@@ -189,6 +202,9 @@ def test_sigterm_finishes_in_flight_requests_and_loses_no_acknowledged_event(
             at_signal["handling"], at_signal["answered"] = set(handling), set(results)
             assert proc.p is not None
             proc.p.send_signal(signal.SIGTERM)
+            # The held bodies go out only once the ingress is shutting down (its listener closed): they must
+            # still be read and answered, not dropped by the closing server and timed out.
+            await _until_refused(base)
             release.set()
 
         async with aiohttp.ClientSession() as session:
