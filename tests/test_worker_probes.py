@@ -10,6 +10,8 @@ import signal
 import socket
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.http_tools import scrape
-from tests.pipeline import start_worker, wait_for
+from tests.pipeline import Worker, start_worker, wait_for
 
 
 def _status(url: str, timeout: float = 2.0) -> int | str:
@@ -167,15 +169,24 @@ def _produce_routed(settings: Settings, message_id: str) -> None:
     assert producer.flush(10) == 0
 
 
-def test_role_all_scrapes_its_projector_process_and_crashes_when_it_dies(
-    settings: Settings, tmp_path: Path
-) -> None:
+@contextmanager
+def _role_all(settings: Settings, tmp_path: Path) -> Iterator[tuple[Worker, int]]:
+    """A ready role-`all` worker and its projector process's pid; stopped on the way out."""
     worker = start_worker(settings, tmp_path, worker_role="all")
     base = f"http://127.0.0.1:{worker.metrics_port}"
     try:
         wait_for(lambda: _status(f"{base}/readyz"), lambda s: s == 200, 60, "/readyz 200", worker.proc.tail)
         assert worker.proc.p is not None
-        child = _projector_child(worker.proc.p.pid)
+        yield worker, _projector_child(worker.proc.p.pid)
+    finally:
+        worker.stop()
+
+
+def test_role_all_scrapes_its_projector_process_and_crashes_when_it_dies(
+    settings: Settings, tmp_path: Path
+) -> None:
+    with _role_all(settings, tmp_path) as (worker, child):
+        assert worker.proc.p is not None
         _produce_routed(settings, "m-scrape")
         projected = (
             'sentpipe_events_processed_total{handler="projection",outcome="ok",type="message.status.updated"}'
@@ -188,17 +199,11 @@ def test_role_all_scrapes_its_projector_process_and_crashes_when_it_dies(
         code = worker.proc.p.wait(60)
         assert code != 0, "the worker went on routing with nothing projecting"
         assert "the projector process exited" in worker.proc.tail(200)
-    finally:
-        worker.stop()
 
 
 def test_a_projector_process_stops_when_its_worker_is_killed(settings: Settings, tmp_path: Path) -> None:
-    worker = start_worker(settings, tmp_path, worker_role="all")
-    base = f"http://127.0.0.1:{worker.metrics_port}"
-    try:
-        wait_for(lambda: _status(f"{base}/readyz"), lambda s: s == 200, 60, "/readyz 200", worker.proc.tail)
+    with _role_all(settings, tmp_path) as (worker, child):
         assert worker.proc.p is not None
-        child = _projector_child(worker.proc.p.pid)
         os.kill(worker.proc.p.pid, signal.SIGKILL)  # the worker alone: its child must notice by itself
         worker.proc.p.wait(10)
 
@@ -211,8 +216,6 @@ def test_a_projector_process_stops_when_its_worker_is_killed(settings: Settings,
 
         wait_for(alive, lambda up: not up, 30, "the orphaned projector process to stop", worker.proc.tail)
         assert "the projector stops" in worker.proc.tail(200)
-    finally:
-        worker.stop()
 
 
 class _GarbledProbe(ProcessProbe):
