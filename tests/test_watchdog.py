@@ -7,6 +7,7 @@ import urllib.request
 from pathlib import Path
 
 import orjson
+import pytest
 from confluent_kafka import Producer
 
 from sentpipe.broker import Partition
@@ -78,13 +79,15 @@ def _get(url: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+@pytest.mark.parametrize("role", ["project", "all"])
 def test_a_projector_that_cannot_move_fails_liveness_and_logs_the_partition(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, role: str
 ) -> None:
-    """The database is unreachable: the stage retries forever, so the watchdog must say it is stuck."""
+    """The database is unreachable: the stage retries forever, so the watchdog must say it is stuck. In role
+    `all` the projector is a child process: the worker's own probe and scrape must say it."""
     dead_db = f"postgresql://postgres@127.0.0.1:{free_port()}/sentpipe?connect_timeout=1"
     worker = start_worker(
-        settings, tmp_path, worker_role="project", database_url=dead_db, stall_after_s=3, retry_max_s=1
+        settings, tmp_path, worker_role=role, database_url=dead_db, stall_after_s=3, retry_max_s=1
     )
     try:
         assert _get(f"http://127.0.0.1:{worker.metrics_port}/livez")[0] == 200
