@@ -57,8 +57,13 @@ class ProcessProbe:
                     async with http.get(f"{base}/readyz") as resp:
                         self.ready = resp.status == 200
                 except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, AttributeError):
-                    self.ready = False  # not answering (or not as expected): its heartbeat ages
+                    pass  # not answering (or not as expected): its heartbeat ages, see is_ready
                 await asyncio.sleep(every_s)
+
+    def is_ready(self) -> bool:
+        """Its last answer said ready, and it has answered lately: one slow answer under load does not take
+        the worker out of readiness, a process that stopped answering does."""
+        return self.ready and self.blocked_for() is None
 
     def blocked_for(self) -> float | None:
         """Seconds without an answer once it has answered; during its start it is not ready, not blocked."""

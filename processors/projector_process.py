@@ -154,7 +154,7 @@ class ProjectorProcess(mode.Service):
         self.s = settings
         self.probe = ProcessProbe("projector")
         health.probes.append(self.probe)
-        health.ready_checks["projector"] = lambda: self.probe.ready
+        health.ready_checks["projector"] = self.probe.is_ready
         self._proc: BaseProcess | None = None
         self._stopping = False
         self._exited = asyncio.Event()

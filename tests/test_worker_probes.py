@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -232,3 +233,14 @@ async def test_a_child_scrape_that_does_not_parse_leaves_the_workers_own_metrics
     assert resp.status == 200
     assert "sentpipe_retries_total" in text
     assert "not a metric line" not in text
+
+
+def test_a_process_probe_is_ready_on_its_last_answer_until_the_process_stops_answering() -> None:
+    probe = ProcessProbe("projector", after_s=10)
+    assert not probe.is_ready()  # no answer yet: starting
+    assert probe.blocked_for() is None
+    probe.ready, probe.answered_at = True, time.monotonic() - 1  # answered ready a second ago
+    assert probe.is_ready()
+    probe.answered_at = time.monotonic() - 11  # silent since: blocked, and so not ready either
+    assert probe.blocked_for() is not None
+    assert not probe.is_ready()
