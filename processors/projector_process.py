@@ -17,6 +17,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import threading
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -161,15 +162,31 @@ class ProjectorProcess(mode.Service):
         super().__init__(**kwargs)
 
     async def on_start(self) -> None:
+        if self.should_stop:
+            return  # stopped (a crash elsewhere) before it started: no child to leave behind
         ctx = multiprocessing.get_context("spawn")  # no librdkafka threads or loop state carried over
         ours, theirs = ctx.Pipe(duplex=False)
         proc = self._proc = ctx.Process(
-            target=_child, args=(self.s, theirs, os.getpid()), name="sentpipe-projector"
+            target=_child,
+            args=(self.s, theirs, os.getpid()),
+            name="sentpipe-projector",
+            # Should the worker's own stop never get to it: terminated at exit, not waited for forever.
+            daemon=True,
         )
         proc.start()
         theirs.close()
+        # The only thread that waits for the child: two waiting at once race to reap it, and the loser sees
+        # no exit status for a process that has exited. A daemon thread, not the loop's executor, whose
+        # threads the interpreter waits for at exit: a child that never exits must not hold the worker.
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=self._reap, args=(proc, loop), name="projector-reaper", daemon=True).start()
         self.add_future(self._supervise(proc, ours))
         log.info("projector process started", extra={"pid": proc.pid})
+
+    def _reap(self, proc: BaseProcess, loop: asyncio.AbstractEventLoop) -> None:
+        proc.join()
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(self._exited.set)
 
     async def _supervise(self, proc: BaseProcess, conn: multiprocessing.connection.Connection) -> None:
         port = await asyncio.to_thread(_port_of, proc, conn)
@@ -177,11 +194,8 @@ class ProjectorProcess(mode.Service):
             proc.kill()  # it cannot be watched: ended here, it crashes the worker below
         polling = None if port is None else asyncio.ensure_future(self.probe.run(f"http://127.0.0.1:{port}"))
         try:
-            # The only thread that waits for the child: two waiting at once race to reap it, and the loser
-            # sees no exit status for a process that has exited.
-            await asyncio.to_thread(proc.join)
+            await self._exited.wait()
         finally:
-            self._exited.set()
             if polling is not None:
                 polling.cancel()
         if not self._stopping:
@@ -198,9 +212,10 @@ class ProjectorProcess(mode.Service):
             await asyncio.wait_for(self._exited.wait(), CHILD_STOP_TIMEOUT_S)
         except TimeoutError:
             log.error("the projector process did not stop in time: killed")
-            proc.kill()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._exited.wait(), 5)
+        finally:
+            # However this ends (in time, late, or cancelled by a crash elsewhere), no child outlives it.
+            if not self._exited.is_set():
+                proc.kill()
 
 
 def _port_of(proc: BaseProcess, conn: multiprocessing.connection.Connection) -> int | None:

@@ -32,6 +32,7 @@ from sentpipe.kafka import AsyncProducer, RangeReader, tls_context
 from sentpipe.processors import store
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
 from sentpipe.processors.dedup import decode_seen, encode_seen, expire, legacy_key, partition_of, table_key
+from sentpipe.processors.faust_transport import use_eager_consumer
 from sentpipe.processors.health import Health, serve_health
 from sentpipe.processors.partitioner import murmur2_partitioner
 from sentpipe.processors.projector_process import ProjectorProcess
@@ -641,6 +642,7 @@ def create_app(settings: Settings, role: WorkerRole | None = None) -> faust.App:
         producer_linger=0.005,
         Worker=_QuietWorker,
     )
+    use_eager_consumer(app)
     # No Faust web server: its /table and /router views would let anything that reaches the port read
     # dedup keys, and nothing here needs it (/metrics, /livez and /readyz are our own, on the metrics
     # port). `faust worker` sets web_enabled from its --with-web option (default on), so the app's
