@@ -15,7 +15,7 @@ import gc
 import logging
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,10 @@ log = logging.getLogger("sentpipe.worker")
 
 Event = EventT[Any]
 
+# Batches routed and waiting for the broker at once. Routing a batch takes CPU; settling it (routed records
+# acknowledged, then its table marks, then its raw records acked) mostly waits for the broker: with one
+# batch at a time the router's loop sat idle for half the drain.
+PIPELINE_DEPTH = 4
 # The sweep's longest stretch on the event loop before it lets routing run again, and the most table
 # changes (each a changelog record) it queues in one stretch.
 SWEEP_SLICE_S = 0.005
@@ -126,6 +130,22 @@ class _Reread:
         self.timestamp = rec.timestamp_ms / 1000
 
 
+class _Batch:
+    """One raw batch as routed: what to send, what to dead-letter, and the table marks it makes."""
+
+    __slots__ = ("dead", "events", "home", "legacy", "marks", "out", "routed", "taken")
+
+    def __init__(self, events: Sequence[Event], taken: Sequence[Event]) -> None:
+        self.events = events  # with any records the router read back itself (_with_skipped)
+        self.taken = taken  # as the stream delivered them: the ones to ack
+        self.out: list[Record] = []
+        self.routed: list[Event] = []  # the event each record of `out` came from
+        self.dead: list[DeadLetter] = []
+        self.marks: dict[bytes, dict[str, int]] = {}  # by table key (compact where the id is a SHA-256 hex)
+        self.home: dict[bytes, int] = {}  # table key -> its raw partition
+        self.legacy: dict[bytes, bytes] = {}  # table key -> the hex key an older version wrote it under
+
+
 class Router:
     """The route stage's I/O around the pure `route()`: dedup table, routed records, dead letters."""
 
@@ -139,7 +159,16 @@ class Router:
         # dedup table's changelog marks go through Faust's own producer.
         self.producer = producer
         self.watchdog = watchdog
-        self.processed: dict[tuple[str, int], int] = {}  # next offset to route, per raw partition
+        # Per raw partition: the next offset to acknowledge (its batch settled), and the next to route (its
+        # batch may still be in flight, PIPELINE_DEPTH batches at most).
+        self.processed: dict[tuple[str, int], int] = {}
+        self.dispatched: dict[tuple[str, int], int] = {}
+        # Table changes of batches in flight, not in the store yet: key -> tenants. Lookups see them, so an
+        # id routed in one batch is a duplicate in the next even before the first has settled.
+        self._pending: dict[bytes, dict[str, int]] = {}
+        self._room = asyncio.Semaphore(PIPELINE_DEPTH)
+        self._tail: asyncio.Future[None] | None = None  # the last batch's settling: batches settle in order
+        self._failure: BaseException | None = None
         self._seen: Any = None
         self._range_reader: RangeReader | None = None
         self._unmoved: dict[tuple[str, int], tuple[int, int]] = {}  # lag checks without progress
@@ -223,8 +252,14 @@ class Router:
     def _stopping(self) -> bool:
         return bool(self.app.should_stop)
 
-    async def _send_each(self, records: Sequence[Record], events: Sequence[Event]) -> list[DeadLetter]:
-        """Produce the routed records; retry what fails for a while, dead-letter what the broker refuses.
+    def _produce(self, records: Sequence[Record]) -> list[asyncio.Future[Any]]:
+        return [self.producer.produce(t, k, v, h) for t, k, v, h in records]
+
+    async def _send_each(
+        self, records: Sequence[Record], events: Sequence[Event], futs: list[asyncio.Future[Any]]
+    ) -> list[DeadLetter]:
+        """Wait for the routed records produced as `futs`; retry what fails, dead-letter what the broker
+        refuses.
 
         A temporary failure (broker away) is retried forever; a record the broker refuses for itself
         (too large, say) is that record's failure only.
@@ -233,7 +268,6 @@ class Router:
         dead: list[DeadLetter] = []
         attempt = 1
         while pending:
-            futs = [self.producer.produce(t, k, v, h) for (t, k, v, h), _ in pending]
             results = await asyncio.gather(*futs, return_exceptions=True)
             retry: list[tuple[Record, Event]] = []
             for item, res in zip(pending, results, strict=True):
@@ -250,6 +284,7 @@ class Router:
                 await retrying_sleep(attempt, self.s)
                 attempt += 1
             pending = retry
+            futs = self._produce([rec for rec, _ in retry])
         return dead
 
     async def _with_skipped(self, events: Sequence[Event]) -> Sequence[Event]:
@@ -264,14 +299,16 @@ class Router:
         by_where: dict[tuple[str, int], list[Event]] = {}
         for event in events:
             by_where.setdefault((event.message.topic, event.message.partition), []).append(event)
-        unknown = [where for where in by_where if where not in self.processed]
+        unknown = [where for where in by_where if where not in self.dispatched]
         if unknown:  # first batch since the assignment: routing must start where the group left off
-            self.processed.update(await asyncio.to_thread(self._ranges.start_offsets, unknown))
+            starts = await asyncio.to_thread(self._ranges.start_offsets, unknown)
+            self.dispatched.update(starts)
+            self.processed.update({where: o for where, o in starts.items() if where not in self.processed})
         out: list[Event] = []
         for where, evs in by_where.items():
             evs.sort(key=_offset)  # stable: a record delivered twice keeps its order
             holes: list[tuple[int, int]] = []
-            expected = self.processed.get(where, _offset(evs[0]))
+            expected = self.dispatched.get(where, _offset(evs[0]))
             for event in evs:
                 if _offset(event) > expected:
                     holes.append((expected, _offset(event)))
@@ -299,13 +336,47 @@ class Router:
         return self._range_reader
 
     async def route_batch(self, events: Sequence[Event]) -> None:
-        events = await self._with_skipped(events)
-        out: list[Record] = []
-        routed_events: list[Event] = []
-        dead: list[DeadLetter] = []
-        marks: dict[bytes, dict[str, int]] = {}  # by table key (compact where the id is a SHA-256 hex)
-        home: dict[bytes, int] = {}
-        legacy: dict[bytes, bytes] = {}  # table key -> the hex key an older version wrote it under
+        """Route one batch and wait until it has settled."""
+        await (await self.dispatch(events))
+
+    async def dispatch(
+        self, events: Sequence[Event], settled: Callable[[Sequence[Event]], Awaitable[None]] | None = None
+    ) -> asyncio.Future[None]:
+        """Route a batch and send its records; returns its settling, which runs on while the next batches
+        are routed (PIPELINE_DEPTH at most, then this waits for room).
+
+        Settling a batch, in batch order: its routed records and dead letters are acknowledged by the broker,
+        then its ids are marked in the dedup table (store and changelog), then `settled(events)` acks its raw
+        records. A crash anywhere before that re-routes the batch (absorbed by the idempotent sinks) instead
+        of losing it; one batch failing to settle (only when the worker stops) fails the ones after it.
+        """
+        if self._failure is not None:
+            raise self._failure
+        await self._room.acquire()
+        try:
+            batch = self._route(await self._with_skipped(events), taken=events)
+        except BaseException:
+            self._room.release()
+            raise
+        futs = self._produce(batch.out)
+        for event in batch.events:
+            where = (event.message.topic, event.message.partition)
+            self.dispatched[where] = max(self.dispatched.get(where, 0), event.message.offset + 1)
+        for key, tenants in batch.marks.items():
+            self._pending.setdefault(key, {}).update(tenants)
+        task = self._tail = asyncio.ensure_future(self._settle(batch, futs, self._tail, settled))
+        task.add_done_callback(self._settled)
+        return task
+
+    def _settled(self, task: asyncio.Future[None]) -> None:
+        self._room.release()
+        if not task.cancelled() and task.exception() is not None and self._failure is None:
+            self._failure = task.exception()
+
+    def _route(self, events: Sequence[Event], taken: Sequence[Event]) -> _Batch:
+        """The CPU half of a batch: duplicates dropped, each event routed or dead-lettered, marks decided."""
+        batch = _Batch(events, taken)
+        marks, home, legacy = batch.marks, batch.home, batch.legacy
         for event in events:
             msg = event.message
             key = msg.key or b""
@@ -322,7 +393,7 @@ class Router:
                 if tenant in known:
                     m.DUPLICATES_DROPPED.labels(type_label).inc()
                     continue
-                known[tenant] = 0  # placeholder until the batch is acknowledged
+                known[tenant] = 0  # placeholder until the batch settles
             try:
                 routed = r.route(
                     key or None,
@@ -334,38 +405,69 @@ class Router:
                     record_timestamp_ms=int((msg.timestamp or time.time()) * 1000),
                 )
             except MalformedEvent as exc:
-                dead.append(_dead(event, "route", exc.reason, exc.detail))
+                batch.dead.append(_dead(event, "route", exc.reason, exc.detail))
             except Exception as exc:  # anything raised for one record is that record's failure
                 log.warning("route failed for one record", extra={"error": type(exc).__name__})
-                dead.append(_dead(event, "route", type(exc).__name__, str(exc)))
+                batch.dead.append(_dead(event, "route", type(exc).__name__, str(exc)))
             else:
-                out.append((routed.topic, routed.key, routed.value, list(headers.items())))
-                routed_events.append(event)
+                batch.out.append((routed.topic, routed.key, routed.value, list(headers.items())))
+                batch.routed.append(event)
                 m.EVENTS_ROUTED.labels(
                     routed.event.type.value if routed.event else EventType.UNROUTED.value
                 ).inc()
-        dead += await self._send_each(out, routed_events)
-        await send_dead_letters(
-            self.producer,
-            self.topics.dlq,
-            dead,
-            initial=self.s.retry_initial_s,
-            cap=self.s.retry_max_s,
-            should_stop=self._stopping,
-        )
-        # Only now, with every routed record and dead letter acknowledged, is the event marked seen: a
-        # crash before this line re-routes it (absorbed by the idempotent sinks) instead of losing it.
-        # Whole seconds: ids marked within the same second share one stored value (store.py interns them).
-        now_ms = int(time.time()) * 1000
-        changes: dict[bytes, bytes | None] = {
-            key: encode_seen({t: ms or now_ms for t, ms in tenants.items()}) for key, tenants in marks.items()
-        }
-        for key, old in legacy.items():
-            # Its tenants now live under the compact key: one entry per id, and the hex one's tombstone
-            # keeps it from coming back at the next restore.
-            changes[old] = None
-            home[old] = home[key]
-        await self._write(changes, home)
+        return batch
+
+    async def _settle(
+        self,
+        batch: _Batch,
+        futs: list[asyncio.Future[Any]],
+        previous: asyncio.Future[None] | None,
+        settled: Callable[[Sequence[Event]], Awaitable[None]] | None,
+    ) -> None:
+        try:
+            dead = batch.dead + await self._send_each(batch.out, batch.routed, futs)
+            await send_dead_letters(
+                self.producer,
+                self.topics.dlq,
+                dead,
+                initial=self.s.retry_initial_s,
+                cap=self.s.retry_max_s,
+                should_stop=self._stopping,
+            )
+            if previous is not None:
+                await previous  # marks and acks in batch order; its failure is this batch's too
+            # Only now, with every routed record and dead letter acknowledged, is the event marked seen.
+            # Whole seconds: ids marked within the same second share one stored value (store.py).
+            now_ms = int(time.time()) * 1000
+            changes: dict[bytes, bytes | None] = {
+                key: encode_seen({t: ms or now_ms for t, ms in tenants.items()})
+                for key, tenants in batch.marks.items()
+            }
+            home = batch.home
+            for key, old in batch.legacy.items():
+                # Its tenants now live under the compact key: one entry per id, and the hex one's tombstone
+                # keeps it from coming back at the next restore.
+                changes[old] = None
+                home[old] = home[key]
+            await self._write(changes, home)
+        finally:
+            self._forget_pending(batch.marks)
+        self._advance(batch.events)
+        if settled is not None:
+            await settled(batch.taken)
+
+    def _forget_pending(self, marks: dict[bytes, dict[str, int]]) -> None:
+        """A settled batch's marks are in the store now (or, if it failed, will be routed again)."""
+        for key, tenants in marks.items():
+            pending = self._pending.get(key)
+            if pending is None:
+                continue
+            for tenant in tenants:
+                pending.pop(tenant, None)
+            if not pending:
+                del self._pending[key]
+
+    def _advance(self, events: Sequence[Event]) -> None:
         done: dict[tuple[str, int], int] = {}
         for event in events:
             where = (event.message.topic, event.message.partition)
@@ -384,6 +486,11 @@ class Router:
         self.processed.update(done)
         self.watchdog.progress(done)
 
+    async def drain(self) -> None:
+        """Wait until every batch dispatched so far has settled (or failed)."""
+        if self._tail is not None:
+            await asyncio.wait([self._tail])
+
     def _lookup(self, key: bytes, legacy: dict[bytes, bytes]) -> dict[str, int]:
         """The tenants that have sent this id; on a miss of a compact key, also the hex key written by the
         previous version (until the window sweeps those), noted in `legacy`."""
@@ -394,7 +501,12 @@ class Router:
                 found = self.seen.get(old)
                 if found is not None:
                     legacy[key] = old
-        return decode_seen(found)
+        tenants = decode_seen(found)
+        pending = self._pending.get(key)
+        if pending:
+            for tenant in pending:
+                tenants.setdefault(tenant, 0)  # routed by a batch still in flight
+        return tenants
 
     async def report_lag(self) -> None:
         """Raw records waiting per partition, measured from what was routed (not merely fetched)."""
@@ -422,6 +534,7 @@ class Router:
                     await self._unstick(tp, done)
         for where in set(self.processed) - set(waiting):
             del self.processed[where]  # moved to another worker
+            self.dispatched.pop(where, None)
         for where in set(self._unmoved) - set(waiting):
             del self._unmoved[where]
         self.watchdog.lag(waiting)
@@ -665,6 +778,7 @@ def create_app(settings: Settings, role: WorkerRole | None = None) -> faust.App:
         # Another worker routes them now; when they come back, their position is the group's commit.
         for tp in revoked:
             router.processed.pop((tp.topic, tp.partition), None)
+            router.dispatched.pop((tp.topic, tp.partition), None)
         lag_series.forget({(tp.topic, tp.partition) for tp in revoked})
 
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
@@ -723,10 +837,17 @@ def _route_agents(app: faust.App, settings: Settings, router: Router, topics: To
 
     @app.agent(raw, name="route")
     async def route_agent(stream: Any) -> None:
-        async for events in stream.noack_take(batch, within=within):
-            await router.route_batch(events)
+        async def ack(events: Sequence[Event]) -> None:
             for event in events:
                 await stream.ack(event)
+
+        try:
+            async for events in stream.noack_take(batch, within=within):
+                await router.dispatch(events, ack)
+        finally:
+            # Stopping: the batches in flight settle (or fail and are read again after the restart).
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(router.drain()), 10.0)
 
     @app.timer(interval=settings.dedup_sweep_interval_s)  # type: ignore[untyped-decorator]
     async def sweep() -> None:

@@ -6,11 +6,14 @@ import asyncio
 from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from sentpipe.kafka import RangeReader
+from sentpipe.processors.dedup import table_key
 from sentpipe.processors.worker import create_app
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
+from tests.kafka_tools import wait_topics_ready
 
 N = 100
 
@@ -69,6 +72,9 @@ class _Event:
     def __init__(self, topic: str, partition: int, offset: int) -> None:
         self.message = self
         self.topic, self.partition, self.offset = topic, partition, offset
+        self.key, self.value = f"k{offset}".encode(), f"v{offset}".encode()  # as _fill wrote them
+        self.headers: list[tuple[str, bytes]] = []
+        self.timestamp = None
 
 
 def test_a_batch_that_starts_past_the_commit_is_preceded_by_the_skipped_records(
@@ -84,11 +90,43 @@ def test_a_batch_that_starts_past_the_commit_is_preceded_by_the_skipped_records(
     assert got[0].message.value == b"v20" and got[0].message.key == b"k20"
     assert got[-10:] == batch
     # Holes inside a batch too, whatever the order the stream delivered it in (one record twice).
-    router.processed[(topics.raw, 2)] = 70
+    router.dispatched[(topics.raw, 2)] = 70
     shuffled = [_Event(topics.raw, 2, o) for o in (80, 72, 70, 80, 71)]
     got = asyncio.run(router._with_skipped(shuffled))
     assert [e.message.offset for e in got] == [70, 71, 72, *range(73, 80), 80, 80]
     # Contiguous from there on: nothing is read again.
-    router.processed[(topics.raw, 2)] = 70
+    router.dispatched[(topics.raw, 2)] = 70
     more = [_Event(topics.raw, 2, o) for o in range(70, 75)]
     assert asyncio.run(router._with_skipped(more)) == more
+
+
+def test_the_read_back_records_are_routed_and_marked_but_only_the_streams_own_are_acked(
+    settings: Settings, topics: Topics
+) -> None:
+    """Records the router read back never came from Faust's stream: acking them there crashed the agent."""
+    _fill(settings, topics.raw, 2)
+    _commit(settings, settings.app_id, topics.raw, 2, 20)
+    router: Any = create_app(settings, role="route").sentpipe  # type: ignore[attr-defined]
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    for done in admin.create_topics([NewTopic(router._changelog, settings.raw_partitions, 1)]).values():
+        done.result(30)  # Faust creates it when the worker starts; here the router runs alone
+    wait_topics_ready(settings.kafka_bootstrap, [router._changelog])
+    batch = [_Event(topics.raw, 2, o) for o in range(60, 70)]
+    acked: list[Any] = []
+
+    async def settled(events: Any) -> None:
+        acked.extend(events)
+
+    async def go() -> None:
+        await router.producer.start()
+        try:
+            await (await router.dispatch(batch, settled))
+        finally:
+            await router.producer.close()
+
+    asyncio.run(go())
+    assert acked == batch
+    assert router.processed[(topics.raw, 2)] == 70
+    # Every id from the commit on is marked seen (the bodies are not events: dead-lettered, still marked).
+    missing = [o for o in range(20, 70) if not router._lookup(table_key(f"k{o}".encode()), {})]
+    assert missing == []
