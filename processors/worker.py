@@ -351,7 +351,11 @@ class Router:
         of losing it; one batch failing to settle (only when the worker stops) fails the ones after it.
         """
         if self._failure is not None:
-            raise self._failure
+            # A batch failed to settle, and the ones after it with it (they wait for it): none is acked, so
+            # the stream's restart reads them again. Start over from a clean pipeline.
+            await self.drain()
+            failure, self._failure, self._tail = self._failure, None, None
+            raise failure
         await self._room.acquire()
         try:
             batch = self._route(await self._with_skipped(events), taken=events)
