@@ -498,11 +498,12 @@ class Router:
     def _lookup(self, key: bytes, legacy: dict[bytes, bytes]) -> dict[str, int]:
         """The tenants that have sent this id; on a miss of a compact key, also the hex key written by the
         previous version (until the window sweeps those), noted in `legacy`."""
-        found = self.seen.get(key)
+        store = self.seen.data  # the store itself: the table's get goes through Mapping.get and its sensors
+        found = store.get(key)
         if found is None:
             old = legacy_key(key)
             if old is not None:
-                found = self.seen.get(old)
+                found = store.get(old)
                 if found is not None:
                     legacy[key] = old
         tenants = decode_seen(found)

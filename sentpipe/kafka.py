@@ -786,8 +786,13 @@ class BatchConsumer:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
-                # Routed topics are read by one consumer per process: fetch big, wait little.
-                "fetch.wait.max.ms": 100,
+                # Routed topics are read by one consumer per process: fetch big, wait little. With the default
+                # minimum of one byte, every fetch came back with the router's latest few records: hundreds
+                # of fetches a second over 48 partitions, and the broker's CPU. The broker now holds a fetch
+                # until 64 KiB are there, or 25 ms at most, the most it adds to a quiet pipeline's latency
+                # (a 50,000-event drain: 3,150-3,250 -> 3,900-4,100 events/s; the broker 0.4 -> 0.26 cores).
+                "fetch.min.bytes": 64 * 1024,
+                "fetch.wait.max.ms": 25,
                 "queued.max.messages.kbytes": 64 * 1024,
                 "log_level": 4,
             }
