@@ -77,14 +77,19 @@ class _Event:
         self.timestamp = None
 
 
+def _router_past_the_commit(settings: Settings, topics: Topics) -> tuple[Any, list[_Event]]:
+    """A route-only router whose group committed raw[2] at 20, and a first batch at offsets 60..69."""
+    _fill(settings, topics.raw, 2)
+    _commit(settings, settings.app_id, topics.raw, 2, 20)
+    router: Any = create_app(settings, role="route").sentpipe  # type: ignore[attr-defined]
+    return router, [_Event(topics.raw, 2, o) for o in range(60, 70)]
+
+
 def test_a_batch_that_starts_past_the_commit_is_preceded_by_the_skipped_records(
     settings: Settings, topics: Topics
 ) -> None:
     """What Faust 0.15.3 did in a two-worker start: a partition's first batch began at offset 3,620."""
-    _fill(settings, topics.raw, 2)
-    _commit(settings, settings.app_id, topics.raw, 2, 20)
-    router: Any = create_app(settings, role="route").sentpipe  # type: ignore[attr-defined]
-    batch = [_Event(topics.raw, 2, o) for o in range(60, 70)]
+    router, batch = _router_past_the_commit(settings, topics)
     got = asyncio.run(router._with_skipped(batch))
     assert [e.message.offset for e in got] == list(range(20, 70))  # the commit, not the log start
     assert got[0].message.value == b"v20" and got[0].message.key == b"k20"
@@ -104,14 +109,11 @@ def test_the_read_back_records_are_routed_and_marked_but_only_the_streams_own_ar
     settings: Settings, topics: Topics
 ) -> None:
     """Records the router read back never came from Faust's stream: acking them there crashed the agent."""
-    _fill(settings, topics.raw, 2)
-    _commit(settings, settings.app_id, topics.raw, 2, 20)
-    router: Any = create_app(settings, role="route").sentpipe  # type: ignore[attr-defined]
+    router, batch = _router_past_the_commit(settings, topics)
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     for done in admin.create_topics([NewTopic(router._changelog, settings.raw_partitions, 1)]).values():
         done.result(30)  # Faust creates it when the worker starts; here the router runs alone
     wait_topics_ready(settings.kafka_bootstrap, [router._changelog])
-    batch = [_Event(topics.raw, 2, o) for o in range(60, 70)]
     acked: list[Any] = []
 
     async def settled(events: Any) -> None:
