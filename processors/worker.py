@@ -335,10 +335,6 @@ class Router:
             self._range_reader = RangeReader(self.s, self.s.app_id)
         return self._range_reader
 
-    async def route_batch(self, events: Sequence[Event]) -> None:
-        """Route one batch and wait until it has settled."""
-        await (await self.dispatch(events))
-
     async def dispatch(
         self, events: Sequence[Event], settled: Callable[[Sequence[Event]], Awaitable[None]] | None = None
     ) -> asyncio.Future[None]:
