@@ -24,7 +24,7 @@ from tests.handlers_fixture import create_fixture_tables
 from tests.http_tools import metric_sum, post_all, scrape
 from tests.kafka_tools import read_topic, wait_topics_ready
 from tests.oracle import actual_state, expected_state, row_count
-from tests.pipeline import start_ingress, start_worker, wait_until, worker_env
+from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_until, worker_env
 from tests.processes import Proc
 from tests.services import Services
 
@@ -109,27 +109,27 @@ def test_kill_9_mid_stream_loses_nothing_and_dedup_survives_restart(
         assert_matches_oracle(db, unique)
 
         # Redeliveries after the restart are still duplicates: the table came back from its changelog.
-        # Counted once the router is done: batches routed but not marked at the kill are routed again
-        # after the restart, and the rows can be complete before that catch-up is.
+        # Counted once the worker has committed everything: batches routed but not marked at the kill are
+        # routed again after the restart, and the rows can be complete before that catch-up is (the new
+        # worker may still be restoring its table). A redelivery routed again still fails the count.
         def routed() -> int:
-            return sum(len(read_topic(settings.kafka_bootstrap, t, idle=0.5)) for t in topics.routed)
+            return sum(len(read_topic(settings.kafka_bootstrap, t)) for t in topics.routed)
 
-        counts = [routed()]
-        wait_until(
-            lambda: counts.append(routed()) or counts[-1] == counts[-2],
-            60,
-            "routing settled after restart",
-            worker.proc.tail,
-        )
-        routed_before = counts[-1]
+        wait_caught_up(settings, 120, "routing settled after restart", worker.proc.tail)
+        routed_before = routed()
+        dropped_before = metric_sum(scrape(worker.metrics_port), "sentpipe_duplicates_dropped_total")
         again = random.Random(3).sample(unique, 100)
         assert asyncio.run(post_all(f"{url}/webhooks/sent", again, secret)).count(200) == 100
         wait_until(
-            lambda: metric_sum(scrape(worker.metrics_port), "sentpipe_duplicates_dropped_total") >= 100,
+            lambda: (
+                metric_sum(scrape(worker.metrics_port), "sentpipe_duplicates_dropped_total")
+                >= dropped_before + 100
+            ),
             60,
             "post-restart duplicates dropped",
             worker.proc.tail,
         )
+        wait_caught_up(settings, 60, "redeliveries committed", worker.proc.tail)
         routed_after = routed()
         assert routed_after == routed_before
         assert_matches_oracle(db, unique)
