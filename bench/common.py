@@ -78,24 +78,6 @@ def drop_schema(base_url: str, schema: str) -> None:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'.encode())
 
 
-def delete_topics(bootstrap: str, prefixes: Sequence[str], groups: Sequence[str] = ()) -> None:
-    """Best effort: a bench run must not leave dozens of 12-partition topics on a shared broker."""
-    from confluent_kafka.admin import AdminClient
-
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
-    with contextlib.suppress(Exception):
-        names = [t for t in admin.list_topics(timeout=10).topics if t.startswith(tuple(prefixes))]
-        if names:
-            for fut in admin.delete_topics(names, operation_timeout=30).values():
-                with contextlib.suppress(Exception):
-                    fut.result(timeout=30)
-    if groups:
-        with contextlib.suppress(Exception):
-            for fut in admin.delete_consumer_groups(list(groups), request_timeout=10).values():
-                with contextlib.suppress(Exception):
-                    fut.result(timeout=10)
-
-
 # --- subprocesses --------------------------------------------------------------------------------------
 def settings_env(values: dict[str, object]) -> dict[str, str]:
     """The parent's environment without SENTPIPE_*, plus exactly these settings."""

@@ -23,7 +23,6 @@ from bench.common import (
     Proc,
     Scrape,
     bucket_quantile,
-    delete_topics,
     histogram_delta,
     metric_sum,
     run_id,
@@ -38,6 +37,7 @@ from bench.ui import BenchResult, Row, Ui
 from sentpipe.processors.topics import ensure_topics
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
+from tests.kafka_tools import delete_topics
 from tests.processes import free_port
 from tests.services import Services
 

@@ -21,7 +21,6 @@ import psycopg
 from bench.common import (
     Proc,
     create_schema,
-    delete_topics,
     drop_schema,
     metric_sum,
     run_id,
@@ -44,6 +43,7 @@ from bench.ui import BenchResult, Ui
 from sentpipe.processors.topics import ensure_topics
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
+from tests.kafka_tools import delete_topics
 from tests.processes import free_port
 from tests.services import Services
 

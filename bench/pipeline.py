@@ -32,7 +32,6 @@ from bench.common import (
     Scrape,
     bucket_quantile,
     create_schema,
-    delete_topics,
     drop_schema,
     histogram_delta,
     metric_sum,
@@ -52,7 +51,7 @@ from sentpipe.schemas.samples import Sample, SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.sender.delivery import nearest_rank_quantile
 from sentpipe.settings import Settings
-from tests.kafka_tools import wait_topics_ready
+from tests.kafka_tools import delete_topics, wait_topics_ready
 from tests.processes import free_port
 from tests.services import Services
 

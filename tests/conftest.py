@@ -18,7 +18,7 @@ from sentpipe.processors.migrate import migrate
 from sentpipe.processors.topics import ensure_topics
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
-from tests.kafka_tools import wait_topics_ready
+from tests.kafka_tools import delete_topics, wait_topics_ready
 from tests.services import Services, ServiceUnavailable, acquire
 
 
@@ -55,8 +55,9 @@ def db_url(services: Services, unique: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def settings(services: Services, db_url: str, unique: str) -> Settings:
-    """Settings for one test: its own topics (prefix) and schema; topics are created."""
+def settings(services: Services, db_url: str, unique: str) -> Iterator[Settings]:
+    """Settings for one test: its own topics (prefix) and schema; topics are created, and deleted after
+    the test with the app's own (changelog) topics and groups."""
     s = Settings(
         kafka_bootstrap=services.kafka_bootstrap,
         database_url=db_url,
@@ -68,7 +69,9 @@ def settings(services: Services, db_url: str, unique: str) -> Settings:
     ensure_topics(s)
     t = Topics(s.topic_prefix)
     wait_topics_ready(s.kafka_bootstrap, [t.raw, *t.routed, t.unrouted, t.dlq])
-    return s
+    yield s
+    groups = [s.app_id, f"{s.app_id}-projections"]
+    delete_topics(s.kafka_bootstrap, [s.topic_prefix, f"{s.app_id}-"], groups, timeout=5)
 
 
 @pytest.fixture

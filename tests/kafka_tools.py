@@ -9,11 +9,14 @@ for silence, no missing a record that is late, no counting one that came after.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 
 @dataclass(frozen=True)
@@ -180,3 +183,22 @@ def wait_topics_ready(bootstrap: str, topics: list[str], timeout: float = 120.0)
             time.sleep(0.2)
     finally:
         c.close()
+
+
+def delete_topics(
+    bootstrap: str, prefixes: Sequence[str], groups: Sequence[str] = (), timeout: float = 10
+) -> None:
+    """Best effort: each partition holds open files on the broker, and one broker serves a whole test run
+    (a local one many runs): topics left behind add up to its open-file limit."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    with contextlib.suppress(Exception):
+        names = [t for t in admin.list_topics(timeout=timeout).topics if t.startswith(tuple(prefixes))]
+        if names:
+            for fut in admin.delete_topics(names, operation_timeout=timeout).values():
+                with contextlib.suppress(Exception):
+                    fut.result(timeout=timeout)
+    if groups:
+        with contextlib.suppress(Exception):
+            for fut in admin.delete_consumer_groups(list(groups), request_timeout=timeout).values():
+                with contextlib.suppress(Exception):
+                    fut.result(timeout=timeout)
