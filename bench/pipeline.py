@@ -167,9 +167,8 @@ class RowCounter:
         self.conn.close()
 
 
-def preload(ui: Ui, bootstrap: str, topic: str, samples: Sequence[Sample], label: str) -> None:
-    writer = RawWriter(bootstrap, topic)
-    with ui.phase(f"{label}: push events into {topic}", total=len(samples)) as ph:
+def preload(ui: Ui, writer: RawWriter, samples: Sequence[Sample], label: str) -> None:
+    with ui.phase(f"{label}: push events into {writer.topic}", total=len(samples)) as ph:
         for i, s in enumerate(samples, 1):
             writer.send(s)
             if i % 1000 == 0:
@@ -177,9 +176,12 @@ def preload(ui: Ui, bootstrap: str, topic: str, samples: Sequence[Sample], label
         writer.flush()
 
 
-def paced(ui: Ui, bootstrap: str, topic: str, samples: Sequence[Sample], rate: float, label: str) -> None:
-    """Produce at a steady rate (small ticks) so latency is measured under light, even load."""
-    writer = RawWriter(bootstrap, topic)
+def paced(ui: Ui, writer: RawWriter, samples: Sequence[Sample], rate: float, label: str) -> None:
+    """Produce at a steady rate (small ticks) so latency is measured under light, even load.
+
+    `writer` must be the one that preloaded the topic: a new producer holds its first records for its
+    connections and the topic's metadata, about half a second here, and those records, timed from their
+    received-at header, came out as the contestant's p99 (whichever contestant it happened to)."""
     t0 = time.monotonic()
     with ui.phase(f"{label}: paced {rate:.0f} events/s", total=len(samples)) as ph:
         sent = 0
@@ -270,8 +272,8 @@ def run_contestant(
     )
     ensure_topics(settings)
     wait_topics_ready(svc.kafka_bootstrap, topic_names(settings))
-    raw = Topics(c.prefix).raw
-    preload(ui, svc.kafka_bootstrap, raw, bulk, label)
+    writer = RawWriter(svc.kafka_bootstrap, Topics(c.prefix).raw)
+    preload(ui, writer, bulk, label)
     bulk_rows, slow_rows = unique_ids(bulk), unique_ids(slow)
 
     metrics_port = free_port()
@@ -324,7 +326,7 @@ def run_contestant(
                         break
                     time.sleep(0.2)
             paced_from_ms = int(time.time() * 1000)
-            paced(ui, svc.kafka_bootstrap, raw, slow, cfg.latency_rate, label)
+            paced(ui, writer, slow, cfg.latency_rate, label)
             wait_rows(proc, count, bulk_rows + slow_rows)
             if c.name == "sentpipe":
                 # The histogram is observed right after the commit that made the rows visible.
@@ -385,7 +387,7 @@ def run_scaled(
     )
     ensure_topics(settings)
     wait_topics_ready(svc.kafka_bootstrap, topic_names(settings))
-    preload(ui, svc.kafka_bootstrap, Topics(c.prefix).raw, bulk, label)
+    preload(ui, RawWriter(svc.kafka_bootstrap, Topics(c.prefix).raw), bulk, label)
     ports = [free_port() for _ in range(workers)]
     procs = [
         Proc.sentpipe(
