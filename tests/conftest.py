@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestServer
 
 from sentpipe.ingress.app import create_app, producer_for
 from sentpipe.processors.migrate import migrate
-from sentpipe.processors.topics import ensure_topics
+from sentpipe.processors.topics import ensure_topics, projections_group
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.kafka_tools import delete_topics, wait_topics_ready
@@ -70,7 +70,7 @@ def settings(services: Services, db_url: str, unique: str) -> Iterator[Settings]
     t = Topics(s.topic_prefix)
     wait_topics_ready(s.kafka_bootstrap, [t.raw, *t.routed, t.unrouted, t.dlq])
     yield s
-    groups = [s.app_id, f"{s.app_id}-projections"]
+    groups = [s.app_id, projections_group(s)]
     delete_topics(s.kafka_bootstrap, [s.topic_prefix, f"{s.app_id}-"], groups, timeout=5)
 
 

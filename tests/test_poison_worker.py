@@ -17,6 +17,7 @@ import psycopg
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
+from sentpipe.processors.topics import projections_group
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import CanonicalEvent, EventType
 from sentpipe.schemas.samples import SampleFactory
@@ -201,7 +202,7 @@ def test_poison_corpus_is_dead_lettered_and_every_ordinary_event_lands(
             "router committed to the end",
         )
         wait_until(
-            lambda: committed_at_end(settings, f"{settings.app_id}-projections", list(topics.routed)),
+            lambda: committed_at_end(settings, projections_group(settings), list(topics.routed)),
             60,
             "projector committed to the end",
         )
