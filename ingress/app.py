@@ -254,7 +254,11 @@ class WebhookHandler:
         verifier = self.verifiers.get(tenant)
         if verifier is None:
             verifier = self.decoy
-        if request.content_type != "application/json":
+        # The header as Sent sends it is taken as is; anything else (parameters, case) is parsed by aiohttp.
+        if (
+            request.headers.get("Content-Type") != "application/json"
+            and request.content_type != "application/json"
+        ):
             return "unsupported_media_type", error(
                 415, "unsupported_media_type", "Content-Type must be application/json"
             )
@@ -281,7 +285,8 @@ class WebhookHandler:
             return "body_timeout", resp
 
         try:
-            verified = verifier.verify(request.headers, body, time.time())
+            now = time.time()
+            verified = verifier.verify(request.headers, body, now)
         except SignatureError as exc:
             reason = exc.reason.value if verifier is not self.decoy else "unknown_tenant"
             m.INGRESS_SIGNATURE_FAILURES.labels(label, reason).inc()
@@ -289,7 +294,7 @@ class WebhookHandler:
             return "signature_" + reason, error(401, exc.reason.value, exc.detail)
         self._body_bytes.observe(len(body))
 
-        received_ms = int(time.time() * 1000)
+        received_ms = int(now * 1000)
         try:
             framed = frame(body, webhook_id=verified.webhook_id, id_source=self.id_source)
         except MalformedEvent as exc:

@@ -105,12 +105,14 @@ class Verifier:
     def __init__(self, secrets: Sequence[str], tolerance_s: int) -> None:
         if not secrets:
             raise ValueError("at least one secret is required")
-        self._keys = [secret_key(s) for s in secrets]
+        # Keyed once: each request copies a keyed HMAC instead of setting the key (and looking up SHA-256)
+        # again, and the body is fed to it as is, never copied behind the signed prefix.
+        self._macs = [hmac.new(secret_key(s), digestmod=hashlib.sha256) for s in secrets]
         self._tolerance = tolerance_s
 
     @property
     def key_count(self) -> int:
-        return len(self._keys)
+        return len(self._macs)
 
     @classmethod
     def decoy(cls, key_count: int, tolerance_s: int) -> Verifier:
@@ -144,10 +146,12 @@ class Verifier:
                 offered.append(sig)
         if not offered:
             raise SignatureError(Reason.MALFORMED_SIGNATURE, "no 'v1,<base64>' entry in the signature header")
-        content = id_bytes + b"." + _utf8(ts_text, "timestamp") + b"." + body
-        for key in self._keys:
-            # hmac.digest: OpenSSL's one-shot HMAC, no Python-level HMAC object per request.
-            expected = binascii.b2a_base64(hmac.digest(key, content, "sha256"), newline=False)
+        prefix = id_bytes + b"." + _utf8(ts_text, "timestamp") + b"."
+        for keyed in self._macs:
+            mac = keyed.copy()
+            mac.update(prefix)
+            mac.update(body)
+            expected = binascii.b2a_base64(mac.digest(), newline=False)
             # Compare against every offered entry so timing does not reveal which one matched.
             matched = False
             for candidate in offered:
