@@ -142,6 +142,7 @@ def run(svc: Services, cfg: IngressConfig, ui: Ui, work: Path) -> BenchResult:
             "ingress_host": "127.0.0.1",
             "ingress_port": ing_port,
             "ingress_metrics_port": ing_metrics,
+            "ingress_workers": 1,  # this bench is about one process (the default is one per CPU)
         }
     )
     ingress = Proc.sentpipe("ingress", env, work / "ingress.log")

@@ -1,9 +1,10 @@
 """Run the ingress: the webhook app and the metrics app, with graceful shutdown on SIGTERM/SIGINT.
 
-With SENTPIPE_INGRESS_WORKERS=N (N > 1) the command becomes a small supervisor: it checks the configuration
-once, then starts N worker processes that all listen on the one webhook port (SO_REUSEPORT: the kernel
-spreads connections over them), each with its own producer and its own metrics port (the metrics port + i
-for worker i). SIGTERM/SIGINT is passed on to every worker, each finishes its requests and flushes its
+With N worker processes (SENTPIPE_INGRESS_WORKERS; 0, the default, is one per CPU this process may use) the
+command becomes a small supervisor: it checks the configuration once, then starts N processes that all
+listen on the one webhook port (SO_REUSEPORT: the kernel spreads connections over them), each with its own
+producer. The supervisor serves their metrics as one on the metrics port (`ingress/gather.py`: every sample
+labelled `worker`). SIGTERM/SIGINT is passed on to every worker, each finishes its requests and flushes its
 producer, and the supervisor exits 0 once all have exited 0. A worker that exits on its own stops the others
 and the supervisor exits 1, so an orchestrator restarts the whole set.
 """
@@ -11,14 +12,18 @@ and the supervisor exits 1, so an orchestrator restarts the whole set.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -34,6 +39,7 @@ from sentpipe.ingress.app import (
     producer_for,
     verifiers_for,
 )
+from sentpipe.ingress.gather import Gatherer
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.ingress")
@@ -48,7 +54,11 @@ async def serve(
     reuse_port: bool = False,
     check_topics: bool = True,
     index: int = 0,
+    metrics_host: str | None = None,
+    on_metrics_port: Callable[[int], None] | None = None,
 ) -> None:
+    """One ingress process. A worker of a set (`reuse_port`) binds its metrics to `metrics_host` (port 0: one
+    the kernel picks) and tells the supervisor the port through `on_metrics_port`."""
     verifiers_for(settings)  # unusable secrets: refused before a producer (and its threads) exists
     spool = open_spool(settings, index)
     if check_topics:  # Kafka security settings the broker refuses, too
@@ -61,7 +71,9 @@ async def serve(
     await site.start()
     metrics_runner = web.AppRunner(create_metrics_app(), access_log=None)
     await metrics_runner.setup()
-    await web.TCPSite(metrics_runner, host, metrics_port).start()
+    await web.TCPSite(metrics_runner, metrics_host or host, metrics_port).start()
+    if on_metrics_port is not None:
+        on_metrics_port(metrics_runner.addresses[0][1])
     if settings.uses_development_secret and not reuse_port:  # with workers, the supervisor says it once
         log.warning(
             "using the built-in development webhook secret: set SENTPIPE_WEBHOOK_SECRET for real traffic"
@@ -101,10 +113,49 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
         uvloop.run(main)
 
 
-def run(settings: Settings, host: str, port: int, metrics_port: int) -> None:
-    """Serve until SIGTERM/SIGINT (N processes with SENTPIPE_INGRESS_WORKERS=N); configuration it cannot run
-    with: one line on stderr, exit status 1."""
+def available_cpus() -> int:
+    """The CPUs this process may use: its CPU affinity, capped by a cgroup CPU quota (a container's CPU
+    limit), at least 1. os.cpu_count() is the host's count, which a container does not get."""
     try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        cpus = min(cpus, quota)
+    return max(1, cpus)
+
+
+def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """A cgroup CPU quota in whole CPUs, rounded up (cgroup v2 cpu.max, else v1 cfs quota); None: no limit."""
+    try:
+        text = (root / "cpu.max").read_text().split()
+        if len(text) == 2 and text[0] != "max":
+            return math.ceil(int(text[0]) / int(text[1]))
+        return None
+    except (OSError, ValueError, ZeroDivisionError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return math.ceil(quota / period) if quota > 0 and period > 0 else None
+
+
+def worker_count(settings: Settings, port: int) -> int:
+    """SENTPIPE_INGRESS_WORKERS, or with 0 (the default) one process per available CPU; one when the port is
+    0 (a port the kernel picks cannot be shared)."""
+    if settings.ingress_workers > 0:
+        return settings.ingress_workers
+    return 1 if port == 0 else available_cpus()
+
+
+def run(settings: Settings, host: str, port: int, metrics_port: int) -> None:
+    """Serve until SIGTERM/SIGINT (N processes, see `worker_count`); configuration it cannot run with: one
+    line on stderr, exit status 1."""
+    try:
+        settings = settings.model_copy(update={"ingress_workers": worker_count(settings, port)})
         if settings.ingress_workers > 1:
             code = supervise(settings, host, port, metrics_port)
             if code:
@@ -116,25 +167,44 @@ def run(settings: Settings, host: str, port: int, metrics_port: int) -> None:
         raise SystemExit(1) from None
 
 
-def _worker(settings: Settings, host: str, port: int, metrics_port: int, index: int) -> None:
+def _worker(
+    settings: Settings, host: str, port: int, index: int, to_supervisor: multiprocessing.connection.Connection
+) -> None:
     """One of N worker processes (spawned: a fresh interpreter with nothing inherited but the arguments)."""
     from sentpipe.logs import configure
 
     configure(settings.log_level, settings.log_json)
     try:
-        _run_loop(serve(settings, host, port, metrics_port, reuse_port=True, check_topics=False, index=index))
+        _run_loop(
+            serve(
+                settings,
+                host,
+                port,
+                0,
+                reuse_port=True,
+                check_topics=False,
+                index=index,
+                metrics_host="127.0.0.1",
+                on_metrics_port=to_supervisor.send,
+            )
+        )
     except StartupError as exc:  # pragma: no cover - the supervisor checked the same configuration
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
 def supervise(settings: Settings, host: str, port: int, metrics_port: int) -> int:
-    """Start SENTPIPE_INGRESS_WORKERS worker processes on one port; the exit status for the command."""
+    """Start SENTPIPE_INGRESS_WORKERS worker processes on one port and serve their metrics as one; the exit
+    status for the command."""
     n = settings.ingress_workers
     if port == 0:
         raise StartupError("SENTPIPE_INGRESS_WORKERS > 1 needs a fixed port, not 0")
     verifiers_for(settings)  # unusable secrets: one line here, not one per worker
     check_topic_limits(settings)
+    try:
+        gatherer = Gatherer(host, metrics_port)
+    except OSError as exc:
+        raise StartupError(f"SENTPIPE_INGRESS_METRICS_PORT {metrics_port}: {exc.strerror or exc}") from None
     if settings.uses_development_secret:
         log.warning(
             "using the built-in development webhook secret: set SENTPIPE_WEBHOOK_SECRET for real traffic"
@@ -146,10 +216,9 @@ def supervise(settings: Settings, host: str, port: int, metrics_port: int) -> in
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     ctx = multiprocessing.get_context("spawn")  # no librdkafka threads or loop state carried into a child
+    pipes = [ctx.Pipe(duplex=False) for _ in range(n)]
     workers = [
-        ctx.Process(
-            target=_worker, args=(settings, host, port, metrics_port + i, i), name=f"sentpipe-ingress-{i}"
-        )
+        ctx.Process(target=_worker, args=(settings, host, port, i, pipes[i][1]), name=f"sentpipe-ingress-{i}")
         for i in range(n)
     ]
     try:
@@ -161,12 +230,20 @@ def supervise(settings: Settings, host: str, port: int, metrics_port: int) -> in
             extra={
                 "url": f"http://{host}:{port}/webhooks/sent",
                 "pids": [w.pid for w in workers],
-                "metrics_ports": f"{metrics_port}..{metrics_port + n - 1}",
+                "metrics_port": metrics_port,
             },
         )
         code = 0
+        ports: list[int | None] = [None] * n
         while not stopping:
-            multiprocessing.connection.wait([w.sentinel for w in workers], timeout=0.5)
+            waiting = [pipes[i][0] for i in range(n) if ports[i] is None]
+            ready = multiprocessing.connection.wait([*waiting, *(w.sentinel for w in workers)], timeout=0.5)
+            for i in range(n):
+                if ports[i] is None and pipes[i][0] in ready:
+                    with contextlib.suppress(EOFError, OSError):
+                        ports[i] = pipes[i][0].recv()
+                    if ports[i] is not None and all(p is not None for p in ports):
+                        gatherer.serve_workers([p for p in ports if p is not None])
             gone = [w for w in workers if w.exitcode is not None]
             if gone and not stopping:
                 w = gone[0]
@@ -193,5 +270,6 @@ def supervise(settings: Settings, host: str, port: int, metrics_port: int) -> in
                 code = 1
         return code
     finally:
+        gatherer.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -45,9 +45,9 @@ def ingress(
     workers: Annotated[
         int | None,
         typer.Option(
-            min=1,
-            help="Processes on the one port, worker i with metrics on the metrics port + i "
-            "[SENTPIPE_INGRESS_WORKERS].",
+            min=0,
+            help="Processes on the one port, their metrics served as one on the metrics port; "
+            "0: one per available CPU [SENTPIPE_INGRESS_WORKERS, default 0].",
         ),
     ] = None,
 ) -> None:

@@ -85,8 +85,9 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(10.0, gt=0)
     # Requests handled at once by one ingress process; beyond it, 503 at once with Retry-After.
     ingress_max_in_flight: int = Field(1024, ge=1)
-    # Processes serving the one webhook port (SO_REUSEPORT), each with its own producer and metrics port.
-    ingress_workers: int = Field(1, ge=1)
+    # Processes serving the one webhook port (SO_REUSEPORT), each with its own producer; 0: one per CPU the
+    # process may use (affinity and cgroup quota), see ingress/server.py.
+    ingress_workers: int = Field(0, ge=0)
     produce_timeout_s: float = Field(5.0, gt=0)
     producer_max_in_flight: int = Field(20000, ge=1)
     producer_linger_ms: int = Field(2, ge=0)

@@ -65,6 +65,7 @@ def settings(services: Services, db_url: str, unique: str) -> Iterator[Settings]
         raw_partitions=4,
         routed_partitions=4,
         app_id=f"sentpipe-t{unique}",
+        ingress_workers=1,  # one process unless a test asks for more (the default is one per CPU)
     )
     ensure_topics(s)
     t = Topics(s.topic_prefix)

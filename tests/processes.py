@@ -98,6 +98,8 @@ class Proc:
 
 
 def start_ingress(s: Settings, log_dir: Path, **extra: object) -> tuple[Proc, str, int]:
+    if s.ingress_workers == 0:  # one process unless asked (the default is one per CPU)
+        extra.setdefault("ingress_workers", 1)
     port, mport = free_port(), free_port()
     env = settings_env(s, ingress_host="127.0.0.1", ingress_port=port, ingress_metrics_port=mport, **extra)
     proc = Proc(["ingress"], env, log_dir / f"ingress-{port}.log").start()

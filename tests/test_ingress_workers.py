@@ -1,57 +1,53 @@
-"""`sentpipe ingress` with SENTPIPE_INGRESS_WORKERS=2: two processes on one port (SO_REUSEPORT), each with
-its own producer and metrics port; SIGTERM under load stops both gracefully and loses no acknowledged event;
-a worker that dies takes the set down with a non-zero status (so the orchestrator restarts it)."""
+"""`sentpipe ingress` with several worker processes: they share one port (SO_REUSEPORT), each with its own
+producer, and the supervisor serves their metrics as one (every sample labelled `worker`); SIGTERM under
+load stops all gracefully and loses no acknowledged event; a worker that dies takes the set down with a
+non-zero status (so the orchestrator restarts it); the default is one process per available CPU."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import signal
-import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from sentpipe.ingress import server
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.signature import signature_headers
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
-from tests.http_tools import metric_sum, scrape
 from tests.kafka_tools import read_topic
 from tests.processes import Proc, free_port, settings_env
 
 
-def free_run(n: int, avoid: int) -> int:
-    """A port p such that p .. p+n-1 are all free now (and none is `avoid`)."""
-    while True:
-        start = free_port()
-        ports = range(start, start + n)
-        if avoid in ports:
-            continue
-        try:
-            with contextlib.ExitStack() as stack:
-                for p in ports:
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", p))
-            return start
-        except OSError:
-            continue
-
-
 def start_workers(s: Settings, log_dir: Path, workers: int = 2) -> tuple[Proc, int, int]:
-    port = free_port()
-    mport = free_run(workers, avoid=port)  # worker i serves metrics on mport + i: all must be free
+    port, mport = free_port(), free_port()
     env = settings_env(
         s, ingress_host="127.0.0.1", ingress_port=port, ingress_metrics_port=mport, ingress_workers=workers
     )
     proc = Proc(["ingress"], env, log_dir / f"ingress-{port}.log").start()
-    for i in range(workers):  # every worker is up once its own metrics port answers
-        proc.wait_http(f"http://127.0.0.1:{mport + i}/metrics")
+    # The supervisor answers its metrics port with 503 until every worker has told it where its metrics are.
+    proc.wait_http(f"http://127.0.0.1:{mport}/metrics")
     proc.wait_http(f"http://127.0.0.1:{port}/healthz")
     return proc, port, mport
+
+
+def requests_by_worker(mport: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):  # the merged page is a valid exposition
+        for sample in family.samples:
+            if sample.name == "sentpipe_ingress_requests_total":
+                worker = sample.labels["worker"]
+                out[worker] = out.get(worker, 0.0) + sample.value
+    return out
 
 
 def test_two_workers_share_the_port_and_sigterm_loses_no_acknowledged_event(
@@ -62,7 +58,7 @@ def test_two_workers_share_the_port_and_sigterm_loses_no_acknowledged_event(
     bodies = [s.body for s in SampleFactory(41).mix(600)]
     results: dict[int, int] = {}
     url = f"http://127.0.0.1:{port}/webhooks/sent"
-    served: dict[int, float] = {}
+    served: dict[str, float] = {}
 
     async def run() -> None:
         sem = asyncio.Semaphore(32)
@@ -85,8 +81,7 @@ def test_two_workers_share_the_port_and_sigterm_loses_no_acknowledged_event(
 
         async def terminate() -> None:
             await asyncio.wait_for(halfway.wait(), 60)
-            for i in range(2):  # both took a share of the connections
-                served[i] = metric_sum(scrape(mport + i), "sentpipe_ingress_requests_total")
+            served.update(requests_by_worker(mport))  # both took a share of the connections
             assert proc.p is not None
             proc.p.send_signal(signal.SIGTERM)
 
@@ -97,7 +92,7 @@ def test_two_workers_share_the_port_and_sigterm_loses_no_acknowledged_event(
 
     asyncio.run(run())
     assert proc.p is not None and proc.p.wait(60) == 0, proc.tail()
-    assert all(n > 0 for n in served.values()) and len(served) == 2, served
+    assert set(served) == {"0", "1"} and all(n > 0 for n in served.values()), served
     statuses = set(results.values())
     assert statuses <= {200, 408, 503, 0}, statuses  # 408: body cut off by the shutdown, not acknowledged
     acknowledged = {bodies[i] for i, status in results.items() if status == 200}
@@ -125,3 +120,50 @@ def test_workers_need_a_fixed_port(settings: Settings, tmp_path: Path) -> None:
     assert proc.log.read_text().strip().splitlines() == [
         "error: SENTPIPE_INGRESS_WORKERS > 1 needs a fixed port, not 0"
     ]
+
+
+def test_the_default_is_one_worker_per_available_cpu(settings: Settings, tmp_path: Path) -> None:
+    auto = settings.model_copy(update={"ingress_workers": 0})
+    cpus = server.available_cpus()
+    assert 1 <= cpus <= len(os.sched_getaffinity(0))
+    assert server.worker_count(auto, 8080) == cpus
+    assert server.worker_count(auto, 0) == 1  # a port the kernel picks cannot be shared
+    assert server.worker_count(auto.model_copy(update={"ingress_workers": 3}), 8080) == 3
+
+    port, mport = free_port(), free_port()
+    env = settings_env(auto, ingress_host="127.0.0.1", ingress_port=port, ingress_metrics_port=mport)
+    assert env["SENTPIPE_INGRESS_WORKERS"] == "0"
+    proc = Proc(["ingress"], env, tmp_path / "ingress.log").start()
+    try:
+        proc.wait_http(f"http://127.0.0.1:{mport}/metrics")
+        proc.wait_http(f"http://127.0.0.1:{port}/readyz")
+        log = proc.log.read_text()
+        if cpus > 1:
+            assert f"ingress supervising {cpus} worker processes" in log, log
+            # Every worker creates its label sets at start: each one shows up on the one page.
+            assert set(requests_by_worker(mport)) == {str(i) for i in range(cpus)}
+        else:
+            assert "supervising" not in log, log
+    finally:
+        assert proc.stop() == 0, proc.tail()
+
+
+@pytest.mark.parametrize(
+    ("files", "quota"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "150000 100000\n"}, 2),
+        ({"cpu.max": "50000 100000\n"}, 1),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),
+        ({"cpu.max": "garbage\n"}, None),
+        ({}, None),
+    ],
+)
+def test_a_cgroup_cpu_quota_caps_the_workers(
+    tmp_path: Path, files: dict[str, str], quota: int | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert server._cgroup_quota(tmp_path) == quota

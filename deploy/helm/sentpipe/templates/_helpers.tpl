@@ -283,7 +283,7 @@ the database's only for pods that use it. Empty when none is configured. */}}
 {{/*
 Ingress worker processes per pod (SENTPIPE_INGRESS_WORKERS): ingress.workers when set, else the pod's CPU
 request rounded up ("250m" -> 1, "1" -> 1, "1500m" -> 2, 2 -> 2), at least 1. One process's event loop uses
-about one core; worker i serves metrics on ingress.metricsPort + i.
+about one core; the processes' metrics are served as one on ingress.metricsPort (labelled `worker`).
 */}}
 {{- define "sentpipe.ingressWorkers" -}}
 {{- $i := .Values.ingress -}}

@@ -1,0 +1,131 @@
+"""One /metrics for N ingress worker processes: the supervisor serves every worker's exposition at once.
+
+Each worker serves its own metrics on a loopback port it picked (the supervisor learns it through a pipe).
+A scrape of the supervisor's metrics port fetches them all and returns one exposition in which every sample
+carries a `worker` label ("0" .. "N-1"), so one Prometheus target covers the pod and `sum()` in a query
+adds the workers up. Merging is done on the text: each family's HELP/TYPE lines once, then its samples from
+every worker; no sample is parsed or re-rendered, so nothing of it can change on the way.
+
+A worker that does not answer makes the whole scrape fail (503): Prometheus marks the target down (`up` is
+0, which the ingress alerts watch) instead of silently counting less.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST
+
+log = logging.getLogger("sentpipe.ingress")
+
+FETCH_TIMEOUT_S = 5.0
+
+
+def label_sample(line: str, label: str) -> str:
+    """A sample line with `label` (already rendered, `name="value"`) as its first label."""
+    # A metric name is [a-zA-Z_:][a-zA-Z0-9_:]*, so the first "{" or " " ends it.
+    for i, c in enumerate(line):
+        if c == "{":
+            rest = line[i + 1 :]
+            return f"{line[: i + 1]}{label}{'' if rest.startswith('}') else ','}{rest}"
+        if c == " ":
+            return f"{line[:i]}{{{label}}}{line[i:]}"
+    return line  # not a sample line; expositions have none such
+
+
+def merge(expositions: Sequence[str], label_name: str = "worker") -> str:
+    """The text expositions of several processes as one: family headers once, each process's samples
+    labelled with its index in `expositions`."""
+    headers: dict[str, list[str]] = {}  # family name -> its HELP/TYPE lines, in first-seen order
+    samples: dict[str, list[str]] = {}
+    for index, text in enumerate(expositions):
+        label = f'{label_name}="{index}"'
+        family = ""
+        for line in text.splitlines():
+            if not line:
+                continue
+            if line.startswith("#"):
+                parts = line.split(" ", 3)
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                    family = parts[2]
+                    seen = headers.setdefault(family, [])
+                    samples.setdefault(family, [])
+                    if line not in seen:
+                        seen.append(line)
+                continue
+            samples.setdefault(family, []).append(label_sample(line, label))
+            headers.setdefault(family, [])
+    out: list[str] = []
+    for family, lines in headers.items():
+        out += lines
+        out += samples[family]
+    return "\n".join(out) + "\n"
+
+
+def fetch(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=FETCH_TIMEOUT_S) as resp:
+        body: bytes = resp.read()
+    return body.decode()
+
+
+class Gatherer:
+    """The supervisor's metrics server: bound at once (a taken port fails the start), answering 503 until
+    `serve_workers` tells it where the workers' own metrics are."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._ports: list[int] | None = None
+        gatherer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?", 1)[0] != "/metrics":
+                    self._answer(404, b'{"error":"not_found","detail":"Not Found"}', "application/json")
+                    return
+                status, body, content_type = gatherer.scrape()
+                self._answer(status, body, content_type)
+
+            def _answer(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass  # no access log, like the workers' own metrics servers
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+
+    def serve_workers(self, ports: Sequence[int]) -> None:
+        self._ports = list(ports)
+
+    def scrape(self) -> tuple[int, bytes, str]:
+        ports = self._ports
+        if ports is None:
+            return 503, b'{"error":"starting","detail":"ingress workers starting"}\n', "application/json"
+        texts = []
+        for index, port in enumerate(ports):
+            try:
+                texts.append(fetch(port))
+            except (OSError, urllib.error.URLError, UnicodeDecodeError) as exc:
+                log.warning("ingress worker %d did not answer its metrics scrape: %s", index, exc)
+                detail = f"ingress worker {index} did not answer"
+                return (
+                    503,
+                    f'{{"error":"worker_unavailable","detail":"{detail}"}}\n'.encode(),
+                    "application/json",
+                )
+        return 200, merge(texts).encode(), CONTENT_TYPE_LATEST
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
