@@ -513,6 +513,7 @@ class Router:
         """Raw records waiting per partition, measured from what was routed (not merely fetched)."""
         consumer: Any = self.app.consumer
         waiting: dict[tuple[str, int], int] = {}
+        found: list[tuple[Any, int | None, int | None]] = []  # (partition, highwater, done)
         for tp in consumer.assignment():
             if tp.topic != self.topics.raw:
                 continue
@@ -523,12 +524,20 @@ class Router:
                     # Nothing routed here since start: the group's commit (Faust keeps it; the fetch
                     # position would run ahead of a stuck agent and hide the stall).
                     done = consumer._committed_offset.get(tp)
-                if done is None:
-                    # No commit either: the group starts at the log's start. Not the fetch position, which
-                    # can stand past records never delivered (see _unstick) and hide them.
-                    done = (await consumer.earliest_offsets(tp)).get(tp)
             except Exception:  # lag is best effort; an unassigned or resetting partition has none
                 continue
+            found.append((tp, highwater, done))
+        # No commit either: the group starts at the log's start. Not the fetch position, which can stand past
+        # records never delivered (see _unstick) and hide them. One request for all such partitions: a
+        # partition that never had a record is never committed, and one request each took over a second.
+        need = [tp for tp, highwater, done in found if done is None and highwater]
+        earliest: dict[Any, int] = {}
+        if need:
+            with contextlib.suppress(Exception):  # best effort, as above
+                earliest = dict(await consumer.earliest_offsets(*need))
+        for tp, highwater, done in found:
+            if done is None:
+                done = earliest.get(tp) if highwater else highwater  # an empty partition waits for nothing
             if highwater is not None and done is not None:
                 waiting[(tp.topic, tp.partition)] = max(0, highwater - done)
                 if highwater > done:
