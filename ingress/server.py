@@ -126,15 +126,31 @@ def available_cpus() -> int:
     return max(1, cpus)
 
 
-def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """A cgroup CPU quota in whole CPUs, rounded up (cgroup v2 cpu.max, else v1 cfs quota); None: no limit."""
+def _cgroup_quota(
+    root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")
+) -> int | None:
+    """The tightest cgroup CPU quota over this process's cgroup and its ancestors, in whole CPUs rounded up
+    (cgroup v2 cpu.max, else v1 cfs quota); None: no limit. A container sees its own cgroup as the root, a
+    systemd service with CPUQuota= sits below it."""
     try:
-        text = (root / "cpu.max").read_text().split()
-        if len(text) == 2 and text[0] != "max":
-            return math.ceil(int(text[0]) / int(text[1]))
-        return None
-    except (OSError, ValueError, ZeroDivisionError):
-        pass
+        lines = membership.read_text().splitlines()
+    except OSError:
+        lines = []
+    own = next((line[3:] for line in lines if line.startswith("0::")), "/")
+    quotas: list[int] = []
+    where = root / own.strip("/")
+    while True:
+        try:
+            text = (where / "cpu.max").read_text().split()
+            if len(text) == 2 and text[0] != "max":
+                quotas.append(math.ceil(int(text[0]) / int(text[1])))
+        except (OSError, ValueError, ZeroDivisionError):
+            pass
+        if where == root or root not in where.parents:
+            break
+        where = where.parent
+    if quotas:
+        return min(quotas)
     try:
         quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
         period = int((root / "cpu" / "cpu.cfs_period_us").read_text())

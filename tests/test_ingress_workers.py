@@ -149,21 +149,36 @@ def test_the_default_is_one_worker_per_available_cpu(settings: Settings, tmp_pat
 
 
 @pytest.mark.parametrize(
-    ("files", "quota"),
+    ("files", "own", "quota"),
     [
-        ({"cpu.max": "max 100000\n"}, None),
-        ({"cpu.max": "150000 100000\n"}, 2),
-        ({"cpu.max": "50000 100000\n"}, 1),
-        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-        ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 4),
-        ({"cpu.max": "garbage\n"}, None),
-        ({}, None),
+        ({"cpu.max": "max 100000\n"}, "/", None),
+        ({"cpu.max": "150000 100000\n"}, "/", 2),
+        ({"cpu.max": "50000 100000\n"}, "/", 1),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, "/", None),
+        ({"cpu/cpu.cfs_quota_us": "400000\n", "cpu/cpu.cfs_period_us": "100000\n"}, "/", 4),
+        ({"cpu.max": "garbage\n"}, "/", None),
+        ({}, "/", None),
+        # A systemd service with CPUQuota=300% below an unlimited root; the tightest ancestor wins.
+        (
+            {"cpu.max": "max 100000\n", "system.slice/x.service/cpu.max": "300000 100000\n"},
+            "/system.slice/x.service",
+            3,
+        ),
+        (
+            {"system.slice/cpu.max": "200000 100000\n", "system.slice/x.service/cpu.max": "max 100000\n"},
+            "/system.slice/x.service",
+            2,
+        ),
     ],
 )
 def test_a_cgroup_cpu_quota_caps_the_workers(
-    tmp_path: Path, files: dict[str, str], quota: int | None
+    tmp_path: Path, files: dict[str, str], own: str, quota: int | None
 ) -> None:
+    root = tmp_path / "cgroup"
+    root.mkdir()
     for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    assert server._cgroup_quota(tmp_path) == quota
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    membership = tmp_path / "self-cgroup"
+    membership.write_text(f"0::{own}\n")
+    assert server._cgroup_quota(root, membership) == quota
