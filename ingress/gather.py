@@ -24,6 +24,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 log = logging.getLogger("sentpipe.ingress")
 
 FETCH_TIMEOUT_S = 5.0
+# A connection to the metrics port that sends no request within this long is closed: each one holds a thread.
+IDLE_TIMEOUT_S = 10.0
 
 
 def label_sample(line: str, label: str) -> str:
@@ -82,6 +84,8 @@ class Gatherer:
         gatherer = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = IDLE_TIMEOUT_S
+
             def do_GET(self) -> None:
                 if self.path.split("?", 1)[0] != "/metrics":
                     self._answer(404, b'{"error":"not_found","detail":"Not Found"}', "application/json")

@@ -3,6 +3,7 @@ and the server's answers (unit tests: real HTTP on loopback, no broker)."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -13,6 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sentpipe.ingress import gather
 from sentpipe.ingress.gather import Gatherer, label_sample, merge
 from tests.processes import free_port
 
@@ -122,3 +124,16 @@ def test_gatherer_answers_503_until_told_then_the_merged_page_then_503_for_a_sil
 def test_a_taken_metrics_port_is_an_error_at_start(worker_port: int) -> None:
     with pytest.raises(OSError):
         Gatherer("127.0.0.1", worker_port)
+
+
+def test_a_connection_that_sends_nothing_is_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gather, "IDLE_TIMEOUT_S", 0.5)
+    port = free_port()
+    g = Gatherer("127.0.0.1", port)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as idle:
+            # b"": the server closed it. Left open, recv raises TimeoutError after our own 30 s.
+            assert idle.recv(1024) == b""
+        assert get(port)[0] == 503  # and the server still answers
+    finally:
+        g.close()
