@@ -12,8 +12,8 @@ import hashlib
 import hmac
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 SECRET_PREFIX = "whsec_"
 HEADER_ID = ("x-webhook-id", "webhook-id")
@@ -93,8 +93,7 @@ def _utf8(value: str, what: str) -> bytes:
         raise SignatureError(Reason.MALFORMED_SIGNATURE, f"{what} header is not valid UTF-8") from None
 
 
-@dataclass(frozen=True, slots=True)
-class Verified:
+class Verified(NamedTuple):  # a tuple: one per request; a frozen dataclass costs three times as much to build
     webhook_id: str
     timestamp: int
 

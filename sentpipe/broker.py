@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from confluent_kafka import murmur2
 
@@ -40,9 +40,9 @@ class ProduceRejected(Exception):
         return self.reason not in RECORD_REFUSED
 
 
-@dataclass(frozen=True, slots=True)
-class Delivered:
-    """Where the broker put an acknowledged record."""
+class Delivered(NamedTuple):
+    """Where the broker put an acknowledged record. (A tuple: one per record the ingress stores; a frozen
+    dataclass costs three times as much to build.)"""
 
     topic: str
     partition: int
