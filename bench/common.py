@@ -90,8 +90,12 @@ def settings_env(values: dict[str, object]) -> dict[str, str]:
 class Proc:
     """A child in its own session: Ctrl-C reaches only the bench, which then stops children in order."""
 
-    def __init__(self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.name, self.argv, self.log, self.env = name, argv, log, env
+    def __init__(
+        self, name: str, argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = REPO
+    ) -> None:
+        # `python -m` puts the working directory first on sys.path, ahead of PYTHONPATH: the code a child
+        # runs is the tree it starts in.
+        self.name, self.argv, self.log, self.env, self.cwd = name, argv, log, env, cwd
         self.p: subprocess.Popen[bytes] | None = None
 
     @classmethod
@@ -108,7 +112,7 @@ class Proc:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
-                cwd=REPO,
+                cwd=self.cwd,
             )
         return self
 

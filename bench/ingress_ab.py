@@ -1,0 +1,159 @@
+"""Did an ingress change make it faster? `python -m bench.ingress_ab --base REV`: the ingress of commit REV
+(checked out in a temporary git worktree) against the ingress of this tree, and the no-op handler.
+
+Every round starts a fresh process for each contestant, in alternating order: one long-lived process per
+contestant carries its own luck for the whole run (hash seeds, memory layout, which core it lands on), which
+in one run here turned a +7% change into a -7% one. Fresh processes per round make the rounds independent.
+Same pre-signed deliveries and `wrk` load as `--ingress`; one process each (SENTPIPE_INGRESS_WORKERS=1).
+Each ingress starts in its own tree (checked before the first round: its `sentpipe` is imported from there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.common import REPO, Proc, console, run_id, settings_env
+from bench.ingress import BENCH_SECRET, IngressConfig, Measurement, measure
+from bench.loadgen import Wrk, ensure_wrk
+from bench.ui import Ui
+from sentpipe.processors.topics import ensure_topics
+from sentpipe.settings import Settings
+from tests.kafka_tools import delete_topics
+from tests.processes import free_port
+from tests.services import acquire
+
+
+def _contestant(name: str, tree: Path | None, settings: Settings, work: Path) -> tuple[Proc, str, bool]:
+    port = free_port()
+    if tree is None:
+        argv = [sys.executable, "-m", "bench.noop_server", str(port)]
+        return Proc(name, argv, work / f"{name}.log"), f"http://127.0.0.1:{port}", False
+    env = settings_env(
+        {
+            "kafka_bootstrap": settings.kafka_bootstrap,
+            "webhook_secret": BENCH_SECRET,
+            "topic_prefix": settings.topic_prefix,
+            "signature_tolerance_s": settings.signature_tolerance_s,
+            "ingress_host": "127.0.0.1",
+            "ingress_port": port,
+            "ingress_metrics_port": free_port(),
+            "ingress_workers": 1,
+        }
+    )
+    # Started in its tree: `python -m` looks in the working directory first, so this is the code that runs.
+    argv = [sys.executable, "-m", "sentpipe", "ingress"]
+    return Proc(name, argv, work / f"{name}.log", env, cwd=tree), f"http://127.0.0.1:{port}", True
+
+
+def _imports_from(tree: Path) -> Path:
+    out = subprocess.run(
+        [sys.executable, "-c", "import sentpipe; print(sentpipe.__file__)"],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(out.stdout.strip()).resolve()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.ingress_ab", description=__doc__)
+    p.add_argument("--base", required=True, help="the commit to compare against (any git revision)")
+    p.add_argument("--rounds", type=int, default=8, help="rounds, a fresh process per contestant each (8)")
+    p.add_argument("--seconds", type=float, default=8.0, help="measurement per contestant and round (8)")
+    p.add_argument("--warmup", type=float, default=3.0, help="warm-up before each measurement (3)")
+    args = p.parse_args(argv)
+    cfg = IngressConfig(seconds=args.seconds, warmup=args.warmup, rounds=args.rounds)
+    work = Path(tempfile.mkdtemp(prefix="sentpipe-ab-"))
+    base_tree = work / "base"
+    try:
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(base_tree), args.base],
+            check=True,
+            capture_output=True,
+        )
+    except subprocess.CalledProcessError as exc:
+        print(f"error: cannot check out {args.base!r}: {exc.stderr.decode().strip()}", file=sys.stderr)
+        return 1
+    for tree in (base_tree, REPO):
+        if not _imports_from(tree).is_relative_to(tree.resolve()):
+            print(f"error: a process started in {tree} does not import its sentpipe", file=sys.stderr)
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(base_tree)], check=False
+            )
+            return 1
+    svc = None
+    results: dict[str, list[Measurement]] = {"base": [], "this tree": [], "no-op": []}
+    try:
+        with Ui() as ui:
+            with ui.phase("services: Kafka broker and PostgreSQL"):
+                svc = acquire()
+            binary = ensure_wrk(ui.log)
+            if binary is None:
+                print("error: wrk is not installed and could not be installed", file=sys.stderr)
+                return 1
+            load = Wrk(binary, work, cfg.threads, cfg.connections)
+            settings = Settings(
+                kafka_bootstrap=svc.kafka_bootstrap,
+                topic_prefix=f"benchab{run_id()}.",
+                webhook_secret=BENCH_SECRET,
+                signature_tolerance_s=max(300, int(args.rounds * 3 * (args.seconds + args.warmup + 10))),
+            )
+            ensure_topics(settings)
+            trees = {"base": base_tree, "this tree": REPO, "no-op": None}
+            try:
+                for rnd in range(args.rounds):
+                    order = list(trees) if rnd % 2 == 0 else list(trees)[::-1]
+                    for name in order:
+                        proc, url, ingress = _contestant(name, trees[name], settings, work)
+                        with contextlib.ExitStack() as stack:
+                            stack.callback(proc.stop)
+                            proc.start().wait_http(f"{url}/healthz")
+                            if ingress:
+                                proc.wait_http(f"{url}/readyz")
+                            results[name].append(
+                                measure(
+                                    name, rnd, proc, f"{url}/webhooks/sent", cfg, load, ui, [], bench="ab"
+                                )
+                            )
+            finally:
+                delete_topics(svc.kafka_bootstrap, [settings.topic_prefix])
+    except KeyboardInterrupt:
+        console.print("[red]interrupted")
+        return 1
+    finally:
+        if svc is not None:
+            svc.close()
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base_tree)], check=False)
+    _summary(args.base, results)
+    return 0
+
+
+def _summary(base: str, results: dict[str, list[Measurement]]) -> None:
+    from rich.table import Table
+
+    base_rps = statistics.median(m.load.rps for m in results["base"])
+    table = Table(title=f"ingress A/B: this tree against {base}, one process each, fresh per round")
+    for col in ("", "req/s (median)", "vs base", "loop CPU us/request", "p99 ms", "rounds won vs base"):
+        table.add_column(col, justify="right" if col else "left")
+    for name, ms in results.items():
+        rps = statistics.median(m.load.rps for m in ms)
+        cpu = statistics.median(m.cpu["main_thread"] / m.load.rps * 1e6 for m in ms if m.load.rps)
+        won = (
+            f"{sum(a.load.rps > b.load.rps for a, b in zip(ms, results['base'], strict=True))}/{len(ms)}"
+            if name == "this tree"
+            else ""
+        )
+        p99 = statistics.median(m.load.p99_ms for m in ms)
+        table.add_row(name, f"{rps:,.0f}", f"{rps / base_rps:.3f}x", f"{cpu:.1f}", f"{p99:.1f}", won)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
