@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench.common import REPO, Proc, console, run_id, settings_env
@@ -62,6 +64,30 @@ def _imports_from(tree: Path) -> Path:
     return Path(out.stdout.strip()).resolve()
 
 
+class _Refused(Exception):
+    """A one-line reason the comparison cannot run."""
+
+
+@contextlib.contextmanager
+def _base_worktree(rev: str, work: Path) -> Iterator[Path]:
+    """REV checked out in a temporary worktree, removed afterwards (with the work directory)."""
+    tree = work / "base"
+    try:
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev],
+            check=True,
+            capture_output=True,
+        )
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        raise _Refused(f"cannot check out {rev!r}: {exc.stderr.decode().strip()}") from None
+    try:
+        yield tree
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ingress_ab", description=__doc__)
     p.add_argument("--base", required=True, help="the commit to compare against (any git revision)")
@@ -70,45 +96,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=3.0, help="warm-up before each measurement (3)")
     args = p.parse_args(argv)
     cfg = IngressConfig(seconds=args.seconds, warmup=args.warmup, rounds=args.rounds)
-    work = Path(tempfile.mkdtemp(prefix="sentpipe-ab-"))
-    base_tree = work / "base"
-    try:
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(base_tree), args.base],
-            check=True,
-            capture_output=True,
-        )
-    except subprocess.CalledProcessError as exc:
-        print(f"error: cannot check out {args.base!r}: {exc.stderr.decode().strip()}", file=sys.stderr)
-        return 1
-    for tree in (base_tree, REPO):
-        if not _imports_from(tree).is_relative_to(tree.resolve()):
-            print(f"error: a process started in {tree} does not import its sentpipe", file=sys.stderr)
-            subprocess.run(
-                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(base_tree)], check=False
-            )
-            return 1
-    svc = None
     results: dict[str, list[Measurement]] = {"base": [], "this tree": [], "no-op": []}
+    try:
+        with _base_worktree(args.base, Path(tempfile.mkdtemp(prefix="sentpipe-ab-"))) as base_tree:
+            for tree in (base_tree, REPO):
+                if not _imports_from(tree).is_relative_to(tree.resolve()):
+                    raise _Refused(f"a process started in {tree} does not import its sentpipe")
+            _run(cfg, {"base": base_tree, "this tree": REPO, "no-op": None}, base_tree.parent, results)
+    except _Refused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        console.print("[red]interrupted")
+        return 1
+    _summary(args.base, results)
+    return 0
+
+
+def _run(
+    cfg: IngressConfig, trees: dict[str, Path | None], work: Path, results: dict[str, list[Measurement]]
+) -> None:
+    svc = None
     try:
         with Ui() as ui:
             with ui.phase("services: Kafka broker and PostgreSQL"):
                 svc = acquire()
             binary = ensure_wrk(ui.log)
             if binary is None:
-                print("error: wrk is not installed and could not be installed", file=sys.stderr)
-                return 1
+                raise _Refused("wrk is not installed and could not be installed")
             load = Wrk(binary, work, cfg.threads, cfg.connections)
             settings = Settings(
                 kafka_bootstrap=svc.kafka_bootstrap,
                 topic_prefix=f"benchab{run_id()}.",
                 webhook_secret=BENCH_SECRET,
-                signature_tolerance_s=max(300, int(args.rounds * 3 * (args.seconds + args.warmup + 10))),
+                signature_tolerance_s=max(300, int(cfg.rounds * 3 * (cfg.seconds + cfg.warmup + 10))),
             )
             ensure_topics(settings)
-            trees = {"base": base_tree, "this tree": REPO, "no-op": None}
             try:
-                for rnd in range(args.rounds):
+                for rnd in range(cfg.rounds):
                     order = list(trees) if rnd % 2 == 0 else list(trees)[::-1]
                     for name in order:
                         proc, url, ingress = _contestant(name, trees[name], settings, work)
@@ -124,15 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                             )
             finally:
                 delete_topics(svc.kafka_bootstrap, [settings.topic_prefix])
-    except KeyboardInterrupt:
-        console.print("[red]interrupted")
-        return 1
     finally:
         if svc is not None:
             svc.close()
-        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(base_tree)], check=False)
-    _summary(args.base, results)
-    return 0
 
 
 def _summary(base: str, results: dict[str, list[Measurement]]) -> None:
