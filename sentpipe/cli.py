@@ -46,6 +46,7 @@ def ingress(
         int | None,
         typer.Option(
             min=0,
+            max=256,
             help="Processes on the one port, their metrics served as one on the metrics port; "
             "0: one per available CPU [SENTPIPE_INGRESS_WORKERS, default 0].",
         ),

@@ -86,8 +86,9 @@ class Settings(BaseSettings):
     # Requests handled at once by one ingress process; beyond it, 503 at once with Retry-After.
     ingress_max_in_flight: int = Field(1024, ge=1)
     # Processes serving the one webhook port (SO_REUSEPORT), each with its own producer; 0: one per CPU the
-    # process may use (affinity and cgroup quota), see ingress/server.py.
-    ingress_workers: int = Field(0, ge=0)
+    # process may use (affinity and cgroup quota), see ingress/server.py. Capped: an absurd value would start
+    # that many processes, each with its own producer.
+    ingress_workers: int = Field(0, ge=0, le=256)
     produce_timeout_s: float = Field(5.0, gt=0)
     producer_max_in_flight: int = Field(20000, ge=1)
     producer_linger_ms: int = Field(2, ge=0)

@@ -182,3 +182,21 @@ def test_a_cgroup_cpu_quota_caps_the_workers(
     membership = tmp_path / "self-cgroup"
     membership.write_text(f"0::{own}\n")
     assert server._cgroup_quota(root, membership) == quota
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [("100000", "less than or equal to 256"), ("-1", "greater than or equal to 0"), ("two", "valid integer")],
+)
+def test_an_absurd_worker_count_is_one_line_and_starts_nothing(
+    settings: Settings, tmp_path: Path, value: str, why: str
+) -> None:
+    env = {
+        **settings_env(settings, ingress_host="127.0.0.1", ingress_port=free_port()),
+        "SENTPIPE_INGRESS_WORKERS": value,
+    }
+    proc = Proc(["ingress"], env, tmp_path / "ingress.log").start()
+    assert proc.p is not None and proc.p.wait(60) == 1
+    lines = proc.log.read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: invalid setting SENTPIPE_INGRESS_WORKERS: "), lines
+    assert why in lines[0], lines
