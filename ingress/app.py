@@ -188,6 +188,8 @@ class WebhookHandler:
         spool: Spool | None = None,
     ) -> None:
         self.s = settings
+        self.default_tenant = settings.default_tenant
+        self.max_body_bytes = settings.max_body_bytes
         self.producer = producer
         self.spool = spool
         self.verifiers = verifiers
@@ -218,9 +220,10 @@ class WebhookHandler:
 
     async def handle(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
-        tenant = request.match_info.get("tenant", self.s.default_tenant)
+        tenant = request.match_info.get("tenant", self.default_tenant)
         label = tenant if tenant in self.verifiers else "unknown"
-        request_id = request_id_of(request.headers.get("x-request-id"))
+        given = request.headers.get("x-request-id")
+        request_id = request_id_of(given) if given else new_request_id()
         if self.in_flight >= self.max_in_flight:
             # Overloaded: turn it away before reading anything; Sent retries later.
             m.INGRESS_REFUSED.labels("overloaded").inc()
@@ -254,16 +257,15 @@ class WebhookHandler:
         verifier = self.verifiers.get(tenant)
         if verifier is None:
             verifier = self.decoy
+        req_headers = request.headers
         # The header as Sent sends it is taken as is; anything else (parameters, case) is parsed by aiohttp.
-        if (
-            request.headers.get("Content-Type") != "application/json"
-            and request.content_type != "application/json"
-        ):
+        if req_headers.get("Content-Type") != "application/json" and request.content_type != "application/json":
             return "unsupported_media_type", error(
                 415, "unsupported_media_type", "Content-Type must be application/json"
             )
-        limit = self.s.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
+        limit = self.max_body_bytes
+        length = request.content_length
+        if length is not None and length > limit:
             return "too_large", error(413, "body_too_large", f"body is over the {limit} byte limit")
         content = request.content
         try:
@@ -286,7 +288,7 @@ class WebhookHandler:
 
         try:
             now = time.time()
-            verified = verifier.verify(request.headers, body, now)
+            verified = verifier.verify(req_headers, body, now)
         except SignatureError as exc:
             reason = exc.reason.value if verifier is not self.decoy else "unknown_tenant"
             m.INGRESS_SIGNATURE_FAILURES.labels(label, reason).inc()
@@ -323,7 +325,7 @@ class WebhookHandler:
             return "dlq", web.json_response(answer)
 
         event_id = framed.event_id
-        event_type = framed.type.value
+        event_type: str = framed.type  # a StrEnum is its value (`.value` is a Python-level property)
         headers = r.raw_headers(
             tenant=tenant,
             received_at_ms=received_ms,

@@ -255,7 +255,9 @@ def check_structure(doc: object, raw: bytes | None = None, *, nul: bool = True) 
     Iterative, never recursive. With the raw JSON at hand the walk is skipped when it cannot find anything:
     fewer opening brackets than the limit, and no escaped NUL (the only way JSON can carry one).
     """
-    nul_free = not nul or (raw is not None and b"\\u0000" not in raw)
+    # Every request's path at the ingress: a backslash, searched with memchr, is rare in a webhook; only
+    # then is the six-byte escape searched for (a slower search).
+    nul_free = not nul or (raw is not None and (b"\\" not in raw or b"\\u0000" not in raw))
     if raw is not None and nul_free and raw.count(b"{") + raw.count(b"[") <= MAX_DEPTH:
         return
     stack: list[tuple[object, int]] = [(doc, 1)]
@@ -308,6 +310,8 @@ class FieldSpec(NamedTuple):
 
 def _string(value: object, where: str, reason: str, kind: str) -> str | None:
     """A string (or integer, for ids and addresses) within the kind's length; None when not given."""
+    if type(value) is str and 0 < len(value) <= _STRING_LIMITS[kind] and "\x00" not in value:
+        return value  # the usual case, decided before anything else: several calls per request
     if value is None or value == "":
         return None
     integer_ok, limit = STRING_KINDS[kind]
@@ -361,6 +365,8 @@ def parse_timestamp(value: object, where: str = "timestamp") -> datetime | None:
     """
     if value is None or value == "":
         return None
+    if type(value) is str:  # the usual case first: Sent sends ISO-8601 strings
+        return _iso_timestamp(value, where)
     if isinstance(value, int | float) and not isinstance(value, bool):
         # Compared before any arithmetic: an int beyond a float's range must not reach the division.
         if not (isinstance(value, int) or math.isfinite(value)) or not 0 <= value <= MAX_EPOCH_MS:
@@ -375,6 +381,10 @@ def parse_timestamp(value: object, where: str = "timestamp") -> datetime | None:
             raise MalformedEvent("bad_timestamp", f"{where} is outside 1970-01-01..9999-12-31") from None
     if not isinstance(value, str):
         raise MalformedEvent("bad_timestamp", f"{where} must be a number or an ISO-8601 string")
+    return _iso_timestamp(value, where)
+
+
+def _iso_timestamp(value: str, where: str) -> datetime:
     if len(value) > MAX_TIMESTAMP_LENGTH:
         raise MalformedEvent("bad_timestamp", f"{where} is longer than {MAX_TIMESTAMP_LENGTH} characters")
     try:
@@ -395,20 +405,39 @@ def parse_time(value: object) -> datetime | None:
         return None
 
 
-def _check_fields(d: dict[str, Any], specs: tuple[FieldSpec, ...]) -> dict[str, Any]:
-    """Check every given field of `specs` in `d`; the checked values (str or datetime) by name."""
+class _Fields(NamedTuple):
+    """A field table as the per-request check reads it: the names in table order, and each name's spec."""
+
+    names: tuple[str, ...]
+    by_name: dict[str, FieldSpec]
+
+
+def _compiled(specs: tuple[FieldSpec, ...]) -> _Fields:
+    by_name = {spec.name: spec for spec in specs}
+    assert len(by_name) == len(specs), "a field table names a field twice"
+    return _Fields(tuple(by_name), by_name)
+
+
+def _check_fields(d: dict[str, Any], fields: _Fields) -> dict[str, Any]:
+    """Check every given field of a table in `d`; the checked values (str or datetime) by name."""
     out: dict[str, Any] = {}
-    get = d.get
-    for name, kind, reason, where in specs:
-        value = get(name)
+    by_name = fields.by_name
+    # In table order, so the first wrong one in the table is the one reported; an absent name costs one
+    # membership test (a body has a few of a table's names).
+    for name in fields.names:
+        if name not in d:
+            continue
+        value = d[name]
         if value is None or value == "":
             continue
+        kind = by_name[name].kind
         if kind == "time":
-            out[name] = parse_timestamp(value, where)
+            out[name] = parse_timestamp(value, by_name[name].where)
         elif type(value) is str and len(value) <= _STRING_LIMITS[kind] and "\x00" not in value:
             out[name] = value  # the usual case, decided inline: exactly what _string returns for it
         else:
-            out[name] = _string(value, where, reason, kind)
+            spec = by_name[name]
+            out[name] = _string(value, spec.where, spec.reason, kind)
     return out
 
 
@@ -478,6 +507,10 @@ PAYLOAD_FIELDS: dict[EventType, tuple[FieldSpec, ...]] = {
 }
 
 
+# The guide's type names; a dict, not `EventType(name)` (Python code in the Enum machinery, every request).
+_TYPE_BY_NAME = {t.value: t for t in ROUTED_TYPES}
+
+
 def _classify(doc: dict[str, Any]) -> tuple[EventType, str | None, Literal["sent", "guide"]]:
     field = doc.get("field")
     if isinstance(field, str):
@@ -498,10 +531,7 @@ def _classify(doc: dict[str, Any]) -> tuple[EventType, str | None, Literal["sent
     else:
         raise MalformedEvent("no_envelope", "body has neither Sent's 'field' nor the guide's 'event.type'")
     _type_name(name, "the event type", "bad_type")
-    try:
-        return EventType(name), name, "guide"
-    except ValueError:
-        return EventType.UNROUTED, name, "guide"
+    return _TYPE_BY_NAME.get(name, EventType.UNROUTED), name, "guide"
 
 
 class _Read(NamedTuple):  # a tuple: built for every request at the ingress, cheaper than a dataclass
@@ -512,9 +542,12 @@ class _Read(NamedTuple):  # a tuple: built for every request at the ingress, che
 
 
 # One lookup per event (an Enum's hash is Python code): payload fields, id aliases, status aliases.
-_BY_TYPE: dict[EventType, tuple[tuple[FieldSpec, ...], tuple[str, ...], tuple[str, ...]]] = {
-    t: (PAYLOAD_FIELDS[t], ENTITY_ID_FIELDS.get(t, ()), STATUS_FIELDS.get(t, ())) for t in ROUTED_TYPES
+_BY_TYPE: dict[EventType, tuple[_Fields, tuple[str, ...], tuple[str, ...]]] = {
+    t: (_compiled(PAYLOAD_FIELDS[t]), ENTITY_ID_FIELDS.get(t, ()), STATUS_FIELDS.get(t, ()))
+    for t in ROUTED_TYPES
 }
+_SENT_ENVELOPE = _compiled(SENT_ENVELOPE_FIELDS)
+_GUIDE_ENVELOPE = _compiled(GUIDE_ENVELOPE_FIELDS)
 
 
 def _read(
@@ -522,10 +555,10 @@ def _read(
 ) -> _Read:
     """Every value of a framed body that the model reads, checked; values not given are None."""
     if shape == "sent":
-        occurred = _first(_check_fields(doc, SENT_ENVELOPE_FIELDS), SENT_TIME_FIELDS)
+        occurred = _first(_check_fields(doc, _SENT_ENVELOPE), SENT_TIME_FIELDS)
         data = doc.get("payload")
     else:
-        occurred = _first(_check_fields(doc, GUIDE_ENVELOPE_FIELDS), GUIDE_TIME_FIELDS)
+        occurred = _first(_check_fields(doc, _GUIDE_ENVELOPE), GUIDE_TIME_FIELDS)
         data = doc.get("data")
     if type_ is EventType.UNROUTED:  # kept as received: its payload is nobody's business yet
         return _Read(data, occurred, None, None)
@@ -533,8 +566,8 @@ def _read(
         data = {}
     if not isinstance(data, dict):
         raise MalformedEvent("bad_payload", "event payload is not an object")
-    specs, id_fields, status_fields = _BY_TYPE[type_]
-    found = _check_fields(data, specs)
+    fields, id_fields, status_fields = _BY_TYPE[type_]
+    found = _check_fields(data, fields)
     if shape == "guide" and occurred is None:
         occurred = _first(found, PAYLOAD_TIME_FIELDS)
     status = _first(found, status_fields)
