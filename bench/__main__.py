@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from bench import ingress, naive, pipeline, recovery
+from bench import ingress, instructions, naive, pipeline, recovery
 from bench.common import LOCAL, REPO, console, jsonable
 from bench.ui import BenchResult, Ui, print_summary
 from tests.services import acquire
@@ -38,6 +38,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_const",
         const="naive",
         help="ingress --workers N vs the naive Flask+PostgreSQL receiver with N workers only",
+    )
+    only.add_argument(
+        "--instructions",
+        dest="only",
+        action="store_const",
+        const="instructions",
+        help="CPU instructions per request (callgrind), ingress vs the no-op handler, only",
     )
     only.add_argument(
         "--recovery", dest="only", action="store_const", const="recovery", help="dedup table recovery only"
@@ -104,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                 svc = acquire()
             if args.only in (None, "ingress"):
                 results.append(ingress.run(svc, ic, ui, work / "ingress"))
+            if args.only in (None, "instructions"):
+                counted = instructions.run(svc, instructions.InstructionsConfig(), ui, work / "instructions")
+                if counted is not None:
+                    results.append(counted)
             if args.only in (None, "naive"):
                 results.append(naive.run(svc, ic, args.workers, ui, work / "naive"))
             if args.only in (None, "pipeline"):

@@ -1,5 +1,7 @@
 """Did an ingress change make it faster? `python -m bench.ingress_ab --base REV`: the ingress of commit REV
 (checked out in a temporary git worktree) against the ingress of this tree, and the no-op handler.
+With `--instructions`, CPU instructions per request are counted instead (callgrind, bench/instructions.py):
+one run each, and a difference of a percent is real, where the wall-clock rounds below need several percent.
 
 Every round starts a fresh process for each contestant, in alternating order: one long-lived process per
 contestant carries its own luck for the whole run (hash seeds, memory layout, which core it lands on), which
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from bench.common import REPO, Proc, console, run_id, settings_env
 from bench.ingress import BENCH_SECRET, IngressConfig, Measurement, measure
+from bench.instructions import Count, InstructionsConfig, count_ingress, count_noop, counting
 from bench.loadgen import Wrk, ensure_wrk
 from bench.ui import Ui
 from sentpipe.processors.topics import ensure_topics
@@ -94,23 +97,64 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8, help="rounds, a fresh process per contestant each (8)")
     p.add_argument("--seconds", type=float, default=8.0, help="measurement per contestant and round (8)")
     p.add_argument("--warmup", type=float, default=3.0, help="warm-up before each measurement (3)")
+    p.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count CPU instructions per request with callgrind instead (one run each: counts do not drift)",
+    )
     args = p.parse_args(argv)
     cfg = IngressConfig(seconds=args.seconds, warmup=args.warmup, rounds=args.rounds)
     results: dict[str, list[Measurement]] = {"base": [], "this tree": [], "no-op": []}
+    counts: dict[str, Count] = {}
     try:
         with _base_worktree(args.base, Path(tempfile.mkdtemp(prefix="sentpipe-ab-"))) as base_tree:
             for tree in (base_tree, REPO):
                 if not _imports_from(tree).is_relative_to(tree.resolve()):
                     raise _Refused(f"a process started in {tree} does not import its sentpipe")
-            _run(cfg, {"base": base_tree, "this tree": REPO, "no-op": None}, base_tree.parent, results)
+            if args.instructions:
+                _count(base_tree, base_tree.parent, counts)
+            else:
+                _run(cfg, {"base": base_tree, "this tree": REPO, "no-op": None}, base_tree.parent, results)
     except _Refused as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         console.print("[red]interrupted")
         return 1
-    _summary(args.base, results)
+    if args.instructions:
+        _count_summary(args.base, counts)
+    else:
+        _summary(args.base, results)
     return 0
+
+
+def _count(base_tree: Path, work: Path, counts: dict[str, Count]) -> None:
+    svc = None
+    try:
+        with Ui() as ui:
+            with ui.phase("services: Kafka broker and PostgreSQL"):
+                svc = acquire()
+            with counting(svc, InstructionsConfig(), ui, work / "instructions") as ctx:
+                if ctx is None:
+                    raise _Refused("valgrind is not installed and could not be installed")
+                counts["base"] = count_ingress(ctx, "base", base_tree)
+                counts["this tree"] = count_ingress(ctx, "this-tree", REPO)
+                counts["no-op"] = count_noop(ctx)
+    finally:
+        if svc is not None:
+            svc.close()
+
+
+def _count_summary(base: str, counts: dict[str, Count]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"ingress A/B: instructions per request (callgrind), this tree against {base}")
+    for col in ("", "event loop", "vs base", "other threads", "vs no-op"):
+        table.add_column(col, justify="right" if col else "left")
+    for name, c in counts.items():
+        vs_base = f"{c.main / counts['base'].main - 1:+.1%}" if name != "base" else ""
+        table.add_row(name, f"{c.main:,}", vs_base, f"{c.others:,}", f"{c.main / counts['no-op'].main:.2f}x")
+    console.print(table)
 
 
 def _run(

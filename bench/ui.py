@@ -112,7 +112,22 @@ def _num(v: float | None, digits: int = 1) -> str:
     return "-" if v is None else f"{v:,.{digits}f}"
 
 
+def _cost_table(result: BenchResult) -> Table:
+    """Costs per request (lower is better): the event loop's, the other threads', and their ratio."""
+    t = Table(title=result.title, title_justify="left")
+    t.add_column("")
+    t.add_column(f"{result.unit}, event loop", justify="right")
+    t.add_column("other threads", justify="right")
+    for row in (result.reference, result.sentpipe):
+        t.add_row(row.name, _num(row.rate, 0), _num(row.detail.get("others"), 0))
+    ratio = result.ratios()["rate"]
+    t.add_row("[bold]ratio sentpipe/reference", _num(ratio, 2) + ("x" if ratio is not None else ""), "")
+    return t
+
+
 def summary_table(result: BenchResult) -> Table:
+    if result.unit == "instructions/request":
+        return _cost_table(result)
     t = Table(title=result.title, title_justify="left")
     t.add_column("")
     t.add_column(result.unit, justify="right")
