@@ -124,6 +124,9 @@ class Framed(NamedTuple):  # a tuple: one per request at the ingress; a frozen d
     sub_type: str | None
     shape: Literal["sent", "guide"]
     doc: dict[str, Any]
+    # The checked values `normalize` builds the event from: read once by `frame`, not again by `normalize`
+    # (which reads `doc` itself for a Framed made without them).
+    read: Read | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -534,7 +537,7 @@ def _classify(doc: dict[str, Any]) -> tuple[EventType, str | None, Literal["sent
     return _TYPE_BY_NAME.get(name, EventType.UNROUTED), name, "guide"
 
 
-class _Read(NamedTuple):  # a tuple: built for every request at the ingress, cheaper than a dataclass
+class Read(NamedTuple):  # a tuple: built for every request at the ingress, cheaper than a dataclass
     data: object  # the payload; an object (or absent) for every routed type
     occurred_at: datetime | None
     subject: str | None  # message or template id, when given
@@ -552,7 +555,7 @@ _GUIDE_ENVELOPE = _compiled(GUIDE_ENVELOPE_FIELDS)
 
 def _read(
     doc: dict[str, Any], type_: EventType, sub_type: str | None, shape: Literal["sent", "guide"]
-) -> _Read:
+) -> Read:
     """Every value of a framed body that the model reads, checked; values not given are None."""
     if shape == "sent":
         occurred = _first(_check_fields(doc, _SENT_ENVELOPE), SENT_TIME_FIELDS)
@@ -561,7 +564,7 @@ def _read(
         occurred = _first(_check_fields(doc, _GUIDE_ENVELOPE), GUIDE_TIME_FIELDS)
         data = doc.get("data")
     if type_ is EventType.UNROUTED:  # kept as received: its payload is nobody's business yet
-        return _Read(data, occurred, None, None)
+        return Read(data, occurred, None, None)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -574,7 +577,7 @@ def _read(
     if type_ is EventType.MESSAGE_STATUS and shape == "sent" and sub_type and sub_type.startswith("message."):
         # Sent's sub_type ("message.delivered") names the status; the payload's is the fallback.
         status = _status(sub_type.removeprefix("message."), "the status in 'sub_type'") or status
-    return _Read(data, occurred, _first(found, id_fields), status)
+    return Read(data, occurred, _first(found, id_fields), status)
 
 
 def frame(body: bytes, *, webhook_id: str | None, id_source: EventIdSource = "auto") -> Framed:
@@ -582,8 +585,7 @@ def frame(body: bytes, *, webhook_id: str | None, id_source: EventIdSource = "au
     doc = _load_object(body)
     type_, sub_type, shape = _classify(doc)
     event_id = _event_id(doc, body, webhook_id, id_source)
-    _read(doc, type_, sub_type, shape)
-    return Framed(event_id, type_, sub_type, shape, doc)
+    return Framed(event_id, type_, sub_type, shape, doc, _read(doc, type_, sub_type, shape))
 
 
 def _event_id(doc: dict[str, Any], body: bytes, webhook_id: str | None, source: EventIdSource) -> str:
@@ -604,7 +606,7 @@ def _event_id(doc: dict[str, Any], body: bytes, webhook_id: str | None, source: 
 
 def normalize(framed: Framed, *, tenant: str, received_at_ms: int) -> CanonicalEvent:
     """The canonical event for a framed body; raises MalformedEvent when a routed type lacks its keys."""
-    read = _read(framed.doc, framed.type, framed.sub_type, framed.shape)
+    read = framed.read or _read(framed.doc, framed.type, framed.sub_type, framed.shape)
     data = {} if read.data is None else read.data
     if not isinstance(data, dict):
         raise MalformedEvent("bad_payload", "event payload is not an object")

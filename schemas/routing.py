@@ -140,7 +140,7 @@ def route(
     event_id = key.decode(errors="replace") if key else framed.event_id
     if event_id != framed.event_id:
         # The ingress keyed it; keep that id so dedup, rows and replay all agree.
-        framed = type(framed)(event_id, framed.type, framed.sub_type, framed.shape, framed.doc)
+        framed = framed._replace(event_id=event_id)
     tenant = headers.get(H_TENANT, b"").decode(errors="replace") or default_tenant
     received_raw = headers.get(H_RECEIVED_AT)
     try:
