@@ -259,7 +259,10 @@ class WebhookHandler:
             verifier = self.decoy
         req_headers = request.headers
         # The header as Sent sends it is taken as is; anything else (parameters, case) is parsed by aiohttp.
-        if req_headers.get("Content-Type") != "application/json" and request.content_type != "application/json":
+        if (
+            req_headers.get("Content-Type") != "application/json"
+            and request.content_type != "application/json"
+        ):
             return "unsupported_media_type", error(
                 415, "unsupported_media_type", "Content-Type must be application/json"
             )
