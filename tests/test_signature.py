@@ -140,3 +140,15 @@ def test_a_decoy_runs_every_check_and_never_matches() -> None:
         with pytest.raises(SignatureError) as e:
             decoy.verify(headers, b"{}", now)
         assert e.value.reason is reason
+
+
+def test_an_empty_prefixed_header_falls_back_to_the_bare_name() -> None:
+    """Sent's x- names are looked up first; an absent or empty one is read from the Standard Webhooks name."""
+    now = int(time.time())
+    body = b'{"a":1}'
+    bare = _peer_headers(SECRET, "msg", now, body, prefixed=False)
+    empty = {"x-webhook-id": "", "x-webhook-timestamp": "", "x-webhook-signature": ""}
+    assert Verifier([SECRET], 300).verify(empty | bare, body, now).webhook_id == "msg"
+    # Both given: the x- names win (here they carry another, valid delivery).
+    prefixed = _peer_headers(SECRET, "other", now, body)
+    assert Verifier([SECRET], 300).verify(bare | prefixed, body, now).webhook_id == "other"
