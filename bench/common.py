@@ -10,13 +10,14 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -33,6 +34,24 @@ console = Console()
 
 def run_id() -> str:
     return uuid.uuid4().hex[:8]
+
+
+def ensure_debian_tool(binary: str, log: Callable[[str], None]) -> str | None:
+    """`binary`'s path, installing Debian's package of that name when missing and we may (root with apt)."""
+    if shutil.which(binary) or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return shutil.which(binary)
+    log(f"{binary} not found: installing Debian's {binary} package")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+
+    def apt(*args: str) -> None:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(["apt-get", *args], env=env, capture_output=True, timeout=600)
+
+    apt("install", "-y", "-qq", binary)
+    if shutil.which(binary) is None:  # the cached package list may predate it: refresh and retry once
+        apt("update", "-qq")
+        apt("install", "-y", "-qq", binary)
+    return shutil.which(binary)
 
 
 # --- services ------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import re
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.common import REPO, Proc, run_id, settings_env, stopping
+from bench.common import REPO, Proc, ensure_debian_tool, run_id, settings_env, stopping
 from bench.ingress import BENCH_SECRET
 from bench.loadgen import Delivery, signed_pool
 from bench.ui import BenchResult, Row, Ui
@@ -55,21 +54,8 @@ class Count:
 
 
 def ensure_valgrind(log: Callable[[str], None]) -> str | None:
-    """valgrind's path, installing Debian's package when missing and we may (root with apt)."""
-    if shutil.which("valgrind") or os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return shutil.which("valgrind")
-    log("valgrind not found: installing Debian's valgrind package")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for args in (
-        ["install", "-y", "-qq", "valgrind"],
-        ["update", "-qq"],
-        ["install", "-y", "-qq", "valgrind"],
-    ):
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            subprocess.run(["apt-get", *args], env=env, capture_output=True, timeout=600)
-        if shutil.which("valgrind"):
-            break
-    return shutil.which("valgrind")
+    """valgrind's path, installing Debian's package when missing and we may; None otherwise."""
+    return ensure_debian_tool("valgrind", log)
 
 
 async def _send(url: str, pool: list[Delivery], concurrency: int) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import orjson
 
+from bench.common import ensure_debian_tool
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.signature import signature_headers
 from sentpipe.sender.delivery import nearest_rank_quantile
@@ -101,21 +101,8 @@ def signed_pool(secret: str, size: int, seed: int) -> list[Delivery]:
 
 
 def ensure_wrk(log: Callable[[str], None]) -> str | None:
-    """wrk's path, installing Debian's package when missing and we may (root with apt); None otherwise."""
-    if shutil.which("wrk") or os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return shutil.which("wrk")
-    log("wrk not found: installing Debian's wrk package")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-
-    def apt(*args: str) -> None:
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            subprocess.run(["apt-get", *args], env=env, capture_output=True, timeout=600)
-
-    apt("install", "-y", "-qq", "wrk")
-    if shutil.which("wrk") is None:  # the cached package list may predate wrk: refresh and retry once
-        apt("update", "-qq")
-        apt("install", "-y", "-qq", "wrk")
-    return shutil.which("wrk")
+    """wrk's path, installing Debian's package when missing and we may; None otherwise."""
+    return ensure_debian_tool("wrk", log)
 
 
 Tick = Callable[[float], None]
