@@ -222,8 +222,7 @@ class WebhookHandler:
         started = time.perf_counter()
         tenant = request.match_info.get("tenant", self.default_tenant)
         label = tenant if tenant in self.verifiers else "unknown"
-        given = request.headers.get("x-request-id")
-        request_id = request_id_of(given) if given else new_request_id()
+        request_id = request_id_of(request.headers.get("x-request-id"))
         if self.in_flight >= self.max_in_flight:
             # Overloaded: turn it away before reading anything; Sent retries later.
             m.INGRESS_REFUSED.labels("overloaded").inc()

@@ -433,13 +433,13 @@ def _check_fields(d: dict[str, Any], fields: _Fields) -> dict[str, Any]:
         value = d[name]
         if value is None or value == "":
             continue
-        kind = by_name[name].kind
+        spec = by_name[name]
+        kind = spec.kind
         if kind == "time":
-            out[name] = parse_timestamp(value, by_name[name].where)
+            out[name] = parse_timestamp(value, spec.where)
         elif type(value) is str and len(value) <= _STRING_LIMITS[kind] and "\x00" not in value:
             out[name] = value  # the usual case, decided inline: exactly what _string returns for it
         else:
-            spec = by_name[name]
             out[name] = _string(value, spec.where, spec.reason, kind)
     return out
 
