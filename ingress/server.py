@@ -31,6 +31,7 @@ from aiohttp import web
 
 from sentpipe.ingress.app import (
     StartupError,
+    bypass_router,
     check_topic_limits,
     create_app,
     create_metrics_app,
@@ -67,6 +68,7 @@ async def serve(
     # shutdown_timeout: in-flight requests get this long to finish before the producer flushes.
     runner = web.AppRunner(app, shutdown_timeout=settings.produce_timeout_s + 5, access_log=None)
     await runner.setup()
+    bypass_router(runner)
     site = web.TCPSite(runner, host, port, backlog=2048, reuse_port=reuse_port or None)
     await site.start()
     metrics_runner = web.AppRunner(create_metrics_app(), access_log=None)

@@ -11,9 +11,10 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from sentpipe.ingress.app import create_app, producer_for
+from sentpipe.ingress.app import bypass_router, create_app, producer_for
 from sentpipe.processors.migrate import migrate
 from sentpipe.processors.topics import ensure_topics, projections_group
 from sentpipe.schemas.topics import Topics
@@ -82,8 +83,11 @@ def topics(settings: Settings) -> Topics:
 
 @pytest.fixture
 async def ingress(settings: Settings) -> AsyncIterator[str]:
-    """The ingress app in this process on a free port, for this test's settings; yields its base URL."""
+    """The ingress app in this process on a free port, for this test's settings; yields its base URL. Served
+    as `sentpipe ingress` serves it: the webhook path bypasses the router (before any connection opens)."""
     server = TestServer(create_app(settings, producer_for(settings)), host="127.0.0.1")
     await server.start_server()
+    assert isinstance(server.runner, web.AppRunner)
+    bypass_router(server.runner)
     yield f"http://127.0.0.1:{server.port}"
     await server.close()
