@@ -392,7 +392,11 @@ def _iso_timestamp(value: str, where: str) -> datetime:
         raise MalformedEvent("bad_timestamp", f"{where} is longer than {MAX_TIMESTAMP_LENGTH} characters")
     try:
         parsed = datetime.fromisoformat(value)
-        parsed = parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        zone = parsed.tzinfo
+        if zone is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        elif zone is not UTC:  # "Z" and "+00:00" parse to UTC itself: nothing to convert
+            parsed = parsed.astimezone(UTC)
     except (OverflowError, ValueError):
         raise MalformedEvent("bad_timestamp", f"{where} is not an ISO-8601 time within 1970..9999") from None
     if parsed < EPOCH:
@@ -408,47 +412,58 @@ def parse_time(value: object) -> datetime | None:
         return None
 
 
+# What `_read` takes from a table: the first given value among a role's aliases (in lookup order).
+_TIME, _SUBJECT, _STATUS = "time", "subject", "status"
+
+
 class _Fields(NamedTuple):
-    """A field table as the per-request check reads it: the names in table order, and each name's spec."""
+    """A field table as the per-request check reads it, in table order: each field's name, spec, longest
+    length (0 for a time) and role (`_TIME`, `_SUBJECT`, `_STATUS` or None)."""
 
-    names: tuple[str, ...]
-    by_name: dict[str, FieldSpec]
+    entries: tuple[tuple[str, FieldSpec, int, str | None], ...]
 
 
-def _compiled(specs: tuple[FieldSpec, ...]) -> _Fields:
-    by_name = {spec.name: spec for spec in specs}
-    assert len(by_name) == len(specs), "a field table names a field twice"
-    return _Fields(tuple(by_name), by_name)
+def _compiled(specs: tuple[FieldSpec, ...], roles: dict[str, tuple[str, ...]]) -> _Fields:
+    names = [spec.name for spec in specs]
+    assert len(set(names)) == len(names), "a field table names a field twice"
+    role_of: dict[str, str] = {}
+    for role, aliases in roles.items():
+        # The first given in table order must be the first given in lookup order.
+        assert [n for n in names if n in aliases] == list(aliases), f"{role}: {aliases} out of table order"
+        role_of.update(dict.fromkeys(aliases, role))
+    return _Fields(
+        tuple(
+            (spec.name, spec, 0 if spec.kind == "time" else _STRING_LIMITS[spec.kind], role_of.get(spec.name))
+            for spec in specs
+        )
+    )
 
 
 def _check_fields(d: dict[str, Any], fields: _Fields) -> dict[str, Any]:
-    """Check every given field of a table in `d`; the checked values (str or datetime) by name."""
-    out: dict[str, Any] = {}
-    by_name = fields.by_name
+    """Check every given field of a table in `d`; the first checked value (str or datetime) of each role."""
+    found: dict[str, Any] = {}
+    checked: Any
     # In table order, so the first wrong one in the table is the one reported; an absent name costs one
     # membership test (a body has a few of a table's names).
-    for name in fields.names:
+    for name, spec, limit, role in fields.entries:
         if name not in d:
             continue
         value = d[name]
         if value is None or value == "":
             continue
-        spec = by_name[name]
-        kind = spec.kind
-        if kind == "time":
-            out[name] = parse_timestamp(value, spec.where)
-        elif type(value) is str and len(value) <= _STRING_LIMITS[kind] and "\x00" not in value:
-            out[name] = value  # the usual case, decided inline: exactly what _string returns for it
+        if not limit:  # a time; an ISO string, the usual case, straight to its parser
+            checked = (
+                _iso_timestamp(value, spec.where)
+                if type(value) is str
+                else parse_timestamp(value, spec.where)
+            )
+        elif type(value) is str and len(value) <= limit and "\x00" not in value:
+            checked = value  # the usual case, decided inline: exactly what _string returns for it
         else:
-            out[name] = _string(value, spec.where, spec.reason, kind)
-    return out
-
-
-def _first(found: dict[str, Any], names: tuple[str, ...]) -> Any:
-    for name in names:
-        if name in found:
-            return found[name]
-    return None
+            checked = _string(value, spec.where, spec.reason, spec.kind)
+        if role is not None and role not in found:
+            found[role] = checked
+    return found
 
 
 # --- the envelope and the payloads (the JSON Schema contract is generated from these tables) -----------
@@ -517,8 +532,12 @@ _TYPE_BY_NAME = {t.value: t for t in ROUTED_TYPES}
 def _classify(doc: dict[str, Any]) -> tuple[EventType, str | None, Literal["sent", "guide"]]:
     field = doc.get("field")
     if isinstance(field, str):
-        _type_name(field, "'field'", "bad_type")
-        sub = _type_name(doc.get("sub_type"), "'sub_type'", "bad_sub_type")
+        # The usual names are decided inline; anything else gets _type_name's verdict (or its "not given").
+        if not 0 < len(field) <= MAX_TYPE_LENGTH or "\x00" in field:
+            _type_name(field, "'field'", "bad_type")
+        sub = doc.get("sub_type")
+        if type(sub) is not str or not 0 < len(sub) <= MAX_TYPE_LENGTH or "\x00" in sub:
+            sub = _type_name(sub, "'sub_type'", "bad_sub_type")
         if field in ("message", "messages"):
             if sub == "message.received":
                 return EventType.MESSAGE_INBOUND, sub, "sent"
@@ -544,13 +563,20 @@ class Read(NamedTuple):  # a tuple: built for every request at the ingress, chea
     status: str | None  # as given, not lower-cased
 
 
-# One lookup per event (an Enum's hash is Python code): payload fields, id aliases, status aliases.
-_BY_TYPE: dict[EventType, tuple[_Fields, tuple[str, ...], tuple[str, ...]]] = {
-    t: (_compiled(PAYLOAD_FIELDS[t]), ENTITY_ID_FIELDS.get(t, ()), STATUS_FIELDS.get(t, ()))
+# Each routed type's payload table, compiled once.
+_BY_TYPE: dict[EventType, _Fields] = {
+    t: _compiled(
+        PAYLOAD_FIELDS[t],
+        {
+            _TIME: PAYLOAD_TIME_FIELDS,
+            _SUBJECT: ENTITY_ID_FIELDS.get(t, ()),
+            _STATUS: STATUS_FIELDS.get(t, ()),
+        },
+    )
     for t in ROUTED_TYPES
 }
-_SENT_ENVELOPE = _compiled(SENT_ENVELOPE_FIELDS)
-_GUIDE_ENVELOPE = _compiled(GUIDE_ENVELOPE_FIELDS)
+_SENT_ENVELOPE = _compiled(SENT_ENVELOPE_FIELDS, {_TIME: SENT_TIME_FIELDS})
+_GUIDE_ENVELOPE = _compiled(GUIDE_ENVELOPE_FIELDS, {_TIME: GUIDE_TIME_FIELDS})
 
 
 def _read(
@@ -558,10 +584,10 @@ def _read(
 ) -> Read:
     """Every value of a framed body that the model reads, checked; values not given are None."""
     if shape == "sent":
-        occurred = _first(_check_fields(doc, _SENT_ENVELOPE), SENT_TIME_FIELDS)
+        occurred = _check_fields(doc, _SENT_ENVELOPE).get(_TIME)
         data = doc.get("payload")
     else:
-        occurred = _first(_check_fields(doc, _GUIDE_ENVELOPE), GUIDE_TIME_FIELDS)
+        occurred = _check_fields(doc, _GUIDE_ENVELOPE).get(_TIME)
         data = doc.get("data")
     if type_ is EventType.UNROUTED:  # kept as received: its payload is nobody's business yet
         return Read(data, occurred, None, None)
@@ -569,15 +595,14 @@ def _read(
         data = {}
     if not isinstance(data, dict):
         raise MalformedEvent("bad_payload", "event payload is not an object")
-    fields, id_fields, status_fields = _BY_TYPE[type_]
-    found = _check_fields(data, fields)
+    found = _check_fields(data, _BY_TYPE[type_])
     if shape == "guide" and occurred is None:
-        occurred = _first(found, PAYLOAD_TIME_FIELDS)
-    status = _first(found, status_fields)
+        occurred = found.get(_TIME)
+    status = found.get(_STATUS)
     if type_ is EventType.MESSAGE_STATUS and shape == "sent" and sub_type and sub_type.startswith("message."):
         # Sent's sub_type ("message.delivered") names the status; the payload's is the fallback.
         status = _status(sub_type.removeprefix("message."), "the status in 'sub_type'") or status
-    return Read(data, occurred, _first(found, id_fields), status)
+    return Read(data, occurred, found.get(_SUBJECT), status)
 
 
 def frame(body: bytes, *, webhook_id: str | None, id_source: EventIdSource = "auto") -> Framed:
@@ -590,7 +615,11 @@ def frame(body: bytes, *, webhook_id: str | None, id_source: EventIdSource = "au
 
 def _event_id(doc: dict[str, Any], body: bytes, webhook_id: str | None, source: EventIdSource) -> str:
     # The envelope id is checked whatever the source: a wrongly typed one is refused, never replaced.
-    envelope_id = _id(doc.get("id"), "the envelope 'id'", "bad_event_id")
+    envelope_id = doc.get("id")
+    if envelope_id is not None and (
+        type(envelope_id) is not str or not 0 < len(envelope_id) <= MAX_ID_LENGTH or "\x00" in envelope_id
+    ):
+        envelope_id = _id(envelope_id, "the envelope 'id'", "bad_event_id")
     if source == "auto":
         return envelope_id if envelope_id is not None else _sha256(body)  # Sent retries the same body
     if source == "body":
