@@ -66,7 +66,7 @@ def raw_headers(
     """The headers of a raw record; the type is absent for a malformed body."""
     out: HeaderList = [
         (H_TENANT, tenant.encode()),
-        (H_RECEIVED_AT, str(received_at_ms).encode()),
+        (H_RECEIVED_AT, b"%d" % received_at_ms),
         (H_WEBHOOK_ID, webhook_id.encode()),
         (H_SIGNATURE_VERIFIED, b"true"),
         (H_REQUEST_ID, request_id.encode()),

@@ -23,7 +23,14 @@ from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
 from sentpipe.broker import ProduceRejected
-from sentpipe.ingress.app import MAX_FIELD_SIZE, REQUEST_ID_MAX, StartupError, create_app, producer_for
+from sentpipe.ingress.app import (
+    MAX_FIELD_SIZE,
+    REQUEST_ID_MAX,
+    StartupError,
+    create_app,
+    new_request_id,
+    producer_for,
+)
 from sentpipe.kafka import AsyncProducer, admin_client, topic_max_message_bytes
 from sentpipe.processors.topics import CopartitioningError, check_record_limits, ensure_topics
 from sentpipe.schemas import routing as r
@@ -482,3 +489,19 @@ async def test_a_fatal_producer_error_replaces_the_producer_and_the_ingress_heal
         status, _, _ = await exchange(port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 200
     assert len(read_topic(settings.kafka_bootstrap, topics.raw, at_least=1)) == 1
+
+
+def test_generated_request_ids_are_distinct_and_a_forked_child_draws_its_own() -> None:
+    ids = [new_request_id() for _ in range(3000)]  # more than one batch
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: what would have been the parent's next ids must not come out here
+        os.write(write, "".join(new_request_id() for _ in range(8)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as fh:
+        child = fh.read().decode()
+    parent = "".join(new_request_id() for _ in range(8))
+    assert len(child) == len(parent) == 256 and child != parent
