@@ -9,6 +9,11 @@ Each server runs under valgrind's callgrind with one profile per thread. After a
 zeroed, a fixed number of signed deliveries is sent (fixed concurrency, every one answered 200), and the
 counters are dumped: instructions per request on the event loop (the main thread: what limits one
 process) and in the other threads (librdkafka's, for the ingress).
+
+What runs on a timer is overcounted: valgrind slows the server about 50x, so the ingress's delivery-report
+tick (every millisecond while records are in flight, `sentpipe.kafka.TICK_S`) runs about ten times per
+request here against a few requests per tick at full speed. With a 20 ms tick the count was about 10,000
+lower (2026-12-01); read the ingress's count as that much above its cost at full speed.
 """
 
 from __future__ import annotations
