@@ -11,9 +11,10 @@ counters are dumped: instructions per request on the event loop (the main thread
 process) and in the other threads (librdkafka's, for the ingress).
 
 What runs on a timer is overcounted: valgrind slows the server about 50x, so the ingress's delivery-report
-tick (every millisecond while records are in flight, `sentpipe.kafka.TICK_S`) runs about ten times per
-request here against a few requests per tick at full speed. With a 20 ms tick the count was about 10,000
-lower (2026-12-01); read the ingress's count as that much above its cost at full speed.
+tick (every half millisecond while records are in flight, `sentpipe.kafka.TICK_S`) runs about twenty times
+per request here against a tick per few requests at full speed. With the tick at 1 ms, a 20 ms tick
+counted about 10,000 fewer (2026-12-01); at 0.5 ms read the ingress's count as about 20,000 above its cost
+at full speed, more on a busy host (valgrind runs slower, the tick does not).
 """
 
 from __future__ import annotations

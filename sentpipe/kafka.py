@@ -10,10 +10,11 @@ deliveries to callbacks (replay and redrive, which run in a plain thread), and `
 asyncio futures (the ingress and the worker's dead letters).
 
 librdkafka does the batching, network and retries in its own threads. The async face serves delivery
-reports with non-blocking poll(0) calls on the event loop itself, ticking every millisecond while records
-are in flight: one loop callback per tick serves every report that has arrived, and the callbacks settle
-futures directly, with no extra Python thread contending for the GIL. The same tick expires the backstop
-guards of `send_and_wait` (a deque in deadline order, not a timer per record).
+reports with non-blocking poll(0) calls on the event loop itself, ticking every half millisecond while
+records are in flight (with a 1 ms tick the ingress's loop sat waiting for reports at 64 connections; the
+shorter one made 7% more requests/s): one loop callback per tick serves every report that has arrived, and
+the callbacks settle futures directly, with no extra Python thread contending for the GIL. The same tick
+expires the backstop guards of `send_and_wait` (a deque in deadline order, not a timer per record).
 
 Broker state. librdkafka reports through `error_cb` when every broker connection is down
 (`_ALL_BROKERS_DOWN`) but says nothing when one comes back, so the producer tracks it: down on that report
@@ -50,7 +51,7 @@ from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.kafka")
 
-TICK_S = 0.001  # how often delivery reports are served while records are in flight
+TICK_S = 0.0005  # how often delivery reports are served while records are in flight
 FILL_S = 0.01  # the projector's longest wait to fill a batch once its first record is there
 IDLE_POLL_S = 0.05  # how often error reports (broker down, fatal) are served while nothing is in flight
 PROBE_INTERVAL_S = 0.25  # while every broker is down: how often to ask for metadata to notice one is back
