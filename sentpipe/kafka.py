@@ -9,20 +9,22 @@ The producer has one implementation with two faces: `Producer` reports
 deliveries to callbacks (replay and redrive, which run in a plain thread), and `AsyncProducer` settles
 asyncio futures (the ingress and the worker's dead letters).
 
-librdkafka does the batching, network and retries in its own threads. The async face serves delivery
-reports with non-blocking poll(0) calls on the event loop itself, ticking every half millisecond while
-records are in flight (with a 1 ms tick the ingress's loop sat waiting for reports at 64 connections; the
-shorter one made 7% more requests/s): one loop callback per tick serves every report that has arrived, and
-the callbacks settle futures directly, with no extra Python thread contending for the GIL. The same tick
-expires the backstop guards of `send_and_wait` (a deque in deadline order, not a timer per record).
+librdkafka does the batching, network and retries in its own threads. The async face serves reports from
+one thread of its own, which waits inside librdkafka (`poll` with the GIL released) and hands each batch
+of delivery reports to the loop with one `call_soon_threadsafe`, where the futures are settled. An
+acknowledgement is picked up as soon as it arrives, and an idle process sleeps. Serving reports on the loop
+instead needs a timer: uvloop's count whole milliseconds (a shorter one runs as call_soon, a busy loop that
+kept a core at 100% whatever the load), and a 1 ms tick left a process at 64 connections waiting on it
+(`bench/RESULTS.md`). A slow tick on the loop expires the backstop guards of `send_and_wait` (a deque in
+deadline order, not a timer per record).
 
 Broker state. librdkafka reports through `error_cb` when every broker connection is down
 (`_ALL_BROKERS_DOWN`) but says nothing when one comes back, so the producer tracks it: down on that report
-(served every 50 ms even while idle), up again on the next successful delivery or metadata answer (a probe
-asks every 250 ms while down). `unavailable` names why new records cannot be accepted right now, so a caller
-can refuse at once instead of waiting out the delivery timeout; records already queued keep waiting. A fatal
-error (`err.fatal()`, e.g. the idempotent producer lost its sequence) makes librdkafka's producer unusable
-for good: the async face replaces it with a new one (undelivered records of the old one fail), with a
+(the report thread serves it as it comes), up again on the next successful delivery or metadata answer (a
+probe asks every 250 ms while down). `unavailable` names why new records cannot be accepted right now, so a
+caller can refuse at once instead of waiting out the delivery timeout; records already queued keep waiting.
+A fatal error (`err.fatal()`, e.g. the idempotent producer lost its sequence) makes librdkafka's producer
+unusable for good: the async face replaces it with a new one (undelivered records of the old one fail), with a
 backoff if fatal errors repeat.
 """
 
@@ -34,6 +36,7 @@ import contextlib
 import logging
 import re
 import ssl
+import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -51,9 +54,12 @@ from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.kafka")
 
-TICK_S = 0.0005  # how often delivery reports are served while records are in flight
+REPORT_WAIT_S = 0.05  # the report thread's longest wait in librdkafka (how soon it notices close())
+SWEEP_S = 0.1  # how often guards and replaced producers are swept while records are in flight
+# Polling on the loop (before start and during close). Not below 1 ms: uvloop's timers count whole
+# milliseconds and run a shorter delay as call_soon, which spins the loop.
+TICK_S = 0.001
 FILL_S = 0.01  # the projector's longest wait to fill a batch once its first record is there
-IDLE_POLL_S = 0.05  # how often error reports (broker down, fatal) are served while nothing is in flight
 PROBE_INTERVAL_S = 0.25  # while every broker is down: how often to ask for metadata to notice one is back
 PROBE_TIMEOUT_S = 1.0
 RECREATE_BACKOFF_S = (1.0, 30.0)  # after a fatal error: first retry delay, cap (doubling while they repeat)
@@ -482,7 +488,6 @@ class AsyncProducer(Producer):
         self._in_flight = 0
         self._ticking = False
         self._running = False
-        self._idle_handle: asyncio.TimerHandle | None = None
         self._probe_task: asyncio.Task[None] | None = None
         self._recreate_handle: asyncio.TimerHandle | None = None
         self._recreate_delay_s = RECREATE_BACKOFF_S[0]
@@ -492,6 +497,10 @@ class AsyncProducer(Producer):
         # send_and_wait's backstops, (monotonic deadline, future), oldest first: swept by the tick.
         self._guards: collections.deque[tuple[float, asyncio.Future[Delivered]]] = collections.deque()
         self.recreated = 0
+        # Delivery reports served by the report thread, waiting to be settled on the loop.
+        self._reports: list[tuple[asyncio.Future[Delivered], KafkaError | None, Message]] = []
+        self._settle_scheduled = False
+        self._reporter: threading.Thread | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, *, delivery_timeout_s: float | None = None) -> AsyncProducer:
@@ -500,42 +509,74 @@ class AsyncProducer(Producer):
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._running = True
-        self._idle_poll()
+        self._reporter = threading.Thread(target=self._serve_reports, name="sentpipe-reports", daemon=True)
+        self._reporter.start()
         if self._down_since is not None or self._fatal_error is not None:  # reported before start
             self._loop.call_soon(self._after_error)
 
+    def _serve_reports(self) -> None:
+        """The report thread: waits in librdkafka for reports, then hands what came to the loop at once."""
+        loop = self._loop
+        assert loop is not None
+        while self._running and not loop.is_closed():
+            try:
+                # Delivery reports go to `_reports`; error reports are handled where they come
+                # (`_on_error` is thread-safe). The GIL is released while librdkafka waits.
+                self._producer.poll(REPORT_WAIT_S)
+                if self._reports and not self._settle_scheduled:
+                    self._settle_scheduled = True
+                    loop.call_soon_threadsafe(self._settle)
+            except RuntimeError:  # the loop is closed: nobody is waiting for a report any more
+                return
+            except Exception:  # a thread that died would leave every later record without its report
+                log.exception("serving Kafka producer reports failed; going on")
+                time.sleep(REPORT_WAIT_S)
+
+    def _settle(self) -> None:
+        """Settle the futures of the reports that came (on the loop), in the order they came."""
+        self._settle_scheduled = False
+        reports, self._reports = self._reports, []
+        for fut, err, msg in reports:
+            self._in_flight -= 1
+            if err is None and self._down_since is not None:
+                self._mark_up()
+            if fut.done():  # the guard in send() gave up on it already
+                continue
+            if err is not None:
+                fut.set_exception(ProduceRejected(err.name().lower()))
+            else:
+                fut.set_result(Delivered(msg.topic() or "", msg.partition() or 0, msg.offset() or 0))
+
     def _poll(self) -> None:
-        self._producer.poll(0)  # serves delivery reports (and error_cb) right here, on the loop
+        """On the loop: serve what the report thread does not (replaced producers; everything while the
+        thread is not running) and settle what has come."""
+        if self._reporter is None:
+            self._producer.poll(0)
         if self._retired:
             now = time.monotonic()
             for old, _ in self._retired:
                 old.poll(0)
             self._retired = [(old, until) for old, until in self._retired if len(old) > 0 and now < until]
+        if self._reports:
+            self._settle()
 
     def _tick(self) -> None:
         self._poll()
         if self._guards:
             self._expire_guards()
         if (self._in_flight > 0 or self._retired) and self._loop is not None:
-            self._loop.call_later(TICK_S, self._tick)
+            self._loop.call_later(self._tick_s(), self._tick)
         else:
             self._ticking = False
+
+    def _tick_s(self) -> float:
+        # With the report thread the tick only sweeps guards and replaced producers: it need not be quick.
+        return SWEEP_S if self._reporter is not None else TICK_S
 
     def _start_ticking(self) -> None:
         if not self._ticking and self._loop is not None:
             self._ticking = True
-            self._loop.call_later(TICK_S, self._tick)
-
-    def _idle_poll(self) -> None:
-        """Serve error reports while nothing is in flight: a dead broker is known before the next request."""
-        self._idle_handle = None
-        if not self._running or self._loop is None:
-            return
-        if not self._ticking:
-            self._poll()
-            if self._guards:
-                self._expire_guards()
-        self._idle_handle = self._loop.call_later(IDLE_POLL_S, self._idle_poll)
+            self._loop.call_later(self._tick_s(), self._tick)
 
     # --- broker state ------------------------------------------------------------------------------------
     def _on_error(self, err: KafkaError) -> None:
@@ -599,15 +640,8 @@ class AsyncProducer(Producer):
 
     # --- records -----------------------------------------------------------------------------------------
     def _on_delivery(self, fut: asyncio.Future[Delivered], err: KafkaError | None, msg: Message) -> None:
-        self._in_flight -= 1
-        if err is None and self._down_since is not None:
-            self._mark_up()
-        if fut.done():  # the guard in send() gave up on it already
-            return
-        if err is not None:
-            fut.set_exception(ProduceRejected(err.name().lower()))
-        else:
-            fut.set_result(Delivered(msg.topic() or "", msg.partition() or 0, msg.offset() or 0))
+        # Runs in whichever thread polled (mostly the report thread): futures are settled on the loop.
+        self._reports.append((fut, err, msg))
 
     def produce(
         self,
@@ -663,12 +697,14 @@ class AsyncProducer(Producer):
         while self._queued() > 0 and time.monotonic() < deadline:
             self._poll()
             await asyncio.sleep(TICK_S)
-        self._poll()
         self._running = False
-        for handle in (self._idle_handle, self._recreate_handle):
-            if handle is not None:
-                handle.cancel()
-        self._idle_handle = self._recreate_handle = None
+        if self._reporter is not None:
+            await asyncio.to_thread(self._reporter.join)  # within REPORT_WAIT_S
+            self._reporter = None
+        self._poll()
+        if self._recreate_handle is not None:
+            self._recreate_handle.cancel()
+            self._recreate_handle = None
         if self._probe_task is not None:
             self._probe_task.cancel()
             self._probe_task = None

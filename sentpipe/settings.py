@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     ingress_workers: int = Field(0, ge=0, le=256)
     produce_timeout_s: float = Field(5.0, gt=0)
     producer_max_in_flight: int = Field(20000, ge=1)
-    producer_linger_ms: int = Field(2, ge=0)
+    producer_linger_ms: int = Field(1, ge=0)
     producer_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
     # The durable local spool: what the broker cannot take right now is fsynced here and answered 200, then
     # drained to Kafka when it is back. Off unless asked for: until drained, those events live on one disk.

@@ -166,3 +166,57 @@ def test_the_callback_producer_reports_undelivered_records_and_flush_never_hangs
     slow.send("anything", b"k", b"v", [], outcomes.append)
     with pytest.raises(BrokerUnavailable, match=r"1 record\(s\) not acknowledged by Kafka at 127\.0\.0\.1:"):
         slow.flush(timeout_s=1.0)
+
+
+def test_the_async_producer_sleeps_while_its_records_wait() -> None:
+    """Records in flight must not keep the event loop busy: under uvloop (what the ingress runs on) a tick
+    shorter than 1 ms ran as call_soon and spun the loop at 100% of a core whatever the load. The loop
+    thread's own CPU time over a second with a record that is never acknowledged (a broker that accepts the
+    connection and says nothing) is what would show it; the bound is loose, a spinning loop uses the whole
+    second."""
+    import uvloop
+
+    async def scenario() -> float:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(-1)
+
+        mute = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = mute.sockets[0].getsockname()[1]
+        producer = AsyncProducer.from_settings(
+            Settings(kafka_bootstrap=f"127.0.0.1:{port}"), delivery_timeout_s=30
+        )
+        await producer.start()
+        try:
+            pending = producer.produce("anything", b"k", b"v", [])
+            cpu0 = time.thread_time()
+            await asyncio.sleep(1.0)
+            used = time.thread_time() - cpu0
+            assert not pending.done()
+            return used
+        finally:
+            await producer.close(timeout=0.1)
+            mute.close()
+
+    assert uvloop.run(scenario()) < 0.25
+
+
+async def test_the_async_producer_settles_futures_on_the_loop_thread(services: Services) -> None:
+    """Reports are served by the producer's own thread; the futures must still be settled on the loop's."""
+    import threading
+
+    s = Settings(kafka_bootstrap=services.kafka_bootstrap)
+    topic = f"contract-async-{uuid.uuid4().hex[:10]}"
+    admin = admin_client(s)  # held: a collected admin client fails its pending futures
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
+    producer = AsyncProducer.from_settings(s, delivery_timeout_s=30)
+    await producer.start()
+    try:
+        settled_on: list[int] = []
+        fut = producer.produce(topic, b"k", b"v", [])
+        fut.add_done_callback(lambda _: settled_on.append(threading.get_ident()))
+        delivered = await asyncio.wait_for(fut, 30)
+        assert delivered.topic == topic and delivered.offset == 0
+        await asyncio.sleep(0)
+        assert settled_on == [threading.get_ident()]
+    finally:
+        await producer.close()
