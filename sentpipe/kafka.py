@@ -497,8 +497,11 @@ class AsyncProducer(Producer):
         # send_and_wait's backstops, (monotonic deadline, future), oldest first: swept by the tick.
         self._guards: collections.deque[tuple[float, asyncio.Future[Delivered]]] = collections.deque()
         self.recreated = 0
-        # Delivery reports served by the report thread, waiting to be settled on the loop.
-        self._reports: list[tuple[asyncio.Future[Delivered], KafkaError | None, Message]] = []
+        # Delivery reports served by the report thread, waiting to be settled on the loop. Never replaced:
+        # deque.append and popleft are atomic, so a report appended while the loop drains is never lost.
+        self._reports: collections.deque[tuple[asyncio.Future[Delivered], KafkaError | None, Message]] = (
+            collections.deque()
+        )
         self._settle_scheduled = False
         self._reporter: threading.Thread | None = None
 
@@ -534,9 +537,10 @@ class AsyncProducer(Producer):
 
     def _settle(self) -> None:
         """Settle the futures of the reports that came (on the loop), in the order they came."""
-        self._settle_scheduled = False
-        reports, self._reports = self._reports, []
-        for fut, err, msg in reports:
+        self._settle_scheduled = False  # cleared first: a report appended from here on schedules another
+        reports = self._reports
+        while reports:
+            fut, err, msg = reports.popleft()
             self._in_flight -= 1
             if err is None and self._down_since is not None:
                 self._mark_up()
