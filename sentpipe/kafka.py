@@ -526,14 +526,16 @@ class AsyncProducer(Producer):
                 # Delivery reports go to `_reports`; error reports are handled where they come
                 # (`_on_error` is thread-safe). The GIL is released while librdkafka waits.
                 self._producer.poll(REPORT_WAIT_S)
-                if self._reports and not self._settle_scheduled:
-                    self._settle_scheduled = True
-                    loop.call_soon_threadsafe(self._settle)
-            except RuntimeError:  # the loop is closed: nobody is waiting for a report any more
-                return
             except Exception:  # a thread that died would leave every later record without its report
                 log.exception("serving Kafka producer reports failed; going on")
                 time.sleep(REPORT_WAIT_S)
+                continue
+            if self._reports and not self._settle_scheduled:
+                self._settle_scheduled = True
+                try:
+                    loop.call_soon_threadsafe(self._settle)
+                except RuntimeError:  # the loop is closed: nobody is waiting for a report any more
+                    return
 
     def _settle(self) -> None:
         """Settle the futures of the reports that came (on the loop), in the order they came."""
