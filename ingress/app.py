@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 import uuid
@@ -49,6 +50,9 @@ log = logging.getLogger("sentpipe.ingress")
 PRODUCER = web.AppKey("producer", AsyncProducer)
 SPOOL = web.AppKey("spool", Spool)
 STALL_AFTER_S = web.AppKey("stall_after_s", float)
+# A producer is hung once records wait this much longer than librdkafka's own delivery timeout, and at least
+# SENTPIPE_STALL_AFTER_S: librdkafka reports every record (delivered or failed) within that timeout.
+STALL_MARGIN_S = 10.0
 WEBHOOK_PATH = "/webhooks/sent"
 
 OPENAPI = resources.files("sentpipe.schemas") / "ingress.openapi.json"
@@ -444,15 +448,31 @@ class WebhookHandler:
 WEBHOOK = web.AppKey("webhook", WebhookHandler)
 
 
-async def healthz(request: web.Request) -> web.Response:
-    """Liveness: fails while the spool has records, a broker is reachable, and the drain has not finished a
-    window for SENTPIPE_STALL_AFTER_S: it is hung (a restart is the remedy; the records stay on disk)."""
-    spool = request.app.get(SPOOL)
-    if spool is not None and spool.records and request.app[PRODUCER].unavailable is None:
+def liveness_problem(app: web.Application) -> tuple[str, str] | None:
+    """Why this process is hung (error code, detail), or None. Hung is: records waiting for the broker and
+    no delivery report for longer than librdkafka takes to report any record (its report path is broken),
+    or a spool whose drain has not finished a window for SENTPIPE_STALL_AFTER_S while a broker is reachable.
+    A restart is the remedy for both (spooled records stay on disk; unreported ones were never answered
+    200, so Sent sends them again)."""
+    producer = app[PRODUCER]
+    waited = producer.stalled_s()
+    if waited > max(app[STALL_AFTER_S], producer.delivery_timeout_s + STALL_MARGIN_S):
+        how = "the report thread is gone" if waited == math.inf else f"none for {waited:.0f} s"
+        return "producer_stalled", f"records waiting for Kafka delivery reports; {how}"
+    spool = app.get(SPOOL)
+    if spool is not None and spool.records and producer.unavailable is None:
         still = time.monotonic() - spool.progress_at
-        if still > request.app[STALL_AFTER_S]:
-            log.error("spool drain stalled: %d records waiting, no progress for %.0f s", spool.records, still)
-            return error(503, "spool_drain_stalled", f"{spool.records} spooled records, drain hung")
+        if still > app[STALL_AFTER_S]:
+            return "spool_drain_stalled", f"{spool.records} spooled records, drain hung for {still:.0f} s"
+    return None
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: 503 while the process is hung (`liveness_problem`)."""
+    problem = liveness_problem(request.app)
+    if problem is not None:
+        log.error("ingress hung: %s", problem[1], extra={"reason": problem[0]})
+        return error(503, *problem)
     return web.json_response({"status": "ok"})
 
 

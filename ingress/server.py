@@ -6,7 +6,8 @@ listen on the one webhook port (SO_REUSEPORT: the kernel spreads connections ove
 producer. The supervisor serves their metrics as one on the metrics port (`ingress/gather.py`: every sample
 labelled `worker`). SIGTERM/SIGINT is passed on to every worker, each finishes its requests and flushes its
 producer, and the supervisor exits 0 once all have exited 0. A worker that exits on its own stops the others
-and the supervisor exits 1, so an orchestrator restarts the whole set.
+and the supervisor exits 1, so an orchestrator restarts the whole set. A process that is hung (records
+waiting for delivery reports that no longer come, a spool drain that does not move) stops itself, status 1.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from sentpipe.ingress.app import (
     create_app,
     create_metrics_app,
     finish_in_flight,
+    liveness_problem,
     open_spool,
     producer_for,
     verifiers_for,
@@ -44,6 +46,8 @@ from sentpipe.ingress.gather import Gatherer
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.ingress")
+
+HUNG_CHECK_S = 1.0  # how often a process checks itself with the liveness probe's test
 
 
 async def serve(
@@ -93,7 +97,10 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    hung: list[str] = []
+    watcher = loop.create_task(_stop_when_hung(app, stop, hung))
     await stop.wait()
+    watcher.cancel()
     log.info("shutting down: finishing in-flight requests and flushing the producer")
     # No new connections; the requests being handled finish first, bodies included. aiohttp's own shutdown
     # drops what arrives after it starts, so a request whose body was still on its way would meet the body
@@ -104,6 +111,21 @@ async def serve(
         log.warning("shutting down with %d requests still in flight after the grace period", left)
     await runner.cleanup()
     await metrics_runner.cleanup()
+    if hung:
+        raise SystemExit(1)
+
+
+async def _stop_when_hung(app: web.Application, stop: asyncio.Event, hung: list[str]) -> None:
+    """Stop this process, status 1, once it is hung (`liveness_problem`, what /healthz answers 503 for): the
+    probe of a set of workers reaches whichever one the kernel hands its connection to, maybe never the hung
+    one, and Docker or systemd restart a process that exits, not one that is unhealthy."""
+    while not stop.is_set():
+        await asyncio.sleep(HUNG_CHECK_S)
+        problem = liveness_problem(app)
+        if problem is not None:
+            log.error("ingress worker hung (%s): %s; stopping with status 1", *problem)
+            hung.append(problem[0])
+            stop.set()
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:

@@ -34,6 +34,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import re
 import ssl
 import threading
@@ -504,6 +505,8 @@ class AsyncProducer(Producer):
         )
         self._settle_scheduled = False
         self._reporter: threading.Thread | None = None
+        # When a delivery report last came, or (nothing in flight before it) the record now waiting was sent.
+        self._progress_at = time.monotonic()
 
     @classmethod
     def from_settings(cls, settings: Settings, *, delivery_timeout_s: float | None = None) -> AsyncProducer:
@@ -541,6 +544,8 @@ class AsyncProducer(Producer):
         """Settle the futures of the reports that came (on the loop), in the order they came."""
         self._settle_scheduled = False  # cleared first: a report appended from here on schedules another
         reports = self._reports
+        if reports:
+            self._progress_at = time.monotonic()
         while reports:
             fut, err, msg = reports.popleft()
             self._in_flight -= 1
@@ -667,6 +672,8 @@ class AsyncProducer(Producer):
             loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[Delivered] = loop.create_future()
         self._enqueue(topic, key, value, headers, partial(self._on_delivery, fut), partition)
+        if not self._in_flight:
+            self._progress_at = time.monotonic()
         self._in_flight += 1
         if not self._ticking:
             self._start_ticking()
@@ -693,6 +700,17 @@ class AsyncProducer(Producer):
                     return
                 fut.set_exception(ProduceRejected("delivery_timeout"))
             guards.popleft()
+
+    def stalled_s(self) -> float:
+        """How long records have waited without any delivery report coming (0: none waiting); infinite when
+        the report thread is gone while the producer runs. librdkafka reports every record, delivered or
+        failed, within message.timeout.ms: a wait much longer than that means reports no longer come."""
+        reporter = self._reporter
+        if self._running and reporter is not None and not reporter.is_alive():
+            return math.inf
+        if not self._in_flight:
+            return 0.0
+        return time.monotonic() - self._progress_at
 
     def _queued(self) -> int:
         return len(self._producer) + sum(len(old) for old, _ in self._retired)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from sentpipe.kafka import AsyncProducer
+
 
 @dataclass(frozen=True)
 class Record:
@@ -202,3 +204,12 @@ def delete_topics(
             for fut in admin.delete_consumer_groups(list(groups), request_timeout=timeout).values():
                 with contextlib.suppress(Exception):
                     fut.result(timeout=timeout)
+
+
+def stop_report_thread(producer: AsyncProducer) -> None:
+    """Fault injection: the report thread ends (as if it had died) while the producer keeps running."""
+    producer._running = False
+    assert producer._reporter is not None
+    producer._reporter.join(5)
+    assert not producer._reporter.is_alive()
+    producer._running = True

@@ -20,7 +20,7 @@ from sentpipe.broker import BatchConsumer, LocalBroker, ProduceRejected, Record,
 from sentpipe.kafka import AsyncProducer, BrokerUnavailable, Producer, admin_client
 from sentpipe.kafka import BatchConsumer as KafkaBatchConsumer
 from sentpipe.settings import Settings
-from tests.kafka_tools import wait_topics_ready
+from tests.kafka_tools import stop_report_thread, wait_topics_ready
 from tests.processes import free_port
 from tests.services import Services
 
@@ -220,3 +220,31 @@ async def test_the_async_producer_settles_futures_on_the_loop_thread(services: S
         assert called_back == [fut]
     finally:
         await producer.close()
+
+
+async def test_the_async_producer_says_how_long_records_wait_without_a_report(services: Services) -> None:
+    """`stalled_s` (what the ingress's liveness reads): zero with nothing waiting; the time since the last
+    report while records wait; back to zero once the report comes (a failure is a report too); infinite
+    once the report thread is gone."""
+    s = Settings(kafka_bootstrap=services.kafka_bootstrap)
+    topic = f"contract-stall-{uuid.uuid4().hex[:10]}"
+    admin = admin_client(s)  # held: a collected admin client fails its pending futures
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
+    producer = AsyncProducer.from_settings(s, delivery_timeout_s=2)
+    await producer.start()
+    try:
+        assert producer.stalled_s() == 0.0
+        await asyncio.wait_for(producer.produce(topic, b"k", b"v", []), 10)
+        assert producer.stalled_s() == 0.0
+        # A topic that does not exist: librdkafka holds the record until its delivery timeout, then fails it.
+        waiting = producer.produce(f"{topic}-missing", b"k", b"v", [])
+        await asyncio.sleep(0.5)
+        assert 0.4 <= producer.stalled_s() < 10
+        with pytest.raises(ProduceRejected):
+            await asyncio.wait_for(waiting, 10)
+        assert producer.stalled_s() == 0.0
+        stop_report_thread(producer)
+        assert producer.stalled_s() == float("inf")
+    finally:
+        await producer.close()
+    assert producer.stalled_s() == 0.0  # closed: not running, nothing waiting

@@ -29,8 +29,10 @@ from sentpipe.ingress.app import (
     StartupError,
     create_app,
     new_request_id,
+    open_spool,
     producer_for,
 )
+from sentpipe.ingress.spool import SpoolRecord
 from sentpipe.kafka import AsyncProducer, admin_client, topic_max_message_bytes
 from sentpipe.processors.topics import CopartitioningError, check_record_limits, ensure_topics
 from sentpipe.schemas import routing as r
@@ -38,7 +40,7 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.signature import signature_headers
 from sentpipe.schemas.topics import Topics, record_limits
 from sentpipe.settings import Settings
-from tests.kafka_tools import read_topic
+from tests.kafka_tools import read_topic, stop_report_thread
 from tests.processes import Proc, settings_env
 
 LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
@@ -489,6 +491,66 @@ async def test_a_fatal_producer_error_replaces_the_producer_and_the_ingress_heal
         status, _, _ = await exchange(port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 200
     assert len(read_topic(settings.kafka_bootstrap, topics.raw, at_least=1)) == 1
+
+
+async def test_a_producer_whose_reports_stop_coming_fails_liveness(
+    settings: Settings, topics: Topics
+) -> None:
+    """The report thread gone (fault injection): records would wait for reports forever, so /healthz answers
+    503 `producer_stalled` (and `sentpipe ingress` stops itself: see test_ingress_workers)."""
+    s = settings.model_copy(update={"produce_timeout_s": 1.0})
+    secret = s.webhook_secret.get_secret_value()
+    f = SampleFactory(39)
+    async with serve(s) as (port, producer):
+        body = f.inbound().body
+        assert (await exchange(port, head("/webhooks/sent", signed(secret, body), len(body)), body))[0] == 200
+        assert (await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 200
+        stop_report_thread(producer)
+        status, _, answer = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (status, orjson.loads(answer)["error"]) == (503, "producer_stalled")
+        assert "report thread is gone" in orjson.loads(answer)["detail"]
+        # Never acknowledged without its report: the backstop answers 503 and Sent sends it again.
+        body = f.inbound().body
+        request = head("/webhooks/sent", signed(secret, body), len(body))
+        status, _, answer = await exchange(port, request, body)
+        assert (status, orjson.loads(answer)["error"]) == (503, "broker_unavailable")
+
+
+async def test_a_spool_drain_that_does_not_move_fails_liveness(
+    settings: Settings, topics: Topics, tmp_path: Path
+) -> None:
+    """Spooled records the drain cannot deliver (here: a topic that does not exist, so librdkafka holds them
+    until its delivery timeout) while the broker is reachable: past SENTPIPE_STALL_AFTER_S /healthz answers
+    503 `spool_drain_stalled`."""
+    s = settings.model_copy(
+        update={
+            "spool": True,
+            "spool_dir": tmp_path / "spool",
+            "stall_after_s": 1.0,
+            "produce_timeout_s": 30.0,
+        }
+    )
+    spool = open_spool(s)
+    assert spool is not None
+    headers = tuple(
+        r.raw_headers(
+            tenant="default", received_at_ms=1, webhook_id="w", request_id="rid", event_type="message.inbound"
+        )
+    )
+    await spool.append(SpoolRecord(f"{topics.prefix}missing", b"k", b"v", headers, 1))
+    producer = producer_for(s)
+    server = TestServer(create_app(s, producer, spool), host="127.0.0.1")
+    await server.start_server()
+    try:
+        assert server.port is not None
+        status, _, _ = await exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200  # within SENTPIPE_STALL_AFTER_S of the drain's start
+        await asyncio.sleep(1.5)
+        assert spool.records == 1 and producer.unavailable is None
+        status, _, answer = await exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (status, orjson.loads(answer)["error"]) == (503, "spool_drain_stalled")
+    finally:
+        await server.close()
 
 
 def test_generated_request_ids_are_distinct_and_a_forked_child_draws_its_own() -> None:

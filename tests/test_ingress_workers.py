@@ -113,6 +113,26 @@ def test_a_worker_that_dies_stops_the_set_with_a_non_zero_status(settings: Setti
     assert "exited with status -9: stopping the others" in proc.log.read_text()
 
 
+def test_a_hung_worker_stops_itself_and_the_set_exits_non_zero(settings: Settings, tmp_path: Path) -> None:
+    """Each worker's producer loses its report thread at start (fault injection through sitecustomize, in
+    every process of the set): no record could ever be acknowledged. The liveness probe might never reach
+    that worker, so it stops itself with status 1, and the supervisor stops the set and exits 1."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sentpipe.kafka\nsentpipe.kafka.AsyncProducer._serve_reports = lambda self: None\n"
+    )
+    port = free_port()
+    env = settings_env(settings, ingress_host="127.0.0.1", ingress_port=port, ingress_workers=2)
+    env["PYTHONPATH"] = str(tmp_path)
+    proc = Proc(["ingress"], env, tmp_path / "ingress.log").start()
+    try:
+        assert proc.p is not None and proc.p.wait(60) == 1, proc.tail()
+    finally:
+        proc.kill()
+    log = proc.log.read_text()
+    assert "ingress worker hung (producer_stalled)" in log, log
+    assert "exited with status 1: stopping the others" in log, log
+
+
 def test_workers_need_a_fixed_port(settings: Settings, tmp_path: Path) -> None:
     env = settings_env(settings, ingress_host="127.0.0.1", ingress_port=0, ingress_workers=2)
     proc = Proc(["ingress"], env, tmp_path / "ingress.log").start()
