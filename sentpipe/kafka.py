@@ -565,9 +565,18 @@ class AsyncProducer(Producer):
             self._producer.poll(0)
         if self._retired:
             now = time.monotonic()
-            for old, _ in self._retired:
+            kept = []
+            for old, until in self._retired:
                 old.poll(0)
-            self._retired = [(old, until) for old, until in self._retired if len(old) > 0 and now < until]
+                left = len(old)
+                if left and now < until:
+                    kept.append((old, until))
+                elif left:
+                    # Let go: these reports will never be served, so they no longer count as waiting (an
+                    # idle process would otherwise look hung to `stalled_s` forever).
+                    self._in_flight -= left
+                    log.warning("replaced Kafka producer let go with %d records never reported", left)
+            self._retired = kept
         if self._reports:
             self._settle()
 

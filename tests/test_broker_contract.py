@@ -248,3 +248,23 @@ async def test_the_async_producer_says_how_long_records_wait_without_a_report(se
     finally:
         await producer.close()
     assert producer.stalled_s() == 0.0  # closed: not running, nothing waiting
+
+
+def test_a_replaced_producer_let_go_with_records_unreported_stops_counting_them() -> None:
+    """Accounting only (a stand-in for the replaced librdkafka producer): when its grace runs out with
+    records it never reported, they stop counting as waiting, or an idle ingress would look hung forever."""
+
+    class Unreported:
+        def poll(self, timeout: float) -> int:
+            return 0
+
+        def __len__(self) -> int:
+            return 2
+
+    producer = AsyncProducer({"bootstrap.servers": "127.0.0.1:1"})
+    producer._retired = [(Unreported(), time.monotonic() - 1)]  # type: ignore[list-item]
+    producer._in_flight = 2
+    producer._progress_at = time.monotonic() - 100
+    assert producer.stalled_s() > 99
+    producer._poll()
+    assert producer._retired == [] and producer.stalled_s() == 0.0
