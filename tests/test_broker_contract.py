@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -200,39 +200,42 @@ def test_the_async_producer_sleeps_while_its_records_wait() -> None:
     assert uvloop.run(scenario()) < 0.25
 
 
+@contextlib.asynccontextmanager
+async def producer_and_topic(
+    services: Services, name: str, delivery_timeout_s: float
+) -> AsyncIterator[tuple[AsyncProducer, str]]:
+    """A started AsyncProducer on the real broker and a new one-partition topic; closed afterwards."""
+    s = Settings(kafka_bootstrap=services.kafka_bootstrap)
+    topic = f"contract-{name}-{uuid.uuid4().hex[:10]}"
+    admin = admin_client(s)  # held: a collected admin client fails its pending futures
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
+    producer = AsyncProducer.from_settings(s, delivery_timeout_s=delivery_timeout_s)
+    await producer.start()
+    try:
+        yield producer, topic
+    finally:
+        await producer.close()
+
+
 async def test_the_async_producer_settles_futures_on_the_loop_thread(services: Services) -> None:
     """Reports are served by the producer's own thread; the futures must still be settled on the loop's.
     In debug mode the loop refuses call_soon from another thread, so a future settled there would never
     run its done callbacks."""
     asyncio.get_running_loop().set_debug(True)
-    s = Settings(kafka_bootstrap=services.kafka_bootstrap)
-    topic = f"contract-async-{uuid.uuid4().hex[:10]}"
-    admin = admin_client(s)  # held: a collected admin client fails its pending futures
-    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
-    producer = AsyncProducer.from_settings(s, delivery_timeout_s=30)
-    await producer.start()
-    try:
+    async with producer_and_topic(services, "async", delivery_timeout_s=30) as (producer, topic):
         fut = producer.produce(topic, b"k", b"v", [])
         called_back: list[object] = []
         fut.add_done_callback(called_back.append)
         delivered = await asyncio.wait_for(fut, 10)
         assert delivered.topic == topic and delivered.offset == 0
         assert called_back == [fut]
-    finally:
-        await producer.close()
 
 
 async def test_the_async_producer_says_how_long_records_wait_without_a_report(services: Services) -> None:
     """`stalled_s` (what the ingress's liveness reads): zero with nothing waiting; the time since the last
     report while records wait; back to zero once the report comes (a failure is a report too); infinite
     once the report thread is gone."""
-    s = Settings(kafka_bootstrap=services.kafka_bootstrap)
-    topic = f"contract-stall-{uuid.uuid4().hex[:10]}"
-    admin = admin_client(s)  # held: a collected admin client fails its pending futures
-    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
-    producer = AsyncProducer.from_settings(s, delivery_timeout_s=2)
-    await producer.start()
-    try:
+    async with producer_and_topic(services, "stall", delivery_timeout_s=2) as (producer, topic):
         assert producer.stalled_s() == 0.0
         await asyncio.wait_for(producer.produce(topic, b"k", b"v", []), 10)
         assert producer.stalled_s() == 0.0
@@ -245,8 +248,6 @@ async def test_the_async_producer_says_how_long_records_wait_without_a_report(se
         assert producer.stalled_s() == 0.0
         stop_report_thread(producer)
         assert producer.stalled_s() == float("inf")
-    finally:
-        await producer.close()
     assert producer.stalled_s() == 0.0  # closed: not running, nothing waiting
 
 
