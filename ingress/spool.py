@@ -443,6 +443,9 @@ class Spool:
                 if not self.segments:
                     await self._appended.wait()
                 else:
+                    # Waiting for the broker is not a stall: the drain's clock (`progress_at`, what liveness
+                    # reads) runs only while it could send.
+                    self.progress_at = time.monotonic()
                     await asyncio.sleep(DRAIN_BACKOFF_S[0])
                 continue
             seg = self.segments[0]

@@ -28,6 +28,7 @@ from sentpipe.ingress.app import (
     REQUEST_ID_MAX,
     StartupError,
     create_app,
+    liveness_problem,
     new_request_id,
     open_spool,
     producer_for,
@@ -549,6 +550,49 @@ async def test_a_spool_drain_that_does_not_move_fails_liveness(
         assert spool.records == 1 and producer.unavailable is None
         status, _, answer = await exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (status, orjson.loads(answer)["error"]) == (503, "spool_drain_stalled")
+    finally:
+        await server.close()
+
+
+async def test_waiting_out_a_broker_outage_is_not_a_spool_drain_stall(
+    settings: Settings, topics: Topics, tmp_path: Path
+) -> None:
+    """While the producer knows every broker is down the drain waits, and that wait is not a stall: the
+    moment the broker is back, with the drain's first window still on its way, liveness holds. (It once
+    counted the whole outage as a hung drain, and a process stopping itself when hung stopped right as the
+    broker came back.) The window here waits on a topic that does not exist, so it cannot end first."""
+    s = settings.model_copy(update={"spool": True, "spool_dir": tmp_path / "spool", "stall_after_s": 1.0})
+    spool = open_spool(s)
+    assert spool is not None
+    headers = tuple(
+        r.raw_headers(
+            tenant="default", received_at_ms=1, webhook_id="w", request_id="rid", event_type="message.inbound"
+        )
+    )
+    await spool.append(SpoolRecord(f"{topics.prefix}missing", b"k", b"v", headers, 1))
+    producer = producer_for(s)
+    release = asyncio.Event()
+    probe = producer._probe
+
+    async def held_probe() -> None:  # the broker is in fact up: hold the probe until the outage is over
+        await release.wait()
+        await probe()
+
+    producer._probe = held_probe  # type: ignore[method-assign]
+    producer._on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
+    app = create_app(s, producer, spool)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        await asyncio.sleep(2.0)  # twice SENTPIPE_STALL_AFTER_S with every broker down
+        assert spool.records == 1 and producer.unavailable == "all_brokers_down"
+        release.set()
+        for _ in range(100):
+            if producer.unavailable is None:
+                break
+            await asyncio.sleep(0.02)
+        assert producer.unavailable is None and spool.records == 1
+        assert liveness_problem(app) is None
     finally:
         await server.close()
 
