@@ -560,8 +560,9 @@ class AsyncProducer(Producer):
 
     def _poll(self) -> None:
         """On the loop: serve what the report thread does not (replaced producers; everything while the
-        thread is not running) and settle what has come."""
-        if self._reporter is None:
+        thread is not running, or is gone: slowly, on the sweep, until the process that lost it stops)."""
+        reporter = self._reporter
+        if reporter is None or not reporter.is_alive():
             self._producer.poll(0)
         if self._retired:
             now = time.monotonic()

@@ -248,6 +248,9 @@ async def test_the_async_producer_says_how_long_records_wait_without_a_report(se
         assert producer.stalled_s() == 0.0
         stop_report_thread(producer)
         assert producer.stalled_s() == float("inf")
+        # Reports are still served, on the loop's sweep, until the process that lost its thread stops.
+        await asyncio.wait_for(producer.produce(topic, b"k", b"v", []), 10)
+        assert producer.stalled_s() == float("inf")
     assert producer.stalled_s() == 0.0  # closed: not running, nothing waiting
 
 

@@ -510,11 +510,13 @@ async def test_a_producer_whose_reports_stop_coming_fails_liveness(
         status, _, answer = await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (status, orjson.loads(answer)["error"]) == (503, "producer_stalled")
         assert "report thread is gone" in orjson.loads(answer)["detail"]
-        # Never acknowledged without its report: the backstop answers 503 and Sent sends it again.
+        # Until the process stops, the loop serves the reports itself (slowly): the broker's answer still
+        # decides the request's.
         body = f.inbound().body
         request = head("/webhooks/sent", signed(secret, body), len(body))
         status, _, answer = await exchange(port, request, body)
-        assert (status, orjson.loads(answer)["error"]) == (503, "broker_unavailable")
+        assert status == 200, answer
+        assert (await exchange(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"))[0] == 503
 
 
 async def test_a_spool_drain_that_does_not_move_fails_liveness(
