@@ -457,8 +457,9 @@ def liveness_problem(app: web.Application) -> tuple[str, str] | None:
     producer = app[PRODUCER]
     waited = producer.stalled_s()
     if waited > max(app[STALL_AFTER_S], producer.delivery_timeout_s + STALL_MARGIN_S):
-        how = "the report thread is gone" if waited == math.inf else f"none for {waited:.0f} s"
-        return "producer_stalled", f"records waiting for Kafka delivery reports; {how}"
+        if waited == math.inf:
+            return "producer_stalled", "the Kafka producer's report thread is gone"
+        return "producer_stalled", f"records waiting for Kafka delivery reports, none for {waited:.0f} s"
     spool = app.get(SPOOL)
     if spool is not None and spool.records and producer.unavailable is None:
         still = time.monotonic() - spool.progress_at

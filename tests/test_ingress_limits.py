@@ -499,7 +499,7 @@ async def test_a_producer_whose_reports_stop_coming_fails_liveness(
 ) -> None:
     """The report thread gone (fault injection): records would wait for reports forever, so /healthz answers
     503 `producer_stalled` (and `sentpipe ingress` stops itself: see test_ingress_workers)."""
-    s = settings.model_copy(update={"produce_timeout_s": 1.0})
+    s = settings.model_copy(update={"produce_timeout_s": 10.0})
     secret = s.webhook_secret.get_secret_value()
     f = SampleFactory(39)
     async with serve(s) as (port, producer):
