@@ -33,7 +33,7 @@ from sentpipe.ingress.app import (
     open_spool,
     producer_for,
 )
-from sentpipe.ingress.spool import SpoolRecord
+from sentpipe.ingress.spool import Spool, SpoolRecord
 from sentpipe.kafka import AsyncProducer, admin_client, topic_max_message_bytes
 from sentpipe.processors.topics import CopartitioningError, check_record_limits, ensure_topics
 from sentpipe.schemas import routing as r
@@ -420,6 +420,34 @@ def test_an_unusable_secret_in_the_secrets_file_is_refused_naming_the_tenant(
 
 
 # --- 3. fail fast, heal -----------------------------------------------------------------------------------
+def hold_probe(producer: AsyncProducer) -> asyncio.Event:
+    """Hold the producer's "is a broker back?" probe until the returned event is set: an injected "all
+    brokers down" then lasts, though the broker is in fact up."""
+    release = asyncio.Event()
+    probe = producer._probe
+
+    async def held_probe() -> None:
+        await release.wait()
+        await probe()
+
+    producer._probe = held_probe  # type: ignore[method-assign]
+    return release
+
+
+async def spool_with_an_undeliverable_record(s: Settings, topics: Topics) -> Spool:
+    """The spool of `s` holding one record for a topic that does not exist: librdkafka holds it until its
+    delivery timeout, so a drain window with it cannot end sooner."""
+    spool = open_spool(s)
+    assert spool is not None
+    headers = tuple(
+        r.raw_headers(
+            tenant="default", received_at_ms=1, webhook_id="w", request_id="rid", event_type="message.inbound"
+        )
+    )
+    await spool.append(SpoolRecord(f"{topics.prefix}missing", b"k", b"v", headers, 1))
+    return spool
+
+
 async def test_while_the_producer_knows_the_broker_is_down_it_answers_503_at_once_and_heals(
     settings: Settings, topics: Topics
 ) -> None:
@@ -434,14 +462,7 @@ async def test_while_the_producer_knows_the_broker_is_down_it_answers_503_at_onc
         # A record waiting for a topic that does not exist yet: queued, not failed.
         queued = producer.produce(f"{topics.prefix}later", b"k", b"v", [])
         # The broker is in fact up, so the probe would heal at once: hold it until the checks are done.
-        release = asyncio.Event()
-        probe = producer._probe
-
-        async def held_probe() -> None:
-            await release.wait()
-            await probe()
-
-        producer._probe = held_probe  # type: ignore[method-assign]
+        release = hold_probe(producer)
         producer._on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
         assert producer.unavailable == "all_brokers_down"
         body = f.inbound().body
@@ -533,14 +554,7 @@ async def test_a_spool_drain_that_does_not_move_fails_liveness(
             "produce_timeout_s": 30.0,
         }
     )
-    spool = open_spool(s)
-    assert spool is not None
-    headers = tuple(
-        r.raw_headers(
-            tenant="default", received_at_ms=1, webhook_id="w", request_id="rid", event_type="message.inbound"
-        )
-    )
-    await spool.append(SpoolRecord(f"{topics.prefix}missing", b"k", b"v", headers, 1))
+    spool = await spool_with_an_undeliverable_record(s, topics)
     producer = producer_for(s)
     server = TestServer(create_app(s, producer, spool), host="127.0.0.1")
     await server.start_server()
@@ -564,23 +578,9 @@ async def test_waiting_out_a_broker_outage_is_not_a_spool_drain_stall(
     counted the whole outage as a hung drain, and a process stopping itself when hung stopped right as the
     broker came back.) The window here waits on a topic that does not exist, so it cannot end first."""
     s = settings.model_copy(update={"spool": True, "spool_dir": tmp_path / "spool", "stall_after_s": 1.0})
-    spool = open_spool(s)
-    assert spool is not None
-    headers = tuple(
-        r.raw_headers(
-            tenant="default", received_at_ms=1, webhook_id="w", request_id="rid", event_type="message.inbound"
-        )
-    )
-    await spool.append(SpoolRecord(f"{topics.prefix}missing", b"k", b"v", headers, 1))
+    spool = await spool_with_an_undeliverable_record(s, topics)
     producer = producer_for(s)
-    release = asyncio.Event()
-    probe = producer._probe
-
-    async def held_probe() -> None:  # the broker is in fact up: hold the probe until the outage is over
-        await release.wait()
-        await probe()
-
-    producer._probe = held_probe  # type: ignore[method-assign]
+    release = hold_probe(producer)  # the broker is in fact up: the outage lasts until released
     producer._on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
     app = create_app(s, producer, spool)
     server = TestServer(app, host="127.0.0.1")
