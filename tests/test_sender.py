@@ -358,9 +358,12 @@ async def test_rate_paces_first_attempts(stub: Stub) -> None:
     rate = 50.0
     stats = await deliver(stub.url, deliveries, SECRET, rate=rate)
     assert stats.accepted == 6
+    # Measured where they arrive: the first one also paid for opening the connection, so a loaded machine
+    # can bring the others closer to it by a few ms. One interval of slack covers that; unpaced, all six
+    # would arrive within a few ms of each other and this fails from the third on.
     start = stub.hits[0].at
-    for i, hit in enumerate(stub.hits):
-        assert hit.at - start >= i / rate - 0.002
+    for i, hit in enumerate(stub.hits[1:], start=1):
+        assert hit.at - start >= (i - 1) / rate
 
 
 # --- against the real ingress and broker ---------------------------------------------------------------
