@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from bench import ingress, instructions, naive, pipeline, recovery
+from bench import ingress, instructions, naive, pipeline, placement, recovery
 from bench.common import LOCAL, REPO, console, jsonable
 from bench.ui import BenchResult, Ui, print_summary
 from tests.services import acquire
@@ -57,6 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--threads", type=int, default=2, help="wrk threads (2)")
     g.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto")
     g.add_argument(
+        "--placement",
+        choices=(*placement.PLACEMENTS, "both"),
+        default="both",
+        help="shared: every process on every CPU; isolated: the server's event loop alone on one CPU; "
+        "both (the default; isolated needs two CPUs): a table each",
+    )
+    g.add_argument(
         "--workers", type=int, default=2, help="processes each for the naive-receiver comparison (2)"
     )
     g = p.add_argument_group("pipeline")
@@ -78,6 +85,7 @@ def configs(args: argparse.Namespace) -> tuple[ingress.IngressConfig, pipeline.P
         connections=args.connections,
         threads=args.threads,
         loadgen=args.loadgen,
+        placements=placement.available() if args.placement == "both" else (args.placement,),
     )
     pc = pipeline.PipelineConfig(
         events=args.events or (10_000 if q else 50_000),
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             with ui.phase("services: Kafka broker and PostgreSQL"):
                 svc = acquire()
             if args.only in (None, "ingress"):
-                results.append(ingress.run(svc, ic, ui, work / "ingress"))
+                results.extend(ingress.run(svc, ic, ui, work / "ingress"))
             if args.only in (None, "instructions"):
                 counted = instructions.run(svc, instructions.InstructionsConfig(), ui, work / "instructions")
                 if counted is not None:

@@ -4,6 +4,10 @@
 (b) sentpipe: `sentpipe ingress` (one process) verifying signatures and producing with acks=all before
     answering. Both get the same pre-signed deliveries from the same load generator at the same fixed
     concurrency; rounds alternate the order so drift on a shared machine hits both alike.
+
+Each placement (`bench/placement.py`) is a table of its own: "shared", every process on every CPU (the
+broker and the load generator compete with the server), and "isolated", the server's event loop alone on
+one CPU with the rest on the others.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from bench.common import (
     stopping,
 )
 from bench.loadgen import LoadGenerator, LoadResult, PyClient, Wrk, ensure_wrk, signed_pool
+from bench.placement import placed
 from bench.ui import BenchResult, Row, Ui
 from sentpipe.processors.topics import ensure_topics
 from sentpipe.schemas.topics import Topics
@@ -53,6 +58,7 @@ class IngressConfig:
     threads: int = 2
     pool_size: int = 4096
     loadgen: str = "auto"  # auto (wrk, installed if missing, else aiohttp client) | wrk | python
+    placements: tuple[str, ...] = ("shared",)  # bench/placement.py
 
 
 @dataclass
@@ -115,7 +121,8 @@ def pick_loadgen(cfg: IngressConfig, ui: Ui, work: Path) -> LoadGenerator:
     return PyClient(work, processes=2, connections=cfg.connections)
 
 
-def run(svc: Services, cfg: IngressConfig, ui: Ui, work: Path) -> BenchResult:
+def run(svc: Services, cfg: IngressConfig, ui: Ui, work: Path) -> list[BenchResult]:
+    """One table per placement."""
     rid = run_id()
     prefix = f"bench{rid}."
     work.mkdir(parents=True, exist_ok=True)
@@ -150,7 +157,9 @@ def run(svc: Services, cfg: IngressConfig, ui: Ui, work: Path) -> BenchResult:
         "reference": (noop, f"http://127.0.0.1:{noop_port}/webhooks/sent"),
         "sentpipe": (ingress, f"http://127.0.0.1:{ing_port}/webhooks/sent"),
     }
-    results: dict[str, list[Measurement]] = {"reference": [], "sentpipe": []}
+    results: dict[str, dict[str, list[Measurement]]] = {
+        p: {"reference": [], "sentpipe": []} for p in cfg.placements
+    }
     raw_count = answered_200 = -1
     try:
         with stopping(noop, ingress):
@@ -161,18 +170,23 @@ def run(svc: Services, cfg: IngressConfig, ui: Ui, work: Path) -> BenchResult:
                 ingress.wait_http(f"http://127.0.0.1:{ing_port}/readyz")
             for rnd in range(cfg.rounds):
                 order = ["reference", "sentpipe"] if rnd % 2 == 0 else ["sentpipe", "reference"]
-                for name in order:
-                    proc, url = targets[name]
-                    results[name].append(
-                        measure(name, rnd, proc, url, cfg, load, ui, [ing_metrics] if proc is ingress else [])
-                    )
+                for placement in cfg.placements:
+                    for name in order:
+                        proc, url = targets[name]
+                        ports = [ing_metrics] if proc is ingress else []
+                        with placed(placement, proc.pid, service_pids().get("kafka", [])):
+                            m = measure(name, rnd, proc, url, cfg, load, ui, ports, label=placement)
+                        results[placement][name].append(m)
             answered_200 = int(
                 metric_sum(scrape(ing_metrics), "sentpipe_ingress_requests_total", status="200")
             )
         raw_count = raw_records(svc.kafka_bootstrap, Topics(prefix).raw)
     finally:
         delete_topics(svc.kafka_bootstrap, [prefix])
-    return _summarize(cfg, load, results, raw_count, answered_200, tolerance)
+    return [
+        _summarize(cfg, load, placement, by_name, raw_count, answered_200, tolerance)
+        for placement, by_name in results.items()
+    ]
 
 
 def measure(
@@ -186,10 +200,11 @@ def measure(
     metrics_ports: list[int],
     bench: str = "ingress",
     main_thread: bool = True,
+    label: str = "",
 ) -> Measurement:
     """One warmed-up measurement of one server; its own /metrics (summed over `metrics_ports`) when given.
     `main_thread`: also report the CPU of the server process's main thread (one process: its event loop)."""
-    label = f"{bench} round {rnd + 1}/{cfg.rounds}: {name}"
+    label = f"{bench}{' ' + label if label else ''} round {rnd + 1}/{cfg.rounds}: {name}"
     pool = signed_pool(BENCH_SECRET, cfg.pool_size, seed=rnd * 2 + (name == "sentpipe"))
     with ui.phase(f"{label} warm-up", total=round(cfg.warmup)) as ph:
         load.run(url, pool, cfg.warmup, f"{name}-{rnd}-warm", lambda t: ph.update(t))
@@ -237,9 +252,16 @@ def measured_row(title: str, ms: list[Measurement]) -> Row:
     )
 
 
+PLACEMENT_TITLES = {
+    "shared": "every process on every CPU",
+    "isolated": "its event loop alone on one CPU, broker, load generator and helper threads on the rest",
+}
+
+
 def _summarize(
     cfg: IngressConfig,
     load: LoadGenerator,
+    placement: str,
     results: dict[str, list[Measurement]],
     raw_count: int,
     answered_200: int,
@@ -264,8 +286,8 @@ def _summarize(
         f"p50 {sp.detail.get('produce_p50_ms')} ms, p99 {sp.detail.get('produce_p99_ms')} ms",
         f"non-2xx: reference {ref.detail['non_2xx']}, sentpipe {sp.detail['non_2xx']}; "
         f"socket errors: reference {ref.detail['socket_errors']}, sentpipe {sp.detail['socket_errors']}",
-        f"durability check (warm-ups included): {answered_200} answered 200 by the ingress, "
-        f"{raw_count} records in the raw topic",
+        f"durability check (every placement, warm-ups included): {answered_200} answered 200 by the "
+        f"ingress, {raw_count} records in the raw topic",
     ]
     cpu = {
         name: {k: median([m.cpu.get(k) for m in ms]) for k in ms[0].cpu} if ms else {}
@@ -273,14 +295,15 @@ def _summarize(
     }
     notes.append(f"CPU cores used while measuring (median): {cpu}")
     return BenchResult(
-        bench="ingress",
-        title="ingress: signed webhooks over HTTP, one server process",
+        # "ingress" stays the key of the shared placement: results files before placements used it.
+        bench="ingress" if placement == "shared" else f"ingress_{placement}",
+        title=f"ingress: signed webhooks over HTTP, one server process; {PLACEMENT_TITLES[placement]}",
         unit="requests/s",
         latency_label="ms",
         reference=ref,
         sentpipe=sp,
         notes=notes,
-        config={**vars(cfg), "tool": tool, "signature_tolerance_s": tolerance},
+        config={**vars(cfg), "placement": placement, "tool": tool, "signature_tolerance_s": tolerance},
         details={
             "per_round_rate_ratio": per_round,
             "raw_records": raw_count,

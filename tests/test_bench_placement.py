@@ -1,0 +1,85 @@
+"""The ingress bench's "isolated" placement puts the threads where it says and gives them back afterwards."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from bench.placement import available, isolated, placed, split_cpus, threads_of
+
+# A server stand-in: a main thread and two helper threads, all waiting.
+SERVER = """
+import threading, time
+for _ in range(2):
+    threading.Thread(target=time.sleep, args=(600,), daemon=True).start()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def server() -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def bystander() -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def affinities(pid: int) -> dict[int, set[int]]:
+    return {tid: os.sched_getaffinity(tid) for tid in threads_of(pid)}
+
+
+def test_the_isolated_placement_gives_the_loop_a_cpu_of_its_own_and_restores_every_cpu(
+    server: subprocess.Popen[str], bystander: subprocess.Popen[bytes]
+) -> None:
+    everything = os.sched_getaffinity(0)
+    split = split_cpus()
+    if split is None:
+        # One CPU: there is nothing to isolate, and the bench runs the shared placement only.
+        assert available() == ("shared",)
+        with pytest.raises(RuntimeError, match="two CPUs"), isolated(server.pid, [bystander.pid]):
+            pass
+        return
+    loop_cpu, rest = split
+    assert available() == ("shared", "isolated")
+    assert len(threads_of(server.pid)) == 3
+    with placed("isolated", server.pid, [bystander.pid]):
+        server_threads = affinities(server.pid)
+        assert server_threads.pop(server.pid) == loop_cpu
+        assert server_threads and all(cpus == rest for cpus in server_threads.values())
+        assert {frozenset(c) for c in affinities(bystander.pid).values()} == {frozenset(rest)}
+        # This process, and so the load generator it starts, keeps off the loop's CPU.
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        try:
+            time.sleep(0.05)
+            assert os.sched_getaffinity(child.pid) == rest
+        finally:
+            child.kill()
+            child.wait()
+    for pid in (server.pid, bystander.pid, os.getpid()):
+        assert {frozenset(c) for c in affinities(pid).values()} == {frozenset(everything)}
+
+
+def test_the_shared_placement_moves_nothing(server: subprocess.Popen[str]) -> None:
+    before = affinities(server.pid)
+    with placed("shared", server.pid, []):
+        assert affinities(server.pid) == before
+
+
+def test_an_unknown_placement_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown placement 'pinned'"):
+        placed("pinned", os.getpid(), [])
