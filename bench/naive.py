@@ -6,6 +6,9 @@
 (b) sentpipe: `sentpipe ingress` with SENTPIPE_INGRESS_WORKERS=N (N processes on one port, SO_REUSEPORT),
     verifying signatures and producing with acks=all before answering.
 Same pre-signed deliveries from the same load generator at the same concurrency, alternating rounds.
+A third server is measured beside them, the ceiling: bench/noop_server.py with N processes on one port,
+which does nothing but read the body and answer. No receiver of N processes that does any work can beat
+it on the same cores, so it says how far "N times the naive receiver" is reachable on the machine at all.
 """
 
 from __future__ import annotations
@@ -101,23 +104,31 @@ def run(svc: Services, cfg: IngressConfig, workers: int, ui: Ui, work: Path) -> 
         }
     )
     ingress = Proc.sentpipe("ingress", env, work / "ingress.log")
+    noop_port = free_port()
+    noop = Proc(
+        "noop", [sys.executable, "-m", "bench.noop_server", str(noop_port), str(workers)], work / "noop.log"
+    )
     metrics_ports = [ing_metrics]  # the workers' metrics, served as one by the supervisor
     targets = {
         "naive": (naive, f"http://127.0.0.1:{naive_port}/webhooks/sent", []),
         "sentpipe": (ingress, f"http://127.0.0.1:{ing_port}/webhooks/sent", metrics_ports),
+        "ceiling": (noop, f"http://127.0.0.1:{noop_port}/webhooks/sent", []),
     }
-    results: dict[str, list[Measurement]] = {"naive": [], "sentpipe": []}
+    results: dict[str, list[Measurement]] = {name: [] for name in targets}
     raw_count = answered_200 = stored = -1
     try:
-        with stopping(naive, ingress):
-            with ui.phase(f"naive: start the naive receiver and `sentpipe ingress`, {workers} workers each"):
+        with stopping(naive, ingress, noop):
+            with ui.phase(
+                f"naive: start the naive receiver, `sentpipe ingress` and the no-op, {workers} each"
+            ):
                 naive.start().wait_http(f"http://127.0.0.1:{naive_port}/healthz")
+                noop.start().wait_http(f"http://127.0.0.1:{noop_port}/healthz")
                 ingress.start()
                 # 200 once every worker is up (the supervisor answers 503 until then).
                 ingress.wait_http(f"http://127.0.0.1:{ing_metrics}/metrics")
                 ingress.wait_http(f"http://127.0.0.1:{ing_port}/readyz")
             for rnd in range(cfg.rounds):
-                order = ["naive", "sentpipe"] if rnd % 2 == 0 else ["sentpipe", "naive"]
+                order = ["naive", "sentpipe", "ceiling"] if rnd % 2 == 0 else ["ceiling", "sentpipe", "naive"]
                 for name in order:
                     proc, url, ports = targets[name]
                     results[name].append(
@@ -154,6 +165,8 @@ def _summarize(
         for r, s in zip(results["naive"], results["sentpipe"], strict=True)
         if r.load.rps
     ]
+    ceiling = measured_row(f"no-op aiohttp handler, {workers} processes", results["ceiling"])
+    reachable = None if not ref.rate or ceiling.rate is None else round(ceiling.rate / ref.rate, 2)
     tool = f"wrk -t{cfg.threads} -c{cfg.connections}" if isinstance(load, Wrk) else load.name
     cpu = {
         name: {k: median([m.cpu.get(k) for m in ms]) for k in ms[0].cpu} if ms else {}
@@ -167,6 +180,9 @@ def _summarize(
         "workers close the connection after every answer; wrk reconnects)",
         f"stored: naive {stored} distinct events in PostgreSQL; sentpipe {answered_200} answered 200, "
         f"{raw_count} records in the raw topic (warm-ups included)",
+        f"ceiling: the no-op handler in {workers} processes on one port made {_rate(ceiling.rate)} req/s "
+        f"(p99 {ceiling.p99_ms} ms): {reachable}x the naive receiver, the most any {workers}-process "
+        "receiver could reach on these cores",
         f"CPU cores used while measuring (median): {cpu}",
     ]
     return BenchResult(
@@ -183,6 +199,11 @@ def _summarize(
             "raw_records": raw_count,
             "answered_200": answered_200,
             "naive_stored": stored,
+            "ceiling": {"row": vars(ceiling), "rate_ratio_to_naive": reachable},
             "cpu_cores": cpu,
         },
     )
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
