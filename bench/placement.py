@@ -35,43 +35,63 @@ def threads_of(pid: int) -> list[int]:
         return []
 
 
-def _pin(tids: Iterable[int], cpus: set[int]) -> None:
+def pin_threads(tids: Iterable[int], cpus: set[int], best_effort: bool = False) -> bool:
+    """Move the threads; False when one could not be moved (only with `best_effort`: another user's
+    process, or CPUs outside its container's set)."""
+    moved = True
     for tid in tids:
-        # A thread may end between the listing and the call.
-        with contextlib.suppress(ProcessLookupError):
+        try:
             os.sched_setaffinity(tid, cpus)
+        except ProcessLookupError:  # it ended between the listing and the call
+            pass
+        except OSError:
+            if not best_effort:
+                raise
+            moved = False
+    return moved
 
 
 @contextlib.contextmanager
-def isolated(server_pid: int, others: Iterable[int]) -> Iterator[None]:
+def isolated(server_pid: int, others: Iterable[int]) -> Iterator[list[int]]:
     """Run the block with `server_pid`'s main thread alone on the first CPU and its other threads, the
-    processes in `others` and this process (so the load generator it starts) on the rest; every CPU again
-    afterwards. Threads started meanwhile inherit their creator's CPUs."""
+    processes in `others` and this process (so the load generator it starts) on the rest. Yields the pids
+    of `others` that could not be moved; afterwards each process's threads get back the CPUs its main
+    thread had. Threads started meanwhile inherit their creator's CPUs. One server process: the threads
+    of its children stay where they are."""
     split = split_cpus()
     if split is None:
         raise RuntimeError("the isolated placement needs at least two CPUs")
     loop_cpu, rest = split
-    everything = loop_cpu | rest
-    others = list(others)
-    _pin([server_pid], loop_cpu)
-    _pin([t for t in threads_of(server_pid) if t != server_pid], rest)
+    own = os.getpid()
+    before = {pid: os.sched_getaffinity(pid) for pid in (server_pid, own)}
+    unmoved: list[int] = []
     for pid in others:
-        _pin(threads_of(pid), rest)
-    own = threads_of(os.getpid())
-    _pin(own, rest)
+        if pid in before:
+            continue
+        try:
+            before[pid] = os.sched_getaffinity(pid)
+        except OSError:  # gone, or not ours to read: it stays where it is
+            unmoved.append(pid)
     try:
-        yield
+        pin_threads([server_pid], loop_cpu)
+        pin_threads([t for t in threads_of(server_pid) if t != server_pid], rest)
+        pin_threads(threads_of(own), rest)
+        for pid in before:
+            if pid not in (server_pid, own) and not pin_threads(threads_of(pid), rest, best_effort=True):
+                unmoved.append(pid)
+        yield unmoved
     finally:
-        _pin(threads_of(server_pid), everything)
-        for pid in others:
-            _pin(threads_of(pid), everything)
-        _pin(threads_of(os.getpid()), everything)
+        for pid, cpus in before.items():
+            pin_threads(threads_of(pid), cpus, best_effort=pid not in (server_pid, own))
 
 
-def placed(placement: str, server_pid: int, others: Iterable[int]) -> contextlib.AbstractContextManager[None]:
-    """The context a measurement runs in for `placement` (one of PLACEMENTS)."""
+def placed(
+    placement: str, server_pid: int, others: Iterable[int]
+) -> contextlib.AbstractContextManager[list[int]]:
+    """The context a measurement runs in for `placement` (one of PLACEMENTS); it yields the pids of
+    `others` it could not move."""
     if placement == "shared":
-        return contextlib.nullcontext()
+        return contextlib.nullcontext([])
     if placement == "isolated":
         return isolated(server_pid, others)
     raise ValueError(f"unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)}")

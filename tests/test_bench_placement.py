@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench.placement import available, isolated, placed, split_cpus, threads_of
+from bench.placement import available, isolated, pin_threads, placed, split_cpus, threads_of
 
 # A server stand-in: a main thread and two helper threads, all waiting.
 SERVER = """
@@ -43,7 +43,7 @@ def affinities(pid: int) -> dict[int, set[int]]:
     return {tid: os.sched_getaffinity(tid) for tid in threads_of(pid)}
 
 
-def test_the_isolated_placement_gives_the_loop_a_cpu_of_its_own_and_restores_every_cpu(
+def test_the_isolated_placement_gives_the_loop_a_cpu_of_its_own_and_gives_back_what_each_process_had(
     server: subprocess.Popen[str], bystander: subprocess.Popen[bytes]
 ) -> None:
     everything = os.sched_getaffinity(0)
@@ -57,7 +57,10 @@ def test_the_isolated_placement_gives_the_loop_a_cpu_of_its_own_and_restores_eve
     loop_cpu, rest = split
     assert available() == ("shared", "isolated")
     assert len(threads_of(server.pid)) == 3
-    with placed("isolated", server.pid, [bystander.pid]):
+    # A process kept on some CPUs of its own (say, a broker restricted beforehand) gets those back.
+    os.sched_setaffinity(bystander.pid, loop_cpu)
+    with placed("isolated", server.pid, [bystander.pid]) as unmoved:
+        assert unmoved == []
         server_threads = affinities(server.pid)
         assert server_threads.pop(server.pid) == loop_cpu
         assert server_threads and all(cpus == rest for cpus in server_threads.values())
@@ -70,13 +73,24 @@ def test_the_isolated_placement_gives_the_loop_a_cpu_of_its_own_and_restores_eve
         finally:
             child.kill()
             child.wait()
-    for pid in (server.pid, bystander.pid, os.getpid()):
+    for pid in (server.pid, os.getpid()):
         assert {frozenset(c) for c in affinities(pid).values()} == {frozenset(everything)}
+    assert os.sched_getaffinity(bystander.pid) == loop_cpu
+
+
+def test_a_process_that_cannot_be_moved_is_reported_not_fatal(server: subprocess.Popen[str]) -> None:
+    # No CPU has this number: the call fails as it does for another user's process or a container's cpuset.
+    nowhere = {max(os.sched_getaffinity(0)) + 4096}
+    with pytest.raises(OSError):
+        pin_threads([server.pid], nowhere)
+    assert pin_threads([server.pid], nowhere, best_effort=True) is False
+    assert pin_threads([server.pid], os.sched_getaffinity(0), best_effort=True) is True
 
 
 def test_the_shared_placement_moves_nothing(server: subprocess.Popen[str]) -> None:
     before = affinities(server.pid)
-    with placed("shared", server.pid, []):
+    with placed("shared", server.pid, []) as unmoved:
+        assert unmoved == []
         assert affinities(server.pid) == before
 
 
