@@ -22,10 +22,11 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.common import REPO, Proc, console, run_id, settings_env
+from bench.common import REPO, Proc, console, run_id, service_pids, settings_env
 from bench.ingress import BENCH_SECRET, IngressConfig, Measurement, measure
 from bench.instructions import Count, InstructionsConfig, count_ingress, count_noop, counting
 from bench.loadgen import Wrk, ensure_wrk
+from bench.placement import PLACEMENTS, available, placed
 from bench.ui import Ui
 from sentpipe.processors.topics import ensure_topics
 from sentpipe.settings import Settings
@@ -98,12 +99,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=8.0, help="measurement per contestant and round (8)")
     p.add_argument("--warmup", type=float, default=3.0, help="warm-up before each measurement (3)")
     p.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        default="shared",
+        help="shared (every process on every CPU) or isolated (the server's event loop alone on one CPU); "
+        "see bench/placement.py",
+    )
+    p.add_argument(
         "--instructions",
         action="store_true",
         help="count CPU instructions per request with callgrind instead (one run each: counts do not drift)",
     )
     args = p.parse_args(argv)
-    cfg = IngressConfig(seconds=args.seconds, warmup=args.warmup, rounds=args.rounds)
+    if args.placement not in available():
+        print(f"error: the {args.placement} placement needs at least two CPUs", file=sys.stderr)
+        return 1
+    cfg = IngressConfig(
+        seconds=args.seconds, warmup=args.warmup, rounds=args.rounds, placements=(args.placement,)
+    )
     results: dict[str, list[Measurement]] = {"base": [], "this tree": [], "no-op": []}
     counts: dict[str, Count] = {}
     try:
@@ -186,9 +199,16 @@ def _run(
                             proc.start().wait_http(f"{url}/healthz")
                             if ingress:
                                 proc.wait_http(f"{url}/readyz")
+                            placement = cfg.placements[0]
+                            unmoved = stack.enter_context(
+                                placed(placement, proc.pid, service_pids().get("kafka", []))
+                            )
+                            if unmoved:
+                                ui.log(f"{placement}: could not move pids {unmoved} off the loop's CPU")
+                            url_in = f"{url}/webhooks/sent"
                             results[name].append(
                                 measure(
-                                    name, rnd, proc, f"{url}/webhooks/sent", cfg, load, ui, [], bench="ab"
+                                    name, rnd, proc, url_in, cfg, load, ui, [], bench="ab", label=placement
                                 )
                             )
             finally:
