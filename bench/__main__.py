@@ -101,6 +101,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.placement != "both" and args.placement not in placement.available():
+        print(f"error: the {args.placement} placement needs at least two CPUs", file=sys.stderr)
+        return 2
     # Ctrl-C and SIGTERM (e.g. `timeout`) both unwind through the finally blocks that stop our processes;
     # set explicitly because a shell starts background jobs with SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.placement not in available():
         print(f"error: the {args.placement} placement needs at least two CPUs", file=sys.stderr)
-        return 1
+        return 2
     cfg = IngressConfig(
         seconds=args.seconds, warmup=args.warmup, rounds=args.rounds, placements=(args.placement,)
     )
