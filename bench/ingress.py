@@ -174,9 +174,7 @@ def run(svc: Services, cfg: IngressConfig, ui: Ui, work: Path) -> list[BenchResu
                     for name in order:
                         proc, url = targets[name]
                         ports = [ing_metrics] if proc is ingress else []
-                        with placed(placement, proc.pid, service_pids().get("kafka", [])) as unmoved:
-                            if unmoved:
-                                ui.log(f"{placement}: could not move pids {unmoved} off the loop's CPU")
+                        with placed(placement, proc.pid, service_pids().get("kafka", []), ui.log):
                             m = measure(name, rnd, proc, url, cfg, load, ui, ports, label=placement)
                         results[placement][name].append(m)
             answered_200 = int(

@@ -200,11 +200,9 @@ def _run(
                             if ingress:
                                 proc.wait_http(f"{url}/readyz")
                             placement = cfg.placements[0]
-                            unmoved = stack.enter_context(
-                                placed(placement, proc.pid, service_pids().get("kafka", []))
+                            stack.enter_context(
+                                placed(placement, proc.pid, service_pids().get("kafka", []), ui.log)
                             )
-                            if unmoved:
-                                ui.log(f"{placement}: could not move pids {unmoved} off the loop's CPU")
                             url_in = f"{url}/webhooks/sent"
                             results[name].append(
                                 measure(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 PLACEMENTS = ("shared", "isolated")
 
@@ -52,7 +52,9 @@ def pin_threads(tids: Iterable[int], cpus: set[int], best_effort: bool = False) 
 
 
 @contextlib.contextmanager
-def isolated(server_pid: int, others: Iterable[int]) -> Iterator[list[int]]:
+def isolated(
+    server_pid: int, others: Iterable[int], log: Callable[[str], None] | None = None
+) -> Iterator[list[int]]:
     """Run the block with `server_pid`'s main thread alone on the first CPU and its other threads, the
     processes in `others` and this process (so the load generator it starts) on the rest. Yields the pids
     of `others` that could not be moved; afterwards each process's threads get back the CPUs its main
@@ -79,6 +81,8 @@ def isolated(server_pid: int, others: Iterable[int]) -> Iterator[list[int]]:
         for pid in before:
             if pid not in (server_pid, own) and not pin_threads(threads_of(pid), rest, best_effort=True):
                 unmoved.append(pid)
+        if unmoved and log is not None:
+            log(f"isolated: could not move pids {unmoved} off the loop's CPU")
         yield unmoved
     finally:
         for pid, cpus in before.items():
@@ -86,14 +90,14 @@ def isolated(server_pid: int, others: Iterable[int]) -> Iterator[list[int]]:
 
 
 def placed(
-    placement: str, server_pid: int, others: Iterable[int]
+    placement: str, server_pid: int, others: Iterable[int], log: Callable[[str], None] | None = None
 ) -> contextlib.AbstractContextManager[list[int]]:
     """The context a measurement runs in for `placement` (one of PLACEMENTS); it yields the pids of
-    `others` it could not move."""
+    `others` it could not move, and says so through `log`."""
     if placement == "shared":
         return contextlib.nullcontext([])
     if placement == "isolated":
-        return isolated(server_pid, others)
+        return isolated(server_pid, others, log)
     raise ValueError(f"unknown placement {placement!r}; expected one of {', '.join(PLACEMENTS)}")
 
 

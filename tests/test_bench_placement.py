@@ -87,6 +87,23 @@ def test_a_process_that_cannot_be_moved_is_reported_not_fatal(server: subprocess
     assert pin_threads([server.pid], os.sched_getaffinity(0), best_effort=True) is True
 
 
+def test_a_process_the_placement_cannot_reach_is_named_in_the_log(server: subprocess.Popen[str]) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    lines: list[str] = []
+    if split_cpus() is None:  # one CPU: nothing to isolate, and nothing is logged
+        with (
+            pytest.raises(RuntimeError, match="two CPUs"),
+            placed("isolated", server.pid, [gone.pid], lines.append),
+        ):
+            pass
+        assert lines == []
+        return
+    with placed("isolated", server.pid, [gone.pid], lines.append) as unmoved:
+        assert unmoved == [gone.pid]
+    assert lines == [f"isolated: could not move pids [{gone.pid}] off the loop's CPU"]
+
+
 def test_the_shared_placement_moves_nothing(server: subprocess.Popen[str]) -> None:
     before = affinities(server.pid)
     with placed("shared", server.pid, []) as unmoved:
