@@ -12,11 +12,13 @@ import uuid
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 from aiohttp import web
+from aiohttp.streams import StreamReader
 from confluent_kafka import KafkaException
+from multidict import CIMultiDictProxy
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sentpipe import metrics as m
@@ -120,6 +122,33 @@ def error(status: int, code: str, detail: str, headers: dict[str, str] | None = 
     )
 
 
+class Answer(NamedTuple):
+    """A webhook request's answer: a JSON body with its status, and headers besides Content-Type."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+    close: bool = False  # no keep-alive after it: the rest of the request's body is not wanted
+
+    def response(self, request_id: str) -> web.Response:
+        """As an aiohttp response (the routed path), with the request's id."""
+        resp = web.Response(
+            status=self.status,
+            body=self.body,
+            content_type="application/json",
+            headers=(*self.headers, ("x-request-id", request_id)),
+        )
+        if self.close:
+            resp.force_close()
+        return resp
+
+
+def failed(status: int, code: str, detail: str, *, retry: bool = False, close: bool = False) -> Answer:
+    """An error answer: {"error": code, "detail": detail}, with Retry-After when Sent should retry."""
+    headers = (("Retry-After", RETRY_AFTER_S),) if retry else ()
+    return Answer(status, orjson.dumps({"error": code, "detail": detail}), headers, close)
+
+
 def _answering(
     status: int, code: str, detail: str, headers: dict[str, str] | None = None
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -181,6 +210,20 @@ def _init_metrics(tenants: list[str]) -> None:
             m.INGRESS_REQUESTS.labels(tenant, "signature_" + reason, "401")
 
 
+class PostedRequest(Protocol):
+    """What the webhook handler reads of a request: a `web.Request`, or the protocol's `Posted`."""
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def content_type(self) -> str: ...
+    @property
+    def content_length(self) -> int | None: ...
+    @property
+    def content(self) -> StreamReader: ...
+    async def read(self) -> bytes: ...
+
+
 class WebhookHandler:
     """POST /webhooks/sent[/{tenant}]: verify, frame, produce, answer once durable.
 
@@ -228,30 +271,29 @@ class WebhookHandler:
             ctx["requested_tenant"] = _printable(tenant)
         return ctx
 
-    async def handle(self, request: web.Request, tenant: str | None = None) -> web.Response:
-        """The route's handler; `tenant` is given when the router is bypassed (`bypass_router`)."""
+    async def handle(self, request: web.Request) -> web.Response:
+        """The routes' handler, for what the connection's shortcut does not take (`ingress/protocol.py`)."""
+        answer, request_id = await self.respond(
+            request, request.match_info.get("tenant", self.default_tenant)
+        )
+        return answer.response(request_id)
+
+    async def respond(self, request: PostedRequest, tenant: str) -> tuple[Answer, str]:
+        """The answer to one webhook request for `tenant` (from its path), and the request's id."""
         started = time.perf_counter()
-        if tenant is None:
-            tenant = request.match_info.get("tenant", self.default_tenant)
         label = tenant if tenant in self.verifiers else "unknown"
         request_id = request_id_of(request.headers.get("x-request-id"))
         if self.in_flight >= self.max_in_flight:
             # Overloaded: turn it away before reading anything; Sent retries later.
             m.INGRESS_REFUSED.labels("overloaded").inc()
             self._answered.inc((label, "overloaded", "503"))
-            resp = error(
-                503,
-                "overloaded",
-                f"more than {self.max_in_flight} requests in flight; retry",
-                headers={"Retry-After": RETRY_AFTER_S},
-            )
-            resp.headers["x-request-id"] = request_id
-            return resp
+            detail = f"more than {self.max_in_flight} requests in flight; retry"
+            return failed(503, "overloaded", detail, retry=True), request_id
         self.in_flight += 1
         outcome, status = "error", 500
         try:
-            outcome, resp = await self._handle(request, tenant, label, request_id)
-            status = resp.status
+            outcome, answer = await self._handle(request, tenant, label, request_id)
+            status = answer.status
         except Exception:
             log.exception("unexpected error", extra={"request_id": request_id, "tenant": label})
             raise
@@ -259,12 +301,11 @@ class WebhookHandler:
             self.in_flight -= 1
             self._answered.inc((label, outcome, str(status)))
             self._request_seconds.observe(time.perf_counter() - started)
-        resp.headers["x-request-id"] = request_id
-        return resp
+        return answer, request_id
 
     async def _handle(
-        self, request: web.Request, tenant: str, label: str, request_id: str
-    ) -> tuple[str, web.Response]:
+        self, request: PostedRequest, tenant: str, label: str, request_id: str
+    ) -> tuple[str, Answer]:
         verifier = self.verifiers.get(tenant)
         if verifier is None:
             verifier = self.decoy
@@ -274,13 +315,13 @@ class WebhookHandler:
             req_headers.get("Content-Type") != "application/json"
             and request.content_type != "application/json"
         ):
-            return "unsupported_media_type", error(
+            return "unsupported_media_type", failed(
                 415, "unsupported_media_type", "Content-Type must be application/json"
             )
         limit = self.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
-            return "too_large", error(413, "body_too_large", f"body is over the {limit} byte limit")
+            return "too_large", failed(413, "body_too_large", f"body is over the {limit} byte limit")
         content = request.content
         try:
             if content.is_eof():
@@ -292,13 +333,12 @@ class WebhookHandler:
                 async with asyncio.timeout(self.body_timeout_s):
                     body = await request.read()  # chunked bodies: aiohttp stops reading at client_max_size
         except web.HTTPRequestEntityTooLarge:
-            return "too_large", error(413, "body_too_large", f"body is over the {limit} byte limit")
+            return "too_large", failed(413, "body_too_large", f"body is over the {limit} byte limit")
         except TimeoutError:
             m.INGRESS_REFUSED.labels("body_timeout").inc()
             log.info("body timeout", extra=self._ctx(request_id, label, tenant))
-            resp = error(408, "body_timeout", f"the body did not arrive within {self.body_timeout_s:g}s")
-            resp.force_close()  # the rest of the body is not wanted: no keep-alive on this connection
-            return "body_timeout", resp
+            detail = f"the body did not arrive within {self.body_timeout_s:g}s"
+            return "body_timeout", failed(408, "body_timeout", detail, close=True)
 
         try:
             now = time.time()
@@ -307,7 +347,7 @@ class WebhookHandler:
             reason = exc.reason.value if verifier is not self.decoy else "unknown_tenant"
             m.INGRESS_SIGNATURE_FAILURES.labels(label, reason).inc()
             log.info("signature rejected", extra={**self._ctx(request_id, label, tenant), "reason": reason})
-            return "signature_" + reason, error(401, exc.reason.value, exc.detail)
+            return "signature_" + reason, failed(401, exc.reason.value, exc.detail)
         self._body_bytes.observe(len(body))
 
         received_ms = int(now * 1000)
@@ -333,10 +373,10 @@ class WebhookHandler:
                 return self._refused(rej, ctx)
             m.DLQ_EVENTS.labels("ingress", exc.reason).inc()
             log.warning("malformed event sent to DLQ", extra={**ctx, "reason": exc.reason})
-            answer: dict[str, Any] = {"status": "accepted", "outcome": "dead_lettered", "reason": exc.reason}
+            reply: dict[str, Any] = {"status": "accepted", "outcome": "dead_lettered", "reason": exc.reason}
             if delivered is None:
-                answer["spooled"] = True
-            return "dlq", web.json_response(answer)
+                reply["spooled"] = True
+            return "dlq", Answer(200, orjson.dumps(reply))
 
         event_id = framed.event_id
         event_type: str = framed.type  # a StrEnum is its value (`.value` is a Python-level property)
@@ -356,9 +396,8 @@ class WebhookHandler:
                 "spooled",
                 extra={**self._ctx(request_id, label, tenant), "event_id": event_id, "type": event_type},
             )
-            return "spooled", web.Response(
-                body=orjson.dumps({"status": "accepted", "spooled": True, "event_id": event_id}),
-                content_type="application/json",
+            return "spooled", Answer(
+                200, orjson.dumps({"status": "accepted", "spooled": True, "event_id": event_id})
             )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -370,10 +409,7 @@ class WebhookHandler:
                     "partition": msg.partition,
                 },
             )
-        return "accepted", web.Response(
-            body=orjson.dumps({"status": "accepted", "event_id": event_id}),
-            content_type="application/json",
-        )
+        return "accepted", Answer(200, orjson.dumps({"status": "accepted", "event_id": event_id}))
 
     async def _produce(
         self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]
@@ -417,7 +453,7 @@ class WebhookHandler:
         except SpoolError:
             raise ProduceRejected("spool_write_failed") from None
 
-    def _refused(self, rej: ProduceRejected, ctx: dict[str, Any]) -> tuple[str, web.Response]:
+    def _refused(self, rej: ProduceRejected, ctx: dict[str, Any]) -> tuple[str, Answer]:
         if not rej.temporary:
             # The broker refused the record for what it is (its size): retrying can never succeed, so this is
             # a 413, never a 503. Only a topic whose max.message.bytes is below what SENTPIPE_MAX_BODY_BYTES
@@ -427,21 +463,14 @@ class WebhookHandler:
                 " SENTPIPE_MAX_BODY_BYTES needs; run `sentpipe topics ensure`",
                 extra={**ctx, "reason": rej.reason},
             )
-            return "too_large", error(413, "body_too_large", f"event refused by the broker ({rej.reason})")
+            return "too_large", failed(413, "body_too_large", f"event refused by the broker ({rej.reason})")
         if rej.reason in ("spool_full", "spool_write_failed"):
             log.error("event not accepted: broker unavailable and %s", rej.reason, extra=ctx)
-            return "unavailable", error(
-                503,
-                rej.reason,
-                "broker unavailable and the local spool cannot take the event; retry",
-                headers={"Retry-After": RETRY_AFTER_S},
-            )
+            detail = "broker unavailable and the local spool cannot take the event; retry"
+            return "unavailable", failed(503, rej.reason, detail, retry=True)
         log.warning("event not accepted: broker unavailable", extra={**ctx, "reason": rej.reason})
-        return "unavailable", error(
-            503,
-            "broker_unavailable",
-            f"event not stored ({rej.reason}); retry",
-            headers={"Retry-After": RETRY_AFTER_S},
+        return "unavailable", failed(
+            503, "broker_unavailable", f"event not stored ({rej.reason}); retry", retry=True
         )
 
 
@@ -643,33 +672,6 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
     app.router.add_get("/openapi.json", openapi)
     add_json_fallbacks(app)
     return app
-
-
-def bypass_router(runner: web.AppRunner) -> None:
-    """Hand `POST /webhooks/sent` to its handler without aiohttp's router; everything else is routed.
-
-    Resolving a request through the app's router (coroutines, a match-info object per request) costs about
-    20,000 instructions, 5% of an accepted webhook's cost on the event loop (`python -m bench
-    --instructions`). The exact path Sent posts to, without a query or an `Expect` header, goes straight to
-    the same handler, which answers exactly as when routed; any other request (a tenant's path, another
-    method, 404s) goes through the router as before. Call it after `runner.setup()` and before the site
-    accepts connections: each connection takes the server's handler when it opens.
-    """
-    server = runner.server
-    if server is None:
-        raise RuntimeError("bypass_router needs a runner that is set up")
-    routed = server.request_handler
-    webhook = runner.app[WEBHOOK]
-    tenant = webhook.default_tenant
-
-    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
-        # raw_path is the request line's target as sent: this test matches it and nothing else.
-        if request.raw_path == WEBHOOK_PATH and request.method == "POST" and "Expect" not in request.headers:
-            # The app's request factory made it: a web.Request, as the routed handler gets.
-            return await webhook.handle(request, tenant)  # type: ignore[arg-type]
-        return await routed(request)
-
-    server.request_handler = dispatch
 
 
 def create_metrics_app() -> web.Application:

@@ -32,7 +32,6 @@ from aiohttp import web
 
 from sentpipe.ingress.app import (
     StartupError,
-    bypass_router,
     check_topic_limits,
     create_app,
     create_metrics_app,
@@ -43,6 +42,7 @@ from sentpipe.ingress.app import (
     verifiers_for,
 )
 from sentpipe.ingress.gather import Gatherer
+from sentpipe.ingress.protocol import answer_webhooks_directly
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.ingress")
@@ -72,7 +72,7 @@ async def serve(
     # shutdown_timeout: in-flight requests get this long to finish before the producer flushes.
     runner = web.AppRunner(app, shutdown_timeout=settings.produce_timeout_s + 5, access_log=None)
     await runner.setup()
-    bypass_router(runner)
+    answer_webhooks_directly(runner)
     site = web.TCPSite(runner, host, port, backlog=2048, reuse_port=reuse_port or None)
     await site.start()
     metrics_runner = web.AppRunner(create_metrics_app(), access_log=None)

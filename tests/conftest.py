@@ -11,14 +11,13 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from sentpipe.ingress.app import bypass_router, create_app, producer_for
+from sentpipe.ingress.app import create_app, producer_for
 from sentpipe.processors.migrate import migrate
 from sentpipe.processors.topics import ensure_topics, projections_group
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
+from tests.http_tools import ingress_server
 from tests.kafka_tools import delete_topics, wait_topics_ready
 from tests.services import Services, ServiceUnavailable, acquire
 
@@ -84,10 +83,7 @@ def topics(settings: Settings) -> Topics:
 @pytest.fixture
 async def ingress(settings: Settings) -> AsyncIterator[str]:
     """The ingress app in this process on a free port, for this test's settings; yields its base URL. Served
-    as `sentpipe ingress` serves it: the webhook path bypasses the router (before any connection opens)."""
-    server = TestServer(create_app(settings, producer_for(settings)), host="127.0.0.1")
-    await server.start_server()
-    assert isinstance(server.runner, web.AppRunner)
-    bypass_router(server.runner)
+    as `sentpipe ingress` serves it: with the webhook shortcut (`ingress/protocol.py`)."""
+    server = await ingress_server(create_app(settings, producer_for(settings)))
     yield f"http://127.0.0.1:{server.port}"
     await server.close()

@@ -8,8 +8,21 @@ import urllib.request
 import uuid
 
 import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
+from sentpipe.ingress.protocol import answer_webhooks_directly
 from sentpipe.schemas.signature import signature_headers
+
+
+async def ingress_server(app: web.Application) -> TestServer:
+    """The ingress app on a free port, started; served as `sentpipe ingress` serves it (the webhook
+    shortcut of `ingress/protocol.py`)."""
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    assert isinstance(server.runner, web.AppRunner)
+    answer_webhooks_directly(server.runner)
+    return server
 
 
 async def post_all(

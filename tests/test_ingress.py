@@ -8,17 +8,16 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from prometheus_client import REGISTRY
 
-from sentpipe.ingress.app import bypass_router, create_app, producer_for
+from sentpipe.ingress.app import create_app, producer_for
 from sentpipe.ingress.tally import flush_all
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.signature import signature_headers
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
+from tests.http_tools import ingress_server
 from tests.kafka_tools import read_topic
 
 SECRET = Settings().webhook_secret.get_secret_value()
@@ -121,8 +120,7 @@ async def test_tenants_and_rotation_from_the_secrets_file(settings: Settings, tm
     old, new = "whsec_" + "b2xk" * 8, "whsec_" + "bmV3" * 8
     secrets.write_bytes(orjson.dumps({"acme": [old, new]}))
     s = settings.model_copy(update={"secrets_file": secrets})
-    server = TestServer(create_app(s, producer_for(s)), host="127.0.0.1")
-    await server.start_server()
+    server = await ingress_server(create_app(s, producer_for(s)))
     try:
         body = SampleFactory(5).inbound().body
         base = f"http://127.0.0.1:{server.port}/webhooks/sent"
@@ -134,47 +132,6 @@ async def test_tenants_and_rotation_from_the_secrets_file(settings: Settings, tm
         await server.close()
     recs = read_topic(s.kafka_bootstrap, Topics(s.topic_prefix).raw, at_least=3)
     assert sorted(rec.headers[r.H_TENANT] for rec in recs) == [b"acme", b"acme", b"default"]
-
-
-async def test_the_bypassed_path_answers_as_the_routed_ones(settings: Settings, topics: Topics) -> None:
-    app = create_app(settings, producer_for(settings))
-    routed: list[str] = []
-
-    async def note(request: web.Request, response: web.StreamResponse) -> None:
-        routed.append(request.path_qs)  # runs for a routed request only: its match info names the app
-
-    app.on_response_prepare.append(note)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    assert isinstance(server.runner, web.AppRunner)
-    bypass_router(server.runner)
-    body = SampleFactory(8).message_status("m8", "delivered").body
-    base = f"http://127.0.0.1:{server.port}/webhooks/sent"
-    try:
-        answers = [
-            await post(base, body, signed(body)),
-            await post(f"{base}?via=router", body, signed(body)),
-            await post(f"{base}/default", body, signed(body)),
-            await post(base, body, {**signed(body), "Expect": "100-continue"}),
-            await post(base, b"{", signed(b"{")),
-        ]
-        async with aiohttp.ClientSession() as s, s.put(base) as resp:
-            assert resp.status == 405 and (await resp.json())["error"] == "method_not_allowed"
-    finally:
-        await server.close()
-    # Only the exact path without Expect skipped the router; the others (and the PUT) went through it.
-    assert routed == [f"/webhooks/sent{tail}" for tail in ("?via=router", "/default", "", "")]
-    statuses = [(status, sorted(answer)) for status, answer, _ in answers]
-    assert statuses == [(200, ["event_id", "status"])] * 4 + [(200, ["outcome", "reason", "status"])]
-    assert len({answer["event_id"] for _, answer, _ in answers[:4]}) == 1
-    assert all(headers.get("X-Request-ID") for _, _, headers in answers)
-    recs = read_topic(settings.kafka_bootstrap, topics.raw, at_least=4)
-    assert len(recs) == 4 and {rec.value for rec in recs} == {body}
-    assert {(rec.headers[r.H_TENANT], rec.headers[r.H_TYPE]) for rec in recs} == {
-        (b"default", b"message.status.updated")
-    }
-    dead = read_topic(settings.kafka_bootstrap, topics.dlq, at_least=1)
-    assert [rec.headers[r.H_DLQ_ERROR_CLASS] for rec in dead] == [b"not_json"]
 
 
 async def test_full_local_queue_answers_503_at_once_instead_of_piling_up() -> None:
@@ -190,8 +147,7 @@ async def test_full_local_queue_answers_503_at_once_instead_of_piling_up() -> No
     mute_port = mute.sockets[0].getsockname()[1]
     s = Settings(kafka_bootstrap=f"127.0.0.1:{mute_port}", producer_max_in_flight=1, produce_timeout_s=3)
     producer = producer_for(s)
-    server = TestServer(create_app(s, producer), host="127.0.0.1")
-    await server.start_server()
+    server = await ingress_server(create_app(s, producer))
     try:
         url = f"http://127.0.0.1:{server.port}/webhooks/sent"
         f = SampleFactory(8)

@@ -41,6 +41,7 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.signature import signature_headers
 from sentpipe.schemas.topics import Topics, record_limits
 from sentpipe.settings import Settings
+from tests.http_tools import ingress_server
 from tests.kafka_tools import read_topic, stop_report_thread
 from tests.processes import Proc, settings_env
 
@@ -51,8 +52,7 @@ LIBRDKAFKA_DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
 async def serve(s: Settings) -> AsyncIterator[tuple[int, AsyncProducer]]:
     """The ingress app in this process for `s`; yields its port and producer."""
     producer = producer_for(s)
-    server = TestServer(create_app(s, producer), host="127.0.0.1")
-    await server.start_server()
+    server = await ingress_server(create_app(s, producer))
     try:
         assert server.port is not None
         yield server.port, producer

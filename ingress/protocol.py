@@ -1,0 +1,187 @@
+"""The webhook port's connection protocol: aiohttp's own, with a shortcut for the request Sent makes.
+
+aiohttp answers each request through its request cycle: a waiter to wake its connection task, a
+`web.Request`, a task, a `web.Response` prepared and written header by header. For a no-op handler that
+cycle is nearly all of the cost (`bench/RESULTS.md`). A webhook that arrives whole on an idle connection
+(POST to the webhook path, HTTP/1.1 keep-alive, a Content-Length body already read, no `Expect`) goes
+from the parser to `WebhookHandler.respond` and its answer is written in one piece. Everything else keeps
+aiohttp's cycle unchanged: other paths and methods, a body still arriving, chunked bodies, parse errors,
+upgrades, and a request pipelined behind one being answered (held until that answer is written, so answers
+keep their order). The answers are the same either way: the same handler builds them, and
+`tests/test_ingress_protocol.py` compares them byte for byte.
+
+This reaches into `aiohttp.web_protocol.RequestHandler`'s connection state (`_waiter`, `_messages`,
+`_parser`): aiohttp is pinned in `requirements.lock`, and the tests above fail if that state changes shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import hdrs, web
+from aiohttp.helpers import HeadersMixin, rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion11, RawRequestMessage
+from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestHandler
+from multidict import CIMultiDictProxy
+
+from sentpipe.ingress.app import WEBHOOK, WEBHOOK_PATH, Answer, WebhookHandler, failed, new_request_id
+
+log = logging.getLogger("sentpipe.ingress")
+
+# The tenant segment the shortcut takes: characters a URL carries unencoded, so the router would have
+# matched the same name. Anything else (percent-escapes, a further slash) goes through the router.
+_TENANT_PATH = re.compile(re.escape(WEBHOOK_PATH) + r"/([A-Za-z0-9._~-]{1,255})")
+_SERVER = SERVER_SOFTWARE.encode()
+# What aiohttp answers for a handler that raised, and then it closes the connection.
+_CRASHED = failed(500, "internal_error", "unexpected error", close=True)
+
+
+class Posted(HeadersMixin):
+    """A webhook request that came whole: what `WebhookHandler.respond` reads of a `web.Request`."""
+
+    __slots__ = ("_headers", "content")
+    _headers: CIMultiDictProxy[str]
+
+    def __init__(self, headers: CIMultiDictProxy[str], content: StreamReader) -> None:
+        self._headers = headers
+        self.content = content
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self._headers
+
+    async def read(self) -> bytes:
+        return self.content.read_nowait()  # the whole body is in the buffer: the shortcut takes no other
+
+
+_STATUS_LINES = {int(s): b"HTTP/1.1 %d %s\r\n" % (s, s.phrase.encode()) for s in HTTPStatus}
+
+
+def encode_answer(answer: Answer, request_id: str, close: bool = False) -> bytes:
+    """The answer as aiohttp writes it to an HTTP/1.1 request (the same headers; their order may differ)."""
+    body = answer.body
+    head = [
+        _STATUS_LINES[answer.status],
+        b"Content-Type: application/json\r\nx-request-id: ",
+        request_id.encode(),  # printable ASCII (`request_id_of`)
+        b"\r\nContent-Length: %d\r\nDate: " % len(body),
+        rfc822_formatted_time().encode(),
+        b"\r\nServer: " + _SERVER + b"\r\n",
+    ]
+    head += [f"{name}: {value}\r\n".encode() for name, value in answer.headers]
+    if close:
+        head.append(b"Connection: close\r\n")
+    head += [b"\r\n", body]
+    return b"".join(head)
+
+
+class WebhookProtocol(RequestHandler):
+    """aiohttp's `RequestHandler` for one connection, answering whole webhooks itself (module docstring)."""
+
+    __slots__ = ("_answer_task", "_answering", "_held", "_webhook")
+
+    def __init__(self, manager: web.Server, *, webhook: WebhookHandler, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._webhook = webhook
+        self._answering = False  # a shortcut answer not yet written
+        self._held = b""  # bytes that arrived meanwhile, parsed once it is
+        self._answer_task: asyncio.Task[None] | None = None  # the loop keeps only a weak reference
+
+    def data_received(self, data: bytes) -> None:
+        if self._answering:
+            # A request pipelined behind the one being answered: it waits, and so does the socket.
+            self._held += data
+            if self.transport is not None:
+                self.transport.pause_reading()
+            return
+        waiter = self._waiter
+        if waiter is None or waiter.done() or self._messages:
+            super().data_received(data)  # aiohttp's task is busy with a request: queue behind it
+            return
+        # aiohttp's task waits for a request: parse without waking it until the request is known not ours.
+        self._waiter = None
+        try:
+            super().data_received(data)
+        finally:
+            self._waiter = waiter
+        messages = self._messages
+        if len(messages) == 1:
+            msg, payload = messages[0]
+            # A parse error comes as aiohttp's own note, not a RawRequestMessage: its task answers it 400.
+            if isinstance(msg, RawRequestMessage):
+                tenant = self._shortcut_tenant(msg, payload)
+                if tenant is not None:
+                    messages.popleft()
+                    if self._parser is not None:
+                        self._parser.message_consumed()
+                    self._answering = True
+                    # aiohttp's keep-alive timer sees an idle connection (its task waits): not for this long.
+                    self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+                    self._answer_task = self._loop.create_task(self._answer(msg, payload, tenant))
+                    return
+        if messages and not waiter.done():
+            waiter.set_result(None)
+
+    def _shortcut_tenant(self, msg: RawRequestMessage, payload: StreamReader) -> str | None:
+        """The tenant when the request is a whole webhook the shortcut answers; else None."""
+        if (
+            msg.method != "POST"
+            or msg.version != HttpVersion11
+            or msg.should_close
+            or msg.upgrade
+            or msg.chunked
+            or not payload.is_eof()
+            or hdrs.EXPECT in msg.headers
+        ):
+            return None
+        path = msg.path
+        if path == WEBHOOK_PATH:
+            return self._webhook.default_tenant
+        match = _TENANT_PATH.fullmatch(path)
+        return match.group(1) if match else None
+
+    async def _answer(self, msg: RawRequestMessage, payload: StreamReader, tenant: str) -> None:
+        try:
+            answer, request_id = await self._webhook.respond(Posted(msg.headers, payload), tenant)
+        except Exception:  # respond() logged it
+            answer, request_id = _CRASHED, new_request_id()
+        transport = self.transport
+        if transport is None:
+            return  # the client left; the event is in Kafka all the same, and Sent's retry is a duplicate
+        close = answer.close or self._force_close
+        transport.write(encode_answer(answer, request_id, close))
+        if close:
+            self.force_close()
+            return
+        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        self._answering = False
+        held, self._held = self._held, b""
+        if held:
+            transport.resume_reading()
+            self.data_received(held)
+
+
+class WebhookServer(web.Server):
+    """aiohttp's low-level server, making `WebhookProtocol`s; a runner's server becomes one in place."""
+
+    webhook: WebhookHandler
+
+    def __call__(self) -> RequestHandler:
+        return WebhookProtocol(self, loop=self._loop, webhook=self.webhook, **self._kwargs)
+
+
+def answer_webhooks_directly(runner: web.AppRunner) -> None:
+    """Serve the runner's new connections with `WebhookProtocol`. Call it after `runner.setup()`; a site
+    started already gets it for the connections it accepts from then on."""
+    server = runner.server
+    if server is None:
+        raise RuntimeError("answer_webhooks_directly needs a runner that is set up")
+    # In place, not a new server: a started site and the runner's shutdown hold this object.
+    server.__class__ = WebhookServer
+    assert isinstance(server, WebhookServer)
+    server.webhook = runner.app[WEBHOOK]
