@@ -8,7 +8,7 @@ from the parser to `WebhookHandler.respond` and its answer is written in one pie
 aiohttp's cycle unchanged: other paths and methods, a body still arriving, chunked bodies, parse errors,
 upgrades, and a request pipelined behind one being answered (held until that answer is written, so answers
 keep their order). The answers are the same either way: the same handler builds them, and
-`tests/test_ingress_protocol.py` compares them byte for byte.
+`tests/test_ingress_protocol.py` compares their status, headers and body.
 
 This reaches into `aiohttp.web_protocol.RequestHandler`'s connection state (`_waiter`, `_messages`,
 `_parser`): aiohttp is pinned in `requirements.lock`, and the tests above fail if that state changes shape.
