@@ -295,8 +295,10 @@ class WebhookHandler:
             outcome, answer = await self._handle(request, tenant, label, request_id)
             status = answer.status
         except Exception:
+            # A bug, not the request's fault: logged with its traceback; the client gets a JSON 500 (whichever
+            # path took the request) and a closed connection, and Sent retries.
             log.exception("unexpected error", extra={"request_id": request_id, "tenant": label})
-            raise
+            answer = failed(500, "internal_error", "unexpected error", close=True)
         finally:
             self.in_flight -= 1
             self._answered.inc((label, outcome, str(status)))

@@ -29,7 +29,7 @@ from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDictProxy
 
-from sentpipe.ingress.app import WEBHOOK, WEBHOOK_PATH, Answer, WebhookHandler, failed, new_request_id
+from sentpipe.ingress.app import WEBHOOK, WEBHOOK_PATH, Answer, WebhookHandler
 
 log = logging.getLogger("sentpipe.ingress")
 
@@ -37,8 +37,6 @@ log = logging.getLogger("sentpipe.ingress")
 # matched the same name. Anything else (percent-escapes, a further slash) goes through the router.
 _TENANT_PATH = re.compile(re.escape(WEBHOOK_PATH) + r"/([A-Za-z0-9._~-]{1,255})")
 _SERVER = SERVER_SOFTWARE.encode()
-# What aiohttp answers for a handler that raised, and then it closes the connection.
-_CRASHED = failed(500, "internal_error", "unexpected error", close=True)
 
 
 class Posted(HeadersMixin):
@@ -146,10 +144,7 @@ class WebhookProtocol(RequestHandler):
         return match.group(1) if match else None
 
     async def _answer(self, msg: RawRequestMessage, payload: StreamReader, tenant: str) -> None:
-        try:
-            answer, request_id = await self._webhook.respond(Posted(msg.headers, payload), tenant)
-        except Exception:  # respond() logged it
-            answer, request_id = _CRASHED, new_request_id()
+        answer, request_id = await self._webhook.respond(Posted(msg.headers, payload), tenant)
         transport = self.transport
         if transport is None:
             return  # the client left; the event is in Kafka all the same, and Sent's retry is a duplicate

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException
@@ -117,6 +118,18 @@ def _raise_record_limits(admin: AdminClient, settings: Settings, names: list[str
             low[resource.name],
             settings.max_body_bytes,
         )
+    # The controller has the change; a broker answers DescribeConfigs from its copy of the metadata, which
+    # can lag for a moment. Return once it shows, so a start check right after this sees the new limits.
+    deadline = time.monotonic() + timeout
+    while True:
+        now = topic_max_message_bytes(admin, settings.kafka_bootstrap, list(low), timeout)
+        behind = [n for n, need in low.items() if (now.get(n) or 0) < need]
+        if not behind:
+            return
+        if time.monotonic() > deadline:
+            log.warning("broker does not show the raised %s of %s yet", MAX_MESSAGE_BYTES, ", ".join(behind))
+            return
+        time.sleep(0.1)
 
 
 def check_record_limits(settings: Settings, timeout: float = 10.0) -> None:

@@ -278,22 +278,27 @@ async def test_two_requests_in_one_segment_are_answered_in_order(settings: Setti
     assert [(a[0], a[1]["x-request-id"]) for a in (one, two)] == [(200, "a"), (200, "b")]
 
 
-async def test_a_handler_that_raises_answers_500_and_closes(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+async def test_a_handler_that_raises_answers_a_json_500_and_closes_on_either_path(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     secret = settings.webhook_secret.get_secret_value()
     body = SampleFactory(47).inbound().body
+    answers = []
     async with serving(settings) as ingress:
 
         def boom(*args: object) -> object:
             raise RuntimeError("a bug")
 
         monkeypatch.setattr(ingress.webhook, "_handle", boom)
-        reader, writer = await ingress.connect()
-        writer.write(request("/webhooks/sent", body, secret=secret))
-        status, headers, answer = await read_answer(reader)
-        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed
-        writer.close()
+        for path in ("/webhooks/sent", "/webhooks/sent?via=router"):
+            reader, writer = await ingress.connect()
+            writer.write(request(path, body, secret=secret))
+            answers.append(await read_answer(reader))
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed
+            writer.close()
+    assert comparable(answers[0]) == comparable(answers[1])
+    status, headers, answer = answers[0]
     assert (status, orjson.loads(answer)["error"], headers["connection"]) == (500, "internal_error", "close")
     assert b"a bug" not in answer
-    assert ingress.routed == []
+    assert ingress.routed == ["/webhooks/sent?via=router"]
+    assert [r.exc_info is not None for r in caplog.records if r.message == "unexpected error"] == [True] * 2
