@@ -2,22 +2,22 @@
 
 aiohttp answers each request through its request cycle: a waiter to wake its connection task, a
 `web.Request`, a task, a `web.Response` prepared and written header by header. For a no-op handler that
-cycle is nearly all of the cost (`bench/RESULTS.md`). A webhook that arrives whole on an idle connection
-(POST to the webhook path, HTTP/1.1 keep-alive, a Content-Length body already read, no `Expect`) goes
-from the parser to `WebhookHandler.respond` and its answer is written in one piece. Everything else keeps
-aiohttp's cycle unchanged: other paths and methods, a body still arriving, chunked bodies, parse errors,
-upgrades, and a request pipelined behind one being answered (held until that answer is written, so answers
-keep their order). The answers are the same either way: the same handler builds them, and
-`tests/test_ingress_protocol.py` compares their status, headers and body.
+cycle is about 60% of the cost (`bench/RESULTS.md`, "The webhook shortcut"). A webhook that arrives whole
+on an idle connection (POST to the webhook path, HTTP/1.1 keep-alive, a Content-Length body already read,
+no `Expect`) goes from the parser to `WebhookHandler.respond` and its answer is written in one piece.
+Everything else keeps aiohttp's cycle unchanged: other paths and methods, a body still arriving, chunked
+bodies, parse errors, upgrades, and a request pipelined behind one being answered (held until that answer
+is written, so answers keep their order). The answers are the same either way: the same handler builds
+them, and `tests/test_ingress_protocol.py` compares their status, headers and body.
 
 This reaches into `aiohttp.web_protocol.RequestHandler`'s connection state (`_waiter`, `_messages`,
-`_parser`): aiohttp is pinned in `requirements.lock`, and the tests above fail if that state changes shape.
+`_parser`): `pyproject.toml` pins aiohttp's 3.14 series, and the tests above fail if that state changes
+shape.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 from http import HTTPStatus
 from typing import Any
@@ -30,8 +30,6 @@ from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDictProxy
 
 from sentpipe.ingress.app import WEBHOOK, WEBHOOK_PATH, Answer, WebhookHandler
-
-log = logging.getLogger("sentpipe.ingress")
 
 # The tenant segment the shortcut takes: characters a URL carries unencoded, so the router would have
 # matched the same name. Anything else (percent-escapes, a further slash) goes through the router.
