@@ -264,6 +264,27 @@ async def test_a_request_pipelined_behind_a_shortcut_answer_is_answered_after_it
     assert ingress.routed == []  # the held request took the shortcut too, once it was its turn
 
 
+async def test_a_request_split_across_a_held_answer_is_parsed_whole_after_it(settings: Settings) -> None:
+    """The first request and the head of the second come in one segment (the parser keeps that head), the
+    rest of the second while the first is being answered (held): the second is parsed from both parts."""
+    secret = settings.webhook_secret.get_secret_value()
+    f = SampleFactory(48)
+    first = request("/webhooks/sent", f.inbound().body, {"x-request-id": "first"}, secret=secret)
+    second = request("/webhooks/sent", f.inbound().body, {"x-request-id": "second"}, secret=secret)
+    async with serving(settings) as ingress:
+        entered, release = gate_first_answer(ingress.webhook)
+        reader, writer = await ingress.connect()
+        writer.write(first + second[:40])
+        await asyncio.wait_for(entered.wait(), 10)
+        writer.write(second[40:])
+        await wait_for(lambda: any(c._held for c in ingress.connections()))
+        release.set()
+        one, two = await read_answer(reader), await read_answer(reader)
+        writer.close()
+    assert [(a[0], a[1]["x-request-id"]) for a in (one, two)] == [(200, "first"), (200, "second")]
+    assert ingress.routed == []
+
+
 async def test_two_requests_in_one_segment_are_answered_in_order(settings: Settings) -> None:
     secret = settings.webhook_secret.get_secret_value()
     f = SampleFactory(46)
