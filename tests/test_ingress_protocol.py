@@ -151,14 +151,19 @@ async def test_tenant_paths_take_the_shortcut_only_when_the_router_would_read_th
         unknown = await ingress.exchange(request("/webhooks/sent/nobody", body, secret=secret))
         unknown_escaped = await ingress.exchange(request("/webhooks/sent/nobod%79", body, secret=secret))
         nested = await ingress.exchange(request("/webhooks/sent/default/x", body, secret=secret))
+        # Dot segments are not resolved by either path: a tenant named ".." is just an unknown tenant.
+        dots = await ingress.exchange(request("/webhooks/sent/..", body, secret=secret))
+        dots_routed = await ingress.exchange(request("/webhooks/sent/..?via=router", body, secret=secret))
     assert comparable(plain) == comparable(escaped) and plain[0] == 200
     # An unknown tenant is a bad signature on either path (same status, same body).
     assert comparable(unknown) == comparable(unknown_escaped) and unknown[0] == 401
     assert nested[0] == 404
+    assert comparable(dots) == comparable(dots_routed) and dots[0] == 401
     assert ingress.routed == [
         "/webhooks/sent/defaul%74",
         "/webhooks/sent/nobod%79",
         "/webhooks/sent/default/x",
+        "/webhooks/sent/..?via=router",
     ]
 
 
