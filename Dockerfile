@@ -6,11 +6,13 @@
 #
 # Reproducible: the dependencies come from requirements.lock (exact versions with sha256 hashes, generated
 # from pyproject.toml, see deploy/README.md "The image"), installed in a layer of their own before the
-# source is copied, so a source change rebuilds only the last layers. The base is a Debian release by tag;
-# for a build that cannot change under the same name, pin it by digest:
+# source is copied, so a source change rebuilds only the last layers. The base is pinned by digest, so the
+# same Dockerfile always builds on the same bytes: the multi-platform index of python:3.11-slim-bookworm
+# (Python 3.11.16 on Debian bookworm, built 2026-08-25), as docker-library/repo-info records it. To move to
+# a newer base, read the tag's current digest (`docker buildx imagetools inspect python:3.11-slim-bookworm`)
+# and replace it here, or pass one for a single build:
 #   docker build --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest> -t sentpipe .
-# (the digest: `docker buildx imagetools inspect python:3.11-slim-bookworm`).
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:0bee7276f83efd4a1ee05bbbf4281d95ed28e079220a9457f25a93e3f1e3c31b
 
 FROM ${PYTHON_IMAGE} AS builder
 # A compiler is needed only for a dependency that has no wheel for this platform; it stays in this stage.

@@ -125,3 +125,12 @@ def test_the_image_installs_the_lock_with_hashes_before_the_source() -> None:
         docker.index("COPY requirements.lock") < docker.index("--require-hashes") < docker.index("COPY . .")
     )
     assert ".env" in (ROOT / ".dockerignore").read_text()
+
+
+def test_the_image_base_is_pinned_by_digest() -> None:
+    docker = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^ARG PYTHON_IMAGE=(\S+)$", docker, re.M)
+    assert base, "the Dockerfile names its base in ARG PYTHON_IMAGE"
+    assert re.fullmatch(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", base.group(1)), base.group(1)
+    stages = re.findall(r"^FROM (\S+)", docker, re.M)
+    assert stages and all(s == "${PYTHON_IMAGE}" for s in stages), stages
