@@ -58,6 +58,13 @@ class Watchdog:
                 self._since[where] = now  # work just appeared: the clock starts now
             self._lag[where] = n
 
+    def hold(self) -> None:
+        """Positions cannot move now (a rebalance, or the table's recovery that follows it): every clock
+        restarts, so that time is not counted as a stall."""
+        now = self.clock()
+        for where in self._since:
+            self._since[where] = now
+
     def stalls(self) -> list[Stall]:
         now = self.clock()
         out = []
@@ -66,3 +73,23 @@ class Watchdog:
             if n > 0 and now - since >= self.stall_after_s:
                 out.append(Stall(self.stage, where[0], where[1], self._position.get(where), n, now - since))
         return out
+
+
+@dataclass
+class RecoveryHold:
+    """Whether a recovery in progress still holds the watchdog's clocks: for at most `limit_s`, so a
+    recovery after a rebalance gets as long as the first one had (the startup probe's window), and one
+    that never ends still fails liveness."""
+
+    limit_s: float
+    clock: Callable[[], float] = time.monotonic
+    _since: float | None = None
+
+    def holds(self, recovering: bool) -> bool:
+        now = self.clock()
+        if not recovering:
+            self._since = None
+            return False
+        if self._since is None:
+            self._since = now
+        return now - self._since < self.limit_s

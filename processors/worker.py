@@ -38,7 +38,7 @@ from sentpipe.processors.partitioner import murmur2_partitioner
 from sentpipe.processors.projector_process import ProjectorProcess
 from sentpipe.processors.retry import backoff, is_temporary
 from sentpipe.processors.topics import DEDUP_TABLE
-from sentpipe.processors.watchdog import Watchdog
+from sentpipe.processors.watchdog import RecoveryHold, Watchdog
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import ROUTED_TYPES, EventType, MalformedEvent
 from sentpipe.schemas.topics import Topics
@@ -159,6 +159,7 @@ class Router:
         # dedup table's changelog marks go through Faust's own producer.
         self.producer = producer
         self.watchdog = watchdog
+        self._recovery = RecoveryHold(settings.recovery_stall_after_s)
         # Per raw partition: the next offset to acknowledge (its batch settled), and the next to route (its
         # batch may still be in flight, PIPELINE_DEPTH batches at most).
         self.processed: dict[tuple[str, int], int] = {}
@@ -548,6 +549,11 @@ class Router:
         for where in set(self._unmoved) - set(waiting):
             del self._unmoved[where]
         self.watchdog.lag(waiting)
+        # Faust pauses every partition during a rebalance and the table's recovery after it, which can take
+        # minutes for a big table: waiting then is not a stall (liveness would restart the pod mid-recovery).
+        recovery: Any = self.app.tables.recovery  # type: ignore[attr-defined]
+        if self._recovery.holds(bool(self.app.rebalancing or recovery.in_recovery)):
+            self.watchdog.hold()
 
     async def _unstick(self, tp: Any, done: int) -> None:
         """A partition with records waiting that has not moved for three lag checks (10 s), while its

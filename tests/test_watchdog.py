@@ -11,7 +11,7 @@ import pytest
 from confluent_kafka import Producer
 
 from sentpipe.broker import Partition
-from sentpipe.processors.watchdog import Watchdog
+from sentpipe.processors.watchdog import RecoveryHold, Watchdog
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
@@ -69,6 +69,29 @@ def test_partitions_that_moved_away_are_forgotten() -> None:
     assert len(w.stalls()) == 2
     w.lag({P1: 1})
     assert [s.partition for s in w.stalls()] == [1]
+
+
+def test_a_recovery_holds_the_clocks_for_at_most_its_limit() -> None:
+    """Faust pauses the router while the table recovers after a rebalance: not a stall, for a while."""
+    clock = Clock()
+    w, hold = Watchdog("route", 60, clock), RecoveryHold(600, clock)
+    w.lag({P0: 5})
+    for _ in range(100):  # 500 s of recovery, checked every 5 s as the router does
+        clock.now += 5
+        if hold.holds(recovering=True):
+            w.hold()
+        assert w.stalls() == []
+    for _ in range(40):  # past the limit (600 s): the clocks run again, and 60 s later it is a stall
+        clock.now += 5
+        if hold.holds(recovering=True):
+            w.hold()
+    assert [s.partition for s in w.stalls()] == [0]
+    assert not hold.holds(recovering=False)
+    assert hold.holds(recovering=True)  # the next recovery gets its own limit
+    w.hold()
+    assert w.stalls() == []
+    clock.now += 61
+    assert [s.for_s for s in w.stalls()] == [61]
 
 
 def _get(url: str) -> tuple[int, bytes]:
