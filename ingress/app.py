@@ -202,6 +202,7 @@ def _init_metrics(tenants: list[str]) -> None:
             ("spooled", "200"),
             ("unavailable", "503"),
             ("overloaded", "503"),
+            ("error", "500"),
         ):
             m.INGRESS_REQUESTS.labels(tenant, outcome, status)
         reasons = ["unknown_tenant"] if tenant == "unknown" else [why.value for why in Reason]

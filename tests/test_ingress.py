@@ -182,6 +182,23 @@ def _sample(name: str, **labels: str) -> float:
     return value or 0.0
 
 
+async def test_the_label_sets_alerts_read_exist_at_zero_before_any_request(ingress: str) -> None:
+    """increase() needs a sample before the first failure, or the first 5xx, 401 or dead letter of a label
+    set is never seen: every bounded label set an alert reads is exposed from the start."""
+    flush_all()
+    for outcome, status in (("unavailable", "503"), ("overloaded", "503"), ("error", "500")):
+        for tenant in ("default", "unknown"):
+            labels = {"tenant": tenant, "outcome": outcome, "status": status}
+            assert REGISTRY.get_sample_value("sentpipe_ingress_requests_total", labels) is not None, labels
+    unknown = {"tenant": "unknown", "outcome": "signature_unknown_tenant", "status": "401"}
+    assert REGISTRY.get_sample_value("sentpipe_ingress_requests_total", unknown) is not None
+    for reason in ("overloaded", "body_timeout", "broker_down", "spool_full"):
+        assert REGISTRY.get_sample_value("sentpipe_ingress_refused_total", {"reason": reason}) is not None
+    for reason in ("not_json", "too_deep", "nul_character"):
+        labels = {"stage": "ingress", "reason": reason}
+        assert REGISTRY.get_sample_value("sentpipe_dlq_events_total", labels) is not None, labels
+
+
 async def test_every_request_reaches_the_tallied_metrics(ingress: str) -> None:
     """The request counter and the three histograms are updated through ingress/tally.py, not at their
     declaration: every answered request must still show in them."""
