@@ -145,6 +145,33 @@ def _() -> None:
     assert reload == {"secret.reloader.stakater.com/reload": "creds"}, reload
 
 
+@check("the console rolls for its token, webhook secret or database URL, not for tenants; has a policy")
+def _() -> None:
+    on = ["--set", "console.enabled=true", "--set", "console.token=a-console-token-of-20"]
+    base = checksums(render(*SECRET, *on))["sp-sentpipe-console"]
+    assert set(base) == {"checksum/webhook-secret", "checksum/database-url", "checksum/console-token"}, base
+    tenants = checksums(render(*SECRET, *on, "--set", "secrets.tenants.acme[0]=t1"))["sp-sentpipe-console"]
+    assert tenants == base, "a tenants change must not restart the console"
+    for change in (
+        ["--set", "secrets.webhookSecret=rotated"],
+        ["--set", "database.url=postgresql://other@db/sentpipe"],
+        ["--set", "console.token=another-console-token"],
+    ):
+        # The last --set wins.
+        assert checksums(render(*SECRET, *on, *change))["sp-sentpipe-console"] != base, change
+    ex = ["--set", "secrets.existingSecret=creds", "--set", "console.existingSecret=console-creds"]
+    same = checksums(render(*ex, "--set", "console.enabled=true"))["sp-sentpipe-console"]
+    bumped = render(*ex, "--set", "console.enabled=true", "--set-string", "console.existingSecretRevision=2")
+    assert checksums(bumped)["sp-sentpipe-console"] != same
+    rel = workloads(render(*ex, "--set", "console.enabled=true", "--set", "secrets.reloader=true"))
+    reload = rel["sp-sentpipe-console"]["metadata"]["annotations"]
+    assert reload == {"secret.reloader.stakater.com/reload": "creds,console-creds"}, reload
+    pol = kinds(render(*SECRET, *on), "NetworkPolicy")["sp-sentpipe-console"]["spec"]
+    assert [r["ports"][0]["port"] for r in pol["ingress"]] == ["http"]
+    assert pol["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "console"
+    assert "sp-sentpipe-console" not in kinds(render(*SECRET), "NetworkPolicy")
+
+
 @check("NetworkPolicies admit the webhook and metrics ports of the ingress and only metrics of every worker")
 def _() -> None:
     pols = kinds(render(*SECRET, "--set", "worker.split.enabled=true"), "NetworkPolicy")

@@ -134,3 +134,45 @@ def test_the_image_base_is_pinned_by_digest() -> None:
     assert re.fullmatch(r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", base.group(1)), base.group(1)
     stages = re.findall(r"^FROM (\S+)", docker, re.M)
     assert stages and all(s == "${PYTHON_IMAGE}" for s in stages), stages
+
+
+@pytest.mark.parametrize(
+    ("answers", "healthy"),
+    [
+        ({"/livez": 200, "/readyz": 200}, True),
+        ({"/livez": 200, "/readyz": 503}, False),  # the dedup table still restoring
+        ({"/livez": 503, "/readyz": 200}, False),  # stalled
+    ],
+)
+def test_the_compose_worker_is_healthy_only_when_live_and_ready(
+    answers: dict[str, int], healthy: bool
+) -> None:
+    """Run the compose worker's healthcheck command against a stand-in for the worker's probes."""
+    import subprocess
+    import sys
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Probes(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(answers.get(self.path, 404))
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    compose = (ROOT / "deploy/compose/docker-compose.yml").read_text()
+    worker = re.search(r"^  worker:\n(.*?)^  \w", compose, re.M | re.S)
+    assert worker
+    line = re.search(r"^      test: (\[.*\])$", worker.group(1), re.M)
+    assert line, "the worker's healthcheck test is one flow sequence"
+    kind, program, flag, code = json.loads(line.group(1))  # a YAML flow sequence of double-quoted strings
+    assert (kind, program, flag) == ("CMD", "python", "-c")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Probes)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code = code.replace("127.0.0.1:9101", f"127.0.0.1:{server.server_port}")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+    finally:
+        server.shutdown()
+    assert (done.returncode == 0) is healthy, done.stderr.decode()[-300:]

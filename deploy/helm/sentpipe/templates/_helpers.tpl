@@ -152,6 +152,16 @@ in for them, so bumping a revision on `helm upgrade` rolls the pods that read th
 {{- end -}}
 {{- end -}}
 
+{{/* The webhook secret alone (the console reads it, not the tenants file). */}}
+{{- define "sentpipe.consoleWebhookChecksum" -}}
+{{- $s := .Values.secrets -}}
+{{- if $s.existingSecret -}}
+{{- toJson (list $s.existingSecret $s.existingSecretRevision.webhook) | sha256sum -}}
+{{- else -}}
+{{- $s.webhookSecret | sha256sum -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "sentpipe.databaseUrlChecksum" -}}
 {{- $s := .Values.secrets -}}
 {{- if $s.existingSecret -}}
