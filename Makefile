@@ -9,11 +9,14 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP) jars browser
 
-$(STAMP): pyproject.toml
+# The tests run on the versions the image ships: requirements.lock as constraints. Without its hashes: the
+# dev extra and the editable project are not in the lock, and pip's hash mode would refuse them.
+$(STAMP): pyproject.toml requirements.lock
 	@command -v $(PYTHON) >/dev/null || { echo "Python 3.11 is required ($(PYTHON) not found)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	sed -n 's/^\([A-Za-z0-9_.-]*==[^ \\]*\).*/\1/p' requirements.lock > $(VENV)/constraints.txt
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 jars:
