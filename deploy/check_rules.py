@@ -51,6 +51,13 @@ def test_aggregations_keep_namespace_and_job_and_windows_cover_four_scrapes() ->
             assert seconds >= 120, f"{rule['alert']}: a [{''.join(window)}] window is under 4 x 30 s scrapes"
 
 
+def test_every_test_starts_from_no_series() -> None:
+    for case in yaml.safe_load(RULES_TEST.read_text())["tests"]:
+        for series in case["input_series"]:
+            where = f"{case['name']}: {series['series']}"
+            assert str(series["values"]).startswith("_"), f"{where} starts with a sample"
+
+
 def test_every_alert_has_a_promtool_test() -> None:
     tested = {
         t["alertname"]
