@@ -59,8 +59,8 @@ class Watchdog:
             self._lag[where] = n
 
     def hold(self) -> None:
-        """Positions cannot move now (a rebalance, or the table's recovery that follows it): every clock
-        restarts, so that time is not counted as a stall."""
+        """Positions cannot move now (the table's recovery after a rebalance): every clock restarts, so that
+        time is not counted as a stall."""
         now = self.clock()
         for where in self._since:
             self._since[where] = now

@@ -549,10 +549,11 @@ class Router:
         for where in set(self._unmoved) - set(waiting):
             del self._unmoved[where]
         self.watchdog.lag(waiting)
-        # Faust pauses every partition during a rebalance and the table's recovery after it, which can take
-        # minutes for a big table: waiting then is not a stall (liveness would restart the pod mid-recovery).
+        # Faust pauses every partition while the table recovers after a rebalance, which can take minutes for
+        # a big table: waiting then is not a stall (liveness would restart the pod mid-recovery). Only the
+        # recovery: a rebalance that cannot complete (the broker away) is still a stall after stall_after_s.
         recovery: Any = self.app.tables.recovery  # type: ignore[attr-defined]
-        if self._recovery.holds(bool(self.app.rebalancing or recovery.in_recovery)):
+        if self._recovery.holds(bool(recovery.in_recovery)):
             self.watchdog.hold()
 
     async def _unstick(self, tp: Any, done: int) -> None:

@@ -134,7 +134,7 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(4, ge=1)
     # A stage with records waiting whose position has not moved for this long fails its liveness probe.
     stall_after_s: float = Field(60.0, gt=0)
-    # A rebalance and the dedup table's recovery after it pause the router: not a stall for this long.
+    # The dedup table's recovery after a rebalance pauses the router: not a stall for this long.
     recovery_stall_after_s: float = Field(600.0, gt=0)
 
     # console (`sentpipe console`): live events, event trace, search, dead letters, replay in a browser
