@@ -32,7 +32,6 @@ from sentpipe.ingress.spool import (
     adopt_orphans,
     process_dir,
 )
-from sentpipe.ingress.tally import counts, flush_all, tally
 from sentpipe.kafka import (
     AsyncProducer,
     BrokerRefused,
@@ -204,11 +203,11 @@ def _init_metrics(tenants: list[str]) -> None:
             ("overloaded", "503"),
             ("error", "500"),
         ):
-            m.INGRESS_REQUESTS.labels(tenant, outcome, status)
+            m.INGRESS_REQUESTS.zero((tenant, outcome, status))
         reasons = ["unknown_tenant"] if tenant == "unknown" else [why.value for why in Reason]
         for reason in reasons:
             m.INGRESS_SIGNATURE_FAILURES.labels(tenant, reason)
-            m.INGRESS_REQUESTS.labels(tenant, "signature_" + reason, "401")
+            m.INGRESS_REQUESTS.zero((tenant, "signature_" + reason, "401"))
 
 
 class PostedRequest(Protocol):
@@ -229,9 +228,9 @@ class WebhookHandler:
     """POST /webhooks/sent[/{tenant}]: verify, frame, produce, answer once durable.
 
     The accepted path is the hot one (profiled with py-spy under `make bench`): the request counter and the
-    histograms are tallied (`ingress/tally.py`), the in-flight gauge is read at scrape time, log context is
-    built only when a line is written, a body that came with the headers is taken without a timer or an
-    await, the delivery future is awaited directly, and request ids need no system call.
+    histograms take no lock (`sentpipe/loop_metrics.py`), the in-flight gauge is read at scrape time, log
+    context is built only when a line is written, a body that came with the headers is taken without a timer
+    or an await, the delivery future is awaited directly, and request ids need no system call.
     """
 
     def __init__(
@@ -257,11 +256,6 @@ class WebhookHandler:
         self.body_timeout_s = settings.body_timeout_s
         self.produce_timeout_s = settings.produce_timeout_s
         self.id_source = settings.event_id_source
-        # By (tenant label, outcome, status): a bounded set (tenants come from configuration).
-        self._answered = counts(m.INGRESS_REQUESTS)
-        self._request_seconds = tally(m.INGRESS_REQUEST_SECONDS)
-        self._body_bytes = tally(m.INGRESS_BODY_BYTES)
-        self._produce_seconds = tally(m.INGRESS_PRODUCE_SECONDS)
         _HANDLERS.add(self)
         _init_metrics(sorted(verifiers))
 
@@ -287,7 +281,7 @@ class WebhookHandler:
         if self.in_flight >= self.max_in_flight:
             # Overloaded: turn it away before reading anything; Sent retries later.
             m.INGRESS_REFUSED.labels("overloaded").inc()
-            self._answered.inc((label, "overloaded", "503"))
+            m.INGRESS_REQUESTS.inc((label, "overloaded", "503"))
             detail = f"more than {self.max_in_flight} requests in flight; retry"
             return failed(503, "overloaded", detail, retry=True), request_id
         self.in_flight += 1
@@ -302,8 +296,8 @@ class WebhookHandler:
             answer = failed(500, "internal_error", "unexpected error", close=True)
         finally:
             self.in_flight -= 1
-            self._answered.inc((label, outcome, str(status)))
-            self._request_seconds.observe(time.perf_counter() - started)
+            m.INGRESS_REQUESTS.inc((label, outcome, str(status)))
+            m.INGRESS_REQUEST_SECONDS.observe(time.perf_counter() - started)
         return answer, request_id
 
     async def _handle(
@@ -351,7 +345,7 @@ class WebhookHandler:
             m.INGRESS_SIGNATURE_FAILURES.labels(label, reason).inc()
             log.info("signature rejected", extra={**self._ctx(request_id, label, tenant), "reason": reason})
             return "signature_" + reason, failed(401, exc.reason.value, exc.detail)
-        self._body_bytes.observe(len(body))
+        m.INGRESS_BODY_BYTES.observe(len(body))
 
         received_ms = int(now * 1000)
         try:
@@ -441,7 +435,7 @@ class WebhookHandler:
             # if the broker did get it after all; the dedup table drops that).
             await self._spool(spool, topic, key, value, headers)
             return None
-        self._produce_seconds.observe(time.perf_counter() - t0)
+        m.INGRESS_PRODUCE_SECONDS.observe(time.perf_counter() - t0)
         return msg
 
     async def _spool(
@@ -528,7 +522,6 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    flush_all()  # what the handlers tallied since the last scrape
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 import sentpipe.metrics
+from sentpipe.loop_metrics import LoopCounter, LoopHistogram
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy/grafana/sentpipe.json"
@@ -38,7 +39,7 @@ SUFFIXES = {
 def exported_series() -> set[str]:
     names: set[str] = set()
     for collector in vars(sentpipe.metrics).values():
-        if not isinstance(collector, MetricWrapperBase):
+        if not isinstance(collector, (MetricWrapperBase, LoopCounter, LoopHistogram)):
             continue
         for family in collector.describe():
             names.update(family.name + suffix for suffix in SUFFIXES[family.type])
