@@ -78,8 +78,10 @@ async def serve(
     metrics_runner = web.AppRunner(create_metrics_app(), access_log=None)
     await metrics_runner.setup()
     await web.TCPSite(metrics_runner, metrics_host or host, metrics_port).start()
+    # The ports bound: with 0 the kernel picked them, and the log says which.
+    port, metrics_port = runner.addresses[0][1], metrics_runner.addresses[0][1]
     if on_metrics_port is not None:
-        on_metrics_port(metrics_runner.addresses[0][1])
+        on_metrics_port(metrics_port)
     if settings.uses_development_secret and not reuse_port:  # with workers, the supervisor says it once
         log.warning(
             "using the built-in development webhook secret: set SENTPIPE_WEBHOOK_SECRET for real traffic"

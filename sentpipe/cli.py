@@ -38,9 +38,11 @@ def _connect(s: Settings, timeout: float) -> None:
 @app.command()
 def ingress(
     host: Annotated[str | None, typer.Option(help="Listen address [SENTPIPE_INGRESS_HOST].")] = None,
-    port: Annotated[int | None, typer.Option(help="Webhook port [SENTPIPE_INGRESS_PORT].")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=0, max=65535, help="Webhook port [SENTPIPE_INGRESS_PORT].")
+    ] = None,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Metrics port [SENTPIPE_INGRESS_METRICS_PORT].")
+        int | None, typer.Option(min=0, max=65535, help="Metrics port [SENTPIPE_INGRESS_METRICS_PORT].")
     ] = None,
     workers: Annotated[
         int | None,
@@ -60,7 +62,12 @@ def ingress(
     if workers is not None:
         s = s.model_copy(update={"ingress_workers": workers})
     configure(s.log_level, s.log_json)
-    run(s, host or s.ingress_host, port or s.ingress_port, metrics_port or s.ingress_metrics_port)
+    run(
+        s,
+        s.ingress_host if host is None else host,
+        s.ingress_port if port is None else port,  # 0 is a port: the system picks one
+        s.ingress_metrics_port if metrics_port is None else metrics_port,
+    )
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -584,7 +591,7 @@ def events_show(
 @app.command()
 def console(
     host: Annotated[str | None, typer.Option(help="Listen address [SENTPIPE_CONSOLE_HOST].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [SENTPIPE_CONSOLE_PORT].")] = None,
+    port: Annotated[int | None, typer.Option(min=0, max=65535, help="Port [SENTPIPE_CONSOLE_PORT].")] = None,
 ) -> None:
     """Serve the web console: overview, live events, event trace, search, dead letters, replay.
 
@@ -594,7 +601,7 @@ def console(
     from sentpipe.logs import configure
 
     s = settings()
-    host = host or s.console_host
+    host = s.console_host if host is None else host
     try:
         check_bind(host, s.console_token.get_secret_value() if s.console_token else None)
     except ValueError as exc:
@@ -604,7 +611,7 @@ def console(
     run(
         s,
         host,
-        port or s.console_port,
+        s.console_port if port is None else port,
         lambda url: out.print(f"console on {url} ({sign_in})", highlight=False),
     )
 

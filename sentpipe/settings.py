@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sentpipe.schemas.events import EventIdSource
+
+# A TCP port; 0 lets the system pick one. (uvloop would take 99999 as 34463 and say 99999.)
+Port = Annotated[int, Field(ge=0, le=65535)]
 
 # Local development only: `make run` and the sender use it when no secret is configured, and the ingress
 # logs a warning whenever it is in use. It is not a secret and must never guard real traffic.
@@ -77,8 +80,8 @@ class Settings(BaseSettings):
 
     # ingress
     ingress_host: str = "0.0.0.0"
-    ingress_port: int = 8080
-    ingress_metrics_port: int = 9100
+    ingress_port: Port = 8080
+    ingress_metrics_port: Port = 9100
     signature_tolerance_s: int = Field(300, ge=1)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     # The whole body must arrive within this time of the request's headers, or the answer is 408.
@@ -107,8 +110,8 @@ class Settings(BaseSettings):
     # prefixes never share a group or a dedup changelog (`sent.` keeps the historical `sentpipe`).
     app_id: str = "sentpipe"
     worker_role: WorkerRole = "all"
-    worker_web_port: int = 6066
-    worker_metrics_port: int = 9101
+    worker_web_port: Port = 6066
+    worker_metrics_port: Port = 9101
     worker_metrics_host: str = "0.0.0.0"
     table_store: str = "memory://"
     # Restore the dedup table (RocksDB files, or sentpipe's memory store) from the changelog with librdkafka
@@ -139,7 +142,7 @@ class Settings(BaseSettings):
 
     # console (`sentpipe console`): live events, event trace, search, dead letters, replay in a browser
     console_host: str = "127.0.0.1"
-    console_port: int = 8090
+    console_port: Port = 8090
     # Required whenever the console listens on anything but loopback; the browser signs in with it once.
     console_token: SecretStr | None = None
     # Where "Send a test event" posts (development secret only); default: this machine's ingress port.

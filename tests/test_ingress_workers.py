@@ -9,6 +9,7 @@ import asyncio
 import os
 import re
 import signal
+import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -220,3 +221,37 @@ def test_an_absurd_worker_count_is_one_line_and_starts_nothing(
     lines = proc.log.read_text().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: invalid setting SENTPIPE_INGRESS_WORKERS: "), lines
     assert why in lines[0], lines
+
+
+@pytest.mark.parametrize(("value", "why"), [("99999", "less than or equal to 65535"), ("-1", "greater than")])
+def test_a_port_out_of_range_is_one_line_and_starts_nothing(
+    settings: Settings, tmp_path: Path, value: str, why: str
+) -> None:
+    """uvloop would bind 99999 as 34463 and log 99999; -1 was a traceback."""
+    env = {**settings_env(settings, ingress_host="127.0.0.1"), "SENTPIPE_INGRESS_PORT": value}
+    proc = Proc(["ingress"], env, tmp_path / "ingress.log").start()
+    assert proc.p is not None and proc.p.wait(60) == 1
+    lines = proc.log.read_text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: invalid setting SENTPIPE_INGRESS_PORT: "), lines
+    assert why in lines[0], lines
+
+
+def test_port_0_on_the_command_line_is_a_port_the_system_picks(settings: Settings, tmp_path: Path) -> None:
+    """`--port 0` overrides SENTPIPE_INGRESS_PORT (it was read as "not given"): here that port is taken."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = settings_env(settings, ingress_host="127.0.0.1", ingress_port=port, ingress_metrics_port=port)
+        proc = Proc(["ingress", "--port", "0", "--metrics-port", "0"], env, tmp_path / "ingress.log").start()
+        try:
+            deadline = time.monotonic() + 60
+            while not (found := re.search(r"listening url=http://127\.0\.0\.1:(\d+)/", proc.log.read_text())):
+                assert proc.p is not None and proc.p.poll() is None, proc.tail()
+                assert time.monotonic() < deadline, proc.tail()
+                time.sleep(0.1)
+            picked = int(found.group(1))
+            assert picked not in (0, port)
+            proc.wait_http(f"http://127.0.0.1:{picked}/healthz")
+        finally:
+            proc.stop()
