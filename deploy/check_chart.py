@@ -294,6 +294,31 @@ def _() -> None:
     assert "--api-versions monitoring.coreos.com/v1/PrometheusRule" in err, err
 
 
+# sentpipe.settings.default_app_id's answers (tests/test_deploy_static.py holds the app to the same table).
+APP_IDS = {
+    "sent.": "sentpipe",
+    "acme.": "sentpipe-acme",
+    ".eu.acme.": "sentpipe-eu.acme",
+    "...": "sentpipe-default",
+}
+
+
+@check("the app id follows the topic prefix as the app derives it, unless worker.appId is set")
+def _() -> None:
+    for prefix, want in APP_IDS.items():
+        for values in ([], ["--set", "worker.appId=kept-group"]):
+            objs = render(*SECRET, "--set", f"kafka.topicPrefix={prefix}", *values)
+            named = [w for w in workloads(objs) if w.endswith(("-worker", "-console"))]
+            assert named, list(workloads(objs))
+            for name in named:
+                envs = {
+                    e["name"]: e.get("value")
+                    for c in pod(workloads(objs)[name])["spec"]["containers"]
+                    for e in c["env"]
+                }
+                assert envs["SENTPIPE_APP_ID"] == ("kept-group" if values else want), (prefix, name, envs)
+
+
 def main() -> int:
     for what, fn in CHECKS:
         try:

@@ -4,6 +4,7 @@ metrics that sentpipe exports, and no signing secret is committed. deploy/check.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -177,3 +178,14 @@ def test_the_compose_worker_is_healthy_only_when_live_and_ready(
     finally:
         server.shutdown()
     assert (done.returncode == 0) is healthy, done.stderr.decode()[-300:]
+
+
+def test_the_chart_derives_the_app_id_as_the_app_does() -> None:
+    """deploy/check_chart.py renders the chart's `sentpipe.appId` against this table; the app must agree."""
+    from sentpipe.settings import default_app_id
+
+    source = (ROOT / "deploy/check_chart.py").read_text()
+    table = re.search(r"^APP_IDS = (\{.*?\})$", source, re.M | re.S)
+    assert table is not None
+    for prefix, want in ast.literal_eval(table.group(1)).items():
+        assert default_app_id(prefix) == want, prefix

@@ -310,3 +310,15 @@ about one core; the processes' metrics are served as one on ingress.metricsPort 
 {{- max 1 (div (add $milli 999) 1000) -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The router's consumer group (SENTPIPE_APP_ID): worker.appId, or, when that is empty, what the app derives
+from the topic prefix (sentpipe/settings.py default_app_id; deploy/check_chart.py renders both ways). */}}
+{{- define "sentpipe.appId" -}}
+{{- if .Values.worker.appId -}}
+{{- .Values.worker.appId -}}
+{{- else if eq .Values.kafka.topicPrefix "sent." -}}
+sentpipe
+{{- else -}}
+{{- printf "sentpipe-%s" (default "default" (trimAll "." .Values.kafka.topicPrefix)) -}}
+{{- end -}}
+{{- end -}}
