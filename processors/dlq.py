@@ -5,16 +5,24 @@ raw bodies that could not be routed (stages ingress, route, replay) and canonica
 handler gave up on (stages project, handler). Redrive sends each back where it can succeed: raw bodies
 through `route()` again, canonical events to the routed topic they came from. The redriven record keeps
 `sentpipe-dlq-attempts`, so a second failure dead-letters it again with the count incremented.
+
+A log cannot delete what it holds, so a redriven record stays in the DLQ: the redrive ledger
+(`<prefix>events.dlq.redriven`, keyed by the record's ID) says which records a redrive already took, once
+the broker has what it sent for them. Listing and redrive pass those by; a record that failed again is
+taken through its newer copy. Without the ledger each redrive took every earlier one again: handlers ran
+twice for events that had recovered, and records still failing doubled in the DLQ with every pass.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
+import orjson
 from confluent_kafka import KafkaError, Message
 
 from sentpipe.kafka import Producer
@@ -48,12 +56,31 @@ ROUTED_STAGES = ("project", "handler")
 STAGES = RAW_STAGES + ROUTED_STAGES
 
 
+# Kafka's partitions are int32 and its offsets int64.
+MAX_PARTITION = 2**31 - 1
+MAX_OFFSET = 2**63 - 1
+# Times a header may carry: 1970 up to the end of year 9999, what a datetime can show.
+MAX_TIME_MS = 253_402_300_799_999
+
+
+def _ascii_int(text: str | None, high: int) -> int | None:
+    """A non-negative decimal of ASCII digits up to `high`, else None. (`int()` also takes other scripts'
+    digits, signs, underscores and spaces; `isdigit()` takes superscripts `int()` refuses.)"""
+    if not text or len(text) > 19 or not text.isascii() or not text.isdigit():
+        return None
+    value = int(text)
+    return value if value <= high else None
+
+
 def parse_entry_id(text: str) -> PartitionOffset:
     """`partition:offset`, or a bare offset (the DLQ has one partition)."""
     part, sep, off = text.strip().rpartition(":")
-    if not off.isdigit() or (sep and not part.isdigit()):
-        raise OpsError(f"{text!r} is not a DLQ record ID (PARTITION:OFFSET as `dlq list` shows, e.g. 0:12)")
-    return PartitionOffset(int(part) if sep else 0, int(off))
+    partition = _ascii_int(part, MAX_PARTITION) if sep else 0
+    offset = _ascii_int(off, MAX_OFFSET)
+    if partition is None or offset is None:
+        shown = text if len(text) <= 40 else text[:40] + "..."
+        raise OpsError(f"{shown!r} is not a DLQ record ID (PARTITION:OFFSET as `dlq list` shows, e.g. 0:12)")
+    return PartitionOffset(partition, offset)
 
 
 def parse_stages(names: Iterable[str]) -> frozenset[str]:
@@ -72,6 +99,7 @@ class DlqEntry:
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
+    redriven_by: str | None = None  # the redrive that took it (the ledger's entry), if one did
 
     @property
     def id(self) -> str:
@@ -93,29 +121,23 @@ class DlqEntry:
     def message(self) -> str:
         return self.header(r.H_DLQ_MESSAGE) or ""
 
+    # Headers are whatever a producer wrote: a value out of range reads as absent, never as an error.
     @property
     def attempts(self) -> int:
-        try:
-            return max(1, int(self.header(r.H_DLQ_ATTEMPTS) or 1))
-        except ValueError:
-            return 1
+        return max(1, _ascii_int(self.header(r.H_DLQ_ATTEMPTS), 1_000_000_000) or 1)
 
     @property
     def dead_at_ms(self) -> int:
-        try:
-            return int(self.header(r.H_DLQ_AT) or self.timestamp_ms)
-        except ValueError:
-            return self.timestamp_ms
+        at = _ascii_int(self.header(r.H_DLQ_AT), MAX_TIME_MS)
+        return at if at is not None else min(max(self.timestamp_ms, 0), MAX_TIME_MS)
 
     @property
     def original(self) -> tuple[str, int, int] | None:
         topic, part, off = (self.header(h) for h in (r.H_DLQ_TOPIC, r.H_DLQ_PARTITION, r.H_DLQ_OFFSET))
-        if topic is None or part is None or off is None:
+        partition, offset = _ascii_int(part, MAX_PARTITION), _ascii_int(off, MAX_OFFSET)
+        if topic is None or partition is None or offset is None:
             return None
-        try:
-            return topic, int(part), int(off)
-        except ValueError:
-            return None
+        return topic, partition, offset
 
     def canonical(self) -> CanonicalEvent | None:
         if self.stage not in ROUTED_STAGES:
@@ -206,38 +228,79 @@ def _ranges(kafka: Log, dlq: str, sel: DlqSelection) -> list[Range]:
     return out
 
 
+# --- the redrive ledger -----------------------------------------------------------------------------------
+def redriven(kafka: Log, topics: Topics) -> dict[str, str] | None:
+    """DLQ record ID -> the redrive that took it, from the ledger; None when the ledger topic is missing
+    (`sentpipe topics ensure` creates it)."""
+    if topics.dlq_redriven not in kafka.topics:
+        return None
+    taken: dict[str, str] = {}
+    for msg in kafka.read(kafka.ranges(topics.dlq_redriven, Window())):
+        key = msg.key()
+        if not key:
+            continue
+        try:
+            run = orjson.loads(msg.value() or b"{}").get("redrive_id")
+        except (orjson.JSONDecodeError, AttributeError):
+            run = None
+        taken[key.decode(errors="replace")] = run if isinstance(run, str) else "unknown"
+    return taken
+
+
+def ledger_entry(e: DlqEntry, redrive_id: str, to: str, outcome: str) -> tuple[bytes, bytes]:
+    """Key and value of the ledger's record for `e`: taken by `redrive_id`, sent to `to`."""
+    value = {"redrive_id": redrive_id, "at_ms": int(time.time() * 1000), "to": to, "outcome": outcome}
+    return e.id.encode(), orjson.dumps(value)
+
+
 @dataclass(frozen=True, slots=True)
 class DlqListing:
     entries: list[DlqEntry]  # the newest `limit` matches, oldest first
     matched: int
     total: int  # records in the DLQ right now
+    redriven: int = 0  # matching records a redrive already took (listed only with `include_redriven`)
 
 
 def list_entries(
-    settings: Settings, sel: DlqSelection, *, limit: int = 50, timeout: float = 10.0
+    settings: Settings,
+    sel: DlqSelection,
+    *,
+    limit: int = 50,
+    timeout: float = 10.0,
+    include_redriven: bool = False,
 ) -> DlqListing:
-    if limit < 1:
-        raise OpsError("--limit must be at least 1")
-    dlq = Topics(settings.topic_prefix).dlq
+    """The newest `limit` records that match; those a redrive already took only with `include_redriven`."""
+    if not 1 <= limit <= 1_000_000:
+        raise OpsError("--limit must be between 1 and 1000000")
+    topics = Topics(settings.topic_prefix)
     with Log(settings, timeout) as kafka:
-        marks = kafka.watermarks(dlq, range(kafka.partition_count(dlq)))
+        marks = kafka.watermarks(topics.dlq, range(kafka.partition_count(topics.dlq)))
+        taken = redriven(kafka, topics) or {}
         newest: deque[DlqEntry] = deque(maxlen=limit)
-        matched = 0
-        for msg in kafka.read(_ranges(kafka, dlq, sel)):
+        matched = passed = 0
+        for msg in kafka.read(_ranges(kafka, topics.dlq, sel)):
             e = DlqEntry.from_message(msg)
-            if sel.admits(e):
-                matched += 1
-                newest.append(e)
-    return DlqListing(list(newest), matched, sum(high - low for low, high in marks.values()))
+            if not sel.admits(e):
+                continue
+            by = taken.get(e.id)
+            if by is not None:
+                passed += 1
+                if not include_redriven:
+                    continue
+                e = replace(e, redriven_by=by)
+            matched += 1
+            newest.append(e)
+    return DlqListing(list(newest), matched, sum(high - low for low, high in marks.values()), passed)
 
 
 def show_entry(settings: Settings, entry_id: str, *, timeout: float = 10.0) -> DlqEntry:
     want = parse_entry_id(entry_id)
-    dlq = Topics(settings.topic_prefix).dlq
+    topics = Topics(settings.topic_prefix)
     with Log(settings, timeout) as kafka:
-        for msg in kafka.read(_ranges(kafka, dlq, DlqSelection(ids=frozenset({want})))):
+        for msg in kafka.read(_ranges(kafka, topics.dlq, DlqSelection(ids=frozenset({want})))):
             if msg.offset() == want.offset:
-                return DlqEntry.from_message(msg)
+                e = DlqEntry.from_message(msg)
+                return replace(e, redriven_by=(redriven(kafka, topics) or {}).get(e.id))
     raise OpsError(f"no DLQ record {want}")  # e.g. compacted away between the check and the read
 
 
@@ -303,10 +366,19 @@ def redrive(
     progress: Progress | None = None,
     timeout: float = 10.0,
 ) -> RunResult:
-    """One pass over the DLQ as it is now; records it dead-letters again land after the end and wait."""
+    """One pass over the DLQ as it is now, past the records an earlier redrive took; records it dead-letters
+    again land after the end and wait for the next pass."""
     topics = Topics(settings.topic_prefix)
     result = RunResult(new_run_id(), dry_run)
     with Log(settings, timeout) as kafka:
+        taken = redriven(kafka, topics)
+        if taken is None:
+            if not dry_run:
+                raise OpsError(
+                    f"topic {topics.dlq_redriven} does not exist on {kafka.bootstrap}: run `sentpipe topics "
+                    "ensure` first (it records which dead letters a redrive took, so none is taken twice)"
+                )
+            taken = {}
         ranges = _ranges(kafka, topics.dlq, sel)
         total = sum(x.size for x in ranges)
         log.info(
@@ -314,6 +386,7 @@ def redrive(
             extra={"redrive_id": result.run_id, "records": total, "dry_run": dry_run},
         )
         sender = None if dry_run else ops_producer(settings)
+        acknowledged: list[tuple[bytes, bytes]] = []  # ledger records to write: the broker has their sends
         if progress is not None:
             progress(0, total)
         for done, msg in enumerate(kafka.read(ranges), 1):
@@ -321,17 +394,30 @@ def redrive(
             e = DlqEntry.from_message(msg)
             if not sel.admits(e):
                 result.skipped += 1
+            elif e.id in taken:
+                result.already_redriven += 1
             else:
-                _redrive_one(e, plan(e, settings, topics, result.run_id), sender, result)
+                step = plan(e, settings, topics, result.run_id)
+                _redrive_one(e, step, sender, result, acknowledged)
+            if sender is not None and acknowledged:
+                _write_ledger(sender, topics, acknowledged, result)
             if progress is not None and (done % 500 == 0 or done == total):
                 progress(done, total)
         if sender is not None:
+            sender.flush()
+            _write_ledger(sender, topics, acknowledged, result)  # what the flush acknowledged
             sender.flush()
     log_run("redrive", result)
     return result
 
 
-def _redrive_one(e: DlqEntry, step: RedriveStep, sender: Producer | None, result: RunResult) -> None:
+def _redrive_one(
+    e: DlqEntry,
+    step: RedriveStep,
+    sender: Producer | None,
+    result: RunResult,
+    acknowledged: list[tuple[bytes, bytes]],
+) -> None:
     ctx = {"redrive_id": result.run_id, "dlq_id": e.id, "stage": e.stage, "attempts": e.attempts}
     if step.action == "keep":
         result.failed += 1
@@ -349,12 +435,30 @@ def _redrive_one(e: DlqEntry, step: RedriveStep, sender: Producer | None, result
         return
 
     def delivered(err: KafkaError | None) -> None:
-        if step.action != "send":
-            return
         if err is None:
-            result.produced += 1
-        else:
+            # Taken: the ledger says so once the broker has it (a record sent again, or its newer copy).
+            outcome = "sent" if step.action == "send" else "dead-lettered again"
+            acknowledged.append(ledger_entry(e, result.run_id, step.topic, outcome))
+            if step.action == "send":
+                result.produced += 1
+        elif step.action == "send":
             result.failed += 1
             result.failures[f"delivery:{err.name()}"] += 1
 
     sender.send(step.topic, step.key, step.value, step.headers, delivered)
+
+
+def _write_ledger(
+    sender: Producer, topics: Topics, acknowledged: list[tuple[bytes, bytes]], result: RunResult
+) -> None:
+    entries = acknowledged[:]
+    acknowledged.clear()
+
+    def written(err: KafkaError | None) -> None:
+        if err is not None:
+            # The record was sent but the ledger does not say so: a later redrive would take it again.
+            result.failed += 1
+            result.failures[f"ledger:{err.name()}"] += 1
+
+    for key, value in entries:
+        sender.send(topics.dlq_redriven, key, value, [], written)

@@ -9,7 +9,7 @@ notes say what was read and when a scan was cut short.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -18,7 +18,7 @@ from confluent_kafka import Message, murmur2
 from psycopg.rows import dict_row
 
 from sentpipe.processors.dedup import decode_seen, partition_of, table_key
-from sentpipe.processors.dlq import DlqEntry
+from sentpipe.processors.dlq import DlqEntry, redriven
 from sentpipe.processors.offsets import Log, Range, Window, timestamp_ms
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import MalformedEvent
@@ -176,7 +176,8 @@ def locate(
         rep.routed = _find_routed(search, kafka, settings, topics, rep)
         by_key, by_id = _key_is(event_id), _canonical_id_is(event_id)
         hits = search("dlq", topics.dlq, lambda msg: by_key(msg) or by_id(msg))
-        rep.dlq = [DlqEntry.from_message(m) for m in hits]
+        taken = (redriven(kafka, topics) or {}) if hits else {}
+        rep.dlq = [replace(e, redriven_by=taken.get(e.id)) for e in map(DlqEntry.from_message, hits)]
     try:
         rep.rows = database_rows(settings.database_url.get_secret_value(), event_id)
     except psycopg.Error as exc:

@@ -7,6 +7,7 @@ produces into the topic it reads (redrive) still terminates.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -56,11 +57,25 @@ class PartitionOffset:
         return f"{self.partition}:{self.offset}"
 
 
+# Kafka's partitions are int32 and its offsets int64.
+MAX_PARTITION = 2**31 - 1
+MAX_OFFSET = 2**63 - 1
+# ASCII only: str.isdigit() also takes superscripts (which int() refuses) and other scripts' digits (which
+# int() reads: Arabic-Indic one is 1). Twenty digits are more than either bound has, and far below the
+# length int() refuses.
+_NUMBER = re.compile(r"[0-9]{1,20}")
+
+
 def parse_partition_offset(text: str, option: str) -> PartitionOffset:
     part, sep, off = text.strip().partition(":")
-    if not sep or not part.isdigit() or not off.isdigit():
+    if not sep or not _NUMBER.fullmatch(part) or not _NUMBER.fullmatch(off):
         raise OpsError(f"{option}: {text!r} is not PARTITION:OFFSET (for example 3:1200)")
-    return PartitionOffset(int(part), int(off))
+    partition, offset = int(part), int(off)
+    if partition > MAX_PARTITION:
+        raise OpsError(f"{option}: partition {partition} is beyond Kafka's largest, {MAX_PARTITION}")
+    if offset > MAX_OFFSET:
+        raise OpsError(f"{option}: offset {offset} is beyond Kafka's largest, {MAX_OFFSET}")
+    return PartitionOffset(partition, offset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +314,7 @@ def _result(future: Any, timeout: float, bootstrap: str) -> Any:
     except KafkaException as exc:
         raise OpsError(f"Kafka at {bootstrap}: {_kafka_text(exc)}") from exc
     except TimeoutError as exc:
-        raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:.0f}s") from exc
+        raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:g}s") from exc
 
 
 def reset_group_offsets(

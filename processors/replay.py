@@ -132,6 +132,7 @@ class RunResult:
     read: int = 0
     produced: int = 0
     skipped: int = 0
+    already_redriven: int = 0  # redrive: DLQ records an earlier redrive took (the redrive ledger)
     failed: int = 0
     selected: Counter[tuple[str, str]] = field(default_factory=Counter)  # what was (or would be) sent
     failures: Counter[str] = field(default_factory=Counter)  # reason -> count

@@ -37,6 +37,11 @@ class Topics:
         return f"{self.prefix}events.dlq"
 
     @property
+    def dlq_redriven(self) -> str:
+        """The redrive ledger: one record per DLQ record a redrive took (key: its `partition:offset`)."""
+        return f"{self.prefix}events.dlq.redriven"
+
+    @property
     def routed(self) -> tuple[str, str, str]:
         return (self.message_status, self.message_inbound, self.template_approval)
 
@@ -141,6 +146,12 @@ def topic_specs(
             1,
             replication_factor,
             {"retention.ms": str(dlq_retention_ms), **min_isr, **size(topics.dlq)},
+        )
+    )
+    # Written after the DLQ record it names, kept as long: an entry outlives its record.
+    specs.append(
+        TopicSpec(
+            topics.dlq_redriven, 1, replication_factor, {"retention.ms": str(dlq_retention_ms), **min_isr}
         )
     )
     return specs

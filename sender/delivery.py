@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 import time
+from array import array
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -19,6 +21,8 @@ from sentpipe.sender.plan import Delivery
 
 # The integration guide's table: retries after 1, 2, 4, 8, 16, 32, 64 s, then the event is failed.
 SENT_RETRY_SCHEDULE: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+# An hour: far beyond Sent's longest wait, and short enough that a typo cannot park a delivery for good.
+MAX_RETRY_DELAY_S = 3600.0
 USER_AGENT = "sentpipe-sender/0.1"
 RESPONSE_KEEP_BYTES = 64 * 1024
 # Far outside any signature tolerance (Standard Webhooks: 5 minutes), so --stale is always stale.
@@ -46,13 +50,16 @@ class Unreachable(Exception):
 
 
 def parse_schedule(text: str) -> tuple[float, ...]:
-    """'0.01,0.02' -> (0.01, 0.02); ValueError on anything but non-negative numbers."""
+    """'0.01,0.02' -> (0.01, 0.02); ValueError on anything but numbers from 0 to MAX_RETRY_DELAY_S."""
     try:
         delays = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise ValueError(f"retry schedule {text!r} is not a comma-separated list of seconds") from None
-    if not delays or any(not math.isfinite(d) or d < 0 for d in delays):
-        raise ValueError(f"retry schedule {text!r} needs at least one delay, each >= 0 seconds")
+        raise ValueError(f"--retry-schedule {text!r} is not a comma-separated list of seconds") from None
+    if not delays or any(not (math.isfinite(d) and 0 <= d <= MAX_RETRY_DELAY_S) for d in delays):
+        raise ValueError(
+            f"--retry-schedule {text!r} needs at least one delay, "
+            f"each from 0 to {MAX_RETRY_DELAY_S:g} seconds"
+        )
     return delays
 
 
@@ -135,7 +142,7 @@ class Outcome:
 class Stats:
     """Running totals; safe to read while `deliver` runs (everything happens on one event loop)."""
 
-    total: int = 0  # deliveries planned
+    total: int = 0  # deliveries planned (0 when not known beforehand)
     sent: int = 0  # deliveries whose first attempt has started
     done: int = 0
     accepted: int = 0
@@ -143,7 +150,8 @@ class Stats:
     retried: int = 0  # attempts after the first
     duplicates: int = 0  # deliveries that repeat an earlier body
     rejected: Counter[str] = field(default_factory=Counter)  # final non-2xx outcome -> deliveries
-    latencies_s: list[float] = field(default_factory=list)  # every attempt that got an HTTP answer
+    # Every attempt that got an HTTP answer; 8 bytes each, as a run can make millions.
+    latencies_s: array[float] = field(default_factory=lambda: array("d"))
     elapsed_s: float = 0.0
 
     @property
@@ -190,9 +198,10 @@ async def post_once(
 
 async def deliver(
     url: str,
-    deliveries: Sequence[Delivery],
+    deliveries: Iterable[Delivery],
     secret: str,
     *,
+    total: int | None = None,
     schedule: Sequence[float] = SENT_RETRY_SCHEDULE,
     concurrency: int = 8,
     rate: float | None = None,
@@ -204,17 +213,21 @@ async def deliver(
 ) -> Stats:
     """Deliver everything in plan order; returns when each delivery is accepted or out of retries.
 
-    `concurrency` bounds attempts in flight; `rate` (deliveries per second) paces first attempts. A
-    delivery waiting for its next retry holds no slot, so one failing event does not stall the rest,
-    as with Sent, whose retries are scheduled per event.
+    `deliveries` is taken one at a time as slots free up, so a lazy plan is never held whole; `total`
+    (default: its length, when it has one) is what progress reports count towards. `concurrency` bounds
+    attempts in flight; `rate` (deliveries per second) paces first attempts. A delivery waiting for its
+    next retry holds no slot, so one failing event does not stall the rest, as with Sent, whose retries
+    are scheduled per event.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
-    if rate is not None and rate <= 0:
-        raise ValueError("rate must be above 0 events per second")
+    if rate is not None and not (math.isfinite(rate) and rate > 0):
+        raise ValueError("rate must be a finite number of events per second above 0")
     target = check_url(url)
     signer = Signer(secret, mode, clock)
-    stats = Stats(total=len(deliveries), duplicates=sum(d.duplicate for d in deliveries))
+    if total is None:
+        total = len(deliveries) if isinstance(deliveries, Sized) else 0
+    stats = Stats(total=total)
     slots = asyncio.Semaphore(concurrency)
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -250,23 +263,72 @@ async def deliver(
             if on_outcome is not None:
                 on_outcome(outcome)
 
-        tasks: list[asyncio.Task[None]] = []
+        # Only unfinished tasks are kept: a finished one is dropped, its failure (a bug: `run` catches
+        # what the network does) kept to raise.
+        tasks: set[asyncio.Task[None]] = set()
+        failures: list[BaseException] = []
+
+        def finished(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                failures.append(exc)
+
         try:
-            for i, delivery in enumerate(deliveries):
-                if rate is not None:
-                    delay = started + i / rate - loop.time()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                # Taking the slot before creating the task keeps pending work bounded by `concurrency`.
-                await slots.acquire()
-                stats.sent += 1
-                tasks.append(asyncio.create_task(run(delivery, first_slot_held=True)))
+            async with contextlib.aclosing(_taken_ahead(deliveries)) as ahead:
+                i = -1
+                async for delivery in ahead:
+                    i += 1
+                    if failures:
+                        raise failures[0]
+                    if rate is not None:
+                        delay = started + i / rate - loop.time()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                    # Taking the slot before creating the task keeps pending work bounded by `concurrency`.
+                    await slots.acquire()
+                    stats.sent += 1
+                    stats.duplicates += delivery.duplicate
+                    stats.total = max(stats.total, stats.sent)
+                    task = asyncio.create_task(run(delivery, first_slot_held=True))
+                    tasks.add(task)
+                    task.add_done_callback(finished)
             await asyncio.gather(*tasks)
+            if failures:
+                raise failures[0]
         finally:
-            for task in tasks:
+            for task in list(tasks):
                 task.cancel()
     updated()
     return stats
+
+
+# Deliveries of a lazy plan made at a time in a worker thread, the next batch while this one is sent:
+# making events and plans is CPU work that, done on the loop, would stall it once per plan window (and
+# inflate every latency measured across the stall).
+TAKE_AHEAD = 1000
+
+
+async def _taken_ahead(deliveries: Iterable[Delivery]) -> AsyncGenerator[Delivery, None]:
+    if isinstance(deliveries, Sequence):  # already made: nothing to take off the loop
+        for delivery in deliveries:
+            yield delivery
+        return
+    it = iter(deliveries)
+
+    def take() -> list[Delivery]:
+        return list(itertools.islice(it, TAKE_AHEAD))
+
+    batch = await asyncio.to_thread(take)
+    while batch:
+        # Only one `take` runs at a time: the next starts once the previous one has returned.
+        following = asyncio.ensure_future(asyncio.to_thread(take))
+        try:
+            for delivery in batch:
+                yield delivery
+        except GeneratorExit:
+            following.cancel()
+            raise
+        batch = await following
 
 
 async def probe(url: str, timeout_s: float = 5.0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
@@ -11,9 +12,16 @@ from typing import Literal
 
 import orjson
 
-from sentpipe.schemas.events import ROUTED_TYPES, EventType, MalformedEvent, frame, normalize
+from sentpipe.schemas.events import (
+    ROUTED_TYPES,
+    STATUS_RANK,
+    EventType,
+    MalformedEvent,
+    frame,
+    normalize,
+)
 from sentpipe.schemas.routing import parse_event_types
-from sentpipe.schemas.samples import Sample, SampleFactory
+from sentpipe.schemas.samples import TEMPLATE_STATUSES, Sample, SampleFactory
 
 ShapeChoice = Literal["sent", "guide", "mixed"]
 SHAPES: tuple[ShapeChoice, ...] = ("sent", "guide", "mixed")
@@ -68,18 +76,48 @@ def category(sample: Sample) -> str:
     return "messages"
 
 
+def iter_events(
+    factory: SampleFactory, types: Sequence[EventType], shape: ShapeChoice, count: int
+) -> Iterator[Sample]:
+    """`count` events of `types`, each message's or template's events in their true order, made as they
+    are taken: memory does not grow with `count`."""
+    # The same weights as SampleFactory.mix: message lifecycles dominate real traffic.
+    weights = [{EventType.MESSAGE_STATUS: 3}.get(t, 1) for t in types]
+    left = count
+    while left > 0:
+        type_ = factory.rng.choices(list(types), weights)[0]
+        s = factory.rng.choice(("sent", "guide")) if shape == "mixed" else shape
+        group = factory.of_type(type_, s)[:left]
+        left -= len(group)
+        yield from group
+
+
 def generate(
     factory: SampleFactory, types: Sequence[EventType], shape: ShapeChoice, count: int
 ) -> list[Sample]:
-    """`count` events of `types`, each message's or template's events in their true order."""
-    out: list[Sample] = []
-    # The same weights as SampleFactory.mix: message lifecycles dominate real traffic.
-    weights = [{EventType.MESSAGE_STATUS: 3}.get(t, 1) for t in types]
-    while len(out) < count:
-        type_ = factory.rng.choices(list(types), weights)[0]
-        s = factory.rng.choice(("sent", "guide")) if shape == "mixed" else shape
-        out += factory.of_type(type_, s)
-    return out[:count]
+    """`iter_events` as a list."""
+    return list(iter_events(factory, types, shape, count))
+
+
+# The statuses `trigger --status` can give each type; a type not listed has none.
+STATUSES: dict[EventType, tuple[str, ...]] = {
+    EventType.MESSAGE_STATUS: tuple(STATUS_RANK),
+    EventType.TEMPLATE_APPROVAL: TEMPLATE_STATUSES,
+}
+
+
+def parse_status(type_: EventType, status: str | None, name: str = "--status") -> str | None:
+    """A status for an event of `type_` (any case, returned in lower case); ValueError, naming the option or
+    field `name`, for one the type does not know, or for any status of a type that has none."""
+    if status is None:
+        return None
+    known = STATUSES.get(type_)
+    if known is None:
+        raise ValueError(f"{name} does not apply to {type_.value}: its events have no status")
+    # Compared in ASCII lower case: Sent writes statuses in either case, and the set is ASCII.
+    if status.lower() not in known:
+        raise ValueError(f"{name} for {type_.value} must be one of {', '.join(known)}, not {status!r}")
+    return status.lower()
 
 
 def one_event(factory: SampleFactory, type_: EventType, shape: ShapeChoice, status: str | None) -> Sample:
@@ -174,6 +212,20 @@ def shuffle_within_subjects(samples: Sequence[Sample], rng: random.Random) -> li
     return order
 
 
+# Events planned at a time by `plan_stream`: what one shuffle or duplicate spans, and what is held at once.
+PLAN_WINDOW = 10_000
+
+
+def _check_fraction(duplicates: float) -> None:
+    if not 0.0 <= duplicates <= 1.0:
+        raise ValueError("duplicates is a fraction between 0 and 1")
+
+
+def planned_deliveries(events: int, duplicates: float) -> int:
+    """How many deliveries a plan of `events` events with a `duplicates` fraction has."""
+    return events + round(duplicates * events)
+
+
 def plan_deliveries(
     samples: Sequence[Sample], duplicates: float, shuffle: bool, rng: random.Random
 ) -> list[Delivery]:
@@ -182,20 +234,48 @@ def plan_deliveries(
     A redelivery repeats the identical body as a new delivery (fresh webhook id) at a random point after
     the original, as Sent does after a lost acknowledgement.
     """
-    if not 0.0 <= duplicates <= 1.0:
-        raise ValueError("duplicates is a fraction between 0 and 1")
+    _check_fraction(duplicates)
+    return _plan(samples, 0, round(duplicates * len(samples)), shuffle, rng)
+
+
+def plan_stream(
+    samples: Iterable[Sample],
+    duplicates: float,
+    shuffle: bool,
+    rng: random.Random,
+    window: int = PLAN_WINDOW,
+) -> Iterator[Delivery]:
+    """`plan_deliveries`, made lazily `window` samples at a time, so memory does not grow with the run:
+    shuffles and redeliveries stay inside their window, and `planned_deliveries` gives the total."""
+    _check_fraction(duplicates)
+    if window < 1:
+        raise ValueError("window must be at least 1")
+    it = iter(samples)
+    start = 0
+    while chunk := list(itertools.islice(it, window)):
+        end = start + len(chunk)
+        # Rounded on the running total, so the run as a whole has round(duplicates x events).
+        n_dup = min(len(chunk), round(duplicates * end) - round(duplicates * start))
+        yield from _plan(chunk, start, n_dup, shuffle, rng)
+        start = end
+
+
+def _plan(
+    samples: Sequence[Sample], first_index: int, n_dup: int, shuffle: bool, rng: random.Random
+) -> list[Delivery]:
     order = shuffle_within_subjects(samples, rng) if shuffle else list(range(len(samples)))
     keyed: list[tuple[float, int, Delivery]] = []
     for position, index in enumerate(order):
         s = samples[index]
-        keyed.append((float(position), 0, Delivery(webhook_id(rng), s.body, category(s), s.type, index)))
-    n_dup = round(duplicates * len(samples))
+        delivery = Delivery(webhook_id(rng), s.body, category(s), s.type, first_index + index)
+        keyed.append((float(position), 0, delivery))
     for position in sorted(rng.sample(range(len(order)), n_dup)):
         index = order[position]
         s = samples[index]
         # Any point after the original: a sort key strictly between its position and the end.
         later = rng.uniform(position, len(order))
         later = later if later > position else position + 0.5
-        keyed.append((later, 1, Delivery(webhook_id(rng), s.body, category(s), s.type, index, True)))
+        delivery = Delivery(webhook_id(rng), s.body, category(s), s.type, first_index + index, True)
+        keyed.append((later, 1, delivery))
     keyed.sort(key=lambda k: (k[0], k[1]))
     return [d for _, _, d in keyed]

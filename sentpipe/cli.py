@@ -13,7 +13,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from sentpipe.cli_base import CliError, err, fail, out, print_untrusted_body, settings, terminal_safe
+from sentpipe.cli_base import (
+    CliError,
+    TimeoutOption,
+    err,
+    fail,
+    out,
+    print_untrusted_body,
+    settings,
+    terminal_safe,
+    utf8,
+)
 
 if TYPE_CHECKING:
     from sentpipe.processors.inspect import Found
@@ -37,7 +47,9 @@ def _connect(s: Settings, timeout: float) -> None:
 
 @app.command()
 def ingress(
-    host: Annotated[str | None, typer.Option(help="Listen address [SENTPIPE_INGRESS_HOST].")] = None,
+    host: Annotated[
+        str | None, typer.Option(callback=utf8, help="Listen address [SENTPIPE_INGRESS_HOST].")
+    ] = None,
     port: Annotated[
         int | None, typer.Option(min=0, max=65535, help="Webhook port [SENTPIPE_INGRESS_PORT].")
     ] = None,
@@ -76,8 +88,9 @@ def worker(
     role: Annotated[
         str | None,
         typer.Option(
+            callback=utf8,
             help="all (one process), route (dedup + routing) or project (projections + handlers) "
-            "[SENTPIPE_WORKER_ROLE]."
+            "[SENTPIPE_WORKER_ROLE].",
         ),
     ] = None,
 ) -> None:
@@ -120,7 +133,7 @@ def worker(
 
 @topics_app.command("ensure")
 def topics_ensure(
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
+    timeout: TimeoutOption = 10.0,
 ) -> None:
     """Create every topic sentpipe uses that does not exist yet (idempotent)."""
     from sentpipe.processors.topics import ensure_topics
@@ -160,6 +173,10 @@ events_app = typer.Typer(no_args_is_help=True, help="Single events across topics
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(offsets_app, name="offsets")
 app.add_typer(events_app, name="events")
+# Rows of one table on a terminal, and records read per partition: far above any use, and small enough that
+# no count reaches a C integer or a buffer the size of the number.
+MAX_LIST_LIMIT = 100_000
+MAX_SCAN_LIMIT = 100_000_000
 
 
 @contextmanager
@@ -237,6 +254,8 @@ def _run_summary(title: str, result: RunResult, sent_label: str, target: str) ->
         str(sum(result.selected.values()) if dry else result.produced),
     )
     table.add_row("skipped by filter", str(result.skipped))
+    if result.already_redriven:
+        table.add_row("already taken by an earlier redrive", str(result.already_redriven))
     table.add_row("would fail" if dry else "failed", str(result.failed))
     for reason, n in sorted(result.failures.items()):
         table.add_row(terminal_safe(f"  {reason}"), str(n))
@@ -250,11 +269,16 @@ def _run_summary(title: str, result: RunResult, sent_label: str, target: str) ->
 
 @app.command()
 def replay(
-    since: Annotated[str | None, typer.Option(help="Records written at or after this ISO-8601 time.")] = None,
-    until: Annotated[str | None, typer.Option(help="Records written before this ISO-8601 time.")] = None,
+    since: Annotated[
+        str | None, typer.Option(callback=utf8, help="Records written at or after this ISO-8601 time.")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option(callback=utf8, help="Records written before this ISO-8601 time.")
+    ] = None,
     from_offset: Annotated[
         list[str] | None,
         typer.Option(
+            callback=utf8,
             metavar="PART:OFF",
             help="Read partition PART from offset OFF (repeatable; only named partitions).",
         ),
@@ -262,25 +286,28 @@ def replay(
     to_offset: Annotated[
         list[str] | None,
         typer.Option(
-            metavar="PART:OFF", help="Read partition PART up to offset OFF, inclusive (repeatable)."
+            callback=utf8,
+            metavar="PART:OFF",
+            help="Read partition PART up to offset OFF, inclusive (repeatable).",
         ),
     ] = None,
     type_: Annotated[
         list[str] | None,
         typer.Option(
             "--type",
+            callback=utf8,
             metavar="TYPE",
             help="Only this canonical type, e.g. message.status.updated (repeatable).",
         ),
     ] = None,
     tenant: Annotated[
-        list[str] | None, typer.Option(metavar="TENANT", help="Only this tenant (repeatable).")
+        list[str] | None, typer.Option(callback=utf8, metavar="TENANT", help="Only this tenant (repeatable).")
     ] = None,
     event_id: Annotated[
-        list[str] | None, typer.Option(metavar="ID", help="Only this event id (repeatable).")
+        list[str] | None, typer.Option(callback=utf8, metavar="ID", help="Only this event id (repeatable).")
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Count what would be replayed; produce nothing.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
+    timeout: TimeoutOption = 10.0,
 ) -> None:
     """Route raw events again, straight to the routed topics, so every projection applies them again.
 
@@ -310,25 +337,34 @@ def replay(
 
 @dlq_app.command("list")
 def dlq_list(
-    limit: Annotated[int, typer.Option(help="Show at most this many (the newest).")] = 50,
-    since: Annotated[str | None, typer.Option(help="Dead-lettered at or after this ISO-8601 time.")] = None,
+    limit: Annotated[
+        int, typer.Option(min=1, max=MAX_LIST_LIMIT, help="Show at most this many (the newest).")
+    ] = 50,
+    since: Annotated[
+        str | None, typer.Option(callback=utf8, help="Dead-lettered at or after this ISO-8601 time.")
+    ] = None,
     reason: Annotated[
-        list[str] | None, typer.Option(metavar="CLASS", help="Only this error class (repeatable).")
+        list[str] | None,
+        typer.Option(callback=utf8, metavar="CLASS", help="Only this error class (repeatable)."),
     ] = None,
     stage: Annotated[
-        list[str] | None, typer.Option(metavar="STAGE", help="Only this stage (repeatable).")
+        list[str] | None, typer.Option(callback=utf8, metavar="STAGE", help="Only this stage (repeatable).")
     ] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
+    all_: Annotated[
+        bool, typer.Option("--all", help="Also the records a redrive already took (column 'redriven by').")
+    ] = False,
+    timeout: TimeoutOption = 10.0,
 ) -> None:
-    """Dead-lettered records, oldest first; ID is partition:offset in the DLQ topic."""
+    """Dead-lettered records no redrive took yet, oldest first; ID is partition:offset in the DLQ topic."""
     from sentpipe.processors.dlq import list_entries, make_selection
 
     s = settings()
     with _ops():
         sel = make_selection(reasons=reason or (), stages=stage or (), since=since)
         _connect(s, timeout)
-        listing = list_entries(s, sel, limit=limit, timeout=timeout)
-    table = Table("ID", "time", "stage", "error", "event / key", "type", "tenant", "original", "attempts")
+        listing = list_entries(s, sel, limit=limit, timeout=timeout, include_redriven=all_)
+    columns = ["ID", "time", "stage", "error", "event / key", "type", "tenant", "original", "attempts"]
+    table = Table(*columns, *(["redriven by"] if all_ else []))
     for e in listing.entries:
         orig = e.original
         table.add_row(
@@ -341,18 +377,22 @@ def dlq_list(
             terminal_safe(e.tenant or "-"),
             terminal_safe(f"{orig[0]}:{orig[1]}:{orig[2]}" if orig else "-"),
             str(e.attempts),
+            *([terminal_safe(e.redriven_by or "-")] if all_ else []),
         )
     out.print(table)
+    taken = "" if all_ or not listing.redriven else f"; {listing.redriven} more a redrive took (--all)"
     out.print(
-        f"{len(listing.entries)} shown, {listing.matched} matching, {listing.total} in the DLQ",
+        f"{len(listing.entries)} shown, {listing.matched} matching, {listing.total} in the DLQ{taken}",
         highlight=False,
     )
 
 
 @dlq_app.command("show")
 def dlq_show(
-    entry_id: Annotated[str, typer.Argument(metavar="ID", help="partition:offset, as `dlq list` shows.")],
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
+    entry_id: Annotated[
+        str, typer.Argument(callback=utf8, metavar="ID", help="partition:offset, as `dlq list` shows.")
+    ],
+    timeout: TimeoutOption = 10.0,
 ) -> None:
     """One dead-lettered record: every header, then the value (JSON pretty-printed)."""
     from sentpipe.processors.dlq import show_entry
@@ -366,23 +406,31 @@ def dlq_show(
     for name, value in e.headers:
         table.add_row(terminal_safe(name), terminal_safe(value))
     out.print(table)
+    if e.redriven_by is not None:
+        out.print(
+            terminal_safe(f"taken by redrive {e.redriven_by}: no redrive takes it again"), highlight=False
+        )
     print_untrusted_body(out, e.value)
 
 
 @dlq_app.command("redrive")
 def dlq_redrive(
     id_: Annotated[
-        list[str] | None, typer.Option("--id", metavar="ID", help="Only this record ID (repeatable).")
+        list[str] | None,
+        typer.Option("--id", callback=utf8, metavar="ID", help="Only this record ID (repeatable)."),
     ] = None,
     reason: Annotated[
-        list[str] | None, typer.Option(metavar="CLASS", help="Only this error class (repeatable).")
+        list[str] | None,
+        typer.Option(callback=utf8, metavar="CLASS", help="Only this error class (repeatable)."),
     ] = None,
     stage: Annotated[
-        list[str] | None, typer.Option(metavar="STAGE", help="Only this stage (repeatable).")
+        list[str] | None, typer.Option(callback=utf8, metavar="STAGE", help="Only this stage (repeatable).")
     ] = None,
-    since: Annotated[str | None, typer.Option(help="Dead-lettered at or after this ISO-8601 time.")] = None,
+    since: Annotated[
+        str | None, typer.Option(callback=utf8, help="Dead-lettered at or after this ISO-8601 time.")
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Count what would be redriven; produce nothing.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
+    timeout: TimeoutOption = 10.0,
 ) -> None:
     """Send dead-lettered records back into the pipeline (one pass over the DLQ as it is now).
 
@@ -407,20 +455,24 @@ def dlq_redrive(
 
 @offsets_app.command("reset")
 def offsets_reset(
-    group: Annotated[str, typer.Option(help="Consumer group; the worker's is SENTPIPE_APP_ID.")],
+    group: Annotated[
+        str, typer.Option(callback=utf8, help="Consumer group; the worker's is SENTPIPE_APP_ID.")
+    ],
     to_datetime: Annotated[
-        str | None, typer.Option(help="The first offset at or after this ISO-8601 time.")
+        str | None, typer.Option(callback=utf8, help="The first offset at or after this ISO-8601 time.")
     ] = None,
     to_earliest: Annotated[bool, typer.Option(help="The oldest offset still kept.")] = False,
     to_latest: Annotated[bool, typer.Option(help="The end: skip everything there is now.")] = False,
     topic: Annotated[
         list[str] | None,
         typer.Option(
-            metavar="TOPIC", help="Only this topic (repeatable); default: every topic the group has."
+            callback=utf8,
+            metavar="TOPIC",
+            help="Only this topic (repeatable); default: every topic the group has.",
         ),
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Show the new offsets; change nothing.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
+    timeout: TimeoutOption = 10.0,
 ) -> None:
     """Move a consumer group's committed offsets to reprocess (or skip); refused while it has members."""
     from sentpipe.processors.offsets import ResetTo, parse_when, reset_group_offsets
@@ -492,45 +544,63 @@ def spool_status(dirs: SpoolDirOption = None) -> None:
 
 
 @spool_app.command("drain")
-def spool_drain(dirs: SpoolDirOption = None) -> None:
+def spool_drain(dirs: SpoolDirOption = None, timeout: TimeoutOption = 10.0) -> None:
     """One pass: produce what spool directories no ingress holds have to Kafka, deleting what lands.
 
     A running ingress drains its own spool; this is for directories left behind (a pod that will not come
-    back, a volume mounted elsewhere). Exit status 1 when anything is left."""
+    back, a volume mounted elsewhere). Exit status 1 when anything is left or corrupt frames were skipped."""
     import asyncio
 
     from sentpipe.ingress.spool import drain_directories
 
     s = settings()
     found = _spool_dirs(dirs)
+    _connect(s, timeout)
     with _ops(s), _bar("draining") as progress:
         outcomes = asyncio.run(drain_directories(s, found, progress))
     table = Table("directory", "outcome", "drained", "left", "corrupt frames", title="spool drain")
     for o in outcomes:
         table.add_row(terminal_safe(str(o.dir)), o.state, str(o.drained), str(o.remaining), str(o.corrupt))
     out.print(table)
-    in_use = [o for o in outcomes if o.state == "in_use"]
+    problems = []
     left = [o for o in outcomes if o.state == "incomplete"]
     if left:
-        fail(f"{sum(o.remaining for o in left)} record(s) left: the broker refused them; run it again")
+        problems.append(
+            f"{sum(o.remaining for o in left)} record(s) left: the broker refused them; run it again"
+        )
+    in_use = [o for o in outcomes if o.state == "in_use"]
     if in_use:
-        fail(f"{len(in_use)} director{'y is' if len(in_use) == 1 else 'ies are'} held by a running ingress")
+        n = len(in_use)
+        problems.append(f"{n} director{'y is' if n == 1 else 'ies are'} held by a running ingress")
+    corrupt = [o for o in outcomes if o.corrupt]
+    if corrupt:
+        # The drain skips what it cannot read and deletes the segment once past it: those records are gone,
+        # which a clean exit would hide.
+        problems.append(
+            f"{sum(o.corrupt for o in corrupt)} corrupt frame(s) skipped in {len(corrupt)} "
+            f"director{'y' if len(corrupt) == 1 else 'ies'}: what they held was not produced"
+        )
+    if problems:
+        fail("; ".join(problems))
 
 
 @events_app.command("show")
 def events_show(
-    event_id: Annotated[str, typer.Argument(metavar="EVENT_ID")],
+    event_id: Annotated[str, typer.Argument(callback=utf8, metavar="EVENT_ID")],
     scan_limit: Annotated[
-        int, typer.Option(help="Read at most this many of the newest records per partition searched.")
+        int,
+        typer.Option(
+            min=1,
+            max=MAX_SCAN_LIMIT,
+            help="Read at most this many of the newest records per partition searched.",
+        ),
     ] = 200_000,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the broker.")] = 10.0,
+    timeout: TimeoutOption = 10.0,
 ) -> None:
     """Where an event is: raw record(s), dedup table, routed record(s), database rows, DLQ entries."""
     from sentpipe.processors.inspect import locate
 
     s = settings()
-    if scan_limit < 1:
-        fail("--scan-limit must be at least 1")
     with _ops():
         _connect(s, timeout)
         rep = locate(s, event_id, scan_limit=scan_limit, timeout=timeout)
@@ -590,7 +660,9 @@ def events_show(
 
 @app.command()
 def console(
-    host: Annotated[str | None, typer.Option(help="Listen address [SENTPIPE_CONSOLE_HOST].")] = None,
+    host: Annotated[
+        str | None, typer.Option(callback=utf8, help="Listen address [SENTPIPE_CONSOLE_HOST].")
+    ] = None,
     port: Annotated[int | None, typer.Option(min=0, max=65535, help="Port [SENTPIPE_CONSOLE_PORT].")] = None,
 ) -> None:
     """Serve the web console: overview, live events, event trace, search, dead letters, replay.

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 import re
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Annotated, NoReturn, TypeVar
 
 import orjson
+import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.highlighter import JSONHighlighter
@@ -35,6 +38,63 @@ def settings() -> Settings:
             fail(f"invalid settings: {first['msg'].removeprefix('Value error, ')}")
         name = "SENTPIPE_" + "_".join(str(p) for p in first["loc"]).upper()
         fail(f"invalid setting {name}: {first['msg']}")
+
+
+# --- option values: one rule each, shared by every command that takes the option ---------------------------
+# librdkafka takes socket timeouts from 10 ms to 300 s (socket.timeout.ms); outside that range the client
+# refuses its own configuration with an error that blames the security settings. HTTP waits share the rule.
+MIN_TIMEOUT_S = 0.01
+MAX_TIMEOUT_S = 300.0
+# A rate is paced as 1/rate seconds between first attempts: at the lowest, one every 1000 s.
+MIN_RATE = 0.001
+MAX_RATE = 100_000.0
+
+
+def finite_range(low: float, high: float, unit: str) -> Callable[[float | None], float | None]:
+    """A typer callback refusing a float outside [low, high], NaN and infinities included: typer's own
+    min/max let infinity through, and answer NaN with a bound it does not break."""
+
+    def check(value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            raise typer.BadParameter(f"must be between {low:g} and {high:g}{unit}, not {value:g}")
+        return value
+
+    return check
+
+
+seconds = finite_range(MIN_TIMEOUT_S, MAX_TIMEOUT_S, " seconds")
+per_second = finite_range(MIN_RATE, MAX_RATE, " per second")
+fraction = finite_range(0.0, 1.0, "")
+
+TimeoutOption = Annotated[
+    float,
+    typer.Option(
+        callback=seconds, help=f"Seconds to wait for the broker ({MIN_TIMEOUT_S:g} to {MAX_TIMEOUT_S:g})."
+    ),
+]
+
+_Text = TypeVar("_Text", str, list[str], None)
+
+
+def _not_utf8(value: str) -> bytes | None:
+    """The argument's bytes when the OS gave undecodable ones (Python keeps them as lone surrogates)."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        try:
+            return value.encode(errors="surrogateescape")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte
+            return value.encode(errors="backslashreplace")
+    return None
+
+
+def utf8(value: _Text) -> _Text:
+    """A typer callback refusing text arguments that are not UTF-8: they cannot go to Kafka, PostgreSQL or
+    HTTP, and would otherwise fail deep inside with a UnicodeEncodeError."""
+    for text in value if isinstance(value, list) else [value]:
+        if text is not None and (raw := _not_utf8(text)) is not None:
+            raise typer.BadParameter(f"{raw!r} is not valid UTF-8")
+    return value
 
 
 # What must not reach a terminal from a record: C0 and C1 control characters (ESC starts escape sequences,

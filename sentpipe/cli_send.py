@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +15,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from sentpipe.cli_base import fail, print_untrusted_body, settings, terminal_safe
+from sentpipe.cli_base import (
+    MAX_RATE,
+    MAX_TIMEOUT_S,
+    MIN_RATE,
+    MIN_TIMEOUT_S,
+    fail,
+    fraction,
+    per_second,
+    print_untrusted_body,
+    seconds,
+    settings,
+    terminal_safe,
+    utf8,
+)
 from sentpipe.schemas.samples import Sample, SampleFactory
 from sentpipe.schemas.signature import secret_key
 from sentpipe.sender.delivery import (
@@ -30,25 +43,47 @@ from sentpipe.sender.delivery import (
     probe,
 )
 from sentpipe.sender.plan import (
+    PLAN_WINDOW,
     ShapeChoice,
-    generate,
+    iter_events,
     load_jsonl,
     one_event,
     parse_shape,
+    parse_status,
     parse_types,
     plan_deliveries,
+    plan_stream,
+    planned_deliveries,
 )
 from sentpipe.settings import Settings
 
 DEFAULT_COUNT = 100
-# Options `send` and `trigger` share.
-TenantOption = Annotated[str | None, typer.Option(help="Post to URL/<tenant> with that tenant's secret.")]
-SecretOption = Annotated[
-    str | None, typer.Option(help="Signing secret whsec_... \\[default: SENTPIPE_WEBHOOK_SECRET].")
-]
+# Events are made as they are sent, so this bounds the run's length and its latency record (8 bytes per
+# answered attempt), not what is held at once.
+MAX_COUNT = 1_000_000
 DEFAULT_CONCURRENCY = 8
 # With --rate the pace is the limit; this only keeps a slow receiver from piling up unbounded work.
 RATE_MODE_CONCURRENCY = 1000
+MAX_CONCURRENCY = 10_000
+# Options `send` and `trigger` share.
+TenantOption = Annotated[
+    str | None, typer.Option(callback=utf8, help="Post to URL/<tenant> with that tenant's secret.")
+]
+SecretOption = Annotated[
+    str | None,
+    typer.Option(callback=utf8, help="Signing secret whsec_... \\[default: SENTPIPE_WEBHOOK_SECRET]."),
+]
+UrlArgument = Annotated[
+    str | None,
+    typer.Argument(
+        metavar="URL",
+        callback=utf8,
+        help="Webhook URL \\[default: http://127.0.0.1:$SENTPIPE_INGRESS_PORT/webhooks/sent].",
+    ),
+]
+ShapeOption = Annotated[str, typer.Option(callback=utf8, help="Envelope: sent, guide or mixed.")]
+# random.Random takes any int; a bound keeps a seed something a person can type and repeat.
+MAX_SEED = 2**64 - 1
 
 
 def _resolve_target(url: str | None, tenant: str | None, s: Settings) -> str:
@@ -145,13 +180,16 @@ def _events(
     seed: int | None,
     skip_bad: bool,
     err: Console,
-) -> list[Sample]:
+) -> tuple[Iterable[Sample], int]:
+    """The events to send and how many: generated ones lazily, a file's read whole first (so a bad line
+    stops the run before anything is sent)."""
     try:
         chosen = parse_types(types)
     except ValueError as exc:
         fail(str(exc))
     if file is None:
-        return generate(SampleFactory(seed), chosen, shape, count or DEFAULT_COUNT)
+        n = count or DEFAULT_COUNT
+        return iter_events(SampleFactory(seed), chosen, shape, n), n
     try:
         samples, skipped = load_jsonl(file, skip_bad)
     except OSError as exc:
@@ -162,45 +200,65 @@ def _events(
         err.print(terminal_safe(f"skipped {file} {bad}"), soft_wrap=True)
     if types:
         samples = [s for s in samples if s.type in chosen]
-    return samples[:count] if count is not None else samples
+    samples = samples[:count] if count is not None else samples
+    return samples, len(samples)
 
 
 def send_command(
-    url: Annotated[
-        str | None,
-        typer.Argument(
-            help="Webhook URL \\[default: http://127.0.0.1:$SENTPIPE_INGRESS_PORT/webhooks/sent]."
-        ),
-    ] = None,
+    url: UrlArgument = None,
     type_: Annotated[
         list[str] | None,
-        typer.Option("--type", help="Canonical event type; repeat for several \\[default: all]."),
+        typer.Option(
+            "--type", callback=utf8, help="Canonical event type; repeat for several \\[default: all]."
+        ),
     ] = None,
-    shape: Annotated[str, typer.Option(help="Envelope: sent, guide or mixed.")] = "sent",
+    shape: ShapeOption = "sent",
     count: Annotated[
         int | None,
-        typer.Option(help=f"Events to generate \\[default: {DEFAULT_COUNT}; all lines of --file]."),
+        typer.Option(
+            min=1,
+            max=MAX_COUNT,
+            help=f"Events to send, made as they are sent \\[default: {DEFAULT_COUNT}; all lines of --file].",
+        ),
     ] = None,
     rate: Annotated[
-        float | None, typer.Option(help="Pace first attempts at this many events per second.")
+        float | None,
+        typer.Option(
+            callback=per_second,
+            help=f"Pace first attempts at this many events per second ({MIN_RATE:g} to {MAX_RATE:g}).",
+        ),
     ] = None,
     concurrency: Annotated[
         int | None,
         typer.Option(
+            min=1,
+            max=MAX_CONCURRENCY,
             help=f"Requests in flight at most \\[default: {DEFAULT_CONCURRENCY}; "
-            f"{RATE_MODE_CONCURRENCY} with --rate]."
+            f"{RATE_MODE_CONCURRENCY} with --rate].",
         ),
     ] = None,
     duplicates: Annotated[
-        float, typer.Option(help="Fraction of events delivered again later, as new deliveries.")
+        float,
+        typer.Option(
+            callback=fraction,
+            help=f"Fraction of events delivered again, as new deliveries, at a random later point within "
+            f"the same {PLAN_WINDOW:,} events.",
+        ),
     ] = 0.0,
     shuffle: Annotated[
-        bool, typer.Option("--shuffle", help="Deliver each message's/template's events out of order.")
+        bool,
+        typer.Option(
+            "--shuffle",
+            help=f"Deliver each message's/template's events out of order (within each {PLAN_WINDOW:,} "
+            "events).",
+        ),
     ] = False,
     file: Annotated[
         Path | None, typer.Option(help="Send these events instead: one JSON object per line.")
     ] = None,
-    on_bad_line: Annotated[str, typer.Option(help="A malformed --file line: stop or skip.")] = "stop",
+    on_bad_line: Annotated[
+        str, typer.Option(callback=utf8, help="A malformed --file line: stop or skip.")
+    ] = "stop",
     bad_signature: Annotated[
         bool,
         typer.Option("--bad-signature", help="Sign with a wrong key; success means every event rejected."),
@@ -209,31 +267,33 @@ def send_command(
         bool,
         typer.Option("--stale", help="Sign with an hour-old timestamp; success means every event rejected."),
     ] = False,
-    seed: Annotated[int | None, typer.Option(help="Seed for events, ids, duplicates and shuffling.")] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option(min=0, max=MAX_SEED, help="Seed for events, ids, duplicates and shuffling."),
+    ] = None,
     tenant: TenantOption = None,
     secret: SecretOption = None,
     retry_schedule: Annotated[
         str | None,
-        typer.Option(help="Seconds between retries, e.g. 0.01,0.02 \\[default: Sent's 1,2,...,64]."),
+        typer.Option(
+            callback=utf8,
+            help="Seconds between retries, e.g. 0.01,0.02 \\[default: Sent's 1,2,...,64].",
+        ),
     ] = None,
     no_retry: Annotated[bool, typer.Option("--no-retry", help="One attempt per delivery.")] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds before an attempt counts as timed out.")] = 10.0,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            callback=seconds,
+            help=f"Seconds before an attempt counts as timed out ({MIN_TIMEOUT_S:g} to {MAX_TIMEOUT_S:g}).",
+        ),
+    ] = 10.0,
 ) -> None:
     """Sign events exactly as Sent does and post them: duplicates, shuffling, retries, a summary."""
     shape_choice = _shape(shape)
     _choice("--on-bad-line", on_bad_line, ("stop", "skip"))
     if bad_signature and stale:
         fail("--bad-signature and --stale are separate tests; choose one")
-    if count is not None and count < 1:
-        fail("--count must be at least 1")
-    if not 0.0 <= duplicates <= 1.0:
-        fail("--duplicates is a fraction between 0 and 1")
-    if rate is not None and rate <= 0:
-        fail("--rate must be above 0 events per second")
-    if concurrency is not None and concurrency < 1:
-        fail("--concurrency must be at least 1")
-    if timeout <= 0:
-        fail("--timeout must be above 0 seconds")
     if no_retry and retry_schedule:
         fail("--no-retry and --retry-schedule contradict each other; choose one")
     schedule: tuple[float, ...] = () if no_retry else SENT_RETRY_SCHEDULE
@@ -248,10 +308,11 @@ def send_command(
     target = _resolve_target(url, tenant, s)
     signing_secret = _resolve_secret(secret, tenant, s)
     _check_target(target, signing_secret)
-    samples = _events(file, type_ or [], shape_choice, count, seed, on_bad_line == "skip", err)
-    if not samples:
+    samples, n_events = _events(file, type_ or [], shape_choice, count, seed, on_bad_line == "skip", err)
+    if not n_events:
         fail("no events to send")
-    deliveries = plan_deliveries(samples, duplicates, shuffle, random.Random(seed))
+    deliveries = plan_stream(samples, duplicates, shuffle, random.Random(seed))
+    total = planned_deliveries(n_events, duplicates)
     mode = SigningMode.BAD_SIGNATURE if bad_signature else SigningMode.STALE if stale else SigningMode.VALID
 
     async def main(on_update: Callable[[Stats], None]) -> Stats:
@@ -260,6 +321,7 @@ def send_command(
             target,
             deliveries,
             signing_secret,
+            total=total,
             schedule=schedule,
             concurrency=concurrency or (RATE_MODE_CONCURRENCY if rate else DEFAULT_CONCURRENCY),
             rate=rate,
@@ -269,12 +331,12 @@ def send_command(
         )
 
     try:
-        with _live(len(deliveries), err) as on_update:
+        with _live(total, err) as on_update:
             stats = asyncio.run(main(on_update))
     except Unreachable as exc:
         fail(str(exc))
 
-    Console().print(summary_table(stats, len(samples), target))
+    Console().print(summary_table(stats, n_events, target))
     if mode is not SigningMode.VALID:
         if stats.accepted:
             flag = "--" + mode.value.replace("_", "-")
@@ -285,36 +347,46 @@ def send_command(
 
 def trigger_command(
     type_: Annotated[
-        str, typer.Argument(metavar="TYPE", help="Canonical event type, e.g. message.status.updated.")
-    ],
-    url: Annotated[
-        str | None,
+        str,
         typer.Argument(
-            help="Webhook URL \\[default: http://127.0.0.1:$SENTPIPE_INGRESS_PORT/webhooks/sent]."
+            metavar="TYPE", callback=utf8, help="Canonical event type, e.g. message.status.updated."
         ),
-    ] = None,
-    shape: Annotated[str, typer.Option(help="Envelope: sent, guide or mixed.")] = "sent",
+    ],
+    url: UrlArgument = None,
+    shape: ShapeOption = "sent",
     status: Annotated[
-        str | None, typer.Option(help="Status for message/template events, e.g. delivered, approved.")
+        str | None,
+        typer.Option(
+            callback=utf8,
+            help="Status of a message.status.updated (queued, routed, sent, failed, delivered, read) or "
+            "template.approval.updated (pending, approved, rejected, paused) event.",
+        ),
     ] = None,
     tenant: TenantOption = None,
     secret: SecretOption = None,
-    seed: Annotated[int | None, typer.Option(help="Seed for a reproducible event.")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 10.0,
+    seed: Annotated[
+        int | None, typer.Option(min=0, max=MAX_SEED, help="Seed for a reproducible event.")
+    ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            callback=seconds,
+            help=f"Seconds to wait for the answer ({MIN_TIMEOUT_S:g} to {MAX_TIMEOUT_S:g}).",
+        ),
+    ] = 10.0,
 ) -> None:
     """Send one realistic, signed event of TYPE and print it and the answer (one attempt, no retries)."""
     try:
         (event_type,) = parse_types([type_])
+        checked_status = parse_status(event_type, status)
     except ValueError as exc:
         fail(str(exc))
     shape_choice = _shape(shape)
-    if timeout <= 0:
-        fail("--timeout must be above 0 seconds")
     s = settings()
     target = _resolve_target(url, tenant, s)
     signing_secret = _resolve_secret(secret, tenant, s)
     _check_target(target, signing_secret)
-    sample = one_event(SampleFactory(seed), event_type, shape_choice, status)
+    sample = one_event(SampleFactory(seed), event_type, shape_choice, checked_status)
     (delivery,) = plan_deliveries([sample], 0.0, False, random.Random(seed))
     out = Console()
     print_untrusted_body(out, sample.body)

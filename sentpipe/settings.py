@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sentpipe.schemas.events import EventIdSource
@@ -35,6 +36,27 @@ LOG_LEVEL_NAMES: dict[str, LogLevel] = {
     "CRIT": "CRITICAL",
     "FATAL": "CRITICAL",
 }
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def database_url_problem(url: str) -> str | None:
+    """Why libpq would misread this URL, or None. The message never quotes the URL: a password typed
+    unencoded is what makes it wrong, and libpq's own error would echo it (`invalid percent-encoded
+    token: "s3cr%zz"`, or the part after a `#` as the host name)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return None  # key=value connection strings: libpq's errors there name keys, not values
+    if "#" in url:
+        return "a URL cannot hold '#'; percent-encode it in the password as %23"
+    for i, c in enumerate(url):
+        if c == "%" and not (i + 2 < len(url) and url[i + 1] in _HEX and url[i + 2] in _HEX):
+            return "'%' must start a percent-encoding (%25 for '%' itself, in the password too)"
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    if netloc.count("@") > 1 or ("@" not in netloc and "@" in rest):
+        return "percent-encode '@', '/' and '?' in the user name and password (%40, %2F, %3F)"
+    return None
 
 
 def default_app_id(topic_prefix: str) -> str:
@@ -205,6 +227,15 @@ class Settings(BaseSettings):
         if isinstance(data, dict) and not data.get("app_id"):
             data = {**data, "app_id": default_app_id(str(data.get("topic_prefix") or "sent."))}
         return data
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_unambiguous(cls, v: SecretStr) -> SecretStr:
+        problem = database_url_problem(v.get_secret_value())
+        if problem is not None:
+            # Not ValueError: pydantic's message would carry the input, and this input holds a password.
+            raise PydanticCustomError("database_url", problem)
+        return v
 
     @field_validator("topic_prefix")
     @classmethod

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -144,10 +145,28 @@ def test_dlq_round_trip_fix_and_redrive_and_still_poisoned_comes_back_with_attem
         assert res.returncode == 0, res.stderr
         wait_until(lambda: still_bad in handler_calls(db), 60, "the last one handled", worker.proc.tail)
         wait_caught_up(settings, 60, "the last redrive applied", worker.proc.tail)
+
+        # Redrive everything, twice: only what no redrive took yet goes. That is the malformed body's newest
+        # copy, which fails again (one new copy per pass); the recovered events are not sent again, so no
+        # handler runs twice. Without the ledger each pass took all 8 and the DLQ doubled.
+        res = sentpipe(settings, "dlq", "list")
+        assert res.returncode == 0 and "1 shown, 1 matching, 8 in the DLQ" in res.stdout, res.stdout
+        for passes in (1, 2):
+            res = sentpipe(settings, "dlq", "redrive")
+            assert_one_line_error_at_end(res, "failed again")
+            wait_caught_up(settings, 60, "the full redrive applied", worker.proc.tail)
+            assert len(dlq_records(settings, at_least=8 + passes)) == 8 + passes
+        res = sentpipe(settings, "dlq", "redrive", "--id", f"0:{fourth[7].offset}")
+        assert res.returncode == 0, res.stderr
+        assert re.search(r"already taken by an earlier redrive\W+1\b", res.stdout), res.stdout
+        res = sentpipe(settings, "dlq", "list", "--all")
+        assert res.returncode == 0 and "10 shown, 10 matching, 10 in the DLQ" in res.stdout, res.stdout
+        res = sentpipe(settings, "dlq", "show", f"0:{fourth[7].offset}")
+        assert res.returncode == 0 and "taken by redrive " in res.stdout, res.stdout
     finally:
         worker.stop()
         ingress.stop()
-    assert len(dlq_records(settings)) == 8
+    assert len(dlq_records(settings)) == 10
     assert sorted(set(handler_calls(db))) == sorted(set(ids[b] for b in inbound + status))
 
 
@@ -209,3 +228,53 @@ def test_plan_sends_each_stage_where_it_can_succeed() -> None:
         b"3",
     )
     assert (h[r.H_DLQ_TOPIC], h[r.H_DLQ_OFFSET], h[r.H_REDRIVE_ID]) == (b"x.events.raw", b"7", b"rd4")
+
+
+def test_headers_out_of_range_read_as_absent() -> None:
+    """Anyone can write to the DLQ: a header no datetime or Kafka offset can hold must not break a listing
+    (`dlq list` died on an OSError, the console on a TypeError)."""
+
+    def entry(**headers: bytes) -> DlqEntry:
+        named = {
+            "at": r.H_DLQ_AT,
+            "attempts": r.H_DLQ_ATTEMPTS,
+            "part": r.H_DLQ_PARTITION,
+            "off": r.H_DLQ_OFFSET,
+        }
+        hs = [(r.H_DLQ_TOPIC, b"sent.message.status")] + [(named[k], v) for k, v in headers.items()]
+        return DlqEntry(0, 7, 1_700_000_000_000, b"k", b"{}", hs)
+
+    for at in (b"99999999999999999999", b"-5", b"\xd9\xa1", b"1_000", b" 12", b"nan", b""):
+        assert entry(at=at).dead_at_ms == 1_700_000_000_000, at
+    assert entry(at=b"1700000000123").dead_at_ms == 1_700_000_000_123
+    assert entry(attempts=b"10" * 20).attempts == 1 and entry(attempts=b"3").attempts == 3
+    assert entry(part=b"0", off=b"99999999999999999999").original is None
+    assert entry(part=b"\xc2\xb2", off=b"1").original is None
+    assert entry(part=b"2", off=b"41").original == ("sent.message.status", 2, 41)
+
+
+def test_a_dlq_record_id_is_ascii_digits_in_kafka_range() -> None:
+    from sentpipe.processors.dlq import parse_entry_id
+    from sentpipe.processors.offsets import OpsError, PartitionOffset
+
+    assert parse_entry_id("0:12") == PartitionOffset(0, 12) and parse_entry_id(" 12 ") == PartitionOffset(
+        0, 12
+    )
+    for bad in (
+        "²",
+        "\u0661:0",
+        "0:\u0661",
+        "0:-1",
+        "0:1_0",
+        "0:" + "9" * 30,
+        "99999999999:0",
+        "",
+        ":",
+        "a:b",
+    ):
+        try:
+            parse_entry_id(bad)
+        except OpsError as exc:
+            assert "is not a DLQ record ID" in str(exc), bad
+        else:
+            raise AssertionError(f"{bad!r} was taken for an ID")

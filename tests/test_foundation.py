@@ -8,6 +8,7 @@ import time
 
 import psycopg
 from confluent_kafka import Consumer, Producer
+from pydantic import SecretStr
 
 from sentpipe.processors.migrate import migrate
 from sentpipe.processors.topics import ensure_topics
@@ -38,7 +39,7 @@ def test_produce_and_consume_on_the_real_broker(settings: Settings, topics) -> N
 
 def test_topics_ensure_is_idempotent(settings: Settings) -> None:
     second = ensure_topics(settings)
-    assert [t.created for t in second] == [False] * 6
+    assert [t.created for t in second] == [False] * 7
     assert {t.partitions for t in second if t.name.endswith("events.raw")} == {4}
 
 
@@ -71,9 +72,9 @@ def test_topics_ensure_cli_twice_creates_nothing_the_second_time(settings: Setti
     }
     first = _cli("topics", "ensure", env=env)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.count("created") == 6
+    assert first.stdout.count("created") == 7
     second = _cli("topics", "ensure", env=env)
-    assert second.returncode == 0 and "created" not in second.stdout and second.stdout.count("exists") == 6
+    assert second.returncode == 0 and "created" not in second.stdout and second.stdout.count("exists") == 7
 
 
 def test_topics_ensure_against_unreachable_broker_is_one_line_within_15s() -> None:
@@ -88,3 +89,19 @@ def test_topics_ensure_against_unreachable_broker_is_one_line_within_15s() -> No
 def test_invalid_setting_is_a_one_line_error() -> None:
     res = _cli("topics", "ensure", env={"SENTPIPE_RAW_PARTITIONS": "zero"})
     assert res.returncode != 0 and "SENTPIPE_RAW_PARTITIONS" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_database_url_libpq_would_misread_is_refused_without_quoting_it() -> None:
+    """An unencoded `%`, `#`, `@` or `/` in a password: libpq's own error echoed the password."""
+    for url in (
+        "postgresql://postgres:s3cr%zzetpw@127.0.0.1/sentpipe",
+        "postgresql://postgres:my#s3cretpw@127.0.0.1/sentpipe",
+        "postgresql://postgres:my/s3cretpw@127.0.0.1/sentpipe",
+        "postgres://postgres:my@s3cretpw@127.0.0.1/sentpipe",
+    ):
+        res = _cli("db", "migrate", env={"SENTPIPE_DATABASE_URL": url})
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.startswith("error: invalid setting SENTPIPE_DATABASE_URL: "), res.stderr
+        assert "s3cr" not in res.stderr + res.stdout and res.stderr.count("\n") == 1, res.stderr
+    encoded = "postgresql://u:p%40ss%23w@127.0.0.1:5432/db?sslmode=disable"
+    assert Settings(database_url=SecretStr(encoded)).database_url.get_secret_value() == encoded

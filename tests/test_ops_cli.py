@@ -82,6 +82,14 @@ BAD_INPUT = [
     (["dlq", "redrive", "--stage", "shipping"], ["unknown stage", "handler"]),
     (["dlq", "redrive", "--id", "0:7"], ["no DLQ record 0:7"]),
     (["dlq", "list", "--limit", "0"], ["--limit"]),
+    # Other scripts' digits: str.isdigit() took them; int() refused a superscript, read Arabic-Indic ones.
+    (["replay", "--from-offset", "\u00b2:0"], ["--from-offset", "PARTITION:OFFSET"]),
+    (["replay", "--to-offset", "0:\u0661"], ["--to-offset", "PARTITION:OFFSET"]),
+    (["replay", "--from-offset", "0:9223372036854775808"], ["--from-offset", "beyond"]),
+    (["dlq", "list", "--limit", str(10**27)], ["--limit"]),
+    (["dlq", "list", "--timeout", "nan"], ["--timeout", "seconds"]),
+    (["offsets", "reset", "--group", "g", "--to-latest", "--timeout", "1e308"], ["--timeout", "seconds"]),
+    (["events", "show", "evt_1", "--timeout", "-1"], ["--timeout", "seconds"]),
 ]
 
 

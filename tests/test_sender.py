@@ -12,6 +12,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from copy import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,13 +31,24 @@ from sentpipe.sender import (
     Outcome,
     Signer,
     SigningMode,
+    Stats,
     Unreachable,
     deliver,
     plan_deliveries,
     probe,
 )
 from sentpipe.sender.delivery import parse_schedule
-from sentpipe.sender.plan import BadLine, Delivery, generate, parse_types, read_jsonl
+from sentpipe.sender.plan import (
+    BadLine,
+    Delivery,
+    generate,
+    iter_events,
+    parse_status,
+    parse_types,
+    plan_stream,
+    planned_deliveries,
+    read_jsonl,
+)
 from sentpipe.settings import Settings
 from tests.kafka_tools import read_topic
 
@@ -169,6 +181,61 @@ def test_generate_keeps_to_the_chosen_types_and_shape() -> None:
     assert len(samples) == 25
     assert {s.type for s in samples} == {EventType.TEMPLATE_APPROVAL}
     assert all(s.doc["event"]["type"] == "template.approval.updated" for s in samples)
+
+
+def test_events_are_made_as_they_are_taken() -> None:
+    # A billion events: made whole first, this would run out of memory long before the first is taken.
+    lazy = plan_stream(
+        iter_events(SampleFactory(3), ROUTED_TYPES, "mixed", 10**9), 0.5, True, random.Random(3)
+    )
+    t0 = time.monotonic()
+    first = list(itertools.islice(lazy, 25_000))  # across plan windows
+    assert len(first) == 25_000 and time.monotonic() - t0 < 20
+    assert generate(SampleFactory(4), ROUTED_TYPES, "sent", 333) == list(
+        iter_events(SampleFactory(4), ROUTED_TYPES, "sent", 333)
+    )
+
+
+@pytest.mark.parametrize("window", [1, 7, 40, 1000])
+def test_a_plan_made_in_windows_keeps_every_event_duplicate_and_order_rule(window: int) -> None:
+    samples = SampleFactory(6).mix(120, "mixed")[:120]
+    deliveries = list(plan_stream(samples, 0.3, True, random.Random(6), window=window))
+    originals = [d for d in deliveries if not d.duplicate]
+    assert len(deliveries) == planned_deliveries(120, 0.3) == 120 + 36
+    assert sorted(d.index for d in originals) == list(range(120))
+    assert [d.body for d in deliveries if not d.duplicate] == [samples[d.index].body for d in originals]
+    for position, d in enumerate(deliveries):
+        if d.duplicate:
+            assert any(o.index == d.index and not o.duplicate for o in deliveries[:position])
+    windows = [d.index // window for d in deliveries]
+    assert windows == sorted(windows)  # nothing, shuffled or delivered again, leaves its window
+    whole = plan_deliveries(samples, 0.3, True, random.Random(6))
+    if window >= 120:  # one window is the whole-run plan, exactly
+        assert deliveries == whole
+
+
+async def test_deliver_takes_a_lazy_plan_and_counts_as_it_goes(stub: Stub) -> None:
+    samples = SampleFactory(7).mix(40)[:40]
+    lazy = plan_stream(iter(samples), 0.25, False, random.Random(7), window=16)
+    seen: list[Stats] = []
+    stats = await deliver(stub.url, lazy, SECRET, total=50, on_update=lambda st: seen.append(copy(st)))
+    assert (stats.total, stats.sent, stats.duplicates, stats.accepted) == (50, 50, 10, 50)
+    assert seen[0].total == 50  # progress knows the end from the start
+    assert len(stub.hits) == 50
+
+
+def test_a_status_must_be_one_the_type_has() -> None:
+    assert parse_status(EventType.MESSAGE_STATUS, "DELIVERED") == "delivered"
+    assert parse_status(EventType.TEMPLATE_APPROVAL, "paused") == "paused"
+    assert parse_status(EventType.MESSAGE_INBOUND, None) is None
+    with pytest.raises(
+        ValueError, match=re.escape("--status for message.status.updated must be one of queued")
+    ):
+        parse_status(EventType.MESSAGE_STATUS, "bogus")
+    with pytest.raises(ValueError, match="approved"):
+        parse_status(EventType.TEMPLATE_APPROVAL, "delivered")
+    with pytest.raises(ValueError, match=re.escape("--status does not apply to message.inbound.received")):
+        parse_status(EventType.MESSAGE_INBOUND, "delivered")
 
 
 def test_plan_refuses_a_fraction_outside_0_to_1() -> None:
@@ -532,3 +599,56 @@ async def test_bad_input_is_a_one_line_error(tmp_path: Path) -> None:
         assert "message.delivered" in e and all(t.value in e for t in ROUTED_TYPES)
     assert "missing.jsonl" in errors[5]
     assert "not an http(s) URL" in errors[6]
+
+
+async def test_trigger_refuses_a_status_the_type_does_not_have_and_sends_one_it_has(stub: Stub) -> None:
+    bogus, inbound, approved = await asyncio.gather(
+        cli("trigger", "message.status.updated", stub.url, "--status", "bogus"),
+        cli("trigger", "message.inbound.received", stub.url, "--status", "delivered"),
+        cli("trigger", "template.approval.updated", stub.url, "--status", "APPROVED", "--shape", "guide"),
+    )
+    assert "--status" in one_line_error(bogus) and "delivered" in one_line_error(bogus)
+    assert "--status does not apply to message.inbound.received" in one_line_error(inbound)
+    assert approved.returncode == 0, approved
+    assert len(stub.hits) == 1  # the refused ones sent nothing
+    assert orjson.loads(stub.hits[0].body)["data"]["status"].lower() == "approved"
+
+
+def rss_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+async def test_a_long_run_starts_sending_at_once_with_progress_and_bounded_memory(stub: Stub) -> None:
+    """`--count` at its ceiling: sending and the progress bar start within seconds and memory stays flat
+    (every event made first, this took half a minute and gigabytes before the first request)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CLI_SCRIPT,
+        "send",
+        stub.url,
+        "--count",
+        "1000000",
+        "--duplicates",
+        "0.1",
+        "--shuffle",
+        "--concurrency",
+        "32",
+        cwd=REPO,
+        env={**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "200"},  # progress as on a terminal
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        t0 = time.monotonic()
+        while len(stub.hits) < 12_000 and time.monotonic() - t0 < 60:  # past the first plan window
+            assert proc.returncode is None
+            await asyncio.sleep(0.2)
+        assert len(stub.hits) >= 12_000, f"{len(stub.hits)} requests after 60 s"
+        assert rss_mb(proc.pid) < 300
+        assert stub.hits[0].at - t0 < 10  # measured on the same loop clock
+    finally:
+        proc.kill()
+        _, stderr = await proc.communicate()
+    assert b"sending" in stderr and b"/1100000" in stderr  # the bar counts towards every delivery

@@ -1,0 +1,247 @@
+"""Option values as a user can mistype them: every command refuses them in one line naming the option,
+before anything is contacted, never with a Python exception's name. And `spool drain` checks the broker first
+and does not call a pass that skipped corrupt frames a success.
+
+Most cases run the CLI in this process (fast); text that is not UTF-8 and `spool drain` run it as a real
+subprocess, since they depend on the real argv and on asyncio.run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sentpipe.cli import app, run
+from sentpipe.cli_base import fraction, per_second, seconds
+from sentpipe.ingress.spool import Spool, SpoolRecord, status_of
+from sentpipe.processors.offsets import OpsError, PartitionOffset, parse_partition_offset
+from tests.processes import free_port
+from tests.services import Services
+
+HUGE = str(10**27)
+
+
+@pytest.fixture
+def nowhere(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A broker address nothing listens on: a case that got past parsing fails fast, naming it instead."""
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("SENTPIPE_KAFKA_BOOTSTRAP", address)
+    return address
+
+
+def invoke(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    code = run(lambda: app(args=list(args), prog_name="sentpipe", standalone_mode=False))
+    return code, capsys.readouterr().err
+
+
+def assert_refused(code: int, stderr: str, *needles: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert code != 0, stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for internal in ("Traceback", "ValueError", "OverflowError", "UnicodeEncodeError", "did not answer"):
+        assert internal not in lines[0], lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def cli_limited(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI in a subprocess that cannot take the machine down with it: `send --count 10**27` once built
+    every event before sending, until memory ran out."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (2 * 1024**3, 2 * 1024**3))
+
+    return subprocess.run(
+        [sys.executable, "-m", "sentpipe", *args],
+        env={**os.environ, "SENTPIPE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=limit,
+    )
+
+
+def unreachable_url() -> str:
+    return f"http://127.0.0.1:{free_port()}/webhooks/sent"
+
+
+# --- floats: finite, positive, bounded ----------------------------------------------------------------------
+TIMEOUT_COMMANDS = [
+    ["topics", "ensure"],
+    ["replay"],
+    ["dlq", "list"],
+    ["dlq", "show", "0:1"],
+    ["dlq", "redrive"],
+    ["offsets", "reset", "--group", "g", "--to-latest"],
+    ["events", "show", "evt_1"],
+    ["spool", "drain"],
+    ["send", "URL"],
+    ["trigger", "message.status.updated", "URL"],
+]
+BAD_SECONDS = ["nan", "inf", "-inf", "1e308", "-1", "0", "301"]
+
+
+@pytest.mark.parametrize("value", BAD_SECONDS)
+@pytest.mark.parametrize("command", TIMEOUT_COMMANDS, ids=" ".join)
+def test_a_timeout_is_a_finite_positive_number_of_seconds(
+    capsys: pytest.CaptureFixture[str], nowhere: str, command: list[str], value: str
+) -> None:
+    args = [unreachable_url() if a == "URL" else a for a in command]
+    code, stderr = invoke(capsys, *args, "--timeout", value)
+    assert_refused(code, stderr, "--timeout", "between 0.01 and 300 seconds")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "needle"),
+    [
+        ("--rate", "nan", "per second"),
+        ("--rate", "inf", "per second"),
+        ("--rate", "1e-300", "per second"),  # one event every 1e300 s: the run never ends
+        ("--rate", "0", "per second"),
+        ("--rate", "1e9", "per second"),
+        ("--duplicates", "nan", "between 0 and 1"),
+        ("--duplicates", "inf", "between 0 and 1"),
+        ("--duplicates", "1.5", "between 0 and 1"),
+        ("--retry-schedule", "1,1e308", "3600"),
+        ("--retry-schedule", "0.1,nan", "3600"),
+    ],
+)
+def test_send_refuses_rates_fractions_and_delays_it_cannot_use(
+    capsys: pytest.CaptureFixture[str], option: str, value: str, needle: str
+) -> None:
+    code, stderr = invoke(capsys, "send", unreachable_url(), option, value)
+    assert_refused(code, stderr, option, needle)
+
+
+def test_the_shared_checks_keep_their_bounds_and_defaults() -> None:
+    assert seconds(0.01) == 0.01 and seconds(300.0) == 300.0 and seconds(None) is None
+    assert per_second(0.001) == 0.001 and per_second(100_000.0) == 100_000.0
+    assert fraction(0.0) == 0.0 and fraction(1.0) == 1.0
+
+
+# --- integers: bounded --------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["dlq", "list", "--limit", HUGE],
+        ["dlq", "list", "--limit", "0"],
+        ["events", "show", "evt_1", "--scan-limit", HUGE],
+        ["events", "show", "evt_1", "--scan-limit", "0"],
+        ["send", "URL", "--count", HUGE],
+        ["send", "URL", "--count", "0"],
+        ["send", "URL", "--concurrency", HUGE],
+        ["send", "URL", "--seed", HUGE],
+        ["send", "URL", "--seed", "-1"],
+        ["trigger", "message.status.updated", "URL", "--seed", HUGE],
+    ],
+    ids=" ".join,
+)
+def test_integer_options_have_a_floor_and_a_ceiling(args: list[str]) -> None:
+    args = [unreachable_url() if a == "URL" else a for a in args]
+    res = cli_limited(*args)
+    assert_refused(res.returncode, res.stderr, next(a for a in args if a.startswith("--")))
+
+
+# --- PARTITION:OFFSET: ASCII digits within Kafka's ranges ---------------------------------------------------
+@pytest.mark.parametrize(
+    "text",
+    [
+        *("\u00b2:0", "0:\u00b2", "\u0661:0", "0:\u0661", "\uff11:0"),  # superscript, Arabic-Indic, fullwidth
+        *("2147483648:0", "0:9223372036854775808", "9" * 5000 + ":0", "0:" + "9" * 5000),
+        *("-1:0", "+1:0", "1_0:0"),
+    ],
+)
+def test_partition_offset_takes_ascii_digits_within_kafkas_ranges(text: str) -> None:
+    with pytest.raises(OpsError, match="--from-offset"):
+        parse_partition_offset(text, "--from-offset")
+
+
+def test_partition_offset_takes_kafkas_largest() -> None:
+    largest = parse_partition_offset(" 2147483647:9223372036854775807 ", "--to-offset")
+    assert largest == PartitionOffset(2**31 - 1, 2**63 - 1)
+    assert parse_partition_offset("3:1200", "--to-offset") == PartitionOffset(3, 1200)
+
+
+@pytest.mark.parametrize("text", ["\u00b2:0", "\u0661:0"])
+def test_replay_refuses_non_ascii_digits_in_one_line(
+    capsys: pytest.CaptureFixture[str], nowhere: str, text: str
+) -> None:
+    code, stderr = invoke(capsys, "replay", "--from-offset", text)
+    assert_refused(code, stderr, "--from-offset", "PARTITION:OFFSET")
+
+
+# --- text that is not UTF-8 ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        ([b"replay", b"--event-id", b"\xff"], "'--event-id'"),
+        ([b"replay", b"--tenant", b"acme", b"--tenant", b"ac\xfeme"], "'--tenant'"),
+        ([b"events", b"show", b"evt_\xff"], "'EVENT_ID'"),
+        ([b"dlq", b"show", b"0:\xff"], "'ID'"),
+        ([b"offsets", b"reset", b"--group", b"g\xff", b"--to-latest"], "'--group'"),
+        ([b"trigger", b"message.status.updated", b"--status", b"\xc3"], "'--status'"),
+    ],
+    ids=lambda v: " ".join(a.decode(errors="replace") for a in v) if isinstance(v, list) else v,
+)
+def test_arguments_that_are_not_utf8_are_refused_naming_them(args: list[bytes], name: str) -> None:
+    env = {**os.environ, "SENTPIPE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
+    res = subprocess.run(
+        [sys.executable.encode(), b"-m", b"sentpipe", *args], env=env, capture_output=True, timeout=60
+    )
+    stderr = res.stderr.decode()
+    assert_refused(res.returncode, stderr, name, "not valid UTF-8")
+    assert "\\xff" in stderr or "\\xfe" in stderr or "\\xc3" in stderr  # the bytes shown, escaped
+
+
+# --- spool drain --------------------------------------------------------------------------------------------
+def spool_with_one_record(directory: Path) -> None:
+    async def fill() -> None:
+        spool = Spool(directory, 10**8, 10**7, gauges=False)
+        spool.open()
+        await spool.append(SpoolRecord("t.events.raw", b"key", b"{}", (), 1000))
+        spool.close()
+
+    directory.mkdir()
+    asyncio.run(fill())
+
+
+def drain(directory: Path, bootstrap: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sentpipe", "spool", "drain", "--dir", str(directory), *extra],
+        env={**os.environ, "SENTPIPE_KAFKA_BOOTSTRAP": bootstrap, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_spool_drain_checks_the_broker_first_and_names_it(tmp_path: Path) -> None:
+    spool_with_one_record(tmp_path / "ingress-0")
+    address = f"127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    res = drain(tmp_path / "ingress-0", address, "--timeout", "1")
+    assert time.monotonic() - t0 < 15
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode != 0 and len(lines) == 1, res.stderr
+    assert lines[0].startswith(f"error: Kafka broker at {address} did not answer"), lines
+    assert "refused" not in res.stderr
+    assert status_of(tmp_path / "ingress-0").records == 1  # nothing touched
+
+
+def test_spool_drain_fails_when_it_skipped_corrupt_frames(services: Services, tmp_path: Path) -> None:
+    directory = tmp_path / "ingress-0"
+    directory.mkdir()
+    (directory / "1.seg").write_bytes(b"\x00not a frame\xff" * 300)
+    res = drain(directory, services.kafka_bootstrap)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1, res
+    assert lines[-1].startswith("error: 1 corrupt frame(s) skipped in 1 directory"), res.stderr
+    assert "Traceback" not in res.stderr
+    assert "corrupt frames" in res.stdout  # the summary table still shows
