@@ -76,7 +76,10 @@ async def test_sign_in_sets_an_httponly_samesite_cookie_and_refuses_a_wrong_toke
         async with http.get(f"{console}/", allow_redirects=False) as resp:
             assert resp.status == 303 and resp.headers["Location"] == "/login"
         async with http.get(f"{console}/login") as resp:
-            before = resp.cookies["sentpipe_console"].value
+            # The sign-in form makes no session: its CSRF token is bound to a cookie of its own.
+            assert "sentpipe_console" not in resp.cookies
+            login_cookie = resp.headers["Set-Cookie"]
+        assert "HttpOnly" in login_cookie and "SameSite=Strict" in login_cookie
         # The sign-in form itself needs its CSRF token.
         async with http.post(f"{console}/login", data={"token": TOKEN}, allow_redirects=False) as resp:
             assert resp.status == 403
@@ -84,9 +87,11 @@ async def test_sign_in_sets_an_httponly_samesite_cookie_and_refuses_a_wrong_toke
         assert status == 401
         async with http.get(f"{console}/api/session") as resp:
             assert resp.status == 401
-    async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as http:
-        async with http.get(f"{console}/login") as resp:
-            before = resp.cookies["sentpipe_console"].value
+    # A session id planted before sign-in is worth nothing after it: sign-in issues a new one.
+    planted = "planted-session-id"
+    async with ClientSession(
+        cookie_jar=CookieJar(unsafe=True), cookies={"sentpipe_console": planted}
+    ) as http:
         page = await (await http.get(f"{console}/login")).text()
         csrf = re.search(r'name="csrf" value="([^"]+)"', page)
         assert csrf is not None
@@ -94,20 +99,25 @@ async def test_sign_in_sets_an_httponly_samesite_cookie_and_refuses_a_wrong_toke
             f"{console}/login", data={"csrf": csrf.group(1), "token": TOKEN}, allow_redirects=False
         ) as resp:
             assert resp.status == 303
-            cookie = resp.headers["Set-Cookie"]
-        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
-        # A new session id on sign-in: the one handed out before it is not signed in.
-        assert f"sentpipe_console={before}" not in cookie
+            cookie = resp.cookies["sentpipe_console"]
+        assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/"
+        assert cookie.value != planted
         async with http.get(f"{console}/api/session") as resp:
             assert resp.status == 200
             info = await resp.json()
         assert info["signed_in"] is True and len(info["csrf"]) > 20
-    jar = CookieJar(unsafe=True)
     async with (
-        ClientSession(cookie_jar=jar, cookies={"sentpipe_console": before}) as http,
+        ClientSession(cookie_jar=CookieJar(unsafe=True), cookies={"sentpipe_console": planted}) as http,
         http.get(f"{console}/api/session") as resp,
     ):
         assert resp.status == 401
+    # The form's CSRF token is bound to the browser's cookie: someone else's form token is refused.
+    async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as other:
+        await (await other.get(f"{console}/login")).text()
+        async with other.post(
+            f"{console}/login", data={"csrf": csrf.group(1), "token": TOKEN}, allow_redirects=False
+        ) as resp:
+            assert resp.status == 403
 
 
 async def test_every_post_needs_the_csrf_token_and_a_real_run_needs_a_dry_run(console: str) -> None:

@@ -12,8 +12,10 @@ import html
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+import re
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,26 +24,30 @@ import psycopg
 from aiohttp import web
 
 from sentpipe.console.auth import (
+    COOKIE,
+    LOGIN_COOKIE,
     Session,
     Sessions,
     csrf_ok,
     host_is_loopback,
     set_cookie,
+    set_login_cookie,
 )
 from sentpipe.console.jobs import Busy, Job, Jobs, Kind, fingerprint
 from sentpipe.console.overview import Sampler
 from sentpipe.console.tail import Tail
-from sentpipe.kafka import BrokerUnavailable
+from sentpipe.kafka import BrokerUnavailable, admin_client, existing_partitions
 from sentpipe.processors import dlq as dlq_ops
 from sentpipe.processors import history
 from sentpipe.processors import inspect as trace
 from sentpipe.processors import replay as replay_ops
 from sentpipe.processors.offsets import OpsError, make_window, parse_when
 from sentpipe.schemas import routing as r
-from sentpipe.schemas.events import ROUTED_TYPES, EventType
+from sentpipe.schemas.events import MAX_ID_LENGTH, ROUTED_TYPES, EventType, parse_time
 from sentpipe.schemas.samples import SampleFactory
+from sentpipe.schemas.topics import Topics
 from sentpipe.sender.delivery import Outcome, Unreachable, deliver, probe
-from sentpipe.sender.plan import one_event, parse_shape, plan_deliveries
+from sentpipe.sender.plan import one_event, parse_shape, parse_status, plan_deliveries
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.console")
@@ -61,12 +67,46 @@ CSP = (
     " object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MAX_BODY = 64 * 1024
+MAX_DLQ_LIMIT = 1000  # the page's own maximum; every listed entry is held in memory
+MAX_SCAN_LIMIT = 10_000_000
+MAX_PAGE = 100_000
+INT64 = 2**63 - 1
+
+
+class Refused(Exception):
+    """A client's mistake, answered with `status` and the message as JSON."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 # --- helpers --------------------------------------------------------------------------------------------
+def dumps(data: Any) -> bytes:
+    option = orjson.OPT_NON_STR_KEYS
+    try:
+        return orjson.dumps(data, default=str, option=option)
+    except orjson.JSONEncodeError:
+        # One odd value (an integer beyond 64 bits from a header, a lone surrogate) must not cost the
+        # whole answer: retried with such values made encodable.
+        return orjson.dumps(encodable(data), default=str, option=option)
+
+
+def encodable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {encodable(k): encodable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [encodable(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**64:
+        return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode()
+    return value
+
+
 def send_json(data: Any, status: int = 200) -> web.Response:
-    body = orjson.dumps(data, default=str, option=orjson.OPT_NON_STR_KEYS)
-    return web.Response(body=body, status=status, content_type="application/json")
+    return web.Response(body=dumps(data), status=status, content_type="application/json")
 
 
 def problem(status: int, message: str) -> web.Response:
@@ -144,17 +184,71 @@ def optional_text(value: Any, what: str) -> str | None:
     return value.strip() or None
 
 
+def shown(text: str) -> str:
+    """A client's value quoted in an error, cut short."""
+    return repr(text if len(text) <= 40 else text[:40] + "...")
+
+
+def known(given: Collection[str], allowed: Collection[str], noun: str = "parameter") -> None:
+    """Refuses names the endpoint does not take: a misspelt filter must not widen a selection unseen."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise Refused(f"unknown {noun} {shown(unknown[0])} (known: {', '.join(sorted(allowed))})")
+
+
+def int_param(query: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    text = query.get(name, "").strip()
+    if not text:
+        return default
+    # ASCII digits only: int() takes other scripts' digits (Arabic-Indic), str.isdigit() even superscripts.
+    if not re.fullmatch(r"-?[0-9]+", text):
+        raise Refused(f"{name} must be an integer from {low} to {high}")
+    if len(text) > 20 or not low <= int(text) <= high:
+        raise Refused(f"{name} must be from {low} to {high}")
+    return int(text)
+
+
+def text_param(query: Mapping[str, str], name: str) -> str | None:
+    """An id or tenant to look for: no NUL (PostgreSQL text cannot hold one), no longer than any id."""
+    value = query.get(name, "").strip()
+    if "\x00" in value:
+        raise Refused(f"{name} must not contain NUL characters")
+    if len(value) > MAX_ID_LENGTH:
+        raise Refused(f"{name} is longer than {MAX_ID_LENGTH} characters, so nothing matches it")
+    return value or None
+
+
+def offset_spec(text: str, what: str) -> str:
+    """A PARTITION:OFFSET checked before the CLI's parser sees it: ASCII digits within Kafka's ranges."""
+    m = re.fullmatch(r"([0-9]{1,10}):([0-9]{1,19})", text.strip())
+    if m is None or int(m[1]) > 2**31 - 1 or int(m[2]) > INT64:
+        raise Refused(f"{what}: {shown(text)} is not PARTITION:OFFSET (for example 3:1200)")
+    return text
+
+
+def dlq_id(text: str) -> str:
+    """A DLQ record id, checked as `offset_spec` is (a bare offset means partition 0)."""
+    m = re.fullmatch(r"(?:([0-9]{1,10}):)?([0-9]{1,19})", text.strip())
+    if m is None or int(m[1] or 0) > 2**31 - 1 or int(m[2]) > INT64:
+        raise Refused(
+            f"{shown(text)} is not a DLQ record ID (PARTITION:OFFSET as `dlq list` shows, e.g. 0:12)"
+        )
+    return text
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     try:
-        data = await request.json(loads=orjson.loads)
-    except (ValueError, orjson.JSONDecodeError):
-        raise web.HTTPBadRequest(
-            text='{"error": "the body must be JSON"}', content_type="application/json"
-        ) from None
+        text = await request.text()
+    except LookupError:
+        raise Refused(f"charset {shown(request.charset or '')} is not supported; send UTF-8", 415) from None
+    except ValueError:
+        raise Refused(f"the body is not text in its charset ({request.charset or 'utf-8'})") from None
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        raise Refused("the body must be JSON") from None
     if not isinstance(data, dict):
-        raise web.HTTPBadRequest(
-            text='{"error": "the body must be an object"}', content_type="application/json"
-        )
+        raise Refused("the body must be an object")
     return data
 
 
@@ -170,6 +264,8 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
         response = await handler(request)
     except web.HTTPException as exc:
         response = exc
+        if exc.status >= 400 and (request.path.startswith("/api/") or request.method == "POST"):
+            response = http_error_json(request, exc)
     response.headers.setdefault("Content-Security-Policy", CSP)
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     # same-origin, not no-referrer: under no-referrer Chromium sends `Origin: null` with form posts.
@@ -182,28 +278,41 @@ async def security_headers(request: web.Request, handler: Handler) -> web.Stream
     return response
 
 
+def http_error_json(request: web.Request, exc: web.HTTPException) -> web.StreamResponse:
+    """aiohttp's own error answers (no route, wrong method, body too large) as the API's JSON errors."""
+    if exc.content_type == "application/json":
+        return exc
+    if exc.status == 404:
+        message = "no such endpoint"
+    elif exc.status == 405:
+        message = f"{request.method} is not allowed here (allowed: {exc.headers.get('Allow', 'none')})"
+    elif exc.status == 413:
+        message = f"the body is larger than {MAX_BODY // 1024} KiB"
+    else:
+        message = exc.reason.lower()
+    response = problem(exc.status, message)
+    if "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
+
+
 @web.middleware
 async def sign_in(request: web.Request, handler: Handler) -> web.StreamResponse:
     sessions = request.app[SESSIONS]
     if sessions.token is None and not host_is_loopback(request):
         # Without a token the console only answers names of this machine (no DNS rebinding).
         return problem(403, "this console has no token and answers only on localhost / 127.0.0.1 / [::1]")
-    session = sessions.get(request)
-    new_session: Session | None = None
-    if session is None and sessions.token is None and request.method == "GET":
-        session = new_session = sessions.new(authenticated=True)
-    request[SESSION] = session
+    # No session is made here: a probe, a static file or the sign-in form needs none, and a session made
+    # for every cookie-less request would let anyone fill the table.
+    session = request[SESSION] = sessions.get(request)
     public = any(request.path == p or (p.endswith("/") and request.path.startswith(p)) for p in PUBLIC)
     if request.method == "POST" and request.path != "/login" and not csrf_ok(request, session):
         return problem(403, "missing or wrong CSRF token: reload the page")
-    if not public and (session is None or not session.authenticated):
+    if sessions.token is not None and not public and (session is None or not session.signed_in):
         if request.path.startswith("/api/"):
             return problem(401, "sign in first")
         raise web.HTTPSeeOther("/login")
-    response = await handler(request)
-    if new_session is not None and not response.prepared:
-        set_cookie(response, request, new_session)
-    return response
+    return await handler(request)
 
 
 # --- pages ----------------------------------------------------------------------------------------------
@@ -225,41 +334,49 @@ LOGIN_PAGE = """<!doctype html>
 async def login_page(request: web.Request) -> web.StreamResponse:
     sessions = request.app[SESSIONS]
     session = request[SESSION]
-    if session is not None and session.authenticated:
+    if sessions.token is None or (session is not None and session.signed_in):
         raise web.HTTPSeeOther("/")
-    fresh = session is None
-    if session is None:
-        session = sessions.new(authenticated=False)
+    nonce = request.cookies.get(LOGIN_COOKIE, "")
+    fresh = not re.fullmatch(r"[A-Za-z0-9_-]{43}", nonce)
+    if fresh:
+        nonce = secrets.token_urlsafe(32)
+    csrf = sessions.login_csrf(nonce)
     response = web.Response(
-        text=LOGIN_PAGE.format(csrf=html.escape(session.csrf), message=""), content_type="text/html"
+        text=LOGIN_PAGE.format(csrf=html.escape(csrf), message=""), content_type="text/html"
     )
     if fresh:
-        set_cookie(response, request, session)
+        set_login_cookie(response, request, nonce)
     return response
 
 
 async def login(request: web.Request) -> web.StreamResponse:
     sessions = request.app[SESSIONS]
     session = request[SESSION]
-    form = await request.post()
-    csrf, token = form.get("csrf"), form.get("token")
-    if not isinstance(csrf, str) or not csrf_ok(request, session, csrf):
-        return problem(403, "missing or wrong CSRF token: reload the sign-in page")
-    assert session is not None
     if sessions.token is None:
-        raise web.HTTPSeeOther("/")
+        raise web.HTTPSeeOther("/")  # nothing to sign in to
+    try:
+        form = await request.post()
+    except LookupError:
+        return problem(415, f"charset {shown(request.charset or '')} is not supported; send UTF-8")
+    except ValueError:
+        return problem(400, "the form is not text in its charset")
+    csrf, token = form.get("csrf"), form.get("token")
+    if not isinstance(csrf, str) or not sessions.login_csrf_ok(request, csrf):
+        return problem(403, "missing or wrong CSRF token: reload the sign-in page")
     if not isinstance(token, str) or not sessions.token_matches(token):
         await asyncio.sleep(0.5)  # slows guessing down
         return web.Response(
             status=401,
-            text=LOGIN_PAGE.format(csrf=html.escape(session.csrf), message="Wrong token."),
+            text=LOGIN_PAGE.format(csrf=html.escape(csrf), message="Wrong token."),
             content_type="text/html",
         )
     # A new session id on sign-in: a cookie planted before it is worth nothing after it.
-    sessions.drop(session)
-    signed_in = sessions.new(authenticated=True)
+    if session is not None:
+        sessions.drop(session)
+    signed_in = sessions.new(signed_in=True)
     response = web.HTTPSeeOther("/")
     set_cookie(response, request, signed_in)
+    response.del_cookie(LOGIN_COOKIE, path="/login")
     raise response
 
 
@@ -268,7 +385,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     if session is not None:
         request.app[SESSIONS].drop(session)
     response = web.HTTPSeeOther("/login")
-    response.del_cookie("sentpipe_console", path="/")
+    response.del_cookie(COOKIE, path="/")
     raise response
 
 
@@ -283,8 +400,11 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 # --- API ------------------------------------------------------------------------------------------------
 async def session_info(request: web.Request) -> web.StreamResponse:
     s = request.app[SETTINGS]
-    session: Session = request[SESSION]
-    return send_json(
+    session: Session | None = request[SESSION]
+    new_session = None
+    if session is None:  # only without a token (else sign_in answered 401): the page's CSRF token
+        session = new_session = request.app[SESSIONS].new(signed_in=False)
+    response = send_json(
         {
             "csrf": session.csrf,
             "signed_in": request.app[SESSIONS].token is not None,
@@ -296,6 +416,9 @@ async def session_info(request: web.Request) -> web.StreamResponse:
             "stages": list(dlq_ops.STAGES),
         }
     )
+    if new_session is not None:
+        set_cookie(response, request, new_session)
+    return response
 
 
 async def overview(request: web.Request) -> web.StreamResponse:
@@ -313,7 +436,7 @@ async def live(request: web.Request) -> web.StreamResponse:
     reported = 0
     try:
         for old in list(tail.recent)[-50:]:
-            await response.write(b"data: " + orjson.dumps({**old, "backlog": True}) + b"\n\n")
+            await response.write(b"data: " + dumps({**old, "backlog": True}) + b"\n\n")
         await response.write(b"event: ready\ndata: {}\n\n")
         while True:
             try:
@@ -323,7 +446,7 @@ async def live(request: web.Request) -> web.StreamResponse:
                 continue
             if row is None:
                 break
-            await response.write(b"data: " + orjson.dumps(row) + b"\n\n")
+            await response.write(b"data: " + dumps(row) + b"\n\n")
             if sub.dropped != reported:
                 reported = sub.dropped
                 await response.write(b"event: dropped\ndata: " + str(reported).encode() + b"\n\n")
@@ -335,15 +458,13 @@ async def live(request: web.Request) -> web.StreamResponse:
 
 
 async def event_trace(request: web.Request) -> web.StreamResponse:
-    event_id = request.query.get("id", "").strip()
+    known(request.query, ("id", "scan_limit"))
+    event_id = text_param(request.query, "id")
     if not event_id:
         return problem(400, "give an event id")
-    try:
-        scan_limit = int(request.query.get("scan_limit", "200000"))
-    except ValueError:
-        return problem(400, "scan_limit must be a number")
+    scan_limit = int_param(request.query, "scan_limit", 200_000, 1, MAX_SCAN_LIMIT)
     rep: trace.EventReport = await off_loop(
-        trace.locate, request.app[SETTINGS], event_id, scan_limit=max(1, scan_limit)
+        trace.locate, request.app[SETTINGS], event_id, scan_limit=scan_limit
     )
     d = rep.dedup
     return send_json(
@@ -373,23 +494,27 @@ async def event_trace(request: web.Request) -> web.StreamResponse:
 def _time(text: str | None, what: str) -> datetime | None:
     if not text:
         return None
-    return datetime.fromtimestamp(parse_when(text, what) / 1000, UTC)
+    parse_when(text, what)  # the CLI's message for what is not a time
+    # The datetime itself, not one made from milliseconds: through a float, 9999-12-31T23:59:59.999999Z
+    # rounds up into year 10000.
+    return parse_time(text.strip())
 
 
 async def search(request: web.Request) -> web.StreamResponse:
     q = request.query
+    known(q, ("q", "tenant", "type", "since", "until", "page", "page_size"))
     try:
         types = frozenset(r.parse_event_types(listed(q.get("type"), "type")))
     except ValueError as exc:
         return problem(400, str(exc))
     query = history.HistoryQuery(
-        text=q.get("q", "").strip() or None,
-        tenant=q.get("tenant", "").strip() or None,
+        text=text_param(q, "q"),
+        tenant=text_param(q, "tenant"),
         types=types,
         since=_time(q.get("since"), "since"),
         until=_time(q.get("until"), "until"),
-        page=int(q.get("page", "0") or 0),
-        page_size=int(q.get("page_size", "50") or 50),
+        page=int_param(q, "page", 0, 0, MAX_PAGE),
+        page_size=int_param(q, "page_size", 50, 1, history.MAX_PAGE_SIZE),
     )
     page: history.HistoryPage = await off_loop(
         history.search, request.app[SETTINGS].database_url.get_secret_value(), query
@@ -399,10 +524,13 @@ async def search(request: web.Request) -> web.StreamResponse:
     )
 
 
+DLQ_FILTERS = ("reasons", "reason", "stages", "stage", "since")
+
+
 def _selection(data: dict[str, Any] | Any) -> dict[str, Any]:
     """The DLQ filters of a request, normalized (also what a dry run's fingerprint is taken over)."""
     return {
-        "ids": sorted(listed(data.get("ids"), "ids")),
+        "ids": sorted(dlq_id(i) for i in listed(data.get("ids"), "ids")),
         "reasons": sorted(listed(data.get("reasons") or data.get("reason"), "reasons")),
         "stages": sorted(listed(data.get("stages") or data.get("stage"), "stages")),
         "since": optional_text(data.get("since"), "since"),
@@ -410,8 +538,10 @@ def _selection(data: dict[str, Any] | Any) -> dict[str, Any]:
 
 
 async def dlq_list(request: web.Request) -> web.StreamResponse:
+    # `dlq list` takes no ids (the page opens one record by its id): refused, not silently ignored.
+    known(request.query, (*DLQ_FILTERS, "limit"))
     sel = _selection(request.query)
-    limit = int(request.query.get("limit", "50") or 50)
+    limit = int_param(request.query, "limit", 50, 1, MAX_DLQ_LIMIT)
     listing: dlq_ops.DlqListing = await off_loop(
         dlq_ops.list_entries,
         request.app[SETTINGS],
@@ -428,7 +558,8 @@ async def dlq_list(request: web.Request) -> web.StreamResponse:
 
 
 async def dlq_entry(request: web.Request) -> web.StreamResponse:
-    e = await off_loop(dlq_ops.show_entry, request.app[SETTINGS], request.query.get("id", ""))
+    known(request.query, ("id",))
+    e = await off_loop(dlq_ops.show_entry, request.app[SETTINGS], dlq_id(request.query.get("id", "")))
     return send_json(entry_json(e, full=True))
 
 
@@ -461,6 +592,7 @@ def describe_error(exc: BaseException) -> str:
 
 async def dlq_redrive(request: web.Request) -> web.StreamResponse:
     data = await read_json(request)
+    known(data, (*DLQ_FILTERS, "ids", "dry_run"), "field")
     params = _selection(data)
     dry_run = data.get("dry_run") is True
     sel = dlq_ops.make_selection(**params)  # bad input fails here, before any job starts
@@ -472,11 +604,26 @@ async def dlq_redrive(request: web.Request) -> web.StreamResponse:
     return _start(request, "redrive", params, dry_run, work)
 
 
+REPLAY_FIELDS = ("since", "until", "from_offsets", "to_offsets", "types", "tenants", "event_ids", "dry_run")
+
+
+def check_raw_partitions(settings: Settings, partitions: Collection[int]) -> None:
+    """The partitions named exist in the raw topic (one metadata round trip)."""
+    topic = Topics(settings.topic_prefix).raw
+    have = existing_partitions(admin_client(settings), settings.kafka_bootstrap).get(topic)
+    if have is None:
+        raise OpsError(f"topic {topic} does not exist on {settings.kafka_bootstrap}")
+    for p in sorted(partitions):
+        if p >= have:
+            raise OpsError(f"{topic} has partitions 0..{have - 1}; there is no partition {p}")
+
+
 async def replay(request: web.Request) -> web.StreamResponse:
     data = await read_json(request)
+    known(data, REPLAY_FIELDS, "field")
     since, until = optional_text(data.get("since"), "since"), optional_text(data.get("until"), "until")
-    from_offsets = listed(data.get("from_offsets"), "from_offsets")
-    to_offsets = listed(data.get("to_offsets"), "to_offsets")
+    from_offsets = [offset_spec(x, "from_offsets") for x in listed(data.get("from_offsets"), "from_offsets")]
+    to_offsets = [offset_spec(x, "to_offsets") for x in listed(data.get("to_offsets"), "to_offsets")]
     types = sorted(listed(data.get("types"), "types"))
     tenants = sorted(listed(data.get("tenants"), "tenants"))
     event_ids = sorted(listed(data.get("event_ids"), "event_ids"))
@@ -493,6 +640,9 @@ async def replay(request: web.Request) -> web.StreamResponse:
     window = make_window(since=since, until=until, from_offsets=from_offsets, to_offsets=to_offsets)
     flt = replay_ops.Filter(replay_ops.parse_types(types), frozenset(tenants), frozenset(event_ids))
     settings = request.app[SETTINGS]
+    # Checked before the job is accepted; a real run follows a dry run of the same settings, which did.
+    if dry_run and window.named_partitions:
+        await off_loop(check_raw_partitions, settings, window.named_partitions)
 
     def work(progress: replay_ops.Progress) -> replay_ops.RunResult:
         return replay_ops.replay(settings, window, flt, dry_run=dry_run, progress=progress)
@@ -519,12 +669,13 @@ async def trigger(request: web.Request) -> web.StreamResponse:
     if not s.uses_development_secret:
         return problem(403, "test events can be sent only while the built-in development secret is in use")
     data = await read_json(request)
+    known(data, ("type", "status", "shape"), "field")
     try:
         (type_,) = r.parse_event_types([str(data.get("type", ""))], ROUTED_TYPES)
         shape = parse_shape(str(data.get("shape") or "sent"))
+        status = parse_status(type_, optional_text(data.get("status"), "status"), "status")
     except ValueError as exc:
         return problem(400, str(exc))
-    status = optional_text(data.get("status"), "status")
     sample = one_event(SampleFactory(), type_, shape, status)
     (delivery,) = plan_deliveries([sample], 0.0, False, random.Random())
     target = ingress_url(s)
@@ -567,6 +718,8 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     """Bad input and unreachable services as one-line JSON errors (the CLI's one-line errors)."""
     try:
         return await handler(request)
+    except Refused as exc:
+        return problem(exc.status, str(exc))
     except OpsError as exc:
         return problem(400, str(exc))
     except ValueError as exc:
@@ -582,7 +735,7 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
 # --- the app --------------------------------------------------------------------------------------------
 def create_app(settings: Settings) -> web.Application:
     token = settings.console_token.get_secret_value() if settings.console_token else None
-    app = web.Application(middlewares=[security_headers, sign_in, api_errors], client_max_size=64 * 1024)
+    app = web.Application(middlewares=[security_headers, sign_in, api_errors], client_max_size=MAX_BODY)
     app[SETTINGS] = settings
     app[SESSIONS] = Sessions(token)
     app[JOBS] = Jobs()
@@ -627,10 +780,10 @@ def create_app(settings: Settings) -> web.Application:
 def run(settings: Settings, host: str, port: int, on_ready: Callable[[str], None] | None = None) -> None:
     app = create_app(settings)
 
-    async def announce(app: web.Application) -> None:
+    def announce(_banner: str) -> None:
+        # run_app calls `print` once every site is bound: a port in use fails before anything is announced.
         if on_ready is not None:
-            shown = f"[{host}]" if ":" in host else host
-            on_ready(f"http://{shown}:{port}/")
+            name = f"[{host}]" if ":" in host else host
+            on_ready(f"http://{name}:{port}/")
 
-    app.on_startup.append(announce)
-    web.run_app(app, host=host, port=port, print=None, access_log=None, shutdown_timeout=5)
+    web.run_app(app, host=host, port=port, print=announce, access_log=None, shutdown_timeout=5)

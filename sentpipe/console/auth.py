@@ -2,25 +2,32 @@
 
 - Bound to anything but loopback, the console needs `SENTPIPE_CONSOLE_TOKEN`; it refuses to start without.
 - With a token, a browser signs in once (POST /login); the session cookie is HttpOnly and SameSite=Strict.
-- Without a token (loopback only) every browser on this machine gets a session at once, but requests must
-  name a loopback host, so a web page cannot reach the console through DNS rebinding.
+  Only a sign-in creates a session: the sign-in form's CSRF token is bound to a cookie of its own
+  (signed with a key of this process), so nobody can fill the session table without the token.
+- Without a token (loopback only) GETs need no session, but requests must name a loopback host, so a web
+  page cannot reach the console through DNS rebinding; the page gets a session (its CSRF token) from
+  /api/session.
 - Every POST carries the session's CSRF token (header `X-CSRF-Token` or form field `csrf`) and, when the
   browser sends an Origin, that origin must be the console's own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
 COOKIE = "sentpipe_console"
+LOGIN_COOKIE = "sentpipe_console_login"
 CSRF_HEADER = "X-CSRF-Token"
 SESSION_TTL_S = 12 * 3600
+LOGIN_TTL_S = 3600
 MAX_SESSIONS = 10_000
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
@@ -49,7 +56,8 @@ def check_bind(host: str, token: str | None) -> None:
 class Session:
     id: str
     csrf: str
-    authenticated: bool
+    # Signed in with the token; without a token no session is, and the loopback check stands in for it.
+    signed_in: bool
     created: float = field(default_factory=time.monotonic)
     # kind ("replay", "redrive") -> fingerprint of the settings of the last finished dry run: the real run
     # of exactly those settings is allowed, nothing else.
@@ -57,34 +65,78 @@ class Session:
 
 
 class Sessions:
-    def __init__(self, token: str | None) -> None:
-        self.token = token
-        self._by_id: dict[str, Session] = {}
+    """The sessions of this process, at most `max_sessions`.
 
-    def new(self, authenticated: bool) -> Session:
-        now = time.monotonic()
-        if len(self._by_id) >= MAX_SESSIONS:
-            for sid in [k for k, s in self._by_id.items() if now - s.created > SESSION_TTL_S]:
-                del self._by_id[sid]
-            while len(self._by_id) >= MAX_SESSIONS:  # the oldest go first
-                del self._by_id[next(iter(self._by_id))]
-        s = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), authenticated)
-        self._by_id[s.id] = s
+    At the cap the first to go are sessions whose cookie never came back (what a flood of cookie-less
+    requests leaves), then other sessions not signed in, then signed-in ones; each least recently used
+    first.
+    """
+
+    def __init__(self, token: str | None, max_sessions: int = MAX_SESSIONS) -> None:
+        self.token = token
+        self.max_sessions = max_sessions
+        self._key = secrets.token_bytes(32)
+        # Eviction tiers, in eviction order; each dict in least-recently-used order.
+        self._unreturned: OrderedDict[str, Session] = OrderedDict()
+        self._unsigned: OrderedDict[str, Session] = OrderedDict()
+        self._signed: OrderedDict[str, Session] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._unreturned) + len(self._unsigned) + len(self._signed)
+
+    def new(self, signed_in: bool) -> Session:
+        while len(self) >= max(1, self.max_sessions):
+            self._evict_one()
+        s = Session(secrets.token_urlsafe(32), secrets.token_urlsafe(32), signed_in)
+        (self._signed if signed_in else self._unreturned)[s.id] = s
         return s
+
+    def _evict_one(self) -> None:
+        if not self._unreturned:
+            now = time.monotonic()
+            for tier in (self._unsigned, self._signed):
+                for sid in [k for k, s in tier.items() if now - s.created > SESSION_TTL_S]:
+                    del tier[sid]
+        for tier in (self._unreturned, self._unsigned, self._signed):
+            if tier:
+                tier.popitem(last=False)
+                return
 
     def get(self, request: web.Request) -> Session | None:
         sid = request.cookies.get(COOKIE)
-        s = self._by_id.get(sid) if sid else None
-        if s is not None and time.monotonic() - s.created > SESSION_TTL_S:
-            del self._by_id[s.id]
+        if not sid:
             return None
-        return s
+        for tier in (self._unreturned, self._unsigned, self._signed):
+            s = tier.get(sid)
+            if s is None:
+                continue
+            if time.monotonic() - s.created > SESSION_TTL_S:
+                del tier[sid]
+                return None
+            if tier is self._unreturned:
+                del tier[sid]
+                self._unsigned[sid] = s
+            else:
+                tier.move_to_end(sid)
+            return s
+        return None
 
     def drop(self, s: Session) -> None:
-        self._by_id.pop(s.id, None)
+        for tier in (self._unreturned, self._unsigned, self._signed):
+            tier.pop(s.id, None)
 
     def token_matches(self, offered: str) -> bool:
         return self.token is not None and hmac.compare_digest(offered.encode(), self.token.encode())
+
+    def login_csrf(self, nonce: str) -> str:
+        """The sign-in form's CSRF token for the nonce in its cookie: nothing kept, nothing to flood."""
+        return hmac.new(self._key, b"login:" + nonce.encode(), hashlib.sha256).hexdigest()
+
+    def login_csrf_ok(self, request: web.Request, offered: str) -> bool:
+        nonce = request.cookies.get(LOGIN_COOKIE)
+        if not nonce or not offered or not same_origin(request):
+            return False
+        return hmac.compare_digest(offered.encode(), self.login_csrf(nonce).encode())
 
 
 def set_cookie(response: web.StreamResponse, request: web.Request, session: Session) -> None:
@@ -99,11 +151,25 @@ def set_cookie(response: web.StreamResponse, request: web.Request, session: Sess
     )
 
 
-def csrf_ok(request: web.Request, session: Session | None, form_value: str | None = None) -> bool:
-    if session is None:
-        return False
+def set_login_cookie(response: web.StreamResponse, request: web.Request, nonce: str) -> None:
+    response.set_cookie(
+        LOGIN_COOKIE,
+        nonce,
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+        path="/login",
+        max_age=LOGIN_TTL_S,
+    )
+
+
+def same_origin(request: web.Request) -> bool:
     origin = request.headers.get("Origin")
-    if origin is not None and origin != f"{request.scheme}://{request.host}":
+    return origin is None or origin == f"{request.scheme}://{request.host}"
+
+
+def csrf_ok(request: web.Request, session: Session | None, form_value: str | None = None) -> bool:
+    if session is None or not same_origin(request):
         return False
     offered = request.headers.get(CSRF_HEADER) or form_value or ""
     return bool(offered) and hmac.compare_digest(offered.encode(), session.csrf.encode())

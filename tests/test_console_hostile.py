@@ -1,0 +1,351 @@
+"""The console under hostile or careless clients: floods, odd encodings, out-of-range and unknown parameters.
+
+Every mistake of a client gets a JSON answer naming what is wrong (never a 500, never a traceback in the
+log, never "database unavailable" for bad input). The app runs in this process against the real broker and
+database, as in test_console_security.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession, CookieJar, web
+from aiohttp.test_utils import TestServer, make_mocked_request
+from pydantic import SecretStr
+
+from sentpipe.console import create_app
+from sentpipe.console.app import SESSIONS, SETTINGS, entry_json, send_json
+from sentpipe.console.auth import Session, Sessions
+from sentpipe.processors.dlq import DlqEntry
+from sentpipe.schemas import routing as r
+from sentpipe.settings import Settings
+from tests.processes import settings_env
+from tests.test_console_security import TOKEN, sign_in
+
+CAP = 5
+
+
+async def serve(app: web.Application) -> AsyncIterator[str]:
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield f"http://127.0.0.1:{server.port}"
+    await server.close()
+
+
+@pytest.fixture
+def app(settings: Settings) -> web.Application:
+    s = settings.model_copy(update={"console_token": SecretStr(TOKEN), "console_metrics_urls": []})
+    app = create_app(s)
+    app[SESSIONS].max_sessions = CAP
+    return app
+
+
+@pytest.fixture
+async def console(app: web.Application) -> AsyncIterator[str]:
+    async for base in serve(app):
+        yield base
+
+
+@pytest.fixture
+async def open_app(settings: Settings) -> AsyncIterator[tuple[str, web.Application]]:
+    """A console without a token (loopback only), its session table capped at CAP."""
+    app = create_app(settings.model_copy(update={"console_metrics_urls": []}))
+    app[SESSIONS].max_sessions = CAP
+    async for base in serve(app):
+        yield base, app
+
+
+@pytest.fixture
+async def http(console: str) -> AsyncIterator[tuple[ClientSession, str, dict[str, str]]]:
+    """A signed-in client, the console's URL and the headers a POST needs."""
+    async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as client:
+        status, csrf = await sign_in(client, console)
+        assert status == 303
+        yield client, console, {"X-CSRF-Token": csrf}
+
+
+@pytest.fixture
+def no_tracebacks(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fails the test when anything logs an error or a traceback (a client's mistake is not one)."""
+    caplog.set_level(logging.WARNING)
+    yield
+    bad = [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]
+    assert not bad, [rec.getMessage() for rec in bad]
+
+
+async def answer(http: ClientSession, method: str, url: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+    async with http.request(method, url, allow_redirects=False, **kwargs) as resp:
+        assert resp.content_type == "application/json", (resp.status, await resp.text())
+        return resp.status, await resp.json()
+
+
+# --- 1. session flood ------------------------------------------------------------------------------------
+def with_cookie(session: Session) -> web.Request:
+    return make_mocked_request("GET", "/", headers={"Cookie": f"sentpipe_console={session.id}"})
+
+
+def test_at_the_cap_sessions_not_signed_in_go_first() -> None:
+    sessions = Sessions(TOKEN, max_sessions=3)
+    signed = sessions.new(signed_in=True)
+    kept = sessions.new(signed_in=False)
+    assert sessions.get(with_cookie(kept)) is kept  # its cookie came back: a page in use
+    for _ in range(10):
+        sessions.new(signed_in=False)
+    assert len(sessions) == 3
+    assert sessions.get(with_cookie(signed)) is signed and sessions.get(with_cookie(kept)) is kept
+    # Only when nothing else is left does a signed-in session go, the least recently used first.
+    newer = sessions.new(signed_in=True)
+    assert sessions.get(with_cookie(signed)) is signed
+    sessions.new(signed_in=True)
+    assert sessions.get(with_cookie(kept)) is None and sessions.get(with_cookie(signed)) is signed
+    sessions.new(signed_in=True)
+    assert sessions.get(with_cookie(newer)) is None and sessions.get(with_cookie(signed)) is signed
+
+
+async def test_a_flood_of_requests_without_a_cookie_signs_nobody_out(
+    app: web.Application, http: tuple[ClientSession, str, dict[str, str]]
+) -> None:
+    client, base, headers = http
+    async with ClientSession() as stranger:  # no cookie jar kept between requests
+        for _ in range(4 * CAP):
+            for path in ("/login", "/healthz", "/static/app.css", "/api/session", "/"):
+                async with stranger.get(f"{base}{path}", cookies={}, allow_redirects=False) as resp:
+                    assert resp.status in (200, 303, 401), (path, resp.status)
+            async with stranger.post(f"{base}/login", data={"csrf": "x", "token": "y"}) as resp:
+                assert resp.status == 403
+    assert len(app[SESSIONS]) == 1  # only the signed-in one: nothing else made a session
+    async with client.get(f"{base}/api/session") as resp:
+        assert resp.status == 200
+    # Its POSTs still pass the CSRF check (and fail on the input instead).
+    status, body = await answer(client, "POST", f"{base}/api/replay", json={"since": "x"}, headers=headers)
+    assert status == 400 and "ISO-8601" in body["error"]
+
+
+async def test_without_a_token_a_flood_keeps_the_open_page_session(
+    open_app: tuple[str, web.Application],
+) -> None:
+    base, app = open_app
+    async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as page:
+        status, info = await answer(page, "GET", f"{base}/api/session")
+        assert status == 200
+        await answer(page, "GET", f"{base}/api/overview")  # the page's cookie comes back
+        async with ClientSession() as stranger:
+            for _ in range(4 * CAP):
+                for path in ("/healthz", "/static/app.css", "/api/overview", "/"):
+                    async with stranger.get(f"{base}{path}") as resp:
+                        assert resp.status == 200 and "Set-Cookie" not in resp.headers, path
+                    stranger.cookie_jar.clear()
+                # /api/session hands out a session (the page's CSRF token): these go first at the cap.
+                async with stranger.get(f"{base}/api/session") as resp:
+                    assert resp.status == 200
+                stranger.cookie_jar.clear()
+        assert len(app[SESSIONS]) == CAP
+        status, body = await answer(
+            page, "POST", f"{base}/api/replay", json={"since": "x"}, headers={"X-CSRF-Token": info["csrf"]}
+        )
+        assert status == 400 and "ISO-8601" in body["error"]
+
+
+# --- 2-4. bad input: 400 naming the parameter, never a 500 or a 503 ----------------------------------------
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_out_of_range_and_malformed_numbers_are_400_naming_the_parameter(
+    http: tuple[ClientSession, str, dict[str, str]],
+) -> None:
+    client, base, _ = http
+    cases = {
+        "/api/dlq?limit=1000000000000000000000000000000": "limit must be from 1 to 1000",
+        "/api/dlq?limit=0": "limit must be from 1 to 1000",
+        "/api/dlq?limit=abc": "limit must be an integer from 1 to 1000",
+        "/api/dlq?limit=%C2%B2": "limit must be an integer",  # superscript two
+        "/api/dlq?limit=%D9%A1": "limit must be an integer",  # Arabic-Indic one
+        "/api/search?page=9223372036854775807": "page must be from 0 to",
+        "/api/search?page=abc": "page must be an integer",
+        "/api/search?page_size=0": "page_size must be from 1 to",
+        "/api/event?id=abc&scan_limit=-5": "scan_limit must be from 1 to",
+        "/api/event?id=abc&scan_limit=1e3": "scan_limit must be an integer",
+    }
+    for path, message in cases.items():
+        status, body = await answer(client, "GET", f"{base}{path}")
+        assert status == 400 and body["error"].startswith(message), (path, body)
+        assert "invalid literal" not in body["error"]
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_text_the_database_cannot_hold_is_400_not_database_unavailable(
+    http: tuple[ClientSession, str, dict[str, str]],
+) -> None:
+    client, base, _ = http
+    cases = {
+        "/api/search?q=%00": "q must not contain NUL",
+        "/api/search?tenant=a%00b": "tenant must not contain NUL",
+        "/api/event?id=%00abc": "id must not contain NUL",
+        f"/api/search?q={'x' * 257}": "q is longer than 256",
+        "/api/dlq/entry?id=%C2%B2": "'²' is not a DLQ record ID",
+        "/api/dlq/entry?id=0:99999999999999999999999": "'0:99999999999999999999999' is not a DLQ record ID",
+    }
+    for path, message in cases.items():
+        status, body = await answer(client, "GET", f"{base}{path}")
+        assert status == 400 and body["error"].startswith(message), (path, body)
+    # The last second a time can name is a bound, not "year 10000 is out of range".
+    status, body = await answer(client, "GET", f"{base}/api/search?since=9999-12-31T23:59:59.999999Z")
+    assert status == 200 and body["rows"] == [], body
+    status, body = await answer(client, "GET", f"{base}/api/search?until=9999-12-31T23:59:59.999999Z")
+    assert status == 200, body
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_an_unknown_charset_is_415_on_the_api_and_on_the_sign_in_form(
+    console: str, http: tuple[ClientSession, str, dict[str, str]]
+) -> None:
+    client, base, headers = http
+    for path in ("/api/replay", "/api/dlq/redrive", "/api/trigger"):
+        status, body = await answer(
+            client,
+            "POST",
+            f"{base}{path}",
+            data=b'{"dry_run": true}',
+            headers={**headers, "Content-Type": "application/json; charset=foo-bar"},
+        )
+        assert status == 415 and "charset 'foo-bar' is not supported" in body["error"], (path, body)
+    async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as stranger:
+        status, body = await answer(
+            stranger,
+            "POST",
+            f"{console}/login",
+            data=b"csrf=x&token=y",
+            headers={"Content-Type": "application/x-www-form-urlencoded; charset=foo"},
+        )
+        assert status == 415 and "charset 'foo'" in body["error"]
+        status, body = await answer(
+            stranger,
+            "POST",
+            f"{console}/login",
+            data=b"csrf=%FF&token=\xff",
+            headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"},
+        )
+        assert status in (400, 403), body
+
+
+# --- 5. aiohttp's own errors as JSON -----------------------------------------------------------------------
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_not_found_wrong_method_and_too_large_are_json_on_the_api(
+    http: tuple[ClientSession, str, dict[str, str]],
+) -> None:
+    client, base, headers = http
+    status, body = await answer(client, "GET", f"{base}/api/no-such-thing")
+    assert status == 404 and body == {"error": "no such endpoint"}
+    async with client.get(f"{base}/api/replay") as resp:
+        assert resp.status == 405 and resp.content_type == "application/json"
+        assert "POST" in resp.headers["Allow"] and "GET is not allowed" in (await resp.json())["error"]
+    status, body = await answer(
+        client, "POST", f"{base}/api/replay", json={"tenants": ["x" * (70 * 1024)]}, headers=headers
+    )
+    assert status == 413 and body == {"error": "the body is larger than 64 KiB"}
+
+
+# --- 6. the API agrees with the CLI ------------------------------------------------------------------------
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_unknown_parameters_are_refused_and_replay_partitions_checked_before_accepting(
+    http: tuple[ClientSession, str, dict[str, str]],
+) -> None:
+    client, base, headers = http
+    # `dlq list` takes no ids: refused rather than silently listing everything.
+    status, body = await answer(client, "GET", f"{base}/api/dlq?ids=0:1")
+    assert status == 400 and body["error"].startswith("unknown parameter 'ids'"), body
+    for _ in range(20):  # a topic this new may still be electing its leader (503)
+        status, body = await answer(client, "GET", f"{base}/api/dlq?stage=route&limit=5")
+        if status != 503:
+            break
+        await asyncio.sleep(0.5)
+    assert status == 200 and body["entries"] == [], body
+    status, body = await answer(
+        client, "POST", f"{base}/api/replay", json={"form_offsets": ["0:0"], "dry_run": True}, headers=headers
+    )
+    assert status == 400 and body["error"].startswith("unknown field 'form_offsets'"), body
+    # The test's raw topic has 4 partitions: partition 100 is refused at once, not in a failed job.
+    for spec, message in {
+        "100:0": "has partitions 0..3; there is no partition 100",
+        "\u00b2:0": "from_offsets: '\u00b2:0' is not PARTITION:OFFSET",
+        "0:99999999999999999999": "from_offsets: '0:99999999999999999999' is not PARTITION:OFFSET",
+    }.items():
+        status, body = await answer(
+            client,
+            "POST",
+            f"{base}/api/replay",
+            json={"from_offsets": [spec], "dry_run": True},
+            headers=headers,
+        )
+        assert status == 400 and message in body["error"], (spec, body)
+    status, body = await answer(
+        client, "POST", f"{base}/api/replay", json={"from_offsets": ["3:0"], "dry_run": True}, headers=headers
+    )
+    assert status == 202, body
+
+
+# --- the console's JSON survives one bad value --------------------------------------------------------------
+def test_an_integer_beyond_64_bits_or_a_lone_surrogate_does_not_break_an_answer() -> None:
+    e = DlqEntry(0, 7, 1_700_000_000_000, b"k", b"{}", [(r.H_DLQ_STAGE, b"route")])
+    resp = send_json({"entries": [{**entry_json(e), "time": 10**40}], "bad": "\ud800"})
+    assert resp.status == 200 and isinstance(resp.body, bytes)
+    assert b'"time":"1' + b"0" * 40 + b'"' in resp.body and b'"bad":"?"' in resp.body
+
+
+# --- 7. the URL is announced only once the port is bound ----------------------------------------------------
+def _console(settings: Settings, port: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sentpipe", "console", "--host", "127.0.0.1", "--port", str(port)],
+        env=settings_env(settings, console_metrics_urls="[]"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_the_url_is_announced_only_after_the_port_is_bound(settings: Settings) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = _console(settings, busy.getsockname()[1])
+        try:
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert proc.returncode != 0 and "console on" not in out, (out, err)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = _console(settings, port)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(f"console on http://127.0.0.1:{port}/"), line
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            pass  # already listening when announced: no retry needed
+        assert time.monotonic() - started < 1
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_a_test_event_takes_only_a_status_its_type_has(
+    http: tuple[ClientSession, str, dict[str, str]], app: web.Application
+) -> None:
+    """The status was sent as given: `bogus` for a message, any status for an inbound message."""
+    client, base, headers = http
+    assert app[SETTINGS].uses_development_secret  # the only case where the page can send test events
+    for body, why in (
+        ({"type": "message.status.updated", "status": "bogus"}, "status for message.status.updated must be"),
+        ({"type": "message.inbound.received", "status": "read"}, "status does not apply"),
+    ):
+        status, answer_ = await answer(client, "POST", f"{base}/api/trigger", json=body, headers=headers)
+        assert status == 400 and answer_["error"].startswith(why), answer_
