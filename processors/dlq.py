@@ -27,11 +27,14 @@ from confluent_kafka import KafkaError, Message
 
 from sentpipe.kafka import Producer
 from sentpipe.processors.offsets import (
+    MAX_OFFSET,
+    MAX_PARTITION,
     Log,
     OpsError,
     PartitionOffset,
     Range,
     Window,
+    ascii_int,
     parse_when,
     timestamp_ms,
 )
@@ -56,27 +59,15 @@ ROUTED_STAGES = ("project", "handler")
 STAGES = RAW_STAGES + ROUTED_STAGES
 
 
-# Kafka's partitions are int32 and its offsets int64.
-MAX_PARTITION = 2**31 - 1
-MAX_OFFSET = 2**63 - 1
 # Times a header may carry: 1970 up to the end of year 9999, what a datetime can show.
 MAX_TIME_MS = 253_402_300_799_999
-
-
-def _ascii_int(text: str | None, high: int) -> int | None:
-    """A non-negative decimal of ASCII digits up to `high`, else None. (`int()` also takes other scripts'
-    digits, signs, underscores and spaces; `isdigit()` takes superscripts `int()` refuses.)"""
-    if not text or len(text) > 19 or not text.isascii() or not text.isdigit():
-        return None
-    value = int(text)
-    return value if value <= high else None
 
 
 def parse_entry_id(text: str) -> PartitionOffset:
     """`partition:offset`, or a bare offset (the DLQ has one partition)."""
     part, sep, off = text.strip().rpartition(":")
-    partition = _ascii_int(part, MAX_PARTITION) if sep else 0
-    offset = _ascii_int(off, MAX_OFFSET)
+    partition = ascii_int(part, MAX_PARTITION) if sep else 0
+    offset = ascii_int(off, MAX_OFFSET)
     if partition is None or offset is None:
         shown = text if len(text) <= 40 else text[:40] + "..."
         raise OpsError(f"{shown!r} is not a DLQ record ID (PARTITION:OFFSET as `dlq list` shows, e.g. 0:12)")
@@ -124,17 +115,17 @@ class DlqEntry:
     # Headers are whatever a producer wrote: a value out of range reads as absent, never as an error.
     @property
     def attempts(self) -> int:
-        return max(1, _ascii_int(self.header(r.H_DLQ_ATTEMPTS), 1_000_000_000) or 1)
+        return max(1, ascii_int(self.header(r.H_DLQ_ATTEMPTS), 1_000_000_000) or 1)
 
     @property
     def dead_at_ms(self) -> int:
-        at = _ascii_int(self.header(r.H_DLQ_AT), MAX_TIME_MS)
+        at = ascii_int(self.header(r.H_DLQ_AT), MAX_TIME_MS)
         return at if at is not None else min(max(self.timestamp_ms, 0), MAX_TIME_MS)
 
     @property
     def original(self) -> tuple[str, int, int] | None:
         topic, part, off = (self.header(h) for h in (r.H_DLQ_TOPIC, r.H_DLQ_PARTITION, r.H_DLQ_OFFSET))
-        partition, offset = _ascii_int(part, MAX_PARTITION), _ascii_int(off, MAX_OFFSET)
+        partition, offset = ascii_int(part, MAX_PARTITION), ascii_int(off, MAX_OFFSET)
         if topic is None or partition is None or offset is None:
             return None
         return topic, partition, offset

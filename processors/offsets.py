@@ -66,6 +66,15 @@ MAX_OFFSET = 2**63 - 1
 _NUMBER = re.compile(r"[0-9]{1,20}")
 
 
+def ascii_int(text: str | None, high: int) -> int | None:
+    """A non-negative decimal of ASCII digits up to `high`, else None (for values anyone may have written,
+    such as a record's headers)."""
+    if not text or not _NUMBER.fullmatch(text):
+        return None
+    value = int(text)
+    return value if value <= high else None
+
+
 def parse_partition_offset(text: str, option: str) -> PartitionOffset:
     part, sep, off = text.strip().partition(":")
     if not sep or not _NUMBER.fullmatch(part) or not _NUMBER.fullmatch(off):

@@ -273,8 +273,8 @@ async def test_unknown_parameters_are_refused_and_replay_partitions_checked_befo
     # The test's raw topic has 4 partitions: partition 100 is refused at once, not in a failed job.
     for spec, message in {
         "100:0": "has partitions 0..3; there is no partition 100",
-        "\u00b2:0": "from_offsets: '\u00b2:0' is not PARTITION:OFFSET",
-        "0:99999999999999999999": "from_offsets: '0:99999999999999999999' is not PARTITION:OFFSET",
+        "\u00b2:0": "'\u00b2:0' is not PARTITION:OFFSET",
+        "0:99999999999999999999": "offset 99999999999999999999 is beyond Kafka's largest",
     }.items():
         status, body = await answer(
             client,

@@ -71,7 +71,6 @@ MAX_BODY = 64 * 1024
 MAX_DLQ_LIMIT = 1000  # the page's own maximum; every listed entry is held in memory
 MAX_SCAN_LIMIT = 10_000_000
 MAX_PAGE = 100_000
-INT64 = 2**63 - 1
 
 
 class Refused(Exception):
@@ -216,24 +215,6 @@ def text_param(query: Mapping[str, str], name: str) -> str | None:
     if len(value) > MAX_ID_LENGTH:
         raise Refused(f"{name} is longer than {MAX_ID_LENGTH} characters, so nothing matches it")
     return value or None
-
-
-def offset_spec(text: str, what: str) -> str:
-    """A PARTITION:OFFSET checked before the CLI's parser sees it: ASCII digits within Kafka's ranges."""
-    m = re.fullmatch(r"([0-9]{1,10}):([0-9]{1,19})", text.strip())
-    if m is None or int(m[1]) > 2**31 - 1 or int(m[2]) > INT64:
-        raise Refused(f"{what}: {shown(text)} is not PARTITION:OFFSET (for example 3:1200)")
-    return text
-
-
-def dlq_id(text: str) -> str:
-    """A DLQ record id, checked as `offset_spec` is (a bare offset means partition 0)."""
-    m = re.fullmatch(r"(?:([0-9]{1,10}):)?([0-9]{1,19})", text.strip())
-    if m is None or int(m[1] or 0) > 2**31 - 1 or int(m[2]) > INT64:
-        raise Refused(
-            f"{shown(text)} is not a DLQ record ID (PARTITION:OFFSET as `dlq list` shows, e.g. 0:12)"
-        )
-    return text
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -530,7 +511,7 @@ DLQ_FILTERS = ("reasons", "reason", "stages", "stage", "since")
 def _selection(data: dict[str, Any] | Any) -> dict[str, Any]:
     """The DLQ filters of a request, normalized (also what a dry run's fingerprint is taken over)."""
     return {
-        "ids": sorted(dlq_id(i) for i in listed(data.get("ids"), "ids")),
+        "ids": sorted(str(dlq_ops.parse_entry_id(i)) for i in listed(data.get("ids"), "ids")),
         "reasons": sorted(listed(data.get("reasons") or data.get("reason"), "reasons")),
         "stages": sorted(listed(data.get("stages") or data.get("stage"), "stages")),
         "since": optional_text(data.get("since"), "since"),
@@ -559,7 +540,7 @@ async def dlq_list(request: web.Request) -> web.StreamResponse:
 
 async def dlq_entry(request: web.Request) -> web.StreamResponse:
     known(request.query, ("id",))
-    e = await off_loop(dlq_ops.show_entry, request.app[SETTINGS], dlq_id(request.query.get("id", "")))
+    e = await off_loop(dlq_ops.show_entry, request.app[SETTINGS], request.query.get("id", ""))
     return send_json(entry_json(e, full=True))
 
 
@@ -622,8 +603,9 @@ async def replay(request: web.Request) -> web.StreamResponse:
     data = await read_json(request)
     known(data, REPLAY_FIELDS, "field")
     since, until = optional_text(data.get("since"), "since"), optional_text(data.get("until"), "until")
-    from_offsets = [offset_spec(x, "from_offsets") for x in listed(data.get("from_offsets"), "from_offsets")]
-    to_offsets = [offset_spec(x, "to_offsets") for x in listed(data.get("to_offsets"), "to_offsets")]
+    # make_window below checks them (ASCII digits within Kafka's ranges), as for `sentpipe replay`.
+    from_offsets = listed(data.get("from_offsets"), "from_offsets")
+    to_offsets = listed(data.get("to_offsets"), "to_offsets")
     types = sorted(listed(data.get("types"), "types"))
     tenants = sorted(listed(data.get("tenants"), "tenants"))
     event_ids = sorted(listed(data.get("event_ids"), "event_ids"))
