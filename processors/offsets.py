@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, Literal
 
@@ -45,7 +46,12 @@ def parse_when(text: str, option: str) -> int:
     parsed = parse_time(text.strip()) if text.strip() else None
     if parsed is None:
         raise OpsError(f"{option}: {text!r} is not an ISO-8601 time (for example 2026-01-31T12:00:00Z)")
-    return int(parsed.timestamp() * 1000)
+    # Exact: through a float, 9999-12-31T23:59:59.999999Z rounded up into year 10000.
+    return (parsed - _EPOCH) // _MILLISECOND
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -245,3 +245,12 @@ def test_spool_drain_fails_when_it_skipped_corrupt_frames(services: Services, tm
     assert lines[-1].startswith("error: 1 corrupt frame(s) skipped in 1 directory"), res.stderr
     assert "Traceback" not in res.stderr
     assert "corrupt frames" in res.stdout  # the summary table still shows
+
+
+def test_a_time_is_exact_milliseconds_up_to_the_last_one_a_datetime_holds() -> None:
+    """Through a float, the last microsecond of 9999 rounded into year 10000, and a listing then failed."""
+    from sentpipe.processors.offsets import parse_when
+
+    assert parse_when("9999-12-31T23:59:59.999999Z", "--since") == 253_402_300_799_999
+    assert parse_when("2026-01-31T12:00:00.0015+01:00", "--since") == 1_769_857_200_001
+    assert parse_when("2026-01-31T12:00:00", "--since") == 1_769_860_800_000  # no zone: UTC
