@@ -35,6 +35,7 @@ def result_json(result: RunResult) -> dict[str, Any]:
         "sent": sum(result.selected.values()) if result.dry_run else result.produced,
         "produced": result.produced,
         "skipped": result.skipped,
+        "already_redriven": result.already_redriven,
         "failed": result.failed,
         "selected": [[a, b, n] for (a, b), n in sorted(result.selected.items())],
         "failures": dict(sorted(result.failures.items())),

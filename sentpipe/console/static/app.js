@@ -178,6 +178,7 @@ function resultView(result, sentLabel, columns) {
     ["skipped by filter", result.skipped],
     [dry ? "would fail" : "failed", result.failed],
   ];
+  if (result.already_redriven) rows.splice(4, 0, ["already taken by an earlier redrive", result.already_redriven]);
   for (const [reason, n] of Object.entries(result.failures)) rows.push(["  " + reason, n]);
   const parts = [el("h3", {}, dry ? "Dry run: nothing was sent" : "Outcome"), el("div", { class: "result", "data-sent": result.sent }, kv(rows))];
   if (result.selected.length) {
