@@ -155,6 +155,14 @@ async def test_without_a_token_a_flood_keeps_the_open_page_session(
 
 
 # --- 2-4. bad input: 400 naming the parameter, never a 500 or a 503 ----------------------------------------
+async def all_refused(client: ClientSession, base: str, cases: dict[str, str]) -> None:
+    """Each GET path answers 400 with an error that starts with its message (no Python internals)."""
+    for path, message in cases.items():
+        status, body = await answer(client, "GET", f"{base}{path}")
+        assert status == 400 and body["error"].startswith(message), (path, body)
+        assert "invalid literal" not in body["error"], (path, body)
+
+
 @pytest.mark.usefixtures("no_tracebacks")
 async def test_out_of_range_and_malformed_numbers_are_400_naming_the_parameter(
     http: tuple[ClientSession, str, dict[str, str]],
@@ -172,10 +180,7 @@ async def test_out_of_range_and_malformed_numbers_are_400_naming_the_parameter(
         "/api/event?id=abc&scan_limit=-5": "scan_limit must be from 1 to",
         "/api/event?id=abc&scan_limit=1e3": "scan_limit must be an integer",
     }
-    for path, message in cases.items():
-        status, body = await answer(client, "GET", f"{base}{path}")
-        assert status == 400 and body["error"].startswith(message), (path, body)
-        assert "invalid literal" not in body["error"]
+    await all_refused(client, base, cases)
 
 
 @pytest.mark.usefixtures("no_tracebacks")
@@ -191,9 +196,7 @@ async def test_text_the_database_cannot_hold_is_400_not_database_unavailable(
         "/api/dlq/entry?id=%C2%B2": "'²' is not a DLQ record ID",
         "/api/dlq/entry?id=0:99999999999999999999999": "'0:99999999999999999999999' is not a DLQ record ID",
     }
-    for path, message in cases.items():
-        status, body = await answer(client, "GET", f"{base}{path}")
-        assert status == 400 and body["error"].startswith(message), (path, body)
+    await all_refused(client, base, cases)
     # The last second a time can name is a bound, not "year 10000 is out of range".
     status, body = await answer(client, "GET", f"{base}/api/search?since=9999-12-31T23:59:59.999999Z")
     assert status == 200 and body["rows"] == [], body
