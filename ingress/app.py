@@ -16,7 +16,9 @@ from typing import Any, NamedTuple, Protocol
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import PayloadEncodingError
 from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestPayloadError
 from confluent_kafka import KafkaException
 from multidict import CIMultiDictProxy
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -174,7 +176,7 @@ _HANDLERS: weakref.WeakSet[WebhookHandler] = weakref.WeakSet()
 
 
 def _in_flight() -> float:
-    return sum(h.in_flight for h in list(_HANDLERS))
+    return sum(h.in_flight + h.waiting for h in list(_HANDLERS))
 
 
 m.INGRESS_IN_FLIGHT.set_function(_in_flight)  # read when scraped, nothing to update per request
@@ -193,7 +195,7 @@ def _init_metrics(tenants: list[str]) -> None:
     the first 503, 401 or dead letter, or the first one is never seen (and `_created` series are off)."""
     for reason in REASONS:
         m.DLQ_EVENTS.labels("ingress", reason)
-    for refused in ("overloaded", "body_timeout", "broker_down", "spool_full"):
+    for refused in ("overloaded", "body_timeout", "header_timeout", "broker_down", "spool_full"):
         m.INGRESS_REFUSED.labels(refused)
     for tenant in [*tenants, "unknown"]:
         for outcome, status in (
@@ -251,7 +253,8 @@ class WebhookHandler:
         self.decoy = Verifier.decoy(default.key_count if default else 1, settings.signature_tolerance_s)
         self.topics = Topics(settings.topic_prefix)
         self.raw_topic = self.topics.raw
-        self.in_flight = 0
+        self.in_flight = 0  # requests with their body, being verified and produced
+        self.waiting = 0  # requests whose body is still arriving
         self.max_in_flight = settings.ingress_max_in_flight
         self.body_timeout_s = settings.body_timeout_s
         self.produce_timeout_s = settings.produce_timeout_s
@@ -278,34 +281,33 @@ class WebhookHandler:
         started = time.perf_counter()
         label = tenant if tenant in self.verifiers else "unknown"
         request_id = request_id_of(request.headers.get("x-request-id"))
-        if self.in_flight >= self.max_in_flight:
-            # Overloaded: turn it away before reading anything; Sent retries later.
-            m.INGRESS_REFUSED.labels("overloaded").inc()
-            m.INGRESS_REQUESTS.inc((label, "overloaded", "503"))
-            detail = f"more than {self.max_in_flight} requests in flight; retry"
-            return failed(503, "overloaded", detail, retry=True), request_id
-        self.in_flight += 1
         outcome, status = "error", 500
         try:
             outcome, answer = await self._handle(request, tenant, label, request_id)
             status = answer.status
+        except asyncio.CancelledError:
+            # aiohttp cancels a handler whose client left (or at shutdown, past its grace period): not a 500.
+            outcome, status = "cancelled", 499
+            raise
         except Exception:
             # A bug, not the request's fault: logged with its traceback; the client gets a JSON 500 (whichever
             # path took the request) and a closed connection, and Sent retries.
             log.exception("unexpected error", extra={"request_id": request_id, "tenant": label})
             answer = failed(500, "internal_error", "unexpected error", close=True)
         finally:
-            self.in_flight -= 1
             m.INGRESS_REQUESTS.inc((label, outcome, str(status)))
             m.INGRESS_REQUEST_SECONDS.observe(time.perf_counter() - started)
         return answer, request_id
 
+    def _overloaded(self, what: str) -> tuple[str, Answer]:
+        # Turned away before any work; Sent retries later.
+        m.INGRESS_REFUSED.labels("overloaded").inc()
+        detail = f"more than {self.max_in_flight} requests {what}; retry"
+        return "overloaded", failed(503, "overloaded", detail, retry=True)
+
     async def _handle(
         self, request: PostedRequest, tenant: str, label: str, request_id: str
     ) -> tuple[str, Answer]:
-        verifier = self.verifiers.get(tenant)
-        if verifier is None:
-            verifier = self.decoy
         req_headers = request.headers
         # The header as Sent sends it is taken as is; anything else (parameters, case) is parsed by aiohttp.
         if (
@@ -327,8 +329,16 @@ class WebhookHandler:
                 if len(body) > limit:  # chunked: no Content-Length was checked above
                     raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=len(body))
             else:
-                async with asyncio.timeout(self.body_timeout_s):
-                    body = await request.read()  # chunked bodies: aiohttp stops reading at client_max_size
+                # A body still arriving holds no slot of in_flight: a client that sends headers and then
+                # nothing (no signature checked yet) must not turn Sent's complete deliveries away.
+                if self.waiting >= self.max_in_flight:
+                    return self._overloaded("waiting for their body")
+                self.waiting += 1
+                try:
+                    async with asyncio.timeout(self.body_timeout_s):
+                        body = await request.read()  # chunked: aiohttp stops reading at client_max_size
+                finally:
+                    self.waiting -= 1
         except web.HTTPRequestEntityTooLarge:
             return "too_large", failed(413, "body_too_large", f"body is over the {limit} byte limit")
         except TimeoutError:
@@ -336,7 +346,31 @@ class WebhookHandler:
             log.info("body timeout", extra=self._ctx(request_id, label, tenant))
             detail = f"the body did not arrive within {self.body_timeout_s:g}s"
             return "body_timeout", failed(408, "body_timeout", detail, close=True)
+        except ConnectionResetError:
+            # The client left mid-body: nobody to answer, nothing stored, nothing wrong with the ingress.
+            log.info("client closed the connection mid-body", extra=self._ctx(request_id, label, tenant))
+            return "client_gone", failed(499, "client_gone", "the connection closed before the body ended")
+        except (RequestPayloadError, PayloadEncodingError):
+            # A chunked or Content-Encoding body that does not decode.
+            log.info("undecodable body", extra=self._ctx(request_id, label, tenant))
+            detail = "the body does not decode (chunked framing or Content-Encoding)"
+            return "bad_body", failed(400, "malformed_body", detail, close=True)
 
+        if self.in_flight >= self.max_in_flight:
+            return self._overloaded("in flight")
+        self.in_flight += 1
+        try:
+            return await self._process(request, body, tenant, label, request_id)
+        finally:
+            self.in_flight -= 1
+
+    async def _process(
+        self, request: PostedRequest, body: bytes, tenant: str, label: str, request_id: str
+    ) -> tuple[str, Answer]:
+        verifier = self.verifiers.get(tenant)
+        if verifier is None:
+            verifier = self.decoy
+        req_headers = request.headers
         try:
             now = time.time()
             verified = verifier.verify(req_headers, body, now)

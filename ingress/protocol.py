@@ -18,23 +18,29 @@ shape.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from http import HTTPStatus
 from typing import Any
 
+import orjson
 from aiohttp import hdrs, web
 from aiohttp.helpers import HeadersMixin, rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11, RawRequestMessage
+from aiohttp.http_exceptions import PayloadEncodingError
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDictProxy
 
-from sentpipe.ingress.app import WEBHOOK, WEBHOOK_PATH, Answer, WebhookHandler
+from sentpipe import metrics as m
+from sentpipe.ingress.app import WEBHOOK, WEBHOOK_PATH, Answer, WebhookHandler, failed, request_id_of
 
 # The tenant segment the shortcut takes: characters a URL carries unencoded, so the router would have
 # matched the same name. Anything else (percent-escapes, a further slash) goes through the router.
 _TENANT_PATH = re.compile(re.escape(WEBHOOK_PATH) + r"/([A-Za-z0-9._~-]{1,255})")
 _SERVER = SERVER_SOFTWARE.encode()
+log = logging.getLogger("sentpipe.ingress")
 
 
 class Posted(HeadersMixin):
@@ -56,13 +62,14 @@ class Posted(HeadersMixin):
 
 
 _STATUS_LINES = {int(s): b"HTTP/1.1 %d %s\r\n" % (s, s.phrase.encode()) for s in HTTPStatus}
+_PHRASES = frozenset(int(s) for s in HTTPStatus)
 
 
 def encode_answer(answer: Answer, request_id: str, close: bool = False) -> bytes:
     """The answer as aiohttp writes it to an HTTP/1.1 request (the same headers; their order may differ)."""
     body = answer.body
     head = [
-        _STATUS_LINES[answer.status],
+        _STATUS_LINES.get(answer.status) or b"HTTP/1.1 %d \r\n" % answer.status,
         b"Content-Type: application/json\r\nx-request-id: ",
         request_id.encode(),  # printable ASCII (`request_id_of`)
         b"\r\nContent-Length: %d\r\nDate: " % len(body),
@@ -79,7 +86,7 @@ def encode_answer(answer: Answer, request_id: str, close: bool = False) -> bytes
 class WebhookProtocol(RequestHandler):
     """aiohttp's `RequestHandler` for one connection, answering whole webhooks itself (module docstring)."""
 
-    __slots__ = ("_answer_task", "_answering", "_held", "_webhook")
+    __slots__ = ("_answer_task", "_answering", "_head_timer", "_held", "_webhook")
 
     def __init__(self, manager: web.Server, *, webhook: WebhookHandler, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -87,6 +94,9 @@ class WebhookProtocol(RequestHandler):
         self._answering = False  # a shortcut answer not yet written
         self._held = b""  # bytes that arrived meanwhile, parsed once it is
         self._answer_task: asyncio.Task[None] | None = None  # the loop keeps only a weak reference
+        # Running while a request's head has begun and not ended: aiohttp has no such timeout, so a client
+        # trickling headers held its connection until the keep-alive timeout, with no request to time out.
+        self._head_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         if self._answering:
@@ -106,6 +116,12 @@ class WebhookProtocol(RequestHandler):
         finally:
             self._waiter = waiter
         messages = self._messages
+        if not messages:
+            if self._head_timer is None:
+                self._head_timer = self._loop.call_later(self._webhook.body_timeout_s, self._head_timed_out)
+        elif self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         if len(messages) == 1:
             msg, payload = messages[0]
             # A parse error comes as aiohttp's own note, not a RawRequestMessage: its task answers it 400.
@@ -122,6 +138,60 @@ class WebhookProtocol(RequestHandler):
                     return
         if messages and not waiter.done():
             waiter.set_result(None)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        waiter, transport = self._waiter, self.transport
+        if self._messages or waiter is None or waiter.done() or transport is None or self._answering:
+            return  # a request came after all
+        m.INGRESS_REFUSED.labels("header_timeout").inc()
+        log.info("header timeout: the request's head did not end in time")
+        detail = f"the request's headers did not arrive within {self._webhook.body_timeout_s:g}s"
+        transport.write(encode_answer(failed(408, "header_timeout", detail), request_id_of(None), close=True))
+        self.force_close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        """aiohttp logs at ERROR, with a traceback, what a client does to its own request: a body that
+        does not decode, or a connection closed mid-body, met again when aiohttp drains what is left of the
+        body after the answer. That is the client's business, not an error of the ingress."""
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, (RequestPayloadError, PayloadEncodingError, ConnectionResetError)):
+            log.info("request body unreadable: %s", type(exc).__name__)
+            return
+        super().log_exception(*args, **kwargs)
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse, or to a bug in a handler: JSON like every other
+        answer, and a log line without the request's bytes. aiohttp's own logged a traceback at ERROR with
+        the bytes it choked on (a webhook body holds phone numbers and message text) and answered them back
+        in plain text, so any client could fill the log."""
+        if status >= 500:
+            log.error("error handling request", exc_info=exc)  # a bug of ours: its traceback helps
+        else:
+            log.info("malformed HTTP request", extra={"status": status, "error": type(exc).__name__})
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was sent already, the error cannot follow it")
+        code = "internal_error" if status >= 500 else "malformed_request"
+        detail = HTTPStatus(status).phrase if status in _PHRASES else "error"
+        response = web.Response(
+            status=status,
+            body=orjson.dumps({"error": code, "detail": detail}),
+            content_type="application/json",
+        )
+        response.force_close()
+        return response
 
     def _shortcut_tenant(self, msg: RawRequestMessage, payload: StreamReader) -> str | None:
         """The tenant when the request is a whole webhook the shortcut answers; else None."""

@@ -70,7 +70,12 @@ async def serve(
         await asyncio.to_thread(check_topic_limits, settings)
     app = create_app(settings, producer_for(settings), spool)
     # shutdown_timeout: in-flight requests get this long to finish before the producer flushes.
-    runner = web.AppRunner(app, shutdown_timeout=settings.produce_timeout_s + 5, access_log=None)
+    runner = web.AppRunner(
+        app,
+        shutdown_timeout=settings.produce_timeout_s + 5,
+        access_log=None,
+        keepalive_timeout=settings.ingress_keepalive_s,
+    )
     await runner.setup()
     answer_webhooks_directly(runner)
     site = web.TCPSite(runner, host, port, backlog=2048, reuse_port=reuse_port or None)

@@ -133,10 +133,11 @@ class Verifier:
             raise SignatureError(
                 Reason.MISSING_HEADERS, "webhook id, timestamp and signature headers are required"
             )
-        try:
-            timestamp = int(ts_text)
-        except ValueError:
-            raise SignatureError(Reason.INVALID_TIMESTAMP, "timestamp header is not an integer") from None
+        # Seconds as ASCII digits: int() also takes signs, '_', spaces and other scripts' digits, and a
+        # 400-digit number overflowed the float comparison below (a 500). Twelve digits reach year 33658.
+        if not (0 < len(ts_text) <= 12 and ts_text.isascii() and ts_text.isdigit()):
+            raise SignatureError(Reason.INVALID_TIMESTAMP, "timestamp header is not a number of seconds")
+        timestamp = int(ts_text)
         if abs(now - timestamp) > self._tolerance:
             raise SignatureError(
                 Reason.STALE_TIMESTAMP, f"timestamp is more than {self._tolerance}s from now"

@@ -106,8 +106,13 @@ class Settings(BaseSettings):
     ingress_metrics_port: Port = 9100
     signature_tolerance_s: int = Field(300, ge=1)
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
-    # The whole body must arrive within this time of the request's headers, or the answer is 408.
+    # The whole body must arrive within this time of the request's headers, or the answer is 408; so must the
+    # headers, from their first byte (a client that trickles them holds a connection).
     body_timeout_s: float = Field(10.0, gt=0)
+    # A connection with no request for this long is closed. Keep it above the idle timeout of any load
+    # balancer in front (AWS ALB 60 s, Google's 600 s): a balancer reusing a connection the ingress has
+    # just closed answers 502, which Sent counts as a failure.
+    ingress_keepalive_s: float = Field(75.0, gt=0, le=86400)
     # Requests handled at once by one ingress process; beyond it, 503 at once with Retry-After.
     ingress_max_in_flight: int = Field(1024, ge=1)
     # Processes serving the one webhook port (SO_REUSEPORT), each with its own producer; 0: one per CPU the

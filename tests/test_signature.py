@@ -78,6 +78,18 @@ def test_rotation_accepts_any_configured_secret_and_any_offered_entry() -> None:
         (lambda h, b: (h | {"x-webhook-signature": "v2,abc"}, b), Reason.MALFORMED_SIGNATURE),
         (lambda h, b: ({k: v for k, v in h.items() if k != "x-webhook-id"}, b), Reason.MISSING_HEADERS),
         (lambda h, b: (h | {"x-webhook-timestamp": "soon"}, b), Reason.INVALID_TIMESTAMP),
+        # int() took these; a 400-digit one overflowed the float comparison (a 500 at the ingress).
+        (lambda h, b: (h | {"x-webhook-timestamp": "1" + "0" * 400}, b), Reason.INVALID_TIMESTAMP),
+        (
+            lambda h, b: (h | {"x-webhook-timestamp": "+" + h["x-webhook-timestamp"]}, b),
+            Reason.INVALID_TIMESTAMP,
+        ),
+        (
+            lambda h, b: (h | {"x-webhook-timestamp": "1_" + h["x-webhook-timestamp"]}, b),
+            Reason.INVALID_TIMESTAMP,
+        ),
+        (lambda h, b: (h | {"x-webhook-timestamp": "\u0661" * 10}, b), Reason.INVALID_TIMESTAMP),
+        (lambda h, b: (h | {"x-webhook-timestamp": "-5"}, b), Reason.INVALID_TIMESTAMP),
         (lambda h, b: (h | {"x-webhook-timestamp": str(int(time.time()) - 301)}, b), Reason.STALE_TIMESTAMP),
         (lambda h, b: (h | {"x-webhook-timestamp": str(int(time.time()) + 301)}, b), Reason.STALE_TIMESTAMP),
         (lambda h, b: (h, b + b" "), Reason.INVALID_SIGNATURE),
