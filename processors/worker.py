@@ -378,23 +378,35 @@ class Router:
         """The CPU half of a batch: duplicates dropped, each event routed or dead-lettered, marks decided."""
         batch = _Batch(events, taken)
         marks, home, legacy = batch.marks, batch.home, batch.legacy
+
+        def seen(event_id: bytes, tenant: str, partition: int, type_label: str) -> bool:
+            """True for a duplicate (counted); else the id is marked (until the batch settles)."""
+            tkey = table_key(event_id)
+            known = marks.get(tkey)
+            if known is None:
+                known = marks[tkey] = self._lookup(tkey, legacy)
+                home[tkey] = partition
+            if tenant in known:
+                m.DUPLICATES_DROPPED.labels(type_label).inc()
+                return True
+            known[tenant] = 0
+            return False
+
         for event in events:
             msg = event.message
             key = msg.key or b""
             headers = _headers(event)
-            tenant = headers.get(r.H_TENANT, b"").decode(errors="replace") or self.s.default_tenant
             type_label = headers.get(r.H_TYPE, b"").decode(errors="replace")
             type_label = type_label if type_label in _TYPE_LABELS else "unknown"  # bounded label values
-            if key:
-                tkey = table_key(key)
-                known = marks.get(tkey)
-                if known is None:
-                    known = marks[tkey] = self._lookup(tkey, legacy)
-                    home[tkey] = msg.partition
-                if tenant in known:
-                    m.DUPLICATES_DROPPED.labels(type_label).inc()
-                    continue
-                known[tenant] = 0  # placeholder until the batch settles
+            try:
+                # Checked before anything is marked: a key or tenant the table cannot hold (a 1 MB key, a
+                # 70 KB tenant) stalled every batch behind it, retrying a changelog write forever.
+                key_id, tenant = r.record_identity(key, headers, self.s.default_tenant)
+            except MalformedEvent as exc:
+                batch.dead.append(_dead(event, "route", exc.reason, exc.detail))
+                continue
+            if key_id is not None and seen(key, tenant, msg.partition, type_label):
+                continue
             try:
                 routed = r.route(
                     key or None,
@@ -411,6 +423,11 @@ class Router:
                 log.warning("route failed for one record", extra={"error": type(exc).__name__})
                 batch.dead.append(_dead(event, "route", type(exc).__name__, str(exc)))
             else:
+                if key_id is None:
+                    # No key (not the ingress's record): drop repeats of the id the body gives.
+                    derived = routed.event.id.encode() if routed.event else routed.key
+                    if seen(derived, tenant, msg.partition, type_label):
+                        continue
                 batch.out.append((routed.topic, routed.key, routed.value, list(headers.items())))
                 batch.routed.append(event)
                 m.EVENTS_ROUTED.labels(

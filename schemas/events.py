@@ -343,6 +343,11 @@ def _required_id(value: object, where: str, reason: str) -> str:
     return found
 
 
+def required_id(value: object, where: str, reason: str) -> str:
+    """An id: a string (or integer) of at most MAX_ID_LENGTH characters, no NUL; else MalformedEvent."""
+    return _required_id(value, where, reason)
+
+
 def _status(value: object, where: str) -> str | None:
     return _string(value, where, "bad_status", "status")
 

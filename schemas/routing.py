@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from sentpipe.schemas.events import CanonicalEvent, EventIdSource, EventType, MalformedEvent, frame, normalize
+from sentpipe.schemas.events import (
+    CanonicalEvent,
+    EventIdSource,
+    EventType,
+    MalformedEvent,
+    frame,
+    normalize,
+    required_id,
+)
 from sentpipe.schemas.topics import Topics
 
 # Headers on a raw record; its value is the body exactly as received.
@@ -124,6 +132,26 @@ class Routed:
     event: CanonicalEvent | None  # None for unrouted records, which keep the raw body
 
 
+def record_identity(
+    key: bytes | None, headers: Mapping[str, bytes], default_tenant: str
+) -> tuple[str | None, str]:
+    """The event id a raw record's key names (None without a key) and its tenant, as `route` reads them;
+    MalformedEvent (bad_event_id, bad_tenant, nul_character) for bytes that are not UTF-8, or an id or a
+    tenant that is no id. The router checks them before it marks anything seen: the dedup table holds them.
+    (With `errors="replace"` two keys that differ in their undecodable bytes named one event.)"""
+    try:
+        event_id = key.decode() if key else None
+    except UnicodeDecodeError:
+        raise MalformedEvent("bad_event_id", "the record key is not UTF-8") from None
+    try:
+        tenant = headers.get(H_TENANT, b"").decode() or default_tenant
+    except UnicodeDecodeError:
+        raise MalformedEvent("bad_tenant", "the tenant header is not UTF-8") from None
+    if event_id is not None:
+        event_id = required_id(event_id, "the record key", "bad_event_id")
+    return event_id, required_id(tenant, "tenant", "bad_tenant")
+
+
 def route(
     key: bytes | None,
     value: bytes,
@@ -135,13 +163,13 @@ def route(
     record_timestamp_ms: int,
 ) -> Routed:
     """Where a raw record goes and what it becomes; raises MalformedEvent for the DLQ."""
+    key_id, tenant = record_identity(key, headers, default_tenant)
     webhook_id = headers.get(H_WEBHOOK_ID, b"").decode(errors="replace") or None
     framed = frame(value, webhook_id=webhook_id, id_source=id_source)
-    event_id = key.decode(errors="replace") if key else framed.event_id
+    event_id = key_id or framed.event_id
     if event_id != framed.event_id:
         # The ingress keyed it; keep that id so dedup, rows and replay all agree.
         framed = framed._replace(event_id=event_id)
-    tenant = headers.get(H_TENANT, b"").decode(errors="replace") or default_tenant
     received_raw = headers.get(H_RECEIVED_AT)
     try:
         received_at_ms = int(received_raw) if received_raw else record_timestamp_ms

@@ -151,7 +151,10 @@ def topic_specs(
     # Written after the DLQ record it names, kept as long: an entry outlives its record.
     specs.append(
         TopicSpec(
-            topics.dlq_redriven, 1, replication_factor, {"retention.ms": str(dlq_retention_ms), **min_isr}
+            topics.dlq_redriven,
+            1,
+            replication_factor,
+            {"retention.ms": str(dlq_retention_ms), **min_isr, **size(topics.dlq_redriven)},
         )
     )
     return specs

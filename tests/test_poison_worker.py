@@ -8,8 +8,10 @@ worker's own safety net (per-record isolation, SQLSTATE classification) is exerc
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import orjson
@@ -147,6 +149,7 @@ def test_poison_corpus_is_dead_lettered_and_every_ordinary_event_lands(
     db = settings.database_url.get_secret_value()
     secret = settings.webhook_secret.get_secret_value()
     ordinary = [s.body for s in SampleFactory(11).mix(120, "mixed")]
+    keyless = SampleFactory(12).message_status("m-keyless", "delivered").body
     hostile = list(HOSTILE_AT_INGRESS.items())
     mixed: list[bytes] = list(ordinary)
     for i, (_, body) in enumerate(hostile):  # poison spread between ordinary events
@@ -156,10 +159,23 @@ def test_poison_corpus_is_dead_lettered_and_every_ordinary_event_lands(
     worker = start_worker(settings, tmp_path)
     try:
         # Records the ingress would refuse today, written as an older ingress or a buggy router could have.
-        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "message.max.bytes": 2_000_000})
         for body in (HOSTILE_AT_INGRESS["timestamp 1e20"], HOSTILE_AT_INGRESS["message id 6 kB"]):
             key, value, headers = raw_record(body)
             producer.produce(topics.raw, value, key, headers=headers)
+        # Keys and tenants the dedup table cannot hold: a 1 MB key that does not compress stalled every
+        # partition (its changelog write retried forever), a 70 kB tenant crash-looped the route agent.
+        for key, tenant in (
+            (base64.b64encode(os.urandom(800_000)), b"default"),
+            (b"evt-\xff", b"default"),
+            (b"evt-big-tenant", b"T" * 70_000),
+        ):
+            _, value, headers = raw_record(ordinary[0])
+            headers = [(k, tenant if k == r.H_TENANT else v) for k, v in headers]
+            producer.produce(topics.raw, value, key, headers=headers)
+        for _ in range(3):  # no key: deduplicated on the id its body gives (it went through three times)
+            _, value, headers = raw_record(keyless)
+            producer.produce(topics.raw, value, None, headers=headers)
         for eid, mid, data in (
             ("db-54000", INCOMPRESSIBLE_ID, {}),  # index row too large: 54000, permanent
             ("db-22P05", "m-nul", {"text": "a\u0000b"}),  # NUL in jsonb: 22P05, permanent
@@ -172,9 +188,12 @@ def test_poison_corpus_is_dead_lettered_and_every_ordinary_event_lands(
         assert statuses.count(200) == len(mixed), statuses
 
         wait_until(
-            lambda: row_count(db) >= len(set(ordinary)), 120, "ordinary events projected", worker.proc.tail
+            lambda: row_count(db) >= len(set(ordinary)) + 1,
+            120,
+            "ordinary events projected",
+            worker.proc.tail,
         )
-        dlq_expected = len(hostile) + 4
+        dlq_expected = len(hostile) + 7
 
         def dlq() -> list[tuple[bytes, bytes]]:
             recs = read_topic(settings.kafka_bootstrap, topics.dlq, idle=0.5)
@@ -185,7 +204,9 @@ def test_poison_corpus_is_dead_lettered_and_every_ordinary_event_lands(
         records = read_topic(settings.kafka_bootstrap, topics.dlq, idle=0.5)
         stages = sorted(stage.decode() for stage, _ in letters)
         assert stages.count("ingress") == len(hostile)
-        assert stages.count("route") == 2
+        assert stages.count("route") == 5
+        route_classes = sorted(c.decode() for stage, c in letters if stage == b"route")
+        assert route_classes.count("bad_tenant") == 1 and route_classes.count("bad_event_id") >= 2, letters
         assert stages.count("project") == 2
         by_id = {
             CanonicalEvent.from_json(rec.value).id: rec.headers[r.H_DLQ_ERROR_CLASS]
@@ -195,7 +216,10 @@ def test_poison_corpus_is_dead_lettered_and_every_ordinary_event_lands(
         assert by_id == {"db-54000": b"sqlstate_54000", "db-22P05": b"sqlstate_22P05"}
         assert all(error_class for _, error_class in letters)
 
-        assert_matches_oracle(db, ordinary)
+        assert_matches_oracle(db, [*ordinary, keyless])
+        keyless_id = hashlib.sha256(keyless).hexdigest()
+        routed = read_topic(settings.kafka_bootstrap, topics.message_status, idle=0.5)
+        assert len([rec for rec in routed if orjson.loads(rec.value)["id"] == keyless_id]) == 1
         wait_until(
             lambda: committed_at_end(settings, settings.app_id, [topics.raw]),
             60,
