@@ -22,7 +22,7 @@ from sentpipe.processors.retry import backoff, is_temporary, retrying
 from sentpipe.processors.sink import HandlerFailure
 from sentpipe.processors.watchdog import Watchdog
 from sentpipe.schemas import routing as r
-from sentpipe.schemas.events import CanonicalEvent, EventType
+from sentpipe.schemas.events import CanonicalEvent, EventType, check_payload
 from sentpipe.schemas.topics import Topics
 
 log = logging.getLogger("sentpipe.projector")
@@ -127,6 +127,11 @@ class Projector:
                 continue
             try:
                 event = CanonicalEvent.from_json(rec.value)
+                if event.type is not type_:
+                    # Written by someone else: the topic says where it is, not what it is.
+                    raise ValueError(f"a {event.type.value} event on {rec.topic}")
+                # Held to the checks `frame` applies: {"a": 1} as inbound text was stored as "{'a': 1}".
+                check_payload(event.type, event.data)
             except Exception as exc:  # any decoding failure is this record's, never its batch's
                 dead.append(_dead(rec, "project", "bad_canonical_event", f"{type(exc).__name__}: {exc}"))
                 continue

@@ -610,6 +610,16 @@ def _read(
     return Read(data, occurred, found.get(_SUBJECT), status)
 
 
+def check_payload(type_: EventType, data: object) -> None:
+    """The payload checks `frame` applies (PAYLOAD_FIELDS), for an event read back from a routed topic that
+    anyone may have written: MalformedEvent for a wrongly typed, overlong or NUL-holding field."""
+    if not isinstance(data, dict):
+        raise MalformedEvent("bad_field", f"data must be an object, not {_kind(data)}")
+    fields = _BY_TYPE.get(type_)
+    if fields is not None:
+        _check_fields(data, fields)
+
+
 def frame(body: bytes, *, webhook_id: str | None, id_source: EventIdSource = "auto") -> Framed:
     """Parse and check a raw body (the module doc's limits), key and type it; raises MalformedEvent."""
     doc = _load_object(body)

@@ -182,6 +182,14 @@ def test_poison_corpus_is_dead_lettered_and_every_ordinary_event_lands(
         ):
             key, value = canonical(eid, mid, data)
             producer.produce(topics.message_status, value, key)
+        # What the topic does not hold: a template's event on the status topic (it was stored as a message
+        # with status "approved"), and inbound text that is an object (stored as the text "{'a': 1}").
+        key, value = canonical("wrong-topic", "m-wrong-topic", {})
+        value = orjson.dumps({**orjson.loads(value), "type": EventType.TEMPLATE_APPROVAL.value})
+        producer.produce(topics.message_status, value, key)
+        key, value = canonical("inbound-object", "m-inbound-object", {"from": {"a": 1}, "text": ["x"]})
+        value = orjson.dumps({**orjson.loads(value), "type": EventType.MESSAGE_INBOUND.value})
+        producer.produce(topics.message_inbound, value, key)
         assert producer.flush(10) == 0
 
         statuses = asyncio.run(post_all(f"{url}/webhooks/sent", mixed, secret))
@@ -193,7 +201,7 @@ def test_poison_corpus_is_dead_lettered_and_every_ordinary_event_lands(
             "ordinary events projected",
             worker.proc.tail,
         )
-        dlq_expected = len(hostile) + 7
+        dlq_expected = len(hostile) + 9
 
         def dlq() -> list[tuple[bytes, bytes]]:
             recs = read_topic(settings.kafka_bootstrap, topics.dlq, idle=0.5)
@@ -207,13 +215,18 @@ def test_poison_corpus_is_dead_lettered_and_every_ordinary_event_lands(
         assert stages.count("route") == 5
         route_classes = sorted(c.decode() for stage, c in letters if stage == b"route")
         assert route_classes.count("bad_tenant") == 1 and route_classes.count("bad_event_id") >= 2, letters
-        assert stages.count("project") == 2
+        assert stages.count("project") == 4
         by_id = {
             CanonicalEvent.from_json(rec.value).id: rec.headers[r.H_DLQ_ERROR_CLASS]
             for rec in records
             if rec.headers[r.H_DLQ_STAGE] == b"project"
         }
-        assert by_id == {"db-54000": b"sqlstate_54000", "db-22P05": b"sqlstate_22P05"}
+        assert by_id == {
+            "db-54000": b"sqlstate_54000",
+            "db-22P05": b"sqlstate_22P05",
+            "wrong-topic": b"bad_canonical_event",
+            "inbound-object": b"bad_canonical_event",
+        }
         assert all(error_class for _, error_class in letters)
 
         assert_matches_oracle(db, [*ordinary, keyless])
