@@ -28,10 +28,23 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+# An extra's value longer than this is cut: an id from a record could be kilobytes long.
+EXTRA_MAX_CHARS = 512
+
+
+def _one_line(value: object) -> str:
+    """An extra's value as it may appear on a text line: values come from records (an event id, a tenant),
+    and a newline in one forged a log line of its own."""
+    text = str(value)
+    if len(text) > EXTRA_MAX_CHARS:
+        text = text[:EXTRA_MAX_CHARS] + "..."
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
-        extra = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD)
+        extra = " ".join(f"{k}={_one_line(v)}" for k, v in vars(record).items() if k not in _STANDARD)
         return f"{base} {extra}" if extra else base
 
 

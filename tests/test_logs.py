@@ -139,3 +139,19 @@ def test_worker_starts_with_python_level_names(settings: Settings, tmp_path: Pat
     log = (tmp_path / "worker.log").read_text(errors="replace")
     assert "is not one of" not in log
     assert "[INFO]" not in log and "ƒaµS†" not in log, log[-3000:]
+
+
+def test_a_text_line_is_one_line_whatever_a_record_put_in_its_extras() -> None:
+    """An event id from a routed record, `x\\n2026-12-02 09:00:00,000 ERROR ...`, forged a line of its own."""
+    from sentpipe.logs import EXTRA_MAX_CHARS, TextFormatter
+
+    forged = "evt-1\n2026-12-02 09:00:00,000 ERROR sentpipe.worker INJECTED\x00"
+    record = logging.LogRecord("sentpipe.worker", logging.WARNING, __file__, 1, "record failed", None, None)
+    record.event_id = forged
+    record.tenant = "t" * 10_000
+    line = TextFormatter("%(levelname)s %(name)s %(message)s").format(record)
+    assert "\n" not in line and "\x00" not in line, line
+    assert "event_id=evt-1\\n2026-12-02" in line
+    assert len(line) < EXTRA_MAX_CHARS + 300
+    record.tenant = "ok-tenant"
+    assert "tenant=ok-tenant" in TextFormatter("%(message)s").format(record)
