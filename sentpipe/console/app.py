@@ -36,12 +36,12 @@ from sentpipe.console.auth import (
 from sentpipe.console.jobs import Busy, Job, Jobs, Kind, fingerprint
 from sentpipe.console.overview import Sampler
 from sentpipe.console.tail import Tail
-from sentpipe.kafka import BrokerUnavailable, admin_client, existing_partitions
+from sentpipe.kafka import BrokerUnavailable
 from sentpipe.processors import dlq as dlq_ops
 from sentpipe.processors import history
 from sentpipe.processors import inspect as trace
 from sentpipe.processors import replay as replay_ops
-from sentpipe.processors.offsets import OpsError, make_window, parse_when
+from sentpipe.processors.offsets import Log, OpsError, make_window, parse_when
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import MAX_ID_LENGTH, ROUTED_TYPES, EventType, parse_time
 from sentpipe.schemas.samples import SampleFactory
@@ -589,14 +589,9 @@ REPLAY_FIELDS = ("since", "until", "from_offsets", "to_offsets", "types", "tenan
 
 
 def check_raw_partitions(settings: Settings, partitions: Collection[int]) -> None:
-    """The partitions named exist in the raw topic (one metadata round trip)."""
-    topic = Topics(settings.topic_prefix).raw
-    have = existing_partitions(admin_client(settings), settings.kafka_bootstrap).get(topic)
-    if have is None:
-        raise OpsError(f"topic {topic} does not exist on {settings.kafka_bootstrap}")
-    for p in sorted(partitions):
-        if p >= have:
-            raise OpsError(f"{topic} has partitions 0..{have - 1}; there is no partition {p}")
+    """The partitions named exist in the raw topic (the check `sentpipe replay` makes)."""
+    with Log(settings) as kafka:
+        kafka.check_partitions(Topics(settings.topic_prefix).raw, partitions)
 
 
 async def replay(request: web.Request) -> web.StreamResponse:
