@@ -383,7 +383,8 @@ class WebhookHandler:
 
         received_ms = int(now * 1000)
         try:
-            framed = frame(body, webhook_id=verified.webhook_id, id_source=self.id_source)
+            # exact=False: the body's bytes go to the topic as they came; the router reads numbers exactly.
+            framed = frame(body, webhook_id=verified.webhook_id, id_source=self.id_source, exact=False)
         except MalformedEvent as exc:
             # Signed but unusable: a permanent failure. Keep it in the DLQ and answer 2xx so Sent stops.
             ctx = self._ctx(request_id, label, tenant)

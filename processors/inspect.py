@@ -20,6 +20,7 @@ from psycopg.rows import dict_row
 from sentpipe.processors.dedup import decode_seen, partition_of, table_key
 from sentpipe.processors.dlq import DlqEntry, redriven
 from sentpipe.processors.offsets import Log, Range, Window, timestamp_ms
+from sentpipe.schemas import exact_json
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import MalformedEvent
 from sentpipe.schemas.topics import Topics
@@ -109,7 +110,7 @@ def _canonical_id_is(event_id: str) -> Match:
         if needle not in value:  # a substring test is cheap; most records are rejected by it
             return False
         try:
-            doc = orjson.loads(value)
+            doc = exact_json.loads(value, exact=False)  # a routed record may hold 1E+400 (exact_json)
         except orjson.JSONDecodeError:
             return False
         return isinstance(doc, dict) and doc.get("id") == event_id

@@ -10,13 +10,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb as _Jsonb
 
+from sentpipe.schemas import exact_json
 from sentpipe.schemas.events import STATUS_RANK, CanonicalEvent, EventType
 
 Row = tuple[Any, ...]
+# The payload as received: numbers a double cannot hold are Decimals (exact_json), written digit for digit.
+Jsonb = partial(_Jsonb, dumps=exact_json.dumps)
 
 
 @dataclass(frozen=True, slots=True)

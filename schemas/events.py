@@ -32,10 +32,13 @@ import hashlib
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from enum import StrEnum
 from typing import Any, Literal, NamedTuple
 
 import orjson
+
+from sentpipe.schemas import exact_json
 
 EventIdSource = Literal["auto", "body", "header", "content"]
 
@@ -143,7 +146,7 @@ class CanonicalEvent:
     data: dict[str, Any]
 
     def to_json(self) -> bytes:
-        return orjson.dumps(
+        return exact_json.dumps(
             {
                 "id": self.id,
                 "type": self.type.value,
@@ -227,7 +230,7 @@ def _kind(value: object) -> str:
         return "a boolean"
     if isinstance(value, int):
         return "an integer"
-    if isinstance(value, float):
+    if isinstance(value, float | Decimal):
         return "a number"
     if isinstance(value, str):
         return "a string"
@@ -239,9 +242,9 @@ def _kind(value: object) -> str:
 
 
 # --- the whole document -------------------------------------------------------------------------------
-def _load_object(body: bytes, *, nul: bool = True) -> dict[str, Any]:
+def _load_object(body: bytes, *, nul: bool = True, exact: bool = True) -> dict[str, Any]:
     try:
-        doc = orjson.loads(body)
+        doc = exact_json.loads(body, exact=exact)
     except orjson.JSONDecodeError as exc:
         if "depth" in str(exc) or "recursion" in str(exc):
             raise MalformedEvent("too_deep", f"body nests deeper than {MAX_DEPTH} levels") from None
@@ -375,6 +378,8 @@ def parse_timestamp(value: object, where: str = "timestamp") -> datetime | None:
         return None
     if type(value) is str:  # the usual case first: Sent sends ISO-8601 strings
         return _iso_timestamp(value, where)
+    if isinstance(value, Decimal):  # digits a double cannot hold: beyond a microsecond, or out of range
+        value = float(value)
     if isinstance(value, int | float) and not isinstance(value, bool):
         # Compared before any arithmetic: an int beyond a float's range must not reach the division.
         if not (isinstance(value, int) or math.isfinite(value)) or not 0 <= value <= MAX_EPOCH_MS:
@@ -620,9 +625,16 @@ def check_payload(type_: EventType, data: object) -> None:
         _check_fields(data, fields)
 
 
-def frame(body: bytes, *, webhook_id: str | None, id_source: EventIdSource = "auto") -> Framed:
-    """Parse and check a raw body (the module doc's limits), key and type it; raises MalformedEvent."""
-    doc = _load_object(body)
+def frame(
+    body: bytes, *, webhook_id: str | None, id_source: EventIdSource = "auto", exact: bool = True
+) -> Framed:
+    """Parse and check a raw body (the module doc's limits), key and type it; raises MalformedEvent.
+
+    `exact=False` (the ingress, which keeps the body's bytes) may round a number a double cannot hold in
+    `doc`; every check and the event id come out the same either way.
+    """
+    # The "content" id hashes the document as parsed: the ingress and the router must parse it alike.
+    doc = _load_object(body, exact=exact or id_source == "content")
     type_, sub_type, shape = _classify(doc)
     event_id = _event_id(doc, body, webhook_id, id_source)
     return Framed(event_id, type_, sub_type, shape, doc, _read(doc, type_, sub_type, shape))
@@ -645,7 +657,7 @@ def _event_id(doc: dict[str, Any], body: bytes, webhook_id: str | None, source: 
             raise MalformedEvent("missing_event_id", "event id source is 'header' but x-webhook-id is empty")
         return header_id
     # "content": stable across a re-serialization of the same event (key order, whitespace).
-    return _sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS))
+    return _sha256(exact_json.dumps(doc, option=orjson.OPT_SORT_KEYS))
 
 
 def normalize(framed: Framed, *, tenant: str, received_at_ms: int) -> CanonicalEvent:

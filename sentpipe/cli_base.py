@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
 from typing import Annotated, NoReturn, TypeVar
 
-import orjson
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.highlighter import JSONHighlighter
 from rich.text import Text
 
+from sentpipe.schemas import exact_json
 from sentpipe.settings import Settings
 
 out = Console()
@@ -123,9 +122,8 @@ def print_untrusted_body(console: Console, body: bytes) -> None:
     with `terminal_safe`), an empty one not at all."""
     if not body:
         return
-    try:
-        pretty = json.dumps(orjson.loads(body), indent=2, ensure_ascii=False)
-    except orjson.JSONDecodeError:
+    pretty = exact_json.pretty(body)
+    if pretty is None:
         console.print(terminal_safe(body, multiline=True), soft_wrap=True)
         return
     console.print(JSONHighlighter()(terminal_safe(pretty, multiline=True)), soft_wrap=True)

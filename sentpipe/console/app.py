@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import html
-import json
 import logging
 import random
 import re
@@ -42,6 +41,7 @@ from sentpipe.processors import history
 from sentpipe.processors import inspect as trace
 from sentpipe.processors import replay as replay_ops
 from sentpipe.processors.offsets import Log, OpsError, make_window, parse_when
+from sentpipe.schemas import exact_json
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import MAX_ID_LENGTH, ROUTED_TYPES, EventType, parse_time
 from sentpipe.schemas.samples import SampleFactory
@@ -123,11 +123,7 @@ def text_of(data: bytes | None) -> str | None:
 
 def body_json(value: bytes) -> dict[str, Any]:
     """A record's value as the page shows it: the text, and the JSON pretty-printed when it is JSON."""
-    try:
-        pretty: str | None = json.dumps(orjson.loads(value), indent=2, ensure_ascii=False)
-    except orjson.JSONDecodeError:
-        pretty = None
-    return {"text": value.decode(errors="replace"), "pretty": pretty, "bytes": len(value)}
+    return {"text": value.decode(errors="replace"), "pretty": exact_json.pretty(value), "bytes": len(value)}
 
 
 def found_json(f: trace.Found) -> dict[str, Any]:
