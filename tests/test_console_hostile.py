@@ -244,14 +244,15 @@ async def test_not_found_wrong_method_and_too_large_are_json_on_the_api(
 ) -> None:
     client, base, headers = http
     status, body = await answer(client, "GET", f"{base}/api/no-such-thing")
-    assert status == 404 and body == {"error": "no such endpoint"}
+    assert status == 404 and body == {"error": "no such endpoint", "code": "not_found"}
     async with client.get(f"{base}/api/replay") as resp:
         assert resp.status == 405 and resp.content_type == "application/json"
         assert "POST" in resp.headers["Allow"] and "GET is not allowed" in (await resp.json())["error"]
+        assert (await resp.json())["code"] == "method_not_allowed"
     status, body = await answer(
         client, "POST", f"{base}/api/replay", json={"tenants": ["x" * (70 * 1024)]}, headers=headers
     )
-    assert status == 413 and body == {"error": "the body is larger than 64 KiB"}
+    assert status == 413 and body == {"error": "the body is larger than 64 KiB", "code": "body_too_large"}
 
 
 # --- 6. the API agrees with the CLI ------------------------------------------------------------------------
@@ -263,6 +264,7 @@ async def test_unknown_parameters_are_refused_and_replay_partitions_checked_befo
     # `dlq list` takes no ids: refused rather than silently listing everything.
     status, body = await answer(client, "GET", f"{base}/api/dlq?ids=0:1")
     assert status == 400 and body["error"].startswith("unknown parameter 'ids'"), body
+    assert body["code"] == "bad_request"
     for _ in range(20):  # a topic this new may still be electing its leader (503)
         status, body = await answer(client, "GET", f"{base}/api/dlq?stage=route&limit=5")
         if status != 503:

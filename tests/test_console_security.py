@@ -72,7 +72,7 @@ def test_a_console_beyond_loopback_needs_a_token(settings: Settings) -> None:
 async def test_sign_in_sets_an_httponly_samesite_cookie_and_refuses_a_wrong_token(console: str) -> None:
     async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as http:
         async with http.get(f"{console}/api/session") as resp:
-            assert resp.status == 401
+            assert resp.status == 401 and (await resp.json())["code"] == "sign_in_required"
         async with http.get(f"{console}/", allow_redirects=False) as resp:
             assert resp.status == 303 and resp.headers["Location"] == "/login"
         async with http.get(f"{console}/login") as resp:
@@ -127,7 +127,7 @@ async def test_every_post_needs_the_csrf_token_and_a_real_run_needs_a_dry_run(co
         body = {"dry_run": False}
         async with http.post(f"{console}/api/replay", json=body) as resp:
             assert resp.status == 403
-            assert "CSRF" in (await resp.json())["error"]
+            assert "CSRF" in (await resp.json())["error"] and (await resp.json())["code"] == "bad_csrf_token"
         async with http.post(f"{console}/api/replay", json=body, headers={"X-CSRF-Token": "x" * 43}) as resp:
             assert resp.status == 403
         async with http.post(
@@ -142,12 +142,14 @@ async def test_every_post_needs_the_csrf_token_and_a_real_run_needs_a_dry_run(co
         headers = {"X-CSRF-Token": csrf}
         async with http.post(f"{console}/api/replay", json=body, headers=headers) as resp:
             assert resp.status == 409 and "dry run" in (await resp.json())["error"]
+            assert (await resp.json())["code"] == "dry_run_first"
         async with http.post(f"{console}/api/dlq/redrive", json=body, headers=headers) as resp:
             assert resp.status == 409
         async with http.post(
             f"{console}/api/replay", json={"since": "yesterday", "dry_run": True}, headers=headers
         ) as resp:
             assert resp.status == 400 and "ISO-8601" in (await resp.json())["error"]
+            assert (await resp.json())["code"] == "bad_request"
 
 
 async def test_without_a_token_only_loopback_host_names_are_answered(settings: Settings) -> None:

@@ -76,9 +76,10 @@ MAX_PAGE = 100_000
 class Refused(Exception):
     """A client's mistake, answered with `status` and the message as JSON."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
 
 
 # --- helpers --------------------------------------------------------------------------------------------
@@ -108,8 +109,24 @@ def send_json(data: Any, status: int = 200) -> web.Response:
     return web.Response(body=dumps(data), status=status, content_type="application/json")
 
 
-def problem(status: int, message: str) -> web.Response:
-    return send_json({"error": message}, status)
+# Each error answer's `code`, for scripts: by status, unless the answer names a finer one.
+ERROR_CODES = {
+    400: "bad_request",
+    401: "sign_in_required",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    502: "ingress_unreachable",
+    503: "unavailable",
+}
+
+
+def problem(status: int, message: str, code: str | None = None) -> web.Response:
+    """An error answer: `error`, one line for a person; `code`, the fixed word a script tests."""
+    return send_json({"error": message, "code": code or ERROR_CODES.get(status, "error")}, status)
 
 
 def one_line(exc: BaseException) -> str:
@@ -278,13 +295,14 @@ async def sign_in(request: web.Request, handler: Handler) -> web.StreamResponse:
     sessions = request.app[SESSIONS]
     if sessions.token is None and not host_is_loopback(request):
         # Without a token the console only answers names of this machine (no DNS rebinding).
-        return problem(403, "this console has no token and answers only on localhost / 127.0.0.1 / [::1]")
+        message = "this console has no token and answers only on localhost / 127.0.0.1 / [::1]"
+        return problem(403, message, "localhost_only")
     # No session is made here: a probe, a static file or the sign-in form needs none, and a session made
     # for every cookie-less request would let anyone fill the table.
     session = request[SESSION] = sessions.get(request)
     public = any(request.path == p or (p.endswith("/") and request.path.startswith(p)) for p in PUBLIC)
     if request.method == "POST" and request.path != "/login" and not csrf_ok(request, session):
-        return problem(403, "missing or wrong CSRF token: reload the page")
+        return problem(403, "missing or wrong CSRF token: reload the page", "bad_csrf_token")
     if sessions.token is not None and not public and (session is None or not session.signed_in):
         if request.path.startswith("/api/"):
             return problem(401, "sign in first")
@@ -339,7 +357,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         return problem(400, "the form is not text in its charset")
     csrf, token = form.get("csrf"), form.get("token")
     if not isinstance(csrf, str) or not sessions.login_csrf_ok(request, csrf):
-        return problem(403, "missing or wrong CSRF token: reload the sign-in page")
+        return problem(403, "missing or wrong CSRF token: reload the sign-in page", "bad_csrf_token")
     if not isinstance(token, str) or not sessions.token_matches(token):
         await asyncio.sleep(0.5)  # slows guessing down
         return web.Response(
@@ -546,7 +564,8 @@ def _start(
     session: Session = request[SESSION]
     fp = fingerprint(kind, params)
     if not dry_run and session.confirmed.get(kind) != fp:
-        return problem(409, f"run a dry run of exactly these settings first, then the {kind}")
+        message = f"run a dry run of exactly these settings first, then the {kind}"
+        return problem(409, message, "dry_run_first")
 
     def on_done(job: Job) -> None:
         if job.dry_run:
@@ -557,7 +576,7 @@ def _start(
     try:
         job = request.app[JOBS].start(Job(kind, dry_run, fp, session.id), work, on_done, describe_error)
     except Busy as exc:
-        return send_json({"error": str(exc), "job": exc.job.json()}, 409)
+        return send_json({"error": str(exc), "code": "job_running", "job": exc.job.json()}, 409)
     return send_json(job.json(), 202)
 
 
@@ -640,7 +659,8 @@ async def trigger(request: web.Request) -> web.StreamResponse:
     """`sentpipe trigger` from the page: one signed event, one attempt; only with the development secret."""
     s = request.app[SETTINGS]
     if not s.uses_development_secret:
-        return problem(403, "test events can be sent only while the built-in development secret is in use")
+        message = "test events can be sent only while the built-in development secret is in use"
+        return problem(403, message, "not_dev_secret")
     data = await read_json(request)
     known(data, ("type", "status", "shape"), "field")
     try:
@@ -692,7 +712,7 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     try:
         return await handler(request)
     except Refused as exc:
-        return problem(exc.status, str(exc))
+        return problem(exc.status, str(exc), exc.code)
     except OpsError as exc:
         return problem(400, str(exc))
     except ValueError as exc:
@@ -700,9 +720,9 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
             return problem(400, one_line(exc))
         raise
     except BrokerUnavailable as exc:
-        return problem(503, str(exc))
+        return problem(503, str(exc), "broker_unavailable")
     except psycopg.Error as exc:
-        return problem(503, f"database unavailable: {one_line(exc)}")
+        return problem(503, f"database unavailable: {one_line(exc)}", "database_unavailable")
 
 
 # --- the app --------------------------------------------------------------------------------------------
