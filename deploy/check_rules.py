@@ -1,6 +1,7 @@
 """Conventions of deploy/prometheus/rules.yml that promtool does not check (run by deploy/check.sh):
 a severity and a runbook_url naming a real section of deploy/README.md on every alert, `namespace` and
-`job` kept by every aggregation, rate windows of at least four 30 s scrapes, a promtool test per alert."""
+`job` kept by every aggregation, rate windows of at least four 30 s scrapes, a promtool test per alert
+where it fires and one where it stays silent."""
 
 from __future__ import annotations
 
@@ -65,6 +66,19 @@ def test_every_alert_has_a_promtool_test() -> None:
         for t in case["alert_rule_test"]
     }
     assert {str(r["alert"]) for r in alert_rules()} <= tested
+
+
+def test_every_alert_is_tested_firing_and_silent() -> None:
+    """An alert tested only where it fires may fire on anything (a probe, a blip, a healthy pipeline); one
+    tested only where it is silent may never fire. Each needs an expected alert and an expected silence."""
+    fires: set[str] = set()
+    silent: set[str] = set()
+    for case in yaml.safe_load(RULES_TEST.read_text())["tests"]:
+        for t in case["alert_rule_test"]:
+            (fires if t.get("exp_alerts") else silent).add(t["alertname"])
+    alerts = {str(r["alert"]) for r in alert_rules()}
+    assert alerts <= fires, f"alerts never tested firing: {sorted(alerts - fires)}"
+    assert alerts <= silent, f"alerts never tested staying silent: {sorted(alerts - silent)}"
 
 
 if __name__ == "__main__":

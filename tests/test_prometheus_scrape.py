@@ -10,13 +10,15 @@ import re
 import shutil
 import subprocess
 import time
+import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from sentpipe.schemas.events import frame
+from sentpipe.schemas.events import EventType, frame
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.signature import signature_headers
 from sentpipe.settings import Settings
@@ -46,6 +48,73 @@ def referenced_metrics() -> set[str]:
 def _get(url: str) -> dict:  # type: ignore[type-arg]
     with urllib.request.urlopen(url, timeout=5) as resp:
         return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
+# Grafana's variables as the test's Prometheus sees them (no cluster or namespace label: `.*` matches empty).
+VARIABLES = {
+    "$cluster": ".*",
+    "$namespace": ".*",
+    "$ingress_job": "sentpipe-ingress",
+    "$worker_job": "sentpipe-worker",
+    "$tenant": ".*",
+    "$type": ".*",
+}
+SELECTOR = re.compile(r"\b(sentpipe_[a-z0-9_]+|up)\b(\{[^{}]*\})?")
+BY = re.compile(r"\bby\s*\(([^)]*)\)")
+# Labels that Prometheus or the deployment adds, not the code.
+TARGET_LABELS = {
+    "namespace",
+    "job",
+    "instance",
+    "cluster",
+    "service",
+    "worker",
+    "le",
+    "alertname",
+    "severity",
+}
+
+
+def queries() -> list[tuple[str, str, str | None]]:
+    """(where, expression, legend) of every alert rule and dashboard query, Grafana's variables filled."""
+    out: list[tuple[str, str, str | None]] = []
+    text = RULES.read_text()
+    for m in re.finditer(r"- alert: (\w+)\n\s+expr: (\|\n(?:\s{10,}.*\n)+|.*\n)", text):
+        out.append((m.group(1), m.group(2).lstrip("|"), None))
+    dash = json.loads(DASHBOARD.read_text())
+    for panel in dash["panels"]:
+        for t in panel.get("targets", []):
+            out.append((f"panel {panel['title']!r}", t["expr"], t.get("legendFormat")))
+    for var in dash["templating"]["list"]:
+        if var.get("type") == "query":
+            out.append((f"variable {var['name']}", var["query"]["query"], None))
+    filled = []
+    for where, expr, legend in out:
+        for var, value in VARIABLES.items():
+            expr = expr.replace(var, value)
+        filled.append((where, expr, legend))
+    return filled
+
+
+def selector_problems(api: str) -> list[str]:
+    """Every selector (name and label matchers, `outcome="accepted"` say) of every rule and dashboard query
+    matches series the running processes export, and every `by` label and legend label is one of theirs."""
+    problems: list[str] = []
+    for where, expr, legend in queries():
+        labels: set[str] = set()
+        for name, matchers in set(SELECTOR.findall(expr)):
+            selector = name + (matchers or "")
+            found = _get(f"{api}/series?" + urllib.parse.urlencode({"match[]": selector}))["data"]
+            if not found:
+                problems.append(f"{where}: {selector} matches no series")
+            labels |= {label for series in found for label in series}
+        grouped = {x.strip() for by in BY.findall(expr) for x in by.split(",") if x.strip()}
+        for label in sorted((grouped - TARGET_LABELS) - labels):
+            problems.append(f"{where}: by ({label}) is a label none of its series has")
+        shown = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend or ""))
+        if grouped and shown - grouped:
+            problems.append(f"{where}: legend {legend!r} shows {sorted(shown - grouped)}, not kept by `by`")
+    return problems
 
 
 def test_prometheus_sees_every_metric_the_dashboard_and_rules_use(
@@ -158,6 +227,41 @@ scrape_configs:
         groups = _get(f"{api}/rules")["data"]["groups"]
         assert sum(len(g["rules"]) for g in groups) > 0
         assert all(rule["health"] != "err" for g in groups for rule in g["rules"])
+
+        # The names are there; so must be the label values the rules and panels select and group by.
+        problems = selector_problems(api)
+        assert not problems, "\n".join(problems)
+
+        # Label values stay bounded whatever a request says: a tenant in the path that has no secret is
+        # counted as "unknown", an event type nobody knows as a known label, never as the text sent.
+        stranger = "t" + uuid.uuid4().hex
+        odd_type = "x_" + uuid.uuid4().hex
+        doc = {"field": odd_type, "timestamp": "2026-01-01T00:00:00Z", "payload": {"id": stranger}}
+        body = json.dumps(doc).encode()
+        for path, key in ((f"/webhooks/sent/{stranger}", "whsec_" + "QUJD" * 8), ("/webhooks/sent", secret)):
+            headers = {
+                **signature_headers(key, stranger, int(time.time()), body),
+                "content-type": "application/json",
+            }
+            with contextlib.suppress(urllib.error.HTTPError):
+                urllib.request.urlopen(urllib.request.Request(f"{url}{path}", data=body, headers=headers))
+
+        def count(selector: str) -> float:
+            res = _get(f"{api}/query?" + urllib.parse.urlencode({"query": f"sum({selector})"}))
+            return sum(float(x["value"][1]) for x in res["data"]["result"])
+
+        probe = 'sentpipe_ingress_requests_total{tenant="unknown", outcome="signature_unknown_tenant"}'
+        wait_until(lambda: count(probe) >= 1, 30, "the unknown tenant's request counted as tenant unknown")
+        unrouted = 'sentpipe_events_routed_total{type="unrouted"}'
+        wait_until(lambda: count(unrouted) >= 1, 60, "the unknown type routed as unrouted", worker.proc.tail)
+        tenants = {*settings.tenant_secrets(), "unknown"}
+        types = {t.value for t in EventType} | {"unknown"}
+        every = _get(f"{api}/series?" + urllib.parse.urlencode({"match[]": '{__name__=~"sentpipe_.*"}'}))
+        for series in every["data"]:
+            values = set(series.values()) - {series["__name__"]}
+            assert not any(stranger in v or odd_type in v or secret in v for v in values), series
+            assert series.get("tenant", "unknown") in tenants, series
+            assert series.get("type", "unknown") in types, series
     finally:
         prom.terminate()
         prom.wait(20)
