@@ -50,6 +50,16 @@ log = logging.getLogger("sentpipe.ingress")
 HUNG_CHECK_S = 1.0  # how often a process checks itself with the liveness probe's test
 
 
+async def _listen(site: web.TCPSite, settings_named: str) -> None:
+    """Bind, or StartupError naming the settings: a port in use or a host that does not resolve."""
+    try:
+        await site.start()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on {site.name} ({settings_named}): {exc.strerror or exc}"
+        ) from None
+
+
 async def serve(
     settings: Settings,
     host: str,
@@ -79,10 +89,17 @@ async def serve(
     await runner.setup()
     answer_webhooks_directly(runner)
     site = web.TCPSite(runner, host, port, backlog=2048, reuse_port=reuse_port or None)
-    await site.start()
     metrics_runner = web.AppRunner(create_metrics_app(), access_log=None)
     await metrics_runner.setup()
-    await web.TCPSite(metrics_runner, metrics_host or host, metrics_port).start()
+    metrics_site = web.TCPSite(metrics_runner, metrics_host or host, metrics_port)
+    try:
+        await _listen(site, "SENTPIPE_INGRESS_HOST, SENTPIPE_INGRESS_PORT")
+        await _listen(metrics_site, "SENTPIPE_INGRESS_METRICS_PORT")
+    except StartupError:
+        # The producer is running by now: closed in order, its probes do not die with the loop (tracebacks).
+        await metrics_runner.cleanup()
+        await runner.cleanup()
+        raise
     # The ports bound: with 0 the kernel picked them, and the log says which.
     port, metrics_port = runner.addresses[0][1], metrics_runner.addresses[0][1]
     if on_metrics_port is not None:

@@ -36,7 +36,7 @@ def settings() -> Settings:
         if not first["loc"]:  # a rule across settings; its message names them
             fail(f"invalid settings: {first['msg'].removeprefix('Value error, ')}")
         name = "SENTPIPE_" + "_".join(str(p) for p in first["loc"]).upper()
-        fail(f"invalid setting {name}: {first['msg']}")
+        fail(f"invalid setting {name}: {first['msg'].removeprefix('Value error, ')}")
 
 
 # --- option values: one rule each, shared by every command that takes the option ---------------------------

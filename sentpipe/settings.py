@@ -6,14 +6,26 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
+from pydantic import Field, FilePath, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from sentpipe.schemas.events import EventIdSource
+from sentpipe.schemas.events import MAX_ID_LENGTH, EventIdSource
 
 # A TCP port; 0 lets the system pick one. (uvloop would take 99999 as 34463 and say 99999.)
 Port = Annotated[int, Field(ge=0, le=65535)]
+
+DAY_S = 86_400
+
+
+def _seconds(default: float, le: float = DAY_S, ge: float | None = None) -> Any:
+    """A duration: finite, above zero (or `ge`), at most `le`. Without the ceiling `inf` passed `gt=0` and
+    surfaced later as an OverflowError from librdkafka's or the event loop's integer milliseconds, and 1e12 s
+    wrapped librdkafka's 32-bit value into a negative one."""
+    if ge is not None:
+        return Field(default, ge=ge, le=le, allow_inf_nan=False)
+    return Field(default, gt=0, le=le, allow_inf_nan=False)
+
 
 # Local development only: `make run` and the sender use it when no secret is configured, and the ingress
 # logs a warning whenever it is in use. It is not a secret and must never guard real traffic.
@@ -39,6 +51,26 @@ LOG_LEVEL_NAMES: dict[str, LogLevel] = {
 
 
 _HEX = frozenset("0123456789abcdefABCDEF")
+_TOPIC_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+# Kafka refuses topic names over 249 characters; the longest name made from the prefix adds this suffix.
+MAX_TOPIC_PREFIX = 249 - len("events.dlq.redriven")
+# The app id names the router's group and its changelog topic, "<app id>-dedup-changelog".
+MAX_APP_ID = 249 - len("-dedup-changelog")
+
+
+def tenant_name_problem(name: str) -> str | None:
+    """Why a tenant name cannot be served, or None. The router refuses events of a tenant it cannot key
+    (events.required_id: 1-256 characters, no NUL), so such a name would dead-letter every one of its
+    events; and a URL path segment cannot carry '/'."""
+    if not name:
+        return "is empty"
+    if len(name) > MAX_ID_LENGTH:
+        return f"is longer than {MAX_ID_LENGTH} characters"
+    if any(c < " " or c == "\x7f" for c in name):
+        return "holds a control character"
+    if "/" in name:
+        return "holds '/', which no URL path segment (/webhooks/sent/<tenant>) can carry"
+    return None
 
 
 def database_url_problem(url: str) -> str | None:
@@ -85,7 +117,7 @@ class Settings(BaseSettings):
     kafka_ssl_check_hostname: bool = True
     # How long the worker waits at start for the broker to answer (the ingress at most 5 s, then starts
     # anyway and answers 503 until Kafka does; CLI commands: --timeout). A refusing broker fails at once.
-    kafka_connect_timeout_s: float = Field(10.0, gt=0)
+    kafka_connect_timeout_s: float = _seconds(10.0, le=3600)
     database_url: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/sentpipe")
     webhook_secret: SecretStr = SecretStr(DEVELOPMENT_SECRET)
     secrets_file: Path | None = None
@@ -94,41 +126,45 @@ class Settings(BaseSettings):
     event_id_source: EventIdSource = "auto"
 
     # topics
-    raw_partitions: int = Field(12, ge=1)
-    routed_partitions: int = Field(12, ge=1)
-    replication_factor: int = Field(1, ge=1)
-    raw_retention_ms: int = 14 * 24 * 3600 * 1000
-    dlq_retention_ms: int = 30 * 24 * 3600 * 1000
+    # Ceilings are what the clients and the broker take (Kafka's partition counts and replication factor
+    # are 32-bit and 16-bit; -1 retention is "forever"), so a typo fails here in one line, not in the broker.
+    raw_partitions: int = Field(12, ge=1, le=10_000)
+    routed_partitions: int = Field(12, ge=1, le=10_000)
+    replication_factor: int = Field(1, ge=1, le=32_767)
+    raw_retention_ms: int = Field(14 * DAY_S * 1000, ge=-1, le=2**63 - 1)
+    dlq_retention_ms: int = Field(30 * DAY_S * 1000, ge=-1, le=2**63 - 1)
 
     # ingress
     ingress_host: str = "0.0.0.0"
     ingress_port: Port = 8080
     ingress_metrics_port: Port = 9100
-    signature_tolerance_s: int = Field(300, ge=1)
-    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    signature_tolerance_s: int = Field(300, ge=1, le=DAY_S)
+    # The raw topic's max.message.bytes is sized from it (a 32-bit value): 100 MiB is far past any webhook.
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=100 * 1024 * 1024)
     # The whole body must arrive within this time of the request's headers, or the answer is 408; so must the
     # headers, from their first byte (a client that trickles them holds a connection).
-    body_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = _seconds(10.0, le=3600)
     # A connection with no request for this long is closed. Keep it above the idle timeout of any load
     # balancer in front (AWS ALB 60 s, Google's 600 s): a balancer reusing a connection the ingress has
     # just closed answers 502, which Sent counts as a failure.
-    ingress_keepalive_s: float = Field(75.0, gt=0, le=86400)
+    ingress_keepalive_s: float = _seconds(75.0)
     # Requests handled at once by one ingress process; beyond it, 503 at once with Retry-After.
-    ingress_max_in_flight: int = Field(1024, ge=1)
+    ingress_max_in_flight: int = Field(1024, ge=1, le=1_000_000)
     # Processes serving the one webhook port (SO_REUSEPORT), each with its own producer; 0: one per CPU the
     # process may use (affinity and cgroup quota), see ingress/server.py. Capped: an absurd value would start
     # that many processes, each with its own producer.
     ingress_workers: int = Field(0, ge=0, le=256)
-    produce_timeout_s: float = Field(5.0, gt=0)
-    producer_max_in_flight: int = Field(20000, ge=1)
-    producer_linger_ms: int = Field(1, ge=0)
+    produce_timeout_s: float = _seconds(5.0, le=3600)
+    # librdkafka's own ranges (queue.buffering.max.messages, linger.ms).
+    producer_max_in_flight: int = Field(20000, ge=1, le=10_000_000)
+    producer_linger_ms: int = Field(1, ge=0, le=900_000)
     producer_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
     # The durable local spool: what the broker cannot take right now is fsynced here and answered 200, then
     # drained to Kafka when it is back. Off unless asked for: until drained, those events live on one disk.
     spool: bool = False
     spool_dir: Path = Path(".local/spool")
-    spool_max_bytes: int = Field(1024**3, ge=1024 * 1024)
-    spool_segment_bytes: int = Field(64 * 1024**2, ge=64 * 1024)
+    spool_max_bytes: int = Field(1024**3, ge=1024 * 1024, le=1024**5)
+    spool_segment_bytes: int = Field(64 * 1024**2, ge=64 * 1024, le=1024**3)
     log_json: bool = False
     log_level: LogLevel = "INFO"  # any standard spelling, normalized to the Python name
 
@@ -148,24 +184,25 @@ class Settings(BaseSettings):
     # from the standby instead of the whole changelog, at the cost of disk or memory (each router holds
     # about (1 + standbys) / routers of the table) and changelog reads. 0 with a single router (nowhere to
     # put it).
-    table_standby_replicas: int = Field(1, ge=0)
+    table_standby_replicas: int = Field(1, ge=0, le=100)
     data_dir: Path = Path(".local/faust")
     # Sent's retries of one delivery end within about two minutes (1+2+...+64 s); a day covers those many
     # times over, and a day-long incident on either side, while 10 events/s stays under a million ids.
-    dedup_window_s: int = Field(24 * 3600, ge=1)
-    dedup_sweep_interval_s: float = Field(60.0, gt=0)
-    batch_size: int = Field(500, ge=1)
+    dedup_window_s: int = Field(DAY_S, ge=1, le=3650 * DAY_S)
+    # Each sweep walks the whole table: more often than ten times a second is a busy loop.
+    dedup_sweep_interval_s: float = _seconds(60.0, ge=0.1)
+    batch_size: int = Field(500, ge=1, le=100_000)
     # The router waits at most this long to fill a batch: at light load it is added to every event's
     # latency; under a backlog batches fill before it (measured in bench/, README "Performance").
-    batch_within_s: float = Field(0.02, gt=0)
-    retry_initial_s: float = Field(0.2, gt=0)
-    retry_max_s: float = Field(30.0, gt=0)
+    batch_within_s: float = _seconds(0.02, le=60)
+    retry_initial_s: float = _seconds(0.2, le=3600)
+    retry_max_s: float = _seconds(30.0, le=3600)
     handler_modules: list[str] = Field(default_factory=list)
-    db_pool_size: int = Field(4, ge=1)
+    db_pool_size: int = Field(4, ge=1, le=1000)
     # A stage with records waiting whose position has not moved for this long fails its liveness probe.
-    stall_after_s: float = Field(60.0, gt=0)
+    stall_after_s: float = _seconds(60.0)
     # The dedup table's recovery after a rebalance pauses the router: not a stall for this long.
-    recovery_stall_after_s: float = Field(600.0, gt=0)
+    recovery_stall_after_s: float = _seconds(600.0)
 
     # console (`sentpipe console`): live events, event trace, search, dead letters, replay in a browser
     console_host: str = "127.0.0.1"
@@ -242,23 +279,50 @@ class Settings(BaseSettings):
             raise PydanticCustomError("database_url", problem)
         return v
 
-    @field_validator("topic_prefix")
+    @field_validator("topic_prefix", "app_id")
     @classmethod
-    def _prefix_is_topic_safe(cls, v: str) -> str:
-        allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-        if not set(v) <= allowed:
-            raise ValueError("may only contain letters, digits, '.', '_' and '-'")
+    def _topic_safe(cls, v: str, info: ValidationInfo) -> str:
+        if not set(v) <= _TOPIC_CHARS:
+            raise ValueError("may only contain letters, digits, '.', '_' and '-' (it names Kafka topics)")
+        longest = MAX_TOPIC_PREFIX if info.field_name == "topic_prefix" else MAX_APP_ID
+        if len(v) > longest:
+            raise ValueError(f"is longer than {longest} characters (Kafka topic names end at 249)")
+        return v
+
+    @field_validator("default_tenant")
+    @classmethod
+    def _servable_tenant(cls, v: str) -> str:
+        problem = tenant_name_problem(v)
+        if problem is not None:
+            raise PydanticCustomError("tenant", "the tenant name {problem}", {"problem": problem})
+        return v
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _some_broker(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("names no broker: give host:port[,host:port...]")
         return v
 
     def tenant_secrets(self) -> dict[str, list[str]]:
-        """Tenant -> accepted signing secrets (several during rotation)."""
+        """Tenant -> accepted signing secrets (several during rotation). ValueError naming the tenant, never
+        a secret, for a file that is not {"tenant": "secret" or ["secret", ...]} with servable names."""
         tenants = {self.default_tenant: [self.webhook_secret.get_secret_value()]}
-        if self.secrets_file is not None:
-            data = orjson.loads(self.secrets_file.read_bytes())
-            if not isinstance(data, dict):
-                raise ValueError("secrets file must map tenant -> list of secrets")
-            for tenant, secrets in data.items():
-                tenants[str(tenant)] = [secrets] if isinstance(secrets, str) else [str(s) for s in secrets]
+        if self.secrets_file is None:
+            return tenants
+        data = orjson.loads(self.secrets_file.read_bytes())
+        if not isinstance(data, dict):
+            raise ValueError("must be a JSON object: tenant -> secret, or tenant -> list of secrets")
+        for tenant, secrets in data.items():
+            shown = repr(tenant if len(tenant) <= 40 else tenant[:40] + "...")
+            problem = tenant_name_problem(tenant)
+            if problem is not None:
+                raise ValueError(f"tenant {shown} {problem}")
+            listed = [secrets] if isinstance(secrets, str) else secrets
+            # Anything else was made a string before: {"a": 1} became the secret "{'a': 1}".
+            if not isinstance(listed, list) or not all(isinstance(x, str) for x in listed):
+                raise ValueError(f"tenant {shown}: give a secret (a string) or a list of them")
+            tenants[tenant] = listed
         return tenants
 
     @property

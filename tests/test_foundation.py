@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psycopg
+import pytest
 from confluent_kafka import Consumer, Producer
 from pydantic import SecretStr
 
@@ -105,3 +108,92 @@ def test_a_database_url_libpq_would_misread_is_refused_without_quoting_it() -> N
         assert "s3cr" not in res.stderr + res.stdout and res.stderr.count("\n") == 1, res.stderr
     encoded = "postgresql://u:p%40ss%23w@127.0.0.1:5432/db?sslmode=disable"
     assert Settings(database_url=SecretStr(encoded)).database_url.get_secret_value() == encoded
+
+
+# Each value passed the old checks and failed later: an OverflowError or librdkafka's own error at start
+# (inf, 1e12), a busy sweep loop (0.001), a broker that refused the topic (-5), every event of the tenant
+# dead-lettered by the router (a name it cannot key), a topic name Kafka refuses (300 characters).
+ABSURD_SETTINGS = [
+    ("SENTPIPE_PRODUCE_TIMEOUT_S", "inf", "finite"),
+    ("SENTPIPE_PRODUCE_TIMEOUT_S", "1e12", "less than or equal"),
+    ("SENTPIPE_BODY_TIMEOUT_S", "nan", "finite"),
+    ("SENTPIPE_KAFKA_CONNECT_TIMEOUT_S", "inf", "finite"),
+    ("SENTPIPE_RETRY_MAX_S", "1e300", "less than or equal"),
+    ("SENTPIPE_STALL_AFTER_S", "inf", "finite"),
+    ("SENTPIPE_DEDUP_SWEEP_INTERVAL_S", "0.001", "greater than or equal to 0.1"),
+    ("SENTPIPE_PRODUCER_LINGER_MS", "99999999999", "less than or equal"),
+    ("SENTPIPE_PRODUCER_MAX_IN_FLIGHT", "99999999999", "less than or equal"),
+    ("SENTPIPE_MAX_BODY_BYTES", "99999999999999", "less than or equal"),
+    ("SENTPIPE_SIGNATURE_TOLERANCE_S", "99999999999999999999", "less than or equal"),
+    ("SENTPIPE_RAW_RETENTION_MS", "-5", "greater than or equal to -1"),
+    ("SENTPIPE_RAW_PARTITIONS", "1000000000", "less than or equal"),
+    ("SENTPIPE_BATCH_SIZE", "1000000000000", "less than or equal"),
+    ("SENTPIPE_DEFAULT_TENANT", "", "the tenant name is empty"),
+    ("SENTPIPE_DEFAULT_TENANT", "a/b", "holds '/'"),
+    ("SENTPIPE_DEFAULT_TENANT", "t" * 257, "longer than 256"),
+    ("SENTPIPE_KAFKA_BOOTSTRAP", " ", "names no broker"),
+    ("SENTPIPE_TOPIC_PREFIX", "x" * 231, "longer than 230"),
+    ("SENTPIPE_APP_ID", "a:b", "letters, digits"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "message"), ABSURD_SETTINGS)
+def test_absurd_settings_are_refused_in_one_line_naming_the_setting(
+    name: str, value: str, message: str
+) -> None:
+    res = _cli(
+        "topics", "ensure", "--timeout", "1", env={name: value, "SENTPIPE_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    )
+    if name == "SENTPIPE_KAFKA_BOOTSTRAP":
+        res = _cli("topics", "ensure", "--timeout", "1", env={name: value})
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith(f"error: invalid setting {name}: "), res.stderr
+    assert message in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert "Value error" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"t": 5}', "tenant 't': give a secret (a string) or a list of them"),
+        (b'{"t": null}', "tenant 't': give a secret"),
+        (b'{"t": [{"a": 1}]}', "tenant 't': give a secret"),  # was taken as the secret "{'a': 1}"
+        (b'{"": "whsec_c2VudHBpcGU="}', "tenant '' is empty"),
+        (b'{"a/b": "whsec_c2VudHBpcGU="}', "tenant 'a/b' holds '/'"),
+        (b'{"a\\u0000b": "whsec_c2VudHBpcGU="}', "holds a control character"),
+        (b'["whsec_c2VudHBpcGU="]', "must be a JSON object"),
+    ],
+)
+def test_a_secrets_file_of_the_wrong_shape_is_refused_naming_the_tenant(
+    content: bytes, message: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "secrets.json"
+    path.write_bytes(content)
+    res = _cli("ingress", env={"SENTPIPE_SECRETS_FILE": str(path), "SENTPIPE_KAFKA_BOOTSTRAP": "127.0.0.1:1"})
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.startswith(f"error: SENTPIPE_SECRETS_FILE {path}: "), res.stderr
+    assert message in res.stderr and res.stderr.count("\n") == 1, res.stderr
+    assert "c2VudHBpcGU" not in res.stderr  # never a secret
+
+
+def test_a_port_in_use_is_one_line_naming_the_setting() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = _cli(
+            "ingress",
+            env={
+                "SENTPIPE_INGRESS_HOST": "127.0.0.1",
+                "SENTPIPE_INGRESS_PORT": str(port),
+                "SENTPIPE_INGRESS_WORKERS": "1",
+                "SENTPIPE_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+            },
+        )
+    # Before it: the log's lines about the broker at 127.0.0.1:1, which nobody answers.
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"error: cannot listen on http://127.0.0.1:{port} (SENTPIPE_INGRESS_HOST, SENTPIPE_INGRESS_PORT): "
+    ), res.stderr
+    assert last.endswith("address already in use"), res.stderr
