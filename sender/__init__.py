@@ -11,7 +11,7 @@ from sentpipe.sender.delivery import (
     deliver,
     probe,
 )
-from sentpipe.sender.plan import Delivery, generate, load_jsonl, plan_deliveries
+from sentpipe.sender.plan import Delivery, generate, plan_deliveries, scan_jsonl, stream_jsonl
 
 __all__ = [
     "SENT_RETRY_SCHEDULE",
@@ -24,7 +24,8 @@ __all__ = [
     "Unreachable",
     "deliver",
     "generate",
-    "load_jsonl",
     "plan_deliveries",
     "probe",
+    "scan_jsonl",
+    "stream_jsonl",
 ]

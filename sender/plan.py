@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import orjson
 
@@ -149,13 +149,33 @@ def sample_from_body(body: bytes) -> Sample:
     return Sample(type_, body, doc)
 
 
-def read_jsonl(lines: Iterable[bytes], skip_bad: bool) -> Iterator[Sample | BadLine]:
-    """Samples from JSONL lines, byte for byte; a bad line raises BadLine, or is yielded when skipping."""
+# A line longer than this is a bad line, read past and never held whole: a file without newlines (a JSON
+# array of a million events, /dev/zero) grew the sender by gigabytes. 16 MiB is 16 times the ingress's
+# default body limit, so oversized bodies can still be sent to see the 413.
+MAX_LINE_BYTES = 16 * 1024 * 1024
+
+
+def _lines(fh: BinaryIO) -> Iterator[bytes | None]:
+    """A file's lines, None for one longer than MAX_LINE_BYTES (its rest is read past in 1 MiB steps)."""
+    while line := fh.readline(MAX_LINE_BYTES + 1):
+        if len(line) <= MAX_LINE_BYTES:
+            yield line
+            continue
+        yield None  # first: a reader that stops here (a bad line stops the run) reads no further
+        while line and not line.endswith(b"\n"):
+            line = fh.readline(1 << 20)
+
+
+def read_jsonl(lines: Iterable[bytes | None], skip_bad: bool) -> Iterator[Sample | BadLine]:
+    """Samples from JSONL lines, byte for byte; a bad line raises BadLine, or is yielded when skipping.
+    A line given as None was too long to read (`_lines`)."""
     for line_no, raw in enumerate(lines, start=1):
-        body = raw.rstrip(b"\r\n")
-        if not body.strip():
-            continue  # blank lines (a trailing newline, spacing) are not events
         try:
+            if raw is None:
+                raise ValueError(f"longer than {MAX_LINE_BYTES:,} bytes")
+            body = raw.rstrip(b"\r\n")
+            if not body.strip():
+                continue  # blank lines (a trailing newline, spacing) are not events
             yield sample_from_body(body)
         except ValueError as exc:
             bad = BadLine(line_no, str(exc))
@@ -164,17 +184,33 @@ def read_jsonl(lines: Iterable[bytes], skip_bad: bool) -> Iterator[Sample | BadL
             yield bad
 
 
-def load_jsonl(path: Path, skip_bad: bool) -> tuple[list[Sample], list[BadLine]]:
-    """The events in a JSONL file and the lines skipped; OSError when the file cannot be read."""
-    samples: list[Sample] = []
-    skipped: list[BadLine] = []
+@dataclass(frozen=True, slots=True)
+class JsonlScan:
+    """What a first pass over a JSONL file found: events of the chosen types, and the lines skipped."""
+
+    events: int
+    skipped: list[BadLine]
+
+
+def scan_jsonl(path: Path, skip_bad: bool, types: Sequence[EventType]) -> JsonlScan:
+    """Count the file's events of `types` and check every line, holding none of them: a bad line stops the
+    run before anything is sent (BadLine) unless skipping. OSError when the file cannot be read."""
+    events, skipped = 0, []
     with path.open("rb") as fh:
-        for item in read_jsonl(fh, skip_bad):
+        for item in read_jsonl(_lines(fh), skip_bad):
             if isinstance(item, BadLine):
                 skipped.append(item)
-            else:
-                samples.append(item)
-    return samples, skipped
+            elif item.type in types:
+                events += 1
+    return JsonlScan(events, skipped)
+
+
+def stream_jsonl(path: Path, types: Sequence[EventType]) -> Iterator[Sample]:
+    """The file's events of `types`, read as they are sent (after `scan_jsonl` checked the file)."""
+    with path.open("rb") as fh:
+        for item in read_jsonl(_lines(fh), skip_bad=True):
+            if not isinstance(item, BadLine) and item.type in types:
+                yield item
 
 
 def _subject(sample: Sample) -> str | None:

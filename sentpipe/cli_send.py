@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from sentpipe.cli_base import (
     terminal_safe,
     utf8,
 )
+from sentpipe.schemas.events import EventType
 from sentpipe.schemas.samples import Sample, SampleFactory
 from sentpipe.schemas.signature import secret_key
 from sentpipe.sender.delivery import (
@@ -46,7 +48,6 @@ from sentpipe.sender.plan import (
     PLAN_WINDOW,
     ShapeChoice,
     iter_events,
-    load_jsonl,
     one_event,
     parse_shape,
     parse_status,
@@ -54,6 +55,8 @@ from sentpipe.sender.plan import (
     plan_deliveries,
     plan_stream,
     planned_deliveries,
+    scan_jsonl,
+    stream_jsonl,
 )
 from sentpipe.settings import Settings
 
@@ -181,8 +184,8 @@ def _events(
     skip_bad: bool,
     err: Console,
 ) -> tuple[Iterable[Sample], int]:
-    """The events to send and how many: generated ones lazily, a file's read whole first (so a bad line
-    stops the run before anything is sent)."""
+    """The events to send and how many, both lazily: a file is checked whole first (a bad line stops the
+    run before anything is sent), then read again as its events are sent."""
     try:
         chosen = parse_types(types)
     except ValueError as exc:
@@ -190,18 +193,19 @@ def _events(
     if file is None:
         n = count or DEFAULT_COUNT
         return iter_events(SampleFactory(seed), chosen, shape, n), n
+    # --file without --type sends every line, unrouted ones too (the ingress's dead-letter path).
+    wanted = chosen if types else tuple(EventType)
     try:
-        samples, skipped = load_jsonl(file, skip_bad)
+        scan = scan_jsonl(file, skip_bad, wanted)
     except OSError as exc:
         fail(f"cannot read {file}: {exc.strerror or exc}")
     except ValueError as exc:  # a BadLine: its message starts with the line number
         fail(f"{file}: {exc} (use --on-bad-line skip to send the other lines)")
-    for bad in skipped:
+    for bad in scan.skipped:
         err.print(terminal_safe(f"skipped {file} {bad}"), soft_wrap=True)
-    if types:
-        samples = [s for s in samples if s.type in chosen]
-    samples = samples[:count] if count is not None else samples
-    return samples, len(samples)
+    n = scan.events if count is None else min(count, scan.events)
+    # Read again as the events are sent: the file is never held in memory.
+    return itertools.islice(stream_jsonl(file, wanted), n), n
 
 
 def send_command(

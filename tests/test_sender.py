@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import itertools
 import os
 import random
@@ -22,7 +23,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from sentpipe.schemas.events import ROUTED_TYPES, EventType
+from sentpipe.schemas.events import ROUTED_TYPES, EventType, frame
 from sentpipe.schemas.samples import Sample, SampleFactory
 from sentpipe.schemas.signature import Reason, SignatureError, Verifier
 from sentpipe.schemas.topics import Topics
@@ -34,6 +35,7 @@ from sentpipe.sender import (
     Stats,
     Unreachable,
     deliver,
+    plan,
     plan_deliveries,
     probe,
 )
@@ -576,6 +578,38 @@ async def test_skip_mode_sends_the_good_lines(stub: Stub, tmp_path: Path) -> Non
     assert ran.returncode == 0, ran
     assert "line 2" in ran.stderr
     assert sorted(h.body for h in stub.hits) == sorted(lines)
+
+
+async def test_a_file_is_streamed_and_a_line_without_end_is_refused_not_read_whole(
+    stub: Stub, tmp_path: Path
+) -> None:
+    """`--file` used to hold every line, parsed, before sending: /dev/zero grew it by gigabytes."""
+    events = tmp_path / "events.jsonl"
+    lines = [s.body for s in SampleFactory(9).mix(30)]
+    events.write_bytes(b"\n".join(lines) + b"\n")
+    typed = [b for b in lines if frame(b, webhook_id=None).type is EventType.MESSAGE_INBOUND]
+    ran, only_inbound, zero = await asyncio.gather(
+        cli("send", stub.url, "--file", str(events), "--count", "7"),
+        cli("send", stub.url, "--file", str(events), "--type", "message.inbound.received"),
+        cli("send", stub.url, "--file", "/dev/zero"),
+    )
+    assert ran.returncode == 0 and only_inbound.returncode == 0, (ran, only_inbound)
+    assert row(ran.stdout, "events") == "7" and row(only_inbound.stdout, "events") == str(len(typed))
+    assert sorted(h.body for h in stub.hits) == sorted(lines[:7] + typed)
+    assert "line 1: longer than 16,777,216 bytes" in one_line_error(zero)
+
+
+def test_an_overlong_line_is_read_past_and_the_next_one_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plan, "MAX_LINE_BYTES", 64)
+    good = b'{"field": "templates", "payload": {"template_id": "t", "status": "approved"}}'
+    data = io.BytesIO(b'{"a": "' + b"x" * 5000 + b'"}\n' + good + b"\n")
+    items = list(read_jsonl(plan._lines(data), skip_bad=True))
+    # The good line is 79 bytes with its newline: over 64 too, and still a line of its own.
+    assert [str(i) for i in items] == ["line 1: longer than 64 bytes", "line 2: longer than 64 bytes"]
+    monkeypatch.setattr(plan, "MAX_LINE_BYTES", 100)
+    data.seek(0)
+    items = list(read_jsonl(plan._lines(data), skip_bad=True))
+    assert [i.body for i in items if not isinstance(i, BadLine)] == [good]
 
 
 async def test_bad_input_is_a_one_line_error(tmp_path: Path) -> None:
