@@ -628,6 +628,8 @@ def open_spool(settings: Settings, index: int = 0) -> Spool | None:
         raise StartupError(f"SENTPIPE_SPOOL_DIR: {exc}") from None
     except OSError as exc:
         raise StartupError(f"SENTPIPE_SPOOL_DIR {spool.dir}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # what a damaged directory holds: one line, not a crash loop
+        raise StartupError(f"SENTPIPE_SPOOL_DIR {spool.dir}: {exc}") from None
     if spool.records:
         log.warning(
             "spool holds %d records from a previous run: draining them to Kafka",

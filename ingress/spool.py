@@ -5,6 +5,7 @@ Layout: one directory per ingress process, holding numbered segment files and a 
     <dir>/.lock                     flock()ed by the process that owns the spool
     <dir>/0000000000000001.seg      frames, appended only; a new segment past SENTPIPE_SPOOL_SEGMENT_BYTES
     <dir>/drain.pos                 {"segment": n, "offset": o}: everything before it is on the broker
+    <dir>/refused.rec               records the broker refused for what they are (too large), set aside
 
 A frame is `MAGIC | payload length (u32) | CRC-32 of the payload (u32) | payload`. A torn write (the process
 or the machine died mid-append) leaves a frame whose length runs past the end of its file or whose CRC does
@@ -14,13 +15,19 @@ frame, so one bad frame never hides the records after it and is never misread as
 Appends are group-committed: the records of every request that arrives while one write+fdatasync is running
 go out together in the next one, and each request is answered only after the fdatasync that covers its
 record. A segment is deleted only when the drain has every record in it acknowledged by the broker; the
-checkpoint is a hint (lost, the drain re-sends records, and the worker's dedup table drops them).
+checkpoint is a hint (lost, the drain re-sends records, and the worker's dedup table drops them), so one that
+does not fit the segments on disk is ignored rather than trusted with deleting anything.
+
+A record the broker refuses for what it is (larger than a topic's limit) would stop the drain for good, and
+every record behind it: it is set aside in refused.rec (fsynced, same framing) and the drain goes on. Each
+start puts it back at the end of the spool, so it is sent again once the limit is fixed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -48,6 +55,8 @@ MAX_FRAME = 256 * 1024**2  # a length beyond this is corruption, not a record (r
 READ_CHUNK = 4 * 1024**2
 SEGMENT_SUFFIX = ".seg"
 CHECKPOINT = "drain.pos"
+REFUSED = "refused.rec"
+MAX_CHECKPOINT = 2**62  # beyond it a checkpoint number is corruption (and not something JSON can carry back)
 DRAIN_WINDOW = 2000  # records in flight to the broker at once while draining
 DRAIN_BACKOFF_S = (0.25, 5.0)
 CHECKPOINT_EVERY_S = 0.5
@@ -193,6 +202,7 @@ class Spool:
         self.bytes = 0  # on disk, in segments
         self.records = 0  # not yet acknowledged by the broker
         self.corrupt = 0  # frames skipped since open
+        self.refused = 0  # records set aside in REFUSED since open
         self.oldest_ms: int | None = None  # spooled_at of the oldest record not yet acknowledged
         self.drain_seg = 0  # where the drain goes on: segment seq and byte offset
         self.drain_off = 0
@@ -223,33 +233,75 @@ class Spool:
             raise SpoolLocked(f"spool directory {self.dir} is in use by another process") from None
         self._lock_fd = fd
         self._load(take_over=True)
+        if (self.dir / REFUSED).is_file():
+            # What a previous run set aside is tried again, behind everything else, as one more segment.
+            seq = self._next_seq
+            os.rename(self.dir / REFUSED, self._segment_path(seq))
+            self._fsync_dir()
+            log.warning("spool: sending records the broker refused before again (%s)", self.dir)
+            self._load(take_over=True)
         if self.gauges:
             m.SPOOL_MAX_BYTES.set(self.max_bytes)
             m.SPOOL_OLDEST_AGE.set_function(self.oldest_age_s)
         self._update_gauges()
 
+    def _segment_path(self, seq: int) -> Path:
+        return self.dir / f"{seq:016d}{SEGMENT_SUFFIX}"
+
+    def _segment_files(self) -> list[tuple[int, Path]]:
+        """The segment files, oldest first: ordered by number (names outgrow their padding), foreign names
+        and anything that is not a regular file left alone."""
+        found = []
+        for path in self.dir.glob("*" + SEGMENT_SUFFIX):
+            stem = path.stem
+            if stem.isascii() and stem.isdigit() and path.is_file():
+                found.append((int(stem), path))
+        return sorted(found)
+
     def _load(self, *, take_over: bool) -> int:
         """Read the segments a previous run left; the number of corrupt regions found in them. Only the
         owner (take_over) deletes segments that the checkpoint says are drained."""
         seg_no, offset = self._read_checkpoint()
-        self._next_seq = seg_no + 1
+        files = self._segment_files()
+        # New segments are numbered past anything the checkpoint names, trusted or not: one that took its
+        # number would otherwise be read from its offset, or have the segments before it deleted.
+        self._next_seq = max(seg_no, files[-1][0] if files else 0) + 1
+        present = dict(files)
+        trusted = True
+        if files and seg_no not in present and seg_no > files[-1][0]:
+            # Past every segment while some remain: not a checkpoint this spool wrote (or the files were
+            # restored from elsewhere). Trusting it would delete them all; ignoring it re-sends a few.
+            trusted = False
+        elif seg_no in present:
+            with contextlib.suppress(FileNotFoundError):
+                # Shorter than the checkpoint says: read all of it.
+                trusted = offset <= present[seg_no].stat().st_size
+        if not trusted:
+            log.warning(
+                "spool: checkpoint %s (segment %d, offset %d) does not fit the segments on disk: ignored"
+                " (records sent twice are dropped downstream)",
+                self.dir / CHECKPOINT,
+                seg_no,
+                offset,
+            )
+            seg_no, offset = (seg_no, 0) if seg_no in present else (0, 0)
         self.segments = []
+        self.records = self.bytes = 0
+        self.oldest_ms = None
         corrupt = 0
-        for path in sorted(self.dir.glob("*" + SEGMENT_SUFFIX)):
-            try:
-                seq = int(path.stem)
-            except ValueError:
-                continue
-            self._next_seq = max(self._next_seq, seq + 1)
-            if seq < seg_no:  # drained before the last checkpoint; its deletion did not happen
+        for seq, path in files:
+            if seq < seg_no and seg_no in present:  # drained before the last checkpoint; not yet deleted
                 if take_over:
                     path.unlink(missing_ok=True)
                 continue
-            size = path.stat().st_size
             start = offset if seq == seg_no else 0
-            with path.open("rb") as f:
-                f.seek(start)
-                data = f.read(size - start)
+            try:
+                with path.open("rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    f.seek(start)
+                    data = f.read(max(0, size - start))
+            except FileNotFoundError:
+                continue  # drained and deleted by the process that owns it since the listing (`spool status`)
             records = 0
             oldest: int | None = None
             for frame in scan(data, final=True):
@@ -267,6 +319,8 @@ class Spool:
         if self.segments:
             first = self.segments[0]
             self.drain_seg, self.drain_off = first.seq, (offset if first.seq == seg_no else 0)
+        if not trusted and take_over:
+            self._write_checkpoint(force=True)
         return corrupt
 
     def oldest_age_s(self) -> float:
@@ -365,35 +419,74 @@ class Spool:
             self._appended.set()
 
     def _write(self, data: bytes) -> tuple[int, Path, int]:
-        """In a thread: append to the current segment (a new one past the segment size) and fdatasync."""
-        if self._fd is not None and os.fstat(self._fd).st_size >= self.segment_bytes:
-            os.close(self._fd)
-            self._fd = None
+        """In a thread: append to the current segment (a new one past the segment size) and fdatasync. On an
+        OSError the segment is cut back to what was committed before (a new one removed), so a write the disk
+        refused leaves neither a torn frame nor a record that was answered 503 to be drained later."""
+        committed = 0
+        if self._fd is not None:
+            committed = os.fstat(self._fd).st_size
+            if committed >= self.segment_bytes:
+                os.close(self._fd)
+                self._fd = None
+        created = self._fd is None
         if self._fd is None:
             seq, self._next_seq = self._next_seq, self._next_seq + 1
-            path = self.dir / f"{seq:016d}{SEGMENT_SUFFIX}"
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            path = self._segment_path(seq)
+            try:
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            except FileNotFoundError:
+                self._retake_dir()
+                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             self._fd_seq = seq
-            self._fsync_dir()  # the new file's name is as durable as its contents
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        os.fdatasync(self._fd)
-        seq = self._fd_seq
-        return seq, self.dir / f"{seq:016d}{SEGMENT_SUFFIX}", os.fstat(self._fd).st_size
+            committed = 0
+        fd, seq = self._fd, self._fd_seq
+        try:
+            if created:
+                self._fsync_dir()  # the new file's name is as durable as its contents
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fdatasync(fd)
+            st = os.fstat(fd)
+            if st.st_nlink == 0:
+                # Deleted under us (the directory removed by hand or by a cleanup job): a write that lands
+                # only in an unlinked file dies with the process, although its request was answered 200.
+                raise FileNotFoundError(errno.ENOENT, "spool segment deleted while in use", str(self.dir))
+        except OSError:
+            self._fd = None
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, committed)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            if created:
+                with contextlib.suppress(OSError):
+                    os.unlink(self._segment_path(seq))
+            raise
+        return seq, self._segment_path(seq), st.st_size
+
+    def _retake_dir(self) -> None:
+        """In a thread: the directory was removed while the spool ran. Make it and lock it again, so the
+        requests that follow are spooled (each answered only once on disk there) instead of refused."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OSError(errno.EBUSY, "spool directory re-created and taken by another process") from None
+        old, self._lock_fd = self._lock_fd, fd
+        if old is not None:
+            os.close(old)
+        log.error("spool: directory %s was removed while in use: created again", self.dir)
 
     def _abandon_segment(self) -> None:
-        """After a failed write the segment's tail is unknown: appends go to a new segment. A partly written
-        frame there is skipped as torn; a whole one is drained although its request got 503 (a duplicate)."""
-        if self._fd is not None:
+        """After a failed write appends go to a new segment. Should the cut back have failed too, the drain
+        reads the whole file: a torn frame there is skipped, a whole one drained although its request got
+        503 (a duplicate)."""
+        if self.segments:
             with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
-            if self.segments:
-                # Let the drain read the whole file, not just the committed part: it may delete it afterwards.
-                with contextlib.suppress(OSError):
-                    self.segments[-1].size = self.segments[-1].path.stat().st_size
+                self.segments[-1].size = self.segments[-1].path.stat().st_size
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.dir, os.O_RDONLY)
@@ -406,9 +499,12 @@ class Spool:
     def _read_checkpoint(self) -> tuple[int, int]:
         try:
             data = orjson.loads((self.dir / CHECKPOINT).read_bytes())
-            return int(data["segment"]), int(data["offset"])
+            seg_no, offset = data["segment"], data["offset"]
         except (OSError, ValueError, KeyError, TypeError):
             return 0, 0
+        if not all(type(v) is int and 0 <= v < MAX_CHECKPOINT for v in (seg_no, offset)):
+            return 0, 0
+        return seg_no, offset
 
     def _write_checkpoint(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -416,9 +512,13 @@ class Spool:
             return
         self._checkpointed_at = now
         tmp = self.dir / (CHECKPOINT + ".tmp")
-        # No fsync: a lost checkpoint only means records drained again (and dropped by the dedup table).
-        tmp.write_bytes(orjson.dumps({"segment": self.drain_seg, "offset": self.drain_off}))
-        tmp.replace(self.dir / CHECKPOINT)
+        # No fsync: a lost checkpoint only means records drained again (and dropped by the dedup table). For
+        # the same reason a checkpoint the disk refuses (full, say) must not stop the drain that frees it.
+        try:
+            tmp.write_bytes(orjson.dumps({"segment": self.drain_seg, "offset": self.drain_off}))
+            tmp.replace(self.dir / CHECKPOINT)
+        except OSError as exc:
+            log.warning("spool: could not write the drain checkpoint in %s: %s", self.dir, exc)
 
     async def drain(
         self,
@@ -449,7 +549,11 @@ class Spool:
                     await asyncio.sleep(DRAIN_BACKOFF_S[0])
                 continue
             seg = self.segments[0]
-            frames = await asyncio.to_thread(self._read_window, seg)
+            try:
+                frames = await asyncio.to_thread(self._read_window, seg)
+            except FileNotFoundError:
+                self._drop_vanished(seg)
+                continue
             if not frames:
                 if self._finish_segment(seg):
                     continue
@@ -473,26 +577,37 @@ class Spool:
             )
             if refused is not None:
                 results.append(refused)
-            ok = 0
-            for result in results:
+            ok = passed = 0  # acknowledged; acknowledged or set aside
+            failure: BaseException | None = None
+            for i, result in enumerate(results):
                 if isinstance(result, BaseException):
+                    if (
+                        isinstance(result, ProduceRejected)
+                        and not result.temporary
+                        and await asyncio.to_thread(self._set_aside, records[i], result.reason)
+                    ):
+                        passed += 1
+                        continue
+                    failure = result
                     break
                 ok += 1
+                passed += 1
             # Advance past every frame before the first failure (corrupt regions included).
             acked_until = self.drain_off
             done_records = 0
             for frame in frames:
                 if frame.record is not None:
-                    if done_records == ok:
+                    if done_records == passed:
                         break
                     done_records += 1
                 acked_until = frame.end
-            if ok == len(records):
+            if passed == len(records):
                 acked_until = frames[-1].end
             self.drain_off = acked_until
             self.progress_at = time.monotonic()
-            seg.records -= ok
-            self.records -= ok
+            # Never below zero: a segment's tail read whole after a failed write holds records never counted.
+            seg.records = max(0, seg.records - passed)
+            self.records = max(0, self.records - passed)
             drained += ok
             m.SPOOL_DRAINED.inc(ok)
             self.oldest_ms = self._next_oldest(frames, acked_until)
@@ -500,8 +615,7 @@ class Spool:
             self._update_gauges()
             if progress is not None:
                 progress(DrainProgress(drained, self.records, self.corrupt))
-            if ok < len(records):
-                failure = results[ok]
+            if failure is not None:
                 reason = failure.reason if isinstance(failure, ProduceRejected) else repr(failure)
                 log.warning("spool: drain paused, broker refused a record (%s); retrying", reason)
                 if once:
@@ -577,6 +691,66 @@ class Spool:
                 start += got
         return out
 
+    def _set_aside(self, rec: SpoolRecord, reason: str) -> bool:
+        """In a thread: keep a record the broker refuses for what it is in REFUSED (fsynced), so the drain can
+        go past it. False if the disk refused that too: the drain then waits and tries the record again."""
+        path = self.dir / REFUSED
+        try:
+            created = not path.exists()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                before = os.fstat(fd).st_size
+                try:
+                    view = memoryview(encode_frame(rec))
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fdatasync(fd)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, before)  # no torn frame to report as corrupt at the next start
+                    raise
+            finally:
+                os.close(fd)
+            if created:
+                self._fsync_dir()
+        except OSError as exc:
+            log.error("spool: could not set aside a record the broker refused (%s): %s", reason, exc)
+            return False
+        self.refused += 1
+        m.SPOOL_REFUSED.inc()
+        log.error(
+            "spool: the broker refused record %r for %s (%s, %d bytes): kept in %s, sent again at the next"
+            " start; the drain goes on",
+            rec.key[:256].decode(errors="replace"),
+            rec.topic,
+            reason,
+            len(rec.value),
+            path,
+        )
+        return True
+
+    def _drop_vanished(self, seg: _Segment) -> None:
+        """`seg`'s file is gone (deleted by hand, or with the directory): what it held cannot be sent. Said
+        loudly, and the drain goes on with the next segment instead of failing on it forever."""
+        log.error(
+            "spool: segment %s was deleted while %d of its records were not on the broker yet: they are lost",
+            seg.path,
+            seg.records,
+        )
+        if seg is self.segments[-1] and self._fd is not None and not self._writer_busy:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        self.segments.remove(seg)
+        self.records = max(0, self.records - seg.records)
+        self.bytes = max(0, self.bytes - seg.size)
+        self._full = False
+        if self.segments:
+            self.drain_seg, self.drain_off = self.segments[0].seq, 0
+        else:
+            self.oldest_ms = None
+        self._update_gauges()
+
     def _finish_segment(self, seg: _Segment) -> bool:
         """The drain reached the end of `seg`: delete it if nothing can be appended to it any more. True when
         the drain may go on with the next segment."""
@@ -611,25 +785,37 @@ class SpoolStatus:
     dir: Path
     in_use: bool  # an ingress process holds it
     segments: int
-    records: int
+    records: int  # not on the broker yet, those set aside (`refused`) included
     bytes: int
     oldest_age_s: float | None
     corrupt_frames: int
+    refused: int = 0  # set aside after the broker refused them for what they are
 
 
 def status_of(directory: Path) -> SpoolStatus:
     """What `sentpipe spool status` shows for one directory, read without taking it over."""
     spool = Spool(directory, max_bytes=1, segment_bytes=1)
     corrupt = spool._load(take_over=False)
+    refused = refused_records(directory)
     return SpoolStatus(
         dir=directory,
         in_use=is_locked(directory),
         segments=len(spool.segments),
-        records=spool.records,
+        records=spool.records + refused,
         bytes=spool.bytes,
         oldest_age_s=None if spool.oldest_ms is None else spool.oldest_age_s(),
         corrupt_frames=corrupt,
+        refused=refused,
     )
+
+
+def refused_records(directory: Path) -> int:
+    """Records set aside in `directory` because the broker refused them."""
+    try:
+        data = (directory / REFUSED).read_bytes()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return 0
+    return sum(1 for frame in scan(data, final=True) if frame.record is not None)
 
 
 def is_locked(directory: Path) -> bool:
@@ -658,29 +844,57 @@ async def adopt_orphans(
     can_send: Callable[[], bool],
 ) -> None:
     """Drain the directories of process indexes >= `workers` that no process holds (left behind when
-    SENTPIPE_INGRESS_WORKERS went down), then remove them. Run by process 0."""
+    SENTPIPE_INGRESS_WORKERS went down), then remove them. Run by process 0. A directory that still holds
+    records the broker refused, or anything sentpipe did not put there, is kept (and `spool status` shows
+    it); one that fails is logged and the others go on."""
     for path in process_dirs(root):
         index = int(path.name.removeprefix("ingress-"))
         if index < workers:
             continue
-        orphan = Spool(path, max_bytes=1, segment_bytes=1, gauges=False)
         try:
-            orphan.open()
-        except (SpoolLocked, OSError):
-            continue
-        try:
-            if orphan.records:
-                log.warning("spool: draining %d records left in %s", orphan.records, path)
-            while orphan.segments:
-                if can_send():
-                    await orphan.drain(send, once=True)
-                if orphan.segments:
-                    await asyncio.sleep(DRAIN_BACKOFF_S[0])
-            for leftover in path.iterdir():
-                leftover.unlink()
-        finally:
-            orphan.close()
-        path.rmdir()
+            await _adopt(path, send, can_send)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("spool: could not drain the orphaned spool directory %s; it stays", path)
+
+
+async def _adopt(
+    path: Path, send: Callable[[SpoolRecord], asyncio.Future[Delivered]], can_send: Callable[[], bool]
+) -> None:
+    orphan = Spool(path, max_bytes=1, segment_bytes=1, gauges=False)
+    try:
+        orphan.open()
+    except (SpoolLocked, OSError):
+        return
+    try:
+        if orphan.records:
+            log.warning("spool: draining %d records left in %s", orphan.records, path)
+        while orphan.segments:
+            if can_send():
+                await orphan.drain(send, once=True)
+            if orphan.segments:
+                await asyncio.sleep(DRAIN_BACKOFF_S[0])
+        if orphan.refused:
+            log.error("spool: %s keeps %d records the broker refused; not removed", path, orphan.refused)
+            return
+        foreign = _remove_drained(path)
+        if foreign:
+            log.warning("spool: %s drained but kept: it holds files not the spool's: %s", path, foreign)
+    finally:
+        orphan.close()
+
+
+def _remove_drained(path: Path) -> list[str]:
+    """Remove a drained process directory; what it holds that the spool did not put there (then it stays)."""
+    ours = {".lock", CHECKPOINT, CHECKPOINT + ".tmp"}
+    foreign = sorted(p.name for p in path.iterdir() if p.name not in ours)
+    if foreign:
+        return foreign
+    for name in ours:
+        (path / name).unlink(missing_ok=True)
+    path.rmdir()
+    return []
 
 
 def process_dirs(root: Path) -> list[Path]:
@@ -712,7 +926,11 @@ async def drain_directories(
     outcomes = []
     try:
         spools: list[tuple[Path, Spool | None]] = []
+        seen: set[Path] = set()
         for path in dirs:
+            if path.resolve() in seen:  # named twice: its own lock would call it in use by another process
+                continue
+            seen.add(path.resolve())
             held = Spool(path, settings.spool_max_bytes, settings.spool_segment_bytes, gauges=False)
             try:
                 held.open()
@@ -742,8 +960,9 @@ async def drain_directories(
                     progress=report,
                 )
                 done += result.drained
-                state = "drained" if not spool.segments else "incomplete"
-                outcomes.append(DrainOutcome(path, state, result.drained, spool.records, result.corrupt))
+                state = "drained" if not spool.segments and not spool.refused else "incomplete"
+                left = spool.records + spool.refused
+                outcomes.append(DrainOutcome(path, state, result.drained, left, result.corrupt))
             finally:
                 spool.close()
     finally:

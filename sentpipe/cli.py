@@ -524,7 +524,9 @@ def spool_status(dirs: SpoolDirOption = None) -> None:
     from sentpipe.ingress.spool import status_of
 
     found = _spool_dirs(dirs)
-    table = Table("directory", "in use", "segments", "records", "bytes", "oldest", "corrupt frames")
+    table = Table(
+        "directory", "in use", "segments", "records", "bytes", "oldest", "corrupt frames", "refused by broker"
+    )
     for d in found:
         st = status_of(d)
         oldest = "-" if st.oldest_age_s is None else f"{st.oldest_age_s:.0f} s ago"
@@ -536,6 +538,7 @@ def spool_status(dirs: SpoolDirOption = None) -> None:
             str(st.bytes),
             oldest,
             str(st.corrupt_frames),
+            str(st.refused),
         )
     if not found:
         out.print(terminal_safe(f"no spool directories under {settings().spool_dir}"))

@@ -86,6 +86,11 @@ SPOOL_CORRUPT = Counter(
 SPOOL_WRITE_ERRORS = Counter(
     "sentpipe_spool_write_errors", "Spool writes the disk refused; their requests got 503."
 )
+SPOOL_REFUSED = Counter(
+    "sentpipe_spool_refused",
+    "Spooled records the broker refused for what they are (too large): kept in refused.rec, tried again at"
+    " the next start.",
+)
 SPOOL_FSYNC_SECONDS = Histogram(
     "sentpipe_spool_write_seconds",
     "Time of one group commit (write and fdatasync) to the spool.",
