@@ -45,7 +45,10 @@ def parse_when(text: str, option: str) -> int:
     """An ISO-8601 time as epoch milliseconds; a time without a zone is UTC."""
     parsed = parse_time(text.strip()) if text.strip() else None
     if parsed is None:
-        raise OpsError(f"{option}: {text!r} is not an ISO-8601 time (for example 2026-01-31T12:00:00Z)")
+        # One message for both: 1969-12-31T23:59:59Z is ISO-8601, but no Kafka record is that old.
+        raise OpsError(
+            f"{option}: {text!r} is not an ISO-8601 time within 1970..9999 (for example 2026-01-31T12:00:00Z)"
+        )
     # Exact: through a float, 9999-12-31T23:59:59.999999Z rounded up into year 10000.
     return (parsed - _EPOCH) // _MILLISECOND
 

@@ -77,6 +77,7 @@ BAD_INPUT = [
     (["offsets", "reset", "--to-earliest"], ["Missing option '--group'"]),
     (["offsets", "reset", "--group", "g", "--to-earliest", "--to-latest"], ["exactly one of"]),
     (["offsets", "reset", "--group", "g", "--to-datetime", "soon"], ["ISO-8601"]),
+    (["offsets", "reset", "--group", "g", "--to-datetime", "1969-12-31T23:59:59Z"], ["within 1970..9999"]),
     (["dlq", "show", "zero"], ["not a DLQ record ID"]),
     (["dlq", "show", "0:12345"], ["no DLQ record 0:12345"]),
     (["dlq", "redrive", "--stage", "shipping"], ["unknown stage", "handler"]),
