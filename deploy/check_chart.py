@@ -294,6 +294,43 @@ def _() -> None:
     assert "--api-versions monitoring.coreos.com/v1/PrometheusRule" in err, err
 
 
+@check("secured cluster: every certificate a setting or the database URL names is mounted where it is read")
+def _() -> None:
+    secured = [
+        *SECRET,
+        *("--set", "kafka.security.protocol=SASL_SSL", "--set", "kafka.security.sasl.username=u"),
+        *("--set", "kafka.security.sasl.passwordSecret.name=kafka-user"),
+        *(
+            "--set",
+            "kafka.security.tls.caSecret.name=kafka-ca",
+            "--set",
+            "kafka.security.tls.clientSecret.name=u",
+        ),
+        *("--set", "database.tls.caSecret.name=pg-ca", "--set", "database.tls.clientSecret.name=pg-client"),
+        *("--set", "console.enabled=true", "--set", "console.token=a-console-token-of-20"),
+    ]
+    for split in ([], ["--set", "worker.split.enabled=true"]):
+        objs = render(*secured, *split)
+        for name, w in {**workloads(objs), **kinds(objs, "Job")}.items():
+            spec = pod(w)["spec"]
+            for c in [*spec.get("initContainers", []), *spec["containers"]]:
+                files = {
+                    f"{m['mountPath']}/{item['path']}"
+                    for m in c.get("volumeMounts", [])
+                    for v in spec["volumes"]
+                    if v["name"] == m["name"] and "projected" in v
+                    for src in v["projected"]["sources"]
+                    for item in src["secret"]["items"]
+                }
+                env = {e["name"] for e in c["env"]}
+                named = {e["value"] for e in c["env"] if e["name"].endswith("_FILE") and "value" in e}
+                if "SENTPIPE_DATABASE_URL" in env:  # the URL's sslrootcert / sslcert / sslkey
+                    named |= {
+                        f"/etc/sentpipe/tls/database-{f}" for f in ("ca.crt", "client.crt", "client.key")
+                    }
+                assert named <= files, (name, c["name"], sorted(named - files))
+
+
 # sentpipe.settings.default_app_id's answers (tests/test_deploy_static.py holds the app to the same table).
 APP_IDS = {
     "sent.": "sentpipe",

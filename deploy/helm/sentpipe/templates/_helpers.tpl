@@ -292,22 +292,24 @@ the database's only for pods that use it. Empty when none is configured. */}}
 
 {{/*
 Ingress worker processes per pod (SENTPIPE_INGRESS_WORKERS): ingress.workers when set, else the pod's CPU
-request rounded up ("250m" -> 1, "1" -> 1, "1500m" -> 2, 2 -> 2), at least 1. One process's event loop uses
-about one core; the processes' metrics are served as one on ingress.metricsPort (labelled `worker`).
+request rounded up ("250m" -> 1, "1" -> 1, "1500m" -> 2, 2 -> 2), at least 1 and at most 256 (the app's
+ceiling). Without a CPU request, the CPU limit, which Kubernetes then makes the request. One process's event
+loop uses about one core; the processes' metrics are served as one on ingress.metricsPort (labelled `worker`).
 */}}
 {{- define "sentpipe.ingressWorkers" -}}
 {{- $i := .Values.ingress -}}
 {{- if $i.workers -}}
 {{- int $i.workers -}}
 {{- else -}}
-{{- $cpu := toString (dig "requests" "cpu" "" ($i.resources | default dict)) -}}
+{{- $res := $i.resources | default dict -}}
+{{- $cpu := toString (dig "requests" "cpu" (dig "limits" "cpu" "" $res) $res) -}}
 {{- $milli := 1000 -}}
 {{- if hasSuffix "m" $cpu -}}
 {{- $milli = atoi (trimSuffix "m" $cpu) -}}
 {{- else if $cpu -}}
 {{- $milli = int (mulf (float64 $cpu) 1000) -}}
 {{- end -}}
-{{- max 1 (div (add $milli 999) 1000) -}}
+{{- min 256 (max 1 (div (add $milli 999) 1000)) -}}
 {{- end -}}
 {{- end -}}
 
@@ -319,6 +321,11 @@ from the topic prefix (sentpipe/settings.py default_app_id; deploy/check_chart.p
 {{- else if eq .Values.kafka.topicPrefix "sent." -}}
 sentpipe
 {{- else -}}
-{{- printf "sentpipe-%s" (default "default" (trimAll "." .Values.kafka.topicPrefix)) -}}
+{{- $id := printf "sentpipe-%s" (default "default" (trimAll "." .Values.kafka.topicPrefix)) -}}
+{{- /* settings.py MAX_APP_ID: the changelog "<app id>-dedup-changelog" must stay a legal topic name. */}}
+{{- if gt (len $id) 233 -}}
+{{- fail (printf "the app id derived from kafka.topicPrefix (%s) is longer than 233 characters: shorten the prefix or set worker.appId" $id) -}}
+{{- end -}}
+{{- $id -}}
 {{- end -}}
 {{- end -}}

@@ -1,0 +1,908 @@
+"""The deployment files against the code that reads them: every SENTPIPE_* variable the Helm chart renders or
+a compose file sets is a field of sentpipe/settings.py (an unknown name is silently ignored there:
+extra="ignore"), and Settings accepts its value, with every file it names mounted in that container. Probes
+and Service ports reach the ports and routes the code serves; the values schema refuses what Settings would
+refuse at start (a CrashLoopBackOff instead of a failed `helm install`); every values key does something.
+
+The chart is rendered with the helm that `make check-deploy` installs under .local/bin (or one on PATH); YAML
+is read with PyYAML, from this interpreter or from the deploy-tools virtualenv beside helm. Without them the
+tests here skip, naming what is missing.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import concurrent.futures
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from unittest import mock
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from pydantic import ValidationError
+
+from sentpipe.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "deploy/helm/sentpipe"
+PRODUCTION = ROOT / "deploy/helm/values-production.yaml"
+COMPOSE = ROOT / "deploy/compose/docker-compose.yml"
+SECURED_COMPOSE = ROOT / "deploy/compose/docker-compose.secured.yml"
+COMPOSE_PROMETHEUS = ROOT / "deploy/compose/prometheus.yml"
+DEPLOY_PYTHON = ROOT / ".local/deploy-tools/venv/bin/python"
+KUBE = "1.37.0"
+CRDS = (
+    *("--api-versions", "monitoring.coreos.com/v1/ServiceMonitor"),
+    *("--api-versions", "monitoring.coreos.com/v1/PrometheusRule"),
+)
+
+Obj = dict[str, Any]
+
+# Distinctive stand-ins, so a leak into plain text is found by searching the render for them.
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"sentpipe-deploy-settings-test-key").decode()
+DB_PASSWORD = "db-pw-4b7e1c"
+CONSOLE_TOKEN = "console-token-9f3a2d61"
+SECRET = ("--set-string", f"secrets.webhookSecret={WEBHOOK_SECRET}")
+# database.url as the values.yaml comment and deploy/README.md document it with database.tls.
+TLS_DATABASE_URL = (
+    f"postgresql://sentpipe:{DB_PASSWORD}@db.example.com:5432/sentpipe?sslmode=verify-full"
+    "&sslrootcert=/etc/sentpipe/tls/database-ca.crt"
+    "&sslcert=/etc/sentpipe/tls/database-client.crt&sslkey=/etc/sentpipe/tls/database-client.key"
+)
+# Values of Secrets the chart does not render (existingSecret, the Kafka user's Secret): valid stand-ins.
+EXTERNAL_SECRETS = {
+    "SENTPIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    "SENTPIPE_DATABASE_URL": f"postgresql://sentpipe:{DB_PASSWORD}@db:5432/sentpipe",
+    "SENTPIPE_KAFKA_SASL_PASSWORD": "kafka-password-1d2c",
+    "SENTPIPE_KAFKA_SSL_KEY_PASSWORD": "key-password-77a1",
+    "SENTPIPE_CONSOLE_TOKEN": CONSOLE_TOKEN,
+}
+SECRET_SETTINGS = set(EXTERNAL_SECRETS)
+
+
+def _set(*pairs: str) -> tuple[str, ...]:
+    return tuple(a for p in pairs for a in ("--set", p))
+
+
+# Value sets: the defaults, the production example, the documented secured-cluster examples (deploy/README.md
+# "Connecting to a secured cluster"), every optional branch, and a Secret managed elsewhere.
+CASES: dict[str, tuple[str, ...]] = {
+    "default": SECRET,
+    "production": ("-f", str(PRODUCTION)),
+    "production-console": (
+        "-f",
+        str(PRODUCTION),
+        *_set("console.enabled=true", "console.existingSecret=console-creds"),
+    ),
+    # mTLS (Strimzi KafkaUser with authentication: tls) and PostgreSQL with verify-full and a client cert.
+    "mtls-database-tls": (
+        *SECRET,
+        *_set(
+            "kafka.security.protocol=SSL",
+            "kafka.security.tls.caSecret.name=events-cluster-ca-cert",
+            "kafka.security.tls.clientSecret.name=sentpipe",
+            "database.tls.caSecret.name=pg-ca",
+            "database.tls.clientSecret.name=pg-client",
+            "worker.split.enabled=true",
+            "console.enabled=true",
+        ),
+        *("--set-string", f"database.url={TLS_DATABASE_URL}"),
+        *("--set-string", f"console.token={CONSOLE_TOKEN}"),
+    ),
+    # A managed service with publicly trusted certificates (Confluent Cloud: PLAIN, no CA file).
+    "sasl-ssl-public-ca": (
+        *SECRET,
+        *_set(
+            "kafka.security.protocol=SASL_SSL",
+            "kafka.security.sasl.mechanism=PLAIN",
+            "kafka.security.sasl.username=api-key",
+            "kafka.security.sasl.passwordSecret.name=confluent",
+            "kafka.security.tls.checkHostname=false",
+            "console.enabled=true",
+        ),
+        *("--set-string", f"console.token={CONSOLE_TOKEN}"),
+    ),
+    "sasl-plaintext": (
+        *SECRET,
+        *_set(
+            "kafka.security.protocol=SASL_PLAINTEXT",
+            "kafka.security.sasl.mechanism=SCRAM-SHA-256",
+            "kafka.security.sasl.username=sentpipe",
+            "kafka.security.sasl.passwordSecret.name=sentpipe",
+        ),
+    ),
+    # deploy/check.sh's all-options set.
+    "all-options": (
+        *SECRET,
+        *_set(
+            "worker.rocksdb.enabled=true",
+            "ingress.autoscaling.enabled=true",
+            "ingress.autoscaling.requestsPerSecond.enabled=true",
+            "ingress.expose.enabled=true",
+            "serviceMonitor.enabled=true",
+            "worker.handlerModules[0]=handlers",
+            "worker.split.enabled=true",
+            "worker.split.projector.resources.requests.cpu=100m",
+            "console.enabled=true",
+            "ingress.resources.requests.cpu=1500m",
+            "prometheusRule.enabled=true",
+            "console.metricsUrls[0]=http://sp-sentpipe-ingress:9100/metrics",
+            "config.logLevel=DEBUG",
+            "config.eventIdSource=content",
+        ),
+        *("--set-string", f"secrets.tenants.acme[0]={WEBHOOK_SECRET}"),
+        *("--set-string", f"console.token={CONSOLE_TOKEN}"),
+        *("--set-string", f"database.url=postgresql://sentpipe:{DB_PASSWORD}@db:5432/sentpipe"),
+    ),
+    "existing-secret": _set(
+        "secrets.existingSecret=sentpipe-credentials",
+        "secrets.tenantsFile=true",
+        "secrets.reloader=true",
+        "worker.rocksdb.persistence.enabled=false",
+        "ingress.spool.persistence.enabled=false",
+        "console.enabled=true",
+        "console.existingSecret=console-creds",
+        "kafka.topicPrefix=eu.acme.",
+    ),
+    # The install command of deploy/README.md "Kubernetes (Helm)".
+    "readme-install": _set(
+        "image.repository=registry.example.com/sentpipe",
+        "image.tag=0.1.0",
+        "kafka.bootstrap=events-kafka-bootstrap.kafka.svc:9092",
+        "kafka.replicationFactor=3",
+        "secrets.existingSecret=sentpipe-credentials",
+        "ingress.expose.enabled=true",
+        "ingress.expose.host=webhooks.example.com",
+    ),
+}
+
+
+# --- tools -------------------------------------------------------------------------------------------------
+@functools.cache
+def helm() -> str:
+    local = ROOT / ".local/bin/helm"
+    found = str(local) if os.access(local, os.X_OK) else shutil.which("helm")
+    if not found:
+        pytest.skip("no helm: `make check-deploy` installs it under .local/bin")
+    return found
+
+
+def load_yaml(text: str) -> list[Any]:
+    """Every document of a YAML stream (PyYAML here, or in the deploy-tools virtualenv)."""
+    try:
+        import yaml  # type: ignore[import-untyped]
+    except ImportError:
+        if not os.access(DEPLOY_PYTHON, os.X_OK):
+            pytest.skip("no PyYAML: `make check-deploy` installs it in .local/deploy-tools/venv")
+        code = "import json, sys, yaml; json.dump(list(yaml.safe_load_all(sys.stdin)), sys.stdout)"
+        out = subprocess.run(
+            [str(DEPLOY_PYTHON), "-c", code], input=text, capture_output=True, text=True, check=True
+        )
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+    return list(yaml.safe_load_all(text))
+
+
+def helm_template(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [helm(), "template", "sp", str(CHART), "--namespace", "sp", "--kube-version", KUBE, *CRDS, *args],
+        capture_output=True,
+        text=True,
+    )
+
+
+@functools.cache
+def render_text(*args: str) -> str:
+    out = helm_template(*args)
+    assert out.returncode == 0, f"helm template {' '.join(args)} failed:\n{out.stderr}"
+    return out.stdout
+
+
+@functools.cache
+def render(*args: str) -> tuple[Obj, ...]:
+    return tuple(d for d in load_yaml(render_text(*args)) if d)
+
+
+def refused(*args: str) -> str:
+    out = helm_template(*args)
+    assert out.returncode != 0, f"helm template {' '.join(args)} was expected to fail"
+    return out.stderr
+
+
+# --- reading the rendered pods -----------------------------------------------------------------------------
+def pods(objs: tuple[Obj, ...]) -> Iterator[tuple[str, Obj, Obj]]:
+    """(workload name, pod spec, container) for every container of every workload and Job."""
+    for o in objs:
+        if o["kind"] in ("Deployment", "StatefulSet", "Job"):
+            spec = o["spec"]["template"]["spec"]
+            for c in [*spec.get("initContainers", []), *spec["containers"]]:
+                yield o["metadata"]["name"], o, c
+
+
+def secrets_of(objs: tuple[Obj, ...]) -> dict[str, dict[str, str]]:
+    """Secrets the chart renders: name -> key -> decoded value."""
+    return {
+        o["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in (o.get("data") or {}).items()}
+        for o in objs
+        if o["kind"] == "Secret"
+    }
+
+
+def provided_file(workload: Obj, container: Obj, path: str, chart_secrets: dict[str, dict[str, str]]) -> str:
+    """Why `path` is not a file this container can read, or "" when a volume provides it (from a key the
+    Secret has, where the chart renders that Secret)."""
+    spec = workload["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for m in container.get("volumeMounts", []):
+        root = m["mountPath"].rstrip("/") + "/"
+        if not path.startswith(root):
+            continue
+        rel = path[len(root) :]
+        vol = volumes.get(m["name"])
+        if vol is None:
+            return f"{path}: mounted from volume {m['name']!r}, which the pod does not define"
+        sources = vol["projected"]["sources"] if "projected" in vol else [vol] if "secret" in vol else []
+        for src in sources:
+            sec = src["secret"]
+            name = sec.get("name") or sec.get("secretName")
+            for item in sec.get("items", []):
+                if item["path"] == rel:
+                    known = chart_secrets.get(name)
+                    if known is not None and item["key"] not in known:
+                        return f"{path}: key {item['key']!r} is not in the chart's Secret {name}"
+                    return ""
+        return f"{path}: volume {m['name']!r} mounted at {m['mountPath']} has no item {rel!r}"
+    return f"{path}: no volume is mounted there"
+
+
+@contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """os.environ with exactly these SENTPIPE_* variables (the test runner's own are set aside)."""
+    with mock.patch.dict(os.environ):
+        for name in [n for n in os.environ if n.startswith("SENTPIPE_")]:
+            del os.environ[name]
+        os.environ.update(env)
+        yield
+
+
+def settings_from(env: dict[str, str]) -> Settings:
+    with environment(env):
+        return Settings()
+
+
+def field_of(env_name: str) -> str:
+    return env_name.removeprefix("SENTPIPE_").lower()
+
+
+def container_env(
+    objs: tuple[Obj, ...], workload: Obj, container: Obj, files: Path
+) -> tuple[dict[str, str], list[str]]:
+    """The container's SENTPIPE_* environment as Settings would read it, and the problems found: names that
+    are no setting, secrets in plain text, files no volume provides. Secret references resolve to the
+    chart's Secret (whose key must exist) or, for a Secret managed elsewhere, a valid stand-in; a file
+    setting points at a real file once its volume is shown to provide it."""
+    chart_secrets = secrets_of(objs)
+    env: dict[str, str] = {}
+    problems: list[str] = []
+    for e in container.get("env", []):
+        name = e["name"]
+        if not name.startswith("SENTPIPE_"):
+            continue
+        if field_of(name) not in Settings.model_fields:
+            problems.append(f"{name} is not a setting (sentpipe/settings.py ignores it)")
+            continue
+        if "value" in e:
+            if name in SECRET_SETTINGS:
+                problems.append(f"{name} is a plain-text value, not a secretKeyRef")
+            value = str(e["value"])
+        else:
+            ref = e["valueFrom"].get("secretKeyRef")
+            if ref is None:
+                problems.append(f"{name}: only literal values and secretKeyRefs are expected, not {e}")
+                continue
+            known = chart_secrets.get(ref["name"])
+            if known is None:
+                value = EXTERNAL_SECRETS[name]
+            elif ref["key"] not in known:
+                problems.append(f"{name}: key {ref['key']!r} is not in the chart's Secret {ref['name']}")
+                continue
+            else:
+                value = known[ref["key"]]
+        if name.endswith("_FILE"):
+            why = provided_file(workload, container, value, chart_secrets)
+            if why:
+                problems.append(f"{name}={why}")
+            stand_in = files / name.lower()
+            stand_in.write_text("stand-in\n")
+            value = str(stand_in)
+        if name == "SENTPIPE_DATABASE_URL":
+            # libpq reads sslrootcert / sslcert / sslkey from the container's file system.
+            query = parse_qs(urlsplit(value).query)
+            for param in ("sslrootcert", "sslcert", "sslkey"):
+                for path in query.get(param, []):
+                    why = provided_file(workload, container, path, chart_secrets)
+                    if why:
+                        problems.append(f"{name} {param}={why}")
+        env[name] = value
+    return env, problems
+
+
+def container_settings(objs: tuple[Obj, ...], files: Path) -> Iterator[tuple[str, Obj, Settings]]:
+    """(workload/container, container, Settings) for every container; fails on any problem."""
+    for wname, workload, c in pods(objs):
+        where = f"{wname}/{c['name']}"
+        env, problems = container_env(objs, workload, c, files)
+        assert not problems, f"{where}: {problems}"
+        try:
+            s = settings_from(env)
+        except ValidationError as exc:
+            shown = {k: ("<secret>" if k in SECRET_SETTINGS else v) for k, v in env.items()}
+            raise AssertionError(
+                f"{where}: Settings refuses the rendered environment {shown}:\n{exc}"
+            ) from None
+        yield where, c, s
+
+
+# --- the chart's environment against Settings -------------------------------------------------------------
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_rendered_variable_is_a_setting_with_a_value_settings_accepts(
+    case: str, tmp_path: Path
+) -> None:
+    objs = render(*CASES[case])
+    seen = list(container_settings(objs, tmp_path))
+    assert {c["args"][0] for _, c, _ in seen} >= {"ingress", "worker", "topics", "db"}, case
+    for where, c, s in seen:
+        if c["args"][0] in ("ingress", "console"):
+            assert not s.uses_development_secret, f"{where} would verify with the public development secret"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_secrets_stay_in_secrets(case: str) -> None:
+    """No secret value in plain text anywhere but a Secret's data: not in an env value, a ConfigMap, a label
+    or an annotation (the chart's checksums are hashes)."""
+    text = render_text(*CASES[case])
+    objs = render(*CASES[case])
+    assert not [o for o in objs if o["kind"] == "ConfigMap"], "the chart renders no ConfigMap"
+    for needle in (WEBHOOK_SECRET, DB_PASSWORD, CONSOLE_TOKEN):
+        assert needle not in text, f"{case}: a secret value is in plain text in the rendered chart"
+
+
+def test_the_secured_case_mounts_every_certificate_where_the_settings_point() -> None:
+    """The console, the workers that project and the init Job read PostgreSQL; every Kafka client reads the
+    Kafka certificates. Each gets the files its settings and database URL name."""
+    objs = render(*CASES["mtls-database-tls"])
+    readers = {f"{w}/{c['name']}" for w, _, c in pods(objs)}
+    assert {
+        "sp-sentpipe-console/console",
+        "sp-sentpipe-projector/worker",
+        "sp-sentpipe-init/migrate",
+    } <= readers
+    for w, _, c in pods(objs):
+        names = {e["name"] for e in c["env"]}
+        assert {
+            "SENTPIPE_KAFKA_SSL_CA_FILE",
+            "SENTPIPE_KAFKA_SSL_CERT_FILE",
+            "SENTPIPE_KAFKA_SSL_KEY_FILE",
+        } <= names
+        tls = [m for m in c["volumeMounts"] if m["mountPath"] == "/etc/sentpipe/tls"]
+        assert tls and tls[0]["readOnly"] is True, f"{w}/{c['name']}"
+
+
+# --- probes, ports and scrape targets ---------------------------------------------------------------------
+def _routes(path: str, function: str) -> set[str]:
+    """The GET paths a function of the code registers (router.add_get("/x", ...))."""
+    tree = ast.parse((ROOT / path).read_text())
+    (fn,) = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function]
+    return {
+        call.args[0].value
+        for call in ast.walk(fn)
+        if isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Attribute)
+        and call.func.attr == "add_get"
+        and call.args
+        and isinstance(call.args[0], ast.Constant)
+        and isinstance(call.args[0].value, str)
+    }
+
+
+@functools.cache
+def served() -> dict[tuple[str, str], set[str]]:
+    """(role, container port name) -> the GET routes the code serves there."""
+    return {
+        ("ingress", "http"): _routes("ingress/app.py", "create_app"),
+        ("ingress", "metrics"): _routes("ingress/app.py", "create_metrics_app"),
+        ("worker", "metrics"): _routes("processors/health.py", "health_app"),
+        ("console", "http"): _routes("sentpipe/console/app.py", "create_app"),
+    }
+
+
+def listening(role: str, s: Settings) -> dict[str, int]:
+    """Container port name -> the port the role binds with these settings."""
+    return {
+        "ingress": {"http": s.ingress_port, "metrics": s.ingress_metrics_port},
+        "worker": {"metrics": s.worker_metrics_port},
+        "console": {"http": s.console_port},
+    }[role]
+
+
+def test_the_code_serves_the_probed_routes() -> None:
+    assert served()[("ingress", "http")] >= {"/healthz", "/readyz"}
+    assert served()[("ingress", "metrics")] == {"/metrics"}
+    assert served()[("worker", "metrics")] == {"/metrics", "/livez", "/readyz"}
+    assert "/healthz" in served()[("console", "http")]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        *CASES,
+        "ports-moved",
+    ],
+)
+def test_probes_and_ports_reach_what_the_code_binds(case: str, tmp_path: Path) -> None:
+    args = CASES.get(case) or (
+        *CASES["all-options"],
+        *_set(
+            "ingress.port=18080",
+            "ingress.metricsPort=19100",
+            "worker.metricsPort=19101",
+            "console.port=18090",
+        ),
+    )
+    objs = render(*args)
+    for where, c, s in container_settings(objs, tmp_path):
+        role = c["args"][0]
+        if role not in ("ingress", "worker", "console"):
+            assert not c.get("ports"), where
+            continue
+        ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+        assert ports == listening(role, s), (
+            f"{where}: container ports {ports}, the code binds {listening(role, s)}"
+        )
+        for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
+            probe = c.get(kind)
+            if probe is None:
+                continue
+            get = probe["httpGet"]
+            assert get["port"] in ports, f"{where} {kind}: port {get['port']} is not a container port"
+            assert get["path"] in served()[(role, get["port"])], f"{where} {kind}: {get} is not served"
+        assert c.get("livenessProbe") and c.get("readinessProbe"), where
+    # Services reach a named port of the pods they select, and the ServiceMonitor scrapes /metrics there.
+    workloads = [o for o in objs if o["kind"] in ("Deployment", "StatefulSet")]
+    services = {o["metadata"]["name"]: o for o in objs if o["kind"] == "Service"}
+    for name, svc in services.items():
+        sel = svc["spec"]["selector"]
+        (target,) = [
+            w for w in workloads if sel.items() <= w["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        (c,) = target["spec"]["template"]["spec"]["containers"]
+        names = {p["name"] for p in c["ports"]}
+        for p in svc["spec"]["ports"]:
+            assert p["targetPort"] in names, f"Service {name} port {p}: no such port on {c['name']}"
+    for sm in (o for o in objs if o["kind"] == "ServiceMonitor"):
+        selected = [
+            svc
+            for svc in services.values()
+            if sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+            and all(e["key"] in svc["metadata"]["labels"] for e in sm["spec"]["selector"]["matchExpressions"])
+        ]
+        assert selected
+        for ep in sm["spec"]["endpoints"]:
+            for svc in selected:
+                port = [p for p in svc["spec"]["ports"] if p["name"] == ep["port"]]
+                assert port, f"ServiceMonitor port {ep['port']} is not on Service {svc['metadata']['name']}"
+                role = svc["metadata"]["labels"]["app.kubernetes.io/component"]
+                role = "worker" if role in ("router", "projector") else role
+                assert ep["path"] in served()[(role, port[0]["targetPort"])]
+
+
+@pytest.mark.parametrize(
+    ("resources", "workers"),
+    [
+        ({"requests": {"cpu": "250m"}}, 1),
+        ({"requests": {"cpu": "1"}}, 1),
+        ({"requests": {"cpu": "1500m"}}, 2),
+        ({"requests": {"cpu": 2}}, 2),
+        ({"requests": {"cpu": "0.5"}}, 1),
+        ({"requests": {"cpu": "2.5"}}, 3),
+        # Without a request Kubernetes makes the limit the request.
+        ({"requests": None, "limits": {"cpu": "3"}}, 3),
+        ({"requests": None, "limits": {"cpu": None}}, 1),
+        # The app starts at most 256.
+        ({"requests": {"cpu": "300"}}, 256),
+    ],
+)
+def test_ingress_workers_follow_the_cpu_request(
+    resources: dict[str, Any], workers: int, tmp_path: Path
+) -> None:
+    objs = render(*SECRET, "--set-json", f"ingress.resources={json.dumps(resources)}")
+    (s,) = [s for _, c, s in container_settings(objs, tmp_path) if c["args"][0] == "ingress"]
+    assert s.ingress_workers == workers
+    # ingress.maxInFlight (256) is per pod: each process takes its share, rounded up.
+    assert s.ingress_max_in_flight == math.ceil(256 / workers)
+
+
+# --- the values schema refuses what Settings refuses -------------------------------------------------------
+@functools.cache
+def schema() -> Obj:
+    return json.loads((CHART / "values.schema.json").read_text())  # type: ignore[no-any-return]
+
+
+def schema_node(key: str) -> Obj:
+    node: Obj = schema()
+    for part in key.split("."):
+        node = node["properties"][part]
+    return node
+
+
+# value -> the variable it renders; extra values needed for it to be rendered at all.
+NUMERIC: list[tuple[str, str, tuple[str, ...]]] = [
+    ("kafka.replicationFactor", "SENTPIPE_REPLICATION_FACTOR", ()),
+    ("kafka.rawPartitions", "SENTPIPE_RAW_PARTITIONS", _set("worker.replicas=1")),
+    ("kafka.routedPartitions", "SENTPIPE_ROUTED_PARTITIONS", ()),
+    ("ingress.port", "SENTPIPE_INGRESS_PORT", ()),
+    ("ingress.metricsPort", "SENTPIPE_INGRESS_METRICS_PORT", ()),
+    ("ingress.workers", "SENTPIPE_INGRESS_WORKERS", ()),
+    ("ingress.maxInFlight", "SENTPIPE_INGRESS_MAX_IN_FLIGHT", ()),
+    ("ingress.bodyTimeoutSeconds", "SENTPIPE_BODY_TIMEOUT_S", ()),
+    ("ingress.spool.maxBytes", "SENTPIPE_SPOOL_MAX_BYTES", ()),
+    ("worker.metricsPort", "SENTPIPE_WORKER_METRICS_PORT", ()),
+    ("worker.stallAfterSeconds", "SENTPIPE_STALL_AFTER_S", ()),
+    ("worker.startupFailureThreshold", "SENTPIPE_RECOVERY_STALL_AFTER_S", ()),
+    ("worker.standbyReplicas", "SENTPIPE_TABLE_STANDBY_REPLICAS", ()),
+    ("console.port", "SENTPIPE_CONSOLE_PORT", ("--set-string", f"console.token={CONSOLE_TOKEN}")),
+]
+
+
+@pytest.mark.parametrize(("key", "variable", "extra"), NUMERIC, ids=[k for k, _, _ in NUMERIC])
+def test_the_schema_bounds_are_what_settings_accepts(
+    key: str, variable: str, extra: tuple[str, ...], tmp_path: Path
+) -> None:
+    node = schema_node(key)
+    assert "maximum" in node, f"values.schema.json: {key} has no maximum, but {variable} has one"
+    low = node.get("minimum", node.get("exclusiveMinimum", 0) + 0.5)
+    on = _set("console.enabled=true") if key.startswith("console.") else ()
+    for edge in (low, node["maximum"]):
+        value = int(edge) if float(edge).is_integer() else edge
+        objs = render(*SECRET, *on, *extra, "--set-json", f"{key}={value}")
+        rendered = [
+            s for _, c, s in container_settings(objs, tmp_path) if variable in {e["name"] for e in c["env"]}
+        ]
+        assert rendered, f"{key}={value} renders no {variable}"
+    err = refused(*SECRET, *on, *extra, "--set", f"{key}={int(node['maximum']) + 1}")
+    assert "values don't meet the specifications of the schema" in err, err
+
+
+def test_the_init_jobs_topics_timeout_is_one_the_command_takes() -> None:
+    """init.topicsTimeoutSeconds becomes `topics ensure --timeout`, which refuses what is out of its range."""
+    from sentpipe.cli_base import MAX_TIMEOUT_S, MIN_TIMEOUT_S
+
+    node = schema_node("init.topicsTimeoutSeconds")
+    assert node["minimum"] >= MIN_TIMEOUT_S and node.get("maximum", math.inf) <= MAX_TIMEOUT_S, node
+    (job,) = [
+        o
+        for o in render(*SECRET, "--set", f"init.topicsTimeoutSeconds={int(MAX_TIMEOUT_S)}")
+        if o["kind"] == "Job"
+    ]
+    (topics,) = job["spec"]["template"]["spec"]["initContainers"]
+    assert topics["args"] == ["topics", "ensure", "--timeout", str(int(MAX_TIMEOUT_S))]
+
+
+STRINGS: list[tuple[str, list[str], list[str]]] = [
+    # key, values Settings accepts (the chart must render them), values it refuses (the chart must too)
+    ("config.defaultTenant", ["acme-eu", "t" * 256, "Ünïcode tenant"], ["a/b", "t" * 257, "tab\there"]),
+    ("kafka.bootstrap", ["kafka:9092", "b-1:9096\\,b-2:9096"], [" "]),  # helm --set: an escaped comma
+    ("kafka.topicPrefix", ["", "eu.acme.", "p" * 224], ["a/b", "p" * 231, "p" * 225]),
+    ("worker.appId", ["kept-group", "g" * 233], ["a/b", "g" * 234]),
+    ("secrets.tenants", ['{"acme": ["s"]}', '{"ünï": "s"}'], ['{"a/b": ["s"]}', '{"": "s"}']),
+]
+
+
+@pytest.mark.parametrize(("key", "good", "bad"), STRINGS, ids=[k for k, _, _ in STRINGS])
+def test_the_schema_refuses_the_names_settings_refuses(
+    key: str, good: list[str], bad: list[str], tmp_path: Path
+) -> None:
+    flag = "--set-json" if key == "secrets.tenants" else "--set-string"
+    for value in good:
+        objs = render(*SECRET, flag, f"{key}={value}")
+        list(container_settings(objs, tmp_path))
+        if key == "secrets.tenants":
+            tenants = json.loads(secrets_of(objs)["sp-sentpipe"]["tenants.json"])
+            for name in tenants:
+                s = settings_from({"SENTPIPE_DEFAULT_TENANT": name})
+                assert s.default_tenant == name
+    for value in bad:
+        err = refused(*SECRET, flag, f"{key}={value}")
+        assert "Error:" in err and ("schema" in err or "longer than 233" in err), (value, err)
+        if key == "secrets.tenants":
+            (name,) = json.loads(value)
+            with pytest.raises(ValidationError):
+                settings_from({"SENTPIPE_DEFAULT_TENANT": name})
+
+
+# --- every values key is described by the schema and used by a template -----------------------------------
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict) and node:
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else k)
+    else:
+        yield prefix, node
+
+
+def _schema_paths(node: Obj, prefix: str = "") -> Iterator[str]:
+    for k, v in node.get("properties", {}).items():
+        path = f"{prefix}.{k}" if prefix else k
+        yield path
+        yield from _schema_paths(v, path)
+
+
+@functools.cache
+def values() -> Obj:
+    (doc,) = load_yaml((CHART / "values.yaml").read_text())
+    return doc  # type: ignore[no-any-return]
+
+
+def test_the_schema_describes_exactly_the_values_keys() -> None:
+    keys = [k for k, _ in _leaves(values())]
+    described = set(schema_paths())
+    prefixes = {".".join(k.split(".")[:i]) for k in keys for i in range(1, k.count(".") + 2)}
+    # A key whose default is empty ({}) may have its shape described below it (resources: requests, limits).
+    stray = sorted(
+        p for p in described - prefixes if p != "global" and not any(p.startswith(k + ".") for k in keys)
+    )
+    assert not stray, (
+        f"values.schema.json accepts keys that values.yaml has not and no template reads: {stray}"
+    )
+    undescribed = [k for k in keys if not any(k == p or k.startswith(p + ".") for p in described)]
+    assert not undescribed, undescribed
+
+
+# Bases that switch on every branch a key can sit behind.
+KEY_BASES: list[tuple[str, ...]] = [
+    CASES["all-options"]
+    + _set(
+        "kafka.security.protocol=SASL_SSL",
+        "kafka.security.sasl.username=u",
+        "kafka.security.sasl.passwordSecret.name=p",
+        "kafka.security.tls.caSecret.name=ca",
+        "kafka.security.tls.clientSecret.name=cl",
+        "database.tls.caSecret.name=dca",
+        "database.tls.clientSecret.name=dcl",
+    ),
+    CASES["existing-secret"],
+    (
+        *SECRET,
+        *_set(
+            "worker.rocksdb.persistence.enabled=false",
+            "ingress.spool.persistence.enabled=false",
+            "worker.split.enabled=true",
+        ),
+    ),
+]
+
+
+def _alternatives(key: str, default: Any) -> list[tuple[str, str]]:
+    """Other values for a key, ones its schema allows (an enum's other members, a pattern's matches)."""
+    node = schema_node(key) if key in schema_paths() else {}
+    if isinstance(default, bool):
+        return [("--set", f"{key}=true"), ("--set", f"{key}=false")]
+    if isinstance(default, (int, float)):
+        numbers = [int(default) + 2, int(default) + 1, 1, 0]
+        return [("--set", f"{key}={n}") for n in numbers]
+    if isinstance(default, str):
+        words = node.get("enum") or [
+            f"{default}x",
+            "y",
+            "3Gi",
+            "a-value-long-enough-for-any-minimum",
+            "https://example.com/y",
+            "sha256:" + "ab" * 32,
+        ]
+        pattern = node.get("pattern")
+        words = [w for w in words if w != default and (pattern is None or re.search(pattern, w))]
+        return [("--set-string", f"{key}={w}") for w in words]
+    samples: list[Any] = (
+        [["x"], [{"name": "x"}], [{"name": "x", "value": "y"}]]
+        if isinstance(default, list)
+        else [{"a": "b"}, {"requests": {"cpu": "1"}}]
+    )
+    return [("--set-json", f"{key}={json.dumps(sample)}") for sample in samples]
+
+
+@functools.cache
+def schema_paths() -> frozenset[str]:
+    return frozenset(_schema_paths(schema()))
+
+
+def test_every_values_key_changes_the_render() -> None:
+    """A key no template reads is a setting that silently does nothing."""
+    helm()
+    baselines = {base: helm_template(*base) for base in KEY_BASES}
+    for base, out in baselines.items():
+        assert out.returncode == 0, (base, out.stderr)
+
+    def used(item: tuple[str, Any]) -> str | None:
+        key, default = item
+        for base in KEY_BASES:
+            for alt in _alternatives(key, default):
+                out = helm_template(*base, *alt)
+                if out.returncode == 0 and out.stdout != baselines[base].stdout:
+                    return None
+        return key
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2))) as pool:
+        unused = [k for k in pool.map(used, list(_leaves(values()))) if k]
+    assert not unused, f"values.yaml keys no template reads: {unused}"
+
+
+# --- compose ------------------------------------------------------------------------------------------------
+# What the compose files' headers tell the user to export.
+COMPOSE_ENV = {
+    "SENTPIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    "SENTPIPE_CONSOLE_TOKEN": CONSOLE_TOKEN,
+}
+SECURED_ENV = {
+    **COMPOSE_ENV,
+    "SENTPIPE_KAFKA_BOOTSTRAP": "broker-1.example.com:9093",
+    "SENTPIPE_KAFKA_SASL_USERNAME": "sentpipe",
+    "SENTPIPE_KAFKA_SASL_PASSWORD": "kafka-password-1d2c",
+    "SENTPIPE_DATABASE_URL": (
+        f"postgresql://sentpipe:{DB_PASSWORD}@db.example.com:5432/sentpipe?sslmode=verify-full"
+        "&sslrootcert=/etc/sentpipe/tls/database-ca.crt"
+    ),
+}
+INTERPOLATION = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?error}, ${VAR?error}."""
+
+    def one(m: re.Match[str]) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        value = env.get(name)
+        empty = value is None or (value == "" and op is not None and op.startswith(":"))
+        if op is None:
+            return value or ""
+        if op.endswith("-"):
+            return arg if empty else str(value)
+        if empty:
+            raise AssertionError(f"compose needs {name}: {arg}")
+        return str(value)
+
+    return INTERPOLATION.sub(one, text.replace("$$", "\0")).replace("\0", "$")
+
+
+def compose_services(files: list[Path], env: dict[str, str]) -> dict[str, Obj]:
+    """The services after merging the files in order (environment maps merged, the rest replaced)."""
+    merged: dict[str, Obj] = {}
+    for path in files:
+        (doc,) = load_yaml(path.read_text())
+        for name, svc in doc["services"].items():
+            into = merged.setdefault(name, {})
+            for k, v in svc.items():
+                if k == "environment":
+                    into["environment"] = {**into.get("environment", {}), **v}
+                elif k == "volumes":  # merged by the path mounted in the container
+                    targets = {m.split(":")[1] for m in v}
+                    into["volumes"] = [
+                        m for m in into.get("volumes", []) if m.split(":")[1] not in targets
+                    ] + v
+                else:
+                    into[k] = v
+    for svc in merged.values():
+        if isinstance(svc.get("environment"), dict):
+            svc["environment"] = {
+                k: interpolate(str(v), env) for k, v in svc["environment"].items() if v is not None
+            }
+        svc["volumes"] = [interpolate(v, env) for v in svc.get("volumes", [])]
+    return merged
+
+
+def sentpipe_services(services: dict[str, Obj]) -> dict[str, Obj]:
+    return {n: s for n, s in services.items() if str(s.get("image", "")).startswith("sentpipe")}
+
+
+def compose_settings(name: str, svc: Obj, tmp: Path) -> Settings:
+    env: dict[str, str] = {}
+    for var, value in svc["environment"].items():
+        if not var.startswith("SENTPIPE_"):
+            continue
+        assert field_of(var) in Settings.model_fields, f"{name}: {var} is not a setting (ignored)"
+        if var.endswith("_FILE"):
+            mounts = [v.split(":")[1] for v in svc["volumes"]]
+            assert any(value.startswith(m.rstrip("/") + "/") for m in mounts), (
+                f"{name}: {var}={value} not mounted"
+            )
+            stand_in = tmp / var.lower()
+            stand_in.write_text("stand-in\n")
+            value = str(stand_in)
+        env[var] = value
+    if "SENTPIPE_SPOOL_DIR" in env:
+        mounts = [v.split(":")[1] for v in svc["volumes"]]
+        assert env["SENTPIPE_SPOOL_DIR"] in mounts, f"{name}: the spool is not on a volume"
+    try:
+        return settings_from(env)
+    except ValidationError as exc:
+        raise AssertionError(f"compose service {name}: Settings refuses its environment:\n{exc}") from None
+
+
+def cli_port(svc: Obj, default: int) -> int:
+    cmd = svc.get("command") or []
+    return int(cmd[cmd.index("--port") + 1]) if "--port" in cmd else default
+
+
+@pytest.mark.parametrize("secured", [False, True], ids=["compose", "compose-secured"])
+def test_compose_environments_are_settings_that_settings_accepts(secured: bool, tmp_path: Path) -> None:
+    files = [COMPOSE, SECURED_COMPOSE] if secured else [COMPOSE]
+    services = sentpipe_services(compose_services(files, SECURED_ENV if secured else COMPOSE_ENV))
+    assert set(services) == {"init", "ingress", "worker", "console"}
+    scraped = {
+        job: int(port)
+        for job, port in re.findall(
+            r"job_name: (sentpipe-\w+).*?port: (\d+)", COMPOSE_PROMETHEUS.read_text(), re.S
+        )
+    }
+    for name, svc in services.items():
+        s = compose_settings(name, svc, tmp_path)
+        if secured:
+            assert s.kafka_security_protocol == "SASL_SSL" and s.kafka_ssl_ca_file is not None, (
+                f"{name} is not on the secured cluster: {s.kafka_security_protocol} to {s.kafka_bootstrap}"
+            )
+            assert s.kafka_bootstrap == SECURED_ENV["SENTPIPE_KAFKA_BOOTSTRAP"], name
+            if name != "ingress":
+                url = s.database_url.get_secret_value()
+                assert url == SECURED_ENV["SENTPIPE_DATABASE_URL"], f"{name} still reads the bundled database"
+                (ca,) = parse_qs(urlsplit(url).query)["sslrootcert"]
+                assert any(ca.startswith(v.split(":")[1] + "/") for v in svc["volumes"]), name
+        health = json.dumps(svc.get("healthcheck", {}))
+        if name == "ingress":
+            assert f"{s.ingress_port}:{s.ingress_port}" in svc["ports"][0]
+            assert scraped["sentpipe-ingress"] == s.ingress_metrics_port
+            assert not s.uses_development_secret
+        if name == "worker":
+            assert f"127.0.0.1:{s.worker_metrics_port}/" in health
+            assert scraped["sentpipe-worker"] == s.worker_metrics_port
+        if name == "console":
+            port = cli_port(svc, s.console_port)
+            assert f"127.0.0.1:{port}/healthz" in health and svc["ports"][0].endswith(f":{port}")
+            assert s.console_metrics_urls == [
+                f"http://ingress:{scraped['sentpipe-ingress']}/metrics",
+                f"http://worker:{scraped['sentpipe-worker']}/metrics",
+            ]
+
+
+def test_the_secured_override_covers_every_sentpipe_service() -> None:
+    """A service left out keeps the bundled broker (PLAINTEXT, kafka:9092) and database."""
+    (base,) = load_yaml(COMPOSE.read_text())
+    (secured,) = load_yaml(SECURED_COMPOSE.read_text())
+    ours = {n for n, s in base["services"].items() if str(s.get("image", "")).startswith("sentpipe")}
+    assert ours <= set(secured["services"]), (
+        f"not in {SECURED_COMPOSE.name}: {sorted(ours - set(secured['services']))}"
+    )
+
+
+def test_the_image_environment_is_settings() -> None:
+    docker = (ROOT / "Dockerfile").read_text()
+    names = set(re.findall(r"\b(SENTPIPE_\w+)=", docker))
+    assert names, "the Dockerfile sets SENTPIPE_DATA_DIR"
+    assert all(field_of(n) in Settings.model_fields for n in names), names
+    s = settings_from({})
+    assert f"127.0.0.1:{s.ingress_port}/healthz" in docker
+    expose = re.search(r"^EXPOSE (.+)$", docker, re.M)
+    assert expose and set(expose.group(1).split()) == {
+        str(p) for p in (s.ingress_port, s.ingress_metrics_port, s.worker_metrics_port)
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
