@@ -10,15 +10,28 @@
 A handler runs at least once per event (replays and crashes run it again): make it idempotent.
 Raise RetryableError for temporary trouble (retried with backoff, the stream waits); PermanentError (or any
 other exception) sends the event to the dead-letter topic and processing moves on.
+
+Each registered function runs behind a guard (`_guarded`) that holds the stage to that rule whatever the
+function does: it gets its own copy of the event, at most `HandlerRegistry.timeout_s` per call, and
+anything it raises, BaseExceptions included, comes out as an Exception the stage can classify and
+dead-letter.
 """
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import dataclasses
 import importlib
+import inspect
 import logging
+import socket
+import traceback
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection
 
 from sentpipe.schemas.events import ROUTED_TYPES, CanonicalEvent, EventType
@@ -32,6 +45,19 @@ class PermanentError(Exception):
     """This event can never succeed: it goes to the dead-letter topic."""
 
 
+class HandlerError(PermanentError):
+    """A handler failed in a way the stage cannot carry as raised (SystemExit, a CancelledError of its own,
+    an exception that cannot be printed, a network error of its own, no awaitable): the event's failure."""
+
+
+class HandlerTimeout(HandlerError):
+    """A handler call ran past `HandlerRegistry.timeout_s`: cancelled, the event dead-lettered."""
+
+
+class HandlerModuleError(Exception):
+    """A module of SENTPIPE_HANDLER_MODULES cannot be imported; the message is one line naming it."""
+
+
 @dataclass(frozen=True, slots=True)
 class HandlerContext:
     conn: AsyncConnection  # inside the projection's transaction (a savepoint per handler call)
@@ -41,16 +67,179 @@ class HandlerContext:
 
 Handler = Callable[[CanonicalEvent, HandlerContext], Awaitable[None]]
 
+# Below the watchdog's default stall (SENTPIPE_STALL_AFTER_S, 60 s): a handler waiting forever for one
+# event is that event's failure, not a stall the orchestrator answers with a restart that hangs again.
+HANDLER_TIMEOUT_S = 30.0
+# Metric label and DLQ message prefix; far above any sensible name.
+MAX_NAME_LENGTH = 200
+# Shown of an error message that cannot be sent as it is (the DLQ header keeps 1,000 characters).
+MAX_MESSAGE = 1000
+# A network error raised by the handler's own client (its HTTP call, say) is the event's failure, as the
+# README promises for "any other exception"; only RetryableError, the database and the broker retry.
+_OWN_NETWORK_ERRORS = (ConnectionError, TimeoutError, socket.gaierror)
+
+
+def _routed_type(type_: EventType | str) -> EventType:
+    allowed = ", ".join(x.value for x in ROUTED_TYPES)
+    try:
+        t = EventType(type_)
+    except ValueError:
+        raise ValueError(f"no handler can be registered for {type_!r}: the types are {allowed}") from None
+    if t not in ROUTED_TYPES:
+        raise ValueError(f"no handler can be registered for {t.value!r}: the types are {allowed}")
+    return t
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"a handler name is text of 1 to {MAX_NAME_LENGTH} characters, not {name!r}")
+    try:
+        name.encode()
+    except UnicodeEncodeError:  # a lone surrogate: it could not go into a DLQ header or a metric label
+        raise ValueError(f"a handler name must be valid UTF-8: {name!r}") from None
+    return name
+
+
+def _text(exc: BaseException) -> str | None:
+    """str(exc) when it can go into a DLQ header as it is; None when __str__ raises or the message is not
+    UTF-8 (a lone surrogate): writing that dead letter would fail, batch after batch."""
+    try:
+        text = str(exc)
+        text.encode()
+    except Exception:
+        return None
+    return text
+
+
+def _readable(exc: BaseException) -> str:
+    """str(exc) made fit for a DLQ header, or a note saying it cannot be read."""
+    try:
+        return str(exc)[:MAX_MESSAGE].encode(errors="backslashreplace").decode()
+    except Exception as inner:
+        return f"(its message cannot be read: {type(inner).__name__})"
+
+
+_STAND_INS: dict[str, type[HandlerError]] = {}
+
+
+def _stand_in(exc: BaseException, message: str) -> HandlerError:
+    """A permanent failure under the class name of `exc`: the DLQ's error-class header (and
+    `dlq redrive --reason`) shows what the handler raised."""
+    name = type(exc).__name__
+    cls = _STAND_INS.get(name)
+    if cls is None:  # one class per name raised: as few as the handlers' code has
+        cls = _STAND_INS[name] = type(name, (HandlerError,), {"__module__": __name__})
+    return cls(message)
+
+
+def _as_failure(exc: Exception) -> Exception:
+    """What the stage gets for an exception a handler raised: the exception itself when the stage can
+    classify it and write it to the DLQ as it is, else a stand-in of the kind it should be."""
+    text = _text(exc)
+    if isinstance(exc, RetryableError | psycopg.Error):
+        if text is None and isinstance(exc, RetryableError):
+            return RetryableError(_readable(exc))
+        return exc  # the stage retries these (psycopg's by SQLSTATE); their text comes from the server
+    if isinstance(exc, _OWN_NETWORK_ERRORS):
+        # Retried like a database or broker outage, one event's unreachable API would hold the line forever.
+        why = text if text is not None else _readable(exc)
+        return _stand_in(exc, f"{why} (the handler's own network error; raise RetryableError to retry)")
+    return exc if text is not None else _stand_in(exc, _readable(exc))
+
+
+def _guarded(fn: Handler, registry: HandlerRegistry) -> Handler:
+    """`fn` held to the per-record rule: any outcome of one call is that event's, never the stage's."""
+
+    async def call(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        # Its own copy: a handler changing `data` must not change the rows of a retried batch (projected
+        # again from the same objects) nor what the next handler sees.
+        own = dataclasses.replace(event, data=copy.deepcopy(event.data))
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
+        scope: asyncio.Timeout | None = None
+        try:
+            async with asyncio.timeout(registry.timeout_s) as scope:
+                result: Any = fn(own, ctx)
+                if not inspect.isawaitable(result):
+                    raise HandlerError(
+                        f"returned {type(result).__name__}, not an awaitable: handlers are async def"
+                    )
+                returned = await result
+            if inspect.isawaitable(returned):
+                if inspect.iscoroutine(returned):
+                    returned.close()  # never run: no "was never awaited" warning on top of this error
+                raise HandlerError(
+                    f"returned an awaitable it did not await ({type(returned).__name__}): "
+                    "its work was never done"
+                )
+        except HandlerError as exc:
+            if _text(exc) is None:
+                raise _stand_in(exc, _readable(exc)) from None
+            raise
+        except TimeoutError as exc:
+            if scope is not None and scope.expired():
+                raise HandlerTimeout(
+                    f"did not finish within {registry.timeout_s:g} s and was cancelled"
+                ) from None
+            raise _as_failure(exc) from exc
+        except asyncio.CancelledError:
+            if task is not None and task.cancelling() > cancels:
+                raise  # the stage itself is being cancelled: not this event's failure
+            raise _stand_in(
+                asyncio.CancelledError(), "raised by the handler, not by a stop of the stage"
+            ) from None
+        except Exception as exc:
+            failure = _as_failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+        except BaseException as exc:
+            # SystemExit, KeyboardInterrupt, GeneratorExit raised by the handler's own code: let through,
+            # they would end the projector, and its restart would meet the same event again.
+            text = _readable(exc)
+            raise _stand_in(exc, f"raised by the handler{': ' + text if text else ''}") from exc
+
+    call.__wrapped__ = fn  # type: ignore[attr-defined]
+    return call
+
+
+def _source(fn: object) -> tuple[str, int, str] | None:
+    """Where a function's code was written; None for callables without code of their own."""
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+    return (code.co_filename, code.co_firstlineno, getattr(fn, "__qualname__", ""))
+
 
 @dataclass
 class HandlerRegistry:
     by_type: dict[EventType, list[tuple[str, Handler]]] = field(default_factory=dict)
+    timeout_s: float | None = HANDLER_TIMEOUT_S  # per call; None: no limit
 
     def register(self, type_: EventType | str, fn: Handler, name: str | None = None) -> Handler:
-        t = EventType(type_)
-        if t not in ROUTED_TYPES:
-            raise ValueError(f"handlers can be registered for {', '.join(x.value for x in ROUTED_TYPES)}")
-        self.by_type.setdefault(t, []).append((name or f"{fn.__module__}.{fn.__qualname__}", fn))
+        t = _routed_type(type_)
+        if not callable(fn):
+            raise TypeError(f"a handler must be an async function, not {type(fn).__name__}")
+        default = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+        if (inspect.isfunction(fn) or inspect.ismethod(fn)) and not inspect.iscoroutinefunction(fn):
+            # Caught here, at import: awaited, its None would dead-letter every event with a TypeError.
+            raise TypeError(f"handler {default} must be a coroutine function (async def, without yield)")
+        label = _check_name(name if name is not None else default)
+        registered = self.by_type.setdefault(t, [])
+        for other_label, other in registered:
+            original = getattr(other, "__wrapped__", other)
+            if original is fn:
+                return fn  # the same function decorated twice for one type: it still runs once per event
+            if _source(original) is not None and _source(original) == _source(fn):
+                # One file imported under two module names (two entries of SENTPIPE_HANDLER_MODULES
+                # reaching it through different sys.path entries): each event would be handled twice.
+                raise ValueError(
+                    f"handler {label!r} for {t.value} is the handler {other_label!r} again: its module "
+                    "is imported under two names"
+                )
+            if other_label == label:
+                raise ValueError(f"two handlers named {label!r} for {t.value}: give one another name")
+        registered.append((label, _guarded(fn, self)))
         return fn
 
     def for_type(self, type_: EventType) -> list[tuple[str, Handler]]:
@@ -73,6 +262,20 @@ def handler(type_: EventType | str, name: str | None = None) -> Callable[[Handle
 
 
 def load_modules(modules: Iterable[str]) -> None:
-    """Import the modules listed in SENTPIPE_HANDLER_MODULES so their @handler decorators run."""
+    """Import the modules listed in SENTPIPE_HANDLER_MODULES so their @handler decorators run.
+
+    Any failure, SystemExit included (which would otherwise end the worker with status 0, silently), is
+    one HandlerModuleError naming the module and where its code failed."""
     for module in modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            # The innermost line of the module's own code (importlib's frames are "<frozen ...>").
+            frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
+            where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+            raise HandlerModuleError(
+                f"SENTPIPE_HANDLER_MODULES: importing {module!r} failed{where}: "
+                f"{type(exc).__name__}: {_readable(exc)}"
+            ) from None

@@ -75,7 +75,8 @@ def _branch(type_: EventType, q: HistoryQuery) -> sql.Composed:
 
 
 def search(database_url: str, q: HistoryQuery) -> HistoryPage:
-    """One page of matching events, newest first (ties by event id), and whether there is another."""
+    """One page of matching events, newest first (ties by event id, tenant, type), and whether there is
+    another."""
     size = max(1, min(q.page_size, MAX_PAGE_SIZE))
     page = max(0, q.page)
     types = [t for t in _TABLES if not q.types or t in q.types]
@@ -83,7 +84,10 @@ def search(database_url: str, q: HistoryQuery) -> HistoryPage:
         return HistoryPage([], page, size, False)
     union = sql.SQL(" UNION ALL ").join(_branch(t, q) for t in types)
     query = sql.SQL(
-        "SELECT * FROM ({union}) e ORDER BY at DESC, event_id DESC LIMIT %(limit)s OFFSET %(offset)s"
+        # A total order: two tenants may share an event id and a time (and one id may be in two tables);
+        # with ties left to the sort, pages overlapped, one row on two pages and another on none.
+        "SELECT * FROM ({union}) e ORDER BY at DESC, event_id DESC, tenant DESC, type DESC"
+        " LIMIT %(limit)s OFFSET %(offset)s"
     ).format(union=union)
     params = {
         "text": q.text,

@@ -7,16 +7,21 @@ fresh `sentpipe-replay-id`, so handlers and operators can tell a replay from fir
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Literal
 
 from confluent_kafka import KafkaError, Message, murmur2
 
+from sentpipe.broker import ProduceRejected
 from sentpipe.kafka import Producer
 from sentpipe.processors.offsets import Log, OpsError, Range, Window, timestamp_ms
 from sentpipe.schemas import routing as r
@@ -154,7 +159,27 @@ def replay(
     timeout: float = 10.0,
 ) -> RunResult:
     topics = Topics(settings.topic_prefix)
-    with Log(settings, timeout) as kafka:
+    try:
+        return _replay(settings, topics, window, flt, dry_run, progress, timeout)
+    except KeyboardInterrupt:
+        # A second Ctrl-C (the first asks `_replay` to stop after the record in hand), or one before it
+        # began to read: a line and a non-zero status, not typer's Exit(130) that `sentpipe` ends with 0.
+        raise OpsError(
+            "replay interrupted at once: records it had sent may not all have reached Kafka; running it"
+            " again is safe (what it sent is applied idempotently)"
+        ) from None
+
+
+def _replay(
+    settings: Settings,
+    topics: Topics,
+    window: Window,
+    flt: Filter,
+    dry_run: bool,
+    progress: Progress | None,
+    timeout: float,
+) -> RunResult:
+    with Log(settings, timeout) as kafka, _interruptible() as stop:
         n = kafka.partition_count(topics.raw)
         kafka.check_partitions(topics.raw, window.named_partitions)
         # Event ids are record keys: look in their partitions first, and in the others only for ids not
@@ -163,14 +188,41 @@ def replay(
         if flt.event_ids and not window.named_partitions:
             first = sorted(key_partitions(flt.event_ids, n))
         run = _Replay(settings, topics, window, flt, None if dry_run else ops_producer(settings), progress)
+        run.stop = stop
         run.read(kafka, kafka.ranges(topics.raw, window, first))
-        if first is not None and not flt.event_ids <= run.seen_ids:
+        if first is not None and not flt.event_ids <= run.seen_ids and not stop.is_set():
             run.read(kafka, kafka.ranges(topics.raw, window, [p for p in range(n) if p not in first]))
+            first = None
         run.finish()
     result = run.result
     result.missing_ids = sorted(flt.event_ids - run.seen_ids)
-    log_run("replay", result)
+    log_run("replay", result, interrupted=stop.is_set())
+    if stop.is_set():
+        raise OpsError(run.interrupted(resumable=first is None))
     return result
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[threading.Event]:
+    """Ctrl-C (SIGINT) as a request to stop: the replay ends after the record in hand and waits for what it
+    has sent, instead of a KeyboardInterrupt raised inside librdkafka's calls (where it surfaced as a
+    SystemError, or as typer's Exit(130), which `sentpipe` ended with status 0 and no word). A second
+    Ctrl-C interrupts at once. Only in the main thread (the console runs replays in others)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class _Replay:
@@ -189,6 +241,9 @@ class _Replay:
         self.mark = (r.H_REPLAY_ID, self.result.run_id.encode())
         self.seen_ids: set[str] = set()
         self.done = self.total = 0
+        self.stop = threading.Event()  # set: end after the record in hand
+        self.ranges: dict[int, Range] = {}  # partition -> the range read (or to read) in it
+        self.next: dict[int, int] = {}  # partition -> the offset after the last record handled
 
     def read(self, kafka: Log, ranges: Sequence[Range]) -> None:
         self.total += sum(x.size for x in ranges)
@@ -201,12 +256,33 @@ class _Replay:
                 "dry_run": self.sender is None,
             },
         )
+        self.ranges.update({x.partition: x for x in ranges})
         self._report(force=True)
         for msg in kafka.read(ranges):
             self.one(msg)
             self.done += 1
+            self.next[msg.partition() or 0] = (msg.offset() or 0) + 1
             self._report()
+            if self.stop.is_set():
+                break
         self._report(force=True)
+
+    def interrupted(self, *, resumable: bool) -> str:
+        """The one line an interrupted replay ends with: how far it got, and how to go on."""
+        res = self.result
+        text = (
+            f"replay {res.run_id} interrupted after {self.done} of {self.total} records"
+            f" ({res.produced} replayed, {res.failed} failed); what it sent is applied idempotently,"
+            " so running it again is safe"
+        )
+        left = [
+            f"--from-offset {p}:{self.next.get(p, x.start)}"
+            for p, x in sorted(self.ranges.items())
+            if self.next.get(p, x.start) < x.end
+        ]
+        if resumable and left:
+            text += f"; to go on where it stopped, run it with {' '.join(left)} (and its other options)"
+        return text
 
     def _report(self, force: bool = False) -> None:
         if self.progress is not None and (force or self.done % 500 == 0):
@@ -255,15 +331,24 @@ class _Replay:
                     offset=msg.offset(),
                 )
                 hdrs = [*carried_headers(headers), *dlq, self.mark]
-                self.sender.send(self.topics.dlq, key or b"", value, hdrs, _ignore)
+                try:
+                    self.sender.send(self.topics.dlq, key or b"", value, hdrs, self._dead_lettered)
+                except ProduceRejected as exc:
+                    res.failures[f"dlq:{exc.reason}"] += 1
             return
         assert d.routed is not None
         res.selected[d.type, d.tenant] += 1
         if self.sender is not None:
             rt = d.routed
-            self.sender.send(
-                rt.topic, rt.key, rt.value, [*carried_headers(headers), self.mark], self._delivered
-            )
+            try:
+                self.sender.send(
+                    rt.topic, rt.key, rt.value, [*carried_headers(headers), self.mark], self._delivered
+                )
+            except ProduceRejected as exc:
+                # Refused before it left (larger than the producer takes, say): this record's failure;
+                # the records after it are replayed.
+                res.failed += 1
+                res.failures[f"produce:{exc.reason}"] += 1
 
     def _delivered(self, err: KafkaError | None) -> None:
         if err is None:
@@ -272,13 +357,14 @@ class _Replay:
             self.result.failed += 1
             self.result.failures[f"delivery:{err.name()}"] += 1
 
+    def _dead_lettered(self, err: KafkaError | None) -> None:
+        # Counted failed when sent; a dead letter the broker did not take is said so, not left unsaid.
+        if err is not None:
+            self.result.failures[f"dlq delivery:{err.name()}"] += 1
+
     def finish(self) -> None:
         if self.sender is not None:
             self.sender.flush()
-
-
-def _ignore(_err: KafkaError | None) -> None:
-    """A dead letter is a failure whether or not it is delivered; `finish` reports undelivered ones."""
 
 
 def ops_producer(settings: Settings) -> Producer:
@@ -289,10 +375,10 @@ def ops_producer(settings: Settings) -> Producer:
 __all__ = ["Filter", "RunResult", "decide", "parse_types", "replay"]
 
 
-def log_run(mode: Literal["replay", "redrive"], result: RunResult) -> None:
+def log_run(mode: Literal["replay", "redrive"], result: RunResult, *, interrupted: bool = False) -> None:
     """One log line per replay or redrive; the worker's metrics count what it then applies."""
     log.info(
-        f"{mode} finished",
+        f"{mode} {'interrupted' if interrupted else 'finished'}",
         extra={
             f"{mode}_id": result.run_id,
             "read": result.read,

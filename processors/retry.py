@@ -129,9 +129,16 @@ def is_temporary(exc: BaseException) -> bool:
     return classify(exc) == "temporary"
 
 
+# Doublings after which the ceiling is the cap for any sensible `initial`. Without the bound, the 1,025th
+# attempt computed 2 ** 1024, which no float holds: four hours into a database outage (30 s cap), retrying
+# raised OverflowError, a permanent error, and dead-lettered the records it was holding back.
+MAX_DOUBLINGS = 64
+
+
 def backoff(attempt: int, initial: float, cap: float) -> float:
     """Full-jitter exponential backoff for the given 1-based attempt."""
-    return random.uniform(0, min(cap, initial * 2 ** (attempt - 1)))
+    ceiling = cap if attempt > MAX_DOUBLINGS else min(cap, initial * 2 ** (attempt - 1))
+    return random.uniform(0, ceiling)
 
 
 async def retrying(

@@ -709,7 +709,13 @@ def run(main: Callable[[], Any]) -> int:
     from sentpipe.processors.topics import CopartitioningError
 
     try:
-        main()
+        # Typer answers Ctrl-C outside standalone mode by returning 130, not raising: without this, every
+        # command interrupted ended with status 0 and no word.
+        rc = main()
+        if rc == 130:
+            err.print("interrupted")
+        if isinstance(rc, int) and not isinstance(rc, bool):
+            return rc
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except KeyboardInterrupt:

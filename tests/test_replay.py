@@ -7,6 +7,11 @@ subprocess, dry-run counts are taken from `processors.replay.replay` itself.
 from __future__ import annotations
 
 import asyncio
+import re
+import secrets
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -16,7 +21,10 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
 
+from sentpipe.processors.history import HistoryQuery, search
 from sentpipe.processors.offsets import OpsError, make_window
 from sentpipe.processors.replay import Filter, RunResult, decide, parse_types, replay
 from sentpipe.schemas import routing as r
@@ -25,9 +33,10 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.http_tools import metric_sum, post_all, scrape
-from tests.kafka_tools import read_topic
+from tests.kafka_tools import read_topic, record_count
 from tests.oracle import row_count
 from tests.pipeline import deliver, start_ingress, start_worker, wait_caught_up, wait_for
+from tests.processes import settings_env
 from tests.test_ops_cli import sentpipe
 from tests.test_pipeline_e2e import assert_matches_oracle, deliveries
 
@@ -329,3 +338,156 @@ def test_replay_selects_exactly_by_type_tenant_event_id_offsets_and_time(
         str(src.offset).encode(),
     )
     assert len(read_topic(settings.kafka_bootstrap, topics.message_status, at_least=6)) == 6
+
+
+# --- interrupted, refused, dead letters not taken ----------------------------------------------------------
+def produce_raw(s: Settings, bodies: list[bytes], partition: int | None = None) -> None:
+    """Raw records as the ingress writes them (key = event id, its headers), straight to the raw topic."""
+    p = Producer({"bootstrap.servers": s.kafka_bootstrap, "linger.ms": 20, "log_level": 0})
+    raw = Topics(s.topic_prefix).raw
+    for body in bodies:
+        eid = frame(body, webhook_id=None).event_id if body != MALFORMED_BIG else "malformed"
+        headers = r.raw_headers(
+            tenant="default",
+            received_at_ms=int(time.time() * 1000),
+            webhook_id=eid,
+            request_id="t",
+            event_type=None,
+        )
+        while True:
+            try:
+                p.produce(
+                    raw, body, eid.encode(), headers=headers, partition=-1 if partition is None else partition
+                )
+                break
+            except BufferError:
+                p.poll(0.1)
+        p.poll(0)
+    assert p.flush(60) == 0
+
+
+def routed_count(s: Settings, topics: Topics) -> int:
+    return sum(record_count(s.kafka_bootstrap, t) for t in topics.routed)
+
+
+def test_an_interrupted_replay_says_so_and_goes_on_exactly_where_it_stopped(
+    settings: Settings, topics: Topics
+) -> None:
+    """Ctrl-C ended `sentpipe replay` with status 0 and not a word (typer turns KeyboardInterrupt into a
+    returned 130, which the CLI dropped; inside librdkafka's poll it surfaced as a SystemError). Now the
+    run stops after the record in hand, waits for what it sent, and says how far it got and how to go on;
+    going on from there replays every remaining record once and none twice."""
+    bodies = [s.body for s in SampleFactory(41).mix(60_000, "sent")]
+    produce_raw(settings, bodies)
+    n_raw = record_count(settings.kafka_bootstrap, topics.raw)
+    assert n_raw == len(bodies)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sentpipe", "replay"],
+        env={**settings_env(settings), "COLUMNS": "250"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:  # Ctrl-C once the replay reads (its SIGINT handler is in place by then)
+        seen.append(line)
+        if "replay reading" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, rest = proc.communicate(timeout=120)
+    err = "".join(seen) + rest
+    assert proc.returncode == 1, (out, err)
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    m = re.fullmatch(
+        r"error: replay \S+ interrupted after (\d+) of (\d+) records \((\d+) replayed, 0 failed\);"
+        r" .*; to go on where it stopped, run it with ((?:--from-offset \d+:\d+ ?)+)"
+        r" \(and its other options\)",
+        last,
+    )
+    assert m is not None, last
+    done, total, replayed = int(m[1]), int(m[2]), int(m[3])
+    assert (total, replayed) == (n_raw, done) and done < n_raw
+    assert routed_count(settings, topics) == done  # what it sent had reached Kafka before it ended
+
+    res = sentpipe(settings, "replay", *m[4].split())
+    assert res.returncode == 0, res.stderr
+    read = re.search(r"│ read\s+│ (\d+) │", res.stdout)
+    assert read is not None and int(read[1]) == n_raw - done, res.stdout
+    # Every raw record routed exactly once over the two runs.
+    assert routed_count(settings, topics) == n_raw
+    ids = Counter(
+        orjson.loads(rec.value)["id"]
+        for t in topics.routed
+        for rec in read_topic(settings.kafka_bootstrap, t)
+    )
+    assert len(ids) == n_raw and set(ids.values()) == {1}
+
+
+MALFORMED_BIG = MALFORMED.replace(b'"no message id"', b'"' + secrets.token_hex(4000).encode() + b'"')
+
+
+def test_a_record_the_producer_refuses_fails_alone_and_the_replay_goes_on(
+    settings: Settings, topics: Topics
+) -> None:
+    """A routed record larger than the producer takes (SENTPIPE_MAX_BODY_BYTES lowered since it was
+    received) raised ProduceRejected out of the replay: the run ended there, the records after it were never
+    replayed and no summary was shown. And a dead letter the broker refused was reported as in the DLQ."""
+    f = SampleFactory(42)
+    small = [f.message_status(f"m{i}", "sent").body for i in range(6)]
+    doc = orjson.loads(f.message_status("big", "sent").body)
+    doc["payload"]["note"] = secrets.token_hex(100_000)  # 200 KB, incompressible
+    big = orjson.dumps(doc)
+    produce_raw(settings, [*small[:3], big, *small[3:], MALFORMED_BIG], partition=0)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    dlq_limit = ConfigResource(
+        ConfigResource.Type.TOPIC,
+        topics.dlq,
+        incremental_configs=[
+            ConfigEntry("max.message.bytes", "2000", incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
+    for fut in admin.incremental_alter_configs([dlq_limit]).values():
+        fut.result(30)
+
+    res = sentpipe(settings, "replay", max_body_bytes=1024)  # the producer takes about 70 KB now
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: 2 record(s) failed"), res.stderr
+    rows = dict(re.findall(r"│ +(\S[^│]*?) +│ (\d+) │", res.stdout))
+    assert rows["read"] == "8" and rows["replayed"] == "6" and rows["failed"] == "2", res.stdout
+    assert rows["produce:msg_size_too_large"] == "1" and rows["missing_message_id"] == "1", res.stdout
+    assert rows["dlq delivery:MSG_SIZE_TOO_LARGE"] == "1", res.stdout
+    routed = read_topic(settings.kafka_bootstrap, topics.message_status, at_least=6)
+    assert sorted(orjson.loads(rec.value)["subject"] for rec in routed) == [f"m{i}" for i in range(6)]
+    assert read_topic(settings.kafka_bootstrap, topics.dlq) == []
+
+
+# --- finding an event: the history tables -------------------------------------------------------------------
+def test_history_pages_neither_repeat_nor_skip_events_that_tie(db_url: str) -> None:
+    """Two tenants may send one event id at one time (and the id may be in two tables): ordered by time and
+    id only, pages overlapped, showing one row twice and another never."""
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    with psycopg.connect(db_url) as c:
+        for i in range(40):
+            c.execute(
+                "INSERT INTO inbound_messages (event_id, tenant, received_at, occurred_at, payload)"
+                " VALUES ('evt_1', %s, %s, %s, '{}')",
+                (f"t{i:02d}", at, at),
+            )
+            c.execute(
+                "INSERT INTO message_events (event_id, tenant, message_id, status, occurred_at, received_at,"
+                " payload) VALUES ('evt_1', %s, 'm', 'sent', %s, %s, '{}')",
+                (f"t{i:02d}", at, at),
+            )
+    for size in (1, 7):
+        shown: list[tuple[str, str]] = []
+        page = 0
+        while True:
+            got = search(db_url, HistoryQuery(page=page, page_size=size))
+            shown += [(row["type"], row["tenant"]) for row in got.rows]
+            if not got.has_more:
+                break
+            page += 1
+        assert len(shown) == 80 and len(set(shown)) == 80, size

@@ -18,7 +18,7 @@ from confluent_kafka import KafkaError, KafkaException
 from sentpipe.broker import ProduceRejected
 from sentpipe.kafka import BrokerUnavailable
 from sentpipe.processors.handlers import PermanentError, RetryableError
-from sentpipe.processors.retry import UNKNOWN_ATTEMPTS, classify, is_temporary, retrying
+from sentpipe.processors.retry import UNKNOWN_ATTEMPTS, backoff, classify, is_temporary, retrying
 from tests.services import Services
 
 TINY = {"initial": 0.001, "cap": 0.002}
@@ -238,3 +238,17 @@ async def test_stopping_ends_the_retries_of_a_temporary_error() -> None:
     with pytest.raises(psycopg.errors.ConnectionFailure):
         await retrying(fn, stage="test", should_stop=lambda: len(fn.attempts) >= 3, **TINY)
     assert fn.attempts == [1, 2, 3]
+
+
+# --- however long it lasts -------------------------------------------------------------------------------
+def test_backoff_stays_within_its_cap_however_many_attempts() -> None:
+    for attempt in (1, 2, 30, 64, 65, 1024, 1025, 10**6):
+        assert 0 <= backoff(attempt, 0.2, 30.0) <= 30.0
+
+
+async def test_a_temporary_failure_is_retried_past_a_thousand_attempts() -> None:
+    """About four hours of a database outage at the 30 s cap: the 1,025th attempt computed 2 ** 1024 as a
+    float and raised OverflowError, a permanent error, so the records held back were dead-lettered."""
+    fn = Script(*(pg("08006") for _ in range(1100)))
+    assert await retrying(fn, stage="test", initial=0.0, cap=0.0) == "done"
+    assert len(fn.attempts) == 1101

@@ -8,6 +8,7 @@ import itertools
 import os
 import random
 import re
+import signal
 import socket
 import sys
 import time
@@ -610,6 +611,28 @@ def test_an_overlong_line_is_read_past_and_the_next_one_read(monkeypatch: pytest
     data.seek(0)
     items = list(read_jsonl(plan._lines(data), skip_bad=True))
     assert [i.body for i in items if not isinstance(i, BadLine)] == [good]
+
+
+async def test_ctrl_c_ends_a_send_with_status_130_and_says_so(stub: Stub) -> None:
+    """Typer returns 130 for Ctrl-C outside standalone mode; `sentpipe` used to drop it and exit 0."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CLI_SCRIPT,
+        *("send", stub.url, "--rate", "2", "--count", "100"),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    for _ in range(600):  # the first delivery shows the run is under way, its SIGINT handling too
+        if stub.hits:
+            break
+        await asyncio.sleep(0.05)
+    assert stub.hits
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 130 and err.decode().strip().splitlines()[-1] == "interrupted", err
+    assert len(stub.hits) < 100
 
 
 async def test_bad_input_is_a_one_line_error(tmp_path: Path) -> None:

@@ -1,0 +1,67 @@
+"""User handlers for tests that misbehave on purpose, chosen by the inbound message's text ("hostile:KIND").
+
+Every other event is handled normally (one row in `hostile_calls`, created by the test). Run by a worker
+(SENTPIPE_HANDLER_MODULES) in tests/test_handlers_hostile.py; each kind must cost only its own event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from sentpipe.processors.handlers import HandlerContext, handler, registry
+from sentpipe.schemas.events import CanonicalEvent
+
+# No setting names the per-call limit yet: a module can lower it (30 s by default), as a test must.
+registry.timeout_s = 2.0
+
+PREFIX = "hostile:"
+
+
+class BadStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("this exception cannot be printed")
+
+
+async def _hang(ctx: HandlerContext) -> None:
+    await asyncio.Event().wait()
+
+
+async def _pg_sleep(ctx: HandlerContext) -> None:
+    await ctx.conn.execute("SELECT pg_sleep(3600) /* hostile-pg-sleep */")
+
+
+RAISES: dict[str, BaseException] = {
+    "exit": SystemExit(3),
+    "keyboard": KeyboardInterrupt(),
+    "generator": GeneratorExit(),
+    "cancel": asyncio.CancelledError(),
+    "badstr": BadStr(),
+    "surrogate": ValueError("undecodable \udcff byte"),
+    "own-timeout": TimeoutError("the handler's own API did not answer"),
+}
+# The class name each kind is dead-lettered under.
+EXPECTED_CLASS = {
+    "exit": "SystemExit",
+    "keyboard": "KeyboardInterrupt",
+    "generator": "GeneratorExit",
+    "cancel": "CancelledError",
+    "badstr": "BadStr",
+    "surrogate": "ValueError",
+    "own-timeout": "TimeoutError",
+    "hang": "HandlerTimeout",
+    "pg-sleep": "HandlerTimeout",
+}
+
+
+@handler("message.inbound.received", name="test-hostile")
+async def hostile(event: CanonicalEvent, ctx: HandlerContext) -> None:
+    text = str(event.data.get("text", ""))
+    kind = text.removeprefix(PREFIX) if text.startswith(PREFIX) else None
+    if kind is None:
+        await ctx.conn.execute("INSERT INTO hostile_calls (event_id) VALUES (%s)", (event.id,))
+    elif kind == "hang":
+        await _hang(ctx)
+    elif kind == "pg-sleep":
+        await _pg_sleep(ctx)
+    else:
+        raise RAISES[kind]

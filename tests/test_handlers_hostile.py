@@ -1,0 +1,424 @@
+"""User handlers that misbehave: each misdeed costs only its own event, never the stage.
+
+The first tests run the projection stage in this process (the in-memory broker seam, the real PostgreSQL
+and `PostgresSink`, the code that runs handlers in production); the last runs a real worker, broker and
+ingress with tests/handlers_hostile.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+import pytest
+from psycopg_pool import AsyncConnectionPool
+
+from sentpipe.broker import LocalBroker
+from sentpipe.processors.handlers import (
+    HandlerContext,
+    HandlerModuleError,
+    HandlerRegistry,
+    RetryableError,
+    load_modules,
+    registry,
+)
+from sentpipe.processors.projector import Projector, Tuning
+from sentpipe.processors.sink import PostgresSink
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.events import CanonicalEvent, EventType, frame
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.schemas.topics import Topics
+from sentpipe.settings import Settings
+from tests import handlers_hostile as hh
+from tests.http_tools import post_all
+from tests.kafka_tools import read_topic
+from tests.pipeline import start_ingress, start_worker, wait_caught_up
+from tests.processes import settings_env
+
+TOPICS = Topics("h.")
+FAST = Tuning(batch_size=100, within_s=0.01, retry_initial_s=0.001, retry_max_s=0.002)
+INBOUND = EventType.MESSAGE_INBOUND.value
+# A stage that never finishes its batch fails the test here instead of hanging it.
+STEP_BOUND_S = 60.0
+
+
+def inbound_body(f: SampleFactory, text: str | None = None) -> bytes:
+    doc = orjson.loads(f.inbound().body)
+    if text is not None:
+        doc["payload"]["text"] = text
+    return orjson.dumps(doc)
+
+
+@dataclass
+class Stage:
+    """The projection stage over the in-memory broker, writing to this test's schema."""
+
+    db: str
+    handlers: HandlerRegistry
+    broker: LocalBroker = field(default_factory=LocalBroker)
+    ids: dict[bytes, str] = field(default_factory=dict)  # body -> event id
+
+    def add(self, bodies: list[bytes]) -> None:
+        for body in bodies:
+            routed = r.route(
+                None,
+                body,
+                {r.H_TENANT: b"acme"},
+                topics=TOPICS,
+                id_source="auto",
+                default_tenant="default",
+                record_timestamp_ms=1_700_000_000_000,
+            )
+            assert routed.event is not None
+            self.broker.append(routed.topic, routed.key, routed.value, [])
+            self.ids[body] = routed.event.id
+
+    async def run(self) -> None:
+        """Project everything added, as the worker would: until every record is committed."""
+        pool = AsyncConnectionPool(self.db, min_size=1, max_size=2, open=False)
+        await pool.open()
+        projector = Projector(
+            self.broker.consumer("g", TOPICS.routed),
+            self.broker.producer(),
+            PostgresSink(pool, self.handlers),
+            TOPICS,
+            FAST,
+        )
+        try:
+            while any(self.broker.committed.get(("g", tp), 0) < end for tp, end in self._ends().items()):
+                await asyncio.wait_for(projector.step(), STEP_BOUND_S)
+        finally:
+            await pool.close()
+
+    def _ends(self) -> dict[tuple[str, int], int]:
+        return {
+            (t, p): len(part)
+            for t in TOPICS.routed
+            for p, part in enumerate(self.broker.topics[t].partitions)
+            if part
+        }
+
+    def dead(self) -> dict[str, dict[str, bytes]]:
+        """Dead letters by event id: their headers."""
+        out = {}
+        for part in self.broker.topics[TOPICS.dlq].partitions:
+            for rec in part:
+                out[orjson.loads(rec.value)["id"]] = dict(rec.headers)
+        return out
+
+    def projected(self) -> set[str]:
+        with psycopg.connect(self.db) as c:
+            return {row[0] for row in c.execute("SELECT event_id FROM inbound_messages")}
+
+
+@pytest.fixture
+async def stage(db_url: str) -> AsyncIterator[Stage]:
+    broker = LocalBroker()
+    for t in (*TOPICS.routed, TOPICS.dlq):
+        broker.create_topic(t, 2)
+    yield Stage(db_url, HandlerRegistry(), broker)
+
+
+class BadStr(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("this exception cannot be printed")
+
+
+# kind -> (what the handler raises, the class name its dead letter carries)
+RAISED: dict[str, tuple[BaseException, str]] = {
+    "system-exit": (SystemExit(0), "SystemExit"),
+    "keyboard-interrupt": (KeyboardInterrupt(), "KeyboardInterrupt"),
+    "generator-exit": (GeneratorExit(), "GeneratorExit"),
+    "cancelled": (asyncio.CancelledError(), "CancelledError"),
+    "str-raises": (BadStr(), "BadStr"),
+    "lone-surrogate": (ValueError("bytes \udcff undecodable"), "ValueError"),
+    "own-timeout": (TimeoutError("the handler's API timed out"), "TimeoutError"),
+    "own-connection-refused": (ConnectionRefusedError(111, "refused"), "ConnectionRefusedError"),
+    "ten-megabytes-with-nul": (ValueError("\x00" + "x" * 10_000_000), "ValueError"),
+}
+
+
+@pytest.mark.parametrize("kind", list(RAISED))
+async def test_whatever_a_handler_raises_costs_only_its_event(stage: Stage, kind: str) -> None:
+    """SystemExit and friends ended the projector (the worker restarted into the same event, forever); an
+    exception that cannot be printed, or a handler's own network error, failed or retried the batch
+    forever. Now each is its event's dead letter and the neighbours are projected."""
+    raised, class_name = RAISED[kind]
+    f = SampleFactory(3)
+    bodies = (
+        [inbound_body(f) for _ in range(5)]
+        + [inbound_body(f, "poison")]
+        + [inbound_body(f) for _ in range(5)]
+    )
+
+    async def handle(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        await ctx.conn.execute("SELECT 1")
+        if event.data.get("text") == "poison":
+            raise raised
+
+    stage.handlers.register(INBOUND, handle, "hostile")
+    stage.add(bodies)
+    await stage.run()
+
+    poison = stage.ids[bodies[5]]
+    dead = stage.dead()
+    assert list(dead) == [poison]
+    assert dead[poison][r.H_DLQ_STAGE] == b"handler"
+    assert dead[poison][r.H_DLQ_ERROR_CLASS].decode() == class_name
+    assert dead[poison][r.H_DLQ_MESSAGE].startswith(b"hostile: ")
+    # The projection rows are the batch's, handler or not; every neighbour's handler call committed too.
+    assert stage.projected() == set(stage.ids.values())
+
+
+async def test_a_handler_that_never_returns_is_cancelled_and_its_event_dead_lettered(stage: Stage) -> None:
+    """Without a limit the batch waited forever: the watchdog failed /livez, the restarted worker met the
+    same event and hung again. The query it was waiting on is cancelled on the server too."""
+    stage.handlers.timeout_s = 1.0
+    f = SampleFactory(4)
+    bodies = [inbound_body(f), inbound_body(f, "hang"), inbound_body(f), inbound_body(f, "pg-sleep")]
+
+    async def handle(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        if event.data.get("text") == "hang":
+            await asyncio.Event().wait()
+        if event.data.get("text") == "pg-sleep":
+            await ctx.conn.execute("SELECT pg_sleep(3600) /* hostile-test-sleep */")
+        await ctx.conn.execute("SELECT 1")
+
+    stage.handlers.register(INBOUND, handle, "hostile")
+    stage.add(bodies)
+    await stage.run()
+
+    dead = stage.dead()
+    assert set(dead) == {stage.ids[bodies[1]], stage.ids[bodies[3]]}
+    assert {h[r.H_DLQ_ERROR_CLASS] for h in dead.values()} == {b"HandlerTimeout"}
+    assert stage.projected() == set(stage.ids.values())
+    with psycopg.connect(stage.db) as c:
+        sleeping = c.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE %s AND pid <> pg_backend_pid()",
+            ("%hostile-test-sleep%",),
+        ).fetchone()
+    assert sleeping == (0,)
+
+
+async def test_a_handler_changing_its_event_changes_nothing_else(stage: Stage) -> None:
+    """The event object was shared: a handler's change reached the next handler and, when the batch was
+    retried (any RetryableError), the projection rows written from the same objects."""
+    f = SampleFactory(5)
+    bodies = [inbound_body(f, f"text {i}") for i in range(4)]
+    seen_by_second: list[Any] = []
+    failed_once: list[bool] = []
+
+    async def vandal(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        event.data["text"] = "CHANGED BY A HANDLER"
+        event.data.pop("from", None)
+
+    async def observer(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        seen_by_second.append(event.data.get("text"))
+        if not failed_once:  # the whole batch is rolled back and applied again
+            failed_once.append(True)
+            raise RetryableError("once")
+
+    stage.handlers.register(INBOUND, vandal, "vandal")
+    stage.handlers.register(INBOUND, observer, "observer")
+    stage.add(bodies)
+    await stage.run()
+
+    assert stage.dead() == {}
+    assert "CHANGED BY A HANDLER" not in seen_by_second
+    with psycopg.connect(stage.db) as c:
+        rows = c.execute("SELECT text, payload->>'text', from_number FROM inbound_messages").fetchall()
+    assert sorted(text for text, _, _ in rows) == [f"text {i}" for i in range(4)]
+    assert all(text == payload_text and sender is not None for text, payload_text, sender in rows)
+
+
+async def test_a_handler_that_forgets_to_await_is_a_failure_not_a_silent_success(stage: Stage) -> None:
+    """`return ctx.conn.execute(...)` without await: the statement never ran, the event counted as handled,
+    and only a RuntimeWarning said anything."""
+    f = SampleFactory(6)
+    bodies = [inbound_body(f) for _ in range(3)]
+
+    async def forgetful(event: CanonicalEvent, ctx: HandlerContext) -> Awaitable[Any]:
+        return ctx.conn.execute("CREATE TABLE never_created (x int)")
+
+    stage.handlers.register(INBOUND, forgetful, "forgetful")  # type: ignore[arg-type]
+    stage.add(bodies)
+    await stage.run()
+
+    dead = stage.dead()
+    assert set(dead) == set(stage.ids.values())
+    assert all(b"did not await" in h[r.H_DLQ_MESSAGE] for h in dead.values())
+    with psycopg.connect(stage.db) as c:
+        assert c.execute("SELECT to_regclass('never_created')").fetchone() == (None,)
+
+
+# --- registration and loading: refused at start, in one line -----------------------------------------------
+async def _ok(event: CanonicalEvent, ctx: HandlerContext) -> None:
+    return None
+
+
+def test_registration_refuses_handlers_that_cannot_work() -> None:
+    reg = HandlerRegistry()
+
+    def not_async(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        return None
+
+    async def generator(event: CanonicalEvent, ctx: HandlerContext) -> Any:
+        yield None
+
+    with pytest.raises(TypeError, match="must be a coroutine function"):
+        reg.register(INBOUND, not_async)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="must be a coroutine function"):
+        reg.register(INBOUND, generator)
+    with pytest.raises(ValueError, match=r"no handler can be registered for 'message\.sent'"):
+        reg.register("message.sent", _ok)
+    with pytest.raises(ValueError, match="no handler can be registered for 'unrouted'"):
+        reg.register("unrouted", _ok)
+    for bad in ("", "x" * 201, "bad \udcff name"):
+        with pytest.raises(ValueError, match="handler name"):
+            reg.register(INBOUND, _ok, bad)
+    assert reg.by_type.get(EventType.MESSAGE_INBOUND, []) == []
+
+
+def test_a_handler_registered_twice_runs_once() -> None:
+    reg = HandlerRegistry()
+    reg.register(INBOUND, _ok)
+    reg.register(INBOUND, _ok)  # decorated twice, or the same module imported again
+    assert len(reg.for_type(EventType.MESSAGE_INBOUND)) == 1
+
+    async def other(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        return None
+
+    async def another(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        return None
+
+    reg.register(INBOUND, other, "same")
+    with pytest.raises(ValueError, match="two handlers named 'same'"):
+        reg.register(INBOUND, another, "same")
+    reg.register(EventType.MESSAGE_STATUS, another, "same")  # one name on two types: fine
+    assert [name for name, _ in reg.for_type(EventType.MESSAGE_INBOUND)] == [
+        "tests.test_handlers_hostile._ok",
+        "same",
+    ]
+
+
+def test_one_file_imported_under_two_module_names_is_refused(tmp_path: Path) -> None:
+    """SENTPIPE_HANDLER_MODULES naming `app.handlers` and `handlers` (two sys.path entries reaching one
+    file): every event was handled twice."""
+    src = tmp_path / "twice.py"
+    src.write_text(
+        "from sentpipe.processors.handlers import handler\n"
+        "@handler('message.inbound.received')\n"
+        "async def on_inbound(event, ctx):\n"
+        "    return None\n"
+    )
+    before = list(registry.for_type(EventType.MESSAGE_INBOUND))
+    try:
+        for name in ("first_name", "second_name"):
+            spec = importlib.util.spec_from_file_location(name, src)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            if name == "first_name":
+                spec.loader.exec_module(module)
+            else:
+                with pytest.raises(ValueError, match="imported under two names"):
+                    spec.loader.exec_module(module)
+    finally:
+        registry.by_type[EventType.MESSAGE_INBOUND] = before
+
+
+BROKEN_MODULES = {
+    "exits_quietly": ("import sys\nsys.exit(0)\n", "SystemExit: 0"),
+    "bad_syntax": ("def broken(:\n", "SyntaxError"),
+    "raises_on_import": ("x = 1\nraise RuntimeError('no config file')\n", "RuntimeError: no config file"),
+    "interrupted": ("raise KeyboardInterrupt\n", None),
+}
+
+
+def test_a_handler_module_that_fails_to_import_is_one_error_naming_it(tmp_path: Path) -> None:
+    for name, (code, _) in BROKEN_MODULES.items():
+        (tmp_path / f"{name}.py").write_text(code)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(HandlerModuleError, match="importing 'nope_not_a_module' failed"):
+            load_modules(["nope_not_a_module"])
+        for name, (_, needle) in BROKEN_MODULES.items():
+            if needle is None:
+                with pytest.raises(KeyboardInterrupt):  # a real Ctrl-C at start is still one
+                    load_modules([name])
+                continue
+            with pytest.raises(HandlerModuleError) as info:
+                load_modules([name])
+            message = str(info.value)
+            assert f"importing {name!r} failed" in message and needle in message, message
+            if name != "bad_syntax":
+                assert f"{name}.py:2" in message, message  # where its own code failed
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in BROKEN_MODULES:
+            sys.modules.pop(name, None)
+
+
+def test_the_worker_refuses_to_start_with_a_module_that_exits_on_import(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A handler module calling sys.exit(0) at import ended `sentpipe worker` with status 0 and no word."""
+    (tmp_path / "exits_quietly.py").write_text("import sys\nsys.exit(0)\n")
+    env = settings_env(settings, handler_modules='["exits_quietly"]', worker_role="project")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    res = subprocess.run(
+        [sys.executable, "-m", "sentpipe", "worker"], env=env, capture_output=True, text=True, timeout=120
+    )
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 1, res
+    assert "Traceback" not in res.stderr and len(lines) == 1, res.stderr
+    assert lines[0].startswith(
+        "error: HandlerModuleError: SENTPIPE_HANDLER_MODULES: importing 'exits_quietly'"
+    )
+    assert "SystemExit: 0" in lines[0]
+
+
+# --- the real worker ----------------------------------------------------------------------------------------
+def test_hostile_handlers_never_stop_the_worker(settings: Settings, topics: Topics, tmp_path: Path) -> None:
+    """Every kind of tests/handlers_hostile.py in one stream: each lands in the DLQ under its own class,
+    every other event is projected and handled, and the worker is alive and live at the end."""
+    db = settings.database_url.get_secret_value()
+    with psycopg.connect(db, autocommit=True) as c:
+        c.execute("CREATE TABLE hostile_calls (event_id text NOT NULL)")
+    f = SampleFactory(9)
+    hostile = {kind: inbound_body(f, hh.PREFIX + kind) for kind in hh.EXPECTED_CLASS}
+    normal = [inbound_body(f) for _ in range(30)]
+    bodies = normal[:10] + list(hostile.values()) + normal[10:]
+    ids = {b: frame(b, webhook_id=None).event_id for b in bodies}
+
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    worker = start_worker(settings, tmp_path, handler_modules=["tests.handlers_hostile"])
+    try:
+        secret = settings.webhook_secret.get_secret_value()
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
+        wait_caught_up(settings, 180, "the worker got past every hostile event", worker.proc.tail)
+        dlq = read_topic(settings.kafka_bootstrap, topics.dlq, at_least=len(hostile))
+        assert worker.proc.p is not None and worker.proc.p.poll() is None, worker.proc.tail()
+        worker.proc.wait_http(f"http://127.0.0.1:{worker.metrics_port}/livez", timeout=30)
+    finally:
+        worker.stop()
+        ingress.stop()
+
+    got = {orjson.loads(rec.value)["id"]: rec.headers for rec in dlq}
+    assert {eid: h[r.H_DLQ_ERROR_CLASS].decode() for eid, h in got.items()} == {
+        ids[body]: hh.EXPECTED_CLASS[kind] for kind, body in hostile.items()
+    }
+    assert all(h[r.H_DLQ_STAGE] == b"handler" for h in got.values())
+    with psycopg.connect(db) as c:
+        projected = {row[0] for row in c.execute("SELECT event_id FROM inbound_messages")}
+        handled = {row[0] for row in c.execute("SELECT event_id FROM hostile_calls")}
+    assert projected == set(ids.values())
+    assert handled == {ids[b] for b in normal}
