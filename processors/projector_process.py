@@ -23,6 +23,7 @@ from multiprocessing.process import BaseProcess
 from typing import Any
 
 import mode
+from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe.kafka import AsyncProducer, BatchConsumer
@@ -41,6 +42,18 @@ log = logging.getLogger("sentpipe.worker")
 CHILD_START_TIMEOUT_S = 120.0
 # Time for the child to finish its batch and commit once asked to stop (Helm's grace period is 60 s).
 CHILD_STOP_TIMEOUT_S = 45.0
+# psycopg_pool doubles the pause between its reconnection attempts up to half its reconnect_timeout (300 s
+# by default): after an outage of a few minutes it next tried up to two minutes after the database was back,
+# while the projector's retries only met PoolTimeout and the watchdog called it a stall. Giving up after
+# this long ends the round; the projector's next retry starts another at once.
+RECONNECT_WINDOW_S = 10.0
+
+
+async def _reset_session(conn: AsyncConnection) -> None:
+    # A handler's SET (search_path, say) would outlive its batch on the pooled connection, and the
+    # projections' SQL would then meet other tables (SQLSTATE 42: held as a failure of the whole) or none.
+    # RESET ALL goes back to the session's defaults, the URL's `options` included.
+    await conn.execute("RESET ALL")
 
 
 def open_pool(settings: Settings) -> AsyncConnectionPool:
@@ -49,6 +62,8 @@ def open_pool(settings: Settings) -> AsyncConnectionPool:
         min_size=1,
         max_size=settings.db_pool_size,
         timeout=5.0,
+        reconnect_timeout=RECONNECT_WINDOW_S,
+        reset=_reset_session,
         open=False,
     )
 
@@ -58,6 +73,7 @@ class ProjectorService:
 
     def __init__(self, settings: Settings, handlers: HandlerRegistry, health: Health) -> None:
         self.s = settings
+        handlers.timeout_s = settings.handler_timeout_s
         topics = Topics(settings.topic_prefix)
         self.pool = open_pool(settings)
         self.producer = AsyncProducer.from_settings(settings, delivery_timeout_s=30.0)

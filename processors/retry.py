@@ -39,6 +39,9 @@ TEMPORARY_SQLSTATE_CLASSES = frozenset(
         "08",  # connection exception
         "53",  # insufficient resources (disk full, out of memory, too many connections)
         "57",  # operator intervention (admin shutdown, crash shutdown, cannot connect now, query canceled)
+        # System error (an I/O error, a file missing) on the server: the database's trouble, not a record's.
+        # As "unknown" it dead-lettered every record after 5 attempts while the disk failed.
+        "58",
     }
 )
 TEMPORARY_SQLSTATES = frozenset(

@@ -7,10 +7,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe import metrics as m
-from sentpipe.processors.handlers import HandlerContext, HandlerRegistry
+from sentpipe.processors.handlers import HandlerContext, HandlerRegistry, RetryableError
 from sentpipe.processors.projections import PROJECTIONS
 from sentpipe.processors.retry import classify
 from sentpipe.schemas.events import CanonicalEvent, EventType
@@ -23,6 +24,13 @@ class HandlerFailure:
     event: CanonicalEvent
     handler: str
     error: Exception
+
+
+class ProjectionUnusable(RetryableError):
+    """The projection's own SQL was refused with SQLSTATE class 42 (a table dropped or renamed, a column
+    renamed, a privilege revoked, the ON CONFLICT index gone). That SQL is fixed and every value is a bound
+    parameter, so no record can cause it: a failure of the whole, held (retried forever) until the schema is
+    repaired, where class 42 as a record's error would dead-letter every event."""
 
 
 class PostgresSink:
@@ -44,10 +52,23 @@ class PostgresSink:
         succeeded: dict[str, int] = {}
         t0 = time.perf_counter()
         async with self.pool.connection() as conn, conn.transaction():
-            async with conn.cursor() as cur:
-                for sql, rows in projection.rows(events):
-                    if rows:
-                        await cur.executemany(sql, rows)
+            try:
+                async with conn.cursor() as cur:
+                    for sql, rows in projection.rows(events):
+                        if rows:
+                            await cur.executemany(sql, rows)
+            except psycopg.Error as exc:
+                if (exc.sqlstate or "")[:2] != "42":
+                    raise
+                log.error(
+                    "the %s projection's tables refuse its SQL (SQLSTATE %s: %s); holding the events "
+                    "until the tables are repaired",
+                    type_.value,
+                    exc.sqlstate,
+                    exc,
+                    extra={"type": type_.value, "sqlstate": exc.sqlstate},
+                )
+                raise ProjectionUnusable(f"{exc.sqlstate}: {exc}") from exc
             m.HANDLER_SECONDS.labels(type_.value, "projection").observe(time.perf_counter() - t0)
             for name, fn in handlers:
                 ok = 0

@@ -199,6 +199,9 @@ class Settings(BaseSettings):
     retry_max_s: float = _seconds(30.0, le=3600)
     handler_modules: list[str] = Field(default_factory=list)
     db_pool_size: int = Field(4, ge=1, le=1000)
+    # One user handler call: past it the call is cancelled and its event dead-lettered (HandlerTimeout). Below
+    # SENTPIPE_STALL_AFTER_S, so a handler that hangs is its event's failure, not a stall and a restart.
+    handler_timeout_s: float = _seconds(30.0, le=3600)
     # A stage with records waiting whose position has not moved for this long fails its liveness probe.
     stall_after_s: float = _seconds(60.0)
     # The dedup table's recovery after a rebalance pauses the router: not a stall for this long.

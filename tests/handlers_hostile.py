@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 
-from sentpipe.processors.handlers import HandlerContext, handler, registry
+from sentpipe.processors.handlers import HandlerContext, handler
 from sentpipe.schemas.events import CanonicalEvent
 
-# No setting names the per-call limit yet: a module can lower it (30 s by default), as a test must.
-registry.timeout_s = 2.0
-
+# The worker running these gets SENTPIPE_HANDLER_TIMEOUT_S=2 (tests/test_handlers_hostile.py).
 PREFIX = "hostile:"
 
 

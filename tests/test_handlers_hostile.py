@@ -40,7 +40,7 @@ from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests import handlers_hostile as hh
 from tests.http_tools import post_all
-from tests.kafka_tools import read_topic
+from tests.kafka_tools import read_topic, record_count
 from tests.pipeline import start_ingress, start_worker, wait_caught_up
 from tests.processes import settings_env
 
@@ -400,7 +400,9 @@ def test_hostile_handlers_never_stop_the_worker(settings: Settings, topics: Topi
     ids = {b: frame(b, webhook_id=None).event_id for b in bodies}
 
     ingress, url, _ = start_ingress(settings, tmp_path)
-    worker = start_worker(settings, tmp_path, handler_modules=["tests.handlers_hostile"])
+    worker = start_worker(
+        settings, tmp_path, handler_modules=["tests.handlers_hostile"], handler_timeout_s=2.0
+    )
     try:
         secret = settings.webhook_secret.get_secret_value()
         assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
@@ -422,3 +424,27 @@ def test_hostile_handlers_never_stop_the_worker(settings: Settings, topics: Topi
         handled = {row[0] for row in c.execute("SELECT event_id FROM hostile_calls")}
     assert projected == set(ids.values())
     assert handled == {ids[b] for b in normal}
+
+
+def test_a_handler_setting_its_session_does_not_change_the_next_batch(
+    settings: Settings, topics: Topics, tmp_path: Path
+) -> None:
+    """A handler's `SET search_path` stayed on the pooled connection: every later batch's projection SQL
+    met pg_catalog instead of the projection tables (SQLSTATE 42P01), and the stage held forever."""
+    db = settings.database_url.get_secret_value()
+    f = SampleFactory(11)
+    batches = [[inbound_body(f) for _ in range(5)] for _ in range(3)]
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    worker = start_worker(settings, tmp_path, handler_modules=["tests.handlers_set_path"])
+    try:
+        secret = settings.webhook_secret.get_secret_value()
+        for n, batch in enumerate(batches, start=1):  # one after another: each a batch of its own
+            assert asyncio.run(post_all(f"{url}/webhooks/sent", batch, secret)).count(200) == len(batch)
+            wait_caught_up(settings, 120, f"batch {n} projected", worker.proc.tail)
+    finally:
+        worker.stop()
+        ingress.stop()
+    with psycopg.connect(db) as c:
+        projected = {row[0] for row in c.execute("SELECT event_id FROM inbound_messages")}
+    assert projected == {frame(b, webhook_id=None).event_id for batch in batches for b in batch}
+    assert record_count(settings.kafka_bootstrap, topics.dlq) == 0

@@ -115,6 +115,8 @@ def pg(sqlstate: str) -> psycopg.Error:
         "57P03",
         "25006",
         "55P03",
+        "58030",
+        "58P01",
     ],
 )
 def test_temporary_sqlstates(sqlstate: str) -> None:
@@ -127,7 +129,7 @@ def test_permanent_sqlstates(sqlstate: str) -> None:
     assert classify(pg(sqlstate)) == "permanent"
 
 
-@pytest.mark.parametrize("sqlstate", ["XX000", "P0001", "0A000", "55006", "40002", "25P02", "58030"])
+@pytest.mark.parametrize("sqlstate", ["XX000", "P0001", "0A000", "55006", "40002", "25P02"])
 def test_other_sqlstates_are_unknown(sqlstate: str) -> None:
     assert classify(pg(sqlstate)) == "unknown"
     assert not is_temporary(pg(sqlstate))
