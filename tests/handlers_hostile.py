@@ -25,7 +25,7 @@ async def _hang(ctx: HandlerContext) -> None:
 
 
 async def _pg_sleep(ctx: HandlerContext) -> None:
-    await ctx.conn.execute("SELECT pg_sleep(3600) /* hostile-pg-sleep */")
+    await ctx.conn.execute("SELECT pg_sleep(120) /* hostile-pg-sleep */")
 
 
 RAISES: dict[str, BaseException] = {

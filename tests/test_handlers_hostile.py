@@ -190,7 +190,7 @@ async def test_a_handler_that_never_returns_is_cancelled_and_its_event_dead_lett
         if event.data.get("text") == "hang":
             await asyncio.Event().wait()
         if event.data.get("text") == "pg-sleep":
-            await ctx.conn.execute("SELECT pg_sleep(3600) /* hostile-test-sleep */")
+            await ctx.conn.execute("SELECT pg_sleep(120) /* hostile-test-sleep */")
         await ctx.conn.execute("SELECT 1")
 
     stage.handlers.register(INBOUND, handle, "hostile")

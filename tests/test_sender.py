@@ -511,7 +511,12 @@ async def cli(*args: str, env: dict[str, str] | None = None) -> Ran:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    except TimeoutError:
+        proc.kill()  # never left behind: one that hung here once burned a core for the rest of the run
+        await proc.wait()
+        raise
     assert proc.returncode is not None
     return Ran(proc.returncode, out.decode(), err.decode())
 
