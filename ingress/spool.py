@@ -224,13 +224,9 @@ class Spool:
     # --- open / close ----------------------------------------------------------------------------------
     def open(self) -> None:
         """Take the directory (SpoolLocked if another process has it) and read what a previous run left."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SpoolLocked(f"spool directory {self.dir} is in use by another process") from None
+        fd = self._take_dir()
+        if fd is None:
+            raise SpoolLocked(f"spool directory {self.dir} is in use by another process")
         self._lock_fd = fd
         self._load(take_over=True)
         if (self.dir / REFUSED).is_file():
@@ -244,6 +240,17 @@ class Spool:
             m.SPOOL_MAX_BYTES.set(self.max_bytes)
             m.SPOOL_OLDEST_AGE.set_function(self.oldest_age_s)
         self._update_gauges()
+
+    def _take_dir(self) -> int | None:
+        """Make the directory if needed and lock it: the lock's fd, or None when another process holds it."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
 
     def _segment_path(self, seq: int) -> Path:
         return self.dir / f"{seq:016d}{SEGMENT_SUFFIX}"
@@ -468,13 +475,9 @@ class Spool:
     def _retake_dir(self) -> None:
         """In a thread: the directory was removed while the spool ran. Make it and lock it again, so the
         requests that follow are spooled (each answered only once on disk there) instead of refused."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OSError(errno.EBUSY, "spool directory re-created and taken by another process") from None
+        fd = self._take_dir()
+        if fd is None:
+            raise OSError(errno.EBUSY, "spool directory re-created and taken by another process")
         old, self._lock_fd = self._lock_fd, fd
         if old is not None:
             os.close(old)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.error
 import urllib.request
 import uuid
 
 import aiohttp
+import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -68,3 +70,18 @@ def scrape(port: int) -> dict[str, float]:
 
 def metric_sum(samples: dict[str, float], name: str) -> float:
     return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
+def post_signed(url: str, body: bytes, secret: str) -> tuple[int, dict[str, str], dict[str, object]]:
+    """One signed delivery, blocking (from a thread, or with no loop to run): status, headers, JSON."""
+    headers = {
+        **signature_headers(secret, "spool", int(time.time()), body),
+        "content-type": "application/json",
+    }
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, data=body, headers=headers), timeout=30
+        ) as resp:
+            return resp.status, dict(resp.headers), orjson.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), orjson.loads(e.read() or b"{}")

@@ -20,11 +20,10 @@ from sentpipe.ingress.spool import Spool, SpoolRecord, process_dir, status_of
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import ROUTED_TYPES
 from sentpipe.schemas.samples import SampleFactory
-from sentpipe.schemas.signature import signature_headers
 from sentpipe.schemas.topics import Topics
 from sentpipe.sender.plan import generate
 from sentpipe.settings import Settings
-from tests.http_tools import metric_sum, scrape
+from tests.http_tools import metric_sum, post_signed, scrape
 from tests.kafka_tools import read_topic
 from tests.oracle import actual_state, expected_state, row_count
 from tests.pipeline import start_worker, wait_caught_up, wait_for, wait_until
@@ -37,20 +36,6 @@ def _need_local_broker(services: Services) -> None:
         pytest.fail(
             "this test stops the broker: run it with the local launcher (unset SENTPIPE_KAFKA_BOOTSTRAP)"
         )
-
-
-def _post(url: str, body: bytes, secret: str) -> tuple[int, dict[str, str], dict[str, object]]:
-    headers = {
-        **signature_headers(secret, "spool", int(time.time()), body),
-        "content-type": "application/json",
-    }
-    try:
-        with urllib.request.urlopen(
-            urllib.request.Request(url, data=body, headers=headers), timeout=30
-        ) as resp:
-            return resp.status, dict(resp.headers), orjson.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), orjson.loads(e.read() or b"{}")
 
 
 def _get(url: str) -> tuple[int, dict[str, object]]:
@@ -94,7 +79,7 @@ def test_spool_full_is_503_and_every_200_reaches_the_broker(
             answers = []
             for i in range(40):  # 64 KiB each: the 1 MiB spool takes about 15
                 body = orjson.dumps({**f.inbound().doc, "padding": "x" * 65536, "n": i})
-                status, headers, doc = _post(f"{base}/webhooks/sent", body, secret)
+                status, headers, doc = post_signed(f"{base}/webhooks/sent", body, secret)
                 answers.append((status, doc.get("error")))
                 if status == 200:
                     assert doc["spooled"] is True, doc
@@ -119,7 +104,7 @@ def test_spool_full_is_503_and_every_200_reaches_the_broker(
         assert metric_sum(samples, "sentpipe_spool_drained_total") >= len(acked)
         assert metric_sum(samples, "sentpipe_spool_bytes") == 0
         # Drained and empty: a new event goes straight to the broker again.
-        status, _, doc = _post(f"{base}/webhooks/sent", f.inbound().body, secret)
+        status, _, doc = post_signed(f"{base}/webhooks/sent", f.inbound().body, secret)
         assert status == 200 and "spooled" not in doc, doc
     finally:
         assert proc.stop() == 0, proc.tail()
@@ -144,7 +129,7 @@ def test_kill_9_while_spooling_loses_no_acknowledged_event(
             with lock:
                 body = orjson.dumps({**f.inbound().doc, "load": [n, i]})
             try:
-                status, _, doc = _post(target["url"], body, secret)
+                status, _, doc = post_signed(target["url"], body, secret)
             except OSError:
                 continue  # the ingress is being killed: no answer, nothing acknowledged
             if status == 200:

@@ -41,7 +41,7 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.signature import signature_headers
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
-from tests.http_tools import metric_sum, scrape
+from tests.http_tools import metric_sum, post_signed, scrape
 from tests.kafka_tools import read_topic
 from tests.pipeline import wait_until
 from tests.processes import Proc, free_port, start_ingress
@@ -375,20 +375,6 @@ def _raw_keys(s: Settings, at_least: int) -> set[str]:
     return {rec.key.decode() for rec in records if rec.key is not None}
 
 
-def _post(url: str, body: bytes, secret: str) -> tuple[int, dict[str, object]]:
-    headers = {
-        **signature_headers(secret, "spool", int(time.time()), body),
-        "content-type": "application/json",
-    }
-    try:
-        with urllib.request.urlopen(
-            urllib.request.Request(url, data=body, headers=headers), timeout=30
-        ) as resp:
-            return resp.status, orjson.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        return e.code, orjson.loads(e.read() or b"{}")
-
-
 def test_a_record_the_broker_refuses_does_not_block_the_ingress_spool(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -409,7 +395,7 @@ def test_a_record_the_broker_refuses_does_not_block_the_ingress_spool(
         assert metric_sum(scrape(metrics_port), "sentpipe_spool_refused_total") == 1
         keys = {rec.key.decode() for rec in [*before, *after]}
         assert _raw_keys(settings, len(keys)) >= keys
-        status, doc = _post(
+        status, _, doc = post_signed(
             f"{base}/webhooks/sent",
             SampleFactory(3).inbound().body,
             settings.webhook_secret.get_secret_value(),
@@ -469,7 +455,7 @@ def test_kill_9_of_two_workers_spooling_then_one_worker_drains_everything_acknow
                 body = orjson.dumps({**f.inbound().doc, "load": [n, i]})
             i += 1
             try:
-                status, doc = _post(f"{base}/webhooks/sent", body, secret)
+                status, _, doc = post_signed(f"{base}/webhooks/sent", body, secret)
             except OSError:
                 continue  # killed mid-request: never answered, nothing acknowledged
             if status == 200:
