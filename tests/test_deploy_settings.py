@@ -6,7 +6,7 @@ refuse at start (a CrashLoopBackOff instead of a failed `helm install`); every v
 
 The chart is rendered with the helm that `make check-deploy` installs under .local/bin (or one on PATH); YAML
 is read with PyYAML, from this interpreter or from the deploy-tools virtualenv beside helm. Without them the
-tests here skip, naming what is missing.
+tests here fail, naming what is missing (`make test` runs `make check-deploy` first).
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def helm() -> str:
     local = ROOT / ".local/bin/helm"
     found = str(local) if os.access(local, os.X_OK) else shutil.which("helm")
     if not found:
-        pytest.skip("no helm: `make check-deploy` installs it under .local/bin")
+        pytest.fail("no helm: `make check-deploy` installs it under .local/bin", pytrace=False)
     return found
 
 
@@ -184,7 +184,9 @@ def load_yaml(text: str) -> list[Any]:
         import yaml  # type: ignore[import-untyped]
     except ImportError:
         if not os.access(DEPLOY_PYTHON, os.X_OK):
-            pytest.skip("no PyYAML: `make check-deploy` installs it in .local/deploy-tools/venv")
+            pytest.fail(
+                "no PyYAML: `make check-deploy` installs it in .local/deploy-tools/venv", pytrace=False
+            )
         code = "import json, sys, yaml; json.dump(list(yaml.safe_load_all(sys.stdin)), sys.stdout)"
         out = subprocess.run(
             [str(DEPLOY_PYTHON), "-c", code], input=text, capture_output=True, text=True, check=True
