@@ -92,6 +92,7 @@ CASES: dict[str, tuple[str, ...]] = {
             "kafka.security.protocol=SSL",
             "kafka.security.tls.caSecret.name=events-cluster-ca-cert",
             "kafka.security.tls.clientSecret.name=sentpipe",
+            "kafka.security.tls.clientSecret.keyPasswordKey=user.key-password",
             "database.tls.caSecret.name=pg-ca",
             "database.tls.clientSecret.name=pg-client",
             "worker.split.enabled=true",
@@ -396,6 +397,8 @@ def test_the_secured_case_mounts_every_certificate_where_the_settings_point() ->
             "SENTPIPE_KAFKA_SSL_CERT_FILE",
             "SENTPIPE_KAFKA_SSL_KEY_FILE",
         } <= names
+        (password,) = [e for e in c["env"] if e["name"] == "SENTPIPE_KAFKA_SSL_KEY_PASSWORD"]
+        assert password["valueFrom"]["secretKeyRef"] == {"name": "sentpipe", "key": "user.key-password"}
         tls = [m for m in c["volumeMounts"] if m["mountPath"] == "/etc/sentpipe/tls"]
         assert tls and tls[0]["readOnly"] is True, f"{w}/{c['name']}"
 
@@ -557,6 +560,7 @@ NUMERIC: list[tuple[str, str, tuple[str, ...]]] = [
     ("ingress.workers", "SENTPIPE_INGRESS_WORKERS", ()),
     ("ingress.maxInFlight", "SENTPIPE_INGRESS_MAX_IN_FLIGHT", ()),
     ("ingress.bodyTimeoutSeconds", "SENTPIPE_BODY_TIMEOUT_S", ()),
+    ("ingress.stallAfterSeconds", "SENTPIPE_STALL_AFTER_S", ()),
     ("ingress.spool.maxBytes", "SENTPIPE_SPOOL_MAX_BYTES", ()),
     ("worker.metricsPort", "SENTPIPE_WORKER_METRICS_PORT", ()),
     ("worker.stallAfterSeconds", "SENTPIPE_STALL_AFTER_S", ()),
@@ -577,8 +581,13 @@ def test_the_schema_bounds_are_what_settings_accepts(
     for edge in (low, node["maximum"]):
         value = int(edge) if float(edge).is_integer() else edge
         objs = render(*SECRET, *on, *extra, "--set-json", f"{key}={value}")
+        # ingress.*, worker.*, console.*: rendered in that component's own container.
+        component = key.split(".")[0]
         rendered = [
-            s for _, c, s in container_settings(objs, tmp_path) if variable in {e["name"] for e in c["env"]}
+            s
+            for _, c, s in container_settings(objs, tmp_path)
+            if variable in {e["name"] for e in c["env"]}
+            and (component not in ("ingress", "worker", "console") or c["args"][0] == component)
         ]
         assert rendered, f"{key}={value} renders no {variable}"
     err = refused(*SECRET, *on, *extra, "--set", f"{key}={int(node['maximum']) + 1}")

@@ -224,6 +224,13 @@ files from the TLS volume. Half a configuration fails the render, naming the val
   value: /etc/sentpipe/tls/kafka-client.crt
 - name: SENTPIPE_KAFKA_SSL_KEY_FILE
   value: /etc/sentpipe/tls/kafka-client.key
+{{- if $sec.tls.clientSecret.keyPasswordKey }}
+- name: SENTPIPE_KAFKA_SSL_KEY_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $sec.tls.clientSecret.name }}
+      key: {{ $sec.tls.clientSecret.keyPasswordKey }}
+{{- end }}
 {{- end }}
 - name: SENTPIPE_KAFKA_SSL_CHECK_HOSTNAME
   value: {{ $sec.tls.checkHostname | quote }}
