@@ -117,13 +117,6 @@ class Attempt:
         return str(self.status) if self.status is not None else self.error or "error"
 
 
-def retryable(attempt: Attempt) -> bool:
-    """Sent retries when the receiver may succeed later: 5xx, 408/429, timeouts, connection errors."""
-    if attempt.status is None:
-        return True
-    return attempt.status >= 500 or attempt.status in (408, 429)
-
-
 @dataclass(frozen=True, slots=True)
 class Outcome:
     delivery: Delivery
@@ -185,7 +178,8 @@ async def post_once(
     headers = signer.headers(delivery)
     started = time.perf_counter()
     try:
-        async with session.post(url, data=delivery.body, headers=headers) as resp:
+        # A 3xx is the receiver's answer, as for Sent: following it would post the signed event elsewhere.
+        async with session.post(url, data=delivery.body, headers=headers, allow_redirects=False) as resp:
             body = await resp.content.read(RESPONSE_KEEP_BYTES)
             return Attempt(number, resp.status, None, time.perf_counter() - started, body)
     except TimeoutError:
@@ -221,6 +215,9 @@ async def deliver(
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
+    if mode is not SigningMode.VALID:
+        # Every answer is meant to be a rejection: retrying it would only repeat the check, slowly.
+        schedule = ()
     if rate is not None and not (math.isfinite(rate) and rate > 0):
         raise ValueError("rate must be a finite number of events per second above 0")
     target = check_url(url)
@@ -255,7 +252,9 @@ async def deliver(
                 attempts.append(attempt)
                 stats.record_attempt(attempt)
                 updated()
-                if attempt.accepted or not retryable(attempt):
+                # Sent retries every delivery not answered 2xx: any other status (a 4xx too: a wrong secret
+                # deployed is a stream of 401s, each failing towards auto-disable), a timeout, no connection.
+                if attempt.accepted:
                     break
             outcome = Outcome(delivery, tuple(attempts))
             stats.record_outcome(outcome)

@@ -358,13 +358,50 @@ async def test_a_delivery_fails_after_the_last_retry(stub: Stub) -> None:
     assert [a.status for a in outcomes[0].attempts] == [503, 503, 503]
 
 
-@pytest.mark.parametrize("status", [400, 401, 404, 413])
-async def test_client_errors_are_final_without_retries(stub: Stub, status: int) -> None:
+@pytest.mark.parametrize("status", [204, 299])
+async def test_any_2xx_is_accepted_at_once(stub: Stub, status: int) -> None:
     stub.answer = lambda n: status
     _, deliveries = _plan(1)
     stats = await deliver(stub.url, deliveries[:1], SECRET, schedule=(0.01, 0.01))
-    assert len(stub.hits) == 1
-    assert stats.rejected == Counter({str(status): 1})
+    assert (len(stub.hits), stats.accepted, stats.retried) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 413, 422, 300])
+async def test_every_other_answer_is_retried_as_sent_retries_it(stub: Stub, status: int) -> None:
+    """sent-webhooks.md: a non-2xx answer makes Sent retry; a 4xx counts towards auto-disable like a 5xx."""
+    stub.answer = lambda n: status
+    _, deliveries = _plan(1)
+    stats = await deliver(stub.url, deliveries[:1], SECRET, schedule=(0.01, 0.01))
+    assert len(stub.hits) == 3
+    assert (stats.retried, stats.rejected) == (2, Counter({str(status): 1}))
+
+
+async def test_a_redirect_is_an_answer_and_is_not_followed() -> None:
+    """Following it would post the signed event to wherever the Location points."""
+    elsewhere: list[bytes] = []
+    asked: list[bytes] = []
+
+    async def moved(request: web.Request) -> web.Response:
+        asked.append(await request.read())
+        raise web.HTTPTemporaryRedirect("/elsewhere")
+
+    async def other(request: web.Request) -> web.Response:
+        elsewhere.append(await request.read())
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_post("/webhooks/sent", moved)
+    app.router.add_post("/elsewhere", other)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        _, deliveries = _plan(1)
+        url = f"http://127.0.0.1:{server.port}/webhooks/sent"
+        stats = await deliver(url, deliveries[:1], SECRET, schedule=(0.01,))
+    finally:
+        await server.close()
+    assert (len(asked), elsewhere) == (2, [])
+    assert (stats.accepted, stats.rejected) == (0, Counter({"307": 1}))
 
 
 async def test_a_timeout_is_retried(stub: Stub) -> None:
@@ -464,9 +501,10 @@ async def test_tenant_paths_reach_the_tenant_or_answer_401(webhook_url: str) -> 
     _, deliveries = _plan(2)
     ok = await deliver(f"{webhook_url}/{Settings().default_tenant}", deliveries[:1], SECRET, schedule=(0.01,))
     assert ok.accepted == 1
-    # An unknown tenant is answered like a bad signature (tenant names are not probeable): final, no retry.
+    # An unknown tenant is answered like a bad signature (tenant names are not probeable), and retried as
+    # Sent would retry it.
     missing = await deliver(f"{webhook_url}/no-such-tenant", deliveries[1:2], SECRET, schedule=(0.01,))
-    assert missing.rejected == Counter({"401": 1}) and missing.retried == 0
+    assert missing.rejected == Counter({"401": 1}) and missing.retried == 1
 
 
 @pytest.mark.service
@@ -482,7 +520,7 @@ async def test_negative_modes_are_rejected_by_the_ingress_and_store_nothing(
     stats = await deliver(
         webhook_url, deliveries, SECRET, schedule=(0.01,), mode=mode, on_outcome=outcomes.append
     )
-    assert stats.accepted == 0 and stats.retried == 0
+    assert stats.accepted == 0 and stats.retried == 0  # a rejection is what these modes want: not retried
     assert stats.rejected == Counter({"401": 5})
     assert {orjson.loads(o.final.body)["error"] for o in outcomes} == {reason}
     # The 401s came after any produce would have been acknowledged: the watermarks are final.
