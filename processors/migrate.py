@@ -1,17 +1,45 @@
-"""Apply the versioned SQL files in sentpipe/processors/migrations/, each once, in order."""
+"""Apply the versioned SQL files in sentpipe/processors/migrations/, each once, in order.
+
+All pending migrations run in one transaction: a failure (or the server killed midway) leaves none of them
+applied, and the next run starts again. Each applied file's SHA-256 is kept beside its version; a file
+changed after it was applied is refused, as it would never run again and the tables would disagree with
+it silently.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import psycopg
+
+log = logging.getLogger("sentpipe.migrate")
+
+# How long one migration statement waits for a table another session holds. Unbounded, one reader left
+# idle in a transaction kept `db migrate` waiting forever, and every projector insert queued behind the
+# waiting ALTER TABLE: the worker stalled as long as `db migrate` did.
+LOCK_TIMEOUT_S = 10.0
+
+# One migrator at a time per database (several replicas may start together).
+_ADVISORY_KEY = 7366726
+
+
+class MigrationError(Exception):
+    """`db migrate` cannot go on; nothing was applied."""
 
 
 @dataclass(frozen=True, slots=True)
 class Migration:
     version: str
     sql: str
+
+    @property
+    def checksum(self) -> str:
+        # Line endings are a checkout's, not the migration's.
+        return hashlib.sha256(self.sql.replace("\r\n", "\n").encode()).hexdigest()
 
 
 def migrations() -> list[Migration]:
@@ -26,23 +54,73 @@ def migrations() -> list[Migration]:
     )
 
 
+def _connect(database_url: str) -> psycopg.Connection[Any]:
+    # (Settings refuses a URL libpq cannot parse, whose error would quote the password.)
+    conn = psycopg.connect(database_url, autocommit=False, connect_timeout=10)
+    # Whatever the role's default (serializable, say): a migrator that waited for the advisory lock must
+    # then see what the one before it committed, or it applies the same migrations again and fails.
+    conn.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+    return conn
+
+
 def migrate(database_url: str) -> list[tuple[str, bool]]:
-    """Returns (version, applied_now) for every migration; safe to run concurrently."""
+    """Returns (version, applied_now) for every migration, then (version, False) for each version in the
+    database this sentpipe does not know (applied by a newer one); safe to run concurrently."""
     result = []
-    with psycopg.connect(database_url, autocommit=False, connect_timeout=10) as conn:
-        # One migrator at a time (several replicas may start together).
-        conn.execute("SELECT pg_advisory_xact_lock(7366726)")
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version text PRIMARY KEY,"
-            " applied_at timestamptz NOT NULL DEFAULT now())"
+    with _connect(database_url) as conn:
+        # The URL's (or the role's) statement_timeout is meant for the worker's statements; a migration
+        # building a primary key over a large table must not be cancelled midway by it.
+        conn.execute("SET LOCAL statement_timeout = 0")
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_KEY,))
+        conn.execute(f"SET LOCAL lock_timeout = {max(1, round(LOCK_TIMEOUT_S * 1000))}")
+        # Created where CREATE TABLE would put it, and only then: an up-to-date database answers a role
+        # without CREATE on the schema (one that may only read and write the tables) "already applied".
+        found = conn.execute("SELECT to_regclass(quote_ident(current_schema()) || '.schema_migrations')")
+        if (row := found.fetchone()) is None or row[0] is None:
+            conn.execute(
+                "CREATE TABLE schema_migrations (version text PRIMARY KEY,"
+                " applied_at timestamptz NOT NULL DEFAULT now(), checksum text)"
+            )
+        if not conn.execute(  # a table created before checksums were kept
+            "SELECT 1 FROM pg_attribute WHERE attrelid = 'schema_migrations'::regclass"
+            " AND attname = 'checksum' AND NOT attisdropped"
+        ).fetchone():
+            conn.execute("ALTER TABLE schema_migrations ADD COLUMN checksum text")
+        done: dict[str, str | None] = dict(
+            conn.execute("SELECT version, checksum FROM schema_migrations").fetchall()
         )
-        done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
-        for m in migrations():
+        known = migrations()
+        for m in known:
             if m.version in done:
+                kept = done[m.version]
+                if kept is None:  # applied before checksums were kept: this file is the record now
+                    conn.execute(
+                        "UPDATE schema_migrations SET checksum = %s WHERE version = %s",
+                        (m.checksum, m.version),
+                    )
+                elif kept != m.checksum:
+                    raise MigrationError(
+                        f"migration {m.version} was changed after it was applied (checksum {m.checksum[:12]},"
+                        f" applied {kept[:12]}); restore the original file: nothing was applied"
+                    )
                 result.append((m.version, False))
                 continue
-            conn.execute(m.sql.encode())
-            conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (m.version,))
+            try:
+                conn.execute(m.sql.encode())
+            except psycopg.errors.LockNotAvailable as exc:
+                raise MigrationError(
+                    f"migration {m.version} waited {LOCK_TIMEOUT_S:g} s for a table another session holds"
+                    f" (an open transaction?); nothing was applied: run `sentpipe db migrate` again once it"
+                    f" ends ({exc.sqlstate})"
+                ) from exc
+            conn.execute(
+                "INSERT INTO schema_migrations (version, checksum) VALUES (%s, %s)", (m.version, m.checksum)
+            )
             result.append((m.version, True))
+        names = {m.version for m in known}
+        for version in sorted(v for v in done if v not in names):
+            # Refusing would also refuse a rollback's `db migrate`; the newer tables are what they are.
+            log.warning("%s was applied by a newer sentpipe; this one does not know it", version)
+            result.append((version, False))
         conn.commit()
     return result

@@ -7,6 +7,7 @@ larger event id), a template's status is last-writer-wins on occurred_at (tie: l
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,10 +24,29 @@ Row = tuple[Any, ...]
 Jsonb = partial(_Jsonb, dumps=exact_json.dumps)
 
 
+_INSERT = re.compile(r"INSERT\s+INTO\s+(\w+)(?:\s+AS\s+\w+)?\s*\(([^)]*)\)", re.IGNORECASE)
+
+
 @dataclass(frozen=True, slots=True)
 class Statement:
     sql: str
     rows: Callable[[CanonicalEvent], Sequence[Row]]
+
+    @property
+    def table(self) -> str:
+        return self._target()[0]
+
+    @property
+    def columns(self) -> frozenset[str]:
+        """The columns the statement writes: any other column of its table gets its default."""
+        return self._target()[1]
+
+    def _target(self) -> tuple[str, frozenset[str]]:
+        # Read from the SQL itself, so the two can never disagree.
+        found = _INSERT.search(self.sql)
+        if found is None:
+            raise ValueError(f"not an INSERT with a column list: {self.sql[:60]!r}")
+        return found[1], frozenset(c.strip() for c in found[2].split(","))
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -79,7 +80,7 @@ def database_url_problem(url: str) -> str | None:
     token: "s3cr%zz"`, or the part after a `#` as the host name)."""
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in ("postgresql", "postgres"):
-        return None  # key=value connection strings: libpq's errors there name keys, not values
+        return _libpq_parse_problem(url)
     if "#" in url:
         return "a URL cannot hold '#'; percent-encode it in the password as %23"
     for i, c in enumerate(url):
@@ -88,6 +89,27 @@ def database_url_problem(url: str) -> str | None:
     netloc = rest.split("/", 1)[0].split("?", 1)[0]
     if netloc.count("@") > 1 or ("@" not in netloc and "@" in rest):
         return "percent-encode '@', '/' and '?' in the user name and password (%40, %2F, %3F)"
+    return _libpq_parse_problem(url)
+
+
+_QUOTED = re.compile(r'"([^"]*)"')
+
+
+def _libpq_parse_problem(conninfo: str) -> str | None:
+    """libpq's own parse (no connection made), its message with every quoted part longer than one
+    character cut: libpq quotes a malformed URI whole (an unclosed '[') and the words of a key=value string
+    (a password with an unquoted space), which every client, the worker's pool included, would then log."""
+    # Imported here: only a process given a database URL pays for psycopg (not a deployed ingress).
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(conninfo)
+    except psycopg.Error as exc:
+        message = (str(exc).strip() or "unreadable").splitlines()[0]
+        return "libpq cannot read it: " + _QUOTED.sub(
+            lambda found: found[0] if len(found[1]) <= 1 else '"..."', message
+        )
     return None
 
 
