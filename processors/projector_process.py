@@ -54,6 +54,11 @@ async def _reset_session(conn: AsyncConnection) -> None:
     # projections' SQL would then meet other tables (SQLSTATE 42: held as a failure of the whole) or none.
     # RESET ALL goes back to the session's defaults, the URL's `options` included.
     await conn.execute("RESET ALL")
+    # Outside autocommit the RESET opened a transaction, and the pool discards a connection its reset leaves
+    # in one: every batch then paid a new connection (a backend fork, a TLS handshake) and logged a warning.
+    # Committed, the RESET stays and the connection goes back to the pool.
+    if not conn.autocommit:
+        await conn.commit()
 
 
 def open_pool(settings: Settings) -> AsyncConnectionPool:

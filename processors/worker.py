@@ -52,6 +52,7 @@ Event = EventT[Any]
 # acknowledged, then its table marks, then its raw records acked) mostly waits for the broker: with one
 # batch at a time the router's loop sat idle for half the drain.
 PIPELINE_DEPTH = 4
+PIPELINE_FULL = "pipeline full"  # every batch slot taken: the agent waits with a batch in hand
 # The sweep's longest stretch on the event loop before it lets routing run again, and the most table
 # changes (each a changelog record) it queues in one stretch.
 SWEEP_SLICE_S = 0.005
@@ -553,12 +554,21 @@ class Router:
         if need:
             with contextlib.suppress(Exception):  # best effort, as above
                 earliest = dict(await consumer.earliest_offsets(*need))
+        # Records the stream holds back for a reason are not lost: during a rebalance (every partition
+        # revoked and paused, their commits forgotten until the assignment), while the broker is away (no
+        # batch settles) and while the pipeline is full (the agent waits for room with a batch in hand).
+        # Seeking back then was a false alarm on every broker outage and every slow rebalance, some to offset
+        # 0. The first two end an episode: the checks count again from its end. A full pipeline only skips
+        # its check, or a steady backlog elsewhere would keep a partition that is really stuck from counting.
+        held = self._held_back()
+        if held is not None and held != PIPELINE_FULL:
+            self._unmoved.clear()
         for tp, highwater, done in found:
             if done is None:
                 done = earliest.get(tp) if highwater else highwater  # an empty partition waits for nothing
             if highwater is not None and done is not None:
                 waiting[(tp.topic, tp.partition)] = max(0, highwater - done)
-                if highwater > done:
+                if highwater > done and held is None:
                     await self._unstick(tp, done)
         for where in set(self.processed) - set(waiting):
             del self.processed[where]  # moved to another worker
@@ -573,34 +583,46 @@ class Router:
         if self._recovery.holds(bool(recovery.in_recovery)):
             self.watchdog.hold()
 
+    def _held_back(self) -> str | None:
+        """Why the stream may rightly hold fetched raw records back now (None: it should deliver them)."""
+        if getattr(self.app, "rebalancing", False):
+            return "rebalancing"
+        if self._room.locked():
+            return PIPELINE_FULL
+        return self.producer.unavailable
+
     async def _unstick(self, tp: Any, done: int) -> None:
         """A partition with records waiting that has not moved for three lag checks (10 s), while its
         consumer has fetched past them, lost them in Faust's stream: seek it back to the first unrouted one.
 
         Seen after a rebalance with Faust 0.15.3: a partition kept by the same worker whose records, fetched
         before the rebalance, were dropped with the stream's buffers and never fetched again (its whole
-        backlog waited with the position at the end). A false alarm costs a re-read; the table drops it."""
+        backlog waited with the position at the end). A false alarm costs a re-read; the table drops it.
+
+        Records handed to the router (`dispatched`) and still settling are in flight, not lost: only what
+        was fetched past them counts, and the seek goes back to the first record the router never got."""
         where = (tp.topic, tp.partition)
+        start = max(done, self.dispatched.get(where, done))
         last, checks = self._unmoved.get(where, (-1, 0))
-        checks = checks + 1 if last == done else 1
-        self._unmoved[where] = (done, checks)
+        checks = checks + 1 if last == start else 1
+        self._unmoved[where] = (start, checks)
         if checks < 3:
             return
         consumer: Any = self.app.consumer
         position = await consumer.position(tp)
-        if position is None or position <= done:
+        if position is None or position <= start:
             return  # still to fetch: a slow agent or a paused partition is the watchdog's to report
         log.error(
             "raw records fetched but never routed: %s[%d] offsets %d..%d; seeking back to %d",
             tp.topic,
             tp.partition,
-            done,
+            start,
             position - 1,
-            done,
+            start,
         )
-        m.RAW_RECORDS_REREAD.inc(position - done)
-        await consumer.seek(tp, done)
-        self._unmoved[where] = (done, 0)
+        m.RAW_RECORDS_REREAD.inc(position - start)
+        await consumer.seek(tp, start)
+        self._unmoved[where] = (start, 0)
 
     async def sweep(self) -> int:
         """Forget ids older than the dedup window; each delete tombstones the compacted changelog.
