@@ -25,7 +25,7 @@ case "$security" in
     security=none
     home=$local_dir/kafka
     port=${SENTPIPE_KAFKA_PORT:-9092}
-    controller_port=${SENTPIPE_KAFKA_CONTROLLER_PORT:-9093}
+    controller_port=${SENTPIPE_KAFKA_CONTROLLER_PORT:-$((port + 1))}  # a second broker needs only its own port
     ;;
   tls)
     home=$local_dir/kafka-tls
