@@ -128,6 +128,9 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
         self._offsets: dict[int, int] = {}  # changelog partition -> last offset applied to `data`
         self._interned: dict[bytes, bytes] = {}
         self._asked: set[int] = set()  # partitions whose offset Faust asked for (on_recovery_completed)
+        # Partitions dropped since Faust last asked for their offset: a late acknowledgement of the router's
+        # write there (a batch that settles after its partition was revoked) must not give them an offset.
+        self._dropped: set[int] = set()
 
     def intern(self, value: bytes) -> bytes:
         """The stored object equal to `value`, so a million equal values are one object."""
@@ -186,15 +189,21 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
     def persisted_offset(self, tp: TP) -> int | None:
         """How far `data` holds the changelog partition: Faust's recovery starts reading there."""
         self._asked.add(tp.partition)
+        self._dropped.discard(tp.partition)  # assigned again: recovered from the beginning, then ours
         return self._offsets.get(tp.partition)
 
     def set_persisted_offset(self, tp: TP, offset: int) -> None:
-        """Faust calls this when one of the router's own table writes is acknowledged."""
-        self._advance(tp.partition, offset)
+        """Faust calls this when one of the router's own table writes is acknowledged.
+
+        Not for a dropped partition: its offset would say "held up to here" with the keys before it gone,
+        and the next assignment's recovery would start there, its duplicates routed again."""
+        if tp.partition not in self._dropped:
+            self._advance(tp.partition, offset)
 
     def reset_state(self) -> None:
         self.data.clear()
         self._offsets.clear()
+        self._dropped.clear()
         self._interned.clear()
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:
@@ -221,3 +230,4 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
                 self.data.discard(key)
         for partition in gone:
             self._offsets.pop(partition, None)
+        self._dropped |= gone

@@ -97,3 +97,18 @@ def test_a_partition_faust_asks_for_while_the_drop_is_walking_is_kept_whole() ->
     held = {partition_of(k, 4) for k in store.data}
     assert held == {0, 2}
     assert store.persisted_offset(TP(topic, 2)) == 0 and store.persisted_offset(TP(topic, 3)) is None
+
+
+def test_a_late_write_to_a_dropped_partition_gives_it_no_offset() -> None:
+    """A batch that settles after its partition was revoked and dropped: with an offset from that write, the
+    next assignment's recovery would start there, the partition's earlier marks missing."""
+    store, topic = _store()
+    for p in range(4):
+        store.restore_batch(p, [], last=99)
+    asyncio.run(store.on_recovery_completed({TP(topic, 0)}, set()))
+    store.set_persisted_offset(TP(topic, 2), 120)  # the late acknowledgement
+    assert store.persisted_offset(TP(topic, 2)) is None  # reassigned: read from the beginning
+    store.set_persisted_offset(TP(topic, 2), 130)  # ours again: the router's writes count
+    assert store.persisted_offset(TP(topic, 2)) == 130
+    store.set_persisted_offset(TP(topic, 0), 140)
+    assert store.persisted_offset(TP(topic, 0)) == 140
