@@ -15,10 +15,12 @@ from importlib import resources
 from typing import Any, NamedTuple, Protocol
 
 import orjson
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http import HttpVersion11
 from aiohttp.http_exceptions import PayloadEncodingError
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.web_urldispatcher import MatchInfoError
 from confluent_kafka import KafkaException
 from multidict import CIMultiDictProxy
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -159,6 +161,35 @@ def _answering(
     return answer
 
 
+async def expect_continue(request: web.Request) -> web.Response | None:
+    """The routes' `Expect` handler: aiohttp's (100 Continue to an HTTP/1.1 `100-continue`), except that any
+    other expectation gets a JSON 417 like every other error, not aiohttp's plain text."""
+    if request.version != HttpVersion11:
+        return None  # HTTP/1.0 has no 100 Continue; the body simply follows
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue":
+        response = error(417, "expectation_failed", "only Expect: 100-continue is supported")
+        response.force_close()  # the client may or may not send its body now: nothing after it can be read
+        return response
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the answer proper is still to come
+    return None
+
+
+class _JsonRouter(web.UrlDispatcher):
+    """The app's router (`add_json_fallbacks`): a request-target no route can match at all, which the
+    catch-all `/{path}` does not take (`OPTIONS *`, CONNECT's `host:port`), is a JSON 404 too, not aiohttp's
+    plain text. One more frame for a request the shortcut does not answer; none for one it does."""
+
+    async def resolve(self, request: web.Request) -> web.UrlMappingMatchInfo:
+        match = await super().resolve(request)
+        if isinstance(match, MatchInfoError) and match.http_exception.status == 404:
+            text = orjson.dumps({"error": "not_found", "detail": "Not Found"}).decode()
+            not_found = web.HTTPNotFound(text=text, content_type="application/json")
+            not_found.charset = None  # as every other answer's Content-Type
+            return MatchInfoError(not_found)
+        return match
+
+
 def add_json_fallbacks(app: web.Application) -> None:
     """What aiohttp would answer 404 or 405 in plain text is answered in JSON like every other error. Routes,
     not a middleware (a middleware costs every request two more coroutine frames): after its own routes,
@@ -168,8 +199,15 @@ def add_json_fallbacks(app: web.Application) -> None:
         if not isinstance(resource, web.Resource):  # plain and dynamic resources; there are no others here
             continue
         allow = ",".join(sorted({route.method for route in resource}))
-        resource.add_route("*", _answering(405, "method_not_allowed", "Method Not Allowed", {"Allow": allow}))
-    app.router.add_route("*", "/{path:.*}", _answering(404, "not_found", "Not Found"))
+        resource.add_route(
+            "*",
+            _answering(405, "method_not_allowed", "Method Not Allowed", {"Allow": allow}),
+            expect_handler=expect_continue,
+        )
+    app.router.add_route(
+        "*", "/{path:.*}", _answering(404, "not_found", "Not Found"), expect_handler=expect_continue
+    )
+    app.router.__class__ = _JsonRouter  # in place: the app holds this object
 
 
 _HANDLERS: weakref.WeakSet[WebhookHandler] = weakref.WeakSet()
@@ -195,7 +233,14 @@ def _init_metrics(tenants: list[str]) -> None:
     the first 503, 401 or dead letter, or the first one is never seen (and `_created` series are off)."""
     for reason in REASONS:
         m.DLQ_EVENTS.labels("ingress", reason)
-    for refused in ("overloaded", "body_timeout", "header_timeout", "broker_down", "spool_full"):
+    for refused in (
+        "overloaded",
+        "body_timeout",
+        "header_timeout",
+        "write_timeout",
+        "broker_down",
+        "spool_full",
+    ):
         m.INGRESS_REFUSED.labels(refused)
     for tenant in [*tenants, "unknown"]:
         for outcome, status in (
@@ -274,7 +319,31 @@ class WebhookHandler:
         answer, request_id = await self.respond(
             request, request.match_info.get("tenant", self.default_tenant)
         )
-        return answer.response(request_id)
+        response = answer.response(request_id)
+        if answer.close and request.protocol is not None:
+            # Written, then the connection closed: left to aiohttp, it first reads what is left of the body
+            # for up to 10 s (its lingering close), a slow client's connection held that long after its 408.
+            await response.prepare(request)
+            await response.write_eof()
+            request.protocol.force_close()
+        return response
+
+    async def expect(self, request: web.Request) -> web.Response | None:
+        """`Expect: 100-continue` on the webhook routes: a request its headers already refuse (content type,
+        Content-Length over the limit) gets that answer instead of an invitation to send a body that would be
+        refused; the connection closes, as the client may send the body all the same."""
+        length = request.content_length
+        if request.version == HttpVersion11 and (
+            (length is not None and length > self.max_body_bytes)
+            or (
+                request.headers.get("Content-Type") != "application/json"
+                and request.content_type != "application/json"
+            )
+        ):
+            response = await self.handle(request)  # answered from the headers: the body is never read
+            response.force_close()
+            return response
+        return await expect_continue(request)
 
     async def respond(self, request: PostedRequest, tenant: str) -> tuple[Answer, str]:
         """The answer to one webhook request for `tenant` (from its path), and the request's id."""
@@ -698,11 +767,11 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
         app.cleanup_ctx.append(drain_ctx)
     handler = WebhookHandler(settings, producer, verifiers, spool)
     app[WEBHOOK] = handler
-    app.router.add_post(WEBHOOK_PATH, handler.handle)
-    app.router.add_post(WEBHOOK_PATH + "/{tenant}", handler.handle)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/openapi.json", openapi)
+    app.router.add_post(WEBHOOK_PATH, handler.handle, expect_handler=handler.expect)
+    app.router.add_post(WEBHOOK_PATH + "/{tenant}", handler.handle, expect_handler=handler.expect)
+    app.router.add_get("/healthz", healthz, expect_handler=expect_continue)
+    app.router.add_get("/readyz", readyz, expect_handler=expect_continue)
+    app.router.add_get("/openapi.json", openapi, expect_handler=expect_continue)
     add_json_fallbacks(app)
     return app
 

@@ -86,7 +86,7 @@ def encode_answer(answer: Answer, request_id: str, close: bool = False) -> bytes
 class WebhookProtocol(RequestHandler):
     """aiohttp's `RequestHandler` for one connection, answering whole webhooks itself (module docstring)."""
 
-    __slots__ = ("_answer_task", "_answering", "_head_timer", "_held", "_webhook")
+    __slots__ = ("_answer_task", "_answering", "_head_timer", "_held", "_started", "_webhook", "_write_timer")
 
     def __init__(self, manager: web.Server, *, webhook: WebhookHandler, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -97,6 +97,43 @@ class WebhookProtocol(RequestHandler):
         # Running while a request's head has begun and not ended: aiohttp has no such timeout, so a client
         # trickling headers held its connection until the keep-alive timeout, with no request to time out.
         self._head_timer: asyncio.TimerHandle | None = None
+        # Running while answers wait in this process for the client to read them (writing is paused), for
+        # SENTPIPE_BODY_TIMEOUT_S: aiohttp waits for that without a timeout, and the keep-alive timer does not
+        # run mid-answer, so a client that never read held its connection (and socket buffers) for ever.
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._started = False  # aiohttp's task for the connection has begun (`start`)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # Writing pauses as soon as an answer cannot go straight into the socket, whose kernel buffer holds
+        # megabytes: only a client that does not read its answers gets there (Sent's are a few hundred
+        # bytes each). At the default mark (64 KiB) a connection closed with less than that unsent was never
+        # paused, and its close waited for the client to read it, for ever; at 0 every unsent byte is under
+        # the write timer. One call per connection, nothing per request.
+        if self.transport is not None:  # set by connection_made just now
+            self.transport.set_write_buffer_limits(high=0)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        transport = self.transport
+        if transport is not None and self._write_timer is None:
+            self._write_timer = self._loop.call_later(
+                self._webhook.body_timeout_s, self._write_timed_out, transport
+            )
+
+    def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        super().resume_writing()
+
+    def _write_timed_out(self, transport: asyncio.Transport) -> None:
+        self._write_timer = None
+        m.INGRESS_REFUSED.labels("write_timeout").inc()
+        log.info("write timeout: the client did not read its answers in time")
+        # close() would first wait for the unsent bytes, i.e. for ever: the connection is dropped instead.
+        transport.abort()
+        self.force_close()
 
     def data_received(self, data: bytes) -> None:
         if self._answering:
@@ -108,6 +145,10 @@ class WebhookProtocol(RequestHandler):
         waiter = self._waiter
         if waiter is None or waiter.done() or self._messages:
             super().data_received(data)  # aiohttp's task is busy with a request: queue behind it
+            if not self._started and not self._messages and self._head_timer is None:
+                # The first bytes came before the task began waiting (uvloop delivers them in the same
+                # round as the connection): a head begun, timed like any other, not left to keep-alive.
+                self._head_timer = self._loop.call_later(self._webhook.body_timeout_s, self._head_timed_out)
             return
         # aiohttp's task waits for a request: parse without waking it until the request is known not ours.
         self._waiter = None
@@ -139,6 +180,10 @@ class WebhookProtocol(RequestHandler):
         if messages and not waiter.done():
             waiter.set_result(None)
 
+    async def start(self) -> None:
+        self._started = True
+        await super().start()
+
     def _head_timed_out(self) -> None:
         self._head_timer = None
         waiter, transport = self._waiter, self.transport
@@ -154,6 +199,9 @@ class WebhookProtocol(RequestHandler):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
         super().connection_lost(exc)
 
     def log_exception(self, *args: Any, **kwargs: Any) -> None:
@@ -222,6 +270,15 @@ class WebhookProtocol(RequestHandler):
             self.force_close()
             return
         self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        if self._paused:
+            # The client is not reading its answers: read no more requests until it does (or the write
+            # timer drops it), as aiohttp's writer waits; else every request read grew the unsent answers.
+            try:
+                await self._drain_helper()
+            except ConnectionError:
+                return
+            if self.transport is None:
+                return
         self._answering = False
         held, self._held = self._held, b""
         if held:
