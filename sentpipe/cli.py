@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import sys
@@ -749,4 +750,6 @@ def run(main: Callable[[], Any]) -> int:
 
 
 def main() -> None:
+    # A crash inside a C library (librdkafka, RocksDB) leaves a Python traceback on stderr, not a bare exit.
+    faulthandler.enable()
     sys.exit(run(lambda: app(standalone_mode=False)))

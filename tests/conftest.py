@@ -11,6 +11,7 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
+from psycopg_pool import AsyncConnectionPool
 
 from sentpipe.ingress.app import create_app, producer_for
 from sentpipe.processors.migrate import migrate
@@ -52,6 +53,15 @@ def db_url(services: Services, unique: str) -> Iterator[str]:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     except psycopg.OperationalError:
         pass  # a chaos test may have left the database stopped; the schema dies with the cluster
+
+
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool]:
+    """A small connection pool on the test's schema."""
+    p = AsyncConnectionPool(db_url, min_size=1, max_size=2, open=False)
+    await p.open()
+    yield p
+    await p.close()
 
 
 @pytest.fixture

@@ -85,3 +85,14 @@ def post_signed(url: str, body: bytes, secret: str) -> tuple[int, dict[str, str]
             return resp.status, dict(resp.headers), orjson.loads(resp.read())
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), orjson.loads(e.read() or b"{}")
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 answer read off a raw connection: status, headers (lower-case names), body."""
+    status_line = await reader.readline()
+    headers: dict[str, str] = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body

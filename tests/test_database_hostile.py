@@ -9,7 +9,7 @@ import concurrent.futures
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -62,14 +62,6 @@ def status_events(n: int) -> list[CanonicalEvent]:
         assert routed.event is not None
         events.append(routed.event)
     return events
-
-
-@pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool]:
-    p = AsyncConnectionPool(db_url, min_size=1, max_size=2, open=False)
-    await p.open()
-    yield p
-    await p.close()
 
 
 class CountingSink(PostgresSink):

@@ -19,7 +19,7 @@ from sentpipe.ingress.protocol import WebhookProtocol
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.signature import signature_headers
 from sentpipe.settings import Settings
-from tests.http_tools import ingress_server, post_signed
+from tests.http_tools import ingress_server, post_signed, read_response
 from tests.processes import start_ingress
 
 # An unsigned webhook: answered 401 at once, its answer (echoing the request id) larger than the request.
@@ -46,16 +46,7 @@ def not_reading(port: int) -> socket.socket:
 
 
 async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    async def read() -> tuple[int, dict[str, str], bytes]:
-        status_line = await reader.readline()
-        headers: dict[str, str] = {}
-        while (line := await reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        body = await reader.readexactly(int(headers.get("content-length", "0")))
-        return int(status_line.split()[1]), headers, body
-
-    return await asyncio.wait_for(read(), 30)
+    return await asyncio.wait_for(read_response(reader), 30)
 
 
 def open_fds(pid: int) -> int:

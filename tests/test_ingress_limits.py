@@ -41,7 +41,7 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.signature import signature_headers
 from sentpipe.schemas.topics import Topics, record_limits
 from sentpipe.settings import Settings
-from tests.http_tools import ingress_server
+from tests.http_tools import ingress_server, read_response
 from tests.kafka_tools import read_topic, stop_report_thread
 from tests.processes import Proc, settings_env
 
@@ -71,16 +71,6 @@ async def exchange(
         return await asyncio.wait_for(read_response(reader), timeout)
     finally:
         writer.close()
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-    status_line = await reader.readline()
-    headers: dict[str, str] = {}
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return int(status_line.split()[1]), headers, body
 
 
 def head(path: str, headers: dict[str, bytes | str], length: int) -> bytes:

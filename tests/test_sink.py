@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
@@ -16,14 +14,6 @@ from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import EventType
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
-
-
-@pytest.fixture
-async def pool(db_url: str) -> AsyncIterator[AsyncConnectionPool]:
-    p = AsyncConnectionPool(db_url, min_size=1, max_size=2, open=False)
-    await p.open()
-    yield p
-    await p.close()
 
 
 def status_events(n: int) -> list[CanonicalEvent]:
