@@ -19,7 +19,7 @@ from sentpipe import metrics as m
 from sentpipe.broker import BatchConsumer, CommitRejected, Partition, Record, RecordProducer, next_offsets
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
 from sentpipe.processors.retry import backoff, is_temporary, retrying
-from sentpipe.processors.sink import HandlerFailure
+from sentpipe.processors.sink import HandlerFailure, HandlersHeld
 from sentpipe.processors.watchdog import Watchdog
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import CanonicalEvent, EventType, check_payload
@@ -186,6 +186,8 @@ class Projector:
                 cap=self.t.retry_max_s,
                 should_stop=self._should_stop,
             )
+        except HandlersHeld:
+            raise  # the whole batch is rewound and read again, with whatever has arrived since
         except Exception as exc:
             if is_temporary(exc):  # only when stopping: the batch stays uncommitted and is read again
                 raise

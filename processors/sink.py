@@ -12,7 +12,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe import metrics as m
-from sentpipe.processors.handlers import HandlerContext, HandlerRegistry, RetryableError
+from sentpipe.processors.handlers import HandlerContext, HandlerRegistry, HandlerTimeout, RetryableError
 from sentpipe.processors.projections import PROJECTIONS, Statement
 from sentpipe.processors.retry import classify
 from sentpipe.schemas.events import CanonicalEvent, EventType
@@ -35,10 +35,22 @@ class ProjectionUnusable(RetryableError):
     schema is repaired, where the same error as a record's would dead-letter every event."""
 
 
+class HandlersHeld(Exception):
+    """Two calls of a handler timed out before any succeeded: a lock or a database too slow for anyone
+    looks the same as events of its own, so the batch is rolled back and read again, not dead-lettered."""
+
+
+# Past this many suspects remembered, the memory starts again: it orders calls and saves repeats.
+MAX_SUSPECTS = 10_000
+
+
 class PostgresSink:
     def __init__(self, pool: AsyncConnectionPool, handlers: HandlerRegistry) -> None:
         self.pool = pool
         self.handlers = handlers
+        # (handler, event id) -> the timeout of its call in a held batch. Read again, these are called after
+        # the others, so fresh events show whether the handler works at all before these are blamed.
+        self._suspects: dict[tuple[str, str], Exception] = {}
 
     async def apply(
         self, type_: EventType, events: Sequence[CanonicalEvent], attempt: int
@@ -47,6 +59,10 @@ class PostgresSink:
 
         Temporary errors (database away, RetryableError) raise and roll the whole batch back; any other
         handler error is returned as a failure for the dead-letter topic while the batch commits.
+
+        A call that times out (`HandlerTimeout`, or the server's statement_timeout or a cancel: SQLSTATE
+        57014) is its event's failure, unless two time out before any call of that handler succeeds:
+        then `HandlersHeld` is raised. A batch read again with nothing but such events blames them.
         """
         projection = PROJECTIONS[type_]
         handlers = self.handlers.for_type(type_)
@@ -72,16 +88,24 @@ class PostgresSink:
                     m.HANDLER_SECONDS.labels(type_.value, "projection").observe(time.perf_counter() - t0)
                     for name, fn in handlers:
                         ok = 0
+                        timed_out: list[HandlerFailure] = []
                         h0 = time.perf_counter()
-                        for ev in events:
+                        calls, blamed = self._order(name, events)
+                        for ev in calls:
                             try:
                                 async with conn.transaction():
                                     await fn(ev, HandlerContext(conn, log, attempt))
                                 ok += 1
                             except Exception as exc:
+                                if _timed_out(exc):
+                                    timed_out.append(HandlerFailure(ev, name, exc))
+                                    if ok == 0 and len(timed_out) > 1:
+                                        self._hold_timeouts(type_, timed_out)
+                                    continue
                                 if classify(exc) != "permanent":  # retried (bounded when unknown)
                                     raise
                                 failures.append(HandlerFailure(ev, name, exc))
+                        failures += timed_out + blamed
                         succeeded[name] = ok
                         m.HANDLER_SECONDS.labels(type_.value, name).observe(time.perf_counter() - h0)
             except psycopg.Error as exc:
@@ -89,6 +113,10 @@ class PostgresSink:
                 if refused is not None and refused[1] is exc and await _unfillable_column(conn, *refused):
                     _hold(type_, exc)
                 raise
+        if self._suspects:  # these are settled now, one way or the other
+            for name, _ in handlers:
+                for ev in events:
+                    self._suspects.pop((name, ev.id), None)
         # Counted once committed: a rolled-back batch is retried and counted then.
         m.EVENTS_PROCESSED.labels(type_.value, "projection", "ok").inc(len(events))
         for name, ok in succeeded.items():
@@ -96,6 +124,40 @@ class PostgresSink:
         for f in failures:
             m.EVENTS_PROCESSED.labels(type_.value, f.handler, "failed").inc()
         return failures
+
+    def _order(
+        self, name: str, events: Sequence[CanonicalEvent]
+    ) -> tuple[list[CanonicalEvent], list[HandlerFailure]]:
+        """The events to call, suspects last; and, when every event is a suspect, none: they are blamed
+        on their earlier timeouts. Nothing new could show more than the held read did, and waiting for
+        traffic that may never come would hold the stage for them."""
+        if not self._suspects:
+            return list(events), []
+        earlier = {ev.id: self._suspects.get((name, ev.id)) for ev in events}
+        fresh = [ev for ev in events if earlier[ev.id] is None]
+        if not fresh:
+            return [], [HandlerFailure(ev, name, exc) for ev in events if (exc := earlier[ev.id])]
+        return fresh + [ev for ev in events if earlier[ev.id] is not None], []
+
+    def _hold_timeouts(self, type_: EventType, timed_out: list[HandlerFailure]) -> NoReturn:
+        if len(self._suspects) > MAX_SUSPECTS:
+            self._suspects.clear()
+        # Without their tracebacks: those keep every frame of the failed call alive.
+        self._suspects.update({(f.handler, f.event.id): f.error.with_traceback(None) for f in timed_out})
+        first = timed_out[0]
+        log.error(
+            "handler %s timed out for the first %d events of a %s batch it was given; holding the batch "
+            "(a lock or a slow database fails every call alike)",
+            first.handler,
+            len(timed_out),
+            type_.value,
+            extra={"type": type_.value, "handler": first.handler, "error": type(first.error).__name__},
+        )
+        raise HandlersHeld(f"{first.handler}: {type(first.error).__name__}, twice, before any call succeeded")
+
+
+def _timed_out(exc: Exception) -> bool:
+    return isinstance(exc, HandlerTimeout) or (isinstance(exc, psycopg.Error) and exc.sqlstate == "57014")
 
 
 def _hold(type_: EventType, exc: psycopg.Error) -> NoReturn:

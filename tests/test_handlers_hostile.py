@@ -32,7 +32,7 @@ from sentpipe.processors.handlers import (
     registry,
 )
 from sentpipe.processors.projector import Projector, Tuning
-from sentpipe.processors.sink import PostgresSink
+from sentpipe.processors.sink import HandlersHeld, PostgresSink
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import CanonicalEvent, EventType, frame
 from sentpipe.schemas.samples import SampleFactory
@@ -66,6 +66,7 @@ class Stage:
     handlers: HandlerRegistry
     broker: LocalBroker = field(default_factory=LocalBroker)
     ids: dict[bytes, str] = field(default_factory=dict)  # body -> event id
+    holds: int = 0
 
     def add(self, bodies: list[bytes]) -> None:
         for body in bodies:
@@ -82,8 +83,9 @@ class Stage:
             self.broker.append(routed.topic, routed.key, routed.value, [])
             self.ids[body] = routed.event.id
 
-    async def run(self) -> None:
-        """Project everything added, as the worker would: until every record is committed."""
+    async def run(self, max_holds: int = 0) -> None:
+        """Project everything added, as the worker would: until every record is committed. A batch held
+        for its handlers' timeouts is read again, as `Projector.run` does, at most `max_holds` times."""
         pool = AsyncConnectionPool(self.db, min_size=1, max_size=2, open=False)
         await pool.open()
         projector = Projector(
@@ -95,7 +97,12 @@ class Stage:
         )
         try:
             while any(self.broker.committed.get(("g", tp), 0) < end for tp, end in self._ends().items()):
-                await asyncio.wait_for(projector.step(), STEP_BOUND_S)
+                try:
+                    await asyncio.wait_for(projector.step(), STEP_BOUND_S)
+                except HandlersHeld:
+                    self.holds += 1
+                    assert self.holds <= max_holds, f"held {self.holds} times"
+                    await asyncio.sleep(0.05)
         finally:
             await pool.close()
 
@@ -120,12 +127,22 @@ class Stage:
             return {row[0] for row in c.execute("SELECT event_id FROM inbound_messages")}
 
 
-@pytest.fixture
-async def stage(db_url: str) -> AsyncIterator[Stage]:
+def _stage(db_url: str, partitions: int) -> Stage:
     broker = LocalBroker()
     for t in (*TOPICS.routed, TOPICS.dlq):
-        broker.create_topic(t, 2)
-    yield Stage(db_url, HandlerRegistry(), broker)
+        broker.create_topic(t, partitions)
+    return Stage(db_url, HandlerRegistry(), broker)
+
+
+@pytest.fixture
+async def stage(db_url: str) -> AsyncIterator[Stage]:
+    yield _stage(db_url, 2)
+
+
+@pytest.fixture
+async def ordered(db_url: str) -> AsyncIterator[Stage]:
+    """One partition: the batch holds the events in the order they were added."""
+    yield _stage(db_url, 1)
 
 
 class BadStr(Exception):
@@ -207,6 +224,103 @@ async def test_a_handler_that_never_returns_is_cancelled_and_its_event_dead_lett
             ("%hostile-test-sleep%",),
         ).fetchone()
     assert sleeping == (0,)
+
+
+async def test_a_query_past_the_servers_statement_timeout_costs_only_its_event(stage: Stage) -> None:
+    """SQLSTATE 57014 is temporary for the database as a whole, so one event whose query always ran past
+    the server's statement_timeout held the stage forever. Its neighbours' calls succeed: it is its own."""
+    f = SampleFactory(5)
+    bodies = (
+        [inbound_body(f) for _ in range(3)] + [inbound_body(f, "slow")] + [inbound_body(f) for _ in range(3)]
+    )
+
+    async def handle(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        await ctx.conn.execute("SET LOCAL statement_timeout = '200ms'")
+        await ctx.conn.execute("SELECT pg_sleep(%s)", (30 if event.data.get("text") == "slow" else 0,))
+
+    stage.handlers.register(INBOUND, handle, "slow-query")
+    stage.add(bodies)
+    await stage.run()
+
+    dead = stage.dead()
+    assert list(dead) == [stage.ids[bodies[3]]]
+    assert dead[stage.ids[bodies[3]]][r.H_DLQ_ERROR_CLASS] == b"QueryCanceled"
+    assert stage.projected() == set(stage.ids.values())
+
+
+async def test_handler_calls_that_all_time_out_hold_the_batch_until_the_lock_is_gone(stage: Stage) -> None:
+    """A table the handler writes, locked by a migration: every call times out alike. They were each
+    dead-lettered (HandlerTimeout); no call succeeding, the batch is now held and applied once the lock
+    goes, nothing dead-lettered."""
+    stage.handlers.timeout_s = 0.3
+    with psycopg.connect(stage.db, autocommit=True) as c:
+        c.execute("CREATE TABLE handled (event_id text PRIMARY KEY)")
+
+    async def handle(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        await ctx.conn.execute("INSERT INTO handled VALUES (%s) ON CONFLICT DO NOTHING", (event.id,))
+
+    stage.handlers.register(INBOUND, handle, "locked-out")
+    f = SampleFactory(6)
+    stage.add([inbound_body(f) for _ in range(20)])
+    with psycopg.connect(stage.db) as locker:
+        locker.execute("LOCK TABLE handled IN ACCESS EXCLUSIVE MODE")
+        running = asyncio.create_task(stage.run(max_holds=1000))
+        while stage.holds < 3:
+            assert not running.done()
+            await asyncio.sleep(0.05)
+        locker.rollback()
+    await running
+
+    assert stage.dead() == {}
+    assert stage.projected() == set(stage.ids.values())
+    with psycopg.connect(stage.db) as c:
+        assert {row[0] for row in c.execute("SELECT event_id FROM handled")} == set(stage.ids.values())
+
+
+async def test_timed_out_events_at_the_head_of_a_batch_cannot_hold_it(ordered: Stage) -> None:
+    """Two calls timing out before any succeeds hold the batch; read again, those events are called last,
+    after neighbours that succeed, and so are the ones dead-lettered. Before that ordering, a batch
+    starting with two such events was held forever."""
+    ordered.handlers.timeout_s = 0.3
+    f = SampleFactory(7)
+    bodies = [inbound_body(f, "hang"), inbound_body(f, "hang"), inbound_body(f), inbound_body(f)]
+
+    async def handle(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        if event.data.get("text") == "hang":
+            await asyncio.Event().wait()
+        await ctx.conn.execute("SELECT 1")
+
+    ordered.handlers.register(INBOUND, handle, "hangs")
+    ordered.add(bodies)
+    await ordered.run(max_holds=3)
+
+    assert ordered.holds == 1
+    dead = ordered.dead()
+    assert set(dead) == {ordered.ids[bodies[0]], ordered.ids[bodies[1]]}
+    assert {h[r.H_DLQ_ERROR_CLASS] for h in dead.values()} == {b"HandlerTimeout"}
+    assert ordered.projected() == set(ordered.ids.values())
+
+
+async def test_a_held_batch_read_again_with_nothing_new_blames_its_timed_out_events(ordered: Stage) -> None:
+    """Two events whose calls hang and nothing else: nothing can show the handler works, and no traffic
+    may come. Held once, then dead-lettered on their first timeouts, without calling them again."""
+    ordered.handlers.timeout_s = 0.3
+    f = SampleFactory(8)
+    bodies = [inbound_body(f, "hang"), inbound_body(f, "hang")]
+    calls: list[str] = []
+
+    async def handle(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        calls.append(event.id)
+        await asyncio.Event().wait()
+
+    ordered.handlers.register(INBOUND, handle, "hangs")
+    ordered.add(bodies)
+    await ordered.run(max_holds=3)
+
+    assert ordered.holds == 1 and len(calls) == 2
+    dead = ordered.dead()
+    assert set(dead) == set(ordered.ids.values())
+    assert {h[r.H_DLQ_ERROR_CLASS] for h in dead.values()} == {b"HandlerTimeout"}
 
 
 async def test_a_handler_changing_its_event_changes_nothing_else(stage: Stage) -> None:
