@@ -533,8 +533,8 @@ def test_ingress_workers_follow_the_cpu_request(
     objs = render(*SECRET, "--set-json", f"ingress.resources={json.dumps(resources)}")
     (s,) = [s for _, c, s in container_settings(objs, tmp_path) if c["args"][0] == "ingress"]
     assert s.ingress_workers == workers
-    # ingress.maxInFlight (256) is per pod: each process takes its share, rounded up.
-    assert s.ingress_max_in_flight == math.ceil(256 / workers)
+    # ingress.maxInFlight (96) is per pod: each process takes its share, rounded up.
+    assert s.ingress_max_in_flight == math.ceil(96 / workers)
 
 
 # --- the values schema refuses what Settings refuses -------------------------------------------------------
