@@ -26,6 +26,7 @@ import orjson
 from confluent_kafka import KafkaError, Message
 
 from sentpipe.kafka import Producer
+from sentpipe.processors.group_lock import GroupLock, LockBusy
 from sentpipe.processors.offsets import (
     MAX_OFFSET,
     MAX_PARTITION,
@@ -238,6 +239,11 @@ def redriven(kafka: Log, topics: Topics) -> dict[str, str] | None:
     return taken
 
 
+def redrive_group(settings: Settings) -> str:
+    """The consumer group whose one member at a time may redrive (`group_lock`): it owns the ledger."""
+    return f"{settings.app_id}-redrive"
+
+
 def ledger_entry(e: DlqEntry, redrive_id: str, to: str, outcome: str) -> tuple[bytes, bytes]:
     """Key and value of the ledger's record for `e`: taken by `redrive_id`, sent to `to`."""
     value = {"redrive_id": redrive_id, "at_ms": int(time.time() * 1000), "to": to, "outcome": outcome}
@@ -361,43 +367,63 @@ def redrive(
     again land after the end and wait for the next pass."""
     topics = Topics(settings.topic_prefix)
     result = RunResult(new_run_id(), dry_run)
+    lost = False
     with Log(settings, timeout) as kafka:
-        taken = redriven(kafka, topics)
-        if taken is None:
-            if not dry_run:
-                raise OpsError(
-                    f"topic {topics.dlq_redriven} does not exist on {kafka.bootstrap}: run `sentpipe topics "
-                    "ensure` first (it records which dead letters a redrive took, so none is taken twice)"
-                )
-            taken = {}
-        ranges = _ranges(kafka, topics.dlq, sel)
-        total = sum(x.size for x in ranges)
-        log.info(
-            "redrive started",
-            extra={"redrive_id": result.run_id, "records": total, "dry_run": dry_run},
+        if not dry_run and topics.dlq_redriven not in kafka.topics:
+            raise OpsError(
+                f"topic {topics.dlq_redriven} does not exist on {kafka.bootstrap}: run `sentpipe topics "
+                "ensure` first (it records which dead letters a redrive took, so none is taken twice)"
+            )
+        # Held from before the ledger is read until what this pass wrote to it is flushed.
+        lock = None if dry_run else GroupLock(settings, topics.dlq_redriven, redrive_group(settings), timeout)
+        try:
+            if lock is not None:
+                lock.acquire()
+        except LockBusy as exc:
+            raise OpsError(f"another redrive is running: {exc}") from None
+        try:
+            taken = redriven(kafka, topics) or {}
+            ranges = _ranges(kafka, topics.dlq, sel)
+            total = sum(x.size for x in ranges)
+            log.info(
+                "redrive started",
+                extra={"redrive_id": result.run_id, "records": total, "dry_run": dry_run},
+            )
+            sender = None if dry_run else ops_producer(settings)
+            # Ledger records to write: the broker has their sends.
+            acknowledged: list[tuple[bytes, bytes]] = []
+            if progress is not None:
+                progress(0, total)
+            for done, msg in enumerate(kafka.read(ranges), 1):
+                if lock is not None and not lock.held():
+                    lost = True  # another process may take over: stop sending, record what was sent
+                    break
+                result.read += 1
+                e = DlqEntry.from_message(msg)
+                if not sel.admits(e):
+                    result.skipped += 1
+                elif e.id in taken:
+                    result.already_redriven += 1
+                else:
+                    step = plan(e, settings, topics, result.run_id)
+                    _redrive_one(e, step, sender, result, acknowledged)
+                if sender is not None and acknowledged:
+                    _write_ledger(sender, topics, acknowledged, result)
+                if progress is not None and (done % 500 == 0 or done == total):
+                    progress(done, total)
+            if sender is not None:
+                sender.flush()
+                _write_ledger(sender, topics, acknowledged, result)  # what the flush acknowledged
+                sender.flush()
+        finally:
+            if lock is not None:
+                lock.release()
+    if lost:
+        log_run("redrive", result)
+        raise OpsError(
+            f"the redrive lost consumer group {redrive_group(settings)} after {result.read} records (the "
+            "broker took this process for dead); what it sent is in the ledger: run it again"
         )
-        sender = None if dry_run else ops_producer(settings)
-        acknowledged: list[tuple[bytes, bytes]] = []  # ledger records to write: the broker has their sends
-        if progress is not None:
-            progress(0, total)
-        for done, msg in enumerate(kafka.read(ranges), 1):
-            result.read += 1
-            e = DlqEntry.from_message(msg)
-            if not sel.admits(e):
-                result.skipped += 1
-            elif e.id in taken:
-                result.already_redriven += 1
-            else:
-                step = plan(e, settings, topics, result.run_id)
-                _redrive_one(e, step, sender, result, acknowledged)
-            if sender is not None and acknowledged:
-                _write_ledger(sender, topics, acknowledged, result)
-            if progress is not None and (done % 500 == 0 or done == total):
-                progress(done, total)
-        if sender is not None:
-            sender.flush()
-            _write_ledger(sender, topics, acknowledged, result)  # what the flush acknowledged
-            sender.flush()
     log_run("redrive", result)
     return result
 

@@ -7,12 +7,21 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import orjson
 import psycopg
+import pytest
+from confluent_kafka import Producer
 
+from sentpipe.processors import dlq as dlq_ops
 from sentpipe.processors.dlq import DlqEntry, plan
+from sentpipe.processors.group_lock import SESSION_TIMEOUT_S, GroupLock, LockBusy
+from sentpipe.processors.offsets import OpsError
+from sentpipe.processors.replay import RunResult
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import frame
 from sentpipe.schemas.samples import SampleFactory
@@ -21,6 +30,7 @@ from sentpipe.settings import Settings
 from tests.handlers_fixture import create_fixture_tables
 from tests.kafka_tools import Record, read_topic
 from tests.pipeline import deliver, start_ingress, start_worker, wait_caught_up, wait_until
+from tests.processes import settings_env
 from tests.test_ops_cli import sentpipe
 
 MALFORMED = b'{"field":"messages","sub_type":"message.read","payload":{"note":"no message id"}}'
@@ -278,3 +288,112 @@ def test_a_dlq_record_id_is_ascii_digits_in_kafka_range() -> None:
             assert "is not a DLQ record ID" in str(exc), bad
         else:
             raise AssertionError(f"{bad!r} was taken for an ID")
+
+
+def _handler_dead_letters(s: Settings, topics: Topics, n: int) -> list[str]:
+    """n canonical events in the DLQ as the projector dead-letters a handler's failures; their ids."""
+    producer = Producer({"bootstrap.servers": s.kafka_bootstrap})
+    ids = []
+    for i, sample in enumerate(SampleFactory(43).inbound() for _ in range(n)):
+        routed = r.route(
+            None,
+            sample.body,
+            {r.H_TENANT: b"acme"},
+            topics=topics,
+            id_source="auto",
+            default_tenant="default",
+            record_timestamp_ms=1_700_000_000_000,
+        )
+        assert routed.event is not None
+        dlq = r.dlq_headers(
+            stage="handler",
+            error_class="PermanentError",
+            message="h: no",
+            topic=routed.topic,
+            partition=0,
+            offset=i,
+        )
+        producer.produce(topics.dlq, routed.value, routed.key, headers=[(r.H_TENANT, b"acme"), *dlq])
+        ids.append(routed.event.id)
+    assert producer.flush(30) == 0
+    return ids
+
+
+def test_two_redrives_at_once_send_each_dead_letter_once(settings: Settings, topics: Topics) -> None:
+    """The ledger keeps a redrive from taking what an earlier one took, but two at once (the console and a
+    terminal) both read it before either wrote it, and both sent every dead letter: handlers ran twice. A
+    redrive now holds the ledger's consumer group from before it reads the ledger until its writes are
+    flushed; a second one is refused in one line, and a dry run (it writes nothing) still runs."""
+    ids = _handler_dead_letters(settings, topics, 5)
+    inside, leave = threading.Event(), threading.Event()
+    outcome: list[object] = []
+
+    def hold(done: int, total: int) -> None:
+        if done == 0:
+            inside.set()
+            assert leave.wait(60)
+
+    def first() -> None:
+        try:
+            outcome.append(dlq_ops.redrive(settings, dlq_ops.make_selection(), progress=hold))
+        except BaseException as exc:  # reported below, on the test's thread
+            outcome.append(exc)
+
+    runner = threading.Thread(target=first)
+    runner.start()
+    try:
+        assert inside.wait(60), outcome
+        with pytest.raises(OpsError, match=r"^another redrive is running: consumer group "):
+            dlq_ops.redrive(settings, dlq_ops.make_selection(), timeout=5)
+        res = sentpipe(settings, "dlq", "redrive", "--timeout", "5")
+        assert_one_line_error_at_end(res, "another redrive is running")
+        assert dlq_ops.redrive(settings, dlq_ops.make_selection(), dry_run=True).read == 5
+    finally:
+        leave.set()
+        runner.join(60)
+    (result,) = outcome
+    assert isinstance(result, RunResult) and result.produced == 5, result
+    again = dlq_ops.redrive(settings, dlq_ops.make_selection())
+    assert (again.produced, again.already_redriven) == (0, 5)
+    sent = read_topic(settings.kafka_bootstrap, topics.message_inbound, at_least=5)
+    assert sorted(orjson.loads(rec.value)["id"] for rec in sent) == sorted(ids)
+
+
+def test_a_killed_redrive_frees_the_lock_within_the_session_timeout(
+    settings: Settings, topics: Topics
+) -> None:
+    """The lock is group membership: a holder killed with SIGKILL cannot release it, and the broker drops
+    it once its session times out, so no redrive is locked out for good."""
+    group = dlq_ops.redrive_group(settings)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from sentpipe.settings import Settings\n"
+            "from sentpipe.processors.group_lock import GroupLock\n"
+            "GroupLock(Settings(), sys.argv[1], sys.argv[2]).acquire()\n"
+            "print('held', flush=True)\n"
+            "time.sleep(600)\n",
+            topics.dlq_redriven,
+            group,
+        ],
+        env=settings_env(settings),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(LockBusy, match="held by another process; a holder that was killed"):
+            GroupLock(settings, topics.dlq_redriven, group, timeout=5).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    killed = time.monotonic()
+    while True:
+        try:
+            with GroupLock(settings, topics.dlq_redriven, group, timeout=5) as lock:
+                assert lock.held()
+            break
+        except LockBusy:
+            assert time.monotonic() - killed < SESSION_TIMEOUT_S + 20, "the lock was never freed"

@@ -1,0 +1,98 @@
+"""One holder at a time across processes: a topic's single partition, owned through a consumer group.
+
+A redrive holds its ledger's lock, so two at once (the console and a terminal, two terminals) cannot both
+read the ledger before either has written it and send the same dead letters twice. Kafka arbitrates: the
+group's members share the topic's one partition, and the cooperative-sticky assignor leaves it with its
+owner, so a newcomer is given nothing until the owner leaves or its session times out (a killed holder).
+Nothing is ever read from the topic or committed for the group.
+"""
+
+from __future__ import annotations
+
+import time
+from types import TracebackType
+
+from confluent_kafka import Consumer, TopicPartition
+
+from sentpipe.kafka import client_config
+from sentpipe.settings import Settings
+
+# How soon the lock of a holder that was killed is free again; heartbeats go from librdkafka's own thread.
+SESSION_TIMEOUT_S = 10.0
+
+
+class LockBusy(Exception):
+    """Another process holds the lock (or the group's coordinator did not answer in time)."""
+
+
+class GroupLock:
+    def __init__(self, settings: Settings, topic: str, group: str, timeout: float = 10.0) -> None:
+        self.settings, self.topic, self.group, self.timeout = settings, topic, group, timeout
+        self._held = False
+        self._answered = False  # the group has given this member an assignment, empty or not
+        self._consumer: Consumer | None = None
+
+    def __enter__(self) -> GroupLock:
+        self.acquire()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Join the group and wait, at most `timeout`, for its answer: the partition, or LockBusy."""
+        consumer = self._consumer = Consumer(
+            {
+                **client_config(self.settings),
+                "group.id": self.group,
+                "partition.assignment.strategy": "cooperative-sticky",
+                "session.timeout.ms": int(SESSION_TIMEOUT_S * 1000),
+                "heartbeat.interval.ms": 1000,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "latest",
+                "log_level": 0,
+            }
+        )
+        consumer.subscribe(
+            [self.topic], on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._revoked
+        )
+        deadline = time.monotonic() + self.timeout
+        error = None
+        while not self._answered and time.monotonic() < deadline:
+            msg = consumer.poll(0.1)
+            if msg is not None and msg.error() is not None:
+                error = msg.error()  # not authorized for the group, say: shown if nothing else answers
+        if not self._held:
+            self.release()
+            waited = ""
+            if not self._answered:
+                waited = f", or the group's coordinator did not answer within {self.timeout:g} s"
+                waited += f" ({error.str()})" if error is not None else ""
+            raise LockBusy(
+                f"consumer group {self.group} is held by another process{waited}; a holder that was killed "
+                f"frees it within {SESSION_TIMEOUT_S:g} s"
+            )
+
+    def held(self) -> bool:
+        """Still the holder. Call it often: it also takes part in the group's rebalances, which a newcomer's
+        join waits for, and stays within the group's poll interval."""
+        if self._consumer is not None:
+            self._consumer.poll(0)  # what it reads is ignored: only membership matters
+        return self._held
+
+    def release(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        self._held = False
+        if consumer is not None:
+            consumer.close()  # leaves the group at once: the next holder need not wait for a timeout
+
+    def _assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._answered = True
+        if any(tp.topic == self.topic for tp in partitions):
+            self._held = True
+
+    def _revoked(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if any(tp.topic == self.topic for tp in partitions):
+            self._held = False
