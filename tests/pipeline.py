@@ -11,6 +11,7 @@ from typing import TypeVar
 from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka.admin import AdminClient
 
+from sentpipe.schemas import routing as r
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.http_tools import post_all
@@ -147,3 +148,18 @@ def deliver(
     assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
     db = s.database_url.get_secret_value()
     wait_for(lambda: row_count(db), lambda n: n >= rows, timeout, "events projected", worker.proc.tail)
+
+
+def route_as_the_router(body: bytes, topics: Topics, at_ms: int = 1_700_000_000_000) -> r.Routed:
+    """`body` routed as the router routes an ingress record of tenant `acme`; the event must be routable."""
+    routed = r.route(
+        None,
+        body,
+        {r.H_TENANT: b"acme"},
+        topics=topics,
+        id_source="auto",
+        default_tenant="default",
+        record_timestamp_ms=at_ms,
+    )
+    assert routed.event is not None
+    return routed

@@ -29,7 +29,14 @@ from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.handlers_fixture import create_fixture_tables
 from tests.kafka_tools import Record, read_topic
-from tests.pipeline import deliver, start_ingress, start_worker, wait_caught_up, wait_until
+from tests.pipeline import (
+    deliver,
+    route_as_the_router,
+    start_ingress,
+    start_worker,
+    wait_caught_up,
+    wait_until,
+)
 from tests.processes import settings_env
 from tests.test_ops_cli import sentpipe
 
@@ -295,15 +302,7 @@ def _handler_dead_letters(s: Settings, topics: Topics, n: int) -> list[str]:
     producer = Producer({"bootstrap.servers": s.kafka_bootstrap})
     ids = []
     for i, sample in enumerate(SampleFactory(43).inbound() for _ in range(n)):
-        routed = r.route(
-            None,
-            sample.body,
-            {r.H_TENANT: b"acme"},
-            topics=topics,
-            id_source="auto",
-            default_tenant="default",
-            record_timestamp_ms=1_700_000_000_000,
-        )
+        routed = route_as_the_router(sample.body, topics)
         assert routed.event is not None
         dlq = r.dlq_headers(
             stage="handler",

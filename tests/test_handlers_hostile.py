@@ -41,7 +41,7 @@ from sentpipe.settings import Settings
 from tests import handlers_hostile as hh
 from tests.http_tools import post_all
 from tests.kafka_tools import read_topic, record_count
-from tests.pipeline import start_ingress, start_worker, wait_caught_up
+from tests.pipeline import route_as_the_router, start_ingress, start_worker, wait_caught_up
 from tests.processes import settings_env
 
 TOPICS = Topics("h.")
@@ -70,15 +70,7 @@ class Stage:
 
     def add(self, bodies: list[bytes]) -> None:
         for body in bodies:
-            routed = r.route(
-                None,
-                body,
-                {r.H_TENANT: b"acme"},
-                topics=TOPICS,
-                id_source="auto",
-                default_tenant="default",
-                record_timestamp_ms=1_700_000_000_000,
-            )
+            routed = route_as_the_router(body, TOPICS)
             assert routed.event is not None
             self.broker.append(routed.topic, routed.key, routed.value, [])
             self.ids[body] = routed.event.id
