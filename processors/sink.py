@@ -12,7 +12,13 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe import metrics as m
-from sentpipe.processors.handlers import HandlerContext, HandlerRegistry, HandlerTimeout, RetryableError
+from sentpipe.processors.handlers import (
+    HandlerContext,
+    HandlerError,
+    HandlerRegistry,
+    HandlerTimeout,
+    RetryableError,
+)
 from sentpipe.processors.projections import PROJECTIONS, Statement
 from sentpipe.processors.retry import classify
 from sentpipe.schemas.events import CanonicalEvent, EventType
@@ -40,8 +46,14 @@ class HandlersHeld(Exception):
     looks the same as events of its own, so the batch is rolled back and read again, not dead-lettered."""
 
 
-# Past this many suspects remembered, the memory starts again: it orders calls and saves repeats.
+class ConnectionClosedByHandler(RetryableError):
+    """A handler call closed the batch's connection: the batch is lost with it and applied again, that call
+    left out as its event's failure."""
+
+
+# Past this many suspects (or closers) remembered, the memory starts again: it orders calls, saves repeats.
 MAX_SUSPECTS = 10_000
+CLOSED = "closed the stage's database connection (ctx.conn belongs to the batch: never close it)"
 
 
 class PostgresSink:
@@ -51,6 +63,8 @@ class PostgresSink:
         # (handler, event id) -> the timeout of its call in a held batch. Read again, these are called after
         # the others, so fresh events show whether the handler works at all before these are blamed.
         self._suspects: dict[tuple[str, str], Exception] = {}
+        # (handler, event id) whose call closed the connection: not called again, its event's failure.
+        self._closers: set[tuple[str, str]] = set()
 
     async def apply(
         self, type_: EventType, events: Sequence[CanonicalEvent], attempt: int
@@ -92,11 +106,15 @@ class PostgresSink:
                         h0 = time.perf_counter()
                         calls, blamed = self._order(name, events)
                         for ev in calls:
+                            if (name, ev.id) in self._closers:
+                                failures.append(HandlerFailure(ev, name, HandlerError(CLOSED)))
+                                continue
                             try:
                                 async with conn.transaction():
                                     await fn(ev, HandlerContext(conn, log, attempt))
-                                ok += 1
                             except Exception as exc:
+                                if conn.closed:  # retried as a lost connection, this call forever
+                                    self._close_call(name, ev)
                                 if _timed_out(exc):
                                     timed_out.append(HandlerFailure(ev, name, exc))
                                     if ok == 0 and len(timed_out) > 1:
@@ -105,6 +123,10 @@ class PostgresSink:
                                 if classify(exc) != "permanent":  # retried (bounded when unknown)
                                     raise
                                 failures.append(HandlerFailure(ev, name, exc))
+                            else:
+                                if conn.closed:  # the savepoint's end does not notice: the next call would
+                                    self._close_call(name, ev)
+                                ok += 1
                         failures += timed_out + blamed
                         succeeded[name] = ok
                         m.HANDLER_SECONDS.labels(type_.value, name).observe(time.perf_counter() - h0)
@@ -113,10 +135,11 @@ class PostgresSink:
                 if refused is not None and refused[1] is exc and await _unfillable_column(conn, *refused):
                     _hold(type_, exc)
                 raise
-        if self._suspects:  # these are settled now, one way or the other
+        if self._suspects or self._closers:  # these are settled now, one way or the other
             for name, _ in handlers:
                 for ev in events:
                     self._suspects.pop((name, ev.id), None)
+                    self._closers.discard((name, ev.id))
         # Counted once committed: a rolled-back batch is retried and counted then.
         m.EVENTS_PROCESSED.labels(type_.value, "projection", "ok").inc(len(events))
         for name, ok in succeeded.items():
@@ -138,6 +161,13 @@ class PostgresSink:
         if not fresh:
             return [], [HandlerFailure(ev, name, exc) for ev in events if (exc := earlier[ev.id])]
         return fresh + [ev for ev in events if earlier[ev.id] is not None], []
+
+    def _close_call(self, name: str, ev: CanonicalEvent) -> NoReturn:
+        if len(self._closers) > MAX_SUSPECTS:
+            self._closers.clear()
+        self._closers.add((name, ev.id))
+        log.error("handler %s %s; the batch is applied again without that call", name, CLOSED)
+        raise ConnectionClosedByHandler(f"{name}: {CLOSED}")
 
     def _hold_timeouts(self, type_: EventType, timed_out: list[HandlerFailure]) -> NoReturn:
         if len(self._suspects) > MAX_SUSPECTS:

@@ -315,6 +315,37 @@ async def test_a_held_batch_read_again_with_nothing_new_blames_its_timed_out_eve
     assert {h[r.H_DLQ_ERROR_CLASS] for h in dead.values()} == {b"HandlerTimeout"}
 
 
+async def test_a_handler_closing_the_connection_costs_only_its_event(stage: Stage) -> None:
+    """`ctx.conn.close()` for one event lost the batch's transaction with a connection error, which is
+    temporary: the batch was retried forever, and closed again every time. That call is now left out when
+    the batch is applied again, its event dead-lettered, every neighbour handled."""
+    f = SampleFactory(10)
+    bodies = (
+        [inbound_body(f) for _ in range(3)]
+        + [inbound_body(f, "closer")]
+        + [inbound_body(f) for _ in range(3)]
+    )
+    calls: list[str] = []
+
+    async def handle(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        calls.append(event.id)
+        await ctx.conn.execute("SELECT 1")
+        if event.data.get("text") == "closer":
+            await ctx.conn.close()
+
+    stage.handlers.register(INBOUND, handle, "closes")
+    stage.add(bodies)
+    await stage.run()
+
+    closer = stage.ids[bodies[3]]
+    dead = stage.dead()
+    assert list(dead) == [closer]
+    assert dead[closer][r.H_DLQ_ERROR_CLASS] == b"HandlerError"
+    assert b"closed the stage's database connection" in dead[closer][r.H_DLQ_MESSAGE]
+    assert stage.projected() == set(stage.ids.values())
+    assert calls.count(closer) == 1
+
+
 async def test_a_handler_changing_its_event_changes_nothing_else(stage: Stage) -> None:
     """The event object was shared: a handler's change reached the next handler and, when the batch was
     retried (any RetryableError), the projection rows written from the same objects."""
