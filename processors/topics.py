@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import (  # type: ignore[attr-defined]
     AdminClient,
     AlterConfigOpType,
@@ -16,7 +16,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ResourceType,
 )
 
-from sentpipe.kafka import admin_client, existing_partitions, topic_max_message_bytes
+from sentpipe.kafka import admin_client, committed_offsets, existing_partitions, topic_max_message_bytes
 from sentpipe.schemas.topics import (
     MAX_MESSAGE_BYTES,
     Topics,
@@ -176,19 +176,17 @@ def check_group_owns_prefix(settings: Settings, group: str, timeout: float = 10.
     shares the dedup changelog, and Faust then takes its recovery path with records already waiting: a
     start-up race in Faust 0.15 that can freeze the group's commits without a word.
     """
-    from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException
-
     admin = admin_client(settings)
-    try:
-        future = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])[group]
-        committed = future.result(timeout=timeout)
-    except KafkaException as exc:
-        err = exc.args[0] if exc.args else None
-        if getattr(err, "code", lambda: None)() == KafkaError.GROUP_ID_NOT_FOUND:
-            return
-        raise
     ours = (settings.topic_prefix, f"{settings.app_id}-")
-    foreign = sorted({tp.topic for tp in committed.topic_partitions if not tp.topic.startswith(ours)})
+    others = [
+        TopicPartition(name, p)
+        for name, count in sorted(existing_partitions(admin, settings.kafka_bootstrap, timeout).items())
+        if not name.startswith(ours)
+        for p in range(count)
+    ]
+    # Only the topics that exist: a group's offsets for a deleted topic share nothing with this prefix.
+    committed = committed_offsets(settings, group, others, timeout)
+    foreign = sorted({tp.topic for tp in committed if tp.error is None and tp.offset >= 0})
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise CopartitioningError(

@@ -272,6 +272,61 @@ def admin_client(settings: Settings) -> AdminClient:
     return AdminClient({**client_config(settings), "socket.timeout.ms": 5000, "log_level": 0})
 
 
+# The group coordinator is not answering yet (a broker just started and still loading its offsets topic) or
+# has moved: asked again, it answers.
+_COORDINATOR_MOVING = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError._WAIT_COORD,
+        KafkaError._TRANSPORT,
+    }
+)
+
+
+def committed_offsets(
+    settings: Settings, group: str, partitions: Sequence[confluent_kafka.TopicPartition], timeout: float
+) -> list[confluent_kafka.TopicPartition]:
+    """`group`'s committed offsets for `partitions` (offset < 0: none), read by a consumer handle of the group
+    that never joins it. KafkaException when the coordinator does not answer within `timeout`.
+
+    Never `AdminClient.list_consumer_group_offsets`: librdkafka (2.16 and before) crashes the whole process
+    with SIGSEGV when its OffsetFetch is answered NOT_COORDINATOR or COORDINATOR_NOT_AVAILABLE, as a broker
+    that has just started answers while it loads the group's offsets. It asks the admin handle's consumer
+    group (there is none: NULL) to look for the coordinator again, on librdkafka's own thread, whose blocked
+    signals leave faulthandler nothing to print (librdkafka issue #5040). A consumer handle has that group:
+    it finds the coordinator again and retries."""
+    if not partitions:
+        return []
+    consumer = confluent_kafka.Consumer(
+        {
+            **client_config(settings),
+            "group.id": group,
+            "enable.auto.commit": False,
+            "socket.timeout.ms": 5000,
+            "log_level": 0,
+        }
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                found: list[confluent_kafka.TopicPartition] = consumer.committed(
+                    list(partitions), timeout=max(0.1, deadline - time.monotonic())
+                )
+                return found
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if not isinstance(err, KafkaError) or err.code() not in _COORDINATOR_MOVING:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+    finally:
+        consumer.close()
+
+
 def existing_partitions(admin: AdminClient, bootstrap: str, timeout: float = 10.0) -> dict[str, int]:
     """Topic -> partition count; BrokerUnavailable naming the address when nothing answers in time."""
     try:

@@ -1,0 +1,85 @@
+"""Answers a group coordinator gives while it loads or moves (a broker just restarted) never crash a process.
+
+librdkafka (2.16 and before) dies by SIGSEGV when the admin API's OffsetFetch is answered NOT_COORDINATOR or
+COORDINATOR_NOT_AVAILABLE (librdkafka issue #5040), on one of its own threads, where faulthandler prints
+nothing. A worker started right after the broker came back died that way before its first line of output
+(tests/test_chaos_worker.py, the broker and the database restarted together). Each case runs in a process of
+its own against librdkafka's mock broker, told to answer the next OffsetFetch requests with those errors.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.services import REPO
+
+_SETUP = """
+from confluent_kafka import Consumer, TopicPartition
+from sentpipe.settings import Settings
+from tests.kafka_mock import (
+    COORDINATOR_LOAD_IN_PROGRESS, COORDINATOR_NOT_AVAILABLE, NOT_COORDINATOR, OFFSET_FETCH, MockCluster
+)
+
+mock = MockCluster()
+s = Settings(kafka_bootstrap=mock.bootstrap, topic_prefix="mine.", app_id="sentpipe-mine")
+for name in ("mine.raw", "other.raw"):
+    mock.create_topic(name, 2)
+
+def commit(group, topic, partition, offset):
+    c = Consumer({"bootstrap.servers": mock.bootstrap, "group.id": group, "enable.auto.commit": False})
+    c.commit(offsets=[TopicPartition(topic, partition, offset)], asynchronous=False)
+    c.close()
+
+def coordinator_restarting():
+    errors = (NOT_COORDINATOR, COORDINATOR_NOT_AVAILABLE, COORDINATOR_LOAD_IN_PROGRESS, NOT_COORDINATOR)
+    mock.answer_with_errors(OFFSET_FETCH, *errors)
+"""
+
+
+def _run(body: str) -> subprocess.CompletedProcess[str]:
+    script = _SETUP + textwrap.dedent(body)
+    res = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode >= 0, f"killed by signal {-res.returncode}\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+@pytest.mark.parametrize("group", ["sentpipe-mine", "sentpipe-mine-projections"])
+def test_the_worker_start_up_check_survives_a_coordinator_that_is_loading(group: str) -> None:
+    res = _run(f"""
+        from sentpipe.processors.topics import CopartitioningError, check_group_owns_prefix
+        commit({group!r}, "mine.raw", 1, 7)
+        coordinator_restarting()
+        check_group_owns_prefix(s, {group!r})  # the group's own offsets only: passes
+        commit({group!r}, "other.raw", 0, 3)
+        coordinator_restarting()
+        try:
+            check_group_owns_prefix(s, {group!r})
+        except CopartitioningError as exc:
+            print("refused:", exc)
+        check_group_owns_prefix(s, "a-group-never-seen")  # nothing committed
+        print("done")
+    """)
+    assert res.returncode == 0, res.stderr
+    assert "refused:" in res.stdout and "other.raw" in res.stdout and "done" in res.stdout, res.stdout
+
+
+def test_committed_offsets_are_read_through_a_coordinator_that_is_loading() -> None:
+    res = _run("""
+        from sentpipe.kafka import committed_offsets
+        commit("g", "other.raw", 1, 42)
+        coordinator_restarting()
+        tps = [TopicPartition("other.raw", 0), TopicPartition("other.raw", 1)]
+        print(sorted((tp.topic, tp.partition, tp.offset) for tp in committed_offsets(s, "g", tps, 10)))
+    """)
+    assert res.returncode == 0, res.stderr
+    assert "[('other.raw', 0, -1001), ('other.raw', 1, 42)]" in res.stdout, res.stdout
