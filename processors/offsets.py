@@ -26,7 +26,13 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
-from sentpipe.kafka import BrokerUnavailable, admin_client, client_config, existing_partitions
+from sentpipe.kafka import (
+    BrokerUnavailable,
+    admin_client,
+    client_config,
+    committed_offsets,
+    existing_partitions,
+)
 from sentpipe.schemas.events import parse_time
 from sentpipe.settings import Settings
 
@@ -360,14 +366,18 @@ def reset_group_offsets(
             f"consumer group {group} has {len(desc.members)} active member(s) ({who}); "
             "stop them before resetting its offsets"
         )
-    listed = _result(
-        admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)], request_timeout=timeout)[
-            group
-        ],
-        timeout,
-        bootstrap,
-    )
-    before = {(tp.topic, tp.partition): tp.offset for tp in listed.topic_partitions if tp.offset >= 0}
+    # Not the admin API's list_consumer_group_offsets: librdkafka 2.16 crashes the process on it while a
+    # restarted broker's coordinator loads (sentpipe.kafka.committed_offsets).
+    try:
+        listed = committed_offsets(
+            settings,
+            group,
+            [TopicPartition(t, p) for t, n in sorted(have.items()) for p in range(n)],
+            timeout,
+        )
+    except KafkaException as exc:
+        raise OpsError(f"Kafka at {bootstrap}: {_kafka_text(exc)}") from exc
+    before = {(tp.topic, tp.partition): tp.offset for tp in listed if tp.error is None and tp.offset >= 0}
     targets = sorted(set(topics)) or sorted({t for t, _ in before if t in have})
     if not targets:
         raise OpsError(f"consumer group {group} has no committed offsets; name the topics with --topic")

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from sentpipe.kafka import AsyncProducer
+from sentpipe.kafka import AsyncProducer, committed_offsets
+from sentpipe.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -213,3 +214,20 @@ def stop_report_thread(producer: AsyncProducer) -> None:
     producer._reporter.join(5)
     assert not producer._reporter.is_alive()
     producer._running = True
+
+
+def group_offsets(
+    bootstrap: str, group: str, topics: Sequence[str] | None = None
+) -> dict[tuple[str, int], int]:
+    """`group`'s committed offsets on `topics` (every topic there is: None), through sentpipe's reader.
+    Never the admin API's: librdkafka crashes on it while a restarted broker's coordinator loads."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    listed = admin.list_topics(timeout=10).topics
+    tps = [
+        TopicPartition(t, p)
+        for t in (listed if topics is None else topics)
+        if t in listed
+        for p in listed[t].partitions
+    ]
+    found = committed_offsets(Settings(kafka_bootstrap=bootstrap), group, tps, 10.0)
+    return {(tp.topic, tp.partition): tp.offset for tp in found if tp.error is None and tp.offset >= 0}

@@ -8,14 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka.admin import AdminClient
 
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.http_tools import post_all
-from tests.kafka_tools import end_offsets
+from tests.kafka_tools import end_offsets, group_offsets
 from tests.oracle import row_count
 from tests.processes import Proc, free_port, settings_env, start_ingress
 
@@ -95,12 +94,6 @@ def wait_until(
     wait_for(cond, bool, timeout, what, on_fail)
 
 
-def committed_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
-    res = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])[group].result(10)
-    return {(tp.topic, tp.partition): tp.offset for tp in res.topic_partitions if tp.offset >= 0}
-
-
 def worker_groups(s: Settings) -> list[str]:
     """The consumer groups of this test's worker(s): the app id and any group named after it."""
     admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap, "log_level": 0})
@@ -117,10 +110,10 @@ def lag(s: Settings) -> dict[tuple[str, int], int]:
     it wrote for it is acknowledged (routed records, rows, DLQ records), so {} also means all of that is
     in place: what the worker wrote can be read exactly, by the watermarks."""
     committed: dict[tuple[str, int], int] = {}
-    for group in worker_groups(s):
-        for tp, offset in committed_offsets(s.kafka_bootstrap, group).items():
-            committed[tp] = max(offset, committed.get(tp, 0))
     topics = Topics(s.topic_prefix)
+    for group in worker_groups(s):
+        for tp, offset in group_offsets(s.kafka_bootstrap, group, [topics.raw, *topics.routed]).items():
+            committed[tp] = max(offset, committed.get(tp, 0))
     behind = {}
     for topic in (topics.raw, *topics.routed):
         for p, end in end_offsets(s.kafka_bootstrap, topic).items():

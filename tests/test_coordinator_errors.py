@@ -83,3 +83,16 @@ def test_committed_offsets_are_read_through_a_coordinator_that_is_loading() -> N
     """)
     assert res.returncode == 0, res.stderr
     assert "[('other.raw', 0, -1001), ('other.raw', 1, 42)]" in res.stdout, res.stdout
+
+
+def test_nothing_reads_offsets_through_the_admin_api() -> None:
+    """The crash is silent and needs a broker restart at the wrong moment to show: keep the call out."""
+    needle = ".list_consumer_group_offsets" + "("  # not itself a call this test would find
+    calls = [
+        f"{path.relative_to(REPO)}:{n}"
+        for top in ("sentpipe", "processors", "ingress", "schemas", "sender", "tests", "bench")
+        for path in sorted((REPO / top).rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if needle in line
+    ]
+    assert calls == []

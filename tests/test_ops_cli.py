@@ -13,7 +13,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from confluent_kafka import ConsumerGroupTopicPartitions
 from confluent_kafka.admin import AdminClient
 
 from sentpipe.schemas.events import frame
@@ -21,7 +20,7 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.handlers_fixture import create_fixture_tables
-from tests.kafka_tools import read_topic
+from tests.kafka_tools import group_offsets, read_topic
 from tests.pipeline import deliver, start_ingress, start_worker, wait_for
 from tests.processes import free_port, settings_env
 
@@ -47,12 +46,6 @@ def assert_one_line_error(res: subprocess.CompletedProcess[str], *needles: str) 
     assert lines[0].startswith("error: "), lines
     for needle in needles:
         assert needle in lines[0], lines[0]
-
-
-def group_offsets(bootstrap: str, group: str) -> dict[tuple[str, int], int]:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    res = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])[group].result(10)
-    return {(tp.topic, tp.partition): tp.offset for tp in res.topic_partitions if tp.offset >= 0}
 
 
 def group_members(bootstrap: str, group: str) -> int:

@@ -26,7 +26,7 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.http_tools import post_all
-from tests.kafka_tools import read_topic
+from tests.kafka_tools import group_offsets, read_topic
 from tests.oracle import row_count
 from tests.pipeline import start_ingress, start_worker, wait_for, wait_until
 from tests.test_pipeline_e2e import assert_matches_oracle
@@ -121,13 +121,12 @@ def canonical(event_id: str, message_id: str, data: dict[str, object]) -> tuple[
 
 
 def committed_at_end(settings: Settings, group: str, topics: list[str]) -> bool:
-    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka import TopicPartition
 
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     md = admin.list_topics(timeout=10)
     tps = [TopicPartition(t, p) for t in topics for p in md.topics[t].partitions]
-    res = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group, tps)])[group].result(10)
-    committed = {(tp.topic, tp.partition): tp.offset for tp in res.topic_partitions}
+    committed = group_offsets(settings.kafka_bootstrap, group, topics)
     from confluent_kafka import Consumer
 
     c = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "probe-" + group})

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from confluent_kafka import ConsumerGroupTopicPartitions
+from confluent_kafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from sentpipe.console.tail import MINUTE_MS, Tail
-from sentpipe.kafka import existing_partitions
+from sentpipe.kafka import committed_offsets, existing_partitions
 from sentpipe.processors.offsets import Log
 from sentpipe.processors.topics import projections_group
 from sentpipe.schemas.topics import Topics
@@ -53,14 +53,16 @@ def consumer_lag(kafka: Log, settings: Settings) -> dict[str, int]:
         (settings.app_id, [topics.raw]),
         (projections_group(settings), list(topics.routed)),
     ):
-        listed = kafka.admin.list_consumer_group_offsets(
-            [ConsumerGroupTopicPartitions(group)], request_timeout=kafka.timeout
-        )[group].result(kafka.timeout)
-        committed = {(tp.topic, tp.partition): tp.offset for tp in listed.topic_partitions if tp.offset >= 0}
+        names = [name for name in names if name in kafka.topics]
+        tps = [TopicPartition(name, p) for name in names for p in range(kafka.topics[name])]
+        # Not the admin API's list_consumer_group_offsets: librdkafka 2.16 crashes the process on it while
+        # a restarted broker's coordinator loads (sentpipe.kafka.committed_offsets).
+        listed = committed_offsets(settings, group, tps, kafka.timeout)
+        committed = {
+            (tp.topic, tp.partition): tp.offset for tp in listed if tp.error is None and tp.offset >= 0
+        }
         behind = 0
         for name in names:
-            if name not in kafka.topics:
-                continue
             for p, (low, high) in kafka.watermarks(name, range(kafka.topics[name])).items():
                 behind += max(0, high - max(low, committed.get((name, p), low)))
         out[group] = behind
