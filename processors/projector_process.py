@@ -50,15 +50,19 @@ RECONNECT_WINDOW_S = 10.0
 
 
 async def _reset_session(conn: AsyncConnection) -> None:
-    # A handler's SET (search_path, say) would outlive its batch on the pooled connection, and the
-    # projections' SQL would then meet other tables (SQLSTATE 42: held as a failure of the whole) or none.
-    # RESET ALL goes back to the session's defaults, the URL's `options` included.
-    await conn.execute("RESET ALL")
-    # Outside autocommit the RESET opened a transaction, and the pool discards a connection its reset leaves
-    # in one: every batch then paid a new connection (a backend fork, a TLS handshake) and logged a warning.
-    # Committed, the RESET stays and the connection goes back to the pool.
-    if not conn.autocommit:
-        await conn.commit()
+    # What a handler leaves in its session must not outlive its batch on the pooled connection: a SET
+    # (search_path: the projections' SQL would meet other tables, SQLSTATE 42, held as a failure of the
+    # whole), a session advisory lock it never released (every other worker's handler waiting for that key
+    # would time out for as long as the connection lived), temp tables, LISTENs, SET ROLE. DISCARD ALL
+    # undoes them all and goes back to the session's defaults, the URL's `options` included; psycopg drops
+    # its prepared statements with it. It runs outside a transaction only: in autocommit, then back, so
+    # the pool does not find the connection in a transaction (it would discard it: a new one per batch).
+    autocommit = conn.autocommit
+    if not autocommit:
+        await conn.set_autocommit(True)
+    await conn.execute("DISCARD ALL")
+    if not autocommit:
+        await conn.set_autocommit(False)
 
 
 def open_pool(settings: Settings) -> AsyncConnectionPool:

@@ -585,3 +585,38 @@ def test_a_handler_setting_its_session_does_not_change_the_next_batch(
         projected = {row[0] for row in c.execute("SELECT event_id FROM inbound_messages")}
     assert projected == {frame(b, webhook_id=None).event_id for batch in batches for b in batch}
     assert record_count(settings.kafka_bootstrap, topics.dlq) == 0
+
+
+async def test_a_handlers_session_locks_and_temp_tables_do_not_outlive_its_batch(db_url: str) -> None:
+    """RESET ALL undid a handler's SET, but a session advisory lock it never released (an exception between
+    lock and unlock) stayed with the pooled connection: every other worker's handler waiting for that key
+    timed out, for as long as the connection lived. Its temp tables and LISTENs stayed too."""
+    from sentpipe.processors.projector_process import open_pool
+
+    handlers = HandlerRegistry()
+
+    async def leave_state(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        await ctx.conn.execute("SELECT pg_advisory_lock(4242)")
+        await ctx.conn.execute("CREATE TEMP TABLE IF NOT EXISTS scratch (x int)")
+        await ctx.conn.execute("LISTEN sentpipe_test")
+
+    handlers.register(INBOUND, leave_state, "leaves-state")
+    pool = open_pool(Settings(database_url=db_url, db_pool_size=1))  # one connection, reused
+    await pool.open()
+    try:
+        routed = route_as_the_router(inbound_body(SampleFactory(12)), TOPICS)
+        assert routed.event is not None
+        assert await PostgresSink(pool, handlers).apply(EventType.MESSAGE_INBOUND, [routed.event], 1) == []
+        # The pool's one connection, once it is back (the pool resets it in a task of its own).
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT to_regclass('pg_temp.scratch') IS NULL, NOT EXISTS (SELECT pg_listening_channels())"
+            )
+            assert await cur.fetchone() == (True, True)
+            with psycopg.connect(db_url) as other:
+                held = other.execute(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242"
+                ).fetchone()
+            assert held == (0,)
+    finally:
+        await pool.close()
