@@ -502,8 +502,11 @@ class Router:
                     event.message.offset - 1,
                 )
             done[where] = max(done.get(where, 0), event.message.offset + 1)
-        self.processed.update(done)
-        self.watchdog.progress(done)
+        # A batch read again (a seek back, the stream's own re-reads) settles behind what is settled: it
+        # must not move the position, and so the lag and the watchdog's progress, backwards.
+        for where, nxt in done.items():
+            self.processed[where] = max(nxt, self.processed.get(where, nxt))
+        self.watchdog.progress({where: self.processed[where] for where in done})
 
     async def drain(self) -> None:
         """Wait until every batch dispatched so far has settled (or failed)."""
@@ -555,11 +558,12 @@ class Router:
             with contextlib.suppress(Exception):  # best effort, as above
                 earliest = dict(await consumer.earliest_offsets(*need))
         # Records the stream holds back for a reason are not lost: during a rebalance (every partition
-        # revoked and paused, their commits forgotten until the assignment), while the broker is away (no
-        # batch settles) and while the pipeline is full (the agent waits for room with a batch in hand).
-        # Seeking back then was a false alarm on every broker outage and every slow rebalance, some to offset
-        # 0. The first two end an episode: the checks count again from its end. A full pipeline only skips
-        # its check, or a steady backlog elsewhere would keep a partition that is really stuck from counting.
+        # revoked and paused, their commits forgotten until the assignment) and the table's recovery after
+        # it (every partition paused), while the broker is away (no batch settles) and while the pipeline is
+        # full (the agent waits for room with a batch in hand). Seeking back then was a false alarm on every
+        # broker outage and every slow rebalance, some to offset 0. All but the last end an episode: the
+        # checks count again from its end. A full pipeline only skips its check, or a steady backlog
+        # elsewhere would keep a partition that is really stuck from counting.
         held = self._held_back()
         if held is not None and held != PIPELINE_FULL:
             self._unmoved.clear()
@@ -587,6 +591,8 @@ class Router:
         """Why the stream may rightly hold fetched raw records back now (None: it should deliver them)."""
         if getattr(self.app, "rebalancing", False):
             return "rebalancing"
+        if self.app.tables.recovery.in_recovery:  # type: ignore[attr-defined]
+            return "recovering"  # every partition paused on purpose until the table is whole
         if self._room.locked():
             return PIPELINE_FULL
         return self.producer.unavailable
@@ -611,7 +617,20 @@ class Router:
         consumer: Any = self.app.consumer
         position = await consumer.position(tp)
         if position is None or position <= start:
-            return  # still to fetch: a slow agent or a paused partition is the watchdog's to report
+            # Records waiting and none fetched for three checks: Faust no longer fetches the partition. Seen
+            # once after a rebalance with a replacement worker (its monitor: "Stream has not started
+            # processing" five minutes on): left out of Faust's active set, or paused, with nothing to bring
+            # it back. Fetched again, the router's checks above see to the rest.
+            log.error(
+                "raw records waiting but never fetched: %s[%d] from offset %d; resuming the partition",
+                tp.topic,
+                tp.partition,
+                start,
+            )
+            consumer._buffered_partitions.discard(tp)
+            consumer.resume_partitions([tp])
+            self._unmoved[where] = (start, 0)
+            return
         log.error(
             "raw records fetched but never routed: %s[%d] offsets %d..%d; seeking back to %d",
             tp.topic,

@@ -385,6 +385,11 @@ class _RawConsumer:
         self.tp, self._position, self._highwater = tp, position, highwater
         self._committed_offset = {} if committed is None else {tp: committed}
         self.seeks: list[int] = []
+        self.resumed: list[TP] = []
+        self._buffered_partitions: set[TP] = {tp}  # Faust's "buffer full, not fetched" set
+
+    def resume_partitions(self, tps: list[TP]) -> None:
+        self.resumed += tps
 
     def assignment(self) -> set[TP]:
         return {self.tp}
@@ -473,3 +478,35 @@ async def test_records_the_stream_fetched_and_never_handed_over_are_read_again(s
     router, consumer = _lag_checked_router(settings, position=500, processed=None, dispatched=None)
     await _checks(router, 3)
     assert consumer.seeks == [0]
+
+
+async def test_a_partition_faust_stopped_fetching_is_resumed(settings: Settings) -> None:
+    """Seen once in test (b): a replacement worker's raw partition with 264 records waiting was never
+    fetched after a rebalance (Faust's monitor: "Stream has not started processing", five minutes on), so
+    the check above, which needs records fetched past the router's, never fired. Records waiting and none
+    fetched for three checks: the partition is resumed, and no seek is needed. Not during the table's
+    recovery, which pauses every partition until the table is whole."""
+    router, consumer = _lag_checked_router(settings, position=695, processed=695, dispatched=695)
+    router.app.tables.recovery.in_recovery = True
+    await _checks(router, 5)
+    assert consumer.resumed == []
+    router.app.tables.recovery.in_recovery = False
+    await _checks(router, 2)
+    assert consumer.resumed == []
+    await _checks(router, 1)
+    assert consumer.resumed == [consumer.tp] and consumer.seeks == []
+    assert consumer._buffered_partitions == set()
+
+
+def test_a_batch_read_again_does_not_move_the_settled_position_back(settings: Settings) -> None:
+    """Records re-read after a seek back settle behind what had settled: the position (the lag's base and
+    the watchdog's progress) stayed where they left it, behind, until newer records settled again."""
+    router, _ = _lag_checked_router(settings, position=926, processed=900, dispatched=926)
+    where = (Topics(settings.topic_prefix).raw, 0)
+    again = [
+        SimpleNamespace(message=SimpleNamespace(topic=where[0], partition=0, offset=o)) for o in (100, 101)
+    ]
+    router._advance(again)
+    assert router.processed[where] == 900
+    router._advance([SimpleNamespace(message=SimpleNamespace(topic=where[0], partition=0, offset=900))])
+    assert router.processed[where] == 901
