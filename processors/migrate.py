@@ -63,16 +63,17 @@ def _connect(database_url: str) -> psycopg.Connection[Any]:
     return conn
 
 
-def migrate(database_url: str) -> list[tuple[str, bool]]:
+def migrate(database_url: str, lock_timeout_s: float = LOCK_TIMEOUT_S) -> list[tuple[str, bool]]:
     """Returns (version, applied_now) for every migration, then (version, False) for each version in the
-    database this sentpipe does not know (applied by a newer one); safe to run concurrently."""
+    database this sentpipe does not know (applied by a newer one); safe to run concurrently. A migration
+    waits at most `lock_timeout_s` for a table another session holds (MigrationError, nothing applied)."""
     result = []
     with _connect(database_url) as conn:
         # The URL's (or the role's) statement_timeout is meant for the worker's statements; a migration
         # building a primary key over a large table must not be cancelled midway by it.
         conn.execute("SET LOCAL statement_timeout = 0")
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_KEY,))
-        conn.execute(f"SET LOCAL lock_timeout = {max(1, round(LOCK_TIMEOUT_S * 1000))}")
+        conn.execute(f"SET LOCAL lock_timeout = {max(1, round(lock_timeout_s * 1000))}")
         # Created where CREATE TABLE would put it, and only then: an up-to-date database answers a role
         # without CREATE on the schema (one that may only read and write the tables) "already applied".
         found = conn.execute("SELECT to_regclass(quote_ident(current_schema()) || '.schema_migrations')")
@@ -109,7 +110,7 @@ def migrate(database_url: str) -> list[tuple[str, bool]]:
                 conn.execute(m.sql.encode())
             except psycopg.errors.LockNotAvailable as exc:
                 raise MigrationError(
-                    f"migration {m.version} waited {LOCK_TIMEOUT_S:g} s for a table another session holds"
+                    f"migration {m.version} waited {lock_timeout_s:g} s for a table another session holds"
                     f" (an open transaction?); nothing was applied: run `sentpipe db migrate` again once it"
                     f" ends ({exc.sqlstate})"
                 ) from exc

@@ -15,12 +15,15 @@ import typer
 from rich.table import Table
 
 from sentpipe.cli_base import (
+    MAX_TIMEOUT_S,
+    MIN_TIMEOUT_S,
     CliError,
     TimeoutOption,
     err,
     fail,
     out,
     print_untrusted_body,
+    seconds,
     settings,
     terminal_safe,
     utf8,
@@ -149,11 +152,21 @@ def topics_ensure(
 
 
 @db_app.command("migrate")
-def db_migrate() -> None:
+def db_migrate(
+    lock_timeout: Annotated[
+        float | None,
+        typer.Option(
+            callback=seconds,
+            help="Seconds a migration waits for a table another session holds before it gives up, applying "
+            f"nothing ({MIN_TIMEOUT_S:g} to {MAX_TIMEOUT_S:g}; default 10).",
+        ),
+    ] = None,
+) -> None:
     """Apply the SQL migrations that have not been applied yet (idempotent)."""
-    from sentpipe.processors.migrate import migrate
+    from sentpipe.processors.migrate import LOCK_TIMEOUT_S, migrate
 
-    for version, applied in migrate(settings().database_url.get_secret_value()):
+    url = settings().database_url.get_secret_value()
+    for version, applied in migrate(url, LOCK_TIMEOUT_S if lock_timeout is None else lock_timeout):
         out.print(f"{version}: {'applied' if applied else 'already applied'}")
 
 

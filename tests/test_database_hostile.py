@@ -204,18 +204,36 @@ def with_param(url: str, **params: str) -> str:
 
 
 def test_migrate_beside_an_open_transaction_gives_up_in_one_line_instead_of_waiting_forever(
-    db_url: str, unique: str, monkeypatch: pytest.MonkeyPatch
+    db_url: str, unique: str
 ) -> None:
     # As after an upgrade from 0.1: 0002 is pending while a reader sits idle in its transaction. Waiting
     # for its lock without end, `db migrate` hung and every projector insert queued behind its ALTER TABLE.
-    monkeypatch.setattr(migrate_module, "LOCK_TIMEOUT_S", 0.2, raising=False)
     sql(db_url, "DELETE FROM schema_migrations WHERE version = '0002_tenant_scoped_ids'")
     app = f"hostile-{unique}"
     with psycopg.connect(db_url) as reader:
         reader.execute("SELECT count(*) FROM message_events").fetchone()
         with pytest.raises(migrate_module.MigrationError, match="0002_tenant_scoped_ids") as caught:
-            bounded(lambda: migrate(with_param(db_url, application_name=app)), db_url, app)
+            bounded(lambda: migrate(with_param(db_url, application_name=app), 0.2), db_url, app)
         assert "\n" not in str(caught.value)
+        # The command line's limit, and its refusal of one that is no duration.
+        ran = subprocess.run(
+            [sys.executable, "-m", "sentpipe", "db", "migrate", "--lock-timeout", "0.3"],
+            env={**os.environ, "SENTPIPE_DATABASE_URL": db_url},
+            capture_output=True,
+            text=True,
+            timeout=BOUND_S,
+        )
+        assert ran.returncode == 1 and ran.stderr.count("\n") == 1, ran.stderr
+        assert "0002_tenant_scoped_ids waited 0.3 s" in ran.stderr, ran.stderr
+        for bad in ("0", "nan", "inf", "-1"):
+            ran = subprocess.run(
+                [sys.executable, "-m", "sentpipe", "db", "migrate", "--lock-timeout", bad],
+                env={**os.environ, "SENTPIPE_DATABASE_URL": db_url},
+                capture_output=True,
+                text=True,
+                timeout=BOUND_S,
+            )
+            assert ran.returncode != 0 and "--lock-timeout" in ran.stderr and "Traceback" not in ran.stderr
     assert [v for v, applied in migrate(db_url) if applied] == ["0002_tenant_scoped_ids"]
 
 
