@@ -20,6 +20,7 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import signal
 import sys
 import time
@@ -215,9 +216,27 @@ def worker_count(settings: Settings, port: int) -> int:
     return 1 if port == 0 else available_cpus()
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft limit on open files to the hard one, as Go's runtime does at start; (before, after).
+
+    Every connection is a descriptor: under systemd's soft default of 1,024, a burst of deliveries (or
+    idle keep-alive connections of a balancer) got connections reset at accept, while the hard limit
+    (524,288 there) allowed far more. Worker processes inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft, soft  # unlimited: nothing to raise, and Linux refuses an infinite soft limit
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):  # a sandbox that forbids it: the soft limit stands
+        return soft, soft
+    log.info("open files limit raised", extra={"soft_before": soft, "soft": hard})
+    return soft, hard
+
+
 def run(settings: Settings, host: str, port: int, metrics_port: int) -> None:
     """Serve until SIGTERM/SIGINT (N processes, see `worker_count`); configuration it cannot run with: one
     line on stderr, exit status 1."""
+    raise_open_files_limit()
     try:
         settings = settings.model_copy(update={"ingress_workers": worker_count(settings, port)})
         if settings.ingress_workers > 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -322,3 +323,29 @@ async def test_a_slow_body_is_answered_408_and_its_connection_closed_at_once(
         writer.close()
     finally:
         assert proc.stop() == 0, proc.tail()
+
+
+def _open_files_soft_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open files limit")
+
+
+def test_the_ingress_raises_its_open_files_limit_to_the_hard_one(settings: Settings, tmp_path: Path) -> None:
+    """Started under a soft limit of 256 (systemd's default is 1,024), it reset connections at accept while
+    the hard limit allowed many more; it now raises the soft limit to the hard one at start."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # An unlimited hard limit has no soft counterpart on Linux: give the ingress a finite one.
+    child_hard = 8192 if hard == resource.RLIM_INFINITY else hard
+    assert child_hard > 256, f"this test needs a hard limit above 256, not {hard}"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, child_hard))
+    try:
+        proc, _, _ = start_ingress(settings, tmp_path)  # inherits the 256
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert proc.p is not None
+        assert _open_files_soft_limit(proc.p.pid) == child_hard
+    finally:
+        proc.stop()
