@@ -26,6 +26,7 @@ import importlib
 import inspect
 import logging
 import socket
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import Any
 import psycopg
 from psycopg import AsyncConnection
 
+from sentpipe.processors import blocked_handlers as blocked
 from sentpipe.schemas.events import ROUTED_TYPES, CanonicalEvent, EventType
 
 
@@ -147,60 +149,81 @@ def _as_failure(exc: Exception) -> Exception:
     return exc if text is not None else _stand_in(exc, _readable(exc))
 
 
-def _guarded(fn: Handler, registry: HandlerRegistry) -> Handler:
+def _guarded(fn: Handler, registry: HandlerRegistry, name: str) -> Handler:
     """`fn` held to the per-record rule: any outcome of one call is that event's, never the stage's."""
 
     async def call(event: CanonicalEvent, ctx: HandlerContext) -> None:
         # Its own copy: a handler changing `data` must not change the rows of a retried batch (projected
         # again from the same objects) nor what the next handler sees.
         own = dataclasses.replace(event, data=copy.deepcopy(event.data))
-        task = asyncio.current_task()
-        cancels = task.cancelling() if task is not None else 0
-        scope: asyncio.Timeout | None = None
+        limit = registry.timeout_s
         try:
-            async with asyncio.timeout(registry.timeout_s) as scope:
-                result: Any = fn(own, ctx)
-                if not inspect.isawaitable(result):
-                    raise HandlerError(
-                        f"returned {type(result).__name__}, not an awaitable: handlers are async def"
-                    )
-                returned = await result
-            if inspect.isawaitable(returned):
-                if inspect.iscoroutine(returned):
-                    returned.close()  # never run: no "was never awaited" warning on top of this error
-                raise HandlerError(
-                    f"returned an awaitable it did not await ({type(returned).__name__}): "
-                    "its work was never done"
-                )
-        except HandlerError as exc:
-            if _text(exc) is None:
-                raise _stand_in(exc, _readable(exc)) from None
-            raise
-        except TimeoutError as exc:
-            if scope is not None and scope.expired():
-                raise HandlerTimeout(
-                    f"did not finish within {registry.timeout_s:g} s and was cancelled"
-                ) from None
-            raise _as_failure(exc) from exc
-        except asyncio.CancelledError:
-            if task is not None and task.cancelling() > cancels:
-                raise  # the stage itself is being cancelled: not this event's failure
-            raise _stand_in(
-                asyncio.CancelledError(), "raised by the handler, not by a stop of the stage"
+            # Past the limit with the loop blocked, asyncio's timeout cannot fire: the blocked-handler guard
+            # raises HandlerBlocked in this call's code instead (blocked_handlers.py).
+            if limit is not None:
+                blocked.guard.enter(name, event.id, time.monotonic() + limit)
+            try:
+                await _call(fn, own, ctx, registry)
+            finally:
+                blocked.guard.leave()
+        except blocked.HandlerBlocked:
+            blocked.guard.leave()  # again: a second signal may have come before the first leave() ended
+            raise HandlerTimeout(
+                f"blocked the event loop past {limit:g} s and was interrupted (handlers must not block: "
+                "use await, or run blocking code with asyncio.to_thread)"
             ) from None
-        except Exception as exc:
-            failure = _as_failure(exc)
-            if failure is exc:
-                raise
-            raise failure from exc
-        except BaseException as exc:
-            # SystemExit, KeyboardInterrupt, GeneratorExit raised by the handler's own code: let through,
-            # they would end the projector, and its restart would meet the same event again.
-            text = _readable(exc)
-            raise _stand_in(exc, f"raised by the handler{': ' + text if text else ''}") from exc
 
     call.__wrapped__ = fn  # type: ignore[attr-defined]
     return call
+
+
+async def _call(fn: Handler, own: CanonicalEvent, ctx: HandlerContext, registry: HandlerRegistry) -> None:
+    """One call of `fn`, whatever it does, as an Exception the stage can classify (`_guarded`)."""
+    task = asyncio.current_task()
+    cancels = task.cancelling() if task is not None else 0
+    scope: asyncio.Timeout | None = None
+    try:
+        async with asyncio.timeout(registry.timeout_s) as scope:
+            result: Any = fn(own, ctx)
+            if not inspect.isawaitable(result):
+                raise HandlerError(
+                    f"returned {type(result).__name__}, not an awaitable: handlers are async def"
+                )
+            returned = await result
+        if inspect.isawaitable(returned):
+            if inspect.iscoroutine(returned):
+                returned.close()  # never run: no "was never awaited" warning on top of this error
+            raise HandlerError(
+                f"returned an awaitable it did not await ({type(returned).__name__}): its work was never done"
+            )
+    except HandlerError as exc:
+        if _text(exc) is None:
+            raise _stand_in(exc, _readable(exc)) from None
+        raise
+    except TimeoutError as exc:
+        if scope is not None and scope.expired():
+            raise HandlerTimeout(
+                f"did not finish within {registry.timeout_s:g} s and was cancelled"
+            ) from None
+        raise _as_failure(exc) from exc
+    except asyncio.CancelledError:
+        if task is not None and task.cancelling() > cancels:
+            raise  # the stage itself is being cancelled: not this event's failure
+        raise _stand_in(
+            asyncio.CancelledError(), "raised by the handler, not by a stop of the stage"
+        ) from None
+    except Exception as exc:
+        failure = _as_failure(exc)
+        if failure is exc:
+            raise
+        raise failure from exc
+    except BaseException as exc:
+        if isinstance(exc, blocked.HandlerBlocked):
+            raise  # the guard's own: this call blocked the loop past its limit
+        # SystemExit, KeyboardInterrupt, GeneratorExit raised by the handler's own code: let through,
+        # they would end the projector, and its restart would meet the same event again.
+        text = _readable(exc)
+        raise _stand_in(exc, f"raised by the handler{': ' + text if text else ''}") from exc
 
 
 def _source(fn: object) -> tuple[str, int, str] | None:
@@ -239,7 +262,7 @@ class HandlerRegistry:
                 )
             if other_label == label:
                 raise ValueError(f"two handlers named {label!r} for {t.value}: give one another name")
-        registered.append((label, _guarded(fn, self)))
+        registered.append((label, _guarded(fn, self, label)))
         return fn
 
     def for_type(self, type_: EventType) -> list[tuple[str, Handler]]:

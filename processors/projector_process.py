@@ -27,6 +27,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe.kafka import AsyncProducer, BatchConsumer
+from sentpipe.processors import blocked_handlers as blocked
 from sentpipe.processors.handlers import HandlerRegistry, registry
 from sentpipe.processors.health import Health, ProcessProbe, serve_health
 from sentpipe.processors.projector import Projector, Tuning
@@ -141,10 +142,12 @@ def run_projector(
         tasks = [asyncio.ensure_future(health.watch())]
         if parent_pid is not None:
             tasks.append(asyncio.ensure_future(_orphaned(parent_pid, service.stop)))
+        blocked.guard.start(loop)
         log.info("projector started", extra={"group": projections_group(settings)})
         try:
             await service.run()
         finally:
+            blocked.guard.stop()
             for task in tasks:
                 task.cancel()
             await runner.cleanup()

@@ -7,6 +7,7 @@ Every other event is handled normally (one row in `hostile_calls`, created by th
 from __future__ import annotations
 
 import asyncio
+import time
 
 from sentpipe.processors.handlers import HandlerContext, handler
 from sentpipe.schemas.events import CanonicalEvent
@@ -48,6 +49,8 @@ EXPECTED_CLASS = {
     "own-timeout": "TimeoutError",
     "hang": "HandlerTimeout",
     "pg-sleep": "HandlerTimeout",
+    "block-sleep": "HandlerTimeout",
+    "block-cpu": "HandlerTimeout",
 }
 
 
@@ -61,5 +64,10 @@ async def hostile(event: CanonicalEvent, ctx: HandlerContext) -> None:
         await _hang(ctx)
     elif kind == "pg-sleep":
         await _pg_sleep(ctx)
+    elif kind == "block-sleep":
+        time.sleep(3600)  # noqa: ASYNC251 - blocks the event loop itself: asyncio's timeout cannot fire
+    elif kind == "block-cpu":
+        while True:
+            pass
     else:
         raise RAISES[kind]

@@ -1,0 +1,147 @@
+"""Handler calls that block the event loop past their time limit: noticed from a thread, interrupted.
+
+`asyncio.timeout` cancels a handler only at an `await`: a call stuck in synchronous code (`time.sleep`, a
+blocking HTTP client, a loop that never ends) holds the whole loop, so its timeout never fires, the stage
+stalls, the orchestrator restarts the process, and the restarted one meets the same event again. A thread
+watches instead: when the loop has not turned for `grace_s` while a guarded call is past its deadline, it
+sends the loop's thread a signal. The signal's handler runs in that thread at the next bytecode, or as
+soon as a blocking system call returns EINTR (PEP 475: the call is abandoned when the handler raises), and
+raises `HandlerBlocked` there, but only when the frame of that overdue call is on the stack it interrupts:
+the loop's own code, or another task blocking it, is never interrupted. The guard turns it into the
+call's `HandlerTimeout`, so the event is dead-lettered as for any timeout.
+
+What it cannot reach: C code that holds the thread and neither returns nor checks for signals (a C
+extension's own blocking wait). It is logged with where the thread is stuck, and the watchdog's stall
+fails `/livez` as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from types import FrameType
+
+log = logging.getLogger("sentpipe.handlers")
+
+# A real-time signal: nothing else here or in the libraries the worker loads uses it (mode takes SIGUSR1),
+# and librdkafka's threads block every signal, so only the thread it is sent to sees it.
+INTERRUPT_SIGNAL = signal.SIGRTMIN + 3
+# The loop counts as blocked once it has not turned for this long: a busy loop turns far more often.
+GRACE_S = 1.0
+CHECK_EVERY_S = 0.25
+# A call the signal could not reach yet (C code that has not returned) is signalled again this often:
+# real-time signals queue, one each, until it returns.
+RESIGNAL_EVERY_S = 2.0
+
+
+class HandlerBlocked(BaseException):
+    """Raised inside a handler call that blocked the event loop past its deadline. A BaseException, so the
+    handler's own `except Exception` cannot swallow it and block on."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    name: str
+    event_id: str
+    deadline: float
+
+
+class BlockedHandlerGuard:
+    """Interrupts a guarded handler call that blocks its loop past its deadline (see the module doc).
+
+    `enter`/`leave` are called by the guard (`handlers._guarded`) from the call's own frame; `start` in the
+    loop's thread, which must be the main thread (only it can install a signal handler)."""
+
+    def __init__(self, grace_s: float = GRACE_S, check_every_s: float = CHECK_EVERY_S) -> None:
+        self.grace_s, self.check_every_s = grace_s, check_every_s
+        # The guard frame of each call in progress (suspended ones too): its frame is how the signal's
+        # handler knows the call it interrupts is the one that is late.
+        self._calls: dict[FrameType, _Call] = {}
+        self._turned_at = time.monotonic()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._loop_thread = 0
+        self._beat: asyncio.TimerHandle | None = None
+        self.interrupted = 0
+
+    def enter(self, name: str, event_id: str, deadline: float) -> None:
+        self._calls[sys._getframe(1)] = _Call(name, event_id, deadline)
+
+    def leave(self) -> None:
+        self._calls.pop(sys._getframe(1), None)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._thread is not None:
+            return
+        signal.signal(INTERRUPT_SIGNAL, self._on_signal)
+        self._loop_thread = threading.get_ident()
+        self._stop.clear()
+        self._turned_at = time.monotonic()
+        self._tick(loop)
+        self._thread = threading.Thread(target=self._watch, name="sentpipe-blocked-handlers", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        if self._beat is not None:
+            self._beat.cancel()
+        signal.signal(INTERRUPT_SIGNAL, signal.SIG_DFL)
+
+    def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._turned_at = time.monotonic()
+        self._beat = loop.call_later(self.check_every_s, self._tick, loop)
+
+    def _watch(self) -> None:
+        reported: set[_Call] = set()  # one line per call
+        signalled_at = 0.0
+        while not self._stop.wait(self.check_every_s):
+            now = time.monotonic()
+            if now - self._turned_at < self.grace_s:
+                continue
+            late = [c for c in list(self._calls.values()) if c.deadline <= now]
+            if not late or now - signalled_at < RESIGNAL_EVERY_S:
+                continue
+            for call in late:
+                if call not in reported:
+                    reported.add(call)
+                    log.error(
+                        "handler %s has blocked the event loop for %.0f s with event %s (%s): interrupting",
+                        call.name,
+                        now - self._turned_at,
+                        call.event_id,
+                        self._where(),
+                        extra={"handler": call.name, "event_id": call.event_id},
+                    )
+            if len(reported) > 1000:
+                reported = set(late)
+            signalled_at = now
+            signal.pthread_kill(self._loop_thread, INTERRUPT_SIGNAL)
+
+    def _where(self) -> str:
+        frame = sys._current_frames().get(self._loop_thread)
+        if frame is None:
+            return "where: unknown"
+        return f"at {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        while frame is not None:
+            call = self._calls.get(frame)
+            if call is not None:
+                if call.deadline > now:
+                    return  # the innermost call is in time: whatever blocks is not its doing
+                self.interrupted += 1
+                raise HandlerBlocked(call.name)
+            frame = frame.f_back
+
+
+guard = BlockedHandlerGuard()
