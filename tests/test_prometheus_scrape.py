@@ -59,7 +59,7 @@ VARIABLES = {
     "$tenant": ".*",
     "$type": ".*",
 }
-SELECTOR = re.compile(r"\b(sentpipe_[a-z0-9_]+|up)\b(\{[^{}]*\})?")
+SELECTOR = re.compile(r"\b(sentpipe_[a-z0-9_]+|up|process_[a-z_]+)\b(\{[^{}]*\})?")
 BY = re.compile(r"\bby\s*\(([^)]*)\)")
 # Labels that Prometheus or the deployment adds, not the code.
 TARGET_LABELS = {
