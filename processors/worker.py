@@ -814,6 +814,10 @@ def create_app(settings: Settings, role: WorkerRole | None = None) -> faust.App:
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=settings.kafka_heartbeat_interval_s,
+        # Faust wants requests to outlast the session (its default: 90 s against a 60 s session).
+        broker_request_timeout=max(90.0, settings.kafka_session_timeout_s + 30.0),
         # Bigger fetches: recovery of the dedup changelog reads millions of small records.
         broker_max_poll_records=5000,
         consumer_max_fetch_size=4 * 1024 * 1024,

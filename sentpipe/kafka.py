@@ -896,6 +896,28 @@ class RangeReader:
         self._consumer.close()
 
 
+def batch_consumer_config(settings: Settings, group: str) -> dict[str, Any]:
+    """librdkafka's configuration of a `BatchConsumer` in `group`."""
+    return {
+        **client_config(settings),
+        "group.id": group,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "session.timeout.ms": round(settings.kafka_session_timeout_s * 1000),
+        "heartbeat.interval.ms": round(settings.kafka_heartbeat_interval_s * 1000),
+        # Routed topics are read by one consumer per process: fetch big, wait little. With the default
+        # minimum of one byte, every fetch came back with the router's latest few records: hundreds
+        # of fetches a second over 48 partitions, and the broker's CPU. The broker now holds a fetch
+        # until 64 KiB are there, or 25 ms at most, the most it adds to a quiet pipeline's latency
+        # (a 50,000-event drain: 3,150-3,250 -> 3,900-4,100 events/s; the broker 0.4 -> 0.26 cores).
+        "fetch.min.bytes": 64 * 1024,
+        "fetch.wait.max.ms": 25,
+        "queued.max.messages.kbytes": 64 * 1024,
+        "log_level": 4,
+    }
+
+
 class BatchConsumer:
     """A consumer-group member on librdkafka: batches of detached records, commits only when told.
 
@@ -905,24 +927,7 @@ class BatchConsumer:
     """
 
     def __init__(self, settings: Settings, group: str, topics: Sequence[str]) -> None:
-        self._consumer = confluent_kafka.Consumer(
-            {
-                **client_config(settings),
-                "group.id": group,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                # Routed topics are read by one consumer per process: fetch big, wait little. With the default
-                # minimum of one byte, every fetch came back with the router's latest few records: hundreds
-                # of fetches a second over 48 partitions, and the broker's CPU. The broker now holds a fetch
-                # until 64 KiB are there, or 25 ms at most, the most it adds to a quiet pipeline's latency
-                # (a 50,000-event drain: 3,150-3,250 -> 3,900-4,100 events/s; the broker 0.4 -> 0.26 cores).
-                "fetch.min.bytes": 64 * 1024,
-                "fetch.wait.max.ms": 25,
-                "queued.max.messages.kbytes": 64 * 1024,
-                "log_level": 4,
-            }
-        )
+        self._consumer = confluent_kafka.Consumer(batch_consumer_config(settings, group))
         self._assigned: set[Partition] = set()
         self.on_revoke: list[Callable[[set[Partition]], None]] = []
         self._consumer.subscribe(list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke)

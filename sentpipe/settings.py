@@ -226,6 +226,10 @@ class Settings(BaseSettings):
     handler_timeout_s: float = _seconds(30.0, le=3600)
     # A stage with records waiting whose position has not moved for this long fails its liveness probe.
     stall_after_s: float = _seconds(60.0)
+    # How long the group waits for a worker that stopped heartbeating (killed, its node lost) before its
+    # partitions move: the pause a crash costs. A stop leaves the group at once. Both stages' consumers;
+    # the brokers' group.min/max.session.timeout.ms must allow it (Kafka's defaults: 6 s to 30 min).
+    kafka_session_timeout_s: float = Field(45.0, ge=6.0, le=300.0, allow_inf_nan=False)
     # The dedup table's recovery after a rebalance pauses the router: not a stall for this long.
     recovery_stall_after_s: float = _seconds(600.0)
 
@@ -349,6 +353,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"tenant {shown}: give a secret (a string) or a list of them")
             tenants[tenant] = listed
         return tenants
+
+    @property
+    def kafka_heartbeat_interval_s(self) -> float:
+        """Kafka's own ratio (3 s for its 45 s default), and a third of shorter sessions: three heartbeats
+        can go missing before the session ends."""
+        return min(3.0, self.kafka_session_timeout_s / 3)
 
     @property
     def uses_development_secret(self) -> bool:

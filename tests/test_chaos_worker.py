@@ -173,7 +173,9 @@ class Workers:
 
     def start(self, instance: int) -> Proc:
         self._starts += 1
-        env = worker_env(self.s, self.log_dir, instance, retry_max_s=5)
+        # A killed worker's partitions move after a 10 s session instead of the default 45 s: the
+        # failover these tests wait for, with the setting a deployment would lower.
+        env = worker_env(self.s, self.log_dir, instance, retry_max_s=5, kafka_session_timeout_s=10)
         log = self.log_dir / f"worker-{instance}-{self._starts}.log"
         proc = self.procs[instance] = Proc(["worker"], env, log).start()
         return proc

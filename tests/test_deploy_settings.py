@@ -564,6 +564,7 @@ NUMERIC: list[tuple[str, str, tuple[str, ...]]] = [
     ("ingress.spool.maxBytes", "SENTPIPE_SPOOL_MAX_BYTES", ()),
     ("worker.metricsPort", "SENTPIPE_WORKER_METRICS_PORT", ()),
     ("worker.stallAfterSeconds", "SENTPIPE_STALL_AFTER_S", ()),
+    ("worker.sessionTimeoutSeconds", "SENTPIPE_KAFKA_SESSION_TIMEOUT_S", ()),
     ("worker.startupFailureThreshold", "SENTPIPE_RECOVERY_STALL_AFTER_S", ()),
     ("worker.standbyReplicas", "SENTPIPE_TABLE_STANDBY_REPLICAS", ()),
     ("console.port", "SENTPIPE_CONSOLE_PORT", ("--set-string", f"console.token={CONSOLE_TOKEN}")),
