@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,9 +28,16 @@ from sentpipe.schemas.topics import Topics
 log = logging.getLogger("sentpipe.projector")
 
 LAG_EVERY_S = 10.0
+# How often the handler calls of a batch in hand are reported to the watchdog as work going on.
+WORKING_EVERY_S = 1.0
+# Handler calls of one uncommitted batch remembered (batch size x handlers); past it the memory starts again.
+MAX_CALLS_ENDED = 100_000
 
 
 class Sink(Protocol):
+    # Set by the projector: called with (handler, event id) whenever a handler call ends.
+    on_call: Callable[[str, str], None] | None
+
     async def apply(
         self, type_: EventType, events: Sequence[CanonicalEvent], attempt: int
     ) -> list[HandlerFailure]: ...
@@ -67,6 +74,12 @@ class Projector:
             topics.template_approval: EventType.TEMPLATE_APPROVAL,
         }
         self.watchdog = watchdog
+        sink.on_call = self._handler_called
+        # The partitions of the batch in hand, and the handler calls of it that have ended: the first end
+        # of each (handler, event id) shows the watchdog the batch is moving.
+        self._batch_partitions: set[Partition] = set()
+        self._calls_ended: set[tuple[str, str]] = set()
+        self._working_at = 0.0
         self.started = False  # the first poll has returned: the group is joined
         self.stopping = False
         self._lag_at = 0.0
@@ -118,6 +131,7 @@ class Projector:
             raise
 
     async def _project(self, records: list[Record]) -> int:
+        self._batch_partitions = {(rec.topic, rec.partition) for rec in records}
         dead: list[DeadLetter] = []
         by_type: dict[EventType, list[tuple[Record, CanonicalEvent]]] = {}
         for rec in records:
@@ -148,10 +162,27 @@ class Projector:
         )
         done = next_offsets(records)
         await self._commit(done)
+        self._calls_ended.clear()
         if self.watchdog is not None:
             self.watchdog.progress(done)
         self._count(records, dead)
         return len(records)
+
+    def _handler_called(self, handler: str, event_id: str) -> None:
+        """Progress counts per committed batch, so a batch slow only because its handler calls time out one
+        after another (SENTPIPE_HANDLER_TIMEOUT_S each) would be a stall, its restart slow the same way,
+        forever. A call that ends for the first time is progress; calls made again (a held or halved
+        batch applied again) are not: a batch that only repeats itself is still a stall."""
+        key = (handler, event_id)
+        if self.watchdog is None or key in self._calls_ended:
+            return
+        if len(self._calls_ended) >= MAX_CALLS_ENDED:
+            self._calls_ended.clear()
+        self._calls_ended.add(key)
+        now = time.monotonic()
+        if now - self._working_at >= WORKING_EVERY_S:  # a fast batch ends thousands of calls a second
+            self._working_at = now
+            self.watchdog.working(self._batch_partitions)
 
     async def _commit(self, done: dict[Partition, int]) -> None:
         """Commit in a thread (a synchronous commit waits for the coordinator: never on the loop), retrying

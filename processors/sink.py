@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -65,6 +65,9 @@ class PostgresSink:
         self._suspects: dict[tuple[str, str], Exception] = {}
         # (handler, event id) whose call closed the connection: not called again, its event's failure.
         self._closers: set[tuple[str, str]] = set()
+        # Told (handler, event id) each time a handler call ends, whatever its outcome (the projector's
+        # progress within a batch).
+        self.on_call: Callable[[str, str], None] | None = None
 
     async def apply(
         self, type_: EventType, events: Sequence[CanonicalEvent], attempt: int
@@ -110,8 +113,12 @@ class PostgresSink:
                                 failures.append(HandlerFailure(ev, name, HandlerError(CLOSED)))
                                 continue
                             try:
-                                async with conn.transaction():
-                                    await fn(ev, HandlerContext(conn, log, attempt))
+                                try:
+                                    async with conn.transaction():
+                                        await fn(ev, HandlerContext(conn, log, attempt))
+                                finally:
+                                    if self.on_call is not None:
+                                        self.on_call(name, ev.id)
                             except Exception as exc:
                                 if conn.closed:  # retried as a lost connection, this call forever
                                     self._close_call(name, ev)

@@ -6,7 +6,7 @@ Pure bookkeeping (the clock is injected); the stages report progress and lag, th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from sentpipe.broker import Partition
@@ -57,6 +57,14 @@ class Watchdog:
             if n > 0 and self._lag.get(where, 0) == 0:
                 self._since[where] = now  # work just appeared: the clock starts now
             self._lag[where] = n
+
+    def working(self, where: Iterable[Partition]) -> None:
+        """Records of these partitions are being worked through (a slow batch's handler calls end one by
+        one): not a stall, though the position moves only when the batch is committed."""
+        now = self.clock()
+        for p in where:
+            if p in self._since:
+                self._since[p] = now
 
     def hold(self) -> None:
         """Positions cannot move now (the table's recovery after a rebalance): every clock restarts, so that

@@ -12,6 +12,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from sentpipe.processors.handlers import (
 )
 from sentpipe.processors.projector import Projector, Tuning
 from sentpipe.processors.sink import HandlersHeld, PostgresSink
+from sentpipe.processors.watchdog import Watchdog
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import CanonicalEvent, EventType, frame
 from sentpipe.schemas.samples import SampleFactory
@@ -75,7 +77,7 @@ class Stage:
             self.broker.append(routed.topic, routed.key, routed.value, [])
             self.ids[body] = routed.event.id
 
-    async def run(self, max_holds: int = 0) -> None:
+    async def run(self, max_holds: int = 0, watchdog: Watchdog | None = None) -> None:
         """Project everything added, as the worker would: until every record is committed. A batch held
         for its handlers' timeouts is read again, as `Projector.run` does, at most `max_holds` times."""
         pool = AsyncConnectionPool(self.db, min_size=1, max_size=2, open=False)
@@ -86,6 +88,7 @@ class Stage:
             PostgresSink(pool, self.handlers),
             TOPICS,
             FAST,
+            watchdog,
         )
         try:
             while any(self.broker.committed.get(("g", tp), 0) < end for tp, end in self._ends().items()):
@@ -216,6 +219,63 @@ async def test_a_handler_that_never_returns_is_cancelled_and_its_event_dead_lett
             ("%hostile-test-sleep%",),
         ).fetchone()
     assert sleeping == (0,)
+
+
+async def test_a_batch_slow_only_for_its_timeouts_is_not_a_stall(ordered: Stage) -> None:
+    """Progress counted per committed batch: ten calls timing out one after another (0.5 s each) made a
+    5 s batch, past a 3 s stall, so liveness failed and the restarted worker met the same batch, as slow,
+    forever. Each call that ends is progress now (the watchdog is asked all along, as /livez would)."""
+    ordered.handlers.timeout_s = 0.5
+    f = SampleFactory(6)
+    # A call that succeeds first: ten timeouts after it are the events' own, not a hold.
+    bodies = [inbound_body(f)] + [inbound_body(f, "hang") for _ in range(10)]
+
+    async def handle(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        if event.data.get("text") == "hang":
+            await asyncio.Event().wait()
+
+    ordered.handlers.register(INBOUND, handle, "hangs")
+    ordered.add(bodies)
+    watchdog = Watchdog("project", stall_after_s=3.0)
+    stalls: list[str] = []
+
+    async def probe() -> None:
+        while True:
+            stalls.extend(str(s) for s in watchdog.stalls())
+            await asyncio.sleep(0.1)
+
+    prober = asyncio.ensure_future(probe())
+    t0 = time.monotonic()
+    try:
+        await ordered.run(watchdog=watchdog)
+    finally:
+        prober.cancel()
+    assert time.monotonic() - t0 > watchdog.stall_after_s  # the batch did outlast the stall time
+    assert stalls == []
+    assert set(ordered.dead()) == {ordered.ids[b] for b in bodies[1:]}
+
+
+def test_handler_calls_made_again_are_not_progress() -> None:
+    """A held or halved batch applied again repeats its calls: that batch is not moving, and the watchdog
+    must still see the stall."""
+    now = [0.0]
+    watchdog = Watchdog("project", stall_after_s=10.0, clock=lambda: now[0])
+    broker = LocalBroker()
+    broker.create_topic(TOPICS.message_inbound, 1)
+    sink = PostgresSink(None, HandlerRegistry())  # type: ignore[arg-type]
+    consumer = broker.consumer("g", TOPICS.routed)
+    projector = Projector(consumer, broker.producer(), sink, TOPICS, FAST, watchdog)
+    assert sink.on_call is not None
+    where = (TOPICS.message_inbound, 0)
+    watchdog.lag({where: 5})
+    projector._batch_partitions = {where}  # the batch in hand, as `_project` sets it
+    now[0] = 8.0
+    sink.on_call("h", "e1")  # a first end: progress
+    now[0] = 16.0
+    assert watchdog.stalls() == []
+    sink.on_call("h", "e1")  # the same call again
+    now[0] = 18.5
+    assert [s.partition for s in watchdog.stalls()] == [0]
 
 
 async def test_a_query_past_the_servers_statement_timeout_costs_only_its_event(stage: Stage) -> None:

@@ -7,7 +7,7 @@ tests/test_poison_worker.py run the same stage against the real broker and datab
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import psycopg
 import pytest
@@ -34,6 +34,7 @@ class FakeSink:
         self.down_for = 0  # the next N calls fail as if the database were away
         self.calls = 0
         self.handler_fails: set[str] = set()
+        self.on_call: Callable[[str, str], None] | None = None
 
     async def apply(
         self, type_: EventType, events: Sequence[CanonicalEvent], attempt: int
