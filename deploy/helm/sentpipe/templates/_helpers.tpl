@@ -148,7 +148,7 @@ in for them, so bumping a revision on `helm upgrade` rolls the pods that read th
 {{- if $s.existingSecret -}}
 {{- toJson (list $s.existingSecret $s.tenantsFile $s.existingSecretRevision.webhook) | sha256sum -}}
 {{- else -}}
-{{- toJson (list $s.webhookSecret $s.tenants) | sha256sum -}}
+{{- include "sentpipe.secretChecksum" (list . (toJson (list $s.webhookSecret $s.tenants))) -}}
 {{- end -}}
 {{- end -}}
 
@@ -158,7 +158,7 @@ in for them, so bumping a revision on `helm upgrade` rolls the pods that read th
 {{- if $s.existingSecret -}}
 {{- toJson (list $s.existingSecret $s.existingSecretRevision.webhook) | sha256sum -}}
 {{- else -}}
-{{- $s.webhookSecret | sha256sum -}}
+{{- include "sentpipe.secretChecksum" (list . $s.webhookSecret) -}}
 {{- end -}}
 {{- end -}}
 
@@ -167,8 +167,20 @@ in for them, so bumping a revision on `helm upgrade` rolls the pods that read th
 {{- if $s.existingSecret -}}
 {{- toJson (list $s.existingSecret $s.existingSecretRevision.database) | sha256sum -}}
 {{- else -}}
-{{- .Values.database.url | sha256sum -}}
+{{- include "sentpipe.secretChecksum" (list . .Values.database.url) -}}
 {{- end -}}
+{{- end -}}
+
+{{/*
+The checksum of a secret value, (list $ value), for a pod annotation: more principals can read a pod
+(`get pods`) than a Secret, and a plain SHA-256 of a database URL whose other parts are known let them test
+password guesses offline at billions a second. Sprig's derivePassword runs scrypt first (about 0.2 s a
+guess), salted with the release's namespace and name; the result changes whenever the value does.
+*/}}
+{{- define "sentpipe.secretChecksum" -}}
+{{- $root := index . 0 -}}
+{{- $salt := printf "%s/%s" $root.Release.Namespace $root.Release.Name -}}
+{{- derivePassword 1 "maximum" (toString (index . 1)) $salt "sentpipe-checksum" | sha256sum -}}
 {{- end -}}
 
 {{/*
