@@ -10,21 +10,27 @@ raises `HandlerBlocked` there, but only when the frame of that overdue call is o
 the loop's own code, or another task blocking it, is never interrupted. The guard turns it into the
 call's `HandlerTimeout`, so the event is dead-lettered as for any timeout.
 
-What it cannot reach: C code that holds the thread and neither returns nor checks for signals (a C
-extension's own blocking wait). It is logged with where the thread is stuck, and the watchdog's stall
-fails `/livez` as before.
+What a signal cannot reach: C code that neither returns nor lets a signal end its wait (a mutex, a
+library that retries EINTR, libpq's synchronous calls among them). Past `give_up_after_s` more, the call
+is written to a file (`UninterruptibleCalls`) and the process ends with status 70, so the orchestrator
+restarts it; the restarted projector dead-letters that event for that handler without calling it again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
+
+import orjson
 
 log = logging.getLogger("sentpipe.handlers")
 
@@ -37,11 +43,69 @@ CHECK_EVERY_S = 0.25
 # A call the signal could not reach yet (C code that has not returned) is signalled again this often:
 # real-time signals queue, one each, until it returns.
 RESIGNAL_EVERY_S = 2.0
+# Past its deadline by this much and still not reached by a signal, a call ends the process.
+GIVE_UP_AFTER_S = 10.0
+EXIT_UNINTERRUPTIBLE = 70  # EX_SOFTWARE
+# Calls kept in the file at most; the oldest go first (each is one event's, settled when its batch commits).
+MAX_UNINTERRUPTIBLE = 1000
+UNINTERRUPTIBLE = (
+    "blocked the event loop in code no signal could interrupt; the projector was restarted and does not "
+    "call it again for this event"
+)
 
 
 class HandlerBlocked(BaseException):
     """Raised inside a handler call that blocked the event loop past its deadline. A BaseException, so the
     handler's own `except Exception` cannot swallow it and block on."""
+
+
+class UninterruptibleCalls:
+    """(handler, event id) of the calls the guard had to end with the process: a file that outlives the
+    restart, so the next projector dead-letters those events for those handlers instead of calling them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._keys: dict[tuple[str, str], None] = dict.fromkeys(self._load())
+
+    def _load(self) -> list[tuple[str, str]]:
+        try:
+            entries = orjson.loads(self.path.read_bytes())
+            return [(str(h), str(e)) for h, e in entries]
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("ignoring %s, which cannot be read (%s)", self.path, exc)
+            return []
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def add(self, key: tuple[str, str]) -> None:
+        self._keys[key] = None
+        while len(self._keys) > MAX_UNINTERRUPTIBLE:
+            del self._keys[next(iter(self._keys))]
+        self._write()
+
+    def settle(self, keys: Iterable[tuple[str, str]]) -> None:
+        """These calls' events are dead-lettered and committed: forget them."""
+        gone = [k for k in keys if k in self._keys]
+        for k in gone:
+            del self._keys[k]
+        if gone:
+            self._write()
+
+    def _write(self) -> None:
+        # Written right before the process ends: durable, and whole or not at all.
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("wb") as fh:
+            fh.write(orjson.dumps(list(self._keys)))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +121,14 @@ class BlockedHandlerGuard:
     `enter`/`leave` are called by the guard (`handlers._guarded`) from the call's own frame; `start` in the
     loop's thread, which must be the main thread (only it can install a signal handler)."""
 
-    def __init__(self, grace_s: float = GRACE_S, check_every_s: float = CHECK_EVERY_S) -> None:
-        self.grace_s, self.check_every_s = grace_s, check_every_s
+    def __init__(
+        self,
+        grace_s: float = GRACE_S,
+        check_every_s: float = CHECK_EVERY_S,
+        give_up_after_s: float = GIVE_UP_AFTER_S,
+    ) -> None:
+        self.grace_s, self.check_every_s, self.give_up_after_s = grace_s, check_every_s, give_up_after_s
+        self._uninterruptible: UninterruptibleCalls | None = None
         # The guard frame of each call in progress (suspended ones too): its frame is how the signal's
         # handler knows the call it interrupts is the one that is late.
         self._calls: dict[FrameType, _Call] = {}
@@ -75,9 +145,13 @@ class BlockedHandlerGuard:
     def leave(self) -> None:
         self._calls.pop(sys._getframe(1), None)
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(
+        self, loop: asyncio.AbstractEventLoop, uninterruptible: UninterruptibleCalls | None = None
+    ) -> None:
+        """Without `uninterruptible`, a call no signal reaches is signalled for as long as it lasts."""
         if self._thread is not None:
             return
+        self._uninterruptible = uninterruptible
         signal.signal(INTERRUPT_SIGNAL, self._on_signal)
         self._loop_thread = threading.get_ident()
         self._stop.clear()
@@ -125,6 +199,28 @@ class BlockedHandlerGuard:
                 reported = set(late)
             signalled_at = now
             signal.pthread_kill(self._loop_thread, INTERRUPT_SIGNAL)
+            given_up = [c for c in late if now - c.deadline >= self.give_up_after_s]
+            if given_up and self._uninterruptible is not None:
+                self._give_up(given_up[0], now)
+
+    def _give_up(self, call: _Call, now: float) -> None:
+        assert self._uninterruptible is not None
+        log.critical(
+            "handler %s could not be interrupted %.0f s past its deadline with event %s (%s): ending the "
+            "process; restarted, the projector dead-letters that event for this handler without calling it",
+            call.name,
+            now - call.deadline,
+            call.event_id,
+            self._where(),
+            extra={"handler": call.name, "event_id": call.event_id},
+        )
+        try:
+            self._uninterruptible.add((call.name, call.event_id))
+        except OSError as exc:  # still end: a restart beats a stage blocked for good
+            log.critical("could not record the call in %s (%s)", self._uninterruptible.path, exc)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(EXIT_UNINTERRUPTIBLE)
 
     def _where(self) -> str:
         frame = sys._current_frames().get(self._loop_thread)

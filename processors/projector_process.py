@@ -20,6 +20,7 @@ import signal
 import threading
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 import mode
@@ -66,6 +67,12 @@ async def _reset_session(conn: AsyncConnection) -> None:
         await conn.set_autocommit(False)
 
 
+def uninterruptible_calls_file(settings: Settings) -> Path:
+    """Where the handler calls that ended the process are kept for its restart (the data directory
+    survives a container's restart in its pod: Helm mounts a volume there)."""
+    return settings.data_dir / f"{settings.app_id}.uninterruptible-handlers.json"
+
+
 def open_pool(settings: Settings) -> AsyncConnectionPool:
     return AsyncConnectionPool(
         settings.database_url.get_secret_value(),
@@ -87,10 +94,11 @@ class ProjectorService:
         topics = Topics(settings.topic_prefix)
         self.pool = open_pool(settings)
         self.producer = AsyncProducer.from_settings(settings, delivery_timeout_s=30.0)
+        self.uninterruptible = blocked.UninterruptibleCalls(uninterruptible_calls_file(settings))
         self.projector = Projector(
             BatchConsumer(settings, projections_group(settings), topics.routed),
             self.producer,
-            PostgresSink(self.pool, handlers),
+            PostgresSink(self.pool, handlers, self.uninterruptible),
             topics,
             Tuning(
                 settings.batch_size, settings.batch_within_s, settings.retry_initial_s, settings.retry_max_s
@@ -142,7 +150,7 @@ def run_projector(
         tasks = [asyncio.ensure_future(health.watch())]
         if parent_pid is not None:
             tasks.append(asyncio.ensure_future(_orphaned(parent_pid, service.stop)))
-        blocked.guard.start(loop)
+        blocked.guard.start(loop, service.uninterruptible)
         log.info("projector started", extra={"group": projections_group(settings)})
         try:
             await service.run()

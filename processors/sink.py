@@ -12,6 +12,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe import metrics as m
+from sentpipe.processors.blocked_handlers import UNINTERRUPTIBLE, UninterruptibleCalls
 from sentpipe.processors.handlers import (
     HandlerContext,
     HandlerError,
@@ -57,9 +58,16 @@ CLOSED = "closed the stage's database connection (ctx.conn belongs to the batch:
 
 
 class PostgresSink:
-    def __init__(self, pool: AsyncConnectionPool, handlers: HandlerRegistry) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool,
+        handlers: HandlerRegistry,
+        uninterruptible: UninterruptibleCalls | None = None,
+    ) -> None:
         self.pool = pool
         self.handlers = handlers
+        # Calls that ended the process last time (blocked_handlers.py): their events' failures, not called.
+        self.uninterruptible = uninterruptible
         # (handler, event id) -> the timeout of its call in a held batch. Read again, these are called after
         # the others, so fresh events show whether the handler works at all before these are blamed.
         self._suspects: dict[tuple[str, str], Exception] = {}
@@ -112,6 +120,9 @@ class PostgresSink:
                             if (name, ev.id) in self._closers:
                                 failures.append(HandlerFailure(ev, name, HandlerError(CLOSED)))
                                 continue
+                            if self.uninterruptible and (name, ev.id) in self.uninterruptible:
+                                failures.append(HandlerFailure(ev, name, HandlerTimeout(UNINTERRUPTIBLE)))
+                                continue
                             try:
                                 try:
                                     async with conn.transaction():
@@ -147,6 +158,8 @@ class PostgresSink:
                 for ev in events:
                     self._suspects.pop((name, ev.id), None)
                     self._closers.discard((name, ev.id))
+        if self.uninterruptible:
+            self.uninterruptible.settle((name, ev.id) for name, _ in handlers for ev in events)
         # Counted once committed: a rolled-back batch is retried and counted then.
         m.EVENTS_PROCESSED.labels(type_.value, "projection", "ok").inc(len(events))
         for name, ok in succeeded.items():

@@ -9,8 +9,11 @@ The real worker meets blocking handlers in tests/test_handlers_hostile.py (kinds
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -126,3 +129,80 @@ async def test_no_limit_means_no_interruption(guard: blocked.BlockedHandlerGuard
     handlers = HandlerRegistry(timeout_s=None)
     handlers.register(INBOUND, slow, "unbounded")
     await call(handlers.for_type(INBOUND)[0][1], an_event())
+
+
+# --- calls no signal reaches --------------------------------------------------------------------------------
+def test_uninterruptible_calls_outlive_the_process_until_settled(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "app.uninterruptible-handlers.json"
+    calls = blocked.UninterruptibleCalls(path)
+    assert len(calls) == 0 and not path.exists()
+    calls.add(("h", "e1"))
+    calls.add(("h", "e2"))
+    again = blocked.UninterruptibleCalls(path)  # the restarted process
+    assert ("h", "e1") in again and ("h", "e2") in again and ("other", "e1") not in again
+    again.settle([("h", "e1"), ("h", "never-there")])
+    assert ("h", "e1") not in blocked.UninterruptibleCalls(path)
+    assert ("h", "e2") in blocked.UninterruptibleCalls(path)
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b'{"a": 1}', b"[[1]]", b"\xff\xfe"])
+def test_an_unreadable_file_is_ignored_not_fatal(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "calls.json"
+    path.write_bytes(content)
+    calls = blocked.UninterruptibleCalls(path)
+    assert len(calls) == 0
+    calls.add(("h", "e"))  # and is replaced by a good one
+    assert ("h", "e") in blocked.UninterruptibleCalls(path)
+
+
+def test_the_file_keeps_the_newest_calls_only(tmp_path: Path) -> None:
+    calls = blocked.UninterruptibleCalls(tmp_path / "calls.json")
+    for i in range(blocked.MAX_UNINTERRUPTIBLE + 5):
+        calls.add(("h", f"e{i}"))
+    kept = blocked.UninterruptibleCalls(tmp_path / "calls.json")
+    assert len(kept) == blocked.MAX_UNINTERRUPTIBLE
+    assert ("h", "e0") not in kept and ("h", f"e{blocked.MAX_UNINTERRUPTIBLE + 4}") in kept
+
+
+STUCK_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from sentpipe.processors import blocked_handlers as blocked
+from sentpipe.processors.handlers import HandlerContext, HandlerRegistry
+from sentpipe.schemas.events import EventType
+from tests.handlers_uninterruptible import stuck_in_c
+from tests.test_blocked_handlers import an_event
+
+async def stuck(event, ctx):
+    stuck_in_c()
+
+async def main():
+    guard = blocked.BlockedHandlerGuard(give_up_after_s=1.0)
+    blocked.guard = guard  # the module's guard is what handlers.py calls
+    guard.start(asyncio.get_running_loop(), blocked.UninterruptibleCalls(Path(sys.argv[1])))
+    handlers = HandlerRegistry(timeout_s=0.3)
+    handlers.register(EventType.MESSAGE_INBOUND, stuck, "stuck")
+    event = an_event()
+    print(event.id, flush=True)
+    await handlers.for_type(EventType.MESSAGE_INBOUND)[0][1](event, HandlerContext(None, None, 1))
+
+asyncio.run(main())
+"""
+
+
+def test_a_call_no_signal_reaches_ends_the_process_and_is_recorded(tmp_path: Path) -> None:
+    """A relocked mutex ignores every signal: the guard records the call and ends the process (status 70)
+    for the orchestrator to restart; `PostgresSink` then dead-letters that event without calling it
+    (tests/test_handlers_hostile.py runs that with a real worker)."""
+    path = tmp_path / "calls.json"
+    out = subprocess.run(
+        [sys.executable, "-c", STUCK_SCRIPT, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert out.returncode == blocked.EXIT_UNINTERRUPTIBLE, out.stderr
+    event_id = out.stdout.split()[0]
+    assert ("stuck", event_id) in blocked.UninterruptibleCalls(path)
+    assert "could not be interrupted" in out.stderr and "handlers_uninterruptible.py" in out.stderr

@@ -41,6 +41,7 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests import handlers_hostile as hh
+from tests import handlers_uninterruptible as hu
 from tests.http_tools import post_all
 from tests.kafka_tools import read_topic, record_count
 from tests.pipeline import route_as_the_router, start_ingress, start_worker, wait_caught_up
@@ -619,6 +620,57 @@ def test_hostile_handlers_never_stop_the_worker(settings: Settings, topics: Topi
     with psycopg.connect(db) as c:
         projected = {row[0] for row in c.execute("SELECT event_id FROM inbound_messages")}
         handled = {row[0] for row in c.execute("SELECT event_id FROM hostile_calls")}
+    assert projected == set(ids.values())
+    assert handled == {ids[b] for b in normal}
+
+
+def test_a_handler_stuck_where_no_signal_reaches_costs_a_restart_and_only_its_event(
+    settings: Settings, topics: Topics, tmp_path: Path
+) -> None:
+    """A handler waiting on a relocked mutex held the stage for good, across every restart. The guard ends
+    the process instead, and the restarted worker dead-letters that event (HandlerTimeout) without calling
+    the handler again; every other event is projected and handled."""
+    db = settings.database_url.get_secret_value()
+    with psycopg.connect(db, autocommit=True) as c:
+        c.execute("CREATE TABLE stuck_calls (event_id text NOT NULL)")
+    f = SampleFactory(10)
+    normal = [inbound_body(f) for _ in range(20)]
+    stuck = inbound_body(f, hu.STUCK)
+    bodies = [*normal[:10], stuck, *normal[10:]]
+    ids = {b: frame(b, webhook_id=None).event_id for b in bodies}
+
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    first = start_worker(
+        settings, tmp_path, handler_modules=["tests.handlers_uninterruptible"], handler_timeout_s=2.0
+    )
+    second = None
+    try:
+        secret = settings.webhook_secret.get_secret_value()
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
+        assert first.proc.p is not None
+        status = first.proc.p.wait(timeout=180)  # the guard gives up 10 s past the 2 s limit
+        assert status != 0, first.proc.tail()
+        assert "could not be interrupted" in first.proc.tail(200), first.proc.tail()
+        # The orchestrator's restart, with the same data directory.
+        second = start_worker(
+            settings, tmp_path, handler_modules=["tests.handlers_uninterruptible"], handler_timeout_s=2.0
+        )
+        wait_caught_up(settings, 180, "the restarted worker got past the stuck event", second.proc.tail)
+        dlq = read_topic(settings.kafka_bootstrap, topics.dlq, at_least=1)
+        assert second.proc.p is not None and second.proc.p.poll() is None, second.proc.tail()
+    finally:
+        if second is not None:
+            second.stop()
+        first.stop()
+        ingress.stop()
+
+    assert {orjson.loads(rec.value)["id"]: rec.headers[r.H_DLQ_ERROR_CLASS] for rec in dlq} == {
+        ids[stuck]: b"HandlerTimeout"
+    }
+    assert b"no signal could interrupt" in dlq[0].headers[r.H_DLQ_MESSAGE]
+    with psycopg.connect(db) as c:
+        projected = {row[0] for row in c.execute("SELECT event_id FROM inbound_messages")}
+        handled = {row[0] for row in c.execute("SELECT event_id FROM stuck_calls")}
     assert projected == set(ids.values())
     assert handled == {ids[b] for b in normal}
 
