@@ -168,7 +168,9 @@ class BlockedHandlerGuard:
         self._thread = None
         if self._beat is not None:
             self._beat.cancel()
-        signal.signal(INTERRUPT_SIGNAL, signal.SIG_DFL)
+        # Not SIG_DFL (which ends the process) nor SIG_IGN: a signal sent just before the thread stopped
+        # may still be waiting for the loop's thread to run its handler.
+        signal.signal(INTERRUPT_SIGNAL, _ignore)
 
     def _tick(self, loop: asyncio.AbstractEventLoop) -> None:
         self._turned_at = time.monotonic()
@@ -238,6 +240,10 @@ class BlockedHandlerGuard:
                 self.interrupted += 1
                 raise HandlerBlocked(call.name)
             frame = frame.f_back
+
+
+def _ignore(signum: int, frame: FrameType | None) -> None:
+    pass
 
 
 guard = BlockedHandlerGuard()
