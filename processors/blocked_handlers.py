@@ -3,8 +3,9 @@
 `asyncio.timeout` cancels a handler only at an `await`: a call stuck in synchronous code (`time.sleep`, a
 blocking HTTP client, a loop that never ends) holds the whole loop, so its timeout never fires, the stage
 stalls, the orchestrator restarts the process, and the restarted one meets the same event again. A thread
-watches instead: when the loop has not turned for `grace_s` while a guarded call is past its deadline, it
-sends the loop's thread a signal. The signal's handler runs in that thread at the next bytecode, or as
+watches instead: when a guarded call holds the loop (its frame is on the loop thread's stack and the loop
+has not turned for `grace_s`) past its deadline, or for `max_block_s` whatever its limit (a loop held that
+long answers no probe, and liveness would restart the process first), it sends the loop's thread a signal. The signal's handler runs in that thread at the next bytecode, or as
 soon as a blocking system call returns EINTR (PEP 475: the call is abandoned when the handler raises), and
 raises `HandlerBlocked` there, but only when the frame of that overdue call is on the stack it interrupts:
 the loop's own code, or another task blocking it, is never interrupted. The guard turns it into the
@@ -43,7 +44,10 @@ CHECK_EVERY_S = 0.25
 # A call the signal could not reach yet (C code that has not returned) is signalled again this often:
 # real-time signals queue, one each, until it returns.
 RESIGNAL_EVERY_S = 2.0
-# Past its deadline by this much and still not reached by a signal, a call ends the process.
+# However long its time limit, a call that holds the loop this long is interrupted: the loop answers no
+# probe meanwhile, and liveness restarts the process within about 45 s (README "Worker roles").
+MAX_BLOCK_S = 20.0
+# Past its cutoff by this much and still not reached by a signal, a call ends the process.
 GIVE_UP_AFTER_S = 10.0
 EXIT_UNINTERRUPTIBLE = 70  # EX_SOFTWARE
 # Calls kept in the file at most; the oldest go first (each is one event's, settled when its batch commits).
@@ -113,6 +117,7 @@ class _Call:
     name: str
     event_id: str
     deadline: float
+    limit: float
 
 
 class BlockedHandlerGuard:
@@ -126,8 +131,10 @@ class BlockedHandlerGuard:
         grace_s: float = GRACE_S,
         check_every_s: float = CHECK_EVERY_S,
         give_up_after_s: float = GIVE_UP_AFTER_S,
+        max_block_s: float = MAX_BLOCK_S,
     ) -> None:
         self.grace_s, self.check_every_s, self.give_up_after_s = grace_s, check_every_s, give_up_after_s
+        self.max_block_s = max_block_s
         self._uninterruptible: UninterruptibleCalls | None = None
         # The guard frame of each call in progress (suspended ones too): its frame is how the signal's
         # handler knows the call it interrupts is the one that is late.
@@ -139,8 +146,9 @@ class BlockedHandlerGuard:
         self._beat: asyncio.TimerHandle | None = None
         self.interrupted = 0
 
-    def enter(self, name: str, event_id: str, deadline: float) -> None:
-        self._calls[sys._getframe(1)] = _Call(name, event_id, deadline)
+    def enter(self, name: str, event_id: str, limit: float) -> None:
+        """A call with `limit` seconds from now starts in the caller's frame."""
+        self._calls[sys._getframe(1)] = _Call(name, event_id, time.monotonic() + limit, limit)
 
     def leave(self) -> None:
         self._calls.pop(sys._getframe(1), None)
@@ -183,35 +191,48 @@ class BlockedHandlerGuard:
             now = time.monotonic()
             if now - self._turned_at < self.grace_s:
                 continue
-            late = [c for c in list(self._calls.values()) if c.deadline <= now]
-            if not late or now - signalled_at < RESIGNAL_EVERY_S:
+            call = self._blocker()
+            if call is None or now < self._cutoff(call) or now - signalled_at < RESIGNAL_EVERY_S:
                 continue
-            for call in late:
-                if call not in reported:
-                    reported.add(call)
-                    log.error(
-                        "handler %s has blocked the event loop for %.0f s with event %s (%s): interrupting",
-                        call.name,
-                        now - self._turned_at,
-                        call.event_id,
-                        self._where(),
-                        extra={"handler": call.name, "event_id": call.event_id},
-                    )
-            if len(reported) > 1000:
-                reported = set(late)
+            if call not in reported:
+                if len(reported) > 1000:
+                    reported.clear()
+                reported.add(call)
+                log.error(
+                    "handler %s has blocked the event loop for %.0f s with event %s (%s): interrupting",
+                    call.name,
+                    now - self._turned_at,
+                    call.event_id,
+                    self._where(),
+                    extra={"handler": call.name, "event_id": call.event_id},
+                )
             signalled_at = now
             signal.pthread_kill(self._loop_thread, INTERRUPT_SIGNAL)
-            given_up = [c for c in late if now - c.deadline >= self.give_up_after_s]
-            if given_up and self._uninterruptible is not None:
-                self._give_up(given_up[0], now)
+            if self._uninterruptible is not None and now - self._cutoff(call) >= self.give_up_after_s:
+                self._give_up(call, now)
+
+    def _cutoff(self, call: _Call) -> float:
+        """When a call blocking the loop is interrupted: at its deadline, or once it has held the loop for
+        `max_block_s`, whichever comes first (a loop held that long answers no probe)."""
+        return min(call.deadline, self._turned_at + self.max_block_s)
+
+    def _blocker(self) -> _Call | None:
+        """The innermost guarded call on the loop thread's stack: the one whose code holds the loop."""
+        frame = sys._current_frames().get(self._loop_thread)
+        while frame is not None:
+            call = self._calls.get(frame)
+            if call is not None:
+                return call
+            frame = frame.f_back
+        return None
 
     def _give_up(self, call: _Call, now: float) -> None:
         assert self._uninterruptible is not None
         log.critical(
-            "handler %s could not be interrupted %.0f s past its deadline with event %s (%s): ending the "
-            "process; restarted, the projector dead-letters that event for this handler without calling it",
+            "handler %s could not be interrupted %.0f s after it was due to be with event %s (%s): ending "
+            "the process; restarted, the projector dead-letters that event for this handler uncalled",
             call.name,
-            now - call.deadline,
+            now - self._cutoff(call),
             call.event_id,
             self._where(),
             extra={"handler": call.name, "event_id": call.event_id},
@@ -235,10 +256,12 @@ class BlockedHandlerGuard:
         while frame is not None:
             call = self._calls.get(frame)
             if call is not None:
-                if call.deadline > now:
-                    return  # the innermost call is in time: whatever blocks is not its doing
+                if now < self._cutoff(call):
+                    return  # the innermost call is in time: whatever blocks is not its doing (yet)
                 self.interrupted += 1
-                raise HandlerBlocked(call.name)
+                if now >= call.deadline:
+                    raise HandlerBlocked(f"blocked the event loop past its {call.limit:g} s limit")
+                raise HandlerBlocked(f"blocked the event loop for {self.max_block_s:g} s")
             frame = frame.f_back
 
 

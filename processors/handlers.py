@@ -26,7 +26,6 @@ import importlib
 import inspect
 import logging
 import socket
-import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -161,16 +160,16 @@ def _guarded(fn: Handler, registry: HandlerRegistry, name: str) -> Handler:
             # Past the limit with the loop blocked, asyncio's timeout cannot fire: the blocked-handler guard
             # raises HandlerBlocked in this call's code instead (blocked_handlers.py).
             if limit is not None:
-                blocked.guard.enter(name, event.id, time.monotonic() + limit)
+                blocked.guard.enter(name, event.id, limit)
             try:
                 await _call(fn, own, ctx, registry)
             finally:
                 blocked.guard.leave()
-        except blocked.HandlerBlocked:
+        except blocked.HandlerBlocked as exc:
             blocked.guard.leave()  # again: a second signal may have come before the first leave() ended
             raise HandlerTimeout(
-                f"blocked the event loop past {limit:g} s and was interrupted (handlers must not block: "
-                "use await, or run blocking code with asyncio.to_thread)"
+                f"{exc} and was interrupted (handlers must not block: use await, or run blocking code with "
+                "asyncio.to_thread)"
             ) from None
 
     call.__wrapped__ = fn  # type: ignore[attr-defined]

@@ -8,7 +8,7 @@ import time
 from sentpipe.processors.handlers import HandlerContext, handler
 from sentpipe.schemas.events import CanonicalEvent
 
-BLOCK_S = 20.0
+BLOCK_S = 15.0  # past the 10 s a probe waits, under the 20 s after which the guard interrupts it
 _blocked = False
 
 

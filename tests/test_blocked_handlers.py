@@ -59,9 +59,24 @@ async def test_a_call_asleep_in_time_sleep_is_interrupted(guard: blocked.Blocked
 
     _, fn = registered(0.3, sleeps)
     before = guard.interrupted
-    with pytest.raises(HandlerTimeout, match=r"blocked the event loop past 0\.3 s"):
+    with pytest.raises(HandlerTimeout, match=r"blocked the event loop past its 0\.3 s limit"):
         await call(fn, an_event())
     assert guard.interrupted == before + 1
+
+
+async def test_a_call_holding_the_loop_too_long_is_interrupted_whatever_its_limit(
+    guard: blocked.BlockedHandlerGuard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A limit of minutes is for a call that awaits: one that holds the loop that long would have the
+    process restarted by its liveness probe first, and the restart would meet the same event."""
+    monkeypatch.setattr(guard, "max_block_s", 1.0)
+
+    async def sleeps(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        time.sleep(3600)
+
+    _, fn = registered(600.0, sleeps)
+    with pytest.raises(HandlerTimeout, match=r"blocked the event loop for 1 s and was interrupted"):
+        await call(fn, an_event())
 
 
 async def test_a_call_spinning_in_python_is_interrupted(guard: blocked.BlockedHandlerGuard) -> None:

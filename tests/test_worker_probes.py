@@ -77,7 +77,7 @@ def test_a_blocked_event_loop_fails_liveness_and_faust_web_is_off(
 
         _produce_routed(settings, "m-block")
 
-        # The handler holds the projector's loop for 20 s: the probe must fail, though the process is alive
+        # The handler holds the projector's loop for 15 s: the probe must fail, though the process is alive
         # and its sockets accept connections (the kernel does that); a TCP probe would pass.
         wait_for(lambda: _status(f"{base}/livez"), lambda s: s == blocked, 30, "/livez to fail")
         assert worker.proc.p is not None and worker.proc.p.poll() is None
