@@ -5,11 +5,12 @@ blocking HTTP client, a loop that never ends) holds the whole loop, so its timeo
 stalls, the orchestrator restarts the process, and the restarted one meets the same event again. A thread
 watches instead: when a guarded call holds the loop (its frame is on the loop thread's stack and the loop
 has not turned for `grace_s`) past its deadline, or for `max_block_s` whatever its limit (a loop held that
-long answers no probe, and liveness would restart the process first), it sends the loop's thread a signal. The signal's handler runs in that thread at the next bytecode, or as
-soon as a blocking system call returns EINTR (PEP 475: the call is abandoned when the handler raises), and
-raises `HandlerBlocked` there, but only when the frame of that overdue call is on the stack it interrupts:
-the loop's own code, or another task blocking it, is never interrupted. The guard turns it into the
-call's `HandlerTimeout`, so the event is dead-lettered as for any timeout.
+long answers no probe, and liveness would restart the process first), it sends the loop's thread a signal.
+The signal's handler runs in that thread at the next bytecode, or as soon as a blocking system call
+returns EINTR (PEP 475: the call is abandoned when the handler raises), and raises `HandlerBlocked` there,
+but only when the frame of that overdue call is on the stack it interrupts: the loop's own code, or
+another task blocking it, is never interrupted. The guard turns it into the call's `HandlerTimeout`, so
+the event is dead-lettered as for any timeout.
 
 What a signal cannot reach: C code that neither returns nor lets a signal end its wait (a mutex, a
 library that retries EINTR, libpq's synchronous calls among them). Past `give_up_after_s` more, the call
