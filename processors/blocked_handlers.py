@@ -21,14 +21,15 @@ restarts it; the restarted projector dead-letters that event for that handler wi
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import math
 import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -113,12 +114,22 @@ class UninterruptibleCalls:
         os.replace(tmp, self.path)
 
 
-@dataclass(frozen=True, slots=True)
-class _Call:
-    name: str
-    event_id: str
-    deadline: float
-    limit: float
+class Call:
+    """One guarded handler call in progress (compared by identity)."""
+
+    __slots__ = ("active", "deadline", "event_id", "frame", "interrupted", "limit", "name", "token")
+
+    def __init__(self, name: str, event_id: str, limit: float | None, frame: FrameType) -> None:
+        self.name, self.event_id, self.limit, self.frame = name, event_id, limit, frame
+        self.deadline = math.inf if limit is None else time.monotonic() + limit
+        self.token: contextvars.Token[Call | None] | None = None
+        self.active = True
+        self.interrupted: str | None = None  # why, once the guard has raised HandlerBlocked in it
+
+
+# The call whose code runs now: set in the call's context, so the tasks and callbacks the handler starts
+# carry it too, and a handler blocking the loop from a task of its own is found.
+_CURRENT: contextvars.ContextVar[Call | None] = contextvars.ContextVar("sentpipe_handler_call", default=None)
 
 
 class BlockedHandlerGuard:
@@ -137,9 +148,7 @@ class BlockedHandlerGuard:
         self.grace_s, self.check_every_s, self.give_up_after_s = grace_s, check_every_s, give_up_after_s
         self.max_block_s = max_block_s
         self._uninterruptible: UninterruptibleCalls | None = None
-        # The guard frame of each call in progress (suspended ones too): its frame is how the signal's
-        # handler knows the call it interrupts is the one that is late.
-        self._calls: dict[FrameType, _Call] = {}
+        self._calls: set[Call] = set()  # in progress, suspended ones too
         self._turned_at = time.monotonic()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -147,12 +156,20 @@ class BlockedHandlerGuard:
         self._beat: asyncio.TimerHandle | None = None
         self.interrupted = 0
 
-    def enter(self, name: str, event_id: str, limit: float) -> None:
-        """A call with `limit` seconds from now starts in the caller's frame."""
-        self._calls[sys._getframe(1)] = _Call(name, event_id, time.monotonic() + limit, limit)
+    def enter(self, name: str, event_id: str, limit: float | None) -> Call:
+        """A call with `limit` seconds (None: no limit but `max_block_s`) starts in the caller's frame."""
+        call = Call(name, event_id, limit, sys._getframe(1))
+        self._calls.add(call)
+        call.token = _CURRENT.set(call)
+        return call
 
-    def leave(self) -> None:
-        self._calls.pop(sys._getframe(1), None)
+    def leave(self, call: Call) -> None:
+        """The call has ended; calling it again is harmless."""
+        call.active = False  # first: from here on no signal raises in it
+        self._calls.discard(call)
+        if call.token is not None:
+            token, call.token = call.token, None
+            _CURRENT.reset(token)
 
     def start(
         self, loop: asyncio.AbstractEventLoop, uninterruptible: UninterruptibleCalls | None = None
@@ -186,15 +203,21 @@ class BlockedHandlerGuard:
         self._beat = loop.call_later(self.check_every_s, self._tick, loop)
 
     def _watch(self) -> None:
-        reported: set[_Call] = set()  # one line per call
+        reported: set[Call] = set()  # one line per call
         signalled_at = 0.0
         while not self._stop.wait(self.check_every_s):
             now = time.monotonic()
-            if now - self._turned_at < self.grace_s:
+            if now - self._turned_at < self.grace_s or now - signalled_at < RESIGNAL_EVERY_S:
                 continue
-            call = self._blocker()
-            if call is None or now < self._cutoff(call) or now - signalled_at < RESIGNAL_EVERY_S:
+            late = [c for c in list(self._calls) if now >= self._cutoff(c)]
+            if not late:
                 continue
+            # Signal first: logging takes the logging lock, which the blocked code may hold (a full stderr
+            # pipe), and the signal is what ends that write.
+            signalled_at = now
+            signal.pthread_kill(self._loop_thread, INTERRUPT_SIGNAL)
+            blocker = self._blocker()
+            call = blocker or late[0]
             if call not in reported:
                 if len(reported) > 1000:
                     reported.clear()
@@ -207,28 +230,36 @@ class BlockedHandlerGuard:
                     self._where(),
                     extra={"handler": call.name, "event_id": call.event_id},
                 )
-            signalled_at = now
-            signal.pthread_kill(self._loop_thread, INTERRUPT_SIGNAL)
-            if self._uninterruptible is not None and now - self._cutoff(call) >= self.give_up_after_s:
-                self._give_up(call, now)
+            if (
+                blocker is not None
+                and self._uninterruptible is not None
+                and now - self._cutoff(blocker) >= self.give_up_after_s
+            ):
+                self._give_up(blocker, now)
 
-    def _cutoff(self, call: _Call) -> float:
-        """When a call blocking the loop is interrupted: at its deadline, or once it has held the loop for
-        `max_block_s`, whichever comes first (a loop held that long answers no probe)."""
+    def _cutoff(self, call: Call) -> float:
+        """When a call blocking the loop is interrupted: at its deadline, or once the loop has been held
+        for `max_block_s`, whichever comes first (a loop held that long answers no probe)."""
         return min(call.deadline, self._turned_at + self.max_block_s)
 
-    def _blocker(self) -> _Call | None:
-        """The innermost guarded call on the loop thread's stack: the one whose code holds the loop."""
+    def _blocker(self) -> Call | None:
+        """The call that holds the loop: the innermost one on the loop thread's stack, or the only one in
+        progress (its own task may be suspended while a task it started holds the loop)."""
+        frames = {c.frame: c for c in list(self._calls)}
         frame = sys._current_frames().get(self._loop_thread)
         while frame is not None:
-            call = self._calls.get(frame)
+            call = frames.get(frame)
             if call is not None:
                 return call
             frame = frame.f_back
-        return None
+        return next(iter(frames.values())) if len(frames) == 1 else None
 
-    def _give_up(self, call: _Call, now: float) -> None:
+    def _give_up(self, call: Call, now: float) -> None:
         assert self._uninterruptible is not None
+        try:  # recorded before anything that may wait on a lock the blocked code holds
+            self._uninterruptible.add((call.name, call.event_id))
+        except OSError as exc:  # still end: a restart beats a stage blocked for good
+            log.critical("could not record the call in %s (%s)", self._uninterruptible.path, exc)
         log.critical(
             "handler %s could not be interrupted %.0f s after it was due to be with event %s (%s): ending "
             "the process; restarted, the projector dead-letters that event for this handler uncalled",
@@ -238,12 +269,6 @@ class BlockedHandlerGuard:
             self._where(),
             extra={"handler": call.name, "event_id": call.event_id},
         )
-        try:
-            self._uninterruptible.add((call.name, call.event_id))
-        except OSError as exc:  # still end: a restart beats a stage blocked for good
-            log.critical("could not record the call in %s (%s)", self._uninterruptible.path, exc)
-        for handler in logging.getLogger().handlers:
-            handler.flush()
         os._exit(EXIT_UNINTERRUPTIBLE)
 
     def _where(self) -> str:
@@ -253,17 +278,19 @@ class BlockedHandlerGuard:
         return f"at {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Runs in the loop's thread, in the context of the code it interrupts: the call it belongs to, if
+        # any. Raised once per call: code that swallows it and blocks on is ended by the give-up.
+        call = _CURRENT.get()
         now = time.monotonic()
-        while frame is not None:
-            call = self._calls.get(frame)
-            if call is not None:
-                if now < self._cutoff(call):
-                    return  # the innermost call is in time: whatever blocks is not its doing (yet)
-                self.interrupted += 1
-                if now >= call.deadline:
-                    raise HandlerBlocked(f"blocked the event loop past its {call.limit:g} s limit")
-                raise HandlerBlocked(f"blocked the event loop for {self.max_block_s:g} s")
-            frame = frame.f_back
+        if call is None or not call.active or call.interrupted or now < self._cutoff(call):
+            return  # not a handler's code, or one still in time: whatever blocks is not its doing
+        call.interrupted = (
+            f"blocked the event loop past its {call.limit:g} s limit"
+            if now >= call.deadline
+            else f"blocked the event loop for {self.max_block_s:g} s"
+        )
+        self.interrupted += 1
+        raise HandlerBlocked(call.interrupted)
 
 
 def _ignore(signum: int, frame: FrameType | None) -> None:

@@ -155,21 +155,23 @@ def _guarded(fn: Handler, registry: HandlerRegistry, name: str) -> Handler:
         # Its own copy: a handler changing `data` must not change the rows of a retried batch (projected
         # again from the same objects) nor what the next handler sees.
         own = dataclasses.replace(event, data=copy.deepcopy(event.data))
-        limit = registry.timeout_s
+        # A call that blocks the loop cannot be cancelled at an await: the blocked-handler guard raises
+        # HandlerBlocked in its code instead (blocked_handlers.py).
+        entered = blocked.guard.enter(name, event.id, registry.timeout_s)
         try:
-            # Past the limit with the loop blocked, asyncio's timeout cannot fire: the blocked-handler guard
-            # raises HandlerBlocked in this call's code instead (blocked_handlers.py).
-            if limit is not None:
-                blocked.guard.enter(name, event.id, limit)
             try:
                 await _call(fn, own, ctx, registry)
             finally:
-                blocked.guard.leave()
-        except blocked.HandlerBlocked as exc:
-            blocked.guard.leave()  # again: a second signal may have come before the first leave() ended
+                blocked.guard.leave(entered)
+        except blocked.HandlerBlocked:
+            pass
+        except Exception:
+            if entered.interrupted is None:
+                raise
+        if entered.interrupted is not None:  # raised in it, even if the handler caught it and went on
             raise HandlerTimeout(
-                f"{exc} and was interrupted (handlers must not block: use await, or run blocking code with "
-                "asyncio.to_thread)"
+                f"{entered.interrupted} and was interrupted (handlers must not block: use await, or run "
+                "blocking code with asyncio.to_thread)"
             ) from None
 
     call.__wrapped__ = fn  # type: ignore[attr-defined]

@@ -39,7 +39,7 @@ async def guard() -> AsyncIterator[blocked.BlockedHandlerGuard]:
         yield blocked.guard
     finally:
         blocked.guard.stop()
-        assert blocked.guard._calls == {}, "a call left behind in the guard's table"
+        assert blocked.guard._calls == set(), "a call left behind in the guard's table"
         del before
 
 
@@ -105,6 +105,64 @@ async def test_a_call_that_swallows_exceptions_is_still_interrupted(
     _, fn = registered(0.3, swallows)
     with pytest.raises(HandlerTimeout):
         await call(fn, an_event())
+
+
+async def test_a_call_that_swallows_the_interruption_still_fails(guard: blocked.BlockedHandlerGuard) -> None:
+    """A bare `except:` around a blocking client call is common handler code: it caught the guard's
+    exception and returned, and its event counted as handled."""
+
+    async def swallows_everything(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        try:
+            time.sleep(3600)
+        except:  # noqa: E722 - the handler code this test imitates
+            return
+
+    _, fn = registered(0.3, swallows_everything)
+    with pytest.raises(HandlerTimeout, match=r"past its 0\.3 s limit and was interrupted"):
+        await call(fn, an_event())
+
+
+async def test_a_task_the_handler_started_that_blocks_is_interrupted(
+    guard: blocked.BlockedHandlerGuard,
+) -> None:
+    """`asyncio.gather` over a blocking client: the code holding the loop is in a task of the handler's,
+    whose own frame is suspended; the task carries the call in its context."""
+
+    async def notify() -> None:
+        time.sleep(3600)
+
+    async def fans_out(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        await asyncio.gather(notify(), notify())
+
+    _, fn = registered(0.3, fans_out)
+    with pytest.raises(HandlerTimeout, match="blocked the event loop"):
+        await call(fn, an_event())
+
+
+async def test_a_callback_the_handler_scheduled_that_blocks_is_interrupted(
+    guard: blocked.BlockedHandlerGuard,
+) -> None:
+    async def schedules(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        asyncio.get_running_loop().call_soon(time.sleep, 3600)
+        await asyncio.sleep(0.5)
+
+    _, fn = registered(0.3, schedules)
+    with pytest.raises(HandlerTimeout, match="blocked the event loop"):
+        await call(fn, an_event())
+
+
+async def test_a_call_without_a_limit_still_may_not_hold_the_loop(
+    guard: blocked.BlockedHandlerGuard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(guard, "max_block_s", 1.0)
+
+    async def sleeps(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        time.sleep(3600)
+
+    handlers = HandlerRegistry(timeout_s=None)
+    handlers.register(INBOUND, sleeps, "unbounded")
+    with pytest.raises(HandlerTimeout, match=r"blocked the event loop for 1 s"):
+        await call(handlers.for_type(INBOUND)[0][1], an_event())
 
 
 async def test_a_call_blocking_within_its_limit_is_left_alone(guard: blocked.BlockedHandlerGuard) -> None:
