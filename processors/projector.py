@@ -80,6 +80,9 @@ class Projector:
         self._batch_partitions: set[Partition] = set()
         self._calls_ended: set[tuple[str, str]] = set()
         self._working_at = 0.0
+        # A batch rewound (held, or failed as a whole) earns no such credit until a batch commits: read
+        # again with a few new records each round, it would otherwise look like progress forever.
+        self._rewound = False
         self.started = False  # the first poll has returned: the group is joined
         self.stopping = False
         self._lag_at = 0.0
@@ -128,6 +131,7 @@ class Projector:
         except BaseException:
             # Not committed: the next poll must return these records again, not the ones after them.
             self.consumer.rewind(records)  # seek() only records the new position: no wait
+            self._rewound = True
             raise
 
     async def _project(self, records: list[Record]) -> int:
@@ -163,6 +167,7 @@ class Projector:
         done = next_offsets(records)
         await self._commit(done)
         self._calls_ended.clear()
+        self._rewound = False
         if self.watchdog is not None:
             self.watchdog.progress(done)
         self._count(records, dead)
@@ -172,9 +177,10 @@ class Projector:
         """Progress counts per committed batch, so a batch slow only because its handler calls time out one
         after another (SENTPIPE_HANDLER_TIMEOUT_S each) would be a stall, its restart slow the same way,
         forever. A call that ends for the first time is progress; calls made again (a held or halved
-        batch applied again) are not: a batch that only repeats itself is still a stall."""
+        batch applied again) are not, nor is anything once the batch has been rewound: a batch that only
+        repeats itself is still a stall."""
         key = (handler, event_id)
-        if self.watchdog is None or key in self._calls_ended:
+        if self.watchdog is None or self._rewound or key in self._calls_ended:
             return
         if len(self._calls_ended) >= MAX_CALLS_ENDED:
             self._calls_ended.clear()

@@ -256,6 +256,44 @@ async def test_a_batch_slow_only_for_its_timeouts_is_not_a_stall(ordered: Stage)
     assert set(ordered.dead()) == {ordered.ids[b] for b in bodies[1:]}
 
 
+async def test_a_batch_held_round_after_round_is_a_stall_though_new_records_arrive(ordered: Stage) -> None:
+    """Every call of a handler times out (its API is down), so its batch is held and read again, round
+    after round, each time with the records that arrived meanwhile. Their calls were first ends, and the
+    watchdog took them for progress: the position never moved, the lag grew, /livez stayed green."""
+    ordered.handlers.timeout_s = 0.2
+    f = SampleFactory(11)
+
+    async def handle(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        await asyncio.Event().wait()
+
+    ordered.handlers.register(INBOUND, handle, "api-down")
+    ordered.add([inbound_body(f) for _ in range(3)])
+    watchdog = Watchdog("project", stall_after_s=2.0)
+    pool = AsyncConnectionPool(ordered.db, min_size=1, max_size=2, open=False)
+    await pool.open()
+    projector = Projector(
+        ordered.broker.consumer("g", TOPICS.routed),
+        ordered.broker.producer(),
+        PostgresSink(pool, ordered.handlers),
+        TOPICS,
+        FAST,
+        watchdog,
+    )
+    holds = 0
+    try:
+        while not watchdog.stalls():
+            try:
+                await asyncio.wait_for(projector.step(), STEP_BOUND_S)
+            except HandlersHeld:
+                holds += 1
+            else:  # a batch of nothing but suspects (past the batch size) is blamed at last
+                raise AssertionError(f"held {holds} times and read again, never reported as a stall")
+            ordered.add([inbound_body(f) for _ in range(2)])  # traffic goes on
+    finally:
+        await pool.close()
+    assert ordered.broker.committed.get(("g", (TOPICS.message_inbound, 0)), 0) == 0
+
+
 def test_handler_calls_made_again_are_not_progress() -> None:
     """A held or halved batch applied again repeats its calls: that batch is not moving, and the watchdog
     must still see the stall."""
