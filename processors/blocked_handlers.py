@@ -127,6 +127,8 @@ class Call:
         self.interrupted: str | None = None  # why, once the guard has raised HandlerBlocked in it
 
 
+# Where the frames of the task or callback that runs end: the event loop's own (asyncio's or uvloop's).
+_LOOP_MODULES = frozenset({"asyncio.base_events", "asyncio.runners", "uvloop"})
 # The call whose code runs now: set in the call's context, so the tasks and callbacks the handler starts
 # carry it too, and a handler blocking the loop from a task of its own is found.
 _CURRENT: contextvars.ContextVar[Call | None] = contextvars.ContextVar("sentpipe_handler_call", default=None)
@@ -164,8 +166,9 @@ class BlockedHandlerGuard:
         return call
 
     def leave(self, call: Call) -> None:
-        """The call has ended; calling it again is harmless."""
-        call.active = False  # first: from here on no signal raises in it
+        """The call has ended; calling it again is harmless. The caller clears `call.active` first, in
+        its own frame: a signal can be handled as this function is entered, and must not raise then."""
+        call.active = False
         self._calls.discard(call)
         if call.token is not None:
             token, call.token = call.token, None
@@ -243,16 +246,21 @@ class BlockedHandlerGuard:
         return min(call.deadline, self._turned_at + self.max_block_s)
 
     def _blocker(self) -> Call | None:
-        """The call that holds the loop: the innermost one on the loop thread's stack, or the only one in
-        progress (its own task may be suspended while a task it started holds the loop)."""
+        """The call that holds the loop: the innermost one on the loop thread's stack; else the only one in
+        progress, when what runs is no code of the stage's (a task the call started, its own suspended)."""
         frames = {c.frame: c for c in list(self._calls)}
         frame = sys._current_frames().get(self._loop_thread)
+        stage_code = False
         while frame is not None:
             call = frames.get(frame)
             if call is not None:
                 return call
+            module = str(frame.f_globals.get("__name__", ""))
+            if module in _LOOP_MODULES:
+                break  # the loop running the task or callback: below it is the process's own start
+            stage_code = stage_code or module.startswith("sentpipe.")
             frame = frame.f_back
-        return next(iter(frames.values())) if len(frames) == 1 else None
+        return next(iter(frames.values())) if len(frames) == 1 and not stage_code else None
 
     def _give_up(self, call: Call, now: float) -> None:
         assert self._uninterruptible is not None
@@ -279,16 +287,18 @@ class BlockedHandlerGuard:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Runs in the loop's thread, in the context of the code it interrupts: the call it belongs to, if
-        # any. Raised once per call: code that swallows it and blocks on is ended by the give-up.
+        # any (a task the handler started included). Raised again at each signal: code that swallows it
+        # and blocks on is interrupted again, and ended by the give-up.
         call = _CURRENT.get()
         now = time.monotonic()
-        if call is None or not call.active or call.interrupted or now < self._cutoff(call):
+        if call is None or not call.active or now < self._cutoff(call):
             return  # not a handler's code, or one still in time: whatever blocks is not its doing
-        call.interrupted = (
-            f"blocked the event loop past its {call.limit:g} s limit"
-            if now >= call.deadline
-            else f"blocked the event loop for {self.max_block_s:g} s"
-        )
+        if call.interrupted is None:
+            call.interrupted = (
+                f"blocked the event loop past its {call.limit:g} s limit"
+                if now >= call.deadline
+                else f"blocked the event loop for {self.max_block_s:g} s"
+            )
         self.interrupted += 1
         raise HandlerBlocked(call.interrupted)
 

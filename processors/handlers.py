@@ -162,6 +162,7 @@ def _guarded(fn: Handler, registry: HandlerRegistry, name: str) -> Handler:
             try:
                 await _call(fn, own, ctx, registry)
             finally:
+                entered.active = False  # before any call: from here on no signal raises in this one
                 blocked.guard.leave(entered)
         except blocked.HandlerBlocked:
             pass

@@ -118,8 +118,10 @@ async def test_a_call_that_swallows_the_interruption_still_fails(guard: blocked.
             return
 
     _, fn = registered(0.3, swallows_everything)
+    before = guard.interrupted
     with pytest.raises(HandlerTimeout, match=r"past its 0\.3 s limit and was interrupted"):
         await call(fn, an_event())
+    assert guard.interrupted == before + 1
 
 
 async def test_a_task_the_handler_started_that_blocks_is_interrupted(
@@ -135,8 +137,10 @@ async def test_a_task_the_handler_started_that_blocks_is_interrupted(
         await asyncio.gather(notify(), notify())
 
     _, fn = registered(0.3, fans_out)
+    before = guard.interrupted
     with pytest.raises(HandlerTimeout, match="blocked the event loop"):
         await call(fn, an_event())
+    assert guard.interrupted == before + 2  # each task, as it blocks in turn
 
 
 async def test_a_callback_the_handler_scheduled_that_blocks_is_interrupted(
@@ -147,8 +151,10 @@ async def test_a_callback_the_handler_scheduled_that_blocks_is_interrupted(
         await asyncio.sleep(0.5)
 
     _, fn = registered(0.3, schedules)
+    before = guard.interrupted
     with pytest.raises(HandlerTimeout, match="blocked the event loop"):
         await call(fn, an_event())
+    assert guard.interrupted == before + 1
 
 
 async def test_a_call_without_a_limit_still_may_not_hold_the_loop(
