@@ -83,14 +83,7 @@ class Stage:
         for its handlers' timeouts is read again, as `Projector.run` does, at most `max_holds` times."""
         pool = AsyncConnectionPool(self.db, min_size=1, max_size=2, open=False)
         await pool.open()
-        projector = Projector(
-            self.broker.consumer("g", TOPICS.routed),
-            self.broker.producer(),
-            PostgresSink(pool, self.handlers),
-            TOPICS,
-            FAST,
-            watchdog,
-        )
+        projector = self.projector(pool, watchdog)
         try:
             while any(self.broker.committed.get(("g", tp), 0) < end for tp, end in self._ends().items()):
                 try:
@@ -101,6 +94,17 @@ class Stage:
                     await asyncio.sleep(0.05)
         finally:
             await pool.close()
+
+    def projector(self, pool: AsyncConnectionPool, watchdog: Watchdog | None = None) -> Projector:
+        """The stage's projector, as the worker builds it, over this broker and pool."""
+        return Projector(
+            self.broker.consumer("g", TOPICS.routed),
+            self.broker.producer(),
+            PostgresSink(pool, self.handlers),
+            TOPICS,
+            FAST,
+            watchdog,
+        )
 
     def _ends(self) -> dict[tuple[str, int], int]:
         return {
@@ -271,14 +275,7 @@ async def test_a_batch_held_round_after_round_is_a_stall_though_new_records_arri
     watchdog = Watchdog("project", stall_after_s=2.0)
     pool = AsyncConnectionPool(ordered.db, min_size=1, max_size=2, open=False)
     await pool.open()
-    projector = Projector(
-        ordered.broker.consumer("g", TOPICS.routed),
-        ordered.broker.producer(),
-        PostgresSink(pool, ordered.handlers),
-        TOPICS,
-        FAST,
-        watchdog,
-    )
+    projector = ordered.projector(pool, watchdog)
     holds = 0
     try:
         while not watchdog.stalls():
