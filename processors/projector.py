@@ -27,7 +27,6 @@ from sentpipe.schemas.topics import Topics
 
 log = logging.getLogger("sentpipe.projector")
 
-LAG_EVERY_S = 10.0
 # How often the handler calls of a batch in hand are reported to the watchdog as work going on.
 WORKING_EVERY_S = 1.0
 # Handler calls of one uncommitted batch remembered (batch size x handlers); past it the memory starts again.
@@ -49,6 +48,9 @@ class Tuning:
     within_s: float = 0.1
     retry_initial_s: float = 0.2
     retry_max_s: float = 30.0
+    # How often sentpipe_consumer_lag is exported: also while a batch is stuck (the database away), when
+    # the lag growing is the alert's whole point.
+    lag_every_s: float = 10.0
 
 
 class Projector:
@@ -85,8 +87,9 @@ class Projector:
         self._rewound = False
         self.started = False  # the first poll has returned: the group is joined
         self.stopping = False
-        self._lag_at = 0.0
         self._lag_series: set[Partition] = set()
+        # Fetched is not done: the records of the batch in hand count as waiting until it commits.
+        self._in_hand: Sequence[Record] = ()
 
     def stop(self) -> None:
         self.stopping = True
@@ -100,6 +103,7 @@ class Projector:
         A batch that fails as a whole (the broker gone mid-batch, anything unforeseen) is rewound and read
         again after a backoff, forever: the stage holds the line, it never dies with records waiting."""
         failures = 0
+        exporter = asyncio.create_task(self._export_lag_forever())
         try:
             while not self.stopping:
                 try:
@@ -117,13 +121,18 @@ class Projector:
                     )
                     await asyncio.sleep(delay)
         finally:
+            exporter.cancel()
             self.consumer.close()
 
     async def step(self) -> int:
         """One batch: returns how many records it consumed (0 when the poll timed out)."""
         records = await asyncio.to_thread(self.consumer.poll_batch, self.t.batch_size, self.t.within_s)
         self.started = True
-        self._report_lag(records)
+        self._in_hand = records
+        if self.watchdog is not None:
+            lag = self._lag()
+            if lag is not None:
+                self.watchdog.lag(lag)
         if not records:
             return 0
         try:
@@ -133,6 +142,8 @@ class Projector:
             self.consumer.rewind(records)  # seek() only records the new position: no wait
             self._rewound = True
             raise
+        finally:
+            self._in_hand = ()
 
     async def _project(self, records: list[Record]) -> int:
         self._batch_partitions = {(rec.topic, rec.partition) for rec in records}
@@ -265,25 +276,31 @@ class Projector:
                     outcome = "failed" if (rec.topic, rec.partition, rec.offset) in failed else "applied"
                     m.REPLAY_EVENTS.labels(mode, outcome).inc()
 
-    def _report_lag(self, batch: Sequence[Record]) -> None:
+    def _lag(self) -> dict[Partition, int] | None:
         try:
             lag = self.consumer.lag()
         except Exception:  # lag is best effort; a partition being reassigned has none
-            return
-        for rec in batch:  # fetched is not done: the batch in hand is still waiting
+            return None
+        for rec in self._in_hand:
             where = (rec.topic, rec.partition)
             lag[where] = lag.get(where, 0) + 1
-        if self.watchdog is not None:
-            self.watchdog.lag(lag)
-        now = time.monotonic()
-        if now - self._lag_at < LAG_EVERY_S:
-            return
-        self._lag_at = now
-        for topic, partition in self._lag_series - lag.keys():  # moved to another worker
-            m.CONSUMER_LAG.remove(topic, str(partition))
-        for (topic, partition), n in lag.items():
-            m.CONSUMER_LAG.labels(topic, str(partition)).set(n)
-        self._lag_series = set(lag)
+        return lag
+
+    async def _export_lag_forever(self) -> None:
+        """On its own clock, not per batch: a batch held for an hour by a database outage must not freeze
+        the gauge at the value it had before (usually 0) while the topic fills up behind it."""
+        while True:
+            await asyncio.sleep(self.t.lag_every_s)
+            if not self.started:
+                continue  # no assignment yet: nothing to say, not "0"
+            lag = self._lag()
+            if lag is None:
+                continue
+            for topic, partition in self._lag_series - lag.keys():  # moved to another worker
+                m.CONSUMER_LAG.remove(topic, str(partition))
+            for (topic, partition), n in lag.items():
+                m.CONSUMER_LAG.labels(topic, str(partition)).set(n)
+            self._lag_series = set(lag)
 
 
 def _dead(rec: Record, stage: str, error_class: str, message: str) -> DeadLetter:

@@ -531,8 +531,9 @@ class Router:
                 tenants.setdefault(tenant, 0)  # routed by a batch still in flight
         return tenants
 
-    async def report_lag(self) -> None:
-        """Raw records waiting per partition, measured from what was routed (not merely fetched)."""
+    async def report_lag(self) -> dict[tuple[str, int], int]:
+        """Raw records waiting per partition, measured from what was routed (not merely fetched): told to
+        the watchdog and returned for the lag gauge."""
         consumer: Any = self.app.consumer
         waiting: dict[tuple[str, int], int] = {}
         found: list[tuple[Any, int | None, int | None]] = []  # (partition, highwater, done)
@@ -586,6 +587,7 @@ class Router:
         recovery: Any = self.app.tables.recovery  # type: ignore[attr-defined]
         if self._recovery.holds(bool(recovery.in_recovery)):
             self.watchdog.hold()
+        return waiting
 
     def _held_back(self) -> str | None:
         """Why the stream may rightly hold fetched raw records back now (None: it should deliver them)."""
@@ -862,21 +864,13 @@ def create_app(settings: Settings, role: WorkerRole | None = None) -> faust.App:
 
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
     async def watch_progress() -> None:
-        await router.report_lag()
-
-    @app.timer(interval=10.0)  # type: ignore[untyped-decorator]
-    async def consumer_lag() -> None:
-        consumer = app.consumer
-        assigned = consumer.assignment()
-        lag_series.keep_only({(tp.topic, tp.partition) for tp in assigned})
-        for tp in assigned:
-            try:
-                position = await consumer.position(tp)
-                highwater = consumer.highwater(tp)
-            except Exception:  # lag is best effort; an unassigned or resetting partition has none
-                continue
-            if position is not None and highwater is not None:
-                lag_series.report((tp.topic, tp.partition), max(0, highwater - position))
+        # The gauge shows what the watchdog judges by: raw records not yet routed. The fetch position
+        # runs ahead of a stuck agent, and the consumer's other partitions (the table's changelog during
+        # recovery, Faust's assignor topic) are not work waiting: their stale numbers were exported too.
+        waiting = await router.report_lag()
+        lag_series.keep_only(set(waiting))
+        for where, n in waiting.items():
+            lag_series.report(where, n)
 
     return app
 

@@ -932,12 +932,14 @@ class BatchConsumer:
         self.on_revoke: list[Callable[[set[Partition]], None]] = []
         self._consumer.subscribe(list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
 
+    # A new set each time, never changed in place: lag() reads it on the event loop while a rebalance
+    # inside poll_batch (a worker thread) replaces it.
     def _on_assign(self, _c: Any, tps: list[confluent_kafka.TopicPartition]) -> None:
-        self._assigned |= {(tp.topic, tp.partition) for tp in tps}
+        self._assigned = self._assigned | {(tp.topic, tp.partition) for tp in tps}
 
     def _on_revoke(self, _c: Any, tps: list[confluent_kafka.TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in tps}
-        self._assigned -= gone
+        self._assigned = self._assigned - gone
         for cb in self.on_revoke:
             cb(gone)
 

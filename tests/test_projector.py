@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
 from sentpipe import metrics as m
 from sentpipe.broker import CommitRejected, LocalBroker, Partition
@@ -51,16 +52,21 @@ class FakeSink:
 
 
 def routed_records(
-    broker: LocalBroker, n: int, *, headers: list[tuple[str, bytes]] | None = None
+    broker: LocalBroker,
+    n: int,
+    *,
+    headers: list[tuple[str, bytes]] | None = None,
+    topics: Topics = TOPICS,
+    seed: int = 7,
 ) -> list[str]:
     """Route n sample events the way the router does and append them to the routed topics."""
     ids = []
-    for i, sample in enumerate(SampleFactory(7).mix(n, "mixed")):
+    for i, sample in enumerate(SampleFactory(seed).mix(n, "mixed")):
         routed = r.route(
             None,
             sample.body,
             {r.H_TENANT: b"acme"},
-            topics=TOPICS,
+            topics=topics,
             id_source="auto",
             default_tenant="default",
             record_timestamp_ms=1_700_000_000_000 + i,
@@ -235,3 +241,47 @@ async def test_a_batch_failing_as_a_whole_is_read_again_never_skipped() -> None:
     assert set(sink.applied) == set(ids)
     assert sum(broker.committed.values()) == len(ids)
     assert not broker.records(TOPICS.dlq)
+
+
+def _lag_total(prefix: str) -> float:
+    return sum(
+        s.value
+        for family in REGISTRY.collect()
+        for s in family.samples
+        if s.name == "sentpipe_consumer_lag" and s.labels["topic"].startswith(prefix)
+    )
+
+
+async def test_lag_keeps_being_exported_while_the_database_holds_a_batch() -> None:
+    """The lag alert is for exactly this: the database away, one batch held and retried, the topics filling
+    up behind it. The gauge must follow them, not keep the value it had before the batch (usually 0)."""
+    topics = Topics("held-lag.")
+    broker = LocalBroker()
+    for t in (*topics.routed, topics.dlq):
+        broker.create_topic(t, 3)
+    sink = FakeSink()
+    sink.down_for = 10**9
+    tuning = Tuning(batch_size=500, within_s=0.01, retry_initial_s=0.001, retry_max_s=0.01, lag_every_s=0.01)
+    projector = Projector(broker.consumer("proj", topics.routed), broker.producer(), sink, topics, tuning)
+    task = asyncio.ensure_future(projector.run())
+
+    async def lag_reaches(n: int) -> float:
+        for _ in range(500):
+            if _lag_total(topics.prefix) == n:
+                break
+            await asyncio.sleep(0.01)
+        return _lag_total(topics.prefix)
+
+    try:
+        held = len(routed_records(broker, 10, topics=topics))
+        for _ in range(500):  # the batch is in hand, failing
+            if sink.calls:
+                break
+            await asyncio.sleep(0.01)
+        assert await lag_reaches(held) == held  # the batch in hand is fetched, not done
+        behind = len(routed_records(broker, 30, topics=topics, seed=8))
+        assert await lag_reaches(held + behind) == held + behind
+        assert not sink.applied and not broker.committed
+    finally:
+        projector.stop()
+        await asyncio.wait_for(task, 5)
