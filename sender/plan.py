@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import itertools
 import random
+import stat
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -186,23 +189,45 @@ def read_jsonl(lines: Iterable[bytes | None], skip_bad: bool) -> Iterator[Sample
 
 @dataclass(frozen=True, slots=True)
 class JsonlScan:
-    """What a first pass over a JSONL file found: events of the chosen types, and the lines skipped."""
+    """What a first pass over a JSONL file found: events of the chosen types, the lines skipped, and the
+    file to send them from."""
 
     events: int
     skipped: list[BadLine]
+    path: Path
 
 
-def scan_jsonl(path: Path, skip_bad: bool, types: Sequence[EventType]) -> JsonlScan:
+@contextmanager
+def scan_jsonl(path: Path, skip_bad: bool, types: Sequence[EventType]) -> Iterator[JsonlScan]:
     """Count the file's events of `types` and check every line, holding none of them: a bad line stops the
-    run before anything is sent (BadLine) unless skipping. OSError when the file cannot be read."""
+    run before anything is sent (BadLine) unless skipping. OSError when the file cannot be read.
+
+    The events are read again as they are sent (`stream_jsonl`), from the file itself when it is a regular
+    file. A stream (a pipe, /dev/stdin, process substitution) read a second time is empty, and the run
+    sent nothing and said it succeeded: its events are copied as they are checked into a temporary file,
+    removed on exit."""
+    if stat.S_ISREG(path.stat().st_mode):
+        with path.open("rb") as fh:
+            yield _scan(fh, skip_bad, types, None, path)
+        return
+    with tempfile.NamedTemporaryFile(prefix="sentpipe-send-", suffix=".jsonl") as copy, path.open("rb") as fh:
+        scan = _scan(fh, skip_bad, types, copy, Path(copy.name))
+        copy.flush()
+        yield scan
+
+
+def _scan(
+    fh: BinaryIO, skip_bad: bool, types: Sequence[EventType], copy: BinaryIO | None, path: Path
+) -> JsonlScan:
     events, skipped = 0, []
-    with path.open("rb") as fh:
-        for item in read_jsonl(_lines(fh), skip_bad):
-            if isinstance(item, BadLine):
-                skipped.append(item)
-            elif item.type in types:
-                events += 1
-    return JsonlScan(events, skipped)
+    for item in read_jsonl(_lines(fh), skip_bad):
+        if isinstance(item, BadLine):
+            skipped.append(item)
+        elif item.type in types:
+            events += 1
+            if copy is not None:
+                copy.write(item.body + b"\n")
+    return JsonlScan(events, skipped, path)
 
 
 def stream_jsonl(path: Path, types: Sequence[EventType]) -> Iterator[Sample]:

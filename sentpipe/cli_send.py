@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import random
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
@@ -183,9 +183,11 @@ def _events(
     seed: int | None,
     skip_bad: bool,
     err: Console,
+    files: ExitStack,
 ) -> tuple[Iterable[Sample], int]:
     """The events to send and how many, both lazily: a file is checked whole first (a bad line stops the
-    run before anything is sent), then read again as its events are sent."""
+    run before anything is sent), then read again as its events are sent (a stream: from a copy of its events
+    that `files` removes)."""
     try:
         chosen = parse_types(types)
     except ValueError as exc:
@@ -196,7 +198,7 @@ def _events(
     # --file without --type sends every line, unrouted ones too (the ingress's dead-letter path).
     wanted = chosen if types else tuple(EventType)
     try:
-        scan = scan_jsonl(file, skip_bad, wanted)
+        scan = files.enter_context(scan_jsonl(file, skip_bad, wanted))
     except OSError as exc:
         fail(f"cannot read {file}: {exc.strerror or exc}")
     except ValueError as exc:  # a BadLine: its message starts with the line number
@@ -205,7 +207,7 @@ def _events(
         err.print(terminal_safe(f"skipped {file} {bad}"), soft_wrap=True)
     n = scan.events if count is None else min(count, scan.events)
     # Read again as the events are sent: the file is never held in memory.
-    return itertools.islice(stream_jsonl(file, wanted), n), n
+    return itertools.islice(stream_jsonl(scan.path, wanted), n), n
 
 
 def send_command(
@@ -312,35 +314,40 @@ def send_command(
     target = _resolve_target(url, tenant, s)
     signing_secret = _resolve_secret(secret, tenant, s)
     _check_target(target, signing_secret)
-    samples, n_events = _events(file, type_ or [], shape_choice, count, seed, on_bad_line == "skip", err)
-    if not n_events:
-        fail("no events to send")
-    deliveries = plan_stream(samples, duplicates, shuffle, random.Random(seed))
-    total = planned_deliveries(n_events, duplicates)
     mode = SigningMode.BAD_SIGNATURE if bad_signature else SigningMode.STALE if stale else SigningMode.VALID
-
-    async def main(on_update: Callable[[Stats], None]) -> Stats:
-        await probe(target, timeout_s=min(timeout, 5.0))
-        return await deliver(
-            target,
-            deliveries,
-            signing_secret,
-            total=total,
-            schedule=schedule,
-            concurrency=concurrency or (RATE_MODE_CONCURRENCY if rate else DEFAULT_CONCURRENCY),
-            rate=rate,
-            timeout_s=timeout,
-            mode=mode,
-            on_update=on_update,
+    with ExitStack() as files:
+        samples, n_events = _events(
+            file, type_ or [], shape_choice, count, seed, on_bad_line == "skip", err, files
         )
+        if not n_events:
+            fail("no events to send")
+        deliveries = plan_stream(samples, duplicates, shuffle, random.Random(seed))
+        total = planned_deliveries(n_events, duplicates)
 
-    try:
-        with _live(total, err) as on_update:
-            stats = asyncio.run(main(on_update))
-    except Unreachable as exc:
-        fail(str(exc))
+        async def main(on_update: Callable[[Stats], None]) -> Stats:
+            await probe(target, timeout_s=min(timeout, 5.0))
+            return await deliver(
+                target,
+                deliveries,
+                signing_secret,
+                total=total,
+                schedule=schedule,
+                concurrency=concurrency or (RATE_MODE_CONCURRENCY if rate else DEFAULT_CONCURRENCY),
+                rate=rate,
+                timeout_s=timeout,
+                mode=mode,
+                on_update=on_update,
+            )
+
+        try:
+            with _live(total, err) as on_update:
+                stats = asyncio.run(main(on_update))
+        except Unreachable as exc:
+            fail(str(exc))
 
     Console().print(summary_table(stats, n_events, target))
+    if stats.done < total:  # the file shrank between its check and its sending
+        fail(f"only {stats.done} of {total} planned deliveries were made: {file} changed while it was sent")
     if mode is not SigningMode.VALID:
         if stats.accepted:
             flag = "--" + mode.value.replace("_", "-")

@@ -643,6 +643,27 @@ async def test_a_file_is_streamed_and_a_line_without_end_is_refused_not_read_who
     assert "line 1: longer than 16,777,216 bytes" in one_line_error(zero)
 
 
+async def test_events_piped_in_are_sent_not_read_twice(stub: Stub) -> None:
+    """`--file /dev/stdin` (a pipe, process substitution): the file is checked whole and then read again
+    to send it, and a pipe read again is empty. The run sent nothing and exited 0."""
+    lines = [s.body for s in SampleFactory(10).mix(12)]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CLI_SCRIPT,
+        *("send", stub.url, "--file", "/dev/stdin", "--on-bad-line", "skip"),
+        cwd=REPO,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(b"\n".join([*lines, b"{oops"]) + b"\n"), 120)
+    assert proc.returncode == 0, err
+    assert "line 13" in err.decode()
+    assert row(out.decode(), "accepted") == "12"
+    assert sorted(h.body for h in stub.hits) == sorted(lines)
+
+
 def test_an_overlong_line_is_read_past_and_the_next_one_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(plan, "MAX_LINE_BYTES", 64)
     good = b'{"field": "templates", "payload": {"template_id": "t", "status": "approved"}}'
