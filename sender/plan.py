@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import IO, BinaryIO, Literal
 
 import orjson
 
@@ -217,7 +217,7 @@ def scan_jsonl(path: Path, skip_bad: bool, types: Sequence[EventType]) -> Iterat
 
 
 def _scan(
-    fh: BinaryIO, skip_bad: bool, types: Sequence[EventType], copy: BinaryIO | None, path: Path
+    fh: BinaryIO, skip_bad: bool, types: Sequence[EventType], copy: IO[bytes] | None, path: Path
 ) -> JsonlScan:
     events, skipped = 0, []
     for item in read_jsonl(_lines(fh), skip_bad):
