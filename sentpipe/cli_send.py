@@ -95,14 +95,26 @@ def _resolve_target(url: str | None, tenant: str | None, s: Settings) -> str:
 
 
 def _resolve_secret(secret: str | None, tenant: str | None, s: Settings) -> str:
+    if secret == "":
+        fail("--secret is empty")
+    if tenant == "":
+        fail("--tenant is empty")
     if secret:
         return secret
     try:
         tenants = s.tenant_secrets()
     except (OSError, ValueError) as exc:
         fail(f"cannot read SENTPIPE_SECRETS_FILE: {exc}")
+    name = tenant or s.default_tenant
+    if name not in tenants:
+        # Signing with the default secret instead would test a tenant that does not exist as if it did.
+        fail(
+            terminal_safe(
+                f"tenant {name!r} has no secret in SENTPIPE_SECRETS_FILE; add it there or pass --secret"
+            )
+        )
     # The first secret of a tenant is the one it signs with; the others are still accepted (rotation).
-    return tenants.get(tenant or s.default_tenant, [s.webhook_secret.get_secret_value()])[0]
+    return tenants[name][0]
 
 
 def _check_target(target: str, secret: str) -> None:

@@ -677,6 +677,29 @@ def test_an_overlong_line_is_read_past_and_the_next_one_read(monkeypatch: pytest
     assert [i.body for i in items if not isinstance(i, BadLine)] == [good]
 
 
+async def test_a_tenant_without_a_secret_or_an_empty_option_is_refused_not_signed_with_the_default(
+    tmp_path: Path,
+) -> None:
+    """`--tenant acme` with no secret for acme used to sign with the default tenant's secret: a test of a
+    tenant that does not exist, passing as if it did (or failing with a 401 nobody could explain)."""
+    secrets = tmp_path / "secrets.json"
+    secrets.write_bytes(b'{"globex": "whsec_' + b"g" * 32 + b'"}')
+    env = {"SENTPIPE_SECRETS_FILE": str(secrets)}
+    url = f"http://127.0.0.1:{free_port()}/webhooks/sent"
+    runs = await asyncio.gather(
+        cli("send", url, "--tenant", "acme", env=env),
+        cli("trigger", "message.status.updated", url, "--tenant", "acme", env=env),
+        cli("send", url, "--secret", "", env=env),
+        cli("send", url, "--tenant", "", env=env),
+        cli("send", url, "--tenant", "globex", env=env),  # has a secret: gets as far as the network
+    )
+    errors = [one_line_error(r) for r in runs]
+    for e in errors[:2]:
+        assert "tenant 'acme' has no secret in SENTPIPE_SECRETS_FILE" in e
+    assert "--secret is empty" in errors[2] and "--tenant is empty" in errors[3]
+    assert "cannot reach" in errors[4]
+
+
 async def test_ctrl_c_ends_a_send_with_status_130_and_says_so(stub: Stub) -> None:
     """Typer returns 130 for Ctrl-C outside standalone mode; `sentpipe` used to drop it and exit 0."""
     proc = await asyncio.create_subprocess_exec(
