@@ -108,11 +108,7 @@ def _resolve_secret(secret: str | None, tenant: str | None, s: Settings) -> str:
     name = tenant or s.default_tenant
     if name not in tenants:
         # Signing with the default secret instead would test a tenant that does not exist as if it did.
-        fail(
-            terminal_safe(
-                f"tenant {name!r} has no secret in SENTPIPE_SECRETS_FILE; add it there or pass --secret"
-            )
-        )
+        fail(f"tenant {name!r} has no secret in SENTPIPE_SECRETS_FILE; add it there or pass --secret")
     # The first secret of a tenant is the one it signs with; the others are still accepted (rotation).
     return tenants[name][0]
 
