@@ -1,3 +1,3 @@
-from sentpipe.cli import main
+from sentpipe.launch import main
 
 main()

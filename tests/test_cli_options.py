@@ -254,3 +254,24 @@ def test_a_time_is_exact_milliseconds_up_to_the_last_one_a_datetime_holds() -> N
     assert parse_when("9999-12-31T23:59:59.999999Z", "--since") == 253_402_300_799_999
     assert parse_when("2026-01-31T12:00:00.0015+01:00", "--since") == 1_769_857_200_001
     assert parse_when("2026-01-31T12:00:00", "--since") == 1_769_860_800_000  # no zone: UTC
+
+
+def test_ctrl_c_while_the_command_is_still_loading_is_interrupted_not_a_traceback() -> None:
+    """The installed `sentpipe` script: importing the CLI takes about half a second, and a Ctrl-C then
+    ended in a KeyboardInterrupt traceback. The signal is sent once pydantic's compiled core is mapped in,
+    about a third of the way through those imports."""
+    script = Path(sys.executable).parent / "sentpipe"
+    proc = subprocess.Popen(
+        [str(script), "send", "--count", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).parent.parent,
+    )
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "_pydantic_core" not in maps.read_text():
+        time.sleep(0.001)
+    proc.send_signal(2)  # SIGINT, as Ctrl-C sends it
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err.decode() and err.decode().strip().splitlines()[-1] == "interrupted", err
+    assert proc.returncode == 130
