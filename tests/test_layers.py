@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "cli": 3,
     "cli_base": 3,
     "cli_send": 3,
+    "launch": 3,
     "devstack": 3,
     "console": 3,
     "__main__": 4,
