@@ -17,6 +17,8 @@ from sentpipe.schemas.events import MAX_ID_LENGTH, EventIdSource
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 DAY_S = 86_400
+# Shorter topic retention deletes acknowledged events before an ordinary outage is over.
+MIN_RETENTION_MS = 3_600_000
 
 
 def _seconds(default: float, le: float = DAY_S, ge: float | None = None) -> Any:
@@ -316,6 +318,15 @@ class Settings(BaseSettings):
         longest = MAX_TOPIC_PREFIX if info.field_name == "topic_prefix" else MAX_APP_ID
         if len(v) > longest:
             raise ValueError(f"is longer than {longest} characters (Kafka topic names end at 249)")
+        return v
+
+    @field_validator("raw_retention_ms", "dlq_retention_ms")
+    @classmethod
+    def _retention_outlasts_an_outage(cls, v: int) -> int:
+        # Kafka deletes records past retention whether or not anyone read them: a raw topic kept for a
+        # minute loses acknowledged events in any outage of the workers or the database longer than that.
+        if v != -1 and v < MIN_RETENTION_MS:
+            raise ValueError(f"must be -1 (forever) or at least {MIN_RETENTION_MS} (one hour)")
         return v
 
     @field_validator("default_tenant")

@@ -126,6 +126,9 @@ ABSURD_SETTINGS = [
     ("SENTPIPE_MAX_BODY_BYTES", "99999999999999", "less than or equal"),
     ("SENTPIPE_SIGNATURE_TOLERANCE_S", "99999999999999999999", "less than or equal"),
     ("SENTPIPE_RAW_RETENTION_MS", "-5", "greater than or equal to -1"),
+    # Topics created with retention.ms=0: acknowledged events deleted before any worker read them.
+    ("SENTPIPE_RAW_RETENTION_MS", "0", "must be -1 (forever) or at least 3600000 (one hour)"),
+    ("SENTPIPE_DLQ_RETENTION_MS", "1", "must be -1 (forever) or at least 3600000 (one hour)"),
     ("SENTPIPE_RAW_PARTITIONS", "1000000000", "less than or equal"),
     ("SENTPIPE_BATCH_SIZE", "1000000000000", "less than or equal"),
     ("SENTPIPE_DEFAULT_TENANT", "", "the tenant name is empty"),
