@@ -112,6 +112,7 @@ def worker(
         if role not in ("all", "route", "project"):
             fail(f"--role must be all, route or project, not {role!r}")
         s = s.model_copy(update={"worker_role": role})
+    _check_faust_args(s.worker_role, ctx.args)
     configure(s.log_level, s.log_json)
     _connect(s, s.kafka_connect_timeout_s)
     if s.worker_role != "project":
@@ -133,6 +134,22 @@ def worker(
         argv += ["--loglevel", faust_log_level(s.log_level)]
     sys.argv = ["sentpipe worker", *faust_quiet_options(s.log_level), "worker", *argv]
     faust_app.main()
+
+
+def _check_faust_args(role: str, args: list[str]) -> None:
+    """Faust's own options, checked before the broker is contacted, in one line: Faust's parser answered
+    a typo only after the start-up checks, with a usage block naming `sentpipe worker worker`."""
+    if not args:
+        return
+    if role == "project":  # no Faust in this process: an option would be silently ignored
+        fail(f"--role project takes no Faust options, got {' '.join(args)!r}")
+    import click
+    from faust.cli.faust import cli as faust_cli
+
+    try:
+        faust_cli.commands["worker"].make_context("sentpipe worker", list(args))
+    except click.ClickException as exc:
+        fail(f"{exc.format_message()} (Faust's worker options: faust worker --help)")
 
 
 @topics_app.command("ensure")

@@ -275,3 +275,21 @@ def test_ctrl_c_while_the_command_is_still_loading_is_interrupted_not_a_tracebac
     _, err = proc.communicate(timeout=60)
     assert "Traceback" not in err.decode() and err.decode().strip().splitlines()[-1] == "interrupted", err
     assert proc.returncode == 130
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--role", "route", "--bogus-opt"], "No such option: --bogus-opt"),
+        (["--role", "all", "--web-port", "abc"], "'abc' is not a valid range"),
+        (["--role", "route", "stray"], "unexpected extra argument (stray)"),
+        # The projector runs no Faust: an option meant for it was silently ignored.
+        (["--role", "project", "--web-port", "6067"], "--role project takes no Faust options"),
+    ],
+)
+def test_faust_options_are_checked_before_the_broker_in_one_line(
+    capsys: pytest.CaptureFixture[str], nowhere: str, args: list[str], needle: str
+) -> None:
+    code, stderr = invoke(capsys, "worker", *args)
+    assert_refused(code, stderr, needle)
+    assert nowhere not in stderr  # refused before any connection was tried
