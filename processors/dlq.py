@@ -418,6 +418,11 @@ def redrive(
         finally:
             if lock is not None:
                 lock.release()
+    if result.failed:
+        log.warning(
+            f"redrive: {result.failed} records not redriven",
+            extra={"redrive_id": result.run_id, "reasons": dict(result.failures.most_common(10))},
+        )
     if lost:
         log_run("redrive", result)
         raise OpsError(
@@ -439,13 +444,15 @@ def _redrive_one(
     if step.action == "keep":
         result.failed += 1
         result.failures[step.reason] += 1
-        log.warning("redrive: record left in the DLQ", extra={**ctx, "reason": step.reason})
+        # Per record at DEBUG: a pass over a DLQ still failing for one reason wrote a warning per record,
+        # thousands of lines burying the progress bar. The summary says how many and why.
+        log.debug("redrive: record left in the DLQ", extra={**ctx, "reason": step.reason})
         return
     if step.action == "dlq":
         result.failed += 1
         result.failures[step.reason] += 1
         again = "would be dead-lettered again" if sender is None else "dead-lettered again"
-        log.warning(f"redrive: still failing, {again}", extra={**ctx, "reason": step.reason})
+        log.debug(f"redrive: still failing, {again}", extra={**ctx, "reason": step.reason})
     else:
         result.selected[e.stage, step.topic] += 1
     if sender is None:

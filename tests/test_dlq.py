@@ -396,3 +396,22 @@ def test_a_killed_redrive_frees_the_lock_within_the_session_timeout(
             break
         except LockBusy:
             assert time.monotonic() - killed < SESSION_TIMEOUT_S + 20, "the lock was never freed"
+
+
+def test_a_redrive_still_failing_says_so_once_not_once_per_record(settings: Settings, topics: Topics) -> None:
+    """A pass over a DLQ whose records still fail (here: bodies no router can take) logged a warning per
+    record: thousands of lines on the operator's terminal, burying the progress and the summary."""
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    n = 40
+    for i in range(n):
+        dlq = r.dlq_headers(
+            stage="route", error_class="missing_message_id", message="no id", partition=0, offset=i
+        )
+        producer.produce(topics.dlq, MALFORMED, f"k{i}".encode(), headers=[(r.H_TENANT, b"acme"), *dlq])
+    assert producer.flush(30) == 0
+    res = sentpipe(settings, "dlq", "redrive")
+    assert_one_line_error_at_end(res, "failed again")
+    logged = [line for line in res.stderr.splitlines() if "redrive:" in line]
+    assert len(logged) == 1 and f"{n} records not redriven" in logged[0], res.stderr
+    assert "missing_message_id" in logged[0]
+    assert len(dlq_records(settings, at_least=2 * n)) == 2 * n  # each one dead-lettered again
