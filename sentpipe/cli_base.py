@@ -35,8 +35,10 @@ def settings() -> Settings:
         first = exc.errors()[0]
         if not first["loc"]:  # a rule across settings; its message names them
             fail(f"invalid settings: {first['msg'].removeprefix('Value error, ')}")
-        name = "SENTPIPE_" + "_".join(str(p) for p in first["loc"]).upper()
-        fail(f"invalid setting {name}: {first['msg'].removeprefix('Value error, ')}")
+        # A list's item has its index in the location (handler_modules, 1): not part of the variable's name.
+        name = "SENTPIPE_" + "_".join(p for p in first["loc"] if isinstance(p, str)).upper()
+        items = "".join(f"item {p}: " for p in first["loc"] if isinstance(p, int))
+        fail(f"invalid setting {name}: {items}{first['msg'].removeprefix('Value error, ')}")
 
 
 # --- option values: one rule each, shared by every command that takes the option ---------------------------

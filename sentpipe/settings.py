@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import Field, FilePath, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sentpipe.schemas.events import MAX_ID_LENGTH, EventIdSource
 
@@ -17,6 +17,7 @@ from sentpipe.schemas.events import MAX_ID_LENGTH, EventIdSource
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 DAY_S = 86_400
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 # Shorter topic retention deletes acknowledged events before an ordinary outage is over.
 MIN_RETENTION_MS = 3_600_000
 
@@ -221,7 +222,8 @@ class Settings(BaseSettings):
     batch_within_s: float = _seconds(0.02, le=60)
     retry_initial_s: float = _seconds(0.2, le=3600)
     retry_max_s: float = _seconds(30.0, le=3600)
-    handler_modules: list[str] = Field(default_factory=list)
+    # A JSON list or comma-separated names: `myapp.handlers` alone was a JSON parse error naming no setting.
+    handler_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
     db_pool_size: int = Field(4, ge=1, le=1000)
     # One user handler call: past it the call is cancelled and its event dead-lettered (HandlerTimeout). Below
     # SENTPIPE_STALL_AFTER_S, so a handler that hangs is its event's failure, not a stall and a restart.
@@ -318,6 +320,39 @@ class Settings(BaseSettings):
         longest = MAX_TOPIC_PREFIX if info.field_name == "topic_prefix" else MAX_APP_ID
         if len(v) > longest:
             raise ValueError(f"is longer than {longest} characters (Kafka topic names end at 249)")
+        return v
+
+    @field_validator("handler_modules", mode="before")
+    @classmethod
+    def _module_list(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        if v.lstrip().startswith("["):
+            try:
+                return orjson.loads(v)
+            except orjson.JSONDecodeError:
+                raise ValueError(
+                    "is not a JSON list: give '[\"myapp.handlers\"]' or myapp.handlers"
+                ) from None
+        return [name.strip() for name in v.split(",") if name.strip()]
+
+    @field_validator("handler_modules")
+    @classmethod
+    def _importable_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _MODULE_NAME.fullmatch(name):
+                shown = name if len(name) <= 80 else name[:80] + "..."
+                raise ValueError(
+                    f"{shown!r} is not a module name (dotted Python identifiers, e.g. myapp.handlers)"
+                )
+        return v
+
+    @field_validator("table_store")
+    @classmethod
+    def _known_store(cls, v: str) -> str:
+        # Faust imports a store from its URL's scheme: a typo was a ModuleNotFoundError naming no setting.
+        if v.split(":", 1)[0] not in ("memory", "rocksdb") or "://" not in v:
+            raise ValueError("must be memory:// or rocksdb://")
         return v
 
     @field_validator("raw_retention_ms", "dlq_retention_ms")

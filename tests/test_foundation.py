@@ -137,7 +137,19 @@ ABSURD_SETTINGS = [
     ("SENTPIPE_KAFKA_BOOTSTRAP", " ", "names no broker"),
     ("SENTPIPE_TOPIC_PREFIX", "x" * 231, "longer than 230"),
     ("SENTPIPE_APP_ID", "a:b", "letters, digits"),
+    # A pydantic-settings JSON error naming no setting; the item's index taken for part of the name; a
+    # ModuleNotFoundError from Faust naming no setting.
+    ("SENTPIPE_HANDLER_MODULES", "[oops", "is not a JSON list"),
+    ("SENTPIPE_HANDLER_MODULES", "[1, 2]", "item 0: Input should be a valid string"),
+    ("SENTPIPE_HANDLER_MODULES", "myapp.handlers, my app", "'my app' is not a module name"),
+    ("SENTPIPE_TABLE_STORE", "bogus://", "must be memory:// or rocksdb://"),
 ]
+
+
+def test_handler_modules_are_a_json_list_or_comma_separated_names() -> None:
+    for given in ('["myapp.handlers", "b"]', "myapp.handlers,b", " myapp.handlers , b ,"):
+        assert Settings(_env_file=None, handler_modules=given).handler_modules == ["myapp.handlers", "b"]
+    assert Settings(handler_modules="").handler_modules == []
 
 
 @pytest.mark.parametrize(("name", "value", "message"), ABSURD_SETTINGS)
