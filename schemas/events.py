@@ -203,6 +203,18 @@ class CanonicalEvent:
         )
 
 
+def searched_id_problem(value: str) -> str | None:
+    """Why no event, message or tenant can have this id a person searches for (None: one may), so the CLI
+    and the console refuse it before reading a topic or a table."""
+    if not value.strip():
+        return "is empty"
+    if "\x00" in value:
+        return "must not contain NUL characters"  # nor can PostgreSQL text
+    if len(value) > MAX_ID_LENGTH:
+        return f"is longer than {MAX_ID_LENGTH} characters, so nothing matches it"
+    return None
+
+
 def _nonempty(value: object, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise MalformedEvent("bad_canonical_event", f"{where!r} must be a non-empty string")

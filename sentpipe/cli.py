@@ -508,6 +508,8 @@ def offsets_reset(
     """Move a consumer group's committed offsets to reprocess (or skip); refused while it has members."""
     from sentpipe.processors.offsets import ResetTo, parse_when, reset_group_offsets
 
+    if not group.strip():
+        fail("--group is empty")
     s = settings()
     if [to_datetime is not None, to_earliest, to_latest].count(True) != 1:
         fail("choose exactly one of --to-datetime, --to-earliest, --to-latest")
@@ -633,7 +635,11 @@ def events_show(
 ) -> None:
     """Where an event is: raw record(s), dedup table, routed record(s), database rows, DLQ entries."""
     from sentpipe.processors.inspect import locate
+    from sentpipe.schemas.events import searched_id_problem
 
+    problem = searched_id_problem(event_id)
+    if problem is not None:
+        fail(f"EVENT_ID {problem}")
     s = settings()
     with _ops():
         _connect(s, timeout)
@@ -703,7 +709,7 @@ def console(
 
     Anything but a loopback address needs SENTPIPE_CONSOLE_TOKEN.
     """
-    from sentpipe.console import check_bind, run
+    from sentpipe.console import CannotListen, check_bind, run
     from sentpipe.logs import configure
 
     s = settings()
@@ -714,12 +720,15 @@ def console(
         fail(str(exc))
     configure(s.log_level, s.log_json)
     sign_in = "sign in with SENTPIPE_CONSOLE_TOKEN" if s.console_token else "no token: this machine only"
-    run(
-        s,
-        host,
-        s.console_port if port is None else port,
-        lambda url: out.print(f"console on {url} ({sign_in})", highlight=False),
-    )
+    try:
+        run(
+            s,
+            host,
+            s.console_port if port is None else port,
+            lambda url: out.print(f"console on {url} ({sign_in})", highlight=False),
+        )
+    except CannotListen as exc:
+        fail(str(exc))
 
 
 def _one_line_text(text: str) -> str:

@@ -293,3 +293,36 @@ def test_faust_options_are_checked_before_the_broker_in_one_line(
     code, stderr = invoke(capsys, "worker", *args)
     assert_refused(code, stderr, needle)
     assert nowhere not in stderr  # refused before any connection was tried
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["offsets", "reset", "--group", " ", "--to-latest"], "--group is empty"),
+        (["events", "show", ""], "EVENT_ID is empty"),
+        (["events", "show", "e" * 257], "EVENT_ID is longer than 256 characters"),
+        (["events", "show", "evt\x00"], "EVENT_ID must not contain NUL"),
+    ],
+)
+def test_names_nothing_can_have_are_refused_before_the_broker(
+    capsys: pytest.CaptureFixture[str], nowhere: str, args: list[str], needle: str
+) -> None:
+    code, stderr = invoke(capsys, *args)
+    assert_refused(code, stderr, needle)
+    assert nowhere not in stderr
+
+
+def test_a_console_port_in_use_is_one_line_naming_the_settings() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = cli_limited("console", "--host", "127.0.0.1", "--port", str(port))
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert last.startswith(
+        f"error: cannot listen on 127.0.0.1:{port} (--host/--port, SENTPIPE_CONSOLE_HOST"
+    ), last
+    assert "address already in use" in last

@@ -43,7 +43,7 @@ from sentpipe.processors import replay as replay_ops
 from sentpipe.processors.offsets import Log, OpsError, make_window, parse_when
 from sentpipe.schemas import exact_json
 from sentpipe.schemas import routing as r
-from sentpipe.schemas.events import MAX_ID_LENGTH, ROUTED_TYPES, EventType, parse_time
+from sentpipe.schemas.events import ROUTED_TYPES, EventType, parse_time, searched_id_problem
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.sender.delivery import Outcome, Unreachable, deliver, probe
@@ -223,11 +223,12 @@ def int_param(query: Mapping[str, str], name: str, default: int, low: int, high:
 def text_param(query: Mapping[str, str], name: str) -> str | None:
     """An id or tenant to look for: no NUL (PostgreSQL text cannot hold one), no longer than any id."""
     value = query.get(name, "").strip()
-    if "\x00" in value:
-        raise Refused(f"{name} must not contain NUL characters")
-    if len(value) > MAX_ID_LENGTH:
-        raise Refused(f"{name} is longer than {MAX_ID_LENGTH} characters, so nothing matches it")
-    return value or None
+    if not value:
+        return None
+    problem = searched_id_problem(value)
+    if problem is not None:
+        raise Refused(f"{name} {problem}")
+    return value
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
@@ -770,13 +771,28 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+class CannotListen(Exception):
+    """The console's address is taken or cannot be bound (the message names the settings)."""
+
+
 def run(settings: Settings, host: str, port: int, on_ready: Callable[[str], None] | None = None) -> None:
     app = create_app(settings)
+    announced = False
 
     def announce(_banner: str) -> None:
         # run_app calls `print` once every site is bound: a port in use fails before anything is announced.
+        nonlocal announced
+        announced = True
         if on_ready is not None:
             name = f"[{host}]" if ":" in host else host
             on_ready(f"http://{name}:{port}/")
 
-    web.run_app(app, host=host, port=port, print=announce, access_log=None, shutdown_timeout=5)
+    try:
+        web.run_app(app, host=host, port=port, print=announce, access_log=None, shutdown_timeout=5)
+    except OSError as exc:
+        if announced:
+            raise
+        raise CannotListen(
+            f"cannot listen on {host}:{port} (--host/--port, SENTPIPE_CONSOLE_HOST/SENTPIPE_CONSOLE_PORT): "
+            f"{exc.strerror or exc}"
+        ) from None
