@@ -31,6 +31,7 @@ from sentpipe.processors.offsets import (
     MAX_OFFSET,
     MAX_PARTITION,
     Log,
+    NotFound,
     OpsError,
     PartitionOffset,
     Range,
@@ -212,7 +213,7 @@ def _ranges(kafka: Log, dlq: str, sel: DlqSelection) -> list[Range]:
         low, high = marks[i.partition]
         if not low <= i.offset < high:
             held = f"offsets {low}..{high - 1}" if high > low else "no records"
-            raise OpsError(f"no DLQ record {i} (partition {i.partition} holds {held})")
+            raise NotFound(f"no DLQ record {i} (partition {i.partition} holds {held})")
     out = []
     for p in sorted({i.partition for i in sel.ids}):
         offsets = [i.offset for i in sel.ids if i.partition == p]
@@ -298,7 +299,7 @@ def show_entry(settings: Settings, entry_id: str, *, timeout: float = 10.0) -> D
             if msg.offset() == want.offset:
                 e = DlqEntry.from_message(msg)
                 return replace(e, redriven_by=(redriven(kafka, topics) or {}).get(e.id))
-    raise OpsError(f"no DLQ record {want}")  # e.g. compacted away between the check and the read
+    raise NotFound(f"no DLQ record {want}")  # e.g. compacted away between the check and the read
 
 
 # --- redrive ---------------------------------------------------------------------------------------------

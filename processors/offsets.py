@@ -41,6 +41,10 @@ class OpsError(Exception):
     """Bad input, or a state that forbids the operation; the CLI prints it as one line."""
 
 
+class NotFound(OpsError):
+    """Well-formed, and not there: a record or partition the log does not hold (the console's 404)."""
+
+
 def _kafka_text(exc: KafkaException) -> str:
     err = exc.args[0] if exc.args else None
     return str(err.str()) if isinstance(err, KafkaError) else str(exc)
@@ -217,7 +221,7 @@ class Log:
         n = self.partition_count(topic)
         for p in sorted(set(partitions)):
             if not 0 <= p < n:
-                raise OpsError(f"{topic} has partitions 0..{n - 1}; there is no partition {p}")
+                raise NotFound(f"{topic} has partitions 0..{n - 1}; there is no partition {p}")
 
     def _unavailable(self, exc: KafkaException | None = None) -> BrokerUnavailable:
         why = _kafka_text(exc) if exc is not None else "no answer"

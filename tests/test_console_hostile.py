@@ -26,6 +26,7 @@ from sentpipe.console.app import SESSIONS, SETTINGS, entry_json, send_json
 from sentpipe.console.auth import Session, Sessions
 from sentpipe.processors.dlq import DlqEntry
 from sentpipe.schemas import routing as r
+from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.processes import settings_env
 from tests.test_console_security import TOKEN, sign_in
@@ -202,6 +203,19 @@ async def test_text_the_database_cannot_hold_is_400_not_database_unavailable(
     assert status == 200 and body["rows"] == [], body
     status, body = await answer(client, "GET", f"{base}/api/search?until=9999-12-31T23:59:59.999999Z")
     assert status == 200, body
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_a_dlq_record_that_is_not_there_is_404_not_found(
+    http: tuple[ClientSession, str, dict[str, str]], topics: Topics
+) -> None:
+    """A well-formed ID past the end of the DLQ, or on a partition it does not have: a 400 said the caller
+    had asked wrongly, when the record simply is not there."""
+    client, base, _ = http
+    for entry_id in ("0:999", "999:0"):
+        status, body = await answer(client, "GET", f"{base}/api/dlq/entry?id={entry_id}")
+        assert (status, body["code"]) == (404, "not_found"), body
+        assert topics.dlq in body["error"] or "no DLQ record" in body["error"], body
 
 
 @pytest.mark.usefixtures("no_tracebacks")

@@ -40,7 +40,7 @@ from sentpipe.processors import dlq as dlq_ops
 from sentpipe.processors import history
 from sentpipe.processors import inspect as trace
 from sentpipe.processors import replay as replay_ops
-from sentpipe.processors.offsets import Log, OpsError, make_window, parse_when
+from sentpipe.processors.offsets import Log, NotFound, OpsError, make_window, parse_when
 from sentpipe.schemas import exact_json
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import ROUTED_TYPES, EventType, parse_time, searched_id_problem
@@ -714,6 +714,8 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         return await handler(request)
     except Refused as exc:
         return problem(exc.status, str(exc), exc.code)
+    except NotFound as exc:
+        return problem(404, str(exc), "not_found")
     except OpsError as exc:
         return problem(400, str(exc))
     except ValueError as exc:
