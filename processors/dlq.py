@@ -207,7 +207,7 @@ def make_selection(
 def _ranges(kafka: Log, dlq: str, sel: DlqSelection) -> list[Range]:
     if not sel.ids:
         return kafka.ranges(dlq, Window(since_ms=sel.since_ms))
-    kafka.check_partitions(dlq, {i.partition for i in sel.ids})
+    kafka.check_partitions(dlq, {i.partition for i in sel.ids}, missing=NotFound)
     marks = kafka.watermarks(dlq, sorted({i.partition for i in sel.ids}))
     for i in sorted(sel.ids, key=lambda x: (x.partition, x.offset)):
         low, high = marks[i.partition]

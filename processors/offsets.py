@@ -217,11 +217,14 @@ class Log:
             raise OpsError(f"topic {topic} does not exist on {self.bootstrap}")
         return self.topics[topic]
 
-    def check_partitions(self, topic: str, partitions: Iterable[int]) -> None:
+    def check_partitions(
+        self, topic: str, partitions: Iterable[int], *, missing: type[OpsError] = OpsError
+    ) -> None:
+        """A partition named in a request (a 400) or in a record's id (`missing=NotFound`, a 404)."""
         n = self.partition_count(topic)
         for p in sorted(set(partitions)):
             if not 0 <= p < n:
-                raise NotFound(f"{topic} has partitions 0..{n - 1}; there is no partition {p}")
+                raise missing(f"{topic} has partitions 0..{n - 1}; there is no partition {p}")
 
     def _unavailable(self, exc: KafkaException | None = None) -> BrokerUnavailable:
         why = _kafka_text(exc) if exc is not None else "no answer"
