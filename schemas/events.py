@@ -18,8 +18,9 @@ such a body is dead-lettered at the ingress instead of crashing a worker:
   limits. A wrongly typed one is refused rather than stored as null, because the payload is kept verbatim
   as jsonb and a column silently disagreeing with it would be a quiet loss; the DLQ keeps it redrivable.
 
-A field that is absent, null or "" is "not given": only then do fallbacks apply (event id from the body
-hash, occurred_at from received_at). Missing required keys (a message event without a message id or a
+A field that is absent, null or "" is "not given", and so is an id or a status that is only whitespace
+(nothing could be looked up by it): only then do fallbacks apply (event id from the body hash,
+occurred_at from received_at). Missing required keys (a message event without a message id or a
 status, a template event without an id or a status) are not the framing's business: `normalize` refuses
 them, so they are dead-lettered by the router, as before. `CanonicalEvent.from_json` is a tolerant but
 safe reader of routed records (see there). `schemas/contract.py` generates JSON Schema from the limits
@@ -326,11 +327,21 @@ class FieldSpec(NamedTuple):
     where: str  # how messages name it
 
 
+# A blank id or status is not given, like "": nothing could be looked up by it (the CLI and the console
+# refuse to search for one), and as a key it would merge unrelated events.
+_BLANK_IS_ABSENT = frozenset({"id", "status"})
+
+
 def _string(value: object, where: str, reason: str, kind: str) -> str | None:
     """A string (or integer, for ids and addresses) within the kind's length; None when not given."""
-    if type(value) is str and 0 < len(value) <= _STRING_LIMITS[kind] and "\x00" not in value:
+    if (
+        type(value) is str
+        and 0 < len(value) <= _STRING_LIMITS[kind]
+        and "\x00" not in value
+        and not (value.isspace() and kind in _BLANK_IS_ABSENT)
+    ):
         return value  # the usual case, decided before anything else: several calls per request
-    if value is None or value == "":
+    if value is None or value == "" or (type(value) is str and value.isspace() and kind in _BLANK_IS_ABSENT):
         return None
     integer_ok, limit = STRING_KINDS[kind]
     if isinstance(value, str):
@@ -479,11 +490,11 @@ def _check_fields(d: dict[str, Any], fields: _Fields) -> dict[str, Any]:
                 if type(value) is str
                 else parse_timestamp(value, spec.where)
             )
-        elif type(value) is str and len(value) <= limit and "\x00" not in value:
+        elif type(value) is str and len(value) <= limit and "\x00" not in value and not value.isspace():
             checked = value  # the usual case, decided inline: exactly what _string returns for it
         else:
             checked = _string(value, spec.where, spec.reason, spec.kind)
-        if role is not None and role not in found:
+        if role is not None and role not in found and checked is not None:
             found[role] = checked
     return found
 
@@ -656,7 +667,10 @@ def _event_id(doc: dict[str, Any], body: bytes, webhook_id: str | None, source: 
     # The envelope id is checked whatever the source: a wrongly typed one is refused, never replaced.
     envelope_id = doc.get("id")
     if envelope_id is not None and (
-        type(envelope_id) is not str or not 0 < len(envelope_id) <= MAX_ID_LENGTH or "\x00" in envelope_id
+        type(envelope_id) is not str
+        or not 0 < len(envelope_id) <= MAX_ID_LENGTH
+        or "\x00" in envelope_id
+        or envelope_id.isspace()
     ):
         envelope_id = _id(envelope_id, "the envelope 'id'", "bad_event_id")
     if source == "auto":

@@ -59,6 +59,12 @@ def test_event_id_sources() -> None:
     )
     guide = SampleFactory(1).inbound("guide")
     assert frame(guide.body, webhook_id=None).event_id == guide.doc["id"]
+    # A blank envelope id is not given, like "": the body's hash, as for an event without one.
+    blank = orjson.dumps({**guide.doc, "id": "  "})
+    assert frame(blank, webhook_id=None).event_id == hashlib.sha256(blank).hexdigest()
+    with pytest.raises(MalformedEvent) as e:
+        frame(body, webhook_id=" ", id_source="header")
+    assert e.value.reason == "missing_event_id"
 
 
 def test_unknown_types_are_unrouted_not_dropped() -> None:
@@ -304,6 +310,11 @@ def test_missing_keys_are_still_the_routers_business() -> None:
         ),
         ({"field": "message", "sub_type": "message.", "payload": {"message_id": "m"}}, "missing_status"),
         ({"field": "templates", "payload": {"status": "APPROVED"}}, "missing_template_id"),
+        # Blank is not given: an id nobody could search for, a key merging unrelated events.
+        ({"field": "message", "sub_type": "message.read", "payload": {"message_id": " \t"}}, "missing_message_id"),
+        ({"field": "message", "sub_type": "message. ", "payload": {"message_id": "m"}}, "missing_status"),
+        ({"field": "templates", "payload": {"template_id": "  ", "status": "APPROVED"}}, "missing_template_id"),
+        ({"field": "templates", "payload": {"template_id": "t", "status": "\n"}}, "missing_status"),
     ):
         frame(_body(doc), webhook_id=None)
         with pytest.raises(MalformedEvent) as e:
