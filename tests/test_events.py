@@ -311,9 +311,15 @@ def test_missing_keys_are_still_the_routers_business() -> None:
         ({"field": "message", "sub_type": "message.", "payload": {"message_id": "m"}}, "missing_status"),
         ({"field": "templates", "payload": {"status": "APPROVED"}}, "missing_template_id"),
         # Blank is not given: an id nobody could search for, a key merging unrelated events.
-        ({"field": "message", "sub_type": "message.read", "payload": {"message_id": " \t"}}, "missing_message_id"),
+        (
+            {"field": "message", "sub_type": "message.read", "payload": {"message_id": " \t"}},
+            "missing_message_id",
+        ),
         ({"field": "message", "sub_type": "message. ", "payload": {"message_id": "m"}}, "missing_status"),
-        ({"field": "templates", "payload": {"template_id": "  ", "status": "APPROVED"}}, "missing_template_id"),
+        (
+            {"field": "templates", "payload": {"template_id": "  ", "status": "APPROVED"}},
+            "missing_template_id",
+        ),
         ({"field": "templates", "payload": {"template_id": "t", "status": "\n"}}, "missing_status"),
     ):
         frame(_body(doc), webhook_id=None)
