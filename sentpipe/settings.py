@@ -7,14 +7,35 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import Field, FilePath, SecretStr, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sentpipe.schemas.events import MAX_ID_LENGTH, EventIdSource
 
+
+def _not_a_service_link(value: object) -> object:
+    # Kubernetes gives every pod <SERVICE>_PORT=tcp://<ip>:<port> for each Service in its namespace: a
+    # Service named sentpipe-ingress or sentpipe-console sets SENTPIPE_INGRESS_PORT / SENTPIPE_CONSOLE_PORT.
+    if isinstance(value, str) and value.startswith(("tcp://", "udp://")):
+        raise PydanticCustomError(
+            "service_link",
+            "is a Kubernetes service link (a Service named like the variable), not a port: set "
+            "enableServiceLinks: false in the pod spec, as the Helm chart does",
+        )
+    return value
+
+
 # A TCP port; 0 lets the system pick one. (uvloop would take 99999 as 34463 and say 99999.)
-Port = Annotated[int, Field(ge=0, le=65535)]
+Port = Annotated[int, BeforeValidator(_not_a_service_link), Field(ge=0, le=65535)]
 
 DAY_S = 86_400
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")

@@ -197,24 +197,24 @@ def load_yaml(text: str) -> list[Any]:
     return list(yaml.safe_load_all(text))
 
 
-def helm_template(*args: str) -> subprocess.CompletedProcess[str]:
+def helm_template(*args: str, release: str = "sp") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [helm(), "template", "sp", str(CHART), "--namespace", "sp", "--kube-version", KUBE, *CRDS, *args],
+        [helm(), "template", release, str(CHART), "--namespace", "sp", "--kube-version", KUBE, *CRDS, *args],
         capture_output=True,
         text=True,
     )
 
 
 @functools.cache
-def render_text(*args: str) -> str:
-    out = helm_template(*args)
+def render_text(*args: str, release: str = "sp") -> str:
+    out = helm_template(*args, release=release)
     assert out.returncode == 0, f"helm template {' '.join(args)} failed:\n{out.stderr}"
     return out.stdout
 
 
 @functools.cache
-def render(*args: str) -> tuple[Obj, ...]:
-    return tuple(d for d in load_yaml(render_text(*args)) if d)
+def render(*args: str, release: str = "sp") -> tuple[Obj, ...]:
+    return tuple(d for d in load_yaml(render_text(*args, release=release)) if d)
 
 
 def refused(*args: str) -> str:
@@ -341,12 +341,41 @@ def container_env(
     return env, problems
 
 
+def service_links(objs: tuple[Obj, ...]) -> dict[str, str]:
+    """What the kubelet adds to the environment of every pod in the namespace for each Service with a
+    cluster IP, unless the pod sets `enableServiceLinks: false` (pkg/kubelet/envvars; the Services of a
+    release exist before its pods, Helm installs them first)."""
+    env: dict[str, str] = {}
+    for i, o in enumerate(o for o in objs if o["kind"] == "Service"):
+        spec = o["spec"]
+        if spec.get("clusterIP") == "None":
+            continue
+        ip, name = f"10.96.0.{10 + i}", o["metadata"]["name"].upper().replace("-", "_")
+        ports = spec["ports"]
+        env[f"{name}_SERVICE_HOST"] = ip
+        env[f"{name}_SERVICE_PORT"] = str(ports[0]["port"])
+        for n, p in enumerate(ports):
+            proto = p.get("protocol", "TCP")
+            if p.get("name"):
+                env[f"{name}_SERVICE_PORT_{p['name'].upper().replace('-', '_')}"] = str(p["port"])
+            link = f"{name}_PORT_{p['port']}_{proto}"
+            env[link] = f"{proto.lower()}://{ip}:{p['port']}"
+            env.update({f"{link}_PROTO": proto.lower(), f"{link}_PORT": str(p["port"]), f"{link}_ADDR": ip})
+            if n == 0:
+                env[f"{name}_PORT"] = env[link]
+    return env
+
+
 def container_settings(objs: tuple[Obj, ...], files: Path) -> Iterator[tuple[str, Obj, Settings]]:
-    """(workload/container, container, Settings) for every container; fails on any problem."""
+    """(workload/container, container, Settings) for every container, in the environment the kubelet
+    gives it (service links included); fails on any problem."""
+    links = {k: v for k, v in service_links(objs).items() if k.startswith("SENTPIPE_")}
     for wname, workload, c in pods(objs):
         where = f"{wname}/{c['name']}"
         env, problems = container_env(objs, workload, c, files)
         assert not problems, f"{where}: {problems}"
+        if workload["spec"]["template"]["spec"].get("enableServiceLinks", True):
+            env = {**links, **env}  # a variable the container sets wins over a link's
         try:
             s = settings_from(env)
         except ValidationError as exc:
@@ -368,6 +397,19 @@ def test_every_rendered_variable_is_a_setting_with_a_value_settings_accepts(
     for where, c, s in seen:
         if c["args"][0] in ("ingress", "console"):
             assert not s.uses_development_secret, f"{where} would verify with the public development secret"
+
+
+def test_the_documented_release_name_leaves_every_pod_its_settings(tmp_path: Path) -> None:
+    """`helm install sentpipe` (README) names the Services sentpipe-ingress and sentpipe-console, and the
+    kubelet's service links gave every pod of the namespace SENTPIPE_INGRESS_PORT=tcp://<ip>:8080 and
+    SENTPIPE_CONSOLE_PORT: settings, which Settings refused, so the workers crash-looped at start."""
+    objs = render(*CASES["all-options"], release="sentpipe")
+    assert {"SENTPIPE_INGRESS_PORT", "SENTPIPE_CONSOLE_PORT"} <= set(service_links(objs))
+    seen = list(container_settings(objs, tmp_path))
+    assert {c["args"][0] for _, c, _ in seen} >= {"ingress", "worker", "console", "topics", "db"}
+    for where, c, s in seen:
+        if c["args"][0] != "ingress":
+            assert s.ingress_port == Settings.model_fields["ingress_port"].default, where
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -114,6 +114,8 @@ def test_a_database_url_libpq_would_misread_is_refused_without_quoting_it() -> N
 # (inf, 1e12), a busy sweep loop (0.001), a broker that refused the topic (-5), every event of the tenant
 # dead-lettered by the router (a name it cannot key), a topic name Kafka refuses (300 characters).
 ABSURD_SETTINGS = [
+    # What Kubernetes puts there for a Service named sentpipe-console when the pod keeps service links.
+    ("SENTPIPE_CONSOLE_PORT", "tcp://10.96.0.13:8090", "enableServiceLinks: false"),
     ("SENTPIPE_PRODUCE_TIMEOUT_S", "inf", "finite"),
     ("SENTPIPE_PRODUCE_TIMEOUT_S", "1e12", "less than or equal"),
     ("SENTPIPE_BODY_TIMEOUT_S", "nan", "finite"),
