@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import mode
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe.kafka import AsyncProducer, BatchConsumer
@@ -51,18 +51,30 @@ CHILD_STOP_TIMEOUT_S = 45.0
 RECONNECT_WINDOW_S = 10.0
 
 
+# DISCARD ALL but its DEALLOCATE ALL, with the names of the statements a handler PREPAREd itself. psycopg
+# keeps its own prepared statements by name and notices a DISCARD ALL only the first time it runs on a
+# connection: after a savepoint rollback had emptied its cache once, the next reset dropped the statements
+# it went on using, and every other batch failed on SQLSTATE 26000 and was applied twice.
+_RESET = (
+    "SELECT name FROM pg_prepared_statements WHERE from_sql; CLOSE ALL; SET SESSION AUTHORIZATION DEFAULT; "
+    "RESET ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
+)
+
+
 async def _reset_session(conn: AsyncConnection) -> None:
     # What a handler leaves in its session must not outlive its batch on the pooled connection: a SET
     # (search_path: the projections' SQL would meet other tables, SQLSTATE 42, held as a failure of the
     # whole), a session advisory lock it never released (every other worker's handler waiting for that key
-    # would time out for as long as the connection lived), temp tables, LISTENs, SET ROLE. DISCARD ALL
-    # undoes them all and goes back to the session's defaults, the URL's `options` included; psycopg drops
-    # its prepared statements with it. It runs outside a transaction only: in autocommit, then back, so
-    # the pool does not find the connection in a transaction (it would discard it: a new one per batch).
+    # would time out for as long as the connection lived), temp tables, LISTENs, SET ROLE, its own
+    # PREPAREd statements. RESET ALL goes back to the session's defaults, the URL's `options` included.
+    # It runs outside a transaction: in autocommit, then back, so the pool does not find the connection in
+    # a transaction (it would discard it: a new one per batch).
     autocommit = conn.autocommit
     if not autocommit:
         await conn.set_autocommit(True)
-    await conn.execute("DISCARD ALL")
+    cur = await conn.execute(_RESET)
+    for (name,) in await cur.fetchall():
+        await conn.execute(sql.SQL("DEALLOCATE {}").format(sql.Identifier(name)))
     if not autocommit:
         await conn.set_autocommit(False)
 

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe.broker import LocalBroker
@@ -765,5 +766,37 @@ async def test_a_handlers_session_locks_and_temp_tables_do_not_outlive_its_batch
                     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242"
                 ).fetchone()
             assert held == (0,)
+    finally:
+        await pool.close()
+
+
+async def test_a_failed_handler_call_leaves_later_batches_on_its_connection_alone(db_url: str) -> None:
+    """A savepoint rollback empties psycopg's prepared-statement cache, after which it no longer noticed
+    the pool's DISCARD ALL dropping the statements it prepared again: from one failed handler call on,
+    every other batch on that connection failed with SQLSTATE 26000 and was applied twice. A statement the
+    handler PREPAREd itself must still not outlive its batch."""
+    from sentpipe.processors.projector_process import open_pool
+
+    handlers = HandlerRegistry()
+    left_over: list[int] = []  # statements of its own a call finds, first call of each batch
+
+    async def fail_some(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        cur = await ctx.conn.execute("SELECT count(*) FROM pg_prepared_statements WHERE from_sql")
+        left_over.append((await cur.fetchone() or (0,))[0])
+        await ctx.conn.execute(sql.SQL("PREPARE {} AS SELECT 1").format(sql.Identifier(event.id)))
+        if event.data.get("text") == "fail":
+            raise ValueError("this event's own failure")
+
+    handlers.register(INBOUND, fail_some, "fail-some")
+    pool = open_pool(Settings(database_url=db_url, db_pool_size=1))  # one connection, reused
+    await pool.open()
+    f = SampleFactory(13)
+    try:
+        sink = PostgresSink(pool, handlers)
+        for n, texts in enumerate([["ok"] * 4, ["fail"] * 3, *[["ok"] * 4] * 8]):
+            events = [route_as_the_router(inbound_body(f, t), TOPICS).event for t in texts]
+            failures = await sink.apply(EventType.MESSAGE_INBOUND, [e for e in events if e], 1)
+            assert [type(x.error).__name__ for x in failures] == ["ValueError"] * texts.count("fail"), n
+            assert left_over[-len(texts)] == 0, n
     finally:
         await pool.close()
