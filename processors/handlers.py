@@ -33,6 +33,7 @@ from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
+from psycopg.pq import TransactionStatus
 
 from sentpipe.processors import blocked_handlers as blocked
 from sentpipe.schemas.events import ROUTED_TYPES, CanonicalEvent, EventType
@@ -55,6 +56,15 @@ class HandlerTimeout(HandlerError):
     """A handler call ran past `HandlerRegistry.timeout_s`: cancelled, the event dead-lettered."""
 
 
+class HandlerAbandoned(HandlerTimeout):
+    """A call past its limit went on after it was cancelled: it is left running, the batch's connection it
+    holds closed under it."""
+
+
+class TransactionEnded(HandlerError):
+    """A call ended the batch's transaction (COMMIT or ROLLBACK run on ctx.conn)."""
+
+
 class HandlerModuleError(Exception):
     """A module of SENTPIPE_HANDLER_MODULES cannot be imported; the message is one line naming it."""
 
@@ -75,6 +85,9 @@ HANDLER_TIMEOUT_S = 30.0
 MAX_NAME_LENGTH = 200
 # Shown of an error message that cannot be sent as it is (the DLQ header keeps 1,000 characters).
 MAX_MESSAGE = 1000
+# How long a call past its limit has, once cancelled, to end; then it is abandoned (HandlerAbandoned).
+CANCEL_GRACE_S = 1.0
+ENDED = "ended the batch's transaction (COMMIT or ROLLBACK on ctx.conn: the stage commits the batch)"
 # A network error raised by the handler's own client (its HTTP call, say) is the event's failure, as the
 # README promises for "any other exception"; only RetryableError, the database and the broker retry.
 _OWN_NETWORK_ERRORS = (ConnectionError, TimeoutError, socket.gaierror)
@@ -133,18 +146,20 @@ def _stand_in(exc: BaseException, message: str) -> HandlerError:
     return cls(message)
 
 
-def _as_failure(exc: Exception) -> Exception:
+def _as_failure(exc: Exception, conn: AsyncConnection) -> Exception:
     """What the stage gets for an exception a handler raised: the exception itself when the stage can
     classify it and write it to the DLQ as it is, else a stand-in of the kind it should be."""
     text = _text(exc)
-    if isinstance(exc, RetryableError | psycopg.Error):
-        if text is None and isinstance(exc, RetryableError):
-            return RetryableError(_readable(exc))
+    if isinstance(exc, RetryableError):
+        return exc if text is not None else RetryableError(_readable(exc))
+    if isinstance(exc, psycopg.Error) and (exc.sqlstate is not None or conn.closed or conn.broken):
         return exc  # the stage retries these (psycopg's by SQLSTATE); their text comes from the server
-    if isinstance(exc, _OWN_NETWORK_ERRORS):
+    if isinstance(exc, (*_OWN_NETWORK_ERRORS, psycopg.Error)):
         # Retried like a database or broker outage, one event's unreachable API would hold the line forever.
+        # A psycopg error without SQLSTATE while the batch's connection is sound is the handler's own: its
+        # own connection lost or refused, or a misuse such as `ctx.conn.commit()`.
         why = text if text is not None else _readable(exc)
-        return _stand_in(exc, f"{why} (the handler's own network error; raise RetryableError to retry)")
+        return _stand_in(exc, f"{why} (the handler's own error; raise RetryableError to retry)")
     return exc if text is not None else _stand_in(exc, _readable(exc))
 
 
@@ -155,43 +170,86 @@ def _guarded(fn: Handler, registry: HandlerRegistry, name: str) -> Handler:
         # Its own copy: a handler changing `data` must not change the rows of a retried batch (projected
         # again from the same objects) nor what the next handler sees.
         own = dataclasses.replace(event, data=copy.deepcopy(event.data))
-        # A call that blocks the loop cannot be cancelled at an await: the blocked-handler guard raises
-        # HandlerBlocked in its code instead (blocked_handlers.py).
-        entered = blocked.guard.enter(name, event.id, registry.timeout_s)
+        # A task of its own: a cancellation it catches cannot keep it past its limit, and one it raises or
+        # asks for (`current_task().cancel()`) is told apart from a stop of the stage.
+        task = asyncio.get_running_loop().create_task(_attempt(fn, own, ctx, registry, name))
         try:
-            try:
-                await _call(fn, own, ctx, registry)
-            finally:
-                entered.active = False  # before any call: from here on no signal raises in this one
-                blocked.guard.leave(entered)
-        except blocked.HandlerBlocked:
-            pass
-        except Exception:
-            if entered.interrupted is None:
-                raise
-        if entered.interrupted is not None:  # raised in it, even if the handler caught it and went on
-            raise HandlerTimeout(
-                f"{entered.interrupted} and was interrupted (handlers must not block: use await, or run "
-                "blocking code with asyncio.to_thread)"
-            ) from None
+            done, _ = await asyncio.wait((task,), timeout=registry.timeout_s)
+        except asyncio.CancelledError:  # the stage is stopping: the call ends with it
+            await _cancel(task)
+            raise
+        failure: BaseException | None
+        if not done:
+            failure = await _past_limit(task, registry.timeout_s, ctx)
+        elif task.cancelled():
+            failure = _stand_in(asyncio.CancelledError(), "raised by the handler, not by a stop of the stage")
+        else:
+            failure = task.exception()
+        conn = ctx.conn
+        if not conn.closed and conn.info.transaction_status is TransactionStatus.IDLE:
+            raise TransactionEnded(ENDED) from failure
+        if failure is not None:
+            raise failure
 
     call.__wrapped__ = fn  # type: ignore[attr-defined]
     return call
 
 
-async def _call(fn: Handler, own: CanonicalEvent, ctx: HandlerContext, registry: HandlerRegistry) -> None:
-    """One call of `fn`, whatever it does, as an Exception the stage can classify (`_guarded`)."""
-    task = asyncio.current_task()
-    cancels = task.cancelling() if task is not None else 0
-    scope: asyncio.Timeout | None = None
+async def _cancel(task: asyncio.Task[None]) -> bool:
+    """Cancel a call and give it CANCEL_GRACE_S to end; whether it did."""
+    task.cancel()
+    done, _ = await asyncio.wait((task,), timeout=CANCEL_GRACE_S)
+    if not done:  # its outcome, whenever it comes, is nobody's
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return bool(done)
+
+
+async def _past_limit(task: asyncio.Task[None], limit: float | None, ctx: HandlerContext) -> Exception:
+    if not await _cancel(task):
+        # Going on, it would run its statements in the next batches' transactions.
+        await ctx.conn.close()
+        return HandlerAbandoned(
+            f"did not finish within {limit:g} s and went on after it was cancelled: left running, the "
+            "batch's connection closed under it"
+        )
+    if not task.cancelled() and isinstance(exc := task.exception(), HandlerTimeout):
+        return exc  # the blocked-handler guard's, which ended it first
+    return HandlerTimeout(f"did not finish within {limit:g} s and was cancelled")
+
+
+async def _attempt(
+    fn: Handler, own: CanonicalEvent, ctx: HandlerContext, registry: HandlerRegistry, name: str
+) -> None:
+    """The call, in its task: whatever it does comes out as an Exception (a BaseException would end the
+    event loop from a task), or as the task's cancellation."""
+    # A call that blocks the loop cannot be cancelled at an await: the blocked-handler guard raises
+    # HandlerBlocked in its code instead (blocked_handlers.py). Entered here: this frame is the call's.
+    entered = blocked.guard.enter(name, own.id, registry.timeout_s)
     try:
-        async with asyncio.timeout(registry.timeout_s) as scope:
-            result: Any = fn(own, ctx)
-            if not inspect.isawaitable(result):
-                raise HandlerError(
-                    f"returned {type(result).__name__}, not an awaitable: handlers are async def"
-                )
-            returned = await result
+        try:
+            await _invoke(fn, own, ctx)
+        finally:
+            entered.active = False  # before any call: from here on no signal raises in this one
+            blocked.guard.leave(entered)
+    except blocked.HandlerBlocked:
+        pass
+    except (Exception, asyncio.CancelledError):
+        if entered.interrupted is None:
+            raise
+    if entered.interrupted is not None:  # raised in it (or in a task or callback of its own), even if
+        # the handler caught it and went on, or was cancelled at its limit since
+        raise HandlerTimeout(
+            f"{entered.interrupted} and was interrupted (handlers must not block: use await, or run "
+            "blocking code with asyncio.to_thread)"
+        ) from None
+
+
+async def _invoke(fn: Handler, own: CanonicalEvent, ctx: HandlerContext) -> None:
+    try:
+        result: Any = fn(own, ctx)
+        if not inspect.isawaitable(result):
+            raise HandlerError(f"returned {type(result).__name__}, not an awaitable: handlers are async def")
+        returned = await result
         if inspect.isawaitable(returned):
             if inspect.iscoroutine(returned):
                 returned.close()  # never run: no "was never awaited" warning on top of this error
@@ -202,20 +260,10 @@ async def _call(fn: Handler, own: CanonicalEvent, ctx: HandlerContext, registry:
         if _text(exc) is None:
             raise _stand_in(exc, _readable(exc)) from None
         raise
-    except TimeoutError as exc:
-        if scope is not None and scope.expired():
-            raise HandlerTimeout(
-                f"did not finish within {registry.timeout_s:g} s and was cancelled"
-            ) from None
-        raise _as_failure(exc) from exc
     except asyncio.CancelledError:
-        if task is not None and task.cancelling() > cancels:
-            raise  # the stage itself is being cancelled: not this event's failure
-        raise _stand_in(
-            asyncio.CancelledError(), "raised by the handler, not by a stop of the stage"
-        ) from None
+        raise  # the task's: `call` tells the stage's stop, the limit and the handler's own apart
     except Exception as exc:
-        failure = _as_failure(exc)
+        failure = _as_failure(exc, ctx.conn)
         if failure is exc:
             raise
         raise failure from exc

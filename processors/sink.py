@@ -14,11 +14,13 @@ from psycopg_pool import AsyncConnectionPool
 from sentpipe import metrics as m
 from sentpipe.processors.blocked_handlers import UNINTERRUPTIBLE, UninterruptibleCalls
 from sentpipe.processors.handlers import (
+    HandlerAbandoned,
     HandlerContext,
     HandlerError,
     HandlerRegistry,
     HandlerTimeout,
     RetryableError,
+    TransactionEnded,
 )
 from sentpipe.processors.projections import PROJECTIONS, Statement
 from sentpipe.processors.retry import classify
@@ -47,12 +49,13 @@ class HandlersHeld(Exception):
     looks the same as events of its own, so the batch is rolled back and read again, not dead-lettered."""
 
 
-class ConnectionClosedByHandler(RetryableError):
-    """A handler call closed the batch's connection: the batch is lost with it and applied again, that call
-    left out as its event's failure."""
+class BatchLostToHandler(RetryableError):
+    """A handler call closed the batch's connection, ended its transaction or went on past its limit: the
+    batch is lost with it and applied again, that call left out as its event's failure."""
 
 
-# Past this many suspects (or closers) remembered, the memory starts again: it orders calls, saves repeats.
+# Past this many suspects (or calls left out) remembered, the memory starts again: it orders calls,
+# saves repeats.
 MAX_SUSPECTS = 10_000
 CLOSED = "closed the stage's database connection (ctx.conn belongs to the batch: never close it)"
 
@@ -71,8 +74,9 @@ class PostgresSink:
         # (handler, event id) -> the timeout of its call in a held batch. Read again, these are called after
         # the others, so fresh events show whether the handler works at all before these are blamed.
         self._suspects: dict[tuple[str, str], Exception] = {}
-        # (handler, event id) whose call closed the connection: not called again, its event's failure.
-        self._closers: set[tuple[str, str]] = set()
+        # (handler, event id) -> its failure, for calls that lost the batch (`BatchLostToHandler`): not
+        # called again.
+        self._left_out: dict[tuple[str, str], Exception] = {}
         # Told (handler, event id) each time a handler call ends, whatever its outcome (the projector's
         # progress within a batch).
         self.on_call: Callable[[str, str], None] | None = None
@@ -117,8 +121,9 @@ class PostgresSink:
                         h0 = time.perf_counter()
                         calls, blamed = self._order(name, events)
                         for ev in calls:
-                            if (name, ev.id) in self._closers:
-                                failures.append(HandlerFailure(ev, name, HandlerError(CLOSED)))
+                            left_out = self._left_out.get((name, ev.id))
+                            if left_out is not None:
+                                failures.append(HandlerFailure(ev, name, left_out))
                                 continue
                             if self.uninterruptible and (name, ev.id) in self.uninterruptible:
                                 failures.append(HandlerFailure(ev, name, HandlerTimeout(UNINTERRUPTIBLE)))
@@ -132,7 +137,9 @@ class PostgresSink:
                                         self.on_call(name, ev.id)
                             except Exception as exc:
                                 if conn.closed:  # retried as a lost connection, this call forever
-                                    self._close_call(name, ev)
+                                    self._leave_out(name, ev, exc)
+                                if isinstance(exc, TransactionEnded):
+                                    self._leave_out(name, ev, exc)
                                 if _timed_out(exc):
                                     timed_out.append(HandlerFailure(ev, name, exc))
                                     if ok == 0 and len(timed_out) > 1:
@@ -143,7 +150,7 @@ class PostgresSink:
                                 failures.append(HandlerFailure(ev, name, exc))
                             else:
                                 if conn.closed:  # the savepoint's end does not notice: the next call would
-                                    self._close_call(name, ev)
+                                    self._leave_out(name, ev, None)
                                 ok += 1
                         failures += timed_out + blamed
                         succeeded[name] = ok
@@ -153,11 +160,11 @@ class PostgresSink:
                 if refused is not None and refused[1] is exc and await _unfillable_column(conn, *refused):
                     _hold(type_, exc)
                 raise
-        if self._suspects or self._closers:  # these are settled now, one way or the other
+        if self._suspects or self._left_out:  # these are settled now, one way or the other
             for name, _ in handlers:
                 for ev in events:
                     self._suspects.pop((name, ev.id), None)
-                    self._closers.discard((name, ev.id))
+                    self._left_out.pop((name, ev.id), None)
         if self.uninterruptible:
             self.uninterruptible.settle((name, ev.id) for name, _ in handlers for ev in events)
         # Counted once committed: a rolled-back batch is retried and counted then.
@@ -182,12 +189,22 @@ class PostgresSink:
             return [], [HandlerFailure(ev, name, exc) for ev in events if (exc := earlier[ev.id])]
         return fresh + [ev for ev in events if earlier[ev.id] is not None], []
 
-    def _close_call(self, name: str, ev: CanonicalEvent) -> NoReturn:
-        if len(self._closers) > MAX_SUSPECTS:
-            self._closers.clear()
-        self._closers.add((name, ev.id))
-        log.error("handler %s %s; the batch is applied again without that call", name, CLOSED)
-        raise ConnectionClosedByHandler(f"{name}: {CLOSED}")
+    def _leave_out(self, name: str, ev: CanonicalEvent, exc: Exception | None) -> NoReturn:
+        """The call lost the batch: the batch is applied again without it, `exc` (or, the connection closed
+        by the handler itself, CLOSED) its event's failure."""
+        if not isinstance(exc, HandlerAbandoned | TransactionEnded):
+            exc = HandlerError(CLOSED)
+        if len(self._left_out) > MAX_SUSPECTS:
+            self._left_out.clear()
+        self._left_out[(name, ev.id)] = exc.with_traceback(None)
+        log.error(
+            "handler %s %s with event %s; the batch is applied again without that call",
+            name,
+            exc,
+            ev.id,
+            extra={"handler": name, "event_id": ev.id, "error": type(exc).__name__},
+        )
+        raise BatchLostToHandler(f"{name}: {exc}")
 
     def _hold_timeouts(self, type_: EventType, timed_out: list[HandlerFailure]) -> NoReturn:
         if len(self._suspects) > MAX_SUSPECTS:

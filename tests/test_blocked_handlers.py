@@ -14,8 +14,10 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from psycopg.pq import TransactionStatus
 
 from sentpipe.processors import blocked_handlers as blocked
 from sentpipe.processors.handlers import HandlerContext, HandlerRegistry, HandlerTimeout
@@ -49,8 +51,15 @@ def registered(limit: float, fn: object) -> tuple[HandlerRegistry, object]:
     return handlers, handlers.for_type(INBOUND)[0][1]
 
 
+class InTransaction:
+    """What the guard asks of the batch's connection after a call: open, its transaction going on."""
+
+    closed = broken = False
+    info = SimpleNamespace(transaction_status=TransactionStatus.INTRANS)
+
+
 async def call(fn: object, event: CanonicalEvent) -> None:
-    await fn(event, HandlerContext(None, None, 1))  # type: ignore[arg-type,operator]
+    await fn(event, HandlerContext(InTransaction(), None, 1))  # type: ignore[arg-type,operator]
 
 
 async def test_a_call_asleep_in_time_sleep_is_interrupted(guard: blocked.BlockedHandlerGuard) -> None:

@@ -8,6 +8,7 @@ ingress with tests/handlers_hostile.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -34,7 +35,8 @@ from sentpipe.processors.handlers import (
     registry,
 )
 from sentpipe.processors.projector import Projector, Tuning
-from sentpipe.processors.sink import HandlersHeld, PostgresSink
+from sentpipe.processors.retry import classify
+from sentpipe.processors.sink import BatchLostToHandler, HandlersHeld, PostgresSink
 from sentpipe.processors.watchdog import Watchdog
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import CanonicalEvent, EventType, frame
@@ -800,3 +802,131 @@ async def test_a_failed_handler_call_leaves_later_batches_on_its_connection_alon
             assert left_over[-len(texts)] == 0, n
     finally:
         await pool.close()
+
+
+def inbound_events(texts: list[str], seed: int) -> list[CanonicalEvent]:
+    f = SampleFactory(seed)
+    routed = [route_as_the_router(inbound_body(f, t), TOPICS).event for t in texts]
+    return [e for e in routed if e is not None]
+
+
+async def seen_table(pool: AsyncConnectionPool) -> None:
+    async with pool.connection() as conn:
+        await conn.execute("CREATE TABLE seen (event_id text, note text)")
+
+
+async def seen(pool: AsyncConnectionPool) -> list[tuple[str, str]]:
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT event_id, note FROM seen ORDER BY event_id, note")
+        return [(row[0], row[1]) for row in await cur.fetchall()]
+
+
+async def note(ctx: HandlerContext, event: CanonicalEvent, text: str) -> None:
+    await ctx.conn.execute("INSERT INTO seen VALUES (%s, %s)", (event.id, text))
+
+
+async def test_a_handler_cancelling_its_own_task_fails_only_its_event(pool: AsyncConnectionPool) -> None:
+    """`current_task().cancel()` in a handler (a library's "cancel this request") raised the counter the
+    stage reads as its own stop: the projector's process ended, and again after every restart."""
+    await seen_table(pool)
+    handlers = HandlerRegistry()
+
+    async def cancels(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        if event.data.get("text") == "cancel":
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            await asyncio.sleep(0)
+        await note(ctx, event, "ok")
+
+    handlers.register(INBOUND, cancels, "cancels")
+    events = inbound_events(["a", "cancel", "b"], 21)
+    failures = await PostgresSink(pool, handlers).apply(EventType.MESSAGE_INBOUND, events, 1)
+    assert [(f.event.id, type(f.error).__name__) for f in failures] == [(events[1].id, "CancelledError")]
+    assert "not by a stop of the stage" in str(failures[0].error)
+    assert {e for e, _ in await seen(pool)} == {events[0].id, events[2].id}
+
+
+async def test_a_handler_swallowing_its_cancellation_is_still_held_to_its_limit(
+    pool: AsyncConnectionPool,
+) -> None:
+    """A retry loop with a bare `except` ate the timeout's cancellation: a call that ended late counted as a
+    success, and one that never ended held every partition of the projector forever."""
+    await seen_table(pool)
+    handlers = HandlerRegistry(timeout_s=0.3)
+    release = asyncio.Event()
+
+    async def swallows(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        text = event.data.get("text")
+        end = time.monotonic() + (0.5 if text == "late" else 3600)
+        while text in ("late", "forever") and time.monotonic() < end and not release.is_set():
+            with contextlib.suppress(BaseException):  # the hostile handler under test
+                await asyncio.sleep(0.05)
+        await note(ctx, event, "ok")  # after its limit: on a closed connection for "forever"
+
+    handlers.register(INBOUND, swallows, "swallows")
+    events = inbound_events(["a", "late", "forever", "b"], 22)
+    sink = PostgresSink(pool, handlers)
+    with pytest.raises(BatchLostToHandler, match="went on after it was cancelled"):
+        await sink.apply(EventType.MESSAGE_INBOUND, events, 1)
+    failures = await sink.apply(EventType.MESSAGE_INBOUND, events, 2)  # applied again without "forever"
+    release.set()
+    await asyncio.sleep(0.2)  # the abandoned call ends: its statement must find no connection
+    assert {f.event.id: type(f.error).__name__ for f in failures} == {
+        events[1].id: "HandlerTimeout",
+        events[2].id: "HandlerAbandoned",
+    }
+    assert {e for e, _ in await seen(pool)} == {events[0].id, events[3].id}
+
+
+async def test_a_handler_s_own_database_errors_fail_only_its_event(pool: AsyncConnectionPool) -> None:
+    """A psycopg error was always the stage's: the handler's own connection to another database that
+    failed held every partition forever, logged as if the projection database were down; `ctx.conn.commit()`
+    rolled the batch back five times per halving level and blamed the projection."""
+    await seen_table(pool)
+    handlers = HandlerRegistry()
+
+    async def own_errors(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        text = event.data.get("text")
+        if text == "other-db":
+            await psycopg.AsyncConnection.connect("postgresql://postgres@127.0.0.1:1/x", connect_timeout=2)
+        if text == "commit":
+            await ctx.conn.commit()
+        await note(ctx, event, "ok")
+
+    handlers.register(INBOUND, own_errors, "own-errors")
+    events = inbound_events(["a", "other-db", "commit", "b"], 23)
+    failures = await PostgresSink(pool, handlers).apply(EventType.MESSAGE_INBOUND, events, 1)
+    assert [(f.event.id, type(f.error).__name__, classify(f.error)) for f in failures] == [
+        (events[1].id, "OperationalError", "permanent"),
+        (events[2].id, "ProgrammingError", "permanent"),
+    ]
+    assert all("the handler's own error" in str(f.error) for f in failures)
+    assert {e for e, _ in await seen(pool)} == {events[0].id, events[3].id}
+
+
+@pytest.mark.parametrize("statement", ["COMMIT", "ROLLBACK"])
+async def test_a_handler_ending_the_batch_s_transaction_is_left_out(
+    pool: AsyncConnectionPool, statement: str
+) -> None:
+    """`COMMIT` in a handler's SQL committed the batch half-way, and the failures that followed applied the
+    batch again five times per halving level, each attempt committing its handlers' work once more."""
+    await seen_table(pool)
+    handlers = HandlerRegistry()
+
+    async def ends(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        await note(ctx, event, "called")
+        if event.data.get("text") == "end":
+            await ctx.conn.execute(statement)
+
+    handlers.register(INBOUND, ends, "ends")
+    events = inbound_events(["a", "end", "b"], 24)
+    sink = PostgresSink(pool, handlers)
+    with pytest.raises(BatchLostToHandler, match="ended the batch's transaction"):
+        await sink.apply(EventType.MESSAGE_INBOUND, events, 1)
+    failures = await sink.apply(EventType.MESSAGE_INBOUND, events, 2)
+    assert [(f.event.id, type(f.error).__name__) for f in failures] == [(events[1].id, "TransactionEnded")]
+    calls = [e for e, _ in await seen(pool)]
+    # The one early commit a handler can force: its own work and its predecessor's, once; nothing after.
+    early = 1 if statement == "COMMIT" else 0
+    assert sorted(calls) == sorted([events[0].id] * (1 + early) + [events[1].id] * early + [events[2].id])
