@@ -9,11 +9,13 @@ raises it is alone, and that record alone goes to the dead-letter topic.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from sentpipe import metrics as m
 from sentpipe.broker import BatchConsumer, CommitRejected, Partition, Record, RecordProducer, next_offsets
@@ -24,6 +26,8 @@ from sentpipe.processors.watchdog import Watchdog
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import CanonicalEvent, EventType, check_payload
 from sentpipe.schemas.topics import Topics
+
+_T = TypeVar("_T")
 
 log = logging.getLogger("sentpipe.projector")
 
@@ -90,6 +94,9 @@ class Projector:
         self._lag_series: set[Partition] = set()
         # Fetched is not done: the records of the batch in hand count as waiting until it commits.
         self._in_hand: Sequence[Record] = ()
+        # Polls and commits wait in a thread of their own: in the default executor, the threads of a few
+        # handlers' `asyncio.to_thread` calls that hang would leave no thread to poll or commit with.
+        self._consumer_thread = ThreadPoolExecutor(1, thread_name_prefix="sentpipe-projector-consumer")
 
     def stop(self) -> None:
         self.stopping = True
@@ -123,10 +130,15 @@ class Projector:
         finally:
             exporter.cancel()
             self.consumer.close()
+            self._consumer_thread.shutdown(wait=False)
+
+    async def _in_consumer_thread(self, fn: Callable[..., _T], *args: object) -> _T:
+        call = functools.partial(fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._consumer_thread, call)
 
     async def step(self) -> int:
         """One batch: returns how many records it consumed (0 when the poll timed out)."""
-        records = await asyncio.to_thread(self.consumer.poll_batch, self.t.batch_size, self.t.within_s)
+        records = await self._in_consumer_thread(self.consumer.poll_batch, self.t.batch_size, self.t.within_s)
         self.started = True
         self._in_hand = records
         if self.watchdog is not None:
@@ -208,7 +220,7 @@ class Projector:
         attempt = 0
         while True:
             try:
-                await asyncio.to_thread(self.consumer.commit, done)
+                await self._in_consumer_thread(self.consumer.commit, done)
                 return
             except CommitRejected as exc:
                 if exc.assignment_lost:

@@ -13,8 +13,10 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -930,3 +932,31 @@ async def test_a_handler_ending_the_batch_s_transaction_is_left_out(
     # The one early commit a handler can force: its own work and its predecessor's, once; nothing after.
     early = 1 if statement == "COMMIT" else 0
     assert sorted(calls) == sorted([events[0].id] * (1 + early) + [events[1].id] * early + [events[2].id])
+
+
+async def test_handlers_hung_in_threads_leave_the_projector_its_own(ordered: Stage) -> None:
+    """`asyncio.to_thread` is where the README sends blocking code; calls hung there keep the default
+    executor's threads, and the projector, which polled and committed through that executor, stalled on
+    every partition once they were all taken."""
+    gate = threading.Event()
+
+    async def hangs(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        if event.data.get("text") == "hang":
+            await asyncio.to_thread(gate.wait)
+
+    ordered.handlers.timeout_s = 0.2
+    ordered.handlers.register(INBOUND, hangs, "hangs")
+    threads = ThreadPoolExecutor()._max_workers  # the size of the loop's default executor
+    f = SampleFactory(31)
+    hung = [inbound_body(f, "hang") for _ in range(threads + 1)]
+    ordered.add([inbound_body(f) for _ in range(2)] + hung)
+    try:
+        await ordered.run()
+        ordered.add([inbound_body(f) for _ in range(3)])
+        await ordered.run()  # every default thread is hung now
+    finally:
+        gate.set()
+    assert {i: h[r.H_DLQ_ERROR_CLASS] for i, h in ordered.dead().items()} == {
+        ordered.ids[b]: b"HandlerTimeout" for b in hung
+    }
+    assert ordered.projected() == set(ordered.ids.values())
