@@ -22,12 +22,13 @@ from __future__ import annotations
 import asyncio
 import copy
 import dataclasses
+import functools
 import importlib
 import inspect
 import logging
 import socket
 import traceback
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,14 +135,18 @@ def _readable(exc: BaseException) -> str:
 
 
 _STAND_INS: dict[str, type[HandlerError]] = {}
+MAX_STAND_INS = 1000
 
 
 def _stand_in(exc: BaseException, message: str) -> HandlerError:
     """A permanent failure under the class name of `exc`: the DLQ's error-class header (and
     `dlq redrive --reason`) shows what the handler raised."""
-    name = type(exc).__name__
+    # Bounded like a handler's name: a class made at run time can have a name of any length.
+    name = type(exc).__name__[:MAX_NAME_LENGTH].encode(errors="backslashreplace").decode()
     cls = _STAND_INS.get(name)
     if cls is None:  # one class per name raised: as few as the handlers' code has
+        if len(_STAND_INS) >= MAX_STAND_INS:
+            _STAND_INS.clear()
         cls = _STAND_INS[name] = type(name, (HandlerError,), {"__module__": __name__})
     return cls(message)
 
@@ -149,6 +154,12 @@ def _stand_in(exc: BaseException, message: str) -> HandlerError:
 def _as_failure(exc: Exception, conn: AsyncConnection) -> Exception:
     """What the stage gets for an exception a handler raised: the exception itself when the stage can
     classify it and write it to the DLQ as it is, else a stand-in of the kind it should be."""
+    if isinstance(exc, ExceptionGroup):
+        # A TaskGroup's: temporary when a task of it met something temporary, which then stands for it.
+        for leaf in _leaves(exc):
+            failure = _as_failure(leaf, conn) if isinstance(leaf, Exception) else None
+            if isinstance(failure, RetryableError | psycopg.Error):
+                return failure
     text = _text(exc)
     if isinstance(exc, RetryableError):
         return exc if text is not None else RetryableError(_readable(exc))
@@ -161,6 +172,14 @@ def _as_failure(exc: Exception, conn: AsyncConnection) -> Exception:
         why = text if text is not None else _readable(exc)
         return _stand_in(exc, f"{why} (the handler's own error; raise RetryableError to retry)")
     return exc if text is not None else _stand_in(exc, _readable(exc))
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
 
 
 def _guarded(fn: Handler, registry: HandlerRegistry, name: str) -> Handler:
@@ -276,6 +295,17 @@ async def _invoke(fn: Handler, own: CanonicalEvent, ctx: HandlerContext) -> None
         raise _stand_in(exc, f"raised by the handler{': ' + text if text else ''}") from exc
 
 
+def _code_of(fn: object) -> object:
+    """The function a call of `fn` runs: through partials, and a callable object's `__call__`."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn) or isinstance(fn, type)):
+        call = getattr(fn, "__call__", None)  # noqa: B004 - the method itself is what is checked
+        if inspect.ismethod(call):
+            return call
+    return fn
+
+
 def _source(fn: object) -> tuple[str, int, str] | None:
     """Where a function's code was written; None for callables without code of their own."""
     code = getattr(fn, "__code__", None)
@@ -294,7 +324,8 @@ class HandlerRegistry:
         if not callable(fn):
             raise TypeError(f"a handler must be an async function, not {type(fn).__name__}")
         default = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
-        if (inspect.isfunction(fn) or inspect.ismethod(fn)) and not inspect.iscoroutinefunction(fn):
+        code = _code_of(fn)
+        if (inspect.isfunction(code) or inspect.ismethod(code)) and not inspect.iscoroutinefunction(code):
             # Caught here, at import: awaited, its None would dead-letter every event with a TypeError.
             raise TypeError(f"handler {default} must be a coroutine function (async def, without yield)")
         label = _check_name(name if name is not None else default)

@@ -99,8 +99,9 @@ def dlq_headers(
 
     out: HeaderList = [
         (H_DLQ_STAGE, stage.encode()),
-        (H_DLQ_ERROR_CLASS, error_class.encode()),
-        (H_DLQ_MESSAGE, message[:1000].encode()),
+        # Never an encoding error here: a dead letter that cannot be written holds its stage.
+        (H_DLQ_ERROR_CLASS, error_class[:200].encode(errors="backslashreplace")),
+        (H_DLQ_MESSAGE, message[:1000].encode(errors="backslashreplace")),
         (H_DLQ_ATTEMPTS, str(attempts).encode()),
         (H_DLQ_AT, str(now_ms if now_ms is not None else int(time.time() * 1000)).encode()),
     ]

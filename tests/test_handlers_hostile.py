@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib.util
 import os
 import subprocess
@@ -155,6 +156,20 @@ class BadStr(Exception):
         raise RuntimeError("this exception cannot be printed")
 
 
+class StrOnce(Exception):
+    """Printed once by the guard, then by the projector again: that second failure held the line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.printed = 0
+
+    def __str__(self) -> str:
+        self.printed += 1
+        if self.printed > 1:
+            raise RuntimeError("printed once already")
+        return "first"
+
+
 # kind -> (what the handler raises, the class name its dead letter carries)
 RAISED: dict[str, tuple[BaseException, str]] = {
     "system-exit": (SystemExit(0), "SystemExit"),
@@ -166,6 +181,9 @@ RAISED: dict[str, tuple[BaseException, str]] = {
     "own-timeout": (TimeoutError("the handler's API timed out"), "TimeoutError"),
     "own-connection-refused": (ConnectionRefusedError(111, "refused"), "ConnectionRefusedError"),
     "ten-megabytes-with-nul": (ValueError("\x00" + "x" * 10_000_000), "ValueError"),
+    # A class made at run time, its name 5 MB: the dead letter was over the topic's limit, held forever.
+    "huge-class-name": (type("F" * 5_000_000, (Exception,), {})("x"), "F" * 200),
+    "str-fails-the-second-time": (StrOnce(), "StrOnce"),
 }
 
 
@@ -516,6 +534,24 @@ def test_registration_refuses_handlers_that_cannot_work() -> None:
         reg.register(INBOUND, not_async)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="must be a coroutine function"):
         reg.register(INBOUND, generator)
+
+    class SyncCall:
+        def __call__(self, event: CanonicalEvent, ctx: HandlerContext) -> None:
+            return None
+
+    class AsyncCall:
+        async def __call__(self, event: CanonicalEvent, ctx: HandlerContext) -> None:
+            return None
+
+    # Through a partial or a callable object, the function that runs is checked (every event was
+    # dead-lettered for a sync one).
+    for sync in (functools.partial(not_async), functools.partial(functools.partial(not_async)), SyncCall()):
+        with pytest.raises(TypeError, match="must be a coroutine function"):
+            reg.register(INBOUND, sync, "sync")  # type: ignore[arg-type]
+    accepted = HandlerRegistry()
+    accepted.register(INBOUND, functools.partial(_ok), "partial")
+    accepted.register(INBOUND, AsyncCall(), "callable")
+    assert len(accepted.for_type(EventType.MESSAGE_INBOUND)) == 2
     with pytest.raises(ValueError, match=r"no handler can be registered for 'message\.sent'"):
         reg.register("message.sent", _ok)
     with pytest.raises(ValueError, match="no handler can be registered for 'unrouted'"):
@@ -960,3 +996,28 @@ async def test_handlers_hung_in_threads_leave_the_projector_its_own(ordered: Sta
         ordered.ids[b]: b"HandlerTimeout" for b in hung
     }
     assert ordered.projected() == set(ordered.ids.values())
+
+
+async def test_a_temporary_failure_inside_a_task_group_is_retried(pool: AsyncConnectionPool) -> None:
+    """A TaskGroup wraps what its tasks raise in an ExceptionGroup: a RetryableError there dead-lettered
+    the event at once instead of retrying the batch."""
+    await seen_table(pool)
+    handlers = HandlerRegistry()
+
+    async def fans_out(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        async def call_api() -> None:
+            if ctx.attempt == 1:
+                raise RetryableError("the API is busy")
+
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(call_api())
+            tg.create_task(asyncio.sleep(0))
+        await note(ctx, event, f"attempt {ctx.attempt}")
+
+    handlers.register(INBOUND, fans_out, "fans-out")
+    events = inbound_events(["a", "b"], 25)
+    sink = PostgresSink(pool, handlers)
+    with pytest.raises(RetryableError, match="the API is busy"):
+        await sink.apply(EventType.MESSAGE_INBOUND, events, 1)
+    assert await sink.apply(EventType.MESSAGE_INBOUND, events, 2) == []
+    assert await seen(pool) == sorted((e.id, "attempt 2") for e in events)
