@@ -348,6 +348,37 @@ def _result(future: Any, timeout: float, bootstrap: str) -> Any:
         raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:g}s") from exc
 
 
+# Of a name the user typed, echoed in an error line.
+MAX_SHOWN = 256
+# A group id is a Kafka protocol string, but ids far shorter already fail in the broker without a reason.
+MAX_GROUP_LENGTH = 255
+
+
+def group_problem(group: str) -> str | None:
+    """Why `group` cannot be a consumer group's id, or None."""
+    if not group.strip():
+        return "--group is empty"
+    if len(group) > MAX_GROUP_LENGTH or not group.isprintable():
+        return f"--group must be 1 to {MAX_GROUP_LENGTH} printable characters"
+    return None
+
+
+def deployment_groups(settings: Settings) -> tuple[str, ...]:
+    """The consumer groups this deployment's processes use: the router's, the projector's, the redrive's."""
+    return (settings.app_id, f"{settings.app_id}-projections", f"{settings.app_id}-redrive")
+
+
+def reset_note(settings: Settings, group: str) -> str | None:
+    """What resetting `group` will not do that an operator may expect of it."""
+    if group != settings.app_id:
+        return None
+    return (
+        f"the router reads these records again, but its dedup table drops each one still inside the dedup "
+        f"window ({settings.dedup_window_s:,} s): to rebuild the database reset {group}-projections instead, "
+        "to route events again use `sentpipe replay`"
+    )
+
+
 def reset_group_offsets(
     settings: Settings,
     group: str,
@@ -359,11 +390,20 @@ def reset_group_offsets(
 ) -> list[OffsetChange]:
     """Move a stopped group's committed offsets; refuses while the group has members."""
     bootstrap = settings.kafka_bootstrap
+    ours = (settings.topic_prefix, f"{settings.app_id}-")
+    if group in deployment_groups(settings):
+        for t in topics:
+            if not t.startswith(ours):
+                # The worker refuses to start with offsets outside its prefix, and nothing here deletes them.
+                raise OpsError(
+                    f"--topic {t[:MAX_SHOWN]} is not one of this deployment's topics (prefix "
+                    f"{settings.topic_prefix!r}); group {group} must keep to them"
+                )
     admin = admin_client(settings)
     have = existing_partitions(admin, bootstrap, timeout)
     for t in topics:
         if t not in have:
-            raise OpsError(f"topic {t} does not exist on {bootstrap}")
+            raise OpsError(f"topic {t[:MAX_SHOWN]} does not exist on {bootstrap}")
     desc = _result(
         admin.describe_consumer_groups([group], request_timeout=timeout)[group], timeout, bootstrap
     )

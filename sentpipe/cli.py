@@ -506,10 +506,16 @@ def offsets_reset(
     timeout: TimeoutOption = 10.0,
 ) -> None:
     """Move a consumer group's committed offsets to reprocess (or skip); refused while it has members."""
-    from sentpipe.processors.offsets import ResetTo, parse_when, reset_group_offsets
+    from sentpipe.processors.offsets import (
+        ResetTo,
+        group_problem,
+        parse_when,
+        reset_group_offsets,
+        reset_note,
+    )
 
-    if not group.strip():
-        fail("--group is empty")
+    if (problem := group_problem(group)) is not None:
+        fail(problem)
     s = settings()
     if [to_datetime is not None, to_earliest, to_latest].count(True) != 1:
         fail("choose exactly one of --to-datetime, --to-earliest, --to-latest")
@@ -524,6 +530,8 @@ def offsets_reset(
     for c in changes:
         table.add_row(c.topic, str(c.partition), "-" if c.before is None else str(c.before), str(c.after))
     out.print(table)
+    if (note := reset_note(s, group)) is not None:
+        err.print(f"note: {note}", markup=False, highlight=False)
 
 
 spool_app = typer.Typer(

@@ -237,7 +237,7 @@ def check_connection(settings: Settings, timeout: float) -> None:
         if reports.refused:
             raise BrokerRefused(f"Kafka broker at {bootstrap} refused the connection: {reports.refused[0]}")
         if time.monotonic() >= deadline:
-            raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:.0f}s")
+            raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:g}s")
 
 
 def producer_config(settings: Settings, *, delivery_timeout_s: float | None = None) -> dict[str, Any]:
@@ -332,7 +332,7 @@ def existing_partitions(admin: AdminClient, bootstrap: str, timeout: float = 10.
     try:
         md = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
-        raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:.0f}s") from exc
+        raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:g}s") from exc
     return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
 
 
@@ -356,12 +356,12 @@ def topic_max_message_bytes(
                 continue
             if isinstance(err, KafkaError) and err.code() in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT):
                 raise BrokerUnavailable(
-                    f"Kafka broker at {bootstrap} did not answer within {timeout:.0f}s"
+                    f"Kafka broker at {bootstrap} did not answer within {timeout:g}s"
                 ) from exc
             raise
         except TimeoutError as exc:
             raise BrokerUnavailable(
-                f"Kafka broker at {bootstrap} did not answer within {timeout:.0f}s"
+                f"Kafka broker at {bootstrap} did not answer within {timeout:g}s"
             ) from exc
         out[resource.name] = int(entries[MAX_MESSAGE_BYTES].value)
     return out

@@ -70,6 +70,8 @@ BAD_INPUT = [
     (["offsets", "reset", "--to-earliest"], ["Missing option '--group'"]),
     (["offsets", "reset", "--group", "g", "--to-earliest", "--to-latest"], ["exactly one of"]),
     (["offsets", "reset", "--group", "g", "--to-datetime", "soon"], ["ISO-8601"]),
+    (["offsets", "reset", "--group", "g" * 32768, "--to-earliest"], ["--group", "printable characters"]),
+    (["offsets", "reset", "--group", "g\tx", "--to-earliest"], ["--group", "printable characters"]),
     (["offsets", "reset", "--group", "g", "--to-datetime", "1969-12-31T23:59:59Z"], ["within 1970..9999"]),
     (["dlq", "show", "zero"], ["not a DLQ record ID"]),
     (["dlq", "show", "0:12345"], ["no DLQ record 0:12345"]),
@@ -156,8 +158,17 @@ def test_offsets_reset_refuses_while_the_worker_runs_and_works_once_stopped(
     assert dry.returncode == 0, dry.stderr
     assert group_offsets(bootstrap, group) == committed
 
+    # Another deployment's topic (a copied command): the worker would refuse to start with its offsets.
+    outside = sentpipe(
+        settings, "offsets", "reset", "--group", group, "--to-earliest", "--topic", "sent.events.raw"
+    )
+    assert_one_line_error(outside, "--topic sent.events.raw", "not one of this deployment's topics")
+    assert group_offsets(bootstrap, group) == committed
+
     res = sentpipe(settings, "offsets", "reset", "--group", group, "--to-earliest", "--topic", topics.raw)
     assert res.returncode == 0, res.stderr
+    # The router's dedup table drops what it reads again: said, with where to go instead.
+    assert "dedup table drops" in res.stderr and f"{group}-projections" in res.stderr
     after = group_offsets(bootstrap, group)
     assert {p: n for (t, p), n in after.items() if t == topics.raw} == {p: 0 for p in range(4)}
     # Only the named topic moved.
