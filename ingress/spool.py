@@ -910,6 +910,22 @@ def process_dirs(root: Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def spool_dirs_at(path: Path) -> list[Path]:
+    """The process directories `path` names: itself when it is one, those under it when it is a spool root.
+    SpoolError for anything else: a drain of it would find nothing and leave a lock file behind."""
+    if not path.is_dir():
+        raise SpoolError(f"no spool directory at {path}")
+    if (path / ".lock").exists() or any(path.glob("*" + SEGMENT_SUFFIX)):
+        return [path]
+    under = process_dirs(path)
+    if under:
+        return under
+    raise SpoolError(
+        f"{path} is not a spool directory (no segments, no lock, no ingress-N directories): give a "
+        "process's directory or the SENTPIPE_SPOOL_DIR that holds them"
+    )
+
+
 @dataclass(frozen=True)
 class DrainOutcome:
     dir: Path

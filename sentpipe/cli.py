@@ -542,19 +542,20 @@ SpoolDirOption = Annotated[
     list[Path] | None,
     typer.Option(
         "--dir",
-        help="A process's spool directory (repeatable) \\[default: every one under SENTPIPE_SPOOL_DIR].",
+        help="A process's spool directory, or a directory of them (repeatable) \\[default: every one under "
+        "SENTPIPE_SPOOL_DIR].",
     ),
 ]
 
 
 def _spool_dirs(dirs: list[Path] | None) -> list[Path]:
-    from sentpipe.ingress.spool import process_dirs
+    from sentpipe.ingress.spool import SpoolError, process_dirs, spool_dirs_at
 
     if dirs:
-        missing = [d for d in dirs if not d.is_dir()]
-        if missing:
-            fail(f"no spool directory at {missing[0]}")
-        return dirs
+        try:
+            return [found for d in dirs for found in spool_dirs_at(d)]
+        except SpoolError as exc:
+            fail(str(exc))
     root = settings().spool_dir
     return process_dirs(root)
 

@@ -264,6 +264,15 @@ def test_spool_commands_show_and_drain_a_left_behind_directory(settings: Setting
     assert status_of(process_dir(spool_dir, 3)).records == 0
     missing = cli("status", "--dir", str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and missing.stderr.startswith("error: no spool directory"), missing.stderr
+    # The root itself: its process directories, not "empty" while records wait below it.
+    root = cli("status", "--dir", str(spool_dir))
+    assert root.returncode == 0 and re.search(r"ingress-3 ", root.stdout), root.stdout
+    # Not a spool: refused, and no lock file left in it.
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "scratch" / "important.txt").write_text("mine")
+    other = cli("drain", "--dir", str(tmp_path / "scratch"))
+    assert other.returncode == 1 and "is not a spool directory" in other.stderr, other.stderr
+    assert [f.name for f in (tmp_path / "scratch").iterdir()] == ["important.txt"]
 
 
 @pytest.mark.timeout(900)  # the outage alone is three minutes
