@@ -254,14 +254,16 @@ def test_unknown_type_names_the_valid_ones() -> None:
 
 def test_jsonl_keeps_bytes_and_reports_bad_lines_by_number() -> None:
     good = b'{"field": "templates", "payload": {"template_id": "t", "status": "approved"}}'
-    lines = [good + b"\n", b"\n", b"{not json\n", b"[1, 2]\n", b'{"anything": 1}\r\n']
+    # Numbers no double holds are JSON, and the pipeline keeps them digit for digit: sent like any other.
+    huge = b'{"anything": 1e400, "tiny": 1e-400, "long": 123456789012345678901234567890}'
+    lines = [good + b"\n", b"\n", b"{not json\n", b"[1, 2]\n", b'{"anything": 1}\r\n', huge + b"\n"]
     with pytest.raises(BadLine, match="line 3: not valid JSON"):
         list(read_jsonl(lines, skip_bad=False))
     items = list(read_jsonl(lines, skip_bad=True))
     assert [i.line_no for i in items if isinstance(i, BadLine)] == [3, 4]
     samples = [i for i in items if not isinstance(i, BadLine)]
-    assert [s.body for s in samples] == [good, b'{"anything": 1}']  # exact bytes: the event id is their hash
-    assert [s.type for s in samples] == [EventType.TEMPLATE_APPROVAL, EventType.UNROUTED]
+    assert [s.body for s in samples] == [good, b'{"anything": 1}', huge]  # exact bytes: the id is their hash
+    assert [s.type for s in samples] == [EventType.TEMPLATE_APPROVAL, EventType.UNROUTED, EventType.UNROUTED]
 
 
 def test_retry_schedule_parsing() -> None:
