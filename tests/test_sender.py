@@ -266,6 +266,20 @@ def test_jsonl_keeps_bytes_and_reports_bad_lines_by_number() -> None:
     assert [s.type for s in samples] == [EventType.TEMPLATE_APPROVAL, EventType.UNROUTED, EventType.UNROUTED]
 
 
+def test_events_without_a_seed_are_stamped_when_they_are_made() -> None:
+    """The sample clock advanced 5 ms to 2 s per event: a thousand events were stamped up to 17 minutes
+    ahead of their arrival."""
+    before = time.time()
+    made = [frame(smp.body, webhook_id=None) for smp in SampleFactory().mix(1000)]
+    after = time.time()
+    stamps = [f.read.occurred_at.timestamp() for f in made if f.read.occurred_at is not None]
+    assert len(stamps) == len(made)
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)  # each after the one before
+    assert before - 0.001 <= stamps[0] and stamps[-1] <= after + 1.0  # 1 ms apart at least
+    # Seeded: the seed's own clock, the same bodies again.
+    assert [x.body for x in SampleFactory(7).mix(20)] == [x.body for x in SampleFactory(7).mix(20)]
+
+
 def test_retry_schedule_parsing() -> None:
     assert SENT_RETRY_SCHEDULE == (1, 2, 4, 8, 16, 32, 64)
     assert parse_schedule("0.01, 0.02") == (0.01, 0.02)
