@@ -368,3 +368,24 @@ async def test_a_test_event_takes_only_a_status_its_type_has(
     ):
         status, answer_ = await answer(client, "POST", f"{base}/api/trigger", json=body, headers=headers)
         assert status == 400 and answer_["error"].startswith(why), answer_
+
+
+def test_the_overview_shows_a_spool_only_when_one_is_on() -> None:
+    """An ingress exports the spool's series with its spool off too: the overview showed a spool of 0
+    bytes' limit, with a histogram's parts flattened into it."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from sentpipe import metrics as m
+    from sentpipe.console.overview import scrape_totals, spool_state
+
+    was = REGISTRY.get_sample_value("sentpipe_spool_max_bytes") or 0.0  # another test's ingress may have set it
+    try:
+        m.SPOOL_MAX_BYTES.set(0)  # what an ingress with its spool off exports
+        assert spool_state(scrape_totals(generate_latest(REGISTRY).decode())) is None
+        m.SPOOL_MAX_BYTES.set(1 << 30)
+        shown = spool_state(scrape_totals(generate_latest(REGISTRY).decode()))
+    finally:
+        m.SPOOL_MAX_BYTES.set(was)
+    assert shown is not None and shown["sentpipe_spool_max_bytes"] == 1 << 30
+    assert "sentpipe_spool_records" in shown
+    assert not [k for k in shown if k.endswith(("_bucket", "_sum", "_count"))]

@@ -79,6 +79,18 @@ def scrape_totals(text: str) -> dict[str, float]:
     return totals
 
 
+def spool_state(totals: dict[str, float]) -> dict[str, float] | None:
+    """The spool's gauges and counters, when an ingress has its spool on (an ingress exports the series
+    either way, with a limit of 0 bytes when it is off); None otherwise."""
+    if not totals.get("sentpipe_spool_max_bytes"):
+        return None
+    return {
+        k: v
+        for k, v in totals.items()
+        if k.startswith("sentpipe_spool") and not k.endswith(("_bucket", "_sum", "_count", "_created"))
+    }
+
+
 @dataclass
 class Sampler:
     settings: Settings
@@ -150,7 +162,6 @@ class Sampler:
             for group in (self.lag[-1][1] if self.lag else {})
         }
         last = self.scraped[-1][1] if self.scraped else {}
-        spool = {k: v for k, v in last.items() if k.startswith("sentpipe_spool")}
         return {
             "minutes": [m * MINUTE_MS for m in minutes],
             "events_in": {"by_type": by_type, "by_tenant": by_tenant},
@@ -164,7 +175,7 @@ class Sampler:
                 "duplicates_dropped_total": last.get("sentpipe_duplicates_dropped_total"),
                 "consumer_lag": self.lag[-1][1] if self.lag else None,
             },
-            "spool": spool or None,
+            "spool": spool_state(last),
             "tail": {
                 "state": self.tail.state,
                 "since": self.tail.started_ms,
