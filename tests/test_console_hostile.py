@@ -378,7 +378,8 @@ def test_the_overview_shows_a_spool_only_when_one_is_on() -> None:
     from sentpipe import metrics as m
     from sentpipe.console.overview import scrape_totals, spool_state
 
-    was = REGISTRY.get_sample_value("sentpipe_spool_max_bytes") or 0.0  # another test's ingress may have set it
+    # Another test's ingress may have set it.
+    was = REGISTRY.get_sample_value("sentpipe_spool_max_bytes") or 0.0
     try:
         m.SPOOL_MAX_BYTES.set(0)  # what an ingress with its spool off exports
         assert spool_state(scrape_totals(generate_latest(REGISTRY).decode())) is None
