@@ -29,9 +29,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import orjson
 
@@ -117,7 +118,17 @@ class UninterruptibleCalls:
 class Call:
     """One guarded handler call in progress (compared by identity)."""
 
-    __slots__ = ("active", "deadline", "event_id", "frame", "interrupted", "limit", "name", "token")
+    __slots__ = (
+        "active",
+        "deadline",
+        "escaped",
+        "event_id",
+        "frame",
+        "interrupted",
+        "limit",
+        "name",
+        "token",
+    )
 
     def __init__(self, name: str, event_id: str, limit: float | None, frame: FrameType) -> None:
         self.name, self.event_id, self.limit, self.frame = name, event_id, limit, frame
@@ -125,6 +136,7 @@ class Call:
         self.token: contextvars.Token[Call | None] | None = None
         self.active = True
         self.interrupted: str | None = None  # why, once the guard has raised HandlerBlocked in it
+        self.escaped: str | None = None  # what a task it started raised that would have ended the loop
 
 
 # Where the frames of the task or callback that runs end: the event loop's own (asyncio's or uvloop's).
@@ -156,6 +168,7 @@ class BlockedHandlerGuard:
         self._stop = threading.Event()
         self._loop_thread = 0
         self._beat: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.interrupted = 0
 
     def enter(self, name: str, event_id: str, limit: float | None) -> Call:
@@ -183,6 +196,8 @@ class BlockedHandlerGuard:
         self._uninterruptible = uninterruptible
         signal.signal(INTERRUPT_SIGNAL, self._on_signal)
         self._loop_thread = threading.get_ident()
+        loop.set_task_factory(_task_factory)
+        self._loop = loop
         self._stop.clear()
         self._turned_at = time.monotonic()
         self._tick(loop)
@@ -195,6 +210,9 @@ class BlockedHandlerGuard:
         self._stop.set()
         self._thread.join()
         self._thread = None
+        if self._loop is not None:
+            self._loop.set_task_factory(None)
+            self._loop = None
         if self._beat is not None:
             self._beat.cancel()
         # Not SIG_DFL (which ends the process) nor SIG_IGN: a signal sent just before the thread stopped
@@ -256,6 +274,9 @@ class BlockedHandlerGuard:
             if call is not None:
                 return call
             module = str(frame.f_globals.get("__name__", ""))
+            if frame.f_code is _CONTAINED_CODE:  # the guard's own frame in a task the handler started
+                frame = frame.f_back
+                continue
             if module in _LOOP_MODULES:
                 break  # the loop running the task or callback: below it is the process's own start
             stage_code = stage_code or module.startswith("sentpipe.")
@@ -307,4 +328,34 @@ def _ignore(signum: int, frame: FrameType | None) -> None:
     pass
 
 
+def _task_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+    """The loop's tasks; those a handler call starts (its context holds the call) are `_contained`."""
+    call = _CURRENT.get()
+    if call is not None and asyncio.iscoroutine(coro):
+        coro = _contained(coro, call)
+    return asyncio.Task(coro, loop=loop, **kwargs)
+
+
+async def _contained(coro: Coroutine[Any, Any, Any], call: Call) -> Any:
+    # SystemExit or KeyboardInterrupt out of a task ends the event loop (asyncio re-raises them from
+    # it), and the restarted projector met the same event again: the call's failure instead.
+    try:
+        return await coro
+    except (SystemExit, KeyboardInterrupt) as exc:
+        what = f"a task it started raised {type(exc).__name__}"
+        if call.active:
+            call.escaped = what
+        log.error(
+            "handler %s: %s with event %s",
+            call.name,
+            what,
+            call.event_id,
+            extra={"handler": call.name, "event_id": call.event_id},
+        )
+        raise RuntimeError(f"{call.name}: {what}") from None
+
+
 guard = BlockedHandlerGuard()
+
+
+_CONTAINED_CODE = _contained.__code__

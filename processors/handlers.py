@@ -193,7 +193,7 @@ def _guarded(fn: Handler, registry: HandlerRegistry, name: str) -> Handler:
         # asks for (`current_task().cancel()`) is told apart from a stop of the stage.
         task = asyncio.get_running_loop().create_task(_attempt(fn, own, ctx, registry, name))
         try:
-            done, _ = await asyncio.wait((task,), timeout=registry.timeout_s)
+            done = await _wait(task, registry.timeout_s)
         except asyncio.CancelledError:  # the stage is stopping: the call ends with it
             await _cancel(task)
             raise
@@ -214,13 +214,35 @@ def _guarded(fn: Handler, registry: HandlerRegistry, name: str) -> Handler:
     return call
 
 
+async def _wait(task: asyncio.Task[None], timeout: float | None) -> bool:
+    """Whether `task` ended within `timeout`: `asyncio.wait` for one task, without its sets and its
+    second future (every handler call's path)."""
+    if task.done():
+        return True
+    waiter = asyncio.get_running_loop().create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    task.add_done_callback(wake)
+    timer = None if timeout is None else asyncio.get_running_loop().call_later(timeout, wake)
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
+        task.remove_done_callback(wake)
+    return task.done()
+
+
 async def _cancel(task: asyncio.Task[None]) -> bool:
     """Cancel a call and give it CANCEL_GRACE_S to end; whether it did."""
     task.cancel()
-    done, _ = await asyncio.wait((task,), timeout=CANCEL_GRACE_S)
+    done = await _wait(task, CANCEL_GRACE_S)
     if not done:  # its outcome, whenever it comes, is nobody's
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
-    return bool(done)
+    return done
 
 
 async def _past_limit(task: asyncio.Task[None], limit: float | None, ctx: HandlerContext) -> Exception:
@@ -255,6 +277,8 @@ async def _attempt(
     except (Exception, asyncio.CancelledError):
         if entered.interrupted is None:
             raise
+    if entered.escaped is not None:
+        raise HandlerError(f"{entered.escaped} (caught: it would have ended the projector)")
     if entered.interrupted is not None:  # raised in it (or in a task or callback of its own), even if
         # the handler caught it and went on, or was cancelled at its limit since
         raise HandlerTimeout(

@@ -189,30 +189,43 @@ def locate(
 def _find_routed(
     search: _Search, kafka: Log, settings: Settings, topics: Topics, rep: EventReport
 ) -> list[Found]:
-    """From the raw record, where its routed record must be; without one, every routed topic's tail."""
+    """From the raw records, where their routed records must be (one per tenant that sent the id: the
+    routed key is the tenant's); without one, every routed topic's tail."""
     if rep.raw:
-        raw = rep.raw[0]
-        try:
-            routed = r.route(
-                raw.key,
-                raw.value,
-                raw.headers,
-                topics=topics,
-                id_source=settings.event_id_source,
-                default_tenant=settings.default_tenant,
-                record_timestamp_ms=raw.timestamp_ms,
-            )
-        except MalformedEvent as exc:
-            rep.notes.append(
-                f"routed: the raw record does not route ({exc.reason}), so it has no routed record"
-            )
+        # (topic, partition) -> whether records there are found by key (unrouted: the raw body), and the
+        # earliest a routed record there can be (routing follows the raw record; a minute for clock skew).
+        places: dict[tuple[str, int], tuple[bool, int]] = {}
+        routable = 0
+        for raw in rep.raw:
+            try:
+                routed = r.route(
+                    raw.key,
+                    raw.value,
+                    raw.headers,
+                    topics=topics,
+                    id_source=settings.event_id_source,
+                    default_tenant=settings.default_tenant,
+                    record_timestamp_ms=raw.timestamp_ms,
+                )
+            except MalformedEvent as exc:
+                note = f"routed: the raw record does not route ({exc.reason}), so it has no routed record"
+                if note not in rep.notes:
+                    rep.notes.append(note)
+                continue
+            routable += 1
+            if routed.topic in kafka.topics:
+                where = (routed.topic, murmur2(routed.key, kafka.topics[routed.topic]))
+                since = raw.timestamp_ms - 60_000
+                places[where] = (routed.event is None, min(places.get(where, (False, since))[1], since))
+        if not routable:
             return []
-        if routed.topic in kafka.topics:
-            match = _key_is(rep.event_id) if routed.event is None else _canonical_id_is(rep.event_id)
-            part = murmur2(routed.key, kafka.topics[routed.topic])
-            # Routing happens after the ingress wrote the raw record (a minute of slack for clock skew).
-            since = raw.timestamp_ms - 60_000
-            return [Found.of(m) for m in search("routed", routed.topic, match, [part], since_ms=since)]
+        if places:
+            found: dict[tuple[str, int, int], Found] = {}
+            for (topic, part), (by_key, since) in sorted(places.items()):
+                match = _key_is(rep.event_id) if by_key else _canonical_id_is(rep.event_id)
+                for m in search("routed", topic, match, [part], since_ms=since):
+                    found[(topic, part, m.offset() or 0)] = Found.of(m)
+            return list(found.values())
     out: list[Found] = []
     for topic in topics.routed:
         if topic in kafka.topics:

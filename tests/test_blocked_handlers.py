@@ -20,7 +20,7 @@ import pytest
 from psycopg.pq import TransactionStatus
 
 from sentpipe.processors import blocked_handlers as blocked
-from sentpipe.processors.handlers import HandlerContext, HandlerRegistry, HandlerTimeout
+from sentpipe.processors.handlers import HandlerContext, HandlerError, HandlerRegistry, HandlerTimeout
 from sentpipe.schemas.events import CanonicalEvent, EventType, frame, normalize
 from sentpipe.schemas.samples import SampleFactory
 
@@ -294,3 +294,23 @@ def test_a_call_no_signal_reaches_ends_the_process_and_is_recorded(tmp_path: Pat
     event_id = out.stdout.split()[0]
     assert ("stuck", event_id) in blocked.UninterruptibleCalls(path)
     assert "could not be interrupted" in out.stderr and "handlers_uninterruptible.py" in out.stderr
+
+
+@pytest.mark.parametrize("raised", [SystemExit(2), KeyboardInterrupt()])
+async def test_a_task_the_handler_started_cannot_end_the_loop(
+    guard: blocked.BlockedHandlerGuard, raised: BaseException
+) -> None:
+    """SystemExit out of a task ends an event loop (asyncio raises it from there): a handler's background
+    task ended the projector, and its restart met the same event again. It is that call's failure now."""
+
+    async def spawns(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        async def background() -> None:
+            raise raised
+
+        asyncio.get_running_loop().create_task(background())
+        await asyncio.sleep(0.1)
+
+    _, fn = registered(5, spawns)
+    with pytest.raises(HandlerError, match=f"a task it started raised {type(raised).__name__}"):
+        await call(fn, an_event())
+    await asyncio.sleep(0.1)  # the loop is still running

@@ -250,3 +250,51 @@ def test_events_show_finds_an_event_everywhere_it_is(
     res = sentpipe(settings, "events", "show", "evt_nowhere")
     assert_one_line_error(res, "evt_nowhere not found")
     assert "raw record(s): none" in res.stdout and "searched raw" in res.stdout
+
+
+def test_events_show_finds_the_routed_record_of_every_tenant_that_sent_the_id(
+    settings: Settings, topics: Topics
+) -> None:
+    """Two tenants may send the same event id (their events are both kept); the routed key is the tenant's,
+    so their routed records sit in different partitions, and only the first tenant's was searched."""
+    from confluent_kafka import Producer, murmur2
+
+    from sentpipe.processors.inspect import locate
+    from sentpipe.schemas import routing as r
+
+    n = 4  # the routed partitions of this test's topics
+
+    def partition(key: str) -> int:  # as the ingress and the router partition (Kafka's Java clients')
+        return int(murmur2(key.encode(), n))
+
+    # One whose two routed keys fall in different partitions.
+    message_id = next(f"m-{i}" for i in range(100) if partition(f"default/m-{i}") != partition(f"acme/m-{i}"))
+    body = SampleFactory(23).message_status(message_id, "read").body
+    event_id = frame(body, webhook_id=None).event_id
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    now_ms = int(time.time() * 1000)
+    for tenant in ("default", "acme"):
+        headers = r.raw_headers(
+            tenant=tenant, received_at_ms=now_ms, webhook_id="msg_1", request_id="rq", event_type=None
+        )
+        key = event_id.encode()
+        at = partition(event_id)
+        producer.produce(topics.raw, body, key, partition=at, headers=headers, timestamp=now_ms)
+        routed = r.route(
+            event_id.encode(),
+            body,
+            dict(headers),
+            topics=topics,
+            id_source="auto",
+            default_tenant="default",
+            record_timestamp_ms=now_ms,
+        )
+        at = partition(routed.key.decode())
+        producer.produce(routed.topic, routed.value, routed.key, partition=at, timestamp=now_ms)
+    assert producer.flush(30) == 0
+
+    report = locate(settings, event_id, timeout=10)
+    assert len(report.raw) == 2
+    assert sorted(f.key for f in report.routed) == sorted(
+        [f"acme/{message_id}".encode(), f"default/{message_id}".encode()]
+    )
