@@ -349,7 +349,12 @@ def replay(
     from sentpipe.processors.offsets import make_window
     from sentpipe.processors.replay import Filter, parse_types
     from sentpipe.processors.replay import replay as run_replay
+    from sentpipe.schemas.events import searched_id_problem
 
+    for option, values in (("--tenant", tenant), ("--event-id", event_id)):
+        for value in values or ():
+            if (problem := searched_id_problem(value)) is not None:
+                fail(f"{option} {problem}")
     s = settings()
     with _ops():
         window = make_window(
@@ -360,10 +365,10 @@ def replay(
     with _ops(s), _bar("replaying") as progress:
         result = run_replay(s, window, flt, dry_run=dry_run, progress=progress, timeout=timeout)
     _run_summary(f"replay {result.run_id}", result, "replayed", "type/tenant")
-    if result.missing_ids:
-        err.print(terminal_safe(f"not found in the window: {', '.join(result.missing_ids)}"), soft_wrap=True)
     if result.failed and not dry_run:
         fail(f"{result.failed} record(s) failed; malformed ones are in the DLQ with stage replay")
+    if result.missing_ids:  # asked for by id and not replayed: a script must not read that as done
+        fail(f"not found in the window: {', '.join(result.missing_ids)}")
 
 
 @dlq_app.command("list")
@@ -786,9 +791,10 @@ def run(main: Callable[[], Any]) -> int:
             return 130
         format_message = getattr(exc, "format_message", None)
         if callable(format_message) and isinstance(getattr(exc, "exit_code", None), int):
-            err.print(
-                terminal_safe(f"error: {_one_line_text(str(format_message()))} (see --help)"), soft_wrap=True
-            )
+            message = _one_line_text(str(format_message()))
+            # A group named without its command: click has printed the group's help, and says no more.
+            what = message or "a command is missing: choose one of those listed above"
+            err.print(terminal_safe(f"error: {what} (see --help)"), soft_wrap=True)
             return int(exc.exit_code)  # type: ignore[attr-defined]
         if os.environ.get("SENTPIPE_DEBUG"):
             raise

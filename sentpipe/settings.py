@@ -336,6 +336,8 @@ class Settings(BaseSettings):
     @field_validator("topic_prefix", "app_id")
     @classmethod
     def _topic_safe(cls, v: str, info: ValidationInfo) -> str:
+        if not v:  # an empty line in an env file, most likely: topics named events.raw (an empty app id is
+            raise ValueError("is empty")  # the prefix's default: it never gets here)
         if not set(v) <= _TOPIC_CHARS:
             raise ValueError("may only contain letters, digits, '.', '_' and '-' (it names Kafka topics)")
         longest = MAX_TOPIC_PREFIX if info.field_name == "topic_prefix" else MAX_APP_ID

@@ -117,6 +117,7 @@ ABSURD_SETTINGS = [
     # What Kubernetes puts there for a Service named sentpipe-console when the pod keeps service links.
     ("SENTPIPE_CONSOLE_PORT", "tcp://10.96.0.13:8090", "enableServiceLinks: false"),
     ("SENTPIPE_PRODUCE_TIMEOUT_S", "inf", "finite"),
+    ("SENTPIPE_TOPIC_PREFIX", "", "is empty"),
     ("SENTPIPE_PRODUCE_TIMEOUT_S", "1e12", "less than or equal"),
     ("SENTPIPE_BODY_TIMEOUT_S", "nan", "finite"),
     ("SENTPIPE_KAFKA_CONNECT_TIMEOUT_S", "inf", "finite"),

@@ -65,6 +65,8 @@ BAD_INPUT = [
     (["replay", "--from-offset", "99:0"], ["no partition 99"]),
     (["replay", "--type", "message.bounced"], ["unknown event type", "message.status.updated"]),
     (["replay", "--bogus"], ["--bogus"]),
+    (["replay", "--event-id", ""], ["--event-id is empty"]),
+    (["replay", "--tenant", "t" * 300], ["--tenant is longer than 256"]),
     (["offsets", "reset", "--group", "g", "--to-earliest", "--topic", "no.such.topic"], ["no.such.topic"]),
     (["offsets", "reset", "--group", "g"], ["exactly one of"]),
     (["offsets", "reset", "--to-earliest"], ["Missing option '--group'"]),
@@ -117,6 +119,21 @@ def test_unreachable_broker_fails_fast_naming_the_address(settings: Settings) ->
         for args, (took, res) in zip(UNREACHABLE, pool.map(run, UNREACHABLE), strict=True):
             assert took < 20, (args, took)
             assert_one_line_error(res, address)
+
+
+def test_a_replay_of_an_event_not_in_the_window_is_not_a_success(settings: Settings) -> None:
+    """It ended with status 0, so a script could not tell it had replayed nothing."""
+    res = sentpipe(settings, "replay", "--event-id", "evt_never_sent", "--dry-run")
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.splitlines()[-1] == "error: not found in the window: evt_never_sent", res.stderr
+
+
+@pytest.mark.parametrize("group", ["dlq", "topics", "offsets"])
+def test_a_group_without_its_command_says_what_is_missing(settings: Settings, group: str) -> None:
+    """The help, then an empty `error:  (see --help)`."""
+    res = sentpipe(settings, group)
+    assert res.returncode == 2 and "Commands" in res.stdout, res.stdout
+    assert res.stderr.strip() == "error: a command is missing: choose one of those listed above (see --help)"
 
 
 def test_unknown_raw_topic_is_one_line(settings: Settings) -> None:
