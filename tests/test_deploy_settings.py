@@ -662,7 +662,7 @@ STRINGS: list[tuple[str, list[str], list[str]]] = [
     # key, values Settings accepts (the chart must render them), values it refuses (the chart must too)
     ("config.defaultTenant", ["acme-eu", "t" * 256, "Ünïcode tenant"], ["a/b", "t" * 257, "tab\there"]),
     ("kafka.bootstrap", ["kafka:9092", "b-1:9096\\,b-2:9096"], [" "]),  # helm --set: an escaped comma
-    ("kafka.topicPrefix", ["", "eu.acme.", "p" * 224], ["a/b", "p" * 231, "p" * 225]),
+    ("kafka.topicPrefix", ["eu.acme.", "p" * 224], ["", "a/b", "p" * 231, "p" * 225]),
     ("worker.appId", ["kept-group", "g" * 233], ["a/b", "g" * 234]),
     ("secrets.tenants", ['{"acme": ["s"]}', '{"ünï": "s"}'], ['{"a/b": ["s"]}', '{"": "s"}']),
 ]
