@@ -51,30 +51,12 @@ def _int(raw: bytes) -> int:
         return 0
 
 
-# A class name is code, but a handler's can be made at run time, of any length: a DLQ header and a metric
-# label carry at most this much of it.
-MAX_CLASS_LENGTH = 200
-
-
 def error_class(exc: BaseException) -> str:
     """A bounded label for an exception: its SQLSTATE when the database gave one, else its class name."""
     sqlstate = getattr(exc, "sqlstate", None)
     if isinstance(sqlstate, str) and sqlstate:
-        return f"sqlstate_{sqlstate[:MAX_CLASS_LENGTH]}"
-    return class_name(exc)
-
-
-def class_name(exc: BaseException) -> str:
-    """The exception's class name, bounded."""
-    return type(exc).__name__[:MAX_CLASS_LENGTH].encode(errors="backslashreplace").decode()
-
-
-def error_message(exc: BaseException) -> str:
-    """str(exc), or a note when it cannot be read: a record's exception must not fail the stage."""
-    try:
-        return str(exc)
-    except Exception as inner:
-        return f"(its message cannot be read: {type(inner).__name__})"
+        return f"sqlstate_{r.dlq_text(sqlstate, r.MAX_DLQ_ERROR_CLASS)}"
+    return r.exception_class(exc)
 
 
 async def send_dead_letters(

@@ -38,6 +38,7 @@ from psycopg.pq import TransactionStatus
 
 from sentpipe.processors import blocked_handlers as blocked
 from sentpipe.schemas.events import ROUTED_TYPES, CanonicalEvent, EventType
+from sentpipe.schemas.routing import exception_class, exception_message
 
 
 class RetryableError(Exception):
@@ -84,8 +85,6 @@ Handler = Callable[[CanonicalEvent, HandlerContext], Awaitable[None]]
 HANDLER_TIMEOUT_S = 30.0
 # Metric label and DLQ message prefix; far above any sensible name.
 MAX_NAME_LENGTH = 200
-# Shown of an error message that cannot be sent as it is (the DLQ header keeps 1,000 characters).
-MAX_MESSAGE = 1000
 # How long a call past its limit has, once cancelled, to end; then it is abandoned (HandlerAbandoned).
 CANCEL_GRACE_S = 1.0
 ENDED = "ended the batch's transaction (COMMIT or ROLLBACK on ctx.conn: the stage commits the batch)"
@@ -126,14 +125,6 @@ def _text(exc: BaseException) -> str | None:
     return text
 
 
-def _readable(exc: BaseException) -> str:
-    """str(exc) made fit for a DLQ header, or a note saying it cannot be read."""
-    try:
-        return str(exc)[:MAX_MESSAGE].encode(errors="backslashreplace").decode()
-    except Exception as inner:
-        return f"(its message cannot be read: {type(inner).__name__})"
-
-
 _STAND_INS: dict[str, type[HandlerError]] = {}
 MAX_STAND_INS = 1000
 
@@ -141,8 +132,7 @@ MAX_STAND_INS = 1000
 def _stand_in(exc: BaseException, message: str) -> HandlerError:
     """A permanent failure under the class name of `exc`: the DLQ's error-class header (and
     `dlq redrive --reason`) shows what the handler raised."""
-    # Bounded like a handler's name: a class made at run time can have a name of any length.
-    name = type(exc).__name__[:MAX_NAME_LENGTH].encode(errors="backslashreplace").decode()
+    name = exception_class(exc)
     cls = _STAND_INS.get(name)
     if cls is None:  # one class per name raised: as few as the handlers' code has
         if len(_STAND_INS) >= MAX_STAND_INS:
@@ -162,16 +152,16 @@ def _as_failure(exc: Exception, conn: AsyncConnection) -> Exception:
                 return failure
     text = _text(exc)
     if isinstance(exc, RetryableError):
-        return exc if text is not None else RetryableError(_readable(exc))
+        return exc if text is not None else RetryableError(exception_message(exc))
     if isinstance(exc, psycopg.Error) and (exc.sqlstate is not None or conn.closed or conn.broken):
         return exc  # the stage retries these (psycopg's by SQLSTATE); their text comes from the server
     if isinstance(exc, (*_OWN_NETWORK_ERRORS, psycopg.Error)):
         # Retried like a database or broker outage, one event's unreachable API would hold the line forever.
         # A psycopg error without SQLSTATE while the batch's connection is sound is the handler's own: its
         # own connection lost or refused, or a misuse such as `ctx.conn.commit()`.
-        why = text if text is not None else _readable(exc)
+        why = text if text is not None else exception_message(exc)
         return _stand_in(exc, f"{why} (the handler's own error; raise RetryableError to retry)")
-    return exc if text is not None else _stand_in(exc, _readable(exc))
+    return exc if text is not None else _stand_in(exc, exception_message(exc))
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
@@ -301,7 +291,7 @@ async def _invoke(fn: Handler, own: CanonicalEvent, ctx: HandlerContext) -> None
             )
     except HandlerError as exc:
         if _text(exc) is None:
-            raise _stand_in(exc, _readable(exc)) from None
+            raise _stand_in(exc, exception_message(exc)) from None
         raise
     except asyncio.CancelledError:
         raise  # the task's: `call` tells the stage's stop, the limit and the handler's own apart
@@ -315,7 +305,7 @@ async def _invoke(fn: Handler, own: CanonicalEvent, ctx: HandlerContext) -> None
             raise  # the guard's own: this call blocked the loop past its limit
         # SystemExit, KeyboardInterrupt, GeneratorExit raised by the handler's own code: let through,
         # they would end the projector, and its restart would meet the same event again.
-        text = _readable(exc)
+        text = exception_message(exc)
         raise _stand_in(exc, f"raised by the handler{': ' + text if text else ''}") from exc
 
 
@@ -405,5 +395,5 @@ def load_modules(modules: Iterable[str]) -> None:
             where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
             raise HandlerModuleError(
                 f"SENTPIPE_HANDLER_MODULES: importing {module!r} failed{where}: "
-                f"{type(exc).__name__}: {_readable(exc)}"
+                f"{type(exc).__name__}: {exception_message(exc)}"
             ) from None

@@ -19,13 +19,7 @@ from typing import Protocol, TypeVar
 
 from sentpipe import metrics as m
 from sentpipe.broker import BatchConsumer, CommitRejected, Partition, Record, RecordProducer, next_offsets
-from sentpipe.processors.deadletter import (
-    DeadLetter,
-    class_name,
-    error_class,
-    error_message,
-    send_dead_letters,
-)
+from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
 from sentpipe.processors.retry import backoff, is_temporary, retrying
 from sentpipe.processors.sink import HandlerFailure, HandlersHeld
 from sentpipe.processors.watchdog import Watchdog
@@ -263,7 +257,7 @@ class Projector:
                     "record failed permanently; sent to the DLQ",
                     extra={"event_id": event.id, "type": type_.value, "error": error_class(exc)},
                 )
-                dead.append(_dead(rec, "project", error_class(exc), error_message(exc)))
+                dead.append(_dead(rec, "project", error_class(exc), r.exception_message(exc)))
                 return
             # Which record is it? Halve until it is alone: log2(batch) extra rounds, neighbours applied.
             mid = len(items) // 2
@@ -279,10 +273,10 @@ class Projector:
         for f in failures:
             log.warning(
                 "handler failed permanently; event sent to the DLQ",
-                extra={"event_id": f.event.id, "handler": f.handler, "error": class_name(f.error)},
+                extra={"event_id": f.event.id, "handler": f.handler, "error": r.exception_class(f.error)},
             )
-            message = f"{f.handler}: {error_message(f.error)}"
-            dead.append(_dead(by_event[id(f.event)], "handler", class_name(f.error), message))
+            message = f"{f.handler}: {r.exception_message(f.error)}"
+            dead.append(_dead(by_event[id(f.event)], "handler", r.exception_class(f.error), message))
 
     def _count(self, records: Sequence[Record], dead: Sequence[DeadLetter]) -> None:
         """Replayed and redriven records are counted as the worker applies them (or dead-letters them)."""

@@ -136,9 +136,8 @@ class PostgresSink:
                                     if self.on_call is not None:
                                         self.on_call(name, ev.id)
                             except Exception as exc:
-                                if conn.closed:  # retried as a lost connection, this call forever
-                                    self._leave_out(name, ev, exc)
-                                if isinstance(exc, TransactionEnded):
+                                # Retried as a lost connection (or a rolled-back batch), this call forever.
+                                if conn.closed or isinstance(exc, TransactionEnded):
                                     self._leave_out(name, ev, exc)
                                 if _timed_out(exc):
                                     timed_out.append(HandlerFailure(ev, name, exc))

@@ -84,6 +84,32 @@ def raw_headers(
     return out
 
 
+# A dead letter's error headers carry at most this much: a handler's exception class can be made at run
+# time with a name of any length, and a message can be of any size.
+MAX_DLQ_ERROR_CLASS = 200
+MAX_DLQ_MESSAGE = 1000
+
+
+def dlq_text(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters and made UTF-8 safe: a dead letter that cannot be written holds its
+    stage, so a header is never an encoding error (a lone surrogate becomes its escape)."""
+    return text[:limit].encode(errors="backslashreplace").decode()
+
+
+def exception_class(exc: BaseException) -> str:
+    """The exception's class name as a DLQ header and a metric label carry it."""
+    return dlq_text(type(exc).__name__, MAX_DLQ_ERROR_CLASS)
+
+
+def exception_message(exc: BaseException) -> str:
+    """str(exc) as a DLQ header carries it, or a note when it cannot be read: a record's exception must not
+    fail the stage."""
+    try:
+        return dlq_text(str(exc), MAX_DLQ_MESSAGE)
+    except Exception as inner:
+        return f"(its message cannot be read: {type(inner).__name__})"
+
+
 def dlq_headers(
     *,
     stage: str,
@@ -99,9 +125,8 @@ def dlq_headers(
 
     out: HeaderList = [
         (H_DLQ_STAGE, stage.encode()),
-        # Never an encoding error here: a dead letter that cannot be written holds its stage.
-        (H_DLQ_ERROR_CLASS, error_class[:200].encode(errors="backslashreplace")),
-        (H_DLQ_MESSAGE, message[:1000].encode(errors="backslashreplace")),
+        (H_DLQ_ERROR_CLASS, dlq_text(error_class, MAX_DLQ_ERROR_CLASS).encode()),
+        (H_DLQ_MESSAGE, dlq_text(message, MAX_DLQ_MESSAGE).encode()),
         (H_DLQ_ATTEMPTS, str(attempts).encode()),
         (H_DLQ_AT, str(now_ms if now_ms is not None else int(time.time() * 1000)).encode()),
     ]
