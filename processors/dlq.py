@@ -15,6 +15,7 @@ twice for events that had recovered, and records still failing doubled in the DL
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import deque
@@ -45,6 +46,7 @@ from sentpipe.processors.replay import (
     RunResult,
     as_malformed,
     carried_headers,
+    interruptible,
     log_run,
     new_run_id,
     ops_producer,
@@ -366,10 +368,25 @@ def redrive(
 ) -> RunResult:
     """One pass over the DLQ as it is now, past the records an earlier redrive took; records it dead-letters
     again land after the end and wait for the next pass."""
+    try:
+        return _redrive(settings, sel, dry_run, progress, timeout)
+    except KeyboardInterrupt:
+        # A second Ctrl-C (the first asks `_redrive` to stop after the record in hand), or one before it
+        # began to read.
+        raise OpsError(
+            "redrive interrupted at once: records it had sent may be missing from the ledger, and the next "
+            "redrive sends those again"
+        ) from None
+
+
+def _redrive(
+    settings: Settings, sel: DlqSelection, dry_run: bool, progress: Progress | None, timeout: float
+) -> RunResult:
     topics = Topics(settings.topic_prefix)
     result = RunResult(new_run_id(), dry_run)
     lost = False
-    with Log(settings, timeout) as kafka:
+    done = total = 0
+    with Log(settings, timeout) as kafka, interruptible() as stop:
         if not dry_run and topics.dlq_redriven not in kafka.topics:
             raise OpsError(
                 f"topic {topics.dlq_redriven} does not exist on {kafka.bootstrap}: run `sentpipe topics "
@@ -395,23 +412,31 @@ def redrive(
             acknowledged: list[tuple[bytes, bytes]] = []
             if progress is not None:
                 progress(0, total)
-            for done, msg in enumerate(kafka.read(ranges), 1):
-                if lock is not None and not lock.held():
-                    lost = True  # another process may take over: stop sending, record what was sent
-                    break
-                result.read += 1
-                e = DlqEntry.from_message(msg)
-                if not sel.admits(e):
-                    result.skipped += 1
-                elif e.id in taken:
-                    result.already_redriven += 1
-                else:
-                    step = plan(e, settings, topics, result.run_id)
-                    _redrive_one(e, step, sender, result, acknowledged)
-                if sender is not None and acknowledged:
-                    _write_ledger(sender, topics, acknowledged, result)
-                if progress is not None and (done % 500 == 0 or done == total):
-                    progress(done, total)
+            # Closed here when the loop breaks, not later by the collector (see `_Replay.read`).
+            with contextlib.closing(kafka.read(ranges)) as records:
+                for msg in records:
+                    if lock is not None and not lock.held():
+                        lost = True  # another process may take over: stop sending, record what was sent
+                        break
+                    done += 1
+                    result.read += 1
+                    e = DlqEntry.from_message(msg)
+                    if not sel.admits(e):
+                        result.skipped += 1
+                    elif e.id in taken:
+                        result.already_redriven += 1
+                    else:
+                        step = plan(e, settings, topics, result.run_id)
+                        _redrive_one(e, step, sender, result, acknowledged)
+                    if sender is not None and acknowledged:
+                        _write_ledger(sender, topics, acknowledged, result)
+                    if progress is not None and (done % 500 == 0 or done == total):
+                        progress(done, total)
+                    # A stop between records: every send so far reaches the ledger below. Stopped by the
+                    # KeyboardInterrupt, a pass left the acknowledged ones out, and each still-failing
+                    # record among them stayed in the DLQ twice for good.
+                    if stop.is_set():
+                        break
             if sender is not None:
                 sender.flush()
                 _write_ledger(sender, topics, acknowledged, result)  # what the flush acknowledged
@@ -424,13 +449,18 @@ def redrive(
             f"redrive: {result.failed} records not redriven",
             extra={"redrive_id": result.run_id, "reasons": dict(result.failures.most_common(10))},
         )
+    log_run("redrive", result, interrupted=stop.is_set())
     if lost:
-        log_run("redrive", result)
         raise OpsError(
             f"the redrive lost consumer group {redrive_group(settings)} after {result.read} records (the "
             "broker took this process for dead); what it sent is in the ledger: run it again"
         )
-    log_run("redrive", result)
+    if stop.is_set():
+        raise OpsError(
+            f"redrive {result.run_id} interrupted after {done} of {total} records ({result.produced} "
+            f"redriven, {result.failed} failed); what it sent is in the ledger, so running it again goes on "
+            "with the rest"
+        )
     return result
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -278,7 +278,7 @@ class Log:
                 ends[p] = min(ends[p], off + 1)
         return [Range(topic, p, starts[p], max(starts[p], ends[p])) for p in parts]
 
-    def read(self, ranges: Sequence[Range]) -> Iterator[Message]:
+    def read(self, ranges: Sequence[Range]) -> Generator[Message, None, None]:
         """Every record in the ranges, in offset order per partition; stops at each range's end."""
         pending = {(r.topic, r.partition): r for r in ranges if r.size > 0}
         if not pending:

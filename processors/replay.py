@@ -179,7 +179,7 @@ def _replay(
     progress: Progress | None,
     timeout: float,
 ) -> RunResult:
-    with Log(settings, timeout) as kafka, _interruptible() as stop:
+    with Log(settings, timeout) as kafka, interruptible() as stop:
         n = kafka.partition_count(topics.raw)
         kafka.check_partitions(topics.raw, window.named_partitions)
         # Event ids are record keys: look in their partitions first, and in the others only for ids not
@@ -203,9 +203,9 @@ def _replay(
 
 
 @contextlib.contextmanager
-def _interruptible() -> Iterator[threading.Event]:
-    """Ctrl-C (SIGINT) as a request to stop: the replay ends after the record in hand and waits for what it
-    has sent, instead of a KeyboardInterrupt raised inside librdkafka's calls (where it surfaced as a
+def interruptible() -> Iterator[threading.Event]:
+    """Ctrl-C (SIGINT) as a request to stop: a replay or redrive ends after the record in hand and waits for
+    what it has sent, instead of a KeyboardInterrupt raised inside librdkafka's calls (where it surfaced as a
     SystemError, or as typer's Exit(130), which `sentpipe` ended with status 0 and no word). A second
     Ctrl-C interrupts at once. Only in the main thread (the console runs replays in others)."""
     stop = threading.Event()
@@ -258,13 +258,16 @@ class _Replay:
         )
         self.ranges.update({x.partition: x for x in ranges})
         self._report(force=True)
-        for msg in kafka.read(ranges):
-            self.one(msg)
-            self.done += 1
-            self.next[msg.partition() or 0] = (msg.offset() or 0) + 1
-            self._report()
-            if self.stop.is_set():
-                break
+        # Closed here when the loop breaks: a generator left to the collector unassigns later, where a
+        # second Ctrl-C was printed as "Exception ignored ... Traceback".
+        with contextlib.closing(kafka.read(ranges)) as records:
+            for msg in records:
+                self.one(msg)
+                self.done += 1
+                self.next[msg.partition() or 0] = (msg.offset() or 0) + 1
+                self._report()
+                if self.stop.is_set():
+                    break
         self._report(force=True)
 
     def interrupted(self, *, resumable: bool) -> str:

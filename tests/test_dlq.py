@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import orjson
@@ -415,3 +417,63 @@ def test_a_redrive_still_failing_says_so_once_not_once_per_record(settings: Sett
     assert len(logged) == 1 and f"{n} records not redriven" in logged[0], res.stderr
     assert "missing_message_id" in logged[0]
     assert len(dlq_records(settings, at_least=2 * n)) == 2 * n  # each one dead-lettered again
+
+
+def test_an_interrupted_redrive_says_so_and_leaves_no_dead_letter_twice(
+    settings: Settings, topics: Topics
+) -> None:
+    """Ctrl-C left a redrive by a KeyboardInterrupt: sends the broker had acknowledged never reached the
+    ledger, and each still-failing record among them then stayed in the DLQ twice for good (its old copy
+    untaken, its new one written). Now Ctrl-C ends the pass after the record in hand, the ledger has every
+    record it took, and the next pass leaves each dead letter in the DLQ once."""
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20})
+    n = 30_000
+    for i in range(n):
+        dlq = r.dlq_headers(stage="route", error_class="missing_message_id", message="no id")
+        while True:
+            try:
+                producer.produce(topics.dlq, MALFORMED, f"k{i}".encode(), headers=[(r.H_TENANT, b"a"), *dlq])
+                break
+            except BufferError:
+                producer.poll(0.1)
+    assert producer.flush(60) == 0
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sentpipe", "dlq", "redrive"],
+        env={**settings_env(settings), "COLUMNS": "250"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "redrive started" in line:
+            time.sleep(0.5)  # well inside the pass: its sends are in flight
+            proc.send_signal(signal.SIGINT)
+            break
+    _, rest = proc.communicate(timeout=120)
+    err = "".join(seen) + rest
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    m = re.fullmatch(
+        r"error: redrive \S+ interrupted after (\d+) of (\d+) records \(0 redriven, (\d+) failed\); what it"
+        r" sent is in the ledger, so running it again goes on with the rest",
+        last,
+    )
+    assert m is not None, last
+    done, total, failed = int(m[1]), int(m[2]), int(m[3])
+    assert total == n and 0 < done < n and failed == done, last
+
+    # Every record the pass took (dead-lettered again: a copy after the first n) is in the ledger.
+    copies = dlq_records(settings, at_least=n + done)
+    assert len(copies) == n + done
+    ledger = read_topic(settings.kafka_bootstrap, topics.dlq_redriven, at_least=done, timeout=60)
+    assert len(ledger) == done
+
+    finished = dlq_ops.redrive(settings, dlq_ops.make_selection())
+    assert (finished.read, finished.already_redriven) == (n + done, done)
+    left = dlq_ops.list_entries(settings, dlq_ops.make_selection(), limit=1_000_000)
+    keys = Counter(e.key for e in left.entries)
+    assert len(keys) == n and set(keys.values()) == {1}
