@@ -70,7 +70,7 @@ class EventReport:
     routed: list[Found] = field(default_factory=list)
     dlq: list[DlqEntry] = field(default_factory=list)
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    db_error: str | None = None
+    db_error: str | None = None  # why the database had no answer, one line
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -181,8 +181,10 @@ def locate(
         rep.dlq = [replace(e, redriven_by=taken.get(e.id)) for e in map(DlqEntry.from_message, hits)]
     try:
         rep.rows = database_rows(settings.database_url.get_secret_value(), event_id)
+    except psycopg.errors.UndefinedTable:  # a database no `db migrate` has run on: that is the fix
+        rep.db_error = "database has no sentpipe tables: run `sentpipe db migrate`"
     except psycopg.Error as exc:
-        rep.db_error = " ".join(str(exc).split()) or type(exc).__name__
+        rep.db_error = f"database unavailable: {' '.join(str(exc).split()) or type(exc).__name__}"
     return rep
 
 

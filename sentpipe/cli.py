@@ -688,7 +688,7 @@ def events_show(
         out.print(f"dedup table: {state}  ({d.topic}:{d.partition}:{d.offset})", highlight=False)
     records("routed record(s)", rep.routed)
     if rep.db_error is not None:
-        out.print(terminal_safe(f"database: unavailable ({rep.db_error})"))
+        out.print(terminal_safe(rep.db_error))
     for table_name, rows in rep.rows.items():
         if not rows:
             continue
@@ -707,7 +707,7 @@ def events_show(
     for note in rep.notes:
         out.print(terminal_safe(f"searched {note}"), style="dim", soft_wrap=True)
     if rep.db_error is not None:
-        fail(f"database unavailable: {rep.db_error}")
+        fail(rep.db_error)
     if not rep.found:
         fail(f"event {event_id} not found")
 

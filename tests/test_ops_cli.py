@@ -10,10 +10,12 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
 import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient
+from pydantic import SecretStr
 
 from sentpipe.schemas.events import frame
 from sentpipe.schemas.samples import SampleFactory
@@ -267,6 +269,25 @@ def test_events_show_finds_an_event_everywhere_it_is(
     res = sentpipe(settings, "events", "show", "evt_nowhere")
     assert_one_line_error(res, "evt_nowhere not found")
     assert "raw record(s): none" in res.stdout and "searched raw" in res.stdout
+
+
+def test_events_show_on_a_database_without_the_tables_says_to_migrate(settings: Settings) -> None:
+    """A database no `db migrate` ran on was reported as "database unavailable", with the SQL of the
+    query that failed: the line named neither the cause nor the fix."""
+    url = settings.database_url.get_secret_value()
+    schema = f"{settings.app_id}_empty".replace("-", "_")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        base = url.split("?")[0]
+        empty = settings.model_copy(
+            update={"database_url": SecretStr(f"{base}?options={quote(f'-csearch_path={schema}')}")}
+        )
+        res = sentpipe(empty, "events", "show", "evt_1")
+        assert_one_line_error(res, "error: database has no sentpipe tables: run `sentpipe db migrate`")
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
 def test_events_show_finds_the_routed_record_of_every_tenant_that_sent_the_id(

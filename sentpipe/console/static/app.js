@@ -395,7 +395,7 @@ async function eventView(main, id) {
   main.append(el("section", {}, el("h2", {}, "Dedup state"), el("p", { id: "dedup" }, dedup)));
   main.append(recordsSection("Routed record(s)", rep.routed));
   const db = el("section", { id: "db" }, el("h2", {}, "Database rows"));
-  if (rep.db_error) db.append(errorBox("database unavailable: " + rep.db_error));
+  if (rep.db_error) db.append(errorBox(rep.db_error));
   let any = false;
   for (const [name, list] of Object.entries(rep.rows)) {
     if (!list.length) continue;
