@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -217,6 +219,44 @@ def test_a_projector_process_stops_when_its_worker_is_killed(settings: Settings,
 
         wait_for(alive, lambda up: not up, 30, "the orphaned projector process to stop", worker.proc.tail)
         assert "the projector stops" in worker.proc.tail(200)
+
+
+_PARENT = """
+import os, signal, sys, time
+from sentpipe.processors.projector_process import _die_with_parent
+
+if os.fork() == 0:  # the projector's side: no loop, no `_orphaned` task, only the kernel's signal
+    _die_with_parent(os.getppid())
+    signal.signal(signal.SIGTERM, lambda *_: (print("SIGTERM", flush=True), os._exit(0)))
+    print(os.getpid(), flush=True)
+    time.sleep(60)
+    os._exit(1)
+time.sleep(60)
+"""
+
+
+def test_a_projector_whose_loop_cannot_notice_still_gets_sigterm_when_its_worker_dies() -> None:
+    """The orphan check was a task in the projector's loop: a handler that cancelled the loop's tasks
+    disarmed it, and after a SIGKILL of the worker the orphan held every partition for good."""
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait(10)
+        assert parent.stdout.readline() == "SIGTERM\n"  # the child shares the pipe: its last word
+        wait_for(lambda: _alive(child), lambda up: not up, 10, "the child to exit")
+    finally:
+        parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status").read_text()
+    return "State:\tZ" not in status
 
 
 class _GarbledProbe(ProcessProbe):
