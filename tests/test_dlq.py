@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -40,7 +39,7 @@ from tests.pipeline import (
     wait_until,
 )
 from tests.processes import settings_env
-from tests.test_ops_cli import sentpipe
+from tests.test_ops_cli import sentpipe, sentpipe_interrupted
 
 MALFORMED = b'{"field":"messages","sub_type":"message.read","payload":{"note":"no message id"}}'
 
@@ -438,24 +437,10 @@ def test_an_interrupted_redrive_says_so_and_leaves_no_dead_letter_twice(
                 producer.poll(0.1)
     assert producer.flush(60) == 0
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sentpipe", "dlq", "redrive"],
-        env={**settings_env(settings), "COLUMNS": "250"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if "redrive started" in line:
-            time.sleep(0.5)  # well inside the pass: its sends are in flight
-            proc.send_signal(signal.SIGINT)
-            break
-    _, rest = proc.communicate(timeout=120)
-    err = "".join(seen) + rest
-    assert proc.returncode == 1 and "Traceback" not in err, err
+    # Well inside the pass: its sends are in flight.
+    res = sentpipe_interrupted(settings, "dlq", "redrive", when="redrive started", after_s=0.5)
+    err = res.stderr
+    assert res.returncode == 1 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]
     m = re.fullmatch(
         r"error: redrive \S+ interrupted after (\d+) of (\d+) records \(0 redriven, (\d+) failed\); what it"

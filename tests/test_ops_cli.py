@@ -5,6 +5,7 @@ The commands run as real subprocesses (`python -m sentpipe ...`) against the rea
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -38,6 +39,29 @@ def sentpipe(
         text=True,
         timeout=timeout,
     )
+
+
+def sentpipe_interrupted(
+    s: Settings, *args: str, when: str, after_s: float = 0.0
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m sentpipe ARGS` and press Ctrl-C `after_s` after a line on stderr holds `when`."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sentpipe", *args],
+        env={**settings_env(s), "COLUMNS": "250"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if when in line:
+            time.sleep(after_s)
+            proc.send_signal(signal.SIGINT)
+            break
+    out, rest = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "".join(seen) + rest)
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess[str], *needles: str) -> None:

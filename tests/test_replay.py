@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -36,8 +33,7 @@ from tests.http_tools import metric_sum, post_all, scrape
 from tests.kafka_tools import read_topic, record_count
 from tests.oracle import row_count
 from tests.pipeline import deliver, start_ingress, start_worker, wait_caught_up, wait_for
-from tests.processes import settings_env
-from tests.test_ops_cli import sentpipe
+from tests.test_ops_cli import sentpipe, sentpipe_interrupted
 from tests.test_pipeline_e2e import assert_matches_oracle, deliveries
 
 TABLES = {
@@ -382,23 +378,10 @@ def test_an_interrupted_replay_says_so_and_goes_on_exactly_where_it_stopped(
     n_raw = record_count(settings.kafka_bootstrap, topics.raw)
     assert n_raw == len(bodies)
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sentpipe", "replay"],
-        env={**settings_env(settings), "COLUMNS": "250"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    seen = []
-    for line in proc.stderr:  # Ctrl-C once the replay reads (its SIGINT handler is in place by then)
-        seen.append(line)
-        if "replay reading" in line:
-            proc.send_signal(signal.SIGINT)
-            break
-    out, rest = proc.communicate(timeout=120)
-    err = "".join(seen) + rest
-    assert proc.returncode == 1, (out, err)
+    # Ctrl-C once the replay reads (its SIGINT handler is in place by then).
+    res = sentpipe_interrupted(settings, "replay", when="replay reading")
+    err = res.stderr
+    assert res.returncode == 1, (res.stdout, err)
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     m = re.fullmatch(
