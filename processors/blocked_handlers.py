@@ -59,6 +59,11 @@ UNINTERRUPTIBLE = (
     "blocked the event loop in code no signal could interrupt; the projector was restarted and does not "
     "call it again for this event"
 )
+# Why a call is kept for the restart: its ending of the process is what the restarted projector says.
+ENDED_THE_LOOP = (
+    "ended the projector's event loop (it cancelled the stage's tasks or stopped the loop); the projector "
+    "was restarted and does not call it again for this event"
+)
 
 
 class HandlerBlocked(BaseException):
@@ -67,40 +72,45 @@ class HandlerBlocked(BaseException):
 
 
 class UninterruptibleCalls:
-    """(handler, event id) of the calls the guard had to end with the process: a file that outlives the
+    """(handler, event id) of the calls that ended the process, and why: a file that outlives the
     restart, so the next projector dead-letters those events for those handlers instead of calling them."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._keys: dict[tuple[str, str], None] = dict.fromkeys(self._load())
+        self._calls: dict[tuple[str, str], str] = dict(self._load())
 
-    def _load(self) -> list[tuple[str, str]]:
+    def _load(self) -> list[tuple[tuple[str, str], str]]:
         try:
             entries = orjson.loads(self.path.read_bytes())
-            return [(str(h), str(e)) for h, e in entries]
+            # [handler, event id, why]; a file of an earlier version holds [handler, event id].
+            return [((str(e[0]), str(e[1])), str(e[2]) if len(e) > 2 else UNINTERRUPTIBLE) for e in entries]
         except FileNotFoundError:
             return []
-        except (OSError, ValueError, TypeError) as exc:
+        except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
             log.warning("ignoring %s, which cannot be read (%s)", self.path, exc)
             return []
 
     def __contains__(self, key: object) -> bool:
-        return key in self._keys
+        return key in self._calls
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._calls)
 
-    def add(self, key: tuple[str, str]) -> None:
-        self._keys[key] = None
-        while len(self._keys) > MAX_UNINTERRUPTIBLE:
-            del self._keys[next(iter(self._keys))]
+    def why(self, key: tuple[str, str]) -> str | None:
+        """Why this call ended the process; None when it did not."""
+        return self._calls.get(key)
+
+    def add(self, key: tuple[str, str], why: str = UNINTERRUPTIBLE) -> None:
+        self._calls[key] = why
+        while len(self._calls) > MAX_UNINTERRUPTIBLE:
+            del self._calls[next(iter(self._calls))]
         self._write()
 
     def settle(self, keys: Iterable[tuple[str, str]]) -> None:
         """These calls' events are dead-lettered and committed: forget them."""
-        gone = [k for k in keys if k in self._keys]
+        gone = [k for k in keys if k in self._calls]
         for k in gone:
-            del self._keys[k]
+            del self._calls[k]
         if gone:
             self._write()
 
@@ -109,7 +119,7 @@ class UninterruptibleCalls:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with tmp.open("wb") as fh:
-            fh.write(orjson.dumps(list(self._keys)))
+            fh.write(orjson.dumps([[*key, why] for key, why in self._calls.items()]))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
@@ -163,6 +173,10 @@ class BlockedHandlerGuard:
         self.max_block_s = max_block_s
         self._uninterruptible: UninterruptibleCalls | None = None
         self._calls: set[Call] = set()  # in progress, suspended ones too
+        # Calls that were in progress when the stage's own task was cancelled (`cut_off`), until the next
+        # call starts: the stage never cancels itself in a call, so they are what a loop that ends with
+        # that cancellation blames (`ended_the_loop`).
+        self._cut_off: dict[tuple[str, str], None] = {}
         self._turned_at = time.monotonic()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -174,6 +188,7 @@ class BlockedHandlerGuard:
     def enter(self, name: str, event_id: str, limit: float | None) -> Call:
         """A call with `limit` seconds (None: no limit but `max_block_s`) starts in the caller's frame."""
         call = Call(name, event_id, limit, sys._getframe(1))
+        self._cut_off.clear()  # the stage went on after that cancellation: it was its own stop
         self._calls.add(call)
         call.token = _CURRENT.set(call)
         return call
@@ -186,6 +201,15 @@ class BlockedHandlerGuard:
         if call.token is not None:
             token, call.token = call.token, None
             _CURRENT.reset(token)
+
+    def cut_off(self, name: str, event_id: str) -> None:
+        """The stage's task was cancelled while it waited for this call."""
+        self._cut_off[name, event_id] = None
+
+    def ended_the_loop(self) -> list[tuple[str, str]]:
+        """The calls to blame when the loop ended by a cancellation or `loop.stop()`, which only a handler
+        does (`asyncio.run` cancels what is left after a stop, which `cut_off` notes too)."""
+        return list(self._cut_off)
 
     def start(
         self, loop: asyncio.AbstractEventLoop, uninterruptible: UninterruptibleCalls | None = None

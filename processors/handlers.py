@@ -67,6 +67,11 @@ class TransactionEnded(HandlerError):
     """A call ended the batch's transaction (COMMIT or ROLLBACK run on ctx.conn)."""
 
 
+class EndedTheLoop(HandlerError):
+    """A call ended the projector's event loop (cancelled the stage's tasks, stopped the loop): restarted,
+    the projector dead-letters its event for that handler without calling it again."""
+
+
 class HandlerModuleError(Exception):
     """A module of SENTPIPE_HANDLER_MODULES cannot be imported; the message is one line naming it."""
 
@@ -184,7 +189,8 @@ def _guarded(fn: Handler, registry: HandlerRegistry, name: str) -> Handler:
         task = asyncio.get_running_loop().create_task(_attempt(fn, own, ctx, registry, name))
         try:
             done = await _wait(task, registry.timeout_s)
-        except asyncio.CancelledError:  # the stage is stopping: the call ends with it
+        except asyncio.CancelledError:  # the stage is stopping, or the call cancelled the stage's tasks
+            blocked.guard.cut_off(name, own.id)
             await _cancel(task)
             raise
         failure: BaseException | None

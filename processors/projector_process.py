@@ -120,6 +120,7 @@ class ProjectorService:
             health.add(Watchdog("project", settings.stall_after_s)),
         )
         health.ready_checks["projector"] = lambda: self.projector.started
+        self.stopping = False
 
     async def run(self) -> None:
         await self.producer.start()
@@ -131,6 +132,7 @@ class ProjectorService:
             await self.pool.close()
 
     def stop(self) -> None:
+        self.stopping = True
         self.projector.stop()
 
 
@@ -152,9 +154,12 @@ def run_projector(
     As role `all`'s child: its probes on loopback `port` (0: any free one, passed to `listening`), SIGINT
     left to the worker (which stops it with SIGTERM), and it stops by itself if `parent_pid` goes away."""
 
+    services: list[ProjectorService] = []
+
     async def main() -> None:
         health = Health()
         service = ProjectorService(settings, handlers, health)
+        services.append(service)
         loop = asyncio.get_running_loop()
 
         def on_sigterm() -> None:
@@ -188,7 +193,25 @@ def run_projector(
 
     import uvloop
 
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    except (asyncio.CancelledError, RuntimeError) as exc:
+        stopped = isinstance(exc, RuntimeError) and "Event loop stopped before Future completed" in str(exc)
+        blamed = blocked.guard.ended_the_loop()
+        by_handler = stopped or isinstance(exc, asyncio.CancelledError)
+        if not (by_handler and blamed and services) or services[0].stopping:
+            raise
+        for name, event_id in blamed:
+            services[0].uninterruptible.add((name, event_id), blocked.ENDED_THE_LOOP)
+            log.critical(
+                "handler %s ended the projector's event loop with event %s (%s): restarted, the projector "
+                "dead-letters that event for this handler uncalled",
+                name,
+                event_id,
+                "it stopped the loop" if stopped else "it cancelled the stage's tasks",
+                extra={"handler": name, "event_id": event_id},
+            )
+        raise SystemExit(blocked.EXIT_UNINTERRUPTIBLE) from None
 
 
 def _die_with_parent(parent_pid: int) -> None:

@@ -14,6 +14,7 @@ from psycopg_pool import AsyncConnectionPool
 from sentpipe import metrics as m
 from sentpipe.processors.blocked_handlers import UNINTERRUPTIBLE, UninterruptibleCalls
 from sentpipe.processors.handlers import (
+    EndedTheLoop,
     HandlerAbandoned,
     HandlerContext,
     HandlerError,
@@ -125,8 +126,10 @@ class PostgresSink:
                             if left_out is not None:
                                 failures.append(HandlerFailure(ev, name, left_out))
                                 continue
-                            if self.uninterruptible and (name, ev.id) in self.uninterruptible:
-                                failures.append(HandlerFailure(ev, name, HandlerTimeout(UNINTERRUPTIBLE)))
+                            why = self.uninterruptible.why((name, ev.id)) if self.uninterruptible else None
+                            if why is not None:  # it ended the process last time
+                                ended = HandlerTimeout(why) if why == UNINTERRUPTIBLE else EndedTheLoop(why)
+                                failures.append(HandlerFailure(ev, name, ended))
                                 continue
                             try:
                                 try:

@@ -54,6 +54,10 @@ EXPECTED_CLASS = {
 }
 
 
+# Kinds that end the projector's event loop: they cost a restart (tests/test_handlers_hostile.py).
+ENDS_THE_LOOP = ("cancel-others", "loop-stop")
+
+
 @handler("message.inbound.received", name="test-hostile")
 async def hostile(event: CanonicalEvent, ctx: HandlerContext) -> None:
     text = str(event.data.get("text", ""))
@@ -66,6 +70,15 @@ async def hostile(event: CanonicalEvent, ctx: HandlerContext) -> None:
         await _pg_sleep(ctx)
     elif kind == "block-sleep":
         time.sleep(3600)  # noqa: ASYNC251 - blocks the event loop itself: asyncio's timeout cannot fire
+    elif kind == "cancel-others":  # a "clean shutdown" helper run by mistake
+        me = asyncio.current_task()
+        for t in asyncio.all_tasks():
+            if t is not me:
+                t.cancel()
+        await asyncio.sleep(0.1)
+    elif kind == "loop-stop":
+        asyncio.get_running_loop().stop()
+        await asyncio.sleep(0.1)
     elif kind == "block-cpu":
         while True:
             pass

@@ -233,7 +233,18 @@ def test_uninterruptible_calls_outlive_the_process_until_settled(tmp_path: Path)
     assert ("h", "e2") in blocked.UninterruptibleCalls(path)
 
 
-@pytest.mark.parametrize("content", [b"", b"{not json", b'{"a": 1}', b"[[1]]", b"\xff\xfe"])
+def test_each_call_kept_says_why_it_ended_the_process(tmp_path: Path) -> None:
+    path = tmp_path / "calls.json"
+    path.write_bytes(b'[["h", "e-old"]]')  # written by a version that kept no reason: blocked calls only
+    calls = blocked.UninterruptibleCalls(path)
+    calls.add(("h", "e-loop"), blocked.ENDED_THE_LOOP)
+    again = blocked.UninterruptibleCalls(path)
+    assert again.why(("h", "e-old")) == blocked.UNINTERRUPTIBLE
+    assert again.why(("h", "e-loop")) == blocked.ENDED_THE_LOOP
+    assert again.why(("h", "never-there")) is None
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b'{"a": 1}', b"[[1]]", b"[null]", b"\xff\xfe"])
 def test_an_unreadable_file_is_ignored_not_fatal(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "calls.json"
     path.write_bytes(content)

@@ -751,6 +751,54 @@ def test_a_handler_stuck_where_no_signal_reaches_costs_a_restart_and_only_its_ev
     assert handled == {ids[b] for b in normal}
 
 
+@pytest.mark.parametrize("kind", hh.ENDS_THE_LOOP)
+def test_a_handler_ending_the_event_loop_costs_a_restart_and_only_its_event(
+    settings: Settings, topics: Topics, tmp_path: Path, kind: str
+) -> None:
+    """A handler cancelling every task of the loop (or stopping the loop) ended the projector process with
+    its batch uncommitted: the worker crashed, and after each restart met the same event and crashed again,
+    with nothing projected. Now the call is kept for the restart, which dead-letters its event for that
+    handler uncalled; every other event is projected and handled."""
+    db = settings.database_url.get_secret_value()
+    with psycopg.connect(db, autocommit=True) as c:
+        c.execute("CREATE TABLE hostile_calls (event_id text NOT NULL)")
+    f = SampleFactory(12)
+    normal = [inbound_body(f) for _ in range(20)]
+    bad = inbound_body(f, hh.PREFIX + kind)
+    bodies = [*normal[:10], bad, *normal[10:]]
+    ids = {b: frame(b, webhook_id=None).event_id for b in bodies}
+
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    modules = ["tests.handlers_hostile"]
+    first = start_worker(settings, tmp_path, handler_modules=modules, handler_timeout_s=2.0)
+    second = None
+    try:
+        secret = settings.webhook_secret.get_secret_value()
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
+        assert first.proc.p is not None
+        assert first.proc.p.wait(timeout=120) != 0, first.proc.tail()
+        assert f"ended the projector's event loop with event {ids[bad]}" in first.proc.tail(300)
+        # The orchestrator's restart, with the same data directory.
+        second = start_worker(settings, tmp_path, handler_modules=modules, handler_timeout_s=2.0)
+        wait_caught_up(settings, 180, "the restarted worker got past the event", second.proc.tail)
+        dlq = read_topic(settings.kafka_bootstrap, topics.dlq, at_least=1)
+        assert second.proc.p is not None and second.proc.p.poll() is None, second.proc.tail()
+    finally:
+        if second is not None:
+            second.stop()
+        first.stop()
+        ingress.stop()
+
+    assert {orjson.loads(rec.value)["id"]: rec.headers[r.H_DLQ_ERROR_CLASS] for rec in dlq} == {
+        ids[bad]: b"EndedTheLoop"
+    }
+    with psycopg.connect(db) as c:
+        projected = {row[0] for row in c.execute("SELECT event_id FROM inbound_messages")}
+        handled = {row[0] for row in c.execute("SELECT event_id FROM hostile_calls")}
+    assert projected == set(ids.values())
+    assert handled == {ids[b] for b in normal}
+
+
 def test_a_handler_setting_its_session_does_not_change_the_next_batch(
     settings: Settings, topics: Topics, tmp_path: Path
 ) -> None:
