@@ -8,6 +8,7 @@ notes say what was read and when a scan was cut short.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -103,11 +104,13 @@ def _key_is(event_id: str) -> Match:
 
 
 def _canonical_id_is(event_id: str) -> Match:
-    needle = event_id.encode()
+    # The id as a routed record's JSON holds it: escaped where JSON must (`"`, `\`, control characters),
+    # non-ASCII as it is or as \uXXXX.
+    needles = {orjson.dumps(event_id)[1:-1], json.dumps(event_id)[1:-1].encode()}
 
     def match(msg: Message) -> bool:
         value = msg.value() or b""
-        if needle not in value:  # a substring test is cheap; most records are rejected by it
+        if not any(n in value for n in needles):  # a substring test is cheap; most records fail it
             return False
         try:
             doc = exact_json.loads(value, exact=False)  # a routed record may hold 1E+400 (exact_json)

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
+import orjson
 import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient
@@ -312,6 +313,47 @@ def test_events_show_on_a_database_without_the_tables_says_to_migrate(settings: 
     finally:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.mark.parametrize(
+    "event_id", ['evt"quoted', "evt\\back", "evt\ttab", "evt-\u00e9t\u00e9", "evt\u001bx"]
+)
+def test_events_show_finds_the_routed_record_of_an_id_json_escapes(
+    settings: Settings, topics: Topics, event_id: str
+) -> None:
+    """The routed record was looked for by the id's bytes, which its JSON holds escaped (`\\"`, `\\t`):
+    an event whose id has such a character showed "routed record(s): none" though it was projected."""
+    from confluent_kafka import Producer
+
+    from sentpipe.processors.inspect import locate
+    from sentpipe.schemas import routing as r
+
+    doc = orjson.loads(SampleFactory(24).message_status("m-escaped", "read").body)
+    doc["id"] = event_id
+    body = orjson.dumps(doc)
+    assert frame(body, webhook_id=None).event_id == event_id
+    # Partitioned as the ingress and the router do (murmur2, as Kafka's Java clients).
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "partitioner": "murmur2_random"})
+    now_ms = int(time.time() * 1000)
+    headers = r.raw_headers(
+        tenant="default", received_at_ms=now_ms, webhook_id="msg_1", request_id="rq", event_type=None
+    )
+    routed = r.route(
+        event_id.encode(),
+        body,
+        dict(headers),
+        topics=topics,
+        id_source="auto",
+        default_tenant="default",
+        record_timestamp_ms=now_ms,
+    )
+    producer.produce(topics.raw, body, event_id.encode(), headers=headers, timestamp=now_ms)
+    producer.produce(routed.topic, routed.value, routed.key, timestamp=now_ms)
+    assert producer.flush(30) == 0
+
+    report = locate(settings, event_id, timeout=10)
+    assert len(report.raw) == 1
+    assert [f.key for f in report.routed] == [b"default/m-escaped"]
 
 
 def test_events_show_finds_the_routed_record_of_every_tenant_that_sent_the_id(
