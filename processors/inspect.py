@@ -17,6 +17,7 @@ import orjson
 import psycopg
 from confluent_kafka import Message, murmur2
 from psycopg.rows import dict_row
+from psycopg.types.json import set_json_loads
 
 from sentpipe.processors.dedup import decode_seen, partition_of, table_key
 from sentpipe.processors.dlq import DlqEntry, redriven
@@ -95,7 +96,14 @@ _QUERIES = {
 
 def database_rows(database_url: str, event_id: str) -> dict[str, list[dict[str, Any]]]:
     with psycopg.connect(database_url, connect_timeout=5, row_factory=dict_row) as conn:
+        # The payloads as stored, numbers digit for digit: psycopg's own loader (json.loads) made an int of
+        # a 5,000-digit number, past CPython's limit, and the whole report failed.
+        set_json_loads(_exact_loads, conn)
         return {table: conn.execute(sql, {"id": event_id}).fetchall() for table, sql in _QUERIES.items()}
+
+
+def _exact_loads(data: bytes | bytearray | memoryview | str) -> Any:
+    return exact_json.loads(data.encode() if isinstance(data, str) else bytes(data))
 
 
 def _key_is(event_id: str) -> Match:

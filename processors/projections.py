@@ -78,10 +78,16 @@ MESSAGE_EVENTS = Statement(
     lambda ev: [(ev.id, ev.tenant, ev.subject, ev.status, ev.occurred_at, _received(ev), Jsonb(ev.data))],
 )
 
-# Advance by (rank, occurred_at, event_id): the row holds the maximum whatever the arrival order.
+# Advance by (rank, occurred_at, event_id): the row holds the maximum whatever the arrival order. Only
+# with the history's content for that event id: an id sent again with other content (dropped live by the
+# dedup table, but applied by a replay or after the dedup window) must not move another message's status.
 MESSAGE_STATUS = Statement(
     """INSERT INTO message_status AS cur (tenant, message_id, status, status_rank, occurred_at, event_id)
-       VALUES (%s, %s, %s, %s, %s, %s)
+       SELECT * FROM (VALUES (%s::text, %s::text, %s::text, %s::smallint, %s::timestamptz, %s::text))
+           AS v (tenant, message_id, status, status_rank, occurred_at, event_id)
+       WHERE EXISTS (SELECT FROM message_events e
+                     WHERE (e.tenant, e.event_id, e.message_id, e.status, e.occurred_at)
+                         = (v.tenant, v.event_id, v.message_id, v.status, v.occurred_at))
        ON CONFLICT (tenant, message_id) DO UPDATE
        SET status = EXCLUDED.status, status_rank = EXCLUDED.status_rank, occurred_at = EXCLUDED.occurred_at,
            event_id = EXCLUDED.event_id, updated_at = now()
@@ -117,9 +123,14 @@ TEMPLATE_EVENTS = Statement(
 )
 
 # Templates move back and forth (approved, paused, approved): the latest event wins, ties by event id.
+# Only with the history's content for that event id, as for MESSAGE_STATUS.
 TEMPLATE_STATUS = Statement(
     """INSERT INTO template_status AS cur (tenant, template_id, name, status, reason, occurred_at, event_id)
-       VALUES (%s, %s, %s, %s, %s, %s, %s)
+       SELECT * FROM (VALUES (%s::text, %s::text, %s::text, %s::text, %s::text, %s::timestamptz, %s::text))
+           AS v (tenant, template_id, name, status, reason, occurred_at, event_id)
+       WHERE EXISTS (SELECT FROM template_events e
+                     WHERE (e.tenant, e.event_id, e.template_id, e.status, e.occurred_at)
+                         = (v.tenant, v.event_id, v.template_id, v.status, v.occurred_at))
        ON CONFLICT (tenant, template_id) DO UPDATE
        SET name = EXCLUDED.name, status = EXCLUDED.status, reason = EXCLUDED.reason,
            occurred_at = EXCLUDED.occurred_at, event_id = EXCLUDED.event_id, updated_at = now()

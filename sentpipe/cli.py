@@ -265,12 +265,12 @@ def _text(data: bytes | None) -> str:
 
 
 def _cell(value: object) -> str:
-    import orjson
+    from sentpipe.schemas import exact_json
 
     if value is None:
         return "-"
     if isinstance(value, dict | list):
-        return orjson.dumps(value, default=str).decode()
+        return exact_json.dumps(value).decode()  # a payload's numbers as stored, digit for digit
     return str(value)
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
 from pathlib import Path
 from urllib.parse import quote
 
@@ -354,6 +355,25 @@ def test_events_show_finds_the_routed_record_of_an_id_json_escapes(
     report = locate(settings, event_id, timeout=10)
     assert len(report.raw) == 1
     assert [f.key for f in report.routed] == [b"default/m-escaped"]
+
+
+def test_events_show_prints_a_payload_number_of_any_size_as_stored(settings: Settings) -> None:
+    """A payload holding a number of more than 4,300 digits (accepted and stored digit for digit) made
+    `events show` fail with CPython's int-conversion limit: the whole report was lost."""
+    digits = "1" + "0" * 5000
+    with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as c:
+        c.execute(
+            "INSERT INTO inbound_messages (event_id, tenant, occurred_at, received_at, payload)"
+            " VALUES ('evt-big', 't', now(), now(), %s::jsonb)",
+            (f'{{"amount": {digits}, "small": 0.1}}',),
+        )
+    from sentpipe.processors.inspect import database_rows
+
+    (row,) = database_rows(settings.database_url.get_secret_value(), "evt-big")["inbound_messages"]
+    assert row["payload"] == {"amount": Decimal(digits), "small": 0.1}
+    res = sentpipe(settings, "events", "show", "evt-big")
+    assert res.returncode == 0, res.stderr
+    assert "database: inbound_messages" in res.stdout and "100000000" in res.stdout
 
 
 def test_events_show_finds_the_routed_record_of_every_tenant_that_sent_the_id(

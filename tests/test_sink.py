@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool
@@ -47,6 +48,43 @@ async def test_a_batch_applies_once_however_often_it_is_delivered(
     assert await sink.apply(EventType.MESSAGE_STATUS, events, 1) == []
     assert await sink.apply(EventType.MESSAGE_STATUS, events[::-1], 2) == []
     assert count(db_url, "message_events") == 20
+
+
+def routed_event(body: bytes, event_id: str) -> CanonicalEvent:
+    doc = orjson.loads(body)
+    doc["id"] = event_id
+    body = orjson.dumps(doc)
+    routed = r.route(
+        None, body, {}, topics=Topics(), id_source="auto", default_tenant="t", record_timestamp_ms=1
+    )
+    assert routed.event is not None
+    return routed.event
+
+
+async def test_an_event_id_sent_again_with_other_content_changes_no_status(
+    pool: AsyncConnectionPool, db_url: str
+) -> None:
+    """The history kept the first content of an event id, but the status tables took the second too (a
+    replay or a redelivery past the dedup window): message B showed `delivered` from an event whose
+    history said it was message A's `sent`. The first content wins everywhere, in one batch or two."""
+    f = SampleFactory(31)
+    first = routed_event(f.message_status("A", "sent").body, "evt-reused")
+    second = routed_event(f.message_status("B", "read").body, "evt-reused")
+    t_first = routed_event(f.template("tpl-A", "approved").body, "evt-t-reused")
+    t_second = routed_event(f.template("tpl-B", "rejected").body, "evt-t-reused")
+    sink = PostgresSink(pool, HandlerRegistry())
+    assert await sink.apply(EventType.MESSAGE_STATUS, [first], 1) == []
+    assert await sink.apply(EventType.MESSAGE_STATUS, [second], 1) == []
+    assert await sink.apply(EventType.TEMPLATE_APPROVAL, [t_first, t_second], 1) == []
+    with psycopg.connect(db_url) as c:
+        assert c.execute("SELECT message_id, status FROM message_events").fetchall() == [("A", "sent")]
+        assert c.execute("SELECT message_id, status FROM message_status").fetchall() == [("A", "sent")]
+        assert c.execute("SELECT template_id, status FROM template_events").fetchall() == [
+            ("tpl-A", "approved")
+        ]
+        assert c.execute("SELECT template_id, status FROM template_status").fetchall() == [
+            ("tpl-A", "approved")
+        ]
 
 
 async def test_a_failing_handler_call_is_reported_and_its_neighbours_commit(
