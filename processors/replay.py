@@ -204,25 +204,28 @@ def _replay(
 
 @contextlib.contextmanager
 def interruptible() -> Iterator[threading.Event]:
-    """Ctrl-C (SIGINT) as a request to stop: a replay or redrive ends after the record in hand and waits for
-    what it has sent, instead of a KeyboardInterrupt raised inside librdkafka's calls (where it surfaced as a
-    SystemError, or as typer's Exit(130), which `sentpipe` ended with status 0 and no word). A second
-    Ctrl-C interrupts at once. Only in the main thread (the console runs replays in others)."""
+    """Ctrl-C (SIGINT) or SIGTERM as a request to stop: a replay or redrive ends after the record in hand
+    and waits for what it has sent, instead of a KeyboardInterrupt raised inside librdkafka's calls (where
+    it surfaced as a SystemError, or as typer's Exit(130), which `sentpipe` ended with status 0 and no
+    word), or a SIGTERM (a job's timeout, an orchestrator) ending it between a send and its ledger record.
+    A second signal acts at once. Only in the main thread (the console runs replays in others)."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    def on_sigint(signum: int, frame: FrameType | None) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous[signal.Signals(signum)])
 
-    signal.signal(signal.SIGINT, on_sigint)
+    for sig in previous:
+        signal.signal(sig, on_signal)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class _Replay:

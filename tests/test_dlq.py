@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -418,13 +419,15 @@ def test_a_redrive_still_failing_says_so_once_not_once_per_record(settings: Sett
     assert len(dlq_records(settings, at_least=2 * n)) == 2 * n  # each one dead-lettered again
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_redrive_says_so_and_leaves_no_dead_letter_twice(
-    settings: Settings, topics: Topics
+    settings: Settings, topics: Topics, sig: int
 ) -> None:
-    """Ctrl-C left a redrive by a KeyboardInterrupt: sends the broker had acknowledged never reached the
-    ledger, and each still-failing record among them then stayed in the DLQ twice for good (its old copy
-    untaken, its new one written). Now Ctrl-C ends the pass after the record in hand, the ledger has every
-    record it took, and the next pass leaves each dead letter in the DLQ once."""
+    """Ctrl-C left a redrive by a KeyboardInterrupt (a SIGTERM ended it anywhere): sends the broker had
+    acknowledged never reached the ledger, and each still-failing record among them then stayed in the DLQ
+    twice for good (its old copy untaken, its new one written). Now either signal ends the pass after the
+    record in hand, the ledger has every record it took, and the next pass leaves each dead letter in the
+    DLQ once."""
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20})
     n = 30_000
     for i in range(n):
@@ -438,7 +441,7 @@ def test_an_interrupted_redrive_says_so_and_leaves_no_dead_letter_twice(
     assert producer.flush(60) == 0
 
     # Well inside the pass: its sends are in flight.
-    res = sentpipe_interrupted(settings, "dlq", "redrive", when="redrive started", after_s=0.5)
+    res = sentpipe_interrupted(settings, "dlq", "redrive", when="redrive started", after_s=0.5, sig=sig)
     err = res.stderr
     assert res.returncode == 1 and "Traceback" not in err, err
     last = err.strip().splitlines()[-1]

@@ -44,9 +44,10 @@ def sentpipe(
 
 
 def sentpipe_interrupted(
-    s: Settings, *args: str, when: str, after_s: float = 0.0
+    s: Settings, *args: str, when: str, after_s: float = 0.0, sig: int = signal.SIGINT
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -m sentpipe ARGS` and press Ctrl-C `after_s` after a line on stderr holds `when`."""
+    """Run `python -m sentpipe ARGS` and press Ctrl-C (or send `sig`) `after_s` after a line on stderr
+    holds `when`."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "sentpipe", *args],
         env={**settings_env(s), "COLUMNS": "250"},
@@ -60,7 +61,7 @@ def sentpipe_interrupted(
         seen.append(line)
         if when in line:
             time.sleep(after_s)
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             break
     out, rest = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "".join(seen) + rest)
