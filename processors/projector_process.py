@@ -196,22 +196,29 @@ def run_projector(
     try:
         uvloop.run(main())
     except (asyncio.CancelledError, RuntimeError) as exc:
-        stopped = isinstance(exc, RuntimeError) and "Event loop stopped before Future completed" in str(exc)
-        blamed = blocked.guard.ended_the_loop()
-        by_handler = stopped or isinstance(exc, asyncio.CancelledError)
-        if not (by_handler and blamed and services) or services[0].stopping:
-            raise
-        for name, event_id in blamed:
-            services[0].uninterruptible.add((name, event_id), blocked.ENDED_THE_LOOP)
-            log.critical(
-                "handler %s ended the projector's event loop with event %s (%s): restarted, the projector "
-                "dead-letters that event for this handler uncalled",
-                name,
-                event_id,
-                "it stopped the loop" if stopped else "it cancelled the stage's tasks",
-                extra={"handler": name, "event_id": event_id},
-            )
-        raise SystemExit(blocked.EXIT_UNINTERRUPTIBLE) from None
+        if services and _ended_by_a_handler(exc, services[0]):
+            raise SystemExit(blocked.EXIT_UNINTERRUPTIBLE) from None
+        raise
+
+
+def _ended_by_a_handler(exc: BaseException, service: ProjectorService) -> bool:
+    """Whether a handler call ended the loop (a cancellation or `loop.stop()`, which the stage never does
+    in a call of its own); if so, its calls are kept for the restart, which dead-letters their events."""
+    stopped = isinstance(exc, RuntimeError) and "Event loop stopped before Future completed" in str(exc)
+    blamed = blocked.guard.ended_the_loop()
+    if not (stopped or isinstance(exc, asyncio.CancelledError)) or not blamed or service.stopping:
+        return False
+    for name, event_id in blamed:
+        service.uninterruptible.add((name, event_id), blocked.ENDED_THE_LOOP)
+        log.critical(
+            "handler %s ended the projector's event loop with event %s (%s): restarted, the projector "
+            "dead-letters that event for this handler uncalled",
+            name,
+            event_id,
+            "it stopped the loop" if stopped else "it cancelled the stage's tasks",
+            extra={"handler": name, "event_id": event_id},
+        )
+    return True
 
 
 def _die_with_parent(parent_pid: int) -> None:
