@@ -438,6 +438,12 @@ def _redrive(
                     if stop.is_set():
                         break
             if sender is not None:
+                if stop.is_set() and sender.pending:  # with the broker away, up to its timeout
+                    log.warning(
+                        f"redrive stopping: waiting up to {sender.delivery_timeout_s:.0f}s for Kafka to "
+                        f"confirm {sender.pending} record(s) it was sent",
+                        extra={"redrive_id": result.run_id},
+                    )
                 sender.flush()
                 _write_ledger(sender, topics, acknowledged, result)  # what the flush acknowledged
                 sender.flush()

@@ -8,6 +8,7 @@ fresh `sentpipe-replay-id`, so handlers and operators can tell a replay from fir
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import threading
@@ -247,6 +248,8 @@ class _Replay:
         self.stop = threading.Event()  # set: end after the record in hand
         self.ranges: dict[int, Range] = {}  # partition -> the range read (or to read) in it
         self.next: dict[int, int] = {}  # partition -> the offset after the last record handled
+        # partition -> its first record whose send failed: a resume starts there, not past it
+        self.undelivered: dict[int, int] = {}
 
     def read(self, kafka: Log, ranges: Sequence[Range]) -> None:
         self.total += sum(x.size for x in ranges)
@@ -281,11 +284,12 @@ class _Replay:
             f" ({res.produced} replayed, {res.failed} failed); what it sent is applied idempotently,"
             " so running it again is safe"
         )
-        left = [
-            f"--from-offset {p}:{self.next.get(p, x.start)}"
-            for p, x in sorted(self.ranges.items())
-            if self.next.get(p, x.start) < x.end
-        ]
+        left = []
+        for p, x in sorted(self.ranges.items()):
+            # From the first record not sent, or sent and not delivered (the broker went away meanwhile).
+            resume = min(self.next.get(p, x.start), self.undelivered.get(p, x.end))
+            if resume < x.end:
+                left.append(f"--from-offset {p}:{resume}")
         if resumable and left:
             text += f"; to go on where it stopped, run it with {' '.join(left)} (and its other options)"
         return text
@@ -337,39 +341,60 @@ class _Replay:
                     offset=msg.offset(),
                 )
                 hdrs = [*carried_headers(headers), *dlq, self.mark]
+                where = (msg.partition() or 0, msg.offset() or 0)
                 try:
-                    self.sender.send(self.topics.dlq, key or b"", value, hdrs, self._dead_lettered)
+                    on_delivery = functools.partial(self._dead_lettered, where)
+                    self.sender.send(self.topics.dlq, key or b"", value, hdrs, on_delivery)
                 except ProduceRejected as exc:
                     res.failures[f"dlq:{exc.reason}"] += 1
+                    self._undelivered(where)
             return
         assert d.routed is not None
         res.selected[d.type, d.tenant] += 1
         if self.sender is not None:
             rt = d.routed
+            where = (msg.partition() or 0, msg.offset() or 0)
             try:
                 self.sender.send(
-                    rt.topic, rt.key, rt.value, [*carried_headers(headers), self.mark], self._delivered
+                    rt.topic,
+                    rt.key,
+                    rt.value,
+                    [*carried_headers(headers), self.mark],
+                    functools.partial(self._delivered, where),
                 )
             except ProduceRejected as exc:
                 # Refused before it left (larger than the producer takes, say): this record's failure;
                 # the records after it are replayed.
                 res.failed += 1
                 res.failures[f"produce:{exc.reason}"] += 1
+                self._undelivered(where)
 
-    def _delivered(self, err: KafkaError | None) -> None:
+    def _delivered(self, where: tuple[int, int], err: KafkaError | None) -> None:
         if err is None:
             self.result.produced += 1
         else:
             self.result.failed += 1
             self.result.failures[f"delivery:{err.name()}"] += 1
+            self._undelivered(where)
 
-    def _dead_lettered(self, err: KafkaError | None) -> None:
+    def _dead_lettered(self, where: tuple[int, int], err: KafkaError | None) -> None:
         # Counted failed when sent; a dead letter the broker did not take is said so, not left unsaid.
         if err is not None:
             self.result.failures[f"dlq delivery:{err.name()}"] += 1
+            self._undelivered(where)
+
+    def _undelivered(self, where: tuple[int, int]) -> None:
+        partition, offset = where
+        self.undelivered[partition] = min(offset, self.undelivered.get(partition, offset))
 
     def finish(self) -> None:
         if self.sender is not None:
+            if self.stop.is_set() and self.sender.pending:  # with the broker away, up to its timeout
+                log.warning(
+                    f"replay stopping: waiting up to {self.sender.delivery_timeout_s:.0f}s for Kafka to "
+                    f"confirm {self.sender.pending} record(s) it was sent",
+                    extra={"replay_id": self.result.run_id},
+                )
             self.sender.flush()
 
 

@@ -506,6 +506,11 @@ class Producer:
                 self._producer.poll(0.1)  # let deliveries drain the queue
         self._producer.poll(0)  # serve delivery reports as we go
 
+    @property
+    def pending(self) -> int:
+        """Records sent and not yet reported on."""
+        return len(self._producer)
+
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait for every delivery report; raises BrokerUnavailable when some never came."""
         wait = self.delivery_timeout_s + 5 if timeout_s is None else timeout_s

@@ -409,6 +409,28 @@ def test_an_interrupted_replay_says_so_and_goes_on_exactly_where_it_stopped(
     assert len(ids) == n_raw and set(ids.values()) == {1}
 
 
+def test_an_interrupted_replay_resumes_from_its_first_record_kafka_did_not_take() -> None:
+    """The hint went on from the last record handed to the producer: with the broker gone mid-replay,
+    20,001 sends failed after the records were read, and following the hint skipped every one of them
+    (the resumed run ended with status 0). A failed send now pulls its partition's resume offset back."""
+    from confluent_kafka import KafkaError
+
+    from sentpipe.processors.offsets import Range, Window
+    from sentpipe.processors.replay import _Replay
+
+    run = _Replay(Settings(), Topics("x."), Window(), Filter(), None, None)
+    run.ranges = {p: Range("x.events.raw", p, 0, 100) for p in range(3)}
+    run.next = {0: 80, 1: 100, 2: 40}
+    timed_out = KafkaError(KafkaError._MSG_TIMED_OUT)
+    run._delivered((0, 30), timed_out)
+    run._delivered((0, 50), timed_out)
+    run._delivered((1, 70), None)
+    run._dead_lettered((1, 90), timed_out)
+    run._delivered((2, 10), None)
+    text = run.interrupted(resumable=True)
+    assert "run it with --from-offset 0:30 --from-offset 1:90 --from-offset 2:40 (and" in text, text
+
+
 MALFORMED_BIG = MALFORMED.replace(b'"no message id"', b'"' + secrets.token_hex(4000).encode() + b'"')
 
 
