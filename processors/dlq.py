@@ -358,6 +358,12 @@ def plan(e: DlqEntry, settings: Settings, topics: Topics, redrive_id: str) -> Re
     return RedriveStep("send", routed.topic, routed.key, routed.value, carried + marks)
 
 
+REDRIVE_AT_ONCE = (
+    "redrive interrupted at once: records it had sent may be missing from the ledger, and the next redrive"
+    " sends those again"
+)
+
+
 def redrive(
     settings: Settings,
     sel: DlqSelection,
@@ -370,13 +376,8 @@ def redrive(
     again land after the end and wait for the next pass."""
     try:
         return _redrive(settings, sel, dry_run, progress, timeout)
-    except KeyboardInterrupt:
-        # A second Ctrl-C (the first asks `_redrive` to stop after the record in hand), or one before it
-        # began to read.
-        raise OpsError(
-            "redrive interrupted at once: records it had sent may be missing from the ledger, and the next "
-            "redrive sends those again"
-        ) from None
+    except KeyboardInterrupt:  # Ctrl-C before it began to read
+        raise OpsError(REDRIVE_AT_ONCE) from None
 
 
 def _redrive(
@@ -386,7 +387,7 @@ def _redrive(
     result = RunResult(new_run_id(), dry_run)
     lost = False
     done = total = 0
-    with Log(settings, timeout) as kafka, interruptible() as stop:
+    with Log(settings, timeout) as kafka, interruptible(REDRIVE_AT_ONCE) as stop:
         if not dry_run and topics.dlq_redriven not in kafka.topics:
             raise OpsError(
                 f"topic {topics.dlq_redriven} does not exist on {kafka.bootstrap}: run `sentpipe topics "

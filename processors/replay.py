@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -150,6 +152,12 @@ def key_partitions(keys: Iterable[str], partitions: int) -> set[int]:
     return {murmur2(k.encode(), partitions) for k in keys}
 
 
+REPLAY_AT_ONCE = (
+    "replay interrupted at once: records it had sent may not all have reached Kafka; running it again is"
+    " safe (what it sent is applied idempotently)"
+)
+
+
 def replay(
     settings: Settings,
     window: Window,
@@ -163,12 +171,9 @@ def replay(
     try:
         return _replay(settings, topics, window, flt, dry_run, progress, timeout)
     except KeyboardInterrupt:
-        # A second Ctrl-C (the first asks `_replay` to stop after the record in hand), or one before it
-        # began to read: a line and a non-zero status, not typer's Exit(130) that `sentpipe` ends with 0.
-        raise OpsError(
-            "replay interrupted at once: records it had sent may not all have reached Kafka; running it"
-            " again is safe (what it sent is applied idempotently)"
-        ) from None
+        # Ctrl-C before it began to read: a line and a non-zero status, not typer's Exit(130) that
+        # `sentpipe` ends with 0.
+        raise OpsError(REPLAY_AT_ONCE) from None
 
 
 def _replay(
@@ -180,7 +185,7 @@ def _replay(
     progress: Progress | None,
     timeout: float,
 ) -> RunResult:
-    with Log(settings, timeout) as kafka, interruptible() as stop:
+    with Log(settings, timeout) as kafka, interruptible(REPLAY_AT_ONCE) as stop:
         n = kafka.partition_count(topics.raw)
         kafka.check_partitions(topics.raw, window.named_partitions)
         # Event ids are record keys: look in their partitions first, and in the others only for ids not
@@ -204,12 +209,13 @@ def _replay(
 
 
 @contextlib.contextmanager
-def interruptible() -> Iterator[threading.Event]:
+def interruptible(at_once: str) -> Iterator[threading.Event]:
     """Ctrl-C (SIGINT) or SIGTERM as a request to stop: a replay or redrive ends after the record in hand
     and waits for what it has sent, instead of a KeyboardInterrupt raised inside librdkafka's calls (where
     it surfaced as a SystemError, or as typer's Exit(130), which `sentpipe` ended with status 0 and no
     word), or a SIGTERM (a job's timeout, an orchestrator) ending it between a send and its ledger record.
-    A second signal acts at once. Only in the main thread (the console runs replays in others)."""
+    A second signal ends the process at once with the line `at_once`. Only in the main thread (the console
+    runs replays in others)."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -217,8 +223,12 @@ def interruptible() -> Iterator[threading.Event]:
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            # Not a KeyboardInterrupt: raised inside librdkafka's calls, it became a SystemError.
+            sys.stderr.write(f"error: {at_once}\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
         stop.set()
-        signal.signal(signum, previous[signal.Signals(signum)])
 
     for sig in previous:
         signal.signal(sig, on_signal)

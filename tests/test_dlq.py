@@ -465,3 +465,23 @@ def test_an_interrupted_redrive_says_so_and_leaves_no_dead_letter_twice(
     left = dlq_ops.list_entries(settings, dlq_ops.make_selection(), limit=1_000_000)
     keys = Counter(e.key for e in left.entries)
     assert len(keys) == n and set(keys.values()) == {1}
+
+
+def test_a_second_signal_ends_a_redrive_at_once_with_one_line(settings: Settings, topics: Topics) -> None:
+    """A second Ctrl-C raised KeyboardInterrupt wherever the redrive was: inside librdkafka's poll it came
+    out as `error: SystemError: ... returned NULL without setting an exception`, status 1."""
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20})
+    for i in range(20_000):
+        dlq = r.dlq_headers(stage="route", error_class="missing_message_id", message="no id")
+        while True:
+            try:
+                producer.produce(topics.dlq, MALFORMED, f"k{i}".encode(), headers=[(r.H_TENANT, b"a"), *dlq])
+                break
+            except BufferError:
+                producer.poll(0.1)
+    assert producer.flush(60) == 0
+    res = sentpipe_interrupted(
+        settings, "dlq", "redrive", when="redrive started", after_s=0.3, then=signal.SIGTERM
+    )
+    assert res.returncode == 128 + signal.SIGTERM and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == f"error: {dlq_ops.REDRIVE_AT_ONCE}", res.stderr

@@ -44,10 +44,15 @@ def sentpipe(
 
 
 def sentpipe_interrupted(
-    s: Settings, *args: str, when: str, after_s: float = 0.0, sig: int = signal.SIGINT
+    s: Settings,
+    *args: str,
+    when: str,
+    after_s: float = 0.0,
+    sig: int = signal.SIGINT,
+    then: int | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m sentpipe ARGS` and press Ctrl-C (or send `sig`) `after_s` after a line on stderr
-    holds `when`."""
+    holds `when`; `then`: a second signal right after it."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "sentpipe", *args],
         env={**settings_env(s), "COLUMNS": "250"},
@@ -62,6 +67,8 @@ def sentpipe_interrupted(
         if when in line:
             time.sleep(after_s)
             proc.send_signal(sig)
+            if then is not None:
+                proc.send_signal(then)
             break
     out, rest = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, "".join(seen) + rest)
