@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
 _INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1  # the integers orjson reads and writes exactly
+# An exponent no Decimal holds (19 digits and more; orjson reads a negative one as 0.0). A string may match
+# too: then the exact read decides.
+_HUGE_EXPONENT = re.compile(rb"[eE][+-]?0*[1-9][0-9]{18}")
 
 
 def loads(data: bytes, *, exact: bool = True) -> Any:
@@ -32,7 +36,11 @@ def loads(data: bytes, *, exact: bool = True) -> Any:
         if "number" not in str(exc):  # "number is infinity when parsed as double": 1e400
             raise
         return _exact(data)
-    return _exact(data) if exact and _has_float(doc) else doc
+    if exact:
+        return _exact(data) if _has_float(doc) else doc
+    if _HUGE_EXPONENT.search(data) is not None:
+        _exact(data)  # what the exact read refuses (1e-9999999999999999999, read as 0.0) is refused here too
+    return doc
 
 
 def dumps(obj: Any, option: int = 0) -> bytes:
@@ -73,6 +81,8 @@ def _exact(data: bytes) -> Any:
         dumps(doc)
     except RecursionError:
         raise orjson.JSONDecodeError("nesting beyond the recursion depth", "", 0) from None
+    except ArithmeticError:  # decimal.InvalidOperation: an exponent of 19 digits or more
+        raise orjson.JSONDecodeError("a number beyond what can be held", "", 0) from None
     except (ValueError, TypeError) as exc:  # orjson.JSONEncodeError is a TypeError
         text = str(exc).lower()
         reason = "nesting beyond the recursion depth" if "recursion" in text else "invalid JSON"

@@ -83,6 +83,16 @@ def test_what_orjson_refuses_stays_refused(body: bytes) -> None:
         exact_json.loads(body, exact=False)
 
 
+@pytest.mark.parametrize("number", ["1e-" + "9" * 30, "1e" + "9" * 19, "-1E+" + "9" * 1000])
+def test_an_exponent_no_decimal_holds_is_refused_as_json(number: str) -> None:
+    body = ('{"a": ' + number + "}").encode()
+    for exact in (True, False):
+        with pytest.raises(orjson.JSONDecodeError):
+            exact_json.loads(body, exact=exact)
+    assert exact_json.pretty(body) is None  # a reader shows the bytes instead of failing
+    assert exact_json.loads(b'{"a": "e' + b"9" * 30 + b'"}', exact=False) == {"a": "e" + "9" * 30}
+
+
 def test_a_deep_document_with_a_float_is_too_deep_not_a_crash() -> None:
     with pytest.raises(MalformedEvent) as caught:
         frame(b'{"payload": ' + b"[" * 300 + b"1.5" + b"]" * 300 + b"}", webhook_id=None)
@@ -112,6 +122,12 @@ def test_the_ingress_and_the_router_frame_alike(id_source: str) -> None:
         _sent_status('"n": 1', timestamp="1e400"),
         _sent_status('"message_id_2": 1', timestamp="123456789012345678901234567890"),
         b'{"id": 123456789012345678901234567890, "type": "message.status.updated", "data": {}}',
+        # Exponents no Decimal holds: the ingress read the negative one as 0.0 and accepted what the
+        # router then refused, and the positive one was a 500 with a traceback.
+        _sent_status('"x": 1e-' + "9" * 30),
+        _sent_status('"x": 1e' + "9" * 19),
+        _sent_status('"x": 1E+' + "9" * 1000),
+        _sent_status('"x": "e' + "9" * 30 + '", "n": 1.5'),  # in a string: fine
     ]
     for body in bodies:
         outcomes = []
