@@ -390,3 +390,22 @@ def test_the_overview_shows_a_spool_only_when_one_is_on() -> None:
     assert shown is not None and shown["sentpipe_spool_max_bytes"] == 1 << 30
     assert "sentpipe_spool_records" in shown
     assert not [k for k in shown if k.endswith(("_bucket", "_sum", "_count"))]
+
+
+async def test_a_defect_behind_the_api_is_a_json_500_without_its_traceback(
+    app: web.Application, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An exception no handler expected (decimal's InvalidOperation on a stored payload, say) was
+    aiohttp's plain-text 500 page: no JSON `code` for the page's script, and nothing it could show."""
+
+    async def defect(request: web.Request) -> web.StreamResponse:
+        raise ArithmeticError("a secret detail of the defect")
+
+    app.router.add_get("/api/defect", defect)
+    async for base in serve(app):
+        async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as client:
+            assert (await sign_in(client, base))[0] == 303
+            status, body = await answer(client, "GET", f"{base}/api/defect")
+            assert (status, body["code"]) == (500, "internal_error"), body
+            assert "secret detail" not in body["error"]
+    assert any(rec.exc_info and "secret detail" in str(rec.exc_info[1]) for rec in caplog.records)

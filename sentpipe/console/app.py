@@ -726,6 +726,14 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         return problem(503, str(exc), "broker_unavailable")
     except psycopg.Error as exc:
         return problem(503, f"database unavailable: {one_line(exc)}", "database_unavailable")
+    except web.HTTPException:
+        raise
+    except Exception:
+        if not request.path.startswith("/api/"):
+            raise
+        # A defect, not the request's: its traceback in the console's log, never in the answer.
+        log.exception("console: unexpected error", extra={"path": request.path})
+        return problem(500, "unexpected error (the console's log has the details)", "internal_error")
 
 
 # --- the app --------------------------------------------------------------------------------------------
