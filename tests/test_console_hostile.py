@@ -409,3 +409,23 @@ async def test_a_defect_behind_the_api_is_a_json_500_without_its_traceback(
             assert (status, body["code"]) == (500, "internal_error"), body
             assert "secret detail" not in body["error"]
     assert any(rec.exc_info and "secret detail" in str(rec.exc_info[1]) for rec in caplog.records)
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_a_dry_run_flag_that_is_not_a_boolean_is_400_not_a_real_run(
+    http: tuple[ClientSession, str, dict[str, str]],
+) -> None:
+    """`{"dry_run": "true"}` was read as false: a real replay or redrive started (202) where a dry run was
+    meant."""
+    client, base, headers = http
+    for path in ("/api/replay", "/api/dlq/redrive"):
+        for flag in (b'"true"', b"1", b"null", b"[]"):
+            status, body = await answer(
+                client,
+                "POST",
+                f"{base}{path}",
+                data=b'{"dry_run": ' + flag + b"}",
+                headers={**headers, "Content-Type": "application/json"},
+            )
+            assert (status, body["code"]) == (400, "bad_request"), (path, flag, body)
+            assert "dry_run must be true or false" in body["error"], body

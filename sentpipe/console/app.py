@@ -581,6 +581,15 @@ def _start(
     return send_json(job.json(), 202)
 
 
+def _dry_run(data: dict[str, Any]) -> bool:
+    """`dry_run`: true or false, absent meaning false. Anything else ("true", 1) is refused: read as false,
+    it started a real run where a dry run was meant."""
+    value = data.get("dry_run", False)
+    if not isinstance(value, bool):
+        raise Refused(f"dry_run must be true or false, not {type(value).__name__}")
+    return value
+
+
 def describe_error(exc: BaseException) -> str:
     if isinstance(exc, psycopg.Error):
         return f"database unavailable: {one_line(exc)}"
@@ -591,7 +600,7 @@ async def dlq_redrive(request: web.Request) -> web.StreamResponse:
     data = await read_json(request)
     known(data, (*DLQ_FILTERS, "ids", "dry_run"), "field")
     params = _selection(data)
-    dry_run = data.get("dry_run") is True
+    dry_run = _dry_run(data)
     sel = dlq_ops.make_selection(**params)  # bad input fails here, before any job starts
     settings = request.app[SETTINGS]
 
@@ -629,7 +638,7 @@ async def replay(request: web.Request) -> web.StreamResponse:
         "tenants": tenants,
         "event_ids": event_ids,
     }
-    dry_run = data.get("dry_run") is True
+    dry_run = _dry_run(data)
     window = make_window(since=since, until=until, from_offsets=from_offsets, to_offsets=to_offsets)
     flt = replay_ops.Filter(replay_ops.parse_types(types), frozenset(tenants), frozenset(event_ids))
     settings = request.app[SETTINGS]
