@@ -5,6 +5,16 @@
 const state = { csrf: null, info: null, cleanup: [] };
 
 // --- DOM helpers -------------------------------------------------------------------------------------------
+// Control characters shown as escapes, as the CLI shows them: bidi controls reorder what is displayed (a
+// status "\u202edereviled" read "delivered") and the others hide. Tabs and line breaks stay.
+const UNSAFE = /[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]/g;
+function visible(text) {
+  return text.replace(UNSAFE, (ch) => {
+    const code = ch.charCodeAt(0);
+    return code < 0x100 ? "\\x" + code.toString(16).padStart(2, "0") : "\\u" + code.toString(16).padStart(4, "0");
+  });
+}
+
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
@@ -20,7 +30,7 @@ function el(tag, attrs, ...children) {
 function append(node, children) {
   for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
-    node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    node.append(c instanceof Node ? c : document.createTextNode(visible(String(c))));
   }
   return node;
 }
