@@ -471,6 +471,23 @@ def _redrive(
     return result
 
 
+def redrive_failures(result: RunResult) -> str:
+    """The closing line of a redrive that failed, by what the operator does next."""
+    kafka = sum(n for reason, n in result.failures.items() if reason.startswith("delivery:"))
+    ledger = sum(n for reason, n in result.failures.items() if reason.startswith("ledger:"))
+    again = result.failed - kafka - ledger
+    parts = []
+    if again:
+        parts.append(f"{again} record(s) failed again; they are back in the DLQ (or left there)")
+    if kafka:
+        parts.append(f"{kafka} record(s) Kafka did not take (is it reachable?): run the redrive again")
+    if ledger:
+        parts.append(
+            f"{ledger} record(s) sent but not recorded in the ledger: the next redrive sends them again"
+        )
+    return "; ".join(parts)
+
+
 def _redrive_one(
     e: DlqEntry,
     step: RedriveStep,
@@ -491,7 +508,7 @@ def _redrive_one(
         result.failures[step.reason] += 1
         again = "would be dead-lettered again" if sender is None else "dead-lettered again"
         log.debug(f"redrive: still failing, {again}", extra={**ctx, "reason": step.reason})
-    else:
+    elif sender is None:
         result.selected[e.stage, step.topic] += 1
     if sender is None:
         return
@@ -503,9 +520,12 @@ def _redrive_one(
             acknowledged.append(ledger_entry(e, result.run_id, step.topic, outcome))
             if step.action == "send":
                 result.produced += 1
+                result.selected[e.stage, step.topic] += 1  # what Kafka took
         elif step.action == "send":
             result.failed += 1
             result.failures[f"delivery:{err.name()}"] += 1
+        else:  # counted failed already; its new copy was not written, so it stays untaken for the next pass
+            result.failures[f"dlq delivery:{err.name()}"] += 1
 
     sender.send(step.topic, step.key, step.value, step.headers, delivered)
 

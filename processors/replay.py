@@ -142,7 +142,7 @@ class RunResult:
     skipped: int = 0
     already_redriven: int = 0  # redrive: DLQ records an earlier redrive took (the redrive ledger)
     failed: int = 0
-    selected: Counter[tuple[str, str]] = field(default_factory=Counter)  # what was (or would be) sent
+    selected: Counter[tuple[str, str]] = field(default_factory=Counter)  # what Kafka took (or would be sent)
     failures: Counter[str] = field(default_factory=Counter)  # reason -> count
     missing_ids: list[str] = field(default_factory=list)
 
@@ -360,8 +360,9 @@ class _Replay:
                     self._undelivered(where)
             return
         assert d.routed is not None
-        res.selected[d.type, d.tenant] += 1
-        if self.sender is not None:
+        if self.sender is None:
+            res.selected[d.type, d.tenant] += 1
+        else:
             rt = d.routed
             where = (msg.partition() or 0, msg.offset() or 0)
             try:
@@ -370,7 +371,7 @@ class _Replay:
                     rt.key,
                     rt.value,
                     [*carried_headers(headers), self.mark],
-                    functools.partial(self._delivered, where),
+                    functools.partial(self._delivered, where, (d.type, d.tenant)),
                 )
             except ProduceRejected as exc:
                 # Refused before it left (larger than the producer takes, say): this record's failure;
@@ -379,9 +380,10 @@ class _Replay:
                 res.failures[f"produce:{exc.reason}"] += 1
                 self._undelivered(where)
 
-    def _delivered(self, where: tuple[int, int], err: KafkaError | None) -> None:
+    def _delivered(self, where: tuple[int, int], selected: tuple[str, str], err: KafkaError | None) -> None:
         if err is None:
             self.result.produced += 1
+            self.result.selected[selected] += 1  # what Kafka took, not what was handed to the producer
         else:
             self.result.failed += 1
             self.result.failures[f"delivery:{err.name()}"] += 1

@@ -476,7 +476,7 @@ def dlq_redrive(
 
     A record that fails again is dead-lettered again with one more attempt.
     """
-    from sentpipe.processors.dlq import make_selection, redrive
+    from sentpipe.processors.dlq import make_selection, redrive, redrive_failures
 
     s = settings()
     with _ops():
@@ -486,7 +486,7 @@ def dlq_redrive(
         result = redrive(s, sel, dry_run=dry_run, progress=progress, timeout=timeout)
     _run_summary(f"redrive {result.run_id}", result, "redriven", "stage/topic")
     if result.failed and not dry_run:
-        fail(f"{result.failed} record(s) failed again; they are back in the DLQ (or left there)")
+        fail(redrive_failures(result))
 
 
 @offsets_app.command("reset")

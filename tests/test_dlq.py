@@ -485,3 +485,19 @@ def test_a_second_signal_ends_a_redrive_at_once_with_one_line(settings: Settings
     )
     assert res.returncode == 128 + signal.SIGTERM and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.strip().splitlines()[-1] == f"error: {dlq_ops.REDRIVE_AT_ONCE}", res.stderr
+
+
+def test_a_failed_redrive_s_closing_line_says_what_to_do_for_each_kind_of_failure() -> None:
+    """With the broker gone mid-way every failure read "failed again; they are back in the DLQ": records
+    Kafka never took and records sent but missing from the ledger were counted as still failing."""
+    result = RunResult("r", False)
+    result.failed = 10
+    result.failures.update({"no_envelope": 3, "delivery:_MSG_TIMED_OUT": 5, "ledger:_MSG_TIMED_OUT": 2})
+    assert dlq_ops.redrive_failures(result) == (
+        "3 record(s) failed again; they are back in the DLQ (or left there); 5 record(s) Kafka did not"
+        " take (is it reachable?): run the redrive again; 2 record(s) sent but not recorded in the ledger:"
+        " the next redrive sends them again"
+    )
+    result.failed, result.failures = 3, Counter({"no_envelope": 3, "dlq delivery:_MSG_TIMED_OUT": 3})
+    again = "3 record(s) failed again; they are back in the DLQ (or left there)"
+    assert dlq_ops.redrive_failures(result) == again

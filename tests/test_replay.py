@@ -422,11 +422,13 @@ def test_an_interrupted_replay_resumes_from_its_first_record_kafka_did_not_take(
     run.ranges = {p: Range("x.events.raw", p, 0, 100) for p in range(3)}
     run.next = {0: 80, 1: 100, 2: 40}
     timed_out = KafkaError(KafkaError._MSG_TIMED_OUT)
-    run._delivered((0, 30), timed_out)
-    run._delivered((0, 50), timed_out)
-    run._delivered((1, 70), None)
+    kind = ("message.status.updated", "default")
+    run._delivered((0, 30), kind, timed_out)
+    run._delivered((0, 50), kind, timed_out)
+    run._delivered((1, 70), kind, None)
     run._dead_lettered((1, 90), timed_out)
-    run._delivered((2, 10), None)
+    run._delivered((2, 10), kind, None)
+    assert run.result.selected == Counter({kind: 2}) and run.result.produced == 2  # what Kafka took
     text = run.interrupted(resumable=True)
     assert "run it with --from-offset 0:30 --from-offset 1:90 --from-offset 2:40 (and" in text, text
 
