@@ -393,6 +393,10 @@ class Router:
             known[tenant] = 0
             return False
 
+        def unmark(event_id: bytes, tenant: str) -> None:
+            """A record that was not routed is not seen: the next delivery of its id may be the good one."""
+            marks[table_key(event_id)].pop(tenant, None)
+
         for event in events:
             msg = event.message
             key = msg.key or b""
@@ -418,11 +422,14 @@ class Router:
                     default_tenant=self.s.default_tenant,
                     record_timestamp_ms=int((msg.timestamp or time.time()) * 1000),
                 )
-            except MalformedEvent as exc:
-                batch.dead.append(_dead(event, "route", exc.reason, exc.detail))
             except Exception as exc:  # anything raised for one record is that record's failure
-                log.warning("route failed for one record", extra={"error": type(exc).__name__})
-                batch.dead.append(_dead(event, "route", type(exc).__name__, str(exc)))
+                if key_id is not None:
+                    unmark(key, tenant)
+                if isinstance(exc, MalformedEvent):
+                    batch.dead.append(_dead(event, "route", exc.reason, exc.detail))
+                else:
+                    log.warning("route failed for one record", extra={"error": type(exc).__name__})
+                    batch.dead.append(_dead(event, "route", type(exc).__name__, str(exc)))
             else:
                 if key_id is None:
                     # No key (not the ingress's record): drop repeats of the id the body gives.
@@ -461,6 +468,7 @@ class Router:
             changes: dict[bytes, bytes | None] = {
                 key: encode_seen({t: ms or now_ms for t, ms in tenants.items()})
                 for key, tenants in batch.marks.items()
+                if tenants  # none: every record of that id was dead-lettered, and nothing is to be kept
             }
             home = batch.home
             for key, old in batch.legacy.items():

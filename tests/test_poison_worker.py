@@ -28,7 +28,7 @@ from sentpipe.settings import Settings
 from tests.http_tools import post_all
 from tests.kafka_tools import group_offsets, read_topic
 from tests.oracle import row_count
-from tests.pipeline import start_ingress, start_worker, wait_for, wait_until
+from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_for, wait_until
 from tests.test_pipeline_e2e import assert_matches_oracle
 
 
@@ -295,6 +295,44 @@ def test_two_tenants_may_use_the_same_event_id(settings: Settings, tmp_path: Pat
                 "SELECT tenant, message_id, status FROM message_status ORDER BY tenant"
             ).fetchall()
         assert status == [("beta", "m-b", "delivered"), ("default", "m-a", "sent")]
+    finally:
+        worker.stop()
+        ingress.stop()
+
+
+def test_an_id_the_router_dead_letters_does_not_swallow_its_corrected_delivery(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The router marked an event's id seen before routing it, and kept the mark when the event was dead-
+    lettered (no status, say): the corrected delivery that followed under the same id, answered 200, was
+    dropped as a duplicate, and the only copy kept was the broken one. Sent in one batch and in two."""
+    topics = Topics(settings.topic_prefix)
+
+    def status_event(event_id: str, data: dict[str, str]) -> bytes:
+        doc = {"id": event_id, "event": {"type": "message.status.updated"}, "data": data}
+        return orjson.dumps({**doc, "created_at": "2026-01-01T00:00:00Z"})
+
+    broken = [status_event(f"fix-{i}", {"message_id": f"m-fix-{i}"}) for i in range(2)]
+    fixed = [status_event(f"fix-{i}", {"message_id": f"m-fix-{i}", "status": "delivered"}) for i in range(2)]
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    worker = start_worker(settings, tmp_path)
+    secret = settings.webhook_secret.get_secret_value()
+    db = settings.database_url.get_secret_value()
+    try:
+        # fix-0: the broken one and the fixed one together; fix-1: the fixed one once the broken one is in
+        # the DLQ (its mark settled).
+        for body in (broken[0], fixed[0], broken[1]):  # one after the other: in this order on the topic
+            assert asyncio.run(post_all(f"{url}/webhooks/sent", [body], secret)) == [200]
+        read_topic(settings.kafka_bootstrap, topics.dlq, at_least=2, timeout=60)
+        wait_caught_up(settings, 60, "the broken events routed", worker.proc.tail)
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", [fixed[1]], secret)) == [200]
+
+        def rows() -> list[tuple[str, str]]:
+            with psycopg.connect(db) as c:
+                return c.execute("SELECT event_id, status FROM message_events ORDER BY event_id").fetchall()
+
+        wait_until(lambda: len(rows()) >= 2, 60, "both corrected events projected", worker.proc.tail)
+        assert rows() == [("fix-0", "delivered"), ("fix-1", "delivered")]
     finally:
         worker.stop()
         ingress.stop()
