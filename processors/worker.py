@@ -13,6 +13,9 @@ import contextlib
 import ctypes
 import gc
 import logging
+import os
+import signal
+import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -35,7 +38,7 @@ from sentpipe.processors.dedup import decode_seen, encode_seen, expire, legacy_k
 from sentpipe.processors.faust_transport import use_eager_consumer
 from sentpipe.processors.health import Health, serve_health
 from sentpipe.processors.partitioner import murmur2_partitioner
-from sentpipe.processors.projector_process import ProjectorProcess
+from sentpipe.processors.projector_process import CHILD_STOP_TIMEOUT_S, ProjectorProcess
 from sentpipe.processors.retry import backoff, is_temporary
 from sentpipe.processors.topics import DEDUP_TABLE
 from sentpipe.processors.watchdog import RecoveryHold, Watchdog
@@ -768,6 +771,29 @@ class _QuietWorker(faust.Worker):
     def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
         self.spinner = None
         super().on_setup_root_logger(logger, level)
+
+    def _schedule_shutdown(self, sig: signal.Signals) -> None:
+        # Faust waits without a limit for the records the router took and could not settle (the broker
+        # away): a worker asked to stop ran on until SIGKILL, deaf to SIGTERM and Ctrl-C. Bounded now, and
+        # a second signal acts at once; what was not acknowledged is routed again after the restart.
+        if self._signal_stop_time:
+            _exit_now(f"a second {sig.name}: the worker exits at once")
+        else:
+            why = f"the worker did not stop within {STOP_DEADLINE_S:.0f}s (Kafka away?)"
+            deadline = threading.Timer(STOP_DEADLINE_S, _exit_now, [why])
+            deadline.daemon = True
+            deadline.start()
+        super()._schedule_shutdown(sig)
+
+
+# Past the projector process's own stop (CHILD_STOP_TIMEOUT_S) and below Helm's grace period (60 s).
+STOP_DEADLINE_S = CHILD_STOP_TIMEOUT_S + 10.0
+
+
+def _exit_now(why: str) -> None:
+    log.error(f"{why}; records it had not acknowledged are routed again after the restart")
+    logging.shutdown()  # the line above reaches the log before the process ends
+    os._exit(1)
 
 
 class _ProducerInFaust(mode.Service):

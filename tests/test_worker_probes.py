@@ -221,6 +221,20 @@ def test_a_projector_process_stops_when_its_worker_is_killed(settings: Settings,
         assert "the projector stops" in worker.proc.tail(200)
 
 
+def test_a_second_signal_ends_a_stopping_worker_at_once(settings: Settings, tmp_path: Path) -> None:
+    """A worker stopping while Kafka was away waited forever for records it could not settle, and
+    ignored every further SIGTERM and Ctrl-C: only SIGKILL ended it. A second signal now ends it at once
+    (its projector process with it), with a line saying so."""
+    with _role_all(settings, tmp_path) as (worker, child):
+        assert worker.proc.p is not None
+        worker.proc.p.send_signal(signal.SIGTERM)
+        worker.proc.p.send_signal(signal.SIGINT)
+        assert worker.proc.p.wait(30) == 1
+        assert "a second SIGINT: the worker exits at once" in worker.proc.tail(200)
+        gone = "the projector process to stop"
+        wait_for(lambda: _alive(child), lambda up: not up, 60, gone, worker.proc.tail)
+
+
 _PARENT = """
 import os, signal, sys, time
 from sentpipe.processors.projector_process import _die_with_parent
