@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import orjson
 import pytest
 from mode.utils.logging import level_number
 from pydantic import ValidationError
@@ -155,3 +156,24 @@ def test_a_text_line_is_one_line_whatever_a_record_put_in_its_extras() -> None:
     assert len(line) < EXTRA_MAX_CHARS + 300
     record.tenant = "ok-tenant"
     assert "tenant=ok-tenant" in TextFormatter("%(message)s").format(record)
+
+
+def test_a_threads_uncaught_exception_is_one_record_with_its_traceback() -> None:
+    """Python's hook wrote the traceback to stderr, which Faust's worker logs one write at a time: an
+    aiokafka thread's CancelledError came out as a dozen WARNING lines (`^`, `asyncio.exceptions`, ...)."""
+    script = (
+        "import threading\n"
+        "from sentpipe.logs import configure\n"
+        "configure('INFO', json=True)\n"
+        "def boom():\n"
+        "    raise RuntimeError('from a thread')\n"
+        "t = threading.Thread(target=boom, name='fetcher')\n"
+        "t.start(); t.join()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    record = orjson.loads(lines[0])
+    assert record["level"] == "error" and record["msg"] == "uncaught exception in thread fetcher", record
+    assert "RuntimeError: from a thread" in str(record), record
