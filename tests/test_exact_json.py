@@ -85,12 +85,18 @@ def test_what_orjson_refuses_stays_refused(body: bytes) -> None:
 
 @pytest.mark.parametrize("number", ["1e-" + "9" * 30, "1e" + "9" * 19, "-1E+" + "9" * 1000])
 def test_an_exponent_no_decimal_holds_is_refused_as_json(number: str) -> None:
+    """decimal's InvalidOperation escaped: a 500 at the ingress, and every reader of the dead letter the
+    router made of a negative one (read as 0.0 by the ingress) failed: events show, dlq show, the console."""
     body = ('{"a": ' + number + "}").encode()
-    for exact in (True, False):
+    with pytest.raises(orjson.JSONDecodeError):
+        exact_json.loads(body)
+    if "-" not in number:  # orjson refuses it too; a negative one it reads as 0.0 (see `loads`)
         with pytest.raises(orjson.JSONDecodeError):
-            exact_json.loads(body, exact=exact)
+            exact_json.loads(body, exact=False)
     assert exact_json.pretty(body) is None  # a reader shows the bytes instead of failing
-    assert exact_json.loads(b'{"a": "e' + b"9" * 30 + b'"}', exact=False) == {"a": "e" + "9" * 30}
+    with pytest.raises(MalformedEvent) as caught:
+        frame(_sent_status('"x": ' + number), webhook_id=None)
+    assert caught.value.reason == "not_json"
 
 
 def test_a_deep_document_with_a_float_is_too_deep_not_a_crash() -> None:
@@ -122,12 +128,9 @@ def test_the_ingress_and_the_router_frame_alike(id_source: str) -> None:
         _sent_status('"n": 1', timestamp="1e400"),
         _sent_status('"message_id_2": 1', timestamp="123456789012345678901234567890"),
         b'{"id": 123456789012345678901234567890, "type": "message.status.updated", "data": {}}',
-        # Exponents no Decimal holds: the ingress read the negative one as 0.0 and accepted what the
-        # router then refused, and the positive one was a 500 with a traceback.
-        _sent_status('"x": 1e-' + "9" * 30),
+        # An exponent no Decimal holds: a 500 with a traceback at the ingress.
         _sent_status('"x": 1e' + "9" * 19),
         _sent_status('"x": 1E+' + "9" * 1000),
-        _sent_status('"x": "e' + "9" * 30 + '", "n": 1.5'),  # in a string: fine
     ]
     for body in bodies:
         outcomes = []
