@@ -25,6 +25,7 @@ from sentpipe.cli_base import (
     print_untrusted_body,
     seconds,
     settings,
+    sigterm_as_ctrl_c,
     terminal_safe,
     utf8,
 )
@@ -183,8 +184,9 @@ def db_migrate(
     from sentpipe.processors.migrate import LOCK_TIMEOUT_S, migrate
 
     url = settings().database_url.get_secret_value()
-    for version, applied in migrate(url, LOCK_TIMEOUT_S if lock_timeout is None else lock_timeout):
-        out.print(f"{version}: {'applied' if applied else 'already applied'}")
+    with sigterm_as_ctrl_c():
+        for version, applied in migrate(url, LOCK_TIMEOUT_S if lock_timeout is None else lock_timeout):
+            out.print(f"{version}: {'applied' if applied else 'already applied'}")
 
 
 def _register_sender() -> None:
@@ -219,7 +221,8 @@ def _ops(s: Settings | None = None) -> Iterator[None]:
     if s is not None:
         configure(s.log_level, s.log_json)
     try:
-        yield
+        with sigterm_as_ctrl_c():
+            yield
     except OpsError as exc:
         fail(str(exc))
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import Annotated, NoReturn, TypeVar
 
 import typer
@@ -129,3 +133,21 @@ def print_untrusted_body(console: Console, body: bytes) -> None:
         console.print(terminal_safe(body, multiline=True), soft_wrap=True)
         return
     console.print(JSONHighlighter()(terminal_safe(pretty, multiline=True)), soft_wrap=True)
+
+
+@contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM (a job's timeout, `kill`) stops an operator command as Ctrl-C does: its cleanup runs and it
+    says so. It ended the process where it stood, without a word, its temporary files left behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -27,6 +27,7 @@ from sentpipe.cli_base import (
     print_untrusted_body,
     seconds,
     settings,
+    sigterm_as_ctrl_c,
     terminal_safe,
     utf8,
 )
@@ -347,11 +348,22 @@ def send_command(
                 on_update=on_update,
             )
 
+        so_far: list[Stats] = []
+
+        def progress(stats: Stats) -> None:
+            so_far[:] = [stats]
+            on_update(stats)
+
         try:
-            with _live(total, err) as on_update:
-                stats = asyncio.run(main(on_update))
+            with sigterm_as_ctrl_c(), _live(total, err) as on_update:
+                stats = asyncio.run(main(progress))
         except Unreachable as exc:
             fail(str(exc))
+        except KeyboardInterrupt:
+            # What was accepted before the interrupt: the progress line that said so is gone with it.
+            if so_far:
+                Console().print(summary_table(so_far[0], n_events, target))
+            raise
 
     Console().print(summary_table(stats, n_events, target))
     if stats.done < total:  # the file shrank between its check and its sending

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from sentpipe.schemas.events import ROUTED_TYPES
@@ -65,3 +68,28 @@ def test_sender_with_duplicates_and_shuffle_yields_the_oracle_state(
     )
     assert got.message_status == exp.message_status
     assert got.template_status == exp.template_status
+
+
+def test_a_send_stopped_with_sigterm_says_what_was_accepted(settings: Settings, tmp_path: Path) -> None:
+    """SIGTERM ended `send` where it stood, without a word (and Ctrl-C printed only "interrupted"): the
+    operator could not tell how many deliveries were accepted. It stops as Ctrl-C does now, with the
+    summary of what was done before it."""
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    try:
+        args = ["send", f"{url}/webhooks/sent", "--count", "100000", "--rate", "200"]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sentpipe", *args],
+            env=settings_env(settings),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(3)  # at 200 a second: hundreds accepted, most of the million still to go
+        proc.send_signal(signal.SIGTERM)
+        out, errs = proc.communicate(timeout=60)
+    finally:
+        ingress.stop()
+    assert proc.returncode == 130 and "Traceback" not in errs, errs
+    assert errs.strip().splitlines()[-1] == "interrupted", errs
+    accepted = re.search(r"accepted\D+(\d+)", out)
+    assert accepted is not None and int(accepted[1]) > 0, out
