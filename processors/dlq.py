@@ -458,9 +458,12 @@ def _redrive(
         )
     log_run("redrive", result, interrupted=stop.is_set())
     if lost:
+        why = "the broker took this process for dead"
+        if lock is not None and lock.paused_s:
+            why = f"it was paused for {lock.paused_s:.0f} s, long enough for another redrive to take over"
         raise OpsError(
-            f"the redrive lost consumer group {redrive_group(settings)} after {result.read} records (the "
-            "broker took this process for dead); what it sent is in the ledger: run it again"
+            f"the redrive lost consumer group {redrive_group(settings)} after {result.read} records ({why});"
+            " what it sent is in the ledger: run it again"
         )
     if stop.is_set():
         raise OpsError(

@@ -19,6 +19,11 @@ from sentpipe.settings import Settings
 
 # How soon the lock of a holder that was killed is free again; heartbeats go from librdkafka's own thread.
 SESSION_TIMEOUT_S = 10.0
+# A holder that has not checked for this long may have been suspended (Ctrl-Z, SIGSTOP, a frozen VM) with
+# its heartbeats: the group may have another holder by now, and librdkafka says so only once the next
+# heartbeat is answered. Resumed, a redrive went on sending records the next holder had already taken.
+SUSPECT_GAP_S = SESSION_TIMEOUT_S * 0.8
+CONFIRM_S = 3.0  # three heartbeats (heartbeat.interval.ms below)
 
 
 class LockBusy(Exception):
@@ -30,6 +35,8 @@ class GroupLock:
         self.settings, self.topic, self.group, self.timeout = settings, topic, group, timeout
         self._held = False
         self._answered = False  # the group has given this member an assignment, empty or not
+        self._checked_at = 0.0  # monotonic time of the last `held`
+        self.paused_s = 0.0  # how long the pause was after which the lock was found lost, if one was
         self._consumer: Consumer | None = None
 
     def __enter__(self) -> GroupLock:
@@ -64,6 +71,7 @@ class GroupLock:
             msg = consumer.poll(0.1)
             if msg is not None and msg.error() is not None:
                 error = msg.error()  # not authorized for the group, say: shown if nothing else answers
+        self._checked_at = time.monotonic()
         if not self._held:
             self.release()
             waited = ""
@@ -80,6 +88,16 @@ class GroupLock:
         join waits for, and stays within the group's poll interval."""
         if self._consumer is not None:
             self._consumer.poll(0)  # what it reads is ignored: only membership matters
+        now = time.monotonic()
+        if self._consumer is not None and self._held and now - self._checked_at >= SUSPECT_GAP_S:
+            # Confirmed before it is trusted: the heartbeats go on, and their answers (the group lost, if it
+            # is) come back through poll.
+            confirm_until = now + CONFIRM_S
+            while self._held and time.monotonic() < confirm_until:
+                self._consumer.poll(0.1)
+            if not self._held:
+                self.paused_s = now - self._checked_at
+        self._checked_at = time.monotonic()
         return self._held
 
     def release(self) -> None:

@@ -501,3 +501,57 @@ def test_a_failed_redrive_s_closing_line_says_what_to_do_for_each_kind_of_failur
     result.failed, result.failures = 3, Counter({"no_envelope": 3, "dlq delivery:_MSG_TIMED_OUT": 3})
     again = "3 record(s) failed again; they are back in the DLQ (or left there)"
     assert dlq_ops.redrive_failures(result) == again
+
+
+_SUSPENDED_HOLDER = """
+import sys, time
+from sentpipe.settings import Settings
+from sentpipe.processors.group_lock import GroupLock
+
+lock = GroupLock(Settings(), sys.argv[1], sys.argv[2])
+lock.acquire()
+print("held", flush=True)
+last = time.monotonic()
+while True:
+    time.sleep(0.2)
+    held = lock.held()
+    now = time.monotonic()
+    if now - last > 5:  # the first check after the pause (SIGSTOP, SIGCONT)
+        print(f"after the pause: {'held' if held else 'lost'}", flush=True)
+        break
+    last = now
+"""
+
+
+def test_a_holder_suspended_past_its_session_does_not_trust_its_lock_when_resumed(
+    settings: Settings, topics: Topics
+) -> None:
+    """A redrive suspended (Ctrl-Z) past its session lost the lock to another, but once resumed its checks
+    said "held" until a heartbeat was answered: it sent 19 records the other had already taken."""
+    group = dlq_ops.redrive_group(settings)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _SUSPENDED_HOLDER, topics.dlq_redriven, group],
+        env=settings_env(settings),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        holder.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        while True:  # the other holder, once the suspended one's session has run out
+            try:
+                other = GroupLock(settings, topics.dlq_redriven, group, timeout=5)
+                other.acquire()
+                break
+            except LockBusy:
+                assert time.monotonic() - stopped < SESSION_TIMEOUT_S + 30, "the lock was never freed"
+        try:
+            holder.send_signal(signal.SIGCONT)
+            assert holder.stdout.readline() == "after the pause: lost\n"
+            assert other.held()
+        finally:
+            other.release()
+    finally:
+        holder.kill()
+        holder.wait()
