@@ -328,12 +328,14 @@ class _Replay:
         if self.flt.event_ids:  # only needed to report ids not found; unbounded otherwise
             self.seen_ids.add(d.event_id or "")
         if d.action == "fail":
+            # Not dead-lettered again: the router dead-lettered it when it arrived (stage route), and each
+            # run over the window added one more copy, every one of them redriven (its handlers run once per
+            # copy). Counted, and one DEBUG line each: the summary says how many and why.
             assert d.error is not None
             res.failed += 1
             res.failures[d.error.reason] += 1
-            log.warning(
-                "replay: malformed raw record"
-                + (" (dry run)" if self.sender is None else ", sent to the DLQ"),
+            log.debug(
+                "replay: malformed raw record, left in the DLQ where the router put it",
                 extra={
                     "replay_id": res.run_id,
                     "partition": msg.partition(),
@@ -341,23 +343,6 @@ class _Replay:
                     "reason": d.error.reason,
                 },
             )
-            if self.sender is not None:
-                dlq = r.dlq_headers(
-                    stage="replay",
-                    error_class=d.error.reason,
-                    message=d.error.detail,
-                    topic=msg.topic(),
-                    partition=msg.partition(),
-                    offset=msg.offset(),
-                )
-                hdrs = [*carried_headers(headers), *dlq, self.mark]
-                where = (msg.partition() or 0, msg.offset() or 0)
-                try:
-                    on_delivery = functools.partial(self._dead_lettered, where)
-                    self.sender.send(self.topics.dlq, key or b"", value, hdrs, on_delivery)
-                except ProduceRejected as exc:
-                    res.failures[f"dlq:{exc.reason}"] += 1
-                    self._undelivered(where)
             return
         assert d.routed is not None
         if self.sender is None:
@@ -387,12 +372,6 @@ class _Replay:
         else:
             self.result.failed += 1
             self.result.failures[f"delivery:{err.name()}"] += 1
-            self._undelivered(where)
-
-    def _dead_lettered(self, where: tuple[int, int], err: KafkaError | None) -> None:
-        # Counted failed when sent; a dead letter the broker did not take is said so, not left unsaid.
-        if err is not None:
-            self.result.failures[f"dlq delivery:{err.name()}"] += 1
             self._undelivered(where)
 
     def _undelivered(self, where: tuple[int, int]) -> None:

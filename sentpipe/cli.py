@@ -347,7 +347,7 @@ def replay(
 
     Reads the raw topic up to its end at start.
 
-    Malformed records count as failed and go to the DLQ (stage replay).
+    Malformed records count as failed; the router dead-lettered each when it arrived (stage route).
     """
     from sentpipe.processors.offsets import make_window
     from sentpipe.processors.replay import Filter, parse_types
@@ -369,7 +369,10 @@ def replay(
         result = run_replay(s, window, flt, dry_run=dry_run, progress=progress, timeout=timeout)
     _run_summary(f"replay {result.run_id}", result, "replayed", "type/tenant")
     if result.failed and not dry_run:
-        fail(f"{result.failed} record(s) failed; malformed ones are in the DLQ with stage replay")
+        fail(
+            f"{result.failed} record(s) failed; malformed ones were dead-lettered by the router when they"
+            " arrived (`sentpipe dlq list --stage route`)"
+        )
     if result.missing_ids:  # asked for by id and not replayed: a script must not read that as done
         fail(f"not found in the window: {', '.join(result.missing_ids)}")
 
