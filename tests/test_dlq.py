@@ -419,17 +419,9 @@ def test_a_redrive_still_failing_says_so_once_not_once_per_record(settings: Sett
     assert len(dlq_records(settings, at_least=2 * n)) == 2 * n  # each one dead-lettered again
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_an_interrupted_redrive_says_so_and_leaves_no_dead_letter_twice(
-    settings: Settings, topics: Topics, sig: int
-) -> None:
-    """Ctrl-C left a redrive by a KeyboardInterrupt (a SIGTERM ended it anywhere): sends the broker had
-    acknowledged never reached the ledger, and each still-failing record among them then stayed in the DLQ
-    twice for good (its old copy untaken, its new one written). Now either signal ends the pass after the
-    record in hand, the ledger has every record it took, and the next pass leaves each dead letter in the
-    DLQ once."""
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20})
-    n = 30_000
+def still_failing_dead_letters(s: Settings, topics: Topics, n: int) -> None:
+    """`n` route-stage dead letters a redrive cannot route (no message id), keyed k0, k1, ..."""
+    producer = Producer({"bootstrap.servers": s.kafka_bootstrap, "linger.ms": 20})
     for i in range(n):
         dlq = r.dlq_headers(stage="route", error_class="missing_message_id", message="no id")
         while True:
@@ -439,6 +431,19 @@ def test_an_interrupted_redrive_says_so_and_leaves_no_dead_letter_twice(
             except BufferError:
                 producer.poll(0.1)
     assert producer.flush(60) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_redrive_says_so_and_leaves_no_dead_letter_twice(
+    settings: Settings, topics: Topics, sig: int
+) -> None:
+    """Ctrl-C left a redrive by a KeyboardInterrupt (a SIGTERM ended it anywhere): sends the broker had
+    acknowledged never reached the ledger, and each still-failing record among them then stayed in the DLQ
+    twice for good (its old copy untaken, its new one written). Now either signal ends the pass after the
+    record in hand, the ledger has every record it took, and the next pass leaves each dead letter in the
+    DLQ once."""
+    n = 30_000
+    still_failing_dead_letters(settings, topics, n)
 
     # Well inside the pass: its sends are in flight.
     res = sentpipe_interrupted(settings, "dlq", "redrive", when="redrive started", after_s=0.5, sig=sig)
@@ -470,16 +475,7 @@ def test_an_interrupted_redrive_says_so_and_leaves_no_dead_letter_twice(
 def test_a_second_signal_ends_a_redrive_at_once_with_one_line(settings: Settings, topics: Topics) -> None:
     """A second Ctrl-C raised KeyboardInterrupt wherever the redrive was: inside librdkafka's poll it came
     out as `error: SystemError: ... returned NULL without setting an exception`, status 1."""
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 20})
-    for i in range(20_000):
-        dlq = r.dlq_headers(stage="route", error_class="missing_message_id", message="no id")
-        while True:
-            try:
-                producer.produce(topics.dlq, MALFORMED, f"k{i}".encode(), headers=[(r.H_TENANT, b"a"), *dlq])
-                break
-            except BufferError:
-                producer.poll(0.1)
-    assert producer.flush(60) == 0
+    still_failing_dead_letters(settings, topics, 20_000)
     res = sentpipe_interrupted(
         settings, "dlq", "redrive", when="redrive started", after_s=0.3, then=signal.SIGTERM
     )

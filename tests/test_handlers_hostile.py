@@ -700,6 +700,32 @@ def test_hostile_handlers_never_stop_the_worker(settings: Settings, topics: Topi
     assert handled == {ids[b] for b in normal}
 
 
+def crash_then_restart(
+    settings: Settings, tmp_path: Path, module: str, bodies: list[bytes], crash_line: str
+) -> list[Any]:
+    """Send `bodies` to a worker running `module`'s handlers, which must end with `crash_line` in its log;
+    restart it as an orchestrator would (same data directory) and wait until it has caught up. The DLQ."""
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    first = start_worker(settings, tmp_path, handler_modules=[module], handler_timeout_s=2.0)
+    second = None
+    try:
+        secret = settings.webhook_secret.get_secret_value()
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
+        assert first.proc.p is not None
+        assert first.proc.p.wait(timeout=180) != 0, first.proc.tail()  # the guard gives up 10 s past 2 s
+        assert crash_line in first.proc.tail(300), first.proc.tail()
+        second = start_worker(settings, tmp_path, handler_modules=[module], handler_timeout_s=2.0)
+        wait_caught_up(settings, 180, "the restarted worker got past the event", second.proc.tail)
+        dlq = read_topic(settings.kafka_bootstrap, Topics(settings.topic_prefix).dlq, at_least=1)
+        assert second.proc.p is not None and second.proc.p.poll() is None, second.proc.tail()
+        return dlq
+    finally:
+        if second is not None:
+            second.stop()
+        first.stop()
+        ingress.stop()
+
+
 def test_a_handler_stuck_where_no_signal_reaches_costs_a_restart_and_only_its_event(
     settings: Settings, topics: Topics, tmp_path: Path
 ) -> None:
@@ -714,31 +740,9 @@ def test_a_handler_stuck_where_no_signal_reaches_costs_a_restart_and_only_its_ev
     stuck = inbound_body(f, hu.STUCK)
     bodies = [*normal[:10], stuck, *normal[10:]]
     ids = {b: frame(b, webhook_id=None).event_id for b in bodies}
-
-    ingress, url, _ = start_ingress(settings, tmp_path)
-    first = start_worker(
-        settings, tmp_path, handler_modules=["tests.handlers_uninterruptible"], handler_timeout_s=2.0
+    dlq = crash_then_restart(
+        settings, tmp_path, "tests.handlers_uninterruptible", bodies, "could not be interrupted"
     )
-    second = None
-    try:
-        secret = settings.webhook_secret.get_secret_value()
-        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
-        assert first.proc.p is not None
-        status = first.proc.p.wait(timeout=180)  # the guard gives up 10 s past the 2 s limit
-        assert status != 0, first.proc.tail()
-        assert "could not be interrupted" in first.proc.tail(200), first.proc.tail()
-        # The orchestrator's restart, with the same data directory.
-        second = start_worker(
-            settings, tmp_path, handler_modules=["tests.handlers_uninterruptible"], handler_timeout_s=2.0
-        )
-        wait_caught_up(settings, 180, "the restarted worker got past the stuck event", second.proc.tail)
-        dlq = read_topic(settings.kafka_bootstrap, topics.dlq, at_least=1)
-        assert second.proc.p is not None and second.proc.p.poll() is None, second.proc.tail()
-    finally:
-        if second is not None:
-            second.stop()
-        first.stop()
-        ingress.stop()
 
     assert {orjson.loads(rec.value)["id"]: rec.headers[r.H_DLQ_ERROR_CLASS] for rec in dlq} == {
         ids[stuck]: b"HandlerTimeout"
@@ -767,27 +771,8 @@ def test_a_handler_ending_the_event_loop_costs_a_restart_and_only_its_event(
     bad = inbound_body(f, hh.PREFIX + kind)
     bodies = [*normal[:10], bad, *normal[10:]]
     ids = {b: frame(b, webhook_id=None).event_id for b in bodies}
-
-    ingress, url, _ = start_ingress(settings, tmp_path)
-    modules = ["tests.handlers_hostile"]
-    first = start_worker(settings, tmp_path, handler_modules=modules, handler_timeout_s=2.0)
-    second = None
-    try:
-        secret = settings.webhook_secret.get_secret_value()
-        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies, secret)).count(200) == len(bodies)
-        assert first.proc.p is not None
-        assert first.proc.p.wait(timeout=120) != 0, first.proc.tail()
-        assert f"ended the projector's event loop with event {ids[bad]}" in first.proc.tail(300)
-        # The orchestrator's restart, with the same data directory.
-        second = start_worker(settings, tmp_path, handler_modules=modules, handler_timeout_s=2.0)
-        wait_caught_up(settings, 180, "the restarted worker got past the event", second.proc.tail)
-        dlq = read_topic(settings.kafka_bootstrap, topics.dlq, at_least=1)
-        assert second.proc.p is not None and second.proc.p.poll() is None, second.proc.tail()
-    finally:
-        if second is not None:
-            second.stop()
-        first.stop()
-        ingress.stop()
+    ended = f"ended the projector's event loop with event {ids[bad]}"
+    dlq = crash_then_restart(settings, tmp_path, "tests.handlers_hostile", bodies, ended)
 
     assert {orjson.loads(rec.value)["id"]: rec.headers[r.H_DLQ_ERROR_CLASS] for rec in dlq} == {
         ids[bad]: b"EndedTheLoop"
