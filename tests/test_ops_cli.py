@@ -324,6 +324,35 @@ def test_events_show_on_a_database_without_the_tables_says_to_migrate(settings: 
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
+def write_as_ingress_and_router(
+    s: Settings, topics: Topics, body: bytes, event_id: str, tenants: list[str]
+) -> None:
+    """The raw record of each tenant's delivery and its routed record, where the ingress and the router put
+    them (murmur2 partitions, as Kafka's Java clients)."""
+    from confluent_kafka import Producer
+
+    from sentpipe.schemas import routing as r
+
+    producer = Producer({"bootstrap.servers": s.kafka_bootstrap, "partitioner": "murmur2_random"})
+    now_ms = int(time.time() * 1000)
+    for tenant in tenants:
+        headers = r.raw_headers(
+            tenant=tenant, received_at_ms=now_ms, webhook_id="msg_1", request_id="rq", event_type=None
+        )
+        producer.produce(topics.raw, body, event_id.encode(), headers=headers, timestamp=now_ms)
+        routed = r.route(
+            event_id.encode(),
+            body,
+            dict(headers),
+            topics=topics,
+            id_source="auto",
+            default_tenant="default",
+            record_timestamp_ms=now_ms,
+        )
+        producer.produce(routed.topic, routed.value, routed.key, timestamp=now_ms)
+    assert producer.flush(30) == 0
+
+
 @pytest.mark.parametrize(
     "event_id", ['evt"quoted', "evt\\back", "evt\ttab", "evt-\u00e9t\u00e9", "evt\u001bx"]
 )
@@ -332,33 +361,15 @@ def test_events_show_finds_the_routed_record_of_an_id_json_escapes(
 ) -> None:
     """The routed record was looked for by the id's bytes, which its JSON holds escaped (`\\"`, `\\t`):
     an event whose id has such a character showed "routed record(s): none" though it was projected."""
-    from confluent_kafka import Producer
 
     from sentpipe.processors.inspect import locate
-    from sentpipe.schemas import routing as r
 
     doc = orjson.loads(SampleFactory(24).message_status("m-escaped", "read").body)
     doc["id"] = event_id
     body = orjson.dumps(doc)
     assert frame(body, webhook_id=None).event_id == event_id
     # Partitioned as the ingress and the router do (murmur2, as Kafka's Java clients).
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "partitioner": "murmur2_random"})
-    now_ms = int(time.time() * 1000)
-    headers = r.raw_headers(
-        tenant="default", received_at_ms=now_ms, webhook_id="msg_1", request_id="rq", event_type=None
-    )
-    routed = r.route(
-        event_id.encode(),
-        body,
-        dict(headers),
-        topics=topics,
-        id_source="auto",
-        default_tenant="default",
-        record_timestamp_ms=now_ms,
-    )
-    producer.produce(topics.raw, body, event_id.encode(), headers=headers, timestamp=now_ms)
-    producer.produce(routed.topic, routed.value, routed.key, timestamp=now_ms)
-    assert producer.flush(30) == 0
+    write_as_ingress_and_router(settings, topics, body, event_id, ["default"])
 
     report = locate(settings, event_id, timeout=10)
     assert len(report.raw) == 1
@@ -389,10 +400,9 @@ def test_events_show_finds_the_routed_record_of_every_tenant_that_sent_the_id(
 ) -> None:
     """Two tenants may send the same event id (their events are both kept); the routed key is the tenant's,
     so their routed records sit in different partitions, and only the first tenant's was searched."""
-    from confluent_kafka import Producer, murmur2
+    from confluent_kafka import murmur2
 
     from sentpipe.processors.inspect import locate
-    from sentpipe.schemas import routing as r
 
     n = 4  # the routed partitions of this test's topics
 
@@ -403,27 +413,7 @@ def test_events_show_finds_the_routed_record_of_every_tenant_that_sent_the_id(
     message_id = next(f"m-{i}" for i in range(100) if partition(f"default/m-{i}") != partition(f"acme/m-{i}"))
     body = SampleFactory(23).message_status(message_id, "read").body
     event_id = frame(body, webhook_id=None).event_id
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
-    now_ms = int(time.time() * 1000)
-    for tenant in ("default", "acme"):
-        headers = r.raw_headers(
-            tenant=tenant, received_at_ms=now_ms, webhook_id="msg_1", request_id="rq", event_type=None
-        )
-        key = event_id.encode()
-        at = partition(event_id)
-        producer.produce(topics.raw, body, key, partition=at, headers=headers, timestamp=now_ms)
-        routed = r.route(
-            event_id.encode(),
-            body,
-            dict(headers),
-            topics=topics,
-            id_source="auto",
-            default_tenant="default",
-            record_timestamp_ms=now_ms,
-        )
-        at = partition(routed.key.decode())
-        producer.produce(routed.topic, routed.value, routed.key, partition=at, timestamp=now_ms)
-    assert producer.flush(30) == 0
+    write_as_ingress_and_router(settings, topics, body, event_id, ["default", "acme"])
 
     report = locate(settings, event_id, timeout=10)
     assert len(report.raw) == 2
