@@ -144,7 +144,10 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
         return
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
+        # As SIGINT, not a KeyboardInterrupt raised here: in an event loop that lands in whichever task
+        # runs (a traceback, "Task exception was never retrieved"), where asyncio's own SIGINT handler
+        # cancels the main task and raises it cleanly.
+        signal.raise_signal(signal.SIGINT)
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
