@@ -506,8 +506,8 @@ from sentpipe.processors.group_lock import GroupLock
 
 lock = GroupLock(Settings(), sys.argv[1], sys.argv[2])
 lock.acquire()
+last = time.monotonic()  # before "held": the test stops this process as soon as it reads it
 print("held", flush=True)
-last = time.monotonic()
 while True:
     time.sleep(0.2)
     held = lock.held()
