@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -224,13 +224,17 @@ def _ranges(kafka: Log, dlq: str, sel: DlqSelection) -> list[Range]:
 
 
 # --- the redrive ledger -----------------------------------------------------------------------------------
-def redriven(kafka: Log, topics: Topics) -> dict[str, str] | None:
+def redriven(
+    kafka: Log, topics: Topics, keep_alive: Callable[[], object] | None = None
+) -> dict[str, str] | None:
     """DLQ record ID -> the redrive that took it, from the ledger; None when the ledger topic is missing
-    (`sentpipe topics ensure` creates it)."""
+    (`sentpipe topics ensure` creates it). `keep_alive` is called every `KEEP_ALIVE_EVERY` records."""
     if topics.dlq_redriven not in kafka.topics:
         return None
     taken: dict[str, str] = {}
-    for msg in kafka.read(kafka.ranges(topics.dlq_redriven, Window())):
+    for n, msg in enumerate(kafka.read(kafka.ranges(topics.dlq_redriven, Window())), 1):
+        if keep_alive is not None and n % KEEP_ALIVE_EVERY == 0:
+            keep_alive()
         key = msg.key()
         if not key:
             continue
@@ -240,6 +244,12 @@ def redriven(kafka: Log, topics: Topics) -> dict[str, str] | None:
             run = None
         taken[key.decode(errors="replace")] = run if isinstance(run, str) else "unknown"
     return taken
+
+
+# A redrive reads the whole ledger holding its lock. Unpolled for that long (millions of records), the
+# lock's member paid a confirmation after what looked like a suspension and, past the group's poll
+# interval, was dropped from the group: the pass ended "lost" before it sent anything, every time.
+KEEP_ALIVE_EVERY = 1000
 
 
 def redrive_group(settings: Settings) -> str:
@@ -401,7 +411,7 @@ def _redrive(
         except LockBusy as exc:
             raise OpsError(f"another redrive is running: {exc}") from None
         try:
-            taken = redriven(kafka, topics) or {}
+            taken = redriven(kafka, topics, lock.held if lock is not None else None) or {}
             ranges = _ranges(kafka, topics.dlq, sel)
             total = sum(x.size for x in ranges)
             log.info(

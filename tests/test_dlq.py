@@ -22,7 +22,7 @@ from confluent_kafka import Producer
 from sentpipe.processors import dlq as dlq_ops
 from sentpipe.processors.dlq import DlqEntry, plan
 from sentpipe.processors.group_lock import SESSION_TIMEOUT_S, GroupLock, LockBusy
-from sentpipe.processors.offsets import OpsError
+from sentpipe.processors.offsets import Log, OpsError
 from sentpipe.processors.replay import RunResult
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import frame
@@ -551,3 +551,24 @@ def test_a_holder_suspended_past_its_session_does_not_trust_its_lock_when_resume
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_long_ledger_read_keeps_the_redrive_lock_polled(settings: Settings, topics: Topics) -> None:
+    """The redrive reads the whole ledger while it holds its lock; unpolled for that long, the lock's member
+    was dropped from the group (past its poll interval) and the pass ended "lost" before sending anything."""
+    records = 2 * dlq_ops.KEEP_ALIVE_EVERY + 1
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "linger.ms": 50})
+    for i in range(records):
+        producer.produce(topics.dlq_redriven, key=f"0:{i}".encode(), value=b'{"redrive_id": "r1"}')
+        producer.poll(0)
+    assert producer.flush(30) == 0
+    polls = 0
+
+    def keep_alive() -> None:
+        nonlocal polls
+        polls += 1
+
+    with Log(settings) as kafka:
+        taken = dlq_ops.redriven(kafka, topics, keep_alive)
+    assert taken is not None and len(taken) == records and set(taken.values()) == {"r1"}
+    assert polls == 2
