@@ -31,6 +31,8 @@ CHECK_EVERY_S = 5.0
 # when the probe times out).
 BLOCKED_AFTER_S = 10.0
 PROBE_EVERY_S = 1.0
+# As the ingress's gatherer waits for its workers: under Prometheus's default scrape timeout (10 s).
+METRICS_TIMEOUT_S = 5.0
 
 
 class ProcessProbe:
@@ -72,7 +74,7 @@ class ProcessProbe:
         late = time.monotonic() - self.answered_at
         return late if late >= self.after_s else None
 
-    async def metrics(self, timeout_s: float = 2.0) -> str | None:
+    async def metrics(self, timeout_s: float = METRICS_TIMEOUT_S) -> str | None:
         if self.base is None:
             return None
         try:
@@ -168,7 +170,19 @@ def _json(status: int, body: dict[str, object]) -> web.Response:
 
 def health_app(health: Health) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
-        others = [text for p in health.probes if (text := await p.metrics()) is not None]
+        others = []
+        for p in health.probes:
+            text = await p.metrics()
+            if text is not None:
+                others.append(text)
+            elif p.answered_at is not None:
+                # Its counts left out, the series both processes hold fell to this process's share: Prometheus
+                # read a counter reset, and increase() over the window made up the whole total (which hid
+                # "nothing projected" while a blocked projector was too slow to answer). Failed, the scrape
+                # marks the target down instead, as the ingress's does.
+                log.warning("the %s process did not answer its metrics scrape", p.name)
+                detail = f"the {p.name} process did not answer within {METRICS_TIMEOUT_S:g} s"
+                return _json(503, {"error": "process_unavailable", "detail": detail})
         try:
             body = merged_exposition(others) if others else generate_latest()
         except ValueError as exc:  # another process's text did not parse: our own metrics still answer

@@ -47,9 +47,9 @@ def _status(url: str, timeout: float = 2.0) -> int | str:
         return "timeout" if isinstance(exc.reason, TimeoutError) else "refused"
 
 
-def _body(url: str) -> str:
+def _body(url: str, timeout: float = 2.0) -> str:
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
             return str(resp.read().decode())
     except urllib.error.HTTPError as exc:
         return str(exc.read().decode())
@@ -202,6 +202,28 @@ def test_role_all_scrapes_its_projector_process_and_crashes_when_it_dies(
         code = worker.proc.p.wait(60)
         assert code != 0, "the worker went on routing with nothing projecting"
         assert "the projector process exited" in worker.proc.tail(200)
+
+
+def test_a_scrape_fails_while_the_projector_process_does_not_answer(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The worker answered 200 with its own metrics alone: the counters it shares with its projector fell to
+    0 and came back, which Prometheus reads as a reset, so increase() made up the whole total (and hid a
+    projector that projected nothing). The scrape fails instead, and the target is seen down."""
+    with _role_all(settings, tmp_path) as (worker, child):
+        _produce_routed(settings, "m-silent")
+        projected = (
+            'sentpipe_events_processed_total{handler="projection",outcome="ok",type="message.status.updated"}'
+        )
+        wait_for(lambda: scrape(worker.metrics_port).get(projected, 0.0), lambda v: v >= 1, 30, projected)
+        url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
+        os.kill(child, signal.SIGSTOP)
+        try:
+            assert _status(url, timeout=15) == 503
+            assert "the projector process did not answer" in _body(url, 15)
+        finally:
+            os.kill(child, signal.SIGCONT)
+        assert scrape(worker.metrics_port)[projected] >= 1
 
 
 def test_a_projector_process_stops_when_its_worker_is_killed(settings: Settings, tmp_path: Path) -> None:
