@@ -389,7 +389,9 @@ class WebhookHandler:
         limit = self.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
-            return "too_large", failed(413, "body_too_large", f"body is over the {limit} byte limit")
+            # Closed once answered: left open, aiohttp first read the unwanted body for up to 10 s.
+            detail = f"body is over the {limit} byte limit"
+            return "too_large", failed(413, "body_too_large", detail, close=True)
         content = request.content
         try:
             if content.is_eof():
@@ -409,7 +411,8 @@ class WebhookHandler:
                 finally:
                     self.waiting -= 1
         except web.HTTPRequestEntityTooLarge:
-            return "too_large", failed(413, "body_too_large", f"body is over the {limit} byte limit")
+            detail = f"body is over the {limit} byte limit"
+            return "too_large", failed(413, "body_too_large", detail, close=True)
         except TimeoutError:
             m.INGRESS_REFUSED.labels("body_timeout").inc()
             log.info("body timeout", extra=self._ctx(request_id, label, tenant))
