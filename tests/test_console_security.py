@@ -165,6 +165,14 @@ async def test_without_a_token_only_loopback_host_names_are_answered(settings: S
                 csrf = (await resp.json())["csrf"]
             async with http.get(f"{base}/api/session", headers={"Host": "rebound.example:8090"}) as resp:
                 assert resp.status == 403
+            # Any loopback address may be the one it listens on (`--host 127.0.0.2`): it printed that URL
+            # and answered every request there 403. A rebinding page's Host is its own name, never an IP.
+            for host in ("127.0.0.2:8090", "[::1]:8090", "localhost"):
+                async with http.get(f"{base}/api/session", headers={"Host": host}) as resp:
+                    assert resp.status == 200, host
+            for host in ("10.0.0.1:8090", "127.0.0.1.rebound.example", "0.0.0.0:8090"):
+                async with http.get(f"{base}/api/session", headers={"Host": host}) as resp:
+                    assert resp.status == 403, host
             async with http.post(f"{base}/api/replay", json={"dry_run": True}) as resp:
                 assert resp.status == 403  # still needs the CSRF token
             async with http.post(

@@ -296,7 +296,7 @@ async def sign_in(request: web.Request, handler: Handler) -> web.StreamResponse:
     sessions = request.app[SESSIONS]
     if sessions.token is None and not host_is_loopback(request):
         # Without a token the console only answers names of this machine (no DNS rebinding).
-        message = "this console has no token and answers only on localhost / 127.0.0.1 / [::1]"
+        message = "this console has no token and answers only on localhost or a loopback address"
         return problem(403, message, "localhost_only")
     # No session is made here: a probe, a static file or the sign-in form needs none, and a session made
     # for every cookie-less request would let anyone fill the table.

@@ -29,7 +29,6 @@ CSRF_HEADER = "X-CSRF-Token"
 SESSION_TTL_S = 12 * 3600
 LOGIN_TTL_S = 3600
 MAX_SESSIONS = 10_000
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 
 
 def is_loopback(host: str) -> bool:
@@ -179,4 +178,4 @@ def host_is_loopback(request: web.Request) -> bool:
     """The Host the browser asked for names this machine (a DNS-rebinding page names its own host)."""
     host = request.host
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    return name in LOOPBACK_NAMES
+    return is_loopback(name)
