@@ -20,6 +20,7 @@ import pytest
 from aiohttp import ClientSession, CookieJar, web
 from aiohttp.test_utils import TestServer, make_mocked_request
 from pydantic import SecretStr
+from yarl import URL
 
 from sentpipe.console import create_app
 from sentpipe.console.app import SESSIONS, SETTINGS, entry_json, send_json
@@ -318,10 +319,10 @@ def test_an_integer_beyond_64_bits_or_a_lone_surrogate_does_not_break_an_answer(
 
 
 # --- 7. the URL is announced only once the port is bound ----------------------------------------------------
-def _console(settings: Settings, port: int) -> subprocess.Popen[str]:
+def _console(settings: Settings, port: int, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "sentpipe", "console", "--host", "127.0.0.1", "--port", str(port)],
-        env=settings_env(settings, console_metrics_urls="[]"),
+        env=settings_env(settings, console_metrics_urls="[]", **env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -429,3 +430,42 @@ async def test_a_dry_run_flag_that_is_not_a_boolean_is_400_not_a_real_run(
             )
             assert (status, body["code"]) == (400, "bad_request"), (path, flag, body)
             assert "dry_run must be true or false" in body["error"], body
+
+
+def test_a_client_that_leaves_mid_body_is_not_logged_as_a_console_defect(settings: Settings) -> None:
+    """A POST that announced more body than it sent, then closed, was logged as an ERROR with its traceback:
+    through the sign-in form, anyone who could reach the console could fill its log with them. (Seen only
+    with the console as `sentpipe console` serves it: in a test server the handler never ran.)"""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+
+    async def signed_in() -> str:
+        async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as client:
+            status, csrf = await sign_in(client, base)
+            assert status == 303
+            cookie = client.cookie_jar.filter_cookies(URL(base))["sentpipe_console"].value
+        return f"Cookie: sentpipe_console={cookie}\r\nX-CSRF-Token: {csrf}\r\n"
+
+    proc = _console(settings, port, console_token=TOKEN)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("console on")
+        sent = [
+            ("/login", "application/x-www-form-urlencoded", ""),  # before signing in
+            ("/login", "multipart/form-data; boundary=x", ""),
+            ("/api/replay", "application/json", asyncio.run(signed_in())),
+        ]
+        for path, content_type, more in sent:
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(
+                    f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\n"
+                    f'{more}Content-Length: 1000\r\n\r\n{{"a"'.encode()
+                )
+                time.sleep(0.3)  # the handler is reading the body when the client leaves
+        time.sleep(1)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert err.count("request body unreadable (ConnectionResetError)") == len(sent), err
+    assert "Traceback" not in err and " ERROR " not in err, err

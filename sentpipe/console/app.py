@@ -21,6 +21,8 @@ from typing import Any
 import orjson
 import psycopg
 from aiohttp import web
+from aiohttp.http_exceptions import PayloadEncodingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from sentpipe.console.auth import (
     COOKIE,
@@ -723,6 +725,11 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         return await handler(request)
     except Refused as exc:
         return problem(exc.status, str(exc), exc.code)
+    except (ConnectionResetError, RequestPayloadError, PayloadEncodingError) as exc:
+        # A client that left mid-body, or framing that does not decode: the client's doing, not a defect.
+        # Logged as one, with its traceback, anyone could fill the log with them (before signing in).
+        log.info("console: request body unreadable (%s)", type(exc).__name__, extra={"path": request.path})
+        return problem(400, "the body did not arrive whole (connection closed or framing broken)", "bad_body")
     except NotFound as exc:
         return problem(404, str(exc), "not_found")
     except OpsError as exc:
