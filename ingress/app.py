@@ -664,7 +664,8 @@ def check_topic_limits(settings: Settings, timeout: float = 5.0) -> None:
     except BrokerRefused as exc:
         raise StartupError(str(exc)) from None
     except BrokerUnavailable as exc:
-        log.warning("%s: starting anyway; webhooks get 503 until it answers", exc)
+        meanwhile = "are spooled (200)" if settings.spool else "get 503"
+        log.warning("%s: starting anyway; webhooks %s until it answers", exc, meanwhile)
         return
     topics = Topics(settings.topic_prefix)
     try:

@@ -27,6 +27,7 @@ from sentpipe.ingress.app import (
     MAX_FIELD_SIZE,
     REQUEST_ID_MAX,
     StartupError,
+    check_topic_limits,
     create_app,
     liveness_problem,
     new_request_id,
@@ -687,3 +688,16 @@ def test_generated_request_ids_are_distinct_and_a_forked_child_draws_its_own() -
         child = fh.read().decode()
     parent = "".join(new_request_id() for _ in range(8))
     assert len(child) == len(parent) == 256 and child != parent
+
+
+@pytest.mark.parametrize(
+    ("spool", "said"), [(False, "webhooks get 503"), (True, "webhooks are spooled (200)")]
+)
+def test_the_start_warning_says_what_webhooks_get_while_the_broker_is_away(
+    settings: Settings, caplog: pytest.LogCaptureFixture, spool: bool, said: str
+) -> None:
+    """With the spool on, the warning said webhooks got 503 while they were answered 200 and spooled: an
+    operator reading it mid-outage was told Sent was being refused."""
+    away = settings.model_copy(update={"kafka_bootstrap": "127.0.0.1:9", "spool": spool})
+    check_topic_limits(away, timeout=2)
+    assert any(f"starting anyway; {said} until it answers" in rec.getMessage() for rec in caplog.records)
