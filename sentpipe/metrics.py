@@ -129,7 +129,7 @@ DLQ_EVENTS = Counter(
 )
 END_TO_END_LAG_SECONDS = Histogram(
     "sentpipe_end_to_end_lag_seconds",
-    "Time from the ingress receiving an event to its projection being committed.",
+    "Time from the ingress receiving an event to its projection being committed (not replays or redrives).",
     ["type"],
     buckets=_LAG_BUCKETS,
 )
