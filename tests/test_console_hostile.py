@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import orjson
 import pytest
 from aiohttp import ClientSession, CookieJar, web
 from aiohttp.test_utils import TestServer, make_mocked_request
@@ -469,3 +470,32 @@ def test_a_client_that_leaves_mid_body_is_not_logged_as_a_console_defect(setting
         _, err = proc.communicate(timeout=30)
     assert err.count("request body unreadable (ConnectionResetError)") == len(sent), err
     assert "Traceback" not in err and " ERROR " not in err, err
+
+
+def test_a_body_that_stalls_is_answered_408_and_its_connection_closed(settings: Settings) -> None:
+    """No timeout bounded the console's body reads: a stalled `POST /login` (no sign-in needed) held its
+    connection for ever, and a few hundred of them left no socket for anyone, the sign-in page included."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = _console(settings, port, console_token=TOKEN, body_timeout_s="1")
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("console on")
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(
+                f"POST /login HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                "Content-Type: application/x-www-form-urlencoded\r\n"
+                "Content-Length: 60000\r\n\r\ncsrf=".encode()
+            )
+            answer = sock.recv(65536)
+            # Then closed at once, not after reading what is left of the body for up to 10 s more.
+            sock.settimeout(5)
+            while chunk := sock.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer
+        assert orjson.loads(body)["code"] == "body_timeout"
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err, err

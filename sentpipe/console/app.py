@@ -16,7 +16,7 @@ import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import psycopg
@@ -73,6 +73,9 @@ MAX_BODY = 64 * 1024
 MAX_DLQ_LIMIT = 1000  # the page's own maximum; every listed entry is held in memory
 MAX_SCAN_LIMIT = 10_000_000
 MAX_PAGE = 100_000
+
+
+T = TypeVar("T")
 
 
 class Refused(Exception):
@@ -233,9 +236,20 @@ def text_param(query: Mapping[str, str], name: str) -> str | None:
     return value
 
 
+async def within_body_timeout(request: web.Request, read: Callable[[], Awaitable[T]]) -> T:
+    """The body, read within SENTPIPE_BODY_TIMEOUT_S: a stalled body held its connection for ever, and
+    enough of them (no sign-in needed at /login) left no socket for anyone else."""
+    limit = request.app[SETTINGS].body_timeout_s
+    try:
+        async with asyncio.timeout(limit):
+            return await read()
+    except TimeoutError:
+        raise Refused(f"the body did not arrive within {limit:g} s", 408, "body_timeout") from None
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
     try:
-        text = await request.text()
+        text = await within_body_timeout(request, request.text)
     except LookupError:
         raise Refused(f"charset {shown(request.charset or '')} is not supported; send UTF-8", 415) from None
     except ValueError:
@@ -353,7 +367,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     if sessions.token is None:
         raise web.HTTPSeeOther("/")  # nothing to sign in to
     try:
-        form = await request.post()
+        form = await within_body_timeout(request, request.post)
     except LookupError:
         return problem(415, f"charset {shown(request.charset or '')} is not supported; send UTF-8")
     except ValueError:
@@ -724,7 +738,13 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
     try:
         return await handler(request)
     except Refused as exc:
-        return problem(exc.status, str(exc), exc.code)
+        response = problem(exc.status, str(exc), exc.code)
+        if exc.status == 408 and request.protocol is not None:
+            # Written, then closed: left to aiohttp, it would read what is left of the body for up to 10 s.
+            await response.prepare(request)
+            await response.write_eof()
+            request.protocol.force_close()
+        return response
     except (ConnectionResetError, RequestPayloadError, PayloadEncodingError) as exc:
         # A client that left mid-body, or framing that does not decode: the client's doing, not a defect.
         # Logged as one, with its traceback, anyone could fill the log with them (before signing in).
