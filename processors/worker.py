@@ -137,13 +137,15 @@ class _Reread:
 class _Batch:
     """One raw batch as routed: what to send, what to dead-letter, and the table marks it makes."""
 
-    __slots__ = ("dead", "events", "home", "legacy", "marks", "out", "routed", "taken")
+    __slots__ = ("dead", "duplicates", "events", "home", "legacy", "marks", "out", "routed", "taken", "types")
 
     def __init__(self, events: Sequence[Event], taken: Sequence[Event]) -> None:
         self.events = events  # with any records the router read back itself (_with_skipped)
         self.taken = taken  # as the stream delivered them: the ones to ack
         self.out: list[Record] = []
         self.routed: list[Event] = []  # the event each record of `out` came from
+        self.types: list[str] = []  # and its type's label
+        self.duplicates: dict[str, int] = {}  # by type label: counted once the batch settles
         self.dead: list[DeadLetter] = []
         self.marks: dict[bytes, dict[str, int]] = {}  # by table key (compact where the id is a SHA-256 hex)
         self.home: dict[bytes, int] = {}  # table key -> its raw partition
@@ -391,7 +393,7 @@ class Router:
                 known = marks[tkey] = self._lookup(tkey, legacy)
                 home[tkey] = partition
             if tenant in known:
-                m.DUPLICATES_DROPPED.labels(type_label).inc()
+                batch.duplicates[type_label] = batch.duplicates.get(type_label, 0) + 1
                 return True
             known[tenant] = 0
             return False
@@ -441,9 +443,7 @@ class Router:
                         continue
                 batch.out.append((routed.topic, routed.key, routed.value, list(headers.items())))
                 batch.routed.append(event)
-                m.EVENTS_ROUTED.labels(
-                    routed.event.type.value if routed.event else EventType.UNROUTED.value
-                ).inc()
+                batch.types.append(routed.event.type.value if routed.event else EventType.UNROUTED.value)
         return batch
 
     async def _settle(
@@ -454,7 +454,8 @@ class Router:
         settled: Callable[[Sequence[Event]], Awaitable[None]] | None,
     ) -> None:
         try:
-            dead = batch.dead + await self._send_each(batch.out, batch.routed, futs)
+            refused = await self._send_each(batch.out, batch.routed, futs)
+            dead = batch.dead + refused
             await send_dead_letters(
                 self.producer,
                 self.topics.dlq,
@@ -480,6 +481,7 @@ class Router:
                 changes[old] = None
                 home[old] = home[key]
             await self._write(changes, home)
+            _count_settled(batch, refused)
         finally:
             self._forget_pending(batch.marks)
         self._advance(batch.events)
@@ -711,6 +713,22 @@ def _sweep_keys(shards: store.Shards | None, table: Any) -> Iterator[bytes]:
 
 async def retrying_sleep(attempt: int, s: Settings) -> None:
     await asyncio.sleep(backoff(attempt, s.retry_initial_s, s.retry_max_s))
+
+
+def _count_settled(batch: _Batch, refused: Sequence[DeadLetter]) -> None:
+    """What a settled batch did, counted only now: counted as it was decided, a batch the broker never
+    took was counted again after every restart (its duplicates too, which passed for progress and kept
+    SentpipeNothingProjected quiet), and a record it refused as routed and dead-lettered both."""
+    lost = {d.origin for d in refused}
+    routed: dict[str, int] = {}
+    for event, type_label in zip(batch.routed, batch.types, strict=True):
+        msg = event.message
+        if not lost or (msg.topic, msg.partition, msg.offset) not in lost:
+            routed[type_label] = routed.get(type_label, 0) + 1
+    for type_label, n in routed.items():
+        m.EVENTS_ROUTED.labels(type_label).inc(n)
+    for type_label, n in batch.duplicates.items():
+        m.DUPLICATES_DROPPED.labels(type_label).inc(n)
 
 
 def _dead(event: Event, stage: str, error_class: str, message: str) -> DeadLetter:

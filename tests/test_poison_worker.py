@@ -17,7 +17,13 @@ from pathlib import Path
 import orjson
 import psycopg
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    ResourceType,
+)
 
 from sentpipe.processors.topics import projections_group
 from sentpipe.schemas import routing as r
@@ -25,7 +31,7 @@ from sentpipe.schemas.events import CanonicalEvent, EventType
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
-from tests.http_tools import post_all
+from tests.http_tools import metric_sum, post_all, scrape
 from tests.kafka_tools import group_offsets, read_topic
 from tests.oracle import row_count
 from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_for, wait_until
@@ -336,3 +342,44 @@ def test_an_id_the_router_dead_letters_does_not_swallow_its_corrected_delivery(
     finally:
         worker.stop()
         ingress.stop()
+
+
+def test_routed_and_duplicates_are_counted_for_what_the_broker_took(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The router counted an event as routed when it decided to, before the broker had it: a record the
+    broker refused (too large for its topic) was counted routed and dead-lettered both, and a batch the
+    broker never took was counted again, duplicates too, after every restart."""
+    topics = Topics(settings.topic_prefix)
+    worker = start_worker(settings, tmp_path)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    try:
+        # Lowered once the worker has checked the limits at its start: the broker now refuses big records.
+        small = ConfigEntry("max.message.bytes", "1500", incremental_operation=AlterConfigOpType.SET)
+        resource = ConfigResource(ResourceType.TOPIC, topics.message_inbound, incremental_configs=[small])
+        for fut in admin.incremental_alter_configs([resource]).values():
+            fut.result(30)
+        big = raw_record(
+            sent({"from": "+1", "to": "+2", "text": INCOMPRESSIBLE_ID}, sub_type="message.received")
+        )
+        status = raw_record(sent({"message_id": "m-counted", "status": "delivered"}))
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+        for key, value, headers in (big, status, status):  # the status event twice: one duplicate
+            producer.produce(topics.raw, value, key, headers=headers)
+        assert producer.flush(30) == 0
+        read_topic(settings.kafka_bootstrap, topics.dlq, at_least=1, timeout=90)
+        wait_caught_up(settings, 90, "the three records settled", worker.proc.tail)
+
+        def counted() -> tuple[float, float, float]:
+            samples = scrape(worker.metrics_port)
+            routed = 'sentpipe_events_routed_total{type="%s"}'
+            return (
+                samples[routed % EventType.MESSAGE_INBOUND.value],
+                samples[routed % EventType.MESSAGE_STATUS.value],
+                metric_sum(samples, "sentpipe_duplicates_dropped_total"),
+            )
+
+        wait_until(lambda: counted()[1] >= 1, 30, "the status event counted", worker.proc.tail)
+        assert counted() == (0.0, 1.0, 1.0)
+    finally:
+        worker.stop()
