@@ -173,6 +173,18 @@ async def test_without_a_token_only_loopback_host_names_are_answered(settings: S
             for host in ("10.0.0.1:8090", "127.0.0.1.rebound.example", "0.0.0.0:8090"):
                 async with http.get(f"{base}/api/session", headers={"Host": host}) as resp:
                     assert resp.status == 403, host
+            # Another site's page (an <img> pointing at the API) needs no session here: its browser's own
+            # word that the request is cross-site, or a foreign Origin, is refused; the console's page is not.
+            for headers in (
+                {"Sec-Fetch-Site": "cross-site"},
+                {"Sec-Fetch-Site": "same-site"},
+                {"Origin": "http://localhost:9999"},
+            ):
+                async with http.get(f"{base}/api/search?q=x", headers=headers) as resp:
+                    assert (resp.status, (await resp.json())["code"]) == (403, "cross_site"), headers
+            for headers in ({"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}, {"Origin": base}):
+                async with http.get(f"{base}/api/session", headers=headers) as resp:
+                    assert resp.status == 200, headers
             async with http.post(f"{base}/api/replay", json={"dry_run": True}) as resp:
                 assert resp.status == 403  # still needs the CSRF token
             async with http.post(

@@ -29,6 +29,7 @@ from sentpipe.console.auth import (
     LOGIN_COOKIE,
     Session,
     Sessions,
+    cross_site,
     csrf_ok,
     host_is_loopback,
     set_cookie,
@@ -314,6 +315,11 @@ async def sign_in(request: web.Request, handler: Handler) -> web.StreamResponse:
         # Without a token the console only answers names of this machine (no DNS rebinding).
         message = "this console has no token and answers only on localhost or a loopback address"
         return problem(403, message, "localhost_only")
+    if request.path.startswith("/api/") and cross_site(request):
+        # A page on any site could make the browser GET the API (an <img>, say): it reads nothing back,
+        # but without a token it needs no session, so it could start 10-million-record trace scans and
+        # history searches at will. The console's own page asks from its own origin.
+        return problem(403, "the API answers only the console's own page, not other sites", "cross_site")
     # No session is made here: a probe, a static file or the sign-in form needs none, and a session made
     # for every cookie-less request would let anyone fill the table.
     session = request[SESSION] = sessions.get(request)

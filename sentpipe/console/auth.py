@@ -167,6 +167,12 @@ def same_origin(request: web.Request) -> bool:
     return origin is None or origin == f"{request.scheme}://{request.host}"
 
 
+def cross_site(request: web.Request) -> bool:
+    """Made by another site's page: the browser says so (Sec-Fetch-Site), or the Origin it sent does."""
+    site = request.headers.get("Sec-Fetch-Site")
+    return (site is not None and site not in ("same-origin", "none")) or not same_origin(request)
+
+
 def csrf_ok(request: web.Request, session: Session | None, form_value: str | None = None) -> bool:
     if session is None or not same_origin(request):
         return False
