@@ -12,11 +12,16 @@ A worker that does not answer makes the whole scrape fail (503): Prometheus mark
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import socket
+import sys
 import threading
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -75,6 +80,16 @@ def fetch(port: int) -> str:
     return body.decode()
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client gone mid-answer is its business; socketserver printed each one's traceback to stderr."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.info("metrics client went away: %s", type(exc).__name__)
+        else:
+            log.error("metrics request failed", exc_info=exc)
+
+
 class Gatherer:
     """The supervisor's metrics server: bound at once (a taken port fails the start), answering 503 until
     `serve_workers` tells it where the workers' own metrics are."""
@@ -84,7 +99,41 @@ class Gatherer:
         gatherer = self
 
         class Handler(BaseHTTPRequestHandler):
-            timeout = IDLE_TIMEOUT_S
+            timeout = IDLE_TIMEOUT_S  # per read only: a byte every few seconds went on for ever
+
+            def setup(self) -> None:
+                super().setup()
+                # So the whole head (one request per connection: HTTP/1.0) has IDLE_TIMEOUT_S.
+                self._head_timer = threading.Timer(IDLE_TIMEOUT_S, self._cut_off)
+                self._head_timer.daemon = True
+                self._head_timer.start()
+
+            def _cut_off(self) -> None:
+                self.cut_off = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
+
+            def parse_request(self) -> bool:
+                try:
+                    parsed = super().parse_request()
+                finally:
+                    self._head_timer.cancel()
+                return parsed and not getattr(self, "cut_off", False)  # cut off: a head read to its EOF
+
+            def finish(self) -> None:
+                self._head_timer.cancel()
+                super().finish()
+
+            def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+                # JSON like every other answer; the stock page quoted the request's bytes back.
+                self.close_connection = True
+                self.request_version = "HTTP/1.0"  # a request line it could not read left 0.9: no headers
+                try:
+                    phrase = HTTPStatus(code).phrase
+                except ValueError:
+                    phrase = "error"
+                body = json.dumps({"error": "malformed_request", "detail": phrase}).encode()
+                self._answer(code, body, "application/json")
 
             def do_GET(self) -> None:
                 if self.path.split("?", 1)[0] != "/metrics":
@@ -103,7 +152,7 @@ class Gatherer:
             def log_message(self, format: str, *args: object) -> None:
                 pass  # no access log, like the workers' own metrics servers
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server = _QuietServer((host, port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics", daemon=True)
         self._thread.start()

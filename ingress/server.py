@@ -31,6 +31,7 @@ from typing import Any
 
 from aiohttp import web
 
+from sentpipe.guarded_http import guard
 from sentpipe.ingress.app import (
     StartupError,
     check_topic_limits,
@@ -92,6 +93,7 @@ async def serve(
     site = web.TCPSite(runner, host, port, backlog=2048, reuse_port=reuse_port or None)
     metrics_runner = web.AppRunner(create_metrics_app(), access_log=None)
     await metrics_runner.setup()
+    guard(metrics_runner, settings.body_timeout_s)  # bound like the webhook port: the same descriptors
     metrics_site = web.TCPSite(metrics_runner, metrics_host or host, metrics_port)
     try:
         await _listen(site, "SENTPIPE_INGRESS_HOST, SENTPIPE_INGRESS_PORT")

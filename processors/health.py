@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Metric, generate_la
 from prometheus_client.parser import text_string_to_metric_families
 
 from sentpipe import metrics as m
+from sentpipe.guarded_http import guard
 from sentpipe.processors.watchdog import Stall, Watchdog
 
 log = logging.getLogger("sentpipe.health")
@@ -215,5 +216,6 @@ def health_app(health: Health) -> web.Application:
 async def serve_health(health: Health, host: str, port: int) -> web.AppRunner:
     runner = web.AppRunner(health_app(health), access_log=None)
     await runner.setup()
+    guard(runner)
     await web.TCPSite(runner, host, port).start()
     return runner

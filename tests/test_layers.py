@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "metrics": 1,
     "broker": 1,
     "kafka": 1,
+    "guarded_http": 1,
     "ingress": 2,
     "processors": 2,
     "sender": 2,

@@ -1,0 +1,128 @@
+"""The side ports (the ingress's and the worker's metrics and probes): any client gets there what it gets on
+the webhook port (`ingress/protocol.py`), without the webhook shortcut.
+
+- A request head not complete within `head_timeout_s` is answered 408 and its connection closed. aiohttp
+  has no such timeout: a client trickling header bytes held its connection for ever, and enough of them
+  used up the file descriptors the webhook port needs too (Sent's deliveries were reset at accept).
+- A request aiohttp cannot parse is answered in JSON and logged at INFO without its bytes. aiohttp's own
+  answer quoted the bytes back in plain text and logged them at ERROR with a traceback, so anything that
+  reached the port could fill the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.http_exceptions import PayloadEncodingError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_request import BaseRequest
+
+log = logging.getLogger("sentpipe.http")
+
+HEAD_TIMEOUT_S = 10.0
+
+
+class GuardedProtocol(RequestHandler):
+    """aiohttp's `RequestHandler` with a head timeout and quiet, JSON answers to malformed requests."""
+
+    __slots__ = ("_head_timeout_s", "_head_timer")
+
+    def __init__(self, manager: web.Server, *, head_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._head_timeout_s = head_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None  # running while a head has begun, not ended
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._messages:
+            self._stop_head_timer()
+        elif self._head_timer is None:
+            self._head_timer = self._loop.call_later(self._head_timeout_s, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        transport, waiter = self.transport, self._waiter
+        if self._messages or transport is None:
+            return  # the head ended after all
+        if waiter is None or waiter.done():
+            # aiohttp's task is answering a request (or has not begun): an answer written now would land
+            # in the middle of that one. Looked at again later.
+            self._head_timer = self._loop.call_later(self._head_timeout_s, self._head_timed_out)
+            return
+        log.info("header timeout: the request's head did not end in time")
+        detail = f"the request's headers did not arrive within {self._head_timeout_s:g}s"
+        body = orjson.dumps({"error": "header_timeout", "detail": detail})
+        transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.force_close()
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        """A body cut short or badly framed is the client's doing, not an error of this process."""
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, (RequestPayloadError, PayloadEncodingError, ConnectionResetError)):
+            log.info("request body unreadable: %s", type(exc).__name__)
+            return
+        super().log_exception(*args, **kwargs)
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            log.error("error handling request", exc_info=exc)  # a bug of ours: its traceback helps
+        else:
+            log.info("malformed HTTP request", extra={"status": status, "error": type(exc).__name__})
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was sent already, the error cannot follow it")
+        code = "internal_error" if status >= 500 else "malformed_request"
+        try:
+            detail = HTTPStatus(status).phrase
+        except ValueError:
+            detail = "error"
+        response = web.Response(
+            status=status,
+            body=orjson.dumps({"error": code, "detail": detail}),
+            content_type="application/json",
+        )
+        response.force_close()
+        return response
+
+
+class GuardedServer(web.Server):
+    """aiohttp's low-level server, making `GuardedProtocol`s; a runner's server becomes one in place."""
+
+    head_timeout_s: float
+
+    def __call__(self) -> RequestHandler:
+        return GuardedProtocol(self, loop=self._loop, head_timeout_s=self.head_timeout_s, **self._kwargs)
+
+
+def guard(runner: web.AppRunner, head_timeout_s: float = HEAD_TIMEOUT_S) -> None:
+    """Serve the runner's connections with `GuardedProtocol`. Call it after `runner.setup()`, before its
+    site starts."""
+    server = runner.server
+    if server is None:
+        raise RuntimeError("guard needs a runner that is set up")
+    # In place, not a new server: the runner's shutdown holds this object.
+    server.__class__ = GuardedServer
+    assert isinstance(server, GuardedServer)
+    server.head_timeout_s = head_timeout_s
