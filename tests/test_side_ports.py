@@ -17,6 +17,7 @@ import orjson
 from sentpipe.settings import Settings
 from tests.pipeline import start_worker
 from tests.processes import Proc, start_ingress
+from tests.test_console_hostile import _console as console
 from tests.test_ingress_workers import start_workers
 
 MALFORMED = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Secret: a\x01b\r\n\r\n"
@@ -108,3 +109,19 @@ def test_the_ingress_supervisors_metrics_port_times_out_heads_and_answers_malfor
     finally:
         proc.stop()
     assert_quiet(proc)
+
+
+def test_the_console_times_out_heads_and_answers_malformed_requests_in_json(settings: Settings) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = console(settings, port, body_timeout_s="2")
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("console on")
+        assert trickled_head(port).startswith(b"HTTP/1.1 408")
+        assert_json_400(malformed_answer(port))
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err  # SIGTERM: a clean stop
+    assert "Traceback" not in err and "X-Secret" not in err, err

@@ -13,6 +13,7 @@ import logging
 import random
 import re
 import secrets
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -38,6 +39,7 @@ from sentpipe.console.auth import (
 from sentpipe.console.jobs import Busy, Job, Jobs, Kind, fingerprint
 from sentpipe.console.overview import Sampler
 from sentpipe.console.tail import Tail
+from sentpipe.guarded_http import guard
 from sentpipe.kafka import BrokerUnavailable
 from sentpipe.processors import dlq as dlq_ops
 from sentpipe.processors import history
@@ -828,23 +830,30 @@ class CannotListen(Exception):
 
 
 def run(settings: Settings, host: str, port: int, on_ready: Callable[[str], None] | None = None) -> None:
-    app = create_app(settings)
-    announced = False
+    """Serve until SIGINT or SIGTERM; `on_ready` gets the URL once the port is bound."""
+    asyncio.run(_serve(create_app(settings), host, port, on_ready))
 
-    def announce(_banner: str) -> None:
-        # run_app calls `print` once every site is bound: a port in use fails before anything is announced.
-        nonlocal announced
-        announced = True
+
+async def _serve(app: web.Application, host: str, port: int, on_ready: Callable[[str], None] | None) -> None:
+    # A runner of its own, not run_app: its connections get the side ports' protocol (a head timeout, JSON
+    # for malformed requests; aiohttp's own quoted their bytes back and logged them at ERROR).
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    guard(runner, app[SETTINGS].body_timeout_s)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:  # a port in use fails before anything is announced
+            settings = "--host/--port, SENTPIPE_CONSOLE_HOST/SENTPIPE_CONSOLE_PORT"
+            why = exc.strerror or exc
+            raise CannotListen(f"cannot listen on {host}:{port} ({settings}): {why}") from None
         if on_ready is not None:
             name = f"[{host}]" if ":" in host else host
             on_ready(f"http://{name}:{port}/")
-
-    try:
-        web.run_app(app, host=host, port=port, print=announce, access_log=None, shutdown_timeout=5)
-    except OSError as exc:
-        if announced:
-            raise
-        raise CannotListen(
-            f"cannot listen on {host}:{port} (--host/--port, SENTPIPE_CONSOLE_HOST/SENTPIPE_CONSOLE_PORT): "
-            f"{exc.strerror or exc}"
-        ) from None
+        await stop.wait()
+    finally:
+        await runner.cleanup()
