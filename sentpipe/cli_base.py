@@ -104,8 +104,12 @@ def utf8(value: _Text) -> _Text:
 
 # What must not reach a terminal from a record: C0 and C1 control characters (ESC starts escape sequences,
 # CR rewrites the line, 0x9b is CSI on its own), DEL, line/paragraph separators, bidi controls (they reorder
-# what is shown) and lone surrogates (they cannot be encoded).
-_UNSAFE = "\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff"
+# what is shown), invisible format characters (two ids differing by a zero-width space looked the same; the
+# joiners stay, emoji sequences and some scripts need them) and lone surrogates (they cannot be encoded).
+_UNSAFE = (
+    "\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b\u200e\u200f\u2028-\u202e\u2060-\u2069"
+    "\ufeff\ud800-\udfff"
+)
 _UNSAFE_IN_LINE = re.compile(f"[\t\n{_UNSAFE}]")
 _UNSAFE_IN_LINES = re.compile(f"[{_UNSAFE}]")  # keeps tabs and line breaks
 

@@ -159,6 +159,16 @@ def test_terminal_safe_shows_every_control_character_and_keeps_the_rest() -> Non
     assert terminal_safe("a\tb\r\nc", multiline=True).plain == "a\tb\\x0d\nc"
     for bidi in ("\u061c", "\u200e", "\u200f", "\u202a", "\u202e", "\u2066", "\u2069"):
         assert terminal_safe(bidi).plain == f"\\u{ord(bidi):04x}"
+    # Invisible: "evt_1" and "evt_1\u200b" are two ids that looked the same.
+    for invisible, shown in (
+        ("\u00ad", "\\xad"),
+        ("\u180e", "\\u180e"),
+        ("\u200b", "\\u200b"),
+        ("\u2060", "\\u2060"),
+        ("\u2064", "\\u2064"),
+        ("\ufeff", "\\ufeff"),
+    ):
+        assert terminal_safe(f"evt_1{invisible}").plain == f"evt_1{shown}"
     assert terminal_safe("\ud800").plain == "\\ud800"  # a lone surrogate cannot be written at all
     kept = "olá 😀 Ωmega \u200d (a zero-width joiner, as in emoji sequences)"
     assert terminal_safe(kept).plain == kept

@@ -273,14 +273,14 @@ def test_bidi_controls_in_event_values_show_as_escapes(page: Any, stack: Stack) 
     """A text holding U+202E was displayed reversed: "\u202edereviled" read "delivered". Shown as the
     CLI shows it, the escape visible."""
     inbound = json.loads(SampleFactory().inbound().body)
-    inbound["payload"]["text"] = "\u202edereviled"
+    inbound["payload"]["text"] = "\u202edereviled\u200b"  # and a zero-width space: invisible, not absent
     body = orjson.dumps(inbound)
     stack.send(body)
     wait_for(lambda: event_in_db(stack.db, event_id_of(body)), bool, 60, "projected", stack.logs)
     goto(page, stack, "event/" + quote(event_id_of(body), safe=""))
     page.wait_for_selector("#db table")
     text = page.inner_text("main")
-    assert "\\u202edereviled" in text and "\u202e" not in text
+    assert "\\u202edereviled\\u200b" in text and "\u202e" not in text and "\u200b" not in text
 
 
 def event_in_db(db: str, event_id: str) -> bool:

@@ -6,8 +6,9 @@ const state = { csrf: null, info: null, cleanup: [] };
 
 // --- DOM helpers -------------------------------------------------------------------------------------------
 // Control characters shown as escapes, as the CLI shows them: bidi controls reorder what is displayed (a
-// status "\u202edereviled" read "delivered") and the others hide. Tabs and line breaks stay.
-const UNSAFE = /[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]/g;
+// status "\u202edereviled" read "delivered"), the others hide, and so do invisible format characters (two ids
+// differing by a zero-width space looked the same; the joiners stay). Tabs and line breaks stay.
+const UNSAFE = /[\x00-\x08\x0b-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b\u200e\u200f\u2028-\u202e\u2060-\u2069\ufeff]/g;
 function visible(text) {
   return text.replace(UNSAFE, (ch) => {
     const code = ch.charCodeAt(0);
