@@ -587,7 +587,7 @@ class Router:
             if highwater is not None and done is not None:
                 waiting[(tp.topic, tp.partition)] = max(0, highwater - done)
                 if highwater > done and held is None:
-                    await self._unstick(tp, done)
+                    await self._unstick(tp, done, highwater)
         for where in set(self.processed) - set(waiting):
             del self.processed[where]  # moved to another worker
             self.dispatched.pop(where, None)
@@ -612,7 +612,7 @@ class Router:
             return PIPELINE_FULL
         return self.producer.unavailable
 
-    async def _unstick(self, tp: Any, done: int) -> None:
+    async def _unstick(self, tp: Any, done: int, highwater: int) -> None:
         """A partition with records waiting that has not moved for three lag checks (10 s), while its
         consumer has fetched past them, lost them in Faust's stream: seek it back to the first unrouted one.
 
@@ -624,6 +624,11 @@ class Router:
         was fetched past them counts, and the seek goes back to the first record the router never got."""
         where = (tp.topic, tp.partition)
         start = max(done, self.dispatched.get(where, done))
+        if start >= highwater:
+            # Every record waiting is with the router, settling (a routed topic the broker lacks holds its
+            # batch): nothing to fetch or to read back. Counted as lost, each check logged "never fetched".
+            self._unmoved.pop(where, None)
+            return
         last, checks = self._unmoved.get(where, (-1, 0))
         checks = checks + 1 if last == start else 1
         self._unmoved[where] = (start, checks)

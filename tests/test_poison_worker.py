@@ -25,7 +25,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ResourceType,
 )
 
-from sentpipe.processors.topics import projections_group
+from sentpipe.processors.topics import ensure_topics, projections_group
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import CanonicalEvent, EventType
 from sentpipe.schemas.samples import SampleFactory
@@ -381,5 +381,32 @@ def test_routed_and_duplicates_are_counted_for_what_the_broker_took(
 
         wait_until(lambda: counted()[1] >= 1, 30, "the status event counted", worker.proc.tail)
         assert counted() == (0.0, 1.0, 1.0)
+    finally:
+        worker.stop()
+
+
+def test_a_batch_held_by_a_missing_routed_topic_is_a_stall_not_records_never_fetched(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Every record waiting was with the router, settling against a routed topic the broker lacked, yet each
+    lag check called them fetched by nobody ("raw records waiting but never fetched", resuming the
+    partition) next to the real stall: it pointed the operator at Faust's fetcher, not at the topic."""
+    topics = Topics(settings.topic_prefix)
+    worker = start_worker(settings, tmp_path, worker_role="route", stall_after_s=20)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    try:
+        ready = f"http://127.0.0.1:{worker.metrics_port}/readyz"
+        worker.proc.wait_http(ready)
+        admin.delete_topics([topics.message_status])[topics.message_status].result(30)
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+        for i in range(5):
+            key, value, headers = raw_record(sent({"message_id": f"m-held-{i}", "status": "delivered"}))
+            producer.produce(topics.raw, value, key, headers=headers)
+        assert producer.flush(30) == 0
+        wait_until(lambda: "worker stalled" in worker.proc.tail(400), 120, "the stall said", worker.proc.tail)
+        assert "never fetched" not in worker.proc.tail(400)
+        assert "fetched but never routed" not in worker.proc.tail(400)
+        ensure_topics(settings)  # the topic back: the held batch lands, nothing lost
+        read_topic(settings.kafka_bootstrap, topics.message_status, at_least=5, timeout=120)
     finally:
         worker.stop()
