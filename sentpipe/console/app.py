@@ -384,7 +384,8 @@ async def login(request: web.Request) -> web.StreamResponse:
     if not isinstance(csrf, str) or not sessions.login_csrf_ok(request, csrf):
         return problem(403, "missing or wrong CSRF token: reload the sign-in page", "bad_csrf_token")
     if not isinstance(token, str) or not sessions.token_matches(token):
-        await asyncio.sleep(0.5)  # slows guessing down
+        async with sessions.wrong_token:  # two guesses a second, however many are sent at once
+            await asyncio.sleep(0.5)
         return web.Response(
             status=401,
             text=LOGIN_PAGE.format(csrf=html.escape(csrf), message="Wrong token."),

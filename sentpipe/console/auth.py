@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -75,6 +76,9 @@ class Sessions:
         self.token = token
         self.max_sessions = max_sessions
         self._key = secrets.token_bytes(32)
+        # Wrong tokens are answered one at a time for the whole console: a delay per request alone let 1,000
+        # parallel guesses through in under 2 s.
+        self.wrong_token = asyncio.Lock()
         # Eviction tiers, in eviction order; each dict in least-recently-used order.
         self._unreturned: OrderedDict[str, Session] = OrderedDict()
         self._unsigned: OrderedDict[str, Session] = OrderedDict()
