@@ -23,17 +23,16 @@ import re
 from http import HTTPStatus
 from typing import Any
 
-import orjson
 from aiohttp import hdrs, web
 from aiohttp.helpers import HeadersMixin, rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11, RawRequestMessage
-from aiohttp.http_exceptions import PayloadEncodingError
 from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from multidict import CIMultiDictProxy
 
 from sentpipe import metrics as m
+from sentpipe.guarded_http import error_answer, logged_as_the_clients
 from sentpipe.ingress.app import WEBHOOK, WEBHOOK_PATH, Answer, WebhookHandler, failed, request_id_of
 
 # The tenant segment the shortcut takes: characters a URL carries unencoded, so the router would have
@@ -62,7 +61,6 @@ class Posted(HeadersMixin):
 
 
 _STATUS_LINES = {int(s): b"HTTP/1.1 %d %s\r\n" % (s, s.phrase.encode()) for s in HTTPStatus}
-_PHRASES = frozenset(int(s) for s in HTTPStatus)
 
 
 def encode_answer(answer: Answer, request_id: str, close: bool = False) -> bytes:
@@ -205,14 +203,10 @@ class WebhookProtocol(RequestHandler):
         super().connection_lost(exc)
 
     def log_exception(self, *args: Any, **kwargs: Any) -> None:
-        """aiohttp logs at ERROR, with a traceback, what a client does to its own request: a body that
-        does not decode, or a connection closed mid-body, met again when aiohttp drains what is left of the
-        body after the answer. That is the client's business, not an error of the ingress."""
-        exc = kwargs.get("exc_info")
-        if isinstance(exc, (RequestPayloadError, PayloadEncodingError, ConnectionResetError)):
-            log.info("request body unreadable: %s", type(exc).__name__)
-            return
-        super().log_exception(*args, **kwargs)
+        """A body that does not decode, or a connection closed mid-body, met again when aiohttp drains what
+        is left of the body after the answer: the client's business, not an error of the ingress."""
+        if not logged_as_the_clients(kwargs.get("exc_info"), log):
+            super().log_exception(*args, **kwargs)
 
     def handle_error(
         self,
@@ -221,25 +215,9 @@ class WebhookProtocol(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        """aiohttp's answer to a request it could not parse, or to a bug in a handler: JSON like every other
-        answer, and a log line without the request's bytes. aiohttp's own logged a traceback at ERROR with
-        the bytes it choked on (a webhook body holds phone numbers and message text) and answered them back
-        in plain text, so any client could fill the log."""
-        if status >= 500:
-            log.error("error handling request", exc_info=exc)  # a bug of ours: its traceback helps
-        else:
-            log.info("malformed HTTP request", extra={"status": status, "error": type(exc).__name__})
-        if request.writer.output_size > 0:
-            raise ConnectionError("an answer was sent already, the error cannot follow it")
-        code = "internal_error" if status >= 500 else "malformed_request"
-        detail = HTTPStatus(status).phrase if status in _PHRASES else "error"
-        response = web.Response(
-            status=status,
-            body=orjson.dumps({"error": code, "detail": detail}),
-            content_type="application/json",
-        )
-        response.force_close()
-        return response
+        """aiohttp's answer to a request it could not parse, or to a bug in a handler (a webhook body holds
+        phone numbers and message text: its bytes must not reach the log or go back in plain text)."""
+        return error_answer(request, status, exc, log)
 
     def _shortcut_tenant(self, msg: RawRequestMessage, payload: StreamReader) -> str | None:
         """The tenant when the request is a whole webhook the shortcut answers; else None."""

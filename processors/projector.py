@@ -265,12 +265,13 @@ class Projector:
             await self._apply(type_, items[mid:], dead)
             return
         committed = time.time()
-        lag = m.END_TO_END_LAG_SECONDS.labels(type_.value)
         for rec, e in items:
             # A replayed or redriven event keeps its first receipt time: counted, every replay of last week
             # put its events past the SLO's p99 and paged for a backlog that was not there.
             if not _reprocessed(rec):
-                lag.observe(max(0.0, committed - e.received_at_ms / 1000))
+                m.END_TO_END_LAG_SECONDS.labels(type_.value).observe(
+                    max(0.0, committed - e.received_at_ms / 1000)
+                )
         by_event = {id(e): rec for rec, e in items}
         for f in failures:
             log.warning(

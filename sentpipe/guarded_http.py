@@ -73,12 +73,8 @@ class GuardedProtocol(RequestHandler):
         super().connection_lost(exc)
 
     def log_exception(self, *args: Any, **kwargs: Any) -> None:
-        """A body cut short or badly framed is the client's doing, not an error of this process."""
-        exc = kwargs.get("exc_info")
-        if isinstance(exc, (RequestPayloadError, PayloadEncodingError, ConnectionResetError)):
-            log.info("request body unreadable: %s", type(exc).__name__)
-            return
-        super().log_exception(*args, **kwargs)
+        if not logged_as_the_clients(kwargs.get("exc_info"), log):
+            super().log_exception(*args, **kwargs)
 
     def handle_error(
         self,
@@ -87,24 +83,39 @@ class GuardedProtocol(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        if status >= 500:
-            log.error("error handling request", exc_info=exc)  # a bug of ours: its traceback helps
-        else:
-            log.info("malformed HTTP request", extra={"status": status, "error": type(exc).__name__})
-        if request.writer.output_size > 0:
-            raise ConnectionError("an answer was sent already, the error cannot follow it")
-        code = "internal_error" if status >= 500 else "malformed_request"
-        try:
-            detail = HTTPStatus(status).phrase
-        except ValueError:
-            detail = "error"
-        response = web.Response(
-            status=status,
-            body=orjson.dumps({"error": code, "detail": detail}),
-            content_type="application/json",
-        )
-        response.force_close()
-        return response
+        return error_answer(request, status, exc, log)
+
+
+def logged_as_the_clients(exc: object, logger: logging.Logger) -> bool:
+    """A body cut short or badly framed, met while aiohttp reads or drains it, is the client's doing: one
+    INFO line (True), not aiohttp's ERROR with a traceback."""
+    if isinstance(exc, (RequestPayloadError, PayloadEncodingError, ConnectionResetError)):
+        logger.info("request body unreadable: %s", type(exc).__name__)
+        return True
+    return False
+
+
+def error_answer(
+    request: BaseRequest, status: int, exc: BaseException | None, logger: logging.Logger
+) -> web.StreamResponse:
+    """aiohttp's answer to a request it could not parse, or to a bug in a handler: JSON, connection closed,
+    and a log line without the request's bytes (aiohttp's own quoted them back and logged them at ERROR)."""
+    if status >= 500:
+        logger.error("error handling request", exc_info=exc)  # a bug of ours: its traceback helps
+    else:
+        logger.info("malformed HTTP request", extra={"status": status, "error": type(exc).__name__})
+    if request.writer.output_size > 0:
+        raise ConnectionError("an answer was sent already, the error cannot follow it")
+    code = "internal_error" if status >= 500 else "malformed_request"
+    try:
+        detail = HTTPStatus(status).phrase
+    except ValueError:
+        detail = "error"
+    response = web.Response(
+        status=status, body=orjson.dumps({"error": code, "detail": detail}), content_type="application/json"
+    )
+    response.force_close()
+    return response
 
 
 class GuardedServer(web.Server):
