@@ -629,7 +629,9 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(
+        body=generate_latest(m.SERVED["ingress"]), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
 
 
 def verifiers_for(settings: Settings) -> dict[str, Verifier]:

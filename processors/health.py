@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import aiohttp
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Metric, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Metric, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sentpipe import metrics as m
@@ -34,6 +34,7 @@ BLOCKED_AFTER_S = 10.0
 PROBE_EVERY_S = 1.0
 # As the ingress's gatherer waits for its workers: under Prometheus's default scrape timeout (10 s).
 METRICS_TIMEOUT_S = 5.0
+SERVED = m.SERVED["worker"]
 
 
 class ProcessProbe:
@@ -100,7 +101,7 @@ def merged_exposition(others: Sequence[str]) -> bytes:
     """This process's metrics with other processes' added, as one scrape. A sample both have is summed (each
     holds part of the worker's counts); their process_* and python_* families describe another interpreter
     and are left out (the names would collide with ours)."""
-    families = {f.name: f for f in REGISTRY.collect()}
+    families = {f.name: f for f in SERVED.collect()}
     for text in others:
         for fam in text_string_to_metric_families(text):
             if fam.name.startswith(("process_", "python_")):
@@ -185,10 +186,10 @@ def health_app(health: Health) -> web.Application:
                 detail = f"the {p.name} process did not answer within {METRICS_TIMEOUT_S:g} s"
                 return _json(503, {"error": "process_unavailable", "detail": detail})
         try:
-            body = merged_exposition(others) if others else generate_latest()
+            body = merged_exposition(others) if others else generate_latest(SERVED)
         except ValueError as exc:  # another process's text did not parse: our own metrics still answer
             log.warning("could not merge another process's metrics: %s", exc)
-            body = generate_latest()
+            body = generate_latest(SERVED)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def livez(_: web.Request) -> web.Response:

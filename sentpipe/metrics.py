@@ -5,7 +5,19 @@ The Grafana dashboard and the alert rules are checked against the names here
 Label values are bounded sets (tenant names come from configuration, never from the request path).
 """
 
-from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+from typing import Literal
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.registry import Collector
 
 from sentpipe.loop_metrics import LoopCounter, LoopHistogram
 
@@ -149,3 +161,35 @@ WORKER_STALLED = Gauge(
 REPLAY_EVENTS = Counter(
     "sentpipe_replay_events", "Replayed or redriven records applied by the worker.", ["mode", "outcome"]
 )
+
+
+# --- what each process serves --------------------------------------------------------------------------
+# Every process imports this whole module, so the default registry holds both roles' collectors: a worker
+# exported the ingress's unlabelled series at 0 (sentpipe_ingress_accepting 0 reads "not accepting" to any
+# query that does not pin the job) and an ingress the worker's. Each role's scrape serves this registry of
+# its own families, the shared ones and the process's own (process_*, python_*).
+Role = Literal["ingress", "worker"]
+
+
+def _registry(*collectors: Collector) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR, *collectors):
+        registry.register(collector)
+    return registry
+
+
+_BOTH = (PRODUCER_BROKERS_DOWN, PRODUCER_RECREATED, DLQ_EVENTS)  # the ingress dead-letters malformed events
+SERVED: dict[Role, CollectorRegistry] = {
+    "ingress": _registry(
+        *_BOTH,
+        *(INGRESS_REQUESTS, INGRESS_REQUEST_SECONDS, INGRESS_PRODUCE_SECONDS, INGRESS_IN_FLIGHT),
+        *(INGRESS_BODY_BYTES, INGRESS_SIGNATURE_FAILURES, INGRESS_ACCEPTING, INGRESS_REFUSED),
+        *(SPOOL_RECORDS, SPOOL_BYTES, SPOOL_MAX_BYTES, SPOOL_OLDEST_AGE, SPOOL_SPOOLED, SPOOL_DRAINED),
+        *(SPOOL_CORRUPT, SPOOL_WRITE_ERRORS, SPOOL_REFUSED, SPOOL_FSYNC_SECONDS),
+    ),
+    "worker": _registry(
+        *_BOTH,
+        *(EVENTS_ROUTED, DUPLICATES_DROPPED, RAW_RECORDS_REREAD, DEDUP_TABLE_KEYS, EVENTS_PROCESSED),
+        *(HANDLER_SECONDS, RETRIES, END_TO_END_LAG_SECONDS, CONSUMER_LAG, WORKER_STALLED, REPLAY_EVENTS),
+    ),
+}

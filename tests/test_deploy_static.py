@@ -47,6 +47,18 @@ def exported_series() -> set[str]:
     return names
 
 
+def test_every_metric_is_served_by_a_role() -> None:
+    """A metric no role's registry holds would be declared and updated but never scraped."""
+    served = {family.name for reg in sentpipe.metrics.SERVED.values() for family in reg.collect()}
+    unserved = [
+        name
+        for name, collector in vars(sentpipe.metrics).items()
+        if isinstance(collector, (MetricWrapperBase, LoopCounter, LoopHistogram))
+        and {family.name for family in collector.describe()} - served
+    ]
+    assert not unserved, f"add these to a role in sentpipe.metrics.SERVED: {unserved}"
+
+
 def referenced(path: Path) -> set[str]:
     return set(METRIC_REF.findall(path.read_text()))
 

@@ -198,6 +198,18 @@ scrape_configs:
             "every referenced metric scraped",
             lambda: f"missing: {sorted(missing())}\n{worker.proc.tail()}",
         )
+        # Each process serves its own role's series: a worker once exported sentpipe_ingress_accepting 0 (and
+        # the spool's), an ingress the worker's stall and dedup gauges.
+        for job, others in (
+            ("sentpipe-worker", "sentpipe_(ingress|spool)_.+"),
+            (
+                "sentpipe-ingress",
+                "sentpipe_(events|duplicates|raw|dedup|handler|retries|end|consumer|worker|replay)_.+",
+            ),
+        ):
+            selector = f'{{job="{job}",__name__=~"{others}"}}'
+            found = _get(f"{api}/series?" + urllib.parse.urlencode({"match[]": selector}))["data"]
+            assert not found, f"{job} exports another role's series: {sorted({s['__name__'] for s in found})}"
         up = _get(f"{api}/query?query=up")["data"]["result"]
         assert {res["metric"]["job"]: res["value"][1] for res in up} == {
             "sentpipe-ingress": "1",
