@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sentpipe import metrics as m
 from sentpipe.broker import Delivered, ProduceRejected
+from sentpipe.guarded_http import ENCODINGS, decodable
 from sentpipe.ingress.spool import (
     Spool,
     SpoolError,
@@ -386,6 +387,8 @@ class WebhookHandler:
             return "unsupported_media_type", failed(
                 415, "unsupported_media_type", "Content-Type must be application/json"
             )
+        if not decodable(req_headers.get("Content-Encoding")):
+            return "unsupported_encoding", failed(415, "unsupported_encoding", ENCODINGS)
         limit = self.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.http_exceptions import PayloadEncodingError
+from aiohttp.http_exceptions import ContentEncodingError, PayloadEncodingError
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
@@ -95,6 +95,16 @@ def logged_as_the_clients(exc: object, logger: logging.Logger) -> bool:
     return False
 
 
+# aiohttp decodes these before the handler reads the body; the signature covers the decoded bytes.
+ENCODINGS = "Content-Encoding must be gzip, deflate or identity (one coding)"
+
+
+def decodable(content_encoding: str | None) -> bool:
+    """A body aiohttp decoded, or did not need to: an unknown coding (or two stacked) was passed on as is,
+    and its bytes answered 401 or went to the DLQ instead of a clear refusal."""
+    return content_encoding is None or content_encoding.strip().lower() in ("", "identity", "gzip", "deflate")
+
+
 def error_answer(
     request: BaseRequest, status: int, exc: BaseException | None, logger: logging.Logger
 ) -> web.StreamResponse:
@@ -111,6 +121,8 @@ def error_answer(
         detail = HTTPStatus(status).phrase
     except ValueError:
         detail = "error"
+    if isinstance(exc, ContentEncodingError):  # br or zstd: aiohttp knows them but has no decoder here
+        status, code, detail = 415, "unsupported_encoding", ENCODINGS
     response = web.Response(
         status=status, body=orjson.dumps({"error": code, "detail": detail}), content_type="application/json"
     )

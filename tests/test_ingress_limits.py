@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import os
 import re
 import statistics
 import time
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -425,6 +427,48 @@ async def test_malformed_http_is_a_json_400_and_its_bytes_stay_out_of_the_log(
     logged = [rec for rec in caplog.records if rec.name.startswith(("aiohttp", "sentpipe"))]
     assert not [rec for rec in logged if rec.levelno >= 40 or rec.exc_info], [r.getMessage() for r in logged]
     assert not [rec for rec in logged if marker.decode() in rec.getMessage()]
+
+
+async def test_gzip_and_deflate_are_decoded_before_the_signature_and_any_other_coding_is_415(
+    settings: Settings, topics: Topics
+) -> None:
+    """Codings aiohttp cannot decode here (br, zstd) were a 400 `Bad Request`, and one it does not know (or
+    two stacked) passed on as is: a 401 or a dead letter for bytes never meant as the body."""
+    secret = settings.webhook_secret.get_secret_value()
+    f = SampleFactory(44)
+    gzipped, deflated = f.inbound().body, f.inbound().body
+    # Decoded, far over the body limit: refused while decoding, not held in memory whole.
+    bomb = gzipped[:-1] + b',"pad":"' + b" " * (64 * settings.max_body_bytes) + b'"}'
+    url = "/webhooks/sent"
+    async with serve(settings) as (port, _):
+        for body, coded, coding in (
+            (gzipped, gzip.compress(gzipped), "gzip"),
+            (deflated, zlib.compress(deflated), "Deflate"),
+        ):
+            status, _, answer = await exchange(
+                port, head(url, {**signed(secret, body), "content-encoding": coding}, len(coded)), coded
+            )
+            assert status == 200 and orjson.loads(answer)["status"] == "accepted", answer
+        refused = f.inbound().body
+        for coding, coded in (
+            ("br", b"\x0b\x02\x80{}\x03"),
+            ("zstd", b"(\xb5/\xfd\x00X\x11\x00\x00{}"),
+            ("x-gzip", gzip.compress(refused)),
+            ("gzip, gzip", gzip.compress(gzip.compress(refused))),
+            ("compress", refused),
+        ):
+            status, headers, answer = await exchange(
+                port, head(url, {**signed(secret, refused), "content-encoding": coding}, len(coded)), coded
+            )
+            assert status == 415 and headers["content-type"].startswith("application/json"), (coding, answer)
+            assert orjson.loads(answer)["error"] == "unsupported_encoding", (coding, answer)
+        coded = gzip.compress(bomb)
+        status, _, answer = await exchange(
+            port, head(url, {**signed(secret, bomb), "content-encoding": "gzip"}, len(coded)), coded
+        )
+        assert (status, orjson.loads(answer)["error"]) == (413, "body_too_large"), answer
+    stored = [rec.value for rec in read_topic(settings.kafka_bootstrap, topics.raw, at_least=2)]
+    assert sorted(stored) == sorted([gzipped, deflated])
 
 
 async def test_an_unknown_tenant_answers_exactly_like_a_bad_signature(
