@@ -26,6 +26,7 @@ from typing import Literal
 import orjson
 from confluent_kafka import KafkaError, Message
 
+from sentpipe.broker import ProduceRejected
 from sentpipe.kafka import Producer
 from sentpipe.processors.group_lock import GroupLock, LockBusy
 from sentpipe.processors.offsets import (
@@ -424,40 +425,49 @@ def _redrive(
             if progress is not None:
                 progress(0, total)
             # Closed here when the loop breaks, not later by the collector (see `_Replay.read`).
-            with contextlib.closing(kafka.read(ranges)) as records:
-                for msg in records:
-                    if lock is not None and not lock.held():
-                        lost = True  # another process may take over: stop sending, record what was sent
-                        break
-                    done += 1
-                    result.read += 1
-                    e = DlqEntry.from_message(msg)
-                    if not sel.admits(e):
-                        result.skipped += 1
-                    elif e.id in taken:
-                        result.already_redriven += 1
-                    else:
-                        step = plan(e, settings, topics, result.run_id)
-                        _redrive_one(e, step, sender, result, acknowledged)
-                    if sender is not None and acknowledged:
-                        _write_ledger(sender, topics, acknowledged, result)
-                    if progress is not None and (done % 500 == 0 or done == total):
-                        progress(done, total)
-                    # A stop between records: every send so far reaches the ledger below. Stopped by the
-                    # KeyboardInterrupt, a pass left the acknowledged ones out, and each still-failing
-                    # record among them stayed in the DLQ twice for good.
-                    if stop.is_set():
-                        break
-            if sender is not None:
-                if stop.is_set() and sender.pending:  # with the broker away, up to its timeout
-                    log.warning(
-                        f"redrive stopping: waiting up to {sender.delivery_timeout_s:.0f}s for Kafka to "
-                        f"confirm {sender.pending} record(s) it was sent",
-                        extra={"redrive_id": result.run_id},
-                    )
-                sender.flush()
-                _write_ledger(sender, topics, acknowledged, result)  # what the flush acknowledged
-                sender.flush()
+            cut_short = True  # until the loop ends by itself
+            try:
+                with contextlib.closing(kafka.read(ranges)) as records:
+                    for msg in records:
+                        # A stop between records (or before the first: Ctrl-C while the ledger was read):
+                        # every send so far reaches the ledger below. Stopped by the KeyboardInterrupt, a
+                        # pass left the acknowledged ones out, and each still-failing record among them
+                        # stayed in the DLQ twice for good.
+                        if stop.is_set():
+                            break
+                        if lock is not None and not lock.held():
+                            lost = True  # another process may take over: stop sending, record what was sent
+                            break
+                        done += 1
+                        result.read += 1
+                        e = DlqEntry.from_message(msg)
+                        if not sel.admits(e):
+                            result.skipped += 1
+                        elif e.id in taken:
+                            result.already_redriven += 1
+                        else:
+                            step = plan(e, settings, topics, result.run_id)
+                            _redrive_one(e, step, sender, result, acknowledged)
+                        if sender is not None and acknowledged:
+                            _write_ledger(sender, topics, acknowledged, result)
+                        if progress is not None and (done % 500 == 0 or done == total):
+                            progress(done, total)
+                        if stop.is_set():
+                            break
+                cut_short = stop.is_set() or lost
+            finally:
+                # Whatever ended the pass, what the broker took is recorded: an error out of the loop left
+                # the sends made so far out of the ledger, to be sent again by every later pass.
+                if sender is not None:
+                    if cut_short and sender.pending:
+                        log.warning(
+                            f"redrive stopping: waiting up to {sender.delivery_timeout_s:.0f}s for Kafka to "
+                            f"confirm {sender.pending} record(s) it was sent",
+                            extra={"redrive_id": result.run_id},
+                        )
+                    sender.flush()
+                    _write_ledger(sender, topics, acknowledged, result)  # what the flush acknowledged
+                    sender.flush()
         finally:
             if lock is not None:
                 lock.release()
@@ -540,7 +550,20 @@ def _redrive_one(
         else:  # counted failed already; its new copy was not written, so it stays untaken for the next pass
             result.failures[f"dlq delivery:{err.name()}"] += 1
 
-    sender.send(step.topic, step.key, step.value, step.headers, delivered)
+    try:
+        sender.send(step.topic, step.key, step.value, step.headers, delivered)
+    except ProduceRejected as exc:
+        # Refused before it left (larger than the producer takes now, say): this record's failure, left
+        # untaken, as a replay counts it. It ended every pass at this record, the ones after it never read.
+        if step.action == "send":
+            result.failed += 1
+            result.failures[f"produce:{exc.reason}"] += 1
+        else:  # counted failed already; no new copy, so it stays untaken for the next pass
+            result.failures[f"dlq produce:{exc.reason}"] += 1
+        log.warning(
+            "redrive: Kafka refused the record before sending it; left in the DLQ",
+            extra={**ctx, "reason": exc.reason},
+        )
 
 
 def _write_ledger(

@@ -278,6 +278,8 @@ class _Replay:
         # second Ctrl-C was printed as "Exception ignored ... Traceback".
         with contextlib.closing(kafka.read(ranges)) as records:
             for msg in records:
+                if self.stop.is_set():  # checked first too: a Ctrl-C while the ranges were read sends nothing
+                    break
                 self.one(msg)
                 self.done += 1
                 self.next[msg.partition() or 0] = (msg.offset() or 0) + 1

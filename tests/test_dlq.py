@@ -40,6 +40,7 @@ from tests.pipeline import (
     wait_until,
 )
 from tests.processes import settings_env
+from tests.test_ingress_limits import padded_envelope
 from tests.test_ops_cli import sentpipe, sentpipe_interrupted
 
 MALFORMED = b'{"field":"messages","sub_type":"message.read","payload":{"note":"no message id"}}'
@@ -417,6 +418,33 @@ def test_a_redrive_still_failing_says_so_once_not_once_per_record(settings: Sett
     assert len(logged) == 1 and f"{n} records not redriven" in logged[0], res.stderr
     assert "missing_message_id" in logged[0]
     assert len(dlq_records(settings, at_least=2 * n)) == 2 * n  # each one dead-lettered again
+
+
+def test_a_dead_letter_kafka_refuses_to_take_back_fails_alone_and_the_pass_goes_on(
+    settings: Settings, topics: Topics
+) -> None:
+    """A dead letter larger than the producer now takes (dead-lettered before SENTPIPE_MAX_BODY_BYTES was
+    lowered) ended every redrive at that record with `error: ProduceRejected: msg_size_too_large`: nothing
+    reached the ledger, so the records before it were sent again by every pass, and those after it never."""
+    lowered = settings.model_copy(update={"max_body_bytes": 65_536})
+    f = SampleFactory(45)
+    before, after = f.inbound().body, f.inbound().body
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "message.max.bytes": 2_000_000})
+    for i, (key, body) in enumerate(
+        ((b"before", before), (b"big", padded_envelope(600_000)), (b"after", after))
+    ):
+        dlq = r.dlq_headers(stage="route", error_class="not_json", message="x", partition=0, offset=i)
+        producer.produce(topics.dlq, body, key, headers=[(r.H_TENANT, b"acme"), *dlq])
+    assert producer.flush(30) == 0
+
+    first = dlq_ops.redrive(lowered, dlq_ops.make_selection())
+    assert (first.produced, first.failed) == (2, 1), first
+    assert dict(first.failures) == {"produce:msg_size_too_large": 1}, first.failures
+    again = dlq_ops.redrive(lowered, dlq_ops.make_selection())
+    assert (again.produced, again.already_redriven, again.failed) == (0, 2, 1), again
+    sent = read_topic(settings.kafka_bootstrap, topics.message_inbound, at_least=2)
+    assert sorted(canonical_id(rec) for rec in sent) == ["after", "before"]  # the dead letters' keys
+    assert len(read_topic(settings.kafka_bootstrap, topics.dlq_redriven, at_least=2)) == 2
 
 
 def still_failing_dead_letters(s: Settings, topics: Topics, n: int) -> None:
