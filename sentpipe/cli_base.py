@@ -151,7 +151,12 @@ def sigterm_as_ctrl_c() -> Iterator[None]:
         # As SIGINT, not a KeyboardInterrupt raised here: in an event loop that lands in whichever task
         # runs (a traceback, "Task exception was never retrieved"), where asyncio's own SIGINT handler
         # cancels the main task and raises it cleanly.
-        signal.raise_signal(signal.SIGINT)
+        if callable(signal.getsignal(signal.SIGINT)):
+            signal.raise_signal(signal.SIGINT)
+        else:
+            # SIGINT ignored, as a shell script's `cmd &` starts it: the raised SIGINT was dropped and the
+            # SIGTERM with it, and the command ran to its end and exited 0.
+            raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:

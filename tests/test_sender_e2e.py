@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from sentpipe.schemas.events import ROUTED_TYPES
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.sender.plan import generate
@@ -70,10 +72,14 @@ def test_sender_with_duplicates_and_shuffle_yields_the_oracle_state(
     assert got.template_status == exp.template_status
 
 
-def test_a_send_stopped_with_sigterm_says_what_was_accepted(settings: Settings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sigint", ["handled", "ignored"])
+def test_a_send_stopped_with_sigterm_says_what_was_accepted(
+    settings: Settings, tmp_path: Path, sigint: str
+) -> None:
     """SIGTERM ended `send` where it stood, without a word (and Ctrl-C printed only "interrupted"): the
     operator could not tell how many deliveries were accepted. It stops as Ctrl-C does now, with the
-    summary of what was done before it."""
+    summary of what was done before it. Also when started with SIGINT ignored (a shell script's `cmd &`),
+    where the SIGTERM was dropped and the send ran to its end."""
     ingress, url, _ = start_ingress(settings, tmp_path)
     try:
         args = ["send", f"{url}/webhooks/sent", "--count", "100000", "--rate", "200"]
@@ -83,10 +89,18 @@ def test_a_send_stopped_with_sigterm_says_what_was_accepted(settings: Settings, 
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+            if sigint == "ignored"
+            else None,
         )
         time.sleep(3)  # at 200 a second: hundreds accepted, most of the million still to go
         proc.send_signal(signal.SIGTERM)
-        out, errs = proc.communicate(timeout=60)
+        try:
+            out, errs = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail("send went on for a minute after its SIGTERM")
     finally:
         ingress.stop()
     assert proc.returncode == 130 and "Traceback" not in errs, errs
