@@ -163,7 +163,9 @@ class Projector:
         by_type: dict[EventType, list[tuple[Record, CanonicalEvent]]] = {}
         for rec in records:
             type_ = self.types.get(rec.topic)
+            where = {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
             if type_ is None:
+                log.warning("record on a topic no projection reads; sent to the DLQ", extra=where)
                 dead.append(_dead(rec, "project", "unexpected_topic", f"no projection reads {rec.topic}"))
                 continue
             try:
@@ -174,6 +176,10 @@ class Projector:
                 # Held to the checks `frame` applies: {"a": 1} as inbound text was stored as "{'a': 1}".
                 check_payload(event.type, event.data)
             except Exception as exc:  # any decoding failure is this record's, never its batch's
+                log.warning(
+                    "record is not a canonical event; sent to the DLQ",
+                    extra={**where, "error": type(exc).__name__},
+                )
                 dead.append(_dead(rec, "project", "bad_canonical_event", f"{type(exc).__name__}: {exc}"))
                 continue
             by_type.setdefault(type_, []).append((rec, event))

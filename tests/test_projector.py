@@ -7,6 +7,7 @@ tests/test_poison_worker.py run the same stage against the real broker and datab
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Mapping, Sequence
 
 import psycopg
@@ -147,13 +148,21 @@ async def test_a_database_outage_is_retried_and_nothing_is_dead_lettered() -> No
     assert broker.records(TOPICS.dlq) == []
 
 
-async def test_undecodable_routed_values_and_handler_failures_are_dead_lettered() -> None:
+async def test_undecodable_routed_values_and_handler_failures_are_dead_lettered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     broker, sink, projector = setup()
     ids = routed_records(broker, 10)
-    broker.append(TOPICS.message_status, b"acme/x", b"\xff not json", [])
+    broker.append(TOPICS.message_status, b"acme/x", b"\xff not json +15550001234", [])
     broker.append(TOPICS.message_status, b"acme/y", b'{"id": true}', [])
     sink.handler_fails = {ids[3]}
-    await drain(projector)
+    with caplog.at_level(logging.WARNING, logger="sentpipe"):
+        await drain(projector)
+    # Each dead letter logged once, where it was, without its bytes (the README's "dead letters log"):
+    # the undecodable ones went to the DLQ without a line.
+    logged = [rec for rec in caplog.records if "sent to the DLQ" in rec.getMessage()]
+    assert len(logged) == 3, [rec.getMessage() for rec in caplog.records]
+    assert all("+15550001234" not in rec.getMessage() + str(rec.__dict__) for rec in logged)
     dlq = broker.records(TOPICS.dlq)
     by_stage = sorted((dict(d.headers)[r.H_DLQ_STAGE], dict(d.headers)[r.H_DLQ_ERROR_CLASS]) for d in dlq)
     assert by_stage == [
