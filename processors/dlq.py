@@ -20,7 +20,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import orjson
@@ -225,14 +225,30 @@ def _ranges(kafka: Log, dlq: str, sel: DlqSelection) -> list[Range]:
 
 
 # --- the redrive ledger -----------------------------------------------------------------------------------
-def redriven(
-    kafka: Log, topics: Topics, keep_alive: Callable[[], object] | None = None
-) -> dict[str, str] | None:
-    """DLQ record ID -> the redrive that took it, from the ledger; None when the ledger topic is missing
-    (`sentpipe topics ensure` creates it). `keep_alive` is called every `KEEP_ALIVE_EVERY` records."""
+@dataclass(frozen=True, slots=True)
+class Ledger:
+    """The dead letters redrives took: DLQ record ID -> (the redrive, the record's timestamp)."""
+
+    entries: dict[str, tuple[str, int | None]] = field(default_factory=dict)
+
+    def taken_by(self, e: DlqEntry) -> str | None:
+        """The redrive that took `e`, if one did. By ID and timestamp: a DLQ topic recreated (to purge it, or
+        on a new cluster) starts at offset 0 again, and by ID alone its new dead letters read as taken by
+        redrives that ran before they existed, hidden from `dlq list` and never redriven. Entries written
+        before the timestamp was recorded match by ID alone."""
+        got = self.entries.get(e.id)
+        if got is None:
+            return None
+        run, dead_at_ms = got
+        return run if dead_at_ms is None or dead_at_ms == e.dead_at_ms else None
+
+
+def redriven(kafka: Log, topics: Topics, keep_alive: Callable[[], object] | None = None) -> Ledger | None:
+    """The ledger as it is now; None when its topic is missing (`sentpipe topics ensure` creates it).
+    `keep_alive` is called every `KEEP_ALIVE_EVERY` records."""
     if topics.dlq_redriven not in kafka.topics:
         return None
-    taken: dict[str, str] = {}
+    taken: dict[str, tuple[str, int | None]] = {}
     for n, msg in enumerate(kafka.read(kafka.ranges(topics.dlq_redriven, Window())), 1):
         if keep_alive is not None and n % KEEP_ALIVE_EVERY == 0:
             keep_alive()
@@ -240,11 +256,15 @@ def redriven(
         if not key:
             continue
         try:
-            run = orjson.loads(msg.value() or b"{}").get("redrive_id")
+            value = orjson.loads(msg.value() or b"{}")
+            run, dead_at_ms = value.get("redrive_id"), value.get("dead_at_ms")
         except (orjson.JSONDecodeError, AttributeError):
-            run = None
-        taken[key.decode(errors="replace")] = run if isinstance(run, str) else "unknown"
-    return taken
+            run = dead_at_ms = None
+        taken[key.decode(errors="replace")] = (
+            run if isinstance(run, str) else "unknown",
+            dead_at_ms if type(dead_at_ms) is int else None,
+        )
+    return Ledger(taken)
 
 
 # A redrive reads the whole ledger holding its lock. Unpolled for that long (millions of records), the
@@ -260,7 +280,13 @@ def redrive_group(settings: Settings) -> str:
 
 def ledger_entry(e: DlqEntry, redrive_id: str, to: str, outcome: str) -> tuple[bytes, bytes]:
     """Key and value of the ledger's record for `e`: taken by `redrive_id`, sent to `to`."""
-    value = {"redrive_id": redrive_id, "at_ms": int(time.time() * 1000), "to": to, "outcome": outcome}
+    value = {
+        "redrive_id": redrive_id,
+        "at_ms": int(time.time() * 1000),
+        "to": to,
+        "outcome": outcome,
+        "dead_at_ms": e.dead_at_ms,  # which record had this ID (`Ledger.taken_by`)
+    }
     return e.id.encode(), orjson.dumps(value)
 
 
@@ -286,14 +312,14 @@ def list_entries(
     topics = Topics(settings.topic_prefix)
     with Log(settings, timeout) as kafka:
         marks = kafka.watermarks(topics.dlq, range(kafka.partition_count(topics.dlq)))
-        taken = redriven(kafka, topics) or {}
+        taken = redriven(kafka, topics) or Ledger()
         newest: deque[DlqEntry] = deque(maxlen=limit)
         matched = passed = 0
         for msg in kafka.read(_ranges(kafka, topics.dlq, sel)):
             e = DlqEntry.from_message(msg)
             if not sel.admits(e):
                 continue
-            by = taken.get(e.id)
+            by = taken.taken_by(e)
             if by is not None:
                 passed += 1
                 if not include_redriven:
@@ -311,7 +337,7 @@ def show_entry(settings: Settings, entry_id: str, *, timeout: float = 10.0) -> D
         for msg in kafka.read(_ranges(kafka, topics.dlq, DlqSelection(ids=frozenset({want})))):
             if msg.offset() == want.offset:
                 e = DlqEntry.from_message(msg)
-                return replace(e, redriven_by=(redriven(kafka, topics) or {}).get(e.id))
+                return replace(e, redriven_by=(redriven(kafka, topics) or Ledger()).taken_by(e))
     raise NotFound(f"no DLQ record {want}")  # e.g. compacted away between the check and the read
 
 
@@ -412,7 +438,7 @@ def _redrive(
         except LockBusy as exc:
             raise OpsError(f"another redrive is running: {exc}") from None
         try:
-            taken = redriven(kafka, topics, lock.held if lock is not None else None) or {}
+            taken = redriven(kafka, topics, lock.held if lock is not None else None) or Ledger()
             ranges = _ranges(kafka, topics.dlq, sel)
             total = sum(x.size for x in ranges)
             log.info(
@@ -443,7 +469,7 @@ def _redrive(
                         e = DlqEntry.from_message(msg)
                         if not sel.admits(e):
                             result.skipped += 1
-                        elif e.id in taken:
+                        elif taken.taken_by(e) is not None:
                             result.already_redriven += 1
                         else:
                             step = plan(e, settings, topics, result.run_id)

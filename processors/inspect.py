@@ -20,7 +20,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 
 from sentpipe.processors.dedup import decode_seen, partition_of, table_key
-from sentpipe.processors.dlq import DlqEntry, redriven
+from sentpipe.processors.dlq import DlqEntry, Ledger, redriven
 from sentpipe.processors.offsets import Log, Range, Window, timestamp_ms
 from sentpipe.schemas import exact_json
 from sentpipe.schemas import routing as r
@@ -188,8 +188,8 @@ def locate(
         rep.routed = _find_routed(search, kafka, settings, topics, rep)
         by_key, by_id = _key_is(event_id), _canonical_id_is(event_id)
         hits = search("dlq", topics.dlq, lambda msg: by_key(msg) or by_id(msg))
-        taken = (redriven(kafka, topics) or {}) if hits else {}
-        rep.dlq = [replace(e, redriven_by=taken.get(e.id)) for e in map(DlqEntry.from_message, hits)]
+        taken = (redriven(kafka, topics) or Ledger()) if hits else Ledger()
+        rep.dlq = [replace(e, redriven_by=taken.taken_by(e)) for e in map(DlqEntry.from_message, hits)]
     try:
         rep.rows = database_rows(settings.database_url.get_secret_value(), event_id)
     except psycopg.errors.UndefinedTable:  # a database no `db migrate` has run on: that is the fix

@@ -18,19 +18,21 @@ import orjson
 import psycopg
 import pytest
 from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient
 
 from sentpipe.processors import dlq as dlq_ops
 from sentpipe.processors.dlq import DlqEntry, plan
 from sentpipe.processors.group_lock import SESSION_TIMEOUT_S, GroupLock, LockBusy
 from sentpipe.processors.offsets import Log, OpsError
 from sentpipe.processors.replay import RunResult
+from sentpipe.processors.topics import ensure_topics
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import frame
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.handlers_fixture import create_fixture_tables
-from tests.kafka_tools import Record, read_topic
+from tests.kafka_tools import Record, read_topic, wait_topics_ready
 from tests.pipeline import (
     deliver,
     route_as_the_router,
@@ -399,6 +401,35 @@ def test_a_killed_redrive_frees_the_lock_within_the_session_timeout(
             break
         except LockBusy:
             assert time.monotonic() - killed < SESSION_TIMEOUT_S + 20, "the lock was never freed"
+
+
+def test_a_recreated_dlq_s_new_dead_letters_are_not_taken_by_earlier_redrives(
+    settings: Settings, topics: Topics
+) -> None:
+    """The ledger knew a dead letter by partition and offset alone: after the DLQ topic was deleted and
+    created again (to purge it, or on a new cluster), its new records at the same offsets read as taken by a
+    redrive that ran before they existed: hidden from `dlq list` and never redriven."""
+    _handler_dead_letters(settings, topics, 3)
+    assert dlq_ops.redrive(settings, dlq_ops.make_selection()).produced == 3
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin.delete_topics([topics.dlq])[topics.dlq].result(timeout=30)
+
+    def recreated() -> bool:
+        try:
+            ensure_topics(settings)
+        except Exception:  # the broker may still be deleting it
+            return False
+        return topics.dlq in admin.list_topics(timeout=10).topics
+
+    wait_until(recreated, 60, "the DLQ topic created again")
+    wait_topics_ready(settings.kafka_bootstrap, [topics.dlq])
+    _handler_dead_letters(settings, topics, 3)  # the same keys: the same partitions and offsets as before
+
+    listing = dlq_ops.list_entries(settings, dlq_ops.make_selection(), limit=100)
+    assert (len(listing.entries), listing.redriven) == (3, 0), listing
+    again = dlq_ops.redrive(settings, dlq_ops.make_selection())
+    assert (again.produced, again.already_redriven) == (3, 0), again
+    assert len(read_topic(settings.kafka_bootstrap, topics.message_inbound, at_least=6)) == 6
 
 
 def test_a_redrive_still_failing_says_so_once_not_once_per_record(settings: Settings, topics: Topics) -> None:
