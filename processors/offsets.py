@@ -128,6 +128,14 @@ class Window:
         return self.until_ms is None or timestamp_ms < self.until_ms
 
 
+# Timestamps in a partition are not in order: a record stamped just before `until` may follow one stamped
+# after it (two ingress processes' batches, a retried one). Cut at the first record at `until`, the range
+# left it out, and adjacent windows (a replay hour by hour) both missed it. The end is looked up this much
+# later; `admits_time` checks the records in between one by one. (The start needs none: offsets_for_times
+# finds the earliest offset at or after `since`, and every record before it is older.)
+UNTIL_SLACK_MS = 60_000
+
+
 def make_window(
     *,
     since: str | None = None,
@@ -267,7 +275,7 @@ class Log:
             for p, off in self.offsets_at(topic, parts, window.since_ms).items():
                 starts[p] = ends[p] if off is None else max(starts[p], off)
         if window.until_ms is not None:
-            for p, off in self.offsets_at(topic, parts, window.until_ms).items():
+            for p, off in self.offsets_at(topic, parts, window.until_ms + UNTIL_SLACK_MS).items():
                 if off is not None:
                     ends[p] = min(ends[p], off)
         for p, off in window.from_offsets.items():
@@ -283,7 +291,11 @@ class Log:
         pending = {(r.topic, r.partition): r for r in ranges if r.size > 0}
         if not pending:
             return
-        self.consumer.assign([TopicPartition(r.topic, r.partition, r.start) for r in pending.values()])
+        assigned = [TopicPartition(r.topic, r.partition, r.start) for r in pending.values()]
+        self.consumer.assign(assigned)
+        # librdkafka keeps a partition paused (`_done`) across unassign and assign: a second read of it on
+        # this Log got nothing and ended "no records from Kafka broker" after `stall_s`.
+        self.consumer.resume(assigned)
         last_progress = time.monotonic()
         try:
             while pending:
