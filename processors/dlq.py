@@ -175,6 +175,21 @@ class DlqEntry:
         )
 
 
+def parse_reasons(reasons: Iterable[str]) -> frozenset[str]:
+    """Error classes to select. One no dead letter can carry (empty, over the header's limit, control
+    characters) matched nothing, and the command ended as if there were nothing to do."""
+    out = frozenset(reasons)
+    for reason in out:
+        if not reason.strip():
+            raise OpsError("--reason is empty: name an error class, as `sentpipe dlq list` shows them")
+        if len(reason) > r.MAX_DLQ_ERROR_CLASS or not reason.isprintable():
+            raise OpsError(
+                f"--reason must be printable text of at most {r.MAX_DLQ_ERROR_CLASS} characters: "
+                "no dead letter has another error class"
+            )
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class DlqSelection:
     ids: frozenset[PartitionOffset] = frozenset()
@@ -201,7 +216,7 @@ def make_selection(
 ) -> DlqSelection:
     return DlqSelection(
         frozenset(parse_entry_id(i) for i in ids),
-        frozenset(reasons),
+        parse_reasons(reasons),
         parse_stages(stages),
         parse_when(since, "--since") if since is not None else None,
     )
@@ -499,7 +514,7 @@ def _redrive(
                 lock.release()
     if result.failed:
         log.warning(
-            f"redrive: {result.failed} records not redriven",
+            f"redrive: {result.failed} records {'would not be' if dry_run else 'not'} redriven",
             extra={"redrive_id": result.run_id, "reasons": dict(result.failures.most_common(10))},
         )
     log_run("redrive", result, interrupted=stop.is_set())

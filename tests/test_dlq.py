@@ -252,6 +252,19 @@ def test_plan_sends_each_stage_where_it_can_succeed() -> None:
     assert (h[r.H_DLQ_TOPIC], h[r.H_DLQ_OFFSET], h[r.H_REDRIVE_ID]) == (b"x.events.raw", b"7", b"rd4")
 
 
+@pytest.mark.parametrize("reason", ["", "  ", "a\x1b]0;x\x07", "\u202ePermanentError", "x" * 201])
+def test_a_reason_no_dead_letter_can_carry_is_refused_in_one_line(reason: str) -> None:
+    """Matched nothing, and the command ended with exit 0 as if there were nothing to redrive."""
+    with pytest.raises(OpsError, match=r"^--reason ") as caught:
+        dlq_ops.make_selection(reasons=[reason])
+    assert "\n" not in str(caught.value) and (not reason.strip() or reason not in str(caught.value))
+
+
+def test_a_reason_as_dead_letters_carry_it_is_selected() -> None:
+    sel = dlq_ops.make_selection(reasons=["PermanentError", "sqlstate_22P05", "x" * 200])
+    assert sel.reasons == {"PermanentError", "sqlstate_22P05", "x" * 200}
+
+
 def test_headers_out_of_range_read_as_absent() -> None:
     """Anyone can write to the DLQ: a header no datetime or Kafka offset can hold must not break a listing
     (`dlq list` died on an OSError, the console on a TypeError)."""
