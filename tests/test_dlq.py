@@ -569,6 +569,12 @@ def test_a_failed_redrive_s_closing_line_says_what_to_do_for_each_kind_of_failur
     result.failed, result.failures = 3, Counter({"no_envelope": 3, "dlq delivery:_MSG_TIMED_OUT": 3})
     again = "3 record(s) failed again; they are back in the DLQ (or left there)"
     assert dlq_ops.redrive_failures(result) == again
+    # The line a stopped or lost pass ends with says so too: it claimed all was in the ledger.
+    assert dlq_ops._in_the_ledger(result) == "what it sent is in the ledger"
+    result.failures["ledger:_MSG_TIMED_OUT"] = 2
+    assert dlq_ops._in_the_ledger(result) == (
+        "2 record(s) it sent are not in the ledger (the next redrive sends them again)"
+    )
 
 
 _SUSPENDED_HOLDER = """
