@@ -39,7 +39,7 @@ from sentpipe.processors.offsets import (
     Range,
     Window,
     ascii_int,
-    parse_when,
+    parse_since,
     timestamp_ms,
 )
 from sentpipe.processors.replay import (
@@ -218,7 +218,7 @@ def make_selection(
         frozenset(parse_entry_id(i) for i in ids),
         parse_reasons(reasons),
         parse_stages(stages),
-        parse_when(since, "--since") if since is not None else None,
+        parse_since(since) if since is not None else None,
     )
 
 

@@ -63,6 +63,16 @@ def parse_when(text: str, option: str) -> int:
     return (parsed - _EPOCH) // _MILLISECOND
 
 
+def parse_since(text: str, option: str = "--since") -> int:
+    """A window's start: a time in the future selected nothing, and the run ended "read 0" with exit 0, as
+    if there were nothing to do."""
+    since_ms = parse_when(text, option)
+    if since_ms > (time.time() + CLOCK_SKEW_S) * 1000:
+        raise OpsError(f"{option} {text.strip()} is in the future: no record is that new yet")
+    return since_ms
+
+
+CLOCK_SKEW_S = 300  # a producer's clock ahead of this machine's (Kafka's CreateTime is the producer's)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
 
@@ -143,7 +153,7 @@ def make_window(
     from_offsets: Iterable[str] = (),
     to_offsets: Iterable[str] = (),
 ) -> Window:
-    since_ms = parse_when(since, "--since") if since is not None else None
+    since_ms = parse_since(since) if since is not None else None
     until_ms = parse_when(until, "--until") if until is not None else None
     if since_ms is not None and until_ms is not None and since_ms >= until_ms:
         raise OpsError(f"--since {since} is not before --until {until}: the time range is empty")

@@ -260,6 +260,13 @@ def test_a_reason_no_dead_letter_can_carry_is_refused_in_one_line(reason: str) -
     assert "\n" not in str(caught.value) and (not reason.strip() or reason not in str(caught.value))
 
 
+def test_a_since_in_the_future_is_refused_in_one_line() -> None:
+    """It selected nothing, and `dlq list` and `redrive` ended as if the DLQ were empty."""
+    with pytest.raises(OpsError, match=r"^--since 9999-01-01 is in the future"):
+        dlq_ops.make_selection(since="9999-01-01")
+    assert dlq_ops.make_selection(since="2026-01-01").since_ms == 1_767_225_600_000
+
+
 def test_a_reason_as_dead_letters_carry_it_is_selected() -> None:
     sel = dlq_ops.make_selection(reasons=["PermanentError", "sqlstate_22P05", "x" * 200])
     assert sel.reasons == {"PermanentError", "sqlstate_22P05", "x" * 200}

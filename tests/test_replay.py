@@ -146,6 +146,7 @@ def test_window_parsing_and_its_one_line_errors() -> None:
         ({"from_offsets": ["1:5", "1:6"]}, "names partition 1 twice"),
         ({"to_offsets": ["1"]}, "PARTITION:OFFSET"),
         ({"until": ""}, "ISO-8601"),
+        ({"since": "9999-12-31T23:59:59Z"}, r"^--since 9999-12-31T23:59:59Z is in the future"),
     ]:
         with pytest.raises(OpsError, match=message):
             make_window(**kwargs)
