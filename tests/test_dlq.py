@@ -32,7 +32,7 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.handlers_fixture import create_fixture_tables
-from tests.kafka_tools import Record, read_topic, wait_topics_ready
+from tests.kafka_tools import Record, read_topic, record_count, wait_topics_ready
 from tests.pipeline import (
     deliver,
     route_as_the_router,
@@ -549,6 +549,21 @@ def test_an_interrupted_redrive_says_so_and_leaves_no_dead_letter_twice(
     left = dlq_ops.list_entries(settings, dlq_ops.make_selection(), limit=1_000_000)
     keys = Counter(e.key for e in left.entries)
     assert len(keys) == n and set(keys.values()) == {1}
+
+
+def test_a_redrive_stopped_before_its_first_record_sends_nothing(settings: Settings, topics: Topics) -> None:
+    """A Ctrl-C while the redrive was still setting up (its lock, the ledger) was acted on only after one
+    record had been sent."""
+    _handler_dead_letters(settings, topics, 3)
+
+    def ctrl_c_before_the_first(done: int, total: int) -> None:
+        if done == 0:
+            signal.raise_signal(signal.SIGINT)  # handled by the redrive's own handler: a request to stop
+
+    with pytest.raises(OpsError, match=r"interrupted after 0 of 3 records \(0 redriven, 0 failed\)"):
+        dlq_ops.redrive(settings, dlq_ops.make_selection(), progress=ctrl_c_before_the_first)
+    assert record_count(settings.kafka_bootstrap, topics.message_inbound) == 0
+    assert record_count(settings.kafka_bootstrap, topics.dlq_redriven) == 0
 
 
 def test_a_second_signal_ends_a_redrive_at_once_with_one_line(settings: Settings, topics: Topics) -> None:
