@@ -241,6 +241,7 @@ def _init_metrics(tenants: list[str]) -> None:
         "write_timeout",
         "broker_down",
         "spool_full",
+        "spool_write_failed",
     ):
         m.INGRESS_REFUSED.labels(refused)
     for tenant in [*tenants, "unknown"]:
@@ -558,6 +559,7 @@ class WebhookHandler:
             m.INGRESS_REFUSED.labels("spool_full").inc()
             raise ProduceRejected("spool_full") from None
         except SpoolError:
+            m.INGRESS_REFUSED.labels("spool_write_failed").inc()
             raise ProduceRejected("spool_write_failed") from None
 
     def _refused(self, rej: ProduceRejected, ctx: dict[str, Any]) -> tuple[str, Answer]:
@@ -618,7 +620,7 @@ async def readyz(request: web.Request) -> web.Response:
     if await producer.ready():
         return web.json_response({"status": "ready"})
     spool = request.app.get(SPOOL)
-    if spool is not None and not spool.full:
+    if spool is not None and spool.takes_records:
         # Requests are answered 200 from the spool: the pod stays in service through a broker outage.
         return web.json_response({"status": "ready", "spooling": True, "spooled_records": spool.records})
     detail = {"producer_fatal_error": "Kafka producer being replaced after a fatal error"}.get(
@@ -735,7 +737,7 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
     def accepting() -> float:
         # Read at scrape time. While the pod is unready (a full Kafka outage without spool room) no request
         # reaches it and nothing is counted; this gauge is what the outage alert sees instead.
-        return float(producer.unavailable is None or (spool is not None and not spool.full))
+        return float(producer.unavailable is None or (spool is not None and spool.takes_records))
 
     m.INGRESS_ACCEPTING.set_function(accepting)
 

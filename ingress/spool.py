@@ -62,6 +62,11 @@ DRAIN_BACKOFF_S = (0.25, 5.0)
 CHECKPOINT_EVERY_S = 0.5
 
 
+# After a write the disk refused, the pod is taken out of service this long; then requests try the disk again
+# (a transient error clears, a full disk is met again and refused again).
+WRITE_RETRY_S = 10.0
+
+
 class SpoolFull(Exception):
     """SENTPIPE_SPOOL_MAX_BYTES reached: the record was not written."""
 
@@ -216,6 +221,7 @@ class Spool:
         self._appended = asyncio.Event()
         self._checkpointed_at = 0.0
         self._full = False
+        self._write_failed_at: float | None = None  # the disk refused the last write (monotonic time)
         # Last time a drain window ended (acknowledged or refused), or the spool started filling: a drain
         # that stops ending windows while records wait is hung. A broker that refuses is not (the oldest
         # record's age shows that).
@@ -366,6 +372,16 @@ class Spool:
         """A record was refused for lack of room, and no segment has been drained since."""
         return self._full
 
+    @property
+    def takes_records(self) -> bool:
+        """What readiness reads while the broker is away. Not while full, nor for `WRITE_RETRY_S` after the
+        disk refused a write (full, EIO): a pod whose spool disk failed answered /readyz 200 "spooling" and
+        stayed in service, every delivery refused with 503, the outage alert silent."""
+        if self._full:
+            return False
+        failed = self._write_failed_at
+        return failed is None or time.monotonic() - failed >= WRITE_RETRY_S
+
     def _update_gauges(self) -> None:
         if not self.gauges:
             return
@@ -399,12 +415,14 @@ class Spool:
             except OSError as exc:
                 log.error("spool: write to %s failed: %s", self.dir, exc)
                 m.SPOOL_WRITE_ERRORS.inc()
+                self._write_failed_at = time.monotonic()
                 self._abandon_segment()
                 for _, _, fut in batch:
                     if not fut.done():
                         fut.set_exception(SpoolError(f"spool write failed ({exc.strerror or exc})"))
                 continue
             m.SPOOL_FSYNC_SECONDS.observe(time.perf_counter() - t0)
+            self._write_failed_at = None
             if not self.segments or self.segments[-1].seq != seq:
                 self.segments.append(_Segment(seq, path, 0, 0))
                 if len(self.segments) == 1:

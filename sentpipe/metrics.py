@@ -71,7 +71,7 @@ INGRESS_REFUSED = Counter(
     "Requests turned away before any work, by reason (overloaded: SENTPIPE_INGRESS_MAX_IN_FLIGHT reached; "
     "body_timeout, header_timeout: SENTPIPE_BODY_TIMEOUT_S; write_timeout: a client that does not read its "
     "answers for SENTPIPE_BODY_TIMEOUT_S, dropped; broker_down: the producer knows no broker is up; "
-    "spool_full).",
+    "spool_full, spool_write_failed: the spool disk refused the write).",
     ["reason"],
 )
 

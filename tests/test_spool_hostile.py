@@ -28,6 +28,7 @@ from sentpipe.broker import Delivered, ProduceRejected
 from sentpipe.ingress.spool import (
     CHECKPOINT,
     REFUSED,
+    WRITE_RETRY_S,
     Spool,
     SpoolError,
     SpoolRecord,
@@ -258,6 +259,34 @@ def test_a_write_the_disk_refuses_leaves_no_torn_frame_and_no_stray_segment(tmp_
         done = await again.drain(b.send, once=True)
         assert b.got == acked and done.corrupt == 0
         again.close()
+
+    asyncio.run(main())
+
+
+def test_a_write_the_disk_refused_takes_the_spool_out_of_service_until_one_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spool whose disk refused its writes still said it took records: /readyz answered 200 "spooling"
+    and `sentpipe_ingress_accepting` 1 while every delivery got 503 `spool_write_failed`."""
+    clock = [1000.0]
+    monkeypatch.setattr("sentpipe.ingress.spool.time.monotonic", lambda: clock[0])
+
+    async def main() -> None:
+        s = spool_in(tmp_path)
+        assert s.takes_records
+        with file_size_limit(1024), pytest.raises(SpoolError):
+            await s.append(rec(0, 100_000))
+        assert not s.takes_records  # out of service: the disk refuses
+        clock[0] += WRITE_RETRY_S - 1
+        assert not s.takes_records
+        clock[0] += 1
+        assert s.takes_records  # time to try the disk again
+        with file_size_limit(1024), pytest.raises(SpoolError):
+            await s.append(rec(1, 100_000))
+        assert not s.takes_records
+        await s.append(rec(2))  # the disk takes writes again: back at once
+        assert s.takes_records
+        s.close()
 
     asyncio.run(main())
 
