@@ -135,7 +135,18 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 def client_config(settings: Settings) -> dict[str, Any]:
     """What every librdkafka client shares: where the cluster is, how to get in, and librdkafka's log via
     `logging`."""
-    return {"bootstrap.servers": settings.kafka_bootstrap, **security_config(settings), "logger": log}
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        **security_config(settings),
+        "logger": log,
+        # A broker's restart can leave librdkafka with no broker in its metadata (the leader "not found in
+        # cache"), and nothing reconnects until it bootstraps again: 5 min by default. An ingress stayed
+        # "all brokers down" with the broker back, its spool undrained and every delivery refused.
+        "metadata.recovery.rebootstrap.trigger.ms": REBOOTSTRAP_AFTER_MS,
+    }
+
+
+REBOOTSTRAP_AFTER_MS = 15_000
 
 
 # librdkafka's words for a broker that answered but refused us (after "<proto>://host:port/id: ").
