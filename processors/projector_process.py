@@ -32,7 +32,7 @@ from psycopg_pool import AsyncConnectionPool
 from sentpipe.kafka import AsyncProducer, BatchConsumer
 from sentpipe.processors import blocked_handlers as blocked
 from sentpipe.processors.handlers import HandlerRegistry, registry
-from sentpipe.processors.health import Health, ProcessProbe, serve_health
+from sentpipe.processors.health import BLOCKED_AFTER_S, PROBE_EVERY_S, Health, ProcessProbe, serve_health
 from sentpipe.processors.projector import Projector, Tuning
 from sentpipe.processors.sink import PostgresSink
 from sentpipe.processors.topics import projections_group
@@ -298,14 +298,32 @@ class ProjectorProcess(mode.Service):
         if port is None and proc.is_alive():
             proc.kill()  # it cannot be watched: ended here, it crashes the worker below
         polling = None if port is None else asyncio.ensure_future(self.probe.run(f"http://127.0.0.1:{port}"))
+        killing = asyncio.ensure_future(self._kill_when_blocked(proc))
         try:
             await self._exited.wait()
         finally:
+            killing.cancel()
             if polling is not None:
                 polling.cancel()
         if not self._stopping:
             log.critical("the projector process exited with status %s", proc.exitcode)
             await self.crash(RuntimeError(f"the projector process exited with status {proc.exitcode}"))
+
+    async def _kill_when_blocked(self, proc: BaseProcess) -> None:
+        """A projector whose loop stays blocked (seen: librdkafka calls that never returned after a broker
+        restart) failed liveness, but only an orchestrator acting on the probe restarted it; under docker
+        compose, which does not, it projected nothing for good. Killed, it crashes the worker (above), and
+        any restart policy starts both again; the uncommitted batch is applied again (idempotent)."""
+        after = max(self.s.stall_after_s, 2 * BLOCKED_AFTER_S)
+        while True:
+            await asyncio.sleep(PROBE_EVERY_S)
+            late = self.probe.blocked_for()
+            if late is not None and late >= after and not self._stopping:
+                log.critical(
+                    f"the projector process has not answered for {late:.0f} s (its loop is blocked): killed"
+                )
+                proc.kill()
+                return
 
     async def on_stop(self) -> None:
         self._stopping = True

@@ -5,6 +5,7 @@ projector process is seen, scraped and ended with the worker."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -224,6 +225,35 @@ def test_a_scrape_fails_while_the_projector_process_does_not_answer(
         finally:
             os.kill(child, signal.SIGCONT)
         assert scrape(worker.metrics_port)[projected] >= 1
+
+
+def test_a_projector_process_that_stays_blocked_is_killed_and_the_worker_exits(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A projector whose loop stayed blocked (librdkafka calls that never returned after a broker restart)
+    failed liveness, but nothing restarted it where no orchestrator acts on the probe (docker compose): it
+    projected nothing for good. Past max(SENTPIPE_STALL_AFTER_S, 20 s) it is killed and the worker exits,
+    so a restart policy starts both again."""
+    worker = start_worker(settings, tmp_path, worker_role="all", stall_after_s=5)
+    try:
+        base = f"http://127.0.0.1:{worker.metrics_port}"
+        wait_for(lambda: _status(f"{base}/readyz"), lambda s: s == 200, 60, "/readyz 200", worker.proc.tail)
+        assert worker.proc.p is not None
+        child = _projector_child(worker.proc.p.pid)
+        os.kill(child, signal.SIGSTOP)  # a loop that answers nothing, as a blocked one does
+        try:
+            code = worker.proc.p.wait(90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the worker went on with a projector that answers nothing:\n{worker.proc.tail(40)}")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGCONT)
+        assert code != 0
+        tail = worker.proc.tail(200)
+        assert "the projector process has not answered for" in tail and "killed" in tail, tail
+        wait_for(lambda: _alive(child), lambda up: not up, 30, "the projector process gone", worker.proc.tail)
+    finally:
+        worker.stop()
 
 
 def test_a_projector_process_stops_when_its_worker_is_killed(settings: Settings, tmp_path: Path) -> None:
