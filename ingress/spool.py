@@ -174,7 +174,18 @@ def scan(buf: bytes | memoryview, *, final: bool) -> Iterator[Frame]:
                     continue
         # Resynchronise: the next MAGIC after the bad one (a false MAGIC inside data fails its CRC in turn).
         nxt = bytes(view[bad_at + 1 :]).find(MAGIC)
-        end = size if nxt < 0 else bad_at + 1 + nxt
+        if nxt >= 0:
+            end = bad_at + 1 + nxt
+        elif final:
+            end = size
+        else:
+            # A MAGIC may straddle the end of this read: stop where its first bytes begin, so the next read
+            # sees it whole. Reported to the end, the intact record behind a corrupt one was lost too.
+            end = size
+            for k in range(len(MAGIC) - 1, 0, -1):
+                if size - k > bad_at and view[size - k :] == MAGIC[:k]:
+                    end = size - k
+                    break
         yield Frame(bad_at, end, None)
         pos = end
 

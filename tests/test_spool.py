@@ -86,6 +86,23 @@ def test_a_corrupt_frame_in_the_middle_hides_nothing_after_it(
     assert got.count(None) >= 1
 
 
+@pytest.mark.parametrize("into_magic", [1, 2, 3])
+def test_a_read_that_ends_inside_the_magic_after_a_corrupt_frame_loses_nothing(into_magic: int) -> None:
+    """A read ending inside the MAGIC of the intact frame behind a corrupt one reported the corrupt region up
+    to the end of the read; the next read began inside that MAGIC, so the intact record was skipped too."""
+    a, b, c = (encode_frame(SpoolRecord("t", f"k{i}".encode(), b"v" * 100, (), i)) for i in range(3))
+    broken = bytearray(b)
+    broken[20] ^= 0xFF  # its CRC fails
+    data = a + bytes(broken) + c
+    cut = len(a) + len(b) + into_magic
+    first = list(scan(data[:cut], final=False))
+    assert first[0].record is not None and all(f.record is None for f in first[1:])
+    resume = first[-1].end
+    assert resume == len(a) + len(b)  # where the MAGIC begins: the corrupt region is counted once
+    rest = [f.record for f in scan(data[resume:], final=True)]
+    assert [r.key for r in rest if r is not None] == [b"k2"]
+
+
 def test_garbage_is_never_a_record() -> None:
     junk = os.urandom(50_000)
     assert all(f.record is None for f in scan(junk, final=True))
