@@ -468,11 +468,9 @@ class Spool:
         if self._fd is None:
             seq, self._next_seq = self._next_seq, self._next_seq + 1
             path = self._segment_path(seq)
-            try:
-                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            except FileNotFoundError:
+            if not self._holds_dir():
                 self._retake_dir()
-                self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             self._fd_seq = seq
             committed = 0
         fd, seq = self._fd, self._fd_seq
@@ -500,6 +498,18 @@ class Spool:
                     os.unlink(self._segment_path(seq))
             raise
         return seq, self._segment_path(seq), st.st_size
+
+    def _holds_dir(self) -> bool:
+        """The lock this spool holds is still its directory's. Removed and made again by another process
+        (which then holds the new lock), the directory is theirs: a spool that only checked that the
+        directory existed went on writing segments into it, which the other's next start could delete."""
+        if self._lock_fd is None:
+            return False
+        try:
+            mine, there = os.fstat(self._lock_fd), os.stat(self.dir / ".lock")
+        except FileNotFoundError:
+            return False
+        return mine.st_nlink > 0 and (mine.st_ino, mine.st_dev) == (there.st_ino, there.st_dev)
 
     def _retake_dir(self) -> None:
         """In a thread: the directory was removed while the spool ran. Make it and lock it again, so the

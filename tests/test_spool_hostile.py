@@ -218,6 +218,30 @@ def test_a_spool_directory_removed_at_run_time_never_answers_200_for_a_lost_reco
     asyncio.run(main())
 
 
+def test_a_spool_whose_directory_another_process_made_again_writes_nothing_there(tmp_path: Path) -> None:
+    """Its directory removed, and made again by a second ingress (which locked it), a running spool checked
+    only that the directory existed and went on writing segments into the other's directory: two owners,
+    and the other's next start could delete records it had answered 200 for."""
+
+    async def main() -> None:
+        d = tmp_path / "ingress-0"
+        first = spool_in(d)
+        await first.append(rec(0))
+        shutil.rmtree(d)
+        second = spool_in(d)  # makes the directory again and locks it
+        await second.append(rec(10))
+        for i in range(1, 4):
+            with pytest.raises(SpoolError):
+                await first.append(rec(i))  # 503: the directory is not its own any more
+        first.close()
+        b = Broker()
+        await second.drain(b.send, once=True)
+        assert b.got == [rec(10)]
+        second.close()
+
+    asyncio.run(main())
+
+
 # --- a write the disk refuses ------------------------------------------------------------------------------
 @contextlib.contextmanager
 def file_size_limit(limit: int) -> Iterator[None]:
