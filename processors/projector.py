@@ -9,16 +9,16 @@ raises it is alone, and that record alone goes to the dead-letter topic.
 from __future__ import annotations
 
 import asyncio
-import functools
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol
 
 from sentpipe import metrics as m
 from sentpipe.broker import BatchConsumer, CommitRejected, Partition, Record, RecordProducer, next_offsets
+from sentpipe.processors.consumer_thread import ConsumerThread
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
 from sentpipe.processors.retry import backoff, is_temporary, retrying
 from sentpipe.processors.sink import HandlerFailure, HandlersHeld
@@ -27,14 +27,14 @@ from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import CanonicalEvent, EventType, check_payload
 from sentpipe.schemas.topics import Topics
 
-_T = TypeVar("_T")
-
 log = logging.getLogger("sentpipe.projector")
 
 # How often the handler calls of a batch in hand are reported to the watchdog as work going on.
 WORKING_EVERY_S = 1.0
 # Handler calls of one uncommitted batch remembered (batch size x handlers); past it the memory starts again.
 MAX_CALLS_ENDED = 100_000
+# A commit still waiting for the broker is logged this often (it waits as long as the broker does not answer).
+COMMIT_WAITING_EVERY_S = 30.0
 
 
 class Sink(Protocol):
@@ -55,6 +55,9 @@ class Tuning:
     # How often sentpipe_consumer_lag is exported: also while a batch is stuck (the database away), when
     # the lag growing is the alert's whole point.
     lag_every_s: float = 10.0
+    # On stop, how long a commit, then the consumer's close, may wait for the broker before they are left
+    # behind: the batch is read again by the next owner (the projections are idempotent).
+    stop_wait_s: float = 10.0
 
 
 class Projector:
@@ -96,7 +99,9 @@ class Projector:
         self._in_hand: Sequence[Record] = ()
         # Polls and commits wait in a thread of their own: in the default executor, the threads of a few
         # handlers' `asyncio.to_thread` calls that hang would leave no thread to poll or commit with.
-        self._consumer_thread = ThreadPoolExecutor(1, thread_name_prefix="sentpipe-projector-consumer")
+        self._consumer_thread = ConsumerThread("sentpipe-projector-consumer")
+        self._lag_read: asyncio.Future[dict[Partition, int]] | None = None
+        self._left_behind = False  # a commit given up on while stopping: the consumer's thread still waits
 
     def stop(self) -> None:
         self.stopping = True
@@ -117,6 +122,9 @@ class Projector:
                     await self.step()
                     failures = 0
                 except Exception as exc:
+                    if self.stopping:  # read again by whoever owns its partitions next
+                        log.warning("stopped with a batch uncommitted (%s: %s)", type(exc).__name__, exc)
+                        break
                     failures += 1
                     m.RETRIES.labels("project").inc()
                     delay = backoff(failures, self.t.retry_initial_s, self.t.retry_max_s)
@@ -129,20 +137,32 @@ class Projector:
                     await asyncio.sleep(delay)
         finally:
             exporter.cancel()
-            self.consumer.close()
-            self._consumer_thread.shutdown(wait=False)
+            await self._close_consumer()
 
-    async def _in_consumer_thread(self, fn: Callable[..., _T], *args: object) -> _T:
-        call = functools.partial(fn, *args)
-        return await asyncio.get_running_loop().run_in_executor(self._consumer_thread, call)
+    async def _close_consumer(self) -> None:
+        """Closed, the consumer leaves its group at once, so the next owner need not wait out a session
+        timeout. The close waits in line behind the consumer's last call, though, and that call can be a
+        commit waiting for a broker that does not answer: then it is not waited for."""
+        close = self._consumer_thread.call(self.consumer.close)
+        try:
+            await asyncio.wait_for(close, 0 if self._left_behind else self.t.stop_wait_s)
+        except TimeoutError:
+            log.error(
+                "the consumer was not closed (the broker does not answer): its partitions go to another "
+                "member after the session timeout"
+            )
+        finally:
+            self._consumer_thread.close()
 
     async def step(self) -> int:
         """One batch: returns how many records it consumed (0 when the poll timed out)."""
-        records = await self._in_consumer_thread(self.consumer.poll_batch, self.t.batch_size, self.t.within_s)
+        records = await self._consumer_thread.call(
+            self.consumer.poll_batch, self.t.batch_size, self.t.within_s
+        )
         self.started = True
         self._in_hand = records
         if self.watchdog is not None:
-            lag = self._lag()
+            lag = await self._lag()
             if lag is not None:
                 self.watchdog.lag(lag)
         if not records:
@@ -151,7 +171,9 @@ class Projector:
             return await self._project(records)
         except BaseException:
             # Not committed: the next poll must return these records again, not the ones after them.
-            self.consumer.rewind(records)  # seek() only records the new position: no wait
+            # Stopping, there is no next poll, and the consumer may be waiting for a broker.
+            if not self.stopping:
+                await self._consumer_thread.call(self.consumer.rewind, records)
             self._rewound = True
             raise
         finally:
@@ -220,13 +242,13 @@ class Projector:
             self.watchdog.working(self._batch_partitions)
 
     async def _commit(self, done: dict[Partition, int]) -> None:
-        """Commit in a thread (a synchronous commit waits for the coordinator: never on the loop), retrying
-        with backoff while the coordinator is away. Partitions that moved to another member are theirs:
-        the commit is dropped, the new owner applies the batch again (the projections are idempotent)."""
+        """Commit in the consumer's thread, retrying with backoff while the coordinator is away. Partitions
+        that moved to another member are theirs: the commit is dropped, the new owner applies the batch
+        again (the projections are idempotent)."""
         attempt = 0
         while True:
             try:
-                await self._in_consumer_thread(self.consumer.commit, done)
+                await self._wait_for_commit(done)
                 return
             except CommitRejected as exc:
                 if exc.assignment_lost:
@@ -239,6 +261,28 @@ class Projector:
                 delay = backoff(attempt, self.t.retry_initial_s, self.t.retry_max_s)
                 log.warning("commit failed (%s); retrying in %.1f s", exc.reason, delay)
                 await asyncio.sleep(delay)
+
+    async def _wait_for_commit(self, done: dict[Partition, int]) -> None:
+        """A synchronous commit waits as long as the broker does not answer (a frozen broker: minutes),
+        and librdkafka bounds it with nothing: the wait is logged, shows as a stall, and on stop it is
+        left behind after `stop_wait_s`, uncommitted, rather than holding the process."""
+        commit = asyncio.ensure_future(self._consumer_thread.call(self.consumer.commit, done))
+        started = warned = time.monotonic()
+        stop_seen: float | None = None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(commit), 1.0)
+                return
+            now = time.monotonic()
+            if self.stopping:
+                stop_seen = now if stop_seen is None else stop_seen
+                if now - stop_seen >= self.t.stop_wait_s:
+                    commit.add_done_callback(_ignore_result)
+                    self._left_behind = True
+                    raise CommitRejected(f"no answer from the broker in {now - started:.0f} s while stopping")
+            if now - warned >= COMMIT_WAITING_EVERY_S:
+                warned = now
+                log.warning("a commit has waited %.0f s for the broker; still waiting", now - started)
 
     async def _apply(
         self, type_: EventType, items: list[tuple[Record, CanonicalEvent]], dead: list[DeadLetter]
@@ -296,10 +340,17 @@ class Projector:
                     outcome = "failed" if (rec.topic, rec.partition, rec.offset) in failed else "applied"
                     m.REPLAY_EVENTS.labels(mode, outcome).inc()
 
-    def _lag(self) -> dict[Partition, int] | None:
+    async def _lag(self) -> dict[Partition, int] | None:
+        """Read in the consumer's thread: on the loop, librdkafka's position() waited behind a commit that
+        waited for a frozen broker, and the process stopped answering its probes. One read at a time, and
+        none waited for past `lag_every_s`: the stall shows in the watchdog, not as a hung loop."""
+        if self._lag_read is not None and not self._lag_read.done():
+            return None
+        read = self._lag_read = asyncio.ensure_future(self._consumer_thread.call(self.consumer.lag))
+        read.add_done_callback(_ignore_result)
         try:
-            lag = self.consumer.lag()
-        except Exception:  # lag is best effort; a partition being reassigned has none
+            lag = await asyncio.wait_for(asyncio.shield(read), self.t.lag_every_s)
+        except Exception:  # lag is best effort: a partition being reassigned has none, a busy thread later
             return None
         for rec in self._in_hand:
             where = (rec.topic, rec.partition)
@@ -313,7 +364,7 @@ class Projector:
             await asyncio.sleep(self.t.lag_every_s)
             if not self.started:
                 continue  # no assignment yet: nothing to say, not "0"
-            lag = self._lag()
+            lag = await self._lag()
             if lag is None:
                 continue
             for topic, partition in self._lag_series - lag.keys():  # moved to another worker
@@ -321,6 +372,12 @@ class Projector:
             for (topic, partition), n in lag.items():
                 m.CONSUMER_LAG.labels(topic, str(partition)).set(n)
             self._lag_series = set(lag)
+
+
+def _ignore_result(future: asyncio.Future[Any]) -> None:
+    """A call left behind still ends some day; its error is nobody's, and not worth a warning at exit."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _dead(rec: Record, stage: str, error_class: str, message: str) -> DeadLetter:

@@ -47,6 +47,13 @@ class Services:
     def start_kafka(self) -> None:
         _launcher(KAFKA_SH, "start")
 
+    def freeze_kafka(self) -> None:
+        """The broker suspended: there, but answering nothing (a partition, a long pause)."""
+        _launcher(KAFKA_SH, "freeze")
+
+    def thaw_kafka(self) -> None:
+        _launcher(KAFKA_SH, "thaw")
+
     def stop_postgres(self) -> None:
         _launcher(POSTGRES_SH, "stop")
 

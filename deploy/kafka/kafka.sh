@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Local single-node Apache Kafka (KRaft, combined broker+controller) for development and tests.
-#   deploy/kafka/kafka.sh start|stop|status|jars|reset
+#   deploy/kafka/kafka.sh start|stop|status|jars|reset|freeze|thaw
+# freeze suspends the broker (SIGSTOP) and thaw resumes it: a broker that is there but does not answer,
+# as in a network partition or a long GC pause, which clients meet differently from one that is gone.
 #   SENTPIPE_KAFKA_SECURITY=tls deploy/kafka/kafka.sh start|stop|status|reset|env [sasl_ssl|ssl]
 # State lives under $SENTPIPE_LOCAL_DIR/kafka (default: <repo>/.local/kafka). Jars are resolved once by
 # Maven and cached in .local/kafka/libs, so later starts take seconds.
@@ -258,12 +260,20 @@ stop() {
   echo "kafka.sh: stopped"
 }
 
+signal_broker() {
+  running || die "not running"
+  kill "-$1" "$(cat "$pidfile")"
+  echo "kafka.sh: $2"
+}
+
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
+  freeze) signal_broker STOP "frozen (SIGSTOP): it answers nothing until thaw" ;;
+  thaw) signal_broker CONT "thawed" ;;
   status) if running && answers; then echo "running on 127.0.0.1:$port"; else echo "not running"; exit 1; fi ;;
   jars) jars ;;
   reset) stop; rm -rf "$data"; [ "$security" = tls ] && rm -rf "$tls"; true ;;
   env) print_env "${2:-sasl_ssl}" ;;
-  *) echo "usage: $0 start|stop|status|jars|reset|env" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|jars|reset|env|freeze|thaw" >&2; exit 2 ;;
 esac
