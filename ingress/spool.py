@@ -398,6 +398,7 @@ class Spool:
             return
         m.SPOOL_RECORDS.set(self.records)
         m.SPOOL_BYTES.set(self.bytes)
+        m.SPOOL_REFUSED_RECORDS.set(self.refused)
 
     # --- appends -----------------------------------------------------------------------------------------
     async def append(self, rec: SpoolRecord) -> None:

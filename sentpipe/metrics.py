@@ -104,6 +104,10 @@ SPOOL_REFUSED = Counter(
     "Spooled records the broker refused for what they are (too large): kept in refused.rec, tried again at"
     " the next start.",
 )
+SPOOL_REFUSED_RECORDS = Gauge(
+    "sentpipe_spool_refused_records",
+    "Spooled records set aside in refused.rec: answered 200, not on Kafka until a start sends them again.",
+)
 SPOOL_FSYNC_SECONDS = Histogram(
     "sentpipe_spool_write_seconds",
     "Time of one group commit (write and fdatasync) to the spool.",
@@ -185,7 +189,7 @@ SERVED: dict[Role, CollectorRegistry] = {
         *(INGRESS_REQUESTS, INGRESS_REQUEST_SECONDS, INGRESS_PRODUCE_SECONDS, INGRESS_IN_FLIGHT),
         *(INGRESS_BODY_BYTES, INGRESS_SIGNATURE_FAILURES, INGRESS_ACCEPTING, INGRESS_REFUSED),
         *(SPOOL_RECORDS, SPOOL_BYTES, SPOOL_MAX_BYTES, SPOOL_OLDEST_AGE, SPOOL_SPOOLED, SPOOL_DRAINED),
-        *(SPOOL_CORRUPT, SPOOL_WRITE_ERRORS, SPOOL_REFUSED, SPOOL_FSYNC_SECONDS),
+        *(SPOOL_CORRUPT, SPOOL_WRITE_ERRORS, SPOOL_REFUSED, SPOOL_REFUSED_RECORDS, SPOOL_FSYNC_SECONDS),
     ),
     "worker": _registry(
         *_BOTH,

@@ -446,6 +446,8 @@ def test_a_record_the_broker_refuses_does_not_block_the_ingress_spool(
         assert status_of(directory).refused == 1
         # What SentpipeSpoolRecordRefused and the dashboard read.
         assert metric_sum(scrape(metrics_port), "sentpipe_spool_refused_total") == 1
+        # Answered 200 and not on Kafka: counted as waiting, though it is no longer in the drain's backlog.
+        assert metric_sum(scrape(metrics_port), "sentpipe_spool_refused_records") == 1
         keys = {rec.key.decode() for rec in [*before, *after]}
         assert _raw_keys(settings, len(keys)) >= keys
         status, _, doc = post_signed(
