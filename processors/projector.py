@@ -267,6 +267,7 @@ class Projector:
         and librdkafka bounds it with nothing: the wait is logged, shows as a stall, and on stop it is
         left behind after `stop_wait_s`, uncommitted, rather than holding the process."""
         commit = asyncio.ensure_future(self._consumer_thread.call(self.consumer.commit, done))
+        commit.add_done_callback(_ignore_result)  # awaited below, unless it is left behind
         started = warned = time.monotonic()
         stop_seen: float | None = None
         while True:
@@ -277,7 +278,6 @@ class Projector:
             if self.stopping:
                 stop_seen = now if stop_seen is None else stop_seen
                 if now - stop_seen >= self.t.stop_wait_s:
-                    commit.add_done_callback(_ignore_result)
                     self._left_behind = True
                     raise CommitRejected(f"no answer from the broker in {now - started:.0f} s while stopping")
             if now - warned >= COMMIT_WAITING_EVERY_S:
