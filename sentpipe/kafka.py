@@ -25,7 +25,11 @@ probe asks every 250 ms while down). `unavailable` names why new records cannot 
 caller can refuse at once instead of waiting out the delivery timeout; records already queued keep waiting.
 A fatal error (`err.fatal()`, e.g. the idempotent producer lost its sequence) makes librdkafka's producer
 unusable for good: the async face replaces it with a new one (undelivered records of the old one fail), with a
-backoff if fatal errors repeat.
+backoff if fatal errors repeat. So does a client that lost its brokers: in a broker's restart librdkafka can
+drop every broker from its list, bootstrap entry included, and then never connect again (an audit saw an
+ingress stay "all brokers down" for 5 min with the broker back, 2 restarts in 11): down for
+`LOST_BROKERS_AFTER_S`, a new client asks the bootstrap servers, and if they answer twice in a row, the
+producer's client is replaced.
 """
 
 from __future__ import annotations
@@ -63,6 +67,10 @@ TICK_S = 0.001
 FILL_S = 0.01  # the projector's longest wait to fill a batch once its first record is there
 PROBE_INTERVAL_S = 0.25  # while every broker is down: how often to ask for metadata to notice one is back
 PROBE_TIMEOUT_S = 1.0
+# Down this long, a new client also asks the bootstrap servers, this often: whether the brokers are away, or
+# only this producer's client lost them.
+LOST_BROKERS_AFTER_S = 10.0
+LOST_BROKERS_PROBE_EVERY_S = 5.0
 RECREATE_BACKOFF_S = (1.0, 30.0)  # after a fatal error: first retry delay, cap (doubling while they repeat)
 RETIRED_GRACE_S = 10.0  # a replaced producer is polled this long at most for its (purged) delivery reports
 
@@ -687,6 +695,10 @@ class AsyncProducer(Producer):
 
     async def _probe(self) -> None:
         """While every broker is down: ask for metadata until one answers, then accept records again."""
+        asked_bootstrap = 0.0
+        # Two answers in a row, LOST_BROKERS_PROBE_EVERY_S apart: a broker just back is reached by our
+        # client within its 1 s reconnect backoff, and must not cost it the records it holds.
+        answered = 0
         while self._running and self._down_since is not None and self._fatal_error is None:
             try:
                 md = await asyncio.to_thread(self._producer.list_topics, timeout=PROBE_TIMEOUT_S)
@@ -695,7 +707,31 @@ class AsyncProducer(Producer):
             if md is not None and md.brokers:
                 self._mark_up()
                 return
+            now = time.monotonic()
+            down_since = self._down_since
+            if (
+                down_since is not None
+                and now - down_since >= LOST_BROKERS_AFTER_S
+                and now - asked_bootstrap >= LOST_BROKERS_PROBE_EVERY_S
+            ):
+                asked_bootstrap = now
+                answered = answered + 1 if await asyncio.to_thread(self._bootstrap_answers) else 0
+                if answered >= 2 and self._running:
+                    answered = 0
+                    self._replace_client(
+                        f"it reached no broker for {now - down_since:.0f} s while the bootstrap servers"
+                        " answer a new client (librdkafka lost its broker list)"
+                    )
             await asyncio.sleep(PROBE_INTERVAL_S)
+
+    def _bootstrap_answers(self) -> bool:
+        """In a thread: whether a new client, configured as this producer's, gets the cluster's brokers."""
+        try:
+            fresh = confluent_kafka.Producer({**self._config, "log_level": 0, "error_cb": _ignore_error})
+            md = fresh.list_topics(timeout=PROBE_TIMEOUT_S * 2)
+        except KafkaException:
+            return False
+        return bool(md.brokers)
 
     def _schedule_recreate(self) -> None:
         if self._recreate_handle is not None or self._loop is None:
@@ -710,14 +746,20 @@ class AsyncProducer(Producer):
         self._recreate_handle = self._loop.call_later(delay, self._recreate)
 
     def _recreate(self) -> None:
-        """Replace a producer that hit a fatal error; what it had not delivered fails (callers answer 503)."""
+        """Replace a producer that hit a fatal error."""
         self._recreate_handle = None
         if not self._running or self._fatal_error is None:
             return
-        old = self._producer
-        self._producer = self._new_client()
         error = self._fatal_error
         self._fatal_error = None
+        self._replace_client(f"a fatal error ({error.str()})")
+        self._after_error()  # still every broker down: keep probing with the new producer
+
+    def _replace_client(self, why: str) -> None:
+        """A new librdkafka client in place of the current one, whose undelivered records fail (callers
+        answer 503: nothing they had was acknowledged)."""
+        old = self._producer
+        self._producer = self._new_client()
         self._recreated_at = time.monotonic()
         self.recreated += 1
         m.PRODUCER_RECREATED.inc()
@@ -725,10 +767,7 @@ class AsyncProducer(Producer):
             old.purge(in_queue=True, in_flight=True, blocking=False)
         self._retired.append((old, time.monotonic() + RETIRED_GRACE_S))
         self._start_ticking()
-        log.warning(
-            "Kafka producer replaced after a fatal error (%s); its undelivered records failed", error.str()
-        )
-        self._after_error()  # still every broker down: keep probing with the new producer
+        log.warning("Kafka producer replaced after %s; its undelivered records failed", why)
 
     # --- records -----------------------------------------------------------------------------------------
     def _on_delivery(self, fut: asyncio.Future[Delivered], err: KafkaError | None, msg: Message) -> None:
@@ -828,6 +867,10 @@ _ASSIGNMENT_GONE = frozenset(
         KafkaError._STATE,
     }
 )
+
+
+def _ignore_error(_err: KafkaError) -> None:
+    """A probe's errors: whether it got metadata is the whole answer."""
 
 
 def _records(msgs: Sequence[Message]) -> list[Record]:

@@ -81,7 +81,9 @@ PRODUCER_BROKERS_DOWN = Gauge(
     "1 while this process's producer knows every Kafka broker is down (new records are refused at once).",
 )
 PRODUCER_RECREATED = Counter(
-    "sentpipe_producer_recreated", "Producers replaced after a fatal librdkafka error."
+    "sentpipe_producer_recreated",
+    "Producers replaced after a fatal librdkafka error, or a client that lost its brokers while the cluster"
+    " answered.",
 )
 
 # --- ingress spool (SENTPIPE_SPOOL=on): records fsynced locally while the broker could not take them -------

@@ -12,12 +12,22 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
+import confluent_kafka
 import pytest
 from confluent_kafka import KafkaError, murmur2
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
 from sentpipe.broker import BatchConsumer, LocalBroker, ProduceRejected, Record, RecordProducer, next_offsets
-from sentpipe.kafka import AsyncProducer, BrokerUnavailable, Producer, admin_client
+from sentpipe.kafka import (
+    ALL_BROKERS_DOWN,
+    LOST_BROKERS_AFTER_S,
+    LOST_BROKERS_PROBE_EVERY_S,
+    AsyncProducer,
+    BrokerUnavailable,
+    Producer,
+    admin_client,
+    producer_config,
+)
 from sentpipe.kafka import BatchConsumer as KafkaBatchConsumer
 from sentpipe.settings import Settings
 from tests.kafka_tools import stop_report_thread, wait_topics_ready
@@ -252,6 +262,54 @@ async def test_the_async_producer_says_how_long_records_wait_without_a_report(se
         await asyncio.wait_for(producer.produce(topic, b"k", b"v", []), 10)
         assert producer.stalled_s() == float("inf")
     assert producer.stalled_s() == 0.0  # closed: not running, nothing waiting
+
+
+class _LostBrokers(AsyncProducer):
+    """librdkafka's lost broker list (seen after 2 of 11 broker restarts in an audit) cannot be made on
+    demand. Its first client is pointed at a closed port instead, which is the same state as far as the
+    producer can tell: every broker down, for good, while the bootstrap servers answer a new client."""
+
+    def __init__(self, config: dict[str, object]) -> None:
+        self._first = True
+        super().__init__(config)
+
+    def _new_client(self) -> confluent_kafka.Producer:
+        if not self._first:
+            return super()._new_client()
+        self._first = False
+        nowhere = {**self._config, "bootstrap.servers": f"127.0.0.1:{free_port()}"}
+        return confluent_kafka.Producer({**nowhere, "error_cb": self._on_error, "log_level": 0})
+
+
+async def test_a_producer_whose_client_lost_its_brokers_is_replaced_while_the_cluster_answers(
+    services: Services,
+) -> None:
+    """The ingress stayed "all brokers down" for 5 min with the broker back (every delivery spooled, the
+    spool never drained): its producer's client had no broker left to connect to."""
+    s = Settings(kafka_bootstrap=services.kafka_bootstrap)
+    topic = f"contract-lost-{uuid.uuid4().hex[:10]}"
+    admin = admin_client(s)
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
+    producer = _LostBrokers(producer_config(s, delivery_timeout_s=60.0))
+    await producer.start()
+    try:
+        waiting = producer.produce(topic, b"k", b"before", [])
+        deadline = time.monotonic() + 30
+        while producer.unavailable != ALL_BROKERS_DOWN:
+            assert time.monotonic() < deadline, "the closed port was never reported down"
+            await asyncio.sleep(0.1)
+        deadline = time.monotonic() + LOST_BROKERS_AFTER_S + 3 * LOST_BROKERS_PROBE_EVERY_S + 10
+        while producer.unavailable is not None:
+            assert time.monotonic() < deadline, "the producer still reaches no broker"
+            await asyncio.sleep(0.2)
+        assert producer.recreated == 1
+        with pytest.raises(ProduceRejected):  # the replaced client's record failed: never acknowledged
+            await asyncio.wait_for(waiting, 10)
+        delivered = await asyncio.wait_for(producer.produce(topic, b"k", b"after", []), 30)
+        assert delivered.topic == topic
+    finally:
+        await producer.close()
+        admin.delete_topics([topic])
 
 
 def test_a_replaced_producer_let_go_with_records_unreported_stops_counting_them() -> None:
