@@ -764,7 +764,9 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
             if spool.dir == process_dir(settings.spool_dir, 0):
                 tasks.append(
                     loop.create_task(
-                        adopt_orphans(settings.spool_dir, max(1, settings.ingress_workers), send, can_send)
+                        adopt_orphans(
+                            settings.spool_dir, max(1, settings.ingress_workers), send, can_send, spool
+                        )
                     )
                 )
             yield

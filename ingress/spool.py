@@ -212,6 +212,11 @@ class Spool:
     def __init__(self, directory: Path, max_bytes: int, segment_bytes: int, *, gauges: bool = True) -> None:
         self.dir = directory
         self.gauges = gauges  # this process's own spool sets the spool gauges; an adopted one does not
+        # Adopted orphans (see `adopt_orphans`): their records are answered 200 and not on Kafka either, so
+        # they count in the gauges of the spool that adopted them, kept after their drain for what the
+        # broker refused (it waits in their refused.rec).
+        self.adopted: list[Spool] = []
+        self._counted_in: Spool | None = None
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
         self.segments: list[_Segment] = []  # oldest first; the last one takes appends
@@ -255,7 +260,7 @@ class Spool:
             self._load(take_over=True)
         if self.gauges:
             m.SPOOL_MAX_BYTES.set(self.max_bytes)
-            m.SPOOL_OLDEST_AGE.set_function(self.oldest_age_s)
+            m.SPOOL_OLDEST_AGE.set_function(self._oldest_age_counted)
         self._update_gauges()
 
     def _take_dir(self) -> int | None:
@@ -350,6 +355,15 @@ class Spool:
     def oldest_age_s(self) -> float:
         return 0.0 if self.oldest_ms is None else max(0.0, time.time() - self.oldest_ms / 1000)
 
+    def _oldest_age_counted(self) -> float:
+        return max(s.oldest_age_s() for s in (self, *self.adopted))
+
+    def count_in(self, owner: Spool) -> None:
+        """This (adopted) spool's records count in `owner`'s gauges from now on."""
+        self._counted_in = owner
+        owner.adopted.append(self)
+        owner._update_gauges()
+
     def _note_corrupt(self, path: Path, frame: Frame) -> None:
         self.corrupt += 1
         m.SPOOL_CORRUPT.inc()
@@ -394,11 +408,15 @@ class Spool:
         return failed is None or time.monotonic() - failed >= WRITE_RETRY_S
 
     def _update_gauges(self) -> None:
+        if self._counted_in is not None:
+            self._counted_in._update_gauges()
+            return
         if not self.gauges:
             return
-        m.SPOOL_RECORDS.set(self.records)
-        m.SPOOL_BYTES.set(self.bytes)
-        m.SPOOL_REFUSED_RECORDS.set(self.refused)
+        counted = (self, *self.adopted)
+        m.SPOOL_RECORDS.set(sum(s.records for s in counted))
+        m.SPOOL_BYTES.set(self.bytes)  # what SENTPIPE_SPOOL_MAX_BYTES limits: this process's own segments
+        m.SPOOL_REFUSED_RECORDS.set(sum(s.refused for s in counted))
 
     # --- appends -----------------------------------------------------------------------------------------
     async def append(self, rec: SpoolRecord) -> None:
@@ -885,6 +903,7 @@ async def adopt_orphans(
     workers: int,
     send: Callable[[SpoolRecord], asyncio.Future[Delivered]],
     can_send: Callable[[], bool],
+    counted_in: Spool | None = None,
 ) -> None:
     """Drain the directories of process indexes >= `workers` that no process holds (left behind when
     SENTPIPE_INGRESS_WORKERS went down), then remove them. Run by process 0. A directory that still holds
@@ -895,7 +914,7 @@ async def adopt_orphans(
         if index < workers:
             continue
         try:
-            await _adopt(path, send, can_send)
+            await _adopt(path, send, can_send, counted_in)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -903,13 +922,18 @@ async def adopt_orphans(
 
 
 async def _adopt(
-    path: Path, send: Callable[[SpoolRecord], asyncio.Future[Delivered]], can_send: Callable[[], bool]
+    path: Path,
+    send: Callable[[SpoolRecord], asyncio.Future[Delivered]],
+    can_send: Callable[[], bool],
+    counted_in: Spool | None,
 ) -> None:
     orphan = Spool(path, max_bytes=1, segment_bytes=1, gauges=False)
     try:
         orphan.open()
     except (SpoolLocked, OSError):
         return
+    if counted_in is not None:
+        orphan.count_in(counted_in)
     try:
         if orphan.records:
             log.warning("spool: draining %d records left in %s", orphan.records, path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import resource
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 import orjson
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from prometheus_client import REGISTRY
 
 from sentpipe.broker import Delivered, ProduceRejected
 from sentpipe.ingress.spool import (
@@ -386,6 +388,39 @@ def test_an_orphan_keeps_the_records_the_broker_refused(tmp_path: Path) -> None:
         await adopt_orphans(tmp_path, 1, b.send, lambda: True)
         assert b.got == [rec(0), rec(2)]
         assert status_of(process_dir(tmp_path, 1)).refused == 1
+
+    asyncio.run(main())
+
+
+def test_an_orphans_records_count_in_the_gauges_of_the_spool_that_adopts_it(tmp_path: Path) -> None:
+    """Answered 200 and not on Kafka, an orphan's backlog showed in no gauge while it waited, nor what the
+    broker refused of it afterwards."""
+
+    def gauge(name: str) -> float | None:
+        return REGISTRY.get_sample_value(name)
+
+    async def main() -> None:
+        orphan = spool_in(process_dir(tmp_path, 1))
+        await asyncio.gather(*(orphan.append(rec(i)) for i in range(3)))
+        orphan.close()
+        own = spool_in(process_dir(tmp_path, 0))
+        await own.append(dataclasses.replace(rec(10), spooled_at_ms=int(time.time() * 1000)))
+        reachable = asyncio.Event()
+        b = Broker(lambda r: "msg_size_too_large" if r.key == b"id-1" else None)
+        adopting = asyncio.ensure_future(adopt_orphans(tmp_path, 1, b.send, reachable.is_set, own))
+        for _ in range(100):
+            if gauge("sentpipe_spool_records") == 4:
+                break
+            await asyncio.sleep(0.05)
+        assert gauge("sentpipe_spool_records") == 4  # its own record and the orphan's three
+        # The orphan's records, spooled at 1970 + 1 s, are the oldest: not the one spooled just now.
+        assert gauge("sentpipe_spool_oldest_age_seconds") == pytest.approx(time.time() - 1.0, abs=60)
+        reachable.set()
+        await asyncio.wait_for(adopting, 30)
+        assert b.got == [rec(0), rec(2)]
+        assert gauge("sentpipe_spool_records") == 1
+        assert gauge("sentpipe_spool_refused_records") == 1  # kept in the orphan's refused.rec
+        own.close()
 
     asyncio.run(main())
 
