@@ -40,7 +40,8 @@ class ConsumerThread:
         return await future
 
     def close(self) -> None:
-        """The thread ends after the calls already asked for (at once, if one of them never returns)."""
+        """The thread ends after the calls already asked for. One that never returns keeps it waiting there,
+        which holds nothing else: a daemon thread, it never delays the process's exit."""
         self._calls.put(None)
 
     def _serve(self) -> None:
