@@ -72,6 +72,14 @@ def parse_since(text: str, option: str = "--since") -> int:
     return since_ms
 
 
+def parse_until(text: str, option: str = "--until") -> int:
+    """A window's (exclusive) end: one at the epoch's first instant selected nothing, like a future start."""
+    until_ms = parse_when(text, option)
+    if until_ms <= 0:
+        raise OpsError(f"{option} {text.strip()} is the epoch's first instant: no record is older")
+    return until_ms
+
+
 CLOCK_SKEW_S = 300  # a producer's clock ahead of this machine's (Kafka's CreateTime is the producer's)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MILLISECOND = timedelta(milliseconds=1)
@@ -154,7 +162,7 @@ def make_window(
     to_offsets: Iterable[str] = (),
 ) -> Window:
     since_ms = parse_since(since) if since is not None else None
-    until_ms = parse_when(until, "--until") if until is not None else None
+    until_ms = parse_until(until) if until is not None else None
     if since_ms is not None and until_ms is not None and since_ms >= until_ms:
         raise OpsError(f"--since {since} is not before --until {until}: the time range is empty")
     starts = _by_partition(from_offsets, "--from-offset")

@@ -139,6 +139,7 @@ UNROUTED = b'{"field":"account","sub_type":"account.updated","timestamp":"2026-0
 def test_window_parsing_and_its_one_line_errors() -> None:
     w = make_window(since="2026-01-01", until="2026-01-01T02:00:00+01:00", from_offsets=["1:5"])
     assert w.since_ms == int(datetime(2026, 1, 1, tzinfo=UTC).timestamp() * 1000)  # no zone: UTC
+    assert make_window(until="1970-01-01T00:00:00.001Z").until_ms == 1  # selects a record stamped 0
     w = make_window(from_offsets=["1:5"], to_offsets=["1:9", "2:3"])
     assert (w.named_partitions, dict(w.from_offsets), dict(w.to_offsets)) == ({1, 2}, {1: 5}, {1: 9, 2: 3})
     for kwargs, message in [
@@ -147,6 +148,8 @@ def test_window_parsing_and_its_one_line_errors() -> None:
         ({"to_offsets": ["1"]}, "PARTITION:OFFSET"),
         ({"until": ""}, "ISO-8601"),
         ({"since": "9999-12-31T23:59:59Z"}, r"^--since 9999-12-31T23:59:59Z is in the future"),
+        ({"until": "1970-01-01T00:00:00Z"}, r"^--until 1970-01-01T00:00:00Z is the epoch's first instant"),
+        ({"until": "1970-01-01"}, r"^--until 1970-01-01 is the epoch's first instant"),
     ]:
         with pytest.raises(OpsError, match=message):
             make_window(**kwargs)
