@@ -102,6 +102,9 @@ def database_url_problem(url: str) -> str | None:
     """Why libpq would misread this URL, or None. The message never quotes the URL: a password typed
     unencoded is what makes it wrong, and libpq's own error would echo it (`invalid percent-encoded
     token: "s3cr%zz"`, or the part after a `#` as the host name)."""
+    if not url.strip():
+        # libpq reads an empty string as "every default": PG* variables, the local socket, another database.
+        return "is empty: give a postgresql:// URL"
     scheme, sep, rest = url.partition("://")
     if not sep or scheme not in ("postgresql", "postgres"):
         return _libpq_parse_problem(url)
@@ -323,6 +326,28 @@ class Settings(BaseSettings):
         if isinstance(data, dict) and not data.get("app_id"):
             data = {**data, "app_id": default_app_id(str(data.get("topic_prefix") or "sent."))}
         return data
+
+    @field_validator(
+        "kafka_ssl_ca_file",
+        "kafka_ssl_cert_file",
+        "kafka_ssl_key_file",
+        "secrets_file",
+        "spool_dir",
+        "data_dir",
+        mode="before",
+    )
+    @classmethod
+    def _a_path_given(cls, v: object, info: ValidationInfo) -> object:
+        # An empty value is Path("."), the current directory: a spool or table store written wherever the
+        # command started, or a secrets file that "is a directory".
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("is empty: give a path, or leave the variable unset")
+        if isinstance(v, str) and info.field_name and info.field_name.startswith("kafka_ssl_"):
+            try:  # pydantic's FilePath lets OSErrors other than "no such file" escape (a name too long)
+                Path(v).is_file()
+            except OSError as exc:
+                raise ValueError(f"cannot be read: {exc.strerror}") from None
+        return v
 
     @field_validator("database_url")
     @classmethod

@@ -146,6 +146,15 @@ ABSURD_SETTINGS = [
     ("SENTPIPE_HANDLER_MODULES", "[1, 2]", "item 0: Input should be a valid string"),
     ("SENTPIPE_HANDLER_MODULES", "myapp.handlers, my app", "'my app' is not a module name"),
     ("SENTPIPE_TABLE_STORE", "bogus://", "must be memory:// or rocksdb://"),
+    # An empty path was Path("."): a secrets file that "is a directory", a spool in the current directory.
+    # An empty database URL was libpq's defaults (the local socket, PG* variables: another database).
+    ("SENTPIPE_DATABASE_URL", "", "is empty"),
+    ("SENTPIPE_SECRETS_FILE", "", "is empty"),
+    ("SENTPIPE_SPOOL_DIR", " ", "is empty"),
+    ("SENTPIPE_DATA_DIR", "", "is empty"),
+    ("SENTPIPE_KAFKA_SSL_CA_FILE", "", "is empty"),
+    # pydantic's FilePath let the OSError out, naming no setting.
+    ("SENTPIPE_KAFKA_SSL_CA_FILE", "x" * 3000, "cannot be read: File name too long"),
 ]
 
 
