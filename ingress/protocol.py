@@ -42,6 +42,12 @@ _SERVER = SERVER_SOFTWARE.encode()
 log = logging.getLogger("sentpipe.ingress")
 
 
+def _count_refused(code: str, status: int) -> None:
+    # Counted with the webhook answers: a request the parser refused reached no handler, and its tenant is
+    # not known (aiohttp hands over a placeholder path).
+    m.INGRESS_REQUESTS.inc(("unknown", code, str(status)))
+
+
 class Posted(HeadersMixin):
     """A webhook request that came whole: what `WebhookHandler.respond` reads of a `web.Request`."""
 
@@ -217,7 +223,7 @@ class WebhookProtocol(RequestHandler):
     ) -> web.StreamResponse:
         """aiohttp's answer to a request it could not parse, or to a bug in a handler (a webhook body holds
         phone numbers and message text: its bytes must not reach the log or go back in plain text)."""
-        return error_answer(request, status, exc, log)
+        return error_answer(request, status, exc, log, _count_refused)
 
     def _shortcut_tenant(self, msg: RawRequestMessage, payload: StreamReader) -> str | None:
         """The tenant when the request is a whole webhook the shortcut answers; else None."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -106,16 +107,15 @@ def decodable(content_encoding: str | None) -> bool:
 
 
 def error_answer(
-    request: BaseRequest, status: int, exc: BaseException | None, logger: logging.Logger
+    request: BaseRequest,
+    status: int,
+    exc: BaseException | None,
+    logger: logging.Logger,
+    refused: Callable[[str, int], None] | None = None,
 ) -> web.StreamResponse:
     """aiohttp's answer to a request it could not parse, or to a bug in a handler: JSON, connection closed,
-    and a log line without the request's bytes (aiohttp's own quoted them back and logged them at ERROR)."""
-    if status >= 500:
-        logger.error("error handling request", exc_info=exc)  # a bug of ours: its traceback helps
-    else:
-        logger.info("malformed HTTP request", extra={"status": status, "error": type(exc).__name__})
-    if request.writer.output_size > 0:
-        raise ConnectionError("an answer was sent already, the error cannot follow it")
+    and a log line without the request's bytes (aiohttp's own quoted them back and logged them at ERROR).
+    `refused(code, status)` is told of each request refused this way (not of a bug's 500)."""
     code = "internal_error" if status >= 500 else "malformed_request"
     try:
         detail = HTTPStatus(status).phrase
@@ -123,6 +123,15 @@ def error_answer(
         detail = "error"
     if isinstance(exc, ContentEncodingError):  # br or zstd: aiohttp knows them but has no decoder here
         status, code, detail = 415, "unsupported_encoding", ENCODINGS
+    if status >= 500:
+        logger.error("error handling request", exc_info=exc)  # a bug of ours: its traceback helps
+    else:
+        # The status sent, not the parser's: a br body was logged as a 400 and answered 415.
+        logger.info("malformed HTTP request", extra={"status": status, "error": type(exc).__name__})
+        if refused is not None:
+            refused(code, status)
+    if request.writer.output_size > 0:
+        raise ConnectionError("an answer was sent already, the error cannot follow it")
     response = web.Response(
         status=status, body=orjson.dumps({"error": code, "detail": detail}), content_type="application/json"
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import logging
 import os
 import re
 import statistics
@@ -430,10 +431,13 @@ async def test_malformed_http_is_a_json_400_and_its_bytes_stay_out_of_the_log(
 
 
 async def test_gzip_and_deflate_are_decoded_before_the_signature_and_any_other_coding_is_415(
-    settings: Settings, topics: Topics
+    settings: Settings, topics: Topics, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Codings aiohttp cannot decode here (br, zstd) were a 400 `Bad Request`, and one it does not know (or
-    two stacked) passed on as is: a 401 or a dead letter for bytes never meant as the body."""
+    two stacked) passed on as is: a 401 or a dead letter for bytes never meant as the body. Every 415 is
+    counted, and logged as a 415 (br and zstd, refused by aiohttp's parser, were neither: logged as 400s)."""
+    caplog.set_level(logging.INFO)
+    counted_before = sum(_requests(t, "unsupported_encoding", "415") for t in ("unknown", "default"))
     secret = settings.webhook_secret.get_secret_value()
     f = SampleFactory(44)
     gzipped, deflated = f.inbound().body, f.inbound().body
@@ -462,6 +466,10 @@ async def test_gzip_and_deflate_are_decoded_before_the_signature_and_any_other_c
             )
             assert status == 415 and headers["content-type"].startswith("application/json"), (coding, answer)
             assert orjson.loads(answer)["error"] == "unsupported_encoding", (coding, answer)
+        counted = sum(_requests(t, "unsupported_encoding", "415") for t in ("unknown", "default"))
+        assert counted - counted_before == 5
+        statuses = [getattr(r, "status", None) for r in caplog.records if r.msg == "malformed HTTP request"]
+        assert statuses == [415, 415], statuses  # br and zstd; the other three reach the handler
         coded = gzip.compress(bomb)
         status, _, answer = await exchange(
             port, head(url, {**signed(secret, bomb), "content-encoding": "gzip"}, len(coded)), coded
