@@ -309,10 +309,10 @@ def send_command(
     _choice("--on-bad-line", on_bad_line, ("stop", "skip"))
     if bad_signature and stale:
         fail("--bad-signature and --stale are separate tests; choose one")
-    if no_retry and retry_schedule:
+    if no_retry and retry_schedule is not None:
         fail("--no-retry and --retry-schedule contradict each other; choose one")
     schedule: tuple[float, ...] = () if no_retry else SENT_RETRY_SCHEDULE
-    if retry_schedule:
+    if retry_schedule is not None:  # an empty one is refused, not taken for Sent's whole schedule
         try:
             schedule = parse_schedule(retry_schedule)
         except ValueError as exc:

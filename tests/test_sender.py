@@ -750,6 +750,7 @@ async def test_bad_input_is_a_one_line_error(tmp_path: Path) -> None:
         cli("trigger", "message.delivered"),
         cli("send", "--file", str(tmp_path / "missing.jsonl")),
         cli("send", "not-a-url"),
+        cli("send", unreachable, "--retry-schedule", ""),  # was Sent's whole schedule, up to 127 s a delivery
     )
     errors = [one_line_error(r) for r in runs]
     assert "cannot reach" in errors[0] and unreachable in errors[0]
@@ -759,6 +760,7 @@ async def test_bad_input_is_a_one_line_error(tmp_path: Path) -> None:
         assert "message.delivered" in e and all(t.value in e for t in ROUTED_TYPES)
     assert "missing.jsonl" in errors[5]
     assert "not an http(s) URL" in errors[6]
+    assert "--retry-schedule" in errors[7] or "at least one delay" in errors[7], errors[7]
 
 
 async def test_trigger_refuses_a_status_the_type_does_not_have_and_sends_one_it_has(stub: Stub) -> None:
