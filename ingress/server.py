@@ -80,7 +80,13 @@ async def serve(
     spool = open_spool(settings, index)
     if check_topics:  # Kafka security settings the broker refuses, too
         await asyncio.to_thread(check_topic_limits, settings)
-    app = create_app(settings, producer_for(settings), spool)
+    producer = producer_for(settings)
+    if spool is not None:
+        # Logged by the producer when every broker is down: an operator reading "refused" took it for 503s.
+        producer.while_down = (
+            "new deliveries go to the spool (answered 200 while it has room) until one answers"
+        )
+    app = create_app(settings, producer, spool)
     # shutdown_timeout: in-flight requests get this long to finish before the producer flushes.
     runner = web.AppRunner(
         app,

@@ -413,6 +413,8 @@ class Producer:
         self._fatal_error: KafkaError | None = None  # set until the producer is replaced
         self._down_since: float | None = None  # monotonic time librdkafka said every broker is down
         self._refusal_logged = False
+        # What the "all brokers down" warning says becomes of new records: the ingress's spool takes them.
+        self.while_down = "new records are refused until one answers"
         self._producer = self._new_client()
         self._ready_checked_at = 0.0
         self._ready = False
@@ -452,10 +454,7 @@ class Producer:
         if self._down_since is None:
             self._down_since = time.monotonic()
             m.PRODUCER_BROKERS_DOWN.set(1)
-            log.warning(
-                "Kafka at %s unreachable (all brokers down): new records are refused until one answers",
-                self.bootstrap,
-            )
+            log.warning("Kafka at %s unreachable (all brokers down): %s", self.bootstrap, self.while_down)
 
     def _mark_up(self) -> None:
         self._refusal_logged = False

@@ -315,6 +315,10 @@ def test_a_three_minute_broker_outage_is_invisible_to_sent(
         try:
             wait_until(lambda: _spooling(base), 30, "/readyz: ready, spooling", proc.tail)
             time.sleep(outage_s)
+            # The outage's warning says what Sent sees: an operator reading "refused" took it for 503s.
+            logged = proc.log.read_text(errors="replace")
+            assert "unreachable (all brokers down): new deliveries go to the spool" in logged, proc.tail()
+            assert "refused until" not in logged, proc.tail()
         finally:
             services.start_kafka()
         out, errs = sender.communicate(timeout=outage_s + 300)
