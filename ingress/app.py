@@ -574,7 +574,12 @@ class WebhookHandler:
             )
             return "too_large", failed(413, "body_too_large", f"event refused by the broker ({rej.reason})")
         if rej.reason in ("spool_full", "spool_write_failed"):
-            log.error("event not accepted: broker unavailable and %s", rej.reason, extra=ctx)
+            # A WARNING with its reason, like broker_down's (the disk's own failure is logged by the spool).
+            log.warning(
+                "event not accepted: broker unavailable and %s",
+                rej.reason,
+                extra={**ctx, "reason": rej.reason},
+            )
             detail = "broker unavailable and the local spool cannot take the event; retry"
             return "unavailable", failed(503, rej.reason, detail, retry=True)
         log.warning("event not accepted: broker unavailable", extra={**ctx, "reason": rej.reason})
@@ -626,6 +631,8 @@ async def readyz(request: web.Request) -> web.Response:
     detail = {"producer_fatal_error": "Kafka producer being replaced after a fatal error"}.get(
         producer.unavailable or "", "Kafka broker unreachable"
     )
+    if spool is not None:  # the cause the operator acts on (SentpipeSpoolNearlyFull's runbook)
+        detail += f", and {spool.refusal}"
     return error(503, "not_ready", detail, headers={"Retry-After": RETRY_AFTER_S})
 
 

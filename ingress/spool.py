@@ -407,6 +407,11 @@ class Spool:
         failed = self._write_failed_at
         return failed is None or time.monotonic() - failed >= WRITE_RETRY_S
 
+    @property
+    def refusal(self) -> str:
+        """Why it takes no records now, for /readyz (read when `takes_records` is False)."""
+        return "the spool is full" if self._full else "the spool's disk refused a write"
+
     def _update_gauges(self) -> None:
         if self._counted_in is not None:
             self._counted_in._update_gauges()

@@ -631,6 +631,13 @@ def test_a_full_spool_answers_503_with_retry_after_and_every_200_is_drained(
         assert answers[len(acked) :] == [(503, "spool_full")] * (40 - len(acked)), answers
         assert status_of(process_dir(spool_dir, 0)).records == len(acked)
         assert _get(f"{base}/readyz") == 503  # full and no broker: out of service
+        try:
+            urllib.request.urlopen(f"{base}/readyz", timeout=10)
+        except urllib.error.HTTPError as e:  # the cause the runbook acts on, not only "broker unreachable"
+            assert orjson.loads(e.read())["detail"] == "Kafka broker unreachable, and the spool is full"
+        refusals = [line for line in proc.log.read_text().splitlines() if "and spool_full" in line]
+        assert len(refusals) == 40 - len(acked), proc.tail()
+        assert all(" WARNING " in line and "reason=spool_full" in line for line in refusals), refusals[:1]
     finally:
         assert proc.stop() == 0, proc.tail()
     restarted, _, _ = start_ingress(
