@@ -1,19 +1,23 @@
-"""SENTPIPE_KAFKA_SESSION_TIMEOUT_S reaches both stages' consumers, within the range brokers accept.
+"""SENTPIPE_KAFKA_SESSION_TIMEOUT_S reaches both stages' consumers, within the range brokers accept; the
+projector's consumer logs a broker's absence now and then, not per connection attempt.
 
-Pure configuration: the failover it shortens is exercised by tests/test_chaos_worker.py, whose workers run
-with a 10 s session against the real broker.
+Configuration only: the failover the session shortens is exercised by tests/test_chaos_worker.py, whose
+workers run with a 10 s session against the real broker.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 
 import pytest
 from pydantic import ValidationError
 
-from sentpipe.kafka import batch_consumer_config
+from sentpipe.kafka import BatchConsumer, _FailuresNowAndThen, batch_consumer_config
 from sentpipe.processors.worker import create_app
 from sentpipe.settings import Settings
+from tests.processes import free_port
 
 
 def test_the_default_is_kafkas_own_and_heartbeats_come_every_third_of_short_sessions() -> None:
@@ -40,3 +44,41 @@ def test_the_routers_faust_consumer_gets_the_session(session: float) -> None:
     assert conf.broker_heartbeat_interval == min(3.0, session / 3)
     # Faust (and aiokafka) want a request to outlast the session.
     assert conf.broker_request_timeout > session
+
+
+def test_a_consumer_whose_broker_is_away_logs_its_connection_failures_now_and_then(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A real librdkafka consumer, its broker a closed port: one line for its failures, not one per attempt
+    (a worker logged about 20 ERROR lines a second through a broker outage)."""
+    caplog.set_level(logging.DEBUG, logger="sentpipe.kafka")
+    consumer = BatchConsumer(Settings(kafka_bootstrap=f"127.0.0.1:{free_port()}"), "g", ["t"])
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            consumer.poll_batch(10, 0.2)
+    finally:
+        consumer.close()
+    failures = [
+        r for r in caplog.records if r.name == "sentpipe.kafka" and "Connection refused" in r.getMessage()
+    ]
+    assert len(failures) == 1, [r.getMessage() for r in failures]
+
+
+def test_connection_failures_left_out_are_counted_in_the_next_line_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    quiet = _FailuresNowAndThen(30.0, clock=lambda: now[0])
+    caplog.set_level(logging.DEBUG, logger="sentpipe.kafka")
+    for t in range(0, 61):  # one failure a second for a minute, and other lines between them
+        now[0] = float(t)
+        quiet.log(logging.ERROR, "%s [%s] %s", "FAIL", "consumer-1", "Connection refused")
+        quiet.log(logging.INFO, "%s [%s] %s", "REBALANCE", "consumer-1", "assigned")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines.count("REBALANCE [consumer-1] assigned") == 61
+    assert [x for x in lines if x.startswith("FAIL")] == [
+        "FAIL [consumer-1] Connection refused",
+        "FAIL [consumer-1] Connection refused (and 29 more connection failures since the last one logged)",
+        "FAIL [consumer-1] Connection refused (and 29 more connection failures since the last one logged)",
+    ]
