@@ -17,7 +17,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sentpipe import metrics as m
-from sentpipe.broker import BatchConsumer, CommitRejected, Partition, Record, RecordProducer, next_offsets
+from sentpipe.broker import (
+    BatchConsumer,
+    CommitRejected,
+    Partition,
+    Record,
+    RecordProducer,
+    first_offsets,
+    next_offsets,
+)
 from sentpipe.processors.consumer_thread import ConsumerThread
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
 from sentpipe.processors.retry import backoff, is_temporary, retrying
@@ -165,6 +173,7 @@ class Projector:
             lag = await self._lag()
             if lag is not None:
                 self.watchdog.lag(lag)
+            self.watchdog.waiting_at(first_offsets(records))
         if not records:
             return 0
         try:

@@ -17,7 +17,7 @@ class Stall:
     stage: str
     topic: str
     partition: int
-    offset: int | None  # the next offset to process, None before the first record
+    offset: int | None  # the next offset to process, None while not known
     lag: int
     for_s: float
 
@@ -57,6 +57,13 @@ class Watchdog:
             if n > 0 and self._lag.get(where, 0) == 0:
                 self._since[where] = now  # work just appeared: the clock starts now
             self._lag[where] = n
+
+    def waiting_at(self, positions: Mapping[Partition, int]) -> None:
+        """Where records wait before this process has moved a partition (the committed offset, the first of
+        a batch in hand): a stall names that offset, not "start", which is all a worker restarted by its
+        liveness probe would otherwise say. Starts no clock."""
+        for where, pos in positions.items():
+            self._position.setdefault(where, pos)
 
     def working(self, where: Iterable[Partition]) -> None:
         """Records of these partitions are being worked through (a slow batch's handler calls end one by

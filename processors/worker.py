@@ -549,6 +549,7 @@ class Router:
         the watchdog and returned for the lag gauge."""
         consumer: Any = self.app.consumer
         waiting: dict[tuple[str, int], int] = {}
+        at: dict[tuple[str, int], int] = {}
         found: list[tuple[Any, int | None, int | None]] = []  # (partition, highwater, done)
         for tp in consumer.assignment():
             if tp.topic != self.topics.raw:
@@ -586,6 +587,7 @@ class Router:
                 done = earliest.get(tp) if highwater else highwater  # an empty partition waits for nothing
             if highwater is not None and done is not None:
                 waiting[(tp.topic, tp.partition)] = max(0, highwater - done)
+                at[(tp.topic, tp.partition)] = done
                 if highwater > done and held is None:
                     await self._unstick(tp, done, highwater)
         for where in set(self.processed) - set(waiting):
@@ -594,6 +596,7 @@ class Router:
         for where in set(self._unmoved) - set(waiting):
             del self._unmoved[where]
         self.watchdog.lag(waiting)
+        self.watchdog.waiting_at(at)
         # Faust pauses every partition while the table recovers after a rebalance, which can take minutes for
         # a big table: waiting then is not a stall (liveness would restart the pod mid-recovery). Only the
         # recovery: a rebalance that cannot complete (the broker away) is still a stall after stall_after_s.

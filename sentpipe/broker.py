@@ -112,6 +112,15 @@ def next_offsets(records: Sequence[Record]) -> dict[Partition, int]:
     return out
 
 
+def first_offsets(records: Sequence[Record]) -> dict[Partition, int]:
+    """Where a batch begins in each partition: the offsets to read it again from."""
+    out: dict[Partition, int] = {}
+    for rec in records:
+        where = (rec.topic, rec.partition)
+        out[where] = min(out.get(where, rec.offset), rec.offset)
+    return out
+
+
 @dataclass
 class _Topic:
     partitions: list[list[Record]]

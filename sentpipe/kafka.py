@@ -53,7 +53,14 @@ from confluent_kafka import KafkaError, KafkaException, Message
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
 from sentpipe import metrics as m
-from sentpipe.broker import CommitRejected, Delivered, Partition, ProduceRejected, Record
+from sentpipe.broker import (
+    CommitRejected,
+    Delivered,
+    Partition,
+    ProduceRejected,
+    Record,
+    first_offsets,
+)
 from sentpipe.schemas.topics import MAX_MESSAGE_BYTES, record_limits
 from sentpipe.settings import Settings
 
@@ -1055,11 +1062,7 @@ class BatchConsumer:
                 raise CommitRejected(tp.error.name(), assignment_lost=tp.error.code() in _ASSIGNMENT_GONE)
 
     def rewind(self, records: Sequence[Record]) -> None:
-        first: dict[Partition, int] = {}
-        for rec in records:
-            where = (rec.topic, rec.partition)
-            first[where] = min(first.get(where, rec.offset), rec.offset)
-        for (topic, partition), offset in first.items():
+        for (topic, partition), offset in first_offsets(records).items():
             if (topic, partition) not in self._assigned:
                 continue
             try:

@@ -43,6 +43,21 @@ def test_work_waiting_without_progress_is_a_stall_after_the_limit() -> None:
     assert "t[0] stuck at start with 5 records waiting" in str(stall)
 
 
+def test_a_stall_names_where_records_wait_before_the_first_progress_without_moving_the_clock() -> None:
+    clock = Clock()
+    w = Watchdog("project", 60, clock)
+    w.lag({P0: 5, P1: 3})
+    clock.now += 30
+    w.waiting_at({P0: 4927})  # a batch in hand, or the committed offset
+    clock.now += 31
+    stalls = {str(s).split(" with ")[0] for s in w.stalls()}
+    assert stalls == {"project: t[0] stuck at offset 4927", "project: t[1] stuck at start"}
+    w.progress({P0: 4930})
+    w.waiting_at({P0: 4927})  # known progress is not taken back
+    clock.now += 61
+    assert "t[0] stuck at offset 4930" in str(w.stalls()[0])
+
+
 def test_progress_resets_the_clock_and_no_lag_is_never_a_stall() -> None:
     clock = Clock()
     w = Watchdog("route", 10, clock)

@@ -86,6 +86,9 @@ def _assert_stalled_loudly(worker: Worker, where: str) -> None:
         stalls, lambda s: any(x.startswith(named) for x in s), 60, "/livez 503", worker.proc.tail
     )
     assert all(x.startswith("project: ") and "[" in x for x in found), found
+    # The offset that holds the line, from the batch in hand: it said "stuck at start" until this process
+    # had applied a batch, which is all a worker restarted by its liveness probe ever said.
+    assert any(" stuck at offset " in x for x in found if x.startswith(named)), found
     wait_until(
         lambda: f"ERROR sentpipe.health worker stalled: {named}" in worker.proc.tail(400),
         30,
