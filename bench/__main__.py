@@ -1,5 +1,5 @@
-"""`python -m bench` (`make bench`): run the ingress, workers, pipeline and recovery benches, print tables,
-save JSON.
+"""`python -m bench` (`make bench`): run every bench (ingress, instructions, naive, pipeline, recovery), print
+tables, save JSON.
 
 These are comparisons, not tests: nothing here asserts on timings.
 """
