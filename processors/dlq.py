@@ -597,7 +597,7 @@ def _redrive_one(
             result.failed += 1
             result.failures[f"delivery:{err.name()}"] += 1
         else:  # counted failed already; its new copy was not written, so it stays untaken for the next pass
-            result.failures[f"dlq delivery:{err.name()}"] += 1
+            _recount(result, step.reason, f"dlq delivery:{err.name()}")
 
     try:
         sender.send(step.topic, step.key, step.value, step.headers, delivered)
@@ -608,11 +608,20 @@ def _redrive_one(
             result.failed += 1
             result.failures[f"produce:{exc.reason}"] += 1
         else:  # counted failed already; no new copy, so it stays untaken for the next pass
-            result.failures[f"dlq produce:{exc.reason}"] += 1
+            _recount(result, step.reason, f"dlq produce:{exc.reason}")
         log.warning(
             "redrive: Kafka refused the record before sending it; left in the DLQ",
             extra={**ctx, "reason": exc.reason},
         )
+
+
+def _recount(result: RunResult, was: str, now: str) -> None:
+    """A failure counted under `was` moved to `now`: the breakdown adds up to `failed`, each record once
+    (a record failing again whose new copy Kafka refused was counted under both)."""
+    result.failures[was] -= 1
+    if result.failures[was] <= 0:
+        del result.failures[was]
+    result.failures[now] += 1
 
 
 def _write_ledger(

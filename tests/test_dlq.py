@@ -481,18 +481,23 @@ def test_a_dead_letter_kafka_refuses_to_take_back_fails_alone_and_the_pass_goes_
     f = SampleFactory(45)
     before, after = f.inbound().body, f.inbound().body
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "message.max.bytes": 2_000_000})
+    # Still failing, and too large for its new copy: counted once, under the refusal (it was under both).
+    big_junk = b"not json " * 70_000
     for i, (key, body) in enumerate(
-        ((b"before", before), (b"big", padded_envelope(600_000)), (b"after", after))
+        ((b"before", before), (b"big", padded_envelope(600_000)), (b"after", after), (b"junk", big_junk))
     ):
         dlq = r.dlq_headers(stage="route", error_class="not_json", message="x", partition=0, offset=i)
         producer.produce(topics.dlq, body, key, headers=[(r.H_TENANT, b"acme"), *dlq])
     assert producer.flush(30) == 0
 
     first = dlq_ops.redrive(lowered, dlq_ops.make_selection())
-    assert (first.produced, first.failed) == (2, 1), first
-    assert dict(first.failures) == {"produce:msg_size_too_large": 1}, first.failures
+    assert (first.produced, first.failed) == (2, 2), first
+    assert dict(first.failures) == {
+        "produce:msg_size_too_large": 1,
+        "dlq produce:msg_size_too_large": 1,
+    }, first.failures
     again = dlq_ops.redrive(lowered, dlq_ops.make_selection())
-    assert (again.produced, again.already_redriven, again.failed) == (0, 2, 1), again
+    assert (again.produced, again.already_redriven, again.failed) == (0, 2, 2), again
     sent = read_topic(settings.kafka_bootstrap, topics.message_inbound, at_least=2)
     assert sorted(canonical_id(rec) for rec in sent) == ["after", "before"]  # the dead letters' keys
     assert len(read_topic(settings.kafka_bootstrap, topics.dlq_redriven, at_least=2)) == 2
