@@ -178,6 +178,9 @@ class Router:
         self._failure: BaseException | None = None
         self._seen: Any = None
         self._range_reader: RangeReader | None = None
+        self._range_lock = asyncio.Lock()  # one RangeReader call at a time (a librdkafka consumer's assign)
+        # Per raw partition not routed from yet since its assignment: where the group resumes it.
+        self.group_start: dict[tuple[str, int], int] = {}
         self._unmoved: dict[tuple[str, int], tuple[int, int]] = {}  # lag checks without progress
 
     @property
@@ -308,7 +311,8 @@ class Router:
             by_where.setdefault((event.message.topic, event.message.partition), []).append(event)
         unknown = [where for where in by_where if where not in self.dispatched]
         if unknown:  # first batch since the assignment: routing must start where the group left off
-            starts = await asyncio.to_thread(self._ranges.start_offsets, unknown)
+            async with self._range_lock:
+                starts = await asyncio.to_thread(self._ranges.start_offsets, unknown)
             self.dispatched.update(starts)
             self.processed.update({where: o for where, o in starts.items() if where not in self.processed})
         out: list[Event] = []
@@ -328,7 +332,8 @@ class Router:
                     start,
                     end - 1,
                 )
-                records = await asyncio.to_thread(self._ranges.read, where, start, end)
+                async with self._range_lock:
+                    records = await asyncio.to_thread(self._ranges.read, where, start, end)
                 m.RAW_RECORDS_REREAD.inc(len(records))
                 evs += [_Reread(rec) for rec in records]  # type: ignore[misc]
             if holes:
@@ -556,22 +561,21 @@ class Router:
                 continue
             try:
                 highwater = consumer.highwater(tp)
-                done = self.processed.get((tp.topic, tp.partition))
-                if done is None:
-                    # Nothing routed here since start: the group's commit (Faust keeps it; the fetch
-                    # position would run ahead of a stuck agent and hide the stall).
-                    done = consumer._committed_offset.get(tp)
+                where = (tp.topic, tp.partition)
+                done = self.processed.get(where, self.group_start.get(where))
             except Exception:  # lag is best effort; an unassigned or resetting partition has none
                 continue
             found.append((tp, highwater, done))
-        # No commit either: the group starts at the log's start. Not the fetch position, which can stand past
-        # records never delivered (see _unstick) and hide them. One request for all such partitions: a
-        # partition that never had a record is never committed, and one request each took over a second.
-        need = [tp for tp, highwater, done in found if done is None and highwater]
-        earliest: dict[Any, int] = {}
+        # Nothing routed here since the assignment: where the group resumes (its commit, or the log's start
+        # when it has none), asked once per assignment. Not the fetch position, which can stand past records
+        # never delivered (see _unstick) and hide them; not the log's start for a group that has commits,
+        # which counted the whole retention as waiting through a table recovery (Faust learns the commit
+        # only once that is over); not Faust's copy of the commit, empty until then.
+        need = [(tp.topic, tp.partition) for tp, highwater, done in found if done is None and highwater]
         if need:
-            with contextlib.suppress(Exception):  # best effort, as above
-                earliest = dict(await consumer.earliest_offsets(*need))
+            with contextlib.suppress(Exception):  # best effort, as above: unknown is left out, not guessed
+                async with self._range_lock:
+                    self.group_start.update(await asyncio.to_thread(self._ranges.start_offsets, need))
         # Records the stream holds back for a reason are not lost: during a rebalance (every partition
         # revoked and paused, their commits forgotten until the assignment) and the table's recovery after
         # it (every partition paused), while the broker is away (no batch settles) and while the pipeline is
@@ -584,7 +588,8 @@ class Router:
             self._unmoved.clear()
         for tp, highwater, done in found:
             if done is None:
-                done = earliest.get(tp) if highwater else highwater  # an empty partition waits for nothing
+                # An empty partition waits for nothing.
+                done = self.group_start.get((tp.topic, tp.partition)) if highwater else highwater
             if highwater is not None and done is not None:
                 waiting[(tp.topic, tp.partition)] = max(0, highwater - done)
                 at[(tp.topic, tp.partition)] = done
@@ -593,6 +598,8 @@ class Router:
         for where in set(self.processed) - set(waiting):
             del self.processed[where]  # moved to another worker
             self.dispatched.pop(where, None)
+        for where in set(self.group_start) - {(tp.topic, tp.partition) for tp, _, _ in found}:
+            del self.group_start[where]
         for where in set(self._unmoved) - set(waiting):
             del self._unmoved[where]
         self.watchdog.lag(waiting)
@@ -920,6 +927,7 @@ def create_app(settings: Settings, role: WorkerRole | None = None) -> faust.App:
         for tp in revoked:
             router.processed.pop((tp.topic, tp.partition), None)
             router.dispatched.pop((tp.topic, tp.partition), None)
+            router.group_start.pop((tp.topic, tp.partition), None)
         lag_series.forget({(tp.topic, tp.partition) for tp in revoked})
 
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]

@@ -383,9 +383,8 @@ async def test_the_projector_pool_keeps_its_connections_and_still_resets_handler
 class _RawConsumer:
     """The little of Faust's consumer the router's lag check reads, for one raw partition."""
 
-    def __init__(self, tp: TP, position: int, highwater: int, committed: int | None) -> None:
+    def __init__(self, tp: TP, position: int, highwater: int) -> None:
         self.tp, self._position, self._highwater = tp, position, highwater
-        self._committed_offset = {} if committed is None else {tp: committed}
         self.seeks: list[int] = []
         self.resumed: list[TP] = []
         self._buffered_partitions: set[TP] = {tp}  # Faust's "buffer full, not fetched" set
@@ -399,9 +398,6 @@ class _RawConsumer:
     def highwater(self, tp: TP) -> int:
         return self._highwater
 
-    async def earliest_offsets(self, *tps: TP) -> dict[TP, int]:
-        return dict.fromkeys(tps, 0)
-
     async def position(self, tp: TP) -> int:
         return self._position
 
@@ -410,14 +406,31 @@ class _RawConsumer:
         self._position = offset
 
 
+class _GroupStarts:
+    """The router's RangeReader, for `start_offsets` alone: where the group resumes each partition."""
+
+    def __init__(self, committed: int | None) -> None:
+        self.committed, self.asked = committed, 0
+
+    def start_offsets(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        self.asked += 1
+        return dict.fromkeys(partitions, 0 if self.committed is None else self.committed)  # log start: 0
+
+
 def _lag_checked_router(
-    settings: Settings, *, position: int, processed: int | None, dispatched: int | None
+    settings: Settings,
+    *,
+    position: int,
+    processed: int | None,
+    dispatched: int | None,
+    committed: int | None = None,
 ) -> tuple[Any, _RawConsumer]:
-    """A router whose raw partition 0 has `processed` settled, `dispatched` handed to it, and the
-    consumer fetched up to `position` of 1,000 records (nothing committed)."""
+    """A router whose raw partition 0 has `processed` settled, `dispatched` handed to it, the consumer
+    fetched up to `position` of 1,000 records, and the group's commit at `committed` (None: none)."""
     router: Any = create_app(settings, role="route").sentpipe  # type: ignore[attr-defined]
     where = (Topics(settings.topic_prefix).raw, 0)
-    consumer = _RawConsumer(TP(*where), position, 1000, None)
+    consumer = _RawConsumer(TP(*where), position, 1000)
+    router._range_reader = _GroupStarts(committed)
     recovery = SimpleNamespace(in_recovery=False)
     router.app = SimpleNamespace(
         consumer=consumer, rebalancing=False, tables=SimpleNamespace(recovery=recovery)
@@ -498,6 +511,21 @@ async def test_a_partition_faust_stopped_fetching_is_resumed(settings: Settings)
     await _checks(router, 1)
     assert consumer.resumed == [consumer.tp] and consumer.seeks == []
     assert consumer._buffered_partitions == set()
+
+
+async def test_the_lag_of_a_partition_not_routed_from_yet_counts_from_the_groups_commit(
+    settings: Settings,
+) -> None:
+    """After a rebalance Faust learns the group's commit only once the table's recovery is over: the gauge
+    fell back to the log's start, and showed the partition's whole retention waiting (7 to 30 times the
+    real lag in the scale audit) for as long as the recovery took."""
+    router, _ = _lag_checked_router(settings, position=0, processed=None, dispatched=None, committed=900)
+    router.app.tables.recovery.in_recovery = True
+    where = (Topics(settings.topic_prefix).raw, 0)
+    for _ in range(3):
+        assert await router.report_lag() == {where: 100}
+    assert router._range_reader.asked == 1  # once per assignment
+    assert router.watchdog._position[where] == 900  # what a stall there would name
 
 
 def test_a_batch_read_again_does_not_move_the_settled_position_back(settings: Settings) -> None:
