@@ -722,8 +722,16 @@ class Router:
 
 
 def _sweep_keys(shards: store.Shards | None, table: Any) -> Iterator[bytes]:
-    """Every key of the table: one shard's snapshot at a time in memory, RocksDB's own iterator otherwise."""
-    yield from (table.keys() if shards is None else shards.walk())
+    """Every key of the table: one shard's snapshot at a time in memory; in RocksDB each active partition's
+    database in turn, from a list taken first. Faust's own key iterator walks its dict of databases across
+    the sweep's awaits, and a rebalance that opened one meanwhile ended the worker ("dictionary changed size
+    during iteration"). A database revoked meanwhile is walked to its end: Faust no longer closes them."""
+    if shards is not None:
+        yield from shards.walk()
+        return
+    rocksdb: Any = table.data
+    for db in list(rocksdb._dbs_for_actives()):
+        yield from rocksdb._visible_keys(db)
 
 
 async def retrying_sleep(attempt: int, s: Settings) -> None:
@@ -996,6 +1004,11 @@ def _route_agents(app: faust.App, settings: Settings, router: Router, topics: To
         # would miss the keys still on their way (and report a size that is not true).
         if not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
             return
-        removed = await router.sweep()
+        try:
+            removed = await router.sweep()
+        except Exception:
+            # Maintenance: the next sweep starts over. An exception here ended the whole worker.
+            log.exception("dedup sweep failed; the next one starts over")
+            return
         if removed:
             log.info("dedup sweep", extra={"removed": removed, "kept": len(router.seen)})

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from sentpipe.processors.dedup import event_id_of, is_compact
+from sentpipe.processors.worker import _sweep_keys
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.settings import Settings
 from tests.http_tools import metric_sum, post_all, scrape
@@ -109,3 +112,34 @@ def test_worker_refuses_when_table_partitions_differ_from_the_raw_topic(
     assert res.returncode != 0
     assert "partitions" in res.stderr and "SENTPIPE_RAW_PARTITIONS" in res.stderr
     assert res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr
+
+
+class _RocksLike:
+    """Faust's RocksDB store, as far as the sweep walks it: a dict of databases per active partition."""
+
+    def __init__(self) -> None:
+        self._dbs: dict[int, list[bytes]] = {0: [b"a", b"b"], 1: [b"c", b"d"]}
+
+    def _dbs_for_actives(self) -> Iterator[list[bytes]]:
+        yield from self._dbs.values()  # Faust walks `self._dbs.items()` the same way
+
+    def _visible_keys(self, db: list[bytes]) -> Iterator[bytes]:
+        yield from db
+
+
+def test_a_sweep_of_rocksdb_survives_a_rebalance_that_opens_a_database_mid_walk() -> None:
+    """Faust's own key iterator walked the dict of databases across the sweep's awaits: a rebalance that
+    opened one meanwhile ended the worker ("dictionary changed size during iteration", scale audit)."""
+    rocks = _RocksLike()
+    table = SimpleNamespace(data=rocks, keys=lambda: (k for db in rocks._dbs_for_actives() for k in db))
+    seen = []
+    for key in _sweep_keys(None, table):
+        seen.append(key)
+        if len(seen) == 1:
+            rocks._dbs[2] = [b"e"]  # assigned while the sweep waits for its changelog writes
+    assert seen == [
+        b"a",
+        b"b",
+        b"c",
+        b"d",
+    ]  # the walk's list was taken first; the newcomer waits for the next
