@@ -7,8 +7,9 @@ changelog through aiokafka, one Python event per record: minutes per million ids
   reports the offset it has applied per changelog partition as its persisted offset for the rest of the
   process's life, so Faust's recovery reads only what came after;
 - keeps that offset true afterwards: Faust's recovery batches and the router's own acknowledged writes
-  (`set_persisted_offset`) move it forward, and a partition whose keys are dropped forgets it, so the next
-  assignment of that partition reads it from the beginning again (never "up to date" with keys missing);
+  (`set_persisted_offset`, only through writes that follow on from it: processors/held_offsets.py) move it
+  forward, and a partition whose keys are dropped forgets it, so the next assignment of that partition reads
+  it from the beginning again (never "up to date" with keys missing);
 - holds its keys in SHARDS dicts by key hash (`Shards`), compact keys as 256-bit ints, without Faust's
   second dict of key -> partition (a key's partition is computed from the key, processors/dedup.py), and
   shares identical values: a million ids routed within the same seconds carry a few thousand distinct

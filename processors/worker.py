@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import gc
 import logging
 import os
@@ -37,6 +38,7 @@ from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_le
 from sentpipe.processors.dedup import decode_seen, encode_seen, expire, legacy_key, partition_of, table_key
 from sentpipe.processors.faust_transport import use_eager_consumer
 from sentpipe.processors.health import Health, serve_health
+from sentpipe.processors.held_offsets import HeldOffsets
 from sentpipe.processors.partitioner import murmur2_partitioner
 from sentpipe.processors.projector_process import CHILD_STOP_TIMEOUT_S, ProjectorProcess
 from sentpipe.processors.retry import backoff, is_temporary
@@ -181,6 +183,8 @@ class Router:
         self._range_lock = asyncio.Lock()  # one RangeReader call at a time (a librdkafka consumer's assign)
         # Per raw partition not routed from yet since its assignment: where the group resumes it.
         self.group_start: dict[tuple[str, int], int] = {}
+        # How far the store holds each changelog partition, moved by the acknowledged writes below.
+        self.held = HeldOffsets()
         self._unmoved: dict[tuple[str, int], tuple[int, int]] = {}  # lag checks without progress
 
     @property
@@ -236,15 +240,20 @@ class Router:
                 for k in pending
             ]
             results = await asyncio.gather(*futs, return_exceptions=True)
-            written: dict[int, int] = {}
+            written: dict[int, list[int]] = {}
             failed: list[bytes] = []
             for key, res in zip(pending, results, strict=True):
                 if isinstance(res, BaseException):
                     failed.append(key)
                 else:
-                    written[res.partition] = max(written.get(res.partition, -1), res.offset)
-            for partition, offset in written.items():
-                store.set_persisted_offset(TP(self._changelog, partition), offset)
+                    written.setdefault(res.partition, []).append(res.offset)
+            for partition, offsets in written.items():
+                tp = TP(self._changelog, partition)
+                held = self.held.acknowledged(
+                    partition, offsets, functools.partial(_stored_offset, store, tp)
+                )
+                if held is not None:
+                    store.set_persisted_offset(tp, held)
             if not failed:
                 return
             if self._stopping():
@@ -673,6 +682,11 @@ class Router:
         await consumer.seek(tp, start)
         self._unmoved[where] = (start, 0)
 
+    def _active_partitions(self) -> set[int]:
+        """The table partitions this router owns now (not its standbys)."""
+        assignor: Any = self.app.assignor
+        return {tp.partition for tp in assignor.assigned_actives() if tp.topic == self._changelog}
+
     async def sweep(self) -> int:
         """Forget ids older than the dedup window; each delete tombstones the compacted changelog.
 
@@ -694,6 +708,7 @@ class Router:
         changes: dict[bytes, bytes | None] = {}
         home: dict[bytes, int] = {}
         deadline = time.perf_counter() + SWEEP_SLICE_S
+        active = self._active_partitions()
         for key in _sweep_keys(shards, self.seen):
             visited += 1
             value = shards.get(key) if shards is not None else self.seen.get(key)
@@ -706,8 +721,13 @@ class Router:
                 left = expire(tenants, cutoff)
                 kept = verdicts[value] = left if len(left) < len(tenants) else None
             if kept is not None:
+                partition = partition_of(key, self.s.raw_partitions)  # co-partitioned with raw
+                if partition not in active:
+                    # A standby's key (the memory store holds them too): its owner expires it. Written from
+                    # here, it landed amid the owner's marks, a gap the owner's store offset stops at.
+                    continue
                 changes[key] = encode_seen(kept) if kept else None
-                home[key] = partition_of(key, self.s.raw_partitions)  # co-partitioned with raw
+                home[key] = partition
                 removed += not kept
             if time.perf_counter() > deadline or len(changes) >= SWEEP_SLICE_KEYS:
                 # Decided and written with no await in between: a mark the router makes meanwhile is not
@@ -719,6 +739,14 @@ class Router:
         await self._write(changes, home)
         m.DEDUP_TABLE_KEYS.set(visited - removed)
         return removed
+
+
+def _stored_offset(table_store: Any, tp: TP) -> int | None:
+    """How far the store holds a changelog partition. The memory store's `persisted_offset` is Faust's
+    question at an assignment (it marks the partition asked for); `restored_offset` only reads."""
+    restored = getattr(table_store, "restored_offset", None)
+    offset = restored(tp.partition) if restored is not None else table_store.persisted_offset(tp)
+    return None if offset is None else int(offset)
 
 
 def _sweep_keys(shards: store.Shards | None, table: Any) -> Iterator[bytes]:
@@ -936,6 +964,7 @@ def create_app(settings: Settings, role: WorkerRole | None = None) -> faust.App:
             router.processed.pop((tp.topic, tp.partition), None)
             router.dispatched.pop((tp.topic, tp.partition), None)
             router.group_start.pop((tp.topic, tp.partition), None)
+            router.held.forget(tp.partition)  # the raw topic and the changelog are co-partitioned
         lag_series.forget({(tp.topic, tp.partition) for tp in revoked})
 
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
