@@ -233,7 +233,8 @@ class LocalConsumer:
     def lag(self) -> dict[Partition, int]:
         with self.broker._lock:
             return {
-                w: len(self.broker.topics[w[0]].partitions[w[1]]) - self.position.get(w, 0)
+                w: len(self.broker.topics[w[0]].partitions[w[1]])
+                - self.position.get(w, self.broker.committed.get((self.group, w), 0))
                 for w in self._assigned()
             }
 

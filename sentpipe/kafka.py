@@ -1012,6 +1012,12 @@ def batch_consumer_config(settings: Settings, group: str) -> dict[str, Any]:
     }
 
 
+# How long lag() waits for each answer about a partition it has not read from: it runs in the consumer's
+# thread, between polls.
+LAG_ASK_TIMEOUT_S = 2.0
+LAG_UNREAD_EVERY_S = 10.0
+
+
 class BatchConsumer:
     """A consumer-group member on librdkafka: batches of detached records, commits only when told.
 
@@ -1023,6 +1029,10 @@ class BatchConsumer:
     def __init__(self, settings: Settings, group: str, topics: Sequence[str]) -> None:
         self._consumer = confluent_kafka.Consumer(batch_consumer_config(settings, group))
         self._assigned: set[Partition] = set()
+        # Per assigned partition not read from yet: the group's commit at the assignment (lag()).
+        self._resumes_at: dict[Partition, int] = {}
+        self._unread_lag: dict[Partition, int] = {}
+        self._unread_asked_at = -math.inf
         self.on_revoke: list[Callable[[set[Partition]], None]] = []
         self._consumer.subscribe(list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
 
@@ -1034,6 +1044,8 @@ class BatchConsumer:
     def _on_revoke(self, _c: Any, tps: list[confluent_kafka.TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in tps}
         self._assigned = self._assigned - gone
+        for where in gone:
+            self._resumes_at.pop(where, None)  # assigned again, the group's commit has moved
         for cb in self.on_revoke:
             cb(gone)
 
@@ -1071,12 +1083,44 @@ class BatchConsumer:
                 log.warning("could not rewind %s[%d] to %d: %s", topic, partition, offset, exc)
 
     def lag(self) -> dict[Partition, int]:
+        """Records waiting per assigned partition. One not read from since its assignment has no position
+        and no cached watermarks: it counts from where the group resumes it (its commit, asked once per
+        assignment, or the log's start), against the broker's end offset. Left out, it was on no dashboard
+        and no stall, however long its records waited (scale audit)."""
         out: dict[Partition, int] = {}
+        unread: list[confluent_kafka.TopicPartition] = []
         tps = [confluent_kafka.TopicPartition(t, p) for t, p in self._assigned]
         for tp in self._consumer.position(tps) if tps else []:
             _, high = self._consumer.get_watermark_offsets(tp, cached=True)
             if tp.offset >= 0 and high >= 0:
                 out[(tp.topic, tp.partition)] = max(0, high - tp.offset)
+            else:
+                unread.append(tp)
+        now = time.monotonic()
+        if unread and now - self._unread_asked_at >= LAG_UNREAD_EVERY_S:
+            # Requests to the broker, made between polls (lag() is read for every batch): now and then.
+            self._unread_asked_at = now
+            self._unread_lag = self._ask_lag(unread)
+        for tp in unread:
+            where = (tp.topic, tp.partition)
+            if where in self._unread_lag:
+                out[where] = self._unread_lag[where]
+        return out
+
+    def _ask_lag(self, unread: list[confluent_kafka.TopicPartition]) -> dict[Partition, int]:
+        out: dict[Partition, int] = {}
+        try:
+            asked = [
+                tp for tp in unread if tp.offset < 0 and (tp.topic, tp.partition) not in self._resumes_at
+            ]
+            for tp in self._consumer.committed(asked, timeout=LAG_ASK_TIMEOUT_S) if asked else []:
+                self._resumes_at[(tp.topic, tp.partition)] = tp.offset  # negative: no commit
+            for tp in unread:
+                low, high = self._consumer.get_watermark_offsets(tp, timeout=LAG_ASK_TIMEOUT_S)
+                at = tp.offset if tp.offset >= 0 else self._resumes_at.get((tp.topic, tp.partition), -1)
+                out[(tp.topic, tp.partition)] = max(0, high - max(at, low))
+        except KafkaException:
+            pass  # best effort: the broker slow or away; asked again next time
         return out
 
     def close(self) -> None:

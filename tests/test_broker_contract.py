@@ -132,6 +132,26 @@ async def test_a_group_resumes_after_its_commit_and_other_groups_start_over(back
     assert len(poll_until(backend.consumer(f"other-{uuid.uuid4().hex}"), 10)) == 10
 
 
+async def test_lag_covers_every_assigned_partition_read_from_or_not(backend: Backend) -> None:
+    """librdkafka knows no position (and no watermarks) for a partition not read from since the
+    assignment: the projector left it out, so its records were on no dashboard and in no stall."""
+    producer = backend.producer()
+    await produce_all(producer, backend.topic, [(f"k{i}".encode(), f"v{i}".encode()) for i in range(30)])
+    group = f"g-{uuid.uuid4().hex}"
+    first = backend.consumer(group)
+    done = [r for r in poll_until(first, 30) if r.offset < 2]
+    first.commit(next_offsets(done))
+    first.close()
+    consumer = backend.consumer(group)
+    deadline = time.monotonic() + 30
+    got: list[Record] = []
+    while not got and time.monotonic() < deadline:
+        got = consumer.poll_batch(1, 0.5)  # one record: one partition read from, the others not
+    lag = consumer.lag()
+    assert set(lag) == {(backend.topic, p) for p in range(PARTITIONS)}, lag
+    assert sum(lag.values()) == 30 - len(done) - len(got), lag
+
+
 async def test_an_empty_poll_returns_nothing_after_the_timeout(backend: Backend) -> None:
     consumer = backend.consumer(f"g-{uuid.uuid4().hex}")
     assert consumer.poll_batch(10, 0.3) == []
