@@ -720,14 +720,12 @@ class Router:
                 tenants = decode_seen(value)
                 left = expire(tenants, cutoff)
                 kept = verdicts[value] = left if len(left) < len(tenants) else None
-            if kept is not None:
-                partition = partition_of(key, self.s.raw_partitions)  # co-partitioned with raw
-                if partition not in active:
-                    # A standby's key (the memory store holds them too): its owner expires it. Written from
-                    # here, it landed amid the owner's marks, a gap the owner's store offset stops at.
-                    continue
+            # A standby's key (the memory store holds them too) is its owner's to expire. Written from here,
+            # it landed amid the owner's marks, a gap the owner's store offset stops at.
+            partition = partition_of(key, self.s.raw_partitions) if kept is not None else -1
+            if kept is not None and partition in active:
                 changes[key] = encode_seen(kept) if kept else None
-                home[key] = partition
+                home[key] = partition  # co-partitioned with raw
                 removed += not kept
             if time.perf_counter() > deadline or len(changes) >= SWEEP_SLICE_KEYS:
                 # Decided and written with no await in between: a mark the router makes meanwhile is not
