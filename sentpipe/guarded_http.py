@@ -128,10 +128,10 @@ def error_answer(
     else:
         # The status sent, not the parser's: a br body was logged as a 400 and answered 415.
         logger.info("malformed HTTP request", extra={"status": status, "error": type(exc).__name__})
-        if refused is not None:
-            refused(code, status)
     if request.writer.output_size > 0:
         raise ConnectionError("an answer was sent already, the error cannot follow it")
+    if refused is not None and status < 500:  # counted as answered: only once the answer can be sent
+        refused(code, status)
     response = web.Response(
         status=status, body=orjson.dumps({"error": code, "detail": detail}), content_type="application/json"
     )
