@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -191,7 +192,27 @@ class Workers:
         self.killed.append(proc)
 
     def tails(self) -> str:
-        return "\n".join(f"--- {p.log.name}\n{p.tail(40)}" for p in [*self.killed, *self.procs.values()])
+        logs = "\n".join(f"--- {p.log.name}\n{p.tail(40)}" for p in [*self.killed, *self.procs.values()])
+        return f"{logs}\n{self.health()}"
+
+    def health(self) -> str:
+        """What each running worker says of itself: which stage waits, and whether it knows it is stuck (a
+        failure that shows only logs cannot tell a stuck router from a stuck projector)."""
+        out = []
+        for i, proc in self.procs.items():
+            base = f"http://127.0.0.1:{proc.env['SENTPIPE_WORKER_METRICS_PORT']}"
+            try:
+                with urllib.request.urlopen(f"{base}/metrics", timeout=5) as answer:
+                    text = answer.read().decode()
+            except Exception as exc:
+                out.append(f"--- worker {i}: metrics not answering: {exc!r}")
+                continue
+            wanted = ("sentpipe_consumer_lag{", "sentpipe_worker_stalled{")
+            lines = [
+                line for line in text.splitlines() if line.startswith(wanted) and not line.endswith(" 0.0")
+            ]
+            out.append(f"--- worker {i} (non-zero lag and stall series)\n" + "\n".join(lines))
+        return "\n".join(out)
 
     def assert_alive(self) -> None:
         dead = {
