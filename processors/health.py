@@ -64,6 +64,10 @@ class ProcessProbe:
                     pass  # not answering (or not as expected): its heartbeat ages, see is_ready
                 await asyncio.sleep(every_s)
 
+    def restarted(self) -> None:
+        """A new process replaces the one polled: starting, it is not ready and not blocked."""
+        self.base, self.answered_at, self.problems, self.ready = None, None, [], False
+
     def is_ready(self) -> bool:
         """Its last answer said ready, and it has answered lately: one slow answer under load does not take
         the worker out of readiness, a process that stopped answering does."""

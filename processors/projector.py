@@ -66,6 +66,21 @@ class Tuning:
     # On stop, how long a commit, then the consumer's close, may wait for the broker before they are left
     # behind: the batch is read again by the next owner (the projections are idempotent).
     stop_wait_s: float = 10.0
+    # How long a commit may go unanswered while the broker answers everything else (its producer's probe)
+    # before the client is given up on: see CommitStuck.
+    commit_stuck_s: float = 60.0
+
+
+class CommitStuck(Exception):
+    """A commit librdkafka never answers although the broker is back and answering. Seen after a broker
+    restart in the chaos tests (the commit waited for good, the whole stage with it), as librdkafka issues
+    #5456 and #5511 describe: its coordinator request waits on a coordinator connection that is gone. No
+    call on that client gets past it; only a new client does, which is a new process (EXIT_RESTART)."""
+
+
+# The projector's exit status when it wants a new process (CommitStuck): role `all` starts a new child,
+# role `project` leaves it to the orchestrator's restart policy. EX_TEMPFAIL.
+EXIT_RESTART = 75
 
 
 class Projector:
@@ -77,6 +92,7 @@ class Projector:
         topics: Topics,
         tuning: Tuning = Tuning(),
         watchdog: Watchdog | None = None,
+        broker_down: Callable[[], bool] = lambda: False,
     ) -> None:
         self.consumer, self.producer, self.sink, self.topics, self.t = (
             consumer,
@@ -91,6 +107,7 @@ class Projector:
             topics.template_approval: EventType.TEMPLATE_APPROVAL,
         }
         self.watchdog = watchdog
+        self._broker_down = broker_down  # a commit waiting then is the broker's wait, not a stuck client
         sink.on_call = self._handler_called
         # The partitions of the batch in hand, and the handler calls of it that have ended: the first end
         # of each (handler, event id) shows the watchdog the batch is moving.
@@ -129,6 +146,8 @@ class Projector:
                 try:
                     await self.step()
                     failures = 0
+                except CommitStuck:
+                    raise  # no retry on this client helps
                 except Exception as exc:
                     if self.stopping:  # read again by whoever owns its partitions next
                         log.warning("stopped with a batch uncommitted (%s: %s)", type(exc).__name__, exc)
@@ -180,8 +199,9 @@ class Projector:
             return await self._project(records)
         except BaseException:
             # Not committed: the next poll must return these records again, not the ones after them.
-            # Stopping, there is no next poll, and the consumer may be waiting for a broker.
-            if not self.stopping:
+            # Stopping, there is no next poll, and the consumer may be waiting for a broker; a commit left
+            # behind (CommitStuck) holds the consumer's thread, and there is no next poll on it either.
+            if not self.stopping and not self._left_behind:
                 await self._consumer_thread.call(self.consumer.rewind, records)
             self._rewound = True
             raise
@@ -274,10 +294,11 @@ class Projector:
     async def _wait_for_commit(self, done: dict[Partition, int]) -> None:
         """A synchronous commit waits as long as the broker does not answer (a frozen broker: minutes),
         and librdkafka bounds it with nothing: the wait is logged, shows as a stall, and on stop it is
-        left behind after `stop_wait_s`, uncommitted, rather than holding the process."""
+        left behind after `stop_wait_s`, uncommitted, rather than holding the process. Unanswered for
+        `commit_stuck_s` while the broker answers, it is left behind too: CommitStuck."""
         commit = asyncio.ensure_future(self._consumer_thread.call(self.consumer.commit, done))
         commit.add_done_callback(_ignore_result)  # awaited below, unless it is left behind
-        started = warned = time.monotonic()
+        started = warned = answering_since = time.monotonic()
         stop_seen: float | None = None
         while True:
             with contextlib.suppress(TimeoutError):
@@ -289,6 +310,14 @@ class Projector:
                 if now - stop_seen >= self.t.stop_wait_s:
                     self._left_behind = True
                     raise CommitRejected(f"no answer from the broker in {now - started:.0f} s while stopping")
+            if self._broker_down():
+                answering_since = now
+            elif now - answering_since >= self.t.commit_stuck_s:
+                self._left_behind = True
+                raise CommitStuck(
+                    f"a commit has waited {now - started:.0f} s, {now - answering_since:.0f} s of them with "
+                    "the broker answering"
+                )
             if now - warned >= COMMIT_WAITING_EVERY_S:
                 warned = now
                 log.warning("a commit has waited %.0f s for the broker; still waiting", now - started)

@@ -33,7 +33,7 @@ from sentpipe.kafka import AsyncProducer, BatchConsumer
 from sentpipe.processors import blocked_handlers as blocked
 from sentpipe.processors.handlers import HandlerRegistry, registry
 from sentpipe.processors.health import BLOCKED_AFTER_S, PROBE_EVERY_S, Health, ProcessProbe, serve_health
-from sentpipe.processors.projector import Projector, Tuning
+from sentpipe.processors.projector import EXIT_RESTART, CommitStuck, Projector, Tuning
 from sentpipe.processors.sink import PostgresSink
 from sentpipe.processors.topics import projections_group
 from sentpipe.processors.watchdog import Watchdog
@@ -118,6 +118,7 @@ class ProjectorService:
                 settings.batch_size, settings.batch_within_s, settings.retry_initial_s, settings.retry_max_s
             ),
             health.add(Watchdog("project", settings.stall_after_s)),
+            broker_down=lambda: self.producer.unavailable is not None,
         )
         health.ready_checks["projector"] = lambda: self.projector.started
         self.stopping = False
@@ -195,6 +196,12 @@ def run_projector(
 
     try:
         uvloop.run(main())
+    except CommitStuck as exc:
+        log.critical("%s: the projector restarts with a new Kafka client", exc)
+        logging.shutdown()
+        # Not a normal exit: the consumer's thread still waits in librdkafka, and tearing that client down
+        # at exit can wait with it. The batch in hand is uncommitted: its next owner applies it again.
+        os._exit(EXIT_RESTART)
     except (asyncio.CancelledError, RuntimeError) as exc:
         if services and _ended_by_a_handler(exc, services[0]):
             raise SystemExit(blocked.EXIT_UNINTERRUPTIBLE) from None
@@ -269,6 +276,9 @@ class ProjectorProcess(mode.Service):
     async def on_start(self) -> None:
         if self.should_stop:
             return  # stopped (a crash elsewhere) before it started: no child to leave behind
+        self._spawn()
+
+    def _spawn(self) -> None:
         ctx = multiprocessing.get_context("spawn")  # no librdkafka threads or loop state carried over
         ours, theirs = ctx.Pipe(duplex=False)
         proc = self._proc = ctx.Process(
@@ -305,9 +315,16 @@ class ProjectorProcess(mode.Service):
             killing.cancel()
             if polling is not None:
                 polling.cancel()
-        if not self._stopping:
-            log.critical("the projector process exited with status %s", proc.exitcode)
-            await self.crash(RuntimeError(f"the projector process exited with status {proc.exitcode}"))
+        if self._stopping:
+            return
+        if proc.exitcode == EXIT_RESTART:  # it asked for a new process (a Kafka client stuck for good)
+            log.warning("the projector process asked for a restart: starting a new one")
+            self._exited.clear()
+            self.probe.restarted()
+            self._spawn()
+            return
+        log.critical("the projector process exited with status %s", proc.exitcode)
+        await self.crash(RuntimeError(f"the projector process exited with status {proc.exitcode}"))
 
     async def _kill_when_blocked(self, proc: BaseProcess) -> None:
         """A projector whose loop stays blocked (seen: librdkafka calls that never returned after a broker

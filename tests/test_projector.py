@@ -7,7 +7,9 @@ tests/test_poison_worker.py run the same stage against the real broker and datab
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 
 import psycopg
@@ -16,7 +18,7 @@ from prometheus_client import REGISTRY
 
 from sentpipe import metrics as m
 from sentpipe.broker import CommitRejected, LocalBroker, Partition
-from sentpipe.processors.projector import Projector, Tuning
+from sentpipe.processors.projector import CommitStuck, Projector, Tuning
 from sentpipe.processors.sink import HandlerFailure
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import CanonicalEvent, EventType
@@ -240,6 +242,62 @@ async def test_a_commit_for_partitions_now_owned_elsewhere_is_dropped_not_retrie
     projector = Projector(consumer, broker.producer(), sink, TOPICS, FAST)  # type: ignore[arg-type]
     await projector.step()
     assert consumer.commits == 1 and not broker.committed  # not stored; the new owner re-reads
+
+
+class HangingCommits(FlakyCommits):
+    """The in-memory consumer, whose commits never return (librdkafka's after a broker restart)."""
+
+    def __init__(self, inner: object) -> None:
+        super().__init__(inner, [])
+        self.release = threading.Event()
+
+    def commit(self, offsets: Mapping[Partition, int]) -> None:
+        self.commits += 1
+        self.release.wait(30)  # in the consumer's thread: released when the test ends
+
+
+async def test_a_commit_unanswered_while_the_broker_answers_gives_the_client_up() -> None:
+    """Seen in the chaos tests: after a broker restart a synchronous commit never returned, and the stage
+    projected nothing for good although it said so. Unanswered past `commit_stuck_s` with the broker
+    answering, the projector ends its run with CommitStuck (its process asks for a new one)."""
+    broker, sink, _ = setup()
+    routed_records(broker, 30)
+    consumer = HangingCommits(broker.consumer("proj", TOPICS.routed))
+    tuning = dataclasses.replace(FAST, commit_stuck_s=1.5)
+    projector = Projector(consumer, broker.producer(), sink, TOPICS, tuning)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(CommitStuck, match="with the broker answering"):
+            await asyncio.wait_for(projector.run(), 30)
+        assert consumer.commits == 1
+    finally:
+        consumer.release.set()
+
+
+async def test_a_commit_waiting_for_a_broker_that_is_down_is_not_given_up() -> None:
+    """While the broker is away a commit's wait is the broker's: a new client would wait the same."""
+    broker, sink, _ = setup()
+    routed_records(broker, 30)
+    consumer = HangingCommits(broker.consumer("proj", TOPICS.routed))
+    tuning = dataclasses.replace(FAST, commit_stuck_s=1.5)
+    down = [True]
+    projector = Projector(
+        consumer,  # type: ignore[arg-type]
+        broker.producer(),
+        sink,
+        TOPICS,
+        tuning,
+        broker_down=lambda: down[0],
+    )
+    run = asyncio.ensure_future(projector.run())
+    try:
+        await asyncio.sleep(4.0)  # past commit_stuck_s more than twice
+        assert not run.done() and consumer.commits == 1
+        down[0] = False  # back: from now on the wait counts
+        with pytest.raises(CommitStuck):
+            await asyncio.wait_for(run, 30)
+    finally:
+        consumer.release.set()
+        run.cancel()
 
 
 async def test_a_batch_failing_as_a_whole_is_read_again_never_skipped() -> None:

@@ -1,0 +1,33 @@
+"""Role `all`: a projector process that asks for a new one (EXIT_RESTART, its answer to a Kafka client
+stuck for good) gets one from its worker, which stays up; the batch it held is applied by the new one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.settings import Settings
+from tests.pipeline import deliver, start_ingress, start_worker
+
+
+def test_a_projector_asking_for_a_restart_is_restarted_and_its_batch_applied(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "restarted-at"
+    monkeypatch.setenv("TEST_RESTART_MARKER", str(marker))  # inherited by the worker and its child
+    f = SampleFactory(21)
+    bodies = [f.inbound().body for _ in range(40)]
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    worker = start_worker(settings, tmp_path, handler_modules=["tests.handlers_restart"])
+    try:
+        deliver(settings, url, bodies, worker, rows=len(bodies), timeout=180)
+        assert marker.exists(), "the handler never ended the first projector process"
+        log = worker.proc.tail(400)
+        assert "the projector process asked for a restart: starting a new one" in log, log
+        assert log.count("projector process started") == 2, log
+        assert worker.proc.p is not None and worker.proc.p.poll() is None, "the worker exited\n" + log
+    finally:
+        worker.stop()
+        ingress.stop()
