@@ -58,6 +58,8 @@ Event = EventT[Any]
 # batch at a time the router's loop sat idle for half the drain.
 PIPELINE_DEPTH = 4
 PIPELINE_FULL = "pipeline full"  # every batch slot taken: the agent waits with a batch in hand
+# How often the lag check asks the broker for the end offsets of partitions Faust has fetched nothing from.
+BROKER_ENDS_EVERY_S = 10.0
 # The sweep's longest stretch on the event loop before it lets routing run again, and the most table
 # changes (each a changelog record) it queues in one stretch.
 SWEEP_SLICE_S = 0.005
@@ -139,11 +141,29 @@ class _Reread:
 class _Batch:
     """One raw batch as routed: what to send, what to dead-letter, and the table marks it makes."""
 
-    __slots__ = ("dead", "duplicates", "events", "home", "legacy", "marks", "out", "routed", "taken", "types")
+    __slots__ = (
+        "dead",
+        "duplicates",
+        "events",
+        "holes",
+        "home",
+        "legacy",
+        "marks",
+        "out",
+        "routed",
+        "taken",
+        "types",
+    )
 
-    def __init__(self, events: Sequence[Event], taken: Sequence[Event]) -> None:
+    def __init__(
+        self,
+        events: Sequence[Event],
+        taken: Sequence[Event],
+        holes: Sequence[tuple[tuple[str, int], int, int]] = (),
+    ) -> None:
         self.events = events  # with any records the router read back itself (_with_skipped)
         self.taken = taken  # as the stream delivered them: the ones to ack
+        self.holes = holes  # (partition, start, end): the offsets those records were read back from
         self.out: list[Record] = []
         self.routed: list[Event] = []  # the event each record of `out` came from
         self.types: list[str] = []  # and its type's label
@@ -186,6 +206,9 @@ class Router:
         # How far the store holds each changelog partition, moved by the acknowledged writes below.
         self.held = HeldOffsets()
         self._unmoved: dict[tuple[str, int], tuple[int, int]] = {}  # lag checks without progress
+        # End offsets asked of the broker for partitions Faust has fetched nothing from (report_lag).
+        self._broker_ends: dict[tuple[str, int], int] = {}
+        self._broker_ends_at = -BROKER_ENDS_EVERY_S
 
     @property
     def seen(self) -> Any:
@@ -306,8 +329,11 @@ class Router:
             futs = self._produce([rec for rec, _ in retry])
         return dead
 
-    async def _with_skipped(self, events: Sequence[Event]) -> Sequence[Event]:
-        """The batch in offset order per partition, with any raw records the stream skipped put back.
+    async def _with_skipped(
+        self, events: Sequence[Event]
+    ) -> tuple[Sequence[Event], list[tuple[tuple[str, int], int, int]]]:
+        """The batch in offset order per partition, with any raw records the stream skipped put back, and
+        the offset ranges they were read from.
 
         After a rebalance Faust 0.15.3 can start a partition past the group's committed offset (a two-worker
         bench start: one partition's first 3,620 records never reached the agent), and its commit, which
@@ -325,6 +351,7 @@ class Router:
             self.dispatched.update(starts)
             self.processed.update({where: o for where, o in starts.items() if where not in self.processed})
         out: list[Event] = []
+        read_back: list[tuple[tuple[str, int], int, int]] = []
         for where, evs in by_where.items():
             evs.sort(key=_offset)  # stable: a record delivered twice keeps its order
             holes: list[tuple[int, int]] = []
@@ -345,10 +372,11 @@ class Router:
                     records = await asyncio.to_thread(self._ranges.read, where, start, end)
                 m.RAW_RECORDS_REREAD.inc(len(records))
                 evs += [_Reread(rec) for rec in records]  # type: ignore[misc]
+                read_back.append((where, start, end))
             if holes:
                 evs.sort(key=_offset)
             out += evs
-        return out
+        return out, read_back
 
     @property
     def _ranges(self) -> RangeReader:
@@ -375,7 +403,7 @@ class Router:
             raise failure
         await self._room.acquire()
         try:
-            batch = self._route(await self._with_skipped(events), taken=events)
+            batch = self._route(*await self._with_skipped(events), taken=events)
         except BaseException:
             self._room.release()
             raise
@@ -394,9 +422,15 @@ class Router:
         if not task.cancelled() and task.exception() is not None and self._failure is None:
             self._failure = task.exception()
 
-    def _route(self, events: Sequence[Event], taken: Sequence[Event]) -> _Batch:
+    def _route(
+        self,
+        events: Sequence[Event],
+        holes: Sequence[tuple[tuple[str, int], int, int]] = (),
+        *,
+        taken: Sequence[Event],
+    ) -> _Batch:
         """The CPU half of a batch: duplicates dropped, each event routed or dead-lettered, marks decided."""
-        batch = _Batch(events, taken)
+        batch = _Batch(events, taken, holes)
         marks, home, legacy = batch.marks, batch.home, batch.legacy
 
         def seen(event_id: bytes, tenant: str, partition: int, type_label: str) -> bool:
@@ -499,8 +533,24 @@ class Router:
         finally:
             self._forget_pending(batch.marks)
         self._advance(batch.events)
+        await self._release_holes(batch.holes)
         if settled is not None:
             await settled(batch.taken)
+
+    async def _release_holes(self, holes: Sequence[tuple[tuple[str, int], int, int]]) -> None:
+        """Tell Faust the offsets the router read back itself are done. Faust never delivered them, so they
+        are never acked, and its commit of a partition waits for acks that follow on from the group's
+        commit: a hole at the head held the commit there for good (chaos test: lag never drained, and a
+        restart would route everything since again). Its offset gaps are how it learns of offsets that
+        will not be acked (compacted ones); a settled hole is one."""
+        if not holes:
+            return
+        consumer: Any = self.app.consumer
+        assigned = consumer.assignment()
+        for (topic, partition), start, end in holes:
+            tp = TP(topic, partition)
+            if tp in assigned:  # revoked: Faust forgot the partition's acks, and its next owner reads it
+                await consumer._add_gap(tp, start, end - 1)
 
     def _forget_pending(self, marks: dict[bytes, dict[str, int]]) -> None:
         """A settled batch's marks are in the store now (or, if it failed, will be routed again)."""
@@ -575,6 +625,7 @@ class Router:
             except Exception:  # lag is best effort; an unassigned or resetting partition has none
                 continue
             found.append((tp, highwater, done))
+        found = await self._with_broker_ends(found)
         # Nothing routed here since the assignment: where the group resumes (its commit, or the log's start
         # when it has none), asked once per assignment. Not the fetch position, which can stand past records
         # never delivered (see _unstick) and hide them; not the log's start for a group that has commits,
@@ -620,6 +671,27 @@ class Router:
         if self._recovery.holds(bool(recovery.in_recovery)):
             self.watchdog.hold()
         return waiting
+
+    async def _with_broker_ends(
+        self, found: list[tuple[Any, int | None, int | None]]
+    ) -> list[tuple[Any, int | None, int | None]]:
+        """Faust knows a partition's end offset only from its own fetches: a partition it never fetched
+        from after an assignment had none, so it was in no lag and no stall, and `_unstick` never looked at
+        it (the suspect of a chaos-test run where a worker routed nothing for three minutes and said
+        nothing). Those ends are asked of the broker instead, at most every BROKER_ENDS_EVERY_S."""
+        unknown = [(tp.topic, tp.partition) for tp, highwater, _ in found if highwater is None]
+        if not unknown:
+            return found
+        now = time.monotonic()
+        if now - self._broker_ends_at >= BROKER_ENDS_EVERY_S:
+            self._broker_ends_at = now
+            with contextlib.suppress(Exception):  # best effort: the broker away, asked again next time
+                async with self._range_lock:
+                    self._broker_ends = await asyncio.to_thread(self._ranges.end_offsets, unknown)
+        return [
+            (tp, self._broker_ends.get((tp.topic, tp.partition)) if highwater is None else highwater, done)
+            for tp, highwater, done in found
+        ]
 
     def _held_back(self) -> str | None:
         """Why the stream may rightly hold fetched raw records back now (None: it should deliver them)."""

@@ -958,6 +958,14 @@ class RangeReader:
             out[(tp.topic, tp.partition)] = max(tp.offset, low) if tp.offset >= 0 else low
         return out
 
+    def end_offsets(self, partitions: Sequence[Partition], timeout_s: float = 2.0) -> dict[Partition, int]:
+        """Each partition's end offset (the next one to be written), as the broker says now."""
+        out: dict[Partition, int] = {}
+        for topic, partition in partitions:
+            tp = confluent_kafka.TopicPartition(topic, partition)
+            out[(topic, partition)] = self._consumer.get_watermark_offsets(tp, timeout=timeout_s)[1]
+        return out
+
     def read(self, where: Partition, start: int, end: int, timeout_s: float = 30.0) -> list[Record]:
         """The records at offsets [start, end) that are still in the log; BrokerUnavailable when they
         do not all come within `timeout_s`."""

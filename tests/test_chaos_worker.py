@@ -404,7 +404,7 @@ async def test_the_projector_pool_keeps_its_connections_and_still_resets_handler
 class _RawConsumer:
     """The little of Faust's consumer the router's lag check reads, for one raw partition."""
 
-    def __init__(self, tp: TP, position: int, highwater: int) -> None:
+    def __init__(self, tp: TP, position: int, highwater: int | None) -> None:
         self.tp, self._position, self._highwater = tp, position, highwater
         self.seeks: list[int] = []
         self.resumed: list[TP] = []
@@ -416,8 +416,8 @@ class _RawConsumer:
     def assignment(self) -> set[TP]:
         return {self.tp}
 
-    def highwater(self, tp: TP) -> int:
-        return self._highwater
+    def highwater(self, tp: TP) -> int | None:
+        return self._highwater  # None: Faust has fetched nothing from it
 
     async def position(self, tp: TP) -> int:
         return self._position
@@ -430,12 +430,16 @@ class _RawConsumer:
 class _GroupStarts:
     """The router's RangeReader, for `start_offsets` alone: where the group resumes each partition."""
 
-    def __init__(self, committed: int | None) -> None:
-        self.committed, self.asked = committed, 0
+    def __init__(self, committed: int | None, end: int = 1000) -> None:
+        self.committed, self.end, self.asked, self.ends_asked = committed, end, 0, 0
 
     def start_offsets(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         self.asked += 1
         return dict.fromkeys(partitions, 0 if self.committed is None else self.committed)  # log start: 0
+
+    def end_offsets(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        self.ends_asked += 1
+        return dict.fromkeys(partitions, self.end)
 
 
 def _lag_checked_router(
@@ -445,12 +449,13 @@ def _lag_checked_router(
     processed: int | None,
     dispatched: int | None,
     committed: int | None = None,
+    highwater: int | None = 1000,
 ) -> tuple[Any, _RawConsumer]:
     """A router whose raw partition 0 has `processed` settled, `dispatched` handed to it, the consumer
     fetched up to `position` of 1,000 records, and the group's commit at `committed` (None: none)."""
     router: Any = create_app(settings, role="route").sentpipe  # type: ignore[attr-defined]
     where = (Topics(settings.topic_prefix).raw, 0)
-    consumer = _RawConsumer(TP(*where), position, 1000)
+    consumer = _RawConsumer(TP(*where), position, highwater)
     router._range_reader = _GroupStarts(committed)
     recovery = SimpleNamespace(in_recovery=False)
     router.app = SimpleNamespace(
@@ -561,3 +566,20 @@ def test_a_batch_read_again_does_not_move_the_settled_position_back(settings: Se
     assert router.processed[where] == 900
     router._advance([SimpleNamespace(message=SimpleNamespace(topic=where[0], partition=0, offset=900))])
     assert router.processed[where] == 901
+
+
+async def test_a_partition_faust_never_fetched_from_counts_against_the_brokers_end_and_is_resumed(
+    settings: Settings,
+) -> None:
+    """Faust knows a partition's end only from its own fetches: one it never fetched from after an
+    assignment was in no lag and no stall (a CI run: a worker routed nothing for three minutes and logged
+    nothing). Its end is asked of the broker; waiting there without moving, it is resumed like any other."""
+    router, consumer = _lag_checked_router(
+        settings, position=0, processed=None, dispatched=None, committed=900, highwater=None
+    )
+    where = (Topics(settings.topic_prefix).raw, 0)
+    assert await router.report_lag() == {where: 100}
+    assert router.watchdog._lag == {where: 100}  # the watchdog sees work waiting: a stall if it stays
+    await _checks(router, 2)
+    assert router._range_reader.ends_asked == 1  # not on every check
+    assert consumer.resumed == [consumer.tp]  # three checks without movement: fetched again

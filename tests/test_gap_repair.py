@@ -7,6 +7,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from faust.types import TP
 
 from sentpipe.kafka import RangeReader
 from sentpipe.processors.dedup import table_key
@@ -90,19 +91,21 @@ def test_a_batch_that_starts_past_the_commit_is_preceded_by_the_skipped_records(
 ) -> None:
     """What Faust 0.15.3 did in a two-worker start: a partition's first batch began at offset 3,620."""
     router, batch = _router_past_the_commit(settings, topics)
-    got = asyncio.run(router._with_skipped(batch))
+    got, holes = asyncio.run(router._with_skipped(batch))
     assert [e.message.offset for e in got] == list(range(20, 70))  # the commit, not the log start
+    assert holes == [((topics.raw, 2), 20, 60)]
     assert got[0].message.value == b"v20" and got[0].message.key == b"k20"
     assert got[-10:] == batch
     # Holes inside a batch too, whatever the order the stream delivered it in (one record twice).
     router.dispatched[(topics.raw, 2)] = 70
     shuffled = [_Event(topics.raw, 2, o) for o in (80, 72, 70, 80, 71)]
-    got = asyncio.run(router._with_skipped(shuffled))
+    got, holes = asyncio.run(router._with_skipped(shuffled))
     assert [e.message.offset for e in got] == [70, 71, 72, *range(73, 80), 80, 80]
+    assert holes == [((topics.raw, 2), 73, 80)]
     # Contiguous from there on: nothing is read again.
     router.dispatched[(topics.raw, 2)] = 70
     more = [_Event(topics.raw, 2, o) for o in range(70, 75)]
-    assert asyncio.run(router._with_skipped(more)) == more
+    assert asyncio.run(router._with_skipped(more)) == (more, [])
 
 
 def test_the_read_back_records_are_routed_and_marked_but_only_the_streams_own_are_acked(
@@ -115,9 +118,19 @@ def test_the_read_back_records_are_routed_and_marked_but_only_the_streams_own_ar
         done.result(30)  # Faust creates it when the worker starts; here the router runs alone
     wait_topics_ready(settings.kafka_bootstrap, [router._changelog])
     acked: list[Any] = []
+    # Faust's own bookkeeping of the partition: the group's commit at 20, and the stream's records (60..69)
+    # acked as `settled` acks them. The read-back ones (20..59) it never delivered, so it never sees them
+    # acked: its commit waited for them for good (chaos test).
+    faust_consumer = router.app.consumer
+    tp = TP(topics.raw, 2)
+    faust_consumer.assignment = lambda: {tp}
+    faust_consumer._committed_offset[tp] = 20
 
     async def settled(events: Any) -> None:
         acked.extend(events)
+        offsets = [e.message.offset for e in events]
+        faust_consumer._acked[tp].extend(offsets)
+        faust_consumer._acked_index[tp].update(offsets)
 
     async def go() -> None:
         await router.producer.start()
@@ -129,6 +142,7 @@ def test_the_read_back_records_are_routed_and_marked_but_only_the_streams_own_ar
     asyncio.run(go())
     assert acked == batch
     assert router.processed[(topics.raw, 2)] == 70
+    assert faust_consumer._new_offset(tp) == 70  # what Faust commits next: past the records read back
     # Every record from the commit on was routed: its body is not an event, so each is dead-lettered, and
     # none is marked seen (a corrected delivery under its id must go through).
     dead = read_topic(settings.kafka_bootstrap, topics.dlq, at_least=50, timeout=30)
