@@ -52,6 +52,9 @@ from sentpipe.settings import Settings, WorkerRole
 log = logging.getLogger("sentpipe.worker")
 
 Event = EventT[Any]
+# Offsets [start, end) of a partition that the router read back itself (`_with_skipped`): Faust never
+# delivered them, so it learns they are done as a gap.
+ReadBack = tuple[tuple[str, int], int, int]
 
 # Batches routed and waiting for the broker at once. Routing a batch takes CPU; settling it (routed records
 # acknowledged, then its table marks, then its raw records acked) mostly waits for the broker: with one
@@ -159,7 +162,7 @@ class _Batch:
         self,
         events: Sequence[Event],
         taken: Sequence[Event],
-        holes: Sequence[tuple[tuple[str, int], int, int]] = (),
+        holes: Sequence[ReadBack] = (),
     ) -> None:
         self.events = events  # with any records the router read back itself (_with_skipped)
         self.taken = taken  # as the stream delivered them: the ones to ack
@@ -329,9 +332,7 @@ class Router:
             futs = self._produce([rec for rec, _ in retry])
         return dead
 
-    async def _with_skipped(
-        self, events: Sequence[Event]
-    ) -> tuple[Sequence[Event], list[tuple[tuple[str, int], int, int]]]:
+    async def _with_skipped(self, events: Sequence[Event]) -> tuple[Sequence[Event], list[ReadBack]]:
         """The batch in offset order per partition, with any raw records the stream skipped put back, and
         the offset ranges they were read from.
 
@@ -351,7 +352,7 @@ class Router:
             self.dispatched.update(starts)
             self.processed.update({where: o for where, o in starts.items() if where not in self.processed})
         out: list[Event] = []
-        read_back: list[tuple[tuple[str, int], int, int]] = []
+        read_back: list[ReadBack] = []
         for where, evs in by_where.items():
             evs.sort(key=_offset)  # stable: a record delivered twice keeps its order
             holes: list[tuple[int, int]] = []
@@ -425,7 +426,7 @@ class Router:
     def _route(
         self,
         events: Sequence[Event],
-        holes: Sequence[tuple[tuple[str, int], int, int]] = (),
+        holes: Sequence[ReadBack] = (),
         *,
         taken: Sequence[Event],
     ) -> _Batch:
@@ -537,7 +538,7 @@ class Router:
         if settled is not None:
             await settled(batch.taken)
 
-    async def _release_holes(self, holes: Sequence[tuple[tuple[str, int], int, int]]) -> None:
+    async def _release_holes(self, holes: Sequence[ReadBack]) -> None:
         """Tell Faust the offsets the router read back itself are done. Faust never delivered them, so they
         are never acked, and its commit of a partition waits for acks that follow on from the group's
         commit: a hole at the head held the commit there for good (chaos test: lag never drained, and a
