@@ -1,4 +1,5 @@
-"""Faust's aiokafka transport, with a cheaper hand-off of each fetched record to the streams.
+"""Faust's aiokafka transport, with a cheaper hand-off of each fetched record to the streams, and a consumer
+thread that stops when the broker is away.
 
 Faust's consumer hands every fetched record over with `wait_first(callback(message), suspend_flow.wait())`:
 four asyncio tasks per record (the callback, and waits on the flow, stop and crash events), so that a
@@ -13,6 +14,8 @@ needed: the same code ran, in the same order. If it has to wait, the rest of it 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import types
 from collections.abc import Coroutine, Generator
 from typing import Any, ClassVar
@@ -20,6 +23,8 @@ from typing import Any, ClassVar
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode import Service
 from mode.services import WaitArgT, WaitResults
+
+log = logging.getLogger("sentpipe.worker")
 
 
 @types.coroutine
@@ -76,8 +81,29 @@ def _close(coros: tuple[WaitArgT, ...]) -> None:
             coro.close()  # never started: no "never awaited" warning
 
 
+class StoppableConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's consumer thread, whose stop survives a fetch waiting for a broker that is away.
+
+    aiokafka 0.14's `Fetcher.close` cancels its pending fetch requests and awaits them without catching
+    the CancelledError they end with, when one of them sleeps out a retry backoff. The error left the
+    thread's stop half done: a traceback in the log, and the thread never said it had shut down, so the
+    worker's stop waited out its whole bound (55 s) before the projector was told to stop."""
+
+    async def on_thread_stop(self) -> None:
+        try:
+            await super().on_thread_stop()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # this stop itself is cancelled: not ours to keep
+                raise
+            log.warning("the Kafka consumer stopped with a fetch still waiting for the broker")
+
+
 class EagerConsumer(EagerWaitFirst, faust_aiokafka.Consumer):
-    """Faust's aiokafka consumer with the eager `wait_first`."""
+    """Faust's aiokafka consumer with the eager `wait_first` and the stoppable thread."""
+
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return StoppableConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
 class EagerTransport(faust_aiokafka.Transport):

@@ -28,7 +28,7 @@ from faust.types import TP
 
 from sentpipe.processors.projector_process import open_pool
 from sentpipe.processors.topics import ensure_topics, projections_group
-from sentpipe.processors.worker import PIPELINE_DEPTH, create_app
+from sentpipe.processors.worker import PIPELINE_DEPTH, STOP_DEADLINE_S, create_app
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import frame
 from sentpipe.schemas.topics import Topics
@@ -337,6 +337,27 @@ def test_broker_stopped_mid_drain_and_a_worker_killed_in_the_rebalance_lose_noth
         _verify(s, workers, feed, unique)
     finally:
         feed.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_asked_to_stop_while_the_broker_is_away_ends_by_its_own_stop(
+    services: Services, chaos: tuple[Settings, Workers]
+) -> None:
+    """SIGTERM with the broker stopped: the worker's stop ends it (status 0, no traceback), not the deadline
+    behind it (status 1 after STOP_DEADLINE_S). aiokafka's fetcher, closed while a fetch slept out a retry
+    backoff, raised a CancelledError out of Faust's consumer thread, whose stop then never finished, and the
+    projector was told to stop only when the deadline ended the worker."""
+    _, workers = chaos
+    proc = workers.start(1)
+    proc.wait_http(f"http://127.0.0.1:{proc.env['SENTPIPE_WORKER_METRICS_PORT']}/readyz", timeout=120)
+    services.stop_kafka()
+    time.sleep(OUTAGE_S)  # the consumer's fetches fail, and back off between tries
+    status = proc.stop(timeout=STOP_DEADLINE_S + 20)
+    log = proc.log.read_text(errors="replace")
+    assert "did not stop within" not in log, proc.tail(80)
+    assert "Traceback" not in log, log[log.index("Traceback") - 2000 :][:6000]
+    assert status == 0, proc.tail(80)
+    assert "projector stopped" in log, proc.tail(80)
 
 
 @pytest.mark.timeout(420)
