@@ -61,6 +61,7 @@ from sentpipe.broker import (
     Record,
     first_offsets,
 )
+from sentpipe.logs import NowAndThen
 from sentpipe.schemas.topics import MAX_MESSAGE_BYTES, record_limits
 from sentpipe.settings import Settings
 
@@ -417,21 +418,16 @@ class _FailuresNowAndThen:
     left out. The consumer has no "all brokers down" report of its own to quiet them like the producer's."""
 
     def __init__(self, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._every_s = every_s
-        self._clock = clock
-        self._logged_at = -math.inf
-        self._left_out = 0
+        self._limit = NowAndThen(every_s, clock)
 
     def log(self, level: int, msg: str, *args: Any) -> None:
         if args[:1] == ("FAIL",):
-            now = self._clock()
-            if now - self._logged_at < self._every_s:
-                self._left_out += 1
+            left_out = self._limit.admit("FAIL")
+            if left_out is None:
                 return
-            if self._left_out:
+            if left_out:
                 msg += " (and %d more connection failures since the last one logged)"
-                args = (*args, self._left_out)
-            self._logged_at, self._left_out = now, 0
+                args = (*args, left_out)
         log.log(level, msg, *args)
 
 

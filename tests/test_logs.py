@@ -13,7 +13,13 @@ import pytest
 from mode.utils.logging import level_number
 from pydantic import ValidationError
 
-from sentpipe.logs import TablesAtDebug, faust_log_level, faust_quiet_options
+from sentpipe.logs import (
+    NowAndThen,
+    RepeatsNowAndThen,
+    TablesAtDebug,
+    faust_log_level,
+    faust_quiet_options,
+)
 from sentpipe.settings import Settings
 from tests.processes import Proc, free_port, settings_env
 
@@ -177,3 +183,81 @@ def test_a_threads_uncaught_exception_is_one_record_with_its_traceback() -> None
     record = orjson.loads(lines[0])
     assert record["level"] == "error" and record["msg"] == "uncaught exception in thread fetcher", record
     assert "RuntimeError: from a thread" in str(record), record
+
+
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_repeated_warnings_and_errors_are_logged_now_and_then_with_the_count_left_out() -> None:
+    now = [0.0]
+    repeats = RepeatsNowAndThen(30.0, clock=lambda: now[0])
+    loggers = [logging.getLogger(f"tests.test_logs.repeats.{n}") for n in ("client", "fetcher")]
+    kept = _Kept()
+    for logger in loggers:
+        logger.propagate = False
+        logger.setLevel(logging.DEBUG)
+        logger.addFilter(repeats)
+        logger.addHandler(kept)
+    client, fetcher = loggers
+    try:
+        for tick in range(6100):  # a broker away for 61 s: a failed attempt every 10 ms
+            now[0] = tick / 100
+            client.error("Unable connect to node with id %s: %s", 1, "[Errno 111] Connection refused")
+            fetcher.error("Unable connect to node with id %s: %s", 1, "[Errno 111] Connection refused")
+            if tick % 1000 == 0:
+                client.info("Discovered coordinator %s for group %s", 1, "g")
+                client.warning("100%% of %s", "attempts")  # a template with an escaped percent sign
+        lines = [(r.name.rsplit(".", 1)[1], r.levelname, r.getMessage()) for r in kept.records]
+        refused = "Unable connect to node with id 1: [Errno 111] Connection refused"
+        more = " (and 2999 more like it since the last one logged)"
+        for name in ("client", "fetcher"):  # each logger's lines are a kind of their own
+            assert [m for n, lv, m in lines if n == name and lv == "ERROR"] == [
+                refused,
+                refused + more,
+            ] * 1 + [refused + more]
+        assert [m for _, lv, m in lines if lv == "INFO"] == ["Discovered coordinator 1 for group g"] * 7
+        assert [m for _, lv, m in lines if lv == "WARNING"] == [
+            "100% of attempts",
+            "100% of attempts (and 2 more like it since the last one logged)",
+            "100% of attempts (and 2 more like it since the last one logged)",
+        ]
+    finally:
+        for logger in loggers:
+            logger.removeFilter(repeats)
+            logger.removeHandler(kept)
+
+
+def test_now_and_then_forgets_its_kinds_past_its_limit_and_still_admits_each_once() -> None:
+    limit = NowAndThen(30.0, clock=lambda: 0.0)
+    for n in range(NowAndThen.MAX_KINDS * 3):  # a library logging formatted text: every line a new kind
+        assert limit.admit(f"line {n}") == 0
+        assert limit.admit(f"line {n}") is None
+    assert len(limit._seen) <= NowAndThen.MAX_KINDS
+
+
+def test_configure_quiets_the_loggers_of_faust_s_kafka_client() -> None:
+    """Through `configure`, as every process sets up its logging: aiokafka's modules log under their own
+    names, and a filter sees only the records of the logger it is on. Configured twice, one filter each."""
+    script = (
+        "import logging\n"
+        "from sentpipe.logs import RepeatsNowAndThen, configure\n"
+        "configure('INFO', json=True); configure('INFO', json=True)\n"
+        "for name in ('aiokafka', 'aiokafka.consumer.fetcher', 'aiokafka.consumer.group_coordinator'):\n"
+        "    filters = logging.getLogger(name).filters\n"
+        "    assert sum(isinstance(f, RepeatsNowAndThen) for f in filters) == 1, name\n"
+        "    for _ in range(100):\n"
+        "        logging.getLogger(name).error('Unable connect to node with id %s: %s', 1, 'refused')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = [orjson.loads(line) for line in proc.stderr.strip().splitlines()]
+    assert [(x["logger"], x["msg"]) for x in lines] == [
+        (name, "Unable connect to node with id 1: refused")
+        for name in ("aiokafka", "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator")
+    ]
