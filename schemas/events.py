@@ -420,11 +420,23 @@ def parse_timestamp(value: object, where: str = "timestamp") -> datetime | None:
     return _iso_timestamp(value, where)
 
 
+def _rfc3339(value: str) -> datetime:
+    """`fromisoformat`, plus what RFC 3339 allows and Python 3.11 refuses: a lower-case "z", and second 60
+    (read as the next minute's first second, as PostgreSQL reads it)."""
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        text = value[:-1] + "Z" if value.endswith("z") else value
+        if text[16:19] == ":60":
+            return datetime.fromisoformat(text[:17] + "59" + text[19:]) + timedelta(seconds=1)
+        return datetime.fromisoformat(text)
+
+
 def _iso_timestamp(value: str, where: str) -> datetime:
     if len(value) > MAX_TIMESTAMP_LENGTH:
         raise MalformedEvent("bad_timestamp", f"{where} is longer than {MAX_TIMESTAMP_LENGTH} characters")
     try:
-        parsed = datetime.fromisoformat(value)
+        parsed = _rfc3339(value)
         zone = parsed.tzinfo
         if zone is None:
             parsed = parsed.replace(tzinfo=UTC)
@@ -572,7 +584,8 @@ def _classify(doc: dict[str, Any]) -> tuple[EventType, str | None, Literal["sent
         if type(sub) is not str or not 0 < len(sub) <= MAX_TYPE_LENGTH or "\x00" in sub:
             sub = _type_name(sub, "'sub_type'", "bad_sub_type")
         if field in ("message", "messages"):
-            if sub == "message.received":
+            # Case-blind, as the status read from the other sub-types is.
+            if sub is not None and sub.lower() == "message.received":
                 return EventType.MESSAGE_INBOUND, sub, "sent"
             return EventType.MESSAGE_STATUS, sub, "sent"
         if field in ("template", "templates"):

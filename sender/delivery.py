@@ -63,11 +63,19 @@ def parse_schedule(text: str) -> tuple[float, ...]:
     return delays
 
 
+def shown(url: str) -> str:
+    """The URL as printed: without its user part, whose password aiohttp sends as Basic auth."""
+    try:
+        return str(URL(url).with_user(None))
+    except ValueError:  # not parseable: print nothing of it that could hold a password
+        return "<unparseable URL>"
+
+
 def check_url(url: str) -> URL:
     """The URL as aiohttp will use it; ValueError unless it is an absolute http(s) URL."""
     parsed = URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"not an http(s) URL: {url!r}")
+        raise ValueError(f"not an http(s) URL: {shown(url)!r}")
     return parsed
 
 
@@ -338,10 +346,10 @@ async def probe(url: str, timeout_s: float = 5.0) -> None:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
     except TimeoutError:
-        raise Unreachable(f"cannot reach {url}: no connection within {timeout_s:g}s") from None
+        raise Unreachable(f"cannot reach {shown(url)}: no connection within {timeout_s:g}s") from None
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
-        raise Unreachable(f"cannot reach {url}: {reason}") from None
+        raise Unreachable(f"cannot reach {shown(url)}: {reason}") from None
     writer.close()
     # The connection has served its purpose; how it closes does not matter.
     with contextlib.suppress(OSError):

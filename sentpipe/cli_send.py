@@ -44,6 +44,7 @@ from sentpipe.sender.delivery import (
     deliver,
     parse_schedule,
     probe,
+    shown,
 )
 from sentpipe.sender.plan import (
     PLAN_WINDOW,
@@ -165,7 +166,7 @@ def _ms(seconds: float | None) -> str:
 
 def summary_table(stats: Stats, unique: int, url: str) -> Table:
     table = Table("", "", show_header=False)
-    table.add_row("url", terminal_safe(url))
+    table.add_row("url", terminal_safe(shown(url)))
     table.add_row("events", str(unique))
     table.add_row("duplicates", str(stats.duplicates))
     table.add_row("sent", str(stats.sent))
@@ -434,9 +435,9 @@ def trigger_command(
     except Unreachable as exc:
         fail(str(exc))
     final = outcomes[0].final
-    out.print(terminal_safe(f"POST {target}  x-webhook-id {delivery.webhook_id}"), soft_wrap=True)
+    out.print(terminal_safe(f"POST {shown(target)}  x-webhook-id {delivery.webhook_id}"), soft_wrap=True)
     if final.status is None:
-        fail(f"no answer from {target}: {final.outcome}")
+        fail(f"no answer from {shown(target)}: {final.outcome}")
     out.print(f"HTTP {final.status}", highlight=False)
     print_untrusted_body(out, final.body)  # the receiver's answer: anything at all
     if not final.accepted:

@@ -383,3 +383,39 @@ def test_canonical_json_round_trips_for_every_sample() -> None:
         assert r.event is not None
         assert CanonicalEvent.from_json(r.value) == r.event
         assert r.event.occurred_at.tzinfo is UTC
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2016-12-31T23:59:60Z", datetime(2017, 1, 1, tzinfo=UTC)),  # a leap second, as PostgreSQL reads it
+        ("2025-10-31T10:10:42z", datetime(2025, 10, 31, 10, 10, 42, tzinfo=UTC)),
+        ("2025-10-31t10:10:42.5z", datetime(2025, 10, 31, 10, 10, 42, 500000, tzinfo=UTC)),
+        ("2016-12-31T23:59:60.250+01:00", datetime(2016, 12, 31, 23, 0, 0, 250000, tzinfo=UTC)),
+    ],
+)
+def test_rfc3339_times_python_refuses_are_read(text: str, expected: datetime) -> None:
+    """RFC 3339 allows second 60 and a lower-case "z"; Python 3.11 refused both, so a signed event with
+    either was dead-lettered for good (bad_timestamp)."""
+    body = orjson.dumps(status() | {"timestamp": text})
+    for exact in (True, False):
+        framed = frame(body, webhook_id=None, exact=exact)
+        event = normalize(framed, tenant="t", received_at_ms=1_700_000_000_000)
+        assert event.occurred_at == expected
+
+
+@pytest.mark.parametrize("text", ["9999-12-31T23:59:60Z", "2016-12-31T23:59:61Z", "2016-12-31T23:60:00Z"])
+def test_a_second_past_60_or_past_9999_stays_refused(text: str) -> None:
+    body = orjson.dumps(status() | {"timestamp": text})
+    with pytest.raises(MalformedEvent) as caught:
+        normalize(frame(body, webhook_id=None), tenant="t", received_at_ms=1_700_000_000_000)
+    assert caught.value.reason == "bad_timestamp"
+
+
+@pytest.mark.parametrize("sub_type", ["message.RECEIVED", "Message.Received"])
+def test_the_inbound_sub_type_is_read_without_regard_to_case_like_the_statuses(sub_type: str) -> None:
+    """An upper-case inbound sub-type was read as a status event: dead-lettered (missing_message_id)."""
+    body = orjson.dumps(inbound() | {"sub_type": sub_type})
+    framed = frame(body, webhook_id=None)
+    assert framed.type is EventType.MESSAGE_INBOUND
+    assert normalize(framed, tenant="t", received_at_ms=1_700_000_000_000).type is EventType.MESSAGE_INBOUND

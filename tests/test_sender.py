@@ -40,7 +40,7 @@ from sentpipe.sender import (
     plan_deliveries,
     probe,
 )
-from sentpipe.sender.delivery import parse_schedule
+from sentpipe.sender.delivery import check_url, parse_schedule, shown
 from sentpipe.sender.plan import (
     BadLine,
     Delivery,
@@ -814,3 +814,18 @@ async def test_a_long_run_starts_sending_at_once_with_progress_and_bounded_memor
         proc.kill()
         _, stderr = await proc.communicate()
     assert b"sending" in stderr and b"/1100000" in stderr  # the bar counts towards every delivery
+
+
+def test_a_password_in_the_target_url_is_never_printed() -> None:
+    """aiohttp sends a URL's user part as Basic auth (a tunnel's password, say): errors and the summary
+    printed it."""
+    assert shown("https://alice:hunter2@x.example/webhooks/sent") == "https://x.example/webhooks/sent"
+    with pytest.raises(ValueError) as refused:
+        check_url("ftp://alice:hunter2@x.example/webhooks/sent")
+    assert "hunter2" not in str(refused.value) and "alice" not in str(refused.value)
+    with socket.socket() as closed:  # a port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    with pytest.raises(Unreachable) as unreachable:
+        asyncio.run(probe(f"http://alice:hunter2@127.0.0.1:{port}/webhooks/sent", 1.0))
+    assert "hunter2" not in str(unreachable.value) and f"127.0.0.1:{port}" in str(unreachable.value)
