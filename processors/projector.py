@@ -32,7 +32,7 @@ from sentpipe.processors.retry import backoff, is_temporary, retrying
 from sentpipe.processors.sink import HandlerFailure, HandlersHeld
 from sentpipe.processors.watchdog import Watchdog
 from sentpipe.schemas import routing as r
-from sentpipe.schemas.events import CanonicalEvent, EventType, check_payload
+from sentpipe.schemas.events import ROUTED_TYPES, CanonicalEvent, EventType, check_payload
 from sentpipe.schemas.topics import Topics
 
 log = logging.getLogger("sentpipe.projector")
@@ -81,6 +81,15 @@ class CommitStuck(Exception):
 # The projector's exit status when it wants a new process (CommitStuck): role `all` starts a new child,
 # role `project` leaves it to the orchestrator's restart policy. EX_TEMPFAIL.
 EXIT_RESTART = 75
+
+
+def init_projector_metrics() -> None:
+    """The projector's label sets at zero, so the alerts' `increase()` sees its first batch and retry in
+    whichever process projects (role `project` has no router to create them)."""
+    for type_ in ROUTED_TYPES:
+        m.EVENTS_PROCESSED.labels(type_.value, "projection", "ok")
+    for stage in ("project", "dlq"):
+        m.RETRIES.labels(stage)
 
 
 class Projector:

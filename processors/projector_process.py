@@ -33,7 +33,13 @@ from sentpipe.kafka import AsyncProducer, BatchConsumer
 from sentpipe.processors import blocked_handlers as blocked
 from sentpipe.processors.handlers import HandlerRegistry, registry
 from sentpipe.processors.health import BLOCKED_AFTER_S, PROBE_EVERY_S, Health, ProcessProbe, serve_health
-from sentpipe.processors.projector import EXIT_RESTART, CommitStuck, Projector, Tuning
+from sentpipe.processors.projector import (
+    EXIT_RESTART,
+    CommitStuck,
+    Projector,
+    Tuning,
+    init_projector_metrics,
+)
 from sentpipe.processors.sink import PostgresSink
 from sentpipe.processors.topics import projections_group
 from sentpipe.processors.watchdog import Watchdog
@@ -158,6 +164,7 @@ def run_projector(
     services: list[ProjectorService] = []
 
     async def main() -> None:
+        init_projector_metrics()
         health = Health()
         service = ProjectorService(settings, handlers, health)
         services.append(service)

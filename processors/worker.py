@@ -40,6 +40,7 @@ from sentpipe.processors.faust_transport import use_eager_consumer
 from sentpipe.processors.health import Health, serve_health
 from sentpipe.processors.held_offsets import HeldOffsets
 from sentpipe.processors.partitioner import murmur2_partitioner
+from sentpipe.processors.projector import init_projector_metrics
 from sentpipe.processors.projector_process import CHILD_STOP_TIMEOUT_S, ProjectorProcess
 from sentpipe.processors.retry import backoff, is_temporary
 from sentpipe.processors.topics import DEDUP_TABLE
@@ -875,9 +876,8 @@ def _init_metrics() -> None:
         m.EVENTS_ROUTED.labels(type_.value)
     for type_ in ROUTED_TYPES:
         m.DUPLICATES_DROPPED.labels(type_.value)
-        m.EVENTS_PROCESSED.labels(type_.value, "projection", "ok")
-    for stage in ("route", "project", "dlq"):
-        m.RETRIES.labels(stage)
+    m.RETRIES.labels("route")
+    init_projector_metrics()
     for mode_ in ("replay", "redrive"):
         for outcome in ("applied", "failed"):
             m.REPLAY_EVENTS.labels(mode_, outcome)

@@ -186,6 +186,23 @@ def _role_all(settings: Settings, tmp_path: Path) -> Iterator[tuple[Worker, int]
         worker.stop()
 
 
+def test_role_project_creates_the_alerts_counters_at_zero(settings: Settings, tmp_path: Path) -> None:
+    """SentpipeNothingProjected and SentpipeRetriesSustained take `increase()` of these: a series born at its
+    first increment hides that increment. Only the router created them, so a split projector had none."""
+    worker = start_worker(settings, tmp_path, worker_role="project")
+    try:
+        base = f"http://127.0.0.1:{worker.metrics_port}"
+        wait_for(lambda: _status(f"{base}/readyz"), lambda s: s == 200, 60, "/readyz 200", worker.proc.tail)
+        samples = scrape(worker.metrics_port)
+        for type_ in ("message.status.updated", "message.inbound.received", "template.approval.updated"):
+            name = f'sentpipe_events_processed_total{{handler="projection",outcome="ok",type="{type_}"}}'
+            assert samples.get(name) == 0.0, name
+        for stage in ("project", "dlq"):
+            assert samples.get(f'sentpipe_retries_total{{stage="{stage}"}}') == 0.0, stage
+    finally:
+        worker.stop()
+
+
 def test_role_all_scrapes_its_projector_process_and_crashes_when_it_dies(
     settings: Settings, tmp_path: Path
 ) -> None:
