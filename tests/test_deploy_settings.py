@@ -583,6 +583,23 @@ def test_ingress_workers_follow_the_cpu_request(
     assert s.ingress_workers == workers
     # ingress.maxInFlight (96) is per pod: each process takes its share, rounded up.
     assert s.ingress_max_in_flight == math.ceil(96 / workers)
+    # ingress.spool.maxBytes (1 GiB) is per pod too, and its processes share the volume: rounded down.
+    assert s.spool_max_bytes == 1024**3 // workers
+
+
+@pytest.mark.parametrize(
+    ("max_bytes", "workers", "each"),
+    [(3 * 1024**3 + 2, 3, 1024**3), (1024 * 1024, 1, 1024 * 1024), (1024 * 1024, 3, 1024 * 1024)],
+)
+def test_the_spool_limit_is_split_among_the_pods_processes(
+    max_bytes: int, workers: int, each: int, tmp_path: Path
+) -> None:
+    """N processes each spooling up to the pod's whole limit would fill N times the volume it fits."""
+    objs = render(
+        *SECRET, "--set", f"ingress.workers={workers}", "--set-json", f"ingress.spool.maxBytes={max_bytes}"
+    )
+    (s,) = [s for _, c, s in container_settings(objs, tmp_path) if c["args"][0] == "ingress"]
+    assert (s.ingress_workers, s.spool_max_bytes) == (workers, each)
 
 
 # --- the values schema refuses what Settings refuses -------------------------------------------------------
