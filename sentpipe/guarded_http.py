@@ -27,15 +27,26 @@ log = logging.getLogger("sentpipe.http")
 
 HEAD_TIMEOUT_S = 10.0
 
+# (code, detail) -> an error answer's JSON body, in the shape of the API on that port.
+ErrorBody = Callable[[str, str], bytes]
+
+
+def code_and_detail(code: str, detail: str) -> bytes:
+    """The ingress's shape (and its side ports'): `{"error": code, "detail": detail}`."""
+    return orjson.dumps({"error": code, "detail": detail})
+
 
 class GuardedProtocol(RequestHandler):
     """aiohttp's `RequestHandler` with a head timeout and quiet, JSON answers to malformed requests."""
 
-    __slots__ = ("_head_timeout_s", "_head_timer")
+    __slots__ = ("_error_body", "_head_timeout_s", "_head_timer")
 
-    def __init__(self, manager: web.Server, *, head_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(
+        self, manager: web.Server, *, head_timeout_s: float, error_body: ErrorBody, **kwargs: Any
+    ) -> None:
         super().__init__(manager, **kwargs)
         self._head_timeout_s = head_timeout_s
+        self._error_body = error_body
         self._head_timer: asyncio.TimerHandle | None = None  # running while a head has begun, not ended
 
     def data_received(self, data: bytes) -> None:
@@ -57,7 +68,7 @@ class GuardedProtocol(RequestHandler):
             return
         log.info("header timeout: the request's head did not end in time")
         detail = f"the request's headers did not arrive within {self._head_timeout_s:g}s"
-        body = orjson.dumps({"error": "header_timeout", "detail": detail})
+        body = self._error_body("header_timeout", detail)
         transport.write(
             b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
@@ -84,7 +95,7 @@ class GuardedProtocol(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        return error_answer(request, status, exc, log)
+        return error_answer(request, status, exc, log, body=self._error_body)
 
 
 def logged_as_the_clients(exc: object, logger: logging.Logger) -> bool:
@@ -112,6 +123,7 @@ def error_answer(
     exc: BaseException | None,
     logger: logging.Logger,
     refused: Callable[[str, int], None] | None = None,
+    body: ErrorBody = code_and_detail,
 ) -> web.StreamResponse:
     """aiohttp's answer to a request it could not parse, or to a bug in a handler: JSON, connection closed,
     and a log line without the request's bytes (aiohttp's own quoted them back and logged them at ERROR).
@@ -132,9 +144,7 @@ def error_answer(
         raise ConnectionError("an answer was sent already, the error cannot follow it")
     if refused is not None and status < 500:  # counted as answered: only once the answer can be sent
         refused(code, status)
-    response = web.Response(
-        status=status, body=orjson.dumps({"error": code, "detail": detail}), content_type="application/json"
-    )
+    response = web.Response(status=status, body=body(code, detail), content_type="application/json")
     response.force_close()
     return response
 
@@ -143,14 +153,23 @@ class GuardedServer(web.Server):
     """aiohttp's low-level server, making `GuardedProtocol`s; a runner's server becomes one in place."""
 
     head_timeout_s: float
+    error_body: ErrorBody
 
     def __call__(self) -> RequestHandler:
-        return GuardedProtocol(self, loop=self._loop, head_timeout_s=self.head_timeout_s, **self._kwargs)
+        return GuardedProtocol(
+            self,
+            loop=self._loop,
+            head_timeout_s=self.head_timeout_s,
+            error_body=self.error_body,
+            **self._kwargs,
+        )
 
 
-def guard(runner: web.AppRunner, head_timeout_s: float = HEAD_TIMEOUT_S) -> None:
-    """Serve the runner's connections with `GuardedProtocol`. Call it after `runner.setup()`, before its
-    site starts."""
+def guard(
+    runner: web.AppRunner, head_timeout_s: float = HEAD_TIMEOUT_S, error_body: ErrorBody = code_and_detail
+) -> None:
+    """Serve the runner's connections with `GuardedProtocol`, its errors shaped by `error_body`. Call it
+    after `runner.setup()`, before its site starts."""
     server = runner.server
     if server is None:
         raise RuntimeError("guard needs a runner that is set up")
@@ -158,3 +177,4 @@ def guard(runner: web.AppRunner, head_timeout_s: float = HEAD_TIMEOUT_S) -> None
     server.__class__ = GuardedServer
     assert isinstance(server, GuardedServer)
     server.head_timeout_s = head_timeout_s
+    server.error_body = error_body

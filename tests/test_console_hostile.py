@@ -502,6 +502,42 @@ def test_a_body_that_stalls_is_answered_408_and_its_connection_closed(settings: 
     assert "Traceback" not in err, err
 
 
+def test_what_the_http_guard_refuses_is_answered_in_the_consoles_shape(settings: Settings) -> None:
+    """The guard answers before any handler: it used the ingress's `{error: code, detail}`, so a script
+    testing the console's `code` found none."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sent = [
+        (b"NOT HTTP AT ALL\r\n\r\n", 400, "malformed_request"),
+        (b"GET /login HTTP/1.1\r\nHost: x\r\nX-Slow: ", 408, "header_timeout"),  # the head never ends
+        (
+            b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Encoding: br\r\nContent-Length: 4\r\n\r\nxxxx",
+            415,
+            "unsupported_encoding",
+        ),
+    ]
+    proc = _console(settings, port, console_token=TOKEN, body_timeout_s="1")
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().startswith("console on")
+        for request, status, code in sent:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(request)
+                answer = b""
+                while chunk := sock.recv(65536):
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.split(b" ")[1] == b"%d" % status, answer
+            doc = orjson.loads(body)
+            assert set(doc) == {"error", "code"} and doc["code"] == code, doc
+            assert doc["error"] and doc["error"] != code, doc  # one line for a person
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err, err
+
+
 async def test_wrong_tokens_are_answered_one_at_a_time(console: str) -> None:
     """Each wrong token waited 0.5 s to slow guessing down, but in parallel: 1,000 guesses took 1.8 s."""
     async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as client:

@@ -137,6 +137,12 @@ def problem(status: int, message: str, code: str | None = None) -> web.Response:
     return send_json({"error": message, "code": code or ERROR_CODES.get(status, "error")}, status)
 
 
+def problem_body(code: str, message: str) -> bytes:
+    """`problem`'s shape for what the HTTP guard answers before a handler runs (it is the ingress's
+    `{error: code, detail}` by default, and a script testing `code` found none)."""
+    return dumps({"error": message, "code": code})
+
+
 def one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) < 300 else text[:297] + "..."
@@ -840,7 +846,7 @@ async def _serve(app: web.Application, host: str, port: int, on_ready: Callable[
     # for malformed requests; aiohttp's own quoted their bytes back and logged them at ERROR).
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
     await runner.setup()
-    guard(runner, app[SETTINGS].body_timeout_s)
+    guard(runner, app[SETTINGS].body_timeout_s, error_body=problem_body)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
