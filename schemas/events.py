@@ -261,6 +261,10 @@ def _load_object(body: bytes, *, nul: bool = True, exact: bool = True) -> dict[s
     except orjson.JSONDecodeError as exc:
         if "depth" in str(exc) or "recursion" in str(exc):
             raise MalformedEvent("too_deep", f"body nests deeper than {MAX_DEPTH} levels") from None
+        # Valid JSON: "not valid JSON" would send people looking for a typo.
+        if "beyond what can be held" in str(exc):
+            detail = "body has a number no decimal holds (an exponent of 19+ digits)"
+            raise MalformedEvent("not_json", detail) from None
         raise MalformedEvent("not_json", "body is not valid JSON") from None
     if not isinstance(doc, dict):
         raise MalformedEvent("not_an_object", "body is JSON but not an object")
