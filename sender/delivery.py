@@ -154,6 +154,11 @@ class Stats:
     # Every attempt that got an HTTP answer; 8 bytes each, as a run can make millions.
     latencies_s: array[float] = field(default_factory=lambda: array("d"))
     elapsed_s: float = 0.0
+    # Events 0 .. accepted_prefix-1 (by Delivery.index) all had their first delivery accepted: where a rerun
+    # of the same events resumes (`send --skip`). One byte per event past it still awaiting its outcome.
+    accepted_prefix: int = 0
+    _accepted_ahead: bytearray = field(default_factory=bytearray, repr=False)
+    _first_failed: int | None = None
 
     @property
     def not_accepted(self) -> int:
@@ -177,6 +182,25 @@ class Stats:
                 self.spooled += 1
         else:
             self.rejected[outcome.final.outcome] += 1
+        if not outcome.delivery.duplicate:
+            self._settle(outcome.delivery.index, outcome.accepted)
+
+    def _settle(self, index: int, accepted: bool) -> None:
+        if self._first_failed is not None and index >= self._first_failed:
+            return  # past an event that failed: the prefix cannot grow beyond it
+        ahead, offset = self._accepted_ahead, index - self.accepted_prefix
+        if not accepted:
+            self._first_failed = index
+            del ahead[offset:]
+            return
+        if offset >= len(ahead):
+            ahead.extend(bytes(offset + 1 - len(ahead)))
+        ahead[offset] = 1
+        if offset == 0:
+            n = ahead.find(0)
+            n = len(ahead) if n < 0 else n
+            del ahead[:n]
+            self.accepted_prefix += n
 
 
 async def post_once(

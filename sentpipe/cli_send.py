@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -191,20 +192,24 @@ def _events(
     shape: ShapeChoice,
     count: int | None,
     seed: int | None,
+    skip: int,
     skip_bad: bool,
     err: Console,
     files: ExitStack,
 ) -> tuple[Iterable[Sample], int]:
-    """The events to send and how many, both lazily: a file is checked whole first (a bad line stops the
-    run before anything is sent), then read again as its events are sent (a stream: from a copy of its events
-    that `files` removes)."""
+    """The events to send and how many, both lazily, the first `skip` left out: a file is checked whole
+    first (a bad line stops the run before anything is sent), then read again as its events are sent (a
+    stream: from a copy of its events that `files` removes)."""
     try:
         chosen = parse_types(types)
     except ValueError as exc:
         fail(str(exc))
     if file is None:
         n = count or DEFAULT_COUNT
-        return iter_events(SampleFactory(seed), chosen, shape, n), n
+        if skip >= n:
+            fail(f"--skip {skip} leaves none of the {n} events to send")
+        # Made and dropped: with --seed the events after them are the same as in the run being resumed.
+        return itertools.islice(iter_events(SampleFactory(seed), chosen, shape, n), skip, None), n - skip
     # --file without --type sends every line, unrouted ones too (the ingress's dead-letter path).
     wanted = chosen if types else tuple(EventType)
     try:
@@ -216,8 +221,20 @@ def _events(
     for bad in scan.skipped:
         err.print(terminal_safe(f"skipped {file} {bad}"), soft_wrap=True)
     n = scan.events if count is None else min(count, scan.events)
+    if skip >= n:
+        fail(f"--skip {skip} leaves none of the {n} events of {file} to send")
     # Read again as the events are sent: the file is never held in memory.
-    return itertools.islice(stream_jsonl(scan.path, wanted), n), n
+    return itertools.islice(stream_jsonl(scan.path, wanted), skip, n), n - skip
+
+
+def _resume_hint(stats: Stats, skip: int, n_events: int) -> str | None:
+    """How to send again from the first event not accepted; None when that is this run's first event (the
+    same command again) or there is none."""
+    if not 0 < stats.accepted_prefix < n_events:
+        return None
+    return (
+        f"events before the first one not accepted were: --skip {skip + stats.accepted_prefix} sends the rest"
+    )
 
 
 def send_command(
@@ -275,6 +292,15 @@ def send_command(
     on_bad_line: Annotated[
         str, typer.Option(callback=utf8, help="A malformed --file line: stop or skip.")
     ] = "stop",
+    skip: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=sys.maxsize,
+            help="Leave out the first N events of --file (or of --seed's): resumes a run that stopped; its "
+            "last lines say N.",
+        ),
+    ] = 0,
     bad_signature: Annotated[
         bool,
         typer.Option("--bad-signature", help="Sign with a wrong key; success means every event rejected."),
@@ -312,6 +338,10 @@ def send_command(
         fail("--bad-signature and --stale are separate tests; choose one")
     if no_retry and retry_schedule is not None:
         fail("--no-retry and --retry-schedule contradict each other; choose one")
+    # Only a file or a seed makes the same events again; a run's own are new each time.
+    resumable = file is not None or seed is not None
+    if skip and not resumable:
+        fail("--skip resumes a run of the same events: it needs --file or --seed")
     schedule: tuple[float, ...] = () if no_retry else SENT_RETRY_SCHEDULE
     if retry_schedule is not None:  # an empty one is refused, not taken for Sent's whole schedule
         try:
@@ -327,7 +357,7 @@ def send_command(
     mode = SigningMode.BAD_SIGNATURE if bad_signature else SigningMode.STALE if stale else SigningMode.VALID
     with ExitStack() as files:
         samples, n_events = _events(
-            file, type_ or [], shape_choice, count, seed, on_bad_line == "skip", err, files
+            file, type_ or [], shape_choice, count, seed, skip, on_bad_line == "skip", err, files
         )
         if not n_events:
             fail("no events to send")
@@ -364,6 +394,13 @@ def send_command(
             # What was accepted before the interrupt: the progress line that said so is gone with it.
             if so_far:
                 Console().print(summary_table(so_far[0], n_events, target))
+                hint = (
+                    _resume_hint(so_far[0], skip, n_events)
+                    if resumable and mode is SigningMode.VALID
+                    else None
+                )
+                if hint:
+                    err.print(hint, soft_wrap=True, highlight=False)
             raise
 
     Console().print(summary_table(stats, n_events, target))
@@ -374,7 +411,11 @@ def send_command(
             flag = "--" + mode.value.replace("_", "-")
             fail(f"{stats.accepted} of {stats.done} deliveries were accepted despite {flag}")
     elif stats.not_accepted:
-        fail(f"{stats.not_accepted} of {stats.done} deliveries were not accepted")
+        hint = _resume_hint(stats, skip, n_events) if resumable else None
+        fail(
+            f"{stats.not_accepted} of {stats.done} deliveries were not accepted"
+            + (f"; {hint}" if hint else "")
+        )
 
 
 def trigger_command(

@@ -40,7 +40,7 @@ from sentpipe.sender import (
     plan_deliveries,
     probe,
 )
-from sentpipe.sender.delivery import check_url, parse_schedule, shown
+from sentpipe.sender.delivery import Attempt, check_url, parse_schedule, shown
 from sentpipe.sender.plan import (
     BadLine,
     Delivery,
@@ -659,6 +659,65 @@ async def test_a_file_is_streamed_and_a_line_without_end_is_refused_not_read_who
     assert "line 1: longer than 16,777,216 bytes" in one_line_error(zero)
 
 
+async def test_a_file_run_that_failed_says_where_to_resume_and_skip_resumes_there(
+    stub: Stub, tmp_path: Path
+) -> None:
+    """A `--file` run that stopped half way could only be sent again whole: a million events for the last
+    few. Its error names the `--skip` that sends the rest from the first event not accepted."""
+    events = tmp_path / "events.jsonl"
+    lines = [s.body for s in SampleFactory(11).mix(20)]
+    events.write_bytes(b"\n".join(lines) + b"\n")
+    stub.answer = lambda n: 400 if n == 5 else 200
+    one = ("--concurrency", "1", "--no-retry")
+    failed = await cli("send", stub.url, "--file", str(events), *one)
+    assert "1 of 20 deliveries were not accepted" in one_line_error(failed)
+    assert one_line_error(failed).endswith("--skip 4 sends the rest"), failed.stderr
+    stub.hits.clear()
+    stub.answer = lambda n: 200
+    resumed = await cli("send", stub.url, "--file", str(events), "--skip", "4", *one)
+    assert resumed.returncode == 0 and row(resumed.stdout, "events") == "16", resumed
+    assert [h.body for h in stub.hits] == lines[4:]
+    too_far, no_source = await asyncio.gather(
+        cli("send", stub.url, "--file", str(events), "--skip", "20"),
+        cli("send", stub.url, "--skip", "3"),  # events made anew: a skip would resume nothing
+    )
+    assert "--skip 20 leaves none of the 20 events" in one_line_error(too_far)
+    assert "--skip resumes a run of the same events: it needs --file or --seed" in one_line_error(no_source)
+
+
+async def test_skip_with_a_seed_sends_the_seeds_later_events(stub: Stub) -> None:
+    whole = await cli("send", stub.url, "--seed", "3", "--count", "12", "--concurrency", "1")
+    bodies = [h.body for h in stub.hits]
+    stub.hits.clear()
+    rest = await cli("send", stub.url, "--seed", "3", "--count", "12", "--skip", "5", "--concurrency", "1")
+    assert whole.returncode == 0 and rest.returncode == 0, (whole, rest)
+    assert [h.body for h in stub.hits] == bodies[5:]
+
+
+def test_the_accepted_prefix_waits_for_events_out_of_order_and_stops_at_a_failure() -> None:
+    stats = Stats()
+
+    def outcome(index: int, status: int, duplicate: bool = False) -> Outcome:
+        delivery = Delivery("msg_x", b"{}", "messages", EventType.MESSAGE_STATUS, index, duplicate)
+        return Outcome(delivery, (Attempt(1, status, None, 0.001),))
+
+    for index, status in [(1, 200), (2, 200), (0, 500)]:
+        stats.record_outcome(outcome(index, status))
+    assert stats.accepted_prefix == 0
+    stats = Stats()
+    for index, status in [(2, 200), (0, 200), (3, 200)]:
+        stats.record_outcome(outcome(index, status))
+    assert stats.accepted_prefix == 1  # 1 is still out
+    stats.record_outcome(outcome(1, 200, duplicate=True))  # a redelivery's outcome is not the event's
+    assert stats.accepted_prefix == 1
+    stats.record_outcome(outcome(5, 400))
+    stats.record_outcome(outcome(6, 200))  # past the failure: kept out
+    stats.record_outcome(outcome(1, 200))
+    assert stats.accepted_prefix == 4
+    stats.record_outcome(outcome(4, 200))
+    assert stats.accepted_prefix == 5  # not past 5, which failed
+
+
 async def test_events_piped_in_are_sent_not_read_twice(stub: Stub) -> None:
     """`--file /dev/stdin` (a pipe, process substitution): the file is checked whole and then read again
     to send it, and a pipe read again is empty. The run sent nothing and exited 0."""
@@ -722,20 +781,24 @@ async def test_ctrl_c_ends_a_send_with_status_130_and_says_so(stub: Stub) -> Non
         sys.executable,
         "-c",
         CLI_SCRIPT,
-        *("send", stub.url, "--rate", "2", "--count", "100"),
+        *("send", stub.url, "--rate", "2", "--count", "100", "--seed", "1"),
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    for _ in range(600):  # the first delivery shows the run is under way, its SIGINT handling too
-        if stub.hits:
+    # The first delivery shows the run is under way; the second, that the first's answer is in.
+    for _ in range(600):
+        if len(stub.hits) >= 2:
             break
         await asyncio.sleep(0.05)
-    assert stub.hits
+    assert len(stub.hits) >= 2
     proc.send_signal(signal.SIGINT)
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 130 and err.decode().strip().splitlines()[-1] == "interrupted", err
     assert len(stub.hits) < 100
+    # Where to go on from: no further than what was accepted (--seed makes the same events again).
+    resume = re.search(r"--skip (\d+) sends the rest$", err.decode().strip().splitlines()[-2])
+    assert resume is not None and 1 <= int(resume[1]) <= len(stub.hits), err
 
 
 async def test_bad_input_is_a_one_line_error(tmp_path: Path) -> None:
