@@ -104,21 +104,36 @@ class Gatherer:
             def setup(self) -> None:
                 super().setup()
                 # So the whole head (one request per connection: HTTP/1.0) has IDLE_TIMEOUT_S.
+                self.cut_off = False
+                self._head_done = False
+                self._head_lock = threading.Lock()  # the 408 and the handler's own answer: never both
                 self._head_timer = threading.Timer(IDLE_TIMEOUT_S, self._cut_off)
                 self._head_timer.daemon = True
                 self._head_timer.start()
 
             def _cut_off(self) -> None:
-                self.cut_off = True
+                with self._head_lock:
+                    if self._head_done:
+                        return
+                    self.cut_off = True
+                # From the timer's thread: the handler's is blocked reading the head, and this ends it.
+                detail = f"the request's headers did not arrive within {IDLE_TIMEOUT_S:g}s"
+                body = json.dumps({"error": "header_timeout", "detail": detail}).encode()
                 with contextlib.suppress(OSError):
+                    self.connection.sendall(
+                        b"HTTP/1.0 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+                    )
                     self.connection.shutdown(socket.SHUT_RDWR)
 
             def parse_request(self) -> bool:
                 try:
                     parsed = super().parse_request()
                 finally:
+                    with self._head_lock:
+                        self._head_done = True
                     self._head_timer.cancel()
-                return parsed and not getattr(self, "cut_off", False)  # cut off: a head read to its EOF
+                return parsed and not self.cut_off  # cut off: a head read to its EOF, answered 408
 
             def finish(self) -> None:
                 self._head_timer.cancel()
@@ -127,6 +142,8 @@ class Gatherer:
             def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
                 # JSON like every other answer; the stock page quoted the request's bytes back.
                 self.close_connection = True
+                if self.cut_off:
+                    return  # a head cut short by its timeout: answered 408 already
                 self.request_version = "HTTP/1.0"  # a request line it could not read left 0.9: no headers
                 try:
                     phrase = HTTPStatus(code).phrase

@@ -104,7 +104,9 @@ def test_the_ingress_supervisors_metrics_port_times_out_heads_and_answers_malfor
 ) -> None:
     proc, _, mport = start_workers(settings, tmp_path)
     try:
-        trickled_head(mport)  # closed: the supervisor's server has no answer to give a head cut off
+        answer = trickled_head(mport)  # it closed the connection without a word
+        assert answer.startswith(b"HTTP/1.0 408"), answer
+        assert orjson.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "header_timeout"
         assert_json_400(malformed_answer(mport, MALFORMED_LINE))
     finally:
         proc.stop()
