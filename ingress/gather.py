@@ -99,7 +99,9 @@ class Gatherer:
         gatherer = self
 
         class Handler(BaseHTTPRequestHandler):
-            timeout = IDLE_TIMEOUT_S  # per read only: a byte every few seconds went on for ever
+            # Per read only (a byte every few seconds went on for ever); longer than the head's timer, whose
+            # 408 it would otherwise race to close a silent connection without a word.
+            timeout = IDLE_TIMEOUT_S + 1
 
             def setup(self) -> None:
                 super().setup()

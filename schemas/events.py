@@ -263,7 +263,7 @@ def _load_object(body: bytes, *, nul: bool = True, exact: bool = True) -> dict[s
             raise MalformedEvent("too_deep", f"body nests deeper than {MAX_DEPTH} levels") from None
         # Valid JSON: "not valid JSON" would send people looking for a typo.
         if "beyond what can be held" in str(exc):
-            detail = "body has a number no decimal holds (an exponent of 19+ digits)"
+            detail = "body has a number no decimal holds (an exponent beyond 10^18 in size)"
             raise MalformedEvent("not_json", detail) from None
         raise MalformedEvent("not_json", "body is not valid JSON") from None
     if not isinstance(doc, dict):

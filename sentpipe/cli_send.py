@@ -209,7 +209,7 @@ def _events(
         if skip >= n:
             fail(f"--skip {skip} leaves none of the {n} events to send")
         # Made and dropped: with --seed the events after them are the same as in the run being resumed.
-        return itertools.islice(iter_events(SampleFactory(seed), chosen, shape, n), skip, None), n - skip
+        return _passed_over(iter_events(SampleFactory(seed), chosen, shape, n), skip), n - skip
     # --file without --type sends every line, unrouted ones too (the ingress's dead-letter path).
     wanted = chosen if types else tuple(EventType)
     try:
@@ -224,7 +224,14 @@ def _events(
     if skip >= n:
         fail(f"--skip {skip} leaves none of the {n} events of {file} to send")
     # Read again as the events are sent: the file is never held in memory.
-    return itertools.islice(stream_jsonl(scan.path, wanted), skip, n), n - skip
+    return itertools.islice(_passed_over(stream_jsonl(scan.path, wanted), skip), n - skip), n - skip
+
+
+def _passed_over(events: Iterator[Sample], skip: int) -> Iterator[Sample]:
+    """`events` with the first `skip` read and dropped now. Dropped lazily, inside the run, they held its
+    first deliveries back (15 us an event) and then `--rate`'s pacing sent the backlog all at once."""
+    next(itertools.islice(events, skip, skip), None)
+    return events
 
 
 def _resume_hint(stats: Stats, skip: int, n_events: int) -> str | None:
@@ -232,9 +239,8 @@ def _resume_hint(stats: Stats, skip: int, n_events: int) -> str | None:
     same command again) or there is none."""
     if not 0 < stats.accepted_prefix < n_events:
         return None
-    return (
-        f"events before the first one not accepted were: --skip {skip + stats.accepted_prefix} sends the rest"
-    )
+    resume_at = skip + stats.accepted_prefix
+    return f"every event before the first one not accepted was accepted: --skip {resume_at} sends the rest"
 
 
 def send_command(
