@@ -134,12 +134,13 @@ ERROR_CODES = {
 
 def problem(status: int, message: str, code: str | None = None) -> web.Response:
     """An error answer: `error`, one line for a person; `code`, the fixed word a script tests."""
-    return send_json({"error": message, "code": code or ERROR_CODES.get(status, "error")}, status)
+    body = problem_body(code or ERROR_CODES.get(status, "error"), message)
+    return web.Response(body=body, status=status, content_type="application/json")
 
 
 def problem_body(code: str, message: str) -> bytes:
-    """`problem`'s shape for what the HTTP guard answers before a handler runs (it is the ingress's
-    `{error: code, detail}` by default, and a script testing `code` found none)."""
+    """`problem`'s body; also what the HTTP guard answers before a handler runs (its default is the
+    ingress's `{error: code, detail}`, and a script testing `code` found none)."""
     return dumps({"error": message, "code": code})
 
 
