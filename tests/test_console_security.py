@@ -7,6 +7,7 @@ production); the browser tests (test_console_browser.py) show the same from a re
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -17,6 +18,7 @@ from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
 
 from sentpipe.console import check_bind, create_app
+from sentpipe.console.app import SAMPLER, send_json
 from sentpipe.settings import Settings
 from tests.processes import settings_env
 
@@ -215,3 +217,47 @@ async def test_test_events_only_with_the_development_secret(settings: Settings) 
                 assert resp.status == 403 and "development secret" in (await resp.json())["error"]
     finally:
         await server.close()
+
+
+PASSWORD = "pa55-in-a-url-9f3c"
+
+
+async def test_a_password_in_the_ingress_url_is_not_in_the_test_events_answer(
+    settings: Settings, ingress: str
+) -> None:
+    """`POST /api/trigger` answered the ingress URL as configured: a password in it came back to the page."""
+    target = ingress.replace("http://", f"http://someone:{PASSWORD}@") + "/webhooks/sent"
+    s = settings.model_copy(update={"console_ingress_url": target, "console_metrics_urls": []})
+    server = TestServer(create_app(s), host="127.0.0.1")
+    await server.start_server()
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as http:
+            async with http.get(f"{base}/api/session") as resp:
+                csrf = (await resp.json())["csrf"]
+            async with http.post(
+                f"{base}/api/trigger", json={"type": "message.status.updated"}, headers={"X-CSRF-Token": csrf}
+            ) as resp:
+                text = await resp.text()
+                assert resp.status == 200, text
+        assert PASSWORD not in text and "someone" not in text, text
+        assert f'"url":"{ingress}/webhooks/sent"' in text, text
+    finally:
+        await server.close()
+
+
+async def test_a_password_in_a_metrics_url_is_not_in_the_overview(settings: Settings) -> None:
+    """A metrics URL that could not be scraped was listed under `problems.metrics` as configured."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://someone:{PASSWORD}@127.0.0.1:{port}/metrics"
+    app = create_app(settings.model_copy(update={"console_metrics_urls": [url]}))
+    sampler = app[SAMPLER]
+    async with ClientSession() as http:
+        await sampler._scrape(http)
+    text = send_json(sampler.overview()).text or ""
+    assert PASSWORD not in text and "someone" not in text, text
+    assert sampler.overview()["problems"]["metrics"] == {
+        f"http://127.0.0.1:{port}/metrics": "ClientConnectorError"
+    }

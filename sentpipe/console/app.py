@@ -52,6 +52,7 @@ from sentpipe.schemas.events import ROUTED_TYPES, EventType, parse_time, searche
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.sender.delivery import Outcome, Unreachable, deliver, probe
+from sentpipe.sender.delivery import shown as without_password
 from sentpipe.sender.plan import one_event, parse_shape, parse_status, plan_deliveries
 from sentpipe.settings import Settings
 
@@ -736,7 +737,7 @@ async def trigger(request: web.Request) -> web.StreamResponse:
     event_id = answer.get("event_id") if isinstance(answer, dict) else None
     return send_json(
         {
-            "url": target,
+            "url": without_password(target),  # aiohttp sends a password in it as Basic auth: never shown
             "webhook_id": delivery.webhook_id,
             "status": final.status,
             "outcome": final.outcome,

@@ -27,6 +27,7 @@ from sentpipe.kafka import committed_offsets, existing_partitions
 from sentpipe.processors.offsets import Log
 from sentpipe.processors.topics import projections_group
 from sentpipe.schemas.topics import Topics
+from sentpipe.sender.delivery import shown as without_password
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.console")
@@ -137,9 +138,11 @@ class Sampler:
                     text = await resp.text()
                 for name, value in scrape_totals(text).items():
                     totals[name] = totals.get(name, 0.0) + value
-                self.scrape_errors.pop(url, None)
+                self.scrape_errors.pop(without_password(url), None)
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                self.scrape_errors[url] = type(exc).__name__
+                # Keyed by the URL as shown: the overview's answer lists these, and a password in a
+                # metrics URL is a credential.
+                self.scrape_errors[without_password(url)] = type(exc).__name__
         return totals
 
     # --- the page's JSON ----------------------------------------------------------------------------------
