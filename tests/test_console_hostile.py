@@ -555,3 +555,45 @@ async def test_wrong_tokens_are_answered_one_at_a_time(console: str) -> None:
         assert await asyncio.gather(*(guess(n) for n in range(6))) == [401] * 6
         # A lower bound only: the sleeps cannot end early, however busy the machine.
         assert time.monotonic() - started >= 6 * 0.5
+
+
+async def raw_request(base: str, head: bytes) -> tuple[int, dict[str, Any]]:
+    """One request written byte for byte (aiohttp's client sends only text headers); its status and JSON."""
+    url = URL(base)
+    assert url.host is not None and url.port is not None
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        answer = await reader.read()
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    _, _, body = rest.partition(b"\r\n\r\n")
+    return int(status_line.split()[1]), orjson.loads(body)
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_bytes_that_are_not_utf8_in_the_cookie_or_the_csrf_header_are_a_wrong_token(
+    console: str, http: tuple[ClientSession, str, dict[str, str]]
+) -> None:
+    """They raised UnicodeEncodeError where the token was compared: a 500 and a logged traceback, for
+    anyone who could reach the sign-in form."""
+    client, base, _ = http
+    host = URL(base).authority.encode()
+    form = b"csrf=abc&token=def"
+    status, body = await raw_request(
+        base,
+        b"POST /login HTTP/1.1\r\nHost: " + host + b"\r\nCookie: sentpipe_console_login=\xff\xfe\x80\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % len(form) + form,
+    )
+    assert (status, body["code"]) == (403, "bad_csrf_token"), body
+    cookie = client.cookie_jar.filter_cookies(URL(base))["sentpipe_console"].value.encode()
+    status, body = await raw_request(
+        base,
+        b"POST /api/replay HTTP/1.1\r\nHost: " + host + b"\r\nCookie: sentpipe_console=" + cookie + b"\r\n"
+        b"X-CSRF-Token: \xff\xfe\x80\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+        b"Connection: close\r\n\r\n{}",
+    )
+    assert (status, body["code"]) == (403, "bad_csrf_token"), body

@@ -129,17 +129,23 @@ class Sessions:
             tier.pop(s.id, None)
 
     def token_matches(self, offered: str) -> bool:
-        return self.token is not None and hmac.compare_digest(offered.encode(), self.token.encode())
+        return self.token is not None and hmac.compare_digest(as_bytes(offered), self.token.encode())
 
     def login_csrf(self, nonce: str) -> str:
         """The sign-in form's CSRF token for the nonce in its cookie: nothing kept, nothing to flood."""
-        return hmac.new(self._key, b"login:" + nonce.encode(), hashlib.sha256).hexdigest()
+        return hmac.new(self._key, b"login:" + as_bytes(nonce), hashlib.sha256).hexdigest()
 
     def login_csrf_ok(self, request: web.Request, offered: str) -> bool:
         nonce = request.cookies.get(LOGIN_COOKIE)
         if not nonce or not offered or not same_origin(request):
             return False
-        return hmac.compare_digest(offered.encode(), self.login_csrf(nonce).encode())
+        return hmac.compare_digest(as_bytes(offered), self.login_csrf(nonce).encode())
+
+
+def as_bytes(text: str) -> bytes:
+    """A client's text as bytes to compare. aiohttp hands on header bytes that are not UTF-8 as lone
+    surrogates, which a plain encode() refuses (a 500 before sign-in); such text matches no token."""
+    return text.encode("utf-8", "surrogatepass")
 
 
 def set_cookie(response: web.StreamResponse, request: web.Request, session: Session) -> None:
@@ -181,7 +187,7 @@ def csrf_ok(request: web.Request, session: Session | None, form_value: str | Non
     if session is None or not same_origin(request):
         return False
     offered = request.headers.get(CSRF_HEADER) or form_value or ""
-    return bool(offered) and hmac.compare_digest(offered.encode(), session.csrf.encode())
+    return bool(offered) and hmac.compare_digest(as_bytes(offered), session.csrf.encode())
 
 
 def host_is_loopback(request: web.Request) -> bool:
