@@ -597,3 +597,15 @@ async def test_bytes_that_are_not_utf8_in_the_cookie_or_the_csrf_header_are_a_wr
         b"Connection: close\r\n\r\n{}",
     )
     assert (status, body["code"]) == (403, "bad_csrf_token"), body
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_a_search_whose_since_is_not_before_its_until_is_400(
+    http: tuple[ClientSession, str, dict[str, str]],
+) -> None:
+    """It answered 200 with no rows, as if no event had come in; replay refuses the same range."""
+    client, base, _ = http
+    for since, until in (("2026-01-02T00:00:00Z", "2026-01-01T00:00:00Z"), ("2026-01-01T00:00:00Z",) * 2):
+        status, body = await answer(client, "GET", f"{base}/api/search?since={since}&until={until}")
+        assert (status, body["code"]) == (400, "bad_request"), body
+        assert "is not before until" in body["error"], body

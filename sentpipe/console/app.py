@@ -536,12 +536,18 @@ async def search(request: web.Request) -> web.StreamResponse:
         types = frozenset(r.parse_event_types(listed(q.get("type"), "type")))
     except ValueError as exc:
         return problem(400, str(exc))
+    since, until = _time(q.get("since"), "since"), _time(q.get("until"), "until")
+    if since is not None and until is not None and since >= until:
+        # As replay refuses it: an empty range answered "no events" as if there were none.
+        raise Refused(
+            f"since {shown(q['since'])} is not before until {shown(q['until'])}: the time range is empty"
+        )
     query = history.HistoryQuery(
         text=text_param(q, "q"),
         tenant=text_param(q, "tenant"),
         types=types,
-        since=_time(q.get("since"), "since"),
-        until=_time(q.get("until"), "until"),
+        since=since,
+        until=until,
         page=int_param(q, "page", 0, 0, MAX_PAGE),
         page_size=int_param(q, "page_size", 50, 1, history.MAX_PAGE_SIZE),
     )
