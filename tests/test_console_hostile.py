@@ -25,7 +25,7 @@ from pydantic import SecretStr
 from yarl import URL
 
 from sentpipe.console import create_app
-from sentpipe.console.app import SESSIONS, SETTINGS, entry_json, send_json
+from sentpipe.console.app import SAMPLER, SESSIONS, SETTINGS, entry_json, send_json
 from sentpipe.console.auth import Session, Sessions
 from sentpipe.processors.dlq import DlqEntry
 from sentpipe.schemas import routing as r
@@ -609,3 +609,16 @@ async def test_a_search_whose_since_is_not_before_its_until_is_400(
         status, body = await answer(client, "GET", f"{base}/api/search?since={since}&until={until}")
         assert (status, body["code"]) == (400, "bad_request"), body
         assert "is not before until" in body["error"], body
+
+
+async def test_a_metrics_endpoint_answering_an_error_status_is_a_problem_not_a_scrape(
+    settings: Settings, console: str
+) -> None:
+    """A 401 or a 404 page parsed as an empty exposition: the overview listed no problem, and its
+    duplicates chart went flat."""
+    urls = [f"{console}/api/session", f"{console}/static/no-such-file"]  # 401 (signed out), 404: with bodies
+    app = create_app(settings.model_copy(update={"console_metrics_urls": urls}))
+    sampler = app[SAMPLER]
+    async with ClientSession() as client:
+        await sampler._scrape(client)
+    assert sampler.overview()["problems"]["metrics"] == {urls[0]: "HTTP 401", urls[1]: "HTTP 404"}

@@ -135,6 +135,11 @@ class Sampler:
         for url in metrics_urls(self.settings):
             try:
                 async with http.get(url) as resp:
+                    if resp.status != 200:
+                        # An error page parses as an empty exposition: it counted as a scrape with nothing
+                        # in it. Its status only: the body may be anything, a secret included.
+                        self.scrape_errors[without_password(url)] = f"HTTP {resp.status}"
+                        continue
                     text = await resp.text()
                 for name, value in scrape_totals(text).items():
                     totals[name] = totals.get(name, 0.0) + value
