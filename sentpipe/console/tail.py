@@ -117,6 +117,12 @@ class MinuteStats:
                 for m in [m for m in table if m < oldest]:
                     del table[m]
 
+    def replace(self, other: MinuteStats) -> None:
+        """Takes `other`'s counts as they are: a backfill counts the hour afresh, and adding its counts to
+        these counted every record read before again."""
+        with self.lock:
+            self.events_in, self.dead_letters = other.events_in, other.dead_letters
+
     def snapshot(self) -> tuple[dict[int, Counter[tuple[str, str]]], dict[int, Counter[str]]]:
         with self.lock:
             return (
@@ -153,6 +159,9 @@ class Tail:
         self.state = "starting"  # starting, backfilling, tailing, or an error line
         self.backfill_partial = False
         self.started_ms = int(clock() * 1000)
+        # (topic, partition) -> the offset after the last row sent to the pages: a second backfill (after a
+        # broker error) reads records the pages already have.
+        self._shown: dict[tuple[str, int], int] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -183,13 +192,18 @@ class Tail:
                 sub.offer(row)
 
     # --- the Kafka side (thread) ------------------------------------------------------------------------
-    def _publish(self, rows: list[Row]) -> None:
+    def _publish(self, rows: list[Row], counts: MinuteStats | None = None) -> None:
         if not rows:
             return
-        self.stats.add(rows)
-        if self._loop is not None and not self._loop.is_closed():
+        (counts or self.stats).add(rows)
+        # Against the offsets shown before this batch: a backfill's last batch is in time order, not offsets.
+        new = [row for row in rows if row["offset"] >= self._shown.get((row["topic"], row["partition"]), 0)]
+        for row in new:
+            key = row["topic"], row["partition"]
+            self._shown[key] = max(self._shown.get(key, 0), row["offset"] + 1)
+        if new and self._loop is not None and not self._loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                self._loop.call_soon_threadsafe(self._fanout, rows)
+                self._loop.call_soon_threadsafe(self._fanout, new)
 
     def _describe(self, msg: Message) -> Row:
         if msg.topic() == self.topics.dlq:
@@ -211,6 +225,7 @@ class Tail:
         self.state = "backfilling"
         since = int(self.clock() * 1000) - HOUR_MS
         ends: dict[tuple[str, int], int] = {}
+        counts = MinuteStats()  # swapped in at the end: the hour is counted afresh on every backfill
         with Log(self.settings, timeout=10.0) as kafka:
             ranges: list[Range] = []
             for topic in (self.topics.raw, self.topics.dlq):
@@ -219,16 +234,19 @@ class Tail:
                     self.backfill_partial |= start > x.start
                     ranges.append(Range(x.topic, x.partition, start, x.end))
                     ends[x.topic, x.partition] = x.end
+                    if x.end < self._shown.get((x.topic, x.partition), 0):  # the topic was made anew
+                        self._shown[x.topic, x.partition] = 0
             batch: list[Row] = []
             for msg in kafka.read(ranges):
                 if self._stop.is_set():
                     break
                 batch.append(self._describe(msg))
                 if len(batch) >= 500:
-                    self._publish(batch)
+                    self._publish(batch, counts)
                     batch = []
             batch.sort(key=lambda row: row["time"])
-            self._publish(batch)
+            self._publish(batch, counts)
+        self.stats.replace(counts)
         return ends
 
     def _follow(self, ends: dict[tuple[str, int], int]) -> None:
