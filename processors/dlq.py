@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -423,23 +424,29 @@ def redrive(
     dry_run: bool = False,
     progress: Progress | None = None,
     timeout: float = 10.0,
+    stop: threading.Event | None = None,
 ) -> RunResult:
     """One pass over the DLQ as it is now, past the records an earlier redrive took; records it dead-letters
-    again land after the end and wait for the next pass."""
+    again land after the end and wait for the next pass. `stop` as for `replay`."""
     try:
-        return _redrive(settings, sel, dry_run, progress, timeout)
+        return _redrive(settings, sel, dry_run, progress, timeout, stop)
     except KeyboardInterrupt:  # Ctrl-C before it began to read
         raise OpsError(REDRIVE_AT_ONCE) from None
 
 
 def _redrive(
-    settings: Settings, sel: DlqSelection, dry_run: bool, progress: Progress | None, timeout: float
+    settings: Settings,
+    sel: DlqSelection,
+    dry_run: bool,
+    progress: Progress | None,
+    timeout: float,
+    stop_event: threading.Event | None,
 ) -> RunResult:
     topics = Topics(settings.topic_prefix)
     result = RunResult(new_run_id(), dry_run)
     lost = False
     done = total = 0
-    with Log(settings, timeout) as kafka, interruptible(REDRIVE_AT_ONCE) as stop:
+    with Log(settings, timeout) as kafka, interruptible(REDRIVE_AT_ONCE, stop_event) as stop:
         if not dry_run and topics.dlq_redriven not in kafka.topics:
             raise OpsError(
                 f"topic {topics.dlq_redriven} does not exist on {kafka.bootstrap}: run `sentpipe topics "

@@ -166,10 +166,12 @@ def replay(
     dry_run: bool = False,
     progress: Progress | None = None,
     timeout: float = 10.0,
+    stop: threading.Event | None = None,
 ) -> RunResult:
+    """`stop`, set: end after the record in hand (as on SIGTERM)."""
     topics = Topics(settings.topic_prefix)
     try:
-        return _replay(settings, topics, window, flt, dry_run, progress, timeout)
+        return _replay(settings, topics, window, flt, dry_run, progress, timeout, stop)
     except KeyboardInterrupt:
         # Ctrl-C before it began to read: a line and a non-zero status, not typer's Exit(130) that
         # `sentpipe` ends with 0.
@@ -184,8 +186,9 @@ def _replay(
     dry_run: bool,
     progress: Progress | None,
     timeout: float,
+    stop_event: threading.Event | None,
 ) -> RunResult:
-    with Log(settings, timeout) as kafka, interruptible(REPLAY_AT_ONCE) as stop:
+    with Log(settings, timeout) as kafka, interruptible(REPLAY_AT_ONCE, stop_event) as stop:
         n = kafka.partition_count(topics.raw)
         kafka.check_partitions(topics.raw, window.named_partitions)
         # Event ids are record keys: look in their partitions first, and in the others only for ids not
@@ -209,14 +212,14 @@ def _replay(
 
 
 @contextlib.contextmanager
-def interruptible(at_once: str) -> Iterator[threading.Event]:
+def interruptible(at_once: str, stop: threading.Event | None = None) -> Iterator[threading.Event]:
     """Ctrl-C (SIGINT) or SIGTERM as a request to stop: a replay or redrive ends after the record in hand
     and waits for what it has sent, instead of a KeyboardInterrupt raised inside librdkafka's calls (where
     it surfaced as a SystemError, or as typer's Exit(130), which `sentpipe` ended with status 0 and no
     word), or a SIGTERM (a job's timeout, an orchestrator) ending it between a send and its ledger record.
-    A second signal ends the process at once with the line `at_once`. Only in the main thread (the console
-    runs replays in others)."""
-    stop = threading.Event()
+    A second signal ends the process at once with the line `at_once`. Signals only in the main thread: the
+    console runs replays in others, and passes `stop`, which it sets on its own SIGTERM."""
+    stop = threading.Event() if stop is None else stop
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return

@@ -14,6 +14,7 @@ import random
 import re
 import secrets
 import signal
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -36,7 +37,7 @@ from sentpipe.console.auth import (
     set_cookie,
     set_login_cookie,
 )
-from sentpipe.console.jobs import Busy, Job, Jobs, Kind, fingerprint
+from sentpipe.console.jobs import Busy, Job, Jobs, Kind, Work, fingerprint
 from sentpipe.console.overview import Sampler
 from sentpipe.console.tail import Tail
 from sentpipe.guarded_http import guard
@@ -599,7 +600,7 @@ async def dlq_entry(request: web.Request) -> web.StreamResponse:
 
 
 def _start(
-    request: web.Request, kind: Kind, params: dict[str, Any], dry_run: bool, work: Callable[..., Any]
+    request: web.Request, kind: Kind, params: dict[str, Any], dry_run: bool, work: Work
 ) -> web.Response:
     session: Session = request[SESSION]
     fp = fingerprint(kind, params)
@@ -643,8 +644,8 @@ async def dlq_redrive(request: web.Request) -> web.StreamResponse:
     sel = dlq_ops.make_selection(**params)  # bad input fails here, before any job starts
     settings = request.app[SETTINGS]
 
-    def work(progress: replay_ops.Progress) -> replay_ops.RunResult:
-        return dlq_ops.redrive(settings, sel, dry_run=dry_run, progress=progress)
+    def work(progress: replay_ops.Progress, stop: threading.Event) -> replay_ops.RunResult:
+        return dlq_ops.redrive(settings, sel, dry_run=dry_run, progress=progress, stop=stop)
 
     return _start(request, "redrive", params, dry_run, work)
 
@@ -685,8 +686,8 @@ async def replay(request: web.Request) -> web.StreamResponse:
     if dry_run and window.named_partitions:
         await off_loop(check_raw_partitions, settings, window.named_partitions)
 
-    def work(progress: replay_ops.Progress) -> replay_ops.RunResult:
-        return replay_ops.replay(settings, window, flt, dry_run=dry_run, progress=progress)
+    def work(progress: replay_ops.Progress, stop: threading.Event) -> replay_ops.RunResult:
+        return replay_ops.replay(settings, window, flt, dry_run=dry_run, progress=progress, stop=stop)
 
     return _start(request, "replay", params, dry_run, work)
 
@@ -819,7 +820,14 @@ def create_app(settings: Settings) -> web.Application:
             sub.end()
 
     app.cleanup_ctx.append(background)
+
+    async def stop_job(app: web.Application) -> None:
+        # SIGTERM reaches only the main thread: without this a running job went on (and the process with
+        # it) until SIGKILL, perhaps between a send and its ledger record.
+        await app[JOBS].stop()
+
     app.on_shutdown.append(end_streams)
+    app.on_shutdown.append(stop_job)
     app.router.add_get("/", index)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/login", login_page)

@@ -4,12 +4,17 @@ The work is `processors.replay.replay` and `processors.dlq.redrive`, the functio
 `sentpipe dlq redrive` call; this only runs them off the event loop and keeps their progress and result
 for the page to poll. A real run must follow a finished dry run of exactly the same settings in the same
 browser session (the fingerprint of the settings), so nobody replays or redrives without seeing the count.
+On shutdown the running job is asked to stop after the record in hand, as `sentpipe replay` is on SIGTERM,
+and waited for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -20,7 +25,14 @@ import orjson
 
 from sentpipe.processors.replay import Progress, RunResult
 
+log = logging.getLogger("sentpipe.console")
+
 Kind = Literal["replay", "redrive"]
+# The work: its progress callback, and an event set when it is to stop after the record in hand.
+Work = Callable[[Progress, threading.Event], RunResult]
+# Long enough for a stopped run to flush what it sent (a replay's producer waits up to 30 s for a broker
+# gone away) and write the redrive ledger; the process exits after it even if the job has not ended.
+STOP_TIMEOUT_S = 40.0
 
 
 def fingerprint(kind: Kind, params: dict[str, Any]) -> str:
@@ -57,6 +69,7 @@ class Job:
     finished: float | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
+    stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def progress(self, done: int, total: int) -> None:  # called from the job's thread
         self.done, self.total = done, total
@@ -93,7 +106,7 @@ class Jobs:
     def start(
         self,
         job: Job,
-        work: Callable[[Progress], RunResult],
+        work: Work,
         on_done: Callable[[Job], None],
         describe_error: Callable[[BaseException], str],
     ) -> Job:
@@ -104,10 +117,32 @@ class Jobs:
         while len(self.by_id) > 50:
             del self.by_id[next(iter(self.by_id))]
         loop = asyncio.get_running_loop()
+        ended: asyncio.Future[RunResult] = loop.create_future()
+
+        def settle(outcome: RunResult | BaseException) -> None:
+            if ended.done():  # cancelled: the loop is closing
+                return
+            if isinstance(outcome, BaseException):
+                ended.set_exception(outcome)
+            else:
+                ended.set_result(outcome)
+
+        def thread() -> None:
+            outcome: RunResult | BaseException
+            try:
+                outcome = work(job.progress, job.stop)
+            except BaseException as exc:
+                outcome = exc
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(settle, outcome)
+
+        # A daemon thread, not the default executor: asyncio.run waits for the executor's threads at exit,
+        # so a job that does not stop in time held the process until SIGKILL.
+        threading.Thread(target=thread, name=f"console-{job.kind}", daemon=True).start()
 
         async def run() -> None:
             try:
-                result = await loop.run_in_executor(None, work, job.progress)
+                result = await ended
             except Exception as exc:
                 job.error = describe_error(exc)
                 job.state = "failed"
@@ -122,3 +157,18 @@ class Jobs:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
+
+    async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Asks the running job to stop after the record in hand and waits for it, `timeout_s` at most."""
+        job = self.current
+        if job is None or job.state != "running":
+            return
+        job.stop.set()
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        if pending:
+            log.warning(
+                f"console: the {job.kind} did not stop within {timeout_s:g} s; exiting without it",
+                extra={"job": job.id},
+            )

@@ -1,0 +1,77 @@
+"""Replays and redrives started from the console, against the real broker: what a confirmed run reads, and
+how a running one ends when the console is stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession, web
+from aiohttp.test_utils import TestServer
+from pydantic import SecretStr
+
+from sentpipe.console import create_app
+from sentpipe.console.app import JOBS, describe_error
+from sentpipe.console.jobs import Job
+from sentpipe.processors import replay as replay_ops
+from sentpipe.processors.offsets import Window
+from sentpipe.schemas.topics import Topics
+from sentpipe.settings import Settings
+from tests.test_console_security import TOKEN
+from tests.test_console_tail import produce
+
+
+@pytest.fixture
+def app(settings: Settings) -> web.Application:
+    return create_app(
+        settings.model_copy(update={"console_token": SecretStr(TOKEN), "console_metrics_urls": []})
+    )
+
+
+@pytest.fixture
+async def server(app: web.Application) -> AsyncIterator[TestServer]:
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+async def run_job(
+    client: ClientSession, base: str, csrf: str, path: str, body: dict[str, Any]
+) -> dict[str, Any]:
+    """Starts a job and polls it to its end; its result."""
+    async with client.post(f"{base}{path}", json=body, headers={"X-CSRF-Token": csrf}) as resp:
+        job = await resp.json()
+        assert resp.status == 202, job
+    while job["state"] == "running":
+        await asyncio.sleep(0.2)
+        async with client.get(f"{base}/api/jobs/{job['id']}") as resp:
+            job = await resp.json()
+    assert job["state"] == "done", job
+    return job["result"]
+
+
+async def test_stopping_the_console_stops_a_running_replay_and_waits_for_it(
+    settings: Settings, topics: Topics, app: web.Application, server: TestServer
+) -> None:
+    """SIGTERM never reached a job's thread: the replay went on, and the process with it until SIGKILL,
+    perhaps between a send and its ledger record."""
+    produce(settings, topics.raw, 20)
+    reading = threading.Event()
+
+    def work(progress: replay_ops.Progress, stop: threading.Event) -> replay_ops.RunResult:
+        def held(done: int, total: int) -> None:
+            if total and not reading.is_set():  # the ranges are known, no record read: hold it here
+                reading.set()
+                stop.wait()
+
+        return replay_ops.replay(settings, Window(), replay_ops.Filter(), progress=held, stop=stop)
+
+    job = app[JOBS].start(Job("replay", False, "-", "-"), work, lambda job: None, describe_error)
+    assert await asyncio.get_running_loop().run_in_executor(None, reading.wait, 60)
+    await server.close()  # what SIGTERM ends in (`_serve`): the app's shutdown
+    assert job.state == "failed" and job.finished is not None, job
+    assert job.error is not None and "interrupted after 0 of 20 records" in job.error, job.error
