@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -40,6 +40,7 @@ from sentpipe.processors.offsets import (
     Range,
     Window,
     ascii_int,
+    capped,
     parse_since,
     timestamp_ms,
 )
@@ -425,11 +426,12 @@ def redrive(
     progress: Progress | None = None,
     timeout: float = 10.0,
     stop: threading.Event | None = None,
+    upto: Mapping[int, int] | None = None,
 ) -> RunResult:
     """One pass over the DLQ as it is now, past the records an earlier redrive took; records it dead-letters
-    again land after the end and wait for the next pass. `stop` as for `replay`."""
+    again land after the end and wait for the next pass. `stop` and `upto` as for `replay`."""
     try:
-        return _redrive(settings, sel, dry_run, progress, timeout, stop)
+        return _redrive(settings, sel, dry_run, progress, timeout, stop, upto)
     except KeyboardInterrupt:  # Ctrl-C before it began to read
         raise OpsError(REDRIVE_AT_ONCE) from None
 
@@ -441,6 +443,7 @@ def _redrive(
     progress: Progress | None,
     timeout: float,
     stop_event: threading.Event | None,
+    upto: Mapping[int, int] | None,
 ) -> RunResult:
     topics = Topics(settings.topic_prefix)
     result = RunResult(new_run_id(), dry_run)
@@ -461,7 +464,8 @@ def _redrive(
             raise OpsError(f"another redrive is running: {exc}") from None
         try:
             taken = redriven(kafka, topics, lock.held if lock is not None else None) or Ledger()
-            ranges = _ranges(kafka, topics.dlq, sel)
+            ranges = capped(_ranges(kafka, topics.dlq, sel), upto)
+            result.ends = {x.partition: x.end for x in ranges}
             total = sum(x.size for x in ranges)
             log.info(
                 "redrive started",

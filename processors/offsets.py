@@ -198,6 +198,17 @@ class Range:
         return max(0, self.end - self.start)
 
 
+def capped(ranges: Sequence[Range], upto: Mapping[int, int] | None) -> list[Range]:
+    """The ranges cut at `upto` (partition -> end offset, exclusive), a partition it does not name left
+    empty: a run confirmed from a dry run reads what the dry run counted, not what arrived since."""
+    if upto is None:
+        return list(ranges)
+    return [
+        Range(x.topic, x.partition, x.start, max(x.start, min(x.end, upto.get(x.partition, x.start))))
+        for x in ranges
+    ]
+
+
 class Log:
     """Read-only access to topics for one command: metadata, watermarks, bounded reads."""
 

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Literal
@@ -26,7 +26,7 @@ from confluent_kafka import KafkaError, Message, murmur2
 
 from sentpipe.broker import ProduceRejected
 from sentpipe.kafka import Producer
-from sentpipe.processors.offsets import Log, OpsError, Range, Window, timestamp_ms
+from sentpipe.processors.offsets import Log, OpsError, Range, Window, capped, timestamp_ms
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import EventType, MalformedEvent
 from sentpipe.schemas.topics import Topics
@@ -145,6 +145,9 @@ class RunResult:
     selected: Counter[tuple[str, str]] = field(default_factory=Counter)  # what Kafka took (or would be sent)
     failures: Counter[str] = field(default_factory=Counter)  # reason -> count
     missing_ids: list[str] = field(default_factory=list)
+    # partition -> the end offset (exclusive) it was read to: a dry run's, passed as `upto`, makes the real
+    # run read exactly the records it counted
+    ends: dict[int, int] = field(default_factory=dict)
 
 
 def key_partitions(keys: Iterable[str], partitions: int) -> set[int]:
@@ -167,11 +170,13 @@ def replay(
     progress: Progress | None = None,
     timeout: float = 10.0,
     stop: threading.Event | None = None,
+    upto: Mapping[int, int] | None = None,
 ) -> RunResult:
-    """`stop`, set: end after the record in hand (as on SIGTERM)."""
+    """`stop`, set: end after the record in hand (as on SIGTERM). `upto`: read no partition past this end
+    offset (exclusive), and none it does not name (a dry run's `ends`)."""
     topics = Topics(settings.topic_prefix)
     try:
-        return _replay(settings, topics, window, flt, dry_run, progress, timeout, stop)
+        return _replay(settings, topics, window, flt, dry_run, progress, timeout, stop, upto)
     except KeyboardInterrupt:
         # Ctrl-C before it began to read: a line and a non-zero status, not typer's Exit(130) that
         # `sentpipe` ends with 0.
@@ -187,6 +192,7 @@ def _replay(
     progress: Progress | None,
     timeout: float,
     stop_event: threading.Event | None,
+    upto: Mapping[int, int] | None,
 ) -> RunResult:
     with Log(settings, timeout) as kafka, interruptible(REPLAY_AT_ONCE, stop_event) as stop:
         n = kafka.partition_count(topics.raw)
@@ -198,9 +204,10 @@ def _replay(
             first = sorted(key_partitions(flt.event_ids, n))
         run = _Replay(settings, topics, window, flt, None if dry_run else ops_producer(settings), progress)
         run.stop = stop
-        run.read(kafka, kafka.ranges(topics.raw, window, first))
+        run.read(kafka, capped(kafka.ranges(topics.raw, window, first), upto))
         if first is not None and not flt.event_ids <= run.seen_ids and not stop.is_set():
-            run.read(kafka, kafka.ranges(topics.raw, window, [p for p in range(n) if p not in first]))
+            others = [p for p in range(n) if p not in first]
+            run.read(kafka, capped(kafka.ranges(topics.raw, window, others), upto))
             first = None
         run.finish()
     result = run.result
@@ -276,6 +283,7 @@ class _Replay:
             },
         )
         self.ranges.update({x.partition: x for x in ranges})
+        self.result.ends.update({x.partition: x.end for x in ranges})
         self._report(force=True)
         # Closed here when the loop breaks: a generator left to the collector unassigns later, where a
         # second Ctrl-C was printed as "Exception ignored ... Traceback".

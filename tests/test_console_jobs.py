@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession, CookieJar, web
 from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
 
@@ -20,8 +20,10 @@ from sentpipe.processors import replay as replay_ops
 from sentpipe.processors.offsets import Window
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
-from tests.test_console_security import TOKEN
+from tests.kafka_tools import wait_topics_ready
+from tests.test_console_security import TOKEN, sign_in
 from tests.test_console_tail import produce
+from tests.test_dlq import still_failing_dead_letters
 
 
 @pytest.fixture
@@ -50,8 +52,34 @@ async def run_job(
         await asyncio.sleep(0.2)
         async with client.get(f"{base}/api/jobs/{job['id']}") as resp:
             job = await resp.json()
-    assert job["state"] == "done", job
+    assert job["state"] == "done", job["error"]
     return job["result"]
+
+
+async def test_a_confirmed_run_reads_exactly_what_its_dry_run_counted(
+    settings: Settings, topics: Topics, server: TestServer
+) -> None:
+    """ "Replay 3 event(s)" replayed 5 when 2 more had come in since the dry run: the real run looked up
+    its end offsets again. The same for a redrive."""
+    base = f"http://127.0.0.1:{server.port}"
+    # The redrive reads its ledger's offsets: a topic made moments ago may not have its leader yet.
+    wait_topics_ready(settings.kafka_bootstrap, [topics.dlq_redriven])
+    async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as client:
+        status, csrf = await sign_in(client, base)
+        assert status == 303
+        produce(settings, topics.raw, 3)
+        dry = await run_job(client, base, csrf, "/api/replay", {"dry_run": True})
+        assert dry["sent"] == 3, dry
+        produce(settings, topics.raw, 2)
+        done = await run_job(client, base, csrf, "/api/replay", {"dry_run": False})
+        assert (done["read"], done["produced"]) == (3, 3), done
+
+        still_failing_dead_letters(settings, topics, 3)
+        dry = await run_job(client, base, csrf, "/api/dlq/redrive", {"dry_run": True})
+        assert (dry["read"], dry["failed"]) == (3, 3), dry
+        still_failing_dead_letters(settings, topics, 2)
+        done = await run_job(client, base, csrf, "/api/dlq/redrive", {"dry_run": False})
+        assert (done["read"], done["failed"]) == (3, 3), done
 
 
 async def test_stopping_the_console_stops_a_running_replay_and_waits_for_it(

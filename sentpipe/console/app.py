@@ -37,7 +37,7 @@ from sentpipe.console.auth import (
     set_cookie,
     set_login_cookie,
 )
-from sentpipe.console.jobs import Busy, Job, Jobs, Kind, Work, fingerprint
+from sentpipe.console.jobs import Busy, Job, Jobs, Kind, fingerprint
 from sentpipe.console.overview import Sampler
 from sentpipe.console.tail import Tail
 from sentpipe.guarded_http import guard
@@ -599,23 +599,32 @@ async def dlq_entry(request: web.Request) -> web.StreamResponse:
     return send_json(entry_json(e, full=True))
 
 
+# A job's work: its progress callback, its stop event, and the end offsets of the dry run it follows.
+JobWork = Callable[[replay_ops.Progress, threading.Event, Mapping[int, int] | None], replay_ops.RunResult]
+
+
 def _start(
-    request: web.Request, kind: Kind, params: dict[str, Any], dry_run: bool, work: Work
+    request: web.Request, kind: Kind, params: dict[str, Any], dry_run: bool, work: JobWork
 ) -> web.Response:
     session: Session = request[SESSION]
     fp = fingerprint(kind, params)
-    if not dry_run and session.confirmed.get(kind) != fp:
+    confirmed = session.confirmed.get(kind)
+    if not dry_run and (confirmed is None or confirmed[0] != fp):
         message = f"run a dry run of exactly these settings first, then the {kind}"
         return problem(409, message, "dry_run_first")
+    upto = None if dry_run or confirmed is None else confirmed[1]
 
     def on_done(job: Job) -> None:
         if job.dry_run:
-            session.confirmed[kind] = job.fingerprint
+            session.confirmed[kind] = (job.fingerprint, job.ends)
         else:
             session.confirmed.pop(kind, None)
 
+    def run(progress: replay_ops.Progress, stop: threading.Event) -> replay_ops.RunResult:
+        return work(progress, stop, upto)
+
     try:
-        job = request.app[JOBS].start(Job(kind, dry_run, fp, session.id), work, on_done, describe_error)
+        job = request.app[JOBS].start(Job(kind, dry_run, fp, session.id), run, on_done, describe_error)
     except Busy as exc:
         return send_json({"error": str(exc), "code": "job_running", "job": exc.job.json()}, 409)
     return send_json(job.json(), 202)
@@ -644,8 +653,10 @@ async def dlq_redrive(request: web.Request) -> web.StreamResponse:
     sel = dlq_ops.make_selection(**params)  # bad input fails here, before any job starts
     settings = request.app[SETTINGS]
 
-    def work(progress: replay_ops.Progress, stop: threading.Event) -> replay_ops.RunResult:
-        return dlq_ops.redrive(settings, sel, dry_run=dry_run, progress=progress, stop=stop)
+    def work(
+        progress: replay_ops.Progress, stop: threading.Event, upto: Mapping[int, int] | None
+    ) -> replay_ops.RunResult:
+        return dlq_ops.redrive(settings, sel, dry_run=dry_run, progress=progress, stop=stop, upto=upto)
 
     return _start(request, "redrive", params, dry_run, work)
 
@@ -686,8 +697,12 @@ async def replay(request: web.Request) -> web.StreamResponse:
     if dry_run and window.named_partitions:
         await off_loop(check_raw_partitions, settings, window.named_partitions)
 
-    def work(progress: replay_ops.Progress, stop: threading.Event) -> replay_ops.RunResult:
-        return replay_ops.replay(settings, window, flt, dry_run=dry_run, progress=progress, stop=stop)
+    def work(
+        progress: replay_ops.Progress, stop: threading.Event, upto: Mapping[int, int] | None
+    ) -> replay_ops.RunResult:
+        return replay_ops.replay(
+            settings, window, flt, dry_run=dry_run, progress=progress, stop=stop, upto=upto
+        )
 
     return _start(request, "replay", params, dry_run, work)
 

@@ -59,9 +59,10 @@ class Session:
     # Signed in with the token; without a token no session is, and the loopback check stands in for it.
     signed_in: bool
     created: float = field(default_factory=time.monotonic)
-    # kind ("replay", "redrive") -> fingerprint of the settings of the last finished dry run: the real run
-    # of exactly those settings is allowed, nothing else.
-    confirmed: dict[str, str] = field(default_factory=dict)
+    # kind ("replay", "redrive") -> fingerprint of the settings of the last finished dry run and the end
+    # offsets it read to: the real run of exactly those settings is allowed, up to those offsets, nothing
+    # else (records arrived since were not counted).
+    confirmed: dict[str, tuple[str, dict[int, int]]] = field(default_factory=dict)
 
 
 class Sessions:

@@ -70,6 +70,7 @@ class Job:
     result: dict[str, Any] | None = None
     error: str | None = None
     stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    ends: dict[int, int] = field(default_factory=dict)  # partition -> end offset read to, once done
 
     def progress(self, done: int, total: int) -> None:  # called from the job's thread
         self.done, self.total = done, total
@@ -148,6 +149,7 @@ class Jobs:
                 job.state = "failed"
             else:
                 job.result = result_json(result)
+                job.ends = dict(result.ends)
                 job.state = "done"
                 on_done(job)
             finally:
