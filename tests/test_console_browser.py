@@ -342,6 +342,11 @@ def test_dead_letters_list_and_redrive_after_a_dry_run(page: Any, stack: Stack) 
     assert page.get_attribute("#redrive .result", "data-sent") == "1"
     wait_for(lambda: db_rows(stack.db, good_id), bool, 60, "the redriven event projected", stack.logs)
     shot(page, "redrive")
+    # Counted again, it is taken already: the button offered "Redrive 0 record(s)", enabled.
+    page.click("#redrive-dry")
+    page.wait_for_selector("#redrive h3:text('Dry run: nothing was sent')")
+    assert "already taken by an earlier redrive" in page.inner_text("#redrive")
+    assert page.inner_text("#redrive-run") == "Redrive 0 record(s)" and page.is_disabled("#redrive-run")
 
     # One record's page: headers and body, as text.
     goto(page, stack, "dlq/" + quote(entry_id or "", safe=""))

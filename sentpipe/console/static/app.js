@@ -549,7 +549,8 @@ function redrivePanel(what, body, after) {
     show: (result) => resultView(result, "redriven", ["stage", "topic"]),
     counted: (result) => {
       run.textContent = `Redrive ${result.sent + result.failed} record(s)`;
-      return result.read > 0;
+      // Not read > 0: with every record taken by an earlier redrive it offered "Redrive 0 record(s)".
+      return result.sent + result.failed > 0;
     },
     after: () => {
       if (after) out.append(el("button", { type: "button", onclick: after }, "Reload the list"));
