@@ -216,6 +216,55 @@ def test_live_shows_a_sent_event_within_2_s_and_a_row_opens_its_trace(page: Any,
     shot(page, "trace")
 
 
+def live_rows(topic: str, offsets: range, backlog: bool = False) -> bytes:
+    """Server-sent events as /api/live writes them: one row per offset, then a short reconnection delay."""
+    out = b"retry: 50\n\n"
+    for offset in offsets:
+        row = {
+            "kind": "raw",
+            "topic": topic,
+            "partition": 0,
+            "offset": offset,
+            "time": 1_700_000_000_000 + offset,
+            "tenant": "default",
+            "type": "message.status.updated",
+            "event_id": f"evt-reconnect-{offset}",
+            "subject": "",
+            "status": "delivered",
+            "error": "",
+            "backlog": backlog,
+        }
+        out += b"data: " + orjson.dumps(row) + b"\n\n"
+    return out + b"event: ready\ndata: {}\n\n"
+
+
+def test_live_after_a_reconnection_shows_each_row_once(page: Any, stack: Stack) -> None:
+    """Each connection starts with the latest rows again (`backlog`): after a reconnection the page showed
+    them twice."""
+    streams: list[Any] = []  # the page's requests to /api/live, answered when the test says
+    page.route("**/api/live", lambda route: streams.append(route))
+
+    def next_stream(n: int) -> Any:
+        while len(streams) < n:
+            page.wait_for_timeout(20)  # lets Playwright deliver the request; no time is asserted
+        return streams[n - 1]
+
+    topic = Topics(stack.settings.topic_prefix).raw
+    sse = {"status": 200, "headers": {"Content-Type": "text/event-stream"}}
+    try:
+        goto(page, stack, "live")
+        next_stream(1).fulfill(body=live_rows(topic, range(2), backlog=True), **sse)
+        # The stream ended: the page connects again, and is sent the latest rows again with a new one.
+        next_stream(2).fulfill(
+            body=live_rows(topic, range(2), backlog=True) + live_rows(topic, range(2, 3)), **sse
+        )
+        page.wait_for_selector("tr[data-event-id='evt-reconnect-2']")
+        assert page.locator("#live-rows tr").count() == 3
+    finally:
+        goto(page, stack, "overview")  # closes the page's stream before its requests are let go
+        page.unroute("**/api/live")
+
+
 def db_rows(db: str, event_id: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(db) as conn:
         return conn.execute("SELECT status FROM message_events WHERE event_id = %s", (event_id,)).fetchall()

@@ -299,6 +299,10 @@ async function overviewView(main) {
 async function liveView(main) {
   const rows = [];
   const buffered = [];
+  // topic:partition:offset of every row held (shown or waiting): each (re)connection starts with the latest
+  // rows again, and those already here must not be added twice.
+  const held = new Set();
+  const keyOf = (r) => `${r.topic}:${r.partition}:${r.offset}`;
   let paused = false;
   const tenant = el("input", { type: "text", placeholder: "tenant", name: "tenant" });
   const type = el("select", { name: "type" }, el("option", { value: "" }, "any type"), state.info.types.map((t) => el("option", { value: t }, t)), el("option", { value: "unknown" }, "unknown"));
@@ -330,7 +334,7 @@ async function liveView(main) {
   }
   function add(r) {
     rows.unshift(r);
-    if (rows.length > 2000) rows.pop();
+    if (rows.length > 2000) held.delete(keyOf(rows.pop()));
     if (matches(r)) {
       body.prepend(tr(r));
       while (body.children.length > 500) body.lastChild.remove();
@@ -358,9 +362,11 @@ async function liveView(main) {
   source.onerror = () => (status.textContent = "reconnecting…");
   source.onmessage = (e) => {
     const r = JSON.parse(e.data);
+    if (held.has(keyOf(r))) return;
+    held.add(keyOf(r));
     if (paused) {
       buffered.push(r);
-      if (buffered.length > 2000) buffered.shift();
+      if (buffered.length > 2000) held.delete(keyOf(buffered.shift()));
       status.textContent = `paused, ${buffered.length} new`;
     } else add(r);
   };
