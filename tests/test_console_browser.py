@@ -238,9 +238,11 @@ def live_rows(topic: str, offsets: range, backlog: bool = False) -> bytes:
     return out + b"event: ready\ndata: {}\n\n"
 
 
-def test_live_after_a_reconnection_shows_each_row_once(page: Any, stack: Stack) -> None:
+def test_live_after_a_reconnection_shows_each_row_once_and_counts_what_a_pause_drops(
+    page: Any, stack: Stack
+) -> None:
     """Each connection starts with the latest rows again (`backlog`): after a reconnection the page showed
-    them twice."""
+    them twice. And a pause kept 2,000 new rows and dropped the rest without a word."""
     streams: list[Any] = []  # the page's requests to /api/live, answered when the test says
     page.route("**/api/live", lambda route: streams.append(route))
 
@@ -260,6 +262,15 @@ def test_live_after_a_reconnection_shows_each_row_once(page: Any, stack: Stack) 
         )
         page.wait_for_selector("tr[data-event-id='evt-reconnect-2']")
         assert page.locator("#live-rows tr").count() == 3
+        page.click("#pause")
+        next_stream(3).fulfill(body=live_rows(topic, range(3, 3 + 2005)), **sse)
+        next_stream(4)  # every row of the third stream was handled before the page reconnected
+        status = page.inner_text("#live-status")
+        assert status.startswith("paused, 2005 new (the oldest 5 dropped"), status
+        page.click("#pause")
+        assert "5 of the rows that came while paused were not kept" in page.inner_text("#live-status")
+        assert page.locator("tr[data-event-id='evt-reconnect-2007']").count() == 1
+        assert page.locator("tr[data-event-id='evt-reconnect-7']").count() == 0  # dropped: among the oldest
     finally:
         goto(page, stack, "overview")  # closes the page's stream before its requests are let go
         page.unroute("**/api/live")

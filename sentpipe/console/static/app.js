@@ -303,7 +303,9 @@ async function liveView(main) {
   // rows again, and those already here must not be added twice.
   const held = new Set();
   const keyOf = (r) => `${r.topic}:${r.partition}:${r.offset}`;
+  const KEEP = 2000;
   let paused = false;
+  let dropped = 0; // rows that came while paused beyond the KEEP kept
   const tenant = el("input", { type: "text", placeholder: "tenant", name: "tenant" });
   const type = el("select", { name: "type" }, el("option", { value: "" }, "any type"), state.info.types.map((t) => el("option", { value: t }, t)), el("option", { value: "unknown" }, "unknown"));
   const showDlq = el("input", { type: "checkbox", checked: true, name: "dlq" });
@@ -334,7 +336,7 @@ async function liveView(main) {
   }
   function add(r) {
     rows.unshift(r);
-    if (rows.length > 2000) held.delete(keyOf(rows.pop()));
+    if (rows.length > KEEP) held.delete(keyOf(rows.pop()));
     if (matches(r)) {
       body.prepend(tr(r));
       while (body.children.length > 500) body.lastChild.remove();
@@ -345,9 +347,11 @@ async function liveView(main) {
     pause.textContent = paused ? "Resume" : "Pause";
     if (!paused) {
       buffered.splice(0).forEach(add);
-      status.textContent = "live";
+      status.textContent = dropped ? `live (${dropped} of the rows that came while paused were not kept: only the latest ${KEEP} are)` : "live";
+      dropped = 0;
     }
   });
+  const pausedText = () => `paused, ${buffered.length + dropped} new` + (dropped ? ` (the oldest ${dropped} dropped: only the latest ${KEEP} are kept)` : "");
   for (const input of [tenant, type, showDlq]) input.addEventListener("input", render);
   main.append(
     el("h1", {}, "Live"),
@@ -357,17 +361,20 @@ async function liveView(main) {
   main.querySelector("#live tbody").replaceWith(body);
   const source = new EventSource("/api/live");
   state.cleanup.push(() => source.close());
-  source.addEventListener("ready", () => (status.textContent = "live"));
+  source.addEventListener("ready", () => (status.textContent = paused ? pausedText() : "live"));
   source.addEventListener("dropped", (e) => (status.textContent = `live (${e.data} rows skipped: too many to show)`));
-  source.onerror = () => (status.textContent = "reconnecting…");
+  source.onerror = () => (status.textContent = (paused ? pausedText() + ", " : "") + "reconnecting…");
   source.onmessage = (e) => {
     const r = JSON.parse(e.data);
     if (held.has(keyOf(r))) return;
     held.add(keyOf(r));
     if (paused) {
       buffered.push(r);
-      if (buffered.length > 2000) held.delete(keyOf(buffered.shift()));
-      status.textContent = `paused, ${buffered.length} new`;
+      if (buffered.length > KEEP) {
+        held.delete(keyOf(buffered.shift()));
+        dropped += 1;
+      }
+      status.textContent = pausedText();
     } else add(r);
   };
 }
