@@ -426,6 +426,14 @@ def test_a_killed_redrive_frees_the_lock_within_the_session_timeout(
             assert time.monotonic() - killed < SESSION_TIMEOUT_S + 20, "the lock was never freed"
 
 
+def test_a_short_timeout_still_gives_the_group_time_to_answer(settings: Settings, topics: Topics) -> None:
+    """A broker holds an empty group's first join for group.initial.rebalance.delay.ms (3 s by default):
+    `dlq redrive --timeout 2` was refused as "another redrive is running" with none running. The lock
+    gives the group's answer its own minimum (here even 10 ms is more than a join takes)."""
+    with GroupLock(settings, topics.dlq_redriven, dlq_ops.redrive_group(settings), timeout=0.01) as lock:
+        assert lock.held()
+
+
 def test_a_recreated_dlq_s_new_dead_letters_are_not_taken_by_earlier_redrives(
     settings: Settings, topics: Topics
 ) -> None:
