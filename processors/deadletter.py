@@ -59,6 +59,24 @@ def error_class(exc: BaseException) -> str:
     return r.exception_class(exc)
 
 
+# Distinct reasons per stage that get a series of their own; later ones are counted as OTHER_REASON. A
+# handler's error class is the reason, and a handler making classes at run time (type(name, ...)) made a
+# new series per dead letter, without end.
+MAX_REASONS = 200
+OTHER_REASON = "other"
+_reasons: dict[str, set[str]] = {}
+
+
+def _reason_label(stage: str, reason: str) -> str:
+    seen = _reasons.setdefault(stage, set())
+    if reason in seen:
+        return reason
+    if len(seen) >= MAX_REASONS:
+        return OTHER_REASON
+    seen.add(reason)
+    return reason
+
+
 async def send_dead_letters(
     producer: RecordProducer,
     dlq_topic: str,
@@ -68,14 +86,22 @@ async def send_dead_letters(
     cap: float,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Write the dead letters and wait for the broker's acknowledgements; retried while it is away."""
+    """Write the dead letters and wait for the broker's acknowledgements; retried while it is away, each
+    time with only the letters not yet acknowledged (resent whole, a batch of 500 letters whose last one
+    met a broker hiccup was in the DLQ twice)."""
     if not letters:
         return
+    pending = list(letters)
 
     async def attempt(_: int) -> None:
-        futs = [producer.produce(dlq_topic, d.key, d.value, d.dlq_headers()) for d in letters]
-        await asyncio.gather(*futs)
+        nonlocal pending
+        futs = [producer.produce(dlq_topic, d.key, d.value, d.dlq_headers()) for d in pending]
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        failed = [(d, res) for d, res in zip(pending, results, strict=True) if isinstance(res, BaseException)]
+        pending = [d for d, _ in failed]
+        if failed:
+            raise failed[0][1]
 
     await retrying(attempt, stage="dlq", initial=initial, cap=cap, should_stop=should_stop)
     for d in letters:
-        m.DLQ_EVENTS.labels(d.stage, d.error_class).inc()
+        m.DLQ_EVENTS.labels(d.stage, _reason_label(d.stage, d.error_class)).inc()

@@ -28,7 +28,7 @@ import orjson
 from confluent_kafka import KafkaError, Message
 
 from sentpipe.broker import ProduceRejected
-from sentpipe.kafka import Producer
+from sentpipe.kafka import Producer, message_headers
 from sentpipe.processors.group_lock import GroupLock, LockBusy
 from sentpipe.processors.offsets import (
     MAX_OFFSET,
@@ -173,7 +173,7 @@ class DlqEntry:
             timestamp_ms(msg),
             msg.key(),
             msg.value() or b"",
-            r.header_list(msg.headers()),
+            message_headers(msg),
         )
 
 

@@ -24,6 +24,10 @@ SESSION_TIMEOUT_S = 10.0
 # heartbeat is answered. Resumed, a redrive went on sending records the next holder had already taken.
 SUSPECT_GAP_S = SESSION_TIMEOUT_S * 0.8
 CONFIRM_S = 3.0  # three heartbeats (heartbeat.interval.ms below)
+# The least time given to the group's answer, whatever the caller's timeout: a broker holds the first join
+# of an empty group for group.initial.rebalance.delay.ms (3 s by default), so `dlq redrive --timeout 2`
+# was refused as if another redrive were running, every time.
+MIN_WAIT_S = 15.0
 
 
 class LockBusy(Exception):
@@ -32,7 +36,8 @@ class LockBusy(Exception):
 
 class GroupLock:
     def __init__(self, settings: Settings, topic: str, group: str, timeout: float = 10.0) -> None:
-        self.settings, self.topic, self.group, self.timeout = settings, topic, group, timeout
+        self.settings, self.topic, self.group = settings, topic, group
+        self.timeout = max(timeout, MIN_WAIT_S)
         self._held = False
         self._answered = False  # the group has given this member an assignment, empty or not
         self._checked_at = 0.0  # monotonic time of the last `held`
@@ -49,7 +54,8 @@ class GroupLock:
         self.release()
 
     def acquire(self) -> None:
-        """Join the group and wait, at most `timeout`, for its answer: the partition, or LockBusy."""
+        """Join the group and wait, at most `timeout` (MIN_WAIT_S at least), for its answer: the partition, or
+        LockBusy."""
         consumer = self._consumer = Consumer(
             {
                 **client_config(self.settings),

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from confluent_kafka import KafkaException
 from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 
@@ -93,9 +94,21 @@ MAX_NAME_LENGTH = 200
 # How long a call past its limit has, once cancelled, to end; then it is abandoned (HandlerAbandoned).
 CANCEL_GRACE_S = 1.0
 ENDED = "ended the batch's transaction (COMMIT or ROLLBACK on ctx.conn: the stage commits the batch)"
-# A network error raised by the handler's own client (its HTTP call, say) is the event's failure, as the
-# README promises for "any other exception"; only RetryableError, the database and the broker retry.
-_OWN_NETWORK_ERRORS = (ConnectionError, TimeoutError, socket.gaierror)
+ABORTED = (
+    "returned with its statements failed (it caught a database error and went on): what it wrote is rolled "
+    "back; let the error out, or catch it inside `async with ctx.conn.transaction():`"
+)
+# A network error raised by the handler's own client (its HTTP call, its own Kafka producer) is the
+# event's failure, as the README promises for "any other exception"; only RetryableError, the stage's
+# database and the stage's broker retry. BufferError: librdkafka's full queue, and a bytearray resized
+# under a memoryview (a plain bug), alike. aiokafka's errors are told by their module (not imported here).
+_OWN_CLIENT_ERRORS = (ConnectionError, TimeoutError, socket.gaierror, KafkaException, BufferError)
+
+
+def _own_client_error(exc: BaseException) -> bool:
+    return isinstance(exc, _OWN_CLIENT_ERRORS) or any(
+        c.__module__ == "aiokafka.errors" for c in type(exc).__mro__
+    )
 
 
 def _routed_type(type_: EventType | str) -> EventType:
@@ -160,7 +173,7 @@ def _as_failure(exc: Exception, conn: AsyncConnection) -> Exception:
         return exc if text is not None else RetryableError(exception_message(exc))
     if isinstance(exc, psycopg.Error) and (exc.sqlstate is not None or conn.closed or conn.broken):
         return exc  # the stage retries these (psycopg's by SQLSTATE); their text comes from the server
-    if isinstance(exc, (*_OWN_NETWORK_ERRORS, psycopg.Error)):
+    if isinstance(exc, psycopg.Error) or _own_client_error(exc):
         # Retried like a database or broker outage, one event's unreachable API would hold the line forever.
         # A psycopg error without SQLSTATE while the batch's connection is sound is the handler's own: its
         # own connection lost or refused, or a misuse such as `ctx.conn.commit()`.
@@ -201,13 +214,23 @@ def _guarded(fn: Handler, registry: HandlerRegistry, name: str) -> Handler:
         else:
             failure = task.exception()
         conn = ctx.conn
-        if not conn.closed and conn.info.transaction_status is TransactionStatus.IDLE:
+        status = None if conn.closed else conn.info.transaction_status
+        if status is TransactionStatus.IDLE:
             raise TransactionEnded(ENDED) from failure
+        if status is TransactionStatus.INERROR and (failure is None or _sqlstate(failure) == "25P02"):
+            # It caught a database error and went on: returning, its savepoint could not be released; going
+            # on with SQL, that SQL failed (25P02). Either failed the whole batch (of unknown kind), and
+            # halving dead-lettered the event without its projection.
+            raise HandlerError(ABORTED) from failure
         if failure is not None:
             raise failure
 
     call.__wrapped__ = fn  # type: ignore[attr-defined]
     return call
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    return exc.sqlstate if isinstance(exc, psycopg.Error) else None
 
 
 async def _wait(task: asyncio.Task[None], timeout: float | None) -> bool:

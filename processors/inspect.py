@@ -19,6 +19,7 @@ from confluent_kafka import Message, murmur2
 from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 
+from sentpipe.kafka import message_headers
 from sentpipe.processors.dedup import decode_seen, partition_of, table_key
 from sentpipe.processors.dlq import DlqEntry, Ledger, redriven
 from sentpipe.processors.offsets import Log, Range, Window, timestamp_ms
@@ -50,7 +51,7 @@ class Found:
             timestamp_ms(msg),
             msg.key(),
             msg.value() or b"",
-            r.header_map(msg.headers()),
+            dict(message_headers(msg)),
         )
 
 

@@ -53,6 +53,12 @@ class Sink(Protocol):
         self, type_: EventType, events: Sequence[CanonicalEvent], attempt: int
     ) -> list[HandlerFailure]: ...
 
+    def settle(self) -> None:
+        """The batch applied since the last settle or unsettle is committed."""
+
+    def unsettle(self) -> None:
+        """The batch applied since the last settle or unsettle is rewound, to be applied again."""
+
 
 @dataclass(frozen=True, slots=True)
 class Tuning:
@@ -136,6 +142,7 @@ class Projector:
         self._consumer_thread = ConsumerThread("sentpipe-projector-consumer")
         self._lag_read: asyncio.Future[dict[Partition, int]] | None = None
         self._left_behind = False  # a commit given up on while stopping: the consumer's thread still waits
+        self._lags: list[tuple[str, float]] = []  # (type, end-to-end lag) of the batch in hand
 
     def stop(self) -> None:
         self.stopping = True
@@ -210,6 +217,8 @@ class Projector:
             # Not committed: the next poll must return these records again, not the ones after them.
             # Stopping, there is no next poll, and the consumer may be waiting for a broker; a commit left
             # behind (CommitStuck) holds the consumer's thread, and there is no next poll on it either.
+            self.sink.unsettle()
+            self._lags = []
             if not self.stopping and not self._left_behind:
                 await self._consumer_thread.call(self.consumer.rewind, records)
             self._rewound = True
@@ -255,6 +264,10 @@ class Projector:
         )
         done = next_offsets(records)
         await self._commit(done)
+        self.sink.settle()
+        for type_name, lag in self._lags:  # observed once committed: a batch rewound is applied again
+            m.END_TO_END_LAG_SECONDS.labels(type_name).observe(lag)
+        self._lags = []
         self._calls_ended.clear()
         self._rewound = False
         if self.watchdog is not None:
@@ -366,9 +379,7 @@ class Projector:
             # A replayed or redriven event keeps its first receipt time: counted, every replay of last week
             # put its events past the SLO's p99 and paged for a backlog that was not there.
             if not _reprocessed(rec):
-                m.END_TO_END_LAG_SECONDS.labels(type_.value).observe(
-                    max(0.0, committed - e.received_at_ms / 1000)
-                )
+                self._lags.append((type_.value, max(0.0, committed - e.received_at_ms / 1000)))
         by_event = {id(e): rec for rec, e in items}
         for f in failures:
             log.warning(

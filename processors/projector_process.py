@@ -27,6 +27,7 @@ from typing import Any
 
 import mode
 from psycopg import AsyncConnection, sql
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe.kafka import AsyncProducer, BatchConsumer
@@ -57,6 +58,11 @@ CHILD_STOP_TIMEOUT_S = 45.0
 # while the projector's retries only met PoolTimeout and the watchdog called it a stall. Giving up after
 # this long ends the round; the projector's next retry starts another at once.
 RECONNECT_WINDOW_S = 10.0
+# A projector not answering is killed no sooner than this: a handler call blocking its loop is ended by the
+# blocked-handler guard by then (interrupted within MAX_BLOCK_S, the process ended GIVE_UP_AFTER_S later,
+# the call recorded so the restart does not make it again). Killed first, the call was never recorded, and
+# every restart met the same event and blocked again.
+GUARD_ENDS_A_CALL_WITHIN_S = blocked.MAX_BLOCK_S + blocked.GIVE_UP_AFTER_S + 5.0
 
 
 # DISCARD ALL but its DEALLOCATE ALL, with the names of the statements a handler PREPAREd itself. psycopg
@@ -77,6 +83,9 @@ async def _reset_session(conn: AsyncConnection) -> None:
     # PREPAREd statements. RESET ALL goes back to the session's defaults, the URL's `options` included.
     # It runs outside a transaction: in autocommit, then back, so the pool does not find the connection in
     # a transaction (it would discard it: a new one per batch).
+    # And on the client: a handler's `ctx.conn.row_factory = dict_row` made the stage's own queries read
+    # dicts (`row[0]`: KeyError, which dead-lettered every record while a column lacked its default).
+    conn.row_factory = tuple_row
     autocommit = conn.autocommit
     if not autocommit:
         await conn.set_autocommit(True)
@@ -209,18 +218,21 @@ def run_projector(
         # Not a normal exit: the consumer's thread still waits in librdkafka, and tearing that client down
         # at exit can wait with it. The batch in hand is uncommitted: its next owner applies it again.
         os._exit(EXIT_RESTART)
-    except (asyncio.CancelledError, RuntimeError) as exc:
+    except (asyncio.CancelledError, RuntimeError, SystemExit, KeyboardInterrupt) as exc:
         if services and _ended_by_a_handler(exc, services[0]):
             raise SystemExit(blocked.EXIT_UNINTERRUPTIBLE) from None
         raise
 
 
 def _ended_by_a_handler(exc: BaseException, service: ProjectorService) -> bool:
-    """Whether a handler call ended the loop (a cancellation or `loop.stop()`, which the stage never does
-    in a call of its own); if so, its calls are kept for the restart, which dead-letters their events."""
+    """Whether a handler call ended the loop (a cancellation, `loop.stop()`, or a SystemExit or
+    KeyboardInterrupt out of a callback it scheduled, `loop.call_soon(sys.exit)`: the loop lets those
+    through, and the stage never raises them in a call of its own; signals are the loop's handlers'); if
+    so, its calls are kept for the restart, which dead-letters their events."""
     stopped = isinstance(exc, RuntimeError) and "Event loop stopped before Future completed" in str(exc)
+    exited = isinstance(exc, SystemExit | KeyboardInterrupt)
     blamed = blocked.guard.ended_the_loop()
-    if not (stopped or isinstance(exc, asyncio.CancelledError)) or not blamed or service.stopping:
+    if not (stopped or exited or isinstance(exc, asyncio.CancelledError)) or not blamed or service.stopping:
         return False
     for name, event_id in blamed:
         service.uninterruptible.add((name, event_id), blocked.ENDED_THE_LOOP)
@@ -229,7 +241,11 @@ def _ended_by_a_handler(exc: BaseException, service: ProjectorService) -> bool:
             "dead-letters that event for this handler uncalled",
             name,
             event_id,
-            "it stopped the loop" if stopped else "it cancelled the stage's tasks",
+            "it stopped the loop"
+            if stopped
+            else f"a callback of its raised {type(exc).__name__}"
+            if exited
+            else "it cancelled the stage's tasks",
             extra={"handler": name, "event_id": event_id},
         )
     return True
@@ -338,7 +354,7 @@ class ProjectorProcess(mode.Service):
         restart) failed liveness, but only an orchestrator acting on the probe restarted it; under docker
         compose, which does not, it projected nothing for good. Killed, it crashes the worker (above), and
         any restart policy starts both again; the uncommitted batch is applied again (idempotent)."""
-        after = max(self.s.stall_after_s, 2 * BLOCKED_AFTER_S)
+        after = max(self.s.stall_after_s, 2 * BLOCKED_AFTER_S, GUARD_ENDS_A_CALL_WITHIN_S)
         while True:
             await asyncio.sleep(PROBE_EVERY_S)
             late = self.probe.blocked_for()

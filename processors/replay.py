@@ -25,7 +25,7 @@ from typing import Literal
 from confluent_kafka import KafkaError, Message, murmur2
 
 from sentpipe.broker import ProduceRejected
-from sentpipe.kafka import Producer
+from sentpipe.kafka import Producer, message_headers
 from sentpipe.processors.offsets import Log, OpsError, Range, Window, capped, timestamp_ms
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import EventType, MalformedEvent
@@ -324,7 +324,7 @@ class _Replay:
     def one(self, msg: Message) -> None:
         res = self.result
         res.read += 1
-        key, value, headers = msg.key(), msg.value() or b"", r.header_list(msg.headers())
+        key, value, headers = msg.key(), msg.value() or b"", message_headers(msg)
         d = decide(
             key,
             value,

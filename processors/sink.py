@@ -24,7 +24,7 @@ from sentpipe.processors.handlers import (
     TransactionEnded,
 )
 from sentpipe.processors.projections import PROJECTIONS, Statement
-from sentpipe.processors.retry import classify
+from sentpipe.processors.retry import UNKNOWN_ATTEMPTS, classify
 from sentpipe.schemas.events import CanonicalEvent, EventType
 
 log = logging.getLogger("sentpipe.handlers")
@@ -78,6 +78,16 @@ class PostgresSink:
         # (handler, event id) -> its failure, for calls that lost the batch (`BatchLostToHandler`): not
         # called again.
         self._left_out: dict[tuple[str, str], Exception] = {}
+        # (handler, event id) -> how often its call raised an error of unknown kind (a trigger's RAISE, an
+        # SQLSTATE of no known class): retried with the batch that often, then that event's failure alone.
+        # Left to the batch's retries, it dead-lettered the event without its projection after halving.
+        self._unknown: dict[tuple[str, str], int] = {}
+        # Calls applied in a committed transaction but not yet in a committed batch: what is remembered of
+        # them is let go by `settle`, once the projector has committed the batch's offsets. Let go earlier,
+        # a batch read again (held by another type) called them again: an uninterruptible one ended the
+        # process again, and the restart, having forgotten the other type's suspects, held it again.
+        self._applied: list[tuple[str, str]] = []
+        self._counts: list[tuple[str, str, str, int]] = []  # (type, handler, outcome, events) to count
         # Told (handler, event id) each time a handler call ends, whatever its outcome (the projector's
         # progress within a batch).
         self.on_call: Callable[[str, str], None] | None = None
@@ -147,7 +157,8 @@ class PostgresSink:
                                     if ok == 0 and len(timed_out) > 1:
                                         self._hold_timeouts(type_, timed_out)
                                     continue
-                                if classify(exc) != "permanent":  # retried (bounded when unknown)
+                                kind = classify(exc)
+                                if kind == "temporary" or (kind == "unknown" and self._again(name, ev)):
                                     raise
                                 failures.append(HandlerFailure(ev, name, exc))
                             else:
@@ -162,20 +173,36 @@ class PostgresSink:
                 if refused is not None and refused[1] is exc and await _unfillable_column(conn, *refused):
                     _hold(type_, exc)
                 raise
-        if self._suspects or self._left_out:  # these are settled now, one way or the other
-            for name, _ in handlers:
-                for ev in events:
-                    self._suspects.pop((name, ev.id), None)
-                    self._left_out.pop((name, ev.id), None)
-        if self.uninterruptible:
-            self.uninterruptible.settle((name, ev.id) for name, _ in handlers for ev in events)
-        # Counted once committed: a rolled-back batch is retried and counted then.
-        m.EVENTS_PROCESSED.labels(type_.value, "projection", "ok").inc(len(events))
-        for name, ok in succeeded.items():
-            m.EVENTS_PROCESSED.labels(type_.value, name, "ok").inc(ok)
-        for f in failures:
-            m.EVENTS_PROCESSED.labels(type_.value, f.handler, "failed").inc()
+        self._applied += [(name, ev.id) for name, _ in handlers for ev in events]
+        # Counted once the batch is committed: a batch rewound is applied again and counted then.
+        self._counts.append((type_.value, "projection", "ok", len(events)))
+        self._counts += [(type_.value, name, "ok", ok) for name, ok in succeeded.items()]
+        self._counts += [(type_.value, f.handler, "failed", 1) for f in failures]
         return failures
+
+    def settle(self) -> None:
+        """The batch's offsets are committed: its calls are settled, one way or the other."""
+        if self._suspects or self._left_out or self._unknown:
+            for key in self._applied:
+                self._suspects.pop(key, None)
+                self._left_out.pop(key, None)
+                self._unknown.pop(key, None)
+        if self.uninterruptible:
+            self.uninterruptible.settle(self._applied)
+        for type_, name, outcome, n in self._counts:
+            m.EVENTS_PROCESSED.labels(type_, name, outcome).inc(n)
+        self._applied, self._counts = [], []
+
+    def unsettle(self) -> None:
+        """The batch is rewound: what it applied is applied again when it is read again."""
+        self._applied, self._counts = [], []
+
+    def _again(self, name: str, ev: CanonicalEvent) -> bool:
+        """Whether a call failing with an error of unknown kind is retried (with its batch) once more."""
+        if len(self._unknown) > MAX_SUSPECTS:
+            self._unknown.clear()
+        seen = self._unknown[name, ev.id] = self._unknown.get((name, ev.id), 0) + 1
+        return seen < UNKNOWN_ATTEMPTS
 
     def _order(
         self, name: str, events: Sequence[CanonicalEvent]
@@ -230,15 +257,16 @@ def _timed_out(exc: Exception) -> bool:
 
 
 def _hold(type_: EventType, exc: psycopg.Error) -> NoReturn:
+    # The server's primary message only: str(exc) carries its DETAIL, and a NOT NULL violation's DETAIL is
+    # "Failing row contains (...)": a message's text and payload, in the log on every retry.
+    why = f"SQLSTATE {exc.sqlstate}: {exc.diag.message_primary or type(exc).__name__}"
     log.error(
-        "the %s projection's tables refuse its SQL (SQLSTATE %s: %s); holding the events "
-        "until the tables are repaired",
+        "the %s projection's tables refuse its SQL (%s); holding the events until the tables are repaired",
         type_.value,
-        exc.sqlstate,
-        exc,
+        why,
         extra={"type": type_.value, "sqlstate": exc.sqlstate},
     )
-    raise ProjectionUnusable(f"{exc.sqlstate}: {exc}") from exc
+    raise ProjectionUnusable(why) from exc
 
 
 # A BEFORE ROW trigger on INSERT (4) or UPDATE (16): pg_trigger.tgtype bits 1 (ROW) and 2 (BEFORE).

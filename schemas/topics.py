@@ -99,6 +99,12 @@ def record_limit_problems(topics: Topics, max_body_bytes: int, have: dict[str, i
     return out
 
 
+# The DLQ and its redrive ledger roll a segment a day (Kafka's default is a week, or what the broker says),
+# so a dead letter outlives its retention by a day at most; the ledger keeps its entries that much longer.
+DLQ_SEGMENT_MS = 24 * 3600 * 1000
+LEDGER_MARGIN_MS = 24 * 3600 * 1000
+
+
 @dataclass(frozen=True, slots=True)
 class TopicSpec:
     name: str
@@ -140,21 +146,25 @@ def topic_specs(
             {**keep, **min_isr, **size(topics.unrouted)},
         )
     )
+    dlq_segment = {"segment.ms": str(DLQ_SEGMENT_MS)}
     specs.append(
         TopicSpec(
             topics.dlq,
             1,
             replication_factor,
-            {"retention.ms": str(dlq_retention_ms), **min_isr, **size(topics.dlq)},
+            {"retention.ms": str(dlq_retention_ms), **dlq_segment, **min_isr, **size(topics.dlq)},
         )
     )
-    # Written after the DLQ record it names, kept as long: an entry outlives its record.
+    # Written after the DLQ record it names, and kept longer: Kafka deletes a whole segment once its newest
+    # record is past retention, so a DLQ record can outlive its retention by up to a segment's age, and its
+    # ledger entry, kept exactly as long, went first: the next redrive sent that recovered event again.
+    ledger_ms = -1 if dlq_retention_ms == -1 else dlq_retention_ms + DLQ_SEGMENT_MS + LEDGER_MARGIN_MS
     specs.append(
         TopicSpec(
             topics.dlq_redriven,
             1,
             replication_factor,
-            {"retention.ms": str(dlq_retention_ms), **min_isr, **size(topics.dlq_redriven)},
+            {"retention.ms": str(ledger_ms), **dlq_segment, **min_isr, **size(topics.dlq_redriven)},
         )
     )
     return specs

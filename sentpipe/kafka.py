@@ -902,6 +902,23 @@ def _ignore_error(_err: KafkaError) -> None:
     """A probe's errors: whether it got metadata is the whole answer."""
 
 
+def message_headers(msg: Message) -> list[tuple[str, bytes]]:
+    """A consumed record's headers as (name, bytes) pairs, None values dropped; none at all when a name is
+    not UTF-8. Any producer can write such a name, and confluent-kafka cannot hand it over: `headers()`
+    raises SystemError (a UnicodeDecodeError under it), and a second call returns a pair whose name is a
+    NULL pointer. Raised, that one record stopped the projector for good, and `dlq list`, `dlq redrive`,
+    `replay` and `events show` over its topic. Call it once per message."""
+    try:
+        headers: Any = msg.headers() or []  # the stubs do not know it is a list of pairs
+    except (SystemError, UnicodeDecodeError):
+        log.warning(
+            "a record's header name is not UTF-8: read without its headers",
+            extra={"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()},
+        )
+        return []
+    return [(str(k), bytes(v)) for k, v in headers if v is not None]
+
+
 def _records(msgs: Sequence[Message]) -> list[Record]:
     out: list[Record] = []
     for msg in msgs:
@@ -911,7 +928,6 @@ def _records(msgs: Sequence[Message]) -> list[Record]:
                 log.warning("consumer error: %s", err.str())
             continue
         _, ts = msg.timestamp()
-        headers: Any = msg.headers() or []  # the stubs do not know it is a list of pairs
         key: Any = msg.key()
         out.append(
             Record(
@@ -920,7 +936,7 @@ def _records(msgs: Sequence[Message]) -> list[Record]:
                 msg.offset() or 0,
                 key,
                 msg.value() or b"",
-                tuple((str(k), bytes(v)) for k, v in headers if v is not None),
+                tuple(message_headers(msg)),
                 int(ts) if ts and ts > 0 else int(time.time() * 1000),
             )
         )

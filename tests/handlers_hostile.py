@@ -7,6 +7,7 @@ Every other event is handled normally (one row in `hostile_calls`, created by th
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 from sentpipe.processors.handlers import HandlerContext, handler
@@ -55,7 +56,7 @@ EXPECTED_CLASS = {
 
 
 # Kinds that end the projector's event loop: they cost a restart (tests/test_handlers_hostile.py).
-ENDS_THE_LOOP = ("cancel-others", "loop-stop")
+ENDS_THE_LOOP = ("cancel-others", "loop-stop", "callback-exit")
 
 
 @handler("message.inbound.received", name="test-hostile")
@@ -78,6 +79,9 @@ async def hostile(event: CanonicalEvent, ctx: HandlerContext) -> None:
         await asyncio.sleep(0.1)
     elif kind == "loop-stop":
         asyncio.get_running_loop().stop()
+        await asyncio.sleep(0.1)
+    elif kind == "callback-exit":  # the loop lets a callback's SystemExit through, unlike a task's
+        asyncio.get_running_loop().call_soon(sys.exit, 3)
         await asyncio.sleep(0.1)
     elif kind == "block-cpu":
         while True:

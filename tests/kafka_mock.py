@@ -70,3 +70,52 @@ class MockCluster:
     def close(self) -> None:
         self._lib.rd_kafka_mock_cluster_destroy(self._cluster)
         self._lib.rd_kafka_destroy(self._rk)
+
+
+_VTYPE_END, _VTYPE_TOPIC, _VTYPE_PARTITION, _VTYPE_VALUE, _VTYPE_KEY, _VTYPE_HEADER = (
+    0,
+    1,
+    3,
+    4,
+    5,
+    9,
+)
+
+
+def produce_with_header_name(
+    bootstrap: str, topic: str, partition: int, key: bytes, value: bytes, header_name: bytes
+) -> None:
+    """One record whose header name is `header_name` as it is: the Python client takes names as str and
+    encodes them, so a name that is not UTF-8 (which any other producer can write) takes librdkafka itself."""
+    lib = _librdkafka()
+    errstr = ctypes.create_string_buffer(512)
+    conf = lib.rd_kafka_conf_new()
+    for name, setting in ((b"bootstrap.servers", bootstrap.encode()), (b"log_level", b"0")):
+        assert lib.rd_kafka_conf_set(conf, name, setting, errstr, len(errstr)) == 0, errstr.value
+    rk = lib.rd_kafka_new(_PRODUCER, conf, errstr, len(errstr))
+    assert rk, errstr.value
+    try:
+        vp, cp, size = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
+        err = lib.rd_kafka_producev(
+            vp(rk),
+            ctypes.c_int(_VTYPE_TOPIC),
+            cp(topic.encode()),
+            ctypes.c_int(_VTYPE_PARTITION),
+            ctypes.c_int32(partition),
+            ctypes.c_int(_VTYPE_KEY),
+            cp(key),
+            size(len(key)),
+            ctypes.c_int(_VTYPE_VALUE),
+            cp(value),
+            size(len(value)),
+            ctypes.c_int(_VTYPE_HEADER),
+            cp(header_name),
+            cp(b"v"),
+            ctypes.c_ssize_t(1),
+            ctypes.c_int(_VTYPE_END),
+        )
+        assert err == 0, err
+        lib.rd_kafka_flush.argtypes = [vp, ctypes.c_int]
+        assert lib.rd_kafka_flush(rk, 10_000) == 0
+    finally:
+        lib.rd_kafka_destroy(rk)

@@ -20,6 +20,8 @@ import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
+from sentpipe.broker import Record as BrokerRecord
+from sentpipe.kafka import BatchConsumer as KafkaBatchConsumer
 from sentpipe.processors import dlq as dlq_ops
 from sentpipe.processors.dlq import DlqEntry, plan
 from sentpipe.processors.group_lock import SESSION_TIMEOUT_S, GroupLock, LockBusy
@@ -32,6 +34,7 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.handlers_fixture import create_fixture_tables
+from tests.kafka_mock import produce_with_header_name
 from tests.kafka_tools import Record, read_topic, record_count, wait_topics_ready
 from tests.pipeline import (
     deliver,
@@ -423,6 +426,14 @@ def test_a_killed_redrive_frees_the_lock_within_the_session_timeout(
             assert time.monotonic() - killed < SESSION_TIMEOUT_S + 20, "the lock was never freed"
 
 
+def test_a_short_timeout_still_gives_the_group_time_to_answer(settings: Settings, topics: Topics) -> None:
+    """A broker holds an empty group's first join for group.initial.rebalance.delay.ms (3 s by default):
+    `dlq redrive --timeout 2` was refused as "another redrive is running" with none running. The lock
+    gives the group's answer its own minimum (here even 10 ms is more than a join takes)."""
+    with GroupLock(settings, topics.dlq_redriven, dlq_ops.redrive_group(settings), timeout=0.01) as lock:
+        assert lock.held()
+
+
 def test_a_recreated_dlq_s_new_dead_letters_are_not_taken_by_earlier_redrives(
     settings: Settings, topics: Topics
 ) -> None:
@@ -678,3 +689,38 @@ def test_a_long_ledger_read_keeps_the_redrive_lock_polled(settings: Settings, to
     assert taken is not None and len(taken.entries) == records
     assert {run for run, _ in taken.entries.values()} == {"r1"}
     assert polls == 2
+
+
+def test_a_record_whose_header_name_is_not_utf8_does_not_stop_the_dlq_tools(
+    settings: Settings, topics: Topics
+) -> None:
+    """Anyone can write to the DLQ, and confluent-kafka cannot hand over a header name that is not UTF-8
+    (SystemError): one such record ended `dlq list`, `dlq redrive` and the projector's reads of its topic
+    for good. It is read without its headers (no stage: listed, never redriven) and the others go on."""
+    ids = _handler_dead_letters(settings, topics, 2)
+    produce_with_header_name(settings.kafka_bootstrap, topics.dlq, 0, b"k", b"{}", b"x-\xff\xfe")
+    ids += _handler_dead_letters(settings, topics, 1)
+
+    res = sentpipe(settings, "dlq", "list")
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr and "SystemError" not in res.stderr + res.stdout
+    assert "0:2" in res.stdout and "0:3" in res.stdout, res.stdout
+    result = dlq_ops.redrive(settings, dlq_ops.make_selection())
+    assert (result.read, result.produced) == (4, 3), result
+    sent = read_topic(settings.kafka_bootstrap, topics.message_inbound, at_least=3)
+    assert sorted(canonical_id(rec) for rec in sent) == sorted(ids)
+
+    consumer = KafkaBatchConsumer(settings, "header-names", [topics.dlq])
+    try:
+        records: list[BrokerRecord] = []
+        deadline = time.monotonic() + 60
+        while len(records) < 4 and time.monotonic() < deadline:
+            records += consumer.poll_batch(10, 1.0)
+    finally:
+        consumer.close()
+    assert [rec.headers == () for rec in sorted(records, key=lambda rec: rec.offset)] == [
+        False,
+        False,
+        True,
+        False,
+    ]

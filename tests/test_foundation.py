@@ -11,10 +11,12 @@ from pathlib import Path
 import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # type: ignore[attr-defined]
 from pydantic import SecretStr
 
 from sentpipe.processors.migrate import migrate
 from sentpipe.processors.topics import ensure_topics
+from sentpipe.schemas.topics import Topics, topic_specs
 from sentpipe.settings import Settings
 
 
@@ -44,6 +46,34 @@ def test_topics_ensure_is_idempotent(settings: Settings) -> None:
     second = ensure_topics(settings)
     assert [t.created for t in second] == [False] * 7
     assert {t.partitions for t in second if t.name.endswith("events.raw")} == {4}
+
+
+def test_the_redrive_ledger_outlives_the_dead_letters_it_names(settings: Settings) -> None:
+    """Kafka deletes a segment once its newest record is past retention: a dead letter in a segment that
+    went on filling for days outlived its 30 days, while its ledger entry, kept exactly as long, did not,
+    and the next redrive sent that recovered event again. The DLQ rolls daily; the ledger keeps longer."""
+    topics = Topics(settings.topic_prefix)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    wanted = [ConfigResource(ResourceType.TOPIC, t) for t in (topics.dlq, topics.dlq_redriven)]
+    dlq, ledger = (
+        {k: int(v.value) for k, v in fut.result(30).items() if k in ("retention.ms", "segment.ms")}
+        for fut in admin.describe_configs(wanted).values()
+    )
+    day = 24 * 3600 * 1000
+    assert dlq == {"retention.ms": settings.dlq_retention_ms, "segment.ms": day}
+    assert ledger["retention.ms"] >= dlq["retention.ms"] + dlq["segment.ms"] + day
+    forever = topic_specs(
+        topics,
+        raw_partitions=1,
+        routed_partitions=1,
+        replication_factor=1,
+        raw_retention_ms=-1,
+        dlq_retention_ms=-1,
+        max_body_bytes=1024,
+    )
+    assert {s.config["retention.ms"] for s in forever if s.name in (topics.dlq, topics.dlq_redriven)} == {
+        "-1"
+    }
 
 
 def test_migrations_are_idempotent_and_tables_exist(db_url: str) -> None:

@@ -25,10 +25,15 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
+from aiokafka.errors import KafkaConnectionError
+from confluent_kafka import KafkaError, KafkaException
+from prometheus_client import REGISTRY
 from psycopg import sql
+from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe.broker import LocalBroker
+from sentpipe.processors.blocked_handlers import UninterruptibleCalls
 from sentpipe.processors.handlers import (
     HandlerContext,
     HandlerModuleError,
@@ -38,8 +43,9 @@ from sentpipe.processors.handlers import (
     registry,
 )
 from sentpipe.processors.projector import Projector, Tuning
-from sentpipe.processors.retry import classify
-from sentpipe.processors.sink import BatchLostToHandler, HandlersHeld, PostgresSink
+from sentpipe.processors.projector_process import open_pool
+from sentpipe.processors.retry import UNKNOWN_ATTEMPTS, classify
+from sentpipe.processors.sink import BatchLostToHandler, HandlersHeld, PostgresSink, ProjectionUnusable
 from sentpipe.processors.watchdog import Watchdog
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import CanonicalEvent, EventType, frame
@@ -76,6 +82,7 @@ class Stage:
     broker: LocalBroker = field(default_factory=LocalBroker)
     ids: dict[bytes, str] = field(default_factory=dict)  # body -> event id
     holds: int = 0
+    uninterruptible: UninterruptibleCalls | None = None
 
     def add(self, bodies: list[bytes]) -> None:
         for body in bodies:
@@ -106,7 +113,7 @@ class Stage:
         return Projector(
             self.broker.consumer("g", TOPICS.routed),
             self.broker.producer(),
-            PostgresSink(pool, self.handlers),
+            PostgresSink(pool, self.handlers, self.uninterruptible),
             TOPICS,
             FAST,
             watchdog,
@@ -180,6 +187,10 @@ RAISED: dict[str, tuple[BaseException, str]] = {
     "lone-surrogate": (ValueError("bytes \udcff undecodable"), "ValueError"),
     "own-timeout": (TimeoutError("the handler's API timed out"), "TimeoutError"),
     "own-connection-refused": (ConnectionRefusedError(111, "refused"), "ConnectionRefusedError"),
+    # The handler's own Kafka clients: retried as the stage's broker, they held the line forever.
+    "own-kafka-timeout": (KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT)), "KafkaException"),
+    "own-aiokafka-connection": (KafkaConnectionError("no broker"), "KafkaConnectionError"),
+    "buffer-error": (BufferError("Existing exports of data: object cannot be re-sized"), "BufferError"),
     "ten-megabytes-with-nul": (ValueError("\x00" + "x" * 10_000_000), "ValueError"),
     # A class made at run time, its name 5 MB: the dead letter was over the topic's limit, held forever.
     "huge-class-name": (type("F" * 5_000_000, (Exception,), {})("x"), "F" * 200),
@@ -1054,3 +1065,129 @@ async def test_a_temporary_failure_inside_a_task_group_is_retried(pool: AsyncCon
         await sink.apply(EventType.MESSAGE_INBOUND, events, 1)
     assert await sink.apply(EventType.MESSAGE_INBOUND, events, 2) == []
     assert await seen(pool) == sorted((e.id, "attempt 2") for e in events)
+
+
+async def test_a_handler_going_on_after_a_database_error_fails_only_its_event(stage: Stage) -> None:
+    """A handler catching its own SQL error and returning left its savepoint aborted: releasing it failed
+    the whole batch (25P02, of unknown kind), five times per halving level, and the event was dead-lettered
+    by the projection stage, its rows and its other handlers' work never written."""
+    f = SampleFactory(41)
+    bodies = [inbound_body(f), inbound_body(f, "swallow"), inbound_body(f, "swallow, then more SQL")]
+
+    async def swallows(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        text = str(event.data.get("text"))
+        if text.startswith("swallow"):
+            with contextlib.suppress(psycopg.errors.DivisionByZero):
+                await ctx.conn.execute("SELECT 1 / 0")
+        if text != "swallow":
+            await ctx.conn.execute("SELECT 1")  # after a swallowed error: SQLSTATE 25P02
+
+    stage.handlers.register(INBOUND, swallows, "swallows")
+    stage.add(bodies)
+    await stage.run()
+
+    dead = stage.dead()
+    assert set(dead) == {stage.ids[b] for b in bodies[1:]}
+    for headers in dead.values():
+        assert (headers[r.H_DLQ_STAGE], headers[r.H_DLQ_ERROR_CLASS]) == (b"handler", b"HandlerError")
+        assert b"caught a database error" in headers[r.H_DLQ_MESSAGE]
+    assert stage.projected() == set(stage.ids.values())
+
+
+async def test_a_handler_s_sql_error_of_unknown_kind_is_tried_a_few_times_then_fails_only_its_event(
+    ordered: Stage,
+) -> None:
+    """A trigger's RAISE (SQLSTATE P0001) in a handler's statement was retried with the whole batch, then
+    halved down to the event, which the projection stage dead-lettered: its rows never written."""
+    calls: list[str] = []
+
+    async def raises(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        calls.append(event.id)
+        if event.data.get("text") == "raise":
+            await ctx.conn.execute("DO $$ BEGIN RAISE EXCEPTION 'refused by a trigger'; END $$")
+
+    ordered.handlers.register(INBOUND, raises, "raises")
+    f = SampleFactory(42)
+    bodies = [inbound_body(f), inbound_body(f, "raise"), inbound_body(f)]
+    ordered.add(bodies)
+    await ordered.run()
+
+    poison = ordered.ids[bodies[1]]
+    dead = ordered.dead()
+    assert list(dead) == [poison]
+    assert (dead[poison][r.H_DLQ_STAGE], dead[poison][r.H_DLQ_ERROR_CLASS]) == (b"handler", b"RaiseException")
+    assert calls.count(poison) == UNKNOWN_ATTEMPTS
+    assert ordered.projected() == set(ordered.ids.values())
+
+
+async def test_a_handler_s_row_factory_does_not_outlive_its_batch(db_url: str) -> None:
+    """`ctx.conn.row_factory = dict_row` stayed on the pooled connection: the stage's own query asking
+    whether a NOT NULL column can be filled read `row[0]` from a dict (KeyError, permanent), and a column
+    added without a default dead-lettered every event instead of holding the line."""
+    handlers = HandlerRegistry()
+
+    async def dicts(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        ctx.conn.row_factory = dict_row
+
+    handlers.register(INBOUND, dicts, "dicts")
+    pool = open_pool(Settings(database_url=db_url, db_pool_size=1))  # one connection, reused
+    await pool.open()
+    try:
+        first, second = inbound_events(["a", "b"], 43)
+        sink = PostgresSink(pool, handlers)
+        assert await sink.apply(EventType.MESSAGE_INBOUND, [first], 1) == []
+        async with pool.connection() as conn:
+            await conn.execute("ALTER TABLE inbound_messages ADD COLUMN x int NOT NULL DEFAULT 0")
+            await conn.execute("ALTER TABLE inbound_messages ALTER COLUMN x DROP DEFAULT")
+            await conn.commit()
+        with pytest.raises(ProjectionUnusable, match="23502"):
+            await sink.apply(EventType.MESSAGE_INBOUND, [second], 1)
+    finally:
+        await pool.close()
+
+
+async def test_a_call_that_ended_the_process_stays_recorded_until_its_batch_commits(
+    ordered: Stage, tmp_path: Path
+) -> None:
+    """Such a call was forgotten once its type's transaction committed, before the batch did: another type
+    of the batch held (two handler timeouts) read the batch again, and the call was made again (in
+    production: the process ended again, and the restart held the batch again, forever)."""
+    recorded = UninterruptibleCalls(tmp_path / "calls.json")
+    ordered.uninterruptible = recorded
+    ordered.handlers.timeout_s = 0.3
+    called: list[str] = []
+
+    async def ended_the_process(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        called.append(event.id)
+
+    async def hangs(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        await asyncio.Event().wait()
+
+    status = SampleFactory(44).message_status("m1", "delivered")
+    routed = route_as_the_router(status.body, TOPICS)
+    assert routed.event is not None
+    ordered.broker.append(routed.topic, routed.key, routed.value, [])  # first: its type is applied first
+    recorded.add(("ended-the-process", routed.event.id))
+    ordered.handlers.register(EventType.MESSAGE_STATUS.value, ended_the_process, "ended-the-process")
+    ordered.handlers.register(INBOUND, hangs, "hangs")
+    f = SampleFactory(45)
+    ordered.add([inbound_body(f), inbound_body(f)])
+    status_type = {"type": EventType.MESSAGE_STATUS.value}
+    counted = {"handler": "projection", "outcome": "ok", **status_type}
+    before = (
+        REGISTRY.get_sample_value("sentpipe_events_processed_total", counted) or 0.0,
+        REGISTRY.get_sample_value("sentpipe_end_to_end_lag_seconds_count", status_type) or 0.0,
+    )
+    await ordered.run(max_holds=3)
+
+    assert ordered.holds == 1
+    assert called == []
+    # Applied twice (the batch was read again), counted once: when the batch committed.
+    assert (
+        REGISTRY.get_sample_value("sentpipe_events_processed_total", counted),
+        REGISTRY.get_sample_value("sentpipe_end_to_end_lag_seconds_count", status_type),
+    ) == (before[0] + 1, before[1] + 1)
+    dead = ordered.dead()
+    assert dead[routed.event.id][r.H_DLQ_ERROR_CLASS] == b"HandlerTimeout"
+    assert len(dead) == 3
+    assert len(recorded) == 0  # settled once the batch committed

@@ -12,12 +12,15 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
+import orjson
 import psycopg
 import pytest
 from prometheus_client import REGISTRY
 
 from sentpipe import metrics as m
 from sentpipe.broker import CommitRejected, LocalBroker, Partition
+from sentpipe.processors import deadletter
+from sentpipe.processors.deadletter import DeadLetter, send_dead_letters
 from sentpipe.processors.projector import CommitStuck, Projector, Tuning
 from sentpipe.processors.sink import HandlerFailure
 from sentpipe.schemas import routing as r
@@ -52,6 +55,12 @@ class FakeSink:
                 raise self.poison[e.id]
         self.applied.update({e.id: e for e in events})
         return [HandlerFailure(e, "h", ValueError("boom")) for e in events if e.id in self.handler_fails]
+
+    def settle(self) -> None:
+        pass
+
+    def unsettle(self) -> None:
+        pass
 
 
 def routed_records(
@@ -182,6 +191,20 @@ async def test_the_batch_is_not_committed_until_dead_letters_are_acknowledged() 
     broker.reject_next(TOPICS.dlq, "msg_timed_out", times=3)  # the broker is away for three tries
     await drain(projector)
     assert len(broker.records(TOPICS.dlq)) == 1
+    assert committed(broker) == ends(broker)
+
+
+async def test_dead_letters_acknowledged_are_not_sent_again_when_others_are_retried() -> None:
+    """A batch's dead letters were written again, all of them, whenever one was not acknowledged: a hiccup
+    on the last of 500 put 499 of them in the DLQ twice."""
+    broker, sink, projector = setup()
+    ids = routed_records(broker, 9)
+    for i in (1, 4, 7):
+        sink.poison[ids[i]] = psycopg.errors.DivisionByZero("x")
+    broker.reject_next(TOPICS.dlq, "msg_timed_out", times=1)  # the first letter of the first try
+    await drain(projector)
+    dead = [orjson.loads(rec.value)["id"] for rec in broker.records(TOPICS.dlq)]
+    assert sorted(dead) == sorted(ids[i] for i in (1, 4, 7))
     assert committed(broker) == ends(broker)
 
 
@@ -365,3 +388,23 @@ async def test_lag_keeps_being_exported_while_the_database_holds_a_batch() -> No
     finally:
         projector.stop()
         await asyncio.wait_for(task, 5)
+
+
+async def test_dead_letter_reasons_made_at_run_time_do_not_grow_the_metric_without_end() -> None:
+    """The DLQ counter's reason is the error class, and a handler that makes its exception classes at run
+    time (`type(name, ...)`) made a new series per dead letter."""
+    broker, _, _ = setup()
+    letters = [
+        DeadLetter(b"k", b"v", [], (TOPICS.message_status, 0, i), "handler", f"Made{i}", "x")
+        for i in range(deadletter.MAX_REASONS + 50)
+    ]
+    await send_dead_letters(broker.producer(), TOPICS.dlq, letters, initial=0.001, cap=0.002)
+    reasons = {
+        s.labels["reason"]
+        for metric in REGISTRY.collect()
+        if metric.name == "sentpipe_dlq_events"
+        for s in metric.samples
+        if s.labels.get("stage") == "handler" and s.name.endswith("_total")
+    }
+    assert len(reasons) <= deadletter.MAX_REASONS + 1 and deadletter.OTHER_REASON in reasons
+    assert len(broker.records(TOPICS.dlq)) == len(letters)  # every letter is written all the same

@@ -249,7 +249,7 @@ def test_a_projector_process_that_stays_blocked_is_killed_and_the_worker_exits(
 ) -> None:
     """A projector whose loop stayed blocked (librdkafka calls that never returned after a broker restart)
     failed liveness, but nothing restarted it where no orchestrator acts on the probe (docker compose): it
-    projected nothing for good. Past max(SENTPIPE_STALL_AFTER_S, 20 s) it is killed and the worker exits,
+    projected nothing for good. Past max(SENTPIPE_STALL_AFTER_S, 35 s) it is killed and the worker exits,
     so a restart policy starts both again."""
     worker = start_worker(settings, tmp_path, worker_role="all", stall_after_s=5)
     try:
