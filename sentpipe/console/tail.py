@@ -20,7 +20,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from sentpipe.kafka import client_config
+from sentpipe.kafka import client_config, message_headers
 from sentpipe.processors.dlq import DlqEntry
 from sentpipe.processors.offsets import Log, Range, Window, timestamp_ms
 from sentpipe.processors.replay import as_malformed
@@ -40,7 +40,7 @@ SUBSCRIBER_QUEUE = 2000
 
 def describe_raw(msg: Message, settings: Settings, topics: Topics) -> Row:
     """One raw record as a live row: what `route()` makes of it, or why it does not route."""
-    hmap = r.header_map(msg.headers())
+    hmap = dict(message_headers(msg))
     key = msg.key()
     row: Row = {
         "kind": "raw",
