@@ -39,6 +39,7 @@ import collections
 import contextlib
 import logging
 import math
+import operator
 import re
 import ssl
 import threading
@@ -902,14 +903,19 @@ def _ignore_error(_err: KafkaError) -> None:
     """A probe's errors: whether it got metadata is the whole answer."""
 
 
+_HEADERS = operator.methodcaller("headers")  # see message_headers: never `msg.headers()` in Python code
+
+
 def message_headers(msg: Message) -> list[tuple[str, bytes]]:
     """A consumed record's headers as (name, bytes) pairs, None values dropped; none at all when a name is
     not UTF-8. Any producer can write such a name, and confluent-kafka cannot hand it over: `headers()`
-    raises SystemError (a UnicodeDecodeError under it), and a second call returns a pair whose name is a
-    NULL pointer. Raised, that one record stopped the projector for good, and `dlq list`, `dlq redrive`,
-    `replay` and `events show` over its topic. Call it once per message."""
+    returns a list holding a NULL name with a UnicodeDecodeError pending, and caches that list. Called
+    from C (`_HEADERS`), Python turns that into a SystemError; called from Python code, a call site the
+    interpreter has specialized (a hot one: every record's) skips that check, and the next look at the list
+    was a segmentation fault. Raised, that one record stopped the projector for good, and `dlq list`,
+    `dlq redrive`, `replay` and `events show` over its topic. Call it once per message."""
     try:
-        headers: Any = msg.headers() or []  # the stubs do not know it is a list of pairs
+        headers: Any = _HEADERS(msg) or []  # the stubs do not know it is a list of pairs
     except (SystemError, UnicodeDecodeError):
         log.warning(
             "a record's header name is not UTF-8: read without its headers",
