@@ -983,3 +983,16 @@ def test_the_image_environment_is_settings() -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_the_console_is_given_time_to_stop_a_running_replay_or_redrive() -> None:
+    """Stopped, the console lets a replay or redrive finish the record in hand and write its ledger, for up to
+    STOP_TIMEOUT_S; Kubernetes' default 30 s and compose's 10 s killed it first, maybe between a send and its
+    ledger record (the next redrive sends that one again)."""
+    from sentpipe.console.jobs import STOP_TIMEOUT_S
+
+    objs = render(*CASES["production-console"])
+    (console,) = [o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-console")]
+    assert console["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > STOP_TIMEOUT_S
+    grace = compose_services([COMPOSE], COMPOSE_ENV)["console"]["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) > STOP_TIMEOUT_S
