@@ -288,6 +288,9 @@ class Log:
             found = self.consumer.offsets_for_times(query, timeout=self.timeout)
         except KafkaException as exc:
             raise self._unavailable(exc) from exc
+        for tp in found:
+            if tp.error is not None:  # read as "every record is older", a --since skipped the partition
+                raise self._unavailable(KafkaException(tp.error))
         return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in found}
 
     def ranges(self, topic: str, window: Window, partitions: Iterable[int] | None = None) -> list[Range]:

@@ -148,6 +148,24 @@ class RunResult:
     # partition -> the end offset (exclusive) it was read to: a dry run's, passed as `upto`, makes the real
     # run read exactly the records it counted
     ends: dict[int, int] = field(default_factory=dict)
+    # replay: partition -> its first record Kafka did not take (refused, or not delivered): where a run
+    # that sends those again starts
+    undelivered: dict[int, int] = field(default_factory=dict)
+
+
+def failure_line(result: RunResult) -> str:
+    """The one line a replay with failures ends with: which kinds, and what to do about each."""
+    kinds = ", ".join(f"{n} {reason}" for reason, n in sorted(result.failures.items()))
+    text = f"{result.failed} record(s) failed ({kinds})"
+    if any(not reason.startswith(("delivery:", "produce:")) for reason in result.failures):
+        text += (
+            "; malformed ones were dead-lettered by the router when they arrived (`sentpipe dlq list --stage"
+            " route`)"
+        )
+    if result.undelivered:
+        go_on = " ".join(f"--from-offset {p}:{o}" for p, o in sorted(result.undelivered.items()))
+        text += f"; to send again what Kafka did not take, run it with {go_on} (and its other options)"
+    return text
 
 
 def key_partitions(keys: Iterable[str], partitions: int) -> set[int]:
@@ -390,6 +408,7 @@ class _Replay:
     def _undelivered(self, where: tuple[int, int]) -> None:
         partition, offset = where
         self.undelivered[partition] = min(offset, self.undelivered.get(partition, offset))
+        self.result.undelivered[partition] = self.undelivered[partition]
 
     def finish(self) -> None:
         if self.sender is not None:
@@ -407,7 +426,7 @@ def ops_producer(settings: Settings) -> Producer:
     return Producer.from_settings(settings, delivery_timeout_s=30.0)
 
 
-__all__ = ["Filter", "RunResult", "decide", "parse_types", "replay"]
+__all__ = ["Filter", "RunResult", "decide", "failure_line", "parse_types", "replay"]
 
 
 def log_run(mode: Literal["replay", "redrive"], result: RunResult, *, interrupted: bool = False) -> None:

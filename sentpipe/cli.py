@@ -351,6 +351,7 @@ def replay(
     """
     from sentpipe.processors.offsets import make_window
     from sentpipe.processors.replay import Filter, parse_types
+    from sentpipe.processors.replay import failure_line as replay_failure_line
     from sentpipe.processors.replay import replay as run_replay
     from sentpipe.schemas.events import searched_id_problem
 
@@ -369,10 +370,7 @@ def replay(
         result = run_replay(s, window, flt, dry_run=dry_run, progress=progress, timeout=timeout)
     _run_summary(f"replay {result.run_id}", result, "replayed", "type/tenant")
     if result.failed and not dry_run:
-        fail(
-            f"{result.failed} record(s) failed; malformed ones were dead-lettered by the router when they"
-            " arrived (`sentpipe dlq list --stage route`)"
-        )
+        fail(replay_failure_line(result))
     if result.missing_ids:  # asked for by id and not replayed: a script must not read that as done
         fail(f"not found in the window: {', '.join(result.missing_ids)}")
 

@@ -20,9 +20,10 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
+from sentpipe.kafka import BrokerUnavailable
 from sentpipe.processors.history import HistoryQuery, search
 from sentpipe.processors.offsets import Log, OpsError, Window, make_window, timestamp_ms
-from sentpipe.processors.replay import Filter, RunResult, decide, parse_types, replay
+from sentpipe.processors.replay import Filter, RunResult, decide, failure_line, parse_types, replay
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import EventType, frame
 from sentpipe.schemas.samples import SampleFactory
@@ -324,7 +325,10 @@ def test_replay_selects_exactly_by_type_tenant_event_id_offsets_and_time(
         res = sentpipe(settings, "replay", "--type", ST, "--tenant", "default")
         assert res.returncode == 1 and "Traceback" not in res.stderr
         last = res.stderr.strip().splitlines()[-1]
-        assert last.startswith("error: 1 record(s) failed; malformed ones were dead-lettered by the"), last
+        assert last.startswith(
+            "error: 1 record(s) failed (1 missing_message_id); malformed ones were dead-lettered by the"
+        ), last
+        assert "--from-offset" not in last  # nothing Kafka refused: nothing to send again
         assert "missing_message_id" in res.stdout
     assert read_topic(settings.kafka_bootstrap, topics.dlq) == []
     assert len(read_topic(settings.kafka_bootstrap, topics.message_status, at_least=12)) == 12  # 6 a run
@@ -502,3 +506,46 @@ def test_history_pages_neither_repeat_nor_skip_events_that_tie(db_url: str) -> N
                 break
             page += 1
         assert len(shown) == 80 and len(set(shown)) == 80, size
+
+
+def test_a_replay_that_kafka_did_not_take_everything_from_says_where_to_go_on() -> None:
+    """Records the broker did not take (gone mid-run, or refusing one's size) ended the run with "malformed
+    ones were dead-lettered by the router", which they were not, and no way to send them again short of the
+    whole window."""
+    res = RunResult("r1", dry_run=False, failed=4)
+    res.failures.update({"delivery:_MSG_TIMED_OUT": 2, "produce:msg_size_too_large": 1, "not_json": 1})
+    res.undelivered.update({2: 90, 0: 17})
+    line = failure_line(res)
+    assert line.startswith(
+        "4 record(s) failed (2 delivery:_MSG_TIMED_OUT, 1 not_json, 1 produce:msg_size_too_large); malformed"
+    ), line
+    assert line.endswith(
+        "to send again what Kafka did not take, run it with --from-offset 0:17 --from-offset 2:90 (and its "
+        "other options)"
+    ), line
+    res.failures = Counter({"delivery:_MSG_TIMED_OUT": 4})
+    assert "malformed" not in failure_line(res)
+
+
+def test_a_partition_the_broker_could_not_look_up_by_time_is_an_error_not_an_empty_range(
+    settings: Settings, topics: Topics
+) -> None:
+    """offsets_for_times answers per partition, with an error for one it could not look up; read as "every
+    record is older", that partition was left out of a --since window without a word."""
+    from confluent_kafka import KafkaError
+
+    class Answer:
+        def __init__(self, partition: int, error: KafkaError | None) -> None:
+            self.partition, self.offset, self.error = partition, -1, error
+
+    class Consumer:
+        def offsets_for_times(self, query: list[Any], timeout: float) -> list[Answer]:
+            return [Answer(tp.partition, KafkaError(KafkaError.LEADER_NOT_AVAILABLE)) for tp in query]
+
+    with Log(settings) as kafka:
+        kafka.consumer, real = Consumer(), kafka.consumer  # type: ignore[assignment]
+        try:
+            with pytest.raises(BrokerUnavailable, match="did not answer"):
+                kafka.offsets_at(topics.raw, [0], 1)
+        finally:
+            kafka.consumer = real
