@@ -310,11 +310,23 @@ class Log:
             for p, off in self.offsets_at(topic, parts, window.until_ms + UNTIL_SLACK_MS).items():
                 if off is not None:
                     ends[p] = min(ends[p], off)
+        # An offset that names no record the log holds selected nothing, and the run ended as if it were
+        # done: one past the end (a partition's next record) is still a bound, anything further is not.
         for p, off in window.from_offsets.items():
             if p in starts:
+                if off > marks[p][1]:
+                    raise OpsError(
+                        f"--from-offset {p}:{off} is past the end of {topic} partition {p} (its next record "
+                        f"will be offset {marks[p][1]})"
+                    )
                 starts[p] = max(starts[p], off)
         for p, off in window.to_offsets.items():
             if p in ends:
+                if off < marks[p][0]:
+                    raise OpsError(
+                        f"--to-offset {p}:{off} is before the first record {topic} partition {p} still "
+                        f"holds (offset {marks[p][0]}; older ones are past retention)"
+                    )
                 ends[p] = min(ends[p], off + 1)
         return [Range(topic, p, starts[p], max(starts[p], ends[p])) for p in parts]
 

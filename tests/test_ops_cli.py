@@ -99,6 +99,11 @@ BAD_INPUT = [
     (["replay", "--to-offset", "a:1"], ["--to-offset", "PARTITION:OFFSET"]),
     (["replay", "--from-offset", "0:10", "--to-offset", "0:5"], ["after --to-offset"]),
     (["replay", "--from-offset", "99:0"], ["no partition 99"]),
+    # The test's topics are empty: offset 0 is where partition 0's next record goes, offset 5 is nothing.
+    (
+        ["replay", "--from-offset", "0:5"],
+        ["--from-offset 0:5 is past the end", "next record will be offset 0"],
+    ),
     (["replay", "--type", "message.bounced"], ["unknown event type", "message.status.updated"]),
     (["replay", "--bogus"], ["--bogus"]),
     (["replay", "--event-id", ""], ["--event-id is empty"]),
