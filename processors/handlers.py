@@ -68,6 +68,11 @@ class TransactionEnded(HandlerError):
     """A call ended the batch's transaction (COMMIT or ROLLBACK run on ctx.conn)."""
 
 
+class TransactionAborted(HandlerError):
+    """A call caught a database error on ctx.conn and went on: its savepoint is aborted. Tried again with
+    the batch a few times (a deadlock it caught goes away), then its event's failure."""
+
+
 class EndedTheLoop(HandlerError):
     """A call ended the projector's event loop (cancelled the stage's tasks, stopped the loop): restarted,
     the projector dead-letters its event for that handler without calling it again."""
@@ -221,7 +226,7 @@ def _guarded(fn: Handler, registry: HandlerRegistry, name: str) -> Handler:
             # It caught a database error and went on: returning, its savepoint could not be released; going
             # on with SQL, that SQL failed (25P02). Either failed the whole batch (of unknown kind), and
             # halving dead-lettered the event without its projection.
-            raise HandlerError(ABORTED) from failure
+            raise TransactionAborted(ABORTED) from failure
         if failure is not None:
             raise failure
 

@@ -263,17 +263,30 @@ class Projector:
             should_stop=self._should_stop,
         )
         done = next_offsets(records)
-        await self._commit(done)
-        self.sink.settle()
-        for type_name, lag in self._lags:  # observed once committed: a batch rewound is applied again
-            m.END_TO_END_LAG_SECONDS.labels(type_name).observe(lag)
-        self._lags = []
+        committed = await self._commit(done)
+        self._after_commit(committed)
         self._calls_ended.clear()
         self._rewound = False
         if self.watchdog is not None:
             self.watchdog.progress(done)
-        self._count(records, dead)
+        if committed:
+            self._count(records, dead)
         return len(records)
+
+    def _after_commit(self, committed: bool) -> None:
+        """Settle what the batch applied, once its offsets are stored; a commit dropped (the partitions
+        moved) leaves it unsettled: whoever owns them next, this consumer too, applies the batch again.
+        Nothing here may rewind the batch: raised from here, a committed batch was read and applied again."""
+        lags, self._lags = self._lags, []
+        if not committed:
+            self.sink.unsettle()
+            return
+        try:
+            self.sink.settle()
+            for type_name, lag in lags:  # observed once committed: a batch rewound is applied again
+                m.END_TO_END_LAG_SECONDS.labels(type_name).observe(lag)
+        except Exception as exc:  # the record of calls on a full disk, say
+            log.error("settling a committed batch failed (%s: %s)", type(exc).__name__, exc)
 
     def _handler_called(self, handler: str, event_id: str) -> None:
         """Progress counts per committed batch, so a batch slow only because its handler calls time out one
@@ -292,19 +305,19 @@ class Projector:
             self._working_at = now
             self.watchdog.working(self._batch_partitions)
 
-    async def _commit(self, done: dict[Partition, int]) -> None:
-        """Commit in the consumer's thread, retrying with backoff while the coordinator is away. Partitions
-        that moved to another member are theirs: the commit is dropped, the new owner applies the batch
-        again (the projections are idempotent)."""
+    async def _commit(self, done: dict[Partition, int]) -> bool:
+        """Commit in the consumer's thread, retrying with backoff while the coordinator is away; whether the
+        offsets are stored. Partitions that moved to another member are theirs: the commit is dropped
+        (False), the new owner applies the batch again (the projections are idempotent)."""
         attempt = 0
         while True:
             try:
                 await self._wait_for_commit(done)
-                return
+                return True
             except CommitRejected as exc:
                 if exc.assignment_lost:
                     log.warning("commit dropped: the partitions moved to another consumer (%s)", exc.reason)
-                    return
+                    return False
                 if self.stopping:
                     raise
                 attempt += 1

@@ -6,7 +6,8 @@ Three kinds (`classify`):
   is skipped.
 - permanent: this record can never succeed (SQLSTATE classes 22, 23, 42, 54, and every error that is not a
   database or broker error). Raised at once, so the caller dead-letters the record.
-- unknown: any other SQLSTATE. Retried at most `UNKNOWN_ATTEMPTS` times, then treated as permanent.
+- unknown: any other SQLSTATE, and a handler that caught a database error and went on (TransactionAborted).
+  Retried at most `UNKNOWN_ATTEMPTS` times, then treated as permanent.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from confluent_kafka import KafkaError, KafkaException
 from sentpipe import metrics as m
 from sentpipe.broker import ProduceRejected
 from sentpipe.kafka import BrokerUnavailable
-from sentpipe.processors.handlers import RetryableError
+from sentpipe.processors.handlers import RetryableError, TransactionAborted
 
 T = TypeVar("T")
 Kind = Literal["temporary", "permanent", "unknown"]
@@ -116,6 +117,8 @@ def classify(exc: BaseException) -> Kind:
     """Whether retrying `exc` can help: always (temporary), never (permanent), or perhaps (unknown)."""
     if isinstance(exc, RetryableError):
         return "temporary"
+    if isinstance(exc, TransactionAborted):  # a handler caught a database error: perhaps a deadlock
+        return "unknown"
     if isinstance(exc, psycopg.Error):
         return _classify_database(exc)
     if isinstance(exc, ConnectionError | TimeoutError | socket.gaierror):  # the network, not the record

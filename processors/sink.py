@@ -158,7 +158,11 @@ class PostgresSink:
                                         self._hold_timeouts(type_, timed_out)
                                     continue
                                 kind = classify(exc)
-                                if kind == "temporary" or (kind == "unknown" and self._again(name, ev)):
+                                # Bounded per call and by the batch's attempt: the stage's own retries
+                                # count unknown errors per batch, and two calls' would use them up first.
+                                if kind == "temporary" or (
+                                    kind == "unknown" and self._again(name, ev) and attempt < UNKNOWN_ATTEMPTS
+                                ):
                                     raise
                                 failures.append(HandlerFailure(ev, name, exc))
                             else:

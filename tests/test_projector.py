@@ -42,6 +42,7 @@ class FakeSink:
         self.calls = 0
         self.handler_fails: set[str] = set()
         self.on_call: Callable[[str, str], None] | None = None
+        self.settled = self.unsettled = 0  # batches committed / rewound (or their commit dropped)
 
     async def apply(
         self, type_: EventType, events: Sequence[CanonicalEvent], attempt: int
@@ -57,10 +58,10 @@ class FakeSink:
         return [HandlerFailure(e, "h", ValueError("boom")) for e in events if e.id in self.handler_fails]
 
     def settle(self) -> None:
-        pass
+        self.settled += 1
 
     def unsettle(self) -> None:
-        pass
+        self.unsettled += 1
 
 
 def routed_records(
@@ -265,6 +266,11 @@ async def test_a_commit_for_partitions_now_owned_elsewhere_is_dropped_not_retrie
     projector = Projector(consumer, broker.producer(), sink, TOPICS, FAST)  # type: ignore[arg-type]
     await projector.step()
     assert consumer.commits == 1 and not broker.committed  # not stored; the new owner re-reads
+    # Not settled either: what the sink remembers of its calls (one that ended the process, say) must
+    # outlive the batch until it is committed, by whoever owns the partitions next, this consumer too.
+    assert (sink.settled, sink.unsettled) == (0, 1)
+    await projector.step()  # nothing new: a poll that times out settles nothing
+    assert (sink.settled, sink.unsettled) == (0, 1)
 
 
 class HangingCommits(FlakyCommits):
