@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from sentpipe.kafka import AsyncProducer, committed_offsets
+from sentpipe.kafka import AsyncProducer, committed_offsets, message_headers
 from sentpipe.settings import Settings
 
 
@@ -150,7 +150,7 @@ def _read_up_to(c: Consumer, topic: str, marks: dict[int, tuple[int, int]], time
                 offset,
                 msg.key(),
                 msg.value(),
-                {k: v for k, v in (msg.headers() or []) if v is not None},
+                dict(message_headers(msg)),
                 ts,
             )
         )

@@ -561,9 +561,11 @@ function redrivePanel(what, body, after) {
     body,
     show: (result) => resultView(result, "redriven", ["stage", "topic"]),
     counted: (result) => {
-      run.textContent = `Redrive ${result.sent + result.failed} record(s)`;
-      // Not read > 0: with every record taken by an earlier redrive it offered "Redrive 0 record(s)".
-      return result.sent + result.failed > 0;
+      run.textContent = `Redrive ${result.sent} record(s)`;
+      // What would be sent: not read > 0 (every record taken by an earlier redrive offered "Redrive 0
+      // record(s)"), nor the records a redrive keeps (no stage, a topic no redrive can send to), which it
+      // counts as failed and never sends.
+      return result.sent > 0;
     },
     after: () => {
       if (after) out.append(el("button", { type: "button", onclick: after }, "Reload the list"));
