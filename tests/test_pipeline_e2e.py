@@ -24,7 +24,7 @@ from tests.handlers_fixture import create_fixture_tables
 from tests.http_tools import metric_sum, post_all, scrape
 from tests.kafka_tools import read_topic, wait_topics_ready
 from tests.oracle import actual_state, expected_state, row_count
-from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_until, worker_env
+from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_for, wait_until, worker_env
 from tests.processes import Proc
 from tests.services import Services
 
@@ -240,8 +240,18 @@ def test_route_and_project_roles_in_separate_processes_match_the_oracle(
             lambda: row_count(db) >= len(unique), 120, "all unique events projected", projector.proc.tail
         )
         assert_matches_oracle(db, unique)
+        # Every unique event projected is not every record routed: a duplicate after a partition's last
+        # unique event may still be on its way through the router (a busy machine: 169 of 180 counted).
+        dropped = len(to_send) - len(unique)
+        wait_for(
+            lambda: metric_sum(scrape(router.metrics_port), "sentpipe_duplicates_dropped_total"),
+            lambda n: n >= dropped,
+            60,
+            "every duplicate dropped",
+            router.proc.tail,
+        )
         r_metrics, p_metrics = scrape(router.metrics_port), scrape(projector.metrics_port)
-        assert metric_sum(r_metrics, "sentpipe_duplicates_dropped_total") == len(to_send) - len(unique)
+        assert metric_sum(r_metrics, "sentpipe_duplicates_dropped_total") == dropped
         # Each role does only its own part.
         assert metric_sum(r_metrics, "sentpipe_events_processed_total") == 0
         assert metric_sum(p_metrics, "sentpipe_events_routed_total") == 0
