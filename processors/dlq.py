@@ -64,6 +64,9 @@ log = logging.getLogger("sentpipe.dlq")
 RAW_STAGES = ("ingress", "route", "replay")
 ROUTED_STAGES = ("project", "handler")
 STAGES = RAW_STAGES + ROUTED_STAGES
+# What `dlq list` shows for a record no sentpipe stage wrote (no stage header, or one sentpipe does not know):
+# a filter by it finds them, though redrive can never send them anywhere.
+UNKNOWN_STAGE = "unknown"
 
 
 # Times a header may carry: 1970 up to the end of year 9999, what a datetime can show.
@@ -83,9 +86,9 @@ def parse_entry_id(text: str) -> PartitionOffset:
 
 def parse_stages(names: Iterable[str]) -> frozenset[str]:
     out = frozenset(n.strip() for n in names)
-    unknown = sorted(out - set(STAGES))
+    unknown = sorted(out - set(STAGES) - {UNKNOWN_STAGE})
     if unknown:
-        raise OpsError(f"unknown stage {unknown[0]!r} (known: {', '.join(STAGES)})")
+        raise OpsError(f"unknown stage {unknown[0]!r} (known: {', '.join(STAGES)}, {UNKNOWN_STAGE})")
     return out
 
 
@@ -109,7 +112,7 @@ class DlqEntry:
 
     @property
     def stage(self) -> str:
-        return self.header(r.H_DLQ_STAGE) or "unknown"
+        return self.header(r.H_DLQ_STAGE) or UNKNOWN_STAGE
 
     @property
     def error_class(self) -> str:
@@ -204,7 +207,7 @@ class DlqSelection:
             return False
         if self.reasons and e.error_class not in self.reasons:
             return False
-        if self.stages and e.stage not in self.stages:
+        if self.stages and (e.stage if e.stage in STAGES else UNKNOWN_STAGE) not in self.stages:
             return False
         return self.since_ms is None or e.dead_at_ms >= self.since_ms
 
@@ -382,7 +385,8 @@ def plan(e: DlqEntry, settings: Settings, topics: Topics, redrive_id: str) -> Re
             return RedriveStep("keep", "", key, e.value, [], f"original topic {where} is not a routed topic")
         return RedriveStep("send", original[0], key, e.value, carried + marks)
     if e.stage not in RAW_STAGES:
-        return RedriveStep("keep", "", key, e.value, [], f"unknown stage {e.stage!r}")
+        why = "no sentpipe stage" if e.header(r.H_DLQ_STAGE) is None else f"unknown stage {e.stage!r}"
+        return RedriveStep("keep", "", key, e.value, [], why)
     try:
         routed = r.route(
             # An ingress record's key is random (framing failed): the body alone says what the event is.
@@ -523,10 +527,14 @@ def _redrive(
         finally:
             if lock is not None:
                 lock.release()
-    if result.failed:
+    if result.failed or result.kept:
         log.warning(
-            f"redrive: {result.failed} records {'would not be' if dry_run else 'not'} redriven",
-            extra={"redrive_id": result.run_id, "reasons": dict(result.failures.most_common(10))},
+            f"redrive: {result.failed + result.kept.total()} records {'would not be' if dry_run else 'not'}"
+            " redriven",
+            extra={
+                "redrive_id": result.run_id,
+                "reasons": dict((result.failures + result.kept).most_common(10)),
+            },
         )
     log_run("redrive", result, interrupted=stop.is_set())
     if lost:
@@ -554,12 +562,29 @@ def _in_the_ledger(result: RunResult) -> str:
     return f"{unrecorded} record(s) it sent are not in the ledger (the next redrive sends them again)"
 
 
+def redrive_failed(result: RunResult, sel: DlqSelection) -> str | None:
+    """The closing line of a redrive that did not do what it was asked, or None.
+
+    Records no stage can take fail a redrive only when it named them by ID: an unfiltered pass would
+    otherwise fail for as long as one sits in the DLQ.
+    """
+    if result.dry_run or not (result.failed or (sel.ids and result.kept)):
+        return None
+    return redrive_failures(result)
+
+
 def redrive_failures(result: RunResult) -> str:
     """The closing line of a redrive that failed, by what the operator does next."""
     kafka = sum(n for reason, n in result.failures.items() if reason.startswith("delivery:"))
     ledger = sum(n for reason, n in result.failures.items() if reason.startswith("ledger:"))
     again = result.failed - kafka - ledger
     parts = []
+    if result.kept:
+        parts.append(
+            f"{result.kept.total()} record(s) cannot be redriven (no sentpipe stage or routed topic takes"
+            f" them); left in the DLQ (`sentpipe dlq list --stage {UNKNOWN_STAGE}` lists those without a"
+            " stage)"
+        )
     if again:
         parts.append(f"{again} record(s) failed again; they are back in the DLQ (or left there)")
     if kafka:
@@ -580,8 +605,7 @@ def _redrive_one(
 ) -> None:
     ctx = {"redrive_id": result.run_id, "dlq_id": e.id, "stage": e.stage, "attempts": e.attempts}
     if step.action == "keep":
-        result.failed += 1
-        result.failures[step.reason] += 1
+        result.kept[step.reason] += 1
         # Per record at DEBUG: a pass over a DLQ still failing for one reason wrote a warning per record,
         # thousands of lines burying the progress bar. The summary says how many and why.
         log.debug("redrive: record left in the DLQ", extra={**ctx, "reason": step.reason})

@@ -144,6 +144,9 @@ class RunResult:
     failed: int = 0
     selected: Counter[tuple[str, str]] = field(default_factory=Counter)  # what Kafka took (or would be sent)
     failures: Counter[str] = field(default_factory=Counter)  # reason -> count
+    # redrive: reason -> records no stage can take (no sentpipe stage, no routed topic), left in the DLQ.
+    # Not failures: every later pass meets them again, so an unfiltered redrive would never succeed.
+    kept: Counter[str] = field(default_factory=Counter)
     missing_ids: list[str] = field(default_factory=list)
     # partition -> the end offset (exclusive) it was read to: a dry run's, passed as `upto`, makes the real
     # run read exactly the records it counted
@@ -439,6 +442,7 @@ def log_run(mode: Literal["replay", "redrive"], result: RunResult, *, interrupte
             "produced": result.produced,
             "skipped": result.skipped,
             "failed": result.failed,
+            "kept": result.kept.total(),
             "dry_run": result.dry_run,
         },
     )

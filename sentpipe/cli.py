@@ -293,6 +293,10 @@ def _run_summary(title: str, result: RunResult, sent_label: str, target: str) ->
     table.add_row("would fail" if dry else "failed", str(result.failed))
     for reason, n in sorted(result.failures.items()):
         table.add_row(terminal_safe(f"  {reason}"), str(n))
+    if result.kept:
+        table.add_row("cannot be redriven (left in the DLQ)", str(result.kept.total()))
+        for reason, n in sorted(result.kept.items()):
+            table.add_row(terminal_safe(f"  {reason}"), str(n))
     out.print(table)
     if result.selected:
         by = Table(*target.split("/"), "records", title=("would be " if dry else "") + sent_label)
@@ -480,7 +484,7 @@ def dlq_redrive(
 
     A record that fails again is dead-lettered again with one more attempt.
     """
-    from sentpipe.processors.dlq import make_selection, redrive, redrive_failures
+    from sentpipe.processors.dlq import make_selection, redrive, redrive_failed
 
     s = settings()
     with _ops():
@@ -489,8 +493,8 @@ def dlq_redrive(
     with _ops(s), _bar("redriving") as progress:
         result = redrive(s, sel, dry_run=dry_run, progress=progress, timeout=timeout)
     _run_summary(f"redrive {result.run_id}", result, "redriven", "stage/topic")
-    if result.failed and not dry_run:
-        fail(redrive_failures(result))
+    if (why := redrive_failed(result, sel)) is not None:
+        fail(why)
 
 
 @offsets_app.command("reset")

@@ -607,6 +607,16 @@ def test_a_failed_redrive_s_closing_line_says_what_to_do_for_each_kind_of_failur
     result.failed, result.failures = 3, Counter({"no_envelope": 3, "dlq delivery:_MSG_TIMED_OUT": 3})
     again = "3 record(s) failed again; they are back in the DLQ (or left there)"
     assert dlq_ops.redrive_failures(result) == again
+    result.kept["no sentpipe stage"] = 2
+    assert dlq_ops.redrive_failures(result) == (
+        "2 record(s) cannot be redriven (no sentpipe stage or routed topic takes them); left in the DLQ"
+        " (`sentpipe dlq list --stage unknown` lists those without a stage); " + again
+    )
+    # Alone they fail only a redrive that named records.
+    kept_only = RunResult("r", False, kept=Counter({"no sentpipe stage": 1}))
+    assert dlq_ops.redrive_failed(kept_only, dlq_ops.make_selection()) is None
+    assert dlq_ops.redrive_failed(kept_only, dlq_ops.make_selection(ids=["0:2"])) is not None
+    del result.kept["no sentpipe stage"]
     # The line a stopped or lost pass ends with says so too: it claimed all was in the ledger.
     assert dlq_ops._in_the_ledger(result) == "what it sent is in the ledger"
     result.failures["ledger:_MSG_TIMED_OUT"] = 2
@@ -696,7 +706,9 @@ def test_a_record_whose_header_name_is_not_utf8_does_not_stop_the_dlq_tools(
 ) -> None:
     """Anyone can write to the DLQ, and confluent-kafka cannot hand over a header name that is not UTF-8
     (SystemError): one such record ended `dlq list`, `dlq redrive` and the projector's reads of its topic
-    for good. It is read without its headers (no stage: listed, never redriven) and the others go on."""
+    for good. It is read without its headers (no stage: listed, never redriven) and the others go on. Such a
+    record can be found by stage `unknown` (refused before) and fails only a redrive that names it: every
+    unfiltered redrive failed (exit 1) for as long as it stayed in the DLQ."""
     ids = _handler_dead_letters(settings, topics, 2)
     produce_with_header_name(settings.kafka_bootstrap, topics.dlq, 0, b"k", b"{}", b"x-\xff\xfe")
     ids += _handler_dead_letters(settings, topics, 1)
@@ -706,9 +718,19 @@ def test_a_record_whose_header_name_is_not_utf8_does_not_stop_the_dlq_tools(
     assert "Traceback" not in res.stderr and "SystemError" not in res.stderr + res.stdout
     assert "0:2" in res.stdout and "0:3" in res.stdout, res.stdout
     result = dlq_ops.redrive(settings, dlq_ops.make_selection())
-    assert (result.read, result.produced) == (4, 3), result
+    assert (result.read, result.produced, result.failed) == (4, 3, 0), result
+    assert result.kept == Counter({"no sentpipe stage": 1}), result
     sent = read_topic(settings.kafka_bootstrap, topics.message_inbound, at_least=3)
     assert sorted(canonical_id(rec) for rec in sent) == sorted(ids)
+    listed = sentpipe(settings, "dlq", "list", "--stage", "unknown")
+    assert listed.returncode == 0, listed.stderr
+    assert "0:2" in listed.stdout and "0:3" not in listed.stdout, listed.stdout
+    again = sentpipe(settings, "dlq", "redrive")
+    assert again.returncode == 0, again.stderr
+    assert "cannot be redriven" in again.stdout and "no sentpipe stage" in again.stdout, again.stdout
+    named = sentpipe(settings, "dlq", "redrive", "--id", "0:2")
+    assert named.returncode == 1
+    assert_one_line_error_at_end(named, "1 record(s) cannot be redriven")
 
     # The projector's read of such a record, after enough others that the interpreter has specialized the
     # call site (which then skipped the check that turns confluent-kafka's pending error into SystemError:

@@ -51,6 +51,7 @@ def result_json(result: RunResult) -> dict[str, Any]:
         "failed": result.failed,
         "selected": [[a, b, n] for (a, b), n in sorted(result.selected.items())],
         "failures": dict(sorted(result.failures.items())),
+        "kept": dict(sorted(result.kept.items())),
         "missing_ids": result.missing_ids,
     }
 

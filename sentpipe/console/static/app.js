@@ -191,6 +191,11 @@ function resultView(result, sentLabel, columns) {
   ];
   if (result.already_redriven) rows.splice(4, 0, ["already taken by an earlier redrive", result.already_redriven]);
   for (const [reason, n] of Object.entries(result.failures)) rows.push(["  " + reason, n]);
+  const kept = Object.entries(result.kept || {});
+  if (kept.length) {
+    rows.push(["cannot be redriven (left in the DLQ)", kept.reduce((sum, [, n]) => sum + n, 0)]);
+    for (const [reason, n] of kept) rows.push(["  " + reason, n]);
+  }
   const parts = [el("h3", {}, dry ? "Dry run: nothing was sent" : "Outcome"), el("div", { class: "result", "data-sent": result.sent }, kv(rows))];
   if (result.selected.length) {
     parts.push(table([...columns, "records"], result.selected.map(([a, b, n]) => el("tr", {}, el("td", {}, a), el("td", {}, b), el("td", {}, n)))));
