@@ -24,6 +24,8 @@ from faust.transport.drivers import aiokafka as faust_aiokafka
 from mode import Service
 from mode.services import WaitArgT, WaitResults
 
+from sentpipe.processors import record_reader
+
 log = logging.getLogger("sentpipe.worker")
 
 
@@ -111,5 +113,7 @@ class EagerTransport(faust_aiokafka.Transport):
 
 
 def use_eager_consumer(app: Any) -> None:
-    """Give the app the transport above; before anything has asked for its consumer."""
+    """Give the app the transport above, whose fetches read on past a header name that is not UTF-8;
+    before anything has asked for its consumer."""
+    record_reader.install()
     app.transport = EagerTransport(app.conf.broker_consumer, app)

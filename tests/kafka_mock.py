@@ -85,36 +85,48 @@ _VTYPE_END, _VTYPE_TOPIC, _VTYPE_PARTITION, _VTYPE_VALUE, _VTYPE_KEY, _VTYPE_HEA
 def produce_with_header_name(
     bootstrap: str, topic: str, partition: int, key: bytes, value: bytes, header_name: bytes
 ) -> None:
-    """One record whose header name is `header_name` as it is: the Python client takes names as str and
-    encodes them, so a name that is not UTF-8 (which any other producer can write) takes librdkafka itself."""
+    """One record whose header name is `header_name` as it is (see `produce_as_bytes`)."""
+    produce_as_bytes(bootstrap, topic, partition, [(key, value, [(header_name, b"v")])])
+
+
+def produce_as_bytes(
+    bootstrap: str, topic: str, partition: int, records: list[tuple[bytes, bytes, list[tuple[bytes, bytes]]]]
+) -> None:
+    """Records (key, value, headers) with header names as they are, in one batch where they fit: the Python
+    client takes names as str and encodes them, so a name that is not UTF-8 (which any other producer can
+    write) takes librdkafka itself."""
     lib = _librdkafka()
     errstr = ctypes.create_string_buffer(512)
     conf = lib.rd_kafka_conf_new()
-    for name, setting in ((b"bootstrap.servers", bootstrap.encode()), (b"log_level", b"0")):
+    settings = ((b"bootstrap.servers", bootstrap.encode()), (b"log_level", b"0"), (b"linger.ms", b"500"))
+    for name, setting in settings:
         assert lib.rd_kafka_conf_set(conf, name, setting, errstr, len(errstr)) == 0, errstr.value
     rk = lib.rd_kafka_new(_PRODUCER, conf, errstr, len(errstr))
     assert rk, errstr.value
     try:
         vp, cp, size = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t
-        err = lib.rd_kafka_producev(
-            vp(rk),
-            ctypes.c_int(_VTYPE_TOPIC),
-            cp(topic.encode()),
-            ctypes.c_int(_VTYPE_PARTITION),
-            ctypes.c_int32(partition),
-            ctypes.c_int(_VTYPE_KEY),
-            cp(key),
-            size(len(key)),
-            ctypes.c_int(_VTYPE_VALUE),
-            cp(value),
-            size(len(value)),
-            ctypes.c_int(_VTYPE_HEADER),
-            cp(header_name),
-            cp(b"v"),
-            ctypes.c_ssize_t(1),
-            ctypes.c_int(_VTYPE_END),
-        )
-        assert err == 0, err
+        for key, value, headers in records:
+            args: list[object] = [
+                ctypes.c_int(_VTYPE_TOPIC),
+                cp(topic.encode()),
+                ctypes.c_int(_VTYPE_PARTITION),
+                ctypes.c_int32(partition),
+                ctypes.c_int(_VTYPE_KEY),
+                cp(key),
+                size(len(key)),
+                ctypes.c_int(_VTYPE_VALUE),
+                cp(value),
+                size(len(value)),
+            ]
+            for name, header_value in headers:
+                args += [
+                    ctypes.c_int(_VTYPE_HEADER),
+                    cp(name),
+                    cp(header_value),
+                    ctypes.c_ssize_t(len(header_value)),
+                ]
+            err = lib.rd_kafka_producev(vp(rk), *args, ctypes.c_int(_VTYPE_END))
+            assert err == 0, err
         lib.rd_kafka_flush.argtypes = [vp, ctypes.c_int]
         assert lib.rd_kafka_flush(rk, 10_000) == 0
     finally:

@@ -27,14 +27,21 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 
 from sentpipe.processors.topics import ensure_topics, projections_group
 from sentpipe.schemas import routing as r
-from sentpipe.schemas.events import CanonicalEvent, EventType
+from sentpipe.schemas.events import CanonicalEvent, EventType, frame
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.http_tools import metric_sum, post_all, scrape
+from tests.kafka_mock import produce_as_bytes
 from tests.kafka_tools import group_offsets, read_topic
 from tests.oracle import row_count
-from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_for, wait_until
+from tests.pipeline import (
+    start_ingress,
+    start_worker,
+    wait_caught_up,
+    wait_for,
+    wait_until,
+)
 from tests.test_pipeline_e2e import assert_matches_oracle
 
 
@@ -408,5 +415,48 @@ def test_a_batch_held_by_a_missing_routed_topic_is_a_stall_not_records_never_fet
         assert "fetched but never routed" not in worker.proc.tail(400)
         ensure_topics(settings)  # the topic back: the held batch lands, nothing lost
         read_topic(settings.kafka_bootstrap, topics.message_status, at_least=5, timeout=120)
+    finally:
+        worker.stop()
+
+
+def test_a_raw_record_whose_header_name_is_not_utf8_is_routed_and_its_neighbours_go_on(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """aiokafka cannot read a record another producer wrote with a header name that is not UTF-8: every fetch
+    of its partition raised UnicodeDecodeError, the records of its batch before it included, and the router
+    stopped there for good (the watchdog restarting it into the same fetch). Now the name is read with
+    replacement characters and the record is routed like any other, with the rest of its batch."""
+    topics = Topics(settings.topic_prefix)
+    db = settings.database_url.get_secret_value()
+    bodies = [s.body for s in SampleFactory(34).mix(12, "mixed")]
+    records = []
+    for i, body in enumerate(bodies):
+        webhook_id = f"w-{i}"
+        headers = r.raw_headers(
+            tenant="default",
+            received_at_ms=1_761_905_442_000,
+            webhook_id=webhook_id,
+            request_id="q",
+            event_type=None,
+        )
+        key = frame(body, webhook_id=webhook_id).event_id.encode()  # as the ingress keys it
+        named = [(name.encode(), header) for name, header in headers]
+        if i in (4, 9):  # inside the batch, with good records before and after it
+            named.append((b"x-\xff\xfe", b"1"))
+        records.append((key, body, named))
+    worker = start_worker(settings, tmp_path)
+    try:
+        worker.proc.wait_http(f"http://127.0.0.1:{worker.metrics_port}/readyz")
+        produce_as_bytes(settings.kafka_bootstrap, topics.raw, 0, records)
+        wait_until(lambda: row_count(db) >= len(set(bodies)), 120, "every event projected", worker.proc.tail)
+        assert_matches_oracle(db, bodies)
+        wait_until(
+            lambda: committed_at_end(settings, settings.app_id, [topics.raw]),
+            60,
+            "router committed to the end",
+        )
+        log = worker.proc.tail(100_000)
+        assert "header names are not all UTF-8" in log, log
+        assert "Traceback" not in log and "UnicodeDecodeError" not in log, log
     finally:
         worker.stop()
