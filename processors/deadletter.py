@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sentpipe import metrics as m
-from sentpipe.broker import Headers, RecordProducer
+from sentpipe.broker import Delivered, Headers, ProduceRejected, RecordProducer, failed_future
 from sentpipe.processors.retry import retrying
 from sentpipe.schemas import routing as r
 
@@ -95,7 +95,7 @@ async def send_dead_letters(
 
     async def attempt(_: int) -> None:
         nonlocal pending
-        futs = [producer.produce(dlq_topic, d.key, d.value, d.dlq_headers()) for d in pending]
+        futs = [_produce(producer, dlq_topic, d) for d in pending]
         results = await asyncio.gather(*futs, return_exceptions=True)
         failed = [(d, res) for d, res in zip(pending, results, strict=True) if isinstance(res, BaseException)]
         pending = [d for d, _ in failed]
@@ -105,3 +105,12 @@ async def send_dead_letters(
     await retrying(attempt, stage="dlq", initial=initial, cap=cap, should_stop=should_stop)
     for d in letters:
         m.DLQ_EVENTS.labels(d.stage, _reason_label(d.stage, d.error_class)).inc()
+
+
+def _produce(producer: RecordProducer, topic: str, d: DeadLetter) -> asyncio.Future[Delivered]:
+    # Refused before it was queued (the local queue full): raised, it ended the attempt with the letters
+    # queued before it unwatched, and the retry sent those again (each in the DLQ twice).
+    try:
+        return producer.produce(topic, d.key, d.value, d.dlq_headers())
+    except ProduceRejected as exc:
+        return failed_future(exc)

@@ -123,7 +123,7 @@ def _batches(data: bytes) -> Iterator[bytes]:
 class FetchedRecords:
     """aiokafka's `MemoryRecords` that keeps the fetched bytes for the fallback."""
 
-    __slots__ = ("data", "_reader")
+    __slots__ = ("_reader", "data")
 
     def __init__(self, data: bytes) -> None:
         self.data = data

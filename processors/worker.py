@@ -147,6 +147,7 @@ class _Batch:
 
     __slots__ = (
         "dead",
+        "derived",
         "duplicates",
         "events",
         "holes",
@@ -176,6 +177,7 @@ class _Batch:
         self.marks: dict[bytes, dict[str, int]] = {}  # by table key (compact where the id is a SHA-256 hex)
         self.home: dict[bytes, int] = {}  # table key -> its raw partition
         self.legacy: dict[bytes, bytes] = {}  # table key -> the hex key an older version wrote it under
+        self.derived: dict[tuple[str, int, int], bytes] = {}  # a keyless record -> the id it is marked under
 
 
 class Router:
@@ -263,7 +265,7 @@ class Router:
         attempt = 1
         while True:
             futs = [
-                self.producer.produce(self._changelog, k, values[k], (), partition=partition_of[k])
+                self.producer.produce_or_fail(self._changelog, k, values[k], (), partition=partition_of[k])
                 for k in pending
             ]
             results = await asyncio.gather(*futs, return_exceptions=True)
@@ -299,7 +301,10 @@ class Router:
         return bool(self.app.should_stop)
 
     def _produce(self, records: Sequence[Record]) -> list[asyncio.Future[Any]]:
-        return [self.producer.produce(t, k, v, h) for t, k, v, h in records]
+        # Refused before it was queued (librdkafka's local queue full: a backlog drain with large batches or
+        # bodies fills it) raised out of `dispatch`, crashed the agent and leaked a pipeline slot: now a
+        # failed future, temporary, retried with the rest of its batch.
+        return [self.producer.produce_or_fail(t, k, v, h) for t, k, v, h in records]
 
     async def _send_each(
         self, records: Sequence[Record], events: Sequence[Event], futs: list[asyncio.Future[Any]]
@@ -398,18 +403,19 @@ class Router:
         of losing it; one batch failing to settle (only when the worker stops) fails the ones after it.
         """
         if self._failure is not None:
-            # A batch failed to settle, and the ones after it with it (they wait for it): none is acked, so
-            # the stream's restart reads them again. Start over from a clean pipeline.
+            # A batch failed to settle, and the ones after it with it (they wait for it): none is acked.
             await self.drain()
             failure, self._failure, self._tail = self._failure, None, None
-            raise failure
+            if self._stopping():
+                raise failure
+            self._rewind(failure)
         await self._room.acquire()
         try:
             batch = self._route(*await self._with_skipped(events), taken=events)
+            futs = self._produce(batch.out)
         except BaseException:
             self._room.release()
             raise
-        futs = self._produce(batch.out)
         for event in batch.events:
             where = (event.message.topic, event.message.partition)
             self.dispatched[where] = max(self.dispatched.get(where, 0), event.message.offset + 1)
@@ -418,6 +424,22 @@ class Router:
         task = self._tail = asyncio.ensure_future(self._settle(batch, futs, self._tail, settled))
         task.add_done_callback(self._settled)
         return task
+
+    def _rewind(self, failure: BaseException) -> None:
+        """Route again what failed to settle. The stream does not deliver it again (raising here only
+        restarted the agent on the same stream): the records from each partition's last settled batch on
+        were never routed, their offsets never acked, and Faust's commit stayed there for good while lag
+        and the watchdog, which follow settled batches, said all was well. Counted from there again, the
+        next batch of a partition reads them back as a hole (`_with_skipped`), and a partition with no
+        next batch is sought back by `_unstick`."""
+        log.error(
+            "a batch of raw records failed to settle (%s: %s); routing its records again",
+            type(failure).__name__,
+            failure,
+        )
+        for where, done in self.processed.items():
+            if self.dispatched.get(where, done) > done:
+                self.dispatched[where] = done
 
     def _settled(self, task: asyncio.Future[None]) -> None:
         self._room.release()
@@ -491,6 +513,7 @@ class Router:
                     derived = routed.event.id.encode() if routed.event else routed.key
                     if seen(derived, tenant, msg.partition, type_label):
                         continue
+                    batch.derived[(msg.topic, msg.partition, msg.offset)] = derived
                 batch.out.append((routed.topic, routed.key, routed.value, list(headers.items())))
                 batch.routed.append(event)
                 batch.types.append(routed.event.type.value if routed.event else EventType.UNROUTED.value)
@@ -516,6 +539,8 @@ class Router:
             )
             if previous is not None:
                 await previous  # marks and acks in batch order; its failure is this batch's too
+            if refused:
+                self._unmark(batch, refused)
             # Only now, with every routed record and dead letter acknowledged, is the event marked seen.
             # Whole seconds: ids marked within the same second share one stored value (store.py).
             now_ms = int(time.time()) * 1000
@@ -553,6 +578,25 @@ class Router:
             tp = TP(topic, partition)
             if tp in assigned:  # revoked: Faust forgot the partition's acks, and its next owner reads it
                 await consumer._add_gap(tp, start, end - 1)
+
+    def _unmark(self, batch: _Batch, refused: Sequence[DeadLetter]) -> None:
+        """Records the broker refused for what they are were dead-lettered, not routed: their ids are not
+        marked seen, as with every record the router dead-letters, so a corrected delivery goes through (it
+        was dropped as a duplicate). A batch routes each (id, tenant) once, so nothing else marked it."""
+        lost = {d.origin for d in refused}
+        for (_, _, _, headers), event in zip(batch.out, batch.routed, strict=True):
+            msg = event.message
+            origin = (msg.topic, msg.partition, msg.offset)
+            if origin not in lost:
+                continue
+            tkey = table_key(msg.key or batch.derived[origin])  # the id it was marked under
+            tenant = dict(headers).get(r.H_TENANT, b"").decode(errors="replace") or self.s.default_tenant
+            batch.marks.get(tkey, {}).pop(tenant, None)
+            pending = self._pending.get(tkey)
+            if pending is not None:
+                pending.pop(tenant, None)
+                if not pending:
+                    del self._pending[tkey]
 
     def _forget_pending(self, marks: dict[bytes, dict[str, int]]) -> None:
         """A settled batch's marks are in the store now (or, if it failed, will be routed again)."""
@@ -656,7 +700,19 @@ class Router:
                 waiting[(tp.topic, tp.partition)] = max(0, highwater - done)
                 at[(tp.topic, tp.partition)] = done
                 if highwater > done and held is None:
-                    await self._unstick(tp, done, highwater)
+                    try:
+                        await self._unstick(tp, done, highwater)
+                    except Exception as exc:
+                        # Revoked since the assignment was read (a rebalance: aiokafka's position() raises
+                        # IllegalStateError), or the broker away: the next check looks again. Raised out of
+                        # the timer, it ended the whole worker in the middle of a rolling deploy.
+                        log.warning(
+                            "lag check of %s[%d] skipped: %s: %s",
+                            tp.topic,
+                            tp.partition,
+                            type(exc).__name__,
+                            exc,
+                        )
         for where in set(self.processed) - set(waiting):
             del self.processed[where]  # moved to another worker
             self.dispatched.pop(where, None)
@@ -1043,7 +1099,13 @@ def create_app(settings: Settings, role: WorkerRole | None = None) -> faust.App:
         # The gauge shows what the watchdog judges by: raw records not yet routed. The fetch position
         # runs ahead of a stuck agent, and the consumer's other partitions (the table's changelog during
         # recovery, Faust's assignor topic) are not work waiting: their stale numbers were exported too.
-        waiting = await router.report_lag()
+        try:
+            waiting = await router.report_lag()
+        except Exception:
+            # An exception out of a timer ends the whole worker; a lag check is best effort (the watchdog
+            # keeps its last reading: records it knew waiting still become a stall if nothing moves).
+            log.exception("lag check failed; the next one tries again")
+            return
         lag_series.keep_only(set(waiting))
         for where, n in waiting.items():
             lag_series.report(where, n)

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from confluent_kafka import murmur2
 
@@ -60,6 +60,14 @@ class Record:
     value: bytes
     headers: tuple[tuple[str, bytes], ...]
     timestamp_ms: int
+
+
+def failed_future(exc: BaseException) -> asyncio.Future[Any]:
+    """A future already failed with `exc`: a record refused before it was queued, waited for (and retried)
+    with the rest of its batch instead of raising out of the loop that queues them."""
+    fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    fut.set_exception(exc)
+    return fut
 
 
 class RecordProducer(Protocol):

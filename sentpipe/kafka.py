@@ -60,6 +60,7 @@ from sentpipe.broker import (
     Partition,
     ProduceRejected,
     Record,
+    failed_future,
     first_offsets,
 )
 from sentpipe.logs import NowAndThen
@@ -831,6 +832,16 @@ class AsyncProducer(Producer):
             # A backstop, not a timer: an entry in a deque the tick sweeps (no timer, no task per record).
             self._guards.append((time.monotonic() + timeout + 1.0, fut))
         return fut
+
+    def produce_or_fail(
+        self, topic: str, key: bytes, value: bytes | None, headers: Headers, partition: int = -1
+    ) -> asyncio.Future[Delivered]:
+        """`produce`, with a record refused before it was queued (ProduceRejected) as a failed future: for
+        callers that wait for a batch of futures together and retry what failed."""
+        try:
+            return self.produce(topic, key, value, headers, partition=partition)
+        except ProduceRejected as exc:
+            return failed_future(exc)
 
     async def send_and_wait(
         self, topic: str, key: bytes, value: bytes, headers: Headers, timeout: float

@@ -1,0 +1,235 @@
+"""The router's settling of a batch against the real broker: a record refused before it is queued, a batch
+that fails to settle, a lag check that meets a rebalance, and a record the broker refuses for what it is.
+The router is the worker's own (`create_app`), driven batch by batch as its agent drives it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka.errors import IllegalStateError
+from confluent_kafka import Producer
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    ResourceType,  # type: ignore[attr-defined]
+)
+from faust.types import TP
+
+from sentpipe.processors.dedup import table_key
+from sentpipe.processors.worker import PIPELINE_DEPTH, create_app
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.events import frame
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.schemas.topics import Topics
+from sentpipe.settings import Settings
+from tests.kafka_tools import read_topic, wait_topics_ready
+
+PARTITION = 1
+
+
+class _Event:
+    """A raw record as Faust's stream hands it to the agent."""
+
+    def __init__(self, topic: str, offset: int, key: bytes, value: bytes, headers: list[tuple[str, bytes]]):
+        self.message = self
+        self.topic, self.partition, self.offset = topic, PARTITION, offset
+        self.key, self.value, self.headers = key, value, headers
+        self.timestamp = None
+
+
+def _raw(body: bytes, webhook_id: str, tenant: str = "acme") -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    headers = r.raw_headers(
+        tenant=tenant,
+        received_at_ms=1_761_905_442_000,
+        webhook_id=webhook_id,
+        request_id="q",
+        event_type=None,
+    )
+    return frame(body, webhook_id=webhook_id).event_id.encode(), body, headers
+
+
+def _write_raw(s: Settings, records: list[tuple[bytes, bytes, list[tuple[str, bytes]]]]) -> list[_Event]:
+    """The records on raw[PARTITION] (a router reads back what it lost from there), as stream events."""
+    topic = Topics(s.topic_prefix).raw
+    p = Producer({"bootstrap.servers": s.kafka_bootstrap, "enable.idempotence": True})
+    offsets: list[int] = []
+    for key, value, headers in records:
+        p.produce(
+            topic,
+            value,
+            key,
+            PARTITION,
+            headers=headers,
+            on_delivery=lambda err, msg: offsets.append(msg.offset()),
+        )
+        assert p.flush(30) == 0  # one at a time: offsets in order
+    return [_Event(topic, o, k, v, h) for o, (k, v, h) in zip(offsets, records, strict=True)]
+
+
+def _router(s: Settings) -> Any:
+    router: Any = create_app(s, role="route").sentpipe  # type: ignore[attr-defined]
+    admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap})
+    for done in admin.create_topics([NewTopic(router._changelog, s.raw_partitions, 1)]).values():
+        done.result(30)  # Faust creates it when the worker starts; here the router runs alone
+    wait_topics_ready(s.kafka_bootstrap, [router._changelog])
+    # Faust's bookkeeping of the partition, as `settled` (the agent's ack) keeps it.
+    consumer = router.app.consumer
+    consumer.assignment = lambda: {TP(Topics(s.topic_prefix).raw, PARTITION)}
+    return router
+
+
+def _ack(router: Any, acked: list[int]) -> Any:
+    tp = TP(router.topics.raw, PARTITION)
+
+    async def settled(events: Any) -> None:
+        offsets = [e.message.offset for e in events]
+        acked.extend(offsets)
+        router.app.consumer._acked[tp].extend(offsets)
+        router.app.consumer._acked_index[tp].update(offsets)
+
+    return settled
+
+
+def _bodies(n: int, seed: int) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+    samples = SampleFactory(seed).mix(n, "mixed")
+    return [_raw(sample.body, f"w-{seed}-{i}") for i, sample in enumerate(samples)]
+
+
+def test_a_full_local_queue_is_waited_out_not_an_agent_crash(settings: Settings) -> None:
+    """librdkafka refuses a record at once when its local queue is full (a backlog drain with large batches
+    or bodies): raised out of `dispatch`, it crashed the agent, left a pipeline slot taken for good (four of
+    them and the router waited forever) and the batch unrouted. Now it is retried with its batch."""
+    s = settings.model_copy(update={"producer_max_in_flight": 5, "retry_initial_s": 0.05})
+    records = _bodies(40, 1)
+    events = _write_raw(s, records)
+    router = _router(s)
+    acked: list[int] = []
+
+    async def go() -> None:
+        await router.producer.start()
+        try:
+            await (await router.dispatch(events, _ack(router, acked)))
+        finally:
+            await router.producer.close()
+
+    asyncio.run(go())
+    assert acked == [e.offset for e in events]
+    assert router._room._value == PIPELINE_DEPTH
+    assert router.processed[(router.topics.raw, PARTITION)] == events[-1].offset + 1
+    routed = sum(len(read_topic(s.kafka_bootstrap, t, idle=1.0)) for t in router.topics.routed)
+    assert routed == len(events)
+
+
+def test_a_batch_that_failed_to_settle_is_routed_again(settings: Settings) -> None:
+    """A batch whose settling failed while the worker ran (its ack raised) was never routed again: the
+    stream does not deliver it twice, so its offsets were never acked and Faust's commit stood there for
+    good, while lag and the watchdog (which follow settled batches) said all was well. The next batch of
+    the partition now reads it back."""
+    records = _bodies(20, 2)
+    events = _write_raw(settings, records)
+    first, second = events[:10], events[10:]
+    router = _router(settings)
+    acked: list[int] = []
+    ack = _ack(router, acked)
+    failed: list[int] = []
+
+    async def ack_fails_once(evs: Any) -> None:
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("the ack failed")
+        await ack(evs)
+
+    async def go() -> None:
+        await router.producer.start()
+        try:
+            settling = await router.dispatch(first, ack_fails_once)
+            with pytest.raises(RuntimeError):
+                await settling
+            await (await router.dispatch(second, ack_fails_once))
+        finally:
+            await router.producer.close()
+
+    tp = TP(router.topics.raw, PARTITION)
+    router.app.consumer._committed_offset[tp] = first[0].offset
+    asyncio.run(go())
+    assert router.processed[(router.topics.raw, PARTITION)] == second[-1].offset + 1
+    # What Faust commits next: past both batches (the first one's offsets given as a settled gap).
+    assert router.app.consumer._new_offset(tp) == second[-1].offset + 1
+    assert acked == [e.offset for e in second]
+    routed = [
+        rec.key for t in router.topics.routed for rec in read_topic(settings.kafka_bootstrap, t, idle=1.0)
+    ]
+    assert len(routed) == len(records)  # each once: the first batch's marks held when it was read back
+    assert all("acme" in router._lookup(table_key(key), {}) for key, _, _ in records)
+
+
+def test_a_lag_check_that_meets_a_rebalance_does_not_end_the_worker(settings: Settings) -> None:
+    """aiokafka's position() raises IllegalStateError for a partition revoked since the assignment was read:
+    raised out of the lag timer, it ended the whole worker in the middle of a rolling deploy."""
+    router = _router(settings)
+    tp = TP(router.topics.raw, PARTITION)
+    consumer = router.app.consumer
+    consumer.highwater = lambda _tp: 100
+    router.processed[(tp.topic, tp.partition)] = 10
+    router.dispatched[(tp.topic, tp.partition)] = 10
+    router._held_back = lambda: None
+    asked: list[Any] = []
+
+    async def position(where: Any) -> int:
+        asked.append(where)
+        raise IllegalStateError(f"Partition {where} is not assigned")
+
+    consumer.position = position
+    for _ in range(4):  # the third unmoved check asks where the consumer stands
+        waiting = asyncio.run(router.report_lag())
+        assert waiting == {(tp.topic, tp.partition): 90}
+    assert asked, "the check never asked the consumer's position: the test tests nothing"
+
+
+def test_a_record_the_broker_refuses_is_not_marked_seen(settings: Settings) -> None:
+    """A routed record the broker refuses for what it is (larger than its topic takes) is dead-lettered;
+    its id was marked seen all the same, so the corrected delivery under that id was dropped as a
+    duplicate (README: an event the router dead-letters is not marked)."""
+    topics = Topics(settings.topic_prefix)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    small = ConfigResource(
+        ResourceType.TOPIC,
+        topics.message_inbound,
+        incremental_configs=[
+            ConfigEntry("max.message.bytes", "2000", incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
+    for done in admin.incremental_alter_configs([small]).values():
+        done.result(30)
+    doc = orjson.loads(SampleFactory(3).inbound("sent").body)
+    doc["id"] = "evt-big"
+    fixed = orjson.dumps(doc)  # the corrected delivery: same id, a body the topic takes
+    doc["payload"]["text"] = base64.b64encode(os.urandom(8000)).decode()  # compressed, still too large
+    key, value, headers = _raw(orjson.dumps(doc), "w-big")
+    events = _write_raw(settings, [(key, value, headers), (key, fixed, headers)])
+    router = _router(settings)
+    acked: list[int] = []
+
+    async def go() -> None:
+        await router.producer.start()
+        try:
+            await (await router.dispatch(events[:1], _ack(router, acked)))
+            assert router._lookup(table_key(key), {}) == {}
+            await (await router.dispatch(events[1:], _ack(router, acked)))
+        finally:
+            await router.producer.close()
+
+    asyncio.run(go())
+    dead = read_topic(settings.kafka_bootstrap, topics.dlq, at_least=1, timeout=30)
+    assert [rec.headers[r.H_DLQ_STAGE] for rec in dead] == [b"route"]
+    routed = read_topic(settings.kafka_bootstrap, topics.message_inbound, at_least=1, timeout=30)
+    assert len(routed) == 1
+    assert "acme" in router._lookup(table_key(key), {})
