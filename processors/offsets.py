@@ -209,6 +209,9 @@ def capped(ranges: Sequence[Range], upto: Mapping[int, int] | None) -> list[Rang
     ]
 
 
+_NOT_AUTHORIZED = frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED})
+
+
 class Log:
     """Read-only access to topics for one command: metadata, watermarks, bounded reads."""
 
@@ -344,7 +347,8 @@ class Log:
         try:
             while pending:
                 batch = self.consumer.consume(500, 0.5)
-                if not batch and time.monotonic() - last_progress > self.stall_s:
+                # Not only after an empty poll: a fetch error returned each time would have kept it going.
+                if time.monotonic() - last_progress > self.stall_s:
                     why = f": {self._last_error.str()}" if self._last_error is not None else ""
                     raise BrokerUnavailable(
                         f"no records from Kafka broker at {self.bootstrap} for {self.stall_s:.0f}s{why}"
@@ -361,6 +365,14 @@ class Log:
                             self._done(pending, where)
                         elif err.fatal():
                             raise KafkaException(err)
+                        elif err.code() in _NOT_AUTHORIZED:
+                            # ACLs: waiting cannot help (it ended "no records from Kafka broker" after 30 s).
+                            raise OpsError(
+                                f"Kafka at {self.bootstrap} refused to let this client read {where[0]}: "
+                                f"{err.str()} (an ACL must grant READ on the topic)"
+                            )
+                        else:
+                            self._last_error = err  # named if nothing comes (the partition's leader away)
                         continue
                     offset = msg.offset() or 0
                     if offset >= r.end:
