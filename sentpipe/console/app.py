@@ -37,9 +37,9 @@ from sentpipe.console.auth import (
     set_cookie,
     set_login_cookie,
 )
-from sentpipe.console.jobs import Busy, Job, Jobs, Kind, fingerprint
+from sentpipe.console.jobs import STOP_TIMEOUT_S, Busy, Job, Jobs, Kind, fingerprint
 from sentpipe.console.overview import Sampler
-from sentpipe.console.tail import Tail
+from sentpipe.console.tail import JOIN_TIMEOUT_S, Tail
 from sentpipe.guarded_http import guard
 from sentpipe.kafka import BrokerUnavailable
 from sentpipe.processors import dlq as dlq_ops
@@ -863,6 +863,12 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+# Stopping, one after the other: a running replay or redrive, the requests in hand, the live tail. Helm and
+# compose give the console longer than all three (it was 55 s against their 50: the tail's close was cut).
+SERVER_SHUTDOWN_S = 5.0
+STOP_BOUND_S = STOP_TIMEOUT_S + SERVER_SHUTDOWN_S + JOIN_TIMEOUT_S
+
+
 class CannotListen(Exception):
     """The console's address is taken or cannot be bound (the message names the settings)."""
 
@@ -875,7 +881,7 @@ def run(settings: Settings, host: str, port: int, on_ready: Callable[[str], None
 async def _serve(app: web.Application, host: str, port: int, on_ready: Callable[[str], None] | None) -> None:
     # A runner of its own, not run_app: its connections get the side ports' protocol (a head timeout, JSON
     # for malformed requests; aiohttp's own quoted their bytes back and logged them at ERROR).
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SERVER_SHUTDOWN_S)
     await runner.setup()
     guard(runner, app[SETTINGS].body_timeout_s, error_body=problem_body)
     stop = asyncio.Event()

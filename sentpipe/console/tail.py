@@ -29,6 +29,8 @@ from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.console")
+# How long a stop waits for the tail's thread (a Kafka poll in hand) before it leaves it behind.
+JOIN_TIMEOUT_S = 10.0
 
 Row = dict[str, Any]
 HOUR_MS = 3600 * 1000
@@ -175,7 +177,7 @@ class Tail:
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=JOIN_TIMEOUT_S)
 
     def subscribe(self) -> Subscriber:
         sub = Subscriber(asyncio.get_running_loop())
