@@ -559,10 +559,11 @@ class Router:
             _count_settled(batch, refused)
         finally:
             self._forget_pending(batch.marks)
-        self._advance(batch.events)
         await self._release_holes(batch.holes)
         if settled is not None:
             await settled(batch.taken)
+        # Last: a batch is settled once Faust has its acks; one whose ack failed is read back (`_rewind`).
+        self._advance(batch.events)
 
     async def _release_holes(self, holes: Sequence[ReadBack]) -> None:
         """Tell Faust the offsets the router read back itself are done. Faust never delivered them, so they

@@ -31,6 +31,7 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.kafka_tools import read_topic, wait_topics_ready
+from tests.test_gap_repair import _commit
 
 PARTITION = 1
 
@@ -133,6 +134,9 @@ def test_a_batch_that_failed_to_settle_is_routed_again(settings: Settings) -> No
     stream does not deliver it twice, so its offsets were never acked and Faust's commit stood there for
     good, while lag and the watchdog (which follow settled batches) said all was well. The next batch of
     the partition now reads it back."""
+    # The group committed at 1 (Faust takes a commit of 0 for none, and would commit past anything).
+    filler = _write_raw(settings, [(b"filler", b"{}", [])])
+    _commit(settings, settings.app_id, filler[0].topic, PARTITION, filler[0].offset + 1)
     records = _bodies(20, 2)
     events = _write_raw(settings, records)
     first, second = events[:10], events[10:]
@@ -159,6 +163,7 @@ def test_a_batch_that_failed_to_settle_is_routed_again(settings: Settings) -> No
 
     tp = TP(router.topics.raw, PARTITION)
     router.app.consumer._committed_offset[tp] = first[0].offset
+    assert first[0].offset > 0
     asyncio.run(go())
     assert router.processed[(router.topics.raw, PARTITION)] == second[-1].offset + 1
     # What Faust commits next: past both batches (the first one's offsets given as a settled gap).
