@@ -511,7 +511,11 @@ class Router:
                 if key_id is None:
                     # No key (not the ingress's record): drop repeats of the id the body gives.
                     derived = routed.event.id.encode() if routed.event else routed.key
-                    if seen(derived, tenant, msg.partition, type_label):
+                    # Its mark lives where the id's own record would (murmur2 of the id), as the store and
+                    # the sweep place it: under this record's partition, the sweep's tombstone went to the
+                    # other one, and the mark came back at every restore, kept for good.
+                    home_partition = partition_of(table_key(derived), self.s.raw_partitions)
+                    if seen(derived, tenant, home_partition, type_label):
                         continue
                     batch.derived[(msg.topic, msg.partition, msg.offset)] = derived
                 batch.out.append((routed.topic, routed.key, routed.value, list(headers.items())))

@@ -23,7 +23,7 @@ from confluent_kafka.admin import (
 )
 from faust.types import TP
 
-from sentpipe.processors.dedup import table_key
+from sentpipe.processors.dedup import partition_of, table_key
 from sentpipe.processors.worker import PIPELINE_DEPTH, create_app
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import frame
@@ -238,3 +238,32 @@ def test_a_record_the_broker_refuses_is_not_marked_seen(settings: Settings) -> N
     routed = read_topic(settings.kafka_bootstrap, topics.message_inbound, at_least=1, timeout=30)
     assert len(routed) == 1
     assert "acme" in router._lookup(table_key(key), {})
+
+
+def test_a_keyless_record_is_marked_where_the_store_and_the_sweep_look_for_it(settings: Settings) -> None:
+    """A record without a key (another producer's) is deduplicated on the id its body gives. Its mark went
+    to the changelog partition of the record's raw partition, while the store and the sweep place a key by
+    murmur2 of its id: the sweep's tombstone went elsewhere and the mark came back at every restore."""
+    for i in range(100):
+        body = SampleFactory(40 + i).message_status(f"m-keyless-{i}", "delivered").body
+        event_id = frame(body, webhook_id=f"w-keyless-{i}").event_id.encode()
+        home = partition_of(table_key(event_id), settings.raw_partitions)
+        if home != PARTITION:
+            break
+    _, value, headers = _raw(body, f"w-keyless-{i}")
+    events = _write_raw(settings, [(b"", value, headers)])
+    events[0].key = None  # as Faust hands over a record without a key
+    router = _router(settings)
+    acked: list[int] = []
+
+    async def go() -> None:
+        await router.producer.start()
+        try:
+            await (await router.dispatch(events, _ack(router, acked)))
+        finally:
+            await router.producer.close()
+
+    asyncio.run(go())
+    assert acked == [events[0].offset]
+    marks = read_topic(settings.kafka_bootstrap, router._changelog, at_least=1, timeout=30)
+    assert [(rec.key, rec.partition) for rec in marks] == [(table_key(event_id), home)]
