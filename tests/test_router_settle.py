@@ -99,6 +99,19 @@ def _ack(router: Any, acked: list[int]) -> Any:
     return settled
 
 
+def _settle_one(router: Any, events: list[_Event], acked: list[int]) -> None:
+    """Route one batch and wait for it to settle, acks into `acked`."""
+
+    async def go() -> None:
+        await router.producer.start()
+        try:
+            await (await router.dispatch(events, _ack(router, acked)))
+        finally:
+            await router.producer.close()
+
+    asyncio.run(go())
+
+
 def _bodies(n: int, seed: int) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
     samples = SampleFactory(seed).mix(n, "mixed")
     return [_raw(sample.body, f"w-{seed}-{i}") for i, sample in enumerate(samples)]
@@ -113,15 +126,7 @@ def test_a_full_local_queue_is_waited_out_not_an_agent_crash(settings: Settings)
     events = _write_raw(s, records)
     router = _router(s)
     acked: list[int] = []
-
-    async def go() -> None:
-        await router.producer.start()
-        try:
-            await (await router.dispatch(events, _ack(router, acked)))
-        finally:
-            await router.producer.close()
-
-    asyncio.run(go())
+    _settle_one(router, events, acked)
     assert acked == [e.offset for e in events]
     assert router._room._value == PIPELINE_DEPTH
     assert router.processed[(router.topics.raw, PARTITION)] == events[-1].offset + 1
@@ -255,15 +260,7 @@ def test_a_keyless_record_is_marked_where_the_store_and_the_sweep_look_for_it(se
     events[0].key = None  # as Faust hands over a record without a key
     router = _router(settings)
     acked: list[int] = []
-
-    async def go() -> None:
-        await router.producer.start()
-        try:
-            await (await router.dispatch(events, _ack(router, acked)))
-        finally:
-            await router.producer.close()
-
-    asyncio.run(go())
+    _settle_one(router, events, acked)
     assert acked == [events[0].offset]
     marks = read_topic(settings.kafka_bootstrap, router._changelog, at_least=1, timeout=30)
     assert [(rec.key, rec.partition) for rec in marks] == [(table_key(event_id), home)]
