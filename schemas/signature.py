@@ -50,7 +50,7 @@ def secret_key(secret: str) -> bytes:
             raise ValueError("webhook secret has nothing after 'whsec_'")
         try:
             key = base64.b64decode(encoded, validate=True)
-        except binascii.Error as exc:
+        except (binascii.Error, ValueError) as exc:  # ValueError: a character that is not ASCII
             raise ValueError("webhook secret is not valid base64 after 'whsec_'") from exc
         if not key:
             raise ValueError("webhook secret decodes to an empty key")

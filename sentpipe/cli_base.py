@@ -102,6 +102,13 @@ def utf8(value: _Text) -> _Text:
     return value
 
 
+def utf8_secret(value: str | None) -> str | None:
+    """`utf8` for a secret: the error names the option, never the value."""
+    if value is not None and _not_utf8(value) is not None:
+        raise typer.BadParameter("the secret is not valid UTF-8")
+    return value
+
+
 # What must not reach a terminal from a record: C0 and C1 control characters (ESC starts escape sequences,
 # CR rewrites the line, 0x9b is CSI on its own), DEL, line/paragraph separators, bidi controls (they reorder
 # what is shown), invisible format characters (two ids differing by a zero-width space looked the same; the

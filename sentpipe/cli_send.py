@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import typer
 from rich.console import Console
@@ -31,6 +31,7 @@ from sentpipe.cli_base import (
     sigterm_as_ctrl_c,
     terminal_safe,
     utf8,
+    utf8_secret,
 )
 from sentpipe.schemas.events import EventType
 from sentpipe.schemas.samples import Sample, SampleFactory
@@ -77,7 +78,7 @@ TenantOption = Annotated[
 ]
 SecretOption = Annotated[
     str | None,
-    typer.Option(callback=utf8, help="Signing secret whsec_... \\[default: SENTPIPE_WEBHOOK_SECRET]."),
+    typer.Option(callback=utf8_secret, help="Signing secret whsec_... \\[default: SENTPIPE_WEBHOOK_SECRET]."),
 ]
 UrlArgument = Annotated[
     str | None,
@@ -94,7 +95,11 @@ MAX_SEED = 2**64 - 1
 
 def _resolve_target(url: str | None, tenant: str | None, s: Settings) -> str:
     base = url or f"http://127.0.0.1:{s.ingress_port}/webhooks/sent"
-    return f"{base.rstrip('/')}/{quote(tenant, safe='')}" if tenant else base
+    if not tenant:
+        return base
+    # Onto the path: after a query string (`?x=1/acme`) it posted to the default tenant with acme's secret.
+    parts = urlsplit(base)
+    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{quote(tenant, safe='')}"))
 
 
 def _resolve_secret(secret: str | None, tenant: str | None, s: Settings) -> str:
@@ -413,9 +418,15 @@ def send_command(
     if stats.done < total:  # the file shrank between its check and its sending
         fail(f"only {stats.done} of {total} planned deliveries were made: {file} changed while it was sent")
     if mode is not SigningMode.VALID:
+        flag = "--" + mode.value.replace("_", "-")
         if stats.accepted:
-            flag = "--" + mode.value.replace("_", "-")
             fail(f"{stats.accepted} of {stats.done} deliveries were accepted despite {flag}")
+        # Only a 401 is the receiver refusing the signature: a 500 or no answer at all passed for one.
+        other = {outcome: n for outcome, n in stats.rejected.items() if outcome != "401"}
+        if other:
+            shown = ", ".join(f"{outcome}: {n}" for outcome, n in sorted(other.items()))
+            n = sum(other.values())
+            fail(f"{n} of {stats.done} deliveries with {flag} were not refused with 401 ({shown})")
     elif stats.not_accepted:
         hint = _resume_hint(stats, skip, n_events) if resumable else None
         fail(

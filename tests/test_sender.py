@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from sentpipe.cli_send import _resolve_target
 from sentpipe.schemas.events import ROUTED_TYPES, EventType, frame
 from sentpipe.schemas.samples import Sample, SampleFactory
 from sentpipe.schemas.signature import Reason, SignatureError, Verifier
@@ -121,6 +122,10 @@ def test_negative_modes_fail_verification_for_the_intended_reason(
 def test_a_broken_secret_is_refused_before_anything_is_signed() -> None:
     with pytest.raises(ValueError, match="base64"):
         Signer("whsec_***")
+    # Not ASCII: base64 raised its own "string argument should contain only ASCII characters", naming
+    # neither the secret nor the setting.
+    with pytest.raises(ValueError, match=r"^webhook secret is not valid base64"):
+        Signer("whsec_S\u00fcper")
 
 
 # --- planning ------------------------------------------------------------------------------------------
@@ -628,6 +633,42 @@ async def test_send_command_exits_non_zero_when_events_are_not_accepted(stub: St
     ran = await cli("send", stub.url, "--count", "6", "--retry-schedule", "0.01")
     assert (row(ran.stdout, "rejected 503"), row(ran.stdout, "retried")) == ("6", "6")
     assert "6 of 6 deliveries were not accepted" in one_line_error(ran)
+
+
+async def test_a_negative_mode_fails_unless_every_delivery_is_refused_with_401(stub: Stub) -> None:
+    """A receiver answering 500 (or nothing) to everything passed `--bad-signature` and `--stale`: only an
+    accepted delivery failed them."""
+    stub.answer = lambda n: 500 if n % 2 else 401
+    broken, stale = await asyncio.gather(
+        cli("send", stub.url, "--count", "4", "--bad-signature"),
+        cli("send", stub.url, "--count", "4", "--stale"),
+    )
+    assert "were not refused with 401 (500: " in one_line_error(broken)
+    assert "--bad-signature" in one_line_error(broken)
+    assert "--stale" in one_line_error(stale)
+    stub.answer = lambda n: 401
+    assert (await cli("send", stub.url, "--count", "3", "--bad-signature")).returncode == 0
+
+
+async def test_a_secret_that_is_not_utf8_is_refused_without_showing_it() -> None:
+    url = f"http://127.0.0.1:{free_port()}/webhooks/sent"
+    # A byte that is not UTF-8 reaches Python as a surrogate escape, as from a shell.
+    secret = "whsec_SuperSecret" + "\udcff"
+    runs = await asyncio.gather(
+        cli("send", url, "--secret", secret),
+        cli("trigger", "message.status.updated", url, "--secret", secret),
+    )
+    for ran in runs:
+        assert ran.returncode != 0 and "Traceback" not in ran.stderr
+        assert "SuperSecret" not in ran.stdout + ran.stderr, ran.stderr
+        assert "not valid UTF-8" in ran.stderr
+
+
+def test_a_tenant_goes_onto_the_path_not_after_the_query() -> None:
+    s = Settings()
+    assert _resolve_target("http://h/webhooks/sent?x=1", "acme", s) == "http://h/webhooks/sent/acme?x=1"
+    assert _resolve_target("http://h/webhooks/sent/", "a b", s) == "http://h/webhooks/sent/a%20b"
+    assert _resolve_target("http://h/webhooks/sent", None, s) == "http://h/webhooks/sent"
 
 
 async def test_skip_mode_sends_the_good_lines(stub: Stub, tmp_path: Path) -> None:
