@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import itertools
 import math
+import ssl
 import time
 from array import array
 from collections import Counter
@@ -212,10 +213,18 @@ async def post_once(
     try:
         # A 3xx is the receiver's answer, as for Sent: following it would post the signed event elsewhere.
         async with session.post(url, data=delivery.body, headers=headers, allow_redirects=False) as resp:
-            body = await resp.content.read(RESPONSE_KEEP_BYTES)
+            # One read gives what has arrived so far: an answer in chunks was cut to its first one (and a
+            # `"spooled":true` past it went unseen).
+            body = b""
+            while len(body) < RESPONSE_KEEP_BYTES and (
+                chunk := await resp.content.read(RESPONSE_KEEP_BYTES - len(body))
+            ):
+                body += chunk
             return Attempt(number, resp.status, None, time.perf_counter() - started, body)
     except TimeoutError:
         return Attempt(number, None, "timeout", time.perf_counter() - started)
+    except aiohttp.ClientSSLError:  # a kind of connection error to aiohttp, but not one a retry mends
+        return Attempt(number, None, "TLS error", time.perf_counter() - started)
     except aiohttp.ClientConnectionError:
         return Attempt(number, None, "connection error", time.perf_counter() - started)
     except aiohttp.ClientError as exc:
@@ -307,12 +316,17 @@ async def deliver(
         try:
             async with contextlib.aclosing(_taken_ahead(deliveries)) as ahead:
                 i = -1
+                paced_from = started
                 async for delivery in ahead:
                     i += 1
                     if failures:
                         raise failures[0]
                     if rate is not None:
-                        delay = started + i / rate - loop.time()
+                        # Paced from the first delivery in hand: from the start, every delivery due while
+                        # the session opened and the first plan window was made went out at once.
+                        if i == 0:
+                            paced_from = loop.time()
+                        delay = paced_from + i / rate - loop.time()
                         if delay > 0:
                             await asyncio.sleep(delay)
                     # Taking the slot before creating the task keeps pending work bounded by `concurrency`.
@@ -363,14 +377,20 @@ async def _taken_ahead(deliveries: Iterable[Delivery]) -> AsyncGenerator[Deliver
 
 
 async def probe(url: str, timeout_s: float = 5.0) -> None:
-    """Raise Unreachable unless a TCP connection to the URL's host and port can be opened."""
+    """Raise Unreachable unless a connection to the URL's host and port can be opened (with the TLS
+    handshake, for https: a certificate the system does not trust was a "connection error" retried for
+    two minutes per delivery)."""
     target = check_url(url)
     host, port = target.host, target.port
     assert host is not None and port is not None  # check_url guarantees an absolute http(s) URL
+    tls = ssl.create_default_context() if target.scheme == "https" else None
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=tls), timeout_s)
     except TimeoutError:
         raise Unreachable(f"cannot reach {shown(url)}: no connection within {timeout_s:g}s") from None
+    except ssl.SSLError as exc:
+        why = getattr(exc, "verify_message", None) or exc.reason or type(exc).__name__
+        raise Unreachable(f"TLS handshake with {shown(url)} failed: {why}") from None
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise Unreachable(f"cannot reach {shown(url)}: {reason}") from None

@@ -10,14 +10,17 @@ import random
 import re
 import signal
 import socket
+import ssl
+import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from copy import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -41,7 +44,7 @@ from sentpipe.sender import (
     plan_deliveries,
     probe,
 )
-from sentpipe.sender.delivery import Attempt, check_url, parse_schedule, shown
+from sentpipe.sender.delivery import Attempt, check_url, parse_schedule, post_once, shown
 from sentpipe.sender.plan import (
     BadLine,
     Delivery,
@@ -492,6 +495,85 @@ async def test_rate_paces_first_attempts(stub: Stub) -> None:
     start = stub.hits[0].at
     for i, hit in enumerate(stub.hits[1:], start=1):
         assert hit.at - start >= (i - 1) / rate
+
+
+async def test_rate_paces_from_the_first_delivery_in_hand(stub: Stub) -> None:
+    """Paced from before the session opened and the first plan window was made (a quarter second for
+    10,000 events), every delivery due meanwhile went out at once: 476 in the first 100 ms at 1,000/s."""
+    _, made = _plan(6)
+
+    def slow_to_start() -> Iterator[Delivery]:
+        time.sleep(0.3)  # the first window's planning, in the sender's thread
+        yield from made
+
+    rate = 50.0
+    stats = await deliver(stub.url, slow_to_start(), SECRET, rate=rate, total=len(made))
+    assert stats.accepted == len(made)
+    start = stub.hits[0].at
+    for i, hit in enumerate(stub.hits[1:], start=1):
+        assert hit.at - start >= (i - 1) / rate  # as above; from the start, all came in the first 20 ms
+
+
+async def test_an_answer_in_chunks_is_kept_whole() -> None:
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(status=500)
+        await resp.prepare(request)
+        await resp.write(b"first,")
+        await asyncio.sleep(0.3)
+        await resp.write(b"second")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/webhooks/sent", chunked)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        _, deliveries = _plan(1)
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{server.port}/webhooks/sent"
+            attempt = await post_once(session, url, deliveries[0], Signer(SECRET), 1)
+    finally:
+        await server.close()
+    assert (attempt.status, attempt.body) == (500, b"first,second")
+
+
+def self_signed(where: Path) -> ssl.SSLContext:
+    """A server's TLS context with a certificate no system trusts."""
+    key, cert = where / "key.pem", where / "cert.pem"
+    subject = ["-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", *subject],
+        check=True,
+        capture_output=True,
+    )
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    return tls
+
+
+async def test_a_certificate_the_system_does_not_trust_is_a_one_line_error(tmp_path: Path) -> None:
+    """It was a "connection error" retried for two minutes per delivery (the probe only opened TCP)."""
+    tls = self_signed(tmp_path)
+
+    async def accept(_: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/webhooks/sent", accept)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server(ssl=tls)
+    try:
+        url = f"https://127.0.0.1:{server.port}/webhooks/sent"
+        send, one = await asyncio.gather(
+            cli("send", url, "--count", "2"), cli("trigger", "message.status.updated", url)
+        )
+    finally:
+        await server.close()
+    for ran in (send, one):
+        line = one_line_error(ran)
+        assert "TLS handshake" in line and "certificate" in line, line
 
 
 # --- against the real ingress and broker ---------------------------------------------------------------
