@@ -604,6 +604,13 @@ def liveness_problem(app: web.Application) -> tuple[str, str] | None:
             return "producer_stalled", "the Kafka producer's report thread is gone"
         return "producer_stalled", f"records waiting for Kafka delivery reports, none for {waited:.0f} s"
     spool = app.get(SPOOL)
+    if spool is not None:
+        # A disk that stopped answering: every delivery gets 503 (`Spool.write_stalled`) and only a new
+        # process (on a node whose disk answers) helps. Bounded like a stalled drain, and at least as long as
+        # a request waits for its write.
+        writing = spool.write_running_s()
+        if writing > max(app[STALL_AFTER_S], spool.write_timeout_s or 0.0):
+            return "spool_write_stalled", f"a spool write (fdatasync) has not finished for {writing:.0f} s"
     if spool is not None and spool.records and producer.unavailable is None:
         still = time.monotonic() - spool.progress_at
         if still > app[STALL_AFTER_S]:
@@ -622,9 +629,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     producer = request.app[PRODUCER]
+    spool = request.app.get(SPOOL)
+    if spool is not None and spool.write_stalled:
+        # Every delivery goes behind the write in hand (the spool is active) and gets 503 at once, broker or
+        # not: out of service until the disk answers.
+        return error(503, "not_ready", spool.refusal, headers={"Retry-After": RETRY_AFTER_S})
     if await producer.ready():
         return web.json_response({"status": "ready"})
-    spool = request.app.get(SPOOL)
     if spool is not None and spool.takes_records:
         # Requests are answered 200 from the spool: the pod stays in service through a broker outage.
         return web.json_response({"status": "ready", "spooling": True, "spooled_records": spool.records})
@@ -707,7 +718,10 @@ def open_spool(settings: Settings, index: int = 0) -> Spool | None:
     if not settings.spool:
         return None
     spool = Spool(
-        process_dir(settings.spool_dir, index), settings.spool_max_bytes, settings.spool_segment_bytes
+        process_dir(settings.spool_dir, index),
+        settings.spool_max_bytes,
+        settings.spool_segment_bytes,
+        write_timeout_s=settings.produce_timeout_s,  # a request waits for the disk as for the broker
     )
     try:
         spool.open()
@@ -744,6 +758,8 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
     def accepting() -> float:
         # Read at scrape time. While the pod is unready (a full Kafka outage without spool room) no request
         # reaches it and nothing is counted; this gauge is what the outage alert sees instead.
+        if spool is not None and spool.write_stalled:
+            return 0.0
         return float(producer.unavailable is None or (spool is not None and spool.takes_records))
 
     m.INGRESS_ACCEPTING.set_function(accepting)

@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import statistics
+import threading
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -723,6 +724,70 @@ async def test_waiting_out_a_broker_outage_is_not_a_spool_drain_stall(
         assert producer.unavailable is None and spool.records == 1
         assert liveness_problem(app) is None
     finally:
+        await server.close()
+
+
+async def test_a_spool_disk_that_stops_answering_gets_503_at_once_and_fails_the_probes(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fdatasync that blocks (an EBS or NFS stall) while the broker is away: requests hung for ever and
+    /readyz, /healthz stayed 200. Now a request waits at most the produce timeout for its write, then gets
+    503 `spool_write_failed`; the next ones get it at once; the pod is unready, and unhealthy past
+    SENTPIPE_STALL_AFTER_S."""
+    s = settings.model_copy(
+        update={
+            "spool": True,
+            "spool_dir": tmp_path / "spool",
+            "stall_after_s": 1.0,
+            "produce_timeout_s": 1.0,
+        }
+    )
+    secret = s.webhook_secret.get_secret_value()
+    f = SampleFactory(41)
+    disk = threading.Event()
+    fdatasync = os.fdatasync
+
+    def stalled(fd: int) -> None:
+        disk.wait(120)
+        fdatasync(fd)
+
+    spool = open_spool(s)
+    assert spool is not None
+    producer = producer_for(s)
+    release = hold_probe(producer)
+    producer._on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
+    server = await ingress_server(create_app(s, producer, spool))
+    monkeypatch.setattr("sentpipe.ingress.spool.os.fdatasync", stalled)
+    try:
+        assert server.port is not None
+        for _ in range(2):  # the first waits for its write; the second is refused at once
+            body = f.inbound().body
+            status, headers, answer = await exchange(
+                server.port, head("/webhooks/sent", signed(secret, body), len(body)), body, timeout=20
+            )
+            assert (status, orjson.loads(answer)["error"]) == (503, "spool_write_failed"), answer
+            assert headers["retry-after"]
+        assert REGISTRY.get_sample_value("sentpipe_ingress_accepting") == 0
+        status, _, answer = await exchange(server.port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503 and "not finished a write" in orjson.loads(answer)["detail"], answer
+        await asyncio.sleep(1.5)  # past SENTPIPE_STALL_AFTER_S
+        status, _, answer = await exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (status, orjson.loads(answer)["error"]) == (503, "spool_write_stalled"), answer
+        disk.set()  # the disk answers again: the late write lands (a duplicate at worst) and all is well
+        for _ in range(200):
+            if spool.write_running_s() == 0:
+                break
+            await asyncio.sleep(0.05)
+        status, _, _ = await exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200 and spool.records == 1
+        body = f.inbound().body
+        status, _, answer = await exchange(
+            server.port, head("/webhooks/sent", signed(secret, body), len(body)), body, timeout=20
+        )
+        assert status == 200 and orjson.loads(answer)["spooled"] is True, answer
+    finally:
+        disk.set()
+        release.set()
         await server.close()
 
 
