@@ -306,6 +306,7 @@ class WebhookHandler:
         self.body_timeout_s = settings.body_timeout_s
         self.produce_timeout_s = settings.produce_timeout_s
         self.id_source = settings.event_id_source
+        self.closing = False  # shutdown began: each connection closes once its request in hand is answered
         _HANDLERS.add(self)
         _init_metrics(sorted(verifiers))
 
@@ -798,6 +799,10 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            # Records of requests cut off at the grace period may still be in the writer's hands: closed
+            # under it, the segment's fd was gone mid-write (a torn frame) or, worse, reused by another file.
+            if not await spool.settle(settings.produce_timeout_s):
+                log.error("spool: a write was still running at shutdown; its segment is left open")
             spool.close()
 
         app.cleanup_ctx.append(drain_ctx)

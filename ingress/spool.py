@@ -394,7 +394,20 @@ class Spool:
             frame.start,
         )
 
+    async def settle(self, timeout_s: float | None = None) -> bool:
+        """Wait (at most `timeout_s`) for the writes in hand and queued; True when none is left."""
+        writer = self._writer
+        if writer is not None and not writer.done():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await asyncio.shield(writer)
+        return not self._writer_busy
+
     def close(self) -> None:
+        if self._writer_busy:
+            # A thread still writes the segment (a disk that does not answer): its fd and the directory's
+            # lock stay open until the process exits, never closed (and their numbers reused) under it.
+            return
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

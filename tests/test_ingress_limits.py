@@ -20,6 +20,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from confluent_kafka import KafkaError
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
@@ -38,7 +39,7 @@ from sentpipe.ingress.app import (
     open_spool,
     producer_for,
 )
-from sentpipe.ingress.spool import Spool, SpoolRecord
+from sentpipe.ingress.spool import Spool, SpoolRecord, process_dir, status_of
 from sentpipe.kafka import AsyncProducer, admin_client, topic_max_message_bytes
 from sentpipe.processors.topics import CopartitioningError, check_record_limits, ensure_topics
 from sentpipe.schemas import routing as r
@@ -789,6 +790,39 @@ async def test_a_spool_disk_that_stops_answering_gets_503_at_once_and_fails_the_
         disk.set()
         release.set()
         await server.close()
+
+
+async def test_shutdown_waits_for_the_spool_write_in_hand_before_closing_its_file(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app's cleanup closed the spool (its segment's fd) while a thread still wrote and fdatasynced it:
+    the write failed (EBADF) or, the number reused meanwhile, went to another file. It waits for it now."""
+    s = settings.model_copy(update={"spool": True, "spool_dir": tmp_path / "spool"})
+    disk = threading.Event()
+    fdatasync = os.fdatasync
+
+    def slow(fd: int) -> None:
+        disk.wait(60)
+        fdatasync(fd)
+
+    spool = open_spool(s)
+    assert spool is not None
+    runner = web.AppRunner(create_app(s, producer_for(s), spool))
+    await runner.setup()
+    errors = REGISTRY.get_sample_value("sentpipe_spool_write_errors_total") or 0.0
+    monkeypatch.setattr("sentpipe.ingress.spool.os.fdatasync", slow)
+    record = SpoolRecord(f"{s.topic_prefix}events.raw", b"k", b"v", (), 1)
+    appending = asyncio.ensure_future(spool.append(record))
+    await asyncio.sleep(0.2)  # the write is in its thread, blocked in fdatasync
+    threading.Timer(0.5, disk.set).start()  # the disk answers once the cleanup has begun
+    try:
+        await runner.cleanup()
+        await appending  # written and durable: not a failed write
+    finally:
+        disk.set()
+    assert (REGISTRY.get_sample_value("sentpipe_spool_write_errors_total") or 0.0) == errors
+    st = status_of(process_dir(s.spool_dir, 0))
+    assert (st.records, st.corrupt_frames) == (1, 0), st
 
 
 def test_generated_request_ids_are_distinct_and_a_forked_child_draws_its_own() -> None:
