@@ -93,6 +93,10 @@ def tenant_name_problem(name: str) -> str | None:
         return f"is longer than {MAX_ID_LENGTH} characters"
     if any(c < " " or c == "\x7f" for c in name):
         return "holds a control character"
+    if not name.isprintable():
+        # Line and paragraph separators (U+0085, U+2028, U+2029: lines to str.splitlines and to many log
+        # readers), C1 controls, format and unassigned characters: a name no one can read or type back.
+        return "holds a character that is not printable (a C1 control, a line or paragraph separator)"
     if "/" in name:
         return "holds '/', which no URL path segment (/webhooks/sent/<tenant>) can carry"
     return None
