@@ -253,6 +253,7 @@ class Spool:
         self._next_seq = 1
         self._pending: list[tuple[bytes, int, asyncio.Future[None]]] = []
         self._pending_bytes = 0
+        self._writing_bytes = 0  # the batch in the writer's hands: in neither _pending_bytes nor bytes yet
         self._writer: asyncio.Task[None] | None = None
         self._appended = asyncio.Event()
         self._checkpointed_at = 0.0
@@ -498,9 +499,10 @@ class Spool:
             # it would wait as long, so the answer is 503 now, not after the timeout.
             raise self._write_timed_out()
         frame = encode_frame(rec)
-        if self.bytes + self._pending_bytes + len(frame) > self.max_bytes:
+        taken = self.bytes + self._writing_bytes + self._pending_bytes
+        if taken + len(frame) > self.max_bytes:
             self._full = True
-            raise SpoolFull(f"spool is full ({self.bytes} of {self.max_bytes} bytes)")
+            raise SpoolFull(f"spool is full ({taken} of {self.max_bytes} bytes, writes in hand included)")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((frame, rec.spooled_at_ms, fut))
         self._pending_bytes += len(frame)
@@ -522,6 +524,7 @@ class Spool:
             batch, self._pending = self._pending, []
             self._pending_bytes -= sum(len(f) for f, _, _ in batch)
             data = b"".join(f for f, _, _ in batch)
+            self._writing_bytes = len(data)
             t0 = time.perf_counter()
             self._write_started = time.monotonic()
             try:
@@ -539,6 +542,7 @@ class Spool:
                 if self.write_stalled:  # its requests were answered 503 meanwhile: say the disk is back
                     log.warning("spool: a write to %s ended after %.0f s", self.dir, self.write_running_s())
                 self._write_started = None
+                self._writing_bytes = 0  # in self.bytes below (no await between), or nowhere: it failed
             m.SPOOL_FSYNC_SECONDS.observe(time.perf_counter() - t0)
             self._write_failed_at = None
             if not self.segments or self.segments[-1].seq != seq:

@@ -33,6 +33,7 @@ from sentpipe.ingress.spool import (
     WRITE_RETRY_S,
     Spool,
     SpoolError,
+    SpoolFull,
     SpoolRecord,
     adopt_orphans,
     drain_directories,
@@ -315,6 +316,41 @@ def test_a_write_the_disk_refused_takes_the_spool_out_of_service_until_one_succe
         s.close()
 
     asyncio.run(main())
+
+
+def test_records_being_written_count_against_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch left the pending count when its write began and reached the spool's bytes only once it
+    ended: appends meanwhile were checked against neither, and the spool grew past SENTPIPE_SPOOL_MAX_BYTES
+    (80 x 100 KB taken with a limit of 4 MiB)."""
+    disk = threading.Event()
+    fdatasync = os.fdatasync
+
+    def slow(fd: int) -> None:
+        disk.wait(60)
+        fdatasync(fd)
+
+    monkeypatch.setattr("sentpipe.ingress.spool.os.fdatasync", slow)
+
+    async def main() -> None:
+        s = spool_in(tmp_path, max_bytes=1_000_000)
+        first = asyncio.ensure_future(s.append(rec(0, 300_000)))
+        await asyncio.sleep(0.2)  # its batch is in the writer's thread, held in fdatasync
+        rest = [asyncio.ensure_future(s.append(rec(i, 300_000))) for i in range(1, 10)]
+        await asyncio.sleep(0.1)
+        disk.set()
+        results = await asyncio.gather(first, *rest, return_exceptions=True)
+        taken = [i for i, r in enumerate(results) if r is None]
+        assert all(r is None or isinstance(r, SpoolFull) for r in results), results
+        assert taken == [0, 1, 2], results
+        assert s.bytes <= 1_000_000 and sum(p.stat().st_size for p in segments_in(tmp_path)) == s.bytes
+        s.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        disk.set()
 
 
 # --- a record the broker refuses for what it is ------------------------------------------------------------
