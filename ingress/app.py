@@ -296,8 +296,10 @@ class WebhookHandler:
         self.spool = spool
         self.verifiers = verifiers
         # Unknown tenants are checked against keys nobody has: same work, same answers as a bad signature.
-        default = verifiers.get(settings.default_tenant)
-        self.decoy = Verifier.decoy(default.key_count if default else 1, settings.signature_tolerance_s)
+        # As many keys as the tenant with the most (`verifiers_for` pads every tenant's work to that): with
+        # the default tenant's count, a tenant with more keys answered a bad signature measurably slower.
+        work = max((v.work for v in verifiers.values()), default=1)
+        self.decoy = Verifier.decoy(work, settings.signature_tolerance_s)
         self.topics = Topics(settings.topic_prefix)
         self.raw_topic = self.topics.raw
         self.in_flight = 0  # requests with their body, being verified and produced
@@ -666,6 +668,9 @@ def verifiers_for(settings: Settings) -> dict[str, Verifier]:
     except (OSError, ValueError) as exc:
         raise StartupError(f"SENTPIPE_SECRETS_FILE {settings.secrets_file}: {exc}") from None
     out = {}
+    # Each tenant does the work of the one with the most keys for a bad signature: the time it takes says
+    # nothing about which tenant (or whether one) was asked, nor how many keys it has.
+    work = max(len(secrets) for secrets in tenants.values())
     for tenant, secrets in tenants.items():
         where = (
             "SENTPIPE_WEBHOOK_SECRET"
@@ -673,7 +678,7 @@ def verifiers_for(settings: Settings) -> dict[str, Verifier]:
             else f"SENTPIPE_SECRETS_FILE, tenant {_printable(tenant)!r}"
         )
         try:
-            out[tenant] = Verifier(secrets, settings.signature_tolerance_s)
+            out[tenant] = Verifier(secrets, settings.signature_tolerance_s, work=work)
         except ValueError as exc:
             raise StartupError(f"{where}: {exc}") from None
     return out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import gzip
 import logging
 import os
@@ -17,6 +18,7 @@ import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 import orjson
 import pytest
@@ -24,6 +26,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from confluent_kafka import KafkaError
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
+from multidict import CIMultiDict
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
@@ -32,19 +35,22 @@ from sentpipe.ingress.app import (
     MAX_FIELD_SIZE,
     REQUEST_ID_MAX,
     StartupError,
+    WebhookHandler,
     check_topic_limits,
     create_app,
     liveness_problem,
     new_request_id,
     open_spool,
     producer_for,
+    verifiers_for,
 )
 from sentpipe.ingress.spool import Spool, SpoolRecord, process_dir, status_of
 from sentpipe.kafka import AsyncProducer, admin_client, topic_max_message_bytes
 from sentpipe.processors.topics import CopartitioningError, check_record_limits, ensure_topics
 from sentpipe.schemas import routing as r
+from sentpipe.schemas import signature
 from sentpipe.schemas.samples import SampleFactory
-from sentpipe.schemas.signature import signature_headers
+from sentpipe.schemas.signature import SignatureError, signature_headers
 from sentpipe.schemas.topics import Topics, record_limits
 from sentpipe.settings import Settings
 from tests.http_tools import ingress_server, read_response
@@ -519,6 +525,37 @@ async def test_an_unknown_tenant_answers_exactly_like_a_bad_signature(
                 times[name].append(time.perf_counter() - t0)
         print({k: f"{statistics.median(v) * 1000:.2f} ms" for k, v in times.items()})
     assert read_topic(settings.kafka_bootstrap, topics.raw) == []
+
+
+def test_a_bad_signature_costs_as_many_hmacs_for_every_tenant_known_or_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decoy for unknown tenants had the default tenant's key count and each tenant one HMAC per key: a
+    bad signature to a tenant with two keys took one HMAC more than one to a name that is no tenant, so
+    tenant names could be probed by timing. Each HMAC computed is one base64 encoding of its digest."""
+    secrets = tmp_path / "secrets.json"
+    two = ["whsec_" + base64.b64encode(k * 32).decode() for k in (b"a", b"b")]
+    secrets.write_bytes(orjson.dumps({"two": two, "one": two[0]}))
+    s = Settings(_env_file=None, secrets_file=secrets)
+    handler = WebhookHandler(s, cast(AsyncProducer, None), verifiers_for(s))
+    body = SampleFactory(42).inbound().body
+    headers = signed("whsec_" + base64.b64encode(b"w" * 32).decode(), body)
+    computed = 0
+    encode = binascii.b2a_base64
+
+    def counted(data: bytes, *, newline: bool = True) -> bytes:
+        nonlocal computed
+        computed += 1
+        return encode(data, newline=newline)
+
+    monkeypatch.setattr(signature.binascii, "b2a_base64", counted)
+    work = {}
+    for tenant, verifier in [*handler.verifiers.items(), ("unknown", handler.decoy)]:
+        computed = 0
+        with pytest.raises(SignatureError):
+            verifier.verify(CIMultiDict(headers), body, time.time())
+        work[tenant] = computed
+    assert work == {s.default_tenant: 2, "two": 2, "one": 2, "unknown": 2}, work
 
 
 @pytest.mark.parametrize("secret", ["", "   ", "whsec_", "whsec_!!not-base64!!", "whsec_===="])
