@@ -501,7 +501,9 @@ class Spool:
         frame = encode_frame(rec)
         taken = self.bytes + self._writing_bytes + self._pending_bytes
         if taken + len(frame) > self.max_bytes:
-            self._full = True
+            # Into an empty spool the record does not fit for its own size: the spool is not full (readiness
+            # reads `_full`, cleared only once a segment is drained, which an empty spool never is).
+            self._full = taken > 0
             raise SpoolFull(f"spool is full ({taken} of {self.max_bytes} bytes, writes in hand included)")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((frame, rec.spooled_at_ms, fut))

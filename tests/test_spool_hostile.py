@@ -353,6 +353,32 @@ def test_records_being_written_count_against_the_limit(
         disk.set()
 
 
+def test_a_record_too_large_for_an_empty_spool_does_not_leave_it_full(tmp_path: Path) -> None:
+    """Refused for its own size, such a record marked the spool full, and only a drained segment cleared
+    that: readiness said "the spool is full" (503) with nothing in it. Settings now refuse such a spool."""
+
+    async def main() -> None:
+        s = spool_in(tmp_path, max_bytes=1024 * 1024)
+        with pytest.raises(SpoolFull):
+            await s.append(rec(0, 2 * 1024 * 1024))
+        assert not s.full and s.takes_records
+        await s.append(rec(1))
+        with pytest.raises(SpoolFull):  # with records in it, it is full
+            await s.append(rec(2, 1024 * 1024))
+        assert s.full and not s.takes_records
+        s.close()
+
+    asyncio.run(main())
+
+
+def test_settings_refuse_a_spool_that_cannot_hold_one_largest_body() -> None:
+    big = {"spool": True, "max_body_bytes": 2 * 1024 * 1024}
+    with pytest.raises(ValueError, match=r"SENTPIPE_SPOOL_MAX_BYTES \(1048576\) cannot hold one body"):
+        Settings(_env_file=None, **big, spool_max_bytes=1024 * 1024)  # type: ignore[arg-type]
+    Settings(_env_file=None, **big, spool_max_bytes=4 * 1024 * 1024)  # type: ignore[arg-type]
+    Settings(_env_file=None, **{**big, "spool": False}, spool_max_bytes=1024 * 1024)  # type: ignore[arg-type]
+
+
 # --- a record the broker refuses for what it is ------------------------------------------------------------
 @pytest.mark.parametrize("raise_at_send", [False, True], ids=["broker_refuses", "producer_refuses"])
 def test_a_record_the_broker_will_never_take_does_not_stop_the_drain(
