@@ -657,6 +657,10 @@ def _get(url: str) -> int:
         return e.code
 
 
+# A 1 MiB spool holds a largest body and its framing only with bodies up to 1 MiB - 64 KiB (Settings).
+MAX_BODY = 256 * 1024
+
+
 def test_a_full_spool_answers_503_with_retry_after_and_every_200_is_drained(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -665,7 +669,7 @@ def test_a_full_spool_answers_503_with_retry_after_and_every_200_is_drained(
     spool_dir = tmp_path / "spool"
     away = settings.model_copy(update={"kafka_bootstrap": _dead_address()})
     proc, base, _ = start_ingress(
-        away, tmp_path, spool="on", spool_dir=spool_dir, spool_max_bytes=1024 * 1024
+        away, tmp_path, spool="on", spool_dir=spool_dir, spool_max_bytes=1024 * 1024, max_body_bytes=MAX_BODY
     )
     secret = settings.webhook_secret.get_secret_value()
     f = SampleFactory(8)
@@ -703,7 +707,12 @@ def test_a_full_spool_answers_503_with_retry_after_and_every_200_is_drained(
     finally:
         assert proc.stop() == 0, proc.tail()
     restarted, _, _ = start_ingress(
-        settings, tmp_path, spool="on", spool_dir=spool_dir, spool_max_bytes=1024 * 1024
+        settings,
+        tmp_path,
+        spool="on",
+        spool_dir=spool_dir,
+        spool_max_bytes=1024 * 1024,
+        max_body_bytes=MAX_BODY,
     )
     try:
         wait_until(lambda: status_of(process_dir(spool_dir, 0)).segments == 0, 60, "drained", restarted.tail)
