@@ -296,8 +296,10 @@ class WebhookHandler:
         self.spool = spool
         self.verifiers = verifiers
         # Unknown tenants are checked against keys nobody has: same work, same answers as a bad signature.
-        default = verifiers.get(settings.default_tenant)
-        self.decoy = Verifier.decoy(default.key_count if default else 1, settings.signature_tolerance_s)
+        # As many keys as the tenant with the most (`verifiers_for` pads every tenant's work to that): with
+        # the default tenant's count, a tenant with more keys answered a bad signature measurably slower.
+        work = max((v.work for v in verifiers.values()), default=1)
+        self.decoy = Verifier.decoy(work, settings.signature_tolerance_s)
         self.topics = Topics(settings.topic_prefix)
         self.raw_topic = self.topics.raw
         self.in_flight = 0  # requests with their body, being verified and produced
@@ -306,6 +308,7 @@ class WebhookHandler:
         self.body_timeout_s = settings.body_timeout_s
         self.produce_timeout_s = settings.produce_timeout_s
         self.id_source = settings.event_id_source
+        self.closing = False  # shutdown began: each connection closes once its request in hand is answered
         _HANDLERS.add(self)
         _init_metrics(sorted(verifiers))
 
@@ -604,6 +607,13 @@ def liveness_problem(app: web.Application) -> tuple[str, str] | None:
             return "producer_stalled", "the Kafka producer's report thread is gone"
         return "producer_stalled", f"records waiting for Kafka delivery reports, none for {waited:.0f} s"
     spool = app.get(SPOOL)
+    if spool is not None:
+        # A disk that stopped answering: every delivery gets 503 (`Spool.write_stalled`) and only a new
+        # process (on a node whose disk answers) helps. Bounded like a stalled drain, and at least as long as
+        # a request waits for its write.
+        writing = spool.write_running_s()
+        if writing > max(app[STALL_AFTER_S], spool.write_timeout_s or 0.0):
+            return "spool_write_stalled", f"a spool write (fdatasync) has not finished for {writing:.0f} s"
     if spool is not None and spool.records and producer.unavailable is None:
         still = time.monotonic() - spool.progress_at
         if still > app[STALL_AFTER_S]:
@@ -622,9 +632,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     producer = request.app[PRODUCER]
+    spool = request.app.get(SPOOL)
+    if spool is not None and spool.write_stalled:
+        # Every delivery goes behind the write in hand (the spool is active) and gets 503 at once, broker or
+        # not: out of service until the disk answers.
+        return error(503, "not_ready", spool.refusal, headers={"Retry-After": RETRY_AFTER_S})
     if await producer.ready():
         return web.json_response({"status": "ready"})
-    spool = request.app.get(SPOOL)
     if spool is not None and spool.takes_records:
         # Requests are answered 200 from the spool: the pod stays in service through a broker outage.
         return web.json_response({"status": "ready", "spooling": True, "spooled_records": spool.records})
@@ -654,6 +668,9 @@ def verifiers_for(settings: Settings) -> dict[str, Verifier]:
     except (OSError, ValueError) as exc:
         raise StartupError(f"SENTPIPE_SECRETS_FILE {settings.secrets_file}: {exc}") from None
     out = {}
+    # Each tenant does the work of the one with the most keys for a bad signature: the time it takes says
+    # nothing about which tenant (or whether one) was asked, nor how many keys it has.
+    work = max(len(secrets) for secrets in tenants.values())
     for tenant, secrets in tenants.items():
         where = (
             "SENTPIPE_WEBHOOK_SECRET"
@@ -661,7 +678,7 @@ def verifiers_for(settings: Settings) -> dict[str, Verifier]:
             else f"SENTPIPE_SECRETS_FILE, tenant {_printable(tenant)!r}"
         )
         try:
-            out[tenant] = Verifier(secrets, settings.signature_tolerance_s)
+            out[tenant] = Verifier(secrets, settings.signature_tolerance_s, work=work)
         except ValueError as exc:
             raise StartupError(f"{where}: {exc}") from None
     return out
@@ -707,7 +724,10 @@ def open_spool(settings: Settings, index: int = 0) -> Spool | None:
     if not settings.spool:
         return None
     spool = Spool(
-        process_dir(settings.spool_dir, index), settings.spool_max_bytes, settings.spool_segment_bytes
+        process_dir(settings.spool_dir, index),
+        settings.spool_max_bytes,
+        settings.spool_segment_bytes,
+        write_timeout_s=settings.produce_timeout_s,  # a request waits for the disk as for the broker
     )
     try:
         spool.open()
@@ -744,6 +764,8 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
     def accepting() -> float:
         # Read at scrape time. While the pod is unready (a full Kafka outage without spool room) no request
         # reaches it and nothing is counted; this gauge is what the outage alert sees instead.
+        if spool is not None and spool.write_stalled:
+            return 0.0
         return float(producer.unavailable is None or (spool is not None and spool.takes_records))
 
     m.INGRESS_ACCEPTING.set_function(accepting)
@@ -782,6 +804,10 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            # Records of requests cut off at the grace period may still be in the writer's hands: closed
+            # under it, the segment's fd was gone mid-write (a torn frame) or, worse, reused by another file.
+            if not await spool.settle(settings.produce_timeout_s):
+                log.error("spool: a write was still running at shutdown; its segment is left open")
             spool.close()
 
         app.cleanup_ctx.append(drain_ctx)

@@ -53,7 +53,9 @@ def merge(expositions: Sequence[str], label_name: str = "worker") -> str:
     for index, text in enumerate(expositions):
         label = f'{label_name}="{index}"'
         family = ""
-        for line in text.splitlines():
+        # "\n" only: the format's one line end. str.splitlines also splits on U+0085, U+2028 and U+2029,
+        # which a label value may hold (they are not escaped), and the halves parse as nothing.
+        for line in text.split("\n"):
             if not line:
                 continue
             if line.startswith("#"):

@@ -18,6 +18,7 @@ shape.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from http import HTTPStatus
@@ -116,6 +117,44 @@ class WebhookProtocol(RequestHandler):
         # the write timer. One call per connection, nothing per request.
         if self.transport is not None:  # set by connection_made just now
             self.transport.set_write_buffer_limits(high=0)
+        if self._webhook.closing:
+            self.force_close()  # accepted just before the listening socket closed: no request read yet
+
+    def _idle(self) -> bool:
+        """Between requests: none in hand (being answered, handled, queued or with its head begun)."""
+        waiter = self._waiter
+        return (
+            waiter is not None
+            and not waiter.done()
+            and not self._messages
+            and not self._answering
+            and self._head_timer is None
+        )
+
+    def stop_reading(self) -> None:
+        """Shutdown: this connection reads no new request. One in hand is still read to its end (its body
+        may be arriving) and answered with `Connection: close`, then the connection closes; an idle one
+        closes now. aiohttp's own `close()` stops reading at once, the rest of a body in hand included."""
+        if self._idle():
+            self.force_close()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        """aiohttp's shutdown waits for the request its own cycle handles, but the shortcut's answer task is
+        not one it knows of (its in-progress flag never rises): it closed the connection under it, and a
+        record already on the broker was never answered (Sent's retry: a duplicate)."""
+        task = self._answer_task
+        if task is not None and not task.done():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(task)
+        await super().shutdown(timeout)
+
+    async def finish_response(
+        self, request: BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        if self._webhook.closing:
+            resp.force_close()  # the last answer on this connection says so (unless already written)
+        return await super().finish_response(request, resp, start_time)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -140,6 +179,10 @@ class WebhookProtocol(RequestHandler):
         self.force_close()
 
     def data_received(self, data: bytes) -> None:
+        if self._webhook.closing and self._idle():
+            # A new request after shutdown began: not read, so never half done; the client sends it again.
+            self.force_close()
+            return
         if self._answering:
             # A request pipelined behind the one being answered: it waits, and so does the socket.
             self._held += data
@@ -248,7 +291,7 @@ class WebhookProtocol(RequestHandler):
         transport = self.transport
         if transport is None:
             return  # the client left; the event is in Kafka all the same, and Sent's retry is a duplicate
-        close = answer.close or self._force_close
+        close = answer.close or self._force_close or self._webhook.closing
         transport.write(encode_answer(answer, request_id, close))
         if close:
             self.force_close()
@@ -277,6 +320,21 @@ class WebhookServer(web.Server):
 
     def __call__(self) -> RequestHandler:
         return WebhookProtocol(self, loop=self._loop, webhook=self.webhook, **self._kwargs)
+
+
+def stop_reading(runner: web.AppRunner) -> None:
+    """Shutdown, once the listening socket is closed: no connection reads another request, so the requests
+    in hand finish (steady keep-alive traffic kept them coming until the grace period cut everything) and
+    each is answered before its connection closes (`WebhookProtocol.stop_reading`)."""
+    server = runner.server
+    if server is None:
+        return
+    runner.app[WEBHOOK].closing = True
+    for conn in server.connections:
+        if isinstance(conn, WebhookProtocol):
+            conn.stop_reading()
+        else:  # not this module's: aiohttp's own stop (a body in hand is not read on)
+            conn.close()
 
 
 def answer_webhooks_directly(runner: web.AppRunner) -> None:

@@ -44,7 +44,7 @@ from sentpipe.ingress.app import (
     verifiers_for,
 )
 from sentpipe.ingress.gather import Gatherer
-from sentpipe.ingress.protocol import answer_webhooks_directly
+from sentpipe.ingress.protocol import answer_webhooks_directly, stop_reading
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.ingress")
@@ -139,6 +139,9 @@ async def serve(
     # drops what arrives after it starts, so a request whose body was still on its way would meet the body
     # timeout (408) instead of its 200.
     await site.stop()
+    # Keep-alive connections would bring new requests for as long as clients send them; and a request the
+    # shortcut took is unknown to aiohttp's shutdown. Each connection answers what it has read, then closes.
+    stop_reading(runner)
     left = await finish_in_flight(settings.produce_timeout_s + 5)
     if left:
         log.warning("shutting down with %d requests still in flight after the grace period", left)

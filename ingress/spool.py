@@ -190,6 +190,12 @@ def scan(buf: bytes | memoryview, *, final: bool) -> Iterator[Frame]:
         pos = end
 
 
+def _retrieved(fut: asyncio.Future[None]) -> None:
+    """Done callback of a record's future nobody awaits any more: its exception is not "never retrieved"."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 # --- the spool --------------------------------------------------------------------------------------------
 @dataclass
 class _Segment:
@@ -209,8 +215,22 @@ class DrainProgress:
 class Spool:
     """One process's spool directory. Appends and drains run on one event loop; disk work runs in threads."""
 
-    def __init__(self, directory: Path, max_bytes: int, segment_bytes: int, *, gauges: bool = True) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        max_bytes: int,
+        segment_bytes: int,
+        *,
+        gauges: bool = True,
+        write_timeout_s: float | None = None,
+    ) -> None:
         self.dir = directory
+        # How long a request waits for its record's write+fdatasync (None: for as long as it takes). A disk
+        # that stops answering (an EBS or NFS stall) blocks fdatasync without an error: unbounded, every
+        # request hung with it while the probes said the pod was fine.
+        self.write_timeout_s = write_timeout_s
+        self._write_started: float | None = None  # monotonic time the write in its thread began
+        self._stall_logged: float | None = None
         self.gauges = gauges  # this process's own spool sets the spool gauges; an adopted one does not
         # Adopted orphans (see `adopt_orphans`): their records are answered 200 and not on Kafka either, so
         # they count in the gauges of the spool that adopted them, kept after their drain for what the
@@ -233,6 +253,7 @@ class Spool:
         self._next_seq = 1
         self._pending: list[tuple[bytes, int, asyncio.Future[None]]] = []
         self._pending_bytes = 0
+        self._writing_bytes = 0  # the batch in the writer's hands: in neither _pending_bytes nor bytes yet
         self._writer: asyncio.Task[None] | None = None
         self._appended = asyncio.Event()
         self._checkpointed_at = 0.0
@@ -374,7 +395,20 @@ class Spool:
             frame.start,
         )
 
+    async def settle(self, timeout_s: float | None = None) -> bool:
+        """Wait (at most `timeout_s`) for the writes in hand and queued; True when none is left."""
+        writer = self._writer
+        if writer is not None and not writer.done():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    await asyncio.shield(writer)
+        return not self._writer_busy
+
     def close(self) -> None:
+        if self._writer_busy:
+            # A thread still writes the segment (a disk that does not answer): its fd and the directory's
+            # lock stay open until the process exits, never closed (and their numbers reused) under it.
+            return
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -397,12 +431,24 @@ class Spool:
         """A record was refused for lack of room, and no segment has been drained since."""
         return self._full
 
+    def write_running_s(self) -> float:
+        """How long the write+fdatasync in hand has been running; 0 when none is."""
+        started = self._write_started
+        return 0.0 if started is None else time.monotonic() - started
+
+    @property
+    def write_stalled(self) -> bool:
+        """The write in hand has run longer than a request may wait for it: the disk is not answering."""
+        bound = self.write_timeout_s
+        return bound is not None and self.write_running_s() > bound
+
     @property
     def takes_records(self) -> bool:
         """What readiness reads while the broker is away. Not while full, nor for `WRITE_RETRY_S` after the
-        disk refused a write (full, EIO): a pod whose spool disk failed answered /readyz 200 "spooling" and
-        stayed in service, every delivery refused with 503, the outage alert silent."""
-        if self._full:
+        disk refused a write (full, EIO) or did not finish one in time, nor while such a write still runs: a
+        pod whose spool disk failed answered /readyz 200 "spooling" and stayed in service, every delivery
+        refused with 503, the outage alert silent."""
+        if self._full or self.write_stalled:
             return False
         failed = self._write_failed_at
         return failed is None or time.monotonic() - failed >= WRITE_RETRY_S
@@ -410,7 +456,28 @@ class Spool:
     @property
     def refusal(self) -> str:
         """Why it takes no records now, for /readyz (read when `takes_records` is False)."""
-        return "the spool is full" if self._full else "the spool's disk refused a write"
+        if self._full:
+            return "the spool is full"
+        if self.write_stalled:
+            return f"the spool's disk has not finished a write for {self.write_running_s():.0f} s"
+        return "the spool's disk refused a write"
+
+    def _write_timed_out(self) -> SpoolError:
+        """A request stops waiting for a write its disk has not finished: counted as a failed write, and the
+        pod out of service as after one. The write itself goes on: should it land after all, its record is
+        drained although the request got 503 (a duplicate; Sent retries it)."""
+        m.SPOOL_WRITE_ERRORS.inc()
+        self._write_failed_at = time.monotonic()
+        running = self.write_running_s()
+        if self._write_started is not None and self._stall_logged != self._write_started:
+            self._stall_logged = self._write_started  # once per stalled write, not once per request
+            log.error(
+                "spool: a write to %s has not finished for %.1f s (disk not answering): deliveries get 503"
+                " spool_write_failed until it does",
+                self.dir,
+                running,
+            )
+        return SpoolError(f"spool write not finished after {running:.1f} s (disk not answering)")
 
     def _update_gauges(self) -> None:
         if self._counted_in is not None:
@@ -427,24 +494,41 @@ class Spool:
     async def append(self, rec: SpoolRecord) -> None:
         """Return once `rec` is fsynced. SpoolFull: no room under SENTPIPE_SPOOL_MAX_BYTES; SpoolError: the
         disk failed."""
+        if self.write_stalled:
+            # The disk has not finished the write in hand within a request's wait: the records queued behind
+            # it would wait as long, so the answer is 503 now, not after the timeout.
+            raise self._write_timed_out()
         frame = encode_frame(rec)
-        if self.bytes + self._pending_bytes + len(frame) > self.max_bytes:
-            self._full = True
-            raise SpoolFull(f"spool is full ({self.bytes} of {self.max_bytes} bytes)")
+        taken = self.bytes + self._writing_bytes + self._pending_bytes
+        if taken + len(frame) > self.max_bytes:
+            # Into an empty spool the record does not fit for its own size: the spool is not full (readiness
+            # reads `_full`, cleared only once a segment is drained, which an empty spool never is).
+            self._full = taken > 0
+            raise SpoolFull(f"spool is full ({taken} of {self.max_bytes} bytes, writes in hand included)")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((frame, rec.spooled_at_ms, fut))
         self._pending_bytes += len(frame)
         if not self._writer_busy:
             self._writer = asyncio.get_running_loop().create_task(self._commit())
         # A request that goes away still has its record written: it will be drained (a duplicate at worst).
-        await asyncio.shield(fut)
+        if self.write_timeout_s is None:
+            await asyncio.shield(fut)
+            return
+        try:
+            async with asyncio.timeout(self.write_timeout_s):
+                await asyncio.shield(fut)
+        except TimeoutError:
+            fut.add_done_callback(_retrieved)  # its late failure, if any, is logged by _commit already
+            raise self._write_timed_out() from None
 
     async def _commit(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
             self._pending_bytes -= sum(len(f) for f, _, _ in batch)
             data = b"".join(f for f, _, _ in batch)
+            self._writing_bytes = len(data)
             t0 = time.perf_counter()
+            self._write_started = time.monotonic()
             try:
                 seq, path, size = await asyncio.to_thread(self._write, data)
             except OSError as exc:
@@ -456,6 +540,11 @@ class Spool:
                     if not fut.done():
                         fut.set_exception(SpoolError(f"spool write failed ({exc.strerror or exc})"))
                 continue
+            finally:
+                if self.write_stalled:  # its requests were answered 503 meanwhile: say the disk is back
+                    log.warning("spool: a write to %s ended after %.0f s", self.dir, self.write_running_s())
+                self._write_started = None
+                self._writing_bytes = 0  # in self.bytes below (no await between), or nowhere: it failed
             m.SPOOL_FSYNC_SECONDS.observe(time.perf_counter() - t0)
             self._write_failed_at = None
             if not self.segments or self.segments[-1].seq != seq:

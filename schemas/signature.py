@@ -97,12 +97,21 @@ class Verified(NamedTuple):  # a tuple: one per request; a frozen dataclass cost
     timestamp: int
 
 
+def _random_secret() -> str:
+    return SECRET_PREFIX + base64.b64encode(os.urandom(32)).decode()
+
+
 class Verifier:
     """Checks deliveries against a tenant's keys; keys are decoded once, not per request."""
 
-    def __init__(self, secrets: Sequence[str], tolerance_s: int) -> None:
+    def __init__(self, secrets: Sequence[str], tolerance_s: int, *, work: int = 0) -> None:
+        """`work`: a signature that matches no secret costs this many HMACs, whatever the key count (random
+        keys make up the difference), so a tenant's key count, or its existence, does not show in the time
+        a bad signature takes."""
         if not secrets:
             raise ValueError("at least one secret is required")
+        self._key_count = len(secrets)
+        secrets = [*secrets, *(_random_secret() for _ in range(work - len(secrets)))]
         # Keyed once: each request copies a keyed HMAC instead of setting the key (and looking up SHA-256)
         # again, and the body is fed to it as is, never copied behind the signed prefix.
         # OpenSSL's HMAC object itself where the hmac module wraps one (CPython's `_hmac`): the wrapper's
@@ -113,14 +122,21 @@ class Verifier:
 
     @property
     def key_count(self) -> int:
+        """The secrets it was given (not the random keys that pad its work)."""
+        return self._key_count
+
+    @property
+    def work(self) -> int:
+        """HMACs computed for a signature that matches no secret."""
         return len(self._macs)
 
     @classmethod
     def decoy(cls, key_count: int, tolerance_s: int) -> Verifier:
         """A verifier with random keys that no sender knows. Requests for an unknown tenant go through it, so
         they get the same checks, the same HMAC work and the same answers as a known tenant's bad signature,
-        and tenant names cannot be probed."""
-        keys = [SECRET_PREFIX + base64.b64encode(os.urandom(32)).decode() for _ in range(max(1, key_count))]
+        and tenant names cannot be probed: `key_count` is the largest of any tenant, the work every tenant's
+        verifier does for a bad signature (`work`)."""
+        keys = [_random_secret() for _ in range(max(1, key_count))]
         return cls(keys, tolerance_s)
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> Verified:

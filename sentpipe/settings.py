@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sentpipe.schemas.events import MAX_ID_LENGTH, EventIdSource
+from sentpipe.schemas.topics import RECORD_OVERHEAD_BYTES
 
 
 def _not_a_service_link(value: object) -> object:
@@ -93,6 +94,10 @@ def tenant_name_problem(name: str) -> str | None:
         return f"is longer than {MAX_ID_LENGTH} characters"
     if any(c < " " or c == "\x7f" for c in name):
         return "holds a control character"
+    if not name.isprintable():
+        # Line and paragraph separators (U+0085, U+2028, U+2029: lines to str.splitlines and to many log
+        # readers), C1 controls, format and unassigned characters: a name no one can read or type back.
+        return "holds a character that is not printable (a C1 control, a line or paragraph separator)"
     if "/" in name:
         return "holds '/', which no URL path segment (/webhooks/sent/<tenant>) can carry"
     return None
@@ -317,6 +322,20 @@ class Settings(BaseSettings):
         if (self.kafka_ssl_cert_file is None) != (self.kafka_ssl_key_file is None):
             raise ValueError(
                 "SENTPIPE_KAFKA_SSL_CERT_FILE and SENTPIPE_KAFKA_SSL_KEY_FILE go together (mTLS)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _spool_holds_a_body(self) -> Settings:
+        """A spool smaller than one largest body and its record's framing refused that body with 503
+        spool_full while the broker was away, however empty (Sent retried it until it gave up): refused at
+        start."""
+        need = self.max_body_bytes + RECORD_OVERHEAD_BYTES
+        if self.spool and self.spool_max_bytes < need:
+            raise ValueError(
+                f"SENTPIPE_SPOOL_MAX_BYTES ({self.spool_max_bytes}) cannot hold one body of"
+                f" SENTPIPE_MAX_BODY_BYTES ({self.max_body_bytes}) with its record's framing: give at least"
+                f" {need}"
             )
         return self
 

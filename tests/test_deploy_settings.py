@@ -589,7 +589,8 @@ def test_ingress_workers_follow_the_cpu_request(
 
 @pytest.mark.parametrize(
     ("max_bytes", "workers", "each"),
-    [(3 * 1024**3 + 2, 3, 1024**3), (1024 * 1024, 1, 1024 * 1024), (1024 * 1024, 3, 1024 * 1024)],
+    # The floor: one largest body (SENTPIPE_MAX_BODY_BYTES, 1 MiB) and its record's framing (64 KiB).
+    [(3 * 1024**3 + 2, 3, 1024**3), (1114112, 1, 1114112), (1114112, 3, 1114112)],
 )
 def test_the_spool_limit_is_split_among_the_pods_processes(
     max_bytes: int, workers: int, each: int, tmp_path: Path

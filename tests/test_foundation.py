@@ -176,6 +176,8 @@ ABSURD_SETTINGS = [
     ("SENTPIPE_HANDLER_MODULES", "[1, 2]", "item 0: Input should be a valid string"),
     ("SENTPIPE_HANDLER_MODULES", "myapp.handlers, my app", "'my app' is not a module name"),
     ("SENTPIPE_TABLE_STORE", "bogus://", "must be memory:// or rocksdb://"),
+    # A line break to str.splitlines: a metrics page labelled with it did not parse once merged.
+    ("SENTPIPE_DEFAULT_TENANT", "a\u2028b", "holds a character that is not printable"),
     # An empty path was Path("."): a secrets file that "is a directory", a spool in the current directory.
     # An empty database URL was libpq's defaults (the local socket, PG* variables: another database).
     ("SENTPIPE_DATABASE_URL", "", "is empty"),
@@ -218,6 +220,8 @@ def test_absurd_settings_are_refused_in_one_line_naming_the_setting(
         (b'{"": "whsec_c2VudHBpcGU="}', "tenant '' is empty"),
         (b'{"a/b": "whsec_c2VudHBpcGU="}', "tenant 'a/b' holds '/'"),
         (b'{"a\\u0000b": "whsec_c2VudHBpcGU="}', "holds a control character"),
+        (b'{"a\\u2028b": "whsec_c2VudHBpcGU="}', "holds a character that is not printable"),
+        (b'{"a\\u0085b": "whsec_c2VudHBpcGU="}', "holds a character that is not printable"),
         (b'["whsec_c2VudHBpcGU="]', "must be a JSON object"),
     ],
 )

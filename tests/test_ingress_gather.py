@@ -55,6 +55,19 @@ def test_merge_labels_every_sample_with_its_worker_and_keeps_each_family_once() 
     assert lines[start + 1 : start + 3] == ['sp_in_flight{worker="0"} 2.0', 'sp_in_flight{worker="1"} 0.0']
 
 
+def test_a_label_value_holding_a_unicode_line_separator_survives_the_merge() -> None:
+    """A tenant label holding U+2028 (or U+0085, U+2029): split there too, the merged page did not parse and
+    the multi-worker scrape failed as a whole."""
+    reg = CollectorRegistry()
+    c = Counter("sp_requests", "Requests.", ["tenant"], registry=reg)
+    for tenant in ("a\u2028b", "c\u0085d", "e\u2029f"):
+        c.labels(tenant).inc()
+    text = generate_latest(reg).decode()
+    got = samples(merge([text, text]))
+    assert got[("sp_requests_total", (("tenant", "a\u2028b"), ("worker", "1")))] == 1.0
+    assert len(got) == len(samples(text)) * 2
+
+
 @pytest.mark.parametrize(
     ("line", "want"),
     [

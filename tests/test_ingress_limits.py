@@ -6,22 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import gzip
 import logging
 import os
 import re
 import statistics
+import threading
 import time
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from confluent_kafka import KafkaError
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
+from multidict import CIMultiDict
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 
@@ -30,19 +35,22 @@ from sentpipe.ingress.app import (
     MAX_FIELD_SIZE,
     REQUEST_ID_MAX,
     StartupError,
+    WebhookHandler,
     check_topic_limits,
     create_app,
     liveness_problem,
     new_request_id,
     open_spool,
     producer_for,
+    verifiers_for,
 )
-from sentpipe.ingress.spool import Spool, SpoolRecord
+from sentpipe.ingress.spool import Spool, SpoolRecord, process_dir, status_of
 from sentpipe.kafka import AsyncProducer, admin_client, topic_max_message_bytes
 from sentpipe.processors.topics import CopartitioningError, check_record_limits, ensure_topics
 from sentpipe.schemas import routing as r
+from sentpipe.schemas import signature
 from sentpipe.schemas.samples import SampleFactory
-from sentpipe.schemas.signature import signature_headers
+from sentpipe.schemas.signature import SignatureError, signature_headers
 from sentpipe.schemas.topics import Topics, record_limits
 from sentpipe.settings import Settings
 from tests.http_tools import ingress_server, read_response
@@ -519,6 +527,37 @@ async def test_an_unknown_tenant_answers_exactly_like_a_bad_signature(
     assert read_topic(settings.kafka_bootstrap, topics.raw) == []
 
 
+def test_a_bad_signature_costs_as_many_hmacs_for_every_tenant_known_or_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decoy for unknown tenants had the default tenant's key count and each tenant one HMAC per key: a
+    bad signature to a tenant with two keys took one HMAC more than one to a name that is no tenant, so
+    tenant names could be probed by timing. Each HMAC computed is one base64 encoding of its digest."""
+    secrets = tmp_path / "secrets.json"
+    two = ["whsec_" + base64.b64encode(k * 32).decode() for k in (b"a", b"b")]
+    secrets.write_bytes(orjson.dumps({"two": two, "one": two[0]}))
+    s = Settings(_env_file=None, secrets_file=secrets)
+    handler = WebhookHandler(s, cast(AsyncProducer, None), verifiers_for(s))
+    body = SampleFactory(42).inbound().body
+    headers = signed("whsec_" + base64.b64encode(b"w" * 32).decode(), body)
+    computed = 0
+    encode = binascii.b2a_base64
+
+    def counted(data: bytes, *, newline: bool = True) -> bytes:
+        nonlocal computed
+        computed += 1
+        return encode(data, newline=newline)
+
+    monkeypatch.setattr(signature.binascii, "b2a_base64", counted)
+    work = {}
+    for tenant, verifier in [*handler.verifiers.items(), ("unknown", handler.decoy)]:
+        computed = 0
+        with pytest.raises(SignatureError):
+            verifier.verify(CIMultiDict(headers), body, time.time())
+        work[tenant] = computed
+    assert work == {s.default_tenant: 2, "two": 2, "one": 2, "unknown": 2}, work
+
+
 @pytest.mark.parametrize("secret", ["", "   ", "whsec_", "whsec_!!not-base64!!", "whsec_===="])
 def test_an_unusable_secret_is_refused_at_start_in_one_line(
     settings: Settings, tmp_path: Path, secret: str
@@ -724,6 +763,103 @@ async def test_waiting_out_a_broker_outage_is_not_a_spool_drain_stall(
         assert liveness_problem(app) is None
     finally:
         await server.close()
+
+
+async def test_a_spool_disk_that_stops_answering_gets_503_at_once_and_fails_the_probes(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fdatasync that blocks (an EBS or NFS stall) while the broker is away: requests hung for ever and
+    /readyz, /healthz stayed 200. Now a request waits at most the produce timeout for its write, then gets
+    503 `spool_write_failed`; the next ones get it at once; the pod is unready, and unhealthy past
+    SENTPIPE_STALL_AFTER_S."""
+    s = settings.model_copy(
+        update={
+            "spool": True,
+            "spool_dir": tmp_path / "spool",
+            "stall_after_s": 1.0,
+            "produce_timeout_s": 1.0,
+        }
+    )
+    secret = s.webhook_secret.get_secret_value()
+    f = SampleFactory(41)
+    disk = threading.Event()
+    fdatasync = os.fdatasync
+
+    def stalled(fd: int) -> None:
+        disk.wait(120)
+        fdatasync(fd)
+
+    spool = open_spool(s)
+    assert spool is not None
+    producer = producer_for(s)
+    release = hold_probe(producer)
+    producer._on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
+    server = await ingress_server(create_app(s, producer, spool))
+    monkeypatch.setattr("sentpipe.ingress.spool.os.fdatasync", stalled)
+    try:
+        assert server.port is not None
+        for _ in range(2):  # the first waits for its write; the second is refused at once
+            body = f.inbound().body
+            status, headers, answer = await exchange(
+                server.port, head("/webhooks/sent", signed(secret, body), len(body)), body, timeout=20
+            )
+            assert (status, orjson.loads(answer)["error"]) == (503, "spool_write_failed"), answer
+            assert headers["retry-after"]
+        assert REGISTRY.get_sample_value("sentpipe_ingress_accepting") == 0
+        status, _, answer = await exchange(server.port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503 and "not finished a write" in orjson.loads(answer)["detail"], answer
+        await asyncio.sleep(1.5)  # past SENTPIPE_STALL_AFTER_S
+        status, _, answer = await exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (status, orjson.loads(answer)["error"]) == (503, "spool_write_stalled"), answer
+        disk.set()  # the disk answers again: the late write lands (a duplicate at worst) and all is well
+        for _ in range(200):
+            if spool.write_running_s() == 0:
+                break
+            await asyncio.sleep(0.05)
+        status, _, _ = await exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200 and spool.records == 1
+        body = f.inbound().body
+        status, _, answer = await exchange(
+            server.port, head("/webhooks/sent", signed(secret, body), len(body)), body, timeout=20
+        )
+        assert status == 200 and orjson.loads(answer)["spooled"] is True, answer
+    finally:
+        disk.set()
+        release.set()
+        await server.close()
+
+
+async def test_shutdown_waits_for_the_spool_write_in_hand_before_closing_its_file(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The app's cleanup closed the spool (its segment's fd) while a thread still wrote and fdatasynced it:
+    the write failed (EBADF) or, the number reused meanwhile, went to another file. It waits for it now."""
+    s = settings.model_copy(update={"spool": True, "spool_dir": tmp_path / "spool"})
+    disk = threading.Event()
+    fdatasync = os.fdatasync
+
+    def slow(fd: int) -> None:
+        disk.wait(60)
+        fdatasync(fd)
+
+    spool = open_spool(s)
+    assert spool is not None
+    runner = web.AppRunner(create_app(s, producer_for(s), spool))
+    await runner.setup()
+    errors = REGISTRY.get_sample_value("sentpipe_spool_write_errors_total") or 0.0
+    monkeypatch.setattr("sentpipe.ingress.spool.os.fdatasync", slow)
+    record = SpoolRecord(f"{s.topic_prefix}events.raw", b"k", b"v", (), 1)
+    appending = asyncio.ensure_future(spool.append(record))
+    await asyncio.sleep(0.2)  # the write is in its thread, blocked in fdatasync
+    threading.Timer(0.5, disk.set).start()  # the disk answers once the cleanup has begun
+    try:
+        await runner.cleanup()
+        await appending  # written and durable: not a failed write
+    finally:
+        disk.set()
+    assert (REGISTRY.get_sample_value("sentpipe_spool_write_errors_total") or 0.0) == errors
+    st = status_of(process_dir(s.spool_dir, 0))
+    assert (st.records, st.corrupt_frames) == (1, 0), st
 
 
 def test_generated_request_ids_are_distinct_and_a_forked_child_draws_its_own() -> None:

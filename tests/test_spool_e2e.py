@@ -68,7 +68,9 @@ def test_spool_full_is_503_and_every_200_reaches_the_broker(
 ) -> None:
     _need_local_broker(services)
     spool_dir = tmp_path / "spool"
-    proc, base, mport = _start_spooling_ingress(settings, tmp_path, spool_dir, spool_max_bytes=1024 * 1024)
+    proc, base, mport = _start_spooling_ingress(
+        settings, tmp_path, spool_dir, spool_max_bytes=1024 * 1024, max_body_bytes=256 * 1024
+    )
     secret = settings.webhook_secret.get_secret_value()
     f = SampleFactory(5)
     acked: list[str] = []

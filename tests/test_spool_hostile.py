@@ -33,6 +33,7 @@ from sentpipe.ingress.spool import (
     WRITE_RETRY_S,
     Spool,
     SpoolError,
+    SpoolFull,
     SpoolRecord,
     adopt_orphans,
     drain_directories,
@@ -317,6 +318,67 @@ def test_a_write_the_disk_refused_takes_the_spool_out_of_service_until_one_succe
     asyncio.run(main())
 
 
+def test_records_being_written_count_against_the_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch left the pending count when its write began and reached the spool's bytes only once it
+    ended: appends meanwhile were checked against neither, and the spool grew past SENTPIPE_SPOOL_MAX_BYTES
+    (80 x 100 KB taken with a limit of 4 MiB)."""
+    disk = threading.Event()
+    fdatasync = os.fdatasync
+
+    def slow(fd: int) -> None:
+        disk.wait(60)
+        fdatasync(fd)
+
+    monkeypatch.setattr("sentpipe.ingress.spool.os.fdatasync", slow)
+
+    async def main() -> None:
+        s = spool_in(tmp_path, max_bytes=1_000_000)
+        first = asyncio.ensure_future(s.append(rec(0, 300_000)))
+        await asyncio.sleep(0.2)  # its batch is in the writer's thread, held in fdatasync
+        rest = [asyncio.ensure_future(s.append(rec(i, 300_000))) for i in range(1, 10)]
+        await asyncio.sleep(0.1)
+        disk.set()
+        results = await asyncio.gather(first, *rest, return_exceptions=True)
+        taken = [i for i, r in enumerate(results) if r is None]
+        assert all(r is None or isinstance(r, SpoolFull) for r in results), results
+        assert taken == [0, 1, 2], results
+        assert s.bytes <= 1_000_000 and sum(p.stat().st_size for p in segments_in(tmp_path)) == s.bytes
+        s.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        disk.set()
+
+
+def test_a_record_too_large_for_an_empty_spool_does_not_leave_it_full(tmp_path: Path) -> None:
+    """Refused for its own size, such a record marked the spool full, and only a drained segment cleared
+    that: readiness said "the spool is full" (503) with nothing in it. Settings now refuse such a spool."""
+
+    async def main() -> None:
+        s = spool_in(tmp_path, max_bytes=1024 * 1024)
+        with pytest.raises(SpoolFull):
+            await s.append(rec(0, 2 * 1024 * 1024))
+        assert not s.full and s.takes_records
+        await s.append(rec(1))
+        with pytest.raises(SpoolFull):  # with records in it, it is full
+            await s.append(rec(2, 1024 * 1024))
+        assert s.full and not s.takes_records
+        s.close()
+
+    asyncio.run(main())
+
+
+def test_settings_refuse_a_spool_that_cannot_hold_one_largest_body() -> None:
+    big = {"spool": True, "max_body_bytes": 2 * 1024 * 1024}
+    with pytest.raises(ValueError, match=r"SENTPIPE_SPOOL_MAX_BYTES \(1048576\) cannot hold one body"):
+        Settings(_env_file=None, **big, spool_max_bytes=1024 * 1024)  # type: ignore[arg-type]
+    Settings(_env_file=None, **big, spool_max_bytes=4 * 1024 * 1024)  # type: ignore[arg-type]
+    Settings(_env_file=None, **{**big, "spool": False}, spool_max_bytes=1024 * 1024)  # type: ignore[arg-type]
+
+
 # --- a record the broker refuses for what it is ------------------------------------------------------------
 @pytest.mark.parametrize("raise_at_send", [False, True], ids=["broker_refuses", "producer_refuses"])
 def test_a_record_the_broker_will_never_take_does_not_stop_the_drain(
@@ -595,6 +657,10 @@ def _get(url: str) -> int:
         return e.code
 
 
+# A 1 MiB spool holds a largest body and its framing only with bodies up to 1 MiB - 64 KiB (Settings).
+MAX_BODY = 256 * 1024
+
+
 def test_a_full_spool_answers_503_with_retry_after_and_every_200_is_drained(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -603,7 +669,7 @@ def test_a_full_spool_answers_503_with_retry_after_and_every_200_is_drained(
     spool_dir = tmp_path / "spool"
     away = settings.model_copy(update={"kafka_bootstrap": _dead_address()})
     proc, base, _ = start_ingress(
-        away, tmp_path, spool="on", spool_dir=spool_dir, spool_max_bytes=1024 * 1024
+        away, tmp_path, spool="on", spool_dir=spool_dir, spool_max_bytes=1024 * 1024, max_body_bytes=MAX_BODY
     )
     secret = settings.webhook_secret.get_secret_value()
     f = SampleFactory(8)
@@ -641,7 +707,12 @@ def test_a_full_spool_answers_503_with_retry_after_and_every_200_is_drained(
     finally:
         assert proc.stop() == 0, proc.tail()
     restarted, _, _ = start_ingress(
-        settings, tmp_path, spool="on", spool_dir=spool_dir, spool_max_bytes=1024 * 1024
+        settings,
+        tmp_path,
+        spool="on",
+        spool_dir=spool_dir,
+        spool_max_bytes=1024 * 1024,
+        max_body_bytes=MAX_BODY,
     )
     try:
         wait_until(lambda: status_of(process_dir(spool_dir, 0)).segments == 0, 60, "drained", restarted.tail)
