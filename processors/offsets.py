@@ -378,8 +378,10 @@ class Log:
                     if offset >= r.end:
                         self._done(pending, where)
                         continue
-                    last_progress = time.monotonic()
                     yield msg
+                    # Counted from when the caller asks for more: the time it spends on a record (a replay
+                    # waiting for its producer's room) is not the broker's silence.
+                    last_progress = time.monotonic()
                     if offset >= r.end - 1:
                         self._done(pending, where)
         finally:

@@ -204,6 +204,7 @@ class Router:
         self._room = asyncio.Semaphore(PIPELINE_DEPTH)
         self._tail: asyncio.Future[None] | None = None  # the last batch's settling: batches settle in order
         self._failure: BaseException | None = None
+        self._rewinds = 0  # failed settlings since a batch last settled: the backoff's attempt
         self._seen: Any = None
         self._range_reader: RangeReader | None = None
         self._range_lock = asyncio.Lock()  # one RangeReader call at a time (a librdkafka consumer's assign)
@@ -409,6 +410,10 @@ class Router:
             if self._stopping():
                 raise failure
             self._rewind(failure)
+            # A failure that comes back (the DLQ refusing every letter) holds the line: retried with backoff,
+            # not re-read at the stream's pace, and the watchdog sees a partition that does not move.
+            m.RETRIES.labels("route").inc()
+            await retrying_sleep(self._rewinds, self.s)
         await self._room.acquire()
         try:
             batch = self._route(*await self._with_skipped(events), taken=events)
@@ -432,14 +437,24 @@ class Router:
         and the watchdog, which follow settled batches, said all was well. Counted from there again, the
         next batch of a partition reads them back as a hole (`_with_skipped`), and a partition with no
         next batch is sought back by `_unstick`."""
+        self._rewinds += 1
         log.error(
-            "a batch of raw records failed to settle (%s: %s); routing its records again",
+            "a batch of raw records failed to settle (%s: %s); routing its records again (attempt %d)",
             type(failure).__name__,
             failure,
+            self._rewinds,
         )
         for where, done in self.processed.items():
             if self.dispatched.get(where, done) > done:
                 self.dispatched[where] = done
+
+    def rewind_if_idle(self) -> None:
+        """The lag timer's part of `_rewind`: a failure with no batch after it (traffic stopped) was left
+        until one came, and `_unstick` saw every record as with the router."""
+        tail = self._tail
+        if self._failure is not None and (tail is None or tail.done()) and not self._stopping():
+            failure, self._failure, self._tail = self._failure, None, None
+            self._rewind(failure)
 
     def _settled(self, task: asyncio.Future[None]) -> None:
         self._room.release()
@@ -515,6 +530,12 @@ class Router:
                     # the sweep place it: under this record's partition, the sweep's tombstone went to the
                     # other one, and the mark came back at every restore, kept for good.
                     home_partition = partition_of(table_key(derived), self.s.raw_partitions)
+                    if home_partition not in self._active_partitions():
+                        # Another worker's: written there, a gap its store offset stops at (its recoveries
+                        # read from there). Kept under this record's partition instead, as before: the
+                        # sweep does not expire it (a mark kept for good), the price of a foreign producer's
+                        # keyless records with several workers.
+                        home_partition = msg.partition
                     if seen(derived, tenant, home_partition, type_label):
                         continue
                     batch.derived[(msg.topic, msg.partition, msg.offset)] = derived
@@ -615,6 +636,7 @@ class Router:
                 del self._pending[key]
 
     def _advance(self, events: Sequence[Event]) -> None:
+        self._rewinds = 0
         done: dict[tuple[str, int], int] = {}
         for event in events:
             where = (event.message.topic, event.message.partition)
@@ -662,6 +684,7 @@ class Router:
     async def report_lag(self) -> dict[tuple[str, int], int]:
         """Raw records waiting per partition, measured from what was routed (not merely fetched): told to
         the watchdog and returned for the lag gauge."""
+        self.rewind_if_idle()
         consumer: Any = self.app.consumer
         waiting: dict[tuple[str, int], int] = {}
         at: dict[tuple[str, int], int] = {}

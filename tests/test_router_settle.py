@@ -78,8 +78,9 @@ def _write_raw(s: Settings, records: list[tuple[bytes, bytes, list[tuple[str, by
 def _router(s: Settings) -> Any:
     router: Any = create_app(s, role="route").sentpipe  # type: ignore[attr-defined]
     admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap})
-    for done in admin.create_topics([NewTopic(router._changelog, s.raw_partitions, 1)]).values():
-        done.result(30)  # Faust creates it when the worker starts; here the router runs alone
+    if router._changelog not in admin.list_topics(timeout=30).topics:
+        for done in admin.create_topics([NewTopic(router._changelog, s.raw_partitions, 1)]).values():
+            done.result(30)  # Faust creates it when the worker starts; here the router runs alone
     wait_topics_ready(s.kafka_bootstrap, [router._changelog])
     # Faust's bookkeeping of the partition, as `settled` (the agent's ack) keeps it.
     consumer = router.app.consumer
@@ -179,6 +180,45 @@ def test_a_batch_that_failed_to_settle_is_routed_again(settings: Settings) -> No
     ]
     assert len(routed) == len(records)  # each once: the first batch's marks held when it was read back
     assert all("acme" in router._lookup(table_key(key), {}) for key, _, _ in records)
+    assert router._rewinds == 0  # the backoff starts over once a batch settles
+
+
+def test_a_failed_batch_with_none_after_it_is_sought_back_by_the_lag_check(settings: Settings) -> None:
+    """Traffic stopped after a batch that failed to settle: only the next batch rewound, so the lag check
+    took every record for one with the router, settling, and nothing routed them until traffic came."""
+    events = _write_raw(settings, _bodies(5, 5))
+    router = _router(settings)
+    where = (router.topics.raw, PARTITION)
+
+    async def ack_fails(_: Any) -> None:
+        raise RuntimeError("the ack failed")
+
+    async def go() -> None:
+        await router.producer.start()
+        try:
+            with pytest.raises(RuntimeError):
+                await (await router.dispatch(events, ack_fails))
+        finally:
+            await router.producer.close()
+
+    asyncio.run(go())
+    end = events[-1].offset + 1
+    assert (router.processed[where], router.dispatched[where]) == (events[0].offset, end)
+    consumer = router.app.consumer
+    consumer.highwater = lambda _tp: end
+    router._held_back = lambda: None
+    sought: list[tuple[Any, int]] = []
+
+    async def position(_tp: Any) -> int:
+        return end  # the stream fetched them all
+
+    async def seek(tp: Any, offset: int) -> None:
+        sought.append((tp, offset))
+
+    consumer.position, consumer.seek = position, seek
+    for _ in range(3):  # three unmoved checks, then the seek
+        asyncio.run(router.report_lag())
+    assert sought == [(TP(*where), events[0].offset)]
 
 
 def test_a_lag_check_that_meets_a_rebalance_does_not_end_the_worker(settings: Settings) -> None:
@@ -259,8 +299,18 @@ def test_a_keyless_record_is_marked_where_the_store_and_the_sweep_look_for_it(se
     events = _write_raw(settings, [(b"", value, headers)])
     events[0].key = None  # as Faust hands over a record without a key
     router = _router(settings)
+    router._active_partitions = lambda: {home}  # this worker's table partitions include the id's
     acked: list[int] = []
     _settle_one(router, events, acked)
     assert acked == [events[0].offset]
     marks = read_topic(settings.kafka_bootstrap, router._changelog, at_least=1, timeout=30)
     assert [(rec.key, rec.partition) for rec in marks] == [(table_key(event_id), home)]
+    # Another worker's: its store offset would stop at a write of ours; kept under the record's partition.
+    again = _write_raw(settings, [(b"", value, headers)])
+    again[0].key = None
+    other = _router(settings)
+    other._active_partitions = lambda: {PARTITION}
+    other._lookup = lambda key, legacy: {}  # a fresh table: not a duplicate of the first one
+    _settle_one(other, again, acked)
+    marks = read_topic(settings.kafka_bootstrap, router._changelog, at_least=2, timeout=30)
+    assert sorted(rec.partition for rec in marks) == sorted([home, PARTITION])
