@@ -147,6 +147,13 @@ async def serve(
         log.warning("shutting down with %d requests still in flight after the grace period", left)
     await runner.cleanup()
     await metrics_runner.cleanup()
+    if spool is not None and spool.write_running_s() > 0:
+        # The write's thread sits in a disk that does not answer: the loop's close and the interpreter's exit
+        # would each join it without a bound, and Docker or systemd restart a process that exits, not one
+        # that hangs. No request waits for that write any more (each got its 503 or was cut at the grace).
+        log.error("a spool write (fdatasync) has not finished: exiting with status 1 without waiting for it")
+        logging.shutdown()
+        os._exit(1)
     if hung:
         raise SystemExit(1)
 

@@ -23,6 +23,7 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.signature import signature_headers
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
+from tests.http_tools import post_signed
 from tests.kafka_tools import read_topic
 from tests.processes import Proc, free_port, settings_env
 
@@ -132,6 +133,55 @@ def test_a_hung_worker_stops_itself_and_the_set_exits_non_zero(settings: Setting
     log = proc.log.read_text()
     assert "ingress worker hung (producer_stalled)" in log, log
     assert "exited with status 1: stopping the others" in log, log
+
+
+def test_a_process_whose_spool_write_never_finishes_exits_instead_of_hanging(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A disk that stops answering (fdatasync never returns) while the broker is away: the process found
+    itself hung and stopped serving, then never exited (the loop's close and the interpreter joined the
+    write's thread), so Docker or systemd never restarted it. Fault injection through sitecustomize: the
+    producer reports the broker down, and fdatasync blocks once the file `stall` exists."""
+    stall = tmp_path / "stall"
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, threading\n"
+        "import sentpipe.kafka\n"
+        "sentpipe.kafka.AsyncProducer.unavailable = property(lambda self: 'all_brokers_down')\n"
+        "_real = os.fdatasync\n"
+        "def _fdatasync(fd):\n"
+        f"    if os.path.exists({str(stall)!r}):\n"
+        "        threading.Event().wait()\n"
+        "    _real(fd)\n"
+        "os.fdatasync = _fdatasync\n"
+    )
+    port = free_port()
+    env = settings_env(
+        settings,
+        ingress_host="127.0.0.1",
+        ingress_port=port,
+        ingress_metrics_port=free_port(),
+        ingress_workers=1,
+        spool=True,
+        spool_dir=tmp_path / "spool",
+        produce_timeout_s=1,
+        stall_after_s=1,
+    )
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    proc = Proc(["ingress"], env, tmp_path / "ingress.log").start()
+    try:
+        proc.wait_http(f"http://127.0.0.1:{port}/healthz")
+        stall.touch()
+        body = SampleFactory(43).inbound().body
+        status, _, answer = post_signed(
+            f"http://127.0.0.1:{port}/webhooks/sent", body, settings.webhook_secret.get_secret_value()
+        )
+        assert (status, answer.get("error")) == (503, "spool_write_failed"), answer
+        assert proc.p is not None and proc.p.wait(60) == 1, proc.tail()
+    finally:
+        proc.kill()
+    log = proc.log.read_text()
+    assert "ingress worker hung (spool_write_stalled)" in log, log
+    assert "a spool write (fdatasync) has not finished: exiting with status 1" in log, log
 
 
 def test_workers_need_a_fixed_port(settings: Settings, tmp_path: Path) -> None:
