@@ -33,11 +33,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """Leave with the session's verdict, without the interpreter's teardown. This process holds what a
-    thousand tests left behind (C clients of librdkafka, RocksDB, libpq and uvloop; idle daemon threads of
-    stages the tests drove step by step), freed there by garbage collections in no set order: a CI run whose
-    1247 tests had all passed died in it with SIGSEGV, exit status 2. By now the session fixture has stopped
-    the services and the summary is printed; a crash during the tests is still reported (faulthandler)."""
+    """Leave with the session's verdict, without the interpreter's teardown. At the end of a full run this
+    process still holds what the in-process tests built (counted once: 36 librdkafka producers, 10 consumers,
+    7 RocksDB stores, 33 Faust apps, 14 libpq connections), and the teardown frees those C clients in no set
+    order, their Python callbacks included: a CI run whose 1247 tests had all passed died there with
+    SIGSEGV (exit status 2). By now the session fixture has stopped the services and the summary is printed;
+    a crash during the tests is still reported (pytest's faulthandler)."""
     session = config.stash.get(_SESSION, None)
     if session is None:  # no session ran (--help, a usage error): the usual exit
         return
