@@ -1,4 +1,4 @@
-"""Create every topic sentpipe uses, idempotently."""
+"""Create every topic sentpipe uses and keep their settings in line with sentpipe's, idempotently."""
 
 from __future__ import annotations
 
@@ -16,12 +16,19 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
     ResourceType,
 )
 
-from sentpipe.kafka import admin_client, committed_offsets, existing_partitions, topic_max_message_bytes
+from sentpipe.kafka import (
+    admin_client,
+    committed_offsets,
+    existing_partitions,
+    topic_configs,
+    topic_max_message_bytes,
+)
 from sentpipe.schemas.topics import (
-    MAX_MESSAGE_BYTES,
+    ConfigChange,
     Topics,
+    TopicSpec,
+    config_changes,
     record_limit_problems,
-    record_limits,
     topic_specs,
 )
 from sentpipe.settings import Settings
@@ -46,9 +53,12 @@ class TopicState:
     name: str
     partitions: int
     created: bool
+    changes: tuple[ConfigChange, ...] = ()
 
 
 def ensure_topics(settings: Settings, timeout: float = 10.0) -> list[TopicState]:
+    """Create the topics that are missing and bring the existing ones' retentions and record limits to what
+    the settings ask for (`config_changes`); partitions and replication are never changed."""
     bootstrap = settings.kafka_bootstrap
     admin = admin_client(settings)
     have = existing_partitions(admin, bootstrap, timeout)
@@ -61,7 +71,7 @@ def ensure_topics(settings: Settings, timeout: float = 10.0) -> list[TopicState]
         dlq_retention_ms=settings.dlq_retention_ms,
         max_body_bytes=settings.max_body_bytes,
     )
-    _raise_record_limits(admin, settings, [s.name for s in specs if s.name in have], timeout)
+    changes = _converge_configs(admin, settings, [s for s in specs if s.name in have], timeout)
     missing = [s for s in specs if s.name not in have]
     if missing:
         futures = admin.create_topics(
@@ -77,58 +87,59 @@ def ensure_topics(settings: Settings, timeout: float = 10.0) -> list[TopicState]
                     raise
         have |= {s.name: s.partitions for s in missing}
     created = {s.name for s in missing}
-    return [TopicState(s.name, have[s.name], s.name in created) for s in specs]
+    return [
+        TopicState(s.name, have[s.name], s.name in created, tuple(changes.get(s.name, ()))) for s in specs
+    ]
 
 
-def _raise_record_limits(admin: AdminClient, settings: Settings, names: list[str], timeout: float) -> None:
-    """Existing topics whose max.message.bytes is below what SENTPIPE_MAX_BODY_BYTES needs get it raised
-    (never lowered), so that no accepted body is refused by the broker for its size."""
-    if not names:
-        return
-    topics = Topics(settings.topic_prefix)
-    limits = record_limits(settings.max_body_bytes)
-    have = topic_max_message_bytes(admin, settings.kafka_bootstrap, names, timeout)
-    low = {
-        n: limits.for_topic(topics, n)
-        for n, v in have.items()
-        if v is not None and v < limits.for_topic(topics, n)
+def _converge_configs(
+    admin: AdminClient, settings: Settings, specs: list[TopicSpec], timeout: float
+) -> dict[str, list[ConfigChange]]:
+    """Apply to existing topics what `config_changes` finds (one request), and return it per topic."""
+    if not specs:
+        return {}
+    have = topic_configs(admin, settings.kafka_bootstrap, [s.name for s in specs], timeout)
+    changes = {
+        s.name: found
+        for s in specs
+        if (config := have.get(s.name)) is not None and (found := config_changes(s.config, config))
     }
-    if not low:
-        return
+    if not changes:
+        return {}
     futures = admin.incremental_alter_configs(
         [
             ConfigResource(
                 ResourceType.TOPIC,
                 name,
                 incremental_configs=[
-                    ConfigEntry(MAX_MESSAGE_BYTES, str(need), incremental_operation=AlterConfigOpType.SET)
+                    ConfigEntry(c.key, c.after, incremental_operation=AlterConfigOpType.SET) for c in found
                 ],
             )
-            for name, need in low.items()
+            for name, found in changes.items()
         ],
         request_timeout=timeout,
     )
     for resource, fut in futures.items():
         fut.result(timeout=timeout)
-        log.warning(
-            "topic %s: %s raised from %s to %s to fit SENTPIPE_MAX_BODY_BYTES=%s",
-            resource.name,
-            MAX_MESSAGE_BYTES,
-            have[resource.name],
-            low[resource.name],
-            settings.max_body_bytes,
-        )
+        for change in changes[resource.name]:
+            log.warning(
+                "topic %s: %s changed from %s to %s", resource.name, change.key, change.before, change.after
+            )
     # The controller has the change; a broker answers DescribeConfigs from its copy of the metadata, which
     # can lag for a moment. Return once it shows, so a start check right after this sees the new limits.
     deadline = time.monotonic() + timeout
     while True:
-        now = topic_max_message_bytes(admin, settings.kafka_bootstrap, list(low), timeout)
-        behind = [n for n, need in low.items() if (now.get(n) or 0) < need]
+        now = topic_configs(admin, settings.kafka_bootstrap, list(changes), timeout)
+        behind = [
+            name
+            for name, found in changes.items()
+            if any((now.get(name) or {}).get(c.key) != c.after for c in found)
+        ]
         if not behind:
-            return
+            return changes
         if time.monotonic() > deadline:
-            log.warning("broker does not show the raised %s of %s yet", MAX_MESSAGE_BYTES, ", ".join(behind))
-            return
+            log.warning("broker does not show the new configuration of %s yet", ", ".join(behind))
+            return changes
         time.sleep(0.1)
 
 

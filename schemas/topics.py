@@ -99,6 +99,40 @@ def record_limit_problems(topics: Topics, max_body_bytes: int, have: dict[str, i
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class ConfigChange:
+    """One setting of an existing topic that `topics ensure` brings to what the settings ask for."""
+
+    key: str
+    before: str
+    after: str
+
+    def __str__(self) -> str:
+        return f"{self.key} {self.before} -> {self.after}"
+
+
+# What `topics ensure` keeps in line on existing topics: the retentions follow SENTPIPE_*_RETENTION_MS both
+# ways (the replay window and the DLQ's keep are what the settings say, and the redrive ledger must outlive
+# the DLQ), the record limit only grows. min.insync.replicas is left as it is: it is bounded by the topic's
+# real replication factor, which `topics ensure` never changes, and one above it refuses every write.
+FOLLOWED_CONFIGS = ("retention.ms", "segment.ms")
+
+
+def config_changes(wanted: dict[str, str], have: dict[str, str]) -> list[ConfigChange]:
+    """What an existing topic (its effective configuration `have`) needs changed to match its spec's
+    `wanted` configuration."""
+    out = []
+    for key, want in wanted.items():
+        now = have.get(key)
+        if now is None:
+            continue
+        follows = key in FOLLOWED_CONFIGS and int(now) != int(want)
+        grows = key == MAX_MESSAGE_BYTES and int(now) < int(want)
+        if follows or grows:
+            out.append(ConfigChange(key, now, want))
+    return out
+
+
 # The DLQ and its redrive ledger roll a segment a day (Kafka's default is a week, or what the broker says),
 # so a dead letter outlives its retention by a day at most; the ledger keeps its entries that much longer.
 DLQ_SEGMENT_MS = 24 * 3600 * 1000

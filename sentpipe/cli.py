@@ -157,16 +157,34 @@ def _check_faust_args(role: str, args: list[str]) -> None:
 def topics_ensure(
     timeout: TimeoutOption = 10.0,
 ) -> None:
-    """Create every topic sentpipe uses that does not exist yet (idempotent)."""
+    """Create every topic sentpipe uses that does not exist yet and bring the retentions and record limits
+    of those that do to what the settings ask for (idempotent)."""
     from sentpipe.processors.topics import ensure_topics
 
     s = settings()
     _connect(s, timeout)
     states = ensure_topics(s, timeout=timeout)
-    table = Table("topic", "partitions", "state", title=f"topics on {s.kafka_bootstrap}")
+    table = Table("topic", "partitions", "state", "changed", title=f"topics on {s.kafka_bootstrap}")
     for st in states:
-        table.add_row(st.name, str(st.partitions), "created" if st.created else "exists")
+        state = "created" if st.created else "updated" if st.changes else "exists"
+        shown = (
+            f"{c.key} {_config_value(c.key, c.before)} -> {_config_value(c.key, c.after)}" for c in st.changes
+        )
+        table.add_row(st.name, str(st.partitions), state, "\n".join(shown))
     out.print(table)
+
+
+def _config_value(key: str, value: str) -> str:
+    """A topic setting as a reader takes it in: a duration in its largest whole unit (30d, not 2592000000)."""
+    if not key.endswith(".ms") or not value.lstrip("-").isdigit():
+        return value
+    ms = int(value)
+    if ms < 0:
+        return "forever"
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("min", 60_000), ("s", 1000)):
+        if ms and ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
 
 
 @db_app.command("migrate")

@@ -365,16 +365,16 @@ def existing_partitions(admin: AdminClient, bootstrap: str, timeout: float = 10.
     return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
 
 
-def topic_max_message_bytes(
+def topic_configs(
     admin: AdminClient, bootstrap: str, names: Sequence[str], timeout: float = 10.0
-) -> dict[str, int | None]:
-    """Topic -> its effective `max.message.bytes` (None: the topic does not exist)."""
+) -> dict[str, dict[str, str] | None]:
+    """Topic -> its effective configuration (None: the topic does not exist)."""
     from confluent_kafka.admin import ConfigResource, ResourceType  # type: ignore[attr-defined]
 
     futures = admin.describe_configs(
         [ConfigResource(ResourceType.TOPIC, n) for n in names], request_timeout=timeout
     )
-    out: dict[str, int | None] = {}
+    out: dict[str, dict[str, str] | None] = {}
     for resource, fut in futures.items():
         try:
             entries = fut.result(timeout=timeout)
@@ -392,8 +392,18 @@ def topic_max_message_bytes(
             raise BrokerUnavailable(
                 f"Kafka broker at {bootstrap} did not answer within {timeout:g}s"
             ) from exc
-        out[resource.name] = int(entries[MAX_MESSAGE_BYTES].value)
+        out[resource.name] = {key: entry.value for key, entry in entries.items() if entry.value is not None}
     return out
+
+
+def topic_max_message_bytes(
+    admin: AdminClient, bootstrap: str, names: Sequence[str], timeout: float = 10.0
+) -> dict[str, int | None]:
+    """Topic -> its effective `max.message.bytes` (None: the topic does not exist)."""
+    return {
+        name: None if config is None else int(config[MAX_MESSAGE_BYTES])
+        for name, config in topic_configs(admin, bootstrap, names, timeout).items()
+    }
 
 
 OnDelivery = Callable[[KafkaError | None, Message], None]

@@ -6,17 +6,25 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer
-from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    ResourceType,
+)
 from pydantic import SecretStr
 
+from sentpipe.kafka import topic_configs
 from sentpipe.processors.migrate import migrate
 from sentpipe.processors.topics import ensure_topics
-from sentpipe.schemas.topics import Topics, topic_specs
+from sentpipe.schemas.topics import ConfigChange, Topics, config_changes, topic_specs
 from sentpipe.settings import Settings
 
 
@@ -76,6 +84,64 @@ def test_the_redrive_ledger_outlives_the_dead_letters_it_names(settings: Setting
     }
 
 
+def test_config_changes_follow_retentions_both_ways_and_only_raise_the_record_limit() -> None:
+    wanted = {"retention.ms": "7200000", "segment.ms": "86400000", "max.message.bytes": "2000000"}
+    wanted |= {"min.insync.replicas": "2"}
+    assert config_changes(wanted, dict(wanted)) == []
+    have = {"retention.ms": "-1", "segment.ms": "604800000", "max.message.bytes": "1000000"}
+    have |= {"min.insync.replicas": "1"}
+    assert config_changes(wanted, have) == [
+        ConfigChange("retention.ms", "-1", "7200000"),
+        ConfigChange("segment.ms", "604800000", "86400000"),
+        ConfigChange("max.message.bytes", "1000000", "2000000"),
+    ]
+    larger = {**wanted, "retention.ms": "9999999999", "max.message.bytes": "50000000"}
+    assert config_changes(wanted, larger) == [ConfigChange("retention.ms", "9999999999", "7200000")]
+    assert config_changes({"retention.ms": "-1"}, {}) == []  # not described: nothing to compare
+    assert str(ConfigChange("retention.ms", "-1", "7200000")) == "retention.ms -1 -> 7200000"
+
+
+def test_topics_ensure_brings_existing_topics_to_the_retentions_the_settings_ask_for(
+    settings: Settings,
+) -> None:
+    """A retention changed after the topics were made took no effect: `topics ensure` only created topics,
+    so the replay window and the DLQ's keep stayed what they were at the first deploy."""
+    first = settings.model_copy(update={"topic_prefix": f"r{uuid.uuid4().hex[:8]}."})
+    assert all(t.created for t in ensure_topics(first))
+    topics = Topics(first.topic_prefix)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    # An operator's own choices, which ensure keeps: min.insync.replicas, a larger record limit.
+    by_hand = [
+        ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+        for k, v in (("min.insync.replicas", "1"), ("max.message.bytes", "9000000"))
+    ]
+    resource = ConfigResource(ResourceType.TOPIC, topics.raw, incremental_configs=by_hand)
+    for fut in admin.incremental_alter_configs([resource]).values():
+        fut.result(30)
+
+    hour = 3600 * 1000
+    later = first.model_copy(update={"raw_retention_ms": 2 * hour, "dlq_retention_ms": 3 * hour})
+    states = {t.name: t for t in ensure_topics(later)}
+    assert not any(t.created for t in states.values())
+    before_raw, before_dlq = str(first.raw_retention_ms), str(first.dlq_retention_ms)
+    for name in (topics.raw, *topics.routed, topics.unrouted):
+        assert states[name].changes == (ConfigChange("retention.ms", before_raw, str(2 * hour)),), name
+    assert states[topics.dlq].changes == (ConfigChange("retention.ms", before_dlq, str(3 * hour)),)
+    ledger_ms = 3 * hour + 2 * 24 * hour
+    assert [c.key for c in states[topics.dlq_redriven].changes] == ["retention.ms"]
+    assert states[topics.dlq_redriven].changes[0].after == str(ledger_ms)
+
+    now = topic_configs(admin, settings.kafka_bootstrap, [s for s in states])
+    assert {n: c and c["retention.ms"] for n, c in now.items()} == {
+        **{n: str(2 * hour) for n in (topics.raw, *topics.routed, topics.unrouted)},
+        topics.dlq: str(3 * hour),
+        topics.dlq_redriven: str(ledger_ms),
+    }
+    raw = now[topics.raw] or {}
+    assert (raw["min.insync.replicas"], raw["max.message.bytes"]) == ("1", "9000000")
+    assert all(t.changes == () and not t.created for t in ensure_topics(later))  # idempotent
+
+
 def test_migrations_are_idempotent_and_tables_exist(db_url: str) -> None:
     assert all(not applied for _, applied in migrate(db_url))
     with psycopg.connect(db_url) as conn:
@@ -108,6 +174,11 @@ def test_topics_ensure_cli_twice_creates_nothing_the_second_time(settings: Setti
     assert first.stdout.count("created") == 7
     second = _cli("topics", "ensure", env=env)
     assert second.returncode == 0 and "created" not in second.stdout and second.stdout.count("exists") == 7
+    third = _cli("topics", "ensure", env={**env, "SENTPIPE_DLQ_RETENTION_MS": "7200000"})
+    assert third.returncode == 0, third.stderr
+    assert third.stdout.count("updated") == 2 and third.stdout.count("exists") == 5, third.stdout
+    assert third.stdout.count("retention.ms 30d -> 2h") == 1, third.stdout  # the DLQ
+    assert third.stdout.count("retention.ms 32d -> 50h") == 1, third.stdout  # its ledger: 2h and two days
 
 
 def test_topics_ensure_against_unreachable_broker_is_one_line_within_15s() -> None:
