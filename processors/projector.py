@@ -28,7 +28,7 @@ from sentpipe.broker import (
 )
 from sentpipe.processors.consumer_thread import ConsumerThread
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
-from sentpipe.processors.retry import backoff, is_temporary, retrying
+from sentpipe.processors.retry import UNKNOWN_ATTEMPTS, backoff, classify, is_temporary, retrying
 from sentpipe.processors.sink import HandlerFailure, HandlersHeld
 from sentpipe.processors.watchdog import Watchdog
 from sentpipe.schemas import routing as r
@@ -300,8 +300,15 @@ class Projector:
         if len(self._calls_ended) >= MAX_CALLS_ENDED:
             self._calls_ended.clear()
         self._calls_ended.add(key)
-        now = time.monotonic()
-        if now - self._working_at >= WORKING_EVERY_S:  # a fast batch ends thousands of calls a second
+        self._working()
+
+    def _working(self) -> None:
+        """The batch in hand moves (see `_handler_called`): told to the watchdog at most once a second (a fast
+        batch ends thousands of calls a second). Nothing counts once the batch has been rewound."""
+        if self.watchdog is None or self._rewound:
+            return
+        now = self.watchdog.clock()
+        if now - self._working_at >= WORKING_EVERY_S:
             self._working_at = now
             self.watchdog.working(self._batch_partitions)
 
@@ -358,21 +365,31 @@ class Projector:
                 log.warning("a commit has waited %.0f s for the broker; still waiting", now - started)
 
     async def _apply(
-        self, type_: EventType, items: list[tuple[Record, CanonicalEvent]], dead: list[DeadLetter]
+        self,
+        type_: EventType,
+        items: list[tuple[Record, CanonicalEvent]],
+        dead: list[DeadLetter],
+        tried: int = 0,
+        part: bool = False,
     ) -> None:
+        """Apply `items`, a batch or (`part`) a part of one being halved to find the records that fail it;
+        `tried`: the attempts its records have had already in a larger batch an unknown error failed."""
         events = [e for _, e in items]
         try:
             failures = await retrying(
-                lambda attempt: self.sink.apply(type_, events, attempt),
+                lambda attempt: self.sink.apply(type_, events, tried + attempt),
                 stage="project",
                 initial=self.t.retry_initial_s,
                 cap=self.t.retry_max_s,
                 should_stop=self._should_stop,
+                unknown_attempts=max(1, UNKNOWN_ATTEMPTS - tried),
             )
         except HandlersHeld:
             raise  # the whole batch is rewound and read again, with whatever has arrived since
         except Exception as exc:
-            if is_temporary(exc):  # only when stopping: the batch stays uncommitted and is read again
+            # Temporary: only when stopping. Stopping, a record is not judged on an attempt the stop cut
+            # short: the batch stays uncommitted and is read again by the next owner.
+            if is_temporary(exc) or self.stopping:
                 raise
             if len(items) == 1:
                 rec, event = items[0]
@@ -381,12 +398,19 @@ class Projector:
                     extra={"event_id": event.id, "type": type_.value, "error": error_class(exc)},
                 )
                 dead.append(_dead(rec, "project", error_class(exc), r.exception_message(exc)))
+                self._working()
                 return
-            # Which record is it? Halve until it is alone: log2(batch) extra rounds, neighbours applied.
+            # Which record is it? Halve until it is alone: log2(batch) extra rounds, neighbours applied. An
+            # unknown error has had its attempts, with backoff: each part gets one more, not a fresh set at
+            # every level (a few such records in a batch of 500 took minutes, a stall, then a restart loop).
+            if classify(exc) == "unknown":
+                tried = max(tried, UNKNOWN_ATTEMPTS)
             mid = len(items) // 2
-            await self._apply(type_, items[:mid], dead)
-            await self._apply(type_, items[mid:], dead)
+            await self._apply(type_, items[:mid], dead, tried, part=True)
+            await self._apply(type_, items[mid:], dead, tried, part=True)
             return
+        if part:
+            self._working()
         committed = time.time()
         for rec, e in items:
             # A replayed or redriven event keeps its first receipt time: counted, every replay of last week

@@ -42,7 +42,8 @@ class ProjectionUnusable(RetryableError):
     renamed, a privilege revoked, the ON CONFLICT index gone), or with 23502 for a NOT NULL column it does
     not write that nothing fills (a column added without a default). That SQL is fixed and every value is a
     bound parameter, so no record can cause it: a failure of the whole, held (retried forever) until the
-    schema is repaired, where the same error as a record's would dead-letter every event."""
+    schema is repaired, where the same error as a record's would dead-letter every event. A statement a
+    trigger builds per row with EXECUTE is not that SQL (`_built_per_row`)."""
 
 
 class HandlersHeld(Exception):
@@ -121,7 +122,7 @@ class PostgresSink:
                             try:
                                 await cur.executemany(st.sql, rows)
                             except psycopg.Error as exc:
-                                if (exc.sqlstate or "")[:2] == "42":
+                                if (exc.sqlstate or "")[:2] == "42" and not _built_per_row(exc):
                                     _hold(type_, exc)
                                 refused = (st, exc)
                                 raise
@@ -258,6 +259,14 @@ class PostgresSink:
 
 def _timed_out(exc: Exception) -> bool:
     return isinstance(exc, HandlerTimeout) or (isinstance(exc, psycopg.Error) and exc.sqlstate == "57014")
+
+
+def _built_per_row(exc: psycopg.Error) -> bool:
+    """Whether the statement that failed is one a trigger or function built with PL/pgSQL's EXECUTE (the
+    innermost line of the error's CONTEXT): its text can differ per row, so it is not the projection's fixed
+    SQL, and a class-42 error there (a per-message table missing, say) is the record's own."""
+    innermost = (exc.diag.context or "").split("\n", 1)[0]
+    return innermost.startswith("PL/pgSQL function ") and innermost.endswith("EXECUTE")
 
 
 def _hold(type_: EventType, exc: psycopg.Error) -> NoReturn:

@@ -164,14 +164,29 @@ RAISE_FOR_M1 = """
     CREATE TRIGGER refuse_m1 BEFORE INSERT ON message_events FOR EACH ROW EXECUTE FUNCTION refuse_m1()"""
 
 
+# A table per message, chosen by a statement the trigger builds for each row: only m1's is missing (42P01).
+ARCHIVE_PER_MESSAGE = """
+    CREATE TABLE archive_m0 (id text);
+    CREATE FUNCTION archive() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.message_id IN ('m0', 'm1') THEN
+            EXECUTE format('INSERT INTO %I VALUES ($1)', 'archive_' || NEW.message_id) USING NEW.event_id;
+        END IF;
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER archive BEFORE INSERT ON message_events FOR EACH ROW EXECUTE FUNCTION archive()"""
+
+
 @pytest.mark.parametrize(
     "change,error_class",
     [
         ("ALTER TABLE message_events ADD CONSTRAINT not_m1 CHECK (message_id <> 'm1')", b"sqlstate_23514"),
         ("ALTER TABLE message_events ALTER COLUMN message_id TYPE varchar(2)", b"sqlstate_22001"),  # m10
         (RAISE_FOR_M1, b"sqlstate_P0001"),
+        # Was held as the projection's own SQL refused (class 42), the whole stage behind one record.
+        (ARCHIVE_PER_MESSAGE, b"sqlstate_42P01"),
     ],
-    ids=["check", "narrower type", "trigger"],
+    ids=["check", "narrower type", "trigger", "trigger's per-row statement"],
 )
 async def test_a_users_rule_one_record_breaks_dead_letters_that_record_alone(
     pool: AsyncConnectionPool, db_url: str, change: str, error_class: bytes
@@ -183,6 +198,20 @@ async def test_a_users_rule_one_record_breaks_dead_letters_that_record_alone(
     assert await asyncio.wait_for(projector.step(), BOUND_S) == 11
     assert dead_letter_classes(broker) == [error_class]
     assert sql(db_url, "SELECT count(*) FROM message_events") == [(10,)]
+
+
+async def test_a_triggers_fixed_statement_on_a_missing_table_holds_the_line(
+    pool: AsyncConnectionPool, db_url: str
+) -> None:
+    """The same 42P01 from a statement written into the trigger fails for every row alike: held."""
+    sql(
+        db_url,
+        """CREATE FUNCTION audit() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN INSERT INTO audit_gone (id) VALUES (NEW.event_id); RETURN NEW; END $$;
+        CREATE TRIGGER audit BEFORE INSERT ON message_events FOR EACH ROW EXECUTE FUNCTION audit()""",
+    )
+    with pytest.raises(ProjectionUnusable, match="42P01"):
+        await PostgresSink(pool, HandlerRegistry()).apply(EventType.MESSAGE_STATUS, status_events(2), 1)
 
 
 # --- db migrate --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import types
 from collections.abc import Callable, Mapping, Sequence
 
 import orjson
@@ -19,10 +20,11 @@ from prometheus_client import REGISTRY
 
 from sentpipe import metrics as m
 from sentpipe.broker import CommitRejected, LocalBroker, Partition
-from sentpipe.processors import deadletter
+from sentpipe.processors import deadletter, retry
 from sentpipe.processors.deadletter import DeadLetter, send_dead_letters
 from sentpipe.processors.projector import CommitStuck, Projector, Tuning
 from sentpipe.processors.sink import HandlerFailure
+from sentpipe.processors.watchdog import Watchdog
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import CanonicalEvent, EventType
 from sentpipe.schemas.samples import SampleFactory
@@ -149,6 +151,78 @@ async def test_any_exception_is_a_record_failure_not_a_stall() -> None:
     assert set(sink.applied) == set(ids) - {ids[0], ids[-1]}
     classes = sorted(dict(d.headers)[r.H_DLQ_ERROR_CLASS] for d in broker.records(TOPICS.dlq))
     assert classes == [b"KeyError", b"sqlstate_22P05"]
+
+
+async def test_records_an_unknown_error_fails_are_found_after_one_round_of_retries_and_the_stage_moves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Twenty records a trigger refuses (P0001, an error of unknown kind) in a batch of 500: each level of
+    the halving retried the error five times with backoff (197 s of backoff), with no progress told to the
+    watchdog: /livez failed, and the restarted process met the same batch. Time is virtual here: the
+    backoff's sleeps, and 2 s per database round trip (a slow database)."""
+    now = [0.0]
+    slept = [0.0]
+    stalls: list[float] = []
+    broker = LocalBroker()
+    for t in (*TOPICS.routed, TOPICS.dlq):
+        broker.create_topic(t, 3)
+    ids = routed_records(broker, 500)
+    bad = {ids[(i * 97 + 13) % len(ids)] for i in range(20)}
+    sink = FakeSink()
+    sink.poison = {i: psycopg.errors.RaiseException("refused by a trigger") for i in bad}
+    watchdog = Watchdog("project", 60.0, clock=lambda: now[0])
+    tuning = Tuning(batch_size=500, within_s=0.01, retry_initial_s=0.2, retry_max_s=30.0)
+    projector = Projector(
+        broker.consumer("proj", TOPICS.routed), broker.producer(), sink, TOPICS, tuning, watchdog
+    )
+
+    def later(seconds: float) -> None:
+        now[0] += seconds
+        stalls.extend(s.for_s for s in watchdog.stalls())
+
+    async def sleep(seconds: float) -> None:
+        slept[0] += seconds
+        later(seconds)
+
+    apply = sink.apply
+
+    async def slow_apply(
+        type_: EventType, events: Sequence[CanonicalEvent], attempt: int
+    ) -> list[HandlerFailure]:
+        later(2.0)
+        return await apply(type_, events, attempt)
+
+    monkeypatch.setattr(retry, "asyncio", types.SimpleNamespace(sleep=sleep))
+    monkeypatch.setattr(sink, "apply", slow_apply)
+    await drain(projector)
+    assert set(sink.applied) == set(ids) - bad
+    assert {CanonicalEvent.from_json(d.value).id for d in broker.records(TOPICS.dlq)} == bad
+    assert committed(broker) == ends(broker)
+    # Backoff only for each type's first round: 4 retries, full jitter under 0.2, 0.4, 0.8 and 1.6 s.
+    assert slept[0] <= 3 * 3.0
+    assert stalls == []  # while 20 records were isolated in ~170 round trips of 2 s
+
+
+async def test_a_stop_during_an_error_of_unknown_kind_leaves_the_batch_uncommitted() -> None:
+    """A SIGTERM while a record met an error of unknown kind (a deadlock a trigger caught, a brief RAISE)
+    dead-lettered the record at once: halving gave each part a single attempt and no backoff."""
+    broker, sink, projector = setup()
+    ids = routed_records(broker, 20)
+    apply = sink.apply
+
+    async def apply_then_stop(
+        type_: EventType, events: Sequence[CanonicalEvent], attempt: int
+    ) -> list[HandlerFailure]:
+        if any(e.id == ids[5] for e in events):
+            projector.stop()  # the SIGTERM lands now
+            raise psycopg.errors.RaiseException("brief")
+        return await apply(type_, events, attempt)
+
+    sink.apply = apply_then_stop  # type: ignore[method-assign]
+    with pytest.raises(psycopg.errors.RaiseException):
+        await drain(projector)
+    assert broker.records(TOPICS.dlq) == []
+    assert ids[5] not in sink.applied and committed(broker) != ends(broker)
 
 
 async def test_a_database_outage_is_retried_and_nothing_is_dead_lettered() -> None:
