@@ -78,7 +78,9 @@ MESSAGE_EVENTS = Statement(
     lambda ev: [(ev.id, ev.tenant, ev.subject, ev.status, ev.occurred_at, _received(ev), Jsonb(ev.data))],
 )
 
-# Advance by (rank, occurred_at, event_id): the row holds the maximum whatever the arrival order. Only
+# Advance by (rank, occurred_at, event_id): the row holds the maximum whatever the arrival order. Ids compare
+# byte by byte (COLLATE "C"): under the database's collation (en_US.UTF-8 in the postgres images) a tie went
+# to another event than in a database of another locale, or after a glibc upgrade re-sorted strings. Only
 # with the history's content for that event id: an id sent again with other content (dropped live by the
 # dedup table, but applied by a replay or after the dedup window) must not move another message's status.
 MESSAGE_STATUS = Statement(
@@ -91,8 +93,8 @@ MESSAGE_STATUS = Statement(
        ON CONFLICT (tenant, message_id) DO UPDATE
        SET status = EXCLUDED.status, status_rank = EXCLUDED.status_rank, occurred_at = EXCLUDED.occurred_at,
            event_id = EXCLUDED.event_id, updated_at = now()
-       WHERE (EXCLUDED.status_rank, EXCLUDED.occurred_at, EXCLUDED.event_id)
-           > (cur.status_rank, cur.occurred_at, cur.event_id)""",
+       WHERE (EXCLUDED.status_rank, EXCLUDED.occurred_at, EXCLUDED.event_id COLLATE "C")
+           > (cur.status_rank, cur.occurred_at, cur.event_id COLLATE "C")""",
     lambda ev: [(ev.tenant, ev.subject, ev.status, status_rank(ev.status), ev.occurred_at, ev.id)],
 )
 
@@ -134,7 +136,8 @@ TEMPLATE_STATUS = Statement(
        ON CONFLICT (tenant, template_id) DO UPDATE
        SET name = EXCLUDED.name, status = EXCLUDED.status, reason = EXCLUDED.reason,
            occurred_at = EXCLUDED.occurred_at, event_id = EXCLUDED.event_id, updated_at = now()
-       WHERE (EXCLUDED.occurred_at, EXCLUDED.event_id) > (cur.occurred_at, cur.event_id)""",
+       WHERE (EXCLUDED.occurred_at, EXCLUDED.event_id COLLATE "C")
+           > (cur.occurred_at, cur.event_id COLLATE "C")""",
     lambda ev: [
         (
             ev.tenant,

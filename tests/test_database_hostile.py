@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
 import subprocess
 import sys
@@ -212,6 +213,41 @@ async def test_a_triggers_fixed_statement_on_a_missing_table_holds_the_line(
     )
     with pytest.raises(ProjectionUnusable, match="42P01"):
         await PostgresSink(pool, HandlerRegistry()).apply(EventType.MESSAGE_STATUS, status_events(2), 1)
+
+
+@pytest.mark.parametrize("first", [0, 1])
+async def test_a_status_tie_goes_to_the_byte_larger_event_id_whatever_the_collation(
+    pool: AsyncConnectionPool, db_url: str, first: int
+) -> None:
+    """Same rank, same occurred_at: the larger event id wins. Under a linguistic collation (the postgres
+    images' en_US.UTF-8) `evt_B2` sorts after `evt_a1`, in bytes (and in the oracle) before it."""
+    for table in ("message_status", "template_status"):
+        sql(db_url, f'ALTER TABLE {table} ALTER COLUMN event_id TYPE text COLLATE "en-x-icu"')
+    template = r.route(
+        None,
+        SampleFactory(3).template("t1", "approved").body,
+        {},
+        topics=TOPICS,
+        id_source="auto",
+        default_tenant="t",
+        record_timestamp_ms=1,
+    ).event
+    assert template is not None
+    sink = PostgresSink(pool, HandlerRegistry())
+    for type_, event in (
+        (EventType.MESSAGE_STATUS, status_events(1)[0]),
+        (EventType.TEMPLATE_APPROVAL, template),
+    ):
+        pair = [dataclasses.replace(event, id=i) for i in ("evt_a1", "evt_B2")]
+        for ev in (pair[first], pair[1 - first]):
+            await sink.apply(type_, [ev], 1)
+    assert max(("evt_a1", "evt_B2")) == "evt_a1"  # the oracle's order
+    assert sql(
+        db_url, "SELECT event_id FROM message_status UNION ALL SELECT event_id FROM template_status"
+    ) == [
+        ("evt_a1",),
+        ("evt_a1",),
+    ]
 
 
 # --- db migrate --------------------------------------------------------------------------------------------
