@@ -9,7 +9,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from sentpipe.settings import Settings
@@ -76,6 +76,24 @@ def _wait_ready(
     return None
 
 
+def local_stack_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The settings that point sentpipe at the broker and database the launchers start, from the launchers'
+    own variables (SENTPIPE_KAFKA_PORT, SENTPIPE_PG_PORT, SENTPIPE_LOCAL_DIR): with only those set, the
+    stack started Kafka on the port asked for and then used whatever answered on 9092 and 5432. What is set
+    explicitly stays."""
+    derived = {}
+    if "SENTPIPE_KAFKA_PORT" in environ:
+        derived["SENTPIPE_KAFKA_BOOTSTRAP"] = f"127.0.0.1:{environ['SENTPIPE_KAFKA_PORT']}"
+    if "SENTPIPE_PG_PORT" in environ:
+        derived["SENTPIPE_DATABASE_URL"] = (
+            f"postgresql://postgres@127.0.0.1:{environ['SENTPIPE_PG_PORT']}/sentpipe"
+        )
+    if "SENTPIPE_LOCAL_DIR" in environ:
+        local = Path(environ["SENTPIPE_LOCAL_DIR"])
+        derived |= {"SENTPIPE_SPOOL_DIR": str(local / "spool"), "SENTPIPE_DATA_DIR": str(local / "faust")}
+    return {k: v for k, v in derived.items() if k not in environ}
+
+
 def console_url(s: Settings) -> str:
     """Where a browser on this machine opens the console."""
     host = s.console_host
@@ -85,6 +103,7 @@ def console_url(s: Settings) -> str:
 
 
 def main() -> int:
+    os.environ.update(local_stack_env(os.environ))
     s = Settings()
     stopping = False
 

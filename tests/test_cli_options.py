@@ -326,3 +326,24 @@ def test_a_console_port_in_use_is_one_line_naming_the_settings() -> None:
         f"error: cannot listen on 127.0.0.1:{port} (--host/--port, SENTPIPE_CONSOLE_HOST"
     ), last
     assert "address already in use" in last
+
+
+def test_make_run_points_the_stack_at_the_broker_and_database_it_starts() -> None:
+    """With only the launchers' variables set, `make run` started Kafka on SENTPIPE_KAFKA_PORT and then ran
+    `topics ensure`, the ingress and the worker against whatever answered on 9092 (and 5432)."""
+    from sentpipe.devstack import local_stack_env
+
+    env = {"SENTPIPE_KAFKA_PORT": "9692", "SENTPIPE_PG_PORT": "5632", "SENTPIPE_LOCAL_DIR": "/tmp/x"}
+    derived = local_stack_env(env)
+    assert derived == {
+        "SENTPIPE_KAFKA_BOOTSTRAP": "127.0.0.1:9692",
+        "SENTPIPE_DATABASE_URL": "postgresql://postgres@127.0.0.1:5632/sentpipe",
+        "SENTPIPE_SPOOL_DIR": "/tmp/x/spool",
+        "SENTPIPE_DATA_DIR": "/tmp/x/faust",
+    }
+    from sentpipe.settings import Settings
+
+    assert {k.removeprefix("SENTPIPE_").lower() for k in derived} <= set(Settings.model_fields)
+    explicit = {**env, "SENTPIPE_KAFKA_BOOTSTRAP": "kafka:9092"}
+    assert "SENTPIPE_KAFKA_BOOTSTRAP" not in local_stack_env(explicit)  # what is set stays
+    assert local_stack_env({}) == {}
