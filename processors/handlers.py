@@ -26,6 +26,7 @@ import functools
 import importlib
 import inspect
 import logging
+import os
 import socket
 import traceback
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -424,10 +425,23 @@ def load_modules(modules: Iterable[str]) -> None:
         except KeyboardInterrupt:
             raise
         except BaseException as exc:
-            # The innermost line of the module's own code (importlib's frames are "<frozen ...>").
-            frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
+            if isinstance(exc, ModuleNotFoundError) and exc.name and f"{module}.".startswith(f"{exc.name}."):
+                raise HandlerModuleError(
+                    f"SENTPIPE_HANDLER_MODULES: importing {module!r} failed: no module named {exc.name!r}"
+                    " (is it installed, or on PYTHONPATH?)"
+                ) from None
+            # The innermost line of the module's own code: not importlib's (its frames are "<frozen ...>" or
+            # in its package), nor this module's refusing a handler at registration.
+            frames = [
+                f
+                for f in traceback.extract_tb(exc.__traceback__)
+                if not f.filename.startswith(("<", *_NOT_THE_MODULES_CODE))
+            ]
             where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
             raise HandlerModuleError(
                 f"SENTPIPE_HANDLER_MODULES: importing {module!r} failed{where}: "
                 f"{type(exc).__name__}: {exception_message(exc)}"
             ) from None
+
+
+_NOT_THE_MODULES_CODE = (os.path.dirname(importlib.__file__) + os.sep, __file__)

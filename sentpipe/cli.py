@@ -786,6 +786,8 @@ def run(main: Callable[[], Any]) -> int:
     from confluent_kafka import KafkaException
 
     from sentpipe.kafka import BrokerUnavailable
+    from sentpipe.processors.handlers import HandlerModuleError
+    from sentpipe.processors.migrate import MigrationError
     from sentpipe.processors.topics import CopartitioningError
 
     try:
@@ -801,7 +803,7 @@ def run(main: Callable[[], Any]) -> int:
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
-    except (CliError, BrokerUnavailable, CopartitioningError) as exc:
+    except (CliError, BrokerUnavailable, CopartitioningError, HandlerModuleError, MigrationError) as exc:
         err.print(terminal_safe(f"error: {exc}"), soft_wrap=True)
         return 1
     except psycopg.OperationalError as exc:
