@@ -449,6 +449,14 @@ def reset_note(settings: Settings, group: str) -> str | None:
     )
 
 
+def active_members(group: str, members: Sequence[Any]) -> str:
+    who = ", ".join(sorted({f"{m.client_id}@{m.host}" for m in members}))
+    return (
+        f"consumer group {group} has {len(members)} active member(s) ({who}); "
+        "stop them before resetting its offsets"
+    )
+
+
 def reset_group_offsets(
     settings: Settings,
     group: str,
@@ -457,8 +465,9 @@ def reset_group_offsets(
     *,
     dry_run: bool = False,
     timeout: float = 10.0,
-) -> list[OffsetChange]:
-    """Move a stopped group's committed offsets; refuses while the group has members."""
+) -> tuple[list[OffsetChange], str | None]:
+    """Move a stopped group's committed offsets; refuses while the group has members. Returns the changes
+    and, for a dry run of a group with members, why the reset itself would be refused."""
     bootstrap = settings.kafka_bootstrap
     ours = (settings.topic_prefix, f"{settings.app_id}-")
     if group in deployment_groups(settings):
@@ -477,12 +486,9 @@ def reset_group_offsets(
     desc = _result(
         admin.describe_consumer_groups([group], request_timeout=timeout)[group], timeout, bootstrap
     )
-    if desc.members:
-        who = ", ".join(sorted({f"{m.client_id}@{m.host}" for m in desc.members}))
-        raise OpsError(
-            f"consumer group {group} has {len(desc.members)} active member(s) ({who}); "
-            "stop them before resetting its offsets"
-        )
+    busy = active_members(group, desc.members) if desc.members else None
+    if busy is not None and not dry_run:  # a dry run is how one prepares the reset before stopping them
+        raise OpsError(busy)
     # Not the admin API's list_consumer_group_offsets: librdkafka 2.16 crashes the process on it while a
     # restarted broker's coordinator loads (sentpipe.kafka.committed_offsets).
     try:
@@ -518,7 +524,7 @@ def reset_group_offsets(
                 raise OpsError(
                     f"could not reset {tp.topic}[{tp.partition}] for group {group}: {tp.error.str()}"
                 )
-    return changes
+    return changes, busy
 
 
 def _list_offsets(

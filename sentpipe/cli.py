@@ -536,7 +536,8 @@ def offsets_reset(
     dry_run: Annotated[bool, typer.Option(help="Show the new offsets; change nothing.")] = False,
     timeout: TimeoutOption = 10.0,
 ) -> None:
-    """Move a consumer group's committed offsets to reprocess (or skip); refused while it has members."""
+    """Move a consumer group's committed offsets to reprocess (or skip); refused while it has members
+    (a --dry-run shows the new offsets anyway)."""
     from sentpipe.processors.offsets import (
         ResetTo,
         group_problem,
@@ -555,7 +556,7 @@ def offsets_reset(
         if to_datetime is not None:
             to = parse_when(to_datetime, "--to-datetime")
         _connect(s, timeout)
-        changes = reset_group_offsets(s, group, to, topic or (), dry_run=dry_run, timeout=timeout)
+        changes, busy = reset_group_offsets(s, group, to, topic or (), dry_run=dry_run, timeout=timeout)
     title = f"group {group}: " + ("new offsets (dry run, nothing changed)" if dry_run else "offsets reset")
     table = Table("topic", "partition", "before", "after", title=title)
     for c in changes:
@@ -563,6 +564,8 @@ def offsets_reset(
     out.print(table)
     if (note := reset_note(s, group)) is not None:
         err.print(f"note: {note}", markup=False, highlight=False)
+    if busy is not None:
+        err.print(terminal_safe(f"note: {busy}"), soft_wrap=True)
 
 
 spool_app = typer.Typer(

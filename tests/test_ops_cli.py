@@ -201,6 +201,11 @@ def test_offsets_reset_refuses_while_the_worker_runs_and_works_once_stopped(
         )
         refused = sentpipe(settings, "offsets", "reset", "--group", group, "--to-earliest")
         assert_one_line_error(refused, f"consumer group {group}", "active member", "stop them")
+        # The dry run is how the reset is prepared, before the worker is stopped: shown, with the members.
+        preview = sentpipe(settings, "offsets", "reset", "--group", group, "--to-earliest", "--dry-run")
+        assert preview.returncode == 0, preview.stderr
+        assert "dry run," in preview.stdout and topics.raw in preview.stdout
+        assert "active member" in preview.stderr and "stop them" in preview.stderr
         assert sum(n for (t, _), n in group_offsets(bootstrap, group).items() if t == topics.raw) == len(
             bodies
         )
