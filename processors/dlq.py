@@ -180,16 +180,16 @@ class DlqEntry:
         )
 
 
-def parse_reasons(reasons: Iterable[str]) -> frozenset[str]:
+def parse_reasons(reasons: Iterable[str], option: str = "--reason") -> frozenset[str]:
     """Error classes to select. One no dead letter can carry (empty, over the header's limit, control
     characters) matched nothing, and the command ended as if there were nothing to do."""
     out = frozenset(reasons)
     for reason in out:
         if not reason.strip():
-            raise OpsError("--reason is empty: name an error class, as `sentpipe dlq list` shows them")
+            raise OpsError(f"{option} is empty: name an error class, as `sentpipe dlq list` shows them")
         if len(reason) > r.MAX_DLQ_ERROR_CLASS or not reason.isprintable():
             raise OpsError(
-                f"--reason must be printable text of at most {r.MAX_DLQ_ERROR_CLASS} characters: "
+                f"{option} must be printable text of at most {r.MAX_DLQ_ERROR_CLASS} characters: "
                 "no dead letter has another error class"
             )
     return out
@@ -218,12 +218,14 @@ def make_selection(
     reasons: Iterable[str] = (),
     stages: Iterable[str] = (),
     since: str | None = None,
+    fields: bool = False,
 ) -> DlqSelection:
+    """`fields`: errors name the console's fields (`reasons`, `since`), not the CLI's options."""
     return DlqSelection(
         frozenset(parse_entry_id(i) for i in ids),
-        parse_reasons(reasons),
+        parse_reasons(reasons, "reasons" if fields else "--reason"),
         parse_stages(stages),
-        parse_since(since) if since is not None else None,
+        None if since is None else parse_since(since, "since" if fields else "--since"),
     )
 
 

@@ -154,22 +154,33 @@ class Window:
 UNTIL_SLACK_MS = 60_000
 
 
+@dataclass(frozen=True, slots=True)
+class WindowNames:
+    """What the errors of `make_window` call its inputs: the CLI's options, or (the console) its fields."""
+
+    since: str = "--since"
+    until: str = "--until"
+    from_offsets: str = "--from-offset"
+    to_offsets: str = "--to-offset"
+
+
 def make_window(
     *,
     since: str | None = None,
     until: str | None = None,
     from_offsets: Iterable[str] = (),
     to_offsets: Iterable[str] = (),
+    names: WindowNames = WindowNames(),
 ) -> Window:
-    since_ms = parse_since(since) if since is not None else None
-    until_ms = parse_until(until) if until is not None else None
+    since_ms = parse_since(since, names.since) if since is not None else None
+    until_ms = parse_until(until, names.until) if until is not None else None
     if since_ms is not None and until_ms is not None and since_ms >= until_ms:
-        raise OpsError(f"--since {since} is not before --until {until}: the time range is empty")
-    starts = _by_partition(from_offsets, "--from-offset")
-    ends = _by_partition(to_offsets, "--to-offset")
+        raise OpsError(f"{names.since} {since} is not before {names.until} {until}: the time range is empty")
+    starts = _by_partition(from_offsets, names.from_offsets)
+    ends = _by_partition(to_offsets, names.to_offsets)
     for p in sorted(set(starts) & set(ends)):
         if starts[p] > ends[p]:
-            raise OpsError(f"--from-offset {p}:{starts[p]} is after --to-offset {p}:{ends[p]}")
+            raise OpsError(f"{names.from_offsets} {p}:{starts[p]} is after {names.to_offsets} {p}:{ends[p]}")
     return Window(since_ms, until_ms, starts, ends)
 
 

@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from sentpipe.console import browser_url
 from sentpipe.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -94,14 +95,6 @@ def local_stack_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in derived.items() if k not in environ}
 
 
-def console_url(s: Settings) -> str:
-    """Where a browser on this machine opens the console."""
-    host = s.console_host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    return f"http://{f'[{host}]' if ':' in host else host}:{s.console_port}/"
-
-
 def main() -> int:
     os.environ.update(local_stack_env(os.environ))
     s = Settings()
@@ -158,7 +151,7 @@ def main() -> int:
             f"  secret        {secret}{note}\n"
             f"  metrics       http://127.0.0.1:{s.ingress_metrics_port}/metrics (ingress), "
             f"http://127.0.0.1:{s.worker_metrics_port}/metrics (worker)\n"
-            f"  console       {console_url(s)}{sign_in}\n"
+            f"  console       {browser_url(s.console_host, s.console_port)}{sign_in}\n"
             f"  try           .venv/bin/sentpipe trigger message.status.updated\n"
             f"  stop          Ctrl-C\n",
             flush=True,

@@ -347,3 +347,13 @@ def test_make_run_points_the_stack_at_the_broker_and_database_it_starts() -> Non
     explicit = {**env, "SENTPIPE_KAFKA_BOOTSTRAP": "kafka:9092"}
     assert "SENTPIPE_KAFKA_BOOTSTRAP" not in local_stack_env(explicit)  # what is set stays
     assert local_stack_env({}) == {}
+
+
+def test_the_console_announces_an_address_a_browser_can_open() -> None:
+    """`sentpipe console --host 0.0.0.0` said `console on http://0.0.0.0:8090/`, which no browser opens."""
+    from sentpipe.console import browser_url
+
+    assert browser_url("0.0.0.0", 8090) == "http://127.0.0.1:8090/"
+    assert browser_url("::", 8090) == "http://127.0.0.1:8090/"
+    assert browser_url("::1", 8090) == "http://[::1]:8090/"
+    assert browser_url("console.internal", 80) == "http://console.internal:80/"

@@ -611,6 +611,34 @@ async def test_a_search_whose_since_is_not_before_its_until_is_400(
         assert "is not before until" in body["error"], body
 
 
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_refusals_name_the_apis_fields_not_the_clis_options(
+    http: tuple[ClientSession, str, dict[str, str]],
+) -> None:
+    """`POST /api/replay {"since": "bogus"}` answered "--since: 'bogus' is not an ISO-8601 time"."""
+    client, base, headers = http
+    for data, field in (
+        ({"since": "bogus"}, "since"),
+        ({"until": "1970-01-01T00:00:00Z"}, "until"),
+        ({"since": "2026-01-02T00:00:00Z", "until": "2026-01-01T00:00:00Z"}, "since"),
+        ({"from_offsets": ["0:x"]}, "from_offsets"),
+        ({"from_offsets": ["0:5"], "to_offsets": ["0:1"]}, "from_offsets"),
+    ):
+        status, body = await answer(
+            client, "POST", f"{base}/api/replay", json={**data, "dry_run": True}, headers=headers
+        )
+        assert (status, body["code"]) == (400, "bad_request"), (data, body)
+        assert body["error"].startswith(field) and "--" not in body["error"], (data, body)
+    for query, field in (("since=bogus", "since"), ("reason=a%01b", "reasons")):
+        status, body = await answer(client, "GET", f"{base}/api/dlq?{query}")
+        assert (status, body.get("code")) == (400, "bad_request"), (query, body)
+        assert body["error"].startswith(field) and "--" not in body["error"], (query, body)
+    status, body = await answer(
+        client, "POST", f"{base}/api/dlq/redrive", json={"since": "bogus", "dry_run": True}, headers=headers
+    )
+    assert status == 400 and body["error"].startswith("since:"), body
+
+
 async def test_a_metrics_endpoint_answering_an_error_status_is_a_problem_not_a_scrape(
     settings: Settings, console: str
 ) -> None:

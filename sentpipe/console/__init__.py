@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sentpipe.console.app import CannotListen, create_app, run
+from sentpipe.console.app import CannotListen, browser_url, create_app, run
 from sentpipe.console.auth import check_bind
 
-__all__ = ["CannotListen", "check_bind", "create_app", "run"]
+__all__ = ["CannotListen", "browser_url", "check_bind", "create_app", "run"]

@@ -46,7 +46,7 @@ from sentpipe.processors import dlq as dlq_ops
 from sentpipe.processors import history
 from sentpipe.processors import inspect as trace
 from sentpipe.processors import replay as replay_ops
-from sentpipe.processors.offsets import Log, NotFound, OpsError, make_window, parse_when
+from sentpipe.processors.offsets import Log, NotFound, OpsError, WindowNames, make_window, parse_when
 from sentpipe.schemas import exact_json
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import ROUTED_TYPES, EventType, parse_time, searched_id_problem
@@ -524,7 +524,7 @@ async def event_trace(request: web.Request) -> web.StreamResponse:
 def _time(text: str | None, what: str) -> datetime | None:
     if not text:
         return None
-    parse_when(text, what)  # the CLI's message for what is not a time
+    parse_when(text, what)  # refuses what is not a time, naming the field
     # The datetime itself, not one made from milliseconds: through a float, 9999-12-31T23:59:59.999999Z
     # rounds up into year 10000.
     return parse_time(text.strip())
@@ -581,7 +581,7 @@ async def dlq_list(request: web.Request) -> web.StreamResponse:
     listing: dlq_ops.DlqListing = await off_loop(
         dlq_ops.list_entries,
         request.app[SETTINGS],
-        dlq_ops.make_selection(reasons=sel["reasons"], stages=sel["stages"], since=sel["since"]),
+        dlq_ops.make_selection(reasons=sel["reasons"], stages=sel["stages"], since=sel["since"], fields=True),
         limit=limit,
     )
     return send_json(
@@ -650,7 +650,7 @@ async def dlq_redrive(request: web.Request) -> web.StreamResponse:
     known(data, (*DLQ_FILTERS, "ids", "dry_run"), "field")
     params = _selection(data)
     dry_run = _dry_run(data)
-    sel = dlq_ops.make_selection(**params)  # bad input fails here, before any job starts
+    sel = dlq_ops.make_selection(**params, fields=True)  # bad input fails here, before any job starts
     settings = request.app[SETTINGS]
 
     def work(
@@ -661,6 +661,7 @@ async def dlq_redrive(request: web.Request) -> web.StreamResponse:
     return _start(request, "redrive", params, dry_run, work)
 
 
+API_WINDOW = WindowNames("since", "until", "from_offsets", "to_offsets")
 REPLAY_FIELDS = ("since", "until", "from_offsets", "to_offsets", "types", "tenants", "event_ids", "dry_run")
 
 
@@ -690,7 +691,9 @@ async def replay(request: web.Request) -> web.StreamResponse:
         "event_ids": event_ids,
     }
     dry_run = _dry_run(data)
-    window = make_window(since=since, until=until, from_offsets=from_offsets, to_offsets=to_offsets)
+    window = make_window(
+        since=since, until=until, from_offsets=from_offsets, to_offsets=to_offsets, names=API_WINDOW
+    )
     flt = replay_ops.Filter(replay_ops.parse_types(types), frozenset(tenants), frozenset(event_ids))
     settings = request.app[SETTINGS]
     # Checked before the job is accepted; a real run follows a dry run of the same settings, which did.
@@ -869,6 +872,13 @@ SERVER_SHUTDOWN_S = 5.0
 STOP_BOUND_S = STOP_TIMEOUT_S + SERVER_SHUTDOWN_S + JOIN_TIMEOUT_S
 
 
+def browser_url(host: str, port: int) -> str:
+    """Where a browser on this machine opens the console: a wildcard address (0.0.0.0) is none to open."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+
 class CannotListen(Exception):
     """The console's address is taken or cannot be bound (the message names the settings)."""
 
@@ -896,8 +906,7 @@ async def _serve(app: web.Application, host: str, port: int, on_ready: Callable[
             why = exc.strerror or exc
             raise CannotListen(f"cannot listen on {host}:{port} ({settings}): {why}") from None
         if on_ready is not None:
-            name = f"[{host}]" if ":" in host else host
-            on_ready(f"http://{name}:{port}/")
+            on_ready(browser_url(host, port))
         await stop.wait()
     finally:
         await runner.cleanup()
