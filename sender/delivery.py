@@ -165,6 +165,12 @@ class Stats:
     def not_accepted(self) -> int:
         return self.done - self.accepted
 
+    @property
+    def interrupted(self) -> int:
+        """Deliveries sent that have no outcome: a run stopped (Ctrl-C, SIGTERM) while they were in flight or
+        waiting for a retry. Counted apart so that every delivery sent is in one row of the summary."""
+        return self.sent - self.done
+
     def percentile(self, q: float) -> float | None:
         """Nearest-rank percentile of answered attempts' latency, None before the first answer."""
         return nearest_rank_quantile(self.latencies_s, q)

@@ -184,6 +184,8 @@ def summary_table(stats: Stats, unique: int, url: str) -> Table:
         table.add_row(terminal_safe(f"rejected {outcome}"), str(n))
     if not stats.rejected:
         table.add_row("rejected", "0")
+    if stats.interrupted:
+        table.add_row("interrupted", str(stats.interrupted))
     table.add_row("latency p50", _ms(stats.percentile(0.50)))
     table.add_row("latency p99", _ms(stats.percentile(0.99)))
     rate = stats.done / stats.elapsed_s if stats.elapsed_s > 0 else 0.0
@@ -225,6 +227,10 @@ def _events(
         fail(f"{file}: {exc} (use --on-bad-line skip to send the other lines)")
     for bad in scan.skipped:
         err.print(terminal_safe(f"skipped {file} {bad}"), soft_wrap=True)
+    if not scan.events:
+        # Before --skip is looked at: "--skip 0 leaves none of the 0 events" blamed an option never given.
+        what = f"no {' or '.join(chosen)} events" if types else "no events"
+        fail(f"{file} has {what} to send")
     n = scan.events if count is None else min(count, scan.events)
     if skip >= n:
         fail(f"--skip {skip} leaves none of the {n} events of {file} to send")
@@ -256,7 +262,12 @@ def send_command(
             "--type", callback=utf8, help="Canonical event type; repeat for several \\[default: all]."
         ),
     ] = None,
-    shape: ShapeOption = "sent",
+    shape: Annotated[
+        str | None,
+        typer.Option(
+            callback=utf8, help="Envelope of the events made: sent, guide or mixed \\[default: sent]."
+        ),
+    ] = None,
     count: Annotated[
         int | None,
         typer.Option(
@@ -343,8 +354,11 @@ def send_command(
     ] = 10.0,
 ) -> None:
     """Sign events exactly as Sent does and post them: duplicates, shuffling, retries, a summary."""
-    shape_choice = _shape(shape)
+    shape_choice = _shape("sent" if shape is None else shape)
     _choice("--on-bad-line", on_bad_line, ("stop", "skip"))
+    if file is not None and shape is not None:
+        # A file's lines are sent byte for byte: a --shape would be ignored while the run passed.
+        fail("--shape is for the events send makes; --file sends its lines as they are: choose one")
     if bad_signature and stale:
         fail("--bad-signature and --stale are separate tests; choose one")
     if no_retry and retry_schedule is not None:

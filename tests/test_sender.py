@@ -808,6 +808,45 @@ async def test_a_file_run_that_failed_says_where_to_resume_and_skip_resumes_ther
     assert "--skip resumes a run of the same events: it needs --file or --seed" in one_line_error(no_source)
 
 
+async def test_a_file_without_events_to_send_says_so_not_that_skip_left_none(tmp_path: Path) -> None:
+    """An empty file, one of blank lines, or one with no event of the `--type` asked for ended with
+    "--skip 0 leaves none of the 0 events", blaming an option that was never given."""
+    empty, blank, typed = tmp_path / "empty.jsonl", tmp_path / "blank.jsonl", tmp_path / "typed.jsonl"
+    empty.write_bytes(b"")
+    blank.write_bytes(b"\n  \n\r\n")
+    typed.write_bytes(
+        b"\n".join(s.body for s in SampleFactory(12).mix(10) if s.type is not EventType.MESSAGE_STATUS)
+        + b"\n"
+    )
+    url = f"http://127.0.0.1:{free_port()}/webhooks/sent"  # refused before anything is sent
+    runs = await asyncio.gather(
+        cli("send", url, "--file", str(empty)),
+        cli("send", url, "--file", str(blank), "--count", "5"),
+        cli("send", url, "--file", str(typed), "--type", "message.status.updated"),
+        cli("send", url, "--file", str(typed), "--type", "message.status.updated", "--skip", "2"),
+    )
+    errors = [one_line_error(r) for r in runs]
+    assert errors[0] == f"error: {empty} has no events to send", errors[0]
+    assert errors[1] == f"error: {blank} has no events to send", errors[1]
+    for e in errors[2:]:
+        assert e == f"error: {typed} has no message.status.updated events to send", e
+
+
+async def test_shape_with_a_file_is_refused_not_ignored(stub: Stub, tmp_path: Path) -> None:
+    """A file's lines are sent as they are: `--file f --shape guide` sent them unchanged and exited 0."""
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"\n".join(s.body for s in SampleFactory(13).mix(3)) + b"\n")
+    runs = await asyncio.gather(
+        cli("send", stub.url, "--file", str(events), "--shape", "guide"),
+        cli("send", stub.url, "--file", str(events), "--shape", "sent"),  # given, even if the default
+    )
+    for ran in runs:
+        assert ran.returncode == 1, ran  # as the other options that contradict each other
+        assert "--shape" in one_line_error(ran) and "--file" in one_line_error(ran)
+    assert stub.hits == []
+    assert (await cli("send", stub.url, "--file", str(events))).returncode == 0
+
+
 async def test_skip_with_a_seed_sends_the_seeds_later_events(stub: Stub) -> None:
     whole = await cli("send", stub.url, "--seed", "3", "--count", "12", "--concurrency", "1")
     bodies = [h.body for h in stub.hits]
@@ -922,6 +961,50 @@ async def test_ctrl_c_ends_a_send_with_status_130_and_says_so(stub: Stub) -> Non
     # Where to go on from: no further than what was accepted (--seed makes the same events again).
     resume = re.search(r"--skip (\d+) sends the rest$", err.decode().strip().splitlines()[-2])
     assert resume is not None and 1 <= int(resume[1]) <= len(stub.hits), err
+
+
+async def test_an_interrupted_send_counts_every_delivery_sent_in_one_row(stub: Stub) -> None:
+    """Ctrl-C while a delivery was in flight left it out of every row: sent 129, accepted 128, rejected 0."""
+    release = asyncio.Event()
+
+    async def never_before_release() -> int:
+        await release.wait()
+        return 200
+
+    # Three accepted, the fourth answered 503 and waiting for its retry, the fifth in flight.
+    stub.answer = lambda n: 200 if n <= 3 else 503 if n == 4 else never_before_release()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CLI_SCRIPT,
+        *("send", stub.url, "--count", "20", "--seed", "2", "--concurrency", "1", "--retry-schedule", "60"),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        for _ in range(600):
+            if len(stub.hits) >= 5:
+                break
+            await asyncio.sleep(0.05)
+        assert len(stub.hits) == 5
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        release.set()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 130, err
+    stdout = out.decode()
+    assert [row(stdout, name) for name in ("sent", "accepted", "rejected", "interrupted")] == [
+        "5",
+        "3",
+        "0",
+        "2",
+    ]
+    # The resume point is unchanged: the first three events, the ones accepted.
+    assert err.decode().strip().splitlines()[-2].endswith("--skip 3 sends the rest"), err
 
 
 async def test_bad_input_is_a_one_line_error(tmp_path: Path) -> None:
