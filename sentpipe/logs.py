@@ -45,6 +45,14 @@ def _one_line(value: object) -> str:
 
 
 class TextFormatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # A message is one line: libpq's errors carry a second ("\n\tIs the server running on that host
+        # ...?"), and a value from a record with a newline in it would forge a line of its own. A traceback
+        # (exc_info) is added after this, on its own lines.
+        if not record.message.isprintable():
+            record.message = " ".join(part.strip() for part in record.message.splitlines())
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         extra = " ".join(f"{k}={_one_line(v)}" for k, v in vars(record).items() if k not in _STANDARD)
@@ -136,6 +144,8 @@ _RETRYING_LOGGERS = (
     "aiokafka.consumer.group_coordinator",
     "aiokafka.producer.producer",
     "aiokafka.producer.sender",
+    # psycopg's pool logs each failed connection attempt (every second or two while PostgreSQL is away).
+    "psycopg.pool",
 )
 REPEATS_EVERY_S = 30.0
 

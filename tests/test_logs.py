@@ -164,6 +164,28 @@ def test_a_text_line_is_one_line_whatever_a_record_put_in_its_extras() -> None:
     assert "tenant=ok-tenant" in TextFormatter("%(message)s").format(record)
 
 
+def test_a_text_line_is_one_line_whatever_its_message_holds_and_a_traceback_follows() -> None:
+    """libpq's errors carry a second line: psycopg's pool logged each failed connection on two."""
+    from sentpipe.logs import TextFormatter
+
+    message = (
+        'connection failed: connection to server at "127.0.0.1", port 1 failed: refused\n\tIs the server'
+    )
+    record = logging.LogRecord(
+        "psycopg.pool", logging.WARNING, __file__, 1, "error connecting: %s", (message,), None
+    )
+    line = TextFormatter("%(levelname)s %(name)s %(message)s").format(record)
+    assert line == f"WARNING psycopg.pool error connecting: {message.replace(chr(10) + chr(9), ' ')}"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord(
+            "sentpipe", logging.ERROR, __file__, 1, "a\u2028b\rc", None, sys.exc_info()
+        )
+    first, *traceback = TextFormatter("%(message)s").format(failed).splitlines()
+    assert first == "a b c" and traceback[0].startswith("Traceback") and traceback[-1] == "ValueError: boom"
+
+
 def test_a_threads_uncaught_exception_is_one_record_with_its_traceback() -> None:
     """Python's hook wrote the traceback to stderr, which Faust's worker logs one write at a time: an
     aiokafka thread's CancelledError came out as a dozen WARNING lines (`^`, `asyncio.exceptions`, ...)."""
@@ -242,13 +264,15 @@ def test_now_and_then_forgets_its_kinds_past_its_limit_and_still_admits_each_onc
 
 
 def test_configure_quiets_the_loggers_of_faust_s_kafka_client() -> None:
-    """Through `configure`, as every process sets up its logging: aiokafka's modules log under their own
+    """Through `configure`, as every process sets up its logging: aiokafka's modules (and psycopg's pool) log
+    under their own
     names, and a filter sees only the records of the logger it is on. Configured twice, one filter each."""
     script = (
         "import logging\n"
         "from sentpipe.logs import RepeatsNowAndThen, configure\n"
         "configure('INFO', json=True); configure('INFO', json=True)\n"
-        "for name in ('aiokafka', 'aiokafka.consumer.fetcher', 'aiokafka.consumer.group_coordinator'):\n"
+        "for name in ('aiokafka', 'aiokafka.consumer.fetcher', 'aiokafka.consumer.group_coordinator',\n"
+        "             'psycopg.pool'):\n"
         "    filters = logging.getLogger(name).filters\n"
         "    assert sum(isinstance(f, RepeatsNowAndThen) for f in filters) == 1, name\n"
         "    for _ in range(100):\n"
@@ -259,5 +283,10 @@ def test_configure_quiets_the_loggers_of_faust_s_kafka_client() -> None:
     lines = [orjson.loads(line) for line in proc.stderr.strip().splitlines()]
     assert [(x["logger"], x["msg"]) for x in lines] == [
         (name, "Unable connect to node with id 1: refused")
-        for name in ("aiokafka", "aiokafka.consumer.fetcher", "aiokafka.consumer.group_coordinator")
+        for name in (
+            "aiokafka",
+            "aiokafka.consumer.fetcher",
+            "aiokafka.consumer.group_coordinator",
+            "psycopg.pool",
+        )
     ]
