@@ -191,7 +191,13 @@ def refusal(protocol: str, error_code: int | None, text: str) -> str | None:
     """The cause, when one of librdkafka's error reports or connection-failure log lines means the broker
     refuses this client's security settings (as opposed to not answering at all); else None."""
     if error_code in _REFUSED_CODES:
-        return _reason(text)
+        reason = _reason(text)
+        if reason.endswith("supported mechanisms:"):  # librdkafka's list is empty: no SASL on that listener
+            reason += (
+                f" none (the listener takes no SASL; is SENTPIPE_KAFKA_SECURITY_PROTOCOL={protocol.upper()}"
+                " right for it?)"
+            )
+        return reason
     lower = text.lower()
     if error_code == KafkaError._TRANSPORT and (
         "ssl handshake failed" in lower or "ssl/tls alert" in lower or "certificate" in lower

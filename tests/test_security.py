@@ -322,6 +322,17 @@ def test_refusal_tells_a_refusing_broker_from_an_absent_one() -> None:
         )
         == "SASL authentication error: x"
     )
+    # SASL against a plaintext listener: librdkafka lists the broker's mechanisms, and there are none.
+    assert refusal(
+        "sasl_plaintext",
+        KafkaError._AUTHENTICATION,
+        "sasl_plaintext://h:1/bootstrap: SASL SCRAM-SHA-512 mechanism handshake failed: Broker: Unsupported"
+        " SASL mechanism: broker's supported mechanisms: (after 1ms in state AUTH_HANDSHAKE)",
+    ) == (
+        "SASL SCRAM-SHA-512 mechanism handshake failed: Broker: Unsupported SASL mechanism: broker's"
+        " supported mechanisms: none (the listener takes no SASL; is"
+        " SENTPIPE_KAFKA_SECURITY_PROTOCOL=SASL_PLAINTEXT right for it?)"
+    )
     assert (
         refusal(
             "PLAINTEXT",
