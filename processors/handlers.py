@@ -87,7 +87,7 @@ class HandlerModuleError(Exception):
 class HandlerContext:
     conn: AsyncConnection  # inside the projection's transaction (a savepoint per handler call)
     log: logging.Logger
-    attempt: int  # 1 on the first try of this batch
+    attempt: int  # 1 on the first try of this batch; its parts, halved after an unknown error, count on
 
 
 Handler = Callable[[CanonicalEvent, HandlerContext], Awaitable[None]]
