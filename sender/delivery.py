@@ -349,6 +349,9 @@ async def deliver(
         finally:
             for task in list(tasks):
                 task.cancel()
+            # Interrupted (Ctrl-C cancels this), the summary still shows how long the run went: its last
+            # update was the last delivery's, perhaps seconds before.
+            stats.elapsed_s = loop.time() - started
     updated()
     return stats
 

@@ -988,6 +988,7 @@ async def test_an_interrupted_send_counts_every_delivery_sent_in_one_row(stub: S
                 break
             await asyncio.sleep(0.05)
         assert len(stub.hits) == 5
+        await asyncio.sleep(1.0)  # the run goes on, waiting: its summary counts this time too
         proc.send_signal(signal.SIGINT)
         out, err = await asyncio.wait_for(proc.communicate(), 60)
     finally:
@@ -1003,6 +1004,8 @@ async def test_an_interrupted_send_counts_every_delivery_sent_in_one_row(stub: S
         "0",
         "2",
     ]
+    # The last update was the third acceptance's, a second before the interrupt: it showed 0.01 s.
+    assert float(row(stdout, "elapsed").split()[0]) >= 1.0, stdout
     # The resume point is unchanged: the first three events, the ones accepted.
     assert err.decode().strip().splitlines()[-2].endswith("--skip 3 sends the rest"), err
 
