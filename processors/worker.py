@@ -845,6 +845,14 @@ class Router:
         assignor: Any = self.app.assignor
         return {tp.partition for tp in assignor.assigned_actives() if tp.topic == self._changelog}
 
+    def _table_steady(self) -> bool:
+        """No rebalance and no changelog recovery under way. Faust sets its recovery's `completed` once, at
+        the first; a sweep during a later rebalance's recovery judged a key by an older changelog value than
+        the one still on its way, and its tombstone, written after that newer value, deleted a mark inside
+        the window. A rebalance during the sweep's awaits also moves the partitions it decided for."""
+        recovery: Any = self.app.tables.recovery  # type: ignore[attr-defined]
+        return bool(recovery.completed.is_set() and not recovery.in_recovery and not self.app.rebalancing)
+
     async def sweep(self) -> int:
         """Forget ids older than the dedup window; each delete tombstones the compacted changelog.
 
@@ -855,6 +863,8 @@ class Router:
         thousand), never the whole table's, whose copy alone would hold the loop for tens of ms. RocksDB
         iterators read a snapshot and tolerate the deletes.
         """
+        if not self._table_steady():
+            return 0  # the next sweep starts over
         cutoff = int(time.time() * 1000) - self.s.dedup_window_s * 1000
         raw: Any = getattr(self.seen.data, "data", None)
         shards: store.Shards | None = raw if isinstance(raw, store.Shards) else None
@@ -886,12 +896,16 @@ class Router:
                 home[key] = partition  # co-partitioned with raw
                 removed += not kept
             if time.perf_counter() > deadline or len(changes) >= SWEEP_SLICE_KEYS:
+                if not self._table_steady() or self._active_partitions() != active:
+                    return removed - sum(v is None for v in changes.values())  # decided for another owner
                 # Decided and written with no await in between: a mark the router makes meanwhile is not
                 # undone by a decision taken before it.
                 await self._write(changes, home)
                 await asyncio.sleep(0)  # a slice with nothing to write still lets routing run
                 changes, home = {}, {}
                 deadline = time.perf_counter() + SWEEP_SLICE_S
+        if not self._table_steady() or self._active_partitions() != active:
+            return removed - sum(v is None for v in changes.values())
         await self._write(changes, home)
         m.DEDUP_TABLE_KEYS.set(visited - removed)
         return removed
@@ -1190,10 +1204,8 @@ def _route_agents(app: faust.App, settings: Settings, router: Router, topics: To
 
     @app.timer(interval=settings.dedup_sweep_interval_s)  # type: ignore[untyped-decorator]
     async def sweep() -> None:
-        # Timers start before the table is restored from its changelog: a sweep of a half-recovered table
-        # would miss the keys still on their way (and report a size that is not true).
-        if not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined]
-            return
+        # Timers start before the table is restored from its changelog, and run through rebalances: the
+        # router's sweep waits for a steady table (`Router._table_steady`).
         try:
             removed = await router.sweep()
         except Exception:

@@ -314,3 +314,48 @@ def test_a_keyless_record_is_marked_where_the_store_and_the_sweep_look_for_it(se
     _settle_one(other, again, acked)
     marks = read_topic(settings.kafka_bootstrap, router._changelog, at_least=2, timeout=30)
     assert sorted(rec.partition for rec in marks) == sorted([home, PARTITION])
+
+
+def test_the_sweep_waits_for_a_steady_table_and_drops_a_slice_decided_before_a_rebalance(
+    settings: Settings,
+) -> None:
+    """Faust sets its recovery's `completed` once: the sweep ran during a later rebalance's recovery and
+    judged keys by older changelog values than those still on their way (its tombstones, written after
+    them, deleted marks inside the window). A rebalance during a sweep moved the partitions it decided
+    for. Here every mark is past a one-second window; the sweep must leave them while the table is not
+    steady, and remove them once it is (the control that shows it can)."""
+    s = settings.model_copy(update={"dedup_window_s": 1})
+    events = _write_raw(s, _bodies(6, 36))
+    router = _router(s)
+    everything = set(range(s.raw_partitions))
+    router._active_partitions = lambda: everything
+    recovery = router.app.tables.recovery
+    acked: list[int] = []
+
+    def marked() -> int:
+        return sum(bool(router._lookup(table_key(e.key), {})) for e in events)
+
+    async def go() -> None:
+        await router.producer.start()
+        try:
+            await (await router.dispatch(events, _ack(router, acked)))
+            assert marked() == len(events)
+            await asyncio.sleep(1.5)  # past the window
+            recovery.completed.set()
+            for rebalancing, in_recovery in ((True, False), (False, True)):
+                router.app.rebalancing, recovery.in_recovery = rebalancing, in_recovery
+                assert await router.sweep() == 0
+                assert marked() == len(events)
+            router.app.rebalancing, recovery.in_recovery = False, False
+            # The assignment changes while the sweep walks: what it decided is not written.
+            owners = iter([everything, set()])
+            router._active_partitions = lambda: next(owners)
+            assert await router.sweep() == 0
+            assert marked() == len(events)
+            router._active_partitions = lambda: everything
+            assert await router.sweep() == len(events)
+            assert marked() == 0
+        finally:
+            await router.producer.close()
+
+    asyncio.run(go())
