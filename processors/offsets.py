@@ -155,13 +155,17 @@ UNTIL_SLACK_MS = 60_000
 
 
 @dataclass(frozen=True, slots=True)
-class WindowNames:
-    """What the errors of `make_window` call its inputs: the CLI's options, or (the console) its fields."""
+class _WindowNames:
+    """What the errors of `make_window` call its inputs."""
 
-    since: str = "--since"
-    until: str = "--until"
-    from_offsets: str = "--from-offset"
-    to_offsets: str = "--to-offset"
+    since: str
+    until: str
+    from_offsets: str
+    to_offsets: str
+
+
+_OPTIONS = _WindowNames("--since", "--until", "--from-offset", "--to-offset")
+_FIELDS = _WindowNames("since", "until", "from_offsets", "to_offsets")
 
 
 def make_window(
@@ -170,8 +174,10 @@ def make_window(
     until: str | None = None,
     from_offsets: Iterable[str] = (),
     to_offsets: Iterable[str] = (),
-    names: WindowNames = WindowNames(),
+    fields: bool = False,
 ) -> Window:
+    """`fields`: errors name the console's fields (`since`, `from_offsets`), not the CLI's options."""
+    names = _FIELDS if fields else _OPTIONS
     since_ms = parse_since(since, names.since) if since is not None else None
     until_ms = parse_until(until, names.until) if until is not None else None
     if since_ms is not None and until_ms is not None and since_ms >= until_ms:

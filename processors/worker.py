@@ -853,6 +853,10 @@ class Router:
         recovery: Any = self.app.tables.recovery  # type: ignore[attr-defined]
         return bool(recovery.completed.is_set() and not recovery.in_recovery and not self.app.rebalancing)
 
+    def _still_steady(self, active: set[int]) -> bool:
+        """Whether a sweep's decisions, taken for the partitions `active`, may still be written."""
+        return self._table_steady() and self._active_partitions() == active
+
     async def sweep(self) -> int:
         """Forget ids older than the dedup window; each delete tombstones the compacted changelog.
 
@@ -896,7 +900,7 @@ class Router:
                 home[key] = partition  # co-partitioned with raw
                 removed += not kept
             if time.perf_counter() > deadline or len(changes) >= SWEEP_SLICE_KEYS:
-                if not self._table_steady() or self._active_partitions() != active:
+                if not self._still_steady(active):
                     return removed - sum(v is None for v in changes.values())  # decided for another owner
                 # Decided and written with no await in between: a mark the router makes meanwhile is not
                 # undone by a decision taken before it.
@@ -904,7 +908,7 @@ class Router:
                 await asyncio.sleep(0)  # a slice with nothing to write still lets routing run
                 changes, home = {}, {}
                 deadline = time.perf_counter() + SWEEP_SLICE_S
-        if not self._table_steady() or self._active_partitions() != active:
+        if not self._still_steady(active):
             return removed - sum(v is None for v in changes.values())
         await self._write(changes, home)
         m.DEDUP_TABLE_KEYS.set(visited - removed)

@@ -46,7 +46,7 @@ from sentpipe.processors import dlq as dlq_ops
 from sentpipe.processors import history
 from sentpipe.processors import inspect as trace
 from sentpipe.processors import replay as replay_ops
-from sentpipe.processors.offsets import Log, NotFound, OpsError, WindowNames, make_window, parse_when
+from sentpipe.processors.offsets import Log, NotFound, OpsError, make_window, parse_when
 from sentpipe.schemas import exact_json
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import ROUTED_TYPES, EventType, parse_time, searched_id_problem
@@ -661,7 +661,6 @@ async def dlq_redrive(request: web.Request) -> web.StreamResponse:
     return _start(request, "redrive", params, dry_run, work)
 
 
-API_WINDOW = WindowNames("since", "until", "from_offsets", "to_offsets")
 REPLAY_FIELDS = ("since", "until", "from_offsets", "to_offsets", "types", "tenants", "event_ids", "dry_run")
 
 
@@ -692,7 +691,7 @@ async def replay(request: web.Request) -> web.StreamResponse:
     }
     dry_run = _dry_run(data)
     window = make_window(
-        since=since, until=until, from_offsets=from_offsets, to_offsets=to_offsets, names=API_WINDOW
+        since=since, until=until, from_offsets=from_offsets, to_offsets=to_offsets, fields=True
     )
     flt = replay_ops.Filter(replay_ops.parse_types(types), frozenset(tenants), frozenset(event_ids))
     settings = request.app[SETTINGS]
