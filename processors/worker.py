@@ -146,15 +146,19 @@ class _Batch:
     """One raw batch as routed: what to send, what to dead-letter, and the table marks it makes."""
 
     __slots__ = (
+        "behind",
         "dead",
         "derived",
         "duplicates",
         "events",
+        "held",
         "holes",
         "home",
+        "known",
         "legacy",
         "marks",
         "out",
+        "recheck",
         "routed",
         "taken",
         "types",
@@ -174,7 +178,15 @@ class _Batch:
         self.types: list[str] = []  # and its type's label
         self.duplicates: dict[str, int] = {}  # by type label: counted once the batch settles
         self.dead: list[DeadLetter] = []
-        self.marks: dict[bytes, dict[str, int]] = {}  # by table key (compact where the id is a SHA-256 hex)
+        # The (id, tenant) pairs this batch routes, by table key (compact where the id is a SHA-256 hex).
+        self.marks: dict[bytes, set[str]] = {}
+        # Copies dropped behind a copy still in flight (in this batch or one before): (event, key, tenant,
+        # type label). Settled only once that copy is: if the broker refused it, the first copy behind is
+        # routed in its place (`_route_behind`).
+        self.behind: list[tuple[Event, bytes, str, str]] = []
+        self.held: list[tuple[bytes, str]] = []  # what this batch added to the router's `_pending`
+        self.known: dict[bytes, dict[str, int]] = {}  # table key -> tenants seen (0: by a copy in flight)
+        self.recheck: set[bytes] = set()  # keys a batch in flight held when looked up: read again to write
         self.home: dict[bytes, int] = {}  # table key -> its raw partition
         self.legacy: dict[bytes, bytes] = {}  # table key -> the hex key an older version wrote it under
         self.derived: dict[tuple[str, int, int], bytes] = {}  # a keyless record -> the id it is marked under
@@ -198,8 +210,9 @@ class Router:
         # batch may still be in flight, PIPELINE_DEPTH batches at most).
         self.processed: dict[tuple[str, int], int] = {}
         self.dispatched: dict[tuple[str, int], int] = {}
-        # Table changes of batches in flight, not in the store yet: key -> tenants. Lookups see them, so an
-        # id routed in one batch is a duplicate in the next even before the first has settled.
+        # Ids of batches in flight, not in the store yet: key -> tenant -> how many batches hold it (routed
+        # it, or dropped a copy behind one in flight). Lookups see them, so an id routed in one batch is a
+        # duplicate in the next even before the first has settled.
         self._pending: dict[bytes, dict[str, int]] = {}
         self._room = asyncio.Semaphore(PIPELINE_DEPTH)
         self._tail: asyncio.Future[None] | None = None  # the last batch's settling: batches settle in order
@@ -424,8 +437,11 @@ class Router:
         for event in batch.events:
             where = (event.message.topic, event.message.partition)
             self.dispatched[where] = max(self.dispatched.get(where, 0), event.message.offset + 1)
-        for key, tenants in batch.marks.items():
-            self._pending.setdefault(key, {}).update(tenants)
+        batch.held = [(key, tenant) for key, tenants in batch.marks.items() for tenant in tenants]
+        batch.held += [(key, tenant) for _, key, tenant, _ in batch.behind]
+        for key, tenant in batch.held:
+            held = self._pending.setdefault(key, {})
+            held[tenant] = held.get(tenant, 0) + 1
         task = self._tail = asyncio.ensure_future(self._settle(batch, futs, self._tail, settled))
         task.add_done_callback(self._settled)
         return task
@@ -470,24 +486,31 @@ class Router:
     ) -> _Batch:
         """The CPU half of a batch: duplicates dropped, each event routed or dead-lettered, marks decided."""
         batch = _Batch(events, taken, holes)
-        marks, home, legacy = batch.marks, batch.home, batch.legacy
+        marks, home, legacy, lookups = batch.marks, batch.home, batch.legacy, batch.known
 
-        def seen(event_id: bytes, tenant: str, partition: int, type_label: str) -> bool:
+        def seen(event: Event, event_id: bytes, tenant: str, partition: int, type_label: str) -> bool:
             """True for a duplicate (counted); else the id is marked (until the batch settles)."""
             tkey = table_key(event_id)
-            known = marks.get(tkey)
+            known = lookups.get(tkey)
             if known is None:
-                known = marks[tkey] = self._lookup(tkey, legacy)
+                known = lookups[tkey] = self._lookup(tkey, legacy)
                 home[tkey] = partition
+                if 0 in known.values():
+                    batch.recheck.add(tkey)
             if tenant in known:
                 batch.duplicates[type_label] = batch.duplicates.get(type_label, 0) + 1
+                if not known[tenant]:  # the copy it repeats is not acknowledged yet
+                    batch.behind.append((event, tkey, tenant, type_label))
                 return True
             known[tenant] = 0
+            marks.setdefault(tkey, set()).add(tenant)
             return False
 
         def unmark(event_id: bytes, tenant: str) -> None:
             """A record that was not routed is not seen: the next delivery of its id may be the good one."""
-            marks[table_key(event_id)].pop(tenant, None)
+            tkey = table_key(event_id)
+            lookups[tkey].pop(tenant, None)
+            marks[tkey].discard(tenant)
 
         for event in events:
             msg = event.message
@@ -502,26 +525,14 @@ class Router:
             except MalformedEvent as exc:
                 batch.dead.append(_dead(event, "route", exc.reason, exc.detail))
                 continue
-            if key_id is not None and seen(key, tenant, msg.partition, type_label):
+            if key_id is not None and seen(event, key, tenant, msg.partition, type_label):
                 continue
             try:
-                routed = r.route(
-                    key or None,
-                    msg.value or b"",
-                    headers,
-                    topics=self.topics,
-                    id_source=self.s.event_id_source,
-                    default_tenant=self.s.default_tenant,
-                    record_timestamp_ms=int((msg.timestamp or time.time()) * 1000),
-                )
+                routed = self._route_one(event, headers)
             except Exception as exc:  # anything raised for one record is that record's failure
                 if key_id is not None:
                     unmark(key, tenant)
-                if isinstance(exc, MalformedEvent):
-                    batch.dead.append(_dead(event, "route", exc.reason, exc.detail))
-                else:
-                    log.warning("route failed for one record", extra={"error": type(exc).__name__})
-                    batch.dead.append(_dead(event, "route", type(exc).__name__, str(exc)))
+                batch.dead.append(_route_failure(event, exc))
             else:
                 if key_id is None:
                     # No key (not the ingress's record): drop repeats of the id the body gives.
@@ -536,13 +547,23 @@ class Router:
                         # sweep does not expire it (a mark kept for good), the price of a foreign producer's
                         # keyless records with several workers.
                         home_partition = msg.partition
-                    if seen(derived, tenant, home_partition, type_label):
+                    if seen(event, derived, tenant, home_partition, type_label):
                         continue
                     batch.derived[(msg.topic, msg.partition, msg.offset)] = derived
-                batch.out.append((routed.topic, routed.key, routed.value, list(headers.items())))
-                batch.routed.append(event)
-                batch.types.append(routed.event.type.value if routed.event else EventType.UNROUTED.value)
+                _add_routed(batch, event, routed, headers)
         return batch
+
+    def _route_one(self, event: Event, headers: dict[str, bytes]) -> r.Routed:
+        msg = event.message
+        return r.route(
+            msg.key or None,
+            msg.value or b"",
+            headers,
+            topics=self.topics,
+            id_source=self.s.event_id_source,
+            default_tenant=self.s.default_tenant,
+            record_timestamp_ms=int((msg.timestamp or time.time()) * 1000),
+        )
 
     async def _settle(
         self,
@@ -566,24 +587,21 @@ class Router:
                 await previous  # marks and acks in batch order; its failure is this batch's too
             if refused:
                 self._unmark(batch, refused)
+            if batch.behind:
+                late = await self._route_behind(batch)
+                await send_dead_letters(
+                    self.producer,
+                    self.topics.dlq,
+                    late,
+                    initial=self.s.retry_initial_s,
+                    cap=self.s.retry_max_s,
+                    should_stop=self._stopping,
+                )
             # Only now, with every routed record and dead letter acknowledged, is the event marked seen.
-            # Whole seconds: ids marked within the same second share one stored value (store.py).
-            now_ms = int(time.time()) * 1000
-            changes: dict[bytes, bytes | None] = {
-                key: encode_seen({t: ms or now_ms for t, ms in tenants.items()})
-                for key, tenants in batch.marks.items()
-                if tenants  # none: every record of that id was dead-lettered, and nothing is to be kept
-            }
-            home = batch.home
-            for key, old in batch.legacy.items():
-                # Its tenants now live under the compact key: one entry per id, and the hex one's tombstone
-                # keeps it from coming back at the next restore.
-                changes[old] = None
-                home[old] = home[key]
-            await self._write(changes, home)
+            await self._write(*self._changes(batch))
             _count_settled(batch, refused)
         finally:
-            self._forget_pending(batch.marks)
+            self._forget_pending(batch.held)
         await self._release_holes(batch.holes)
         if settled is not None:
             await settled(batch.taken)
@@ -607,8 +625,9 @@ class Router:
 
     def _unmark(self, batch: _Batch, refused: Sequence[DeadLetter]) -> None:
         """Records the broker refused for what they are were dead-lettered, not routed: their ids are not
-        marked seen, as with every record the router dead-letters, so a corrected delivery goes through (it
-        was dropped as a duplicate). A batch routes each (id, tenant) once, so nothing else marked it."""
+        marked seen, as with every record the router dead-letters, so a corrected delivery goes through (a
+        copy dropped behind one of them is routed in its place, `_route_behind`). A batch routes each (id,
+        tenant) once, so nothing else of it marked them."""
         lost = {d.origin for d in refused}
         for (_, _, _, headers), event in zip(batch.out, batch.routed, strict=True):
             msg = event.message
@@ -617,23 +636,93 @@ class Router:
                 continue
             tkey = table_key(msg.key or batch.derived[origin])  # the id it was marked under
             tenant = dict(headers).get(r.H_TENANT, b"").decode(errors="replace") or self.s.default_tenant
-            batch.marks.get(tkey, {}).pop(tenant, None)
-            pending = self._pending.get(tkey)
-            if pending is not None:
-                pending.pop(tenant, None)
-                if not pending:
-                    del self._pending[tkey]
+            batch.marks.get(tkey, set()).discard(tenant)
 
-    def _forget_pending(self, marks: dict[bytes, dict[str, int]]) -> None:
+    async def _route_behind(self, batch: _Batch) -> list[DeadLetter]:
+        """Route the copies dropped behind a copy of their id that was then not routed (the broker refused
+        it, in this batch or one before); returns what fails of them, to dead-letter.
+
+        A copy was dropped as soon as the one before it was routed, before the broker answered for that one.
+        Every batch before this one has settled now, so the store says which of those copies stand. For an
+        id that is not marked, the first copy behind is routed; if it fails too, the next one."""
+        waiting: dict[tuple[bytes, str], list[tuple[Event, str]]] = {}
+        stored: dict[bytes, dict[str, int]] = {}
+        for event, tkey, tenant, type_label in batch.behind:
+            if tkey not in stored:
+                stored[tkey] = decode_seen(self.seen.data.get(tkey))
+            if tenant not in batch.marks.get(tkey, ()) and tenant not in stored[tkey]:
+                waiting.setdefault((tkey, tenant), []).append((event, type_label))
+        if waiting:
+            log.warning(
+                "%d event id(s) not routed (the broker refused the copy routed first): routing a copy that "
+                "was dropped behind it",
+                len(waiting),
+            )
+        dead: list[DeadLetter] = []
+        while waiting:
+            tried: list[tuple[tuple[bytes, str], Event, r.Routed, dict[str, bytes]]] = []
+            for mark, copies in list(waiting.items()):
+                event, type_label = copies.pop(0)
+                if not copies:
+                    del waiting[mark]
+                batch.duplicates[type_label] -= 1  # not a duplicate after all: routed or dead-lettered
+                headers = _headers(event)
+                try:
+                    tried.append((mark, event, self._route_one(event, headers), headers))
+                except Exception as exc:  # that record's failure; the next copy, if any, is tried
+                    dead.append(_route_failure(event, exc))
+            out = [(rt.topic, rt.key, rt.value, list(h.items())) for _, _, rt, h in tried]
+            events = [event for _, event, _, _ in tried]
+            refused = await self._send_each(out, events, self._produce(out))
+            lost = {d.origin for d in refused}
+            dead += refused
+            for (tkey, tenant), event, routed, headers in tried:
+                msg = event.message
+                if (msg.topic, msg.partition, msg.offset) not in lost:
+                    waiting.pop((tkey, tenant), None)
+                    batch.marks.setdefault(tkey, set()).add(tenant)
+                    _add_routed(batch, event, routed, headers)
+        return dead
+
+    def _changes(self, batch: _Batch) -> tuple[dict[bytes, bytes | None], dict[bytes, int]]:
+        """The table changes a settled batch writes: for each id it routed, the tenants the store holds and
+        its own. Where a batch in flight held the id when it was looked up, the store is read again: every
+        batch before has settled, what they routed is there and what the broker refused them is not (the
+        value as looked up kept a refused copy marked for good)."""
+        # Whole seconds: ids marked within the same second share one stored value (store.py).
+        now_ms = int(time.time()) * 1000
+        changes: dict[bytes, bytes | None] = {}
+        home = batch.home
+        for key in batch.marks.keys() | batch.legacy.keys():  # legacy: moved even when only a duplicate
+            tenants, old = batch.marks.get(key, set()), batch.legacy.get(key)
+            if not tenants and old is None:
+                continue  # every record of that id was dead-lettered, and nothing is to be kept
+            if key in batch.recheck:
+                value = self.seen.data.get(key)
+                stored = decode_seen(value if value is not None or old is None else self.seen.data.get(old))
+            else:
+                stored = {tenant: ms for tenant, ms in batch.known[key].items() if ms}
+            stored.update((tenant, now_ms) for tenant in tenants if tenant not in stored)
+            if stored:
+                changes[key] = encode_seen(stored)
+            if old is not None and key in changes:
+                # Its tenants now live under the compact key: one entry per id, and the hex one's tombstone
+                # keeps it from coming back at the next restore.
+                changes[old] = None
+                home[old] = home[key]
+        return changes, home
+
+    def _forget_pending(self, held: Sequence[tuple[bytes, str]]) -> None:
         """A settled batch's marks are in the store now (or, if it failed, will be routed again)."""
-        for key, tenants in marks.items():
+        for key, tenant in held:
             pending = self._pending.get(key)
-            if pending is None:
+            if pending is None or tenant not in pending:
                 continue
-            for tenant in tenants:
-                pending.pop(tenant, None)
-            if not pending:
-                del self._pending[key]
+            pending[tenant] -= 1
+            if not pending[tenant]:
+                del pending[tenant]
+                if not pending:
+                    del self._pending[key]
 
     def _advance(self, events: Sequence[Event]) -> None:
         self._rewinds = 0
@@ -953,7 +1042,21 @@ def _count_settled(batch: _Batch, refused: Sequence[DeadLetter]) -> None:
     for type_label, n in routed.items():
         m.EVENTS_ROUTED.labels(type_label).inc(n)
     for type_label, n in batch.duplicates.items():
-        m.DUPLICATES_DROPPED.labels(type_label).inc(n)
+        if n:
+            m.DUPLICATES_DROPPED.labels(type_label).inc(n)
+
+
+def _add_routed(batch: _Batch, event: Event, routed: r.Routed, headers: dict[str, bytes]) -> None:
+    batch.out.append((routed.topic, routed.key, routed.value, list(headers.items())))
+    batch.routed.append(event)
+    batch.types.append(routed.event.type.value if routed.event else EventType.UNROUTED.value)
+
+
+def _route_failure(event: Event, exc: Exception) -> DeadLetter:
+    if isinstance(exc, MalformedEvent):
+        return _dead(event, "route", exc.reason, exc.detail)
+    log.warning("route failed for one record", extra={"error": type(exc).__name__})
+    return _dead(event, "route", type(exc).__name__, str(exc))
 
 
 def _dead(event: Event, stage: str, error_class: str, message: str) -> DeadLetter:

@@ -244,12 +244,11 @@ def test_a_lag_check_that_meets_a_rebalance_does_not_end_the_worker(settings: Se
     assert asked, "the check never asked the consumer's position: the test tests nothing"
 
 
-def test_a_record_the_broker_refuses_is_not_marked_seen(settings: Settings) -> None:
-    """A routed record the broker refuses for what it is (larger than its topic takes) is dead-lettered;
-    its id was marked seen all the same, so the corrected delivery under that id was dropped as a
-    duplicate (README: an event the router dead-letters is not marked)."""
-    topics = Topics(settings.topic_prefix)
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+def _refused_and_fixed(s: Settings) -> tuple[Any, Any]:
+    """An inbound message too large for its routed topic (lowered to 2,000 bytes) and the corrected
+    delivery under the same id, as raw records (key, value, headers)."""
+    topics = Topics(s.topic_prefix)
+    admin = AdminClient({"bootstrap.servers": s.kafka_bootstrap})
     small = ConfigResource(
         ResourceType.TOPIC,
         topics.message_inbound,
@@ -264,7 +263,27 @@ def test_a_record_the_broker_refuses_is_not_marked_seen(settings: Settings) -> N
     fixed = orjson.dumps(doc)  # the corrected delivery: same id, a body the topic takes
     doc["payload"]["text"] = base64.b64encode(os.urandom(8000)).decode()  # compressed, still too large
     key, value, headers = _raw(orjson.dumps(doc), "w-big")
-    events = _write_raw(settings, [(key, value, headers), (key, fixed, headers)])
+    return (key, value, headers), (key, fixed, headers)
+
+
+def _outcome(s: Settings, router: Any, key: bytes, dead: int, routed: int) -> tuple[list[bytes], int, bool]:
+    """What came of the copies: the dead letters' stages, the routed records, whether the id is marked."""
+    topics = Topics(s.topic_prefix)
+    letters = read_topic(s.kafka_bootstrap, topics.dlq, at_least=dead, timeout=30)
+    out = read_topic(s.kafka_bootstrap, topics.message_inbound, at_least=routed, timeout=30)
+    return (
+        [rec.headers[r.H_DLQ_STAGE] for rec in letters],
+        len(out),
+        "acme" in router._lookup(table_key(key), {}),
+    )
+
+
+def test_a_record_the_broker_refuses_is_not_marked_seen(settings: Settings) -> None:
+    """A routed record the broker refuses for what it is (larger than its topic takes) is dead-lettered;
+    its id was marked seen all the same, so the corrected delivery under that id was dropped as a
+    duplicate (README: an event the router dead-letters is not marked)."""
+    big, fixed = _refused_and_fixed(settings)
+    events = _write_raw(settings, [big, fixed])
     router = _router(settings)
     acked: list[int] = []
 
@@ -272,17 +291,97 @@ def test_a_record_the_broker_refuses_is_not_marked_seen(settings: Settings) -> N
         await router.producer.start()
         try:
             await (await router.dispatch(events[:1], _ack(router, acked)))
-            assert router._lookup(table_key(key), {}) == {}
+            assert router._lookup(table_key(big[0]), {}) == {}
             await (await router.dispatch(events[1:], _ack(router, acked)))
         finally:
             await router.producer.close()
 
     asyncio.run(go())
-    dead = read_topic(settings.kafka_bootstrap, topics.dlq, at_least=1, timeout=30)
-    assert [rec.headers[r.H_DLQ_STAGE] for rec in dead] == [b"route"]
-    routed = read_topic(settings.kafka_bootstrap, topics.message_inbound, at_least=1, timeout=30)
-    assert len(routed) == 1
-    assert "acme" in router._lookup(table_key(key), {})
+    assert _outcome(settings, router, big[0], dead=1, routed=1) == ([b"route"], 1, True)
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["same batch", "a batch behind"])
+def test_a_copy_dropped_behind_a_copy_the_broker_refuses_is_routed_in_its_place(
+    settings: Settings, pipelined: bool
+) -> None:
+    """The second copy of an id was dropped as a duplicate as soon as the first was routed, before the
+    broker had answered for it. When the broker then refused the first, the second (here the corrected
+    delivery) was acked and gone: in the same batch, dropped; in a batch behind (pipelined), dropped and its
+    batch wrote the id's mark, so a redrive of the dead letter was dropped as well."""
+    big, fixed = _refused_and_fixed(settings)
+    events = _write_raw(settings, [big, fixed])
+    router = _router(settings)
+    acked: list[int] = []
+
+    async def go() -> None:
+        await router.producer.start()
+        try:
+            if pipelined:
+                first = await router.dispatch(events[:1], _ack(router, acked))
+                await asyncio.gather(first, await router.dispatch(events[1:], _ack(router, acked)))
+            else:
+                await (await router.dispatch(events, _ack(router, acked)))
+        finally:
+            await router.producer.close()
+
+    asyncio.run(go())
+    assert sorted(acked) == [e.offset for e in events]
+    assert _outcome(settings, router, big[0], dead=1, routed=1) == ([b"route"], 1, True)
+
+
+def test_copies_the_broker_all_refuse_are_each_dead_lettered_and_leave_the_id_unmarked(
+    settings: Settings,
+) -> None:
+    """Three copies in three batches in flight, each too large: each is dead-lettered in turn, none is
+    dropped as a duplicate of a copy that was not routed, and the id stays unmarked (a redrive goes
+    through)."""
+    big, _ = _refused_and_fixed(settings)
+    events = _write_raw(settings, [big, big, big])
+    router = _router(settings)
+    acked: list[int] = []
+
+    async def go() -> None:
+        await router.producer.start()
+        try:
+            tasks = [await router.dispatch([e], _ack(router, acked)) for e in events]
+            await asyncio.gather(*tasks)
+        finally:
+            await router.producer.close()
+
+    asyncio.run(go())
+    assert sorted(acked) == [e.offset for e in events]
+    assert _outcome(settings, router, big[0], dead=3, routed=0) == ([b"route"] * 3, 0, False)
+
+
+def test_a_copy_routed_in_place_of_a_refused_one_holds_off_the_copies_after_it(settings: Settings) -> None:
+    """A batch dispatched after the refused copy's batch settled, but before the batch holding the copy
+    dropped behind it has, must still see the id as taken: that copy is about to be routed, and a third
+    copy routed as well would be the event twice."""
+    big, fixed = _refused_and_fixed(settings)
+    events = _write_raw(settings, [big, fixed, fixed])
+    router = _router(settings)
+    acked: list[int] = []
+    third: list[Any] = []
+
+    async def go() -> None:
+        await router.producer.start()
+        try:
+            ack = _ack(router, acked)
+
+            async def settled_first(batch: Any) -> None:
+                await ack(batch)
+                third.append(await router.dispatch(events[2:], ack))  # the second batch has not settled
+
+            first = await router.dispatch(events[:1], settled_first)
+            second = await router.dispatch(events[1:2], ack)
+            await asyncio.gather(first, second)
+            await third[0]
+        finally:
+            await router.producer.close()
+
+    asyncio.run(go())
+    assert sorted(acked) == [e.offset for e in events]
+    assert _outcome(settings, router, big[0], dead=1, routed=1) == ([b"route"], 1, True)
 
 
 def test_a_keyless_record_is_marked_where_the_store_and_the_sweep_look_for_it(settings: Settings) -> None:
