@@ -550,7 +550,7 @@ class Router:
                     if seen(event, derived, tenant, home_partition, type_label):
                         continue
                     batch.derived[(msg.topic, msg.partition, msg.offset)] = derived
-                _add_routed(batch, event, routed, headers)
+                _add_routed(batch, event, _record(routed, headers), routed)
         return batch
 
     def _route_one(self, event: Event, headers: dict[str, bytes]) -> r.Routed:
@@ -588,7 +588,7 @@ class Router:
             if refused:
                 self._unmark(batch, refused)
             if batch.behind:
-                late = await self._route_behind(batch)
+                late = await self._route_behind(batch, refused)
                 await send_dead_letters(
                     self.producer,
                     self.topics.dlq,
@@ -638,16 +638,28 @@ class Router:
             tenant = dict(headers).get(r.H_TENANT, b"").decode(errors="replace") or self.s.default_tenant
             batch.marks.get(tkey, set()).discard(tenant)
 
-    async def _route_behind(self, batch: _Batch) -> list[DeadLetter]:
+    async def _route_behind(self, batch: _Batch, refused: Sequence[DeadLetter]) -> list[DeadLetter]:
         """Route the copies dropped behind a copy of their id that was then not routed (the broker refused
         it, in this batch or one before); returns what fails of them, to dead-letter.
 
         A copy was dropped as soon as the one before it was routed, before the broker answered for that one.
         Every batch before this one has settled now, so the store says which of those copies stand. For an
-        id that is not marked, the first copy behind is routed; if it fails too, the next one."""
+        id that is not marked, the first copy behind is routed; if it fails too, the next one. A copy that
+        routes to a record the broker already refused as it is gets that refusal without a second try: a
+        burst of identical copies costs one round trip, not one each."""
+        why = {d.origin: d for d in refused}
+        rejected: dict[tuple[str, bytes, bytes], DeadLetter] = {}  # a routed record refused -> its letter
+        for (topic, key, value, _), event in zip(batch.out, batch.routed, strict=True):
+            letter = why.get(_origin(event))
+            if letter is not None:
+                rejected[(topic, key, value)] = letter
         waiting: dict[tuple[bytes, str], list[tuple[Event, str]]] = {}
         stored: dict[bytes, dict[str, int]] = {}
+        origins = set(why)
         for event, tkey, tenant, type_label in batch.behind:
+            if _origin(event) in origins:
+                continue  # the same record delivered twice: it stays dropped, the letter is its outcome
+            origins.add(_origin(event))
             if tkey not in stored:
                 stored[tkey] = decode_seen(self.seen.data.get(tkey))
             if tenant not in batch.marks.get(tkey, ()) and tenant not in stored[tkey]:
@@ -660,28 +672,38 @@ class Router:
             )
         dead: list[DeadLetter] = []
         while waiting:
-            tried: list[tuple[tuple[bytes, str], Event, r.Routed, dict[str, bytes]]] = []
+            tried: list[tuple[tuple[bytes, str], Event, Record, r.Routed]] = []
             for mark, copies in list(waiting.items()):
-                event, type_label = copies.pop(0)
+                while copies:
+                    event, type_label = copies.pop(0)
+                    batch.duplicates[type_label] -= 1  # not a duplicate after all: routed or dead-lettered
+                    headers = _headers(event)
+                    try:
+                        routed = self._route_one(event, headers)
+                    except Exception as exc:  # that record's failure; the next copy, if any, is tried
+                        dead.append(_route_failure(event, exc))
+                        continue
+                    record = _record(routed, headers)
+                    earlier = rejected.get(record[:3])
+                    if earlier is not None:
+                        dead.append(_dead(event, "route", earlier.error_class, earlier.message))
+                        continue
+                    tried.append((mark, event, record, routed))
+                    break
                 if not copies:
                     del waiting[mark]
-                batch.duplicates[type_label] -= 1  # not a duplicate after all: routed or dead-lettered
-                headers = _headers(event)
-                try:
-                    tried.append((mark, event, self._route_one(event, headers), headers))
-                except Exception as exc:  # that record's failure; the next copy, if any, is tried
-                    dead.append(_route_failure(event, exc))
-            out = [(rt.topic, rt.key, rt.value, list(h.items())) for _, _, rt, h in tried]
-            events = [event for _, event, _, _ in tried]
-            refused = await self._send_each(out, events, self._produce(out))
-            lost = {d.origin for d in refused}
-            dead += refused
-            for (tkey, tenant), event, routed, headers in tried:
-                msg = event.message
-                if (msg.topic, msg.partition, msg.offset) not in lost:
-                    waiting.pop((tkey, tenant), None)
-                    batch.marks.setdefault(tkey, set()).add(tenant)
-                    _add_routed(batch, event, routed, headers)
+            records = [record for _, _, record, _ in tried]
+            late = await self._send_each(records, [event for _, event, _, _ in tried], self._produce(records))
+            why = {d.origin: d for d in late}
+            dead += late
+            for (tkey, tenant), event, record, routed in tried:
+                letter = why.get(_origin(event))
+                if letter is not None:
+                    rejected[record[:3]] = letter
+                    continue
+                waiting.pop((tkey, tenant), None)
+                batch.marks.setdefault(tkey, set()).add(tenant)
+                _add_routed(batch, event, record, routed)
         return dead
 
     def _changes(self, batch: _Batch) -> tuple[dict[bytes, bytes | None], dict[bytes, int]]:
@@ -705,9 +727,9 @@ class Router:
             stored.update((tenant, now_ms) for tenant in tenants if tenant not in stored)
             if stored:
                 changes[key] = encode_seen(stored)
-            if old is not None and key in changes:
+            if old is not None:
                 # Its tenants now live under the compact key: one entry per id, and the hex one's tombstone
-                # keeps it from coming back at the next restore.
+                # keeps it from coming back at the next restore (an unreadable one is none, and goes too).
                 changes[old] = None
                 home[old] = home[key]
         return changes, home
@@ -1046,8 +1068,17 @@ def _count_settled(batch: _Batch, refused: Sequence[DeadLetter]) -> None:
             m.DUPLICATES_DROPPED.labels(type_label).inc(n)
 
 
-def _add_routed(batch: _Batch, event: Event, routed: r.Routed, headers: dict[str, bytes]) -> None:
-    batch.out.append((routed.topic, routed.key, routed.value, list(headers.items())))
+def _origin(event: Event) -> tuple[str, int, int]:
+    msg = event.message
+    return (msg.topic, msg.partition, msg.offset)
+
+
+def _record(routed: r.Routed, headers: dict[str, bytes]) -> Record:
+    return (routed.topic, routed.key, routed.value, list(headers.items()))
+
+
+def _add_routed(batch: _Batch, event: Event, record: Record, routed: r.Routed) -> None:
+    batch.out.append(record)
     batch.routed.append(event)
     batch.types.append(routed.event.type.value if routed.event else EventType.UNROUTED.value)
 

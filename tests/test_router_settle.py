@@ -268,6 +268,7 @@ def _refused_and_fixed(s: Settings) -> tuple[Any, Any]:
 
 def _outcome(s: Settings, router: Any, key: bytes, dead: int, routed: int) -> tuple[list[bytes], int, bool]:
     """What came of the copies: the dead letters' stages, the routed records, whether the id is marked."""
+    assert router._pending == {}  # every batch settled: none holds an id any more
     topics = Topics(s.topic_prefix)
     letters = read_topic(s.kafka_bootstrap, topics.dlq, at_least=dead, timeout=30)
     out = read_topic(s.kafka_bootstrap, topics.message_inbound, at_least=routed, timeout=30)
@@ -327,6 +328,63 @@ def test_a_copy_dropped_behind_a_copy_the_broker_refuses_is_routed_in_its_place(
     asyncio.run(go())
     assert sorted(acked) == [e.offset for e in events]
     assert _outcome(settings, router, big[0], dead=1, routed=1) == ([b"route"], 1, True)
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["same batch", "a batch behind"])
+def test_a_copy_dropped_behind_a_copy_the_broker_takes_stays_dropped(
+    settings: Settings, pipelined: bool
+) -> None:
+    """The control: the first copy routed, the one behind it (too large, as it happens) is a duplicate."""
+    big, fixed = _refused_and_fixed(settings)
+    events = _write_raw(settings, [fixed, big])
+    router = _router(settings)
+    acked: list[int] = []
+
+    async def go() -> None:
+        await router.producer.start()
+        try:
+            if pipelined:
+                first = await router.dispatch(events[:1], _ack(router, acked))
+                await asyncio.gather(first, await router.dispatch(events[1:], _ack(router, acked)))
+            else:
+                await (await router.dispatch(events, _ack(router, acked)))
+        finally:
+            await router.producer.close()
+
+    asyncio.run(go())
+    assert sorted(acked) == [e.offset for e in events]
+    assert _outcome(settings, router, big[0], dead=0, routed=1) == ([], 1, True)
+
+
+def test_copies_behind_a_refused_copy_are_tried_in_turn_and_a_refused_record_is_not_produced_again(
+    settings: Settings,
+) -> None:
+    """In one batch: the first copy refused by the broker; behind it a copy that does not parse, an
+    identical copy of the refused one, the corrected delivery and a copy of that. Each is decided in turn:
+    the broken one and the identical one dead-lettered (the identical one with the broker's refusal, not
+    produced again), the corrected one routed, the last one a duplicate of it."""
+    big, fixed = _refused_and_fixed(settings)
+    broken = (big[0], b'{"id": "evt-big", "type":', big[2])
+    events = _write_raw(settings, [big, broken, big, fixed, fixed])
+    router = _router(settings)
+    produced: list[str] = []
+    produce = router.producer.produce_or_fail
+
+    def counting(topic: str, *args: Any, **kwargs: Any) -> Any:
+        produced.append(topic)
+        return produce(topic, *args, **kwargs)
+
+    router.producer.produce_or_fail = counting
+    acked: list[int] = []
+    _settle_one(router, events, acked)
+    topics = Topics(settings.topic_prefix)
+    assert sorted(acked) == [e.offset for e in events]
+    assert _outcome(settings, router, big[0], dead=3, routed=1) == ([b"route"] * 3, 1, True)
+    letters = read_topic(settings.kafka_bootstrap, topics.dlq, at_least=3, timeout=30)
+    origin = {int(rec.headers[r.H_DLQ_OFFSET]): rec.headers[r.H_DLQ_ERROR_CLASS] for rec in letters}
+    assert origin[events[1].offset] != origin[events[0].offset]  # its own failure: it does not parse
+    assert origin[events[2].offset] == origin[events[0].offset]  # the broker's refusal of its twin
+    assert produced.count(topics.message_inbound) == 2  # the refused copy and the corrected one
 
 
 def test_copies_the_broker_all_refuse_are_each_dead_lettered_and_leave_the_id_unmarked(
