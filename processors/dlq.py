@@ -25,10 +25,10 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import orjson
-from confluent_kafka import KafkaError, Message
+from confluent_kafka import KafkaError, KafkaException, Message
 
 from sentpipe.broker import ProduceRejected
-from sentpipe.kafka import Producer, message_headers
+from sentpipe.kafka import BrokerUnavailable, Producer, message_headers
 from sentpipe.processors.group_lock import GroupLock, LockBusy
 from sentpipe.processors.offsets import (
     MAX_OFFSET,
@@ -453,7 +453,8 @@ def _redrive(
 ) -> RunResult:
     topics = Topics(settings.topic_prefix)
     result = RunResult(new_run_id(), dry_run)
-    lost = False
+    lost = unconfirmed = False
+    gone: Exception | None = None
     done = total = 0
     with Log(settings, timeout) as kafka, interruptible(REDRIVE_AT_ONCE, stop_event) as stop:
         if not dry_run and topics.dlq_redriven not in kafka.topics:
@@ -513,6 +514,8 @@ def _redrive(
                         if stop.is_set():
                             break
                 cut_short = stop.is_set() or lost
+            except (BrokerUnavailable, KafkaException) as exc:
+                gone = exc  # the broker gone mid-pass: the pass ends saying how far it got, as a Ctrl-C does
             finally:
                 # Whatever ended the pass, what the broker took is recorded: an error out of the loop left
                 # the sends made so far out of the ledger, to be sent again by every later pass.
@@ -523,9 +526,15 @@ def _redrive(
                             f"confirm {sender.pending} record(s) it was sent",
                             extra={"redrive_id": result.run_id},
                         )
-                    sender.flush()
+                    try:
+                        sender.flush()
+                    except BrokerUnavailable as exc:
+                        gone, unconfirmed = gone or exc, True
                     _write_ledger(sender, topics, acknowledged, result)  # what the flush acknowledged
-                    sender.flush()
+                    try:
+                        sender.flush()
+                    except BrokerUnavailable as exc:
+                        gone, unconfirmed = gone or exc, True
         finally:
             if lock is not None:
                 lock.release()
@@ -538,7 +547,17 @@ def _redrive(
                 "reasons": dict((result.failures + result.kept).most_common(10)),
             },
         )
-    log_run("redrive", result, interrupted=stop.is_set())
+    log_run("redrive", result, interrupted=stop.is_set() or gone is not None)
+    if gone is not None:
+        ledger = (
+            "records Kafka did not confirm may be sent again by the next redrive"
+            if unconfirmed
+            else _in_the_ledger(result)
+        )
+        raise OpsError(
+            f"{gone}; redrive {result.run_id} stopped after {done} of {total} records ({result.produced} "
+            f"redriven, {result.failed} failed); {ledger}, and running it again goes on with the rest"
+        )
     if lost:
         why = "the broker took this process for dead"
         if lock is not None and lock.paused_s:
@@ -575,11 +594,15 @@ def redrive_failed(result: RunResult, sel: DlqSelection) -> str | None:
     return redrive_failures(result)
 
 
+TOO_LARGE = "delivery:MSG_SIZE_TOO_LARGE"  # a topic's max.message.bytes below the record
+
+
 def redrive_failures(result: RunResult) -> str:
     """The closing line of a redrive that failed, by what the operator does next."""
-    kafka = sum(n for reason, n in result.failures.items() if reason.startswith("delivery:"))
+    too_large = result.failures[TOO_LARGE]
+    kafka = sum(n for reason, n in result.failures.items() if reason.startswith("delivery:")) - too_large
     ledger = sum(n for reason, n in result.failures.items() if reason.startswith("ledger:"))
-    again = result.failed - kafka - ledger
+    again = result.failed - kafka - too_large - ledger
     parts = []
     if result.kept:
         parts.append(
@@ -591,6 +614,12 @@ def redrive_failures(result: RunResult) -> str:
         parts.append(f"{again} record(s) failed again; they are back in the DLQ (or left there)")
     if kafka:
         parts.append(f"{kafka} record(s) Kafka did not take (is it reachable?): run the redrive again")
+    if too_large:
+        # Not a broker away: running it again alone meets the same refusal.
+        parts.append(
+            f"{too_large} record(s) larger than their topic's max.message.bytes: left in the DLQ; raise the"
+            " limit (`sentpipe topics ensure` sets it from the settings) and run the redrive again"
+        )
     if ledger:
         parts.append(
             f"{ledger} record(s) sent but not recorded in the ledger: the next redrive sends them again"

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Literal
 
-from confluent_kafka import KafkaError, Message, murmur2
+from confluent_kafka import KafkaError, KafkaException, Message, murmur2
 
 from sentpipe.broker import ProduceRejected
-from sentpipe.kafka import Producer, message_headers
+from sentpipe.kafka import BrokerUnavailable, Producer, message_headers
 from sentpipe.processors.offsets import Log, OpsError, Range, Window, capped, timestamp_ms
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import EventType, MalformedEvent
@@ -225,15 +225,27 @@ def _replay(
             first = sorted(key_partitions(flt.event_ids, n))
         run = _Replay(settings, topics, window, flt, None if dry_run else ops_producer(settings), progress)
         run.stop = stop
-        run.read(kafka, capped(kafka.ranges(topics.raw, window, first), upto))
-        if first is not None and not flt.event_ids <= run.seen_ids and not stop.is_set():
-            others = [p for p in range(n) if p not in first]
-            run.read(kafka, capped(kafka.ranges(topics.raw, window, others), upto))
-            first = None
-        run.finish()
+        # The broker gone mid-run: what was sent is still waited for, and the run ends saying how far it
+        # got and where to go on, as a Ctrl-C does (it ended with the read's error alone, and the records
+        # in the producer's queue were dropped unreported).
+        gone: Exception | None = None
+        try:
+            run.read(kafka, capped(kafka.ranges(topics.raw, window, first), upto))
+            if first is not None and not flt.event_ids <= run.seen_ids and not stop.is_set():
+                others = [p for p in range(n) if p not in first]
+                run.read(kafka, capped(kafka.ranges(topics.raw, window, others), upto))
+                first = None
+        except (BrokerUnavailable, KafkaException) as exc:
+            gone = exc
+        try:
+            run.finish(stopping=gone is not None)
+        except BrokerUnavailable as exc:
+            gone = gone or exc
     result = run.result
     result.missing_ids = sorted(flt.event_ids - run.seen_ids)
-    log_run("replay", result, interrupted=stop.is_set())
+    log_run("replay", result, interrupted=stop.is_set() or gone is not None)
+    if gone is not None:
+        raise OpsError(f"{gone}; {run.interrupted(resumable=first is None)}")
     if stop.is_set():
         raise OpsError(run.interrupted(resumable=first is None))
     return result
@@ -291,6 +303,7 @@ class _Replay:
         self.next: dict[int, int] = {}  # partition -> the offset after the last record handled
         # partition -> its first record whose send failed: a resume starts there, not past it
         self.undelivered: dict[int, int] = {}
+        self.unreported: set[tuple[int, int]] = set()  # sent, no delivery report yet: (partition, offset)
 
     def read(self, kafka: Log, ranges: Sequence[Range]) -> None:
         self.total += sum(x.size for x in ranges)
@@ -384,6 +397,7 @@ class _Replay:
         else:
             rt = d.routed
             where = (msg.partition() or 0, msg.offset() or 0)
+            self.unreported.add(where)
             try:
                 self.sender.send(
                     rt.topic,
@@ -395,11 +409,13 @@ class _Replay:
             except ProduceRejected as exc:
                 # Refused before it left (larger than the producer takes, say): this record's failure;
                 # the records after it are replayed.
+                self.unreported.discard(where)
                 res.failed += 1
                 res.failures[f"produce:{exc.reason}"] += 1
                 self._undelivered(where)
 
     def _delivered(self, where: tuple[int, int], selected: tuple[str, str], err: KafkaError | None) -> None:
+        self.unreported.discard(where)
         if err is None:
             self.result.produced += 1
             self.result.selected[selected] += 1  # what Kafka took, not what was handed to the producer
@@ -413,15 +429,19 @@ class _Replay:
         self.undelivered[partition] = min(offset, self.undelivered.get(partition, offset))
         self.result.undelivered[partition] = self.undelivered[partition]
 
-    def finish(self) -> None:
+    def finish(self, *, stopping: bool = False) -> None:
         if self.sender is not None:
-            if self.stop.is_set() and self.sender.pending:  # with the broker away, up to its timeout
+            if (stopping or self.stop.is_set()) and self.sender.pending:  # broker away: up to its timeout
                 log.warning(
                     f"replay stopping: waiting up to {self.sender.delivery_timeout_s:.0f}s for Kafka to "
                     f"confirm {self.sender.pending} record(s) it was sent",
                     extra={"replay_id": self.result.run_id},
                 )
-            self.sender.flush()
+            try:
+                self.sender.flush()
+            finally:
+                for where in sorted(self.unreported):  # their fate unknown: a resume sends them again
+                    self._undelivered(where)
 
 
 def ops_producer(settings: Settings) -> Producer:

@@ -45,6 +45,7 @@ from tests.pipeline import (
     wait_until,
 )
 from tests.processes import settings_env
+from tests.services import Services
 from tests.test_ingress_limits import padded_envelope
 from tests.test_ops_cli import sentpipe, sentpipe_interrupted
 
@@ -593,6 +594,18 @@ def test_a_second_signal_ends_a_redrive_at_once_with_one_line(settings: Settings
     assert res.stderr.strip().splitlines()[-1] == f"error: {dlq_ops.REDRIVE_AT_ONCE}", res.stderr
 
 
+def test_a_redrive_the_broker_refused_for_size_is_not_told_to_check_the_broker() -> None:
+    """A topic's max.message.bytes below a letter: "Kafka did not take (is it reachable?): run the redrive
+    again", which can never succeed as it is."""
+    result = RunResult("r", False, failed=3)
+    result.failures.update({dlq_ops.TOO_LARGE: 2, "delivery:_MSG_TIMED_OUT": 1})
+    assert dlq_ops.redrive_failures(result) == (
+        "1 record(s) Kafka did not take (is it reachable?): run the redrive again; 2 record(s) larger than"
+        " their topic's max.message.bytes: left in the DLQ; raise the limit (`sentpipe topics ensure` sets"
+        " it from the settings) and run the redrive again"
+    )
+
+
 def test_a_failed_redrive_s_closing_line_says_what_to_do_for_each_kind_of_failure() -> None:
     """With the broker gone mid-way every failure read "failed again; they are back in the DLQ": records
     Kafka never took and records sent but missing from the ledger were counted as still failing."""
@@ -750,3 +763,38 @@ def test_a_record_whose_header_name_is_not_utf8_does_not_stop_the_dlq_tools(
         consumer.close()
     by_offset = sorted(records, key=lambda rec: (rec.partition, rec.offset))
     assert [rec.headers for rec in by_offset] == [(("ok", b"1"),)] * 300 + [()]
+
+
+def test_a_redrive_the_broker_leaves_says_how_far_it_got(
+    services: Services, settings: Settings, topics: Topics
+) -> None:
+    """The broker gone while a redrive reads the DLQ: it ended with the read's error alone. Now it says how
+    far it got and what the ledger holds, and running it again after the broker is back takes the rest."""
+    if not services.kafka_local:
+        pytest.fail(
+            "this test stops the broker: run it with the local launcher (unset SENTPIPE_KAFKA_BOOTSTRAP)"
+        )
+    ids = _handler_dead_letters(settings, topics, 5)
+    stopped: list[int] = []
+
+    def broker_leaves(done: int, total: int) -> None:
+        if not stopped:  # the ledger read, the DLQ not yet
+            stopped.append(done)
+            services.stop_kafka()
+
+    try:
+        with pytest.raises(OpsError) as info:
+            dlq_ops.redrive(settings, dlq_ops.make_selection(), progress=broker_leaves, timeout=5)
+    finally:
+        services.start_kafka()
+    assert re.fullmatch(
+        r"no records from Kafka broker at \S+ for \d+s.*; redrive \S+ stopped after 0 of 5 records"
+        r" \(0 redriven, 0 failed\); what it sent is in the ledger, and running it again goes on with"
+        r" the rest",
+        str(info.value),
+    ), str(info.value)
+    wait_topics_ready(settings.kafka_bootstrap, [topics.dlq, topics.dlq_redriven, topics.message_inbound])
+    again = dlq_ops.redrive(settings, dlq_ops.make_selection(), timeout=30)
+    assert again.produced == 5, again
+    sent = read_topic(settings.kafka_bootstrap, topics.message_inbound, at_least=5)
+    assert sorted(orjson.loads(rec.value)["id"] for rec in sent) == sorted(ids)

@@ -30,9 +30,10 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.http_tools import metric_sum, post_all, scrape
-from tests.kafka_tools import read_topic, record_count
+from tests.kafka_tools import read_topic, record_count, wait_topics_ready
 from tests.oracle import row_count
 from tests.pipeline import deliver, start_ingress, start_worker, wait_caught_up, wait_for
+from tests.services import Services
 from tests.test_ops_cli import sentpipe, sentpipe_interrupted
 from tests.test_pipeline_e2e import assert_matches_oracle, deliveries
 
@@ -549,3 +550,42 @@ def test_a_partition_the_broker_could_not_look_up_by_time_is_an_error_not_an_emp
                 kafka.offsets_at(topics.raw, [0], 1)
         finally:
             kafka.consumer = real
+
+
+def test_a_replay_the_broker_leaves_says_how_far_it_got_and_where_to_go_on(
+    services: Services, settings: Settings, topics: Topics
+) -> None:
+    """The broker gone while a replay reads: it ended with the read's error alone ("no records from Kafka
+    broker ..."), no count, no `--from-offset` to go on from, and whatever its producer still held dropped
+    unreported. Now it ends like a Ctrl-C, the broker's error first; going on from there after the broker
+    is back replays every record once."""
+    if not services.kafka_local:
+        pytest.fail(
+            "this test stops the broker: run it with the local launcher (unset SENTPIPE_KAFKA_BOOTSTRAP)"
+        )
+    bodies = [s.body for s in SampleFactory(44).mix(200, "sent")]
+    produce_raw(settings, bodies)
+    stopped: list[int] = []
+
+    def broker_leaves(done: int, total: int) -> None:
+        if not stopped:  # as the read begins
+            stopped.append(done)
+            services.stop_kafka()
+
+    try:
+        with pytest.raises(OpsError) as info:
+            replay(settings, make_window(), Filter(), progress=broker_leaves, timeout=5)
+    finally:
+        services.start_kafka()
+    line = str(info.value)
+    m = re.fullmatch(
+        r"no records from Kafka broker at \S+ for \d+s.*; replay \S+ interrupted after 0 of 200 records"
+        r" \(0 replayed, 0 failed\); .*; to go on where it stopped, run it with"
+        r" ((?:--from-offset \d+:\d+ ?)+) \(and its other options\)",
+        line,
+    )
+    assert m is not None, line
+    wait_topics_ready(settings.kafka_bootstrap, [topics.raw, *topics.routed])
+    res = sentpipe(settings, "replay", *m[1].split())
+    assert res.returncode == 0, res.stderr
+    assert routed_count(settings, topics) == len(bodies)
