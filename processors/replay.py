@@ -25,7 +25,7 @@ from typing import Literal
 from confluent_kafka import KafkaError, KafkaException, Message, murmur2
 
 from sentpipe.broker import ProduceRejected
-from sentpipe.kafka import BrokerUnavailable, Producer, message_headers
+from sentpipe.kafka import BrokerUnavailable, Producer, readable_headers
 from sentpipe.processors.offsets import Log, OpsError, Range, Window, capped, timestamp_ms
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import EventType, MalformedEvent
@@ -156,11 +156,22 @@ class RunResult:
     undelivered: dict[int, int] = field(default_factory=dict)
 
 
+UNREADABLE_HEADERS = "unreadable_headers"
+
+
 def failure_line(result: RunResult) -> str:
     """The one line a replay with failures ends with: which kinds, and what to do about each."""
     kinds = ", ".join(f"{n} {reason}" for reason, n in sorted(result.failures.items()))
     text = f"{result.failed} record(s) failed ({kinds})"
-    if any(not reason.startswith(("delivery:", "produce:")) for reason in result.failures):
+    if result.failures[UNREADABLE_HEADERS]:
+        text += (
+            f"; {UNREADABLE_HEADERS}: a header name that is not UTF-8 (another producer's), so replay cannot"
+            " tell their tenant; the router routed them when they arrived"
+        )
+    if any(
+        not reason.startswith(("delivery:", "produce:")) and reason != UNREADABLE_HEADERS
+        for reason in result.failures
+    ):
         text += (
             "; malformed ones were dead-lettered by the router when they arrived (`sentpipe dlq list --stage"
             " route`)"
@@ -358,7 +369,17 @@ class _Replay:
     def one(self, msg: Message) -> None:
         res = self.result
         res.read += 1
-        key, value, headers = msg.key(), msg.value() or b"", message_headers(msg)
+        key, value, headers = msg.key(), msg.value() or b"", readable_headers(msg)
+        if headers is None:
+            # Another producer's header name that is not UTF-8: the router read the record's tenant and type
+            # by the record format itself and routed it; read without its headers here, it would be routed
+            # again under the default tenant (rows and handler calls of another tenant).
+            if self.window.admits_time(timestamp_ms(msg)):
+                res.failed += 1
+                res.failures[UNREADABLE_HEADERS] += 1
+            else:
+                res.skipped += 1
+            return
         d = decide(
             key,
             value,

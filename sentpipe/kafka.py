@@ -935,6 +935,12 @@ _HEADERS = operator.methodcaller("headers")  # see message_headers: never `msg.h
 
 def message_headers(msg: Message) -> list[tuple[str, bytes]]:
     """A consumed record's headers as (name, bytes) pairs, None values dropped; none at all when a name is
+    not UTF-8 (`readable_headers`)."""
+    return readable_headers(msg) or []
+
+
+def readable_headers(msg: Message) -> list[tuple[str, bytes]] | None:
+    """A consumed record's headers as (name, bytes) pairs, None values dropped; None when a name is
     not UTF-8. Any producer can write such a name, and confluent-kafka cannot hand it over: `headers()`
     returns a list holding a NULL name with a UnicodeDecodeError pending, and caches that list. Called
     from C (`_HEADERS`), Python turns that into a SystemError; called from Python code, a call site the
@@ -948,7 +954,7 @@ def message_headers(msg: Message) -> list[tuple[str, bytes]]:
             "a record's header name is not UTF-8: read without its headers",
             extra={"topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()},
         )
-        return []
+        return None
     return [(str(k), bytes(v)) for k, v in headers if v is not None]
 
 

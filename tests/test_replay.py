@@ -30,6 +30,7 @@ from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.http_tools import metric_sum, post_all, scrape
+from tests.kafka_mock import produce_as_bytes
 from tests.kafka_tools import read_topic, record_count, wait_topics_ready
 from tests.oracle import row_count
 from tests.pipeline import deliver, start_ingress, start_worker, wait_caught_up, wait_for
@@ -589,3 +590,33 @@ def test_a_replay_the_broker_leaves_says_how_far_it_got_and_where_to_go_on(
     res = sentpipe(settings, "replay", *m[1].split())
     assert res.returncode == 0, res.stderr
     assert routed_count(settings, topics) == len(bodies)
+
+
+def test_a_raw_record_whose_header_name_is_not_utf8_fails_the_replay_instead_of_changing_tenant(
+    settings: Settings, topics: Topics
+) -> None:
+    """Another producer's header name that is not UTF-8: confluent-kafka reads such a record without its
+    headers, and replay routed it under the default tenant (rows and handler calls of another tenant), where
+    the router, reading the record format itself, had routed it under its own."""
+    good, odd = (s.body for s in SampleFactory(45).mix(2, "sent"))
+    produce_raw(settings, [good], partition=0)
+    eid = frame(odd, webhook_id=None).event_id
+    headers = [
+        (k.encode(), v)
+        for k, v in r.raw_headers(
+            tenant="acme",
+            received_at_ms=int(time.time() * 1000),
+            webhook_id=eid,
+            request_id="t",
+            event_type=None,
+        )
+    ]
+    produce_as_bytes(
+        settings.kafka_bootstrap, topics.raw, 0, [(eid.encode(), odd, [*headers, (b"x-\xff", b"v")])]
+    )
+    result = replay(settings, make_window(), Filter())
+    assert (result.read, result.produced, result.failed) == (2, 1, 1), result
+    assert result.failures == Counter({"unreadable_headers": 1})
+    assert "replay cannot tell their tenant" in failure_line(result)
+    assert "dead-lettered by the router" not in failure_line(result)
+    assert routed_count(settings, topics) == 1
