@@ -209,6 +209,7 @@ class Range:
     partition: int
     start: int
     end: int
+    gone: int = 0  # offsets asked for before it that retention has deleted (`--from-offset` below the log)
 
     @property
     def size(self) -> int:
@@ -221,7 +222,13 @@ def capped(ranges: Sequence[Range], upto: Mapping[int, int] | None) -> list[Rang
     if upto is None:
         return list(ranges)
     return [
-        Range(x.topic, x.partition, x.start, max(x.start, min(x.end, upto.get(x.partition, x.start))))
+        Range(
+            x.topic,
+            x.partition,
+            x.start,
+            max(x.start, min(x.end, upto.get(x.partition, x.start))),
+            x.gone if x.partition in upto else 0,
+        )
         for x in ranges
     ]
 
@@ -332,6 +339,7 @@ class Log:
                     ends[p] = min(ends[p], off)
         # An offset that names no record the log holds selected nothing, and the run ended as if it were
         # done: one past the end (a partition's next record) is still a bound, anything further is not.
+        gone: dict[int, int] = {}
         for p, off in window.from_offsets.items():
             if p in starts:
                 if off > marks[p][1]:
@@ -339,6 +347,9 @@ class Log:
                         f"--from-offset {p}:{off} is past the end of {topic} partition {p} (its next record "
                         f"will be offset {marks[p][1]})"
                     )
+                # Read from the log's first record instead, and said: the run had fewer records to show
+                # and no word that part of the window was gone.
+                gone[p] = max(0, min(marks[p][0], ends[p]) - off)
                 starts[p] = max(starts[p], off)
         for p, off in window.to_offsets.items():
             if p in ends:
@@ -348,7 +359,7 @@ class Log:
                         f"holds (offset {marks[p][0]}; older ones are past retention)"
                     )
                 ends[p] = min(ends[p], off + 1)
-        return [Range(topic, p, starts[p], max(starts[p], ends[p])) for p in parts]
+        return [Range(topic, p, starts[p], max(starts[p], ends[p]), gone.get(p, 0)) for p in parts]
 
     def read(self, ranges: Sequence[Range]) -> Generator[Message, None, None]:
         """Every record in the ranges, in offset order per partition; stops at each range's end."""

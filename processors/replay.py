@@ -140,6 +140,7 @@ class RunResult:
     read: int = 0
     produced: int = 0
     skipped: int = 0
+    past_retention: int = 0  # offsets of the window retention had deleted before the run read them
     already_redriven: int = 0  # redrive: DLQ records an earlier redrive took (the redrive ledger)
     failed: int = 0
     selected: Counter[tuple[str, str]] = field(default_factory=Counter)  # what Kafka took (or would be sent)
@@ -329,6 +330,13 @@ class _Replay:
         )
         self.ranges.update({x.partition: x for x in ranges})
         self.result.ends.update({x.partition: x.end for x in ranges})
+        gone = {x.partition: x.gone for x in ranges if x.gone}
+        if gone:
+            self.result.past_retention += sum(gone.values())
+            log.warning(
+                "replay: part of the window is past retention (deleted from the raw topic)",
+                extra={"replay_id": self.result.run_id, "records_by_partition": gone},
+            )
         self._report(force=True)
         # Closed here when the loop breaks: a generator left to the collector unassigns later, where a
         # second Ctrl-C was printed as "Exception ignored ... Traceback".

@@ -306,6 +306,8 @@ def _run_summary(title: str, result: RunResult, sent_label: str, target: str) ->
         str(sum(result.selected.values()) if dry else result.produced),
     )
     table.add_row("skipped by filter", str(result.skipped))
+    if result.past_retention:
+        table.add_row("past retention (deleted before it was read)", str(result.past_retention))
     if result.already_redriven:
         table.add_row("already taken by an earlier redrive", str(result.already_redriven))
     table.add_row("would fail" if dry else "failed", str(result.failed))

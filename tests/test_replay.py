@@ -18,7 +18,8 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from sentpipe.kafka import BrokerUnavailable
 from sentpipe.processors.history import HistoryQuery, search
@@ -620,3 +621,20 @@ def test_a_raw_record_whose_header_name_is_not_utf8_fails_the_replay_instead_of_
     assert "replay cannot tell their tenant" in failure_line(result)
     assert "dead-lettered by the router" not in failure_line(result)
     assert routed_count(settings, topics) == 1
+
+
+def test_a_window_asked_from_an_offset_retention_deleted_says_how_much_of_it_is_gone(
+    settings: Settings, topics: Topics
+) -> None:
+    """`--from-offset 0:2` when the log starts at 5 read from 5, and nothing said three of the records asked
+    for were gone."""
+    produce_raw(settings, [s.body for s in SampleFactory(46).mix(10, "sent")], partition=0)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    for done in admin.delete_records([TopicPartition(topics.raw, 0, 5)]).values():
+        done.result(30)
+    result = replay(settings, make_window(from_offsets=["0:2"]), Filter(), dry_run=True)
+    assert (result.read, result.past_retention) == (5, 3), result
+    res = sentpipe(settings, "replay", "--from-offset", "0:2", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert re.search(r"│ past retention \(deleted before it was read\)\s+│ 3 │", res.stdout), res.stdout
+    assert replay(settings, make_window(from_offsets=["0:5"]), Filter(), dry_run=True).past_retention == 0

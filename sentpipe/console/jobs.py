@@ -47,6 +47,7 @@ def result_json(result: RunResult) -> dict[str, Any]:
         "sent": sum(result.selected.values()) if result.dry_run else result.produced,
         "produced": result.produced,
         "skipped": result.skipped,
+        "past_retention": result.past_retention,
         "already_redriven": result.already_redriven,
         "failed": result.failed,
         "selected": [[a, b, n] for (a, b), n in sorted(result.selected.items())],

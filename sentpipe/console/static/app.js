@@ -190,6 +190,7 @@ function resultView(result, sentLabel, columns) {
     [dry ? "would fail" : "failed", result.failed],
   ];
   if (result.already_redriven) rows.splice(4, 0, ["already taken by an earlier redrive", result.already_redriven]);
+  if (result.past_retention) rows.splice(4, 0, ["past retention (deleted before it was read)", result.past_retention]);
   for (const [reason, n] of Object.entries(result.failures)) rows.push(["  " + reason, n]);
   const kept = Object.entries(result.kept || {});
   if (kept.length) {
