@@ -574,29 +574,13 @@ class Router:
     ) -> None:
         try:
             refused = await self._send_each(batch.out, batch.routed, futs)
-            dead = batch.dead + refused
-            await send_dead_letters(
-                self.producer,
-                self.topics.dlq,
-                dead,
-                initial=self.s.retry_initial_s,
-                cap=self.s.retry_max_s,
-                should_stop=self._stopping,
-            )
+            await self._dead_letter(batch.dead + refused)
             if previous is not None:
                 await previous  # marks and acks in batch order; its failure is this batch's too
             if refused:
                 self._unmark(batch, refused)
             if batch.behind:
-                late = await self._route_behind(batch, refused)
-                await send_dead_letters(
-                    self.producer,
-                    self.topics.dlq,
-                    late,
-                    initial=self.s.retry_initial_s,
-                    cap=self.s.retry_max_s,
-                    should_stop=self._stopping,
-                )
+                await self._dead_letter(await self._route_behind(batch, refused))
             # Only now, with every routed record and dead letter acknowledged, is the event marked seen.
             await self._write(*self._changes(batch))
             _count_settled(batch, refused)
@@ -607,6 +591,16 @@ class Router:
             await settled(batch.taken)
         # Last: a batch is settled once Faust has its acks; one whose ack failed is read back (`_rewind`).
         self._advance(batch.events)
+
+    async def _dead_letter(self, letters: Sequence[DeadLetter]) -> None:
+        await send_dead_letters(
+            self.producer,
+            self.topics.dlq,
+            letters,
+            initial=self.s.retry_initial_s,
+            cap=self.s.retry_max_s,
+            should_stop=self._stopping,
+        )
 
     async def _release_holes(self, holes: Sequence[ReadBack]) -> None:
         """Tell Faust the offsets the router read back itself are done. Faust never delivered them, so they
