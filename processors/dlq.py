@@ -530,11 +530,15 @@ def _redrive(
                         sender.flush()
                     except BrokerUnavailable as exc:
                         gone, unconfirmed = gone or exc, True
-                    _write_ledger(sender, topics, acknowledged, result)  # what the flush acknowledged
-                    try:
-                        sender.flush()
-                    except BrokerUnavailable as exc:
-                        gone, unconfirmed = gone or exc, True
+                    # What the flush acknowledged; twice, for sends confirmed while the first writes waited.
+                    for _ in range(2):
+                        _write_ledger(sender, topics, acknowledged, result)
+                        try:
+                            sender.flush()
+                        except BrokerUnavailable as exc:
+                            gone, unconfirmed = gone or exc, True
+                        if not acknowledged:
+                            break
         finally:
             if lock is not None:
                 lock.release()

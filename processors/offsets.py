@@ -227,7 +227,8 @@ def capped(ranges: Sequence[Range], upto: Mapping[int, int] | None) -> list[Rang
             x.partition,
             x.start,
             max(x.start, min(x.end, upto.get(x.partition, x.start))),
-            x.gone if x.partition in upto else 0,
+            # Of what a dry run read up to, the part retention deleted since (or had before).
+            max(0, min(x.gone, upto[x.partition] - (x.start - x.gone))) if x.partition in upto else 0,
         )
         for x in ranges
     ]
@@ -348,8 +349,9 @@ class Log:
                         f"will be offset {marks[p][1]})"
                     )
                 # Read from the log's first record instead, and said: the run had fewer records to show
-                # and no word that part of the window was gone.
-                gone[p] = max(0, min(marks[p][0], ends[p]) - off)
+                # and no word that part of the window was gone. Not when `--since` starts it later anyway.
+                if starts[p] == marks[p][0]:
+                    gone[p] = max(0, marks[p][0] - off)
                 starts[p] = max(starts[p], off)
         for p, off in window.to_offsets.items():
             if p in ends:

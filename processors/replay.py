@@ -382,11 +382,16 @@ class _Replay:
             # Another producer's header name that is not UTF-8: the router read the record's tenant and type
             # by the record format itself and routed it; read without its headers here, it would be routed
             # again under the default tenant (rows and handler calls of another tenant).
-            if self.window.admits_time(timestamp_ms(msg)):
-                res.failed += 1
-                res.failures[UNREADABLE_HEADERS] += 1
-            else:
-                res.skipped += 1
+            key_id = key.decode(errors="replace") if key else None
+            if not self.window.admits_time(timestamp_ms(msg)) or (
+                self.flt.event_ids and key_id not in self.flt.event_ids
+            ):
+                res.skipped += 1  # as `decide` skips it, by time or by its key, before reading headers
+                return
+            if self.flt.event_ids:
+                self.seen_ids.add(key_id or "")
+            res.failed += 1
+            res.failures[UNREADABLE_HEADERS] += 1
             return
         d = decide(
             key,

@@ -456,6 +456,28 @@ def test_an_interrupted_replay_resumes_from_its_first_record_kafka_did_not_take(
     assert "run it with --from-offset 0:30 --from-offset 1:90 --from-offset 2:40 (and" in text, text
 
 
+def test_records_sent_with_no_word_from_kafka_are_sent_again_by_the_resume() -> None:
+    """The broker gone with records in the producer's queue: the flush gives up with some never reported
+    on. The resume must start at the first of them, not past it (they were dropped unreported)."""
+    from sentpipe.processors.offsets import Range, Window
+    from sentpipe.processors.replay import _Replay
+
+    class Silent:  # a producer whose flush timed out with records unreported
+        pending, delivery_timeout_s = 2, 30.0
+
+        def flush(self) -> None:
+            raise BrokerUnavailable("2 record(s) not acknowledged by Kafka at k:9092 within 35s")
+
+    run = _Replay(Settings(), Topics("x."), Window(), Filter(), Silent(), None)  # type: ignore[arg-type]
+    run.ranges = {p: Range("x.events.raw", p, 0, 100) for p in range(2)}
+    run.next = {0: 60, 1: 100}
+    run.unreported = {(0, 40), (0, 55), (1, 99)}
+    with pytest.raises(BrokerUnavailable):
+        run.finish(stopping=True)
+    text = run.interrupted(resumable=True)
+    assert "run it with --from-offset 0:40 --from-offset 1:99 (and" in text, text
+
+
 MALFORMED_BIG = MALFORMED.replace(b'"no message id"', b'"' + secrets.token_hex(4000).encode() + b'"')
 
 
@@ -621,6 +643,10 @@ def test_a_raw_record_whose_header_name_is_not_utf8_fails_the_replay_instead_of_
     assert "replay cannot tell their tenant" in failure_line(result)
     assert "dead-lettered by the router" not in failure_line(result)
     assert routed_count(settings, topics) == 1
+    # Asked for other ids: skipped by its key, as `decide` skips any record, not a failure of the run.
+    good_id = frame(good, webhook_id=None).event_id
+    picked = replay(settings, make_window(), Filter(event_ids=frozenset({good_id})), dry_run=True)
+    assert (picked.failed, picked.skipped, picked.missing_ids) == (0, 1, []), picked
 
 
 def test_a_window_asked_from_an_offset_retention_deleted_says_how_much_of_it_is_gone(
