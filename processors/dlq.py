@@ -148,25 +148,45 @@ class DlqEntry:
         except (ValueError, KeyError, TypeError):
             return None
 
-    @property
-    def event_id(self) -> str | None:
+    def identity(self) -> tuple[str | None, str | None, str | None]:
+        """(event id, type, tenant), from one parse of the body."""
         ev = self.canonical()
         if ev is not None:
-            return ev.id
+            return ev.id, ev.type.value, ev.tenant
         # An ingress record's key is a random id: framing failed, so the event never had one.
-        if self.stage in ROUTED_STAGES or self.stage == "ingress" or not self.key:
-            return None
-        return self.key.decode(errors="replace")
+        unframed = self.stage in ROUTED_STAGES or self.stage == "ingress" or not self.key
+        event_id = None if unframed or self.key is None else self.key.decode(errors="replace")
+        return event_id, self.header(r.H_TYPE), self.header(r.H_TENANT)
+
+    @property
+    def event_id(self) -> str | None:
+        return self.identity()[0]
 
     @property
     def type(self) -> str | None:
-        ev = self.canonical()
-        return ev.type.value if ev is not None else self.header(r.H_TYPE)
+        return self.identity()[1]
 
     @property
     def tenant(self) -> str | None:
-        ev = self.canonical()
-        return ev.tenant if ev is not None else self.header(r.H_TENANT)
+        return self.identity()[2]
+
+    def row(self) -> DlqRow:
+        event_id, type_, tenant = self.identity()
+        return DlqRow(
+            self.id,
+            self.timestamp_ms,
+            self.dead_at_ms,
+            self.stage,
+            self.error_class,
+            self.message,
+            event_id,
+            self.key,
+            type_,
+            tenant,
+            self.original,
+            self.attempts,
+            self.redriven_by,
+        )
 
     @classmethod
     def from_message(cls, msg: Message) -> DlqEntry:
@@ -178,6 +198,26 @@ class DlqEntry:
             msg.value() or b"",
             message_headers(msg),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class DlqRow:
+    """What a listing shows of a record. No body and no headers: a listing can hold a million records, and a
+    letter's body can be several times the largest accepted request."""
+
+    id: str
+    timestamp_ms: int
+    dead_at_ms: int
+    stage: str
+    error_class: str
+    message: str
+    event_id: str | None
+    key: bytes | None
+    type: str | None
+    tenant: str | None
+    original: tuple[str, int, int] | None
+    attempts: int
+    redriven_by: str | None = None
 
 
 def parse_reasons(reasons: Iterable[str], option: str = "--reason") -> frozenset[str]:
@@ -314,7 +354,7 @@ def ledger_entry(e: DlqEntry, redrive_id: str, to: str, outcome: str) -> tuple[b
 
 @dataclass(frozen=True, slots=True)
 class DlqListing:
-    entries: list[DlqEntry]  # the newest `limit` matches, oldest first
+    entries: list[DlqRow]  # the newest `limit` matches, oldest first
     matched: int
     total: int  # records in the DLQ right now
     redriven: int = 0  # matching records a redrive already took (listed only with `include_redriven`)
@@ -335,7 +375,7 @@ def list_entries(
     with Log(settings, timeout) as kafka:
         marks = kafka.watermarks(topics.dlq, range(kafka.partition_count(topics.dlq)))
         taken = redriven(kafka, topics) or Ledger()
-        newest: deque[DlqEntry] = deque(maxlen=limit)
+        newest: deque[DlqRow] = deque(maxlen=limit)
         matched = passed = 0
         for msg in kafka.read(_ranges(kafka, topics.dlq, sel)):
             e = DlqEntry.from_message(msg)
@@ -348,7 +388,7 @@ def list_entries(
                     continue
                 e = replace(e, redriven_by=by)
             matched += 1
-            newest.append(e)
+            newest.append(e.row())
     return DlqListing(list(newest), matched, sum(high - low for low, high in marks.values()), passed)
 
 
@@ -599,6 +639,7 @@ def redrive_failed(result: RunResult, sel: DlqSelection) -> str | None:
 
 
 TOO_LARGE = "delivery:MSG_SIZE_TOO_LARGE"  # a topic's max.message.bytes below the record
+PRODUCER_TOO_LARGE = "produce:msg_size_too_large"  # the producer's own message.max.bytes below it
 
 
 def redrive_failures(result: RunResult) -> str:
@@ -606,7 +647,8 @@ def redrive_failures(result: RunResult) -> str:
     too_large = result.failures[TOO_LARGE]
     kafka = sum(n for reason, n in result.failures.items() if reason.startswith("delivery:")) - too_large
     ledger = sum(n for reason, n in result.failures.items() if reason.startswith("ledger:"))
-    again = result.failed - kafka - too_large - ledger
+    refused = {reason: n for reason, n in result.failures.items() if reason.startswith("produce:")}
+    again = result.failed - kafka - too_large - ledger - sum(refused.values())
     parts = []
     if result.kept:
         parts.append(
@@ -623,6 +665,17 @@ def redrive_failures(result: RunResult) -> str:
         parts.append(
             f"{too_large} record(s) larger than their topic's max.message.bytes: left in the DLQ; raise the"
             " limit (`sentpipe topics ensure` sets it from the settings) and run the redrive again"
+        )
+    if n := refused.pop(PRODUCER_TOO_LARGE, 0):
+        # The producer's own limit follows SENTPIPE_MAX_BODY_BYTES: lowered since these were dead-lettered.
+        parts.append(
+            f"{n} record(s) larger than this process's producer takes (SENTPIPE_MAX_BODY_BYTES sets its"
+            " limit): left in the DLQ; run the redrive with the SENTPIPE_MAX_BODY_BYTES they arrived under"
+        )
+    if refused:
+        why = ", ".join(f"{n} {reason.removeprefix('produce:')}" for reason, n in sorted(refused.items()))
+        parts.append(
+            f"{sum(refused.values())} record(s) the producer refused before sending ({why}): left in the DLQ"
         )
     if ledger:
         parts.append(

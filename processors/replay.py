@@ -174,8 +174,8 @@ def failure_line(result: RunResult) -> str:
         for reason in result.failures
     ):
         text += (
-            "; malformed ones were dead-lettered by the router when they arrived (`sentpipe dlq list --stage"
-            " route`)"
+            "; the router dead-lettered malformed ones when they arrived, unless it had taken a copy of the"
+            " same event before (`sentpipe dlq list --stage route`)"
         )
     if result.undelivered:
         go_on = " ".join(f"--from-offset {p}:{o}" for p, o in sorted(result.undelivered.items()))

@@ -315,7 +315,7 @@ async def test_unknown_parameters_are_refused_and_replay_partitions_checked_befo
 # --- the console's JSON survives one bad value --------------------------------------------------------------
 def test_an_integer_beyond_64_bits_or_a_lone_surrogate_does_not_break_an_answer() -> None:
     e = DlqEntry(0, 7, 1_700_000_000_000, b"k", b"{}", [(r.H_DLQ_STAGE, b"route")])
-    resp = send_json({"entries": [{**entry_json(e), "time": 10**40}], "bad": "\ud800"})
+    resp = send_json({"entries": [{**entry_json(e.row()), "time": 10**40}], "bad": "\ud800"})
     assert resp.status == 200 and isinstance(resp.body, bytes)
     assert b'"time":"1' + b"0" * 40 + b'"' in resp.body and b'"bad":"?"' in resp.body
 

@@ -299,6 +299,27 @@ def test_headers_out_of_range_read_as_absent() -> None:
     assert entry(part=b"2", off=b"41").original == ("sent.message.status", 2, 41)
 
 
+def test_a_listing_row_shows_what_its_record_says_and_keeps_no_body() -> None:
+    """`dlq list` kept every listed record whole (up to a million, each up to a few MiB) though its table
+    shows no body: a row keeps the fields, from one parse of the body."""
+    topics = Topics("x.")
+    routed = route_as_the_router(SampleFactory(44).inbound().body, topics)
+    assert routed.event is not None
+    where = {"topic": routed.topic, "partition": 1, "offset": 9}
+    hs = r.dlq_headers(stage="handler", error_class="E", message="m", **where)
+    handler = DlqEntry(0, 5, 1_700_000_000_000, routed.key, routed.value, [(r.H_TENANT, b"other"), *hs])
+    hs = r.dlq_headers(stage="ingress", error_class="E", message="m")
+    ingress = DlqEntry(0, 6, 1_700_000_000_000, b"random", b"x" * 100_000, [(r.H_TENANT, b"acme"), *hs])
+    for e, want in (
+        (handler, (routed.event.id, routed.event.type.value, routed.event.tenant)),
+        (ingress, (None, None, "acme")),
+    ):
+        row = e.row()
+        assert (row.event_id, row.type, row.tenant) == want == (e.event_id, e.type, e.tenant)
+        assert (row.id, row.stage, row.original, row.key) == (e.id, e.stage, e.original, e.key)
+        assert not hasattr(row, "value") and not hasattr(row, "headers")
+
+
 def test_a_dlq_record_id_is_ascii_digits_in_kafka_range() -> None:
     from sentpipe.processors.dlq import parse_entry_id
     from sentpipe.processors.offsets import OpsError, PartitionOffset
@@ -603,6 +624,21 @@ def test_a_redrive_the_broker_refused_for_size_is_not_told_to_check_the_broker()
         "1 record(s) Kafka did not take (is it reachable?): run the redrive again; 2 record(s) larger than"
         " their topic's max.message.bytes: left in the DLQ; raise the limit (`sentpipe topics ensure` sets"
         " it from the settings) and run the redrive again"
+    )
+
+
+def test_a_letter_the_producer_refused_is_not_said_to_have_failed_again() -> None:
+    """Larger than the producer's own limit (SENTPIPE_MAX_BODY_BYTES lowered since): "failed again; they
+    are back in the DLQ", though no stage saw it and no new copy was written."""
+    result = RunResult("r", False, failed=4)
+    result.failures.update(
+        {dlq_ops.PRODUCER_TOO_LARGE: 2, "produce:unknown_topic_or_part": 1, "no_envelope": 1}
+    )
+    assert dlq_ops.redrive_failures(result) == (
+        "1 record(s) failed again; they are back in the DLQ (or left there); 2 record(s) larger than this"
+        " process's producer takes (SENTPIPE_MAX_BODY_BYTES sets its limit): left in the DLQ; run the redrive"
+        " with the SENTPIPE_MAX_BODY_BYTES they arrived under; 1 record(s) the producer refused before"
+        " sending (1 unknown_topic_or_part): left in the DLQ"
     )
 
 

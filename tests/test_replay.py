@@ -329,7 +329,7 @@ def test_replay_selects_exactly_by_type_tenant_event_id_offsets_and_time(
         assert res.returncode == 1 and "Traceback" not in res.stderr
         last = res.stderr.strip().splitlines()[-1]
         assert last.startswith(
-            "error: 1 record(s) failed (1 missing_message_id); malformed ones were dead-lettered by the"
+            "error: 1 record(s) failed (1 missing_message_id); the router dead-lettered malformed ones"
         ), last
         assert "--from-offset" not in last  # nothing Kafka refused: nothing to send again
         assert "missing_message_id" in res.stdout
@@ -542,7 +542,8 @@ def test_a_replay_that_kafka_did_not_take_everything_from_says_where_to_go_on() 
     res.undelivered.update({2: 90, 0: 17})
     line = failure_line(res)
     assert line.startswith(
-        "4 record(s) failed (2 delivery:_MSG_TIMED_OUT, 1 not_json, 1 produce:msg_size_too_large); malformed"
+        "4 record(s) failed (2 delivery:_MSG_TIMED_OUT, 1 not_json, 1 produce:msg_size_too_large); the router"
+        " dead-lettered malformed ones"
     ), line
     assert line.endswith(
         "to send again what Kafka did not take, run it with --from-offset 0:17 --from-offset 2:90 (and its "
@@ -641,7 +642,7 @@ def test_a_raw_record_whose_header_name_is_not_utf8_fails_the_replay_instead_of_
     assert (result.read, result.produced, result.failed) == (2, 1, 1), result
     assert result.failures == Counter({"unreadable_headers": 1})
     assert "replay cannot tell their tenant" in failure_line(result)
-    assert "dead-lettered by the router" not in failure_line(result)
+    assert "the router dead-lettered" not in failure_line(result)
     assert routed_count(settings, topics) == 1
     # Asked for other ids: skipped by its key, as `decide` skips any record, not a failure of the run.
     good_id = frame(good, webhook_id=None).event_id

@@ -172,9 +172,9 @@ def found_json(f: trace.Found) -> dict[str, Any]:
     }
 
 
-def entry_json(e: dlq_ops.DlqEntry, *, full: bool = False) -> dict[str, Any]:
+def entry_json(e: dlq_ops.DlqRow) -> dict[str, Any]:
     orig = e.original
-    out: dict[str, Any] = {
+    return {
         "id": e.id,
         "time": e.dead_at_ms,
         "written": e.timestamp_ms,
@@ -188,10 +188,12 @@ def entry_json(e: dlq_ops.DlqEntry, *, full: bool = False) -> dict[str, Any]:
         "original": f"{orig[0]}:{orig[1]}:{orig[2]}" if orig else None,
         "attempts": e.attempts,
     }
-    if full:
-        out["headers"] = [[k, v.decode(errors="replace")] for k, v in e.headers]
-        out["body"] = body_json(e.value)
-    return out
+
+
+def letter_json(e: dlq_ops.DlqEntry) -> dict[str, Any]:
+    """One record in full: its listing row, headers and body."""
+    headers = [[k, v.decode(errors="replace")] for k, v in e.headers]
+    return {**entry_json(e.row()), "headers": headers, "body": body_json(e.value)}
 
 
 def listed(values: Any, what: str) -> list[str]:
@@ -515,7 +517,7 @@ async def event_trace(request: web.Request) -> web.StreamResponse:
             "routed": [found_json(f) for f in rep.routed],
             "rows": rep.rows,
             "db_error": rep.db_error,
-            "dlq": [entry_json(e, full=True) for e in rep.dlq],
+            "dlq": [letter_json(e) for e in rep.dlq],
             "notes": rep.notes,
         }
     )
@@ -596,7 +598,7 @@ async def dlq_list(request: web.Request) -> web.StreamResponse:
 async def dlq_entry(request: web.Request) -> web.StreamResponse:
     known(request.query, ("id",))
     e = await off_loop(dlq_ops.show_entry, request.app[SETTINGS], request.query.get("id", ""))
-    return send_json(entry_json(e, full=True))
+    return send_json(letter_json(e))
 
 
 # A job's work: its progress callback, its stop event, and the end offsets of the dry run it follows.
