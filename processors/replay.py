@@ -316,6 +316,7 @@ class _Replay:
         # partition -> its first record whose send failed: a resume starts there, not past it
         self.undelivered: dict[int, int] = {}
         self.unreported: set[tuple[int, int]] = set()  # sent, no delivery report yet: (partition, offset)
+        self.unconfirmed = 0  # sent, and the flush gave up before Kafka said whether it took them
 
     def read(self, kafka: Log, ranges: Sequence[Range]) -> None:
         self.total += sum(x.size for x in ranges)
@@ -357,8 +358,9 @@ class _Replay:
         res = self.result
         text = (
             f"replay {res.run_id} interrupted after {self.done} of {self.total} records"
-            f" ({res.produced} replayed, {res.failed} failed); what it sent is applied idempotently,"
-            " so running it again is safe"
+            f" ({res.produced} replayed, {res.failed} failed"
+            f"{f', {self.unconfirmed} not confirmed by Kafka' if self.unconfirmed else ''}); what it sent is"
+            " applied idempotently, so running it again is safe"
         )
         left = []
         for p, x in sorted(self.ranges.items()):
@@ -474,6 +476,7 @@ class _Replay:
             try:
                 self.sender.flush()
             finally:
+                self.unconfirmed = len(self.unreported)
                 for where in sorted(self.unreported):  # their fate unknown: a resume sends them again
                     self._undelivered(where)
 

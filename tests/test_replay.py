@@ -476,6 +476,9 @@ def test_records_sent_with_no_word_from_kafka_are_sent_again_by_the_resume() -> 
         run.finish(stopping=True)
     text = run.interrupted(resumable=True)
     assert "run it with --from-offset 0:40 --from-offset 1:99 (and" in text, text
+    assert "(0 replayed, 0 failed, 3 not confirmed by Kafka)" in text, (
+        text
+    )  # the counts add up to what it sent
 
 
 MALFORMED_BIG = MALFORMED.replace(b'"no message id"', b'"' + secrets.token_hex(4000).encode() + b'"')
