@@ -56,9 +56,17 @@ class BatchLostToHandler(RetryableError):
     batch is lost with it and applied again, that call left out as its event's failure."""
 
 
+class DatabaseLost(RetryableError):
+    """The batch's connection broke under a handler call (a database restart): the whole batch is applied
+    again once the database answers."""
+
+
 # Past this many suspects (or calls left out) remembered, the memory starts again: it orders calls,
 # saves repeats.
 MAX_SUSPECTS = 10_000
+# A database restart breaks the connection once, under whichever call runs; a call that breaks it this many
+# times (its own backend terminated) is taken to break it itself, and left out like one that closes it.
+BROKEN_CALLS = 3
 CLOSED = "closed the stage's database connection (ctx.conn belongs to the batch: never close it)"
 
 
@@ -83,6 +91,8 @@ class PostgresSink:
         # SQLSTATE of no known class): retried with the batch that often, then that event's failure alone.
         # Left to the batch's retries, it dead-lettered the event without its projection after halving.
         self._unknown: dict[tuple[str, str], int] = {}
+        # (handler, event id) -> how often the connection broke under its call (`_closed_by`).
+        self._broke: dict[tuple[str, str], int] = {}
         # Calls applied in a committed transaction but not yet in a committed batch: what is remembered of
         # them is let go by `settle`, once the projector has committed the batch's offsets. Let go earlier,
         # a batch read again (held by another type) called them again: an uninterruptible one ended the
@@ -151,8 +161,12 @@ class PostgresSink:
                                         self.on_call(name, ev.id)
                             except Exception as exc:
                                 # Retried as a lost connection (or a rolled-back batch), this call forever.
-                                if conn.closed or isinstance(exc, TransactionEnded):
+                                if isinstance(exc, TransactionEnded) or (
+                                    conn.closed and self._closed_by(name, ev, conn)
+                                ):
                                     self._leave_out(name, ev, exc)
+                                if conn.closed:
+                                    raise DatabaseLost(f"{name}: {type(exc).__name__}") from exc
                                 if _timed_out(exc):
                                     timed_out.append(HandlerFailure(ev, name, exc))
                                     if ok == 0 and len(timed_out) > 1:
@@ -167,8 +181,11 @@ class PostgresSink:
                                     raise
                                 failures.append(HandlerFailure(ev, name, exc))
                             else:
-                                if conn.closed:  # the savepoint's end does not notice: the next call would
+                                # The savepoint's end does not notice: the next call would.
+                                if conn.closed and self._closed_by(name, ev, conn):
                                     self._leave_out(name, ev, None)
+                                if conn.closed:
+                                    raise DatabaseLost(f"{name}: the connection broke")
                                 ok += 1
                         failures += timed_out + blamed
                         succeeded[name] = ok
@@ -187,11 +204,12 @@ class PostgresSink:
 
     def settle(self) -> None:
         """The batch's offsets are committed: its calls are settled, one way or the other."""
-        if self._suspects or self._left_out or self._unknown:
+        if self._suspects or self._left_out or self._unknown or self._broke:
             for key in self._applied:
                 self._suspects.pop(key, None)
                 self._left_out.pop(key, None)
                 self._unknown.pop(key, None)
+                self._broke.pop(key, None)
         if self.uninterruptible:
             self.uninterruptible.settle(self._applied)
         for type_, name, outcome, n in self._counts:
@@ -222,6 +240,17 @@ class PostgresSink:
         if not fresh:
             return [], [HandlerFailure(ev, name, exc) for ev in events if (exc := earlier[ev.id])]
         return fresh + [ev for ev in events if earlier[ev.id] is not None], []
+
+    def _closed_by(self, name: str, ev: CanonicalEvent, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """Whether the call the connection closed under closed it itself: cleanly (`close()`), or broken
+        under it `BROKEN_CALLS` times. Taken for the handler's doing on the first break, a database restart
+        dead-lettered the event whose call it happened to interrupt, its handler never run."""
+        if not conn.broken:
+            return True
+        if len(self._broke) > MAX_SUSPECTS:
+            self._broke.clear()
+        seen = self._broke[name, ev.id] = self._broke.get((name, ev.id), 0) + 1
+        return seen >= BROKEN_CALLS
 
     def _leave_out(self, name: str, ev: CanonicalEvent, exc: Exception | None) -> NoReturn:
         """The call lost the batch: the batch is applied again without it, `exc` (or, the connection closed

@@ -45,7 +45,13 @@ from sentpipe.processors.handlers import (
 from sentpipe.processors.projector import Projector, Tuning
 from sentpipe.processors.projector_process import open_pool
 from sentpipe.processors.retry import UNKNOWN_ATTEMPTS, classify
-from sentpipe.processors.sink import BatchLostToHandler, HandlersHeld, PostgresSink, ProjectionUnusable
+from sentpipe.processors.sink import (
+    BROKEN_CALLS,
+    BatchLostToHandler,
+    HandlersHeld,
+    PostgresSink,
+    ProjectionUnusable,
+)
 from sentpipe.processors.watchdog import Watchdog
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import CanonicalEvent, EventType, frame
@@ -474,6 +480,42 @@ async def test_a_handler_closing_the_connection_costs_only_its_event(stage: Stag
     assert b"closed the stage's database connection" in dead[closer][r.H_DLQ_MESSAGE]
     assert stage.projected() == set(stage.ids.values())
     assert calls.count(closer) == 1
+
+
+@pytest.mark.parametrize("breaks", [1, BROKEN_CALLS])
+async def test_the_database_lost_under_a_call_retries_the_batch(stage: Stage, breaks: int) -> None:
+    """The server ending the stage's backend while a handler runs (a restart, a failover) left that call out
+    as if the handler had closed `ctx.conn`: its event dead-lettered "never close it", its handler never
+    run. Now the batch is applied again and the call made again; only a call the connection breaks under
+    every time (`breaks` = BROKEN_CALLS: its own backend terminated) is left out."""
+    f = SampleFactory(12)
+    bodies = [inbound_body(f) for _ in range(3)] + [inbound_body(f, "victim")] + [inbound_body(f)]
+    calls: list[str] = []
+
+    async def handle(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        calls.append(event.id)
+        if event.data.get("text") == "victim" and calls.count(event.id) <= breaks:
+            async with await psycopg.AsyncConnection.connect(stage.db, autocommit=True) as admin:
+                await admin.execute("SELECT pg_terminate_backend(%s)", (ctx.conn.info.backend_pid,))
+        await ctx.conn.execute("INSERT INTO handled VALUES (%s) ON CONFLICT DO NOTHING", (event.id,))
+
+    with psycopg.connect(stage.db) as c:
+        c.execute("CREATE TABLE handled (event_id text PRIMARY KEY)")
+    stage.handlers.register(INBOUND, handle, "interrupted")
+    stage.add(bodies)
+    await stage.run()
+
+    victim = stage.ids[bodies[3]]
+    assert calls.count(victim) == breaks + (breaks < BROKEN_CALLS)
+    assert stage.projected() == set(stage.ids.values())
+    with psycopg.connect(stage.db) as c:
+        handled = {row[0] for row in c.execute("SELECT event_id FROM handled")}
+    if breaks < BROKEN_CALLS:
+        assert stage.dead() == {} and handled == set(stage.ids.values())
+    else:
+        dead = stage.dead()
+        assert list(dead) == [victim] and b"closed the stage's database" in dead[victim][r.H_DLQ_MESSAGE]
+        assert handled == set(stage.ids.values()) - {victim}
 
 
 async def test_a_handler_changing_its_event_changes_nothing_else(stage: Stage) -> None:
