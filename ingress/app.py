@@ -529,8 +529,7 @@ class WebhookHandler:
         ProduceRejected: neither holds it (the caller answers 503 or 413)."""
         spool = self.spool
         down = self.producer.unavailable
-        if spool is not None and (down is not None or spool.active):
-            # Behind records already spooled, never around them: per-key order from the ingress holds.
+        if spool is not None and (down is not None or spool.holds_new_records):
             await self._spool(spool, topic, key, value, headers)
             return None
         if down is not None:
@@ -615,8 +614,10 @@ def liveness_problem(app: web.Application) -> tuple[str, str] | None:
         if writing > max(app[STALL_AFTER_S], spool.write_timeout_s or 0.0):
             return "spool_write_stalled", f"a spool write (fdatasync) has not finished for {writing:.0f} s"
     if spool is not None and spool.records and producer.unavailable is None:
+        # A window waits for the broker up to the produce timeout (librdkafka's message.timeout.ms): with that
+        # at or above SENTPIPE_STALL_AFTER_S, a partition without a leader restarted every ingress process.
         still = time.monotonic() - spool.progress_at
-        if still > app[STALL_AFTER_S]:
+        if still > max(app[STALL_AFTER_S], producer.delivery_timeout_s + STALL_MARGIN_S):
             return "spool_drain_stalled", f"{spool.records} spooled records, drain hung for {still:.0f} s"
     return None
 
@@ -633,9 +634,9 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     producer = request.app[PRODUCER]
     spool = request.app.get(SPOOL)
-    if spool is not None and spool.write_stalled:
-        # Every delivery goes behind the write in hand (the spool is active) and gets 503 at once, broker or
-        # not: out of service until the disk answers.
+    if spool is not None and spool.write_stalled and spool.holds_new_records:
+        # Every delivery goes behind the write in hand and gets 503 at once: out of service until the disk
+        # answers, or the broker takes the drain's records (then deliveries go to it directly).
         return error(503, "not_ready", spool.refusal, headers={"Retry-After": RETRY_AFTER_S})
     if await producer.ready():
         return web.json_response({"status": "ready"})
@@ -764,7 +765,7 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
     def accepting() -> float:
         # Read at scrape time. While the pod is unready (a full Kafka outage without spool room) no request
         # reaches it and nothing is counted; this gauge is what the outage alert sees instead.
-        if spool is not None and spool.write_stalled:
+        if spool is not None and spool.write_stalled and spool.holds_new_records:
             return 0.0
         return float(producer.unavailable is None or (spool is not None and spool.takes_records))
 

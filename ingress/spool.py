@@ -41,7 +41,7 @@ from pathlib import Path
 import orjson
 
 from sentpipe import metrics as m
-from sentpipe.broker import Delivered, ProduceRejected
+from sentpipe.broker import QUEUE_FULL, Delivered, ProduceRejected
 from sentpipe.kafka import AsyncProducer
 from sentpipe.settings import Settings
 
@@ -59,6 +59,8 @@ REFUSED = "refused.rec"
 MAX_CHECKPOINT = 2**62  # beyond it a checkpoint number is corruption (and not something JSON can carry back)
 DRAIN_WINDOW = 2000  # records in flight to the broker at once while draining
 DRAIN_BACKOFF_S = (0.25, 5.0)
+# A drain window acknowledged whole this recently: the broker takes records, new ones go to it directly.
+DRAIN_ACKED_FRESH_S = 1.0
 CHECKPOINT_EVERY_S = 0.5
 
 
@@ -77,6 +79,14 @@ class SpoolError(Exception):
 
 class SpoolLocked(Exception):
     """Another process owns this spool directory."""
+
+
+class SegmentCut(Exception):
+    """A segment's file is shorter than what was written to it."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +253,7 @@ class Spool:
         self.bytes = 0  # on disk, in segments
         self.records = 0  # not yet acknowledged by the broker
         self.corrupt = 0  # frames skipped since open
+        self._corrupt_noted = (0, 0)  # (segment, offset): corrupt frames before it are counted already
         self.refused = 0  # records set aside in REFUSED since open
         self.oldest_ms: int | None = None  # spooled_at of the oldest record not yet acknowledged
         self.drain_seg = 0  # where the drain goes on: segment seq and byte offset
@@ -255,6 +266,7 @@ class Spool:
         self._pending_bytes = 0
         self._writing_bytes = 0  # the batch in the writer's hands: in neither _pending_bytes nor bytes yet
         self._writer: asyncio.Task[None] | None = None
+        self._gave_up: set[asyncio.Future[None]] = set()  # requests that stopped waiting for their write
         self._appended = asyncio.Event()
         self._checkpointed_at = 0.0
         self._full = False
@@ -263,6 +275,7 @@ class Spool:
         # that stops ending windows while records wait is hung. A broker that refuses is not (the oldest
         # record's age shows that).
         self.progress_at = time.monotonic()
+        self.acked_at: float | None = None  # monotonic: the last drain window the broker acknowledged whole
 
     # --- open / close ----------------------------------------------------------------------------------
     def open(self) -> None:
@@ -334,7 +347,9 @@ class Spool:
                 seg_no,
                 offset,
             )
-            seg_no, offset = (seg_no, 0) if seg_no in present else (0, 0)
+            # From the first segment: one it names that exists, read again from its start, still said that
+            # every segment before it was drained, and they were deleted.
+            seg_no, offset = 0, 0
         self.segments = []
         self.records = self.bytes = 0
         self.oldest_ms = None
@@ -385,7 +400,12 @@ class Spool:
         owner.adopted.append(self)
         owner._update_gauges()
 
-    def _note_corrupt(self, path: Path, frame: Frame) -> None:
+    def _note_corrupt(self, seg: _Segment, frame: Frame) -> None:
+        # Once: a window sent again after a failure reads the corrupt frames behind that failure again.
+        if (seg.seq, frame.start) < self._corrupt_noted:
+            return
+        self._corrupt_noted = (seg.seq, frame.end)
+        path = seg.path
         self.corrupt += 1
         m.SPOOL_CORRUPT.inc()
         log.warning(
@@ -419,8 +439,21 @@ class Spool:
     # --- state -------------------------------------------------------------------------------------------
     @property
     def active(self) -> bool:
-        """Records wait in the spool (or are being written): new records go behind them, not around them."""
+        """Records wait in the spool (or are being written)."""
         return self.records > 0 or bool(self._pending) or self._writer_busy
+
+    @property
+    def holds_new_records(self) -> bool:
+        """Whether a new record goes into the spool without trying the broker: records wait in it and the
+        broker has not acknowledged a drain window for DRAIN_ACKED_FRESH_S. Behind them while the broker
+        takes nothing, so a broker gone silently costs one produce timeout, not one per request; around them
+        once it takes the drain's records (Sent keeps no order, so nothing downstream relies on it). Always
+        behind, a busy ingress went on answering from one disk for as long as its traffic lasted after a
+        broker blip: the spool is empty only in a pause between requests."""
+        if not self.active:
+            return False
+        acked = self.acked_at
+        return acked is None or time.monotonic() - acked > DRAIN_ACKED_FRESH_S
 
     @property
     def _writer_busy(self) -> bool:
@@ -466,11 +499,11 @@ class Spool:
         """A request stops waiting for a write its disk has not finished: counted as a failed write, and the
         pod out of service as after one. The write itself goes on: should it land after all, its record is
         drained although the request got 503 (a duplicate; Sent retries it)."""
-        m.SPOOL_WRITE_ERRORS.inc()
         self._write_failed_at = time.monotonic()
         running = self.write_running_s()
         if self._write_started is not None and self._stall_logged != self._write_started:
             self._stall_logged = self._write_started  # once per stalled write, not once per request
+            m.SPOOL_WRITE_ERRORS.inc()
             log.error(
                 "spool: a write to %s has not finished for %.1f s (disk not answering): deliveries get 503"
                 " spool_write_failed until it does",
@@ -519,6 +552,7 @@ class Spool:
                 await asyncio.shield(fut)
         except TimeoutError:
             fut.add_done_callback(_retrieved)  # its late failure, if any, is logged by _commit already
+            self._gave_up.add(fut)  # answered 503: not counted as spooled should the write land
             raise self._write_timed_out() from None
 
     async def _commit(self) -> None:
@@ -533,9 +567,11 @@ class Spool:
                 seq, path, size = await asyncio.to_thread(self._write, data)
             except OSError as exc:
                 log.error("spool: write to %s failed: %s", self.dir, exc)
-                m.SPOOL_WRITE_ERRORS.inc()
+                if self._stall_logged != self._write_started:  # not counted already as stalled
+                    m.SPOOL_WRITE_ERRORS.inc()
                 self._write_failed_at = time.monotonic()
                 self._abandon_segment()
+                self._gave_up.difference_update(fut for _, _, fut in batch)
                 for _, _, fut in batch:
                     if not fut.done():
                         fut.set_exception(SpoolError(f"spool write failed ({exc.strerror or exc})"))
@@ -560,7 +596,11 @@ class Spool:
             self.bytes += len(data)
             if self.oldest_ms is None:
                 self.oldest_ms = batch[0][1]
-            m.SPOOL_SPOOLED.inc(len(batch))
+            answered = len(batch)
+            if self._gave_up:
+                answered -= sum(1 for _, _, fut in batch if fut in self._gave_up)
+                self._gave_up.difference_update(fut for _, _, fut in batch)
+            m.SPOOL_SPOOLED.inc(answered)
             self._update_gauges()
             for _, _, fut in batch:
                 if not fut.done():
@@ -709,6 +749,9 @@ class Spool:
             except FileNotFoundError:
                 self._drop_vanished(seg)
                 continue
+            except SegmentCut as cut:
+                self._cut_short(seg, cut.size)
+                continue
             if not frames:
                 if self._finish_segment(seg):
                     continue
@@ -721,11 +764,15 @@ class Spool:
             records = [f.record for f in frames if f.record is not None]
             futs: list[asyncio.Future[Delivered]] = []
             refused: BaseException | None = None
+            queue_full = False
             for rec in records:
                 try:
                     futs.append(send(rec))
-                except ProduceRejected as exc:  # the local queue is full: send the rest in the next window
-                    refused = exc
+                except ProduceRejected as exc:
+                    # The producer's queue full (of these and the requests' records): the window ends here and
+                    # the rest go in the next one. A failure, it paused the drain with a growing backoff.
+                    queue_full = exc.reason == QUEUE_FULL
+                    refused = None if queue_full else exc
                     break
             results: list[Delivered | BaseException] = list(
                 await asyncio.gather(*futs, return_exceptions=True)
@@ -760,6 +807,7 @@ class Spool:
                 acked_until = frames[-1].end
             self.drain_off = acked_until
             self.progress_at = time.monotonic()
+            self.acked_at = self.progress_at if failure is None and ok else None
             # Never below zero: a segment's tail read whole after a failed write holds records never counted.
             seg.records = max(0, seg.records - passed)
             self.records = max(0, self.records - passed)
@@ -779,6 +827,8 @@ class Spool:
                 delay = min(delay * 2, DRAIN_BACKOFF_S[1])
             else:
                 delay = DRAIN_BACKOFF_S[0]
+                if queue_full and not futs:  # full of the requests' records: let the producer send some
+                    await asyncio.sleep(DRAIN_BACKOFF_S[0])
         self._write_checkpoint(force=True)
         return DrainProgress(drained, self.records, self.corrupt)
 
@@ -815,6 +865,10 @@ class Spool:
         out: list[Frame] = []
         start = self.drain_off
         with seg.path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < end:
+                # Read to its old end, the drain found no bytes where it expected frames and never moved on.
+                raise SegmentCut(size)
             while start < end and len(out) < DRAIN_WINDOW:
                 f.seek(start)
                 data = f.read(min(READ_CHUNK, end - start))
@@ -824,7 +878,7 @@ class Spool:
                 for frame in scan(data, final=final):
                     frame = Frame(start + frame.start, start + frame.end, frame.record)
                     if frame.record is None:
-                        self._note_corrupt(seg.path, frame)
+                        self._note_corrupt(seg, frame)
                     out.append(frame)
                     got = frame.end - start
                     if len(out) >= DRAIN_WINDOW:
@@ -836,7 +890,7 @@ class Spool:
                         for frame in scan(data, final=True):
                             frame = Frame(start + frame.start, start + frame.end, frame.record)
                             if frame.record is None:
-                                self._note_corrupt(seg.path, frame)
+                                self._note_corrupt(seg, frame)
                             out.append(frame)
                             break
                         if out:
@@ -883,6 +937,21 @@ class Spool:
             path,
         )
         return True
+
+    def _cut_short(self, seg: _Segment, size: int) -> None:
+        """`seg`'s file is shorter than what was written to it (cut by hand, a filesystem repair): what was
+        past its new end cannot be sent. Said loudly; the drain goes on with what is left."""
+        log.error(
+            "spool: segment %s was cut from %d to %d bytes while its records were not all on the broker yet:"
+            " the records past its new end are lost",
+            seg.path,
+            seg.size,
+            size,
+        )
+        self.bytes -= seg.size - size
+        seg.size = size
+        if self.drain_seg == seg.seq:
+            self.drain_off = min(self.drain_off, size)
 
     def _drop_vanished(self, seg: _Segment) -> None:
         """`seg`'s file is gone (deleted by hand, or with the directory): what it held cannot be sent. Said

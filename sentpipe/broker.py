@@ -27,6 +27,9 @@ RECORD_REFUSED = frozenset(
 )
 
 
+QUEUE_FULL = "local_queue_full"  # a record refused while the producer's local queue is full: send it later
+
+
 class ProduceRejected(Exception):
     """The record was not (or not known to be) written; the caller answers 503 or retries."""
 
@@ -89,6 +92,9 @@ class CommitRejected(Exception):
 
 class BatchConsumer(Protocol):
     """A group member reading its assigned partitions. Blocking calls: run them in a thread."""
+
+    # The group has given this member an assignment (perhaps empty) at least once.
+    joined: bool
 
     def poll_batch(self, max_records: int, timeout_s: float) -> list[Record]:
         """Up to `max_records` records, waiting at most `timeout_s` for the first one."""
@@ -196,6 +202,7 @@ class LocalConsumer:
     def __init__(self, broker: LocalBroker, group: str, topics: tuple[str, ...]) -> None:
         self.broker, self.group, self.topics = broker, group, topics
         self.position: dict[Partition, int] = {}
+        self.joined = True  # the only member: nothing to wait for
 
     def _assigned(self) -> list[Partition]:
         return [

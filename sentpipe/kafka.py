@@ -55,6 +55,7 @@ from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
 from sentpipe import metrics as m
 from sentpipe.broker import (
+    QUEUE_FULL,
     CommitRejected,
     Delivered,
     Partition,
@@ -540,7 +541,7 @@ class Producer:
                 on_delivery=on_delivery,
             )
         except BufferError:
-            raise ProduceRejected("local_queue_full") from None
+            raise ProduceRejected(QUEUE_FULL) from None
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
             raise ProduceRejected(
@@ -567,7 +568,7 @@ class Producer:
                 self._enqueue(topic, key, value, headers, report)
                 break
             except ProduceRejected as exc:
-                if exc.reason != "local_queue_full":
+                if exc.reason != QUEUE_FULL:
                     raise
                 self._producer.poll(0.1)  # let deliveries drain the queue
         self._producer.poll(0)  # serve delivery reports as we go
@@ -1088,6 +1089,7 @@ class BatchConsumer:
     def __init__(self, settings: Settings, group: str, topics: Sequence[str]) -> None:
         self._consumer = confluent_kafka.Consumer(batch_consumer_config(settings, group))
         self._assigned: set[Partition] = set()
+        self.joined = False  # set by the first assignment, an empty one included
         # Per assigned partition not read from yet: the group's commit at the assignment (lag()).
         self._resumes_at: dict[Partition, int] = {}
         self._unread_lag: dict[Partition, int] = {}
@@ -1099,6 +1101,7 @@ class BatchConsumer:
     # inside poll_batch (a worker thread) replaces it.
     def _on_assign(self, _c: Any, tps: list[confluent_kafka.TopicPartition]) -> None:
         self._assigned = self._assigned | {(tp.topic, tp.partition) for tp in tps}
+        self.joined = True
 
     def _on_revoke(self, _c: Any, tps: list[confluent_kafka.TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in tps}

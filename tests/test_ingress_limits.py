@@ -18,7 +18,7 @@ import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -34,6 +34,7 @@ from sentpipe.broker import ProduceRejected
 from sentpipe.ingress.app import (
     MAX_FIELD_SIZE,
     REQUEST_ID_MAX,
+    STALL_MARGIN_S,
     StartupError,
     WebhookHandler,
     check_topic_limits,
@@ -707,32 +708,44 @@ async def test_a_producer_whose_reports_stop_coming_fails_liveness(
 
 
 async def test_a_spool_drain_that_does_not_move_fails_liveness(
-    settings: Settings, topics: Topics, tmp_path: Path
+    settings: Settings, topics: Topics, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Spooled records the drain cannot deliver (here: a topic that does not exist, so librdkafka holds them
-    until its delivery timeout) while the broker is reachable: past SENTPIPE_STALL_AFTER_S /healthz answers
-    503 `spool_drain_stalled`."""
+    """Spooled records and a drain that ends no window (here: its read of the segment does not return, a
+    disk that stopped answering) while the broker is reachable: /healthz answers 503 `spool_drain_stalled`
+    past SENTPIPE_STALL_AFTER_S and past the longest a window may wait for the broker (the produce timeout
+    plus STALL_MARGIN_S), not before: with the produce timeout at or above SENTPIPE_STALL_AFTER_S, a window
+    waiting for a partition without a leader restarted the process."""
     s = settings.model_copy(
         update={
             "spool": True,
             "spool_dir": tmp_path / "spool",
             "stall_after_s": 1.0,
-            "produce_timeout_s": 30.0,
+            "produce_timeout_s": 2.0,
         }
     )
+    disk = threading.Event()
+    read_window = Spool._read_window
+
+    def stalled(self: Spool, seg: Any) -> Any:
+        disk.wait(120)
+        return read_window(self, seg)
+
+    monkeypatch.setattr(Spool, "_read_window", stalled)
     spool = await spool_with_an_undeliverable_record(s, topics)
     producer = producer_for(s)
     server = TestServer(create_app(s, producer, spool), host="127.0.0.1")
     await server.start_server()
     try:
         assert server.port is not None
+        await asyncio.sleep(1.5)  # past SENTPIPE_STALL_AFTER_S, within the produce timeout
         status, _, _ = await exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert status == 200  # within SENTPIPE_STALL_AFTER_S of the drain's start
-        await asyncio.sleep(1.5)
+        assert status == 200
+        await asyncio.sleep(2.0 + STALL_MARGIN_S - 1.0)
         assert spool.records == 1 and producer.unavailable is None
         status, _, answer = await exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (status, orjson.loads(answer)["error"]) == (503, "spool_drain_stalled")
     finally:
+        disk.set()
         await server.close()
 
 
@@ -796,6 +809,11 @@ async def test_a_spool_disk_that_stops_answering_gets_503_at_once_and_fails_the_
     producer._on_error(KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"))
     server = await ingress_server(create_app(s, producer, spool))
     monkeypatch.setattr("sentpipe.ingress.spool.os.fdatasync", stalled)
+
+    def count(name: str) -> float:
+        return REGISTRY.get_sample_value(f"sentpipe_spool_{name}_total") or 0.0
+
+    errors, spooled = count("write_errors"), count("spooled")
     try:
         assert server.port is not None
         for _ in range(2):  # the first waits for its write; the second is refused at once
@@ -806,6 +824,7 @@ async def test_a_spool_disk_that_stops_answering_gets_503_at_once_and_fails_the_
             assert (status, orjson.loads(answer)["error"]) == (503, "spool_write_failed"), answer
             assert headers["retry-after"]
         assert REGISTRY.get_sample_value("sentpipe_ingress_accepting") == 0
+        assert count("write_errors") == errors + 1  # one write stalled, however many requests it failed
         status, _, answer = await exchange(server.port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 503 and "not finished a write" in orjson.loads(answer)["detail"], answer
         await asyncio.sleep(1.5)  # past SENTPIPE_STALL_AFTER_S
@@ -818,11 +837,13 @@ async def test_a_spool_disk_that_stops_answering_gets_503_at_once_and_fails_the_
             await asyncio.sleep(0.05)
         status, _, _ = await exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 200 and spool.records == 1
+        assert count("spooled") == spooled  # the late write's request was answered 503, not 200
         body = f.inbound().body
         status, _, answer = await exchange(
             server.port, head("/webhooks/sent", signed(secret, body), len(body)), body, timeout=20
         )
         assert status == 200 and orjson.loads(answer)["spooled"] is True, answer
+        assert count("spooled") == spooled + 1
     finally:
         disk.set()
         release.set()

@@ -158,6 +158,50 @@ def test_appends_are_durable_grouped_and_drained_in_order(tmp_path: Path) -> Non
     asyncio.run(main())
 
 
+def test_new_records_go_around_the_spool_only_while_the_broker_takes_its_drain(tmp_path: Path) -> None:
+    """Always queued behind the spool, a busy ingress answered from one disk for as long as its traffic
+    lasted after a broker blip: the spool is empty only in a pause between requests. New records go behind
+    it while the broker takes nothing, and to the broker directly once it acknowledges a drain window."""
+
+    async def main() -> None:
+        s = spool_in(tmp_path)
+        sent: list[tuple[SpoolRecord, asyncio.Future[Delivered]]] = []
+        more = asyncio.Event()
+
+        def send(r: SpoolRecord) -> asyncio.Future[Delivered]:
+            fut: asyncio.Future[Delivered] = asyncio.get_running_loop().create_future()
+            sent.append((r, fut))
+            more.set()
+            return fut
+
+        async def sent_count(n: int) -> None:
+            async with asyncio.timeout(10):
+                while len(sent) < n:
+                    more.clear()
+                    await more.wait()
+
+        await s.append(rec(0))
+        assert s.holds_new_records  # nothing acknowledged yet
+        drain = asyncio.create_task(s.drain(send))
+        await sent_count(1)
+        sent[0][1].set_result(Delivered("t", 0, 0))
+        await s.append(rec(1))  # the traffic goes on while the drain empties the spool
+        await sent_count(2)
+        assert s.records == 1 and s.active and not s.holds_new_records  # the broker takes the drain's
+        sent[1][1].set_exception(ProduceRejected("all_brokers_down"))
+        for _ in range(10_000):  # the drain takes the refusal in
+            if s.acked_at is None:
+                break
+            await asyncio.sleep(0.001)
+        assert s.records == 1 and s.holds_new_records  # refused: behind it again
+        drain.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await drain
+        s.close()
+
+    asyncio.run(main())
+
+
 def test_segments_rotate_and_each_goes_once_drained(tmp_path: Path) -> None:
     async def main() -> None:
         s = spool_in(tmp_path, segment_bytes=64 * 1024)

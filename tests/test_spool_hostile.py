@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
+import logging
 import os
 import resource
 import shutil
@@ -26,7 +28,7 @@ import pytest
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from prometheus_client import REGISTRY
 
-from sentpipe.broker import Delivered, ProduceRejected
+from sentpipe.broker import QUEUE_FULL, Delivered, ProduceRejected
 from sentpipe.ingress.spool import (
     CHECKPOINT,
     REFUSED,
@@ -37,6 +39,7 @@ from sentpipe.ingress.spool import (
     SpoolRecord,
     adopt_orphans,
     drain_directories,
+    encode_frame,
     process_dir,
     status_of,
 )
@@ -127,6 +130,91 @@ def test_a_checkpoint_that_does_not_fit_the_segments_loses_nothing(tmp_path: Pat
         b = Broker()
         await s.drain(b.send, once=True)
         assert b.got == [rec(10)]
+        s.close()
+
+    asyncio.run(main())
+
+
+def test_a_checkpoint_past_the_end_of_a_later_segment_deletes_none_before_it(tmp_path: Path) -> None:
+    """Ignored for its offset, the checkpoint was still trusted with its segment: every segment before the
+    one it named was deleted, their records with them."""
+
+    async def main() -> None:
+        s = spool_in(tmp_path, segment_bytes=1000)
+        for i in range(6):  # one record a segment
+            await s.append(rec(i, 2000))
+        s.close()
+        second = int(segments_in(tmp_path)[1].stem)
+        (tmp_path / CHECKPOINT).write_bytes(b'{"segment": %d, "offset": 999999}' % second)
+        s = spool_in(tmp_path)
+        assert s.records == 6 and len(segments_in(tmp_path)) == 6
+        b = Broker()
+        await s.drain(b.send, once=True)
+        assert b.got == [rec(i, 2000) for i in range(6)]
+        s.close()
+
+    asyncio.run(main())
+
+
+def test_a_segment_cut_while_the_ingress_runs_does_not_hang_the_drain(tmp_path: Path) -> None:
+    """A segment file shorter than what was written to it: the drain read no bytes where it expected frames
+    and spun for ever in its thread (the process could not even exit). Now what is left is drained, the rest
+    said lost, and the records behind it go on."""
+
+    async def main() -> None:
+        s = spool_in(tmp_path, segment_bytes=10_000)
+        for i in range(6):  # three records a segment
+            await s.append(rec(i, 4000))
+        first = segments_in(tmp_path)[0]
+        with first.open("r+b") as f:  # its last record cut away
+            f.truncate(first.stat().st_size // 3 * 2)
+        b = Broker()
+        async with asyncio.timeout(30):
+            await s.drain(b.send, once=True)
+        assert b.got == [rec(i, 4000) for i in (0, 1, 3, 4, 5)]
+        assert s.records == 0 and not segments_in(tmp_path)
+        s.close()
+
+    asyncio.run(main())
+
+
+def test_a_full_producer_queue_ends_the_window_without_pausing_the_drain(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The producer's `local_queue_full` (its queue shared with the requests' records) was taken for the
+    broker's refusal: the drain logged "drain paused" and backed off, up to 5 s a window."""
+
+    async def main() -> None:
+        await fill(tmp_path, 1000)
+        s = spool_in(tmp_path)
+        calls = itertools.count(1)
+        b = Broker(lambda r: QUEUE_FULL if next(calls) % 300 == 0 else None, raise_at_send=True)
+        await s.drain(b.send, once=True)
+        assert b.got == [rec(i) for i in range(1000)] and s.records == 0
+        s.close()
+
+    with caplog.at_level(logging.WARNING, "sentpipe.ingress.spool"):
+        asyncio.run(main())
+    assert "drain paused" not in caplog.text
+
+
+def test_a_corrupt_frame_behind_a_failing_record_is_counted_once(tmp_path: Path) -> None:
+    """Each retry of a window read the corrupt frame behind its failing record again, and counted it again
+    (`sentpipe_spool_corrupt_frames_total`, the drain's summary)."""
+
+    async def main() -> None:
+        await fill(tmp_path, 3)
+        seg = segments_in(tmp_path)[0]
+        data = bytearray(seg.read_bytes())
+        data[len(encode_frame(rec(0))) + 20] ^= 0xFF  # the second record's CRC fails
+        seg.write_bytes(bytes(data))
+        s = spool_in(tmp_path)
+        down = iter([True, True])
+        b = Broker(lambda r: "all_brokers_down" if r == rec(0) and next(down, False) else None)
+        for _ in range(3):  # refused twice, then taken
+            await s.drain(b.send, once=True)
+        assert b.got[-2:] == [rec(0), rec(2)] and s.records == 0  # (rec 2 went in each window: a duplicate)
+        assert s.corrupt == 1
         s.close()
 
     asyncio.run(main())
