@@ -132,7 +132,7 @@ class Projector:
         # A batch rewound (held, or failed as a whole) earns no such credit until a batch commits: read
         # again with a few new records each round, it would otherwise look like progress forever.
         self._rewound = False
-        self.started = False  # the first poll has returned: the group is joined
+        self.started = False  # the group has given the consumer its assignment (a poll returning is not it)
         self.stopping = False
         self._lag_series: set[Partition] = set()
         # Fetched is not done: the records of the batch in hand count as waiting until it commits.
@@ -202,7 +202,9 @@ class Projector:
         records = await self._consumer_thread.call(
             self.consumer.poll_batch, self.t.batch_size, self.t.within_s
         )
-        self.started = True
+        # A poll returns after `within_s` (20 ms) whether the group is joined or not: /readyz said ready
+        # before the projector had its partitions.
+        self.started = self.consumer.joined
         self._in_hand = records
         if self.watchdog is not None:
             lag = await self._lag()

@@ -518,6 +518,23 @@ async def test_the_database_lost_under_a_call_retries_the_batch(stage: Stage, br
         assert handled == set(stage.ids.values()) - {victim}
 
 
+async def test_the_projector_is_ready_once_its_group_has_assigned_it_not_when_a_poll_returns(
+    stage: Stage,
+) -> None:
+    """A poll returns after `within_s` (20 ms) whether the group is joined or not, and the first one made
+    /readyz say ready before the projector had been given its partitions."""
+    pool = AsyncConnectionPool(stage.db, min_size=1, max_size=1, open=False)
+    await pool.open()
+    try:
+        projector = stage.projector(pool)
+        projector.consumer.joined = False  # still joining
+        assert await projector.step() == 0 and not projector.started
+        projector.consumer.joined = True  # the group's assignment came (an empty one counts)
+        assert await projector.step() == 0 and projector.started
+    finally:
+        await pool.close()
+
+
 async def test_a_handler_changing_its_event_changes_nothing_else(stage: Stage) -> None:
     """The event object was shared: a handler's change reached the next handler and, when the batch was
     retried (any RetryableError), the projection rows written from the same objects."""
