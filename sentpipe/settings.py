@@ -475,4 +475,10 @@ class Settings(BaseSettings):
 
     @property
     def uses_development_secret(self) -> bool:
-        return self.webhook_secret.get_secret_value() == DEVELOPMENT_SECRET
+        """Whether the default tenant takes the built-in development secret: SENTPIPE_SECRETS_FILE can give
+        it others (compared with SENTPIPE_WEBHOOK_SECRET alone, the console offered test events signed with
+        a secret the ingress refused)."""
+        try:
+            return DEVELOPMENT_SECRET in self.tenant_secrets()[self.default_tenant]
+        except (OSError, ValueError):  # the file is unreadable: every command that serves says so
+            return self.webhook_secret.get_secret_value() == DEVELOPMENT_SECRET

@@ -353,6 +353,15 @@ def event_in_db(db: str, event_id: str) -> bool:
     return bool(n and n[0])
 
 
+def test_an_address_with_a_percent_that_starts_no_escape_still_opens_its_view(
+    page: Any, stack: Stack
+) -> None:
+    """`#/event/%` threw a URIError before the view was drawn: the page went on showing the view before."""
+    goto(page, stack, "search")
+    goto(page, stack, "event/100%")
+    assert "100%" in page.inner_text("main")
+
+
 def test_dead_letters_list_and_redrive_after_a_dry_run(page: Any, stack: Stack) -> None:
     s = stack.settings
     topics = Topics(s.topic_prefix)

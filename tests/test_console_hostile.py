@@ -13,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -25,7 +26,7 @@ from pydantic import SecretStr
 from yarl import URL
 
 from sentpipe.console import create_app
-from sentpipe.console.app import SAMPLER, SESSIONS, SETTINGS, entry_json, send_json
+from sentpipe.console.app import SAMPLER, SESSIONS, SETTINGS, entry_json, off_loop, send_json
 from sentpipe.console.auth import Session, Sessions
 from sentpipe.processors.dlq import DlqEntry
 from sentpipe.schemas import routing as r
@@ -197,6 +198,7 @@ async def test_text_the_database_cannot_hold_is_400_not_database_unavailable(
         "/api/search?tenant=a%00b": "tenant must not contain NUL",
         "/api/event?id=%00abc": "id must not contain NUL",
         f"/api/search?q={'x' * 257}": "q is longer than 256",
+        "/api/search?type=unrouted": "unknown event type 'unrouted'",  # no history: not "no events"
         "/api/dlq/entry?id=%C2%B2": "'²' is not a DLQ record ID",
         "/api/dlq/entry?id=0:99999999999999999999999": "'0:99999999999999999999999' is not a DLQ record ID",
     }
@@ -318,6 +320,25 @@ def test_an_integer_beyond_64_bits_or_a_lone_surrogate_does_not_break_an_answer(
     resp = send_json({"entries": [{**entry_json(e.row()), "time": 10**40}], "bad": "\ud800"})
     assert resp.status == 200 and isinstance(resp.body, bytes)
     assert b'"time":"1' + b"0" * 40 + b'"' in resp.body and b'"bad":"?"' in resp.body
+
+
+def test_a_call_still_running_does_not_hold_the_console_s_exit() -> None:
+    """The API's database and Kafka calls ran in the default executor, whose threads asyncio.run waits for at
+    exit: a SIGTERM during a long trace scan kept the console up past its stop bound, until a SIGKILL."""
+    released = threading.Event()
+
+    async def main() -> None:
+        call = asyncio.ensure_future(off_loop(released.wait, 120))
+        await asyncio.sleep(0.05)
+        call.cancel()
+
+    ran = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    ran.start()
+    ran.join(60)
+    try:
+        assert not ran.is_alive() and not released.is_set()  # the loop ended with the call still running
+    finally:
+        released.set()
 
 
 # --- 7. the URL is announced only once the port is bound ----------------------------------------------------

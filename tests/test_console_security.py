@@ -11,7 +11,9 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
+import orjson
 import pytest
 from aiohttp import ClientSession, CookieJar
 from aiohttp.test_utils import TestServer
@@ -19,7 +21,7 @@ from pydantic import SecretStr
 
 from sentpipe.console import check_bind, create_app
 from sentpipe.console.app import SAMPLER, send_json
-from sentpipe.settings import Settings
+from sentpipe.settings import DEVELOPMENT_SECRET, Settings
 from tests.processes import settings_env
 
 TOKEN = "console-test-token-0123456789"
@@ -197,10 +199,20 @@ async def test_without_a_token_only_loopback_host_names_are_answered(settings: S
         await server.close()
 
 
-async def test_test_events_only_with_the_development_secret(settings: Settings) -> None:
-    s = settings.model_copy(
-        update={"webhook_secret": SecretStr("whsec_cHJvZHVjdGlvbi1zZWNyZXQ="), "console_metrics_urls": []}
-    )
+@pytest.mark.parametrize("given_by", ["environment", "secrets file"])
+async def test_test_events_only_with_the_development_secret(
+    settings: Settings, tmp_path: Path, given_by: str
+) -> None:
+    """A secrets file can give the default tenant its own secret: the page offered test events all the same,
+    signed with the development secret the ingress no longer took, and each one came back 401."""
+    real = "whsec_cHJvZHVjdGlvbi1zZWNyZXQ="
+    if given_by == "environment":
+        update: dict[str, object] = {"webhook_secret": SecretStr(real)}
+    else:
+        (tmp_path / "secrets.json").write_bytes(orjson.dumps({settings.default_tenant: real}))
+        update = {"webhook_secret": SecretStr(DEVELOPMENT_SECRET), "secrets_file": tmp_path / "secrets.json"}
+    s = settings.model_copy(update={**update, "console_metrics_urls": []})
+    assert not s.uses_development_secret
     server = TestServer(create_app(s), host="127.0.0.1")
     await server.start_server()
     base = f"http://127.0.0.1:{server.port}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from confluent_kafka import Producer
 
@@ -47,3 +48,27 @@ def test_a_backfill_after_a_broker_error_neither_counts_nor_shows_a_record_twice
         assert len({(row["topic"], row["partition"], row["offset"]) for row in rows}) == 7
     finally:
         loop.close()
+
+
+def test_the_live_page_opens_with_the_newest_rows_of_the_hour(settings: Settings, topics: Topics) -> None:
+    """The backfill sent its rows as it read them, partition after partition (only its last batch in time
+    order): a new Live page opened with the last rows read, not the newest. Here the offsets run against
+    time (each record older than the one before), so the order of reading is the reverse of the newest."""
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    samples = SampleFactory()
+    now_ms = int(time.time() * 1000)
+    for i in range(700):
+        body = samples.message_status(f"msg-newest-{i}", "delivered").body
+        producer.produce(topics.raw, body, key=f"n{i}", partition=0, timestamp=now_ms - 1000 * i)
+    assert producer.flush(30) == 0
+    loop = asyncio.new_event_loop()
+    try:
+        tail = Tail(settings)
+        tail._loop = loop
+        tail._backfill()
+        loop.run_until_complete(asyncio.sleep(0))  # the rows handed to the pages' loop
+    finally:
+        loop.close()
+    assert counted(tail) == 700
+    shown = [row["time"] for row in tail.recent]
+    assert shown == sorted(shown) and shown[-50:] == [now_ms - 1000 * i for i in reversed(range(50))]

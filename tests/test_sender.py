@@ -763,6 +763,21 @@ async def test_skip_mode_sends_the_good_lines(stub: Stub, tmp_path: Path) -> Non
     assert sorted(h.body for h in stub.hits) == sorted(lines)
 
 
+async def test_an_unrouted_line_s_field_never_reaches_a_header_as_it_is(stub: Stub, tmp_path: Path) -> None:
+    """A line without a known envelope sent its own `field` as x-webhook-event-type: a control character in it
+    ended the whole run with `error: ValueError: Forbidden control character...`, no summary, the other lines'
+    outcomes lost. Sent only ever puts `messages` or `templates` there."""
+    events = tmp_path / "events.jsonl"
+    good = [s.body for s in SampleFactory(9).mix(3)]
+    odd = [b'{"field": "a\\nb"}', b'{"field": "templates"}', b'{"field": "x" }']
+    events.write_bytes(b"\n".join([good[0], *odd, *good[1:]]) + b"\n")
+    ran = await cli("send", stub.url, "--file", str(events))
+    assert ran.returncode == 0 and "Traceback" not in ran.stderr, ran
+    assert sorted(h.body for h in stub.hits) == sorted([*good, *odd])
+    kinds = {h.body: h.headers["x-webhook-event-type"] for h in stub.hits}
+    assert [kinds[b] for b in odd] == ["messages", "templates", "messages"]
+
+
 async def test_a_file_is_streamed_and_a_line_without_end_is_refused_not_read_whole(
     stub: Stub, tmp_path: Path
 ) -> None:

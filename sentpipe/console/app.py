@@ -8,6 +8,7 @@ JSON. The browser renders every value with textContent, so nothing from an event
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import logging
 import random
@@ -55,7 +56,7 @@ from sentpipe.schemas.topics import Topics
 from sentpipe.sender.delivery import Outcome, Unreachable, deliver, probe
 from sentpipe.sender.delivery import shown as without_password
 from sentpipe.sender.plan import one_event, parse_shape, parse_status, plan_deliveries
-from sentpipe.settings import Settings
+from sentpipe.settings import DEVELOPMENT_SECRET, Settings
 
 log = logging.getLogger("sentpipe.console")
 
@@ -278,8 +279,30 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 
 
 async def off_loop(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` in a daemon thread of its own. Not the default executor, whose threads
+    asyncio.run waits for at exit: a SIGTERM during a long trace scan kept the console up past STOP_BOUND_S,
+    until the orchestrator's SIGKILL (as jobs.py says of jobs)."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, lambda: fn(*args, **kwargs))
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if done.done():  # the request went away
+            return
+        if exc is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(result)
+
+    def call() -> None:
+        try:
+            result, exc = fn(*args, **kwargs), None
+        except BaseException as error:
+            result, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop has closed
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=call, name="console-call", daemon=True).start()
+    return await done
 
 
 # --- middleware: headers, sign-in, CSRF ----------------------------------------------------------------
@@ -536,7 +559,8 @@ async def search(request: web.Request) -> web.StreamResponse:
     q = request.query
     known(q, ("q", "tenant", "type", "since", "until", "page", "page_size"))
     try:
-        types = frozenset(r.parse_event_types(listed(q.get("type"), "type")))
+        # Routed types only: `unrouted` has no history table, and answered "no events" as if it had.
+        types = frozenset(r.parse_event_types(listed(q.get("type"), "type"), ROUTED_TYPES))
     except ValueError as exc:
         return problem(400, str(exc))
     since, until = _time(q.get("since"), "since"), _time(q.get("until"), "until")
@@ -747,7 +771,7 @@ async def trigger(request: web.Request) -> web.StreamResponse:
         await deliver(
             target,
             [delivery],
-            s.webhook_secret.get_secret_value(),
+            DEVELOPMENT_SECRET,  # what the default tenant takes (`uses_development_secret`), file or not
             schedule=(),
             timeout_s=10.0,
             on_outcome=outcomes.append,

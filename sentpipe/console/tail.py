@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import threading
 import time
@@ -194,11 +195,10 @@ class Tail:
                 sub.offer(row)
 
     # --- the Kafka side (thread) ------------------------------------------------------------------------
-    def _publish(self, rows: list[Row], counts: MinuteStats | None = None) -> None:
+    def _publish(self, rows: list[Row]) -> None:
         if not rows:
             return
-        (counts or self.stats).add(rows)
-        # Against the offsets shown before this batch: a backfill's last batch is in time order, not offsets.
+        # Against the offsets shown before this batch: a backfill's rows are in time order, not offsets.
         new = [row for row in rows if row["offset"] >= self._shown.get((row["topic"], row["partition"]), 0)]
         for row in new:
             key = row["topic"], row["partition"]
@@ -228,27 +228,38 @@ class Tail:
         since = int(self.clock() * 1000) - HOUR_MS
         ends: dict[tuple[str, int], int] = {}
         counts = MinuteStats()  # swapped in at the end: the hour is counted afresh on every backfill
+        partial = False
+        # The newest rows read, by time: what the Live page opens with. Published as they were read, partition
+        # after partition, the page opened with one partition's last rows rather than the newest.
+        newest: list[tuple[int, int, Row]] = []
         with Log(self.settings, timeout=10.0) as kafka:
             ranges: list[Range] = []
             for topic in (self.topics.raw, self.topics.dlq):
                 for x in kafka.ranges(topic, Window(since_ms=since)):
                     start = max(x.start, x.end - BACKFILL_PER_PARTITION)
-                    self.backfill_partial |= start > x.start
+                    partial |= start > x.start
                     ranges.append(Range(x.topic, x.partition, start, x.end))
                     ends[x.topic, x.partition] = x.end
                     if x.end < self._shown.get((x.topic, x.partition), 0):  # the topic was made anew
                         self._shown[x.topic, x.partition] = 0
             batch: list[Row] = []
-            for msg in kafka.read(ranges):
+            for n, msg in enumerate(kafka.read(ranges)):
                 if self._stop.is_set():
                     break
-                batch.append(self._describe(msg))
+                row = self._describe(msg)
+                batch.append(row)
                 if len(batch) >= 500:
-                    self._publish(batch, counts)
+                    counts.add(batch)
                     batch = []
-            batch.sort(key=lambda row: row["time"])
-            self._publish(batch, counts)
+                item = (row["time"], n, row)
+                if len(newest) < RECENT_ROWS:
+                    heapq.heappush(newest, item)
+                else:
+                    heapq.heappushpop(newest, item)
+            counts.add(batch)
+        self._publish([row for _, _, row in sorted(newest)])
         self.stats.replace(counts)
+        self.backfill_partial = partial  # of the last backfill: one cut short said so for good
         return ends
 
     def _follow(self, ends: dict[tuple[str, int], int]) -> None:
@@ -278,6 +289,8 @@ class Tail:
                             raise KafkaException(err)
                         continue
                     rows.append(self._describe(msg))
+                if rows:
+                    self.stats.add(rows)
                 self._publish(rows)
         finally:
             consumer.close()

@@ -701,11 +701,21 @@ async function triggerView(main) {
 // --- router ------------------------------------------------------------------------------------------------
 const VIEWS = { overview: overviewView, live: liveView, event: eventView, search: searchView, dlq: dlqView, replay: replayView, trigger: triggerView };
 
+function decoded(text) {
+  // A `%` typed into the address that starts no escape: taken as typed. Thrown, the URIError left the page
+  // showing the view before, unanswered.
+  try {
+    return decodeURIComponent(text);
+  } catch {
+    return text;
+  }
+}
+
 async function route() {
   state.cleanup.splice(0).forEach((fn) => fn());
   const [, name, ...rest] = location.hash.split("/");
   const view = VIEWS[name] ? name : "overview";
-  const arg = rest.length ? decodeURIComponent(rest.join("/")) : "";
+  const arg = rest.length ? decoded(rest.join("/")) : "";
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("active", a.dataset.view === view || (view === "event" && a.dataset.view === "search"));
   const main = document.getElementById("view");
   delete main.dataset.ready;
