@@ -82,11 +82,11 @@ class SpoolLocked(Exception):
 
 
 class SegmentCut(Exception):
-    """A segment's file is shorter than what was written to it."""
+    """A segment's file is shorter (`size`) than what was written to it (`end`) when it was read."""
 
-    def __init__(self, size: int) -> None:
-        super().__init__(size)
-        self.size = size
+    def __init__(self, size: int, end: int) -> None:
+        super().__init__(size, end)
+        self.size, self.end = size, end
 
 
 @dataclass(frozen=True, slots=True)
@@ -551,6 +551,8 @@ class Spool:
             async with asyncio.timeout(self.write_timeout_s):
                 await asyncio.shield(fut)
         except TimeoutError:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                return  # written in the turn the wait ran out: durable, so answered 200 after all
             fut.add_done_callback(_retrieved)  # its late failure, if any, is logged by _commit already
             self._gave_up.add(fut)  # answered 503: not counted as spooled should the write land
             raise self._write_timed_out() from None
@@ -750,7 +752,7 @@ class Spool:
                 self._drop_vanished(seg)
                 continue
             except SegmentCut as cut:
-                self._cut_short(seg, cut.size)
+                self._cut_short(seg, cut)
                 continue
             if not frames:
                 if self._finish_segment(seg):
@@ -774,6 +776,10 @@ class Spool:
                     queue_full = exc.reason == QUEUE_FULL
                     refused = None if queue_full else exc
                     break
+            for fut in futs:
+                # Each acknowledgement, not the window's end: a window longer than DRAIN_ACKED_FRESH_S (a big
+                # backlog) sent new requests behind the spool again until it ended.
+                fut.add_done_callback(self._acked)
             results: list[Delivered | BaseException] = list(
                 await asyncio.gather(*futs, return_exceptions=True)
             )
@@ -807,7 +813,8 @@ class Spool:
                 acked_until = frames[-1].end
             self.drain_off = acked_until
             self.progress_at = time.monotonic()
-            self.acked_at = self.progress_at if failure is None and ok else None
+            if failure is not None:
+                self.acked_at = None  # the broker refused: new requests go behind the spool again
             # Never below zero: a segment's tail read whole after a failed write holds records never counted.
             seg.records = max(0, seg.records - passed)
             self.records = max(0, self.records - passed)
@@ -856,6 +863,10 @@ class Spool:
                 return frame.record.spooled_at_ms
         return self.oldest_ms  # the next record is beyond this window; refreshed on the next one
 
+    def _acked(self, fut: asyncio.Future[Delivered]) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.acked_at = time.monotonic()
+
     def _read_window(self, seg: _Segment) -> list[Frame]:
         """In a thread: up to DRAIN_WINDOW frames of `seg` from the drain position, within its durable
         size."""
@@ -868,7 +879,7 @@ class Spool:
             size = os.fstat(f.fileno()).st_size
             if size < end:
                 # Read to its old end, the drain found no bytes where it expected frames and never moved on.
-                raise SegmentCut(size)
+                raise SegmentCut(size, end)
             while start < end and len(out) < DRAIN_WINDOW:
                 f.seek(start)
                 data = f.read(min(READ_CHUNK, end - start))
@@ -938,9 +949,14 @@ class Spool:
         )
         return True
 
-    def _cut_short(self, seg: _Segment, size: int) -> None:
+    def _cut_short(self, seg: _Segment, cut: SegmentCut) -> None:
         """`seg`'s file is shorter than what was written to it (cut by hand, a filesystem repair): what was
         past its new end cannot be sent. Said loudly; the drain goes on with what is left."""
+        if seg.size != cut.end:
+            # A write landed since the read (appended at the file's new end): its size is the file's now,
+            # and records answered 200 are past the cut. The next read looks again.
+            return
+        size = cut.size
         log.error(
             "spool: segment %s was cut from %d to %d bytes while its records were not all on the broker yet:"
             " the records past its new end are lost",

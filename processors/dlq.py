@@ -202,8 +202,7 @@ class DlqEntry:
 
 @dataclass(frozen=True, slots=True)
 class DlqRow:
-    """What a listing shows of a record. No body and no headers: a listing can hold a million records, and a
-    letter's body can be several times the largest accepted request."""
+    """What a listing shows of a record, its body parsed once: no body and no headers."""
 
     id: str
     timestamp_ms: int
@@ -375,7 +374,9 @@ def list_entries(
     with Log(settings, timeout) as kafka:
         marks = kafka.watermarks(topics.dlq, range(kafka.partition_count(topics.dlq)))
         taken = redriven(kafka, topics) or Ledger()
-        newest: deque[DlqRow] = deque(maxlen=limit)
+        # Whole records, made rows at the end: a row parses the body, and only the rows shown are worth it
+        # (parsing every match cost ~40 us each, 40 s over a million letters to show 50).
+        newest: deque[DlqEntry] = deque(maxlen=limit)
         matched = passed = 0
         for msg in kafka.read(_ranges(kafka, topics.dlq, sel)):
             e = DlqEntry.from_message(msg)
@@ -388,8 +389,10 @@ def list_entries(
                     continue
                 e = replace(e, redriven_by=by)
             matched += 1
-            newest.append(e.row())
-    return DlqListing(list(newest), matched, sum(high - low for low, high in marks.values()), passed)
+            newest.append(e)
+    return DlqListing(
+        [e.row() for e in newest], matched, sum(high - low for low, high in marks.values()), passed
+    )
 
 
 def show_entry(settings: Settings, entry_id: str, *, timeout: float = 10.0) -> DlqEntry:

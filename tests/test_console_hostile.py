@@ -26,7 +26,15 @@ from pydantic import SecretStr
 from yarl import URL
 
 from sentpipe.console import create_app
-from sentpipe.console.app import SAMPLER, SESSIONS, SETTINGS, entry_json, off_loop, send_json
+from sentpipe.console.app import (
+    MAX_CALLS,
+    SAMPLER,
+    SESSIONS,
+    SETTINGS,
+    entry_json,
+    off_loop,
+    send_json,
+)
 from sentpipe.console.auth import Session, Sessions
 from sentpipe.processors.dlq import DlqEntry
 from sentpipe.schemas import routing as r
@@ -339,6 +347,37 @@ def test_a_call_still_running_does_not_hold_the_console_s_exit() -> None:
         assert not ran.is_alive() and not released.is_set()  # the loop ended with the call still running
     finally:
         released.set()
+
+
+def test_at_most_max_calls_run_at_once_a_request_gone_included() -> None:
+    """A thread per call and no cap: reloading a trace page piled up Kafka scans and database connections
+    without end. A call whose request went away keeps its place until it ends."""
+    release = threading.Event()
+    lock = threading.Lock()
+    running = [0, 0]  # now, most at once
+
+    def scan() -> None:
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        release.wait(30)
+        with lock:
+            running[0] -= 1
+
+    async def main() -> None:
+        calls = [asyncio.ensure_future(off_loop(scan)) for _ in range(MAX_CALLS + 3)]
+        for _ in range(1000):
+            if running[0] == MAX_CALLS:
+                break
+            await asyncio.sleep(0.01)
+        calls[0].cancel()  # its page closed: the scan goes on, in its place
+        await asyncio.sleep(0.1)
+        assert running[0] == MAX_CALLS
+        release.set()
+        await asyncio.gather(*calls[1:])
+
+    asyncio.run(main())
+    assert running == [0, MAX_CALLS]
 
 
 # --- 7. the URL is announced only once the port is bound ----------------------------------------------------

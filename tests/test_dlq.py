@@ -300,8 +300,8 @@ def test_headers_out_of_range_read_as_absent() -> None:
 
 
 def test_a_listing_row_shows_what_its_record_says_and_keeps_no_body() -> None:
-    """`dlq list` kept every listed record whole (up to a million, each up to a few MiB) though its table
-    shows no body: a row keeps the fields, from one parse of the body."""
+    """A listing's row: the fields its table shows, from one parse of the body (each column parsed it
+    again), without the body or the headers."""
     topics = Topics("x.")
     routed = route_as_the_router(SampleFactory(44).inbound().body, topics)
     assert routed.event is not None

@@ -16,6 +16,7 @@ import re
 import secrets
 import signal
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -278,14 +279,24 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return data
 
 
+# Calls running at once (a Kafka scan or a database query each); the others wait their turn.
+MAX_CALLS = 6
+_call_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 async def off_loop(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`fn(*args, **kwargs)` in a daemon thread of its own. Not the default executor, whose threads
-    asyncio.run waits for at exit: a SIGTERM during a long trace scan kept the console up past STOP_BOUND_S,
-    until the orchestrator's SIGKILL (as jobs.py says of jobs)."""
+    """`fn(*args, **kwargs)` in a daemon thread of its own, at most MAX_CALLS at once. Not the default
+    executor, whose threads asyncio.run waits for at exit: a SIGTERM during a long trace scan kept the
+    console up past STOP_BOUND_S, until the orchestrator's SIGKILL (as jobs.py says of jobs)."""
     loop = asyncio.get_running_loop()
+    slots = _call_slots.setdefault(loop, asyncio.Semaphore(MAX_CALLS))
+    await slots.acquire()
     done: asyncio.Future[Any] = loop.create_future()
 
     def settle(result: Any, exc: BaseException | None) -> None:
+        slots.release()  # when the call ends, not when its request does: a page gone leaves it running
         if done.done():  # the request went away
             return
         if exc is not None:
@@ -301,7 +312,11 @@ async def off_loop(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with contextlib.suppress(RuntimeError):  # the loop has closed
             loop.call_soon_threadsafe(settle, result, exc)
 
-    threading.Thread(target=call, name="console-call", daemon=True).start()
+    try:
+        threading.Thread(target=call, name="console-call", daemon=True).start()
+    except BaseException:
+        slots.release()
+        raise
     return await done
 
 
