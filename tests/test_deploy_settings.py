@@ -770,7 +770,8 @@ KEY_BASES: list[tuple[str, ...]] = [
 
 
 def _alternatives(key: str, default: Any) -> list[tuple[str, str]]:
-    """Other values for a key, ones its schema allows (an enum's other members, a pattern's matches)."""
+    """Other values for a key, ones its schema allows (an enum's other members, its examples, a pattern's
+    matches)."""
     node = schema_node(key) if key in schema_paths() else {}
     if isinstance(default, bool):
         return [("--set", f"{key}=true"), ("--set", f"{key}=false")]
@@ -778,14 +779,18 @@ def _alternatives(key: str, default: Any) -> list[tuple[str, str]]:
         numbers = [int(default) + 2, int(default) + 1, 1, 0]
         return [("--set", f"{key}={n}") for n in numbers]
     if isinstance(default, str):
-        words = node.get("enum") or [
-            f"{default}x",
-            "y",
-            "3Gi",
-            "a-value-long-enough-for-any-minimum",
-            "https://example.com/y",
-            "sha256:" + "ab" * 32,
-        ]
+        words = (
+            node.get("enum")
+            or node.get("examples")
+            or [
+                f"{default}x",
+                "y",
+                "3Gi",
+                "a-value-long-enough-for-any-minimum",
+                "https://example.com/y",
+                "sha256:" + "ab" * 32,
+            ]
+        )
         pattern = node.get("pattern")
         words = [w for w in words if w != default and (pattern is None or re.search(pattern, w))]
         return [("--set-string", f"{key}={w}") for w in words]

@@ -205,8 +205,9 @@ selector; call with (dict "constraints" LIST "selector" (include "sentpipe.selec
 files from the TLS volume. Half a configuration fails the render, naming the value to set. */}}
 {{- define "sentpipe.kafkaSecurityEnv" -}}
 {{- $sec := .Values.kafka.security -}}
-{{- $sasl := hasPrefix "SASL_" $sec.protocol -}}
-{{- $tls := hasSuffix "SSL" $sec.protocol -}}
+{{- $proto := upper $sec.protocol -}}
+{{- $sasl := hasPrefix "SASL_" $proto -}}
+{{- $tls := hasSuffix "SSL" $proto -}}
 {{- if and (not $tls) (or $sec.tls.caSecret.name $sec.tls.clientSecret.name) -}}
 {{- fail (printf "kafka.security.tls.* is set but kafka.security.protocol is %s: use SSL or SASL_SSL" $sec.protocol) -}}
 {{- end -}}
@@ -214,7 +215,7 @@ files from the TLS volume. Half a configuration fails the render, naming the val
 {{- fail (printf "kafka.security.protocol %s needs kafka.security.sasl.username and kafka.security.sasl.passwordSecret.name" $sec.protocol) -}}
 {{- end }}
 - name: SENTPIPE_KAFKA_SECURITY_PROTOCOL
-  value: {{ $sec.protocol | quote }}
+  value: {{ $proto | quote }}
 {{- if $sasl }}
 - name: SENTPIPE_KAFKA_SASL_MECHANISM
   value: {{ $sec.sasl.mechanism | quote }}
