@@ -61,10 +61,11 @@ def _settle_from_thread(
     loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any, exc: BaseException | None
 ) -> None:
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-        loop.call_soon_threadsafe(_settle, future, result, exc)
+        loop.call_soon_threadsafe(settle, future, result, exc)
 
 
-def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+def settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    """On the loop: `future`'s outcome from a thread, unless its waiter has gone."""
     if future.done():  # its waiter was cancelled
         return
     if exc is not None:

@@ -48,6 +48,7 @@ from sentpipe.processors import dlq as dlq_ops
 from sentpipe.processors import history
 from sentpipe.processors import inspect as trace
 from sentpipe.processors import replay as replay_ops
+from sentpipe.processors.consumer_thread import settle
 from sentpipe.processors.offsets import Log, NotFound, OpsError, make_window, parse_when
 from sentpipe.schemas import exact_json
 from sentpipe.schemas import routing as r
@@ -295,14 +296,9 @@ async def off_loop(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     await slots.acquire()
     done: asyncio.Future[Any] = loop.create_future()
 
-    def settle(result: Any, exc: BaseException | None) -> None:
+    def ended(result: Any, exc: BaseException | None) -> None:
         slots.release()  # when the call ends, not when its request does: a page gone leaves it running
-        if done.done():  # the request went away
-            return
-        if exc is not None:
-            done.set_exception(exc)
-        else:
-            done.set_result(result)
+        settle(done, result, exc)
 
     def call() -> None:
         try:
@@ -310,7 +306,7 @@ async def off_loop(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         except BaseException as error:
             result, exc = None, error
         with contextlib.suppress(RuntimeError):  # the loop has closed
-            loop.call_soon_threadsafe(settle, result, exc)
+            loop.call_soon_threadsafe(ended, result, exc)
 
     try:
         threading.Thread(target=call, name="console-call", daemon=True).start()
