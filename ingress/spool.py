@@ -59,7 +59,7 @@ REFUSED = "refused.rec"
 MAX_CHECKPOINT = 2**62  # beyond it a checkpoint number is corruption (and not something JSON can carry back)
 DRAIN_WINDOW = 2000  # records in flight to the broker at once while draining
 DRAIN_BACKOFF_S = (0.25, 5.0)
-# A drain window acknowledged whole this recently: the broker takes records, new ones go to it directly.
+# A drained record acknowledged this recently: the broker takes records, new ones go to it directly.
 DRAIN_ACKED_FRESH_S = 1.0
 CHECKPOINT_EVERY_S = 0.5
 
@@ -275,7 +275,7 @@ class Spool:
         # that stops ending windows while records wait is hung. A broker that refuses is not (the oldest
         # record's age shows that).
         self.progress_at = time.monotonic()
-        self.acked_at: float | None = None  # monotonic: the last drain window the broker acknowledged whole
+        self.acked_at: float | None = None  # monotonic: the broker's last acknowledgement of a drained record
 
     # --- open / close ----------------------------------------------------------------------------------
     def open(self) -> None:
@@ -347,8 +347,8 @@ class Spool:
                 seg_no,
                 offset,
             )
-            # From the first segment: one it names that exists, read again from its start, still said that
-            # every segment before it was drained, and they were deleted.
+            # From the first segment: reading the one it names again from its start still trusted it to say
+            # that the segments before it were drained, and they were deleted.
             seg_no, offset = 0, 0
         self.segments = []
         self.records = self.bytes = 0
@@ -445,11 +445,11 @@ class Spool:
     @property
     def holds_new_records(self) -> bool:
         """Whether a new record goes into the spool without trying the broker: records wait in it and the
-        broker has not acknowledged a drain window for DRAIN_ACKED_FRESH_S. Behind them while the broker
-        takes nothing, so a broker gone silently costs one produce timeout, not one per request; around them
-        once it takes the drain's records (Sent keeps no order, so nothing downstream relies on it). Always
-        behind, a busy ingress went on answering from one disk for as long as its traffic lasted after a
-        broker blip: the spool is empty only in a pause between requests."""
+        broker has not acknowledged a drained record for DRAIN_ACKED_FRESH_S (or refused one since). Behind
+        them while the broker takes nothing, so a broker gone silently costs one produce timeout, not one per
+        request; around them once it takes the drain's records (Sent keeps no order, so nothing downstream
+        relies on it). Always behind, a busy ingress went on answering from one disk for as long as its
+        traffic lasted after a broker blip: the spool is empty only in a pause between requests."""
         if not self.active:
             return False
         acked = self.acked_at
