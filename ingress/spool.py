@@ -952,20 +952,19 @@ class Spool:
     def _cut_short(self, seg: _Segment, cut: SegmentCut) -> None:
         """`seg`'s file is shorter than what was written to it (cut by hand, a filesystem repair): what was
         past its new end cannot be sent. Said loudly; the drain goes on with what is left."""
-        if seg.size != cut.end:
-            # A write landed since the read (appended at the file's new end): its size is the file's now,
-            # and records answered 200 are past the cut. The next read looks again.
-            return
         size = cut.size
         log.error(
             "spool: segment %s was cut from %d to %d bytes while its records were not all on the broker yet:"
             " the records past its new end are lost",
             seg.path,
-            seg.size,
+            cut.end,
             size,
         )
-        self.bytes -= seg.size - size
-        seg.size = size
+        self.bytes -= cut.end - size
+        if seg.size == cut.end:
+            seg.size = size
+        # Else a write landed since the read, at the file's new end (O_APPEND), and set the size to the
+        # file's: its records, answered 200, start at the cut, where the drain goes on.
         if self.drain_seg == seg.seq:
             self.drain_off = min(self.drain_off, size)
 

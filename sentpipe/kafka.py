@@ -1048,10 +1048,6 @@ class RangeReader:
         self._consumer.close()
 
 
-# The longest a projector batch may hold its partitions between two polls.
-MAX_BATCH_S = 3600
-
-
 def batch_consumer_config(settings: Settings, group: str) -> dict[str, Any]:
     """librdkafka's configuration of a `BatchConsumer` in `group`."""
     return {
@@ -1062,12 +1058,6 @@ def batch_consumer_config(settings: Settings, group: str) -> dict[str, Any]:
         "auto.offset.reset": "earliest",
         "session.timeout.ms": round(settings.kafka_session_timeout_s * 1000),
         "heartbeat.interval.ms": round(settings.kafka_heartbeat_interval_s * 1000),
-        # The projector polls between batches only, and a batch may hold its partitions a long time: a
-        # database outage retried in place, handler timeouts one after another. At librdkafka's 300 s the
-        # group took them away mid-batch, another member applied the batch again (its handlers again), and a
-        # batch slower than that every time was never committed. A hung process is the progress watchdog's
-        # to restart, not this limit's.
-        "max.poll.interval.ms": MAX_BATCH_S * 1000,
         # Routed topics are read by one consumer per process: fetch big, wait little. With the default
         # minimum of one byte, every fetch came back with the router's latest few records: hundreds
         # of fetches a second over 48 partitions, and the broker's CPU. The broker now holds a fetch
