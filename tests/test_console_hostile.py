@@ -25,17 +25,10 @@ from aiohttp.test_utils import TestServer, make_mocked_request
 from pydantic import SecretStr
 from yarl import URL
 
-from sentpipe.console import create_app
-from sentpipe.console.app import (
-    MAX_CALLS,
-    SAMPLER,
-    SESSIONS,
-    SETTINGS,
-    entry_json,
-    off_loop,
-    send_json,
-)
+from sentpipe.console import calls, create_app
+from sentpipe.console.app import SAMPLER, SESSIONS, SETTINGS, entry_json, send_json
 from sentpipe.console.auth import Session, Sessions
+from sentpipe.console.calls import MAX_CALLS, off_loop
 from sentpipe.processors.dlq import DlqEntry
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.topics import Topics
@@ -382,6 +375,32 @@ def test_at_most_max_calls_run_at_once_a_request_gone_included() -> None:
 
     asyncio.run(main())
     assert running == [0, MAX_CALLS]
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_with_every_slot_held_a_call_is_503_busy_not_a_request_that_never_ends(
+    app: web.Application, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for a slot had no bound: six calls that never return (a hung query) held every later API
+    request, each page waiting without an answer."""
+    monkeypatch.setattr(calls, "SLOT_WAIT_S", 0.3)
+    release = threading.Event()
+    async for base in serve(app):
+        hung = [asyncio.ensure_future(off_loop(release.wait, 30)) for _ in range(MAX_CALLS)]
+        try:
+            async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as client:
+                assert (await sign_in(client, base))[0] == 303
+                async with client.get(f"{base}/api/dlq/entry?id=0:0") as resp:
+                    body = await resp.json()
+                    assert (resp.status, body["code"]) == (503, "busy"), body
+                    assert resp.headers["Retry-After"] == "5" and "still running" in body["error"]
+                release.set()
+                await asyncio.gather(*hung)
+                status, body = await answer(client, "GET", f"{base}/api/dlq/entry?id=0:0")
+                assert status in (200, 404), body  # the slots are free again: an entry, or none there
+        finally:
+            release.set()
+            await asyncio.gather(*hung, return_exceptions=True)
 
 
 # --- 7. the URL is announced only once the port is bound ----------------------------------------------------

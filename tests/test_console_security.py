@@ -215,6 +215,10 @@ async def test_test_events_only_with_the_development_secret(
     assert not s.uses_development_secret
     server = TestServer(create_app(s), host="127.0.0.1")
     await server.start_server()
+    if given_by == "secrets file":
+        # Read once at start, as the ingress reads it (not from disk, on the loop, at every call): an edit
+        # made since changes neither process's answer.
+        (tmp_path / "secrets.json").write_bytes(orjson.dumps({settings.default_tenant: DEVELOPMENT_SECRET}))
     base = f"http://127.0.0.1:{server.port}"
     try:
         async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as http:

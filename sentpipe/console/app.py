@@ -8,7 +8,6 @@ JSON. The browser renders every value with textContent, so nothing from an event
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import html
 import logging
 import random
@@ -16,7 +15,6 @@ import re
 import secrets
 import signal
 import threading
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -39,6 +37,7 @@ from sentpipe.console.auth import (
     set_cookie,
     set_login_cookie,
 )
+from sentpipe.console.calls import NoFreeSlot, off_loop
 from sentpipe.console.jobs import STOP_TIMEOUT_S, Busy, Job, Jobs, Kind, fingerprint
 from sentpipe.console.overview import Sampler
 from sentpipe.console.tail import JOIN_TIMEOUT_S, Tail
@@ -48,7 +47,6 @@ from sentpipe.processors import dlq as dlq_ops
 from sentpipe.processors import history
 from sentpipe.processors import inspect as trace
 from sentpipe.processors import replay as replay_ops
-from sentpipe.processors.consumer_thread import settle
 from sentpipe.processors.offsets import Log, NotFound, OpsError, make_window, parse_when
 from sentpipe.schemas import exact_json
 from sentpipe.schemas import routing as r
@@ -68,6 +66,8 @@ SESSIONS = web.AppKey("sessions", Sessions)
 TAIL = web.AppKey("tail", Tail)
 SAMPLER = web.AppKey("sampler", Sampler)
 JOBS = web.AppKey("jobs", Jobs)
+# Read once, at start, as the ingress reads its secrets: not the file on the loop at every call.
+DEVELOPMENT_SECRET_IN_USE = web.AppKey("development_secret_in_use", bool)
 # The request's session (or None); a typed key where aiohttp has them (3.12+), else the plain name.
 SESSION: Any = web.RequestKey("console_session", object) if hasattr(web, "RequestKey") else "console_session"
 
@@ -280,42 +280,6 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     return data
 
 
-# Calls running at once (a Kafka scan or a database query each); the others wait their turn.
-MAX_CALLS = 6
-_call_slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-async def off_loop(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """`fn(*args, **kwargs)` in a daemon thread of its own, at most MAX_CALLS at once. Not the default
-    executor, whose threads asyncio.run waits for at exit: a SIGTERM during a long trace scan kept the
-    console up past STOP_BOUND_S, until the orchestrator's SIGKILL (as jobs.py says of jobs)."""
-    loop = asyncio.get_running_loop()
-    slots = _call_slots.setdefault(loop, asyncio.Semaphore(MAX_CALLS))
-    await slots.acquire()
-    done: asyncio.Future[Any] = loop.create_future()
-
-    def ended(result: Any, exc: BaseException | None) -> None:
-        slots.release()  # when the call ends, not when its request does: a page gone leaves it running
-        settle(done, result, exc)
-
-    def call() -> None:
-        try:
-            result, exc = fn(*args, **kwargs), None
-        except BaseException as error:
-            result, exc = None, error
-        with contextlib.suppress(RuntimeError):  # the loop has closed
-            loop.call_soon_threadsafe(ended, result, exc)
-
-    try:
-        threading.Thread(target=call, name="console-call", daemon=True).start()
-    except BaseException:
-        slots.release()
-        raise
-    return await done
-
-
 # --- middleware: headers, sign-in, CSRF ----------------------------------------------------------------
 @web.middleware
 async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -474,7 +438,7 @@ async def session_info(request: web.Request) -> web.StreamResponse:
         {
             "csrf": session.csrf,
             "signed_in": request.app[SESSIONS].token is not None,
-            "trigger": s.uses_development_secret,
+            "trigger": request.app[DEVELOPMENT_SECRET_IN_USE],
             "topic_prefix": s.topic_prefix,
             "default_tenant": s.default_tenant,
             "types": [t.value for t in EventType],
@@ -762,7 +726,7 @@ def ingress_url(s: Settings) -> str:
 async def trigger(request: web.Request) -> web.StreamResponse:
     """`sentpipe trigger` from the page: one signed event, one attempt; only with the development secret."""
     s = request.app[SETTINGS]
-    if not s.uses_development_secret:
+    if not request.app[DEVELOPMENT_SECRET_IN_USE]:
         message = "test events can be sent only while the built-in development secret is in use"
         return problem(403, message, "not_dev_secret")
     data = await read_json(request)
@@ -782,7 +746,7 @@ async def trigger(request: web.Request) -> web.StreamResponse:
         await deliver(
             target,
             [delivery],
-            DEVELOPMENT_SECRET,  # what the default tenant takes (`uses_development_secret`), file or not
+            DEVELOPMENT_SECRET,  # what the default tenant takes (DEVELOPMENT_SECRET_IN_USE), file or not
             schedule=(),
             timeout_s=10.0,
             on_outcome=outcomes.append,
@@ -838,6 +802,10 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         raise
     except BrokerUnavailable as exc:
         return problem(503, str(exc), "broker_unavailable")
+    except NoFreeSlot as exc:
+        response = problem(503, f"the console is busy: {exc}", "busy")
+        response.headers["Retry-After"] = "5"
+        return response
     except psycopg.Error as exc:
         return problem(503, f"database unavailable: {one_line(exc)}", "database_unavailable")
     except web.HTTPException:
@@ -855,6 +823,7 @@ def create_app(settings: Settings) -> web.Application:
     token = settings.console_token.get_secret_value() if settings.console_token else None
     app = web.Application(middlewares=[security_headers, sign_in, api_errors], client_max_size=MAX_BODY)
     app[SETTINGS] = settings
+    app[DEVELOPMENT_SECRET_IN_USE] = settings.uses_development_secret
     app[SESSIONS] = Sessions(token)
     app[JOBS] = Jobs()
     tail = app[TAIL] = Tail(settings)

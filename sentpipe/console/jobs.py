@@ -11,7 +11,7 @@ and waited for.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import hashlib
 import logging
 import threading
@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import orjson
 
+from sentpipe.console.calls import in_daemon_thread
 from sentpipe.processors.replay import Progress, RunResult
 
 log = logging.getLogger("sentpipe.console")
@@ -120,28 +121,7 @@ class Jobs:
         while len(self.by_id) > 50:
             del self.by_id[next(iter(self.by_id))]
         loop = asyncio.get_running_loop()
-        ended: asyncio.Future[RunResult] = loop.create_future()
-
-        def settle(outcome: RunResult | BaseException) -> None:
-            if ended.done():  # cancelled: the loop is closing
-                return
-            if isinstance(outcome, BaseException):
-                ended.set_exception(outcome)
-            else:
-                ended.set_result(outcome)
-
-        def thread() -> None:
-            outcome: RunResult | BaseException
-            try:
-                outcome = work(job.progress, job.stop)
-            except BaseException as exc:
-                outcome = exc
-            with contextlib.suppress(RuntimeError):  # the loop has closed
-                loop.call_soon_threadsafe(settle, outcome)
-
-        # A daemon thread, not the default executor: asyncio.run waits for the executor's threads at exit,
-        # so a job that does not stop in time held the process until SIGKILL.
-        threading.Thread(target=thread, name=f"console-{job.kind}", daemon=True).start()
+        ended = in_daemon_thread(functools.partial(work, job.progress, job.stop), f"console-{job.kind}")
 
         async def run() -> None:
             try:

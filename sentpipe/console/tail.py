@@ -82,6 +82,7 @@ def describe_raw(msg: Message, settings: Settings, topics: Topics) -> Row:
 
 def describe_dlq(msg: Message) -> Row:
     e = DlqEntry.from_message(msg)
+    event_id, type_, tenant = e.identity()  # one parse of the body for the three
     return {
         "kind": "dlq",
         "id": e.id,
@@ -89,9 +90,9 @@ def describe_dlq(msg: Message) -> Row:
         "partition": e.partition,
         "offset": e.offset,
         "time": e.dead_at_ms,
-        "tenant": e.tenant or "",
-        "type": e.type or "unknown",
-        "event_id": e.event_id or "",
+        "tenant": tenant or "",
+        "type": type_ or "unknown",
+        "event_id": event_id or "",
         "subject": "",
         "status": "",
         "stage": e.stage,
