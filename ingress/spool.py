@@ -573,6 +573,10 @@ class Spool:
                     m.SPOOL_WRITE_ERRORS.inc()
                 self._write_failed_at = time.monotonic()
                 self._abandon_segment()
+                if not self.segments and not self._pending:
+                    # A record refused beside these bytes marked the spool full; with them gone it is empty,
+                    # and an empty spool drains no segment, the only other thing that clears the mark.
+                    self._full = False
                 self._gave_up.difference_update(fut for _, _, fut in batch)
                 for _, _, fut in batch:
                     if not fut.done():

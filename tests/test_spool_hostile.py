@@ -441,6 +441,39 @@ def test_records_being_written_count_against_the_limit(
         disk.set()
 
 
+def test_a_full_mark_made_beside_a_write_that_then_failed_does_not_outlive_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused for the bytes of a write in hand that the disk then refused, a record marked the spool full
+    with nothing left in it, and only a drained segment cleared that: readiness said "the spool is full" at
+    every later broker outage, until a restart."""
+    disk = threading.Event()
+
+    def refused(fd: int) -> None:
+        disk.wait(60)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("sentpipe.ingress.spool.os.fdatasync", refused)
+
+    async def main() -> None:
+        s = spool_in(tmp_path, max_bytes=1_000_000)
+        first = asyncio.ensure_future(s.append(rec(0, 600_000)))
+        await asyncio.sleep(0.2)  # its batch is in the writer's thread
+        with pytest.raises(SpoolFull):
+            await s.append(rec(1, 600_000))
+        assert s.full
+        disk.set()
+        with pytest.raises(SpoolError):
+            await first
+        assert not s.full and s.records == 0 and s.bytes == 0
+        s.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        disk.set()
+
+
 def test_a_record_too_large_for_an_empty_spool_does_not_leave_it_full(tmp_path: Path) -> None:
     """Refused for its own size, such a record marked the spool full, and only a drained segment cleared
     that: readiness said "the spool is full" (503) with nothing in it. Settings now refuse such a spool."""
