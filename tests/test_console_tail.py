@@ -72,3 +72,18 @@ def test_the_live_page_opens_with_the_newest_rows_of_the_hour(settings: Settings
     assert counted(tail) == 700
     shown = [row["time"] for row in tail.recent]
     assert shown == sorted(shown) and shown[-50:] == [now_ms - 1000 * i for i in reversed(range(50))]
+
+
+def test_a_full_queue_still_ends_its_page_s_stream() -> None:
+    """The end marker was dropped into a full queue: a page that had fallen behind kept its stream, and
+    the console's shutdown, open until its timeout ran out."""
+
+    async def main() -> None:
+        sub = Subscriber(asyncio.get_running_loop())
+        while not sub.queue.full():
+            sub.offer({"kind": "raw"})
+        sub.end()
+        rows = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
+        assert rows[-1] is None and all(rows[:-1]) and sub.dropped == 1
+
+    asyncio.run(main())

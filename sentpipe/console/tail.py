@@ -148,8 +148,12 @@ class Subscriber:
             self.dropped += 1  # a browser that cannot keep up loses rows, never the console its memory
 
     def end(self) -> None:
-        with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(None)
+        """The stream ends after the rows queued. Into a full queue the marker takes the oldest row's place:
+        dropped, it left the page's stream open until the console's shutdown timeout ran out."""
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.dropped += 1
+        self.queue.put_nowait(None)
 
 
 class Tail:
