@@ -32,7 +32,7 @@ import time
 from collections.abc import Coroutine, Iterable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -71,55 +71,86 @@ class HandlerBlocked(BaseException):
     handler's own `except Exception` cannot swallow it and block on."""
 
 
+class CallKey(NamedTuple):
+    """One handler's call with one event. An event id is unique within its tenant only: keyed by the id
+    alone, one tenant's failed call got another tenant's event of the same id left out, its handler never
+    called."""
+
+    handler: str
+    tenant: str
+    event_id: str
+
+
 class UninterruptibleCalls:
-    """(handler, event id) of the calls that ended the process, and why: a file that outlives the
-    restart, so the next projector dead-letters those events for those handlers instead of calling them."""
+    """The calls that ended the process, and why: a file that outlives the restart, so the next projector
+    dead-letters those events for those handlers instead of calling them."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._calls: dict[tuple[str, str], str] = dict(self._load())
+        self._calls: dict[CallKey, str] = {}
+        # (handler, event id) -> why: a file of an earlier version names no tenant, so these hold for the
+        # event id in every tenant, as they did, until settled.
+        self._untenanted: dict[tuple[str, str], str] = {}
+        self._load()
 
-    def _load(self) -> list[tuple[tuple[str, str], str]]:
+    def _load(self) -> None:
         try:
             entries = orjson.loads(self.path.read_bytes())
-            # [handler, event id, why]; a file of an earlier version holds [handler, event id].
-            return [((str(e[0]), str(e[1])), str(e[2]) if len(e) > 2 else UNINTERRUPTIBLE) for e in entries]
+            for e in entries:
+                if isinstance(e, dict):
+                    handler, event_id, why = str(e["handler"]), str(e["event_id"]), str(e["why"])
+                    if e.get("tenant") is None:
+                        self._untenanted[handler, event_id] = why
+                    else:
+                        self._calls[CallKey(handler, str(e["tenant"]), event_id)] = why
+                else:  # earlier versions: [handler, event id, why], first [handler, event id]
+                    self._untenanted[str(e[0]), str(e[1])] = str(e[2]) if len(e) > 2 else UNINTERRUPTIBLE
         except FileNotFoundError:
-            return []
+            return
         except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
             log.warning("ignoring %s, which cannot be read (%s)", self.path, exc)
-            return []
+            self._calls.clear()
+            self._untenanted.clear()
 
     def __contains__(self, key: object) -> bool:
-        return key in self._calls
+        return isinstance(key, CallKey) and self.why(key) is not None
 
     def __len__(self) -> int:
-        return len(self._calls)
+        return len(self._calls) + len(self._untenanted)
 
-    def why(self, key: tuple[str, str]) -> str | None:
+    def why(self, key: CallKey) -> str | None:
         """Why this call ended the process; None when it did not."""
-        return self._calls.get(key)
+        why = self._calls.get(key)
+        if why is None and self._untenanted:
+            why = self._untenanted.get((key.handler, key.event_id))
+        return why
 
-    def add(self, key: tuple[str, str], why: str = UNINTERRUPTIBLE) -> None:
+    def add(self, key: CallKey, why: str = UNINTERRUPTIBLE) -> None:
         self._calls[key] = why
         while len(self._calls) > MAX_UNINTERRUPTIBLE:
             del self._calls[next(iter(self._calls))]
         self._write()
 
-    def settle(self, keys: Iterable[tuple[str, str]]) -> None:
+    def settle(self, keys: Iterable[CallKey]) -> None:
         """These calls' events are dead-lettered and committed: forget them."""
-        gone = [k for k in keys if k in self._calls]
-        for k in gone:
-            del self._calls[k]
+        gone = 0
+        for k in keys:
+            gone += self._calls.pop(k, None) is not None
+            if self._untenanted:
+                gone += self._untenanted.pop((k.handler, k.event_id), None) is not None
         if gone:
             self._write()
 
     def _write(self) -> None:
         # Written right before the process ends: durable, and whole or not at all.
+        entries = [
+            {"handler": h, "tenant": None, "event_id": e, "why": w} for (h, e), w in self._untenanted.items()
+        ]
+        entries += [{**key._asdict(), "why": why} for key, why in self._calls.items()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with tmp.open("wb") as fh:
-            fh.write(orjson.dumps([[*key, why] for key, why in self._calls.items()]))
+            fh.write(orjson.dumps(entries))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
@@ -132,16 +163,15 @@ class Call:
         "active",
         "deadline",
         "escaped",
-        "event_id",
         "frame",
         "interrupted",
+        "key",
         "limit",
-        "name",
         "token",
     )
 
-    def __init__(self, name: str, event_id: str, limit: float | None, frame: FrameType) -> None:
-        self.name, self.event_id, self.limit, self.frame = name, event_id, limit, frame
+    def __init__(self, key: CallKey, limit: float | None, frame: FrameType) -> None:
+        self.key, self.limit, self.frame = key, limit, frame
         self.deadline = math.inf if limit is None else time.monotonic() + limit
         self.token: contextvars.Token[Call | None] | None = None
         self.active = True
@@ -176,7 +206,7 @@ class BlockedHandlerGuard:
         # Calls that were in progress when the stage's own task was cancelled (`cut_off`), until the next
         # call starts: the stage never cancels itself in a call, so they are what a loop that ends with
         # that cancellation blames (`ended_the_loop`).
-        self._cut_off: dict[tuple[str, str], None] = {}
+        self._cut_off: dict[CallKey, None] = {}
         self._turned_at = time.monotonic()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -185,9 +215,9 @@ class BlockedHandlerGuard:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.interrupted = 0
 
-    def enter(self, name: str, event_id: str, limit: float | None) -> Call:
+    def enter(self, key: CallKey, limit: float | None) -> Call:
         """A call with `limit` seconds (None: no limit but `max_block_s`) starts in the caller's frame."""
-        call = Call(name, event_id, limit, sys._getframe(1))
+        call = Call(key, limit, sys._getframe(1))
         self._cut_off.clear()  # the stage went on after that cancellation: it was its own stop
         self._calls.add(call)
         call.token = _CURRENT.set(call)
@@ -202,11 +232,11 @@ class BlockedHandlerGuard:
             token, call.token = call.token, None
             _CURRENT.reset(token)
 
-    def cut_off(self, name: str, event_id: str) -> None:
+    def cut_off(self, key: CallKey) -> None:
         """The stage's task was cancelled while it waited for this call."""
-        self._cut_off[name, event_id] = None
+        self._cut_off[key] = None
 
-    def ended_the_loop(self) -> list[tuple[str, str]]:
+    def ended_the_loop(self) -> list[CallKey]:
         """The calls to blame when the loop ended by a cancellation or `loop.stop()`, which only a handler
         does (`asyncio.run` cancels what is left after a stop, which `cut_off` notes too)."""
         return list(self._cut_off)
@@ -269,11 +299,11 @@ class BlockedHandlerGuard:
                 reported.add(call)
                 log.error(
                     "handler %s has blocked the event loop for %.0f s with event %s (%s): interrupting",
-                    call.name,
+                    call.key.handler,
                     now - self._turned_at,
-                    call.event_id,
+                    call.key.event_id,
                     self._where(),
-                    extra={"handler": call.name, "event_id": call.event_id},
+                    extra={"handler": call.key.handler, "event_id": call.key.event_id},
                 )
             if (
                 blocker is not None
@@ -310,17 +340,17 @@ class BlockedHandlerGuard:
     def _give_up(self, call: Call, now: float) -> None:
         assert self._uninterruptible is not None
         try:  # recorded before anything that may wait on a lock the blocked code holds
-            self._uninterruptible.add((call.name, call.event_id))
+            self._uninterruptible.add(call.key)
         except OSError as exc:  # still end: a restart beats a stage blocked for good
             log.critical("could not record the call in %s (%s)", self._uninterruptible.path, exc)
         log.critical(
             "handler %s could not be interrupted %.0f s after it was due to be with event %s (%s): ending "
             "the process; restarted, the projector dead-letters that event for this handler uncalled",
-            call.name,
+            call.key.handler,
             now - self._cutoff(call),
-            call.event_id,
+            call.key.event_id,
             self._where(),
-            extra={"handler": call.name, "event_id": call.event_id},
+            extra={"handler": call.key.handler, "event_id": call.key.event_id},
         )
         os._exit(EXIT_UNINTERRUPTIBLE)
 
@@ -371,12 +401,12 @@ async def _contained(coro: Coroutine[Any, Any, Any], call: Call) -> Any:
             call.escaped = what
         log.error(
             "handler %s: %s with event %s",
-            call.name,
+            call.key.handler,
             what,
-            call.event_id,
-            extra={"handler": call.name, "event_id": call.event_id},
+            call.key.event_id,
+            extra={"handler": call.key.handler, "event_id": call.key.event_id},
         )
-        raise RuntimeError(f"{call.name}: {what}") from None
+        raise RuntimeError(f"{call.key.handler}: {what}") from None
 
 
 guard = BlockedHandlerGuard()

@@ -209,7 +209,7 @@ def _guarded(fn: Handler, registry: HandlerRegistry, name: str) -> Handler:
         try:
             done = await _wait(task, registry.timeout_s)
         except asyncio.CancelledError:  # the stage is stopping, or the call cancelled the stage's tasks
-            blocked.guard.cut_off(name, own.id)
+            blocked.guard.cut_off(blocked.CallKey(name, own.tenant, own.id))
             await _cancel(task)
             raise
         failure: BaseException | None
@@ -290,7 +290,7 @@ async def _attempt(
     event loop from a task), or as the task's cancellation."""
     # A call that blocks the loop cannot be cancelled at an await: the blocked-handler guard raises
     # HandlerBlocked in its code instead (blocked_handlers.py). Entered here: this frame is the call's.
-    entered = blocked.guard.enter(name, own.id, registry.timeout_s)
+    entered = blocked.guard.enter(blocked.CallKey(name, own.tenant, own.id), registry.timeout_s)
     try:
         try:
             await _invoke(fn, own, ctx)

@@ -26,6 +26,7 @@ from sentpipe.broker import (
     first_offsets,
     next_offsets,
 )
+from sentpipe.processors.blocked_handlers import CallKey
 from sentpipe.processors.consumer_thread import ConsumerThread
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
 from sentpipe.processors.retry import UNKNOWN_ATTEMPTS, backoff, classify, is_temporary, retrying
@@ -46,12 +47,13 @@ COMMIT_WAITING_EVERY_S = 30.0
 
 
 class Sink(Protocol):
-    # Set by the projector: called with (handler, event id) whenever a handler call ends.
-    on_call: Callable[[str, str], None] | None
+    # Set by the projector: called with the call's key whenever a handler call ends.
+    on_call: Callable[[CallKey], None] | None
 
     async def apply(
-        self, type_: EventType, events: Sequence[CanonicalEvent], attempt: int
-    ) -> list[HandlerFailure]: ...
+        self, type_: EventType, events: Sequence[CanonicalEvent], attempt: int, unknown_retries: int
+    ) -> list[HandlerFailure]:
+        """`unknown_retries`: how many more times the batch is retried for an error of unknown kind."""
 
     def settle(self) -> None:
         """The batch applied since the last settle or unsettle is committed."""
@@ -127,7 +129,7 @@ class Projector:
         # The partitions of the batch in hand, and the handler calls of it that have ended: the first end
         # of each (handler, event id) shows the watchdog the batch is moving.
         self._batch_partitions: set[Partition] = set()
-        self._calls_ended: set[tuple[str, str]] = set()
+        self._calls_ended: set[CallKey] = set()
         self._working_at = 0.0
         # A batch rewound (held, or failed as a whole) earns no such credit until a batch commits: read
         # again with a few new records each round, it would otherwise look like progress forever.
@@ -290,13 +292,12 @@ class Projector:
         except Exception as exc:  # the record of calls on a full disk, say
             log.error("settling a committed batch failed (%s: %s)", type(exc).__name__, exc)
 
-    def _handler_called(self, handler: str, event_id: str) -> None:
+    def _handler_called(self, key: CallKey) -> None:
         """Progress counts per committed batch, so a batch slow only because its handler calls time out one
         after another (SENTPIPE_HANDLER_TIMEOUT_S each) would be a stall, its restart slow the same way,
         forever. A call that ends for the first time is progress; calls made again (a held or halved
         batch applied again) are not, nor is anything once the batch has been rewound: a batch that only
         repeats itself is still a stall."""
-        key = (handler, event_id)
         if self.watchdog is None or self._rewound or key in self._calls_ended:
             return
         if len(self._calls_ended) >= MAX_CALLS_ENDED:
@@ -377,14 +378,27 @@ class Projector:
         """Apply `items`, a batch or (`part`) a part of one being halved to find the records that fail it;
         `tried`: the attempts its records have had already in a larger batch an unknown error failed."""
         events = [e for _, e in items]
+        unknown_attempts = max(1, UNKNOWN_ATTEMPTS - tried)
+        unknown_seen = 0  # as `retrying` counts them: its budget is what the sink may still raise into
+
+        async def apply(attempt: int) -> list[HandlerFailure]:
+            nonlocal unknown_seen
+            try:
+                return await self.sink.apply(
+                    type_, events, tried + attempt, unknown_retries=unknown_attempts - unknown_seen - 1
+                )
+            except Exception as exc:
+                unknown_seen += classify(exc) == "unknown"
+                raise
+
         try:
             failures = await retrying(
-                lambda attempt: self.sink.apply(type_, events, tried + attempt),
+                apply,
                 stage="project",
                 initial=self.t.retry_initial_s,
                 cap=self.t.retry_max_s,
                 should_stop=self._should_stop,
-                unknown_attempts=max(1, UNKNOWN_ATTEMPTS - tried),
+                unknown_attempts=unknown_attempts,
             )
         except HandlersHeld:
             raise  # the whole batch is rewound and read again, with whatever has arrived since

@@ -234,19 +234,19 @@ def _ended_by_a_handler(exc: BaseException, service: ProjectorService) -> bool:
     blamed = blocked.guard.ended_the_loop()
     if not (stopped or exited or isinstance(exc, asyncio.CancelledError)) or not blamed or service.stopping:
         return False
-    for name, event_id in blamed:
-        service.uninterruptible.add((name, event_id), blocked.ENDED_THE_LOOP)
+    for key in blamed:
+        service.uninterruptible.add(key, blocked.ENDED_THE_LOOP)
         log.critical(
             "handler %s ended the projector's event loop with event %s (%s): restarted, the projector "
             "dead-letters that event for this handler uncalled",
-            name,
-            event_id,
+            key.handler,
+            key.event_id,
             "it stopped the loop"
             if stopped
             else f"a callback of its raised {type(exc).__name__}"
             if exited
             else "it cancelled the stage's tasks",
-            extra={"handler": name, "event_id": event_id},
+            extra={"handler": key.handler, "event_id": key.event_id},
         )
     return True
 

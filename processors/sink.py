@@ -12,7 +12,7 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe import metrics as m
-from sentpipe.processors.blocked_handlers import UNINTERRUPTIBLE, UninterruptibleCalls
+from sentpipe.processors.blocked_handlers import UNINTERRUPTIBLE, CallKey, UninterruptibleCalls
 from sentpipe.processors.handlers import (
     EndedTheLoop,
     HandlerAbandoned,
@@ -81,35 +81,39 @@ class PostgresSink:
         self.handlers = handlers
         # Calls that ended the process last time (blocked_handlers.py): their events' failures, not called.
         self.uninterruptible = uninterruptible
-        # (handler, event id) -> the timeout of its call in a held batch. Read again, these are called after
+        # Handler call -> the timeout of its call in a held batch. Read again, these are called after
         # the others, so fresh events show whether the handler works at all before these are blamed.
-        self._suspects: dict[tuple[str, str], Exception] = {}
-        # (handler, event id) -> its failure, for calls that lost the batch (`BatchLostToHandler`): not
+        self._suspects: dict[CallKey, Exception] = {}
+        # Handler call -> its failure, for calls that lost the batch (`BatchLostToHandler`): not
         # called again.
-        self._left_out: dict[tuple[str, str], Exception] = {}
-        # (handler, event id) -> how often its call raised an error of unknown kind (a trigger's RAISE, an
+        self._left_out: dict[CallKey, Exception] = {}
+        # Handler call -> how often it raised an error of unknown kind (a trigger's RAISE, an
         # SQLSTATE of no known class): retried with the batch that often, then that event's failure alone.
         # Left to the batch's retries, it dead-lettered the event without its projection after halving.
-        self._unknown: dict[tuple[str, str], int] = {}
-        # (handler, event id) -> how often the connection broke under its call (`_closed_by`).
-        self._broke: dict[tuple[str, str], int] = {}
+        self._unknown: dict[CallKey, int] = {}
+        # Handler call -> how often the connection broke under it (`_closed_by`).
+        self._broke: dict[CallKey, int] = {}
         # Calls applied in a committed transaction but not yet in a committed batch: what is remembered of
         # them is let go by `settle`, once the projector has committed the batch's offsets. Let go earlier,
         # a batch read again (held by another type) called them again: an uninterruptible one ended the
         # process again, and the restart, having forgotten the other type's suspects, held it again.
-        self._applied: list[tuple[str, str]] = []
+        self._applied: list[CallKey] = []
         self._counts: list[tuple[str, str, str, int]] = []  # (type, handler, outcome, events) to count
-        # Told (handler, event id) each time a handler call ends, whatever its outcome (the projector's
-        # progress within a batch).
-        self.on_call: Callable[[str, str], None] | None = None
+        # Told each time a handler call ends, whatever its outcome (the projector's progress within a batch).
+        self.on_call: Callable[[CallKey], None] | None = None
 
     async def apply(
-        self, type_: EventType, events: Sequence[CanonicalEvent], attempt: int
+        self,
+        type_: EventType,
+        events: Sequence[CanonicalEvent],
+        attempt: int,
+        unknown_retries: int = UNKNOWN_ATTEMPTS - 1,
     ) -> list[HandlerFailure]:
         """One transaction, one pipelined round-trip for the projection rows, a savepoint per handler call.
 
         Temporary errors (database away, RetryableError) raise and roll the whole batch back; any other
-        handler error is returned as a failure for the dead-letter topic while the batch commits.
+        handler error is returned as a failure for the dead-letter topic while the batch commits, but one of
+        unknown kind raises while the stage will retry the batch for it (`unknown_retries` more times).
 
         A call that times out (`HandlerTimeout`, or the server's statement_timeout or a cancel: SQLSTATE
         57014) is its event's failure, unless two time out before any call of that handler succeeds:
@@ -143,11 +147,12 @@ class PostgresSink:
                         h0 = time.perf_counter()
                         calls, blamed = self._order(name, events)
                         for ev in calls:
-                            left_out = self._left_out.get((name, ev.id))
+                            key = CallKey(name, ev.tenant, ev.id)
+                            left_out = self._left_out.get(key)
                             if left_out is not None:
                                 failures.append(HandlerFailure(ev, name, left_out))
                                 continue
-                            why = self.uninterruptible.why((name, ev.id)) if self.uninterruptible else None
+                            why = self.uninterruptible.why(key) if self.uninterruptible else None
                             if why is not None:  # it ended the process last time
                                 ended = HandlerTimeout(why) if why == UNINTERRUPTIBLE else EndedTheLoop(why)
                                 failures.append(HandlerFailure(ev, name, ended))
@@ -158,13 +163,13 @@ class PostgresSink:
                                         await fn(ev, HandlerContext(conn, log, attempt))
                                 finally:
                                     if self.on_call is not None:
-                                        self.on_call(name, ev.id)
+                                        self.on_call(key)
                             except Exception as exc:
                                 # Retried as a lost connection (or a rolled-back batch), this call forever.
                                 if isinstance(exc, TransactionEnded) or (
-                                    conn.closed and self._closed_by(name, ev, conn)
+                                    conn.closed and self._closed_by(key, conn)
                                 ):
-                                    self._leave_out(name, ev, exc)
+                                    self._leave_out(key, exc)
                                 if conn.closed:
                                     raise DatabaseLost(f"{name}: {type(exc).__name__}") from exc
                                 if _timed_out(exc):
@@ -173,17 +178,19 @@ class PostgresSink:
                                         self._hold_timeouts(type_, timed_out)
                                     continue
                                 kind = classify(exc)
-                                # Bounded per call and by the batch's attempt: the stage's own retries
-                                # count unknown errors per batch, and two calls' would use them up first.
+                                # Bounded per call and by the stage's retries for unknown errors left to
+                                # the batch: two calls' would use those up first. Not by the attempt, which
+                                # counts a database outage's retries too: after one, the first such error
+                                # was its event's failure at once.
                                 if kind == "temporary" or (
-                                    kind == "unknown" and self._again(name, ev) and attempt < UNKNOWN_ATTEMPTS
+                                    kind == "unknown" and unknown_retries > 0 and self._again(key)
                                 ):
                                     raise
                                 failures.append(HandlerFailure(ev, name, exc))
                             else:
                                 # The savepoint's end does not notice: the next call would.
-                                if conn.closed and self._closed_by(name, ev, conn):
-                                    self._leave_out(name, ev, None)
+                                if conn.closed and self._closed_by(key, conn):
+                                    self._leave_out(key, None)
                                 if conn.closed:
                                     raise DatabaseLost(f"{name}: the connection broke")
                                 ok += 1
@@ -195,7 +202,7 @@ class PostgresSink:
                 if refused is not None and refused[1] is exc and await _unfillable_column(conn, *refused):
                     _hold(type_, exc)
                 raise
-        self._applied += [(name, ev.id) for name, _ in handlers for ev in events]
+        self._applied += [CallKey(name, ev.tenant, ev.id) for name, _ in handlers for ev in events]
         # Counted once the batch is committed: a batch rewound is applied again and counted then.
         self._counts.append((type_.value, "projection", "ok", len(events)))
         self._counts += [(type_.value, name, "ok", ok) for name, ok in succeeded.items()]
@@ -220,11 +227,11 @@ class PostgresSink:
         """The batch is rewound: what it applied is applied again when it is read again."""
         self._applied, self._counts = [], []
 
-    def _again(self, name: str, ev: CanonicalEvent) -> bool:
+    def _again(self, key: CallKey) -> bool:
         """Whether a call failing with an error of unknown kind is retried (with its batch) once more."""
         if len(self._unknown) > MAX_SUSPECTS:
             self._unknown.clear()
-        seen = self._unknown[name, ev.id] = self._unknown.get((name, ev.id), 0) + 1
+        seen = self._unknown[key] = self._unknown.get(key, 0) + 1
         return seen < UNKNOWN_ATTEMPTS
 
     def _order(
@@ -235,13 +242,13 @@ class PostgresSink:
         traffic that may never come would hold the stage for them."""
         if not self._suspects:
             return list(events), []
-        earlier = {ev.id: self._suspects.get((name, ev.id)) for ev in events}
-        fresh = [ev for ev in events if earlier[ev.id] is None]
+        earlier = [(ev, self._suspects.get(CallKey(name, ev.tenant, ev.id))) for ev in events]
+        fresh = [ev for ev, exc in earlier if exc is None]
         if not fresh:
-            return [], [HandlerFailure(ev, name, exc) for ev in events if (exc := earlier[ev.id])]
-        return fresh + [ev for ev in events if earlier[ev.id] is not None], []
+            return [], [HandlerFailure(ev, name, exc) for ev, exc in earlier if exc is not None]
+        return fresh + [ev for ev, exc in earlier if exc is not None], []
 
-    def _closed_by(self, name: str, ev: CanonicalEvent, conn: psycopg.AsyncConnection[Any]) -> bool:
+    def _closed_by(self, key: CallKey, conn: psycopg.AsyncConnection[Any]) -> bool:
         """Whether the call the connection closed under closed it itself: cleanly (`close()`), or broken
         under it `BROKEN_CALLS` times. Taken for the handler's doing on the first break, a database restart
         dead-lettered the event whose call it happened to interrupt, its handler never run."""
@@ -249,31 +256,33 @@ class PostgresSink:
             return True
         if len(self._broke) > MAX_SUSPECTS:
             self._broke.clear()
-        seen = self._broke[name, ev.id] = self._broke.get((name, ev.id), 0) + 1
+        seen = self._broke[key] = self._broke.get(key, 0) + 1
         return seen >= BROKEN_CALLS
 
-    def _leave_out(self, name: str, ev: CanonicalEvent, exc: Exception | None) -> NoReturn:
+    def _leave_out(self, key: CallKey, exc: Exception | None) -> NoReturn:
         """The call lost the batch: the batch is applied again without it, `exc` (or, the connection closed
         by the handler itself, CLOSED) its event's failure."""
         if not isinstance(exc, HandlerAbandoned | TransactionEnded):
             exc = HandlerError(CLOSED)
         if len(self._left_out) > MAX_SUSPECTS:
             self._left_out.clear()
-        self._left_out[(name, ev.id)] = exc.with_traceback(None)
+        self._left_out[key] = exc.with_traceback(None)
         log.error(
             "handler %s %s with event %s; the batch is applied again without that call",
-            name,
+            key.handler,
             exc,
-            ev.id,
-            extra={"handler": name, "event_id": ev.id, "error": type(exc).__name__},
+            key.event_id,
+            extra={"handler": key.handler, "event_id": key.event_id, "error": type(exc).__name__},
         )
-        raise BatchLostToHandler(f"{name}: {exc}")
+        raise BatchLostToHandler(f"{key.handler}: {exc}")
 
     def _hold_timeouts(self, type_: EventType, timed_out: list[HandlerFailure]) -> NoReturn:
         if len(self._suspects) > MAX_SUSPECTS:
             self._suspects.clear()
         # Without their tracebacks: those keep every frame of the failed call alive.
-        self._suspects.update({(f.handler, f.event.id): f.error.with_traceback(None) for f in timed_out})
+        self._suspects.update(
+            {CallKey(f.handler, f.event.tenant, f.event.id): f.error.with_traceback(None) for f in timed_out}
+        )
         first = timed_out[0]
         log.error(
             "handler %s timed out for the first %d events of a %s batch it was given; holding the batch "

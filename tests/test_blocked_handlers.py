@@ -220,47 +220,76 @@ async def test_no_limit_means_no_interruption(guard: blocked.BlockedHandlerGuard
 
 
 # --- calls no signal reaches --------------------------------------------------------------------------------
+def k(handler: str, event_id: str, tenant: str = "t") -> blocked.CallKey:
+    return blocked.CallKey(handler, tenant, event_id)
+
+
 def test_uninterruptible_calls_outlive_the_process_until_settled(tmp_path: Path) -> None:
     path = tmp_path / "data" / "app.uninterruptible-handlers.json"
     calls = blocked.UninterruptibleCalls(path)
     assert len(calls) == 0 and not path.exists()
-    calls.add(("h", "e1"))
-    calls.add(("h", "e2"))
+    calls.add(k("h", "e1"))
+    calls.add(k("h", "e2"))
     again = blocked.UninterruptibleCalls(path)  # the restarted process
-    assert ("h", "e1") in again and ("h", "e2") in again and ("other", "e1") not in again
-    again.settle([("h", "e1"), ("h", "never-there")])
-    assert ("h", "e1") not in blocked.UninterruptibleCalls(path)
-    assert ("h", "e2") in blocked.UninterruptibleCalls(path)
+    assert k("h", "e1") in again and k("h", "e2") in again and k("other", "e1") not in again
+    again.settle([k("h", "e1"), k("h", "never-there")])
+    assert k("h", "e1") not in blocked.UninterruptibleCalls(path)
+    assert k("h", "e2") in blocked.UninterruptibleCalls(path)
+
+
+def test_a_call_kept_is_one_tenant_s_not_every_event_of_its_id(tmp_path: Path) -> None:
+    """Event ids are unique per tenant only: keyed by (handler, event id), the call one tenant's event
+    ended the process with got another tenant's event of the same id dead-lettered, its handler never run."""
+    path = tmp_path / "calls.json"
+    blocked.UninterruptibleCalls(path).add(k("h", "e1", tenant="acme"))
+    again = blocked.UninterruptibleCalls(path)
+    assert k("h", "e1", tenant="acme") in again and k("h", "e1", tenant="globex") not in again
+
+
+def test_a_file_of_an_earlier_version_holds_for_the_id_in_every_tenant_until_settled(tmp_path: Path) -> None:
+    path = tmp_path / "calls.json"
+    path.write_bytes(b'[["h", "e-old"], ["h", "e-why", "' + blocked.ENDED_THE_LOOP.encode() + b'"]]')
+    calls = blocked.UninterruptibleCalls(path)
+    assert calls.why(k("h", "e-old", tenant="a")) == calls.why(k("h", "e-old", tenant="b"))
+    assert calls.why(k("h", "e-old")) == blocked.UNINTERRUPTIBLE
+    calls.add(k("h", "e-new"))  # rewritten: the earlier entries are kept, still for every tenant
+    again = blocked.UninterruptibleCalls(path)
+    assert again.why(k("h", "e-why", tenant="any")) == blocked.ENDED_THE_LOOP and k("h", "e-new") in again
+    again.settle([k("h", "e-old", tenant="a")])
+    assert k("h", "e-old", tenant="b") not in blocked.UninterruptibleCalls(path) and len(again) == 2
 
 
 def test_each_call_kept_says_why_it_ended_the_process(tmp_path: Path) -> None:
     path = tmp_path / "calls.json"
     path.write_bytes(b'[["h", "e-old"]]')  # written by a version that kept no reason: blocked calls only
     calls = blocked.UninterruptibleCalls(path)
-    calls.add(("h", "e-loop"), blocked.ENDED_THE_LOOP)
+    calls.add(k("h", "e-loop"), blocked.ENDED_THE_LOOP)
     again = blocked.UninterruptibleCalls(path)
-    assert again.why(("h", "e-old")) == blocked.UNINTERRUPTIBLE
-    assert again.why(("h", "e-loop")) == blocked.ENDED_THE_LOOP
-    assert again.why(("h", "never-there")) is None
+    assert again.why(k("h", "e-old")) == blocked.UNINTERRUPTIBLE
+    assert again.why(k("h", "e-loop")) == blocked.ENDED_THE_LOOP
+    assert again.why(k("h", "never-there")) is None
 
 
-@pytest.mark.parametrize("content", [b"", b"{not json", b'{"a": 1}', b"[[1]]", b"[null]", b"\xff\xfe"])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"{not json", b'{"a": 1}', b"[[1]]", b"[null]", b"\xff\xfe", b'[{"handler": "h"}]', b"[{}]"],
+)
 def test_an_unreadable_file_is_ignored_not_fatal(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "calls.json"
     path.write_bytes(content)
     calls = blocked.UninterruptibleCalls(path)
     assert len(calls) == 0
-    calls.add(("h", "e"))  # and is replaced by a good one
-    assert ("h", "e") in blocked.UninterruptibleCalls(path)
+    calls.add(k("h", "e"))  # and is replaced by a good one
+    assert k("h", "e") in blocked.UninterruptibleCalls(path)
 
 
 def test_the_file_keeps_the_newest_calls_only(tmp_path: Path) -> None:
     calls = blocked.UninterruptibleCalls(tmp_path / "calls.json")
     for i in range(blocked.MAX_UNINTERRUPTIBLE + 5):
-        calls.add(("h", f"e{i}"))
+        calls.add(k("h", f"e{i}"))
     kept = blocked.UninterruptibleCalls(tmp_path / "calls.json")
     assert len(kept) == blocked.MAX_UNINTERRUPTIBLE
-    assert ("h", "e0") not in kept and ("h", f"e{blocked.MAX_UNINTERRUPTIBLE + 4}") in kept
+    assert k("h", "e0") not in kept and k("h", f"e{blocked.MAX_UNINTERRUPTIBLE + 4}") in kept
 
 
 STUCK_SCRIPT = """
@@ -282,7 +311,7 @@ async def main():
     handlers = HandlerRegistry(timeout_s=0.3)
     handlers.register(EventType.MESSAGE_INBOUND, stuck, "stuck")
     event = an_event()
-    print(event.id, flush=True)
+    print(event.tenant, event.id, flush=True)
     await handlers.for_type(EventType.MESSAGE_INBOUND)[0][1](event, HandlerContext(None, None, 1))
 
 asyncio.run(main())
@@ -302,8 +331,8 @@ def test_a_call_no_signal_reaches_ends_the_process_and_is_recorded(tmp_path: Pat
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert out.returncode == blocked.EXIT_UNINTERRUPTIBLE, out.stderr
-    event_id = out.stdout.split()[0]
-    assert ("stuck", event_id) in blocked.UninterruptibleCalls(path)
+    tenant, event_id = out.stdout.split()[:2]
+    assert blocked.CallKey("stuck", tenant, event_id) in blocked.UninterruptibleCalls(path)
     assert "could not be interrupted" in out.stderr and "handlers_uninterruptible.py" in out.stderr
 
 

@@ -71,9 +71,9 @@ class CountingSink(PostgresSink):
         self.refused = 0
         self.held = asyncio.Event()  # refused five times in a row: held, not dead-lettered
 
-    async def apply(self, type_: EventType, events: Any, attempt: int) -> Any:
+    async def apply(self, type_: EventType, events: Any, attempt: int, unknown_retries: int = 4) -> Any:
         try:
-            return await super().apply(type_, events, attempt)
+            return await super().apply(type_, events, attempt, unknown_retries)
         except Exception:
             self.refused += 1
             if self.refused >= 5:

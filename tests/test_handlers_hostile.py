@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -33,7 +34,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe.broker import LocalBroker
-from sentpipe.processors.blocked_handlers import UninterruptibleCalls
+from sentpipe.processors.blocked_handlers import CallKey, UninterruptibleCalls
 from sentpipe.processors.handlers import (
     HandlerContext,
     HandlerModuleError,
@@ -346,10 +347,10 @@ def test_handler_calls_made_again_are_not_progress() -> None:
     watchdog.lag({where: 5})
     projector._batch_partitions = {where}  # the batch in hand, as `_project` sets it
     now[0] = 8.0
-    sink.on_call("h", "e1")  # a first end: progress
+    sink.on_call(CallKey("h", "t", "e1"))  # a first end: progress
     now[0] = 16.0
     assert watchdog.stalls() == []
-    sink.on_call("h", "e1")  # the same call again
+    sink.on_call(CallKey("h", "t", "e1"))  # the same call again
     now[0] = 18.5
     assert [s.partition for s in watchdog.stalls()] == [0]
 
@@ -1085,6 +1086,29 @@ async def test_a_handler_ending_the_batch_s_transaction_is_left_out(
     assert sorted(calls) == sorted([events[0].id] * (1 + early) + [events[1].id] * early + [events[2].id])
 
 
+async def test_a_call_left_out_is_one_tenant_s_not_every_event_of_its_id(pool: AsyncConnectionPool) -> None:
+    """Event ids are unique per tenant only. Keyed by (handler, event id), the call left out for one tenant's
+    event was left out for another tenant's event of the same id in the batch: its handler never ran."""
+    handlers = HandlerRegistry()
+    called: list[str] = []
+
+    async def ends(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        called.append(event.tenant)
+        if event.tenant == "acme":
+            await ctx.conn.execute("ROLLBACK")
+
+    handlers.register(INBOUND, ends, "ends")
+    (event,) = inbound_events(["same id"], 25)
+    acme, globex = (dataclasses.replace(event, tenant=t) for t in ("acme", "globex"))
+    sink = PostgresSink(pool, handlers)
+    with pytest.raises(BatchLostToHandler):
+        await sink.apply(EventType.MESSAGE_INBOUND, [acme, globex], 1)
+    called.clear()
+    failures = await sink.apply(EventType.MESSAGE_INBOUND, [acme, globex], 2)
+    assert [(f.event.tenant, type(f.error).__name__) for f in failures] == [("acme", "TransactionEnded")]
+    assert called == ["globex"]
+
+
 async def test_handlers_hung_in_threads_leave_the_projector_its_own(ordered: Stage) -> None:
     """`asyncio.to_thread` is where the README sends blocking code; calls hung there keep the default
     executor's threads, and the projector, which polled and committed through that executor, stalled on
@@ -1197,6 +1221,34 @@ async def test_a_handler_s_sql_error_of_unknown_kind_is_tried_a_few_times_then_f
     assert ordered.projected() == set(ordered.ids.values())
 
 
+async def test_an_error_of_unknown_kind_after_an_outage_still_gets_its_retries(ordered: Stage) -> None:
+    """Its retries were bounded by the batch's attempt number, which counts an outage's retries too: after
+    six of them (the database away, a busy API), a handler's first RAISE was its event's failure at once."""
+    outage = [6]
+    raised_for: list[str] = []
+
+    async def outage_first(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        if outage[0] > 0:
+            outage[0] -= 1
+            raise RetryableError("the API is away")
+
+    async def raises(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        if event.data.get("text") == "raise":
+            raised_for.append(event.id)
+            await ctx.conn.execute("DO $$ BEGIN RAISE EXCEPTION 'refused by a trigger'; END $$")
+
+    ordered.handlers.register(INBOUND, outage_first, "outage")
+    ordered.handlers.register(INBOUND, raises, "raises")
+    f = SampleFactory(46)
+    bodies = [inbound_body(f), inbound_body(f, "raise"), inbound_body(f)]
+    ordered.add(bodies)
+    await ordered.run()
+
+    assert outage == [0] and set(ordered.dead()) == {ordered.ids[bodies[1]]}
+    assert len(raised_for) == UNKNOWN_ATTEMPTS  # as many tries as without the outage
+    assert ordered.projected() == set(ordered.ids.values())
+
+
 async def test_a_handler_s_row_factory_does_not_outlive_its_batch(db_url: str) -> None:
     """`ctx.conn.row_factory = dict_row` stayed on the pooled connection: the stage's own query asking
     whether a NOT NULL column can be filled read `row[0]` from a dict (KeyError, permanent), and a column
@@ -1244,7 +1296,7 @@ async def test_a_call_that_ended_the_process_stays_recorded_until_its_batch_comm
     routed = route_as_the_router(status.body, TOPICS)
     assert routed.event is not None
     ordered.broker.append(routed.topic, routed.key, routed.value, [])  # first: its type is applied first
-    recorded.add(("ended-the-process", routed.event.id))
+    recorded.add(CallKey("ended-the-process", routed.event.tenant, routed.event.id))
     ordered.handlers.register(EventType.MESSAGE_STATUS.value, ended_the_process, "ended-the-process")
     ordered.handlers.register(INBOUND, hangs, "hangs")
     f = SampleFactory(45)

@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY
 from sentpipe import metrics as m
 from sentpipe.broker import CommitRejected, LocalBroker, Partition
 from sentpipe.processors import deadletter, retry
+from sentpipe.processors.blocked_handlers import CallKey
 from sentpipe.processors.deadletter import DeadLetter, send_dead_letters
 from sentpipe.processors.projector import CommitStuck, Projector, Tuning
 from sentpipe.processors.sink import HandlerFailure
@@ -43,11 +44,11 @@ class FakeSink:
         self.down_for = 0  # the next N calls fail as if the database were away
         self.calls = 0
         self.handler_fails: set[str] = set()
-        self.on_call: Callable[[str, str], None] | None = None
+        self.on_call: Callable[[CallKey], None] | None = None
         self.settled = self.unsettled = 0  # batches committed / rewound (or their commit dropped)
 
     async def apply(
-        self, type_: EventType, events: Sequence[CanonicalEvent], attempt: int
+        self, type_: EventType, events: Sequence[CanonicalEvent], attempt: int, unknown_retries: int
     ) -> list[HandlerFailure]:
         self.calls += 1
         if self.down_for > 0:
@@ -187,10 +188,10 @@ async def test_records_an_unknown_error_fails_are_found_after_one_round_of_retri
     apply = sink.apply
 
     async def slow_apply(
-        type_: EventType, events: Sequence[CanonicalEvent], attempt: int
+        type_: EventType, events: Sequence[CanonicalEvent], attempt: int, unknown_retries: int
     ) -> list[HandlerFailure]:
         later(2.0)
-        return await apply(type_, events, attempt)
+        return await apply(type_, events, attempt, unknown_retries)
 
     monkeypatch.setattr(retry, "asyncio", types.SimpleNamespace(sleep=sleep))
     monkeypatch.setattr(sink, "apply", slow_apply)
@@ -211,12 +212,12 @@ async def test_a_stop_during_an_error_of_unknown_kind_leaves_the_batch_uncommitt
     apply = sink.apply
 
     async def apply_then_stop(
-        type_: EventType, events: Sequence[CanonicalEvent], attempt: int
+        type_: EventType, events: Sequence[CanonicalEvent], attempt: int, unknown_retries: int
     ) -> list[HandlerFailure]:
         if any(e.id == ids[5] for e in events):
             projector.stop()  # the SIGTERM lands now
             raise psycopg.errors.RaiseException("brief")
-        return await apply(type_, events, attempt)
+        return await apply(type_, events, attempt, unknown_retries)
 
     sink.apply = apply_then_stop  # type: ignore[method-assign]
     with pytest.raises(psycopg.errors.RaiseException):
