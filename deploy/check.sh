@@ -185,16 +185,23 @@ if "$helm" template sentpipe "$chart" --kube-version "${KUBE_VERSIONS[-1]}" "${s
 fi
 grep -q "exceeds kafka.rawPartitions" "$work/out" || { cat "$work/out" >&2; die "unexpected error for worker.replicas=13"; }
 printf '    ok  %s\n' "worker.replicas > kafka.rawPartitions is refused"
-# The application takes these in any case (and WARN, CRIT, FATAL): the schema refused `info` and `sasl_ssl`.
+# The application takes these in any case (and WARN, CRIT, FATAL): the schema refused `info`, `sasl_ssl` and
+# `scram-sha-256`.
 "$helm" template sentpipe "$chart" --kube-version "${KUBE_VERSIONS[-1]}" "${secret[@]}" --set config.logLevel=warn \
-  --set kafka.security.protocol=sasl_ssl --set kafka.security.sasl.username=u \
+  --set kafka.security.protocol=sasl_ssl --set kafka.security.sasl.username=u --set kafka.security.sasl.mechanism=scram-sha-256 \
   --set kafka.security.sasl.passwordSecret.name=s >"$work/out" 2>&1 || { cat "$work/out" >&2; die "lower case refused"; }
 grep -q 'value: "SASL_SSL"' "$work/out" || die "kafka.security.protocol=sasl_ssl did not render as SASL_SSL"
+grep -q 'value: "SCRAM-SHA-256"' "$work/out" || die "kafka.security.sasl.mechanism=scram-sha-256 did not render upper case"
+if "$helm" template sentpipe "$chart" --kube-version "${KUBE_VERSIONS[-1]}" "${secret[@]}" \
+  --set kafka.security.protocol=sasl_ssl --set kafka.security.sasl.username=u --set kafka.security.sasl.mechanism=gssapi \
+  --set kafka.security.sasl.passwordSecret.name=s >"$work/out" 2>&1; then
+  die "helm template accepted kafka.security.sasl.mechanism=gssapi"
+fi
 if "$helm" template sentpipe "$chart" --kube-version "${KUBE_VERSIONS[-1]}" "${secret[@]}" --set config.logLevel=loud \
   >"$work/out" 2>&1; then
   die "helm template accepted config.logLevel=loud"
 fi
-printf '    ok  %s\n' "log level and security protocol in any case; an unknown level refused"
+printf '    ok  %s\n' "log level, security protocol and SASL mechanism in any case; unknown ones refused"
 if "$helm" template sentpipe "$chart" --kube-version "${KUBE_VERSIONS[-1]}" "${secret[@]}" --set worker.split.enabled=true \
   --set worker.split.projector.replicas=13 >"$work/out" 2>&1; then
   die "helm template accepted worker.split.projector.replicas above kafka.routedPartitions"

@@ -218,7 +218,7 @@ files from the TLS volume. Half a configuration fails the render, naming the val
   value: {{ $proto | quote }}
 {{- if $sasl }}
 - name: SENTPIPE_KAFKA_SASL_MECHANISM
-  value: {{ $sec.sasl.mechanism | quote }}
+  value: {{ $sec.sasl.mechanism | upper | quote }}
 - name: SENTPIPE_KAFKA_SASL_USERNAME
   value: {{ $sec.sasl.username | quote }}
 - name: SENTPIPE_KAFKA_SASL_PASSWORD
