@@ -373,11 +373,11 @@ class WebhookHandler:
             m.INGRESS_REQUEST_SECONDS.observe(time.perf_counter() - started)
         return answer, request_id
 
-    def _overloaded(self, what: str) -> tuple[str, Answer]:
+    def _overloaded(self, what: str, close: bool = False) -> tuple[str, Answer]:
         # Turned away before any work; Sent retries later.
         m.INGRESS_REFUSED.labels("overloaded").inc()
         detail = f"more than {self.max_in_flight} requests {what}; retry"
-        return "overloaded", failed(503, "overloaded", detail, retry=True)
+        return "overloaded", failed(503, "overloaded", detail, retry=True, close=close)
 
     async def _handle(
         self, request: PostedRequest, tenant: str, label: str, request_id: str
@@ -391,7 +391,9 @@ class WebhookHandler:
             return "unsupported_media_type", failed(
                 415, "unsupported_media_type", "Content-Type must be application/json"
             )
-        if not decodable(req_headers.get("Content-Encoding")):
+        # Every Content-Encoding header, as aiohttp reads them (the last decides): the first alone let
+        # `identity` then `x-gzip` through, its bytes dead-lettered as not JSON.
+        if not decodable(", ".join(req_headers.getall("Content-Encoding", ())) or None):
             return "unsupported_encoding", failed(415, "unsupported_encoding", ENCODINGS)
         limit = self.max_body_bytes
         length = request.content_length
@@ -410,7 +412,9 @@ class WebhookHandler:
                 # A body still arriving holds no slot of in_flight: a client that sends headers and then
                 # nothing (no signature checked yet) must not turn Sent's complete deliveries away.
                 if self.waiting >= self.max_in_flight:
-                    return self._overloaded("waiting for their body")
+                    # Closed once answered, as for 408 and 413: left open, aiohttp read the unwanted body
+                    # for up to 10 s more, each refused connection held as long as the cap is there to stop.
+                    return self._overloaded("waiting for their body", close=True)
                 self.waiting += 1
                 try:
                     async with asyncio.timeout(self.body_timeout_s):

@@ -76,8 +76,13 @@ def merge(expositions: Sequence[str], label_name: str = "worker") -> str:
     return "\n".join(out) + "\n"
 
 
+# No proxy, whatever the environment says: urllib sends even 127.0.0.1 through http_proxy unless no_proxy
+# names it, and with a proxy injected into the container every scrape was 503 worker_unavailable.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def fetch(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=FETCH_TIMEOUT_S) as resp:
+    with _DIRECT.open(f"http://127.0.0.1:{port}/metrics", timeout=FETCH_TIMEOUT_S) as resp:
         body: bytes = resp.read()
     return body.decode()
 

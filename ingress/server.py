@@ -22,6 +22,7 @@ import multiprocessing.connection
 import os
 import resource
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -45,6 +46,7 @@ from sentpipe.ingress.app import (
 )
 from sentpipe.ingress.gather import Gatherer
 from sentpipe.ingress.protocol import answer_webhooks_directly, stop_reading
+from sentpipe.parent_death import die_with_parent
 from sentpipe.settings import Settings
 
 log = logging.getLogger("sentpipe.ingress")
@@ -269,12 +271,18 @@ def run(settings: Settings, host: str, port: int, metrics_port: int) -> None:
 
 
 def _worker(
-    settings: Settings, host: str, port: int, index: int, to_supervisor: multiprocessing.connection.Connection
+    settings: Settings,
+    host: str,
+    port: int,
+    index: int,
+    to_supervisor: multiprocessing.connection.Connection,
+    supervisor_pid: int,
 ) -> None:
     """One of N worker processes (spawned: a fresh interpreter with nothing inherited but the arguments)."""
     from sentpipe.logs import configure
 
     configure(settings.log_level, settings.log_json)
+    die_with_parent(supervisor_pid, "ingress supervisor", f"ingress worker {index}")
     try:
         _run_loop(
             serve(
@@ -294,6 +302,22 @@ def _worker(
         raise SystemExit(1) from None
 
 
+def port_free(host: str, port: int) -> None:
+    """Refuses a port something listens on. The workers bind with SO_REUSEPORT, which never fails: a set
+    started beside another (orphans of a supervisor killed with SIGKILL, say) shared the port with it, the
+    kernel splitting Sent's deliveries between two configurations."""
+    found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not refused for TIME_WAIT alone
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise StartupError(
+                    f"port {port} on {host or 'every address'}: {exc.strerror or exc}"
+                ) from None
+
+
 def supervise(settings: Settings, host: str, port: int, metrics_port: int) -> int:
     """Start SENTPIPE_INGRESS_WORKERS worker processes on one port and serve their metrics as one; the exit
     status for the command."""
@@ -301,6 +325,7 @@ def supervise(settings: Settings, host: str, port: int, metrics_port: int) -> in
     if port == 0:
         raise StartupError("SENTPIPE_INGRESS_WORKERS > 1 needs a fixed port, not 0")
     verifiers_for(settings)  # unusable secrets: one line here, not one per worker
+    port_free(host, port)
     check_topic_limits(settings)
     try:
         gatherer = Gatherer(host, metrics_port)
@@ -319,7 +344,11 @@ def supervise(settings: Settings, host: str, port: int, metrics_port: int) -> in
     ctx = multiprocessing.get_context("spawn")  # no librdkafka threads or loop state carried into a child
     pipes = [ctx.Pipe(duplex=False) for _ in range(n)]
     workers = [
-        ctx.Process(target=_worker, args=(settings, host, port, i, pipes[i][1]), name=f"sentpipe-ingress-{i}")
+        ctx.Process(
+            target=_worker,
+            args=(settings, host, port, i, pipes[i][1], os.getpid()),
+            name=f"sentpipe-ingress-{i}",
+        )
         for i in range(n)
     ]
     try:

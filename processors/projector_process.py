@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
@@ -31,6 +29,7 @@ from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe.kafka import AsyncProducer, BatchConsumer
+from sentpipe.parent_death import die_with_parent
 from sentpipe.processors import blocked_handlers as blocked
 from sentpipe.processors.handlers import HandlerRegistry, registry
 from sentpipe.processors.health import BLOCKED_AFTER_S, PROBE_EVERY_S, Health, ProcessProbe, serve_health
@@ -152,11 +151,6 @@ class ProjectorService:
         self.projector.stop()
 
 
-# <linux/prctl.h>: the signal a process gets when the thread that made it ends. The worker starts the
-# projector from its loop's thread, the main one, which ends with the process.
-PR_SET_PDEATHSIG = 1
-
-
 def run_projector(
     settings: Settings,
     handlers: HandlerRegistry = registry,
@@ -180,7 +174,7 @@ def run_projector(
         loop = asyncio.get_running_loop()
 
         def on_sigterm() -> None:
-            if parent_pid is not None and os.getppid() != parent_pid:  # `_die_with_parent`'s signal
+            if parent_pid is not None and os.getppid() != parent_pid:  # `die_with_parent`'s signal
                 log.error("the worker process %d is gone: the projector stops", parent_pid)
             service.stop()
 
@@ -251,21 +245,9 @@ def _ended_by_a_handler(exc: BaseException, service: ProjectorService) -> bool:
     return True
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """SIGTERM from the kernel when the worker dies (Linux), whatever the projector's loop is doing: the
-    `_orphaned` task alone was disarmed by a handler cancelling the tasks of the loop, and the orphan held
-    its partitions while a new worker reported healthy with nothing to do."""
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            log.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
-    if os.getppid() != parent_pid:  # it died before the signal was asked for
-        raise SystemExit(f"the worker process {parent_pid} is gone: the projector does not start")
-
-
 async def _orphaned(parent_pid: int, stop: Callable[[], None]) -> None:
     """A worker killed with SIGKILL cannot stop its child: the child sees its parent change and stops
-    (where `_die_with_parent` has no kernel signal to ask for)."""
+    (where `die_with_parent` has no kernel signal to ask for)."""
     while os.getppid() == parent_pid:  # noqa: ASYNC110 - no event says "my parent died"
         await asyncio.sleep(1.0)
     log.error("the worker process %d is gone: the projector stops", parent_pid)
@@ -278,7 +260,7 @@ def _child(settings: Settings, conn: multiprocessing.connection.Connection, pare
     from sentpipe.processors.handlers import load_modules
 
     configure(settings.log_level, settings.log_json)
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid, "worker", "the projector")
     load_modules(settings.handler_modules)
     run_projector(settings, port=0, listening=conn.send, parent_pid=parent_pid)
 

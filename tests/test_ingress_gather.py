@@ -134,6 +134,19 @@ def test_gatherer_answers_503_until_told_then_the_merged_page_then_503_for_a_sil
         g.close()
 
 
+def test_the_workers_are_asked_directly_whatever_proxy_the_environment_names(
+    worker_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """urllib sends even 127.0.0.1 through http_proxy unless no_proxy names it: with a proxy injected into
+    the container, every scrape was 503 worker_unavailable and the replica-down alert fired for every pod."""
+    for name in ("http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")  # nobody listens there
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(urllib.request, "_opener", None)  # urlopen's, built once from the environment
+    assert "sp_requests_total" in gather.fetch(worker_port)
+
+
 def test_a_taken_metrics_port_is_an_error_at_start(worker_port: int) -> None:
     with pytest.raises(OSError):
         Gatherer("127.0.0.1", worker_port)

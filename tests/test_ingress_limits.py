@@ -350,6 +350,9 @@ async def test_bodies_still_arriving_have_a_cap_of_their_own_and_never_turn_a_we
         writer.close()
         assert (status, orjson.loads(answer)["error"]) == (503, "overloaded"), answer
         assert headers.get("retry-after")
+        # ...and closed: left open, aiohttp read its unwanted body for 10 s more, holding the connection.
+        assert headers.get("connection", "").lower() == "close"
+        assert await asyncio.wait_for(reader.read(), 5) == b""
         # ...but a webhook that came whole is not.
         status, _, answer = await exchange(
             port, head("/webhooks/sent", signed(secret, body), len(body)), body
@@ -475,8 +478,20 @@ async def test_gzip_and_deflate_are_decoded_before_the_signature_and_any_other_c
             )
             assert status == 415 and headers["content-type"].startswith("application/json"), (coding, answer)
             assert orjson.loads(answer)["error"] == "unsupported_encoding", (coding, answer)
+        # Repeated headers are one list, as aiohttp reads them (the last decides): the first alone let
+        # `identity` then `x-gzip` through.
+        for codings, coded in (
+            (("identity", "x-gzip"), gzip.compress(refused)),
+            (("identity", "gzip"), gzip.compress(refused)),
+            (("gzip", "identity"), gzip.compress(refused)),
+        ):
+            both = head(url, signed(secret, refused), len(coded)).replace(
+                b"\r\n\r\n", b"".join(b"\r\nContent-Encoding: " + c.encode() for c in codings) + b"\r\n\r\n"
+            )
+            status, _, answer = await exchange(port, both, coded)
+            assert (status, orjson.loads(answer)["error"]) == (415, "unsupported_encoding"), (codings, answer)
         counted = sum(_requests(t, "unsupported_encoding", "415") for t in ("unknown", "default"))
-        assert counted - counted_before == 5
+        assert counted - counted_before == 8
         statuses = [getattr(r, "status", None) for r in caplog.records if r.msg == "malformed HTTP request"]
         assert statuses == [415, 415], statuses  # br and zstd; the other three reach the handler
         coded = gzip.compress(bomb)

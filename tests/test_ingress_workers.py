@@ -115,6 +115,41 @@ def test_a_worker_that_dies_stops_the_set_with_a_non_zero_status(settings: Setti
     assert "exited with status -9: stopping the others" in proc.log.read_text()
 
 
+def test_workers_stop_with_a_killed_supervisor_and_a_new_set_does_not_share_their_port(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Killed with SIGKILL (the OOM killer, say), the supervisor left its workers serving, and a new set
+    bound the same port beside them (SO_REUSEPORT never refuses): the kernel split deliveries between
+    two configurations."""
+    proc, port, _ = start_workers(settings, tmp_path)
+    found = re.search(r"pids=\[(\d+), (\d+)\]", proc.log.read_text())
+    assert found and proc.p is not None, proc.tail()
+    pids = [int(found.group(1)), int(found.group(2))]
+    # While they serve, a second set is refused the port in one line.
+    env = settings_env(settings, ingress_host="127.0.0.1", ingress_port=port, ingress_workers=2)
+    second = Proc(["ingress"], env, tmp_path / "second.log").start()
+    try:
+        assert second.p is not None and second.p.wait(60) == 1, second.tail()
+    finally:
+        second.kill()
+    assert f"error: port {port} on 127.0.0.1: Address already in use" in second.log.read_text()
+    proc.p.kill()
+    proc.p.wait(10)
+    deadline = time.monotonic() + 60
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(pid) for pid in pids), proc.tail()
+    assert proc.log.read_text().count("shutting down: finishing in-flight requests") == 2, proc.tail()
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+
+
 def test_a_hung_worker_stops_itself_and_the_set_exits_non_zero(settings: Settings, tmp_path: Path) -> None:
     """Each worker's producer loses its report thread at start (fault injection through sitecustomize, in
     every process of the set): no record could ever be acknowledged. The liveness probe might never reach

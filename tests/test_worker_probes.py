@@ -317,10 +317,10 @@ def test_a_second_signal_ends_a_stopping_worker_at_once(settings: Settings, tmp_
 
 _PARENT = """
 import os, signal, sys, time
-from sentpipe.processors.projector_process import _die_with_parent
+from sentpipe.parent_death import die_with_parent
 
 if os.fork() == 0:  # the projector's side: no loop, no `_orphaned` task, only the kernel's signal
-    _die_with_parent(os.getppid())
+    die_with_parent(os.getppid(), "worker", "the projector")
     signal.signal(signal.SIGTERM, lambda *_: (print("SIGTERM", flush=True), os._exit(0)))
     print(os.getpid(), flush=True)
     time.sleep(60)
