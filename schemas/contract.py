@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -53,15 +54,23 @@ TOPIC_SCHEMAS = {t: t.value for t in ROUTED_TYPES}
 
 # No NUL (U+0000): PostgreSQL's text and jsonb refuse it.
 NO_NUL = r"^[^\u0000]*$"
-# An ISO-8601 time whose year is 1970..9999 (the code also checks the instant after zone conversion);
-# "" means "not given".
-ISO_TIME = r"^$|^(?:19[7-9][0-9]|[2-9][0-9]{3})(?:-|W|[0-9]{4}(?:[^0-9]|$))"
+# An ISO-8601 time whose year is 1969..9999 (the code checks the instant after zone conversion: 1970 and
+# later, so a local 1969 evening west of UTC is in); "" means "not given".
+ISO_TIME = r"^$|^(?:19(?:69|[7-9][0-9])|[2-9][0-9]{3})(?:-|W|[0-9]{4}(?:[^0-9]|$))"
 SENT_MESSAGE_FIELDS = ("message", "messages")
 SENT_TEMPLATE_FIELDS = ("template", "templates")
-INBOUND_SUB_TYPE = "message.received"
+
+
+def _any_case(text: str) -> str:
+    """A pattern for `text` in any case: JSON Schema's ECMA-262 patterns have no case-insensitive flag."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in text)
+
+
+# The code reads the sub-type without regard to case ("MESSAGE.RECEIVED" is inbound).
+INBOUND_SUB_TYPE = rf"^{_any_case('message.received')}$"
 # A Sent status sub-type: "message." and the status, which is at most MAX_STATUS_LENGTH long.
-STATUS_SUB_TYPE = rf"^message\.[\s\S]{{1,{MAX_STATUS_LENGTH}}}$"
-LONG_STATUS_SUB_TYPE = rf"^message\.[\s\S]{{{MAX_STATUS_LENGTH + 1}}}"
+STATUS_SUB_TYPE = rf"^{_any_case('message.')}[\s\S]{{1,{MAX_STATUS_LENGTH}}}$"
+LONG_STATUS_SUB_TYPE = rf"^{_any_case('message.')}[\s\S]{{{MAX_STATUS_LENGTH + 1}}}"
 
 
 def _text(limit: int, min_length: int = 0) -> Any:
@@ -164,7 +173,7 @@ def _sent_envelope() -> Any:
             Field(
                 default=None,
                 json_schema_extra={
-                    "not": {"anyOf": [{"const": INBOUND_SUB_TYPE}, {"pattern": LONG_STATUS_SUB_TYPE}]}
+                    "not": {"anyOf": [{"pattern": INBOUND_SUB_TYPE}, {"pattern": LONG_STATUS_SUB_TYPE}]}
                 },
             ),
         ),
@@ -181,9 +190,9 @@ def _sent_envelope() -> Any:
     )
     inbound = _sent_variant(
         "SentInboundEnvelope",
-        "An inbound message: field message(s), sub_type message.received.",
+        "An inbound message: field message(s), sub_type message.received (any case).",
         (_const(*SENT_MESSAGE_FIELDS), ...),
-        (_const(INBOUND_SUB_TYPE), ...),
+        (Annotated[str, StringConstraints(pattern=INBOUND_SUB_TYPE)], ...),
         (PAYLOADS[EventType.MESSAGE_INBOUND] | None, None),
     )
     template = _sent_variant(

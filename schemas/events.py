@@ -649,9 +649,11 @@ def _read(
     if shape == "guide" and occurred is None:
         occurred = found.get(_TIME)
     status = found.get(_STATUS)
-    if type_ is EventType.MESSAGE_STATUS and shape == "sent" and sub_type and sub_type.startswith("message."):
-        # Sent's sub_type ("message.delivered") names the status; the payload's is the fallback.
-        status = _status(sub_type.removeprefix("message."), "the status in 'sub_type'") or status
+    named = sub_type if type_ is EventType.MESSAGE_STATUS and shape == "sent" else None
+    if named and named[:8].lower() == "message.":
+        # Sent's sub_type ("message.delivered") names the status; the payload's is the fallback. Case-blind
+        # like the inbound check above: "MESSAGE.DELIVERED" routed the payload's "sent" instead.
+        status = _status(named[8:], "the status in 'sub_type'") or status
     return Read(data, occurred, found.get(_SUBJECT), status)
 
 

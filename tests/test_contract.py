@@ -134,6 +134,21 @@ def test_every_sample_validates_raw_and_routed(shape: str) -> None:
         ({"id": "e", "event": {"type": "x.y"}, "data": [1]}, "guide.envelope"),
         ({"field": "accounts", "payload": [1], "timestamp": 1_767_225_600_000}, "sent.envelope"),
         ({"field": "message", "sub_type": "message.received"}, "sent.envelope"),
+        # Routed by the code, refused by the schema: the sub-type in any case, and a 1969 local time
+        # that is 1970 in UTC.
+        ({"field": "message", "sub_type": "MESSAGE.RECEIVED"}, "sent.envelope"),
+        (
+            {"field": "message", "sub_type": "Message.Delivered", "payload": {"message_id": "m"}},
+            "sent.envelope",
+        ),
+        (
+            {
+                "field": "message",
+                "timestamp": "1969-12-31T23:00:00-02:00",
+                "payload": {"id": "m", "status": "x"},
+            },
+            "sent.envelope",
+        ),
         ({"field": "message", "payload": {"messageId": 5, "status": "SENT"}}, "sent.envelope"),
         (
             {"field": "message", "sub_type": "message.x", "timestamp": 0, "payload": {"id": "m"}},

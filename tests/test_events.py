@@ -419,3 +419,13 @@ def test_the_inbound_sub_type_is_read_without_regard_to_case_like_the_statuses(s
     framed = frame(body, webhook_id=None)
     assert framed.type is EventType.MESSAGE_INBOUND
     assert normalize(framed, tenant="t", received_at_ms=1_700_000_000_000).type is EventType.MESSAGE_INBOUND
+
+
+@pytest.mark.parametrize("sub_type", ["MESSAGE.DELIVERED", "Message.Delivered", "message.delivered"])
+def test_the_status_in_the_sub_type_is_read_without_regard_to_case(sub_type: str) -> None:
+    """An upper-case "MESSAGE." prefix was not taken for one: the payload's status ("sent") was routed
+    instead of the sub-type's, and without one in the payload the event was dead-lettered (missing_status)."""
+    for payload in ({"message_id": "m1", "message_status": "SENT"}, {"message_id": "m1"}):
+        body = orjson.dumps({"field": "message", "sub_type": sub_type, "payload": payload})
+        event = normalize(frame(body, webhook_id="w"), tenant="t", received_at_ms=1_700_000_000_000)
+        assert (event.type, event.status) == (EventType.MESSAGE_STATUS, "delivered")
