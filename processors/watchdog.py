@@ -58,6 +58,10 @@ class Watchdog:
                 self._since[where] = now  # work just appeared: the clock starts now
             self._lag[where] = n
 
+    def waiting(self, where: Partition) -> int:
+        """Records last told waiting on `where` (0: none, or not this worker's)."""
+        return self._lag.get(where, 0)
+
     def waiting_at(self, positions: Mapping[Partition, int]) -> None:
         """Where records wait before this process has moved a partition (the committed offset, the first of
         a batch in hand): a stall names that offset, not "start", which is all a worker restarted by its

@@ -62,7 +62,8 @@ ReadBack = tuple[tuple[str, int], int, int]
 # batch at a time the router's loop sat idle for half the drain.
 PIPELINE_DEPTH = 4
 PIPELINE_FULL = "pipeline full"  # every batch slot taken: the agent waits with a batch in hand
-# How often the lag check asks the broker for the end offsets of partitions Faust has fetched nothing from.
+# How often the lag check asks the broker for the end offsets of the raw partitions (Faust's own are only
+# what its fetches saw).
 BROKER_ENDS_EVERY_S = 10.0
 # The sweep's longest stretch on the event loop before it lets routing run again, and the most table
 # changes (each a changelog record) it queues in one stretch.
@@ -226,7 +227,7 @@ class Router:
         # How far the store holds each changelog partition, moved by the acknowledged writes below.
         self.held = HeldOffsets()
         self._unmoved: dict[tuple[str, int], tuple[int, int]] = {}  # lag checks without progress
-        # End offsets asked of the broker for partitions Faust has fetched nothing from (report_lag).
+        # End offsets of the raw partitions asked of the broker (report_lag).
         self._broker_ends: dict[tuple[str, int], int] = {}
         self._broker_ends_at = -BROKER_ENDS_EVERY_S
 
@@ -846,6 +847,14 @@ class Router:
                             type(exc).__name__,
                             exc,
                         )
+        for tp, _, _ in found:
+            where = (tp.topic, tp.partition)
+            last = self.watchdog.waiting(where)
+            if where not in waiting and last:
+                # Still assigned, its lag unknown now (its start unreadable after a revoke: the broker
+                # away during a rebalance): left out, the watchdog forgot its clock, and a rebalance that
+                # could not complete was no stall, /livez 200 for as long as it lasted.
+                waiting[where] = last
         for where in set(self.processed) - set(waiting):
             del self.processed[where]  # moved to another worker
             self.dispatched.pop(where, None)
@@ -869,20 +878,23 @@ class Router:
         """Faust knows a partition's end offset only from its own fetches: a partition it never fetched
         from after an assignment had none, so it was in no lag and no stall, and `_unstick` never looked at
         it (the suspect of a chaos-test run where a worker routed nothing for three minutes and said
-        nothing). Those ends are asked of the broker instead, at most every BROKER_ENDS_EVERY_S."""
-        unknown = [(tp.topic, tp.partition) for tp, highwater, _ in found if highwater is None]
-        if not unknown:
+        nothing); one it stopped fetching from (left out of its active set, paused and never resumed) kept
+        the end of its last fetch, so records arriving since were not waiting either. Every partition's end
+        is asked of the broker too, at most every BROKER_ENDS_EVERY_S, and the later of the two counts."""
+        if not found:
             return found
         now = time.monotonic()
         if now - self._broker_ends_at >= BROKER_ENDS_EVERY_S:
             self._broker_ends_at = now
+            asked = [(tp.topic, tp.partition) for tp, _, _ in found]
             with contextlib.suppress(Exception):  # best effort: the broker away, asked again next time
                 async with self._range_lock:
-                    self._broker_ends = await asyncio.to_thread(self._ranges.end_offsets, unknown)
-        return [
-            (tp, self._broker_ends.get((tp.topic, tp.partition)) if highwater is None else highwater, done)
-            for tp, highwater, done in found
-        ]
+                    self._broker_ends = await asyncio.to_thread(self._ranges.end_offsets, asked)
+        out = []
+        for tp, highwater, done in found:
+            end = self._broker_ends.get((tp.topic, tp.partition))
+            out.append((tp, highwater if end is None else max(end, highwater or 0), done))
+        return out
 
     def _held_back(self) -> str | None:
         """Why the stream may rightly hold fetched raw records back now (None: it should deliver them)."""

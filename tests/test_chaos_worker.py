@@ -591,6 +591,43 @@ def test_a_batch_read_again_does_not_move_the_settled_position_back(settings: Se
     assert router.processed[where] == 901
 
 
+async def test_a_partition_faust_stopped_fetching_from_counts_against_the_brokers_end_and_is_resumed(
+    settings: Settings,
+) -> None:
+    """Faust's end for a partition is its last fetch's: one it stopped fetching from (paused and never
+    resumed) kept that end, and once the router had routed up to it, records arriving since waited in no
+    lag and no stall, `/livez` 200 with work piling up."""
+    router, consumer = _lag_checked_router(
+        settings, position=500, processed=500, dispatched=500, highwater=500
+    )
+    where = (Topics(settings.topic_prefix).raw, 0)
+    assert await router.report_lag() == {where: 500}  # the broker's end, 1,000, not Faust's 500
+    await _checks(router, 2)
+    assert consumer.resumed == [consumer.tp]
+
+
+async def test_a_partition_whose_lag_cannot_be_read_after_a_revoke_keeps_its_stall_clock(
+    settings: Settings,
+) -> None:
+    """A revoke forgets where a partition stood, and its start is asked of the broker: with the broker away
+    during the rebalance that failed every time, the partition was left out of the lag, the watchdog forgot
+    its clock, and a rebalance that could not complete was no stall (README: it is one)."""
+    router, _ = _lag_checked_router(settings, position=500, processed=500, dispatched=500)
+    where = (Topics(settings.topic_prefix).raw, 0)
+    assert await router.report_lag() == {where: 500}
+    clock_started = router.watchdog._since[where]
+
+    def away(partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        raise RuntimeError("the broker is away")
+
+    router.processed.clear()  # what `forget_revoked` does
+    router._range_reader.start_offsets = away
+    router._range_reader.end_offsets = away
+    router._broker_ends_at = -1e9  # asked again now
+    assert await router.report_lag() == {where: 500}  # as last known, not left out
+    assert router.watchdog._since[where] == clock_started
+
+
 async def test_a_partition_faust_never_fetched_from_counts_against_the_brokers_end_and_is_resumed(
     settings: Settings,
 ) -> None:
