@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import http.client
 import logging
 import math
 import multiprocessing
@@ -25,6 +26,7 @@ import signal
 import socket
 import sys
 import time
+import urllib.error
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import FrameType
@@ -44,7 +46,7 @@ from sentpipe.ingress.app import (
     producer_for,
     verifiers_for,
 )
-from sentpipe.ingress.gather import Gatherer
+from sentpipe.ingress.gather import Gatherer, fetch
 from sentpipe.ingress.protocol import answer_webhooks_directly, stop_reading
 from sentpipe.parent_death import die_with_parent
 from sentpipe.settings import Settings
@@ -52,6 +54,10 @@ from sentpipe.settings import Settings
 log = logging.getLogger("sentpipe.ingress")
 
 HUNG_CHECK_S = 1.0  # how often a process checks itself with the liveness probe's test
+# A worker whose metrics port has not answered this long has a blocked event loop: it cannot see that itself,
+# and the pod's liveness probe reaches whichever worker the kernel picks, so the supervisor stops the set.
+WORKER_SILENT_S = 30.0
+WORKER_PROBE_EVERY_S = 5.0
 
 
 async def _listen(site: web.TCPSite, settings_named: str) -> None:
@@ -302,6 +308,25 @@ def _worker(
         raise SystemExit(1) from None
 
 
+def _silent_worker(ports: list[int | None], answered: list[float]) -> int | None:
+    """Asks each worker's metrics port (`answered` notes when it answers); the first one silent for
+    WORKER_SILENT_S, if any. A worker still starting (no port yet) is not asked."""
+    for i, port in enumerate(ports):
+        if port is None:
+            answered[i] = time.monotonic()
+            continue
+        try:
+            fetch(port)
+        except urllib.error.HTTPError:  # an error status is still an answer: its loop turns
+            answered[i] = time.monotonic()
+        except (OSError, http.client.HTTPException):  # refused, timed out, cut off: not an answer
+            if time.monotonic() - answered[i] >= WORKER_SILENT_S:
+                return i
+        else:
+            answered[i] = time.monotonic()
+    return None
+
+
 def port_free(host: str, port: int) -> None:
     """Refuses a port something listens on. The workers bind with SO_REUSEPORT, which never fails: a set
     started beside another (orphans of a supervisor killed with SIGKILL, say) shared the port with it, the
@@ -365,6 +390,8 @@ def supervise(settings: Settings, host: str, port: int, metrics_port: int) -> in
         )
         code = 0
         ports: list[int | None] = [None] * n
+        answered = [time.monotonic()] * n  # when each worker's metrics port last answered
+        probe_at = time.monotonic() + WORKER_PROBE_EVERY_S
         while not stopping:
             waiting = [pipes[i][0] for i in range(n) if ports[i] is None]
             ready = multiprocessing.connection.wait([*waiting, *(w.sentinel for w in workers)], timeout=0.5)
@@ -374,6 +401,19 @@ def supervise(settings: Settings, host: str, port: int, metrics_port: int) -> in
                         ports[i] = pipes[i][0].recv()
                     if ports[i] is not None and all(p is not None for p in ports):
                         gatherer.serve_workers([p for p in ports if p is not None])
+            if time.monotonic() >= probe_at:
+                probe_at = time.monotonic() + WORKER_PROBE_EVERY_S
+                silent = _silent_worker(ports, answered)
+                if silent is not None and not stopping:
+                    log.error(
+                        "ingress worker %s (pid %s) has not answered for %.0f s (its event loop is blocked):"
+                        " stopping the set with status 1",
+                        workers[silent].name,
+                        workers[silent].pid,
+                        time.monotonic() - answered[silent],
+                    )
+                    code = 1
+                    break
             gone = [w for w in workers if w.exitcode is not None]
             if gone and not stopping:
                 w = gone[0]

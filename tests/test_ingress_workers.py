@@ -170,6 +170,49 @@ def test_a_hung_worker_stops_itself_and_the_set_exits_non_zero(settings: Setting
     assert "exited with status 1: stopping the others" in log, log
 
 
+BLOCKING_SITECUSTOMIZE = """
+import time
+import sentpipe.ingress.app as app
+import sentpipe.ingress.server as server
+
+server.WORKER_SILENT_S, server.WORKER_PROBE_EVERY_S = 3.0, 0.5
+_readyz = app.readyz
+
+
+async def readyz(request):
+    if request.headers.get("x-block-the-loop"):
+        time.sleep(600)  # synchronous: the worker's event loop turns no more
+    return await _readyz(request)
+
+
+app.readyz = readyz
+"""
+
+
+def test_a_worker_whose_event_loop_is_blocked_stops_the_set_with_status_1(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A worker stuck in a synchronous call cannot see it itself, and the liveness probe reaches whichever
+    worker the kernel picks: it went on taking its share of connections, each hanging until Sent gave up."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCKING_SITECUSTOMIZE)
+    port, mport = free_port(), free_port()
+    env = settings_env(
+        settings, ingress_host="127.0.0.1", ingress_port=port, ingress_metrics_port=mport, ingress_workers=2
+    )
+    env["PYTHONPATH"] = str(tmp_path)
+    proc = Proc(["ingress"], env, tmp_path / "ingress.log").start()
+    try:
+        proc.wait_http(f"http://127.0.0.1:{mport}/metrics")
+        with socket.create_connection(("127.0.0.1", port)) as blocker:
+            blocker.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nx-block-the-loop: 1\r\n\r\n")
+            assert proc.p is not None and proc.p.wait(120) == 1, proc.tail()
+    finally:
+        proc.kill()
+    assert (
+        "has not answered for" in proc.log.read_text() and "its event loop is blocked" in proc.log.read_text()
+    )
+
+
 def test_a_process_whose_spool_write_never_finishes_exits_instead_of_hanging(
     settings: Settings, tmp_path: Path
 ) -> None:
