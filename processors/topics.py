@@ -17,6 +17,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from sentpipe.kafka import (
+    BrokerRefused,
     admin_client,
     committed_offsets,
     existing_partitions,
@@ -79,13 +80,31 @@ def ensure_topics(settings: Settings, timeout: float = 10.0) -> list[TopicState]
             operation_timeout=timeout,
             request_timeout=timeout,
         )
-        for fut in futures.values():
+        existed: list[str] = []
+        for name, fut in futures.items():
             try:
                 fut.result(timeout=timeout)
             except KafkaException as exc:
-                if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":  # created by a concurrent run
+                if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                     raise
-        have |= {s.name: s.partitions for s in missing}
+                existed.append(name)
+        have |= {s.name: s.partitions for s in missing if s.name not in existed}
+        if existed:
+            # Created by a concurrent run, or listed without metadata (an error on it): an existing topic,
+            # converged as one. Taken as created, it was reported "created" and its retention left as it was.
+            deadline = time.monotonic() + timeout
+            again = existing_partitions(admin, bootstrap, timeout)
+            while (unknown := [n for n in existed if n not in again]) and time.monotonic() < deadline:
+                time.sleep(0.2)  # a topic made a moment ago is listed with an error until it has leaders
+                again = existing_partitions(admin, bootstrap, timeout)
+            if unknown:
+                raise BrokerRefused(
+                    f"Kafka broker at {bootstrap} says {', '.join(unknown)} exists but gives no metadata"
+                    " for it (is DESCRIBE on the topic allowed?)"
+                )
+            have |= {name: again[name] for name in existed}
+            changes |= _converge_configs(admin, settings, [s for s in specs if s.name in existed], timeout)
+            missing = [s for s in missing if s.name not in existed]
     created = {s.name for s in missing}
     return [
         TopicState(s.name, have[s.name], s.name in created, tuple(changes.get(s.name, ()))) for s in specs

@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -22,6 +23,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 from pydantic import SecretStr
 
 from sentpipe.kafka import topic_configs
+from sentpipe.processors import topics as topics_module
 from sentpipe.processors.migrate import migrate
 from sentpipe.processors.topics import ensure_topics
 from sentpipe.schemas.topics import ConfigChange, Topics, config_changes, topic_specs
@@ -140,6 +142,29 @@ def test_topics_ensure_brings_existing_topics_to_the_retentions_the_settings_ask
     raw = now[topics.raw] or {}
     assert (raw["min.insync.replicas"], raw["max.message.bytes"]) == ("1", "9000000")
     assert all(t.changes == () and not t.created for t in ensure_topics(later))  # idempotent
+
+
+def test_topics_made_meanwhile_are_reported_existing_and_brought_to_the_settings(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listed as missing (made by a concurrent run since, or listed with an error), a topic's creation
+    failed with TOPIC_ALREADY_EXISTS, which was taken as created: "created", its retention left as it was."""
+    first = settings.model_copy(update={"topic_prefix": f"m{uuid.uuid4().hex[:8]}."})
+    ensure_topics(first)
+    hour = 3600 * 1000
+    later = first.model_copy(update={"raw_retention_ms": 2 * hour})
+    real, listed = topics_module.existing_partitions, []
+
+    def raced(*args: Any, **kwargs: Any) -> dict[str, int]:
+        listed.append(1)
+        return {} if len(listed) == 1 else real(*args, **kwargs)  # the first list saw none of them
+
+    monkeypatch.setattr(topics_module, "existing_partitions", raced)
+    states = {t.name: t for t in ensure_topics(later)}
+    raw = Topics(first.topic_prefix).raw
+    assert not any(t.created for t in states.values())
+    assert states[raw].partitions == first.raw_partitions
+    assert states[raw].changes == (ConfigChange("retention.ms", str(first.raw_retention_ms), str(2 * hour)),)
 
 
 def test_migrations_are_idempotent_and_tables_exist(db_url: str) -> None:
