@@ -193,8 +193,10 @@ class Settings(BaseSettings):
     ingress_port: Port = 8080
     ingress_metrics_port: Port = 9100
     signature_tolerance_s: int = Field(300, ge=1, le=DAY_S)
-    # The raw topic's max.message.bytes is sized from it (a 32-bit value): 100 MiB is far past any webhook.
-    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=100 * 1024 * 1024)
+    # The raw topic's max.message.bytes is sized from it. 64 MiB is far past any webhook, and a produce
+    # request must stay under the broker's socket.request.max.bytes (100 MiB by default): at 100 MiB the
+    # broker dropped the connection, and each such body got 503 until the produce timeout, never its 413.
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     # The whole body must arrive within this time of the request's headers, or the answer is 408; so must the
     # headers, from their first byte (a client that trickles them holds a connection).
     body_timeout_s: float = _seconds(10.0, le=3600)

@@ -28,7 +28,7 @@ from confluent_kafka import KafkaError
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 from multidict import CIMultiDict
 from prometheus_client import REGISTRY
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 from sentpipe.broker import ProduceRejected
 from sentpipe.ingress.app import (
@@ -928,3 +928,11 @@ def test_the_start_warning_says_what_webhooks_get_while_the_broker_is_away(
     away = settings.model_copy(update={"kafka_bootstrap": "127.0.0.1:9", "spool": spool})
     check_topic_limits(away, timeout=2)
     assert any(f"starting anyway; {said} until it answers" in rec.getMessage() for rec in caplog.records)
+
+
+def test_a_body_limit_past_what_one_produce_request_carries_is_refused() -> None:
+    """At 100 MiB a body's produce request passed the broker's socket.request.max.bytes (100 MiB by
+    default): the broker dropped the connection, and the body got 503 until the produce timeout, not 413."""
+    assert Settings(_env_file=None, max_body_bytes=64 * 1024 * 1024).max_body_bytes == 64 * 1024 * 1024
+    with pytest.raises(ValidationError, match="max_body_bytes"):
+        Settings(_env_file=None, max_body_bytes=64 * 1024 * 1024 + 1)
