@@ -19,7 +19,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -624,7 +624,7 @@ def _redrive(
 
 def _in_the_ledger(result: RunResult) -> str:
     # Said of every stop, it was untrue when the broker left mid-pass: records sent, their ledger writes lost.
-    unrecorded = sum(n for reason, n in result.failures.items() if reason.startswith("ledger:"))
+    unrecorded = result.unrecorded.total()
     if not unrecorded:
         return "what it sent is in the ledger"
     return f"{unrecorded} record(s) it sent are not in the ledger (the next redrive sends them again)"
@@ -636,7 +636,7 @@ def redrive_failed(result: RunResult, sel: DlqSelection) -> str | None:
     Records no stage can take fail a redrive only when it named them by ID: an unfiltered pass would
     otherwise fail for as long as one sits in the DLQ.
     """
-    if result.dry_run or not (result.failed or (sel.ids and result.kept)):
+    if result.dry_run or not (result.failed or result.unrecorded or (sel.ids and result.kept)):
         return None
     return redrive_failures(result)
 
@@ -645,13 +645,21 @@ TOO_LARGE = "delivery:MSG_SIZE_TOO_LARGE"  # a topic's max.message.bytes below t
 PRODUCER_TOO_LARGE = "produce:msg_size_too_large"  # the producer's own message.max.bytes below it
 
 
+# A record still failing whose new dead letter Kafka did not take: it is not back in the DLQ, so it is told
+# apart by what happened to that copy, as a record sent back is.
+DLQ_COPY = "dlq "
+
+
 def redrive_failures(result: RunResult) -> str:
     """The closing line of a redrive that failed, by what the operator does next."""
-    too_large = result.failures[TOO_LARGE]
-    kafka = sum(n for reason, n in result.failures.items() if reason.startswith("delivery:")) - too_large
-    ledger = sum(n for reason, n in result.failures.items() if reason.startswith("ledger:"))
-    refused = {reason: n for reason, n in result.failures.items() if reason.startswith("produce:")}
-    again = result.failed - kafka - too_large - ledger - sum(refused.values())
+    failures: Counter[str] = Counter()
+    for reason, n in result.failures.items():
+        failures[reason.removeprefix(DLQ_COPY)] += n
+    too_large = failures[TOO_LARGE]
+    kafka = sum(n for reason, n in failures.items() if reason.startswith("delivery:")) - too_large
+    refused = {reason: n for reason, n in failures.items() if reason.startswith("produce:")}
+    again = result.failed - kafka - too_large - sum(refused.values())
+    ledger = result.unrecorded.total()
     parts = []
     if result.kept:
         parts.append(
@@ -758,9 +766,9 @@ def _write_ledger(
 
     def written(err: KafkaError | None) -> None:
         if err is not None:
-            # The record was sent but the ledger does not say so: a later redrive would take it again.
-            result.failed += 1
-            result.failures[f"ledger:{err.name()}"] += 1
+            # The record was sent but the ledger does not say so: a later redrive would take it again. Not a
+            # failure: the record is counted already, redriven or failed again.
+            result.unrecorded[f"ledger:{err.name()}"] += 1
 
     for key, value in entries:
         sender.send(topics.dlq_redriven, key, value, [], written)

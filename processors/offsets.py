@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -236,6 +236,10 @@ def capped(ranges: Sequence[Range], upto: Mapping[int, int] | None) -> list[Rang
 
 _NOT_AUTHORIZED = frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED})
 
+# (the range, its first offset deleted, how many offsets from there) of records retention deleted while
+# `Log.read` read their range: librdkafka's reset jumped past them.
+OnDeleted = Callable[[Range, int, int], None]
+
 
 class Log:
     """Read-only access to topics for one command: metadata, watermarks, bounded reads."""
@@ -363,11 +367,18 @@ class Log:
                 ends[p] = min(ends[p], off + 1)
         return [Range(topic, p, starts[p], max(starts[p], ends[p]), gone.get(p, 0)) for p in parts]
 
-    def read(self, ranges: Sequence[Range]) -> Generator[Message, None, None]:
-        """Every record in the ranges, in offset order per partition; stops at each range's end."""
+    def read(
+        self, ranges: Sequence[Range], on_deleted: OnDeleted | None = None
+    ) -> Generator[Message, None, None]:
+        """Every record in the ranges, in offset order per partition; stops at each range's end.
+        `on_deleted` is told of the offsets retention deleted before they were read."""
         pending = {(r.topic, r.partition): r for r in ranges if r.size > 0}
         if not pending:
             return
+        # partition -> the offset after the last one accounted for. Retention deleting a range's start
+        # (before or while it is read) makes librdkafka reset to the log's new start without a word
+        # (auto.offset.reset): a gap is the only sign, and a replay ended "read" short, exit 0.
+        expected = {where: r.start for where, r in pending.items()}
         assigned = [TopicPartition(r.topic, r.partition, r.start) for r in pending.values()]
         self.consumer.assign(assigned)
         # librdkafka keeps a partition paused (`_done`) across unassign and assign: a second read of it on
@@ -392,6 +403,8 @@ class Log:
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:
                             # Nothing more right now; the end captured at start cannot be beyond it.
+                            if on_deleted is not None:
+                                self._deleted(r, expected[where], r.end, on_deleted)
                             self._done(pending, where)
                         elif err.fatal():
                             raise KafkaException(err)
@@ -405,6 +418,9 @@ class Log:
                             self._last_error = err  # named if nothing comes (the partition's leader away)
                         continue
                     offset = msg.offset() or 0
+                    if on_deleted is not None and offset > expected[where]:
+                        self._deleted(r, expected[where], min(offset, r.end), on_deleted)
+                    expected[where] = offset + 1
                     if offset >= r.end:
                         self._done(pending, where)
                         continue
@@ -416,6 +432,15 @@ class Log:
                         self._done(pending, where)
         finally:
             self.consumer.unassign()
+
+    def _deleted(self, r: Range, start: int, upto: int, on_deleted: OnDeleted) -> None:
+        """Offsets [start, upto) of `r` never came: those below the log's start now were deleted. The rest
+        of a gap held no records (compaction, transaction markers)."""
+        if upto <= start:
+            return
+        low = self.watermarks(r.topic, [r.partition])[r.partition][0]
+        if min(low, upto) > start:
+            on_deleted(r, start, min(low, upto) - start)
 
     def _done(self, pending: dict[tuple[str, int], Range], where: tuple[str, int]) -> None:
         pending.pop(where, None)

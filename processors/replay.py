@@ -148,6 +148,10 @@ class RunResult:
     # redrive: reason -> records no stage can take (no sentpipe stage, no routed topic), left in the DLQ.
     # Not failures: every later pass meets them again, so an unfiltered redrive would never succeed.
     kept: Counter[str] = field(default_factory=Counter)
+    # redrive: reason -> records Kafka took (redriven, or dead-lettered again: counted there) whose ledger
+    # write failed. Not failures: counted under `failed` too, a record was counted twice and "read" no
+    # longer added up.
+    unrecorded: Counter[str] = field(default_factory=Counter)
     missing_ids: list[str] = field(default_factory=list)
     # partition -> the end offset (exclusive) it was read to: a dry run's, passed as `upto`, makes the real
     # run read exactly the records it counted
@@ -241,18 +245,27 @@ def _replay(
         # got and where to go on, as a Ctrl-C does (it ended with the read's error alone, and the records
         # in the producer's queue were dropped unreported).
         gone: Exception | None = None
+        ended = True  # until the reads end by themselves
         try:
             run.read(kafka, capped(kafka.ranges(topics.raw, window, first), upto))
             if first is not None and not flt.event_ids <= run.seen_ids and not stop.is_set():
                 others = [p for p in range(n) if p not in first]
                 run.read(kafka, capped(kafka.ranges(topics.raw, window, others), upto))
                 first = None
-        except (BrokerUnavailable, KafkaException) as exc:
+            ended = False
+        except (BrokerUnavailable, KafkaException, OpsError) as exc:
+            # Any error that ends the read once it began (an ACL refusing READ mid-run is an OpsError) ends
+            # the run with the resume line; before it began (an offset past the end), the error alone.
+            if isinstance(exc, OpsError) and not run.ranges:
+                raise
             gone = exc
-        try:
-            run.finish(stopping=gone is not None)
-        except BrokerUnavailable as exc:
-            gone = gone or exc
+        finally:
+            # Whatever ended the read, the records queued are flushed and counted: an error other than the
+            # broker's skipped this, and they were dropped unreported.
+            try:
+                run.finish(stopping=ended)
+            except BrokerUnavailable as exc:
+                gone = gone or exc
     result = run.result
     result.missing_ids = sorted(flt.event_ids - run.seen_ids)
     log_run("replay", result, interrupted=stop.is_set() or gone is not None)
@@ -317,6 +330,7 @@ class _Replay:
         self.undelivered: dict[int, int] = {}
         self.unreported: set[tuple[int, int]] = set()  # sent, no delivery report yet: (partition, offset)
         self.unconfirmed = 0  # sent, and the flush gave up before Kafka said whether it took them
+        self.deleted_in: set[int] = set()  # partitions retention deleted records of while they were read
 
     def read(self, kafka: Log, ranges: Sequence[Range]) -> None:
         self.total += sum(x.size for x in ranges)
@@ -341,7 +355,7 @@ class _Replay:
         self._report(force=True)
         # Closed here when the loop breaks: a generator left to the collector unassigns later, where a
         # second Ctrl-C was printed as "Exception ignored ... Traceback".
-        with contextlib.closing(kafka.read(ranges)) as records:
+        with contextlib.closing(kafka.read(ranges, self._deleted)) as records:
             for msg in records:
                 if self.stop.is_set():  # checked first too: a Ctrl-C while the ranges were read sends nothing
                     break
@@ -352,6 +366,23 @@ class _Replay:
                 if self.stop.is_set():
                     break
         self._report(force=True)
+
+    def _deleted(self, x: Range, first: int, count: int) -> None:
+        """Records of the window retention deleted while the run read it: counted as the window's start
+        below the log's is (`Range.gone`); they were left out of every count."""
+        self.result.past_retention += count
+        self.done += count  # nothing left to do for them: the progress still ends at the window's size
+        if x.partition not in self.deleted_in:
+            self.deleted_in.add(x.partition)
+            log.warning(
+                "replay: retention deleted part of the window while it was read (from the raw topic)",
+                extra={
+                    "replay_id": self.result.run_id,
+                    "partition": x.partition,
+                    "first_offset": first,
+                    "records": count,
+                },
+            )
 
     def interrupted(self, *, resumable: bool) -> str:
         """The one line an interrupted replay ends with: how far it got, and how to go on."""
@@ -500,6 +531,8 @@ def log_run(mode: Literal["replay", "redrive"], result: RunResult, *, interrupte
             "skipped": result.skipped,
             "failed": result.failed,
             "kept": result.kept.total(),
+            "past_retention": result.past_retention,
+            "unrecorded": result.unrecorded.total(),
             "dry_run": result.dry_run,
         },
     )

@@ -529,6 +529,11 @@ def test_a_dead_letter_kafka_refuses_to_take_back_fails_alone_and_the_pass_goes_
         "produce:msg_size_too_large": 1,
         "dlq produce:msg_size_too_large": 1,
     }, first.failures
+    # Neither is back in the DLQ: the closing line named "failed again" for the one whose copy was refused.
+    assert dlq_ops.redrive_failed(first, dlq_ops.make_selection()) == (
+        "2 record(s) larger than this process's producer takes (SENTPIPE_MAX_BODY_BYTES sets its limit): left"
+        " in the DLQ; run the redrive with the SENTPIPE_MAX_BODY_BYTES they arrived under"
+    )
     again = dlq_ops.redrive(lowered, dlq_ops.make_selection())
     assert (again.produced, again.already_redriven, again.failed) == (0, 2, 2), again
     sent = read_topic(settings.kafka_bootstrap, topics.message_inbound, at_least=2)
@@ -646,14 +651,29 @@ def test_a_failed_redrive_s_closing_line_says_what_to_do_for_each_kind_of_failur
     """With the broker gone mid-way every failure read "failed again; they are back in the DLQ": records
     Kafka never took and records sent but missing from the ledger were counted as still failing."""
     result = RunResult("r", False)
-    result.failed = 10
-    result.failures.update({"no_envelope": 3, "delivery:_MSG_TIMED_OUT": 5, "ledger:_MSG_TIMED_OUT": 2})
+    result.failed = 8
+    result.failures.update({"no_envelope": 3, "delivery:_MSG_TIMED_OUT": 5})
+    result.unrecorded["ledger:_MSG_TIMED_OUT"] = 2  # counted redriven or failed already
     assert dlq_ops.redrive_failures(result) == (
         "3 record(s) failed again; they are back in the DLQ (or left there); 5 record(s) Kafka did not"
         " take (is it reachable?): run the redrive again; 2 record(s) sent but not recorded in the ledger:"
         " the next redrive sends them again"
     )
+    # Failing again, their new copy not taken: not back in the DLQ, so told apart like the plain forms.
+    result.unrecorded.clear()
     result.failed, result.failures = 3, Counter({"no_envelope": 3, "dlq delivery:_MSG_TIMED_OUT": 3})
+    assert dlq_ops.redrive_failures(result) == (
+        "3 record(s) Kafka did not take (is it reachable?): run the redrive again"
+    )
+    result.failed = 6
+    result.failures.update({"dlq delivery:MSG_SIZE_TOO_LARGE": 1, dlq_ops.TOO_LARGE: 1, "route_error": 1})
+    assert dlq_ops.redrive_failures(result) == (
+        "1 record(s) failed again; they are back in the DLQ (or left there); 3 record(s) Kafka did not take"
+        " (is it reachable?): run the redrive again; 2 record(s) larger than their topic's max.message.bytes:"
+        " left in the DLQ; raise the limit (`sentpipe topics ensure` sets it from the settings) and run the"
+        " redrive again"
+    )
+    result.failed, result.failures = 3, Counter({"no_envelope": 3})
     again = "3 record(s) failed again; they are back in the DLQ (or left there)"
     assert dlq_ops.redrive_failures(result) == again
     result.kept["no sentpipe stage"] = 2
@@ -668,9 +688,14 @@ def test_a_failed_redrive_s_closing_line_says_what_to_do_for_each_kind_of_failur
     del result.kept["no sentpipe stage"]
     # The line a stopped or lost pass ends with says so too: it claimed all was in the ledger.
     assert dlq_ops._in_the_ledger(result) == "what it sent is in the ledger"
-    result.failures["ledger:_MSG_TIMED_OUT"] = 2
+    result.unrecorded["ledger:_MSG_TIMED_OUT"] = 2
     assert dlq_ops._in_the_ledger(result) == (
         "2 record(s) it sent are not in the ledger (the next redrive sends them again)"
+    )
+    # Ledger misses alone still fail the redrive: the next one sends those records again.
+    missed = RunResult("r", False, produced=2, unrecorded=Counter({"ledger:_MSG_TIMED_OUT": 2}))
+    assert dlq_ops.redrive_failed(missed, dlq_ops.make_selection()) == (
+        "2 record(s) sent but not recorded in the ledger: the next redrive sends them again"
     )
 
 
@@ -834,3 +859,32 @@ def test_a_redrive_the_broker_leaves_says_how_far_it_got(
     assert again.produced == 5, again
     sent = read_topic(settings.kafka_bootstrap, topics.message_inbound, at_least=5)
     assert sorted(orjson.loads(rec.value)["id"] for rec in sent) == sorted(ids)
+
+
+def test_a_redrive_whose_ledger_writes_fail_counts_each_record_once(
+    settings: Settings, topics: Topics
+) -> None:
+    """A record sent whose ledger write failed counted as redriven and failed; one still failing, as failed
+    twice: "read" no longer added up to the rows under it. A ledger miss is its own count now."""
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
+
+    _handler_dead_letters(settings, topics, 2)
+    still_failing_dead_letters(settings, topics, 1)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    # No ledger record fits: every write is refused (MSG_SIZE_TOO_LARGE), the sends themselves go through.
+    small = ConfigEntry("max.message.bytes", "100", incremental_operation=AlterConfigOpType.SET)
+    resource = ConfigResource("topic", topics.dlq_redriven, incremental_configs=[small])
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(30)
+
+    result = dlq_ops.redrive(settings, dlq_ops.make_selection())
+    assert (result.read, result.produced, result.failed) == (3, 2, 1), result
+    assert result.read == (
+        result.produced + result.skipped + result.already_redriven + result.failed + result.kept.total()
+    )
+    assert result.failures == Counter({"missing_message_id": 1}), result.failures
+    assert result.unrecorded == Counter({"ledger:MSG_SIZE_TOO_LARGE": 3}), result.unrecorded
+    assert dlq_ops.redrive_failed(result, dlq_ops.make_selection()) == (
+        "1 record(s) failed again; they are back in the DLQ (or left there); 3 record(s) sent but not"
+        " recorded in the ledger: the next redrive sends them again"
+    )

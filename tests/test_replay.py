@@ -668,3 +668,81 @@ def test_a_window_asked_from_an_offset_retention_deleted_says_how_much_of_it_is_
     assert res.returncode == 0, res.stderr
     assert re.search(r"│ past retention \(deleted before it was read\)\s+│ 3 │", res.stdout), res.stdout
     assert replay(settings, make_window(from_offsets=["0:5"]), Filter(), dry_run=True).past_retention == 0
+
+
+def test_records_retention_deletes_while_a_replay_reads_are_counted_past_retention(
+    settings: Settings, topics: Topics, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retention deleting a range's start after the replay planned it: librdkafka reset to the log's new
+    start without a word, and the run ended exit 0 with "read" short of the window and no "past retention".
+    Here each way it shows: records after the gap (0), nothing left before the partition's end (1), the
+    first record left beyond the range's end (2)."""
+    f = SampleFactory(47)
+    for partition in (0, 1, 2):
+        produce_raw(
+            settings, [s.body for s in f.mix(10 if partition != 1 else 5, "sent")], partition=partition
+        )
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+
+    def retention_deletes(done: int, total: int) -> None:
+        if done == 0:  # planned, not yet read
+            deleted = [TopicPartition(topics.raw, 0, 4), TopicPartition(topics.raw, 1, 5)]
+            for future in admin.delete_records([*deleted, TopicPartition(topics.raw, 2, 6)]).values():
+                future.result(30)
+
+    window = make_window(from_offsets=["0:0", "1:0", "2:0"], to_offsets=["2:2"])
+    with caplog.at_level("WARNING", logger="sentpipe.replay"):
+        result = replay(settings, window, Filter(), progress=retention_deletes)
+    assert (result.read, result.produced, result.past_retention) == (6, 6, 4 + 5 + 3), result
+    warned = [rec for rec in caplog.records if "retention deleted part of the window" in rec.getMessage()]
+    assert sorted(rec.__dict__["partition"] for rec in warned) == [0, 1, 2]  # once per partition
+    assert routed_count(settings, topics) == 6
+
+
+def test_a_replay_refused_read_access_mid_run_sends_what_it_queued_and_says_where_to_go_on(
+    settings: Settings, topics: Topics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ACL refusing READ while a replay reads raised the read's OpsError past the replay: records in
+    the producer's queue were never flushed or counted, and no `--from-offset` said where to go on."""
+    from confluent_kafka import Consumer, KafkaError, Message
+
+    from sentpipe.processors import offsets
+
+    produce_raw(settings, [s.body for s in SampleFactory(48).mix(600, "sent")], partition=0)
+    refused_after = 100
+
+    class Refusing:
+        """The real consumer, until the broker refuses the read after `refused_after` records."""
+
+        def __init__(self, config: dict[str, Any]) -> None:
+            self.real, self.records = Consumer(config), 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.real, name)
+
+        def consume(self, n: int, timeout: float) -> list[Message]:
+            out = []
+            for msg in self.real.consume(n, timeout):
+                if msg.error() is None and msg.topic() == topics.raw:
+                    if self.records == refused_after:
+                        error = KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED)
+                        return [*out, Message(topic=topics.raw, partition=0, error=error)]
+                    self.records += 1
+                out.append(msg)
+            return out
+
+    monkeypatch.setattr(offsets, "Consumer", Refusing)
+    with pytest.raises(OpsError) as info:
+        replay(settings, make_window(), Filter())
+    monkeypatch.undo()
+    m = re.fullmatch(
+        r"Kafka at \S+ refused to let this client read \S+: .*; replay \S+ interrupted after 100 of 600"
+        r" records \(100 replayed, 0 failed\); .*; to go on where it stopped, run it with"
+        r" (--from-offset 0:100) \(and its other options\)",
+        str(info.value),
+    )
+    assert m is not None, str(info.value)
+    assert routed_count(settings, topics) == refused_after  # flushed before it ended
+    rest = replay(settings, make_window(from_offsets=m[1].split()[1:]), Filter())
+    assert (rest.read, rest.produced) == (500, 500), rest
+    assert routed_count(settings, topics) == 600
