@@ -54,6 +54,7 @@ def result_json(result: RunResult) -> dict[str, Any]:
         "selected": [[a, b, n] for (a, b), n in sorted(result.selected.items())],
         "failures": dict(sorted(result.failures.items())),
         "kept": dict(sorted(result.kept.items())),
+        "unrecorded": dict(sorted(result.unrecorded.items())),
         "missing_ids": result.missing_ids,
     }
 

@@ -197,6 +197,8 @@ function resultView(result, sentLabel, columns) {
     rows.push(["cannot be redriven (left in the DLQ)", kept.reduce((sum, [, n]) => sum + n, 0)]);
     for (const [reason, n] of kept) rows.push(["  " + reason, n]);
   }
+  const unrecorded = Object.values(result.unrecorded || {}).reduce((sum, n) => sum + n, 0);
+  if (unrecorded) rows.push(["sent, not in the ledger (the next redrive sends them again)", unrecorded]);
   const parts = [el("h3", {}, dry ? "Dry run: nothing was sent" : "Outcome"), el("div", { class: "result", "data-sent": result.sent }, kv(rows))];
   if (result.selected.length) {
     parts.push(table([...columns, "records"], result.selected.map(([a, b, n]) => el("tr", {}, el("td", {}, a), el("td", {}, b), el("td", {}, n)))));
