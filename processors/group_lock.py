@@ -12,9 +12,10 @@ from __future__ import annotations
 import time
 from types import TracebackType
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from sentpipe.kafka import client_config
+from sentpipe.processors.offsets import OpsError
 from sentpipe.settings import Settings
 
 # How soon the lock of a holder that was killed is free again; heartbeats go from librdkafka's own thread.
@@ -32,6 +33,21 @@ MIN_WAIT_S = 15.0
 
 class LockBusy(Exception):
     """Another process holds the lock (or the group's coordinator did not answer in time)."""
+
+
+class LockRefused(OpsError):
+    """Kafka's ACLs refuse this client the group or its topic: no holder to wait for, and no waiting helps."""
+
+
+def refusal(error: KafkaError, group: str, topic: str, bootstrap: str) -> LockRefused | None:
+    """The LockRefused an error returned while joining means, or None for one that may pass."""
+    if error.code() == KafkaError.GROUP_AUTHORIZATION_FAILED:
+        what = f"consumer group {group}: {error.str()} (an ACL must grant READ on the group)"
+    elif error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+        what = f"topic {topic}: {error.str()} (an ACL must grant READ on the topic)"
+    else:
+        return None
+    return LockRefused(f"Kafka at {bootstrap} refused this client {what}")
 
 
 class GroupLock:
@@ -55,7 +71,7 @@ class GroupLock:
 
     def acquire(self) -> None:
         """Join the group and wait, at most `timeout` (MIN_WAIT_S at least), for its answer: the partition, or
-        LockBusy."""
+        LockBusy; LockRefused at once when Kafka's ACLs refuse the group."""
         consumer = self._consumer = Consumer(
             {
                 **client_config(self.settings),
@@ -75,8 +91,14 @@ class GroupLock:
         error = None
         while not self._answered and time.monotonic() < deadline:
             msg = consumer.poll(0.1)
-            if msg is not None and msg.error() is not None:
-                error = msg.error()  # not authorized for the group, say: shown if nothing else answers
+            if msg is None or (got := msg.error()) is None:
+                continue
+            error = got
+            # Reported as a busy lock after the whole wait, it sent the operator looking for another holder
+            # that was never there.
+            if (refused := refusal(got, self.group, self.topic, self.settings.kafka_bootstrap)) is not None:
+                self.release()
+                raise refused
         self._checked_at = time.monotonic()
         if not self._held:
             self.release()

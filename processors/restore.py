@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from sentpipe.kafka import BrokerUnavailable, client_config
+from sentpipe.kafka import BrokerRefused, BrokerUnavailable, client_config
 from sentpipe.processors.store import DedupMemoryStore
 from sentpipe.processors.topics import changelog_topic
 from sentpipe.settings import Settings
@@ -35,6 +35,7 @@ log = logging.getLogger("sentpipe.processors.restore")
 
 BATCH = 10_000  # records taken from librdkafka per call, and at most written per RocksDB write batch
 IDLE_TIMEOUT_S = 30.0  # no record for this long while behind the end: the broker is gone
+_NOT_AUTHORIZED = frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.GROUP_AUTHORIZATION_FAILED})
 
 
 @dataclass(frozen=True)
@@ -103,18 +104,18 @@ def restore_dedup_table(
             )
             consumer.assign(assignment)
         last_record = time.monotonic()
+        last_error: KafkaError | None = None
         while ends:
             msgs = consumer.consume(BATCH, timeout=1.0)
-            if not msgs:
-                if time.monotonic() - last_record > IDLE_TIMEOUT_S:
-                    raise BrokerUnavailable(f"the dedup changelog {topic} stopped arriving during restore")
-                continue
-            last_record = time.monotonic()
             batches: dict[int, list[tuple[bytes, bytes | None]]] = {}
             last: dict[int, int] = {}
+            read = 0
             for msg in msgs:
-                if msg.error() is not None:
+                if (error := msg.error()) is not None:
+                    last_error = _checked(error, topic, settings.kafka_bootstrap)
                     continue
+                last_record = time.monotonic()
+                read += 1
                 p, key = msg.partition(), msg.key()
                 if p not in ends or key is None:  # a partition already complete, or not a table record
                     continue
@@ -123,6 +124,16 @@ def restore_dedup_table(
                     batch = batches[p] = []
                 batch.append((key, msg.value()))
                 last[p] = msg.offset() or 0
+            # Only records reset the clock: a fetch error returned on every call (a partition without a
+            # leader) kept the restore waiting forever, without a line.
+            if time.monotonic() - last_record > IDLE_TIMEOUT_S:
+                why = f": {last_error.str()}" if last_error is not None else ""
+                raise BrokerUnavailable(
+                    f"the dedup changelog {topic} stopped arriving during restore "
+                    f"(nothing for {IDLE_TIMEOUT_S:g} s){why}"
+                )
+            if not msgs:
+                continue
             for p, batch in batches.items():
                 target.write(p, batch, last[p])
                 if last[p] + 1 >= ends[p]:
@@ -132,7 +143,7 @@ def restore_dedup_table(
                 for tp in consumer.position([TopicPartition(topic, p) for p in ends]):
                     if tp.offset >= ends[tp.partition]:
                         del ends[tp.partition]
-            done += len(msgs)
+            done += read
             if progress is not None:
                 progress(min(done, total), total)
         seconds = time.monotonic() - started
@@ -149,6 +160,18 @@ def restore_dedup_table(
     finally:
         target.close()
         consumer.close()
+
+
+def _checked(error: KafkaError, topic: str, bootstrap: str) -> KafkaError:
+    """A consumer error that waiting cannot cure, raised at once; any other, returned to be named later."""
+    if error.fatal():
+        raise KafkaException(error)
+    if error.code() in _NOT_AUTHORIZED:
+        raise BrokerRefused(
+            f"Kafka at {bootstrap} refused to let the worker read the dedup changelog {topic}: {error.str()} "
+            "(an ACL must grant READ on the topic)"
+        )
+    return error
 
 
 class _Target:

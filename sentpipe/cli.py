@@ -162,8 +162,9 @@ def topics_ensure(
     from sentpipe.processors.topics import ensure_topics
 
     s = settings()
-    _connect(s, timeout)
-    states = ensure_topics(s, timeout=timeout)
+    with _ops():
+        _connect(s, timeout)
+        states = ensure_topics(s, timeout=timeout)
     table = Table("topic", "partitions", "state", "changed", title=f"topics on {s.kafka_bootstrap}")
     for st in states:
         state = "created" if st.created else "updated" if st.changes else "exists"
@@ -317,6 +318,10 @@ def _run_summary(title: str, result: RunResult, sent_label: str, target: str) ->
         table.add_row("cannot be redriven (left in the DLQ)", str(result.kept.total()))
         for reason, n in sorted(result.kept.items()):
             table.add_row(terminal_safe(f"  {reason}"), str(n))
+    if result.unrecorded:  # counted above too, as redriven or failed: not part of the sum
+        table.add_row(
+            "sent, not in the ledger (the next redrive sends them again)", str(result.unrecorded.total())
+        )
     out.print(table)
     if result.selected:
         by = Table(*target.split("/"), "records", title=("would be " if dry else "") + sent_label)
@@ -384,14 +389,14 @@ def replay(
             if (problem := searched_id_problem(value)) is not None:
                 fail(f"{option} {problem}")
     s = settings()
-    with _ops():
+    with _ops(s):
         window = make_window(
             since=since, until=until, from_offsets=from_offset or (), to_offsets=to_offset or ()
         )
         flt = Filter(parse_types(type_ or ()), frozenset(tenant or ()), frozenset(event_id or ()))
-    _connect(s, timeout)
-    with _ops(s), _bar("replaying") as progress:
-        result = run_replay(s, window, flt, dry_run=dry_run, progress=progress, timeout=timeout)
+        _connect(s, timeout)
+        with _bar("replaying") as progress:
+            result = run_replay(s, window, flt, dry_run=dry_run, progress=progress, timeout=timeout)
     _run_summary(f"replay {result.run_id}", result, "replayed", "type/tenant")
     if result.failed and not dry_run:
         fail(replay_failure_line(result))
@@ -459,10 +464,11 @@ def dlq_show(
     timeout: TimeoutOption = 10.0,
 ) -> None:
     """One dead-lettered record: every header, then the value (JSON pretty-printed)."""
-    from sentpipe.processors.dlq import show_entry
+    from sentpipe.processors.dlq import parse_entry_id, show_entry
 
     s = settings()
     with _ops():
+        parse_entry_id(entry_id)  # a malformed ID is refused before the broker is asked, not after
         _connect(s, timeout)
         e = show_entry(s, entry_id, timeout=timeout)
     title = terminal_safe(f"DLQ {e.id}  written {_when(e.timestamp_ms)}  key {_text(e.key)}")
@@ -507,11 +513,11 @@ def dlq_redrive(
     from sentpipe.processors.dlq import make_selection, redrive, redrive_failed
 
     s = settings()
-    with _ops():
+    with _ops(s):
         sel = make_selection(ids=id_ or (), reasons=reason or (), stages=stage or (), since=since)
-    _connect(s, timeout)
-    with _ops(s), _bar("redriving") as progress:
-        result = redrive(s, sel, dry_run=dry_run, progress=progress, timeout=timeout)
+        _connect(s, timeout)
+        with _bar("redriving") as progress:
+            result = redrive(s, sel, dry_run=dry_run, progress=progress, timeout=timeout)
     _run_summary(f"redrive {result.run_id}", result, "redriven", "stage/topic")
     if (why := redrive_failed(result, sel)) is not None:
         fail(why)
@@ -635,10 +641,11 @@ def spool_drain(dirs: SpoolDirOption = None, timeout: TimeoutOption = 10.0) -> N
     from sentpipe.ingress.spool import drain_directories
 
     s = settings()
-    found = _spool_dirs(dirs)
-    _connect(s, timeout)
-    with _ops(s), _bar("draining") as progress:
-        outcomes = asyncio.run(drain_directories(s, found, progress))
+    with _ops(s):
+        found = _spool_dirs(dirs)
+        _connect(s, timeout)
+        with _bar("draining") as progress:
+            outcomes = asyncio.run(drain_directories(s, found, progress))
     table = Table("directory", "outcome", "drained", "left", "corrupt frames", title="spool drain")
     for o in outcomes:
         table.add_row(terminal_safe(str(o.dir)), o.state, str(o.drained), str(o.remaining), str(o.corrupt))

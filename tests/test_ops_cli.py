@@ -6,6 +6,7 @@ The commands run as real subprocesses (`python -m sentpipe ...`) against the rea
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -158,7 +159,9 @@ def test_unreachable_broker_fails_fast_naming_the_address(settings: Settings) ->
     # Concurrently: each one waits out the broker timeout on its own.
     with ThreadPoolExecutor(len(UNREACHABLE)) as pool:
         for args, (took, res) in zip(UNREACHABLE, pool.map(run, UNREACHABLE), strict=True):
-            assert took < 20, (args, took)
+            # Not a timing measure (these machines are shared): a bound that only a wait without end, or one
+            # per retry, passes; 10 s is the broker timeout each one waits out.
+            assert took < 45, (args, took)
             assert_one_line_error(res, address)
 
 
@@ -430,3 +433,58 @@ def test_events_show_finds_the_routed_record_of_every_tenant_that_sent_the_id(
     assert sorted(f.key for f in report.routed) == sorted(
         [f"acme/{message_id}".encode(), f"default/{message_id}".encode()]
     )
+
+
+WAITING_FOR_THE_BROKER = [
+    ["topics", "ensure"],
+    ["replay"],
+    ["dlq", "list"],
+    ["dlq", "show", "0:1"],
+    ["dlq", "redrive"],
+    ["spool", "drain"],
+    ["events", "show", "evt_1"],
+    ["offsets", "reset", "--group", "g", "--to-latest"],
+]
+
+
+@pytest.mark.parametrize("args", WAITING_FOR_THE_BROKER, ids=[" ".join(a) for a in WAITING_FOR_THE_BROKER])
+def test_sigterm_while_a_command_waits_for_the_broker_says_interrupted(
+    args: list[str], tmp_path: Path
+) -> None:
+    """`topics ensure`, `replay`, `dlq redrive` and `spool drain` asked the broker before the SIGTERM handler
+    was in place: killed there, they ended with status 143 and no word."""
+    with socket.socket() as broker:  # takes the connection and never answers: the command waits
+        broker.bind(("127.0.0.1", 0))
+        broker.listen()
+        broker.settimeout(60)
+        host, port = broker.getsockname()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sentpipe", *args, "--timeout", "60"],
+            env=settings_env(Settings(spool_dir=tmp_path), kafka_bootstrap=f"{host}:{port}"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            conn, _ = broker.accept()  # the command is asking the broker now
+            with conn:
+                proc.send_signal(signal.SIGTERM)
+                _, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and err.strip().splitlines() == ["interrupted"], (proc.returncode, err)
+
+
+def test_dlq_show_refuses_a_malformed_id_before_asking_the_broker() -> None:
+    """It asked the broker first: with the broker down, the ID's error came only after the timeout, replaced
+    by the broker's."""
+    with socket.socket() as broker:
+        broker.bind(("127.0.0.1", 0))
+        broker.listen()
+        host, port = broker.getsockname()
+        res = sentpipe(Settings(), "dlq", "show", "x", "--timeout", "5", kafka_bootstrap=f"{host}:{port}")
+        broker.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            broker.accept()[0].close()  # nobody connected
+    assert_one_line_error(res, "'x' is not a DLQ record ID")
