@@ -546,6 +546,9 @@ class WebhookHandler:
             # The future itself is awaited (no coroutine in between): this is every request's path.
             msg = await self.producer.produce(topic, key, value, headers, self.produce_timeout_s)
         except ProduceRejected as rej:
+            # Timed out or refused, still a produce's time: counted only when delivered, a broker slower
+            # than the produce timeout left no sample, and the p99 alert went quiet when it was worst.
+            m.INGRESS_PRODUCE_SECONDS.observe(time.perf_counter() - t0)
             if spool is None or not rej.temporary:
                 raise
             # Timed out, queue full or broker gone mid-request: the spool takes it (a duplicate at worst,

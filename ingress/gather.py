@@ -81,8 +81,8 @@ def merge(expositions: Sequence[str], label_name: str = "worker") -> str:
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def fetch(port: int) -> str:
-    with _DIRECT.open(f"http://127.0.0.1:{port}/metrics", timeout=FETCH_TIMEOUT_S) as resp:
+def fetch(port: int, timeout_s: float = FETCH_TIMEOUT_S) -> str:
+    with _DIRECT.open(f"http://127.0.0.1:{port}/metrics", timeout=timeout_s) as resp:
         body: bytes = resp.read()
     return body.decode()
 

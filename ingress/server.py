@@ -58,6 +58,9 @@ HUNG_CHECK_S = 1.0  # how often a process checks itself with the liveness probe'
 # and the pod's liveness probe reaches whichever worker the kernel picks, so the supervisor stops the set.
 WORKER_SILENT_S = 30.0
 WORKER_PROBE_EVERY_S = 5.0
+# Short: the probes run in the supervisor's loop, one worker after another, and a SIGTERM or another
+# worker's exit waits for them. A loaded worker slower than this for WORKER_SILENT_S on end is not serving.
+WORKER_PROBE_TIMEOUT_S = 1.0
 
 
 async def _listen(site: web.TCPSite, settings_named: str) -> None:
@@ -316,7 +319,7 @@ def _silent_worker(ports: list[int | None], answered: list[float]) -> int | None
             answered[i] = time.monotonic()
             continue
         try:
-            fetch(port)
+            fetch(port, WORKER_PROBE_TIMEOUT_S)
         except urllib.error.HTTPError:  # an error status is still an answer: its loop turns
             answered[i] = time.monotonic()
         except (OSError, http.client.HTTPException):  # refused, timed out, cut off: not an answer

@@ -95,16 +95,16 @@ class UninterruptibleCalls:
 
     def _load(self) -> None:
         try:
-            entries = orjson.loads(self.path.read_bytes())
-            for e in entries:
-                if isinstance(e, dict):
-                    handler, event_id, why = str(e["handler"]), str(e["event_id"]), str(e["why"])
-                    if e.get("tenant") is None:
-                        self._untenanted[handler, event_id] = why
-                    else:
-                        self._calls[CallKey(handler, str(e["tenant"]), event_id)] = why
-                else:  # earlier versions: [handler, event id, why], first [handler, event id]
-                    self._untenanted[str(e[0]), str(e[1])] = str(e[2]) if len(e) > 2 else UNINTERRUPTIBLE
+            # [handler, event id, why, tenant]: the tenant last, so a version without it reads the rest (a
+            # rollback does not end the process again for every call recorded). Earlier versions wrote
+            # [handler, event id, why], first [handler, event id]: those hold for the id in every tenant.
+            for e in orjson.loads(self.path.read_bytes()):
+                handler, event_id = str(e[0]), str(e[1])
+                why = str(e[2]) if len(e) > 2 else UNINTERRUPTIBLE
+                if len(e) > 3 and e[3] is not None:
+                    self._calls[CallKey(handler, str(e[3]), event_id)] = why
+                else:
+                    self._untenanted[handler, event_id] = why
         except FileNotFoundError:
             return
         except (OSError, ValueError, TypeError, IndexError, KeyError) as exc:
@@ -143,10 +143,8 @@ class UninterruptibleCalls:
 
     def _write(self) -> None:
         # Written right before the process ends: durable, and whole or not at all.
-        entries = [
-            {"handler": h, "tenant": None, "event_id": e, "why": w} for (h, e), w in self._untenanted.items()
-        ]
-        entries += [{**key._asdict(), "why": why} for key, why in self._calls.items()]
+        entries = [[h, e, w] for (h, e), w in self._untenanted.items()]
+        entries += [[key.handler, key.event_id, why, key.tenant] for key, why in self._calls.items()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with tmp.open("wb") as fh:

@@ -17,7 +17,7 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]
 )
 
 from sentpipe.kafka import (
-    BrokerRefused,
+    BrokerUnavailable,
     admin_client,
     committed_offsets,
     existing_partitions,
@@ -98,9 +98,9 @@ def ensure_topics(settings: Settings, timeout: float = 10.0) -> list[TopicState]
                 time.sleep(0.2)  # a topic made a moment ago is listed with an error until it has leaders
                 again = existing_partitions(admin, bootstrap, timeout)
             if unknown:
-                raise BrokerRefused(
-                    f"Kafka broker at {bootstrap} says {', '.join(unknown)} exists but gives no metadata"
-                    " for it (is DESCRIBE on the topic allowed?)"
+                raise BrokerUnavailable(
+                    f"Kafka broker at {bootstrap} says {', '.join(unknown)} exists but lists it with an error"
+                    f" for {timeout:g}s (a partition without a leader, or DESCRIBE on the topic not allowed)"
                 )
             have |= {name: again[name] for name in existed}
             changes |= _converge_configs(admin, settings, [s for s in specs if s.name in existed], timeout)

@@ -889,7 +889,8 @@ class Router:
             asked = [(tp.topic, tp.partition) for tp, _, _ in found]
             with contextlib.suppress(Exception):  # best effort: the broker away, asked again next time
                 async with self._range_lock:
-                    self._broker_ends = await asyncio.to_thread(self._ranges.end_offsets, asked)
+                    # Each partition that answers: one whose leader is away must not cost the others theirs.
+                    self._broker_ends = await asyncio.to_thread(self._ranges.end_offsets, asked, 2.0, True)
         out = []
         for tp, highwater, done in found:
             end = self._broker_ends.get((tp.topic, tp.partition))

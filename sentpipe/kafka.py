@@ -1010,12 +1010,19 @@ class RangeReader:
             out[(tp.topic, tp.partition)] = max(tp.offset, low) if tp.offset >= 0 else low
         return out
 
-    def end_offsets(self, partitions: Sequence[Partition], timeout_s: float = 2.0) -> dict[Partition, int]:
-        """Each partition's end offset (the next one to be written), as the broker says now."""
+    def end_offsets(
+        self, partitions: Sequence[Partition], timeout_s: float = 2.0, partial: bool = False
+    ) -> dict[Partition, int]:
+        """Each partition's end offset (the next one to be written), as the broker says now. `partial`: the
+        partitions that answered, the others left out (their leader away), instead of the first error."""
         out: dict[Partition, int] = {}
         for topic, partition in partitions:
             tp = confluent_kafka.TopicPartition(topic, partition)
-            out[(topic, partition)] = self._consumer.get_watermark_offsets(tp, timeout=timeout_s)[1]
+            try:
+                out[(topic, partition)] = self._consumer.get_watermark_offsets(tp, timeout=timeout_s)[1]
+            except KafkaException:
+                if not partial:
+                    raise
         return out
 
     def read(self, where: Partition, start: int, end: int, timeout_s: float = 30.0) -> list[Record]:

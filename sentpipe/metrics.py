@@ -45,7 +45,7 @@ INGRESS_REQUEST_SECONDS = LoopHistogram(
 )
 INGRESS_PRODUCE_SECONDS = LoopHistogram(
     "sentpipe_ingress_produce_seconds",
-    "Time from produce() to the broker's delivery report.",
+    "Time from produce() to the broker's delivery report, or to its failure (a timeout: its whole wait).",
     buckets=_LATENCY_BUCKETS,
 )
 INGRESS_IN_FLIGHT = Gauge("sentpipe_ingress_in_flight", "Webhook requests being handled right now.")

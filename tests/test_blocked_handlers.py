@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 
+import orjson
 import pytest
 from psycopg.pq import TransactionStatus
 
@@ -246,6 +247,16 @@ def test_a_call_kept_is_one_tenant_s_not_every_event_of_its_id(tmp_path: Path) -
     assert k("h", "e1", tenant="acme") in again and k("h", "e1", tenant="globex") not in again
 
 
+def test_the_file_stays_readable_by_the_version_before_the_tenant(tmp_path: Path) -> None:
+    """Entries as objects made the previous version ignore the whole file after a rollback: every call it
+    held was made again, each ending the process once more."""
+    path = tmp_path / "calls.json"
+    blocked.UninterruptibleCalls(path).add(k("h", "e1", tenant="acme"), blocked.ENDED_THE_LOOP)
+    entries = orjson.loads(path.read_bytes())
+    # What that version read: [handler, event id, why] from the first three.
+    assert [(str(e[0]), str(e[1]), str(e[2])) for e in entries] == [("h", "e1", blocked.ENDED_THE_LOOP)]
+
+
 def test_a_file_of_an_earlier_version_holds_for_the_id_in_every_tenant_until_settled(tmp_path: Path) -> None:
     path = tmp_path / "calls.json"
     path.write_bytes(b'[["h", "e-old"], ["h", "e-why", "' + blocked.ENDED_THE_LOOP.encode() + b'"]]')
@@ -272,7 +283,17 @@ def test_each_call_kept_says_why_it_ended_the_process(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"{not json", b'{"a": 1}', b"[[1]]", b"[null]", b"\xff\xfe", b'[{"handler": "h"}]', b"[{}]"],
+    [
+        b"",
+        b"{not json",
+        b'{"a": 1}',
+        b"[[1]]",
+        b"[null]",
+        b"\xff\xfe",
+        b'[{"handler": "h"}]',
+        b"[{}]",
+        b"[7]",
+    ],
 )
 def test_an_unreadable_file_is_ignored_not_fatal(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "calls.json"

@@ -460,7 +460,9 @@ class _GroupStarts:
         self.asked += 1
         return dict.fromkeys(partitions, 0 if self.committed is None else self.committed)  # log start: 0
 
-    def end_offsets(self, partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    def end_offsets(
+        self, partitions: list[tuple[str, int]], timeout_s: float = 2.0, partial: bool = False
+    ) -> dict[tuple[str, int], int]:
         self.ends_asked += 1
         return dict.fromkeys(partitions, self.end)
 
@@ -617,7 +619,7 @@ async def test_a_partition_whose_lag_cannot_be_read_after_a_revoke_keeps_its_sta
     assert await router.report_lag() == {where: 500}
     clock_started = router.watchdog._since[where]
 
-    def away(partitions: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    def away(partitions: list[tuple[str, int]], *args: object) -> dict[tuple[str, int], int]:
         raise RuntimeError("the broker is away")
 
     router.processed.clear()  # what `forget_revoked` does

@@ -733,3 +733,20 @@ async def test_a_metrics_endpoint_answering_an_error_status_is_a_problem_not_a_s
     async with ClientSession() as client:
         await sampler._scrape(client)
     assert sampler.overview()["problems"]["metrics"] == {urls[0]: "HTTP 401", urls[1]: "HTTP 404"}
+
+
+def test_the_spool_s_oldest_age_is_the_largest_of_the_processes_not_their_sum() -> None:
+    """Summed over an ingress's worker processes (the page adds every sample up), two workers each 60 s
+    behind showed a spool two minutes old."""
+    from sentpipe.console.overview import scrape_totals
+
+    text = (
+        "# TYPE sentpipe_spool_oldest_age_seconds gauge\n"
+        'sentpipe_spool_oldest_age_seconds{worker="0"} 60.0\n'
+        'sentpipe_spool_oldest_age_seconds{worker="1"} 45.0\n'
+        "# TYPE sentpipe_spool_records gauge\n"
+        'sentpipe_spool_records{worker="0"} 3.0\n'
+        'sentpipe_spool_records{worker="1"} 4.0\n'
+    )
+    totals = scrape_totals(text)
+    assert totals["sentpipe_spool_oldest_age_seconds"] == 60.0 and totals["sentpipe_spool_records"] == 7.0

@@ -162,6 +162,7 @@ async def test_full_local_queue_answers_503_at_once_instead_of_piling_up() -> No
             return fut
 
         producer.produce = produce_and_tell  # type: ignore[method-assign]
+        produce_s = _sample("sentpipe_ingress_produce_seconds_sum")
         waiting = asyncio.create_task(post(url, first, signed(first)))
         await asyncio.wait_for(enqueued.wait(), 10)  # the first record has taken the only slot
         assert not waiting.done()
@@ -170,6 +171,9 @@ async def test_full_local_queue_answers_503_at_once_instead_of_piling_up() -> No
         assert "local_queue_full" in str(body["detail"])
         status, body, _ = await waiting
         assert status == 503 and "local_queue_full" not in str(body["detail"])
+        # The produce that timed out is in the latency the alert reads: counted only when delivered, a
+        # broker slower than the timeout left no sample and SentpipeIngressProduceSlow went quiet.
+        assert _sample("sentpipe_ingress_produce_seconds_sum") - produce_s >= s.produce_timeout_s
     finally:
         await server.close()
         mute.close()

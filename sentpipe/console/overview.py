@@ -70,13 +70,25 @@ def consumer_lag(kafka: Log, settings: Settings) -> dict[str, int]:
     return out
 
 
+# Ages are not added up over processes (an ingress's workers, several pods): the oldest is the largest.
+OLDEST = ("_oldest_age_seconds",)
+
+
+def add_up(totals: dict[str, float], name: str, value: float) -> None:
+    """`value` into `totals[name]`: summed, or the largest for an age (OLDEST)."""
+    if name.endswith(OLDEST):
+        totals[name] = max(totals.get(name, 0.0), value)
+    else:
+        totals[name] = totals.get(name, 0.0) + value
+
+
 def scrape_totals(text: str) -> dict[str, float]:
-    """Sum each sample name over its labels: what the overview needs from an exposition."""
+    """Sum each sample name over its labels (an age: its largest): what the overview needs."""
     totals: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name.startswith("sentpipe_"):
-                totals[sample.name] = totals.get(sample.name, 0.0) + float(sample.value)
+                add_up(totals, sample.name, float(sample.value))
     return totals
 
 
@@ -142,7 +154,7 @@ class Sampler:
                         continue
                     text = await resp.text()
                 for name, value in scrape_totals(text).items():
-                    totals[name] = totals.get(name, 0.0) + value
+                    add_up(totals, name, value)
                 self.scrape_errors.pop(without_password(url), None)
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 # Keyed by the URL as shown: the overview's answer lists these, and a password in a
