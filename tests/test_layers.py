@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "broker": 1,
     "kafka": 1,
     "guarded_http": 1,
+    "parent_death": 1,
     "ingress": 2,
     "processors": 2,
     "sender": 2,
