@@ -528,8 +528,32 @@ def _redrive(
                 progress(0, total)
             # Closed here when the loop breaks, not later by the collector (see `_Replay.read`).
             cut_short = True  # until the loop ends by itself
+            deleted_in: set[int] = set()
+
+            def deleted(x: Range, first: int, count: int) -> None:
+                # Retention deleting dead letters the pass planned to read: librdkafka skipped them without
+                # a word, "read" ended short and a dead letter asked for by ID was not redriven, exit 0.
+                nonlocal done
+                done += count
+                result.past_retention += count
+                named = sorted(sel.ids, key=lambda i: (i.partition, i.offset))
+                result.missing_ids += [
+                    str(i) for i in named if i.partition == x.partition and first <= i.offset < first + count
+                ]
+                if x.partition not in deleted_in:
+                    deleted_in.add(x.partition)
+                    log.warning(
+                        "redrive: retention deleted dead letters before the redrive read them",
+                        extra={
+                            "redrive_id": result.run_id,
+                            "partition": x.partition,
+                            "first_offset": first,
+                            "records": count,
+                        },
+                    )
+
             try:
-                with contextlib.closing(kafka.read(ranges)) as records:
+                with contextlib.closing(kafka.read(ranges, deleted)) as records:
                     for msg in records:
                         # A stop between records (or before the first: Ctrl-C while the ledger was read):
                         # every send so far reaches the ledger below. Stopped by the KeyboardInterrupt, a
@@ -557,6 +581,8 @@ def _redrive(
                         if stop.is_set():
                             break
                 cut_short = stop.is_set() or lost
+                if progress is not None and not cut_short:
+                    progress(done, total)  # dead letters deleted last never came to say the pass was done
             except (BrokerUnavailable, KafkaException) as exc:
                 gone = exc  # the broker gone mid-pass: the pass ends saying how far it got, as a Ctrl-C does
             finally:
@@ -636,9 +662,15 @@ def redrive_failed(result: RunResult, sel: DlqSelection) -> str | None:
     Records no stage can take fail a redrive only when it named them by ID: an unfiltered pass would
     otherwise fail for as long as one sits in the DLQ.
     """
-    if result.dry_run or not (result.failed or result.unrecorded or (sel.ids and result.kept)):
-        return None
-    return redrive_failures(result)
+    lines = []
+    if not result.dry_run and (result.failed or result.unrecorded or (sel.ids and result.kept)):
+        lines.append(redrive_failures(result))
+    if result.missing_ids:  # asked for by ID, deleted by retention before it was read: not redriven
+        lines.append(
+            f"{len(result.missing_ids)} dead letter(s) asked for by ID were deleted by retention before the"
+            f" redrive read them: {', '.join(result.missing_ids)}"
+        )
+    return "; ".join(lines) or None
 
 
 TOO_LARGE = "delivery:MSG_SIZE_TOO_LARGE"  # a topic's max.message.bytes below the record
