@@ -673,7 +673,8 @@ def frame(
     """Parse and check a raw body (the module doc's limits), key and type it; raises MalformedEvent.
 
     `exact=False` (the ingress, which keeps the body's bytes) may round a number a double cannot hold in
-    `doc`; every check and the event id come out the same either way.
+    `doc`; every check and the event id come out the same either way, but for a negative exponent no
+    Decimal holds, which only the exact read refuses (the router dead-letters it; see `exact_json.loads`).
     """
     # The "content" id hashes the document as parsed: the ingress and the router must parse it alike.
     doc = _load_object(body, exact=exact or id_source == "content")
