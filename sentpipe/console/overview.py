@@ -109,7 +109,10 @@ class Sampler:
     settings: Settings
     tail: Tail
     lag: deque[tuple[int, dict[str, int]]] = field(default_factory=lambda: deque(maxlen=KEEP_SAMPLES))
-    scraped: deque[tuple[int, dict[str, float]]] = field(default_factory=lambda: deque(maxlen=KEEP_SAMPLES))
+    # (time, endpoint as shown -> its totals), the endpoints that answered only.
+    scraped: deque[tuple[int, dict[str, dict[str, float]]]] = field(
+        default_factory=lambda: deque(maxlen=KEEP_SAMPLES)
+    )
     lag_error: str | None = None
     scrape_errors: dict[str, str] = field(default_factory=dict)
     _kafka: Log | None = None
@@ -142,24 +145,35 @@ class Sampler:
     def close(self) -> None:
         self._close_kafka()
 
-    async def _scrape(self, http: aiohttp.ClientSession) -> dict[str, float]:
-        totals: dict[str, float] = {}
+    async def _scrape(self, http: aiohttp.ClientSession) -> dict[str, dict[str, float]]:
+        """Each endpoint's totals, apart: a counter's increase is taken per endpoint (`_per_minute`)."""
+        by_url: dict[str, dict[str, float]] = {}
         for url in metrics_urls(self.settings):
+            # Keyed by the URL as shown: the overview's answer lists these, and a password in a metrics URL
+            # is a credential.
+            shown = without_password(url)
             try:
                 async with http.get(url) as resp:
                     if resp.status != 200:
                         # An error page parses as an empty exposition: it counted as a scrape with nothing
                         # in it. Its status only: the body may be anything, a secret included.
-                        self.scrape_errors[without_password(url)] = f"HTTP {resp.status}"
+                        self.scrape_errors[shown] = f"HTTP {resp.status}"
                         continue
                     text = await resp.text()
+                totals = by_url.setdefault(shown, {})
                 for name, value in scrape_totals(text).items():
                     add_up(totals, name, value)
-                self.scrape_errors.pop(without_password(url), None)
+                self.scrape_errors.pop(shown, None)
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                # Keyed by the URL as shown: the overview's answer lists these, and a password in a
-                # metrics URL is a credential.
-                self.scrape_errors[without_password(url)] = type(exc).__name__
+                self.scrape_errors[shown] = type(exc).__name__
+        return by_url
+
+    def _last_totals(self) -> dict[str, float]:
+        """The last sample's totals over its endpoints (an age: the oldest)."""
+        totals: dict[str, float] = {}
+        for one in (self.scraped[-1][1] if self.scraped else {}).values():
+            for name, value in one.items():
+                add_up(totals, name, value)
         return totals
 
     # --- the page's JSON ----------------------------------------------------------------------------------
@@ -181,7 +195,7 @@ class Sampler:
             group: [[t, v.get(group, 0)] for t, v in self.lag]
             for group in (self.lag[-1][1] if self.lag else {})
         }
-        last = self.scraped[-1][1] if self.scraped else {}
+        last = self._last_totals()
         return {
             "minutes": [m * MINUTE_MS for m in minutes],
             "events_in": {"by_type": by_type, "by_tenant": by_tenant},
@@ -208,14 +222,18 @@ class Sampler:
         }
 
     def _per_minute(self, name: str, minutes: list[int]) -> list[float] | None:
-        """A scraped counter's increase per minute (None when it was never scraped); restarts count 0."""
-        points = [(t, v[name]) for t, v in self.scraped if name in v]
-        if not points:
-            return None
+        """A scraped counter's increase per minute (None when it was never scraped); restarts count 0.
+
+        Per endpoint, then added up: taken from the sum, an endpoint that missed one scrape left the sum
+        with its whole counter and came back with it, a burst of everything it had ever counted."""
         out = [0.0] * len(minutes)
         first = minutes[0]
-        for (_, a), (t, b) in itertools.pairwise(points):
-            i = t // MINUTE_MS - first
-            if 0 <= i < len(out) and b >= a:
-                out[i] += b - a
-        return out
+        seen = False
+        for url in {u for _, by_url in self.scraped for u in by_url}:
+            points = [(t, by_url[url][name]) for t, by_url in self.scraped if name in by_url.get(url, {})]
+            seen |= bool(points)
+            for (_, a), (t, b) in itertools.pairwise(points):
+                i = t // MINUTE_MS - first
+                if 0 <= i < len(out) and b >= a:
+                    out[i] += b - a
+        return out if seen else None

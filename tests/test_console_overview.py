@@ -1,0 +1,74 @@
+"""The overview's numbers against what the services' metrics endpoints really said: real HTTP endpoints
+serving Prometheus text, scraped as the console scrapes them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import ClientSession, web
+from aiohttp.test_utils import TestServer
+
+from sentpipe.console import create_app
+from sentpipe.console.app import SAMPLER
+from sentpipe.settings import Settings
+
+
+class Worker:
+    """A worker's metrics endpoint: its duplicates counter, or 503 while `down`."""
+
+    def __init__(self) -> None:
+        self.duplicates = 0.0
+        self.down = False
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        if self.down:
+            return web.Response(status=503, text="busy")
+        text = (
+            "# TYPE sentpipe_duplicates_dropped_total counter\n"
+            f"sentpipe_duplicates_dropped_total {self.duplicates}\n"
+        )
+        return web.Response(text=text, content_type="text/plain")
+
+
+@pytest.fixture
+async def workers() -> AsyncIterator[list[tuple[Worker, str]]]:
+    out, servers = [], []
+    for _ in range(2):
+        worker = Worker()
+        app = web.Application()
+        app.router.add_get("/metrics", worker.metrics)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        servers.append(server)
+        out.append((worker, f"http://127.0.0.1:{server.port}/metrics"))
+    yield out
+    for server in servers:
+        await server.close()
+
+
+async def test_one_worker_missing_a_scrape_is_no_burst_of_duplicates(
+    settings: Settings, workers: list[tuple[Worker, str]]
+) -> None:
+    """Summed over the endpoints before the increase was taken, a worker that missed one scrape took its
+    whole counter out of the sum and put it back at the next: the chart showed every duplicate that worker
+    had ever dropped as dropped in that minute."""
+    (a, url_a), (b, url_b) = workers
+    sampler = create_app(settings.model_copy(update={"console_metrics_urls": [url_a, url_b]}))[SAMPLER]
+    now = int(time.time() * 1000)  # one minute for every sample: what each adds shows in the last bucket
+    a.duplicates, b.duplicates = 10, 1000
+    async with ClientSession() as http:
+        sampler.scraped.append((now, await sampler._scrape(http)))
+        a.duplicates, b.down = 11, True
+        sampler.scraped.append((now, await sampler._scrape(http)))
+        a.duplicates, b.duplicates, b.down = 12, 1001, False
+        sampler.scraped.append((now, await sampler._scrape(http)))
+    overview = sampler.overview()
+    assert overview["duplicates"][-1] == 3  # 2 dropped by the one, 1 by the other
+    assert overview["totals"]["duplicates_dropped_total"] == 1013
+    # A worker that restarted starts its counter again: nothing is taken off the others' increase.
+    async with ClientSession() as http:
+        a.duplicates, b.duplicates = 13, 0
+        sampler.scraped.append((now, await sampler._scrape(http)))
+    assert sampler.overview()["duplicates"][-1] == 3 + 1
