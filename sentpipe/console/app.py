@@ -47,7 +47,7 @@ from sentpipe.processors import dlq as dlq_ops
 from sentpipe.processors import history
 from sentpipe.processors import inspect as trace
 from sentpipe.processors import replay as replay_ops
-from sentpipe.processors.offsets import Log, NotFound, OpsError, make_window, parse_when
+from sentpipe.processors.offsets import Log, NotFound, OpsError, Window, make_window, parse_when
 from sentpipe.schemas import exact_json
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import ROUTED_TYPES, EventType, parse_time, searched_id_problem
@@ -665,10 +665,26 @@ async def dlq_redrive(request: web.Request) -> web.StreamResponse:
 REPLAY_FIELDS = ("since", "until", "from_offsets", "to_offsets", "types", "tenants", "event_ids", "dry_run")
 
 
-def check_raw_partitions(settings: Settings, partitions: Collection[int]) -> None:
-    """The partitions named exist in the raw topic (the check `sentpipe replay` makes)."""
+def check_raw_window(settings: Settings, window: Window) -> None:
+    """The partitions named exist in the raw topic and the log holds the offsets named (the checks
+    `sentpipe replay` makes as it starts), in the API's field names: left to the job, an offset past the
+    end failed it after it was accepted, with "--from-offset", an option the page has no field for."""
+    raw = Topics(settings.topic_prefix).raw
     with Log(settings) as kafka:
-        kafka.check_partitions(Topics(settings.topic_prefix).raw, partitions)
+        kafka.check_partitions(raw, window.named_partitions)
+        marks = kafka.watermarks(raw, sorted(window.named_partitions))
+    for p, off in sorted(window.from_offsets.items()):
+        if off > marks[p][1]:
+            raise Refused(
+                f"from_offsets {p}:{off} is past the end of {raw} partition {p} (its next record will be"
+                f" offset {marks[p][1]})"
+            )
+    for p, off in sorted(window.to_offsets.items()):
+        if off < marks[p][0]:
+            raise Refused(
+                f"to_offsets {p}:{off} is before the first record {raw} partition {p} still holds (offset"
+                f" {marks[p][0]}; older ones are past retention)"
+            )
 
 
 async def replay(request: web.Request) -> web.StreamResponse:
@@ -698,7 +714,7 @@ async def replay(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     # Checked before the job is accepted; a real run follows a dry run of the same settings, which did.
     if dry_run and window.named_partitions:
-        await off_loop(check_raw_partitions, settings, window.named_partitions)
+        await off_loop(check_raw_window, settings, window)
 
     def work(
         progress: replay_ops.Progress, stop: threading.Event, upto: Mapping[int, int] | None
