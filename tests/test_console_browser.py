@@ -276,6 +276,27 @@ def test_live_after_a_reconnection_shows_each_row_once_and_counts_what_a_pause_d
         page.unroute("**/api/live")
 
 
+def test_live_says_so_when_the_console_refuses_its_stream(page: Any, stack: Stack) -> None:
+    """Refused (a 401 once a restart of the console has signed everyone out), the stream is never tried
+    again by the browser, and the page said "reconnecting…" for good."""
+    refused: list[Any] = []
+    page.route("**/api/live", lambda route: refused.append(route))
+    try:
+        goto(page, stack, "live")
+        while not refused:
+            page.wait_for_timeout(20)  # lets Playwright deliver the request; no time is asserted
+        refused[0].fulfill(
+            status=401,
+            headers={"Content-Type": "application/json"},
+            body=b'{"error":"sign in first","code":"sign_in_required"}',
+        )
+        page.locator("#live-status", has_text="disconnected").wait_for()
+        assert len(refused) == 1, "the browser tried the refused stream again"
+    finally:
+        goto(page, stack, "overview")
+        page.unroute("**/api/live")
+
+
 def db_rows(db: str, event_id: str) -> list[tuple[Any, ...]]:
     with psycopg.connect(db) as conn:
         return conn.execute("SELECT status FROM message_events WHERE event_id = %s", (event_id,)).fetchall()

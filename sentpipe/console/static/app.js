@@ -371,7 +371,17 @@ async function liveView(main) {
   state.cleanup.push(() => source.close());
   source.addEventListener("ready", () => (status.textContent = paused ? pausedText() : "live"));
   source.addEventListener("dropped", (e) => (status.textContent = `live (${e.data} rows skipped: too many to show)`));
-  source.onerror = () => (status.textContent = (paused ? pausedText() + ", " : "") + "reconnecting…");
+  source.onerror = () => {
+    const was = paused ? pausedText() + ", " : "";
+    if (source.readyState !== EventSource.CLOSED) {
+      status.textContent = was + "reconnecting…";
+      return;
+    }
+    // Answered with anything but a stream (a 401 once a restart has signed everyone out), the browser never
+    // connects again: the page said "reconnecting…" for good. A sign-in gone leads to the sign-in page.
+    status.textContent = was + "disconnected: the console refused the stream; reload the page";
+    api("/api/session").catch(() => {});
+  };
   source.onmessage = (e) => {
     const r = JSON.parse(e.data);
     if (held.has(keyOf(r))) return;
