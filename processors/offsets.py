@@ -125,6 +125,28 @@ def parse_partition_offset(text: str, option: str) -> PartitionOffset:
 
 
 @dataclass(frozen=True, slots=True)
+class _WindowNames:
+    """What a window's inputs are called in its errors and resume hints: the CLI's options or the console's
+    fields (a console job told to go on "with --from-offset 0:12", an option its page has no field for)."""
+
+    since: str
+    until: str
+    from_offsets: str
+    to_offsets: str
+    fields: bool = False
+
+    def offsets(self, name: str, pairs: Iterable[tuple[int, int]]) -> str:
+        """`--from-offset 0:12 --from-offset 3:4`, or the field's `from_offsets 0:12, 3:4`."""
+        if self.fields:
+            return f"{name} " + ", ".join(f"{p}:{o}" for p, o in pairs)
+        return " ".join(f"{name} {p}:{o}" for p, o in pairs)
+
+
+_OPTIONS = _WindowNames("--since", "--until", "--from-offset", "--to-offset")
+_FIELDS = _WindowNames("since", "until", "from_offsets", "to_offsets", fields=True)
+
+
+@dataclass(frozen=True, slots=True)
 class Window:
     """Which records of a topic to read. `until_ms` is exclusive, `to_offsets` inclusive (a listed offset
     is the last one read), so `--from-offset 2:57 --to-offset 2:57` is exactly one record."""
@@ -133,6 +155,7 @@ class Window:
     until_ms: int | None = None
     from_offsets: Mapping[int, int] = field(default_factory=dict)
     to_offsets: Mapping[int, int] = field(default_factory=dict)
+    names: _WindowNames = field(default=_OPTIONS, compare=False)
 
     @property
     def named_partitions(self) -> set[int]:
@@ -154,20 +177,6 @@ class Window:
 UNTIL_SLACK_MS = 60_000
 
 
-@dataclass(frozen=True, slots=True)
-class _WindowNames:
-    """What the errors of `make_window` call its inputs."""
-
-    since: str
-    until: str
-    from_offsets: str
-    to_offsets: str
-
-
-_OPTIONS = _WindowNames("--since", "--until", "--from-offset", "--to-offset")
-_FIELDS = _WindowNames("since", "until", "from_offsets", "to_offsets")
-
-
 def make_window(
     *,
     since: str | None = None,
@@ -187,7 +196,7 @@ def make_window(
     for p in sorted(set(starts) & set(ends)):
         if starts[p] > ends[p]:
             raise OpsError(f"{names.from_offsets} {p}:{starts[p]} is after {names.to_offsets} {p}:{ends[p]}")
-    return Window(since_ms, until_ms, starts, ends)
+    return Window(since_ms, until_ms, starts, ends, names)
 
 
 def _by_partition(specs: Iterable[str], option: str) -> dict[int, int]:
@@ -349,8 +358,8 @@ class Log:
             if p in starts:
                 if off > marks[p][1]:
                     raise OpsError(
-                        f"--from-offset {p}:{off} is past the end of {topic} partition {p} (its next record "
-                        f"will be offset {marks[p][1]})"
+                        f"{window.names.from_offsets} {p}:{off} is past the end of {topic} partition {p} (its"
+                        f" next record will be offset {marks[p][1]})"
                     )
                 # Read from the log's first record instead, and said: the run had fewer records to show
                 # and no word that part of the window was gone. Not when `--since` starts it later anyway.
@@ -361,8 +370,8 @@ class Log:
             if p in ends:
                 if off < marks[p][0]:
                     raise OpsError(
-                        f"--to-offset {p}:{off} is before the first record {topic} partition {p} still "
-                        f"holds (offset {marks[p][0]}; older ones are past retention)"
+                        f"{window.names.to_offsets} {p}:{off} is before the first record {topic} partition"
+                        f" {p} still holds (offset {marks[p][0]}; older ones are past retention)"
                     )
                 ends[p] = min(ends[p], off + 1)
         return [Range(topic, p, starts[p], max(starts[p], ends[p]), gone.get(p, 0)) for p in parts]

@@ -398,9 +398,13 @@ class _Replay:
             # From the first record not sent, or sent and not delivered (the broker went away meanwhile).
             resume = min(self.next.get(p, x.start), self.undelivered.get(p, x.end))
             if resume < x.end:
-                left.append(f"--from-offset {p}:{resume}")
+                left.append((p, resume))
         if resumable and left:
-            text += f"; to go on where it stopped, run it with {' '.join(left)} (and its other options)"
+            names = self.window.names
+            text += (
+                f"; to go on where it stopped, run it with {names.offsets(names.from_offsets, left)} (and its"
+                f" other {'fields' if names.fields else 'options'})"
+            )
         return text
 
     def _report(self, force: bool = False) -> None:

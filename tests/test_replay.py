@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import threading
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -746,3 +747,29 @@ def test_a_replay_refused_read_access_mid_run_sends_what_it_queued_and_says_wher
     rest = replay(settings, make_window(from_offsets=m[1].split()[1:]), Filter())
     assert (rest.read, rest.produced) == (500, 500), rest
     assert routed_count(settings, topics) == 600
+
+
+def test_a_console_replay_stopped_midway_says_where_to_go_on_in_the_api_s_field_names(
+    settings: Settings, topics: Topics
+) -> None:
+    """A window made from the console's fields: an interrupted job said "run it with --from-offset 0:500
+    (and its other options)", an option the page has no field for."""
+    produce_raw(settings, [s.body for s in SampleFactory(49).mix(1200, "sent")], partition=0)
+    stop = threading.Event()
+
+    def stop_midway(done: int, total: int) -> None:
+        if done >= 500:
+            stop.set()
+
+    window = make_window(from_offsets=["0:0"], fields=True)
+    with pytest.raises(OpsError) as info:
+        replay(settings, window, Filter(), progress=stop_midway, stop=stop)
+    m = re.fullmatch(
+        r"replay \S+ interrupted after 500 of 1200 records \(500 replayed, 0 failed\); .*; to go on where it"
+        r" stopped, run it with from_offsets (0:500) \(and its other fields\)",
+        str(info.value),
+    )
+    assert m is not None, str(info.value)
+    rest = replay(settings, make_window(from_offsets=m[1].split(", "), fields=True), Filter())
+    assert (rest.read, rest.produced) == (700, 700), rest
+    assert routed_count(settings, topics) == 1200

@@ -666,25 +666,11 @@ REPLAY_FIELDS = ("since", "until", "from_offsets", "to_offsets", "types", "tenan
 
 
 def check_raw_window(settings: Settings, window: Window) -> None:
-    """The partitions named exist in the raw topic and the log holds the offsets named (the checks
-    `sentpipe replay` makes as it starts), in the API's field names: left to the job, an offset past the
-    end failed it after it was accepted, with "--from-offset", an option the page has no field for."""
-    raw = Topics(settings.topic_prefix).raw
+    """The checks `sentpipe replay` makes as it starts (the partitions named exist, the log holds the
+    offsets named), in the API's field names: left to the job, an offset past the end failed it after it was
+    accepted."""
     with Log(settings) as kafka:
-        kafka.check_partitions(raw, window.named_partitions)
-        marks = kafka.watermarks(raw, sorted(window.named_partitions))
-    for p, off in sorted(window.from_offsets.items()):
-        if off > marks[p][1]:
-            raise Refused(
-                f"from_offsets {p}:{off} is past the end of {raw} partition {p} (its next record will be"
-                f" offset {marks[p][1]})"
-            )
-    for p, off in sorted(window.to_offsets.items()):
-        if off < marks[p][0]:
-            raise Refused(
-                f"to_offsets {p}:{off} is before the first record {raw} partition {p} still holds (offset"
-                f" {marks[p][0]}; older ones are past retention)"
-            )
+        kafka.ranges(Topics(settings.topic_prefix).raw, window)
 
 
 async def replay(request: web.Request) -> web.StreamResponse:
