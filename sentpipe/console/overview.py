@@ -204,7 +204,8 @@ class Sampler:
             "lag": lag_series,
             "totals": {
                 "events_in_last_hour": sum(sum(v) for v in by_type.values()),
-                "events_in_last_minute": sum(v[-1] for v in by_type.values()),
+                # The last whole minute: the one under way (v[-1]) read about 0 in its first seconds.
+                "events_in_last_minute": sum(v[-2] for v in by_type.values()),
                 "dead_letters_last_hour": sum(sum(v) for v in by_stage.values()),
                 "duplicates_dropped_total": last.get("sentpipe_duplicates_dropped_total"),
                 "consumer_lag": self.lag[-1][1] if self.lag else None,

@@ -276,7 +276,7 @@ async function overviewView(main) {
       "div",
       { class: "totals" },
       [
-        ["events in, last minute", t.events_in_last_minute],
+        ["events in, last whole minute", t.events_in_last_minute],
         ["events in, last hour", t.events_in_last_hour],
         ["dead letters, last hour", t.dead_letters_last_hour],
         ["duplicates dropped (worker total)", t.duplicates_dropped_total === null || t.duplicates_dropped_total === undefined ? "-" : t.duplicates_dropped_total],
