@@ -218,13 +218,14 @@ class Projector:
         try:
             return await self._project(records)
         except BaseException:
-            # Not committed: the next poll must return these records again, not the ones after them.
+            # Not committed: the next poll must return these records again, not the ones after them (those
+            # still in hand: a batch held for one type's handlers has committed the other types' records).
             # Stopping, there is no next poll, and the consumer may be waiting for a broker; a commit left
             # behind (CommitStuck) holds the consumer's thread, and there is no next poll on it either.
             self.sink.unsettle()
             self._lags = []
-            if not self.stopping and not self._left_behind:
-                await self._consumer_thread.call(self.consumer.rewind, records)
+            if not self.stopping and not self._left_behind and self._in_hand:
+                await self._consumer_thread.call(self.consumer.rewind, self._in_hand)
             self._rewound = True
             raise
         finally:
@@ -256,8 +257,22 @@ class Projector:
                 dead.append(_dead(rec, "project", "bad_canonical_event", f"{type(exc).__name__}: {exc}"))
                 continue
             by_type.setdefault(type_, []).append((rec, event))
+        held: HandlersHeld | None = None
+        held_topics: set[str] = set()
         for type_, items in by_type.items():
-            await self._apply(type_, items, dead)
+            try:
+                await self._apply(type_, items, dead)
+            except HandlersHeld as exc:
+                # Only this type's records wait (each type has its own topic). Rewound whole, the batch
+                # was read again round after round while the lock lasted, and the other types' handlers,
+                # their transactions committed, were called again each round.
+                held = held or exc
+                held_topics.update(rec.topic for rec, _ in items)
+        if held is not None:
+            records = [rec for rec in records if rec.topic not in held_topics]
+            dead = [d for d in dead if d.origin[0] not in held_topics]
+            if not records:
+                raise held
         await send_dead_letters(
             self.producer,
             self.topics.dlq,
@@ -268,6 +283,8 @@ class Projector:
         )
         done = next_offsets(records)
         committed = await self._commit(done)
+        if held is not None:
+            self._in_hand = [rec for rec in self._in_hand if rec.topic in held_topics]
         self._after_commit(committed)
         self._calls_ended.clear()
         self._rewound = False
@@ -275,6 +292,8 @@ class Projector:
             self.watchdog.progress(done)
         if committed:
             self._count(records, dead)
+        if held is not None:
+            raise held  # the held type's records are rewound and read again, with what has arrived since
         return len(records)
 
     def _after_commit(self, committed: bool) -> None:
@@ -401,7 +420,7 @@ class Projector:
                 unknown_attempts=unknown_attempts,
             )
         except HandlersHeld:
-            raise  # the whole batch is rewound and read again, with whatever has arrived since
+            raise  # this type's records are rewound and read again, with whatever has arrived since
         except Exception as exc:
             # Temporary: only when stopping. Stopping, a record is not judged on an attempt the stop cut
             # short: the batch stays uncommitted and is read again by the next owner.
