@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import mode
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection, AsyncCursor, AsyncServerCursor, sql
 from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
@@ -83,8 +83,12 @@ async def _reset_session(conn: AsyncConnection) -> None:
     # It runs outside a transaction: in autocommit, then back, so the pool does not find the connection in
     # a transaction (it would discard it: a new one per batch).
     # And on the client: a handler's `ctx.conn.row_factory = dict_row` made the stage's own queries read
-    # dicts (`row[0]`: KeyError, which dead-lettered every record while a column lacked its default).
+    # dicts (`row[0]`: KeyError, which dead-lettered every record while a column lacked its default), and
+    # its `ctx.conn.cursor_factory = AsyncRawCursor` ($1 placeholders) made the projections' `%s` SQL a
+    # syntax error (SQLSTATE 42601, held as a failure of the whole: every later batch on that connection).
     conn.row_factory = tuple_row
+    conn.cursor_factory = AsyncCursor
+    conn.server_cursor_factory = AsyncServerCursor
     autocommit = conn.autocommit
     if not autocommit:
         await conn.set_autocommit(True)

@@ -1275,6 +1275,34 @@ async def test_a_handler_s_row_factory_does_not_outlive_its_batch(db_url: str) -
         await pool.close()
 
 
+async def test_a_handler_s_cursor_factory_does_not_outlive_its_batch(db_url: str) -> None:
+    """`ctx.conn.cursor_factory = AsyncRawCursor` (a handler that prefers $1 placeholders) stayed on the
+    pooled connection: the next batch's projection SQL, written with %s, was a syntax error (SQLSTATE 42601),
+    held as a failure of the whole, and so was every batch after it on that connection."""
+    handlers = HandlerRegistry()
+
+    async def raw(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        ctx.conn.cursor_factory = psycopg.AsyncRawCursor
+        ctx.conn.server_cursor_factory = psycopg.AsyncRawServerCursor
+        await ctx.conn.execute("SELECT $1::text", (event.id,))
+
+    handlers.register(INBOUND, raw, "raw")
+    pool = open_pool(Settings(database_url=db_url, db_pool_size=1))  # one connection, reused
+    await pool.open()
+    try:
+        first, second = inbound_events(["a", "b"], 44)
+        sink = PostgresSink(pool, handlers)
+        assert await sink.apply(EventType.MESSAGE_INBOUND, [first], 1) == []
+        assert await sink.apply(EventType.MESSAGE_INBOUND, [second], 1) == []
+        async with pool.connection() as conn:
+            assert type(conn.cursor()) is psycopg.AsyncCursor
+            assert type(conn.cursor("named")) is psycopg.AsyncServerCursor
+    finally:
+        await pool.close()
+    with psycopg.connect(db_url) as c:
+        assert {row[0] for row in c.execute("SELECT event_id FROM inbound_messages")} == {first.id, second.id}
+
+
 async def test_a_call_that_ended_the_process_stays_recorded_until_its_batch_commits(
     ordered: Stage, tmp_path: Path
 ) -> None:
