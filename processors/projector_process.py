@@ -89,6 +89,11 @@ async def _reset_session(conn: AsyncConnection) -> None:
     conn.row_factory = tuple_row
     conn.cursor_factory = AsyncCursor
     conn.server_cursor_factory = AsyncServerCursor
+    # A notice or notify callback a handler adds (one per call, to log its SQL's RAISE NOTICE) was called
+    # for every later notice on the connection, with the context of events long gone, and the list grew
+    # by one per event for the connection's life. The stage adds none; psycopg offers no public clear.
+    conn._notice_handlers.clear()
+    conn._notify_handlers.clear()
     autocommit = conn.autocommit
     if not autocommit:
         await conn.set_autocommit(True)

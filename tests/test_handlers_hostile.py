@@ -1303,6 +1303,31 @@ async def test_a_handler_s_cursor_factory_does_not_outlive_its_batch(db_url: str
         assert {row[0] for row in c.execute("SELECT event_id FROM inbound_messages")} == {first.id, second.id}
 
 
+async def test_a_handler_s_notice_callbacks_do_not_outlive_its_batch(db_url: str) -> None:
+    """A handler adding a notice callback per call (to log its SQL's RAISE NOTICE) left each one on the
+    pooled connection: every later notice called every callback ever added, with the context of events long
+    gone, and the list grew by one per event for the connection's life."""
+    handlers = HandlerRegistry()
+    heard: list[tuple[str, str]] = []
+
+    async def noticing(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        ctx.conn.add_notice_handler(lambda diag: heard.append((event.id, diag.message_primary or "")))
+        ctx.conn.add_notify_handler(lambda notify: None)
+        await ctx.conn.execute(sql.SQL("DO $$ BEGIN RAISE NOTICE {}; END $$").format(sql.Literal(event.id)))
+
+    handlers.register(INBOUND, noticing, "noticing")
+    pool = open_pool(Settings(database_url=db_url, db_pool_size=1))  # one connection, reused
+    await pool.open()
+    try:
+        events = inbound_events(["a", "b", "c"], 45)
+        sink = PostgresSink(pool, handlers)
+        for event in events:
+            assert await sink.apply(EventType.MESSAGE_INBOUND, [event], 1) == []
+    finally:
+        await pool.close()
+    assert heard == [(e.id, e.id) for e in events]
+
+
 async def test_a_call_that_ended_the_process_stays_recorded_until_its_batch_commits(
     ordered: Stage, tmp_path: Path
 ) -> None:
