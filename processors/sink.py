@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe import metrics as m
 from sentpipe.processors.blocked_handlers import UNINTERRUPTIBLE, CallKey, UninterruptibleCalls
 from sentpipe.processors.handlers import (
+    ENDED,
     EndedTheLoop,
     HandlerAbandoned,
     HandlerContext,
@@ -170,6 +172,8 @@ class PostgresSink:
                                     conn.closed and self._closed_by(key, conn)
                                 ):
                                     self._leave_out(key, exc)
+                                if _savepoint_gone(exc, conn):
+                                    self._leave_out(key, TransactionEnded(ENDED))
                                 if conn.closed:
                                     raise DatabaseLost(f"{name}: {type(exc).__name__}") from exc
                                 if _timed_out(exc):
@@ -293,6 +297,18 @@ class PostgresSink:
             extra={"type": type_.value, "handler": first.handler, "error": type(first.error).__name__},
         )
         raise HandlersHeld(f"{first.handler}: {type(first.error).__name__}, twice, before any call succeeded")
+
+
+def _savepoint_gone(exc: Exception, conn: psycopg.AsyncConnection[Any]) -> bool:
+    """Whether the call's savepoint was gone when the stage ended it: released by a COMMIT or ROLLBACK the
+    call ran, which the guard sees only while no transaction follows (more SQL after it begins one, as
+    does `COMMIT AND CHAIN`). Releasing it then fails (3B001); rolling back to it, after an error of the
+    call's, fails too, and leaves the transaction aborted, where a rollback to a savepoint never does."""
+    if conn.closed:
+        return False
+    if isinstance(exc, psycopg.Error) and exc.sqlstate == "3B001":
+        return True
+    return conn.info.transaction_status is TransactionStatus.INERROR
 
 
 def _timed_out(exc: Exception) -> bool:

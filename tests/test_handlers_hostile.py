@@ -1086,6 +1086,49 @@ async def test_a_handler_ending_the_batch_s_transaction_is_left_out(
     assert sorted(calls) == sorted([events[0].id] * (1 + early) + [events[1].id] * early + [events[2].id])
 
 
+@pytest.mark.parametrize(
+    ("statements", "raises"),
+    [
+        (["COMMIT", "SELECT 1"], False),
+        (["COMMIT AND CHAIN"], False),
+        (["ROLLBACK", "SELECT 1"], False),
+        (["ROLLBACK AND CHAIN"], False),
+        (["COMMIT", "SELECT 1"], True),
+    ],
+)
+async def test_a_handler_ending_the_batch_s_transaction_and_going_on_is_left_out(
+    pool: AsyncConnectionPool, statements: list[str], raises: bool
+) -> None:
+    """A handler that ended the batch's transaction and then went on in a new one (more SQL after its
+    `COMMIT`, psycopg beginning it; `COMMIT AND CHAIN`) left the connection in a transaction, so the end
+    went unseen: the stage's savepoint was gone (SQLSTATE 3B001, an error of unknown kind), and each of the
+    batch's five attempts, then each halving level, committed its earlier handlers' work once more."""
+    await seen_table(pool)
+    handlers = HandlerRegistry()
+
+    async def ends(event: CanonicalEvent, ctx: HandlerContext) -> None:
+        await note(ctx, event, "called")
+        if event.data.get("text") == "end":
+            for statement in statements:
+                await ctx.conn.execute(statement)
+            await note(ctx, event, "after")
+            if raises:
+                raise ValueError("and then it failed")
+
+    handlers.register(INBOUND, ends, "ends")
+    events = inbound_events(["a", "end", "b"], 25)
+    sink = PostgresSink(pool, handlers)
+    with pytest.raises(BatchLostToHandler, match="ended the batch's transaction"):
+        await sink.apply(EventType.MESSAGE_INBOUND, events, 1)
+    failures = await sink.apply(EventType.MESSAGE_INBOUND, events, 2)
+    assert [(f.event.id, type(f.error).__name__) for f in failures] == [(events[1].id, "TransactionEnded")]
+    # The one early commit a handler can force: its own work before it and its predecessor's, once.
+    early = 1 if statements[0].startswith("COMMIT") else 0
+    calls = [e for e, note_ in await seen(pool) if note_ == "called"]
+    assert sorted(calls) == sorted([events[0].id] * (1 + early) + [events[1].id] * early + [events[2].id])
+    assert [e for e, note_ in await seen(pool) if note_ == "after"] == []
+
+
 async def test_a_call_left_out_is_one_tenant_s_not_every_event_of_its_id(pool: AsyncConnectionPool) -> None:
     """Event ids are unique per tenant only. Keyed by (handler, event id), the call left out for one tenant's
     event was left out for another tenant's event of the same id in the batch: its handler never ran."""
