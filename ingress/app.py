@@ -56,6 +56,10 @@ log = logging.getLogger("sentpipe.ingress")
 PRODUCER = web.AppKey("producer", AsyncProducer)
 SPOOL = web.AppKey("spool", Spool)
 STALL_AFTER_S = web.AppKey("stall_after_s", float)
+# How often the broker check is refreshed when no probe asks: the accepting gauge, read at scrape time,
+# cannot wait for a metadata request, so it reads an answer at most this old (plus the request's timeout).
+# The kubelet's readiness period: each refresh is a full metadata request, from every ingress process.
+BROKER_CHECK_EVERY_S = 5.0
 # A producer is hung once records wait this much longer than librdkafka's own delivery timeout, and at least
 # SENTPIPE_STALL_AFTER_S: librdkafka reports every record (delivered or failed) within that timeout.
 STALL_MARGIN_S = 10.0
@@ -638,6 +642,68 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+class BrokerCheck:
+    """Whether the producer reaches a broker: the one answer /readyz and `sentpipe_ingress_accepting` give.
+    librdkafka reports its brokers down only when their connections fail; a broker that is there but answers
+    nothing (paused, partitioned with connections left open) goes unreported for up to its socket timeout, a
+    minute, and only a metadata request that times out says so sooner. The gauge is read at scrape time and
+    cannot wait for one, so it reads the last answer, which `_refresh` keeps fresh when no probe asks."""
+
+    def __init__(self, producer: AsyncProducer) -> None:
+        self.producer = producer
+        self._metadata_ok = True
+        self._asking: asyncio.Task[bool] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+
+    async def check(self) -> bool:
+        """Readiness with a metadata round trip (cached briefly by the producer)."""
+        if self.producer.unavailable is not None:
+            # The producer's own signal decides while it is down; the metadata answer from before it is
+            # stale, and kept it would hold the gauge at 0 after the producer's probe found a broker again.
+            self._metadata_ok = True
+            return False
+        # One request at a time, its answer for every caller: a second `ready()` while one is in flight
+        # returns the cached answer from before it (False at start), and a probe got 503 for nothing.
+        if self._asking is None:
+            self._asking = asyncio.get_running_loop().create_task(self._ask())
+        return await asyncio.shield(self._asking)
+
+    async def _ask(self) -> bool:
+        try:
+            self._metadata_ok = await self.producer.ready()
+        finally:
+            self._asking = None
+        return self._metadata_ok
+
+    def start(self) -> None:
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh())
+
+    async def stop(self) -> None:
+        for task in (self._refresher, self._asking):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    @property
+    def up(self) -> bool:
+        """The last answer, without waiting: False at once when the producer knows it cannot deliver."""
+        if self.producer.unavailable is not None:
+            return False
+        return self._metadata_ok
+
+    async def _refresh(self) -> None:
+        while True:
+            try:
+                await self.check()
+            except Exception:  # a refresher that died would leave the gauge saying the last answer forever
+                log.exception("broker check failed; going on")
+            await asyncio.sleep(BROKER_CHECK_EVERY_S)
+
+
+BROKER_CHECK = web.AppKey("broker_check", BrokerCheck)
+
+
 async def readyz(request: web.Request) -> web.Response:
     producer = request.app[PRODUCER]
     spool = request.app.get(SPOOL)
@@ -645,7 +711,7 @@ async def readyz(request: web.Request) -> web.Response:
         # Every delivery goes behind the write in hand and gets 503 at once: out of service until the disk
         # answers, or the broker takes the drain's records (then deliveries go to it directly).
         return error(503, "not_ready", spool.refusal, headers={"Retry-After": RETRY_AFTER_S})
-    if await producer.ready():
+    if await request.app[BROKER_CHECK].check():
         return web.json_response({"status": "ready"})
     if spool is not None and spool.takes_records:
         # Requests are answered 200 from the spool: the pod stays in service through a broker outage.
@@ -768,19 +834,22 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
     )
     app[PRODUCER] = producer
     app[STALL_AFTER_S] = settings.stall_after_s
+    broker = app[BROKER_CHECK] = BrokerCheck(producer)
 
     def accepting() -> float:
         # Read at scrape time. While the pod is unready (a full Kafka outage without spool room) no request
         # reaches it and nothing is counted; this gauge is what the outage alert sees instead.
         if spool is not None and spool.write_stalled and spool.holds_new_records:
             return 0.0
-        return float(producer.unavailable is None or (spool is not None and spool.takes_records))
+        return float(broker.up or (spool is not None and spool.takes_records))
 
     m.INGRESS_ACCEPTING.set_function(accepting)
 
     async def producer_ctx(app: web.Application) -> AsyncIterator[None]:
         await producer.start()
+        broker.start()
         yield
+        await broker.stop()
         await producer.close(timeout=settings.produce_timeout_s * 2)
 
     app.cleanup_ctx.append(producer_ctx)
