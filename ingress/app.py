@@ -712,6 +712,11 @@ async def readyz(request: web.Request) -> web.Response:
         # answers, or the broker takes the drain's records (then deliveries go to it directly).
         return error(503, "not_ready", spool.refusal, headers={"Retry-After": RETRY_AFTER_S})
     if await request.app[BROKER_CHECK].check():
+        if spool is not None and spool.holds_new_records and not spool.takes_records:
+            # A broker that answers metadata but acknowledges none of the drain's records (a partition
+            # without a leader): deliveries still go into the spool, and one that is full (or whose disk
+            # refused a write) answers each 503 at once. Ready, the pod stayed in service refusing them all.
+            return error(503, "not_ready", spool.refusal, headers={"Retry-After": RETRY_AFTER_S})
         return web.json_response({"status": "ready"})
     if spool is not None and spool.takes_records:
         # Requests are answered 200 from the spool: the pod stays in service through a broker outage.
@@ -839,7 +844,7 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
     def accepting() -> float:
         # Read at scrape time. While the pod is unready (a full Kafka outage without spool room) no request
         # reaches it and nothing is counted; this gauge is what the outage alert sees instead.
-        if spool is not None and spool.write_stalled and spool.holds_new_records:
+        if spool is not None and spool.holds_new_records and not spool.takes_records:
             return 0.0
         return float(broker.up or (spool is not None and spool.takes_records))
 

@@ -3,22 +3,29 @@ broker: one answer, and the truth about whether a delivery would be taken.
 
 A broker that is there but answers nothing (SIGSTOP: a long pause, a partition that keeps connections open):
 librdkafka reports its brokers down only once its sockets time out (up to a minute); a metadata request that
-times out says so sooner."""
+times out says so sooner. A broker that answers metadata but takes no record (a partition without a leader):
+the spool fills, and every delivery is refused."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 
+import orjson
 import pytest
 from prometheus_client import REGISTRY
 
 from sentpipe.ingress.app import create_app, producer_for
+from sentpipe.ingress.spool import Spool, SpoolRecord, process_dir
+from sentpipe.schemas import routing as r
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.http_tools import ingress_server
 from tests.services import Services
-from tests.test_ingress_limits import exchange
+from tests.test_ingress_limits import exchange, head, signed
 
 # Well under librdkafka's socket timeout (60 s), after which its own "all brokers down" report would make
 # the gauge 0 anyway; well over a metadata request's 2 s timeout and the probe cache.
@@ -73,5 +80,46 @@ async def test_the_accepting_gauge_follows_readiness_to_a_frozen_broker_and_back
         while await readyz(server.port) != 200:
             assert time.monotonic() < deadline, "/readyz stayed 503 with the broker back"
             await asyncio.sleep(0.2)
+    finally:
+        await server.close()
+
+
+async def test_a_full_spool_that_takes_every_delivery_makes_the_pod_unready(
+    settings: Settings, topics: Topics, tmp_path: Path
+) -> None:
+    """Seen in an audit: the broker answered metadata but acknowledged none of the drain's records (here a
+    record for a topic that does not exist holds the window; in production a partition without a leader),
+    so new deliveries went into the spool, and once it was full every one got 503 `spool_full` while
+    /readyz answered 200 and the gauge said 1: the pod stayed in service refusing everything, and
+    SentpipeIngressDown could not fire (SentpipeSpoolNearlyFull's runbook says such a pod turns unready)."""
+    secret = settings.webhook_secret.get_secret_value()
+    f = SampleFactory(41)
+    # Room for a few deliveries (the settings' floor is 1 MiB: built here to fill it in a few requests).
+    spool = Spool(process_dir(tmp_path / "spool", 0), 16 * 1024, 64 * 1024, write_timeout_s=5.0)
+    spool.open()
+    headers = tuple(
+        r.raw_headers(
+            tenant="default", received_at_ms=1, webhook_id="w", request_id="rid", event_type="message.inbound"
+        )
+    )
+    await spool.append(SpoolRecord(f"{topics.prefix}missing", b"k", b"v", headers, 1))
+    producer = producer_for(settings)
+    server = await ingress_server(create_app(settings, producer, spool))
+    try:
+        assert server.port is not None
+        statuses: list[tuple[int, str]] = []
+        for _ in range(100):
+            body = f.inbound().body
+            status, _, answer = await exchange(
+                server.port, head("/webhooks/sent", signed(secret, body), len(body)), body
+            )
+            statuses.append((status, "" if status == 200 else orjson.loads(answer)["error"]))
+            if status != 200:
+                break
+        assert statuses[-1] == (503, "spool_full") and len(statuses) > 1, statuses
+        assert spool.holds_new_records and producer.unavailable is None
+        status, _, answer = await exchange(server.port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503 and "the spool is full" in orjson.loads(answer)["detail"], answer
+        assert accepting() == 0
     finally:
         await server.close()
