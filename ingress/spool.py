@@ -686,8 +686,15 @@ class Spool:
         reads the whole file: a torn frame there is skipped, a whole one drained although its request got
         503 (a duplicate)."""
         if self.segments:
+            seg = self.segments[-1]
             with contextlib.suppress(OSError):
-                self.segments[-1].size = self.segments[-1].path.stat().st_size
+                size = seg.path.stat().st_size
+                if size > seg.size:  # shorter is a cut, the drain's to find and report (`_cut_short`)
+                    # Counted as the drain will subtract them: else the count went below zero once the
+                    # segment was drained, and the spool grew past its limit by as much.
+                    self.bytes += size - seg.size
+                    seg.size = size
+                    self._update_gauges()
 
     def _fsync_dir(self) -> None:
         fd = os.open(self.dir, os.O_RDONLY)
