@@ -1013,7 +1013,13 @@ class Spool:
         if is_current and self._fd is not None:
             os.close(self._fd)  # the next append opens a new segment
             self._fd = None
-        seg.path.unlink(missing_ok=True)
+        try:
+            seg.path.unlink(missing_ok=True)
+        except OSError as exc:
+            # A filesystem remounted read-only, say. Raised, the drain retried this unlink for as long as it
+            # failed and no record behind it reached the broker; left, its records are sent again after a
+            # restart (the dedup table drops them).
+            log.error("spool: could not delete drained segment %s (%s): left on disk", seg.path, exc)
         self.segments.pop(0)
         self.bytes -= seg.size
         self._full = False

@@ -53,3 +53,34 @@ def test_a_failed_write_that_could_not_be_cut_back_is_counted_in_the_spool_bytes
         s.close()
 
     asyncio.run(main())
+
+
+def test_a_drained_segment_the_disk_will_not_delete_does_not_stop_the_drain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen in an audit: a drained segment whose unlink failed (a filesystem remounted read-only after an
+    error, EROFS) raised out of the drain, which retried that same unlink every 5 s for as long as it
+    failed: every record behind it, each answered 200, stayed off the broker although it could be read and
+    sent."""
+
+    async def main() -> None:
+        s = spool_in(tmp_path, segment_bytes=64 * 1024)
+        for i in range(12):
+            await s.append(rec(i, 20_000))
+        assert len(s.segments) >= 3
+        unlink = Path.unlink
+
+        def refused(self: Path, missing_ok: bool = False) -> None:
+            if self.suffix == ".seg":
+                raise OSError(errno.EROFS, "Read-only file system", str(self))
+            unlink(self, missing_ok=missing_ok)
+
+        b = Broker()
+        with monkeypatch.context() as patch:
+            patch.setattr(Path, "unlink", refused)
+            await s.drain(b.send, once=True)
+        assert [r.key for r in b.got] == [f"id-{i}".encode() for i in range(12)]
+        assert s.records == 0 and not s.segments
+        s.close()
+
+    asyncio.run(main())
