@@ -63,7 +63,7 @@ INGRESS_SIGNATURE_FAILURES = Counter(
 INGRESS_ACCEPTING = Gauge(
     "sentpipe_ingress_accepting",
     "1 while this ingress process can take a delivery (its producer reaches a broker, or its spool has "
-    "room): what /readyz answers without its metadata round trip. Scraped also while the pod is unready.",
+    "room): /readyz's answer, its broker check refreshed every 5 s. Scraped also while the pod is unready.",
 )
 
 INGRESS_REFUSED = Counter(
