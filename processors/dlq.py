@@ -285,6 +285,14 @@ def _ranges(kafka: Log, dlq: str, sel: DlqSelection) -> list[Range]:
     return out
 
 
+def check_selection(settings: Settings, sel: DlqSelection, *, timeout: float = 10.0) -> None:
+    """NotFound for a DLQ record the selection names by ID and the DLQ does not hold (the check a redrive
+    makes as it starts), for a caller that accepts the request before the redrive runs."""
+    if sel.ids:
+        with Log(settings, timeout) as kafka:
+            _ranges(kafka, Topics(settings.topic_prefix).dlq, sel)
+
+
 # --- the redrive ledger -----------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class Ledger:

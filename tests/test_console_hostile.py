@@ -217,7 +217,7 @@ async def test_a_dlq_record_that_is_not_there_is_404_not_found(
 ) -> None:
     """A well-formed ID past the end of the DLQ, or on a partition it does not have: a 400 said the caller
     had asked wrongly, when the record simply is not there."""
-    client, base, _ = http
+    client, base, headers = http
     for entry_id in ("0:999", "999:0"):
         for _ in range(60):
             status, body = await answer(client, "GET", f"{base}/api/dlq/entry?id={entry_id}")
@@ -228,6 +228,15 @@ async def test_a_dlq_record_that_is_not_there_is_404_not_found(
             await asyncio.sleep(0.5)
         assert (status, body["code"]) == (404, "not_found"), body
         assert topics.dlq in body["error"] or "no DLQ record" in body["error"], body
+        # Asked to redrive it: a 202 and a job that failed a moment later.
+        status, body = await answer(
+            client,
+            "POST",
+            f"{base}/api/dlq/redrive",
+            json={"ids": [entry_id], "dry_run": True},
+            headers=headers,
+        )
+        assert (status, body.get("code")) == (404, "not_found"), body
 
 
 @pytest.mark.usefixtures("no_tracebacks")

@@ -653,6 +653,10 @@ async def dlq_redrive(request: web.Request) -> web.StreamResponse:
     dry_run = _dry_run(data)
     sel = dlq_ops.make_selection(**params, fields=True)  # bad input fails here, before any job starts
     settings = request.app[SETTINGS]
+    # Checked before the job is accepted, as the replay's offsets are (a real run follows a dry run): an ID
+    # the DLQ does not hold was a 202, then a failed job.
+    if dry_run:
+        await off_loop(dlq_ops.check_selection, settings, sel)
 
     def work(
         progress: replay_ops.Progress, stop: threading.Event, upto: Mapping[int, int] | None
