@@ -26,6 +26,10 @@ SENT_RETRY_SCHEDULE: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 MAX_RETRY_DELAY_S = 3600.0
 USER_AGENT = "sentpipe-sender/0.1"
 RESPONSE_KEEP_BYTES = 64 * 1024
+# Deliveries started and not yet finished (in flight or waiting for a retry) at most. Waiting holds no request
+# slot, so without a bound a receiver that went down mid-run had every delivery of the run started and
+# parked at once: 6.5 kB each, gigabytes for a `--count 1000000`.
+MAX_UNFINISHED = 10_000
 # Far outside any signature tolerance (Standard Webhooks: 5 minutes), so --stale is always stale.
 STALE_BY_S = 3600
 # A signing key that is not the receiver's, so --bad-signature fails the HMAC, not the header syntax.
@@ -251,6 +255,7 @@ async def deliver(
     clock: Callable[[], float] = time.time,
     on_update: Callable[[Stats], None] | None = None,
     on_outcome: Callable[[Outcome], None] | None = None,
+    max_unfinished: int = MAX_UNFINISHED,
 ) -> Stats:
     """Deliver everything in plan order; returns when each delivery is accepted or out of retries.
 
@@ -258,7 +263,8 @@ async def deliver(
     (default: its length, when it has one) is what progress reports count towards. `concurrency` bounds
     attempts in flight; `rate` (deliveries per second) paces first attempts. A delivery waiting for its
     next retry holds no slot, so one failing event does not stall the rest, as with Sent, whose retries
-    are scheduled per event.
+    are scheduled per event; `max_unfinished` (at least `concurrency`) bounds the deliveries started and
+    not finished, so one that keeps failing stalls nothing while a receiver that is down stalls the run.
     """
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
@@ -273,6 +279,7 @@ async def deliver(
         total = len(deliveries) if isinstance(deliveries, Sized) else 0
     stats = Stats(total=total)
     slots = asyncio.Semaphore(concurrency)
+    unfinished = asyncio.Semaphore(max(concurrency, max_unfinished))
     loop = asyncio.get_running_loop()
     started = loop.time()
 
@@ -316,6 +323,7 @@ async def deliver(
 
         def finished(task: asyncio.Task[None]) -> None:
             tasks.discard(task)
+            unfinished.release()
             if not task.cancelled() and (exc := task.exception()) is not None:
                 failures.append(exc)
 
@@ -335,7 +343,8 @@ async def deliver(
                         delay = paced_from + i / rate - loop.time()
                         if delay > 0:
                             await asyncio.sleep(delay)
-                    # Taking the slot before creating the task keeps pending work bounded by `concurrency`.
+                    # Taking both before creating the task keeps pending work bounded.
+                    await unfinished.acquire()
                     await slots.acquire()
                     stats.sent += 1
                     stats.duplicates += delivery.duplicate

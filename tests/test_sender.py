@@ -382,6 +382,32 @@ async def test_a_delivery_fails_after_the_last_retry(stub: Stub) -> None:
     assert [a.status for a in outcomes[0].attempts] == [503, 503, 503]
 
 
+async def test_deliveries_waiting_for_a_retry_are_bounded_so_a_dead_receiver_cannot_grow_the_sender(
+    stub: Stub,
+) -> None:
+    """Waiting for a retry holds no request slot, and nothing else bounded it: against a receiver that had
+    gone down, every delivery of the run was started and parked (6.5 kB each: gigabytes for a million)."""
+
+    def first_refused_retry_accepted(n: int) -> int:
+        this = stub.hits[-1].headers["x-webhook-id"]
+        return 503 if [h.headers["x-webhook-id"] for h in stub.hits].count(this) == 1 else 200
+
+    stub.answer = first_refused_retry_accepted
+    _, deliveries = _plan(10)
+    stats = await deliver(stub.url, deliveries, SECRET, schedule=(0.5,), concurrency=1, max_unfinished=3)
+    assert (stats.accepted, stats.retried, len(stub.hits)) == (10, 10, 20)
+    unfinished: set[str] = set()
+    most = 0
+    for hit in stub.hits:
+        webhook_id = hit.headers["x-webhook-id"]
+        if webhook_id in unfinished:
+            unfinished.discard(webhook_id)  # its retry, accepted
+        else:
+            unfinished.add(webhook_id)
+        most = max(most, len(unfinished))
+    assert most == 3
+
+
 @pytest.mark.parametrize("status", [204, 299])
 async def test_any_2xx_is_accepted_at_once(stub: Stub, status: int) -> None:
     stub.answer = lambda n: status
