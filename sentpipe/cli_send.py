@@ -380,7 +380,9 @@ def send_command(
     signing_secret = _resolve_secret(secret, tenant, s)
     _check_target(target, signing_secret)
     mode = SigningMode.BAD_SIGNATURE if bad_signature else SigningMode.STALE if stale else SigningMode.VALID
-    with ExitStack() as files:
+    # From before the file is read: a SIGTERM while a stream was copied ended the process where it stood,
+    # its temporary copy left behind.
+    with sigterm_as_ctrl_c(), ExitStack() as files:
         samples, n_events = _events(
             file, type_ or [], shape_choice, count, seed, skip, on_bad_line == "skip", err, files
         )
@@ -411,7 +413,7 @@ def send_command(
             on_update(stats)
 
         try:
-            with sigterm_as_ctrl_c(), _live(total, err) as on_update:
+            with _live(total, err) as on_update:
                 stats = asyncio.run(main(progress))
         except Unreachable as exc:
             fail(str(exc))

@@ -942,6 +942,47 @@ async def test_events_piped_in_are_sent_not_read_twice(stub: Stub) -> None:
     assert sorted(h.body for h in stub.hits) == sorted(lines)
 
 
+def _files_in(where: Path) -> list[str]:
+    return [p.name for p in where.iterdir()]
+
+
+async def test_a_sigterm_while_a_stream_is_checked_stops_as_ctrl_c_and_removes_its_copy(
+    stub: Stub, tmp_path: Path
+) -> None:
+    """SIGTERM was turned into Ctrl-C only once sending began: while the events of a stream were still being
+    checked (and copied), it ended the process where it stood, status 143, its copy left in $TMPDIR."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CLI_SCRIPT,
+        *("send", stub.url, "--file", "/dev/stdin"),
+        cwd=REPO,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    try:
+        # The stream stays open: the check waits for the rest of it, its copy begun.
+        proc.stdin.write(SampleFactory(11).mix(1)[0].body + b"\n")
+        await proc.stdin.drain()
+        for _ in range(1200):
+            if _files_in(tmp_path):
+                break
+            await asyncio.sleep(0.05)
+        assert _files_in(tmp_path)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 130 and err.decode().strip().splitlines()[-1] == "interrupted", err
+    assert _files_in(tmp_path) == []
+    assert stub.hits == []
+
+
 def test_an_overlong_line_is_read_past_and_the_next_one_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(plan, "MAX_LINE_BYTES", 64)
     good = b'{"field": "templates", "payload": {"template_id": "t", "status": "approved"}}'
