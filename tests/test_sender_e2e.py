@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from sentpipe.schemas.events import ROUTED_TYPES
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.sender.plan import generate
 from sentpipe.settings import Settings
+from tests.http_tools import scrape
 from tests.oracle import actual_state, expected_state, row_count
 from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_for
 from tests.processes import settings_env
@@ -72,6 +72,15 @@ def test_sender_with_duplicates_and_shuffle_yields_the_oracle_state(
     assert got.template_status == exp.template_status
 
 
+def _accepted(metrics_port: int) -> float:
+    samples = scrape(metrics_port)
+    return sum(
+        v
+        for k, v in samples.items()
+        if k.startswith("sentpipe_ingress_requests_total{") and 'outcome="accepted"' in k
+    )
+
+
 @pytest.mark.parametrize("sigint", ["handled", "ignored"])
 def test_a_send_stopped_with_sigterm_says_what_was_accepted(
     settings: Settings, tmp_path: Path, sigint: str
@@ -80,7 +89,7 @@ def test_a_send_stopped_with_sigterm_says_what_was_accepted(
     operator could not tell how many deliveries were accepted. It stops as Ctrl-C does now, with the
     summary of what was done before it. Also when started with SIGINT ignored (a shell script's `cmd &`),
     where the SIGTERM was dropped and the send ran to its end."""
-    ingress, url, _ = start_ingress(settings, tmp_path)
+    ingress, url, metrics_port = start_ingress(settings, tmp_path)
     try:
         args = ["send", f"{url}/webhooks/sent", "--count", "100000", "--rate", "200"]
         proc = subprocess.Popen(
@@ -93,7 +102,14 @@ def test_a_send_stopped_with_sigterm_says_what_was_accepted(
             if sigint == "ignored"
             else None,
         )
-        time.sleep(3)  # at 200 a second: hundreds accepted, most of the million still to go
+        # Signalled once the ingress has accepted some: after a fixed 3 s, a loaded machine had not yet
+        # started the run (status -15) or accepted anything (no summary), and the test failed.
+        try:
+            wait_for(lambda: _accepted(metrics_port), lambda n: n >= 20, 120, "accepted", ingress.tail)
+        except BaseException:
+            proc.kill()  # never left sending for minutes after the test
+            proc.communicate()
+            raise
         proc.send_signal(signal.SIGTERM)
         try:
             out, errs = proc.communicate(timeout=60)
