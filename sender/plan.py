@@ -203,26 +203,36 @@ class JsonlScan:
 
 
 @contextmanager
-def scan_jsonl(path: Path, skip_bad: bool, types: Sequence[EventType]) -> Iterator[JsonlScan]:
+def scan_jsonl(
+    path: Path, skip_bad: bool, types: Sequence[EventType], limit: int | None = None
+) -> Iterator[JsonlScan]:
     """Count the file's events of `types` and check every line, holding none of them: a bad line stops the
     run before anything is sent (BadLine) unless skipping. OSError when the file cannot be read.
 
     The events are read again as they are sent (`stream_jsonl`), from the file itself when it is a regular
     file. A stream (a pipe, /dev/stdin, process substitution) read a second time is empty, and the run
     sent nothing and said it succeeded: its events are copied as they are checked into a temporary file,
-    removed on exit."""
+    removed on exit.
+
+    With a `limit`, reading stops at that many events: nothing past them is sent, and a stream that does
+    not end (`--file <(yes ...) --count 10`) was read, and copied to disk, for as long as it went on."""
     if stat.S_ISREG(path.stat().st_mode):
         with path.open("rb") as fh:
-            yield _scan(fh, skip_bad, types, None, path)
+            yield _scan(fh, skip_bad, types, None, path, limit)
         return
     with tempfile.NamedTemporaryFile(prefix="sentpipe-send-", suffix=".jsonl") as copy, path.open("rb") as fh:
-        scan = _scan(fh, skip_bad, types, copy, Path(copy.name))
+        scan = _scan(fh, skip_bad, types, copy, Path(copy.name), limit)
         copy.flush()
         yield scan
 
 
 def _scan(
-    fh: BinaryIO, skip_bad: bool, types: Sequence[EventType], copy: IO[bytes] | None, path: Path
+    fh: BinaryIO,
+    skip_bad: bool,
+    types: Sequence[EventType],
+    copy: IO[bytes] | None,
+    path: Path,
+    limit: int | None,
 ) -> JsonlScan:
     events, skipped = 0, []
     for item in read_jsonl(_lines(fh), skip_bad):
@@ -232,6 +242,8 @@ def _scan(
             events += 1
             if copy is not None:
                 copy.write(item.body + b"\n")
+            if events == limit:
+                break
     return JsonlScan(events, skipped, path)
 
 

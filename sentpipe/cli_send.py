@@ -220,7 +220,7 @@ def _events(
     # --file without --type sends every line, unrouted ones too (the ingress's dead-letter path).
     wanted = chosen if types else tuple(EventType)
     try:
-        scan = files.enter_context(scan_jsonl(file, skip_bad, wanted))
+        scan = files.enter_context(scan_jsonl(file, skip_bad, wanted, count))
     except OSError as exc:
         fail(f"cannot read {file}: {exc.strerror or exc}")
     except ValueError as exc:  # a BadLine: its message starts with the line number

@@ -942,6 +942,36 @@ async def test_events_piped_in_are_sent_not_read_twice(stub: Stub) -> None:
     assert sorted(h.body for h in stub.hits) == sorted(lines)
 
 
+async def test_a_stream_that_does_not_end_is_read_only_up_to_count(stub: Stub) -> None:
+    """The whole stream was checked (and copied to disk) before anything was sent, `--count` or not: one
+    that does not end (`--file <(yes ...) --count 3`) was read until the disk was full, nothing ever sent."""
+    lines = [s.body for s in SampleFactory(12).mix(5)]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CLI_SCRIPT,
+        *("send", stub.url, "--file", "/dev/stdin", "--count", "3"),
+        cwd=REPO,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        # Never closed while the command runs: to it, the stream goes on.
+        proc.stdin.write(b"\n".join(lines) + b"\n")
+        await proc.stdin.drain()
+        await asyncio.wait_for(proc.wait(), 60)
+        out = await proc.stdout.read()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+    assert row(out.decode(), "accepted") == "3"
+    assert sorted(h.body for h in stub.hits) == sorted(lines[:3])
+
+
 def _files_in(where: Path) -> list[str]:
     return [p.name for p in where.iterdir()]
 
