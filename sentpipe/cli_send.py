@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import resource
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -127,6 +128,29 @@ def _check_target(target: str, secret: str) -> None:
         secret_key(secret)
     except ValueError as exc:
         fail(str(exc))
+
+
+# Descriptors the process holds besides the request sockets: the interpreter, the file, the terminal.
+RESERVED_FILES = 64
+
+
+def _open_files_for(concurrency: int, explicit: bool) -> int:
+    """The concurrency the open-file limit allows, the soft limit raised towards it first. Beyond the limit
+    every new connection failed with "Too many open files", counted as the receiver's "connection error"
+    and retried: `--rate`'s 1000 requests in flight passed the usual `ulimit -n` of 1024."""
+    needed = concurrency + RESERVED_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        soft = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return concurrency
+    if explicit or soft <= RESERVED_FILES:
+        fail(
+            f"--concurrency {concurrency} needs about {needed} open files, and this process may open {soft} "
+            "(ulimit -n): lower --concurrency or raise the limit"
+        )
+    return soft - RESERVED_FILES
 
 
 def _shape(text: str) -> ShapeChoice:
@@ -380,6 +404,9 @@ def send_command(
     signing_secret = _resolve_secret(secret, tenant, s)
     _check_target(target, signing_secret)
     mode = SigningMode.BAD_SIGNATURE if bad_signature else SigningMode.STALE if stale else SigningMode.VALID
+    in_flight = _open_files_for(
+        concurrency or (RATE_MODE_CONCURRENCY if rate else DEFAULT_CONCURRENCY), concurrency is not None
+    )
     # From before the file is read: a SIGTERM while a stream was copied ended the process where it stood,
     # its temporary copy left behind.
     with sigterm_as_ctrl_c(), ExitStack() as files:
@@ -399,7 +426,7 @@ def send_command(
                 signing_secret,
                 total=total,
                 schedule=schedule,
-                concurrency=concurrency or (RATE_MODE_CONCURRENCY if rate else DEFAULT_CONCURRENCY),
+                concurrency=in_flight,
                 rate=rate,
                 timeout_s=timeout,
                 mode=mode,

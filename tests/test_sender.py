@@ -8,6 +8,7 @@ import itertools
 import os
 import random
 import re
+import resource
 import signal
 import socket
 import ssl
@@ -970,6 +971,56 @@ async def test_a_stream_that_does_not_end_is_read_only_up_to_count(stub: Stub) -
     assert proc.returncode == 0
     assert row(out.decode(), "accepted") == "3"
     assert sorted(h.body for h in stub.hits) == sorted(lines[:3])
+
+
+def _open_files(soft: int, hard: int) -> Callable[[], None]:
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    return limit
+
+
+async def test_requests_in_flight_are_not_refused_by_the_open_file_limit(stub: Stub) -> None:
+    """Past `ulimit -n` every new connection failed with EMFILE, reported as the receiver's "connection
+    error": `--rate`'s 1000 in flight passed the usual 1024. The soft limit is raised as far as the hard one
+    lets it, and a `--concurrency` beyond even that is a one-line error."""
+    everyone_in = asyncio.Event()
+
+    async def when_all_in_flight(n: int) -> int:
+        if stub.in_flight >= 150:
+            everyone_in.set()
+        await everyone_in.wait()
+        return 200
+
+    stub.answer = when_all_in_flight
+    args = ("send", stub.url, "--count", "150", "--concurrency", "150", "--no-retry", "--seed", "3")
+
+    async def run(soft: int, hard: int) -> Ran:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            CLI_SCRIPT,
+            *args,
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=_open_files(soft, hard),
+        )
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 120)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode is not None
+        return Ran(proc.returncode, out.decode(), err.decode())
+
+    raised = await run(64, 4096)
+    assert raised.returncode == 0, raised
+    assert row(raised.stdout, "accepted") == "150"
+    refused = await run(64, 64)
+    assert "--concurrency 150" in one_line_error(refused) and "ulimit -n" in one_line_error(refused)
+    assert len(stub.hits) == 150
 
 
 def _files_in(where: Path) -> list[str]:
