@@ -353,7 +353,9 @@ def send_command(
     ] = False,
     stale: Annotated[
         bool,
-        typer.Option("--stale", help="Sign with an hour-old timestamp; success means every event rejected."),
+        typer.Option(
+            "--stale", help="Sign with a two-day-old timestamp; success means every event rejected."
+        ),
     ] = False,
     seed: Annotated[
         int | None,

@@ -1264,3 +1264,18 @@ def test_a_password_in_the_target_url_is_never_printed() -> None:
     with pytest.raises(Unreachable) as unreachable:
         asyncio.run(probe(f"http://alice:hunter2@127.0.0.1:{port}/webhooks/sent", 1.0))
     assert "hunter2" not in str(unreachable.value) and f"127.0.0.1:{port}" in str(unreachable.value)
+
+
+def test_stale_is_stale_for_the_widest_tolerance_the_ingress_takes() -> None:
+    """An hour old: an ingress with SENTPIPE_SIGNATURE_TOLERANCE_S above 3600 (up to a day) accepted every
+    `--stale` delivery, and the run failed for the sender's reason."""
+    from sentpipe.schemas.signature import SignatureError, Verifier
+
+    widest = Settings.model_fields["signature_tolerance_s"].metadata
+    tolerance = min(m.le for m in widest if getattr(m, "le", None) is not None)
+    now = 1_800_000_000.0
+    delivery = _plan(1)[1][0]
+    headers = Signer(SECRET, SigningMode.STALE, clock=lambda: now).headers(delivery)
+    with pytest.raises(SignatureError) as caught:
+        Verifier([SECRET], tolerance).verify(headers, delivery.body, now)
+    assert caught.value.reason.value == "stale_timestamp"
