@@ -304,7 +304,8 @@ def send_command(
         float | None,
         typer.Option(
             callback=per_second,
-            help=f"Pace first attempts at this many events per second ({MIN_RATE:g} to {MAX_RATE:g}).",
+            help=f"Pace first attempts at this many deliveries per second, duplicates included"
+            f" ({MIN_RATE:g} to {MAX_RATE:g}).",
         ),
     ] = None,
     concurrency: Annotated[
