@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from copy import copy
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -72,6 +73,21 @@ CLI_SCRIPT = (
     "    app.command('trigger')(trigger_command)\n"
     "main()\n"
 )
+
+
+async def sentpipe_process(*args: str, stdin: bool = False, **kwargs: Any) -> asyncio.subprocess.Process:
+    """`sentpipe ARGS` as a child process run from the repository, its output piped (its input too with
+    `stdin`); `kwargs` go to `asyncio.create_subprocess_exec` (env, preexec_fn, another stdout)."""
+    pipes = {"stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.PIPE}
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        CLI_SCRIPT,
+        *args,
+        cwd=REPO,
+        stdin=asyncio.subprocess.PIPE if stdin else None,
+        **{**pipes, **kwargs},
+    )
 
 
 def _standard_headers(headers: dict[str, str]) -> dict[str, str]:
@@ -669,15 +685,9 @@ class Ran:
 
 async def cli(*args: str, env: dict[str, str] | None = None) -> Ran:
     """The CLI in a subprocess without blocking the loop, so in-process servers keep answering."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CLI_SCRIPT,
+    proc = await sentpipe_process(
         *args,
-        cwd=REPO,
         env={**os.environ, **(env or {})},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), 120)
@@ -926,15 +936,9 @@ async def test_events_piped_in_are_sent_not_read_twice(stub: Stub) -> None:
     """`--file /dev/stdin` (a pipe, process substitution): the file is checked whole and then read again
     to send it, and a pipe read again is empty. The run sent nothing and exited 0."""
     lines = [s.body for s in SampleFactory(10).mix(12)]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CLI_SCRIPT,
+    proc = await sentpipe_process(
         *("send", stub.url, "--file", "/dev/stdin", "--on-bad-line", "skip"),
-        cwd=REPO,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stdin=True,
     )
     out, err = await asyncio.wait_for(proc.communicate(b"\n".join([*lines, b"{oops"]) + b"\n"), 120)
     assert proc.returncode == 0, err
@@ -947,15 +951,9 @@ async def test_a_stream_that_does_not_end_is_read_only_up_to_count(stub: Stub) -
     """The whole stream was checked (and copied to disk) before anything was sent, `--count` or not: one
     that does not end (`--file <(yes ...) --count 3`) was read until the disk was full, nothing ever sent."""
     lines = [s.body for s in SampleFactory(12).mix(5)]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CLI_SCRIPT,
+    proc = await sentpipe_process(
         *("send", stub.url, "--file", "/dev/stdin", "--count", "3"),
-        cwd=REPO,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stdin=True,
     )
     assert proc.stdin is not None and proc.stdout is not None
     try:
@@ -996,14 +994,8 @@ async def test_requests_in_flight_are_not_refused_by_the_open_file_limit(stub: S
     args = ("send", stub.url, "--count", "150", "--concurrency", "150", "--no-retry", "--seed", "3")
 
     async def run(soft: int, hard: int) -> Ran:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            CLI_SCRIPT,
+        proc = await sentpipe_process(
             *args,
-            cwd=REPO,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
             preexec_fn=_open_files(soft, hard),
         )
         try:
@@ -1032,16 +1024,10 @@ async def test_a_sigterm_while_a_stream_is_checked_stops_as_ctrl_c_and_removes_i
 ) -> None:
     """SIGTERM was turned into Ctrl-C only once sending began: while the events of a stream were still being
     checked (and copied), it ended the process where it stood, status 143, its copy left in $TMPDIR."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CLI_SCRIPT,
+    proc = await sentpipe_process(
         *("send", stub.url, "--file", "/dev/stdin"),
-        cwd=REPO,
         env={**os.environ, "TMPDIR": str(tmp_path)},
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stdin=True,
     )
     assert proc.stdin is not None
     try:
@@ -1102,14 +1088,8 @@ async def test_a_tenant_without_a_secret_or_an_empty_option_is_refused_not_signe
 
 async def test_ctrl_c_ends_a_send_with_status_130_and_says_so(stub: Stub) -> None:
     """Typer returns 130 for Ctrl-C outside standalone mode; `sentpipe` used to drop it and exit 0."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CLI_SCRIPT,
+    proc = await sentpipe_process(
         *("send", stub.url, "--rate", "2", "--count", "100", "--seed", "1"),
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
     # The first delivery shows the run is under way; the second, that the first's answer is in.
     for _ in range(600):
@@ -1136,14 +1116,8 @@ async def test_an_interrupted_send_counts_every_delivery_sent_in_one_row(stub: S
 
     # Three accepted, the fourth answered 503 and waiting for its retry, the fifth in flight.
     stub.answer = lambda n: 200 if n <= 3 else 503 if n == 4 else never_before_release()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CLI_SCRIPT,
+    proc = await sentpipe_process(
         *("send", stub.url, "--count", "20", "--seed", "2", "--concurrency", "1", "--retry-schedule", "60"),
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
     try:
         for _ in range(600):
@@ -1219,10 +1193,7 @@ def rss_mb(pid: int) -> float:
 async def test_a_long_run_starts_sending_at_once_with_progress_and_bounded_memory(stub: Stub) -> None:
     """`--count` at its ceiling: sending and the progress bar start within seconds and memory stays flat
     (every event made first, this took half a minute and gigabytes before the first request)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        CLI_SCRIPT,
+    proc = await sentpipe_process(
         "send",
         stub.url,
         "--count",
@@ -1232,10 +1203,8 @@ async def test_a_long_run_starts_sending_at_once_with_progress_and_bounded_memor
         "--shuffle",
         "--concurrency",
         "32",
-        cwd=REPO,
         env={**os.environ, "TTY_COMPATIBLE": "1", "COLUMNS": "200"},  # progress as on a terminal
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
     )
     try:
         t0 = time.monotonic()
