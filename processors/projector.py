@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -23,6 +24,7 @@ from sentpipe.broker import (
     Partition,
     Record,
     RecordProducer,
+    Waiting,
     first_offsets,
     next_offsets,
 )
@@ -142,7 +144,7 @@ class Projector:
         # Polls and commits wait in a thread of their own: in the default executor, the threads of a few
         # handlers' `asyncio.to_thread` calls that hang would leave no thread to poll or commit with.
         self._consumer_thread = ConsumerThread("sentpipe-projector-consumer")
-        self._lag_read: asyncio.Future[dict[Partition, int]] | None = None
+        self._lag_read: asyncio.Future[dict[Partition, Waiting]] | None = None
         self._left_behind = False  # a commit given up on while stopping: the consumer's thread still waits
         self._lags: list[tuple[str, float]] = []  # (type, end-to-end lag) of the batch in hand
 
@@ -209,10 +211,11 @@ class Projector:
         self.started = self.consumer.joined
         self._in_hand = records
         if self.watchdog is not None:
+            self.watchdog.waiting_at(first_offsets(records))
             lag = await self._lag()
             if lag is not None:
-                self.watchdog.lag(lag)
-            self.watchdog.waiting_at(first_offsets(records))
+                self.watchdog.lag({where: w.records for where, w in lag.items()})
+                self.watchdog.waiting_at({where: w.at for where, w in lag.items()})
         if not records:
             return 0
         try:
@@ -470,7 +473,7 @@ class Projector:
                     outcome = "failed" if (rec.topic, rec.partition, rec.offset) in failed else "applied"
                     m.REPLAY_EVENTS.labels(mode, outcome).inc()
 
-    async def _lag(self) -> dict[Partition, int] | None:
+    async def _lag(self) -> dict[Partition, Waiting] | None:
         """Read in the consumer's thread: on the loop, librdkafka's position() waited behind a commit that
         waited for a frozen broker, and the process stopped answering its probes. One read at a time, and
         none waited for past `lag_every_s`: the stall shows in the watchdog, not as a hung loop."""
@@ -482,9 +485,13 @@ class Projector:
             lag = await asyncio.wait_for(asyncio.shield(read), self.t.lag_every_s)
         except Exception:  # lag is best effort: a partition being reassigned has none, a busy thread later
             return None
-        for rec in self._in_hand:
-            where = (rec.topic, rec.partition)
-            lag[where] = lag.get(where, 0) + 1
+        in_hand = Counter((rec.topic, rec.partition) for rec in self._in_hand)
+        for where, first in first_offsets(self._in_hand).items():
+            # The consumer's position is past the batch in hand (unless rewound to it), which waits until
+            # it commits.
+            known = lag.get(where)
+            if known is None or known.at > first:
+                lag[where] = Waiting(first, in_hand[where] + (known.records if known else 0))
         return lag
 
     async def _export_lag_forever(self) -> None:
@@ -499,8 +506,8 @@ class Projector:
                 continue
             for topic, partition in self._lag_series - lag.keys():  # moved to another worker
                 m.CONSUMER_LAG.remove(topic, str(partition))
-            for (topic, partition), n in lag.items():
-                m.CONSUMER_LAG.labels(topic, str(partition)).set(n)
+            for (topic, partition), waiting in lag.items():
+                m.CONSUMER_LAG.labels(topic, str(partition)).set(waiting.records)
             self._lag_series = set(lag)
 
 

@@ -43,6 +43,13 @@ class ProduceRejected(Exception):
         return self.reason not in RECORD_REFUSED
 
 
+class Waiting(NamedTuple):
+    """Records waiting in a partition, and the offset the next read of it starts from."""
+
+    at: int
+    records: int
+
+
 class Delivered(NamedTuple):
     """Where the broker put an acknowledged record. (A tuple: one per record the ingress stores; a frozen
     dataclass costs three times as much to build.)"""
@@ -110,8 +117,9 @@ class BatchConsumer(Protocol):
         left alone: their new owner reads from the last commit."""
         ...
 
-    def lag(self) -> dict[Partition, int]:
-        """Records between the position and the end of each assigned partition (best effort)."""
+    def lag(self) -> dict[Partition, Waiting]:
+        """Per assigned partition, where the next read starts and the records from there to the end (best
+        effort). A partition rewound counts from where it was rewound to."""
         ...
 
     def close(self) -> None: ...
@@ -245,13 +253,13 @@ class LocalConsumer:
                 where = (rec.topic, rec.partition)
                 self.position[where] = min(self.position.get(where, rec.offset), rec.offset)
 
-    def lag(self) -> dict[Partition, int]:
+    def lag(self) -> dict[Partition, Waiting]:
         with self.broker._lock:
-            return {
-                w: len(self.broker.topics[w[0]].partitions[w[1]])
-                - self.position.get(w, self.broker.committed.get((self.group, w), 0))
-                for w in self._assigned()
-            }
+            out = {}
+            for w in self._assigned():
+                at = self.position.get(w, self.broker.committed.get((self.group, w), 0))
+                out[w] = Waiting(at, len(self.broker.topics[w[0]].partitions[w[1]]) - at)
+            return out
 
     def close(self) -> None:
         self.position.clear()

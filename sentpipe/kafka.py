@@ -61,6 +61,7 @@ from sentpipe.broker import (
     Partition,
     ProduceRejected,
     Record,
+    Waiting,
     failed_future,
     first_offsets,
 )
@@ -1099,7 +1100,10 @@ class BatchConsumer:
         self.joined = False  # set by the first assignment, an empty one included
         # Per assigned partition not read from yet: the group's commit at the assignment (lag()).
         self._resumes_at: dict[Partition, int] = {}
-        self._unread_lag: dict[Partition, int] = {}
+        self._unread_lag: dict[Partition, Waiting] = {}
+        # Where rewind() sought each partition: librdkafka has no position for it until the next record is
+        # consumed, and lag() lost the partition (or counted it from a stale answer) after every rewind.
+        self._sought: dict[Partition, int] = {}
         self._unread_asked_at = -math.inf
         self.on_revoke: list[Callable[[set[Partition]], None]] = []
         self._consumer.subscribe(list(topics), on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -1115,6 +1119,7 @@ class BatchConsumer:
         self._assigned = self._assigned - gone
         for where in gone:
             self._resumes_at.pop(where, None)  # assigned again, the group's commit has moved
+            self._sought.pop(where, None)
         for cb in self.on_revoke:
             cb(gone)
 
@@ -1150,19 +1155,23 @@ class BatchConsumer:
                 self._consumer.seek(confluent_kafka.TopicPartition(topic, partition, offset))
             except KafkaException as exc:  # revoked in between: the new owner reads from the commit
                 log.warning("could not rewind %s[%d] to %d: %s", topic, partition, offset, exc)
+            else:
+                self._sought = {**self._sought, (topic, partition): offset}
 
-    def lag(self) -> dict[Partition, int]:
+    def lag(self) -> dict[Partition, Waiting]:
         """Records waiting per assigned partition. One not read from since its assignment has no position
         and no cached watermarks: it counts from where the group resumes it (its commit, asked once per
         assignment, or the log's start), against the broker's end offset. Left out, it was on no dashboard
         and no stall, however long its records waited (scale audit)."""
-        out: dict[Partition, int] = {}
+        out: dict[Partition, Waiting] = {}
         unread: list[confluent_kafka.TopicPartition] = []
         tps = [confluent_kafka.TopicPartition(t, p) for t, p in self._assigned]
         for tp in self._consumer.position(tps) if tps else []:
+            where = (tp.topic, tp.partition)
+            at = tp.offset if tp.offset >= 0 else self._sought.get(where, -1)
             _, high = self._consumer.get_watermark_offsets(tp, cached=True)
-            if tp.offset >= 0 and high >= 0:
-                out[(tp.topic, tp.partition)] = max(0, high - tp.offset)
+            if at >= 0 and high >= 0:
+                out[where] = Waiting(at, max(0, high - at))
             else:
                 unread.append(tp)
         now = time.monotonic()
@@ -1176,8 +1185,8 @@ class BatchConsumer:
                 out[where] = self._unread_lag[where]
         return out
 
-    def _ask_lag(self, unread: list[confluent_kafka.TopicPartition]) -> dict[Partition, int]:
-        out: dict[Partition, int] = {}
+    def _ask_lag(self, unread: list[confluent_kafka.TopicPartition]) -> dict[Partition, Waiting]:
+        out: dict[Partition, Waiting] = {}
         try:
             asked = [
                 tp for tp in unread if tp.offset < 0 and (tp.topic, tp.partition) not in self._resumes_at
@@ -1187,7 +1196,8 @@ class BatchConsumer:
             for tp in unread:
                 low, high = self._consumer.get_watermark_offsets(tp, timeout=LAG_ASK_TIMEOUT_S)
                 at = tp.offset if tp.offset >= 0 else self._resumes_at.get((tp.topic, tp.partition), -1)
-                out[(tp.topic, tp.partition)] = max(0, high - max(at, low))
+                at = max(at, low)
+                out[(tp.topic, tp.partition)] = Waiting(at, max(0, high - at))
         except KafkaException:
             pass  # best effort: the broker slow or away; asked again next time
         return out

@@ -149,7 +149,30 @@ async def test_lag_covers_every_assigned_partition_read_from_or_not(backend: Bac
         got = consumer.poll_batch(1, 0.5)  # one record: one partition read from, the others not
     lag = consumer.lag()
     assert set(lag) == {(backend.topic, p) for p in range(PARTITIONS)}, lag
-    assert sum(lag.values()) == 30 - len(done) - len(got), lag
+    assert sum(w.records for w in lag.values()) == 30 - len(done) - len(got), lag
+    read = (got[0].topic, got[0].partition)
+    assert lag[read].at == got[-1].offset + 1, lag
+    committed = next_offsets(done)
+    for where, waiting in lag.items():
+        if where != read:
+            assert waiting.at == committed.get(where, 0), lag  # where the group resumes it
+
+
+async def test_lag_counts_a_rewound_partition_from_where_it_was_rewound_to(backend: Backend) -> None:
+    """librdkafka has no position after a seek until a record is read again: the projector's watchdog lost
+    the partition's offset, and a stall after a rewound batch said "stuck at start"."""
+    producer = backend.producer()
+    await produce_all(producer, backend.topic, [(f"k{i}".encode(), f"v{i}".encode()) for i in range(30)])
+    consumer = backend.consumer(f"g-{uuid.uuid4().hex}")
+    records = poll_until(consumer, 30)
+    again = [r for r in records if r.offset >= 1]
+    consumer.rewind(again)
+    ends = next_offsets(records)
+    for _ in range(2):  # the second read is answered from what the first learned
+        lag = consumer.lag()
+        assert set(lag) == {(backend.topic, p) for p in range(PARTITIONS)}, lag
+        for where, waiting in lag.items():
+            assert waiting.at == 1 and waiting.records == ends[where] - 1, lag
 
 
 async def test_an_empty_poll_returns_nothing_after_the_timeout(backend: Backend) -> None:
