@@ -32,7 +32,7 @@ from sentpipe.processors.blocked_handlers import CallKey
 from sentpipe.processors.consumer_thread import ConsumerThread
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
 from sentpipe.processors.retry import UNKNOWN_ATTEMPTS, backoff, classify, is_temporary, retrying
-from sentpipe.processors.sink import HandlerFailure, HandlersHeld
+from sentpipe.processors.sink import HandlerFailure, TypeHeld
 from sentpipe.processors.watchdog import Watchdog
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import ROUTED_TYPES, CanonicalEvent, EventType, check_payload
@@ -147,6 +147,16 @@ class Projector:
         self._lag_read: asyncio.Future[dict[Partition, Waiting]] | None = None
         self._left_behind = False  # a commit given up on while stopping: the consumer's thread still waits
         self._lags: list[tuple[str, float]] = []  # (type, end-to-end lag) of the batch in hand
+        # The partitions of a held type, paused until their records are read again (monotonic time), so
+        # that the other types are polled on at full speed meanwhile; and the holds in a row, whose backoff
+        # sets that time.
+        self._paused: dict[Partition, float] = {}
+        self._holds = 0
+
+    @property
+    def held(self) -> frozenset[Partition]:
+        """Partitions of a held type, paused until their records are read again."""
+        return frozenset(self._paused)
 
     def stop(self) -> None:
         self.stopping = True
@@ -168,6 +178,9 @@ class Projector:
                     failures = 0
                 except CommitStuck:
                     raise  # no retry on this client helps
+                except TypeHeld:
+                    # Its partitions are paused for the backoff (`_hold`); the other types go on at once.
+                    failures = 0
                 except Exception as exc:
                     if self.stopping:  # read again by whoever owns its partitions next
                         log.warning("stopped with a batch uncommitted (%s: %s)", type(exc).__name__, exc)
@@ -202,7 +215,9 @@ class Projector:
             self._consumer_thread.close()
 
     async def step(self) -> int:
-        """One batch: returns how many records it consumed (0 when the poll timed out)."""
+        """One batch: returns how many records it consumed (0 when the poll timed out). Raises TypeHeld
+        when a type of the batch was held (its partitions paused, the other types committed)."""
+        await self._resume_due()
         records = await self._consumer_thread.call(
             self.consumer.poll_batch, self.t.batch_size, self.t.within_s
         )
@@ -260,12 +275,12 @@ class Projector:
                 dead.append(_dead(rec, "project", "bad_canonical_event", f"{type(exc).__name__}: {exc}"))
                 continue
             by_type.setdefault(type_, []).append((rec, event))
-        held: HandlersHeld | None = None
+        held: TypeHeld | None = None
         held_topics: set[str] = set()
         for type_, items in by_type.items():
             try:
                 await self._apply(type_, items, dead)
-            except HandlersHeld as exc:
+            except TypeHeld as exc:
                 # Only this type's records wait (each type has its own topic). Rewound whole, the batch
                 # was read again round after round while the lock lasted, and the other types' handlers,
                 # their transactions committed, were called again each round.
@@ -275,6 +290,7 @@ class Projector:
             records = [rec for rec in records if rec.topic not in held_topics]
             dead = [d for d in dead if d.origin[0] not in held_topics]
             if not records:
+                await self._hold(held, held_topics)
                 raise held
         await send_dead_letters(
             self.producer,
@@ -288,6 +304,9 @@ class Projector:
         committed = await self._commit(done)
         if held is not None:
             self._in_hand = [rec for rec in self._in_hand if rec.topic in held_topics]
+            await self._hold(held, held_topics)
+        elif not self._paused:
+            self._holds = 0
         self._after_commit(committed)
         self._calls_ended.clear()
         self._rewound = False
@@ -298,6 +317,37 @@ class Projector:
         if held is not None:
             raise held  # the held type's records are rewound and read again, with what has arrived since
         return len(records)
+
+    async def _hold(self, held: TypeHeld, topics: set[str]) -> None:
+        """The held type's partitions of the batch in hand are paused for a backoff (rewound by `step`): the
+        run loop slept that backoff before the next poll, and every other type of the stage waited with the
+        held one, a batch per backoff (up to `retry_max_s`) for as long as the hold lasted."""
+        self._holds += 1
+        # Never less than the first retry's wait: full jitter's zero read the held records again at once.
+        delay = max(self.t.retry_initial_s, backoff(self._holds, self.t.retry_initial_s, self.t.retry_max_s))
+        partitions = {(rec.topic, rec.partition) for rec in self._in_hand}
+        await self._consumer_thread.call(self.consumer.pause, partitions)
+        until = time.monotonic() + delay
+        for where in partitions:
+            self._paused[where] = until
+        m.RETRIES.labels("project").inc()
+        log.warning(
+            "%s held (%s: %s); read again in %.1f s, the other topics go on",
+            ", ".join(sorted(topics)),
+            type(held).__name__,
+            held,
+            delay,
+        )
+
+    async def _resume_due(self) -> None:
+        if not self._paused:
+            return
+        now = time.monotonic()
+        due = [where for where, until in self._paused.items() if until <= now]
+        if due:
+            await self._consumer_thread.call(self.consumer.resume, due)
+            for where in due:
+                del self._paused[where]
 
     def _after_commit(self, committed: bool) -> None:
         """Settle what the batch applied, once its offsets are stored; a commit dropped (the partitions
@@ -422,7 +472,7 @@ class Projector:
                 should_stop=self._should_stop,
                 unknown_attempts=unknown_attempts,
             )
-        except HandlersHeld:
+        except TypeHeld:
             raise  # this type's records are rewound and read again, with whatever has arrived since
         except Exception as exc:
             # Temporary: only when stopping. Stopping, a record is not judged on an attempt the stop cut

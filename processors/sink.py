@@ -39,16 +39,22 @@ class HandlerFailure:
     error: Exception
 
 
-class ProjectionUnusable(RetryableError):
+class TypeHeld(Exception):
+    """One event type's batch cannot be applied now, through no fault of its events nor of the database as a
+    whole: that type's records are rolled back and read again (after a backoff, for as long as it lasts),
+    while the other types of the batch are committed and go on."""
+
+
+class ProjectionUnusable(TypeHeld):
     """The projection's own SQL was refused with SQLSTATE class 42 (a table dropped or renamed, a column
     renamed, a privilege revoked, the ON CONFLICT index gone), or with 23502 for a NOT NULL column it does
     not write that nothing fills (a column added without a default). That SQL is fixed and every value is a
-    bound parameter, so no record can cause it: a failure of the whole, held (retried forever) until the
-    schema is repaired, where the same error as a record's would dead-letter every event. A statement a
-    trigger builds per row with EXECUTE is not that SQL (`_built_per_row`)."""
+    bound parameter, so no record can cause it: the type is held until the schema is repaired, where the
+    same error as a record's would dead-letter every event. Retried in place, it held every other type of
+    the batch too. A statement a trigger builds per row with EXECUTE is not that SQL (`_built_per_row`)."""
 
 
-class HandlersHeld(Exception):
+class HandlersHeld(TypeHeld):
     """Two calls of a handler timed out before any succeeded: a lock or a database too slow for anyone
     looks the same as events of its own, so the batch is rolled back and read again, not dead-lettered."""
 

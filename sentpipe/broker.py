@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -117,6 +117,15 @@ class BatchConsumer(Protocol):
         left alone: their new owner reads from the last commit."""
         ...
 
+    def pause(self, partitions: Iterable[Partition]) -> None:
+        """Read nothing more from these partitions (those assigned) until resume(); other partitions go on.
+        A partition taken away by a rebalance forgets its pause."""
+        ...
+
+    def resume(self, partitions: Iterable[Partition]) -> None:
+        """Read these partitions again, from their position (a rewind's offset, when rewound)."""
+        ...
+
     def lag(self) -> dict[Partition, Waiting]:
         """Per assigned partition, where the next read starts and the records from there to the end (best
         effort). A partition rewound counts from where it was rewound to."""
@@ -210,6 +219,7 @@ class LocalConsumer:
     def __init__(self, broker: LocalBroker, group: str, topics: tuple[str, ...]) -> None:
         self.broker, self.group, self.topics = broker, group, topics
         self.position: dict[Partition, int] = {}
+        self.paused: set[Partition] = set()
         self.joined = True  # the only member: nothing to wait for
 
     def _assigned(self) -> list[Partition]:
@@ -223,6 +233,8 @@ class LocalConsumer:
     def _take(self, max_records: int) -> list[Record]:
         out: list[Record] = []
         for where in self._assigned():
+            if where in self.paused:
+                continue
             pos = self.position.setdefault(where, self.broker.committed.get((self.group, where), 0))
             part = self.broker.topics[where[0]].partitions[where[1]]
             chunk = part[pos : pos + max_records - len(out)]
@@ -252,6 +264,15 @@ class LocalConsumer:
             for rec in records:
                 where = (rec.topic, rec.partition)
                 self.position[where] = min(self.position.get(where, rec.offset), rec.offset)
+
+    def pause(self, partitions: Iterable[Partition]) -> None:
+        with self.broker._lock:
+            self.paused |= set(partitions) & set(self._assigned())
+
+    def resume(self, partitions: Iterable[Partition]) -> None:
+        with self.broker._lock:
+            self.paused -= set(partitions)
+            self.broker._lock.notify_all()
 
     def lag(self) -> dict[Partition, Waiting]:
         with self.broker._lock:

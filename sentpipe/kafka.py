@@ -45,7 +45,7 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -1113,6 +1113,13 @@ class BatchConsumer:
     def _on_assign(self, _c: Any, tps: list[confluent_kafka.TopicPartition]) -> None:
         self._assigned = self._assigned | {(tp.topic, tp.partition) for tp in tps}
         self.joined = True
+        # librdkafka keeps a partition's pause through a rebalance that takes it away and gives it back, and
+        # whoever paused it need not know of the rebalance: paused still, it was read by no one again.
+        if tps:
+            try:
+                self._consumer.resume(tps)
+            except KafkaException as exc:
+                log.warning("could not resume the partitions assigned: %s", exc)
 
     def _on_revoke(self, _c: Any, tps: list[confluent_kafka.TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in tps}
@@ -1157,6 +1164,25 @@ class BatchConsumer:
                 log.warning("could not rewind %s[%d] to %d: %s", topic, partition, offset, exc)
             else:
                 self._sought = {**self._sought, (topic, partition): offset}
+
+    def pause(self, partitions: Iterable[Partition]) -> None:
+        self._pause_or_resume(self._consumer.pause, partitions)
+
+    def resume(self, partitions: Iterable[Partition]) -> None:
+        self._pause_or_resume(self._consumer.resume, partitions)
+
+    def _pause_or_resume(
+        self, call: Callable[[list[confluent_kafka.TopicPartition]], None], partitions: Iterable[Partition]
+    ) -> None:
+        tps = [confluent_kafka.TopicPartition(t, p) for t, p in partitions if (t, p) in self._assigned]
+        if not tps:
+            return
+        try:
+            call(tps)
+        except KafkaException as exc:  # revoked in between: the new owner reads them, unpaused
+            log.warning(
+                "could not pause or resume %s: %s", sorted((tp.topic, tp.partition) for tp in tps), exc
+            )
 
     def lag(self) -> dict[Partition, Waiting]:
         """Records waiting per assigned partition. One not read from since its assignment has no position

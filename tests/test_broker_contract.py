@@ -175,6 +175,70 @@ async def test_lag_counts_a_rewound_partition_from_where_it_was_rewound_to(backe
             assert waiting.at == 1 and waiting.records == ends[where] - 1, lag
 
 
+async def test_a_paused_partition_is_read_again_from_its_rewind_once_resumed(backend: Backend) -> None:
+    """A held type's partitions are paused (the projector) while the other partitions are read on."""
+    producer = backend.producer()
+    await produce_all(producer, backend.topic, [(f"k{i}".encode(), f"v{i}".encode()) for i in range(30)])
+    consumer = backend.consumer(f"g-{uuid.uuid4().hex}")
+    records = poll_until(consumer, 30)
+    held = (backend.topic, records[0].partition)
+    consumer.pause([held])  # then rewound, as the projector does
+    consumer.rewind([r for r in records if (r.topic, r.partition) == held])
+    more = await produce_all(producer, backend.topic, [(f"n{i}".encode(), b"more") for i in range(30)])
+    others = sum(1 for d in more if d.partition != held[1])  # type: ignore[attr-defined]
+    polled = poll_until(consumer, others)
+    assert all((r.topic, r.partition) != held for r in polled)
+    assert consumer.poll_batch(100, 1.0) == []  # nothing more while paused
+    consumer.resume([held])
+    in_held = sum(1 for r in records if (r.topic, r.partition) == held) + len(more) - others
+    again = poll_until(consumer, in_held)
+    assert {(r.topic, r.partition) for r in again} == {held}
+    assert sorted(r.offset for r in again) == list(range(in_held))
+
+
+def test_a_pause_is_forgotten_when_a_rebalance_takes_the_partition_away(services: Services) -> None:
+    """librdkafka kept the pause of a partition taken away and given back by a rebalance: whoever paused
+    it need not know of the rebalance, and paused still, its records waited for good."""
+    s = Settings(kafka_bootstrap=services.kafka_bootstrap)
+    topic = f"contract-{uuid.uuid4().hex[:10]}"
+    admin = admin_client(s)
+    admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result(timeout=30)
+    wait_topics_ready(services.kafka_bootstrap, [topic])
+    everything = {(topic, p) for p in range(PARTITIONS)}
+    group = f"g-{uuid.uuid4().hex}"
+    first = KafkaBatchConsumer(s, group, [topic])
+    try:
+        _poll_while(first, lambda: not first.joined)
+        first.pause(everything)
+        second = KafkaBatchConsumer(s, group, [topic])
+        try:
+            _poll_while(first, lambda: not second.joined or len(first._assigned) == PARTITIONS, second)
+        finally:
+            second.close()
+        _poll_while(first, lambda: first._assigned != everything)
+        producer = confluent_kafka.Producer(producer_config(s))
+        for p in range(PARTITIONS):
+            producer.produce(topic, b"v", key=f"k{p}".encode(), partition=p)
+        assert producer.flush(30) == 0
+        got = poll_until(first, PARTITIONS)
+        assert {(r.topic, r.partition) for r in got} == everything
+    finally:
+        first.close()
+        admin.delete_topics([topic])
+
+
+def _poll_while(
+    consumer: KafkaBatchConsumer, waiting: object, other: KafkaBatchConsumer | None = None
+) -> None:
+    """Poll (both members) while `waiting()`: rebalances happen inside polls."""
+    deadline = time.monotonic() + 60
+    while waiting() and time.monotonic() < deadline:  # type: ignore[operator]
+        consumer.poll_batch(10, 0.2)
+        if other is not None:
+            other.poll_batch(10, 0.2)
+    assert not waiting(), "the group did not settle in 60 s"  # type: ignore[operator]
+
+
 async def test_an_empty_poll_returns_nothing_after_the_timeout(backend: Backend) -> None:
     consumer = backend.consumer(f"g-{uuid.uuid4().hex}")
     assert consumer.poll_batch(10, 0.3) == []

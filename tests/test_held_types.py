@@ -4,12 +4,14 @@ applied again (their handlers were called once per held round) and do not wait f
 from __future__ import annotations
 
 import asyncio
+import time
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from sentpipe.processors.handlers import HandlerContext
-from sentpipe.processors.sink import HandlersHeld
+from sentpipe.processors.projector import Projector, Tuning
+from sentpipe.processors.sink import HandlersHeld, PostgresSink
 from sentpipe.schemas.events import CanonicalEvent
 from sentpipe.schemas.samples import SampleFactory
 from tests.test_handlers_hostile import INBOUND, STEP_BOUND_S, TOPICS, Stage, inbound_body, ordered
@@ -68,3 +70,48 @@ async def test_a_batch_held_for_one_types_handlers_calls_the_others_once(ordered
     assert ordered.projected() == {ordered.ids[b] for b in inbounds}
     with psycopg.connect(ordered.db) as c:
         assert c.execute("SELECT count(*) FROM message_status").fetchone() == (3,)
+
+
+async def test_a_held_type_waits_alone_while_the_other_types_are_read_on(ordered: Stage) -> None:
+    """A held type's partitions are paused for the backoff. The run loop slept that backoff instead, and
+    every other type waited with the held one: a batch per backoff, for as long as the hold lasted."""
+    f = SampleFactory(43)
+    with psycopg.connect(ordered.db, autocommit=True) as c:
+        c.execute("ALTER TABLE template_status RENAME TO template_status_away")  # held till it is back
+    ordered.add([f.template(f"t{i}", "APPROVED").body for i in range(2)])
+    statuses = [f.message_status(f"m{i}", "delivered").body for i in range(3)]
+    ordered.add(statuses)
+    pool = AsyncConnectionPool(ordered.db, min_size=1, max_size=2, open=False)
+    await pool.open()
+    slow = Tuning(batch_size=100, within_s=0.01, retry_initial_s=3600, retry_max_s=3600)
+    projector = Projector(
+        ordered.broker.consumer("g", TOPICS.routed),
+        ordered.broker.producer(),
+        PostgresSink(pool, ordered.handlers),
+        TOPICS,
+        slow,
+    )
+    running = asyncio.create_task(projector.run())
+
+    async def committed(topic: str, n: int) -> None:
+        deadline = time.monotonic() + STEP_BOUND_S
+        while ordered.broker.committed.get(("g", (topic, 0)), 0) < n and time.monotonic() < deadline:
+            assert not running.done(), running
+            await asyncio.sleep(0.05)
+        assert ordered.broker.committed.get(("g", (topic, 0)), 0) == n
+
+    try:
+        await committed(TOPICS.message_status, 3)
+        assert projector.held == {(TOPICS.template_approval, 0)}
+        statuses += [f.message_status(f"m{i}", "delivered").body for i in range(3, 6)]
+        ordered.add(statuses[3:])
+        await committed(TOPICS.message_status, 6)  # an hour before the held type is read again
+        assert projector.held == {(TOPICS.template_approval, 0)}
+        assert ordered.broker.committed.get(("g", (TOPICS.template_approval, 0)), 0) == 0
+    finally:
+        projector.stop()
+        await asyncio.wait_for(running, STEP_BOUND_S)
+        await pool.close()
+    with psycopg.connect(ordered.db) as c:
+        assert c.execute("SELECT count(*) FROM message_events").fetchone() == (6,)
+        assert c.execute("SELECT count(*) FROM template_events").fetchone() == (0,)
