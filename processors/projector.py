@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from sentpipe import metrics as m
 from sentpipe.broker import (
+    MAX_POLL_INTERVAL_S,
     BatchConsumer,
     CommitRejected,
     Partition,
@@ -79,6 +80,8 @@ class Tuning:
     # How long a commit may go unanswered while the broker answers everything else (its producer's probe)
     # before the client is given up on: see CommitStuck.
     commit_stuck_s: float = 60.0
+    # The consumer's: a batch that takes longer is dropped with its member (see `_fit_batches`).
+    max_poll_interval_s: float = MAX_POLL_INTERVAL_S
 
 
 class CommitStuck(Exception):
@@ -152,6 +155,9 @@ class Projector:
         # sets that time.
         self._paused: dict[Partition, float] = {}
         self._holds = 0
+        # Records a poll may return: `batch_size`, or fewer while batches take too long (`_fit_batches`).
+        self.batch_limit = self.t.batch_size
+        self._polled_at = 0.0
 
     @property
     def held(self) -> frozenset[Partition]:
@@ -219,8 +225,9 @@ class Projector:
         when a type of the batch was held (its partitions paused, the other types committed)."""
         await self._resume_due()
         records = await self._consumer_thread.call(
-            self.consumer.poll_batch, self.t.batch_size, self.t.within_s
+            self.consumer.poll_batch, self.batch_limit, self.t.within_s
         )
+        self._polled_at = time.monotonic()
         # A poll returns after `within_s` (20 ms) whether the group is joined or not: /readyz said ready
         # before the projector had its partitions.
         self.started = self.consumer.joined
@@ -302,6 +309,7 @@ class Projector:
         )
         done = next_offsets(records)
         committed = await self._commit(done)
+        self._fit_batches(len(self._in_hand), time.monotonic() - self._polled_at)
         if held is not None:
             self._in_hand = [rec for rec in self._in_hand if rec.topic in held_topics]
             await self._hold(held, held_topics)
@@ -317,6 +325,26 @@ class Projector:
         if held is not None:
             raise held  # the held type's records are rewound and read again, with what has arrived since
         return len(records)
+
+    def _fit_batches(self, polled: int, took_s: float) -> None:
+        """Keep a batch well within the consumer's poll interval. Past it, the group drops this member, the
+        batch's commit is refused, and the same batch is read again, as slow again, forever: 500 records of
+        a handler that calls an API taking 0.7 s each. Cut to a quarter of the interval's worth, a batch
+        grows back (doubling) once batches take less than a sixteenth of it."""
+        budget = self.t.max_poll_interval_s
+        if took_s > budget / 2 and polled > 1:
+            limit = max(1, min(polled // 2, int(polled * budget / 4 / took_s)))
+            log.warning(
+                "a batch of %d records took %.0f s, near or past the %.0f s the group waits for a poll "
+                "(past it, its commit is refused and it is read again): batches now take at most %d",
+                polled,
+                took_s,
+                budget,
+                limit,
+            )
+            self.batch_limit = limit
+        elif took_s < budget / 16 and polled >= self.batch_limit and self.batch_limit < self.t.batch_size:
+            self.batch_limit = min(self.t.batch_size, self.batch_limit * 2)
 
     async def _hold(self, held: TypeHeld, topics: set[str]) -> None:
         """The held type's partitions of the batch in hand are paused for a backoff (rewound by `step`): the

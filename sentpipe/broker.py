@@ -43,6 +43,11 @@ class ProduceRejected(Exception):
         return self.reason not in RECORD_REFUSED
 
 
+# A group member that does not poll for this long is dropped by its group: the commit of the batch in hand
+# is refused and the batch is read again (librdkafka's default, set explicitly by `sentpipe.kafka`).
+MAX_POLL_INTERVAL_S = 300.0
+
+
 class Waiting(NamedTuple):
     """Records waiting in a partition, and the offset the next read of it starts from."""
 

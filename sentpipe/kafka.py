@@ -55,6 +55,7 @@ from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
 from sentpipe import metrics as m
 from sentpipe.broker import (
+    MAX_POLL_INTERVAL_S,
     QUEUE_FULL,
     CommitRejected,
     Delivered,
@@ -1056,11 +1057,14 @@ class RangeReader:
         self._consumer.close()
 
 
-def batch_consumer_config(settings: Settings, group: str) -> dict[str, Any]:
+def batch_consumer_config(
+    settings: Settings, group: str, max_poll_interval_s: float = MAX_POLL_INTERVAL_S
+) -> dict[str, Any]:
     """librdkafka's configuration of a `BatchConsumer` in `group`."""
     return {
         **client_config(settings),
         "group.id": group,
+        "max.poll.interval.ms": round(max_poll_interval_s * 1000),
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
@@ -1094,8 +1098,14 @@ class BatchConsumer:
     batches, so a revoked partition never has work in flight.
     """
 
-    def __init__(self, settings: Settings, group: str, topics: Sequence[str]) -> None:
-        self._consumer = confluent_kafka.Consumer(batch_consumer_config(settings, group))
+    def __init__(
+        self,
+        settings: Settings,
+        group: str,
+        topics: Sequence[str],
+        max_poll_interval_s: float = MAX_POLL_INTERVAL_S,
+    ) -> None:
+        self._consumer = confluent_kafka.Consumer(batch_consumer_config(settings, group, max_poll_interval_s))
         self._assigned: set[Partition] = set()
         self.joined = False  # set by the first assignment, an empty one included
         # Per assigned partition not read from yet: the group's commit at the assignment (lag()).
