@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sentpipe import metrics as m
 from sentpipe.broker import Delivered, Headers, ProduceRejected, RecordProducer, failed_future
-from sentpipe.processors.retry import retrying
+from sentpipe.processors.retry import backoff, retrying
 from sentpipe.schemas import routing as r
+
+log = logging.getLogger("sentpipe.deadletter")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,10 +88,12 @@ async def send_dead_letters(
     initial: float,
     cap: float,
     should_stop: Callable[[], bool] = lambda: False,
+    hold_refused: bool = False,
 ) -> None:
     """Write the dead letters and wait for the broker's acknowledgements; retried while it is away, each
     time with only the letters not yet acknowledged (resent whole, a batch of 500 letters whose last one
-    met a broker hiccup was in the DLQ twice)."""
+    met a broker hiccup was in the DLQ twice). `hold_refused`: letters the DLQ refuses for good (an ACL, a
+    size limit lowered) are sent again with backoff until it takes them, or until `should_stop()`."""
     if not letters:
         return
     pending = list(letters)
@@ -102,7 +107,24 @@ async def send_dead_letters(
         if failed:
             raise failed[0][1]
 
-    await retrying(attempt, stage="dlq", initial=initial, cap=cap, should_stop=should_stop)
+    refusals = 0
+    while True:
+        try:
+            await retrying(attempt, stage="dlq", initial=initial, cap=cap, should_stop=should_stop)
+            break
+        except Exception as exc:
+            if not hold_refused or should_stop():
+                raise
+            refusals += 1
+            delay = backoff(refusals, initial, cap)
+            log.error(
+                "the dead-letter topic refuses %d letters (%s: %s); sending them again in %.1f s",
+                len(pending),
+                type(exc).__name__,
+                exc,
+                delay,
+            )
+            await asyncio.sleep(delay)
     for d in letters:
         m.DLQ_EVENTS.labels(d.stage, _reason_label(d.stage, d.error_class)).inc()
 

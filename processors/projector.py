@@ -306,6 +306,9 @@ class Projector:
             initial=self.t.retry_initial_s,
             cap=self.t.retry_max_s,
             should_stop=self._should_stop,
+            # Its transactions are committed: raised, the batch was rewound and applied again (its handlers
+            # called again) every backoff for as long as the DLQ refused.
+            hold_refused=True,
         )
         done = next_offsets(records)
         committed = await self._commit(done)

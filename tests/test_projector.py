@@ -270,6 +270,26 @@ async def test_the_batch_is_not_committed_until_dead_letters_are_acknowledged() 
     assert committed(broker) == ends(broker)
 
 
+async def test_a_dlq_that_refuses_a_letter_for_good_is_asked_again_without_applying_the_batch_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The batch's transactions are committed when its dead letters are sent: a refusal raised out of the
+    batch rewound it, and it was applied again, its handlers called again, every backoff while it lasted."""
+    broker, sink, projector = setup()
+    ids = routed_records(broker, 6)
+    for i in (1, 4):
+        sink.poison[ids[i]] = psycopg.errors.DivisionByZero("x")
+    broker.reject_next(TOPICS.dlq, "msg_size_too_large", times=3)  # a size limit lowered, then raised
+    with caplog.at_level(logging.ERROR, logger="sentpipe.deadletter"):
+        await drain(projector)
+    assert sorted(orjson.loads(rec.value)["id"] for rec in broker.records(TOPICS.dlq)) == sorted(
+        ids[i] for i in (1, 4)
+    )
+    assert committed(broker) == ends(broker)
+    assert sink.unsettled == 0  # never rewound
+    assert "the dead-letter topic refuses" in caplog.text
+
+
 async def test_dead_letters_acknowledged_are_not_sent_again_when_others_are_retried() -> None:
     """A batch's dead letters were written again, all of them, whenever one was not acknowledged: a hiccup
     on the last of 500 put 499 of them in the DLQ twice."""
