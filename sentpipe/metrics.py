@@ -85,6 +85,10 @@ PRODUCER_RECREATED = Counter(
     "Producers replaced after a fatal librdkafka error, or a client that lost its brokers while the cluster"
     " answered.",
 )
+PRODUCER_UNCONFIRMED = Counter(
+    "sentpipe_producer_unconfirmed",
+    "Delivery reports of success that named no offset: failed, so their records are sent again.",
+)
 
 # --- ingress spool (SENTPIPE_SPOOL=on): records fsynced locally while the broker could not take them -------
 SPOOL_RECORDS = Gauge("sentpipe_spool_records", "Records in the spool not yet acknowledged by the broker.")
@@ -184,7 +188,8 @@ def _registry(*collectors: Collector) -> CollectorRegistry:
     return registry
 
 
-_BOTH = (PRODUCER_BROKERS_DOWN, PRODUCER_RECREATED, DLQ_EVENTS)  # the ingress dead-letters malformed events
+# The ingress dead-letters malformed events too.
+_BOTH = (PRODUCER_BROKERS_DOWN, PRODUCER_RECREATED, PRODUCER_UNCONFIRMED, DLQ_EVENTS)
 SERVED: dict[Role, CollectorRegistry] = {
     "ingress": _registry(
         *_BOTH,

@@ -11,15 +11,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import confluent_kafka
 import pytest
 from confluent_kafka import KafkaError, murmur2
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
+from sentpipe import metrics as m
 from sentpipe.broker import BatchConsumer, LocalBroker, ProduceRejected, Record, RecordProducer, next_offsets
 from sentpipe.kafka import (
     ALL_BROKERS_DOWN,
+    DELIVERY_UNCONFIRMED,
     LOST_BROKERS_AFTER_S,
     LOST_BROKERS_PROBE_EVERY_S,
     AsyncProducer,
@@ -437,3 +440,55 @@ def test_a_replaced_producer_let_go_with_records_unreported_stops_counting_them(
     assert producer.stalled_s() > 99
     producer._poll()
     assert producer._retired == [] and producer.stalled_s() == 0.0
+
+
+class _Report:
+    """A stand-in for the librdkafka message of a delivery report (accounting only)."""
+
+    def __init__(self, offset: int | None) -> None:
+        self._offset = offset
+
+    def topic(self) -> str:
+        return "t"
+
+    def partition(self) -> int:
+        return 1
+
+    def offset(self) -> int | None:
+        return self._offset
+
+
+async def test_a_delivery_reported_without_an_offset_fails_so_its_record_is_sent_again() -> None:
+    """librdkafka reported four records of one batch delivered during a broker restart, three of them with
+    no offset, and only one reached the topic: the spool deleted the other three, answered 200. A success
+    naming no offset is not proof the record is stored, so it fails (a temporary failure: sent again)."""
+    producer = AsyncProducer({"bootstrap.servers": "127.0.0.1:1"})
+    loop = asyncio.get_running_loop()
+    stored, unconfirmed = loop.create_future(), loop.create_future()
+    before = m.PRODUCER_UNCONFIRMED._value.get()
+    producer._in_flight = 2
+    producer._reports.extend([(stored, None, _Report(7)), (unconfirmed, None, _Report(None))])  # type: ignore[list-item]
+    producer._settle()
+    assert stored.result() == ("t", 1, 7)
+    with pytest.raises(ProduceRejected) as exc:
+        unconfirmed.result()
+    assert exc.value.reason == DELIVERY_UNCONFIRMED and exc.value.temporary
+    assert m.PRODUCER_UNCONFIRMED._value.get() == before + 1
+    assert producer._in_flight == 0
+
+
+def test_the_callback_producer_reports_a_delivery_without_an_offset_as_failed() -> None:
+    """The same rule for `Producer.send`'s callers (replay, redrive): they count it failed, not produced."""
+    producer = Producer({"bootstrap.servers": "127.0.0.1:1"})
+    reports: list[Any] = []  # what librdkafka would call with each record's delivery report
+
+    def enqueue(topic: str, key: bytes, value: bytes, headers: object, on_delivery: Any) -> None:
+        reports.append(on_delivery)
+
+    producer._enqueue = enqueue  # type: ignore[assignment,method-assign]
+    outcomes: list[KafkaError | None] = []
+    producer.send("t", b"k", b"v", [], outcomes.append)
+    producer.send("t", b"k", b"v", [], outcomes.append)
+    reports[0](None, _Report(None))
+    reports[1](None, _Report(3))
+    assert [None if e is None else e.code() for e in outcomes] == [KafkaError._NO_OFFSET, None]

@@ -101,7 +101,11 @@ def test_spool_full_is_503_and_every_200_reaches_the_broker(
         finally:
             services.start_kafka()
         wait_until(lambda: status_of(process_dir(spool_dir, 0)).records == 0, 120, "spool drained", proc.tail)
-        assert set(acked) <= _raw_keys(settings, len(acked))
+        try:
+            got = _raw_keys(settings, len(acked))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{proc.tail(120)}") from None
+        assert set(acked) <= got
         samples = scrape(mport)
         assert metric_sum(samples, "sentpipe_spool_drained_total") >= len(acked)
         assert metric_sum(samples, "sentpipe_spool_bytes") == 0
