@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -535,3 +536,34 @@ def overview_totals(page: Any) -> dict[str, int]:
     page.wait_for_selector("#overview .totals")
     nums = page.locator("#overview .total .num").all_inner_texts()
     return {"in": int(nums[1]), "dead": int(nums[2])}
+
+
+def test_a_running_dry_run_stops_at_the_stop_button(page: Any, stack: Stack) -> None:
+    """A replay started too wide ran to its end: the page had no way to stop it. Last in this module: it
+    puts many copies of one event on the raw topic (the worker's dedup table drops them), so that a dry run
+    over them lasts seconds, long enough to press Stop."""
+    body = SampleFactory(11).message_status("msg-stop", "delivered").body
+    producer = Producer({"bootstrap.servers": stack.settings.kafka_bootstrap, "linger.ms": 50})
+    raw = Topics(stack.settings.topic_prefix).raw
+    for _ in range(150_000):
+        while True:
+            try:
+                producer.produce(raw, body, b"stop-copy")
+                break
+            except BufferError:  # librdkafka's local queue is full: let it send some
+                producer.poll(0.1)
+    assert producer.flush(60) == 0
+    goto(page, stack, "replay")
+    assert page.is_hidden("#replay-stop")
+    page.click("#replay-dry")
+    page.click("#replay-stop")  # waits for it to show: the job is running
+    page.wait_for_selector("#replay-result p.warn")
+    text = page.inner_text("#replay-result")
+    done = re.search(r"^Stopped: replay \S+ interrupted after (\d+) of (\d+) records", text)
+    assert done is not None, text
+    assert int(done[1]) < int(done[2]) and int(done[2]) >= 150_000, text
+    assert "to go on where it stopped" in text, text
+    assert page.is_hidden("#replay-stop")
+    assert page.is_disabled("#replay-run")  # a stopped dry run counted nothing to replay
+    assert_no_script_ran(page)
+    shot(page, "replay-stopped")

@@ -101,5 +101,55 @@ async def test_stopping_the_console_stops_a_running_replay_and_waits_for_it(
     job = app[JOBS].start(Job("replay", False, "-", "-"), work, lambda job: None, describe_error)
     assert await asyncio.get_running_loop().run_in_executor(None, reading.wait, 60)
     await server.close()  # what SIGTERM ends in (`_serve`): the app's shutdown
-    assert job.state == "failed" and job.finished is not None, job
+    assert job.state == "stopped" and job.finished is not None, job
     assert job.error is not None and "interrupted after 0 of 20 records" in job.error, job.error
+
+
+async def test_the_stop_button_stops_a_running_replay_where_it_is(
+    settings: Settings, topics: Topics, app: web.Application, server: TestServer
+) -> None:
+    """A replay started by mistake (or too wide) ran to its end: the console had no way to stop it. Stopped,
+    it ends `stopped` with the line that says how far it got; a stopped dry run confirms nothing."""
+    produce(settings, topics.raw, 20)
+    reading = threading.Event()
+    confirmed: list[Job] = []
+
+    def work(progress: replay_ops.Progress, stop: threading.Event) -> replay_ops.RunResult:
+        def held(done: int, total: int) -> None:
+            if total and not reading.is_set():  # the ranges are known, no record read: hold it here
+                reading.set()
+                stop.wait()
+
+        return replay_ops.replay(
+            settings, Window(), replay_ops.Filter(), dry_run=True, progress=held, stop=stop
+        )
+
+    base = f"http://127.0.0.1:{server.port}"
+    async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as client:
+        status, csrf = await sign_in(client, base)
+        assert status == 303
+        job = app[JOBS].start(Job("replay", True, "-", "-"), work, confirmed.append, describe_error)
+        assert await asyncio.get_running_loop().run_in_executor(None, reading.wait, 60)
+        async with client.post(f"{base}/api/jobs/{job.id}/stop") as resp:
+            assert resp.status == 403  # a POST without the page's CSRF token
+        assert job.state == "running" and not job.stop.is_set()
+        headers = {"X-CSRF-Token": csrf}
+        async with client.post(f"{base}/api/jobs/{job.id}/stop", headers=headers) as resp:
+            answer = await resp.json()
+            assert resp.status == 202 and answer["id"] == job.id, answer
+        for _ in range(300):
+            async with client.get(f"{base}/api/jobs/{job.id}") as resp:
+                seen = await resp.json()
+            if seen["state"] != "running":
+                break
+            assert seen["stopping"] is True, seen
+            await asyncio.sleep(0.1)
+        assert seen["state"] == "stopped", seen
+        assert "interrupted after 0 of 20 records" in seen["error"], seen
+        assert confirmed == []  # on_done (which confirms a dry run) never ran
+        async with client.post(f"{base}/api/jobs/{job.id}/stop", headers=headers) as resp:
+            assert resp.status == 409 and (await resp.json())["code"] == "job_not_running"
+        async with client.post(f"{base}/api/jobs/current/stop", headers=headers) as resp:
+            assert resp.status == 409
+        async with client.post(f"{base}/api/jobs/no-such-job/stop", headers=headers) as resp:
+            assert resp.status == 404

@@ -725,6 +725,18 @@ async def job_status(request: web.Request) -> web.StreamResponse:
     return send_json(job.json())
 
 
+async def job_stop(request: web.Request) -> web.StreamResponse:
+    """Stop the running replay or redrive after the record in hand (Ctrl-C's effect on `sentpipe replay`)."""
+    jobs = request.app[JOBS]
+    job_id = request.match_info["job"]
+    job = jobs.request_stop(job_id)
+    if job is not None:
+        return send_json(job.json(), 202)
+    if job_id != "current" and job_id not in jobs.by_id:
+        return problem(404, "no such job")
+    return problem(409, "that job is not running", "job_not_running")
+
+
 def ingress_url(s: Settings) -> str:
     return s.console_ingress_url or f"http://127.0.0.1:{s.ingress_port}/webhooks/sent"
 
@@ -872,6 +884,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_post("/api/dlq/redrive", dlq_redrive)
     app.router.add_post("/api/replay", replay)
     app.router.add_get("/api/jobs/{job}", job_status)
+    app.router.add_post("/api/jobs/{job}/stop", job_stop)
     app.router.add_post("/api/trigger", trigger)
     app.router.add_static("/static/", STATIC, show_index=False)
     return app

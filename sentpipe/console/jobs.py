@@ -4,8 +4,9 @@ The work is `processors.replay.replay` and `processors.dlq.redrive`, the functio
 `sentpipe dlq redrive` call; this only runs them off the event loop and keeps their progress and result
 for the page to poll. A real run must follow a finished dry run of exactly the same settings in the same
 browser session (the fingerprint of the settings), so nobody replays or redrives without seeing the count.
-On shutdown the running job is asked to stop after the record in hand, as `sentpipe replay` is on SIGTERM,
-and waited for.
+The page's Stop button asks the same of the running job. A stopped job ends `stopped`, its error the line
+that says how far it got and how to go on; a stopped dry run confirms nothing. On shutdown the running job
+is asked to stop after the record in hand, as `sentpipe replay` is on SIGTERM, and waited for.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class Job:
     fingerprint: str
     session_id: str
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    state: Literal["running", "done", "failed"] = "running"
+    state: Literal["running", "done", "failed", "stopped"] = "running"
     done: int = 0
     total: int | None = None
     started: float = field(default_factory=time.time)
@@ -85,6 +86,7 @@ class Job:
             "kind": self.kind,
             "dry_run": self.dry_run,
             "state": self.state,
+            "stopping": self.state == "running" and self.stop.is_set(),
             "done": self.done,
             "total": self.total,
             "started": int(self.started * 1000),
@@ -129,7 +131,8 @@ class Jobs:
                 result = await ended
             except Exception as exc:
                 job.error = describe_error(exc)
-                job.state = "failed"
+                # Asked to stop, it ends by saying where it stopped (an OpsError): not a failure.
+                job.state = "stopped" if job.stop.is_set() else "failed"
             else:
                 job.result = result_json(result)
                 job.ends = dict(result.ends)
@@ -141,6 +144,17 @@ class Jobs:
         task = loop.create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return job
+
+    def request_stop(self, job_id: str) -> Job | None:
+        """Asks the running job (`job_id`, or "current") to stop after the record in hand; the job, or None
+        when that is not the running one."""
+        job = self.current
+        if job is None or job.state != "running" or job_id not in ("current", job.id):
+            return None
+        if not job.stop.is_set():
+            log.warning(f"console: {job.kind} {job.id} asked to stop", extra={"job": job.id})
+            job.stop.set()
         return job
 
     async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:

@@ -162,22 +162,48 @@ function query(params) {
   return q.toString();
 }
 
-// A replay or redrive: start it, poll its progress into `progress`, return its result.
-async function runJob(path, body, progress) {
+// A replay or redrive: start it, poll its progress into `progress`, return its result. `stop`, a button,
+// shows while it runs: it asks the console to stop the job after the record in hand.
+async function runJob(path, body, progress, stop) {
   let job = await post(path, body);
-  for (;;) {
-    progress.hidden = false;
-    if (job.total) {
-      progress.max = job.total;
-      progress.value = job.done;
-    } else progress.removeAttribute("value");
-    progress.title = `${job.done} of ${job.total === null ? "?" : job.total}`;
-    if (job.state !== "running") break;
-    await sleep(250);
-    job = await api("/api/jobs/" + encodeURIComponent(job.id));
+  const jobPath = "/api/jobs/" + encodeURIComponent(job.id);
+  stop.textContent = "Stop";
+  stop.disabled = false;
+  stop.hidden = false;
+  stop.onclick = async () => {
+    stop.disabled = true;
+    stop.textContent = "Stopping…";
+    // A job that ended meanwhile answers 409: the next poll shows how it ended.
+    await post(jobPath + "/stop", {}).catch(() => null);
+  };
+  try {
+    for (;;) {
+      progress.hidden = false;
+      if (job.total) {
+        progress.max = job.total;
+        progress.value = job.done;
+      } else progress.removeAttribute("value");
+      progress.title = `${job.done} of ${job.total === null ? "?" : job.total}`;
+      if (job.state !== "running") break;
+      await sleep(250);
+      job = await api(jobPath);
+    }
+  } finally {
+    stop.hidden = true;
+    stop.onclick = null;
+  }
+  if (job.state === "stopped") {
+    const err = new Error(job.error || "stopped");
+    err.stopped = true;
+    throw err;
   }
   if (job.state === "failed") throw new Error(job.error || "failed");
   return job.result;
+}
+
+// How a job that did not finish ended: stopped on request (how far it got, how to go on), or failed.
+function jobEnd(err) {
+  return err.stopped ? el("p", { class: "warn", role: "status" }, "Stopped: " + err.message) : errorBox(err.message);
 }
 
 function resultView(result, sentLabel, columns) {
@@ -540,29 +566,29 @@ async function dlqView(main, id) {
 
 // A dry run first; then `run` does the real job with exactly the body the dry run counted (frozen when
 // the dry run started, so edits made since cannot widen it).
-function dryThenRun(dry, run, out, progress, { url, body, show, counted, after }) {
+function dryThenRun(dry, run, stop, out, progress, { url, body, show, counted, after }) {
   let frozen = null;
   dry.addEventListener("click", async () => {
     dry.disabled = run.disabled = true;
     out.replaceChildren();
     try {
       frozen = body();
-      const result = await runJob(url, Object.assign({}, frozen, { dry_run: true }), progress);
+      const result = await runJob(url, Object.assign({}, frozen, { dry_run: true }), progress, stop);
       out.replaceChildren(show(result));
       run.disabled = !counted(result);
     } catch (err) {
-      out.replaceChildren(errorBox(err.message));
+      out.replaceChildren(jobEnd(err));
     }
     dry.disabled = false;
   });
   run.addEventListener("click", async () => {
     dry.disabled = run.disabled = true;
     try {
-      const result = await runJob(url, Object.assign({}, frozen, { dry_run: false }), progress);
+      const result = await runJob(url, Object.assign({}, frozen, { dry_run: false }), progress, stop);
       out.replaceChildren(show(result));
       if (after) after();
     } catch (err) {
-      out.replaceChildren(errorBox(err.message));
+      out.replaceChildren(jobEnd(err));
     }
     dry.disabled = false;
   });
@@ -574,7 +600,8 @@ function redrivePanel(what, body, after) {
   const out = el("div", {});
   const run = el("button", { type: "button", id: "redrive-run", disabled: true }, "Redrive");
   const dry = el("button", { type: "button", id: "redrive-dry" }, "Count (dry run)");
-  dryThenRun(dry, run, out, progress, {
+  const stop = el("button", { type: "button", id: "redrive-stop", hidden: true }, "Stop");
+  dryThenRun(dry, run, stop, out, progress, {
     url: "/api/dlq/redrive",
     body,
     show: (result) => resultView(result, "redriven", ["stage", "topic"]),
@@ -589,7 +616,7 @@ function redrivePanel(what, body, after) {
       if (after) out.append(el("button", { type: "button", onclick: after }, "Reload the list"));
     },
   });
-  return el("div", { class: "card" }, el("h2", {}, "Redrive"), el("p", {}, "Sends " + what + " back into the pipeline. Count first."), el("div", { class: "controls" }, dry, run, progress), out);
+  return el("div", { class: "card" }, el("h2", {}, "Redrive"), el("p", {}, "Sends " + what + " back into the pipeline. Count first."), el("div", { class: "controls" }, dry, run, stop, progress), out);
 }
 
 async function dlqEntryView(main, id) {
@@ -632,6 +659,7 @@ async function replayView(main) {
   const out = el("div", { id: "replay-result" });
   const dry = el("button", { type: "button", id: "replay-dry" }, "Dry run");
   const run = el("button", { type: "button", id: "replay-run", disabled: true }, "Replay");
+  const stop = el("button", { type: "button", id: "replay-stop", hidden: true }, "Stop");
   const body = () => ({
     since: isoFromLocal(f.since.value),
     until: isoFromLocal(f.until.value),
@@ -652,7 +680,7 @@ async function replayView(main) {
     el("label", {}, "Event ids ", f.event_ids),
     el("fieldset", {}, el("legend", {}, "Types (none: all)"), types)
   );
-  dryThenRun(dry, run, out, progress, {
+  dryThenRun(dry, run, stop, out, progress, {
     url: "/api/replay",
     body,
     show: (result) => resultView(result, "replayed", ["type", "tenant"]),
@@ -665,7 +693,7 @@ async function replayView(main) {
     el("h1", {}, "Replay"),
     el("p", { class: "muted" }, "Routes raw events again, straight to the routed topics (bypassing the dedup table), so every projection and handler applies them again. Count with a dry run first; one replay at a time."),
     form,
-    el("div", { class: "controls" }, dry, run, progress),
+    el("div", { class: "controls" }, dry, run, stop, progress),
     out
   );
   const current = await api("/api/jobs/current");
