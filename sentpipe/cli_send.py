@@ -194,10 +194,11 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
-def summary_table(stats: Stats, unique: int, url: str) -> Table:
+def summary_table(stats: Stats, unique: int, url: str, *, stopped: bool = False) -> Table:
+    """The run's summary; `stopped`: cut short (Ctrl-C), so the events are those planned, not all sent."""
     table = Table("", "", show_header=False)
     table.add_row("url", terminal_safe(shown(url)))
-    table.add_row("events", str(unique))
+    table.add_row("events planned" if stopped else "events", str(unique))
     table.add_row("duplicates", str(stats.duplicates))
     table.add_row("sent", str(stats.sent))
     table.add_row("accepted", str(stats.accepted))
@@ -450,7 +451,7 @@ def send_command(
         except KeyboardInterrupt:
             # What was accepted before the interrupt: the progress line that said so is gone with it.
             if so_far:
-                Console().print(summary_table(so_far[0], n_events, target))
+                Console().print(summary_table(so_far[0], n_events, target, stopped=True))
                 hint = (
                     _resume_hint(so_far[0], skip, n_events)
                     if resumable and mode is SigningMode.VALID

@@ -1141,6 +1141,8 @@ async def test_an_interrupted_send_counts_every_delivery_sent_in_one_row(stub: S
         "0",
         "2",
     ]
+    # 20 events were planned, not sent: the row said "events 20" beside "sent 5".
+    assert row(stdout, "events planned") == "20" and "│ events  " not in stdout, stdout
     # The last update was the third acceptance's, a second before the interrupt: it showed 0.01 s.
     assert float(row(stdout, "elapsed").split()[0]) >= 1.0, stdout
     # The resume point is unchanged: the first three events, the ones accepted.
