@@ -400,11 +400,17 @@ class Spool:
         owner.adopted.append(self)
         owner._update_gauges()
 
-    def _note_corrupt(self, seg: _Segment, frame: Frame) -> None:
+    def _note_corrupt(self, seg: _Segment, frame: Frame, *, at_magic: bool) -> None:
+        """`at_magic`: the region starts at a frame's magic bytes (a frame of its own, torn or corrupt)."""
         # Once: a window sent again after a failure reads the corrupt frames behind that failure again.
         if (seg.seq, frame.start) < self._corrupt_noted:
             return
+        # A region that no magic starts, right where the last one ended, is the rest of that one: cut by the
+        # end of a read (READ_CHUNK), it was counted once per read it spanned.
+        rest = not at_magic and (seg.seq, frame.start) == self._corrupt_noted
         self._corrupt_noted = (seg.seq, frame.end)
+        if rest:
+            return
         path = seg.path
         self.corrupt += 1
         m.SPOOL_CORRUPT.inc()
@@ -898,9 +904,10 @@ class Spool:
                 final = start + len(data) >= end
                 got = 0
                 for frame in scan(data, final=final):
+                    at_magic = data[frame.start : frame.start + len(MAGIC)] == MAGIC
                     frame = Frame(start + frame.start, start + frame.end, frame.record)
                     if frame.record is None:
-                        self._note_corrupt(seg, frame)
+                        self._note_corrupt(seg, frame, at_magic=at_magic)
                     out.append(frame)
                     got = frame.end - start
                     if len(out) >= DRAIN_WINDOW:
@@ -910,9 +917,10 @@ class Spool:
                         f.seek(start)
                         data = f.read(end - start)
                         for frame in scan(data, final=True):
+                            at_magic = data[frame.start : frame.start + len(MAGIC)] == MAGIC
                             frame = Frame(start + frame.start, start + frame.end, frame.record)
                             if frame.record is None:
-                                self._note_corrupt(seg, frame)
+                                self._note_corrupt(seg, frame, at_magic=at_magic)
                             out.append(frame)
                             break
                         if out:

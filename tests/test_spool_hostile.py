@@ -29,6 +29,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 from prometheus_client import REGISTRY
 
 from sentpipe.broker import QUEUE_FULL, Delivered, ProduceRejected
+from sentpipe.ingress import spool as spool_mod
 from sentpipe.ingress.spool import (
     CHECKPOINT,
     REFUSED,
@@ -215,6 +216,31 @@ def test_a_corrupt_frame_behind_a_failing_record_is_counted_once(tmp_path: Path)
             await s.drain(b.send, once=True)
         assert b.got[-2:] == [rec(0), rec(2)] and s.records == 0  # (rec 2 went in each window: a duplicate)
         assert s.corrupt == 1
+        s.close()
+
+    asyncio.run(main())
+
+
+def test_a_corrupt_region_longer_than_a_read_is_counted_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The drain reads a segment READ_CHUNK (4 MiB) at a time: a region of garbage that spanned three reads
+    was counted (and logged) three times. Two torn frames side by side are still two."""
+    monkeypatch.setattr(spool_mod, "READ_CHUNK", 4096)
+
+    async def main() -> None:
+        await fill(tmp_path, 4)
+        seg = segments_in(tmp_path)[0]
+        frame = len(encode_frame(rec(0)))
+        data = bytearray(seg.read_bytes())
+        data[frame * 2 + 20] ^= 0xFF  # the third and fourth records' CRCs fail: two frames, side by side
+        data[frame * 3 + 20] ^= 0xFF
+        seg.write_bytes(bytes(data[:frame]) + b"\x00" * 10_000 + bytes(data[frame:]))  # no magic in it
+        s = spool_in(tmp_path)
+        b = Broker()
+        await s.drain(b.send, once=True)
+        assert b.got == [rec(0), rec(1)] and s.records == 0
+        assert s.corrupt == 3  # the garbage once, and each torn frame
         s.close()
 
     asyncio.run(main())
