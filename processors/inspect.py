@@ -62,6 +62,9 @@ class DedupState:
     offset: int
     tombstone: bool  # deleted by the dedup window sweep: a redelivery now would be routed again
     first_routed_ms: int | None
+    # The tenants the table marks the id for, with each one's first routing: the table dedups (id, tenant)
+    # pairs, so the id of tenant A alone is no duplicate for tenant B (and a sweep may drop A's mark only).
+    tenants: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -177,13 +180,16 @@ def locate(
             forms = {tkey, key}
             at = [partition_of(tkey, kafka.topics[changelog])]
             hits = search("dedup", changelog, lambda msg: msg.key() in forms, at)
+            # The compact key's last record, when it has one: moving an id to it, the router tombstones the
+            # older key just after, and that tombstone (the newest record) read as "swept".
+            hits = [m for m in hits if m.key() == tkey] or hits
             if hits:
                 last = hits[-1]
                 value = last.value()
                 seen = decode_seen(value)
                 first_ms = min(seen.values()) if seen else None
                 rep.dedup = DedupState(
-                    changelog, last.partition() or 0, last.offset() or 0, value is None, first_ms
+                    changelog, last.partition() or 0, last.offset() or 0, value is None, first_ms, seen
                 )
 
         rep.routed = _find_routed(search, kafka, settings, topics, rep)

@@ -718,9 +718,13 @@ def events_show(
         out.print(f"dedup table: not in {rep.dedup_topic}", highlight=False)
     else:
         d = rep.dedup
+        # Per tenant: the table marks (id, tenant) pairs, so a tenant not listed would have its copy routed.
+        marked = ", ".join(f"{terminal_safe(t)} (first routed {_when(ms)})" for t, ms in d.tenants.items())
         state = (
             "tombstone (swept out of the dedup window)"
             if d.tombstone
+            else f"seen for tenant {marked}; not for any other tenant"
+            if marked
             else f"seen, first routed {_when(d.first_routed_ms)}"
         )
         out.print(f"dedup table: {state}  ({d.topic}:{d.partition}:{d.offset})", highlight=False)

@@ -304,7 +304,7 @@ def test_events_show_finds_an_event_everywhere_it_is(
     assert any(topics.raw in line and f" {rec.offset} " in line for line in res.stdout.splitlines()), (
         res.stdout
     )
-    assert "dedup table: seen, first routed" in res.stdout
+    assert f"dedup table: seen for tenant {settings.default_tenant} (first routed" in res.stdout
     assert topics.message_inbound in res.stdout
     assert "database: inbound_messages" in res.stdout
     assert "DLQ entries: none" in res.stdout

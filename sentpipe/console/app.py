@@ -511,6 +511,8 @@ async def event_trace(request: web.Request) -> web.StreamResponse:
                 "offset": d.offset,
                 "tombstone": d.tombstone,
                 "first_routed": d.first_routed_ms,
+                # tenant -> first routed (ms): the table marks (id, tenant) pairs, not the id alone
+                "tenants": d.tenants,
             },
             "routed": [found_json(f) for f in rep.routed],
             "rows": rep.rows,

@@ -457,8 +457,13 @@ async function eventView(main, id) {
   else if (!rep.dedup) dedup = `not in ${rep.dedup_topic}`;
   else if (rep.dedup.tombstone) dedup = "tombstone: swept out of the dedup window (a redelivery now would be routed again)";
   else {
+    // The table marks (id, tenant) pairs: a copy from a tenant not listed would be routed.
+    const tenants = Object.entries(rep.dedup.tenants || {});
     const first = rep.dedup.first_routed === null ? "" : `, first routed ${when(rep.dedup.first_routed)}`;
-    dedup = `seen${first} (${rep.dedup.topic}:${rep.dedup.partition}:${rep.dedup.offset})`;
+    const marked = tenants.length
+      ? " for tenant " + tenants.map(([t, ms]) => `${t} (first routed ${when(ms)})`).join(", tenant ") + "; not for any other tenant"
+      : first;
+    dedup = `seen${marked} (${rep.dedup.topic}:${rep.dedup.partition}:${rep.dedup.offset})`;
   }
   main.append(el("section", {}, el("h2", {}, "Dedup state"), el("p", { id: "dedup" }, dedup)));
   main.append(recordsSection("Routed record(s)", rep.routed));
