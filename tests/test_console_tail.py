@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
-from sentpipe.console.tail import Subscriber, Tail
+from sentpipe.console.tail import Row, Subscriber, Tail
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
@@ -87,3 +89,80 @@ def test_a_full_queue_still_ends_its_page_s_stream() -> None:
         assert rows[-1] is None and all(rows[:-1]) and sub.dropped == 1
 
     asyncio.run(main())
+
+
+async def rows_until(sub: Subscriber, wanted: Callable[[Row], bool], limit_s: float = 90.0) -> Row | None:
+    """The first row sent to the page that `wanted` accepts; None if none came within `limit_s`."""
+    try:
+        async with asyncio.timeout(limit_s):
+            while True:
+                row = await sub.queue.get()
+                if row is not None and wanted(row):
+                    return row
+    except TimeoutError:
+        return None
+
+
+async def test_the_tail_shows_the_records_of_a_partition_added_while_it_follows(
+    settings: Settings, topics: Topics
+) -> None:
+    """The tail was assigned the partitions of its start: records on a partition added later (the raw topic
+    grown to spread load) never reached the live page or the overview's counts, and nothing said so."""
+    tail = Tail(settings)
+    tail.start(asyncio.get_running_loop())
+    try:
+        sub = tail.subscribe()
+        produce(settings, topics.raw, 1)
+        assert await rows_until(sub, lambda row: True) is not None  # following now
+        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        for future in admin.create_partitions(
+            [NewPartitions(topics.raw, settings.raw_partitions + 1)]
+        ).values():
+            future.result(30)
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+        body = SampleFactory().message_status("msg-tail-new-partition", "delivered").body
+        producer.produce(topics.raw, body, key="on-the-new-partition", partition=settings.raw_partitions)
+        assert producer.flush(30) == 0
+        row = await rows_until(sub, lambda row: row["partition"] == settings.raw_partitions)
+        assert row is not None, f"no row from the added partition; tail state {tail.state!r}"
+        assert row["event_id"] and row["type"] == "message.status.updated"
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, tail.stop)
+
+
+async def test_the_tail_says_its_topic_is_gone_and_follows_it_again_once_made_anew(
+    settings: Settings, topics: Topics
+) -> None:
+    """A raw topic deleted under the tail left it "tailing" with nothing to read, and once the topic was made
+    anew the records on it never reached the page (the offsets followed were past its end)."""
+    tail = Tail(settings)
+    tail.start(asyncio.get_running_loop())
+    try:
+        sub = tail.subscribe()
+        produce(settings, topics.raw, 3)  # the old topic's offsets: 0..2 on some partitions
+        assert await rows_until(sub, lambda row: True) is not None
+        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+        for future in admin.delete_topics([topics.raw]).values():
+            future.result(30)
+        for _ in range(450):  # 90 s at most
+            if "Kafka" in tail.state:
+                break
+            await asyncio.sleep(0.2)
+        assert "Kafka" in tail.state, tail.state  # what the overview shows: not a plain "tailing"
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(90):
+            while True:  # the broker refuses a new topic of the name until the deletion is done
+                new = admin.create_topics([NewTopic(topics.raw, settings.raw_partitions, 1)])
+                try:
+                    await loop.run_in_executor(None, new[topics.raw].result, 30)
+                    break
+                except KafkaException:
+                    await asyncio.sleep(1)
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+        body = SampleFactory().message_status("msg-tail-remade", "delivered").body
+        producer.produce(topics.raw, body, key="on-the-new-topic")
+        assert producer.flush(30) == 0
+        row = await rows_until(sub, lambda row: row["subject"] == "msg-tail-remade", 120)
+        assert row is not None, f"no row from the topic made anew; tail state {tail.state!r}"
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, tail.stop)

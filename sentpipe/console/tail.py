@@ -39,6 +39,9 @@ MINUTE_MS = 60 * 1000
 BACKFILL_PER_PARTITION = 5000
 RECENT_ROWS = 200
 SUBSCRIBER_QUEUE = 2000
+# How often the tail asks whether its topics still have the partitions it follows: one added later (the raw
+# topic grown) was never read, one topic deleted left it "tailing" nothing.
+PARTITION_CHECK_S = 10.0
 
 
 def describe_raw(msg: Message, settings: Settings, topics: Topics) -> Row:
@@ -284,18 +287,47 @@ class Tail:
                 [TopicPartition(t, p, off if off >= 0 else OFFSET_END) for (t, p), off in ends.items()]
             )
             self.state = "tailing"
+            followed = Counter(topic for topic, _ in ends)
+            checked = time.monotonic()
             while not self._stop.is_set():
                 msgs = consumer.consume(500, 0.2)
                 rows = []
                 for msg in msgs:
                     err = msg.error()
                     if err is not None:
-                        if err.code() != KafkaError._PARTITION_EOF and err.fatal():
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            continue
+                        if err.fatal():
                             raise KafkaException(err)
+                        # Said where the overview shows the tail's state (librdkafka retries it meanwhile).
+                        self.state = f"tailing; Kafka: {' '.join(err.str().split())}"
                         continue
                     rows.append(self._describe(msg))
                 if rows:
                     self.stats.add(rows)
                 self._publish(rows)
+                if time.monotonic() - checked >= PARTITION_CHECK_S:
+                    checked = time.monotonic()
+                    changed = self._partitions_changed(consumer, followed)
+                    if changed:
+                        # Back to a backfill: it reads the partitions there are now, and only what the
+                        # pages have not had yet.
+                        log.warning("console tail: %s; reading the topics again", changed)
+                        return
+                    self.state = "tailing"
         finally:
             consumer.close()
+
+    def _partitions_changed(self, consumer: Consumer, followed: Counter[str]) -> str | None:
+        """Why the partitions followed are no longer those of the topics (None when they are)."""
+        for topic in (self.topics.raw, self.topics.dlq):
+            meta = consumer.list_topics(topic, timeout=5).topics.get(topic)
+            if meta is None or meta.error is not None:
+                # Made anew, the topic's offsets start again at 0: those shown of the old one would hide
+                # its first records (a backfill notices a new topic only when it is shorter than the old).
+                for key in [key for key in self._shown if key[0] == topic]:
+                    del self._shown[key]
+                raise KafkaException(meta.error if meta is not None else f"topic {topic} not found")
+            if len(meta.partitions) != followed[topic]:
+                return f"{topic} has {len(meta.partitions)} partition(s), {followed[topic]} followed"
+        return None
