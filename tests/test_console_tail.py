@@ -52,6 +52,30 @@ def test_a_backfill_after_a_broker_error_neither_counts_nor_shows_a_record_twice
         loop.close()
 
 
+def test_a_backfill_after_a_broker_error_sends_the_pages_every_record_they_missed(
+    settings: Settings, topics: Topics
+) -> None:
+    """Reading the hour back after an error, the tail sent the pages only the newest 200 rows of the hour: the
+    records that came during the outage beyond those never reached an open Live page, and nothing said so."""
+    loop = asyncio.new_event_loop()
+    try:
+        tail = Tail(settings)
+        tail._loop = loop
+        sub = Subscriber(loop)
+        tail.subscribers.add(sub)
+        produce(settings, topics.raw, 5)
+        tail._backfill()
+        produce(settings, topics.raw, 300)  # while following failed
+        tail._backfill()
+        loop.run_until_complete(asyncio.sleep(0))  # the rows handed to the pages' loop
+        rows = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
+        assert len({(row["topic"], row["partition"], row["offset"]) for row in rows}) == len(rows) == 305
+        later = rows[5:]
+        assert [row["time"] for row in later] == sorted(row["time"] for row in later)
+    finally:
+        loop.close()
+
+
 def test_the_live_page_opens_with_the_newest_rows_of_the_hour(settings: Settings, topics: Topics) -> None:
     """The backfill sent its rows as it read them, partition after partition (only its last batch in time
     order): a new Live page opened with the last rows read, not the newest. Here the offsets run against

@@ -240,6 +240,9 @@ class Tail:
         # The newest rows read, by time: what the Live page opens with. Published as they were read, partition
         # after partition, the page opened with one partition's last rows rather than the newest.
         newest: list[tuple[int, int, Row]] = []
+        # Rows after those the pages have of a partition followed before (a backfill after an error): all of
+        # them go out, not only the newest, or what came during the outage beyond those never reached a page.
+        missed: list[tuple[int, int, Row]] = []
         with Log(self.settings, timeout=10.0) as kafka:
             ranges: list[Range] = []
             for topic in (self.topics.raw, self.topics.dlq):
@@ -260,12 +263,15 @@ class Tail:
                     counts.add(batch)
                     batch = []
                 item = (row["time"], n, row)
-                if len(newest) < RECENT_ROWS:
+                shown = self._shown.get((row["topic"], row["partition"]))
+                if shown is not None and row["offset"] >= shown:
+                    missed.append(item)
+                elif len(newest) < RECENT_ROWS:
                     heapq.heappush(newest, item)
                 else:
                     heapq.heappushpop(newest, item)
             counts.add(batch)
-        self._publish([row for _, _, row in sorted(newest)])
+        self._publish([row for _, _, row in sorted(newest + missed)])
         self.stats.replace(counts)
         self.backfill_partial = partial  # of the last backfill: one cut short said so for good
         return ends
