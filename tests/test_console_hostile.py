@@ -290,6 +290,19 @@ async def test_not_found_wrong_method_and_too_large_are_json_on_the_api(
     assert status == 413 and body == {"error": "the body is larger than 64 KiB", "code": "body_too_large"}
 
 
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_a_parameter_given_twice_is_refused_not_half_read(
+    http: tuple[ClientSession, str, dict[str, str]],
+) -> None:
+    """`?stage=route&stage=handler` listed the route stage's records only (the first value read, the other
+    dropped unseen), and `?id=A&id=B` traced A alone: refused, naming the comma-separated form."""
+    client, base, _ = http
+    for path in ("/api/dlq?stage=route&stage=handler", "/api/event?id=a&id=b", "/api/search?type=a&type=b"):
+        status, body = await answer(client, "GET", f"{base}{path}")
+        assert status == 400 and body["code"] == "bad_request", (path, body)
+        assert "given more than once" in body["error"], (path, body)
+
+
 # --- 6. the API agrees with the CLI ------------------------------------------------------------------------
 @pytest.mark.usefixtures("no_tracebacks")
 async def test_unknown_parameters_are_refused_and_replay_partitions_checked_before_accepting(

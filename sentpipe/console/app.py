@@ -228,6 +228,13 @@ def known(given: Collection[str], allowed: Collection[str], noun: str = "paramet
     unknown = sorted(set(given) - set(allowed))
     if unknown:
         raise Refused(f"unknown {noun} {shown(unknown[0])} (known: {', '.join(sorted(allowed))})")
+    # A query string may repeat a name (`?stage=route&stage=handler`): only the first value was read, and
+    # the selection narrowed unseen. Lists are one comma-separated value.
+    getall = getattr(given, "getall", None)  # a query string's MultiDict; a JSON body's dict has none
+    if getall is not None:
+        twice = sorted(name for name in set(given) if len(getall(name)) > 1)
+        if twice:
+            raise Refused(f"{noun} {shown(twice[0])} given more than once; give one comma-separated value")
 
 
 def int_param(query: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
