@@ -57,11 +57,12 @@ def parse_types(names: Iterable[str]) -> tuple[EventType, ...]:
     return parse_event_types(names, ROUTED_TYPES) or ROUTED_TYPES
 
 
-def parse_shape(text: str) -> ShapeChoice:
+def parse_shape(text: str, name: str = "--shape") -> ShapeChoice:
+    """A shape; ValueError naming the option or field `name` (the console's is `shape`) for any other."""
     for shape in SHAPES:
         if text == shape:
             return shape
-    raise ValueError(f"--shape must be one of {', '.join(SHAPES)}, not {text!r}")
+    raise ValueError(f"{name} must be one of {', '.join(SHAPES)}, not {text!r}")
 
 
 def webhook_id(rng: random.Random) -> str:

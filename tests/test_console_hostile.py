@@ -479,6 +479,10 @@ async def test_a_test_event_takes_only_a_status_its_type_has(
     for body, why in (
         ({"type": "message.status.updated", "status": "bogus"}, "status for message.status.updated must be"),
         ({"type": "message.inbound.received", "status": "read"}, "status does not apply"),
+        # The page's field names, not the CLI's options; a value of the wrong type named as such.
+        ({"type": "message.status.updated", "shape": "odd"}, "shape must be one of sent, guide, mixed"),
+        ({"type": "message.status.updated", "shape": {"a": 1}}, "shape must be a string"),
+        ({"type": 5}, "type must be a string"),
     ):
         status, answer_ = await answer(client, "POST", f"{base}/api/trigger", json=body, headers=headers)
         assert status == 400 and answer_["error"].startswith(why), answer_

@@ -759,8 +759,9 @@ async def trigger(request: web.Request) -> web.StreamResponse:
     data = await read_json(request)
     known(data, ("type", "status", "shape"), "field")
     try:
-        (type_,) = r.parse_event_types([str(data.get("type", ""))], ROUTED_TYPES)
-        shape = parse_shape(str(data.get("shape") or "sent"))
+        # Strings checked as such: str() made `5` an unknown type '5' and an object its Python repr.
+        (type_,) = r.parse_event_types([optional_text(data.get("type"), "type") or ""], ROUTED_TYPES)
+        shape = parse_shape(optional_text(data.get("shape"), "shape") or "sent", "shape")
         status = parse_status(type_, optional_text(data.get("status"), "status"), "status")
     except ValueError as exc:
         return problem(400, str(exc))
