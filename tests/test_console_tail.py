@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
+import orjson
+from aiohttp import ClientSession
+from aiohttp.test_utils import TestServer
 from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewPartitions, NewTopic
 
-from sentpipe.console.tail import Row, Subscriber, Tail
+from sentpipe.console import create_app
+from sentpipe.console.app import TAIL
+from sentpipe.console.tail import RECENT_ROWS, Row, Subscriber, Tail
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
@@ -190,3 +196,80 @@ async def test_the_tail_says_its_topic_is_gone_and_follows_it_again_once_made_an
         assert row is not None, f"no row from the topic made anew; tail state {tail.state!r}"
     finally:
         await asyncio.get_running_loop().run_in_executor(None, tail.stop)
+
+
+async def sse_rows(stream: Any, until: str = "ready") -> tuple[list[Row], list[str], str | None]:
+    """The rows (and other events) of a live stream up to its event `until`, and the last row's id."""
+    rows: list[Row] = []
+    events: list[str] = []
+    ids: list[str] = []
+    async with asyncio.timeout(60):  # a stream that never sends `until` fails the test, not hangs it
+        await _read_until(stream, until, rows, events, ids)
+    return rows, events, ids[-1] if ids else None
+
+
+async def _read_until(stream: Any, until: str, rows: list[Row], events: list[str], ids: list[str]) -> None:
+    event, data, row_id = "message", "", None
+    async for raw in stream.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            data = line[6:]
+        elif line.startswith("id: "):
+            row_id = line[4:]
+        elif line == "":
+            if event == "message" and data:
+                rows.append(orjson.loads(data))
+                ids.extend([row_id] if row_id else [])
+            elif event != "message":
+                events.append(f"{event}:{data}")
+            if event == until:
+                return
+            event, data, row_id = "message", "", None
+
+
+async def test_a_live_page_reconnecting_gets_every_row_it_missed(settings: Settings, topics: Topics) -> None:
+    """A reconnection (a network blip, a proxy's idle timeout) started again with the latest 50 rows: rows
+    that came in between beyond those were missing from the page, which said "live" as if nothing were. Each
+    row has an id; the browser sends the last one back (Last-Event-ID) and gets what came after it."""
+    app = create_app(settings.model_copy(update={"console_metrics_urls": []}))
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    base = f"http://127.0.0.1:{server.port}"
+    tail = app[TAIL]
+    try:
+        produce(settings, topics.raw, 3)
+        async with ClientSession() as client:
+            for _ in range(600):  # the tail's backfill read them (60 s at most)
+                if len(tail.recent) >= 3:
+                    break
+                await asyncio.sleep(0.1)
+            async with client.get(f"{base}/api/live") as stream:
+                first, _, last_id = await sse_rows(stream)
+            assert len(first) == 3
+            produce(settings, topics.raw, 120)  # while the page is away
+            for _ in range(600):
+                if len(tail.recent) >= 123:
+                    break
+                await asyncio.sleep(0.1)
+            assert len(tail.recent) >= 123
+            resume = {"Last-Event-ID": last_id} if last_id else {}  # what a browser sends reconnecting
+            async with client.get(f"{base}/api/live", headers=resume) as stream:
+                again, events, last_id = await sse_rows(stream)
+            seen = {(row["partition"], row["offset"]) for row in first}
+            assert not seen & {(row["partition"], row["offset"]) for row in again}
+            assert len(again) == 120, (len(again), events)
+            # Away for longer than the console holds rows (RECENT_ROWS): the rows it has, and the number
+            # it no longer has, said (the page shows "N rows skipped").
+            resume = {"Last-Event-ID": last_id} if last_id else {}
+            produce(settings, topics.raw, RECENT_ROWS + 50)
+            for _ in range(600):
+                if tail.seq >= 123 + RECENT_ROWS + 50:
+                    break
+                await asyncio.sleep(0.1)
+            async with client.get(f"{base}/api/live", headers=resume) as stream:
+                rows, events, _ = await sse_rows(stream, until="dropped")
+            assert len(rows) == RECENT_ROWS and events == ["ready:{}", "dropped:50"], (len(rows), events)
+    finally:
+        await server.close()

@@ -471,10 +471,19 @@ async def live(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     sub = tail.subscribe()
     reported = 0
+
+    def event(row: dict[str, Any]) -> bytes:
+        # The id is what the browser sends back (Last-Event-ID) when it reconnects.
+        return b"id: " + tail.row_id(row).encode() + b"\ndata: " + dumps(row) + b"\n\n"
+
     try:
-        for old in list(tail.recent)[-50:]:
-            await response.write(b"data: " + dumps({**old, "backlog": True}) + b"\n\n")
+        # Taken with no await since subscribing: a row is either in it or in the queue, never in both.
+        backlog, missed = tail.resumed(request.headers.get("Last-Event-ID"))
+        for old in backlog:
+            await response.write(event({**old, "backlog": True}))
         await response.write(b"event: ready\ndata: {}\n\n")
+        if missed:  # came while the page was away, and no longer held: said, not skipped unseen
+            await response.write(b"event: dropped\ndata: " + str(missed).encode() + b"\n\n")
         while True:
             try:
                 row: dict[str, Any] | None = await asyncio.wait_for(sub.queue.get(), 15)
@@ -483,7 +492,7 @@ async def live(request: web.Request) -> web.StreamResponse:
                 continue
             if row is None:
                 break
-            await response.write(b"data: " + dumps(row) + b"\n\n")
+            await response.write(event(row))
             if sub.dropped != reported:
                 reported = sub.dropped
                 await response.write(b"event: dropped\ndata: " + str(reported).encode() + b"\n\n")

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import secrets
 import threading
 import time
 from collections import Counter, deque
@@ -167,6 +168,11 @@ class Tail:
         self.stats = MinuteStats()
         self.recent: deque[Row] = deque(maxlen=RECENT_ROWS)
         self.subscribers: set[Subscriber] = set()
+        # Each row sent to the pages gets `seq`, one more than the last: a page reconnecting names the last
+        # it has (Last-Event-ID, as `<run>-<seq>`: this process's, not a restarted console's) and gets the
+        # rows after it, not merely the latest 50.
+        self.run_id = secrets.token_hex(4)
+        self.seq = 0
         self.state = "starting"  # starting, backfilling, tailing, or an error line
         self.backfill_partial = False
         self.started_ms = int(clock() * 1000)
@@ -193,11 +199,26 @@ class Tail:
         self.subscribers.add(sub)
         return sub
 
+    def row_id(self, row: Row) -> str:
+        return f"{self.run_id}-{row['seq']}"
+
+    def resumed(self, last_id: str | None) -> tuple[list[Row], int]:
+        """What a page starts with: after `last_id` (a Last-Event-ID), every row held since it and how many
+        came since that are no longer held; without one (or one of another run), the latest 50."""
+        held = list(self.recent)
+        run, _, seq = (last_id or "").partition("-")
+        if run != self.run_id or not seq.isascii() or not seq.isdigit() or int(seq) > self.seq:
+            return held[-50:], 0
+        after = [row for row in held if row["seq"] > int(seq)]
+        return after, self.seq - int(seq) - len(after)
+
     def unsubscribe(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
 
     def _fanout(self, rows: list[Row]) -> None:
         for row in rows:
+            self.seq += 1
+            row["seq"] = self.seq
             self.recent.append(row)
             for sub in self.subscribers:
                 sub.offer(row)
