@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
 from confluent_kafka import KafkaException, Producer
@@ -19,6 +20,7 @@ from sentpipe.console.tail import RECENT_ROWS, Row, Subscriber, Tail
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
+from tests.services import Services
 
 
 def produce(settings: Settings, topic: str, n: int) -> None:
@@ -273,3 +275,34 @@ async def test_a_live_page_reconnecting_gets_every_row_it_missed(settings: Setti
             assert len(rows) == RECENT_ROWS and events == ["ready:{}", "dropped:50"], (len(rows), events)
     finally:
         await server.close()
+
+
+async def test_the_tail_says_the_broker_stopped_answering_and_follows_again_after(
+    settings: Settings, topics: Topics, services: Services
+) -> None:
+    """A broker that answers nothing (a network partition, a long pause) left the tail saying "tailing": the
+    overview looked healthy while no record could arrive. It now says Kafka's error, and once the broker
+    answers again the records written meanwhile reach the page."""
+    if not services.kafka_local:
+        pytest.skip("needs the local broker (deploy/kafka/kafka.sh) to freeze it")
+    tail = Tail(settings)
+    tail.start(asyncio.get_running_loop())
+    try:
+        sub = tail.subscribe()
+        produce(settings, topics.raw, 1)
+        assert await rows_until(sub, lambda row: True) is not None
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, services.freeze_kafka)
+        try:
+            for _ in range(600):  # 120 s at most
+                if "Kafka" in tail.state:
+                    break
+                await asyncio.sleep(0.2)
+            assert "Kafka" in tail.state, tail.state  # what the overview shows
+        finally:
+            await loop.run_in_executor(None, services.thaw_kafka)
+        await loop.run_in_executor(None, produce, settings, topics.raw, 2)
+        row = await rows_until(sub, lambda row: row["subject"] == "msg-tail-1", 120)
+        assert row is not None, f"no row after the broker came back; tail state {tail.state!r}"
+    finally:
+        await asyncio.get_running_loop().run_in_executor(None, tail.stop)
