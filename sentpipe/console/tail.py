@@ -350,10 +350,12 @@ class Tail:
         for topic in (self.topics.raw, self.topics.dlq):
             meta = consumer.list_topics(topic, timeout=5).topics.get(topic)
             if meta is None or meta.error is not None:
-                # Made anew, the topic's offsets start again at 0: those shown of the old one would hide
-                # its first records (a backfill notices a new topic only when it is shorter than the old).
-                for key in [key for key in self._shown if key[0] == topic]:
-                    del self._shown[key]
+                if meta is None or meta.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    # Made anew, the topic's offsets start again at 0: those shown of the old one would hide
+                    # its first records (a backfill notices a new topic only when it is shorter than the
+                    # old). Not on any error: a leader being elected is no new topic, and its rows are shown.
+                    for key in [key for key in self._shown if key[0] == topic]:
+                        del self._shown[key]
                 raise KafkaException(meta.error if meta is not None else f"topic {topic} not found")
             if len(meta.partitions) != followed[topic]:
                 return f"{topic} has {len(meta.partitions)} partition(s), {followed[topic]} followed"
