@@ -299,6 +299,7 @@ async def test_the_tail_says_the_broker_stopped_answering_and_follows_again_afte
                     break
                 await asyncio.sleep(0.2)
             assert "Kafka" in tail.state, tail.state  # what the overview shows
+            assert "KafkaError{" not in tail.state, tail.state  # a line for a person, not a repr
         finally:
             await loop.run_in_executor(None, services.thaw_kafka)
         await loop.run_in_executor(None, produce, settings, topics.raw, 2)

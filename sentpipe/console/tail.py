@@ -247,7 +247,10 @@ class Tail:
                 ends = self._backfill()
                 self._follow(ends)
             except Exception as exc:  # the broker went away or the topics are missing: try again soon
-                self.state = f"Kafka: {' '.join(str(exc).split()) or type(exc).__name__}"
+                # librdkafka's own line, not the KafkaError's repr (`KafkaError{code=_TIMED_OUT,...}`).
+                err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+                why = err.str() if isinstance(err, KafkaError) else str(exc)
+                self.state = f"Kafka: {' '.join(why.split()) or type(exc).__name__}"
                 log.warning("console tail: %s; retrying in 5 s", self.state)
                 self._stop.wait(5)
 
