@@ -25,6 +25,7 @@ from sentpipe.cli_base import (
     MIN_TIMEOUT_S,
     fail,
     fraction,
+    out,
     per_second,
     print_untrusted_body,
     seconds,
@@ -451,7 +452,7 @@ def send_command(
         except KeyboardInterrupt:
             # What was accepted before the interrupt: the progress line that said so is gone with it.
             if so_far:
-                Console().print(summary_table(so_far[0], n_events, target, stopped=True))
+                out.print(summary_table(so_far[0], n_events, target, stopped=True))
                 hint = (
                     _resume_hint(so_far[0], skip, n_events)
                     if resumable and mode is SigningMode.VALID
@@ -461,7 +462,7 @@ def send_command(
                     err.print(hint, soft_wrap=True, highlight=False)
             raise
 
-    Console().print(summary_table(stats, n_events, target))
+    out.print(summary_table(stats, n_events, target))
     if stats.done < total:  # the file shrank between its check and its sending
         fail(f"only {stats.done} of {total} planned deliveries were made: {file} changed while it was sent")
     if mode is not SigningMode.VALID:
@@ -525,7 +526,6 @@ def trigger_command(
     _check_target(target, signing_secret)
     sample = one_event(SampleFactory(seed), event_type, shape_choice, checked_status)
     (delivery,) = plan_deliveries([sample], 0.0, False, random.Random(seed))
-    out = Console()
     print_untrusted_body(out, sample.body)
     outcomes: list[Outcome] = []
 
