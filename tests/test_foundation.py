@@ -281,6 +281,11 @@ ABSURD_SETTINGS = [
     ("SENTPIPE_SPOOL_DIR", " ", "is empty"),
     ("SENTPIPE_DATA_DIR", "", "is empty"),
     ("SENTPIPE_KAFKA_SSL_CA_FILE", "", "is empty"),
+    # Bytes that are not UTF-8 (lone surrogates in Python): a SystemError from librdkafka's constructor, a
+    # SASL user name "must be set", a token no browser can send.
+    ("SENTPIPE_KAFKA_BOOTSTRAP", "127.0.0.1:9092\udcff", "is not valid UTF-8"),
+    ("SENTPIPE_KAFKA_SASL_USERNAME", "user\udcff", "is not valid UTF-8"),
+    ("SENTPIPE_CONSOLE_TOKEN", "token\udcff", "is not valid UTF-8"),
     # pydantic's FilePath let the OSError out, naming no setting.
     ("SENTPIPE_KAFKA_SSL_CA_FILE", "x" * 3000, "cannot be read: File name too long"),
 ]
