@@ -96,7 +96,9 @@ MAX_SEED = 2**64 - 1
 
 
 def _resolve_target(url: str | None, tenant: str | None, s: Settings) -> str:
-    base = url or f"http://127.0.0.1:{s.ingress_port}/webhooks/sent"
+    if url == "":  # `send "$URL"` with the variable unset: it posted to the local ingress instead
+        fail("URL is empty: give the receiver's http(s) URL, or leave it out for the local ingress")
+    base = f"http://127.0.0.1:{s.ingress_port}/webhooks/sent" if url is None else url
     if not tenant:
         return base
     # Onto the path: after a query string (`?x=1/acme`) it posted to the default tenant with acme's secret.

@@ -68,6 +68,15 @@ def cli_limited(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.parametrize("command", [["send"], ["trigger", "message.status.updated"]], ids=" ".join)
+def test_an_empty_url_is_refused_not_taken_for_the_local_ingress(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """`sentpipe send "$URL"` with URL unset posted to the local ingress, as if no URL had been given."""
+    monkeypatch.setenv("SENTPIPE_INGRESS_PORT", str(free_port()))  # the "local ingress": nothing there
+    assert_refused(*invoke(capsys, *command, ""), "URL is empty")
+
+
 def unreachable_url() -> str:
     return f"http://127.0.0.1:{free_port()}/webhooks/sent"
 
