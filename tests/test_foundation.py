@@ -359,3 +359,24 @@ def test_a_port_in_use_is_one_line_naming_the_setting() -> None:
         f"error: cannot listen on http://127.0.0.1:{port} (SENTPIPE_INGRESS_HOST, SENTPIPE_INGRESS_PORT): "
     ), res.stderr
     assert last.endswith("address already in use"), res.stderr
+
+
+def test_a_host_no_url_can_hold_is_one_line_naming_the_setting() -> None:
+    """The failed bind was named with yarl's URL of the address, which refuses a host with a space: the line
+    was "ValueError: Host 'my host' cannot contain ' '", naming neither the setting nor the failure."""
+    res = _cli(
+        "ingress",
+        env={
+            "SENTPIPE_INGRESS_HOST": "my host",
+            "SENTPIPE_INGRESS_PORT": "0",
+            "SENTPIPE_INGRESS_METRICS_PORT": "0",
+            "SENTPIPE_INGRESS_WORKERS": "1",
+            "SENTPIPE_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+        },
+    )
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "error: cannot listen on my host:0 (SENTPIPE_INGRESS_HOST, SENTPIPE_INGRESS_PORT): "
+    )
+    assert "ValueError" not in res.stderr
