@@ -650,6 +650,13 @@ def spool_drain(dirs: SpoolDirOption = None, timeout: TimeoutOption = 10.0) -> N
     for o in outcomes:
         table.add_row(terminal_safe(str(o.dir)), o.state, str(o.drained), str(o.remaining), str(o.corrupt))
     out.print(table)
+    stopped = [o for o in outcomes if o.state in ("interrupted", "not_reached")]
+    if stopped:
+        drained = sum(o.drained for o in outcomes)
+        fail(
+            f"interrupted after {drained} of {drained + sum(o.remaining for o in stopped)} record(s) drained;"
+            " the rest are still spooled: run it again to go on"
+        )
     problems = []
     left = [o for o in outcomes if o.state == "incomplete"]
     if left:
