@@ -801,13 +801,18 @@ def _one_line(exc: BaseException) -> str:
 
 def run(main: Callable[[], Any]) -> int:
     """Run the CLI with errors as one line on stderr; SENTPIPE_DEBUG=1 shows tracebacks."""
-    import psycopg
-    from confluent_kafka import KafkaException
+    try:
+        # A tenth of a second of loading (psycopg's types, librdkafka): a Ctrl-C in it was a traceback.
+        import psycopg
+        from confluent_kafka import KafkaException
 
-    from sentpipe.kafka import BrokerUnavailable
-    from sentpipe.processors.handlers import HandlerModuleError
-    from sentpipe.processors.migrate import MigrationError
-    from sentpipe.processors.topics import CopartitioningError
+        from sentpipe.kafka import BrokerUnavailable
+        from sentpipe.processors.handlers import HandlerModuleError
+        from sentpipe.processors.migrate import MigrationError
+        from sentpipe.processors.topics import CopartitioningError
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
 
     try:
         # Typer answers Ctrl-C outside standalone mode by returning 130, not raising: without this, every

@@ -286,6 +286,27 @@ def test_ctrl_c_while_the_command_is_still_loading_is_interrupted_not_a_tracebac
     assert proc.returncode == 130
 
 
+def test_ctrl_c_while_the_error_handling_loads_is_interrupted_not_a_traceback() -> None:
+    """The CLI loaded, `run` imports psycopg and librdkafka's bindings for the errors it names, outside
+    the guard of the command: a Ctrl-C then ended in a KeyboardInterrupt traceback. The signal is sent once
+    psycopg's compiled part is mapped in, early in that import."""
+    script = Path(sys.executable).parent / "sentpipe"
+    proc = subprocess.Popen(
+        [str(script), "send", "--count", "1", unreachable_url()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).parent.parent,
+    )
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and "psycopg_binary" not in maps.read_text():
+        time.sleep(0.001)
+    proc.send_signal(2)  # SIGINT, as Ctrl-C sends it
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err.decode() and err.decode().strip().splitlines()[-1] == "interrupted", err
+    assert proc.returncode == 130
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
