@@ -431,7 +431,10 @@ def dlq_list(
     with _ops():
         sel = make_selection(reasons=reason or (), stages=stage or (), since=since)
         _connect(s, timeout)
-        listing = list_entries(s, sel, limit=limit, timeout=timeout, include_redriven=all_)
+        with _bar("reading the DLQ") as progress:
+            listing = list_entries(
+                s, sel, limit=limit, timeout=timeout, include_redriven=all_, progress=progress
+            )
     columns = ["ID", "time", "stage", "error", "event / key", "type", "tenant", "original", "attempts"]
     table = Table(*columns, *(["redriven by"] if all_ else []))
     for e in listing.entries:
