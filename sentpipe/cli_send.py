@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import resource
@@ -247,8 +248,12 @@ def _events(
         return _passed_over(iter_events(SampleFactory(seed), chosen, shape, n), skip), n - skip
     # --file without --type sends every line, unrouted ones too (the ingress's dead-letter path).
     wanted = chosen if types else tuple(EventType)
+    # Checked whole before the first event goes (about 5 s for 100 MB): on a terminal, a spinner says so
+    # rather than nothing until the progress line.
+    checking = err.status(terminal_safe(f"checking {file}")) if err.is_terminal else contextlib.nullcontext()
     try:
-        scan = files.enter_context(scan_jsonl(file, skip_bad, wanted, count))
+        with checking:
+            scan = files.enter_context(scan_jsonl(file, skip_bad, wanted, count))
     except OSError as exc:
         fail(f"cannot read {file}: {exc.strerror or exc}")
     except ValueError as exc:  # a BadLine: its message starts with the line number
