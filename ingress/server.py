@@ -63,14 +63,16 @@ WORKER_PROBE_EVERY_S = 5.0
 WORKER_PROBE_TIMEOUT_S = 1.0
 
 
-async def _listen(site: web.TCPSite, settings_named: str) -> None:
+async def _listen(site: web.TCPSite, host: str, port: int, settings_named: str) -> None:
     """Bind, or StartupError naming the settings: a port in use or a host that does not resolve."""
     try:
         await site.start()
     except OSError as exc:
-        raise StartupError(
-            f"cannot listen on {site.name} ({settings_named}): {exc.strerror or exc}"
-        ) from None
+        try:
+            where = site.name
+        except ValueError:  # a host no URL can hold ('my host'): naming it was a ValueError of yarl's
+            where = f"{host}:{port}"
+        raise StartupError(f"cannot listen on {where} ({settings_named}): {exc.strerror or exc}") from None
 
 
 async def serve(
@@ -113,8 +115,8 @@ async def serve(
     guard(metrics_runner, settings.body_timeout_s)  # bound like the webhook port: the same descriptors
     metrics_site = web.TCPSite(metrics_runner, metrics_host or host, metrics_port)
     try:
-        await _listen(site, "SENTPIPE_INGRESS_HOST, SENTPIPE_INGRESS_PORT")
-        await _listen(metrics_site, "SENTPIPE_INGRESS_METRICS_PORT")
+        await _listen(site, host, port, "SENTPIPE_INGRESS_HOST, SENTPIPE_INGRESS_PORT")
+        await _listen(metrics_site, metrics_host or host, metrics_port, "SENTPIPE_INGRESS_METRICS_PORT")
     except StartupError:
         # The producer is running by now: closed in order, its probes do not die with the loop (tracebacks).
         await metrics_runner.cleanup()

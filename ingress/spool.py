@@ -747,6 +747,20 @@ class Spool:
         A failed window is sent again from its first failed record after a backoff (records after it that
         did land are sent twice: the dedup table drops them). Runs until cancelled; with once=True it
         returns when the spool is empty or a window fails."""
+        try:
+            return await self._drain(send, can_send, progress, once)
+        finally:
+            # Cancelled too (Ctrl-C in `spool drain`): the checkpoint, written at most every few seconds, was
+            # left behind what the broker had acknowledged, which the next drain sent again.
+            self._write_checkpoint(force=True)
+
+    async def _drain(
+        self,
+        send: Callable[[SpoolRecord], asyncio.Future[Delivered]],
+        can_send: Callable[[], bool],
+        progress: Callable[[DrainProgress], None] | None,
+        once: bool,
+    ) -> DrainProgress:
         drained = 0
         delay = DRAIN_BACKOFF_S[0]
         while True:
@@ -853,7 +867,6 @@ class Spool:
                 delay = DRAIN_BACKOFF_S[0]
                 if queue_full and not futs:  # full of the requests' records: let the producer send some
                     await asyncio.sleep(DRAIN_BACKOFF_S[0])
-        self._write_checkpoint(force=True)
         return DrainProgress(drained, self.records, self.corrupt)
 
     async def run(
@@ -1196,7 +1209,9 @@ def spool_dirs_at(path: Path) -> list[Path]:
 @dataclass(frozen=True)
 class DrainOutcome:
     dir: Path
-    state: str  # drained | empty | in_use (an ingress holds it: it drains it itself) | incomplete
+    # drained | empty | in_use (an ingress holds it: it drains it itself) | incomplete | interrupted (Ctrl-C
+    # or SIGTERM during its pass) | not_reached (its turn had not come)
+    state: str
     drained: int
     remaining: int
     corrupt: int
@@ -1206,10 +1221,15 @@ async def drain_directories(
     settings: Settings, dirs: Sequence[Path], progress: Callable[[int, int], None] | None = None
 ) -> list[DrainOutcome]:
     """`sentpipe spool drain`: one pass over spool directories no process holds, each to the broker and
-    deleted as it empties. A window the broker refuses ends that directory's pass (state incomplete)."""
+    deleted as it empties. A window the broker refuses ends that directory's pass (state incomplete).
+
+    A cancellation (asyncio.run's answer to Ctrl-C) ends the pass and returns what it did: the directory in
+    hand `interrupted`, those after it `not_reached`. It ended in a bare "interrupted" that said nothing of
+    how far the drain got. A second one is raised."""
     producer = AsyncProducer.from_settings(settings)
     await producer.start()
     outcomes = []
+    interrupted = False
     try:
         spools: list[tuple[Path, Spool | None]] = []
         seen: set[Path] = set()
@@ -1234,17 +1254,33 @@ async def drain_directories(
                 if not spool.segments:
                     outcomes.append(DrainOutcome(path, "empty", 0, 0, 0))
                     continue
+                if interrupted:
+                    outcomes.append(DrainOutcome(path, "not_reached", 0, spool.records + spool.refused, 0))
+                    continue
                 before = done
+                so_far = DrainProgress(0, spool.records, 0)
 
                 def report(p: DrainProgress, before: int = before) -> None:
+                    nonlocal so_far
+                    so_far = p
                     if progress is not None:
                         progress(before + p.drained, total)
 
-                result = await spool.drain(
-                    lambda rec: producer.produce(rec.topic, rec.key, rec.value, rec.headers),
-                    once=True,
-                    progress=report,
-                )
+                try:
+                    result = await spool.drain(
+                        lambda rec: producer.produce(rec.topic, rec.key, rec.value, rec.headers),
+                        once=True,
+                        progress=report,
+                    )
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is None or task.uncancel() > 0:  # asked twice: stop now
+                        raise
+                    interrupted = True
+                    done += so_far.drained
+                    left = spool.records + spool.refused
+                    outcomes.append(DrainOutcome(path, "interrupted", so_far.drained, left, so_far.corrupt))
+                    continue
                 done += result.drained
                 state = "drained" if not spool.segments and not spool.refused else "incomplete"
                 left = spool.records + spool.refused

@@ -367,6 +367,9 @@ class DlqListing:
     redriven: int = 0  # matching records a redrive already took (listed only with `include_redriven`)
 
 
+LIST_PROGRESS_EVERY = 500  # records read between two progress reports of a listing
+
+
 def list_entries(
     settings: Settings,
     sel: DlqSelection,
@@ -374,8 +377,10 @@ def list_entries(
     limit: int = 50,
     timeout: float = 10.0,
     include_redriven: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DlqListing:
-    """The newest `limit` records that match; those a redrive already took only with `include_redriven`."""
+    """The newest `limit` records that match; those a redrive already took only with `include_redriven`.
+    `progress` is told (records read, records to read) as the DLQ is read: all of it, to show the newest."""
     if not 1 <= limit <= 1_000_000:
         raise OpsError("--limit must be between 1 and 1000000")
     topics = Topics(settings.topic_prefix)
@@ -386,7 +391,11 @@ def list_entries(
         # (parsing every match cost ~40 us each, 40 s over a million letters to show 50).
         newest: deque[DlqEntry] = deque(maxlen=limit)
         matched = passed = 0
-        for msg in kafka.read(_ranges(kafka, topics.dlq, sel)):
+        ranges = _ranges(kafka, topics.dlq, sel)
+        size = sum(rng.size for rng in ranges)
+        for n, msg in enumerate(kafka.read(ranges), 1):
+            if progress is not None and n % LIST_PROGRESS_EVERY == 0:
+                progress(n, size)
             e = DlqEntry.from_message(msg)
             if not sel.admits(e):
                 continue

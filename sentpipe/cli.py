@@ -431,7 +431,10 @@ def dlq_list(
     with _ops():
         sel = make_selection(reasons=reason or (), stages=stage or (), since=since)
         _connect(s, timeout)
-        listing = list_entries(s, sel, limit=limit, timeout=timeout, include_redriven=all_)
+        with _bar("reading the DLQ") as progress:
+            listing = list_entries(
+                s, sel, limit=limit, timeout=timeout, include_redriven=all_, progress=progress
+            )
     columns = ["ID", "time", "stage", "error", "event / key", "type", "tenant", "original", "attempts"]
     table = Table(*columns, *(["redriven by"] if all_ else []))
     for e in listing.entries:
@@ -650,6 +653,13 @@ def spool_drain(dirs: SpoolDirOption = None, timeout: TimeoutOption = 10.0) -> N
     for o in outcomes:
         table.add_row(terminal_safe(str(o.dir)), o.state, str(o.drained), str(o.remaining), str(o.corrupt))
     out.print(table)
+    stopped = [o for o in outcomes if o.state in ("interrupted", "not_reached")]
+    if stopped:
+        drained = sum(o.drained for o in outcomes)
+        fail(
+            f"interrupted after {drained} of {drained + sum(o.remaining for o in stopped)} record(s) drained;"
+            " the rest are still spooled: run it again to go on"
+        )
     problems = []
     left = [o for o in outcomes if o.state == "incomplete"]
     if left:
@@ -798,13 +808,18 @@ def _one_line(exc: BaseException) -> str:
 
 def run(main: Callable[[], Any]) -> int:
     """Run the CLI with errors as one line on stderr; SENTPIPE_DEBUG=1 shows tracebacks."""
-    import psycopg
-    from confluent_kafka import KafkaException
+    try:
+        # A tenth of a second of loading (psycopg's types, librdkafka): a Ctrl-C in it was a traceback.
+        import psycopg
+        from confluent_kafka import KafkaException
 
-    from sentpipe.kafka import BrokerUnavailable
-    from sentpipe.processors.handlers import HandlerModuleError
-    from sentpipe.processors.migrate import MigrationError
-    from sentpipe.processors.topics import CopartitioningError
+        from sentpipe.kafka import BrokerUnavailable
+        from sentpipe.processors.handlers import HandlerModuleError
+        from sentpipe.processors.migrate import MigrationError
+        from sentpipe.processors.topics import CopartitioningError
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
 
     try:
         # Typer answers Ctrl-C outside standalone mode by returning 130, not raising: without this, every

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 import signal
 import threading
@@ -20,7 +21,22 @@ from rich.text import Text
 from sentpipe.schemas import exact_json
 from sentpipe.settings import Settings
 
-out = Console()
+# Wider than any row: a table's width is its content's, so this only stops cells being cut.
+PIPE_WIDTH = 100_000
+
+
+def stdout_console() -> Console:
+    """The console for results. On a terminal Rich fits tables to it; written to a pipe or a file, where
+    grep or a ticket reads them, a table must keep every cell whole and every row on one line: Rich's
+    80 columns there cut topics, times and keys to "sent.event…" and folded each header onto its own
+    line. COLUMNS, when set, is kept."""
+    console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=PIPE_WIDTH)
+    return console
+
+
+out = stdout_console()
 err = Console(stderr=True)
 
 

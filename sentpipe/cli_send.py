@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import resource
@@ -25,6 +26,7 @@ from sentpipe.cli_base import (
     MIN_TIMEOUT_S,
     fail,
     fraction,
+    out,
     per_second,
     print_untrusted_body,
     seconds,
@@ -95,7 +97,9 @@ MAX_SEED = 2**64 - 1
 
 
 def _resolve_target(url: str | None, tenant: str | None, s: Settings) -> str:
-    base = url or f"http://127.0.0.1:{s.ingress_port}/webhooks/sent"
+    if url == "":  # `send "$URL"` with the variable unset: it posted to the local ingress instead
+        fail("URL is empty: give the receiver's http(s) URL, or leave it out for the local ingress")
+    base = f"http://127.0.0.1:{s.ingress_port}/webhooks/sent" if url is None else url
     if not tenant:
         return base
     # Onto the path: after a query string (`?x=1/acme`) it posted to the default tenant with acme's secret.
@@ -244,8 +248,12 @@ def _events(
         return _passed_over(iter_events(SampleFactory(seed), chosen, shape, n), skip), n - skip
     # --file without --type sends every line, unrouted ones too (the ingress's dead-letter path).
     wanted = chosen if types else tuple(EventType)
+    # Checked whole before the first event goes (about 5 s for 100 MB): on a terminal, a spinner says so
+    # rather than nothing until the progress line.
+    checking = err.status(terminal_safe(f"checking {file}")) if err.is_terminal else contextlib.nullcontext()
     try:
-        scan = files.enter_context(scan_jsonl(file, skip_bad, wanted, count))
+        with checking:
+            scan = files.enter_context(scan_jsonl(file, skip_bad, wanted, count))
     except OSError as exc:
         fail(f"cannot read {file}: {exc.strerror or exc}")
     except ValueError as exc:  # a BadLine: its message starts with the line number
@@ -451,7 +459,7 @@ def send_command(
         except KeyboardInterrupt:
             # What was accepted before the interrupt: the progress line that said so is gone with it.
             if so_far:
-                Console().print(summary_table(so_far[0], n_events, target, stopped=True))
+                out.print(summary_table(so_far[0], n_events, target, stopped=True))
                 hint = (
                     _resume_hint(so_far[0], skip, n_events)
                     if resumable and mode is SigningMode.VALID
@@ -461,7 +469,7 @@ def send_command(
                     err.print(hint, soft_wrap=True, highlight=False)
             raise
 
-    Console().print(summary_table(stats, n_events, target))
+    out.print(summary_table(stats, n_events, target))
     if stats.done < total:  # the file shrank between its check and its sending
         fail(f"only {stats.done} of {total} planned deliveries were made: {file} changed while it was sent")
     if mode is not SigningMode.VALID:
@@ -525,7 +533,6 @@ def trigger_command(
     _check_target(target, signing_secret)
     sample = one_event(SampleFactory(seed), event_type, shape_choice, checked_status)
     (delivery,) = plan_deliveries([sample], 0.0, False, random.Random(seed))
-    out = Console()
     print_untrusted_body(out, sample.body)
     outcomes: list[Outcome] = []
 

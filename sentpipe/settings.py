@@ -145,6 +145,17 @@ def _libpq_parse_problem(conninfo: str) -> str | None:
     return None
 
 
+# Files and directories: a name the file system holds, which need not be UTF-8 (the other settings are text).
+PATH_SETTINGS = (
+    "kafka_ssl_ca_file",
+    "kafka_ssl_cert_file",
+    "kafka_ssl_key_file",
+    "secrets_file",
+    "spool_dir",
+    "data_dir",
+)
+
+
 def default_app_id(topic_prefix: str) -> str:
     """`sentpipe` for the default prefix, `sentpipe-<prefix>` for any other."""
     name = topic_prefix.strip(".")
@@ -348,15 +359,7 @@ class Settings(BaseSettings):
             data = {**data, "app_id": default_app_id(str(data.get("topic_prefix") or "sent."))}
         return data
 
-    @field_validator(
-        "kafka_ssl_ca_file",
-        "kafka_ssl_cert_file",
-        "kafka_ssl_key_file",
-        "secrets_file",
-        "spool_dir",
-        "data_dir",
-        mode="before",
-    )
+    @field_validator(*PATH_SETTINGS, mode="before")
     @classmethod
     def _a_path_given(cls, v: object, info: ValidationInfo) -> object:
         # An empty value is Path("."), the current directory: a spool or table store written wherever the
@@ -439,6 +442,19 @@ class Settings(BaseSettings):
         problem = tenant_name_problem(v)
         if problem is not None:
             raise PydanticCustomError("tenant", "the tenant name {problem}", {"problem": problem})
+        return v
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _utf8_text(cls, v: object, info: ValidationInfo) -> object:
+        # Bytes that are not UTF-8 come from the environment as lone surrogates, which no client can send:
+        # a bootstrap address of them was a SystemError from librdkafka's constructor, a SASL user name
+        # "must be set". The value is not quoted: it may be a secret.
+        if isinstance(v, str) and info.field_name not in PATH_SETTINGS:
+            try:
+                v.encode()
+            except UnicodeEncodeError:
+                raise PydanticCustomError("utf8", "is not valid UTF-8") from None
         return v
 
     @field_validator("kafka_bootstrap")

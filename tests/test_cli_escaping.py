@@ -27,6 +27,8 @@ TITLE = ESC + "]0;pwned" + BEL  # sets the window title
 # Never in the output, in either mode (SGR colour codes are Rich's own in the terminal mode).
 FORBIDDEN = (BEL, CSI8, RLO, "\r", "\x00")
 SGR = re.compile(r"\x1b\[[0-9;]*m")
+# A progress bar's own controls on stderr (terminal mode): hide and show the cursor, move up, clear the line.
+PROGRESS = re.compile(r"\x1b\[\?25[lh]|\r?\x1b\[2K|\x1b\[1A")
 
 RAW_KEY = "[/x]" + CLEAR
 ROUTED_ID = "[/x]" + RLO + "gnp.exe"
@@ -99,7 +101,7 @@ def run_cli(s: Settings, *args: str, terminal: bool) -> subprocess.CompletedProc
 def assert_inert(res: subprocess.CompletedProcess[str], terminal: bool) -> str:
     """No traceback, no escape sequence but Rich's own colours; returns stdout without those colours."""
     assert "Traceback" not in res.stderr, res.stderr
-    for stream in (res.stdout, res.stderr):
+    for stream in (res.stdout, PROGRESS.sub("", res.stderr) if terminal else res.stderr):
         plain = SGR.sub("", stream) if terminal else stream
         assert ESC not in plain, ascii(stream)
         for char in FORBIDDEN:

@@ -68,6 +68,15 @@ def cli_limited(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.parametrize("command", [["send"], ["trigger", "message.status.updated"]], ids=" ".join)
+def test_an_empty_url_is_refused_not_taken_for_the_local_ingress(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
+    """`sentpipe send "$URL"` with URL unset posted to the local ingress, as if no URL had been given."""
+    monkeypatch.setenv("SENTPIPE_INGRESS_PORT", str(free_port()))  # the "local ingress": nothing there
+    assert_refused(*invoke(capsys, *command, ""), "URL is empty")
+
+
 def unreachable_url() -> str:
     return f"http://127.0.0.1:{free_port()}/webhooks/sent"
 
@@ -277,6 +286,36 @@ def test_ctrl_c_while_the_command_is_still_loading_is_interrupted_not_a_tracebac
     assert proc.returncode == 130
 
 
+def test_ctrl_c_while_the_error_handling_loads_is_interrupted_not_a_traceback() -> None:
+    """The CLI loaded, `run` imports psycopg and librdkafka's bindings for the errors it names, outside
+    the guard of the command: a Ctrl-C then ended in a KeyboardInterrupt traceback. The process sends
+    itself SIGINT as psycopg's import starts (a real signal, at that moment whatever the machine's load)."""
+    ctrl_c_at_psycopg = """
+import os, signal, sys
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == "psycopg":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+from sentpipe.launch import main
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["sentpipe", "send", "--count", "1", sys.argv[1]]
+main()
+"""
+    res = subprocess.run(
+        [sys.executable, "-c", ctrl_c_at_psycopg, unreachable_url()],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert "Traceback" not in res.stderr and res.stderr.strip().splitlines()[-1] == "interrupted", res.stderr
+    assert res.returncode == 130
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -357,3 +396,46 @@ def test_the_console_announces_an_address_a_browser_can_open() -> None:
     assert browser_url("::", 8090) == "http://127.0.0.1:8090/"
     assert browser_url("::1", 8090) == "http://[::1]:8090/"
     assert browser_url("console.internal", 80) == "http://console.internal:80/"
+
+
+def test_send_says_on_a_terminal_that_it_checks_the_file(tmp_path: Path) -> None:
+    """`--file` is checked whole before the first event goes (about 5 s for 100 MB): the terminal showed
+    nothing for as long as that took, then the progress line."""
+    import pty
+    import threading
+
+    from sentpipe.schemas.samples import SampleFactory
+
+    events = tmp_path / "events.jsonl"
+    f = SampleFactory(5)
+    events.write_bytes(b"".join(f.message_status(f"m{i}", "read").body + b"\n" for i in range(50)))
+    terminal, stderr = pty.openpty()
+    shown: list[bytes] = []
+
+    def read_terminal() -> None:
+        while True:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # the other end closed
+                return
+            if not chunk:
+                return
+            shown.append(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "sentpipe", "send", unreachable_url(), "--file", str(events)],
+            env={**os.environ, "TERM": "xterm", "COLUMNS": "250"},
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            timeout=60,
+        )
+    finally:
+        os.close(stderr)
+        reader.join(timeout=10)
+        os.close(terminal)
+    assert res.returncode == 1  # nothing listens there: checked, then refused in one line
+    seen = b"".join(shown)
+    assert f"checking {events}".encode() in seen and b"cannot reach" in seen, seen

@@ -281,6 +281,11 @@ ABSURD_SETTINGS = [
     ("SENTPIPE_SPOOL_DIR", " ", "is empty"),
     ("SENTPIPE_DATA_DIR", "", "is empty"),
     ("SENTPIPE_KAFKA_SSL_CA_FILE", "", "is empty"),
+    # Bytes that are not UTF-8 (lone surrogates in Python): a SystemError from librdkafka's constructor, a
+    # SASL user name "must be set", a token no browser can send.
+    ("SENTPIPE_KAFKA_BOOTSTRAP", "127.0.0.1:9092\udcff", "is not valid UTF-8"),
+    ("SENTPIPE_KAFKA_SASL_USERNAME", "user\udcff", "is not valid UTF-8"),
+    ("SENTPIPE_CONSOLE_TOKEN", "token\udcff", "is not valid UTF-8"),
     # pydantic's FilePath let the OSError out, naming no setting.
     ("SENTPIPE_KAFKA_SSL_CA_FILE", "x" * 3000, "cannot be read: File name too long"),
 ]
@@ -354,3 +359,24 @@ def test_a_port_in_use_is_one_line_naming_the_setting() -> None:
         f"error: cannot listen on http://127.0.0.1:{port} (SENTPIPE_INGRESS_HOST, SENTPIPE_INGRESS_PORT): "
     ), res.stderr
     assert last.endswith("address already in use"), res.stderr
+
+
+def test_a_host_no_url_can_hold_is_one_line_naming_the_setting() -> None:
+    """The failed bind was named with yarl's URL of the address, which refuses a host with a space: the line
+    was "ValueError: Host 'my host' cannot contain ' '", naming neither the setting nor the failure."""
+    res = _cli(
+        "ingress",
+        env={
+            "SENTPIPE_INGRESS_HOST": "my host",
+            "SENTPIPE_INGRESS_PORT": "0",
+            "SENTPIPE_INGRESS_METRICS_PORT": "0",
+            "SENTPIPE_INGRESS_WORKERS": "1",
+            "SENTPIPE_KAFKA_BOOTSTRAP": "127.0.0.1:1",
+        },
+    )
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "error: cannot listen on my host:0 (SENTPIPE_INGRESS_HOST, SENTPIPE_INGRESS_PORT): "
+    )
+    assert "ValueError" not in res.stderr

@@ -488,3 +488,23 @@ def test_dlq_show_refuses_a_malformed_id_before_asking_the_broker() -> None:
         with pytest.raises(BlockingIOError):
             broker.accept()[0].close()  # nobody connected
     assert_one_line_error(res, "'x' is not a DLQ record ID")
+
+
+def test_events_show_into_a_pipe_keeps_every_cell_whole(settings: Settings, topics: Topics) -> None:
+    """Written to a pipe or a file (`events show ID > ticket.txt`, `dlq list | grep`), the tables were cut
+    to 80 columns: "sent.event…", "2026-12-07T…", the key and headers cut, each header on its own line."""
+    body = SampleFactory(25).message_status("m-piped", "read").body
+    event_id = frame(body, webhook_id=None).event_id
+    write_as_ingress_and_router(settings, topics, body, event_id, ["default"])
+    env = {k: v for k, v in settings_env(settings).items() if k != "COLUMNS"}
+    res = subprocess.run(
+        [sys.executable, "-m", "sentpipe", "events", "show", event_id],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "…" not in res.stdout, res.stdout
+    (raw_row,) = [line for line in res.stdout.splitlines() if f" {topics.raw} " in line]
+    assert event_id in raw_row and "sentpipe-tenant=default, " in raw_row, res.stdout

@@ -24,7 +24,7 @@ from sentpipe.schemas.topics import Topics
 from sentpipe.sender.plan import generate
 from sentpipe.settings import Settings
 from tests.http_tools import metric_sum, post_signed, scrape
-from tests.kafka_tools import read_topic
+from tests.kafka_tools import read_topic, record_count
 from tests.oracle import actual_state, expected_state, row_count
 from tests.pipeline import start_worker, wait_caught_up, wait_for, wait_until
 from tests.processes import Proc, settings_env, start_ingress
@@ -348,3 +348,40 @@ def test_a_three_minute_broker_outage_is_invisible_to_sent(
     )
     assert got.message_status == exp.message_status
     assert got.template_status == exp.template_status
+
+
+def test_an_interrupted_spool_drain_shows_how_far_it_got(settings: Settings, tmp_path: Path) -> None:
+    """Ctrl-C in `spool drain` ended in a bare "interrupted": nothing said how many records had reached the
+    broker and how many were still spooled. Now the summary table, then one line with both (exit 1)."""
+    import signal
+
+    total = 100_000
+    spool_dir = tmp_path / "spool"
+    directory = process_dir(spool_dir, 4)
+    _prefill(directory, settings, total, 100)
+    raw = Topics(settings.topic_prefix).raw
+    before = record_count(settings.kafka_bootstrap, raw)  # the module's earlier tests' records
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sentpipe", "spool", "drain"],
+        env=settings_env(settings, spool_dir=spool_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Ctrl-C once the drain has begun: its first records are on the broker.
+    wait_until(lambda: record_count(settings.kafka_bootstrap, raw) > before, 120, "the first drained records")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, (out, err)
+    line = err.strip().splitlines()[-1]
+    found = re.fullmatch(
+        r"error: interrupted after (\d+) of (\d+) record\(s\) drained; the rest are still spooled: "
+        r"run it again to go on",
+        line,
+    )
+    assert found is not None, err
+    drained, of = int(found[1]), int(found[2])
+    assert of == total and drained < total, line
+    assert re.search(rf"ingress-4 .*interrupted .* {drained} .* {total - drained} ", out), out
+    assert status_of(directory).records == total - drained  # what it says is left is what is left
+    assert record_count(settings.kafka_bootstrap, raw) - before >= drained
