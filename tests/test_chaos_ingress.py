@@ -24,7 +24,8 @@ from tests.processes import start_ingress
 from tests.services import Services
 
 
-def _post(url: str, body: bytes, secret: str) -> tuple[int, dict[str, str], float]:
+def _post(url: str, body: bytes, secret: str) -> tuple[int, dict[str, str], bytes, float]:
+    """The answer's status, headers and body, and how long it took."""
     headers = {
         **signature_headers(secret, "chaos", int(time.time()), body),
         "content-type": "application/json",
@@ -32,9 +33,9 @@ def _post(url: str, body: bytes, secret: str) -> tuple[int, dict[str, str], floa
     t0 = time.monotonic()
     try:
         with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers), timeout=30) as r:
-            return r.status, dict(r.headers), time.monotonic() - t0
+            return r.status, dict(r.headers), r.read(), time.monotonic() - t0
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), time.monotonic() - t0
+        return e.code, dict(e.headers), e.read(), time.monotonic() - t0
 
 
 def _status(url: str) -> int:
@@ -94,8 +95,14 @@ def test_broker_down_means_503_at_once_and_not_ready_then_recovers_losing_nothin
             # The producer has noticed once /readyz says so (it answers from the tracked state, at once).
             wait_for(lambda: _status(f"{base}/readyz"), lambda s: s == 503, 20, "/readyz 503", proc.tail)
             for _ in range(40):
-                status, headers, took = _post(url, f.inbound().body, secret)
+                status, headers, answer, took = _post(url, f.inbound().body, secret)
                 assert status == 503 and headers.get("Retry-After"), (status, headers)
+                # Refused before any produce because the producer knows every broker is down: not a
+                # record queued and timed out (that answer names the timeout, after 5 s).
+                assert orjson.loads(answer) == {
+                    "error": "broker_unavailable",
+                    "detail": "event not stored (all_brokers_down); retry",
+                }, answer
                 latencies.append(took)
             assert _status(f"{base}/healthz") == 200
             # A load thread may still wait on a request sent before the producer noticed; the broker stays
@@ -128,8 +135,8 @@ def test_broker_down_means_503_at_once_and_not_ready_then_recovers_losing_nothin
     report = f"broker down, producer aware: 503 latency p50 {p50 * 1000:.1f} ms, max {worst * 1000:.1f} ms"
     print(report)
     (tmp_path / "latency.txt").write_text(report + "\n")
-    # Well before the 5 s produce timeout; 50 ms is the target, but a loaded machine gets slack here.
-    assert worst < 1.0, report
+    # The latency is reported, not asserted (a loaded machine makes any bound a guess): that the 503s came
+    # at once, without a produce, is asserted above by the reason each one gives.
     acked = {body for body, status in answered if status == 200} | {after}
     statuses = {status for _, status in answered}
     assert statuses <= {200, 503}, statuses
