@@ -602,6 +602,10 @@ def _spool_dirs(dirs: list[Path] | None) -> list[Path]:
         except SpoolError as exc:
             fail(str(exc))
     root = settings().spool_dir
+    if root.exists() and not root.is_dir():
+        # A file there read as "no spool directories", exit 0: all clear, for a spool that is not where it
+        # was looked for.
+        fail(f"SENTPIPE_SPOOL_DIR {root} is not a directory")
     return process_dirs(root)
 
 

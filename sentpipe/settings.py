@@ -462,6 +462,11 @@ class Settings(BaseSettings):
     def _some_broker(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("names no broker: give host:port[,host:port...]")
+        for entry in v.split(","):
+            # A port no socket can have was librdkafka's "did not answer within N s", a wait and a wrong lead.
+            _, sep, port = entry.strip().rpartition(":")
+            if sep and port.isascii() and port.isdigit() and not 0 < int(port) < 65536:
+                raise ValueError(f"port {port[:12]} of {entry.strip()[:80]!r} is not between 1 and 65535")
         return v
 
     def tenant_secrets(self) -> dict[str, list[str]]:

@@ -264,6 +264,9 @@ ABSURD_SETTINGS = [
     ("SENTPIPE_DEFAULT_TENANT", "a/b", "holds '/'"),
     ("SENTPIPE_DEFAULT_TENANT", "t" * 257, "longer than 256"),
     ("SENTPIPE_KAFKA_BOOTSTRAP", " ", "names no broker"),
+    # Reported as a broker that did not answer, after the whole connect timeout.
+    ("SENTPIPE_KAFKA_BOOTSTRAP", "127.0.0.1:9092,127.0.0.1:99999", "port 99999 of '127.0.0.1:99999' is not"),
+    ("SENTPIPE_KAFKA_BOOTSTRAP", "SSL://[::1]:0", "port 0 of"),
     ("SENTPIPE_TOPIC_PREFIX", "x" * 231, "longer than 230"),
     ("SENTPIPE_APP_ID", "a:b", "letters, digits"),
     # A pydantic-settings JSON error naming no setting; the item's index taken for part of the name; a
@@ -310,6 +313,17 @@ def test_absurd_settings_are_refused_in_one_line_naming_the_setting(
     assert res.stderr.startswith(f"error: invalid setting {name}: "), res.stderr
     assert message in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert "Value error" not in res.stderr
+
+
+@pytest.mark.parametrize("command", ["status", "drain"])
+def test_a_spool_dir_that_is_a_file_is_refused_not_reported_empty(command: str, tmp_path: Path) -> None:
+    path = tmp_path / "spool"
+    path.write_bytes(b"not a directory")
+    res = _cli(
+        "spool", command, env={"SENTPIPE_SPOOL_DIR": str(path), "SENTPIPE_KAFKA_BOOTSTRAP": "127.0.0.1:1"}
+    )
+    assert res.returncode == 1 and "Traceback" not in res.stderr, (res.stdout, res.stderr)
+    assert res.stderr == f"error: SENTPIPE_SPOOL_DIR {path} is not a directory\n", res.stderr
 
 
 @pytest.mark.parametrize(
