@@ -709,7 +709,9 @@ def events_show(
     s = settings()
     with _ops():
         _connect(s, timeout)
-        rep = locate(s, event_id, scan_limit=scan_limit, timeout=timeout)
+        # Up to --scan-limit records per partition read, seconds of them: on a terminal, not in silence.
+        with _bar("looking for the event"):
+            rep = locate(s, event_id, scan_limit=scan_limit, timeout=timeout)
 
     def records(title: str, found: list[Found]) -> None:
         table = Table("topic", "partition", "offset", "time", "key", "headers", title=title)

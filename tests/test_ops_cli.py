@@ -508,3 +508,46 @@ def test_events_show_into_a_pipe_keeps_every_cell_whole(settings: Settings, topi
     assert "…" not in res.stdout, res.stdout
     (raw_row,) = [line for line in res.stdout.splitlines() if f" {topics.raw} " in line]
     assert event_id in raw_row and "sentpipe-tenant=default, " in raw_row, res.stdout
+
+
+def test_events_show_on_a_terminal_says_it_is_looking(settings: Settings, topics: Topics) -> None:
+    """`events show` reads up to --scan-limit records per partition of several topics: seconds in which a
+    terminal showed nothing at all until the tables."""
+    import os
+    import pty
+    import threading
+
+    body = SampleFactory(26).message_status("m-tty", "read").body
+    event_id = frame(body, webhook_id=None).event_id
+    write_as_ingress_and_router(settings, topics, body, event_id, ["default"])
+    terminal, stderr = pty.openpty()
+    shown: list[bytes] = []
+
+    def read_terminal() -> None:
+        while True:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # the other end closed
+                return
+            if not chunk:
+                return
+            shown.append(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "sentpipe", "events", "show", event_id],
+            env={**settings_env(settings), "COLUMNS": "250", "TERM": "xterm"},
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(stderr)
+        reader.join(timeout=10)
+        os.close(terminal)
+    assert res.returncode == 0, res
+    assert event_id in res.stdout, res.stdout
+    assert b"looking for the event" in b"".join(shown), b"".join(shown)
