@@ -58,6 +58,8 @@ def test_a_console_beyond_loopback_needs_a_token(settings: Settings) -> None:
     check_bind("localhost", None)
     with pytest.raises(ValueError, match="SENTPIPE_CONSOLE_TOKEN is required"):
         check_bind("0.0.0.0", None)
+    with pytest.raises(ValueError, match="listens on every interface"):
+        check_bind("", None)
     with pytest.raises(ValueError, match="at least 16"):
         check_bind("0.0.0.0", "short")
     check_bind("0.0.0.0", TOKEN)

@@ -45,8 +45,9 @@ def check_bind(host: str, token: str | None) -> None:
     """ValueError (one line) when the console would listen beyond this machine without a token."""
     if not is_loopback(host) and not token:
         raise ValueError(
-            f"SENTPIPE_CONSOLE_TOKEN is required when the console listens on {host} (not loopback);"
-            " set it, or listen on 127.0.0.1"
+            # An empty host is every interface (it read "listens on  (not loopback)").
+            f"SENTPIPE_CONSOLE_TOKEN is required when the console listens on {host or 'every interface'}"
+            " (not loopback); set it, or listen on 127.0.0.1"
         )
     if token is not None and len(token) < 16:
         raise ValueError("SENTPIPE_CONSOLE_TOKEN must be at least 16 characters")
