@@ -21,6 +21,45 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def run_on_a_terminal(
+    args: list[str], env: dict[str, str], timeout: float = 120
+) -> tuple[subprocess.CompletedProcess[str], bytes]:
+    """Run `sentpipe ARGS` with stderr on a pseudo-terminal (where progress shows) and stdout a pipe: the
+    finished process and everything its terminal showed."""
+    import pty
+    import threading
+
+    terminal, stderr = pty.openpty()
+    shown: list[bytes] = []
+
+    def read_terminal() -> None:
+        while True:
+            try:
+                chunk = os.read(terminal, 65536)
+            except OSError:  # the other end closed
+                return
+            if not chunk:
+                return
+            shown.append(chunk)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    try:
+        res = subprocess.run(
+            [sys.executable, "-m", "sentpipe", *args],
+            env={**env, "TERM": "xterm", "COLUMNS": "250"},
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            timeout=timeout,
+        )
+    finally:
+        os.close(stderr)
+        reader.join(timeout=10)
+        os.close(terminal)
+    return res, b"".join(shown)
+
+
 def settings_env(s: Settings, **extra: object) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SENTPIPE_")}
     for name, value in s.model_dump().items():

@@ -22,7 +22,7 @@ from sentpipe.cli import app, run
 from sentpipe.cli_base import fraction, per_second, seconds
 from sentpipe.ingress.spool import Spool, SpoolRecord, status_of
 from sentpipe.processors.offsets import OpsError, PartitionOffset, parse_partition_offset
-from tests.processes import free_port
+from tests.processes import free_port, run_on_a_terminal
 from tests.services import Services
 
 HUGE = str(10**27)
@@ -401,41 +401,11 @@ def test_the_console_announces_an_address_a_browser_can_open() -> None:
 def test_send_says_on_a_terminal_that_it_checks_the_file(tmp_path: Path) -> None:
     """`--file` is checked whole before the first event goes (about 5 s for 100 MB): the terminal showed
     nothing for as long as that took, then the progress line."""
-    import pty
-    import threading
-
     from sentpipe.schemas.samples import SampleFactory
 
     events = tmp_path / "events.jsonl"
     f = SampleFactory(5)
     events.write_bytes(b"".join(f.message_status(f"m{i}", "read").body + b"\n" for i in range(50)))
-    terminal, stderr = pty.openpty()
-    shown: list[bytes] = []
-
-    def read_terminal() -> None:
-        while True:
-            try:
-                chunk = os.read(terminal, 65536)
-            except OSError:  # the other end closed
-                return
-            if not chunk:
-                return
-            shown.append(chunk)
-
-    reader = threading.Thread(target=read_terminal, daemon=True)
-    reader.start()
-    try:
-        res = subprocess.run(
-            [sys.executable, "-m", "sentpipe", "send", unreachable_url(), "--file", str(events)],
-            env={**os.environ, "TERM": "xterm", "COLUMNS": "250"},
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            timeout=60,
-        )
-    finally:
-        os.close(stderr)
-        reader.join(timeout=10)
-        os.close(terminal)
+    res, seen = run_on_a_terminal(["send", unreachable_url(), "--file", str(events)], dict(os.environ), 60)
     assert res.returncode == 1  # nothing listens there: checked, then refused in one line
-    seen = b"".join(shown)
     assert f"checking {events}".encode() in seen and b"cannot reach" in seen, seen

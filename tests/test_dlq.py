@@ -44,7 +44,7 @@ from tests.pipeline import (
     wait_caught_up,
     wait_until,
 )
-from tests.processes import settings_env
+from tests.processes import run_on_a_terminal, settings_env
 from tests.services import Services
 from tests.test_ingress_limits import padded_envelope
 from tests.test_ops_cli import sentpipe, sentpipe_interrupted
@@ -935,9 +935,6 @@ def test_a_redrive_whose_ledger_writes_fail_counts_each_record_once(
 def test_dlq_list_on_a_terminal_shows_its_progress(settings: Settings, topics: Topics) -> None:
     """A listing reads the whole DLQ to show its newest records: over a large one the terminal showed
     nothing at all for as long as that took, where replay and redrive show a progress bar."""
-    import os
-    import pty
-
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
     n = 1200
     for i in range(n):
@@ -946,34 +943,7 @@ def test_dlq_list_on_a_terminal_shows_its_progress(settings: Settings, topics: T
         )
         producer.produce(topics.dlq, MALFORMED, f"k{i}".encode(), headers=[(r.H_TENANT, b"acme"), *dlq])
     assert producer.flush(30) == 0
-    terminal, stderr = pty.openpty()
-    shown: list[bytes] = []
-
-    def read_terminal() -> None:
-        while True:
-            try:
-                chunk = os.read(terminal, 65536)
-            except OSError:  # the other end closed
-                return
-            if not chunk:
-                return
-            shown.append(chunk)
-
-    reader = threading.Thread(target=read_terminal, daemon=True)
-    reader.start()
-    try:
-        res = subprocess.run(
-            [sys.executable, "-m", "sentpipe", "dlq", "list", "--limit", "1"],
-            env={**settings_env(settings), "COLUMNS": "250", "TERM": "xterm"},
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            timeout=120,
-        )
-    finally:
-        os.close(stderr)
-        reader.join(timeout=10)
-        os.close(terminal)
+    res, shown = run_on_a_terminal(["dlq", "list", "--limit", "1"], settings_env(settings))
     assert res.returncode == 0, res
     assert f"1 shown, {n} matching" in res.stdout, res.stdout
-    assert b"reading the DLQ" in b"".join(shown), b"".join(shown)
+    assert b"reading the DLQ" in shown, shown

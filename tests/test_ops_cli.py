@@ -28,7 +28,7 @@ from sentpipe.settings import Settings
 from tests.handlers_fixture import create_fixture_tables
 from tests.kafka_tools import group_offsets, read_topic
 from tests.pipeline import deliver, start_ingress, start_worker, wait_for
-from tests.processes import free_port, settings_env
+from tests.processes import free_port, run_on_a_terminal, settings_env
 
 
 def sentpipe(
@@ -513,41 +513,10 @@ def test_events_show_into_a_pipe_keeps_every_cell_whole(settings: Settings, topi
 def test_events_show_on_a_terminal_says_it_is_looking(settings: Settings, topics: Topics) -> None:
     """`events show` reads up to --scan-limit records per partition of several topics: seconds in which a
     terminal showed nothing at all until the tables."""
-    import os
-    import pty
-    import threading
-
     body = SampleFactory(26).message_status("m-tty", "read").body
     event_id = frame(body, webhook_id=None).event_id
     write_as_ingress_and_router(settings, topics, body, event_id, ["default"])
-    terminal, stderr = pty.openpty()
-    shown: list[bytes] = []
-
-    def read_terminal() -> None:
-        while True:
-            try:
-                chunk = os.read(terminal, 65536)
-            except OSError:  # the other end closed
-                return
-            if not chunk:
-                return
-            shown.append(chunk)
-
-    reader = threading.Thread(target=read_terminal, daemon=True)
-    reader.start()
-    try:
-        res = subprocess.run(
-            [sys.executable, "-m", "sentpipe", "events", "show", event_id],
-            env={**settings_env(settings), "COLUMNS": "250", "TERM": "xterm"},
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            timeout=120,
-        )
-    finally:
-        os.close(stderr)
-        reader.join(timeout=10)
-        os.close(terminal)
+    res, shown = run_on_a_terminal(["events", "show", event_id], settings_env(settings))
     assert res.returncode == 0, res
     assert event_id in res.stdout, res.stdout
-    assert b"looking for the event" in b"".join(shown), b"".join(shown)
+    assert b"looking for the event" in shown, shown
