@@ -307,3 +307,11 @@ async def test_the_tail_says_the_broker_stopped_answering_and_follows_again_afte
         assert row is not None, f"no row after the broker came back; tail state {tail.state!r}"
     finally:
         await asyncio.get_running_loop().run_in_executor(None, tail.stop)
+
+
+def test_a_last_event_id_of_any_form_is_an_answer_not_an_error(settings: Settings) -> None:
+    """The header is the client's: one of this run with thousands of digits raised from int() (a 500)."""
+    tail = Tail(settings)
+    tail.seq = 5
+    for seq in ("9" * 5000, "0" * 30 + "3", "-1", "3.0", "\u0663", "", "99999999999999999999"):
+        assert tail.resumed(f"{tail.run_id}-{seq}") == ([], 0), seq

@@ -207,7 +207,14 @@ class Tail:
         came since that are no longer held; without one (or one of another run), the latest 50."""
         held = list(self.recent)
         run, _, seq = (last_id or "").partition("-")
-        if run != self.run_id or not seq.isascii() or not seq.isdigit() or int(seq) > self.seq:
+        # Digits past any count first: int() of a header's 5,000 digits raised (a 500 to the page).
+        if (
+            run != self.run_id
+            or not seq.isascii()
+            or not seq.isdigit()
+            or len(seq) > 19
+            or int(seq) > self.seq
+        ):
             return held[-50:], 0
         after = [row for row in held if row["seq"] > int(seq)]
         return after, self.seq - int(seq) - len(after)
