@@ -465,7 +465,7 @@ class Settings(BaseSettings):
         for entry in v.split(","):
             # A port no socket can have was librdkafka's "did not answer within N s", a wait and a wrong lead.
             _, sep, port = entry.strip().rpartition(":")
-            if sep and port.isascii() and port.isdigit() and not 0 < int(port) < 65536:
+            if sep and port.isascii() and port.isdigit() and (len(port) > 5 or not 0 < int(port) < 65536):
                 raise ValueError(f"port {port[:12]} of {entry.strip()[:80]!r} is not between 1 and 65535")
         return v
 

@@ -267,6 +267,7 @@ ABSURD_SETTINGS = [
     # Reported as a broker that did not answer, after the whole connect timeout.
     ("SENTPIPE_KAFKA_BOOTSTRAP", "127.0.0.1:9092,127.0.0.1:99999", "port 99999 of '127.0.0.1:99999' is not"),
     ("SENTPIPE_KAFKA_BOOTSTRAP", "SSL://[::1]:0", "port 0 of"),
+    ("SENTPIPE_KAFKA_BOOTSTRAP", "h:" + "9" * 5000, "port 999999999999 of 'h:9999"),  # past int()'s digits
     ("SENTPIPE_TOPIC_PREFIX", "x" * 231, "longer than 230"),
     ("SENTPIPE_APP_ID", "a:b", "letters, digits"),
     # A pydantic-settings JSON error naming no setting; the item's index taken for part of the name; a
