@@ -206,18 +206,14 @@ class Tail:
         """What a page starts with: after `last_id` (a Last-Event-ID), every row held since it and how many
         came since that are no longer held; without one (or one of another run), the latest 50."""
         held = list(self.recent)
-        run, _, seq = (last_id or "").partition("-")
+        run, _, text = (last_id or "").partition("-")
         # Digits past any count first: int() of a header's 5,000 digits raised (a 500 to the page).
-        if (
-            run != self.run_id
-            or not seq.isascii()
-            or not seq.isdigit()
-            or len(seq) > 19
-            or int(seq) > self.seq
-        ):
+        ok = run == self.run_id and text.isascii() and text.isdigit() and len(text) <= 19
+        last = int(text) if ok else -1
+        if not 0 <= last <= self.seq:
             return held[-50:], 0
-        after = [row for row in held if row["seq"] > int(seq)]
-        return after, self.seq - int(seq) - len(after)
+        after = [row for row in held if row["seq"] > last]
+        return after, self.seq - last - len(after)
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self.subscribers.discard(sub)
