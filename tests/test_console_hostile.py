@@ -303,6 +303,27 @@ async def test_a_parameter_given_twice_is_refused_not_half_read(
         assert "given more than once" in body["error"], (path, body)
 
 
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_a_filter_under_both_its_names_is_refused_not_half_read(
+    http: tuple[ClientSession, str, dict[str, str]],
+) -> None:
+    """`?stages=route&stage=handler` listed the route stage alone (the singular dropped unseen), and a redrive
+    of `{"reasons": [...], "reason": ...}` took one of the two: refused, in the list and in a redrive."""
+    client, base, headers = http
+    for path in ("/api/dlq?stages=route&stage=handler", "/api/dlq?reason=a&reasons=b"):
+        status, body = await answer(client, "GET", f"{base}{path}")
+        assert status == 400 and body["code"] == "bad_request", (path, body)
+        assert "not both" in body["error"], (path, body)
+    status, body = await answer(
+        client,
+        "POST",
+        f"{base}/api/dlq/redrive",
+        json={"stages": ["route"], "stage": "handler", "dry_run": True},
+        headers=headers,
+    )
+    assert status == 400 and body == {"error": "give stages or stage, not both", "code": "bad_request"}, body
+
+
 # --- 6. the API agrees with the CLI ------------------------------------------------------------------------
 @pytest.mark.usefixtures("no_tracebacks")
 async def test_unknown_parameters_are_refused_and_replay_partitions_checked_before_accepting(

@@ -582,12 +582,19 @@ async def search(request: web.Request) -> web.StreamResponse:
 DLQ_FILTERS = ("reasons", "reason", "stages", "stage", "since")
 
 
+def _one_of(data: dict[str, Any] | Any, plural: str, singular: str) -> Any:
+    """The filter under either of its names; both at once is refused, since one of them was ignored."""
+    if data.get(plural) not in (None, "") and data.get(singular) not in (None, ""):
+        raise Refused(f"give {plural} or {singular}, not both")
+    return data.get(plural) or data.get(singular)
+
+
 def _selection(data: dict[str, Any] | Any) -> dict[str, Any]:
     """The DLQ filters of a request, normalized (also what a dry run's fingerprint is taken over)."""
     return {
         "ids": sorted(str(dlq_ops.parse_entry_id(i)) for i in listed(data.get("ids"), "ids")),
-        "reasons": sorted(listed(data.get("reasons") or data.get("reason"), "reasons")),
-        "stages": sorted(listed(data.get("stages") or data.get("stage"), "stages")),
+        "reasons": sorted(listed(_one_of(data, "reasons", "reason"), "reasons")),
+        "stages": sorted(listed(_one_of(data, "stages", "stage"), "stages")),
         "since": optional_text(data.get("since"), "since"),
     }
 
