@@ -475,7 +475,17 @@ class Settings(BaseSettings):
         tenants = {self.default_tenant: [self.webhook_secret.get_secret_value()]}
         if self.secrets_file is None:
             return tenants
-        data = orjson.loads(self.secrets_file.read_bytes())
+        raw = self.secrets_file.read_bytes()
+        try:
+            # An editor's byte order mark is taken; orjson refused it as an "unexpected character".
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            # orjson said "str is not valid UTF-8: surrogates not allowed" of a file that holds no str.
+            raise ValueError(f"is not UTF-8 text (byte {exc.start} is not)") from None
+        try:
+            data = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"is not JSON ({exc})") from None
         if not isinstance(data, dict):
             raise ValueError("must be a JSON object: tenant -> secret, or tenant -> list of secrets")
         for tenant, secrets in data.items():

@@ -339,6 +339,9 @@ def test_a_spool_dir_that_is_a_file_is_refused_not_reported_empty(command: str, 
         (b'{"a\\u2028b": "whsec_c2VudHBpcGU="}', "holds a character that is not printable"),
         (b'{"a\\u0085b": "whsec_c2VudHBpcGU="}', "holds a character that is not printable"),
         (b'["whsec_c2VudHBpcGU="]', "must be a JSON object"),
+        (b'\xff\xfe{"t": "whsec_c2VudHBpcGU="}', "is not UTF-8 text (byte 0 is not)"),  # a UTF-16 file
+        (b'{"t": "whsec_c2VudHBpcGU=\xff"}', "is not UTF-8 text (byte 25 is not)"),
+        (b'{"t": "whsec_c2VudHBpcGU=", ', "is not JSON (unexpected end of data"),
     ],
 )
 def test_a_secrets_file_of_the_wrong_shape_is_refused_naming_the_tenant(
@@ -351,6 +354,13 @@ def test_a_secrets_file_of_the_wrong_shape_is_refused_naming_the_tenant(
     assert res.stderr.startswith(f"error: SENTPIPE_SECRETS_FILE {path}: "), res.stderr
     assert message in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert "c2VudHBpcGU" not in res.stderr  # never a secret
+
+
+def test_a_secrets_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    # Some editors start UTF-8 files with one; it was refused as an "unexpected character" at column 1.
+    path = tmp_path / "secrets.json"
+    path.write_bytes(b'\xef\xbb\xbf{"acme": "whsec_c2VudHBpcGU="}')
+    assert Settings(_env_file=None, secrets_file=path).tenant_secrets()["acme"] == ["whsec_c2VudHBpcGU="]
 
 
 def test_a_port_in_use_is_one_line_naming_the_setting() -> None:
