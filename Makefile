@@ -57,8 +57,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 # Tests start the local broker and database themselves (tests/services.py) and stop what they started.
+# The slowest tests are listed at the end: the suite takes most of an hour on 2 cores, and that is where to cut.
 test: install lint check-deploy
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 test-fast: install
 	$(PY) -m pytest -q -x
