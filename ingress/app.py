@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sentpipe import metrics as m
 from sentpipe.broker import Delivered, ProduceRejected
-from sentpipe.guarded_http import ENCODINGS, decodable
+from sentpipe.guarded_http import ENCODINGS, decodable, json_errors
 from sentpipe.ingress.spool import (
     Spool,
     SpoolError,
@@ -908,7 +908,7 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
 
 
 def create_metrics_app() -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
     app.router.add_get("/metrics", metrics_handler)
     return app
 

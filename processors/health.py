@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Metric, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sentpipe import metrics as m
-from sentpipe.guarded_http import guard
+from sentpipe.guarded_http import guard, json_errors
 from sentpipe.processors.watchdog import Stall, Watchdog
 
 log = logging.getLogger("sentpipe.health")
@@ -211,7 +211,7 @@ def health_app(health: Health) -> web.Application:
             return _json(503, {"status": "not_ready", "waiting_for": waiting})
         return _json(200, {"status": "ready"})
 
-    app = web.Application()
+    app = web.Application(middlewares=[json_errors])
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)

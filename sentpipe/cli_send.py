@@ -119,8 +119,9 @@ def _resolve_secret(secret: str | None, tenant: str | None, s: Settings) -> str:
     except (OSError, ValueError) as exc:
         fail(f"cannot read SENTPIPE_SECRETS_FILE: {exc}")
     name = tenant or s.default_tenant
-    if name not in tenants:
-        # Signing with the default secret instead would test a tenant that does not exist as if it did.
+    if not tenants.get(name):
+        # Signing with the default secret instead would test a tenant that does not exist as if it did. An
+        # empty list (every secret rotated out) was an IndexError naming neither tenant nor file.
         fail(f"tenant {name!r} has no secret in SENTPIPE_SECRETS_FILE; add it there or pass --secret")
     # The first secret of a tenant is the one it signs with; the others are still accepted (rotation).
     return tenants[name][0]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -147,6 +147,32 @@ def error_answer(
     response = web.Response(status=status, body=body(code, detail), content_type="application/json")
     response.force_close()
     return response
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own answers to a path no route has (404) or a method it does not take (405) in JSON with a
+    code, as every other error on these ports: they were plain text ('404: Not Found'). A side port's few
+    requests can afford the middleware; the webhook port uses fallback routes instead."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        try:
+            phrase = HTTPStatus(exc.status).phrase
+        except ValueError:
+            phrase = "Error"
+        code = "_".join(phrase.lower().split())  # not_found, method_not_allowed
+        allow = exc.headers.get("Allow")
+        return web.Response(
+            status=exc.status,
+            body=code_and_detail(code, phrase),
+            content_type="application/json",
+            headers={"Allow": allow} if allow is not None else None,
+        )
 
 
 class GuardedServer(web.Server):

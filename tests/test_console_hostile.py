@@ -490,6 +490,21 @@ def test_the_url_is_announced_only_after_the_port_is_bound(settings: Settings) -
         proc.communicate(timeout=30)
 
 
+def test_port_0_announces_the_port_the_system_picked(settings: Settings) -> None:
+    """`--port 0` (the option's range allows it) announced http://127.0.0.1:0/, a URL no browser opens."""
+    proc = _console(settings, 0)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        found = re.match(r"console on http://127\.0\.0\.1:(\d+)/ ", line)
+        assert found is not None and found[1] != "0", line
+        with socket.create_connection(("127.0.0.1", int(found[1])), timeout=5):
+            pass
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
 @pytest.mark.usefixtures("no_tracebacks")
 async def test_a_test_event_takes_only_a_status_its_type_has(
     http: tuple[ClientSession, str, dict[str, str]], app: web.Application

@@ -87,3 +87,24 @@ async def test_events_in_the_last_minute_are_those_of_the_last_whole_minute(sett
             break
         sampler = create_app(settings)[SAMPLER]
     assert (totals["events_in_last_minute"], totals["events_in_last_hour"]) == (7, 8), totals
+
+
+async def test_an_endpoint_listed_twice_is_scraped_once(
+    settings: Settings, workers: list[tuple[Worker, str]]
+) -> None:
+    """SENTPIPE_CONSOLE_METRICS_URLS with one endpoint twice (the same URL, or one with and one without its
+    credentials) summed that endpoint's counters twice: every duplicate dropped showed as two."""
+    (a, url_a), _ = workers
+    with_user = url_a.replace("http://", "http://scraper:pw@")
+    sampler = create_app(settings.model_copy(update={"console_metrics_urls": [url_a, url_a, with_user]}))[
+        SAMPLER
+    ]
+    now = int(time.time() * 1000)
+    a.duplicates = 10
+    async with ClientSession() as http:
+        sampler.scraped.append((now, await sampler._scrape(http)))
+        a.duplicates = 12
+        sampler.scraped.append((now, await sampler._scrape(http)))
+    overview = sampler.overview()
+    assert overview["totals"]["duplicates_dropped_total"] == 12
+    assert overview["duplicates"][-1] == 2

@@ -1086,6 +1086,22 @@ async def test_a_tenant_without_a_secret_or_an_empty_option_is_refused_not_signe
     assert "cannot reach" in errors[4]
 
 
+async def test_a_tenant_whose_secrets_file_entry_lists_no_secret_is_refused_by_name(tmp_path: Path) -> None:
+    """`{"acme": []}` (every secret rotated out): the README says the tenant's first secret signs, and there
+    is none; send and trigger said `IndexError: list index out of range`, naming neither tenant nor file."""
+    secrets = tmp_path / "secrets.json"
+    secrets.write_bytes(b'{"acme": []}')
+    env = {"SENTPIPE_SECRETS_FILE": str(secrets)}
+    url = f"http://127.0.0.1:{free_port()}/webhooks/sent"
+    runs = await asyncio.gather(
+        cli("send", url, "--tenant", "acme", env=env),
+        cli("trigger", "message.status.updated", url, "--tenant", "acme", env=env),
+    )
+    for r in runs:
+        e = one_line_error(r)
+        assert "tenant 'acme' has no secret in SENTPIPE_SECRETS_FILE" in e and "IndexError" not in e, e
+
+
 async def test_ctrl_c_ends_a_send_with_status_130_and_says_so(stub: Stub) -> None:
     """Typer returns 130 for Ctrl-C outside standalone mode; `sentpipe` used to drop it and exit 0."""
     proc = await sentpipe_process(

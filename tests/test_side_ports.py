@@ -13,7 +13,10 @@ import time
 from pathlib import Path
 
 import orjson
+from aiohttp.test_utils import TestClient, TestServer
 
+from sentpipe.ingress.app import create_metrics_app
+from sentpipe.processors.health import Health, health_app
 from sentpipe.settings import Settings
 from tests.pipeline import start_worker
 from tests.processes import Proc, start_ingress
@@ -128,3 +131,20 @@ def test_the_console_times_out_heads_and_answers_malformed_requests_in_json(sett
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err  # SIGTERM: a clean stop
     assert "Traceback" not in err and "X-Secret" not in err, err
+
+
+async def test_the_metrics_ports_answer_an_unknown_path_or_method_in_json() -> None:
+    """aiohttp's own 404 and 405 were plain text ('404: Not Found') on the ingress's and the worker's
+    metrics ports, while every other error there (and the --workers supervisor's 404) is JSON with a code."""
+    for app in (create_metrics_app(), health_app(Health())):
+        async with TestClient(TestServer(app)) as client:
+            for method, path, status, code in (
+                ("GET", "/nope", 404, "not_found"),
+                ("POST", "/metrics", 405, "method_not_allowed"),
+            ):
+                resp = await client.request(method, path)
+                assert resp.status == status, (method, path)
+                assert resp.content_type == "application/json", await resp.text()
+                assert (await resp.json())["error"] == code
+                if status == 405:
+                    assert "GET" in resp.headers["Allow"]

@@ -956,7 +956,9 @@ async def _serve(app: web.Application, host: str, port: int, on_ready: Callable[
             why = exc.strerror or exc
             raise CannotListen(f"cannot listen on {host}:{port} ({settings}): {why}") from None
         if on_ready is not None:
-            on_ready(browser_url(host, port))
+            # Port 0 is the system's pick: announced as 0, it was a URL no browser opens.
+            bound = next((a[1] for a in runner.addresses if isinstance(a, tuple) and len(a) >= 2), port)
+            on_ready(browser_url(host, bound if port == 0 else port))
         await stop.wait()
     finally:
         await runner.cleanup()

@@ -148,10 +148,15 @@ class Sampler:
     async def _scrape(self, http: aiohttp.ClientSession) -> dict[str, dict[str, float]]:
         """Each endpoint's totals, apart: a counter's increase is taken per endpoint (`_per_minute`)."""
         by_url: dict[str, dict[str, float]] = {}
+        seen: set[str] = set()
         for url in metrics_urls(self.settings):
             # Keyed by the URL as shown: the overview's answer lists these, and a password in a metrics URL
             # is a credential.
             shown = without_password(url)
+            if shown in seen:
+                # One endpoint listed twice (or with and without its credentials) was summed twice.
+                continue
+            seen.add(shown)
             try:
                 async with http.get(url) as resp:
                     if resp.status != 200:
