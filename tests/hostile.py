@@ -128,6 +128,12 @@ HOSTILE: list[Hostile] = [
     ),
     _h("sub_type_integer", {**status(), "sub_type": 7}, "bad_sub_type"),
     _h("field_too_long", {"field": "f" * (MAX_TYPE_LENGTH + 1), "payload": {}}, "bad_type"),
+    # a type name given but not a string is a wrong type, not a body without an envelope
+    _h("field_list", {"field": ["message"], "payload": {}}, "bad_type"),
+    _h("field_number", {"field": 1, "payload": {}}, "bad_type"),
+    _h("event_type_integer", {"id": "evt_1", "event": {"type": 5}, "data": {}}, "bad_type"),
+    _h("event_a_string", {"id": "evt_1", "event": "message.inbound.received", "data": {}}, "bad_type"),
+    _h("guide_type_object", {"id": "evt_1", "type": {"name": "x"}, "data": {}}, "bad_type"),
     # text bound for PostgreSQL columns
     _h("inbound_text_integer", inbound(text=5), "bad_field"),
     _h("inbound_text_too_long", inbound(text="t" * (MAX_TEXT_LENGTH + 1)), "bad_field"),
