@@ -106,6 +106,13 @@ def database_rows(database_url: str, event_id: str) -> dict[str, list[dict[str, 
         return {table: conn.execute(sql, {"id": event_id}).fetchall() for table, sql in _QUERIES.items()}
 
 
+def json_text(value: object) -> object:
+    """A row's jsonb value (its payload) as JSON text, numbers digit for digit; any other value as it is.
+    How `events show` and the console show it: the console's page reads its answer with JSON.parse, whose
+    numbers are doubles, and showed a stored 9007199254740993 as 9007199254740992."""
+    return exact_json.dumps(value).decode() if isinstance(value, dict | list) else value
+
+
 def _exact_loads(data: bytes | bytearray | memoryview | str) -> Any:
     return exact_json.loads(data.encode() if isinstance(data, str) else bytes(data))
 
