@@ -353,7 +353,8 @@ def _string(value: object, where: str, reason: str, kind: str) -> str | None:
     elif integer_ok and isinstance(value, int) and not isinstance(value, bool):
         text = str(value)
     else:
-        wanted = "a string or an integer" if integer_ok else "a string"
+        # An integer beyond 64 bits is read as a number (a float, or a Decimal), never as an int.
+        wanted = "a string or a 64-bit integer" if integer_ok else "a string"
         raise MalformedEvent(reason, f"{where} must be {wanted}, not {_kind(value)}")
     if len(text) > limit:
         raise MalformedEvent(reason, f"{where} is longer than {limit} characters")
