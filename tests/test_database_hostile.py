@@ -23,7 +23,7 @@ from pydantic import SecretStr, ValidationError
 from sentpipe.broker import LocalBroker
 from sentpipe.processors import migrate as migrate_module
 from sentpipe.processors.handlers import HandlerRegistry
-from sentpipe.processors.migrate import Migration, migrate, migrations
+from sentpipe.processors.migrate import Migration, MigrationError, migrate, migrations
 from sentpipe.processors.projector import Projector, Tuning
 from sentpipe.processors.retry import classify
 from sentpipe.processors.sink import PostgresSink, ProjectionUnusable
@@ -367,6 +367,29 @@ def test_a_role_that_may_not_create_is_told_so_in_one_line(services: Services, u
         sql(services.database_url, f'DROP SCHEMA "{schema}" CASCADE')
         sql(services.database_url, f"DROP OWNED BY {role}")
         sql(services.database_url, f"DROP ROLE {role}")
+
+
+@pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
+def test_a_database_that_cannot_store_every_script_is_refused_by_migrate(
+    services: Services, unique: str, encoding: str
+) -> None:
+    """Events carry text of any script, stored as sent. In a LATIN1 database an inbound text with an emoji
+    failed its row in the client (UnicodeEncodeError), and SQL_ASCII refused every non-ASCII string (0A000):
+    events acknowledged with 200 were dead-lettered by the projector, one after another, for a setting
+    `db migrate` could have named at once."""
+    name = f"t_enc_{encoding.lower()}_{unique}"
+    sql(
+        services.database_url,
+        f"CREATE DATABASE {name} TEMPLATE template0 ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C'",
+    )
+    try:
+        url = with_param(services.database_url, dbname=name)
+        with pytest.raises(MigrationError, match=f"encoding is {encoding}, not UTF8") as caught:
+            migrate(url)
+        assert "\n" not in str(caught.value) and "nothing was applied" in str(caught.value)
+        assert sql(url, "SELECT to_regclass('schema_migrations')") == [(None,)]
+    finally:
+        sql(services.database_url, f"DROP DATABASE {name}")
 
 
 @pytest.mark.parametrize(
