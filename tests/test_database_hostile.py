@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -471,3 +472,29 @@ def test_two_migrators_agree_under_a_serializable_default(services: Services, un
         assert applied == sorted(m.version for m in migrations())
     finally:
         sql(services.database_url, f'DROP SCHEMA "{schema}" CASCADE')
+
+
+async def test_a_client_encoding_set_for_the_session_does_not_cost_the_events_of_other_scripts(
+    db_url: str,
+) -> None:
+    """A default client_encoding (the URL's options, PGCLIENTENCODING, ALTER ROLE or DATABASE ... SET) made
+    psycopg encode the stage's text in it: in LATIN1 an inbound text with an emoji failed its row in the
+    client (UnicodeEncodeError, permanent) and every such event was dead-lettered by the projector."""
+    from sentpipe.processors.projector_process import open_pool
+
+    options = conninfo_to_dict(db_url).get("options") or ""
+    url = with_param(db_url, options=f"{options} -cclient_encoding=LATIN1")
+    text = "caf\u00e9 \U0001f600 \u4e2d\u6587"
+    body = orjson.dumps({"field": "message", "sub_type": "message.received", "payload": {"text": text}})
+    routed = r.route(
+        None, body, {}, topics=TOPICS, id_source="auto", default_tenant="t", record_timestamp_ms=1
+    )
+    assert routed.event is not None
+    pool = open_pool(Settings(database_url=url, db_pool_size=1))
+    await pool.open()
+    try:
+        sink = PostgresSink(pool, HandlerRegistry())
+        assert await sink.apply(EventType.MESSAGE_INBOUND, [routed.event], 1) == []
+    finally:
+        await pool.close()
+    assert sql(db_url, "SELECT text FROM inbound_messages") == [(text,)]
