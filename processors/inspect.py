@@ -27,7 +27,7 @@ from sentpipe.schemas import exact_json
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import MalformedEvent
 from sentpipe.schemas.topics import Topics
-from sentpipe.settings import Settings
+from sentpipe.settings import DATABASE_CLIENT_ENCODING, Settings
 
 Match = Callable[[Message], bool]
 
@@ -99,7 +99,9 @@ _QUERIES = {
 
 
 def database_rows(database_url: str, event_id: str) -> dict[str, list[dict[str, Any]]]:
-    with psycopg.connect(database_url, connect_timeout=5, row_factory=dict_row) as conn:
+    with psycopg.connect(
+        database_url, connect_timeout=5, row_factory=dict_row, client_encoding=DATABASE_CLIENT_ENCODING
+    ) as conn:
         # The payloads as stored, numbers digit for digit: psycopg's own loader (json.loads) made an int of
         # a 5,000-digit number, past CPython's limit, and the whole report failed.
         set_json_loads(_exact_loads, conn)

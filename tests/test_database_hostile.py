@@ -474,27 +474,38 @@ def test_two_migrators_agree_under_a_serializable_default(services: Services, un
         sql(services.database_url, f'DROP SCHEMA "{schema}" CASCADE')
 
 
-async def test_a_client_encoding_set_for_the_session_does_not_cost_the_events_of_other_scripts(
-    db_url: str,
-) -> None:
+async def test_a_client_encoding_set_for_the_session_neither_costs_nor_garbles_events(db_url: str) -> None:
     """A default client_encoding (the URL's options, PGCLIENTENCODING, ALTER ROLE or DATABASE ... SET) made
-    psycopg encode the stage's text in it: in LATIN1 an inbound text with an emoji failed its row in the
-    client (UnicodeEncodeError, permanent) and every such event was dead-lettered by the projector."""
+    psycopg encode the stage's text in it. In LATIN1, an inbound text with an emoji failed its row in the
+    client (UnicodeEncodeError, permanent): every such event was dead-lettered by the projector. Worse, one
+    of Latin-1 text was stored garbled: its text column right, its payload (UTF-8 bytes from orjson, read
+    as LATIN1 by the server) "cafÃ©"."""
+    from sentpipe.processors import history
+    from sentpipe.processors.inspect import database_rows
     from sentpipe.processors.projector_process import open_pool
 
     options = conninfo_to_dict(db_url).get("options") or ""
     url = with_param(db_url, options=f"{options} -cclient_encoding=LATIN1")
-    text = "caf\u00e9 \U0001f600 \u4e2d\u6587"
-    body = orjson.dumps({"field": "message", "sub_type": "message.received", "payload": {"text": text}})
-    routed = r.route(
-        None, body, {}, topics=TOPICS, id_source="auto", default_tenant="t", record_timestamp_ms=1
-    )
-    assert routed.event is not None
+    texts = ["caf\u00e9", "caf\u00e9 \U0001f600 \u4e2d\u6587"]
+    events = []
+    for text in texts:
+        body = orjson.dumps({"field": "message", "sub_type": "message.received", "payload": {"text": text}})
+        routed = r.route(
+            None, body, {}, topics=TOPICS, id_source="auto", default_tenant="t", record_timestamp_ms=1
+        )
+        assert routed.event is not None
+        events.append(routed.event)
     pool = open_pool(Settings(database_url=url, db_pool_size=1))
     await pool.open()
     try:
         sink = PostgresSink(pool, HandlerRegistry())
-        assert await sink.apply(EventType.MESSAGE_INBOUND, [routed.event], 1) == []
+        for event in events:
+            assert await sink.apply(EventType.MESSAGE_INBOUND, [event], 1) == []
     finally:
         await pool.close()
-    assert sql(db_url, "SELECT text FROM inbound_messages") == [(text,)]
+    stored = sql(db_url, "SELECT text, payload->>'text' FROM inbound_messages ORDER BY length(text)")
+    assert stored == [(text, text) for text in texts]
+    # And read back as stored by `events show` and the console over such a session.
+    (row,) = database_rows(url, events[1].id)["inbound_messages"]
+    assert (row["text"], row["payload"]) == (texts[1], {"text": texts[1]})
+    assert history.search(url, history.HistoryQuery(text="\U0001f600")).rows == []  # a search's own text
