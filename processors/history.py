@@ -16,6 +16,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from sentpipe.schemas.events import EventType
+from sentpipe.settings import DATABASE_CLIENT_ENCODING
 
 # type -> (table, subject column, time column); templates have no received_at, so their time is occurred_at.
 _TABLES: dict[EventType, tuple[str, str, str]] = {
@@ -97,6 +98,8 @@ def search(database_url: str, q: HistoryQuery) -> HistoryPage:
         "limit": size + 1,
         "offset": page * size,
     }
-    with psycopg.connect(database_url, connect_timeout=5, row_factory=dict_row) as conn:
+    with psycopg.connect(
+        database_url, connect_timeout=5, row_factory=dict_row, client_encoding=DATABASE_CLIENT_ENCODING
+    ) as conn:
         rows = conn.execute(query, params).fetchall()
     return HistoryPage(rows[:size], page, size, len(rows) > size)

@@ -27,7 +27,7 @@ from sentpipe.schemas import exact_json
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import MalformedEvent
 from sentpipe.schemas.topics import Topics
-from sentpipe.settings import Settings
+from sentpipe.settings import DATABASE_CLIENT_ENCODING, Settings
 
 Match = Callable[[Message], bool]
 
@@ -99,11 +99,20 @@ _QUERIES = {
 
 
 def database_rows(database_url: str, event_id: str) -> dict[str, list[dict[str, Any]]]:
-    with psycopg.connect(database_url, connect_timeout=5, row_factory=dict_row) as conn:
+    with psycopg.connect(
+        database_url, connect_timeout=5, row_factory=dict_row, client_encoding=DATABASE_CLIENT_ENCODING
+    ) as conn:
         # The payloads as stored, numbers digit for digit: psycopg's own loader (json.loads) made an int of
         # a 5,000-digit number, past CPython's limit, and the whole report failed.
         set_json_loads(_exact_loads, conn)
         return {table: conn.execute(sql, {"id": event_id}).fetchall() for table, sql in _QUERIES.items()}
+
+
+def json_text(value: object) -> object:
+    """A row's jsonb value (its payload) as JSON text, numbers digit for digit; any other value as it is.
+    How `events show` and the console show it: the console's page reads its answer with JSON.parse, whose
+    numbers are doubles, and showed a stored 9007199254740993 as 9007199254740992."""
+    return exact_json.dumps(value).decode() if isinstance(value, dict | list) else value
 
 
 def _exact_loads(data: bytes | bytearray | memoryview | str) -> Any:

@@ -69,6 +69,16 @@ def migrate(database_url: str, lock_timeout_s: float = LOCK_TIMEOUT_S) -> list[t
     waits at most `lock_timeout_s` for a table another session holds (MigrationError, nothing applied)."""
     result = []
     with _connect(database_url) as conn:
+        # Events carry text of any script, stored as sent: in another encoding each event holding a
+        # character it lacks fails its row (an emoji in LATIN1; anything past ASCII in SQL_ASCII) and is
+        # dead-lettered by the projector, one after another. The encoding is fixed when the database is made.
+        encoding = conn.info.parameter_status("server_encoding")  # reported by the server as it connects
+        if encoding != "UTF8":
+            raise MigrationError(
+                f"the database's encoding is {encoding}, not UTF8: it cannot store the text of every event"
+                " (each one it could not would be dead-lettered); create the database with ENCODING 'UTF8'"
+                " (createdb -E UTF8 -T template0): nothing was applied"
+            )
         # The URL's (or the role's) statement_timeout is meant for the worker's statements; a migration
         # building a primary key over a large table must not be cancelled midway by it.
         conn.execute("SET LOCAL statement_timeout = 0")

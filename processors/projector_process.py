@@ -44,7 +44,7 @@ from sentpipe.processors.sink import PostgresSink
 from sentpipe.processors.topics import projections_group
 from sentpipe.processors.watchdog import Watchdog
 from sentpipe.schemas.topics import Topics
-from sentpipe.settings import Settings
+from sentpipe.settings import DATABASE_CLIENT_ENCODING, Settings
 
 log = logging.getLogger("sentpipe.worker")
 
@@ -113,6 +113,8 @@ def uninterruptible_calls_file(settings: Settings) -> Path:
 def open_pool(settings: Settings) -> AsyncConnectionPool:
     return AsyncConnectionPool(
         settings.database_url.get_secret_value(),
+        # A startup parameter: RESET ALL (`_reset_session`) keeps it.
+        kwargs={"client_encoding": DATABASE_CLIENT_ENCODING},
         min_size=1,
         max_size=settings.db_pool_size,
         timeout=5.0,

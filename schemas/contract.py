@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal, cast
 from pydantic import ConfigDict, Field, StringConstraints, TypeAdapter, create_model
 from pydantic.types import Strict
 
+from sentpipe.schemas import exact_json
 from sentpipe.schemas.events import (
     ENTITY_ID_FIELDS,
     GUIDE_ENVELOPE_FIELDS,
@@ -78,7 +79,9 @@ def _text(limit: int, min_length: int = 0) -> Any:
 
 
 def _integer() -> Any:
-    return Annotated[int, Strict()]
+    # The model reads a larger integer as a number and refuses it: without the bounds, the schema took
+    # {"message_id": 18446744073709551616}, which the ingress dead-letters.
+    return Annotated[int, Strict(), Field(ge=exact_json.INT_MIN, le=exact_json.UINT_MAX)]
 
 
 def _time() -> Any:
@@ -99,8 +102,8 @@ def _const(*values: str) -> Any:
 
 
 DESCRIPTIONS = {
-    "id": f"an id: a string of at most {MAX_ID_LENGTH} characters, or an integer",
-    "address": "an address (phone number, WhatsApp or RCS id): a string or an integer",
+    "id": f"an id: a string of at most {MAX_ID_LENGTH} characters, or a 64-bit integer",
+    "address": "an address (phone number, WhatsApp or RCS id): a string or a 64-bit integer",
     "label": "a short text stored in a PostgreSQL column",
     "text": "free text stored in a PostgreSQL column",
     "status": "a status code, compared case-insensitively",

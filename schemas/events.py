@@ -353,7 +353,8 @@ def _string(value: object, where: str, reason: str, kind: str) -> str | None:
     elif integer_ok and isinstance(value, int) and not isinstance(value, bool):
         text = str(value)
     else:
-        wanted = "a string or an integer" if integer_ok else "a string"
+        # An integer beyond 64 bits is read as a number (a float, or a Decimal), never as an int.
+        wanted = "a string or a 64-bit integer" if integer_ok else "a string"
         raise MalformedEvent(reason, f"{where} must be {wanted}, not {_kind(value)}")
     if len(text) > limit:
         raise MalformedEvent(reason, f"{where} is longer than {limit} characters")
@@ -601,9 +602,22 @@ def _classify(doc: dict[str, Any]) -> tuple[EventType, str | None, Literal["sent
     elif isinstance(doc.get("type"), str):
         name = doc["type"]
     else:
+        _wrongly_typed_envelope(field, event, doc.get("type"))
         raise MalformedEvent("no_envelope", "body has neither Sent's 'field' nor the guide's 'event.type'")
     _type_name(name, "the event type", "bad_type")
     return _TYPE_BY_NAME.get(name, EventType.UNROUTED), name, "guide"
+
+
+def _wrongly_typed_envelope(field: object, event: object, top_type: object) -> None:
+    """MalformedEvent("bad_type") for a type name that is given but not a string (`"field": ["message"]`,
+    `"event": {"type": 5}`): filed as no_envelope, "body has neither Sent's 'field' nor ...", it sent people
+    looking for a key the body has."""
+    _type_name(field, "'field'", "bad_type")
+    if isinstance(event, dict):
+        _type_name(event.get("type"), "'event.type'", "bad_type")
+    elif event is not None and event != "":
+        raise MalformedEvent("bad_type", f"'event' must be an object, not {_kind(event)}")
+    _type_name(top_type, "'type'", "bad_type")
 
 
 class Read(NamedTuple):  # a tuple: built for every request at the ingress, cheaper than a dataclass

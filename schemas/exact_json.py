@@ -17,7 +17,8 @@ from typing import Any
 
 import orjson
 
-_INT_MIN, _UINT_MAX = -(2**63), 2**64 - 1  # the integers orjson reads and writes exactly
+# The integers orjson reads and writes exactly; also the integer ids the canonical model takes (events).
+INT_MIN, UINT_MAX = -(2**63), 2**64 - 1
 
 
 def loads(data: bytes, *, exact: bool = True) -> Any:
@@ -98,7 +99,7 @@ def _int(text: str) -> int | Decimal:
     if len(text) > 20:
         return Decimal(text)
     value = int(text)
-    return value if _INT_MIN <= value <= _UINT_MAX else Decimal(text)
+    return value if INT_MIN <= value <= UINT_MAX else Decimal(text)
 
 
 def _no_constant(text: str) -> Any:

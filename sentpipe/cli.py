@@ -287,13 +287,9 @@ def _text(data: bytes | None) -> str:
 
 
 def _cell(value: object) -> str:
-    from sentpipe.schemas import exact_json
+    from sentpipe.processors.inspect import json_text
 
-    if value is None:
-        return "-"
-    if isinstance(value, dict | list):
-        return exact_json.dumps(value).decode()  # a payload's numbers as stored, digit for digit
-    return str(value)
+    return "-" if value is None else str(json_text(value))
 
 
 def _run_summary(title: str, result: RunResult, sent_label: str, target: str) -> None:

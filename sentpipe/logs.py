@@ -44,13 +44,20 @@ def _one_line(value: object) -> str:
     return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
+def _printable(char: str) -> str:
+    return char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+
+
 class TextFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:
         # A message is one line: libpq's errors carry a second ("\n\tIs the server running on that host
         # ...?"), and a value from a record with a newline in it would forge a line of its own. A traceback
         # (exc_info) is added after this, on its own lines.
+        # Other control characters (an event id's ESC [2J clears the terminal the log is read on, U+202E
+        # turns the rest of the line around) are shown as escapes, as in the extras.
         if not record.message.isprintable():
-            record.message = " ".join(part.strip() for part in record.message.splitlines())
+            line = " ".join(part.strip() for part in record.message.splitlines())
+            record.message = line if line.isprintable() else "".join(map(_printable, line))
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:

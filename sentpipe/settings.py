@@ -103,6 +103,13 @@ def tenant_name_problem(name: str) -> str | None:
     return None
 
 
+# How every sentpipe connection to PostgreSQL encodes text, whatever the session's default (the URL's
+# options, PGCLIENTENCODING, ALTER ROLE ... SET): events carry text of any script. In LATIN1, an emoji
+# failed its row in the client, and a payload's UTF-8 bytes (orjson's) were read as LATIN1 and stored
+# garbled. Given as a startup parameter, so RESET ALL keeps it.
+DATABASE_CLIENT_ENCODING = "UTF8"
+
+
 def database_url_problem(url: str) -> str | None:
     """Why libpq would misread this URL, or None. The message never quotes the URL: a password typed
     unencoded is what makes it wrong, and libpq's own error would echo it (`invalid percent-encoded

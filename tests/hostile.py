@@ -114,6 +114,18 @@ HOSTILE: list[Hostile] = [
     # JSON Schema's "integer" includes 3.0 (a number with no fraction); the code refuses any float.
     _h("message_id_integral_float", status(message_id=3.0), "bad_message_id", False),
     _h("message_id_too_long", status(message_id=TOO_LONG_ID), "bad_message_id"),
+    # Integers beyond 64 bits are read as numbers (orjson's float, the exact read's Decimal): refused, as the
+    # schema says. orjson cannot write them, hence the bytes.
+    _h(
+        "message_id_beyond_64_bits",
+        orjson.dumps(status(message_id="M")).replace(b'"M"', str(2**64).encode()),
+        "bad_message_id",
+    ),
+    _h(
+        "event_id_below_64_bits",
+        orjson.dumps(guide(id="E")).replace(b'"E"', str(-(2**64)).encode()),
+        "bad_event_id",
+    ),
     _h("template_id_object", template(template_id={"id": 1}), "bad_template_id"),
     _h("template_id_too_long", template(template_id=TOO_LONG_ID), "bad_template_id"),
     _h("status_template_id_list", status(template_id=["t"]), "bad_template_id"),
@@ -128,6 +140,12 @@ HOSTILE: list[Hostile] = [
     ),
     _h("sub_type_integer", {**status(), "sub_type": 7}, "bad_sub_type"),
     _h("field_too_long", {"field": "f" * (MAX_TYPE_LENGTH + 1), "payload": {}}, "bad_type"),
+    # a type name given but not a string is a wrong type, not a body without an envelope
+    _h("field_list", {"field": ["message"], "payload": {}}, "bad_type"),
+    _h("field_number", {"field": 1, "payload": {}}, "bad_type"),
+    _h("event_type_integer", {"id": "evt_1", "event": {"type": 5}, "data": {}}, "bad_type"),
+    _h("event_a_string", {"id": "evt_1", "event": "message.inbound.received", "data": {}}, "bad_type"),
+    _h("guide_type_object", {"id": "evt_1", "type": {"name": "x"}, "data": {}}, "bad_type"),
     # text bound for PostgreSQL columns
     _h("inbound_text_integer", inbound(text=5), "bad_field"),
     _h("inbound_text_too_long", inbound(text="t" * (MAX_TEXT_LENGTH + 1)), "bad_field"),

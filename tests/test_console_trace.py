@@ -3,10 +3,12 @@ says of the dedup table, which marks (event id, tenant) pairs, not ids alone."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import psycopg
 import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
@@ -16,6 +18,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from sentpipe.console import create_app
 from sentpipe.processors.dedup import encode_seen, partition_of, table_key
 from sentpipe.processors.topics import changelog_topic
+from sentpipe.schemas import exact_json
 from sentpipe.settings import Settings
 
 
@@ -87,3 +90,28 @@ async def test_an_id_moved_to_the_compact_key_is_not_shown_as_swept(settings: Se
     d = (await trace(console, event_id))["dedup"]
     assert not d["tombstone"], d
     assert d["tenants"] == {"tenant-a": now - 9000}
+
+
+async def test_a_payload_is_shown_with_its_numbers_as_stored(settings: Settings, console: str) -> None:
+    """The page parses the answer with JSON.parse, whose numbers are doubles: a stored 9007199254740993 was
+    shown as 9007199254740992, and numbers no double holds (sent as strings by the answer's fallback) were
+    shown quoted, "1E+400". `events show` prints them digit for digit; so does the page, from the text."""
+    stored = '{"big": 12345678901234567890123, "id": 9007199254740993, "huge": 1e400, "n": 1.5, "s": "x"}'
+    with psycopg.connect(settings.database_url.get_secret_value(), autocommit=True) as c:
+        c.execute(
+            "INSERT INTO inbound_messages (event_id, tenant, occurred_at, received_at, payload)"
+            " VALUES ('evt-digits', 't', now(), now(), %s::jsonb)",
+            (stored,),
+        )
+    # The test's topics are new: their leaders may not be elected yet (a 503 naming the broker).
+    async with ClientSession() as client:
+        for _ in range(120):
+            async with client.get(f"{console}/api/event", params={"id": "evt-digits"}) as r:
+                if r.status != 503:
+                    break
+            await asyncio.sleep(0.5)
+    (row,) = (await trace(console, "evt-digits"))["rows"]["inbound_messages"]
+    shown = row["payload"]
+    assert isinstance(shown, str), shown  # the JSON text, for the page to show as it is
+    assert exact_json.loads(shown.encode()) == exact_json.loads(stored.encode())
+    assert "9007199254740993" in shown and "12345678901234567890123" in shown and '"1E+400"' not in shown

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -23,7 +24,7 @@ from pydantic import SecretStr, ValidationError
 from sentpipe.broker import LocalBroker
 from sentpipe.processors import migrate as migrate_module
 from sentpipe.processors.handlers import HandlerRegistry
-from sentpipe.processors.migrate import Migration, migrate, migrations
+from sentpipe.processors.migrate import Migration, MigrationError, migrate, migrations
 from sentpipe.processors.projector import Projector, Tuning
 from sentpipe.processors.retry import classify
 from sentpipe.processors.sink import PostgresSink, ProjectionUnusable
@@ -369,6 +370,29 @@ def test_a_role_that_may_not_create_is_told_so_in_one_line(services: Services, u
         sql(services.database_url, f"DROP ROLE {role}")
 
 
+@pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
+def test_a_database_that_cannot_store_every_script_is_refused_by_migrate(
+    services: Services, unique: str, encoding: str
+) -> None:
+    """Events carry text of any script, stored as sent. In a LATIN1 database an inbound text with an emoji
+    failed its row in the client (UnicodeEncodeError), and SQL_ASCII refused every non-ASCII string (0A000):
+    events acknowledged with 200 were dead-lettered by the projector, one after another, for a setting
+    `db migrate` could have named at once."""
+    name = f"t_enc_{encoding.lower()}_{unique}"
+    sql(
+        services.database_url,
+        f"CREATE DATABASE {name} TEMPLATE template0 ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C'",
+    )
+    try:
+        url = with_param(services.database_url, dbname=name)
+        with pytest.raises(MigrationError, match=f"encoding is {encoding}, not UTF8") as caught:
+            migrate(url)
+        assert "\n" not in str(caught.value) and "nothing was applied" in str(caught.value)
+        assert sql(url, "SELECT to_regclass('schema_migrations')") == [(None,)]
+    finally:
+        sql(services.database_url, f"DROP DATABASE {name}")
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -448,3 +472,40 @@ def test_two_migrators_agree_under_a_serializable_default(services: Services, un
         assert applied == sorted(m.version for m in migrations())
     finally:
         sql(services.database_url, f'DROP SCHEMA "{schema}" CASCADE')
+
+
+async def test_a_client_encoding_set_for_the_session_neither_costs_nor_garbles_events(db_url: str) -> None:
+    """A default client_encoding (the URL's options, PGCLIENTENCODING, ALTER ROLE or DATABASE ... SET) made
+    psycopg encode the stage's text in it. In LATIN1, an inbound text with an emoji failed its row in the
+    client (UnicodeEncodeError, permanent): every such event was dead-lettered by the projector. Worse, one
+    of Latin-1 text was stored garbled: its text column right, its payload (UTF-8 bytes from orjson, read
+    as LATIN1 by the server) "cafÃ©"."""
+    from sentpipe.processors import history
+    from sentpipe.processors.inspect import database_rows
+    from sentpipe.processors.projector_process import open_pool
+
+    options = conninfo_to_dict(db_url).get("options") or ""
+    url = with_param(db_url, options=f"{options} -cclient_encoding=LATIN1")
+    texts = ["caf\u00e9", "caf\u00e9 \U0001f600 \u4e2d\u6587"]
+    events = []
+    for text in texts:
+        body = orjson.dumps({"field": "message", "sub_type": "message.received", "payload": {"text": text}})
+        routed = r.route(
+            None, body, {}, topics=TOPICS, id_source="auto", default_tenant="t", record_timestamp_ms=1
+        )
+        assert routed.event is not None
+        events.append(routed.event)
+    pool = open_pool(Settings(database_url=url, db_pool_size=1))
+    await pool.open()
+    try:
+        sink = PostgresSink(pool, HandlerRegistry())
+        for event in events:
+            assert await sink.apply(EventType.MESSAGE_INBOUND, [event], 1) == []
+    finally:
+        await pool.close()
+    stored = sql(db_url, "SELECT text, payload->>'text' FROM inbound_messages ORDER BY length(text)")
+    assert stored == [(text, text) for text in texts]
+    # And read back as stored by `events show` and the console over such a session.
+    (row,) = database_rows(url, events[1].id)["inbound_messages"]
+    assert (row["text"], row["payload"]) == (texts[1], {"text": texts[1]})
+    assert history.search(url, history.HistoryQuery(text="\U0001f600")).rows == []  # a search's own text

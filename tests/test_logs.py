@@ -186,6 +186,20 @@ def test_a_text_line_is_one_line_whatever_its_message_holds_and_a_traceback_foll
     assert first == "a b c" and traceback[0].startswith("Traceback") and traceback[-1] == "ValueError: boom"
 
 
+def test_a_value_from_a_record_in_a_message_cannot_drive_the_terminal() -> None:
+    """An event id is an argument of some messages ("handler %s ... with event %s"): its ESC [2J cleared the
+    terminal the log was read on, and U+202E turned the rest of the line around. Shown as escapes, as the
+    extras' are; printable text of any script stays as it is."""
+    from sentpipe.logs import TextFormatter
+
+    event_id = "évt-1\x1b[2J\x07\x9b31m\u202egnp.exe"
+    record = logging.LogRecord(
+        "sentpipe.handlers", logging.ERROR, __file__, 1, "handler h failed with event %s", (event_id,), None
+    )
+    line = TextFormatter("%(levelname)s %(message)s").format(record)
+    assert line == "ERROR handler h failed with event évt-1\\x1b[2J\\x07\\x9b31m\\u202egnp.exe", ascii(line)
+
+
 def test_a_threads_uncaught_exception_is_one_record_with_its_traceback() -> None:
     """Python's hook wrote the traceback to stderr, which Faust's worker logs one write at a time: an
     aiokafka thread's CancelledError came out as a dozen WARNING lines (`^`, `asyncio.exceptions`, ...)."""

@@ -531,7 +531,10 @@ async def event_trace(request: web.Request) -> web.StreamResponse:
                 "tenants": d.tenants,
             },
             "routed": [found_json(f) for f in rep.routed],
-            "rows": rep.rows,
+            "rows": {
+                table: [{name: trace.json_text(v) for name, v in row.items()} for row in rows]
+                for table, rows in rep.rows.items()
+            },
             "db_error": rep.db_error,
             "dlq": [letter_json(e) for e in rep.dlq],
             "notes": rep.notes,
