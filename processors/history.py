@@ -11,12 +11,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
 
+from sentpipe.processors import reading
 from sentpipe.schemas.events import EventType
-from sentpipe.settings import DATABASE_CLIENT_ENCODING
 
 # type -> (table, subject column, time column); templates have no received_at, so their time is occurred_at.
 _TABLES: dict[EventType, tuple[str, str, str]] = {
@@ -98,8 +96,6 @@ def search(database_url: str, q: HistoryQuery) -> HistoryPage:
         "limit": size + 1,
         "offset": page * size,
     }
-    with psycopg.connect(
-        database_url, connect_timeout=5, row_factory=dict_row, client_encoding=DATABASE_CLIENT_ENCODING
-    ) as conn:
+    with reading.connect(database_url) as conn:
         rows = conn.execute(query, params).fetchall()
     return HistoryPage(rows[:size], page, size, len(rows) > size)

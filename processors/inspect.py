@@ -16,10 +16,10 @@ from typing import Any
 import orjson
 import psycopg
 from confluent_kafka import Message, murmur2
-from psycopg.rows import dict_row
 from psycopg.types.json import set_json_loads
 
 from sentpipe.kafka import message_headers
+from sentpipe.processors import reading
 from sentpipe.processors.dedup import decode_seen, partition_of, table_key
 from sentpipe.processors.dlq import DlqEntry, Ledger, redriven
 from sentpipe.processors.offsets import Log, Range, Window, timestamp_ms
@@ -27,7 +27,7 @@ from sentpipe.schemas import exact_json
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import MalformedEvent
 from sentpipe.schemas.topics import Topics
-from sentpipe.settings import DATABASE_CLIENT_ENCODING, Settings
+from sentpipe.settings import Settings
 
 Match = Callable[[Message], bool]
 
@@ -99,9 +99,7 @@ _QUERIES = {
 
 
 def database_rows(database_url: str, event_id: str) -> dict[str, list[dict[str, Any]]]:
-    with psycopg.connect(
-        database_url, connect_timeout=5, row_factory=dict_row, client_encoding=DATABASE_CLIENT_ENCODING
-    ) as conn:
+    with reading.connect(database_url) as conn:
         # The payloads as stored, numbers digit for digit: psycopg's own loader (json.loads) made an int of
         # a 5,000-digit number, past CPython's limit, and the whole report failed.
         set_json_loads(_exact_loads, conn)

@@ -509,3 +509,35 @@ async def test_a_client_encoding_set_for_the_session_neither_costs_nor_garbles_e
     (row,) = database_rows(url, events[1].id)["inbound_messages"]
     assert (row["text"], row["payload"]) == (texts[1], {"text": texts[1]})
     assert history.search(url, history.HistoryQuery(text="\U0001f600")).rows == []  # a search's own text
+
+
+@pytest.mark.parametrize("datestyle", ["SQL, DMY", "German", "Postgres, MDY"])
+async def test_a_date_style_set_for_the_session_does_not_fail_a_trace_or_a_search(
+    db_url: str, datestyle: str
+) -> None:
+    """psycopg reads a timestamptz in the ISO DateStyle only: over a session whose default is another (the
+    URL's options, PGOPTIONS, ALTER ROLE or DATABASE ... SET), `events show`, the console's trace and its
+    search failed on the first row they met."""
+    from sentpipe.processors import history
+    from sentpipe.processors.inspect import database_rows
+
+    body = orjson.dumps({"field": "message", "sub_type": "message.received", "payload": {"text": "hi"}})
+    routed = r.route(
+        None, body, {}, topics=TOPICS, id_source="auto", default_tenant="t", record_timestamp_ms=1
+    )
+    assert routed.event is not None
+    pool = AsyncConnectionPool(db_url, min_size=1, max_size=1, open=False)
+    await pool.open()
+    try:
+        assert (
+            await PostgresSink(pool, HandlerRegistry()).apply(EventType.MESSAGE_INBOUND, [routed.event], 1)
+            == []
+        )
+    finally:
+        await pool.close()
+    options = conninfo_to_dict(db_url).get("options") or ""
+    url = with_param(db_url, options=f"{options} -cDateStyle={datestyle.replace(' ', '')}")
+    (row,) = database_rows(url, routed.event.id)["inbound_messages"]
+    assert row["received_at"].tzinfo is not None, row
+    page = history.search(url, history.HistoryQuery(text=routed.event.id))
+    assert [found["event_id"] for found in page.rows] == [routed.event.id], page.rows
