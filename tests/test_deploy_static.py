@@ -8,6 +8,7 @@ import ast
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
@@ -89,6 +90,35 @@ def test_dashboard_is_valid_json_with_panels() -> None:
         assert panel["datasource"]["uid"] == "${datasource}", f"panel {panel['title']!r} pins a data source"
         for target in panel["targets"]:
             assert target["expr"].strip()
+
+
+def _unit_of(panel: dict[str, Any], target: dict[str, Any]) -> str | None:
+    """The unit Grafana shows one query's series in: an override naming its query (refId) or its legend,
+    else the panel's default."""
+    unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit")
+    for override in panel.get("fieldConfig", {}).get("overrides", []):
+        matcher = override["matcher"]
+        if (matcher["id"], matcher.get("options")) in (
+            ("byFrameRefID", target["refId"]),
+            ("byName", target.get("legendFormat")),
+        ):
+            for prop in override["properties"]:
+                if prop["id"] == "unit":
+                    unit = prop["value"]
+    return unit
+
+
+def test_every_dashboard_query_in_seconds_is_drawn_in_seconds() -> None:
+    """A duration drawn as a plain number on an axis of record counts reads as records: the spool's oldest
+    age (300 at SentpipeSpoolBacklog's threshold) was drawn on the records' axis, unit `short`."""
+    wrong = [
+        f"{panel['title']!r} {target['refId']}: {_unit_of(panel, target)}"
+        for panel in json.loads(DASHBOARD.read_text())["panels"]
+        for target in panel.get("targets", [])
+        if re.search(r"\bsentpipe_[a-z0-9_]+_seconds(_bucket)?\b", target["expr"])
+        and _unit_of(panel, target) != "s"
+    ]
+    assert not wrong, f"queries of durations not shown in seconds: {wrong}"
 
 
 def test_alert_job_names_match_the_compose_scrape_config() -> None:
