@@ -15,6 +15,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 import sentpipe.metrics
 from sentpipe.loop_metrics import LoopCounter, LoopHistogram
+from sentpipe.settings import UNKNOWN_TENANT, tenant_name_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy/grafana/sentpipe.json"
@@ -126,6 +127,13 @@ def test_alert_job_names_match_the_compose_scrape_config() -> None:
     scraped = set(re.findall(r"job_name:\s*([\w.-]+)", COMPOSE_PROMETHEUS.read_text()))
     assert alerted == {"sentpipe-ingress", "sentpipe-worker"}
     assert alerted <= scraped
+
+
+def test_the_alert_leaving_out_tenants_without_a_secret_names_the_label_no_tenant_may_take() -> None:
+    """SentpipeSignatureFailuresAll leaves out the label of path tenants with no secret; the settings refuse
+    that name for a configured tenant, which would otherwise be counted among them and never page."""
+    assert RULES.read_text().count(f'tenant!="{UNKNOWN_TENANT}"') == 2
+    assert tenant_name_problem(UNKNOWN_TENANT) is not None
 
 
 def deploy_files() -> list[Path]:
