@@ -49,7 +49,7 @@ from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import REASONS, MalformedEvent, frame
 from sentpipe.schemas.signature import Reason, SignatureError, Verifier
 from sentpipe.schemas.topics import Topics, record_limit_problems
-from sentpipe.settings import Settings
+from sentpipe.settings import UNKNOWN_TENANT, Settings
 
 log = logging.getLogger("sentpipe.ingress")
 
@@ -248,7 +248,7 @@ def _init_metrics(tenants: list[str]) -> None:
         "spool_write_failed",
     ):
         m.INGRESS_REFUSED.labels(refused)
-    for tenant in [*tenants, "unknown"]:
+    for tenant in [*tenants, UNKNOWN_TENANT]:
         for outcome, status in (
             ("accepted", "200"),
             ("spooled", "200"),
@@ -257,7 +257,7 @@ def _init_metrics(tenants: list[str]) -> None:
             ("error", "500"),
         ):
             m.INGRESS_REQUESTS.zero((tenant, outcome, status))
-        reasons = ["unknown_tenant"] if tenant == "unknown" else [why.value for why in Reason]
+        reasons = ["unknown_tenant"] if tenant == UNKNOWN_TENANT else [why.value for why in Reason]
         for reason in reasons:
             m.INGRESS_SIGNATURE_FAILURES.labels(tenant, reason)
             m.INGRESS_REQUESTS.zero((tenant, "signature_" + reason, "401"))
@@ -357,7 +357,7 @@ class WebhookHandler:
     async def respond(self, request: PostedRequest, tenant: str) -> tuple[Answer, str]:
         """The answer to one webhook request for `tenant` (from its path), and the request's id."""
         started = time.perf_counter()
-        label = tenant if tenant in self.verifiers else "unknown"
+        label = tenant if tenant in self.verifiers else UNKNOWN_TENANT
         request_id = request_id_of(request.headers.get("x-request-id"))
         outcome, status = "error", 500
         try:

@@ -35,6 +35,7 @@ from multidict import CIMultiDictProxy
 from sentpipe import metrics as m
 from sentpipe.guarded_http import error_answer, logged_as_the_clients
 from sentpipe.ingress.app import WEBHOOK, WEBHOOK_PATH, Answer, WebhookHandler, failed, request_id_of
+from sentpipe.settings import UNKNOWN_TENANT
 
 # The tenant segment the shortcut takes: characters a URL carries unencoded, so the router would have
 # matched the same name. Anything else (percent-escapes, a further slash) goes through the router.
@@ -46,7 +47,7 @@ log = logging.getLogger("sentpipe.ingress")
 def _count_refused(code: str, status: int) -> None:
     # Counted with the webhook answers: a request the parser refused reached no handler, and its tenant is
     # not known (aiohttp hands over a placeholder path).
-    m.INGRESS_REQUESTS.inc(("unknown", code, str(status)))
+    m.INGRESS_REQUESTS.inc((UNKNOWN_TENANT, code, str(status)))
 
 
 class Posted(HeadersMixin):

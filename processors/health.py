@@ -47,6 +47,11 @@ class ProcessProbe:
         self.answered_at: float | None = None
         self.problems: list[str] = []
         self.ready = False
+        # The current process's last exposition, and what the processes it replaced had counted (their last
+        # expositions' counters and histograms, summed): see `restarted`.
+        self.last_metrics: str | None = None
+        self.earlier: str | None = None
+        self._generation = 0  # one per process polled: an answer of the one replaced is not this one's
 
     async def run(self, base: str, every_s: float = PROBE_EVERY_S) -> None:
         self.base = base
@@ -65,7 +70,22 @@ class ProcessProbe:
                 await asyncio.sleep(every_s)
 
     def restarted(self) -> None:
-        """A new process replaces the one polled: starting, it is not ready and not blocked."""
+        """A new process replaces the one polled: starting, it is not ready and not blocked. What the old one
+        counted stays in the scrape: its counters restart at 0 in the new process, and a series this process
+        also holds (retries of dead letters, producers recreated) fell to this process's share, which
+        Prometheus reads as a reset and counts that whole share again as an increase."""
+        if self.last_metrics is not None:
+            families: dict[str, Metric] = {}
+            try:
+                for text in (self.earlier, self.last_metrics):
+                    if text is not None:
+                        _add_samples(families, text, counted_only=True)
+                summed = _Families(list(families.values()))
+                self.earlier = generate_latest(summed).decode()  # type: ignore[arg-type]
+            except ValueError as exc:  # its text did not parse: it was left out of its scrapes too
+                log.warning("could not keep the %s process's counts: %s", self.name, exc)
+        self.last_metrics = None
+        self._generation += 1
         self.base, self.answered_at, self.problems, self.ready = None, None, [], False
 
     def is_ready(self) -> bool:
@@ -83,14 +103,20 @@ class ProcessProbe:
     async def metrics(self, timeout_s: float = METRICS_TIMEOUT_S) -> str | None:
         if self.base is None:
             return None
+        generation = self._generation
         try:
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http,
                 http.get(f"{self.base}/metrics") as resp,
             ):
-                return await resp.text() if resp.status == 200 else None
+                text = await resp.text() if resp.status == 200 else None
         except (aiohttp.ClientError, TimeoutError):
             return None
+        if generation != self._generation:
+            return None  # the answer of a process replaced meanwhile: its counts are in `earlier`
+        if text is not None:
+            self.last_metrics = text
+        return text
 
 
 class _Families:
@@ -101,28 +127,40 @@ class _Families:
         return self.families
 
 
-def merged_exposition(others: Sequence[str]) -> bytes:
-    """This process's metrics with other processes' added, as one scrape. A sample both have is summed (each
-    holds part of the worker's counts); their process_* and python_* families describe another interpreter
-    and are left out (the names would collide with ours)."""
+# What a process that has exited still adds to a scrape: its counts. Its gauges (lag, stalls) went with it.
+_COUNTED = ("counter", "histogram", "summary")
+
+
+def _add_samples(families: dict[str, Metric], text: str, *, counted_only: bool = False) -> None:
+    """Another process's exposition into `families`: a sample both have is summed (each holds part of the
+    worker's counts); its process_* and python_* families describe another interpreter and are left out (the
+    names would collide with ours). ValueError: the text does not parse."""
+    for fam in text_string_to_metric_families(text):
+        if fam.name.startswith(("process_", "python_")) or (counted_only and fam.type not in _COUNTED):
+            continue
+        mine = families.get(fam.name)
+        if mine is None:
+            families[fam.name] = fam
+            continue
+        at = {(s.name, tuple(sorted(s.labels.items()))): i for i, s in enumerate(mine.samples)}
+        for sample in fam.samples:
+            i = at.get((sample.name, tuple(sorted(sample.labels.items()))))
+            if i is None:
+                mine.samples.append(sample)
+                continue
+            ours = mine.samples[i]
+            both = min if sample.name.endswith("_created") else sum
+            mine.samples[i] = ours._replace(value=both((ours.value, sample.value)))
+
+
+def merged_exposition(others: Sequence[str], earlier: Sequence[str] = ()) -> bytes:
+    """This process's metrics with other processes' added, as one scrape; `earlier`: the counts of processes
+    that have exited (`ProcessProbe.earlier`), whose successors count on from 0."""
     families = {f.name: f for f in SERVED.collect()}
     for text in others:
-        for fam in text_string_to_metric_families(text):
-            if fam.name.startswith(("process_", "python_")):
-                continue
-            mine = families.get(fam.name)
-            if mine is None:
-                families[fam.name] = fam
-                continue
-            at = {(s.name, tuple(sorted(s.labels.items()))): i for i, s in enumerate(mine.samples)}
-            for sample in fam.samples:
-                i = at.get((sample.name, tuple(sorted(sample.labels.items()))))
-                if i is None:
-                    mine.samples.append(sample)
-                    continue
-                ours = mine.samples[i]
-                both = min if sample.name.endswith("_created") else sum
-                mine.samples[i] = ours._replace(value=both((ours.value, sample.value)))
+        _add_samples(families, text)
+    for text in earlier:
+        _add_samples(families, text, counted_only=True)
     return generate_latest(_Families(list(families.values())))  # type: ignore[arg-type]
 
 
@@ -189,8 +227,10 @@ def health_app(health: Health) -> web.Application:
                 log.warning("the %s process did not answer its metrics scrape", p.name)
                 detail = f"the {p.name} process did not answer within {METRICS_TIMEOUT_S:g} s"
                 return _json(503, {"error": "process_unavailable", "detail": detail})
+        # Read after the awaits above: a process replaced meanwhile has its counts there by now.
+        earlier = [p.earlier for p in health.probes if p.earlier is not None]
         try:
-            body = merged_exposition(others) if others else generate_latest(SERVED)
+            body = merged_exposition(others, earlier) if others or earlier else generate_latest(SERVED)
         except ValueError as exc:  # another process's text did not parse: our own metrics still answer
             log.warning("could not merge another process's metrics: %s", exc)
             body = generate_latest(SERVED)

@@ -84,12 +84,21 @@ MAX_TOPIC_PREFIX = 249 - len("events.dlq.redriven")
 MAX_APP_ID = 249 - len("-dedup-changelog")
 
 
+# The ingress's metrics label for every request whose path names a tenant with no secret (and for requests
+# the HTTP parser refused before any path): made-up paths stay one series. SentpipeSignatureFailuresAll leaves
+# it out (every such request fails its signature), so a configured tenant of this name, counted among them,
+# could never page when its own secret stops matching.
+UNKNOWN_TENANT = "unknown"
+
+
 def tenant_name_problem(name: str) -> str | None:
     """Why a tenant name cannot be served, or None. The router refuses events of a tenant it cannot key
     (events.required_id: 1-256 characters, no NUL), so such a name would dead-letter every one of its
     events; and a URL path segment cannot carry '/'."""
     if not name:
         return "is empty"
+    if name == UNKNOWN_TENANT:
+        return f"is reserved: the metrics count requests for tenants without a secret as {UNKNOWN_TENANT!r}"
     if len(name) > MAX_ID_LENGTH:
         return f"is longer than {MAX_ID_LENGTH} characters"
     if any(c < " " or c == "\x7f" for c in name):

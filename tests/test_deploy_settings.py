@@ -678,11 +678,20 @@ def test_the_init_jobs_topics_timeout_is_one_the_command_takes() -> None:
 
 STRINGS: list[tuple[str, list[str], list[str]]] = [
     # key, values Settings accepts (the chart must render them), values it refuses (the chart must too)
-    ("config.defaultTenant", ["acme-eu", "t" * 256, "Ünïcode tenant"], ["a/b", "t" * 257, "tab\there"]),
+    # "unknown": the metrics' tenant for path tenants with no secret, which the signature alert leaves out.
+    (
+        "config.defaultTenant",
+        ["acme-eu", "t" * 256, "Ünïcode tenant"],
+        ["a/b", "t" * 257, "tab\there", "unknown"],
+    ),
     ("kafka.bootstrap", ["kafka:9092", "b-1:9096\\,b-2:9096"], [" "]),  # helm --set: an escaped comma
     ("kafka.topicPrefix", ["eu.acme.", "p" * 224], ["", "a/b", "p" * 231, "p" * 225]),
     ("worker.appId", ["kept-group", "g" * 233], ["a/b", "g" * 234]),
-    ("secrets.tenants", ['{"acme": ["s"]}', '{"ünï": "s"}'], ['{"a/b": ["s"]}', '{"": "s"}']),
+    (
+        "secrets.tenants",
+        ['{"acme": ["s"]}', '{"ünï": "s"}'],
+        ['{"a/b": ["s"]}', '{"": "s"}', '{"unknown": "s"}'],
+    ),
 ]
 
 

@@ -8,12 +8,14 @@ import ast
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 import sentpipe.metrics
 from sentpipe.loop_metrics import LoopCounter, LoopHistogram
+from sentpipe.settings import UNKNOWN_TENANT, tenant_name_problem
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy/grafana/sentpipe.json"
@@ -91,11 +93,47 @@ def test_dashboard_is_valid_json_with_panels() -> None:
             assert target["expr"].strip()
 
 
+def _unit_of(panel: dict[str, Any], target: dict[str, Any]) -> str | None:
+    """The unit Grafana shows one query's series in: an override naming its query (refId) or its legend,
+    else the panel's default."""
+    unit = panel.get("fieldConfig", {}).get("defaults", {}).get("unit")
+    for override in panel.get("fieldConfig", {}).get("overrides", []):
+        matcher = override["matcher"]
+        if (matcher["id"], matcher.get("options")) in (
+            ("byFrameRefID", target["refId"]),
+            ("byName", target.get("legendFormat")),
+        ):
+            for prop in override["properties"]:
+                if prop["id"] == "unit":
+                    unit = prop["value"]
+    return unit
+
+
+def test_every_dashboard_query_in_seconds_is_drawn_in_seconds() -> None:
+    """A duration drawn as a plain number on an axis of record counts reads as records: the spool's oldest
+    age (300 at SentpipeSpoolBacklog's threshold) was drawn on the records' axis, unit `short`."""
+    wrong = [
+        f"{panel['title']!r} {target['refId']}: {_unit_of(panel, target)}"
+        for panel in json.loads(DASHBOARD.read_text())["panels"]
+        for target in panel.get("targets", [])
+        if re.search(r"\bsentpipe_[a-z0-9_]+_seconds(_bucket)?\b", target["expr"])
+        and _unit_of(panel, target) != "s"
+    ]
+    assert not wrong, f"queries of durations not shown in seconds: {wrong}"
+
+
 def test_alert_job_names_match_the_compose_scrape_config() -> None:
     alerted = set(re.findall(r'job="([^"]+)"', RULES.read_text()))
     scraped = set(re.findall(r"job_name:\s*([\w.-]+)", COMPOSE_PROMETHEUS.read_text()))
     assert alerted == {"sentpipe-ingress", "sentpipe-worker"}
     assert alerted <= scraped
+
+
+def test_the_alert_leaving_out_tenants_without_a_secret_names_the_label_no_tenant_may_take() -> None:
+    """SentpipeSignatureFailuresAll leaves out the label of path tenants with no secret; the settings refuse
+    that name for a configured tenant, which would otherwise be counted among them and never page."""
+    assert RULES.read_text().count(f'tenant!="{UNKNOWN_TENANT}"') == 2
+    assert tenant_name_problem(UNKNOWN_TENANT) is not None
 
 
 def deploy_files() -> list[Path]:

@@ -263,6 +263,9 @@ ABSURD_SETTINGS = [
     ("SENTPIPE_DEFAULT_TENANT", "", "the tenant name is empty"),
     ("SENTPIPE_DEFAULT_TENANT", "a/b", "holds '/'"),
     ("SENTPIPE_DEFAULT_TENANT", "t" * 257, "longer than 256"),
+    # The metrics' label for path tenants without a secret: the default feed counted among them never paged
+    # (SentpipeSignatureFailuresAll leaves that label out).
+    ("SENTPIPE_DEFAULT_TENANT", "unknown", "the tenant name is reserved"),
     ("SENTPIPE_KAFKA_BOOTSTRAP", " ", "names no broker"),
     # Reported as a broker that did not answer, after the whole connect timeout.
     ("SENTPIPE_KAFKA_BOOTSTRAP", "127.0.0.1:9092,127.0.0.1:99999", "port 99999 of '127.0.0.1:99999' is not"),
@@ -335,6 +338,7 @@ def test_a_spool_dir_that_is_a_file_is_refused_not_reported_empty(command: str, 
         (b'{"t": [{"a": 1}]}', "tenant 't': give a secret"),  # was taken as the secret "{'a': 1}"
         (b'{"": "whsec_c2VudHBpcGU="}', "tenant '' is empty"),
         (b'{"a/b": "whsec_c2VudHBpcGU="}', "tenant 'a/b' holds '/'"),
+        (b'{"unknown": "whsec_c2VudHBpcGU="}', "tenant 'unknown' is reserved"),
         (b'{"a\\u0000b": "whsec_c2VudHBpcGU="}', "holds a control character"),
         (b'{"a\\u2028b": "whsec_c2VudHBpcGU="}', "holds a character that is not printable"),
         (b'{"a\\u0085b": "whsec_c2VudHBpcGU="}', "holds a character that is not printable"),

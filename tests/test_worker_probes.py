@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from confluent_kafka import Producer
 from prometheus_client import generate_latest
@@ -378,3 +379,61 @@ def test_a_process_probe_is_ready_on_its_last_answer_until_the_process_stops_ans
     probe.answered_at = time.monotonic() - 11  # silent since: blocked, and so not ready either
     assert probe.blocked_for() is not None
     assert not probe.is_ready()
+
+
+async def test_a_replaced_projector_process_s_counts_stay_in_the_scrape() -> None:
+    """Role `all` starts a new projector process when its own asks for one (EXIT_RESTART): the new one counts
+    from 0. Left at that, a series both processes hold fell to the worker's share (Prometheus read a reset
+    and counted that share again as an increase) and the old process's own counts vanished. Every counter
+    of the merged scrape only grows across the replacement; the old process's gauges go with it."""
+    child = {"retries": 5.0, "processed": 7.0, "stalled": 1.0}
+
+    async def child_metrics(_: web.Request) -> web.Response:
+        lines = [
+            "# TYPE sentpipe_retries_total counter",
+            f'sentpipe_retries_total{{stage="replaced-test"}} {child["retries"]}',
+            "# TYPE sentpipe_events_processed_total counter",
+            'sentpipe_events_processed_total{handler="replaced-test",outcome="ok",type="message.inbound.received"}'
+            f" {child['processed']}",
+            "# TYPE sentpipe_worker_stalled gauge",
+            f'sentpipe_worker_stalled{{stage="replaced-test"}} {child["stalled"]}',
+            "",
+        ]
+        return web.Response(text="\n".join(lines), content_type="text/plain")
+
+    m.RETRIES.labels("replaced-test").inc(2)  # the worker's own share of the series both processes hold
+    app = web.Application()
+    app.router.add_get("/metrics", child_metrics)
+    health = Health()
+    probe = ProcessProbe("projector")
+    health.probes.append(probe)
+
+    async def scrape_worker(client: TestClient) -> dict[str, float]:  # type: ignore[type-arg]
+        resp = await client.get("/metrics")
+        assert resp.status == 200
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(await resp.text()):
+            for s in family.samples:
+                if "replaced-test" in s.labels.values():
+                    out[s.name] = s.value
+        return out
+
+    async with TestServer(app) as child_server, TestClient(TestServer(health_app(health))) as client:
+        probe.base, probe.answered_at = str(child_server.make_url("")).rstrip("/"), time.monotonic()
+        before = await scrape_worker(client)
+        assert before == {
+            "sentpipe_retries_total": 7.0,
+            "sentpipe_events_processed_total": 7.0,
+            "sentpipe_worker_stalled": 1.0,
+        }
+        probe.restarted()  # the old process exited; the new one is starting and not polled yet
+        starting = await scrape_worker(client)
+        child.update(retries=1.0, processed=1.0, stalled=0.0)  # the new process, counting from 0
+        probe.base, probe.answered_at = str(child_server.make_url("")).rstrip("/"), time.monotonic()
+        after = await scrape_worker(client)
+    for name in ("sentpipe_retries_total", "sentpipe_events_processed_total"):
+        assert before[name] <= starting.get(name, 0.0) <= after[name], (name, before, starting, after)
+    assert after["sentpipe_retries_total"] == 2 + 5 + 1
+    assert after["sentpipe_events_processed_total"] == 7 + 1
+    assert "sentpipe_worker_stalled" not in starting  # a gauge of the process that exited is not kept
+    assert after["sentpipe_worker_stalled"] == 0.0
