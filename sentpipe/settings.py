@@ -478,6 +478,13 @@ class Settings(BaseSettings):
     def _some_broker(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("names no broker: give host:port[,host:port...]")
+        if "@" in v:
+            # No host name holds one: `user:password@host:port` is a URL's credentials, which librdkafka does
+            # not read, and every "did not answer" error then printed the password. Not quoted here either.
+            raise ValueError(
+                "holds '@': a broker address carries no user name or password (give them in"
+                " SENTPIPE_KAFKA_SASL_USERNAME and SENTPIPE_KAFKA_SASL_PASSWORD)"
+            )
         for entry in v.split(","):
             # A port no socket can have was librdkafka's "did not answer within N s", a wait and a wrong lead.
             _, sep, port = entry.strip().rpartition(":")
