@@ -1044,3 +1044,34 @@ def test_the_grace_periods_cover_the_ingress_and_worker_stop(case: str, tmp_path
     ):
         grace_s = _seconds_of(services[name].get("stop_grace_period", "10s"))
         assert grace_s >= needed, f"compose {name}: stop_grace_period {grace_s} s < {needed} s"
+
+
+# Half configurations the pods would refuse (or silently not do) at start; what Settings says of the same.
+HALVES: list[tuple[tuple[str, ...], str, dict[str, str] | None]] = [
+    # The SASL user without a SASL protocol: the chart rendered a PLAINTEXT (or SSL) client with no SASL at
+    # all, which the broker's SASL listener refuses; Settings refuses the same settings at start.
+    (
+        ("kafka.security.sasl.username=sentpipe", "kafka.security.sasl.passwordSecret.name=sentpipe"),
+        "kafka.security.sasl.username / .passwordSecret.name are set but kafka.security.protocol is"
+        " PLAINTEXT",
+        {"SENTPIPE_KAFKA_SASL_USERNAME": "sentpipe", "SENTPIPE_KAFKA_SASL_PASSWORD": "pw"},
+    ),
+    (
+        ("kafka.security.protocol=SSL", "kafka.security.sasl.passwordSecret.name=sentpipe"),
+        "kafka.security.sasl.username / .passwordSecret.name are set but kafka.security.protocol is SSL",
+        {"SENTPIPE_KAFKA_SECURITY_PROTOCOL": "SSL", "SENTPIPE_KAFKA_SASL_PASSWORD": "pw"},
+    ),
+    # Both listeners of the ingress on one port: the second bind fails, the pod crash-loops.
+    (("ingress.metricsPort=8080",), "ingress.port and ingress.metricsPort are both 8080", None),
+]
+
+
+@pytest.mark.parametrize(("values", "message", "env"), HALVES, ids=["sasl-plaintext", "sasl-ssl", "ports"])
+def test_the_chart_refuses_half_a_configuration(
+    values: tuple[str, ...], message: str, env: dict[str, str] | None
+) -> None:
+    err = refused(*SECRET, *_set(*values))
+    assert message in err, err
+    if env is not None:
+        with pytest.raises(ValidationError, match="SECURITY_PROTOCOL is"):
+            settings_from(env)
