@@ -11,6 +11,7 @@ for the ingress, the worker and `topics ensure` (and the wrong password for ever
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 import uuid
@@ -21,6 +22,7 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
+from sentpipe.console.tail import Tail
 from sentpipe.ingress.spool import process_dir
 from sentpipe.kafka import check_connection, refusal, security_config, tls_context
 from sentpipe.processors.worker import broker_credentials
@@ -232,8 +234,8 @@ def test_operator_commands_work_over_a_secured_listener(
     secured: Secured, listener: str, tmp_path: Path
 ) -> None:
     """The commands the refusal tests reach only with a wrong password, each doing its work over TLS: `spool
-    drain` produces what a spool left behind holds, `events show` finds an event, `dlq list` and
-    `offsets reset --dry-run` read the topics."""
+    drain` produces what a spool left behind holds, `events show` finds an event, `dlq list`,
+    `offsets reset --dry-run` and the console's live tail read the topics."""
     kafka_env = (
         secured.mtls if listener == "mtls" else {**secured.sasl_ssl, "SENTPIPE_KAFKA_SASL_MECHANISM": "PLAIN"}
     )
@@ -260,6 +262,16 @@ def test_operator_commands_work_over_a_secured_listener(
     assert res.returncode == 0 and "0 in the DLQ" in res.stdout, res.stdout + res.stderr
     res = sentpipe(s, "offsets", "reset", "--group", "g", "--topic", topics.raw, "--to-earliest", "--dry-run")
     assert res.returncode == 0 and topics.raw in res.stdout, res.stdout + res.stderr
+    # The console's live tail reads the last hour of the topics at start.
+    loop = asyncio.new_event_loop()
+    try:
+        tail = Tail(s)
+        tail._loop = loop
+        tail._backfill()
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+    assert {row["event_id"] for row in tail.recent} == set(keys)
 
 
 def test_mtls_listener_without_client_certificate_is_refused(secured: Secured) -> None:
