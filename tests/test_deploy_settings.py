@@ -1061,12 +1061,20 @@ HALVES: list[tuple[tuple[str, ...], str, dict[str, str] | None]] = [
         "kafka.security.sasl.username / .passwordSecret.name are set but kafka.security.protocol is SSL",
         {"SENTPIPE_KAFKA_SECURITY_PROTOCOL": "SSL", "SENTPIPE_KAFKA_SASL_PASSWORD": "pw"},
     ),
+    # A passphrase for a client key the chart was not given: dropped, the mTLS the user meant never set up.
+    (
+        ("kafka.security.protocol=SSL", "kafka.security.tls.clientSecret.keyPasswordKey=user.key-password"),
+        "kafka.security.tls.clientSecret.keyPasswordKey needs kafka.security.tls.clientSecret.name",
+        None,
+    ),
     # Both listeners of the ingress on one port: the second bind fails, the pod crash-loops.
     (("ingress.metricsPort=8080",), "ingress.port and ingress.metricsPort are both 8080", None),
 ]
 
 
-@pytest.mark.parametrize(("values", "message", "env"), HALVES, ids=["sasl-plaintext", "sasl-ssl", "ports"])
+@pytest.mark.parametrize(
+    ("values", "message", "env"), HALVES, ids=["sasl-plaintext", "sasl-ssl", "key-password", "ports"]
+)
 def test_the_chart_refuses_half_a_configuration(
     values: tuple[str, ...], message: str, env: dict[str, str] | None
 ) -> None:

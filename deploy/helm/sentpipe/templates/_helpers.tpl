@@ -208,6 +208,9 @@ files from the TLS volume. Half a configuration fails the render, naming the val
 {{- $proto := upper $sec.protocol -}}
 {{- $sasl := hasPrefix "SASL_" $proto -}}
 {{- $tls := hasSuffix "SSL" $proto -}}
+{{- if and $sec.tls.clientSecret.keyPasswordKey (not $sec.tls.clientSecret.name) -}}
+{{- fail "kafka.security.tls.clientSecret.keyPasswordKey needs kafka.security.tls.clientSecret.name (the Secret with the key and its passphrase)" -}}
+{{- end -}}
 {{- if and (not $tls) (or $sec.tls.caSecret.name $sec.tls.clientSecret.name) -}}
 {{- fail (printf "kafka.security.tls.* is set but kafka.security.protocol is %s: use SSL or SASL_SSL" $sec.protocol) -}}
 {{- end -}}
