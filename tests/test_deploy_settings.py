@@ -1067,13 +1067,21 @@ HALVES: list[tuple[tuple[str, ...], str, dict[str, str] | None]] = [
         "kafka.security.tls.clientSecret.keyPasswordKey needs kafka.security.tls.clientSecret.name",
         None,
     ),
+    # A preStop sleep as long as the grace period: the kubelet kills the pod before it ever gets SIGTERM.
+    (
+        ("ingress.preStopSleepSeconds=50",),
+        "ingress.preStopSleepSeconds (50) leaves nothing of ingress.terminationGracePeriodSeconds (50)",
+        None,
+    ),
     # Both listeners of the ingress on one port: the second bind fails, the pod crash-loops.
     (("ingress.metricsPort=8080",), "ingress.port and ingress.metricsPort are both 8080", None),
 ]
 
 
 @pytest.mark.parametrize(
-    ("values", "message", "env"), HALVES, ids=["sasl-plaintext", "sasl-ssl", "key-password", "ports"]
+    ("values", "message", "env"),
+    HALVES,
+    ids=["sasl-plaintext", "sasl-ssl", "key-password", "pre-stop", "ports"],
 )
 def test_the_chart_refuses_half_a_configuration(
     values: tuple[str, ...], message: str, env: dict[str, str] | None
