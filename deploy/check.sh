@@ -228,6 +228,8 @@ refused() {  # DESCRIPTION EXPECTED-MESSAGE HELM-ARGS...: the render must fail w
 }
 refused "SASL without a password Secret" "needs kafka.security.sasl.username and kafka.security.sasl.passwordSecret.name" "${secret[@]}" \
   --set kafka.security.protocol=SASL_SSL --set kafka.security.sasl.username=u
+refused "SASL values without a SASL protocol" "kafka.security.sasl.username / .passwordSecret.name are set but kafka.security.protocol is PLAINTEXT" \
+  "${secret[@]}" --set kafka.security.sasl.username=u
 refused "a Kafka CA without TLS" "kafka.security.tls.* is set but kafka.security.protocol is PLAINTEXT" "${secret[@]}" \
   --set kafka.security.tls.caSecret.name=kafka-ca
 

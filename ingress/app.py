@@ -858,6 +858,7 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
         broker.start()
         yield
         await broker.stop()
+        # A stage of server.stop_deadline_s, which the grace periods of the deployments cover.
         await producer.close(timeout=settings.produce_timeout_s * 2)
 
     app.cleanup_ctx.append(producer_ctx)
@@ -891,7 +892,7 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
                     await task
             # Records of requests cut off at the grace period may still be in the writer's hands: closed
             # under it, the segment's fd was gone mid-write (a torn frame) or, worse, reused by another file.
-            if not await spool.settle(settings.produce_timeout_s):
+            if not await spool.settle(settings.produce_timeout_s):  # a stage of server.stop_deadline_s
                 log.error("spool: a write was still running at shutdown; its segment is left open")
             spool.close()
 

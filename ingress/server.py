@@ -61,6 +61,23 @@ WORKER_PROBE_EVERY_S = 5.0
 # Short: the probes run in the supervisor's loop, one worker after another, and a SIGTERM or another
 # worker's exit waits for them. A loaded worker slower than this for WORKER_SILENT_S on end is not serving.
 WORKER_PROBE_TIMEOUT_S = 1.0
+# For a process's own start-up and teardown around the timed stages of its stop (see `stop_deadline_s`).
+STOP_SLACK_S = 5.0
+
+
+def in_flight_grace_s(settings: Settings) -> float:
+    """How long requests in hand get to finish once a stop begins: a produce, and the answer after it."""
+    return settings.produce_timeout_s + 5
+
+
+def stop_deadline_s(settings: Settings) -> float:
+    """The longest an ingress takes from SIGTERM to its exit, stage by stage (`serve`): the requests in
+    flight (`in_flight_grace_s`), aiohttp's own wait for any still running (as long again), the spool's
+    write in hand (the produce timeout), the producer's flush (twice it), and STOP_SLACK_S. The supervisor
+    kills a worker still running past it; a Kubernetes pod's terminationGracePeriodSeconds (after its preStop
+    sleep) and compose's stop_grace_period must be at least this, or the process is killed mid-flush."""
+    p = settings.produce_timeout_s
+    return 2 * in_flight_grace_s(settings) + p + 2 * p + STOP_SLACK_S
 
 
 async def _listen(site: web.TCPSite, host: str, port: int, settings_named: str) -> None:
@@ -103,7 +120,7 @@ async def serve(
     # shutdown_timeout: in-flight requests get this long to finish before the producer flushes.
     runner = web.AppRunner(
         app,
-        shutdown_timeout=settings.produce_timeout_s + 5,
+        shutdown_timeout=in_flight_grace_s(settings),
         access_log=None,
         keepalive_timeout=settings.ingress_keepalive_s,
     )
@@ -155,7 +172,7 @@ async def serve(
     # Keep-alive connections would bring new requests for as long as clients send them; and a request the
     # shortcut took is unknown to aiohttp's shutdown. Each connection answers what it has read, then closes.
     stop_reading(runner)
-    left = await finish_in_flight(settings.produce_timeout_s + 5)
+    left = await finish_in_flight(in_flight_grace_s(settings))
     if left:
         log.warning("shutting down with %d requests still in flight after the grace period", left)
     await runner.cleanup()
@@ -434,7 +451,7 @@ def supervise(settings: Settings, host: str, port: int, metrics_port: int) -> in
         for w in workers:
             if w.exitcode is None and w.pid is not None:
                 w.terminate()  # SIGTERM
-        deadline = time.monotonic() + settings.produce_timeout_s * 3 + 15
+        deadline = time.monotonic() + stop_deadline_s(settings)
         for w in workers:
             w.join(max(0.0, deadline - time.monotonic()))
             if w.exitcode is None:

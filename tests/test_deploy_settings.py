@@ -1012,3 +1012,91 @@ def test_the_console_is_given_time_to_stop_a_running_replay_or_redrive() -> None
     assert console["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > STOP_BOUND_S
     grace = compose_services([COMPOSE], COMPOSE_ENV)["console"]["stop_grace_period"]
     assert grace.endswith("s") and float(grace[:-1]) > STOP_BOUND_S
+
+
+def _seconds_of(duration: str) -> float:
+    """A compose duration as this file writes them: `45s`, `1m30s`."""
+    found = re.fullmatch(r"(?:(\d+)m)?(?:(\d+)s)?", duration)
+    assert found and duration, f"unexpected duration {duration!r}"
+    return int(found[1] or 0) * 60 + int(found[2] or 0)
+
+
+@pytest.mark.parametrize("case", ["default", "production", "all-options"])
+def test_the_grace_periods_cover_the_ingress_and_worker_stop(case: str, tmp_path: Path) -> None:
+    """The kubelet and compose SIGKILL a container at its grace period: it must cover the code's own bound on
+    a stop, measured from SIGTERM (for a pod, after its preStop sleep): the ingress's in-flight requests,
+    its spool write and producer flush (`stop_deadline_s`), the worker's STOP_DEADLINE_S. The ingress pod had
+    30 s, preStop included, against 5 + 35 s: a set of workers was killed before the supervisor's deadline,
+    and a slow flush before its own."""
+    from sentpipe.ingress.server import stop_deadline_s
+    from sentpipe.processors.worker import STOP_DEADLINE_S
+
+    objs = render(*CASES[case])
+    by_name = {o["metadata"]["name"]: o for o in objs if o["kind"] in ("Deployment", "StatefulSet")}
+    checked = set()
+    for where, c, s in container_settings(objs, tmp_path):
+        role = c["args"][0]
+        if role not in ("ingress", "worker"):
+            continue
+        spec = by_name[where.split("/")[0]]["spec"]["template"]["spec"]
+        pre_stop = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+        slept = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
+        needed = stop_deadline_s(s) if role == "ingress" else STOP_DEADLINE_S
+        grace = spec["terminationGracePeriodSeconds"]
+        assert grace - slept >= needed, f"{where}: {grace} s - {slept} s preStop < {needed} s"
+        checked.add(role)
+    assert checked == {"ingress", "worker"}
+    services = compose_services([COMPOSE], COMPOSE_ENV)
+    for name, needed in (
+        ("ingress", stop_deadline_s(compose_settings("ingress", services["ingress"], tmp_path))),
+        ("worker", STOP_DEADLINE_S),
+    ):
+        grace_s = _seconds_of(services[name].get("stop_grace_period", "10s"))
+        assert grace_s >= needed, f"compose {name}: stop_grace_period {grace_s} s < {needed} s"
+
+
+# Half configurations the pods would refuse (or silently not do) at start; what Settings says of the same.
+HALVES: list[tuple[tuple[str, ...], str, dict[str, str] | None]] = [
+    # The SASL user without a SASL protocol: the chart rendered a PLAINTEXT (or SSL) client with no SASL at
+    # all, which the broker's SASL listener refuses; Settings refuses the same settings at start.
+    (
+        ("kafka.security.sasl.username=sentpipe", "kafka.security.sasl.passwordSecret.name=sentpipe"),
+        "kafka.security.sasl.username / .passwordSecret.name are set but kafka.security.protocol is"
+        " PLAINTEXT",
+        {"SENTPIPE_KAFKA_SASL_USERNAME": "sentpipe", "SENTPIPE_KAFKA_SASL_PASSWORD": "pw"},
+    ),
+    (
+        ("kafka.security.protocol=SSL", "kafka.security.sasl.passwordSecret.name=sentpipe"),
+        "kafka.security.sasl.username / .passwordSecret.name are set but kafka.security.protocol is SSL",
+        {"SENTPIPE_KAFKA_SECURITY_PROTOCOL": "SSL", "SENTPIPE_KAFKA_SASL_PASSWORD": "pw"},
+    ),
+    # A passphrase for a client key the chart was not given: dropped, the mTLS the user meant never set up.
+    (
+        ("kafka.security.protocol=SSL", "kafka.security.tls.clientSecret.keyPasswordKey=user.key-password"),
+        "kafka.security.tls.clientSecret.keyPasswordKey needs kafka.security.tls.clientSecret.name",
+        None,
+    ),
+    # A preStop sleep as long as the grace period: the kubelet kills the pod before it ever gets SIGTERM.
+    (
+        ("ingress.preStopSleepSeconds=50",),
+        "ingress.preStopSleepSeconds (50) leaves nothing of ingress.terminationGracePeriodSeconds (50)",
+        None,
+    ),
+    # Both listeners of the ingress on one port: the second bind fails, the pod crash-loops.
+    (("ingress.metricsPort=8080",), "ingress.port and ingress.metricsPort are both 8080", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("values", "message", "env"),
+    HALVES,
+    ids=["sasl-plaintext", "sasl-ssl", "key-password", "pre-stop", "ports"],
+)
+def test_the_chart_refuses_half_a_configuration(
+    values: tuple[str, ...], message: str, env: dict[str, str] | None
+) -> None:
+    err = refused(*SECRET, *_set(*values))
+    assert message in err, err
+    if env is not None:
+        with pytest.raises(ValidationError, match="SECURITY_PROTOCOL is"):
+            settings_from(env)

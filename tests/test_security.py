@@ -1,7 +1,9 @@
 """Kafka TLS/SASL/mTLS and PostgreSQL TLS, against a broker and a database the tests secure themselves.
 
-The whole pipeline (ingress -> worker -> PostgreSQL, then replay) runs once over SASL_SSL with SCRAM-SHA-512
-and PostgreSQL `sslmode=verify-full`, and once over mTLS (client certificates for Kafka and PostgreSQL).
+The whole pipeline (ingress -> worker -> PostgreSQL, then replay) runs over SASL_SSL with SCRAM-SHA-512 and
+with PLAIN, with PostgreSQL `sslmode=verify-full`, and over mTLS (client certificates for Kafka and
+PostgreSQL); the operator commands (`spool drain`, `events show`, `dlq list`, `offsets reset`) do their work
+over mTLS and SASL_SSL.
 Then the failures a new deployment meets: a wrong password, an unknown CA and a plaintext client against a
 TLS listener, each one line naming the broker and the cause, a non-zero exit, within the connect timeout,
 for the ingress, the worker and `topics ensure` (and the wrong password for every other Kafka command).
@@ -9,6 +11,7 @@ for the ingress, the worker and `topics ensure` (and the wrong password for ever
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import time
 import uuid
@@ -19,6 +22,8 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
+from sentpipe.console.tail import Tail
+from sentpipe.ingress.spool import process_dir
 from sentpipe.kafka import check_connection, refusal, security_config, tls_context
 from sentpipe.processors.worker import broker_credentials
 from sentpipe.schemas import routing as r
@@ -33,6 +38,7 @@ from tests.services import ServiceUnavailable
 from tests.test_ops_cli import sentpipe
 from tests.test_pipeline_e2e import assert_matches_oracle, deliveries
 from tests.test_replay import TABLES
+from tests.test_spool_e2e import _prefill
 
 CONNECT_TIMEOUT_S = 10.0
 
@@ -77,7 +83,8 @@ def _other_ca(tmp_path: Path) -> Path:
 # --- the whole pipeline, secured ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["sasl_ssl+verify-full", "mtls+client-cert"])
+# PLAIN over TLS is what Confluent Cloud's API keys use; the router's aiokafka takes it as librdkafka does.
+@pytest.mark.parametrize("mode", ["sasl_ssl+verify-full", "sasl_ssl-plain+verify-full", "mtls+client-cert"])
 def test_pipeline_signed_sent_projected_replayed_over_tls(
     secured: Secured, mode: str, tmp_path: Path
 ) -> None:
@@ -88,6 +95,8 @@ def test_pipeline_signed_sent_projected_replayed_over_tls(
             _schema_url(secured.pg_verify_full, secured.pg_verify_full, "postgres"),
         )
         assert kafka_env["SENTPIPE_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+        if "plain" in mode:
+            kafka_env = {**kafka_env, "SENTPIPE_KAFKA_SASL_MECHANISM": "PLAIN"}
     else:
         kafka_env = secured.mtls
         db = _schema_url(secured.pg_verify_full, secured.pg_client_cert, "sentpipe")
@@ -218,6 +227,51 @@ def test_every_other_kafka_command_refused_in_one_line(
     t0 = time.monotonic()
     res = sentpipe(s, *args, timeout=60, data_dir=tmp_path, worker_metrics_port=free_port())
     _assert_refused(res, time.monotonic() - t0, s.kafka_bootstrap, ["SASL authentication"])
+
+
+@pytest.mark.parametrize("listener", ["mtls", "sasl_ssl-plain"])
+def test_operator_commands_work_over_a_secured_listener(
+    secured: Secured, listener: str, tmp_path: Path
+) -> None:
+    """The commands the refusal tests reach only with a wrong password, each doing its work over TLS: `spool
+    drain` produces what a spool left behind holds, `events show` finds an event, `dlq list`,
+    `offsets reset --dry-run` and the console's live tail read the topics."""
+    kafka_env = (
+        secured.mtls if listener == "mtls" else {**secured.sasl_ssl, "SENTPIPE_KAFKA_SASL_MECHANISM": "PLAIN"}
+    )
+    s = _settings(
+        kafka_env,
+        database_url=_schema_url(secured.pg_verify_full, secured.pg_verify_full, "postgres"),
+        topic_prefix=f"tlsops{uuid.uuid4().hex[:8]}.",
+        raw_partitions=2,
+        routed_partitions=2,
+        spool_dir=tmp_path / "spool",
+    )
+    topics = Topics(s.topic_prefix)
+    for args in (["topics", "ensure"], ["db", "migrate"]):
+        res = sentpipe(s, *args)
+        assert res.returncode == 0, res.stderr
+    keys = _prefill(process_dir(s.spool_dir, 0), s, 5, 100)
+    res = sentpipe(s, "spool", "drain")
+    assert res.returncode == 0, res.stderr
+    raw = read_topic(secured.plaintext_bootstrap, topics.raw, at_least=5, timeout=60)
+    assert {rec.key.decode() for rec in raw if rec.key is not None} == set(keys)
+    res = sentpipe(s, "events", "show", keys[0])
+    assert res.returncode == 0 and f"{topics.raw}[" in res.stdout, res.stdout + res.stderr
+    res = sentpipe(s, "dlq", "list")
+    assert res.returncode == 0 and "0 in the DLQ" in res.stdout, res.stdout + res.stderr
+    res = sentpipe(s, "offsets", "reset", "--group", "g", "--topic", topics.raw, "--to-earliest", "--dry-run")
+    assert res.returncode == 0 and topics.raw in res.stdout, res.stdout + res.stderr
+    # The console's live tail reads the last hour of the topics at start.
+    loop = asyncio.new_event_loop()
+    try:
+        tail = Tail(s)
+        tail._loop = loop
+        tail._backfill()
+        loop.run_until_complete(asyncio.sleep(0))
+    finally:
+        loop.close()
+    assert {row["event_id"] for row in tail.recent} == set(keys)
 
 
 def test_mtls_listener_without_client_certificate_is_refused(secured: Secured) -> None:

@@ -10,7 +10,7 @@
 # SENTPIPE_KAFKA_SECURITY=tls starts a second, secured broker (state under .local/kafka-tls) beside the plain
 # one, with certificates made on the fly by openssl under .local/kafka-tls/tls:
 #   port P+2  SSL       TLS with client authentication required (mTLS: client.pem/client.key)
-#   port P+3  SASL_SSL  TLS + SCRAM-SHA-512 / SCRAM-SHA-256, user `sentpipe`, created at format time
+#   port P+3  SASL_SSL  TLS + SCRAM-SHA-512 / SCRAM-SHA-256 (created at format time) or PLAIN, user `sentpipe`
 #   port P    PLAINTEXT loopback-only, for the launcher's own probes and for inspecting topics
 #   port P+1  the KRaft controller
 # where P is SENTPIPE_KAFKA_PORT + 100 (9192 by default). `env sasl_ssl` (or `env ssl`) prints the
@@ -133,10 +133,11 @@ ssl.truststore.type=PEM
 ssl.truststore.location=$tls/ca.pem
 listener.name.ssl.ssl.client.auth=required
 listener.name.sasl_ssl.ssl.client.auth=none
-sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256
-listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256
+sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256,PLAIN
+listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256,PLAIN
 listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
 listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$scram_user="$(cat "$tls/$scram_user.password")";
 PROPS
 }
 
@@ -172,6 +173,7 @@ group.initial.rebalance.delay.ms=0
 log.flush.interval.messages=9223372036854775807
 PROPS
   } >"$home/server.properties"
+  chmod 600 "$home/server.properties"  # the secured broker's holds the PLAIN user's password
 }
 
 # What a client of the secured broker sets, for one listener: `eval "$(kafka.sh env sasl_ssl)"`.
@@ -237,7 +239,7 @@ start() {
     if answers && accepts_writes; then
       if [ "$security" = tls ]; then
         echo "kafka.sh: secured Kafka is up (pid $(cat "$pidfile")): SSL with client certificates on 127.0.0.1:$ssl_port," \
-          "SASL_SSL (SCRAM-SHA-512, user $scram_user) on 127.0.0.1:$sasl_port, plaintext on 127.0.0.1:$port;" \
+          "SASL_SSL (SCRAM-SHA-512, -256 or PLAIN, user $scram_user) on 127.0.0.1:$sasl_port, plaintext on 127.0.0.1:$port;" \
           "settings: SENTPIPE_KAFKA_SECURITY=tls $0 env sasl_ssl|ssl"
       else
         echo "kafka.sh: Kafka is up on 127.0.0.1:$port (pid $(cat "$pidfile"))"

@@ -208,8 +208,16 @@ files from the TLS volume. Half a configuration fails the render, naming the val
 {{- $proto := upper $sec.protocol -}}
 {{- $sasl := hasPrefix "SASL_" $proto -}}
 {{- $tls := hasSuffix "SSL" $proto -}}
+{{- if and $sec.tls.clientSecret.keyPasswordKey (not $sec.tls.clientSecret.name) -}}
+{{- fail "kafka.security.tls.clientSecret.keyPasswordKey needs kafka.security.tls.clientSecret.name (the Secret with the key and its passphrase)" -}}
+{{- end -}}
 {{- if and (not $tls) (or $sec.tls.caSecret.name $sec.tls.clientSecret.name) -}}
 {{- fail (printf "kafka.security.tls.* is set but kafka.security.protocol is %s: use SSL or SASL_SSL" $sec.protocol) -}}
+{{- end -}}
+{{- /* As the app refuses SENTPIPE_KAFKA_SASL_* without a SASL protocol: rendered without them, the client
+connected with no SASL at all, which a SASL listener refuses. */}}
+{{- if and (not $sasl) (or $sec.sasl.username $sec.sasl.passwordSecret.name) -}}
+{{- fail (printf "kafka.security.sasl.username / .passwordSecret.name are set but kafka.security.protocol is %s: use SASL_SSL (or SASL_PLAINTEXT)" $sec.protocol) -}}
 {{- end -}}
 {{- if and $sasl (not (and $sec.sasl.username $sec.sasl.passwordSecret.name)) -}}
 {{- fail (printf "kafka.security.protocol %s needs kafka.security.sasl.username and kafka.security.sasl.passwordSecret.name" $sec.protocol) -}}
