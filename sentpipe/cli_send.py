@@ -113,7 +113,7 @@ def _resolve_secret(secret: str | None, tenant: str | None, s: Settings) -> str:
     if tenant == "":
         fail("--tenant is empty")
     if secret:
-        return secret
+        return _usable(secret, "--secret")
     try:
         tenants = s.tenant_secrets()
     except (OSError, ValueError) as exc:
@@ -124,13 +124,26 @@ def _resolve_secret(secret: str | None, tenant: str | None, s: Settings) -> str:
         # empty list (every secret rotated out) was an IndexError naming neither tenant nor file.
         fail(f"tenant {name!r} has no secret in SENTPIPE_SECRETS_FILE; add it there or pass --secret")
     # The first secret of a tenant is the one it signs with; the others are still accepted (rotation).
-    return tenants[name][0]
+    first = tenants[name][0]
+    from_env = name == s.default_tenant and tenants[name] == [s.webhook_secret.get_secret_value()]
+    return _usable(
+        first, "SENTPIPE_WEBHOOK_SECRET" if from_env else f"SENTPIPE_SECRETS_FILE, tenant {name!r}"
+    )
 
 
-def _check_target(target: str, secret: str) -> None:
+def _usable(secret: str, source: str) -> str:
+    # Named by where it came from, as the ingress names it at start: "webhook secret is not valid base64"
+    # left the user to guess between --secret, the environment and the secrets file.
+    try:
+        secret_key(secret)
+    except ValueError as exc:
+        fail(f"{source}: {exc}")
+    return secret
+
+
+def _check_target(target: str) -> None:
     try:
         check_url(target)
-        secret_key(secret)
     except ValueError as exc:
         fail(str(exc))
 
@@ -415,7 +428,7 @@ def send_command(
     err = Console(stderr=True)
     target = _resolve_target(url, tenant, s)
     signing_secret = _resolve_secret(secret, tenant, s)
-    _check_target(target, signing_secret)
+    _check_target(target)
     mode = SigningMode.BAD_SIGNATURE if bad_signature else SigningMode.STALE if stale else SigningMode.VALID
     in_flight = _open_files_for(
         concurrency or (RATE_MODE_CONCURRENCY if rate else DEFAULT_CONCURRENCY), concurrency is not None
@@ -531,7 +544,7 @@ def trigger_command(
     s = settings()
     target = _resolve_target(url, tenant, s)
     signing_secret = _resolve_secret(secret, tenant, s)
-    _check_target(target, signing_secret)
+    _check_target(target)
     sample = one_event(SampleFactory(seed), event_type, shape_choice, checked_status)
     (delivery,) = plan_deliveries([sample], 0.0, False, random.Random(seed))
     print_untrusted_body(out, sample.body)

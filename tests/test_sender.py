@@ -1086,6 +1086,26 @@ async def test_a_tenant_without_a_secret_or_an_empty_option_is_refused_not_signe
     assert "cannot reach" in errors[4]
 
 
+async def test_an_unusable_secret_is_refused_naming_where_it_came_from(tmp_path: Path) -> None:
+    """An error that said only "webhook secret is not valid base64" left the user to guess between --secret,
+    SENTPIPE_WEBHOOK_SECRET and the secrets file; the ingress names the setting at start, and so do these."""
+    secrets = tmp_path / "secrets.json"
+    secrets.write_bytes(b'{"acme": ["whsec_!!"]}')
+    url = f"http://127.0.0.1:{free_port()}/webhooks/sent"
+    runs = await asyncio.gather(
+        cli("send", url, "--secret", "whsec_", env={}),
+        cli("send", url, env={"SENTPIPE_WEBHOOK_SECRET": "whsec_"}),
+        cli("trigger", "message.status.updated", url, env={"SENTPIPE_WEBHOOK_SECRET": "whsec_"}),
+        cli("send", url, "--tenant", "acme", env={"SENTPIPE_SECRETS_FILE": str(secrets)}),
+    )
+    errors = [one_line_error(r) for r in runs]
+    assert errors[0] == "error: --secret: webhook secret has nothing after 'whsec_'", errors[0]
+    for e in errors[1:3]:
+        assert e == "error: SENTPIPE_WEBHOOK_SECRET: webhook secret has nothing after 'whsec_'", e
+    from_file = "error: SENTPIPE_SECRETS_FILE, tenant 'acme': webhook secret is not valid base64"
+    assert errors[3].startswith(from_file), errors
+
+
 async def test_a_tenant_whose_secrets_file_entry_lists_no_secret_is_refused_by_name(tmp_path: Path) -> None:
     """`{"acme": []}` (every secret rotated out): the README says the tenant's first secret signs, and there
     is none; send and trigger said `IndexError: list index out of range`, naming neither tenant nor file."""
