@@ -754,11 +754,7 @@ def verifiers_for(settings: Settings) -> dict[str, Verifier]:
     # nothing about which tenant (or whether one) was asked, nor how many keys it has.
     work = max(len(secrets) for secrets in tenants.values())
     for tenant, secrets in tenants.items():
-        where = (
-            "SENTPIPE_WEBHOOK_SECRET"
-            if tenant == settings.default_tenant and secrets == [settings.webhook_secret.get_secret_value()]
-            else f"SENTPIPE_SECRETS_FILE, tenant {_printable(tenant)!r}"
-        )
+        where = settings.secret_source(tenant, secrets, lambda name: repr(_printable(name)))
         try:
             out[tenant] = Verifier(secrets, settings.signature_tolerance_s, work=work)
         except ValueError as exc:

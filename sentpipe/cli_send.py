@@ -124,11 +124,7 @@ def _resolve_secret(secret: str | None, tenant: str | None, s: Settings) -> str:
         # empty list (every secret rotated out) was an IndexError naming neither tenant nor file.
         fail(f"tenant {name!r} has no secret in SENTPIPE_SECRETS_FILE; add it there or pass --secret")
     # The first secret of a tenant is the one it signs with; the others are still accepted (rotation).
-    first = tenants[name][0]
-    from_env = name == s.default_tenant and tenants[name] == [s.webhook_secret.get_secret_value()]
-    return _usable(
-        first, "SENTPIPE_WEBHOOK_SECRET" if from_env else f"SENTPIPE_SECRETS_FILE, tenant {name!r}"
-    )
+    return _usable(tenants[name][0], s.secret_source(name, tenants[name]))
 
 
 def _usable(secret: str, source: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -522,6 +523,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"tenant {shown}: give a secret (a string) or a list of them")
             tenants[tenant] = listed
         return tenants
+
+    def secret_source(self, tenant: str, secrets: list[str], shown: Callable[[str], str] = repr) -> str:
+        """Where `tenant`'s `secrets` (from `tenant_secrets`) were set, for an error that names it: an
+        unusable secret left its reader to guess between the environment and the file."""
+        if tenant == self.default_tenant and secrets == [self.webhook_secret.get_secret_value()]:
+            return "SENTPIPE_WEBHOOK_SECRET"
+        return f"SENTPIPE_SECRETS_FILE, tenant {shown(tenant)}"
 
     @property
     def kafka_heartbeat_interval_s(self) -> float:
