@@ -6,6 +6,7 @@ import faulthandler
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -808,6 +809,14 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) < 300 else text[:297] + "..."
 
 
+def _interrupted() -> int:
+    # Requests in flight when the loop stopped are coroutines never awaited: Python warned of each as the
+    # process exited, lines after this one that ask nothing of the user (`sys:1: RuntimeWarning: ...`).
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    err.print("interrupted")
+    return 130
+
+
 def run(main: Callable[[], Any]) -> int:
     """Run the CLI with errors as one line on stderr; SENTPIPE_DEBUG=1 shows tracebacks."""
     try:
@@ -820,22 +829,20 @@ def run(main: Callable[[], Any]) -> int:
         from sentpipe.processors.migrate import MigrationError
         from sentpipe.processors.topics import CopartitioningError
     except KeyboardInterrupt:
-        err.print("interrupted")
-        return 130
+        return _interrupted()
 
     try:
         # Typer answers Ctrl-C outside standalone mode by returning 130, not raising: without this, every
         # command interrupted ended with status 0 and no word.
         rc = main()
         if rc == 130:
-            err.print("interrupted")
+            _interrupted()
         if isinstance(rc, int) and not isinstance(rc, bool):
             return rc
     except SystemExit as exc:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except KeyboardInterrupt:
-        err.print("interrupted")
-        return 130
+        return _interrupted()
     except (CliError, BrokerUnavailable, CopartitioningError, HandlerModuleError, MigrationError) as exc:
         err.print(terminal_safe(f"error: {exc}"), soft_wrap=True)
         return 1
@@ -848,8 +855,7 @@ def run(main: Callable[[], Any]) -> int:
     except Exception as exc:
         # Typer vendors its own click, so its usage errors are recognised by shape, not class.
         if type(exc).__name__ == "Abort":
-            err.print("interrupted")
-            return 130
+            return _interrupted()
         format_message = getattr(exc, "format_message", None)
         if callable(format_message) and isinstance(getattr(exc, "exit_code", None), int):
             message = _one_line_text(str(format_message()))

@@ -316,6 +316,35 @@ main()
     assert res.returncode == 130
 
 
+def test_ctrl_c_with_requests_in_flight_ends_on_interrupted_not_a_warning() -> None:
+    """`send` stopped by SIGTERM mid-run once ended with `sys:1: RuntimeWarning: coroutine
+    'ClientRequest.write_bytes' was never awaited` after its "interrupted": a request in flight when the loop
+    stopped, collected as the process exits. Here a coroutine never awaited stands for it."""
+    abandoned_request = """
+import sys
+from sentpipe.cli import run
+
+async def request():
+    pass
+
+abandoned = []
+
+def main():
+    abandoned.append(request())
+    raise KeyboardInterrupt
+
+sys.exit(run(main))
+"""
+    res = subprocess.run(
+        [sys.executable, "-c", abandoned_request],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert (res.returncode, res.stderr) == (130, "interrupted\n"), res.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
