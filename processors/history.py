@@ -60,9 +60,13 @@ def _branch(type_: EventType, q: HistoryQuery) -> sql.Composed:
         where.append(sql.SQL("{} >= %(since)s").format(sql.Identifier(at)))
     if q.until is not None:
         where.append(sql.SQL("{} < %(until)s").format(sql.Identifier(at)))
+    # Each table's own newest rows first, no more than the page can need: each reads its time index (0003)
+    # and stops. Ordered only outside the union, a search for a tenant read and sorted its every row (0.42 s
+    # at 3.5 million rows, growing with them). The order is the outer one's (a table has one type).
     return sql.SQL(
-        "SELECT {type} AS type, tenant, event_id, {subject}::text AS subject, {status} AS status,"
+        "(SELECT {type} AS type, tenant, event_id, {subject}::text AS subject, {status} AS status,"
         " occurred_at, {at} AS at FROM {table}{where}"
+        " ORDER BY {at} DESC, event_id DESC, tenant DESC LIMIT %(limit)s + %(offset)s)"
     ).format(
         type=sql.Literal(type_.value),
         subject=sql.Identifier(subject),
@@ -73,14 +77,12 @@ def _branch(type_: EventType, q: HistoryQuery) -> sql.Composed:
     )
 
 
-def search(database_url: str, q: HistoryQuery) -> HistoryPage:
-    """One page of matching events, newest first (ties by event id, tenant, type), and whether there is
-    another."""
-    size = max(1, min(q.page_size, MAX_PAGE_SIZE))
-    page = max(0, q.page)
+def statement(q: HistoryQuery) -> tuple[sql.Composed, dict[str, Any]] | None:
+    """The query `search` runs for `q`, with its parameters; None when no table can match."""
+    size, page = _page(q)
     types = [t for t in _TABLES if not q.types or t in q.types]
     if not types:
-        return HistoryPage([], page, size, False)
+        return None
     union = sql.SQL(" UNION ALL ").join(_branch(t, q) for t in types)
     query = sql.SQL(
         # A total order: two tenants may share an event id and a time (and one id may be in two tables);
@@ -96,6 +98,20 @@ def search(database_url: str, q: HistoryQuery) -> HistoryPage:
         "limit": size + 1,
         "offset": page * size,
     }
+    return query, params
+
+
+def _page(q: HistoryQuery) -> tuple[int, int]:
+    return max(1, min(q.page_size, MAX_PAGE_SIZE)), max(0, q.page)
+
+
+def search(database_url: str, q: HistoryQuery) -> HistoryPage:
+    """One page of matching events, newest first (ties by event id, tenant, type), and whether there is
+    another."""
+    size, page = _page(q)
+    stmt = statement(q)
+    if stmt is None:
+        return HistoryPage([], page, size, False)
     with reading.connect(database_url) as conn:
-        rows = conn.execute(query, params).fetchall()
+        rows = conn.execute(*stmt).fetchall()
     return HistoryPage(rows[:size], page, size, len(rows) > size)
