@@ -211,7 +211,7 @@ def locate(
     except psycopg.errors.UndefinedTable:  # a database no `db migrate` has run on: that is the fix
         rep.db_error = "database has no sentpipe tables: run `sentpipe db migrate`"
     except psycopg.Error as exc:
-        rep.db_error = f"database unavailable: {' '.join(str(exc).split()) or type(exc).__name__}"
+        rep.db_error = reading.unavailable(exc)
     return rep
 
 

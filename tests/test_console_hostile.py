@@ -19,8 +19,9 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
-from aiohttp import ClientSession, CookieJar, web
+from aiohttp import ClientSession, ClientTimeout, CookieJar, web
 from aiohttp.test_utils import TestServer, make_mocked_request
 from pydantic import SecretStr
 from yarl import URL
@@ -29,6 +30,7 @@ from sentpipe.console import calls, create_app
 from sentpipe.console.app import SAMPLER, SESSIONS, SETTINGS, entry_json, send_json
 from sentpipe.console.auth import Session, Sessions
 from sentpipe.console.calls import MAX_CALLS, off_loop
+from sentpipe.processors import reading
 from sentpipe.processors.dlq import DlqEntry
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.topics import Topics
@@ -209,6 +211,27 @@ async def test_text_the_database_cannot_hold_is_400_not_database_unavailable(
     assert status == 200 and body["rows"] == [], body
     status, body = await answer(client, "GET", f"{base}/api/search?until=9999-12-31T23:59:59.999999Z")
     assert status == 200, body
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_a_search_or_trace_behind_a_held_table_answers_instead_of_waiting(
+    open_app: tuple[str, web.Application], settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a table a migration holds, Search had no answer for as long as it held it (69 s measured
+    behind a 70 s lock), and its call slot stayed taken."""
+    monkeypatch.setattr(reading, "STATEMENT_TIMEOUT_S", 0.5)
+    base, _ = open_app
+    with psycopg.connect(settings.database_url.get_secret_value()) as holder:
+        holder.execute("LOCK TABLE message_events IN ACCESS EXCLUSIVE MODE")
+        async with ClientSession(cookie_jar=CookieJar(unsafe=True), timeout=ClientTimeout(60)) as page:
+            assert (await answer(page, "GET", f"{base}/api/session"))[0] == 200
+            status, body = await answer(page, "GET", f"{base}/api/search")
+            assert status == 503 and body["code"] == "database_unavailable", body
+            assert body["error"].startswith("database did not answer within its statement timeout"), body
+            status, body = await answer(page, "GET", f"{base}/api/event?id=e-1")
+            assert status == 200 and body["db_error"] == reading.unavailable(
+                psycopg.errors.QueryCanceled()
+            ), body
 
 
 @pytest.mark.usefixtures("no_tracebacks")

@@ -4,19 +4,22 @@ buffer counts), not by its time: a query that reads a table whole touches every 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 import pytest
 from psycopg import sql
 
-from sentpipe.processors import history
+from sentpipe.processors import history, reading
 from sentpipe.processors.inspect import _QUERIES, database_rows
 from sentpipe.schemas.events import EventType
 
 ROWS = 30_000  # per history table: some hundreds of blocks each, far above what one page needs
 BLOCKS = 120  # what a page of 50 may touch: index pages and the heap pages its rows are on
+BOUND_S = 60.0  # a read still waiting after this is hanging
 
 # Shaped as the projector writes them (projections.py): ten tenants, five events per message, 64-hex ids.
 FILL = f"""
@@ -122,3 +125,31 @@ def test_a_trace_reads_the_status_tables_by_their_key(filled: str) -> None:
     assert status["message_id"] == message_id
     (status,) = database_rows(filled, template_event)["template_status"]
     assert status["event_id"] == template_event
+
+
+def test_a_read_behind_a_held_table_ends_in_one_line_instead_of_waiting(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A table another session holds (a migration's ALTER TABLE holds one as long as it builds: minutes on a
+    large history) kept a search and `events show` waiting as long, and the console's page with no answer
+    (test_console_hostile checks its answers)."""
+    monkeypatch.setattr(reading, "STATEMENT_TIMEOUT_S", 0.5)
+    # The holder closes first, so a read that still hangs ends with the test.
+    with ThreadPoolExecutor(2) as pool, psycopg.connect(db_url) as holder:
+        holder.execute("LOCK TABLE message_events IN ACCESS EXCLUSIVE MODE")
+        search = pool.submit(history.search, db_url, history.HistoryQuery())
+        trace = pool.submit(database_rows, db_url, "e-1")
+        for read in (search, trace):
+            with pytest.raises(psycopg.errors.QueryCanceled) as caught:
+                read.result(BOUND_S)
+            line = reading.unavailable(caught.value)
+            assert line.startswith("database did not answer within its statement timeout"), line
+            assert "\n" not in line
+
+
+def test_a_lower_statement_timeout_of_the_role_or_url_is_kept(db_url: str) -> None:
+    with reading.connect(db_url) as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == {"statement_timeout": "30s"}
+    lower = f"{db_url}{quote(' -cstatement_timeout=200')}"  # after the fixture's search_path option
+    with reading.connect(lower) as conn:
+        assert conn.execute("SHOW statement_timeout").fetchone() == {"statement_timeout": "200ms"}

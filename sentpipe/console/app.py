@@ -44,7 +44,7 @@ from sentpipe.console.tail import JOIN_TIMEOUT_S, Tail
 from sentpipe.guarded_http import guard
 from sentpipe.kafka import BrokerUnavailable
 from sentpipe.processors import dlq as dlq_ops
-from sentpipe.processors import history
+from sentpipe.processors import history, reading
 from sentpipe.processors import inspect as trace
 from sentpipe.processors import replay as replay_ops
 from sentpipe.processors.offsets import Log, NotFound, OpsError, Window, make_window, parse_when
@@ -854,7 +854,7 @@ async def api_errors(request: web.Request, handler: Handler) -> web.StreamRespon
         response.headers["Retry-After"] = "5"
         return response
     except psycopg.Error as exc:
-        return problem(503, f"database unavailable: {one_line(exc)}", "database_unavailable")
+        return problem(503, reading.unavailable(exc), "database_unavailable")
     except web.HTTPException:
         raise
     except Exception:
