@@ -30,13 +30,16 @@ from sentpipe.console import calls, create_app
 from sentpipe.console.app import SAMPLER, SESSIONS, SETTINGS, entry_json, send_json
 from sentpipe.console.auth import Session, Sessions
 from sentpipe.console.calls import MAX_CALLS, off_loop
+from sentpipe.processors import dlq as dlq_ops
 from sentpipe.processors import reading
 from sentpipe.processors.dlq import DlqEntry
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
+from tests.kafka_tools import wait_topics_ready
 from tests.processes import settings_env
 from tests.test_console_security import TOKEN, sign_in
+from tests.test_dlq import _handler_dead_letters
 
 CAP = 5
 
@@ -232,6 +235,26 @@ async def test_a_search_or_trace_behind_a_held_table_answers_instead_of_waiting(
             assert status == 200 and body["db_error"] == reading.unavailable(
                 psycopg.errors.QueryCanceled()
             ), body
+
+
+@pytest.mark.usefixtures("no_tracebacks")
+async def test_the_dead_letters_page_counts_what_a_redrive_took(
+    open_app: tuple[str, web.Application], settings: Settings
+) -> None:
+    """After a redrive of 120,000 dead letters the page said "0 shown, 0 matching, 120000 in the DLQ", and
+    nothing where they had gone (`dlq list` says "120000 more a redrive took")."""
+    base, _ = open_app
+    topics = Topics(settings.topic_prefix)
+    wait_topics_ready(settings.kafka_bootstrap, [topics.dlq_redriven])
+    _handler_dead_letters(settings, topics, 3)
+    assert dlq_ops.redrive(settings, dlq_ops.make_selection(ids=["0:0", "0:1"])).produced == 2
+    async with ClientSession(cookie_jar=CookieJar(unsafe=True)) as page:
+        assert (await answer(page, "GET", f"{base}/api/session"))[0] == 200
+        status, body = await answer(page, "GET", f"{base}/api/dlq")
+        assert status == 200 and [e["id"] for e in body["entries"]] == ["0:2"], body
+        assert (body["matched"], body["total"], body["redriven"]) == (1, 3, 2), body
+        status, body = await answer(page, "GET", f"{base}/api/dlq?stage=route")
+        assert (body["matched"], body["total"], body["redriven"]) == (0, 3, 0), body
 
 
 @pytest.mark.usefixtures("no_tracebacks")

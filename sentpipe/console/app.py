@@ -618,6 +618,9 @@ async def dlq_list(request: web.Request) -> web.StreamResponse:
             "entries": [entry_json(e) for e in reversed(listing.entries)],  # newest first
             "matched": listing.matched,
             "total": listing.total,
+            # What `dlq list` says as "N more a redrive took": without it, after a redrive the page read
+            # "0 matching, 120000 in the DLQ" and nothing said where they had gone.
+            "redriven": listing.redriven,
         }
     )
 

@@ -552,7 +552,7 @@ async function dlqView(main, id) {
       );
       list.replaceChildren(
         rows.length ? table(["", "ID", "dead-lettered", "stage", "error", "event / key", "type", "tenant", "original", "attempts"], rows, { class: "rows" }) : el("p", { class: "muted" }, "No dead letters match."),
-        el("p", { class: "muted", id: "dlq-count" }, `${res.entries.length} shown, ${res.matched} matching, ${res.total} in the DLQ`)
+        el("p", { class: "muted", id: "dlq-count" }, `${res.entries.length} shown, ${res.matched} matching, ${res.total} in the DLQ` + (res.redriven ? `; ${res.redriven} more matching were taken by a redrive (not listed)` : ""))
       );
     } catch (err) {
       list.replaceChildren(errorBox(err.message));
