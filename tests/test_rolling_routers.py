@@ -23,7 +23,7 @@ from sentpipe.schemas.events import frame
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.kafka_tools import delete_topics, end_offsets, group_offsets, read_topic, wait_topics_ready
-from tests.pipeline import wait_for, worker_env
+from tests.pipeline import wait_caught_up, wait_for, worker_env
 from tests.processes import Proc
 from tests.test_chaos_worker import RawFeed
 from tests.test_pipeline_e2e import deliveries
@@ -136,3 +136,37 @@ def test_a_rolling_restart_of_the_routers_under_load_keeps_every_mark(
     twice = [i for i in ids if counts[i] > 1]
     assert not missing, f"{len(missing)} event(s) never routed, e.g. {missing[:3]}"
     assert not twice, f"{len(twice)} of {len(ids)} events routed twice, e.g. {twice[:3]}\n{group.tails()}"
+
+
+def test_a_worker_of_another_app_id_beside_running_workers_refuses_to_start(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Its own groups would read every raw and routed record from the start, with a dedup table of their
+    own: every event routed and handled a second time. It says so in one line instead."""
+    s = settings.model_copy(update={"app_id": f"{settings.app_id}-run"})
+    ensure_topics(s)
+    topics = Topics(s.topic_prefix)
+    wait_topics_ready(s.kafka_bootstrap, [topics.raw, *topics.routed, topics.unrouted, topics.dlq])
+    env = worker_env(s, tmp_path, 1)
+    running = Proc(["worker"], env, tmp_path / "running.log").start()
+    try:
+        running.wait_http(f"http://127.0.0.1:{env['SENTPIPE_WORKER_METRICS_PORT']}/readyz", timeout=120)
+        unique, _ = deliveries(50, 0.0, seed=46)
+        RawFeed(s, unique, preload=len(unique), per_s=PER_S).start().wait(60)
+        wait_caught_up(s, 120, "the running worker routed and projected", running.tail)
+        other = s.model_copy(update={"app_id": f"{settings.app_id}-other"})
+        for role, group in (("route", s.app_id), ("project", f"{s.app_id}-projections")):
+            proc = Proc(["worker", "--role", role], worker_env(other, tmp_path, 2), tmp_path / f"{role}.log")
+            try:
+                assert proc.start().p is not None
+                assert proc.p.wait(60) == 1, proc.tail()
+            finally:
+                proc.kill()  # one that started after all
+            lines = proc.log.read_text().strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"error: consumer group {group} (1 member(s))"), (
+                lines
+            )
+            assert f"SENTPIPE_APP_ID ({s.app_id})" in lines[0], lines
+    finally:
+        running.stop()
+        delete_topics(s.kafka_bootstrap, [], [s.app_id, f"{s.app_id}-projections"], timeout=5)
