@@ -199,6 +199,55 @@ class CopartitioningError(Exception):
     pass
 
 
+def check_no_other_group_reads(settings: Settings, group: str, timeout: float = 10.0) -> None:
+    """Refuse to join `group` while a group of another SENTPIPE_APP_ID, with members, reads the same topics.
+
+    A worker started with another app id (set by hand on one pod, or left over from an older release)
+    joins a consumer group of its own, reads the raw topic from its start with a dedup table of its own,
+    and routes every event a second time, whose handlers then run twice; a projector of another app id
+    applies every routed event again. Only a running group of the same stage counts (a router's group has
+    its dedup changelog, a projector's ends in `-projections`): a stopped one from an older release is
+    history, and replay or redrive readers are neither."""
+    admin = admin_client(settings)
+    projector = group.endswith("-projections")
+    topics = Topics(settings.topic_prefix)
+    have = existing_partitions(admin, settings.kafka_bootstrap, timeout)
+    ours = [topics.raw] if not projector else list(topics.routed)
+    try:
+        listed = admin.list_consumer_groups(request_timeout=timeout).result(timeout)
+    except (KafkaException, TimeoutError) as exc:
+        # A guard against a mistake, not a condition of running: the broker was reachable a moment ago.
+        log.warning("could not list the consumer groups to look for workers of another app id: %s", exc)
+        return
+    peers = sorted(
+        g.group_id
+        for g in listed.valid
+        if g.group_id != group
+        and (
+            g.group_id.endswith("-projections")
+            if projector
+            else f"{g.group_id}-{DEDUP_TABLE}-changelog" in have
+        )
+    )
+    if not peers:
+        return
+    partitions = [TopicPartition(name, p) for name in ours if name in have for p in range(have[name])]
+    described = admin.describe_consumer_groups(peers, request_timeout=timeout)
+    for peer in peers:
+        try:
+            members = described[peer].result(timeout).members
+            committed = committed_offsets(settings, peer, partitions, timeout) if members else []
+        except (KafkaException, TimeoutError):
+            continue  # gone since it was listed, or not ours to describe
+        if any(tp.error is None and tp.offset >= 0 for tp in committed):
+            app_id = peer.removesuffix("-projections") if projector else peer
+            raise CopartitioningError(
+                f"consumer group {peer} ({len(members)} member(s)) already reads {ours[0]}: this worker's "
+                f"group {group} would {'project' if projector else 'route'} every event a second time; give "
+                f"it the running workers' SENTPIPE_APP_ID ({app_id})"
+            )
+
+
 def check_group_owns_prefix(settings: Settings, group: str, timeout: float = 10.0) -> None:
     """Refuse a consumer group that has committed offsets for another prefix's topics.
 

@@ -33,7 +33,7 @@ from sentpipe import metrics as m
 from sentpipe.broker import ProduceRejected
 from sentpipe.broker import Record as BrokerRecord
 from sentpipe.kafka import AsyncProducer, RangeReader, tls_context
-from sentpipe.processors import store
+from sentpipe.processors import faust_recovery, store
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
 from sentpipe.processors.dedup import decode_seen, encode_seen, expire, legacy_key, partition_of, table_key
 from sentpipe.processors.faust_transport import use_eager_consumer
@@ -1254,6 +1254,7 @@ def create_app(settings: Settings, role: WorkerRole | None = None) -> faust.App:
         Worker=_QuietWorker,
     )
     use_eager_consumer(app)
+    faust_recovery.install()  # standby copies of the dedup table keep every mark (a rolling restart)
     # No Faust web server: its /table and /router views would let anything that reaches the port read
     # dedup keys, and nothing here needs it (/metrics, /livez and /readyz are our own, on the metrics
     # port). `faust worker` sets web_enabled from its --with-web option (default on), so the app's

@@ -106,7 +106,12 @@ def worker(
     from sentpipe.logs import configure, faust_log_level, faust_quiet_options
     from sentpipe.processors.handlers import load_modules
     from sentpipe.processors.projector_process import run_projector
-    from sentpipe.processors.topics import check_copartitioning, check_group_owns_prefix, projections_group
+    from sentpipe.processors.topics import (
+        check_copartitioning,
+        check_group_owns_prefix,
+        check_no_other_group_reads,
+        projections_group,
+    )
     from sentpipe.processors.worker import create_app, restore_table
 
     s = settings()
@@ -120,8 +125,10 @@ def worker(
     if s.worker_role != "project":
         check_copartitioning(s)
         check_group_owns_prefix(s, s.app_id)
+        check_no_other_group_reads(s, s.app_id)
     if s.worker_role != "route":
         check_group_owns_prefix(s, projections_group(s))
+        check_no_other_group_reads(s, projections_group(s))
     load_modules(s.handler_modules)
     # /metrics, /livez and /readyz on SENTPIPE_WORKER_METRICS_PORT are served by the worker's own loop.
     if s.worker_role == "project":
