@@ -26,6 +26,7 @@ from typing import Any
 
 import faust
 import mode
+from aiokafka.errors import KafkaError as AIOKafkaError
 from faust.streams import _current_event
 from faust.types import TP, EventT
 
@@ -1154,6 +1155,18 @@ class _QuietWorker(faust.Worker):
     def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
         self.spinner = None
         super().on_setup_root_logger(logger, level)
+
+    async def start(self) -> None:
+        # Faust creates its own topics and joins the group while it starts: a broker that refuses one (a
+        # replication factor above its broker count) or goes away just after the start-up checks ended
+        # the worker with mode's 50-line traceback. One line instead, and status 1 for the restart policy;
+        # SystemExit passes mode's handler, which logs any Exception with its traceback, and still lets
+        # it stop what had started (the projector process among them).
+        try:
+            await super().start()
+        except AIOKafkaError as exc:
+            log.error(f"the worker could not start, Kafka answered: {exc}")
+            raise SystemExit(1) from None
 
     def _schedule_shutdown(self, sig: signal.Signals) -> None:
         # Faust waits without a limit for the records the router took and could not settle (the broker
