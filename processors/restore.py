@@ -82,13 +82,15 @@ def restore_dedup_table(
             raise BrokerUnavailable(f"cannot read the dedup changelog {topic}: {exc}") from None
         meta = md.topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
+            for partition in range(settings.raw_partitions):  # the files of a deleted changelog: stale
+                _forget_if_ahead(target, topic, partition, 0)
             return Restored(0, 0, time.monotonic() - started)  # no changelog yet: nothing to restore
         ends: dict[int, int] = {}
         assignment = []
         for p in sorted(meta.partitions):
-            stored = target.offset(p)
-            start = stored + 1 if stored is not None else OFFSET_BEGINNING
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            stored = _forget_if_ahead(target, topic, p, high)
+            start = stored + 1 if stored is not None else OFFSET_BEGINNING
             begin = low if start == OFFSET_BEGINNING else max(start, low)
             if begin < high:
                 ends[p] = high
@@ -162,6 +164,29 @@ def restore_dedup_table(
         consumer.close()
 
 
+def _forget_if_ahead(target: _Target, topic: str, partition: int, high: int) -> int | None:
+    """The offset the store holds the changelog partition up to; None, with the partition emptied, when that
+    is at or past the changelog's end (`high`).
+
+    Such a store was filled from another changelog of the same name: the topic deleted and created again,
+    or another cluster, with the RocksDB volume kept. Taken as current, the restore read none of this
+    changelog's marks and Faust's recovery refused the partition (its persisted offset past the highwater)."""
+    stored = target.offset(partition)
+    if stored is None or stored < high:
+        return stored
+    log.warning(
+        "the dedup table's store for %s[%d] holds offsets up to %d but the changelog ends at %d "
+        "(the topic was recreated, or this is another cluster): restoring that partition from the "
+        "beginning of the changelog",
+        topic,
+        partition,
+        stored,
+        high,
+    )
+    target.forget(partition)
+    return None
+
+
 def _checked(error: KafkaError, topic: str, bootstrap: str) -> KafkaError:
     """A consumer error that waiting cannot cure, raised at once; any other, returned to be named later."""
     if error.fatal():
@@ -183,6 +208,10 @@ class _Target:
     def write(self, partition: int, records: list[tuple[bytes, bytes | None]], last: int) -> None:
         raise NotImplementedError
 
+    def forget(self, partition: int) -> None:
+        """Empty the partition: no records, no offset."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -196,6 +225,9 @@ class _Memory(_Target):
 
     def write(self, partition: int, records: list[tuple[bytes, bytes | None]], last: int) -> None:
         self.store.restore_batch(partition, records, last)
+
+    def forget(self, partition: int) -> None:
+        self.store.forget_partition(partition)
 
 
 class _Rocks(_Target):
@@ -227,6 +259,14 @@ class _Rocks(_Target):
         # The offset goes in the same atomic write as the records it covers.
         wb.put(self.store.offset_key, str(last).encode())
         self._db(partition).write(wb)
+
+    def forget(self, partition: int) -> None:
+        import rocksdict
+
+        db = self.dbs.pop(partition, None)
+        if db is not None:
+            db.close()
+        rocksdict.Rdict.destroy(str(self.store.partition_path(partition)))
 
     def close(self) -> None:
         for db in self.dbs.values():

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 from faust.types import TP
 
@@ -136,6 +136,45 @@ def _event(key: bytes, value: bytes | None, partition: int, offset: int) -> Any:
     return SimpleNamespace(
         key=key, value=value, message=SimpleNamespace(partition=partition, offset=offset, value=value)
     )
+
+
+def _recreate_changelog(s: Settings) -> str:
+    """The changelog deleted and created again, as when Kafka's data is reset and the router's volume kept:
+    its offsets start over."""
+    topic = changelog_topic(s)
+    admin = admin_client(s)
+    admin.delete_topics([topic], operation_timeout=30)[topic].result(30)
+    deadline = time.monotonic() + 60
+    while True:  # the broker finishes the deletion after it answers
+        spec = NewTopic(topic, s.raw_partitions, 1, config={"cleanup.policy": "compact"})
+        try:
+            admin.create_topics([spec])[topic].result(30)
+            return topic
+        except KafkaException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_rocksdb_files_ahead_of_their_changelog_are_restored_from_it_again(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # The files' offsets (about 500 a partition) are past the recreated changelog's end (about 25): taken
+    # as current, none of its marks was read, and Faust's recovery, finding the files ahead of the log,
+    # refused to start.
+    s = settings.model_copy(update={"table_store": "rocksdb://", "data_dir": tmp_path / "faust"})
+    _create_changelog(s)
+    v = encode_seen({"default": int(time.time() * 1000)})
+    _write(s, [(_key(i), v) for i in range(2000)])
+    restore_dedup_table(s, _store(s))
+    topic = _recreate_changelog(s)
+    _write(s, [(_key(i), v) for i in range(5000, 5100)])
+
+    done = restore_dedup_table(s, _store(s))
+    assert done is not None and done.records == 100
+    rows, offsets = table_files(s)
+    assert rows == {_key(i): v for i in range(5000, 5100)}  # the changelog's marks, and only those
+    assert offsets == {p: end - 1 for p, end in end_offsets(s.kafka_bootstrap, topic).items() if end > 0}
 
 
 def test_the_memory_store_is_restored_reports_its_offsets_and_shares_values(settings: Settings) -> None:
