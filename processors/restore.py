@@ -240,7 +240,26 @@ class _Rocks(_Target):
     def _db(self, partition: int) -> Any:
         db = self.dbs.get(partition)
         if db is None:
-            db = self.dbs[partition] = self.options.open(self.store.partition_path(partition))
+            path = self.store.partition_path(partition)
+            try:
+                db = self.options.open(path)
+            except Exception as exc:  # rocksdict raises Exception itself, its message naming the status
+                # A file RocksDB finds corrupt (a deleted or damaged file of the partition's) ended every
+                # start with that error until someone deleted the directory by hand. The changelog holds
+                # every mark: the partition is rebuilt from it. Anything else (disk full, the LOCK held by
+                # another process) is no fault of the file's, and is raised as it is.
+                if not str(exc).startswith("Corruption"):
+                    raise
+                log.warning(
+                    "the dedup table's RocksDB file %s cannot be opened (%s): restoring partition %d "
+                    "from the beginning of the changelog",
+                    path,
+                    " ".join(str(exc).split()),
+                    partition,
+                )
+                self.forget(partition)
+                db = self.options.open(path)
+            self.dbs[partition] = db
         return db
 
     def offset(self, partition: int) -> int | None:

@@ -177,6 +177,30 @@ def test_rocksdb_files_ahead_of_their_changelog_are_restored_from_it_again(
     assert offsets == {p: end - 1 for p, end in end_offsets(s.kafka_bootstrap, topic).items() if end > 0}
 
 
+def test_a_rocksdb_partition_file_found_corrupt_is_rebuilt_from_the_changelog(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # A damaged file of a partition's (here its MANIFEST, and another's CURRENT gone) ended every start with
+    # RocksDB's "Corruption" until someone deleted the directory by hand.
+    s = settings.model_copy(update={"table_store": "rocksdb://", "data_dir": tmp_path / "faust"})
+    topic = _create_changelog(s)
+    v = encode_seen({"default": int(time.time() * 1000)})
+    _write(s, [(_key(i), v) for i in range(2000)])
+    store = _store(s)
+    restore_dedup_table(s, store)
+    for manifest in store.partition_path(0).glob("MANIFEST-*"):
+        with manifest.open("r+b") as f:
+            f.truncate(10)
+    (store.partition_path(1) / "CURRENT").unlink()
+
+    ends = end_offsets(s.kafka_bootstrap, topic)
+    done = restore_dedup_table(s, _store(s))
+    assert done is not None and done.records == ends[0] + ends[1]  # those two read again, whole
+    rows, offsets = table_files(s)
+    assert rows == {_key(i): v for i in range(2000)}
+    assert offsets == {p: end - 1 for p, end in ends.items() if end > 0}
+
+
 def test_the_memory_store_is_restored_reports_its_offsets_and_shares_values(settings: Settings) -> None:
     s = settings.model_copy(update={"table_store": "memory://"})
     topic = _create_changelog(s)
