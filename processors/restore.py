@@ -82,8 +82,14 @@ def restore_dedup_table(
             raise BrokerUnavailable(f"cannot read the dedup changelog {topic}: {exc}") from None
         meta = md.topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
-            for partition in range(settings.raw_partitions):  # the files of a deleted changelog: stale
-                _forget_if_ahead(target, topic, partition, 0)
+            # Only a changelog the broker says does not exist makes the files stale. A metadata error that
+            # passes (a leader being elected) or an ACL's refusal says nothing of them: emptied then, the
+            # marks were read again by Faust's recovery, one Python event each.
+            if meta is None or (
+                meta.error is not None and meta.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+            ):
+                for partition in range(settings.raw_partitions):
+                    _forget_if_ahead(target, topic, partition, 0)
             return Restored(0, 0, time.monotonic() - started)  # no changelog yet: nothing to restore
         ends: dict[int, int] = {}
         assignment = []
