@@ -177,6 +177,30 @@ def test_rocksdb_files_ahead_of_their_changelog_are_restored_from_it_again(
     assert offsets == {p: end - 1 for p, end in end_offsets(s.kafka_bootstrap, topic).items() if end > 0}
 
 
+def test_rocksdb_files_of_a_deleted_changelog_are_emptied_and_kept_otherwise(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # Gone for good, the changelog leaves the files' marks stale (the next changelog starts at offset 0); a
+    # changelog that is there keeps them, whatever else the restore finds.
+    s = settings.model_copy(update={"table_store": "rocksdb://", "data_dir": tmp_path / "faust"})
+    topic = _create_changelog(s)
+    v = encode_seen({"default": int(time.time() * 1000)})
+    _write(s, [(_key(i), v) for i in range(500)])
+    restore_dedup_table(s, _store(s))
+    assert restore_dedup_table(s, _store(s)) is not None  # again, nothing new: the files are kept
+    assert len(table_files(s)[0]) == 500
+    admin = admin_client(s)
+    admin.delete_topics([topic], operation_timeout=30)[topic].result(30)
+    deadline = time.monotonic() + 60
+    while topic in admin.list_topics(timeout=10).topics:  # the deletion finishes after the answer
+        assert time.monotonic() < deadline, "the changelog was not deleted"
+        time.sleep(0.5)
+
+    done = restore_dedup_table(s, _store(s))
+    assert done is not None and done.records == 0
+    assert table_files(s) == ({}, {})
+
+
 def test_a_rocksdb_partition_file_found_corrupt_is_rebuilt_from_the_changelog(
     settings: Settings, tmp_path: Path
 ) -> None:
