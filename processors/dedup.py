@@ -7,6 +7,7 @@ Layout, repeated per tenant: 8-byte big-endian milliseconds, 2-byte length, the 
 
 from __future__ import annotations
 
+import math
 import struct
 
 from confluent_kafka import murmur2
@@ -36,6 +37,14 @@ def decode_seen(value: bytes | None) -> dict[str, int]:
         out[bytes(view[pos : pos + size]).decode(errors="replace")] = ms
         pos += size
     return out if pos == len(view) else {}
+
+
+def mark_ms(now_s: float) -> int:
+    """The first-routed time a mark records for `now_s`: whole seconds, so ids marked within the same second
+    share one stored value (processors/store.py), rounded up. Rounded down, a mark read up to a second older
+    than it was, and the sweep expired it before the window had passed since it was routed: a redelivery
+    just inside the window was routed again."""
+    return math.ceil(now_s) * 1000
 
 
 def expire(tenants: dict[str, int], cutoff_ms: int) -> dict[str, int]:

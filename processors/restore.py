@@ -82,13 +82,21 @@ def restore_dedup_table(
             raise BrokerUnavailable(f"cannot read the dedup changelog {topic}: {exc}") from None
         meta = md.topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
+            # Only a changelog the broker says does not exist makes the files stale. A metadata error that
+            # passes (a leader being elected) or an ACL's refusal says nothing of them: emptied then, the
+            # marks were read again by Faust's recovery, one Python event each.
+            if meta is None or (
+                meta.error is not None and meta.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+            ):
+                for partition in range(settings.raw_partitions):
+                    _forget_if_ahead(target, topic, partition, 0)
             return Restored(0, 0, time.monotonic() - started)  # no changelog yet: nothing to restore
         ends: dict[int, int] = {}
         assignment = []
         for p in sorted(meta.partitions):
-            stored = target.offset(p)
-            start = stored + 1 if stored is not None else OFFSET_BEGINNING
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            stored = _forget_if_ahead(target, topic, p, high)
+            start = stored + 1 if stored is not None else OFFSET_BEGINNING
             begin = low if start == OFFSET_BEGINNING else max(start, low)
             if begin < high:
                 ends[p] = high
@@ -162,6 +170,29 @@ def restore_dedup_table(
         consumer.close()
 
 
+def _forget_if_ahead(target: _Target, topic: str, partition: int, high: int) -> int | None:
+    """The offset the store holds the changelog partition up to; None, with the partition emptied, when that
+    is at or past the changelog's end (`high`).
+
+    Such a store was filled from another changelog of the same name: the topic deleted and created again,
+    or another cluster, with the RocksDB volume kept. Taken as current, the restore read none of this
+    changelog's marks and Faust's recovery refused the partition (its persisted offset past the highwater)."""
+    stored = target.offset(partition)
+    if stored is None or stored < high:
+        return stored
+    log.warning(
+        "the dedup table's store for %s[%d] holds offsets up to %d but the changelog ends at %d "
+        "(the topic was recreated, or this is another cluster): restoring that partition from the "
+        "beginning of the changelog",
+        topic,
+        partition,
+        stored,
+        high,
+    )
+    target.forget(partition)
+    return None
+
+
 def _checked(error: KafkaError, topic: str, bootstrap: str) -> KafkaError:
     """A consumer error that waiting cannot cure, raised at once; any other, returned to be named later."""
     if error.fatal():
@@ -183,6 +214,10 @@ class _Target:
     def write(self, partition: int, records: list[tuple[bytes, bytes | None]], last: int) -> None:
         raise NotImplementedError
 
+    def forget(self, partition: int) -> None:
+        """Empty the partition: no records, no offset."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -197,6 +232,9 @@ class _Memory(_Target):
     def write(self, partition: int, records: list[tuple[bytes, bytes | None]], last: int) -> None:
         self.store.restore_batch(partition, records, last)
 
+    def forget(self, partition: int) -> None:
+        self.store.forget_partition(partition)
+
 
 class _Rocks(_Target):
     """Faust's RocksDB store's files, written as Faust would (rocksdict, raw mode)."""
@@ -208,7 +246,26 @@ class _Rocks(_Target):
     def _db(self, partition: int) -> Any:
         db = self.dbs.get(partition)
         if db is None:
-            db = self.dbs[partition] = self.options.open(self.store.partition_path(partition))
+            path = self.store.partition_path(partition)
+            try:
+                db = self.options.open(path)
+            except Exception as exc:  # rocksdict raises Exception itself, its message naming the status
+                # A file RocksDB finds corrupt (a deleted or damaged file of the partition's) ended every
+                # start with that error until someone deleted the directory by hand. The changelog holds
+                # every mark: the partition is rebuilt from it. Anything else (disk full, the LOCK held by
+                # another process) is no fault of the file's, and is raised as it is.
+                if not str(exc).startswith("Corruption"):
+                    raise
+                log.warning(
+                    "the dedup table's RocksDB file %s cannot be opened (%s): restoring partition %d "
+                    "from the beginning of the changelog",
+                    path,
+                    " ".join(str(exc).split()),
+                    partition,
+                )
+                self.forget(partition)
+                db = self.options.open(path)
+            self.dbs[partition] = db
         return db
 
     def offset(self, partition: int) -> int | None:
@@ -227,6 +284,14 @@ class _Rocks(_Target):
         # The offset goes in the same atomic write as the records it covers.
         wb.put(self.store.offset_key, str(last).encode())
         self._db(partition).write(wb)
+
+    def forget(self, partition: int) -> None:
+        import rocksdict
+
+        db = self.dbs.pop(partition, None)
+        if db is not None:
+            db.close()
+        rocksdict.Rdict.destroy(str(self.store.partition_path(partition)))
 
     def close(self) -> None:
         for db in self.dbs.values():

@@ -161,6 +161,15 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
                 data[key] = intern(value)
         self._advance(partition, last)
 
+    def forget_partition(self, partition: int) -> None:
+        """Drop one partition's keys and offset: the next restore or recovery reads it from the beginning."""
+        n = self.table.partitions
+        assert n is not None  # the router's table names its partition count
+        for key in self.data.walk():
+            if partition_of(key, n) == partition:
+                self.data.discard(key)
+        self._offsets.pop(partition, None)
+
     # --- Faust's recovery and offsets -----------------------------------------------------------------
 
     def _advance(self, partition: int, offset: int) -> None:

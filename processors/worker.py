@@ -36,7 +36,15 @@ from sentpipe.broker import Record as BrokerRecord
 from sentpipe.kafka import AsyncProducer, RangeReader, tls_context
 from sentpipe.processors import faust_recovery, store
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
-from sentpipe.processors.dedup import decode_seen, encode_seen, expire, legacy_key, partition_of, table_key
+from sentpipe.processors.dedup import (
+    decode_seen,
+    encode_seen,
+    expire,
+    legacy_key,
+    mark_ms,
+    partition_of,
+    table_key,
+)
 from sentpipe.processors.faust_transport import use_eager_consumer
 from sentpipe.processors.health import Health, serve_health
 from sentpipe.processors.held_offsets import HeldOffsets
@@ -707,8 +715,7 @@ class Router:
         its own. Where a batch in flight held the id when it was looked up, the store is read again: every
         batch before has settled, what they routed is there and what the broker refused them is not (the
         value as looked up kept a refused copy marked for good)."""
-        # Whole seconds: ids marked within the same second share one stored value (store.py).
-        now_ms = int(time.time()) * 1000
+        now_ms = mark_ms(time.time())
         changes: dict[bytes, bytes | None] = {}
         home = batch.home
         for key in batch.marks.keys() | batch.legacy.keys():  # legacy: moved even when only a duplicate

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import time
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -23,6 +25,7 @@ from confluent_kafka.admin import (
 )
 from faust.types import TP
 
+from sentpipe.processors import worker
 from sentpipe.processors.dedup import partition_of, table_key
 from sentpipe.processors.worker import PIPELINE_DEPTH, create_app
 from sentpipe.schemas import routing as r
@@ -493,3 +496,52 @@ def test_the_sweep_waits_for_a_steady_table_and_drops_a_slice_decided_before_a_r
             await router.producer.close()
 
     asyncio.run(go())
+
+
+def test_a_mark_outlives_the_window_from_its_routing_through_a_sweep(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Marks are whole seconds, and were rounded down: an id routed at .9 of a second read as routed 0.9 s
+    earlier, and a sweep 0.6 s after its routing, inside a one-second window, deleted it; its redelivery was
+    routed again. The router's clock is set here (the rule is the clock's rounding), the broker is real."""
+    s = settings.model_copy(update={"dedup_window_s": 1})
+    events = _write_raw(s, _bodies(6, 37))
+    router = _router(s)
+    everything = set(range(s.raw_partitions))
+    router._active_partitions = lambda: everything
+    router.app.tables.recovery.completed.set()
+    routed_at = float(int(time.time())) + 0.9
+    clock = [routed_at]
+    monkeypatch.setattr(
+        worker, "time", SimpleNamespace(time=lambda: clock[0], perf_counter=time.perf_counter)
+    )
+    acked: list[int] = []
+
+    routed: list[int] = []
+
+    def marked() -> int:
+        return sum(bool(router._lookup(table_key(e.key), {})) for e in events)
+
+    def count_routed() -> None:
+        out = [*router.topics.routed, router.topics.unrouted]
+        routed.append(sum(len(read_topic(s.kafka_bootstrap, topic)) for topic in out))
+
+    async def go() -> None:
+        await router.producer.start()
+        try:
+            await (await router.dispatch(events, _ack(router, acked)))
+            count_routed()
+            clock[0] = routed_at + 0.6  # inside the window
+            assert await router.sweep() == 0
+            assert marked() == len(events)
+            again = _write_raw(s, [(e.key, e.value, e.headers) for e in events])
+            await (await router.dispatch(again, _ack(router, acked)))  # every one a duplicate
+            count_routed()
+            clock[0] = routed_at + 1.2  # past the window and the mark's rounding: the sweep removes them
+            assert await router.sweep() == len(events)
+            assert marked() == 0
+        finally:
+            await router.producer.close()
+
+    asyncio.run(go())
+    assert routed[0] and routed[1] == routed[0]  # the redelivery routed nothing
