@@ -10,11 +10,12 @@ from typing import TypeVar
 
 from confluent_kafka.admin import AdminClient
 
+from sentpipe.processors.topics import ensure_topics
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.http_tools import post_all
-from tests.kafka_tools import end_offsets, group_offsets
+from tests.kafka_tools import end_offsets, group_offsets, wait_topics_ready
 from tests.oracle import row_count
 from tests.processes import Proc, free_port, settings_env, start_ingress
 
@@ -156,3 +157,26 @@ def route_as_the_router(body: bytes, topics: Topics, at_ms: int = 1_700_000_000_
     )
     assert routed.event is not None
     return routed
+
+
+def ready_topics(s: Settings) -> Topics:
+    """The topics of `s` made as `topics ensure` makes them, each partition led (a topic created moments ago
+    is listed before its leaders are elected)."""
+    ensure_topics(s)
+    topics = Topics(s.topic_prefix)
+    wait_topics_ready(s.kafka_bootstrap, [topics.raw, *topics.routed, topics.unrouted, topics.dlq])
+    return topics
+
+
+def own_topics(settings: Settings, tag: str, raw_partitions: int = 12) -> Settings:
+    """Settings with a prefix and app id of their own (`tag` added to both) and `raw_partitions` raw
+    partitions, as `topics ensure` makes them: a rebalance moves several; their topics ready."""
+    s = settings.model_copy(
+        update={
+            "topic_prefix": f"{settings.topic_prefix}{tag}.",
+            "app_id": f"{settings.app_id}-{tag}",
+            "raw_partitions": raw_partitions,
+        }
+    )
+    ready_topics(s)
+    return s

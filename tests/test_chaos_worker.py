@@ -27,15 +27,15 @@ from confluent_kafka import KafkaError, Message, Producer
 from faust.types import TP
 
 from sentpipe.processors.projector_process import open_pool
-from sentpipe.processors.topics import ensure_topics, projections_group
+from sentpipe.processors.topics import projections_group
 from sentpipe.processors.worker import PIPELINE_DEPTH, STOP_DEADLINE_S, create_app
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import frame
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
-from tests.kafka_tools import delete_topics, read_topic, wait_topics_ready
+from tests.kafka_tools import delete_topics, read_topic
 from tests.oracle import row_count
-from tests.pipeline import wait_caught_up, wait_for, wait_until, worker_env
+from tests.pipeline import own_topics, wait_caught_up, wait_for, wait_until, worker_env
 from tests.processes import Proc
 from tests.services import Services
 from tests.test_pipeline_e2e import assert_matches_oracle, deliveries
@@ -235,16 +235,7 @@ def chaos(services: Services, settings: Settings, tmp_path: Path) -> Iterator[tu
             " SENTPIPE_KAFKA_BOOTSTRAP and SENTPIPE_DATABASE_URL)"
         )
     # Twelve raw partitions, as `topics ensure` makes them: a rebalance moves more of them, in smaller parts.
-    s = settings.model_copy(
-        update={
-            "topic_prefix": f"{settings.topic_prefix}c.",
-            "app_id": f"{settings.app_id}-c",
-            "raw_partitions": RAW_PARTITIONS,
-        }
-    )
-    ensure_topics(s)
-    topics = Topics(s.topic_prefix)
-    wait_topics_ready(s.kafka_bootstrap, [topics.raw, *topics.routed, topics.unrouted, topics.dlq])
+    s = own_topics(settings, "c", RAW_PARTITIONS)
     workers = Workers(s, tmp_path)
     try:
         yield s, workers

@@ -14,7 +14,6 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
-from sentpipe.processors.topics import ensure_topics
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import frame
 from sentpipe.schemas.samples import SampleFactory
@@ -22,9 +21,17 @@ from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.handlers_fixture import create_fixture_tables
 from tests.http_tools import metric_sum, post_all, scrape
-from tests.kafka_tools import read_topic, wait_topics_ready
+from tests.kafka_tools import read_topic
 from tests.oracle import actual_state, expected_state, row_count
-from tests.pipeline import start_ingress, start_worker, wait_caught_up, wait_for, wait_until, worker_env
+from tests.pipeline import (
+    own_topics,
+    start_ingress,
+    start_worker,
+    wait_caught_up,
+    wait_for,
+    wait_until,
+    worker_env,
+)
 from tests.processes import Proc
 from tests.services import Services
 
@@ -268,16 +275,8 @@ def test_two_workers_starting_on_a_backlog_route_every_event_once(settings: Sett
     while batches sit in the stream's buffers. Faust 0.15.3 then skipped records (a partition with no
     commit kept its fetch position: a whole partition unrouted in the bench); every accepted event must
     still be projected, none twice."""
-    s = settings.model_copy(
-        update={
-            "topic_prefix": f"{settings.topic_prefix}x2.",
-            "app_id": f"{settings.app_id}-x2",
-            "raw_partitions": 12,
-        }
-    )
-    ensure_topics(s)
+    s = own_topics(settings, "x2")
     topics = Topics(s.topic_prefix)
-    wait_topics_ready(s.kafka_bootstrap, [topics.raw, *topics.routed, topics.unrouted, topics.dlq])
     unique, to_send = deliveries(30_000, 0.1, seed=11)
     producer = Producer(
         {"bootstrap.servers": s.kafka_bootstrap, "partitioner": "murmur2_random", "linger.ms": 20}

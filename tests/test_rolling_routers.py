@@ -19,12 +19,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sentpipe.processors.topics import ensure_topics
 from sentpipe.schemas.events import frame
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
-from tests.kafka_tools import delete_topics, end_offsets, group_offsets, read_topic, wait_topics_ready
-from tests.pipeline import wait_caught_up, wait_for, worker_env
+from tests.kafka_tools import delete_topics, end_offsets, group_offsets, read_topic
+from tests.pipeline import own_topics, ready_topics, wait_caught_up, wait_for, worker_env
 from tests.processes import Proc
 from tests.test_chaos_worker import RawFeed
 from tests.test_pipeline_e2e import deliveries
@@ -73,17 +72,7 @@ class Routers:
 
 @pytest.fixture
 def routers(settings: Settings, tmp_path: Path) -> Iterator[tuple[Settings, Routers]]:
-    # Twelve raw partitions, as `topics ensure` makes them: each rebalance moves several.
-    s = settings.model_copy(
-        update={
-            "topic_prefix": f"{settings.topic_prefix}roll.",
-            "app_id": f"{settings.app_id}-roll",
-            "raw_partitions": 12,
-        }
-    )
-    ensure_topics(s)
-    topics = Topics(s.topic_prefix)
-    wait_topics_ready(s.kafka_bootstrap, [topics.raw, *topics.routed, topics.unrouted, topics.dlq])
+    s = own_topics(settings, "roll")
     group = Routers(s, tmp_path)
     try:
         yield s, group
@@ -156,9 +145,7 @@ def test_a_worker_of_another_app_id_beside_running_workers_refuses_to_start(
     """Its own groups would read every raw and routed record from the start, with a dedup table of their
     own: every event routed and handled a second time. It says so in one line instead."""
     s = settings.model_copy(update={"app_id": f"{settings.app_id}-run"})
-    ensure_topics(s)
-    topics = Topics(s.topic_prefix)
-    wait_topics_ready(s.kafka_bootstrap, [topics.raw, *topics.routed, topics.unrouted, topics.dlq])
+    ready_topics(s)
     env = worker_env(s, tmp_path, 1)
     running = Proc(["worker"], env, tmp_path / "running.log").start()
     try:
