@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import Producer
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 from faust.types import TP
 
@@ -138,22 +138,24 @@ def _event(key: bytes, value: bytes | None, partition: int, offset: int) -> Any:
     )
 
 
-def _recreate_changelog(s: Settings) -> str:
-    """The changelog deleted and created again, as when Kafka's data is reset and the router's volume kept:
-    its offsets start over."""
+def _delete_changelog(s: Settings) -> None:
     topic = changelog_topic(s)
     admin = admin_client(s)
     admin.delete_topics([topic], operation_timeout=30)[topic].result(30)
     deadline = time.monotonic() + 60
-    while True:  # the broker finishes the deletion after it answers
-        spec = NewTopic(topic, s.raw_partitions, 1, config={"cleanup.policy": "compact"})
-        try:
-            admin.create_topics([spec])[topic].result(30)
-            return topic
-        except KafkaException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    while topic in admin.list_topics(timeout=10).topics:  # the broker finishes the deletion after it answers
+        assert time.monotonic() < deadline, "the changelog was not deleted"
+        time.sleep(0.5)
+
+
+def _rocksdb_with_marks(settings: Settings, tmp_path: Path, n: int) -> tuple[Settings, str, bytes]:
+    """RocksDB settings whose files hold `n` marks restored from a new changelog; the changelog; the value."""
+    s = settings.model_copy(update={"table_store": "rocksdb://", "data_dir": tmp_path / "faust"})
+    topic = _create_changelog(s)
+    v = encode_seen({"default": int(time.time() * 1000)})
+    _write(s, [(_key(i), v) for i in range(n)])
+    restore_dedup_table(s, _store(s))
+    return s, topic, v
 
 
 def test_rocksdb_files_ahead_of_their_changelog_are_restored_from_it_again(
@@ -162,12 +164,9 @@ def test_rocksdb_files_ahead_of_their_changelog_are_restored_from_it_again(
     # The files' offsets (about 500 a partition) are past the recreated changelog's end (about 25): taken
     # as current, none of its marks was read, and Faust's recovery, finding the files ahead of the log,
     # refused to start.
-    s = settings.model_copy(update={"table_store": "rocksdb://", "data_dir": tmp_path / "faust"})
+    s, topic, v = _rocksdb_with_marks(settings, tmp_path, 2000)
+    _delete_changelog(s)  # and made again, as when Kafka's data is reset and the router's volume kept
     _create_changelog(s)
-    v = encode_seen({"default": int(time.time() * 1000)})
-    _write(s, [(_key(i), v) for i in range(2000)])
-    restore_dedup_table(s, _store(s))
-    topic = _recreate_changelog(s)
     _write(s, [(_key(i), v) for i in range(5000, 5100)])
 
     done = restore_dedup_table(s, _store(s))
@@ -182,19 +181,10 @@ def test_rocksdb_files_of_a_deleted_changelog_are_emptied_and_kept_otherwise(
 ) -> None:
     # Gone for good, the changelog leaves the files' marks stale (the next changelog starts at offset 0); a
     # changelog that is there keeps them, whatever else the restore finds.
-    s = settings.model_copy(update={"table_store": "rocksdb://", "data_dir": tmp_path / "faust"})
-    topic = _create_changelog(s)
-    v = encode_seen({"default": int(time.time() * 1000)})
-    _write(s, [(_key(i), v) for i in range(500)])
-    restore_dedup_table(s, _store(s))
+    s, _, _ = _rocksdb_with_marks(settings, tmp_path, 500)
     assert restore_dedup_table(s, _store(s)) is not None  # again, nothing new: the files are kept
     assert len(table_files(s)[0]) == 500
-    admin = admin_client(s)
-    admin.delete_topics([topic], operation_timeout=30)[topic].result(30)
-    deadline = time.monotonic() + 60
-    while topic in admin.list_topics(timeout=10).topics:  # the deletion finishes after the answer
-        assert time.monotonic() < deadline, "the changelog was not deleted"
-        time.sleep(0.5)
+    _delete_changelog(s)
 
     done = restore_dedup_table(s, _store(s))
     assert done is not None and done.records == 0
@@ -206,12 +196,8 @@ def test_a_rocksdb_partition_file_found_corrupt_is_rebuilt_from_the_changelog(
 ) -> None:
     # A damaged file of a partition's (here its MANIFEST, and another's CURRENT gone) ended every start with
     # RocksDB's "Corruption" until someone deleted the directory by hand.
-    s = settings.model_copy(update={"table_store": "rocksdb://", "data_dir": tmp_path / "faust"})
-    topic = _create_changelog(s)
-    v = encode_seen({"default": int(time.time() * 1000)})
-    _write(s, [(_key(i), v) for i in range(2000)])
+    s, topic, v = _rocksdb_with_marks(settings, tmp_path, 2000)
     store = _store(s)
-    restore_dedup_table(s, store)
     for manifest in store.partition_path(0).glob("MANIFEST-*"):
         with manifest.open("r+b") as f:
             f.truncate(10)
