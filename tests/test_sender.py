@@ -902,10 +902,27 @@ async def test_shape_with_a_file_is_refused_not_ignored(stub: Stub, tmp_path: Pa
 async def test_skip_with_a_seed_sends_the_seeds_later_events(stub: Stub) -> None:
     whole = await cli("send", stub.url, "--seed", "3", "--count", "12", "--concurrency", "1")
     bodies = [h.body for h in stub.hits]
+    ids = [h.headers["x-webhook-id"] for h in stub.hits]
     stub.hits.clear()
     rest = await cli("send", stub.url, "--seed", "3", "--count", "12", "--skip", "5", "--concurrency", "1")
     assert whole.returncode == 0 and rest.returncode == 0, (whole, rest)
     assert [h.body for h in stub.hits] == bodies[5:]
+    # Each event with its own id again: the rest took the ids of events 0-6, which a receiver keying on
+    # x-webhook-id (SENTPIPE_EVENT_ID_SOURCE=header) had seen, and it dropped them all as duplicates.
+    assert [h.headers["x-webhook-id"] for h in stub.hits] == ids[5:]
+
+
+def test_an_event_has_one_webhook_id_whatever_else_the_run_sends() -> None:
+    def ids(types: tuple[EventType, ...], shuffle: bool) -> dict[bytes, str]:
+        samples = generate(SampleFactory(4), types, "sent", 60)
+        plan = plan_deliveries(samples, 0.0, shuffle, random.Random(4))
+        return {d.body: d.webhook_id for d in plan}
+
+    statuses, templates = (EventType.MESSAGE_STATUS,), (EventType.TEMPLATE_APPROVAL,)
+    # Other events, the same seed: no id given to two events (a receiver would take one for the other).
+    assert not set(ids(statuses, False).values()) & set(ids(templates, False).values())
+    # The same events in another order: each keeps its id.
+    assert ids(statuses, True) == ids(statuses, False)
 
 
 def test_the_accepted_prefix_waits_for_events_out_of_order_and_stops_at_a_failure() -> None:
