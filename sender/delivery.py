@@ -79,10 +79,25 @@ def shown(url: str) -> str:
 
 def check_url(url: str) -> URL:
     """The URL as aiohttp will use it; ValueError unless it is an absolute http(s) URL."""
-    parsed = URL(url)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"not an http(s) URL: {shown(url)!r}")
-    return parsed
+    try:
+        parsed = URL(url)
+    except ValueError as exc:  # "Invalid IPv6 URL", "Port out of range 0-65535": said without the URL
+        raise ValueError(f"not an http(s) URL: {exc}") from None
+    if parsed.scheme in ("http", "https") and parsed.host:
+        return parsed
+    if parsed.scheme not in ("http", "https") and "://" not in url and _is_absolute(guess := f"http://{url}"):
+        # `send localhost:8080/webhooks/sent` was "not an http(s) URL: '<unparseable URL>'" (a URL without
+        # a scheme is relative, and is not printed lest it holds a password): what it lacks, and the URL
+        # it likely meant, shown as every URL is.
+        raise ValueError(f"not an http(s) URL: it needs http:// or https:// in front, as in {shown(guess)!r}")
+    raise ValueError(f"not an http(s) URL: {shown(url)!r}")
+
+
+def _is_absolute(url: str) -> bool:
+    try:
+        return bool(URL(url).host) and not any(c.isspace() for c in url)
+    except ValueError:
+        return False
 
 
 class Signer:

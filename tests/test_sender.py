@@ -1223,7 +1223,7 @@ async def test_bad_input_is_a_one_line_error(tmp_path: Path) -> None:
     for e in errors[3:5]:
         assert "message.delivered" in e and all(t.value in e for t in ROUTED_TYPES)
     assert "missing.jsonl" in errors[5]
-    assert "not an http(s) URL" in errors[6]
+    assert "not an http(s) URL" in errors[6] and "'http://not-a-url'" in errors[6], errors[6]
     assert "--retry-schedule" in errors[7] or "at least one delay" in errors[7], errors[7]
 
 
@@ -1273,6 +1273,26 @@ async def test_a_long_run_starts_sending_at_once_with_progress_and_bounded_memor
         proc.kill()
         _, stderr = await proc.communicate()
     assert b"sending" in stderr and b"/1100000" in stderr  # the bar counts towards every delivery
+
+
+def test_a_url_without_its_scheme_is_refused_naming_what_it_lacks() -> None:
+    """`send localhost:8080/webhooks/sent` was "not an http(s) URL: '<unparseable URL>'"."""
+    for typed, meant in [
+        ("localhost:8080/webhooks/sent", "http://localhost:8080/webhooks/sent"),
+        ("127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("[::1]:8080/webhooks/sent", "http://[::1]:8080/webhooks/sent"),
+        ("alice:hunter2@x.example/webhooks/sent", "http://x.example/webhooks/sent"),
+    ]:
+        with pytest.raises(ValueError) as refused:
+            check_url(typed)
+        assert str(refused.value) == (
+            f"not an http(s) URL: it needs http:// or https:// in front, as in {meant!r}"
+        ), typed
+    # A scheme, but no host: nothing to put in front.
+    with pytest.raises(ValueError, match=r"^not an http\(s\) URL: '<unparseable URL>'$"):
+        check_url("http:/webhooks/sent")
+    with pytest.raises(ValueError, match=r"^not an http\(s\) URL: Invalid IPv6 URL$"):
+        check_url("http://[::1/webhooks/sent")
 
 
 def test_a_password_in_the_target_url_is_never_printed() -> None:
