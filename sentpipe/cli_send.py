@@ -179,15 +179,20 @@ def _choice(name: str, value: str, valid: tuple[str, ...]) -> None:
         fail(f"{name} must be one of {', '.join(valid)}, not {value!r}")
 
 
+PROGRESS_BAR_WIDTH = 20
+
+
 @contextmanager
 def _live(total: int, console: Console) -> Iterator[Callable[[Stats], None]]:
     """A progress line on a terminal (stderr); nothing when output goes to a file or pipe."""
     if not console.is_terminal:
         yield lambda stats: None
         return
+    # Within 80 columns for a million deliveries: wider, rich cut the columns down, the count first, and
+    # an 80-column terminal showed 543210 of 1100000 as "54321…". Accepted is the count less not accepted.
     progress = Progress(
         TextColumn("sending"),
-        BarColumn(),
+        BarColumn(bar_width=PROGRESS_BAR_WIDTH),
         MofNCompleteColumn(),
         TextColumn("{task.fields[detail]}"),
         TimeElapsedColumn(),
@@ -197,7 +202,7 @@ def _live(total: int, console: Console) -> Iterator[Callable[[Stats], None]]:
     task = progress.add_task("send", total=total, detail="")
 
     def update(stats: Stats) -> None:
-        detail = f"accepted {stats.accepted}  retried {stats.retried}  not accepted {stats.not_accepted}"
+        detail = f"not accepted {stats.not_accepted}  retried {stats.retried}"
         progress.update(task, completed=stats.done, detail=detail)
 
     with progress:

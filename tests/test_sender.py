@@ -27,9 +27,10 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from rich.console import Console
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from sentpipe.cli_send import _resolve_target
+from sentpipe.cli_send import _live, _resolve_target
 from sentpipe.schemas.events import ROUTED_TYPES, EventType, frame
 from sentpipe.schemas.samples import Sample, SampleFactory
 from sentpipe.schemas.signature import Reason, SignatureError, Verifier
@@ -1293,6 +1294,21 @@ def test_a_url_without_its_scheme_is_refused_naming_what_it_lacks() -> None:
         check_url("http:/webhooks/sent")
     with pytest.raises(ValueError, match=r"^not an http\(s\) URL: Invalid IPv6 URL$"):
         check_url("http://[::1/webhooks/sent")
+
+
+@pytest.mark.parametrize("done", [543_210, 1_100_000])
+def test_the_progress_line_shows_its_counts_whole_on_an_80_column_terminal(done: int) -> None:
+    """Wider than 80 columns, rich cut the line's columns down, the count first: 543210 of 1100000 read
+    "54321…"."""
+    screen = io.StringIO()
+    console = Console(file=screen, width=80, force_terminal=True, color_system=None)
+    stats = Stats(total=1_100_000, done=done, accepted=done - 210, retried=12_345)
+    stats.rejected["503"] = 210
+    with _live(stats.total, console) as update:
+        update(stats)
+    line = [part for part in screen.getvalue().split("\x1b[2K") if "sending" in part][-1]
+    assert f" {done}/1100000 " in line, line
+    assert "not accepted 210" in line and "retried 12345" in line and "0:00:0" in line, line
 
 
 def test_a_password_in_the_target_url_is_never_printed() -> None:
