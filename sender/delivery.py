@@ -253,6 +253,12 @@ async def post_once(
         return Attempt(number, None, "TLS error", time.perf_counter() - started)
     except aiohttp.ClientConnectionError:
         return Attempt(number, None, "connection error", time.perf_counter() - started)
+    # Named for the user, as the others are: the summary had rows "rejected ClientResponseError" (a reply
+    # that is not HTTP) and "rejected ClientPayloadError" (a body that ended before its length).
+    except aiohttp.ClientPayloadError:
+        return Attempt(number, None, "answer cut short", time.perf_counter() - started)
+    except aiohttp.ClientResponseError:  # raise_for_status is off: only an answer HTTP cannot parse
+        return Attempt(number, None, "malformed answer", time.perf_counter() - started)
     except aiohttp.ClientError as exc:
         return Attempt(number, None, type(exc).__name__, time.perf_counter() - started)
 

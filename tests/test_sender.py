@@ -583,6 +583,37 @@ async def test_an_answer_in_chunks_is_kept_whole() -> None:
     assert (attempt.status, attempt.body) == (500, b"first,second")
 
 
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [
+        (b"HELLO, THIS IS NOT HTTP\r\n\r\n", "malformed answer"),
+        (b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"status":', "answer cut short"),
+    ],
+)
+async def test_an_answer_that_is_not_whole_http_is_named_for_the_user(answer: bytes, outcome: str) -> None:
+    """The summary's rows read "rejected ClientResponseError" and "rejected ClientPayloadError"."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        await reader.readexactly(int(length[1]) if length else 0)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(reply, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        _, deliveries = _plan(1)
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/webhooks/sent"
+            attempt = await post_once(session, url, deliveries[0], Signer(SECRET), 1)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert (attempt.status, attempt.outcome, attempt.accepted) == (None, outcome, False)
+
+
 def self_signed(where: Path) -> ssl.SSLContext:
     """A server's TLS context with a certificate no system trusts."""
     key, cert = where / "key.pem", where / "cert.pem"
