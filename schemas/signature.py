@@ -66,12 +66,16 @@ def sign(key: bytes, webhook_id: str, timestamp: int | str, body: bytes) -> str:
     return "v1," + base64.b64encode(mac.digest()).decode()
 
 
-def signature_headers(secret: str, webhook_id: str, timestamp: int, body: bytes) -> dict[str, str]:
-    """The headers Sent puts on a delivery."""
+def signature_headers(
+    secret: str | Sequence[str], webhook_id: str, timestamp: int, body: bytes
+) -> dict[str, str]:
+    """The headers Sent puts on a delivery; several secrets (a secret being rotated) sign one space-separated
+    `v1,` entry each."""
+    secrets = [secret] if isinstance(secret, str) else secret
     return {
         "x-webhook-id": webhook_id,
         "x-webhook-timestamp": str(timestamp),
-        "x-webhook-signature": sign(secret_key(secret), webhook_id, timestamp, body),
+        "x-webhook-signature": " ".join(sign(secret_key(s), webhook_id, timestamp, body) for s in secrets),
     }
 
 

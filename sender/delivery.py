@@ -104,10 +104,18 @@ class Signer:
     """Signs one attempt: the delivery's webhook id, a timestamp taken now, the exact body bytes."""
 
     def __init__(
-        self, secret: str, mode: SigningMode = SigningMode.VALID, clock: Callable[[], float] = time.time
+        self,
+        secret: str | Sequence[str],
+        mode: SigningMode = SigningMode.VALID,
+        clock: Callable[[], float] = time.time,
     ) -> None:
-        secret_key(secret)  # a broken secret fails here, once, not on every attempt
-        self.secret = WRONG_SECRET if mode is SigningMode.BAD_SIGNATURE else secret
+        secrets = (secret,) if isinstance(secret, str) else tuple(secret)
+        if not secrets:
+            raise ValueError("at least one secret is required")
+        for each in secrets:
+            secret_key(each)  # a broken secret fails here, once, not on every attempt
+        # Several: one signature each, as Sent signs while a webhook's secret is rotated.
+        self.secret = (WRONG_SECRET,) if mode is SigningMode.BAD_SIGNATURE else secrets
         self.mode = mode
         self.clock = clock
 
@@ -266,7 +274,7 @@ async def post_once(
 async def deliver(
     url: str,
     deliveries: Iterable[Delivery],
-    secret: str,
+    secret: str | Sequence[str],
     *,
     total: int | None = None,
     schedule: Sequence[float] = SENT_RETRY_SCHEDULE,

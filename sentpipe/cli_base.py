@@ -118,10 +118,11 @@ def utf8(value: _Text) -> _Text:
     return value
 
 
-def utf8_secret(value: str | None) -> str | None:
-    """`utf8` for a secret: the error names the option, never the value."""
-    if value is not None and _not_utf8(value) is not None:
-        raise typer.BadParameter("the secret is not valid UTF-8")
+def utf8_secret(value: _Text) -> _Text:
+    """`utf8` for a secret (or a repeated option's secrets): the error names the option, never the value."""
+    for text in value if isinstance(value, list) else [value]:
+        if text is not None and _not_utf8(text) is not None:
+            raise typer.BadParameter("the secret is not valid UTF-8")
     return value
 
 

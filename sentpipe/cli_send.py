@@ -80,8 +80,12 @@ TenantOption = Annotated[
     str | None, typer.Option(callback=utf8, help="Post to URL/<tenant> with that tenant's secret.")
 ]
 SecretOption = Annotated[
-    str | None,
-    typer.Option(callback=utf8_secret, help="Signing secret whsec_... \\[default: SENTPIPE_WEBHOOK_SECRET]."),
+    list[str] | None,
+    typer.Option(
+        callback=utf8_secret,
+        help="Signing secret whsec_...; repeat to sign with each, as Sent does while a secret is rotated "
+        "\\[default: SENTPIPE_WEBHOOK_SECRET].",
+    ),
 ]
 UrlArgument = Annotated[
     str | None,
@@ -107,13 +111,13 @@ def _resolve_target(url: str | None, tenant: str | None, s: Settings) -> str:
     return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{quote(tenant, safe='')}"))
 
 
-def _resolve_secret(secret: str | None, tenant: str | None, s: Settings) -> str:
-    if secret == "":
+def _resolve_secret(secret: list[str] | None, tenant: str | None, s: Settings) -> tuple[str, ...]:
+    if secret is not None and "" in secret:
         fail("--secret is empty")
     if tenant == "":
         fail("--tenant is empty")
     if secret:
-        return _usable(secret, "--secret")
+        return tuple(_usable(one, "--secret") for one in secret)
     try:
         tenants = s.tenant_secrets()
     except (OSError, ValueError) as exc:
@@ -124,7 +128,7 @@ def _resolve_secret(secret: str | None, tenant: str | None, s: Settings) -> str:
         # empty list (every secret rotated out) was an IndexError naming neither tenant nor file.
         fail(f"tenant {name!r} has no secret in SENTPIPE_SECRETS_FILE; add it there or pass --secret")
     # The first secret of a tenant is the one it signs with; the others are still accepted (rotation).
-    return _usable(tenants[name][0], s.secret_source(name, tenants[name]))
+    return (_usable(tenants[name][0], s.secret_source(name, tenants[name])),)
 
 
 def _usable(secret: str, source: str) -> str:

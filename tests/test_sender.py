@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import itertools
 import os
@@ -119,6 +120,22 @@ def test_signatures_verify_with_standardwebhooks_and_the_project_verifier() -> N
         assert Webhook(SECRET).verify(d.body, _standard_headers(headers)) == orjson.loads(d.body)
         verified = verifier.verify(headers, d.body, time.time())
         assert verified.webhook_id == d.webhook_id
+
+
+async def test_repeated_secrets_sign_as_sent_does_while_a_secret_is_rotated(stub: Stub) -> None:
+    """One signature a secret, space-separated: a receiver that knows either one accepts the delivery. The
+    option took only the last secret, so the header Sent sends during a rotation could not be made."""
+    new = "whsec_" + base64.b64encode(b"the-secret-rotated-in").decode()
+    ran = await cli("send", stub.url, "--count", "3", "--secret", new, "--secret", SECRET)
+    assert ran.returncode == 0, ran
+    for hit in stub.hits:
+        assert [entry[:3] for entry in hit.headers["x-webhook-signature"].split(" ")] == ["v1,", "v1,"]
+        for known in (new, SECRET):  # the receiver before the rotation, and after it
+            Webhook(known).verify(hit.body, _standard_headers(hit.headers))
+            Verifier([known], tolerance_s=300).verify(hit.headers, hit.body, time.time())
+    with pytest.raises(SignatureError):  # and only those two: a third secret matches neither signature
+        other = "whsec_" + base64.b64encode(b"neither").decode()
+        Verifier([other], tolerance_s=300).verify(stub.hits[0].headers, stub.hits[0].body, time.time())
 
 
 @pytest.mark.parametrize(
