@@ -318,6 +318,10 @@ async def deliver(
         if on_update is not None:
             on_update(stats)
 
+    # Before the first delivery, not only at its answer: a run interrupted while its first deliveries were
+    # all still in flight (a receiver that is slow, or hangs) ended with no summary at all, saying nothing
+    # of the deliveries it had sent.
+    updated()
     connector = aiohttp.TCPConnector(limit=concurrency)
     client_timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:

@@ -1208,6 +1208,37 @@ async def test_ctrl_c_ends_a_send_with_status_130_and_says_so(stub: Stub) -> Non
     assert resume is not None and 1 <= int(resume[1]) <= len(stub.hits), err
 
 
+async def test_a_send_interrupted_before_any_answer_still_ends_with_its_summary(stub: Stub) -> None:
+    """Ctrl-C while every delivery sent was still waiting for its answer printed "interrupted" and nothing
+    else: no summary, so nothing said that two deliveries had gone out."""
+    never = asyncio.Event()
+
+    async def no_answer() -> int:
+        await never.wait()
+        return 200
+
+    stub.answer = lambda n: no_answer()
+    proc = await sentpipe_process("send", stub.url, "--count", "5", "--concurrency", "2")
+    try:
+        for _ in range(600):
+            if len(stub.hits) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert len(stub.hits) == 2
+        proc.send_signal(signal.SIGINT)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        never.set()
+    assert proc.returncode == 130 and err.decode().strip().splitlines()[-1] == "interrupted", err
+    stdout = out.decode()
+    assert [row(stdout, name) for name in ("events planned", "sent", "accepted", "interrupted")] == [
+        "5",
+        "2",
+        "0",
+        "2",
+    ], stdout
+
+
 async def test_an_interrupted_send_counts_every_delivery_sent_in_one_row(stub: Stub) -> None:
     """Ctrl-C while a delivery was in flight left it out of every row: sent 129, accepted 128, rejected 0."""
     release = asyncio.Event()
