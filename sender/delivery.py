@@ -183,6 +183,8 @@ class Stats:
     # Every attempt that got an HTTP answer; 8 bytes each, as a run can make millions.
     latencies_s: array[float] = field(default_factory=lambda: array("d"))
     elapsed_s: float = 0.0
+    # From the first delivery's first attempt to the last one's: the pace the run kept (`send_rate`).
+    sending_s: float = 0.0
     # Events 0 .. accepted_prefix-1 (by Delivery.index) all had their first delivery accepted: where a rerun
     # of the same events resumes (`send --skip`). One byte per event past it still awaiting its outcome.
     accepted_prefix: int = 0
@@ -198,6 +200,11 @@ class Stats:
         """Deliveries sent that have no outcome: a run stopped (Ctrl-C, SIGTERM) while they were in flight or
         waiting for a retry. Counted apart so that every delivery sent is in one row of the summary."""
         return self.sent - self.done
+
+    @property
+    def send_rate(self) -> float | None:
+        """First attempts per second, as paced: what `--rate` asked for, when nothing held the run back."""
+        return (self.sent - 1) / self.sending_s if self.sent > 1 and self.sending_s > 0 else None
 
     def percentile(self, q: float) -> float | None:
         """Nearest-rank percentile of answered attempts' latency, None before the first answer."""
@@ -364,7 +371,7 @@ async def deliver(
         try:
             async with contextlib.aclosing(_taken_ahead(deliveries)) as ahead:
                 i = -1
-                paced_from = started
+                paced_from = first_sent = started
                 async for delivery in ahead:
                     i += 1
                     if failures:
@@ -381,6 +388,9 @@ async def deliver(
                     await unfinished.acquire()
                     await slots.acquire()
                     stats.sent += 1
+                    if stats.sent == 1:
+                        first_sent = loop.time()
+                    stats.sending_s = loop.time() - first_sent
                     stats.duplicates += delivery.duplicate
                     stats.total = max(stats.total, stats.sent)
                     task = asyncio.create_task(run(delivery, first_slot_held=True))

@@ -217,8 +217,15 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
-def summary_table(stats: Stats, unique: int, url: str, *, stopped: bool = False) -> Table:
-    """The run's summary; `stopped`: cut short (Ctrl-C), so the events are those planned, not all sent."""
+def _per_s(rate: float) -> str:
+    return f"{rate:.0f}/s" if rate >= 10 else f"{rate:.2g}/s"
+
+
+def summary_table(
+    stats: Stats, unique: int, url: str, *, stopped: bool = False, rate: float | None = None
+) -> Table:
+    """The run's summary; `stopped`: cut short (Ctrl-C), so the events are those planned, not all sent;
+    `rate`: the --rate asked for, shown beside the pace kept."""
     table = Table("", "", show_header=False)
     table.add_row("url", terminal_safe(shown(url)))
     table.add_row("events planned" if stopped else "events", str(unique))
@@ -236,9 +243,29 @@ def summary_table(stats: Stats, unique: int, url: str, *, stopped: bool = False)
         table.add_row("interrupted", str(stats.interrupted))
     table.add_row("latency p50", _ms(stats.percentile(0.50)))
     table.add_row("latency p99", _ms(stats.percentile(0.99)))
-    rate = stats.done / stats.elapsed_s if stats.elapsed_s > 0 else 0.0
-    table.add_row("elapsed", f"{stats.elapsed_s:.2f} s ({rate:.0f} deliveries/s)")
+    if rate is not None:
+        kept = stats.send_rate
+        table.add_row("rate", f"{'-' if kept is None else _per_s(kept)} of {_per_s(rate)} asked")
+    done_rate = stats.done / stats.elapsed_s if stats.elapsed_s > 0 else 0.0
+    table.add_row("elapsed", f"{stats.elapsed_s:.2f} s ({done_rate:.0f} deliveries/s)")
     return table
+
+
+# Below this share of --rate, the run did not keep the pace asked for, and says so.
+RATE_KEPT = 0.9
+
+
+def _rate_note(stats: Stats, rate: float | None) -> str | None:
+    """Why a run's pace fell short of --rate; None when it kept it (or there was none)."""
+    kept = stats.send_rate
+    if rate is None or kept is None or kept >= RATE_KEPT * rate:
+        return None
+    # The elapsed row's deliveries/s counts answers, retries' waits included: it did not tell a run that
+    # fell behind --rate (every request slot busy, or this machine's CPU) from one that kept it.
+    return (
+        f"first attempts went out at {_per_s(kept)}, not the {_per_s(rate)} asked: the receiver's answers "
+        "or this machine could not keep up"
+    )
 
 
 def _events(
@@ -478,7 +505,7 @@ def send_command(
         except KeyboardInterrupt:
             # What was accepted before the interrupt: the progress line that said so is gone with it.
             if so_far:
-                out.print(summary_table(so_far[0], n_events, target, stopped=True))
+                out.print(summary_table(so_far[0], n_events, target, stopped=True, rate=rate))
                 hint = (
                     _resume_hint(so_far[0], skip, n_events)
                     if resumable and mode is SigningMode.VALID
@@ -488,7 +515,9 @@ def send_command(
                     err.print(hint, soft_wrap=True, highlight=False)
             raise
 
-    out.print(summary_table(stats, n_events, target))
+    out.print(summary_table(stats, n_events, target, rate=rate))
+    if note := _rate_note(stats, rate):
+        err.print(note, soft_wrap=True, highlight=False)
     if stats.done < total:  # the file shrank between its check and its sending
         fail(f"only {stats.done} of {total} planned deliveries were made: {file} changed while it was sent")
     if mode is not SigningMode.VALID:

@@ -1208,6 +1208,28 @@ async def test_ctrl_c_ends_a_send_with_status_130_and_says_so(stub: Stub) -> Non
     assert resume is not None and 1 <= int(resume[1]) <= len(stub.hits), err
 
 
+async def test_a_run_that_cannot_keep_to_its_rate_says_so(stub: Stub) -> None:
+    """--rate 1000 with one request at a time to a receiver answering in 0.2 s: at most 5 a second went out,
+    and the summary's one rate, answers per second, did not say that the pace asked for was not kept."""
+
+    async def slow() -> int:
+        await asyncio.sleep(0.2)
+        return 200
+
+    stub.answer = lambda n: slow()
+    ran = await cli("send", stub.url, "--rate", "1000", "--count", "4", "--concurrency", "1")
+    assert ran.returncode == 0, ran
+    shown_rate = re.fullmatch(r"(\d+(?:\.\d+)?)/s of (\d+)/s asked", row(ran.stdout, "rate"))
+    assert shown_rate, ran.stdout
+    kept, asked = shown_rate.groups()
+    assert float(kept) <= 5.5 and asked == "1000", ran.stdout
+    assert f"first attempts went out at {kept}/s, not the 1000/s asked" in ran.stderr, ran.stderr
+    # Without --rate there is no pace to keep: no row, no note.
+    stub.answer = lambda n: 200
+    plain = await cli("send", stub.url, "--count", "4")
+    assert "│ rate " not in plain.stdout and "first attempts" not in plain.stderr, plain
+
+
 async def test_a_send_interrupted_before_any_answer_still_ends_with_its_summary(stub: Stub) -> None:
     """Ctrl-C while every delivery sent was still waiting for its answer printed "interrupted" and nothing
     else: no summary, so nothing said that two deliveries had gone out."""
