@@ -115,7 +115,7 @@ class Signer:
         for each in secrets:
             secret_key(each)  # a broken secret fails here, once, not on every attempt
         # Several: one signature each, as Sent signs while a webhook's secret is rotated.
-        self.secret = (WRONG_SECRET,) if mode is SigningMode.BAD_SIGNATURE else secrets
+        self.secrets = (WRONG_SECRET,) if mode is SigningMode.BAD_SIGNATURE else secrets
         self.mode = mode
         self.clock = clock
 
@@ -124,7 +124,7 @@ class Signer:
         if self.mode is SigningMode.STALE:
             timestamp -= STALE_BY_S
         return {
-            **signature_headers(self.secret, delivery.webhook_id, timestamp, delivery.body),
+            **signature_headers(self.secrets, delivery.webhook_id, timestamp, delivery.body),
             "x-webhook-event-type": delivery.category,
             "content-type": "application/json",
             "user-agent": USER_AGENT,
