@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import itertools
 import random
@@ -193,6 +194,11 @@ def read_jsonl(lines: Iterable[bytes | None], skip_bad: bool) -> Iterator[Sample
             if raw is None:
                 raise ValueError(f"longer than {MAX_LINE_BYTES:,} bytes")
             body = raw.rstrip(b"\r\n")
+            if line_no == 1:
+                # A UTF-8 byte order mark marks the file's encoding (Windows editors and PowerShell write
+                # one), not the first event: it made line 1 "not valid JSON (error at column 1)", a line that
+                # looked valid. JSON lets a reader ignore it (RFC 8259, 8.1); Sent never sends one.
+                body = body.removeprefix(codecs.BOM_UTF8)
             if not body.strip():
                 continue  # blank lines (a trailing newline, spacing) are not events
             yield sample_from_body(body)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import io
 import itertools
 import os
@@ -946,6 +947,22 @@ async def test_shape_with_a_file_is_refused_not_ignored(stub: Stub, tmp_path: Pa
         assert "--shape" in one_line_error(ran) and "--file" in one_line_error(ran)
     assert stub.hits == []
     assert (await cli("send", stub.url, "--file", str(events))).returncode == 0
+
+
+async def test_a_file_that_starts_with_a_byte_order_mark_is_sent_without_it(
+    stub: Stub, tmp_path: Path
+) -> None:
+    """Saved by a Windows editor, a file's first line began with a UTF-8 BOM: "line 1: not valid JSON (error
+    at column 1)", about a line that looked valid."""
+    bodies = [s.body for s in SampleFactory(8).mix(3)]
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(codecs.BOM_UTF8 + b"\r\n".join(bodies) + b"\r\n")
+    ran = await cli("send", stub.url, "--file", str(events), "--concurrency", "1")
+    assert ran.returncode == 0, ran
+    assert [h.body for h in stub.hits] == bodies  # the first too, byte for byte, the mark left out
+    # Only at the start of the file: within a line it is part of the line, and not JSON.
+    events.write_bytes(bodies[0] + b"\n" + codecs.BOM_UTF8 + bodies[1] + b"\n")
+    assert "line 2: not valid JSON" in one_line_error(await cli("send", stub.url, "--file", str(events)))
 
 
 async def test_skip_with_a_seed_sends_the_seeds_later_events(stub: Stub) -> None:
