@@ -1,0 +1,85 @@
+"""The router's RocksDB dedup table on a disk that refuses writes for a while: the line is held, then routing
+goes on by itself once the disk takes writes again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import threading
+from pathlib import Path
+
+from sentpipe.schemas.samples import SampleFactory
+from sentpipe.settings import Settings
+from tests.http_tools import post_all
+from tests.kafka_tools import record_count
+from tests.oracle import row_count
+from tests.pipeline import Worker, start_ingress, wait_caught_up, wait_for, worker_env
+from tests.processes import Proc
+
+N = 20
+
+
+def _worker_logging_to_a_pipe(settings: Settings, log_dir: Path, **extra: object) -> Worker:
+    """A worker whose output goes through a pipe (copied to its log file here): the file size limit set
+    on it below applies to files it writes, and its log lines while the limit holds are kept."""
+    env = worker_env(settings, log_dir, **extra)
+    mport = int(env["SENTPIPE_WORKER_METRICS_PORT"])
+    log, pipe = log_dir / f"worker-{mport}.log", log_dir / f"worker-{mport}.pipe"
+    os.mkfifo(pipe)
+
+    def copy() -> None:
+        with pipe.open("rb") as src, log.open("ab") as dst:
+            for chunk in iter(lambda: src.read1(65536), b""):
+                dst.write(chunk)
+                dst.flush()
+
+    threading.Thread(target=copy, daemon=True).start()
+    proc = Proc(["worker"], env, pipe).start()
+    proc.log = log  # what tail() reads
+    proc.wait_http(f"http://127.0.0.1:{mport}/metrics")
+    return Worker(proc, mport)
+
+
+def test_a_rocksdb_table_that_failed_a_write_takes_writes_again_once_the_disk_does(
+    settings: Settings, topics, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """RocksDB keeps the first write error of a database (its log could not be appended to) and refuses
+    every write after it, long after the disk has room again: the router retried the same batch for ever
+    and routed nothing more until someone restarted it. A full disk is simulated with the worker's file size
+    limit (RLIMIT_FSIZE, set from outside: prlimit), under which RocksDB's log appends fail as they would with
+    ENOSPC; no root needed."""
+    settings = settings.model_copy(update={"table_store": "rocksdb://"})
+    secret = settings.webhook_secret.get_secret_value()
+    bodies = [s.body for s in SampleFactory(46).mix(2 * N)]
+    ingress, url, _ = start_ingress(settings, tmp_path)
+    worker = _worker_logging_to_a_pipe(settings, tmp_path)
+    pid = worker.proc.p.pid  # type: ignore[union-attr]
+
+    def routed() -> int:
+        return sum(record_count(settings.kafka_bootstrap, t) for t in (*topics.routed, topics.unrouted))
+
+    def failures() -> int:
+        return worker.proc.log.read_text(errors="replace").count("failed to settle")
+
+    try:
+        assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies[:N], secret)).count(200) == N
+        wait_for(routed, lambda n: n == N, 60, "the first events routed", worker.proc.tail)
+        limits = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (1, limits[1]))  # every append to a file now fails
+        try:
+            assert asyncio.run(post_all(f"{url}/webhooks/sent", bodies[N:], secret)).count(200) == N
+            wait_for(failures, lambda n: n >= 2, 60, "the table's writes refused", worker.proc.tail)
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, limits)  # room on the disk again
+        # Each routed once at least (a batch that failed to settle is routed again: duplicates the
+        # idempotent sinks absorb), and none dead-lettered: the disk's trouble is no record's fault.
+        wait_for(routed, lambda n: n >= 2 * N, 60, "routing after the disk recovered", worker.proc.tail)
+        wait_caught_up(settings, 60, "every record committed", worker.proc.tail)
+        assert row_count(settings.database_url.get_secret_value()) == 2 * N
+        assert record_count(settings.kafka_bootstrap, topics.dlq) == 0
+        logged = worker.proc.log.read_text(errors="replace")
+        assert "File too large" in logged  # the disk's error named, not only a failed batch
+    finally:
+        worker.stop()
+        ingress.stop()
