@@ -104,6 +104,7 @@ def worker(
     import mode.loop
 
     from sentpipe.logs import configure, faust_log_level, faust_quiet_options
+    from sentpipe.open_files import raise_open_files_limit
     from sentpipe.processors.handlers import load_modules
     from sentpipe.processors.projector_process import run_projector
     from sentpipe.processors.topics import (
@@ -121,6 +122,7 @@ def worker(
         s = s.model_copy(update={"worker_role": role})
     _check_faust_args(s.worker_role, ctx.args)
     configure(s.log_level, s.log_json)
+    raise_open_files_limit()  # the dedup table's RocksDB files, the broker and database connections
     _connect(s, s.kafka_connect_timeout_s)
     if s.worker_role != "project":
         check_copartitioning(s)
