@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from tests.http_tools import post_all
 from tests.kafka_tools import record_count
 from tests.oracle import row_count
 from tests.pipeline import Worker, start_ingress, start_worker, wait_caught_up, wait_for, worker_env
-from tests.processes import Proc
+from tests.processes import Proc, settings_env
 
 N = 20
 
@@ -111,3 +113,42 @@ def test_the_worker_raises_its_open_files_limit_to_the_hard_one(settings: Settin
         assert _open_files_soft_limit(worker.proc.p.pid) == child_hard
     finally:
         worker.stop()
+
+
+def _worker_start_fails(env: dict[str, str], preexec_fn: object = None) -> str:
+    """The worker's start, expected to end with one line on stderr and status 1; that line."""
+    res = subprocess.run(
+        [sys.executable, "-m", "sentpipe", "worker"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=preexec_fn,  # type: ignore[arg-type]
+    )
+    assert res.returncode == 1, (res.returncode, res.stderr[-2000:])
+    assert res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    return res.stderr.strip()
+
+
+def test_a_data_dir_that_is_a_file_is_named_in_one_line(settings: Settings, tmp_path: Path) -> None:
+    """It was "error: FileExistsError: [Errno 17] File exists: '...'", naming neither the setting nor what
+    was wrong with the path."""
+    path = tmp_path / "data"
+    path.write_bytes(b"")
+    line = _worker_start_fails(settings_env(settings, data_dir=path))
+    assert line == f"error: SENTPIPE_DATA_DIR {path} is not a directory"
+
+
+def test_a_full_disk_under_the_dedup_table_is_named_in_one_line(settings: Settings, tmp_path: Path) -> None:
+    """RocksDB's error on a full disk ("error: Exception: No space left on device (os error 28)") named no
+    file: which of the machine's disks was full was the user's guess. A file size limit of one byte stands in
+    for the full disk (RocksDB cannot write its first file)."""
+
+    def no_room() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    data = tmp_path / "faust"
+    env = settings_env(settings, data_dir=data, table_store="rocksdb://", worker_role="route")
+    line = _worker_start_fails(env, no_room)
+    assert line.startswith(f"error: the dedup table's RocksDB file {data}/"), line
+    assert "(under SENTPIPE_DATA_DIR)" in line and "File too large" in line, line
