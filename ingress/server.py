@@ -21,7 +21,6 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
-import resource
 import signal
 import socket
 import sys
@@ -48,6 +47,7 @@ from sentpipe.ingress.app import (
 )
 from sentpipe.ingress.gather import Gatherer, fetch
 from sentpipe.ingress.protocol import answer_webhooks_directly, stop_reading
+from sentpipe.open_files import raise_open_files_limit
 from sentpipe.parent_death import die_with_parent
 from sentpipe.settings import Settings
 
@@ -262,23 +262,6 @@ def worker_count(settings: Settings, port: int) -> int:
     if settings.ingress_workers > 0:
         return settings.ingress_workers
     return 1 if port == 0 else available_cpus()
-
-
-def raise_open_files_limit() -> tuple[int, int]:
-    """Raise the soft limit on open files to the hard one, as Go's runtime does at start; (before, after).
-
-    Every connection is a descriptor: under systemd's soft default of 1,024, a burst of deliveries (or
-    idle keep-alive connections of a balancer) got connections reset at accept, while the hard limit
-    (524,288 there) allowed far more. Worker processes inherit it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft >= hard:
-        return soft, soft  # unlimited: nothing to raise, and Linux refuses an infinite soft limit
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ValueError, OSError):  # a sandbox that forbids it: the soft limit stands
-        return soft, soft
-    log.info("open files limit raised", extra={"soft_before": soft, "soft": hard})
-    return soft, hard
 
 
 def run(settings: Settings, host: str, port: int, metrics_port: int) -> None:

@@ -236,6 +236,17 @@ class _Memory(_Target):
         self.store.forget_partition(partition)
 
 
+class StoreUnusable(Exception):
+    """RocksDB refused the dedup table's files for a reason of their disk's (full, or locked by another
+    process): the start ends with one line naming the file."""
+
+
+def _named(path: Any, exc: Exception) -> str:
+    # rocksdict raises Exception with RocksDB's status, which does not always name the file: "error:
+    # Exception: No space left on device (os error 28)" left the user to guess which disk.
+    return f"the dedup table's RocksDB file {path} (under SENTPIPE_DATA_DIR): {' '.join(str(exc).split())}"
+
+
 class _Rocks(_Target):
     """Faust's RocksDB store's files, written as Faust would (rocksdict, raw mode)."""
 
@@ -255,7 +266,7 @@ class _Rocks(_Target):
                 # every mark: the partition is rebuilt from it. Anything else (disk full, the LOCK held by
                 # another process) is no fault of the file's, and is raised as it is.
                 if not str(exc).startswith("Corruption"):
-                    raise
+                    raise StoreUnusable(_named(path, exc)) from None
                 log.warning(
                     "the dedup table's RocksDB file %s cannot be opened (%s): restoring partition %d "
                     "from the beginning of the changelog",
@@ -283,7 +294,12 @@ class _Rocks(_Target):
                 wb.put(key, value)
         # The offset goes in the same atomic write as the records it covers.
         wb.put(self.store.offset_key, str(last).encode())
-        self._db(partition).write(wb)
+        try:
+            self._db(partition).write(wb)
+        except StoreUnusable:
+            raise
+        except Exception as exc:  # rocksdict's own: a full disk, say
+            raise StoreUnusable(_named(self.store.partition_path(partition), exc)) from None
 
     def forget(self, partition: int) -> None:
         import rocksdict

@@ -279,7 +279,7 @@ class Router:
             return
         store = self.seen.data
         for key, value in values.items():
-            with in_partition(partition_of[key]):
+            with in_partition(partition_of[key]), _reopened_on_failure(store, partition_of[key]):
                 if value is None:
                     with contextlib.suppress(KeyError):
                         del store[key]
@@ -306,7 +306,8 @@ class Router:
                     partition, offsets, functools.partial(_stored_offset, store, tp)
                 )
                 if held is not None:
-                    store.set_persisted_offset(tp, held)
+                    with _reopened_on_failure(store, partition):
+                        store.set_persisted_offset(tp, held)
             if not failed:
                 return
             if self._stopping():
@@ -1047,6 +1048,32 @@ def _stored_offset(table_store: Any, tp: TP) -> int | None:
     restored = getattr(table_store, "restored_offset", None)
     offset = restored(tp.partition) if restored is not None else table_store.persisted_offset(tp)
     return None if offset is None else int(offset)
+
+
+@contextmanager
+def _reopened_on_failure(table_store: Any, partition: int) -> Iterator[None]:
+    """A RocksDB database whose write failed (a full disk: its log could not be appended to) keeps that
+    error and refuses every later write, long after the disk has room again: the router held the same batch
+    for ever, until a restart. So the failed partition's database is closed and opened again (its log
+    recovered up to the last whole write) before the error goes on to fail the batch, which is routed again
+    with backoff. The memory store has no databases; its errors only go on."""
+    try:
+        yield
+    except Exception as exc:
+        dbs: dict[int, Any] | None = getattr(table_store, "_dbs", None)
+        if dbs is None or dbs.pop(partition, None) is None:
+            raise
+        gc.collect()  # RocksDB closes a database, and frees its lock, when its handle is freed
+        log.error(
+            "the dedup table's RocksDB database of partition %d refused a write (%s): opening it again",
+            partition,
+            exc,
+        )
+        try:
+            dbs[partition] = table_store._open_for_partition(partition)
+        except Exception as again:  # the disk still refuses: Faust opens it at the next write
+            log.error("the dedup table's RocksDB database of partition %d: %s", partition, again)
+        raise
 
 
 def _sweep_keys(shards: store.Shards | None, table: Any) -> Iterator[bytes]:

@@ -104,6 +104,7 @@ def worker(
     import mode.loop
 
     from sentpipe.logs import configure, faust_log_level, faust_quiet_options
+    from sentpipe.open_files import raise_open_files_limit
     from sentpipe.processors.handlers import load_modules
     from sentpipe.processors.projector_process import run_projector
     from sentpipe.processors.topics import (
@@ -121,6 +122,7 @@ def worker(
         s = s.model_copy(update={"worker_role": role})
     _check_faust_args(s.worker_role, ctx.args)
     configure(s.log_level, s.log_json)
+    raise_open_files_limit()  # the dedup table's RocksDB files, the broker and database connections
     _connect(s, s.kafka_connect_timeout_s)
     if s.worker_role != "project":
         check_copartitioning(s)
@@ -134,6 +136,7 @@ def worker(
     if s.worker_role == "project":
         run_projector(s)  # librdkafka batches, no Faust: nothing of Faust's command line applies
         return
+    _data_dir_ready(s.data_dir)  # the dedup table's files (the projector makes it only when it writes there)
     # Before anything makes a loop: Faust's own `-L uvloop` is read when `faust` is imported, long before.
     mode.loop.use("uvloop")
     faust_app = create_app(s)
@@ -143,6 +146,17 @@ def worker(
         argv += ["--loglevel", faust_log_level(s.log_level)]
     sys.argv = ["sentpipe worker", *faust_quiet_options(s.log_level), "worker", *argv]
     faust_app.main()
+
+
+def _data_dir_ready(path: Path) -> None:
+    """SENTPIPE_DATA_DIR made if missing; one line naming it when it cannot be: a file there ended the start
+    with "FileExistsError: [Errno 17] File exists", which named neither the setting nor the trouble."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        fail(f"SENTPIPE_DATA_DIR {path} is not a directory")
+    except OSError as exc:
+        fail(f"SENTPIPE_DATA_DIR {path}: {exc.strerror or exc}")
 
 
 def _check_faust_args(role: str, args: list[str]) -> None:
@@ -834,6 +848,7 @@ def run(main: Callable[[], Any]) -> int:
         from sentpipe.kafka import BrokerUnavailable
         from sentpipe.processors.handlers import HandlerModuleError
         from sentpipe.processors.migrate import MigrationError
+        from sentpipe.processors.restore import StoreUnusable
         from sentpipe.processors.topics import CopartitioningError
     except KeyboardInterrupt:
         return _interrupted()
@@ -850,7 +865,14 @@ def run(main: Callable[[], Any]) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else 1
     except KeyboardInterrupt:
         return _interrupted()
-    except (CliError, BrokerUnavailable, CopartitioningError, HandlerModuleError, MigrationError) as exc:
+    except (
+        CliError,
+        BrokerUnavailable,
+        CopartitioningError,
+        HandlerModuleError,
+        MigrationError,
+        StoreUnusable,
+    ) as exc:
         err.print(terminal_safe(f"error: {exc}"), soft_wrap=True)
         return 1
     except psycopg.OperationalError as exc:

@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "kafka": 1,
     "guarded_http": 1,
     "parent_death": 1,
+    "open_files": 1,
     "ingress": 2,
     "processors": 2,
     "sender": 2,
