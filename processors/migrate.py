@@ -82,7 +82,14 @@ def migrate(database_url: str, lock_timeout_s: float = LOCK_TIMEOUT_S) -> list[t
         # The URL's (or the role's) statement_timeout is meant for the worker's statements; a migration
         # building a primary key over a large table must not be cancelled midway by it.
         conn.execute("SET LOCAL statement_timeout = 0")
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_KEY,))
+        # Nor may its lock_timeout end the wait for another migrator: replicas started together failed
+        # ("canceling statement due to lock timeout") while the first built its indexes. That one is bounded
+        # by the lock timeout below wherever it waits for a table.
+        conn.execute("SET LOCAL lock_timeout = 0")
+        if conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_ADVISORY_KEY,)).fetchone() != (True,):
+            # Said, as the wait lasts as long as the other's index builds: silence looked like a hang.
+            log.warning("another `sentpipe db migrate` is running on this database; waiting for it to end")
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_KEY,))
         conn.execute(f"SET LOCAL lock_timeout = {max(1, round(lock_timeout_s * 1000))}")
         # Created where CREATE TABLE would put it, and only then: an up-to-date database answers a role
         # without CREATE on the schema (one that may only read and write the tables) "already applied".

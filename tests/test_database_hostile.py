@@ -474,6 +474,41 @@ def test_two_migrators_agree_under_a_serializable_default(services: Services, un
         sql(services.database_url, f'DROP SCHEMA "{schema}" CASCADE')
 
 
+def test_a_lock_timeout_meant_for_the_worker_does_not_end_the_wait_for_another_migrator(
+    services: Services, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Replicas all run `db migrate` as they start. With the role's (or the URL's) lock_timeout applying to
+    # the wait for the one migrating, every other replica failed "canceling statement due to lock timeout"
+    # while the first built its indexes.
+    schema, app = f"t_lt_{unique}", f"hostile-lt-{unique}"
+    sql(services.database_url, f'CREATE SCHEMA "{schema}"')
+    url = with_param(
+        services.database_url, options=f"-csearch_path={schema} -clock_timeout=50", application_name=app
+    )
+    try:
+        with (
+            psycopg.connect(services.database_url, autocommit=True) as gate,
+            concurrent.futures.ThreadPoolExecutor(1) as ex,
+        ):
+            gate.execute("SELECT pg_advisory_lock(7366726)")
+            try:
+                future = ex.submit(migrate, url)
+                waited = 0
+                while not waited and not future.done():
+                    waited = gate.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                        " AND wait_event = 'advisory' AND state_change < now() - interval '200 ms'",
+                        (app,),
+                    ).fetchall()[0][0]
+            finally:
+                gate.execute("SELECT pg_advisory_unlock(7366726)")
+            result = future.result(BOUND_S)
+        assert [v for v, applied in result if applied] == [m.version for m in migrations()]
+        assert "another `sentpipe db migrate` is running" in caplog.text
+    finally:
+        sql(services.database_url, f'DROP SCHEMA "{schema}" CASCADE')
+
+
 async def test_a_client_encoding_set_for_the_session_neither_costs_nor_garbles_events(db_url: str) -> None:
     """A default client_encoding (the URL's options, PGCLIENTENCODING, ALTER ROLE or DATABASE ... SET) made
     psycopg encode the stage's text in it. In LATIN1, an inbound text with an emoji failed its row in the
