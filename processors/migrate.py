@@ -82,6 +82,13 @@ def migrate(database_url: str, lock_timeout_s: float = LOCK_TIMEOUT_S) -> list[t
         # The URL's (or the role's) statement_timeout is meant for the worker's statements; a migration
         # building a primary key over a large table must not be cancelled midway by it.
         conn.execute("SET LOCAL statement_timeout = 0")
+        # A migrator killed midway (kill -9, the OOM killer, a Job's deadline) left its server session
+        # building on for minutes, holding its tables and the migration lock: the worker's writes and the next
+        # `db migrate` waited for a transaction nobody would commit. PostgreSQL 14+ notices the client gone.
+        conn.execute(
+            "SELECT set_config(name, '1s', true) FROM pg_settings"
+            " WHERE name = 'client_connection_check_interval'"
+        )
         # Nor may its lock_timeout end the wait for another migrator: replicas started together failed
         # ("canceling statement due to lock timeout") while the first built its indexes. That one is bounded
         # by the lock timeout below wherever it waits for a table.

@@ -509,6 +509,47 @@ def test_a_lock_timeout_meant_for_the_worker_does_not_end_the_wait_for_another_m
         sql(services.database_url, f'DROP SCHEMA "{schema}" CASCADE')
 
 
+KILLED_MIGRATOR = """
+import sys
+from sentpipe.processors import migrate as m
+known = m.migrations()
+m.migrations = lambda: [*known, m.Migration("9000_endless", "SELECT pg_sleep(3600)")]
+m.migrate(sys.argv[1])
+"""
+
+
+def test_a_migrator_killed_midway_leaves_nothing_held_and_the_next_one_finishes(
+    services: Services, unique: str
+) -> None:
+    # Killed with SIGKILL while its migrations ran, a migrator's server session went on (for as long as
+    # an index build takes), holding the tables and the migration lock: the next `db migrate` (and the
+    # worker's writes) waited for a transaction nobody would commit.
+    schema, app = f"t_kill_{unique}", f"hostile-kill-{unique}"
+    sql(services.database_url, f'CREATE SCHEMA "{schema}"')
+    url = with_param(services.database_url, options=f"-csearch_path={schema}")
+    killed = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MIGRATOR, with_param(url, application_name=app)],
+        env={**os.environ, "SENTPIPE_DATABASE_URL": url},
+    )
+    try:
+        deadline = time.monotonic() + BOUND_S
+        while not sql(
+            url, f"SELECT 1 FROM pg_stat_activity WHERE application_name = '{app}' AND wait_event = 'PgSleep'"
+        ):
+            assert killed.poll() is None and time.monotonic() < deadline
+        killed.kill()
+        killed.wait(BOUND_S)
+        result = bounded(lambda: migrate(with_param(url, application_name=f"{app}-next")), url, f"{app}-next")
+        assert [v for v, applied in result if applied] == [m.version for m in migrations()]
+    finally:
+        killed.kill()
+        sql(
+            services.database_url,
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{app}'",
+        )
+        sql(services.database_url, f'DROP SCHEMA "{schema}" CASCADE')
+
+
 async def test_a_client_encoding_set_for_the_session_neither_costs_nor_garbles_events(db_url: str) -> None:
     """A default client_encoding (the URL's options, PGCLIENTENCODING, ALTER ROLE or DATABASE ... SET) made
     psycopg encode the stage's text in it. In LATIN1, an inbound text with an emoji failed its row in the
