@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 log = logging.getLogger("sentpipe.migrate")
 
@@ -25,6 +27,18 @@ LOCK_TIMEOUT_S = 10.0
 
 # One migrator at a time per database (several replicas may start together).
 _ADVISORY_KEY = 7366726
+
+
+# The indexes a migration builds, by name. `CREATE INDEX IF NOT EXISTS` skips a name whatever its index's
+# state, so one left INVALID by an interrupted CREATE INDEX CONCURRENTLY (an operator building a migration's
+# indexes ahead, to keep writes going) was taken for the index: the migration was recorded, and the index was
+# never used by a query, yet kept up by every insert.
+_BUILDS_INDEX = re.compile(r"CREATE INDEX IF NOT EXISTS (\w+)", re.IGNORECASE)
+
+_INVALID = """
+    SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = current_schema() AND c.relname = ANY(%s) AND NOT i.indisvalid ORDER BY c.relname"""
 
 
 class MigrationError(Exception):
@@ -131,6 +145,11 @@ def migrate(database_url: str, lock_timeout_s: float = LOCK_TIMEOUT_S) -> list[t
                 result.append((m.version, False))
                 continue
             try:
+                for (name,) in conn.execute(_INVALID, (_BUILDS_INDEX.findall(m.sql),)).fetchall():
+                    log.warning(
+                        "index %s is invalid (an interrupted CREATE INDEX CONCURRENTLY?): built again", name
+                    )
+                    conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(name)))
                 conn.execute(m.sql.encode())
             except psycopg.errors.LockNotAvailable as exc:
                 raise MigrationError(

@@ -550,6 +550,26 @@ def test_a_migrator_killed_midway_leaves_nothing_held_and_the_next_one_finishes(
         sql(services.database_url, f'DROP SCHEMA "{schema}" CASCADE')
 
 
+def test_an_index_an_interrupted_concurrent_build_left_invalid_is_built_by_its_migration(db_url: str) -> None:
+    # An operator builds 0003's indexes ahead with CONCURRENTLY (to keep the worker's writes going over a
+    # large history), and one build is interrupted: it leaves an INVALID index of the name. `CREATE INDEX IF
+    # NOT EXISTS` skipped it, 0003 was recorded, and searches by message id read the whole table for good.
+    sql(db_url, "DELETE FROM schema_migrations WHERE version = '0003_search_indexes'")
+    sql(db_url, "DROP INDEX message_events_subject")
+    with psycopg.connect(db_url) as writer, psycopg.connect(db_url, autocommit=True) as operator:
+        # The build waits for this open writer, and its wait is interrupted (as by Ctrl-C).
+        writer.execute("INSERT INTO message_events VALUES ('e1', 't', 'm1', 'sent', now(), now(), '{}')")
+        operator.execute("SET statement_timeout = 200")
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            operator.execute(
+                "CREATE INDEX CONCURRENTLY message_events_subject ON message_events (message_id)"
+            )
+    valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'message_events_subject'::regclass"
+    assert sql(db_url, valid) == [(False,)]
+    assert [v for v, applied in migrate(db_url) if applied] == ["0003_search_indexes"]
+    assert sql(db_url, valid) == [(True,)]
+
+
 async def test_a_client_encoding_set_for_the_session_neither_costs_nor_garbles_events(db_url: str) -> None:
     """A default client_encoding (the URL's options, PGCLIENTENCODING, ALTER ROLE or DATABASE ... SET) made
     psycopg encode the stage's text in it. In LATIN1, an inbound text with an emoji failed its row in the
