@@ -217,6 +217,34 @@ async def test_a_triggers_fixed_statement_on_a_missing_table_holds_the_line(
         await PostgresSink(pool, HandlerRegistry()).apply(EventType.MESSAGE_STATUS, status_events(2), 1)
 
 
+async def test_a_worker_upgraded_before_the_database_is_held_and_told_to_migrate(
+    pool: AsyncConnectionPool, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A rolling upgrade from 0.1 that starts the new worker before `db migrate`: its ON CONFLICT (tenant,
+    # event_id) has no key to use. Held, rightly, but its log gave the server's words alone, which do not
+    # say that a migration is missing.
+    sql(db_url, "DELETE FROM schema_migrations WHERE version <> '0001_projections'")
+    sql(db_url, "ALTER TABLE message_events DROP CONSTRAINT message_events_pkey, ADD PRIMARY KEY (event_id)")
+    events = status_events(3)
+    sink = PostgresSink(pool, HandlerRegistry())
+    lacks = "lacks migrations 0002_tenant_scoped_ids, 0003_search_indexes: run `sentpipe db migrate`"
+    with pytest.raises(ProjectionUnusable, match="42P10") as caught:
+        await sink.apply(EventType.MESSAGE_STATUS, events, 1)
+    assert lacks in str(caught.value) and lacks in caplog.text
+    await asyncio.to_thread(migrate, db_url)
+    assert await sink.apply(EventType.MESSAGE_STATUS, events, 2) == []
+    assert sql(db_url, "SELECT count(*) FROM message_events") == [(3,)]
+
+
+async def test_a_held_type_names_no_migration_when_none_is_missing(
+    pool: AsyncConnectionPool, db_url: str
+) -> None:
+    sql(db_url, "ALTER TABLE message_events RENAME TO message_events_old")
+    with pytest.raises(ProjectionUnusable, match="42P01") as caught:
+        await PostgresSink(pool, HandlerRegistry()).apply(EventType.MESSAGE_STATUS, status_events(1), 1)
+    assert "migrat" not in str(caught.value)
+
+
 @pytest.mark.parametrize("first", [0, 1])
 async def test_a_status_tie_goes_to_the_byte_larger_event_id_whatever_the_collation(
     pool: AsyncConnectionPool, db_url: str, first: int
