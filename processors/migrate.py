@@ -112,6 +112,13 @@ def migrate(database_url: str, lock_timeout_s: float = LOCK_TIMEOUT_S) -> list[t
             log.warning("another `sentpipe db migrate` is running on this database; waiting for it to end")
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_KEY,))
         conn.execute(f"SET LOCAL lock_timeout = {max(1, round(lock_timeout_s * 1000))}")
+        where = conn.execute("SELECT current_schema(), current_setting('search_path')").fetchone()
+        if where is not None and where[0] is None:
+            # The server's words were "no schema has been selected to create in", quoting the CREATE TABLE.
+            raise MigrationError(
+                f"no schema of the search_path ({where[1]}) exists in this database: create it (CREATE"
+                " SCHEMA) or correct the search_path the URL's options or the role set: nothing was applied"
+            )
         # Created where CREATE TABLE would put it, and only then: an up-to-date database answers a role
         # without CREATE on the schema (one that may only read and write the tables) "already applied".
         found = conn.execute("SELECT to_regclass(quote_ident(current_schema()) || '.schema_migrations')")

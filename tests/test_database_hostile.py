@@ -398,6 +398,22 @@ def test_a_role_that_may_not_create_is_told_so_in_one_line(services: Services, u
         sql(services.database_url, f"DROP ROLE {role}")
 
 
+def test_a_search_path_naming_no_schema_is_told_in_one_line(services: Services, unique: str) -> None:
+    # A schema name mistyped in the URL's options: the server's "no schema has been selected to create in"
+    # quoted sentpipe's own CREATE TABLE and named neither the path nor the schema.
+    url = with_param(services.database_url, options=f"-csearch_path=t_none_{unique}")
+    ran = subprocess.run(
+        [sys.executable, "-m", "sentpipe", "db", "migrate"],
+        env={**os.environ, "SENTPIPE_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=BOUND_S,
+    )
+    assert ran.returncode == 1 and ran.stderr.count("\n") == 1, ran.stderr
+    assert ran.stderr.startswith(f"error: no schema of the search_path (t_none_{unique}) exists"), ran.stderr
+    assert "CREATE TABLE" not in ran.stderr
+
+
 @pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
 def test_a_database_that_cannot_store_every_script_is_refused_by_migrate(
     services: Services, unique: str, encoding: str
