@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -77,10 +78,15 @@ def _connect(database_url: str) -> psycopg.Connection[Any]:
     return conn
 
 
-def migrate(database_url: str, lock_timeout_s: float = LOCK_TIMEOUT_S) -> list[tuple[str, bool]]:
+def migrate(
+    database_url: str,
+    lock_timeout_s: float = LOCK_TIMEOUT_S,
+    on_apply: Callable[[str], None] | None = None,
+) -> list[tuple[str, bool]]:
     """Returns (version, applied_now) for every migration, then (version, False) for each version in the
     database this sentpipe does not know (applied by a newer one); safe to run concurrently. A migration
-    waits at most `lock_timeout_s` for a table another session holds (MigrationError, nothing applied)."""
+    waits at most `lock_timeout_s` for a table another session holds (MigrationError, nothing applied).
+    `on_apply` is told each version as it starts (committed with the others at the end)."""
     result = []
     with _connect(database_url) as conn:
         # Events carry text of any script, stored as sent: in another encoding each event holding a
@@ -151,6 +157,8 @@ def migrate(database_url: str, lock_timeout_s: float = LOCK_TIMEOUT_S) -> list[t
                     )
                 result.append((m.version, False))
                 continue
+            if on_apply is not None:
+                on_apply(m.version)
             try:
                 for (name,) in conn.execute(_INVALID, (_BUILDS_INDEX.findall(m.sql),)).fetchall():
                     log.warning(

@@ -398,6 +398,41 @@ def test_a_role_that_may_not_create_is_told_so_in_one_line(services: Services, u
         sql(services.database_url, f"DROP ROLE {role}")
 
 
+def test_migrate_says_each_migration_as_it_starts_and_ends_with_a_table(
+    services: Services, unique: str
+) -> None:
+    # Building 0003's indexes over a large history takes minutes, and `db migrate` said nothing until all
+    # were committed.
+    schema = f"t_cli_{unique}"
+    sql(services.database_url, f'CREATE SCHEMA "{schema}"')
+    env = {
+        **os.environ,
+        "SENTPIPE_DATABASE_URL": with_param(services.database_url, options=f"-csearch_path={schema}"),
+    }
+    try:
+        outputs = []
+        for _ in range(2):
+            ran = subprocess.run(
+                [sys.executable, "-m", "sentpipe", "db", "migrate"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=BOUND_S,
+            )
+            assert ran.returncode == 0 and ran.stderr == "", ran.stderr
+            outputs.append(ran.stdout.splitlines())
+        versions = [m.version for m in migrations()]
+        first, again = outputs
+        assert first[: len(versions)] == [f"{v}: applying" for v in versions], first
+        rows = [line.split("│")[1:3] for line in first if line.startswith("│")]
+        assert [(v.strip(), state.strip()) for v, state in rows] == [(v, "applied") for v in versions], first
+        assert not any("applying" in line for line in again), again
+        rows = [line.split("│")[1:3] for line in again if line.startswith("│")]
+        assert [(v.strip(), state.strip()) for v, state in rows] == [(v, "already applied") for v in versions]
+    finally:
+        sql(services.database_url, f'DROP SCHEMA "{schema}" CASCADE')
+
+
 def test_a_search_path_naming_no_schema_is_told_in_one_line(services: Services, unique: str) -> None:
     # A schema name mistyped in the URL's options: the server's "no schema has been selected to create in"
     # quoted sentpipe's own CREATE TABLE and named neither the path nor the schema.
