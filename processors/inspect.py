@@ -208,8 +208,6 @@ def locate(
         rep.dlq = [replace(e, redriven_by=taken.taken_by(e)) for e in map(DlqEntry.from_message, hits)]
     try:
         rep.rows = database_rows(settings.database_url.get_secret_value(), event_id)
-    except psycopg.errors.UndefinedTable:  # a database no `db migrate` has run on: that is the fix
-        rep.db_error = "database has no sentpipe tables: run `sentpipe db migrate`"
     except psycopg.Error as exc:
         rep.db_error = reading.unavailable(exc)
     return rep

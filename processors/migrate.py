@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 log = logging.getLogger("sentpipe.migrate")
 
@@ -25,6 +28,18 @@ LOCK_TIMEOUT_S = 10.0
 
 # One migrator at a time per database (several replicas may start together).
 _ADVISORY_KEY = 7366726
+
+
+# The indexes a migration builds, by name. `CREATE INDEX IF NOT EXISTS` skips a name whatever its index's
+# state, so one left INVALID by an interrupted CREATE INDEX CONCURRENTLY (an operator building a migration's
+# indexes ahead, to keep writes going) was taken for the index: the migration was recorded, and the index was
+# never used by a query, yet kept up by every insert.
+_BUILDS_INDEX = re.compile(r"CREATE INDEX IF NOT EXISTS (\w+)", re.IGNORECASE)
+
+_INVALID = """
+    SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = current_schema() AND c.relname = ANY(%s) AND NOT i.indisvalid ORDER BY c.relname"""
 
 
 class MigrationError(Exception):
@@ -63,10 +78,15 @@ def _connect(database_url: str) -> psycopg.Connection[Any]:
     return conn
 
 
-def migrate(database_url: str, lock_timeout_s: float = LOCK_TIMEOUT_S) -> list[tuple[str, bool]]:
+def migrate(
+    database_url: str,
+    lock_timeout_s: float = LOCK_TIMEOUT_S,
+    on_apply: Callable[[str], None] | None = None,
+) -> list[tuple[str, bool]]:
     """Returns (version, applied_now) for every migration, then (version, False) for each version in the
     database this sentpipe does not know (applied by a newer one); safe to run concurrently. A migration
-    waits at most `lock_timeout_s` for a table another session holds (MigrationError, nothing applied)."""
+    waits at most `lock_timeout_s` for a table another session holds (MigrationError, nothing applied).
+    `on_apply` is told each version as it starts (committed with the others at the end)."""
     result = []
     with _connect(database_url) as conn:
         # Events carry text of any script, stored as sent: in another encoding each event holding a
@@ -82,8 +102,29 @@ def migrate(database_url: str, lock_timeout_s: float = LOCK_TIMEOUT_S) -> list[t
         # The URL's (or the role's) statement_timeout is meant for the worker's statements; a migration
         # building a primary key over a large table must not be cancelled midway by it.
         conn.execute("SET LOCAL statement_timeout = 0")
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_KEY,))
+        # A migrator killed midway (kill -9, the OOM killer, a Job's deadline) left its server session
+        # building on for minutes, holding its tables and the migration lock: the worker's writes and the next
+        # `db migrate` waited for a transaction nobody would commit. PostgreSQL 14+ notices the client gone.
+        conn.execute(
+            "SELECT set_config(name, '1s', true) FROM pg_settings"
+            " WHERE name = 'client_connection_check_interval'"
+        )
+        # Nor may its lock_timeout end the wait for another migrator: replicas started together failed
+        # ("canceling statement due to lock timeout") while the first built its indexes. That one is bounded
+        # by the lock timeout below wherever it waits for a table.
+        conn.execute("SET LOCAL lock_timeout = 0")
+        if conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (_ADVISORY_KEY,)).fetchone() != (True,):
+            # Said, as the wait lasts as long as the other's index builds: silence looked like a hang.
+            log.warning("another `sentpipe db migrate` is running on this database; waiting for it to end")
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ADVISORY_KEY,))
         conn.execute(f"SET LOCAL lock_timeout = {max(1, round(lock_timeout_s * 1000))}")
+        where = conn.execute("SELECT current_schema(), current_setting('search_path')").fetchone()
+        if where is not None and where[0] is None:
+            # The server's words were "no schema has been selected to create in", quoting the CREATE TABLE.
+            raise MigrationError(
+                f"no schema of the search_path ({where[1]}) exists in this database: create it (CREATE"
+                " SCHEMA) or correct the search_path the URL's options or the role set: nothing was applied"
+            )
         # Created where CREATE TABLE would put it, and only then: an up-to-date database answers a role
         # without CREATE on the schema (one that may only read and write the tables) "already applied".
         found = conn.execute("SELECT to_regclass(quote_ident(current_schema()) || '.schema_migrations')")
@@ -116,7 +157,14 @@ def migrate(database_url: str, lock_timeout_s: float = LOCK_TIMEOUT_S) -> list[t
                     )
                 result.append((m.version, False))
                 continue
+            if on_apply is not None:
+                on_apply(m.version)
             try:
+                for (name,) in conn.execute(_INVALID, (_BUILDS_INDEX.findall(m.sql),)).fetchall():
+                    log.warning(
+                        "index %s is invalid (an interrupted CREATE INDEX CONCURRENTLY?): built again", name
+                    )
+                    conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(name)))
                 conn.execute(m.sql.encode())
             except psycopg.errors.LockNotAvailable as exc:
                 raise MigrationError(

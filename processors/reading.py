@@ -37,6 +37,10 @@ def connect(database_url: str) -> psycopg.Connection[dict[str, Any]]:
 
 def unavailable(exc: psycopg.Error) -> str:
     """Why the database gave a read no answer, in one line."""
+    if isinstance(
+        exc, psycopg.errors.UndefinedTable
+    ):  # a database no `db migrate` has run on: that is the fix
+        return "database has no sentpipe tables: run `sentpipe db migrate`"
     if isinstance(exc, psycopg.errors.QueryCanceled):
         return (
             "database did not answer within its statement timeout: another session holds a table (a"

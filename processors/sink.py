@@ -25,6 +25,7 @@ from sentpipe.processors.handlers import (
     RetryableError,
     TransactionEnded,
 )
+from sentpipe.processors.migrate import migrations
 from sentpipe.processors.projections import PROJECTIONS, Statement
 from sentpipe.processors.retry import UNKNOWN_ATTEMPTS, classify
 from sentpipe.schemas.events import CanonicalEvent, EventType
@@ -144,8 +145,6 @@ class PostgresSink:
                             try:
                                 await cur.executemany(st.sql, rows)
                             except psycopg.Error as exc:
-                                if (exc.sqlstate or "")[:2] == "42" and not _built_per_row(exc):
-                                    _hold(type_, exc)
                                 refused = (st, exc)
                                 raise
                     m.HANDLER_SECONDS.labels(type_.value, "projection").observe(time.perf_counter() - t0)
@@ -209,8 +208,11 @@ class PostgresSink:
                         m.HANDLER_SECONDS.labels(type_.value, name).observe(time.perf_counter() - h0)
             except psycopg.Error as exc:
                 # Asked once the transaction is rolled back: an aborted one answers no query.
-                if refused is not None and refused[1] is exc and await _unfillable_column(conn, *refused):
-                    _hold(type_, exc)
+                if refused is not None and refused[1] is exc:
+                    if (exc.sqlstate or "")[:2] == "42" and not _built_per_row(exc):
+                        _hold(type_, exc, await _missing_migrations(conn))
+                    if await _unfillable_column(conn, *refused):
+                        _hold(type_, exc)
                 raise
         self._applied += [CallKey(name, ev.tenant, ev.id) for name, _ in handlers for ev in events]
         # Counted once the batch is committed: a batch rewound is applied again and counted then.
@@ -329,10 +331,13 @@ def _built_per_row(exc: psycopg.Error) -> bool:
     return innermost.startswith("PL/pgSQL function ") and innermost.endswith("EXECUTE")
 
 
-def _hold(type_: EventType, exc: psycopg.Error) -> NoReturn:
+def _hold(type_: EventType, exc: psycopg.Error, missing: Sequence[str] = ()) -> NoReturn:
     # The server's primary message only: str(exc) carries its DETAIL, and a NOT NULL violation's DETAIL is
     # "Failing row contains (...)": a message's text and payload, in the log on every retry.
     why = f"SQLSTATE {exc.sqlstate}: {exc.diag.message_primary or type(exc).__name__}"
+    if missing:
+        lacks = f"migration{'s' * (len(missing) > 1)} {', '.join(missing)}"
+        why += f"; the database lacks {lacks}: run `sentpipe db migrate`"
     log.error(
         "the %s projection's tables refuse its SQL (%s); holding the events until the tables are repaired",
         type_.value,
@@ -340,6 +345,26 @@ def _hold(type_: EventType, exc: psycopg.Error) -> NoReturn:
         extra={"type": type_.value, "sqlstate": exc.sqlstate},
     )
     raise ProjectionUnusable(why) from exc
+
+
+async def _missing_migrations(conn: psycopg.AsyncConnection[Any]) -> list[str]:
+    """The migrations this sentpipe has that the database lacks. A worker upgraded before `db migrate` ran
+    (or started before it) was held with the server's words alone ("there is no unique or exclusion
+    constraint matching the ON CONFLICT specification"), which do not say what to do."""
+    try:
+        async with conn.transaction():  # its own, as in `_unfillable_column`
+            found = await (
+                await conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+            ).fetchone()
+            done: set[str] = set()
+            if found is not None and found[0]:
+                done = {
+                    v
+                    for (v,) in await (await conn.execute("SELECT version FROM schema_migrations")).fetchall()
+                }
+    except psycopg.Error:  # a role that may not read the ledger: the server's words alone, as before
+        return []
+    return [m.version for m in migrations() if m.version not in done]
 
 
 # A BEFORE ROW trigger on INSERT (4) or UPDATE (16): pg_trigger.tgtype bits 1 (ROW) and 2 (BEFORE).

@@ -6,6 +6,7 @@ import faulthandler
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -225,9 +226,18 @@ def db_migrate(
     from sentpipe.processors.migrate import LOCK_TIMEOUT_S, migrate
 
     url = settings().database_url.get_secret_value()
+    t0 = time.monotonic()
+
+    def applying(version: str) -> None:
+        # Said as it starts: building 0003's indexes over a large history takes minutes, said nothing before.
+        out.print(f"{version}: applying", highlight=False)
+
     with sigterm_as_ctrl_c():
-        for version, applied in migrate(url, LOCK_TIMEOUT_S if lock_timeout is None else lock_timeout):
-            out.print(f"{version}: {'applied' if applied else 'already applied'}")
+        result = migrate(url, LOCK_TIMEOUT_S if lock_timeout is None else lock_timeout, applying)
+    table = Table("migration", "state", title=f"database migrations ({time.monotonic() - t0:.1f} s)")
+    for version, applied in result:
+        table.add_row(version, "applied" if applied else "already applied")
+    out.print(table)
 
 
 def _register_sender() -> None:

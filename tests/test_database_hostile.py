@@ -217,6 +217,34 @@ async def test_a_triggers_fixed_statement_on_a_missing_table_holds_the_line(
         await PostgresSink(pool, HandlerRegistry()).apply(EventType.MESSAGE_STATUS, status_events(2), 1)
 
 
+async def test_a_worker_upgraded_before_the_database_is_held_and_told_to_migrate(
+    pool: AsyncConnectionPool, db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A rolling upgrade from 0.1 that starts the new worker before `db migrate`: its ON CONFLICT (tenant,
+    # event_id) has no key to use. Held, rightly, but its log gave the server's words alone, which do not
+    # say that a migration is missing.
+    sql(db_url, "DELETE FROM schema_migrations WHERE version <> '0001_projections'")
+    sql(db_url, "ALTER TABLE message_events DROP CONSTRAINT message_events_pkey, ADD PRIMARY KEY (event_id)")
+    events = status_events(3)
+    sink = PostgresSink(pool, HandlerRegistry())
+    lacks = "lacks migrations 0002_tenant_scoped_ids, 0003_search_indexes: run `sentpipe db migrate`"
+    with pytest.raises(ProjectionUnusable, match="42P10") as caught:
+        await sink.apply(EventType.MESSAGE_STATUS, events, 1)
+    assert lacks in str(caught.value) and lacks in caplog.text
+    await asyncio.to_thread(migrate, db_url)
+    assert await sink.apply(EventType.MESSAGE_STATUS, events, 2) == []
+    assert sql(db_url, "SELECT count(*) FROM message_events") == [(3,)]
+
+
+async def test_a_held_type_names_no_migration_when_none_is_missing(
+    pool: AsyncConnectionPool, db_url: str
+) -> None:
+    sql(db_url, "ALTER TABLE message_events RENAME TO message_events_old")
+    with pytest.raises(ProjectionUnusable, match="42P01") as caught:
+        await PostgresSink(pool, HandlerRegistry()).apply(EventType.MESSAGE_STATUS, status_events(1), 1)
+    assert "migrat" not in str(caught.value)
+
+
 @pytest.mark.parametrize("first", [0, 1])
 async def test_a_status_tie_goes_to_the_byte_larger_event_id_whatever_the_collation(
     pool: AsyncConnectionPool, db_url: str, first: int
@@ -370,6 +398,57 @@ def test_a_role_that_may_not_create_is_told_so_in_one_line(services: Services, u
         sql(services.database_url, f"DROP ROLE {role}")
 
 
+def test_migrate_says_each_migration_as_it_starts_and_ends_with_a_table(
+    services: Services, unique: str
+) -> None:
+    # Building 0003's indexes over a large history takes minutes, and `db migrate` said nothing until all
+    # were committed.
+    schema = f"t_cli_{unique}"
+    sql(services.database_url, f'CREATE SCHEMA "{schema}"')
+    env = {
+        **os.environ,
+        "SENTPIPE_DATABASE_URL": with_param(services.database_url, options=f"-csearch_path={schema}"),
+    }
+    try:
+        outputs = []
+        for _ in range(2):
+            ran = subprocess.run(
+                [sys.executable, "-m", "sentpipe", "db", "migrate"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=BOUND_S,
+            )
+            assert ran.returncode == 0 and ran.stderr == "", ran.stderr
+            outputs.append(ran.stdout.splitlines())
+        versions = [m.version for m in migrations()]
+        first, again = outputs
+        assert first[: len(versions)] == [f"{v}: applying" for v in versions], first
+        rows = [line.split("│")[1:3] for line in first if line.startswith("│")]
+        assert [(v.strip(), state.strip()) for v, state in rows] == [(v, "applied") for v in versions], first
+        assert not any("applying" in line for line in again), again
+        rows = [line.split("│")[1:3] for line in again if line.startswith("│")]
+        assert [(v.strip(), state.strip()) for v, state in rows] == [(v, "already applied") for v in versions]
+    finally:
+        sql(services.database_url, f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def test_a_search_path_naming_no_schema_is_told_in_one_line(services: Services, unique: str) -> None:
+    # A schema name mistyped in the URL's options: the server's "no schema has been selected to create in"
+    # quoted sentpipe's own CREATE TABLE and named neither the path nor the schema.
+    url = with_param(services.database_url, options=f"-csearch_path=t_none_{unique}")
+    ran = subprocess.run(
+        [sys.executable, "-m", "sentpipe", "db", "migrate"],
+        env={**os.environ, "SENTPIPE_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
+        timeout=BOUND_S,
+    )
+    assert ran.returncode == 1 and ran.stderr.count("\n") == 1, ran.stderr
+    assert ran.stderr.startswith(f"error: no schema of the search_path (t_none_{unique}) exists"), ran.stderr
+    assert "CREATE TABLE" not in ran.stderr
+
+
 @pytest.mark.parametrize("encoding", ["LATIN1", "SQL_ASCII"])
 def test_a_database_that_cannot_store_every_script_is_refused_by_migrate(
     services: Services, unique: str, encoding: str
@@ -472,6 +551,102 @@ def test_two_migrators_agree_under_a_serializable_default(services: Services, un
         assert applied == sorted(m.version for m in migrations())
     finally:
         sql(services.database_url, f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def test_a_lock_timeout_meant_for_the_worker_does_not_end_the_wait_for_another_migrator(
+    services: Services, unique: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Replicas all run `db migrate` as they start. With the role's (or the URL's) lock_timeout applying to
+    # the wait for the one migrating, every other replica failed "canceling statement due to lock timeout"
+    # while the first built its indexes.
+    schema, app = f"t_lt_{unique}", f"hostile-lt-{unique}"
+    sql(services.database_url, f'CREATE SCHEMA "{schema}"')
+    url = with_param(
+        services.database_url, options=f"-csearch_path={schema} -clock_timeout=50", application_name=app
+    )
+    try:
+        with (
+            psycopg.connect(services.database_url, autocommit=True) as gate,
+            concurrent.futures.ThreadPoolExecutor(1) as ex,
+        ):
+            gate.execute("SELECT pg_advisory_lock(7366726)")
+            try:
+                future = ex.submit(migrate, url)
+                waited = 0
+                while not waited and not future.done():
+                    waited = gate.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                        " AND wait_event = 'advisory' AND state_change < now() - interval '200 ms'",
+                        (app,),
+                    ).fetchall()[0][0]
+            finally:
+                gate.execute("SELECT pg_advisory_unlock(7366726)")
+            result = future.result(BOUND_S)
+        assert [v for v, applied in result if applied] == [m.version for m in migrations()]
+        assert "another `sentpipe db migrate` is running" in caplog.text
+    finally:
+        sql(services.database_url, f'DROP SCHEMA "{schema}" CASCADE')
+
+
+KILLED_MIGRATOR = """
+import sys
+from sentpipe.processors import migrate as m
+known = m.migrations()
+m.migrations = lambda: [*known, m.Migration("9000_endless", "SELECT pg_sleep(3600)")]
+m.migrate(sys.argv[1])
+"""
+
+
+def test_a_migrator_killed_midway_leaves_nothing_held_and_the_next_one_finishes(
+    services: Services, unique: str
+) -> None:
+    # Killed with SIGKILL while its migrations ran, a migrator's server session went on (for as long as
+    # an index build takes), holding the tables and the migration lock: the next `db migrate` (and the
+    # worker's writes) waited for a transaction nobody would commit.
+    schema, app = f"t_kill_{unique}", f"hostile-kill-{unique}"
+    sql(services.database_url, f'CREATE SCHEMA "{schema}"')
+    url = with_param(services.database_url, options=f"-csearch_path={schema}")
+    killed = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MIGRATOR, with_param(url, application_name=app)],
+        env={**os.environ, "SENTPIPE_DATABASE_URL": url},
+    )
+    try:
+        deadline = time.monotonic() + BOUND_S
+        while not sql(
+            url, f"SELECT 1 FROM pg_stat_activity WHERE application_name = '{app}' AND wait_event = 'PgSleep'"
+        ):
+            assert killed.poll() is None and time.monotonic() < deadline
+        killed.kill()
+        killed.wait(BOUND_S)
+        result = bounded(lambda: migrate(with_param(url, application_name=f"{app}-next")), url, f"{app}-next")
+        assert [v for v, applied in result if applied] == [m.version for m in migrations()]
+    finally:
+        killed.kill()
+        sql(
+            services.database_url,
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{app}'",
+        )
+        sql(services.database_url, f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def test_an_index_an_interrupted_concurrent_build_left_invalid_is_built_by_its_migration(db_url: str) -> None:
+    # An operator builds 0003's indexes ahead with CONCURRENTLY (to keep the worker's writes going over a
+    # large history), and one build is interrupted: it leaves an INVALID index of the name. `CREATE INDEX IF
+    # NOT EXISTS` skipped it, 0003 was recorded, and searches by message id read the whole table for good.
+    sql(db_url, "DELETE FROM schema_migrations WHERE version = '0003_search_indexes'")
+    sql(db_url, "DROP INDEX message_events_subject")
+    with psycopg.connect(db_url) as writer, psycopg.connect(db_url, autocommit=True) as operator:
+        # The build waits for this open writer, and its wait is interrupted (as by Ctrl-C).
+        writer.execute("INSERT INTO message_events VALUES ('e1', 't', 'm1', 'sent', now(), now(), '{}')")
+        operator.execute("SET statement_timeout = 200")
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            operator.execute(
+                "CREATE INDEX CONCURRENTLY message_events_subject ON message_events (message_id)"
+            )
+    valid = "SELECT indisvalid FROM pg_index WHERE indexrelid = 'message_events_subject'::regclass"
+    assert sql(db_url, valid) == [(False,)]
+    assert [v for v, applied in migrate(db_url) if applied] == ["0003_search_indexes"]
+    assert sql(db_url, valid) == [(True,)]
 
 
 async def test_a_client_encoding_set_for_the_session_neither_costs_nor_garbles_events(db_url: str) -> None:

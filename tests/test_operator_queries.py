@@ -153,3 +153,21 @@ def test_a_lower_statement_timeout_of_the_role_or_url_is_kept(db_url: str) -> No
     lower = f"{db_url}{quote(' -cstatement_timeout=200')}"  # after the fixture's search_path option
     with reading.connect(lower) as conn:
         assert conn.execute("SHOW statement_timeout").fetchone() == {"statement_timeout": "200ms"}
+
+
+def test_a_search_on_a_database_without_the_tables_says_to_migrate(db_url: str) -> None:
+    """The console's search on a database no `db migrate` ran on answered 503 "database unavailable:
+    relation "message_events" does not exist LINE 1: ..." (the query's SQL), where `events show` named the
+    fix."""
+    for table in ("message_events", "inbound_messages", "template_events"):
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(table)))
+    for read in (
+        lambda: history.search(db_url, history.HistoryQuery()),
+        lambda: database_rows(db_url, "e-1"),
+    ):
+        with pytest.raises(psycopg.errors.UndefinedTable) as caught:
+            read()
+        assert (
+            reading.unavailable(caught.value) == "database has no sentpipe tables: run `sentpipe db migrate`"
+        )
