@@ -148,6 +148,34 @@ def test_worker_starts_with_python_level_names(settings: Settings, tmp_path: Pat
     assert "[INFO]" not in log and "ƒaµS†" not in log, log[-3000:]
 
 
+@pytest.mark.service
+def test_with_json_logs_every_line_of_the_worker_is_a_json_object(settings: Settings, tmp_path: Path) -> None:
+    """The bug: Faust's worker replaced the root handler with its own text format, so with
+    SENTPIPE_LOG_JSON=true (the chart's default) every line of the worker's main process (Faust's, and
+    sentpipe's own, extras left out) was plain text; only the projector's process wrote JSON."""
+    metrics = free_port()
+    env = settings_env(
+        settings,
+        log_json="true",
+        worker_web_port=free_port(),
+        worker_metrics_port=metrics,
+        data_dir=tmp_path / "faust",
+    )
+    proc = Proc(["worker"], env, tmp_path / "worker.log").start()
+    try:
+        proc.wait_http(f"http://127.0.0.1:{metrics}/readyz")
+    finally:
+        assert proc.stop() == 0, proc.tail()
+    lines = (tmp_path / "worker.log").read_text(errors="replace").splitlines()
+    not_json = [line for line in lines if not line.startswith("{")]
+    assert not not_json, not_json[:5]
+    records = [orjson.loads(line) for line in lines]
+    loggers = {r["logger"] for r in records}
+    assert "faust.worker" in loggers and "sentpipe.worker" in loggers, loggers
+    # Faust's tables, moved to DEBUG, are still left out at INFO.
+    assert not [r for r in records if r["level"] == "debug"]
+
+
 def test_a_text_line_is_one_line_whatever_a_record_put_in_its_extras() -> None:
     """An event id from a routed record, `x\\n2026-12-02 09:00:00,000 ERROR ...`, forged a line of its own."""
     from sentpipe.logs import EXTRA_MAX_CHARS, TextFormatter
