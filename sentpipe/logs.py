@@ -26,9 +26,16 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+        if _has_exception(record):
+            out["exc"] = self.formatException(record.exc_info)  # type: ignore[arg-type]
         return orjson.dumps(out, default=str).decode()
+
+
+def _has_exception(record: logging.LogRecord) -> bool:
+    """`exc_info=True` outside an `except` (mode's supervisor restarting an agent) holds no exception: its
+    traceback would be the words "NoneType: None" (in text, a line of their own)."""
+    exc_info = record.exc_info
+    return exc_info is not None and exc_info[0] is not None
 
 
 # An extra's value longer than this is cut: an id from a record could be kilobytes long.
@@ -61,6 +68,8 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and not _has_exception(record):
+            record.exc_info = None
         base = super().format(record)
         extra = " ".join(f"{k}={_one_line(v)}" for k, v in vars(record).items() if k not in _STANDARD)
         return f"{base} {extra}" if extra else base
@@ -210,8 +219,8 @@ def configure(level: str = "INFO", json: bool = False) -> None:
 
 def restore_handler(root: logging.Logger, level: int) -> None:
     """Puts `configure`'s handler back on `root`, in place of the one Faust's worker set up at `level`: its
-    own format (text, on stdout) made every line of the worker's main process plain text with
-    SENTPIPE_LOG_JSON=true, and left out every record's extras (stage, topic, partition) in either format."""
+    own text format made every line of the worker's main process plain text with SENTPIPE_LOG_JSON=true,
+    and left out every record's extras (stage, topic, partition) in either format."""
     if _HANDLER is not None:
         # Faust's handler had the level: the records TablesAtDebug moves to DEBUG are dropped here.
         _HANDLER.setLevel(level)

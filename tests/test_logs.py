@@ -14,9 +14,11 @@ from mode.utils.logging import level_number
 from pydantic import ValidationError
 
 from sentpipe.logs import (
+    JsonFormatter,
     NowAndThen,
     RepeatsNowAndThen,
     TablesAtDebug,
+    TextFormatter,
     faust_log_level,
     faust_quiet_options,
 )
@@ -212,6 +214,16 @@ def test_a_text_line_is_one_line_whatever_its_message_holds_and_a_traceback_foll
         )
     first, *traceback = TextFormatter("%(message)s").format(failed).splitlines()
     assert first == "a b c" and traceback[0].startswith("Traceback") and traceback[-1] == "ValueError: boom"
+
+
+def test_exc_info_without_an_exception_adds_no_traceback() -> None:
+    """mode's supervisor logs an agent's restart with exc_info=1 outside any `except`: the record's
+    exc_info is (None, None, None), which both formats drew as the traceback "NoneType: None"."""
+    record = logging.makeLogRecord({"msg": "Restarting dead agent", "exc_info": (None, None, None)})
+    assert "exc" not in orjson.loads(JsonFormatter().format(record))
+    record = logging.makeLogRecord({"msg": "Restarting dead agent", "exc_info": (None, None, None)})
+    text = TextFormatter("%(levelname)s %(message)s").format(record)
+    assert "\n" not in text and "NoneType" not in text, text
 
 
 def test_a_value_from_a_record_in_a_message_cannot_drive_the_terminal() -> None:
