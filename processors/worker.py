@@ -34,6 +34,7 @@ from sentpipe import metrics as m
 from sentpipe.broker import ProduceRejected
 from sentpipe.broker import Record as BrokerRecord
 from sentpipe.kafka import AsyncProducer, RangeReader, tls_context
+from sentpipe.logs import restore_handler
 from sentpipe.processors import faust_recovery, store
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
 from sentpipe.processors.dedup import (
@@ -1189,6 +1190,7 @@ class _QuietWorker(faust.Worker):
     def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
         self.spinner = None
         super().on_setup_root_logger(logger, level)
+        restore_handler(logger, level)  # SENTPIPE_LOG_JSON's format, not Faust's
 
     async def start(self) -> None:
         # Faust creates its own topics and joins the group while it starts: a broker that refuses one (a

@@ -347,22 +347,30 @@ def committed_offsets(
         }
     )
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                found: list[confluent_kafka.TopicPartition] = consumer.committed(
-                    list(partitions), timeout=max(0.1, deadline - time.monotonic())
-                )
-                return found
-            except KafkaException as exc:
-                err = exc.args[0] if exc.args else None
-                if not isinstance(err, KafkaError) or err.code() not in _COORDINATOR_MOVING:
-                    raise
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.1)
+        return committed_through_moves(consumer, partitions, timeout)
     finally:
         consumer.close()
+
+
+def committed_through_moves(
+    consumer: confluent_kafka.Consumer, partitions: Sequence[confluent_kafka.TopicPartition], timeout: float
+) -> list[confluent_kafka.TopicPartition]:
+    """`consumer.committed`, asked again while the group coordinator loads or moves (a broker just restarted),
+    until `timeout`; KafkaException past it, or for any other error."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            found: list[confluent_kafka.TopicPartition] = consumer.committed(
+                list(partitions), timeout=max(0.1, deadline - time.monotonic())
+            )
+            return found
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if not isinstance(err, KafkaError) or err.code() not in _COORDINATOR_MOVING:
+                raise
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
 
 
 def existing_partitions(admin: AdminClient, bootstrap: str, timeout: float = 10.0) -> dict[str, int]:
@@ -1038,7 +1046,10 @@ class RangeReader:
         none (the worker's reset policy is earliest) or the commit fell off the log."""
         tps = [confluent_kafka.TopicPartition(t, p) for t, p in partitions]
         out: dict[Partition, int] = {}
-        for tp in self._consumer.committed(tps, timeout=timeout_s):
+        # Through a coordinator still loading: the router asks this for its first batch after an assignment,
+        # which after a broker restart comes while it loads, and the error crashed the routing agent (its
+        # fetched records dropped, read again: SentpipeRawRecordsReread for a routine broker restart).
+        for tp in committed_through_moves(self._consumer, tps, timeout_s):
             low, _ = self._consumer.get_watermark_offsets(tp, timeout=timeout_s)
             out[(tp.topic, tp.partition)] = max(tp.offset, low) if tp.offset >= 0 else low
         return out

@@ -26,9 +26,16 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+        if _has_exception(record):
+            out["exc"] = self.formatException(record.exc_info)  # type: ignore[arg-type]
         return orjson.dumps(out, default=str).decode()
+
+
+def _has_exception(record: logging.LogRecord) -> bool:
+    """`exc_info=True` outside an `except` (mode's supervisor restarting an agent) holds no exception: its
+    traceback would be the words "NoneType: None" (in text, a line of their own)."""
+    exc_info = record.exc_info
+    return exc_info is not None and exc_info[0] is not None
 
 
 # An extra's value longer than this is cut: an id from a record could be kilobytes long.
@@ -61,6 +68,8 @@ class TextFormatter(logging.Formatter):
         return super().formatMessage(record)
 
     def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and not _has_exception(record):
+            record.exc_info = None
         base = super().format(record)
         extra = " ".join(f"{k}={_one_line(v)}" for k, v in vars(record).items() if k not in _STANDARD)
         return f"{base} {extra}" if extra else base
@@ -185,22 +194,37 @@ def _add_once(name: str, kind: type[logging.Filter], make: Callable[[], logging.
         logger.addFilter(make())
 
 
+# The root logger's one handler, as `configure` made it: see `restore_handler`.
+_HANDLER: logging.Handler | None = None
+
+
 def configure(level: str = "INFO", json: bool = False) -> None:
     for name in _TABLE_LOGGERS:
         _add_once(name, TablesAtDebug, TablesAtDebug)
     repeats = RepeatsNowAndThen()  # one for all: a kind is told apart by its logger's name
     for name in _RETRYING_LOGGERS:
         _add_once(name, RepeatsNowAndThen, lambda: repeats)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
+    global _HANDLER
+    _HANDLER = logging.StreamHandler(sys.stderr)
+    _HANDLER.setFormatter(
         JsonFormatter() if json else TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s")
     )
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_HANDLER]
     root.setLevel(level.upper())
     # aiohttp's access log duplicates our request log line.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     threading.excepthook = _log_thread_exception
+
+
+def restore_handler(root: logging.Logger, level: int) -> None:
+    """Puts `configure`'s handler back on `root`, in place of the one Faust's worker set up at `level`: its
+    own text format made every line of the worker's main process plain text with SENTPIPE_LOG_JSON=true,
+    and left out every record's extras (stage, topic, partition) in either format."""
+    if _HANDLER is not None:
+        # Faust's handler had the level: the records TablesAtDebug moves to DEBUG are dropped here.
+        _HANDLER.setLevel(level)
+        root.handlers[:] = [_HANDLER]
 
 
 def _log_thread_exception(args: threading.ExceptHookArgs) -> None:

@@ -85,6 +85,22 @@ def test_committed_offsets_are_read_through_a_coordinator_that_is_loading() -> N
     assert "[('other.raw', 0, -1001), ('other.raw', 1, 42)]" in res.stdout, res.stdout
 
 
+def test_the_router_reads_where_its_group_resumes_through_a_coordinator_that_is_loading() -> None:
+    """The bug: the router asks this for its first batch after an assignment, which after a broker restart
+    comes while the coordinator loads; NOT_COORDINATOR crashed its agent, whose fetched records were then read
+    again (ERROR lines and SentpipeRawRecordsReread for a routine broker restart)."""
+    res = _run("""
+        from sentpipe.kafka import RangeReader
+        commit("g", "other.raw", 1, 42)
+        reader = RangeReader(s, "g")
+        coordinator_restarting()
+        print(sorted(reader.start_offsets([("other.raw", 0), ("other.raw", 1)]).items()))
+        reader.close()
+    """)
+    assert res.returncode == 0, res.stderr
+    assert "[(('other.raw', 0), 0), (('other.raw', 1), 42)]" in res.stdout, res.stdout
+
+
 def test_nothing_reads_offsets_through_the_admin_api() -> None:
     """The crash is silent and needs a broker restart at the wrong moment to show: keep the call out."""
     needle = ".list_consumer_group_offsets" + "("  # not itself a call this test would find

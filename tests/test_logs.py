@@ -14,9 +14,11 @@ from mode.utils.logging import level_number
 from pydantic import ValidationError
 
 from sentpipe.logs import (
+    JsonFormatter,
     NowAndThen,
     RepeatsNowAndThen,
     TablesAtDebug,
+    TextFormatter,
     faust_log_level,
     faust_quiet_options,
 )
@@ -145,7 +147,37 @@ def test_worker_starts_with_python_level_names(settings: Settings, tmp_path: Pat
         assert proc.stop() == 0, proc.tail()
     log = (tmp_path / "worker.log").read_text(errors="replace")
     assert "is not one of" not in log
-    assert "[INFO]" not in log and "ƒaµS†" not in log, log[-3000:]
+    # Lines are "date time LEVEL logger message" (sentpipe's format, Faust's records included).
+    info = [line for line in log.splitlines() if line.split(" ")[2:3] == ["INFO"]]
+    assert not info and "ƒaµS†" not in log, log[-3000:]
+
+
+@pytest.mark.service
+def test_with_json_logs_every_line_of_the_worker_is_a_json_object(settings: Settings, tmp_path: Path) -> None:
+    """The bug: Faust's worker replaced the root handler with its own text format, so with
+    SENTPIPE_LOG_JSON=true (the chart's default) every line of the worker's main process (Faust's, and
+    sentpipe's own, extras left out) was plain text; only the projector's process wrote JSON."""
+    metrics = free_port()
+    env = settings_env(
+        settings,
+        log_json="true",
+        worker_web_port=free_port(),
+        worker_metrics_port=metrics,
+        data_dir=tmp_path / "faust",
+    )
+    proc = Proc(["worker"], env, tmp_path / "worker.log").start()
+    try:
+        proc.wait_http(f"http://127.0.0.1:{metrics}/readyz")
+    finally:
+        assert proc.stop() == 0, proc.tail()
+    lines = (tmp_path / "worker.log").read_text(errors="replace").splitlines()
+    not_json = [line for line in lines if not line.startswith("{")]
+    assert not not_json, not_json[:5]
+    records = [orjson.loads(line) for line in lines]
+    loggers = {r["logger"] for r in records}
+    assert "faust.worker" in loggers and "sentpipe.worker" in loggers, loggers
+    # Faust's tables, moved to DEBUG, are still left out at INFO.
+    assert not [r for r in records if r["level"] == "debug"]
 
 
 def test_a_text_line_is_one_line_whatever_a_record_put_in_its_extras() -> None:
@@ -184,6 +216,16 @@ def test_a_text_line_is_one_line_whatever_its_message_holds_and_a_traceback_foll
         )
     first, *traceback = TextFormatter("%(message)s").format(failed).splitlines()
     assert first == "a b c" and traceback[0].startswith("Traceback") and traceback[-1] == "ValueError: boom"
+
+
+def test_exc_info_without_an_exception_adds_no_traceback() -> None:
+    """mode's supervisor logs an agent's restart with exc_info=1 outside any `except`: the record's
+    exc_info is (None, None, None), which both formats drew as the traceback "NoneType: None"."""
+    record = logging.makeLogRecord({"msg": "Restarting dead agent", "exc_info": (None, None, None)})
+    assert "exc" not in orjson.loads(JsonFormatter().format(record))
+    record = logging.makeLogRecord({"msg": "Restarting dead agent", "exc_info": (None, None, None)})
+    text = TextFormatter("%(levelname)s %(message)s").format(record)
+    assert "\n" not in text and "NoneType" not in text, text
 
 
 def test_a_value_from_a_record_in_a_message_cannot_drive_the_terminal() -> None:
