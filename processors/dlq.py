@@ -28,7 +28,14 @@ import orjson
 from confluent_kafka import KafkaError, KafkaException, Message
 
 from sentpipe.broker import ProduceRejected
-from sentpipe.kafka import BrokerUnavailable, Producer, message_headers
+from sentpipe.kafka import (
+    BrokerUnavailable,
+    Fenced,
+    Producer,
+    TransactionAborted,
+    TransactionalProducer,
+    message_headers,
+)
 from sentpipe.processors.group_lock import GroupLock, LockBusy
 from sentpipe.processors.offsets import (
     MAX_OFFSET,
@@ -52,7 +59,6 @@ from sentpipe.processors.replay import (
     interruptible,
     log_run,
     new_run_id,
-    ops_producer,
 )
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import CanonicalEvent
@@ -390,10 +396,11 @@ def list_entries(
         # Whole records, made rows at the end: a row parses the body, and only the rows shown are worth it
         # (parsing every match cost ~40 us each, 40 s over a million letters to show 50).
         newest: deque[DlqEntry] = deque(maxlen=limit)
-        matched = passed = 0
+        matched = passed = read = 0
         ranges = _ranges(kafka, topics.dlq, sel)
         size = sum(rng.size for rng in ranges)
         for n, msg in enumerate(kafka.read(ranges), 1):
+            read = n
             if progress is not None and n % LIST_PROGRESS_EVERY == 0:
                 progress(n, size)
             e = DlqEntry.from_message(msg)
@@ -407,9 +414,12 @@ def list_entries(
                 e = replace(e, redriven_by=by)
             matched += 1
             newest.append(e)
-    return DlqListing(
-        [e.row() for e in newest], matched, sum(high - low for low, high in marks.values()), passed
-    )
+    # Read whole, the DLQ's records are those read: its offsets also count the commit markers (and aborted
+    # copies) of redrives' transactions, "9 in the DLQ" where it held 8. Read in part, the offsets are all
+    # there is to go by.
+    whole = not sel.ids and sel.since_ms is None
+    total = read if whole else sum(high - low for low, high in marks.values())
+    return DlqListing([e.row() for e in newest], matched, total, passed)
 
 
 def show_entry(settings: Settings, entry_id: str, *, timeout: float = 10.0) -> DlqEntry:
@@ -478,9 +488,118 @@ def plan(e: DlqEntry, settings: Settings, topics: Topics, redrive_id: str) -> Re
     return RedriveStep("send", routed.topic, routed.key, routed.value, carried + marks)
 
 
+# A redrive sends in transactions: what it sent and the ledger entries saying so become visible together, at
+# each commit. A commit every so many records or seconds bounds what a redrive stopped at once (killed,
+# fenced) leaves for the next one to send.
+COMMIT_EVERY = 500
+COMMIT_AFTER_S = 2.0
+# What a transaction left open (its redrive killed, or suspended) holds back the routed partitions it wrote,
+# for their read-committed readers (the projector), until Kafka aborts it: within this time, less than the
+# minute after which a worker with lag and no progress fails its liveness.
+TXN_TIMEOUT_S = 30.0
+TXN_WAIT_S = 10.0  # the least time given to starting, committing or aborting a transaction
+DELIVERY_TIMEOUT_S = 20.0  # per record: librdkafka wants it within the transaction's timeout
+
+
+def _redrive_producer(settings: Settings) -> TransactionalProducer:
+    """One transactional.id per deployment, as the lock's group: each redrive fences the one before."""
+    return TransactionalProducer.transactional(
+        settings,
+        redrive_group(settings),
+        delivery_timeout_s=DELIVERY_TIMEOUT_S,
+        transaction_timeout_s=TXN_TIMEOUT_S,
+    )
+
+
+Counts = tuple[int, int, Counter[str], Counter[tuple[str, str]], Counter[str]]
+
+
+def _counts(result: RunResult) -> Counts:
+    """What a transaction's sends change in `result`, to put back when the transaction is aborted."""
+    return (
+        result.produced,
+        result.failed,
+        Counter(result.failures),
+        Counter(result.selected),
+        Counter(result.unrecorded),
+    )
+
+
+def _restore(result: RunResult, counts: Counts) -> None:
+    result.produced, result.failed = counts[0], counts[1]
+    result.failures, result.selected, result.unrecorded = Counter(counts[2]), Counter(counts[3]), counts[4]
+
+
+@dataclass
+class _Txn:
+    """The open transaction: the counts before it, the records it sent and what Kafka refused in it."""
+
+    before: Counts
+    records: list[tuple[DlqEntry, RedriveStep]] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    began: float = field(default_factory=time.monotonic)
+
+    def due(self) -> bool:
+        return len(self.records) >= COMMIT_EVERY or (
+            bool(self.records) and time.monotonic() - self.began >= COMMIT_AFTER_S
+        )
+
+
+def _finish(
+    sender: TransactionalProducer,
+    topics: Topics,
+    acknowledged: list[tuple[bytes, bytes]],
+    result: RunResult,
+    txn: _Txn,
+    timeout: float,
+) -> None:
+    sender.flush()  # every delivery report: each record Kafka took gets its ledger entry in this transaction
+    _write_ledger(sender, topics, acknowledged, result, txn)
+    sender.commit(max(timeout, TXN_WAIT_S))
+
+
+def _commit(
+    sender: TransactionalProducer,
+    topics: Topics,
+    acknowledged: list[tuple[bytes, bytes]],
+    result: RunResult,
+    txn: _Txn,
+    timeout: float,
+) -> None:
+    """Commit the open transaction. One Kafka refused part of (a record larger than its topic takes, say) is
+    aborted whole, so its records are sent again one transaction each: the one refused fails alone, its
+    neighbours go on. Fenced or BrokerUnavailable, the counts are put back to what is committed."""
+    try:
+        try:
+            _finish(sender, topics, acknowledged, result, txn, timeout)
+            return
+        except TransactionAborted:
+            _restore(result, txn.before)
+            acknowledged.clear()
+        for e, step in txn.records:
+            one = _Txn(_counts(result))
+            sender.begin(max(timeout, TXN_WAIT_S))
+            txn = one
+            _redrive_one(e, step, sender, result, acknowledged, one)
+            try:
+                _finish(sender, topics, acknowledged, result, one, timeout)
+            except TransactionAborted as exc:
+                _restore(result, one.before)
+                acknowledged.clear()
+                reason = one.refused[0] if one.refused else f"transaction:{exc}"
+                result.failed += 1
+                copy = DLQ_COPY if step.action == "dlq" and reason.startswith("delivery:") else ""
+                result.failures[copy + reason] += 1
+    except (Fenced, BrokerUnavailable):
+        _restore(result, txn.before)  # nothing of the open transaction will be visible
+        acknowledged.clear()
+        raise
+
+
 REDRIVE_AT_ONCE = (
-    "redrive interrupted at once: records it had sent may be missing from the ledger, and the next redrive"
-    " sends those again"
+    "redrive interrupted at once: what it sent and had not committed with its ledger entries is taken back"
+    f" (Kafka aborts it within {TXN_TIMEOUT_S:g} s, or when the next redrive starts); the next redrive sends"
+    " those records"
 )
 
 
@@ -529,7 +648,19 @@ def _redrive(
                 lock.acquire()
         except LockBusy as exc:
             raise OpsError(f"another redrive is running: {exc}") from None
+        txn: _Txn | None = None
+        sender: TransactionalProducer | None = None
         try:
+            if not dry_run:
+                # Before the ledger is read: this fences the redrive that held the lock before (one
+                # suspended past its session, then resumed), aborting what it had not committed, so the
+                # ledger read next holds all that redrive sent, and nothing it sends later counts.
+                sender = _redrive_producer(settings)
+                try:
+                    sender.begin(max(timeout, TXN_WAIT_S))
+                except (Fenced, BrokerUnavailable) as exc:
+                    raise OpsError(f"the redrive could not start: {exc}") from None
+                txn = _Txn(_counts(result))
             taken = redriven(kafka, topics, lock.held if lock is not None else None) or Ledger()
             ranges = capped(_ranges(kafka, topics.dlq, sel), upto)
             result.ends = {x.partition: x.end for x in ranges}
@@ -538,7 +669,6 @@ def _redrive(
                 "redrive started",
                 extra={"redrive_id": result.run_id, "records": total, "dry_run": dry_run},
             )
-            sender = None if dry_run else ops_producer(settings)
             # Ledger records to write: the broker has their sends.
             acknowledged: list[tuple[bytes, bytes]] = []
             if progress is not None:
@@ -590,9 +720,23 @@ def _redrive(
                             result.already_redriven += 1
                         else:
                             step = plan(e, settings, topics, result.run_id)
-                            _redrive_one(e, step, sender, result, acknowledged)
+                            _redrive_one(e, step, sender, result, acknowledged, txn)
                         if sender is not None and acknowledged:
-                            _write_ledger(sender, topics, acknowledged, result)
+                            _write_ledger(sender, topics, acknowledged, result, txn)
+                        if sender is not None and txn is not None and txn.due():
+                            try:
+                                _commit(sender, topics, acknowledged, result, txn, timeout)
+                                txn = None
+                                sender.begin(max(timeout, TXN_WAIT_S))
+                                txn = _Txn(_counts(result))
+                            except Fenced:
+                                lost = True  # another redrive started: what this one had open is aborted
+                                txn = None
+                                break
+                            except BrokerUnavailable:
+                                unconfirmed = txn is not None  # its commit's outcome is not known
+                                txn = None
+                                raise
                         if progress is not None and (done % 500 == 0 or done == total):
                             progress(done, total)
                         if stop.is_set():
@@ -600,12 +744,15 @@ def _redrive(
                 cut_short = stop.is_set() or lost
                 if progress is not None and not cut_short:
                     progress(done, total)  # dead letters deleted last never came to say the pass was done
+            except Fenced:
+                lost = True  # another redrive started: what this one had not committed is aborted
             except (BrokerUnavailable, KafkaException) as exc:
                 gone = exc  # the broker gone mid-pass: the pass ends saying how far it got, as a Ctrl-C does
             finally:
-                # Whatever ended the pass, what the broker took is recorded: an error out of the loop left
-                # the sends made so far out of the ledger, to be sent again by every later pass.
-                if sender is not None:
+                # Whatever ended the pass, what the broker took is committed with its ledger entries: an
+                # error out of the loop left the sends made so far out of the ledger, to be sent again by
+                # every later pass.
+                if sender is not None and txn is not None:
                     if cut_short and sender.pending:
                         log.warning(
                             f"redrive stopping: waiting up to {sender.delivery_timeout_s:.0f}s for Kafka to "
@@ -613,18 +760,11 @@ def _redrive(
                             extra={"redrive_id": result.run_id},
                         )
                     try:
-                        sender.flush()
+                        _commit(sender, topics, acknowledged, result, txn, timeout)
+                    except Fenced:
+                        lost = True
                     except BrokerUnavailable as exc:
                         gone, unconfirmed = gone or exc, True
-                    # What the flush acknowledged; twice, for sends confirmed while the first writes waited.
-                    for _ in range(2):
-                        _write_ledger(sender, topics, acknowledged, result)
-                        try:
-                            sender.flush()
-                        except BrokerUnavailable as exc:
-                            gone, unconfirmed = gone or exc, True
-                        if not acknowledged:
-                            break
         finally:
             if lock is not None:
                 lock.release()
@@ -694,6 +834,8 @@ TOO_LARGE = "delivery:MSG_SIZE_TOO_LARGE"  # a topic's max.message.bytes below t
 PRODUCER_TOO_LARGE = "produce:msg_size_too_large"  # the producer's own message.max.bytes below it
 
 
+# A record whose ledger entry Kafka refused: its transaction, what was sent for it included, was aborted.
+LEDGER_REFUSED = "ledger:"
 # A record still failing whose new dead letter Kafka did not take: it is not back in the DLQ, so it is told
 # apart by what happened to that copy, as a record sent back is.
 DLQ_COPY = "dlq "
@@ -707,7 +849,8 @@ def redrive_failures(result: RunResult) -> str:
     too_large = failures[TOO_LARGE]
     kafka = sum(n for reason, n in failures.items() if reason.startswith("delivery:")) - too_large
     refused = {reason: n for reason, n in failures.items() if reason.startswith("produce:")}
-    again = result.failed - kafka - too_large - sum(refused.values())
+    unledgered = sum(n for reason, n in failures.items() if reason.startswith(LEDGER_REFUSED))
+    again = result.failed - kafka - too_large - sum(refused.values()) - unledgered
     ledger = result.unrecorded.total()
     parts = []
     if result.kept:
@@ -737,6 +880,16 @@ def redrive_failures(result: RunResult) -> str:
         parts.append(
             f"{sum(refused.values())} record(s) the producer refused before sending ({why}): left in the DLQ"
         )
+    if unledgered:
+        why = ", ".join(
+            reason.removeprefix(LEDGER_REFUSED)
+            for reason in sorted(failures)
+            if reason.startswith(LEDGER_REFUSED)
+        )
+        parts.append(
+            f"{unledgered} record(s) not redriven: Kafka refused their ledger entries ({why}), so what was"
+            " sent for them was taken back; left in the DLQ"
+        )
     if ledger:
         parts.append(
             f"{ledger} record(s) sent but not recorded in the ledger: the next redrive sends them again"
@@ -750,6 +903,7 @@ def _redrive_one(
     sender: Producer | None,
     result: RunResult,
     acknowledged: list[tuple[bytes, bytes]],
+    txn: _Txn | None = None,
 ) -> None:
     ctx = {"redrive_id": result.run_id, "dlq_id": e.id, "stage": e.stage, "attempts": e.attempts}
     if step.action == "keep":
@@ -781,9 +935,13 @@ def _redrive_one(
             result.failures[f"delivery:{err.name()}"] += 1
         else:  # counted failed already; its new copy was not written, so it stays untaken for the next pass
             _recount(result, step.reason, f"dlq delivery:{err.name()}")
+        if err is not None and txn is not None:
+            txn.refused.append(f"delivery:{err.name()}")  # which record made the transaction fail
 
     try:
         sender.send(step.topic, step.key, step.value, step.headers, delivered)
+        if txn is not None:
+            txn.records.append((e, step))
     except ProduceRejected as exc:
         # Refused before it left (larger than the producer takes now, say): this record's failure, left
         # untaken, as a replay counts it. It ended every pass at this record, the ones after it never read.
@@ -808,7 +966,11 @@ def _recount(result: RunResult, was: str, now: str) -> None:
 
 
 def _write_ledger(
-    sender: Producer, topics: Topics, acknowledged: list[tuple[bytes, bytes]], result: RunResult
+    sender: Producer,
+    topics: Topics,
+    acknowledged: list[tuple[bytes, bytes]],
+    result: RunResult,
+    txn: _Txn | None = None,
 ) -> None:
     entries = acknowledged[:]
     acknowledged.clear()
@@ -817,7 +979,9 @@ def _write_ledger(
         if err is not None:
             # The record was sent but the ledger does not say so: a later redrive would take it again. Not a
             # failure: the record is counted already, redriven or failed again.
-            result.unrecorded[f"ledger:{err.name()}"] += 1
+            result.unrecorded[f"{LEDGER_REFUSED}{err.name()}"] += 1
+            if txn is not None:
+                txn.refused.append(f"{LEDGER_REFUSED}{err.name()}")
 
     for key, value in entries:
         sender.send(topics.dlq_redriven, key, value, [], written)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -124,12 +124,27 @@ TEMPLATE_EVENTS = Statement(
     lambda ev: [(ev.id, ev.tenant, ev.subject, ev.status, ev.occurred_at, Jsonb(ev.data))],
 )
 
+# An event cannot happen after it was received: Sent signs each delivery with its time, and the ingress
+# refuses one more than its tolerance (5 minutes by default) away. A template event dated later (a sender's
+# clock gone wrong, a year 9999) won last-writer-wins over every real event to come: its status stood for
+# good, whatever Sent said after (paused, rejected). Its time counts as at most its receipt plus this much.
+FUTURE_SKEW = timedelta(minutes=5)
+
+
+def order_time(ev: CanonicalEvent) -> datetime:
+    """The time a template event counts as for last-writer-wins (what `template_status.occurred_at` holds)."""
+    return min(ev.occurred_at, _received(ev) + FUTURE_SKEW)
+
+
 # Templates move back and forth (approved, paused, approved): the latest event wins, ties by event id.
-# Only with the history's content for that event id, as for MESSAGE_STATUS.
+# Only with the history's content for that event id, as for MESSAGE_STATUS. A row written before times were
+# capped counts as at most its last update plus FUTURE_SKEW (its event came before that update).
 TEMPLATE_STATUS = Statement(
     """INSERT INTO template_status AS cur (tenant, template_id, name, status, reason, occurred_at, event_id)
-       SELECT * FROM (VALUES (%s::text, %s::text, %s::text, %s::text, %s::text, %s::timestamptz, %s::text))
-           AS v (tenant, template_id, name, status, reason, occurred_at, event_id)
+       SELECT v.tenant, v.template_id, v.name, v.status, v.reason, v.order_at, v.event_id
+       FROM (VALUES (%s::text, %s::text, %s::text, %s::text, %s::text, %s::timestamptz, %s::text,
+                     %s::timestamptz))
+           AS v (tenant, template_id, name, status, reason, occurred_at, event_id, order_at)
        WHERE EXISTS (SELECT FROM template_events e
                      WHERE (e.tenant, e.event_id, e.template_id, e.status, e.occurred_at)
                          = (v.tenant, v.event_id, v.template_id, v.status, v.occurred_at))
@@ -137,7 +152,7 @@ TEMPLATE_STATUS = Statement(
        SET name = EXCLUDED.name, status = EXCLUDED.status, reason = EXCLUDED.reason,
            occurred_at = EXCLUDED.occurred_at, event_id = EXCLUDED.event_id, updated_at = now()
        WHERE (EXCLUDED.occurred_at, EXCLUDED.event_id COLLATE "C")
-           > (cur.occurred_at, cur.event_id COLLATE "C")""",
+           > (LEAST(cur.occurred_at, cur.updated_at + %s::interval), cur.event_id COLLATE "C")""",
     lambda ev: [
         (
             ev.tenant,
@@ -147,6 +162,8 @@ TEMPLATE_STATUS = Statement(
             _text(ev.data, "reason"),
             ev.occurred_at,
             ev.id,
+            order_time(ev),
+            FUTURE_SKEW,
         )
     ],
 )

@@ -45,7 +45,7 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -634,6 +634,125 @@ class Producer:
         except KafkaException:
             self._ready = False
         return self._ready
+
+
+class Fenced(Exception):
+    """A newer producer with this one's transactional.id took its place (or Kafka gave up on it): what it had
+    not committed never will be, and it can write nothing more."""
+
+
+class TransactionAborted(Exception):
+    """The open transaction failed (Kafka refused a record in it) and was aborted: nothing in it is
+    visible, and another can begin."""
+
+
+class TransactionalProducer(Producer):
+    """A producer whose records count only once committed (librdkafka's consumers read committed records
+    only, by default), fenced by a newer one with the same transactional.id: that one's start aborts what
+    this one had not committed and Kafka refuses this one's later writes. A lock two processes can hold at
+    once (one of them suspended past its session, then resumed) is harmless behind it: the one that lost it
+    can no longer write."""
+
+    def __init__(self, config: dict[str, Any], transactional_id: str, transaction_timeout_s: float) -> None:
+        # The coordinator aborts a transaction left open this long (its producer killed or suspended).
+        timeout_ms = int(transaction_timeout_s * 1000)
+        super().__init__(
+            {**config, "transactional.id": transactional_id, "transaction.timeout.ms": timeout_ms}
+        )
+        self._started = False
+
+    @classmethod
+    def transactional(
+        cls,
+        settings: Settings,
+        transactional_id: str,
+        *,
+        delivery_timeout_s: float,
+        transaction_timeout_s: float,
+    ) -> TransactionalProducer:
+        config = producer_config(settings, delivery_timeout_s=delivery_timeout_s)
+        return cls(config, transactional_id, transaction_timeout_s)
+
+    def send(
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes,
+        headers: Headers,
+        on_done: Callable[[KafkaError | None], None],
+    ) -> None:
+        with self._fatal_as_fenced("send"):
+            super().send(topic, key, value, headers, on_done)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        with self._fatal_as_fenced("deliver"):
+            super().flush(timeout_s)
+
+    @contextlib.contextmanager
+    def _fatal_as_fenced(self, what: str) -> Iterator[None]:
+        """Fenced for the fatal error a transactional producer raises from anywhere once fenced.
+        confluent-kafka raises it with delivery reports still to serve: the first report's callback then
+        fails, and what comes out is a SystemError caused by it."""
+        try:
+            yield
+        except (KafkaException, SystemError, ProduceRejected) as exc:
+            cause = exc.__cause__ if isinstance(exc, SystemError) else exc
+            err = cause.args[0] if isinstance(cause, KafkaException) and cause.args else None
+            fatal = err.fatal() if isinstance(err, KafkaError) else self._fatal_error is not None
+            if isinstance(exc, ProduceRejected):
+                fatal = exc.reason == "_fenced" or self._fatal_error is not None
+            if not fatal:
+                raise
+            text = err.str() if isinstance(err, KafkaError) else "fenced by a newer instance"
+            raise Fenced(f"the Kafka producer could not {what}: {text}") from None
+
+    def begin(self, timeout_s: float) -> None:
+        """Open a transaction; the first one fences every earlier producer with this transactional.id,
+        waiting for Kafka to abort what it had open."""
+        if not self._started:
+            self._retrying(self._producer.init_transactions, timeout_s, "could not start its transactions")
+            self._started = True
+        try:
+            self._producer.begin_transaction()
+        except KafkaException as exc:
+            raise self._failure(exc, "could not begin a transaction") from None
+
+    def commit(self, timeout_s: float) -> None:
+        """Commit what was sent since `begin` (delivering it first). TransactionAborted when Kafka refused
+        part of it, the whole of it then aborted; Fenced, or BrokerUnavailable when Kafka did not answer."""
+        try:
+            self._retrying(self._producer.commit_transaction, timeout_s, "did not commit")
+        except _Abortable as exc:
+            self._retrying(self._producer.abort_transaction, timeout_s, "did not abort")
+            raise TransactionAborted(exc.name) from None
+
+    def _retrying(self, call: Callable[[float], None], timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                call(max(0.1, deadline - time.monotonic()))
+                return
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                if not isinstance(err, KafkaError):
+                    raise
+                if err.txn_requires_abort():
+                    raise _Abortable(err.name()) from None
+                if err.fatal() or not err.retriable() or time.monotonic() >= deadline:
+                    raise self._failure(exc, what) from None
+
+    def _failure(self, exc: KafkaException, what: str) -> Exception:
+        err = exc.args[0] if exc.args else None
+        text = err.str() if isinstance(err, KafkaError) else str(exc)
+        if isinstance(err, KafkaError) and err.fatal():
+            return Fenced(f"the Kafka producer {what}: {text}")
+        return BrokerUnavailable(f"Kafka at {self.bootstrap} {what}: {text}")
+
+
+class _Abortable(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
 
 
 class AsyncProducer(Producer):

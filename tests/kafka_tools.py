@@ -71,6 +71,27 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     return {p: high for p, (_, high) in watermarks(bootstrap, topic).items()}
 
 
+def holds_records(bootstrap: str, topic: str, partition: int, start: int, end: int) -> bool:
+    """Whether offsets [start, end) of a partition hold a record a read-committed reader gets: a redrive's
+    transactions leave commit markers (and aborted records), offsets no consumer is given or commits past."""
+    c = _consumer(bootstrap, "holds")
+    try:
+        c.assign([TopicPartition(topic, partition, start)])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            msg = c.poll(0.5)
+            if msg is None:
+                continue
+            if msg.error() is not None:
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    return False
+                continue
+            return (msg.offset() or 0) < end
+        raise AssertionError(f"{topic}[{partition}]: offsets {start}..{end - 1} not read within 30 s")
+    finally:
+        c.close()
+
+
 def record_count(bootstrap: str, topic: str) -> int:
     """How many records `topic` holds right now, from its watermarks."""
     return sum(high - low for low, high in watermarks(bootstrap, topic).values())

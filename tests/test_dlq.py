@@ -351,7 +351,8 @@ def _handler_dead_letters(s: Settings, topics: Topics, n: int) -> list[str]:
     """n canonical events in the DLQ as the projector dead-letters a handler's failures; their ids."""
     producer = Producer({"bootstrap.servers": s.kafka_bootstrap})
     ids = []
-    for i, sample in enumerate(SampleFactory(43).inbound() for _ in range(n)):
+    f = SampleFactory(43)  # one factory: a new one per record made every event the same one
+    for i, sample in enumerate(f.inbound() for _ in range(n)):
         routed = route_as_the_router(sample.body, topics)
         assert routed.event is not None
         dlq = r.dlq_headers(
@@ -789,6 +790,76 @@ def test_a_holder_suspended_past_its_session_does_not_trust_its_lock_when_resume
         holder.wait()
 
 
+_REDRIVE_STOPPED_MIDWAY = """
+import os, signal, sys
+from sentpipe.settings import Settings
+from sentpipe.processors import dlq
+
+real, seen = dlq.plan, 0
+
+
+def plan(*args, **kwargs):  # stops this process between its lock check and a send, as Ctrl-Z can
+    global seen
+    seen += 1
+    if seen == int(sys.argv[1]):
+        print("stopping", flush=True)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return real(*args, **kwargs)
+
+
+dlq.plan = plan
+try:
+    print("redrove", dlq.redrive(Settings(), dlq.make_selection()).produced, flush=True)
+except Exception as exc:
+    print("ended:", exc, flush=True)
+"""
+
+
+def _process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_redrive_suspended_mid_pass_sends_nothing_the_next_one_sent(
+    settings: Settings, topics: Topics
+) -> None:
+    """The lock is unfenced: a redrive suspended (Ctrl-Z, a frozen VM) past its session lost it to another,
+    which read the ledger and sent the rest; resumed, the first sent the record it was about to send and
+    what its client still held, and the other had sent them too: handlers ran twice. The redrive's
+    transactional producer is the fence: the next holder's one takes its place, what the first had not
+    committed is aborted, and its later sends are refused."""
+    n = 300
+    ids = _handler_dead_letters(settings, topics, n)
+    first = subprocess.Popen(
+        [sys.executable, "-c", _REDRIVE_STOPPED_MIDWAY, str(n // 2)],
+        env=settings_env(settings),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert first.stdout is not None and first.stdout.readline() == "stopping\n"
+        wait_until(lambda: _process_state(first.pid) == "T", 30, "the first redrive stopped")
+        stopped = time.monotonic()
+        while True:  # the second redrive, once the suspended one's session has run out
+            try:
+                second = dlq_ops.redrive(settings, dlq_ops.make_selection(), timeout=5)
+                break
+            except OpsError as exc:
+                assert "another redrive is running" in str(exc), exc
+                assert time.monotonic() - stopped < SESSION_TIMEOUT_S + 60, "the lock was never freed"
+        first.send_signal(signal.SIGCONT)
+        out, _ = first.communicate(timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    assert out.startswith("ended: the redrive lost consumer group"), out
+    sent = Counter(canonical_id(rec) for rec in read_topic(settings.kafka_bootstrap, topics.message_inbound))
+    assert sorted(sent) == sorted(ids), (len(sent), n)
+    assert [i for i, times in sent.items() if times > 1] == []
+    assert second.read == n, second
+    again = dlq_ops.redrive(settings, dlq_ops.make_selection())
+    assert (again.produced, again.already_redriven) == (0, n), again
+
+
 def test_a_long_ledger_read_keeps_the_redrive_lock_polled(settings: Settings, topics: Topics) -> None:
     """The redrive reads the whole ledger while it holds its lock; unpolled for that long, the lock's member
     was dropped from the group (past its poll interval) and the pass ended "lost" before sending anything."""
@@ -903,33 +974,37 @@ def test_a_redrive_the_broker_leaves_says_how_far_it_got(
     assert sorted(orjson.loads(rec.value)["id"] for rec in sent) == sorted(ids)
 
 
-def test_a_redrive_whose_ledger_writes_fail_counts_each_record_once(
+def test_a_redrive_whose_ledger_writes_fail_sends_nothing_and_counts_each_record_once(
     settings: Settings, topics: Topics
 ) -> None:
     """A record sent whose ledger write failed counted as redriven and failed; one still failing, as failed
-    twice: "read" no longer added up to the rows under it. A ledger miss is its own count now."""
+    twice: "read" no longer added up to the rows under it. Then each was sent with nothing to say so, and
+    every later redrive sent it again. A record and its ledger entry are now one transaction: Kafka refusing
+    the entry takes the send back, and the record, left in the DLQ, is counted once, as not redriven."""
     from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource
 
     _handler_dead_letters(settings, topics, 2)
     still_failing_dead_letters(settings, topics, 1)
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
-    # No ledger record fits: every write is refused (MSG_SIZE_TOO_LARGE), the sends themselves go through.
+    # No ledger record fits: every write is refused (MSG_SIZE_TOO_LARGE).
     small = ConfigEntry("max.message.bytes", "100", incremental_operation=AlterConfigOpType.SET)
     resource = ConfigResource("topic", topics.dlq_redriven, incremental_configs=[small])
     for future in admin.incremental_alter_configs([resource]).values():
         future.result(30)
 
     result = dlq_ops.redrive(settings, dlq_ops.make_selection())
-    assert (result.read, result.produced, result.failed) == (3, 2, 1), result
+    assert (result.read, result.produced, result.failed) == (3, 0, 3), result
     assert result.read == (
         result.produced + result.skipped + result.already_redriven + result.failed + result.kept.total()
     )
-    assert result.failures == Counter({"missing_message_id": 1}), result.failures
-    assert result.unrecorded == Counter({"ledger:MSG_SIZE_TOO_LARGE": 3}), result.unrecorded
+    assert result.failures == Counter({"ledger:MSG_SIZE_TOO_LARGE": 3}), result.failures
+    assert not result.unrecorded, result.unrecorded
     assert dlq_ops.redrive_failed(result, dlq_ops.make_selection()) == (
-        "1 record(s) failed again; they are back in the DLQ (or left there); 3 record(s) sent but not"
-        " recorded in the ledger: the next redrive sends them again"
+        "3 record(s) not redriven: Kafka refused their ledger entries (MSG_SIZE_TOO_LARGE), so what was sent"
+        " for them was taken back; left in the DLQ"
     )
+    assert read_topic(settings.kafka_bootstrap, topics.message_inbound) == []
+    assert len(dlq_records(settings)) == 3  # no new copy of the one still failing either
 
 
 def test_dlq_list_on_a_terminal_shows_its_progress(settings: Settings, topics: Topics) -> None:

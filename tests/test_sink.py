@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import orjson
 import psycopg
 import pytest
@@ -129,3 +131,57 @@ async def test_what_postgresql_refuses_is_a_permanent_error_of_the_batch(pool: A
     with pytest.raises(psycopg.Error) as caught:
         await PostgresSink(pool, HandlerRegistry()).apply(EventType.MESSAGE_STATUS, [poisoned], 1)
     assert classify(caught.value) == "permanent"
+
+
+def template_event(template_id: str, status: str, at: str, received: datetime) -> CanonicalEvent:
+    """A Sent-shape template event dated `at`, received at `received`."""
+    body = orjson.dumps(
+        {"field": "templates", "timestamp": at, "payload": {"template_id": template_id, "status": status}}
+    )
+    routed = r.route(
+        None,
+        body,
+        {},
+        topics=Topics(),
+        id_source="auto",
+        default_tenant="t",
+        record_timestamp_ms=int(received.timestamp() * 1000),
+    )
+    assert routed.event is not None
+    return routed.event
+
+
+async def test_a_template_event_dated_far_ahead_does_not_pin_the_status_for_good(
+    pool: AsyncConnectionPool, db_url: str
+) -> None:
+    """Template status is last-writer-wins on the event's time, which the model takes up to year 9999: one
+    event dated 9999 (received in 2026: no signed delivery comes before its event) beat every later one,
+    and the template showed `approved` for good after Sent paused it. Its time now counts as at most five
+    minutes past its receipt, in either order; the history keeps the time it carried; and a row an older
+    version pinned that way gives way too."""
+    received = datetime(2026, 12, 1, 8, tzinfo=UTC)
+    sink = PostgresSink(pool, HandlerRegistry())
+    for template_id, first_future in (("tpl-1", True), ("tpl-2", False)):
+        future = template_event(template_id, "approved", "9999-12-31T00:00:00Z", received)
+        paused = template_event(template_id, "paused", "2026-12-01T09:00:00Z", received + timedelta(hours=1))
+        for batch in ([future], [paused]) if first_future else ([paused], [future]):
+            assert await sink.apply(EventType.TEMPLATE_APPROVAL, batch, 1) == []
+    later = received + timedelta(hours=2)
+    with psycopg.connect(db_url, autocommit=True) as c:
+        assert dict(c.execute("SELECT template_id, status FROM template_status").fetchall()) == {
+            "tpl-1": "paused",
+            "tpl-2": "paused",
+        }
+        years = c.execute("SELECT DISTINCT extract(year FROM occurred_at) FROM template_events").fetchall()
+        assert sorted(int(y) for (y,) in years) == [2026, 9999]
+        # As an older version left it: the 9999 event's own time, written now.
+        c.execute(
+            "UPDATE template_status SET status = 'rejected', occurred_at = '9999-12-31T00:00:00Z', "
+            "updated_at = %s WHERE template_id = 'tpl-1'",
+            (received,),
+        )
+    approved = template_event("tpl-1", "approved", "2026-12-01T10:00:00Z", later)
+    assert await sink.apply(EventType.TEMPLATE_APPROVAL, [approved], 1) == []
+    with psycopg.connect(db_url) as c:
+        row = c.execute("SELECT status FROM template_status WHERE template_id = 'tpl-1'").fetchone()
+        assert row == ("approved",), row
