@@ -1062,9 +1062,14 @@ def _reopened_on_failure(table_store: Any, partition: int) -> Iterator[None]:
         yield
     except Exception as exc:
         dbs: dict[int, Any] | None = getattr(table_store, "_dbs", None)
-        if dbs is None or dbs.pop(partition, None) is None:
+        old = None if dbs is None else dbs.pop(partition, None)
+        if dbs is None or old is None:
             raise
-        gc.collect()  # RocksDB closes a database, and frees its lock, when its handle is freed
+        # Closed outright: freeing the handle is not enough, as this exception's traceback still holds it
+        # (and so RocksDB's lock): the reopen failed with "lock hold by current process", and so did every
+        # later one while a failure's traceback was alive. A closed handle answers DbClosedError.
+        with contextlib.suppress(Exception):
+            old.close()
         log.error(
             "the dedup table's RocksDB database of partition %d refused a write (%s): opening it again",
             partition,
