@@ -597,10 +597,75 @@ def test_the_spool_limit_is_split_among_the_pods_processes(
 ) -> None:
     """N processes each spooling up to the pod's whole limit would fill N times the volume it fits."""
     objs = render(
-        *SECRET, "--set", f"ingress.workers={workers}", "--set-json", f"ingress.spool.maxBytes={max_bytes}"
+        *SECRET,
+        *_set(f"ingress.workers={workers}", "ingress.spool.persistence.size=4Gi"),
+        *("--set-json", f"ingress.spool.maxBytes={max_bytes}"),
     )
     (s,) = [s for _, c, s in container_settings(objs, tmp_path) if c["args"][0] == "ingress"]
     assert (s.ingress_workers, s.spool_max_bytes) == (workers, each)
+
+
+SIZE_UNITS = {"": 1, "k": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "Ki": 1024, "Mi": 1024**2}
+SIZE_UNITS |= {"Gi": 1024**3, "Ti": 1024**4}
+# What a spool keeps beside its records (checkpoint, lock, records set aside) and the file system's blocks.
+SPOOL_HEADROOM = 64 * 1024**2
+
+
+def size_bytes(quantity: str) -> int:
+    """A Kubernetes size as the values schema allows it: `2Gi`, `1.5Gi`, `1200M`."""
+    found = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([kMGT]i?|Ki)?", quantity)
+    assert found, f"unexpected size {quantity!r}"
+    return int(float(found[1]) * SIZE_UNITS[found[2] or ""])
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        (),
+        _set("ingress.spool.persistence.enabled=false"),
+        _set("ingress.workers=4", "ingress.spool.persistence.size=2050Mi"),
+        _set("ingress.workers=8", "ingress.spool.maxBytes=1114112", "ingress.spool.persistence.size=73Mi"),
+    ],
+    ids=["claim", "emptydir", "workers", "floor"],
+)
+def test_a_full_spool_fits_its_volume(values: tuple[str, ...], tmp_path: Path) -> None:
+    """Every process of the pod spooling its SENTPIPE_SPOOL_MAX_BYTES fits the volume under the spool: an
+    emptyDir past its sizeLimit gets the pod evicted, and its spooled events, each answered 200, deleted."""
+    objs = render(*SECRET, *values)
+    (ing,) = [
+        o
+        for o in objs
+        if o["kind"] in ("Deployment", "StatefulSet") and o["metadata"]["name"].endswith("-ingress")
+    ]
+    (s,) = [s for _, c, s in container_settings(objs, tmp_path) if c["args"][0] == "ingress"]
+    claims = {c["metadata"]["name"]: c for c in ing["spec"].get("volumeClaimTemplates", [])}
+    volumes = {v["name"]: v for v in ing["spec"]["template"]["spec"]["volumes"]}
+    room = (
+        claims["spool"]["spec"]["resources"]["requests"]["storage"]
+        if "spool" in claims
+        else volumes["spool"]["emptyDir"]["sizeLimit"]
+    )
+    assert s.ingress_workers * s.spool_max_bytes + SPOOL_HEADROOM <= size_bytes(room), (values, room)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        # 8 GiB of spool on a 1Gi claim (a full disk: 503s), or an emptyDir (evicted with what it acked).
+        ("ingress.spool.maxBytes=8589934592", "ingress.spool.persistence.size=1Gi"),
+        ("ingress.spool.persistence.enabled=false", "ingress.spool.persistence.size=1Gi"),
+        # Each of the processes takes at least one largest body's worth, whatever maxBytes says.
+        ("ingress.workers=64", "ingress.spool.maxBytes=1114112", "ingress.spool.persistence.size=128Mi"),
+    ],
+    ids=["claim", "emptydir", "floor"],
+)
+def test_a_spool_larger_than_its_volume_is_refused(values: tuple[str, ...]) -> None:
+    err = refused(*SECRET, *_set(*values))
+    assert (
+        "ingress.spool.maxBytes with 64 MiB of headroom does not fit ingress.spool.persistence.size" in err
+    ), err
+    # The spool off, its size is not used.
+    render(*SECRET, *_set(*values, "ingress.spool.enabled=false"))
 
 
 # --- the values schema refuses what Settings refuses -------------------------------------------------------
@@ -627,7 +692,8 @@ NUMERIC: list[tuple[str, str, tuple[str, ...]]] = [
     ("ingress.maxInFlight", "SENTPIPE_INGRESS_MAX_IN_FLIGHT", ()),
     ("ingress.bodyTimeoutSeconds", "SENTPIPE_BODY_TIMEOUT_S", ()),
     ("ingress.stallAfterSeconds", "SENTPIPE_STALL_AFTER_S", ()),
-    ("ingress.spool.maxBytes", "SENTPIPE_SPOOL_MAX_BYTES", ()),
+    # A volume the largest spool fits (test_a_full_spool_fits_its_volume).
+    ("ingress.spool.maxBytes", "SENTPIPE_SPOOL_MAX_BYTES", _set("ingress.spool.persistence.size=1100Ti")),
     ("worker.metricsPort", "SENTPIPE_WORKER_METRICS_PORT", ()),
     ("worker.stallAfterSeconds", "SENTPIPE_STALL_AFTER_S", ()),
     ("worker.sessionTimeoutSeconds", "SENTPIPE_KAFKA_SESSION_TIMEOUT_S", ()),

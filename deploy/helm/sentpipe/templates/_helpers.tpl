@@ -357,3 +357,16 @@ sentpipe
 {{- $id -}}
 {{- end -}}
 {{- end -}}
+
+{{/* A Kubernetes quantity as the values schema allows it for sizes (digits, an optional fraction, then Ki, Mi,
+Gi, Ti, k, M, G or T) in bytes, e.g. "2Gi" -> 2147483648. */}}
+{{- define "sentpipe.quantityBytes" -}}
+{{- $q := toString . -}}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $q -}}
+{{- $units := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 -}}
+{{- $unit := trimPrefix $number $q -}}
+{{- if or (not $number) (not (hasKey $units $unit)) -}}
+{{- fail (printf "%q is not a size (e.g. 2Gi)" $q) -}}
+{{- end -}}
+{{- mulf (float64 $number) (index $units $unit) | floor | int64 -}}
+{{- end -}}
