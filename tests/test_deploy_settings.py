@@ -1095,7 +1095,26 @@ def _seconds_of(duration: str) -> float:
     return int(found[1] or 0) * 60 + int(found[2] or 0)
 
 
-@pytest.mark.parametrize("case", ["default", "production", "all-options"])
+# A slower broker's produce timeout (the ingress's stop is 5 x SENTPIPE_PRODUCE_TIMEOUT_S + 15 s), given for
+# every role or the ingress alone, with the grace periods it needs.
+SLOW_PRODUCE = {
+    "slow-produce": (
+        *SECRET,
+        *_set("extraEnv[0].name=SENTPIPE_PRODUCE_TIMEOUT_S", "ingress.terminationGracePeriodSeconds=70"),
+        *("--set-string", "extraEnv[0].value=10"),
+    ),
+    "slow-produce-ingress": (
+        *SECRET,
+        *_set(
+            "ingress.extraEnv[0].name=SENTPIPE_PRODUCE_TIMEOUT_S", "ingress.terminationGracePeriodSeconds=95"
+        ),
+        *_set("ingress.preStopSleepSeconds=10", "worker.terminationGracePeriodSeconds=55"),
+        *("--set-string", "ingress.extraEnv[0].value=14"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ["default", "production", "all-options", *SLOW_PRODUCE])
 def test_the_grace_periods_cover_the_ingress_and_worker_stop(case: str, tmp_path: Path) -> None:
     """The kubelet and compose SIGKILL a container at its grace period: it must cover the code's own bound on
     a stop, measured from SIGTERM (for a pod, after its preStop sleep): the ingress's in-flight requests,
@@ -1105,7 +1124,7 @@ def test_the_grace_periods_cover_the_ingress_and_worker_stop(case: str, tmp_path
     from sentpipe.ingress.server import stop_deadline_s
     from sentpipe.processors.worker import STOP_DEADLINE_S
 
-    objs = render(*CASES[case])
+    objs = render(*(CASES.get(case) or SLOW_PRODUCE[case]))
     by_name = {o["metadata"]["name"]: o for o in objs if o["kind"] in ("Deployment", "StatefulSet")}
     checked = set()
     for where, c, s in container_settings(objs, tmp_path):
@@ -1127,6 +1146,68 @@ def test_the_grace_periods_cover_the_ingress_and_worker_stop(case: str, tmp_path
     ):
         grace_s = _seconds_of(services[name].get("stop_grace_period", "10s"))
         assert grace_s >= needed, f"compose {name}: stop_grace_period {grace_s} s < {needed} s"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        # Kubernetes' default grace period: the pod was killed 20 s into a stop that may take 40 s.
+        (
+            ("ingress.terminationGracePeriodSeconds=30",),
+            "ingress.terminationGracePeriodSeconds (30) leaves 25 s after ingress.preStopSleepSeconds,"
+            " and the ingress's stop takes up to 40 s",
+        ),
+        (
+            ("ingress.preStopSleepSeconds=15",),
+            "ingress.terminationGracePeriodSeconds (50) leaves 35 s after ingress.preStopSleepSeconds",
+        ),
+        # A produce timeout raised for a slow broker lengthens the stop past the default grace period.
+        (
+            ("ingress.extraEnv[0].name=SENTPIPE_PRODUCE_TIMEOUT_S", "=ingress.extraEnv[0].value=10"),
+            "the ingress's stop takes up to 65 s",
+        ),
+        (
+            ("extraEnv[0].name=SENTPIPE_PRODUCE_TIMEOUT_S", "=extraEnv[0].value=7.5"),
+            "the ingress's stop takes up to 52.5 s",
+        ),
+        (
+            ("worker.terminationGracePeriodSeconds=30",),
+            "worker.terminationGracePeriodSeconds (30) is shorter than the worker's own stop (up to 55 s",
+        ),
+    ],
+    ids=["ingress-grace", "pre-stop", "produce-timeout-ingress", "produce-timeout-all", "worker-grace"],
+)
+def test_a_grace_period_shorter_than_the_stop_is_refused(values: tuple[str, ...], message: str) -> None:
+    """The kubelet SIGKILLs at the grace period: an ingress still answering requests and flushing its producer
+    (Sent counts each cut request as a failure), a worker before it committed what it had processed."""
+    # A value starting with "=" is a string (an env entry's value).
+    args = [a for v in values for a in (("--set-string", v[1:]) if v.startswith("=") else ("--set", v))]
+    err = refused(*SECRET, *args)
+    assert message in err, err
+
+
+@pytest.mark.parametrize("produce_timeout", [None, "2.5", "12"])
+def test_the_chart_refuses_exactly_the_grace_periods_below_the_codes_stop_bound(
+    produce_timeout: str | None, tmp_path: Path
+) -> None:
+    """The chart's arithmetic is the code's: the shortest grace period it takes is the code's bound."""
+    from sentpipe.ingress.server import stop_deadline_s
+    from sentpipe.processors.worker import STOP_DEADLINE_S
+
+    env = () if produce_timeout is None else ("--set-string", f"extraEnv[0].value={produce_timeout}")
+    env = (*env, *_set("extraEnv[0].name=SENTPIPE_PRODUCE_TIMEOUT_S")) if env else ()
+    s = settings_from({} if produce_timeout is None else {"SENTPIPE_PRODUCE_TIMEOUT_S": produce_timeout})
+    ingress = 5 + math.ceil(stop_deadline_s(s))
+    worker = math.ceil(STOP_DEADLINE_S)
+    grace = (
+        f"ingress.terminationGracePeriodSeconds={ingress}",
+        f"worker.terminationGracePeriodSeconds={worker}",
+    )
+    render(*SECRET, *env, *_set(*grace))
+    err = refused(*SECRET, *env, *_set(grace[0], f"worker.terminationGracePeriodSeconds={worker - 1}"))
+    assert f"worker.terminationGracePeriodSeconds ({worker - 1}) is shorter" in err, err
+    err = refused(*SECRET, *env, *_set(f"ingress.terminationGracePeriodSeconds={ingress - 1}", grace[1]))
+    assert f"ingress.terminationGracePeriodSeconds ({ingress - 1}) leaves" in err, err
 
 
 # Half configurations the pods would refuse (or silently not do) at start; what Settings says of the same.
