@@ -1210,6 +1210,66 @@ def test_the_chart_refuses_exactly_the_grace_periods_below_the_codes_stop_bound(
     assert f"ingress.terminationGracePeriodSeconds ({ingress - 1}) leaves" in err, err
 
 
+# Settings by which `topics ensure` shapes the topics and every role names, sizes or keys their records.
+SHARED_SETTINGS = (
+    "max_body_bytes",
+    "raw_retention_ms",
+    "dlq_retention_ms",
+    "topic_prefix",
+    "raw_partitions",
+    "routed_partitions",
+    "replication_factor",
+    "default_tenant",
+    "event_id_source",
+    "kafka_bootstrap",
+)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        CASES["all-options"],
+        (
+            *CASES["production-console"],
+            *_set("extraEnv[0].name=SENTPIPE_MAX_BODY_BYTES"),
+            *("--set-string", "extraEnv[0].value=4194304"),
+        ),
+    ],
+    ids=["all-options", "body-limit"],
+)
+def test_every_role_and_the_init_job_read_the_shared_settings_alike(
+    values: tuple[str, ...], tmp_path: Path
+) -> None:
+    seen = {where: s for where, _, s in container_settings(render(*values), tmp_path)}
+    for name in SHARED_SETTINGS:
+        assert len({getattr(s, name) for s in seen.values()}) == 1, (
+            name,
+            {w: getattr(s, name) for w, s in seen.items()},
+        )
+
+
+@pytest.mark.parametrize(
+    ("role", "name", "value"),
+    [
+        # The topics stayed sized for 1 MiB bodies: the ingress refused to start, asking for a `topics ensure`
+        # the init Job ran without it; the routed topics and the router's producer stayed sized for 1 MiB too.
+        ("ingress", "SENTPIPE_MAX_BODY_BYTES", "4194304"),
+        ("worker", "SENTPIPE_RAW_RETENTION_MS", "86400000"),
+        ("console", "SENTPIPE_TOPIC_PREFIX", "eu."),
+    ],
+)
+def test_a_shared_setting_in_one_roles_extra_env_is_refused(role: str, name: str, value: str) -> None:
+    on = ("--set-string", f"console.token={CONSOLE_TOKEN}", *_set("console.enabled=true"))
+    err = refused(
+        *SECRET,
+        *on,
+        *_set(f"{role}.extraEnv[0].name={name}"),
+        "--set-string",
+        f"{role}.extraEnv[0].value={value}",
+    )
+    assert f"{name} in {role}.extraEnv would reach the {role} alone" in err, err
+
+
 # Half configurations the pods would refuse (or silently not do) at start; what Settings says of the same.
 HALVES: list[tuple[tuple[str, ...], str, dict[str, str] | None]] = [
     # The SASL user without a SASL protocol: the chart rendered a PLAINTEXT (or SSL) client with no SASL at

@@ -370,3 +370,21 @@ Gi, Ti, k, M, G or T) in bytes, e.g. "2Gi" -> 2147483648. */}}
 {{- end -}}
 {{- mulf (float64 $number) (index $units $unit) | floor | int64 -}}
 {{- end -}}
+
+{{/*
+Settings every role, and the init Job's `topics ensure`, must read alike: they name the topics, size their
+record limits and retention, or say whose an event is. In one role's extraEnv they reached that role alone:
+SENTPIPE_MAX_BODY_BYTES in ingress.extraEnv left the topics sized for 1 MiB bodies (the ingress then refused
+to start, asking for a `topics ensure` the init Job ran without it) and the routed topics and the router's
+producer sized for them too. Refused there; extraEnv (every role) or the chart's own value takes them.
+*/}}
+{{- define "sentpipe.sharedSettingsInOneRole" -}}
+{{- $shared := list "SENTPIPE_MAX_BODY_BYTES" "SENTPIPE_RAW_RETENTION_MS" "SENTPIPE_DLQ_RETENTION_MS" "SENTPIPE_TOPIC_PREFIX" "SENTPIPE_RAW_PARTITIONS" "SENTPIPE_ROUTED_PARTITIONS" "SENTPIPE_REPLICATION_FACTOR" "SENTPIPE_DEFAULT_TENANT" "SENTPIPE_EVENT_ID_SOURCE" "SENTPIPE_KAFKA_BOOTSTRAP" -}}
+{{- range $role := list "ingress" "worker" "console" -}}
+{{- range (index $.Values $role).extraEnv -}}
+{{- if has .name $shared -}}
+{{- fail (printf "%s in %s.extraEnv would reach the %s alone, but every role and the init Job's `topics ensure` must read it alike: set it in extraEnv (or its chart value: kafka.*, config.*)" .name $role $role) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
