@@ -1270,6 +1270,35 @@ def test_a_shared_setting_in_one_roles_extra_env_is_refused(role: str, name: str
     assert f"{name} in {role}.extraEnv would reach the {role} alone" in err, err
 
 
+@pytest.mark.parametrize(
+    "values",
+    [
+        ("--set-string", "secrets.webhookSecret= "),
+        (*SECRET, "--set-json", 'secrets.tenants={"acme": [""]}'),
+        (*SECRET, "--set-json", 'secrets.tenants={"acme": ["whsec_abc", "  "]}'),
+        (*SECRET, "--set-json", 'secrets.tenants={"acme": " "}'),
+    ],
+    ids=["webhook-secret", "tenant-empty", "tenant-blank-in-rotation", "tenant-blank"],
+)
+def test_a_blank_signing_secret_is_refused_at_render_as_the_ingress_refuses_it(
+    values: tuple[str, ...], tmp_path: Path
+) -> None:
+    """Rendered, a blank secret was an ingress in CrashLoopBackOff ("webhook secret is empty")."""
+    err = refused(*values)
+    assert "values don't meet the specifications of the schema" in err, err
+    # What the ingress says of the same secret.
+    from sentpipe.ingress.app import StartupError, verifiers_for
+
+    tenants = tmp_path / "tenants.json"
+    tenants.write_text(json.dumps({"acme": ["  "]}))
+    with pytest.raises(StartupError, match="webhook secret is empty"):
+        verifiers_for(settings_from({"SENTPIPE_WEBHOOK_SECRET": " "}))
+    with pytest.raises(StartupError, match="webhook secret is empty"):
+        verifiers_for(
+            settings_from({"SENTPIPE_WEBHOOK_SECRET": WEBHOOK_SECRET, "SENTPIPE_SECRETS_FILE": str(tenants)})
+        )
+
+
 # Half configurations the pods would refuse (or silently not do) at start; what Settings says of the same.
 HALVES: list[tuple[tuple[str, ...], str, dict[str, str] | None]] = [
     # The SASL user without a SASL protocol: the chart rendered a PLAINTEXT (or SSL) client with no SASL at
