@@ -230,6 +230,12 @@ refused "SASL without a password Secret" "needs kafka.security.sasl.username and
   --set kafka.security.protocol=SASL_SSL --set kafka.security.sasl.username=u
 refused "SASL values without a SASL protocol" "kafka.security.sasl.username / .passwordSecret.name are set but kafka.security.protocol is PLAINTEXT" \
   "${secret[@]}" --set kafka.security.sasl.username=u
+refused "a spool larger than its volume" "ingress.spool.maxBytes with 64 MiB of headroom does not fit ingress.spool.persistence.size" \
+  "${secret[@]}" --set ingress.spool.maxBytes=8589934592 --set ingress.spool.persistence.size=1Gi
+refused "an ingress grace period shorter than its stop" "ingress.terminationGracePeriodSeconds (30) leaves 25 s" \
+  "${secret[@]}" --set ingress.terminationGracePeriodSeconds=30
+refused "a worker grace period shorter than its stop" "worker.terminationGracePeriodSeconds (30) is shorter" \
+  "${secret[@]}" --set worker.terminationGracePeriodSeconds=30
 refused "a Kafka CA without TLS" "kafka.security.tls.* is set but kafka.security.protocol is PLAINTEXT" "${secret[@]}" \
   --set kafka.security.tls.caSecret.name=kafka-ca
 

@@ -597,10 +597,75 @@ def test_the_spool_limit_is_split_among_the_pods_processes(
 ) -> None:
     """N processes each spooling up to the pod's whole limit would fill N times the volume it fits."""
     objs = render(
-        *SECRET, "--set", f"ingress.workers={workers}", "--set-json", f"ingress.spool.maxBytes={max_bytes}"
+        *SECRET,
+        *_set(f"ingress.workers={workers}", "ingress.spool.persistence.size=4Gi"),
+        *("--set-json", f"ingress.spool.maxBytes={max_bytes}"),
     )
     (s,) = [s for _, c, s in container_settings(objs, tmp_path) if c["args"][0] == "ingress"]
     assert (s.ingress_workers, s.spool_max_bytes) == (workers, each)
+
+
+SIZE_UNITS = {"": 1, "k": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4, "Ki": 1024, "Mi": 1024**2}
+SIZE_UNITS |= {"Gi": 1024**3, "Ti": 1024**4}
+# What a spool keeps beside its records (checkpoint, lock, records set aside) and the file system's blocks.
+SPOOL_HEADROOM = 64 * 1024**2
+
+
+def size_bytes(quantity: str) -> int:
+    """A Kubernetes size as the values schema allows it: `2Gi`, `1.5Gi`, `1200M`."""
+    found = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([kMGT]i?|Ki)?", quantity)
+    assert found, f"unexpected size {quantity!r}"
+    return int(float(found[1]) * SIZE_UNITS[found[2] or ""])
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        (),
+        _set("ingress.spool.persistence.enabled=false"),
+        _set("ingress.workers=4", "ingress.spool.persistence.size=2050Mi"),
+        _set("ingress.workers=8", "ingress.spool.maxBytes=1114112", "ingress.spool.persistence.size=73Mi"),
+    ],
+    ids=["claim", "emptydir", "workers", "floor"],
+)
+def test_a_full_spool_fits_its_volume(values: tuple[str, ...], tmp_path: Path) -> None:
+    """Every process of the pod spooling its SENTPIPE_SPOOL_MAX_BYTES fits the volume under the spool: an
+    emptyDir past its sizeLimit gets the pod evicted, and its spooled events, each answered 200, deleted."""
+    objs = render(*SECRET, *values)
+    (ing,) = [
+        o
+        for o in objs
+        if o["kind"] in ("Deployment", "StatefulSet") and o["metadata"]["name"].endswith("-ingress")
+    ]
+    (s,) = [s for _, c, s in container_settings(objs, tmp_path) if c["args"][0] == "ingress"]
+    claims = {c["metadata"]["name"]: c for c in ing["spec"].get("volumeClaimTemplates", [])}
+    volumes = {v["name"]: v for v in ing["spec"]["template"]["spec"]["volumes"]}
+    room = (
+        claims["spool"]["spec"]["resources"]["requests"]["storage"]
+        if "spool" in claims
+        else volumes["spool"]["emptyDir"]["sizeLimit"]
+    )
+    assert s.ingress_workers * s.spool_max_bytes + SPOOL_HEADROOM <= size_bytes(room), (values, room)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        # 8 GiB of spool on a 1Gi claim (a full disk: 503s), or an emptyDir (evicted with what it acked).
+        ("ingress.spool.maxBytes=8589934592", "ingress.spool.persistence.size=1Gi"),
+        ("ingress.spool.persistence.enabled=false", "ingress.spool.persistence.size=1Gi"),
+        # Each of the processes takes at least one largest body's worth, whatever maxBytes says.
+        ("ingress.workers=64", "ingress.spool.maxBytes=1114112", "ingress.spool.persistence.size=128Mi"),
+    ],
+    ids=["claim", "emptydir", "floor"],
+)
+def test_a_spool_larger_than_its_volume_is_refused(values: tuple[str, ...]) -> None:
+    err = refused(*SECRET, *_set(*values))
+    assert (
+        "ingress.spool.maxBytes with 64 MiB of headroom does not fit ingress.spool.persistence.size" in err
+    ), err
+    # The spool off, its size is not used.
+    render(*SECRET, *_set(*values, "ingress.spool.enabled=false"))
 
 
 # --- the values schema refuses what Settings refuses -------------------------------------------------------
@@ -627,7 +692,8 @@ NUMERIC: list[tuple[str, str, tuple[str, ...]]] = [
     ("ingress.maxInFlight", "SENTPIPE_INGRESS_MAX_IN_FLIGHT", ()),
     ("ingress.bodyTimeoutSeconds", "SENTPIPE_BODY_TIMEOUT_S", ()),
     ("ingress.stallAfterSeconds", "SENTPIPE_STALL_AFTER_S", ()),
-    ("ingress.spool.maxBytes", "SENTPIPE_SPOOL_MAX_BYTES", ()),
+    # A volume the largest spool fits (test_a_full_spool_fits_its_volume).
+    ("ingress.spool.maxBytes", "SENTPIPE_SPOOL_MAX_BYTES", _set("ingress.spool.persistence.size=1100Ti")),
     ("worker.metricsPort", "SENTPIPE_WORKER_METRICS_PORT", ()),
     ("worker.stallAfterSeconds", "SENTPIPE_STALL_AFTER_S", ()),
     ("worker.sessionTimeoutSeconds", "SENTPIPE_KAFKA_SESSION_TIMEOUT_S", ()),
@@ -1029,7 +1095,26 @@ def _seconds_of(duration: str) -> float:
     return int(found[1] or 0) * 60 + int(found[2] or 0)
 
 
-@pytest.mark.parametrize("case", ["default", "production", "all-options"])
+# A slower broker's produce timeout (the ingress's stop is 5 x SENTPIPE_PRODUCE_TIMEOUT_S + 15 s), given for
+# every role or the ingress alone, with the grace periods it needs.
+SLOW_PRODUCE = {
+    "slow-produce": (
+        *SECRET,
+        *_set("extraEnv[0].name=SENTPIPE_PRODUCE_TIMEOUT_S", "ingress.terminationGracePeriodSeconds=70"),
+        *("--set-string", "extraEnv[0].value=10"),
+    ),
+    "slow-produce-ingress": (
+        *SECRET,
+        *_set(
+            "ingress.extraEnv[0].name=SENTPIPE_PRODUCE_TIMEOUT_S", "ingress.terminationGracePeriodSeconds=95"
+        ),
+        *_set("ingress.preStopSleepSeconds=10", "worker.terminationGracePeriodSeconds=55"),
+        *("--set-string", "ingress.extraEnv[0].value=14"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", ["default", "production", "all-options", *SLOW_PRODUCE])
 def test_the_grace_periods_cover_the_ingress_and_worker_stop(case: str, tmp_path: Path) -> None:
     """The kubelet and compose SIGKILL a container at its grace period: it must cover the code's own bound on
     a stop, measured from SIGTERM (for a pod, after its preStop sleep): the ingress's in-flight requests,
@@ -1039,7 +1124,7 @@ def test_the_grace_periods_cover_the_ingress_and_worker_stop(case: str, tmp_path
     from sentpipe.ingress.server import stop_deadline_s
     from sentpipe.processors.worker import STOP_DEADLINE_S
 
-    objs = render(*CASES[case])
+    objs = render(*(CASES.get(case) or SLOW_PRODUCE[case]))
     by_name = {o["metadata"]["name"]: o for o in objs if o["kind"] in ("Deployment", "StatefulSet")}
     checked = set()
     for where, c, s in container_settings(objs, tmp_path):
@@ -1061,6 +1146,157 @@ def test_the_grace_periods_cover_the_ingress_and_worker_stop(case: str, tmp_path
     ):
         grace_s = _seconds_of(services[name].get("stop_grace_period", "10s"))
         assert grace_s >= needed, f"compose {name}: stop_grace_period {grace_s} s < {needed} s"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        # Kubernetes' default grace period: the pod was killed 20 s into a stop that may take 40 s.
+        (
+            ("ingress.terminationGracePeriodSeconds=30",),
+            "ingress.terminationGracePeriodSeconds (30) leaves 25 s after ingress.preStopSleepSeconds,"
+            " and the ingress's stop takes up to 40 s",
+        ),
+        (
+            ("ingress.preStopSleepSeconds=15",),
+            "ingress.terminationGracePeriodSeconds (50) leaves 35 s after ingress.preStopSleepSeconds",
+        ),
+        # A produce timeout raised for a slow broker lengthens the stop past the default grace period.
+        (
+            ("ingress.extraEnv[0].name=SENTPIPE_PRODUCE_TIMEOUT_S", "=ingress.extraEnv[0].value=10"),
+            "the ingress's stop takes up to 65 s",
+        ),
+        (
+            ("extraEnv[0].name=SENTPIPE_PRODUCE_TIMEOUT_S", "=extraEnv[0].value=7.5"),
+            "the ingress's stop takes up to 52.5 s",
+        ),
+        (
+            ("worker.terminationGracePeriodSeconds=30",),
+            "worker.terminationGracePeriodSeconds (30) is shorter than the worker's own stop (up to 55 s",
+        ),
+    ],
+    ids=["ingress-grace", "pre-stop", "produce-timeout-ingress", "produce-timeout-all", "worker-grace"],
+)
+def test_a_grace_period_shorter_than_the_stop_is_refused(values: tuple[str, ...], message: str) -> None:
+    """The kubelet SIGKILLs at the grace period: an ingress still answering requests and flushing its producer
+    (Sent counts each cut request as a failure), a worker before it committed what it had processed."""
+    # A value starting with "=" is a string (an env entry's value).
+    args = [a for v in values for a in (("--set-string", v[1:]) if v.startswith("=") else ("--set", v))]
+    err = refused(*SECRET, *args)
+    assert message in err, err
+
+
+@pytest.mark.parametrize("produce_timeout", [None, "2.5", "12"])
+def test_the_chart_refuses_exactly_the_grace_periods_below_the_codes_stop_bound(
+    produce_timeout: str | None, tmp_path: Path
+) -> None:
+    """The chart's arithmetic is the code's: the shortest grace period it takes is the code's bound."""
+    from sentpipe.ingress.server import stop_deadline_s
+    from sentpipe.processors.worker import STOP_DEADLINE_S
+
+    env = () if produce_timeout is None else ("--set-string", f"extraEnv[0].value={produce_timeout}")
+    env = (*env, *_set("extraEnv[0].name=SENTPIPE_PRODUCE_TIMEOUT_S")) if env else ()
+    s = settings_from({} if produce_timeout is None else {"SENTPIPE_PRODUCE_TIMEOUT_S": produce_timeout})
+    ingress = 5 + math.ceil(stop_deadline_s(s))
+    worker = math.ceil(STOP_DEADLINE_S)
+    grace = (
+        f"ingress.terminationGracePeriodSeconds={ingress}",
+        f"worker.terminationGracePeriodSeconds={worker}",
+    )
+    render(*SECRET, *env, *_set(*grace))
+    err = refused(*SECRET, *env, *_set(grace[0], f"worker.terminationGracePeriodSeconds={worker - 1}"))
+    assert f"worker.terminationGracePeriodSeconds ({worker - 1}) is shorter" in err, err
+    err = refused(*SECRET, *env, *_set(f"ingress.terminationGracePeriodSeconds={ingress - 1}", grace[1]))
+    assert f"ingress.terminationGracePeriodSeconds ({ingress - 1}) leaves" in err, err
+
+
+# Settings by which `topics ensure` shapes the topics and every role names, sizes or keys their records.
+SHARED_SETTINGS = (
+    "max_body_bytes",
+    "raw_retention_ms",
+    "dlq_retention_ms",
+    "topic_prefix",
+    "raw_partitions",
+    "routed_partitions",
+    "replication_factor",
+    "default_tenant",
+    "event_id_source",
+    "kafka_bootstrap",
+)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        CASES["all-options"],
+        (
+            *CASES["production-console"],
+            *_set("extraEnv[0].name=SENTPIPE_MAX_BODY_BYTES"),
+            *("--set-string", "extraEnv[0].value=4194304"),
+        ),
+    ],
+    ids=["all-options", "body-limit"],
+)
+def test_every_role_and_the_init_job_read_the_shared_settings_alike(
+    values: tuple[str, ...], tmp_path: Path
+) -> None:
+    seen = {where: s for where, _, s in container_settings(render(*values), tmp_path)}
+    for name in SHARED_SETTINGS:
+        assert len({getattr(s, name) for s in seen.values()}) == 1, (
+            name,
+            {w: getattr(s, name) for w, s in seen.items()},
+        )
+
+
+@pytest.mark.parametrize(
+    ("role", "name", "value"),
+    [
+        # The topics stayed sized for 1 MiB bodies: the ingress refused to start, asking for a `topics ensure`
+        # the init Job ran without it; the routed topics and the router's producer stayed sized for 1 MiB too.
+        ("ingress", "SENTPIPE_MAX_BODY_BYTES", "4194304"),
+        ("worker", "SENTPIPE_RAW_RETENTION_MS", "86400000"),
+        ("console", "SENTPIPE_TOPIC_PREFIX", "eu."),
+    ],
+)
+def test_a_shared_setting_in_one_roles_extra_env_is_refused(role: str, name: str, value: str) -> None:
+    on = ("--set-string", f"console.token={CONSOLE_TOKEN}", *_set("console.enabled=true"))
+    err = refused(
+        *SECRET,
+        *on,
+        *_set(f"{role}.extraEnv[0].name={name}"),
+        "--set-string",
+        f"{role}.extraEnv[0].value={value}",
+    )
+    assert f"{name} in {role}.extraEnv would reach the {role} alone" in err, err
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        ("--set-string", "secrets.webhookSecret= "),
+        (*SECRET, "--set-json", 'secrets.tenants={"acme": [""]}'),
+        (*SECRET, "--set-json", 'secrets.tenants={"acme": ["whsec_abc", "  "]}'),
+        (*SECRET, "--set-json", 'secrets.tenants={"acme": " "}'),
+    ],
+    ids=["webhook-secret", "tenant-empty", "tenant-blank-in-rotation", "tenant-blank"],
+)
+def test_a_blank_signing_secret_is_refused_at_render_as_the_ingress_refuses_it(
+    values: tuple[str, ...], tmp_path: Path
+) -> None:
+    """Rendered, a blank secret was an ingress in CrashLoopBackOff ("webhook secret is empty")."""
+    err = refused(*values)
+    assert "values don't meet the specifications of the schema" in err, err
+    # What the ingress says of the same secret.
+    from sentpipe.ingress.app import StartupError, verifiers_for
+
+    tenants = tmp_path / "tenants.json"
+    tenants.write_text(json.dumps({"acme": ["  "]}))
+    with pytest.raises(StartupError, match="webhook secret is empty"):
+        verifiers_for(settings_from({"SENTPIPE_WEBHOOK_SECRET": " "}))
+    with pytest.raises(StartupError, match="webhook secret is empty"):
+        verifiers_for(
+            settings_from({"SENTPIPE_WEBHOOK_SECRET": WEBHOOK_SECRET, "SENTPIPE_SECRETS_FILE": str(tenants)})
+        )
 
 
 # Half configurations the pods would refuse (or silently not do) at start; what Settings says of the same.

@@ -357,3 +357,34 @@ sentpipe
 {{- $id -}}
 {{- end -}}
 {{- end -}}
+
+{{/* A Kubernetes quantity as the values schema allows it for sizes (digits, an optional fraction, then Ki, Mi,
+Gi, Ti, k, M, G or T) in bytes, e.g. "2Gi" -> 2147483648. */}}
+{{- define "sentpipe.quantityBytes" -}}
+{{- $q := toString . -}}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $q -}}
+{{- $units := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 -}}
+{{- $unit := trimPrefix $number $q -}}
+{{- if or (not $number) (not (hasKey $units $unit)) -}}
+{{- fail (printf "%q is not a size (e.g. 2Gi)" $q) -}}
+{{- end -}}
+{{- mulf (float64 $number) (index $units $unit) | floor | int64 -}}
+{{- end -}}
+
+{{/*
+Settings every role, and the init Job's `topics ensure`, must read alike: they name the topics, size their
+record limits and retention, or say whose an event is. In one role's extraEnv they reached that role alone:
+SENTPIPE_MAX_BODY_BYTES in ingress.extraEnv left the topics sized for 1 MiB bodies (the ingress then refused
+to start, asking for a `topics ensure` the init Job ran without it) and the routed topics and the router's
+producer sized for them too. Refused there; extraEnv (every role) or the chart's own value takes them.
+*/}}
+{{- define "sentpipe.sharedSettingsInOneRole" -}}
+{{- $shared := list "SENTPIPE_MAX_BODY_BYTES" "SENTPIPE_RAW_RETENTION_MS" "SENTPIPE_DLQ_RETENTION_MS" "SENTPIPE_TOPIC_PREFIX" "SENTPIPE_RAW_PARTITIONS" "SENTPIPE_ROUTED_PARTITIONS" "SENTPIPE_REPLICATION_FACTOR" "SENTPIPE_DEFAULT_TENANT" "SENTPIPE_EVENT_ID_SOURCE" "SENTPIPE_KAFKA_BOOTSTRAP" -}}
+{{- range $role := list "ingress" "worker" "console" -}}
+{{- range (index $.Values $role).extraEnv -}}
+{{- if has .name $shared -}}
+{{- fail (printf "%s in %s.extraEnv would reach the %s alone, but every role and the init Job's `topics ensure` must read it alike: set it in extraEnv (or its chart value: kafka.*, config.*)" .name $role $role) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
