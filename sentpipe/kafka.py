@@ -305,9 +305,38 @@ def producer_config(settings: Settings, *, delivery_timeout_s: float | None = No
     }
 
 
+class Admin(AdminClient):  # type: ignore[misc]
+    """An AdminClient that keeps what librdkafka said of failed connects, so that a request that failed
+    says the broker refused the security settings (a wrong password, say) rather than "did not answer"."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.reports = _ConnectReports(settings)
+        # librdkafka's FAIL lines (level 6) tell a TLS listener dropping a plaintext client; they are kept,
+        # not logged: the caller reports one line instead.
+        config: dict[str, Any] = {
+            **client_config(settings),
+            "socket.timeout.ms": 5000,
+            "error_cb": self.reports.error,
+            "logger": self.reports,
+            "log_level": 6,
+        }
+        super().__init__(config)
+
+
 def admin_client(settings: Settings) -> AdminClient:
-    # librdkafka logs every failed connect; the caller reports one line instead.
-    return AdminClient({**client_config(settings), "socket.timeout.ms": 5000, "log_level": 0})
+    return Admin(settings)
+
+
+def no_answer(admin: AdminClient, bootstrap: str, timeout: float) -> BrokerUnavailable:
+    """What to raise when a request of `admin` failed: BrokerRefused with the broker's reason when it refused
+    the security settings (it will go on refusing), else BrokerUnavailable."""
+    if isinstance(admin, Admin):
+        admin.poll(0)  # serves error_cb: librdkafka's reports of the failed connects
+        if admin.reports.refused:
+            return BrokerRefused(
+                f"Kafka broker at {bootstrap} refused the connection: {admin.reports.refused[0]}"
+            )
+    return BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:g}s")
 
 
 # The group coordinator is not answering yet (a broker just started and still loading its offsets topic) or
@@ -370,7 +399,7 @@ def existing_partitions(admin: AdminClient, bootstrap: str, timeout: float = 10.
     try:
         md = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
-        raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:g}s") from exc
+        raise no_answer(admin, bootstrap, timeout) from exc
     return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
 
 
@@ -393,14 +422,10 @@ def topic_configs(
                 out[resource.name] = None
                 continue
             if isinstance(err, KafkaError) and err.code() in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT):
-                raise BrokerUnavailable(
-                    f"Kafka broker at {bootstrap} did not answer within {timeout:g}s"
-                ) from exc
+                raise no_answer(admin, bootstrap, timeout) from exc
             raise
         except TimeoutError as exc:
-            raise BrokerUnavailable(
-                f"Kafka broker at {bootstrap} did not answer within {timeout:g}s"
-            ) from exc
+            raise no_answer(admin, bootstrap, timeout) from exc
         out[resource.name] = {key: entry.value for key, entry in entries.items() if entry.value is not None}
     return out
 

@@ -24,7 +24,8 @@ import pytest
 
 from sentpipe.console.tail import Tail
 from sentpipe.ingress.spool import process_dir
-from sentpipe.kafka import check_connection, refusal, security_config, tls_context
+from sentpipe.kafka import BrokerRefused, check_connection, refusal, security_config, tls_context
+from sentpipe.processors.offsets import Log
 from sentpipe.processors.worker import broker_credentials
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.topics import Topics
@@ -272,6 +273,24 @@ def test_operator_commands_work_over_a_secured_listener(
     finally:
         loop.close()
     assert {row["event_id"] for row in tail.recent} == set(keys)
+
+
+@pytest.mark.parametrize("failure", ["wrong password", "plaintext against TLS"])
+def test_console_reads_say_the_broker_refused_not_that_it_did_not_answer(
+    secured: Secured, failure: str, tmp_path: Path
+) -> None:
+    """The console starts without a connection check (its database pages work while Kafka is away): its
+    live tail, Kafka pages and jobs met a broker refusing the settings through `Log`, which said "did not
+    answer within 10s", sending the operator to the network instead of the password or protocol."""
+    kafka_env, needles = _refused_env(secured, failure, tmp_path)
+    s = _settings(kafka_env)
+    with pytest.raises(BrokerRefused) as refused:
+        Log(s, timeout=5.0)
+    line = str(refused.value)
+    assert line.startswith(f"Kafka broker at {s.kafka_bootstrap} refused the connection: "), line
+    for needle in needles:
+        assert needle in line, line
+    assert "not-the-password" not in line
 
 
 def test_mtls_listener_without_client_certificate_is_refused(secured: Secured) -> None:
