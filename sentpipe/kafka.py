@@ -47,6 +47,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import confluent_kafka
@@ -219,6 +220,43 @@ def refusal(protocol: str, error_code: int | None, text: str) -> str | None:
     return None
 
 
+# librdkafka's names of the files, as its errors at construction give them ("ssl.key.location failed: ...").
+_FILE_PROPERTIES = {
+    "ssl.ca.location": "SENTPIPE_KAFKA_SSL_CA_FILE",
+    "ssl.certificate.location": "SENTPIPE_KAFKA_SSL_CERT_FILE",
+    "ssl.key.location": "SENTPIPE_KAFKA_SSL_KEY_FILE",
+}
+_PROPERTY_FAILED = re.compile(r"^(?:Failed to create \w+(?: \w+)?: )?(ssl\.[a-z.]+) failed: (.*)$", re.DOTALL)
+
+
+def unusable_file(settings: Settings, text: str) -> str:
+    """librdkafka's error at construction in the user's words: the setting and its file, and for a key what
+    "PEM lib" means (encrypted without SENTPIPE_KAFKA_SSL_KEY_PASSWORD, or not a key at all)."""
+    found = _PROPERTY_FAILED.match(text.strip())
+    if found is None or found[1] not in _FILE_PROPERTIES:
+        return _reason(text)
+    prop, why = found[1], found[2].strip()
+    path = {
+        "ssl.ca.location": settings.kafka_ssl_ca_file,
+        "ssl.certificate.location": settings.kafka_ssl_cert_file,
+        "ssl.key.location": settings.kafka_ssl_key_file,
+    }[prop]
+    line = f"{_FILE_PROPERTIES[prop]} {path}: not usable ({why})"
+    if prop != "ssl.key.location" or path is None:
+        return line
+    if "key values mismatch" in why:
+        return f"{line}: it is not the key of SENTPIPE_KAFKA_SSL_CERT_FILE"
+    try:
+        encrypted = b"ENCRYPTED" in Path(path).read_bytes()[:4096]
+    except OSError:
+        return line
+    if encrypted and settings.kafka_ssl_key_password is None:
+        return f"{line}: the key is encrypted; give its password in SENTPIPE_KAFKA_SSL_KEY_PASSWORD"
+    if encrypted:
+        return f"{line}: SENTPIPE_KAFKA_SSL_KEY_PASSWORD does not decrypt it"
+    return f"{line}: it holds no PEM private key"
+
+
 class _ConnectReports:
     """The error_cb and logger of a connection check: keeps what librdkafka said about failed connects."""
 
@@ -261,7 +299,7 @@ def check_connection(settings: Settings, timeout: float) -> None:
         err = exc.args[0] if exc.args else None
         text = err.str() if isinstance(err, KafkaError) else str(exc)
         raise BrokerRefused(
-            f"Kafka client for {bootstrap}: invalid TLS/SASL settings: {_reason(text)}"
+            f"Kafka client for {bootstrap}: invalid TLS/SASL settings: {unusable_file(settings, text)}"
         ) from None
     deadline = time.monotonic() + timeout
     while True:

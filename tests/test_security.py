@@ -384,6 +384,52 @@ def test_half_a_security_configuration_is_refused_by_the_settings(
         Settings(**values)  # type: ignore[arg-type]
 
 
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize(
+    ("key", "password", "says"),
+    [
+        ("encrypted", None, "the key is encrypted; give its password in SENTPIPE_KAFKA_SSL_KEY_PASSWORD"),
+        ("encrypted", "not-the-key-password", "SENTPIPE_KAFKA_SSL_KEY_PASSWORD does not decrypt it"),
+        ("garbage", None, "it holds no PEM private key"),
+        ("another", None, "it is not the key of SENTPIPE_KAFKA_SSL_CERT_FILE"),
+    ],
+)
+def test_an_unusable_client_key_is_named_with_its_cause(
+    tmp_path: Path, key: str, password: str | None, says: str
+) -> None:
+    """librdkafka says "ssl.key.location failed: ... PEM lib" for a key it cannot load, whatever the cause:
+    the line names the setting and the file, and tells an encrypted key without its password from no key."""
+    cert, plain = tmp_path / "client.pem", tmp_path / "client.key"
+    _openssl(
+        *("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=c"),
+        *("-keyout", str(plain), "-out", str(cert)),
+    )
+    given = tmp_path / f"{key}.key"
+    if key == "encrypted":
+        _openssl(
+            "pkey", "-in", str(plain), "-aes256", "-passout", "pass:the-key-password", "-out", str(given)
+        )
+    elif key == "garbage":
+        given.write_text("not a key\n")
+    else:
+        _openssl("genrsa", "-out", str(given), "2048")
+    s = Settings(
+        kafka_security_protocol="SSL",
+        kafka_ssl_cert_file=cert,
+        kafka_ssl_key_file=given,
+        kafka_ssl_key_password=password,  # type: ignore[arg-type]
+    )
+    with pytest.raises(BrokerRefused) as refused:
+        check_connection(s, 1.0)
+    line = str(refused.value)
+    assert f"invalid TLS/SASL settings: SENTPIPE_KAFKA_SSL_KEY_FILE {given}: not usable (" in line, line
+    assert line.endswith(says), line
+    assert "ssl.key.location" not in line and "key-password" not in line, line
+
+
 def test_refusal_tells_a_refusing_broker_from_an_absent_one() -> None:
     from confluent_kafka import KafkaError
 
