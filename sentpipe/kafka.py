@@ -41,6 +41,7 @@ import logging
 import math
 import operator
 import re
+import socket
 import ssl
 import threading
 import time
@@ -280,6 +281,43 @@ class _ConnectReports:
                 self.refused.append(reason)
 
 
+# librdkafka's words for every certificate it could not verify, whatever the cause.
+_COULD_NOT_VERIFY = re.compile(
+    r": broker certificate could not be verified, verify that ssl\.ca\.location.*$"
+)
+
+
+def _unverified(settings: Settings, reason: str) -> str:
+    """librdkafka says "verify that ssl.ca.location is correctly configured" for any certificate it could not
+    verify, a name the certificate does not hold included (the CA is right then). OpenSSL's own cause, from a
+    handshake with the same settings through Python's ssl; librdkafka's words when that does not tell."""
+    first = settings.kafka_bootstrap.split(",")[0].strip().split("://")[-1]
+    host, _, port = first.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ctx = tls_context(settings)
+        assert ctx is not None  # librdkafka verified a certificate: TLS is on
+        with socket.create_connection((host, int(port)), timeout=5.0) as sock:
+            ctx.wrap_socket(sock, server_hostname=host).close()
+    except ssl.SSLCertVerificationError as exc:
+        cause = exc.verify_message
+    except Exception:  # the broker went away, or another TLS failure: nothing more to say than librdkafka
+        return reason
+    else:
+        return reason
+    cause = cause.rstrip(".")
+    if "mismatch" in cause:
+        cause += (
+            " (a name in SENTPIPE_KAFKA_BOOTSTRAP and the brokers' advertised names must be in their"
+            " certificates; SENTPIPE_KAFKA_SSL_CHECK_HOSTNAME=false skips this check)"
+        )
+    elif ("issuer" in cause or "self-signed" in cause) and settings.kafka_ssl_ca_file is None:
+        cause += " (SENTPIPE_KAFKA_SSL_CA_FILE is unset: none of the system's CAs signed it)"
+    elif "issuer" in cause or "self-signed" in cause:
+        cause += f" (the CA in SENTPIPE_KAFKA_SSL_CA_FILE {settings.kafka_ssl_ca_file} did not sign it)"
+    return _COULD_NOT_VERIFY.sub("", reason) + ": " + cause
+
+
 def check_connection(settings: Settings, timeout: float) -> None:
     """Ask the cluster for metadata as every command does first. BrokerRefused as soon as the broker refuses
     the security settings (about a second: librdkafka reports it on the first connect), BrokerUnavailable
@@ -311,7 +349,10 @@ def check_connection(settings: Settings, timeout: float) -> None:
             pass
         admin.poll(0)  # serves error_cb
         if reports.refused:
-            raise BrokerRefused(f"Kafka broker at {bootstrap} refused the connection: {reports.refused[0]}")
+            reason = reports.refused[0]
+            if "certificate verify failed" in reason:
+                reason = _unverified(settings, reason)
+            raise BrokerRefused(f"Kafka broker at {bootstrap} refused the connection: {reason}")
         if time.monotonic() >= deadline:
             raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:g}s")
 

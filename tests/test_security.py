@@ -308,6 +308,30 @@ def test_scram_sha_256_and_hostname_verification(secured: Secured) -> None:
     check_connection(_settings(secured.sasl_ssl, kafka_bootstrap=f"localhost:{port}"), CONNECT_TIMEOUT_S)
 
 
+def test_a_certificate_not_verified_says_why(secured: Secured, tmp_path: Path) -> None:
+    """librdkafka says "verify that ssl.ca.location is correctly configured" for any certificate it could not
+    verify: for a name the broker's certificate does not hold (`127.1` is 127.0.0.1, not in its names), the
+    line sent the operator to a CA that was right. It says the name does not match, and the way out."""
+    port = secured.sasl_ssl["SENTPIPE_KAFKA_BOOTSTRAP"].rsplit(":", 1)[1]
+    s = _settings(secured.sasl_ssl, kafka_bootstrap=f"127.1:{port}")
+    with pytest.raises(BrokerRefused) as refused:
+        check_connection(s, CONNECT_TIMEOUT_S)
+    line = str(refused.value)
+    assert "certificate verify failed: Hostname mismatch, certificate is not valid for '127.1'" in line, line
+    assert "SENTPIPE_KAFKA_SSL_CHECK_HOSTNAME=false" in line and "ssl.ca.location" not in line, line
+    check_connection(
+        _settings(secured.sasl_ssl, kafka_bootstrap=f"127.1:{port}", kafka_ssl_check_hostname=False),
+        CONNECT_TIMEOUT_S,
+    )
+    # A CA that did not sign it: said so, naming the file.
+    other = _other_ca(tmp_path)
+    with pytest.raises(BrokerRefused) as refused:
+        check_connection(_settings(secured.sasl_ssl, kafka_ssl_ca_file=other), CONNECT_TIMEOUT_S)
+    line = str(refused.value)
+    assert f"(the CA in SENTPIPE_KAFKA_SSL_CA_FILE {other} did not sign it)" in line, line
+    assert "ssl.ca.location" not in line, line
+
+
 def test_database_tls_refusals_are_one_line(secured: Secured) -> None:
     """PostgreSQL over the URL: no TLS, an unknown CA and a missing client certificate are refused."""
     url = secured.pg_verify_full
