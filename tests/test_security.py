@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from sentpipe.settings import Settings
 from tests.kafka_tools import read_topic, wait_topics_ready
 from tests.oracle import row_count
 from tests.pipeline import deliver, start_ingress, start_worker, wait_caught_up, wait_for
-from tests.processes import free_port
+from tests.processes import free_port, settings_env
 from tests.secured import Secured, ToolMissing, start_secured
 from tests.services import ServiceUnavailable
 from tests.test_ops_cli import sentpipe
@@ -291,6 +292,54 @@ def test_console_reads_say_the_broker_refused_not_that_it_did_not_answer(
     for needle in needles:
         assert needle in line, line
     assert "not-the-password" not in line
+
+
+# The router's aiokafka client, set up as the worker sets it up, with the worker's logging at DEBUG.
+_ROUTER_CLIENT_AT_DEBUG = """
+import asyncio
+from aiokafka import AIOKafkaClient
+from sentpipe.logs import configure
+from sentpipe.processors.worker import broker_credentials
+from sentpipe.settings import Settings
+
+s = Settings()
+configure("DEBUG")
+creds = broker_credentials(s)
+
+async def main():
+    client = AIOKafkaClient(
+        bootstrap_servers=s.kafka_bootstrap,
+        security_protocol="SASL_SSL",
+        ssl_context=creds.ssl_context,
+        sasl_mechanism=s.kafka_sasl_mechanism,
+        sasl_plain_username=creds.username,
+        sasl_plain_password=creds.password,
+    )
+    await client.bootstrap()
+    await client.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-512"])
+def test_the_router_logs_no_sasl_token_at_debug(secured: Secured, mechanism: str) -> None:
+    """aiokafka logs each request and response at DEBUG: with SENTPIPE_LOG_LEVEL=DEBUG, the worker's log held
+    PLAIN's password as given (Confluent Cloud's API secret), and SCRAM's salt and client proof."""
+    s = _settings(secured.sasl_ssl, kafka_sasl_mechanism=mechanism)
+    password = secured.sasl_ssl["SENTPIPE_KAFKA_SASL_PASSWORD"]
+    res = subprocess.run(
+        [sys.executable, "-c", _ROUTER_CLIENT_AT_DEBUG],
+        env=settings_env(s),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "SaslAuthenticateRequest" in res.stderr, res.stderr  # the requests are logged, at DEBUG
+    assert f"via {mechanism}" in res.stderr, res.stderr  # and authentication succeeded
+    assert password not in res.stderr and password[:12] not in res.stderr
+    assert "sasl_auth_bytes" not in res.stderr, res.stderr
 
 
 def test_mtls_listener_without_client_certificate_is_refused(secured: Secured) -> None:
