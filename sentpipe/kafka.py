@@ -318,6 +318,28 @@ def _unverified(settings: Settings, reason: str) -> str:
     return _COULD_NOT_VERIFY.sub("", reason) + ": " + cause
 
 
+# The TLS alerts a broker sends about the client's certificate (OpenSSL's words, after "ssl/tls alert").
+_CLIENT_CERTIFICATE_ALERTS = (
+    "certificate unknown",
+    "bad certificate",
+    "certificate expired",
+    "unknown ca",
+    "certificate required",
+)
+
+
+def _client_certificate_hint(settings: Settings) -> str:
+    """The broker's alert says no more than "certificate unknown" or "bad certificate", for a client
+    certificate expired, not yet valid or signed by a CA it does not trust, or for none: which setting."""
+    cert = settings.kafka_ssl_cert_file
+    if cert is None:
+        return " (SENTPIPE_KAFKA_SSL_CERT_FILE is unset: this listener wants a client certificate, mTLS)"
+    return (
+        f" (the broker did not accept SENTPIPE_KAFKA_SSL_CERT_FILE {cert}: expired or not yet valid, or"
+        " signed by a CA it does not trust)"
+    )
+
+
 def check_connection(settings: Settings, timeout: float) -> None:
     """Ask the cluster for metadata as every command does first. BrokerRefused as soon as the broker refuses
     the security settings (about a second: librdkafka reports it on the first connect), BrokerUnavailable
@@ -352,6 +374,8 @@ def check_connection(settings: Settings, timeout: float) -> None:
             reason = reports.refused[0]
             if "certificate verify failed" in reason:
                 reason = _unverified(settings, reason)
+            elif any(f"alert {alert}" in reason for alert in _CLIENT_CERTIFICATE_ALERTS):
+                reason += _client_certificate_hint(settings)
             raise BrokerRefused(f"Kafka broker at {bootstrap} refused the connection: {reason}")
         if time.monotonic() >= deadline:
             raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:g}s")

@@ -349,6 +349,66 @@ def test_mtls_listener_without_client_certificate_is_refused(secured: Secured) -
     _assert_refused(res, time.monotonic() - t0, s.kafka_bootstrap, ["bad certificate"])
 
 
+def _client_certificate(tmp_path: Path, ca: Path, ca_key: Path, *, expired: bool) -> Path:
+    """A client certificate and its key (beside it), signed by `ca`: valid now, or expired in 2020."""
+    key = tmp_path / "client.key"
+    _openssl("genrsa", "-out", str(key), "2048")
+    _openssl("req", "-new", "-key", str(key), "-subj", "/CN=sentpipe", "-out", str(tmp_path / "client.csr"))
+    cert = tmp_path / "client.pem"
+    if not expired:
+        _openssl(
+            *("x509", "-req", "-in", str(tmp_path / "client.csr"), "-CA", str(ca), "-CAkey", str(ca_key)),
+            *("-CAcreateserial", "-days", "2", "-out", str(cert)),
+        )
+        return cert
+    (tmp_path / "newcerts").mkdir()
+    (tmp_path / "index.txt").write_text("")
+    (tmp_path / "serial").write_text("1000\n")
+    (tmp_path / "ca.cnf").write_text(
+        f"[ca]\ndefault_ca=c\n[c]\ndir={tmp_path}\ndatabase=$dir/index.txt\nnew_certs_dir=$dir/newcerts\n"
+        "serial=$dir/serial\ndefault_md=sha256\npolicy=p\n[p]\ncommonName=supplied\n"
+    )
+    _openssl(
+        *("ca", "-batch", "-config", str(tmp_path / "ca.cnf"), "-cert", str(ca), "-keyfile", str(ca_key)),
+        *("-in", str(tmp_path / "client.csr"), "-out", str(cert), "-notext"),
+        *("-startdate", "20200101000000Z", "-enddate", "20200102000000Z"),
+    )
+    return cert
+
+
+@pytest.mark.parametrize("certificate", ["expired", "signed by another CA", "none"])
+def test_a_client_certificate_the_broker_refuses_is_named(
+    secured: Secured, certificate: str, tmp_path: Path
+) -> None:
+    """A broker says no more than "ssl/tls alert certificate unknown" or "bad certificate" of a client
+    certificate expired or signed by a CA it does not trust, or of none: the line names the setting."""
+    ca = Path(secured.mtls["SENTPIPE_KAFKA_SSL_CA_FILE"])
+    env = {k: v for k, v in secured.mtls.items() if "CERT" not in k and "KEY" not in k}
+    if certificate == "expired":
+        cert = _client_certificate(tmp_path, ca, ca.with_name("ca.key"), expired=True)
+    elif certificate == "signed by another CA":
+        other = _other_ca(tmp_path)
+        cert = _client_certificate(tmp_path, other, tmp_path / "other-ca.key", expired=False)
+    if certificate != "none":
+        env |= {
+            "SENTPIPE_KAFKA_SSL_CERT_FILE": str(cert),
+            "SENTPIPE_KAFKA_SSL_KEY_FILE": str(cert.with_suffix(".key")),
+        }
+    with pytest.raises(BrokerRefused) as refused:
+        check_connection(_settings(env), CONNECT_TIMEOUT_S)
+    line = str(refused.value)
+    if certificate == "none":
+        assert line.endswith(
+            "(SENTPIPE_KAFKA_SSL_CERT_FILE is unset: this listener wants a client certificate, mTLS)"
+        ), line
+    else:
+        assert "ssl/tls alert" in line, line
+        assert line.endswith(
+            f"(the broker did not accept SENTPIPE_KAFKA_SSL_CERT_FILE {cert}: expired or not yet valid, or"
+            " signed by a CA it does not trust)"
+        ), line
+
+
 def test_scram_sha_256_and_hostname_verification(secured: Secured) -> None:
     """The same user over SCRAM-SHA-256; `localhost` is in the broker's certificate, so verification holds
     by name as well as by address."""
