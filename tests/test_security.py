@@ -506,6 +506,8 @@ def test_settings_map_to_librdkafka_and_aiokafka(tmp_path: Path) -> None:
         ({"kafka_sasl_username": "u", "kafka_sasl_password": "p"}, "SECURITY_PROTOCOL is PLAINTEXT"),
         ({"kafka_ssl_ca_file": __file__}, "SSL_CA_FILE is set but"),
         ({"kafka_security_protocol": "SSL", "kafka_ssl_cert_file": __file__}, "go together"),
+        ({"kafka_security_protocol": "SSL", "kafka_ssl_key_password": "pw"}, "KEY_PASSWORD is set but"),
+        ({"kafka_ssl_key_password": "pw"}, "KEY_PASSWORD is set but"),
         ({"kafka_security_protocol": "TLS"}, "kafka_security_protocol"),
         ({"kafka_security_protocol": "SSL", "kafka_ssl_ca_file": "/nonexistent.pem"}, "kafka_ssl_ca_file"),
     ],
