@@ -499,6 +499,25 @@ def test_settings_map_to_librdkafka_and_aiokafka(tmp_path: Path) -> None:
     assert tls_context(Settings(kafka_security_protocol="SSL")).check_hostname  # type: ignore[union-attr]
 
 
+def test_the_router_verifies_certificates_as_librdkafka_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python 3.13's default context adds VERIFY_X509_STRICT, which refuses a CA whose basicConstraints is
+    not marked critical (tried: "Basic Constraints of CA cert not marked critical"); librdkafka accepts it,
+    so the start-up check passed and the router could not connect. The default context as 3.13 makes it:"""
+    import ssl
+
+    default = ssl.create_default_context
+
+    def as_in_3_13(*args: object, **kwargs: object) -> ssl.SSLContext:
+        ctx = default(*args, **kwargs)  # type: ignore[arg-type]
+        ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+        return ctx
+
+    monkeypatch.setattr(ssl, "create_default_context", as_in_3_13)
+    ctx = tls_context(Settings(kafka_security_protocol="SSL"))
+    assert ctx is not None and ctx.verify_mode == ssl.CERT_REQUIRED
+    assert not ctx.verify_flags & ssl.VERIFY_X509_STRICT
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
