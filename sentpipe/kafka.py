@@ -234,7 +234,7 @@ _FILE_PROPERTIES = {
 _PROPERTY_FAILED = re.compile(r"^(?:Failed to create \w+(?: \w+)?: )?(ssl\.[a-z.]+) failed: (.*)$", re.DOTALL)
 
 
-def unusable_file(settings: Settings, text: str) -> str:
+def _unusable_file(settings: Settings, text: str) -> str:
     """librdkafka's error at construction in the user's words: the setting and its file, and for a key what
     "PEM lib" means (encrypted without SENTPIPE_KAFKA_SSL_KEY_PASSWORD, or not a key at all)."""
     found = _PROPERTY_FAILED.match(text.strip())
@@ -344,6 +344,16 @@ def _client_certificate_hint(settings: Settings) -> str:
     )
 
 
+def _refused(settings: Settings, reason: str) -> BrokerRefused:
+    """The one line for a broker that refused the security settings, with what librdkafka's reason leaves
+    out: why a certificate was not verified, which setting a TLS alert about ours points at."""
+    if "certificate verify failed" in reason:
+        reason = _unverified(settings, reason)
+    elif any(f"alert {alert}" in reason for alert in _CLIENT_CERTIFICATE_ALERTS):
+        reason += _client_certificate_hint(settings)
+    return BrokerRefused(f"Kafka broker at {settings.kafka_bootstrap} refused the connection: {reason}")
+
+
 def check_connection(settings: Settings, timeout: float) -> None:
     """Ask the cluster for metadata as every command does first. BrokerRefused as soon as the broker refuses
     the security settings (about a second: librdkafka reports it on the first connect), BrokerUnavailable
@@ -363,7 +373,7 @@ def check_connection(settings: Settings, timeout: float) -> None:
         err = exc.args[0] if exc.args else None
         text = err.str() if isinstance(err, KafkaError) else str(exc)
         raise BrokerRefused(
-            f"Kafka client for {bootstrap}: invalid TLS/SASL settings: {unusable_file(settings, text)}"
+            f"Kafka client for {bootstrap}: invalid TLS/SASL settings: {_unusable_file(settings, text)}"
         ) from None
     deadline = time.monotonic() + timeout
     while True:
@@ -375,12 +385,7 @@ def check_connection(settings: Settings, timeout: float) -> None:
             pass
         admin.poll(0)  # serves error_cb
         if reports.refused:
-            reason = reports.refused[0]
-            if "certificate verify failed" in reason:
-                reason = _unverified(settings, reason)
-            elif any(f"alert {alert}" in reason for alert in _CLIENT_CERTIFICATE_ALERTS):
-                reason += _client_certificate_hint(settings)
-            raise BrokerRefused(f"Kafka broker at {bootstrap} refused the connection: {reason}")
+            raise _refused(settings, reports.refused[0])
         if time.monotonic() >= deadline:
             raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:g}s")
 
@@ -417,6 +422,7 @@ class Admin(AdminClient):  # type: ignore[misc]
     says the broker refused the security settings (a wrong password, say) rather than "did not answer"."""
 
     def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.reports = _ConnectReports(settings)
         # librdkafka's FAIL lines (level 6) tell a TLS listener dropping a plaintext client; they are kept,
         # not logged: the caller reports one line instead.
@@ -434,15 +440,13 @@ def admin_client(settings: Settings) -> AdminClient:
     return Admin(settings)
 
 
-def no_answer(admin: AdminClient, bootstrap: str, timeout: float) -> BrokerUnavailable:
+def _no_answer(admin: AdminClient, bootstrap: str, timeout: float) -> BrokerUnavailable:
     """What to raise when a request of `admin` failed: BrokerRefused with the broker's reason when it refused
     the security settings (it will go on refusing), else BrokerUnavailable."""
     if isinstance(admin, Admin):
         admin.poll(0)  # serves error_cb: librdkafka's reports of the failed connects
         if admin.reports.refused:
-            return BrokerRefused(
-                f"Kafka broker at {bootstrap} refused the connection: {admin.reports.refused[0]}"
-            )
+            return _refused(admin.settings, admin.reports.refused[0])
     return BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:g}s")
 
 
@@ -506,7 +510,7 @@ def existing_partitions(admin: AdminClient, bootstrap: str, timeout: float = 10.
     try:
         md = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
-        raise no_answer(admin, bootstrap, timeout) from exc
+        raise _no_answer(admin, bootstrap, timeout) from exc
     return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
 
 
@@ -529,10 +533,10 @@ def topic_configs(
                 out[resource.name] = None
                 continue
             if isinstance(err, KafkaError) and err.code() in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT):
-                raise no_answer(admin, bootstrap, timeout) from exc
+                raise _no_answer(admin, bootstrap, timeout) from exc
             raise
         except TimeoutError as exc:
-            raise no_answer(admin, bootstrap, timeout) from exc
+            raise _no_answer(admin, bootstrap, timeout) from exc
         out[resource.name] = {key: entry.value for key, entry in entries.items() if entry.value is not None}
     return out
 
