@@ -41,12 +41,14 @@ import logging
 import math
 import operator
 import re
+import socket
 import ssl
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import confluent_kafka
@@ -136,6 +138,10 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=None if ca is None else str(ca))
     except (OSError, ssl.SSLError) as exc:
         raise BrokerRefused(f"SENTPIPE_KAFKA_SSL_CA_FILE {ca}: not a usable CA file ({exc})") from None
+    # Python 3.13's default context verifies strictly (a CA's basicConstraints marked critical, its key
+    # usage given, ...); librdkafka and Kafka's Java clients do not. With a CA made without them, the
+    # start-up check (librdkafka) passed and the router's aiokafka was refused: verified as librdkafka does.
+    ctx.verify_flags &= ~ssl.VERIFY_X509_STRICT
     if settings.kafka_ssl_cert_file is not None and settings.kafka_ssl_key_file is not None:
         password = settings.kafka_ssl_key_password
         try:
@@ -219,6 +225,43 @@ def refusal(protocol: str, error_code: int | None, text: str) -> str | None:
     return None
 
 
+# librdkafka's names of the files, as its errors at construction give them ("ssl.key.location failed: ...").
+_FILE_PROPERTIES = {
+    "ssl.ca.location": "SENTPIPE_KAFKA_SSL_CA_FILE",
+    "ssl.certificate.location": "SENTPIPE_KAFKA_SSL_CERT_FILE",
+    "ssl.key.location": "SENTPIPE_KAFKA_SSL_KEY_FILE",
+}
+_PROPERTY_FAILED = re.compile(r"^(?:Failed to create \w+(?: \w+)?: )?(ssl\.[a-z.]+) failed: (.*)$", re.DOTALL)
+
+
+def _unusable_file(settings: Settings, text: str) -> str:
+    """librdkafka's error at construction in the user's words: the setting and its file, and for a key what
+    "PEM lib" means (encrypted without SENTPIPE_KAFKA_SSL_KEY_PASSWORD, or not a key at all)."""
+    found = _PROPERTY_FAILED.match(text.strip())
+    if found is None or found[1] not in _FILE_PROPERTIES:
+        return _reason(text)
+    prop, why = found[1], found[2].strip()
+    path = {
+        "ssl.ca.location": settings.kafka_ssl_ca_file,
+        "ssl.certificate.location": settings.kafka_ssl_cert_file,
+        "ssl.key.location": settings.kafka_ssl_key_file,
+    }[prop]
+    line = f"{_FILE_PROPERTIES[prop]} {path}: not usable ({why})"
+    if prop != "ssl.key.location" or path is None:
+        return line
+    if "key values mismatch" in why:
+        return f"{line}: it is not the key of SENTPIPE_KAFKA_SSL_CERT_FILE"
+    try:
+        encrypted = b"ENCRYPTED" in Path(path).read_bytes()[:4096]
+    except OSError:
+        return line
+    if encrypted and settings.kafka_ssl_key_password is None:
+        return f"{line}: the key is encrypted; give its password in SENTPIPE_KAFKA_SSL_KEY_PASSWORD"
+    if encrypted:
+        return f"{line}: SENTPIPE_KAFKA_SSL_KEY_PASSWORD does not decrypt it"
+    return f"{line}: it holds no PEM private key"
+
+
 class _ConnectReports:
     """The error_cb and logger of a connection check: keeps what librdkafka said about failed connects."""
 
@@ -242,6 +285,75 @@ class _ConnectReports:
                 self.refused.append(reason)
 
 
+# librdkafka's words for every certificate it could not verify, whatever the cause.
+_COULD_NOT_VERIFY = re.compile(
+    r": broker certificate could not be verified, verify that ssl\.ca\.location.*$"
+)
+
+
+def _unverified(settings: Settings, reason: str) -> str:
+    """librdkafka says "verify that ssl.ca.location is correctly configured" for any certificate it could not
+    verify, a name the certificate does not hold included (the CA is right then). OpenSSL's own cause, from a
+    handshake with the same settings through Python's ssl; librdkafka's words when that does not tell."""
+    first = settings.kafka_bootstrap.split(",")[0].strip().split("://")[-1]
+    host, _, port = first.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ctx = tls_context(settings)
+        assert ctx is not None  # librdkafka verified a certificate: TLS is on
+        with socket.create_connection((host, int(port)), timeout=5.0) as sock:
+            ctx.wrap_socket(sock, server_hostname=host).close()
+    except ssl.SSLCertVerificationError as exc:
+        cause = exc.verify_message
+    except Exception:  # the broker went away, or another TLS failure: nothing more to say than librdkafka
+        return reason
+    else:
+        return reason
+    cause = cause.rstrip(".")
+    if "mismatch" in cause:
+        cause += (
+            " (a name in SENTPIPE_KAFKA_BOOTSTRAP and the brokers' advertised names must be in their"
+            " certificates; SENTPIPE_KAFKA_SSL_CHECK_HOSTNAME=false skips this check)"
+        )
+    elif ("issuer" in cause or "self-signed" in cause) and settings.kafka_ssl_ca_file is None:
+        cause += " (SENTPIPE_KAFKA_SSL_CA_FILE is unset: none of the system's CAs signed it)"
+    elif "issuer" in cause or "self-signed" in cause:
+        cause += f" (the CA in SENTPIPE_KAFKA_SSL_CA_FILE {settings.kafka_ssl_ca_file} did not sign it)"
+    return _COULD_NOT_VERIFY.sub("", reason) + ": " + cause
+
+
+# The TLS alerts a broker sends about the client's certificate (OpenSSL's words, after "ssl/tls alert").
+_CLIENT_CERTIFICATE_ALERTS = (
+    "certificate unknown",
+    "bad certificate",
+    "certificate expired",
+    "unknown ca",
+    "certificate required",
+)
+
+
+def _client_certificate_hint(settings: Settings) -> str:
+    """The broker's alert says no more than "certificate unknown" or "bad certificate", for a client
+    certificate expired, not yet valid or signed by a CA it does not trust, or for none: which setting."""
+    cert = settings.kafka_ssl_cert_file
+    if cert is None:
+        return " (SENTPIPE_KAFKA_SSL_CERT_FILE is unset: this listener wants a client certificate, mTLS)"
+    return (
+        f" (the broker did not accept SENTPIPE_KAFKA_SSL_CERT_FILE {cert}: expired or not yet valid, or"
+        " signed by a CA it does not trust)"
+    )
+
+
+def _refused(settings: Settings, reason: str) -> BrokerRefused:
+    """The one line for a broker that refused the security settings, with what librdkafka's reason leaves
+    out: why a certificate was not verified, which setting a TLS alert about ours points at."""
+    if "certificate verify failed" in reason:
+        reason = _unverified(settings, reason)
+    elif any(f"alert {alert}" in reason for alert in _CLIENT_CERTIFICATE_ALERTS):
+        reason += _client_certificate_hint(settings)
+    return BrokerRefused(f"Kafka broker at {settings.kafka_bootstrap} refused the connection: {reason}")
+
+
 def check_connection(settings: Settings, timeout: float) -> None:
     """Ask the cluster for metadata as every command does first. BrokerRefused as soon as the broker refuses
     the security settings (about a second: librdkafka reports it on the first connect), BrokerUnavailable
@@ -261,7 +373,7 @@ def check_connection(settings: Settings, timeout: float) -> None:
         err = exc.args[0] if exc.args else None
         text = err.str() if isinstance(err, KafkaError) else str(exc)
         raise BrokerRefused(
-            f"Kafka client for {bootstrap}: invalid TLS/SASL settings: {_reason(text)}"
+            f"Kafka client for {bootstrap}: invalid TLS/SASL settings: {_unusable_file(settings, text)}"
         ) from None
     deadline = time.monotonic() + timeout
     while True:
@@ -273,7 +385,7 @@ def check_connection(settings: Settings, timeout: float) -> None:
             pass
         admin.poll(0)  # serves error_cb
         if reports.refused:
-            raise BrokerRefused(f"Kafka broker at {bootstrap} refused the connection: {reports.refused[0]}")
+            raise _refused(settings, reports.refused[0])
         if time.monotonic() >= deadline:
             raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:g}s")
 
@@ -305,9 +417,37 @@ def producer_config(settings: Settings, *, delivery_timeout_s: float | None = No
     }
 
 
+class Admin(AdminClient):  # type: ignore[misc]
+    """An AdminClient that keeps what librdkafka said of failed connects, so that a request that failed
+    says the broker refused the security settings (a wrong password, say) rather than "did not answer"."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.reports = _ConnectReports(settings)
+        # librdkafka's FAIL lines (level 6) tell a TLS listener dropping a plaintext client; they are kept,
+        # not logged: the caller reports one line instead.
+        config: dict[str, Any] = {
+            **client_config(settings),
+            "socket.timeout.ms": 5000,
+            "error_cb": self.reports.error,
+            "logger": self.reports,
+            "log_level": 6,
+        }
+        super().__init__(config)
+
+
 def admin_client(settings: Settings) -> AdminClient:
-    # librdkafka logs every failed connect; the caller reports one line instead.
-    return AdminClient({**client_config(settings), "socket.timeout.ms": 5000, "log_level": 0})
+    return Admin(settings)
+
+
+def _no_answer(admin: AdminClient, bootstrap: str, timeout: float) -> BrokerUnavailable:
+    """What to raise when a request of `admin` failed: BrokerRefused with the broker's reason when it refused
+    the security settings (it will go on refusing), else BrokerUnavailable."""
+    if isinstance(admin, Admin):
+        admin.poll(0)  # serves error_cb: librdkafka's reports of the failed connects
+        if admin.reports.refused:
+            return _refused(admin.settings, admin.reports.refused[0])
+    return BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:g}s")
 
 
 # The group coordinator is not answering yet (a broker just started and still loading its offsets topic) or
@@ -378,7 +518,7 @@ def existing_partitions(admin: AdminClient, bootstrap: str, timeout: float = 10.
     try:
         md = admin.list_topics(timeout=timeout)
     except KafkaException as exc:
-        raise BrokerUnavailable(f"Kafka broker at {bootstrap} did not answer within {timeout:g}s") from exc
+        raise _no_answer(admin, bootstrap, timeout) from exc
     return {name: len(t.partitions) for name, t in md.topics.items() if t.error is None}
 
 
@@ -401,14 +541,10 @@ def topic_configs(
                 out[resource.name] = None
                 continue
             if isinstance(err, KafkaError) and err.code() in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT):
-                raise BrokerUnavailable(
-                    f"Kafka broker at {bootstrap} did not answer within {timeout:g}s"
-                ) from exc
+                raise _no_answer(admin, bootstrap, timeout) from exc
             raise
         except TimeoutError as exc:
-            raise BrokerUnavailable(
-                f"Kafka broker at {bootstrap} did not answer within {timeout:g}s"
-            ) from exc
+            raise _no_answer(admin, bootstrap, timeout) from exc
         out[resource.name] = {key: entry.value for key, entry in entries.items() if entry.value is not None}
     return out
 

@@ -188,6 +188,22 @@ class RepeatsNowAndThen(logging.Filter):
         return True
 
 
+def _sasl_token(arg: object) -> bool:
+    return type(arg).__name__.startswith("SaslAuthenticate")  # aiokafka's SaslAuthenticateRequest_v1 etc.
+
+
+class SaslTokensHidden(logging.Filter):
+    """aiokafka logs every request and response at DEBUG, SASL's tokens too: PLAIN's holds the password as
+    given, SCRAM's the salt and the client's proof (enough to guess the password offline). Logged without."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(_sasl_token(a) for a in record.args):
+            record.args = tuple(
+                f"{type(a).__name__}(token hidden)" if _sasl_token(a) else a for a in record.args
+            )
+        return True
+
+
 def _add_once(name: str, kind: type[logging.Filter], make: Callable[[], logging.Filter]) -> None:
     logger = logging.getLogger(name)
     if not any(isinstance(f, kind) for f in logger.filters):
@@ -204,6 +220,7 @@ def configure(level: str = "INFO", json: bool = False) -> None:
     repeats = RepeatsNowAndThen()  # one for all: a kind is told apart by its logger's name
     for name in _RETRYING_LOGGERS:
         _add_once(name, RepeatsNowAndThen, lambda: repeats)
+    _add_once("aiokafka.conn", SaslTokensHidden, SaslTokensHidden)
     global _HANDLER
     _HANDLER = logging.StreamHandler(sys.stderr)
     _HANDLER.setFormatter(

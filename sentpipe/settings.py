@@ -353,6 +353,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 "SENTPIPE_KAFKA_SSL_CERT_FILE and SENTPIPE_KAFKA_SSL_KEY_FILE go together (mTLS)"
             )
+        if self.kafka_ssl_key_password is not None and self.kafka_ssl_key_file is None:
+            # Else ignored by every client: an mTLS set-up with its file settings misspelt ran without one.
+            raise ValueError(
+                "SENTPIPE_KAFKA_SSL_KEY_PASSWORD is set but SENTPIPE_KAFKA_SSL_KEY_FILE is not: give the"
+                " key (and SENTPIPE_KAFKA_SSL_CERT_FILE) for mTLS, or leave the password unset"
+            )
         return self
 
     @model_validator(mode="after")

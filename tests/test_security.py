@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +25,8 @@ import pytest
 
 from sentpipe.console.tail import Tail
 from sentpipe.ingress.spool import process_dir
-from sentpipe.kafka import check_connection, refusal, security_config, tls_context
+from sentpipe.kafka import BrokerRefused, check_connection, refusal, security_config, tls_context
+from sentpipe.processors.offsets import Log
 from sentpipe.processors.worker import broker_credentials
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.topics import Topics
@@ -32,7 +34,7 @@ from sentpipe.settings import Settings
 from tests.kafka_tools import read_topic, wait_topics_ready
 from tests.oracle import row_count
 from tests.pipeline import deliver, start_ingress, start_worker, wait_caught_up, wait_for
-from tests.processes import free_port
+from tests.processes import free_port, settings_env
 from tests.secured import Secured, ToolMissing, start_secured
 from tests.services import ServiceUnavailable
 from tests.test_ops_cli import sentpipe
@@ -274,11 +276,137 @@ def test_operator_commands_work_over_a_secured_listener(
     assert {row["event_id"] for row in tail.recent} == set(keys)
 
 
+@pytest.mark.parametrize("failure", ["wrong password", "plaintext against TLS"])
+def test_console_reads_say_the_broker_refused_not_that_it_did_not_answer(
+    secured: Secured, failure: str, tmp_path: Path
+) -> None:
+    """The console starts without a connection check (its database pages work while Kafka is away): its
+    live tail, Kafka pages and jobs met a broker refusing the settings through `Log`, which said "did not
+    answer within 10s", sending the operator to the network instead of the password or protocol."""
+    kafka_env, needles = _refused_env(secured, failure, tmp_path)
+    s = _settings(kafka_env)
+    with pytest.raises(BrokerRefused) as refused:
+        Log(s, timeout=5.0)
+    line = str(refused.value)
+    assert line.startswith(f"Kafka broker at {s.kafka_bootstrap} refused the connection: "), line
+    for needle in needles:
+        assert needle in line, line
+    assert "not-the-password" not in line
+
+
+# The router's aiokafka client, set up as the worker sets it up, with the worker's logging at DEBUG.
+_ROUTER_CLIENT_AT_DEBUG = """
+import asyncio
+from aiokafka import AIOKafkaClient
+from sentpipe.logs import configure
+from sentpipe.processors.worker import broker_credentials
+from sentpipe.settings import Settings
+
+s = Settings()
+configure("DEBUG")
+creds = broker_credentials(s)
+
+async def main():
+    client = AIOKafkaClient(
+        bootstrap_servers=s.kafka_bootstrap,
+        security_protocol="SASL_SSL",
+        ssl_context=creds.ssl_context,
+        sasl_mechanism=s.kafka_sasl_mechanism,
+        sasl_plain_username=creds.username,
+        sasl_plain_password=creds.password,
+    )
+    await client.bootstrap()
+    await client.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-512"])
+def test_the_router_logs_no_sasl_token_at_debug(secured: Secured, mechanism: str) -> None:
+    """aiokafka logs each request and response at DEBUG: with SENTPIPE_LOG_LEVEL=DEBUG, the worker's log held
+    PLAIN's password as given (Confluent Cloud's API secret), and SCRAM's salt and client proof."""
+    s = _settings(secured.sasl_ssl, kafka_sasl_mechanism=mechanism)
+    password = secured.sasl_ssl["SENTPIPE_KAFKA_SASL_PASSWORD"]
+    res = subprocess.run(
+        [sys.executable, "-c", _ROUTER_CLIENT_AT_DEBUG],
+        env=settings_env(s),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "SaslAuthenticateRequest" in res.stderr, res.stderr  # the requests are logged, at DEBUG
+    assert f"via {mechanism}" in res.stderr, res.stderr  # and authentication succeeded
+    assert password not in res.stderr and password[:12] not in res.stderr
+    assert "sasl_auth_bytes" not in res.stderr, res.stderr
+
+
 def test_mtls_listener_without_client_certificate_is_refused(secured: Secured) -> None:
     s = _settings({k: v for k, v in secured.mtls.items() if "CERT" not in k and "KEY" not in k})
     t0 = time.monotonic()
     res = sentpipe(s, "topics", "ensure", "--timeout", str(CONNECT_TIMEOUT_S), timeout=60)
     _assert_refused(res, time.monotonic() - t0, s.kafka_bootstrap, ["bad certificate"])
+
+
+def _client_certificate(tmp_path: Path, ca: Path, ca_key: Path, *, expired: bool) -> Path:
+    """A client certificate and its key (beside it), signed by `ca`: valid now, or expired in 2020."""
+    key = tmp_path / "client.key"
+    _openssl("genrsa", "-out", str(key), "2048")
+    _openssl("req", "-new", "-key", str(key), "-subj", "/CN=sentpipe", "-out", str(tmp_path / "client.csr"))
+    cert = tmp_path / "client.pem"
+    if not expired:
+        _openssl(
+            *("x509", "-req", "-in", str(tmp_path / "client.csr"), "-CA", str(ca), "-CAkey", str(ca_key)),
+            *("-CAcreateserial", "-days", "2", "-out", str(cert)),
+        )
+        return cert
+    (tmp_path / "newcerts").mkdir()
+    (tmp_path / "index.txt").write_text("")
+    (tmp_path / "serial").write_text("1000\n")
+    (tmp_path / "ca.cnf").write_text(
+        f"[ca]\ndefault_ca=c\n[c]\ndir={tmp_path}\ndatabase=$dir/index.txt\nnew_certs_dir=$dir/newcerts\n"
+        "serial=$dir/serial\ndefault_md=sha256\npolicy=p\n[p]\ncommonName=supplied\n"
+    )
+    _openssl(
+        *("ca", "-batch", "-config", str(tmp_path / "ca.cnf"), "-cert", str(ca), "-keyfile", str(ca_key)),
+        *("-in", str(tmp_path / "client.csr"), "-out", str(cert), "-notext"),
+        *("-startdate", "20200101000000Z", "-enddate", "20200102000000Z"),
+    )
+    return cert
+
+
+@pytest.mark.parametrize("certificate", ["expired", "signed by another CA", "none"])
+def test_a_client_certificate_the_broker_refuses_is_named(
+    secured: Secured, certificate: str, tmp_path: Path
+) -> None:
+    """A broker says no more than "ssl/tls alert certificate unknown" or "bad certificate" of a client
+    certificate expired or signed by a CA it does not trust, or of none: the line names the setting."""
+    ca = Path(secured.mtls["SENTPIPE_KAFKA_SSL_CA_FILE"])
+    env = {k: v for k, v in secured.mtls.items() if "CERT" not in k and "KEY" not in k}
+    if certificate == "expired":
+        cert = _client_certificate(tmp_path, ca, ca.with_name("ca.key"), expired=True)
+    elif certificate == "signed by another CA":
+        other = _other_ca(tmp_path)
+        cert = _client_certificate(tmp_path, other, tmp_path / "other-ca.key", expired=False)
+    if certificate != "none":
+        env |= {
+            "SENTPIPE_KAFKA_SSL_CERT_FILE": str(cert),
+            "SENTPIPE_KAFKA_SSL_KEY_FILE": str(cert.with_suffix(".key")),
+        }
+    with pytest.raises(BrokerRefused) as refused:
+        check_connection(_settings(env), CONNECT_TIMEOUT_S)
+    line = str(refused.value)
+    if certificate == "none":
+        assert line.endswith(
+            "(SENTPIPE_KAFKA_SSL_CERT_FILE is unset: this listener wants a client certificate, mTLS)"
+        ), line
+    else:
+        assert "ssl/tls alert" in line, line
+        assert line.endswith(
+            f"(the broker did not accept SENTPIPE_KAFKA_SSL_CERT_FILE {cert}: expired or not yet valid, or"
+            " signed by a CA it does not trust)"
+        ), line
 
 
 def test_scram_sha_256_and_hostname_verification(secured: Secured) -> None:
@@ -287,6 +415,30 @@ def test_scram_sha_256_and_hostname_verification(secured: Secured) -> None:
     port = secured.sasl_ssl["SENTPIPE_KAFKA_BOOTSTRAP"].rsplit(":", 1)[1]
     check_connection(_settings(secured.sasl_ssl, kafka_sasl_mechanism="SCRAM-SHA-256"), CONNECT_TIMEOUT_S)
     check_connection(_settings(secured.sasl_ssl, kafka_bootstrap=f"localhost:{port}"), CONNECT_TIMEOUT_S)
+
+
+def test_a_certificate_not_verified_says_why(secured: Secured, tmp_path: Path) -> None:
+    """librdkafka says "verify that ssl.ca.location is correctly configured" for any certificate it could not
+    verify: for a name the broker's certificate does not hold (`127.1` is 127.0.0.1, not in its names), the
+    line sent the operator to a CA that was right. It says the name does not match, and the way out."""
+    port = secured.sasl_ssl["SENTPIPE_KAFKA_BOOTSTRAP"].rsplit(":", 1)[1]
+    s = _settings(secured.sasl_ssl, kafka_bootstrap=f"127.1:{port}")
+    with pytest.raises(BrokerRefused) as refused:
+        check_connection(s, CONNECT_TIMEOUT_S)
+    line = str(refused.value)
+    assert "certificate verify failed: Hostname mismatch, certificate is not valid for '127.1'" in line, line
+    assert "SENTPIPE_KAFKA_SSL_CHECK_HOSTNAME=false" in line and "ssl.ca.location" not in line, line
+    check_connection(
+        _settings(secured.sasl_ssl, kafka_bootstrap=f"127.1:{port}", kafka_ssl_check_hostname=False),
+        CONNECT_TIMEOUT_S,
+    )
+    # A CA that did not sign it: said so, naming the file.
+    other = _other_ca(tmp_path)
+    with pytest.raises(BrokerRefused) as refused:
+        check_connection(_settings(secured.sasl_ssl, kafka_ssl_ca_file=other), CONNECT_TIMEOUT_S)
+    line = str(refused.value)
+    assert f"(the CA in SENTPIPE_KAFKA_SSL_CA_FILE {other} did not sign it)" in line, line
+    assert "ssl.ca.location" not in line, line
 
 
 def test_database_tls_refusals_are_one_line(secured: Secured) -> None:
@@ -347,6 +499,25 @@ def test_settings_map_to_librdkafka_and_aiokafka(tmp_path: Path) -> None:
     assert tls_context(Settings(kafka_security_protocol="SSL")).check_hostname  # type: ignore[union-attr]
 
 
+def test_the_router_verifies_certificates_as_librdkafka_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python 3.13's default context adds VERIFY_X509_STRICT, which refuses a CA whose basicConstraints is
+    not marked critical (tried: "Basic Constraints of CA cert not marked critical"); librdkafka accepts it,
+    so the start-up check passed and the router could not connect. The default context as 3.13 makes it:"""
+    import ssl
+
+    default = ssl.create_default_context
+
+    def as_in_3_13(*args: object, **kwargs: object) -> ssl.SSLContext:
+        ctx = default(*args, **kwargs)  # type: ignore[arg-type]
+        ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+        return ctx
+
+    monkeypatch.setattr(ssl, "create_default_context", as_in_3_13)
+    ctx = tls_context(Settings(kafka_security_protocol="SSL"))
+    assert ctx is not None and ctx.verify_mode == ssl.CERT_REQUIRED
+    assert not ctx.verify_flags & ssl.VERIFY_X509_STRICT
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
@@ -354,6 +525,8 @@ def test_settings_map_to_librdkafka_and_aiokafka(tmp_path: Path) -> None:
         ({"kafka_sasl_username": "u", "kafka_sasl_password": "p"}, "SECURITY_PROTOCOL is PLAINTEXT"),
         ({"kafka_ssl_ca_file": __file__}, "SSL_CA_FILE is set but"),
         ({"kafka_security_protocol": "SSL", "kafka_ssl_cert_file": __file__}, "go together"),
+        ({"kafka_security_protocol": "SSL", "kafka_ssl_key_password": "pw"}, "KEY_PASSWORD is set but"),
+        ({"kafka_ssl_key_password": "pw"}, "KEY_PASSWORD is set but"),
         ({"kafka_security_protocol": "TLS"}, "kafka_security_protocol"),
         ({"kafka_security_protocol": "SSL", "kafka_ssl_ca_file": "/nonexistent.pem"}, "kafka_ssl_ca_file"),
     ],
@@ -363,6 +536,52 @@ def test_half_a_security_configuration_is_refused_by_the_settings(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         Settings(**values)  # type: ignore[arg-type]
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize(
+    ("key", "password", "says"),
+    [
+        ("encrypted", None, "the key is encrypted; give its password in SENTPIPE_KAFKA_SSL_KEY_PASSWORD"),
+        ("encrypted", "not-the-key-password", "SENTPIPE_KAFKA_SSL_KEY_PASSWORD does not decrypt it"),
+        ("garbage", None, "it holds no PEM private key"),
+        ("another", None, "it is not the key of SENTPIPE_KAFKA_SSL_CERT_FILE"),
+    ],
+)
+def test_an_unusable_client_key_is_named_with_its_cause(
+    tmp_path: Path, key: str, password: str | None, says: str
+) -> None:
+    """librdkafka says "ssl.key.location failed: ... PEM lib" for a key it cannot load, whatever the cause:
+    the line names the setting and the file, and tells an encrypted key without its password from no key."""
+    cert, plain = tmp_path / "client.pem", tmp_path / "client.key"
+    _openssl(
+        *("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=c"),
+        *("-keyout", str(plain), "-out", str(cert)),
+    )
+    given = tmp_path / f"{key}.key"
+    if key == "encrypted":
+        _openssl(
+            "pkey", "-in", str(plain), "-aes256", "-passout", "pass:the-key-password", "-out", str(given)
+        )
+    elif key == "garbage":
+        given.write_text("not a key\n")
+    else:
+        _openssl("genrsa", "-out", str(given), "2048")
+    s = Settings(
+        kafka_security_protocol="SSL",
+        kafka_ssl_cert_file=cert,
+        kafka_ssl_key_file=given,
+        kafka_ssl_key_password=password,  # type: ignore[arg-type]
+    )
+    with pytest.raises(BrokerRefused) as refused:
+        check_connection(s, 1.0)
+    line = str(refused.value)
+    assert f"invalid TLS/SASL settings: SENTPIPE_KAFKA_SSL_KEY_FILE {given}: not usable (" in line, line
+    assert line.endswith(says), line
+    assert "ssl.key.location" not in line and "key-password" not in line, line
 
 
 def test_refusal_tells_a_refusing_broker_from_an_absent_one() -> None:
