@@ -21,6 +21,11 @@ from tests.processes import Proc, free_port, settings_env, start_ingress
 
 T = TypeVar("T")
 
+# The receipt time of raw records a test writes itself: after every seeded sample's time (SampleFactory's
+# clock starts at 2026-01-01), as no event is received before it happens. A template's status orders its
+# events by a time capped at receipt plus 5 minutes: received earlier, they all tied at that cap.
+SEEDED_RECEIPT_MS = 1_769_904_000_000
+
 
 @dataclass
 class Worker:

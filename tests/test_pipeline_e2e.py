@@ -24,6 +24,7 @@ from tests.http_tools import metric_sum, post_all, scrape
 from tests.kafka_tools import read_topic
 from tests.oracle import actual_state, expected_state, row_count
 from tests.pipeline import (
+    SEEDED_RECEIPT_MS,
     own_topics,
     start_ingress,
     start_worker,
@@ -285,7 +286,7 @@ def test_two_workers_starting_on_a_backlog_route_every_event_once(settings: Sett
         event_id = frame(body, webhook_id=None).event_id
         headers = r.raw_headers(
             tenant="default",
-            received_at_ms=1_761_905_442_000,
+            received_at_ms=SEEDED_RECEIPT_MS,
             webhook_id="w",
             request_id="q",
             event_type=None,

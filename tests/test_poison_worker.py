@@ -36,6 +36,7 @@ from tests.kafka_mock import produce_as_bytes
 from tests.kafka_tools import group_offsets, read_topic
 from tests.oracle import row_count
 from tests.pipeline import (
+    SEEDED_RECEIPT_MS,
     start_ingress,
     start_worker,
     wait_caught_up,
@@ -108,7 +109,7 @@ def raw_record(body: bytes) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
         body,
         r.raw_headers(
             tenant="default",
-            received_at_ms=1_761_905_442_000,
+            received_at_ms=SEEDED_RECEIPT_MS,
             webhook_id="w",
             request_id="q",
             event_type=None,
@@ -434,7 +435,7 @@ def test_a_raw_record_whose_header_name_is_not_utf8_is_routed_and_its_neighbours
         webhook_id = f"w-{i}"
         headers = r.raw_headers(
             tenant="default",
-            received_at_ms=1_761_905_442_000,
+            received_at_ms=SEEDED_RECEIPT_MS,
             webhook_id=webhook_id,
             request_id="q",
             event_type=None,
