@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from sentpipe.settings import Settings
@@ -80,6 +81,7 @@ class Proc:
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
         self.args, self.env, self.log = args, env, log
         self.p: subprocess.Popen[bytes] | None = None
+        self.preexec: Callable[[], object] | None = None  # run in the child before it starts
 
     def start(self) -> Proc:
         fh = self.log.open("ab")
@@ -89,6 +91,7 @@ class Proc:
             stdout=fh,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # kill() takes its children along (role `all`'s projector process)
+            preexec_fn=self.preexec,
         )
         return self
 

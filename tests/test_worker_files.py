@@ -17,7 +17,7 @@ from sentpipe.settings import Settings
 from tests.http_tools import post_all
 from tests.kafka_tools import record_count
 from tests.oracle import row_count
-from tests.pipeline import Worker, start_ingress, start_worker, wait_caught_up, wait_for, worker_env
+from tests.pipeline import Worker, start_ingress, wait_caught_up, wait_for, worker_env
 from tests.processes import Proc, settings_env
 
 N = 20
@@ -100,15 +100,18 @@ def test_the_worker_raises_its_open_files_limit_to_the_hard_one(settings: Settin
     systemd's soft limit of 1,024 (hard: 524,288) a worker given 170 partitions stopped with "Too many open
     files", at its start or at the rebalance that handed it a dead worker's share. The ingress raised its
     soft limit to the hard one already; the worker now does too (its projector process inherits it)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     child_hard = 8192 if hard == resource.RLIM_INFINITY else hard  # Linux has no infinite soft limit
     assert child_hard > 256, f"this test needs a hard limit above 256, not {hard}"
-    resource.setrlimit(resource.RLIMIT_NOFILE, (256, child_hard))
+    env = worker_env(settings, tmp_path, 0, None, table_store="rocksdb://")
+    mport = int(env["SENTPIPE_WORKER_METRICS_PORT"])
+    # Lowered in the child only: late in a full test session this process holds more than 256 descriptors
+    # itself, and lowered here its own next pipe failed "Too many open files".
+    proc = Proc(["worker"], env, tmp_path / "worker.log")
+    proc.preexec = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, child_hard))
+    worker = Worker(proc.start(), mport)
     try:
-        worker = start_worker(settings, tmp_path, table_store="rocksdb://")  # inherits the 256
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    try:
+        proc.wait_http(f"http://127.0.0.1:{mport}/metrics")
         assert worker.proc.p is not None
         assert _open_files_soft_limit(worker.proc.p.pid) == child_hard
     finally:

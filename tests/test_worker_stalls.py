@@ -24,7 +24,7 @@ from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.kafka_tools import record_count
 from tests.oracle import actual_state, expected_state, row_count
-from tests.pipeline import Worker, lag, start_worker, wait_for, wait_until
+from tests.pipeline import SEEDED_RECEIPT_MS, Worker, lag, start_worker, wait_for, wait_until
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -46,7 +46,7 @@ def _produce_routed(settings: Settings, bodies: list[bytes]) -> None:
             topics=Topics(settings.topic_prefix),
             id_source="auto",
             default_tenant="default",
-            record_timestamp_ms=0,
+            record_timestamp_ms=SEEDED_RECEIPT_MS,  # received after the seeded events happen, as in life
         )
         producer.produce(routed.topic, routed.value, routed.key)
     assert producer.flush(10) == 0
