@@ -279,13 +279,19 @@ class Router:
         if not values:
             return
         store = self.seen.data
-        for key, value in values.items():
-            with in_partition(partition_of[key]), _reopened_on_failure(store, partition_of[key]):
-                if value is None:
-                    with contextlib.suppress(KeyError):
-                        del store[key]
-                else:
-                    store[key] = value
+        partition = -1
+        try:
+            for key, value in values.items():
+                partition = partition_of[key]
+                with in_partition(partition):
+                    if value is None:
+                        with contextlib.suppress(KeyError):
+                            del store[key]
+                    else:
+                        store[key] = value
+        except Exception as exc:  # one handler for the batch: a context manager per mark cost every mark
+            _reopen_after_failure(store, partition, exc)
+            raise
         pending = list(values)
         attempt = 1
         while True:
@@ -307,8 +313,11 @@ class Router:
                     partition, offsets, functools.partial(_stored_offset, store, tp)
                 )
                 if held is not None:
-                    with _reopened_on_failure(store, partition):
+                    try:
                         store.set_persisted_offset(tp, held)
+                    except Exception as exc:
+                        _reopen_after_failure(store, partition, exc)
+                        raise
             if not failed:
                 return
             if self._stopping():
@@ -1051,35 +1060,30 @@ def _stored_offset(table_store: Any, tp: TP) -> int | None:
     return None if offset is None else int(offset)
 
 
-@contextmanager
-def _reopened_on_failure(table_store: Any, partition: int) -> Iterator[None]:
+def _reopen_after_failure(table_store: Any, partition: int, exc: Exception) -> None:
     """A RocksDB database whose write failed (a full disk: its log could not be appended to) keeps that
     error and refuses every later write, long after the disk has room again: the router held the same batch
     for ever, until a restart. So the failed partition's database is closed and opened again (its log
-    recovered up to the last whole write) before the error goes on to fail the batch, which is routed again
-    with backoff. The memory store has no databases; its errors only go on."""
+    recovered up to the last whole write); the caller's error then fails the batch, which is routed again
+    with backoff. The memory store has no databases: nothing to do."""
+    dbs: dict[int, Any] | None = getattr(table_store, "_dbs", None)
+    old = None if dbs is None else dbs.pop(partition, None)
+    if dbs is None or old is None:
+        return
+    # Closed outright: freeing the handle is not enough, as the failure's traceback still holds it (and so
+    # RocksDB's lock): the reopen failed with "lock hold by current process", and so did every later one
+    # while a failure's traceback was alive. A closed handle answers DbClosedError.
+    with contextlib.suppress(Exception):
+        old.close()
+    log.error(
+        "the dedup table's RocksDB database of partition %d refused a write (%s): opening it again",
+        partition,
+        exc,
+    )
     try:
-        yield
-    except Exception as exc:
-        dbs: dict[int, Any] | None = getattr(table_store, "_dbs", None)
-        old = None if dbs is None else dbs.pop(partition, None)
-        if dbs is None or old is None:
-            raise
-        # Closed outright: freeing the handle is not enough, as this exception's traceback still holds it
-        # (and so RocksDB's lock): the reopen failed with "lock hold by current process", and so did every
-        # later one while a failure's traceback was alive. A closed handle answers DbClosedError.
-        with contextlib.suppress(Exception):
-            old.close()
-        log.error(
-            "the dedup table's RocksDB database of partition %d refused a write (%s): opening it again",
-            partition,
-            exc,
-        )
-        try:
-            dbs[partition] = table_store._open_for_partition(partition)
-        except Exception as again:  # the disk still refuses: Faust opens it at the next write
-            log.error("the dedup table's RocksDB database of partition %d: %s", partition, again)
-        raise
+        dbs[partition] = table_store._open_for_partition(partition)
+    except Exception as again:  # the disk still refuses: Faust opens it at the next write
+        log.error("the dedup table's RocksDB database of partition %d: %s", partition, again)
 
 
 def _sweep_keys(shards: store.Shards | None, table: Any) -> Iterator[bytes]:
