@@ -133,7 +133,10 @@ FUTURE_SKEW = timedelta(minutes=5)
 
 def order_time(ev: CanonicalEvent) -> datetime:
     """The time a template event counts as for last-writer-wins (what `template_status.occurred_at` holds)."""
-    return min(ev.occurred_at, _received(ev) + FUTURE_SKEW)
+    received = _received(ev)
+    # Compared before the sum: received in the last minutes of year 9999 (the model's bound), the sum
+    # overflowed datetime, and the event was dead-lettered.
+    return ev.occurred_at if ev.occurred_at - FUTURE_SKEW <= received else received + FUTURE_SKEW
 
 
 # Templates move back and forth (approved, paused, approved): the latest event wins, ties by event id.

@@ -14,7 +14,7 @@ from sentpipe.processors.handlers import HandlerRegistry
 from sentpipe.processors.retry import classify
 from sentpipe.processors.sink import PostgresSink
 from sentpipe.schemas import routing as r
-from sentpipe.schemas.events import EventType
+from sentpipe.schemas.events import MAX_EPOCH_MS, EventType
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 
@@ -184,4 +184,17 @@ async def test_a_template_event_dated_far_ahead_does_not_pin_the_status_for_good
     assert await sink.apply(EventType.TEMPLATE_APPROVAL, [approved], 1) == []
     with psycopg.connect(db_url) as c:
         row = c.execute("SELECT status FROM template_status WHERE template_id = 'tpl-1'").fetchone()
+        assert row == ("approved",), row
+
+
+async def test_a_template_event_received_at_the_end_of_time_is_projected(
+    pool: AsyncConnectionPool, db_url: str
+) -> None:
+    """Receipt plus the five minutes overflowed datetime for a record received in the last minutes of year
+    9999 (a raw record's timestamp, which the model allows): the event was dead-lettered, not projected."""
+    received = datetime.fromtimestamp(MAX_EPOCH_MS / 1000, UTC)
+    event = template_event("tpl-end", "approved", "9999-12-31T23:58:00Z", received)
+    assert await PostgresSink(pool, HandlerRegistry()).apply(EventType.TEMPLATE_APPROVAL, [event], 1) == []
+    with psycopg.connect(db_url) as c:
+        row = c.execute("SELECT status FROM template_status WHERE template_id = 'tpl-end'").fetchone()
         assert row == ("approved",), row
