@@ -26,10 +26,11 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Fine between 50 ms and 1 s, where a healthy pipeline's p99 lies: with 0.25 and 0.5 the only bounds there,
-# any p99 in between was read as a straight line through that bucket.
+# any p99 in between was read as a straight line through that bucket. Above, no bound more than 2.5 times
+# the one before: with 60 then 300, a backlog's 100 s p99 read as about 290 s.
 _LAG_BUCKETS = (
     *(0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75),
-    *(1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0),
+    *(1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0),
 )
 
 # --- ingress -------------------------------------------------------------------------------------------

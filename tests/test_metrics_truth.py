@@ -5,6 +5,7 @@ against a real scrape."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
@@ -165,3 +166,14 @@ def test_the_service_level_graph_draws_the_targets_the_stats_and_the_alert_use()
         values, style = _thresholds(graph, legend)
         assert style != "off", f"{legend!r}: its thresholds are not drawn, so no target line"
         assert target in values, f"{legend!r}: no threshold at its target {target} (has {values})"
+
+
+def test_the_end_to_end_lag_buckets_read_a_backlog_s_p99_near_its_value() -> None:
+    """histogram_quantile draws a straight line through the bucket a quantile falls in: with bounds 60 then
+    300, every lag between read as anywhere up to 300 s."""
+    from sentpipe.metrics import END_TO_END_LAG_SECONDS
+
+    bounds = [b for b in END_TO_END_LAG_SECONDS._upper_bounds if b != float("inf")]
+    wide = [(lo, hi) for lo, hi in itertools.pairwise(bounds) if lo >= 1.0 and hi / lo > 2.5]
+    assert not wide, f"buckets too wide to read a p99 from: {wide}"
+    assert bounds[-1] >= 3600.0, "an hour's backlog must still fall in a bucket"
