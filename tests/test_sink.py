@@ -321,3 +321,27 @@ async def test_what_sent_documents_lands_in_every_column_and_the_payload_verbati
         ).fetchall() == [
             ("t", "9ba7b810-9dad-11d1-80b4-00c04fd430c8", "order_confirmation", "approved", None, at)
         ]
+
+
+async def test_empty_text_is_stored_as_null_like_an_absent_or_null_field(
+    pool: AsyncConnectionPool, db_url: str
+) -> None:
+    """The model reads "" as "not given" (README, Validation limits), but the columns kept "": a media-only
+    inbound message or a template approved with `"reason": ""` was missed by `IS NULL`."""
+    inbound = sent_event(
+        {
+            **SENT_RECEIVED,
+            "payload": {**SENT_RECEIVED["payload"], "text": "", "provider": "", "channel": None},
+        }
+    )
+    template = sent_event({**SENT_TEMPLATE, "payload": {**SENT_TEMPLATE["payload"], "reason": ""}})
+    sink = PostgresSink(pool, HandlerRegistry())
+    assert await sink.apply(EventType.MESSAGE_INBOUND, [inbound], 1) == []
+    assert await sink.apply(EventType.TEMPLATE_APPROVAL, [template], 1) == []
+    with psycopg.connect(db_url) as c:
+        assert c.execute(
+            "SELECT text, channel, provider, payload->>'text' FROM inbound_messages"
+        ).fetchall() == [(None, None, None, "")]
+        assert c.execute("SELECT name, reason FROM template_status").fetchall() == [
+            ("order_confirmation", None)
+        ]
