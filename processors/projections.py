@@ -68,8 +68,10 @@ def _received(ev: CanonicalEvent) -> datetime:
 
 
 def _text(data: dict[str, Any], key: str) -> str | None:
+    # Absent, null and "" are "not given" (events.py reads them alike): NULL in the column. Stored as "", an
+    # inbound message without text or a template without a reason was not found by `IS NULL`.
     v = data.get(key)
-    return None if v is None else str(v)
+    return None if v is None or v == "" else str(v)
 
 
 MESSAGE_EVENTS = Statement(

@@ -32,6 +32,7 @@ from sentpipe.schemas import exact_json
 from sentpipe.schemas.events import (
     ENTITY_ID_FIELDS,
     GUIDE_ENVELOPE_FIELDS,
+    GUIDE_PAYLOAD_FIELDS,
     MAX_EPOCH_MS,
     MAX_ID_LENGTH,
     MAX_STATUS_LENGTH,
@@ -137,23 +138,31 @@ def _model(name: str, doc: str, fields: dict[str, Any], rules: Sequence[dict[str
     return create_model(name, __config__=config, __doc__=doc, **fields)
 
 
-# --- payloads: one per routed type, from events.PAYLOAD_FIELDS -----------------------------------------
-def _payload(type_: EventType) -> Any:
+# --- payloads: one per routed type, from events.PAYLOAD_FIELDS (the guide's: GUIDE_PAYLOAD_FIELDS) ------
+def _payload(type_: EventType, guide: bool = False) -> Any:
     rules: list[dict[str, Any]] = []
     if type_ in ENTITY_ID_FIELDS:
         rules.append(_required_one_of(ENTITY_ID_FIELDS[type_]))
     if type_ is EventType.TEMPLATE_APPROVAL:
         rules.append(_required_one_of(STATUS_FIELDS[type_]))
     name = "".join(part.title() for part in type_.value.split("."))
+    if guide:
+        return _model(
+            f"{name}GuideData",
+            f"The guide's `data` of a {type_.value} event: its times are read when the envelope has none.",
+            _spec_fields(GUIDE_PAYLOAD_FIELDS[type_]),
+            rules,
+        )
     return _model(
         f"{name}Payload",
-        f"The payload of a {type_.value} event (Sent's `payload`, the guide's `data`, the canonical `data`).",
+        f"The payload of a {type_.value} event (Sent's `payload`, the canonical `data`).",
         _spec_fields(PAYLOAD_FIELDS[type_]),
         rules,
     )
 
 
 PAYLOADS: dict[EventType, Any] = {t: _payload(t) for t in ROUTED_TYPES}
+GUIDE_PAYLOADS: dict[EventType, Any] = {t: _payload(t, guide=True) for t in ROUTED_TYPES}
 STATUS_IN_PAYLOAD = _required_one_of(STATUS_FIELDS[EventType.MESSAGE_STATUS])
 TYPE_NAME = _text(MAX_TYPE_LENGTH)
 
@@ -238,20 +247,20 @@ def _guide_envelope() -> Any:
         "GuideMessageStatusEnvelope",
         "An outbound message status.",
         _const(EventType.MESSAGE_STATUS.value),
-        (PAYLOADS[EventType.MESSAGE_STATUS], ...),
+        (GUIDE_PAYLOADS[EventType.MESSAGE_STATUS], ...),
         [{"properties": {"data": STATUS_IN_PAYLOAD}}],
     )
     inbound = _guide_variant(
         "GuideInboundEnvelope",
         "An inbound message.",
         _const(EventType.MESSAGE_INBOUND.value),
-        (PAYLOADS[EventType.MESSAGE_INBOUND] | None, None),
+        (GUIDE_PAYLOADS[EventType.MESSAGE_INBOUND] | None, None),
     )
     template = _guide_variant(
         "GuideTemplateEnvelope",
         "A template approval update.",
         _const(EventType.TEMPLATE_APPROVAL.value),
-        (PAYLOADS[EventType.TEMPLATE_APPROVAL], ...),
+        (GUIDE_PAYLOADS[EventType.TEMPLATE_APPROVAL], ...),
     )
     other = _guide_variant(
         "GuideUnroutedEnvelope",

@@ -534,7 +534,9 @@ GUIDE_ENVELOPE_FIELDS = (
 )
 SENT_TIME_FIELDS = ("timestamp",)
 GUIDE_TIME_FIELDS = ("created_at", "timestamp", "occurred_at")
-PAYLOAD_TIME_FIELDS = ("timestamp", "occurred_at")  # the guide's fallback inside `data`
+# The guide's fallback inside `data` when its envelope has no time. Sent's envelope always carries its
+# `timestamp`, so a Sent payload's times (and an inbound message's `received_at`) are never read.
+PAYLOAD_TIME_FIELDS = ("timestamp", "occurred_at")
 # The entity id and status of a routed type: aliases in the order they are looked up.
 MESSAGE_ID_FIELDS = ("message_id", "messageId", "id")
 TEMPLATE_ID_FIELDS = ("template_id", "templateId", "id")
@@ -546,15 +548,16 @@ STATUS_FIELDS: dict[EventType, tuple[str, ...]] = {
     EventType.MESSAGE_STATUS: ("message_status", "status"),
     EventType.TEMPLATE_APPROVAL: ("status",),
 }
-# Every payload field of a routed type that the model or the projections read, checked when given.
-# Text bound for PostgreSQL columns is refused when wrongly typed ("bad_field"), never nulled: see above.
+# Every payload field of a routed type that the model or the projections read, checked when given; any
+# other field is kept as sent and never checked (Sent adds fields: one the model does not read, in a form it
+# would refuse, must not dead-letter every event of its type). Text bound for PostgreSQL columns is refused
+# when wrongly typed ("bad_field"), never nulled: see above.
 PAYLOAD_FIELDS: dict[EventType, tuple[FieldSpec, ...]] = {
     EventType.MESSAGE_STATUS: (
         *(_f(n, "id", "bad_message_id") for n in MESSAGE_ID_FIELDS),
         _f("message_status", "status", "bad_status"),
         _f("status", "status", "bad_status"),
         _f("template_id", "id", "bad_template_id"),
-        *_times(*PAYLOAD_TIME_FIELDS),
     ),
     EventType.MESSAGE_INBOUND: (
         _f("from", "address", "bad_field"),
@@ -562,7 +565,6 @@ PAYLOAD_FIELDS: dict[EventType, tuple[FieldSpec, ...]] = {
         _f("text", "text", "bad_field"),
         _f("channel", "label", "bad_field"),
         _f("provider", "label", "bad_field"),
-        *_times("received_at", *PAYLOAD_TIME_FIELDS),
     ),
     EventType.TEMPLATE_APPROVAL: (
         *(_f(n, "id", "bad_template_id") for n in TEMPLATE_ID_FIELDS),
@@ -570,8 +572,11 @@ PAYLOAD_FIELDS: dict[EventType, tuple[FieldSpec, ...]] = {
         _f("template_name", "label", "bad_field"),
         _f("name", "label", "bad_field"),
         _f("reason", "text", "bad_field"),
-        *_times(*PAYLOAD_TIME_FIELDS),
     ),
+}
+# The guide's `data` is read for the event's time too.
+GUIDE_PAYLOAD_FIELDS: dict[EventType, tuple[FieldSpec, ...]] = {
+    t: (*PAYLOAD_FIELDS[t], *_times(*PAYLOAD_TIME_FIELDS)) for t in PAYLOAD_FIELDS
 }
 
 
@@ -627,10 +632,17 @@ class Read(NamedTuple):  # a tuple: built for every request at the ingress, chea
     status: str | None  # as given, not lower-cased
 
 
-# Each routed type's payload table, compiled once.
+# Each routed type's payload tables, compiled once: Sent's `payload` (and a routed event's `data`), the
+# guide's `data`.
 _BY_TYPE: dict[EventType, _Fields] = {
     t: _compiled(
-        PAYLOAD_FIELDS[t],
+        PAYLOAD_FIELDS[t], {_SUBJECT: ENTITY_ID_FIELDS.get(t, ()), _STATUS: STATUS_FIELDS.get(t, ())}
+    )
+    for t in ROUTED_TYPES
+}
+_GUIDE_BY_TYPE: dict[EventType, _Fields] = {
+    t: _compiled(
+        GUIDE_PAYLOAD_FIELDS[t],
         {
             _TIME: PAYLOAD_TIME_FIELDS,
             _SUBJECT: ENTITY_ID_FIELDS.get(t, ()),
@@ -659,7 +671,7 @@ def _read(
         data = {}
     if not isinstance(data, dict):
         raise MalformedEvent("bad_payload", "event payload is not an object")
-    found = _check_fields(data, _BY_TYPE[type_])
+    found = _check_fields(data, (_BY_TYPE if shape == "sent" else _GUIDE_BY_TYPE)[type_])
     if shape == "guide" and occurred is None:
         occurred = found.get(_TIME)
     status = found.get(_STATUS)
@@ -672,8 +684,9 @@ def _read(
 
 
 def check_payload(type_: EventType, data: object) -> None:
-    """The payload checks `frame` applies (PAYLOAD_FIELDS), for an event read back from a routed topic that
-    anyone may have written: MalformedEvent for a wrongly typed, overlong or NUL-holding field."""
+    """The payload checks `frame` applies (PAYLOAD_FIELDS: what the projections read; an event's time is its
+    `occurred_at`, never read from `data`), for an event read back from a routed topic that anyone may have
+    written: MalformedEvent for a wrongly typed, overlong or NUL-holding field."""
     if not isinstance(data, dict):
         raise MalformedEvent("bad_field", f"data must be an object, not {_kind(data)}")
     fields = _BY_TYPE.get(type_)

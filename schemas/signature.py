@@ -169,13 +169,10 @@ class Verifier:
             # aiohttp decodes header bytes as UTF-8 with surrogateescape: bytes that are not UTF-8 arrive as
             # lone surrogates. A malformed signature (401), not an exception (500).
             raise SignatureError(Reason.MALFORMED_SIGNATURE, "a webhook header is not valid UTF-8") from None
-        offered: list[bytes] = []
-        for entry in signatures.split():
-            version, _, sig = entry.partition(b",")
-            if version == b"v1" and sig:
-                offered.append(sig)
+        offered = _entries(signatures) or _repeated_entries(headers)
         if not offered:
             raise SignatureError(Reason.MALFORMED_SIGNATURE, "no 'v1,<base64>' entry in the signature header")
+        computed: list[bytes] = []
         for keyed in self._macs:
             mac = keyed.copy()
             mac.update(prefix)
@@ -187,4 +184,45 @@ class Verifier:
                 matched |= hmac.compare_digest(expected, candidate)
             if matched:
                 return Verified(webhook_id, timestamp)
+            computed.append(expected)
+        # Only on this path, so the usual request pays nothing for it: the entries of the signature header's
+        # further lines. HTTP makes a header sent twice the same as one line of both values, so during a
+        # rotation the secret this receiver knows may be on the second line; the HMACs are not computed again.
+        matched = False
+        for candidate in _repeated_entries(headers):
+            for expected in computed:
+                matched |= hmac.compare_digest(expected, candidate)
+        if matched:
+            return Verified(webhook_id, timestamp)
         raise SignatureError(Reason.INVALID_SIGNATURE, "no signature matches a configured secret")
+
+
+def _entries(header: bytes) -> list[bytes]:
+    """The signatures of a header's `v1,<base64>` entries. Entries are space-separated; one followed by a
+    comma is taken too, as a proxy joins a repeated header's lines with ", " (base64 has no comma)."""
+    offered: list[bytes] = []
+    for entry in header.split():
+        version, _, sig = entry.partition(b",")
+        if sig[-1:] == b",":
+            sig = sig[:-1]
+        if version == b"v1" and sig:
+            offered.append(sig)
+    return offered
+
+
+def _repeated_entries(headers: Mapping[str, str]) -> list[bytes]:
+    """The entries of every line of the signature headers when there is more than one line (aiohttp's
+    headers keep a repeated header's lines apart; `get` reads the first)."""
+    getall = getattr(headers, "getall", None)
+    if getall is None:
+        return []
+    lines: list[str] = [line for name in HEADER_SIGNATURE for line in getall(name, ())]
+    if len(lines) < 2:
+        return []
+    offered: list[bytes] = []
+    for line in lines:
+        try:
+            offered += _entries(line.encode())
+        except UnicodeEncodeError:  # not UTF-8 (see above): no entry of ours
+            continue
+    return offered

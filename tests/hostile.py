@@ -87,7 +87,14 @@ HOSTILE: list[Hostile] = [
         {**guide("message.status.updated"), "data": {"message_id": "m", "status": "sent", "timestamp": -1}},
         "bad_timestamp",
     ),
-    _h("inbound_received_at", inbound(received_at="99999-01-01T00:00:00Z"), "bad_timestamp"),
+    _h(
+        "guide_data_occurred_at",
+        {
+            **guide("template.approval.updated"),
+            "data": {"template_id": "t", "status": "x", "occurred_at": "99999"},
+        },
+        "bad_timestamp",
+    ),
     # nesting
     _h("deep_payload", {**status(), "payload": {"message_id": "m", "x": nest(MAX_DEPTH)}}, "too_deep", False),
     _h("deep_unrouted", {"field": "accounts", "payload": nest(MAX_DEPTH + 5)}, "too_deep", False),

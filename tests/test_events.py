@@ -301,6 +301,29 @@ def test_status_limits_and_text_fields() -> None:
     assert r.event is not None and r.event.status == "approved"
 
 
+@pytest.mark.parametrize(
+    ("doc", "kept"),
+    [
+        # Meta's style of time (epoch seconds as a string) in a field Sent's payload might add.
+        (status(timestamp="1761905442"), "1761905442"),
+        (template(occurred_at="2025-10-31 10:10:42 +0000 UTC"), "2025-10-31 10:10:42 +0000 UTC"),
+        (inbound(received_at="Fri, 31 Oct 2025 10:10:40 GMT"), "Fri, 31 Oct 2025 10:10:40 GMT"),
+        (inbound(received_at="99999-01-01T00:00:00Z"), "99999-01-01T00:00:00Z"),
+    ],
+)
+def test_payload_times_the_model_never_reads_are_kept_not_refused(doc: dict[str, object], kept: str) -> None:
+    """Sent's envelope always carries its `timestamp`, so a Sent payload's own times (and an inbound message's
+    `received_at`, in either shape) are never read: checked anyway, a form the parser does not take
+    dead-lettered every event of that type, although the payload keeps any string as it came."""
+    r = _route(_body(doc))
+    assert r.event is not None
+    assert r.event.occurred_at == (
+        datetime(2026, 1, 1, tzinfo=UTC) if "timestamp" in doc else datetime.fromtimestamp(1_700_000_000, UTC)
+    )
+    assert kept in r.event.data.values()
+    ev.check_payload(r.event.type, r.event.data)  # and the projector takes the routed event
+
+
 def test_missing_keys_are_still_the_routers_business() -> None:
     # Framing accepts them (they reach the raw topic); normalize dead-letters them as before.
     for doc, reason in (

@@ -233,3 +233,31 @@ async def test_every_request_reaches_the_loop_metrics(ingress: str) -> None:
     assert after["sentpipe_ingress_body_bytes_sum"] - before["sentpipe_ingress_body_bytes_sum"] == sum(
         len(b) for b in bodies
     )
+
+
+async def test_a_rotation_signature_on_a_repeated_header_line_or_joined_by_a_proxy_is_accepted(
+    ingress: str, settings: Settings, topics: Topics
+) -> None:
+    """While a secret rotates, the entry of the secret this receiver knows may come on a second
+    `x-webhook-signature` line, or, joined by a proxy, after a ", ": HTTP makes both the same as one line.
+    Only the first line was read, and a trailing comma spoiled its entry: 401s, which Sent counts towards
+    disabling the webhook."""
+    from multidict import CIMultiDict
+
+    body = SampleFactory(8).inbound().body
+    now = int(time.time())
+    ours = signature_headers(SECRET, "msg_r", now, body)["x-webhook-signature"]
+    theirs = signature_headers("whsec_" + "bmV3" * 8, "msg_r", now, body)["x-webhook-signature"]
+    base = [
+        ("content-type", "application/json"),
+        ("x-webhook-id", "msg_r"),
+        ("x-webhook-timestamp", str(now)),
+    ]
+    answers = []
+    async with aiohttp.ClientSession() as session:
+        for signatures in ([theirs, ours], [f"{ours}, {theirs}"], [f"{theirs}, {theirs}", theirs]):
+            headers = CIMultiDict([*base, *(("x-webhook-signature", v) for v in signatures)])
+            async with session.post(f"{ingress}/webhooks/sent", data=body, headers=headers) as resp:
+                answers.append((resp.status, orjson.loads(await resp.read()).get("error")))
+    assert answers == [(200, None), (200, None), (401, "invalid_signature")]
+    assert len(read_topic(settings.kafka_bootstrap, topics.raw, at_least=2)) == 2

@@ -53,3 +53,36 @@ async def test_hostile_signed_bodies_are_dead_lettered_at_the_ingress(
         assert b"\x00" not in rec.headers[r.H_DLQ_MESSAGE]
     raw = read_topic(settings.kafka_bootstrap, topics.raw, at_least=1)
     assert [rec.value for rec in raw] == [control]
+
+
+async def test_a_sent_payload_time_the_model_never_reads_does_not_dead_letter_the_event(
+    ingress: str, settings: Settings, topics: Topics
+) -> None:
+    """An inbound message whose `received_at` (never read: Sent's envelope carries the event's `timestamp`)
+    is in a form the time parser refuses, here Meta's epoch seconds as a string, was answered
+    `dead_lettered`: the customer's message never reached `inbound_messages`. It is accepted as any other."""
+    body = orjson.dumps(
+        {
+            "field": "message",
+            "sub_type": "message.received",
+            "timestamp": "2025-10-31T10:10:42Z",
+            "payload": {
+                "from": "+1234567890",
+                "to": "+1987654321",
+                "text": "STOP",
+                "received_at": "1761905440",
+            },
+        }
+    )
+    headers = {
+        **signature_headers(settings.webhook_secret.get_secret_value(), "msg_t", int(time.time()), body),
+        "content-type": "application/json",
+    }
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{ingress}/webhooks/sent", data=body, headers=headers) as resp,
+    ):
+        assert resp.status == 200
+        assert (await resp.json())["status"] == "accepted" and "outcome" not in await resp.json()
+    raw = read_topic(settings.kafka_bootstrap, topics.raw, at_least=1)
+    assert [rec.value for rec in raw] == [body]

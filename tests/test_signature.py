@@ -164,3 +164,29 @@ def test_an_empty_prefixed_header_falls_back_to_the_bare_name() -> None:
     # Both given: the x- names win (here they carry another, valid delivery).
     prefixed = _peer_headers(SECRET, "other", now, body)
     assert Verifier([SECRET], 300).verify(bare | prefixed, body, now).webhook_id == "other"
+
+
+def test_entries_on_every_line_of_a_repeated_header_count_and_a_proxys_comma_is_no_part_of_one() -> None:
+    """HTTP makes a header sent twice the same as one line of both values (a proxy joins them with ", ")."""
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    now = int(time.time())
+    body = b'{"a":1}'
+    ours = _peer_headers(SECRET, "msg", now, body)
+    theirs = _peer_headers(OTHER, "msg", now, body)["x-webhook-signature"]
+    v = Verifier([SECRET], 300)
+
+    def lines(*signatures: str) -> CIMultiDictProxy[str]:
+        pairs = [(k, val) for k, val in ours.items() if k != "x-webhook-signature"]
+        return CIMultiDictProxy(CIMultiDict([*pairs, *(("x-webhook-signature", sig) for sig in signatures)]))
+
+    sig = ours["x-webhook-signature"]
+    for offered in (lines(theirs, sig), lines(f"{sig}, {theirs}"), lines("v1a,abc", sig), lines(f"{sig},")):
+        assert v.verify(offered, body, now).webhook_id == "msg"
+    with pytest.raises(SignatureError) as e:
+        v.verify(lines(theirs, theirs), body, now)
+    assert e.value.reason is Reason.INVALID_SIGNATURE
+    # The decoy of an unknown tenant answers such a request as any bad signature.
+    with pytest.raises(SignatureError) as e:
+        Verifier.decoy(1, 300).verify(lines(theirs, sig), body, now)
+    assert e.value.reason is Reason.INVALID_SIGNATURE

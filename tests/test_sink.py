@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 import psycopg
@@ -198,3 +199,149 @@ async def test_a_template_event_received_at_the_end_of_time_is_projected(
     with psycopg.connect(db_url) as c:
         row = c.execute("SELECT status FROM template_status WHERE template_id = 'tpl-end'").fetchone()
         assert row == ("approved",), row
+
+
+# Bodies written from /work/shared/sent-webhooks.md ("Body: two envelope shapes seen in the wild"), not from
+# SampleFactory, which could share the code's mistakes.
+SENT_DELIVERED: dict[str, Any] = {
+    "field": "message",
+    "sub_type": "message.delivered",
+    "timestamp": "2025-10-31T12:10:42+02:00",
+    "payload": {
+        "account_id": "7ba7b810-9dad-11d1-80b4-00c04fd430c8",
+        "message_id": "8ba7b810-9dad-11d1-80b4-00c04fd430c8",
+        "message_status": "DELIVERED",
+        "channel": "sms",
+        "inbound_number": "+1234567890",
+        "outbound_number": "+1987654321",
+        "template_id": "9ba7b810-9dad-11d1-80b4-00c04fd430c8",
+        "agent_id": "agent_abc123",
+    },
+}
+SENT_RECEIVED: dict[str, Any] = {
+    "field": "message",
+    "sub_type": "message.received",
+    "timestamp": "2025-10-31T10:10:42Z",
+    "payload": {
+        "account_id": "7ba7b810-9dad-11d1-80b4-00c04fd430c8",
+        "from": "+1234567890",
+        "to": "+1987654321",
+        "text": "Hello",
+        "channel": "sms",
+        "provider": "twilio",
+        "received_at": "2025-10-31T10:10:40Z",
+    },
+}
+SENT_TEMPLATE: dict[str, Any] = {
+    "field": "templates",
+    "timestamp": "2025-10-31T10:10:42Z",
+    "payload": {
+        "account_id": "7ba7b810-9dad-11d1-80b4-00c04fd430c8",
+        "template_id": "9ba7b810-9dad-11d1-80b4-00c04fd430c8",
+        "template_name": "order_confirmation",
+        "whatsapp_template_id": "1234567890123456",
+        "status": "APPROVED",
+        "language": "en_US",
+        "category": "UTILITY",
+        "channel": "whatsapp",
+        "reason": None,
+    },
+}
+RECEIVED_MS = 1_761_905_443_000  # 2025-10-31T10:10:43Z, a second after Sent's timestamp
+
+
+def sent_event(doc: dict[str, Any]) -> CanonicalEvent:
+    routed = r.route(
+        None,
+        orjson.dumps(doc),
+        {r.H_RECEIVED_AT: b"%d" % RECEIVED_MS},
+        topics=Topics(),
+        id_source="auto",
+        default_tenant="t",
+        record_timestamp_ms=1,
+    )
+    assert routed.event is not None
+    return routed.event
+
+
+async def test_what_sent_documents_lands_in_every_column_and_the_payload_verbatim(
+    pool: AsyncConnectionPool, db_url: str
+) -> None:
+    """Each documented Sent body, field by field: ids, lower-cased statuses, times in UTC, the inbound
+    columns, the template's name and null reason, and every payload field (numbers-as-strings included)
+    kept as Sent wrote it."""
+    sink = PostgresSink(pool, HandlerRegistry())
+    for type_, doc in (
+        (EventType.MESSAGE_STATUS, SENT_DELIVERED),
+        (EventType.MESSAGE_INBOUND, SENT_RECEIVED),
+        (EventType.TEMPLATE_APPROVAL, SENT_TEMPLATE),
+    ):
+        assert await sink.apply(type_, [sent_event(doc)], 1) == []
+    at = datetime(2025, 10, 31, 10, 10, 42, tzinfo=UTC)
+    received = datetime(2025, 10, 31, 10, 10, 43, tzinfo=UTC)
+    with psycopg.connect(db_url) as c:
+        assert c.execute(
+            "SELECT tenant, message_id, status, occurred_at, received_at, payload FROM message_events"
+        ).fetchall() == [
+            (
+                "t",
+                SENT_DELIVERED["payload"]["message_id"],
+                "delivered",
+                at,
+                received,
+                SENT_DELIVERED["payload"],
+            )
+        ]
+        assert c.execute(
+            "SELECT tenant, message_id, status, status_rank, occurred_at FROM message_status"
+        ).fetchall() == [("t", "8ba7b810-9dad-11d1-80b4-00c04fd430c8", "delivered", 4, at)]
+        assert c.execute(
+            "SELECT tenant, from_number, to_number, text, channel, provider, occurred_at, received_at,"
+            " payload FROM inbound_messages"
+        ).fetchall() == [
+            (
+                "t",
+                "+1234567890",
+                "+1987654321",
+                "Hello",
+                "sms",
+                "twilio",
+                at,
+                received,
+                SENT_RECEIVED["payload"],
+            )
+        ]
+        assert c.execute(
+            "SELECT tenant, template_id, status, occurred_at, payload FROM template_events"
+        ).fetchall() == [
+            ("t", "9ba7b810-9dad-11d1-80b4-00c04fd430c8", "approved", at, SENT_TEMPLATE["payload"])
+        ]
+        assert c.execute(
+            "SELECT tenant, template_id, name, status, reason, occurred_at FROM template_status"
+        ).fetchall() == [
+            ("t", "9ba7b810-9dad-11d1-80b4-00c04fd430c8", "order_confirmation", "approved", None, at)
+        ]
+
+
+async def test_empty_text_is_stored_as_null_like_an_absent_or_null_field(
+    pool: AsyncConnectionPool, db_url: str
+) -> None:
+    """The model reads "" as "not given" (README, Validation limits), but the columns kept "": a media-only
+    inbound message or a template approved with `"reason": ""` was missed by `IS NULL`."""
+    inbound = sent_event(
+        {
+            **SENT_RECEIVED,
+            "payload": {**SENT_RECEIVED["payload"], "text": "", "provider": "", "channel": None},
+        }
+    )
+    template = sent_event({**SENT_TEMPLATE, "payload": {**SENT_TEMPLATE["payload"], "reason": ""}})
+    sink = PostgresSink(pool, HandlerRegistry())
+    assert await sink.apply(EventType.MESSAGE_INBOUND, [inbound], 1) == []
+    assert await sink.apply(EventType.TEMPLATE_APPROVAL, [template], 1) == []
+    with psycopg.connect(db_url) as c:
+        assert c.execute(
+            "SELECT text, channel, provider, payload->>'text' FROM inbound_messages"
+        ).fetchall() == [(None, None, None, "")]
+        assert c.execute("SELECT name, reason FROM template_status").fetchall() == [
+            ("order_confirmation", None)
+        ]
