@@ -895,8 +895,10 @@ def create_app(settings: Settings, producer: AsyncProducer, spool: Spool | None 
         app.cleanup_ctx.append(drain_ctx)
     handler = WebhookHandler(settings, producer, verifiers, spool)
     app[WEBHOOK] = handler
-    app.router.add_post(WEBHOOK_PATH, handler.handle, expect_handler=handler.expect)
-    app.router.add_post(WEBHOOK_PATH + "/{tenant}", handler.handle, expect_handler=handler.expect)
+    # With a trailing slash too: a URL registered in Sent's dashboard as `.../webhooks/sent/` answered 404 to
+    # every delivery, and Sent disables a webhook after 10 failed events.
+    for path in (WEBHOOK_PATH, WEBHOOK_PATH + "/", WEBHOOK_PATH + "/{tenant}", WEBHOOK_PATH + "/{tenant}/"):
+        app.router.add_post(path, handler.handle, expect_handler=handler.expect)
     app.router.add_get("/healthz", healthz, expect_handler=expect_continue)
     app.router.add_get("/readyz", readyz, expect_handler=expect_continue)
     app.router.add_get("/openapi.json", openapi, expect_handler=expect_continue)

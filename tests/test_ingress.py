@@ -127,10 +127,15 @@ async def test_tenants_and_rotation_from_the_secrets_file(settings: Settings, tm
         assert (await post(f"{base}/acme", body, signed(body, secret=new)))[0] == 200
         assert (await post(f"{base}/acme", body, signed(body)))[0] == 401  # the default tenant's secret
         assert (await post(base, body, signed(body)))[0] == 200
+        # A URL registered with a trailing slash: the same endpoints, not 404 for every delivery.
+        assert (await post(f"{base}/acme/", body, signed(body, secret=new)))[0] == 200
+        assert (await post(f"{base}/", body, signed(body)))[0] == 200
+        assert (await post(f"{base}/acme/", body, signed(body)))[0] == 401
     finally:
         await server.close()
-    recs = read_topic(s.kafka_bootstrap, Topics(s.topic_prefix).raw, at_least=3)
-    assert sorted(rec.headers[r.H_TENANT] for rec in recs) == [b"acme", b"acme", b"default"]
+    recs = read_topic(s.kafka_bootstrap, Topics(s.topic_prefix).raw, at_least=5)
+    tenants = sorted(rec.headers[r.H_TENANT] for rec in recs)
+    assert tenants == [b"acme", b"acme", b"acme", b"default", b"default"]
 
 
 async def test_full_local_queue_answers_503_at_once_instead_of_piling_up() -> None:
