@@ -44,8 +44,10 @@ def secret_key(secret: str) -> bytes:
     """
     if not secret.strip():
         raise ValueError("webhook secret is empty")
-    if secret.startswith(SECRET_PREFIX):
-        encoded = secret[len(SECRET_PREFIX) :]
+    if secret.strip().startswith(SECRET_PREFIX):
+        # Whitespace around it is no part of it (base64 has none): a secret put in a Kubernetes secret with
+        # `echo` ends in a newline, and stopped the ingress with "not valid base64".
+        encoded = secret.strip()[len(SECRET_PREFIX) :]
         if not encoded:
             raise ValueError("webhook secret has nothing after 'whsec_'")
         try:

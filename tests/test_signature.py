@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from standardwebhooks.webhooks import Webhook
 
-from sentpipe.schemas.signature import Reason, SignatureError, Verifier, signature_headers
+from sentpipe.schemas.signature import Reason, SignatureError, Verifier, secret_key, signature_headers
 
 SECRET = "whsec_" + base64.b64encode(b"a-test-secret-of-32-bytes-long!!").decode()
 OTHER = "whsec_" + base64.b64encode(b"another-secret-for-rotation-test").decode()
@@ -103,6 +103,11 @@ def test_rejections_have_distinct_reasons(mutate, reason) -> None:  # type: igno
     with pytest.raises(SignatureError) as e:
         Verifier([SECRET], 300).verify(headers, body2, now)
     assert e.value.reason is reason
+
+
+@pytest.mark.parametrize("around", ["\n", " ", "\r\n", "\t"])
+def test_whitespace_around_a_whsec_secret_is_no_part_of_its_key(around: str) -> None:
+    assert secret_key(around + SECRET + around) == secret_key(SECRET)
 
 
 @pytest.mark.parametrize(
