@@ -219,6 +219,9 @@ class Range:
     start: int
     end: int
     gone: int = 0  # offsets asked for before it that retention has deleted (`--from-offset` below the log)
+    # A `--since` window that starts before the partition's first record retention kept: records of the
+    # window may be deleted, how many nothing tells (their timestamps went with them).
+    older_deleted: bool = False
 
     @property
     def size(self) -> int:
@@ -238,6 +241,7 @@ def capped(ranges: Sequence[Range], upto: Mapping[int, int] | None) -> list[Rang
             max(x.start, min(x.end, upto.get(x.partition, x.start))),
             # Of what a dry run read up to, the part retention deleted since (or had before).
             max(0, min(x.gone, upto[x.partition] - (x.start - x.gone))) if x.partition in upto else 0,
+            x.older_deleted and x.partition in upto,
         )
         for x in ranges
     ]
@@ -344,8 +348,10 @@ class Log:
         marks = self.watermarks(topic, parts)
         starts = {p: marks[p][0] for p in parts}
         ends = {p: marks[p][1] for p in parts}
+        since_at: dict[int, int | None] = {}
         if window.since_ms is not None:
-            for p, off in self.offsets_at(topic, parts, window.since_ms).items():
+            since_at = self.offsets_at(topic, parts, window.since_ms)
+            for p, off in since_at.items():
                 starts[p] = ends[p] if off is None else max(starts[p], off)
         if window.until_ms is not None:
             for p, off in self.offsets_at(topic, parts, window.until_ms + UNTIL_SLACK_MS).items():
@@ -374,7 +380,18 @@ class Log:
                         f" {p} still holds (offset {marks[p][0]}; older ones are past retention)"
                     )
                 ends[p] = min(ends[p], off + 1)
-        return [Range(topic, p, starts[p], max(starts[p], ends[p]), gone.get(p, 0)) for p in parts]
+        # `--since` found the partition's first record kept, and retention deleted records before it: the
+        # window may reach into them. A replay after a restore from an older backup read from the log's start
+        # and ended exit 0 with no word that the first part of its window was gone. (A `--from-offset` below
+        # the log is counted exactly, in `gone`.)
+        older = {
+            p
+            for p, off in since_at.items()
+            if off is not None and 0 < marks[p][0] == off and p not in window.from_offsets
+        }
+        return [
+            Range(topic, p, starts[p], max(starts[p], ends[p]), gone.get(p, 0), p in older) for p in parts
+        ]
 
     def read(
         self, ranges: Sequence[Range], on_deleted: OnDeleted | None = None

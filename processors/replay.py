@@ -141,6 +141,9 @@ class RunResult:
     produced: int = 0
     skipped: int = 0
     past_retention: int = 0  # offsets of the window retention had deleted before the run read them
+    # partitions whose first record kept is inside a `--since` window, retention having deleted older ones:
+    # the window's start may be gone there, how many records nothing tells (`Range.older_deleted`)
+    start_past_retention: list[int] = field(default_factory=list)
     already_redriven: int = 0  # redrive: DLQ records an earlier redrive took (the redrive ledger)
     failed: int = 0
     selected: Counter[tuple[str, str]] = field(default_factory=Counter)  # what Kafka took (or would be sent)
@@ -351,6 +354,14 @@ class _Replay:
             log.warning(
                 "replay: part of the window is past retention (deleted from the raw topic)",
                 extra={"replay_id": self.result.run_id, "records_by_partition": gone},
+            )
+        older = sorted(x.partition for x in ranges if x.older_deleted)
+        if older:
+            self.result.start_past_retention = sorted({*self.result.start_past_retention, *older})
+            log.warning(
+                "replay: the window starts before the oldest record retention kept (older ones are deleted"
+                " from the raw topic): records of the window may be gone",
+                extra={"replay_id": self.result.run_id, "partitions": older},
             )
         self._report(force=True)
         # Closed here when the loop breaks: a generator left to the collector unassigns later, where a

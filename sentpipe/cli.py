@@ -337,6 +337,11 @@ def _run_summary(title: str, result: RunResult, sent_label: str, target: str) ->
     table.add_row("skipped by filter", str(result.skipped))
     if result.past_retention:
         table.add_row("past retention (deleted before it was read)", str(result.past_retention))
+    if result.start_past_retention:
+        table.add_row(
+            "window starts past retention (partitions; older records deleted)",
+            ", ".join(map(str, result.start_past_retention)),
+        )
     if result.already_redriven:
         table.add_row("already taken by an earlier redrive", str(result.already_redriven))
     table.add_row("would fail" if dry else "failed", str(result.failed))

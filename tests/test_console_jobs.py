@@ -4,6 +4,7 @@ how a running one ends when the console is stopped."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,10 +18,11 @@ from sentpipe.console import create_app
 from sentpipe.console.app import JOBS, describe_error
 from sentpipe.console.jobs import Job
 from sentpipe.processors import replay as replay_ops
-from sentpipe.processors.offsets import Window
+from sentpipe.processors.offsets import Window, make_window
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
-from tests.kafka_tools import wait_topics_ready
+from tests.kafka_tools import end_offsets, wait_topics_ready
+from tests.pipeline import own_topics
 from tests.test_console_security import TOKEN, sign_in
 from tests.test_console_tail import produce
 from tests.test_dlq import still_failing_dead_letters
@@ -153,3 +155,41 @@ async def test_the_stop_button_stops_a_running_replay_where_it_is(
             assert resp.status == 409
         async with client.post(f"{base}/api/jobs/no-such-job/stop", headers=headers) as resp:
             assert resp.status == 404
+
+
+async def test_a_stopped_replay_of_many_partitions_names_every_one_to_go_on_from(settings: Settings) -> None:
+    """The job's error was cut at 300 characters: with 12 partitions (the default) or more, the line that says
+    where to go on ended "run it with from_offsets 0:1827, ..., 10:1..." and the partitions after the cut
+    were not named, so a replay run with what it said never sent their records."""
+    wide = own_topics(settings, "wide", raw_partitions=24)
+    raw = Topics(wide.topic_prefix).raw
+    produce(wide, raw, 60)
+    app = create_app(wide.model_copy(update={"console_token": SecretStr(TOKEN), "console_metrics_urls": []}))
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    reading = threading.Event()
+    window = make_window(fields=True)
+
+    def work(progress: replay_ops.Progress, stop: threading.Event) -> replay_ops.RunResult:
+        def held(done: int, total: int) -> None:
+            if total and not reading.is_set():  # the ranges are known, no record read: hold it here
+                reading.set()
+                stop.wait()
+
+        return replay_ops.replay(wide, window, replay_ops.Filter(), progress=held, stop=stop)
+
+    try:
+        job = app[JOBS].start(Job("replay", False, "-", "-"), work, lambda job: None, describe_error)
+        assert await asyncio.get_running_loop().run_in_executor(None, reading.wait, 60)
+        assert app[JOBS].request_stop(job.id) is job
+    finally:
+        await server.close()  # waits for the running job
+    assert job.state == "stopped" and job.error is not None, job
+    m = re.search(r"run it with from_offsets ([0-9:, ]+) \(and its other fields\)$", job.error)
+    assert m is not None, job.error
+    named = dict(tuple(map(int, spec.split(":"))) for spec in m[1].split(", "))
+    holding = {p for p, n in end_offsets(wide.kafka_bootstrap, raw).items() if n}
+    assert len(holding) > 12 and named == dict.fromkeys(holding, 0), job.error
+    go_on = make_window(from_offsets=m[1].split(", "), fields=True)
+    rest = replay_ops.replay(wide, go_on, replay_ops.Filter())
+    assert (rest.read, rest.produced) == (60, 60), rest

@@ -671,6 +671,41 @@ def test_a_window_asked_from_an_offset_retention_deleted_says_how_much_of_it_is_
     assert replay(settings, make_window(from_offsets=["0:5"]), Filter(), dry_run=True).past_retention == 0
 
 
+def test_a_time_window_that_starts_before_what_retention_kept_says_so(
+    settings: Settings, topics: Topics
+) -> None:
+    """`--since` older than the first record retention kept (a restore from an older backup) read from the
+    log's start and ended exit 0, nothing said that the first part of the window was gone. Partition 0 lost
+    its first five records; partition 1 lost none, so its window is whole."""
+    before = iso(time.time() * 1000 - 1000)
+    f = SampleFactory(48)
+    for partition in (0, 1):
+        produce_raw(settings, [s.body for s in f.mix(10, "sent")], partition=partition)
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    for done in admin.delete_records([TopicPartition(topics.raw, 0, 5)]).values():
+        done.result(30)
+    result = replay(settings, make_window(since=before), Filter(), dry_run=True)
+    assert (result.read, result.start_past_retention, result.past_retention) == (15, [0], 0), result
+    # Entirely before what was kept: nothing read, and still said.
+    with Log(settings) as kafka:
+        first_kept = next(kafka.read([kafka.ranges(topics.raw, make_window(from_offsets=["0:5"]))[0]]))
+    kept_ms = timestamp_ms(first_kept)
+    # The end is looked up a minute past `--until`: this window ends before the first record kept.
+    window = make_window(since=iso(kept_ms - 120_000), until=iso(kept_ms - 60_001))
+    early = replay(settings, window, Filter(), dry_run=True)
+    assert (sum(early.selected.values()), early.start_past_retention) == (0, [0]), early
+    res = sentpipe(settings, "replay", "--since", before, "--dry-run")
+    assert res.returncode == 0, res.stderr
+    row = r"│ window starts past retention \(partitions; older records deleted\)\s+│ 0 +│"
+    assert re.search(row, res.stdout), res.stdout
+    assert "records of the window may be gone" in res.stderr, res.stderr
+    # Asked by offset, the deleted records are counted exactly instead; a window after them is whole.
+    by_offset = replay(settings, make_window(since=before, from_offsets=["0:0"]), Filter(), dry_run=True)
+    assert (by_offset.past_retention, by_offset.start_past_retention) == (5, []), by_offset
+    later = iso(kept_ms + 1)
+    assert replay(settings, make_window(since=later), Filter(), dry_run=True).start_past_retention == []
+
+
 def test_records_retention_deletes_while_a_replay_reads_are_counted_past_retention(
     settings: Settings, topics: Topics, caplog: pytest.LogCaptureFixture
 ) -> None:

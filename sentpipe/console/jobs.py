@@ -50,6 +50,7 @@ def result_json(result: RunResult) -> dict[str, Any]:
         "produced": result.produced,
         "skipped": result.skipped,
         "past_retention": result.past_retention,
+        "start_past_retention": result.start_past_retention,
         "already_redriven": result.already_redriven,
         "failed": result.failed,
         "selected": [[a, b, n] for (a, b), n in sorted(result.selected.items())],

@@ -229,6 +229,9 @@ function resultView(result, sentLabel, columns) {
   if (result.selected.length) {
     parts.push(table([...columns, "records"], result.selected.map(([a, b, n]) => el("tr", {}, el("td", {}, a), el("td", {}, b), el("td", {}, n)))));
   }
+  if (result.start_past_retention && result.start_past_retention.length) {
+    parts.push(el("p", { class: "warn" }, "The window starts before the oldest record retention kept in partition(s) " + result.start_past_retention.join(", ") + ": records of it may be gone (older ones are deleted)."));
+  }
   if (result.missing_ids && result.missing_ids.length) parts.push(el("p", { class: "warn" }, "Not found in the window: " + result.missing_ids.join(", ")));
   return el("div", { class: "card" }, parts);
 }
