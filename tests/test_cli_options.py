@@ -417,6 +417,22 @@ def test_make_run_points_the_stack_at_the_broker_and_database_it_starts() -> Non
     assert local_stack_env({}) == {}
 
 
+def test_make_run_prints_the_secret_the_default_tenant_is_verified_with(tmp_path: Path) -> None:
+    """With SENTPIPE_SECRETS_FILE listing the default tenant, `make run` printed SENTPIPE_WEBHOOK_SECRET (the
+    built-in one, without its note) as "the secret in use": the ingress refused deliveries signed with it."""
+    from sentpipe.devstack import banner
+    from sentpipe.settings import DEVELOPMENT_SECRET, Settings
+
+    assert f"secret        {DEVELOPMENT_SECRET}  (built-in development secret)\n" in banner(Settings())
+    own = "whsec_" + "b3duLXNlY3JldC1vZi10aGUtdGVuYW50"
+    secrets = tmp_path / "secrets.json"
+    secrets.write_text(f'{{"default": ["{own}", "{DEVELOPMENT_SECRET}"], "acme": ["whsec_YWNtZQ=="]}}')
+    shown = banner(Settings(secrets_file=secrets))
+    assert f"secret        {own}\n" in shown
+    assert DEVELOPMENT_SECRET not in shown
+    assert f"secret        {own}\n" in banner(Settings(webhook_secret=own))
+
+
 def test_the_console_announces_an_address_a_browser_can_open() -> None:
     """`sentpipe console --host 0.0.0.0` said `console on http://0.0.0.0:8090/`, which no browser opens."""
     from sentpipe.console import browser_url
