@@ -110,7 +110,9 @@ def banner(s: Settings) -> str:
         f"  metrics       http://127.0.0.1:{s.ingress_metrics_port}/metrics (ingress), "
         f"http://127.0.0.1:{s.worker_metrics_port}/metrics (worker)\n"
         f"  console       {browser_url(s.console_host, s.console_port)}{sign_in}\n"
-        f"  try           .venv/bin/sentpipe trigger message.status.updated\n"
+        # With the URL: run from another terminal, without the ports `make run` was given, trigger posted to
+        # the default port (connection refused, or another stack's ingress).
+        f"  try           .venv/bin/sentpipe trigger message.status.updated {url}\n"
         f"  stop          Ctrl-C\n"
     )
 

@@ -433,6 +433,21 @@ def test_make_run_prints_the_secret_the_default_tenant_is_verified_with(tmp_path
     assert f"secret        {own}\n" in banner(Settings(webhook_secret=own))
 
 
+def test_make_run_offers_a_trigger_that_reaches_its_ingress_from_any_terminal() -> None:
+    """`SENTPIPE_INGRESS_PORT=9000 make run` offered `sentpipe trigger message.status.updated`, which, run in
+    another terminal, posted to port 8080: connection refused, or another stack's ingress."""
+    from sentpipe.devstack import banner
+    from sentpipe.settings import Settings
+
+    try_line = next(line for line in banner(Settings(ingress_port=9000)).splitlines() if "try" in line)
+    assert try_line.split()[1:] == [
+        ".venv/bin/sentpipe",
+        "trigger",
+        "message.status.updated",
+        "http://127.0.0.1:9000/webhooks/sent",
+    ]
+
+
 def test_the_console_announces_an_address_a_browser_can_open() -> None:
     """`sentpipe console --host 0.0.0.0` said `console on http://0.0.0.0:8090/`, which no browser opens."""
     from sentpipe.console import browser_url
