@@ -448,6 +448,21 @@ def test_make_run_offers_a_trigger_that_reaches_its_ingress_from_any_terminal() 
     ]
 
 
+def test_worker_help_says_role_all_runs_the_projector_in_a_process_of_its_own() -> None:
+    """`sentpipe worker --help` said role all was "one process": the projector runs in a child process (two
+    cores, its own pid, killed and restarted apart, status 70/75), as the README's "Worker roles" says."""
+    out = subprocess.run(
+        [sys.executable, "-m", "sentpipe", "worker", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "300"},
+        check=True,
+    ).stdout
+    role = " ".join(line.strip("│ ") for line in out.splitlines() if "│" in line)
+    assert "one process" not in role
+    assert "child process" in role
+
+
 def test_the_console_announces_an_address_a_browser_can_open() -> None:
     """`sentpipe console --host 0.0.0.0` said `console on http://0.0.0.0:8090/`, which no browser opens."""
     from sentpipe.console import browser_url
