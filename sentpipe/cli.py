@@ -96,8 +96,8 @@ def worker(
         str | None,
         typer.Option(
             callback=utf8,
-            help="all (one process), route (dedup + routing) or project (projections + handlers) "
-            "[SENTPIPE_WORKER_ROLE].",
+            help="all (both stages: the router here, the projector in a child process this worker starts "
+            "and stops), route (dedup + routing) or project (projections + handlers) [SENTPIPE_WORKER_ROLE].",
         ),
     ] = None,
 ) -> None:

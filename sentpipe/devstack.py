@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from sentpipe.console import browser_url
-from sentpipe.settings import Settings
+from sentpipe.settings import DEVELOPMENT_SECRET, Settings
 
 REPO = Path(__file__).resolve().parent.parent
 KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
@@ -95,6 +95,28 @@ def local_stack_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in derived.items() if k not in environ}
 
 
+def banner(s: Settings) -> str:
+    """What `make run` prints once the stack is ready: where to send, with which secret, and how to try it."""
+    url = f"http://127.0.0.1:{s.ingress_port}/webhooks/sent"
+    # The secret the default tenant's deliveries are verified and `sentpipe send` signs with: the first one
+    # SENTPIPE_SECRETS_FILE lists for it when it lists the tenant, else SENTPIPE_WEBHOOK_SECRET (the ingress
+    # has already read the file, or it would not be ready).
+    secret = s.tenant_secrets()[s.default_tenant][0]
+    note = "  (built-in development secret)" if secret == DEVELOPMENT_SECRET else ""
+    sign_in = "  (sign in with SENTPIPE_CONSOLE_TOKEN)" if s.console_token else ""
+    return (
+        f"\n  webhook URL   {url}\n"
+        f"  secret        {secret}{note}\n"
+        f"  metrics       http://127.0.0.1:{s.ingress_metrics_port}/metrics (ingress), "
+        f"http://127.0.0.1:{s.worker_metrics_port}/metrics (worker)\n"
+        f"  console       {browser_url(s.console_host, s.console_port)}{sign_in}\n"
+        # With the URL: run from another terminal, without the ports `make run` was given, trigger posted to
+        # the default port (connection refused, or another stack's ingress).
+        f"  try           .venv/bin/sentpipe trigger message.status.updated {url}\n"
+        f"  stop          Ctrl-C\n"
+    )
+
+
 def main() -> int:
     os.environ.update(local_stack_env(os.environ))
     s = Settings()
@@ -142,20 +164,7 @@ def main() -> int:
         if stopping:
             print("\nmake run: stopping", flush=True)
             return 0
-        url = f"http://127.0.0.1:{s.ingress_port}/webhooks/sent"
-        secret = s.webhook_secret.get_secret_value()
-        note = "  (built-in development secret)" if s.uses_development_secret else ""
-        sign_in = "  (sign in with SENTPIPE_CONSOLE_TOKEN)" if s.console_token else ""
-        print(
-            f"\n  webhook URL   {url}\n"
-            f"  secret        {secret}{note}\n"
-            f"  metrics       http://127.0.0.1:{s.ingress_metrics_port}/metrics (ingress), "
-            f"http://127.0.0.1:{s.worker_metrics_port}/metrics (worker)\n"
-            f"  console       {browser_url(s.console_host, s.console_port)}{sign_in}\n"
-            f"  try           .venv/bin/sentpipe trigger message.status.updated\n"
-            f"  stop          Ctrl-C\n",
-            flush=True,
-        )
+        print(banner(s), flush=True)
         while not stopping:
             for name, p in procs:
                 if p.poll() is not None:

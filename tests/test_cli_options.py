@@ -417,6 +417,52 @@ def test_make_run_points_the_stack_at_the_broker_and_database_it_starts() -> Non
     assert local_stack_env({}) == {}
 
 
+def test_make_run_prints_the_secret_the_default_tenant_is_verified_with(tmp_path: Path) -> None:
+    """With SENTPIPE_SECRETS_FILE listing the default tenant, `make run` printed SENTPIPE_WEBHOOK_SECRET (the
+    built-in one, without its note) as "the secret in use": the ingress refused deliveries signed with it."""
+    from sentpipe.devstack import banner
+    from sentpipe.settings import DEVELOPMENT_SECRET, Settings
+
+    assert f"secret        {DEVELOPMENT_SECRET}  (built-in development secret)\n" in banner(Settings())
+    own = "whsec_" + "b3duLXNlY3JldC1vZi10aGUtdGVuYW50"
+    secrets = tmp_path / "secrets.json"
+    secrets.write_text(f'{{"default": ["{own}", "{DEVELOPMENT_SECRET}"], "acme": ["whsec_YWNtZQ=="]}}')
+    shown = banner(Settings(secrets_file=secrets))
+    assert f"secret        {own}\n" in shown
+    assert DEVELOPMENT_SECRET not in shown
+    assert f"secret        {own}\n" in banner(Settings(webhook_secret=own))
+
+
+def test_make_run_offers_a_trigger_that_reaches_its_ingress_from_any_terminal() -> None:
+    """`SENTPIPE_INGRESS_PORT=9000 make run` offered `sentpipe trigger message.status.updated`, which, run in
+    another terminal, posted to port 8080: connection refused, or another stack's ingress."""
+    from sentpipe.devstack import banner
+    from sentpipe.settings import Settings
+
+    try_line = next(line for line in banner(Settings(ingress_port=9000)).splitlines() if "try" in line)
+    assert try_line.split()[1:] == [
+        ".venv/bin/sentpipe",
+        "trigger",
+        "message.status.updated",
+        "http://127.0.0.1:9000/webhooks/sent",
+    ]
+
+
+def test_worker_help_says_role_all_runs_the_projector_in_a_process_of_its_own() -> None:
+    """`sentpipe worker --help` said role all was "one process": the projector runs in a child process (two
+    cores, its own pid, killed and restarted apart, status 70/75), as the README's "Worker roles" says."""
+    out = subprocess.run(
+        [sys.executable, "-m", "sentpipe", "worker", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "300"},
+        check=True,
+    ).stdout
+    role = " ".join(line.strip("│ ") for line in out.splitlines() if "│" in line)
+    assert "one process" not in role
+    assert "child process" in role
+
+
 def test_the_console_announces_an_address_a_browser_can_open() -> None:
     """`sentpipe console --host 0.0.0.0` said `console on http://0.0.0.0:8090/`, which no browser opens."""
     from sentpipe.console import browser_url

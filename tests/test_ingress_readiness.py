@@ -9,21 +9,25 @@ the spool fills, and every delivery is refused."""
 from __future__ import annotations
 
 import asyncio
+import inspect
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from sentpipe.ingress.app import create_app, producer_for
+from sentpipe.ingress.app import create_app, liveness_problem, producer_for
 from sentpipe.ingress.spool import Spool, SpoolRecord, process_dir
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.http_tools import ingress_server
+from tests.processes import free_port
 from tests.services import Services
 from tests.test_ingress_limits import exchange, head, signed
 
@@ -123,3 +127,39 @@ async def test_a_full_spool_that_takes_every_delivery_makes_the_pod_unready(
         assert accepting() == 0
     finally:
         await server.close()
+
+
+def _described_503(doc: dict[str, Any], path: str) -> str:
+    """The description of `path`'s 503 answer in the OpenAPI document, its `$ref` followed."""
+    answer = doc["paths"][path]["get"]["responses"]["503"]
+    if "$ref" in answer:
+        answer = doc["components"]["responses"][answer["$ref"].rsplit("/", 1)[1]]
+    return str(answer["description"])
+
+
+async def test_the_openapi_document_names_the_codes_the_probes_answer_503_with(settings: Settings) -> None:
+    """/openapi.json gave /readyz's 503 the webhook's codes (broker_unavailable, overloaded, spool_full, ...)
+    while it answers `not_ready`, and left `spool_write_stalled` out of /healthz's 503: a probe or client
+    written from the contract did not know the codes it got."""
+    unreachable = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{free_port()}"})
+    producer = producer_for(unreachable)
+    server = await ingress_server(create_app(unreachable, producer))
+    try:
+        assert server.port is not None
+        status, _, body = await exchange(server.port, b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200
+        doc = orjson.loads(body)
+        deadline = time.monotonic() + AGREE_WITHIN_S
+        while (answer := await exchange(server.port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"))[0] != 503:
+            assert time.monotonic() < deadline, "/readyz stayed 200 with no broker"
+            await asyncio.sleep(0.2)
+        code, readyz_503 = orjson.loads(answer[2])["error"], _described_503(doc, "/readyz")
+        assert re.search(rf"\b{code}\b", readyz_503), (code, readyz_503)
+        assert "broker_unavailable" not in readyz_503
+    finally:
+        await server.close()
+    # Every reason liveness_problem returns (the codes /healthz answers 503 with) is named.
+    reasons = set(re.findall(r'return "([a-z_]+)"', inspect.getsource(liveness_problem)))
+    assert reasons >= {"producer_stalled", "spool_write_stalled", "spool_drain_stalled"}
+    healthz = _described_503(doc, "/healthz")
+    assert {r for r in reasons if not re.search(rf"\b{r}\b", healthz)} == set(), healthz
