@@ -13,6 +13,7 @@ from confluent_kafka.admin import AdminClient, NewPartitions
 from sentpipe.processors.topics import ensure_topics
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings, default_app_id
+from tests.kafka_tools import wait_topics_ready
 from tests.pipeline import start_worker
 from tests.processes import free_port
 from tests.test_ops_cli import sentpipe
@@ -38,6 +39,9 @@ def test_a_group_holding_another_prefixs_offsets_is_refused_with_one_line(
 ) -> None:
     other = settings.model_copy(update={"topic_prefix": f"o{uuid.uuid4().hex[:8]}."})
     ensure_topics(other)
+    # Created moments ago, a topic is listed before its leader is elected: a commit then was refused with
+    # UNKNOWN_TOPIC_OR_PART (seen once in a run of this file).
+    wait_topics_ready(settings.kafka_bootstrap, [Topics(other.topic_prefix).raw])
     commit_offset(settings.kafka_bootstrap, settings.app_id, Topics(other.topic_prefix).raw)
     res = sentpipe(settings, "worker", timeout=60)
     assert res.returncode == 1
