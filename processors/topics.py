@@ -183,11 +183,8 @@ def check_copartitioning(settings: Settings, timeout: float = 10.0) -> None:
     raw = Topics(settings.topic_prefix).raw
     if raw not in have:
         raise CopartitioningError(f"topic {raw} does not exist: run `sentpipe topics ensure` first")
-    if have[raw] != settings.raw_partitions:
-        raise CopartitioningError(
-            f"{raw} has {have[raw]} partitions but SENTPIPE_RAW_PARTITIONS is {settings.raw_partitions}: "
-            "the dedup table must have exactly the raw topic's partition count"
-        )
+    if (refused := raw_partitions_refusal(settings, have[raw])) is not None:
+        raise refused
     changelog = changelog_topic(settings)
     if changelog in have and have[changelog] != have[raw]:
         raise CopartitioningError(
@@ -197,6 +194,17 @@ def check_copartitioning(settings: Settings, timeout: float = 10.0) -> None:
 
 class CopartitioningError(Exception):
     pass
+
+
+def raw_partitions_refusal(settings: Settings, count: int) -> CopartitioningError | None:
+    """The refusal a raw topic of `count` partitions earns (None: it fits SENTPIPE_RAW_PARTITIONS); checked
+    at the start and, since partitions can be added to a topic at any time, while the router runs."""
+    if count == settings.raw_partitions:
+        return None
+    return CopartitioningError(
+        f"{Topics(settings.topic_prefix).raw} has {count} partitions but SENTPIPE_RAW_PARTITIONS is "
+        f"{settings.raw_partitions}: the dedup table must have exactly the raw topic's partition count"
+    )
 
 
 def check_no_other_group_reads(settings: Settings, group: str, timeout: float = 10.0) -> None:

@@ -53,7 +53,7 @@ from sentpipe.processors.partitioner import murmur2_partitioner
 from sentpipe.processors.projector import init_projector_metrics
 from sentpipe.processors.projector_process import CHILD_STOP_TIMEOUT_S, ProjectorProcess
 from sentpipe.processors.retry import backoff, is_temporary
-from sentpipe.processors.topics import DEDUP_TABLE
+from sentpipe.processors.topics import DEDUP_TABLE, CopartitioningError, raw_partitions_refusal
 from sentpipe.processors.watchdog import RecoveryHold, Watchdog
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.events import ROUTED_TYPES, EventType, MalformedEvent
@@ -240,6 +240,7 @@ class Router:
         # End offsets of the raw partitions asked of the broker (report_lag).
         self._broker_ends: dict[tuple[str, int], int] = {}
         self._broker_ends_at = -BROKER_ENDS_EVERY_S
+        self._raw_count_at = -BROKER_ENDS_EVERY_S  # when the raw topic's partition count was last asked
 
     @property
     def seen(self) -> Any:
@@ -891,6 +892,28 @@ class Router:
             self.watchdog.hold()
         return waiting
 
+    async def check_raw_partitions(self) -> None:
+        """CopartitioningError when the raw topic's partition count is no longer SENTPIPE_RAW_PARTITIONS
+        (asked of the broker at most every BROKER_ENDS_EVERY_S; unanswered, asked again next time).
+
+        Partitions added while the worker ran (`kafka-topics --alter`, a Strimzi KafkaTopic edited) are
+        written to by the ingress at once, and records there cannot be routed: the dedup table has no
+        partition for them. The router never learned of them for minutes (its consumer's metadata age),
+        then its agent crashed on every batch that held one and was restarted, over and over, with their
+        records in no lag, no stall and /livez 200: acknowledged events routed by nobody. The worker now
+        stops, and a restart refuses to start with the same line until the counts agree again."""
+        now = time.monotonic()
+        if now - self._raw_count_at < BROKER_ENDS_EVERY_S:
+            return
+        self._raw_count_at = now
+        count = None
+        with contextlib.suppress(Exception):  # the broker away: asked again next time
+            async with self._range_lock:
+                count = await asyncio.to_thread(self._ranges.partition_count, self.topics.raw)
+        refused = None if count is None else raw_partitions_refusal(self.s, count)
+        if refused is not None:
+            raise refused
+
     async def _with_broker_ends(
         self, found: list[tuple[Any, int | None, int | None]]
     ) -> list[tuple[Any, int | None, int | None]]:
@@ -1345,6 +1368,12 @@ def create_app(settings: Settings, role: WorkerRole | None = None) -> faust.App:
         # The gauge shows what the watchdog judges by: raw records not yet routed. The fetch position
         # runs ahead of a stuck agent, and the consumer's other partitions (the table's changelog during
         # recovery, Faust's assignor topic) are not work waiting: their stale numbers were exported too.
+        try:
+            await router.check_raw_partitions()
+        except CopartitioningError as exc:
+            log.critical(f"{exc} (partitions were added while the worker ran): the worker stops")
+            await app.crash(exc)
+            return
         try:
             waiting = await router.report_lag()
         except Exception:

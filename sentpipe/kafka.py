@@ -1324,6 +1324,11 @@ class RangeReader:
                     raise
         return out
 
+    def partition_count(self, topic: str, timeout_s: float = 2.0) -> int | None:
+        """How many partitions the broker says `topic` has now (None: it did not say)."""
+        found = self._consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        return None if found is None or found.error is not None else len(found.partitions)
+
     def read(self, where: Partition, start: int, end: int, timeout_s: float = 30.0) -> list[Record]:
         """The records at offsets [start, end) that are still in the log; BrokerUnavailable when they
         do not all come within `timeout_s`."""
