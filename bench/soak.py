@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import hashlib
 import os
 import random
@@ -29,6 +30,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,6 +75,7 @@ FAULTS = (
 
 def log(message: str) -> None:
     console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {message}")
+    console.file.flush()  # progress shows in a log file as it happens, not at exit
 
 
 def event_id(body: bytes) -> str:
@@ -182,13 +185,14 @@ class Traffic:
 
 
 class Stack:
-    """The soak's processes (ingress, worker) and services (broker, database), each restartable."""
+    """The soak's processes (ingress, workers) and services (broker, database), each restartable."""
 
-    def __init__(self, services: Services, s: Settings, run_dir: Path, ports: list[int]) -> None:
+    def __init__(self, services: Services, s: Settings, run_dir: Path, base_port: int, workers: int) -> None:
         self.services, self.s, self.run_dir = services, s, run_dir
-        self.ingress_port, self.ingress_metrics, self.worker_web, self.worker_metrics = ports
+        self.ingress_port, self.ingress_metrics = base_port, base_port + 1
+        self.base_port = base_port
         self.ingress: Proc | None = None
-        self.worker: Proc | None = None
+        self.workers: list[Proc | None] = [None] * workers
         self.starts: collections.Counter[str] = collections.Counter()
 
     def start_ingress(self) -> None:
@@ -202,16 +206,26 @@ class Stack:
         self.ingress = Proc(["ingress"], env, self.run_dir / "ingress.log").start()
         self.ingress.wait_http(f"http://127.0.0.1:{self.ingress_port}/healthz", timeout=120)
 
-    def start_worker(self) -> None:
-        self.starts["worker"] += 1
-        env = settings_env(self.s, worker_web_port=self.worker_web, worker_metrics_port=self.worker_metrics)
-        self.worker = Proc(["worker"], env, self.run_dir / "worker.log").start()
-        self.worker.wait_http(f"http://127.0.0.1:{self.worker_metrics}/metrics", timeout=120)
+    def start_worker(self, i: int) -> None:
+        """Worker `i`: ports and data directory of its own, the same ones at every restart."""
+        self.starts[f"worker {i}"] += 1
+        web, metrics = self.base_port + 2 + 2 * i, self.base_port + 3 + 2 * i
+        env = settings_env(
+            self.s, worker_web_port=web, worker_metrics_port=metrics, data_dir=self.s.data_dir / str(i)
+        )
+        proc = self.workers[i] = Proc(["worker"], env, self.run_dir / f"worker-{i}.log").start()
+        proc.wait_http(f"http://127.0.0.1:{metrics}/metrics", timeout=120)
 
-    def projector_pid(self) -> int | None:
-        """The worker's projector child (spawned by multiprocessing), if it has one now."""
-        assert self.worker is not None and self.worker.p is not None
-        out = subprocess.run(["pgrep", "-P", str(self.worker.p.pid)], capture_output=True, text=True).stdout
+    def worker(self, i: int) -> Proc:
+        proc = self.workers[i]
+        assert proc is not None and proc.p is not None
+        return proc
+
+    def projector_pid(self, i: int) -> int | None:
+        """Worker `i`'s projector child (spawned by multiprocessing), if it has one now."""
+        parent = self.worker(i).p
+        assert parent is not None
+        out = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout
         for pid in out.split():
             with contextlib.suppress(OSError):
                 if b"multiprocessing" in Path(f"/proc/{pid}/cmdline").read_bytes():
@@ -221,20 +235,23 @@ class Stack:
     def check_alive(self) -> list[str]:
         """Processes that exited on their own (no fault of the soak's), restarted; named for the report."""
         died = []
-        for name, proc, start in (
-            ("ingress", self.ingress, self.start_ingress),
-            ("worker", self.worker, self.start_worker),
-        ):
+        procs: list[tuple[str, Proc | None, Callable[[], None]]] = [
+            ("ingress", self.ingress, self.start_ingress)
+        ]
+        procs += [
+            (f"worker {i}", w, functools.partial(self.start_worker, i)) for i, w in enumerate(self.workers)
+        ]
+        for name, proc, start in procs:
             if proc is not None and proc.p is not None and proc.p.poll() is not None:
                 died.append(f"{name} exited with {proc.p.returncode}")
                 start()
         return died
 
     def stop(self) -> None:
-        for proc in (self.ingress, self.worker):
-            if proc is not None:
-                with contextlib.suppress(Exception):
-                    os.killpg(proc.p.pid, signal.SIGCONT)  # type: ignore[union-attr]
+        for proc in (self.ingress, *self.workers):
+            if proc is not None and proc.p is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.p.pid, signal.SIGCONT)
                 proc.stop(timeout=60)
 
 
@@ -277,20 +294,19 @@ class Chaos:
 
     def _inject(self, fault: str) -> None:
         st, svc = self.stack, self.stack.services
+        i = self.rng.randrange(len(st.workers))
         if fault == "worker_kill9":
-            assert st.worker is not None
-            st.worker.kill()
+            st.worker(i).kill()
             self._sleep(0, 3)
-            st.start_worker()
+            st.start_worker(i)
         elif fault == "worker_term":
-            assert st.worker is not None
-            code = st.worker.stop(signal.SIGTERM, timeout=90)
+            code = st.worker(i).stop(signal.SIGTERM, timeout=90)
             if code not in (0, -signal.SIGTERM, 143):
-                self.unexpected.append(f"worker SIGTERM: exit status {code}")
+                self.unexpected.append(f"worker {i} SIGTERM: exit status {code}")
             self._sleep(0, 3)
-            st.start_worker()
+            st.start_worker(i)
         elif fault == "projector_kill9":
-            pid = st.projector_pid()
+            pid = st.projector_pid(i)
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
         elif fault == "ingress_kill9":
@@ -313,7 +329,7 @@ class Chaos:
             finally:
                 svc.thaw_kafka()
         else:
-            proc = st.worker if fault == "pause_worker" else st.ingress
+            proc = st.worker(i) if fault == "pause_worker" else st.ingress
             assert proc is not None and proc.p is not None
             os.killpg(proc.p.pid, signal.SIGSTOP)
             try:
@@ -411,8 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dup", type=float, default=0.25, help="redeliveries per new delivery (0.25)")
     ap.add_argument("--gap", type=float, nargs=2, default=(5.0, 25.0), help="seconds between faults (5 25)")
     ap.add_argument("--drain", type=float, default=600.0, help="seconds the drain may take at most (600)")
+    ap.add_argument("--workers", type=int, default=1, help="worker processes of the one group (1)")
     ap.add_argument(
-        "--ports", type=int, nargs=4, default=None, help="ingress, its metrics, worker web, metrics"
+        "--port",
+        type=int,
+        default=9802,
+        help="ingress; its metrics, then each worker's web and metrics follow",
     )
     ap.add_argument("--keep", action="store_true", help="keep the topics and the schema (logs stay)")
     args = ap.parse_args(argv)
@@ -453,10 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     ensure_topics(s)
     t = Topics(s.topic_prefix)
     wait_topics_ready(s.kafka_bootstrap, [t.raw, *t.routed, t.unrouted, t.dlq])
-    ports = args.ports or [int(os.environ.get("SENTPIPE_SOAK_PORT", "9802")) + i for i in range(4)]
-    stack = Stack(services, s, run_dir, ports)
+    stack = Stack(services, s, run_dir, args.port, args.workers)
     traffic = Traffic(
-        f"http://127.0.0.1:{ports[0]}/webhooks/sent",
+        f"http://127.0.0.1:{args.port}/webhooks/sent",
         s.webhook_secret.get_secret_value(),
         args.seed,
         args.rate,
@@ -469,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         stack.start_ingress()
-        stack.start_worker()
+        for i in range(args.workers):
+            stack.start_worker(i)
         traffic.start()
         chaos.start()
         end = t0 + args.minutes * 60
@@ -512,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(Exception):
                 drop_schema(services.database_url, schema)
         services.close()
-    table = Table(title=f"soak seed {args.seed}, {args.minutes} min")
+    table = Table(title=f"soak seed {args.seed}, {args.minutes} min, {args.workers} worker(s)")
     table.add_column("what")
     table.add_column("value", justify="right")
     for fault in FAULTS:
