@@ -309,6 +309,16 @@ class Chaos:
             pid = st.projector_pid(i)
             if pid is not None:
                 os.kill(pid, signal.SIGKILL)
+                # Documented: a projector that dies other than by asking for a restart takes its worker
+                # along, and the orchestrator (here, the soak) starts both again.
+                parent = st.worker(i).p
+                assert parent is not None
+                try:
+                    parent.wait(120)
+                except subprocess.TimeoutExpired:
+                    self.unexpected.append(f"worker {i} still running 120 s after its projector was killed")
+                    st.worker(i).kill()
+                st.start_worker(i)
         elif fault == "ingress_kill9":
             assert st.ingress is not None
             st.ingress.kill()
