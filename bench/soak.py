@@ -429,6 +429,10 @@ def drain(s: Settings, stack: Stack, traffic: Traffic, timeout: float) -> bool:
     return False
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="how long faults are injected (10)")
@@ -446,6 +450,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--keep", action="store_true", help="keep the topics and the schema (logs stay)")
     args = ap.parse_args(argv)
+    # Stopped early (Ctrl-C, SIGTERM, even started in the background where SIGINT is ignored): the
+    # processes, topics and schema are still cleaned up by the `finally` below.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     if os.environ.get("SENTPIPE_KAFKA_BOOTSTRAP") or os.environ.get("SENTPIPE_DATABASE_URL"):
         print(
             "bench.soak stops and starts the services: unset SENTPIPE_KAFKA_BOOTSTRAP/_DATABASE_URL",
