@@ -228,7 +228,8 @@ class Stack:
         out = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout
         for pid in out.split():
             with contextlib.suppress(OSError):
-                if b"multiprocessing" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                # Not multiprocessing's resource tracker, the worker's other child.
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
                     return int(pid)
         return None
 
