@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install jars browser run test test-fast lint format services-up services-down check-deploy lock bench up down clean
+.PHONY: install jars browser run test test-fast lint format services-up services-down check-deploy lock bench soak up down clean
 
 install: $(STAMP) jars browser
 
@@ -79,6 +79,12 @@ lock:
 
 bench: install
 	$(PY) -m bench
+
+# The randomized fault soak (bench/README.md): SOAK_MINUTES and SOAK_SEED choose its length and schedule.
+SOAK_MINUTES ?= 15
+SOAK_SEED ?= 1
+soak: install
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) --seed $(SOAK_SEED)
 
 up:
 	docker compose -f deploy/compose/docker-compose.yml up -d --build

@@ -1243,15 +1243,29 @@ class _QuietWorker(faust.Worker):
         if self._signal_stop_time:
             _exit_now(f"a second {sig.name}: the worker exits at once")
         else:
-            why = f"the worker did not stop within {STOP_DEADLINE_S:.0f}s (Kafka away?)"
-            deadline = threading.Timer(STOP_DEADLINE_S, _exit_now, [why])
-            deadline.daemon = True
-            deadline.start()
+            _arm_stop_deadline()
         super()._schedule_shutdown(sig)
+
+    def stop_and_shutdown(self) -> None:
+        # A crash (the projector process gone: the README promises the worker exits non-zero) ends the
+        # start and stops the worker here, with no signal and so no deadline: that stop waited for ever
+        # on records the router could not settle (seen in the soak, 80+ s and counting after a projector's
+        # kill -9, the router stalled, never restarted by a restart policy that waits for an exit).
+        if not self._signal_stop_time:
+            _arm_stop_deadline()
+        super().stop_and_shutdown()
 
 
 # Past the projector process's own stop (CHILD_STOP_TIMEOUT_S) and below Helm's grace period (60 s).
 STOP_DEADLINE_S = CHILD_STOP_TIMEOUT_S + 10.0
+
+
+def _arm_stop_deadline() -> None:
+    """The worker ends with status 1 if its stop has not ended it within STOP_DEADLINE_S."""
+    why = f"the worker did not stop within {STOP_DEADLINE_S:.0f}s (Kafka away?)"
+    deadline = threading.Timer(STOP_DEADLINE_S, _exit_now, [why])
+    deadline.daemon = True
+    deadline.start()
 
 
 def _exit_now(why: str) -> None:

@@ -27,13 +27,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sentpipe import metrics as m
 from sentpipe.processors.health import Health, ProcessProbe, health_app, merged_exposition
-from sentpipe.processors.worker import LagSeries
+from sentpipe.processors.worker import STOP_DEADLINE_S, LagSeries
 from sentpipe.schemas import routing as r
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
 from tests.http_tools import scrape
 from tests.pipeline import Worker, start_worker, wait_for
+from tests.services import Services
 
 
 def _status(url: str, timeout: float = 2.0) -> int | str:
@@ -272,6 +273,31 @@ def test_a_projector_process_that_stays_blocked_is_killed_and_the_worker_exits(
         wait_for(lambda: _alive(child), lambda up: not up, 30, "the projector process gone", worker.proc.tail)
     finally:
         worker.stop()
+
+
+def test_a_worker_whose_projector_dies_exits_even_when_its_stop_cannot_finish(
+    services: Services, settings: Settings, tmp_path: Path
+) -> None:
+    """A projector process that dies crashes its worker, which must exit non-zero so that a restart policy
+    starts both again. Only a signal's stop had a deadline: the crash's stop waited for ever on what it
+    could not settle (the soak: a worker still "stopping" minutes after its projector's kill -9, routing
+    nothing, never restarted). The broker frozen holds that stop here; the deadline must end it."""
+    if not services.kafka_local:
+        pytest.fail("this test freezes the broker: run it with the local launcher")
+    with _role_all(settings, tmp_path) as (worker, child):
+        assert worker.proc.p is not None
+        services.freeze_kafka()
+        try:
+            os.kill(child, signal.SIGKILL)
+            try:
+                code = worker.proc.p.wait(STOP_DEADLINE_S + 30)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the crashed worker was still stopping:\n{worker.proc.tail(40)}")
+        finally:
+            services.thaw_kafka()
+        tail = worker.proc.tail(200)
+        assert code == 1 and "the projector process exited" in tail, (code, tail)
+        assert f"the worker did not stop within {STOP_DEADLINE_S:.0f}s" in tail, tail
 
 
 def test_a_projector_process_stops_when_its_worker_is_killed(settings: Settings, tmp_path: Path) -> None:
