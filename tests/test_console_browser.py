@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -322,6 +323,44 @@ def test_search_finds_an_event_by_message_id(page: Any, stack: Stack) -> None:
     shot(page, "search")
     page.click(f"#results a:text('{next(iter(ids))}')")
     page.wait_for_selector("main[data-ready='event']")
+
+
+def test_search_pages_forward_and_back_without_repeating_rows_while_events_arrive(
+    page: Any, stack: Stack
+) -> None:
+    """Next asked for the next OFFSET: events that arrived meanwhile pushed the list down, and the next page
+    began with rows the page before had shown. It now starts after the last row shown; Previous goes back."""
+    tenant = "paging-" + uuid.uuid4().hex[:8]
+    insert = (
+        "INSERT INTO message_events (event_id, tenant, message_id, status, occurred_at, received_at, payload)"
+        " SELECT %(tenant)s || '-' || lpad(g::text, 3, '0'), %(tenant)s, 'm' || g, 'sent',"
+        " %(at)s + g * interval '1 ms', %(at)s + g * interval '1 ms', '{}'"
+        " FROM generate_series(%(first)s::int, %(last)s::int) g"
+    )
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+
+    def shown() -> list[int]:
+        return [int(t.rsplit("-", 1)[1]) for t in page.locator("#results tbody a").all_inner_texts()]
+
+    def turn(button: str, number: int) -> list[int]:
+        page.click(button)
+        page.wait_for_selector(f"#search-page:text('page {number}')")
+        return shown()
+
+    with psycopg.connect(stack.db, autocommit=True) as db:
+        db.execute(insert, {"tenant": tenant, "at": at, "first": 1, "last": 120})
+        goto(page, stack, "search")
+        page.fill("input[name=tenant]", tenant)
+        page.click("form button[type=submit]")
+        page.wait_for_selector(f"#results a:text('{tenant}-120')")
+        assert shown() == list(range(120, 70, -1))
+        db.execute(insert, {"tenant": tenant, "at": at, "first": 121, "last": 140})  # arrive meanwhile
+    assert turn("#search-next", 2) == list(range(70, 20, -1))
+    assert turn("#search-next", 3) == list(range(20, 0, -1))
+    assert page.locator("#search-next").is_disabled()
+    assert turn("#search-prev", 2) == list(range(70, 20, -1))
+    assert turn("#search-prev", 1) == list(range(140, 90, -1))  # the first page: the newest, as it is now
+    assert page.locator("#search-prev").is_disabled()
 
 
 def test_event_values_render_as_text_never_as_markup(page: Any, stack: Stack) -> None:

@@ -80,7 +80,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 64 * 1024
 MAX_DLQ_LIMIT = 1000  # the page's own maximum; every listed entry is held in memory
 MAX_SCAN_LIMIT = 10_000_000
-MAX_PAGE = 100_000
 
 
 T = TypeVar("T")
@@ -553,7 +552,7 @@ def _time(text: str | None, what: str) -> datetime | None:
 
 async def search(request: web.Request) -> web.StreamResponse:
     q = request.query
-    known(q, ("q", "tenant", "type", "since", "until", "page", "page_size"))
+    known(q, ("q", "tenant", "type", "since", "until", "after", "page_size"))
     try:
         # Routed types only: `unrouted` has no history table, and answered "no events" as if it had.
         types = frozenset(r.parse_event_types(listed(q.get("type"), "type"), ROUTED_TYPES))
@@ -571,15 +570,31 @@ async def search(request: web.Request) -> web.StreamResponse:
         types=types,
         since=since,
         until=until,
-        page=int_param(q, "page", 0, 0, MAX_PAGE),
+        after=_cursor(q.get("after", "").strip()),
         page_size=int_param(q, "page_size", 50, 1, history.MAX_PAGE_SIZE),
     )
     page: history.HistoryPage = await off_loop(
         history.search, request.app[SETTINGS].database_url.get_secret_value(), query
     )
     return send_json(
-        {"rows": page.rows, "page": page.page, "page_size": page.page_size, "has_more": page.has_more}
+        {
+            "rows": page.rows,
+            "page_size": page.page_size,
+            "has_more": page.has_more,
+            # The next page is the rows after this one's last (`after=<next>`): not an offset, which rows
+            # arriving meanwhile shifted (a row shown twice, or never).
+            "next": page.next.token() if page.next else None,
+        }
     )
+
+
+def _cursor(text: str) -> history.Cursor | None:
+    if not text:
+        return None
+    try:
+        return history.Cursor.parse(text)
+    except history.BadCursor as exc:
+        raise Refused(f"after {exc}") from None
 
 
 DLQ_FILTERS = ("reasons", "reason", "stages", "stage", "since")

@@ -494,26 +494,36 @@ async function searchView(main) {
     since: el("input", { type: "datetime-local", name: "since", step: 1 }),
     until: el("input", { type: "datetime-local", name: "until", step: 1 }),
   };
-  let page = 0;
+  // Where each page shown so far started (null: the first): Next starts after the last row shown (the
+  // search's `next`), Previous goes back to where the page before started. Offsets shifted as events came
+  // in, repeating rows on the next page; a cursor does not move.
+  const starts = [null];
+  let filters = null; // the form as searched: Next and Previous keep to it, whatever was typed since
   const out = el("div", { id: "results" });
   async function run() {
     out.replaceChildren(el("p", { class: "muted" }, "Searching…"));
+    const page = starts.length - 1;
     try {
-      const res = await api("/api/search?" + query({ q: f.q.value.trim(), tenant: f.tenant.value.trim(), type: f.type.value, since: isoFromLocal(f.since.value), until: isoFromLocal(f.until.value), page }));
+      const res = await api("/api/search?" + query(Object.assign({}, filters, { after: starts[page] })));
       const rows = res.rows.map((r) => el("tr", {}, el("td", {}, when(r.at)), el("td", {}, r.type), el("td", {}, r.tenant), el("td", {}, eventLink(r.event_id)), el("td", { class: "mono" }, r.subject), el("td", {}, r.status || "")));
-      const prev = el("button", { type: "button", disabled: page === 0, onclick: () => { page -= 1; run(); } }, "Previous");
-      const next = el("button", { type: "button", disabled: !res.has_more, onclick: () => { page += 1; run(); } }, "Next");
+      const prev = el("button", { type: "button", id: "search-prev", disabled: page === 0, onclick: () => { starts.pop(); run(); } }, "Previous");
+      const next = el("button", { type: "button", id: "search-next", disabled: !res.next, onclick: () => { starts.push(res.next); run(); } }, "Next");
       out.replaceChildren(
         rows.length ? table(["time", "type", "tenant", "event id", "message / template id", "status"], rows, { class: "rows" }) : el("p", { class: "muted" }, "No events match."),
-        el("div", { class: "controls" }, prev, el("span", {}, `page ${page + 1}`), next)
+        el("div", { class: "controls" }, prev, el("span", { id: "search-page" }, `page ${page + 1}`), next)
       );
     } catch (err) {
       out.replaceChildren(errorBox(err.message));
     }
   }
-  const form = el("form", { class: "controls", onsubmit: (e) => { e.preventDefault(); page = 0; run(); } }, Object.values(f), el("button", { type: "submit" }, "Search"));
+  function searched() {
+    filters = { q: f.q.value.trim(), tenant: f.tenant.value.trim(), type: f.type.value, since: isoFromLocal(f.since.value), until: isoFromLocal(f.until.value) };
+    starts.splice(1);
+    return run();
+  }
+  const form = el("form", { class: "controls", onsubmit: (e) => { e.preventDefault(); searched(); } }, Object.values(f), el("button", { type: "submit" }, "Search"));
   main.append(el("h1", {}, "Search"), el("p", { class: "muted" }, "Events the projector applied (the history tables), newest first."), form, out);
-  await run();
+  await searched();
 }
 
 async function dlqView(main, id) {
