@@ -218,6 +218,27 @@ def test_live_shows_a_sent_event_within_2_s_and_a_row_opens_its_trace(page: Any,
     shot(page, "trace")
 
 
+def test_a_live_row_opens_its_trace_from_the_keyboard(page: Any, stack: Stack) -> None:
+    """Live rows opened on a click only: no row held anything Tab stops at, so a keyboard user could
+    watch events arrive and open none of them."""
+    goto(page, stack, "live")
+    page.wait_for_selector("#live-status:text('live')")
+    body = SampleFactory().message_status("msg-keys-" + uuid.uuid4().hex[:8], "delivered").body
+    event_id = event_id_of(body)
+    stack.send(body)
+    page.wait_for_selector(f"tr[data-event-id='{event_id}']")  # the newest row: the first in the table
+    focused = "document.activeElement.closest('#live-rows tr')?.dataset.eventId"
+    page.locator("#pause").focus()  # the last control before the rows
+    for _ in range(10):  # past the filters to the rows
+        page.keyboard.press("Tab")
+        if page.evaluate(focused) == event_id:
+            break
+    assert page.evaluate(focused) == event_id, page.evaluate("document.activeElement.outerHTML")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("main[data-ready='event']")
+    assert page.inner_text("#event-id") == event_id
+
+
 def live_rows(topic: str, offsets: range, backlog: bool = False) -> bytes:
     """Server-sent events as /api/live writes them: one row per offset, then a short reconnection delay."""
     out = b"retry: 50\n\n"

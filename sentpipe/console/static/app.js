@@ -348,10 +348,13 @@ async function liveView(main) {
   const body = el("tbody", { id: "live-rows" });
   const matches = (r) => (!tenant.value || r.tenant === tenant.value.trim()) && (!type.value || r.type === type.value) && (showDlq.checked || r.kind !== "dlq");
   function tr(r) {
+    const target = r.kind === "dlq" ? "#/dlq/" + encodeURIComponent(r.id) : r.event_id ? "#/event/" + encodeURIComponent(r.event_id) : null;
     const open = () => {
-      if (r.kind === "dlq") location.hash = "#/dlq/" + encodeURIComponent(r.id);
-      else if (r.event_id) location.hash = "#/event/" + encodeURIComponent(r.event_id);
+      if (target) location.hash = target;
     };
+    // The id is a link as well as the row a click target: a row is no stop for the keyboard, and without a
+    // link no row could be opened but with a mouse.
+    const id = r.event_id || (r.kind === "dlq" ? "dead letter " + r.id : null);
     return el(
       "tr",
       { class: "clickable " + r.kind, onclick: open, "data-event-id": r.event_id || "" },
@@ -359,7 +362,7 @@ async function liveView(main) {
       el("td", { class: "nowrap" }, r.kind === "dlq" ? "dead letter" : "raw"),
       el("td", {}, r.tenant),
       el("td", {}, r.type),
-      el("td", { class: "mono" }, r.event_id || "-"),
+      el("td", { class: "mono" }, target && id ? el("a", { href: target }, id) : id || "-"),
       el("td", { class: "mono" }, r.subject || "-"),
       el("td", {}, r.error ? el("span", { class: "warn" }, (r.stage ? r.stage + ": " : "") + r.error) : r.status || ""),
       el("td", { class: "mono" }, `${r.partition}:${r.offset}`)
