@@ -299,6 +299,39 @@ def test_live_after_a_reconnection_shows_each_row_once_and_counts_what_a_pause_d
         page.unroute("**/api/live")
 
 
+def test_live_says_when_the_console_cannot_read_kafka_and_when_it_can_again(page: Any, stack: Stack) -> None:
+    """Through a broker outage the page said "live" over an empty table, as if no events came in."""
+    streams: list[Any] = []
+    page.route("**/api/live", lambda route: streams.append(route))
+
+    def next_stream(n: int) -> Any:
+        while len(streams) < n:
+            page.wait_for_timeout(20)  # lets Playwright deliver the request; no time is asserted
+        return streams[n - 1]
+
+    topic = Topics(stack.settings.topic_prefix).raw
+    sse = {"status": 200, "headers": {"Content-Type": "text/event-stream"}}
+    down = b'event: kafka\ndata: {"problem":"Kafka broker at 127.0.0.1:1 did not answer within 10s"}\n\n'
+    try:
+        goto(page, stack, "live")
+        next_stream(1).fulfill(body=live_rows(topic, range(1)) + down, **sse)
+        page.wait_for_selector("#live-kafka:text('cannot read Kafka')")
+        assert "127.0.0.1:1 did not answer" in page.inner_text("#live-kafka")
+        # The next stream (a reconnection) finds Kafka again: the warning goes.
+        next_stream(2).fulfill(body=live_rows(topic, range(1, 2)), **sse)
+        page.wait_for_selector("tr[data-event-id='evt-reconnect-1']")
+        assert page.inner_text("#live-kafka") == ""
+        next_stream(3).fulfill(
+            body=live_rows(topic, range(2, 3)) + down + b'event: kafka\ndata: {"problem":null}\n\n', **sse
+        )
+        page.wait_for_selector("tr[data-event-id='evt-reconnect-2']")
+        next_stream(4)
+        assert page.inner_text("#live-kafka") == ""
+    finally:
+        goto(page, stack, "overview")  # closes the page's stream before its requests are let go
+        page.unroute("**/api/live")
+
+
 def test_live_says_so_when_the_console_refuses_its_stream(page: Any, stack: Stack) -> None:
     """Refused (a 401 once a restart of the console has signed everyone out), the stream is never tried
     again by the browser, and the page said "reconnecting…" for good."""

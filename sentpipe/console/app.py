@@ -461,6 +461,10 @@ async def overview(request: web.Request) -> web.StreamResponse:
     return send_json(request.app[SAMPLER].overview())
 
 
+LIVE_STATE_EVERY_S = 2.0  # how soon a Live page hears that the tail lost Kafka, or found it again
+LIVE_KEEP_ALIVE_S = 15.0
+
+
 async def live(request: web.Request) -> web.StreamResponse:
     """Server-sent events: the latest rows at once, then every raw and DLQ record as it arrives."""
     tail = request.app[TAIL]
@@ -470,10 +474,19 @@ async def live(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     sub = tail.subscribe()
     reported = 0
+    said: str | None = None
 
     def event(row: dict[str, Any]) -> bytes:
         # The id is what the browser sends back (Last-Event-ID) when it reconnects.
         return b"id: " + tail.row_id(row).encode() + b"\ndata: " + dumps(row) + b"\n\n"
+
+    async def say_kafka() -> None:
+        # The tail's trouble with Kafka, as it starts and as it ends: without it the page said "live"
+        # through a broker outage, and no rows read as no events coming in.
+        nonlocal said
+        if tail.problem != said:
+            said = tail.problem
+            await response.write(b"event: kafka\ndata: " + dumps({"problem": said}) + b"\n\n")
 
     try:
         # Taken with no await since subscribing: a row is either in it or in the queue, never in both.
@@ -483,12 +496,18 @@ async def live(request: web.Request) -> web.StreamResponse:
         await response.write(b"event: ready\ndata: {}\n\n")
         if missed:  # came while the page was away, and no longer held: said, not skipped unseen
             await response.write(b"event: dropped\ndata: " + str(missed).encode() + b"\n\n")
+        idle = 0.0
         while True:
+            await say_kafka()
             try:
-                row: dict[str, Any] | None = await asyncio.wait_for(sub.queue.get(), 15)
+                row: dict[str, Any] | None = await asyncio.wait_for(sub.queue.get(), LIVE_STATE_EVERY_S)
             except TimeoutError:
-                await response.write(b": keep-alive\n\n")
+                idle += LIVE_STATE_EVERY_S
+                if idle >= LIVE_KEEP_ALIVE_S:
+                    idle = 0.0
+                    await response.write(b": keep-alive\n\n")
                 continue
+            idle = 0.0
             if row is None:
                 break
             await response.write(event(row))

@@ -345,6 +345,9 @@ async function liveView(main) {
   const showDlq = el("input", { type: "checkbox", checked: true, name: "dlq" });
   const pause = el("button", { type: "button", id: "pause" }, "Pause");
   const status = el("span", { class: "muted", id: "live-status" }, "connecting…");
+  // The console's own trouble reading Kafka (the stream's `kafka` events): "live" with no rows must not read
+  // as no events coming in while the console cannot see any.
+  const kafka = el("span", { class: "warn", id: "live-kafka", role: "status" });
   const body = el("tbody", { id: "live-rows" });
   const matches = (r) => (!tenant.value || r.tenant === tenant.value.trim()) && (!type.value || r.type === type.value) && (showDlq.checked || r.kind !== "dlq");
   function tr(r) {
@@ -392,13 +395,20 @@ async function liveView(main) {
   for (const input of [tenant, type, showDlq]) input.addEventListener("input", render);
   main.append(
     el("h1", {}, "Live"),
-    el("div", { class: "controls" }, pause, tenant, type, el("label", {}, showDlq, " dead letters"), status),
+    el("div", { class: "controls" }, pause, tenant, type, el("label", {}, showDlq, " dead letters"), status, kafka),
     table(["time", "kind", "tenant", "type", "event id", "subject", "status / error", "partition:offset"], [], { id: "live", class: "rows" })
   );
   main.querySelector("#live tbody").replaceWith(body);
   const source = new EventSource("/api/live");
   state.cleanup.push(() => source.close());
-  source.addEventListener("ready", () => (status.textContent = paused ? pausedText() : "live"));
+  source.addEventListener("ready", () => {
+    status.textContent = paused ? pausedText() : "live";
+    kafka.textContent = ""; // a new stream says its own problem, if any, after `ready`
+  });
+  source.addEventListener("kafka", (e) => {
+    const problem = JSON.parse(e.data).problem;
+    kafka.textContent = problem ? `the console cannot read Kafka (${problem}): no new rows until it can; they come then` : "";
+  });
   source.addEventListener("dropped", (e) => (status.textContent = `live (${e.data} rows skipped: too many to show)`));
   source.onerror = () => {
     const was = paused ? pausedText() + ", " : "";
