@@ -332,6 +332,19 @@ def test_live_says_when_the_console_cannot_read_kafka_and_when_it_can_again(page
         page.unroute("**/api/live")
 
 
+def test_a_trace_that_fails_says_so_and_no_longer_says_searching(page: Any, stack: Stack) -> None:
+    """A trace the console could not make (the broker down) showed its error under "Searching Kafka and the
+    database…", as if still at it."""
+    error = {"error": "Kafka broker at 127.0.0.1:1 did not answer within 10s", "code": "broker_unavailable"}
+    page.route("**/api/event?*", lambda route: route.fulfill(status=503, json=error))
+    try:
+        goto(page, stack, "event/evt-down")
+        assert page.inner_text("main .error") == error["error"]
+        assert "Searching" not in page.inner_text("main"), page.inner_text("main")
+    finally:
+        page.unroute("**/api/event?*")
+
+
 def test_live_says_so_when_the_console_refuses_its_stream(page: Any, stack: Stack) -> None:
     """Refused (a 401 once a restart of the console has signed everyone out), the stream is never tried
     again by the browser, and the page said "reconnecting…" for good."""

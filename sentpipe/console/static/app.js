@@ -460,9 +460,15 @@ function recordsSection(title, records) {
 }
 
 async function eventView(main, id) {
-  main.append(el("h1", {}, "Event ", el("span", { class: "mono", id: "event-id" }, id), " ", copyButton(() => id, "Copy id")), el("p", { class: "muted" }, "Searching Kafka and the database…"));
-  const rep = await api("/api/event?" + query({ id }));
-  main.lastChild.remove();
+  const searching = el("p", { class: "muted", id: "searching" }, "Searching Kafka and the database…");
+  main.append(el("h1", {}, "Event ", el("span", { class: "mono", id: "event-id" }, id), " ", copyButton(() => id, "Copy id")), searching);
+  let rep;
+  try {
+    rep = await api("/api/event?" + query({ id }));
+  } finally {
+    // Gone on an error too: left above it, the page read as still searching when it had given up.
+    searching.remove();
+  }
   if (!rep.found) main.append(errorBox("Not found in the raw topic, the dedup table, the routed topics, the database or the DLQ."));
   main.append(recordsSection("Raw record(s)", rep.raw));
   let dedup;
