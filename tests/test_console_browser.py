@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -217,6 +218,27 @@ def test_live_shows_a_sent_event_within_2_s_and_a_row_opens_its_trace(page: Any,
     shot(page, "trace")
 
 
+def test_a_live_row_opens_its_trace_from_the_keyboard(page: Any, stack: Stack) -> None:
+    """Live rows opened on a click only: no row held anything Tab stops at, so a keyboard user could
+    watch events arrive and open none of them."""
+    goto(page, stack, "live")
+    page.wait_for_selector("#live-status:text('live')")
+    body = SampleFactory().message_status("msg-keys-" + uuid.uuid4().hex[:8], "delivered").body
+    event_id = event_id_of(body)
+    stack.send(body)
+    page.wait_for_selector(f"tr[data-event-id='{event_id}']")  # the newest row: the first in the table
+    focused = "document.activeElement.closest('#live-rows tr')?.dataset.eventId"
+    page.locator("#pause").focus()  # the last control before the rows
+    for _ in range(10):  # past the filters to the rows
+        page.keyboard.press("Tab")
+        if page.evaluate(focused) == event_id:
+            break
+    assert page.evaluate(focused) == event_id, page.evaluate("document.activeElement.outerHTML")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("main[data-ready='event']")
+    assert page.inner_text("#event-id") == event_id
+
+
 def live_rows(topic: str, offsets: range, backlog: bool = False) -> bytes:
     """Server-sent events as /api/live writes them: one row per offset, then a short reconnection delay."""
     out = b"retry: 50\n\n"
@@ -277,6 +299,52 @@ def test_live_after_a_reconnection_shows_each_row_once_and_counts_what_a_pause_d
         page.unroute("**/api/live")
 
 
+def test_live_says_when_the_console_cannot_read_kafka_and_when_it_can_again(page: Any, stack: Stack) -> None:
+    """Through a broker outage the page said "live" over an empty table, as if no events came in."""
+    streams: list[Any] = []
+    page.route("**/api/live", lambda route: streams.append(route))
+
+    def next_stream(n: int) -> Any:
+        while len(streams) < n:
+            page.wait_for_timeout(20)  # lets Playwright deliver the request; no time is asserted
+        return streams[n - 1]
+
+    topic = Topics(stack.settings.topic_prefix).raw
+    sse = {"status": 200, "headers": {"Content-Type": "text/event-stream"}}
+    down = b'event: kafka\ndata: {"problem":"Kafka broker at 127.0.0.1:1 did not answer within 10s"}\n\n'
+    try:
+        goto(page, stack, "live")
+        next_stream(1).fulfill(body=live_rows(topic, range(1)) + down, **sse)
+        page.wait_for_selector("#live-kafka:text('cannot read Kafka')")
+        assert "127.0.0.1:1 did not answer" in page.inner_text("#live-kafka")
+        # The next stream (a reconnection) finds Kafka again: the warning goes.
+        next_stream(2).fulfill(body=live_rows(topic, range(1, 2)), **sse)
+        page.wait_for_selector("tr[data-event-id='evt-reconnect-1']")
+        assert page.inner_text("#live-kafka") == ""
+        next_stream(3).fulfill(
+            body=live_rows(topic, range(2, 3)) + down + b'event: kafka\ndata: {"problem":null}\n\n', **sse
+        )
+        page.wait_for_selector("tr[data-event-id='evt-reconnect-2']")
+        next_stream(4)
+        assert page.inner_text("#live-kafka") == ""
+    finally:
+        goto(page, stack, "overview")  # closes the page's stream before its requests are let go
+        page.unroute("**/api/live")
+
+
+def test_a_trace_that_fails_says_so_and_no_longer_says_searching(page: Any, stack: Stack) -> None:
+    """A trace the console could not make (the broker down) showed its error under "Searching Kafka and the
+    database…", as if still at it."""
+    error = {"error": "Kafka broker at 127.0.0.1:1 did not answer within 10s", "code": "broker_unavailable"}
+    page.route("**/api/event?*", lambda route: route.fulfill(status=503, json=error))
+    try:
+        goto(page, stack, "event/evt-down")
+        assert page.inner_text("main .error") == error["error"]
+        assert "Searching" not in page.inner_text("main"), page.inner_text("main")
+    finally:
+        page.unroute("**/api/event?*")
+
+
 def test_live_says_so_when_the_console_refuses_its_stream(page: Any, stack: Stack) -> None:
     """Refused (a 401 once a restart of the console has signed everyone out), the stream is never tried
     again by the browser, and the page said "reconnecting…" for good."""
@@ -322,6 +390,44 @@ def test_search_finds_an_event_by_message_id(page: Any, stack: Stack) -> None:
     shot(page, "search")
     page.click(f"#results a:text('{next(iter(ids))}')")
     page.wait_for_selector("main[data-ready='event']")
+
+
+def test_search_pages_forward_and_back_without_repeating_rows_while_events_arrive(
+    page: Any, stack: Stack
+) -> None:
+    """Next asked for the next OFFSET: events that arrived meanwhile pushed the list down, and the next page
+    began with rows the page before had shown. It now starts after the last row shown; Previous goes back."""
+    tenant = "paging-" + uuid.uuid4().hex[:8]
+    insert = (
+        "INSERT INTO message_events (event_id, tenant, message_id, status, occurred_at, received_at, payload)"
+        " SELECT %(tenant)s || '-' || lpad(g::text, 3, '0'), %(tenant)s, 'm' || g, 'sent',"
+        " %(at)s + g * interval '1 ms', %(at)s + g * interval '1 ms', '{}'"
+        " FROM generate_series(%(first)s::int, %(last)s::int) g"
+    )
+    at = datetime(2026, 12, 1, tzinfo=UTC)
+
+    def shown() -> list[int]:
+        return [int(t.rsplit("-", 1)[1]) for t in page.locator("#results tbody a").all_inner_texts()]
+
+    def turn(button: str, number: int) -> list[int]:
+        page.click(button)
+        page.wait_for_selector(f"#search-page:text('page {number}')")
+        return shown()
+
+    with psycopg.connect(stack.db, autocommit=True) as db:
+        db.execute(insert, {"tenant": tenant, "at": at, "first": 1, "last": 120})
+        goto(page, stack, "search")
+        page.fill("input[name=tenant]", tenant)
+        page.click("form button[type=submit]")
+        page.wait_for_selector(f"#results a:text('{tenant}-120')")
+        assert shown() == list(range(120, 70, -1))
+        db.execute(insert, {"tenant": tenant, "at": at, "first": 121, "last": 140})  # arrive meanwhile
+    assert turn("#search-next", 2) == list(range(70, 20, -1))
+    assert turn("#search-next", 3) == list(range(20, 0, -1))
+    assert page.locator("#search-next").is_disabled()
+    assert turn("#search-prev", 2) == list(range(70, 20, -1))
+    assert turn("#search-prev", 1) == list(range(140, 90, -1))  # the first page: the newest, as it is now
+    assert page.locator("#search-prev").is_disabled()
 
 
 def test_event_values_render_as_text_never_as_markup(page: Any, stack: Stack) -> None:

@@ -20,6 +20,7 @@ from sentpipe.console.tail import RECENT_ROWS, Row, Subscriber, Tail
 from sentpipe.schemas.samples import SampleFactory
 from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings
+from tests.processes import free_port
 from tests.services import Services
 
 
@@ -309,6 +310,26 @@ async def test_the_tail_says_the_broker_stopped_answering_and_follows_again_afte
         assert row is not None, f"no row after the broker came back; tail state {tail.state!r}"
     finally:
         await asyncio.get_running_loop().run_in_executor(None, tail.stop)
+
+
+async def test_a_live_page_hears_that_the_console_cannot_read_kafka(settings: Settings) -> None:
+    """With the broker unreachable the Live page said "live" and showed no rows, which read as no events
+    coming in; only the overview's notes had the tail's error. The stream now says it (`kafka`)."""
+    unreachable = settings.model_copy(
+        update={"kafka_bootstrap": f"127.0.0.1:{free_port()}", "console_metrics_urls": []}
+    )
+    app = create_app(unreachable)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        async with ClientSession() as client, client.get(f"{base}/api/live") as stream:
+            _, events, _ = await sse_rows(stream, until="kafka")
+        said = orjson.loads(events[-1].removeprefix("kafka:"))["problem"]
+        assert said and unreachable.kafka_bootstrap in said, events
+        assert said == app[TAIL].problem
+    finally:
+        await server.close()
 
 
 def test_a_last_event_id_of_any_form_is_an_answer_not_an_error(settings: Settings) -> None:

@@ -79,6 +79,31 @@ def ids(url: str) -> tuple[str, str, str]:
     return event_id, message_id, template_id
 
 
+# The search's whole list, newest first, as an oracle: every history row, ordered as the search orders them.
+LISTED = """
+SELECT * FROM (
+    SELECT 'message.status.updated' AS type, tenant, event_id, received_at AS at FROM message_events
+    UNION ALL SELECT 'message.inbound.received', tenant, event_id, received_at FROM inbound_messages
+    UNION ALL SELECT 'template.approval.updated', tenant, event_id, occurred_at FROM template_events
+) e WHERE tenant = coalesce(%(tenant)s, tenant)
+ORDER BY at DESC, event_id DESC, tenant DESC, type DESC OFFSET %(skip)s LIMIT %(count)s
+"""
+
+
+def listed(url: str, tenant: str | None, skip: int, count: int) -> list[dict[str, Any]]:
+    with psycopg.connect(url, row_factory=psycopg.rows.dict_row) as conn:
+        return conn.execute(LISTED, {"tenant": tenant, "skip": skip, "count": count}).fetchall()
+
+
+DEEP = {None: 30_000, "tenant3": 3_000}  # rows above a deep page: a third of the list (90,000; 9,000)
+
+
+def deep(url: str, tenant: str | None) -> history.Cursor:
+    """Where a page far down the search's list starts: after its row DEEP[tenant]."""
+    (row,) = listed(url, tenant, DEEP[tenant] - 1, 1)
+    return history.Cursor.of(row)
+
+
 def test_a_search_page_reads_a_page_not_the_history(filled: str) -> None:
     """The console's search without a tenant: its first page (no filter at all), a type, a time window, a
     message or template id alone. Each read whole tables (the time columns and a message id without its
@@ -95,7 +120,10 @@ def test_a_search_page_reads_a_page_not_the_history(filled: str) -> None:
         "an event id": history.HistoryQuery(text=event_id),
         "a message id": history.HistoryQuery(text=message_id),
         "a template id": history.HistoryQuery(text=template_id),
-        "page 3": history.HistoryQuery(page=3),
+        # Page 600 or so (newest first): OFFSET pages read every row above them in each table (page 600 of
+        # 50 touched some 1,500 blocks here, growing with the depth); a keyset page reads a page.
+        "a deep page": history.HistoryQuery(after=deep(filled, None)),
+        "a tenant, deep": history.HistoryQuery(tenant="tenant3", after=deep(filled, "tenant3")),
     }
     touched = {}
     for name, q in cases.items():
@@ -109,6 +137,11 @@ def test_a_search_page_reads_a_page_not_the_history(filled: str) -> None:
     assert len(history.search(filled, cases["a template id"]).rows) == 5
     got = history.search(filled, cases["a tenant"])
     assert len(got.rows) == 50 and {r["tenant"] for r in got.rows} == {"tenant3"} and got.has_more
+    # A deep page holds exactly the rows after its cursor.
+    for name, tenant in (("a deep page", None), ("a tenant, deep", "tenant3")):
+        got = history.search(filled, cases[name])
+        want = listed(filled, tenant, DEEP[tenant], 50)
+        assert [(r["type"], r["event_id"]) for r in got.rows] == [(r["type"], r["event_id"]) for r in want]
 
 
 def test_a_trace_reads_the_status_tables_by_their_key(filled: str) -> None:

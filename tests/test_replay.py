@@ -23,7 +23,7 @@ from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from sentpipe.kafka import BrokerUnavailable
-from sentpipe.processors.history import HistoryQuery, search
+from sentpipe.processors.history import Cursor, HistoryQuery, search
 from sentpipe.processors.offsets import Log, OpsError, Window, make_window, timestamp_ms
 from sentpipe.processors.replay import Filter, RunResult, decide, failure_line, parse_types, replay
 from sentpipe.schemas import routing as r
@@ -527,13 +527,13 @@ def test_history_pages_neither_repeat_nor_skip_events_that_tie(db_url: str) -> N
             )
     for size in (1, 7):
         shown: list[tuple[str, str]] = []
-        page = 0
+        after = None
         while True:
-            got = search(db_url, HistoryQuery(page=page, page_size=size))
+            got = search(db_url, HistoryQuery(after=after, page_size=size))
             shown += [(row["type"], row["tenant"]) for row in got.rows]
-            if not got.has_more:
+            if got.next is None:
                 break
-            page += 1
+            after = Cursor.parse(got.next.token())  # as the console passes it on
         assert len(shown) == 80 and len(set(shown)) == 80, size
 
 

@@ -80,7 +80,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_BODY = 64 * 1024
 MAX_DLQ_LIMIT = 1000  # the page's own maximum; every listed entry is held in memory
 MAX_SCAN_LIMIT = 10_000_000
-MAX_PAGE = 100_000
 
 
 T = TypeVar("T")
@@ -462,6 +461,10 @@ async def overview(request: web.Request) -> web.StreamResponse:
     return send_json(request.app[SAMPLER].overview())
 
 
+LIVE_STATE_EVERY_S = 2.0  # how soon a Live page hears that the tail lost Kafka, or found it again
+LIVE_KEEP_ALIVE_S = 15.0
+
+
 async def live(request: web.Request) -> web.StreamResponse:
     """Server-sent events: the latest rows at once, then every raw and DLQ record as it arrives."""
     tail = request.app[TAIL]
@@ -471,10 +474,19 @@ async def live(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     sub = tail.subscribe()
     reported = 0
+    said: str | None = None
 
     def event(row: dict[str, Any]) -> bytes:
         # The id is what the browser sends back (Last-Event-ID) when it reconnects.
         return b"id: " + tail.row_id(row).encode() + b"\ndata: " + dumps(row) + b"\n\n"
+
+    async def say_kafka() -> None:
+        # The tail's trouble with Kafka, as it starts and as it ends: without it the page said "live"
+        # through a broker outage, and no rows read as no events coming in.
+        nonlocal said
+        if tail.problem != said:
+            said = tail.problem
+            await response.write(b"event: kafka\ndata: " + dumps({"problem": said}) + b"\n\n")
 
     try:
         # Taken with no await since subscribing: a row is either in it or in the queue, never in both.
@@ -484,12 +496,18 @@ async def live(request: web.Request) -> web.StreamResponse:
         await response.write(b"event: ready\ndata: {}\n\n")
         if missed:  # came while the page was away, and no longer held: said, not skipped unseen
             await response.write(b"event: dropped\ndata: " + str(missed).encode() + b"\n\n")
+        idle = 0.0
         while True:
+            await say_kafka()
             try:
-                row: dict[str, Any] | None = await asyncio.wait_for(sub.queue.get(), 15)
+                row: dict[str, Any] | None = await asyncio.wait_for(sub.queue.get(), LIVE_STATE_EVERY_S)
             except TimeoutError:
-                await response.write(b": keep-alive\n\n")
+                idle += LIVE_STATE_EVERY_S
+                if idle >= LIVE_KEEP_ALIVE_S:
+                    idle = 0.0
+                    await response.write(b": keep-alive\n\n")
                 continue
+            idle = 0.0
             if row is None:
                 break
             await response.write(event(row))
@@ -553,7 +571,7 @@ def _time(text: str | None, what: str) -> datetime | None:
 
 async def search(request: web.Request) -> web.StreamResponse:
     q = request.query
-    known(q, ("q", "tenant", "type", "since", "until", "page", "page_size"))
+    known(q, ("q", "tenant", "type", "since", "until", "after", "page_size"))
     try:
         # Routed types only: `unrouted` has no history table, and answered "no events" as if it had.
         types = frozenset(r.parse_event_types(listed(q.get("type"), "type"), ROUTED_TYPES))
@@ -571,15 +589,31 @@ async def search(request: web.Request) -> web.StreamResponse:
         types=types,
         since=since,
         until=until,
-        page=int_param(q, "page", 0, 0, MAX_PAGE),
+        after=_cursor(q.get("after", "").strip()),
         page_size=int_param(q, "page_size", 50, 1, history.MAX_PAGE_SIZE),
     )
     page: history.HistoryPage = await off_loop(
         history.search, request.app[SETTINGS].database_url.get_secret_value(), query
     )
     return send_json(
-        {"rows": page.rows, "page": page.page, "page_size": page.page_size, "has_more": page.has_more}
+        {
+            "rows": page.rows,
+            "page_size": page.page_size,
+            "has_more": page.has_more,
+            # The next page is the rows after this one's last (`after=<next>`): not an offset, which rows
+            # arriving meanwhile shifted (a row shown twice, or never).
+            "next": page.next.token() if page.next else None,
+        }
     )
+
+
+def _cursor(text: str) -> history.Cursor | None:
+    if not text:
+        return None
+    try:
+        return history.Cursor.parse(text)
+    except history.BadCursor as exc:
+        raise Refused(f"after {exc}") from None
 
 
 DLQ_FILTERS = ("reasons", "reason", "stages", "stage", "since")

@@ -199,6 +199,12 @@ class Tail:
         self.subscribers.add(sub)
         return sub
 
+    @property
+    def problem(self) -> str | None:
+        """Kafka's error the tail meets now (it retries meanwhile), or None while it reads."""
+        _, found, why = self.state.partition("Kafka: ")
+        return why if found else None
+
     def row_id(self, row: Row) -> str:
         return f"{self.run_id}-{row['seq']}"
 

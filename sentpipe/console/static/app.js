@@ -348,13 +348,19 @@ async function liveView(main) {
   const showDlq = el("input", { type: "checkbox", checked: true, name: "dlq" });
   const pause = el("button", { type: "button", id: "pause" }, "Pause");
   const status = el("span", { class: "muted", id: "live-status" }, "connecting…");
+  // The console's own trouble reading Kafka (the stream's `kafka` events): "live" with no rows must not read
+  // as no events coming in while the console cannot see any.
+  const kafka = el("span", { class: "warn", id: "live-kafka", role: "status" });
   const body = el("tbody", { id: "live-rows" });
   const matches = (r) => (!tenant.value || r.tenant === tenant.value.trim()) && (!type.value || r.type === type.value) && (showDlq.checked || r.kind !== "dlq");
   function tr(r) {
+    const target = r.kind === "dlq" ? "#/dlq/" + encodeURIComponent(r.id) : r.event_id ? "#/event/" + encodeURIComponent(r.event_id) : null;
     const open = () => {
-      if (r.kind === "dlq") location.hash = "#/dlq/" + encodeURIComponent(r.id);
-      else if (r.event_id) location.hash = "#/event/" + encodeURIComponent(r.event_id);
+      if (target) location.hash = target;
     };
+    // The id is a link as well as the row a click target: a row is no stop for the keyboard, and without a
+    // link no row could be opened but with a mouse.
+    const id = r.event_id || (r.kind === "dlq" ? "dead letter " + r.id : null);
     return el(
       "tr",
       { class: "clickable " + r.kind, onclick: open, "data-event-id": r.event_id || "" },
@@ -362,7 +368,7 @@ async function liveView(main) {
       el("td", { class: "nowrap" }, r.kind === "dlq" ? "dead letter" : "raw"),
       el("td", {}, r.tenant),
       el("td", {}, r.type),
-      el("td", { class: "mono" }, r.event_id || "-"),
+      el("td", { class: "mono" }, target && id ? el("a", { href: target }, id) : id || "-"),
       el("td", { class: "mono" }, r.subject || "-"),
       el("td", {}, r.error ? el("span", { class: "warn" }, (r.stage ? r.stage + ": " : "") + r.error) : r.status || ""),
       el("td", { class: "mono" }, `${r.partition}:${r.offset}`)
@@ -392,13 +398,20 @@ async function liveView(main) {
   for (const input of [tenant, type, showDlq]) input.addEventListener("input", render);
   main.append(
     el("h1", {}, "Live"),
-    el("div", { class: "controls" }, pause, tenant, type, el("label", {}, showDlq, " dead letters"), status),
+    el("div", { class: "controls" }, pause, tenant, type, el("label", {}, showDlq, " dead letters"), status, kafka),
     table(["time", "kind", "tenant", "type", "event id", "subject", "status / error", "partition:offset"], [], { id: "live", class: "rows" })
   );
   main.querySelector("#live tbody").replaceWith(body);
   const source = new EventSource("/api/live");
   state.cleanup.push(() => source.close());
-  source.addEventListener("ready", () => (status.textContent = paused ? pausedText() : "live"));
+  source.addEventListener("ready", () => {
+    status.textContent = paused ? pausedText() : "live";
+    kafka.textContent = ""; // a new stream says its own problem, if any, after `ready`
+  });
+  source.addEventListener("kafka", (e) => {
+    const problem = JSON.parse(e.data).problem;
+    kafka.textContent = problem ? `the console cannot read Kafka (${problem}): no new rows until it can; they come then` : "";
+  });
   source.addEventListener("dropped", (e) => (status.textContent = `live (${e.data} rows skipped: too many to show)`));
   source.onerror = () => {
     const was = paused ? pausedText() + ", " : "";
@@ -450,9 +463,15 @@ function recordsSection(title, records) {
 }
 
 async function eventView(main, id) {
-  main.append(el("h1", {}, "Event ", el("span", { class: "mono", id: "event-id" }, id), " ", copyButton(() => id, "Copy id")), el("p", { class: "muted" }, "Searching Kafka and the database…"));
-  const rep = await api("/api/event?" + query({ id }));
-  main.lastChild.remove();
+  const searching = el("p", { class: "muted", id: "searching" }, "Searching Kafka and the database…");
+  main.append(el("h1", {}, "Event ", el("span", { class: "mono", id: "event-id" }, id), " ", copyButton(() => id, "Copy id")), searching);
+  let rep;
+  try {
+    rep = await api("/api/event?" + query({ id }));
+  } finally {
+    // Gone on an error too: left above it, the page read as still searching when it had given up.
+    searching.remove();
+  }
   if (!rep.found) main.append(errorBox("Not found in the raw topic, the dedup table, the routed topics, the database or the DLQ."));
   main.append(recordsSection("Raw record(s)", rep.raw));
   let dedup;
@@ -497,26 +516,36 @@ async function searchView(main) {
     since: el("input", { type: "datetime-local", name: "since", step: 1 }),
     until: el("input", { type: "datetime-local", name: "until", step: 1 }),
   };
-  let page = 0;
+  // Where each page shown so far started (null: the first): Next starts after the last row shown (the
+  // search's `next`), Previous goes back to where the page before started. Offsets shifted as events came
+  // in, repeating rows on the next page; a cursor does not move.
+  const starts = [null];
+  let filters = null; // the form as searched: Next and Previous keep to it, whatever was typed since
   const out = el("div", { id: "results" });
   async function run() {
     out.replaceChildren(el("p", { class: "muted" }, "Searching…"));
+    const page = starts.length - 1;
     try {
-      const res = await api("/api/search?" + query({ q: f.q.value.trim(), tenant: f.tenant.value.trim(), type: f.type.value, since: isoFromLocal(f.since.value), until: isoFromLocal(f.until.value), page }));
+      const res = await api("/api/search?" + query(Object.assign({}, filters, { after: starts[page] })));
       const rows = res.rows.map((r) => el("tr", {}, el("td", {}, when(r.at)), el("td", {}, r.type), el("td", {}, r.tenant), el("td", {}, eventLink(r.event_id)), el("td", { class: "mono" }, r.subject), el("td", {}, r.status || "")));
-      const prev = el("button", { type: "button", disabled: page === 0, onclick: () => { page -= 1; run(); } }, "Previous");
-      const next = el("button", { type: "button", disabled: !res.has_more, onclick: () => { page += 1; run(); } }, "Next");
+      const prev = el("button", { type: "button", id: "search-prev", disabled: page === 0, onclick: () => { starts.pop(); run(); } }, "Previous");
+      const next = el("button", { type: "button", id: "search-next", disabled: !res.next, onclick: () => { starts.push(res.next); run(); } }, "Next");
       out.replaceChildren(
         rows.length ? table(["time", "type", "tenant", "event id", "message / template id", "status"], rows, { class: "rows" }) : el("p", { class: "muted" }, "No events match."),
-        el("div", { class: "controls" }, prev, el("span", {}, `page ${page + 1}`), next)
+        el("div", { class: "controls" }, prev, el("span", { id: "search-page" }, `page ${page + 1}`), next)
       );
     } catch (err) {
       out.replaceChildren(errorBox(err.message));
     }
   }
-  const form = el("form", { class: "controls", onsubmit: (e) => { e.preventDefault(); page = 0; run(); } }, Object.values(f), el("button", { type: "submit" }, "Search"));
+  function searched() {
+    filters = { q: f.q.value.trim(), tenant: f.tenant.value.trim(), type: f.type.value, since: isoFromLocal(f.since.value), until: isoFromLocal(f.until.value) };
+    starts.splice(1);
+    return run();
+  }
+  const form = el("form", { class: "controls", onsubmit: (e) => { e.preventDefault(); searched(); } }, Object.values(f), el("button", { type: "submit" }, "Search"));
   main.append(el("h1", {}, "Search"), el("p", { class: "muted" }, "Events the projector applied (the history tables), newest first."), form, out);
-  await run();
+  await searched();
 }
 
 async function dlqView(main, id) {
