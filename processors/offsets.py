@@ -13,8 +13,9 @@ import uuid
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from confluent_kafka import (
     Consumer,
@@ -254,6 +255,20 @@ _NOT_AUTHORIZED = frozenset({KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.G
 OnDeleted = Callable[[Range, int, int], None]
 
 
+_T = TypeVar("_T")
+# A partition's leader moving: a broker restarting, a topic just created. Asked again, not a broker away.
+_LEADER_MOVING = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.OFFSET_NOT_AVAILABLE,
+        KafkaError.FENCED_LEADER_EPOCH,
+        KafkaError.UNKNOWN_LEADER_EPOCH,
+    }
+)
+LEADER_MOVE_RETRY_S = 0.2
+
+
 class Log:
     """Read-only access to topics for one command: metadata, watermarks, bounded reads."""
 
@@ -312,13 +327,26 @@ class Log:
         why = _kafka_text(exc) if exc is not None else "no answer"
         return BrokerUnavailable(f"Kafka broker at {self.bootstrap} did not answer: {why}")
 
+    def _through_leader_moves(self, ask: Callable[[], _T]) -> _T:
+        """`ask()`, asked again while a partition's leadership moves, until `timeout`. librdkafka answers
+        those errors at once and does not ask again: a trace, `dlq list` or a replay failed "did not answer"
+        for a routine rolling restart of the brokers (or a topic created a moment before)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return ask()
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                moving = isinstance(err, KafkaError) and err.code() in _LEADER_MOVING
+                if not moving or time.monotonic() + LEADER_MOVE_RETRY_S >= deadline:
+                    raise self._unavailable(exc) from exc
+            time.sleep(LEADER_MOVE_RETRY_S)
+
     def watermarks(self, topic: str, partitions: Iterable[int]) -> dict[int, tuple[int, int]]:
         out: dict[int, tuple[int, int]] = {}
         for p in partitions:
-            try:
-                got = self.consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=self.timeout)
-            except KafkaException as exc:
-                raise self._unavailable(exc) from exc
+            ask = partial(self.consumer.get_watermark_offsets, TopicPartition(topic, p), timeout=self.timeout)
+            got = self._through_leader_moves(ask)
             if got is None:
                 raise self._unavailable()
             out[p] = (int(got[0]), int(got[1]))
@@ -329,13 +357,15 @@ class Log:
         query = [TopicPartition(topic, p, ms) for p in partitions]
         if not query:
             return {}
-        try:
-            found = self.consumer.offsets_for_times(query, timeout=self.timeout)
-        except KafkaException as exc:
-            raise self._unavailable(exc) from exc
-        for tp in found:
-            if tp.error is not None:  # read as "every record is older", a --since skipped the partition
-                raise self._unavailable(KafkaException(tp.error))
+
+        def ask() -> list[TopicPartition]:
+            found: list[TopicPartition] = self.consumer.offsets_for_times(query, timeout=self.timeout)
+            for tp in found:
+                if tp.error is not None:  # read as "every record is older", a --since skipped the partition
+                    raise KafkaException(tp.error)
+            return found
+
+        found = self._through_leader_moves(ask)
         return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in found}
 
     def ranges(self, topic: str, window: Window, partitions: Iterable[int] | None = None) -> list[Range]:

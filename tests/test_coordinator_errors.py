@@ -112,3 +112,20 @@ def test_nothing_reads_offsets_through_the_admin_api() -> None:
         if needle in line
     ]
     assert calls == []
+
+
+def test_reads_of_the_log_go_on_through_a_partition_leader_moving() -> None:
+    """librdkafka answers ListOffsets' leadership errors at once and does not ask again: a trace or a replay
+    failed "did not answer" for a rolling restart of the brokers."""
+    res = _run("""
+        from sentpipe.processors.offsets import Log
+        from tests.kafka_mock import LEADER_NOT_AVAILABLE, LIST_OFFSETS, NOT_LEADER_FOR_PARTITION
+        with Log(s, timeout=10.0) as log:
+            mock.answer_with_errors(LIST_OFFSETS, *[NOT_LEADER_FOR_PARTITION] * 6)
+            print("watermarks", log.watermarks("mine.raw", [0, 1]))
+            mock.answer_with_errors(LIST_OFFSETS, NOT_LEADER_FOR_PARTITION, LEADER_NOT_AVAILABLE)
+            print("since", log.offsets_at("mine.raw", [0, 1], 0))
+    """)
+    assert res.returncode == 0, res.stderr
+    assert "watermarks {0: (0, 0), 1: (0, 0)}" in res.stdout, res.stdout
+    assert "since {0: None, 1: None}" in res.stdout, res.stdout
