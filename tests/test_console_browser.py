@@ -637,6 +637,18 @@ def test_overview_charts_the_last_hour(page: Any, stack: Stack) -> None:
     shot(page, "live-history")
 
 
+def test_the_overview_says_when_its_numbers_stop_refreshing(page: Any, stack: Stack) -> None:
+    """A refresh that failed was dropped without a word: the last numbers stayed up, looking current."""
+    goto(page, stack, "overview")
+    page.wait_for_selector("#overview .totals")
+    assert page.locator("#overview-stale").is_hidden()
+    page.route("**/api/overview", lambda route: route.abort())  # the console gone away, as the page sees it
+    page.wait_for_selector("#overview-stale", state="visible", timeout=30_000)
+    assert "Not refreshed since" in page.inner_text("#overview-stale")
+    page.unroute("**/api/overview")
+    page.wait_for_selector("#overview-stale", state="hidden", timeout=30_000)
+
+
 def overview_totals(page: Any) -> dict[str, int]:
     page.reload()
     page.wait_for_selector("#overview .totals")

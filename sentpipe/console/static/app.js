@@ -294,7 +294,11 @@ function lineChart(title, series) {
 async function overviewView(main) {
   main.append(el("h1", {}, "Overview"));
   const box = el("div", { id: "overview" });
-  main.append(box);
+  // A refresh that failed left the last numbers up with nothing saying they had stopped moving: a console
+  // gone away (or its session expired) looked like a quiet pipeline.
+  const stale = el("p", { id: "overview-stale", class: "error", role: "alert", hidden: true });
+  main.append(stale, box);
+  let shownAt = new Date();
   async function refresh() {
     const o = await api("/api/overview");
     const t = o.totals;
@@ -327,9 +331,22 @@ async function overviewView(main) {
     if (o.problems.lag) notes.push("lag: " + o.problems.lag);
     for (const [url, why] of Object.entries(o.problems.metrics)) notes.push(`metrics ${url}: ${why}`);
     box.replaceChildren(cards, charts, el("ul", { class: "notes muted" }, notes.map((n) => el("li", {}, n))));
+    shownAt = new Date();
   }
   await refresh();
-  const timer = setInterval(() => refresh().catch(() => {}), 10000);
+  const timer = setInterval(
+    () =>
+      refresh().then(
+        () => {
+          stale.hidden = true;
+        },
+        (err) => {
+          stale.textContent = `Not refreshed since ${shownAt.toISOString().slice(11, 19)} UTC: ${err.message}`;
+          stale.hidden = false;
+        }
+      ),
+    10000
+  );
   state.cleanup.push(() => clearInterval(timer));
 }
 
