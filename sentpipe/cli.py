@@ -434,7 +434,9 @@ def replay(
     if result.failed and not dry_run:
         fail(replay_failure_line(result))
     if result.missing_ids:  # asked for by id and not replayed: a script must not read that as done
-        fail(f"not found in the window: {', '.join(result.missing_ids)}")
+        # An id in the window but of another type or tenant than asked is passed over as one outside it.
+        also = " or not of the --type/--tenant asked" if type_ or tenant else ""
+        fail(f"not found in the window{also}: {', '.join(result.missing_ids)}")
 
 
 @dlq_app.command("list")

@@ -170,6 +170,11 @@ def test_a_replay_of_an_event_not_in_the_window_is_not_a_success(settings: Setti
     res = sentpipe(settings, "replay", "--event-id", "evt_never_sent", "--dry-run")
     assert res.returncode == 1, res.stderr
     assert res.stderr.splitlines()[-1] == "error: not found in the window: evt_never_sent", res.stderr
+    # With a type or tenant asked too, the id may be in the window and of another: the line says both.
+    res = sentpipe(settings, "replay", "--event-id", "evt_never_sent", "--tenant", "acme", "--dry-run")
+    assert res.returncode == 1, res.stderr
+    last = res.stderr.splitlines()[-1]
+    assert last == "error: not found in the window or not of the --type/--tenant asked: evt_never_sent", last
 
 
 @pytest.mark.parametrize("group", ["dlq", "topics", "offsets"])
