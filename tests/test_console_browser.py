@@ -14,7 +14,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -261,12 +261,10 @@ def live_rows(topic: str, offsets: range, backlog: bool = False) -> bytes:
     return out + b"event: ready\ndata: {}\n\n"
 
 
-def test_live_after_a_reconnection_shows_each_row_once_and_counts_what_a_pause_drops(
-    page: Any, stack: Stack
-) -> None:
-    """Each connection starts with the latest rows again (`backlog`): after a reconnection the page showed
-    them twice. And a pause kept 2,000 new rows and dropped the rest without a word."""
-    streams: list[Any] = []  # the page's requests to /api/live, answered when the test says
+def held_live_streams(page: Any) -> Callable[[int], Any]:
+    """The page's requests to /api/live, held until the test answers them: `next_stream(n)` waits for the
+    n-th and gives it (the caller unroutes `**/api/live` when done)."""
+    streams: list[Any] = []
     page.route("**/api/live", lambda route: streams.append(route))
 
     def next_stream(n: int) -> Any:
@@ -274,6 +272,15 @@ def test_live_after_a_reconnection_shows_each_row_once_and_counts_what_a_pause_d
             page.wait_for_timeout(20)  # lets Playwright deliver the request; no time is asserted
         return streams[n - 1]
 
+    return next_stream
+
+
+def test_live_after_a_reconnection_shows_each_row_once_and_counts_what_a_pause_drops(
+    page: Any, stack: Stack
+) -> None:
+    """Each connection starts with the latest rows again (`backlog`): after a reconnection the page showed
+    them twice. And a pause kept 2,000 new rows and dropped the rest without a word."""
+    next_stream = held_live_streams(page)
     topic = Topics(stack.settings.topic_prefix).raw
     sse = {"status": 200, "headers": {"Content-Type": "text/event-stream"}}
     try:
@@ -301,14 +308,7 @@ def test_live_after_a_reconnection_shows_each_row_once_and_counts_what_a_pause_d
 
 def test_live_says_when_the_console_cannot_read_kafka_and_when_it_can_again(page: Any, stack: Stack) -> None:
     """Through a broker outage the page said "live" over an empty table, as if no events came in."""
-    streams: list[Any] = []
-    page.route("**/api/live", lambda route: streams.append(route))
-
-    def next_stream(n: int) -> Any:
-        while len(streams) < n:
-            page.wait_for_timeout(20)  # lets Playwright deliver the request; no time is asserted
-        return streams[n - 1]
-
+    next_stream = held_live_streams(page)
     topic = Topics(stack.settings.topic_prefix).raw
     sse = {"status": 200, "headers": {"Content-Type": "text/event-stream"}}
     down = b'event: kafka\ndata: {"problem":"Kafka broker at 127.0.0.1:1 did not answer within 10s"}\n\n'
