@@ -141,9 +141,7 @@ def browser() -> Iterator[Any]:
         b.close()
 
 
-@pytest.fixture(scope="module")
-def page(browser: Any, stack: Stack) -> Iterator[Any]:
-    """One signed-in tab for the module (the sign-in itself is the first test)."""
+def new_tab(browser: Any) -> Any:
     context = browser.new_context(viewport={"width": 1400, "height": 900})
     # Any script an event smuggles in would set this; the page must never change it.
     context.add_init_script("window.__xss = 0;")
@@ -152,8 +150,20 @@ def page(browser: Any, stack: Stack) -> Iterator[Any]:
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
     pg.errors = errors
+    return pg
+
+
+@pytest.fixture(scope="module")
+def page(browser: Any, stack: Stack) -> Iterator[Any]:
+    """One signed-in tab for the module, signed in here: with the sign-in left to the first test, any test
+    run alone (`-k`) failed waiting for a page it was never shown."""
+    pg = new_tab(browser)
+    pg.goto(stack.console_url + "/")
+    pg.fill("input[name=token]", TOKEN)
+    pg.click("button[type=submit]")
+    pg.wait_for_selector("main[data-ready='overview']")
     yield pg
-    context.close()
+    pg.context.close()
 
 
 def shot(page: Any, name: str) -> None:
@@ -177,19 +187,23 @@ def event_id_of(body: bytes) -> str:
     return frame(body, webhook_id=None).event_id
 
 
-def test_sign_in(page: Any, stack: Stack) -> None:
-    page.goto(stack.console_url + "/")
-    assert page.url.endswith("/login")
-    page.fill("input[name=token]", "not-the-token-at-all")
-    page.click("button[type=submit]")
-    page.wait_for_selector("text=Wrong token.")
-    shot(page, "sign-in")
-    page.fill("input[name=token]", TOKEN)
-    page.click("button[type=submit]")
-    page.wait_for_selector("main[data-ready='overview']")
-    (cookie,) = [c for c in page.context.cookies() if c["name"] == "sentpipe_console"]
-    assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
-    assert page.evaluate("document.cookie") == ""  # HttpOnly: scripts cannot read it
+def test_sign_in(browser: Any, stack: Stack) -> None:
+    page = new_tab(browser)  # a tab of its own: the module's is signed in already
+    try:
+        page.goto(stack.console_url + "/")
+        assert page.url.endswith("/login")
+        page.fill("input[name=token]", "not-the-token-at-all")
+        page.click("button[type=submit]")
+        page.wait_for_selector("text=Wrong token.")
+        shot(page, "sign-in")
+        page.fill("input[name=token]", TOKEN)
+        page.click("button[type=submit]")
+        page.wait_for_selector("main[data-ready='overview']")
+        (cookie,) = [c for c in page.context.cookies() if c["name"] == "sentpipe_console"]
+        assert cookie["httpOnly"] is True and cookie["sameSite"] == "Strict"
+        assert page.evaluate("document.cookie") == ""  # HttpOnly: scripts cannot read it
+    finally:
+        page.context.close()
 
 
 def test_live_shows_a_sent_event_within_2_s_and_a_row_opens_its_trace(page: Any, stack: Stack) -> None:
