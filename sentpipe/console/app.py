@@ -148,9 +148,9 @@ def problem_body(code: str, message: str) -> bytes:
     return dumps({"error": message, "code": code})
 
 
-def one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException, limit: int | None = 300) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) < 300 else text[:297] + "..."
+    return text if limit is None or len(text) < limit else text[: limit - 3] + "..."
 
 
 def text_of(data: bytes | None) -> str | None:
@@ -712,7 +712,7 @@ def describe_error(exc: BaseException) -> str:
         # The line a stopped or broken-off job ends with names every partition to go on from: cut at 300
         # characters, a replay of 12 partitions or more lost the last of them, and their records were never
         # sent by the run that went on. Its length is bounded by the partition count.
-        return " ".join(str(exc).split()) or type(exc).__name__
+        return one_line(exc, limit=None)
     return one_line(exc)
 
 
