@@ -8,6 +8,7 @@ database, as in test_console_security.py.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import re
 import socket
@@ -193,6 +194,11 @@ async def test_out_of_range_and_malformed_numbers_are_400_naming_the_parameter(
     await all_refused(client, base, cases)
 
 
+def _token(value: object) -> str:
+    """`value` encoded as `history.Cursor.token` encodes a cursor's fields."""
+    return base64.urlsafe_b64encode(orjson.dumps(value)).decode().rstrip("=")
+
+
 @pytest.mark.usefixtures("no_tracebacks")
 async def test_text_the_database_cannot_hold_is_400_not_database_unavailable(
     http: tuple[ClientSession, str, dict[str, str]],
@@ -205,6 +211,20 @@ async def test_text_the_database_cannot_hold_is_400_not_database_unavailable(
         f"/api/search?q={'x' * 257}": "q is longer than 256",
         "/api/search?type=unrouted": "unknown event type 'unrouted'",  # no history: not "no events"
         "/api/search?after=abc": "after is not a cursor a search gave",
+        # Cursors shaped as a search gives them, with what no search gives: a NUL, a wrong JSON type, nesting,
+        # a time without a zone, an unknown type, a size past any real one.
+        **{
+            f"/api/search?after={_token(v)}": "after is not a cursor a search gave"
+            for v in (
+                ["2026-01-01T00:00:00+00:00", "e\u0000", "t", "message.status.updated"],
+                ["2026-01-01T00:00:00+00:00", 7, "t", "message.status.updated"],
+                {"at": "2026-01-01T00:00:00+00:00"},
+                [[["2026-01-01T00:00:00+00:00"]], "e", "t", "message.status.updated"],
+                ["2026-01-01T00:00:00", "e", "t", "message.status.updated"],
+                ["2026-01-01T00:00:00+00:00", "e", "t", "no.such.type"],
+                ["2026-01-01T00:00:00+00:00", "e" * 3000, "t", "message.status.updated"],
+            )
+        },
         "/api/search?page=2": "unknown parameter 'page'",  # pages are cursors (`after`), not numbers
         "/api/dlq/entry?id=%C2%B2": "'²' is not a DLQ record ID",
         "/api/dlq/entry?id=0:99999999999999999999999": "'0:99999999999999999999999' is not a DLQ record ID",
