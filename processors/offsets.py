@@ -257,7 +257,7 @@ OnDeleted = Callable[[Range, int, int], None]
 
 _T = TypeVar("_T")
 # A partition's leader moving: a broker restarting, a topic just created. Asked again, not a broker away.
-_LEADER_MOVING = frozenset(
+LEADER_MOVING = frozenset(
     {
         KafkaError.NOT_LEADER_FOR_PARTITION,
         KafkaError.LEADER_NOT_AVAILABLE,
@@ -337,7 +337,7 @@ class Log:
                 return ask()
             except KafkaException as exc:
                 err = exc.args[0] if exc.args else None
-                moving = isinstance(err, KafkaError) and err.code() in _LEADER_MOVING
+                moving = isinstance(err, KafkaError) and err.code() in LEADER_MOVING
                 if not moving or time.monotonic() + LEADER_MOVE_RETRY_S >= deadline:
                     raise self._unavailable(exc) from exc
             time.sleep(LEADER_MOVE_RETRY_S)

@@ -75,6 +75,9 @@ from sentpipe.settings import Settings
 log = logging.getLogger("sentpipe.kafka")
 
 REPORT_WAIT_S = 0.05  # the report thread's longest wait in librdkafka (how soon it notices close())
+# One librdkafka flush per call: confluent-kafka splits a longer one into 200 ms parts and serves the next
+# part's reports with a fatal error raised in the last one still pending, and a report callback can lose it.
+FLUSH_PART_S = 0.1
 SWEEP_S = 0.1  # how often guards and replaced producers are swept while records are in flight
 # Polling on the loop (before start and during close). Not below 1 ms: uvloop's timers count whole
 # milliseconds and run a shorter delay as call_soon, which spins the loop.
@@ -573,6 +576,18 @@ _UNCONFIRMED = KafkaError(
 )
 
 
+def fatal_error(exc: BaseException | None) -> KafkaError | None:
+    """The fatal error an exception out of confluent-kafka carries. confluent-kafka never gives a fatal
+    error to error_cb: it raises it from poll or flush, as a SystemError caused by it when a delivery report
+    was served after it."""
+    while exc is not None:
+        err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+        if isinstance(err, KafkaError) and err.fatal():
+            return err
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _confirmed(err: KafkaError | None, msg: Message) -> KafkaError | None:
     """The report's error, with a success that names no offset made a failure."""
     if err is None and msg.offset() is None:
@@ -651,7 +666,8 @@ class Producer:
         return int(self._config.get("message.timeout.ms", 300_000)) / 1000
 
     def _on_error(self, err: KafkaError) -> None:
-        """librdkafka's error reports (served by poll): fatal errors and "every broker is down"."""
+        """librdkafka's error reports (served by poll): "every broker is down", and fatal errors (which
+        confluent-kafka raises instead: `serve`, `flush` and `_enqueue` pass them on)."""
         self._last_error = err
         reason = refusal(str(self._config.get("security.protocol", "")), err.code(), err.str())
         if reason is not None and not self._refusal_logged:  # once until a delivery succeeds again
@@ -709,6 +725,9 @@ class Producer:
             raise ProduceRejected(QUEUE_FULL) from None
         except KafkaException as exc:
             err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError._FATAL:
+                # The producer is unusable for good, though no poll has raised its error yet.
+                self._on_error(KafkaError(KafkaError._FATAL, err.str(), fatal=True))
             raise ProduceRejected(
                 err.name().lower() if isinstance(err, KafkaError) else "produce_error"
             ) from None
@@ -735,8 +754,22 @@ class Producer:
             except ProduceRejected as exc:
                 if exc.reason != QUEUE_FULL:
                     raise
-                self._producer.poll(0.1)  # let deliveries drain the queue
-        self._producer.poll(0)  # serve delivery reports as we go
+                self.serve(0.1)  # let deliveries drain the queue
+        self.serve(0)  # serve delivery reports as we go
+
+    def serve(self, timeout_s: float) -> int:
+        """librdkafka's poll: delivery and error reports. Its fatal error goes to `_on_error` as error_cb's
+        others do, and is raised."""
+        try:
+            return int(self._producer.poll(timeout_s))
+        except (KafkaException, SystemError) as exc:
+            self._note_fatal(exc)
+            raise
+
+    def _note_fatal(self, exc: BaseException) -> None:
+        err = fatal_error(exc)
+        if err is not None:
+            self._on_error(err)
 
     @property
     def pending(self) -> int:
@@ -746,7 +779,15 @@ class Producer:
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait for every delivery report; raises BrokerUnavailable when some never came."""
         wait = self.delivery_timeout_s + 5 if timeout_s is None else timeout_s
-        remaining = self._producer.flush(wait)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                remaining = self._producer.flush(min(FLUSH_PART_S, max(0.0, deadline - time.monotonic())))
+            except (KafkaException, SystemError) as exc:
+                self._note_fatal(exc)
+                raise
+            if not remaining or time.monotonic() >= deadline:
+                break
         if remaining:
             raise BrokerUnavailable(
                 f"{remaining} record(s) not acknowledged by Kafka at {self.bootstrap} within {wait:.0f}s"
@@ -826,20 +867,15 @@ class TransactionalProducer(Producer):
 
     @contextlib.contextmanager
     def _fatal_as_fenced(self, what: str) -> Iterator[None]:
-        """Fenced for the fatal error a transactional producer raises from anywhere once fenced.
-        confluent-kafka raises it with delivery reports still to serve: the first report's callback then
-        fails, and what comes out is a SystemError caused by it."""
+        """Fenced for the fatal error a transactional producer raises from anywhere once fenced: out of a
+        poll or a flush (noted there), or a send refused with `_fatal` after one."""
         try:
             yield
         except (KafkaException, SystemError, ProduceRejected) as exc:
-            cause = exc.__cause__ if isinstance(exc, SystemError) else exc
-            err = cause.args[0] if isinstance(cause, KafkaException) and cause.args else None
-            fatal = err.fatal() if isinstance(err, KafkaError) else self._fatal_error is not None
-            if isinstance(exc, ProduceRejected):
-                fatal = exc.reason == "_fenced" or self._fatal_error is not None
-            if not fatal:
+            err = fatal_error(exc) or self._fatal_error
+            if err is None and not (isinstance(exc, ProduceRejected) and exc.reason == "_fenced"):
                 raise
-            text = err.str() if isinstance(err, KafkaError) else "fenced by a newer instance"
+            text = err.str() if err is not None else "fenced by a newer instance"
             raise Fenced(f"the Kafka producer could not {what}: {text}") from None
 
     def begin(self, timeout_s: float) -> None:
@@ -939,9 +975,10 @@ class AsyncProducer(Producer):
             try:
                 # Delivery reports go to `_reports`; error reports are handled where they come
                 # (`_on_error` is thread-safe). The GIL is released while librdkafka waits.
-                self._producer.poll(REPORT_WAIT_S)
-            except Exception:  # a thread that died would leave every later record without its report
-                log.exception("serving Kafka producer reports failed; going on")
+                self.serve(REPORT_WAIT_S)
+            except Exception as exc:  # a thread that died would leave every later record without its report
+                if fatal_error(exc) is None:  # a fatal one is logged, and the producer replaced (_on_error)
+                    log.exception("serving Kafka producer reports failed; going on")
                 time.sleep(REPORT_WAIT_S)
                 continue
             if self._reports and not self._settle_scheduled:

@@ -14,11 +14,13 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from sentpipe.kafka import AsyncProducer, committed_offsets, message_headers
+from sentpipe.processors.offsets import LEADER_MOVE_RETRY_S, LEADER_MOVING
 from sentpipe.settings import Settings
 
 
@@ -51,10 +53,24 @@ def _watermarks(c: Consumer, topic: str) -> dict[int, tuple[int, int]]:
     meta = md.topics.get(topic)
     if meta is None or meta.error is not None:
         return {}  # not created (yet): no records
-    return {
-        p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10, cached=False)
-        for p in meta.partitions
-    }
+    return {p: _watermark(c, TopicPartition(topic, p)) for p in meta.partitions}
+
+
+def _watermark(c: Consumer, tp: TopicPartition, timeout: float = 30.0) -> tuple[int, int]:
+    """Asked again while the partition has no leader (a topic created a moment before, a broker that just
+    restarted): librdkafka answers NOT_LEADER_FOR_PARTITION at once, and a test asking for lag failed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return cast(tuple[int, int], c.get_watermark_offsets(tp, timeout=10, cached=False))
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if (
+                not (isinstance(err, KafkaError) and err.code() in LEADER_MOVING)
+                or time.monotonic() > deadline
+            ):
+                raise
+        time.sleep(LEADER_MOVE_RETRY_S)
 
 
 def watermarks(bootstrap: str, topic: str) -> dict[int, tuple[int, int]]:

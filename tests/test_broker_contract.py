@@ -27,7 +27,9 @@ from sentpipe.kafka import (
     LOST_BROKERS_PROBE_EVERY_S,
     AsyncProducer,
     BrokerUnavailable,
+    Fenced,
     Producer,
+    TransactionalProducer,
     admin_client,
     producer_config,
 )
@@ -492,3 +494,38 @@ def test_the_callback_producer_reports_a_delivery_without_an_offset_as_failed() 
     reports[0](None, _Report(None))
     reports[1](None, _Report(3))
     assert [None if e is None else e.code() for e in outcomes] == [KafkaError._NO_OFFSET, None]
+
+
+def test_a_fenced_transactional_producer_says_fenced_wherever_it_learns_it(services: Services) -> None:
+    """confluent-kafka raises a fatal error from poll or flush instead of giving it to error_cb, and its
+    flush serves further delivery reports with that error pending: a report callback that catches an
+    exception of its own (logging does) loses it, and flush raised "returned NULL without setting an
+    exception". A fenced redrive then ended with that line instead of saying another had taken over, and a
+    send refused with `_fatal` did the same. Each is Fenced now, whichever call learns it first."""
+    s = Settings(kafka_bootstrap=services.kafka_bootstrap)
+    topic = f"contract-fenced-{uuid.uuid4().hex[:10]}"
+    admin = admin_client(s)
+    admin.create_topics([NewTopic(topic, PARTITIONS, 1)])[topic].result(timeout=30)
+    wait_topics_ready(s.kafka_bootstrap, [topic])
+    tid = f"contract-{uuid.uuid4().hex}"
+    outcomes: list[KafkaError | None] = []
+
+    def report(err: KafkaError | None) -> None:
+        with contextlib.suppress(KeyError):  # an exception raised and caught, as in logging's own code
+            {}[err]
+        outcomes.append(err)
+
+    old = TransactionalProducer.transactional(s, tid, delivery_timeout_s=30, transaction_timeout_s=60)
+    old.begin(30)
+    for i in range(200):
+        old.send(topic, f"k{i}".encode(), b"v", [], report)
+    old.flush()
+    new = TransactionalProducer.transactional(s, tid, delivery_timeout_s=30, transaction_timeout_s=60)
+    new.begin(30)  # fences `old`: what it had open is aborted, its later writes refused
+    with pytest.raises(Fenced):
+        for i in range(200):
+            old.send(topic, f"later{i}".encode(), b"v", [], report)
+        old.flush()
+    with pytest.raises(Fenced):
+        old.send(topic, b"after", b"v", [], report)  # refused before it is sent: `_fatal`
+    new.commit(30)

@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast
 
+import confluent_kafka
 import orjson
 import pytest
 from aiohttp import web
@@ -30,7 +31,6 @@ from multidict import CIMultiDict
 from prometheus_client import REGISTRY
 from pydantic import SecretStr, ValidationError
 
-from sentpipe.broker import ProduceRejected
 from sentpipe.ingress.app import (
     MAX_FIELD_SIZE,
     REQUEST_ID_MAX,
@@ -679,21 +679,44 @@ async def test_while_the_producer_knows_the_broker_is_down_it_answers_503_at_onc
 async def test_a_fatal_producer_error_replaces_the_producer_and_the_ingress_heals(
     settings: Settings, topics: Topics
 ) -> None:
+    """confluent-kafka never gives a fatal error to error_cb: it raises it from poll. The report thread
+    logged it as a failed poll and went on, so the producer was never replaced and every request after it
+    answered 503 until the pod was restarted by hand. The fatal error here is a real one: the ingress's
+    client is made a transactional one and fenced by a second client with its transactional.id; the
+    replacement is the ingress's usual client."""
     secret = settings.webhook_secret.get_secret_value()
     f = SampleFactory(38)
-    async with serve(settings) as (port, producer):
-        old = producer._producer
-        queued = producer.produce(f"{topics.prefix}later", b"k", b"v", [])  # owed a report by the old one
-        producer._on_error(KafkaError(KafkaError._FATAL, "injected fatal error", fatal=True))
-        assert producer.unavailable == "producer_fatal_error"  # refused at once until replaced
-        with pytest.raises(ProduceRejected) as rejected:
-            await asyncio.wait_for(queued, 5)  # purged with the old producer: fails now, not at the timeout
-        assert rejected.value.reason.startswith("_purge")
-        assert producer._producer is not old and producer.recreated == 1 and producer.unavailable is None
+    producer = producer_for(settings)
+    tid = f"{topics.prefix}fenced"
+    doomed = confluent_kafka.Producer(
+        {**producer._config, "transactional.id": tid, "error_cb": producer._on_error, "log_level": 0}
+    )
+    doomed.init_transactions(30)
+    doomed.begin_transaction()
+    producer._producer = doomed
+    fencer = confluent_kafka.Producer({**producer._config, "transactional.id": tid, "log_level": 0})
+    fencer.init_transactions(30)  # the broker now refuses the doomed client's writes: fatal for it
+    server = await ingress_server(create_app(settings, producer))
+    try:
+        port = server.port
+        assert port is not None
+        acked = 0
+        deadline = time.monotonic() + 60
+        while producer.recreated == 0 and time.monotonic() < deadline:
+            body = f.inbound().body
+            request = head("/webhooks/sent", signed(secret, body), len(body))
+            status, _, answer = await exchange(port, request, body)
+            assert status in (200, 503), answer
+            acked += status == 200
+            await asyncio.sleep(0.2)
+        assert producer.recreated == 1, "the fatal error did not replace the producer"
+        assert acked == 0  # nothing the fenced client held was acknowledged
         body = f.inbound().body
         assert (await exchange(port, head("/webhooks/sent", signed(secret, body), len(body)), body))[0] == 200
         status, _, _ = await exchange(port, b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 200
+    finally:
+        await server.close()
     assert len(read_topic(settings.kafka_bootstrap, topics.raw, at_least=1)) == 1
 
 
