@@ -1023,7 +1023,11 @@ class AsyncProducer(Producer):
         thread is not running, or is gone: slowly, on the sweep, until the process that lost it stops)."""
         reporter = self._reporter
         if reporter is None or not reporter.is_alive():
-            self._producer.poll(0)
+            try:
+                self.serve(0)
+            except (KafkaException, SystemError) as exc:
+                if fatal_error(exc) is None:  # a fatal one is noted: the producer is replaced
+                    raise
         if self._retired:
             now = time.monotonic()
             kept = []
