@@ -1214,6 +1214,25 @@ class LagSeries:
         self.forget(self.held - assigned)
 
 
+class _RouterApp(faust.App):
+    """Faust's app, whose rebalance while the worker stops waits for the records taken to be acked."""
+
+    async def _on_partitions_revoked(self, revoked: set[TP]) -> None:
+        # Faust answers a rebalance that reaches a stopping worker by rejoining the group and closing its
+        # consumer's client at once, where any other revocation first waits for the records taken to be
+        # acked and commits them. Reached in the middle of the stop's own wait for those records (a rolling
+        # restart's scale-down: the router stopped just after another learns of that one's leave at its
+        # next heartbeat), the wait's commits then waited on the closed client until the stop's deadline:
+        # exit 1 after 55 s, the worker's new partitions nobody's until its session ran out. A new
+        # assignment that moves a partition of a batch in flight away from it lets the next owner recover
+        # the dedup table before that batch's marks reach the changelog, and route its records again. The
+        # same wait as at any other revocation comes first (a stopping router does not retry: a batch the
+        # broker refuses fails at once, unacked, and the next owner reads it again).
+        if self.should_stop:
+            await self._consumer_wait_empty(self.consumer, self.log)
+        await super()._on_partitions_revoked(revoked)
+
+
 class _QuietWorker(faust.Worker):
     """Faust's worker without its terminal spinner. At WARNING and above the spinner's log handler sets the
     root logger to DEBUG (to spin on every record), so every debug call in aiokafka and Faust builds a log
@@ -1315,7 +1334,7 @@ def create_app(settings: Settings, role: WorkerRole | None = None) -> faust.App:
         raise ValueError("role 'project' runs without Faust: use run_projector()")
     topics = Topics(settings.topic_prefix)
     _init_metrics()
-    app = faust.App(
+    app = _RouterApp(
         settings.app_id,
         broker=faust_broker(settings.kafka_bootstrap),
         broker_credentials=broker_credentials(settings),

@@ -47,6 +47,7 @@ class _Event:
         self.topic, self.partition, self.offset = topic, PARTITION, offset
         self.key, self.value, self.headers = key, value, headers
         self.timestamp = None
+        self.acked = False
 
 
 def _raw(body: bytes, webhook_id: str, tenant: str = "acme") -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
@@ -245,6 +246,47 @@ def test_a_lag_check_that_meets_a_rebalance_does_not_end_the_worker(settings: Se
         waiting = asyncio.run(router.report_lag())
         assert waiting == {(tp.topic, tp.partition): 90}
     assert asked, "the check never asked the consumer's position: the test tests nothing"
+
+
+def test_a_rebalance_reaching_a_stopping_worker_waits_for_its_batches_in_flight(settings: Settings) -> None:
+    """Faust answers a rebalance that reaches a worker asked to stop by closing its consumer at once, batches
+    in flight or not: the stop's own wait for them then committed through a closed client until the stop's
+    deadline (exit 1), and a partition the new assignment moves is recovered by its next owner without
+    their marks. Now, as at any revocation, the records taken are acked and committed first."""
+    events = _write_raw(settings, _bodies(5, 7))
+    router = _router(settings)
+    app, consumer = router.app, router.app.consumer
+    order: list[str] = []
+    ack = _ack(router, [])
+
+    async def settled(evs: Any) -> None:
+        await ack(evs)
+        for event in evs:  # as Faust's own ack of a message leaves it
+            event.acked = True
+            consumer._unacked_messages.discard(event)
+        order.append("acked")
+
+    async def commit(*_: Any, **__: Any) -> bool:
+        order.append("committed")
+        return True
+
+    consumer.commit = commit
+    consumer.close = lambda: order.append("left the group")  # what Faust does with a rebalance then
+
+    async def go() -> None:
+        await router.producer.start()
+        try:
+            consumer.loop = asyncio.get_running_loop()  # the worker's one loop, as in the worker
+            consumer._unacked_messages.update(events)  # taken by the stream: Faust tracks them
+            settling = await router.dispatch(events, settled)
+            app._stopped.set()  # SIGTERM: the worker stops
+            await app._on_partitions_revoked(set(consumer.assignment()))
+            await settling
+        finally:
+            await router.producer.close()
+
+    asyncio.run(go())
+    assert "acked" in order and order[order.index("acked") :] == ["acked", "committed", "left the group"]
 
 
 def _refused_and_fixed(s: Settings) -> tuple[Any, Any]:
