@@ -8,8 +8,9 @@ changelog through aiokafka, one Python event per record: minutes per million ids
   process's life, so Faust's recovery reads only what came after;
 - keeps that offset true afterwards: Faust's recovery batches and the router's own acknowledged writes
   (`set_persisted_offset`, only through writes that follow on from it: processors/held_offsets.py) move it
-  forward, and a partition whose keys are dropped forgets it, so the next assignment of that partition reads
-  it from the beginning again (never "up to date" with keys missing);
+  forward, and a partition whose keys are dropped, or whose changelog skipped offsets on the way in,
+  forgets it, so the next assignment of that partition reads it from the beginning again (never "up to
+  date" with keys missing);
 - holds its keys in SHARDS dicts by key hash (`Shards`), compact keys as 256-bit ints, without Faust's
   second dict of key -> partition (a key's partition is computed from the key, processors/dedup.py), and
   shares identical values: a million ids routed within the same seconds carry a few thousand distinct
@@ -22,6 +23,7 @@ Registered with Faust's store registry as `sentpipe-memory://`; the router uses 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
@@ -30,6 +32,8 @@ from faust.stores.memory import Store as FaustMemoryStore
 from faust.types import TP, EventT
 
 from sentpipe.processors.dedup import is_compact, partition_of
+
+log = logging.getLogger("sentpipe.worker")
 
 # With a host: a bare "scheme://" is a false yarl URL, and Faust would fall back to the app's store.
 URL = "sentpipe-memory://dedup"
@@ -132,6 +136,9 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
         # Partitions dropped since Faust last asked for their offset: a late acknowledgement of the router's
         # write there (a batch that settles after its partition was revoked) must not give them an offset.
         self._dropped: set[int] = set()
+        # Partitions whose applied changelog skipped offsets since Faust last asked for their offset: the
+        # store no longer vouches for them (apply_changelog_batch).
+        self._gapped: set[int] = set()
 
     def intern(self, value: bytes) -> bytes:
         """The stored object equal to `value`, so a million equal values are one object."""
@@ -182,24 +189,47 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
         to_key: Callable[[Any], Any],
         to_value: Callable[[Any], Any],
     ) -> None:
-        """Faust's recovery: apply changelog events, and remember how far each partition got."""
+        """Faust's recovery: apply changelog events, and remember how far each partition got.
+
+        A standby copy following a partition has been seen to skip changelog records its consumer dropped at
+        a rebalance, its offset then moved past them: when the copy became the router's own, the ids marked
+        there were routed again. A gap cannot be told from a record compaction removed, so the copy stops
+        vouching for the partition until its next assignment, which reads it from the beginning."""
         data, intern = self.data, self.intern
+        offsets = self._offsets
         last: dict[int, int] = {}
         for event in batch:
             msg = event.message
+            partition, offset = msg.partition, msg.offset
+            expected = last.get(partition, offsets.get(partition))
+            if expected is not None and offset > expected + 1 and partition not in self._gapped:
+                self._gap(partition, expected, offset)
             key = to_key(event.key)
             if msg.value is None:
                 data.discard(key)
             else:
                 data[key] = intern(to_value(event.value))
-            last[msg.partition] = msg.offset
+            last[partition] = offset
         for partition, offset in last.items():
-            self._advance(partition, offset)
+            if partition not in self._gapped:
+                self._advance(partition, offset)
+
+    def _gap(self, partition: int, applied: int, offset: int) -> None:
+        log.warning(
+            "dedup table changelog partition %d: offsets %d..%d never reached this copy; its next assignment"
+            " reads the partition from the beginning",
+            partition,
+            applied + 1,
+            offset - 1,
+        )
+        self._gapped.add(partition)
+        self._offsets.pop(partition, None)
 
     def persisted_offset(self, tp: TP) -> int | None:
         """How far `data` holds the changelog partition: Faust's recovery starts reading there."""
         self._asked.add(tp.partition)
         self._dropped.discard(tp.partition)  # assigned again: recovered from the beginning, then ours
+        self._gapped.discard(tp.partition)
         return self._offsets.get(tp.partition)
 
     def set_persisted_offset(self, tp: TP, offset: int) -> None:
@@ -207,13 +237,14 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
 
         Not for a dropped partition: its offset would say "held up to here" with the keys before it gone,
         and the next assignment's recovery would start there, its duplicates routed again."""
-        if tp.partition not in self._dropped:
+        if tp.partition not in self._dropped and tp.partition not in self._gapped:
             self._advance(tp.partition, offset)
 
     def reset_state(self) -> None:
         self.data.clear()
         self._offsets.clear()
         self._dropped.clear()
+        self._gapped.clear()
         self._interned.clear()
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:

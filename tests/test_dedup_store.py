@@ -112,3 +112,31 @@ def test_a_late_write_to_a_dropped_partition_gives_it_no_offset() -> None:
     assert store.persisted_offset(TP(topic, 2)) == 130
     store.set_persisted_offset(TP(topic, 0), 140)
     assert store.persisted_offset(TP(topic, 0)) == 140
+
+
+class _Msg:
+    def __init__(self, partition: int, offset: int, value: bytes | None) -> None:
+        self.partition, self.offset, self.value = partition, offset, value
+
+
+class _Event:
+    def __init__(self, key: bytes, partition: int, offset: int) -> None:
+        self.key, self.value, self.message = key, b"v", _Msg(partition, offset, b"v")
+
+
+def test_a_copy_whose_changelog_skipped_offsets_stops_vouching_for_the_partition() -> None:
+    """A standby copy applied offsets 0..826 of a partition, then 828..854: its consumer had dropped 827 at a
+    rebalance. Its offset said 854, so when the partition became the router's own, recovery started there
+    and the id marked at 827 was routed again. Now the copy's offset is forgotten until the next assignment,
+    which reads the partition from the beginning; a batch without a gap, or a record read again, is none."""
+    store, topic = _store()
+    ident = lambda x: x  # noqa: E731
+    store.restore_batch(2, [], last=826)
+    store.apply_changelog_batch([_Event(b"a", 2, 826), _Event(b"b", 2, 827)], ident, ident)  # 826 read again
+    assert store.persisted_offset(TP(topic, 2)) == 827
+    store.apply_changelog_batch([_Event(b"c", 2, 829), _Event(b"d", 2, 830)], ident, ident)  # 828 never came
+    store.set_persisted_offset(TP(topic, 2), 831)  # nor does an acknowledged write of the router's vouch
+    assert store.data.get(b"d") == b"v"  # what came is kept
+    assert store.persisted_offset(TP(topic, 2)) is None  # the next assignment reads from the beginning
+    store.apply_changelog_batch([_Event(b"a", 2, 0), _Event(b"e", 2, 1)], ident, ident)
+    assert store.persisted_offset(TP(topic, 2)) == 1  # read again from the start: vouched for again
