@@ -642,6 +642,7 @@ class Producer:
         self._fatal_error: KafkaError | None = None  # set until the producer is replaced
         self._down_since: float | None = None  # monotonic time librdkafka said every broker is down
         self._refusal_logged = False
+        self._unreported = 0  # records `send` queued whose delivery report has not come
         # What the "all brokers down" warning says becomes of new records: the ingress's spool takes them.
         self.while_down = "new records are refused until one answers"
         self._producer = self._new_client()
@@ -743,6 +744,7 @@ class Producer:
         """Enqueue a record, waiting for room when the local queue is full; `on_done` gets the outcome."""
 
         def report(err: KafkaError | None, msg: Message) -> None:
+            self._unreported -= 1
             if err is None:
                 self._mark_up()
             on_done(_confirmed(err, msg))
@@ -755,6 +757,7 @@ class Producer:
                 if exc.reason != QUEUE_FULL:
                     raise
                 self.serve(0.1)  # let deliveries drain the queue
+        self._unreported += 1
         self.serve(0)  # serve delivery reports as we go
 
     def serve(self, timeout_s: float) -> int:
@@ -773,8 +776,8 @@ class Producer:
 
     @property
     def pending(self) -> int:
-        """Records sent and not yet reported on."""
-        return len(self._producer)
+        """Records sent and not yet reported on (librdkafka's queue length also counts its own events)."""
+        return self._unreported
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait for every delivery report; raises BrokerUnavailable when some never came."""
@@ -786,11 +789,12 @@ class Producer:
             except (KafkaException, SystemError) as exc:
                 self._note_fatal(exc)
                 raise
-            if not remaining or time.monotonic() >= deadline:
+            if not remaining or not self._unreported or time.monotonic() >= deadline:
                 break
-        if remaining:
+        if self._unreported:
             raise BrokerUnavailable(
-                f"{remaining} record(s) not acknowledged by Kafka at {self.bootstrap} within {wait:.0f}s"
+                f"{self._unreported} record(s) not acknowledged by Kafka at {self.bootstrap} within"
+                f" {wait:.0f}s"
             )
 
     def fatal(self) -> bool:
