@@ -580,7 +580,9 @@ def fatal_error(exc: BaseException | None) -> KafkaError | None:
     """The fatal error an exception out of confluent-kafka carries. confluent-kafka never gives a fatal
     error to error_cb: it raises it from poll or flush, as a SystemError caused by it when a delivery report
     was served after it."""
-    while exc is not None:
+    seen: set[int] = set()  # a chain can loop (as traceback guards against): called from the report thread
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
         err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
         if isinstance(err, KafkaError) and err.fatal():
             return err

@@ -31,6 +31,7 @@ from sentpipe.kafka import (
     Producer,
     TransactionalProducer,
     admin_client,
+    fatal_error,
     producer_config,
 )
 from sentpipe.kafka import BatchConsumer as KafkaBatchConsumer
@@ -533,3 +534,17 @@ def test_a_fenced_transactional_producer_says_fenced_wherever_it_learns_it(servi
     with pytest.raises(Fenced):
         old.send(topic, b"after", b"v", [], report)  # refused before it is sent: `_fatal`
     new.commit(30)
+
+
+def test_the_fatal_error_is_found_through_a_system_error_and_a_looping_chain_ends() -> None:
+    """confluent-kafka's fatal error comes out as the cause of a SystemError when a report was served after
+    it; a chain that loops (set by hand: `raise a from b` with b caused by a) ends the search instead of
+    spinning the report thread."""
+    fatal = KafkaError(KafkaError._FATAL, "fenced", fatal=True)
+    wrapped = SystemError("a result with an exception set")
+    wrapped.__cause__ = confluent_kafka.KafkaException(fatal)
+    assert fatal_error(wrapped) is fatal
+    a, b = ValueError("a"), ValueError("b")
+    a.__cause__, b.__cause__ = b, a
+    assert fatal_error(a) is None
+    assert fatal_error(confluent_kafka.KafkaException(KafkaError(KafkaError._TRANSPORT, "down"))) is None
