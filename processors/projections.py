@@ -144,37 +144,57 @@ def order_time(ev: CanonicalEvent) -> datetime:
 # Templates move back and forth (approved, paused, approved): the latest event wins, ties by event id.
 # Only with the history's content for that event id, as for MESSAGE_STATUS. A row written before times were
 # capped counts as at most its last update plus FUTURE_SKEW (its event came before that update).
-TEMPLATE_STATUS = Statement(
-    """INSERT INTO template_status AS cur (tenant, template_id, name, status, reason, occurred_at, event_id)
+_TEMPLATE_ROW = """
+    INSERT INTO template_status AS cur (tenant, template_id, name, status, reason, occurred_at, event_id)
        SELECT v.tenant, v.template_id, v.name, v.status, v.reason, v.order_at, v.event_id
        FROM (VALUES (%s::text, %s::text, %s::text, %s::text, %s::text, %s::timestamptz, %s::text,
                      %s::timestamptz))
            AS v (tenant, template_id, name, status, reason, occurred_at, event_id, order_at)
        WHERE EXISTS (SELECT FROM template_events e
                      WHERE (e.tenant, e.event_id, e.template_id, e.status, e.occurred_at)
-                         = (v.tenant, v.event_id, v.template_id, v.status, v.occurred_at))
+                         = (v.tenant, v.event_id, v.template_id, v.status, v.occurred_at))"""
+
+
+def _template_row(ev: CanonicalEvent) -> Row:
+    return (
+        ev.tenant,
+        ev.subject,
+        _text(ev.data, "template_name") or _text(ev.data, "name"),
+        ev.status,
+        _text(ev.data, "reason"),
+        ev.occurred_at,
+        ev.id,
+        order_time(ev),
+    )
+
+
+# A template's name does not change (WhatsApp cannot rename one), but not every event carries it: a later
+# event without a name kept its status and blanked the name the earlier ones gave.
+TEMPLATE_STATUS = Statement(
+    _TEMPLATE_ROW
+    + """
        ON CONFLICT (tenant, template_id) DO UPDATE
-       SET name = EXCLUDED.name, status = EXCLUDED.status, reason = EXCLUDED.reason,
+       SET name = COALESCE(EXCLUDED.name, cur.name), status = EXCLUDED.status, reason = EXCLUDED.reason,
            occurred_at = EXCLUDED.occurred_at, event_id = EXCLUDED.event_id, updated_at = now()
        WHERE (EXCLUDED.occurred_at, EXCLUDED.event_id COLLATE "C")
            > (LEAST(cur.occurred_at, cur.updated_at + %s::interval), cur.event_id COLLATE "C")""",
-    lambda ev: [
-        (
-            ev.tenant,
-            ev.subject,
-            _text(ev.data, "template_name") or _text(ev.data, "name"),
-            ev.status,
-            _text(ev.data, "reason"),
-            ev.occurred_at,
-            ev.id,
-            order_time(ev),
-            FUTURE_SKEW,
-        )
-    ],
+    lambda ev: [(*_template_row(ev), FUTURE_SKEW)],
+)
+
+# ... and an older event that carries the name, applied after a newer one that did not (any arrival order
+# ends alike), names the template without touching its status. The row exists: TEMPLATE_STATUS ran first,
+# with the same history check.
+TEMPLATE_NAME = Statement(
+    _TEMPLATE_ROW
+    + """ AND v.name IS NOT NULL
+       ON CONFLICT (tenant, template_id) DO UPDATE SET name = EXCLUDED.name WHERE cur.name IS NULL""",
+    lambda ev: [_template_row(ev)],
 )
 
 PROJECTIONS: dict[EventType, Projection] = {
     EventType.MESSAGE_STATUS: Projection(EventType.MESSAGE_STATUS, (MESSAGE_EVENTS, MESSAGE_STATUS)),
     EventType.MESSAGE_INBOUND: Projection(EventType.MESSAGE_INBOUND, (INBOUND,)),
-    EventType.TEMPLATE_APPROVAL: Projection(EventType.TEMPLATE_APPROVAL, (TEMPLATE_EVENTS, TEMPLATE_STATUS)),
+    EventType.TEMPLATE_APPROVAL: Projection(
+        EventType.TEMPLATE_APPROVAL, (TEMPLATE_EVENTS, TEMPLATE_STATUS, TEMPLATE_NAME)
+    ),
 }

@@ -134,11 +134,14 @@ async def test_what_postgresql_refuses_is_a_permanent_error_of_the_batch(pool: A
     assert classify(caught.value) == "permanent"
 
 
-def template_event(template_id: str, status: str, at: str, received: datetime) -> CanonicalEvent:
-    """A Sent-shape template event dated `at`, received at `received`."""
-    body = orjson.dumps(
-        {"field": "templates", "timestamp": at, "payload": {"template_id": template_id, "status": status}}
-    )
+def template_event(
+    template_id: str, status: str, at: str, received: datetime, name: str | None = None
+) -> CanonicalEvent:
+    """A Sent-shape template event dated `at`, received at `received`, with `template_name` if given."""
+    payload = {"template_id": template_id, "status": status}
+    if name is not None:
+        payload["template_name"] = name
+    body = orjson.dumps({"field": "templates", "timestamp": at, "payload": payload})
     routed = r.route(
         None,
         body,
@@ -186,6 +189,28 @@ async def test_a_template_event_dated_far_ahead_does_not_pin_the_status_for_good
     with psycopg.connect(db_url) as c:
         row = c.execute("SELECT status FROM template_status WHERE template_id = 'tpl-1'").fetchone()
         assert row == ("approved",), row
+
+
+async def test_a_template_event_without_a_name_keeps_the_name_in_any_order(
+    pool: AsyncConnectionPool, db_url: str
+) -> None:
+    """Not every template event carries `template_name`: a later one without it blanked the name the
+    earlier one gave (`name` NULL beside status `paused`). Either arrival order, in one batch or two, ends
+    with the later status and the name."""
+    received = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    sink = PostgresSink(pool, HandlerRegistry())
+    orders = {"in-order": False, "reversed": True, "one-batch": None}
+    for n, (template_id, reverse) in enumerate(orders.items()):
+        named = template_event(template_id, "approved", "2026-12-01T09:00:00Z", received, f"name-{n}")
+        later = template_event(template_id, "paused", "2026-12-01T10:00:00Z", received)
+        if reverse is None:
+            assert await sink.apply(EventType.TEMPLATE_APPROVAL, [later, named], 1) == []
+            continue
+        for ev in [later, named] if reverse else [named, later]:
+            assert await sink.apply(EventType.TEMPLATE_APPROVAL, [ev], 1) == []
+    with psycopg.connect(db_url) as c:
+        rows = c.execute("SELECT template_id, name, status FROM template_status ORDER BY name").fetchall()
+    assert rows == [(t, f"name-{n}", "paused") for n, t in enumerate(orders)]
 
 
 async def test_a_template_event_received_at_the_end_of_time_is_projected(
