@@ -139,6 +139,9 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
         # Partitions whose applied changelog skipped offsets since Faust last asked for their offset: the
         # store no longer vouches for them (apply_changelog_batch).
         self._gapped: set[int] = set()
+        # Partitions this assignment reads from the beginning (no offset to start from): their gaps are the
+        # records compaction removed, and not checked.
+        self._from_start: set[int] = set()
 
     def intern(self, value: bytes) -> bytes:
         """The stored object equal to `value`, so a million equal values are one object."""
@@ -194,15 +197,24 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
         A standby copy following a partition has been seen to skip changelog records its consumer dropped at
         a rebalance, its offset then moved past them: when the copy became the router's own, the ids marked
         there were routed again. A gap cannot be told from a record compaction removed, so the copy stops
-        vouching for the partition until its next assignment, which reads it from the beginning."""
+        vouching for the partition until its next assignment, which reads it from the beginning.
+
+        Only a copy that started from an offset is checked: one read from the beginning meets the compacted
+        part of the log, whose gaps are every record a later one with its key replaced. Checked there, each
+        such read warned, vouched for nothing, and every later assignment read the whole partition again."""
         data, intern = self.data, self.intern
-        offsets = self._offsets
+        offsets, unchecked = self._offsets, self._from_start
         last: dict[int, int] = {}
         for event in batch:
             msg = event.message
             partition, offset = msg.partition, msg.offset
             expected = last.get(partition, offsets.get(partition))
-            if expected is not None and offset > expected + 1 and partition not in self._gapped:
+            if (
+                expected is not None
+                and offset > expected + 1
+                and partition not in self._gapped
+                and partition not in unchecked
+            ):
                 self._gap(partition, expected, offset)
             key = to_key(event.key)
             if msg.value is None:
@@ -230,7 +242,12 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
         self._asked.add(tp.partition)
         self._dropped.discard(tp.partition)  # assigned again: recovered from the beginning, then ours
         self._gapped.discard(tp.partition)
-        return self._offsets.get(tp.partition)
+        offset = self._offsets.get(tp.partition)
+        if offset is None:
+            self._from_start.add(tp.partition)
+        else:
+            self._from_start.discard(tp.partition)
+        return offset
 
     def set_persisted_offset(self, tp: TP, offset: int) -> None:
         """Faust calls this when one of the router's own table writes is acknowledged.
@@ -245,6 +262,7 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
         self._offsets.clear()
         self._dropped.clear()
         self._gapped.clear()
+        self._from_start.clear()
         self._interned.clear()
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:

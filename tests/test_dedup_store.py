@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
+import pytest
 from faust.types import TP
 from hypothesis import given
 from hypothesis import strategies as st
@@ -140,3 +141,21 @@ def test_a_copy_whose_changelog_skipped_offsets_stops_vouching_for_the_partition
     assert store.persisted_offset(TP(topic, 2)) is None  # the next assignment reads from the beginning
     store.apply_changelog_batch([_Event(b"a", 2, 0), _Event(b"e", 2, 1)], ident, ident)
     assert store.persisted_offset(TP(topic, 2)) == 1  # read again from the start: vouched for again
+
+
+def test_a_copy_read_from_the_beginning_takes_compacted_offsets_for_no_gap(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Read from the beginning, a compacted changelog skips the offsets of every record a later one with its
+    key replaced. Taken for dropped records, each such read warned and vouched for nothing, so every later
+    assignment read the whole partition again. A copy that follows on from an offset is still checked."""
+    store, topic = _store()
+    ident = lambda x: x  # noqa: E731
+    assert store.persisted_offset(TP(topic, 3)) is None  # an assignment with nothing held: from the start
+    store.apply_changelog_batch([_Event(b"a", 3, 0), _Event(b"b", 3, 4), _Event(b"c", 3, 9)], ident, ident)
+    store.apply_changelog_batch([_Event(b"d", 3, 12)], ident, ident)
+    assert "never reached" not in caplog.text
+    assert store.persisted_offset(TP(topic, 3)) == 12  # the next assignment reads on from there
+    store.apply_changelog_batch([_Event(b"e", 3, 13), _Event(b"f", 3, 15)], ident, ident)  # 14 never came
+    assert "offsets 14..14 never reached" in caplog.text
+    assert store.persisted_offset(TP(topic, 3)) is None
