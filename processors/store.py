@@ -23,7 +23,6 @@ Registered with Faust's store registry as `sentpipe-memory://`; the router uses 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 
@@ -31,9 +30,8 @@ from faust.stores import STORES
 from faust.stores.memory import Store as FaustMemoryStore
 from faust.types import TP, EventT
 
+from sentpipe.processors.changelog_gaps import ChangelogGaps
 from sentpipe.processors.dedup import is_compact, partition_of
-
-log = logging.getLogger("sentpipe.worker")
 
 # With a host: a bare "scheme://" is a false yarl URL, and Faust would fall back to the app's store.
 URL = "sentpipe-memory://dedup"
@@ -136,12 +134,7 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
         # Partitions dropped since Faust last asked for their offset: a late acknowledgement of the router's
         # write there (a batch that settles after its partition was revoked) must not give them an offset.
         self._dropped: set[int] = set()
-        # Partitions whose applied changelog skipped offsets since Faust last asked for their offset: the
-        # store no longer vouches for them (apply_changelog_batch).
-        self._gapped: set[int] = set()
-        # Partitions this assignment reads from the beginning (no offset to start from): their gaps are the
-        # records compaction removed, and not checked.
-        self._from_start: set[int] = set()
+        self._gaps = ChangelogGaps()
 
     def intern(self, value: bytes) -> bytes:
         """The stored object equal to `value`, so a million equal values are one object."""
@@ -192,61 +185,31 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
         to_key: Callable[[Any], Any],
         to_value: Callable[[Any], Any],
     ) -> None:
-        """Faust's recovery: apply changelog events, and remember how far each partition got.
-
-        A standby copy following a partition has been seen to skip changelog records its consumer dropped at
-        a rebalance, its offset then moved past them: when the copy became the router's own, the ids marked
-        there were routed again. A gap cannot be told from a record compaction removed, so the copy stops
-        vouching for the partition until its next assignment, which reads it from the beginning.
-
-        Only a copy that started from an offset is checked: one read from the beginning meets the compacted
-        part of the log, whose gaps are every record a later one with its key replaced. Checked there, each
-        such read warned, vouched for nothing, and every later assignment read the whole partition again."""
+        """Faust's recovery: apply changelog events, and remember how far each partition got (as far as the
+        copy vouches for it: processors/changelog_gaps.py)."""
+        batch = list(batch)
+        for partition in self._gaps.check(batch, self._offsets.get):
+            self._offsets.pop(partition, None)
         data, intern = self.data, self.intern
-        offsets, unchecked = self._offsets, self._from_start
         last: dict[int, int] = {}
         for event in batch:
             msg = event.message
-            partition, offset = msg.partition, msg.offset
-            expected = last.get(partition, offsets.get(partition))
-            if (
-                expected is not None
-                and offset > expected + 1
-                and partition not in self._gapped
-                and partition not in unchecked
-            ):
-                self._gap(partition, expected, offset)
             key = to_key(event.key)
             if msg.value is None:
                 data.discard(key)
             else:
                 data[key] = intern(to_value(event.value))
-            last[partition] = offset
+            last[msg.partition] = msg.offset
         for partition, offset in last.items():
-            if partition not in self._gapped:
+            if self._gaps.vouches(partition):
                 self._advance(partition, offset)
-
-    def _gap(self, partition: int, applied: int, offset: int) -> None:
-        log.warning(
-            "dedup table changelog partition %d: offsets %d..%d never reached this copy; its next assignment"
-            " reads the partition from the beginning",
-            partition,
-            applied + 1,
-            offset - 1,
-        )
-        self._gapped.add(partition)
-        self._offsets.pop(partition, None)
 
     def persisted_offset(self, tp: TP) -> int | None:
         """How far `data` holds the changelog partition: Faust's recovery starts reading there."""
         self._asked.add(tp.partition)
         self._dropped.discard(tp.partition)  # assigned again: recovered from the beginning, then ours
-        self._gapped.discard(tp.partition)
         offset = self._offsets.get(tp.partition)
-        if offset is None:
-            self._from_start.add(tp.partition)
-        else:
-            self._from_start.discard(tp.partition)
+        self._gaps.assigned(tp.partition, offset)
         return offset
 
     def set_persisted_offset(self, tp: TP, offset: int) -> None:
@@ -254,15 +217,14 @@ class DedupMemoryStore(FaustMemoryStore[bytes, bytes]):
 
         Not for a dropped partition: its offset would say "held up to here" with the keys before it gone,
         and the next assignment's recovery would start there, its duplicates routed again."""
-        if tp.partition not in self._dropped and tp.partition not in self._gapped:
+        if tp.partition not in self._dropped and self._gaps.vouches(tp.partition):
             self._advance(tp.partition, offset)
 
     def reset_state(self) -> None:
         self.data.clear()
         self._offsets.clear()
         self._dropped.clear()
-        self._gapped.clear()
-        self._from_start.clear()
+        self._gaps.clear()
         self._interned.clear()
 
     async def on_recovery_completed(self, active_tps: set[TP], standby_tps: set[TP]) -> None:

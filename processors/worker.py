@@ -35,7 +35,7 @@ from sentpipe.broker import ProduceRejected
 from sentpipe.broker import Record as BrokerRecord
 from sentpipe.kafka import AsyncProducer, RangeReader, tls_context
 from sentpipe.logs import restore_handler
-from sentpipe.processors import faust_recovery, store
+from sentpipe.processors import faust_recovery, rocks_store, store
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
 from sentpipe.processors.dedup import (
     decode_seen,
@@ -252,6 +252,8 @@ class Router:
         memory = self.s.table_store.split(":", 1)[0] == "memory"
         if memory:
             store.register()
+        else:
+            rocks_store.register()
         self._seen = self.app.Table(
             DEDUP_TABLE,
             default=None,
@@ -263,7 +265,7 @@ class Router:
             use_partitioner=True,
             # Recovery applies the changelog to the store in batches of this many marks.
             recovery_buffer_size=10_000,
-            store=store.URL if memory else None,
+            store=store.URL if memory else rocks_store.url(self.s.table_store, DEDUP_TABLE),
             help="event id -> {tenant: first-routed time (ms)}; bounded by the dedup window sweep",
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from pathlib import Path
 
 import pytest
 from faust.types import TP
@@ -12,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sentpipe.processors.dedup import partition_of, table_key
+from sentpipe.processors.rocks_store import DedupRocksStore
 from sentpipe.processors.store import DedupMemoryStore, Shards
 from sentpipe.processors.worker import create_app
 from sentpipe.settings import Settings
@@ -116,13 +118,14 @@ def test_a_late_write_to_a_dropped_partition_gives_it_no_offset() -> None:
 
 
 class _Msg:
-    def __init__(self, partition: int, offset: int, value: bytes | None) -> None:
-        self.partition, self.offset, self.value = partition, offset, value
+    def __init__(self, key: bytes, partition: int, offset: int, value: bytes | None) -> None:
+        self.key, self.partition, self.offset, self.value = key, partition, offset, value
+        self.tp = TP("changelog", partition)
 
 
 class _Event:
     def __init__(self, key: bytes, partition: int, offset: int) -> None:
-        self.key, self.value, self.message = key, b"v", _Msg(partition, offset, b"v")
+        self.key, self.value, self.message = key, b"v", _Msg(key, partition, offset, b"v")
 
 
 def test_a_copy_whose_changelog_skipped_offsets_stops_vouching_for_the_partition() -> None:
@@ -159,3 +162,31 @@ def test_a_copy_read_from_the_beginning_takes_compacted_offsets_for_no_gap(
     store.apply_changelog_batch([_Event(b"e", 3, 13), _Event(b"f", 3, 15)], ident, ident)  # 14 never came
     assert "offsets 14..14 never reached" in caplog.text
     assert store.persisted_offset(TP(topic, 3)) is None
+
+
+def test_a_rocksdb_copy_whose_changelog_skipped_offsets_stops_vouching_for_the_partition(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Faust's RocksDB store (the Helm chart's default) moved its offset over the same gap as the memory
+    store did, and kept it in the partition's file. Now the file forgets it, so a restart restores the
+    partition whole too; a copy read from the beginning takes compaction's gaps for none."""
+    s = Settings(kafka_bootstrap="127.0.0.1:1", raw_partitions=4, table_store="rocksdb://", data_dir=tmp_path)
+    table = create_app(s, role="route").sentpipe.seen  # type: ignore[attr-defined]
+    store = table.data
+    assert isinstance(store, DedupRocksStore)
+    tp = TP(table.changelog_topic.get_topic_name(), 2)
+    ident = lambda x: x  # noqa: E731
+    store.set_persisted_offset(tp, 826)  # where a restore left the file
+    assert store.persisted_offset(tp) == 826
+    store.apply_changelog_batch([_Event(b"a", 2, 826), _Event(b"b", 2, 827)], ident, ident)
+    assert store.persisted_offset(tp) == 827
+    store.apply_changelog_batch([_Event(b"c", 2, 829), _Event(b"d", 2, 830)], ident, ident)  # 828 never came
+    store.set_persisted_offset(tp, 831)  # nor does an acknowledged write of the router's vouch
+    assert "offsets 828..828 never reached" in caplog.text
+    assert store._db_for_partition(2).get(b"d") == b"v"  # what came is kept
+    assert store.restored_offset(2) is None  # in the file too: a restart's restore reads it whole
+    assert store.persisted_offset(tp) is None  # the next assignment reads from the beginning
+    caplog.clear()
+    store.apply_changelog_batch([_Event(b"a", 2, 0), _Event(b"e", 2, 4), _Event(b"f", 2, 9)], ident, ident)
+    assert "never reached" not in caplog.text  # compacted offsets
+    assert store.persisted_offset(tp) == 9
