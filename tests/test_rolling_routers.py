@@ -40,12 +40,13 @@ class Routers:
         self.procs: dict[int, Proc] = {}
         self.stopped: list[Proc] = []
         self._starts = 0
+        self.table_store = "memory://"
 
     def start(self, instance: int) -> None:
         """Starts a router and waits until its /readyz says so (the table restored, the group joined): a
         rolling update moves on only then."""
         self._starts += 1
-        env = worker_env(self.s, self.log_dir, instance, worker_role="route")
+        env = worker_env(self.s, self.log_dir, instance, worker_role="route", table_store=self.table_store)
         proc = Proc(["worker"], env, self.log_dir / f"router-{instance}-{self._starts}.log").start()
         self.procs[instance] = proc
         url = f"http://127.0.0.1:{env['SENTPIPE_WORKER_METRICS_PORT']}/readyz"
@@ -103,10 +104,13 @@ def _routed_per_id(s: Settings) -> collections.Counter[str]:
 
 
 @pytest.mark.timeout(600)
+# RocksDB is the Helm chart's store: a restarted router finds its files (and offsets) where it left them.
+@pytest.mark.parametrize("table_store", ["memory://", "rocksdb://"])
 def test_a_rolling_restart_of_the_routers_under_load_keeps_every_mark(
-    routers: tuple[Settings, Routers],
+    routers: tuple[Settings, Routers], table_store: str
 ) -> None:
     s, group = routers
+    group.table_store = table_store
     unique, _ = deliveries(UNIQUE, 0.0, seed=45)
     feed = RawFeed(s, unique, preload=0, per_s=PER_S).start()
     try:
