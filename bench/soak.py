@@ -444,6 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drain", type=float, default=600.0, help="seconds the drain may take at most (600)")
     ap.add_argument("--workers", type=int, default=1, help="worker processes of the one group (1)")
     ap.add_argument(
+        "--table-store",
+        default="memory://",
+        choices=["memory://", "rocksdb://"],
+        help="the dedup table's store (memory://; rocksdb:// is the Helm chart's)",
+    )
+    ap.add_argument(
         "--port",
         type=int,
         default=9802,
@@ -488,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         handler_modules=["bench.soak_handlers"],
         kafka_session_timeout_s=10,
         retry_max_s=5,
+        table_store=args.table_store,
     )
     ensure_topics(s)
     t = Topics(s.topic_prefix)
@@ -551,7 +558,9 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(Exception):
                 drop_schema(services.database_url, schema)
         services.close()
-    table = Table(title=f"soak seed {args.seed}, {args.minutes} min, {args.workers} worker(s)")
+    table = Table(
+        title=f"soak seed {args.seed}, {args.minutes} min, {args.workers} worker(s), {args.table_store} table"
+    )
     table.add_column("what")
     table.add_column("value", justify="right")
     for fault in FAULTS:
