@@ -20,6 +20,8 @@ from typing import Any
 
 from faust.types import EventT
 
+from sentpipe import metrics as m
+
 log = logging.getLogger("sentpipe.worker")
 
 
@@ -65,6 +67,7 @@ class ChangelogGaps:
                     expected + 1,
                     offset - 1,
                 )
+                m.DEDUP_CHANGELOG_GAPS.inc()
                 gapped.add(partition)
                 found.append(partition)
                 continue

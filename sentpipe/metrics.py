@@ -132,6 +132,11 @@ RAW_RECORDS_REREAD = Counter(
     "sentpipe_raw_records_reread",
     "Raw records the router's stream skipped and the router read again itself (should stay 0).",
 )
+DEDUP_CHANGELOG_GAPS = Counter(
+    "sentpipe_dedup_changelog_gaps",
+    "Gaps found in the dedup table's changelog as this worker's copy applied it; the copy stops vouching "
+    "for that partition until its next assignment (should stay 0).",
+)
 DEDUP_TABLE_KEYS = Gauge("sentpipe_dedup_table_keys", "Event ids held by this worker's dedup table.")
 EVENTS_PROCESSED = Counter(
     "sentpipe_events_processed",
@@ -201,7 +206,8 @@ SERVED: dict[Role, CollectorRegistry] = {
     ),
     "worker": _registry(
         *_BOTH,
-        *(EVENTS_ROUTED, DUPLICATES_DROPPED, RAW_RECORDS_REREAD, DEDUP_TABLE_KEYS, EVENTS_PROCESSED),
+        *(EVENTS_ROUTED, DUPLICATES_DROPPED, RAW_RECORDS_REREAD, DEDUP_CHANGELOG_GAPS, DEDUP_TABLE_KEYS),
+        EVENTS_PROCESSED,
         *(HANDLER_SECONDS, RETRIES, END_TO_END_LAG_SECONDS, CONSUMER_LAG, WORKER_STALLED, REPLAY_EVENTS),
     ),
 }

@@ -12,6 +12,7 @@ from faust.types import TP
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sentpipe import metrics as m
 from sentpipe.processors.dedup import partition_of, table_key
 from sentpipe.processors.rocks_store import DedupRocksStore
 from sentpipe.processors.store import DedupMemoryStore, Shards
@@ -138,8 +139,10 @@ def test_a_copy_whose_changelog_skipped_offsets_stops_vouching_for_the_partition
     store.restore_batch(2, [], last=826)
     store.apply_changelog_batch([_Event(b"a", 2, 826), _Event(b"b", 2, 827)], ident, ident)  # 826 read again
     assert store.persisted_offset(TP(topic, 2)) == 827
+    gaps = m.DEDUP_CHANGELOG_GAPS._value.get()
     store.apply_changelog_batch([_Event(b"c", 2, 829), _Event(b"d", 2, 830)], ident, ident)  # 828 never came
     store.set_persisted_offset(TP(topic, 2), 831)  # nor does an acknowledged write of the router's vouch
+    assert m.DEDUP_CHANGELOG_GAPS._value.get() == gaps + 1  # sentpipe_dedup_changelog_gaps_total
     assert store.data.get(b"d") == b"v"  # what came is kept
     assert store.persisted_offset(TP(topic, 2)) is None  # the next assignment reads from the beginning
     store.apply_changelog_batch([_Event(b"a", 2, 0), _Event(b"e", 2, 1)], ident, ident)
