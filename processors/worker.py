@@ -22,18 +22,19 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import faust
 import mode
 from aiokafka.errors import KafkaError as AIOKafkaError
+from confluent_kafka import KafkaException
 from faust.streams import _current_event
 from faust.types import TP, EventT
 
 from sentpipe import metrics as m
 from sentpipe.broker import ProduceRejected
 from sentpipe.broker import Record as BrokerRecord
-from sentpipe.kafka import AsyncProducer, RangeReader, tls_context
+from sentpipe.kafka import AsyncProducer, BrokerUnavailable, RangeReader, tls_context
 from sentpipe.logs import restore_handler
 from sentpipe.processors import faust_recovery, rocks_store, store
 from sentpipe.processors.deadletter import DeadLetter, error_class, send_dead_letters
@@ -61,6 +62,7 @@ from sentpipe.schemas.topics import Topics
 from sentpipe.settings import Settings, WorkerRole
 
 log = logging.getLogger("sentpipe.worker")
+T = TypeVar("T")
 
 Event = EventT[Any]
 # Offsets [start, end) of a partition that the router read back itself (`_with_skipped`): Faust never
@@ -391,8 +393,7 @@ class Router:
             by_where.setdefault((event.message.topic, event.message.partition), []).append(event)
         unknown = [where for where in by_where if where not in self.dispatched]
         if unknown:  # first batch since the assignment: routing must start where the group left off
-            async with self._range_lock:
-                starts = await asyncio.to_thread(self._ranges.start_offsets, unknown)
+            starts = await self._ask_broker("where the group left off", self._ranges.start_offsets, unknown)
             self.dispatched.update(starts)
             self.processed.update({where: o for where, o in starts.items() if where not in self.processed})
         out: list[Event] = []
@@ -413,8 +414,7 @@ class Router:
                     start,
                     end - 1,
                 )
-                async with self._range_lock:
-                    records = await asyncio.to_thread(self._ranges.read, where, start, end)
+                records = await self._ask_broker("the skipped records", self._ranges.read, where, start, end)
                 m.RAW_RECORDS_REREAD.inc(len(records))
                 evs += [_Reread(rec) for rec in records]  # type: ignore[misc]
                 read_back.append((where, start, end))
@@ -422,6 +422,24 @@ class Router:
                 evs.sort(key=_offset)
             out += evs
         return out, read_back
+
+    async def _ask_broker(self, what: str, ask: Callable[..., T], *args: Any) -> T:
+        """A question the batch in hand cannot be routed without, asked again with backoff while the broker
+        does not answer, as the batch's own sends are. Raised, it crashed the routing agent: Faust restarted
+        it, but the records the crashed one had taken were never acked, and the next rebalance waited for
+        them for good (a worker stalled after a 38 s broker outage). Only a stop ends the wait."""
+        attempt = 0
+        while True:
+            try:
+                async with self._range_lock:
+                    return await asyncio.to_thread(ask, *args)
+            except (KafkaException, BrokerUnavailable) as exc:
+                if self._stopping():
+                    raise
+                log.warning("asking the broker %s failed (%s); asking again", what, exc)
+                m.RETRIES.labels("route").inc()
+                await retrying_sleep(attempt, self.s)
+                attempt += 1
 
     @property
     def _ranges(self) -> RangeReader:
