@@ -41,7 +41,7 @@ class _Consumer(EagerConsumer):
     def __init__(self, records: Fetched, active: set[TopicPartition], order: list[Any]) -> None:
         self.fetched, self.active = records, active
         self.app = SimpleNamespace(
-            consumer_generation_id=1, monitor=SimpleNamespace(track_tp_end_offset=print)
+            consumer_generation_id=1, monitor=SimpleNamespace(track_tp_end_offset=lambda tp, offset: None)
         )
         self.flow_active = True
         self._stopped, self._crashed = asyncio.Event(), asyncio.Event()
