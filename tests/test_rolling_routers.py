@@ -70,8 +70,8 @@ class Routers:
         return [line for log in logs for line in log.read_text().splitlines() if _reread(line)]
 
     def changelog_gaps(self) -> list[str]:
-        """The store's warnings of changelog records a standby copy never got (processors/changelog_gaps.py). The
-        test's changelog is never compacted (its segments never roll), so each one is a record dropped."""
+        """The store's warnings of changelog records a standby copy never got (processors/changelog_gaps.py).
+        The test's changelog is never compacted (its segments never roll), so each one is a record dropped."""
         logs = [p.log for p in [*self.stopped, *self.procs.values()]]
         return [line for log in logs for line in log.read_text().splitlines() if GAP in line]
 
